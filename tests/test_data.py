@@ -1,0 +1,226 @@
+"""Data readers on small files the tests make, checksums, the cache, binarisation, and a fuzz test."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import pickle
+import time
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from vaelab import data as D
+from vaelab.errors import DataError
+
+from conftest import make_arrays
+
+
+def write_idx_dir(arrays: D.MNISTArrays, directory, compress=True):
+    directory.mkdir(parents=True, exist_ok=True)
+    for split, (name, _) in D.IDX_FILES.items():
+        payload = D.idx_bytes(getattr(arrays, split))
+        if compress:
+            (directory / name).write_bytes(gzip.compress(payload))
+        else:
+            (directory / name.removesuffix(".gz")).write_bytes(payload)
+
+
+def pkl_bytes(arrays: D.MNISTArrays, n_valid: int = 100) -> bytes:
+    """The classic mnist.pkl.gz layout: ((train), (valid), (test)), float32 images k/256, int64 labels."""
+    def part(x, y):
+        return (x.astype(np.float32) / 256, y.astype(np.int64))
+    tx, ty = arrays.train_images, arrays.train_labels
+    splits = (part(tx[:-n_valid], ty[:-n_valid]), part(tx[-n_valid:], ty[-n_valid:]),
+              part(arrays.test_images, arrays.test_labels))
+    return gzip.compress(pickle.dumps(splits, protocol=2))
+
+
+def assert_same(a: D.MNISTArrays, b: D.MNISTArrays):
+    for name in D.SPLITS:
+        np.testing.assert_array_equal(getattr(a, name), getattr(b, name))
+
+
+def test_idx_round_trip_raw_and_gzip(tmp_path, tiny_arrays):
+    for compress in (True, False):
+        directory = tmp_path / f"idx-{compress}"
+        write_idx_dir(tiny_arrays, directory, compress)
+        assert_same(D.read_idx_dir(directory), tiny_arrays)
+
+
+def test_idx_digest_matches_file_digest(tmp_path, tiny_arrays):
+    import hashlib
+
+    payload = D.idx_bytes(tiny_arrays.test_images)
+    assert D.idx_sha256(tiny_arrays.test_images) == hashlib.sha256(payload).hexdigest()
+    path = tmp_path / "t.idx"
+    path.write_bytes(payload)
+    D.read_idx(path, expected_sha256=hashlib.sha256(payload).hexdigest())
+    with pytest.raises(DataError, match="SHA-256 mismatch"):
+        D.read_idx(path, expected_sha256="0" * 64)
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda b: b"\x00\x00\x99\x03" + b[4:], "bad magic"),
+    (lambda b: b"\x01" + b[1:], "bad magic"),
+    (lambda b: b[:-10], "size mismatch"),
+    (lambda b: b + b"\x00", "size mismatch"),
+    (lambda b: b[:6], "truncated"),
+    (lambda b: b"", "bad magic"),
+])
+def test_idx_damage_is_a_clear_error(tmp_path, tiny_arrays, damage, message):
+    path = tmp_path / "x.idx"
+    path.write_bytes(damage(D.idx_bytes(tiny_arrays.test_images)))
+    with pytest.raises(DataError, match=message):
+        D.read_idx(path)
+
+
+def test_pkl_recovers_uint8_exactly(tmp_path, tiny_arrays):
+    path = tmp_path / "mnist.pkl.gz"
+    path.write_bytes(pkl_bytes(tiny_arrays))
+    assert_same(D.read_mnist_pkl(path), tiny_arrays)
+
+
+def test_pkl_with_foreign_global_is_refused_not_executed(tmp_path):
+    class Exploit:
+        def __reduce__(self):
+            return (print, ("executed!",))
+
+    path = tmp_path / "mnist.pkl.gz"
+    path.write_bytes(gzip.compress(pickle.dumps(Exploit())))
+    with pytest.raises(DataError, match="refusing to load global builtins.print"):
+        D.read_mnist_pkl(path)
+
+
+def test_pkl_values_off_the_grid_are_rejected(tmp_path, tiny_arrays):
+    bad = pickle.loads(gzip.decompress(pkl_bytes(tiny_arrays)))
+    bad[0][0][0, 0] = 0.3      # not k/256
+    path = tmp_path / "mnist.pkl.gz"
+    path.write_bytes(gzip.compress(pickle.dumps(bad, protocol=2)))
+    with pytest.raises(DataError, match="k/256"):
+        D.read_mnist_pkl(path)
+
+
+@pytest.fixture
+def official(monkeypatch, tiny_arrays):
+    """Make the tiny set 'official' so that load_mnist's checks run on it."""
+    monkeypatch.setattr(D, "OFFICIAL_SHA256", tiny_arrays.digests())
+    return tiny_arrays
+
+
+@pytest.mark.parametrize("source", ["idx", "pkl"])
+def test_load_converts_once_then_reads_the_cache_fast(tmp_path, official, source):
+    if source == "idx":
+        write_idx_dir(official, tmp_path)
+    else:
+        (tmp_path / D.PKL_NAME).write_bytes(pkl_bytes(official))
+    messages = []
+    assert_same(D.load_mnist(tmp_path, download=False, log=messages.append), official)
+    assert (tmp_path / D.CACHE_NAME).exists() and "cached" in messages[-1]
+    start = time.perf_counter()
+    assert_same(D.load_mnist(tmp_path, download=False), official)
+    assert time.perf_counter() - start < 1.0
+
+
+def test_checksum_mismatch_is_an_error_never_silent(tmp_path, tiny_arrays):
+    write_idx_dir(tiny_arrays, tmp_path)       # valid IDX files, but not the official MNIST
+    with pytest.raises(DataError, match="fails its SHA-256 check"):
+        D.load_mnist(tmp_path, download=False)
+    assert not (tmp_path / D.CACHE_NAME).exists()
+
+
+def test_bad_cache_is_rebuilt_once_then_reported(tmp_path, official):
+    write_idx_dir(official, tmp_path)
+    D.load_mnist(tmp_path, download=False)
+    cache = tmp_path / D.CACHE_NAME
+    raw = bytearray(cache.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    cache.write_bytes(bytes(raw))
+    messages = []
+    assert_same(D.load_mnist(tmp_path, download=False, log=messages.append), official)
+    assert any("rebuilding the cache once" in m for m in messages)
+    # now with no other source left: the damaged cache is reported, not used
+    cache.write_bytes(bytes(raw))
+    for name, _ in D.IDX_FILES.values():
+        (tmp_path / name).unlink()
+    with pytest.raises(DataError, match="no usable MNIST source"):
+        D.load_mnist(tmp_path, download=False)
+
+
+def test_binarize_probabilities():
+    g = torch.Generator().manual_seed(0)
+    levels = torch.tensor([0, 255, 128, 51], dtype=torch.uint8).repeat(200_000, 1)
+    frequency = D.binarize(levels, g).double().mean(0)
+    assert frequency[0] == 0 and frequency[1] == 1
+    for k, col in ((128, 2), (51, 3)):
+        p = k / 255
+        assert abs(float(frequency[col]) - p) < 4 * (p * (1 - p) / 200_000) ** 0.5
+
+
+def test_training_batches_are_reproducible_and_cover_the_set(tiny_arrays):
+    data = D.prepare(tiny_arrays, D.DataConfig())
+    first = torch.cat(list(D.training_batches(data, 64, torch.Generator().manual_seed(3))))
+    second = torch.cat(list(D.training_batches(data, 64, torch.Generator().manual_seed(3))))
+    assert first.shape == (2000, 784) and torch.equal(first, second)
+    static = D.prepare(tiny_arrays, D.DataConfig(binarize="static"))
+    a = torch.cat(list(D.training_batches(static, 64, torch.Generator().manual_seed(3))))
+    b = torch.cat(list(D.training_batches(static, 64, torch.Generator().manual_seed(4))))
+    # the same binary images, in another order
+    assert torch.equal(a.sum(0), b.sum(0)) and not torch.equal(a, b)
+
+
+# ---- fuzz: random corruptions of small files are either clean errors or the correct data ----------
+
+SMALL = make_arrays(60, 20)
+
+
+def _corrupt(payload: bytes, edits) -> bytes:
+    data = bytearray(payload)
+    for position, value, kind in edits:
+        if not data:
+            break
+        i = position % len(data)
+        if kind == "flip":
+            data[i] ^= value or 1
+        elif kind == "truncate":
+            del data[i:]
+        else:
+            data[i:i] = bytes([value])
+    return bytes(data)
+
+
+edits = st.lists(st.tuples(st.integers(0, 10**9), st.integers(0, 255), st.sampled_from(["flip", "truncate", "insert"])),
+                 min_size=1, max_size=4)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(edits=edits, compress=st.booleans())
+def test_fuzz_idx(tmp_path, edits, compress):
+    payload = D.idx_bytes(SMALL.test_images)
+    expected = D.idx_sha256(SMALL.test_images)
+    raw = gzip.compress(payload, mtime=0) if compress else payload
+    path = tmp_path / "fuzz.idx"
+    path.write_bytes(_corrupt(raw, edits))
+    try:
+        result = D.read_idx(path, expected_sha256=expected)
+    except DataError:
+        return
+    np.testing.assert_array_equal(result, SMALL.test_images)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(edits=edits, inner=st.booleans())
+def test_fuzz_pkl(tmp_path, edits, inner):
+    good = pkl_bytes(SMALL, n_valid=10)
+    damaged = gzip.compress(_corrupt(gzip.decompress(good), edits)) if inner else _corrupt(good, edits)
+    path = tmp_path / "fuzz.pkl.gz"
+    path.write_bytes(damaged)
+    try:
+        result = D.read_mnist_pkl(path)
+        result.verify(SMALL.digests(), str(path))   # what load_mnist does with every source
+    except DataError:
+        return
+    assert_same(result, SMALL)

@@ -1,0 +1,144 @@
+"""Laplace's method and Stirling's formula against closed forms, lgamma, quadrature and DLMF's series."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy import integrate
+
+from vaelab.laplace import (LaplaceError, laplace_c1, laplace_integral, laplace_log_marginal, log_stirling,
+                            sample_laplace_proposal, stirling_coefficients, stirling_table)
+from vaelab.objectives import LOG_2PI
+
+
+def test_quadratic_1d_is_exact():
+    # ∫ exp(M(c − a(x−m)²/2)) dx = e^{Mc} √(2π/(Ma))
+    a, m, c, M = 2.5, 0.7, -1.3, 3.0
+    result = laplace_integral(lambda x: c - 0.5 * a * (x - m) ** 2, x0=-4.0, M=M)
+    assert abs(result.log_value - (M * c + 0.5 * math.log(2 * math.pi / (M * a)))) < 1e-10
+    assert abs(float(result.mode) - m) < 1e-10
+    assert abs(float(result.hessian.squeeze()) + a) < 1e-10
+
+
+def test_quadratic_5d_is_exact():
+    rng = np.random.default_rng(0)
+    B = rng.normal(size=(5, 5))
+    A = torch.tensor(B @ B.T + 5 * np.eye(5))
+    m = torch.tensor(rng.normal(size=5))
+    M = 7.0
+    result = laplace_integral(lambda x: 0.3 - 0.5 * (x - m) @ A @ (x - m), x0=np.zeros(5), M=M)
+    expected = M * 0.3 + 2.5 * math.log(2 * math.pi) - 0.5 * float(torch.logdet(M * A))
+    assert abs(result.log_value - expected) < 1e-10
+    torch.testing.assert_close(result.mode, m, rtol=0, atol=1e-10)
+    torch.testing.assert_close(result.hessian, -A, rtol=0, atol=1e-10)
+
+
+def test_not_negative_definite_is_a_clear_error_not_nan():
+    # f(x) = -x⁴ has its maximum at 0 with f'' = 0: Laplace's method does not apply.
+    with pytest.raises(LaplaceError, match="not negative definite"):
+        laplace_integral(lambda x: -x**4, x0=1.0)
+    # unbounded above: no maximum is found
+    with pytest.raises(LaplaceError, match="no maximum"):
+        laplace_integral(lambda x: x, x0=0.0, max_steps=20)
+
+
+def test_jitter_regularises_with_a_warning():
+    with pytest.warns(UserWarning, match="jitter"):
+        result = laplace_integral(lambda x: -x**4, x0=1.0, jitter=1.0)
+    assert math.isfinite(result.log_value)
+
+
+def test_stirling_against_lgamma_1_to_1000():
+    n = np.arange(1, 1001, dtype=float)
+    exact = np.array([math.lgamma(k + 1) for k in n])
+    rel = np.expm1(exact - log_stirling(n, 0))           # relative error of N!
+    assert np.all(rel > 0)
+    # Robbins (1955): e^{1/(12N+1)} < N!/(√(2πN)(N/e)^N) < e^{1/(12N)}
+    log_ratio = exact - log_stirling(n, 0)
+    assert np.all(log_ratio > 1 / (12 * n + 1)) and np.all(log_ratio < 1 / (12 * n))
+    scaled = 12 * n * rel
+    assert abs(scaled[99] - 1) < 1e-3                     # N = 100
+    assert np.all(np.diff(scaled) < 0) and abs(scaled[-1] - 1) < 1e-4
+    # values in REFERENCES.md: 0.0844 at N = 1, 8.365e-3 at N = 10, 8.337e-4 at N = 100
+    assert rel[0] == pytest.approx(0.0844, abs=1e-4)
+    assert rel[9] == pytest.approx(8.365e-3, rel=1e-3) and rel[99] == pytest.approx(8.337e-4, rel=1e-3)
+
+
+def test_stirling_series_coefficients_and_error_bound():
+    assert [str(c) for c in stirling_coefficients(8)] == [
+        "1/12", "-1/360", "1/1260", "-1/1680", "1/1188", "-691/360360", "1/156", "-3617/122400"]
+    import mpmath
+
+    mpmath.mp.dps = 50
+    for n in (1, 2, 3, 5, 10, 30):
+        exact = mpmath.loggamma(n + 1)
+        for k in range(0, 6):
+            # error of the k-term truncation vs the first omitted term: smaller, and of its sign
+            approx = 0.5 * mpmath.log(2 * mpmath.pi * n) + n * mpmath.log(n) - n + sum(
+                mpmath.mpf(c.numerator) / c.denominator / mpmath.mpf(n) ** (2 * j - 1)
+                for j, c in enumerate(stirling_coefficients(k), start=1))
+            omitted = stirling_coefficients(k + 1)[k]
+            term = mpmath.mpf(omitted.numerator) / omitted.denominator / mpmath.mpf(n) ** (2 * k + 1)
+            error = exact - approx
+            assert abs(error) < abs(term) and error * term > 0
+            if k <= 3 and n >= 2:   # float64 log_stirling agrees with the high-precision sum
+                assert abs(log_stirling(n, k) - float(approx)) < 1e-12 * max(1.0, n * math.log(n))
+
+
+def test_laplace_on_log_x_minus_x_reproduces_stirling():
+    for n in (1, 2, 10, 100, 1000, 10**6):
+        result = laplace_integral(lambda x: torch.log(x) - x, x0=0.5, M=float(n))
+        assert abs(float(result.mode) - 1) < 1e-10 and abs(float(result.hessian.squeeze()) + 1) < 1e-10
+        laplace = (n + 1) * math.log(n) + result.log_value
+        assert abs(laplace - log_stirling(n, 0)) < 1e-12 * max(1, n * math.log(n))
+
+
+def test_stirling_table_columns():
+    rows = stirling_table([100, 10**6], terms=2)
+    assert abs(rows[0]["scaled_error"] - 1) < 1e-3 and abs(rows[1]["scaled_error"] - 1) < 1e-5
+    assert rows[0]["rel_error_terms"] == pytest.approx(1 / (1260 * 100**5), rel=1e-3)
+
+
+def test_correction_c1_values():
+    assert laplace_c1(lambda x: torch.log(x) - x, 1.0) == pytest.approx(1 / 12, abs=1e-12)
+    assert laplace_c1(lambda x: -x**2 / 2 - x**4 / 4, 0.0) == pytest.approx(-3 / 4, abs=1e-12)
+
+
+def test_correction_improves_quartic_against_quadrature():
+    M = 1000.0
+    f = lambda x: -x**2 / 2 - x**4 / 4  # noqa: E731
+    # integrand rescaled by its peak, breakpoints every 1/√M around the mode
+    points = np.arange(-10, 11) / math.sqrt(M)
+    value, error = integrate.quad(lambda x: math.exp(M * (-x * x / 2 - x**4 / 4)), -1, 1, points=points,
+                                  epsabs=0, epsrel=1e-13, limit=500)
+    exact = math.log(value)
+    result = laplace_integral(f, x0=0.3, M=M, correction=True)
+    assert result.c1 == pytest.approx(-0.75, abs=1e-12)
+    leading_error = abs(result.log_peak + result.log_width - exact)
+    corrected_error = abs(result.log_value - exact)
+    assert leading_error == pytest.approx(0.75 / M, rel=0.01)          # the O(1/M) term, 7.5e-4
+    assert corrected_error < 1e-5 and corrected_error < leading_error / 50  # what is left is O(1/M²)
+
+
+def test_ppca_laplace_is_exact_and_laplace_proposal_has_equal_weights():
+    # p(z) = N(0, I₃), p(x|z) = N(Wz + b, s²I₆): log p(x, z) is quadratic in z, so Laplace is exact.
+    rng = np.random.default_rng(1)
+    W, b, s = torch.tensor(rng.normal(size=(6, 3))), torch.tensor(rng.normal(size=6)), 0.6
+    x = torch.tensor(rng.normal(size=(4, 6)))
+
+    def log_joint(z, xi):
+        mean = W @ z + b
+        return (-0.5 * ((xi - mean) / s) ** 2 - math.log(s) - 0.5 * LOG_2PI).sum() - 0.5 * (3 * LOG_2PI + z @ z)
+
+    cov = W @ W.T + s**2 * torch.eye(6)
+    exact = torch.distributions.MultivariateNormal(b, cov).log_prob(x)
+    marginal = laplace_log_marginal(log_joint, x, torch.zeros(4, 3, dtype=torch.float64))
+    torch.testing.assert_close(marginal.log_marginal, exact, rtol=0, atol=1e-6)
+    assert marginal.converged.all()
+    z, log_r = sample_laplace_proposal(marginal, 1000, torch.Generator().manual_seed(0))
+    log_w = torch.func.vmap(torch.func.vmap(log_joint))(z, x.expand(1000, -1, -1)) - log_r   # (1000, 4)
+    assert float(log_w.std(0).max()) < 1e-9
+    torch.testing.assert_close(log_w.mean(0), exact, rtol=0, atol=1e-6)

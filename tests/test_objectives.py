@@ -1,0 +1,148 @@
+"""The objectives against closed forms, torch.distributions and Monte Carlo, with stated tolerances."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import multivariate_normal
+
+from vaelab.objectives import (bernoulli_log_likelihood, elbo, iwae_bound, kl_standard_normal, log_normal_diag,
+                               log_standard_normal)
+
+torch.set_default_dtype(torch.float64)
+
+
+def teardown_module():
+    torch.set_default_dtype(torch.float32)
+
+
+def test_kl_matches_torch_distributions():
+    g = torch.Generator().manual_seed(0)
+    mu, logvar = torch.randn(32, 7, generator=g), torch.randn(32, 7, generator=g)
+    q = torch.distributions.Normal(mu, torch.exp(0.5 * logvar))
+    p = torch.distributions.Normal(torch.zeros_like(mu), torch.ones_like(mu))
+    expected = torch.distributions.kl_divergence(q, p).sum(-1)
+    torch.testing.assert_close(kl_standard_normal(mu, logvar), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_kl_matches_monte_carlo_within_standard_error():
+    g = torch.Generator().manual_seed(1)
+    mu, logvar = torch.randn(4, 5, generator=g), torch.randn(4, 5, generator=g)
+    eps = torch.randn(200_000, 4, 5, generator=g)
+    z = mu + torch.exp(0.5 * logvar) * eps        # the standard deviation is exp(½ log σ²)
+    samples = log_normal_diag(z, mu, logvar) - log_standard_normal(z)
+    estimate, stderr = samples.mean(0), samples.std(0) / math.sqrt(len(samples))
+    assert torch.all((estimate - kl_standard_normal(mu, logvar)).abs() < 4 * stderr)
+
+
+def test_bernoulli_likelihood_equals_log_bernoulli_of_sigmoid():
+    g = torch.Generator().manual_seed(2)
+    logits = 3 * torch.randn(16, 784, generator=g)
+    x = (torch.rand(16, 784, generator=g) < 0.3).double()
+    expected = torch.distributions.Bernoulli(probs=torch.sigmoid(logits)).log_prob(x).sum(-1)
+    torch.testing.assert_close(bernoulli_log_likelihood(logits, x), expected, rtol=1e-10, atol=1e-8)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_bernoulli_likelihood_is_finite_and_exact_at_extreme_logits(dtype):
+    logits = torch.tensor([[100.0, -100.0, 100.0, -100.0]], dtype=dtype)
+    x = torch.tensor([[1.0, 0.0, 0.0, 1.0]], dtype=dtype)
+    value = bernoulli_log_likelihood(logits, x)
+    assert torch.isfinite(value).all()
+    # matching pixels cost e^{-100} nats each, mismatched ones 100 nats each (log sigmoid(-100) ≈ -100)
+    torch.testing.assert_close(value, torch.tensor([-200.0], dtype=dtype), rtol=1e-6, atol=1e-6)
+
+
+class LinearGaussian:
+    """p(z) = N(0, I), p(x|z) = N(W z + b, s² I): p(x) and p(z|x) in closed form (probabilistic PCA)."""
+
+    def __init__(self, d=3, D=6, s=0.7, orthogonal=False, seed=0):
+        rng = np.random.default_rng(seed)
+        W = rng.normal(size=(D, d))
+        if orthogonal:   # WᵀW diagonal makes p(z|x) a diagonal Gaussian
+            W = np.linalg.qr(W)[0] * np.array([1.5, 0.8, 2.0][:d])
+        self.W, self.b, self.s, self.d = torch.tensor(W), torch.tensor(rng.normal(size=D)), s, d
+        self.x = torch.tensor(rng.normal(size=(2, D)))
+
+    def log_likelihood(self, z, x):
+        mean = z @ self.W.T + self.b
+        return (-0.5 * ((x - mean) / self.s) ** 2 - math.log(self.s) - 0.5 * math.log(2 * math.pi)).sum(-1)
+
+    def log_marginal(self):
+        cov = self.W @ self.W.T + self.s**2 * torch.eye(len(self.b))
+        return torch.tensor([multivariate_normal(self.b.numpy(), cov.numpy()).logpdf(x) for x in self.x.numpy()])
+
+    def posterior(self):
+        precision = torch.eye(self.d) + self.W.T @ self.W / self.s**2
+        cov = torch.linalg.inv(precision)
+        means = (self.x - self.b) @ self.W / self.s**2 @ cov
+        return means, cov
+
+
+def sigma_points(d: int, batch: int) -> torch.Tensor:
+    """±√d eᵢ: 2d points with mean 0 and covariance I, so their average is the exact expectation of
+    any quadratic function of ε under N(0, I)."""
+    points = math.sqrt(d) * torch.cat([torch.eye(d), -torch.eye(d)])
+    return points.unsqueeze(1).expand(2 * d, batch, d)
+
+
+def gaussian_kl(mu_q, var_q, mu_p, cov_p):
+    """KL(N(μq, diag var_q) ‖ N(μp, Σp)) in closed form."""
+    inv = torch.linalg.inv(cov_p)
+    diff = mu_p - mu_q
+    return 0.5 * (torch.trace(inv @ torch.diag(var_q)) + diff @ inv @ diff - len(mu_q)
+                  + torch.logdet(cov_p) - torch.log(var_q).sum())
+
+
+def test_elbo_equals_log_marginal_minus_posterior_kl_linear_gaussian():
+    model = LinearGaussian()
+    g = torch.Generator().manual_seed(3)
+    mu, logvar = torch.randn(2, model.d, generator=g), 0.5 * torch.randn(2, model.d, generator=g)
+    terms = elbo(model.x, mu, logvar, model.log_likelihood, sigma_points(model.d, 2))
+    post_mean, post_cov = model.posterior()
+    expected = model.log_marginal() - torch.stack(
+        [gaussian_kl(mu[i], logvar[i].exp(), post_mean[i], post_cov) for i in range(2)])
+    torch.testing.assert_close(terms.elbo, expected, rtol=0, atol=1e-6)
+    assert torch.all(terms.elbo < model.log_marginal())
+
+
+def test_elbo_is_tight_at_the_posterior():
+    model = LinearGaussian(orthogonal=True)
+    post_mean, post_cov = model.posterior()
+    assert torch.allclose(post_cov, torch.diag(torch.diagonal(post_cov)), atol=1e-12)
+    logvar = torch.log(torch.diagonal(post_cov)).expand(2, -1)
+    terms = elbo(model.x, post_mean, logvar, model.log_likelihood, sigma_points(model.d, 2))
+    torch.testing.assert_close(terms.elbo, model.log_marginal(), rtol=0, atol=1e-6)
+
+
+def test_iwae_is_ordered_and_converges_to_log_marginal():
+    model = LinearGaussian(orthogonal=True, seed=4)   # diagonal p(z|x): a wider diagonal q dominates it
+    post_mean, post_cov = model.posterior()
+    # a deliberately poor q: shifted mean, too wide (wider than p(z|x), so the weights are bounded)
+    mu = post_mean + 0.5 * torch.diagonal(post_cov).sqrt()
+    logvar = torch.log(torch.diagonal(post_cov) * 1.5).expand(2, -1)
+    log_px = model.log_marginal()
+    g = torch.Generator().manual_seed(5)
+    repeats = 200
+    estimates = {}
+    for k in (1, 10, 100):
+        values = torch.stack([iwae_bound(model.x, mu, logvar, model.log_likelihood, k, g) for _ in range(repeats)])
+        estimates[k] = (values.mean(0), values.std(0) / math.sqrt(repeats))
+    exact_elbo = elbo(model.x, mu, logvar, model.log_likelihood, sigma_points(model.d, 2)).elbo
+    # IWAE_1 is the ELBO estimator; on average ELBO ≤ IWAE_10 ≤ IWAE_100 ≤ log p(x)
+    assert torch.all((estimates[1][0] - exact_elbo).abs() < 4 * estimates[1][1])
+    assert torch.all(estimates[1][0] < estimates[10][0]) and torch.all(estimates[10][0] < estimates[100][0])
+    assert torch.all(estimates[100][0] < log_px)
+    big = iwae_bound(model.x, mu, logvar, model.log_likelihood, 400_000, g, chunk=50_000)
+    torch.testing.assert_close(big, log_px, rtol=0, atol=2e-3)
+
+
+def test_iwae_is_exact_for_every_k_at_the_posterior():
+    model = LinearGaussian(orthogonal=True, seed=6)
+    post_mean, post_cov = model.posterior()
+    logvar = torch.log(torch.diagonal(post_cov)).expand(2, -1)
+    value = iwae_bound(model.x, post_mean, logvar, model.log_likelihood, 7, torch.Generator().manual_seed(0), chunk=3)
+    torch.testing.assert_close(value, model.log_marginal(), rtol=0, atol=1e-9)

@@ -1,0 +1,186 @@
+"""The trainer: hand-derived gradients, Adam, exact resume, interruption, divergence, write failures."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from vaelab import checkpoint as ckpt
+from vaelab import training
+from vaelab.config import RunConfig, TrainConfig
+from vaelab.data import DataConfig, prepare
+from vaelab.errors import TrainingDiverged
+from vaelab.model import ModelConfig, VAE
+from vaelab.training import FlatAdam, FlatParameters, Trainer, autograd_step, fused_step
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 2e-5)])
+def test_fused_gradient_matches_autograd(dtype, tol):
+    torch.manual_seed(0)
+    model = VAE(ModelConfig(hidden=32, latent=5)).to(dtype)
+    FlatParameters(model)
+    g = torch.Generator().manual_seed(1)
+    x = (torch.rand(17, 784, generator=g) < 0.3).to(dtype)
+    eps = torch.randn(17, 5, generator=g, dtype=dtype)
+    sums_auto = autograd_step(model, x, eps)
+    grads_auto = [p.grad.clone() for p in model.parameters()]
+    for p in model.parameters():
+        p.grad.fill_(float("nan"))       # the fused engine must write every gradient entry
+    sums_fused = fused_step(model, x, eps)
+    torch.testing.assert_close(sums_fused, sums_auto, rtol=tol, atol=tol * 100)
+    for (name, p), expected in zip(model.named_parameters(), grads_auto):
+        scale = expected.abs().max()
+        assert (p.grad - expected).abs().max() <= tol * scale, name
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_flat_adam_matches_torch_adam(fused):
+    torch.manual_seed(0)
+    reference = torch.randn(1000, requires_grad=True)
+    ours = reference.detach().clone()
+    grad = torch.zeros_like(ours)
+    torch_adam = torch.optim.Adam([reference], lr=1e-2)
+    adam = FlatAdam(ours, grad, lr=1e-2, fused=fused)
+    for step in range(20):
+        g = torch.randn(1000)
+        reference.grad = g.clone()
+        grad.copy_(g)
+        torch_adam.step()
+        adam.step()
+    # float32, other operation order: 20 steps of size ≈ 1e-2 agree to 1e-5
+    torch.testing.assert_close(ours, reference.detach(), rtol=0, atol=1e-5 if not fused else 1e-6)
+
+
+def small_config(epochs=3, **train):
+    return RunConfig(model=ModelConfig(hidden=64, latent=8), data=DataConfig(test_examples=200),
+                     train=TrainConfig(epochs=epochs, **train))
+
+
+def weights(run_dir):
+    return ckpt.load_tensors(run_dir / ckpt.WEIGHTS)[0]
+
+
+def assert_bitwise_equal(a, b):
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def test_resume_is_bitwise_identical_in_process(tmp_path, tiny_arrays):
+    data = prepare(tiny_arrays, small_config().data)
+    straight = tmp_path / "straight"
+    straight.mkdir()
+    Trainer(small_config(3), straight, data, torch.device("cpu"), log=lambda m: None, progress=False).fit()
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    Trainer(small_config(1), resumed, data, torch.device("cpu"), log=lambda m: None, progress=False).fit()
+    trainer = Trainer(small_config(3), resumed, data, torch.device("cpu"), log=lambda m: None, progress=False)
+    trainer.load_checkpoint()
+    assert trainer.state.epoch == 1
+    trainer.fit()
+    assert_bitwise_equal(weights(straight), weights(resumed))
+    assert elbo_columns(straight) == elbo_columns(resumed)
+
+
+def elbo_columns(run_dir):
+    """metrics.csv without the timing columns (seconds differ between runs)."""
+    return [line.split(",")[:7] for line in (run_dir / ckpt.METRICS).read_text().splitlines()]
+
+
+def run_cli(*args, env_extra=None, **kwargs):
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **(env_extra or {}))
+    return subprocess.Popen([sys.executable, "-m", "vaelab.cli", *map(str, args)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+
+
+TRAIN_ARGS = ["--epochs", "3", "--hidden", "256", "--batch-size", "8", "--test-examples", "100", "--no-progress"]
+
+
+def interrupt_after_first_epoch(run_dir, data_dir, sig):
+    """Start a 3-epoch run, send ``sig`` as soon as epoch 1's checkpoint exists; returns the process."""
+    process = run_cli("train", "--out", run_dir, "--data-dir", data_dir, *TRAIN_ARGS)
+    metrics = run_dir / ckpt.METRICS
+    deadline = time.monotonic() + 120
+    while not metrics.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.002)
+    rows_at_signal = len(metrics.read_text().splitlines()) - 1 if metrics.exists() else 0
+    process.send_signal(sig)
+    out, err = process.communicate(timeout=120)
+    assert rows_at_signal < 3, "the run finished before the signal: make the epochs longer"
+    return process.returncode, out, err
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory, data_dir):
+    """The uninterrupted 3-epoch run both interruption tests compare against."""
+    run_dir = tmp_path_factory.mktemp("straight") / "run"
+    process = run_cli("train", "--out", run_dir, "--data-dir", data_dir, *TRAIN_ARGS)
+    assert process.wait(timeout=300) == 0, process.stderr.read()
+    return run_dir
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGKILL, -signal.SIGKILL), (signal.SIGINT, 130)])
+def test_interrupt_and_resume_is_bitwise_identical(tmp_path, data_dir, straight, sig, code):
+    run = tmp_path / "run"
+    returncode, out, err = interrupt_after_first_epoch(run, data_dir, sig)
+    assert returncode == code, err
+    if sig == signal.SIGINT:
+        assert "resume with: vaelab train --out" in err and len(err.strip().splitlines()) == 1
+    # the run directory is loadable at once
+    ckpt.load_model(run)
+    resume = run_cli("train", "--out", run, "--data-dir", data_dir, "--resume", "--epochs", "3", "--no-progress")
+    out, err = resume.communicate(timeout=300)
+    assert resume.returncode == 0, err
+    assert "resuming" in out
+    assert_bitwise_equal(weights(straight), weights(run))
+    assert elbo_columns(straight) == elbo_columns(run) and len(elbo_columns(run)) == 4
+
+
+def test_nan_loss_stops_with_epoch_and_step_and_keeps_last_checkpoint(tmp_path, tiny_arrays, monkeypatch):
+    data = prepare(tiny_arrays, small_config().data)
+    trainer = Trainer(small_config(1), tmp_path, data, torch.device("cpu"), log=lambda m: None, progress=False)
+    trainer.fit()
+    saved = {name: (tmp_path / name).read_bytes() for name in (ckpt.STATE, ckpt.WEIGHTS, ckpt.METRICS)}
+    calls = {"n": 0}
+
+    def poisoned(model, x, eps):
+        calls["n"] += 1
+        sums = fused_step(model, x, eps)
+        return sums * float("nan") if calls["n"] >= 5 else sums
+
+    monkeypatch.setitem(training.ENGINES, "fused", poisoned)
+    trainer = Trainer(small_config(2), tmp_path, data, torch.device("cpu"), log=lambda m: None, progress=False)
+    trainer.load_checkpoint()
+    with pytest.raises(TrainingDiverged, match="epoch 2, step 5"):
+        trainer.fit()
+    assert {name: (tmp_path / name).read_bytes() for name in saved} == saved
+
+
+def test_failed_write_names_the_path_and_keeps_the_old_file(tmp_path, tiny_arrays, monkeypatch):
+    data = prepare(tiny_arrays, small_config().data)
+    trainer = Trainer(small_config(1), tmp_path, data, torch.device("cpu"), log=lambda m: None, progress=False)
+    trainer.fit()
+    before = (tmp_path / ckpt.STATE).read_bytes()
+
+    def full_disk(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ckpt.os, "fsync", full_disk)
+    trainer.config = small_config(2)
+    with pytest.raises(ckpt.WriteError, match=r"training_state.safetensors: No space left on device \(errno 28\)"):
+        trainer.fit()
+    assert (tmp_path / ckpt.STATE).read_bytes() == before
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_full_disk_is_reported_before_training(tmp_path, monkeypatch):
+    monkeypatch.setattr(training.shutil, "disk_usage", lambda path: os.statvfs_result((0,) * 10) and
+                        type("usage", (), {"free": 1024})())
+    with pytest.raises(ckpt.WriteError, match="MiB free"):
+        training.check_writable(tmp_path / "run", need_bytes=10 << 20)
