@@ -1,0 +1,225 @@
+"""Speed benchmark: vaelab against the reference exercise's pipeline, side by side in one run.
+
+    python benchmarks/run.py [--reps 3] [--eval-examples 10000] [--quick]
+
+What is timed (float32, the same machine, the same thread count, alternating so that drift hits both):
+- reference: a faithful re-implementation of the exercise's pipeline: a Dataset whose __getitem__ turns
+  one uint8 image into a PIL image and then into a float tensor (torchvision's MNIST + ToTensor), a
+  DataLoader (batch 64, shuffle), the 784-256-50 MLP with sigmoid + binary_cross_entropy, Adam 1e-3,
+  loss.item() every step. (Its targets are the grey levels, as in the exercise; the FLOPs are the same.)
+- vaelab: the Trainer at the same setting (784-256-50, batch 64, dynamic binarisation, fused engine).
+Seconds per epoch are the training loop only (no test evaluation, no checkpoint) on both sides.
+
+FLOPs: ModelConfig.flops_per_example counts 2ab per (1×a)·(a×b) product: forward for all four layers,
+backward the weight gradient for all four and the input gradient for all but the first (x needs none),
+2.24 MFLOP per example at 784-256-50 (REFERENCES.md counts the first layer's input gradient too: 2.64).
+The matmul peak is measured on the spot: the best of 2048² float32 products. The evaluation's floor is
+K decoder passes per digit, 2·(d·H + H·784) FLOPs each, at that peak.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from vaelab.config import RunConfig, TrainConfig
+from vaelab.data import DataConfig, load_mnist, prepare
+from vaelab.evaluation import EvalConfig, iwae_log_likelihood
+from vaelab.model import ModelConfig, VAE
+from vaelab.training import Trainer
+
+RESULTS = Path(__file__).parent / "results"
+
+
+# ---- the reference pipeline ---------------------------------------------------------------------
+
+
+class ReferenceMNIST(torch.utils.data.Dataset):
+    """One example at a time: uint8 → PIL image → float tensor in [0, 1] (what ToTensor does)."""
+
+    def __init__(self, images: np.ndarray):
+        self.images = images.reshape(-1, 28, 28)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int):
+        image = Image.fromarray(self.images[index], mode="L")
+        tensor = torch.from_numpy(np.array(image, dtype=np.uint8)).float().div(255).unsqueeze(0)
+        return tensor, 0
+
+
+class ReferenceVAE(nn.Module):
+    def __init__(self, hidden: int = 256, latent: int = 50):
+        super().__init__()
+        self.fc1, self.fc21, self.fc22 = nn.Linear(784, hidden), nn.Linear(hidden, latent), nn.Linear(hidden, latent)
+        self.fc3, self.fc4 = nn.Linear(latent, hidden), nn.Linear(hidden, 784)
+
+    def forward(self, x):
+        h = F.relu(self.fc1(x))
+        mu, logvar = self.fc21(h), self.fc22(h)
+        z = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
+        return torch.sigmoid(self.fc4(F.relu(self.fc3(z)))), mu, logvar
+
+
+def reference_epoch(loader, model, optimizer) -> float:
+    start = time.perf_counter()
+    total = 0.0
+    for x, _ in loader:
+        x = x.view(-1, 784)
+        recon, mu, logvar = model(x)
+        bce = F.binary_cross_entropy(recon, x, reduction="sum")
+        kld = -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp())
+        loss = bce + kld
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        total += loss.item()
+    return time.perf_counter() - start
+
+
+# ---- measurements ------------------------------------------------------------------------------
+
+
+def matmul_peak() -> float:
+    """Best GFLOP/s of 2048² float32 products (and 1024²), measured now."""
+    best = 0.0
+    for n in (1024, 2048):
+        a, b = torch.randn(n, n), torch.randn(n, n)
+        a @ b
+        for _ in range(5):
+            start = time.perf_counter()
+            a @ b
+            best = max(best, 2 * n**3 / (time.perf_counter() - start) / 1e9)
+    return best
+
+
+def vaelab_trainer(arrays, batch: int = 64, hidden: int = 256, engine: str = "fused"):
+    config = RunConfig(model=ModelConfig(hidden=hidden), data=DataConfig(test_examples=100),
+                       train=TrainConfig(epochs=1, batch_size=batch, engine=engine))
+    data = prepare(arrays, config.data)
+    trainer = Trainer(config, tempfile.mkdtemp(prefix="vaelab-bench-"), data, torch.device("cpu"),
+                      log=lambda m: None, progress=False)
+    return trainer
+
+
+def vaelab_epoch(trainer) -> float:
+    """One more epoch; returns its training-loop seconds (from the metrics the trainer records)."""
+    trainer.config = RunConfig(model=trainer.config.model, data=trainer.config.data,
+                               train=TrainConfig(**{**trainer.config.train.__dict__, "epochs": trainer.state.epoch + 1}))
+    trainer.fit()
+    return trainer.state.metrics[-1]["seconds"]
+
+
+def peak_memory_of_training(epochs: int = 1) -> float:
+    """Peak resident set (MiB) of `vaelab train` in a child process, from getrusage."""
+    with tempfile.TemporaryDirectory() as tmp:
+        subprocess.run([sys.executable, "-m", "vaelab.cli", "train", "--out", f"{tmp}/run", "--epochs", str(epochs),
+                        "--no-progress"], check=True, capture_output=True)
+    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+
+
+def machine() -> dict:
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+               platform.processor())
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "python": platform.python_version(), "node": platform.node()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--reps", type=int, default=3, help="alternating epochs per side")
+    parser.add_argument("--eval-examples", type=int, default=10000, help="test digits for evaluate --k 5000")
+    parser.add_argument("--quick", action="store_true", help="skip the scaling table and the memory run")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    arrays = load_mnist(log=print)
+    result: dict = {"machine": machine(), "date": datetime.date.today().isoformat()}
+    peak = matmul_peak()
+    result["matmul_peak_gflops"] = peak
+    print(f"matmul peak {peak:.1f} GFLOP/s on {result['machine']['cpu']}, {torch.get_num_threads()} threads")
+
+    # -- training, alternating ----------------------------------------------------------------------
+    model = ReferenceVAE()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    loader = torch.utils.data.DataLoader(ReferenceMNIST(arrays.train_images), batch_size=64, shuffle=True)
+    trainers = {"fused": vaelab_trainer(arrays), "autograd": vaelab_trainer(arrays, engine="autograd")}
+    times: dict[str, list[float]] = {"reference": [], "fused": [], "autograd": []}
+    for rep in range(args.reps):
+        times["reference"].append(reference_epoch(loader, model, optimizer))
+        for engine, trainer in trainers.items():
+            times[engine].append(vaelab_epoch(trainer))
+        print(f"rep {rep + 1}: " + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in times.items()))
+    flops_epoch = ModelConfig().flops_per_example() * len(arrays.train_images)
+    median = {k: float(np.median(v)) for k, v in times.items()}
+    result["training"] = {
+        "seconds_per_epoch": times, "median": median,
+        "speedup_fused_vs_reference": median["reference"] / median["fused"],
+        "speedup_autograd_vs_reference": median["reference"] / median["autograd"],
+        "flops_per_epoch": flops_epoch, "fused_gflops": flops_epoch / median["fused"] / 1e9,
+        "fused_fraction_of_peak": flops_epoch / median["fused"] / 1e9 / peak,
+        "floor_seconds_at_peak": flops_epoch / peak / 1e9,
+    }
+    t = result["training"]
+    print(f"training: reference {median['reference']:.2f} s/epoch, vaelab {median['fused']:.2f} s/epoch "
+          f"(×{t['speedup_fused_vs_reference']:.2f}), autograd engine {median['autograd']:.2f} s "
+          f"(×{t['speedup_autograd_vs_reference']:.2f}); vaelab {t['fused_gflops']:.1f} GFLOP/s = "
+          f"{100 * t['fused_fraction_of_peak']:.0f} % of peak; floor {t['floor_seconds_at_peak']:.2f} s")
+
+    # -- evaluation -------------------------------------------------------------------------------
+    trained = trainers["fused"].model
+    test = prepare(arrays, DataConfig(test_examples=args.eval_examples, train_examples=1)).test_binary
+    decoder_flops = 2 * (50 * 256 + 256 * 784)
+    start = time.perf_counter()
+    iwae_log_likelihood(trained, test, EvalConfig(k=5000))
+    seconds = time.perf_counter() - start
+    floor = 5000 * decoder_flops * len(test) / peak / 1e9
+    result["evaluation"] = {"k": 5000, "n_examples": len(test), "seconds": seconds, "floor_seconds": floor,
+                            "seconds_per_10000": seconds * 10000 / len(test)}
+    print(f"evaluate --k 5000 on {len(test)} digits: {seconds:.1f} s (floor at peak {floor:.1f} s)")
+
+    if not args.quick:
+        # -- scaling ------------------------------------------------------------------------------
+        scaling = []
+        for batch, hidden in [(64, 256), (128, 256), (256, 256), (512, 256), (1024, 256), (64, 512), (64, 1024)]:
+            trainer = vaelab_trainer(arrays, batch, hidden)
+            seconds = vaelab_epoch(trainer)
+            flops = ModelConfig(hidden=hidden).flops_per_example() * len(arrays.train_images)
+            scaling.append({"batch": batch, "hidden": hidden, "seconds": seconds, "gflops": flops / seconds / 1e9})
+            print(f"batch {batch:5d} hidden {hidden:5d}: {seconds:6.2f} s/epoch, {flops / seconds / 1e9:6.1f} GFLOP/s")
+        result["scaling_training"] = scaling
+        subset = test[:500]
+        eval_scaling = []
+        for k in (100, 500, 1000, 5000):
+            start = time.perf_counter()
+            iwae_log_likelihood(trained, subset, EvalConfig(k=k))
+            seconds = (time.perf_counter() - start) * 10000 / len(subset)
+            eval_scaling.append({"k": k, "seconds_per_10000": seconds})
+            print(f"evaluate K = {k:5d}: {seconds:7.1f} s per 10 000 digits (timed on {len(subset)})")
+        result["scaling_evaluation"] = eval_scaling
+        result["peak_rss_mib_training"] = peak_memory_of_training()
+        print(f"peak resident memory of `vaelab train` (1 epoch): {result['peak_rss_mib_training']:.0f} MiB")
+
+    RESULTS.mkdir(exist_ok=True)
+    name = f"{platform.node() or 'machine'}-{result['date']}.json"
+    (RESULTS / name).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"written {RESULTS / name}")
+
+
+if __name__ == "__main__":
+    main()
