@@ -12,11 +12,13 @@ from scipy.stats import multivariate_normal
 from vaelab.objectives import (bernoulli_log_likelihood, elbo, iwae_bound, kl_standard_normal, log_normal_diag,
                                log_standard_normal)
 
-torch.set_default_dtype(torch.float64)
-
-
-def teardown_module():
-    torch.set_default_dtype(torch.float32)
+@pytest.fixture(autouse=True)
+def float64():
+    """These comparisons run in float64; the default is restored for the other test modules."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
 
 
 def test_kl_matches_torch_distributions():

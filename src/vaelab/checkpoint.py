@@ -109,7 +109,7 @@ def load_model(run_dir: str | Path, device: torch.device | str = "cpu") -> tuple
     if not run_dir.is_dir():
         raise CheckpointError(f"run directory {run_dir} does not exist; pass a directory written by `vaelab train`")
     config = RunConfig.load(run_dir / CONFIG)
-    model = VAE(config.model)
+    model = VAE(config.model).to(torch.float32)
     tensors, _ = load_tensors(run_dir / WEIGHTS)
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     found = {name: tuple(t.shape) for name, t in tensors.items()}

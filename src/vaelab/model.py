@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from vaelab.objectives import ELBOTerms, bernoulli_log_likelihood, elbo, log_standard_normal
@@ -55,8 +56,16 @@ class VAE(nn.Module):
         return self.dec_out(torch.relu(self.dec_hidden(z)))
 
     def log_likelihood(self, z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """log p(x|z) for z (…, B, d), x (B, 784) → (…, B)."""
-        return bernoulli_log_likelihood(self.decode(z), x)
+        """log p(x|z) = Σⱼ xⱼℓⱼ − softplus(ℓⱼ) for z (…, B, d), x (B, 784) → (…, B).
+
+        With ℓ = h W₄ᵀ + b₄, the data term is Σⱼ xⱼℓⱼ = h·(W₄ᵀx) + b₄·x: a product over the H hidden
+        units instead of the 784 pixels, so only softplus touches every logit (same value as
+        ``bernoulli_log_likelihood(self.decode(z), x)``, tests/test_model.py).
+        """
+        h = torch.relu(self.dec_hidden(z))                                     # (…, B, H)
+        logits = self.dec_out(h)                                               # (…, B, 784)
+        x_w = x @ self.dec_out.weight                                          # (B, H)
+        return (h * x_w).sum(-1) + x @ self.dec_out.bias - F.softplus(logits).sum(-1)
 
     def log_joint(self, z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """log p(x, z) = log p(x|z) + log N(z; 0, I) → (…, B)."""

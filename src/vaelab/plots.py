@@ -80,7 +80,7 @@ def plot_stirling(ns: np.ndarray, errors: dict[int, np.ndarray], path: Path) -> 
     for terms, err in errors.items():
         keep = err > 0
         ax.loglog(ns[keep], err[keep], marker=".", label=f"{terms} correction term{'s' if terms != 1 else ''}")
-    ax.loglog(ns, 1 / (12 * ns), color="grey", linestyle=":", label="1/(12N)")
+    ax.loglog(ns, 1 / (12 * ns), color="black", linestyle="--", linewidth=0.8, zorder=3, label="1/(12N)")
     ax.set_xlabel("N")
     ax.set_ylabel("|relative error of N!|")
     ax.set_title("Stirling's formula √(2πN)(N/e)^N · exp(Σ corrections)")

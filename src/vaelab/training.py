@@ -204,7 +204,7 @@ class Trainer:
         torch.manual_seed(seed)
         random.seed(seed)
         np.random.seed(seed % 2**32)
-        self.model = VAE(config.model).to(device)        # initialised from torch's global stream
+        self.model = VAE(config.model).to(device, torch.float32)  # initialised from torch's global stream
         self.flat = FlatParameters(self.model)
         self.optimizer = FlatAdam(self.flat.param.data, self.flat.param.grad, lr=config.train.lr)
         self.data_rng = torch.Generator().manual_seed(seed)
