@@ -40,7 +40,7 @@ from torch import nn
 from vaelab.config import RunConfig, TrainConfig
 from vaelab.data import DataConfig, load_mnist, prepare
 from vaelab.evaluation import EvalConfig, iwae_log_likelihood
-from vaelab.model import ModelConfig, VAE
+from vaelab.model import ModelConfig
 from vaelab.training import Trainer
 
 RESULTS = Path(__file__).parent / "results"

@@ -47,7 +47,8 @@ def test_train_leaves_a_complete_run(trained):
     config = RunConfig.load(trained / "config.json")
     assert config.model.hidden == 256 and config.model.latent == 50 and config.train.batch_size == 64
     _, model = ckpt.load_model(trained)      # rebuilt from config.json alone
-    assert sum(p.numel() for p in model.parameters()) == 784 * 256 + 256 + 256 * 100 + 100 + 50 * 256 + 256 + 256 * 784 + 784
+    count = 784 * 256 + 256 + 256 * 100 + 100 + 50 * 256 + 256 + 256 * 784 + 784
+    assert sum(p.numel() for p in model.parameters()) == config.model.parameter_count() == count
 
 
 def test_evaluate_writes_eval_json(trained, data_dir, capsys):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gzip
-import io
 import pickle
 import time
 
@@ -224,3 +223,39 @@ def test_fuzz_pkl(tmp_path, edits, inner):
     except DataError:
         return
     assert_same(result, SMALL)
+
+
+def test_download_from_mirrors_checks_each_file(tmp_path, official, monkeypatch):
+    """The download source against HTTP servers on loopback: a corrupted mirror is skipped, a good one used."""
+    import functools
+    import hashlib
+    import http.server
+    import threading
+
+    import shutil
+
+    good, bad = tmp_path / "good", tmp_path / "bad"
+    write_idx_dir(official, good)
+    shutil.copytree(good, bad)
+    name = D.IDX_FILES["test_labels"][0]
+    (bad / name).write_bytes((bad / name).read_bytes()[:-3] + b"xyz")
+    monkeypatch.setattr(D, "IDX_FILES", {split: (n, hashlib.sha256((good / n).read_bytes()).hexdigest())
+                                         for split, (n, _) in D.IDX_FILES.items()})
+    servers = []
+    for root in (bad, good):
+        handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
+        handler.log_message = lambda *args: None
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+    monkeypatch.setattr(D, "MIRRORS", tuple(f"http://127.0.0.1:{s.server_address[1]}/" for s in servers))
+    target = tmp_path / "cache"
+    target.mkdir()
+    messages = []
+    try:
+        arrays = D._download_idx(target, messages.append)
+    finally:
+        for server in servers:
+            server.shutdown()
+    assert_same(arrays, official)
+    assert messages == [f"downloaded the IDX files from {D.MIRRORS[1]}"]

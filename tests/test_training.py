@@ -11,6 +11,7 @@ import time
 import pytest
 import torch
 
+from vaelab import atomic
 from vaelab import checkpoint as ckpt
 from vaelab import training
 from vaelab.config import RunConfig, TrainConfig
@@ -47,7 +48,7 @@ def test_flat_adam_matches_torch_adam(fused):
     grad = torch.zeros_like(ours)
     torch_adam = torch.optim.Adam([reference], lr=1e-2)
     adam = FlatAdam(ours, grad, lr=1e-2, fused=fused)
-    for step in range(20):
+    for _ in range(20):
         g = torch.randn(1000)
         reference.grad = g.clone()
         grad.copy_(g)
@@ -171,7 +172,7 @@ def test_failed_write_names_the_path_and_keeps_the_old_file(tmp_path, tiny_array
     def full_disk(fd):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(ckpt.os, "fsync", full_disk)
+    monkeypatch.setattr(atomic.os, "fsync", full_disk)
     trainer.config = small_config(2)
     with pytest.raises(ckpt.WriteError, match=r"training_state.safetensors: No space left on device \(errno 28\)"):
         trainer.fit()

@@ -1,79 +1,31 @@
-"""The run directory on disk: atomic writes, weights, the resumable training state, loading a run.
+"""The run directory on disk: weights, the resumable training state, loading a run.
 
-Every file is written to a temporary name in the same directory, flushed, fsync'ed and renamed over
-the old one (rename is atomic on POSIX), so a kill at any moment leaves the previous version or the
-new one, never a torn file. Nothing here unpickles: weights and training state are safetensors files
+Every file is written through ``vaelab.atomic.atomic_write``. Nothing here unpickles: weights and training state are safetensors files
 whose scalar parts travel as JSON in the safetensors metadata.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save as save_bytes
 
+from vaelab.atomic import WriteError, atomic_write, write_text
 from vaelab.config import RunConfig
-from vaelab.errors import CheckpointError, VaelabError
+from vaelab.errors import CheckpointError
 from vaelab.model import VAE
+
+__all__ = ["WriteError", "atomic_write", "write_text", "save_tensors", "load_tensors", "save_weights",
+           "load_model", "is_run"]
 
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
 STATE = "training_state.safetensors"
 METRICS = "metrics.csv"
-
-
-class WriteError(VaelabError):
-    """A file of the run could not be written (permissions, full disk); names the path and the OS error."""
-
-
-def atomic_write(path: Path, write: Callable[[Any], None], mode: str = "wb") -> None:
-    """Write ``path`` through ``write(handle)`` atomically: temporary file, flush, fsync, rename."""
-    try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    except OSError as exc:
-        raise WriteError(f"cannot write in {path.parent}: {exc.strerror} (errno {exc.errno}); "
-                         f"choose a writable --out with free space") from exc
-    try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
-        with os.fdopen(fd, mode) as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException as exc:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        if isinstance(exc, OSError):
-            raise WriteError(f"cannot write {path}: {exc.strerror} (errno {exc.errno}); "
-                             f"free some space or choose another --out") from exc
-        raise
-    # Make the rename itself durable.
-    try:
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError:
-        pass
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def write_text(path: Path, text: str) -> None:
-    atomic_write(path, lambda handle: handle.write(text), mode="w")
 
 
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, Any] | None = None) -> None:

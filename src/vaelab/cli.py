@@ -13,7 +13,7 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 from vaelab.errors import UsageError, VaelabError
 
@@ -184,8 +184,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     device = resolve_device(config.train.device)
     arrays = load_mnist(config.data.data_dir, log=_log)
     data = prepare(arrays, config.data, device)
-    weights_bytes = 4 * sum(p.numel() for p in __import__("vaelab.model", fromlist=["VAE"]).VAE(config.model).parameters())
-    check_writable(run_dir, need_bytes=8 * weights_bytes + (16 << 20))
+    # a checkpoint is ≈3× the weights (weights, Adam's two moments), written beside the previous one
+    check_writable(run_dir, need_bytes=8 * 4 * config.model.parameter_count() + (16 << 20))
     trainer = Trainer(config, run_dir, data, device, log=_log, progress=not args.no_progress)
     if args.resume and (run_dir / ckpt.STATE).exists():
         trainer.load_checkpoint()            # a damaged state is an error before anything is written
@@ -228,8 +228,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     device = resolve_device(args.device)
     config, model = ckpt.load_model(args.run_dir, device)
-    data_config = dataclasses.replace(config.data, test_examples=args.test_examples or config.data.test_examples,
-                                      train_examples=1, **({"data_dir": str(args.data_dir)} if args.data_dir else {}))
+    # the whole test set unless --test-examples says otherwise (not the training run's smoke setting)
+    data_config = dataclasses.replace(config.data, test_examples=args.test_examples, train_examples=1,
+                                      **({"data_dir": str(args.data_dir)} if args.data_dir else {}))
     data = prepare(load_mnist(data_config.data_dir, log=_log), data_config, device)
     eval_config = EvalConfig(k=args.k, seed=args.seed, laplace=args.laplace)
     _log(f"evaluating {args.run_dir} on {data.n_test} test digits, K = {args.k}, device {device}")

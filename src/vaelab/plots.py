@@ -18,7 +18,7 @@ def _pyplot():
 
 
 def _save(fig, path: Path) -> None:
-    from vaelab.checkpoint import atomic_write
+    from vaelab.atomic import atomic_write
 
     atomic_write(Path(path), lambda handle: fig.savefig(handle, format="png", dpi=120, bbox_inches="tight"))
     _pyplot().close(fig)
