@@ -186,3 +186,10 @@ def test_config_values_property(epochs, batch, hidden, latent, lr, seed):
         return
     assert valid
     assert RunConfig.from_dict(json.loads(config.to_json())) == config   # round trip through config.json
+
+
+def test_unwritable_out_is_reported_before_training(tmp_path, data_dir, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    code, out, err = run(capsys, "train", "--out", blocker / "run", "--data-dir", data_dir, "--no-progress")
+    assert code == 1 and "cannot write in" in err and str(blocker) in err and "epoch" not in out

@@ -100,7 +100,7 @@ def run_cli(*args, env_extra=None, **kwargs):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
 
 
-TRAIN_ARGS = ["--epochs", "3", "--hidden", "256", "--batch-size", "8", "--test-examples", "100", "--no-progress"]
+TRAIN_ARGS = ["--epochs", "3", "--hidden", "256", "--batch-size", "32", "--test-examples", "100", "--no-progress"]
 
 
 def interrupt_after_first_epoch(run_dir, data_dir, sig):

@@ -82,7 +82,7 @@ def iwae_log_likelihood(model: VAE, images: torch.Tensor, config: EvalConfig,
 
     def one_batch(x: torch.Tensor) -> torch.Tensor:
         mu, logvar = model.encode(x)
-        return iwae_bound(x, mu, logvar, model.log_likelihood, config.k, generator, config.sample_chunk)
+        return iwae_bound(x, mu, logvar, model.log_likelihood_for(x), config.k, generator, config.sample_chunk)
 
     return per_example(one_batch, images, config.examples_per_batch, f"IWAE-{config.k}", progress)
 
@@ -107,7 +107,7 @@ def laplace_estimates(model: VAE, images: torch.Tensor, config: EvalConfig,
     the importance sampling runs in float32 like IWAE. Returns (laplace (N,), is_k (N,), fraction converged).
     """
     from vaelab.laplace import laplace_log_marginal, sample_laplace_proposal
-    from vaelab.objectives import importance_sampled_log_marginal
+    from vaelab.objectives import importance_sampled_log_marginal, log_standard_normal
 
     model.eval()
     model64 = VAE(model.config).to(images.device).double()
@@ -121,9 +121,12 @@ def laplace_estimates(model: VAE, images: torch.Tensor, config: EvalConfig,
         marginal = laplace_log_marginal(model64.log_joint, x.double(), z0, max_steps=config.newton_steps,
                                         ftol=1e-9, curvature=model64.gauss_newton_precision)
 
+        log_likelihood = model.log_likelihood_for(x)
+
         def log_weights(n: int) -> torch.Tensor:
             z, log_r = sample_laplace_proposal(marginal, n, generator)
-            return model.log_joint(z.float(), x) - log_r.float()
+            z = z.float()
+            return log_likelihood(z) + log_standard_normal(z) - log_r.float()
 
         with torch.no_grad():
             sampled.append(importance_sampled_log_marginal(log_weights, config.k, config.sample_chunk).double().cpu())

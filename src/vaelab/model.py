@@ -8,6 +8,7 @@ The model is rebuilt from its ``ModelConfig`` alone (saved as JSON beside the we
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -66,10 +67,20 @@ class VAE(nn.Module):
         units instead of the 784 pixels, so only softplus touches every logit (same value as
         ``bernoulli_log_likelihood(self.decode(z), x)``, tests/test_model.py).
         """
-        h = torch.relu(self.dec_hidden(z))                                     # (…, B, H)
-        logits = self.dec_out(h)                                               # (…, B, 784)
+        return self.log_likelihood_for(x)(z, x)
+
+    def log_likelihood_for(self, x: torch.Tensor) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """log p(x|·) for this batch x as a function of z (its second argument is ignored); W₄ᵀx and
+        b₄·x are computed once, for the many draws of z that importance sampling decodes."""
         x_w = x @ self.dec_out.weight                                          # (B, H)
-        return (h * x_w).sum(-1) + x @ self.dec_out.bias - F.softplus(logits).sum(-1)
+        x_b = x @ self.dec_out.bias                                            # (B,)
+
+        def log_likelihood(z: torch.Tensor, _: torch.Tensor | None = None) -> torch.Tensor:
+            h = torch.relu(self.dec_hidden(z))                                 # (…, B, H)
+            logits = self.dec_out(h)                                           # (…, B, 784)
+            return (h * x_w).sum(-1) + x_b - F.softplus(logits).sum(-1)
+
+        return log_likelihood
 
     def log_joint(self, z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """log p(x, z) = log p(x|z) + log N(z; 0, I) → (…, B)."""
