@@ -139,7 +139,15 @@ def evaluate_run(model: VAE, images: torch.Tensor, config: EvalConfig, progress:
     """All estimators of the test log-likelihood side by side; the dict written to eval.json."""
     import time
 
-    start = time.perf_counter()
+    from vaelab.training import flush_denormals
+
+    with flush_denormals():
+        return _evaluate_run(model, images, config, progress, time.perf_counter())
+
+
+def _evaluate_run(model: VAE, images: torch.Tensor, config: EvalConfig, progress: bool, start: float) -> dict:
+    import time
+
     elbo = elbo_per_example(model, images, seed=config.seed)
     iwae = iwae_log_likelihood(model, images, config, progress)
     estimates = [
