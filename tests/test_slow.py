@@ -23,7 +23,7 @@ def test_full_mnist_is_verified(mnist):
     assert mnist.train_images.shape == (60000, 784) and mnist.test_images.shape == (10000, 784)
     assert mnist.train_images.dtype == np.uint8 and mnist.train_images.max() == 255
     # the well-known label counts of the MNIST test set
-    assert np.bincount(mnist.test_labels).tolist() == [980, 1135, 1032, 1010, 982, 892, 958, 1028, 1009, 974]
+    assert np.bincount(mnist.test_labels).tolist() == [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
 
 
 def test_two_epochs_on_mnist_learn(mnist, tmp_path):
