@@ -13,6 +13,7 @@ digits divided by √N (it measures which digits were drawn, the dominant uncert
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -103,8 +104,9 @@ def laplace_estimates(model: VAE, images: torch.Tensor, config: EvalConfig,
                       progress: bool = False) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Per digit: the plain Laplace estimate of log p(x), and IS-K with the Laplace proposal N(z*, H⁻¹).
 
-    The mode z* = argmax_z log p(x, z) is found by Newton from μ(x) in float64 with exact Hessians;
-    the importance sampling runs in float32 like IWAE. Returns (laplace (N,), is_k (N,), fraction converged).
+    The mode z* = argmax_z log p(x, z) is found by Newton from μ(x) in float64 (Gauss–Newton search
+    directions, docs §7); H is the exact autograd Hessian at z*. The importance sampling runs in float32
+    like IWAE. Returns (laplace (N,), is_k (N,), fraction of digits whose Newton solve converged).
     """
     from vaelab.laplace import laplace_log_marginal, sample_laplace_proposal
     from vaelab.objectives import importance_sampled_log_marginal, log_standard_normal
@@ -137,35 +139,23 @@ def laplace_estimates(model: VAE, images: torch.Tensor, config: EvalConfig,
 
 def evaluate_run(model: VAE, images: torch.Tensor, config: EvalConfig, progress: bool = False) -> dict:
     """All estimators of the test log-likelihood side by side; the dict written to eval.json."""
-    import time
+    from vaelab.training import flush_denormals  # training imports this module: import here, not at the top
 
-    from vaelab.training import flush_denormals
-
+    start = time.perf_counter()
     with flush_denormals():
-        return _evaluate_run(model, images, config, progress, time.perf_counter())
-
-
-def _evaluate_run(model: VAE, images: torch.Tensor, config: EvalConfig, progress: bool, start: float) -> dict:
-    import time
-
-    elbo = elbo_per_example(model, images, seed=config.seed)
-    iwae = iwae_log_likelihood(model, images, config, progress)
-    estimates = [
-        ("ELBO", elbo, "lower bound"),
-        (f"IWAE-{config.k}, q(z|x)", iwae, "stochastic lower bound"),
-    ]
-    result: dict = {}
-    if config.laplace:
-        plain, sampled, converged = laplace_estimates(model, images, config, progress)
-        estimates += [(f"IS-{config.k}, Laplace proposal", sampled, "stochastic lower bound"),
-                      ("Laplace", plain, "approximation, not a bound")]
-        result["laplace_converged_fraction"] = converged
+        elbo = elbo_per_example(model, images, seed=config.seed)
+        iwae = iwae_log_likelihood(model, images, config, progress)
+        estimates = [("ELBO", elbo, "lower bound"), (f"IWAE-{config.k}, q(z|x)", iwae, "stochastic lower bound")]
+        result: dict = {}
+        if config.laplace:
+            plain, sampled, converged = laplace_estimates(model, images, config, progress)
+            estimates += [(f"IS-{config.k}, Laplace proposal", sampled, "stochastic lower bound"),
+                          ("Laplace", plain, "approximation, not a bound")]
+            result["laplace_converged_fraction"] = converged
     nll, nll_stderr = summarize(-iwae)
     elbo_mean, elbo_stderr = summarize(elbo)
-    result.update({
-        "nll": nll, "nll_stderr": nll_stderr, "elbo": elbo_mean, "elbo_stderr": elbo_stderr,
-        "k": config.k, "n_examples": len(images), "seconds": time.perf_counter() - start,
-        "estimates": [{"name": name, "mean": summarize(values)[0], "stderr": summarize(values)[1], "kind": kind}
-                      for name, values, kind in estimates],
-    })
+    result.update({"nll": nll, "nll_stderr": nll_stderr, "elbo": elbo_mean, "elbo_stderr": elbo_stderr,
+                   "k": config.k, "n_examples": len(images), "seconds": time.perf_counter() - start,
+                   "estimates": [dict(zip(("name", "mean", "stderr", "kind"), (name, *summarize(values), kind)))
+                                 for name, values, kind in estimates]})
     return result
