@@ -41,7 +41,7 @@ from vaelab.config import RunConfig, TrainConfig
 from vaelab.data import DataConfig, load_mnist, prepare
 from vaelab.evaluation import EvalConfig, iwae_log_likelihood
 from vaelab.model import ModelConfig
-from vaelab.training import Trainer, flush_denormals
+from vaelab.training import Trainer
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -190,8 +190,7 @@ def main() -> None:
     test = prepare(arrays, DataConfig(test_examples=args.eval_examples, train_examples=1)).test_binary
     decoder_flops = 2 * (50 * 256 + 256 * 784)
     start = time.perf_counter()
-    with flush_denormals():                  # as `vaelab evaluate` runs it
-        iwae_log_likelihood(trained, test, EvalConfig(k=5000))
+    iwae_log_likelihood(trained, test, EvalConfig(k=5000))
     seconds = time.perf_counter() - start
     floor = 5000 * decoder_flops * len(test) / peak / 1e9
     result["evaluation"] = {"k": 5000, "n_examples": len(test), "seconds": seconds, "floor_seconds": floor,
@@ -212,8 +211,7 @@ def main() -> None:
         eval_scaling = []
         for k in (100, 500, 1000, 5000):
             start = time.perf_counter()
-            with flush_denormals():
-                iwae_log_likelihood(trained, subset, EvalConfig(k=k))
+            iwae_log_likelihood(trained, subset, EvalConfig(k=k))
             seconds = (time.perf_counter() - start) * 10000 / len(subset)
             eval_scaling.append({"k": k, "seconds_per_10000": seconds})
             print(f"evaluate K = {k:5d}: {seconds:7.1f} s per 10 000 digits (timed on {len(subset)})")

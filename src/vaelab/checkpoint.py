@@ -1,7 +1,7 @@
 """The run directory on disk: weights, the resumable training state, loading a run.
 
-Every file is written through ``vaelab.atomic.atomic_write``. Nothing here unpickles: weights and training state are safetensors files
-whose scalar parts travel as JSON in the safetensors metadata.
+Every file is written through ``vaelab.atomic.atomic_write``. Nothing here unpickles: weights and
+training state are safetensors files whose scalar parts travel as JSON in the safetensors metadata.
 """
 
 from __future__ import annotations

@@ -25,9 +25,13 @@ class ModelConfig:
     hidden: int = 256
     latent: int = 50
 
+    def layers(self) -> list[tuple[int, int]]:
+        """(inputs, outputs) of the four linear layers: encoder hidden, encoder out, decoder hidden, out."""
+        return [(self.data_dim, self.hidden), (self.hidden, 2 * self.latent),
+                (self.latent, self.hidden), (self.hidden, self.data_dim)]
+
     def parameter_count(self) -> int:
-        return (self.data_dim + 1) * self.hidden + (self.hidden + 1) * 2 * self.latent \
-            + (self.latent + 1) * self.hidden + (self.hidden + 1) * self.data_dim
+        return sum((a + 1) * b for a, b in self.layers())
 
     def flops_per_example(self) -> int:
         """Multiply-adds × 2 of one training step per example: forward, then backward.
@@ -35,9 +39,7 @@ class ModelConfig:
         Forward: one (1×a)·(a×b) product per layer = 2ab FLOPs. Backward: the weight gradient (2ab) for
         every layer and the input gradient (2ab) for every layer but the first (x needs no gradient).
         """
-        layers = [(self.data_dim, self.hidden), (self.hidden, 2 * self.latent),
-                  (self.latent, self.hidden), (self.hidden, self.data_dim)]
-        forward = sum(2 * a * b for a, b in layers)
+        forward = sum(2 * a * b for a, b in self.layers())
         backward = 2 * forward - 2 * self.data_dim * self.hidden
         return forward + backward
 

@@ -14,7 +14,6 @@ and continues with bitwise the same weights as an uninterrupted run (same machin
 
 from __future__ import annotations
 
-import contextlib
 import math
 import random
 import shutil
@@ -33,7 +32,7 @@ from vaelab import checkpoint as ckpt
 from vaelab.config import RunConfig
 from vaelab.data import MNISTData, training_batches
 from vaelab.errors import CheckpointError, TrainingDiverged, UsageError, VaelabError
-from vaelab.evaluation import test_elbo
+from vaelab.evaluation import flush_denormals, test_elbo
 from vaelab.model import VAE
 
 METRIC_FIELDS = ("epoch", "train_elbo", "train_reconstruction", "train_kl", "test_elbo",
@@ -44,23 +43,6 @@ class Interrupted(VaelabError):
     """SIGINT: the current step finished, a checkpoint was written; exit status 130."""
 
     exit_code = 130
-
-
-@contextlib.contextmanager
-def flush_denormals():
-    """Treat float32 values below 1.2e-38 as zero (FTZ/DAZ) while the block runs.
-
-    Adam's moments of weights that rarely get a gradient (border pixels) decay geometrically into the
-    denormal range (44 778 such entries after 6 epochs, measured), and arithmetic on denormals is many
-    times slower on x86. Flushing them changes nothing visible: the test ELBO after 6 epochs was
-    identical to three decimals with and without (benchmarks/README.md).
-    """
-    enabled = torch.set_flush_denormal(True)
-    try:
-        yield
-    finally:
-        if enabled:
-            torch.set_flush_denormal(False)
 
 
 def resolve_device(name: str) -> torch.device:
