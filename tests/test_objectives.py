@@ -10,7 +10,7 @@ import torch
 from scipy.stats import multivariate_normal
 
 from vaelab.objectives import (bernoulli_log_likelihood, elbo, iwae_bound, kl_standard_normal, log_normal_diag,
-                               log_standard_normal)
+                               log_standard_normal, softplus_sum)
 
 @pytest.fixture(autouse=True)
 def float64():
@@ -56,6 +56,34 @@ def test_bernoulli_likelihood_is_finite_and_exact_at_extreme_logits(dtype):
     assert torch.isfinite(value).all()
     # matching pixels cost e^{-100} nats each, mismatched ones 100 nats each (log sigmoid(-100) ≈ -100)
     torch.testing.assert_close(value, torch.tensor([-200.0], dtype=dtype), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("width", [784, 1, 7, 96, 1000])
+def test_softplus_sum_matches_softplus_in_float64(dtype, width):
+    g = torch.Generator().manual_seed(width)
+    logits = torch.randn(300, width, generator=g, dtype=torch.float64) * 8 - 2
+    logits[0] = 100.0                   # e^{ℓ} would overflow float32
+    logits[1] = -100.0                  # every term far below float32's resolution of 1
+    logits[2, : width // 2 + 1] = 0.0   # softplus(0) = log 2 exactly
+    logits[3] = torch.linspace(-30, 30, width, dtype=torch.float64)
+    # max(ℓ, 0) + log1p(e^{−|ℓ|}) in float64 (F.softplus returns ℓ itself above ℓ = 20, off by e^{−20})
+    expected = (logits.clamp(min=0) + torch.log1p(torch.exp(-logits.abs()))).sum(-1)
+    with torch.no_grad():
+        value = softplus_sum(logits.to(dtype)).double()
+    # float32: a relative error of a few units of rounding of the sum of |terms| (a 784-term float32 sum
+    # itself carries that much); float64: 1e-12.
+    scale = expected + logits.abs().sum(-1)
+    tol = 1e-12 if dtype == torch.float64 else 2e-6
+    assert torch.all((value - expected).abs() <= tol * scale + 1e-300), (value - expected).abs().max()
+    # the tiny terms survive: 784 values of e^{-100}-scale sum to 784·e^{-100}, not 0
+    assert value[1] > 0 and torch.isclose(value[1], expected[1], rtol=1e-5 if dtype == torch.float32 else 1e-12)
+
+
+def test_softplus_sum_gradient_is_sigmoid():
+    logits = torch.randn(5, 784, dtype=torch.float64, requires_grad=True)
+    softplus_sum(logits).sum().backward()    # under autograd it is softplus itself
+    torch.testing.assert_close(logits.grad, torch.sigmoid(logits.detach()), rtol=1e-12, atol=1e-12)
 
 
 class LinearGaussian:

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vaelab.objectives import ELBOTerms, elbo, log_standard_normal
+from vaelab.objectives import ELBOTerms, elbo, log_standard_normal, softplus_sum
 
 
 @dataclass(frozen=True)
@@ -78,9 +78,11 @@ class VAE(nn.Module):
         x_b = x @ self.dec_out.bias                                            # (B,)
 
         def log_likelihood(z: torch.Tensor, _: torch.Tensor | None = None) -> torch.Tensor:
-            h = torch.relu(self.dec_hidden(z))                                 # (…, B, H)
-            logits = self.dec_out(h)                                           # (…, B, 784)
-            return (h * x_w).sum(-1) + x_b - F.softplus(logits).sum(-1)
+            batch = z.shape[:-1]
+            h = F.linear(z.reshape(-1, z.shape[-1]), self.dec_hidden.weight, self.dec_hidden.bias).relu_()  # (…·B, H)
+            logits = F.linear(h, self.dec_out.weight, self.dec_out.bias)       # (…·B, 784): 2-D, no bias copies
+            h = h.view(*batch, -1)                                             # (…, B, H)
+            return (h * x_w).sum(-1) + x_b - softplus_sum(logits).view(batch)
 
         return log_likelihood
 
