@@ -8,6 +8,8 @@ What is timed (float32, the same machine, the same thread count, alternating so 
   DataLoader (batch 64, shuffle), the 784-256-50 MLP with sigmoid + binary_cross_entropy, Adam 1e-3,
   loss.item() every step. (Its targets are the grey levels, as in the exercise; the FLOPs are the same.)
 - vaelab: the Trainer at the same setting (784-256-50, batch 64, dynamic binarisation, fused engine).
+- evaluation: `evaluate --k 5000` on the test set, and, alternating on the same digits, IWAE-5000 written
+  the plain way (`reference_iwae`: decoder logits, BCE-with-logits, torch.distributions densities).
 Seconds per epoch are the training loop only (no test evaluation, no checkpoint) on both sides.
 
 FLOPs: ModelConfig.flops_per_example counts 2ab per (1×a)·(a×b) product: forward for all four layers,
@@ -24,7 +26,6 @@ import datetime
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -93,6 +94,31 @@ def reference_epoch(loader, model, optimizer) -> float:
     return time.perf_counter() - start
 
 
+@torch.no_grad()
+def reference_iwae(model, images: torch.Tensor, k: int, generator: torch.Generator, chunk: int = 1000,
+                   digits: int = 20) -> torch.Tensor:
+    """IWAE_K per digit written the plain way (what one writes from the paper, for comparison): decoder
+    logits for every draw, −BCE-with-logits as log p(x|z), log q and log p(z) from their densities,
+    one fresh ε per digit and draw, a running log-sum-exp over chunks of draws."""
+    out = []
+    for x in images.float().split(digits):
+        mu, logvar = model.encode(x)
+        std = torch.exp(0.5 * logvar)
+        total = None
+        for start in range(0, k, chunk):
+            n = min(chunk, k - start)
+            eps = torch.randn((n, *mu.shape), generator=generator)                        # (n, B, d)
+            z = mu + std * eps
+            logits = model.decode(z)                                                       # (n, B, 784)
+            log_px_z = -F.binary_cross_entropy_with_logits(logits, x.expand_as(logits), reduction="none").sum(-1)
+            log_pz = torch.distributions.Normal(0.0, 1.0).log_prob(z).sum(-1)
+            log_qz = torch.distributions.Normal(mu, std).log_prob(z).sum(-1)
+            part = torch.logsumexp(log_px_z + log_pz - log_qz, 0)
+            total = part if total is None else torch.logaddexp(total, part)
+        out.append(total - np.log(k))
+    return torch.cat(out)
+
+
 # ---- measurements ------------------------------------------------------------------------------
 
 
@@ -127,11 +153,17 @@ def vaelab_epoch(trainer) -> float:
 
 
 def peak_memory_of_training(epochs: int = 1) -> float:
-    """Peak resident set (MiB) of `vaelab train` in a child process, from getrusage."""
+    """Peak resident set (MiB) of `vaelab train` in a child process: VmHWM of its own address space.
+
+    (getrusage's ru_maxrss of a child is not used: a child started by fork/vfork and exec keeps the
+    parent's high-water mark, here the benchmark's own ≈700 MiB.)"""
+    script = ("import sys\nfrom vaelab.cli import main\ncode = main(sys.argv[1:])\n"
+              "print(next(l for l in open('/proc/self/status') if l.startswith('VmHWM')))\nsys.exit(code)")
     with tempfile.TemporaryDirectory() as tmp:
-        subprocess.run([sys.executable, "-m", "vaelab.cli", "train", "--out", f"{tmp}/run", "--epochs", str(epochs),
-                        "--no-progress"], check=True, capture_output=True)
-    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+        done = subprocess.run([sys.executable, "-c", script, "train", "--out", f"{tmp}/run", "--epochs", str(epochs),
+                               "--no-progress"], check=True, capture_output=True, text=True)
+    line = next(l for l in done.stdout.splitlines() if l.startswith("VmHWM"))
+    return int(line.split()[1]) / 1024             # "VmHWM:   489464 kB"
 
 
 def machine() -> dict:
@@ -145,6 +177,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--reps", type=int, default=5, help="alternating epochs per side")
     parser.add_argument("--eval-examples", type=int, default=10000, help="test digits for evaluate --k 5000")
+    parser.add_argument("--side-examples", type=int, default=200,
+                        help="test digits for the side-by-side IWAE timing (3 alternating repetitions)")
     parser.add_argument("--quick", action="store_true", help="skip the scaling table and the memory run")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -196,6 +230,24 @@ def main() -> None:
     result["evaluation"] = {"k": 5000, "n_examples": len(test), "seconds": seconds, "floor_seconds": floor,
                             "seconds_per_10000": seconds * 10000 / len(test)}
     print(f"evaluate --k 5000 on {len(test)} digits: {seconds:.1f} s (floor at peak {floor:.1f} s)")
+    # side by side with the plain IWAE, alternating on the same digits (robust to the machine's drift)
+    side: dict[str, list[float]] = {"plain": [], "vaelab": []}
+    subset = test[: args.side_examples]
+    for rep in range(3):
+        start = time.perf_counter()
+        plain = reference_iwae(trained, subset, 5000, torch.Generator().manual_seed(rep))
+        side["plain"].append((time.perf_counter() - start) * 10000 / len(subset))
+        start = time.perf_counter()
+        ours = iwae_log_likelihood(trained, subset, EvalConfig(k=5000, seed=rep))
+        side["vaelab"].append((time.perf_counter() - start) * 10000 / len(subset))
+    side_median = {name: float(np.median(v)) for name, v in side.items()}
+    result["evaluation"]["side_by_side"] = {
+        "n_examples": len(subset), "seconds_per_10000": side, "median": side_median,
+        "speedup": side_median["plain"] / side_median["vaelab"],
+        "mean_iwae": {"plain": float(plain.double().mean()), "vaelab": float(ours.double().mean())}}
+    print(f"IWAE-5000 side by side on {len(subset)} digits, seconds per 10 000: plain {side_median['plain']:.0f}, "
+          f"vaelab {side_median['vaelab']:.0f} (×{side_median['plain'] / side_median['vaelab']:.2f}); mean IWAE "
+          f"plain {plain.double().mean():.3f}, vaelab {ours.double().mean():.3f}")
 
     if not args.quick:
         # -- scaling ------------------------------------------------------------------------------
@@ -220,9 +272,14 @@ def main() -> None:
         print(f"peak resident memory of `vaelab train` (1 epoch): {result['peak_rss_mib_training']:.0f} MiB")
 
     RESULTS.mkdir(exist_ok=True)
-    name = f"{platform.node() or 'machine'}-{result['date']}.json"
-    (RESULTS / name).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"written {RESULTS / name}")
+    stem = f"{platform.node() or 'machine'}-{result['date']}"
+    path = RESULTS / f"{stem}.json"
+    run = 1
+    while path.exists():                  # several runs on one day: keep them all
+        run += 1
+        path = RESULTS / f"{stem}-{run}.json"
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"written {path}")
 
 
 if __name__ == "__main__":

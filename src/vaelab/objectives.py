@@ -61,8 +61,9 @@ def softplus_sum(logits: torch.Tensor, groups: int = 4) -> torch.Tensor:
     times; each product is ≤ 2^(2^groups), so it cannot overflow for any ℓ. Products are carried as
     P − 1 (two factors combine as a + b + ab) and closed with log1p, so the tiny u of confident pixels
     are not rounded away against 1. Same value as ``F.softplus(ℓ).sum(-1)`` to float32 rounding
-    (tests/test_objectives.py::test_softplus_sum_*); on the CPU here ≈1.3 ns per element instead of
-    ≈2–2.5 (exp2 is cheaper than exp, and 1/16 of the logs), benchmarks/README.md.
+    (tests/test_objectives.py::test_softplus_sum_*); on the 2-core CPU here ≈1.3 ns per element instead
+    of ≈2–2.5 in isolation (exp2 costs about half of exp, and 1/16 of the logs), less after a matmul
+    (benchmarks/README.md).
     With autograd recording through ``logits`` it is F.softplus(ℓ).sum(-1) (the fast form works in place).
     """
     if torch.is_grad_enabled() and logits.requires_grad:
