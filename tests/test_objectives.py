@@ -80,6 +80,15 @@ def test_softplus_sum_matches_softplus_in_float64(dtype, width):
     assert value[1] > 0 and torch.isclose(value[1], expected[1], rtol=1e-5 if dtype == torch.float32 else 1e-12)
 
 
+def test_softplus_sum_does_not_overflow_in_float16():
+    logits = torch.full((2, 784), 0.0, dtype=torch.float64)
+    logits[1] = -30.0                    # products of 16 factors (1 + u) reach 2¹⁶ > float16's 65504 at ℓ = 0
+    expected = (logits.clamp(min=0) + torch.log1p(torch.exp(-logits.abs()))).sum(-1)
+    with torch.no_grad():
+        value = softplus_sum(logits.half()).double()
+    torch.testing.assert_close(value, expected, rtol=2e-3, atol=1e-9)
+
+
 def test_softplus_sum_gradient_is_sigmoid():
     logits = torch.randn(5, 784, dtype=torch.float64, requires_grad=True)
     softplus_sum(logits).sum().backward()    # under autograd it is softplus itself

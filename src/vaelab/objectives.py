@@ -68,6 +68,8 @@ def softplus_sum(logits: torch.Tensor, groups: int = 4) -> torch.Tensor:
     """
     if torch.is_grad_enabled() and logits.requires_grad:
         return F.softplus(logits).sum(-1)
+    while groups > 0 and 2.0 ** (2 ** groups) > torch.finfo(logits.dtype).max:   # float16: 2¹⁶ overflows
+        groups -= 1
     positive = logits.clamp(min=0)                                            # (…, D)
     total = positive.sum(-1)                                                  # Σ max(ℓ, 0)
     p = torch.add(logits, positive, alpha=-2.0).mul_(LOG2_E).exp2_()          # u = 2^{−|ℓ| log₂e}
