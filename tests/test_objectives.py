@@ -58,6 +58,11 @@ def test_bernoulli_likelihood_is_finite_and_exact_at_extreme_logits(dtype):
     torch.testing.assert_close(value, torch.tensor([-200.0], dtype=dtype), rtol=1e-6, atol=1e-6)
 
 
+def exact_softplus_sum(logits: torch.Tensor) -> torch.Tensor:
+    """max(ℓ, 0) + log1p(e^{−|ℓ|}) summed, in float64 (F.softplus returns ℓ itself above ℓ = 20, off by e^{−20})."""
+    return (logits.clamp(min=0) + torch.log1p(torch.exp(-logits.abs()))).sum(-1)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("width", [784, 1, 7, 96, 1000])
 def test_softplus_sum_matches_softplus_in_float64(dtype, width):
@@ -67,8 +72,7 @@ def test_softplus_sum_matches_softplus_in_float64(dtype, width):
     logits[1] = -100.0                  # every term far below float32's resolution of 1
     logits[2, : width // 2 + 1] = 0.0   # softplus(0) = log 2 exactly
     logits[3] = torch.linspace(-30, 30, width, dtype=torch.float64)
-    # max(ℓ, 0) + log1p(e^{−|ℓ|}) in float64 (F.softplus returns ℓ itself above ℓ = 20, off by e^{−20})
-    expected = (logits.clamp(min=0) + torch.log1p(torch.exp(-logits.abs()))).sum(-1)
+    expected = exact_softplus_sum(logits)
     with torch.no_grad():
         value = softplus_sum(logits.to(dtype)).double()
     # float32: a relative error of a few units of rounding of the sum of |terms| (a 784-term float32 sum
@@ -83,7 +87,7 @@ def test_softplus_sum_matches_softplus_in_float64(dtype, width):
 def test_softplus_sum_does_not_overflow_in_float16():
     logits = torch.full((2, 784), 0.0, dtype=torch.float64)
     logits[1] = -30.0                    # products of 16 factors (1 + u) reach 2¹⁶ > float16's 65504 at ℓ = 0
-    expected = (logits.clamp(min=0) + torch.log1p(torch.exp(-logits.abs()))).sum(-1)
+    expected = exact_softplus_sum(logits)
     with torch.no_grad():
         value = softplus_sum(logits.half()).double()
     torch.testing.assert_close(value, expected, rtol=2e-3, atol=1e-9)

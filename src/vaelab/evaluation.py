@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from vaelab.data import test_batches
 from vaelab.model import VAE
-from vaelab.objectives import iwae_bound
+from vaelab.objectives import importance_sampled_log_marginal, iwae_bound, log_standard_normal
 
 
 @contextlib.contextmanager
@@ -145,7 +145,6 @@ def _laplace_batch(model: VAE, model64: VAE, x: torch.Tensor, config: EvalConfig
                    generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One batch of digits: (Laplace estimate, IS-K estimate, converged), each (B,) on the CPU."""
     from vaelab.laplace import laplace_log_marginal, sample_laplace_proposal
-    from vaelab.objectives import importance_sampled_log_marginal, log_standard_normal
 
     with torch.no_grad():
         z0 = model64.encode(x.double())[0]
