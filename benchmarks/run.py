@@ -100,13 +100,13 @@ def reference_iwae(model, images: torch.Tensor, k: int, generator: torch.Generat
                    digits: int = 20) -> torch.Tensor:
     """IWAE_K per digit written the plain way (what one writes from the paper, for comparison): decoder
     logits for every draw, −BCE-with-logits as log p(x|z), log q and log p(z) from their densities,
-    one fresh ε per digit and draw; chunks merged by vaelab's running log-sum-exp (not what differs)."""
+    one fresh ε per digit and draw; chunks merged by vaelab's log-sum-exp (not what differs)."""
     out = []
     for x in images.float().split(digits):
         mu, logvar = model.encode(x)
         std = torch.exp(0.5 * logvar)
 
-        def log_weights(n: int) -> torch.Tensor:
+        def log_weights(_: int, n: int) -> torch.Tensor:
             eps = torch.randn((n, *mu.shape), generator=generator)                        # (n, B, d)
             z = mu + std * eps
             logits = model.decode(z)                                                       # (n, B, 784)

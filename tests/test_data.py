@@ -149,14 +149,21 @@ def test_bad_cache_is_rebuilt_once_then_reported(tmp_path, official):
         D.load_mnist(tmp_path, download=False)
 
 
-def test_binarize_probabilities():
+@pytest.mark.parametrize("parts", [1, 2, 3])
+def test_binarize_probabilities(parts):
     g = torch.Generator().manual_seed(0)
     levels = torch.tensor([0, 255, 128, 51], dtype=torch.uint8).repeat(200_000, 1)
-    frequency = D.binarize(levels, g).double().mean(0)
+    binary = D.binarize(levels, g, parts=parts)
+    frequency = binary.double().mean(0)
     assert frequency[0] == 0 and frequency[1] == 1
     for k, col in ((128, 2), (51, 3)):
         p = k / 255
         assert abs(float(frequency[col]) - p) < 4 * (p * (1 - p) / 200_000) ** 0.5
+    # the blocks drawn in parallel are independent streams: no block repeats another
+    blocks = binary.tensor_split(parts)
+    assert all(not torch.equal(a[:1000], b[:1000]) for a, b in zip(blocks, blocks[1:]))
+    # reproducible from the generator's state alone
+    assert torch.equal(binary, D.binarize(levels, torch.Generator().manual_seed(0), parts=parts))
 
 
 def test_training_batches_are_reproducible_and_cover_the_set(tiny_arrays):

@@ -13,8 +13,13 @@ def test_log_likelihood_matvec_form_equals_plain_form():
     model = VAE(ModelConfig(hidden=32, latent=4)).double()
     x = (torch.rand(5, 784) < 0.3).double()
     z = torch.randn(7, 5, 4, dtype=torch.float64)
-    torch.testing.assert_close(model.log_likelihood(z, x), bernoulli_log_likelihood(model.decode(z), x),
-                               rtol=1e-12, atol=1e-9)
+    plain = bernoulli_log_likelihood(model.decode(z), x)
+    torch.testing.assert_close(model.log_likelihood(z, x), plain, rtol=1e-12, atol=1e-9)
+    with torch.no_grad():   # the fast form: data term as h·(W₄ᵀx), softplus in base 2, grouped logs
+        torch.testing.assert_close(model.log_likelihood_for(x)(z), plain, rtol=1e-12, atol=1e-9)
+        model32 = model.float()   # float32: within rounding of Σ|terms| (≈ 600 nats here)
+        torch.testing.assert_close(model32.log_likelihood_for(x.float())(z.float()).double(), plain,
+                                   rtol=0, atol=600 * 1e-6)
 
 
 def test_gauss_newton_precision_is_the_exact_hessian_for_relu():

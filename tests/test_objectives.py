@@ -63,9 +63,10 @@ def exact_softplus_sum(logits: torch.Tensor) -> torch.Tensor:
     return (logits.clamp(min=0) + torch.log1p(torch.exp(-logits.abs()))).sum(-1)
 
 
+@pytest.mark.parametrize("base2", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("width", [784, 1, 7, 96, 1000])
-def test_softplus_sum_matches_softplus_in_float64(dtype, width):
+def test_softplus_sum_matches_softplus_in_float64(dtype, width, base2):
     g = torch.Generator().manual_seed(width)
     logits = torch.randn(300, width, generator=g, dtype=torch.float64) * 8 - 2
     logits[0] = 100.0                   # e^{ℓ} would overflow float32
@@ -73,8 +74,8 @@ def test_softplus_sum_matches_softplus_in_float64(dtype, width):
     logits[2, : width // 2 + 1] = 0.0   # softplus(0) = log 2 exactly
     logits[3] = torch.linspace(-30, 30, width, dtype=torch.float64)
     expected = exact_softplus_sum(logits)
-    with torch.no_grad():
-        value = softplus_sum(logits.to(dtype)).double()
+    with torch.no_grad():   # base2: the input is ℓ log₂e, as a decoder scaled by log₂e gives it
+        value = softplus_sum((logits / math.log(2) if base2 else logits).to(dtype), base2=base2).double()
     # float32: a relative error of a few units of rounding of the sum of |terms| (a 784-term float32 sum
     # itself carries that much); float64: 1e-12.
     scale = expected + logits.abs().sum(-1)
@@ -97,6 +98,10 @@ def test_softplus_sum_gradient_is_sigmoid():
     logits = torch.randn(5, 784, dtype=torch.float64, requires_grad=True)
     softplus_sum(logits).sum().backward()    # under autograd it is softplus itself
     torch.testing.assert_close(logits.grad, torch.sigmoid(logits.detach()), rtol=1e-12, atol=1e-12)
+    y = (logits.detach() / math.log(2)).requires_grad_()   # base 2: d/dy softplus(y ln 2) = ln 2 · sigmoid(ℓ)
+    softplus_sum(y, base2=True).sum().backward()
+    torch.testing.assert_close(y.grad, math.log(2) * torch.sigmoid(logits.detach()), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(softplus_sum(y, base2=True), exact_softplus_sum(logits.detach()), rtol=1e-12, atol=0)
 
 
 class LinearGaussian:
@@ -189,3 +194,18 @@ def test_iwae_is_exact_for_every_k_at_the_posterior():
     logvar = torch.log(torch.diagonal(post_cov)).expand(2, -1)
     value = iwae_bound(model.x, post_mean, logvar, model.log_likelihood, 7, torch.Generator().manual_seed(0), chunk=3)
     torch.testing.assert_close(value, model.log_marginal(), rtol=0, atol=1e-9)
+
+
+def test_iwae_weights_match_the_densities():
+    # iwae_bound computes log p(z) − log q(z|x) for all draws from ε alone (|μ + σε|² expanded); here the
+    # same draws go through the densities themselves, at a q that is not the posterior, in float64.
+    model = LinearGaussian(seed=8)
+    g = torch.Generator().manual_seed(9)
+    mu, logvar = torch.randn(2, model.d, generator=g, dtype=torch.float64), torch.randn(2, model.d, generator=g, dtype=torch.float64)
+    k = 11
+    eps = torch.randn((k, model.d), generator=torch.Generator().manual_seed(10), dtype=torch.float64)  # what iwae_bound draws
+    z = mu + torch.exp(0.5 * logvar) * eps[:, None, :]                                                 # (K, B, d)
+    log_w = model.log_likelihood(z, model.x) + log_standard_normal(z) - log_normal_diag(z, mu, logvar)
+    expected = torch.logsumexp(log_w, 0) - math.log(k)
+    value = iwae_bound(model.x, mu, logvar, model.log_likelihood, k, torch.Generator().manual_seed(10), chunk=4)
+    torch.testing.assert_close(value, expected, rtol=0, atol=1e-10)

@@ -13,7 +13,9 @@ digits divided by √N (it measures which digits were drawn, the dominant uncert
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import math
+import platform
 import time
 from dataclasses import dataclass
 from typing import Callable, Iterator
@@ -27,16 +29,17 @@ from vaelab.objectives import importance_sampled_log_marginal, iwae_bound, log_s
 
 
 @contextlib.contextmanager
-def flush_denormals():
-    """Treat float32 values below 1.2e-38 as zero (FTZ/DAZ) while the block runs (training and the
-    evaluation loops; not nested).
+def hot_loop_settings():
+    """CPU settings for the training and evaluation loops (not nested):
 
-    Adam's moments of weights that rarely get a gradient (border pixels) decay geometrically into the
-    denormal range (44 778 such entries after 6 epochs, measured), and exp of logits below −87 is
-    denormal too; arithmetic on denormals is many times slower on x86. Flushing them changes nothing
-    visible: the test ELBO after 6 epochs was identical to three decimals with and without
-    (benchmarks/README.md).
+    - float32 values below 1.2e-38 are treated as zero (FTZ/DAZ) while the block runs. Adam's moments of
+      weights that rarely get a gradient (border pixels) decay geometrically into the denormal range
+      (44 778 such entries after 6 epochs, measured), and exp of logits below −87 is denormal too;
+      arithmetic on denormals is many times slower on x86. Flushing them changes nothing visible: the
+      test ELBO after 6 epochs was identical to three decimals with and without (benchmarks/README.md).
+    - ``retain_freed_memory()``, once per process.
     """
+    retain_freed_memory()
     enabled = torch.set_flush_denormal(True)
     try:
         yield
@@ -45,14 +48,42 @@ def flush_denormals():
             torch.set_flush_denormal(False)
 
 
+# glibc's mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_malloc_tuned = False
+
+
+def retain_freed_memory() -> None:
+    """glibc only, process-wide, once: serve blocks below 32 MiB from the heap and keep up to 1 GiB of freed
+    heap memory for reuse, instead of handing it back to the kernel and faulting it in again as fresh
+    zeroed pages.
+
+    With glibc's adaptive defaults an evaluation chunk (a few MB of logits and their intermediates) was
+    returned and re-faulted every time: 180–320 minor page faults per 1000-row chunk, 7–12 % of the
+    evaluation's time (measured, benchmarks/README.md). Resident memory keeps its high-water mark
+    instead of shrinking between chunks. Does nothing on other C libraries.
+    """
+    global _malloc_tuned
+    if _malloc_tuned:
+        return
+    _malloc_tuned = True
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return
+    mallopt = ctypes.CDLL(None).mallopt
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    mallopt(_M_MMAP_THRESHOLD, 32 << 20)      # the ceiling of glibc's own adaptive threshold on 64-bit
+    mallopt(_M_TRIM_THRESHOLD, 1 << 30)
+
+
 @dataclass(frozen=True)
 class EvalConfig:
     k: int = 5000                  # importance samples per test digit
     examples_per_batch: int = 20   # test digits evaluated together
-    # Samples drawn at once: 25 × 20 digits = 500 rows of 784 logits (1.6 MB), which stays in cache;
-    # measured here, 500-row chunks run the decoder's matmul at ≈145 GFLOP/s, and elementwise passes over
-    # fresh 60 MB tensors cost 15× more per element than over cache-sized ones (benchmarks/README.md).
-    sample_chunk: int = 25
+    # Samples decoded at once: 50 × 20 digits = 1000 rows of 784 logits (3.1 MB, within the shared L3).
+    # Measured here (benchmarks/README.md): 1000-row products run the decoder's matmul at ≈155 GFLOP/s;
+    # with the in-place softplus_sum, chunks of 50 took 2–5 % less time than 25, 10 was 30 % slower, and
+    # 150 or more lost again (passes over tensors that leave the cache).
+    sample_chunk: int = 50
     seed: int = 0
     laplace: bool = False
     newton_steps: int = 30
@@ -92,7 +123,7 @@ def _batches(images: torch.Tensor, size: int, desc: str, progress: bool) -> Iter
 def per_example(fn: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, size: int,
                 desc: str, progress: bool) -> torch.Tensor:
     """Apply ``fn`` (a batch → per-example values) over all images; returns (N,) on the CPU."""
-    with flush_denormals():
+    with hot_loop_settings():
         return torch.cat([fn(x).double().cpu() for x in _batches(images, size, desc, progress)])
 
 
@@ -134,7 +165,7 @@ def laplace_estimates(model: VAE, images: torch.Tensor, config: EvalConfig,
     model64.load_state_dict(model.state_dict())
     model64.requires_grad_(False)
     generator = torch.Generator(device=images.device).manual_seed(config.seed + 1)
-    with flush_denormals():
+    with hot_loop_settings():
         parts = [_laplace_batch(model, model64, x, config, generator)
                  for x in _batches(images, config.examples_per_batch, f"Laplace + IS-{config.k}", progress)]
     plain, sampled, converged = (torch.cat(column) for column in zip(*parts))
@@ -152,7 +183,7 @@ def _laplace_batch(model: VAE, model64: VAE, x: torch.Tensor, config: EvalConfig
                                     ftol=1e-9, curvature=model64.gauss_newton_precision)
     log_likelihood = model.log_likelihood_for(x)
 
-    def log_weights(n: int) -> torch.Tensor:
+    def log_weights(_: int, n: int) -> torch.Tensor:
         z, log_r = sample_laplace_proposal(marginal, n, generator)
         z = z.float()
         return log_likelihood(z) + log_standard_normal(z) - log_r.float()

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vaelab.objectives import ELBOTerms, elbo, log_standard_normal, softplus_sum
+from vaelab.objectives import LOG2_E, ELBOTerms, bernoulli_log_likelihood, elbo, log_standard_normal, softplus_sum
 
 
 @dataclass(frozen=True)
@@ -63,26 +63,30 @@ class VAE(nn.Module):
         return self.dec_out(torch.relu(self.dec_hidden(z)))
 
     def log_likelihood(self, z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """log p(x|z) = Σⱼ xⱼℓⱼ − softplus(ℓⱼ) for z (…, B, d), x (B, 784) → (…, B).
-
-        With ℓ = h W₄ᵀ + b₄, the data term is Σⱼ xⱼℓⱼ = h·(W₄ᵀx) + b₄·x: a product over the H hidden
-        units instead of the 784 pixels, so only softplus touches every logit (same value as
-        ``bernoulli_log_likelihood(self.decode(z), x)``, tests/test_model.py).
-        """
-        return self.log_likelihood_for(x)(z, x)
+        """log p(x|z) = Σⱼ xⱼℓⱼ − softplus(ℓⱼ) for z (…, B, d), x (B, 784) → (…, B), in the plain form
+        (``bernoulli_log_likelihood``): what one call, autograd and torch.func transforms (the Laplace
+        Newton solve) want. ``log_likelihood_for`` is the fast form for many draws of z."""
+        return bernoulli_log_likelihood(self.decode(z), x)
 
     def log_likelihood_for(self, x: torch.Tensor) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-        """log p(x|·) for this batch x as a function of z (its second argument is ignored); W₄ᵀx and
-        b₄·x are computed once, for the many draws of z that importance sampling decodes."""
+        """log p(x|·) for this batch x as a function of z (its second argument is ignored), for the many
+        draws of z that importance sampling decodes; same value as ``log_likelihood`` (tests/test_model.py).
+
+        With ℓ = h W₄ᵀ + b₄, the data term is Σⱼ xⱼℓⱼ = h·(W₄ᵀx) + b₄·x: a product over the H hidden units
+        instead of the 784 pixels, so only softplus touches every logit. W₄ᵀx, b₄·x and the last layer
+        scaled by log₂e are computed once per batch; the scaled layer gives y = ℓ log₂e directly, the input
+        of ``softplus_sum(…, base2=True)`` (one pass over the logits fewer).
+        """
         x_w = x @ self.dec_out.weight                                          # (B, H)
         x_b = x @ self.dec_out.bias                                            # (B,)
+        weight2, bias2 = self.dec_out.weight * LOG2_E, self.dec_out.bias * LOG2_E  # (784, H), (784,)
 
         def log_likelihood(z: torch.Tensor, _: torch.Tensor | None = None) -> torch.Tensor:
             batch = z.shape[:-1]
             h = F.linear(z.reshape(-1, z.shape[-1]), self.dec_hidden.weight, self.dec_hidden.bias).relu_()  # (…·B, H)
-            logits = F.linear(h, self.dec_out.weight, self.dec_out.bias)       # (…·B, 784): 2-D, no bias copies
+            logits2 = F.linear(h, weight2, bias2)                              # (…·B, 784) ℓ log₂e: 2-D, no bias copies
             h = h.view(*batch, -1)                                             # (…, B, H)
-            return (h * x_w).sum(-1) + x_b - softplus_sum(logits).view(batch)
+            return (h * x_w).sum(-1) + x_b - softplus_sum(logits2, base2=True).view(batch)
 
         return log_likelihood
 

@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 
 LOG_2PI = math.log(2.0 * math.pi)
-LOG2_E = 1.0 / math.log(2.0)
+LN_2 = math.log(2.0)
+LOG2_E = 1.0 / LN_2
 
 # log p(x|z) for latents (…, B, d) and data (B, D) -> (…, B)
 LogLikelihood = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -53,33 +54,37 @@ def bernoulli_log_likelihood(logits: torch.Tensor, x: torch.Tensor) -> torch.Ten
     return (x * logits - F.softplus(logits)).sum(-1)
 
 
-def softplus_sum(logits: torch.Tensor, groups: int = 4) -> torch.Tensor:
+def softplus_sum(logits: torch.Tensor, groups: int = 4, *, base2: bool = False) -> torch.Tensor:
     """Σⱼ softplus(ℓⱼ) = Σⱼ log(1 + e^{ℓⱼ}) over the last axis, with one exp2 per element and one log per 2^groups.
 
-    softplus(ℓ) = max(ℓ, 0) + log(1 + u) with u = e^{−|ℓ|} = 2^{−|ℓ| log₂e} ∈ (0, 1]. The logs of a group
-    are one log of a product, Σⱼ log(1 + uⱼ) = log Πⱼ (1 + uⱼ), formed by halving the axis ``groups``
+    softplus(ℓ) = max(ℓ, 0) + log(1 + u) with u = e^{−|ℓ|} = 2^{−|y|}, y = ℓ log₂e, u ∈ (0, 1]. The logs of a
+    group are one log of a product, Σⱼ log(1 + uⱼ) = log Πⱼ (1 + uⱼ), formed by halving the axis ``groups``
     times; each product is ≤ 2^(2^groups), so it cannot overflow for any ℓ. Products are carried as
     P − 1 (two factors combine as a + b + ab) and closed with log1p, so the tiny u of confident pixels
     are not rounded away against 1. Same value as ``F.softplus(ℓ).sum(-1)`` to float32 rounding
     (tests/test_objectives.py::test_softplus_sum_*); on the 2-core CPU here ≈1.3 ns per element instead
     of ≈2–2.5 in isolation (exp2 costs about half of exp, and 1/16 of the logs), less after a matmul
     (benchmarks/README.md).
+
+    ``base2=True``: the input already holds y = ℓ log₂e (a decoder whose last layer was scaled by log₂e
+    once, ``VAE.log_likelihood_for``), which saves a pass over the logits; the result is still in nats.
     With autograd recording through ``logits`` it is F.softplus(ℓ).sum(-1) (the fast form works in place).
     """
     if torch.is_grad_enabled() and logits.requires_grad:
-        return F.softplus(logits).sum(-1)
+        return F.softplus(logits * LN_2 if base2 else logits).sum(-1)
     while groups > 0 and 2.0 ** (2 ** groups) > torch.finfo(logits.dtype).max:   # float16: 2¹⁶ overflows
         groups -= 1
-    positive = logits.clamp(min=0)                                            # (…, D)
-    total = positive.sum(-1)                                                  # Σ max(ℓ, 0)
-    p = torch.add(logits, positive, alpha=-2.0).mul_(LOG2_E).exp2_()          # u = 2^{−|ℓ| log₂e}
+    y = logits if base2 else logits * LOG2_E                                  # (…, D) y = ℓ log₂e
+    positive = y.clamp(min=0)                                                 # (…, D) max(y, 0)
+    total = positive.sum(-1)                                                  # Σ max(y, 0) = Σ max(ℓ, 0) log₂e
+    p = torch.add(y, positive, alpha=-2.0, out=positive).exp2_()              # u = 2^{y − 2 max(y, 0)} = 2^{−|y|}, in place
     for _ in range(groups):
         width = p.shape[-1]
         if width % 2:
             break
         a, b = p[..., :width // 2], p[..., width // 2:]
         p = torch.addcmul(b, a, b).add_(a)                                    # (1+a)(1+b) − 1 = a + b + ab
-    return total + p.log1p_().sum(-1)
+    return p.log1p_().sum(-1).add_(total, alpha=LN_2)
 
 
 def log_normal_diag(z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
@@ -115,24 +120,20 @@ def log_mean_exp(values: torch.Tensor, dim: int = 0) -> torch.Tensor:
     return torch.logsumexp(values, dim) - math.log(values.shape[dim])
 
 
-def importance_sampled_log_marginal(log_weights: Callable[[int], torch.Tensor], k: int,
+def importance_sampled_log_marginal(log_weights: Callable[[int, int], torch.Tensor], k: int,
                                     chunk: int) -> torch.Tensor:
-    """log (1/K) Σₖ wₖ over K importance weights drawn ``chunk`` at a time, merged in log space.
+    """log (1/K) Σₖ wₖ over K importance weights computed ``chunk`` draws at a time.
 
-    ``log_weights(n)`` returns (n, B) values log p(x, zₖ) − log r(zₖ) for n fresh draws zₖ ~ r. With
-    r = q(z|x) this is the K-sample importance-weighted bound IWAE_K (Burda et al. 2016): E[IWAE_K] ≤ log p(x),
-    non-decreasing in K, equal to the ELBO at K = 1, and → log p(x) as K → ∞.
-    Memory is bounded by the chunk; the running log-sum-exp is exact.
+    ``log_weights(start, n)`` returns (n, B) values log p(x, zₖ) − log r(zₖ) for the draws k = start … start+n−1,
+    zₖ ~ r. With r = q(z|x) this is the K-sample importance-weighted bound IWAE_K (Burda et al. 2016):
+    E[IWAE_K] ≤ log p(x), non-decreasing in K, equal to the ELBO at K = 1, and → log p(x) as K → ∞.
+    The chunk bounds the decoder's working memory; the K × B log weights themselves are kept (20 KB per
+    example at K = 5000) and reduced by one log-sum-exp at the end.
     """
-    total: torch.Tensor | None = None
-    drawn = 0
-    while drawn < k:
-        n = min(chunk, k - drawn)
-        part = torch.logsumexp(log_weights(n), 0)               # (B,)
-        total = part if total is None else torch.logaddexp(total, part)
-        drawn += n
-    assert total is not None, "k must be positive"
-    return total - math.log(k)
+    if k < 1:
+        raise ValueError(f"k must be positive, got {k}")
+    parts = [log_weights(start, min(chunk, k - start)) for start in range(0, k, chunk)]
+    return log_mean_exp(torch.cat(parts), 0)                                   # (B,)
 
 
 def iwae_bound(x: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor, log_likelihood: LogLikelihood,
@@ -143,13 +144,21 @@ def iwae_bound(x: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor, log_like
     (common random numbers). Each example still gets K independent draws from its own q(z|x), so each
     estimate is exactly IWAE_K; only the Monte Carlo errors of different examples become correlated,
     and it draws B times fewer normals (3 % of evaluation time, benchmarks/README.md).
-    """
 
-    def log_weights(n: int) -> torch.Tensor:
-        eps = torch.randn((n, 1, mu.shape[-1]), generator=generator, device=mu.device, dtype=mu.dtype)  # (n, 1, d)
-        z = reparameterize(mu, logvar, eps)                                                  # (n, B, d)
-        # log q(z|x) with z = μ + σε: −½ Σ (log 2π + log σ² + ε²), no division needed.
-        log_q = -0.5 * (mu.shape[-1] * LOG_2PI + logvar.sum(-1) + eps.square().sum(-1))      # (n, B)
-        return log_likelihood(z, x) + log_standard_normal(z) - log_q
+    The prior-over-proposal part of every weight is computed for all K draws at once, without z:
+        log p(z) − log q(z|x) = ½ (Σᵢ log σᵢ² + Σᵢ εᵢ² − Σᵢ zᵢ²)        (the log 2π terms cancel)
+        Σᵢ zᵢ² = Σᵢ (μᵢ + σᵢεᵢ)² = |μ|² + 2 ε·(μ⊙σ) + ε²·σ²                (two (K, d)·(d, B) products)
+    so each chunk only decodes z (tests/test_objectives.py::test_iwae_weights_match_the_densities).
+    """
+    sigma = torch.exp(0.5 * logvar)                                                          # (B, d)
+    eps = torch.randn((k, mu.shape[-1]), generator=generator, device=mu.device, dtype=mu.dtype)  # (K, d)
+    eps_sq = eps.square()                                                                    # (K, d)
+    z_sq = torch.addmm(mu.square().sum(-1), eps, (mu * sigma).T, alpha=2.0)                 # (K, B) |μ|² + 2ε·μσ
+    z_sq.addmm_(eps_sq, sigma.square().T)                                                   # + ε²·σ²
+    prior_over_q = (eps_sq.sum(-1, keepdim=True) - z_sq).add_(logvar.sum(-1)).mul_(0.5)      # (K, B)
+
+    def log_weights(start: int, n: int) -> torch.Tensor:
+        z = torch.addcmul(mu, sigma, eps[start:start + n, None, :])                          # (n, B, d)
+        return log_likelihood(z, x) + prior_over_q[start:start + n]                          # (n, B)
 
     return importance_sampled_log_marginal(log_weights, k, chunk)

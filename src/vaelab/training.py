@@ -31,7 +31,7 @@ from vaelab import checkpoint as ckpt
 from vaelab.config import RunConfig
 from vaelab.data import MNISTData, training_batches
 from vaelab.errors import CheckpointError, TrainingDiverged, UsageError, VaelabError
-from vaelab.evaluation import flush_denormals, test_elbo
+from vaelab.evaluation import hot_loop_settings, test_elbo
 from vaelab.model import VAE
 from vaelab.objectives import softplus_sum
 
@@ -276,7 +276,7 @@ class Trainer:
         """Train to ``config.train.epochs``; returns the metrics of every epoch."""
         previous = signal.signal(signal.SIGINT, self._on_sigint)
         try:
-            with flush_denormals():
+            with hot_loop_settings():
                 while self.state.epoch < self.config.train.epochs:
                     self._run_epoch()
         finally:
