@@ -59,7 +59,7 @@ def retain_freed_memory() -> None:
     zeroed pages.
 
     With glibc's adaptive defaults an evaluation chunk (a few MB of logits and their intermediates) was
-    returned and re-faulted every time: 180–320 minor page faults per 1000-row chunk, 7–12 % of the
+    returned and re-faulted every time: 180–320 minor page faults per 1000-row chunk, 3–6 % of the
     evaluation's time (measured, benchmarks/README.md). Resident memory keeps its high-water mark
     instead of shrinking between chunks. Does nothing on other C libraries.
     """
