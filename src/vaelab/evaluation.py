@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import math
 import platform
 import time
@@ -24,6 +25,7 @@ import torch
 from tqdm import tqdm
 
 from vaelab.data import test_batches
+from vaelab.laplace import laplace_log_marginal, sample_laplace_proposal
 from vaelab.model import VAE
 from vaelab.objectives import importance_sampled_log_marginal, iwae_bound, log_standard_normal
 
@@ -50,9 +52,9 @@ def hot_loop_settings():
 
 # glibc's mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
-_malloc_tuned = False
 
 
+@functools.cache
 def retain_freed_memory() -> None:
     """glibc only, process-wide, once: serve blocks below 32 MiB from the heap and keep up to 1 GiB of freed
     heap memory for reuse, instead of handing it back to the kernel and faulting it in again as fresh
@@ -63,10 +65,6 @@ def retain_freed_memory() -> None:
     evaluation's time (measured, benchmarks/README.md). Resident memory keeps its high-water mark
     instead of shrinking between chunks. Does nothing on other C libraries.
     """
-    global _malloc_tuned
-    if _malloc_tuned:
-        return
-    _malloc_tuned = True
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return
     mallopt = ctypes.CDLL(None).mallopt
@@ -175,8 +173,6 @@ def laplace_estimates(model: VAE, images: torch.Tensor, config: EvalConfig,
 def _laplace_batch(model: VAE, model64: VAE, x: torch.Tensor, config: EvalConfig,
                    generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One batch of digits: (Laplace estimate, IS-K estimate, converged), each (B,) on the CPU."""
-    from vaelab.laplace import laplace_log_marginal, sample_laplace_proposal
-
     with torch.no_grad():
         z0 = model64.encode(x.double())[0]
     marginal = laplace_log_marginal(model64.log_joint, x.double(), z0, max_steps=config.newton_steps,
