@@ -17,7 +17,9 @@ FLOPs: ModelConfig.flops_per_example counts 2ab per (1×a)·(a×b) product: forw
 backward the weight gradient for all four and the input gradient for all but the first (x needs none),
 2.24 MFLOP per example at 784-256-50 (REFERENCES.md counts the first layer's input gradient too: 2.64).
 The matmul peak is measured on the spot: the best of 2048² float32 products. The evaluation's floor is
-K decoder passes per digit, 2·(d·H + H·784) FLOPs each, at that peak.
+K decoder passes per digit, 2·(d·H + H·784) FLOPs each, at that peak. The training step's floor
+(``step_floor``) is measured in place instead of computed: the step's eleven products at their real
+shapes, Adam's kernel and one epoch's binarisation, timed alternating with the epochs.
 """
 
 from __future__ import annotations
@@ -41,8 +43,8 @@ from torch import nn
 
 from vaelab import checkpoint as ckpt
 from vaelab.config import RunConfig, TrainConfig
-from vaelab.data import DataConfig, load_mnist, prepare
-from vaelab.evaluation import EvalConfig, iwae_log_likelihood
+from vaelab.data import BINARIZE_PARTS, DataConfig, binarize, load_mnist, prepare
+from vaelab.evaluation import EvalConfig, hot_loop_settings, iwae_log_likelihood
 from vaelab.model import ModelConfig
 from vaelab.objectives import importance_sampled_log_marginal
 from vaelab.training import Trainer
@@ -137,6 +139,64 @@ def matmul_peak() -> float:
     return best
 
 
+def step_floor(trainer, reps: int = 3) -> dict[str, float]:
+    """Seconds per epoch of the parts of a batch-64 step that no eager float32 implementation avoids.
+
+    Timed on the trainer's own model, flat buffers and data: the eleven matrix products of
+    ``training.fused_step`` (four forward; the weight gradients of all four layers and the input gradients
+    of the last three), each into a preallocated output, and the Adam kernel over the flat buffer, for
+    every step of an epoch; plus drawing one epoch's binary pixels. Everything else a step does (the
+    elementwise passes over the logits and activations, ≈40 operator dispatches) is left out, so the sum
+    is a lower bound for any implementation that keeps dense float32 products at batch 64, and the
+    reference's seconds per epoch over it bounds the speed-up such an implementation can show here.
+    Adam's parameters are restored afterwards, so the trainer goes on exactly as before.
+    """
+    model, adam, data = trainer.model, trainer.optimizer, trainer.data
+    cfg, batch = trainer.config.model, trainer.config.train.batch_size
+    steps = -(-data.n_train // batch)
+    x = data.train_grey[:batch].gt(127).to(torch.float32)                    # (B, 784) binary pixels
+    enc1, enc2, dec1, dec2 = model.enc_hidden, model.enc_out, model.dec_hidden, model.dec_out
+    h1, e = torch.randn(batch, cfg.hidden), torch.randn(batch, 2 * cfg.latent)       # (B, H), (B, 2d)
+    z, h2 = torch.randn(batch, cfg.latent), torch.randn(batch, cfg.hidden)           # (B, d), (B, H)
+    logits = torch.randn(batch, cfg.data_dim)                                         # (B, 784)
+    d_h2, d_z, d_h1 = torch.empty_like(h2), torch.empty_like(z), torch.empty_like(h1)
+    grads = [torch.empty_like(p) for p in (enc1.weight, enc2.weight, dec1.weight, dec2.weight)]
+
+    def products() -> None:
+        torch.addmm(enc1.bias, x, enc1.weight.t(), out=h1)
+        torch.addmm(enc2.bias, h1, enc2.weight.t(), out=e)
+        torch.addmm(dec1.bias, z, dec1.weight.t(), out=h2)
+        torch.addmm(dec2.bias, h2, dec2.weight.t(), out=logits)
+        torch.mm(logits.t(), h2, out=grads[3])
+        torch.mm(logits, dec2.weight, out=d_h2)
+        torch.mm(d_h2.t(), z, out=grads[2])
+        torch.mm(d_h2, dec1.weight, out=d_z)
+        torch.mm(e.t(), h1, out=grads[1])
+        torch.mm(e, enc2.weight, out=d_h1)
+        torch.mm(d_h1.t(), x, out=grads[0])
+
+    saved = {name: t.clone() for name, t in adam.state_dict().items()}
+    param = adam.param.clone()
+    generator = torch.Generator().manual_seed(0)
+    parts = {"products": [], "adam": [], "binarize": []}
+    with torch.no_grad(), hot_loop_settings():
+        for _ in range(reps):
+            start = time.perf_counter()
+            for _ in range(steps):
+                products()
+            parts["products"].append(time.perf_counter() - start)
+            start = time.perf_counter()
+            for _ in range(steps):
+                adam.step()
+            parts["adam"].append(time.perf_counter() - start)
+            start = time.perf_counter()
+            binarize(data.train_grey, generator, parts=BINARIZE_PARTS)
+            parts["binarize"].append(time.perf_counter() - start)
+    adam.load_state_dict(saved)
+    adam.param.copy_(param)
+    return {name: float(np.median(v)) for name, v in parts.items()}
+
+
 def vaelab_trainer(arrays, batch: int = 64, hidden: int = 256, engine: str = "fused"):
     config = RunConfig(model=ModelConfig(hidden=hidden), data=DataConfig(),
                        train=TrainConfig(epochs=1, batch_size=batch, engine=engine))
@@ -211,11 +271,14 @@ def main() -> None:
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     loader = torch.utils.data.DataLoader(ReferenceMNIST(arrays.train_images), batch_size=64, shuffle=True)
     trainers = {"fused": vaelab_trainer(arrays), "autograd": vaelab_trainer(arrays, engine="autograd")}
-    times: dict[str, list[float]] = {"reference": [], "fused": [], "autograd": []}
+    times: dict[str, list[float]] = {"reference": [], "fused": [], "autograd": [], "floor": []}
+    floor_parts: list[dict[str, float]] = []
     for rep in range(args.reps):
         times["reference"].append(reference_epoch(loader, model, optimizer))
         for engine, trainer in trainers.items():
             times[engine].append(vaelab_epoch(trainer))
+        floor_parts.append(step_floor(trainers["fused"], reps=1))
+        times["floor"].append(sum(floor_parts[-1].values()))
         print(f"rep {rep + 1}: " + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in times.items()))
     flops_epoch = ModelConfig().flops_per_example() * len(arrays.train_images)
     median = {k: float(np.median(v)) for k, v in times.items()}
@@ -226,6 +289,11 @@ def main() -> None:
         "flops_per_epoch": flops_epoch, "fused_gflops": flops_epoch / median["fused"] / 1e9,
         "fused_fraction_of_peak": flops_epoch / median["fused"] / 1e9 / peak,
         "floor_seconds_at_peak": flops_epoch / peak / 1e9,
+        # the products, Adam and the binarisation alone, timed in place (step_floor), alternating with the
+        # epochs above: what bounds any eager float32 step at batch 64 on this machine
+        "step_floor": {"seconds_per_epoch": floor_parts, "median": median["floor"],
+                       "max_speedup_vs_reference": median["reference"] / median["floor"],
+                       "fused_over_floor": median["fused"] / median["floor"]},
     }
     # accuracy: both engines from the same seed after the same epochs (test ELBO on all 10 000 digits)
     result["training"]["test_elbo_after_reps"] = {k: tr.state.metrics[-1]["test_elbo"] for k, tr in trainers.items()}
@@ -234,6 +302,9 @@ def main() -> None:
           f"(×{t['speedup_fused_vs_reference']:.2f}), autograd engine {median['autograd']:.2f} s "
           f"(×{t['speedup_autograd_vs_reference']:.2f}); vaelab {t['fused_gflops']:.1f} GFLOP/s = "
           f"{100 * t['fused_fraction_of_peak']:.0f} % of peak; floor {t['floor_seconds_at_peak']:.2f} s")
+    print(f"step floor (products + Adam + binarisation, timed in place): {median['floor']:.2f} s/epoch, "
+          f"so at most ×{t['step_floor']['max_speedup_vs_reference']:.2f} over the reference at batch 64; "
+          f"vaelab's epoch is {t['step_floor']['fused_over_floor']:.2f} × the floor")
     print(f"test ELBO after {args.reps} epochs, seed 0: " +
           ", ".join(f"{k} {v:.3f}" for k, v in t["test_elbo_after_reps"].items()))
 
