@@ -147,8 +147,9 @@ def step_floor(trainer, reps: int = 3) -> dict[str, float]:
     of the last three), each into a preallocated output, and the Adam kernel over the flat buffer, for
     every step of an epoch; plus drawing one epoch's binary pixels. Everything else a step does (the
     elementwise passes over the logits and activations, ≈40 operator dispatches) is left out, so the sum
-    is a lower bound for any implementation that keeps dense float32 products at batch 64, and the
-    reference's seconds per epoch over it bounds the speed-up such an implementation can show here.
+    is a lower bound for any implementation that keeps dense float32 products at batch 64 (with this
+    torch's BLAS), and the reference's seconds per epoch over it bounds the speed-up such an
+    implementation can show here.
     Adam's parameters are restored afterwards, so the trainer goes on exactly as before.
     """
     model, adam, data = trainer.model, trainer.optimizer, trainer.data
