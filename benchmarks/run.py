@@ -139,8 +139,8 @@ def matmul_peak() -> float:
     return best
 
 
-def step_floor(trainer, reps: int = 3) -> dict[str, float]:
-    """Seconds per epoch of the parts of a batch-64 step that no eager float32 implementation avoids.
+def step_floor(trainer) -> dict[str, float]:
+    """Seconds, over one epoch, of the parts of a batch-64 step that no eager float32 step avoids.
 
     Timed on the trainer's own model, flat buffers and data: the eleven matrix products of
     ``training.fused_step`` (four forward; the weight gradients of all four layers and the input gradients
@@ -179,23 +179,22 @@ def step_floor(trainer, reps: int = 3) -> dict[str, float]:
     saved = {name: t.clone() for name, t in adam.state_dict().items()}
     param = adam.param.clone()
     generator = torch.Generator().manual_seed(0)
-    parts = {"products": [], "adam": [], "binarize": []}
+    seconds = {}
     with torch.no_grad(), hot_loop_settings():
-        for _ in range(reps):
-            start = time.perf_counter()
-            for _ in range(steps):
-                products()
-            parts["products"].append(time.perf_counter() - start)
-            start = time.perf_counter()
-            for _ in range(steps):
-                adam.step()
-            parts["adam"].append(time.perf_counter() - start)
-            start = time.perf_counter()
-            binarize(data.train_grey, generator, parts=BINARIZE_PARTS)
-            parts["binarize"].append(time.perf_counter() - start)
+        start = time.perf_counter()
+        for _ in range(steps):
+            products()
+        seconds["products"] = time.perf_counter() - start
+        start = time.perf_counter()
+        for _ in range(steps):
+            adam.step()
+        seconds["adam"] = time.perf_counter() - start
+        start = time.perf_counter()
+        binarize(data.train_grey, generator, parts=BINARIZE_PARTS)
+        seconds["binarize"] = time.perf_counter() - start
     adam.load_state_dict(saved)
     adam.param.copy_(param)
-    return {name: float(np.median(v)) for name, v in parts.items()}
+    return seconds
 
 
 def vaelab_trainer(arrays, batch: int = 64, hidden: int = 256, engine: str = "fused"):
@@ -278,7 +277,7 @@ def main() -> None:
         times["reference"].append(reference_epoch(loader, model, optimizer))
         for engine, trainer in trainers.items():
             times[engine].append(vaelab_epoch(trainer))
-        floor_parts.append(step_floor(trainers["fused"], reps=1))
+        floor_parts.append(step_floor(trainers["fused"]))
         times["floor"].append(sum(floor_parts[-1].values()))
         print(f"rep {rep + 1}: " + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in times.items()))
     flops_epoch = ModelConfig().flops_per_example() * len(arrays.train_images)
