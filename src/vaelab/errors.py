@@ -1,7 +1,8 @@
 """Exceptions that carry a message for the user: what went wrong and how to fix it.
 
 The CLI prints ``str(error)`` on one line and exits with ``error.exit_code``; library users catch
-``VaelabError``.
+``VaelabError``. Bad arguments (``UsageError`` and its subclasses) are also ``ValueError``s, so code that
+calls the library with a wrong value can catch the standard exception.
 """
 
 from __future__ import annotations
@@ -13,10 +14,18 @@ class VaelabError(Exception):
     exit_code = 1
 
 
-class UsageError(VaelabError):
+class UsageError(VaelabError, ValueError):
     """Bad arguments, configuration or run directory (exit status 2, nothing written)."""
 
     exit_code = 2
+
+
+class ResourceError(UsageError):
+    """A size that cannot fit in the memory available, refused before anything is allocated."""
+
+
+class RunLocked(UsageError):
+    """Another live process writes to the run directory (it holds the run's lock)."""
 
 
 class DataError(VaelabError):

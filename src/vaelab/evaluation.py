@@ -1,8 +1,10 @@
-"""Evaluation on the test set: the ELBO, the importance-sampled log-likelihood, and the Laplace estimates.
+"""Evaluation on the test set: the ELBO, the importance-sampled log-likelihood, the Laplace estimates,
+and per stochastic layer the active units and the KL per latent dimension.
 
-Which numbers are bounds (docs/derivations.md §5–6):
+Which numbers are bounds (docs/derivations.md §5–7):
 - ELBO ≤ log p(x) for every x (a bound, exact in expectation over ε only in the limit of many draws);
-- IWAE-K with q(z|x): E[IWAE_K] ≤ log p(x), tighter as K grows (a stochastic lower bound);
+- IWAE-K with q(z|x) (the joint q(z₁, z₂|x) for two-layer models): E[IWAE_K] ≤ log p(x), tighter as K
+  grows (a stochastic lower bound);
 - IS-K with the Laplace proposal N(z*, H⁻¹): also a stochastic lower bound in expectation (Jensen), and
   an unbiased estimate of p(x) itself before the log;
 - the plain Laplace estimate: neither upper nor lower bound; exact when log p(x, z) is quadratic in z.
@@ -25,9 +27,12 @@ import torch
 from tqdm import tqdm
 
 from vaelab.data import test_batches
-from vaelab.laplace import laplace_log_marginal, sample_laplace_proposal
-from vaelab.model import VAE
-from vaelab.objectives import importance_sampled_log_marginal, iwae_bound, log_standard_normal
+from vaelab.laplace import OUTCOMES, laplace_log_marginal, sample_laplace_proposal
+from vaelab.models import MLPVAE, build_model
+from vaelab.objectives import (elbo_objective, importance_sampled_log_marginal, iwae_bound, log_standard_normal)
+
+# Burda et al. (2016, §5.2): a latent unit u is active when Cov_x(E_{q(u|x)}[u]) exceeds this.
+ACTIVE_UNIT_THRESHOLD = 1e-2
 
 
 @contextlib.contextmanager
@@ -85,28 +90,19 @@ class EvalConfig:
     seed: int = 0
     laplace: bool = False
     newton_steps: int = 30
+    latent_draws: int = 64         # draws per digit for the active units and KL of layers above the first
+
+    def memory_bytes(self, model_config) -> int:
+        """Peak working memory of the evaluation, a generous estimate (float32 unless said otherwise)."""
+        b, d, widest = self.examples_per_batch, model_config.total_latent, model_config.widest()
+        per_batch = 4 * self.k * (d + 3 * b)                                   # ε (K, D), K × B weights ×3
+        chunk = 4 * self.sample_chunk * b * (3 * 784 + 3 * widest + 4 * d)     # a decoded chunk
+        laplace = 8 * b * (d * d * 6 + 784 * d * 2) if self.laplace else 0     # float64 Hessians, Jacobians
+        return per_batch + chunk + laplace + (64 << 20)
 
 
-@torch.no_grad()
-def test_elbo(model: VAE, images: torch.Tensor, batch_size: int = 1000, seed: int = 0) -> dict[str, float]:
-    """Mean ELBO, reconstruction and KL in nats per example, one draw per digit from a fixed seed."""
-    model.eval()
-    generator = torch.Generator(device=images.device).manual_seed(seed)
-    sums = torch.zeros(3, dtype=torch.float64, device=images.device)
-    for x in test_batches(images, batch_size):
-        terms = model(x, generator=generator)
-        sums += torch.stack([terms.elbo.sum(), terms.reconstruction.sum(), terms.kl.sum()]).double()
-    n = len(images)
-    elbo, rec, kl = (sums / n).tolist()
-    return {"elbo": elbo, "reconstruction": rec, "kl": kl}
-
-
-def summarize(values: torch.Tensor) -> tuple[float, float]:
-    """Mean and its standard error (std over examples / √N) of per-example values."""
-    values = values.double()
-    n = values.numel()
-    stderr = float(values.std(unbiased=True) / math.sqrt(n)) if n > 1 else float("nan")
-    return float(values.mean()), stderr
+# ------------------------------------------------------------------------------------------------
+# Loops.
 
 
 def _batches(images: torch.Tensor, size: int, desc: str, progress: bool) -> Iterator[torch.Tensor]:
@@ -125,86 +121,187 @@ def per_example(fn: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor
         return torch.cat([fn(x).double().cpu() for x in _batches(images, size, desc, progress)])
 
 
-def iwae_log_likelihood(model: VAE, images: torch.Tensor, config: EvalConfig,
-                        progress: bool = False) -> torch.Tensor:
+def draws(model, k: int, batch: int, generator: torch.Generator, device) -> torch.Tensor:
+    """ε (K, B, D) for every stochastic layer of ``model``."""
+    return torch.randn((k, batch, model.config.total_latent), generator=generator, device=device)
+
+
+@torch.no_grad()
+def elbo_summary(model, images: torch.Tensor, batch_size: int = 1000, seed: int = 0) -> dict[str, float]:
+    """Mean ELBO, reconstruction and KL in nats per example, one draw per digit from a fixed seed
+    (the per-epoch test and validation columns of metrics.csv)."""
+    model.eval()
+    generator = torch.Generator(device=images.device).manual_seed(seed)
+    sums = torch.zeros(3, dtype=torch.float64, device=images.device)
+    for x in test_batches(images, batch_size):
+        terms = elbo_objective(model(x, draws(model, 1, len(x), generator, x.device)))
+        sums += torch.stack([terms.elbo.sum(), terms.reconstruction.sum(), terms.kl.sum()]).double()
+    elbo, reconstruction, kl = (sums / len(images)).tolist()
+    return {"elbo": elbo, "reconstruction": reconstruction, "kl": kl}
+
+
+def summarize(values: torch.Tensor) -> tuple[float, float | None]:
+    """Mean and its standard error (std over examples / √N) of per-example values; None for one example."""
+    values = values.double()
+    n = values.numel()
+    stderr = float(values.std(unbiased=True) / math.sqrt(n)) if n > 1 else None
+    return float(values.mean()), stderr
+
+
+# ------------------------------------------------------------------------------------------------
+# Importance sampling with q.
+
+
+def _iwae_one_layer(model: MLPVAE, x: torch.Tensor, k: int, generator: torch.Generator, chunk: int) -> torch.Tensor:
+    """The fast path of a one-stochastic-layer model (docs §6): log p(z) − log q(z|x) for all K draws from ε
+    alone, the decoder's data term as a product over hidden units, softplus in base 2."""
+    mu, logvar = model.encode(x)
+    return iwae_bound(x, mu, logvar, model.log_likelihood_for(x), k, generator, chunk)
+
+
+def _iwae_parts(model, x: torch.Tensor, k: int, generator: torch.Generator, chunk: int) -> torch.Tensor:
+    """Any model: the log weights log p(x, z) − log q(z|x) of its Parts, ``chunk`` draws at a time, the
+    batch's digits sharing ε (common random numbers, as in the fast path)."""
+
+    def log_weights(_: int, n: int) -> torch.Tensor:
+        eps = draws(model, n, 1, generator, x.device).expand(n, len(x), -1)     # (n, B, D)
+        return model(x, eps).log_weights()                                     # (n, B)
+
+    return importance_sampled_log_marginal(log_weights, k, chunk)
+
+
+# The estimator of each model class, by lookup; the fast form equals the generic one on the same draws
+# (tests/test_evaluation.py::test_fast_iwae_equals_parts_iwae).
+IWAE_ESTIMATORS: dict[type, Callable] = {MLPVAE: _iwae_one_layer}
+
+
+def iwae_log_likelihood(model, images: torch.Tensor, config: EvalConfig, progress: bool = False) -> torch.Tensor:
     """log p(x) ≈ IWAE_K with q(z|x) as the proposal, per test digit (N,)."""
     model.eval()
     generator = torch.Generator(device=images.device).manual_seed(config.seed)
-
-    def one_batch(x: torch.Tensor) -> torch.Tensor:
-        mu, logvar = model.encode(x)
-        return iwae_bound(x, mu, logvar, model.log_likelihood_for(x), config.k, generator, config.sample_chunk)
-
-    return per_example(one_batch, images, config.examples_per_batch, f"IWAE-{config.k}", progress)
+    estimator = IWAE_ESTIMATORS.get(type(model), _iwae_parts)
+    return per_example(lambda x: estimator(model, x, config.k, generator, config.sample_chunk), images,
+                       config.examples_per_batch, f"IWAE-{config.k}", progress)
 
 
-def elbo_per_example(model: VAE, images: torch.Tensor, seed: int = 0, draws: int = 1) -> torch.Tensor:
-    """Per-digit ELBO (N,) with ``draws`` reparameterised draws each."""
+def elbo_per_example(model, images: torch.Tensor, seed: int = 0, samples: int = 1) -> torch.Tensor:
+    """Per-digit ELBO (N,) with ``samples`` reparameterised draws each."""
     generator = torch.Generator(device=images.device).manual_seed(seed)
-
-    def one_batch(x: torch.Tensor) -> torch.Tensor:
-        mu, _ = model.encode(x)
-        eps = torch.randn((draws, *mu.shape), generator=generator, device=mu.device)
-        return model(x, eps=eps).elbo
-
-    return per_example(one_batch, images, 1000, "ELBO", False)
+    return per_example(lambda x: elbo_objective(model(x, draws(model, samples, len(x), generator, x.device))).elbo,
+                       images, 1000, "ELBO", False)
 
 
-def laplace_estimates(model: VAE, images: torch.Tensor, config: EvalConfig,
-                      progress: bool = False) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """Per digit: the plain Laplace estimate of log p(x), and IS-K with the Laplace proposal N(z*, H⁻¹).
+# ------------------------------------------------------------------------------------------------
+# The latent layers.
 
-    The mode z* = argmax_z log p(x, z) is found by Newton from μ(x) in float64 (Gauss–Newton search
-    directions, docs §7); H is the exact autograd Hessian at z*. The importance sampling runs in float32
-    like IWAE. Returns (laplace (N,), is_k (N,), fraction of digits whose Newton solve converged).
+
+@torch.no_grad()
+def latent_statistics(model, images: torch.Tensor, samples: int = 64, seed: int = 0) -> list[dict]:
+    """Per stochastic layer (bottom first): the variance over digits of each unit's posterior mean
+    Cov_x(E_q[u|x]), the active units (Burda et al. 2016: that variance > 1e-2), and the mean KL per
+    dimension (closed form where the layer's prior is N(0, I), else the draws' log q − log p).
+
+    E_q[z₁|x] = μ₁(x) exactly; for a layer above, E_q[z₂|x] = E_{z₁~q(z₁|x)}[μ₂(z₁)] is averaged over
+    ``samples`` draws of z₁ (1 draw for one-layer models, where nothing depends on the draw).
     """
     model.eval()
-    model64 = VAE(model.config).to(images.device).double()
+    generator = torch.Generator(device=images.device).manual_seed(seed)
+    samples = samples if len(model.config.latent) > 1 else 1
+    means, kls = [], []
+    with hot_loop_settings():
+        for x in test_batches(images, 100):
+            parts = model(x, draws(model, samples, len(x), generator, x.device))
+            means.append([layer.q_mu.expand_as(layer.z).mean(0).double().cpu() for layer in parts.layers])
+            kls.append([layer.kl_per_dimension().mean(0).double().cpu() for layer in parts.layers])
+    layers = []
+    for index in range(len(model.config.latent)):
+        mean = torch.cat([batch[index] for batch in means])                   # (N, d)
+        variance = mean.var(0, unbiased=True) if len(mean) > 1 else torch.zeros(mean.shape[1], dtype=torch.float64)
+        kl = torch.cat([batch[index] for batch in kls]).mean(0)               # (d,)
+        active = (variance > ACTIVE_UNIT_THRESHOLD).nonzero().flatten().tolist()
+        layers.append({"layer": index + 1, "latent": mean.shape[1], "active_units": len(active), "active": active,
+                       "posterior_mean_variance": variance.tolist(), "kl_per_dimension": kl.tolist(),
+                       "kl": float(kl.sum())})
+    return layers
+
+
+# ------------------------------------------------------------------------------------------------
+# Laplace.
+
+
+def laplace_estimates(model, images: torch.Tensor, config: EvalConfig,
+                      progress: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per digit: the plain Laplace estimate of log p(x), IS-K with the Laplace proposal N(z*, H⁻¹), and
+    why the mode search stopped (laplace.OUTCOMES).
+
+    The joint mode z* = argmax_z log p(x, z) over all latents is found by Newton from the encoder's means
+    in float64 (search directions from the model's ``laplace_curvature``, e.g. Gauss–Newton, docs §7); H
+    is the exact autograd Hessian at z*. The importance sampling runs in float32 like IWAE.
+    """
+    model.eval()
+    model64 = build_model(model.config).to(images.device).double()
     model64.load_state_dict(model.state_dict())
     model64.requires_grad_(False)
     generator = torch.Generator(device=images.device).manual_seed(config.seed + 1)
     with hot_loop_settings():
         parts = [_laplace_batch(model, model64, x, config, generator)
                  for x in _batches(images, config.examples_per_batch, f"Laplace + IS-{config.k}", progress)]
-    plain, sampled, converged = (torch.cat(column) for column in zip(*parts))
-    return plain, sampled, float(converged.double().mean())
+    plain, sampled, outcome = (torch.cat(column) for column in zip(*parts))
+    return plain, sampled, outcome
 
 
-def _laplace_batch(model: VAE, model64: VAE, x: torch.Tensor, config: EvalConfig,
+def _laplace_batch(model, model64, x: torch.Tensor, config: EvalConfig,
                    generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One batch of digits: (Laplace estimate, IS-K estimate, converged), each (B,) on the CPU."""
+    """One batch of digits: (Laplace estimate, IS-K estimate, outcome), each (B,) on the CPU."""
     with torch.no_grad():
-        z0 = model64.encode(x.double())[0]
+        z0 = model64.posterior_start(x.double())
     marginal = laplace_log_marginal(model64.log_joint, x.double(), z0, max_steps=config.newton_steps,
-                                    ftol=1e-9, curvature=model64.gauss_newton_precision)
-    log_likelihood = model.log_likelihood_for(x)
+                                    ftol=1e-9, curvature=model64.laplace_curvature())
+    if isinstance(model, MLPVAE):
+        log_likelihood = model.log_likelihood_for(x)
+        log_joint = lambda z: log_likelihood(z) + log_standard_normal(z)  # noqa: E731
+    else:
+        log_joint = lambda z: model.log_joint(z, x)  # noqa: E731
 
     def log_weights(_: int, n: int) -> torch.Tensor:
         z, log_r = sample_laplace_proposal(marginal, n, generator)
-        z = z.float()
-        return log_likelihood(z) + log_standard_normal(z) - log_r.float()
+        return log_joint(z.float()) - log_r.float()
 
     with torch.no_grad():
         sampled = importance_sampled_log_marginal(log_weights, config.k, config.sample_chunk)
-    return marginal.log_marginal.detach().cpu(), sampled.double().cpu(), marginal.converged.cpu()
+    return marginal.log_marginal.detach().cpu(), sampled.double().cpu(), marginal.outcome.cpu()
 
 
-def evaluate_run(model: VAE, images: torch.Tensor, config: EvalConfig, progress: bool = False) -> dict:
-    """All estimators of the test log-likelihood side by side; the dict written to eval.json."""
+# ------------------------------------------------------------------------------------------------
+
+
+def evaluate_run(model, images: torch.Tensor, config: EvalConfig, progress: bool = False) -> tuple[dict, dict]:
+    """All estimators of the test log-likelihood side by side, and the latent layers' statistics.
+
+    Returns (summary, per_digit): the summary is what goes into the evaluation record; per_digit maps
+    each estimator's short name (elbo, iwae, laplace, is_laplace) to its (N,) values.
+    """
     start = time.perf_counter()
     elbo = elbo_per_example(model, images, seed=config.seed)
     iwae = iwae_log_likelihood(model, images, config, progress)
     estimates = [("ELBO", elbo, "lower bound"), (f"IWAE-{config.k}, q(z|x)", iwae, "stochastic lower bound")]
-    result: dict = {}
+    per_digit = {"elbo": elbo, "iwae": iwae}
+    summary: dict = {}
     if config.laplace:
-        plain, sampled, converged = laplace_estimates(model, images, config, progress)
+        plain, sampled, outcome = laplace_estimates(model, images, config, progress)
         estimates += [(f"IS-{config.k}, Laplace proposal", sampled, "stochastic lower bound"),
                       ("Laplace", plain, "approximation, not a bound")]
-        result["laplace_converged_fraction"] = converged
+        per_digit.update(is_laplace=sampled, laplace=plain)
+        counts = {name: int((outcome == code).sum()) for code, name in OUTCOMES.items()}
+        summary["laplace_modes"] = {**counts, "newton_steps": config.newton_steps}
     nll, nll_stderr = summarize(-iwae)
     elbo_mean, elbo_stderr = summarize(elbo)
-    result.update({"nll": nll, "nll_stderr": nll_stderr, "elbo": elbo_mean, "elbo_stderr": elbo_stderr,
-                   "k": config.k, "n_examples": len(images), "seconds": time.perf_counter() - start,
-                   "estimates": [dict(zip(("name", "mean", "stderr", "kind"), (name, *summarize(values), kind)))
-                                 for name, values, kind in estimates]})
-    return result
+    summary.update({
+        "nll": nll, "nll_stderr": nll_stderr, "elbo": elbo_mean, "elbo_stderr": elbo_stderr,
+        "k": config.k, "n_examples": len(images), "seed": config.seed,
+        "estimates": [dict(zip(("name", "mean", "stderr", "kind"), (name, *summarize(values), kind)))
+                      for name, values, kind in estimates],
+        "layers": latent_statistics(model, images, config.latent_draws, config.seed),
+    })
+    summary["seconds"] = time.perf_counter() - start
+    return summary, per_digit

@@ -31,22 +31,39 @@ from vaelab.errors import VaelabError
 LOG_2PI = math.log(2.0 * math.pi)
 
 
-class LaplaceError(VaelabError):
-    """The mode was not found, or the Hessian at the mode is not negative definite."""
+class LaplaceError(VaelabError, ValueError):
+    """Bad arguments, or a function Laplace's method does not apply to: no maximum found, or a Hessian
+    at the mode that is not negative definite."""
+
+
+# Why the Newton search of each example stopped (NewtonResult.outcome).
+RUNNING, SMOOTH, STALLED = 0, 1, 2
+OUTCOMES = {RUNNING: "not converged", SMOOTH: "converged", STALLED: "stalled"}
 
 
 @dataclass
 class NewtonResult:
     """Batched maximisation of f(z; x): mode (B, d), value f(mode) (B,), precision −∇²f (B, d, d),
-    the Cholesky factor of the precision (B, d, d), and whether each example converged."""
+    the Cholesky factor of the precision (B, d, d), and why each example stopped.
+
+    ``outcome``: SMOOTH where the gradient or the Newton decrement met the tolerance (a smooth maximum);
+    STALLED where no step along the search direction increased f, or the gain was negligible, while the
+    gradient was not small (a maximum on a kink of a piecewise-smooth f, as with ReLU networks, or the
+    limit of the float precision); RUNNING where ``max_steps`` ran out.
+    """
 
     mode: torch.Tensor
     value: torch.Tensor
     precision: torch.Tensor
     cholesky: torch.Tensor
-    converged: torch.Tensor
+    outcome: torch.Tensor             # (B,) int8: RUNNING, SMOOTH or STALLED
     steps: int
     positive_definite: torch.Tensor   # (B,) whether the Cholesky factor of the precision exists
+
+    @property
+    def converged(self) -> torch.Tensor:
+        """(B,) stopped at a maximum, smooth or not."""
+        return self.outcome != RUNNING
 
 
 def newton_maximize(f: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], z0: torch.Tensor,
@@ -70,10 +87,10 @@ def newton_maximize(f: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], z0:
     batch, d = z.shape
     eye = torch.eye(d, dtype=z.dtype, device=z.device)
     value = value_fn(z, data)
-    converged = torch.zeros(batch, dtype=torch.bool, device=z.device)
+    outcome = torch.full((batch,), RUNNING, dtype=torch.int8, device=z.device)
     steps = 0
     for steps in range(1, max_steps + 1):
-        idx = (~converged).nonzero().squeeze(1)        # work on the examples still moving only
+        idx = (outcome == RUNNING).nonzero().squeeze(1)        # work on the examples still moving only
         if idx.numel() == 0:
             break
         zi, xi, vi = z[idx], data[idx], value[idx]
@@ -86,9 +103,9 @@ def newton_maximize(f: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], z0:
             direction[newton] = torch.cholesky_solve(g[newton].unsqueeze(-1), chol[newton]).squeeze(-1)
         slope = (g * direction).sum(-1)                                        # > 0: an ascent direction
         scale = 1 + vi.abs()
-        done = (g.abs().amax(-1) <= gtol * scale) | (newton & (slope <= 2 * ftol * scale))
+        smooth = (g.abs().amax(-1) <= gtol * scale) | (newton & (slope <= 2 * ftol * scale))
         t = torch.ones(len(idx), dtype=z.dtype, device=z.device)
-        active = ~done
+        active = ~smooth
         before = vi
         for _ in range(40):
             if not bool(active.any()):
@@ -101,12 +118,13 @@ def newton_maximize(f: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], z0:
             vi = torch.where(accept, trial_value, vi)
             active = active & ~ok
             t = torch.where(active, t * 0.5, t)
-        # No step increased f, or the gain was negligible: a maximum to working precision.
-        done = done | active | (vi - before <= ftol * scale)
-        z[idx], value[idx], converged[idx] = zi, vi, done
+        # No step increased f, or the gain was negligible: a maximum to working precision, not a smooth one.
+        stalled = ~smooth & (active | (vi - before <= ftol * scale))
+        z[idx], value[idx] = zi, vi
+        outcome[idx] = torch.where(smooth, SMOOTH, torch.where(stalled, STALLED, RUNNING)).to(torch.int8)
     precision = -hess_fn(z, data) + jitter * eye
     chol, info = torch.linalg.cholesky_ex(precision)
-    return NewtonResult(z, value, precision, chol, converged, steps, info == 0)
+    return NewtonResult(z, value, precision, chol, outcome, steps, info == 0)
 
 
 def _require_negative_definite(result: NewtonResult) -> None:
@@ -147,9 +165,22 @@ def laplace_integral(log_f: Callable[[torch.Tensor], torch.Tensor], x0: float | 
     LaplaceError if the maximum is not found or ∇²f(x₀) is not negative definite (unless ``jitter`` > 0,
     which subtracts jitter·I from ∇²f with a warning). ``correction`` (1-D only) multiplies by (1 + c₁/M).
     """
-    if not (M > 0 and math.isfinite(M)):
-        raise ValueError(f"M must be a finite number > 0, got {M}")
-    start = torch.as_tensor(0.0 if x0 is None else x0, dtype=torch.float64)
+    if not callable(log_f):
+        raise LaplaceError(f"log_f must be a function of x, got {type(log_f).__name__}")
+    if not (isinstance(M, (int, float)) and not isinstance(M, bool) and math.isfinite(M) and M > 0):
+        raise LaplaceError(f"M must be a finite number > 0, got {M!r}")
+    if not (isinstance(max_steps, int) and max_steps >= 1):
+        raise LaplaceError(f"max_steps must be a whole number ≥ 1, got {max_steps!r}")
+    if not (math.isfinite(jitter) and jitter >= 0):
+        raise LaplaceError(f"jitter must be a finite number ≥ 0, got {jitter!r}")
+    if not (gtol > 0 and math.isfinite(gtol)):
+        raise LaplaceError(f"gtol must be a finite number > 0, got {gtol!r}")
+    try:
+        start = torch.as_tensor(0.0 if x0 is None else x0, dtype=torch.float64)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise LaplaceError(f"x0 must be a number or a vector of numbers, got {x0!r}") from exc
+    if start.ndim > 1 or start.numel() == 0 or not bool(torch.isfinite(start).all()):
+        raise LaplaceError(f"x0 must be a finite number or a non-empty vector of finite numbers, got {x0!r}")
     scalar = start.ndim == 0
     z0 = start.reshape(1, -1)
 
@@ -157,8 +188,14 @@ def laplace_integral(log_f: Callable[[torch.Tensor], torch.Tensor], x0: float | 
         return log_f(z[0] if scalar else z)
 
     dummy = torch.zeros(1, dtype=torch.float64)
-    if not bool(torch.isfinite(f(z0[0], dummy[0]))):
-        raise LaplaceError(f"f(x0) is not finite at the start x0 = {start.tolist()}; start inside the domain")
+    try:
+        first = torch.as_tensor(f(z0[0], dummy[0]))
+    except Exception as exc:
+        raise LaplaceError(f"log_f failed at x0 = {start.tolist()} ({type(exc).__name__}: {exc}); it must take a "
+                           f"float64 tensor {'()' if scalar else f'({z0.shape[1]},)'} and return a scalar tensor") from exc
+    if first.numel() != 1 or not bool(torch.isfinite(first).all()):
+        raise LaplaceError(f"f(x0) must be one finite number; at x0 = {start.tolist()} it is {first.tolist()}; "
+                           f"start inside the domain")
     # ftol = 0: stop on the gradient (or a stall) only, since an error δ in x₀ costs M·δ²/2 in the log.
     result = newton_maximize(f, z0, dummy, max_steps=max_steps, gtol=gtol, ftol=0.0, jitter=0.0)
     if jitter > 0:
@@ -170,12 +207,8 @@ def laplace_integral(log_f: Callable[[torch.Tensor], torch.Tensor], x0: float | 
     _require_negative_definite(result)
     mode = result.mode[0]
     d = mode.numel()
-    curvatures = torch.linalg.eigvalsh(result.precision[0])
-    if float(curvatures[0]) <= 1e-6 * max(1.0, float(curvatures[-1])):
-        # A maximum where f'' → 0 (e.g. f = −x⁴): the Gaussian has no width scale, the method does not apply.
-        raise LaplaceError(f"the Hessian at the mode x0 = {mode.tolist()} is numerically singular (eigenvalues "
-                           f"of −∇²f from {float(curvatures[0]):.3g}), so not negative definite; Laplace's "
-                           f"method does not apply; pass jitter > 0 to regularise it explicitly")
+    if jitter == 0:
+        _require_quadratic_maximum(f, result, M)
     log_det = float(log_det_from_cholesky(result.cholesky[0])) + d * math.log(M)   # log det(−M ∇²f)
     log_peak, log_width = M * float(result.value[0]), 0.5 * d * LOG_2PI - 0.5 * log_det
     c1 = None
@@ -186,6 +219,37 @@ def laplace_integral(log_f: Callable[[torch.Tensor], torch.Tensor], x0: float | 
         c1 = laplace_c1(lambda x: log_f(x if scalar else x.reshape(1)), float(mode))
         log_value += math.log1p(c1 / M)
     return LaplaceResult(log_value, mode[0] if scalar else mode, -result.precision[0], log_peak, log_width, c1)
+
+
+def _require_quadratic_maximum(f: Callable, result: NewtonResult, M: float) -> None:
+    """Raise LaplaceError where −∇²f at the mode is numerically singular, judged on its own scale.
+
+    Two tests, neither with an absolute threshold:
+    - the condition number: λ_min ≤ 100 · d · ε_dtype · λ_max (the smallest curvature is at the level of the
+      rounding of the largest), the test of a singular matrix in its dtype;
+    - the quadratic model itself (what the method assumes): a tenth of a width away along each eigenvector
+      u, δ = 0.1/√(M λ), the curvature uᵀ(−∇²f)u must still be λ within a factor of 2. Where the curvature
+      vanishes at the mode (f = −x⁴, whose mode is found only to a tolerance, with f'' ≈ 0 there) it is
+      orders of magnitude larger a tenth of a width away, whatever the scale of f; every Gaussian passes
+      exactly, whatever its scale, and the test needs no difference of values of f (none cancels at M = 10¹⁸).
+    """
+    precision, mode = result.precision[0], result.mode[0]
+    curvatures, vectors = torch.linalg.eigh(precision)
+    d = len(curvatures)
+    message = (f"the Hessian at the mode x0 = {mode.tolist()} is numerically singular (eigenvalues of −∇²f from "
+               f"{float(curvatures[0]):.3g} to {float(curvatures[-1]):.3g}{{}}), so not negative definite; "
+               f"Laplace's method does not apply; pass jitter > 0 to regularise it explicitly")
+    if float(curvatures[0]) <= 100 * d * torch.finfo(precision.dtype).eps * float(curvatures[-1]):
+        raise LaplaceError(message.format(""))
+    hess = hessian(lambda z: f(z, torch.zeros((), dtype=z.dtype)))
+    for curvature, vector in zip(curvatures.tolist(), vectors.T):
+        delta = 0.1 / math.sqrt(M * curvature)
+        for sign in (1.0, -1.0):
+            nearby = float(vector @ -hess(mode + sign * delta * vector) @ vector)
+            if not 0.5 * curvature <= nearby <= 2 * curvature:
+                raise LaplaceError(message.format(
+                    f"; a tenth of a width away the curvature along its eigenvector is {nearby:.3g}, not "
+                    f"{curvature:.3g}: the maximum is not quadratic on its own scale"))
 
 
 def laplace_c1(f: Callable[[torch.Tensor], torch.Tensor], x0: float) -> float:
@@ -221,17 +285,35 @@ def stirling_coefficients(terms: int) -> list[Fraction]:
     return [b[2 * k] / (2 * k * (2 * k - 1)) for k in range(1, terms + 1)]
 
 
+# The series is asymptotic: for a given N its terms shrink until k ≈ πN and grow without bound after, so
+# more terms never help beyond that; 30 terms already reach relative errors below 10⁻⁶⁰⁰ at N = 10¹⁸
+# and the first omitted term of 30 exceeds 10²⁰ at N = 1. Larger counts are refused (they cost time and
+# say nothing).
+MAX_STIRLING_TERMS = 30
+
+
+def _check_terms(terms) -> int:
+    if isinstance(terms, bool) or not isinstance(terms, (int, np.integer)) or not 0 <= terms <= MAX_STIRLING_TERMS:
+        raise LaplaceError(f"terms must be a whole number from 0 to {MAX_STIRLING_TERMS}, got {terms!r}: Stirling's "
+                           f"series is asymptotic, its terms grow without bound after k ≈ πN, so more terms "
+                           f"never improve it")
+    return int(terms)
+
+
 def log_stirling(n, terms: int = 0):
     """ln N! ≈ ½ ln(2πN) + N ln N − N + Σ_{k=1..terms} B₂ₖ / (2k(2k−1) N^{2k−1}), for a number or an array.
 
     ``terms`` = 0 is Stirling's formula √(2πN)(N/e)^N (with its e^{−N}). The error of a truncation is
     smaller than the first omitted term and has its sign (DLMF 5.11.1; checked in tests/test_laplace.py).
+    N must be finite and > 0 (LaplaceError, a ValueError, otherwise).
     """
-    if terms < 0:
-        raise ValueError(f"terms must be ≥ 0, got {terms}")
-    array = np.asarray(n, dtype=np.float64)
-    if np.any(array <= 0):
-        raise ValueError("Stirling's formula needs N > 0")
+    terms = _check_terms(terms)
+    try:
+        array = np.asarray(n, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise LaplaceError(f"N must be a number or an array of numbers, got {n!r}") from exc
+    if array.size == 0 or not np.all(np.isfinite(array)) or np.any(array <= 0):
+        raise LaplaceError(f"Stirling's formula needs finite N > 0, got {n!r}")
     value = 0.5 * np.log(2 * np.pi * array) + array * np.log(array) - array
     for k, coefficient in enumerate(stirling_coefficients(terms), start=1):
         value = value + float(coefficient) / array ** (2 * k - 1)
@@ -247,7 +329,7 @@ def log_factorial_laplace(n: float) -> LaplaceResult:
 
 
 def _log_stirling_mp(n, terms: int):
-    """log_stirling in mpmath precision (the table's differences reach 1e-30)."""
+    """log_stirling in the current mpmath precision."""
     import mpmath
 
     n = mpmath.mpf(n)
@@ -257,38 +339,56 @@ def _log_stirling_mp(n, terms: int):
     return value
 
 
-def stirling_table(ns: Sequence[float], terms: int) -> list[dict[str, float]]:
-    """Rows for `vaelab stirling`: exact ln N!, the Laplace value, relative errors of N!.
+def stirling_errors(n: float, terms: Sequence[int]) -> dict:
+    """N!/approxₖ − 1 for each count k of correction terms, exact to about 15 significant digits.
 
-    The Laplace value is assembled in high precision from its parts ((N+1) ln N, M f(x₀) and the width
-    term, each exact to float64 relative precision), so the relative error is meaningful even at N = 10⁶.
+    The difference ln N! − ln approxₖ is about the first omitted term, |c_{k+1}| N^{−(2k+1)}, while both
+    logs are about N ln N, so the work precision is chosen per N and k: the digits of N ln N, plus those
+    of the omitted term's smallness, plus 20 (a fixed precision gave wrong signs at N = 10⁴ with 8 terms).
+    Values far below float64's range stay mpmath numbers.
     """
     import mpmath
 
+    coefficients = stirling_coefficients(max(terms) + 1)          # c₁ … c_{k+1}; cₖ₊₁ = coefficients[k]
+    smallest = min(math.log10(abs(coefficients[k].numerator)) - math.log10(coefficients[k].denominator)
+                   - (2 * k + 1) * math.log10(n) for k in terms)   # log₁₀ of the first omitted term
+    digits = int(math.log10(n * max(1.0, math.log(n)) + 1) + max(0.0, -smallest) + 20)
+    with mpmath.workdps(digits):
+        exact = mpmath.loggamma(mpmath.mpf(n) + 1)
+        return {k: +mpmath.expm1(exact - _log_stirling_mp(n, k)) for k in terms}
+
+
+def stirling_table(ns: Sequence[float], terms: int) -> list[dict]:
+    """Rows for `vaelab stirling`: exact ln N!, the Laplace value, relative errors of N!.
+
+    ``stirling`` is Laplace's method computed numerically (``log_factorial_laplace``: Newton finds x₀ = 1
+    and f''(x₀) = −1, in float64); the error columns are those of the formula it yields, √(2πN)(N/e)^N,
+    and of the series with ``terms`` corrections, in the precision they need (``stirling_errors``), as
+    mpmath numbers. Valid for 1 ≤ N ≤ 10¹⁸ and beyond.
+    """
+    import mpmath
+
+    terms = _check_terms(terms)
     rows = []
-    with mpmath.workdps(60):
-        for n in ns:
+    for n in ns:
+        if not (math.isfinite(n) and n >= 1):
+            raise LaplaceError(f"N must be a finite number ≥ 1, got {n!r}")
+        result = log_factorial_laplace(n)
+        errors = stirling_errors(n, sorted({0, terms}))
+        with mpmath.workdps(40):
             exact = mpmath.loggamma(mpmath.mpf(n) + 1)
-            result = log_factorial_laplace(n)
-            laplace = (n + 1) * mpmath.log(n) + mpmath.mpf(result.log_peak) + mpmath.mpf(result.log_width)
-            rel = float(mpmath.expm1(exact - laplace))
-            rows.append({"n": n, "exact": float(exact), "stirling": float(laplace), "rel_error": rel,
-                         "scaled_error": 12 * n * rel,
-                         "rel_error_terms": float(mpmath.expm1(exact - _log_stirling_mp(n, terms)))})
+            laplace = (n + 1) * mpmath.log(n) + mpmath.mpf(result.log_value)
+            rows.append({"n": n, "exact": float(exact), "stirling": float(laplace), "rel_error": errors[0],
+                         "scaled_error": 12 * mpmath.mpf(n) * errors[0], "rel_error_terms": errors[terms]})
     return rows
 
 
-def stirling_error_curves(terms: int, ns: np.ndarray | None = None) -> tuple[np.ndarray, dict[int, np.ndarray]]:
-    """|N!/approx − 1| for 0..terms correction terms over N (high precision throughout)."""
-    import mpmath
-
-    ns = np.unique(np.round(np.logspace(0, 3, 31))) if ns is None else np.asarray(ns, dtype=float)
-    curves: dict[int, np.ndarray] = {}
-    with mpmath.workdps(80):
-        exact = [mpmath.loggamma(mpmath.mpf(n) + 1) for n in ns]
-        for k in range(terms + 1):
-            curves[k] = np.array([abs(float(mpmath.expm1(e - _log_stirling_mp(n, k)))) for n, e in zip(ns, exact)])
-    return ns, curves
+def stirling_error_curves(terms: int, ns: Sequence[float] | None = None) -> tuple[np.ndarray, dict[int, np.ndarray]]:
+    """|N!/approx − 1| for 0..terms correction terms over N, as floats (0 below float64's range)."""
+    terms = _check_terms(terms)
+    ns = np.unique(np.round(np.logspace(0, 3, 31))) if ns is None else np.asarray(sorted(set(ns)), dtype=float)
+    errors = [stirling_errors(float(n), range(terms + 1)) for n in ns]
+    return ns, {k: np.array([float(abs(e[k])) for e in errors]) for k in range(terms + 1)}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -303,7 +403,7 @@ class LaplaceMarginal:
     log_marginal: torch.Tensor
     mode: torch.Tensor
     cholesky: torch.Tensor
-    converged: torch.Tensor
+    outcome: torch.Tensor          # (B,) NewtonResult.outcome: converged, stalled (a kink) or not converged
 
 
 def laplace_log_marginal(log_joint: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x: torch.Tensor,
@@ -319,7 +419,7 @@ def laplace_log_marginal(log_joint: Callable[[torch.Tensor, torch.Tensor], torch
     _require_negative_definite(result)
     d = z0.shape[-1]
     log_marginal = result.value + 0.5 * d * LOG_2PI - 0.5 * log_det_from_cholesky(result.cholesky)
-    return LaplaceMarginal(log_marginal, result.mode, result.cholesky, result.converged)
+    return LaplaceMarginal(log_marginal, result.mode, result.cholesky, result.outcome)
 
 
 def sample_laplace_proposal(marginal: LaplaceMarginal, n: int, generator: torch.Generator | None = None

@@ -1,15 +1,18 @@
-"""The variational objectives, written once and shared by the model, the trainer and the evaluator.
+"""The variational objectives, written once and shared by the models, the trainer and the evaluator.
 
 Notation: x (B, D) data, z (…, B, d) latents, q(z|x) = N(μ, diag σ²) with σ = exp(½ log σ²),
 prior p(z) = N(0, I), decoder p(x|z). All log densities are in nats and returned per example (no
 reduction over the batch): callers sum over the batch and divide by the number of examples.
+
+A model returns ``Parts`` (log p(x|z₁) for K draws and one ``StochasticLayer`` per latent layer); the
+objectives in ``OBJECTIVES`` are functions of those parts alone (docs/derivations.md §8).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -22,26 +25,18 @@ LOG2_E = 1.0 / LN_2
 LogLikelihood = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-@dataclass
-class ELBOTerms:
-    """Per-example parts of the evidence lower bound, each (B,), in nats.
-
-    elbo = reconstruction − kl, with reconstruction = E_q[log p(x|z)] (a log-likelihood, ≤ 0 for
-    Bernoulli pixels) and kl = KL(q(z|x) ‖ p(z)) ≥ 0.
-    """
-
-    elbo: torch.Tensor
-    reconstruction: torch.Tensor
-    kl: torch.Tensor
-
-
-def kl_standard_normal(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
-    """KL(N(μ, diag σ²) ‖ N(0, I)) = ½ Σᵢ (σᵢ² + μᵢ² − 1 − log σᵢ²), summed over the last axis.
+def kl_standard_normal_per_dimension(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """KL(N(μᵢ, σᵢ²) ‖ N(0, 1)) = ½ (σᵢ² + μᵢ² − 1 − log σᵢ²) for each dimension.
 
     From KL = E_q[log q − log p] with E_q[(z−μ)²/σ²] = 1 and E_q[z²] = σ² + μ² (Kingma & Welling 2014, App. B).
     Checked against torch.distributions and Monte Carlo in tests/test_objectives.py::test_kl_*.
     """
-    return 0.5 * (logvar.exp() + mu.square() - 1.0 - logvar).sum(-1)
+    return 0.5 * (logvar.exp() + mu.square() - 1.0 - logvar)
+
+
+def kl_standard_normal(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """KL(N(μ, diag σ²) ‖ N(0, I)) = ½ Σᵢ (σᵢ² + μᵢ² − 1 − log σᵢ²), summed over the last axis."""
+    return kl_standard_normal_per_dimension(mu, logvar).sum(-1)
 
 
 def bernoulli_log_likelihood(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -102,19 +97,6 @@ def reparameterize(mu: torch.Tensor, logvar: torch.Tensor, eps: torch.Tensor) ->
     return mu + torch.exp(0.5 * logvar) * eps
 
 
-def elbo(x: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor, log_likelihood: LogLikelihood,
-         eps: torch.Tensor) -> ELBOTerms:
-    """ELBO(x) = E_q[log p(x|z)] − KL(q(z|x) ‖ p(z)), the expectation estimated from the S draws in eps.
-
-    eps: (S, B, d) standard-normal draws (S = 1 in training). Since log p(x) = ELBO + KL(q ‖ p(z|x)),
-    the ELBO is a lower bound, tight when q = p(z|x) (tests/test_objectives.py::test_elbo_linear_gaussian).
-    """
-    z = reparameterize(mu, logvar, eps)                        # (S, B, d)
-    reconstruction = log_likelihood(z, x).mean(0)              # (B,)
-    kl = kl_standard_normal(mu, logvar)                        # (B,)
-    return ELBOTerms(elbo=reconstruction - kl, reconstruction=reconstruction, kl=kl)
-
-
 def log_mean_exp(values: torch.Tensor, dim: int = 0) -> torch.Tensor:
     """log (1/K) Σₖ exp(vₖ), stable for any magnitude."""
     return torch.logsumexp(values, dim) - math.log(values.shape[dim])
@@ -162,3 +144,133 @@ def iwae_bound(x: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor, log_like
         return log_likelihood(z, x) + prior_over_q[start:start + n]                          # (n, B)
 
     return importance_sampled_log_marginal(log_weights, k, chunk)
+
+
+# ------------------------------------------------------------------------------------------------
+# What a model returns, and the objectives as functions of it.
+
+
+@dataclass
+class StochasticLayer:
+    """One diagonal-Gaussian latent layer: the K draws and the two distributions they are scored under.
+
+    z = μ_q + σ_q ε with σ_q = exp(½ log σ_q²); q(z | its inference parent) = N(μ_q, σ_q²) and
+    p(z | its generative parent) = N(μ_p, σ_p²), or N(0, I) for the top layer (``p_mu is None``).
+    Every tensor broadcasts to (K, B, d).
+    """
+
+    z: torch.Tensor                   # (K, B, d)
+    eps: torch.Tensor                 # (K, B, d) the standard-normal draws behind z
+    q_mu: torch.Tensor                # (K or 1, B, d)
+    q_logvar: torch.Tensor            # (K or 1, B, d)
+    p_mu: torch.Tensor | None = None  # (K, B, d); None: the prior N(0, I)
+    p_logvar: torch.Tensor | None = None
+
+    def log_q_per_dimension(self) -> torch.Tensor:
+        """log N(zᵢ; μᵢ, σᵢ²) = −½ (log 2π + log σᵢ² + εᵢ²), since (zᵢ − μᵢ)/σᵢ = εᵢ: (K, B, d)."""
+        return -0.5 * (LOG_2PI + self.q_logvar + self.eps.square())
+
+    def log_p_per_dimension(self) -> torch.Tensor:
+        """log p(zᵢ | parent): N(0, 1) for the top layer, else N(μ_p, σ_p²): (K, B, d)."""
+        if self.p_mu is None:
+            return -0.5 * (LOG_2PI + self.z.square())
+        return -0.5 * (LOG_2PI + self.p_logvar + (self.z - self.p_mu).square() * torch.exp(-self.p_logvar))
+
+    def log_ratio(self) -> torch.Tensor:
+        """log p(z | parent) − log q(z | parent) at the draws: (K, B)."""
+        return (self.log_p_per_dimension() - self.log_q_per_dimension()).sum(-1)
+
+    def kl_per_dimension(self) -> torch.Tensor:
+        """Per-dimension KL(q ‖ p) estimate, (K or 1, B, d).
+
+        Closed form where p is N(0, I), whose parameters do not depend on the draw:
+        KL = ½ (σ² + μ² − 1 − log σ²) (Kingma & Welling 2014, App. B). Where p(z | parent) has a parent
+        that is itself drawn *after* z in q (z₁ under p(z₁|z₂), z₂ ~ q(z₂|z₁)), the closed form given the
+        parent is not the expectation that the ELBO needs; the single-draw estimate log q − log p is used.
+        """
+        if self.p_mu is None:
+            return kl_standard_normal_per_dimension(self.q_mu, self.q_logvar)
+        return self.log_q_per_dimension() - self.log_p_per_dimension()
+
+    def kl(self) -> torch.Tensor:
+        """KL estimate summed over dimensions, averaged over draws: (B,)."""
+        return self.kl_per_dimension().sum(-1).mean(0)
+
+
+@dataclass
+class Parts:
+    """The named parts of a model's forward pass for K draws per example."""
+
+    reconstruction: torch.Tensor            # (K, B) log p(x | z₁)
+    layers: tuple[StochasticLayer, ...]     # bottom (z₁) first
+
+    def log_weights(self, beta: float = 1.0) -> torch.Tensor:
+        """log w = log p(x|z₁) + β Σₗ [log p(zₗ|·) − log q(zₗ|·)]: (K, B). β = 1: log p(x, z) − log q(z|x)."""
+        ratio = sum(layer.log_ratio() for layer in self.layers)
+        return self.reconstruction + (ratio if beta == 1.0 else beta * ratio)
+
+    def kl(self) -> torch.Tensor:
+        """Σₗ KL estimate of layer l, (B,) (closed form where a layer has one)."""
+        return sum(layer.kl() for layer in self.layers)
+
+
+
+@dataclass
+class ObjectiveTerms:
+    """Per-example values, each (B,), in nats: ``objective`` is what training maximises; ``elbo``,
+    ``reconstruction`` (E_q log p(x|z₁)) and ``kl`` (Σ over layers) are the ELBO's parts from the same draws
+    (with β = 1 whatever the objective's β), so every run logs the same bound."""
+
+    objective: torch.Tensor
+    elbo: torch.Tensor
+    reconstruction: torch.Tensor
+    kl: torch.Tensor
+
+
+class Objective(Protocol):
+    def __call__(self, parts: Parts, beta: float = 1.0) -> ObjectiveTerms: ...
+
+
+def elbo_objective(parts: Parts, beta: float = 1.0) -> ObjectiveTerms:
+    """β-ELBO(x) = (1/K) Σₖ log p(x|z₁ₖ) − β Σₗ KLₗ, with K draws (the IWAE paper's "VAE" for K > 1).
+
+    ELBO = E_q[log p(x|z)] − KL(q(z|x) ‖ p(z)) ≤ log p(x) since log p(x) = ELBO + KL(q ‖ p(z|x)). Each
+    layer's KL is the closed form where its prior is N(0, I) and the draws' log q − log p otherwise
+    (``StochasticLayer.kl_per_dimension``). β < 1 (KL warm-up, Sønderby et al. 2016) weighs the KL down;
+    the ELBO itself is reported with β = 1.
+    """
+    reconstruction = parts.reconstruction.mean(0)                          # (B,)
+    kl = parts.kl()                                                        # (B,)
+    elbo = reconstruction - kl
+    objective = elbo if beta == 1.0 else reconstruction - beta * kl
+    return ObjectiveTerms(objective, elbo, reconstruction, kl)
+
+
+def iwae_objective(parts: Parts, beta: float = 1.0) -> ObjectiveTerms:
+    """β-IWAE_K(x) = log (1/K) Σₖ p(x|z₁ₖ) [p(zₖ)/q(zₖ|x)]^β, zₖ ~ q(z|x) (Burda et al. 2016, eq. 8 at β = 1).
+
+    Stable as a log-sum-exp of the K log weights. Its gradient is Σₖ w̃ₖ ∇ log wₖ with normalised weights
+    w̃ₖ = wₖ/Σⱼ wⱼ: autograd through the log-sum-exp gives exactly that (the weights must not be detached
+    nor treated as constants; tests/test_objectives.py checks the gradient against finite differences).
+    Warm-up: β scales the log prior-over-proposal ratio inside every weight, so at K = 1 this is the
+    single-draw β-ELBO estimate and at β = 1 the IWAE bound (docs/derivations.md §8).
+    """
+    log_w = parts.log_weights(beta)                                        # (K, B)
+    terms = elbo_objective(parts)
+    return ObjectiveTerms(log_mean_exp(log_w, 0), terms.elbo, terms.reconstruction, terms.kl)
+
+
+OBJECTIVES: dict[str, Objective] = {"elbo": elbo_objective, "iwae": iwae_objective}
+
+
+def elbo(x: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor, log_likelihood: LogLikelihood,
+         eps: torch.Tensor) -> ObjectiveTerms:
+    """ELBO(x) = E_q[log p(x|z)] − KL(q(z|x) ‖ p(z)) for one Gaussian layer with prior N(0, I), the
+    expectation estimated from the S draws in eps (S, B, d), the KL in closed form.
+
+    Since log p(x) = ELBO + KL(q ‖ p(z|x)), the ELBO is a lower bound, tight when q = p(z|x)
+    (tests/test_objectives.py::test_elbo_*).
+    """
+    z = reparameterize(mu, logvar, eps)                                    # (S, B, d)
+    layer = StochasticLayer(z, eps, mu.unsqueeze(0), logvar.unsqueeze(0))
+    return elbo_objective(Parts(log_likelihood(z, x), (layer,)))

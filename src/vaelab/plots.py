@@ -17,10 +17,21 @@ def _pyplot():
     return plt
 
 
+def picture_formats() -> list[str]:
+    """File suffixes (without the dot) that matplotlib can write here: png, pdf, svg, jpg, …"""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    return sorted(FigureCanvasAgg(Figure()).get_supported_filetypes())
+
+
 def _save(fig, path: Path) -> None:
+    """Write ``fig`` atomically in the format its file name asks for (PNG at 120 dpi by default)."""
     from vaelab.atomic import atomic_write
 
-    atomic_write(Path(path), lambda handle: fig.savefig(handle, format="png", dpi=120, bbox_inches="tight"))
+    path = Path(path)
+    kind = path.suffix.lower().lstrip(".") or "png"
+    atomic_write(path, lambda handle: fig.savefig(handle, format=kind, dpi=120, bbox_inches="tight"))
     _pyplot().close(fig)
 
 

@@ -1,15 +1,20 @@
-"""Training: Adam on −ELBO per example, with exact resume, atomic checkpoints and clean interruption.
+"""Training: Adam on the batch mean of −objective, with exact resume, atomic checkpoints and clean stops.
 
 Speed (see benchmarks/README.md): parameters and gradients live in one flat buffer each, so Adam is a
-single fused kernel; the default ``fused`` engine computes the gradient with the backward pass derived
-by hand below (≈25 tensor operations instead of ≈60 autograd nodes), checked against autograd in
-tests/test_training.py::test_fused_gradient_matches_autograd. The per-step loss stays on the device
-(no host synchronisation per step); finiteness is checked before every checkpoint.
+single fused kernel; the engine (``vaelab.engines``) computes each step's gradient: the hand-derived
+``fused`` backward where it covers the configuration, autograd otherwise. The per-step losses stay on
+the device (no host synchronisation per step); finiteness is checked before every checkpoint.
 
 Random streams: ``data`` draws each epoch's permutation and binarised pixels at the start of the epoch;
-``noise`` draws ε for the reparameterisation, step by step. A checkpoint keeps the data stream's state
-*at the start of the epoch* and the noise stream's current state, so a resume rebuilds the same epoch
-and continues with bitwise the same weights as an uninterrupted run (same machine, same thread count).
+``noise`` draws ε for the reparameterisation, step by step, (K, B, D) per step. A checkpoint keeps the
+data stream's state *at the start of the epoch* and the noise stream's current state, so a resume
+rebuilds the same epoch and continues with bitwise the same weights as an uninterrupted run (same
+machine, same thread count). The learning rate and β are functions of the position (epoch, step).
+
+Stops: SIGINT (Ctrl-C), SIGTERM (schedulers, ``timeout``) and SIGHUP (a closed terminal; unless the
+process ignores it, as under ``nohup``) finish the current step, write a checkpoint that resumes
+exactly, and exit with 128 + the signal's number; a second signal stops at once (the last checkpoint
+stands). A kill -9 loses at most the epoch under way.
 """
 
 from __future__ import annotations
@@ -30,19 +35,36 @@ from tqdm import tqdm
 from vaelab import checkpoint as ckpt
 from vaelab.config import RunConfig
 from vaelab.data import MNISTData, training_batches
+from vaelab.engines import ENGINES, select_engine
 from vaelab.errors import CheckpointError, TrainingDiverged, UsageError, VaelabError
-from vaelab.evaluation import hot_loop_settings, test_elbo
-from vaelab.model import VAE
-from vaelab.objectives import softplus_sum
+from vaelab.evaluation import elbo_summary, hot_loop_settings
+from vaelab.models import build_model
+from vaelab.schedules import LR_SCHEDULES, kl_weight
 
-METRIC_FIELDS = ("epoch", "train_elbo", "train_reconstruction", "train_kl", "test_elbo",
-                 "test_reconstruction", "test_kl", "seconds", "total_seconds")
+# Columns of metrics.csv (nats per example; the validation columns only with --validation).
+METRIC_FIELDS = ("epoch", "lr", "beta", "train_objective", "train_elbo", "train_reconstruction", "train_kl",
+                 "test_elbo", "test_reconstruction", "test_kl")
+VALIDATION_FIELDS = ("validation_elbo", "validation_reconstruction", "validation_kl")
+TIME_FIELDS = ("epoch_seconds", "elapsed_seconds")    # the epoch's steps; training so far, with evaluations
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+BEST_WEIGHTS = "model-best.safetensors"
+TRAIN_LOG = "train.log"
 
 
 class Interrupted(VaelabError):
-    """SIGINT: the current step finished, a checkpoint was written; exit status 130."""
+    """A stop signal: the current step finished and a checkpoint was written; exit status 128 + signal."""
 
-    exit_code = 130
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + signum
+
+
+class StopNow(KeyboardInterrupt):
+    """A second stop signal: stop at once, the last checkpoint stands."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
 
 
 def resolve_device(name: str) -> torch.device:
@@ -79,6 +101,7 @@ class FlatAdam:
 
     Uses PyTorch's fused kernel where it exists (one pass over memory, no Python per tensor), else the
     same update in plain tensor operations; tests/test_training.py checks both against torch.optim.Adam.
+    ``lr`` may change between steps (a schedule).
     """
 
     def __init__(self, param: torch.Tensor, grad: torch.Tensor, lr: float,
@@ -118,70 +141,6 @@ class FlatAdam:
 
 
 # --------------------------------------------------------------------------------------------------
-# Engines: each writes the gradient of mean(−ELBO) into the model's gradient views (the flat buffer)
-# and returns the batch sums of (−ELBO, −reconstruction, KL) as a (3,) tensor on the device.
-
-
-def autograd_step(model: VAE, x: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-    for p in model.parameters():
-        p.grad.zero_()                   # backward accumulates into the flat gradient views
-    terms = model(x, eps=eps.unsqueeze(0))
-    loss = -terms.elbo.sum()
-    (loss / x.shape[0]).backward()
-    return torch.stack([loss, -terms.reconstruction.sum(), terms.kl.sum()]).detach()
-
-
-@torch.no_grad()
-def fused_step(model: VAE, x: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-    """Forward and hand-derived backward of L = (1/B) Σ_b −ELBO_b for the one-hidden-layer MLP VAE.
-
-    Forward:  h₁ = relu(x W₁ᵀ + b₁)  e = h₁ W₂ᵀ + b₂ = (μ, v)  σ = e^{v/2}  z = μ + σε
-              h₂ = relu(z W₃ᵀ + b₃)  ℓ = h₂ W₄ᵀ + b₄
-              −ELBO = Σⱼ [softplus(ℓⱼ) − xⱼℓⱼ] + ½ Σᵢ [σᵢ² + μᵢ² − 1 − vᵢ]
-    Backward: ∂L/∂ℓ = (sigmoid(ℓ) − x)/B; through each linear layer dW = dyᵀ a, db = Σ_b dy, da = dy W;
-              through relu keep dy where h > 0; at the sampling step ∂z/∂μ = 1, ∂z/∂v = ½σε, and the
-              KL adds μ/B to dμ and ½(σ² − 1)/B to dv. Every gradient is written whole (no zeroing).
-    """
-    enc1, enc2, dec1, dec2 = model.enc_hidden, model.enc_out, model.dec_hidden, model.dec_out
-    batch, latent = x.shape[0], model.config.latent
-    scale = 1.0 / batch
-    h1 = torch.addmm(enc1.bias, x, enc1.weight.t()).relu_()               # (B, H)
-    e = torch.addmm(enc2.bias, h1, enc2.weight.t())                         # (B, 2d)
-    mu, logvar = e[:, :latent], e[:, latent:]
-    sigma = torch.exp(0.5 * logvar)                                         # (B, d)
-    z = torch.addcmul(mu, sigma, eps)                                       # (B, d)
-    h2 = torch.addmm(dec1.bias, z, dec1.weight.t()).relu_()               # (B, H)
-    logits = torch.addmm(dec2.bias, h2, dec2.weight.t())                    # (B, 784)
-    # −log p(x|z) = Σ softplus(ℓ) − x·ℓ: the logits form, finite for any ℓ.
-    reconstruction = softplus_sum(logits).sum() - torch.dot(x.reshape(-1), logits.reshape(-1))
-    variance = sigma * sigma
-    kl = 0.5 * (variance + mu * mu - 1.0 - logvar).sum()
-
-    d_logits = torch.sigmoid(logits).sub_(x).mul_(scale)                    # (B, 784)
-    torch.mm(d_logits.t(), h2, out=dec2.weight.grad)
-    torch.sum(d_logits, 0, out=dec2.bias.grad)
-    d_h2 = torch.ops.aten.threshold_backward(torch.mm(d_logits, dec2.weight), h2, 0.0)  # (B, H)
-    torch.mm(d_h2.t(), z, out=dec1.weight.grad)
-    torch.sum(d_h2, 0, out=dec1.bias.grad)
-    d_z = torch.mm(d_h2, dec1.weight)                                       # (B, d)
-    d_e = torch.empty_like(e)                                               # (B, 2d) = (dμ, dv)
-    torch.add(d_z, mu, alpha=scale, out=d_e[:, :latent])
-    torch.addcmul(variance.sub_(1.0).mul_(0.5 * scale), d_z.mul_(eps), sigma.mul_(0.5), out=d_e[:, latent:])
-    torch.mm(d_e.t(), h1, out=enc2.weight.grad)
-    torch.sum(d_e, 0, out=enc2.bias.grad)
-    d_h1 = torch.ops.aten.threshold_backward(torch.mm(d_e, enc2.weight), h1, 0.0)      # (B, H)
-    torch.mm(d_h1.t(), x, out=enc1.weight.grad)
-    torch.sum(d_h1, 0, out=enc1.bias.grad)
-    return torch.stack([reconstruction + kl, reconstruction, kl]).detach()
-
-
-ENGINES: dict[str, Callable[[VAE, torch.Tensor, torch.Tensor], torch.Tensor]] = {
-    "fused": fused_step,
-    "autograd": autograd_step,
-}
-
-
-# --------------------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -190,9 +149,31 @@ class TrainState:
 
     epoch: int = 0                     # completed epochs
     step: int = 0                      # steps done inside epoch + 1 (0 at an epoch boundary)
-    sums: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])  # partial epoch sums
+    sums: list[float] = field(default_factory=lambda: [0.0] * 4)  # partial epoch sums (objective, ELBO, rec, KL)
     seconds: float = 0.0               # partial epoch time
     metrics: list[dict[str, float]] = field(default_factory=list)
+    best_epoch: int = 0                # epoch of the best validation ELBO so far (0: none yet)
+    best_validation_elbo: float = -math.inf
+
+
+def metric_fields(config: RunConfig) -> tuple[str, ...]:
+    return METRIC_FIELDS + (VALIDATION_FIELDS if config.data.validation else ()) + TIME_FIELDS
+
+
+def migrate_metrics(rows: list[dict], config: RunConfig) -> list[dict]:
+    """Rows of a version-1 training state: ``seconds`` was the epoch's steps and ``total_seconds`` the epoch
+    with its test ELBO; they become ``epoch_seconds`` and the cumulative ``elapsed_seconds``."""
+    migrated, elapsed = [], 0.0
+    for row in rows:
+        if "seconds" not in row:
+            migrated.append(row)
+            continue
+        row = dict(row)
+        elapsed += row.pop("total_seconds")
+        row.update(epoch_seconds=row.pop("seconds"), elapsed_seconds=elapsed, lr=config.train.lr, beta=1.0,
+                   train_objective=row["train_elbo"])
+        migrated.append(row)
+    return migrated
 
 
 class Trainer:
@@ -204,15 +185,21 @@ class Trainer:
         torch.manual_seed(seed)
         random.seed(seed)
         np.random.seed(seed % 2**32)
-        self.model = VAE(config.model).to(device, torch.float32)  # initialised from torch's global stream
+        self.model = build_model(config.model).to(device, torch.float32)  # initialised from torch's global stream
         self.flat = FlatParameters(self.model)
-        self.optimizer = FlatAdam(self.flat.param.data, self.flat.param.grad, lr=config.train.lr)
+        self.optimizer = FlatAdam(self.flat.param.data, self.flat.param.grad, lr=config.train.lr,
+                                  betas=config.train.adam_betas, eps=config.train.adam_eps)
         self.data_rng = torch.Generator().manual_seed(seed)
         self.noise_rng = torch.Generator(device=device).manual_seed((seed + 0x9E3779B97F4A7C15) % 2**63)
         self.epoch_start_rng = self.data_rng.get_state()
         self.state = TrainState()
-        self.engine = ENGINES[config.train.engine]
-        self._interrupted = False
+        self.engine_name = select_engine(config)
+        self.engine = ENGINES[self.engine_name]
+        self._signal: int | None = None
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return math.ceil(self.data.n_train / self.config.train.batch_size)
 
     # ---- checkpoint ------------------------------------------------------------------------------
 
@@ -229,6 +216,8 @@ class Trainer:
         meta = {
             "epoch": self.state.epoch, "step": self.state.step, "sums": self.state.sums,
             "seconds": self.state.seconds, "metrics": self.state.metrics,
+            "best_epoch": self.state.best_epoch,
+            "best_validation_elbo": _json_number(self.state.best_validation_elbo),
             "config": self.config.to_dict(),
             "python_random": _jsonable(random.getstate()),
             "numpy_random": [np_state[0], np_state[1].tolist(), *np_state[2:]],
@@ -238,10 +227,12 @@ class Trainer:
         self.write_metrics()
 
     def load_checkpoint(self) -> None:
-        tensors, meta = ckpt.load_tensors(self.run_dir / ckpt.STATE)
         path = self.run_dir / ckpt.STATE
+        tensors, meta = ckpt.load_tensors(path)
         try:
-            weights = {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}
+            weights = ckpt.current_names({k.removeprefix("model."): v for k, v in tensors.items()
+                                          if k.startswith("model.")}, self.model)
+            ckpt.check_finite(weights, path)
             self.model.load_state_dict(weights)
             self.optimizer.load_state_dict({k.removeprefix("optim."): v for k, v in tensors.items()
                                             if k.startswith("optim.")})
@@ -252,79 +243,126 @@ class Trainer:
             random.setstate(_tupled(meta["python_random"]))
             name, keys, *rest = meta["numpy_random"]
             np.random.set_state((name, np.asarray(keys, dtype=np.uint32), *rest))
-            self.state = TrainState(epoch=int(meta["epoch"]), step=int(meta["step"]),
-                                    sums=[float(s) for s in meta["sums"]], seconds=float(meta["seconds"]),
-                                    metrics=list(meta["metrics"]))
+            sums = [float(s) for s in meta["sums"]]
+            if len(sums) == 3:           # version 1: (−ELBO, −reconstruction, KL), always the ELBO
+                sums = [-sums[0], -sums[0], -sums[1], sums[2]]
+            best = meta.get("best_validation_elbo")
+            self.state = TrainState(epoch=int(meta["epoch"]), step=int(meta["step"]), sums=sums,
+                                    seconds=float(meta["seconds"]),
+                                    metrics=migrate_metrics(list(meta["metrics"]), self.config),
+                                    best_epoch=int(meta.get("best_epoch", 0)),
+                                    best_validation_elbo=-math.inf if best is None else float(best))
+        except CheckpointError:
+            raise
         except (KeyError, RuntimeError, ValueError, TypeError) as exc:
             raise CheckpointError(f"{path}: incomplete or mismatched training state ({exc}); "
                                   f"it cannot be resumed: start a new run") from exc
 
     def write_metrics(self) -> None:
-        lines = [",".join(METRIC_FIELDS)]
+        fields = metric_fields(self.config)
+        lines = [",".join(fields)]
         for row in self.state.metrics:
-            lines.append(",".join(_fmt(row[k]) for k in METRIC_FIELDS))
+            lines.append(",".join(_fmt(row.get(k, math.nan)) for k in fields))
         ckpt.write_text(self.run_dir / ckpt.METRICS, "\n".join(lines) + "\n")
 
     # ---- loop ------------------------------------------------------------------------------------
 
-    def _on_sigint(self, signum, frame) -> None:
-        if self._interrupted:           # a second Ctrl-C: stop at once, the last checkpoint stands
-            raise KeyboardInterrupt
-        self._interrupted = True
+    def _on_signal(self, signum, frame) -> None:
+        if self._signal is not None:    # a second signal: stop at once, the last checkpoint stands
+            raise StopNow(signum)
+        self._signal = signum
 
     def fit(self) -> list[dict[str, float]]:
         """Train to ``config.train.epochs``; returns the metrics of every epoch."""
-        previous = signal.signal(signal.SIGINT, self._on_sigint)
+        previous = {}
+        for signum in STOP_SIGNALS:
+            current = signal.getsignal(signum)
+            if signum == signal.SIGHUP and current == signal.SIG_IGN:
+                continue                 # nohup: the user asked to survive a hangup
+            previous[signum] = signal.signal(signum, self._on_signal)
         try:
             with hot_loop_settings():
                 while self.state.epoch < self.config.train.epochs:
                     self._run_epoch()
+                    if self._signal is not None and self.state.epoch < self.config.train.epochs:
+                        self._stop(self._signal, self.state.epoch + 1, 0, saved=True)
         finally:
-            signal.signal(signal.SIGINT, previous)
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
         return self.state.metrics
 
     def _run_epoch(self) -> None:
-        cfg = self.config.train
+        cfg, objective = self.config.train, self.config.objective
         epoch = self.state.epoch + 1
         start_step = self.state.step
         self.epoch_start_rng = self.data_rng.get_state()
-        steps = math.ceil(self.data.n_train / cfg.batch_size)
-        losses = torch.zeros((steps, 3), dtype=torch.float64, device=self.device)  # per-step batch sums
+        steps = self.steps_per_epoch
+        self.optimizer.lr = LR_SCHEDULES[cfg.lr_schedule](epoch - 1, cfg.lr)
+        losses = torch.zeros((steps, 4), dtype=torch.float64, device=self.device)  # per-step batch sums
         batches = training_batches(self.data, cfg.batch_size, self.data_rng)
         bar = tqdm(total=steps, initial=start_step, desc=f"epoch {epoch}/{cfg.epochs}", leave=False,
                    disable=not self.progress, unit="step", dynamic_ncols=True)
-        latent = self.config.model.latent
+        noise_shape = (objective.samples, self.config.model.total_latent)
+        beta = objective.beta
         started = time.perf_counter()
         self.model.train()
         for step, x in enumerate(batches):
             if step < start_step:        # resuming inside an epoch: the same batches, skipped
                 continue
-            eps = torch.randn((x.shape[0], latent), generator=self.noise_rng, device=self.device)
-            losses[step] = self.engine(self.model, x, eps)
+            eps = torch.randn((noise_shape[0], x.shape[0], noise_shape[1]), generator=self.noise_rng,
+                              device=self.device)                                        # (K, B, D)
+            beta = kl_weight((epoch - 1) * steps + step, steps, objective.beta, objective.warmup_epochs)
+            losses[step] = self.engine(self.model, x, eps, objective.name, beta)
             self.optimizer.step()
             bar.update(1)
-            if self._interrupted:
+            if self._signal is not None:
                 self.state.step = step + 1
-                self._stop_interrupted(losses, epoch, start_step, started, bar)
+                bar.close()
+                self._save_partial(losses, epoch, start_step, started)
+                self._stop(self._signal, epoch, step + 1)
         bar.close()
         seconds = self.state.seconds + time.perf_counter() - started
         self._check_finite(losses[start_step:], epoch, start_step)
-        sums = losses.sum(0).tolist()
-        totals = [a + b for a, b in zip(sums, self.state.sums)]
-        test = test_elbo(self.model, self.data.test_binary, cfg.eval_batch_size, cfg.eval_seed)
-        if not all(math.isfinite(v) for v in test.values()):
-            raise TrainingDiverged(f"the test ELBO became {test['elbo']} at epoch {epoch}; the last good "
-                                   f"checkpoint (epoch {epoch - 1}) is left untouched; try a lower --lr")
+        totals = [a + b for a, b in zip(losses.sum(0).tolist(), self.state.sums)]
+        evaluations = {"test": self.data.test_binary, "validation": self.data.validation_binary}
+        row = {"epoch": epoch, "lr": self.optimizer.lr, "beta": beta}
         n = self.data.n_train
-        row = {"epoch": epoch, "train_elbo": -totals[0] / n, "train_reconstruction": -totals[1] / n,
-               "train_kl": totals[2] / n, "test_elbo": test["elbo"], "test_reconstruction": test["reconstruction"],
-               "test_kl": test["kl"], "seconds": seconds,
-               "total_seconds": self.state.seconds + time.perf_counter() - started}  # with the test ELBO
-        self.state = TrainState(epoch=epoch, step=0, metrics=self.state.metrics + [row])
+        row.update(zip(("train_objective", "train_elbo", "train_reconstruction", "train_kl"),
+                       (total / n for total in totals)))
+        for name, images in evaluations.items():
+            if images is None:
+                continue
+            summary = elbo_summary(self.model, images, cfg.eval_batch_size, cfg.eval_seed)
+            if not all(math.isfinite(v) for v in summary.values()):
+                raise TrainingDiverged(f"the {name} ELBO became {summary['elbo']} at epoch {epoch}; the last good "
+                                       f"checkpoint (epoch {epoch - 1}) is left untouched; try a lower --lr")
+            row.update({f"{name}_{key}": value for key, value in summary.items()})
+        previous_elapsed = self.state.metrics[-1]["elapsed_seconds"] if self.state.metrics else 0.0
+        row.update(epoch_seconds=seconds,
+                   elapsed_seconds=previous_elapsed + self.state.seconds + time.perf_counter() - started)
+        best_epoch, best = self.state.best_epoch, self.state.best_validation_elbo
+        if "validation_elbo" in row and row["validation_elbo"] > best:
+            best_epoch, best = epoch, row["validation_elbo"]
+            ckpt.save_weights(self.run_dir / BEST_WEIGHTS, self.model)   # before the state that records it
+        self.state = TrainState(epoch=epoch, step=0, metrics=self.state.metrics + [row], best_epoch=best_epoch,
+                                best_validation_elbo=best)
         self.epoch_start_rng = self.data_rng.get_state()   # the next epoch starts from here
         self.save_checkpoint()
-        self.log(f"epoch {epoch:3d}/{cfg.epochs}  train ELBO {row['train_elbo']:9.3f}  "
-                 f"test ELBO {row['test_elbo']:9.3f}  nats/example  {seconds:6.2f} s")
+        line = (f"epoch {epoch:3d}/{cfg.epochs}  train ELBO {row['train_elbo']:9.3f}  "
+                + (f"{objective.name} {row['train_objective']:9.3f}  " if objective.name != "elbo" or beta != 1 else "")
+                + (f"validation ELBO {row['validation_elbo']:9.3f}  " if "validation_elbo" in row else "")
+                + f"test ELBO {row['test_elbo']:9.3f}  nats/example  {seconds:6.2f} s")
+        self.log(line)
+        self._append_log(line)
+
+    def _append_log(self, line: str) -> None:
+        """One line per epoch in RUN/train.log, whatever the terminal shows."""
+        try:
+            with open(self.run_dir / TRAIN_LOG, "a") as handle:
+                handle.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')}  {line}\n")
+        except OSError as exc:
+            raise ckpt.WriteError(f"cannot write {self.run_dir / TRAIN_LOG}: {exc.strerror} (errno {exc.errno}); "
+                                  f"free some space (the checkpoint of this epoch is written)") from exc
 
     def _check_finite(self, losses: torch.Tensor, epoch: int, offset: int) -> None:
         bad = ~torch.isfinite(losses[:, 0])
@@ -335,22 +373,25 @@ class Trainer:
                 f"training stopped and the last good checkpoint (epoch {epoch - 1}) is left untouched; "
                 f"try a lower --lr")
 
-    def _stop_interrupted(self, losses, epoch, start_step, started, bar) -> None:
-        bar.close()
+    def _save_partial(self, losses, epoch, start_step, started) -> None:
         done = self.state.step
         self._check_finite(losses[start_step:done], epoch, start_step)
         partial = losses[start_step:done].sum(0).tolist()
         self.state.sums = [a + b for a, b in zip(partial, self.state.sums)]
         self.state.seconds += time.perf_counter() - started
         self.save_checkpoint()
-        raise Interrupted(f"interrupted at epoch {epoch}, step {done}; checkpoint written to {self.run_dir}; "
-                          f"resume with: vaelab train --out {self.run_dir} --resume")
+
+    def _stop(self, signum: int, epoch: int, step: int, saved: bool = False) -> None:
+        where = f"after epoch {epoch - 1}" if step == 0 else f"at epoch {epoch}, step {step}"
+        message = (f"stopped by {signal.Signals(signum).name} {where}; checkpoint written to {self.run_dir} "
+                   f"(it resumes exactly); resume with: vaelab train --out {self.run_dir} --resume")
+        self._append_log(message)
+        raise Interrupted(message, signum)
 
 
 def check_writable(run_dir: Path, need_bytes: int) -> None:
-    """Create ``run_dir`` and prove it writable and roomy before any training starts."""
+    """Prove ``run_dir`` (existing) writable and roomy before any training starts."""
     try:
-        run_dir.mkdir(parents=True, exist_ok=True)
         probe = run_dir / ".write-test"
         probe.write_bytes(b"\0" * 4096)
         probe.unlink()
@@ -363,6 +404,10 @@ def check_writable(run_dir: Path, need_bytes: int) -> None:
                               f"{need_bytes / 2**20:.1f} MiB; free some space or choose another --out")
 
 
+def _json_number(value: float) -> float | None:
+    return value if math.isfinite(value) else None
+
+
 def _jsonable(value):
     return [_jsonable(v) for v in value] if isinstance(value, (tuple, list)) else value
 
@@ -372,4 +417,6 @@ def _tupled(value):
 
 
 def _fmt(value: float) -> str:
-    return str(int(value)) if isinstance(value, int) else f"{value:.6f}"
+    if isinstance(value, int):
+        return str(value)
+    return f"{value:.6f}" if math.isfinite(value) else ""

@@ -1,0 +1,128 @@
+"""One stochastic layer: q(z|x) = N(μ(x), diag σ²(x)), p(z) = N(0, I), p(x|z) Bernoulli on MLP logits.
+
+Encoder  x (B, 784) → [Linear → act] × len(hidden) → Linear → (μ, log σ²), each (B, d)
+Decoder  z (…, d)   → [Linear → act] × len(hidden), widths mirrored → Linear → logits (…, 784)
+With hidden = (256,), ReLU and d = 50 this is the reference model of Kingma & Welling's MNIST setting;
+with hidden = (200, 200), tanh, d = 50 Burda et al.'s one-layer model.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vaelab.models.base import INITS, linear_layers, mlp, run_mlp_inplace
+from vaelab.objectives import (LOG2_E, Parts, StochasticLayer, bernoulli_log_likelihood, log_standard_normal,
+                               reparameterize, softplus_sum)
+
+
+class MLPVAE(nn.Module):
+    stochastic_layers = 1
+    # weights of run directories written before models/ existed (config version 1)
+    LEGACY_NAMES = {"enc_hidden": "encoder.0", "enc_out": "encoder_out", "dec_hidden": "decoder.0",
+                    "dec_out": "decoder_out"}
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        (hidden,), (latent,) = config.hidden, config.latent
+        self.latent = latent
+        self.activation = config.activation
+        # built in this order (encoder, its output, decoder, its output) so that the reference model draws
+        # its initial weights from torch's stream exactly as vaelab always did
+        self.encoder = mlp(config.data_dim, hidden, config.activation)
+        self.encoder_out = nn.Linear(hidden[-1], 2 * latent)
+        self.decoder = mlp(latent, hidden[::-1], config.activation)
+        self.decoder_out = nn.Linear(hidden[0], config.data_dim)
+        INITS[config.init](self)
+
+    @staticmethod
+    def linear_shapes(config) -> list[tuple[int, int]]:
+        (hidden,), (latent,) = config.hidden, config.latent
+        encoder = list(zip((config.data_dim, *hidden[:-1]), hidden)) + [(hidden[-1], 2 * latent)]
+        widths = hidden[::-1]
+        decoder = list(zip((latent, *widths[:-1]), widths)) + [(widths[-1], config.data_dim)]
+        return encoder + decoder
+
+    # ---- the distributions ---------------------------------------------------------------------
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(μ, log σ²) of q(z|x), each (B, d)."""
+        mu, logvar = self.encoder_out(self.encoder(x)).chunk(2, dim=-1)
+        return mu, logvar
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Bernoulli logits of p(x|z): (…, d) → (…, 784)."""
+        return self.decoder_out(self.decoder(z))
+
+    def forward(self, x: torch.Tensor, eps: torch.Tensor) -> Parts:
+        """Parts for the K draws in eps (K, B, d): log p(x|z) (K, B) and the one stochastic layer."""
+        mu, logvar = self.encode(x)                                      # (B, d) each
+        z = reparameterize(mu, logvar, eps)                              # (K, B, d)
+        reconstruction = bernoulli_log_likelihood(self.decode(z), x)     # (K, B)
+        return Parts(reconstruction, (StochasticLayer(z, eps, mu.unsqueeze(0), logvar.unsqueeze(0)),))
+
+    def posterior_start(self, x: torch.Tensor) -> torch.Tensor:
+        """Where the search for the mode of p(x, z) starts: the encoder's mean μ(x), (B, d)."""
+        return self.encode(x)[0]
+
+    def log_joint(self, z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """log p(x, z) = log p(x|z) + log N(z; 0, I) for z (…, B, d), x (B, 784) → (…, B)."""
+        return bernoulli_log_likelihood(self.decode(z), x) + log_standard_normal(z)
+
+    @torch.no_grad()
+    def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Decoder means E[x|z] = sigmoid(logits) for z ~ N(0, I): (n, 784) in [0, 1]."""
+        device = self.decoder_out.weight.device
+        z = torch.randn((n, self.latent), generator=generator, device=device)
+        return torch.sigmoid(self.decode(z))
+
+    # ---- fast forms for evaluation -------------------------------------------------------------
+
+    def log_likelihood_for(self, x: torch.Tensor) -> Callable[..., torch.Tensor]:
+        """log p(x|·) for this batch x as a function of z (…, B, d) → (…, B) (a second argument, the data, is
+        ignored: it is this x), without autograd, for the many
+        draws of z that importance sampling decodes; same value as ``bernoulli_log_likelihood(decode(z), x)``
+        (tests/test_models.py).
+
+        With ℓ = h W_outᵀ + b_out, the data term is Σⱼ xⱼℓⱼ = h·(W_outᵀx) + b_out·x: a product over the H
+        hidden units instead of the 784 pixels, so only softplus touches every logit. W_outᵀx, b_out·x and
+        the last layer scaled by log₂e are computed once per batch; the scaled layer gives y = ℓ log₂e
+        directly, the input of ``softplus_sum(…, base2=True)`` (one pass over the logits fewer).
+        """
+        out = self.decoder_out
+        x_w = x @ out.weight                                                   # (B, H)
+        x_b = x @ out.bias                                                     # (B,)
+        weight2, bias2 = out.weight * LOG2_E, out.bias * LOG2_E                # (784, H), (784,)
+
+        def log_likelihood(z: torch.Tensor, _: torch.Tensor | None = None) -> torch.Tensor:
+            batch = z.shape[:-1]
+            h = run_mlp_inplace(self.decoder, z.reshape(-1, z.shape[-1]), self.activation)  # (…·B, H)
+            logits2 = F.linear(h, weight2, bias2)                              # (…·B, 784) ℓ log₂e, 2-D
+            h = h.view(*batch, -1)                                             # (…, B, H)
+            return (h * x_w).sum(-1) + x_b - softplus_sum(logits2, base2=True).view(batch)
+
+        return log_likelihood
+
+    def gauss_newton_precision(self, z: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
+        """Jᵀ diag(s(1−s)) J + I for z (B, d), J = ∂logits/∂z (B, 784, d), s = sigmoid(logits): (B, d, d).
+
+        The generalised Gauss–Newton form of −∇²_z log p(x, z): the Hessian of the Bernoulli term is
+        −Jᵀ diag(s(1−s)) J − Σⱼ (xⱼ − sⱼ) ∇²ℓⱼ, and ∇²ℓⱼ = 0 wherever a ReLU decoder is linear in z, so
+        for ReLU this is the exact Hessian almost everywhere; positive definite always (a search direction
+        for any activation; the Laplace estimate itself always uses the exact Hessian).
+        """
+        jac = torch.func.vmap(torch.func.jacfwd(self.decode))(z)                # (B, 784, d)
+        s = torch.sigmoid(self.decode(z))                                       # (B, 784)
+        eye = torch.eye(z.shape[-1], dtype=z.dtype, device=z.device)
+        return torch.einsum("bjd,bj,bje->bde", jac, s * (1 - s), jac) + eye
+
+    def laplace_curvature(self):
+        return self.gauss_newton_precision
+
+    def fused_layers(self) -> list[nn.Linear]:
+        """The four linear layers of a one-hidden-layer model, in the order the fused step uses them."""
+        return [*linear_layers(self.encoder), self.encoder_out, *linear_layers(self.decoder), self.decoder_out]
