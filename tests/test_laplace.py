@@ -142,3 +142,56 @@ def test_ppca_laplace_is_exact_and_laplace_proposal_has_equal_weights():
     log_w = torch.func.vmap(torch.func.vmap(log_joint))(z, x.expand(1000, -1, -1)) - log_r   # (1000, 4)
     assert float(log_w.std(0).max()) < 1e-9
     torch.testing.assert_close(log_w.mean(0), exact, rtol=0, atol=1e-6)
+
+
+def test_stirling_columns_obey_dlmf_bounds_from_1_to_1e18():
+    """DLMF 5.11(ii): for real N > 0 the error of the K-term truncation of ln N! is smaller in magnitude than
+    the first omitted term and has its sign. The table's columns (relative errors of N!) must show that at
+    every N from 1 to 10¹⁸, and 12N × the leading error must tend to 1 from above (1 + 1/(24N) + …)."""
+    import mpmath
+
+    from vaelab.laplace import stirling_coefficients
+
+    ns = [1, 2, 3, 10, 100, 10**4, 10**6, 10**8, 10**12, 10**15, 10**18]
+    for terms in (0, 1, 2, 4, 8):
+        omitted = stirling_coefficients(terms + 1)[terms]
+        for row in stirling_table([float(n) for n in ns], terms):
+            n = mpmath.mpf(row["n"])
+            with mpmath.workdps(600):
+                bound = mpmath.mpf(omitted.numerator) / omitted.denominator / n ** (2 * terms + 1)
+                log_error = mpmath.log1p(row["rel_error_terms"])         # ln N! − ln approximation
+                assert abs(log_error) < abs(bound) and log_error * bound > 0, (terms, row["n"])
+                if n >= 100:                                                  # and close to it for large N
+                    assert abs(log_error) > abs(bound) * (1 - 1 / n)
+                scaled = row["scaled_error"]
+                assert 1 < scaled < 1 + 1 / (12 * n) and abs(scaled - 1 - 1 / (24 * n)) < 1 / (10 * n * n) + 1e-30
+    rows = stirling_table([1e18], 2)
+    assert rows[0]["exact"] == pytest.approx(math.lgamma(1e18 + 1), rel=1e-15)
+
+
+def test_stirling_plot_honours_n_and_the_file_format(tmp_path, capsys):
+    from vaelab.cli import main
+
+    assert main(["stirling", "--n", "3", "30", "300", "--terms", "1", "--plot", str(tmp_path / "s.jpg")]) == 0
+    assert (tmp_path / "s.jpg").read_bytes()[:3] == b"\xff\xd8\xff"               # JPEG, not a PNG in disguise
+    assert main(["stirling", "--n", "1000", "--plot", str(tmp_path / "s.svg")]) == 0
+    assert b"<svg" in (tmp_path / "s.svg").read_bytes()[:1000]
+    from vaelab.laplace import stirling_error_curves
+
+    ns, curves = stirling_error_curves(1, [3.0, 30.0, 300.0])
+    assert list(ns) == [3, 30, 300] and curves[0][0] == pytest.approx(math.expm1(math.lgamma(4) - log_stirling(3)))
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e-7])
+def test_wide_and_narrow_gaussians_integrate_to_their_closed_form(scale):
+    """Hessian eigenvalues from 1e-3 to 1e4 (condition 10⁷), and all of them scaled by 1e-7: the singularity
+    test is relative to the Hessian's own scale and the dtype, so these are valid Gaussians."""
+    rng = np.random.default_rng(3)
+    q, _ = np.linalg.qr(rng.normal(size=(4, 4)))
+    A = torch.tensor(q @ np.diag([1e-3, 1.0, 50.0, 1e4]) @ q.T * scale)
+    m = torch.tensor(rng.normal(size=4))
+    result = laplace_integral(lambda x: 0.7 - 0.5 * (x - m) @ A @ (x - m), x0=np.zeros(4))
+    expected = 0.7 + 2 * math.log(2 * math.pi) - 0.5 * float(torch.logdet(A))
+    assert abs(result.log_value - expected) < 1e-8 * max(1.0, abs(expected))
+    one_d = laplace_integral(lambda x: -0.5 * 1e-3 * scale * (x - 2.0) ** 2, x0=0.0)
+    assert abs(one_d.log_value - 0.5 * math.log(2 * math.pi / (1e-3 * scale))) < 1e-8

@@ -129,13 +129,19 @@ def straight(tmp_path_factory, data_dir):
     return run_dir
 
 
-@pytest.mark.parametrize("sig, code", [(signal.SIGKILL, -signal.SIGKILL), (signal.SIGINT, 130)])
+@pytest.mark.parametrize("sig, code", [(signal.SIGKILL, -signal.SIGKILL), (signal.SIGINT, 130),
+                                       (signal.SIGTERM, 143), (signal.SIGHUP, 129)])
 def test_interrupt_and_resume_is_bitwise_identical(tmp_path, data_dir, straight, sig, code):
+    """kill -9 loses the epoch under way; Ctrl-C, SIGTERM (schedulers, `timeout`) and SIGHUP (a closed
+    terminal) finish the step, write a checkpoint, say so and exit with 128 + the signal; every case resumes
+    to bitwise the weights of an uninterrupted run."""
     run = tmp_path / "run"
     returncode, out, err = interrupt_after_first_epoch(run, data_dir, sig)
     assert returncode == code, err
-    if sig == signal.SIGINT:
-        assert "resume with: vaelab train --out" in err and len(err.strip().splitlines()) == 1
+    if sig != signal.SIGKILL:
+        assert f"stopped by {signal.Signals(sig).name}" in err and "resume with: vaelab train --out" in err
+        assert len(err.strip().splitlines()) == 1
+        assert "stopped by" in (run / training.TRAIN_LOG).read_text()
     # the run directory is loadable at once
     ckpt.load_model(run)
     resume = run_cli("train", "--out", run, "--data-dir", data_dir, "--resume", "--epochs", "3", "--no-progress")

@@ -109,7 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--batch-size", type=_positive_int, help="examples per step (default 64)")
     group.add_argument("--lr", type=_positive_float, help="Adam learning rate (default 1e-3)")
     group.add_argument("--lr-schedule", choices=list(LR_SCHEDULES),
-                       help="constant (default) or burda: lr · 10^(−i/7) for 3^i epochs")
+                       help="constant (default); burda: lr · 10^(−i/7) for 3^i epochs; exponential: lr to lr/10 "
+                       "over the run")
     group.add_argument("--adam-eps", type=_positive_float, help="Adam's ε (default 1e-8; Burda 1e-4)")
     group.add_argument("--seed", type=_non_negative_int, help="seed of every random stream (default 0)")
     group.add_argument("--engine", choices=ENGINE_CHOICES,
@@ -131,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = sub.add_parser("evaluate", help="test log-likelihood by importance sampling, the ELBO, active units")
     evaluate.add_argument("run_dir", type=Path, help="a run directory written by `vaelab train`")
-    evaluate.add_argument("--k", type=_whole_number(1, 10**7), default=5000, help="importance samples per digit")
+    evaluate.add_argument("--k", type=_positive_int, default=5000, help="importance samples per digit")
     evaluate.add_argument("--test-examples", type=_positive_int, help="the first N digits (default all)")
     evaluate.add_argument("--split", choices=["test", "validation"], default="test",
                           help="test digits (default) or the run's validation digits (for choosing settings)")
@@ -348,11 +349,11 @@ def _resume(args: argparse.Namespace, run_dir: Path) -> int:
     state_config = RunConfig.from_dict(meta["config"], f"{state_path} (its copy of config.json)")
     restored = not (run_dir / ckpt.CONFIG).exists()
     saved = state_config if restored else RunConfig.load(run_dir / ckpt.CONFIG)
-    edited = [d for d in saved.differences(state_config) if d.split(":")[0] not in RESUMABLE]
+    edited = [d for d in state_config.differences(saved) if d.split(":")[0] not in RESUMABLE]
     if edited:
-        raise UsageError(f"{run_dir / ckpt.CONFIG} differs from the copy in {ckpt.STATE} ({'; '.join(edited)}); "
-                         f"it was edited after training started; restore it (resume only changes --epochs, "
-                         f"--device, --threads, --data-dir) or start a new --out")
+        raise UsageError(f"{run_dir / ckpt.CONFIG} differs from the copy in {ckpt.STATE} ({'; '.join(edited)}, the "
+                         f"state's value → config.json's): it was edited after training started; restore it "
+                         f"(resume only changes --epochs, --device, --threads, --data-dir) or start a new --out")
     if args.preset is not None and args.preset != saved.preset:
         raise UsageError(f"--resume with --preset {args.preset}, but the run started from preset "
                          f"{saved.preset}; resume without --preset")
@@ -398,6 +399,7 @@ def _train(args: argparse.Namespace, config, run_dir: Path, run, resumed: bool, 
     trainer = Trainer(config, run_dir, data, device, log=_log, progress=_progress(args))
     if resumed:
         trainer.load_checkpoint()
+        trainer.write_user_files()
         _log(f"resuming {run_dir} after epoch {trainer.state.epoch}"
              + (f", step {trainer.state.step}" if trainer.state.step else ""))
     if write_config or not resumed:
@@ -642,7 +644,7 @@ def cmd_stirling(args: argparse.Namespace) -> int:
     header = ["N", "ln N! (lgamma)", "Laplace/Stirling", "rel. error", "12N × rel. error",
               f"rel. error, {args.terms} terms"]
     rows = [[f"{r['n']:g}", f"{r['exact']:.10g}", f"{r['stirling']:.10g}", mpmath.nstr(r["rel_error"], 5),
-             mpmath.nstr(r["scaled_error"], 7), mpmath.nstr(r["rel_error_terms"], 4)] for r in table]
+             mpmath.nstr(r["scaled_error"], 7, strip_zeros=False), mpmath.nstr(r["rel_error_terms"], 4)] for r in table]
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
     _log("  ".join(h.rjust(w) for h, w in zip(header, widths)))
     for r in rows:

@@ -196,7 +196,10 @@ def _build(kind: type, raw: Any, source: str):
         try:
             values[name] = _coerce(value, hints[name])
         except TypeError:
-            raise CheckpointError(f"{source}.{name}: {value!r} is not of type {hints[name]}") from None
+            hint = hints[name]
+            wanted = (f"one of {', '.join(map(str, typing.get_args(hint)))}" if typing.get_origin(hint) is typing.Literal
+                      else f"of type {hint}")
+            raise CheckpointError(f"{source}.{name}: {value!r} is not {wanted}") from None
     return kind(**values)
 
 

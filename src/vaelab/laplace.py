@@ -340,19 +340,21 @@ def _log_stirling_mp(n, terms: int):
 
 
 def stirling_errors(n: float, terms: Sequence[int]) -> dict:
-    """N!/approxₖ − 1 for each count k of correction terms, exact to about 15 significant digits.
+    """N!/approxₖ − 1 for each count k of correction terms, to about 20 significant digits beyond the
+    relative size 1/N² of the next term after the first omitted one.
 
     The difference ln N! − ln approxₖ is about the first omitted term, |c_{k+1}| N^{−(2k+1)}, while both
     logs are about N ln N, so the work precision is chosen per N and k: the digits of N ln N, plus those
-    of the omitted term's smallness, plus 20 (a fixed precision gave wrong signs at N = 10⁴ with 8 terms).
-    Values far below float64's range stay mpmath numbers.
+    of the omitted term's smallness, plus 2 log₁₀ N + 20 (so that the value resolves how far it sits below
+    its DLMF bound; a fixed precision gave wrong signs at N = 10⁴ with 8 terms). Values far below
+    float64's range stay mpmath numbers.
     """
     import mpmath
 
     coefficients = stirling_coefficients(max(terms) + 1)          # c₁ … c_{k+1}; cₖ₊₁ = coefficients[k]
     smallest = min(math.log10(abs(coefficients[k].numerator)) - math.log10(coefficients[k].denominator)
                    - (2 * k + 1) * math.log10(n) for k in terms)   # log₁₀ of the first omitted term
-    digits = int(math.log10(n * max(1.0, math.log(n)) + 1) + max(0.0, -smallest) + 20)
+    digits = int(math.log10(n * max(1.0, math.log(n)) + 1) + max(0.0, -smallest) + 2 * math.log10(n) + 20)
     with mpmath.workdps(digits):
         exact = mpmath.loggamma(mpmath.mpf(n) + 1)
         return {k: +mpmath.expm1(exact - _log_stirling_mp(n, k)) for k in terms}

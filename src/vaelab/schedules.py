@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Callable
 
 
-def constant_lr(epoch: int, base: float) -> float:
+def constant_lr(epoch: int, base: float, epochs: int) -> float:
     """The same rate every epoch."""
     return base
 
@@ -24,14 +24,23 @@ def burda_stage(epoch: int) -> int:
     return stage
 
 
-def burda_lr(epoch: int, base: float) -> float:
+def burda_lr(epoch: int, base: float, epochs: int) -> float:
     """Burda, Grosse & Salakhutdinov (2016, §5): lr = base · 10^(−i/7) in stage i (3^i epochs), base 1e-3."""
     return base * 10.0 ** (-burda_stage(epoch) / 7)
 
 
 BURDA_EPOCHS = sum(3 ** i for i in range(8))      # 3280
 
-LR_SCHEDULES: dict[str, Callable[[int, float], float]] = {"constant": constant_lr, "burda": burda_lr}
+def exponential_lr(epoch: int, base: float, epochs: int) -> float:
+    """lr = base · 10^(−epoch/(epochs − 1)): from base in the first epoch to base/10 in the last, falling by the
+    same factor every epoch (Burda's schedule falls by 10 over its 3280 epochs too, in 8 steps). It depends
+    on the run's --epochs: raising --epochs on resume stretches the rest of the decay."""
+    return base * 10.0 ** (-epoch / max(1, epochs - 1))
+
+
+# (0-based epoch, base rate, the run's epochs) → the epoch's rate
+LR_SCHEDULES: dict[str, Callable[[int, float, int], float]] = {
+    "constant": constant_lr, "burda": burda_lr, "exponential": exponential_lr}
 
 
 def kl_weight(step: int, steps_per_epoch: int, beta: float, warmup_epochs: int) -> float:

@@ -223,6 +223,12 @@ class Trainer:
             "numpy_random": [np_state[0], np_state[1].tolist(), *np_state[2:]],
         }
         ckpt.save_tensors(self.run_dir / ckpt.STATE, tensors, meta)
+        self.write_user_files()
+
+    def write_user_files(self) -> None:
+        """model.safetensors and metrics.csv from the training state. A resume writes them again, so a
+        checkpoint whose state was written but whose weights were not (a disk that filled in between)
+        never leaves older weights beside a newer state."""
         ckpt.save_weights(self.run_dir / ckpt.WEIGHTS, self.model)
         self.write_metrics()
 
@@ -297,7 +303,7 @@ class Trainer:
         start_step = self.state.step
         self.epoch_start_rng = self.data_rng.get_state()
         steps = self.steps_per_epoch
-        self.optimizer.lr = LR_SCHEDULES[cfg.lr_schedule](epoch - 1, cfg.lr)
+        self.optimizer.lr = LR_SCHEDULES[cfg.lr_schedule](epoch - 1, cfg.lr, cfg.epochs)
         losses = torch.zeros((steps, 4), dtype=torch.float64, device=self.device)  # per-step batch sums
         batches = training_batches(self.data, cfg.batch_size, self.data_rng)
         bar = tqdm(total=steps, initial=start_step, desc=f"epoch {epoch}/{cfg.epochs}", leave=False,

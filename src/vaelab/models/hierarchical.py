@@ -95,10 +95,11 @@ class TwoLayerVAE(nn.Module):
     @torch.no_grad()
     def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """Decoder means E[x|z₁] for z₂ ~ N(0, I), z₁ ~ p(z₁|z₂): (n, 784) in [0, 1]."""
-        device = self.decoder1_out.weight.device
-        z2 = torch.randn((n, self.d2), generator=generator, device=device)
+        weight = self.decoder1_out.weight
+        z2 = torch.randn((n, self.d2), generator=generator, device=weight.device, dtype=weight.dtype)
         mu, logvar = self.prior_bottom(z2)
-        z1 = reparameterize(mu, logvar, torch.randn((n, self.d1), generator=generator, device=device))
+        z1 = reparameterize(mu, logvar, torch.randn((n, self.d1), generator=generator, device=weight.device,
+                                                    dtype=weight.dtype))
         return torch.sigmoid(self.decode(z1))
 
     def laplace_curvature(self):

@@ -76,8 +76,8 @@ class MLPVAE(nn.Module):
     @torch.no_grad()
     def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """Decoder means E[x|z] = sigmoid(logits) for z ~ N(0, I): (n, 784) in [0, 1]."""
-        device = self.decoder_out.weight.device
-        z = torch.randn((n, self.latent), generator=generator, device=device)
+        weight = self.decoder_out.weight
+        z = torch.randn((n, self.latent), generator=generator, device=weight.device, dtype=weight.dtype)
         return torch.sigmoid(self.decode(z))
 
     # ---- fast forms for evaluation -------------------------------------------------------------

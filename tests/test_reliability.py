@@ -1,0 +1,432 @@
+"""Nothing a user made is lost or clobbered, and no input ends in a traceback (issue: Reliability II).
+
+Each test names the fault or bad input it tries and the outcome vaelab defines for it; README's
+reliability section links this table.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from vaelab import atomic
+from vaelab import checkpoint as ckpt
+from vaelab.cli import main
+from vaelab.config import RunConfig
+from vaelab.data import CACHE_NAME, IDX_FILES, idx_bytes, load_mnist
+from vaelab.errors import CheckpointError, DataError, ResourceError, UsageError
+
+PNG = b"\x89PNG\r\n\x1a\n"
+SMALL = ["--hidden", "32", "--latent", "4", "--test-examples", "50", "--no-progress"]
+
+
+def run(capsys, *args):
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def snapshot(directory: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir()) if p.is_file()}
+
+
+def one_line_error(err: str) -> bool:
+    return len(err.strip().splitlines()) == 1 and "error" in err and "Traceback" not in err
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, data_dir):
+    """Two epochs of a small model on the synthetic set."""
+    run_dir = tmp_path_factory.mktemp("reliability") / "run"
+    assert main(["train", "--out", str(run_dir), "--epochs", "2", "--data-dir", str(data_dir), *SMALL]) == 0
+    return run_dir
+
+
+@pytest.fixture
+def copy(trained, tmp_path):
+    target = tmp_path / "copy"
+    shutil.copytree(trained, target)
+    return target
+
+
+def cli(*args, **kwargs):
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.Popen([sys.executable, "-m", "vaelab.cli", *map(str, args)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+
+
+# ---- 1. --resume never starts over ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("damage", ["missing", "truncated", "garbage"])
+def test_resume_with_a_missing_or_damaged_state_changes_nothing(copy, data_dir, capsys, damage):
+    state = copy / ckpt.STATE
+    if damage == "missing":
+        state.unlink()
+    elif damage == "truncated":
+        state.write_bytes(state.read_bytes()[:1000])
+    else:
+        state.write_bytes(b"\x00" * 5000)
+    before = snapshot(copy)
+    code, out, err = run(capsys, "train", "--out", copy, "--resume", "--epochs", "4", "--data-dir", data_dir)
+    assert code == 2 and one_line_error(err) and ckpt.STATE in err and "epoch" not in out
+    assert snapshot(copy) == before
+
+
+# ---- 2. one writer per run; unique default directories ---------------------------------------------
+
+
+def test_a_second_process_on_a_run_fails_at_once_naming_the_first(tmp_path, data_dir):
+    run_dir = tmp_path / "run"
+    first = cli("train", "--out", run_dir, "--epochs", "50", "--data-dir", data_dir, "--hidden", "256",
+                "--test-examples", "50", "--no-progress")
+    deadline = time.monotonic() + 60
+    while not (run_dir / ckpt.CONFIG).exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    try:
+        for args in (["--epochs", "3"], ["--resume", "--epochs", "60"]):
+            started = time.monotonic()
+            second = cli("train", "--out", run_dir, "--data-dir", data_dir, "--no-progress", *args)
+            out, err = second.communicate(timeout=60)
+            assert second.returncode == 2 and f"in use by process {first.pid}" in err, err
+            assert time.monotonic() - started < 30                 # at once, not after the first ends
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.communicate(timeout=60)
+    # kill -9 leaves no stale lock: the run resumes (it has a checkpoint by now, or says it has none)
+    resumed = cli("train", "--out", run_dir, "--data-dir", data_dir, "--resume", "--epochs", "1", "--no-progress")
+    out, err = resumed.communicate(timeout=120)
+    assert "in use" not in err, err
+
+
+def test_default_run_directories_are_unique_within_one_second(tmp_path, monkeypatch):
+    monkeypatch.setattr(ckpt.time, "strftime", lambda fmt: "20261128-120000")
+    made = [ckpt.new_run_dir(tmp_path / "runs") for _ in range(3)]
+    assert [p.name for p in made] == ["20261128-120000", "20261128-120000-2", "20261128-120000-3"]
+    assert all(p.is_dir() for p in made)
+
+
+def test_refused_start_leaves_no_empty_run_directory(tmp_path, data_dir, capsys):
+    out = tmp_path / "new"
+    code, _, err = run(capsys, "train", "--out", out, "--data-dir", data_dir, "--validation", "5000", *SMALL)
+    assert code == 2 and one_line_error(err) and not out.exists()
+
+
+# ---- 3. evaluations and pictures are never overwritten, never lost --------------------------------
+
+
+def test_evaluations_with_other_settings_never_overwrite(copy, data_dir, capsys):
+    args = ["--data-dir", data_dir, "--test-examples", "20", "--no-progress"]
+    assert run(capsys, "evaluate", copy, "--k", "5", *args)[0] == 0
+    first = (copy / "eval-k5-n20-seed0.json").read_bytes()
+    assert run(capsys, "evaluate", copy, "--k", "7", *args)[0] == 0
+    assert (copy / "eval-k7-n20-seed0.json").exists() and (copy / "eval-k5-n20-seed0.json").read_bytes() == first
+    code, _, err = run(capsys, "evaluate", copy, "--k", "5", *args)
+    assert code == 2 and "exists" in err and "--overwrite" in err and one_line_error(err)
+    assert (copy / "eval-k5-n20-seed0.json").read_bytes() == first
+    assert run(capsys, "evaluate", copy, "--k", "5", "--overwrite", *args)[0] == 0
+    digits = (copy / "eval-k5-n20-seed0.digits.csv").read_text().splitlines()
+    assert digits[0] == "digit,label,elbo,iwae" and len(digits) == 21
+
+
+def test_evaluate_on_a_read_only_run_prints_first_and_saves_elsewhere(copy, data_dir, capsys, monkeypatch,
+                                                                        tmp_path):
+    real = atomic.tempfile.mkstemp
+
+    def read_only(dir=None, **kwargs):
+        if Path(dir).resolve() == copy.resolve():
+            raise OSError(30, "Read-only file system")
+        return real(dir=dir, **kwargs)
+
+    monkeypatch.setattr(atomic.tempfile, "mkstemp", read_only)
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    before = snapshot(copy)
+    code, out, err = run(capsys, "evaluate", copy, "--k", "5", "--test-examples", "10", "--data-dir", data_dir,
+                         "--no-progress")
+    assert code == 1 and "NLL =" in out and one_line_error(err) and "Read-only file system" in err
+    saved = tmp_path / "vaelab-copy-eval-k5-n10-seed0.json"
+    assert str(saved) in err and json.loads(saved.read_text())["k"] == 5
+    assert snapshot(copy) == before
+
+
+def test_sample_without_out_keeps_the_runs_samples_png(copy, capsys):
+    before = (copy / "samples.png").read_bytes()
+    assert run(capsys, "sample", copy, "--n", "16")[0] == 0
+    assert (copy / "samples.png").read_bytes() == before
+    assert (copy / "samples-n16-seed0.png").read_bytes()[:8] == PNG
+    code, _, err = run(capsys, "sample", copy, "--n", "16")
+    assert code == 2 and "--overwrite" in err
+
+
+# ---- 4. SIGTERM and SIGHUP stop like Ctrl-C (tests/test_training.py checks the exact resume) --------
+# (parametrised there over SIGINT, SIGTERM and SIGHUP)
+
+
+# ---- 5. --resume trusts the training state, not a hand-edited config.json --------------------------
+
+
+def test_resume_refuses_an_edited_config_and_names_the_field(copy, data_dir, capsys):
+    config = json.loads((copy / ckpt.CONFIG).read_text())
+    config["train"]["batch_size"] = 7
+    (copy / ckpt.CONFIG).write_text(json.dumps(config))
+    before = snapshot(copy)
+    code, _, err = run(capsys, "train", "--out", copy, "--resume", "--epochs", "3", "--data-dir", data_dir)
+    assert code == 2 and "train.batch_size: 64 → 7" in err and one_line_error(err)
+    assert snapshot(copy) == before
+
+
+def test_resume_below_the_epochs_done_is_an_error(copy, data_dir, capsys):
+    before = snapshot(copy)
+    code, _, err = run(capsys, "train", "--out", copy, "--resume", "--epochs", "1", "--data-dir", data_dir)
+    assert code == 2 and "below the 2 epochs" in err and snapshot(copy) == before
+
+
+def test_a_missing_config_is_restored_from_the_state(copy, data_dir, capsys):
+    original = (copy / ckpt.CONFIG).read_text()
+    (copy / ckpt.CONFIG).unlink()
+    code, out, err = run(capsys, "train", "--out", copy, "--resume", "--epochs", "2", "--data-dir", data_dir,
+                         "--no-progress")
+    assert code == 0, err
+    assert "restored" in out and RunConfig.load(copy / ckpt.CONFIG) == RunConfig.from_dict(json.loads(original))
+
+
+# ---- 6. paths are stored absolute --------------------------------------------------------------------
+
+
+def test_relative_data_dir_is_stored_absolute(tmp_path, data_dir, capsys, monkeypatch):
+    monkeypatch.chdir(data_dir.parent)
+    code, _, err = run(capsys, "train", "--out", tmp_path / "run", "--epochs", "1", "--data-dir", data_dir.name,
+                       *SMALL)
+    assert code == 0, err
+    stored = RunConfig.load(tmp_path / "run" / ckpt.CONFIG).data.data_dir
+    assert Path(stored).is_absolute() and Path(stored) == data_dir.resolve()
+
+
+# ---- 7. non-finite weights are refused; JSON is strict -------------------------------------------------
+
+
+@pytest.mark.parametrize("command", ["evaluate", "sample"])
+def test_nan_weights_are_refused_naming_the_tensor(copy, data_dir, capsys, command):
+    tensors, _ = ckpt.load_tensors(copy / ckpt.WEIGHTS)
+    tensors["decoder_out.bias"][3] = float("nan")
+    ckpt.save_tensors(copy / ckpt.WEIGHTS, tensors)
+    extra = ["--data-dir", data_dir, "--k", "5", "--no-progress"] if command == "evaluate" else []
+    before = snapshot(copy)
+    code, _, err = run(capsys, command, copy, *extra)
+    assert code == 2 and "decoder_out.bias" in err and "NaN" in err and one_line_error(err)
+    assert snapshot(copy) == before
+
+
+def test_an_evaluation_of_one_digit_is_strict_json(copy, data_dir, capsys):
+    assert run(capsys, "evaluate", copy, "--k", "5", "--test-examples", "1", "--data-dir", data_dir,
+               "--no-progress")[0] == 0
+    text = (copy / "eval-k5-n1-seed0.json").read_text()
+    record = json.loads(text, parse_constant=lambda name: pytest.fail(f"non-standard JSON token {name}"))
+    assert record["nll_stderr"] is None and record["n_examples"] == 1
+    for key in ("vaelab", "torch", "threads", "device", "seed", "date", "seconds", "k", "data_sha256",
+                "weights_sha256", "layers"):
+        assert key in record, key
+
+
+# ---- every remaining traceback is a one-line error ---------------------------------------------------
+
+
+@pytest.mark.parametrize("section, field, value, message", [
+    ("train", "engine", "warp", "unknown --engine 'warp'"),
+    ("train", "seed", 2**64, "--seed must be in [0, 2⁶³)"),
+    ("train", "lr", -1.0, "--lr must be a finite number > 0"),
+    ("train", "lr_schedule", "cosine", "unknown --lr-schedule"),
+    ("objective", "name", "vimco", "unknown --objective 'vimco'"),
+    ("objective", "samples", 0, "--k must be in [1, 100 000]"),
+    ("model", "activation", "swish", "unknown activation 'swish'"),
+    ("model", "latent", [50, 20], "give 1 latent size"),
+    ("data", "binarize", "grey", "'grey' is not one of dynamic, static"),
+    ("data", "validation_seed", -1, "validation_seed must be"),
+    ("train", "adam_betas", [0.9], "not of type"),
+])
+def test_values_the_cli_would_refuse_are_refused_inside_config_json(copy, capsys, section, field, value, message):
+    config = json.loads((copy / ckpt.CONFIG).read_text())
+    config[section][field] = value
+    (copy / ckpt.CONFIG).write_text(json.dumps(config))
+    code, _, err = run(capsys, "sample", copy, "--out", copy / "x.png")
+    assert code == 2 and message in err and one_line_error(err), err
+    assert not (copy / "x.png").exists()
+
+
+def test_a_version_1_run_directory_loads_and_evaluates_to_the_same_nll(copy, data_dir, capsys):
+    """A run written before models/ existed: config version 1, weights named enc_hidden.* etc."""
+    args = ["--k", "5", "--test-examples", "10", "--data-dir", data_dir, "--no-progress"]
+    assert run(capsys, "evaluate", copy, *args)[0] == 0
+    now = json.loads((copy / "eval-k5-n10-seed0.json").read_text())
+    (copy / "eval-k5-n10-seed0.json").unlink()
+    config = json.loads((copy / ckpt.CONFIG).read_text())
+    legacy = {"version": 1, "model": {"data_dim": 784, "hidden": 32, "latent": 4},
+              "data": {k: config["data"][k] for k in ("data_dir", "binarize", "train_examples", "test_examples",
+                                                     "test_seed", "static_seed")},
+              "train": {k: config["train"][k] for k in ("epochs", "batch_size", "lr", "seed", "device",
+                                                       "eval_batch_size", "eval_seed")} | {"engine": "fused"}}
+    names = {"encoder.0": "enc_hidden", "encoder_out": "enc_out", "decoder.0": "dec_hidden", "decoder_out": "dec_out"}
+    rename = lambda key: names[key.rsplit(".", 1)[0]] + "." + key.rsplit(".", 1)[1]  # noqa: E731
+    weights, _ = ckpt.load_tensors(copy / ckpt.WEIGHTS)
+    ckpt.save_tensors(copy / ckpt.WEIGHTS, {rename(k): v for k, v in weights.items()})
+    (copy / ckpt.CONFIG).write_text(json.dumps(legacy))
+    code, out, _ = run(capsys, "evaluate", copy, *args)
+    assert code == 0 and "NLL =" in out
+    assert RunConfig.load(copy / ckpt.CONFIG).model.hidden == ((32,),)
+    assert json.loads((copy / "eval-k5-n10-seed0.json").read_text())["nll"] == now["nll"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["sample", "RUN", "--n", "1000000000"], "at most 4096"),
+    (["evaluate", "RUN", "--k", "1000000000"], "of memory, but only"),
+    (["train", "--hidden", "1000000", "--out", "NEW"], "of memory, but only"),
+    (["train", "--k", "100000", "--batch-size", "100000", "--hidden", "4096", "--out", "NEW"], "of memory"),
+    (["stirling", "--terms", "100000"], "at most 30"),
+    (["stirling", "--n", "0"], "at least 1"),
+    (["stirling", "--n", "10", "--plot", "OUT.xyz"], "cannot write a .xyz picture"),
+    (["train", "--model", "mlp2", "--latent", "50", "--out", "NEW"], "give 2 latent sizes"),
+    (["train", "--objective", "vimco"], "invalid choice"),
+    (["train", "--preset", "fast"], "invalid choice"),
+    (["train", "--engine", "fused", "--objective", "iwae", "--k", "5", "--out", "NEW"], "--engine fused covers only"),
+    (["evaluate", "RUN", "--split", "validation"], "trained without --validation"),
+    (["evaluate", "RUN", "--checkpoint", "best"], "no model-best.safetensors"),
+])
+def test_bad_inputs_are_one_line_errors_that_write_nothing(copy, data_dir, tmp_path, capsys, monkeypatch,
+                                                           args, message):
+    monkeypatch.setenv("VAELAB_DATA", str(data_dir))
+    before = snapshot(copy)
+    argv = [str(copy) if a == "RUN" else str(tmp_path / "new") if a == "NEW" else
+            str(tmp_path / "out.xyz") if a == "OUT.xyz" else a for a in args]
+    try:
+        code = main(argv)
+    except SystemExit as exc:
+        code = exc.code
+    _, err = capsys.readouterr()
+    assert code == 2 and message in err and one_line_error(err), err
+    assert snapshot(copy) == before and not (tmp_path / "new").exists() and not (tmp_path / "out.xyz").exists()
+
+
+def test_memory_limits_include_ulimit(tmp_path):
+    script = ("import resource; resource.setrlimit(resource.RLIMIT_AS, (8 << 30, resource.RLIM_INFINITY));"
+              "from vaelab.resources import available_memory; print(available_memory())")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
+    available, source = eval(out)            # (bytes, name): our own repr, in a test
+    assert source == "ulimit -v" and 0 < available < 8 << 30
+
+
+def test_require_memory_names_the_bytes_and_the_limit(monkeypatch):
+    from vaelab import resources
+
+    monkeypatch.setattr(resources, "memory_limits", lambda: {"cgroup memory limit": 1 << 30})
+    with pytest.raises(ResourceError, match=r"needs about 2.0 GiB of memory, but only 1.0 GiB is available "
+                                            r"\(cgroup memory limit\)"):
+        resources.require_memory(2 << 30, "this", "do less")
+    assert isinstance(ResourceError("x"), ValueError)
+
+
+# ---- the data cache in odd states ------------------------------------------------------------------
+
+
+def official_idx(directory: Path, arrays) -> None:
+    import gzip
+
+    directory.mkdir(parents=True, exist_ok=True)
+    for split, (name, _) in IDX_FILES.items():
+        (directory / name).write_bytes(gzip.compress(idx_bytes(getattr(arrays, split))))
+
+
+def test_a_directory_where_the_cache_belongs_is_a_clear_error(tmp_path, tiny_arrays, monkeypatch):
+    (tmp_path / CACHE_NAME).mkdir()
+    with pytest.raises(DataError, match="not a file"):
+        load_mnist(tmp_path, download=False)
+
+
+def test_a_damaged_cache_that_cannot_be_removed_is_bypassed(tmp_path, tiny_arrays, monkeypatch):
+    from vaelab import data as D
+
+    monkeypatch.setattr(D, "OFFICIAL_SHA256", tiny_arrays.digests())
+    official_idx(tmp_path, tiny_arrays)
+    (tmp_path / CACHE_NAME).write_bytes(b"PK\x03\x04 damaged")
+    real_unlink = Path.unlink
+
+    def read_only(self, *args, **kwargs):
+        if self.parent == tmp_path:
+            raise PermissionError(13, "Permission denied")
+        return real_unlink(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "unlink", read_only)
+    monkeypatch.setattr(D, "save_cache", lambda *a: (_ for _ in ()).throw(atomic.WriteError("read-only")))
+    messages = []
+    arrays = load_mnist(tmp_path, download=False, log=messages.append)
+    assert np.array_equal(arrays.train_images, tiny_arrays.train_images)
+    assert any("cannot be removed" in m for m in messages) and any("not cached" in m for m in messages)
+
+
+def test_unknown_user_in_vaelab_data_is_one_line(monkeypatch, capsys):
+    monkeypatch.setenv("VAELAB_DATA", "~no-such-user-here/mnist")
+    code, _, err = run(capsys, "data")
+    assert code == 2 and "~no-such-user-here" in err and one_line_error(err)
+
+
+def test_a_data_dir_that_is_a_file_is_one_line(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    code, _, err = run(capsys, "data", "--data-dir", blocker)
+    assert code == 1 and str(blocker) in err and one_line_error(err)
+
+
+# ---- a full disk while a checkpoint is written -------------------------------------------------------
+
+
+def test_a_failed_weights_write_leaves_a_checkpoint_that_resumes_exactly(tmp_path, data_dir, monkeypatch, capsys):
+    straight, broken = tmp_path / "straight", tmp_path / "broken"
+    args = ["--data-dir", data_dir, *SMALL]
+    assert main(["train", "--out", str(straight), "--epochs", "3", *map(str, args)]) == 0
+    assert main(["train", "--out", str(broken), "--epochs", "2", *map(str, args)]) == 0
+    real = atomic.atomic_write
+
+    def disk_full_on_weights(path, write, mode="wb"):
+        if path.name == ckpt.WEIGHTS:
+            raise atomic.WriteError(f"cannot write {path}: No space left on device (errno 28)")
+        return real(path, write, mode)
+
+    monkeypatch.setattr(ckpt, "atomic_write", disk_full_on_weights)
+    code, _, err = run(capsys, "train", "--out", broken, "--resume", "--epochs", "3", *args)
+    assert code == 1 and "No space left" in err
+    monkeypatch.undo()
+    ckpt.load_model(broken)                                 # the previous weights file is intact
+    assert main(["train", "--out", str(broken), "--resume", "--epochs", "3", *map(str, args)]) == 0
+    for name, tensor in ckpt.load_tensors(straight / ckpt.WEIGHTS)[0].items():
+        assert torch.equal(tensor, ckpt.load_tensors(broken / ckpt.WEIGHTS)[0][name]), name
+
+
+def test_library_functions_raise_value_errors_with_messages():
+    from vaelab.laplace import laplace_integral, log_stirling
+
+    for bad in (float("inf"), float("nan"), 0, -1.0, "abc", []):
+        with pytest.raises(ValueError, match="N"):
+            log_stirling(bad)
+    for terms in (-1, 31, 2.5, True):
+        with pytest.raises(ValueError, match="terms must be"):
+            log_stirling(10, terms)
+    for kwargs, message in [({"M": float("nan")}, "M must be"), ({"M": 0}, "M must be"),
+                            ({"x0": float("inf")}, "x0 must be"), ({"x0": [[1.0]]}, "x0 must be"),
+                            ({"max_steps": 0}, "max_steps"), ({"jitter": -1.0}, "jitter")]:
+        with pytest.raises(ValueError, match=message):
+            laplace_integral(lambda x: -x * x, **kwargs)
+    with pytest.raises(ValueError, match="log_f must be a function"):
+        laplace_integral(3.0)
+    with pytest.raises(ValueError, match="log_f failed"):
+        laplace_integral(lambda x: x.nonexistent())
+    for error in (UsageError("x"), CheckpointError("x")):
+        assert isinstance(error, ValueError)
