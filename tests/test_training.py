@@ -164,7 +164,7 @@ def test_nan_loss_stops_with_epoch_and_step_and_keeps_last_checkpoint(tmp_path, 
         sums = fused_step(model, x, eps)
         return sums * float("nan") if calls["n"] >= 5 else sums
 
-    monkeypatch.setitem(training.ENGINES, "fused", poisoned)
+    monkeypatch.setitem(training.ENGINES, ("fused", "fp32"), poisoned)
     trainer = Trainer(small_config(2), tmp_path, data, torch.device("cpu"), log=lambda m: None, progress=False)
     trainer.load_checkpoint()
     with pytest.raises(TrainingDiverged, match="epoch 2, step 5"):
@@ -194,3 +194,60 @@ def test_full_disk_is_reported_before_training(tmp_path, monkeypatch):
                         type("usage", (), {"free": 1024})())
     with pytest.raises(ckpt.WriteError, match="MiB free"):
         training.check_writable(tmp_path, need_bytes=10 << 20)
+
+
+def test_fused_bf16_gradient_is_close():
+    """The bf16 fused step against the float32 one on one batch: the same loss and gradients up to the rounding
+    of the products' inputs and outputs to 8 significant bits (2⁻⁸ ≈ 0.4 % of each term; a weight gradient is
+    a batch sum of cancelling terms, so its error relative to its largest entry is larger: measured up to
+    5.4 % over three seeds; the loss within 0.002 %, the KL within 0.2 %)."""
+    from vaelab.engines import fused_step_bf16
+
+    torch.manual_seed(0)
+    model = MLPVAE(ModelConfig(hidden=((64,),), latent=(8,)))
+    FlatParameters(model)
+    g = torch.Generator().manual_seed(1)
+    x = (torch.rand(32, 784, generator=g) < 0.3).float()
+    eps = torch.randn(1, 32, 8, generator=g)
+    exact = fused_step(model, x, eps)
+    grads = [p.grad.clone() for p in model.parameters()]
+    approx = fused_step_bf16(model, x, eps)
+    torch.testing.assert_close(approx[:3], exact[:3], rtol=1e-3, atol=0.0)
+    torch.testing.assert_close(approx[3], exact[3], rtol=3e-3, atol=0.0)
+    for (name, p), expected in zip(model.named_parameters(), grads):
+        assert (p.grad - expected).abs().max() <= 0.08 * expected.abs().max(), name
+
+
+@pytest.mark.parametrize("name", ["mlp", "mlp2"])
+def test_autograd_bf16_keeps_the_loss_in_float32(name):
+    """Under autocast the products run in bf16 but every distribution parameter comes back as float32, so
+    the objective and its parts are float32 and close to the float32 engine's."""
+    from vaelab.engines import ENGINES
+    from vaelab.models import build_model
+
+    config = ModelConfig(name=name, hidden=((32,),) if name == "mlp" else ((32,), (16,)),
+                         latent=(6,) if name == "mlp" else (6, 3), activation="tanh")
+    torch.manual_seed(2)
+    model = build_model(config)
+    FlatParameters(model)
+    g = torch.Generator().manual_seed(3)
+    x = (torch.rand(16, 784, generator=g) < 0.3).float()
+    eps = torch.randn(4, 16, config.total_latent, generator=g)
+    exact = ENGINES[("autograd", "fp32")](model, x, eps, "iwae", 1.0)
+    grads = [p.grad.clone() for p in model.parameters()]
+    approx = ENGINES[("autograd", "bf16")](model, x, eps, "iwae", 1.0)
+    assert approx.dtype == torch.float32
+    torch.testing.assert_close(approx, exact, rtol=3e-3, atol=0.0)
+    for (pname, p), expected in zip(model.named_parameters(), grads):
+        assert (p.grad - expected).abs().max() <= 0.08 * expected.abs().max() + 1e-6, pname
+
+
+def test_bf16_is_refused_where_the_cpu_would_emulate_it(monkeypatch):
+    from vaelab import resources
+    from vaelab.errors import UsageError
+
+    monkeypatch.setattr(resources, "cpu_flags", lambda: {"avx2", "fma"})
+    with pytest.raises(UsageError, match=r"no native bfloat16 .* runs [0-9.]+× the time of float32 here"):
+        resources.require_native_bf16(torch.device("cpu"))
+    monkeypatch.setattr(resources, "cpu_flags", lambda: {"avx2", "avx512_bf16"})
+    resources.require_native_bf16(torch.device("cpu"))

@@ -72,7 +72,7 @@ def _device(text: str) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     from vaelab import __version__
-    from vaelab.engines import ENGINE_CHOICES
+    from vaelab.engines import ENGINE_CHOICES, PRECISIONS
     from vaelab.laplace import MAX_STIRLING_TERMS
     from vaelab.models import ACTIVATIONS, INITS, MODELS
     from vaelab.objectives import OBJECTIVES
@@ -115,6 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--seed", type=_non_negative_int, help="seed of every random stream (default 0)")
     group.add_argument("--engine", choices=ENGINE_CHOICES,
                        help="gradient code: auto (default: the hand-derived fast path where it applies)")
+    group.add_argument("--precision", choices=PRECISIONS, help="fp32 (default) or bf16: matrix products in "
+                       "bfloat16, float32 weights, Adam, loss and reductions (needs native bf16)")
     group = train.add_argument_group("data and machine")
     group.add_argument("--binarize", choices=["dynamic", "static"],
                        help="fresh Bernoulli pixels every epoch (default) or once for the whole run")
@@ -234,6 +236,7 @@ _FLAGS = {
     "epochs": ("train", "epochs"), "batch_size": ("train", "batch_size"), "lr": ("train", "lr"),
     "lr_schedule": ("train", "lr_schedule"), "adam_eps": ("train", "adam_eps"), "seed": ("train", "seed"),
     "device": ("train", "device"), "engine": ("train", "engine"), "threads": ("train", "threads"),
+    "precision": ("train", "precision"),
     "model": ("model", "name"), "latent": ("model", "latent"), "activation": ("model", "activation"),
     "init": ("model", "init"), "objective": ("objective", "name"), "k": ("objective", "samples"),
     "beta": ("objective", "beta"), "warmup": ("objective", "warmup_epochs"), "binarize": ("data", "binarize"),
@@ -376,7 +379,7 @@ def _prepare_training(args: argparse.Namespace, config):
     """Everything that can be refused before a run directory is touched: engine, memory, device, data."""
     from vaelab.data import load_mnist, prepare
     from vaelab.engines import select_engine
-    from vaelab.resources import require_memory
+    from vaelab.resources import require_memory, require_native_bf16
     from vaelab.training import resolve_device
 
     select_engine(config)
@@ -384,6 +387,8 @@ def _prepare_training(args: argparse.Namespace, config):
                    "use smaller --hidden, --batch-size or --k")
     threads = _set_threads(args.threads or config.train.threads or None)
     device = resolve_device(config.train.device)
+    if config.train.precision == "bf16":
+        require_native_bf16(device)
     data = prepare(load_mnist(config.data.data_dir, log=_log), config.data, device)
     return device, threads, data
 

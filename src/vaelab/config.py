@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from vaelab.data import DataConfig
-from vaelab.engines import ENGINE_CHOICES
+from vaelab.engines import ENGINE_CHOICES, PRECISIONS
 from vaelab.errors import CheckpointError, UsageError
 from vaelab.models import ModelConfig
 from vaelab.objectives import OBJECTIVES
@@ -51,6 +51,7 @@ class TrainConfig:
     device: str = "auto"           # auto | cpu | cuda | cuda:N
     engine: str = "auto"           # auto (the fast path where one covers the config) | fused | autograd
     threads: int = 0               # CPU threads; 0: the cores this process may use
+    precision: str = "fp32"        # fp32 | bf16 (matrix products in bfloat16; see vaelab.engines)
     eval_batch_size: int = 1000    # batch for the per-epoch test and validation ELBO
     eval_seed: int = 0             # the per-epoch ELBOs use the same draws every epoch
 
@@ -90,7 +91,8 @@ class RunConfig:
             if not ok:
                 raise UsageError(f"{name} must be {wanted}, got {value!r}")
         choices = [("--binarize", d.binarize, ("dynamic", "static")), ("--objective", o.name, tuple(OBJECTIVES)),
-                   ("--lr-schedule", t.lr_schedule, tuple(LR_SCHEDULES)), ("--engine", t.engine, ENGINE_CHOICES)]
+                   ("--lr-schedule", t.lr_schedule, tuple(LR_SCHEDULES)), ("--engine", t.engine, ENGINE_CHOICES),
+                   ("--precision", t.precision, PRECISIONS)]
         for name, value, allowed in choices:
             if value not in allowed:
                 raise UsageError(f"unknown {name} {value!r}; choose one of {', '.join(allowed)}")
@@ -176,7 +178,7 @@ def _migrate_1(raw: dict, source: str) -> dict:
         "data": {**data, "validation": 0, "validation_seed": defaults.data.validation_seed},
         "objective": dataclasses.asdict(defaults.objective),
         "train": {**train, "lr_schedule": "constant", "adam_betas": list(defaults.train.adam_betas),
-                  "adam_eps": defaults.train.adam_eps, "threads": 0},
+                  "adam_eps": defaults.train.adam_eps, "threads": 0, "precision": "fp32"},
     }
 
 

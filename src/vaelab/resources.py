@@ -10,7 +10,7 @@ import os
 import resource
 from pathlib import Path
 
-from vaelab.errors import ResourceError
+from vaelab.errors import ResourceError, UsageError
 
 
 def _read_int(path: str) -> int | None:
@@ -88,3 +88,44 @@ def default_threads() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except (AttributeError, OSError):
         return max(1, os.cpu_count() or 1)
+
+
+def cpu_flags() -> set[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def require_native_bf16(device) -> None:
+    """Refuse ``--precision bf16`` where bfloat16 products would be emulated, saying how much slower they run
+    here (measured on the spot: a 512 × 512 × 512 product in each dtype, best of 5)."""
+    import time
+
+    import torch
+
+    if device.type == "cuda":
+        if not torch.cuda.is_bf16_supported():
+            raise UsageError(f"--precision bf16: {torch.cuda.get_device_name(device)} has no bfloat16 support; "
+                             f"use --precision fp32")
+        return
+    flags = cpu_flags()
+    if flags & {"avx512_bf16", "amx_bf16"}:
+        return
+    a32 = torch.randn(512, 512)
+    timings = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        a = a32.to(dtype)
+        best = float("inf")
+        for _ in range(5):
+            start = time.perf_counter()
+            torch.mm(a, a)
+            best = min(best, time.perf_counter() - start)
+        timings[dtype] = best
+    ratio = timings[torch.bfloat16] / timings[torch.float32]
+    raise UsageError(f"--precision bf16: this CPU has no native bfloat16 (neither avx512_bf16 nor amx_bf16 in "
+                     f"/proc/cpuinfo), so the products would be emulated: a bf16 product runs {ratio:.1f}× the "
+                     f"time of float32 here (measured now); use --precision fp32")

@@ -194,7 +194,7 @@ class Trainer:
         self.epoch_start_rng = self.data_rng.get_state()
         self.state = TrainState()
         self.engine_name = select_engine(config)
-        self.engine = ENGINES[self.engine_name]
+        self.engine = ENGINES[(self.engine_name, config.train.precision)]
         self._signal: int | None = None
 
     @property

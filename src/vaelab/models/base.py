@@ -67,3 +67,12 @@ def run_mlp_inplace(sequential: nn.Sequential, h: torch.Tensor, activation: str)
         h = act(F.linear(h, layer.weight, layer.bias))
     return h
 
+
+
+def full_precision(t: torch.Tensor) -> torch.Tensor:
+    """float32 for a bfloat16/float16 tensor (a product under autocast), unchanged otherwise (float32, float64).
+
+    The models return every distribution parameter through this, so that under ``--precision bf16`` only the
+    matrix products run in bfloat16 while log densities, the KL, softplus and every reduction over pixels or
+    draws stay in float32 (a 784-pixel sum rounded to bfloat16 would carry ±0.4 nats)."""
+    return t.float() if t.dtype in (torch.bfloat16, torch.float16) else t

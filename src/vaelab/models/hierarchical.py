@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from vaelab.models.base import INITS, mlp
+from vaelab.models.base import INITS, full_precision, mlp
 from vaelab.objectives import (Parts, StochasticLayer, bernoulli_log_likelihood, log_normal_diag,
                                log_standard_normal, reparameterize)
 
@@ -49,22 +49,22 @@ class TwoLayerVAE(nn.Module):
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(μ₁, log σ₁²) of q(z₁|x), each (B, d₁)."""
-        mu, logvar = self.encoder1_out(self.encoder1(x)).chunk(2, dim=-1)
+        mu, logvar = full_precision(self.encoder1_out(self.encoder1(x))).chunk(2, dim=-1)
         return mu, logvar
 
     def encode_top(self, z1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(μ₂, log σ₂²) of q(z₂|z₁): (…, d₁) → (…, d₂) each."""
-        mu, logvar = self.encoder2_out(self.encoder2(z1)).chunk(2, dim=-1)
+        mu, logvar = full_precision(self.encoder2_out(self.encoder2(z1))).chunk(2, dim=-1)
         return mu, logvar
 
     def prior_bottom(self, z2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(μ_p, log σ_p²) of p(z₁|z₂): (…, d₂) → (…, d₁) each."""
-        mu, logvar = self.decoder2_out(self.decoder2(z2)).chunk(2, dim=-1)
+        mu, logvar = full_precision(self.decoder2_out(self.decoder2(z2))).chunk(2, dim=-1)
         return mu, logvar
 
     def decode(self, z1: torch.Tensor) -> torch.Tensor:
         """Bernoulli logits of p(x|z₁): (…, d₁) → (…, 784)."""
-        return self.decoder1_out(self.decoder1(z1))
+        return full_precision(self.decoder1_out(self.decoder1(z1)))
 
     def forward(self, x: torch.Tensor, eps: torch.Tensor) -> Parts:
         """Parts for the K draws in eps (K, B, d₁ + d₂): z₁ ~ q(z₁|x), then z₂ ~ q(z₂|z₁)."""

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vaelab.models.base import INITS, linear_layers, mlp, run_mlp_inplace
+from vaelab.models.base import INITS, full_precision, linear_layers, mlp, run_mlp_inplace
 from vaelab.objectives import (LOG2_E, Parts, StochasticLayer, bernoulli_log_likelihood, log_standard_normal,
                                reparameterize, softplus_sum)
 
@@ -51,12 +51,12 @@ class MLPVAE(nn.Module):
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(μ, log σ²) of q(z|x), each (B, d)."""
-        mu, logvar = self.encoder_out(self.encoder(x)).chunk(2, dim=-1)
+        mu, logvar = full_precision(self.encoder_out(self.encoder(x))).chunk(2, dim=-1)
         return mu, logvar
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Bernoulli logits of p(x|z): (…, d) → (…, 784)."""
-        return self.decoder_out(self.decoder(z))
+        return full_precision(self.decoder_out(self.decoder(z)))
 
     def forward(self, x: torch.Tensor, eps: torch.Tensor) -> Parts:
         """Parts for the K draws in eps (K, B, d): log p(x|z) (K, B) and the one stochastic layer."""
