@@ -283,40 +283,62 @@ def training_memory_bytes(config, n_train: int) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    """One process, or one of torchrun's: every rank validates the same config and loads the same data; rank 0
+    alone claims the run directory (lock, checks, config.json) and writes checkpoints."""
+    from vaelab import distributed
+
+    world = distributed.world_from_environment()
+    if world.distributed and args.out is None:
+        raise UsageError("under torchrun give --out RUN_DIR: every process must train into the same directory")
+    distributed.init(world)
+    try:
+        return _resume(args, world) if args.resume else _new_run(args, world)
+    finally:
+        distributed.shutdown(world)
+
+
+def _new_run(args: argparse.Namespace, world) -> int:
     from vaelab import checkpoint as ckpt
     from vaelab.config import RunConfig
+    from vaelab.distributed import on_main
 
-    if args.resume:
-        if args.out is None:
-            raise UsageError("--resume needs --out RUN_DIR, the run to continue")
-        if not args.out.is_dir():
-            raise UsageError(f"--resume: {args.out} is not a vaelab run (no such directory); pass the run to continue")
-        with ckpt.RunLock(args.out):
-            return _resume(args, args.out)
     config = _train_config(args, RunConfig())
     if args.preset is None:
         config = dataclasses.replace(config, preset="seed")
     run = _prepare_training(args, config)
-    run_dir, created = (args.out, False) if args.out else (ckpt.new_run_dir(), True)
-    if args.out and not run_dir.exists():
-        try:
-            run_dir.mkdir(parents=True)
-            created = True
-        except FileExistsError:
-            pass
-        except OSError as exc:
-            raise ckpt.WriteError(f"cannot create {run_dir}: {exc.strerror} (errno {exc.errno}); "
-                                  f"choose a writable --out") from exc
+    claimed: dict[str, Any] = {"created": False, "lock": None, "dir": args.out}
+
+    def claim() -> str:
+        run_dir = args.out
+        if run_dir is None:
+            run_dir, claimed["created"] = ckpt.new_run_dir(), True
+        elif not run_dir.exists():
+            try:
+                run_dir.mkdir(parents=True)
+                claimed["created"] = True
+            except FileExistsError:
+                pass
+            except OSError as exc:
+                raise ckpt.WriteError(f"cannot create {run_dir}: {exc.strerror} (errno {exc.errno}); "
+                                      f"choose a writable --out") from exc
+        claimed["dir"] = run_dir
+        claimed["lock"] = ckpt.RunLock(run_dir).acquire()
+        if ckpt.is_run(run_dir):
+            raise UsageError(f"{run_dir} already holds a run; add --resume to continue it, or choose another --out")
+        if not run_dir.is_dir() or any(p.name != ckpt.LOCK for p in run_dir.iterdir()):
+            raise UsageError(f"{run_dir} exists and is not an empty directory; choose another --out")
+        return str(run_dir)
+
     try:
-        with ckpt.RunLock(run_dir):
-            if ckpt.is_run(run_dir):
-                raise UsageError(f"{run_dir} already holds a run; add --resume to continue it, or choose another --out")
-            if not run_dir.is_dir() or any(p.name != ckpt.LOCK for p in run_dir.iterdir()):
-                raise UsageError(f"{run_dir} exists and is not an empty directory; choose another --out")
-            return _train(args, config, run_dir, run, resumed=False)
+        run_dir = Path(on_main(world, claim))
+        return _train(args, config, run_dir, run, resumed=False, world=world)
     except BaseException:
-        _remove_if_untrained(run_dir, created)
+        if world.main and claimed["dir"] is not None:
+            _remove_if_untrained(claimed["dir"], claimed["created"])
         raise
+    finally:
+        if claimed["lock"] is not None:
+            claimed["lock"].release()
 
 
 def _remove_if_untrained(run_dir: Path, created: bool) -> None:
@@ -335,88 +357,118 @@ def _remove_if_untrained(run_dir: Path, created: bool) -> None:
         pass
 
 
-def _resume(args: argparse.Namespace, run_dir: Path) -> int:
+def _resume(args: argparse.Namespace, world) -> int:
     from vaelab import checkpoint as ckpt
     from vaelab.config import RunConfig
+    from vaelab.distributed import on_main
     from vaelab.errors import CheckpointError
 
-    state_path = run_dir / ckpt.STATE
-    if not state_path.exists():
-        what = "holds no checkpoint (it was stopped before its first epoch ended)" if ckpt.is_run(run_dir) \
-            else "is not a vaelab run"
-        raise CheckpointError(f"--resume: {state_path} is missing: {run_dir} {what}; nothing was changed; "
-                              f"train it anew into another --out (or remove {run_dir} first)")
-    _, meta = ckpt.load_tensors(state_path)      # a damaged state is an error before anything is written
-    if "config" not in meta:
-        raise CheckpointError(f"{state_path} holds no copy of the config; it cannot be resumed; start a new run")
-    state_config = RunConfig.from_dict(meta["config"], f"{state_path} (its copy of config.json)")
-    restored = not (run_dir / ckpt.CONFIG).exists()
-    saved = state_config if restored else RunConfig.load(run_dir / ckpt.CONFIG)
-    edited = [d for d in state_config.differences(saved) if d.split(":")[0] not in RESUMABLE]
-    if edited:
-        raise UsageError(f"{run_dir / ckpt.CONFIG} differs from the copy in {ckpt.STATE} ({'; '.join(edited)}, the "
-                         f"state's value → config.json's): it was edited after training started; restore it "
-                         f"(resume only changes --epochs, --device, --threads, --data-dir) or start a new --out")
-    if args.preset is not None and args.preset != saved.preset:
-        raise UsageError(f"--resume with --preset {args.preset}, but the run started from preset "
-                         f"{saved.preset}; resume without --preset")
-    config = _train_config(args, saved)
-    changed = [d for d in saved.differences(config) if d.split(":")[0] not in RESUMABLE]
-    if changed:
-        raise UsageError(f"--resume with a different config ({'; '.join(changed)}); resume with the original "
-                         f"flags (only --epochs, --device, --threads, --data-dir may change) or start a new --out")
-    done = int(meta.get("epoch", 0))
-    if config.train.epochs < done:
-        raise UsageError(f"--epochs {config.train.epochs} is below the {done} epochs {run_dir} has already "
-                         f"trained; give --epochs {done} or more")
-    run = _prepare_training(args, config)
-    if restored:
-        _log(f"{run_dir / ckpt.CONFIG} was missing; restored from the copy in {ckpt.STATE}")
-    return _train(args, config, run_dir, run, resumed=True, write_config=restored or config != saved)
+    run_dir = args.out
+    if run_dir is None:
+        raise UsageError("--resume needs --out RUN_DIR, the run to continue")
+    lock: list = []
+
+    def claim() -> dict:
+        if not run_dir.is_dir():
+            raise UsageError(f"--resume: {run_dir} is not a vaelab run (no such directory); pass the run to continue")
+        lock.append(ckpt.RunLock(run_dir).acquire())
+        state_path = run_dir / ckpt.STATE
+        if not state_path.exists():
+            what = "holds no checkpoint (it was stopped before its first epoch ended)" if ckpt.is_run(run_dir) \
+                else "is not a vaelab run"
+            raise CheckpointError(f"--resume: {state_path} is missing: {run_dir} {what}; nothing was changed; "
+                                  f"train it anew into another --out (or remove {run_dir} first)")
+        _, meta = ckpt.load_tensors(state_path)      # a damaged state is an error before anything is written
+        if "config" not in meta:
+            raise CheckpointError(f"{state_path} holds no copy of the config; it cannot be resumed; start a new run")
+        state_config = RunConfig.from_dict(meta["config"], f"{state_path} (its copy of config.json)")
+        restored = not (run_dir / ckpt.CONFIG).exists()
+        saved = state_config if restored else RunConfig.load(run_dir / ckpt.CONFIG)
+        edited = [d for d in state_config.differences(saved) if d.split(":")[0] not in RESUMABLE]
+        if edited:
+            raise UsageError(f"{run_dir / ckpt.CONFIG} differs from the copy in {ckpt.STATE} ({'; '.join(edited)}, "
+                             f"the state's value → config.json's): it was edited after training started; restore "
+                             f"it (resume only changes --epochs, --device, --threads, --data-dir) or start a new --out")
+        if args.preset is not None and args.preset != saved.preset:
+            raise UsageError(f"--resume with --preset {args.preset}, but the run started from preset "
+                             f"{saved.preset}; resume without --preset")
+        config = _train_config(args, saved)
+        changed = [d for d in saved.differences(config) if d.split(":")[0] not in RESUMABLE]
+        if changed:
+            raise UsageError(f"--resume with a different config ({'; '.join(changed)}); resume with the original "
+                             f"flags (only --epochs, --device, --threads, --data-dir may change) or start a new --out")
+        done = int(meta.get("epoch", 0))
+        if config.train.epochs < done:
+            raise UsageError(f"--epochs {config.train.epochs} is below the {done} epochs {run_dir} has already "
+                             f"trained; give --epochs {done} or more")
+        return {"config": config.to_dict(), "restored": restored, "changed": restored or config != saved}
+
+    try:
+        claimed = on_main(world, claim)
+        config = RunConfig.from_dict(claimed["config"], "the resumed config")
+        run = _prepare_training(args, config)
+        if claimed["restored"] and world.main:
+            _log(f"{run_dir / ckpt.CONFIG} was missing; restored from the copy in {ckpt.STATE}")
+        return _train(args, config, run_dir, run, resumed=True, write_config=claimed["changed"], world=world)
+    finally:
+        for held in lock:
+            held.release()
 
 
 def _prepare_training(args: argparse.Namespace, config):
     """Everything that can be refused before a run directory is touched: engine, memory, device, data."""
+    import torch
+
     from vaelab.data import load_mnist, prepare
+    from vaelab.distributed import world_from_environment
     from vaelab.engines import select_engine
-    from vaelab.resources import require_memory, require_native_bf16
+    from vaelab.resources import default_threads, require_memory, require_native_bf16
     from vaelab.training import resolve_device
 
     select_engine(config)
     require_memory(training_memory_bytes(config, 60_000), "training this model",
                    "use smaller --hidden, --batch-size or --k")
-    threads = _set_threads(args.threads or config.train.threads or None)
+    world = world_from_environment()
+    threads = _set_threads(args.threads or config.train.threads or max(1, default_threads() // world.local_size))
     device = resolve_device(config.train.device)
+    if device.type == "cuda" and world.distributed:
+        device = torch.device("cuda", world.local_rank)
     if config.train.precision == "bf16":
         require_native_bf16(device)
     data = prepare(load_mnist(config.data.data_dir, log=_log), config.data, device)
     return device, threads, data
 
 
-def _train(args: argparse.Namespace, config, run_dir: Path, run, resumed: bool, write_config: bool = True) -> int:
+def _train(args: argparse.Namespace, config, run_dir: Path, run, resumed: bool, write_config: bool = True,
+           world=None) -> int:
     from vaelab import checkpoint as ckpt
+    from vaelab.distributed import SINGLE, on_main
     from vaelab.training import Trainer, check_writable
 
+    world = world or SINGLE
     device, threads, data = run
     config = dataclasses.replace(config, train=dataclasses.replace(config.train, threads=threads))
+    log = _log if world.main else (lambda message: None)
     # a checkpoint is ≈3× the weights (weights, Adam's two moments) and the best weights, beside the previous
-    check_writable(run_dir, need_bytes=8 * 4 * config.model.parameter_count() + (16 << 20))
-    trainer = Trainer(config, run_dir, data, device, log=_log, progress=_progress(args))
+    on_main(world, lambda: check_writable(run_dir, need_bytes=8 * 4 * config.model.parameter_count() + (16 << 20)))
+    trainer = Trainer(config, run_dir, data, device, log=log, progress=_progress(args), world=world)
     if resumed:
         trainer.load_checkpoint()
         trainer.write_user_files()
-        _log(f"resuming {run_dir} after epoch {trainer.state.epoch}"
-             + (f", step {trainer.state.step}" if trainer.state.step else ""))
-    if write_config or not resumed:
+        log(f"resuming {run_dir} after epoch {trainer.state.epoch}"
+            + (f", step {trainer.state.step}" if trainer.state.step else ""))
+    if (write_config or not resumed) and world.main:
         ckpt.write_text(run_dir / ckpt.CONFIG, config.to_json())
     validation = f", validation {len(data.validation_binary)}" if data.validation_binary is not None else ""
-    _log(f"training {config.model.name} {_architecture(config.model)} on {config.objective.name}"
-         f"{f' (k = {config.objective.samples})' if config.objective.samples > 1 else ''}, {data.n_train} images "
-         f"({config.data.binarize} binarisation{validation}), test on {data.n_test}, device {device}, "
-         f"{threads} threads, engine {trainer.engine_name}, run {run_dir}")
+    processes = f" × {world.size} processes" if world.distributed else ""
+    log(f"training {config.model.name} {_architecture(config.model)} on {config.objective.name}"
+        f"{f' (k = {config.objective.samples})' if config.objective.samples > 1 else ''}, {data.n_train} images "
+        f"({config.data.binarize} binarisation{validation}), test on {data.n_test}, device {device}, "
+        f"{threads} threads{processes}, engine {trainer.engine_name} {config.train.precision}, run {run_dir}")
     metrics = trainer.fit()
-    write_pictures(trainer.model, data, metrics, run_dir)
-    _log(f"done: test ELBO {metrics[-1]['test_elbo']:.3f} nats; files in {run_dir}; next: vaelab evaluate {run_dir}")
+    if world.main:
+        write_pictures(trainer.model, data, metrics, run_dir)
+    log(f"done: test ELBO {metrics[-1]['test_elbo']:.3f} nats; files in {run_dir}; next: vaelab evaluate {run_dir}")
     return 0
 
 
@@ -474,42 +526,56 @@ def _check_target(path: Path, overwrite: bool, what: str) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    """One process, or torchrun's: each rank estimates a shard of the digits; rank 0 checks, prints, writes."""
+    import torch
+
     from vaelab import checkpoint as ckpt
+    from vaelab import distributed
     from vaelab.data import file_sha256, idx_sha256, load_mnist, prepare, resolve_path
     from vaelab.evaluation import EvalConfig, evaluate_run
     from vaelab.provenance import provenance
-    from vaelab.resources import require_memory
+    from vaelab.resources import default_threads, require_memory
     from vaelab.training import resolve_device
 
-    device = resolve_device(args.device)
-    threads = _set_threads(args.threads)
-    weights = _weights_file(args.run_dir, args.checkpoint) if args.run_dir.is_dir() else ckpt.WEIGHTS
-    config, model = ckpt.load_model(args.run_dir, device, weights)
-    if args.split == "validation" and not config.data.validation:
-        raise UsageError(f"--split validation: {args.run_dir} was trained without --validation; it has no "
-                         f"held-out digits (evaluate on --split test)")
-    eval_config = EvalConfig(k=args.k, seed=args.seed, laplace=args.laplace)
-    require_memory(eval_config.memory_bytes(config.model), f"evaluate --k {args.k}", "use a smaller --k")
-    data_dir = str(resolve_path(args.data_dir, "--data-dir")) if args.data_dir else config.data.data_dir
-    # the whole test set unless --test-examples says otherwise (not the training run's smoke setting)
-    data_config = dataclasses.replace(config.data, test_examples=args.test_examples, data_dir=data_dir)
-    if args.split == "test":
-        data_config = dataclasses.replace(data_config, validation=0, train_examples=1)
-    data = prepare(load_mnist(data_dir, log=_log), data_config, device)
-    images, labels = (data.test_binary, data.test_labels) if args.split == "test" else \
-        (data.validation_binary[: args.test_examples], data.validation_labels[: args.test_examples])
-    out = args.out or args.run_dir / evaluation_name(args, len(images))
-    _check_target(out, args.overwrite, "evaluation")
-    _log(f"evaluating {args.run_dir} ({weights}) on {len(images)} {args.split} digits, K = {args.k}, device "
-         f"{device}, {threads} threads")
-    summary, per_digit = evaluate_run(model, images, eval_config, progress=_progress(args))
-    epochs = _epochs_trained(args.run_dir)
-    record = {**provenance(device, threads), "run": str(args.run_dir.resolve()), "weights": weights,
-              "weights_sha256": file_sha256(args.run_dir / weights), "epochs_trained": epochs,
-              "split": args.split, "data_sha256": idx_sha256(images.cpu().numpy()), **summary}
-    _log(format_eval_table(record))
-    _write_evaluation(out, record, per_digit, labels, args)
-    return 0
+    world = distributed.world_from_environment()
+    distributed.init(world)
+    try:
+        device = resolve_device(args.device)
+        if device.type == "cuda" and world.distributed:
+            device = torch.device("cuda", world.local_rank)
+        threads = _set_threads(args.threads or max(1, default_threads() // world.local_size))
+        weights = _weights_file(args.run_dir, args.checkpoint) if args.run_dir.is_dir() else ckpt.WEIGHTS
+        config, model = ckpt.load_model(args.run_dir, device, weights)
+        if args.split == "validation" and not config.data.validation:
+            raise UsageError(f"--split validation: {args.run_dir} was trained without --validation; it has no "
+                             f"held-out digits (evaluate on --split test)")
+        eval_config = EvalConfig(k=args.k, seed=args.seed, laplace=args.laplace)
+        require_memory(eval_config.memory_bytes(config.model), f"evaluate --k {args.k}", "use a smaller --k")
+        data_dir = str(resolve_path(args.data_dir, "--data-dir")) if args.data_dir else config.data.data_dir
+        # the whole test set unless --test-examples says otherwise (not the training run's smoke setting)
+        data_config = dataclasses.replace(config.data, test_examples=args.test_examples, data_dir=data_dir)
+        if args.split == "test":
+            data_config = dataclasses.replace(data_config, validation=0, train_examples=1)
+        data = prepare(load_mnist(data_dir, log=_log if world.main else lambda m: None), data_config, device)
+        images, labels = (data.test_binary, data.test_labels) if args.split == "test" else \
+            (data.validation_binary[: args.test_examples], data.validation_labels[: args.test_examples])
+        out = args.out or args.run_dir / evaluation_name(args, len(images))
+        distributed.on_main(world, lambda: _check_target(out, args.overwrite, "evaluation"))
+        processes = f", {world.size} processes" if world.distributed else ""
+        if world.main:
+            _log(f"evaluating {args.run_dir} ({weights}) on {len(images)} {args.split} digits, K = {args.k}, device "
+                 f"{device}, {threads} threads{processes}")
+        summary, per_digit = evaluate_run(model, images, eval_config, progress=_progress(args), world=world)
+        if not world.main:
+            return 0
+        record = {**provenance(device, threads), "run": str(args.run_dir.resolve()), "weights": weights,
+                  "weights_sha256": file_sha256(args.run_dir / weights), "epochs_trained": _epochs_trained(args.run_dir),
+                  "split": args.split, "data_sha256": idx_sha256(images.cpu().numpy()), **summary}
+        _log(format_eval_table(record))
+        _write_evaluation(out, record, per_digit, labels, args)
+        return 0
+    finally:
+        distributed.shutdown(world)
 
 
 def _epochs_trained(run_dir: Path) -> int | None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import functools
 import math
 import platform
@@ -27,6 +28,7 @@ import torch
 from tqdm import tqdm
 
 from vaelab.data import test_batches
+from vaelab.distributed import SINGLE, World, gather_rows, shard
 from vaelab.laplace import OUTCOMES, laplace_log_marginal, sample_laplace_proposal
 from vaelab.models import MLPVAE, build_model
 from vaelab.objectives import (elbo_objective, importance_sampled_log_marginal, iwae_bound, log_standard_normal)
@@ -275,20 +277,26 @@ def _laplace_batch(model, model64, x: torch.Tensor, config: EvalConfig,
 # ------------------------------------------------------------------------------------------------
 
 
-def evaluate_run(model, images: torch.Tensor, config: EvalConfig, progress: bool = False) -> tuple[dict, dict]:
+def evaluate_run(model, images: torch.Tensor, config: EvalConfig, progress: bool = False,
+                 world: World = SINGLE) -> tuple[dict, dict]:
     """All estimators of the test log-likelihood side by side, and the latent layers' statistics.
 
     Returns (summary, per_digit): the summary is what goes into the evaluation record; per_digit maps
-    each estimator's short name (elbo, iwae, laplace, is_laplace) to its (N,) values.
+    each estimator's short name (elbo, iwae, laplace, is_laplace) to its (N,) values. Under torchrun each
+    rank estimates a contiguous shard of the digits with its own draws (seed + rank: reproducible for a
+    fixed number of processes) and the per-digit values are gathered in digit order on every rank.
     """
     start = time.perf_counter()
-    elbo = elbo_per_example(model, images, seed=config.seed)
-    iwae = iwae_log_likelihood(model, images, config, progress)
+    mine = shard(images, world)
+    config = dataclasses.replace(config, seed=config.seed + 1_000_003 * world.rank)
+    elbo = gather_rows(elbo_per_example(model, mine, seed=config.seed), world)
+    iwae = gather_rows(iwae_log_likelihood(model, mine, config, progress and world.main), world)
     estimates = [("ELBO", elbo, "lower bound"), (f"IWAE-{config.k}, q(z|x)", iwae, "stochastic lower bound")]
     per_digit = {"elbo": elbo, "iwae": iwae}
     summary: dict = {}
     if config.laplace:
-        plain, sampled, outcome = laplace_estimates(model, images, config, progress)
+        plain, sampled, outcome = (gather_rows(values, world)
+                                   for values in laplace_estimates(model, mine, config, progress and world.main))
         estimates += [(f"IS-{config.k}, Laplace proposal", sampled, "stochastic lower bound"),
                       ("Laplace", plain, "approximation, not a bound")]
         per_digit.update(is_laplace=sampled, laplace=plain)
@@ -298,10 +306,11 @@ def evaluate_run(model, images: torch.Tensor, config: EvalConfig, progress: bool
     elbo_mean, elbo_stderr = summarize(elbo)
     summary.update({
         "nll": nll, "nll_stderr": nll_stderr, "elbo": elbo_mean, "elbo_stderr": elbo_stderr,
-        "k": config.k, "n_examples": len(images), "seed": config.seed,
+        "k": config.k, "n_examples": len(images), "seed": config.seed - 1_000_003 * world.rank,
+        "processes": world.size,
         "estimates": [dict(zip(("name", "mean", "stderr", "kind"), (name, *summarize(values), kind)))
                       for name, values, kind in estimates],
-        "layers": latent_statistics(model, images, config.latent_draws, config.seed),
+        "layers": latent_statistics(model, images, config.latent_draws, config.seed) if world.main else [],
     })
     summary["seconds"] = time.perf_counter() - start
     return summary, per_digit

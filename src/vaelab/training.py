@@ -35,6 +35,7 @@ from tqdm import tqdm
 from vaelab import checkpoint as ckpt
 from vaelab.config import RunConfig
 from vaelab.data import MNISTData, training_batches
+from vaelab.distributed import SINGLE, World, all_reduce_, any_rank, gather, shard
 from vaelab.engines import ENGINES, select_engine
 from vaelab.errors import CheckpointError, TrainingDiverged, UsageError, VaelabError
 from vaelab.evaluation import elbo_summary, hot_loop_settings
@@ -156,6 +157,20 @@ class TrainState:
     best_validation_elbo: float = -math.inf
 
 
+def parallel_step(engine, model, batch: torch.Tensor, eps: torch.Tensor, objective: str, beta: float,
+                  grad: torch.Tensor, world: World) -> torch.Tensor:
+    """One step's gradient of the global batch mean into ``grad`` (the flat buffer), on this rank's shard of
+    ``batch`` (B, 784) with this rank's draws ``eps`` (K, B_r, D); returns the shard's loss sums (4,).
+
+    Rank r's engine writes ∇ (1/B_r) Σ_shard; scaled by B_r/B and summed over ranks (one all-reduce) that is
+    ∇ (1/B) Σ_batch, whatever the sizes of the shards (tests/test_distributed.py)."""
+    x = shard(batch, world)                                                              # (B_r, 784)
+    sums = engine(model, x, eps, objective, beta)
+    if world.distributed:
+        all_reduce_(grad.mul_(len(x) / len(batch)), world)
+    return sums
+
+
 def metric_fields(config: RunConfig) -> tuple[str, ...]:
     return METRIC_FIELDS + (VALIDATION_FIELDS if config.data.validation else ()) + TIME_FIELDS
 
@@ -178,9 +193,9 @@ def migrate_metrics(rows: list[dict], config: RunConfig) -> list[dict]:
 
 class Trainer:
     def __init__(self, config: RunConfig, run_dir: Path, data: MNISTData, device: torch.device,
-                 log: Callable[[str], None] = print, progress: bool = True):
+                 log: Callable[[str], None] = print, progress: bool = True, world: World = SINGLE):
         self.config, self.run_dir, self.data, self.device = config, Path(run_dir), data, device
-        self.log, self.progress = log, progress
+        self.log, self.progress, self.world = log, progress and world.main, world
         seed = config.train.seed
         torch.manual_seed(seed)
         random.seed(seed)
@@ -190,7 +205,9 @@ class Trainer:
         self.optimizer = FlatAdam(self.flat.param.data, self.flat.param.grad, lr=config.train.lr,
                                   betas=config.train.adam_betas, eps=config.train.adam_eps)
         self.data_rng = torch.Generator().manual_seed(seed)
-        self.noise_rng = torch.Generator(device=device).manual_seed((seed + 0x9E3779B97F4A7C15) % 2**63)
+        # each rank's own noise stream; rank 0's is the stream of a single process
+        self.noise_rng = torch.Generator(device=device).manual_seed(
+            (seed + 0x9E3779B97F4A7C15 + world.rank * 0x632BE59BD9B4E019) % 2**63)
         self.epoch_start_rng = self.data_rng.get_state()
         self.state = TrainState()
         self.engine_name = select_engine(config)
@@ -204,13 +221,18 @@ class Trainer:
     # ---- checkpoint ------------------------------------------------------------------------------
 
     def save_checkpoint(self) -> None:
-        """Training state first (it holds the weights too), then the user-facing weights and metrics."""
+        """Training state first (it holds the weights too), then the user-facing weights and metrics.
+        Every rank calls it (it gathers the ranks' noise streams); rank 0 alone writes."""
+        noise = gather(self.noise_rng.get_state(), self.world)
+        if not self.world.main:
+            return
         tensors = {f"model.{k}": v for k, v in self.model.state_dict().items()}
         tensors.update({
             "rng.data_epoch_start": self.epoch_start_rng,
-            "rng.noise": self.noise_rng.get_state(),
+            "rng.noise": noise[0],
             "rng.torch_global": torch.get_rng_state(),
         })
+        tensors.update({f"rng.noise.rank{rank}": state for rank, state in enumerate(noise) if rank})
         tensors.update({f"optim.{k}": v for k, v in self.optimizer.state_dict().items()})
         np_state = np.random.get_state()
         meta = {
@@ -218,6 +240,7 @@ class Trainer:
             "seconds": self.state.seconds, "metrics": self.state.metrics,
             "best_epoch": self.state.best_epoch,
             "best_validation_elbo": _json_number(self.state.best_validation_elbo),
+            "world_size": self.world.size,
             "config": self.config.to_dict(),
             "python_random": _jsonable(random.getstate()),
             "numpy_random": [np_state[0], np_state[1].tolist(), *np_state[2:]],
@@ -229,12 +252,19 @@ class Trainer:
         """model.safetensors and metrics.csv from the training state. A resume writes them again, so a
         checkpoint whose state was written but whose weights were not (a disk that filled in between)
         never leaves older weights beside a newer state."""
+        if not self.world.main:
+            return
         ckpt.save_weights(self.run_dir / ckpt.WEIGHTS, self.model)
         self.write_metrics()
 
     def load_checkpoint(self) -> None:
         path = self.run_dir / ckpt.STATE
         tensors, meta = ckpt.load_tensors(path)
+        saved_world = int(meta.get("world_size", 1))
+        if saved_world != self.world.size:
+            raise UsageError(f"{path} was written by {saved_world} process(es) and this resume runs {self.world.size}: "
+                             f"each process has its own noise stream and shard of every batch, so the run resumes "
+                             f"exactly only under the same world size; resume with {saved_world} process(es)")
         try:
             weights = ckpt.current_names({k.removeprefix("model."): v for k, v in tensors.items()
                                           if k.startswith("model.")}, self.model)
@@ -244,7 +274,7 @@ class Trainer:
                                             if k.startswith("optim.")})
             self.epoch_start_rng = tensors["rng.data_epoch_start"]
             self.data_rng.set_state(self.epoch_start_rng)
-            self.noise_rng.set_state(tensors["rng.noise"])
+            self.noise_rng.set_state(tensors["rng.noise" + (f".rank{self.world.rank}" if self.world.rank else "")])
             torch.set_rng_state(tensors["rng.torch_global"])
             random.setstate(_tupled(meta["python_random"]))
             name, keys, *rest = meta["numpy_random"]
@@ -290,8 +320,9 @@ class Trainer:
             with hot_loop_settings():
                 while self.state.epoch < self.config.train.epochs:
                     self._run_epoch()
-                    if self._signal is not None and self.state.epoch < self.config.train.epochs:
-                        self._stop(self._signal, self.state.epoch + 1, 0, saved=True)
+                    stop = any_rank(self._signal is not None, self.world, self.device)
+                    if stop and self.state.epoch < self.config.train.epochs:
+                        self._stop(self._signal or signal.SIGTERM, self.state.epoch + 1, 0)
         finally:
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
@@ -310,24 +341,27 @@ class Trainer:
                    disable=not self.progress, unit="step", dynamic_ncols=True)
         noise_shape = (objective.samples, self.config.model.total_latent)
         beta = objective.beta
+        world, grad = self.world, self.flat.param.grad
         started = time.perf_counter()
         self.model.train()
-        for step, x in enumerate(batches):
+        for step, batch in enumerate(batches):
             if step < start_step:        # resuming inside an epoch: the same batches, skipped
                 continue
-            eps = torch.randn((noise_shape[0], x.shape[0], noise_shape[1]), generator=self.noise_rng,
-                              device=self.device)                                        # (K, B, D)
+            rows = len(shard(batch, world))
+            eps = torch.randn((noise_shape[0], rows, noise_shape[1]), generator=self.noise_rng,
+                              device=self.device)                                        # (K, B_r, D)
             beta = kl_weight((epoch - 1) * steps + step, steps, objective.beta, objective.warmup_epochs)
-            losses[step] = self.engine(self.model, x, eps, objective.name, beta)
+            losses[step] = parallel_step(self.engine, self.model, batch, eps, objective.name, beta, grad, world)
             self.optimizer.step()
             bar.update(1)
-            if self._signal is not None:
+            if any_rank(self._signal is not None, world, self.device):
                 self.state.step = step + 1
                 bar.close()
                 self._save_partial(losses, epoch, start_step, started)
-                self._stop(self._signal, epoch, step + 1)
+                self._stop(self._signal or signal.SIGTERM, epoch, step + 1)
         bar.close()
         seconds = self.state.seconds + time.perf_counter() - started
+        all_reduce_(losses, world)
         self._check_finite(losses[start_step:], epoch, start_step)
         totals = [a + b for a, b in zip(losses.sum(0).tolist(), self.state.sums)]
         evaluations = {"test": self.data.test_binary, "validation": self.data.validation_binary}
@@ -349,7 +383,8 @@ class Trainer:
         best_epoch, best = self.state.best_epoch, self.state.best_validation_elbo
         if "validation_elbo" in row and row["validation_elbo"] > best:
             best_epoch, best = epoch, row["validation_elbo"]
-            ckpt.save_weights(self.run_dir / BEST_WEIGHTS, self.model)   # before the state that records it
+            if self.world.main:          # before the state that records it
+                ckpt.save_weights(self.run_dir / BEST_WEIGHTS, self.model)
         self.state = TrainState(epoch=epoch, step=0, metrics=self.state.metrics + [row], best_epoch=best_epoch,
                                 best_validation_elbo=best)
         self.epoch_start_rng = self.data_rng.get_state()   # the next epoch starts from here
@@ -362,7 +397,9 @@ class Trainer:
         self._append_log(line)
 
     def _append_log(self, line: str) -> None:
-        """One line per epoch in RUN/train.log, whatever the terminal shows."""
+        """One line per epoch in RUN/train.log, whatever the terminal shows (rank 0 only)."""
+        if not self.world.main:
+            return
         try:
             with open(self.run_dir / TRAIN_LOG, "a") as handle:
                 handle.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')}  {line}\n")
@@ -381,13 +418,14 @@ class Trainer:
 
     def _save_partial(self, losses, epoch, start_step, started) -> None:
         done = self.state.step
+        all_reduce_(losses, self.world)
         self._check_finite(losses[start_step:done], epoch, start_step)
         partial = losses[start_step:done].sum(0).tolist()
         self.state.sums = [a + b for a, b in zip(partial, self.state.sums)]
         self.state.seconds += time.perf_counter() - started
         self.save_checkpoint()
 
-    def _stop(self, signum: int, epoch: int, step: int, saved: bool = False) -> None:
+    def _stop(self, signum: int, epoch: int, step: int) -> None:
         where = f"after epoch {epoch - 1}" if step == 0 else f"at epoch {epoch}, step {step}"
         message = (f"stopped by {signal.Signals(signum).name} {where}; checkpoint written to {self.run_dir} "
                    f"(it resumes exactly); resume with: vaelab train --out {self.run_dir} --resume")

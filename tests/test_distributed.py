@@ -1,0 +1,166 @@
+"""Data-parallel training with two local processes (gloo on CPU)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from vaelab import checkpoint as ckpt
+
+ARGS = ["--hidden", "64", "--latent", "8", "--batch-size", "32", "--test-examples", "50", "--no-progress"]
+
+
+def _rank_step(rank: int, world_size: int, store: str, out: str) -> None:
+    """One step on rank ``rank`` of 2 on its half of a batch of 64 (the draws of its rows), via the trainer's
+    ``parallel_step``; writes the flat gradient it ends with."""
+    import torch.distributed as dist
+    from safetensors.torch import save_file
+
+    from vaelab.distributed import World
+    from vaelab.engines import ENGINES
+    from vaelab.models import ModelConfig, build_model
+    from vaelab.training import FlatParameters, parallel_step
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size)
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(hidden=((32,),), latent=(5,)))
+    flat = FlatParameters(model)
+    g = torch.Generator().manual_seed(1)
+    batch = (torch.rand(64, 784, generator=g) < 0.3).float()
+    eps = torch.randn(1, 64, 5, generator=g)
+    for engine in ("fused", "autograd"):
+        parallel_step(ENGINES[(engine, "fp32")], model, batch, eps[:, 32 * rank:32 * (rank + 1)], "elbo", 1.0,
+                      flat.param.grad, World(rank, world_size, rank, world_size))
+        save_file({"grad": flat.param.grad.clone()}, f"{out}-{engine}-{rank}.safetensors")
+    dist.destroy_process_group()
+
+
+def test_one_step_of_2_ranks_of_32_equals_one_step_of_1_of_64(tmp_path):
+    from safetensors.torch import load_file
+
+    from vaelab.engines import ENGINES
+    from vaelab.models import ModelConfig, build_model
+    from vaelab.training import FlatParameters
+
+    mp.start_processes(_rank_step, args=(2, str(tmp_path / "store"), str(tmp_path / "grad")), nprocs=2,
+                       join=True, start_method="spawn")
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(hidden=((32,),), latent=(5,)))
+    flat = FlatParameters(model)
+    g = torch.Generator().manual_seed(1)
+    batch = (torch.rand(64, 784, generator=g) < 0.3).float()
+    eps = torch.randn(1, 64, 5, generator=g)
+    for engine in ("fused", "autograd"):
+        ENGINES[(engine, "fp32")](model, batch, eps)
+        for rank in range(2):
+            grad = load_file(str(tmp_path / f"grad-{engine}-{rank}.safetensors"))["grad"]
+            # float32, another summation order (two half-batch sums, then their sum)
+            torch.testing.assert_close(grad, flat.param.grad, rtol=1e-5, atol=1e-7)
+
+
+def torchrun(*args, **kwargs):
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                             "-m", "vaelab", *map(str, args)], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True, **kwargs)
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (torchrun starts its workers in sessions of their own)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(parent, []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def kill_all(process: subprocess.Popen) -> None:
+    for pid in [process.pid, *descendants(process.pid)]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return ckpt.load_tensors(run_dir / ckpt.WEIGHTS)[0]
+
+
+def test_two_process_run_resumes_exactly_after_a_kill(tmp_path, data_dir):
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    common = ["--data-dir", data_dir, *ARGS]
+    process = torchrun("train", "--out", straight, "--epochs", "4", *common)
+    out, err = process.communicate(timeout=300)
+    assert process.returncode == 0, err
+    assert "× 2 processes" in out and out.count("epoch   4/4") == 1          # rank 0 alone reports
+
+    process = torchrun("train", "--out", killed, "--epochs", "4", *common)
+    metrics = killed / ckpt.METRICS
+    deadline = time.monotonic() + 300
+    while not metrics.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    kill_all(process)                                                          # torchrun and both ranks
+    process.communicate(timeout=60)
+    assert len(metrics.read_text().splitlines()) - 1 < 4
+
+    single = subprocess.run([sys.executable, "-m", "vaelab", "train", "--out", str(killed), "--resume",
+                             "--data-dir", str(data_dir)], capture_output=True, text=True, timeout=300)
+    assert single.returncode == 2 and "written by 2 process(es)" in single.stderr
+
+    process = torchrun("train", "--out", killed, "--resume", "--epochs", "4", "--data-dir", data_dir)
+    out, err = process.communicate(timeout=300)
+    assert process.returncode == 0, err
+    expected = weights(straight)
+    for name, tensor in weights(killed).items():
+        assert torch.equal(tensor, expected[name]), name
+    rows = [line.split(",")[:10] for line in metrics.read_text().splitlines()]
+    assert rows == [line.split(",")[:10] for line in (straight / ckpt.METRICS).read_text().splitlines()]
+
+
+@pytest.mark.parametrize("command", ["train"])
+def test_torchrun_needs_an_out_directory(command, data_dir):
+    process = torchrun(command, "--epochs", "1", "--data-dir", data_dir)
+    _, err = process.communicate(timeout=300)
+    assert process.returncode != 0 and "under torchrun give --out" in err
+
+
+def test_evaluation_shards_the_digits_and_gathers_them(tmp_path, data_dir):
+    """Two processes each estimate half of 80 digits; rank 0's half uses the draws a single process would
+    use for those digits (the batches of 20 line up), so those values are equal; the record holds all 80."""
+    import json
+
+    run = tmp_path / "run"
+    single = subprocess.run([sys.executable, "-m", "vaelab", "train", "--out", str(run), "--epochs", "1",
+                             "--data-dir", str(data_dir), *ARGS], capture_output=True, text=True, timeout=300)
+    assert single.returncode == 0, single.stderr
+    args = ["evaluate", run, "--k", "50", "--test-examples", "80", "--data-dir", data_dir, "--no-progress"]
+    one = subprocess.run([sys.executable, "-m", "vaelab", *map(str, args), "--out", str(tmp_path / "one.json")],
+                         capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr
+    process = torchrun(*args, "--out", tmp_path / "two.json")
+    out, err = process.communicate(timeout=300)
+    assert process.returncode == 0, err
+    assert out.count("NLL =") == 1
+    rows = {name: [line.split(",") for line in (tmp_path / f"{name}.digits.csv").read_text().splitlines()[1:]]
+            for name in ("one", "two")}
+    assert len(rows["two"]) == 80 and [r[0] for r in rows["two"]] == [str(i) for i in range(80)]
+    assert [r[3] for r in rows["two"][:40]] == [r[3] for r in rows["one"][:40]]        # IWAE, rank 0's half
+    assert json.loads((tmp_path / "two.json").read_text())["processes"] == 2
