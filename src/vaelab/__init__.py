@@ -1,7 +1,17 @@
 """vaelab: variational autoencoders and Laplace approximations, fast and checked.
 
-Modules: data (MNIST), model (VAE), objectives (ELBO, KL, IWAE), training, evaluation, laplace,
-plots, cli. Importing vaelab does no work.
+Modules: data (MNIST), models (the registry of model families), objectives (ELBO, IWAE, KL), engines,
+training, evaluation, laplace, report, runs, plots, cli. Importing vaelab does no work: ``load_run`` and
+``train`` (vaelab.api) are imported on first use.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
+__all__ = ["load_run", "train", "Run", "__version__"]
+
+
+def __getattr__(name: str):
+    if name in ("load_run", "train", "Run"):
+        from vaelab import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'vaelab' has no attribute {name!r}")

@@ -56,6 +56,21 @@ def load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     return tensors, metadata
 
 
+def read_metadata(path: Path) -> dict[str, Any]:
+    """The JSON metadata of a safetensors file written by ``save_tensors``, without reading its tensors."""
+    try:
+        with open(path, "rb") as handle:
+            header_len = int.from_bytes(handle.read(8), "little")
+            if not 0 < header_len < 1 << 26:
+                raise ValueError(f"header length {header_len}")
+            header = json.loads(handle.read(header_len))
+        return json.loads(header.get("__metadata__", {}).get("json", "{}"))
+    except FileNotFoundError as exc:
+        raise CheckpointError(f"{path} is missing; the run is incomplete: retrain, or pass another run") from exc
+    except (OSError, ValueError, UnicodeDecodeError, AttributeError) as exc:
+        raise CheckpointError(f"{path} is truncated or corrupted ({exc}); it cannot be read") from exc
+
+
 def save_weights(path: Path, model: torch.nn.Module) -> None:
     save_tensors(path, model.state_dict())
 

@@ -130,6 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="CPU threads (default: the cores this process may use)")
     group.add_argument("--no-progress", action="store_true", help="no progress bar (none either when stderr "
                        "is not a terminal)")
+    group.add_argument("--tensorboard", action="store_true", help="write scalars and image grids every epoch "
+                       "into RUN/tensorboard (needs pip install 'vaelab[tensorboard]')")
     train.set_defaults(run=cmd_train)
 
     evaluate = sub.add_parser("evaluate", help="test log-likelihood by importance sampling, the ELBO, active units")
@@ -164,6 +166,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     presets = sub.add_parser("presets", help="list the presets and their fields")
     presets.set_defaults(run=cmd_presets)
+
+    report = sub.add_parser("report", help="a self-contained HTML report of a run")
+    report.add_argument("run_dir", type=Path, help="a run directory written by `vaelab train`")
+    report.add_argument("--out", type=Path, help="the HTML file (default RUN/report.html, made again each time)")
+    report.add_argument("--data-dir", type=Path, help="MNIST cache (default: the run's)")
+    report.set_defaults(run=cmd_report)
+
+    compare = sub.add_parser("compare", help="compare runs: a table here and an HTML page")
+    compare.add_argument("run_dirs", type=Path, nargs="+", metavar="RUN", help="two or more run directories")
+    compare.add_argument("--out", type=Path, default=Path("compare.html"),
+                         help="the HTML page (default ./compare.html, made again each time)")
+    compare.set_defaults(run=cmd_compare)
+
+    runs = sub.add_parser("runs", help="list the runs under a directory")
+    runs.add_argument("directory", type=Path, nargs="?", default=Path("runs"), help="where to look (default runs)")
+    runs.set_defaults(run=cmd_runs)
 
     data = sub.add_parser("data", help="fetch and verify MNIST, print where it lives")
     data.add_argument("--data-dir", type=Path, help="MNIST cache (default $VAELAB_DATA or ~/.cache/vaelab/mnist)")
@@ -297,14 +315,17 @@ def cmd_train(args: argparse.Namespace) -> int:
         distributed.shutdown(world)
 
 
-def _new_run(args: argparse.Namespace, world) -> int:
+def _new_run(args: argparse.Namespace, world, config=None, claimed_dir: list | None = None) -> int:
+    """A new run of ``config`` (default: built from the flags); the run directory is appended to
+    ``claimed_dir`` when given (the Python API's vaelab.train)."""
     from vaelab import checkpoint as ckpt
     from vaelab.config import RunConfig
     from vaelab.distributed import on_main
 
-    config = _train_config(args, RunConfig())
-    if args.preset is None:
-        config = dataclasses.replace(config, preset="seed")
+    if config is None:
+        config = _train_config(args, RunConfig())
+        if args.preset is None:
+            config = dataclasses.replace(config, preset="seed")
     run = _prepare_training(args, config)
     claimed: dict[str, Any] = {"created": False, "lock": None, "dir": args.out}
 
@@ -331,6 +352,8 @@ def _new_run(args: argparse.Namespace, world) -> int:
 
     try:
         run_dir = Path(on_main(world, claim))
+        if claimed_dir is not None:
+            claimed_dir.append(run_dir)
         return _train(args, config, run_dir, run, resumed=False, world=world)
     except BaseException:
         if world.main and claimed["dir"] is not None:
@@ -426,6 +449,10 @@ def _prepare_training(args: argparse.Namespace, config):
     from vaelab.training import resolve_device
 
     select_engine(config)
+    if getattr(args, "tensorboard", False):
+        from vaelab.tensorboard import summary_writer_class
+
+        summary_writer_class()                  # a one-line error now, not after the first epoch
     require_memory(training_memory_bytes(config, 60_000), "training this model",
                    "use smaller --hidden, --batch-size or --k")
     world = world_from_environment()
@@ -451,7 +478,13 @@ def _train(args: argparse.Namespace, config, run_dir: Path, run, resumed: bool, 
     log = _log if world.main else (lambda message: None)
     # a checkpoint is ≈3× the weights (weights, Adam's two moments) and the best weights, beside the previous
     on_main(world, lambda: check_writable(run_dir, need_bytes=8 * 4 * config.model.parameter_count() + (16 << 20)))
-    trainer = Trainer(config, run_dir, data, device, log=log, progress=_progress(args), world=world)
+    observers = []
+    if getattr(args, "tensorboard", False) and world.main:
+        from vaelab.tensorboard import TensorBoardLog
+
+        observers.append(TensorBoardLog(run_dir, data.test_binary))
+    trainer = Trainer(config, run_dir, data, device, log=log, progress=_progress(args), world=world,
+                      observers=observers)
     if resumed:
         trainer.load_checkpoint()
         trainer.write_user_files()
@@ -465,7 +498,11 @@ def _train(args: argparse.Namespace, config, run_dir: Path, run, resumed: bool, 
         f"{f' (k = {config.objective.samples})' if config.objective.samples > 1 else ''}, {data.n_train} images "
         f"({config.data.binarize} binarisation{validation}), test on {data.n_test}, device {device}, "
         f"{threads} threads{processes}, engine {trainer.engine_name} {config.train.precision}, run {run_dir}")
-    metrics = trainer.fit()
+    try:
+        metrics = trainer.fit()
+    finally:
+        for observer in observers:
+            observer.close()
     if world.main:
         write_pictures(trainer.model, data, metrics, run_dir)
     log(f"done: test ELBO {metrics[-1]['test_elbo']:.3f} nats; files in {run_dir}; next: vaelab evaluate {run_dir}")
@@ -688,6 +725,73 @@ def cmd_presets(args: argparse.Namespace) -> int:
         for change in RunConfig().differences(apply_preset(RunConfig(), name)):
             if not change.startswith("preset:"):
                 _log(f"    {change}")
+    return 0
+
+
+def _write_page(out: Path, html: str) -> None:
+    from vaelab.atomic import write_text
+
+    if out.suffix.lower() not in (".html", ".htm"):
+        raise UsageError(f"--out {out}: the page is HTML; give a file name ending in .html")
+    if not out.parent.is_dir():
+        raise UsageError(f"--out {out}: directory {out.parent} does not exist; create it first")
+    replaced = out.exists()
+    write_text(out, html)
+    _log(f"written {out}" + (" (it replaces the earlier page; pages are made from the run's files)" if replaced else ""))
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from vaelab.data import resolve_path
+    from vaelab.report import build_report
+
+    out = args.out or args.run_dir / "report.html"
+    if out.exists() and out.is_dir():
+        raise UsageError(f"--out {out} is a directory; give a file name ending in .html")
+    data_dir = str(resolve_path(args.data_dir, "--data-dir")) if args.data_dir else None
+    html, seconds = build_report(args.run_dir, data_dir)
+    _write_page(out, html)
+    _log(f"report of {args.run_dir} made in {seconds:.1f} s ({len(html) / 2**20:.1f} MiB, self-contained)")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from vaelab.report import build_comparison, comparison_table
+
+    if len(args.run_dirs) < 2:
+        raise UsageError("compare needs two or more runs")
+    html, comparison = build_comparison(args.run_dirs)
+    _log(comparison_table(comparison))
+    _write_page(args.out, html)
+    return 0
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    from vaelab.errors import CheckpointError
+    from vaelab.runs import find_runs, read_run
+
+    if not args.directory.is_dir():
+        raise UsageError(f"{args.directory} is not a directory; give the directory that holds your runs")
+    rows = []
+    for path in find_runs(args.directory):
+        try:
+            run = read_run(path)
+        except CheckpointError as exc:
+            rows.append([str(path), "?", "?", f"unreadable: {str(exc)[:60]}", "—", "—"])
+            continue
+        best = run.best_evaluation()
+        nll = "—" if best is None else f"{best['nll']:.2f} (K {best['k']}, {best['n_examples']})"
+        date = (run.meta.get("provenance") or {}).get("date") or run.meta.get("started") or "—"
+        status = run.status + (f" (pid {run.holder})" if run.holder and run.holder > 0 else "")
+        rows.append([str(path), run.config.preset or run.config.model.name, f"{run.epochs_done}/{run.epochs_total}",
+                     status, nll, date])
+    if not rows:
+        _log(f"no runs under {args.directory}")
+        return 0
+    header = ["run", "preset/model", "epochs", "state", "best NLL", "last checkpoint"]
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+    _log("  ".join(h.ljust(w) for h, w in zip(header, widths)))
+    for row in rows:
+        _log("  ".join(c.ljust(w) for c, w in zip(row, widths)))
     return 0
 
 

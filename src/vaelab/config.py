@@ -2,7 +2,8 @@
 
 Loading checks every field (names, types, ranges, choices) so that a hand-edited or damaged file is a
 clear error, and a model is rebuilt from this file alone. Files of earlier versions are migrated on
-load (``_MIGRATIONS``): a version-1 file (one hidden width, one latent size) means the reference model.
+load (``_MIGRATIONS``): a version-1 file (one hidden width, one latent size) means the reference model;
+version 2 lacked train.precision (float32).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from vaelab.models import ModelConfig
 from vaelab.objectives import OBJECTIVES
 from vaelab.schedules import LR_SCHEDULES
 
-CONFIG_VERSION = 2
+CONFIG_VERSION = 3
 SEED_LIMIT = 2**63            # every seed is a non-negative 63-bit integer (torch's generators take it)
 
 
@@ -178,11 +179,19 @@ def _migrate_1(raw: dict, source: str) -> dict:
         "data": {**data, "validation": 0, "validation_seed": defaults.data.validation_seed},
         "objective": dataclasses.asdict(defaults.objective),
         "train": {**train, "lr_schedule": "constant", "adam_betas": list(defaults.train.adam_betas),
-                  "adam_eps": defaults.train.adam_eps, "threads": 0, "precision": "fp32"},
+                  "adam_eps": defaults.train.adam_eps, "threads": 0},
     }
 
 
-_MIGRATIONS = {1: _migrate_1}
+def _migrate_2(raw: dict, source: str) -> dict:
+    """Version 2 (vaelab at commit d22ee58) had no train.precision: its runs trained in float32."""
+    train = raw.get("train")
+    if not isinstance(train, dict):
+        raise CheckpointError(f"{source}: sections missing or malformed (train must be an object)")
+    return {**raw, "version": 3, "train": {**train, "precision": "fp32"}}
+
+
+_MIGRATIONS = {1: _migrate_1, 2: _migrate_2}
 
 
 def _build(kind: type, raw: Any, source: str):

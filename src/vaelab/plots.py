@@ -98,3 +98,137 @@ def plot_stirling(ns: np.ndarray, errors: dict[int, np.ndarray], path: Path) -> 
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     _save(fig, path)
+
+
+# ------------------------------------------------------------------------------------------------
+# Figures of the report and of `vaelab compare` (returned, then saved or embedded).
+
+
+def figure_png(fig, dpi: int = 100) -> bytes:
+    """The figure as PNG bytes (for a self-contained HTML page); closes it."""
+    import io
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight")
+    _pyplot().close(fig)
+    return buffer.getvalue()
+
+
+def _integer_epochs(ax) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("epoch")
+
+
+def training_figure(metrics: Sequence[dict]):
+    """Three panels against epoch: the ELBO (train, validation, test), its two parts (reconstruction
+    E_q log p(x|z) and KL), and the seconds of each epoch's steps."""
+    plt = _pyplot()
+    epochs = [row["epoch"] for row in metrics]
+    marker = "." if len(epochs) <= 60 else None
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    for key, label in (("train_elbo", "train"), ("validation_elbo", "validation"), ("test_elbo", "test")):
+        if key in metrics[0]:
+            axes[0].plot(epochs, [row[key] for row in metrics], marker=marker, label=label)
+    axes[0].set_ylabel("ELBO (nats per digit)")
+    if len(epochs) > 3:             # leave out the steep start so the later differences are readable
+        later = [row[k] for row in metrics[2:] for k in ("train_elbo", "test_elbo")]
+        axes[0].set_ylim(min(later) - 2, max(later) + 2)
+    for split, style in (("train", "-"), ("test", "--")):
+        axes[1].plot(epochs, [-row[f"{split}_reconstruction"] for row in metrics], style, color="C0",
+                     label=f"−reconstruction, {split}")
+        axes[1].plot(epochs, [row[f"{split}_kl"] for row in metrics], style, color="C3", label=f"KL, {split}")
+    axes[1].set_ylabel("nats per digit")
+    if len(epochs) > 3:
+        later = [v for row in metrics[2:] for v in (-row["train_reconstruction"], -row["test_reconstruction"],
+                                                     row["train_kl"], row["test_kl"])]
+        axes[1].set_ylim(0, max(later) * 1.1)
+    axes[2].bar(epochs, [row["epoch_seconds"] for row in metrics], color="C7", width=0.8)
+    axes[2].set_ylabel("seconds of the epoch's steps")
+    for ax in axes:
+        _integer_epochs(ax)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def histogram_figure(values: np.ndarray, xlabel: str, title: str):
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    ax.hist(values, bins=60, color="C0", alpha=0.85)
+    ax.axvline(float(np.mean(values)), color="black", linewidth=1, label=f"mean {np.mean(values):.2f}")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("test digits")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    return fig
+
+
+def digit_rows_figure(rows: Sequence[np.ndarray], labels: Sequence[str], title: str):
+    """Rows of digits ((n, 784) each, values in [0, 1]) with a label on the left of each row."""
+    plt = _pyplot()
+    cols = max(len(r) for r in rows)
+    fig, axes = plt.subplots(len(rows), 1, figsize=(cols * 0.62 + 1.6, len(rows) * 0.7 + 0.5), squeeze=False)
+    for ax, images, label in zip(axes[:, 0], rows, labels):
+        ax.imshow(image_grid(np.asarray(images), 1, cols), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_ylabel(label, rotation=0, ha="right", va="center", fontsize=8)
+        for spine in ax.spines.values():
+            spine.set_visible(False)
+    axes[0, 0].set_title(title, fontsize=10)
+    return fig
+
+
+def kl_figure(layers: Sequence[dict]):
+    """Mean KL per latent dimension of each stochastic layer, active units (Cov_x E_q[u] > 0.01) in colour."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(len(layers), 1, figsize=(10, 2.6 * len(layers)), squeeze=False)
+    for ax, layer in zip(axes[:, 0], layers):
+        kl = np.asarray(layer["kl_per_dimension"])
+        active = set(layer["active"])
+        colours = ["C0" if i in active else "0.75" for i in range(len(kl))]
+        ax.bar(np.arange(len(kl)), kl, color=colours)
+        ax.set_ylabel("KL (nats)")
+        ax.set_title(f"layer {layer['layer']}: {layer['active_units']} of {layer['latent']} units active "
+                     f"(blue), KL {layer['kl']:.2f} nats", fontsize=9)
+        ax.set_xlabel("latent dimension")
+        ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    return fig
+
+
+def scatter_2d_figure(points: np.ndarray, labels: np.ndarray, title: str):
+    """Points (N, 2) coloured by digit class 0–9."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.2, 4.6))
+    scatter = ax.scatter(points[:, 0], points[:, 1], c=labels, cmap="tab10", vmin=-0.5, vmax=9.5, s=3, alpha=0.6,
+                         linewidths=0)
+    cbar = fig.colorbar(scatter, ax=ax, ticks=range(10))
+    cbar.set_label("digit")
+    ax.set_title(title, fontsize=9)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    return fig
+
+
+def curves_figure(runs: Sequence[tuple[str, Sequence[dict]]]):
+    """Test ELBO (solid) and train ELBO (dotted) against epoch for several runs, one colour each."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for index, (name, metrics) in enumerate(runs):
+        epochs = [row["epoch"] for row in metrics]
+        ax.plot(epochs, [row["test_elbo"] for row in metrics], color=f"C{index}", label=f"{name}, test")
+        ax.plot(epochs, [row["train_elbo"] for row in metrics], ":", color=f"C{index}", label=f"{name}, train")
+    values = [row["test_elbo"] for _, metrics in runs if len(metrics) > 5 for row in metrics[2:]]
+    if values:                       # leave out the steep first epochs where there are enough later ones
+        ax.set_ylim(min(values) - 3, max(row["test_elbo"] for _, metrics in runs for row in metrics) + 3)
+    _integer_epochs(ax)
+    ax.set_ylabel("ELBO (nats per digit)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return fig

@@ -26,7 +26,7 @@ import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -40,6 +40,7 @@ from vaelab.engines import ENGINES, select_engine
 from vaelab.errors import CheckpointError, TrainingDiverged, UsageError, VaelabError
 from vaelab.evaluation import elbo_summary, hot_loop_settings
 from vaelab.models import build_model
+from vaelab.provenance import provenance
 from vaelab.schedules import LR_SCHEDULES, kl_weight
 
 # Columns of metrics.csv (nats per example; the validation columns only with --validation).
@@ -155,6 +156,7 @@ class TrainState:
     metrics: list[dict[str, float]] = field(default_factory=list)
     best_epoch: int = 0                # epoch of the best validation ELBO so far (0: none yet)
     best_validation_elbo: float = -math.inf
+    started: str = ""                  # when the run started (ISO 8601, UTC), kept across resumes
 
 
 def parallel_step(engine, model, batch: torch.Tensor, eps: torch.Tensor, objective: str, beta: float,
@@ -193,9 +195,11 @@ def migrate_metrics(rows: list[dict], config: RunConfig) -> list[dict]:
 
 class Trainer:
     def __init__(self, config: RunConfig, run_dir: Path, data: MNISTData, device: torch.device,
-                 log: Callable[[str], None] = print, progress: bool = True, world: World = SINGLE):
+                 log: Callable[[str], None] = print, progress: bool = True, world: World = SINGLE,
+                 observers: Sequence[Callable[[torch.nn.Module, dict], None]] = ()):
         self.config, self.run_dir, self.data, self.device = config, Path(run_dir), data, device
         self.log, self.progress, self.world = log, progress and world.main, world
+        self.observers = list(observers)            # called on rank 0 with (model, metrics row) after each epoch
         seed = config.train.seed
         torch.manual_seed(seed)
         random.seed(seed)
@@ -241,6 +245,8 @@ class Trainer:
             "best_epoch": self.state.best_epoch,
             "best_validation_elbo": _json_number(self.state.best_validation_elbo),
             "world_size": self.world.size,
+            "started": self.state.started,
+            "provenance": provenance(self.device, torch.get_num_threads()),   # of this checkpoint's process
             "config": self.config.to_dict(),
             "python_random": _jsonable(random.getstate()),
             "numpy_random": [np_state[0], np_state[1].tolist(), *np_state[2:]],
@@ -287,7 +293,8 @@ class Trainer:
                                     seconds=float(meta["seconds"]),
                                     metrics=migrate_metrics(list(meta["metrics"]), self.config),
                                     best_epoch=int(meta.get("best_epoch", 0)),
-                                    best_validation_elbo=-math.inf if best is None else float(best))
+                                    best_validation_elbo=-math.inf if best is None else float(best),
+                                    started=str(meta.get("started", "")))
         except CheckpointError:
             raise
         except (KeyError, RuntimeError, ValueError, TypeError) as exc:
@@ -310,6 +317,7 @@ class Trainer:
 
     def fit(self) -> list[dict[str, float]]:
         """Train to ``config.train.epochs``; returns the metrics of every epoch."""
+        self.state.started = self.state.started or time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime())
         previous = {}
         for signum in STOP_SIGNALS:
             current = signal.getsignal(signum)
@@ -386,7 +394,7 @@ class Trainer:
             if self.world.main:          # before the state that records it
                 ckpt.save_weights(self.run_dir / BEST_WEIGHTS, self.model)
         self.state = TrainState(epoch=epoch, step=0, metrics=self.state.metrics + [row], best_epoch=best_epoch,
-                                best_validation_elbo=best)
+                                best_validation_elbo=best, started=self.state.started)
         self.epoch_start_rng = self.data_rng.get_state()   # the next epoch starts from here
         self.save_checkpoint()
         line = (f"epoch {epoch:3d}/{cfg.epochs}  train ELBO {row['train_elbo']:9.3f}  "
@@ -395,6 +403,9 @@ class Trainer:
                 + f"test ELBO {row['test_elbo']:9.3f}  nats/example  {seconds:6.2f} s")
         self.log(line)
         self._append_log(line)
+        if self.world.main:
+            for observer in self.observers:
+                observer(self.model, row)
 
     def _append_log(self, line: str) -> None:
         """One line per epoch in RUN/train.log, whatever the terminal shows (rank 0 only)."""

@@ -1,0 +1,326 @@
+"""`vaelab report` and `vaelab compare`: self-contained HTML pages (Jinja2 templates in templates/, every
+picture embedded as a PNG data URI, no request to any server) and the terminal table of a comparison."""
+
+from __future__ import annotations
+
+import base64
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from vaelab import plots
+from vaelab.runs import RunInfo, per_digit, read_run
+
+# Pairs of digit classes whose interpolations the report shows (through the latent means).
+INTERPOLATION_PAIRS = ((0, 1), (2, 7), (3, 8), (4, 9), (5, 6))
+
+
+def _environment():
+    import jinja2
+
+    return jinja2.Environment(loader=jinja2.PackageLoader("vaelab", "templates"),
+                              autoescape=jinja2.select_autoescape(["html", "j2"]), undefined=jinja2.StrictUndefined)
+
+
+def data_uri(fig) -> str:
+    return "data:image/png;base64," + base64.b64encode(plots.figure_png(fig)).decode()
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "—"
+    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+@dataclass
+class Figure:
+    title: str
+    uri: str
+    note: str = ""
+
+
+# ------------------------------------------------------------------------------------------------
+# The report of one run.
+
+
+@torch.no_grad()
+def _latent_views(model, images: torch.Tensor, labels: np.ndarray, layers: list[dict]) -> list[Figure]:
+    """Per stochastic layer: PCA (and t-SNE/UMAP when installed) of the posterior means, traversals of the
+    most active units, interpolations between digits of different classes."""
+    figures = []
+    x = images.float()
+    means = _posterior_means(model, x)                                  # per layer (N, d_l)
+    for index, mean in enumerate(means):
+        layer = layers[index]
+        centred = mean - mean.mean(0)
+        _, _, v = torch.linalg.svd(centred, full_matrices=False)
+        points = (centred @ v[:2].T).numpy()
+        figures.append(Figure(f"layer {index + 1}: posterior means, first two principal components",
+                              data_uri(plots.scatter_2d_figure(points, labels, f"PCA of E_q[z{index + 1}|x], "
+                                                               f"{len(points)} test digits"))))
+        embedded = _nonlinear_embedding(mean.numpy()[:2000])
+        if embedded is not None:
+            name, points2 = embedded
+            figures.append(Figure(f"layer {index + 1}: {name} of the posterior means (first 2000 digits)",
+                                  data_uri(plots.scatter_2d_figure(points2, labels[:2000], name))))
+        order = np.argsort(-np.asarray(layer["kl_per_dimension"]))[:8]
+        spread = mean.std(0)
+        steps = torch.linspace(-3, 3, 11)
+        rows, names = [], []
+        base = mean[0]
+        for dim in order.tolist():
+            z = base.repeat(len(steps), 1)
+            z[:, dim] = base[dim] + steps * spread[dim]
+            rows.append(_decode_layer(model, index, z).numpy())
+            names.append(f"unit {dim}")
+        figures.append(Figure(f"layer {index + 1}: traversals of the 8 units with the largest KL",
+                              data_uri(plots.digit_rows_figure(rows, names, "each row: one unit from −3 to +3 "
+                                                               "standard deviations (over digits) around the "
+                                                               "first test digit's posterior mean")),
+                              "Decoder means; other units held at the first test digit's posterior mean."))
+        rows, names = [], []
+        for a, b in INTERPOLATION_PAIRS:
+            ia, ib = np.flatnonzero(labels == a), np.flatnonzero(labels == b)
+            if len(ia) and len(ib):
+                t = torch.linspace(0, 1, 10).unsqueeze(1)
+                z = (1 - t) * mean[ia[0]] + t * mean[ib[0]]
+                rows.append(_decode_layer(model, index, z).numpy())
+                names.append(f"{a} → {b}")
+        if rows:
+            figures.append(Figure(f"layer {index + 1}: interpolations between test digits of different classes",
+                                  data_uri(plots.digit_rows_figure(rows, names, "straight lines between posterior "
+                                                                   "means, decoded"))))
+    return figures
+
+
+def _posterior_means(model, x: torch.Tensor) -> list[torch.Tensor]:
+    """E_q-path means per layer: μ₁(x) and, for a second layer, μ₂(μ₁(x)) (the mean of q(z₂|z₁) at z₁'s mean)."""
+    start = model.posterior_start(x)
+    sizes = list(model.config.latent)
+    return list(start.split(sizes, dim=-1))
+
+
+def _decode_layer(model, index: int, z: torch.Tensor) -> torch.Tensor:
+    """Decoder means for latents of layer ``index``: z₁ decoded directly; z₂ through the mean of p(z₁|z₂)."""
+    if index == 1:
+        z = model.prior_bottom(z)[0]
+    return torch.sigmoid(model.decode(z))
+
+
+def _nonlinear_embedding(points: np.ndarray):
+    """UMAP if the optional package umap-learn is installed, else t-SNE from scikit-learn if installed."""
+    try:
+        import umap  # type: ignore
+
+        return "UMAP", umap.UMAP(random_state=0).fit_transform(points)
+    except ImportError:
+        pass
+    try:
+        from sklearn.manifold import TSNE  # type: ignore
+
+        return "t-SNE", TSNE(random_state=0, init="pca").fit_transform(points)
+    except ImportError:
+        return None
+
+
+def _evaluation_section(run: RunInfo, model, images: torch.Tensor, test_digest: str) -> dict:
+    from vaelab.data import idx_sha256
+
+    record = run.best_evaluation()
+    section: dict[str, Any] = {"record": record, "figures": [], "rows": [], "warning": ""}
+    if record is None:
+        section["command"] = f"vaelab evaluate {run.path}"
+        return section
+    estimates = record.get("estimates", [])
+    top = max((e["mean"] for e in estimates if e.get("mean") is not None), default=None)
+    for entry in estimates:
+        gap = None if top is None or entry.get("mean") is None else top - entry["mean"]
+        section["rows"].append({"name": entry["name"], "mean": _fmt(entry.get("mean")),
+                                "stderr": _fmt(entry.get("stderr")), "kind": entry["kind"], "gap": _fmt(gap)})
+    values = per_digit(run.path, record)
+    if values is None or "iwae" not in values:
+        section["warning"] = "this evaluation has no per-digit values (written by vaelab 0.1); evaluate again " \
+                             "for the histogram and the worst and best digits"
+        return section
+    n = len(values["iwae"])
+    if record.get("data_sha256") not in (None, idx_sha256(images[:n].cpu().numpy())) or n > len(images):
+        section["warning"] = "the evaluation's digits are not this test set's first digits; no per-digit views"
+        return section
+    iwae = values["iwae"]
+    section["figures"].append(Figure("per-digit log p(x)", data_uri(plots.histogram_figure(
+        iwae, f"IWAE-{record['k']} estimate of log p(x) (nats)", f"{n} {record.get('split', 'test')} digits"))))
+    order = np.argsort(iwae)
+    worst, best = order[:10], order[-10:][::-1]
+    rows, names = [], []
+    with torch.no_grad():
+        for title, picked in (("worst", worst), ("best", best)):
+            x = images[torch.as_tensor(picked.copy())].float()
+            rows += [x.numpy(), torch.sigmoid(model.decode(_posterior_means(model, x)[0])).numpy()]
+            names += [f"{title}: digits", "reconstructions"]
+    section["figures"].append(Figure("the worst- and best-explained test digits", data_uri(plots.digit_rows_figure(
+        rows, names, "worst: lowest log p(x) first; best: highest first")),
+        "worst log p(x): " + ", ".join(f"{iwae[i]:.1f}" for i in worst[:5]) + " …; best: "
+        + ", ".join(f"{iwae[i]:.1f}" for i in best[:5]) + " …"))
+    return section
+
+
+def build_report(run_dir: str | Path, data_dir: str | None = None) -> tuple[str, float]:
+    """The HTML of the report of ``run_dir``, and the seconds it took."""
+    from vaelab import checkpoint as ckpt
+    from vaelab.data import idx_sha256, load_mnist, prepare
+    from vaelab.evaluation import hot_loop_settings, latent_statistics
+
+    start = time.perf_counter()
+    run = read_run(run_dir)
+    config, model = ckpt.load_model(run.path)
+    data_config = run.config.data.__class__(**{**run.config.data.__dict__, "test_examples": None, "validation": 0,
+                                               "train_examples": 1, "data_dir": data_dir or run.config.data.data_dir})
+    data = prepare(load_mnist(data_config.data_dir), data_config)
+    images, labels = data.test_binary, data.test_labels.numpy()
+    with hot_loop_settings():
+        layers = latent_statistics(model, images, 64, 0)
+        generation = [
+            Figure("samples from p(x)", data_uri(plots.digit_rows_figure(
+                list(model.sample(80, torch.Generator().manual_seed(0)).numpy().reshape(8, 10, 784)), [""] * 8,
+                "decoder means, z ~ p(z), seed 0"))),
+        ]
+        with torch.no_grad():
+            x = images[:30].float()
+            recon = torch.sigmoid(model.decode(_posterior_means(model, x)[0])).numpy()
+        rows = [r for i in range(3) for r in (x[10 * i:10 * i + 10].numpy(), recon[10 * i:10 * i + 10])]
+        generation.append(Figure("test digits and their reconstructions", data_uri(plots.digit_rows_figure(
+            rows, ["digits", "reconstructions"] * 3, "decoder means at the posterior means"))))
+        latent = _latent_views(model, images, labels, layers)
+        evaluation = _evaluation_section(run, model, images, idx_sha256(images.numpy()))
+    training = [Figure("training", data_uri(plots.training_figure(run.metrics)))] if run.metrics else []
+    provenance = run.meta.get("provenance", {})
+    html = _environment().get_template("report.html.j2").render(
+        run=run, config_rows=_config_rows(config.to_dict()), provenance=provenance,
+        changed=_changed_from_preset(config),
+        started=run.meta.get("started", ""), training=training, metrics=run.metrics[-1] if run.metrics else None,
+        evaluation=evaluation, generation=generation, latent=latent,
+        kl=Figure("KL per latent dimension", data_uri(plots.kl_figure(layers))), layers=layers, fmt=_fmt,
+        generated=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), sections=REPORT_SECTIONS)
+    return html, time.perf_counter() - start
+
+
+REPORT_SECTIONS = (("run", "The run"), ("training", "Training"), ("evaluation", "Evaluation"),
+                   ("generation", "Generation"), ("latent", "The latent space"))
+
+
+def _config_rows(raw: dict, prefix: str = "") -> list[tuple[str, str]]:
+    """(section.field, value as in config.json) for every field."""
+    import json
+
+    rows = []
+    for key, value in raw.items():
+        if isinstance(value, dict):
+            rows += _config_rows(value, f"{prefix}{key}.")
+        else:
+            rows.append((f"{prefix}{key}", json.dumps(value)))
+    return rows
+
+
+def _changed_from_preset(config) -> list[str]:
+    """The fields the flags changed from the preset the run started from."""
+    from vaelab.presets import PRESETS, apply_preset
+
+    if config.preset not in PRESETS:
+        return []
+    base = apply_preset(config.__class__(), config.preset)
+    ignored = ("train.threads", "data.data_dir", "train.epochs", "data.train_examples", "data.test_examples")
+    return [d.split(":")[0] for d in base.differences(config) if d.split(":")[0] not in ignored]
+
+
+# ------------------------------------------------------------------------------------------------
+# Comparing runs.
+
+
+@dataclass
+class Comparison:
+    runs: list[RunInfo]
+    differences: list[tuple[str, list[str]]]      # field, its value in each run
+    rows: list[dict[str, str]]                    # one per run
+    paired: list[dict[str, str]]                  # paired NLL differences against the first run
+    notes: list[str]
+
+
+def compare_runs(paths: Sequence[str | Path]) -> Comparison:
+    from vaelab.config import _flatten
+
+    runs = [read_run(p) for p in paths]
+    flat = [_flatten(__import__("json").loads(__import__("json").dumps(r.config.to_dict()))) for r in runs]
+    keys = sorted(set().union(*flat))
+    differences = [(key, [str(f.get(key, "—")) for f in flat]) for key in keys
+                   if len({str(f.get(key)) for f in flat}) > 1 and key not in ("train.threads", "data.data_dir")]
+    rows, records = [], []
+    for run in runs:
+        record = run.best_evaluation()
+        records.append(record)
+        layers = (record or {}).get("layers", [])
+        rows.append({"name": run.name, "preset": run.config.preset or run.config.model.name,
+                     "epochs": f"{run.epochs_done}/{run.epochs_total}", "status": run.status,
+                     "nll": "—" if record is None else f"{_fmt(record['nll'])} ± {_fmt(record.get('nll_stderr'))}",
+                     "k": "—" if record is None else f"IWAE-{record['k']}, {record['n_examples']} digits",
+                     "elbo": "—" if record is None else _fmt(record.get("elbo")),
+                     "active": " + ".join(str(layer["active_units"]) for layer in layers) or "—",
+                     "hours": _fmt(None if run.training_seconds is None else run.training_seconds / 3600, 2)})
+    paired, notes = [], []
+    base, base_record = runs[0], records[0]
+    for run, record in zip(runs[1:], records[1:]):
+        if base_record is None or record is None:
+            notes.append(f"{run.name}: no paired difference, {'neither run was' if base_record is record else 'one run was not'} "
+                         f"evaluated (vaelab evaluate RUN)")
+            continue
+        same = (record.get("data_sha256") == base_record.get("data_sha256") and record["k"] == base_record["k"]
+                and record["n_examples"] == base_record["n_examples"] and record.get("data_sha256") is not None)
+        a, b = per_digit(base.path, base_record), per_digit(run.path, record)
+        if not same or a is None or b is None:
+            notes.append(f"{run.name} against {base.name}: evaluated with different settings (K {base_record['k']} vs "
+                         f"{record['k']}, {base_record['n_examples']} vs {record['n_examples']} digits"
+                         f"{', other digits' if record.get('data_sha256') != base_record.get('data_sha256') else ''}"
+                         f"{', no per-digit values' if a is None or b is None else ''}); the NLLs are shown, "
+                         f"not a paired difference")
+            continue
+        diff = (-b["iwae"]) - (-a["iwae"])                        # NLL of run − NLL of the first run, per digit
+        stderr = float(diff.std(ddof=1) / math.sqrt(len(diff))) if len(diff) > 1 else float("nan")
+        paired.append({"name": run.name, "base": base.name, "difference": _fmt(float(diff.mean())),
+                       "stderr": _fmt(stderr), "digits": str(len(diff)),
+                       "unpaired": _fmt(math.hypot(base_record.get("nll_stderr") or 0, record.get("nll_stderr") or 0))})
+    return Comparison(runs, differences, rows, paired, notes)
+
+
+def comparison_table(comparison: Comparison) -> str:
+    """The terminal view: the runs, what differs between their configs, the paired differences."""
+    def table(header: list[str], rows: list[list[str]]) -> list[str]:
+        widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+        lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths)), "  ".join("-" * w for w in widths)]
+        return lines + ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+
+    keys = ["name", "preset", "epochs", "status", "nll", "k", "elbo", "active", "hours"]
+    lines = table(["run", "preset/model", "epochs", "status", "NLL ± s.e.", "evaluated with", "ELBO",
+                   "active units", "training hours"], [[r[k] for k in keys] for r in comparison.rows])
+    if comparison.differences:
+        lines += ["", "config differences:"] + table(["field"] + [r.name for r in comparison.runs],
+                                                     [[k, *v] for k, v in comparison.differences])
+    else:
+        lines += ["", "the configs do not differ (apart from threads and the data directory)"]
+    for p in comparison.paired:
+        lines.append(f"paired: NLL({p['name']}) − NLL({p['base']}) = {p['difference']} ± {p['stderr']} nats over "
+                     f"{p['digits']} digits (unpaired standard error {p['unpaired']})")
+    lines += comparison.notes
+    return "\n".join(lines)
+
+
+def build_comparison(paths: Sequence[str | Path]) -> tuple[str, Comparison]:
+    comparison = compare_runs(paths)
+    curves = [(r.name, r.metrics) for r in comparison.runs if r.metrics]
+    figure = Figure("ELBO against epoch", data_uri(plots.curves_figure(curves))) if curves else None
+    html = _environment().get_template("compare.html.j2").render(
+        comparison=comparison, figure=figure, generated=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()))
+    return html, comparison

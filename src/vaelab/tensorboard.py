@@ -1,0 +1,54 @@
+"""`vaelab train --tensorboard`: scalars (the ELBO, its parts, learning rate, β, seconds) and, each epoch, the
+sample and reconstruction grids, written by torch.utils.tensorboard into RUN/tensorboard/. TensorBoard is an
+optional extra: ``pip install 'vaelab[tensorboard]'``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from vaelab.errors import UsageError
+
+DIRECTORY = "tensorboard"
+
+
+def summary_writer_class():
+    """torch.utils.tensorboard.SummaryWriter, or a UsageError that names the extra to install."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as exc:
+        raise UsageError("--tensorboard needs the TensorBoard package: pip install 'vaelab[tensorboard]' "
+                         f"(or pip install tensorboard); {exc}") from exc
+    return SummaryWriter
+
+
+class TensorBoardLog:
+    """An epoch observer of the trainer: one event per metric per epoch, and two image grids."""
+
+    def __init__(self, run_dir: Path, test_images: torch.Tensor):
+        self.writer = summary_writer_class()(log_dir=str(Path(run_dir) / DIRECTORY))
+        self.digits = test_images[:32].float()
+
+    def __call__(self, model, row: dict) -> None:
+        from vaelab.plots import image_grid
+
+        epoch = int(row["epoch"])
+        for key, value in row.items():
+            if key != "epoch":
+                group = "seconds" if key.endswith("seconds") else "schedule" if key in ("lr", "beta") else "nats"
+                self.writer.add_scalar(f"{group}/{key}", value, epoch)
+        model.eval()
+        with torch.no_grad():
+            samples = model.sample(64, torch.Generator(device=self.digits.device).manual_seed(0)).cpu().numpy()
+            recon = torch.sigmoid(model.decode(model.posterior_start(self.digits)[..., :model.config.latent[0]]))
+        pairs = np.concatenate([self.digits.cpu().numpy().reshape(4, 8, 784),
+                                recon.cpu().numpy().reshape(4, 8, 784)], axis=1).reshape(64, 784)
+        for tag, images in (("samples", samples), ("reconstructions", pairs)):
+            grid = 1.0 - image_grid(images, 8, 8)              # white digits on black, as TensorBoard shows them
+            self.writer.add_image(tag, grid[None].astype(np.float32), epoch)
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()

@@ -1,0 +1,229 @@
+"""The report, the comparison, the list of runs, TensorBoard and the Python API (issue: Look inside a run)."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from vaelab import checkpoint as ckpt
+from vaelab.cli import build_parser, main
+from vaelab.report import REPORT_SECTIONS
+
+SMALL = ["--hidden", "32", "--latent", "6", "--test-examples", "60", "--train-examples", "600", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, data_dir):
+    """Two one-layer runs (another seed) and a two-layer run, the first two evaluated on the same digits."""
+    root = tmp_path_factory.mktemp("report")
+    common = ["--data-dir", str(data_dir), *SMALL]
+    assert main(["train", "--out", str(root / "a"), "--epochs", "3", *common]) == 0
+    assert main(["train", "--out", str(root / "b"), "--epochs", "2", "--seed", "1", "--lr", "2e-3", *common]) == 0
+    assert main(["train", "--out", str(root / "two"), "--epochs", "2", "--model", "mlp2", "--hidden", "24",
+                 "--hidden-top", "12", "--latent", "6", "3", "--data-dir", str(data_dir), *SMALL[4:]]) == 0
+    for name in ("a", "b"):
+        assert main(["evaluate", str(root / name), "--k", "20", "--test-examples", "60", "--data-dir", str(data_dir),
+                     "--no-progress"]) == 0
+    return root
+
+
+def check_self_contained(html: str) -> int:
+    """No src or href that loads anything from elsewhere; every embedded image decodes; returns their count."""
+    from PIL import Image
+
+    for attribute, value in re.findall(r'\b(src|href)="([^"]*)"', html):
+        assert value.startswith("data:image/png;base64,") if attribute == "src" else value.startswith("#"), value
+    assert "http://" not in html.replace("http://www.w3.org", "") and "https://" not in html
+    images = re.findall(r'src="data:image/png;base64,([^"]+)"', html)
+    for payload in images:
+        image = Image.open(io.BytesIO(base64.b64decode(payload)))
+        image.load()
+        assert image.size[0] > 50 and image.size[1] > 30
+    return len(images)
+
+
+def test_report_holds_every_section_and_is_self_contained(runs, data_dir, capsys):
+    out = runs / "a" / "report.html"
+    assert main(["report", str(runs / "a"), "--data-dir", str(data_dir)]) == 0
+    html = out.read_text()
+    for section, title in REPORT_SECTIONS:
+        assert f'<section id="{section}">' in html and title in html
+    assert check_self_contained(html) >= 9
+    for text in ("finished", "3 of 3 epochs", "IWAE-20, q(z|x)", "worst- and best-explained", "per-digit log p(x)",
+                 "samples from p(x)", "KL per latent dimension", "traversals", "interpolations", "principal components",
+                 "train.batch_size", "provenance"):
+        assert text in html, text
+    assert "made in" in capsys.readouterr().out
+
+
+def test_report_of_a_two_layer_run_has_views_per_layer_and_says_how_to_evaluate(runs, data_dir):
+    assert main(["report", str(runs / "two"), "--data-dir", str(data_dir), "--out", str(runs / "two.html")]) == 0
+    html = (runs / "two.html").read_text()
+    for layer in (1, 2):
+        assert f"layer {layer}: posterior means" in html and f"layer {layer}: traversals" in html
+    assert f"vaelab evaluate {runs / 'two'}" in html and "has not been evaluated yet" in html
+    check_self_contained(html)
+
+
+def test_compare_pairs_runs_on_the_same_digits_and_says_when_it_cannot(runs, data_dir, capsys, tmp_path):
+    assert main(["compare", str(runs / "a"), str(runs / "b"), "--out", str(tmp_path / "c.html")]) == 0
+    out = capsys.readouterr().out
+    assert "paired: NLL(b) − NLL(a) =" in out and "over 60 digits" in out
+    assert re.search(r"train\.lr\s+0\.001\s+0\.002", out) and re.search(r"train\.seed\s+0\s+1", out)
+    assert "train.threads" not in out
+    html = (tmp_path / "c.html").read_text()
+    assert "Paired differences" in html and "ELBO curves" in html
+    check_self_contained(html)
+    # evaluated with another K: shown, and the mismatch said plainly
+    assert main(["evaluate", str(runs / "b"), "--k", "30", "--test-examples", "60", "--data-dir", str(data_dir),
+                 "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["compare", str(runs / "a"), str(runs / "b"), str(runs / "two"), "--out", str(tmp_path / "d.html")]) == 0
+    out = capsys.readouterr().out
+    assert "evaluated with different settings (K 20 vs 30" in out and "paired:" not in out
+    assert "two: no paired difference" in out
+
+
+def test_runs_lists_state_epochs_and_best_nll(runs, tmp_path, data_dir, capsys):
+    interrupted = tmp_path / "all" / "interrupted"
+    shutil.copytree(runs / "b", interrupted)
+    config = json.loads((interrupted / ckpt.CONFIG).read_text())
+    config["train"]["epochs"] = 5
+    (interrupted / ckpt.CONFIG).write_text(json.dumps(config))
+    shutil.copytree(runs / "a", tmp_path / "all" / "busy")
+    with ckpt.RunLock(tmp_path / "all" / "busy"):
+        assert main(["runs", str(tmp_path / "all")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    busy = next(line for line in lines if "busy" in line)
+    assert "training now" in busy and "3/3" in busy and "seed" in busy
+    assert "interrupted" in next(line for line in lines if "interrupted" in line)
+    assert re.search(r"\d+\.\d\d \(K 20, 60\)", busy)
+    code = main(["runs", str(tmp_path / "nowhere")])
+    assert code == 2
+
+
+def test_tensorboard_events_can_be_read_back(tmp_path, data_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = tmp_path / "run"
+    assert main(["train", "--out", str(run), "--epochs", "2", "--tensorboard", "--data-dir", str(data_dir), *SMALL]) == 0
+    events = EventAccumulator(str(run / "tensorboard"), size_guidance={"images": 0, "scalars": 0})
+    events.Reload()
+    tags = events.Tags()
+    assert {"nats/test_elbo", "nats/train_kl", "schedule/lr", "seconds/epoch_seconds"} <= set(tags["scalars"])
+    assert [e.step for e in events.Scalars("nats/test_elbo")] == [1, 2]
+    metrics = [line.split(",") for line in (run / ckpt.METRICS).read_text().splitlines()]
+    column = metrics[0].index("test_elbo")
+    assert events.Scalars("nats/test_elbo")[-1].value == pytest.approx(float(metrics[2][column]), abs=1e-5)
+    assert {"samples", "reconstructions"} <= set(tags["images"]) and len(events.Images("samples")) == 2
+
+
+def test_tensorboard_missing_is_a_one_line_error(tmp_path, data_dir, capsys, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_tensorboard(name, *args, **kwargs):
+        if name.startswith("torch.utils.tensorboard") or name.startswith("tensorboard"):
+            raise ImportError("No module named 'tensorboard'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_tensorboard)
+    code = main(["train", "--out", str(tmp_path / "run"), "--tensorboard", "--data-dir", str(data_dir), *SMALL])
+    err = capsys.readouterr().err
+    assert code == 2 and "pip install 'vaelab[tensorboard]'" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_readme_example_runs(tmp_path, data_dir, monkeypatch):
+    """The Python example in README.md, executed as written (on the synthetic data set)."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    example = re.search(r"```python\n(.*?)```", readme, re.S).group(1)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("VAELAB_DATA", str(data_dir))
+    namespace: dict = {}
+    exec(compile(example, "README.md", "exec"), namespace)
+    run = namespace["run"]
+    assert run.status == "finished" and len(run.metrics) == run.config.train.epochs
+    assert np.isfinite(namespace["log_px"]).all()
+
+
+def test_api_load_run(runs):
+    import torch
+
+    import vaelab
+
+    run = vaelab.load_run(runs / "a")
+    assert repr(run).startswith("Run(") and run.epochs_done == 3 and run.evaluations
+    x = (torch.rand(4, 784, generator=torch.Generator().manual_seed(0)) < 0.2).float()
+    mu, logvar = run.encode(x)
+    assert mu.shape == (4, 6) and run.decode(mu).shape == (4, 784) and run.sample(5).shape == (5, 784)
+    assert run.log_likelihood(x, k=10).shape == (4,)
+
+
+def test_version_and_every_option_has_a_help_string(capsys):
+    import vaelab
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0 and vaelab.__version__ in capsys.readouterr().out
+
+    def actions(parser):
+        for action in parser._actions:
+            if action.__class__.__name__ == "_SubParsersAction":
+                for sub in action.choices.values():
+                    yield from actions(sub)
+            elif action.dest not in ("help", "version"):
+                yield parser.prog, action
+
+    missing = [f"{prog} {action.dest}" for prog, action in actions(build_parser()) if not action.help]
+    assert not missing, missing
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+
+
+def chromium(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync", "--hide-scrollbars"]
+    return subprocess.run([CHROMIUM, *flags, *args], capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="no Chromium installed (.ci/run installs Debian's chromium)")
+@pytest.mark.parametrize("page", ["report", "compare"])
+def test_pages_render_in_a_real_browser(runs, data_dir, tmp_path, page):
+    """Headless Chromium opens the page from disk: every section is laid out one after the other within the
+    page's height, every image loads, and the screenshot of the whole page is not blank."""
+    from PIL import Image, ImageStat
+
+    html = tmp_path / f"{page}.html"
+    args = ["report", str(runs / "a"), "--data-dir", str(data_dir), "--out", str(html)] if page == "report" else \
+        ["compare", str(runs / "a"), str(runs / "b"), "--out", str(html)]
+    assert main(args) == 0
+    profile = str(tmp_path / "profile")
+    dom = chromium(f"--user-data-dir={profile}", "--virtual-time-budget=10000", "--dump-dom", html.as_uri())
+    layout = json.loads(re.search(r'data-layout="([^"]*)"', dom.stdout).group(1).replace("&quot;", '"'))
+    sections = layout["sections"]
+    expected = [s for s, _ in REPORT_SECTIONS] if page == "report" else ["runs", "differences", "config", "curves"]
+    assert [s["id"] for s in sections] == expected
+    assert all(a["top"] + a["height"] <= b["top"] for a, b in zip(sections, sections[1:]))
+    assert sections[-1]["top"] + sections[-1]["height"] <= layout["height"]
+    assert layout["images"] == layout["total_images"] > 0
+    shot = tmp_path / f"{page}.png"
+    chromium(f"--user-data-dir={profile}", f"--window-size=1280,{layout['height']}", f"--screenshot={shot}",
+             html.as_uri())
+    image = Image.open(shot).convert("L")
+    assert image.size == (1280, layout["height"])
+    assert ImageStat.Stat(image).stddev[0] > 20            # text and pictures, not a blank page
+    keep = os.environ.get("VAELAB_SCREENSHOTS")             # a directory to keep the screenshots in, to look at
+    if keep:
+        shutil.copy(shot, Path(keep) / shot.name)
