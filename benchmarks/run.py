@@ -216,18 +216,90 @@ def vaelab_epoch(trainer) -> float:
     return trainer.state.metrics[-1]["epoch_seconds"]
 
 
-def peak_memory_of_training(epochs: int = 1) -> float:
-    """Peak resident set (MiB) of `vaelab train` in a child process: VmHWM of its own address space.
+def train_in_child(*flags: str) -> tuple[float, float]:
+    """`vaelab train --epochs 1 FLAGS` in a child process: (peak resident MiB, seconds of the epoch's steps).
 
-    (getrusage's ru_maxrss of a child is not used: a child started by fork/vfork and exec keeps the
-    parent's high-water mark, here the benchmark's own ≈700 MiB.)"""
+    The peak is the child's own VmHWM (getrusage's ru_maxrss of a child started by fork and exec keeps the
+    parent's high-water mark, here the benchmark's own ≈700 MiB)."""
     script = ("import sys\nfrom vaelab.cli import main\ncode = main(sys.argv[1:])\n"
               "print(next(l for l in open('/proc/self/status') if l.startswith('VmHWM')))\nsys.exit(code)")
     with tempfile.TemporaryDirectory() as tmp:
-        done = subprocess.run([sys.executable, "-c", script, "train", "--out", f"{tmp}/run", "--epochs", str(epochs),
-                               "--no-progress"], check=True, capture_output=True, text=True)
+        done = subprocess.run([sys.executable, "-c", script, "train", "--out", f"{tmp}/run", "--epochs", "1",
+                               "--no-progress", *flags], check=True, capture_output=True, text=True)
+        rows = (Path(tmp) / "run" / "metrics.csv").read_text().splitlines()
+    seconds = float(rows[1].split(",")[rows[0].split(",").index("epoch_seconds")])
     line = next(l for l in done.stdout.splitlines() if l.startswith("VmHWM"))
-    return int(line.split()[1]) / 1024             # "VmHWM:   489464 kB"
+    return int(line.split()[1]) / 1024, seconds             # "VmHWM:   489464 kB"
+
+
+def peak_memory_of_training(epochs: int = 1) -> float:
+    """Peak resident set (MiB) of one epoch of `vaelab train` at the default setting."""
+    return train_in_child()[0]
+
+
+def presets_table() -> list[dict]:
+    """Seconds per epoch and peak memory of one epoch of every preset (its own batch size, objective, model)."""
+    from vaelab.presets import PRESETS
+
+    rows = []
+    for name in PRESETS:
+        memory, seconds = train_in_child("--preset", name)
+        rows.append({"preset": name, "seconds_per_epoch": seconds, "peak_rss_mib": memory})
+        print(f"preset {name:14s}: {seconds:7.2f} s/epoch, peak {memory:6.0f} MiB")
+    return rows
+
+
+def threads_table() -> list[dict]:
+    """The seed configuration's epoch with 1 and 2 threads, alone and beside a process that keeps one core busy.
+
+    On 2 cores, two OpenMP threads beside a busy process wait for each other at every barrier of every
+    product: the epoch slows many times over, where one thread only halves its share."""
+    rows = []
+    for competitor in (False, True):
+        busy = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if competitor else None
+        try:
+            for threads in (1, 2):
+                _, seconds = train_in_child("--threads", str(threads))
+                rows.append({"threads": threads, "busy_process_beside": competitor, "seconds_per_epoch": seconds})
+                print(f"threads {threads}{', a busy process beside' if competitor else ''}: {seconds:.2f} s/epoch")
+        finally:
+            if busy:
+                busy.kill()
+                busy.wait()
+    return rows
+
+
+def bf16_products() -> dict:
+    """Whether the CPU has native bf16, and a bf16 product's time over float32's, one thread, at the shapes of
+    the training step and at 1024³ (best of 20 after a warm-up)."""
+    from vaelab.resources import cpu_flags
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    ratios = {}
+    try:
+        for m, k, n in ((64, 784, 256), (64, 256, 784), (1024, 1024, 1024)):
+            best = {}
+            for dtype in (torch.float32, torch.bfloat16):
+                a, b = torch.randn(m, k).to(dtype), torch.randn(k, n).to(dtype)
+                torch.mm(a, b)
+                timings = []
+                for _ in range(20 if m < 1024 else 3):
+                    start = time.perf_counter()
+                    torch.mm(a, b)
+                    timings.append(time.perf_counter() - start)
+                best[dtype] = min(timings)
+            ratios[f"{m}x{k}x{n}"] = {"fp32_gflops": 2 * m * k * n / best[torch.float32] / 1e9,
+                                      "bf16_gflops": 2 * m * k * n / best[torch.bfloat16] / 1e9,
+                                      "bf16_over_fp32_time": best[torch.bfloat16] / best[torch.float32]}
+    finally:
+        torch.set_num_threads(threads)
+    flags = cpu_flags()
+    native = bool(flags & {"avx512_bf16", "amx_bf16"})
+    for shape, row in ratios.items():
+        print(f"bf16 {shape}: {row['bf16_gflops']:.1f} GFLOP/s against {row['fp32_gflops']:.1f} in float32 "
+              f"(time ×{row['bf16_over_fp32_time']:.1f}), native bf16: {native}")
+    return {"native": native, "avx512": sorted(f for f in flags if f.startswith(("avx512", "amx"))), "products": ratios}
 
 
 def plain_iwae_in_fresh_process(run_dir: Path, n_examples: int, seed: int) -> float:
@@ -288,6 +360,7 @@ def main() -> None:
         "seconds_per_epoch": times, "median": median,
         "speedup_fused_vs_reference": median["reference"] / median["fused"],
         "speedup_autograd_vs_reference": median["reference"] / median["autograd"],
+        "autograd_over_fused": median["autograd"] / median["fused"],      # the models issue's target: ≤ 1.5
         "flops_per_epoch": flops_epoch, "fused_gflops": flops_epoch / median["fused"] / 1e9,
         "fused_fraction_of_peak": flops_epoch / median["fused"] / 1e9 / peak,
         "floor_seconds_at_peak": flops_epoch / peak / 1e9,
@@ -302,7 +375,8 @@ def main() -> None:
     t = result["training"]
     print(f"training: reference {median['reference']:.2f} s/epoch, vaelab {median['fused']:.2f} s/epoch "
           f"(×{t['speedup_fused_vs_reference']:.2f}), autograd engine {median['autograd']:.2f} s "
-          f"(×{t['speedup_autograd_vs_reference']:.2f}); vaelab {t['fused_gflops']:.1f} GFLOP/s = "
+          f"(×{t['speedup_autograd_vs_reference']:.2f}, {t['autograd_over_fused']:.2f} × fused); "
+          f"vaelab {t['fused_gflops']:.1f} GFLOP/s = "
           f"{100 * t['fused_fraction_of_peak']:.0f} % of peak; floor {t['floor_seconds_at_peak']:.2f} s")
     print(f"step floor (products + Adam + binarisation, timed in place): {median['floor']:.2f} s/epoch, "
           f"so at most ×{t['step_floor']['max_speedup_vs_reference']:.2f} over the reference at batch 64; "
@@ -370,6 +444,9 @@ def main() -> None:
         result["scaling_evaluation"] = eval_scaling
         result["peak_rss_mib_training"] = peak_memory_of_training()
         print(f"peak resident memory of `vaelab train` (1 epoch): {result['peak_rss_mib_training']:.0f} MiB")
+        result["presets"] = presets_table()
+        result["threads"] = threads_table()
+    result["bf16"] = bf16_products()
 
     RESULTS.mkdir(exist_ok=True)
     stem = f"{platform.node() or 'machine'}-{result['date']}"

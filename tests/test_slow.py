@@ -33,5 +33,5 @@ def test_two_epochs_on_mnist_learn(mnist, tmp_path):
     test_elbo = float(rows[-1].split(",")[4])
     assert -125 < test_elbo < -105          # measured here: −114.8 after 2 epochs with seed 0
     assert main(["evaluate", str(run), "--k", "100", "--test-examples", "500", "--no-progress"]) == 0
-    result = json.loads((run / "eval.json").read_text())
+    result = json.loads((run / "eval-k100-n500-seed0.json").read_text())
     assert result["nll"] < -result["elbo"] and 95 < result["nll"] < 125
