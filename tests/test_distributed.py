@@ -18,6 +18,18 @@ from vaelab import checkpoint as ckpt
 ARGS = ["--hidden", "64", "--latent", "8", "--batch-size", "32", "--test-examples", "50", "--no-progress"]
 
 
+def one_batch():
+    """The model, its flat buffers, a batch of 64 digits and their draws, the same in every process."""
+    from vaelab.models import ModelConfig, build_model
+    from vaelab.training import FlatParameters
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(hidden=((32,),), latent=(5,)))
+    flat = FlatParameters(model)
+    g = torch.Generator().manual_seed(1)
+    return model, flat, (torch.rand(64, 784, generator=g) < 0.3).float(), torch.randn(1, 64, 5, generator=g)
+
+
 def _rank_step(rank: int, world_size: int, store: str, out: str) -> None:
     """One step on rank ``rank`` of 2 on its half of a batch of 64 (the draws of its rows), via the trainer's
     ``parallel_step``; writes the flat gradient it ends with."""
@@ -26,17 +38,11 @@ def _rank_step(rank: int, world_size: int, store: str, out: str) -> None:
 
     from vaelab.distributed import World
     from vaelab.engines import ENGINES
-    from vaelab.models import ModelConfig, build_model
-    from vaelab.training import FlatParameters, parallel_step
+    from vaelab.training import parallel_step
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size)
-    torch.manual_seed(0)
-    model = build_model(ModelConfig(hidden=((32,),), latent=(5,)))
-    flat = FlatParameters(model)
-    g = torch.Generator().manual_seed(1)
-    batch = (torch.rand(64, 784, generator=g) < 0.3).float()
-    eps = torch.randn(1, 64, 5, generator=g)
+    model, flat, batch, eps = one_batch()
     for engine in ("fused", "autograd"):
         parallel_step(ENGINES[(engine, "fp32")], model, batch, eps[:, 32 * rank:32 * (rank + 1)], "elbo", 1.0,
                       flat.param.grad, World(rank, world_size, rank, world_size))
@@ -48,17 +54,10 @@ def test_one_step_of_2_ranks_of_32_equals_one_step_of_1_of_64(tmp_path):
     from safetensors.torch import load_file
 
     from vaelab.engines import ENGINES
-    from vaelab.models import ModelConfig, build_model
-    from vaelab.training import FlatParameters
 
     mp.start_processes(_rank_step, args=(2, str(tmp_path / "store"), str(tmp_path / "grad")), nprocs=2,
                        join=True, start_method="spawn")
-    torch.manual_seed(0)
-    model = build_model(ModelConfig(hidden=((32,),), latent=(5,)))
-    flat = FlatParameters(model)
-    g = torch.Generator().manual_seed(1)
-    batch = (torch.rand(64, 784, generator=g) < 0.3).float()
-    eps = torch.randn(1, 64, 5, generator=g)
+    model, flat, batch, eps = one_batch()
     for engine in ("fused", "autograd"):
         ENGINES[(engine, "fp32")](model, batch, eps)
         for rank in range(2):

@@ -767,6 +767,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 def cmd_runs(args: argparse.Namespace) -> int:
     from vaelab.errors import CheckpointError
+    from vaelab.presets import preset_label
     from vaelab.runs import find_runs, read_run
 
     if not args.directory.is_dir():
@@ -778,12 +779,15 @@ def cmd_runs(args: argparse.Namespace) -> int:
         except CheckpointError as exc:
             rows.append([str(path), "?", "?", f"unreadable: {str(exc)[:60]}", "—", "—"])
             continue
-        best = run.best_evaluation()
-        nll = "—" if best is None else f"{best['nll']:.2f} (K {best['k']}, {best['n_examples']})"
-        date = (run.meta.get("provenance") or {}).get("date") or run.meta.get("started") or "—"
+        best = run.best_evaluation() or run.best_evaluation("validation")
+        nll = "—" if best is None else f"{best['nll']:.2f} (K {best['k']}, {best['n_examples']}" + \
+            (", validation)" if best.get("split") == "validation" else ")")
+        state_file = path / "training_state.safetensors"
+        date = (run.meta.get("provenance") or {}).get("date") or (
+            time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime(state_file.stat().st_mtime))
+            if state_file.exists() else "—")
         status = run.status + (f" (pid {run.holder})" if run.holder and run.holder > 0 else "")
-        rows.append([str(path), run.config.preset or run.config.model.name, f"{run.epochs_done}/{run.epochs_total}",
-                     status, nll, date])
+        rows.append([str(path), preset_label(run.config), f"{run.epochs_done}/{run.epochs_total}", status, nll, date])
     if not rows:
         _log(f"no runs under {args.directory}")
         return 0
@@ -792,6 +796,8 @@ def cmd_runs(args: argparse.Namespace) -> int:
     _log("  ".join(h.ljust(w) for h, w in zip(header, widths)))
     for row in rows:
         _log("  ".join(c.ljust(w) for c, w in zip(row, widths)))
+    if any(row[1].endswith("*") for row in rows):
+        _log("* the run's flags changed fields of its preset (`vaelab report RUN` lists them)")
     return 0
 
 

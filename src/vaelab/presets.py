@@ -52,3 +52,20 @@ def apply_preset(config, name: str):
     sections = {section: dataclasses.replace(getattr(config, section), **fields)
                 for section, fields in PRESETS[name]["fields"].items()}
     return dataclasses.replace(config, **sections, preset=name)
+
+
+def changed_fields(config) -> list[str]:
+    """The fields of ``config`` that flags changed from the preset it started from (not the run's length,
+    data subset, threads or data directory)."""
+    if config.preset not in PRESETS:
+        return []
+    base = apply_preset(config.__class__(), config.preset)
+    ignored = ("train.threads", "data.data_dir", "train.epochs", "data.train_examples", "data.test_examples")
+    return [d.split(":")[0] for d in base.differences(config) if d.split(":")[0] not in ignored]
+
+
+def preset_label(config) -> str:
+    """The preset's name, with * when flags changed its fields; the model's name for runs without a preset."""
+    if config.preset is None:
+        return config.model.name
+    return config.preset + ("*" if changed_fields(config) else "")

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from vaelab import plots
+from vaelab.presets import changed_fields, preset_label
 from vaelab.runs import RunInfo, per_digit, read_run
 
 # Pairs of digit classes whose interpolations the report shows (through the latent means).
@@ -201,7 +202,7 @@ def build_report(run_dir: str | Path, data_dir: str | None = None) -> tuple[str,
     provenance = run.meta.get("provenance", {})
     html = _environment().get_template("report.html.j2").render(
         run=run, config_rows=_config_rows(config.to_dict()), provenance=provenance,
-        changed=_changed_from_preset(config),
+        changed=changed_fields(config),
         started=run.meta.get("started", ""), training=training, metrics=run.metrics[-1] if run.metrics else None,
         evaluation=evaluation, generation=generation, latent=latent,
         kl=Figure("KL per latent dimension", data_uri(plots.kl_figure(layers))), layers=layers, fmt=_fmt,
@@ -224,17 +225,6 @@ def _config_rows(raw: dict, prefix: str = "") -> list[tuple[str, str]]:
         else:
             rows.append((f"{prefix}{key}", json.dumps(value)))
     return rows
-
-
-def _changed_from_preset(config) -> list[str]:
-    """The fields the flags changed from the preset the run started from."""
-    from vaelab.presets import PRESETS, apply_preset
-
-    if config.preset not in PRESETS:
-        return []
-    base = apply_preset(config.__class__(), config.preset)
-    ignored = ("train.threads", "data.data_dir", "train.epochs", "data.train_examples", "data.test_examples")
-    return [d.split(":")[0] for d in base.differences(config) if d.split(":")[0] not in ignored]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -263,7 +253,7 @@ def compare_runs(paths: Sequence[str | Path]) -> Comparison:
         record = run.best_evaluation()
         records.append(record)
         layers = (record or {}).get("layers", [])
-        rows.append({"name": run.name, "preset": run.config.preset or run.config.model.name,
+        rows.append({"name": run.name, "preset": preset_label(run.config),
                      "epochs": f"{run.epochs_done}/{run.epochs_total}", "status": run.status,
                      "nll": "—" if record is None else f"{_fmt(record['nll'])} ± {_fmt(record.get('nll_stderr'))}",
                      "k": "—" if record is None else f"IWAE-{record['k']}, {record['n_examples']} digits",
