@@ -34,6 +34,14 @@ PRESETS: dict[str, dict[str, Any]] = {
         "about": "Burda et al.'s VAE, two stochastic layers, 3280 epochs (paper: NLL 85.33)",
         "fields": {"model": _BURDA_2, "objective": {"name": "elbo", "samples": 1}, "train": _BURDA_TRAIN},
     },
+    "cpu-hour": {
+        "about": "the best model found for one hour of training on a 2-core CPU: two stochastic layers, 520 "
+                 "epochs (chosen on a validation split; benchmarks/README.md)",
+        "fields": {"model": {"name": "mlp2", "hidden": ((300, 300), (100, 100)), "latent": (64, 32),
+                             "activation": "relu", "init": "torch"},
+                   "objective": {"name": "elbo", "samples": 1, "warmup_epochs": 10},
+                   "train": {"batch_size": 128, "lr": 1e-3, "lr_schedule": "exponential", "epochs": 520}},
+    },
     "burda-iwae-2": {
         "about": "Burda et al.'s IWAE k = 50, two stochastic layers, 3280 epochs (paper: NLL 82.90)",
         "fields": {"model": _BURDA_2, "objective": {"name": "iwae", "samples": 50}, "train": _BURDA_TRAIN},
