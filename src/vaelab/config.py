@@ -147,9 +147,13 @@ class RunConfig:
             raise CheckpointError(f"{path}: not valid JSON ({exc}); restore it from a copy or retrain") from exc
         return cls.from_dict(raw, str(path))
 
+    def flat(self) -> dict[str, Any]:
+        """{'section.field': value as in config.json} for every field."""
+        return _flatten(json.loads(json.dumps(self.to_dict())))
+
     def differences(self, other: "RunConfig") -> list[str]:
         """'section.field: mine → other' (values as in config.json) for every field that differs."""
-        mine, theirs = (_flatten(json.loads(json.dumps(c.to_dict()))) for c in (self, other))
+        mine, theirs = self.flat(), other.flat()
         return [f"{key}: {json.dumps(mine.get(key))} → {json.dumps(theirs.get(key))}"
                 for key in sorted(set(mine) | set(theirs)) if mine.get(key) != theirs.get(key)]
 

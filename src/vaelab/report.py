@@ -4,6 +4,7 @@ picture embedded as a PNG data URI, no request to any server) and the terminal t
 from __future__ import annotations
 
 import base64
+import dataclasses
 import math
 import time
 from dataclasses import dataclass
@@ -129,7 +130,7 @@ def _nonlinear_embedding(points: np.ndarray):
         return None
 
 
-def _evaluation_section(run: RunInfo, model, images: torch.Tensor, test_digest: str) -> dict:
+def _evaluation_section(run: RunInfo, model, images: torch.Tensor) -> dict:
     from vaelab.data import idx_sha256
 
     record = run.best_evaluation()
@@ -173,35 +174,34 @@ def _evaluation_section(run: RunInfo, model, images: torch.Tensor, test_digest: 
 def build_report(run_dir: str | Path, data_dir: str | None = None) -> tuple[str, float]:
     """The HTML of the report of ``run_dir``, and the seconds it took."""
     from vaelab import checkpoint as ckpt
-    from vaelab.data import idx_sha256, load_mnist, prepare
-    from vaelab.evaluation import hot_loop_settings, latent_statistics
+    from vaelab.data import load_mnist, prepare
+    from vaelab.evaluation import latent_statistics
 
     start = time.perf_counter()
     run = read_run(run_dir)
     config, model = ckpt.load_model(run.path)
-    data_config = run.config.data.__class__(**{**run.config.data.__dict__, "test_examples": None, "validation": 0,
-                                               "train_examples": 1, "data_dir": data_dir or run.config.data.data_dir})
+    data_config = dataclasses.replace(run.config.data, test_examples=None, validation=0, train_examples=1,
+                                      data_dir=data_dir or run.config.data.data_dir)
     data = prepare(load_mnist(data_config.data_dir), data_config)
     images, labels = data.test_binary, data.test_labels.numpy()
-    with hot_loop_settings():
-        layers = latent_statistics(model, images, 64, 0)
-        generation = [
-            Figure("samples from p(x)", data_uri(plots.digit_rows_figure(
-                list(model.sample(80, torch.Generator().manual_seed(0)).numpy().reshape(8, 10, 784)), [""] * 8,
-                "decoder means, z ~ p(z), seed 0"))),
-        ]
-        with torch.no_grad():
-            x = images[:30].float()
-            recon = torch.sigmoid(model.decode(_posterior_means(model, x)[0])).numpy()
-        rows = [r for i in range(3) for r in (x[10 * i:10 * i + 10].numpy(), recon[10 * i:10 * i + 10])]
-        generation.append(Figure("test digits and their reconstructions", data_uri(plots.digit_rows_figure(
-            rows, ["digits", "reconstructions"] * 3, "decoder means at the posterior means"))))
-        latent = _latent_views(model, images, labels, layers)
-        evaluation = _evaluation_section(run, model, images, idx_sha256(images.numpy()))
+    layers = latent_statistics(model, images, 64, 0)
+    generation = [
+        Figure("samples from p(x)", data_uri(plots.digit_rows_figure(
+            list(model.sample(80, torch.Generator().manual_seed(0)).numpy().reshape(8, 10, 784)), [""] * 8,
+            "decoder means, z ~ p(z), seed 0"))),
+    ]
+    with torch.no_grad():
+        x = images[:30].float()
+        recon = torch.sigmoid(model.decode(_posterior_means(model, x)[0])).numpy()
+    rows = [r for i in range(3) for r in (x[10 * i:10 * i + 10].numpy(), recon[10 * i:10 * i + 10])]
+    generation.append(Figure("test digits and their reconstructions", data_uri(plots.digit_rows_figure(
+        rows, ["digits", "reconstructions"] * 3, "decoder means at the posterior means"))))
+    latent = _latent_views(model, images, labels, layers)
+    evaluation = _evaluation_section(run, model, images)
     training = [Figure("training", data_uri(plots.training_figure(run.metrics)))] if run.metrics else []
     provenance = run.meta.get("provenance", {})
     html = _environment().get_template("report.html.j2").render(
-        run=run, config_rows=_config_rows(config.to_dict()), provenance=provenance,
+        run=run, config_rows=_config_rows(config), provenance=provenance,
         changed=changed_fields(config),
         started=run.meta.get("started", ""), training=training, metrics=run.metrics[-1] if run.metrics else None,
         evaluation=evaluation, generation=generation, latent=latent,
@@ -214,17 +214,11 @@ REPORT_SECTIONS = (("run", "The run"), ("training", "Training"), ("evaluation", 
                    ("generation", "Generation"), ("latent", "The latent space"))
 
 
-def _config_rows(raw: dict, prefix: str = "") -> list[tuple[str, str]]:
+def _config_rows(config) -> list[tuple[str, str]]:
     """(section.field, value as in config.json) for every field."""
     import json
 
-    rows = []
-    for key, value in raw.items():
-        if isinstance(value, dict):
-            rows += _config_rows(value, f"{prefix}{key}.")
-        else:
-            rows.append((f"{prefix}{key}", json.dumps(value)))
-    return rows
+    return [(key, json.dumps(value)) for key, value in config.flat().items()]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -241,10 +235,8 @@ class Comparison:
 
 
 def compare_runs(paths: Sequence[str | Path]) -> Comparison:
-    from vaelab.config import _flatten
-
     runs = [read_run(p) for p in paths]
-    flat = [_flatten(__import__("json").loads(__import__("json").dumps(r.config.to_dict()))) for r in runs]
+    flat = [r.config.flat() for r in runs]
     keys = sorted(set().union(*flat))
     differences = [(key, [str(f.get(key, "—")) for f in flat]) for key in keys
                    if len({str(f.get(key)) for f in flat}) > 1 and key not in ("train.threads", "data.data_dir")]
