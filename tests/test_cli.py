@@ -62,6 +62,34 @@ def test_evaluate_writes_eval_json(trained, data_dir, capsys):
     assert -result["nll"] >= result["elbo"] - 3 * result["elbo_stderr"]   # IWAE-20 ≥ ELBO up to noise
 
 
+def test_evaluate_with_bf16_decoder_products(trained, data_dir, capsys):
+    """`--precision bf16-emulated`: its own record (the float32 one keeps its name and stays the run's
+    headline), the same draws as float32, so the per-digit values differ by bf16's rounding alone."""
+    from vaelab.runs import read_run
+
+    common = ["evaluate", trained, "--k", "20", "--test-examples", "40", "--data-dir", data_dir, "--no-progress"]
+    assert run(capsys, *common, "--overwrite")[0] == 0
+    code, out, _ = run(capsys, *common, "--precision", "bf16-emulated")
+    assert code == 0 and "with bf16-emulated decoder products" in out
+    fp32 = json.loads((trained / "eval-k20-n40-seed0.json").read_text())
+    bf16 = json.loads((trained / "eval-k20-n40-seed0-bf16-emulated.json").read_text())
+    assert bf16["precision"] == "bf16-emulated" and fp32["precision"] == "fp32"
+    assert bf16["estimates"][1]["name"] == "IWAE-20, q(z|x), bf16-emulated decoder products"
+    assert bf16["elbo"] == fp32["elbo"]                     # only the IWAE estimate's decoder changes
+    assert 0 < abs(bf16["nll"] - fp32["nll"]) < 0.1
+    assert read_run(trained).best_evaluation()["file"] == "eval-k20-n40-seed0.json"
+
+
+def test_bf16_evaluation_is_refused_where_it_does_not_apply(trained, data_dir, tmp_path, capsys):
+    run_dir = tmp_path / "two"
+    assert run(capsys, "train", "--out", run_dir, "--model", "mlp2", "--hidden", "16", "--hidden-top", "8",
+               "--latent", "4", "2", "--epochs", "1", "--train-examples", "200", "--test-examples", "20",
+               "--data-dir", data_dir, "--no-progress")[0] == 0
+    code, _, err = run(capsys, "evaluate", run_dir, "--k", "5", "--precision", "bf16-emulated", "--data-dir", data_dir)
+    assert code == 2 and "covers the one-stochastic-layer mlp models" in err and len(err.strip().splitlines()) == 1
+    assert not list(run_dir.glob("eval*"))
+
+
 def test_evaluate_laplace_table(trained, data_dir, capsys):
     code, out, _ = run(capsys, "evaluate", trained, "--k", "10", "--test-examples", "10", "--laplace",
                        "--data-dir", data_dir, "--no-progress")
@@ -87,6 +115,7 @@ BAD = [
     ["train", "--latent", "0"], ["train", "--hidden", "-1"], ["train", "--lr", "0"], ["train", "--lr", "-1e-3"],
     ["train", "--lr", "nan"], ["train", "--lr", "inf"], ["train", "--device", "tpu"], ["train", "--epochs", "abc"],
     ["train", "--binarize", "grey"], ["evaluate", "RUN", "--k", "0"], ["evaluate", "RUN", "--k", "-5"],
+    ["train", "--precision", "fp16"], ["evaluate", "RUN", "--precision", "bf8"],
     ["sample", "RUN", "--n", "0"], ["frobnicate"],
 ]
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import subprocess
@@ -212,6 +213,16 @@ def test_full_disk_is_reported_before_training(tmp_path, monkeypatch):
         training.check_writable(tmp_path, need_bytes=10 << 20)
 
 
+def small_fused_problem():
+    """A 784-64-8 model on flat buffers, 32 binary digits and their draws, from fixed seeds."""
+    torch.manual_seed(0)
+    model = MLPVAE(ModelConfig(hidden=((64,),), latent=(8,)))
+    FlatParameters(model)
+    g = torch.Generator().manual_seed(1)
+    x = (torch.rand(32, 784, generator=g) < 0.3).float()
+    return model, x, torch.randn(1, 32, 8, generator=g)
+
+
 def test_fused_bf16_gradient_is_close():
     """The bf16 fused step against the float32 one on one batch: the same loss and gradients up to the rounding
     of the products' inputs and outputs to 8 significant bits (2⁻⁸ ≈ 0.4 % of each term; a weight gradient is
@@ -219,12 +230,7 @@ def test_fused_bf16_gradient_is_close():
     5.4 % over three seeds; the loss within 0.002 %, the KL within 0.2 %)."""
     from vaelab.engines import fused_step_bf16
 
-    torch.manual_seed(0)
-    model = MLPVAE(ModelConfig(hidden=((64,),), latent=(8,)))
-    FlatParameters(model)
-    g = torch.Generator().manual_seed(1)
-    x = (torch.rand(32, 784, generator=g) < 0.3).float()
-    eps = torch.randn(1, 32, 8, generator=g)
+    model, x, eps = small_fused_problem()
     exact = fused_step(model, x, eps)
     grads = [p.grad.clone() for p in model.parameters()]
     approx = fused_step_bf16(model, x, eps)
@@ -267,3 +273,48 @@ def test_bf16_is_refused_where_the_cpu_would_emulate_it(monkeypatch):
         resources.require_native_bf16(torch.device("cpu"))
     monkeypatch.setattr(resources, "cpu_flags", lambda: {"avx2", "avx512_bf16"})
     resources.require_native_bf16(torch.device("cpu"))
+
+
+@pytest.mark.parametrize("shape", [(64, 784, 256), (256, 64, 784), (64, 50, 256), (7, 3, 5)])
+def test_emulated_bf16_product_equals_torch_bf16(shape):
+    """The emulated product against torch's own bf16 product (emulated by torch on a CPU without bf16, native
+    where there is): bf16 operands, float32 sums, one rounding. Sums taken in another order can land on the
+    other side of a rounding boundary, so a few entries may differ, by one bf16 step (2⁻⁷ relative) at most."""
+    from vaelab.precision import emulated_bf16_mm
+
+    m, k, n = shape
+    g = torch.Generator().manual_seed(m + k + n)
+    a, b = torch.randn(m, k, generator=g).bfloat16(), torch.randn(k, n, generator=g).bfloat16()
+    native, emulated = torch.mm(a, b), emulated_bf16_mm(a, b)
+    assert emulated.dtype == torch.bfloat16
+    differ = native != emulated
+    assert differ.float().mean() <= 1e-3
+    step = native.float().abs() * 2.0 ** -7
+    assert ((native.float() - emulated.float()).abs() <= step)[differ].all()
+
+
+def test_emulated_bf16_step_equals_the_native_bf16_step():
+    """The bf16-emulated engine is the bf16 fused step with the emulated product: the same loss and
+    gradients as with torch's bf16 product, up to those one-step differences in a few products' entries."""
+    from vaelab.engines import ENGINES, fused_step_bf16
+
+    model, x, eps = small_fused_problem()
+    native = fused_step_bf16(model, x, eps)
+    grads = [p.grad.clone() for p in model.parameters()]
+    emulated = ENGINES[("fused", "bf16-emulated")](model, x, eps)
+    torch.testing.assert_close(emulated, native, rtol=1e-5, atol=0.0)
+    for (name, p), expected in zip(model.named_parameters(), grads):
+        assert (p.grad - expected).abs().max() <= 1e-2 * expected.abs().max(), name
+
+
+def test_bf16_emulated_needs_the_fused_engine():
+    from vaelab.config import ObjectiveConfig
+    from vaelab.engines import select_engine
+    from vaelab.errors import UsageError
+
+    config = RunConfig(train=TrainConfig(precision="bf16-emulated"))
+    assert select_engine(config) == "fused"
+    for changed in (dataclasses.replace(config, objective=ObjectiveConfig(name="iwae", samples=5)),
+                    dataclasses.replace(config, train=dataclasses.replace(config.train, engine="autograd"))):
+        with pytest.raises(UsageError, match="bf16-emulated has only the fused engine.*needs the autograd engine"):
+            select_engine(changed)

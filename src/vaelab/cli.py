@@ -116,7 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--engine", choices=ENGINE_CHOICES,
                        help="gradient code: auto (default: the hand-derived fast path where it applies)")
     group.add_argument("--precision", choices=PRECISIONS, help="fp32 (default) or bf16: matrix products in "
-                       "bfloat16, float32 weights, Adam, loss and reductions (needs native bf16)")
+                       "bfloat16, float32 weights, Adam, loss and reductions (needs native bf16); bf16-emulated: "
+                       "bf16's rounding at float32 speed, to see whether bf16 would change a result (fused engine)")
     group = train.add_argument_group("data and machine")
     group.add_argument("--binarize", choices=["dynamic", "static"],
                        help="fresh Bernoulli pixels every epoch (default) or once for the whole run")
@@ -143,6 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--checkpoint", choices=["last", "best"], default="last",
                           help="the last weights (default) or those with the best validation ELBO")
     evaluate.add_argument("--laplace", action="store_true", help="add the Laplace estimates of log p(x)")
+    evaluate.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                          help="the IWAE decoder's products: fp32 (default), bf16 (needs native bf16) or "
+                          "bf16-emulated (bf16's rounding at float32 speed, a check); one-layer mlp models")
     evaluate.add_argument("--seed", type=_non_negative_int, default=0, help="seed of the draws (default 0)")
     evaluate.add_argument("--device", type=_device, default="auto", help="auto, cpu or cuda")
     evaluate.add_argument("--threads", type=_whole_number(1, 4097), help="CPU threads (default: all allowed)")
@@ -536,10 +540,11 @@ def write_pictures(model, data, metrics, run_dir: Path) -> None:
 
 
 def evaluation_name(args: argparse.Namespace, n_examples: int) -> str:
-    """eval[-validation][-best]-k<K>-n<N>-seed<S>[-laplace].json: other settings never share a file."""
+    """eval[-validation][-best]-k<K>-n<N>-seed<S>[-laplace][-<precision>].json: other settings never share a
+    file (a float32 evaluation keeps the name it always had)."""
     parts = ["eval"] + (["validation"] if args.split == "validation" else []) \
         + (["best"] if args.checkpoint == "best" else []) + [f"k{args.k}", f"n{n_examples}", f"seed{args.seed}"] \
-        + (["laplace"] if args.laplace else [])
+        + (["laplace"] if args.laplace else []) + ([args.precision] if args.precision != "fp32" else [])
     return "-".join(parts) + ".json"
 
 
@@ -569,9 +574,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from vaelab import checkpoint as ckpt
     from vaelab import distributed
     from vaelab.data import file_sha256, idx_sha256, load_mnist, prepare, resolve_path
-    from vaelab.evaluation import EvalConfig, evaluate_run
+    from vaelab.evaluation import EvalConfig, check_precision, evaluate_run
     from vaelab.provenance import provenance
-    from vaelab.resources import default_threads, require_memory
+    from vaelab.resources import default_threads, require_memory, require_native_bf16
     from vaelab.training import resolve_device
 
     world = distributed.world_from_environment()
@@ -586,7 +591,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         if args.split == "validation" and not config.data.validation:
             raise UsageError(f"--split validation: {args.run_dir} was trained without --validation; it has no "
                              f"held-out digits (evaluate on --split test)")
-        eval_config = EvalConfig(k=args.k, seed=args.seed, laplace=args.laplace)
+        check_precision(model, args.precision)
+        if args.precision == "bf16":
+            require_native_bf16(device)
+        eval_config = EvalConfig(k=args.k, seed=args.seed, laplace=args.laplace, precision=args.precision)
         require_memory(eval_config.memory_bytes(config.model), f"evaluate --k {args.k}", "use a smaller --k")
         data_dir = str(resolve_path(args.data_dir, "--data-dir")) if args.data_dir else config.data.data_dir
         # the whole test set unless --test-examples says otherwise (not the training run's smoke setting)
@@ -672,7 +680,8 @@ def format_eval_table(result: dict) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    lines.append(f"NLL = {number(result['nll'])} ± {number(result['nll_stderr'])} nats (IWAE-{result['k']}, "
+    products = "" if result.get("precision", "fp32") == "fp32" else f" with {result['precision']} decoder products"
+    lines.append(f"NLL = {number(result['nll'])} ± {number(result['nll_stderr'])} nats (IWAE-{result['k']}{products}, "
                  f"{result['n_examples']} {result.get('split', 'test')} digits, {result['seconds']:.1f} s)")
     for layer in result["layers"]:
         lines.append(f"layer {layer['layer']}: {layer['active_units']} of {layer['latent']} units active "

@@ -52,7 +52,7 @@ class TrainConfig:
     device: str = "auto"           # auto | cpu | cuda | cuda:N
     engine: str = "auto"           # auto (the fast path where one covers the config) | fused | autograd
     threads: int = 0               # CPU threads; 0: the cores this process may use
-    precision: str = "fp32"        # fp32 | bf16 (matrix products in bfloat16; see vaelab.engines)
+    precision: str = "fp32"        # fp32 | bf16 | bf16-emulated (products in bfloat16; vaelab.engines, .precision)
     eval_batch_size: int = 1000    # batch for the per-epoch test and validation ELBO
     eval_seed: int = 0             # the per-epoch ELBOs use the same draws every epoch
 

@@ -11,16 +11,23 @@ cores on GPU; products accumulate in float32 inside the kernel), everything else
 weights, gradients' buffers, Adam's state, the loss, softplus, KL and every reduction. The autograd engine
 does it with ``torch.autocast`` (the models return their distribution parameters in float32,
 ``models.base.full_precision``); the fused engine has its own bf16 variant.
+
+Precision ``bf16-emulated``: the fused engine's bf16 variant with each product computed as a native bf16
+kernel computes it, with float32 products (``precision.emulated_bf16_mm``): the same rounding of every
+operand and result, at about float32 speed. It answers "would bf16 change what this model learns?" on a CPU
+without bf16; it is not faster.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import torch
 
 from vaelab.errors import UsageError
 from vaelab.objectives import OBJECTIVES, softplus_sum
+from vaelab.precision import BF16_PRODUCTS
 
 Engine = Callable[..., torch.Tensor]   # (model, x (B, 784), eps (K, B, D), objective name, β) → (4,)
 
@@ -87,7 +94,7 @@ def fused_step(model, x: torch.Tensor, eps: torch.Tensor, objective: str = "elbo
 
 @torch.no_grad()
 def fused_step_bf16(model, x: torch.Tensor, eps: torch.Tensor, objective: str = "elbo",
-                    beta: float = 1.0) -> torch.Tensor:
+                    beta: float = 1.0, mm: Callable = torch.mm) -> torch.Tensor:
     """``fused_step`` with its eleven matrix products in bfloat16; the same derivation, the same outputs.
 
     The weights are rounded to bf16 once per step (copies for the products; the float32 masters are what
@@ -96,6 +103,7 @@ def fused_step_bf16(model, x: torch.Tensor, eps: torch.Tensor, objective: str = 
     gradients leave their product in bf16 and are stored in the float32 gradient buffer. Rounding the logits
     to bf16 moves each pixel's loss by at most |sigmoid(ℓ) − x| · 2⁻⁸|ℓ|: nothing for confident pixels.
     Checked against the float32 engine in tests/test_training.py::test_fused_bf16_gradient_is_close.
+    ``mm``: the bf16 product, torch's native one or ``precision.emulated_bf16_mm``.
     """
     enc1, enc2, dec1, dec2 = model.fused_layers()
     bf16 = torch.bfloat16
@@ -104,37 +112,37 @@ def fused_step_bf16(model, x: torch.Tensor, eps: torch.Tensor, objective: str = 
     batch, latent = x.shape[0], model.latent
     scale = 1.0 / batch
     xb = x.to(bf16)                                                         # exact: pixels are 0/1
-    h1 = torch.mm(xb, w1.t()).float().add_(enc1.bias).relu_()              # (B, H) float32
+    h1 = mm(xb, w1.t()).float().add_(enc1.bias).relu_()                    # (B, H) float32
     h1b = h1.to(bf16)
-    e = torch.mm(h1b, w2.t()).float().add_(enc2.bias)                       # (B, 2d)
+    e = mm(h1b, w2.t()).float().add_(enc2.bias)                             # (B, 2d)
     mu, logvar = e[:, :latent], e[:, latent:]
     sigma = torch.exp(0.5 * logvar)
     z = torch.addcmul(mu, sigma, eps)
     zb = z.to(bf16)
-    h2 = torch.mm(zb, w3.t()).float().add_(dec1.bias).relu_()              # (B, H)
+    h2 = mm(zb, w3.t()).float().add_(dec1.bias).relu_()                    # (B, H)
     h2b = h2.to(bf16)
-    logits = torch.mm(h2b, w4.t()).float().add_(dec2.bias)                  # (B, 784) float32
+    logits = mm(h2b, w4.t()).float().add_(dec2.bias)                        # (B, 784) float32
     reconstruction = softplus_sum(logits).sum() - torch.dot(x.reshape(-1), logits.reshape(-1))
     variance = sigma * sigma
     kl = 0.5 * (variance + mu * mu - 1.0 - logvar).sum()
 
     d_logits = torch.sigmoid(logits).sub_(x).mul_(scale)                    # (B, 784)
     d_logits_b = d_logits.to(bf16)
-    dec2.weight.grad.copy_(torch.mm(d_logits_b.t(), h2b))
+    dec2.weight.grad.copy_(mm(d_logits_b.t(), h2b))
     torch.sum(d_logits, 0, out=dec2.bias.grad)
-    d_h2 = torch.ops.aten.threshold_backward(torch.mm(d_logits_b, w4).float(), h2, 0.0)   # (B, H)
+    d_h2 = torch.ops.aten.threshold_backward(mm(d_logits_b, w4).float(), h2, 0.0)   # (B, H)
     d_h2_b = d_h2.to(bf16)
-    dec1.weight.grad.copy_(torch.mm(d_h2_b.t(), zb))
+    dec1.weight.grad.copy_(mm(d_h2_b.t(), zb))
     torch.sum(d_h2, 0, out=dec1.bias.grad)
-    d_z = torch.mm(d_h2_b, w3).float()                                      # (B, d)
+    d_z = mm(d_h2_b, w3).float()                                            # (B, d)
     d_e = torch.empty_like(e)
     torch.add(d_z, mu, alpha=scale, out=d_e[:, :latent])
     torch.addcmul(variance.sub_(1.0).mul_(0.5 * scale), d_z.mul_(eps), sigma.mul_(0.5), out=d_e[:, latent:])
     d_e_b = d_e.to(bf16)
-    enc2.weight.grad.copy_(torch.mm(d_e_b.t(), h1b))
+    enc2.weight.grad.copy_(mm(d_e_b.t(), h1b))
     torch.sum(d_e, 0, out=enc2.bias.grad)
-    d_h1 = torch.ops.aten.threshold_backward(torch.mm(d_e_b, w2).float(), h1, 0.0)       # (B, H)
-    enc1.weight.grad.copy_(torch.mm(d_h1.to(bf16).t(), xb))
+    d_h1 = torch.ops.aten.threshold_backward(mm(d_e_b, w2).float(), h1, 0.0)       # (B, H)
+    enc1.weight.grad.copy_(mm(d_h1.to(bf16).t(), xb))
     torch.sum(d_h1, 0, out=enc1.bias.grad)
     negative_elbo = reconstruction + kl
     return torch.stack([-negative_elbo, -negative_elbo, -reconstruction, kl]).detach()
@@ -145,10 +153,12 @@ def _autograd_bf16(model, x, eps, objective="elbo", beta=1.0):
 
 
 # (engine, precision) → the step
-ENGINES: dict[tuple[str, str], Engine] = {("fused", "fp32"): fused_step, ("fused", "bf16"): fused_step_bf16,
-                                          ("autograd", "fp32"): autograd_step, ("autograd", "bf16"): _autograd_bf16}
+ENGINES: dict[tuple[str, str], Engine] = {
+    ("fused", "fp32"): fused_step, ("fused", "bf16"): fused_step_bf16,
+    ("fused", "bf16-emulated"): functools.partial(fused_step_bf16, mm=BF16_PRODUCTS["bf16-emulated"]),
+    ("autograd", "fp32"): autograd_step, ("autograd", "bf16"): _autograd_bf16}
 ENGINE_CHOICES = ("auto", "fused", "autograd")
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("fp32", *BF16_PRODUCTS)
 
 # The configurations a hand-derived engine covers, by ``fast_path_key``.
 FAST_PATHS: dict[tuple, str] = {("mlp", (1,), "relu", "elbo", 1, True): "fused"}
@@ -166,9 +176,13 @@ def select_engine(config) -> str:
     covers the config. The step itself is ``ENGINES[(name, config.train.precision)]``."""
     covering = FAST_PATHS.get(fast_path_key(config), "autograd")
     wanted = config.train.engine
-    if wanted == "auto":
-        return covering
-    if wanted != "autograd" and wanted != covering:
+    if wanted != "auto" and wanted != "autograd" and wanted != covering:
         raise UsageError(f"--engine {wanted} covers only the one-hidden-layer ReLU mlp model on the single-draw "
                          f"ELBO with β = 1; use --engine auto or autograd for this configuration")
-    return wanted
+    name = covering if wanted == "auto" else wanted
+    precision = config.train.precision
+    if (name, precision) not in ENGINES:
+        raise UsageError(f"--precision {precision} has only the fused engine, which covers the one-hidden-layer "
+                         f"ReLU mlp model on the single-draw ELBO with β = 1 (this configuration needs the {name} "
+                         f"engine); use --precision fp32 or bf16")
+    return name

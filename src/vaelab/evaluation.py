@@ -29,9 +29,13 @@ from tqdm import tqdm
 
 from vaelab.data import test_batches
 from vaelab.distributed import SINGLE, World, gather_rows, shard
+from vaelab.errors import UsageError
 from vaelab.laplace import OUTCOMES, laplace_log_marginal, sample_laplace_proposal
 from vaelab.models import MLPVAE, build_model
 from vaelab.objectives import (elbo_objective, importance_sampled_log_marginal, iwae_bound, log_standard_normal)
+from vaelab.precision import BF16_PRODUCTS
+
+EVAL_PRECISIONS = ("fp32", *BF16_PRODUCTS)
 
 # Burda et al. (2016, §5.2): a latent unit u is active when Cov_x(E_{q(u|x)}[u]) exceeds this.
 ACTIVE_UNIT_THRESHOLD = 1e-2
@@ -93,6 +97,10 @@ class EvalConfig:
     laplace: bool = False
     newton_steps: int = 30
     latent_draws: int = 64         # draws per digit for the active units and KL of layers above the first
+    # The IWAE estimate's decoder products: fp32, or bf16 (rounded operands and results, float32 sums and
+    # everything else; vaelab.precision), native or emulated. Measured on the 100-epoch seed model, all
+    # 10 000 test digits, the same draws: bf16 against fp32 in the mean (benchmarks/README.md).
+    precision: str = "fp32"
 
     def memory_bytes(self, model_config) -> int:
         """Peak working memory of the evaluation, a generous estimate (float32 unless said otherwise)."""
@@ -154,14 +162,19 @@ def summarize(values: torch.Tensor) -> tuple[float, float | None]:
 # Importance sampling with q.
 
 
-def _iwae_one_layer(model: MLPVAE, x: torch.Tensor, k: int, generator: torch.Generator, chunk: int) -> torch.Tensor:
+def _iwae_one_layer(model: MLPVAE, x: torch.Tensor, k: int, generator: torch.Generator, chunk: int,
+                    precision: str = "fp32") -> torch.Tensor:
     """The fast path of a one-stochastic-layer model (docs §6): log p(z) − log q(z|x) for all K draws from ε
-    alone, the decoder's data term as a product over hidden units, softplus in base 2."""
+    alone, the decoder's data term as a product over hidden units, softplus in base 2; with ``precision``
+    bf16 the decoder's products in bfloat16 (``MLPVAE.bf16_log_likelihood_for``)."""
     mu, logvar = model.encode(x)
-    return iwae_bound(x, mu, logvar, model.log_likelihood_for(x), k, generator, chunk)
+    log_likelihood = model.log_likelihood_for(x) if precision == "fp32" else \
+        model.bf16_log_likelihood_for(x, BF16_PRODUCTS[precision])
+    return iwae_bound(x, mu, logvar, log_likelihood, k, generator, chunk)
 
 
-def _iwae_parts(model, x: torch.Tensor, k: int, generator: torch.Generator, chunk: int) -> torch.Tensor:
+def _iwae_parts(model, x: torch.Tensor, k: int, generator: torch.Generator, chunk: int,
+                precision: str = "fp32") -> torch.Tensor:
     """Any model: the log weights log p(x, z) − log q(z|x) of its Parts, ``chunk`` draws at a time, the
     batch's digits sharing ε (common random numbers, as in the fast path)."""
 
@@ -173,17 +186,27 @@ def _iwae_parts(model, x: torch.Tensor, k: int, generator: torch.Generator, chun
 
 
 # The estimator of each model class, by lookup; the fast form equals the generic one on the same draws
-# (tests/test_evaluation.py::test_fast_iwae_equals_parts_iwae).
+# (tests/test_evaluation.py::test_fast_iwae_equals_parts_iwae). Only the fast form has bf16 products.
 IWAE_ESTIMATORS: dict[type, Callable] = {MLPVAE: _iwae_one_layer}
+
+
+def check_precision(model, precision: str) -> None:
+    """Refuse an evaluation precision this model's IWAE estimator does not have (``ValueError``)."""
+    if precision not in EVAL_PRECISIONS:
+        raise UsageError(f"unknown evaluation precision {precision!r}; choose one of {', '.join(EVAL_PRECISIONS)}")
+    if precision != "fp32" and type(model) not in IWAE_ESTIMATORS:
+        raise UsageError(f"--precision {precision} covers the one-stochastic-layer mlp models; this run's model is "
+                         f"{model.config.name}: use --precision fp32")
 
 
 def iwae_log_likelihood(model, images: torch.Tensor, config: EvalConfig, progress: bool = False) -> torch.Tensor:
     """log p(x) ≈ IWAE_K with q(z|x) as the proposal, per test digit (N,)."""
+    check_precision(model, config.precision)
     model.eval()
     generator = torch.Generator(device=images.device).manual_seed(config.seed)
     estimator = IWAE_ESTIMATORS.get(type(model), _iwae_parts)
-    return per_example(lambda x: estimator(model, x, config.k, generator, config.sample_chunk), images,
-                       config.examples_per_batch, f"IWAE-{config.k}", progress)
+    return per_example(lambda x: estimator(model, x, config.k, generator, config.sample_chunk, config.precision),
+                       images, config.examples_per_batch, f"IWAE-{config.k}", progress)
 
 
 def elbo_per_example(model, images: torch.Tensor, seed: int = 0, samples: int = 1) -> torch.Tensor:
@@ -291,7 +314,8 @@ def evaluate_run(model, images: torch.Tensor, config: EvalConfig, progress: bool
     config = dataclasses.replace(config, seed=config.seed + 1_000_003 * world.rank)
     elbo = gather_rows(elbo_per_example(model, mine, seed=config.seed), world)
     iwae = gather_rows(iwae_log_likelihood(model, mine, config, progress and world.main), world)
-    estimates = [("ELBO", elbo, "lower bound"), (f"IWAE-{config.k}, q(z|x)", iwae, "stochastic lower bound")]
+    decoder = "" if config.precision == "fp32" else f", {config.precision} decoder products"
+    estimates = [("ELBO", elbo, "lower bound"), (f"IWAE-{config.k}, q(z|x){decoder}", iwae, "stochastic lower bound")]
     per_digit = {"elbo": elbo, "iwae": iwae}
     summary: dict = {}
     if config.laplace:
@@ -306,7 +330,8 @@ def evaluate_run(model, images: torch.Tensor, config: EvalConfig, progress: bool
     elbo_mean, elbo_stderr = summarize(elbo)
     summary.update({
         "nll": nll, "nll_stderr": nll_stderr, "elbo": elbo_mean, "elbo_stderr": elbo_stderr,
-        "k": config.k, "n_examples": len(images), "seed": config.seed - 1_000_003 * world.rank,
+        "k": config.k, "precision": config.precision, "n_examples": len(images),
+        "seed": config.seed - 1_000_003 * world.rank,
         "processes": world.size,
         "estimates": [dict(zip(("name", "mean", "stderr", "kind"), (name, *summarize(values), kind)))
                       for name, values, kind in estimates],

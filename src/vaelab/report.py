@@ -16,7 +16,7 @@ import torch
 
 from vaelab import plots
 from vaelab.presets import changed_fields, preset_label
-from vaelab.runs import RunInfo, per_digit, read_run
+from vaelab.runs import RunInfo, estimator_label, per_digit, read_run
 
 # Pairs of digit classes whose interpolations the report shows (through the latent means).
 INTERPOLATION_PAIRS = ((0, 1), (2, 7), (3, 8), (4, 9), (5, 6))
@@ -155,7 +155,7 @@ def _evaluation_section(run: RunInfo, model, images: torch.Tensor) -> dict:
         return section
     iwae = values["iwae"]
     section["figures"].append(Figure("per-digit log p(x)", data_uri(plots.histogram_figure(
-        iwae, f"IWAE-{record['k']} estimate of log p(x) (nats)", f"{n} {record.get('split', 'test')} digits"))))
+        iwae, f"{estimator_label(record)} estimate of log p(x) (nats)", f"{n} {record.get('split', 'test')} digits"))))
     order = np.argsort(iwae)
     worst, best = order[:10], order[-10:][::-1]
     rows, names = [], []
@@ -248,7 +248,7 @@ def compare_runs(paths: Sequence[str | Path]) -> Comparison:
         rows.append({"name": run.name, "preset": preset_label(run.config),
                      "epochs": f"{run.epochs_done}/{run.epochs_total}", "status": run.status,
                      "nll": "—" if record is None else f"{_fmt(record['nll'])} ± {_fmt(record.get('nll_stderr'))}",
-                     "k": "—" if record is None else f"IWAE-{record['k']}, {record['n_examples']} digits",
+                     "k": "—" if record is None else f"{estimator_label(record)}, {record['n_examples']} digits",
                      "elbo": "—" if record is None else _fmt(record.get("elbo")),
                      "active": " + ".join(str(layer["active_units"]) for layer in layers) or "—",
                      "hours": _fmt(None if run.training_seconds is None else run.training_seconds / 3600, 2)})
@@ -260,11 +260,13 @@ def compare_runs(paths: Sequence[str | Path]) -> Comparison:
                          f"evaluated (vaelab evaluate RUN)")
             continue
         same = (record.get("data_sha256") == base_record.get("data_sha256") and record["k"] == base_record["k"]
-                and record["n_examples"] == base_record["n_examples"] and record.get("data_sha256") is not None)
+                and record["n_examples"] == base_record["n_examples"] and record.get("data_sha256") is not None
+                and record.get("precision", "fp32") == base_record.get("precision", "fp32"))
         a, b = per_digit(base.path, base_record), per_digit(run.path, record)
         if not same or a is None or b is None:
             notes.append(f"{run.name} against {base.name}: evaluated with different settings (K {base_record['k']} vs "
-                         f"{record['k']}, {base_record['n_examples']} vs {record['n_examples']} digits"
+                         f"{record['k']}, {base_record['n_examples']} vs {record['n_examples']} digits, "
+                         f"{base_record.get('precision', 'fp32')} vs {record.get('precision', 'fp32')}"
                          f"{', other digits' if record.get('data_sha256') != base_record.get('data_sha256') else ''}"
                          f"{', no per-digit values' if a is None or b is None else ''}); the NLLs are shown, "
                          f"not a paired difference")

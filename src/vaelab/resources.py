@@ -128,4 +128,5 @@ def require_native_bf16(device) -> None:
     ratio = timings[torch.bfloat16] / timings[torch.float32]
     raise UsageError(f"--precision bf16: this CPU has no native bfloat16 (neither avx512_bf16 nor amx_bf16 in "
                      f"/proc/cpuinfo), so the products would be emulated: a bf16 product runs {ratio:.1f}× the "
-                     f"time of float32 here (measured now); use --precision fp32")
+                     f"time of float32 here (measured now); use --precision fp32, or bf16-emulated to see bf16's numbers "
+                     f"at float32 speed")

@@ -45,9 +45,11 @@ class RunInfo:
         return self.metrics[-1].get("elapsed_seconds") if self.metrics else None
 
     def best_evaluation(self, split: str = "test") -> dict | None:
-        """The evaluation with the largest K on the most digits (then the lowest NLL) of ``split``."""
+        """The evaluation of ``split`` in float32 (records before bf16 evaluation were), then with the most
+        digits, then the largest K, then the lowest NLL."""
         records = [r for r in self.evaluations if r.get("split", "test") == split and r.get("nll") is not None]
-        return max(records, key=lambda r: (r["n_examples"], r["k"], -r["nll"]), default=None)
+        return max(records, key=lambda r: (r.get("precision", "fp32") == "fp32", r["n_examples"], r["k"], -r["nll"]),
+                   default=None)
 
 
 def read_metrics(path: Path) -> list[dict[str, float]]:
@@ -84,6 +86,12 @@ def read_evaluations(run_dir: Path) -> list[dict[str, Any]]:
             record["file"] = path.name
             records.append(record)
     return records
+
+
+def estimator_label(record: dict) -> str:
+    """"IWAE-5000", with the decoder's precision where it was not float32."""
+    precision = record.get("precision", "fp32")
+    return f"IWAE-{record['k']}" + ("" if precision == "fp32" else f" ({precision} decoder products)")
 
 
 def per_digit(run_dir: Path, record: dict) -> dict[str, np.ndarray] | None:

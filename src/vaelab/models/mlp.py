@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vaelab.models.base import INITS, full_precision, linear_layers, mlp, run_mlp_inplace
-from vaelab.objectives import (LOG2_E, Parts, StochasticLayer, bernoulli_log_likelihood, log_standard_normal,
+from vaelab.models.base import ACTIVATIONS, INITS, full_precision, linear_layers, mlp, run_mlp_inplace
+from vaelab.objectives import (LN_2, LOG2_E, Parts, StochasticLayer, bernoulli_log_likelihood, log_standard_normal,
                                reparameterize, softplus_sum)
 
 
@@ -104,6 +104,35 @@ class MLPVAE(nn.Module):
             logits2 = F.linear(h, weight2, bias2)                              # (…·B, 784) ℓ log₂e, 2-D
             h = h.view(*batch, -1)                                             # (…, B, H)
             return (h * x_w).sum(-1) + x_b - softplus_sum(logits2, base2=True).view(batch)
+
+        return log_likelihood
+
+    def bf16_log_likelihood_for(self, x: torch.Tensor, mm: Callable) -> Callable[..., torch.Tensor]:
+        """``log_likelihood_for`` with the decoder's matrix products in bfloat16 (``mm``: a product of
+        ``vaelab.precision``, native or emulated): weights and activations are rounded to bf16 as they enter a
+        product, each bf16 result is widened to float32 for its bias, activation, softplus and every sum.
+
+        The data term Σⱼ xⱼℓⱼ is taken from the same rounded logits as the softplus: a rounding δ of ℓⱼ then
+        moves the pixel's log-likelihood xⱼℓⱼ − softplus(ℓⱼ) by (xⱼ − sigmoid ℓⱼ)δ, nothing for a confident
+        pixel. (The float32 form's h·(W_outᵀx) would take it from unrounded logits, and the two roundings
+        would not cancel: up to 2⁻⁹|ℓⱼ| per confident pixel.)
+        """
+        bf16 = torch.bfloat16
+        layers = [(layer.weight.t().to(bf16), layer.bias) for layer in linear_layers(self.decoder)]  # (in, out)
+        weight2 = (self.decoder_out.weight * LOG2_E).t().to(bf16)                # (H, 784) W_outᵀ log₂e
+        bias2 = self.decoder_out.bias * LOG2_E                                   # (784,)
+        x_b = x @ self.decoder_out.bias                                          # (B,) b_out·x
+        act = ACTIVATIONS[self.activation].inplace
+
+        def log_likelihood(z: torch.Tensor, _: torch.Tensor | None = None) -> torch.Tensor:
+            batch = z.shape[:-1]
+            h = z.reshape(-1, z.shape[-1])                                       # (…·B, d)
+            for weight, bias in layers:
+                h = act(mm(h.to(bf16), weight).float().add_(bias))               # (…·B, H)
+            y = mm(h.to(bf16), weight2).float()                                  # (…·B, 784) (ℓ − b_out) log₂e
+            # Σⱼ xⱼℓⱼ = ln 2 · Σⱼ xⱼ yⱼ + b_out·x, before softplus_sum works in place on y
+            data = torch.mul(y.view(*batch, -1), x).sum(-1).mul_(LN_2).add_(x_b)   # (…, B)
+            return data - softplus_sum(y.add_(bias2), base2=True).view(batch)
 
         return log_likelihood
 
