@@ -117,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="gradient code: auto (default: the hand-derived fast path where it applies)")
     group.add_argument("--precision", choices=PRECISIONS, help="fp32 (default) or bf16: matrix products in "
                        "bfloat16, float32 weights, Adam, loss and reductions (needs native bf16); bf16-emulated: "
-                       "bf16's rounding at float32 speed, to see whether bf16 would change a result (fused engine)")
+                       "bf16's rounding with float32 products, to see whether bf16 would change a result")
     group = train.add_argument_group("data and machine")
     group.add_argument("--binarize", choices=["dynamic", "static"],
                        help="fresh Bernoulli pixels every epoch (default) or once for the whole run")
