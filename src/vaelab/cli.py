@@ -72,10 +72,11 @@ def _device(text: str) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     from vaelab import __version__
-    from vaelab.engines import ENGINE_CHOICES, PRECISIONS
+    from vaelab.engines import ENGINE_CHOICES
     from vaelab.laplace import MAX_STIRLING_TERMS
     from vaelab.models import ACTIVATIONS, INITS, MODELS
     from vaelab.objectives import OBJECTIVES
+    from vaelab.precision import PRECISIONS
     from vaelab.presets import PRESETS
     from vaelab.schedules import LR_SCHEDULES
 
@@ -680,7 +681,7 @@ def format_eval_table(result: dict) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    products = "" if result.get("precision", "fp32") == "fp32" else f" with {result['precision']} decoder products"
+    products = "" if result["precision"] == "fp32" else f" with {result['precision']} decoder products"
     lines.append(f"NLL = {number(result['nll'])} ± {number(result['nll_stderr'])} nats (IWAE-{result['k']}{products}, "
                  f"{result['n_examples']} {result.get('split', 'test')} digits, {result['seconds']:.1f} s)")
     for layer in result["layers"]:

@@ -18,10 +18,11 @@ from pathlib import Path
 from typing import Any
 
 from vaelab.data import DataConfig
-from vaelab.engines import ENGINE_CHOICES, PRECISIONS
+from vaelab.engines import ENGINE_CHOICES
 from vaelab.errors import CheckpointError, UsageError
 from vaelab.models import ModelConfig
 from vaelab.objectives import OBJECTIVES
+from vaelab.precision import PRECISIONS
 from vaelab.schedules import LR_SCHEDULES
 
 CONFIG_VERSION = 3

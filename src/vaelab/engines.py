@@ -165,7 +165,6 @@ ENGINES: dict[tuple[str, str], Engine] = {
     ("autograd", "fp32"): autograd_step, ("autograd", "bf16"): _autograd_bf16,
     ("autograd", "bf16-emulated"): _autograd_bf16_emulated}
 ENGINE_CHOICES = ("auto", "fused", "autograd")
-PRECISIONS = ("fp32", *BF16_PRODUCTS)
 
 # The configurations a hand-derived engine covers, by ``fast_path_key``.
 FAST_PATHS: dict[tuple, str] = {("mlp", (1,), "relu", "elbo", 1, True): "fused"}

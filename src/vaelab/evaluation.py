@@ -33,9 +33,7 @@ from vaelab.errors import UsageError
 from vaelab.laplace import OUTCOMES, laplace_log_marginal, sample_laplace_proposal
 from vaelab.models import MLPVAE, build_model
 from vaelab.objectives import (elbo_objective, importance_sampled_log_marginal, iwae_bound, log_standard_normal)
-from vaelab.precision import BF16_PRODUCTS
-
-EVAL_PRECISIONS = ("fp32", *BF16_PRODUCTS)
+from vaelab.precision import BF16_PRODUCTS, PRECISIONS
 
 # Burda et al. (2016, §5.2): a latent unit u is active when Cov_x(E_{q(u|x)}[u]) exceeds this.
 ACTIVE_UNIT_THRESHOLD = 1e-2
@@ -192,8 +190,8 @@ IWAE_ESTIMATORS: dict[type, Callable] = {MLPVAE: _iwae_one_layer}
 
 def check_precision(model, precision: str) -> None:
     """Refuse an evaluation precision this model's IWAE estimator does not have (``ValueError``)."""
-    if precision not in EVAL_PRECISIONS:
-        raise UsageError(f"unknown evaluation precision {precision!r}; choose one of {', '.join(EVAL_PRECISIONS)}")
+    if precision not in PRECISIONS:
+        raise UsageError(f"unknown evaluation precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
     if precision != "fp32" and type(model) not in IWAE_ESTIMATORS:
         raise UsageError(f"--precision {precision} covers the one-stochastic-layer mlp models; this run's model is "
                          f"{model.config.name}: use --precision fp32")

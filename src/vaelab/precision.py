@@ -49,3 +49,4 @@ class EmulatedBF16Products(TorchDispatchMode):
 
 # --precision → the bf16 product it uses (fp32 uses none)
 BF16_PRODUCTS: dict[str, Product] = {"bf16": torch.mm, "bf16-emulated": emulated_bf16_mm}
+PRECISIONS = ("fp32", *BF16_PRODUCTS)          # of training (train.precision) and of evaluation

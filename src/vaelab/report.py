@@ -261,12 +261,12 @@ def compare_runs(paths: Sequence[str | Path]) -> Comparison:
             continue
         same = (record.get("data_sha256") == base_record.get("data_sha256") and record["k"] == base_record["k"]
                 and record["n_examples"] == base_record["n_examples"] and record.get("data_sha256") is not None
-                and record.get("precision", "fp32") == base_record.get("precision", "fp32"))
+                and record["precision"] == base_record["precision"])
         a, b = per_digit(base.path, base_record), per_digit(run.path, record)
         if not same or a is None or b is None:
             notes.append(f"{run.name} against {base.name}: evaluated with different settings (K {base_record['k']} vs "
                          f"{record['k']}, {base_record['n_examples']} vs {record['n_examples']} digits, "
-                         f"{base_record.get('precision', 'fp32')} vs {record.get('precision', 'fp32')}"
+                         f"{base_record['precision']} vs {record['precision']}"
                          f"{', other digits' if record.get('data_sha256') != base_record.get('data_sha256') else ''}"
                          f"{', no per-digit values' if a is None or b is None else ''}); the NLLs are shown, "
                          f"not a paired difference")

@@ -48,8 +48,7 @@ class RunInfo:
         """The evaluation of ``split`` in float32 (records before bf16 evaluation were), then with the most
         digits, then the largest K, then the lowest NLL."""
         records = [r for r in self.evaluations if r.get("split", "test") == split and r.get("nll") is not None]
-        return max(records, key=lambda r: (r.get("precision", "fp32") == "fp32", r["n_examples"], r["k"], -r["nll"]),
-                   default=None)
+        return max(records, key=lambda r: (r["precision"] == "fp32", r["n_examples"], r["k"], -r["nll"]), default=None)
 
 
 def read_metrics(path: Path) -> list[dict[str, float]]:
@@ -84,13 +83,14 @@ def read_evaluations(run_dir: Path) -> list[dict[str, Any]]:
             continue
         if isinstance(record, dict) and "nll" in record:
             record["file"] = path.name
+            record.setdefault("precision", "fp32")          # records written before bf16 evaluation
             records.append(record)
     return records
 
 
 def estimator_label(record: dict) -> str:
     """"IWAE-5000", with the decoder's precision where it was not float32."""
-    precision = record.get("precision", "fp32")
+    precision = record["precision"]
     return f"IWAE-{record['k']}" + ("" if precision == "fp32" else f" ({precision} decoder products)")
 
 
