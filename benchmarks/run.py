@@ -2,15 +2,20 @@
 
     python benchmarks/run.py [--reps 3] [--eval-examples 10000] [--quick]
 
-What is timed (float32, the same machine, the same thread count, alternating so that drift hits both):
+What is timed (float32 unless said; the same machine, the same thread count, alternating so that drift hits both):
 - reference: a faithful re-implementation of the exercise's pipeline: a Dataset whose __getitem__ turns
   one uint8 image into a PIL image and then into a float tensor (torchvision's MNIST + ToTensor), a
   DataLoader (batch 64, shuffle), the 784-256-50 MLP with sigmoid + binary_cross_entropy, Adam 1e-3,
   loss.item() every step. (Its targets are the grey levels, as in the exercise; the FLOPs are the same.)
-- vaelab: the Trainer at the same setting (784-256-50, batch 64, dynamic binarisation, fused engine).
+- vaelab: the Trainer at the same setting (784-256-50, batch 64, dynamic binarisation, fused engine), and
+  the same with `--precision bf16` (the fused engine's bf16 step with torch's bf16 products). Where the CPU
+  has no bf16 kernels (no avx512_bf16 or amx_bf16) torch emulates them 22–124× slower, so the bf16 epochs run
+  on the first --bf16-examples digits and their seconds are scaled to the full set.
 - evaluation: `evaluate --k 5000` on the test set, and, alternating on the same digits, IWAE-5000 written
   the plain way (`reference_iwae`: decoder logits, BCE-with-logits, torch.distributions densities), in
-  this process and in a fresh one (its speed depends on the allocator's state; the faster counts).
+  this process and in a fresh one (its speed depends on the allocator's state; the faster counts); and
+  `evaluate --k 5000 --precision bf16` with the same draws (where emulated: on --bf16-eval-examples digits).
+- the targets of the speed issue (#15) against these medians: ``targets``.
 Seconds per epoch are the training loop only (no test evaluation, no checkpoint) on both sides.
 
 FLOPs: ModelConfig.flops_per_example counts 2ab per (1×a)·(a×b) product: forward for all four layers,
@@ -48,6 +53,7 @@ from vaelab.data import BINARIZE_PARTS, DataConfig, binarize, load_mnist, prepar
 from vaelab.evaluation import EvalConfig, hot_loop_settings, iwae_log_likelihood
 from vaelab.models import ModelConfig
 from vaelab.objectives import importance_sampled_log_marginal
+from vaelab.resources import cpu_flags, has_native_bf16
 from vaelab.training import Trainer
 
 RESULTS = Path(__file__).parent / "results"
@@ -140,8 +146,8 @@ def matmul_peak() -> float:
     return best
 
 
-def step_floor(trainer) -> dict[str, float]:
-    """Seconds, over one epoch, of the parts of a batch-64 step that no eager float32 step avoids.
+def step_floor(trainer, dtype: torch.dtype = torch.float32) -> dict[str, float]:
+    """Seconds, over one epoch, of the parts of a batch-64 step that no eager step in ``dtype`` avoids.
 
     Timed on the trainer's own model, flat buffers and data: the eleven matrix products of
     ``engines.fused_step`` (four forward; the weight gradients of all four layers and the input gradients
@@ -151,31 +157,36 @@ def step_floor(trainer) -> dict[str, float]:
     is a lower bound for any implementation that keeps dense float32 products at batch 64 (with this
     torch's BLAS), and the reference's seconds per epoch over it bounds the speed-up such an
     implementation can show here.
+    With ``dtype`` bf16 the products take bf16 operands and write bf16 results, as ``engines.fused_step_bf16``'s
+    do (the rounding of the weights to bf16, once per step, is left out too); Adam and the binarisation stay
+    float32. The epoch is the trainer's own (a trainer on fewer digits times fewer steps and a smaller draw).
     Adam's parameters are restored afterwards, so the trainer goes on exactly as before.
     """
     model, adam, data = trainer.model, trainer.optimizer, trainer.data
     cfg, batch = trainer.config.model, trainer.config.train.batch_size
     steps = -(-data.n_train // batch)
-    x = data.train_grey[:batch].gt(127).to(torch.float32)                    # (B, 784) binary pixels
-    enc1, enc2, dec1, dec2 = model.fused_layers()
+    x = data.train_grey[:batch].gt(127).to(dtype)                            # (B, 784) binary pixels
+    # the four layers' weights and biases in dtype (float32: the trainer's own tensors, not copies)
+    (w1, b1), (w2, b2), (w3, b3), (w4, b4) = ((layer.weight.to(dtype), layer.bias.to(dtype))
+                                              for layer in model.fused_layers())
     (hidden,), latent = cfg.hidden[0], cfg.total_latent
-    h1, e = torch.randn(batch, hidden), torch.randn(batch, 2 * latent)               # (B, H), (B, 2d)
-    z, h2 = torch.randn(batch, latent), torch.randn(batch, hidden)                   # (B, d), (B, H)
-    logits = torch.randn(batch, cfg.data_dim)                                         # (B, 784)
+    h1, e = torch.randn(batch, hidden).to(dtype), torch.randn(batch, 2 * latent).to(dtype)  # (B, H), (B, 2d)
+    z, h2 = torch.randn(batch, latent).to(dtype), torch.randn(batch, hidden).to(dtype)      # (B, d), (B, H)
+    logits = torch.randn(batch, cfg.data_dim).to(dtype)                                      # (B, 784)
     d_h2, d_z, d_h1 = torch.empty_like(h2), torch.empty_like(z), torch.empty_like(h1)
-    grads = [torch.empty_like(p) for p in (enc1.weight, enc2.weight, dec1.weight, dec2.weight)]
+    grads = [torch.empty_like(w) for w in (w1, w2, w3, w4)]
 
     def products() -> None:
-        torch.addmm(enc1.bias, x, enc1.weight.t(), out=h1)
-        torch.addmm(enc2.bias, h1, enc2.weight.t(), out=e)
-        torch.addmm(dec1.bias, z, dec1.weight.t(), out=h2)
-        torch.addmm(dec2.bias, h2, dec2.weight.t(), out=logits)
+        torch.addmm(b1, x, w1.t(), out=h1)
+        torch.addmm(b2, h1, w2.t(), out=e)
+        torch.addmm(b3, z, w3.t(), out=h2)
+        torch.addmm(b4, h2, w4.t(), out=logits)
         torch.mm(logits.t(), h2, out=grads[3])
-        torch.mm(logits, dec2.weight, out=d_h2)
+        torch.mm(logits, w4, out=d_h2)
         torch.mm(d_h2.t(), z, out=grads[2])
-        torch.mm(d_h2, dec1.weight, out=d_z)
+        torch.mm(d_h2, w3, out=d_z)
         torch.mm(e.t(), h1, out=grads[1])
-        torch.mm(e, enc2.weight, out=d_h1)
+        torch.mm(e, w2, out=d_h1)
         torch.mm(d_h1.t(), x, out=grads[0])
 
     saved = {name: t.clone() for name, t in adam.state_dict().items()}
@@ -199,9 +210,10 @@ def step_floor(trainer) -> dict[str, float]:
     return seconds
 
 
-def vaelab_trainer(arrays, batch: int = 64, hidden: int = 256, engine: str = "fused"):
-    config = RunConfig(model=ModelConfig(hidden=((hidden,),)), data=DataConfig(),
-                       train=TrainConfig(epochs=1, batch_size=batch, engine=engine))
+def vaelab_trainer(arrays, batch: int = 64, hidden: int = 256, engine: str = "fused", precision: str = "fp32",
+                   train_examples: int | None = None):
+    config = RunConfig(model=ModelConfig(hidden=((hidden,),)), data=DataConfig(train_examples=train_examples),
+                       train=TrainConfig(epochs=1, batch_size=batch, engine=engine, precision=precision))
     data = prepare(arrays, config.data)
     trainer = Trainer(config, tempfile.mkdtemp(prefix="vaelab-bench-"), data, torch.device("cpu"),
                       log=lambda m: None, progress=False)
@@ -272,8 +284,6 @@ def threads_table() -> list[dict]:
 def bf16_products() -> dict:
     """Whether the CPU has native bf16, and a bf16 product's time over float32's, one thread, at the shapes of
     the training step and at 1024³ (best of 20 after a warm-up)."""
-    from vaelab.resources import cpu_flags
-
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     ratios = {}
@@ -295,11 +305,22 @@ def bf16_products() -> dict:
     finally:
         torch.set_num_threads(threads)
     flags = cpu_flags()
-    native = bool(flags & {"avx512_bf16", "amx_bf16"})
+    native = has_native_bf16(torch.device("cpu"))
     for shape, row in ratios.items():
         print(f"bf16 {shape}: {row['bf16_gflops']:.1f} GFLOP/s against {row['fp32_gflops']:.1f} in float32 "
               f"(time ×{row['bf16_over_fp32_time']:.1f}), native bf16: {native}")
     return {"native": native, "avx512": sorted(f for f in flags if f.startswith(("avx512", "amx"))), "products": ratios}
+
+
+def targets(result: dict) -> dict[str, dict]:
+    """The speed issue's targets (#15) against this run's medians: training's epoch against the reference
+    pipeline's, in float32 and in bf16, and IWAE-5000 over 10 000 digits with bf16 decoder products."""
+    training, evaluation = result["training"], result["evaluation"]
+    rows = {"training_fp32_speedup": (">= 5", training["speedup_fused_vs_reference"], 5.0, 1),
+            "training_bf16_speedup": (">= 8", training["bf16"]["speedup_vs_reference"], 8.0, 1),
+            "evaluation_bf16_seconds_per_10000": ("<= 80", evaluation["bf16"]["seconds_per_10000"], 80.0, -1)}
+    return {name: {"target": target, "measured": measured, "met": sign * measured >= sign * bound}
+            for name, (target, measured, bound, sign) in rows.items()}
 
 
 def plain_iwae_in_fresh_process(run_dir: Path, n_examples: int, seed: int) -> float:
@@ -332,6 +353,11 @@ def main() -> None:
     parser.add_argument("--side-examples", type=int, default=200,
                         help="test digits for the side-by-side IWAE timing (3 alternating repetitions)")
     parser.add_argument("--quick", action="store_true", help="skip the scaling table and the memory run")
+    parser.add_argument("--bf16-examples", type=int, default=3200,
+                        help="where bf16 is emulated (22-124x slower): the training digits of the bf16 epochs, "
+                             "scaled to 60 000 (native bf16: all of them)")
+    parser.add_argument("--bf16-eval-examples", type=int, default=20,
+                        help="where bf16 is emulated: the test digits of the bf16 IWAE-5000 timing")
     args = parser.parse_args()
     torch.manual_seed(0)
     arrays = load_mnist(log=print)
@@ -345,14 +371,25 @@ def main() -> None:
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     loader = torch.utils.data.DataLoader(ReferenceMNIST(arrays.train_images), batch_size=64, shuffle=True)
     trainers = {"fused": vaelab_trainer(arrays), "autograd": vaelab_trainer(arrays, engine="autograd")}
-    times: dict[str, list[float]] = {"reference": [], "fused": [], "autograd": [], "floor": []}
-    floor_parts: list[dict[str, float]] = []
+    # bf16 (the fused engine's bf16 step and its floor) on all digits where this CPU has bf16 kernels; where
+    # torch emulates them, on the first --bf16-examples digits, seconds scaled to the full set
+    native = has_native_bf16(torch.device("cpu"))
+    n_train = len(arrays.train_images)
+    bf16_examples = n_train if native else min(args.bf16_examples, n_train)
+    bf16_scale = n_train / bf16_examples
+    bf16_trainer = vaelab_trainer(arrays, precision="bf16", train_examples=bf16_examples)
+    times: dict[str, list[float]] = {"reference": [], "fused": [], "autograd": [], "floor": [], "fused_bf16": [],
+                                     "floor_bf16": []}
+    floor_parts: dict[str, list[dict[str, float]]] = {"fp32": [], "bf16": []}
     for rep in range(args.reps):
         times["reference"].append(reference_epoch(loader, model, optimizer))
         for engine, trainer in trainers.items():
             times[engine].append(vaelab_epoch(trainer))
-        floor_parts.append(step_floor(trainers["fused"]))
-        times["floor"].append(sum(floor_parts[-1].values()))
+        floor_parts["fp32"].append(step_floor(trainers["fused"]))
+        times["floor"].append(sum(floor_parts["fp32"][-1].values()))
+        times["fused_bf16"].append(vaelab_epoch(bf16_trainer) * bf16_scale)
+        floor_parts["bf16"].append(step_floor(bf16_trainer, torch.bfloat16))
+        times["floor_bf16"].append(sum(floor_parts["bf16"][-1].values()) * bf16_scale)
         print(f"rep {rep + 1}: " + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in times.items()))
     flops_epoch = ModelConfig().flops_per_example() * len(arrays.train_images)
     median = {k: float(np.median(v)) for k, v in times.items()}
@@ -366,9 +403,17 @@ def main() -> None:
         "floor_seconds_at_peak": flops_epoch / peak / 1e9,
         # the products, Adam and the binarisation alone, timed in place (step_floor), alternating with the
         # epochs above: what bounds any eager float32 step at batch 64 on this machine
-        "step_floor": {"seconds_per_epoch": floor_parts, "median": median["floor"],
+        "step_floor": {"seconds_per_epoch": floor_parts["fp32"], "median": median["floor"],
                        "max_speedup_vs_reference": median["reference"] / median["floor"],
                        "fused_over_floor": median["fused"] / median["floor"]},
+        # the fused engine's bf16 step (engines.fused_step_bf16, torch's bf16 products) and its floor (the
+        # eleven products in bf16, Adam, the binarisation), timed on bf16_examples digits, scaled to all
+        "bf16": {"native": native, "examples_timed": bf16_examples, "seconds_scaled_by": bf16_scale,
+                 "speedup_vs_reference": median["reference"] / median["fused_bf16"],
+                 "over_fp32": median["fused_bf16"] / median["fused"],
+                 "step_floor": {"seconds_per_epoch_unscaled": floor_parts["bf16"], "median": median["floor_bf16"],
+                                "max_speedup_vs_reference": median["reference"] / median["floor_bf16"],
+                                "fused_over_floor": median["fused_bf16"] / median["floor_bf16"]}},
     }
     # accuracy: both engines from the same seed after the same epochs (test ELBO on all 10 000 digits)
     result["training"]["test_elbo_after_reps"] = {k: tr.state.metrics[-1]["test_elbo"] for k, tr in trainers.items()}
@@ -383,18 +428,37 @@ def main() -> None:
           f"vaelab's epoch is {t['step_floor']['fused_over_floor']:.2f} × the floor")
     print(f"test ELBO after {args.reps} epochs, seed 0: " +
           ", ".join(f"{k} {v:.3f}" for k, v in t["test_elbo_after_reps"].items()))
+    b = t["bf16"]
+    print(f"bf16 ({'native' if native else 'emulated by torch'}, timed on {bf16_examples} digits, ×{bf16_scale:.2f}): "
+          f"{median['fused_bf16']:.2f} s/epoch (×{b['speedup_vs_reference']:.2f} over the reference, "
+          f"{b['over_fp32']:.2f} × fp32), floor {median['floor_bf16']:.2f} s "
+          f"(at most ×{b['step_floor']['max_speedup_vs_reference']:.2f})")
 
     # -- evaluation -------------------------------------------------------------------------------
     trained = trainers["fused"].model
     test = prepare(arrays, DataConfig(test_examples=args.eval_examples, train_examples=1)).test_binary
     decoder_flops = 2 * (50 * 256 + 256 * 784)
     start = time.perf_counter()
-    iwae_log_likelihood(trained, test, EvalConfig(k=5000))
+    fp32_values = iwae_log_likelihood(trained, test, EvalConfig(k=5000))                     # (N,)
     seconds = time.perf_counter() - start
     floor = 5000 * decoder_flops * len(test) / peak / 1e9
     result["evaluation"] = {"k": 5000, "n_examples": len(test), "seconds": seconds, "floor_seconds": floor,
                             "seconds_per_10000": seconds * 10000 / len(test)}
     print(f"evaluate --k 5000 on {len(test)} digits: {seconds:.1f} s (floor at peak {floor:.1f} s)")
+    # the same estimate with bf16 decoder products, the same draws (the same seed, the same first digits)
+    bf16_test = test if native else test[: args.bf16_eval_examples]
+    start = time.perf_counter()
+    bf16_values = iwae_log_likelihood(trained, bf16_test, EvalConfig(k=5000, precision="bf16"))
+    bf16_seconds = (time.perf_counter() - start) * 10000 / len(bf16_test)
+    difference = (bf16_values.double() - fp32_values[: len(bf16_test)].double())                 # (n,)
+    result["evaluation"]["bf16"] = {
+        "native": native, "n_examples": len(bf16_test), "seconds_per_10000": bf16_seconds,
+        "over_fp32": bf16_seconds / result["evaluation"]["seconds_per_10000"],
+        "mean_difference_nats": float(difference.mean()),
+        "standard_error_nats": float(difference.std() / len(difference) ** 0.5) if len(difference) > 1 else None}
+    print(f"evaluate --k 5000 --precision bf16 on {len(bf16_test)} digits: {bf16_seconds:.1f} s per 10 000 "
+          f"({result['evaluation']['bf16']['over_fp32']:.2f} × fp32); IWAE(bf16) − IWAE(fp32), same draws: "
+          f"{difference.mean():+.4f} nats")
     # side by side with the plain IWAE, alternating on the same digits (robust to the machine's drift)
     # The plain IWAE's speed depends on the state of the process's allocator: in this process, after
     # vaelab's loops have set glibc's thresholds and grown the heap, its 63 MB temporaries come without
@@ -447,6 +511,9 @@ def main() -> None:
         result["presets"] = presets_table()
         result["threads"] = threads_table()
     result["bf16"] = bf16_products()
+    result["targets"] = targets(result)
+    for name, row in result["targets"].items():
+        print(f"target {name}: {row['target']}, measured {row['measured']:.2f} — {'met' if row['met'] else 'not met'}")
 
     RESULTS.mkdir(exist_ok=True)
     stem = f"{platform.node() or 'machine'}-{result['date']}"

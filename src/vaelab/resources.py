@@ -100,6 +100,19 @@ def cpu_flags() -> set[str]:
     return set()
 
 
+NATIVE_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})   # /proc/cpuinfo flags of bf16 product kernels
+
+
+def has_native_bf16(device) -> bool:
+    """Whether ``device`` computes bfloat16 products in hardware (a CUDA device with bf16 support, or a CPU
+    with AVX-512 BF16 or AMX) rather than emulating them."""
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return bool(cpu_flags() & NATIVE_BF16_FLAGS)
+
+
 def require_native_bf16(device) -> None:
     """Refuse ``--precision bf16`` where bfloat16 products would be emulated, saying how much slower they run
     here (measured on the spot: a 512 × 512 × 512 product in each dtype, best of 5)."""
@@ -107,14 +120,11 @@ def require_native_bf16(device) -> None:
 
     import torch
 
+    if has_native_bf16(device):
+        return
     if device.type == "cuda":
-        if not torch.cuda.is_bf16_supported():
-            raise UsageError(f"--precision bf16: {torch.cuda.get_device_name(device)} has no bfloat16 support; "
-                             f"use --precision fp32")
-        return
-    flags = cpu_flags()
-    if flags & {"avx512_bf16", "amx_bf16"}:
-        return
+        raise UsageError(f"--precision bf16: {torch.cuda.get_device_name(device)} has no bfloat16 support; "
+                         f"use --precision fp32")
     a32 = torch.randn(512, 512)
     timings = {}
     for dtype in (torch.float32, torch.bfloat16):
