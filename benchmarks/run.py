@@ -249,15 +249,22 @@ def peak_memory_of_training(epochs: int = 1) -> float:
     return train_in_child()[0]
 
 
-def presets_table() -> list[dict]:
-    """Seconds per epoch and peak memory of one epoch of every preset (its own batch size, objective, model)."""
-    from vaelab.presets import PRESETS
+def presets_table(n_train: int) -> list[dict]:
+    """One epoch of every preset (its own batch size, objective, model; on the default device, so a GPU where
+    there is one): seconds, optimiser steps per second, peak memory, and the preset's whole schedule at that
+    speed (3280 epochs for Burda's)."""
+    from vaelab.presets import PRESETS, apply_preset
 
     rows = []
     for name in PRESETS:
         memory, seconds = train_in_child("--preset", name)
-        rows.append({"preset": name, "seconds_per_epoch": seconds, "peak_rss_mib": memory})
-        print(f"preset {name:14s}: {seconds:7.2f} s/epoch, peak {memory:6.0f} MiB")
+        train = apply_preset(RunConfig(), name).train
+        steps = -(-n_train // train.batch_size)
+        rows.append({"preset": name, "seconds_per_epoch": seconds, "steps_per_second": steps / seconds,
+                     "schedule_epochs": train.epochs, "schedule_hours": train.epochs * seconds / 3600,
+                     "peak_rss_mib": memory})
+        print(f"preset {name:14s}: {seconds:7.2f} s/epoch, {steps / seconds:7.1f} steps/s, its {train.epochs} epochs "
+              f"{train.epochs * seconds / 3600:6.1f} h, peak {memory:6.0f} MiB")
     return rows
 
 
@@ -342,8 +349,9 @@ def plain_iwae_in_fresh_process(run_dir: Path, n_examples: int, seed: int) -> fl
 def machine() -> dict:
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
                platform.processor())
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "python": platform.python_version(), "node": platform.node()}
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None    # what `vaelab train` runs on
+    return {"cpu": cpu, "cores": os.cpu_count(), "gpu": gpu, "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "python": platform.python_version(), "node": platform.node()}
 
 
 def main() -> None:
@@ -508,7 +516,7 @@ def main() -> None:
         result["scaling_evaluation"] = eval_scaling
         result["peak_rss_mib_training"] = peak_memory_of_training()
         print(f"peak resident memory of `vaelab train` (1 epoch): {result['peak_rss_mib_training']:.0f} MiB")
-        result["presets"] = presets_table()
+        result["presets"] = presets_table(len(arrays.train_images))
         result["threads"] = threads_table()
     result["bf16"] = bf16_products()
     result["targets"] = targets(result)
