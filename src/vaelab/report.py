@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from vaelab import plots
+from vaelab.evaluation import summarize
 from vaelab.presets import changed_fields, preset_label
 from vaelab.runs import RunInfo, estimator_label, per_digit, read_run
 
@@ -272,7 +273,7 @@ def compare_runs(paths: Sequence[str | Path]) -> Comparison:
                          f"not a paired difference")
             continue
         diff = (-b["iwae"]) - (-a["iwae"])                        # NLL of run − NLL of the first run, per digit
-        stderr = float(diff.std(ddof=1) / math.sqrt(len(diff))) if len(diff) > 1 else float("nan")
+        _, stderr = summarize(torch.from_numpy(diff))
         paired.append({"name": run.name, "base": base.name, "difference": _fmt(float(diff.mean())),
                        "stderr": _fmt(stderr), "digits": str(len(diff)),
                        "unpaired": _fmt(math.hypot(base_record.get("nll_stderr") or 0, record.get("nll_stderr") or 0))})
