@@ -195,3 +195,22 @@ def test_wide_and_narrow_gaussians_integrate_to_their_closed_form(scale):
     assert abs(result.log_value - expected) < 1e-8 * max(1.0, abs(expected))
     one_d = laplace_integral(lambda x: -0.5 * 1e-3 * scale * (x - 2.0) ** 2, x0=0.0)
     assert abs(one_d.log_value - 0.5 * math.log(2 * math.pi / (1e-3 * scale))) < 1e-8
+
+
+def test_extreme_m_finds_the_mode_on_f_to_the_precision_m_needs():
+    """f = −x² from x0 = 0.3 with M = 10³⁰⁰: the search's first stop (x ≈ 5.6e−17, where |f'| ≈ 1e−16 passes
+    the gradient test on f) costs M·x² ≈ 3e267 nats; the result must be the exact ½ log(π/M) = −344.815…"""
+    result = laplace_integral(lambda x: -x * x, x0=0.3, M=1e300)
+    assert result.log_value == pytest.approx(0.5 * math.log(math.pi / 1e300), abs=1e-9)
+
+
+def test_extreme_m_without_a_representable_mode_is_refused_in_one_line():
+    """f = −(x² − 2)²: no float64 x makes f' vanish (x² rounds to 2 ± 4e−16), so at M = 10³⁰ the mode's
+    last bit moves M·f(x₀) by ≈ 0.2 nats, far beyond what the answer (≈ −35) can carry: refused, not wrong.
+    At M = 10¹⁸ it is still exact to 1e−9 against ½ log(2π/(16M))."""
+    f = lambda x: -(x * x - 2) ** 2  # noqa: E731
+    assert laplace_integral(f, x0=1.3, M=1e18).log_value == pytest.approx(0.5 * math.log(2 * math.pi / 16e18),
+                                                                            abs=1e-9)
+    with pytest.raises(LaplaceError, match="leaves no precision") as error:
+        laplace_integral(f, x0=1.3, M=1e30)
+    assert "\n" not in str(error.value)

@@ -106,7 +106,7 @@ def test_runs_lists_state_epochs_and_best_nll(runs, tmp_path, data_dir, capsys):
     busy = next(line for line in lines if "busy" in line)
     assert "training now" in busy and "3/3" in busy and "seed" in busy
     assert "interrupted" in next(line for line in lines if "interrupted" in line)
-    assert re.search(r"\d+\.\d\d \(K 20, 60\)", busy)
+    assert re.search(r"\d+\.\d\d \(K 20, 60 test digits, epoch 3\)", busy)
     code = main(["runs", str(tmp_path / "nowhere")])
     assert code == 2
 
@@ -146,6 +146,8 @@ def test_tensorboard_missing_is_a_one_line_error(tmp_path, data_dir, capsys, mon
 
 def test_the_readme_example_runs(tmp_path, data_dir, monkeypatch):
     """The Python example in README.md, executed as written (on the synthetic data set)."""
+    import torch
+
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     example = re.search(r"```python\n(.*?)```", readme, re.S).group(1)
     monkeypatch.chdir(tmp_path)
@@ -154,7 +156,7 @@ def test_the_readme_example_runs(tmp_path, data_dir, monkeypatch):
     exec(compile(example, "README.md", "exec"), namespace)
     run = namespace["run"]
     assert run.status == "finished" and len(run.metrics) == run.config.train.epochs
-    assert np.isfinite(namespace["log_px"]).all()
+    assert bool(torch.isfinite(namespace["log_px"]).all())
 
 
 def test_api_load_run(runs):

@@ -1,22 +1,49 @@
 """The Python API: ``vaelab.load_run(path)`` and ``vaelab.train(...)`` for notebooks and scripts (README
-shows an example, which tests/test_report.py runs)."""
+shows an example, which tests/test_report.py runs).
+
+Everything returns torch tensors (float32 from the model, float64 for the per-digit log-likelihoods, which
+are sums over thousands of draws), on the CPU. Bad arguments raise ``vaelab.errors.UsageError``, a
+``ValueError`` whose message names the argument in the API's own terms (``epochs=``, not ``--epochs``).
+"""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from vaelab.errors import UsageError
 from vaelab.runs import RunInfo, read_run
+
+CHECKPOINTS = ("last", "best")
+
+
+def in_api_terms(message: str) -> str:
+    """A message written for the command line, in the API's terms: ``--resume`` → ``resume=True``,
+    ``--out`` → ``out=``, ``argument --epochs:`` → ``epochs:``."""
+    message = re.sub(r"argument --([a-z][a-z0-9-]*)", lambda m: m.group(1).replace("-", "_"), message)
+    message = re.sub(r"--(resume|overwrite|laplace|tensorboard)\b", r"\1=True", message)
+    return re.sub(r"--([a-z][a-z0-9-]*)", lambda m: m.group(1).replace("-", "_") + "=", message)
 
 
 class Run:
-    """A run directory: its config, metrics, status and evaluations, and its model (loaded on first use)."""
+    """A run directory: its config, metrics, status and evaluations, and its model (loaded on first use).
+
+    ``evaluations`` are the records of `vaelab evaluate`, each with ``stale``: True where the weights it measured
+    are no longer the run's (it was trained further since), so its numbers do not describe this model."""
 
     def __init__(self, path: str | Path, checkpoint: str = "last"):
+        from vaelab.training import BEST_WEIGHTS
+
+        if checkpoint not in CHECKPOINTS:
+            raise UsageError(f"checkpoint={checkpoint!r}: choose one of {', '.join(map(repr, CHECKPOINTS))}")
         self.info: RunInfo = read_run(path)
+        if checkpoint == "best" and not (self.info.path / BEST_WEIGHTS).exists():
+            raise UsageError(f"checkpoint='best': {self.info.path} has no {BEST_WEIGHTS} (best weights are kept only "
+                             f"by runs trained with validation=N); use checkpoint='last'")
         self.checkpoint = checkpoint
         self._model = None
 
@@ -42,28 +69,62 @@ class Run:
 
     @staticmethod
     def _pixels(x: Any) -> torch.Tensor:
-        x = torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x, dtype=torch.float32)
-        return x.reshape(-1, 784)
+        """Digits as (B, 784) float32: from (B, 784), (B, 28, 28), one (784,) or (28, 28) digit; values in [0, 1]."""
+        try:
+            x = torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x, dtype=torch.float32)
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise UsageError(f"x must be digits as an array or tensor of numbers, got {type(x).__name__}") from exc
+        shape = tuple(x.shape)
+        if shape in ((784,), (28, 28)):
+            x = x.reshape(1, 784)
+        elif len(shape) == 2 and shape[1] == 784 or len(shape) == 3 and shape[1:] == (28, 28):
+            x = x.reshape(-1, 784)
+        else:
+            raise UsageError(f"x must hold 784 pixels per digit, shaped (B, 784) or (B, 28, 28); got shape {shape}")
+        if len(x) == 0:
+            raise UsageError("x holds no digits (shape (0, 784)); pass at least one")
+        if not bool(((x >= 0) & (x <= 1)).all()):
+            raise UsageError("x must hold pixel values in [0, 1] (binary digits, or probabilities); found values "
+                             f"from {float(x.nan_to_num(nan=-1).min()):g} to {float(x.nan_to_num(nan=2).max()):g} "
+                             f"(or NaN)")
+        return x
 
     @torch.no_grad()
     def encode(self, x: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        """(μ, log σ²) of q(z₁|x) for binary digits x (B, 784) or (B, 28, 28)."""
+        """(μ, log σ²) of q(z₁|x), each (B, d₁), for digits x (B, 784) or (B, 28, 28)."""
         return self.model.encode(self._pixels(x))
 
     @torch.no_grad()
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """Decoder means sigmoid(logits) of p(x|z₁) for z₁ (B, d₁)."""
-        return torch.sigmoid(self.model.decode(torch.as_tensor(z, dtype=torch.float32)))
+    def decode(self, z: Any) -> torch.Tensor:
+        """Decoder means sigmoid(logits) of p(x|z₁) for z₁ (B, d₁): (B, 784)."""
+        z = torch.as_tensor(z, dtype=torch.float32)
+        latent = self.config.model.latent[0]
+        if z.ndim != 2 or z.shape[1] != latent or not bool(torch.isfinite(z).all()):
+            raise UsageError(f"z must be finite latents of the first stochastic layer, shaped (B, {latent}); got "
+                             f"shape {tuple(z.shape)}")
+        return torch.sigmoid(self.model.decode(z))
 
     def sample(self, n: int = 64, seed: int = 0) -> torch.Tensor:
         """Decoder means of n draws from p(z): (n, 784)."""
+        _check_count("n", n, 1)
+        _check_count("seed", seed, 0)
         return self.model.sample(n, torch.Generator().manual_seed(seed))
 
-    def log_likelihood(self, x: Any, k: int = 5000, seed: int = 0) -> np.ndarray:
-        """IWAE-K estimates of log p(x) per digit (nats), as `vaelab evaluate` computes them."""
+    def log_likelihood(self, x: Any, k: int = 5000, seed: int = 0) -> torch.Tensor:
+        """IWAE-K estimates of log p(x) per digit (nats), as `vaelab evaluate` computes them: (B,) float64."""
         from vaelab.evaluation import EvalConfig, iwae_log_likelihood
+        from vaelab.resources import require_memory
 
-        return iwae_log_likelihood(self.model, self._pixels(x), EvalConfig(k=k, seed=seed)).numpy()
+        _check_count("k", k, 1)
+        _check_count("seed", seed, 0)
+        config = EvalConfig(k=k, seed=seed)
+        require_memory(config.memory_bytes(self.config.model), f"log_likelihood(k={k})", "use a smaller k")
+        return iwae_log_likelihood(self.model, self._pixels(x), config)
+
+
+def _check_count(name: str, value: Any, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not low <= value < 2**63:
+        raise UsageError(f"{name} must be a whole number ≥ {low}, got {value!r}")
 
 
 def load_run(path: str | Path, checkpoint: str = "last") -> Run:
@@ -71,33 +132,53 @@ def load_run(path: str | Path, checkpoint: str = "last") -> Run:
     return Run(path, checkpoint)
 
 
-def train(config=None, *, out: str | Path | None = None, progress: bool = False, **flags) -> Run:
+def train(config=None, *, out: str | Path | None = None, resume: bool = False, progress: bool = False,
+          **flags) -> Run:
     """Train as `vaelab train` does and return the run.
 
     ``config``: a RunConfig, or a dict as in config.json; or leave it out and give the command's flags as
     keyword arguments (``preset="burda-vae-1", epochs=10, hidden=[200, 200], validation=10000``), validated
-    exactly as on the command line. ``out``: the run directory (default runs/<timestamp>).
+    exactly as on the command line. ``out``: the run directory (default runs/<timestamp>). ``resume=True``
+    continues the run in ``out`` from its checkpoint (``epochs=`` may raise its length).
     """
-    from vaelab.cli import _new_run, build_parser
+    from vaelab import checkpoint as ckpt
+    from vaelab.cli import RaisingParser, _new_run, _resume, build_parser
     from vaelab.config import RunConfig
     from vaelab.distributed import SINGLE
-    from vaelab.errors import UsageError
 
     if config is not None and flags:
         raise UsageError(f"vaelab.train: give a config or flags ({', '.join(flags)}), not both")
+    if config is not None and resume:
+        raise UsageError("vaelab.train: resume=True continues the run in out= with its own config; pass no config")
+    if resume and out is None:
+        raise UsageError("vaelab.train: resume=True needs out=, the run directory to continue")
+    if out is not None and not resume and ckpt.is_run(Path(out)):
+        raise UsageError(f"vaelab.train: out={str(out)!r} already holds a run: open it with "
+                         f"vaelab.load_run({str(out)!r}), continue it with resume=True (and a larger epochs=), "
+                         f"or pass another out=")
     if isinstance(config, dict):
         config = RunConfig.from_dict(config, "the config given to vaelab.train")
-    argv = ["train"] + (["--out", str(out)] if out is not None else []) + ([] if progress else ["--no-progress"])
+    argv = ["train"] + (["--out", str(out)] if out is not None else []) + (["--resume"] if resume else []) \
+        + ([] if progress else ["--no-progress"])
     for name, value in flags.items():
         option = "--" + name.replace("_", "-")
         if value is True:
             argv.append(option)
         elif value is not False and value is not None:
             argv += [option, *map(str, value if isinstance(value, (list, tuple)) else [value])]
-    try:
-        args = build_parser().parse_args(argv)
-    except SystemExit as exc:
-        raise UsageError(f"vaelab.train: invalid arguments {flags} (see `vaelab train --help`)") from exc
     paths: list[Path] = []
-    _new_run(args, SINGLE, config=None if config is None else config.validate(), claimed_dir=paths)
+    try:
+        args = build_parser(RaisingParser).parse_args(argv)
+        if resume:
+            _resume(args, SINGLE)
+            paths.append(Path(out))
+        else:
+            _new_run(args, SINGLE, config=None if config is None else config.validate(), claimed_dir=paths)
+    except UsageError as exc:
+        message = str(exc)
+        if message.startswith("unrecognized arguments:"):
+            unknown = [word[2:].replace("-", "_") for word in message.split(":", 1)[1].split() if word.startswith("--")]
+            message = (f"unknown keyword argument{'s' * (len(unknown) > 1)} {', '.join(unknown)}; the keywords are "
+                       f"the flags that `vaelab train` lists, with _ for - (help(vaelab.train))")
+        raise type(exc)(f"vaelab.train: {in_api_terms(message)}") from None
     return Run(paths[0])

@@ -89,9 +89,7 @@ def current_names(tensors: dict[str, torch.Tensor], model: torch.nn.Module) -> d
 def load_model(run_dir: str | Path, device: torch.device | str = "cpu",
                weights: str = WEIGHTS) -> tuple[RunConfig, torch.nn.Module]:
     """Rebuild the model from ``config.json`` alone and load ``weights`` (default model.safetensors) into it."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise CheckpointError(f"run directory {run_dir} does not exist; pass a directory written by `vaelab train`")
+    run_dir = require_run_dir(run_dir)
     config = RunConfig.load(run_dir / CONFIG)
     model = build_model(config.model).to(torch.float32)
     tensors, _ = load_tensors(run_dir / weights)
@@ -104,6 +102,15 @@ def load_model(run_dir: str | Path, device: torch.device | str = "cpu",
     check_finite(tensors, run_dir / weights)
     model.load_state_dict(tensors)
     return config, model.to(device).eval()
+
+
+def require_run_dir(path: str | Path) -> Path:
+    """``path`` as a Path if it is a directory, else a CheckpointError saying what it is instead."""
+    path = Path(path)
+    if not path.is_dir():
+        what = "is a file, not a run directory" if path.exists() else "does not exist"
+        raise CheckpointError(f"{path} {what}; pass a directory written by `vaelab train`")
+    return path
 
 
 def check_finite(tensors: dict[str, torch.Tensor], path: Path) -> None:

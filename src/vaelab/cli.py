@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import decimal
 import json
 import math
 import sys
@@ -17,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from vaelab.errors import UsageError, VaelabError
+from vaelab.errors import TrainingDiverged, UsageError, VaelabError
 
 MAX_SAMPLE_GRID = 4096          # samples in one picture: 512 rows of 8 digits, ≈ 37 000 pixels tall
 
@@ -27,6 +28,13 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
+class RaisingParser(argparse.ArgumentParser):
+    """For the Python API: a bad argument raises UsageError carrying argparse's reason (nothing printed)."""
+
+    def error(self, message: str):
+        raise UsageError(message)
+
+
 def _whole_number(low: int, high: int = 2**63):
     """An argparse type for whole numbers in [low, high)."""
 
@@ -34,10 +42,18 @@ def _whole_number(low: int, high: int = 2**63):
         try:
             value = int(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a whole number ≥ {low}, got {text!r}") from None
+            # whole numbers in scientific notation too (1e6, 2.5E3), exactly: Decimal, not float
+            try:
+                number = decimal.Decimal(text.strip())
+            except decimal.InvalidOperation:
+                number = None
+            if number is None or not number.is_finite() or number != number.to_integral_value():
+                raise argparse.ArgumentTypeError(f"expected a whole number ≥ {low} (e.g. 1000 or 1e3), "
+                                                 f"got {text!r}") from None
+            value = int(number) if number.adjusted() <= 40 else high      # 1e999999: out of range, not built
         if not low <= value < high:
             upper = " and below 2⁶³" if high == 2**63 else f" and at most {high - 1}"
-            raise argparse.ArgumentTypeError(f"must be at least {low}{upper}, got {value}")
+            raise argparse.ArgumentTypeError(f"must be at least {low}{upper}, got {text}")
         return value
 
     return parse
@@ -70,7 +86,7 @@ def _device(text: str) -> str:
     raise argparse.ArgumentTypeError(f"unknown device {text!r}; use auto, cpu or cuda")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(parser_class: type[argparse.ArgumentParser] = _Parser) -> argparse.ArgumentParser:
     from vaelab import __version__
     from vaelab.engines import ENGINE_CHOICES
     from vaelab.laplace import MAX_STIRLING_TERMS
@@ -80,9 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     from vaelab.presets import PRESETS
     from vaelab.schedules import LR_SCHEDULES
 
-    parser = _Parser(prog="vaelab", description="Variational autoencoders on binarised MNIST, and Laplace's method.")
+    parser = parser_class(prog="vaelab", description="Variational autoencoders on binarised MNIST, and Laplace's method.")
     parser.add_argument("--version", action="version", version=f"vaelab {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=parser_class)
 
     train = sub.add_parser("train", help="train a VAE (default: the seed preset, the reference setting)")
     train.add_argument("--out", type=Path, help="run directory (default runs/<timestamp>, made unique)")
@@ -117,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--engine", choices=ENGINE_CHOICES,
                        help="gradient code: auto (default: the hand-derived fast path where it applies)")
     group.add_argument("--precision", choices=PRECISIONS, help="fp32 (default) or bf16: matrix products in "
-                       "bfloat16, float32 weights, Adam, loss and reductions (needs native bf16); bf16-emulated: "
+                       "bfloat16, float32 weights, Adam, loss and reductions (refused where a timing shows bf16 emulated); bf16-emulated: "
                        "bf16's rounding with float32 products, to see whether bf16 would change a result")
     group = train.add_argument_group("data and machine")
     group.add_argument("--binarize", choices=["dynamic", "static"],
@@ -146,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
                           help="the last weights (default) or those with the best validation ELBO")
     evaluate.add_argument("--laplace", action="store_true", help="add the Laplace estimates of log p(x)")
     evaluate.add_argument("--precision", choices=PRECISIONS, default="fp32",
-                          help="the IWAE decoder's products: fp32 (default), bf16 (needs native bf16) or "
+                          help="the IWAE decoder's products: fp32 (default), bf16 (refused where emulated) or "
                           "bf16-emulated (bf16's rounding at float32 speed, a check); one-layer mlp models")
     evaluate.add_argument("--seed", type=_non_negative_int, default=0, help="seed of the draws (default 0)")
     evaluate.add_argument("--device", type=_device, default="auto", help="auto, cpu or cuda")
@@ -180,8 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     compare = sub.add_parser("compare", help="compare runs: a table here and an HTML page")
     compare.add_argument("run_dirs", type=Path, nargs="+", metavar="RUN", help="two or more run directories")
-    compare.add_argument("--out", type=Path, default=Path("compare.html"),
-                         help="the HTML page (default ./compare.html, made again each time)")
+    compare.add_argument("--out", type=Path, help="the HTML page (default compare-<run>-<run>….html in the runs' "
+                         "common parent directory, made again each time)")
     compare.set_defaults(run=cmd_compare)
 
     runs = sub.add_parser("runs", help="list the runs under a directory")
@@ -231,6 +247,14 @@ def _error(command: str, message: str) -> None:
 def _log(message: str) -> None:
     try:
         print(message, flush=True)
+    except OSError:
+        pass
+
+
+def _note(message: str) -> None:
+    """A one-line remark on stderr that is not an error (a file skipped, a setting that will not finish)."""
+    try:
+        print(f"note: {message}", file=sys.stderr, flush=True)
     except OSError:
         pass
 
@@ -316,8 +340,30 @@ def cmd_train(args: argparse.Namespace) -> int:
     distributed.init(world)
     try:
         return _resume(args, world) if args.resume else _new_run(args, world)
+    except distributed.RankLost as exc:
+        raise distributed.RankLost(f"{exc}; {_what_stands(args.out)}; resume with: {_torchrun_command(world)} "
+                                   f"-m vaelab train --out {args.out} --resume") from None
     finally:
         distributed.shutdown(world)
+
+
+def _what_stands(run_dir: Path) -> str:
+    """What a run directory's checkpoint holds, read from disk: 'the checkpoint of epoch 3 in RUN stands'."""
+    from vaelab import checkpoint as ckpt
+    from vaelab.errors import CheckpointError
+
+    try:
+        meta = ckpt.read_metadata(run_dir / ckpt.STATE)
+    except CheckpointError:
+        return f"no checkpoint was written in {run_dir} yet (nothing to resume: start it again)"
+    step = f", step {meta['step']}" if meta.get("step") else ""
+    return f"the checkpoint of epoch {meta.get('epoch', '?')}{step} in {run_dir} stands"
+
+
+def _torchrun_command(world) -> str:
+    nodes = world.size // max(1, world.local_size)
+    return (f"torchrun --nproc-per-node {world.local_size}" if nodes == 1 else
+            f"torchrun --nnodes {nodes} --nproc-per-node {world.local_size} (with the rendezvous flags)")
 
 
 def _new_run(args: argparse.Namespace, world, config=None, claimed_dir: list | None = None) -> int:
@@ -360,29 +406,33 @@ def _new_run(args: argparse.Namespace, world, config=None, claimed_dir: list | N
         if claimed_dir is not None:
             claimed_dir.append(run_dir)
         return _train(args, config, run_dir, run, resumed=False, world=world)
-    except BaseException:
+    except BaseException as exc:
         if world.main and claimed["dir"] is not None:
-            _remove_if_untrained(claimed["dir"], claimed["created"])
+            removed = _remove_if_untrained(claimed["dir"], claimed["created"])
+            if removed and isinstance(exc, TrainingDiverged):
+                raise TrainingDiverged(f"{exc}; the run directory {claimed['dir']} held no checkpoint and was "
+                                       f"removed") from exc
         raise
     finally:
         if claimed["lock"] is not None:
             claimed["lock"].release()
 
 
-def _remove_if_untrained(run_dir: Path, created: bool) -> None:
+def _remove_if_untrained(run_dir: Path, created: bool) -> bool:
     """A directory this command made and that holds no checkpoint yet is removed on failure, so that a
-    refused or failed start leaves nothing behind; anything with a checkpoint is kept."""
+    refused or failed start leaves nothing behind; anything with a checkpoint is kept. True if removed."""
     from vaelab import checkpoint as ckpt
     from vaelab.training import TRAIN_LOG
 
     if not created or (run_dir / ckpt.STATE).exists():
-        return
+        return False
     for name in (ckpt.LOCK, ckpt.CONFIG, TRAIN_LOG):
         (run_dir / name).unlink(missing_ok=True)
     try:
         run_dir.rmdir()
+        return True
     except OSError:
-        pass
+        return False
 
 
 def _resume(args: argparse.Namespace, world) -> int:
@@ -450,7 +500,7 @@ def _prepare_training(args: argparse.Namespace, config):
     from vaelab.data import load_mnist, prepare
     from vaelab.distributed import world_from_environment
     from vaelab.engines import select_engine
-    from vaelab.resources import default_threads, require_memory, require_native_bf16
+    from vaelab.resources import check_bf16, default_threads, require_memory
     from vaelab.training import resolve_device
 
     select_engine(config)
@@ -461,12 +511,12 @@ def _prepare_training(args: argparse.Namespace, config):
     require_memory(training_memory_bytes(config, 60_000), "training this model",
                    "use smaller --hidden, --batch-size or --k")
     world = world_from_environment()
-    threads = _set_threads(args.threads or config.train.threads or max(1, default_threads() // world.local_size))
+    threads = _set_threads(args.threads or config.train.threads or default_threads(world.local_size))
     device = resolve_device(config.train.device)
     if device.type == "cuda" and world.distributed:
         device = torch.device("cuda", world.local_rank)
     if config.train.precision == "bf16":
-        require_native_bf16(device)
+        _note(check_bf16(device))
     data = prepare(load_mnist(config.data.data_dir, log=_log), config.data, device)
     return device, threads, data
 
@@ -475,7 +525,7 @@ def _train(args: argparse.Namespace, config, run_dir: Path, run, resumed: bool, 
            world=None) -> int:
     from vaelab import checkpoint as ckpt
     from vaelab.distributed import SINGLE, on_main
-    from vaelab.training import Trainer, check_writable
+    from vaelab.training import Trainer, check_writable, plural
 
     world = world or SINGLE
     device, threads, data = run
@@ -502,7 +552,14 @@ def _train(args: argparse.Namespace, config, run_dir: Path, run, resumed: bool, 
     log(f"training {config.model.name} {_architecture(config.model)} on {config.objective.name}"
         f"{f' (k = {config.objective.samples})' if config.objective.samples > 1 else ''}, {data.n_train} images "
         f"({config.data.binarize} binarisation{validation}), test on {data.n_test}, device {device}, "
-        f"{threads} threads{processes}, engine {trainer.engine_name} {config.train.precision}, run {run_dir}")
+        f"{plural(threads, 'thread')}{processes}, engine {trainer.engine_name} {config.train.precision}, run {run_dir}")
+    from vaelab.schedules import describe_schedule
+
+    lines, warnings = describe_schedule(config)
+    log("schedule: " + "; ".join(lines))
+    if world.main:
+        for warning in warnings:
+            _note(warning)
     try:
         metrics = trainer.fit()
     finally:
@@ -577,8 +634,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from vaelab.data import file_sha256, idx_sha256, load_mnist, prepare, resolve_path
     from vaelab.evaluation import EvalConfig, check_precision, evaluate_run
     from vaelab.provenance import provenance
-    from vaelab.resources import default_threads, require_memory, require_native_bf16
-    from vaelab.training import resolve_device
+    from vaelab.resources import check_bf16, default_threads, require_memory
+    from vaelab.training import plural, resolve_device
 
     world = distributed.world_from_environment()
     distributed.init(world)
@@ -586,7 +643,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         device = resolve_device(args.device)
         if device.type == "cuda" and world.distributed:
             device = torch.device("cuda", world.local_rank)
-        threads = _set_threads(args.threads or max(1, default_threads() // world.local_size))
+        threads = _set_threads(args.threads or default_threads(world.local_size))
         weights = _weights_file(args.run_dir, args.checkpoint) if args.run_dir.is_dir() else ckpt.WEIGHTS
         config, model = ckpt.load_model(args.run_dir, device, weights)
         if args.split == "validation" and not config.data.validation:
@@ -594,7 +651,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                              f"held-out digits (evaluate on --split test)")
         check_precision(model, args.precision)
         if args.precision == "bf16":
-            require_native_bf16(device)
+            _note(check_bf16(device))
         eval_config = EvalConfig(k=args.k, seed=args.seed, laplace=args.laplace, precision=args.precision)
         require_memory(eval_config.memory_bytes(config.model), f"evaluate --k {args.k}", "use a smaller --k")
         data_dir = str(resolve_path(args.data_dir, "--data-dir")) if args.data_dir else config.data.data_dir
@@ -610,7 +667,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         processes = f", {world.size} processes" if world.distributed else ""
         if world.main:
             _log(f"evaluating {args.run_dir} ({weights}) on {len(images)} {args.split} digits, K = {args.k}, device "
-                 f"{device}, {threads} threads{processes}")
+                 f"{device}, {plural(threads, 'thread')}{processes}")
         summary, per_digit = evaluate_run(model, images, eval_config, progress=_progress(args), world=world)
         if not world.main:
             return 0
@@ -620,6 +677,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         _log(format_eval_table(record))
         _write_evaluation(out, record, per_digit, labels, args)
         return 0
+    except distributed.RankLost as exc:
+        raise distributed.RankLost(f"{exc}; nothing was written; evaluate again (the same {_torchrun_command(world)} "
+                                   f"command, or one process)") from None
     finally:
         distributed.shutdown(world)
 
@@ -771,14 +831,29 @@ def cmd_compare(args: argparse.Namespace) -> int:
         raise UsageError("compare needs two or more runs")
     html, comparison = build_comparison(args.run_dirs)
     _log(comparison_table(comparison))
-    _write_page(args.out, html)
+    _write_page(args.out or default_comparison_page(args.run_dirs), html)
     return 0
+
+
+def default_comparison_page(run_dirs: Sequence[Path]) -> Path:
+    """compare-<name>-<name>….html in the runs' common parent directory (not wherever the shell happens to be);
+    a long list of names is shortened to the first and a digest of all."""
+    import hashlib
+    import os
+
+    names = [Path(p).resolve().name for p in run_dirs]
+    parent = Path(os.path.commonpath([Path(p).resolve().parent for p in run_dirs]))
+    stem = "compare-" + "-".join(names)
+    if len(stem) > 100:
+        digest = hashlib.sha256("\0".join(str(Path(p).resolve()) for p in run_dirs).encode()).hexdigest()[:8]
+        stem = f"compare-{names[0][:40]}-and-{len(names) - 1}-more-{digest}"
+    return parent / f"{stem}.html"
 
 
 def cmd_runs(args: argparse.Namespace) -> int:
     from vaelab.errors import CheckpointError
     from vaelab.presets import preset_label
-    from vaelab.runs import find_runs, read_run
+    from vaelab.runs import find_runs, headline_nll, read_run
 
     if not args.directory.is_dir():
         raise UsageError(f"{args.directory} is not a directory; give the directory that holds your runs")
@@ -789,9 +864,9 @@ def cmd_runs(args: argparse.Namespace) -> int:
         except CheckpointError as exc:
             rows.append([str(path), "?", "?", f"unreadable: {str(exc)[:60]}", "—", "—"])
             continue
-        best = run.best_evaluation() or run.best_evaluation("validation")
-        nll = "—" if best is None else f"{best['nll']:.2f} (K {best['k']}, {best['n_examples']}" + \
-            (", validation)" if best.get("split") == "validation" else ")")
+        for note in run.notes:
+            _note(note)
+        nll = headline_nll(run)
         state_file = path / "training_state.safetensors"
         date = (run.meta.get("provenance") or {}).get("date") or (
             time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime(state_file.stat().st_mtime))

@@ -18,12 +18,26 @@ Multi-node: the same command on every node with torchrun's rendezvous flags, e.g
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import os
+import socket
 from dataclasses import dataclass
 
 import torch
 
 from vaelab.errors import UsageError, VaelabError
+
+
+class RankLost(VaelabError):
+    """Another rank ended (killed, crashed, its machine gone) while this one waited for it in a collective."""
+
+    exit_code = 1
+
+
+# (host digest, pid) of every rank, gathered once when the process group starts; what lets a survivor name
+# the rank it lost (on its own machine, by a pid that no longer runs).
+_peers: list[tuple[int, int]] = []
 
 
 @dataclass(frozen=True)
@@ -64,6 +78,47 @@ def init(world: World) -> None:
     if world.distributed and not dist.is_initialized():
         backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
         dist.init_process_group(backend, rank=world.rank, world_size=world.size)
+        me = torch.tensor([_host_digest(), os.getpid()], dtype=torch.int64)
+        _peers[:] = [tuple(int(v) for v in part) for part in gather(me, world)]
+
+
+def _host_digest() -> int:
+    return int.from_bytes(hashlib.sha256(socket.gethostname().encode()).digest()[:7], "little")
+
+
+def _running(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie, killed but not yet reaped by torchrun, does not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (OSError, IndexError):
+        return False
+
+
+def lost_ranks(world: World) -> str:
+    """Which rank(s) this one lost: those on this machine whose process has ended, else what can be said."""
+    here = _host_digest()
+    gone = [rank for rank, (host, pid) in enumerate(_peers) if rank != world.rank and host == here and not _running(pid)]
+    if gone:
+        return ", ".join(f"rank {rank} (pid {_peers[rank][1]} has ended)" for rank in gone)
+    if world.size == 2:
+        return f"rank {1 - world.rank}"
+    return "another rank (one on another machine, or one whose process still runs but stopped answering)"
+
+
+def _collective(function):
+    """A collective whose failure because a peer went away is a one-line RankLost, not gloo's traceback."""
+
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        try:
+            return function(*args, **kwargs)
+        except RuntimeError as exc:          # gloo: "Connection reset by peer", "Connection closed by peer", …
+            world = next((a for a in (*args, *kwargs.values()) if isinstance(a, World)), SINGLE)
+            reason = str(exc).split("] ", 1)[-1].split(". ")[0]
+            raise RankLost(f"rank {world.rank} of {world.size} lost {lost_ranks(world)} ({reason})") from exc
+
+    return wrapper
 
 
 def shard(x: torch.Tensor, world: World) -> torch.Tensor:
@@ -71,6 +126,7 @@ def shard(x: torch.Tensor, world: World) -> torch.Tensor:
     return x.tensor_split(world.size)[world.rank] if world.distributed else x
 
 
+@_collective
 def all_reduce_(tensor: torch.Tensor, world: World) -> torch.Tensor:
     """In-place sum over ranks."""
     if world.distributed:
@@ -89,6 +145,7 @@ def any_rank(flag: bool, world: World, device: torch.device) -> bool:
     return bool(value.item() > 0)
 
 
+@_collective
 def gather(tensor: torch.Tensor, world: World) -> list[torch.Tensor]:
     """Every rank's ``tensor`` (same shape on all), in rank order, on every rank."""
     if not world.distributed:
@@ -111,6 +168,7 @@ def gather_rows(values: torch.Tensor, world: World) -> torch.Tensor:
     return torch.cat([part[: int(count)] for part, count in zip(gather(padded, world), counts)])
 
 
+@_collective
 def broadcast_json(value, world: World):
     """Rank 0's JSON-able ``value`` on every rank (as UTF-8 bytes in a tensor: nothing is unpickled)."""
     if not world.distributed:
@@ -148,6 +206,7 @@ def on_main(world: World, action):
     return outcome["ok"]
 
 
+@_collective
 def barrier(world: World) -> None:
     if world.distributed:
         import torch.distributed as dist

@@ -17,7 +17,7 @@ import torch
 from vaelab import plots
 from vaelab.evaluation import summarize
 from vaelab.presets import changed_fields, preset_label
-from vaelab.runs import RunInfo, estimator_label, per_digit, read_run
+from vaelab.runs import RunInfo, estimator_label, format_duration, per_digit, read_run, weights_label
 
 # Pairs of digit classes whose interpolations the report shows (through the latent means).
 INTERPOLATION_PAIRS = ((0, 1), (2, 7), (3, 8), (4, 9), (5, 6))
@@ -135,10 +135,15 @@ def _evaluation_section(run: RunInfo, model, images: torch.Tensor) -> dict:
     from vaelab.data import idx_sha256
 
     record = run.best_evaluation()
-    section: dict[str, Any] = {"record": record, "figures": [], "rows": [], "warning": ""}
+    section: dict[str, Any] = {"record": record, "figures": [], "rows": [], "warning": "",
+                               "records": [{"file": r["file"], "split": r.get("split", "test"), "k": r["k"],
+                                            "digits": r["n_examples"], "nll": _fmt(r["nll"], 2),
+                                            "weights": weights_label(r), "stale": bool(r["stale"]),
+                                            "headline": r is record} for r in run.evaluations],
+                               "notes": run.notes, "command": f"vaelab evaluate {run.path}"}
     if record is None:
-        section["command"] = f"vaelab evaluate {run.path}"
         return section
+    section["measured"] = weights_label(record)
     estimates = record.get("estimates", [])
     top = max((e["mean"] for e in estimates if e.get("mean") is not None), default=None)
     for entry in estimates:
@@ -206,7 +211,7 @@ def build_report(run_dir: str | Path, data_dir: str | None = None) -> tuple[str,
         changed=changed_fields(config),
         started=run.meta.get("started", ""), training=training, metrics=run.metrics[-1] if run.metrics else None,
         evaluation=evaluation, generation=generation, latent=latent,
-        kl=Figure("KL per latent dimension", data_uri(plots.kl_figure(layers))), layers=layers, fmt=_fmt,
+        kl=Figure("KL per latent dimension", data_uri(plots.kl_figure(layers))), layers=layers, fmt=_fmt, duration=format_duration,
         generated=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), sections=REPORT_SECTIONS)
     return html, time.perf_counter() - start
 
@@ -249,11 +254,19 @@ def compare_runs(paths: Sequence[str | Path]) -> Comparison:
         rows.append({"name": run.name, "preset": preset_label(run.config),
                      "epochs": f"{run.epochs_done}/{run.epochs_total}", "status": run.status,
                      "nll": "—" if record is None else f"{_fmt(record['nll'])} ± {_fmt(record.get('nll_stderr'))}",
-                     "k": "—" if record is None else f"{estimator_label(record)}, {record['n_examples']} digits",
+                     "k": "—" if record is None else f"{estimator_label(record)}, {record['n_examples']} digits, "
+                                                     f"{weights_label(record)}",
                      "elbo": "—" if record is None else _fmt(record.get("elbo")),
                      "active": " + ".join(str(layer["active_units"]) for layer in layers) or "—",
-                     "hours": _fmt(None if run.training_seconds is None else run.training_seconds / 3600, 2)})
+                     "time": format_duration(run.training_seconds)})
     paired, notes = [], []
+    for run, record in zip(runs, records):
+        notes += run.notes
+        stale = run.stale_evaluations()
+        if record is None and stale:
+            notes.append(f"{run.name}: its evaluations ({', '.join(r['file'] for r in stale)}) measured earlier "
+                         f"weights, not the run's current ones: stale, not shown; evaluate it again "
+                         f"(vaelab evaluate {run.path})")
     base, base_record = runs[0], records[0]
     for run, record in zip(runs[1:], records[1:]):
         if base_record is None or record is None:
@@ -287,9 +300,9 @@ def comparison_table(comparison: Comparison) -> str:
         lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths)), "  ".join("-" * w for w in widths)]
         return lines + ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
 
-    keys = ["name", "preset", "epochs", "status", "nll", "k", "elbo", "active", "hours"]
+    keys = ["name", "preset", "epochs", "status", "nll", "k", "elbo", "active", "time"]
     lines = table(["run", "preset/model", "epochs", "status", "NLL ± s.e.", "evaluated with", "ELBO",
-                   "active units", "training hours"], [[r[k] for k in keys] for r in comparison.rows])
+                   "active units", "training time"], [[r[k] for k in keys] for r in comparison.rows])
     if comparison.differences:
         lines += ["", "config differences:"] + table(["field"] + [r.name for r in comparison.runs],
                                                      [[k, *v] for k, v in comparison.differences])

@@ -14,7 +14,9 @@ import numpy as np
 
 from vaelab import checkpoint as ckpt
 from vaelab.config import RunConfig
+from vaelab.data import file_sha256
 from vaelab.errors import CheckpointError
+from vaelab.precision import PRECISIONS
 
 
 @dataclass
@@ -26,7 +28,8 @@ class RunInfo:
     epochs_done: int
     holder: int | None             # pid of the process training it now
     meta: dict[str, Any] = field(default_factory=dict)          # the training state's metadata
-    evaluations: list[dict[str, Any]] = field(default_factory=list)
+    evaluations: list[dict[str, Any]] = field(default_factory=list)   # every record, each with "stale"
+    notes: list[str] = field(default_factory=list)                    # files that were skipped, and why
 
     @property
     def name(self) -> str:
@@ -45,10 +48,101 @@ class RunInfo:
         return self.metrics[-1].get("elapsed_seconds") if self.metrics else None
 
     def best_evaluation(self, split: str = "test") -> dict | None:
-        """The evaluation of ``split`` in float32 (records before bf16 evaluation were), then with the most
-        digits, then the largest K, then the lowest NLL."""
-        records = [r for r in self.evaluations if r.get("split", "test") == split and r.get("nll") is not None]
-        return max(records, key=lambda r: (r["precision"] == "fp32", r["n_examples"], r["k"], -r["nll"]), default=None)
+        """The headline evaluation of ``split``: among the records of the run's current weights (never a stale
+        one), the float32 one (records before bf16 evaluation were), then with the most digits, then the
+        largest K, then the newest."""
+        records = [r for r in self.evaluations if r.get("split", "test") == split and r.get("nll") is not None
+                   and not r["stale"]]
+        return max(records, key=lambda r: (r["precision"] == "fp32", r["n_examples"], r["k"], r.get("date") or ""),
+                   default=None)
+
+    def stale_evaluations(self, split: str = "test") -> list[dict]:
+        return [r for r in self.evaluations if r.get("split", "test") == split and r["stale"]]
+
+
+# What a record must hold to be shown (vaelab writes all of these; a hand-written file may not):
+# field → (accepted types, whether None is allowed).
+_NUMBER = (int, float)
+RECORD_FIELDS: dict[str, tuple[tuple[type, ...], bool]] = {
+    "nll": (_NUMBER, False), "nll_stderr": (_NUMBER, True), "elbo": (_NUMBER, True), "k": ((int,), False),
+    "n_examples": ((int,), False), "estimates": ((list,), False), "layers": ((list,), False),
+}
+ESTIMATE_FIELDS = {"name": ((str,), False), "mean": (_NUMBER, True), "stderr": (_NUMBER, True), "kind": ((str,), False)}
+LAYER_FIELDS = {"layer": ((int,), False), "latent": ((int,), False), "active_units": ((int,), False),
+                "kl": (_NUMBER, False)}
+
+
+def _record_problem(record: Any) -> str | None:
+    """Why ``record`` is not a vaelab evaluation record, or None when it is one."""
+    if not isinstance(record, dict):
+        return f"a JSON {type(record).__name__}, not an object"
+
+    def check(entry: dict, fields: dict, where: str) -> str | None:
+        for name, (types, nullable) in fields.items():
+            if name not in entry:
+                return f"no {where}{name!r}"
+            value = entry[name]
+            if value is None and nullable:
+                continue
+            if isinstance(value, bool) or not isinstance(value, types):
+                return f"{where}{name!r} is {value!r}"
+        return None
+
+    problem = check(record, RECORD_FIELDS, "")
+    if problem is None and (record["k"] < 1 or record["n_examples"] < 1):
+        problem = f"k {record['k']} and n_examples {record['n_examples']} must be ≥ 1"
+    for index, entry in enumerate(record.get("estimates") or []):
+        problem = problem or (check(entry, ESTIMATE_FIELDS, f"estimates[{index}].") if isinstance(entry, dict)
+                              else f"estimates[{index}] is not an object")
+    for index, entry in enumerate(record.get("layers") or []):
+        problem = problem or (check(entry, LAYER_FIELDS, f"layers[{index}].") if isinstance(entry, dict)
+                              else f"layers[{index}] is not an object")
+    if problem is None and record.get("precision", "fp32") not in PRECISIONS:
+        problem = f"precision {record.get('precision')!r} is none of {', '.join(PRECISIONS)}"
+    if problem is None and record.get("split", "test") not in ("test", "validation"):
+        problem = f"split {record.get('split')!r} is neither test nor validation"
+    return problem
+
+
+def weights_label(record: dict) -> str:
+    """Which weights an evaluation measured: 'model.safetensors after epoch 5' (and 'stale' where they are no
+    longer the run's)."""
+    epochs = record.get("epochs_trained")
+    text = record.get("weights", ckpt.WEIGHTS) + (f" after epoch {epochs}" if isinstance(epochs, int) else "")
+    if record.get("stale"):
+        text += ", stale: not the run's weights now"
+    elif record.get("stale") is None:
+        text += " (weights not recorded)"
+    return text
+
+
+def format_duration(seconds: float | None) -> str:
+    """'42 s', '5.3 min', '1.42 h': a unit that shows short runs too ('—' for None)."""
+    if seconds is None or not math.isfinite(seconds):
+        return "—"
+    if seconds < 100:
+        return f"{seconds:.0f} s" if seconds >= 10 else f"{seconds:.1f} s"
+    if seconds < 6000:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.2f} h"
+
+
+def headline_nll(run: RunInfo) -> str:
+    """'84.27 (K 5000, 10000 digits, epoch 520)' for the run's headline evaluation of its current weights (test,
+    else validation); '—' where there is none, with the newest stale one named where one exists."""
+    best = run.best_evaluation() or run.best_evaluation("validation")
+    if best is not None:
+        epochs = best.get("epochs_trained")
+        where = ", ".join([f"K {best['k']}", f"{best['n_examples']} {best.get('split', 'test')} digits"]
+                          + ([f"epoch {epochs}"] if isinstance(epochs, int) else [])
+                          + (["best weights"] if best.get("weights", ckpt.WEIGHTS) != ckpt.WEIGHTS else []))
+        return f"{best['nll']:.2f} ({where})"
+    stale = run.stale_evaluations() or run.stale_evaluations("validation")
+    if stale:
+        newest = max(stale, key=lambda r: r.get("date") or "")
+        epochs = newest.get("epochs_trained")
+        return f"— (stale: {newest['nll']:.2f} of the weights after epoch {epochs if isinstance(epochs, int) else '?'})"
+    return "—"
 
 
 def read_metrics(path: Path) -> list[dict[str, float]]:
@@ -73,18 +167,37 @@ def read_metrics(path: Path) -> list[dict[str, float]]:
     return out
 
 
-def read_evaluations(run_dir: Path) -> list[dict[str, Any]]:
-    """The evaluation records in the run (eval*.json; vaelab 0.1 wrote eval.json), each with its file name."""
-    records = []
+def read_evaluations(run_dir: Path, notes: list[str] | None = None) -> list[dict[str, Any]]:
+    """The evaluation records in the run (eval*.json; vaelab 0.1 wrote eval.json), each with its file name and
+    ``stale``: True where the weights it measured (``weights_sha256`` of the file named by ``weights``) are no
+    longer that file's, False where they still are, None where the record does not say (vaelab 0.1).
+
+    A file that does not parse as vaelab's record (not JSON, or a hand-written {"nll": 85.3}) is skipped with a
+    one-line note appended to ``notes``, naming the file and what is wrong."""
+    records, digests = [], {}
     for path in sorted(run_dir.glob("eval*.json")):
         try:
             record = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+            problem = _record_problem(record)
+        except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+            problem = f"not readable JSON ({type(exc).__name__})"
+        if problem is not None:
+            if notes is not None:
+                notes.append(f"{path}: not a vaelab evaluation record ({problem}); skipped")
             continue
-        if isinstance(record, dict) and "nll" in record:
-            record["file"] = path.name
-            record.setdefault("precision", "fp32")          # records written before bf16 evaluation
-            records.append(record)
+        record["file"] = path.name
+        record.setdefault("precision", "fp32")          # records written before bf16 evaluation
+        weights = record.get("weights", ckpt.WEIGHTS)
+        if not isinstance(record.get("weights_sha256"), str) or not isinstance(weights, str) or "/" in weights:
+            record["stale"] = None
+        else:
+            if weights not in digests:
+                try:
+                    digests[weights] = file_sha256(run_dir / weights)
+                except OSError:
+                    digests[weights] = None             # the weights it measured are gone
+            record["stale"] = digests[weights] != record["weights_sha256"]
+        records.append(record)
     return records
 
 
@@ -109,9 +222,7 @@ def per_digit(run_dir: Path, record: dict) -> dict[str, np.ndarray] | None:
 
 
 def read_run(path: str | Path) -> RunInfo:
-    path = Path(path)
-    if not path.is_dir():
-        raise CheckpointError(f"run directory {path} does not exist; pass a directory written by `vaelab train`")
+    path = ckpt.require_run_dir(path)
     config = RunConfig.load(path / ckpt.CONFIG)
     metrics = read_metrics(path / ckpt.METRICS)
     meta = ckpt.read_metadata(path / ckpt.STATE) if (path / ckpt.STATE).exists() else {}
@@ -125,7 +236,8 @@ def read_run(path: str | Path) -> RunInfo:
         status = "finished"
     else:
         status = "interrupted"
-    return RunInfo(path, config, metrics, status, done, holder, meta, read_evaluations(path))
+    notes: list[str] = []
+    return RunInfo(path, config, metrics, status, done, holder, meta, read_evaluations(path, notes), notes)
 
 
 def find_runs(directory: str | Path) -> list[Path]:

@@ -57,8 +57,48 @@ def stages_of(epochs: int) -> str:
     while whole < 8 and done + 3 ** whole <= epochs:
         done += 3 ** whole
         whole += 1
-    text = f"stages 0–{whole - 1} ({done} epochs)" if whole else "no whole stage"
+    text = (f"stages 0–{whole - 1} ({done} epochs)" if whole > 1 else "stage 0 (1 epoch)") if whole else "no whole stage"
     if epochs > done and whole < 8:
         text += f" and {epochs - done} of the {3 ** whole} epochs of stage {whole}"
     return text
 
+
+
+def describe_schedule(config) -> tuple[list[str], list[str]]:
+    """What the learning-rate schedule and the KL warm-up will do over the epochs asked for, said before
+    training starts: (lines, warnings). A preset shortened with --epochs changes silently otherwise: an
+    exponential decay is squeezed into the shorter run, Burda's schedule is cut short, and a warm-up longer
+    than the run never reaches β, so the objective trained is not the ELBO reported."""
+    from vaelab.presets import PRESETS
+
+    train, objective = config.train, config.objective
+    epochs, lr = train.epochs, train.lr
+    preset_epochs = PRESETS.get(config.preset or "", {}).get("fields", {}).get("train", {}).get("epochs")
+    shortened = preset_epochs is not None and preset_epochs != epochs
+    lines, warnings = [], []
+    rate = LR_SCHEDULES[train.lr_schedule]
+    if train.lr_schedule == "constant":
+        lines.append(f"learning rate {lr:g} throughout")
+    elif train.lr_schedule == "exponential":
+        lines.append(f"learning rate {lr:g} falling exponentially to {rate(epochs - 1, lr, epochs):.3g} in epoch "
+                     f"{epochs}, over the {epochs} epochs of this run")
+        if shortened:
+            warnings.append(f"preset {config.preset} spans its decay over {preset_epochs} epochs; with --epochs {epochs} "
+                            f"the same tenfold decay is squeezed into {epochs}")
+    elif train.lr_schedule == "burda":
+        lines.append(f"Burda's schedule: {epochs} epoch{'s' * (epochs != 1)} cover {stages_of(epochs)}, learning rate {lr:g} to "
+                     f"{rate(epochs - 1, lr, epochs):.3g}")
+        if epochs < BURDA_EPOCHS:
+            warnings.append(f"Burda's schedule is cut short: its {BURDA_EPOCHS} epochs end at learning rate "
+                            f"{rate(BURDA_EPOCHS - 1, lr, BURDA_EPOCHS):.3g}; this run stops after {epochs}")
+    else:
+        lines.append(f"learning-rate schedule {train.lr_schedule} from {lr:g}")
+    if objective.warmup_epochs > 0:
+        lines.append(f"KL warm-up: β rises from 0 to {objective.beta:g} over {objective.warmup_epochs} epochs")
+        if epochs < objective.warmup_epochs:
+            warnings.append(f"the KL warm-up of {objective.warmup_epochs} epochs will not finish in {epochs}: β ends "
+                            f"at {objective.beta * epochs / objective.warmup_epochs:.2f}, so the objective trained "
+                            f"to the end is not the ELBO that is reported")
+    elif objective.beta != 1:
+        lines.append(f"β = {objective.beta:g} throughout (the ELBO is reported with β = 1)")
+    return lines, warnings

@@ -49,6 +49,11 @@ METRIC_FIELDS = ("epoch", "lr", "beta", "train_objective", "train_elbo", "train_
 VALIDATION_FIELDS = ("validation_elbo", "validation_reconstruction", "validation_kl")
 TIME_FIELDS = ("epoch_seconds", "elapsed_seconds")    # the epoch's steps; training so far, with evaluations
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+# Divergence: a per-example loss no working model can have. Predicting ½ for every pixel costs D·ln 2 nats
+# (543.4 for MNIST), the loss of a model that has learnt nothing; a train or test ELBO a thousand times
+# worse than that (or NaN/±inf) means the weights have blown up (an ELBO of −3.1e18 was once checkpointed
+# as good), and training stops as it does for NaN, the last good checkpoint kept.
+DIVERGENCE_FACTOR = 1000
 BEST_WEIGHTS = "model-best.safetensors"
 TRAIN_LOG = "train.log"
 
@@ -217,6 +222,8 @@ class Trainer:
         self.engine_name = select_engine(config)
         self.engine = ENGINES[(self.engine_name, config.train.precision)]
         self._signal: int | None = None
+        self.last_checkpoint: str | None = None       # what the last checkpoint holds, for messages
+        self.loss_limit = DIVERGENCE_FACTOR * config.model.data_dim * math.log(2)   # nats per example
 
     @property
     def steps_per_epoch(self) -> int:
@@ -253,6 +260,11 @@ class Trainer:
         }
         ckpt.save_tensors(self.run_dir / ckpt.STATE, tensors, meta)
         self.write_user_files()
+        self.last_checkpoint = self._position()
+
+    def _position(self) -> str:
+        return f"epoch {self.state.epoch}" + (f", step {self.state.step} of epoch {self.state.epoch + 1}"
+                                              if self.state.step else "")
 
     def write_user_files(self) -> None:
         """model.safetensors and metrics.csv from the training state. A resume writes them again, so a
@@ -295,6 +307,7 @@ class Trainer:
                                     best_epoch=int(meta.get("best_epoch", 0)),
                                     best_validation_elbo=-math.inf if best is None else float(best),
                                     started=str(meta.get("started", "")))
+            self.last_checkpoint = self._position()
         except CheckpointError:
             raise
         except (KeyError, RuntimeError, ValueError, TypeError) as exc:
@@ -370,7 +383,7 @@ class Trainer:
         bar.close()
         seconds = self.state.seconds + time.perf_counter() - started
         all_reduce_(losses, world)
-        self._check_finite(losses[start_step:], epoch, start_step)
+        self._check_loss(losses[start_step:], epoch, start_step)
         totals = [a + b for a, b in zip(losses.sum(0).tolist(), self.state.sums)]
         evaluations = {"test": self.data.test_binary, "validation": self.data.validation_binary}
         row = {"epoch": epoch, "lr": self.optimizer.lr, "beta": beta}
@@ -381,9 +394,9 @@ class Trainer:
             if images is None:
                 continue
             summary = elbo_summary(self.model, images, cfg.eval_batch_size, cfg.eval_seed)
-            if not all(math.isfinite(v) for v in summary.values()):
-                raise TrainingDiverged(f"the {name} ELBO became {summary['elbo']} at epoch {epoch}; the last good "
-                                       f"checkpoint (epoch {epoch - 1}) is left untouched; try a lower --lr")
+            if not all(math.isfinite(v) for v in summary.values()) or abs(summary["elbo"]) > self.loss_limit:
+                raise TrainingDiverged(f"the {name} ELBO became {summary['elbo']:.4g} nats per digit at epoch "
+                                       f"{epoch}{self._beyond(summary['elbo'])}; {self._what_stands()}")
             row.update({f"{name}_{key}": value for key, value in summary.items()})
         previous_elapsed = self.state.metrics[-1]["elapsed_seconds"] if self.state.metrics else 0.0
         row.update(epoch_seconds=seconds,
@@ -397,10 +410,13 @@ class Trainer:
                                 best_validation_elbo=best, started=self.state.started)
         self.epoch_start_rng = self.data_rng.get_state()   # the next epoch starts from here
         self.save_checkpoint()
-        line = (f"epoch {epoch:3d}/{cfg.epochs}  train ELBO {row['train_elbo']:9.3f}  "
-                + (f"{objective.name} {row['train_objective']:9.3f}  " if objective.name != "elbo" or beta != 1 else "")
-                + (f"validation ELBO {row['validation_elbo']:9.3f}  " if "validation_elbo" in row else "")
-                + f"test ELBO {row['test_elbo']:9.3f}  nats/example  {seconds:6.2f} s")
+        parts = [f"train ELBO {row['train_elbo']:9.3f}"]
+        if objective.name != "elbo" or beta != 1:
+            parts.append(f"train {objective_label(objective.name, objective.samples, beta)} {row['train_objective']:9.3f}")
+        if "validation_elbo" in row:
+            parts.append(f"validation ELBO {row['validation_elbo']:9.3f}")
+        parts.append(f"test ELBO {row['test_elbo']:9.3f}")
+        line = f"epoch {epoch:3d}/{cfg.epochs}  " + ", ".join(parts) + f" nats per example; {seconds:.2f} s"
         self.log(line)
         self._append_log(line)
         if self.world.main:
@@ -418,19 +434,37 @@ class Trainer:
             raise ckpt.WriteError(f"cannot write {self.run_dir / TRAIN_LOG}: {exc.strerror} (errno {exc.errno}); "
                                   f"free some space (the checkpoint of this epoch is written)") from exc
 
-    def _check_finite(self, losses: torch.Tensor, epoch: int, offset: int) -> None:
-        bad = ~torch.isfinite(losses[:, 0])
+    def _check_loss(self, losses: torch.Tensor, epoch: int, offset: int) -> None:
+        """Raise TrainingDiverged at the first step whose objective or ELBO (batch sums in columns 0 and 1) is
+        NaN, ±inf, or beyond ``loss_limit`` nats per example (the batch's mean)."""
+        per_example = losses[:, :2] / self.config.train.batch_size       # the last, smaller batch: a lower bound
+        bad = ~torch.isfinite(per_example).all(1) | (per_example.abs() > self.loss_limit).any(1)
         if bool(bad.any()):
-            step = offset + int(bad.nonzero()[0, 0]) + 1
-            raise TrainingDiverged(
-                f"the loss became {float(losses[step - 1 - offset, 0])} at epoch {epoch}, step {step}; "
-                f"training stopped and the last good checkpoint (epoch {epoch - 1}) is left untouched; "
-                f"try a lower --lr")
+            row = int(bad.nonzero()[0, 0])
+            objective, elbo = per_example[row].tolist()
+            value = objective if not math.isfinite(objective) or abs(objective) > self.loss_limit else elbo
+            raise TrainingDiverged(f"the loss became {value:.4g} nats per example at epoch {epoch}, step "
+                                   f"{offset + row + 1}{self._beyond(value)}; {self._what_stands()}")
+
+    def _beyond(self, value: float) -> str:
+        if not math.isfinite(value):
+            return ""
+        return (f" (beyond {self.loss_limit:.3g}, {DIVERGENCE_FACTOR}× the {self.config.model.data_dim}·ln 2 nats "
+                f"of predicting ½ for every pixel: no working model has it)")
+
+    def _what_stands(self) -> str:
+        """The truth about what is kept: the last checkpoint, or that nothing was trained yet."""
+        if self.last_checkpoint is None:
+            return ("training stopped before its first checkpoint, so nothing was trained yet; try a lower --lr "
+                    f"(it was {self.config.train.lr:g})")
+        return (f"training stopped; the last good checkpoint ({self.last_checkpoint}) is left untouched (its weights "
+                f"load and evaluate; resuming would repeat the same steps); train anew with a lower --lr (it was "
+                f"{self.config.train.lr:g})")
 
     def _save_partial(self, losses, epoch, start_step, started) -> None:
         done = self.state.step
         all_reduce_(losses, self.world)
-        self._check_finite(losses[start_step:done], epoch, start_step)
+        self._check_loss(losses[start_step:done], epoch, start_step)
         partial = losses[start_step:done].sum(0).tolist()
         self.state.sums = [a + b for a, b in zip(partial, self.state.sums)]
         self.state.seconds += time.perf_counter() - started
@@ -442,6 +476,17 @@ class Trainer:
                    f"(it resumes exactly); resume with: vaelab train --out {self.run_dir} --resume")
         self._append_log(message)
         raise Interrupted(message, signum)
+
+
+def objective_label(name: str, samples: int, beta: float) -> str:
+    """What the trained objective is called in the log: 'β-ELBO (β = 0.30)', 'IWAE-50', 'β-IWAE-5 (β = 0.50)'."""
+    base = {"elbo": "ELBO", "iwae": f"IWAE-{samples}"}.get(name, name)
+    return base if beta == 1 else f"β-{base} (β = {beta:.2f})"
+
+
+def plural(count: int, noun: str) -> str:
+    """'1 thread', '2 threads'."""
+    return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
 def check_writable(run_dir: Path, need_bytes: int) -> None:

@@ -1,0 +1,332 @@
+"""Reliability III (issue 22): evaluations are never stale, divergence tells the truth, files vaelab did not
+write are skipped with a note, the Python API speaks in its own terms, torchrun survivors say what stands, and
+the log and commands say what they mean. Each test fails on the code before the issue.
+
+(The suite's cross-CPU tolerances, the Laplace refusal at extreme M and bf16's decision by timing are tested
+beside what they check: tests/test_distributed.py, test_training.py, test_laplace.py.)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import vaelab
+from vaelab import checkpoint as ckpt
+from vaelab import training
+from vaelab.cli import main
+from vaelab.engines import fused_step
+from vaelab.errors import TrainingDiverged, UsageError
+
+SMALL = ["--hidden", "32", "--latent", "4", "--test-examples", "50", "--train-examples", "600", "--no-progress"]
+
+
+def run(capsys, *args):
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def one_line(err: str) -> bool:
+    return len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory, data_dir):
+    """Two epochs, evaluated, then trained to a third epoch with --resume: the record measured other weights."""
+    root = tmp_path_factory.mktemp("stale")
+    run_dir = root / "try"
+    assert main(["train", "--out", str(run_dir), "--epochs", "2", "--data-dir", str(data_dir), *SMALL]) == 0
+    assert main(["evaluate", str(run_dir), "--k", "10", "--test-examples", "30", "--data-dir", str(data_dir),
+                 "--no-progress"]) == 0
+    assert main(["train", "--out", str(run_dir), "--resume", "--epochs", "3", "--data-dir", str(data_dir),
+                 "--no-progress"]) == 0
+    return run_dir
+
+
+# ---- 2. an evaluation of other weights is never shown as the run's -------------------------------------------
+
+
+def test_an_evaluation_of_earlier_weights_is_marked_stale_everywhere(evaluated, data_dir, tmp_path, capsys):
+    from vaelab.runs import read_run
+
+    info = read_run(evaluated)
+    (record,) = info.evaluations
+    assert record["stale"] is True and record["epochs_trained"] == 2 and info.epochs_done == 3
+    assert info.best_evaluation() is None                             # never the headline
+
+    code, out, _ = run(capsys, "runs", evaluated.parent)
+    line = next(line for line in out.splitlines() if "try" in line)
+    assert code == 0 and "3/3" in line and "— (stale:" in line and "after epoch 2" in line
+
+    code, out, _ = run(capsys, "report", evaluated, "--data-dir", data_dir, "--out", tmp_path / "r.html")
+    html = (tmp_path / "r.html").read_text()
+    assert code == 0 and "No evaluation of this run's current weights" in html
+    assert "model.safetensors after epoch 2, stale" in html and 'class="stale"' in html
+
+    other = tmp_path / "other"
+    shutil.copytree(evaluated, other)
+    code, out, _ = run(capsys, "compare", evaluated, other, "--out", tmp_path / "c.html")
+    assert code == 0 and "measured earlier weights, not the run's current ones: stale" in out
+    assert not re.search(r"\d+\.\d{3} ± ", out.split("config")[0])   # no NLL in the runs table
+
+
+def test_a_new_evaluation_of_the_current_weights_is_the_headline_and_says_which_weights(evaluated, data_dir,
+                                                                                       tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    shutil.copytree(evaluated, run_dir)
+    assert main(["evaluate", str(run_dir), "--k", "10", "--test-examples", "40", "--data-dir", str(data_dir),
+                 "--no-progress"]) == 0
+    code, out, _ = run(capsys, "runs", tmp_path)
+    assert re.search(r"\d+\.\d\d \(K 10, 40 test digits, epoch 3\)", out), out
+    run(capsys, "report", run_dir, "--data-dir", data_dir)
+    html = (run_dir / "report.html").read_text()
+    assert "measured on <b>model.safetensors after epoch 3</b>" in html
+    assert "eval-k10-n30-seed0.json" in html and "after epoch 2, stale" in html     # the old one, marked
+
+
+# ---- 3. divergence --------------------------------------------------------------------------------------------
+
+
+def test_divergence_before_the_first_checkpoint_says_nothing_was_trained(tmp_path, data_dir, capsys, monkeypatch):
+    def exploding(model, x, eps, objective, beta):
+        return fused_step(model, x, eps) * 1e16                      # a train ELBO of ≈ −3e18 nats per example
+
+    monkeypatch.setitem(training.ENGINES, ("fused", "fp32"), exploding)
+    out = tmp_path / "run"
+    code, _, err = run(capsys, "train", "--out", out, "--epochs", "2", "--data-dir", data_dir, *SMALL)
+    assert code == 1 and one_line(err)
+    assert "nothing was trained yet" in err and "was removed" in err and "epoch 0" not in err
+    assert not out.exists()
+
+
+def test_an_absurd_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path, tiny_arrays,
+                                                                                monkeypatch):
+    """An epoch with train ELBO −3.1e18 was once checkpointed as good: only NaN counted as divergence."""
+    from vaelab.config import RunConfig, TrainConfig
+    from vaelab.data import DataConfig, prepare
+    from vaelab.models import ModelConfig
+
+    def config(epochs):
+        return RunConfig(model=ModelConfig(hidden=((32,),), latent=(4,)), data=DataConfig(test_examples=50),
+                         train=TrainConfig(epochs=epochs))
+
+    data = prepare(tiny_arrays, config(1).data)
+    training.Trainer(config(1), tmp_path, data, torch.device("cpu"), log=lambda m: None, progress=False).fit()
+    saved = {name: (tmp_path / name).read_bytes() for name in (ckpt.STATE, ckpt.WEIGHTS, ckpt.METRICS)}
+    calls = {"n": 0}
+
+    def exploding(model, x, eps, objective, beta):
+        calls["n"] += 1
+        sums = fused_step(model, x, eps)
+        return sums * 1.2e16 if calls["n"] >= 5 else sums          # finite, ≈ −3.1e18 nats per example
+
+    monkeypatch.setitem(training.ENGINES, ("fused", "fp32"), exploding)
+    trainer = training.Trainer(config(2), tmp_path, data, torch.device("cpu"), log=lambda m: None, progress=False)
+    trainer.load_checkpoint()
+    with pytest.raises(TrainingDiverged, match=r"epoch 2, step 5 \(beyond .* predicting ½ for every pixel") as error:
+        trainer.fit()
+    assert "last good checkpoint (epoch 1)" in str(error.value)
+    assert {name: (tmp_path / name).read_bytes() for name in saved} == saved
+
+
+# ---- 4. files that vaelab did not write -----------------------------------------------------------------------
+
+
+def test_a_hand_written_record_is_skipped_with_a_note_and_the_rest_is_shown(evaluated, data_dir, tmp_path, capsys):
+    root = tmp_path / "runs"
+    run_dir = root / "mine"
+    shutil.copytree(evaluated, run_dir)
+    shutil.copytree(evaluated, root / "other")
+    (run_dir / "eval-mine.json").write_text('{"nll": 85.3}')
+    (run_dir / "eval-broken.json").write_text("{not json")
+    code, out, err = run(capsys, "runs", root)
+    assert code == 0 and "mine" in out and "other" in out and "Traceback" not in err
+    notes = err.strip().splitlines()
+    assert len(notes) == 2 and all(line.startswith("note: ") for line in notes)
+    assert re.search(r"eval-mine.json: not a vaelab evaluation record \(no '\w+'\); skipped", err)
+    assert "eval-broken.json: not a vaelab evaluation record (not readable JSON" in err
+
+    code, _, err = run(capsys, "compare", run_dir, root / "other", "--out", tmp_path / "c.html")
+    assert code == 0 and "eval-mine.json: not a vaelab evaluation record" in (tmp_path / "c.html").read_text()
+    code, _, err = run(capsys, "report", run_dir, "--data-dir", data_dir)
+    assert code == 0 and "eval-mine.json: not a vaelab evaluation record" in (run_dir / "report.html").read_text()
+
+
+def test_report_on_a_file_says_it_is_not_a_run_directory(evaluated, capsys):
+    code, _, err = run(capsys, "report", evaluated / ckpt.CONFIG)
+    assert code == 2 and one_line(err) and "is a file, not a run directory" in err and "does not exist" not in err
+
+
+# ---- 5. the Python API ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("flags, words", [
+    ({"preset": "nope"}, ["preset", "invalid choice", "'seed'"]),
+    ({"epochs": -1}, ["epochs", "at least 1", "-1"]),
+    ({"epochz": 3}, ["unknown keyword argument epochz"]),
+])
+def test_api_errors_carry_the_reason_in_the_apis_terms(flags, words, capsys):
+    with pytest.raises(UsageError) as error:
+        vaelab.train(**flags)
+    message = str(error.value)
+    assert all(word in message for word in words), message
+    assert "--" not in message and capsys.readouterr().err == ""
+
+
+def test_api_refuses_bad_arguments_before_torch_does(evaluated):
+    run = vaelab.load_run(evaluated)
+    x = (torch.rand(3, 784, generator=torch.Generator().manual_seed(0)) < 0.3).float()
+    with pytest.raises(UsageError, match="k must be a whole number ≥ 1, got -3"):
+        run.log_likelihood(x, k=-3)
+    with pytest.raises(UsageError, match=r"784 pixels per digit.* got shape \(10, 100\)"):
+        run.encode(torch.zeros(10, 100))
+    with pytest.raises(UsageError, match="checkpoint='bset': choose one of 'last', 'best'"):
+        vaelab.load_run(evaluated, checkpoint="bset")
+    with pytest.raises(UsageError, match="has no model-best.safetensors"):
+        vaelab.load_run(evaluated, checkpoint="best")
+    values = run.log_likelihood(x, k=5)
+    assert isinstance(values, torch.Tensor) and values.shape == (3,) and bool(torch.isfinite(values).all())
+    assert run.encode(x.reshape(3, 28, 28))[0].shape == (3, 4)
+
+
+def test_rerunning_the_api_example_says_what_to_do_in_python(tmp_path, data_dir, monkeypatch):
+    monkeypatch.setenv("VAELAB_DATA", str(data_dir))
+    out = tmp_path / "api-example"
+    kwargs = dict(epochs=1, hidden=[16], latent=[3], train_examples=300, test_examples=20)
+    vaelab.train(out=out, **kwargs)
+    with pytest.raises(UsageError) as error:
+        vaelab.train(out=out, **kwargs)
+    message = str(error.value)
+    assert "vaelab.load_run(" in message and "resume=True" in message and "--" not in message
+    run = vaelab.train(out=out, resume=True, epochs=2)
+    assert run.epochs_done == 2 and run.status == "finished"
+
+
+def test_dir_of_vaelab_lists_the_api():
+    names = set(dir(vaelab))
+    assert {"load_run", "train", "Run", "__version__", "evaluation", "presets"} <= names
+
+
+# ---- 6. torchrun when a worker dies ---------------------------------------------------------------------------
+
+
+def test_a_killed_torchrun_worker_leaves_one_line_per_survivor(tmp_path, data_dir):
+    from test_distributed import kill_all, torchrun
+
+    run_dir = tmp_path / "run"
+    process = torchrun("train", "--out", run_dir, "--epochs", "20", "--hidden", "256", "--latent", "8",
+                       "--batch-size", "32", "--test-examples", "50", "--data-dir", data_dir, "--no-progress")
+    metrics = run_dir / ckpt.METRICS
+    deadline = time.monotonic() + 120
+    while not metrics.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    rank1 = None
+    for pid in [int(p) for p in os.listdir("/proc") if p.isdigit()]:
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            command = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"RANK=1" in environ and str(run_dir).encode() in command:
+            rank1 = pid
+    assert rank1 is not None, "rank 1 not found"
+    os.kill(rank1, signal.SIGKILL)
+    try:
+        _, err = process.communicate(timeout=120)
+    finally:
+        kill_all(process)
+    ours = [line for line in err.splitlines() if line.startswith("[rank0]") or line.startswith("vaelab train")]
+    assert len(ours) == 1, err
+    assert "lost rank 1" in ours[0] and "the checkpoint of epoch" in ours[0]
+    assert f"resume with: torchrun --nproc-per-node 2 -m vaelab train --out {run_dir} --resume" in ours[0]
+    assert "[rank0]: Traceback" not in err
+
+
+# ---- 7. what the log and the commands say ---------------------------------------------------------------------
+
+
+def test_the_epoch_line_names_the_objective_with_its_beta_and_puts_units_where_they_belong(tmp_path, data_dir,
+                                                                                           capsys):
+    code, out, err = run(capsys, "train", "--preset", "cpu-hour", "--epochs", "2", "--hidden", "32", "--hidden-top",
+                         "16", "--latent", "4", "2", "--threads", "1", "--out", tmp_path / "run", "--data-dir",
+                         data_dir, *SMALL[4:])
+    assert code == 0
+    assert "1 thread," in out and "1 threads" not in out
+    epoch = next(line for line in out.splitlines() if line.startswith("epoch   1/2"))
+    assert "train β-ELBO (β = 0.10)" in epoch and "nats per example; " in epoch and epoch.endswith(" s")
+    log = (tmp_path / "run" / training.TRAIN_LOG).read_text()
+    assert "β-ELBO (β = 0.20)" in log
+    assert "schedule: learning rate 0.001 falling exponentially" in out
+    assert "note: the KL warm-up of 10 epochs will not finish in 2: β ends at 0.20" in err
+    assert "note: preset cpu-hour spans its decay over 520 epochs" in err
+
+
+def test_burdas_schedule_cut_short_is_said(tmp_path, data_dir, capsys):
+    code, out, err = run(capsys, "train", "--preset", "burda-vae-1", "--epochs", "1", "--hidden", "16", "16",
+                         "--out", tmp_path / "run", "--data-dir", data_dir, *SMALL[2:])
+    assert code == 0 and "stage 0 (1 epoch)" in out and "Burda's schedule is cut short" in err
+
+
+@pytest.mark.parametrize("text, value", [("1e6", 10**6), ("2.5e3", 2500), ("1E18", 10**18), ("1000", 1000)])
+def test_whole_numbers_in_scientific_notation_are_accepted(text, value, capsys):
+    from vaelab.cli import build_parser
+
+    assert build_parser().parse_args(["stirling", "--n", text]).n == [value]
+    assert main(["stirling", "--n", text]) == 0
+    assert capsys.readouterr().out.count("\n") == 2
+
+
+@pytest.mark.parametrize("text", ["1.5", "1e-3", "1e19", "nan", "1e999999"])
+def test_other_numbers_are_still_refused(text, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["stirling", "--n", text])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and one_line(err) and "--n" in err
+
+
+def test_compare_writes_beside_the_runs_and_shows_short_times(evaluated, tmp_path, capsys, monkeypatch):
+    from vaelab.cli import default_comparison_page
+
+    root = tmp_path / "runs"
+    for name in ("a", "b"):
+        shutil.copytree(evaluated, root / name)
+    monkeypatch.chdir(tmp_path)
+    code, out, _ = run(capsys, "compare", root / "a", root / "b")
+    assert code == 0 and (root / "compare-a-b.html").exists() and not (tmp_path / "compare.html").exists()
+    assert "training time" in out and "0.00" not in out and re.search(r"\d s ", out)
+    assert default_comparison_page([root / f"run-{i:03d}-with-a-long-name" for i in range(9)]).name.startswith(
+        "compare-run-000-with-a-long-name-and-8-more-")
+
+
+def test_format_duration():
+    from vaelab.runs import format_duration
+
+    assert [format_duration(s) for s in (0.42, 42, 318, 3168, 7384.1, None)] == \
+        ["0.4 s", "42 s", "5.3 min", "52.8 min", "2.05 h", "—"]
+
+
+# ---- 1. threads: what the suite runs on ------------------------------------------------------------------------
+
+
+def test_omp_num_threads_sets_the_default_threads_of_one_process(monkeypatch):
+    from vaelab.resources import default_threads
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert default_threads() == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert default_threads() == 3
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    assert default_threads() == len(os.sched_getaffinity(0))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")                        # torchrun sets it: cores are shared out
+    assert default_threads(local_size=2) == max(1, len(os.sched_getaffinity(0)) // 2)
