@@ -72,13 +72,25 @@ from scipy.stats import bernoulli, norm  # noqa: E402
 
 from vaelab import checkpoint as ckpt  # noqa: E402
 from vaelab.evaluation import _iwae_one_layer, _iwae_parts  # noqa: E402
-from vaelab.models import TwoLayerVAE, build_model  # noqa: E402
+from vaelab.models import HierarchicalVAE, build_model  # noqa: E402
 from vaelab.objectives import elbo_objective, iwae_objective, log_mean_exp  # noqa: E402
 
 TINY = {
     "mlp": ModelConfig(name="mlp", hidden=((7, 6),), latent=(3,), activation="tanh", init="glorot"),
     "mlp2": ModelConfig(name="mlp2", hidden=((6,), (5,)), latent=(4, 2), activation="tanh", init="glorot"),
     "mlp2-softplus": ModelConfig(name="mlp2", hidden=((5, 4), (3,)), latent=(3, 2), activation="softplus"),
+    # the frontier models (issue 21): learned priors, flows, the ladder, the VampPrior paper's HVAE
+    "mlp-mog": ModelConfig(hidden=((7,),), latent=(3,), activation="tanh", prior="mog", prior_components=4),
+    "mlp-vampprior-gated": ModelConfig(hidden=((7,),), latent=(3,), activation="gated", prior="vampprior",
+                                       prior_components=3),
+    "mlp-planar": ModelConfig(hidden=((7,),), latent=(3,), activation="tanh", flow="planar", flow_steps=3),
+    "mlp-iaf": ModelConfig(hidden=((7,),), latent=(3,), activation="tanh", flow="iaf", flow_steps=2, flow_width=6),
+    "hvae-ladder-vampprior": ModelConfig(name="hvae", hidden=((6,), (5,), (4,)), latent=(4, 3, 2), activation="tanh",
+                                         inference="top-down", prior="vampprior", prior_components=3),
+    "hvae-iaf-mog": ModelConfig(name="hvae", hidden=((6,), (5,)), latent=(3, 2), activation="softplus", flow="iaf",
+                                flow_steps=1, flow_width=5, prior="mog", prior_components=2),
+    "tomczak-2-vampprior": ModelConfig(name="tomczak", hidden=((5, 5), (5, 5)), latent=(3, 2), activation="gated",
+                                       prior="vampprior", prior_components=3, init="he"),
 }
 
 
@@ -166,17 +178,17 @@ def test_two_layer_log_weights_against_an_independent_float64_computation(tmp_pa
 
     def net(prefix, h, hidden_layers):
         for i in range(hidden_layers):
-            h = np.tanh(h @ weights[f"{prefix}.{2 * i}.weight"].T + weights[f"{prefix}.{2 * i}.bias"])
-        out = h @ weights[f"{prefix}_out.weight"].T + weights[f"{prefix}_out.bias"]
+            h = np.tanh(h @ weights[f"{prefix}.net.{2 * i}.weight"].T + weights[f"{prefix}.net.{2 * i}.bias"])
+        out = h @ weights[f"{prefix}.out.weight"].T + weights[f"{prefix}.out.bias"]
         return out
 
     (h1, h2), (d1, _) = config.hidden, config.latent
-    mu1, lv1 = np.split(net("encoder1", x, len(h1)), 2, axis=-1)
+    mu1, lv1 = np.split(net("up.0", x, len(h1)), 2, axis=-1)           # q(z₁|x)
     z1 = mu1 + np.exp(0.5 * lv1) * eps[..., :d1]
-    mu2, lv2 = np.split(net("encoder2", z1, len(h2)), 2, axis=-1)
+    mu2, lv2 = np.split(net("up.1", z1, len(h2)), 2, axis=-1)          # q(z₂|z₁)
     z2 = mu2 + np.exp(0.5 * lv2) * eps[..., d1:]
-    pmu, plv = np.split(net("decoder2", z2, len(h2)), 2, axis=-1)
-    p = 1 / (1 + np.exp(-net("decoder1", z1, len(h1))))
+    pmu, plv = np.split(net("down.0", z2, len(h2)), 2, axis=-1)        # p(z₁|z₂)
+    p = 1 / (1 + np.exp(-net("down.1", z1, len(h1))))                  # p(x|z₁)
     expected = (bernoulli.logpmf(x, p).sum(-1) + norm.logpdf(z1, pmu, np.exp(0.5 * plv)).sum(-1)
                 + norm.logpdf(z2).sum(-1) - norm.logpdf(z1, mu1, np.exp(0.5 * lv1)).sum(-1)
                 - norm.logpdf(z2, mu2, np.exp(0.5 * lv2)).sum(-1))
@@ -208,7 +220,7 @@ def test_fast_iwae_equals_parts_iwae_on_the_same_draws():
 
 def test_two_layer_sample_and_start_shapes():
     model, x, g = tiny("mlp2")
-    assert isinstance(model, TwoLayerVAE)
+    assert isinstance(model, HierarchicalVAE)
     assert model.sample(7, g).shape == (7, 784) and model.posterior_start(x).shape == (5, 6)
     parts = model(x, torch.randn(3, 5, 6, generator=g, dtype=torch.float64))
     assert parts.reconstruction.shape == (3, 5) and [layer.z.shape for layer in parts.layers] == [(3, 5, 4), (3, 5, 2)]
@@ -220,7 +232,7 @@ def test_model_config_errors_list_the_choices():
 
     for config, message in [(ModelConfig(name="nope"), "choose one of mlp, mlp2"),
                             (ModelConfig(activation="sigmoid"), "choose one of relu, tanh"),
-                            (ModelConfig(init="he"), "choose one of torch, glorot"),
+                            (ModelConfig(init="kaiming"), "choose one of torch, glorot, he"),
                             (ModelConfig(name="mlp2", hidden=((100,), (50,)), latent=(50,)), "give 2 latent sizes"),
                             (ModelConfig(name="mlp2", latent=(100, 50)), "needs 2 blocks of hidden widths")]:
         with pytest.raises(UsageError, match=message):

@@ -22,14 +22,15 @@ from vaelab.training import BEST_WEIGHTS
 def test_every_preset_smoke_trains_and_evaluates(name, tmp_path, data_dir, capsys):
     """One short epoch on 300 digits (the preset's own model, objective and optimiser), then an evaluation."""
     run = tmp_path / name
+    held_out = ["--validation", "100"] if "validation" in PRESETS[name]["fields"].get("data", {}) else []
     code = main(["train", "--preset", name, "--out", str(run), "--epochs", "1", "--train-examples", "300",
-                 "--test-examples", "40", "--data-dir", str(data_dir), "--no-progress"])
+                 "--test-examples", "40", "--data-dir", str(data_dir), "--no-progress", *held_out])
     assert code == 0, capsys.readouterr().err
     config = RunConfig.load(run / ckpt.CONFIG)
     assert config.preset == name and config == apply_preset(RunConfig(), name).__class__.from_dict(config.to_dict())
     for section, fields in PRESETS[name]["fields"].items():
         for field, value in fields.items():
-            if field != "epochs":
+            if field not in ("epochs", "validation"):
                 assert getattr(getattr(config, section), field) == value, (section, field)
     assert main(["evaluate", str(run), "--k", "8", "--test-examples", "10", "--data-dir", str(data_dir),
                  "--no-progress"]) == 0

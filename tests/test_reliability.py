@@ -248,7 +248,7 @@ def test_an_evaluation_of_one_digit_is_strict_json(copy, data_dir, capsys):
     ("train", "lr_schedule", "cosine", "unknown --lr-schedule"),
     ("objective", "name", "vimco", "unknown --objective 'vimco'"),
     ("objective", "samples", 0, "--k must be in [1, 100 000]"),
-    ("model", "activation", "swish", "unknown activation 'swish'"),
+    ("model", "activation", "swish", "unknown --activation 'swish'"),
     ("model", "latent", [50, 20], "give 1 latent size"),
     ("data", "binarize", "grey", "'grey' is not one of dynamic, static"),
     ("data", "validation_seed", -1, "validation_seed must be"),

@@ -96,13 +96,16 @@ class Run:
 
     @torch.no_grad()
     def decode(self, z: Any) -> torch.Tensor:
-        """Decoder means sigmoid(logits) of p(x|z₁) for z₁ (B, d₁): (B, 784)."""
+        """Decoder means sigmoid(logits) of p(x|z) for the latents of every layer, bottom first (B, D), or of the
+        first layer alone (B, d₁) where p(x|·) depends on z₁ alone (every model but the two-layer tomczak): (B, 784)."""
         z = torch.as_tensor(z, dtype=torch.float32)
-        latent = self.config.model.latent[0]
-        if z.ndim != 2 or z.shape[1] != latent or not bool(torch.isfinite(z).all()):
-            raise UsageError(f"z must be finite latents of the first stochastic layer, shaped (B, {latent}); got "
-                             f"shape {tuple(z.shape)}")
-        return torch.sigmoid(self.model.decode(z))
+        sizes = self.config.model.latent
+        alone = hasattr(self.model, "decode")
+        if z.ndim != 2 or z.shape[1] not in (sum(sizes), *((sizes[0],) if alone else ())) \
+                or not bool(torch.isfinite(z).all()):
+            shapes = f"(B, {sum(sizes)})" + (f" or (B, {sizes[0]})" if alone and len(sizes) > 1 else "")
+            raise UsageError(f"z must be finite latents shaped {shapes}; got shape {tuple(z.shape)}")
+        return torch.sigmoid(self.model.decode_latents(z) if z.shape[1] == sum(sizes) else self.model.decode(z))
 
     def sample(self, n: int = 64, seed: int = 0) -> torch.Tensor:
         """Decoder means of n draws from p(z): (n, 784)."""

@@ -82,7 +82,12 @@ def current_names(tensors: dict[str, torch.Tensor], model: torch.nn.Module) -> d
     renamed = {}
     for name, tensor in tensors.items():
         module, _, leaf = name.rpartition(".")
-        renamed[f"{legacy.get(module, module)}.{leaf}" if module else name] = tensor
+        head, _, rest = module.partition(".")            # a legacy module and its submodules: encoder1.0 → up.0.net.0
+        if module in legacy:
+            module = legacy[module]
+        elif head in legacy:
+            module = f"{legacy[head]}.{rest}"
+        renamed[f"{module}.{leaf}" if module else name] = tensor
     return renamed
 
 

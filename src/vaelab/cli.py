@@ -80,6 +80,15 @@ _positive_float = _number(0.0, strict=True)
 _non_negative_float = _number(0.0, strict=False)
 
 
+def _widths(text: str) -> tuple[int, ...]:
+    """One block of hidden widths, 'W' or 'W,W,…' (each a whole number ≥ 1)."""
+    parts = text.split(",")
+    widths = tuple(_positive_int(part) for part in parts if part.strip())
+    if len(widths) != len(parts):
+        raise argparse.ArgumentTypeError(f"expected widths separated by commas, like 512,512, got {text!r}")
+    return widths
+
+
 def _device(text: str) -> str:
     if text in ("auto", "cpu", "cuda") or (text.startswith("cuda:") and text[5:].isdigit()):
         return text
@@ -90,7 +99,8 @@ def build_parser(parser_class: type[argparse.ArgumentParser] = _Parser) -> argpa
     from vaelab import __version__
     from vaelab.engines import ENGINE_CHOICES
     from vaelab.laplace import MAX_STIRLING_TERMS
-    from vaelab.models import ACTIVATIONS, INITS, MODELS
+    from vaelab.models import ACTIVATIONS, FLOWS, INFERENCE, INITS, MODELS, PRIORS
+    from vaelab.models.priors import DEFAULT_COMPONENTS
     from vaelab.objectives import OBJECTIVES
     from vaelab.precision import PRECISIONS
     from vaelab.presets import PRESETS
@@ -106,15 +116,31 @@ def build_parser(parser_class: type[argparse.ArgumentParser] = _Parser) -> argpa
     train.add_argument("--preset", choices=list(PRESETS), help="start from a named configuration "
                        "(default seed; explicit flags override its fields; see `vaelab presets`)")
     group = train.add_argument_group("model")
-    group.add_argument("--model", choices=list(MODELS), help="mlp: one stochastic layer; mlp2: two")
+    group.add_argument("--model", choices=list(MODELS), help="mlp: one stochastic layer; mlp2: two (Burda); hvae: "
+                       "any number, --inference bottom-up or top-down (Ladder VAE); tomczak: the VampPrior paper's "
+                       "VAE (one layer) and HVAE (two)")
     group.add_argument("--hidden", type=_positive_int, nargs="+", metavar="W",
                        help="widths of the hidden layers between x and z₁ (default 256)")
     group.add_argument("--hidden-top", type=_positive_int, nargs="+", metavar="W",
-                       help="widths of the hidden layers between z₁ and z₂ (mlp2 only)")
+                       help="widths of the hidden layers between z₁ and z₂ (two-layer models)")
+    group.add_argument("--blocks", type=_widths, nargs="+", metavar="W[,W…]",
+                       help="the hidden widths of every block, bottom first, one argument per stochastic layer "
+                       "(e.g. --blocks 512,512 256,256 128,128 for three layers)")
     group.add_argument("--latent", type=_positive_int, nargs="+", metavar="D",
-                       help="latent sizes, bottom first: one for mlp (default 50), two for mlp2")
-    group.add_argument("--activation", choices=list(ACTIVATIONS), help="hidden activation (default relu)")
+                       help="latent sizes, bottom first: one for mlp (default 50), two for mlp2, L ≥ 2 for hvae")
+    group.add_argument("--inference", choices=list(INFERENCE), help="bottom-up (default: q(z₁|x) q(z₂|z₁) …) or "
+                       "top-down (the Ladder VAE's precision-weighted merge; hvae)")
+    group.add_argument("--activation", choices=list(ACTIVATIONS), help="hidden activation (default relu; gated: "
+                       "gated dense layers, (W_h a + b) ⊙ sigmoid(W_g a + c))")
     group.add_argument("--init", choices=list(INITS), help="weight initialisation (default torch)")
+    group.add_argument("--prior", choices=list(PRIORS), help="p(z) of the top layer: standard N(0, I) (default), "
+                       "mog (a mixture of K learnt Gaussians) or vampprior (a mixture of q(z|u) at K learnt pseudo-inputs)")
+    group.add_argument("--prior-components", type=_positive_int, metavar="K",
+                       help=f"K of the mixture priors (default {DEFAULT_COMPONENTS}, as in the VampPrior paper)")
+    group.add_argument("--flow", choices=list(FLOWS), help="a normalising flow in q(z|x): none (default), planar or "
+                       "iaf (inverse autoregressive); bottom-up inference")
+    group.add_argument("--flow-steps", type=_non_negative_int, metavar="T", help="steps of the flow (default 0)")
+    group.add_argument("--flow-width", type=_positive_int, metavar="W", help="hidden units of each IAF step (default 256)")
     group = train.add_argument_group("objective")
     group.add_argument("--objective", choices=list(OBJECTIVES), help="elbo (default) or iwae")
     group.add_argument("--k", type=_whole_number(1, 100_001), help="draws per example (default 1)")
@@ -285,7 +311,10 @@ _FLAGS = {
     "device": ("train", "device"), "engine": ("train", "engine"), "threads": ("train", "threads"),
     "precision": ("train", "precision"),
     "model": ("model", "name"), "latent": ("model", "latent"), "activation": ("model", "activation"),
-    "init": ("model", "init"), "objective": ("objective", "name"), "k": ("objective", "samples"),
+    "init": ("model", "init"), "inference": ("model", "inference"), "prior": ("model", "prior"),
+    "prior_components": ("model", "prior_components"), "flow": ("model", "flow"),
+    "flow_steps": ("model", "flow_steps"), "flow_width": ("model", "flow_width"),
+    "objective": ("objective", "name"), "k": ("objective", "samples"),
     "beta": ("objective", "beta"), "warmup": ("objective", "warmup_epochs"), "binarize": ("data", "binarize"),
     "train_examples": ("data", "train_examples"), "test_examples": ("data", "test_examples"),
     "validation": ("data", "validation"),
@@ -307,6 +336,10 @@ def _train_config(args: argparse.Namespace, base):
         if value is not None:
             sections[section][name] = tuple(value) if isinstance(value, list) else value
     hidden = list(base.model.hidden)
+    if args.blocks and (args.hidden or args.hidden_top):
+        raise UsageError("--blocks gives every block of hidden widths; leave out --hidden and --hidden-top")
+    if args.blocks:
+        sections["model"]["hidden"] = tuple(args.blocks)
     for index, flag in enumerate(("hidden", "hidden_top")):
         widths = getattr(args, flag)
         if widths:
@@ -589,7 +622,7 @@ def write_pictures(model, data, metrics, run_dir: Path) -> None:
     plot_grid(model.sample(64, generator).cpu().numpy(), run_dir / "samples.png", "samples from p(x): decoder means")
     with torch.no_grad():
         x = data.test_binary[:30].float()
-        recon = torch.sigmoid(model.decode(model.posterior_start(x)[..., :model.config.latent[0]]))
+        recon = torch.sigmoid(model.decode_latents(model.posterior_start(x)))
     plot_reconstructions(x.cpu().numpy(), recon.cpu().numpy(), run_dir / "reconstructions.png")
 
 
@@ -792,6 +825,10 @@ def cmd_presets(args: argparse.Namespace) -> int:
 
     for name, preset in PRESETS.items():
         _log(f"{name}: {preset['about']}")
+        if "paper" in preset:
+            _log(f"    paper's test NLL: {preset['paper'][0]:.2f} ({preset['paper'][1]})")
+        if "deviations" in preset:
+            _log(f"    differs from the paper: {preset['deviations']}")
         for change in RunConfig().differences(apply_preset(RunConfig(), name)):
             if not change.startswith("preset:"):
                 _log(f"    {change}")

@@ -3,7 +3,8 @@
 Loading checks every field (names, types, ranges, choices) so that a hand-edited or damaged file is a
 clear error, and a model is rebuilt from this file alone. Files of earlier versions are migrated on
 load (``_MIGRATIONS``): a version-1 file (one hidden width, one latent size) means the reference model;
-version 2 lacked train.precision (float32).
+version 2 lacked train.precision (float32); version 3 lacked the model's inference, prior and flow (bottom-up,
+the standard prior, no flow: what every model of vaelab 0.2 was).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from vaelab.objectives import OBJECTIVES
 from vaelab.precision import PRECISIONS
 from vaelab.schedules import LR_SCHEDULES
 
-CONFIG_VERSION = 3
+CONFIG_VERSION = 4
 SEED_LIMIT = 2**63            # every seed is a non-negative 63-bit integer (torch's generators take it)
 
 
@@ -196,7 +197,17 @@ def _migrate_2(raw: dict, source: str) -> dict:
     return {**raw, "version": 3, "train": {**train, "precision": "fp32"}}
 
 
-_MIGRATIONS = {1: _migrate_1, 2: _migrate_2}
+def _migrate_3(raw: dict, source: str) -> dict:
+    """Version 3 (vaelab 0.2, before priors, flows and ladders): bottom-up inference, N(0, I), no flow."""
+    model = raw.get("model")
+    if not isinstance(model, dict):
+        raise CheckpointError(f"{source}: sections missing or malformed (model must be an object)")
+    defaults = {name: value for name, value in dataclasses.asdict(ModelConfig()).items()
+                if name in ("inference", "prior", "prior_components", "flow", "flow_steps", "flow_width")}
+    return {**raw, "version": 4, "model": {**defaults, **model}}
+
+
+_MIGRATIONS = {1: _migrate_1, 2: _migrate_2, 3: _migrate_3}
 
 
 def _build(kind: type, raw: Any, source: str):

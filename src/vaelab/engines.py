@@ -167,14 +167,15 @@ ENGINES: dict[tuple[str, str], Engine] = {
 ENGINE_CHOICES = ("auto", "fused", "autograd")
 
 # The configurations a hand-derived engine covers, by ``fast_path_key``.
-FAST_PATHS: dict[tuple, str] = {("mlp", (1,), "relu", "elbo", 1, True): "fused"}
+FAST_PATHS: dict[tuple, str] = {("mlp", (1,), "relu", "standard", 0, "elbo", 1, True): "fused"}
 
 
 def fast_path_key(config) -> tuple:
-    """(model, hidden layers per block, activation, objective, draws, β ≡ 1) of a RunConfig."""
+    """(model, hidden layers per block, activation, prior, flow steps, objective, draws, β ≡ 1) of a RunConfig."""
     model, objective = config.model, config.objective
-    return (model.name, tuple(len(block) for block in model.hidden), model.activation, objective.name,
-            objective.samples, objective.beta == 1.0 and objective.warmup_epochs == 0)
+    return (model.name, tuple(len(block) for block in model.hidden), model.activation, model.prior,
+            model.flow_steps, objective.name, objective.samples,
+            objective.beta == 1.0 and objective.warmup_epochs == 0)
 
 
 def select_engine(config) -> str:
@@ -185,6 +186,7 @@ def select_engine(config) -> str:
     if wanted == "auto":
         return covering
     if wanted != "autograd" and wanted != covering:
-        raise UsageError(f"--engine {wanted} covers only the one-hidden-layer ReLU mlp model on the single-draw "
-                         f"ELBO with β = 1; use --engine auto or autograd for this configuration")
+        raise UsageError(f"--engine {wanted} covers only the one-hidden-layer ReLU mlp model with the standard prior "
+                         f"and no flow, on the single-draw ELBO with β = 1; use --engine auto or autograd for this "
+                         f"configuration")
     return wanted

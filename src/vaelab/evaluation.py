@@ -106,7 +106,8 @@ class EvalConfig:
         per_batch = 4 * self.k * (d + 3 * b)                                   # ε (K, D), K × B weights ×3
         chunk = 4 * self.sample_chunk * b * (3 * 784 + 3 * widest + 4 * d)     # a decoded chunk
         laplace = 8 * b * (d * d * 6 + 784 * d * 2) if self.laplace else 0     # float64 Hessians, Jacobians
-        return per_batch + chunk + laplace + (64 << 20)
+        mixture = 0 if model_config.prior == "standard" else 8 * 3 * self.sample_chunk * b * model_config.prior_components
+        return per_batch + chunk + laplace + mixture + (64 << 20)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -183,18 +184,25 @@ def _iwae_parts(model, x: torch.Tensor, k: int, generator: torch.Generator, chun
     return importance_sampled_log_marginal(log_weights, k, chunk)
 
 
-# The estimator of each model class, by lookup; the fast form equals the generic one on the same draws
-# (tests/test_evaluation.py::test_fast_iwae_equals_parts_iwae). Only the fast form has bf16 products.
+# The estimator of each model class, by lookup, for the models whose hand-derived forms apply (``model.fast``:
+# the standard prior, no flow, an elementwise activation); the fast form equals the generic one on the same
+# draws (tests/test_models.py). Only the fast form has bf16 products.
 IWAE_ESTIMATORS: dict[type, Callable] = {MLPVAE: _iwae_one_layer}
+
+
+def iwae_estimator(model) -> Callable:
+    fast = IWAE_ESTIMATORS.get(type(model))
+    return fast if fast is not None and getattr(model, "fast", False) else _iwae_parts
 
 
 def check_precision(model, precision: str) -> None:
     """Refuse an evaluation precision this model's IWAE estimator does not have (``ValueError``)."""
     if precision not in PRECISIONS:
         raise UsageError(f"unknown evaluation precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
-    if precision != "fp32" and type(model) not in IWAE_ESTIMATORS:
-        raise UsageError(f"--precision {precision} covers the one-stochastic-layer mlp models; this run's model is "
-                         f"{model.config.name}: use --precision fp32")
+    if precision != "fp32" and iwae_estimator(model) is _iwae_parts:
+        raise UsageError(f"--precision {precision} covers the one-stochastic-layer mlp models with the standard prior, "
+                         f"no flow and an elementwise activation; this run's model is {model.config.name}: use "
+                         f"--precision fp32")
 
 
 def iwae_log_likelihood(model, images: torch.Tensor, config: EvalConfig, progress: bool = False) -> torch.Tensor:
@@ -202,7 +210,7 @@ def iwae_log_likelihood(model, images: torch.Tensor, config: EvalConfig, progres
     check_precision(model, config.precision)
     model.eval()
     generator = torch.Generator(device=images.device).manual_seed(config.seed)
-    estimator = IWAE_ESTIMATORS.get(type(model), _iwae_parts)
+    estimator = iwae_estimator(model)
     return per_example(lambda x: estimator(model, x, config.k, generator, config.sample_chunk, config.precision),
                        images, config.examples_per_batch, f"IWAE-{config.k}", progress)
 
@@ -221,30 +229,36 @@ def elbo_per_example(model, images: torch.Tensor, seed: int = 0, samples: int = 
 @torch.no_grad()
 def latent_statistics(model, images: torch.Tensor, samples: int = 64, seed: int = 0) -> list[dict]:
     """Per stochastic layer (bottom first): the variance over digits of each unit's posterior mean
-    Cov_x(E_q[u|x]), the active units (Burda et al. 2016: that variance > 1e-2), and the mean KL per
-    dimension (closed form where the layer's prior is N(0, I), else the draws' log q − log p).
+    Cov_x(E_q[u|x]), the active units (Burda et al. 2016: that variance > 1e-2), the mean KL per dimension
+    where the layer factorises (closed form where the layer's prior is N(0, I), else the draws' log q − log p;
+    ``None`` for a flow or a mixture prior, which have no per-dimension KL) and the layer's KL.
 
-    E_q[z₁|x] = μ₁(x) exactly; for a layer above, E_q[z₂|x] = E_{z₁~q(z₁|x)}[μ₂(z₁)] is averaged over
-    ``samples`` draws of z₁ (1 draw for one-layer models, where nothing depends on the draw).
+    E_q[z₁|x] = μ₁(x) exactly without a flow; for a layer above, E_q[z₂|x] = E_{z₁~q(z₁|x)}[μ₂(z₁)], and with a
+    flow E_q[z] itself, are averaged over ``samples`` draws (1 draw where nothing depends on the draw).
     """
     model.eval()
     generator = torch.Generator(device=images.device).manual_seed(seed)
-    samples = samples if len(model.config.latent) > 1 else 1
-    means, kls = [], []
+    config = model.config
+    varies = len(config.latent) > 1 or config.flow_steps > 0 or config.prior != "standard"
+    samples = samples if varies else 1
+    means, kls, totals = [], [], []
     with hot_loop_settings():
         for x in test_batches(images, 100):
             parts = model(x, draws(model, samples, len(x), generator, x.device))
-            means.append([layer.q_mu.expand_as(layer.z).mean(0).double().cpu() for layer in parts.layers])
-            kls.append([layer.kl_per_dimension().mean(0).double().cpu() for layer in parts.layers])
+            means.append([layer.posterior_mean().double().cpu() for layer in parts.layers])
+            kls.append([None if (kl := layer.kl_per_dimension()) is None else kl.mean(0).double().cpu()
+                        for layer in parts.layers])
+            totals.append([layer.kl().double().cpu() for layer in parts.layers])
     layers = []
-    for index in range(len(model.config.latent)):
+    for index in range(len(config.latent)):
         mean = torch.cat([batch[index] for batch in means])                   # (N, d)
         variance = mean.var(0, unbiased=True) if len(mean) > 1 else torch.zeros(mean.shape[1], dtype=torch.float64)
-        kl = torch.cat([batch[index] for batch in kls]).mean(0)               # (d,)
+        per_dimension = None if kls[0][index] is None else torch.cat([batch[index] for batch in kls]).mean(0)  # (d,)
+        kl = float(torch.cat([batch[index] for batch in totals]).mean())
         active = (variance > ACTIVE_UNIT_THRESHOLD).nonzero().flatten().tolist()
         layers.append({"layer": index + 1, "latent": mean.shape[1], "active_units": len(active), "active": active,
-                       "posterior_mean_variance": variance.tolist(), "kl_per_dimension": kl.tolist(),
-                       "kl": float(kl.sum())})
+                       "posterior_mean_variance": variance.tolist(),
+                       "kl_per_dimension": None if per_dimension is None else per_dimension.tolist(), "kl": kl})
     return layers
 
 
@@ -280,7 +294,7 @@ def _laplace_batch(model, model64, x: torch.Tensor, config: EvalConfig,
         z0 = model64.posterior_start(x.double())
     marginal = laplace_log_marginal(model64.log_joint, x.double(), z0, max_steps=config.newton_steps,
                                     ftol=1e-9, curvature=model64.laplace_curvature())
-    if isinstance(model, MLPVAE):
+    if isinstance(model, MLPVAE) and model.fast:
         log_likelihood = model.log_likelihood_for(x)
         log_joint = lambda z: log_likelihood(z) + log_standard_normal(z)  # noqa: E731
     else:

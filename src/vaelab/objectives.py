@@ -152,49 +152,92 @@ def iwae_bound(x: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor, log_like
 
 @dataclass
 class StochasticLayer:
-    """One diagonal-Gaussian latent layer: the K draws and the two distributions they are scored under.
+    """One latent layer: the K draws and the two densities they are scored under.
 
-    z = μ_q + σ_q ε with σ_q = exp(½ log σ_q²); q(z | its inference parent) = N(μ_q, σ_q²) and
-    p(z | its generative parent) = N(μ_p, σ_p²), or N(0, I) for the top layer (``p_mu is None``).
-    Every tensor broadcasts to (K, B, d).
+    q: a diagonal Gaussian base z₀ = μ_q + σ_q ε (σ_q = exp(½ log σ_q²)), optionally pushed through a
+    normalising flow, z = f_T ∘ … ∘ f₁(z₀), whose log-determinant Σₜ log|det ∂fₜ/∂z| is ``log_det``
+    (Rezende & Mohamed 2015): log q(z|·) = log N(z₀; μ_q, σ_q²) − Σₜ log|det ∂fₜ/∂z| (change of variables).
+    p: N(0, I) for a top layer with the standard prior (``p_mu is None`` and ``log_p is None``), a diagonal
+    Gaussian p(z | generative parent) = N(μ_p, σ_p²), or a learned prior whose log density at the draws is
+    ``log_p`` (a mixture: ``vaelab.models.priors``).
+
+    ``conditional``: p and q are conditioned on the same draw of the parent (the ladder's top-down pass), so
+    the closed-form KL between the two Gaussians given that draw is an unbiased estimate of the layer's KL;
+    where p's parent is drawn after z in q (z₁ under p(z₁|z₂), z₂ ~ q(z₂|z₁)) it is not, and the draws'
+    log q − log p is used. Every tensor broadcasts to (K, B, d), log_det and log_p to (K, B).
     """
 
     z: torch.Tensor                   # (K, B, d)
-    eps: torch.Tensor                 # (K, B, d) the standard-normal draws behind z
+    eps: torch.Tensor                 # (K, B, d) the standard-normal draws behind z₀
     q_mu: torch.Tensor                # (K or 1, B, d)
     q_logvar: torch.Tensor            # (K or 1, B, d)
-    p_mu: torch.Tensor | None = None  # (K, B, d); None: the prior N(0, I)
+    p_mu: torch.Tensor | None = None  # (K, B, d); None: N(0, I) or the learned prior's log_p
     p_logvar: torch.Tensor | None = None
+    log_det: torch.Tensor | None = None   # (K, B) Σ log|det| of the flow; None: no flow (z = z₀)
+    log_p: torch.Tensor | None = None     # (K, B) a learned prior's log p(z); None: a Gaussian p
+    conditional: bool = False
+
+    @property
+    def factorised(self) -> bool:
+        """Whether log q − log p is a sum over dimensions (no flow, no mixture prior): then the KL has a
+        per-dimension form (the report's KL per latent unit)."""
+        return self.log_det is None and self.log_p is None
 
     def log_q_per_dimension(self) -> torch.Tensor:
-        """log N(zᵢ; μᵢ, σᵢ²) = −½ (log 2π + log σᵢ² + εᵢ²), since (zᵢ − μᵢ)/σᵢ = εᵢ: (K, B, d)."""
+        """log N(z₀ᵢ; μᵢ, σᵢ²) = −½ (log 2π + log σᵢ² + εᵢ²), since (z₀ᵢ − μᵢ)/σᵢ = εᵢ: (K, B, d)."""
         return -0.5 * (LOG_2PI + self.q_logvar + self.eps.square())
 
     def log_p_per_dimension(self) -> torch.Tensor:
-        """log p(zᵢ | parent): N(0, 1) for the top layer, else N(μ_p, σ_p²): (K, B, d)."""
+        """log p(zᵢ | parent): N(0, 1) for the top layer, else N(μ_p, σ_p²): (K, B, d) (Gaussian p only)."""
         if self.p_mu is None:
             return -0.5 * (LOG_2PI + self.z.square())
         return -0.5 * (LOG_2PI + self.p_logvar + (self.z - self.p_mu).square() * torch.exp(-self.p_logvar))
 
+    def log_q(self) -> torch.Tensor:
+        """log q(z | parent) at the draws, with the flow's change of variables: (K, B)."""
+        base = self.log_q_per_dimension().sum(-1)
+        return base if self.log_det is None else base - self.log_det
+
+    def log_prior(self) -> torch.Tensor:
+        """log p(z | parent) at the draws: (K, B)."""
+        return self.log_p if self.log_p is not None else self.log_p_per_dimension().sum(-1)
+
     def log_ratio(self) -> torch.Tensor:
         """log p(z | parent) − log q(z | parent) at the draws: (K, B)."""
-        return (self.log_p_per_dimension() - self.log_q_per_dimension()).sum(-1)
+        if self.factorised:
+            return (self.log_p_per_dimension() - self.log_q_per_dimension()).sum(-1)
+        return self.log_prior() - self.log_q()
 
-    def kl_per_dimension(self) -> torch.Tensor:
-        """Per-dimension KL(q ‖ p) estimate, (K or 1, B, d).
+    def kl_per_dimension(self) -> torch.Tensor | None:
+        """Per-dimension KL(q ‖ p) estimate, (K or 1, B, d); None where the layer does not factorise.
 
         Closed form where p is N(0, I), whose parameters do not depend on the draw:
-        KL = ½ (σ² + μ² − 1 − log σ²) (Kingma & Welling 2014, App. B). Where p(z | parent) has a parent
-        that is itself drawn *after* z in q (z₁ under p(z₁|z₂), z₂ ~ q(z₂|z₁)), the closed form given the
-        parent is not the expectation that the ELBO needs; the single-draw estimate log q − log p is used.
+        KL = ½ (σ² + μ² − 1 − log σ²) (Kingma & Welling 2014, App. B); and where p and q share the parent's
+        draw (``conditional``): KL = ½ (log σ_p² − log σ_q² + (σ_q² + (μ_q − μ_p)²)/σ_p² − 1). Otherwise the
+        single-draw estimate log q − log p.
         """
+        if not self.factorised:
+            return None
         if self.p_mu is None:
             return kl_standard_normal_per_dimension(self.q_mu, self.q_logvar)
+        if self.conditional:
+            return 0.5 * (self.p_logvar - self.q_logvar
+                          + (self.q_logvar.exp() + (self.q_mu - self.p_mu).square()) * torch.exp(-self.p_logvar) - 1.0)
         return self.log_q_per_dimension() - self.log_p_per_dimension()
 
     def kl(self) -> torch.Tensor:
-        """KL estimate summed over dimensions, averaged over draws: (B,)."""
-        return self.kl_per_dimension().sum(-1).mean(0)
+        """KL estimate summed over dimensions, averaged over draws: (B,) (the draws' log q − log p where the
+        layer does not factorise: a mixture prior or a flow has no closed form)."""
+        per_dimension = self.kl_per_dimension()
+        if per_dimension is None:
+            return (self.log_q() - self.log_prior()).mean(0)
+        return per_dimension.sum(-1).mean(0)
+
+    def posterior_mean(self) -> torch.Tensor:
+        """E_q[z | parent] estimated per example (B, d): μ_q without a flow, else the mean of the draws."""
+        if self.log_det is None:
+            return self.q_mu.expand_as(self.z).mean(0)
+        return self.z.mean(0)
 
 
 @dataclass

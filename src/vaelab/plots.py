@@ -189,8 +189,19 @@ def kl_figure(layers: Sequence[dict]):
     plt = _pyplot()
     fig, axes = plt.subplots(len(layers), 1, figsize=(10, 2.6 * len(layers)), squeeze=False)
     for ax, layer in zip(axes[:, 0], layers):
-        kl = np.asarray(layer["kl_per_dimension"])
         active = set(layer["active"])
+        if layer.get("kl_per_dimension") is None:          # a flow or a mixture prior: no per-unit KL
+            variance = np.asarray(layer["posterior_mean_variance"])
+            ax.bar(np.arange(len(variance)), variance, color=["C0" if i in active else "0.75" for i in range(len(variance))])
+            ax.set_yscale("symlog", linthresh=1e-2)
+            ax.axhline(1e-2, color="C3", lw=0.8, ls="--")
+            ax.set_ylabel("Cov_x E_q[u]")
+            ax.set_title(f"layer {layer['layer']}: {layer['active_units']} of {layer['latent']} units active (blue; "
+                         f"the dashed line is 0.01), KL {layer['kl']:.2f} nats in all (no per-unit KL: q or p does "
+                         f"not factorise)", fontsize=9)
+            ax.set_xlabel("latent dimension")
+            continue
+        kl = np.asarray(layer["kl_per_dimension"])
         colours = ["C0" if i in active else "0.75" for i in range(len(kl))]
         ax.bar(np.arange(len(kl)), kl, color=colours)
         ax.set_ylabel("KL (nats)")

@@ -57,7 +57,9 @@ def _latent_views(model, images: torch.Tensor, labels: np.ndarray, layers: list[
     most active units, interpolations between digits of different classes."""
     figures = []
     x = images.float()
+    full = model.posterior_start(x)                                     # (N, D) every layer's mean under q
     means = _posterior_means(model, x)                                  # per layer (N, d_l)
+    offsets = np.cumsum([0, *model.config.latent])
     for index, mean in enumerate(means):
         layer = layers[index]
         centred = mean - mean.mean(0)
@@ -71,17 +73,21 @@ def _latent_views(model, images: torch.Tensor, labels: np.ndarray, layers: list[
             name, points2 = embedded
             figures.append(Figure(f"layer {index + 1}: {name} of the posterior means (first 2000 digits)",
                                   data_uri(plots.scatter_2d_figure(points2, labels[:2000], name))))
-        order = np.argsort(-np.asarray(layer["kl_per_dimension"]))[:8]
+        # rank units by their KL where the layer has a per-dimension KL, else by the spread of their means
+        ranking = layer["kl_per_dimension"] if layer.get("kl_per_dimension") is not None else \
+            layer["posterior_mean_variance"]
+        order = np.argsort(-np.asarray(ranking))[:8]
         spread = mean.std(0)
         steps = torch.linspace(-3, 3, 11)
         rows, names = [], []
-        base = mean[0]
+        base = full[0]
         for dim in order.tolist():
             z = base.repeat(len(steps), 1)
-            z[:, dim] = base[dim] + steps * spread[dim]
-            rows.append(_decode_layer(model, index, z).numpy())
+            z[:, offsets[index] + dim] = base[offsets[index] + dim] + steps * spread[dim]
+            rows.append(torch.sigmoid(model.decode_layer(index, z)).numpy())
             names.append(f"unit {dim}")
-        figures.append(Figure(f"layer {index + 1}: traversals of the 8 units with the largest KL",
+        what = "largest KL" if layer.get("kl_per_dimension") is not None else "most varied posterior means"
+        figures.append(Figure(f"layer {index + 1}: traversals of the 8 units with the {what}",
                               data_uri(plots.digit_rows_figure(rows, names, "each row: one unit from −3 to +3 "
                                                                "standard deviations (over digits) around the "
                                                                "first test digit's posterior mean")),
@@ -91,8 +97,9 @@ def _latent_views(model, images: torch.Tensor, labels: np.ndarray, layers: list[
             ia, ib = np.flatnonzero(labels == a), np.flatnonzero(labels == b)
             if len(ia) and len(ib):
                 t = torch.linspace(0, 1, 10).unsqueeze(1)
-                z = (1 - t) * mean[ia[0]] + t * mean[ib[0]]
-                rows.append(_decode_layer(model, index, z).numpy())
+                z = full[ia[0]].repeat(len(t), 1)
+                z[:, offsets[index]:offsets[index + 1]] = (1 - t) * mean[ia[0]] + t * mean[ib[0]]
+                rows.append(torch.sigmoid(model.decode_layer(index, z)).numpy())
                 names.append(f"{a} → {b}")
         if rows:
             figures.append(Figure(f"layer {index + 1}: interpolations between test digits of different classes",
@@ -102,17 +109,13 @@ def _latent_views(model, images: torch.Tensor, labels: np.ndarray, layers: list[
 
 
 def _posterior_means(model, x: torch.Tensor) -> list[torch.Tensor]:
-    """E_q-path means per layer: μ₁(x) and, for a second layer, μ₂(μ₁(x)) (the mean of q(z₂|z₁) at z₁'s mean)."""
-    start = model.posterior_start(x)
-    sizes = list(model.config.latent)
-    return list(start.split(sizes, dim=-1))
+    """E_q-path means per layer (each layer at the mean of q given the means of the layers it depends on)."""
+    return list(model.posterior_start(x).split(list(model.config.latent), dim=-1))
 
 
-def _decode_layer(model, index: int, z: torch.Tensor) -> torch.Tensor:
-    """Decoder means for latents of layer ``index``: z₁ decoded directly; z₂ through the mean of p(z₁|z₂)."""
-    if index == 1:
-        z = model.prior_bottom(z)[0]
-    return torch.sigmoid(model.decode(z))
+def reconstructions(model, x: torch.Tensor) -> torch.Tensor:
+    """Decoder means at the posterior means of x (B, 784): what every reconstruction picture shows."""
+    return torch.sigmoid(model.decode_latents(model.posterior_start(x)))
 
 
 def _nonlinear_embedding(points: np.ndarray):
@@ -168,7 +171,7 @@ def _evaluation_section(run: RunInfo, model, images: torch.Tensor) -> dict:
     with torch.no_grad():
         for title, picked in (("worst", worst), ("best", best)):
             x = images[torch.as_tensor(picked.copy())].float()
-            rows += [x.numpy(), torch.sigmoid(model.decode(_posterior_means(model, x)[0])).numpy()]
+            rows += [x.numpy(), reconstructions(model, x).numpy()]
             names += [f"{title}: digits", "reconstructions"]
     section["figures"].append(Figure("the worst- and best-explained test digits", data_uri(plots.digit_rows_figure(
         rows, names, "worst: lowest log p(x) first; best: highest first")),
@@ -198,11 +201,19 @@ def build_report(run_dir: str | Path, data_dir: str | None = None) -> tuple[str,
     ]
     with torch.no_grad():
         x = images[:30].float()
-        recon = torch.sigmoid(model.decode(_posterior_means(model, x)[0])).numpy()
+        recon = reconstructions(model, x).numpy()
     rows = [r for i in range(3) for r in (x[10 * i:10 * i + 10].numpy(), recon[10 * i:10 * i + 10])]
     generation.append(Figure("test digits and their reconstructions", data_uri(plots.digit_rows_figure(
         rows, ["digits", "reconstructions"] * 3, "decoder means at the posterior means"))))
     latent = _latent_views(model, images, labels, layers)
+    pseudo = getattr(model.prior, "pseudo_inputs", None)
+    if pseudo is not None:
+        with torch.no_grad():
+            u = pseudo().numpy()                                             # (K, 784)
+        shown = u[:100]
+        generation.append(Figure(f"the VampPrior's pseudo-inputs ({len(shown)} of {len(u)})", data_uri(
+            plots.digit_rows_figure(list(shown.reshape(-1, 10, 784)), [""] * (len(shown) // 10),
+                                    "pseudo-inputs uₖ in pixel space, p(z) = (1/K) Σₖ q(z | uₖ)"))))
     evaluation = _evaluation_section(run, model, images)
     training = [Figure("training", data_uri(plots.training_figure(run.metrics)))] if run.metrics else []
     provenance = run.meta.get("provenance", {})

@@ -42,7 +42,7 @@ class TensorBoardLog:
         model.eval()
         with torch.no_grad():
             samples = model.sample(64, torch.Generator(device=self.digits.device).manual_seed(0)).cpu().numpy()
-            recon = torch.sigmoid(model.decode(model.posterior_start(self.digits)[..., :model.config.latent[0]]))
+            recon = torch.sigmoid(model.decode_latents(model.posterior_start(self.digits)))
         pairs = np.concatenate([self.digits.cpu().numpy().reshape(4, 8, 784),
                                 recon.cpu().numpy().reshape(4, 8, 784)], axis=1).reshape(64, 784)
         for tag, images in (("samples", samples), ("reconstructions", pairs)):

@@ -3,8 +3,14 @@
 - ``mlp``: one stochastic layer, MLP encoder q(z|x) and Bernoulli MLP decoder p(x|z) (Kingma & Welling
   2014); with one hidden layer of 256 ReLU units and 50 latents it is vaelab's reference model.
 - ``mlp2``: two stochastic layers, q(z₁|x) q(z₂|z₁) and p(z₂) p(z₁|z₂) p(x|z₁) (Burda et al. 2016, §5).
+- ``hvae``: any number L ≥ 2 of stochastic layers, bottom-up inference (Burda's, ``mlp2`` is its L = 2 case)
+  or top-down (the Ladder VAE, Sønderby et al. 2016): ``models/hierarchical.py``.
+- ``tomczak``: Tomczak & Welling's (2018) VAE (L = 1) and two-layer HVAE, q(z₂|x) q(z₁|x, z₂) and
+  p(z₂) p(z₁|z₂) p(x|z₁, z₂), gated layers, log-variances clamped to [−6, 2]: ``models/tomczak.py``.
 
-Every model returns ``Parts`` (``models/base.py``); the objectives are functions of those.
+Every model is composed with a prior of its top layer (``models/priors.py``: standard, mog, vampprior) and,
+where its inference allows, a flow in q (``models/flows.py``: none, planar, iaf). Every model returns
+``Parts`` (``objectives.py``); the objectives are functions of those.
 """
 
 from __future__ import annotations
@@ -13,14 +19,20 @@ from dataclasses import dataclass
 
 from vaelab.errors import UsageError
 from vaelab.models.base import ACTIVATIONS, INITS
-from vaelab.objectives import Parts, StochasticLayer
-from vaelab.models.hierarchical import TwoLayerVAE
+from vaelab.models.flows import FLOWS
+from vaelab.models.hierarchical import HierarchicalVAE
 from vaelab.models.mlp import MLPVAE
+from vaelab.models.priors import DEFAULT_COMPONENTS, PRIORS
+from vaelab.models.tomczak import TomczakVAE
+from vaelab.objectives import Parts, StochasticLayer
 
-__all__ = ["MODELS", "ModelConfig", "build_model", "Parts", "StochasticLayer", "MLPVAE", "TwoLayerVAE",
-           "ACTIVATIONS", "INITS"]
+__all__ = ["MODELS", "ModelConfig", "build_model", "Parts", "StochasticLayer", "MLPVAE", "HierarchicalVAE",
+           "TomczakVAE", "ACTIVATIONS", "INITS", "PRIORS", "FLOWS", "INFERENCE"]
 
-MODELS = {"mlp": MLPVAE, "mlp2": TwoLayerVAE}
+MODELS = {"mlp": MLPVAE, "mlp2": HierarchicalVAE, "hvae": HierarchicalVAE, "tomczak": TomczakVAE}
+# The stochastic layers each model name takes: (fewest, most).
+LAYERS = {"mlp": (1, 1), "mlp2": (2, 2), "hvae": (2, 64), "tomczak": (1, 2)}
+INFERENCE = ("bottom-up", "top-down")
 
 
 @dataclass(frozen=True)
@@ -35,23 +47,51 @@ class ModelConfig:
     latent: tuple[int, ...] = (50,)
     activation: str = "relu"
     init: str = "torch"
+    inference: str = "bottom-up"       # bottom-up | top-down (the Ladder VAE; hierarchies only)
+    prior: str = "standard"            # standard | mog | vampprior: p(z) of the top layer
+    prior_components: int = DEFAULT_COMPONENTS   # K of the mixture priors
+    flow: str = "none"                 # none | planar | iaf: a flow in q (bottom-up inference)
+    flow_steps: int = 0                # T; 0 is the Gaussian itself
+    flow_width: int = 256              # hidden units of each IAF step's MADE
 
     def validate(self) -> "ModelConfig":
         """Raise UsageError naming the problem and the choices, else return self."""
-        if self.name not in MODELS:
-            raise UsageError(f"unknown model {self.name!r}; choose one of {', '.join(MODELS)}")
-        if self.activation not in ACTIVATIONS:
-            raise UsageError(f"unknown activation {self.activation!r}; choose one of {', '.join(ACTIVATIONS)}")
-        if self.init not in INITS:
-            raise UsageError(f"unknown init {self.init!r}; choose one of {', '.join(INITS)}")
-        layers = MODELS[self.name].stochastic_layers
-        if len(self.latent) != layers:
-            raise UsageError(f"model {self.name} has {layers} stochastic layer{'s' * (layers > 1)}: give "
-                             f"{layers} latent size{'s' * (layers > 1)} (--latent), got {list(self.latent)}")
+        choices = [("model", self.name, MODELS), ("--activation", self.activation, ACTIVATIONS),
+                   ("--init", self.init, INITS), ("--inference", self.inference, INFERENCE),
+                   ("--prior", self.prior, PRIORS), ("--flow", self.flow, FLOWS)]
+        for flag, value, allowed in choices:
+            if value not in allowed:
+                raise UsageError(f"unknown {flag} {value!r}; choose one of {', '.join(allowed)}")
+        ranges = [("--prior-components", self.prior_components, 1, 100_000),
+                  ("--flow-steps", self.flow_steps, 0, 1000), ("--flow-width", self.flow_width, 1, 1 << 20)]
+        for flag, value, low, high in ranges:
+            if not low <= value <= high:
+                raise UsageError(f"{flag} must be a whole number from {low} to {high}, got {value}")
+        fewest, most = LAYERS[self.name]
+        if not fewest <= len(self.latent) <= most:
+            wanted = str(fewest) if fewest == most else f"{fewest} to {most}"
+            raise UsageError(f"model {self.name} takes {wanted} stochastic layer{'s' * (most > 1)}: give {wanted} latent "
+                             f"size{'s' * (most > 1)} (--latent d₁ … d_L), got {list(self.latent)}")
+        layers = len(self.latent)
         if len(self.hidden) != layers:
-            flag = "--hidden and --hidden-top" if layers > 1 else "--hidden"
-            raise UsageError(f"model {self.name} needs {layers} block{'s' * (layers > 1)} of hidden widths "
-                             f"({flag}), got {len(self.hidden)}")
+            flag = "--hidden" if layers == 1 else "--hidden and --hidden-top, or --blocks"
+            raise UsageError(f"model {self.name} with {layers} stochastic layer{'s' * (layers > 1)} needs {layers} "
+                             f"block{'s' * (layers > 1)} of hidden widths ({flag}), got {len(self.hidden)}")
+        if self.inference == "top-down" and (layers == 1 or self.name == "tomczak"):
+            why = "a single stochastic layer has no generative layer above it to merge with" if layers == 1 else \
+                "its q(z₁|x, z₂) is already conditioned from the top, with its own networks"
+            raise UsageError(f"--inference top-down (the Ladder VAE) does not apply to model {self.name} with "
+                             f"{layers} layer{'s' * (layers > 1)}: {why}; use --inference bottom-up, or --model hvae "
+                             f"with two or more --latent sizes")
+        if self.name == "tomczak" and any(block != (self.hidden[0][0],) * 2 for block in self.hidden):
+            raise UsageError(f"model tomczak is made of hidden layers of one width W, two per network (the paper's "
+                             f"W = 300): give --hidden W W (and --hidden-top W W for two layers), got {self.hidden}")
+        if self.flow == "none" and self.flow_steps:
+            raise UsageError(f"--flow-steps {self.flow_steps} without a flow: add --flow planar or --flow iaf")
+        if self.flow != "none" and (self.inference == "top-down" or self.name == "tomczak"):
+            raise UsageError(f"--flow {self.flow} applies to bottom-up inference (models mlp, mlp2, hvae): the "
+                             f"{'ladder merges Gaussians' if self.inference == 'top-down' else 'tomczak model has its own q'}"
+                             f"; use --flow none")
         if any(len(block) == 0 for block in self.hidden):
             raise UsageError(f"each block of hidden widths needs at least one layer, got {self.hidden}")
         if any(w < 1 for block in self.hidden for w in block) or any(d < 1 for d in self.latent):
@@ -71,7 +111,11 @@ class ModelConfig:
         return MODELS[self.name].linear_shapes(self)
 
     def parameter_count(self) -> int:
-        return sum((a + 1) * b for a, b in self.layers())
+        """Weights and biases of every linear map, and the prior's own parameters (K·784 pseudo-inputs, or
+        K means and log-variances)."""
+        prior = {"standard": 0, "mog": 2 * self.prior_components * self.latent[-1],
+                 "vampprior": self.prior_components * self.data_dim}[self.prior]
+        return sum((a + 1) * b for a, b in self.layers()) + prior
 
     def widest(self) -> int:
         return max(b for _, b in self.layers())

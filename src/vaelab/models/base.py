@@ -20,10 +20,27 @@ from torch import nn
 # ------------------------------------------------------------------------------------------------
 # Building blocks.
 
+class Gated(nn.Module):
+    """A gated dense layer: a ↦ (W_h a + b_h) ⊙ sigmoid(W_g a + b_g), two linear maps of the same input, one
+    gating the other (Dauphin et al. 2017; the layers of Tomczak & Welling 2018's VampPrior models)."""
+
+    def __init__(self, inputs: int, outputs: int):
+        super().__init__()
+        self.h = nn.Linear(inputs, outputs)
+        self.g = nn.Linear(inputs, outputs)
+
+    def forward(self, a: torch.Tensor) -> torch.Tensor:
+        return self.h(a) * torch.sigmoid(self.g(a))
+
+
 @dataclass(frozen=True)
 class Activation:
-    module: Callable[[], nn.Module]                       # for nn.Sequential (autograd)
-    inplace: Callable[[torch.Tensor], torch.Tensor]       # for the no-grad fast paths
+    module: Callable[[], nn.Module] | None                # for nn.Sequential (autograd); None: a gated layer
+    inplace: Callable[[torch.Tensor], torch.Tensor] | None  # for the no-grad fast paths (None: none)
+
+    @property
+    def gated(self) -> bool:
+        return self.module is None
 
 
 ACTIVATIONS: dict[str, Activation] = {
@@ -32,6 +49,7 @@ ACTIVATIONS: dict[str, Activation] = {
     "softplus": Activation(nn.Softplus, F.softplus),
     "elu": Activation(nn.ELU, lambda t: F.elu_(t)),
     "leaky_relu": Activation(nn.LeakyReLU, lambda t: F.leaky_relu_(t)),
+    "gated": Activation(None, None),                      # each hidden layer a ``Gated`` layer (two linears)
 }
 
 
@@ -43,17 +61,33 @@ def _glorot(module: nn.Module) -> None:
             nn.init.zeros_(layer.bias)
 
 
+def _he(module: nn.Module) -> None:
+    """He et al. (2015): W ~ N(0, 2/fan_in), biases as drawn when built (the VampPrior code's ``he_init``)."""
+    for layer in module.modules():
+        if isinstance(layer, nn.Linear):
+            nn.init.normal_(layer.weight, 0.0, (2.0 / layer.in_features) ** 0.5)
+
+
 # "torch": PyTorch's default, drawn as each layer is built (W, b ~ U(±1/√fan_in)).
-INITS: dict[str, Callable[[nn.Module], None]] = {"torch": lambda module: None, "glorot": _glorot}
+INITS: dict[str, Callable[[nn.Module], None]] = {"torch": lambda module: None, "glorot": _glorot, "he": _he}
 
 
 def mlp(inputs: int, widths: Sequence[int], activation: str) -> nn.Sequential:
-    """Linear → activation, once per width: inputs → widths[0] → … → widths[-1]."""
+    """Linear → activation (or one gated layer), once per width: inputs → widths[0] → … → widths[-1]."""
     layers: list[nn.Module] = []
+    kind = ACTIVATIONS[activation]
     for width in widths:
-        layers += [nn.Linear(inputs, width), ACTIVATIONS[activation].module()]
+        layers += [Gated(inputs, width)] if kind.gated else [nn.Linear(inputs, width), kind.module()]
         inputs = width
     return nn.Sequential(*layers)
+
+
+def chain_shapes(inputs: int, widths: Sequence[int], outputs: int, activation: str) -> list[tuple[int, int]]:
+    """(inputs, outputs) of every linear map of ``mlp(inputs, widths)`` followed by a Linear to ``outputs``
+    (a gated layer is two maps of the same shape)."""
+    sizes = (inputs, *widths)
+    copies = 2 if ACTIVATIONS[activation].gated else 1
+    return [shape for shape in zip(sizes[:-1], sizes[1:]) for _ in range(copies)] + [(sizes[-1], outputs)]
 
 
 def linear_layers(sequential: nn.Sequential) -> list[nn.Linear]:

@@ -1,106 +1,221 @@
-"""Two stochastic layers (Burda, Grosse & Salakhutdinov 2016, §5):
+"""Hierarchies of any depth L ≥ 2: stochastic layers z₁ … z_L (bottom first), one model with two inference
+networks (``ModelConfig.inference``), the same generative model:
 
-    generative  p(z₂) = N(0, I),  p(z₁|z₂) = N(μ_p(z₂), diag σ_p²(z₂)),  p(x|z₁) = Bernoulli(sigmoid ℓ(z₁))
-    inference   q(z₁|x) = N(μ₁(x), diag σ₁²(x)),  q(z₂|z₁) = N(μ₂(z₁), diag σ₂²(z₁))
+    generative  p(z_L) (a prior of ``models/priors.py``), p(zₗ|zₗ₊₁) = N(μ_p(zₗ₊₁), diag σ_p²(zₗ₊₁)),
+                p(x|z₁) = Bernoulli(sigmoid ℓ(z₁))
+    bottom-up   q(z₁|x) q(z₂|z₁) … q(z_L|z_{L−1}), each a diagonal Gaussian (Burda et al. 2016, §5; ``mlp2``
+                is the L = 2 case), optionally each through a flow (``models/flows.py``)
+    top-down    the Ladder VAE (Sønderby et al. 2016, eq. 17–21): a deterministic bottom-up pass dₗ = MLP(dₗ₋₁),
+                d₀ = x, gives each layer a Gaussian N(μ̂ₗ, σ̂ₗ²); then from the top, q(z_L|x) = N(μ̂_L, σ̂_L²) and
+                for l < L q(zₗ|·) merges N(μ̂ₗ, σ̂ₗ²) with the generative p(zₗ|zₗ₊₁) at the same draw of zₗ₊₁
+                by precision weighting:
+                    σ_q² = 1/(σ̂⁻² + σ_p⁻²),   μ_q = (μ̂ σ̂⁻² + μ_p σ_p⁻²) σ_q²
+                (the product of two Gaussian densities, renormalised), so the top-down path is shared between
+                p and q. Written stably: log σ_q² = −logaddexp(−log σ̂², −log σ_p²) and
+                μ_q = μ̂ sigmoid(log σ_p² − log σ̂²) + μ_p sigmoid(log σ̂² − log σ_p²).
 
-Each arrow is an MLP: x → hidden[0] → z₁ → hidden[1] → z₂ on the inference side, mirrored on the
-generative side (Burda's model: 784 → 100 → 100 → 100 → 50 → 50 → 50, tanh). The latent vector of one
-draw is z = (z₁, z₂), D = d₁ + d₂ standard-normal numbers.
+Networks: inference block l maps x (l = 0, or dₗ₋₁ top-down) or zₗ₋₁ (bottom-up) through ``hidden[l]`` to
+(μ̂ₗ, log σ̂ₗ²); generative block for layer l + 1 maps zₗ₊₁ through ``hidden[l + 1]`` reversed to (μ_p, log σ_p²) of
+zₗ, and the bottom one z₁ through ``hidden[0]`` reversed to the 784 logits. With L = 2, tanh and hidden
+((100, 100), (50, 50)), latent (100, 50) it is Burda's two-layer model; blocks are built in the order the
+former ``TwoLayerVAE`` built them, so an ``mlp2`` run trains to the same weights and its run directory loads
+(``LEGACY_NAMES``).
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from vaelab.models.base import INITS, full_precision, mlp
-from vaelab.objectives import (Parts, StochasticLayer, bernoulli_log_likelihood, log_normal_diag,
-                               log_standard_normal, reparameterize)
+from vaelab.models.base import INITS, chain_shapes, full_precision, mlp
+from vaelab.models.flows import build_flow, flow_shapes
+from vaelab.models.priors import build_prior
+from vaelab.objectives import Parts, StochasticLayer, bernoulli_log_likelihood, log_normal_diag, reparameterize
 
 
-class TwoLayerVAE(nn.Module):
-    stochastic_layers = 2
-    LEGACY_NAMES: dict[str, str] = {}
+class Block(nn.Module):
+    """An MLP and the linear map after it."""
+
+    def __init__(self, inputs: int, widths, outputs: int, activation: str):
+        super().__init__()
+        self.net = mlp(inputs, widths, activation)
+        self.out = nn.Linear(widths[-1], outputs)
+
+    def forward(self, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the MLP's output h, the map's output) for a (…, inputs)."""
+        h = self.net(a)
+        return h, full_precision(self.out(h))
+
+
+def merge_gaussians(mu_hat: torch.Tensor, logvar_hat: torch.Tensor, mu_p: torch.Tensor,
+                    logvar_p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ladder's precision-weighted q: N(μ̂, σ̂²) · N(μ_p, σ_p²) renormalised, as (μ_q, log σ_q²)."""
+    logvar = -torch.logaddexp(-logvar_hat, -logvar_p)
+    mu = mu_hat * torch.sigmoid(logvar_p - logvar_hat) + mu_p * torch.sigmoid(logvar_hat - logvar_p)
+    return mu, logvar
+
+
+class HierarchicalVAE(nn.Module):
+    stochastic_layers = None              # any L ≥ 2 (ModelConfig.validate)
+    # weights of ``mlp2`` run directories written before this class (vaelab ≤ 0.2's TwoLayerVAE)
+    LEGACY_NAMES = {"encoder1": "up.0.net", "encoder1_out": "up.0.out", "encoder2": "up.1.net",
+                    "encoder2_out": "up.1.out", "decoder2": "down.0.net", "decoder2_out": "down.0.out",
+                    "decoder1": "down.1.net", "decoder1_out": "down.1.out"}
 
     def __init__(self, config):
         super().__init__()
         self.config = config
-        (h1, h2), (d1, d2) = config.hidden, config.latent
-        self.d1, self.d2 = d1, d2
-        act = config.activation
-        self.encoder1, self.encoder1_out = mlp(config.data_dim, h1, act), nn.Linear(h1[-1], 2 * d1)  # q(z₁|x)
-        self.encoder2, self.encoder2_out = mlp(d1, h2, act), nn.Linear(h2[-1], 2 * d2)               # q(z₂|z₁)
-        self.decoder2, self.decoder2_out = mlp(d2, h2[::-1], act), nn.Linear(h2[0], 2 * d1)         # p(z₁|z₂)
-        self.decoder1, self.decoder1_out = mlp(d1, h1[::-1], act), nn.Linear(h1[0], config.data_dim)  # p(x|z₁)
+        hidden, latent, act = config.hidden, config.latent, config.activation
+        self.sizes = list(latent)
+        self.top_down = config.inference == "top-down"
+        levels = len(latent)
+        up = []
+        for l in range(levels):
+            inputs = config.data_dim if l == 0 else (hidden[l - 1][-1] if self.top_down else latent[l - 1])
+            up.append(Block(inputs, hidden[l], 2 * latent[l], act))
+        self.up = nn.ModuleList(up)                                     # inference, bottom first
+        self.down = nn.ModuleList([Block(latent[l], hidden[l][::-1], 2 * latent[l - 1] if l else config.data_dim, act)
+                                   for l in range(levels - 1, -1, -1)])  # generative, from the top: zₗ → zₗ₋₁ … → x
+        self.prior = build_prior(config, latent[-1])
+        self.flows = nn.ModuleList([build_flow(config, latent[l], hidden[l][-1]) for l in range(levels)])
         INITS[config.init](self)
 
     @staticmethod
     def linear_shapes(config) -> list[tuple[int, int]]:
-        (h1, h2), (d1, d2) = config.hidden, config.latent
+        hidden, latent, act = config.hidden, config.latent, config.activation
+        top_down = config.inference == "top-down"
+        shapes = []
+        for l in range(len(latent)):
+            inputs = config.data_dim if l == 0 else (hidden[l - 1][-1] if top_down else latent[l - 1])
+            shapes += chain_shapes(inputs, hidden[l], 2 * latent[l], act)
+        for l in range(len(latent) - 1, -1, -1):
+            shapes += chain_shapes(latent[l], hidden[l][::-1], 2 * latent[l - 1] if l else config.data_dim, act)
+        return shapes + [shape for l in range(len(latent)) for shape in flow_shapes(config, latent[l], hidden[l][-1])]
 
-        def chain(inputs, widths, outputs):
-            sizes = (inputs, *widths)
-            return list(zip(sizes[:-1], sizes[1:])) + [(widths[-1], outputs)]
+    # ---- the generative model -------------------------------------------------------------------
 
-        return (chain(config.data_dim, h1, 2 * d1) + chain(d1, h2, 2 * d2)
-                + chain(d2, h2[::-1], 2 * d1) + chain(d1, h1[::-1], config.data_dim))
+    def generative(self, l: int, z: torch.Tensor) -> torch.Tensor:
+        """Layer l's latents (…, dₗ) → (μ_p, log σ_p²) of zₗ₋₁ as one (…, 2dₗ₋₁) tensor, or x's logits (l = 0)."""
+        return self.down[len(self.sizes) - 1 - l](z)[1]
 
-    # ---- the distributions ---------------------------------------------------------------------
-
-    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(μ₁, log σ₁²) of q(z₁|x), each (B, d₁)."""
-        mu, logvar = full_precision(self.encoder1_out(self.encoder1(x))).chunk(2, dim=-1)
-        return mu, logvar
-
-    def encode_top(self, z1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(μ₂, log σ₂²) of q(z₂|z₁): (…, d₁) → (…, d₂) each."""
-        mu, logvar = full_precision(self.encoder2_out(self.encoder2(z1))).chunk(2, dim=-1)
-        return mu, logvar
-
-    def prior_bottom(self, z2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(μ_p, log σ_p²) of p(z₁|z₂): (…, d₂) → (…, d₁) each."""
-        mu, logvar = full_precision(self.decoder2_out(self.decoder2(z2))).chunk(2, dim=-1)
+    def prior_below(self, l: int, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(μ_p, log σ_p²) of p(zₗ₋₁ | zₗ), each (…, dₗ₋₁)."""
+        mu, logvar = self.generative(l, z).chunk(2, dim=-1)
         return mu, logvar
 
     def decode(self, z1: torch.Tensor) -> torch.Tensor:
         """Bernoulli logits of p(x|z₁): (…, d₁) → (…, 784)."""
-        return full_precision(self.decoder1_out(self.decoder1(z1)))
+        return self.generative(0, z1)
 
-    def forward(self, x: torch.Tensor, eps: torch.Tensor) -> Parts:
-        """Parts for the K draws in eps (K, B, d₁ + d₂): z₁ ~ q(z₁|x), then z₂ ~ q(z₂|z₁)."""
-        eps1, eps2 = eps[..., :self.d1], eps[..., self.d1:]                 # (K, B, d₁), (K, B, d₂)
-        mu1, logvar1 = self.encode(x)                                       # (B, d₁)
-        z1 = reparameterize(mu1, logvar1, eps1)                             # (K, B, d₁)
-        mu2, logvar2 = self.encode_top(z1)                                  # (K, B, d₂)
-        z2 = reparameterize(mu2, logvar2, eps2)                             # (K, B, d₂)
-        p_mu, p_logvar = self.prior_bottom(z2)                              # (K, B, d₁)
-        reconstruction = bernoulli_log_likelihood(self.decode(z1), x)       # (K, B)
-        return Parts(reconstruction, (
-            StochasticLayer(z1, eps1, mu1.unsqueeze(0), logvar1.unsqueeze(0), p_mu, p_logvar),
-            StochasticLayer(z2, eps2, mu2, logvar2),
-        ))
+    def decode_latents(self, z: torch.Tensor) -> torch.Tensor:
+        return self.decode(z[..., :self.sizes[0]])
 
-    def posterior_start(self, x: torch.Tensor) -> torch.Tensor:
-        """The start of the search for the joint mode of p(x, z₁, z₂): (μ₁(x), μ₂(μ₁(x))), (B, d₁ + d₂)."""
-        mu1 = self.encode(x)[0]
-        return torch.cat([mu1, self.encode_top(mu1)[0]], -1)
+    def decode_layer(self, index: int, z: torch.Tensor) -> torch.Tensor:
+        """Logits from layer ``index`` of the latent vector z (…, D), carried down through the means of
+        p(zₗ₋₁|zₗ) (the layers below it in z are not used)."""
+        z = z.split(self.sizes, dim=-1)[index]
+        for l in range(index, 0, -1):
+            z = self.prior_below(l, z)[0]
+        return self.decode(z)
 
     def log_joint(self, z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """log p(x, z₁, z₂) = log p(x|z₁) + log p(z₁|z₂) + log N(z₂; 0, I), z = (z₁, z₂) (…, B, D) → (…, B)."""
-        z1, z2 = z[..., :self.d1], z[..., self.d1:]
-        p_mu, p_logvar = self.prior_bottom(z2)
-        return (bernoulli_log_likelihood(self.decode(z1), x) + log_normal_diag(z1, p_mu, p_logvar)
-                + log_standard_normal(z2))
+        """log p(x, z₁ … z_L) for z = (z₁, …, z_L) (…, B, D) → (…, B)."""
+        parts = z.split(self.sizes, dim=-1)
+        total = bernoulli_log_likelihood(self.decode(parts[0]), x) + self.prior.log_density(parts[-1], self.encode_top)
+        for l in range(1, len(parts)):
+            total = total + log_normal_diag(parts[l - 1], *self.prior_below(l, parts[l]))
+        return total
 
     @torch.no_grad()
     def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Decoder means E[x|z₁] for z₂ ~ N(0, I), z₁ ~ p(z₁|z₂): (n, 784) in [0, 1]."""
-        weight = self.decoder1_out.weight
-        z2 = torch.randn((n, self.d2), generator=generator, device=weight.device, dtype=weight.dtype)
-        mu, logvar = self.prior_bottom(z2)
-        z1 = reparameterize(mu, logvar, torch.randn((n, self.d1), generator=generator, device=weight.device,
-                                                    dtype=weight.dtype))
-        return torch.sigmoid(self.decode(z1))
+        """Decoder means E[x|z₁] for z_L ~ p(z_L), then zₗ₋₁ ~ p(zₗ₋₁|zₗ) down to z₁: (n, 784) in [0, 1]."""
+        like = self.down[0].out.weight
+        z = self.prior.sample(n, generator, self.encode_top, like=like)
+        for l in range(len(self.sizes) - 1, 0, -1):
+            mu, logvar = self.prior_below(l, z)
+            z = reparameterize(mu, logvar, torch.randn(mu.shape, generator=generator, device=like.device,
+                                                       dtype=like.dtype))
+        return torch.sigmoid(self.decode(z))
+
+    # ---- inference ------------------------------------------------------------------------------
+
+    def encode_top(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(μ, log σ²) of the top layer's Gaussian for pixel inputs x (…, 784), along the means: what the
+        VampPrior's components are. Top-down it is q(z_L|x) itself; bottom-up, q(z_L | the means below)."""
+        a = x
+        for l, block in enumerate(self.up):
+            h, out = block(a)
+            mu, logvar = out.chunk(2, dim=-1)
+            a = h if self.top_down else mu
+        return mu, logvar
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(μ₁, log σ₁²) of q(z₁|·) along the means (B, d₁): bottom-up q(z₁|x) itself; top-down the merge with
+        p(z₁|z₂) at the mean of z₂ (and so on from the top)."""
+        means = self._means(x)
+        return means[0]
+
+    def _means(self, x: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer, (μ_q, log σ_q²) with every draw replaced by the mean of q (flows applied to the mean)."""
+        return self._infer(x, None)[1]
+
+    def posterior_start(self, x: torch.Tensor) -> torch.Tensor:
+        """The start of the search for the joint mode of p(x, z): every layer at its mean under q, (B, D)."""
+        return torch.cat(self._infer(x, None)[0], -1)
+
+    def _infer(self, x: torch.Tensor, eps: torch.Tensor | None):
+        """The draws z of every layer (eps None: the means), their Gaussians, and the layers' parts."""
+        noise = [None] * len(self.sizes) if eps is None else list(eps.split(self.sizes, dim=-1))
+        draws, gaussians, layers = [None] * len(self.sizes), [None] * len(self.sizes), [None] * len(self.sizes)
+
+        def draw(mu, logvar, e):
+            return mu if e is None else reparameterize(mu, logvar, e)
+
+        if not self.top_down:
+            a = x
+            for l, block in enumerate(self.up):
+                h, out = block(a)
+                mu, logvar = out.chunk(2, dim=-1)                              # (B, d₁), then (K, B, dₗ)
+                z, log_det = self.flows[l](draw(mu, logvar, noise[l]), h)
+                draws[l], gaussians[l] = z, (mu, logvar)
+                layers[l] = (mu, logvar, log_det, None)
+                a = z
+        else:
+            hats, a = [], x
+            for block in self.up:                                              # the deterministic bottom-up pass
+                a, out = block(a)
+                hats.append(out.chunk(2, dim=-1))                               # (μ̂ₗ, log σ̂ₗ²), each (B, dₗ)
+            top = len(self.sizes) - 1
+            mu, logvar = hats[top]
+            draws[top], gaussians[top], layers[top] = draw(mu, logvar, noise[top]), (mu, logvar), (mu, logvar, None, None)
+            for l in range(top - 1, -1, -1):
+                p_mu, p_logvar = self.prior_below(l + 1, draws[l + 1])        # (K, B, dₗ)
+                mu, logvar = merge_gaussians(*hats[l], p_mu, p_logvar)
+                draws[l], gaussians[l] = draw(mu, logvar, noise[l]), (mu, logvar)
+                layers[l] = (mu, logvar, None, (p_mu, p_logvar))               # p at the same draw of zₗ₊₁
+        return draws, gaussians, layers
+
+    def forward(self, x: torch.Tensor, eps: torch.Tensor) -> Parts:
+        """Parts for the K draws in eps (K, B, d₁ + … + d_L)."""
+        draws, _, layers = self._infer(x, eps)
+        noise = eps.split(self.sizes, dim=-1)
+        parts = []
+        for l, (mu, logvar, log_det, p) in enumerate(layers):
+            if l + 1 < len(self.sizes):
+                p_mu, p_logvar = p if p is not None else self.prior_below(l + 1, draws[l + 1])
+                parts.append(StochasticLayer(draws[l], noise[l], _with_draws(mu), _with_draws(logvar), p_mu, p_logvar,
+                                             log_det=log_det, conditional=self.top_down))
+            else:
+                parts.append(StochasticLayer(draws[l], noise[l], _with_draws(mu), _with_draws(logvar), log_det=log_det,
+                                             log_p=self.prior.layer_log_p(draws[l], self.encode_top)))
+        reconstruction = bernoulli_log_likelihood(self.decode(draws[0]), x)     # (K, B)
+        return Parts(reconstruction, tuple(parts))
 
     def laplace_curvature(self):
         return None            # the exact Hessian (Newton falls back to gradient ascent where it is not PD)
+
+
+def _with_draws(t: torch.Tensor) -> torch.Tensor:
+    """A (B, d) parameter as (1, B, d), a per-draw (K, B, d) one unchanged."""
+    return t.unsqueeze(0) if t.dim() == 2 else t

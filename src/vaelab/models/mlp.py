@@ -1,9 +1,12 @@
-"""One stochastic layer: q(z|x) = N(μ(x), diag σ²(x)), p(z) = N(0, I), p(x|z) Bernoulli on MLP logits.
+"""One stochastic layer: q(z|x) = N(μ(x), diag σ²(x)) (optionally through a flow), a prior p(z) (N(0, I), a
+mixture or the VampPrior: ``models/priors.py``), p(x|z) Bernoulli on MLP logits.
 
-Encoder  x (B, 784) → [Linear → act] × len(hidden) → Linear → (μ, log σ²), each (B, d)
+Encoder  x (B, 784) → [Linear → act] × len(hidden) → h → Linear → (μ, log σ²), each (B, d)
+Flow     z₀ = μ + σ ε → z = f_T ∘ … ∘ f₁(z₀), its parameters from h (``models/flows.py``; none by default)
 Decoder  z (…, d)   → [Linear → act] × len(hidden), widths mirrored → Linear → logits (…, 784)
 With hidden = (256,), ReLU and d = 50 this is the reference model of Kingma & Welling's MNIST setting;
-with hidden = (200, 200), tanh, d = 50 Burda et al.'s one-layer model.
+with hidden = (200, 200), tanh, d = 50 Burda et al.'s one-layer model; with gated layers of 300 units, d = 40
+and the VampPrior the one-layer model of Tomczak & Welling (2018) (without its log-variance clamp).
 """
 
 from __future__ import annotations
@@ -14,9 +17,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vaelab.models.base import ACTIVATIONS, INITS, full_precision, linear_layers, mlp, run_mlp_inplace
-from vaelab.objectives import (LN_2, LOG2_E, Parts, StochasticLayer, bernoulli_log_likelihood, log_standard_normal,
-                               reparameterize, softplus_sum)
+from vaelab.models.base import ACTIVATIONS, INITS, chain_shapes, full_precision, linear_layers, mlp, run_mlp_inplace
+from vaelab.models.flows import build_flow, flow_shapes
+from vaelab.models.priors import build_prior
+from vaelab.objectives import (LN_2, LOG2_E, Parts, StochasticLayer, bernoulli_log_likelihood, reparameterize,
+                               softplus_sum)
 
 
 class MLPVAE(nn.Module):
@@ -37,15 +42,23 @@ class MLPVAE(nn.Module):
         self.encoder_out = nn.Linear(hidden[-1], 2 * latent)
         self.decoder = mlp(latent, hidden[::-1], config.activation)
         self.decoder_out = nn.Linear(hidden[0], config.data_dim)
+        # after the layers above, so that the standard prior without a flow (no parameters) draws nothing more
+        self.prior = build_prior(config, latent)
+        self.flow = build_flow(config, latent, hidden[-1])
         INITS[config.init](self)
+
+    @property
+    def fast(self) -> bool:
+        """Whether the hand-derived forms apply: standard prior, no flow, an elementwise activation."""
+        config = self.config
+        return config.prior == "standard" and config.flow_steps == 0 and not ACTIVATIONS[config.activation].gated
 
     @staticmethod
     def linear_shapes(config) -> list[tuple[int, int]]:
         (hidden,), (latent,) = config.hidden, config.latent
-        encoder = list(zip((config.data_dim, *hidden[:-1]), hidden)) + [(hidden[-1], 2 * latent)]
-        widths = hidden[::-1]
-        decoder = list(zip((latent, *widths[:-1]), widths)) + [(widths[-1], config.data_dim)]
-        return encoder + decoder
+        return (chain_shapes(config.data_dim, hidden, 2 * latent, config.activation)
+                + chain_shapes(latent, hidden[::-1], config.data_dim, config.activation)
+                + flow_shapes(config, latent, hidden[-1]))
 
     # ---- the distributions ---------------------------------------------------------------------
 
@@ -60,24 +73,36 @@ class MLPVAE(nn.Module):
 
     def forward(self, x: torch.Tensor, eps: torch.Tensor) -> Parts:
         """Parts for the K draws in eps (K, B, d): log p(x|z) (K, B) and the one stochastic layer."""
-        mu, logvar = self.encode(x)                                      # (B, d) each
-        z = reparameterize(mu, logvar, eps)                              # (K, B, d)
+        h = self.encoder(x)                                              # (B, H)
+        mu, logvar = full_precision(self.encoder_out(h)).chunk(2, dim=-1)  # (B, d) each
+        z, log_det = self.flow(reparameterize(mu, logvar, eps), h)       # (K, B, d), (K, B) or None
         reconstruction = bernoulli_log_likelihood(self.decode(z), x)     # (K, B)
-        return Parts(reconstruction, (StochasticLayer(z, eps, mu.unsqueeze(0), logvar.unsqueeze(0)),))
+        log_p = self.prior.layer_log_p(z, self.encode)                   # (K, B) or None: N(0, I)
+        return Parts(reconstruction, (StochasticLayer(z, eps, mu.unsqueeze(0), logvar.unsqueeze(0), log_det=log_det,
+                                                      log_p=log_p),))
 
     def posterior_start(self, x: torch.Tensor) -> torch.Tensor:
-        """Where the search for the mode of p(x, z) starts: the encoder's mean μ(x), (B, d)."""
-        return self.encode(x)[0]
+        """Where the search for the mode of p(x, z) starts: the encoder's mean μ(x) (through the flow), (B, d)."""
+        h = self.encoder(x)
+        mu = full_precision(self.encoder_out(h)).chunk(2, dim=-1)[0]
+        return self.flow(mu, h)[0]
 
     def log_joint(self, z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """log p(x, z) = log p(x|z) + log N(z; 0, I) for z (…, B, d), x (B, 784) → (…, B)."""
-        return bernoulli_log_likelihood(self.decode(z), x) + log_standard_normal(z)
+        """log p(x, z) = log p(x|z) + log p(z) for z (…, B, d), x (B, 784) → (…, B)."""
+        return bernoulli_log_likelihood(self.decode(z), x) + self.prior.log_density(z, self.encode)
+
+    def decode_latents(self, z: torch.Tensor) -> torch.Tensor:
+        """Bernoulli logits from the latent vector of all layers (here the one): (…, d) → (…, 784)."""
+        return self.decode(z)
+
+    def decode_layer(self, index: int, z: torch.Tensor) -> torch.Tensor:
+        """Logits from layer ``index`` (0 here) of the latent vector z (…, d): the decoder itself."""
+        return self.decode(z)
 
     @torch.no_grad()
     def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Decoder means E[x|z] = sigmoid(logits) for z ~ N(0, I): (n, 784) in [0, 1]."""
-        weight = self.decoder_out.weight
-        z = torch.randn((n, self.latent), generator=generator, device=weight.device, dtype=weight.dtype)
+        """Decoder means E[x|z] = sigmoid(logits) for z ~ p(z): (n, 784) in [0, 1]."""
+        z = self.prior.sample(n, generator, self.encode, like=self.decoder_out.weight)
         return torch.sigmoid(self.decode(z))
 
     # ---- fast forms for evaluation -------------------------------------------------------------
@@ -150,7 +175,8 @@ class MLPVAE(nn.Module):
         return torch.einsum("bjd,bj,bje->bde", jac, s * (1 - s), jac) + eye
 
     def laplace_curvature(self):
-        return self.gauss_newton_precision
+        """Gauss–Newton search directions where the prior is N(0, I) (its Hessian is −I), else the exact one."""
+        return self.gauss_newton_precision if self.config.prior == "standard" else None
 
     def fused_layers(self) -> list[nn.Linear]:
         """The four linear layers of a one-hidden-layer model, in the order the fused step uses them."""
