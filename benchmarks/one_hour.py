@@ -1,0 +1,146 @@
+"""Choose the one-hour preset of issue 21 on the validation split, reproducibly: one command.
+
+    python benchmarks/one_hour.py --out runs/one-hour [--budget-minutes 15] [--parallel 2]
+
+1. Times one epoch of every candidate alone on this machine (2 threads, the second of two epochs, with the
+   per-epoch validation and test ELBO that training computes), on the first 50 000 training digits.
+2. Gives every candidate the same budget of those seconds: epochs = budget / seconds per epoch, so a slower
+   model gets fewer epochs; its learning-rate schedule and warm-up span the epochs it gets.
+3. Trains them (``--parallel`` at a time, one thread each; the epochs were fixed in step 2, so sharing the cores
+   changes how long this takes, not what is trained), holding out the last 10 000 training digits.
+4. Evaluates each once on those 10 000 validation digits with IWAE-1000 (``vaelab evaluate --split validation``;
+   the test set is never touched) and prints the table, best first, with the winner's command for a full hour.
+
+Writes ``results/one-hour-<date>.json``. The candidates are data below; each is a preset and flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import csv
+import datetime
+import json
+import math
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from vaelab.provenance import cpu_name, git_commit
+from vaelab.resources import cpu_flags
+
+HERE = Path(__file__).resolve().parent
+COMMON = ["--validation", "10000", "--test-examples", "1000", "--no-progress"]
+
+# name → (what it tries, the flags of `vaelab train`)
+CANDIDATES: dict[str, tuple[str, list[str]]] = {
+    "h0": ("cpu-hour as it is (the standard prior): the baseline", ["--preset", "cpu-hour"]),
+    "h1": ("cpu-hour with the VampPrior, K = 100", ["--preset", "cpu-hour", "--prior", "vampprior",
+                                                    "--prior-components", "100"]),
+    "h2": ("cpu-hour's widths inferred top-down (a two-layer ladder), VampPrior K = 100",
+           ["--preset", "cpu-hour", "--model", "hvae", "--inference", "top-down", "--prior", "vampprior",
+            "--prior-components", "100"]),
+    "h3": ("a three-layer ladder 64-32-16, blocks 300-150-75, VampPrior K = 100",
+           ["--preset", "cpu-hour", "--model", "hvae", "--inference", "top-down", "--latent", "64", "32", "16",
+            "--blocks", "300,300", "150,150", "75,75", "--prior", "vampprior", "--prior-components", "100"]),
+    "h4": ("Tomczak & Welling's HVAE (gated 300, 40 + 40), VampPrior K = 100, cpu-hour's optimiser",
+           ["--preset", "vampprior-2", "--batch-size", "128", "--lr", "1e-3", "--lr-schedule", "exponential",
+            "--warmup", "10", "--prior-components", "100"]),
+    "h5": ("cpu-hour with two IAF steps in each layer's q, VampPrior K = 100",
+           ["--preset", "cpu-hour", "--flow", "iaf", "--flow-steps", "2", "--flow-width", "128", "--prior",
+            "vampprior", "--prior-components", "100"]),
+    "h6": ("cpu-hour with the VampPrior K = 100 trained on IWAE k = 4",
+           ["--preset", "cpu-hour", "--prior", "vampprior", "--prior-components", "100", "--objective", "iwae",
+            "--k", "4"]),
+}
+
+
+def vaelab(*args: str, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "vaelab", *args], capture_output=True, text=True, **kwargs)
+
+
+def seconds_per_epoch(name: str, flags: list[str], out: Path) -> float:
+    """The second of two epochs alone on 2 threads: its steps and its per-epoch ELBOs (elapsed_seconds)."""
+    run = out / "timing" / name
+    done = vaelab("train", *flags, *COMMON, "--epochs", "2", "--threads", "2", "--out", str(run))
+    if done.returncode:
+        raise SystemExit(f"{name}: timing failed: {done.stderr.strip()}")
+    rows = list(csv.DictReader(open(run / "metrics.csv")))
+    return float(rows[1]["elapsed_seconds"]) - float(rows[0]["elapsed_seconds"])
+
+
+def train_and_validate(name: str, flags: list[str], epochs: int, out: Path, threads: int) -> dict:
+    run = out / name
+    started = time.perf_counter()
+    if not (run / "training_state.safetensors").exists():
+        done = vaelab("train", *flags, *COMMON, "--epochs", str(epochs), "--threads", str(threads), "--out", str(run))
+    else:                                                      # a rerun after a stop continues the candidate
+        done = vaelab("train", "--out", str(run), "--resume", "--threads", str(threads))
+    if done.returncode:
+        return {"name": name, "error": done.stderr.strip()}
+    rows = list(csv.DictReader(open(run / "metrics.csv")))
+    record = run / "eval-validation-k1000-n10000-seed0.json"
+    if not record.exists():
+        done = vaelab("evaluate", str(run), "--split", "validation", "--k", "1000", "--threads", str(threads),
+                      "--no-progress")
+        if done.returncode:
+            return {"name": name, "error": done.stderr.strip()}
+    result = json.loads(record.read_text())
+    return {"name": name, "epochs": epochs, "validation_nll": result["nll"], "validation_nll_stderr": result["nll_stderr"],
+            "validation_elbo_last_epoch": float(rows[-1]["validation_elbo"]),
+            "active_units": [layer["active_units"] for layer in result["layers"]],
+            "training_seconds": float(rows[-1]["elapsed_seconds"]), "wall_seconds": time.perf_counter() - started}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, required=True, help="where the candidates' runs go")
+    parser.add_argument("--budget-minutes", type=float, default=15.0, help="training budget of each, in minutes of "
+                        "2-thread training alone (default 15)")
+    parser.add_argument("--parallel", type=int, default=2, help="candidates trained at once, one thread each")
+    parser.add_argument("--only", nargs="+", choices=list(CANDIDATES), help="a subset of the candidates")
+    args = parser.parse_args()
+    names = args.only or list(CANDIDATES)
+    args.out.mkdir(parents=True, exist_ok=True)
+    timings_file = args.out / "timings.json"
+    timings = json.loads(timings_file.read_text()) if timings_file.exists() else {}
+    for name in names:
+        if name not in timings:
+            timings[name] = seconds_per_epoch(name, CANDIDATES[name][1], args.out)
+            timings_file.write_text(json.dumps(timings, indent=2))
+            print(f"{name}: {timings[name]:.2f} s per epoch (50 000 digits, 2 threads)", flush=True)
+    budget = args.budget_minutes * 60
+    epochs = {name: max(1, math.floor(budget / timings[name])) for name in names}
+    threads = 1 if args.parallel > 1 else 2
+    with concurrent.futures.ThreadPoolExecutor(args.parallel) as pool:
+        results = list(pool.map(lambda n: train_and_validate(n, CANDIDATES[n][1], epochs[n], args.out, threads), names))
+    for result in results:
+        result.update(about=CANDIDATES[result["name"]][0], flags=CANDIDATES[result["name"]][1],
+                      seconds_per_epoch=timings[result["name"]])
+    done = sorted((r for r in results if "error" not in r), key=lambda r: r["validation_nll"])
+    print(f"\nbudget {args.budget_minutes:g} min of 2-thread training each; IWAE-1000 on the 10 000 validation digits")
+    print(f"{'':3}{'candidate':10}{'s/epoch':>8}{'epochs':>8}{'val. NLL':>10}{'± s.e.':>8}{'val. ELBO':>11}  active  about")
+    for rank, r in enumerate(done):
+        print(f"{'*' if rank == 0 else ' ':3}{r['name']:10}{r['seconds_per_epoch']:8.2f}{r['epochs']:8d}"
+              f"{r['validation_nll']:10.2f}{r['validation_nll_stderr']:8.2f}{r['validation_elbo_last_epoch']:11.2f}  "
+              f"{'+'.join(map(str, r['active_units'])):6}  {r['about']}")
+    for r in results:
+        if "error" in r:
+            print(f"   {r['name']}: failed: {r['error']}")
+    if done:
+        best = done[0]
+        hour = math.floor(3600 / (best["seconds_per_epoch"] * 60_000 / 50_000))
+        print(f"\nbest: {best['name']}; one hour on all 60 000 training digits ≈ {hour} epochs:\n  vaelab train "
+              + " ".join(best["flags"]) + f" --epochs {hour}")
+    stamp = datetime.date.today().isoformat()
+    (HERE / "results").mkdir(exist_ok=True)
+    (HERE / "results" / f"one-hour-{stamp}.json").write_text(json.dumps(
+        {"machine": {"cpu": cpu_name(), "flags": sorted(cpu_flags() & {"avx2", "avx512f", "avx512_bf16", "amx_bf16"}),
+                     "python": platform.python_version(), "commit": git_commit()},
+         "budget_minutes": args.budget_minutes, "results": results}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
