@@ -47,6 +47,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from vaelab import checkpoint as ckpt
 from vaelab.config import RunConfig, TrainConfig
@@ -54,6 +55,7 @@ from vaelab.data import BINARIZE_PARTS, DataConfig, binarize, load_mnist, prepar
 from vaelab.evaluation import EvalConfig, hot_loop_settings, iwae_log_likelihood, summarize
 from vaelab.models import ModelConfig
 from vaelab.objectives import importance_sampled_log_marginal
+from vaelab.precision import EmulatedBF16Products
 from vaelab.resources import cpu_flags, has_native_bf16
 from vaelab.training import Trainer
 
@@ -250,22 +252,113 @@ def peak_memory_of_training(epochs: int = 1) -> float:
     return train_in_child()[0]
 
 
-def presets_table(n_train: int) -> list[dict]:
+class ProductRecorder(TorchDispatchMode):
+    """While active, records every matrix product (mm, addmm, bmm, baddbmm; those autograd's backward runs too)
+    with the shapes, strides and dtypes of its operands, so that they can be replayed alone: a model's floor."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls: list[tuple] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in EmulatedBF16Products.PRODUCTS:
+            self.calls.append((func, [(tuple(a.shape), a.stride(), a.dtype) if isinstance(a, torch.Tensor) else a
+                                      for a in args], kwargs))
+        return func(*args, **kwargs)
+
+
+def replay_seconds(calls: list[tuple], repeats: int) -> float:
+    """Seconds of ``repeats`` replays of the recorded products on operands of the same shapes and strides."""
+    prepared = [(func, [torch.empty_strided(a[0], a[1], dtype=a[2]).normal_() if isinstance(a, tuple) else a
+                        for a in args], kwargs) for func, args, kwargs in calls]
+    with torch.no_grad():
+        for func, args, kwargs in prepared:                   # each kernel once before the clock starts
+            func(*args, **kwargs)
+        start = time.perf_counter()
+        for _ in range(repeats):
+            for func, args, kwargs in prepared:
+                func(*args, **kwargs)
+    return time.perf_counter() - start
+
+
+def preset_floors(name: str, arrays, n_train: int, eval_digits: int = 40) -> dict[str, float]:
+    """A preset's floors on this machine: every matrix product of one training step (forward and autograd's
+    backward, recorded at their real shapes) replayed for an epoch's steps, plus Adam's kernel over the flat
+    buffer as often; and every product of IWAE-5000 on 20 digits replayed for 10 000. Beside them, its measured
+    IWAE-5000 seconds per 10 000 digits (timed on ``eval_digits``, scaled)."""
+    from vaelab.engines import ENGINES
+    from vaelab.evaluation import draws, iwae_estimator
+    from vaelab.presets import apply_preset
+
+    base = apply_preset(RunConfig(), name)
+    config = dataclasses.replace(base, data=dataclasses.replace(base.data, validation=0, train_examples=None,
+                                                                 test_examples=100),
+                                 train=dataclasses.replace(base.train, epochs=1))
+    data = prepare(arrays, config.data)
+    trainer = Trainer(config, tempfile.mkdtemp(prefix="vaelab-floor-"), data, torch.device("cpu"),
+                      log=lambda m: None, progress=False)
+    batch, objective = config.train.batch_size, config.objective
+    x = data.train_grey[:batch].gt(127).float()
+    eps = torch.randn(objective.samples, batch, config.model.total_latent)
+    step = ENGINES[(trainer.engine_name, "fp32")]
+    step(trainer.model, x, eps, objective.name, 1.0)                        # once before recording
+    recorder = ProductRecorder()
+    with recorder:
+        step(trainer.model, x, eps, objective.name, 1.0)
+    steps = -(-n_train // batch)
+    adam, saved, param = trainer.optimizer, None, trainer.optimizer.param.clone()
+    saved = {key: t.clone() for key, t in adam.state_dict().items()}
+    with hot_loop_settings():
+        products = replay_seconds(recorder.calls, steps)
+        start = time.perf_counter()
+        for _ in range(steps):
+            adam.step()
+        adam_seconds = time.perf_counter() - start
+    adam.load_state_dict(saved)
+    adam.param.copy_(param)
+    model = trainer.model.eval()
+    test = data.test_binary
+    estimator = iwae_estimator(model)
+    recorder = ProductRecorder()
+    with torch.no_grad(), recorder:
+        estimator(model, test[:20].float(), 5000, torch.Generator().manual_seed(0), 50)
+    with hot_loop_settings():
+        eval_floor = replay_seconds(recorder.calls, 1) * 10000 / 20
+    start = time.perf_counter()
+    iwae_log_likelihood(model, test[:eval_digits], EvalConfig(k=5000))
+    eval_seconds = (time.perf_counter() - start) * 10000 / eval_digits
+    return {"step_floor_products": products, "step_floor_adam": adam_seconds,
+            "step_floor": products + adam_seconds, "iwae5000_seconds_per_10000": eval_seconds,
+            "iwae5000_floor_per_10000": eval_floor}
+
+
+def presets_table(n_train: int, arrays=None) -> list[dict]:
     """One epoch of every preset (its own batch size, objective, model; on the default device, so a GPU where
     there is one): seconds, optimiser steps per second, peak memory, and the preset's whole schedule at that
-    speed (3280 epochs for Burda's)."""
+    speed (3280 epochs for Burda's); with ``arrays`` (on the CPU) also its step floor and IWAE-5000 against its
+    own products' floor (``preset_floors``), and the ratios the models issue bounds by 1.5."""
     from vaelab.presets import PRESETS, apply_preset
 
     rows = []
     for name in PRESETS:
-        memory, seconds = train_in_child("--preset", name)
+        memory, seconds = train_in_child("--preset", name, "--validation", "0")
         train = apply_preset(RunConfig(), name).train
         steps = -(-n_train // train.batch_size)
-        rows.append({"preset": name, "seconds_per_epoch": seconds, "steps_per_second": steps / seconds,
-                     "schedule_epochs": train.epochs, "schedule_hours": train.epochs * seconds / 3600,
-                     "peak_rss_mib": memory})
-        print(f"preset {name:14s}: {seconds:7.2f} s/epoch, {steps / seconds:7.1f} steps/s, its {train.epochs} epochs "
-              f"{train.epochs * seconds / 3600:6.1f} h, peak {memory:6.0f} MiB")
+        row = {"preset": name, "seconds_per_epoch": seconds, "steps_per_second": steps / seconds,
+               "schedule_epochs": train.epochs, "schedule_hours": train.epochs * seconds / 3600,
+               "peak_rss_mib": memory}
+        text = (f"preset {name:14s}: {seconds:7.2f} s/epoch, {steps / seconds:7.1f} steps/s, its {train.epochs} epochs "
+                f"{train.epochs * seconds / 3600:6.1f} h, peak {memory:6.0f} MiB")
+        if arrays is not None and not torch.cuda.is_available():
+            floors = preset_floors(name, arrays, n_train)
+            row.update(floors, epoch_over_floor=seconds / floors["step_floor"],
+                       iwae_over_floor=floors["iwae5000_seconds_per_10000"] / floors["iwae5000_floor_per_10000"])
+            text += (f"; step floor {floors['step_floor']:.2f} s (epoch {row['epoch_over_floor']:.2f} × it); "
+                     f"IWAE-5000 {floors['iwae5000_seconds_per_10000']:.0f} s per 10 000, floor "
+                     f"{floors['iwae5000_floor_per_10000']:.0f} s ({row['iwae_over_floor']:.2f} ×)")
+        rows.append(row)
+        print(text, flush=True)
     return rows
 
 
@@ -517,7 +610,7 @@ def main() -> None:
         result["scaling_evaluation"] = eval_scaling
         result["peak_rss_mib_training"] = peak_memory_of_training()
         print(f"peak resident memory of `vaelab train` (1 epoch): {result['peak_rss_mib_training']:.0f} MiB")
-        result["presets"] = presets_table(n_train)
+        result["presets"] = presets_table(n_train, arrays)
         result["threads"] = threads_table()
     result["bf16"] = bf16_products()
     result["targets"] = targets(result)

@@ -103,3 +103,25 @@ def test_presets_table_reports_steps_per_second_and_the_schedule(bench, monkeypa
     assert iwae["schedule_epochs"] == 3280 and iwae["schedule_hours"] == pytest.approx(3280 * 2.0 / 3600)
     assert rows["seed"]["steps_per_second"] == pytest.approx(938 / 2.0)        # ⌈60 000 / 64⌉ steps
     assert rows["seed"]["schedule_epochs"] == 100
+
+
+def test_the_recorded_floor_holds_every_product_of_a_step_and_replays_them(bench):
+    """The product recorder sees the forward and backward products of an autograd step (3 per linear layer but
+    the first's input gradient: 3·4 − 1 = 11 for the reference model), at their shapes, and replays them."""
+    from vaelab.engines import autograd_step
+    from vaelab.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig())
+    from vaelab.training import FlatParameters
+
+    FlatParameters(model)
+    x = (torch.rand(64, 784) < 0.3).float()
+    eps = torch.randn(1, 64, 50)
+    recorder = bench.ProductRecorder()
+    with recorder:
+        autograd_step(model, x, eps)
+    assert len(recorder.calls) == 11
+    shapes = sorted(tuple(a[0]) for _, args, _ in recorder.calls for a in args if isinstance(a, tuple))
+    assert (64, 784) in shapes and (784, 256) in shapes
+    assert 0 < bench.replay_seconds(recorder.calls, 3) < float("inf")

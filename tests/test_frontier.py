@@ -279,3 +279,27 @@ def test_the_hand_derived_engine_is_never_chosen_for_a_prior_or_flow_it_does_not
     assert select_engine(RunConfig()) == "fused" and select_engine(config) == "autograd"
     with pytest.raises(UsageError, match="standard prior and no flow"):
         select_engine(dataclasses.replace(config, train=TrainConfig(engine="fused")))
+
+
+def test_evaluation_computes_the_vampprior_components_once_and_gets_the_same_numbers():
+    """Within an evaluation the weights are fixed, so the K pseudo-inputs go through the encoder once: the same
+    IWAE values as recomputing them in every chunk, and one encoder call on the K pseudo-inputs in all."""
+    from vaelab.evaluation import EvalConfig, iwae_log_likelihood
+    from vaelab.models.priors import frozen_components
+
+    torch.manual_seed(14)
+    model = build_model(ModelConfig(hidden=((16,),), latent=(3,), prior="vampprior", prior_components=9)).eval()
+    x = (torch.rand(8, 784, generator=torch.Generator().manual_seed(15)) < 0.3).float()
+    calls = []
+    original = model.prior.components
+    model.prior.components = lambda encoder: calls.append(1) or original(encoder)
+    cached = iwae_log_likelihood(model, x, EvalConfig(k=120, examples_per_batch=4, sample_chunk=10))
+    assert len(calls) == 1
+    model.prior.components = original
+    with torch.no_grad():                                              # every chunk recomputing them
+        generator = torch.Generator().manual_seed(0)
+        from vaelab.evaluation import _iwae_parts
+        plain = torch.cat([_iwae_parts(model, x[i:i + 4], 120, generator, 10) for i in (0, 4)])
+    torch.testing.assert_close(cached, plain.double(), rtol=1e-6, atol=1e-5)
+    with frozen_components(model), torch.enable_grad():               # never while gradients are taken
+        assert model.prior.cached_components(model.encode)[0].requires_grad

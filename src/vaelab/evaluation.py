@@ -32,6 +32,7 @@ from vaelab.distributed import SINGLE, World, gather_rows, shard
 from vaelab.errors import UsageError
 from vaelab.laplace import OUTCOMES, laplace_log_marginal, sample_laplace_proposal
 from vaelab.models import MLPVAE, build_model
+from vaelab.models.priors import frozen_components
 from vaelab.objectives import (elbo_objective, importance_sampled_log_marginal, iwae_bound, log_standard_normal)
 from vaelab.precision import BF16_PRODUCTS, PRECISIONS
 
@@ -211,8 +212,9 @@ def iwae_log_likelihood(model, images: torch.Tensor, config: EvalConfig, progres
     model.eval()
     generator = torch.Generator(device=images.device).manual_seed(config.seed)
     estimator = iwae_estimator(model)
-    return per_example(lambda x: estimator(model, x, config.k, generator, config.sample_chunk, config.precision),
-                       images, config.examples_per_batch, f"IWAE-{config.k}", progress)
+    with frozen_components(model):
+        return per_example(lambda x: estimator(model, x, config.k, generator, config.sample_chunk, config.precision),
+                           images, config.examples_per_batch, f"IWAE-{config.k}", progress)
 
 
 def elbo_per_example(model, images: torch.Tensor, seed: int = 0, samples: int = 1) -> torch.Tensor:
@@ -321,6 +323,11 @@ def evaluate_run(model, images: torch.Tensor, config: EvalConfig, progress: bool
     rank estimates a contiguous shard of the digits with its own draws (seed + rank: reproducible for a
     fixed number of processes) and the per-digit values are gathered in digit order on every rank.
     """
+    with frozen_components(model):
+        return _evaluate_run(model, images, config, progress, world)
+
+
+def _evaluate_run(model, images: torch.Tensor, config: EvalConfig, progress: bool, world: World) -> tuple[dict, dict]:
     start = time.perf_counter()
     mine = shard(images, world)
     config = dataclasses.replace(config, seed=config.seed + 1_000_003 * world.rank)
