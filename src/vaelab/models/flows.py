@@ -44,16 +44,18 @@ class PlanarFlow(NoFlow):
     def forward(self, z0: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         d = self.latent
         params = full_precision(self.parameters_of(h)).unflatten(-1, (self.steps, 2 * d + 1))   # (…, T, 2d + 1)
-        z, log_det = z0, torch.zeros(z0.shape[:-1], dtype=z0.dtype, device=z0.device)
-        for t in range(self.steps):
-            u, w, b = params[..., t, :d], params[..., t, d:2 * d], params[..., t, 2 * d]
-            wu = (w * u).sum(-1, keepdim=True)                                   # (…, 1) wᵀu
-            u_hat = u + (F.softplus(wu) - 1.0 - wu) * w / w.square().sum(-1, keepdim=True).clamp_min(1e-12)
-            w_u_hat = (w * u_hat).sum(-1)                                        # wᵀû = m(wᵀu) > −1
-            a = torch.tanh((z * w).sum(-1) + b)                                  # (K, B)
-            z = z + u_hat * a.unsqueeze(-1)
-            log_det = log_det + torch.log1p((1.0 - a.square()) * w_u_hat)       # log(1 + ûᵀψ), > 0 inside
-        return z, log_det
+        # what depends on the parameters alone, for all T steps at once: û and wᵀû
+        u, w, b = params[..., :d], params[..., d:2 * d], params[..., 2 * d]            # (…, T, d), (…, T, d), (…, T)
+        wu = (w * u).sum(-1, keepdim=True)                                              # (…, T, 1) wᵀu
+        u_hat = u + (F.softplus(wu) - 1.0 - wu) * w / w.square().sum(-1, keepdim=True).clamp_min(1e-12)
+        w_u_hat = (w * u_hat).sum(-1)                                                   # (…, T) wᵀû = m(wᵀu) > −1
+        z, activations = z0, []
+        for t in range(self.steps):                                    # the only sequential part: z through the steps
+            a = torch.tanh((z * w[..., t, :]).sum(-1) + b[..., t])                     # (K, B)
+            z = z + u_hat[..., t, :] * a.unsqueeze(-1)
+            activations.append(a)
+        a = torch.stack(activations, -1)                                                # (K, B, T)
+        return z, torch.log1p((1.0 - a.square()) * w_u_hat).sum(-1)    # Σₜ log(1 + ûᵀψ), each term finite
 
 
 class MaskedLinear(nn.Linear):
