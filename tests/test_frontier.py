@@ -1,8 +1,8 @@
 """Models III (issue 21): learned priors, flows, the ladder and the VampPrior paper's HVAE, each density against
-an independent float64 computation, the special cases that must reduce to today's models, every new preset
-trained for a short epoch and evaluated, and the one-line refusals. (Gradients of every new model against
-float64 finite differences, and IWAE₁ = the single-draw ELBO, run in tests/test_models.py through its TINY
-configurations.)"""
+an independent float64 computation, the special cases that must reduce to today's models, old run directories,
+and the one-line refusals. (Gradients of every new model against float64 finite differences and IWAE₁ = the
+single-draw ELBO run in tests/test_models.py through its TINY configurations; every preset, the new ones
+included, smoke-trains and evaluates in tests/test_presets.py.)"""
 
 from __future__ import annotations
 

@@ -57,7 +57,6 @@ def merge_gaussians(mu_hat: torch.Tensor, logvar_hat: torch.Tensor, mu_p: torch.
 
 
 class HierarchicalVAE(nn.Module):
-    stochastic_layers = None              # any L ≥ 2 (ModelConfig.validate)
     # weights of ``mlp2`` run directories written before this class (vaelab ≤ 0.2's TwoLayerVAE)
     LEGACY_NAMES = {"encoder1": "up.0.net", "encoder1_out": "up.0.out", "encoder2": "up.1.net",
                     "encoder2_out": "up.1.out", "decoder2": "down.0.net", "decoder2_out": "down.0.out",
@@ -144,7 +143,7 @@ class HierarchicalVAE(nn.Module):
         """(μ, log σ²) of the top layer's Gaussian for pixel inputs x (…, 784), along the means: what the
         VampPrior's components are. Top-down it is q(z_L|x) itself; bottom-up, q(z_L | the means below)."""
         a = x
-        for l, block in enumerate(self.up):
+        for block in self.up:
             h, out = block(a)
             mu, logvar = out.chunk(2, dim=-1)
             a = h if self.top_down else mu

@@ -25,7 +25,6 @@ from vaelab.objectives import (LN_2, LOG2_E, Parts, StochasticLayer, bernoulli_l
 
 
 class MLPVAE(nn.Module):
-    stochastic_layers = 1
     # weights of run directories written before models/ existed (config version 1)
     LEGACY_NAMES = {"enc_hidden": "encoder.0", "enc_out": "encoder_out", "dec_hidden": "decoder.0",
                     "dec_out": "decoder_out"}

@@ -47,7 +47,6 @@ class Joint(nn.Module):
 
 
 class TomczakVAE(nn.Module):
-    stochastic_layers = None          # 1 or 2 (ModelConfig.validate)
 
     def __init__(self, config):
         super().__init__()
