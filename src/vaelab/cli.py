@@ -214,8 +214,8 @@ def build_parser(parser_class: type[argparse.ArgumentParser] = _Parser) -> argpa
     presets = sub.add_parser("presets", help="list the presets and their fields")
     presets.set_defaults(run=cmd_presets)
 
-    report = sub.add_parser("report", help="a self-contained HTML report of a run")
-    report.add_argument("run_dir", type=Path, help="a run directory written by `vaelab train`")
+    report = sub.add_parser("report", help="a self-contained HTML report of a run, or of a sweep")
+    report.add_argument("run_dir", type=Path, help="a run directory written by `vaelab train`, or a sweep's --out")
     report.add_argument("--out", type=Path, help="the HTML file (default RUN/report.html, made again each time)")
     report.add_argument("--data-dir", type=Path, help="MNIST cache (default: the run's)")
     report.set_defaults(run=cmd_report)
@@ -225,6 +225,17 @@ def build_parser(parser_class: type[argparse.ArgumentParser] = _Parser) -> argpa
     compare.add_argument("--out", type=Path, help="the HTML page (default compare-<run>-<run>….html in the runs' "
                          "common parent directory, made again each time)")
     compare.set_defaults(run=cmd_compare)
+
+    sweep = sub.add_parser("sweep", help="a hyperparameter search on the validation split (Optuna), resumable")
+    sweep.add_argument("spec", type=Path, help="the sweep's TOML spec: preset, [fixed], [search], trials, objective")
+    sweep.add_argument("--out", type=Path, required=True, help="the sweep directory (trials/NNNN run directories, "
+                       "study.db); the same command again continues or joins it")
+    sweep.add_argument("--workers", type=_whole_number(1, 257), default=1,
+                       help="trial processes on this machine (threads split between them; default 1)")
+    sweep.add_argument("--storage", help="Optuna storage URL shared by several machines, e.g. "
+                       "postgresql://user@host/db (default: sqlite in DIR/study.db)")
+    sweep.add_argument("--trials", type=_positive_int, help="the number of trials (default: the spec's)")
+    sweep.set_defaults(run=cmd_sweep)
 
     runs = sub.add_parser("runs", help="list the runs under a directory")
     runs.add_argument("directory", type=Path, nargs="?", default=Path("runs"), help="where to look (default runs)")
@@ -399,9 +410,11 @@ def _torchrun_command(world) -> str:
             f"torchrun --nnodes {nodes} --nproc-per-node {world.local_size} (with the rendezvous flags)")
 
 
-def _new_run(args: argparse.Namespace, world, config=None, claimed_dir: list | None = None) -> int:
+def _new_run(args: argparse.Namespace, world, config=None, claimed_dir: list | None = None,
+             observers: Sequence = ()) -> int:
     """A new run of ``config`` (default: built from the flags); the run directory is appended to
-    ``claimed_dir`` when given (the Python API's vaelab.train)."""
+    ``claimed_dir`` when given (the Python API's vaelab.train); ``observers`` are called after each epoch with
+    (model, metrics row), after its checkpoint (a sweep's pruning)."""
     from vaelab import checkpoint as ckpt
     from vaelab.config import RunConfig
     from vaelab.distributed import on_main
@@ -438,7 +451,7 @@ def _new_run(args: argparse.Namespace, world, config=None, claimed_dir: list | N
         run_dir = Path(on_main(world, claim))
         if claimed_dir is not None:
             claimed_dir.append(run_dir)
-        return _train(args, config, run_dir, run, resumed=False, world=world)
+        return _train(args, config, run_dir, run, resumed=False, world=world, observers=observers)
     except BaseException as exc:
         if world.main and claimed["dir"] is not None:
             removed = _remove_if_untrained(claimed["dir"], claimed["created"])
@@ -468,7 +481,7 @@ def _remove_if_untrained(run_dir: Path, created: bool) -> bool:
         return False
 
 
-def _resume(args: argparse.Namespace, world) -> int:
+def _resume(args: argparse.Namespace, world, observers: Sequence = ()) -> int:
     from vaelab import checkpoint as ckpt
     from vaelab.config import RunConfig
     from vaelab.distributed import on_main
@@ -520,7 +533,8 @@ def _resume(args: argparse.Namespace, world) -> int:
         run = _prepare_training(args, config)
         if claimed["restored"] and world.main:
             _log(f"{run_dir / ckpt.CONFIG} was missing; restored from the copy in {ckpt.STATE}")
-        return _train(args, config, run_dir, run, resumed=True, write_config=claimed["changed"], world=world)
+        return _train(args, config, run_dir, run, resumed=True, write_config=claimed["changed"], world=world,
+                      observers=observers)
     finally:
         for held in lock:
             held.release()
@@ -555,7 +569,7 @@ def _prepare_training(args: argparse.Namespace, config):
 
 
 def _train(args: argparse.Namespace, config, run_dir: Path, run, resumed: bool, write_config: bool = True,
-           world=None) -> int:
+           world=None, observers: Sequence = ()) -> int:
     from vaelab import checkpoint as ckpt
     from vaelab.distributed import SINGLE, on_main
     from vaelab.training import Trainer, check_writable, plural
@@ -566,7 +580,7 @@ def _train(args: argparse.Namespace, config, run_dir: Path, run, resumed: bool, 
     log = _log if world.main else (lambda message: None)
     # a checkpoint is ≈3× the weights (weights, Adam's two moments) and the best weights, beside the previous
     on_main(world, lambda: check_writable(run_dir, need_bytes=8 * 4 * config.model.parameter_count() + (16 << 20)))
-    observers = []
+    observers = list(observers)
     if getattr(args, "tensorboard", False) and world.main:
         from vaelab.tensorboard import TensorBoardLog
 
@@ -597,7 +611,8 @@ def _train(args: argparse.Namespace, config, run_dir: Path, run, resumed: bool, 
         metrics = trainer.fit()
     finally:
         for observer in observers:
-            observer.close()
+            if hasattr(observer, "close"):
+                observer.close()
     if world.main:
         write_pictures(trainer.model, data, metrics, run_dir)
     log(f"done: test ELBO {metrics[-1]['test_elbo']:.3f} nats; files in {run_dir}; next: vaelab evaluate {run_dir}")
@@ -850,11 +865,18 @@ def _write_page(out: Path, html: str) -> None:
 def cmd_report(args: argparse.Namespace) -> int:
     from vaelab.data import resolve_path
     from vaelab.report import build_report
+    from vaelab.sweep import build_sweep_report, is_sweep
 
     out = args.out or args.run_dir / "report.html"
     if out.exists() and out.is_dir():
         raise UsageError(f"--out {out} is a directory; give a file name ending in .html")
     data_dir = str(resolve_path(args.data_dir, "--data-dir")) if args.data_dir else None
+    if is_sweep(args.run_dir):
+        start = time.perf_counter()
+        html = build_sweep_report(args.run_dir, data_dir=data_dir)
+        _write_page(out, html)
+        _log(f"report of the sweep {args.run_dir} made in {time.perf_counter() - start:.1f} s")
+        return 0
     html, seconds = build_report(args.run_dir, data_dir)
     _write_page(out, html)
     _log(f"report of {args.run_dir} made in {seconds:.1f} s ({len(html) / 2**20:.1f} MiB, self-contained)")
@@ -885,6 +907,14 @@ def default_comparison_page(run_dirs: Sequence[Path]) -> Path:
         digest = hashlib.sha256("\0".join(str(Path(p).resolve()) for p in run_dirs).encode()).hexdigest()[:8]
         stem = f"compare-{names[0][:40]}-and-{len(names) - 1}-more-{digest}"
     return parent / f"{stem}.html"
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from vaelab.sweep import summary_table, sweep
+
+    summary = sweep(args.spec, args.out, args.workers, args.storage, args.trials, log=_log)
+    _log(summary_table(summary))
+    return 0
 
 
 def cmd_runs(args: argparse.Namespace) -> int:

@@ -243,3 +243,61 @@ def curves_figure(runs: Sequence[tuple[str, Sequence[dict]]]):
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     return fig
+
+
+def sweep_history_figure(numbers: Sequence[int], values: Sequence[float], states: Sequence[str], minimize: bool,
+                         label: str):
+    """The objective of every finished trial against its slot, the best so far as a step line; pruned trials as
+    crosses at their last reported value."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    done = [(n, v) for n, v, s in zip(numbers, values, states) if s == "complete" and v is not None]
+    pruned = [(n, v) for n, v, s in zip(numbers, values, states) if s == "pruned" and v is not None]
+    if done:
+        ax.scatter(*zip(*done), color="C0", label="complete", zorder=3)
+        best, line = None, []
+        for n, v in sorted(done):
+            best = v if best is None or (v < best if minimize else v > best) else best
+            line.append((n, best))
+        ax.step(*zip(*line), where="post", color="C3", label="best so far")
+    if pruned:
+        ax.scatter(*zip(*pruned), color="0.5", marker="x", label="pruned (last validation ELBO)")
+    ax.set_xlabel("trial")
+    ax.set_ylabel(label)
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def sweep_parameter_figure(name: str, values: Sequence, objective: Sequence[float], label: str, log: bool):
+    """One searched parameter against the objective of the complete trials (choices spread on their own axis)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(3.6, 3.0))
+    if values and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+        ax.scatter(values, objective, color="C0")
+        if log:
+            ax.set_xscale("log")
+    else:
+        names = sorted({str(v) for v in values})
+        ax.scatter([names.index(str(v)) for v in values], objective, color="C0")
+        ax.set_xticks(range(len(names)), names, fontsize=8)
+    ax.set_xlabel(name)
+    ax.set_ylabel(label)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def importance_figure(importances: dict[str, float]):
+    """Optuna's parameter importances as horizontal bars (they sum to 1)."""
+    plt = _pyplot()
+    names = list(importances)[::-1]
+    fig, ax = plt.subplots(figsize=(5.5, 0.5 + 0.45 * len(names)))
+    ax.barh(names, [importances[n] for n in names], color="C0")
+    ax.set_xlabel("importance (fANOVA, sums to 1)")
+    ax.set_xlim(0, 1)
+    ax.grid(alpha=0.3, axis="x")
+    fig.tight_layout()
+    return fig

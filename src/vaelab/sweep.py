@@ -1,0 +1,678 @@
+"""`vaelab sweep SPEC.toml --out DIR`: a hyperparameter search on the validation split with Optuna.
+
+The spec (TOML, read with the standard library) names a base preset, fixed fields, the search space, the
+objective and the number of trials. Every field is a flag of `vaelab train` with ``_`` for ``-`` (``lr``,
+``hidden``, ``train_examples``, …): a search entry is a range ``{ low, high, log?, step? }`` (integers when both
+ends are) or a list of choices (numbers, names, or lists of widths such as ``[[64], [128]]``).
+
+How the study is kept (Optuna's RDB storage: ``DIR/study.db``, SQLite, or ``--storage URL``, e.g. PostgreSQL
+shared by several machines):
+- The spec's trials are **slots** 0 … N−1, each enqueued once as a waiting trial carrying its slot; a worker
+  takes a waiting trial (an atomic pop in the storage), trains its slot's run directory ``DIR/trials/NNNN``
+  (an ordinary run: report, compare, runs and the API work on it) and tells the study the objective.
+- Nothing is lost: a trial whose process died (kill -9, a closed machine) is found stale (its pid gone on this
+  host, or its heartbeat too old elsewhere), marked failed, and its slot enqueued again with the same
+  parameters; the retry resumes the slot's run directory from its checkpoint (vaelab's exact resume), or starts
+  it again where no epoch had finished. The number of finished (complete or pruned) trials stays N.
+- Never two trials in one directory: a slot taken by another live trial (two sweeps racing for one waiting
+  trial, or enqueueing the same slot twice) makes the later trial a surplus, told failed at once and never
+  shown; the run directory's lock (one writer per run) is the last guard.
+- Pruning (Optuna's median pruner by default) watches each trial's per-epoch validation ELBO; a pruned trial
+  keeps its run directory.
+The objective is computed on the validation split only: ``validation-elbo`` (the last epoch's) or
+``validation-nll`` (IWAE-K of the best-validation weights, ``vaelab evaluate --split validation``). The test
+set is never evaluated by a sweep; the command printed at the end trains the best configuration in full and
+evaluates it on the test set once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import hashlib
+import json
+import math
+import os
+import socket
+import sys
+import time
+import tomllib
+import warnings
+from pathlib import Path
+from typing import Any
+
+from vaelab.errors import UsageError
+
+SPEC_KEYS = {"preset", "trials", "objective", "k", "fixed", "search", "enqueue", "sampler", "seed", "pruner",
+             "pruner_warmup"}
+DIRECTIONS = {"validation-nll": "minimize", "validation-elbo": "maximize"}
+SAMPLERS = ("tpe", "random", "grid")
+PRUNERS = ("median", "none")
+# flags of `vaelab train` a sweep sets itself or that make no sense per trial
+RESERVED = {"out", "resume", "preset", "no_progress", "threads", "tensorboard", "device"}
+# fields that set a sweep's budget: dropped from the command that trains the best configuration in full
+BUDGET_FIELDS = ("epochs", "train_examples", "validation", "test_examples")
+SPEC_FILE, STATE_FILE, STORAGE_FILE = "sweep.toml", "sweep.json", "study.db"
+FINISHED = ("COMPLETE", "PRUNED")
+
+
+class StorageUnavailable(UsageError):
+    """The study's database could not be opened (a server down, a race creating its tables)."""
+
+
+def require_optuna():
+    try:
+        import optuna
+    except ImportError:
+        raise UsageError("vaelab sweep needs Optuna: pip install 'vaelab[sweep]' (or: pip install optuna)") from None
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    return optuna
+
+
+# ------------------------------------------------------------------------------------------------
+# The spec.
+
+
+@dataclasses.dataclass(frozen=True)
+class Param:
+    """One searched field: a range (float or int, maybe log or stepped) or categorical choices."""
+
+    name: str
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    step: float | None = None
+    choices: tuple | None = None          # JSON texts of the choices (Optuna's categories are scalars)
+    integer: bool = False
+
+    def suggest(self, trial) -> Any:
+        if self.choices is not None:
+            return json.loads(trial.suggest_categorical(self.name, list(self.choices)))
+        if self.integer:
+            return trial.suggest_int(self.name, int(self.low), int(self.high), log=self.log,
+                                     step=int(self.step or 1))
+        return trial.suggest_float(self.name, self.low, self.high, log=self.log, step=self.step)
+
+    def values_to_check(self) -> list[Any]:
+        """The values whose flags are validated before any trial: both ends, or every choice."""
+        if self.choices is not None:
+            return [json.loads(c) for c in self.choices]
+        cast = int if self.integer else float
+        return [cast(self.low), cast(self.high)]
+
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+    preset: str
+    trials: int
+    objective: str
+    k: int
+    fixed: dict[str, Any]
+    search: tuple[Param, ...]
+    enqueue: tuple[dict[str, Any], ...]
+    sampler: str
+    seed: int
+    pruner: str
+    pruner_warmup: int
+    text: str
+
+    @property
+    def direction(self) -> str:
+        return DIRECTIONS[self.objective]
+
+    def trial_fields(self, params: dict[str, Any]) -> dict[str, Any]:
+        return {**self.fixed, **params}
+
+
+def train_fields() -> dict[str, Any]:
+    """The fields a spec may set: `vaelab train`'s flags (dest → argparse action), less the reserved ones."""
+    from vaelab.cli import build_parser
+
+    parser = build_parser()
+    train = next(a for a in parser._actions if a.dest == "command").choices["train"]
+    return {a.dest: a for a in train._actions if a.dest not in RESERVED and a.dest != "help"}
+
+
+def flags_of(fields: dict[str, Any]) -> list[str]:
+    """`vaelab train` argv for {field: value} (lists become several values, True a bare flag)."""
+    argv: list[str] = []
+    for name, value in fields.items():
+        option = "--" + name.replace("_", "-")
+        if value is True:
+            argv.append(option)
+        elif value is False or value is None:
+            continue
+        elif name == "blocks":
+            argv += [option, *(",".join(map(str, block)) for block in value)]
+        elif isinstance(value, (list, tuple)):
+            argv += [option, *map(str, value)]
+        else:
+            argv += [option, str(value)]
+    return argv
+
+
+def _bad(where: str, why: str) -> UsageError:
+    return UsageError(f"sweep spec: {where}: {why}")
+
+
+def load_spec(path: Path, trials: int | None = None) -> Spec:
+    """Read and check a spec: unknown keys and fields, empty ranges and values the train command would refuse
+    are one-line errors naming the field."""
+    try:
+        text = path.read_text()
+        raw = tomllib.loads(text)
+    except FileNotFoundError:
+        raise UsageError(f"sweep spec {path} does not exist; give a TOML file (see the README's Sweeps section)") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"sweep spec {path} cannot be read ({exc})") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise UsageError(f"sweep spec {path} is not valid TOML ({exc})") from None
+    unknown = set(raw) - SPEC_KEYS
+    if unknown:
+        raise _bad(f"unknown key {sorted(unknown)[0]!r}", f"the keys are {', '.join(sorted(SPEC_KEYS))}")
+    from vaelab.presets import PRESETS
+
+    preset = raw.get("preset", "seed")
+    if preset not in PRESETS:
+        raise _bad(f"preset {preset!r}", f"choose one of {', '.join(PRESETS)}")
+    count = raw.get("trials", 10) if trials is None else trials
+    if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= 100_000:
+        raise _bad(f"trials {count!r}", "must be a whole number from 1 to 100 000")
+    objective = raw.get("objective", "validation-nll")
+    if objective not in DIRECTIONS:
+        raise _bad(f"objective {objective!r}", f"choose one of {', '.join(DIRECTIONS)}")
+    k = raw.get("k", 1000)
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= 100_000:
+        raise _bad(f"k {k!r}", "must be a whole number from 1 to 100 000 (IWAE-K for validation-nll)")
+    for key, allowed in (("sampler", SAMPLERS), ("pruner", PRUNERS)):
+        if raw.get(key, allowed[0]) not in allowed:
+            raise _bad(f"{key} {raw[key]!r}", f"choose one of {', '.join(allowed)}")
+    seed = raw.get("seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**31:
+        raise _bad(f"seed {seed!r}", "must be a whole number from 0 to 2³¹ − 1")
+    warmup = raw.get("pruner_warmup", 1)
+    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+        raise _bad(f"pruner_warmup {warmup!r}", "must be a whole number ≥ 0 (epochs no trial is pruned in)")
+    fields = train_fields()
+    fixed, search = raw.get("fixed", {}), raw.get("search", {})
+    if not isinstance(fixed, dict) or not isinstance(search, dict):
+        raise _bad("[fixed] and [search]", "must be tables")
+    for name in (*fixed, *search):
+        if name not in fields:
+            raise _bad(f"unknown field {name!r}", f"the fields are the flags of `vaelab train` with _ for -: "
+                                                  f"{', '.join(sorted(fields))}")
+    both = set(fixed) & set(search)
+    if both:
+        raise _bad(f"field {sorted(both)[0]!r}", "is both fixed and searched; keep one")
+    params = tuple(_param(name, value) for name, value in search.items())
+    enqueue = raw.get("enqueue", [])
+    if not isinstance(enqueue, list) or not all(isinstance(e, dict) for e in enqueue):
+        raise _bad("enqueue", "must be a list of tables of searched fields, e.g. enqueue = [{ lr = 1e-3 }]")
+    for index, entry in enumerate(enqueue):
+        for name in entry:
+            if name not in search:
+                raise _bad(f"enqueue[{index}].{name}", "is not a searched field; enqueued trials set searched fields")
+    spec = Spec(preset, count, objective, k, dict(fixed), params, tuple(enqueue), raw.get("sampler", "tpe"), seed,
+                raw.get("pruner", "median"), warmup, text)
+    _check_values(spec)
+    return spec
+
+
+def _param(name: str, value: Any) -> Param:
+    if isinstance(value, list):
+        if not value:
+            raise _bad(f"search.{name}", "an empty list of choices; give at least one")
+        return Param(name, choices=tuple(json.dumps(v) for v in value))
+    if isinstance(value, dict):
+        unknown = set(value) - {"low", "high", "log", "step"}
+        if unknown or "low" not in value or "high" not in value:
+            raise _bad(f"search.{name}", "a range is { low = …, high = …, log = true|false, step = … }")
+        low, high = value["low"], value["high"]
+        if any(isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) for v in (low, high)):
+            raise _bad(f"search.{name}", f"low and high must be finite numbers, got {low!r} and {high!r}")
+        if not low < high:
+            raise _bad(f"search.{name}", f"an empty range: low {low} must be below high {high}")
+        log = value.get("log", False)
+        if not isinstance(log, bool) or (log and low <= 0):
+            raise _bad(f"search.{name}", "log = true needs low > 0")
+        integer = isinstance(low, int) and isinstance(high, int)
+        step = value.get("step")
+        if step is not None and (isinstance(step, bool) or not isinstance(step, (int, float)) or step <= 0 or log):
+            raise _bad(f"search.{name}", "step must be a number > 0, and cannot go with log = true")
+        return Param(name, float(low), float(high), log, None if step is None else float(step), integer=integer)
+    raise _bad(f"search.{name}", f"{value!r} is neither a range {{ low, high }} nor a list of choices")
+
+
+def _check_values(spec: Spec) -> None:
+    """Checked as `vaelab train` checks them: the fixed fields on the preset (a whole valid config, with a
+    validation split), every end or choice of the search as a flag of its own (searched fields may depend on
+    each other, model and latent sizes say: a sampled combination the train command refuses is a failed trial
+    that says why), and every enqueued trial as a whole config."""
+    from vaelab.cli import RaisingParser, _train_config, build_parser
+    from vaelab.config import RunConfig
+
+    parser = build_parser(RaisingParser)
+
+    def config_of(fields: dict, where: str):
+        try:
+            return _train_config(parser.parse_args(["train", "--preset", spec.preset, *flags_of(fields)]), RunConfig())
+        except UsageError as exc:
+            raise _bad(where, str(exc).replace("argument --", "--")) from None
+
+    if config_of(spec.fixed, "fixed").data.validation == 0:
+        raise _bad("fixed.validation", f"the objective {spec.objective} is computed on a validation split: set "
+                                       f"validation = N (held-out training digits) in [fixed]")
+    for param in spec.search:
+        for value in param.values_to_check():
+            try:
+                parser.parse_args(["train", *flags_of({param.name: value})])
+            except UsageError as exc:
+                raise _bad(f"search.{param.name}", str(exc).replace("argument --", "--")) from None
+    for index, entry in enumerate(spec.enqueue):
+        config_of({**spec.fixed, **entry}, f"enqueue[{index}]")
+
+
+# ------------------------------------------------------------------------------------------------
+# The study.
+
+
+def storage_url(out: Path, given: str | None) -> str:
+    return given or f"sqlite:///{(out / STORAGE_FILE).resolve()}"
+
+
+def make_sampler(spec: Spec, slot: int = 0):
+    """The spec's sampler, seeded from the spec's seed and the slot: each slot draws its own parameters (workers
+    sharing one seed would draw the same ones), the same for the same slot and history."""
+    optuna = require_optuna()
+    seed = (spec.seed * 1_000_003 + slot) % 2**31
+    if spec.sampler == "grid":
+        if any(p.choices is None for p in spec.search):
+            raise _bad("sampler grid", "searches lists of choices only; give choices, or use tpe or random")
+        return optuna.samplers.GridSampler({p.name: list(p.choices) for p in spec.search}, seed=seed)
+    return (optuna.samplers.TPESampler if spec.sampler == "tpe" else optuna.samplers.RandomSampler)(seed=seed)
+
+
+def open_study(spec: Spec, url: str, name: str, attempts: int = 5):
+    """The sweep's study in its storage; two processes creating the same new database at once race on its
+    tables (one wins, the other's CREATE fails), so a failed first open is tried again a few times."""
+    for attempt in range(attempts):
+        try:
+            return _open_study(spec, url, name)
+        except StorageUnavailable:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.5 + attempt)
+
+
+def _open_study(spec: Spec, url: str, name: str):
+    optuna = require_optuna()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        try:
+            storage = optuna.storages.RDBStorage(url, heartbeat_interval=20, grace_period=90,
+                                                 engine_kwargs={"connect_args": {"timeout": 60}}
+                                                 if url.startswith("sqlite") else None)
+        except ImportError as exc:
+            raise UsageError(f"--storage {url}: its database driver is not installed ({exc}); pip install "
+                             f"'vaelab[sweep]' brings PostgreSQL's (psycopg)") from None
+        except Exception as exc:                                  # noqa: BLE001 - SQLAlchemy's connection errors
+            raise StorageUnavailable(f"--storage {url}: cannot open the study's database ({type(exc).__name__}: "
+                             f"{str(exc).splitlines()[0][:200]})") from None
+    # no trial is pruned in its first ``pruner_warmup`` epochs, nor before two trials have finished
+    pruner = optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=spec.pruner_warmup + 1) \
+        if spec.pruner == "median" else optuna.pruners.NopPruner()
+    return optuna.create_study(study_name=name, storage=storage, direction=spec.direction,
+                               sampler=make_sampler(spec), pruner=pruner, load_if_exists=True)
+
+
+@contextlib.contextmanager
+def file_lock(path: Path):
+    """An exclusive flock (held by one process of this machine at a time; released however it dies)."""
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _alive(host: str | None, pid: int | None) -> bool | None:
+    """Whether the process that ran a trial still runs: True/False on this host, None elsewhere (the heartbeat
+    decides there)."""
+    if host != socket.gethostname() or not pid:
+        return None
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (OSError, IndexError):
+        return False
+
+
+def reconcile(study, spec: Spec, out: Path) -> None:
+    """Make the study hold exactly one live or finished trial per slot: stale trials failed, empty slots (new, or
+    whose last trial failed) enqueued, with the parameters of their failed trial where there was one."""
+    optuna = require_optuna()
+    from optuna.trial import TrialState
+
+    with file_lock(out / ".reconcile.lock"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
+        for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            if _alive(trial.user_attrs.get("host"), trial.user_attrs.get("pid")) is False:
+                study.tell(trial.number, state=TrialState.FAIL)            # its process died: retried below
+        trials = study.get_trials(deepcopy=False)
+        by_slot: dict[int, list] = {}
+        for trial in trials:
+            if "slot" in trial.user_attrs and not trial.user_attrs.get("surplus"):
+                by_slot.setdefault(trial.user_attrs["slot"], []).append(trial)
+        for slot in range(spec.trials):
+            held = by_slot.get(slot, [])
+            if any(t.state in (TrialState.RUNNING, TrialState.WAITING, TrialState.COMPLETE, TrialState.PRUNED)
+                   for t in held):
+                continue
+            failed = [t for t in held if t.state == TrialState.FAIL and t.params]
+            if failed:
+                params = failed[-1].params
+            elif slot < len(spec.enqueue):
+                params = {name: json.dumps(value) if _choices(spec, name) else value
+                          for name, value in spec.enqueue[slot].items()}
+            else:
+                params = {}
+            study.enqueue_trial(params, user_attrs={"slot": slot, "retry_of": failed[-1].number if failed else None})
+
+
+def _choices(spec: Spec, name: str) -> bool:
+    return next(p for p in spec.search if p.name == name).choices is not None
+
+
+def run_dir_of(out: Path, slot: int) -> Path:
+    return out / "trials" / f"{slot:04d}"
+
+
+def _take(study, out: Path):
+    """A waiting trial of this study, or None when there is none (this worker is done)."""
+    from optuna.trial import TrialState
+
+    with file_lock(out / ".ask.lock"):
+        if not study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+            return None
+        trial = study.ask()
+    trial.set_user_attr("host", socket.gethostname())
+    trial.set_user_attr("pid", os.getpid())
+    slot = trial.user_attrs.get("slot")
+    rivals = [t for t in study.get_trials(deepcopy=False)
+              if t.user_attrs.get("slot") == slot and t.number != trial.number and not t.user_attrs.get("surplus")
+              and t.state in (TrialState.RUNNING, TrialState.COMPLETE, TrialState.PRUNED)]
+    if slot is None or any(t.state != TrialState.RUNNING or t.number < trial.number for t in rivals):
+        trial.set_user_attr("surplus", True)        # another process took this slot: never two writers
+        study.tell(trial, state=TrialState.FAIL)
+        return _take(study, out)
+    return trial
+
+
+def run_trial(trial, spec: Spec, out: Path, threads: int, log) -> tuple[float | None, str]:
+    """Train (or resume) the trial's slot and compute its objective: (value, state name)."""
+    optuna = require_optuna()
+    from vaelab import checkpoint as ckpt
+    from vaelab.cli import RaisingParser, _new_run, _resume, build_parser, main
+    from vaelab.distributed import SINGLE
+    from vaelab.runs import read_evaluations
+
+    slot = trial.user_attrs["slot"]
+    run_dir = run_dir_of(out, slot)
+    trial.study.sampler = make_sampler(spec, slot)
+    params = {p.name: p.suggest(trial) for p in spec.search}
+    fields = spec.trial_fields(params)
+    trial.set_user_attr("run_dir", str(run_dir.relative_to(out)))
+
+    def report(model, row):
+        trial.report(row["validation_elbo"], row["epoch"])
+        if trial.should_prune():
+            raise optuna.TrialPruned(f"pruned after epoch {row['epoch']} (validation ELBO {row['validation_elbo']:.2f})")
+
+    parser = build_parser(RaisingParser)
+    common = ["--threads", str(threads), "--no-progress"]
+    if (run_dir / ckpt.STATE).exists():                        # a retry: the slot's run resumes exactly
+        args = parser.parse_args(["train", "--out", str(run_dir), "--resume", *common])
+        _resume(args, SINGLE, observers=[report])
+    else:
+        if run_dir.exists():                                   # the dead trial's first epoch never finished
+            for leftover in run_dir.iterdir():
+                if leftover.is_file():
+                    leftover.unlink()
+        args = parser.parse_args(["train", "--preset", spec.preset, "--out", str(run_dir), *flags_of(fields), *common])
+        _new_run(args, SINGLE, observers=[report])
+    from vaelab.runs import read_run
+
+    info = read_run(run_dir)
+    if spec.objective == "validation-elbo":
+        return info.metrics[-1]["validation_elbo"], "COMPLETE"
+    name = f"eval-validation-best-k{spec.k}-n{info.config.data.validation}-seed0.json"
+    if not (run_dir / name).exists():
+        with contextlib.redirect_stdout(sys.stderr):
+            code = main(["evaluate", str(run_dir), "--split", "validation", "--checkpoint", "best", "--k", str(spec.k),
+                         "--threads", str(threads), "--no-progress"])
+        if code:
+            raise UsageError(f"trial {slot}: the validation evaluation failed (exit {code})")
+    record = next(r for r in read_evaluations(run_dir) if r["file"] == name)
+    trial.set_user_attr("objective_stderr", record["nll_stderr"])
+    return record["nll"], "COMPLETE"
+
+
+def worker(spec_path: str, out: str, url: str, name: str, threads: int, log_path: str) -> None:
+    """One worker process: take waiting trials until there are none left."""
+    import torch
+
+    out_dir = Path(out)
+    with open(log_path, "a", buffering=1) as log_file, contextlib.redirect_stdout(log_file), \
+            contextlib.redirect_stderr(log_file):
+        torch.set_num_threads(threads)
+        spec = load_spec(out_dir / SPEC_FILE, json.loads((out_dir / STATE_FILE).read_text())["trials"])
+        optuna = require_optuna()
+        from optuna.trial import TrialState
+
+        study = open_study(spec, url, name)
+        while True:
+            reconcile(study, spec, out_dir)
+            trial = _take(study, out_dir)
+            if trial is None:
+                return
+            started = time.perf_counter()
+            try:
+                value, _ = run_trial(trial, spec, out_dir, threads, print)
+                trial.set_user_attr("seconds", time.perf_counter() - started)
+                study.tell(trial, value)
+                print(f"trial {trial.user_attrs['slot']:04d}: {spec.objective} {value:.3f}", flush=True)
+            except optuna.TrialPruned as pruned:
+                trial.set_user_attr("seconds", time.perf_counter() - started)
+                study.tell(trial, state=TrialState.PRUNED)
+                print(f"trial {trial.user_attrs['slot']:04d}: {pruned}", flush=True)
+            except Exception as exc:                              # noqa: BLE001 - the trial fails, the sweep goes on
+                trial.set_user_attr("error", f"{type(exc).__name__}: {exc}"[:500])
+                study.tell(trial, state=TrialState.FAIL)
+                print(f"trial {trial.user_attrs['slot']:04d} failed: {exc}", flush=True)
+                if isinstance(exc, UsageError):
+                    return
+
+
+# ------------------------------------------------------------------------------------------------
+# The command.
+
+
+def sweep(spec_path: Path, out: Path, workers: int, storage: str | None, trials: int | None,
+          log=print, progress: bool = False) -> dict:
+    """Run (or join, or continue) the sweep of ``spec_path`` in ``out`` with ``workers`` processes here."""
+    import multiprocessing
+
+    from vaelab.resources import default_threads
+
+    require_optuna()
+    spec = load_spec(spec_path, trials)
+    out.mkdir(parents=True, exist_ok=True)
+    state_path = out / STATE_FILE
+    with file_lock(out / ".reconcile.lock"):
+        if state_path.exists():
+            state = json.loads(state_path.read_text())
+            if state["spec"] != spec.text:
+                raise UsageError(f"{out} holds a sweep of another spec ({out / SPEC_FILE}); give the same spec to "
+                                 f"continue it, or another --out")
+            if storage and storage != state["storage"]:
+                raise UsageError(f"{out} keeps its study in {state['storage']}; give that --storage (or none)")
+            if trials is not None and trials != state["trials"]:
+                state["trials"] = trials
+        else:
+            # named after the spec's text: sweeps of one spec on several machines share one study in one storage
+            digest = hashlib.sha256(spec.text.encode()).hexdigest()[:10]
+            state = {"spec": spec.text, "storage": storage_url(out, storage), "study": f"vaelab-{spec_path.stem}-{digest}",
+                     "trials": spec.trials, "created": time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime())}
+            (out / SPEC_FILE).write_text(spec.text)
+        from vaelab.atomic import write_text
+
+        write_text(state_path, json.dumps(state, indent=2) + "\n")
+    spec = dataclasses.replace(spec, trials=state["trials"])
+    study = open_study(spec, state["storage"], state["study"])
+    reconcile(study, spec, out)
+    threads = max(1, default_threads() // workers)
+    (out / "workers").mkdir(exist_ok=True)
+    log(f"sweep {out}: {spec.trials} trials of preset {spec.preset}, objective {spec.objective}"
+        f"{f' (IWAE-{spec.k})' if spec.objective == 'validation-nll' else ''}, {workers} worker"
+        f"{'s' * (workers > 1)} × {threads} thread{'s' * (threads > 1)}, study in {state['storage']}")
+    context = multiprocessing.get_context("spawn")
+    processes = [context.Process(target=worker, args=(str(spec_path), str(out), state["storage"], state["study"],
+                                                      threads, str(out / "workers" / f"{os.getpid()}-{i}.log")))
+                 for i in range(workers)]
+    for process in processes:
+        process.start()
+    try:
+        for process in processes:
+            process.join()
+    except KeyboardInterrupt:
+        for process in processes:
+            process.terminate()
+        raise
+    return summarize(study, spec, out)
+
+
+def summarize(study, spec: Spec, out: Path) -> dict:
+    """Every slot's latest trial: parameters, objective ± s.e., epochs, seconds, state; the best marked."""
+    from vaelab.runs import read_metrics
+
+    rows = []
+    latest: dict[int, Any] = {}
+    for trial in study.get_trials(deepcopy=False):
+        slot = trial.user_attrs.get("slot")
+        if slot is None or trial.user_attrs.get("surplus") or slot >= spec.trials:
+            continue
+        if slot not in latest or trial.number > latest[slot].number:
+            latest[slot] = trial
+    for slot in range(spec.trials):
+        trial = latest.get(slot)
+        run_dir = run_dir_of(out, slot)
+        metrics = read_metrics(run_dir / "metrics.csv") if run_dir.exists() else []
+        params = {p.name: (json.loads(trial.params[p.name]) if p.choices is not None else trial.params[p.name])
+                  for p in spec.search if trial is not None and p.name in trial.params}
+        rows.append({"slot": slot, "trial": None if trial is None else trial.number,
+                     "state": "waiting" if trial is None else trial.state.name.lower(),
+                     "params": params, "value": None if trial is None else trial.value,
+                     "stderr": None if trial is None else trial.user_attrs.get("objective_stderr"),
+                     "epochs": len(metrics), "seconds": metrics[-1]["elapsed_seconds"] if metrics else None,
+                     "run_dir": str(run_dir)})
+    finished = [r for r in rows if r["state"] == "complete" and r["value"] is not None]
+    best = (min if spec.direction == "minimize" else max)(finished, key=lambda r: r["value"], default=None)
+    for row in rows:
+        row["best"] = row is best
+    return {"spec": spec, "rows": rows, "best": best, "objective": spec.objective}
+
+
+def summary_table(summary: dict) -> str:
+    from vaelab.runs import format_duration
+
+    spec, rows = summary["spec"], summary["rows"]
+    names = [p.name for p in spec.search]
+    header = ["", "trial", *names, summary["objective"], "± s.e.", "epochs", "training", "state"]
+
+    def cell(value):
+        if isinstance(value, float):
+            return f"{value:.4g}"
+        return json.dumps(value) if isinstance(value, (list, tuple)) else str(value)
+
+    body = [["*" if r["best"] else "", f"{r['slot']:04d}", *(cell(r["params"].get(n, "—")) for n in names),
+             "—" if r["value"] is None else f"{r['value']:.3f}", "—" if r["stderr"] is None else f"{r['stderr']:.3f}",
+             str(r["epochs"]), format_duration(r["seconds"]), r["state"]] for r in rows]
+    widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(header)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in [header, *body]]
+    best = summary["best"]
+    if best is not None:
+        fields = {k: v for k, v in spec.trial_fields(best["params"]).items() if k not in BUDGET_FIELDS}
+        command = " ".join(["vaelab train --preset", spec.preset, *flags_of(fields), "--out runs/best"])
+        lines += ["", f"* best: trial {best['slot']:04d} ({best['run_dir']}). Train it in full (without the sweep's "
+                      f"budget fields {', '.join(f for f in BUDGET_FIELDS if f in spec.fixed) or '—'}) and evaluate "
+                      f"it on the test set once:", f"  {command} && vaelab evaluate runs/best --k 5000"]
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------
+# The report of a sweep.
+
+
+def is_sweep(path: Path) -> bool:
+    return (Path(path) / STATE_FILE).exists() and (Path(path) / SPEC_FILE).exists()
+
+
+def build_sweep_report(out: Path, trial_reports: bool = True, data_dir: str | None = None) -> str:
+    """One page: the results, the optimisation history, each parameter against the objective, Optuna's
+    parameter importances, and every trial with a link to its own report (made here when missing)."""
+    optuna = require_optuna()
+    from vaelab import plots
+    from vaelab.report import Figure, _environment, _fmt, data_uri
+    from vaelab.runs import format_duration
+
+    state = json.loads((out / STATE_FILE).read_text())
+    spec = dataclasses.replace(load_spec(out / SPEC_FILE, state["trials"]))
+    study = open_study(spec, state["storage"], state["study"])
+    summary = summarize(study, spec, out)
+    rows, minimize = summary["rows"], spec.direction == "minimize"
+    label = {"validation-nll": "validation NLL (nats)", "validation-elbo": "validation ELBO (nats)"}[spec.objective]
+    for row in rows:
+        row["report"] = None
+        run_dir = Path(row["run_dir"])
+        if trial_reports and row["state"] in ("complete", "pruned") and (run_dir / "model.safetensors").exists():
+            if not (run_dir / "report.html").exists():
+                from vaelab.atomic import write_text
+                from vaelab.report import build_report
+
+                write_text(run_dir / "report.html", build_report(run_dir, data_dir)[0])
+            row["report"] = str((run_dir / "report.html").relative_to(out))
+    # the objective of pruned trials: their last reported validation ELBO (on the ELBO objective's scale only)
+    latest = {t.user_attrs.get("slot"): t for t in study.get_trials(deepcopy=False) if not t.user_attrs.get("surplus")}
+    values = [r["value"] if r["state"] == "complete" else
+              (latest[r["slot"]].intermediate_values[max(latest[r["slot"]].intermediate_values)]
+               if r["state"] == "pruned" and spec.objective == "validation-elbo" and latest[r["slot"]].intermediate_values
+               else None) for r in rows]
+    states = [r["state"] for r in rows]
+    history = Figure(f"{label} of each trial; the line is the best so far", data_uri(plots.sweep_history_figure(
+        [r["slot"] for r in rows], values, states, minimize, label))) if any(v is not None for v in values) else None
+    complete = [r for r in rows if r["state"] == "complete" and r["value"] is not None]
+    parameters = [Figure(f"{p.name} against {label}", data_uri(plots.sweep_parameter_figure(
+        p.name, [r["params"].get(p.name) for r in complete], [r["value"] for r in complete], label, p.log)))
+        for p in spec.search if complete]
+    importance, note = None, ""
+    try:
+        importances = optuna.importance.get_param_importances(study)
+        if importances:
+            importance = Figure("parameter importances (Optuna's fANOVA evaluator, over the complete trials)",
+                                data_uri(plots.importance_figure(importances)))
+    except (ValueError, RuntimeError) as exc:
+        note = f"No parameter importances: {exc}"
+    if importance is None and not note:
+        note = "No parameter importances: they need two or more complete trials whose parameters differ."
+    counts = [f"{states.count(s)} {s}" for s in ("complete", "pruned", "running", "fail", "waiting") if states.count(s)]
+    best = summary["best"]
+    command = summary_table(summary).split("\n")[-1].strip() if best else ""
+    return _environment().get_template("sweep.html.j2").render(
+        name=out.resolve().name, spec=spec, rows=rows, best=best, command=command, history=history,
+        parameters=parameters, importance=importance, importance_note=note, minimize=minimize, counts=counts,
+        finished=sum(states.count(s) for s in ("complete", "pruned")), storage=state["storage"], fmt=_fmt,
+        short=lambda v: f"{v:.4g}" if isinstance(v, float) else v,
+        duration=format_duration, generated=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()))

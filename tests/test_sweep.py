@@ -1,0 +1,321 @@
+"""`vaelab sweep` (issue 23): the README's example spec with two workers, a kill -9 and a rerun that ends with
+exactly the spec's trials, pruning, two sweeps on one directory, a study shared on a real PostgreSQL server,
+bad specs, and the report page."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from vaelab import checkpoint as ckpt
+
+optuna = pytest.importorskip("optuna", reason="Optuna is the sweep's optional dependency (pip install 'vaelab[sweep]')")
+
+EXAMPLE = """\
+preset = "seed"
+trials = 4
+objective = "validation-nll"        # or "validation-elbo"
+k = 100                            # IWAE-K for validation-nll
+[fixed]
+epochs = 2
+train_examples = 2000
+validation = 500
+test_examples = 100
+[search]
+lr = { low = 1e-4, high = 3e-3, log = true }
+hidden = [[64], [128]]
+activation = ["relu", "tanh"]
+"""
+
+
+def sweep_cli(spec: Path, out: Path, *flags, data_dir: Path, **kwargs) -> subprocess.Popen:
+    env = dict(os.environ, VAELAB_DATA=str(data_dir), PYTHONUNBUFFERED="1")
+    return subprocess.Popen([sys.executable, "-m", "vaelab", "sweep", str(spec), "--out", str(out), *map(str, flags)],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True, **kwargs)
+
+
+def trial_states(out: Path) -> list[tuple[int, str, int | None, bool]]:
+    """(number, state, slot, surplus) of every trial in the sweep's SQLite study."""
+    with sqlite3.connect(out / "study.db") as db:
+        rows = db.execute("select trial_id, number, state from trials").fetchall()
+        attrs = db.execute("select trial_id, key, value_json from trial_user_attributes").fetchall()
+    user = {}
+    for trial_id, key, value in attrs:
+        user.setdefault(trial_id, {})[key] = json.loads(value)
+    return [(number, state, user.get(trial_id, {}).get("slot"), bool(user.get(trial_id, {}).get("surplus")))
+            for trial_id, number, state in rows]
+
+
+def finished_slots(out: Path) -> list[int]:
+    return sorted(slot for _, state, slot, surplus in trial_states(out) if state in ("COMPLETE", "PRUNED") and not surplus)
+
+
+@pytest.fixture(scope="module")
+def example(tmp_path_factory, data_dir):
+    """The README's example spec as written, run to completion with two workers."""
+    root = tmp_path_factory.mktemp("sweep")
+    spec = root / "example.toml"
+    spec.write_text(EXAMPLE)
+    process = sweep_cli(spec, root / "out", "--workers", "2", data_dir=data_dir)
+    out, err = process.communicate(timeout=600)
+    assert process.returncode == 0, err
+    return root, out
+
+
+def test_the_example_spec_runs_with_two_workers(example):
+    root, printed = example
+    out = root / "out"
+    assert finished_slots(out) == [0, 1, 2, 3]
+    assert "2 workers × 1 thread" in printed and printed.count("*  ") == 1 and "vaelab evaluate runs/best --k 5000" in printed
+    for slot in range(4):
+        run = out / "trials" / f"{slot:04d}"
+        config = json.loads((run / ckpt.CONFIG).read_text())
+        assert config["data"]["validation"] == 500 and config["data"]["train_examples"] == 2000
+        records = sorted(p.name for p in run.glob("eval*.json"))
+        # the objective on the validation split only: the test set is never evaluated by a sweep
+        assert all(name.startswith("eval-validation-") for name in records)
+    params = [json.loads((out / "trials" / f"{s:04d}" / ckpt.CONFIG).read_text())["train"]["lr"] for s in range(4)]
+    assert len(set(params)) == 4                                      # each slot drew its own parameters
+
+
+def test_trials_are_ordinary_runs(example, capsys):
+    import vaelab
+    from vaelab.cli import main
+
+    root, _ = example
+    assert main(["runs", str(root / "out" / "trials")]) == 0
+    listing = capsys.readouterr().out
+    assert all(f"{slot:04d}" in listing for slot in range(4)) and "validation" in listing
+    run = vaelab.load_run(root / "out" / "trials" / "0000")
+    assert run.status == "finished" and run.evaluations[0]["split"] == "validation"
+
+
+def test_a_sweep_killed_after_its_first_trial_resumes_to_exactly_its_trials(tmp_path, data_dir):
+    """kill -9 of the sweep and its workers once one trial has finished, then the same command again: the study
+    ends with exactly four finished trials, one per slot, none duplicated, and the slot that was training holds a
+    consistent run (it loads; its epochs are the spec's)."""
+    spec = tmp_path / "spec.toml"
+    spec.write_text(EXAMPLE.replace("epochs = 2", "epochs = 3").replace("validation-nll", "validation-elbo"))
+    out = tmp_path / "out"
+    process = sweep_cli(spec, out, data_dir=data_dir)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and process.poll() is None:
+        if (out / "study.db").exists():
+            try:
+                if len(finished_slots(out)) >= 1 and any(s == "RUNNING" for _, s, _, _ in trial_states(out)):
+                    break
+            except sqlite3.Error:
+                pass
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.communicate(timeout=60)
+    assert 1 <= len(finished_slots(out)) < 4, "the sweep finished before it was killed"
+    rerun = sweep_cli(spec, out, data_dir=data_dir)
+    printed, err = rerun.communicate(timeout=600)
+    assert rerun.returncode == 0, err
+    assert finished_slots(out) == [0, 1, 2, 3]
+    for slot in range(4):
+        run = out / "trials" / f"{slot:04d}"
+        config, _ = ckpt.load_model(run)
+        lines = (run / ckpt.METRICS).read_text().splitlines()
+        assert config.train.epochs == 3 and len(lines) - 1 in (1, 2, 3)          # pruned ones stop early
+    assert printed.count("complete") + printed.count("pruned") == 4
+
+
+def test_pruning_stops_a_trial_far_below_the_others(tmp_path, data_dir):
+    """Two enqueued trials that learn, then one whose learning rate is 1000 times too small: its validation ELBO
+    is far below theirs at every epoch, and the median pruner stops it after its warm-up; its run is kept."""
+    spec = tmp_path / "spec.toml"
+    spec.write_text("""\
+preset = "seed"
+trials = 3
+objective = "validation-elbo"
+pruner_warmup = 1
+enqueue = [{ lr = 3e-3 }, { lr = 3e-3 }, { lr = 3e-6 }]
+[fixed]
+epochs = 5
+train_examples = 1000
+validation = 300
+test_examples = 50
+hidden = [64]
+[search]
+lr = { low = 1e-6, high = 1e-2, log = true }
+""")
+    process = sweep_cli(spec, tmp_path / "out", data_dir=data_dir)
+    printed, err = process.communicate(timeout=600)
+    assert process.returncode == 0, err
+    states = {slot: state for _, state, slot, surplus in trial_states(tmp_path / "out") if not surplus}
+    assert states == {0: "COMPLETE", 1: "COMPLETE", 2: "PRUNED"}
+    slow = tmp_path / "out" / "trials" / "0002"
+    assert 2 <= len((slow / ckpt.METRICS).read_text().splitlines()) - 1 < 5 and (slow / ckpt.WEIGHTS).exists()
+    assert "pruned" in printed
+
+
+def test_two_sweeps_on_one_directory_share_the_study_and_never_a_run(tmp_path, data_dir):
+    spec = tmp_path / "spec.toml"
+    spec.write_text(EXAMPLE.replace("trials = 4", "trials = 5").replace("validation-nll", "validation-elbo"))
+    first = sweep_cli(spec, tmp_path / "out", data_dir=data_dir)
+    time.sleep(1.0)
+    second = sweep_cli(spec, tmp_path / "out", data_dir=data_dir)
+    for process in (first, second):
+        _, err = process.communicate(timeout=600)
+        assert process.returncode == 0, err
+    states = trial_states(tmp_path / "out")
+    assert finished_slots(tmp_path / "out") == [0, 1, 2, 3, 4]
+    owners = [slot for _, state, slot, surplus in states if not surplus and state in ("COMPLETE", "PRUNED", "RUNNING")]
+    assert sorted(owners) == [0, 1, 2, 3, 4]                          # one trial per run directory
+
+
+@pytest.mark.parametrize("text, words", [
+    ('trials = 2\n[fixed]\nvalidation = 100\n[search]\nlrr = [1e-3]\n', ["unknown field 'lrr'", "lr"]),
+    ('trials = 2\n[fixed]\nvalidation = 100\n[search]\nlr = { low = 1e-2, high = 1e-3 }\n',
+     ["search.lr", "empty range"]),
+    ('trials = 2\n[fixed]\nvalidation = 100\nepochs = "many"\n', ["fixed", "--epochs", "'many'"]),
+    ('trials = 2\nbudget = 3\n[fixed]\nvalidation = 100\n', ["unknown key 'budget'"]),
+    ('trials = 2\n[fixed]\nepochs = 1\n', ["fixed.validation", "validation split"]),
+    ('trials = 2\n[fixed]\nvalidation = 100\n[search]\nactivation = ["relu", "swish"]\n', ["search.activation", "swish"]),
+    ('trials = [\n', ["not valid TOML"]),
+])
+def test_bad_specs_are_one_line_errors_naming_the_field(text, words, tmp_path, capsys):
+    from vaelab.cli import main
+
+    spec = tmp_path / "bad.toml"
+    spec.write_text(text)
+    code = main(["sweep", str(spec), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and all(w in err for w in words), err
+    assert not (tmp_path / "out" / "study.db").exists()
+
+
+def test_without_optuna_the_command_says_what_to_install(tmp_path, monkeypatch, capsys):
+    import builtins
+
+    from vaelab.cli import main
+
+    real_import = builtins.__import__
+
+    def no_optuna(name, *args, **kwargs):
+        if name == "optuna" or name.startswith("optuna."):
+            raise ImportError("No module named 'optuna'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_optuna)
+    spec = tmp_path / "spec.toml"
+    spec.write_text(EXAMPLE)
+    assert main(["sweep", str(spec), "--out", str(tmp_path / "out")]) == 2
+    assert "pip install 'vaelab[sweep]'" in capsys.readouterr().err
+
+
+def test_the_cpu_hour_choice_is_a_spec_that_parses():
+    """benchmarks/sweeps/cpu-hour.toml, the comparison that chose cpu-hour at a shorter budget, is a valid spec
+    whose six enqueued candidates are its six trials."""
+    from vaelab.sweep import load_spec
+
+    spec = load_spec(Path(__file__).resolve().parents[1] / "benchmarks" / "sweeps" / "cpu-hour.toml")
+    assert spec.trials == len(spec.enqueue) == 6 and spec.objective == "validation-nll"
+
+
+# ---- PostgreSQL: a study shared by two `vaelab sweep` processes ------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def postgres(tmp_path):
+    """A PostgreSQL server of Debian's package on a temporary directory and port (as the postgres user when the
+    tests run as root), and its URL; skipped with the reason where it cannot start."""
+    pytest.importorskip("psycopg", reason="the PostgreSQL driver of vaelab[sweep] is not installed")
+    binaries = sorted(Path("/usr/lib/postgresql").glob("*/bin")) if Path("/usr/lib/postgresql").exists() else []
+    initdb = shutil.which("initdb") or (str(binaries[-1] / "initdb") if binaries else None)
+    pg_ctl = shutil.which("pg_ctl") or (str(binaries[-1] / "pg_ctl") if binaries else None)
+    if not initdb or not pg_ctl:
+        pytest.skip("PostgreSQL's server is not installed (Debian: apt-get install postgresql; .ci/run installs it)")
+    import tempfile
+
+    base = Path(tempfile.mkdtemp(prefix="vaelab-pg-"))           # outside pytest's 0700 tree: postgres must enter it
+    os.chmod(base, 0o755)
+    data = base / "pgdata"
+    run_as: list[str] = []
+    if os.geteuid() == 0:                                               # postgres refuses to run as root
+        if shutil.which("runuser") is None:
+            pytest.skip("running as root without runuser: PostgreSQL cannot be started")
+        try:
+            import pwd
+
+            pwd.getpwnam("postgres")
+        except KeyError:
+            pytest.skip("running as root and there is no postgres user to start the server as")
+        data.mkdir()
+        shutil.chown(data, "postgres")
+        run_as = ["runuser", "-u", "postgres", "--"]
+    port = _free_port()
+    done = subprocess.run([*run_as, initdb, "-D", str(data), "-A", "trust", "-U", "vaelab"], capture_output=True,
+                          text=True, timeout=120)
+    if done.returncode:
+        pytest.skip(f"initdb failed: {done.stderr.strip()[-200:]}")
+    log = base / "pg.log"
+    if run_as:
+        log.touch()
+        shutil.chown(log, "postgres")
+    done = subprocess.run([*run_as, pg_ctl, "-D", str(data), "-l", str(log), "-w", "-o",
+                           f"-p {port} -k {data} -c listen_addresses=127.0.0.1", "start"], capture_output=True,
+                          text=True, timeout=120)
+    if done.returncode:
+        pytest.skip(f"the PostgreSQL server did not start: {log.read_text()[-300:] if log.exists() else done.stderr}")
+    try:
+        import psycopg
+
+        with psycopg.connect(host="127.0.0.1", port=port, user="vaelab", dbname="postgres", autocommit=True) as db:
+            db.execute("create database sweeps")
+        yield f"postgresql://vaelab@127.0.0.1:{port}/sweeps"
+    finally:
+        subprocess.run([*run_as, pg_ctl, "-D", str(data), "-m", "fast", "stop"], capture_output=True, timeout=120)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_a_study_on_postgresql_is_shared_by_two_sweeps(postgres, tmp_path, data_dir):
+    """Two `vaelab sweep` processes (two machines' worth: each its own directory) on one PostgreSQL study complete
+    the spec's trials between them, each slot once."""
+    spec = tmp_path / "spec.toml"
+    spec.write_text(EXAMPLE.replace("validation-nll", "validation-elbo"))
+    processes = [sweep_cli(spec, tmp_path / name, "--storage", postgres, data_dir=data_dir) for name in ("a", "b")]
+    for process in processes:
+        _, err = process.communicate(timeout=600)
+        assert process.returncode == 0, err
+    name = json.loads((tmp_path / "a" / "sweep.json").read_text())["study"]
+    assert name == json.loads((tmp_path / "b" / "sweep.json").read_text())["study"]
+    study = optuna.load_study(study_name=name, storage=postgres)
+    finished = [t for t in study.get_trials() if t.state.name in ("COMPLETE", "PRUNED") and not t.user_attrs.get("surplus")]
+    assert sorted(t.user_attrs["slot"] for t in finished) == [0, 1, 2, 3]
+
+
+def test_the_report_of_a_sweep_renders_in_a_browser(example, tmp_path):
+    from vaelab.cli import main
+    from test_report import CHROMIUM, chromium
+
+    root, _ = example
+    assert main(["report", str(root / "out"), "--out", str(root / "out" / "sweep.html")]) == 0
+    html = (root / "out" / "sweep.html").read_text()
+    for text in ("Optimisation history", "parameter importances", "trials/0000/report.html", "best so far",
+                 "validation NLL"):
+        assert text in html, text
+    if CHROMIUM is None:
+        pytest.skip("no Chromium to render the page (the HTML was checked above)")
+    shot = tmp_path / "sweep.png"
+    done = chromium("--window-size=1280,2000", f"--screenshot={shot}", (root / "out" / "sweep.html").as_uri())
+    assert shot.exists() and shot.stat().st_size > 20_000, done.stderr
