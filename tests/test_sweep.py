@@ -319,3 +319,21 @@ def test_the_report_of_a_sweep_renders_in_a_browser(example, tmp_path):
     shot = tmp_path / "sweep.png"
     done = chromium("--window-size=1280,2000", f"--screenshot={shot}", (root / "out" / "sweep.html").as_uri())
     assert shot.exists() and shot.stat().st_size > 20_000, done.stderr
+
+
+def test_ctrl_c_stops_the_sweep_with_checkpoints_and_the_rerun_goes_on(tmp_path, data_dir):
+    spec = tmp_path / "spec.toml"
+    spec.write_text(EXAMPLE.replace("epochs = 2", "epochs = 4").replace("validation-nll", "validation-elbo"))
+    out = tmp_path / "out"
+    process = sweep_cli(spec, out, data_dir=data_dir)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and not list(out.glob("trials/*/metrics.csv")):
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=300)
+    assert process.returncode == 130 and "the same command again goes on" in err, err
+    assert len(finished_slots(out)) < 4
+    rerun = sweep_cli(spec, out, data_dir=data_dir)
+    _, err = rerun.communicate(timeout=600)
+    assert rerun.returncode == 0, err
+    assert finished_slots(out) == [0, 1, 2, 3]

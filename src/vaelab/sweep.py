@@ -34,6 +34,7 @@ import hashlib
 import json
 import math
 import os
+import signal
 import socket
 import sys
 import time
@@ -472,6 +473,8 @@ def worker(spec_path: str, out: str, url: str, name: str, threads: int, log_path
         optuna = require_optuna()
         from optuna.trial import TrialState
 
+        from vaelab.training import Interrupted
+
         study = open_study(spec, url, name)
         while True:
             reconcile(study, spec, out_dir)
@@ -488,6 +491,10 @@ def worker(spec_path: str, out: str, url: str, name: str, threads: int, log_path
                 trial.set_user_attr("seconds", time.perf_counter() - started)
                 study.tell(trial, state=TrialState.PRUNED)
                 print(f"trial {trial.user_attrs['slot']:04d}: {pruned}", flush=True)
+            except (Interrupted, KeyboardInterrupt) as exc:       # Ctrl-C, SIGTERM: the checkpoint stands
+                study.tell(trial, state=TrialState.FAIL)          # the next sweep retries the slot from it
+                print(f"trial {trial.user_attrs['slot']:04d} stopped: {exc}", flush=True)
+                return
             except Exception as exc:                              # noqa: BLE001 - the trial fails, the sweep goes on
                 trial.set_user_attr("error", f"{type(exc).__name__}: {exc}"[:500])
                 study.tell(trial, state=TrialState.FAIL)
@@ -548,10 +555,22 @@ def sweep(spec_path: Path, out: Path, workers: int, storage: str | None, trials:
         for process in processes:
             process.join()
     except KeyboardInterrupt:
+        # Ctrl-C (or SIGINT): every worker finishes its step and writes a checkpoint that resumes exactly
         for process in processes:
-            process.terminate()
-        raise
+            if process.is_alive():
+                os.kill(process.pid, signal.SIGINT)
+        deadline = time.monotonic() + 300
+        for process in processes:
+            process.join(max(0.0, deadline - time.monotonic()))
+            if process.is_alive():
+                process.terminate()
+        raise SweepStopped(f"stopped: the trials under way wrote their checkpoints; the same command again goes on "
+                           f"with the study ({out})") from None
     return summarize(study, spec, out)
+
+
+class SweepStopped(UsageError):
+    exit_code = 130
 
 
 def summarize(study, spec: Spec, out: Path) -> dict:
