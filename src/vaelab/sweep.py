@@ -526,7 +526,10 @@ def sweep(spec_path: Path, out: Path, workers: int, storage: str | None, trials:
                                  f"continue it, or another --out")
             if storage and storage != state["storage"]:
                 raise UsageError(f"{out} keeps its study in {state['storage']}; give that --storage (or none)")
-            if trials is not None and trials != state["trials"]:
+            if trials is not None and trials < state["trials"]:
+                raise UsageError(f"--trials {trials}: the sweep in {out} has {state['trials']} trials already; "
+                                 f"--trials can add trials, not take them away")
+            if trials is not None:
                 state["trials"] = trials
         else:
             # named after the spec's text: sweeps of one spec on several machines share one study in one storage
