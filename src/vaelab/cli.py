@@ -21,6 +21,7 @@ from typing import Any, Sequence
 from vaelab.errors import TrainingDiverged, UsageError, VaelabError
 
 MAX_SAMPLE_GRID = 4096          # samples in one picture: 512 rows of 8 digits, ≈ 37 000 pixels tall
+TABLE_FORMATS = ("text", "latex", "markdown", "csv")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -198,6 +199,8 @@ def build_parser(parser_class: type[argparse.ArgumentParser] = _Parser) -> argpa
                           "that encodes the settings); per-digit values go beside it (.digits.csv)")
     evaluate.add_argument("--overwrite", action="store_true", help="replace an existing record of the same name")
     evaluate.add_argument("--no-progress", action="store_true", help="no progress bar")
+    evaluate.add_argument("--format", choices=list(TABLE_FORMATS), default="text",
+                          help="the printed table: text (default), or latex (booktabs), markdown or csv to paste")
     evaluate.set_defaults(run=cmd_evaluate)
 
     sample = sub.add_parser("sample", help="a grid of decoder means for z ~ p(z)")
@@ -218,12 +221,16 @@ def build_parser(parser_class: type[argparse.ArgumentParser] = _Parser) -> argpa
     report.add_argument("run_dir", type=Path, help="a run directory written by `vaelab train`, or a sweep's --out")
     report.add_argument("--out", type=Path, help="the HTML file (default RUN/report.html, made again each time)")
     report.add_argument("--data-dir", type=Path, help="MNIST cache (default: the run's)")
+    report.add_argument("--figures", type=Path, metavar="DIR", help="also write every figure of the page into DIR "
+                        "as PDF and SVG, 3.25 in (one column) and 6.75 in (full width) wide, for a paper")
     report.set_defaults(run=cmd_report)
 
     compare = sub.add_parser("compare", help="compare runs: a table here and an HTML page")
     compare.add_argument("run_dirs", type=Path, nargs="+", metavar="RUN", help="two or more run directories")
     compare.add_argument("--out", type=Path, help="the HTML page (default compare-<run>-<run>….html in the runs' "
                          "common parent directory, made again each time)")
+    compare.add_argument("--format", choices=list(TABLE_FORMATS), default="text",
+                         help="the printed table: text (default), or latex (booktabs), markdown or csv to paste")
     compare.set_defaults(run=cmd_compare)
 
     sweep = sub.add_parser("sweep", help="a hyperparameter search on the validation split (Optuna), resumable")
@@ -722,7 +729,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         record = {**provenance(device, threads), "run": str(args.run_dir.resolve()), "weights": weights,
                   "weights_sha256": file_sha256(args.run_dir / weights), "epochs_trained": _epochs_trained(args.run_dir),
                   "split": args.split, "data_sha256": idx_sha256(images.cpu().numpy()), **summary}
-        _log(format_eval_table(record))
+        _log(format_eval_table(record) if args.format == "text" else evaluation_export(record, args.format))
         _write_evaluation(out, record, per_digit, labels, args)
         return 0
     except distributed.RankLost as exc:
@@ -777,6 +784,16 @@ def _write_evaluation(out: Path, record: dict, per_digit: dict, labels, args: ar
             saved = "nothing could be saved (the results are printed above)"
         raise WriteError(f"{exc}; {saved}; next time pass --out FILE in a writable place") from exc
     _log(f"written {out} and {digits.name}")
+
+
+def evaluation_export(record: dict, kind: str) -> str:
+    """The estimators of an evaluation as a LaTeX (booktabs), Markdown or CSV table, with what it measured."""
+    from vaelab.tables import render_table
+
+    caption = (f"{record['n_examples']} {record.get('split', 'test')} digits, K = {record['k']}, "
+               f"{record.get('weights', 'model.safetensors')}")
+    rows = [[e["name"], e["mean"], e["stderr"], e["kind"]] for e in record["estimates"]]
+    return render_table(["estimator of log p(x)", "nats", "± s.e.", "kind"], rows, kind, caption)
 
 
 def format_eval_table(result: dict) -> str:
@@ -850,13 +867,37 @@ def cmd_presets(args: argparse.Namespace) -> int:
     return 0
 
 
-def _write_page(out: Path, html: str) -> None:
-    from vaelab.atomic import write_text
+def _check_page_target(out: Path) -> None:
+    """Refuse, before any work, a page that cannot be written: not .html, a directory, a missing or read-only
+    directory."""
+    import os
 
     if out.suffix.lower() not in (".html", ".htm"):
         raise UsageError(f"--out {out}: the page is HTML; give a file name ending in .html")
+    if out.is_dir():
+        raise UsageError(f"--out {out} is a directory; give a file name ending in .html")
     if not out.parent.is_dir():
         raise UsageError(f"--out {out}: directory {out.parent} does not exist; create it first")
+    if not os.access(out.parent, os.W_OK | os.X_OK) or (out.exists() and not os.access(out, os.W_OK)):
+        raise UsageError(f"--out {out}: {out.parent} is not writable; give --out in a writable directory")
+
+
+def _check_figures_target(directory: Path | None) -> None:
+    import os
+
+    if directory is None:
+        return
+    if directory.exists() and not directory.is_dir():
+        raise UsageError(f"--figures {directory} is a file; give a directory for the figures")
+    parent = directory if directory.exists() else directory.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"--figures {directory}: {parent} is missing or not writable; give a writable directory")
+
+
+def _write_page(out: Path, html: str) -> None:
+    from vaelab.atomic import write_text
+
+    _check_page_target(out)
     replaced = out.exists()
     write_text(out, html)
     _log(f"written {out}" + (" (it replaces the earlier page; pages are made from the run's files)" if replaced else ""))
@@ -867,9 +908,12 @@ def cmd_report(args: argparse.Namespace) -> int:
     from vaelab.report import build_report
     from vaelab.sweep import build_sweep_report, is_sweep
 
+    from vaelab import checkpoint as ckpt
+
+    ckpt.require_run_dir(args.run_dir)
     out = args.out or args.run_dir / "report.html"
-    if out.exists() and out.is_dir():
-        raise UsageError(f"--out {out} is a directory; give a file name ending in .html")
+    _check_page_target(out)                       # before the page is built: a minute is not wasted
+    _check_figures_target(args.figures)
     data_dir = str(resolve_path(args.data_dir, "--data-dir")) if args.data_dir else None
     if is_sweep(args.run_dir):
         start = time.perf_counter()
@@ -877,20 +921,28 @@ def cmd_report(args: argparse.Namespace) -> int:
         _write_page(out, html)
         _log(f"report of the sweep {args.run_dir} made in {time.perf_counter() - start:.1f} s")
         return 0
-    html, seconds = build_report(args.run_dir, data_dir)
+    if args.figures is not None:
+        args.figures.mkdir(parents=True, exist_ok=True)
+    html, seconds = build_report(args.run_dir, data_dir, figures_dir=args.figures)
     _write_page(out, html)
     _log(f"report of {args.run_dir} made in {seconds:.1f} s ({len(html) / 2**20:.1f} MiB, self-contained)")
+    if args.figures is not None:
+        count = len(list(args.figures.glob("*.pdf")))
+        _log(f"figures in {args.figures}: {count} as PDF and as SVG, each 3.25 in (one column, -column) and 6.75 in "
+             f"(full width, -full) wide, fonts embedded; the training curves and samples also as 300-dpi PNG")
     return 0
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from vaelab.report import build_comparison, comparison_table
+    from vaelab.report import build_comparison, comparison_export, comparison_table
 
     if len(args.run_dirs) < 2:
         raise UsageError("compare needs two or more runs")
+    out = args.out or default_comparison_page(args.run_dirs)
+    _check_page_target(out)
     html, comparison = build_comparison(args.run_dirs)
-    _log(comparison_table(comparison))
-    _write_page(args.out or default_comparison_page(args.run_dirs), html)
+    _log(comparison_table(comparison) if args.format == "text" else comparison_export(comparison, args.format))
+    _write_page(out, html)
     return 0
 
 

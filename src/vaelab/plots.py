@@ -25,32 +25,35 @@ def picture_formats() -> list[str]:
     return sorted(FigureCanvasAgg(Figure()).get_supported_filetypes())
 
 
-def _save(fig, path: Path) -> None:
-    """Write ``fig`` atomically in the format its file name asks for (PNG at 120 dpi by default)."""
+def _save(fig, path: Path, dpi: int = 120, tight: bool = True) -> None:
+    """Write ``fig`` atomically in the format its file name asks for (PNG at ``dpi``); ``tight`` crops it to what
+    it draws (otherwise the file keeps the figure's size, as a figure for a paper must)."""
     from vaelab.atomic import atomic_write
 
     path = Path(path)
     kind = path.suffix.lower().lstrip(".") or "png"
-    atomic_write(path, lambda handle: fig.savefig(handle, format=kind, dpi=120, bbox_inches="tight"))
+    atomic_write(path, lambda handle: fig.savefig(handle, format=kind, dpi=dpi, bbox_inches="tight" if tight else None))
     _pyplot().close(fig)
 
 
-def plot_elbo(metrics: Sequence[dict[str, float]], path: Path, title: str = "") -> None:
-    """Train and test ELBO (nats per example) against epoch, as in the reference exercise."""
+def plot_elbo(metrics: Sequence[dict[str, float]], path: Path, title: str = "", dpi: int = 120) -> None:
+    """Train and test ELBO (nats per digit) against epoch, as in the reference exercise; every epoch shown, an
+    inset zooming on the later ones where the first epochs dwarf them."""
     plt = _pyplot()
     epochs = [row["epoch"] for row in metrics]
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(epochs, [row["train_elbo"] for row in metrics], label="train ELBO", marker="." if len(epochs) < 30 else None)
-    ax.plot(epochs, [row["test_elbo"] for row in metrics], label="test ELBO", marker="." if len(epochs) < 30 else None)
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("ELBO (nats per example)")
-    if len(epochs) > 3:  # leave out the first epochs' steep start so the later gap is readable
-        values = [row[k] for row in metrics[2:] for k in ("train_elbo", "test_elbo")]
-        ax.set_ylim(min(values) - 2, max(values) + 2)
+    marker = "." if len(epochs) < 30 else None
+    series = [([row["train_elbo"] for row in metrics], {"label": "train ELBO", "marker": marker, "color": "C0"}),
+              ([row["test_elbo"] for row in metrics], {"label": "test ELBO", "marker": marker, "color": "C1"})]
+    for values, style in series:
+        ax.plot(epochs, values, **style)
+    _integer_epochs(ax)
+    ax.set_ylabel("ELBO (nats per digit)")
+    _with_inset(ax, epochs, series)
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(loc="upper left")
     ax.set_title(title or f"ELBO, final test {metrics[-1]['test_elbo']:.2f}")
-    _save(fig, path)
+    _save(fig, path, dpi=dpi)
 
 
 def image_grid(images: np.ndarray, rows: int, cols: int, pad: int = 2) -> np.ndarray:
@@ -121,43 +124,88 @@ def _integer_epochs(ax) -> None:
     ax.set_xlabel("epoch")
 
 
-def training_figure(metrics: Sequence[dict]):
-    """Three panels against epoch: the ELBO (train, validation, test), its two parts (reconstruction
-    E_q log p(x|z) and KL), and the seconds of each epoch's steps."""
+def _columns(width: float, panels: int) -> int:
+    """Panels side by side for a figure ``width`` inches wide: one column below 5 in, two below 9, else all."""
+    return 1 if width < 5 else min(panels, 2) if width < 9 else panels
+
+
+def _with_inset(ax, epochs: Sequence[int], series: Sequence[tuple[Sequence[float], dict]], skip: int = 2) -> bool:
+    """Every point on ``ax``; where the first ``skip`` epochs span more than four times the range of the rest,
+    an inset zooms on the later epochs (so nothing is cut and the late differences stay readable). True if so."""
+    if len(epochs) <= skip + 3:
+        return False
+    late = [v for values, _ in series for v in values[skip:] if v == v]
+    whole = [v for values, _ in series for v in values if v == v]
+    if not late or (max(whole) - min(whole)) <= 4 * max(max(late) - min(late), 1e-9):
+        return False
+    inset = ax.inset_axes([0.42, 0.12, 0.55, 0.5])
+    for values, style in series:
+        inset.plot(epochs[skip:], values[skip:], **style)
+    inset.tick_params(labelsize=7)
+    inset.grid(alpha=0.3)
+    inset.set_title(f"epochs {epochs[skip]}–{epochs[-1]}", fontsize=7)
+    from matplotlib.ticker import MaxNLocator
+
+    inset.xaxis.set_major_locator(MaxNLocator(integer=True))
+    return True
+
+
+def training_figure(metrics: Sequence[dict], width: float | None = None):
+    """Panels against epoch, every epoch shown: the ELBO (train, validation, test), its two parts
+    (−reconstruction = −E_q log p(x|z) and KL), the seconds of each epoch's steps, and the learning rate and β
+    where either changes. An inset zooms on the later epochs where the first ones dwarf them."""
     plt = _pyplot()
     epochs = [row["epoch"] for row in metrics]
     marker = "." if len(epochs) <= 60 else None
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    for key, label in (("train_elbo", "train"), ("validation_elbo", "validation"), ("test_elbo", "test")):
-        if key in metrics[0]:
-            axes[0].plot(epochs, [row[key] for row in metrics], marker=marker, label=label)
+    schedule = len({row.get("lr") for row in metrics}) > 1 or len({row.get("beta") for row in metrics}) > 1
+    panels = 4 if schedule else 3
+    width = width or (4.3 * panels)
+    cols = _columns(width, panels)
+    rows = -(-panels // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(width, (2.6 if cols == 1 else 3.4) * rows), squeeze=False)
+    axes = axes.flatten()
+    for ax in axes[panels:]:
+        ax.set_visible(False)
+    series = [([row[key] for row in metrics], {"marker": marker, "label": label, "color": color})
+              for key, label, color in (("train_elbo", "train", "C0"), ("validation_elbo", "validation", "C2"),
+                                        ("test_elbo", "test", "C1")) if key in metrics[0]]
+    for values, style in series:
+        axes[0].plot(epochs, values, **style)
     axes[0].set_ylabel("ELBO (nats per digit)")
-    if len(epochs) > 3:             # leave out the steep start so the later differences are readable
-        later = [row[k] for row in metrics[2:] for k in ("train_elbo", "test_elbo")]
-        axes[0].set_ylim(min(later) - 2, max(later) + 2)
-    for split, style in (("train", "-"), ("test", "--")):
-        axes[1].plot(epochs, [-row[f"{split}_reconstruction"] for row in metrics], style, color="C0",
-                     label=f"−reconstruction, {split}")
-        axes[1].plot(epochs, [row[f"{split}_kl"] for row in metrics], style, color="C3", label=f"KL, {split}")
+    _with_inset(axes[0], epochs, series)
+    parts = []
+    for split, line in (("train", "-"), ("test", "--")):
+        parts.append(([-row[f"{split}_reconstruction"] for row in metrics],
+                      {"linestyle": line, "color": "C0", "label": f"−reconstruction, {split}"}))
+        parts.append(([row[f"{split}_kl"] for row in metrics], {"linestyle": line, "color": "C3", "label": f"KL, {split}"}))
+    for values, style in parts:
+        axes[1].plot(epochs, values, **style)
     axes[1].set_ylabel("nats per digit")
-    if len(epochs) > 3:
-        later = [v for row in metrics[2:] for v in (-row["train_reconstruction"], -row["test_reconstruction"],
-                                                     row["train_kl"], row["test_kl"])]
-        axes[1].set_ylim(0, max(later) * 1.1)
     axes[2].bar(epochs, [row["epoch_seconds"] for row in metrics], color="C7", width=0.8)
     axes[2].set_ylabel("seconds of the epoch's steps")
-    for ax in axes:
+    if schedule:
+        axes[3].plot(epochs, [row["lr"] for row in metrics], color="C4", label="learning rate")
+        axes[3].set_ylabel("learning rate")
+        axes[3].set_yscale("log")
+        beta = axes[3].twinx()
+        beta.plot(epochs, [row["beta"] for row in metrics], color="C5", linestyle="--", label="β")
+        beta.set_ylabel("β (KL weight)")
+        beta.set_ylim(0, max(1.0, max(row["beta"] for row in metrics)) * 1.05)
+        lines = axes[3].get_lines() + beta.get_lines()
+        axes[3].legend(lines, [l.get_label() for l in lines], fontsize=8, loc="lower right")
+    for ax in axes[:panels]:
         _integer_epochs(ax)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
+    axes[0].legend(fontsize=8, loc="upper left")
     axes[1].legend(fontsize=7)
     fig.tight_layout()
     return fig
 
 
-def histogram_figure(values: np.ndarray, xlabel: str, title: str):
+def histogram_figure(values: np.ndarray, xlabel: str, title: str, width: float | None = None):
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, 3.2))
+    width = width or 6.0
+    fig, ax = plt.subplots(figsize=(width, width * 0.55))
     ax.hist(values, bins=60, color="C0", alpha=0.85)
     ax.axvline(float(np.mean(values)), color="black", linewidth=1, label=f"mean {np.mean(values):.2f}")
     ax.set_xlabel(xlabel)
@@ -168,81 +216,121 @@ def histogram_figure(values: np.ndarray, xlabel: str, title: str):
     return fig
 
 
-def digit_rows_figure(rows: Sequence[np.ndarray], labels: Sequence[str], title: str):
-    """Rows of digits ((n, 784) each, values in [0, 1]) with a label on the left of each row."""
+def digit_rows_figure(rows: Sequence[np.ndarray], labels: Sequence[str], title: str, width: float | None = None):
+    """Rows of digits ((n, 784) each, values in [0, 1]) with a label on the left of each row (legible: 9 pt at the
+    natural width)."""
     plt = _pyplot()
     cols = max(len(r) for r in rows)
-    fig, axes = plt.subplots(len(rows), 1, figsize=(cols * 0.62 + 1.6, len(rows) * 0.7 + 0.5), squeeze=False)
+    natural = (cols * 0.62 + 2.2, len(rows) * 0.7 + 0.6)
+    scale = (width / natural[0]) if width else 1.0
+    fig, axes = plt.subplots(len(rows), 1, figsize=(natural[0] * scale, natural[1] * scale), squeeze=False)
     for ax, images, label in zip(axes[:, 0], rows, labels):
         ax.imshow(image_grid(np.asarray(images), 1, cols), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
         ax.set_xticks([])
         ax.set_yticks([])
-        ax.set_ylabel(label, rotation=0, ha="right", va="center", fontsize=8)
+        ax.set_ylabel(label, rotation=0, ha="right", va="center", fontsize=max(5.0, 9 * scale))
         for spine in ax.spines.values():
             spine.set_visible(False)
-    axes[0, 0].set_title(title, fontsize=10)
+    axes[0, 0].set_title(title, fontsize=max(6.0, 10 * scale))
     return fig
 
 
-def kl_figure(layers: Sequence[dict]):
-    """Mean KL per latent dimension of each stochastic layer, active units (Cov_x E_q[u] > 0.01) in colour."""
+KL_FLOOR = 1e-5          # the KL and Cov_x E_q[u] of a collapsed unit are drawn at this value on the log axes
+
+
+def kl_figure(layers: Sequence[dict], width: float | None = None):
+    """Per stochastic layer, every unit visible on log axes: its mean KL (left; bars with SVG ids kl-unit-L-I) and
+    the variance over digits of its posterior mean Cov_x E_q[u] (right) with the 0.01 line of the active-unit
+    criterion; active units blue, inactive grey. Values below 1e-5 are drawn at 1e-5."""
     plt = _pyplot()
-    fig, axes = plt.subplots(len(layers), 1, figsize=(10, 2.6 * len(layers)), squeeze=False)
-    for ax, layer in zip(axes[:, 0], layers):
+    width = width or 11.0
+    cols = _columns(width, 2)
+    per_layer = 2 // cols
+    fig, axes = plt.subplots(len(layers) * per_layer, cols, figsize=(width, 2.5 * len(layers) * per_layer),
+                             squeeze=False)
+    panels = axes.reshape(len(layers), 2)
+    for (kl_ax, var_ax), layer in zip(panels, layers):
         active = set(layer["active"])
-        if layer.get("kl_per_dimension") is None:          # a flow or a mixture prior: no per-unit KL
-            variance = np.asarray(layer["posterior_mean_variance"])
-            ax.bar(np.arange(len(variance)), variance, color=["C0" if i in active else "0.75" for i in range(len(variance))])
-            ax.set_yscale("symlog", linthresh=1e-2)
-            ax.axhline(1e-2, color="C3", lw=0.8, ls="--")
-            ax.set_ylabel("Cov_x E_q[u]")
-            ax.set_title(f"layer {layer['layer']}: {layer['active_units']} of {layer['latent']} units active (blue; "
-                         f"the dashed line is 0.01), KL {layer['kl']:.2f} nats in all (no per-unit KL: q or p does "
-                         f"not factorise)", fontsize=9)
-            ax.set_xlabel("latent dimension")
-            continue
-        kl = np.asarray(layer["kl_per_dimension"])
-        colours = ["C0" if i in active else "0.75" for i in range(len(kl))]
-        ax.bar(np.arange(len(kl)), kl, color=colours)
-        ax.set_ylabel("KL (nats)")
-        ax.set_title(f"layer {layer['layer']}: {layer['active_units']} of {layer['latent']} units active "
-                     f"(blue), KL {layer['kl']:.2f} nats", fontsize=9)
-        ax.set_xlabel("latent dimension")
-        ax.grid(alpha=0.3, axis="y")
+        units = np.arange(layer["latent"])
+        colours = ["C0" if i in active else "0.7" for i in units]
+        title = (f"layer {layer['layer']}: {layer['active_units']} of {layer['latent']} units active (blue), "
+                 f"KL {layer['kl']:.2f} nats")
+        if layer.get("kl_per_dimension") is None:
+            kl_ax.text(0.5, 0.5, "no per-unit KL:\nq or p does not factorise", ha="center", va="center",
+                       transform=kl_ax.transAxes, fontsize=9)
+            kl_ax.set_xticks([])
+            kl_ax.set_yticks([])
+        else:
+            bars = kl_ax.bar(units, np.maximum(np.asarray(layer["kl_per_dimension"]), KL_FLOOR), color=colours)
+            for i, bar in enumerate(bars):
+                bar.set_gid(f"kl-unit-{layer['layer']}-{i}")
+            kl_ax.set_yscale("log")
+            kl_ax.set_ylabel("KL (nats)")
+            kl_ax.grid(alpha=0.3, axis="y")
+        kl_ax.set_xlabel("latent unit")
+        kl_ax.set_title(title, fontsize=9)
+        var_ax.bar(units, np.maximum(np.asarray(layer["posterior_mean_variance"]), KL_FLOOR), color=colours)
+        var_ax.axhline(1e-2, color="C3", lw=1, ls="--", label="0.01: active above")
+        var_ax.set_yscale("log")
+        var_ax.set_ylabel("Cov_x E_q[u]")
+        var_ax.set_xlabel("latent unit")
+        var_ax.legend(fontsize=8, loc="upper right")
+        var_ax.grid(alpha=0.3, axis="y")
     fig.tight_layout()
     return fig
 
 
-def scatter_2d_figure(points: np.ndarray, labels: np.ndarray, title: str):
-    """Points (N, 2) coloured by digit class 0–9."""
+def scatter_2d_figure(points: np.ndarray, labels: np.ndarray, title: str, axis_labels: tuple[str, str] = ("", ""),
+                      width: float | None = None, most: int = 3000):
+    """Points (N, 2) coloured by digit class 0–9: at most ``most`` of them (a fixed random subset), small and
+    translucent, so that the classes can be told apart where they overlap."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(5.2, 4.6))
-    scatter = ax.scatter(points[:, 0], points[:, 1], c=labels, cmap="tab10", vmin=-0.5, vmax=9.5, s=3, alpha=0.6,
+    if len(points) > most:
+        keep = np.random.default_rng(0).choice(len(points), most, replace=False)
+        points, labels = points[keep], labels[keep]
+        title += f" ({most} of them shown)"
+    width = width or 5.6
+    fig, ax = plt.subplots(figsize=(width, width * 0.85))
+    scatter = ax.scatter(points[:, 0], points[:, 1], c=labels, cmap="tab10", vmin=-0.5, vmax=9.5, s=5, alpha=0.45,
                          linewidths=0)
     cbar = fig.colorbar(scatter, ax=ax, ticks=range(10))
     cbar.set_label("digit")
     ax.set_title(title, fontsize=9)
-    ax.set_xticks([])
-    ax.set_yticks([])
+    ax.set_xlabel(axis_labels[0])
+    ax.set_ylabel(axis_labels[1])
+    ax.tick_params(labelsize=7)
     return fig
 
 
-def curves_figure(runs: Sequence[tuple[str, Sequence[dict]]]):
-    """Test ELBO (solid) and train ELBO (dotted) against epoch for several runs, one colour each."""
+def curves_figure(runs: Sequence[tuple[str, Sequence[dict]]], width: float | None = None):
+    """Test ELBO (solid) and train ELBO (dotted) against epoch for several runs, one colour each, every epoch
+    shown (an inset zooms on the later epochs of the longest run where the first ones dwarf them)."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(8, 4))
+    width = width or 9.0
+    fig, ax = plt.subplots(figsize=(width, width * 0.5))
     for index, (name, metrics) in enumerate(runs):
         epochs = [row["epoch"] for row in metrics]
         ax.plot(epochs, [row["test_elbo"] for row in metrics], color=f"C{index}", label=f"{name}, test")
         ax.plot(epochs, [row["train_elbo"] for row in metrics], ":", color=f"C{index}", label=f"{name}, train")
-    values = [row["test_elbo"] for _, metrics in runs if len(metrics) > 5 for row in metrics[2:]]
-    if values:                       # leave out the steep first epochs where there are enough later ones
-        ax.set_ylim(min(values) - 3, max(row["test_elbo"] for _, metrics in runs for row in metrics) + 3)
+    longest = max(range(len(runs)), key=lambda i: len(runs[i][1]))
+    name, metrics = runs[longest]
+    _with_inset(ax, [row["epoch"] for row in metrics],
+                [([row["test_elbo"] for row in metrics], {"color": f"C{longest}"})])
     _integer_epochs(ax)
     ax.set_ylabel("ELBO (nats per digit)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=9, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.tight_layout()
     return fig
+
+
+def save_vector(fig, path: Path) -> None:
+    """``fig`` as PDF (TrueType fonts embedded, type 42) or SVG (text kept as text, so that its labels can be
+    searched and edited), by the suffix of ``path``; closes it."""
+    import matplotlib
+
+    with matplotlib.rc_context({"pdf.fonttype": 42, "svg.fonttype": "none"}):
+        _save(fig, path, tight=False)
 
 
 def sweep_history_figure(numbers: Sequence[int], values: Sequence[float], states: Sequence[str], minimize: bool,

@@ -45,6 +45,33 @@ class Figure:
     title: str
     uri: str
     note: str = ""
+    key: str = ""
+    wide: bool = False             # rows of digits: the page's full width, so that their labels stay legible
+
+
+class FigureSet:
+    """The page's figures, each made by a function of its width in inches (None: the page's size): embedded as
+    PNG, and, with ``directory``, also written there as PDF and SVG for a single column (3.25 in) and a full
+    width (6.75 in), fonts embedded (`vaelab report RUN --figures DIR`); ``raster`` ones as 300-dpi PNG too."""
+
+    WIDTHS = {"column": 3.25, "full": 6.75}
+
+    def __init__(self, directory: Path | None = None):
+        self.directory = directory
+        self.written: list[Path] = []
+
+    def make(self, key: str, title: str, build, note: str = "", raster: bool = False, wide: bool = False) -> Figure:
+        if self.directory is not None:
+            for name, width in self.WIDTHS.items():
+                for suffix in ("pdf", "svg"):
+                    path = self.directory / f"{key}-{name}.{suffix}"
+                    plots.save_vector(build(width), path)
+                    self.written.append(path)
+            if raster:
+                path = self.directory / f"{key}.png"
+                plots._save(build(None), path, dpi=300)
+                self.written.append(path)
+        return Figure(title, data_uri(build(None)), note, key, wide)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -52,46 +79,59 @@ class Figure:
 
 
 @torch.no_grad()
-def _latent_views(model, images: torch.Tensor, labels: np.ndarray, layers: list[dict]) -> list[Figure]:
-    """Per stochastic layer: PCA (and t-SNE/UMAP when installed) of the posterior means, traversals of the
-    most active units, interpolations between digits of different classes."""
-    figures = []
+def _latent_views(model, images: torch.Tensor, labels: np.ndarray, layers: list[dict],
+                  figures: FigureSet) -> list[Figure]:
+    """Per stochastic layer: PCA (and t-SNE/UMAP when installed) of the posterior means with the variance each
+    component explains, traversals of the most informative active units from several digits, interpolations
+    between digits of different classes."""
+    out = []
     x = images.float()
     full = model.posterior_start(x)                                     # (N, D) every layer's mean under q
     means = _posterior_means(model, x)                                  # per layer (N, d_l)
     offsets = np.cumsum([0, *model.config.latent])
+    starts = [int(np.flatnonzero(labels == c)[0]) for c in (0, 4, 7) if (labels == c).any()][:3] or [0]
     for index, mean in enumerate(means):
-        layer = layers[index]
+        layer, z_name = layers[index], f"z{index + 1}"
         centred = mean - mean.mean(0)
-        _, _, v = torch.linalg.svd(centred, full_matrices=False)
+        _, singular, v = torch.linalg.svd(centred, full_matrices=False)
+        explained = (singular.square() / singular.square().sum()).tolist() + [0.0, 0.0]
         points = (centred @ v[:2].T).numpy()
-        figures.append(Figure(f"layer {index + 1}: posterior means, first two principal components",
-                              data_uri(plots.scatter_2d_figure(points, labels, f"PCA of E_q[z{index + 1}|x], "
-                                                               f"{len(points)} test digits"))))
+        axis_labels = (f"PC1 ({100 * explained[0]:.0f} % of the variance)", f"PC2 ({100 * explained[1]:.0f} %)")
+        out.append(figures.make(f"pca-layer{index + 1}", f"layer {index + 1}: posterior means, first two principal "
+                                f"components", lambda w, p=points, a=axis_labels, z=z_name: plots.scatter_2d_figure(
+                                    p, labels, f"PCA of E_q[{z}|x], {len(p)} test digits", a, width=w)))
         embedded = _nonlinear_embedding(mean.numpy()[:2000])
         if embedded is not None:
             name, points2 = embedded
-            figures.append(Figure(f"layer {index + 1}: {name} of the posterior means (first 2000 digits)",
-                                  data_uri(plots.scatter_2d_figure(points2, labels[:2000], name))))
-        # rank units by their KL where the layer has a per-dimension KL, else by the spread of their means
+            out.append(figures.make(f"{name.lower()}-layer{index + 1}", f"layer {index + 1}: {name} of the posterior "
+                                    f"means (first 2000 digits)", lambda w, p=points2, n=name: plots.scatter_2d_figure(
+                                        p, labels[:2000], n, (f"{n} 1", f"{n} 2"), width=w)))
+        # the active units, most informative first (by KL where the layer has a per-unit KL, else by the spread
+        # of their posterior means)
         ranking = layer["kl_per_dimension"] if layer.get("kl_per_dimension") is not None else \
             layer["posterior_mean_variance"]
-        order = np.argsort(-np.asarray(ranking))[:8]
+        order = [int(i) for i in np.argsort(-np.asarray(ranking)) if int(i) in set(layer["active"])][:4]
         spread = mean.std(0)
         steps = torch.linspace(-3, 3, 11)
         rows, names = [], []
-        base = full[0]
-        for dim in order.tolist():
-            z = base.repeat(len(steps), 1)
-            z[:, offsets[index] + dim] = base[offsets[index] + dim] + steps * spread[dim]
-            rows.append(torch.sigmoid(model.decode_layer(index, z)).numpy())
-            names.append(f"unit {dim}")
+        for dim in order:
+            for start in starts:
+                base = full[start]
+                z = base.repeat(len(steps), 1)
+                z[:, offsets[index] + dim] = base[offsets[index] + dim] + steps * spread[dim]
+                rows.append(torch.sigmoid(model.decode_layer(index, z)).numpy())
+                names.append(f"unit {dim}, a {labels[start]}")
         what = "largest KL" if layer.get("kl_per_dimension") is not None else "most varied posterior means"
-        figures.append(Figure(f"layer {index + 1}: traversals of the 8 units with the {what}",
-                              data_uri(plots.digit_rows_figure(rows, names, "each row: one unit from −3 to +3 "
-                                                               "standard deviations (over digits) around the "
-                                                               "first test digit's posterior mean")),
-                              "Decoder means; other units held at the first test digit's posterior mean."))
+        if rows:
+            out.append(figures.make(
+                f"traversals-layer{index + 1}", f"layer {index + 1}: traversals of the {len(order)} active units "
+                f"with the {what}", lambda w, r=rows, n=names: plots.digit_rows_figure(
+                    r, n, "each row: one unit from −3 to +3 standard deviations (over digits) around a test digit's "
+                          "posterior mean", width=w),
+                "Decoder means; the other units held at that digit's posterior mean.", wide=True))
+        else:
+            out.append(Figure(f"layer {index + 1}: no traversals", "", "No unit of this layer is active "
+                              "(Cov_x E_q[u] ≤ 0.01 for all): varying one changes nothing the decoder uses."))
         rows, names = [], []
         for a, b in INTERPOLATION_PAIRS:
             ia, ib = np.flatnonzero(labels == a), np.flatnonzero(labels == b)
@@ -102,10 +142,11 @@ def _latent_views(model, images: torch.Tensor, labels: np.ndarray, layers: list[
                 rows.append(torch.sigmoid(model.decode_layer(index, z)).numpy())
                 names.append(f"{a} → {b}")
         if rows:
-            figures.append(Figure(f"layer {index + 1}: interpolations between test digits of different classes",
-                                  data_uri(plots.digit_rows_figure(rows, names, "straight lines between posterior "
-                                                                   "means, decoded"))))
-    return figures
+            out.append(figures.make(f"interpolations-layer{index + 1}", f"layer {index + 1}: interpolations between "
+                                    f"test digits of different classes", lambda w, r=rows, n=names:
+                                    plots.digit_rows_figure(r, n, "straight lines between posterior means, decoded",
+                                                            width=w), wide=True))
+    return out
 
 
 def _posterior_means(model, x: torch.Tensor) -> list[torch.Tensor]:
@@ -134,7 +175,7 @@ def _nonlinear_embedding(points: np.ndarray):
         return None
 
 
-def _evaluation_section(run: RunInfo, model, images: torch.Tensor) -> dict:
+def _evaluation_section(run: RunInfo, model, images: torch.Tensor, figures: FigureSet) -> dict:
     from vaelab.data import idx_sha256
 
     record = run.best_evaluation()
@@ -163,8 +204,9 @@ def _evaluation_section(run: RunInfo, model, images: torch.Tensor) -> dict:
         section["warning"] = "the evaluation's digits are not this test set's first digits; no per-digit views"
         return section
     iwae = values["iwae"]
-    section["figures"].append(Figure("per-digit log p(x)", data_uri(plots.histogram_figure(
-        iwae, f"{estimator_label(record)} estimate of log p(x) (nats)", f"{n} {record.get('split', 'test')} digits"))))
+    section["figures"].append(figures.make("log-px-histogram", "per-digit log p(x)", lambda w: plots.histogram_figure(
+        iwae, f"{estimator_label(record)} estimate of log p(x) (nats)", f"{n} {record.get('split', 'test')} digits",
+        width=w)))
     order = np.argsort(iwae)
     worst, best = order[:10], order[-10:][::-1]
     rows, names = [], []
@@ -173,69 +215,105 @@ def _evaluation_section(run: RunInfo, model, images: torch.Tensor) -> dict:
             x = images[torch.as_tensor(picked.copy())].float()
             rows += [x.numpy(), reconstructions(model, x).numpy()]
             names += [f"{title}: digits", "reconstructions"]
-    section["figures"].append(Figure("the worst- and best-explained test digits", data_uri(plots.digit_rows_figure(
-        rows, names, "worst: lowest log p(x) first; best: highest first")),
-        "worst log p(x): " + ", ".join(f"{iwae[i]:.1f}" for i in worst[:5]) + " …; best: "
-        + ", ".join(f"{iwae[i]:.1f}" for i in best[:5]) + " …"))
+    section["figures"].append(figures.make("worst-and-best", "the worst- and best-explained test digits",
+                                           lambda w: plots.digit_rows_figure(
+                                               rows, names, "worst: lowest log p(x) first; best: highest first", width=w),
+                                           "worst log p(x): " + ", ".join(f"{iwae[i]:.1f}" for i in worst[:5])
+                                           + " …; best: " + ", ".join(f"{iwae[i]:.1f}" for i in best[:5]) + " …",
+                                           wide=True))
     return section
 
 
-def build_report(run_dir: str | Path, data_dir: str | None = None) -> tuple[str, float]:
-    """The HTML of the report of ``run_dir``, and the seconds it took."""
+def build_report(run_dir: str | Path, data_dir: str | None = None,
+                 figures_dir: Path | None = None) -> tuple[str, float]:
+    """The HTML of the report of ``run_dir``, and the seconds it took; with ``figures_dir`` every figure is also
+    written there as PDF and SVG (``FigureSet``).
+
+    The latent layers' statistics (active units, KL per unit, Cov_x E_q[u]) are taken from the headline
+    evaluation where it covers every test digit of the current weights (`vaelab evaluate` stores them in its
+    record); otherwise they are computed here with 16 draws per digit, and the page says so."""
     from vaelab import checkpoint as ckpt
     from vaelab.data import load_mnist, prepare
     from vaelab.evaluation import latent_statistics
 
     start = time.perf_counter()
+    figures = FigureSet(figures_dir)
     run = read_run(run_dir)
     config, model = ckpt.load_model(run.path)
     data_config = dataclasses.replace(run.config.data, test_examples=None, validation=0, train_examples=1,
                                       data_dir=data_dir or run.config.data.data_dir)
     data = prepare(load_mnist(data_config.data_dir), data_config)
     images, labels = data.test_binary, data.test_labels.numpy()
-    layers = latent_statistics(model, images, 64, 0)
-    generation = [
-        Figure("samples from p(x)", data_uri(plots.digit_rows_figure(
-            list(model.sample(80, torch.Generator().manual_seed(0)).numpy().reshape(8, 10, 784)), [""] * 8,
-            "decoder means, z ~ p(z), seed 0"))),
-    ]
+    record = run.best_evaluation()
+    if record is not None and record["n_examples"] == len(images) and record.get("layers"):
+        layers, layers_from = record["layers"], f"from {record['file']} ({record['n_examples']} test digits)"
+    else:
+        layers = latent_statistics(model, images, 16, 0)
+        layers_from = (f"computed for this page on the {len(images)} test digits (16 draws per digit where a layer "
+                       f"needs draws); `vaelab evaluate` stores them with more")
+    with torch.no_grad():
+        samples = model.sample(80, torch.Generator().manual_seed(0)).numpy()
+    generation = [figures.make("samples", "samples from p(x)", lambda w: plots.digit_rows_figure(
+        list(samples.reshape(8, 10, 784)), [""] * 8, "decoder means, z ~ p(z), seed 0", width=w), raster=True)]
     with torch.no_grad():
         x = images[:30].float()
         recon = reconstructions(model, x).numpy()
     rows = [r for i in range(3) for r in (x[10 * i:10 * i + 10].numpy(), recon[10 * i:10 * i + 10])]
-    generation.append(Figure("test digits and their reconstructions", data_uri(plots.digit_rows_figure(
-        rows, ["digits", "reconstructions"] * 3, "decoder means at the posterior means"))))
-    latent = _latent_views(model, images, labels, layers)
+    generation.append(figures.make("reconstructions", "test digits and their reconstructions",
+                                   lambda w: plots.digit_rows_figure(rows, ["digits", "reconstructions"] * 3,
+                                                                     "decoder means at the posterior means", width=w)))
+    latent = _latent_views(model, images, labels, layers, figures)
     pseudo = getattr(model.prior, "pseudo_inputs", None)
     if pseudo is not None:
         with torch.no_grad():
             u = pseudo().numpy()                                             # (K, 784)
         shown = u[:100]
-        generation.append(Figure(f"the VampPrior's pseudo-inputs ({len(shown)} of {len(u)})", data_uri(
-            plots.digit_rows_figure(list(shown.reshape(-1, 10, 784)), [""] * (len(shown) // 10),
-                                    "pseudo-inputs uₖ in pixel space, p(z) = (1/K) Σₖ q(z | uₖ)"))))
-    evaluation = _evaluation_section(run, model, images)
-    training = [Figure("training", data_uri(plots.training_figure(run.metrics)))] if run.metrics else []
+        generation.append(figures.make("pseudo-inputs", f"the VampPrior's pseudo-inputs ({len(shown)} of {len(u)})",
+                                       lambda w: plots.digit_rows_figure(
+                                           list(shown.reshape(-1, 10, 784)), [""] * (len(shown) // 10),
+                                           "pseudo-inputs uₖ in pixel space, p(z) = (1/K) Σₖ q(z | uₖ)", width=w)))
+    evaluation = _evaluation_section(run, model, images, figures)
+    training = [figures.make("training", "training", lambda w: plots.training_figure(run.metrics, width=w),
+                             raster=True)] if run.metrics else []
     provenance = run.meta.get("provenance", {})
+    changed = changed_fields(config)
     html = _environment().get_template("report.html.j2").render(
-        run=run, config_rows=_config_rows(config), provenance=provenance,
-        changed=changed_fields(config),
+        run=run, config_rows=_config_rows(config, changed), provenance=provenance, changed=changed,
         started=run.meta.get("started", ""), training=training, metrics=run.metrics[-1] if run.metrics else None,
-        evaluation=evaluation, generation=generation, latent=latent,
-        kl=Figure("KL per latent dimension", data_uri(plots.kl_figure(layers))), layers=layers, fmt=_fmt, duration=format_duration,
-        generated=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), sections=REPORT_SECTIONS)
+        evaluation=evaluation, generation=generation, latent=latent, summary=_summary(run, record, layers),
+        kl=figures.make("kl-per-unit", "KL and posterior-mean variance per latent unit",
+                        lambda w: plots.kl_figure(layers, width=w)), layers=layers, layers_from=layers_from,
+        fmt=_fmt, duration=format_duration, generated=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+        sections=REPORT_SECTIONS)
     return html, time.perf_counter() - start
 
 
-REPORT_SECTIONS = (("run", "The run"), ("training", "Training"), ("evaluation", "Evaluation"),
-                   ("generation", "Generation"), ("latent", "The latent space"))
+def _summary(run: RunInfo, record: dict | None, layers: list[dict]) -> dict:
+    """The results-first block: the headline NLL with what it measured, the ELBO, the bound's gap, the active
+    units per layer, the epochs, the training time and the status."""
+    metrics = run.metrics[-1] if run.metrics else {}
+    summary = {"status": run.status, "epochs": f"{run.epochs_done} of {run.epochs_total}",
+               "time": format_duration(run.training_seconds), "active": " + ".join(str(l["active_units"]) for l in layers),
+               "latent": " + ".join(str(l["latent"]) for l in layers), "test_elbo": metrics.get("test_elbo"),
+               "record": record}
+    if record is not None:
+        summary.update(nll=record["nll"], nll_stderr=record.get("nll_stderr"), elbo=record.get("elbo"),
+                       elbo_stderr=record.get("elbo_stderr"), what=f"{estimator_label(record)}, {record['n_examples']} "
+                       f"{record.get('split', 'test')} digits, {weights_label(record)}",
+                       gap=None if record.get("elbo") is None else -record["nll"] - record["elbo"])
+    return summary
 
 
-def _config_rows(config) -> list[tuple[str, str]]:
-    """(section.field, value as in config.json) for every field."""
+REPORT_SECTIONS = (("summary", "Results"), ("training", "Training"), ("evaluation", "Evaluation"),
+                   ("generation", "Generation"), ("latent", "The latent space"),
+                   ("run", "Configuration and provenance"))
+
+
+def _config_rows(config, changed: Sequence[str] = ()) -> list[tuple[str, str, bool]]:
+    """(section.field, value, whether flags changed it from the preset's) for every field; — for none."""
     import json
 
-    return [(key, json.dumps(value)) for key, value in config.flat().items()]
+    return [(key, "—" if value is None else json.dumps(value), key in changed) for key, value in config.flat().items()]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -269,7 +347,13 @@ def compare_runs(paths: Sequence[str | Path]) -> Comparison:
                                                      f"{weights_label(record)}",
                      "elbo": "—" if record is None else _fmt(record.get("elbo")),
                      "active": " + ".join(str(layer["active_units"]) for layer in layers) or "—",
-                     "time": format_duration(run.training_seconds)})
+                     "time": format_duration(run.training_seconds),
+                     "values": {"nll": None if record is None else record["nll"],
+                                "nll_stderr": None if record is None else record.get("nll_stderr"),
+                                "elbo": None if record is None else record.get("elbo"),
+                                "active": " + ".join(str(layer["active_units"]) for layer in layers) or None,
+                                "estimator": None if record is None else
+                                f"{estimator_label(record)} on {record['n_examples']} {record.get('split', 'test')} digits"}})
     paired, notes = [], []
     for run, record in zip(runs, records):
         notes += run.notes
@@ -300,6 +384,7 @@ def compare_runs(paths: Sequence[str | Path]) -> Comparison:
         _, stderr = summarize(torch.from_numpy(diff))
         paired.append({"name": run.name, "base": base.name, "difference": _fmt(float(diff.mean())),
                        "stderr": _fmt(stderr), "digits": str(len(diff)),
+                       "values": (float(diff.mean()), stderr),
                        "unpaired": _fmt(math.hypot(base_record.get("nll_stderr") or 0, record.get("nll_stderr") or 0))})
     return Comparison(runs, differences, rows, paired, notes)
 
@@ -326,10 +411,32 @@ def comparison_table(comparison: Comparison) -> str:
     return "\n".join(lines)
 
 
+def comparison_export(comparison: Comparison, kind: str) -> str:
+    """The comparison as a table to paste (``kind`` latex, markdown or csv): one row per run with its NLL ± s.e.,
+    ELBO, active units, training hours and the paired NLL difference against the first run (same digits and K)."""
+    from vaelab.tables import render_table
+
+    paired = {p["name"]: p["values"] for p in comparison.paired}
+    first = comparison.runs[0].name
+    rows = []
+    for run, row in zip(comparison.runs, comparison.rows):
+        v = row["values"]
+        difference = (0.0, None) if run.name == first and v["nll"] is not None else paired.get(run.name, (None, None))
+        rows.append([run.name, row["preset"], v["nll"], v["nll_stderr"], v["elbo"], v["active"], row["time"],
+                     difference[0], difference[1]])
+    header = ["run", "model", "NLL", "± s.e.", "ELBO", "active units", "training",
+              f"NLL − NLL({first}), paired", "± s.e."]
+    evaluated = sorted({row["values"]["estimator"] for row in comparison.rows if row["values"]["estimator"]})
+    caption = (f"NLL and ELBO in nats, {'; '.join(evaluated)}; the paired difference is over the same digits "
+               f"and draws" if evaluated else "not evaluated")
+    return render_table(header, rows, kind, caption)
+
+
 def build_comparison(paths: Sequence[str | Path]) -> tuple[str, Comparison]:
     comparison = compare_runs(paths)
     curves = [(r.name, r.metrics) for r in comparison.runs if r.metrics]
-    figure = Figure("ELBO against epoch", data_uri(plots.curves_figure(curves))) if curves else None
+    figure = FigureSet().make("curves", "ELBO against epoch", lambda w: plots.curves_figure(curves, width=w)) \
+        if curves else None
     html = _environment().get_template("compare.html.j2").render(
         comparison=comparison, figure=figure, generated=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()))
     return html, comparison

@@ -1,0 +1,54 @@
+"""Tables to paste into a paper or a note: LaTeX (booktabs), Markdown and CSV from one list of rows.
+
+Numbers are written with 2 decimals (nats); None is an em dash (LaTeX: --). LaTeX text is escaped
+(_ % & # $ { } ~ ^ \\), Markdown cells have their pipes escaped, CSV follows RFC 4180 (the csv module)."""
+
+from __future__ import annotations
+
+import csv
+import io
+from typing import Any, Sequence
+
+_LATEX = {"\\": r"\textbackslash{}", "_": r"\_", "%": r"\%", "&": r"\&", "#": r"\#", "$": r"\$", "{": r"\{",
+          "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "±": r"$\pm$", "−": "$-$", "≥": r"$\geq$",
+          "≤": r"$\leq$", "—": "--", "|": r"\textbar{}", "<": r"\textless{}", ">": r"\textgreater{}"}
+
+
+def latex_escape(text: str) -> str:
+    return "".join(_LATEX.get(char, char) for char in text)
+
+
+def _cell(value: Any, kind: str) -> str:
+    if value is None:
+        return "--" if kind == "latex" else "—" if kind == "markdown" else ""
+    if isinstance(value, float):
+        text = f"{value:.2f}"
+        return text.replace("-", "$-$", 1) if kind == "latex" and value < 0 else text
+    return latex_escape(str(value)) if kind == "latex" else str(value)
+
+
+def render_table(header: Sequence[str], rows: Sequence[Sequence[Any]], kind: str, caption: str = "") -> str:
+    """``kind`` latex | markdown | csv. Text columns are left-aligned, number columns right-aligned (LaTeX)."""
+    if kind == "csv":
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\n")
+        writer.writerow(header)
+        writer.writerows([["" if v is None else (f"{v:.6f}" if isinstance(v, float) else v) for v in row]
+                          for row in rows])
+        return buffer.getvalue().rstrip("\n")
+    if kind == "markdown":
+        lines = ["| " + " | ".join(h.replace("|", "\\|") for h in header) + " |",
+                 "|" + "|".join("---:" if all(isinstance(r[i], (int, float)) or r[i] is None for r in rows) and rows
+                                else "---" for i in range(len(header))) + "|"]
+        lines += ["| " + " | ".join(_cell(v, kind).replace("|", "\\|") for v in row) + " |" for row in rows]
+        return "\n".join(lines + ([f"\n{caption}"] if caption else []))
+    numeric = [bool(rows) and all(isinstance(r[i], (int, float)) or r[i] is None for r in rows)
+               for i in range(len(header))]
+    lines = [r"\begin{table}[t]", r"\centering", r"\begin{tabular}{" + "".join("r" if n else "l" for n in numeric) + "}",
+             r"\toprule", " & ".join(latex_escape(h) for h in header) + r" \\", r"\midrule"]
+    lines += [" & ".join(_cell(v, kind) for v in row) + r" \\" for row in rows]
+    lines += [r"\bottomrule", r"\end{tabular}"]
+    if caption:
+        lines.append(r"\caption{" + latex_escape(caption) + "}")
+    lines.append(r"\end{table}")
+    return "\n".join(lines)

@@ -1,0 +1,175 @@
+"""Report II (issue 25): results first, nothing hidden in the figures, vector figures for a paper, tables that
+paste into LaTeX, Markdown or CSV, and refusals before the page is built."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import xml.etree.ElementTree as ElementTree
+from pathlib import Path
+
+import pytest
+
+from vaelab.cli import main
+
+SMALL = ["--hidden", "32", "--latent", "6", "--test-examples", "60", "--train-examples", "600", "--no-progress"]
+SVG = "{http://www.w3.org/2000/svg}"
+
+
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory, data_dir):
+    """A run with warm-up and a falling learning rate, evaluated, trained one epoch more (the first record stale),
+    evaluated again; and a second run on the same digits."""
+    root = tmp_path_factory.mktemp("report2")
+    common = ["--data-dir", str(data_dir), *SMALL]
+    assert main(["train", "--out", str(root / "a"), "--epochs", "4", "--warmup", "2", "--lr-schedule", "exponential",
+                 *common]) == 0
+    assert main(["evaluate", str(root / "a"), "--k", "20", "--data-dir", str(data_dir), "--no-progress"]) == 0
+    assert main(["train", "--out", str(root / "a"), "--resume", "--epochs", "5", "--data-dir", str(data_dir),
+                 "--no-progress"]) == 0
+    assert main(["evaluate", str(root / "a"), "--k", "20", "--seed", "1", "--data-dir", str(data_dir),
+                 "--no-progress"]) == 0
+    assert main(["train", "--out", str(root / "b"), "--epochs", "2", "--seed", "1", *common]) == 0
+    assert main(["evaluate", str(root / "b"), "--k", "20", "--data-dir", str(data_dir), "--no-progress"]) == 0
+    figures = root / "figures"
+    assert main(["report", str(root / "a"), "--data-dir", str(data_dir), "--figures", str(figures)]) == 0
+    return root
+
+
+def newest_current_nll(run: Path) -> float:
+    from vaelab.runs import read_run
+
+    record = read_run(run).best_evaluation()
+    assert record["epochs_trained"] == 5 and not record["stale"]
+    return record["nll"]
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="no Chromium installed (.ci/run installs Debian's chromium)")
+def test_the_results_come_first_in_a_browser(evaluated, tmp_path):
+    """At 1280 px the summary block ends within the first 900 px and holds the NLL of the newest evaluation of
+    the current weights (not the stale one of epoch 4)."""
+    from test_report import chromium
+
+    html = evaluated / "a" / "report.html"
+    dom = chromium(f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1280,900", "--virtual-time-budget=10000",
+                   "--dump-dom", html.as_uri())
+    layout = json.loads(re.search(r'data-layout="([^"]*)"', dom.stdout).group(1).replace("&quot;", '"'))
+    summary = next(s for s in layout["sections"] if s["id"] == "summary")
+    assert layout["sections"][0]["id"] == "summary" and summary["top"] + summary["height"] <= 900, summary
+    block = dom.stdout[dom.stdout.index('<section id="summary">'):dom.stdout.index('<section id="training">')]
+    assert f"{newest_current_nll(evaluated / 'a'):.2f}" in block and "after epoch 5" in block
+    assert "after epoch 4" not in block
+
+
+def svg_texts(path: Path) -> str:
+    root = ElementTree.parse(path).getroot()                             # parses: a valid SVG document
+    return " ".join(element.text or "" for element in root.iter(f"{SVG}text"))
+
+
+def test_vector_figures_have_their_widths_labels_and_every_unit(evaluated):
+    figures = evaluated / "figures"
+    svgs, pdfs = sorted(figures.glob("*.svg")), sorted(figures.glob("*.pdf"))
+    assert len(svgs) == len(pdfs) >= 12 and {p.stem for p in svgs} == {p.stem for p in pdfs}
+    for path in svgs:
+        width = ElementTree.parse(path).getroot().get("width")
+        assert width == ("234pt" if path.stem.endswith("-column") else "486pt"), (path.name, width)
+    for path in pdfs:
+        data = path.read_bytes()
+        assert data.startswith(b"%PDF-")
+        box = re.search(rb"/MediaBox \[\s*0 0 ([\d.]+) ([\d.]+)\s*\]", data)
+        assert abs(float(box.group(1)) - (234 if path.stem.endswith("-column") else 486)) < 0.5, path.name
+        assert b"/FontFile2" in data                                    # TrueType fonts embedded (type 42)
+    labels = {"training-full": ["epoch", "ELBO (nats per digit)", "nats per digit", "learning rate", "β (KL weight)"],
+              "kl-per-unit-full": ["latent unit", "KL (nats)", "Cov_x E_q[u]"],
+              "pca-layer1-full": ["PC1 (", "% of the variance)", "PC2 (", "digit"],
+              "log-px-histogram-full": ["estimate of log p(x) (nats)", "test digits"]}
+    for stem, words in labels.items():
+        text = svg_texts(figures / f"{stem}.svg")
+        assert all(word in text for word in words), (stem, words, text[:300])
+    # one bar per latent unit in the KL figure
+    kl = (figures / "kl-per-unit-full.svg").read_text()
+    assert len(set(re.findall(r'id="kl-unit-1-(\d+)"', kl))) == 6
+    # integer epoch ticks, never 1.5
+    ticks = svg_texts(figures / "training-full.svg")
+    assert not re.search(r"\b\d\.5\b", ticks)
+    assert (figures / "training.png").exists() and (figures / "samples.png").exists()
+
+
+def test_the_training_figure_draws_every_epoch_and_zooms_where_the_first_dwarf_the_rest():
+    from vaelab import plots
+
+    rows = [{"epoch": e, "lr": 1e-3, "beta": 1.0, "train_elbo": v, "test_elbo": v + 1, "train_reconstruction": v + 3,
+             "test_reconstruction": v + 4, "train_kl": 3.0, "test_kl": 3.0, "epoch_seconds": 1.0}
+            for e, v in zip(range(1, 11), [-500, -200, -100, -99, -98.5, -98, -97.8, -97.6, -97.5, -97.4])]
+    fig = plots.training_figure(rows)
+    elbo_axis = fig.axes[0]
+    low, high = elbo_axis.get_ylim()
+    assert low <= -500 <= high and low <= -97.4 <= high                  # every point, the first included
+    insets = [ax for ax in elbo_axis.child_axes if ax.get_title().startswith("epochs 3–10")]
+    assert len(insets) == 1
+    for ax in fig.axes[:3]:
+        labels = [t.get_text() for t in ax.get_xticklabels() if t.get_text()]
+        assert all(float(label.replace("−", "-")) == int(float(label.replace("−", "-"))) for label in labels)
+
+
+@pytest.mark.parametrize("kind", ["latex", "markdown", "csv"])
+def test_compare_prints_a_table_to_paste(evaluated, kind, tmp_path, capsys):
+    assert main(["compare", str(evaluated / "a"), str(evaluated / "b"), "--format", kind,
+                 "--out", str(tmp_path / "c.html")]) == 0
+    out = capsys.readouterr().out
+    if kind == "latex":
+        table = out[out.index(r"\begin{table}"):out.index(r"\end{table}") + len(r"\end{table}")]
+        assert r"\toprule" in table and r"\midrule" in table and r"\bottomrule" in table
+        body = table[table.index(r"\midrule") + len(r"\midrule"):table.index(r"\bottomrule")]
+        rows = [line for line in body.strip().splitlines() if line.endswith(r"\\")]
+        assert len(rows) == 2 and rows[0].startswith("a & ") and rows[1].startswith("b & ")
+        assert all(line.count(" & ") == 8 for line in rows)
+        engine = shutil.which("pdflatex")
+        if engine is None:
+            pytest.skip("no TeX engine installed (pdflatex): the table's structure was checked, not its compilation")
+        document = tmp_path / "t.tex"
+        document.write_text("\\documentclass{article}\\usepackage{booktabs}\\begin{document}\n" + table +
+                            "\n\\end{document}\n")
+        done = subprocess.run([engine, "-interaction=nonstopmode", "-halt-on-error", document.name], cwd=tmp_path,
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stdout[-800:]
+    elif kind == "markdown":
+        lines = [line for line in out.splitlines() if line.startswith("|")]
+        assert len(lines) == 4 and set(lines[1]) <= set("|-: ")
+    else:
+        import csv
+        import io
+
+        rows = list(csv.reader(io.StringIO(out.split("written")[0].strip())))
+        assert rows[0][:3] == ["run", "model", "NLL"] and [r[0] for r in rows[1:]] == ["a", "b"]
+        assert float(rows[1][2]) == pytest.approx(newest_current_nll(evaluated / "a"), abs=1e-5)
+
+
+def test_evaluate_prints_its_table_as_latex(evaluated, data_dir, capsys):
+    assert main(["evaluate", str(evaluated / "b"), "--k", "5", "--data-dir", str(data_dir), "--no-progress",
+                 "--format", "latex", "--out", str(evaluated / "b" / "extra.json")]) == 0
+    out = capsys.readouterr().out
+    assert r"\toprule" in out and "IWAE-5, q(z\\textbar{}x)" in out and "$\\pm$ s.e." in out
+
+
+def test_report_into_a_missing_or_read_only_directory_is_refused_before_building(evaluated, tmp_path, capsys):
+    code = main(["report", str(evaluated / "b"), "--out", str(tmp_path / "nowhere" / "r.html")])
+    err = capsys.readouterr().err
+    assert code == 2 and "does not exist" in err and len(err.strip().splitlines()) == 1
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    os.chmod(locked, 0o500)
+    try:
+        if os.access(locked, os.W_OK):
+            pytest.skip("running as a user who may write anywhere (root): a read-only directory cannot be made")
+        code = main(["report", str(evaluated / "b"), "--out", str(locked / "r.html")])
+        err = capsys.readouterr().err
+        assert code == 2 and "not writable" in err
+    finally:
+        os.chmod(locked, 0o700)
