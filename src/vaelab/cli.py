@@ -188,6 +188,13 @@ def build_parser(parser_class: type[argparse.ArgumentParser] = _Parser) -> argpa
     evaluate.add_argument("--checkpoint", choices=["last", "best"], default="last",
                           help="the last weights (default) or those with the best validation ELBO")
     evaluate.add_argument("--laplace", action="store_true", help="add the Laplace estimates of log p(x)")
+    evaluate.add_argument("--gaps", action="store_true", help="split log p(x) − ELBO into the approximation and "
+                          "amortisation gaps (Cremer et al. 2018): q optimised for each digit alone")
+    evaluate.add_argument("--gap-steps", type=_positive_int, default=300, metavar="N",
+                          help="the most optimisation steps per digit for --gaps (default 300; most digits stop "
+                          "earlier, by the stopping rule)")
+    evaluate.add_argument("--k-curve", action="store_true", help="IWAE-K for K = 1, 10, 100, 1000 and --k on nested "
+                          "draws, to see whether the estimate has converged (needs --k 1000 or more)")
     evaluate.add_argument("--precision", choices=PRECISIONS, default="fp32",
                           help="the IWAE decoder's products: fp32 (default), bf16 (refused where emulated) or "
                           "bf16-emulated (bf16's rounding at float32 speed, a check); one-layer mlp models")
@@ -657,7 +664,8 @@ def evaluation_name(args: argparse.Namespace, n_examples: int) -> str:
     file (a float32 evaluation keeps the name it always had)."""
     parts = ["eval"] + (["validation"] if args.split == "validation" else []) \
         + (["best"] if args.checkpoint == "best" else []) + [f"k{args.k}", f"n{n_examples}", f"seed{args.seed}"] \
-        + (["laplace"] if args.laplace else []) + ([args.precision] if args.precision != "fp32" else [])
+        + (["laplace"] if args.laplace else []) + ([args.precision] if args.precision != "fp32" else []) \
+        + ([f"gaps{args.gap_steps}"] if args.gaps else []) + (["kcurve"] if args.k_curve else [])
     return "-".join(parts) + ".json"
 
 
@@ -707,7 +715,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         check_precision(model, args.precision)
         if args.precision == "bf16":
             _note(check_bf16(device))
-        eval_config = EvalConfig(k=args.k, seed=args.seed, laplace=args.laplace, precision=args.precision)
+        if args.k_curve and args.k < 1000:
+            raise UsageError(f"--k-curve draws the estimate at K = 1, 10, 100, 1000 and --k: give --k 1000 or more "
+                             f"(got {args.k})")
+        eval_config = EvalConfig(k=args.k, seed=args.seed, laplace=args.laplace, precision=args.precision,
+                                 k_curve=args.k_curve, gaps=args.gaps, gap_steps=args.gap_steps)
         require_memory(eval_config.memory_bytes(config.model), f"evaluate --k {args.k}", "use a smaller --k")
         data_dir = str(resolve_path(args.data_dir, "--data-dir")) if args.data_dir else config.data.data_dir
         # the whole test set unless --test-examples says otherwise (not the training run's smoke setting)
@@ -812,6 +824,21 @@ def format_eval_table(result: dict) -> str:
     for layer in result["layers"]:
         lines.append(f"layer {layer['layer']}: {layer['active_units']} of {layer['latent']} units active "
                      f"(Cov_x E_q[u] > 0.01), KL {layer['kl']:.2f} nats")
+    for point in result.get("k_curve", []):
+        lines.append(f"IWAE-{point['k']:<5d} {number(point['mean'])} ± {number(point['stderr'])} (nested draws: the "
+                     f"first {point['k']} of {result['k']})")
+    gaps = result.get("gaps")
+    if gaps:
+        def pm(name):
+            return f"{number(gaps[name]['mean'])} ± {number(gaps[name]['stderr'])}"
+
+        lines += [f"where the nats go ({gaps['digits']} digits; q* is {gaps['family']}):",
+                  f"  log p̂(x) ({gaps['log_px_estimator']}) {pm('log_px')}   ELBO[q*] {pm('elbo_optimised')}   "
+                  f"ELBO[q] {pm('elbo_encoder')}" + (f"   ELBO[Laplace] {pm('elbo_laplace')}" if "elbo_laplace" in gaps
+                                                     else ""),
+                  f"  approximation gap {pm('approximation_gap')}   amortisation gap {pm('amortisation_gap')} nats",
+                  f"  stopping rule: {gaps['rule']}; {100 * gaps['converged_fraction']:.1f} % of the digits converged, "
+                  f"{gaps['mean_steps']:.0f} steps on average (at most {gaps['max_steps']})"]
     modes = result.get("laplace_modes")
     if modes and (modes["stalled"] or modes["not converged"]):
         lines.append(f"warning: of the Laplace modes, {modes['converged']} converged, {modes['stalled']} stalled at a "

@@ -33,7 +33,8 @@ from vaelab.errors import UsageError
 from vaelab.laplace import OUTCOMES, laplace_log_marginal, sample_laplace_proposal
 from vaelab.models import MLPVAE, build_model
 from vaelab.models.priors import frozen_components
-from vaelab.objectives import (elbo_objective, importance_sampled_log_marginal, iwae_bound, log_standard_normal)
+from vaelab.objectives import (elbo_objective, importance_sampled_log_marginal, iwae_bound, log_mean_exp,
+                               log_standard_normal)
 from vaelab.precision import BF16_PRODUCTS, PRECISIONS
 
 # Burda et al. (2016, §5.2): a latent unit u is active when Cov_x(E_{q(u|x)}[u]) exceeds this.
@@ -100,6 +101,9 @@ class EvalConfig:
     # everything else; vaelab.precision), native or emulated. Measured on the 100-epoch seed model, all
     # 10 000 test digits, the same draws: bf16 against fp32 in the mean (benchmarks/README.md).
     precision: str = "fp32"
+    k_curve: bool = False          # IWAE-K for K = 1, 10, 100, 1000 and k on nested draws (the first K of k)
+    gaps: bool = False             # the approximation and amortisation gaps (vaelab.gaps)
+    gap_steps: int = 300           # the most optimisation steps per digit of the gaps
 
     def memory_bytes(self, model_config) -> int:
         """Peak working memory of the evaluation, a generous estimate (float32 unless said otherwise)."""
@@ -137,15 +141,34 @@ def draws(model, k: int, batch: int, generator: torch.Generator, device) -> torc
 
 
 @torch.no_grad()
-def elbo_summary(model, images: torch.Tensor, batch_size: int = 1000, seed: int = 0) -> dict[str, float]:
+def elbo_summary(model, images: torch.Tensor, batch_size: int = 1000, seed: int = 0,
+                 units: list | None = None) -> dict[str, float]:
     """Mean ELBO, reconstruction and KL in nats per example, one draw per digit from a fixed seed
-    (the per-epoch test and validation columns of metrics.csv)."""
+    (the per-epoch test and validation columns of metrics.csv).
+
+    With ``units`` (a list), the same pass also appends per stochastic layer its mean KL per unit (None where the
+    layer does not factorise) and the variance over digits of each unit's posterior mean (from this draw's q:
+    exact for the bottom layer without a flow), and the count of active units (> 0.01): the latent layers over
+    training (``latent.csv``), with nothing else drawn or computed differently."""
     model.eval()
     generator = torch.Generator(device=images.device).manual_seed(seed)
     sums = torch.zeros(3, dtype=torch.float64, device=images.device)
+    kls, means = [], []
     for x in test_batches(images, batch_size):
-        terms = elbo_objective(model(x, draws(model, 1, len(x), generator, x.device)))
+        parts = model(x, draws(model, 1, len(x), generator, x.device))
+        terms = elbo_objective(parts)
         sums += torch.stack([terms.elbo.sum(), terms.reconstruction.sum(), terms.kl.sum()]).double()
+        if units is not None:
+            kls.append([None if (kl := layer.kl_per_dimension()) is None else kl.mean(0).double().sum(0)
+                        for layer in parts.layers])
+            means.append([layer.posterior_mean().double() for layer in parts.layers])
+    if units is not None:
+        for index in range(len(model.config.latent)):
+            mean = torch.cat([batch[index] for batch in means])                              # (N, d)
+            variance = mean.var(0, unbiased=True) if len(mean) > 1 else torch.zeros(mean.shape[1])
+            kl = None if kls[0][index] is None else (sum(batch[index] for batch in kls) / len(images)).tolist()
+            units.append({"layer": index + 1, "kl": kl, "posterior_mean_variance": variance.tolist(),
+                          "active_units": int((variance > ACTIVE_UNIT_THRESHOLD).sum())})
     elbo, reconstruction, kl = (sums / len(images)).tolist()
     return {"elbo": elbo, "reconstruction": reconstruction, "kl": kl}
 
@@ -163,18 +186,18 @@ def summarize(values: torch.Tensor) -> tuple[float, float | None]:
 
 
 def _iwae_one_layer(model: MLPVAE, x: torch.Tensor, k: int, generator: torch.Generator, chunk: int,
-                    precision: str = "fp32") -> torch.Tensor:
+                    precision: str = "fp32", nested: tuple[int, ...] = ()) -> torch.Tensor:
     """The fast path of a one-stochastic-layer model (docs §6): log p(z) − log q(z|x) for all K draws from ε
     alone, the decoder's data term as a product over hidden units, softplus in base 2; with ``precision``
     bf16 the decoder's products in bfloat16 (``MLPVAE.bf16_log_likelihood_for``)."""
     mu, logvar = model.encode(x)
     log_likelihood = model.log_likelihood_for(x) if precision == "fp32" else \
         model.bf16_log_likelihood_for(x, BF16_PRODUCTS[precision])
-    return iwae_bound(x, mu, logvar, log_likelihood, k, generator, chunk)
+    return iwae_bound(x, mu, logvar, log_likelihood, k, generator, chunk, nested)
 
 
 def _iwae_parts(model, x: torch.Tensor, k: int, generator: torch.Generator, chunk: int,
-                precision: str = "fp32") -> torch.Tensor:
+                precision: str = "fp32", nested: tuple[int, ...] = ()) -> torch.Tensor:
     """Any model: the log weights log p(x, z) − log q(z|x) of its Parts, ``chunk`` draws at a time, the
     batch's digits sharing ε (common random numbers, as in the fast path)."""
 
@@ -182,7 +205,7 @@ def _iwae_parts(model, x: torch.Tensor, k: int, generator: torch.Generator, chun
         eps = draws(model, n, 1, generator, x.device).expand(n, len(x), -1)     # (n, B, D)
         return model(x, eps).log_weights()                                     # (n, B)
 
-    return importance_sampled_log_marginal(log_weights, k, chunk)
+    return importance_sampled_log_marginal(log_weights, k, chunk, nested)
 
 
 # The estimator of each model class, by lookup, for the models whose hand-derived forms apply (``model.fast``:
@@ -206,15 +229,26 @@ def check_precision(model, precision: str) -> None:
                          f"--precision fp32")
 
 
-def iwae_log_likelihood(model, images: torch.Tensor, config: EvalConfig, progress: bool = False) -> torch.Tensor:
-    """log p(x) ≈ IWAE_K with q(z|x) as the proposal, per test digit (N,)."""
+def curve_ks(k: int) -> tuple[int, ...]:
+    """The K of the convergence curve: 1, 10, 100, 1000 and k itself (those below k)."""
+    return tuple(sorted({n for n in (1, 10, 100, 1000) if n < k} | {k}))
+
+
+def iwae_log_likelihood(model, images: torch.Tensor, config: EvalConfig, progress: bool = False,
+                        nested: tuple[int, ...] = ()) -> torch.Tensor:
+    """log p(x) ≈ IWAE_K with q(z|x) as the proposal, per test digit (N,); with ``nested`` (K values ≤ k), the
+    estimates for every K from the first K of the same k draws, (N, len(nested))."""
     check_precision(model, config.precision)
     model.eval()
     generator = torch.Generator(device=images.device).manual_seed(config.seed)
     estimator = iwae_estimator(model)
+
+    def batch(x: torch.Tensor) -> torch.Tensor:
+        values = estimator(model, x, config.k, generator, config.sample_chunk, config.precision, nested)
+        return values.T if nested else values                                   # (B, len(nested)) or (B,)
+
     with frozen_components(model):
-        return per_example(lambda x: estimator(model, x, config.k, generator, config.sample_chunk, config.precision),
-                           images, config.examples_per_batch, f"IWAE-{config.k}", progress)
+        return per_example(batch, images, config.examples_per_batch, f"IWAE-{config.k}", progress)
 
 
 def elbo_per_example(model, images: torch.Tensor, seed: int = 0, samples: int = 1) -> torch.Tensor:
@@ -285,13 +319,15 @@ def laplace_estimates(model, images: torch.Tensor, config: EvalConfig,
     with hot_loop_settings():
         parts = [_laplace_batch(model, model64, x, config, generator)
                  for x in _batches(images, config.examples_per_batch, f"Laplace + IS-{config.k}", progress)]
-    plain, sampled, outcome = (torch.cat(column) for column in zip(*parts))
-    return plain, sampled, outcome
+    plain, sampled, outcome, elbo = (torch.cat(column) for column in zip(*parts))
+    return plain, sampled, outcome, elbo
 
 
 def _laplace_batch(model, model64, x: torch.Tensor, config: EvalConfig,
-                   generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One batch of digits: (Laplace estimate, IS-K estimate, outcome), each (B,) on the CPU."""
+                   generator: torch.Generator) -> tuple[torch.Tensor, ...]:
+    """One batch of digits: (Laplace estimate, IS-K estimate, outcome, ELBO of the Laplace Gaussian), each (B,)
+    on the CPU. The ELBO of N(z*, H⁻¹) is the mean of the same K log weights log p(x, z) − log N(z; z*, H⁻¹)
+    whose log-mean-exp is the IS-K estimate (E_r[log w] is the ELBO of r, by its definition)."""
     with torch.no_grad():
         z0 = model64.posterior_start(x.double())
     marginal = laplace_log_marginal(model64.log_joint, x.double(), z0, max_steps=config.newton_steps,
@@ -307,11 +343,56 @@ def _laplace_batch(model, model64, x: torch.Tensor, config: EvalConfig,
         return log_joint(z.float()) - log_r.float()
 
     with torch.no_grad():
-        sampled = importance_sampled_log_marginal(log_weights, config.k, config.sample_chunk)
-    return marginal.log_marginal.detach().cpu(), sampled.double().cpu(), marginal.outcome.cpu()
+        weights = torch.cat([log_weights(start, min(config.sample_chunk, config.k - start))
+                             for start in range(0, config.k, config.sample_chunk)])              # (K, B)
+    return (marginal.log_marginal.detach().cpu(), log_mean_exp(weights, 0).double().cpu(), marginal.outcome.cpu(),
+            weights.double().mean(0).cpu())
 
 
 # ------------------------------------------------------------------------------------------------
+# Where the nats go (vaelab.gaps).
+
+
+def gap_decomposition(model, images: torch.Tensor, iwae: torch.Tensor, config: EvalConfig,
+                      laplace_elbo: torch.Tensor | None, progress: bool) -> tuple[dict, dict]:
+    """log p̂(x) (IWAE-K, given), ELBO[q*], ELBO[q] and the two gaps per digit and as means ± standard errors."""
+    from vaelab.gaps import family_of, gap_batch
+
+    generator = torch.Generator(device=images.device).manual_seed(config.seed + 2)
+    model.eval()
+    results = []
+    with hot_loop_settings():
+        for x in _batches(images, 100, "gaps", progress):
+            results.append(gap_batch(model, x.float(), config.gap_steps, generator))
+    cat = lambda name: torch.cat([getattr(r, name).double().cpu() for r in results])  # noqa: E731
+    per_digit = {"elbo_optimised": cat("elbo_optimised"), "elbo_encoder": cat("elbo_encoder"),
+                 "gap_steps": cat("steps"), "gap_converged": cat("converged")}
+    if laplace_elbo is not None:
+        per_digit["elbo_laplace"] = laplace_elbo.double().cpu()
+    per_digit["iwae_for_gaps"] = iwae.double().cpu()
+    mc = {"optimised": float(cat("elbo_optimised_stderr").square().mean().sqrt() / math.sqrt(len(images))),
+          "encoder": float(cat("elbo_encoder_stderr").square().mean().sqrt() / math.sqrt(len(images)))}
+    return _gaps_summary(per_digit, family_of(model), config, len(images), mc), \
+        {k: v for k, v in per_digit.items() if k != "iwae_for_gaps"}
+
+
+def _gaps_summary(per_digit: dict, family: str, config: EvalConfig, n: int, mc: dict | None = None) -> dict:
+    from vaelab.gaps import CHECK, FINAL_DRAWS, LEARNING_RATE, STEP_DRAWS, TOL
+
+    log_px = per_digit["iwae"] if "iwae" in per_digit else per_digit["iwae_for_gaps"]
+    optimised, encoder = per_digit["elbo_optimised"], per_digit["elbo_encoder"]
+    values = {"log_px": log_px, "elbo_optimised": optimised, "elbo_encoder": encoder,
+              "approximation_gap": log_px - optimised, "amortisation_gap": optimised - encoder}
+    if "elbo_laplace" in per_digit:
+        values["elbo_laplace"] = per_digit["elbo_laplace"]
+    out = {name: dict(zip(("mean", "stderr"), summarize(v))) for name, v in values.items()}
+    out.update(family=family, log_px_estimator=f"IWAE-{config.k}", digits=n,
+               converged_fraction=float(per_digit["gap_converged"].double().mean()),
+               mean_steps=float(per_digit["gap_steps"].double().mean()), max_steps=config.gap_steps,
+               rule=f"Adam lr {LEARNING_RATE}, {STEP_DRAWS} fresh draws per step; every {CHECK} steps a digit whose "
+                    f"ELBO on fixed draws rose less than {TOL} nats stops; final ELBOs on {FINAL_DRAWS} common draws",
+               monte_carlo_stderr_of_means=mc)
+    return out
 
 
 def evaluate_run(model, images: torch.Tensor, config: EvalConfig, progress: bool = False,
@@ -332,19 +413,34 @@ def _evaluate_run(model, images: torch.Tensor, config: EvalConfig, progress: boo
     mine = shard(images, world)
     config = dataclasses.replace(config, seed=config.seed + 1_000_003 * world.rank)
     elbo = gather_rows(elbo_per_example(model, mine, seed=config.seed), world)
-    iwae = gather_rows(iwae_log_likelihood(model, mine, config, progress and world.main), world)
+    summary: dict = {}
+    per_digit: dict = {"elbo": elbo}
+    if config.k_curve:
+        ks = curve_ks(config.k)
+        curve = gather_rows(iwae_log_likelihood(model, mine, config, progress and world.main, nested=ks), world)
+        iwae = curve[:, -1]
+        summary["k_curve"] = [dict(zip(("k", "mean", "stderr"), (k, *summarize(curve[:, i])))) for i, k in enumerate(ks)]
+        per_digit.update({f"iwae_k{k}": curve[:, i] for i, k in enumerate(ks[:-1])})
+    else:
+        iwae = gather_rows(iwae_log_likelihood(model, mine, config, progress and world.main), world)
     decoder = "" if config.precision == "fp32" else f", {config.precision} decoder products"
     estimates = [("ELBO", elbo, "lower bound"), (f"IWAE-{config.k}, q(z|x){decoder}", iwae, "stochastic lower bound")]
-    per_digit = {"elbo": elbo, "iwae": iwae}
-    summary: dict = {}
+    per_digit["iwae"] = iwae
+    laplace_elbo = None
     if config.laplace:
-        plain, sampled, outcome = (gather_rows(values, world)
-                                   for values in laplace_estimates(model, mine, config, progress and world.main))
+        plain, sampled, outcome, laplace_elbo = (gather_rows(values, world) for values in
+                                                 laplace_estimates(model, mine, config, progress and world.main))
         estimates += [(f"IS-{config.k}, Laplace proposal", sampled, "stochastic lower bound"),
                       ("Laplace", plain, "approximation, not a bound")]
         per_digit.update(is_laplace=sampled, laplace=plain)
         counts = {name: int((outcome == code).sum()) for code, name in OUTCOMES.items()}
         summary["laplace_modes"] = {**counts, "newton_steps": config.newton_steps}
+    if config.gaps:
+        gaps, gap_digits = gap_decomposition(model, mine, iwae if not world.distributed else shard(iwae, world),
+                                             config, laplace_elbo, progress and world.main)
+        per_digit.update({name: gather_rows(values, world) for name, values in gap_digits.items()})
+        summary["gaps"] = gaps if not world.distributed else _gaps_summary(
+            per_digit, gaps["family"], config, len(images))
     nll, nll_stderr = summarize(-iwae)
     elbo_mean, elbo_stderr = summarize(elbo)
     summary.update({

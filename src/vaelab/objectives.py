@@ -103,7 +103,7 @@ def log_mean_exp(values: torch.Tensor, dim: int = 0) -> torch.Tensor:
 
 
 def importance_sampled_log_marginal(log_weights: Callable[[int, int], torch.Tensor], k: int,
-                                    chunk: int) -> torch.Tensor:
+                                    chunk: int, nested: tuple[int, ...] = ()) -> torch.Tensor:
     """log (1/K) Σₖ wₖ over K importance weights computed ``chunk`` draws at a time.
 
     ``log_weights(start, n)`` returns (n, B) values log p(x, zₖ) − log r(zₖ) for the draws k = start … start+n−1,
@@ -115,11 +115,16 @@ def importance_sampled_log_marginal(log_weights: Callable[[int, int], torch.Tens
     if k < 1:
         raise ValueError(f"k must be positive, got {k}")
     parts = [log_weights(start, min(chunk, k - start)) for start in range(0, k, chunk)]
-    return log_mean_exp(torch.cat(parts), 0)                                   # (B,)
+    weights = torch.cat(parts)                                                 # (K, B)
+    if nested:
+        # the convergence curve on nested draws: IWAE_n from the first n of the same K draws, for each n ≤ K
+        return torch.stack([log_mean_exp(weights[:n], 0) for n in nested])     # (len(nested), B)
+    return log_mean_exp(weights, 0)                                            # (B,)
 
 
 def iwae_bound(x: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor, log_likelihood: LogLikelihood,
-               k: int, generator: torch.Generator | None = None, chunk: int = 1000) -> torch.Tensor:
+               k: int, generator: torch.Generator | None = None, chunk: int = 1000,
+               nested: tuple[int, ...] = ()) -> torch.Tensor:
     """IWAE_K(x) = log (1/K) Σₖ p(x, zₖ)/q(zₖ|x), zₖ ~ q(z|x): per example (B,), in nats.
 
     The B examples share the standard-normal draws: zₖ(x) = μ(x) + σ(x) εₖ with one εₖ for the batch
@@ -143,7 +148,7 @@ def iwae_bound(x: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor, log_like
         z = torch.addcmul(mu, sigma, eps[start:start + n, None, :])                          # (n, B, d)
         return log_likelihood(z, x) + prior_over_q[start:start + n]                          # (n, B)
 
-    return importance_sampled_log_marginal(log_weights, k, chunk)
+    return importance_sampled_log_marginal(log_weights, k, chunk, nested)
 
 
 # ------------------------------------------------------------------------------------------------

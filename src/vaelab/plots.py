@@ -389,3 +389,72 @@ def importance_figure(importances: dict[str, float]):
     ax.grid(alpha=0.3, axis="x")
     fig.tight_layout()
     return fig
+
+
+def gaps_figure(entries: Sequence[tuple[str, dict]], width: float | None = None):
+    """Where the nats go, one stacked bar per run: from ELBO[q] up to log p̂(x), the amortisation gap (to ELBO[q*])
+    and the approximation gap (the rest), nats per digit, with their standard errors."""
+    plt = _pyplot()
+    width = width or 6.5
+    fig, ax = plt.subplots(figsize=(width, 1.9 + 0.55 * len(entries)))
+    names = [name for name, _ in entries]
+    amortisation = [g["amortisation_gap"]["mean"] for _, g in entries]
+    approximation = [g["approximation_gap"]["mean"] for _, g in entries]
+    y = np.arange(len(entries))
+    ax.barh(y, amortisation, color="C1", label="amortisation gap: ELBO[q*] − ELBO[q]")
+    ax.barh(y, approximation, left=np.maximum(amortisation, 0), color="C0",
+            label="approximation gap: log p̂(x) − ELBO[q*]")
+    for i, (_, g) in enumerate(entries):
+        total = g["amortisation_gap"]["mean"] + g["approximation_gap"]["mean"]
+        ax.text(max(total, 0) + 0.05, i, f"{g['amortisation_gap']['mean']:.2f} + {g['approximation_gap']['mean']:.2f}"
+                f" = {total:.2f}", va="center", fontsize=8)
+    ax.set_yticks(y, names)
+    ax.set_xlabel("nats per digit below log p̂(x), starting from the encoder's ELBO[q]")
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.45), ncol=1, frameon=False)
+    ax.grid(alpha=0.3, axis="x")
+    ax.set_xlim(min(0, min(amortisation + approximation)) - 0.2,
+                max(a + max(b, 0) for a, b in zip(amortisation, approximation)) * 1.35 + 0.2)
+    fig.tight_layout()
+    return fig
+
+
+def k_curve_figure(points: Sequence[dict], width: float | None = None):
+    """IWAE-K against K on nested draws, with ± one standard error over digits."""
+    plt = _pyplot()
+    width = width or 5.5
+    fig, ax = plt.subplots(figsize=(width, width * 0.6))
+    ks = [p["k"] for p in points]
+    ax.errorbar(ks, [p["mean"] for p in points], yerr=[p["stderr"] or 0 for p in points], marker="o", capsize=3)
+    ax.set_xscale("log")
+    ax.set_xlabel("K (importance samples; nested draws)")
+    ax.set_ylabel("IWAE-K, mean log p̂(x) (nats)")
+    ax.grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    return fig
+
+
+def latent_heatmap_figure(history: Sequence[dict], width: float | None = None):
+    """Per stochastic layer, units × epochs: the mean KL of each unit over training (log colour scale; the
+    variance of its posterior mean where the layer has no per-unit KL), collapsed units dark."""
+    from matplotlib.colors import LogNorm
+
+    plt = _pyplot()
+    layers = len(history[0]["layers"])
+    width = width or 10.0
+    fig, axes = plt.subplots(layers, 1, figsize=(width, 0.9 + 2.4 * layers), squeeze=False)
+    epochs = [entry["epoch"] for entry in history]
+    for index, ax in enumerate(axes[:, 0]):
+        per_unit = [entry["layers"][index] for entry in history]
+        use_kl = per_unit[-1]["kl"] is not None
+        grid = np.array([(layer["kl"] if use_kl else layer["posterior_mean_variance"]) for layer in per_unit]).T
+        image = ax.imshow(np.maximum(grid, 1e-5), aspect="auto", origin="lower", cmap="viridis",
+                          norm=LogNorm(vmin=1e-4, vmax=max(1e-3, float(grid.max()))),
+                          extent=(epochs[0] - 0.5, epochs[-1] + 0.5, -0.5, grid.shape[0] - 0.5), interpolation="nearest")
+        bar = fig.colorbar(image, ax=ax)
+        bar.set_label("KL (nats)" if use_kl else "Cov_x E_q[u]")
+        ax.set_ylabel(f"layer {index + 1}: unit")
+        _integer_epochs(ax)
+        ax.set_title(f"layer {index + 1}: {per_unit[-1]['active_units']} of {grid.shape[0]} units active at epoch "
+                     f"{epochs[-1]}", fontsize=9)
+    fig.tight_layout()
+    return fig

@@ -273,6 +273,7 @@ def build_report(run_dir: str | Path, data_dir: str | None = None,
                                            list(shown.reshape(-1, 10, 784)), [""] * (len(shown) // 10),
                                            "pseudo-inputs uₖ in pixel space, p(z) = (1/K) Σₖ q(z | uₖ)", width=w)))
     evaluation = _evaluation_section(run, model, images, figures)
+    nats = _nats_section(run, figures)
     training = [figures.make("training", "training", lambda w: plots.training_figure(run.metrics, width=w),
                              raster=True)] if run.metrics else []
     provenance = run.meta.get("provenance", {})
@@ -280,7 +281,7 @@ def build_report(run_dir: str | Path, data_dir: str | None = None,
     html = _environment().get_template("report.html.j2").render(
         run=run, config_rows=_config_rows(config, changed), provenance=provenance, changed=changed,
         started=run.meta.get("started", ""), training=training, metrics=run.metrics[-1] if run.metrics else None,
-        evaluation=evaluation, generation=generation, latent=latent, summary=_summary(run, record, layers),
+        evaluation=evaluation, generation=generation, latent=latent, summary=_summary(run, record, layers), nats=nats,
         kl=figures.make("kl-per-unit", "KL and posterior-mean variance per latent unit",
                         lambda w: plots.kl_figure(layers, width=w)), layers=layers, layers_from=layers_from,
         fmt=_fmt, duration=format_duration, generated=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
@@ -305,8 +306,44 @@ def _summary(run: RunInfo, record: dict | None, layers: list[dict]) -> dict:
 
 
 REPORT_SECTIONS = (("summary", "Results"), ("training", "Training"), ("evaluation", "Evaluation"),
-                   ("generation", "Generation"), ("latent", "The latent space"),
+                   ("nats", "Where the nats go"), ("generation", "Generation"), ("latent", "The latent space"),
                    ("run", "Configuration and provenance"))
+
+
+def newest_with(run: RunInfo, key: str) -> dict | None:
+    """The newest test evaluation of the current weights that holds ``key`` (gaps, k_curve)."""
+    records = [r for r in run.evaluations if key in r and not r["stale"] and r.get("split", "test") == "test"]
+    return max(records, key=lambda r: r.get("date") or "", default=None)
+
+
+def _nats_section(run: RunInfo, figures: FigureSet) -> dict:
+    """The gap decomposition (`evaluate --gaps`), the estimate's convergence in K (`--k-curve`) and the latent
+    units over training (latent.csv), each where the run has it."""
+    section: dict[str, Any] = {"figures": [], "gaps": None, "k_curve": None, "command": f"vaelab evaluate {run.path}"}
+    gaps = newest_with(run, "gaps")
+    if gaps is not None:
+        g = gaps["gaps"]
+        section["gaps"] = {"record": gaps["file"], "family": g["family"], "rule": g["rule"], "digits": g["digits"],
+                           "converged": f"{100 * g['converged_fraction']:.1f} %", "steps": f"{g['mean_steps']:.0f}",
+                           "rows": [(label, _fmt(g[key]["mean"], 2), _fmt(g[key]["stderr"], 2))
+                                    for key, label in (("log_px", f"log p̂(x), {g['log_px_estimator']}"),
+                                                       ("elbo_optimised", "ELBO[q*], q optimised per digit"),
+                                                       ("elbo_encoder", "ELBO[q], the encoder's q"),
+                                                       ("elbo_laplace", "ELBO of the Laplace Gaussian N(z*, H⁻¹)"),
+                                                       ("approximation_gap", "approximation gap"),
+                                                       ("amortisation_gap", "amortisation gap")) if key in g]}
+        section["figures"].append(figures.make("gaps", "where the nats go: the gap decomposition",
+                                               lambda w: plots.gaps_figure([(run.name, g)], width=w)))
+    curve = newest_with(run, "k_curve")
+    if curve is not None:
+        section["k_curve"] = curve["file"]
+        section["figures"].append(figures.make("k-curve", f"IWAE-K against K, nested draws ({curve['file']})",
+                                               lambda w: plots.k_curve_figure(curve["k_curve"], width=w)))
+    history = run.meta.get("latent") or []
+    if history:
+        section["figures"].append(figures.make("latent-over-training", "the latent units over training (test digits)",
+                                               lambda w: plots.latent_heatmap_figure(history, width=w), wide=True))
+    return section
 
 
 def _config_rows(config, changed: Sequence[str] = ()) -> list[tuple[str, str, bool]]:
@@ -327,6 +364,7 @@ class Comparison:
     rows: list[dict[str, str]]                    # one per run
     paired: list[dict[str, str]]                  # paired NLL differences against the first run
     notes: list[str]
+    gaps: list[dict] = dataclasses.field(default_factory=list)   # each run's gap decomposition, paired differences
 
 
 def compare_runs(paths: Sequence[str | Path]) -> Comparison:
@@ -386,7 +424,41 @@ def compare_runs(paths: Sequence[str | Path]) -> Comparison:
                        "stderr": _fmt(stderr), "digits": str(len(diff)),
                        "values": (float(diff.mean()), stderr),
                        "unpaired": _fmt(math.hypot(base_record.get("nll_stderr") or 0, record.get("nll_stderr") or 0))})
-    return Comparison(runs, differences, rows, paired, notes)
+    return Comparison(runs, differences, rows, paired, notes, _compare_gaps(runs))
+
+
+def _compare_gaps(runs: list[RunInfo]) -> list[dict]:
+    """The gap decompositions (`evaluate --gaps`) of the runs that have one for their current weights, side by
+    side; against the first such run, the paired differences of both gaps over the same digits."""
+    entries = []
+    for run in runs:
+        record = newest_with(run, "gaps")
+        if record is None:
+            continue
+        values = per_digit(run.path, record)
+        g = record["gaps"]
+        entries.append({"name": run.name, "gaps": g, "record": record, "values": values,
+                        "cells": {key: f"{_fmt(g[key]['mean'], 2)} ± {_fmt(g[key]['stderr'], 2)}"
+                                  for key in ("log_px", "elbo_optimised", "elbo_encoder", "approximation_gap",
+                                              "amortisation_gap")}})
+    if not entries:
+        return []
+    base = entries[0]
+    for entry in entries[1:]:
+        a, b = base["values"], entry["values"]
+        same = (a is not None and b is not None and entry["record"].get("data_sha256") == base["record"].get("data_sha256")
+                and entry["record"]["k"] == base["record"]["k"] and len(a["iwae"]) == len(b["iwae"]))
+        if not same:
+            entry["paired"] = f"not paired: other digits or K than {base['name']}'s"
+            continue
+        cells = []
+        for name, diff in (("approximation", (b["iwae"] - b["elbo_optimised"]) - (a["iwae"] - a["elbo_optimised"])),
+                           ("amortisation", (b["elbo_optimised"] - b["elbo_encoder"])
+                            - (a["elbo_optimised"] - a["elbo_encoder"]))):
+            mean, stderr = summarize(torch.from_numpy(diff))
+            cells.append(f"{name} {mean:+.2f} ± {_fmt(stderr, 2)}")
+        entry["paired"] = f"minus {base['name']}, paired over {len(a['iwae'])} digits: " + ", ".join(cells)
+    return entries
 
 
 def comparison_table(comparison: Comparison) -> str:
@@ -407,6 +479,11 @@ def comparison_table(comparison: Comparison) -> str:
     for p in comparison.paired:
         lines.append(f"paired: NLL({p['name']}) − NLL({p['base']}) = {p['difference']} ± {p['stderr']} nats over "
                      f"{p['digits']} digits (unpaired standard error {p['unpaired']})")
+    if comparison.gaps:
+        lines += ["", "where the nats go (evaluate --gaps):"] + table(
+            ["run", "log p̂(x)", "ELBO[q*]", "ELBO[q]", "approximation gap", "amortisation gap", "paired"],
+            [[g["name"], *(g["cells"][k] for k in ("log_px", "elbo_optimised", "elbo_encoder", "approximation_gap",
+                                                   "amortisation_gap")), g.get("paired", "—")] for g in comparison.gaps])
     lines += comparison.notes
     return "\n".join(lines)
 

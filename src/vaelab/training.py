@@ -55,6 +55,7 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 # as good), and training stops as it does for NaN, the last good checkpoint kept.
 DIVERGENCE_FACTOR = 1000
 BEST_WEIGHTS = "model-best.safetensors"
+LATENT_FILE = "latent.csv"
 TRAIN_LOG = "train.log"
 
 
@@ -162,6 +163,7 @@ class TrainState:
     best_epoch: int = 0                # epoch of the best validation ELBO so far (0: none yet)
     best_validation_elbo: float = -math.inf
     started: str = ""                  # when the run started (ISO 8601, UTC), kept across resumes
+    latent: list[dict] = field(default_factory=list)   # per epoch: each layer's KL per unit, Cov_x E_q[u], active
 
 
 def parallel_step(engine, model, batch: torch.Tensor, eps: torch.Tensor, objective: str, beta: float,
@@ -253,6 +255,7 @@ class Trainer:
             "best_validation_elbo": _json_number(self.state.best_validation_elbo),
             "world_size": self.world.size,
             "started": self.state.started,
+            "latent": self.state.latent,
             "provenance": provenance(self.device, torch.get_num_threads()),   # of this checkpoint's process
             "config": self.config.to_dict(),
             "python_random": _jsonable(random.getstate()),
@@ -306,7 +309,7 @@ class Trainer:
                                     metrics=migrate_metrics(list(meta["metrics"]), self.config),
                                     best_epoch=int(meta.get("best_epoch", 0)),
                                     best_validation_elbo=-math.inf if best is None else float(best),
-                                    started=str(meta.get("started", "")))
+                                    started=str(meta.get("started", "")), latent=list(meta.get("latent", [])))
             self.last_checkpoint = self._position()
         except CheckpointError:
             raise
@@ -320,6 +323,16 @@ class Trainer:
         for row in self.state.metrics:
             lines.append(",".join(_fmt(row.get(k, math.nan)) for k in fields))
         ckpt.write_text(self.run_dir / ckpt.METRICS, "\n".join(lines) + "\n")
+        # the latent layers over training, one row per epoch, layer and unit (test digits, the test pass's draws):
+        # posterior collapse, and units that come alive under warm-up
+        lines = ["epoch,layer,unit,kl,posterior_mean_variance,active"]
+        for entry in self.state.latent:
+            for layer in entry["layers"]:
+                kls = layer["kl"] or [math.nan] * len(layer["posterior_mean_variance"])
+                for unit, (kl, variance) in enumerate(zip(kls, layer["posterior_mean_variance"])):
+                    lines.append(f"{entry['epoch']},{layer['layer']},{unit},{_fmt(kl)},{_fmt(variance)},"
+                                 f"{int(variance > 0.01)}")
+        ckpt.write_text(self.run_dir / LATENT_FILE, "\n".join(lines) + "\n")
 
     # ---- loop ------------------------------------------------------------------------------------
 
@@ -393,7 +406,10 @@ class Trainer:
         for name, images in evaluations.items():
             if images is None:
                 continue
-            summary = elbo_summary(self.model, images, cfg.eval_batch_size, cfg.eval_seed)
+            units = [] if name == "test" else None
+            summary = elbo_summary(self.model, images, cfg.eval_batch_size, cfg.eval_seed, units)
+            if units is not None:
+                latent = {"epoch": epoch, "layers": units}
             if not all(math.isfinite(v) for v in summary.values()) or abs(summary["elbo"]) > self.loss_limit:
                 raise TrainingDiverged(f"the {name} ELBO became {summary['elbo']:.4g} nats per digit at epoch "
                                        f"{epoch}{self._beyond(summary['elbo'])}; {self._what_stands()}")
@@ -407,7 +423,8 @@ class Trainer:
             if self.world.main:          # before the state that records it
                 ckpt.save_weights(self.run_dir / BEST_WEIGHTS, self.model)
         self.state = TrainState(epoch=epoch, step=0, metrics=self.state.metrics + [row], best_epoch=best_epoch,
-                                best_validation_elbo=best, started=self.state.started)
+                                best_validation_elbo=best, started=self.state.started,
+                                latent=self.state.latent + [latent])
         self.epoch_start_rng = self.data_rng.get_state()   # the next epoch starts from here
         self.save_checkpoint()
         parts = [f"train ELBO {row['train_elbo']:9.3f}"]

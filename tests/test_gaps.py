@@ -1,0 +1,162 @@
+"""Where the nats go (issue 24): the gap decomposition against a model whose posterior is known exactly, the
+optimiser's guarantee, the nested K curve, the latent units over training, and the one-line refusals."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from vaelab.cli import main
+from vaelab.gaps import optimise_gaussians
+
+
+class LinearGaussian:
+    """p(z) = N(0, I), p(x|z) = N(Wz + b, σ²I): the posterior is Gaussian with precision Λ = I + WᵀW/σ², mean
+    Λ⁻¹Wᵀ(x − b)/σ², and x ~ N(b, WWᵀ + σ²I), all in closed form (float64)."""
+
+    def __init__(self, d: int = 2, n: int = 5, sigma: float = 0.7, seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        column = torch.randn(n, 1, generator=g, dtype=torch.float64)        # nearly parallel columns: a correlated
+        self.W = column + 0.25 * torch.randn(n, d, generator=g, dtype=torch.float64)   # posterior, a real gap
+        self.b = torch.randn(n, generator=g, dtype=torch.float64)
+        self.sigma2 = sigma ** 2
+
+    def log_joint(self, z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        mean = z @ self.W.T + self.b                                              # (…, B, n)
+        prior = -0.5 * (z.square().sum(-1) + z.shape[-1] * math.log(2 * math.pi))
+        likelihood = -0.5 * ((x - mean).square().sum(-1) / self.sigma2 + x.shape[-1] * math.log(2 * math.pi * self.sigma2))
+        return prior + likelihood
+
+    def sample(self, count: int, seed: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(seed)
+        z = torch.randn(count, self.W.shape[1], generator=g, dtype=torch.float64)
+        return z @ self.W.T + self.b + math.sqrt(self.sigma2) * torch.randn(count, self.W.shape[0], generator=g,
+                                                                              dtype=torch.float64)
+
+    def log_px(self, x: torch.Tensor) -> torch.Tensor:
+        cov = self.W @ self.W.T + self.sigma2 * torch.eye(len(self.b), dtype=torch.float64)
+        return torch.distributions.MultivariateNormal(self.b, cov).log_prob(x)
+
+    def precision(self) -> torch.Tensor:
+        return torch.eye(self.W.shape[1], dtype=torch.float64) + self.W.T @ self.W / self.sigma2
+
+    def best_diagonal_gap(self) -> float:
+        """KL(q* ‖ p(z|x)) for the best diagonal Gaussian q*: its precision is diag(Λ) (the same for every x), so
+        the approximation gap is ½ (Σᵢ log Λᵢᵢ − log det Λ)."""
+        precision = self.precision()
+        return 0.5 * float(torch.log(torch.diagonal(precision)).sum() - torch.logdet(precision))
+
+
+def test_the_measured_approximation_gap_is_the_exact_one_within_its_stated_error():
+    model = LinearGaussian()
+    x = model.sample(40, seed=1)
+    start = torch.zeros(40, 2, dtype=torch.float64)                         # a poor encoder: the prior
+    _, _, result = optimise_gaussians(model.log_joint, x, start, start.clone(), 3000, torch.Generator().manual_seed(2))
+    measured = model.log_px(x) - result.elbo_optimised                      # (B,)
+    exact = model.best_diagonal_gap()
+    assert exact > 0.5                                                      # the posterior is correlated: a real gap
+    # per digit: within 4 stated standard errors of the final estimate plus the stopping rule's tolerance
+    assert torch.all((measured - exact).abs() <= 4 * result.elbo_optimised_stderr + 0.05), (measured - exact)
+    mean_error = float((measured - exact).mean())
+    assert abs(mean_error) <= 4 * float(result.elbo_optimised_stderr.square().mean().sqrt()) / math.sqrt(40) + 0.02
+    assert bool(result.converged.all()) and int(result.steps.max()) < 3000
+
+
+def test_the_optimiser_never_leaves_a_digit_below_its_encoder(data_dir):
+    """On a trained tiny VAE and a few optimisation steps (too few to converge), every digit's ELBO[q*] is at
+    least the ELBO of where it started, on the same final draws."""
+    from vaelab.data import DataConfig, load_mnist, prepare
+    from vaelab.gaps import encoder_gaussian
+    from vaelab.models import ModelConfig, build_model
+
+    torch.manual_seed(3)
+    model = build_model(ModelConfig(hidden=((32,),), latent=(4,))).double().eval()
+    data = prepare(load_mnist(data_dir), DataConfig(test_examples=30, train_examples=10))
+    x = data.test_binary.double()
+    mu0, logvar0 = encoder_gaussian(model, x)
+    model.requires_grad_(False)
+    _, _, result = optimise_gaussians(model.log_joint, x, mu0, logvar0, 5, torch.Generator().manual_seed(4))
+    assert torch.all(result.elbo_optimised >= result.elbo_encoder)
+
+
+def test_nested_k_estimates_are_the_ordinary_ones_on_the_same_draws_and_rise_with_k():
+    from vaelab.evaluation import _iwae_one_layer
+    from vaelab.models import ModelConfig, build_model
+    from vaelab.objectives import log_mean_exp
+
+    torch.manual_seed(5)
+    model = build_model(ModelConfig(hidden=((16,),), latent=(3,), activation="tanh")).double().eval()
+    x = (torch.rand(200, 784, generator=torch.Generator().manual_seed(6)) < 0.3).double()
+    with torch.no_grad():
+        curve = _iwae_one_layer(model, x, 100, torch.Generator().manual_seed(7), 30, nested=(1, 10, 100))   # (3, B)
+        eps = torch.randn((100, 3), generator=torch.Generator().manual_seed(7), dtype=torch.float64)       # its draws
+        for row, n in enumerate((1, 10, 100)):
+            log_w = model(x, eps[:n, None, :].expand(n, 200, 3)).log_weights()
+            torch.testing.assert_close(curve[row], log_mean_exp(log_w, 0), rtol=1e-12, atol=1e-9)
+    means = curve.mean(1)
+    assert means[0] < means[1] < means[2]
+
+
+def test_the_per_epoch_kl_of_every_unit_sums_to_the_epochs_kl(tmp_path, data_dir):
+    run = tmp_path / "run"
+    assert main(["train", "--out", str(run), "--epochs", "3", "--hidden", "32", "--latent", "5", "--warmup", "2",
+                 "--test-examples", "200", "--train-examples", "600", "--data-dir", str(data_dir),
+                 "--no-progress"]) == 0
+    rows = list(csv.DictReader(open(run / "latent.csv")))
+    metrics = list(csv.DictReader(open(run / "metrics.csv")))
+    assert len(rows) == 3 * 5
+    for epoch, row in enumerate(metrics, start=1):
+        units = [r for r in rows if int(r["epoch"]) == epoch]
+        assert sum(float(u["kl"]) for u in units) == pytest.approx(float(row["test_kl"]), abs=1e-4)
+        assert all(int(u["active"]) == (float(u["posterior_mean_variance"]) > 0.01) for u in units)
+    # a resume keeps the history: it is in the training state, written again with every checkpoint
+    assert main(["train", "--out", str(run), "--resume", "--epochs", "4", "--data-dir", str(data_dir),
+                 "--no-progress"]) == 0
+    again = list(csv.DictReader(open(run / "latent.csv")))
+    assert again[:15] == rows and len(again) == 20
+
+
+def test_gaps_and_the_k_curve_in_the_record_table_and_report(tmp_path, data_dir, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "--out", str(run), "--epochs", "2", "--hidden", "32", "--latent", "4", "--test-examples",
+                 "40", "--train-examples", "600", "--data-dir", str(data_dir), "--no-progress"]) == 0
+    assert main(["evaluate", str(run), "--k", "1000", "--gaps", "--gap-steps", "60", "--k-curve", "--laplace",
+                 "--test-examples", "40",
+                 "--data-dir", str(data_dir), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "approximation gap" in out and "amortisation gap" in out and "IWAE-10 " in out
+    record = json.loads((run / "eval-k1000-n40-seed0-laplace-gaps60-kcurve.json").read_text())
+    gaps = record["gaps"]
+    assert [p["k"] for p in record["k_curve"]] == [1, 10, 100, 1000]
+    assert record["k_curve"][-1]["mean"] == pytest.approx(-record["nll"])
+    assert gaps["approximation_gap"]["mean"] + gaps["amortisation_gap"]["mean"] == pytest.approx(
+        gaps["log_px"]["mean"] - gaps["elbo_encoder"]["mean"])
+    assert 0 <= gaps["converged_fraction"] <= 1 and gaps["max_steps"] == 60 and "elbo_laplace" in gaps
+    assert "encoder's own" in gaps["family"]
+    digits = list(csv.DictReader(open(run / record["per_digit"])))
+    assert {"elbo_optimised", "elbo_encoder", "iwae_k10", "gap_steps"} <= set(digits[0])
+    assert main(["report", str(run), "--data-dir", str(data_dir)]) == 0
+    html = (run / "report.html").read_text()
+    for text in ('<section id="nats">', "approximation gap", "IWAE-K against K", "the latent units over training"):
+        assert text in html, text
+
+
+@pytest.mark.parametrize("flags, words", [(["--gap-steps", "0", "--gaps"], ["--gap-steps", "at least 1"]),
+                                          (["--k-curve", "--k", "500"], ["--k-curve", "--k 1000 or more"])])
+def test_bad_gap_and_curve_values_are_one_line_errors(flags, words, tmp_path, data_dir, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "--out", str(run), "--epochs", "1", "--hidden", "16", "--latent", "2", "--test-examples",
+                 "20", "--train-examples", "300", "--data-dir", str(data_dir), "--no-progress"]) == 0
+    capsys.readouterr()
+    try:
+        code = main(["evaluate", str(run), *flags, "--data-dir", str(data_dir), "--no-progress"])
+    except SystemExit as exit_info:
+        code = exit_info.code
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and all(w in err for w in words), err
+    assert not list(run.glob("eval-*"))
