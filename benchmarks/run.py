@@ -456,15 +456,22 @@ def main() -> None:
     parser.add_argument("--side-examples", type=int, default=200,
                         help="test digits for the side-by-side IWAE timing (3 alternating repetitions)")
     parser.add_argument("--quick", action="store_true", help="skip the scaling table and the memory run")
+    parser.add_argument("--presets-only", action="store_true", help="only the presets table (seconds per epoch, "
+                        "memory, step and evaluation floors of every preset)")
     parser.add_argument("--bf16-examples", type=int, default=3200,
                         help="where bf16 is emulated (22-124x slower): the training digits of the bf16 epochs, "
                              "scaled to 60 000 (native bf16: all of them)")
+    parser.add_argument("--gap-examples", type=int, default=500, help="test digits of the --gaps timing")
     parser.add_argument("--bf16-eval-examples", type=int, default=20,
                         help="where bf16 is emulated: the test digits of the bf16 IWAE-5000 timing")
     args = parser.parse_args()
     torch.manual_seed(0)
     arrays = load_mnist(log=print)
     result: dict = {"machine": machine(), "date": datetime.date.today().isoformat()}
+    if args.presets_only:
+        result["presets"] = presets_table(len(arrays.train_images), arrays)
+        save_result(result)
+        return
     peak = matmul_peak()
     result["matmul_peak_gflops"] = peak
     print(f"matmul peak {peak:.1f} GFLOP/s on {result['machine']['cpu']}, {torch.get_num_threads()} threads")
@@ -548,6 +555,21 @@ def main() -> None:
     result["evaluation"] = {"k": 5000, "n_examples": len(test), "seconds": seconds, "floor_seconds": floor,
                             "seconds_per_10000": seconds * 10000 / len(test)}
     print(f"evaluate --k 5000 on {len(test)} digits: {seconds:.1f} s (floor at peak {floor:.1f} s)")
+    # evaluate --gaps adds the per-digit optimisation of q (issue 24: within 2× evaluate --k 5000 in all)
+    from vaelab.evaluation import gap_decomposition
+
+    gap_digits = test[: args.gap_examples]
+    start = time.perf_counter()
+    gaps, _ = gap_decomposition(trained, gap_digits, fp32_values[: len(gap_digits)], EvalConfig(k=5000), None, False)
+    gap_seconds = (time.perf_counter() - start) * 10000 / len(gap_digits)
+    total = result["evaluation"]["seconds_per_10000"] + gap_seconds
+    result["evaluation"]["gaps"] = {
+        "n_examples": len(gap_digits), "seconds_per_10000": gap_seconds, "mean_steps": gaps["mean_steps"],
+        "converged_fraction": gaps["converged_fraction"],
+        "evaluate_with_gaps_over_evaluate": total / result["evaluation"]["seconds_per_10000"]}
+    print(f"--gaps on {len(gap_digits)} digits: {gap_seconds:.1f} s per 10 000 ({gaps['mean_steps']:.0f} steps on "
+          f"average, {100 * gaps['converged_fraction']:.1f} % converged); evaluate --k 5000 --gaps is "
+          f"{total / result['evaluation']['seconds_per_10000']:.2f} × evaluate --k 5000")
     # the same estimate with bf16 decoder products, the same draws (the same seed, the same first digits)
     bf16_test = test if native else test[: args.bf16_eval_examples]
     start = time.perf_counter()
@@ -617,6 +639,10 @@ def main() -> None:
     for name, row in result["targets"].items():
         print(f"target {name}: {row['target']}, measured {row['measured']:.2f} — {'met' if row['met'] else 'not met'}")
 
+    save_result(result)
+
+
+def save_result(result: dict) -> None:
     RESULTS.mkdir(exist_ok=True)
     stem = f"{platform.node() or 'machine'}-{result['date']}"
     path = RESULTS / f"{stem}.json"

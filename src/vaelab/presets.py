@@ -22,6 +22,8 @@ _BURDA_2 = {"name": "mlp2", "hidden": ((100, 100), (50, 50)), "latent": (100, 50
 # Tomczak & Welling (2018), §5 and the authors' code (jmtomczak/vae_vampprior, experiment.py): gated dense
 # layers of 300 units, 40 latents per layer, K = 500 pseudo-inputs, He initialisation, Adam 5e-4, batch 100,
 # KL warm-up over 100 epochs, at most 2000 epochs with early stopping on a validation split (50 000 / 10 000).
+_TOMCZAK_MODEL = {"name": "tomczak", "activation": "gated", "init": "he", "prior": "vampprior", "prior_components": 500}
+_TOMCZAK_OBJECTIVE = {"name": "elbo", "samples": 1, "warmup_epochs": 100}
 _TOMCZAK_TRAIN = {"batch_size": 100, "lr": 5e-4, "epochs": 2000}
 _TOMCZAK_DATA = {"validation": 10_000}
 _TOMCZAK_DEVIATIONS = ("Adam with per-tensor normalised gradients (their AdamNormGrad) replaced by plain Adam; "
@@ -65,20 +67,16 @@ PRESETS: dict[str, dict[str, Any]] = {
                  "(paper: NLL 85.57)",
         "paper": (85.57, "Tomczak & Welling 2018, Table 2, VAE (L = 1) + VampPrior, dynamic MNIST"),
         "deviations": _TOMCZAK_DEVIATIONS,
-        "fields": {"model": {"name": "tomczak", "hidden": ((300, 300),), "latent": (40,), "activation": "gated",
-                             "init": "he", "prior": "vampprior", "prior_components": 500},
-                   "objective": {"name": "elbo", "samples": 1, "warmup_epochs": 100},
-                   "train": _TOMCZAK_TRAIN, "data": _TOMCZAK_DATA},
+        "fields": {"model": {**_TOMCZAK_MODEL, "hidden": ((300, 300),), "latent": (40,)},
+                   "objective": _TOMCZAK_OBJECTIVE, "train": _TOMCZAK_TRAIN, "data": _TOMCZAK_DATA},
     },
     "vampprior-2": {
         "about": "Tomczak & Welling's HVAE with the VampPrior: q(z₂|x) q(z₁|x, z₂), p(x|z₁, z₂), 40 + 40 latents, "
                  "gated layers of 300 (paper: NLL 83.19)",
         "paper": (83.19, "Tomczak & Welling 2018, Table 2, HVAE (L = 2) + VampPrior, dynamic MNIST"),
         "deviations": _TOMCZAK_DEVIATIONS,
-        "fields": {"model": {"name": "tomczak", "hidden": ((300, 300), (300, 300)), "latent": (40, 40),
-                             "activation": "gated", "init": "he", "prior": "vampprior", "prior_components": 500},
-                   "objective": {"name": "elbo", "samples": 1, "warmup_epochs": 100},
-                   "train": _TOMCZAK_TRAIN, "data": _TOMCZAK_DATA},
+        "fields": {"model": {**_TOMCZAK_MODEL, "hidden": ((300, 300), (300, 300)), "latent": (40, 40)},
+                   "objective": _TOMCZAK_OBJECTIVE, "train": _TOMCZAK_TRAIN, "data": _TOMCZAK_DATA},
     },
     "ladder-5": {
         "about": "Sønderby et al.'s Ladder VAE: five stochastic layers 64-32-16-8-4 inferred top-down, MLPs of two "
