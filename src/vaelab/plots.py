@@ -274,7 +274,7 @@ def kl_figure(layers: Sequence[dict], width: float | None = None):
         var_ax.set_yscale("log")
         var_ax.set_ylabel("Cov_x E_q[u]")
         var_ax.set_xlabel("latent unit")
-        var_ax.legend(fontsize=8, loc="upper right")
+        var_ax.legend(fontsize=8, loc="lower left", bbox_to_anchor=(0.0, 1.0), frameon=False)
         var_ax.grid(alpha=0.3, axis="y")
     fig.tight_layout()
     return fig
