@@ -337,3 +337,30 @@ def test_ctrl_c_stops_the_sweep_with_checkpoints_and_the_rerun_goes_on(tmp_path,
     _, err = rerun.communicate(timeout=600)
     assert rerun.returncode == 0, err
     assert finished_slots(out) == [0, 1, 2, 3]
+
+
+def test_a_sampled_combination_the_train_command_refuses_fails_that_trial_only(tmp_path, data_dir):
+    """model and latent sizes searched independently: mlp2 with one latent size is refused by `vaelab train`; that
+    trial fails with its reason in the table, is not retried, and the others run."""
+    spec = tmp_path / "spec.toml"
+    spec.write_text("""\
+preset = "seed"
+trials = 2
+objective = "validation-elbo"
+sampler = "grid"
+[fixed]
+epochs = 1
+train_examples = 600
+validation = 100
+test_examples = 50
+hidden = [16]
+latent = [3]
+[search]
+model = ["mlp", "mlp2"]
+""")
+    process = sweep_cli(spec, tmp_path / "out", data_dir=data_dir)
+    printed, err = process.communicate(timeout=600)
+    assert process.returncode == 0, err
+    states = sorted(state for _, state, slot, surplus in trial_states(tmp_path / "out") if not surplus)
+    assert states == ["COMPLETE", "FAIL"]                               # the failed slot was not retried
+    assert "failed:" in printed and "2 stochastic layers" in printed

@@ -370,8 +370,8 @@ def reconcile(study, spec: Spec, out: Path) -> None:
         for slot in range(spec.trials):
             held = by_slot.get(slot, [])
             if any(t.state in (TrialState.RUNNING, TrialState.WAITING, TrialState.COMPLETE, TrialState.PRUNED)
-                   for t in held):
-                continue
+                   or "error" in t.user_attrs for t in held):
+                continue                     # live, finished, or failed for a reason of its own (shown, not retried)
             failed = [t for t in held if t.state == TrialState.FAIL and t.params]
             if failed:
                 params = failed[-1].params
@@ -496,11 +496,11 @@ def worker(spec_path: str, out: str, url: str, name: str, threads: int, log_path
                 print(f"trial {trial.user_attrs['slot']:04d} stopped: {exc}", flush=True)
                 return
             except Exception as exc:                              # noqa: BLE001 - the trial fails, the sweep goes on
+                # e.g. a sampled combination `vaelab train` refuses (model and latent sizes that do not fit):
+                # the slot is done, failed, with its reason in the table; it is not retried
                 trial.set_user_attr("error", f"{type(exc).__name__}: {exc}"[:500])
                 study.tell(trial, state=TrialState.FAIL)
                 print(f"trial {trial.user_attrs['slot']:04d} failed: {exc}", flush=True)
-                if isinstance(exc, UsageError):
-                    return
 
 
 # ------------------------------------------------------------------------------------------------
@@ -596,6 +596,7 @@ def summarize(study, spec: Spec, out: Path) -> dict:
                   for p in spec.search if trial is not None and p.name in trial.params}
         rows.append({"slot": slot, "trial": None if trial is None else trial.number,
                      "state": "waiting" if trial is None else trial.state.name.lower(),
+                     "error": None if trial is None else trial.user_attrs.get("error"),
                      "params": params, "value": None if trial is None else trial.value,
                      "stderr": None if trial is None else trial.user_attrs.get("objective_stderr"),
                      "epochs": len(metrics), "seconds": metrics[-1]["elapsed_seconds"] if metrics else None,
@@ -624,6 +625,7 @@ def summary_table(summary: dict) -> str:
              str(r["epochs"]), format_duration(r["seconds"]), r["state"]] for r in rows]
     widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(header)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in [header, *body]]
+    lines += [f"trial {r['slot']:04d} failed: {r['error']}" for r in rows if r.get("error")]
     best = summary["best"]
     if best is not None:
         fields = {k: v for k, v in spec.trial_fields(best["params"]).items() if k not in BUDGET_FIELDS}
