@@ -287,11 +287,22 @@ def make_sampler(spec: Spec, slot: int = 0):
     sharing one seed would draw the same ones), the same for the same slot and history."""
     optuna = require_optuna()
     seed = (spec.seed * 1_000_003 + slot) % 2**31
-    if spec.sampler == "grid":
-        if any(p.choices is None for p in spec.search):
-            raise _bad("sampler grid", "searches lists of choices only; give choices, or use tpe or random")
-        return optuna.samplers.GridSampler({p.name: list(p.choices) for p in spec.search}, seed=seed)
+    if spec.sampler == "grid" and any(p.choices is None for p in spec.search):
+        raise _bad("sampler grid", "searches lists of choices only; give choices, or use tpe or random")
+    # grid: the slots are enqueued with the grid's points (``grid_points``); the sampler only fills what is left
     return (optuna.samplers.TPESampler if spec.sampler == "tpe" else optuna.samplers.RandomSampler)(seed=seed)
+
+
+def grid_points(spec: Spec) -> list[dict]:
+    """Every combination of the choices (as the study stores them), in an order shuffled by the spec's seed: the
+    parameters of slot i under ``sampler = "grid"`` (slots beyond the grid are sampled at random)."""
+    import itertools
+    import random
+
+    points = [dict(zip([p.name for p in spec.search], values))
+              for values in itertools.product(*(p.choices for p in spec.search))]
+    random.Random(spec.seed).shuffle(points)
+    return points
 
 
 def open_study(spec: Spec, url: str, name: str, attempts: int = 5):
@@ -378,6 +389,8 @@ def reconcile(study, spec: Spec, out: Path) -> None:
             elif slot < len(spec.enqueue):
                 params = {name: json.dumps(value) if _choices(spec, name) else value
                           for name, value in spec.enqueue[slot].items()}
+            elif spec.sampler == "grid" and slot - len(spec.enqueue) < len(grid := grid_points(spec)):
+                params = grid[slot - len(spec.enqueue)]
             else:
                 params = {}
             study.enqueue_trial(params, user_attrs={"slot": slot, "retry_of": failed[-1].number if failed else None})
@@ -467,7 +480,9 @@ def worker(spec_path: str, out: str, url: str, name: str, threads: int, log_path
 
     out_dir = Path(out)
     with open(log_path, "a", buffering=1) as log_file, contextlib.redirect_stdout(log_file), \
-            contextlib.redirect_stderr(log_file):
+            contextlib.redirect_stderr(log_file), warnings.catch_warnings():
+        # trials are asked and told here, not by Study.optimize: the heartbeat works the same (vaelab's own loop)
+        warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
         torch.set_num_threads(threads)
         spec = load_spec(out_dir / SPEC_FILE, json.loads((out_dir / STATE_FILE).read_text())["trials"])
         optuna = require_optuna()
