@@ -377,7 +377,7 @@ def gap_decomposition(model, images: torch.Tensor, iwae: torch.Tensor, config: E
 
 
 def _gaps_summary(per_digit: dict, family: str, config: EvalConfig, n: int, mc: dict | None = None) -> dict:
-    from vaelab.gaps import CHECK, FINAL_DRAWS, LEARNING_RATE, STEP_DRAWS, TOL
+    from vaelab.gaps import CHECK, CHECK_DRAWS, FINAL_DRAWS, HALVINGS, LEARNING_RATE, STEP_DRAWS, TOL
 
     log_px = per_digit["iwae"] if "iwae" in per_digit else per_digit["iwae_for_gaps"]
     optimised, encoder = per_digit["elbo_optimised"], per_digit["elbo_encoder"]
@@ -389,8 +389,9 @@ def _gaps_summary(per_digit: dict, family: str, config: EvalConfig, n: int, mc: 
     out.update(family=family, log_px_estimator=f"IWAE-{config.k}", digits=n,
                converged_fraction=float(per_digit["gap_converged"].double().mean()),
                mean_steps=float(per_digit["gap_steps"].double().mean()), max_steps=config.gap_steps,
-               rule=f"Adam lr {LEARNING_RATE}, {STEP_DRAWS} fresh draws per step; every {CHECK} steps a digit whose "
-                    f"ELBO on fixed draws rose less than {TOL} nats stops; final ELBOs on {FINAL_DRAWS} common draws",
+               rule=f"Adam on (m, log s²) from rate {LEARNING_RATE}, {STEP_DRAWS} fresh draws per step; every {CHECK} "
+                    f"steps the rate halves where the ELBO on {CHECK_DRAWS} fixed draws rose less than {TOL} nats, and "
+                    f"after {HALVINGS} halvings the digit has converged; final ELBOs on {FINAL_DRAWS} draws per digit",
                monte_carlo_stderr_of_means=mc)
     return out
 
