@@ -321,7 +321,8 @@ def test_the_report_of_a_sweep_renders_in_a_browser(example, tmp_path):
     assert shot.exists() and shot.stat().st_size > 20_000, done.stderr
 
 
-def test_ctrl_c_stops_the_sweep_with_checkpoints_and_the_rerun_goes_on(tmp_path, data_dir):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_stops_the_sweep_with_checkpoints_and_the_rerun_goes_on(tmp_path, data_dir, sig):
     spec = tmp_path / "spec.toml"
     spec.write_text(EXAMPLE.replace("epochs = 2", "epochs = 4").replace("validation-nll", "validation-elbo"))
     out = tmp_path / "out"
@@ -329,7 +330,7 @@ def test_ctrl_c_stops_the_sweep_with_checkpoints_and_the_rerun_goes_on(tmp_path,
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and not list(out.glob("trials/*/metrics.csv")):
         time.sleep(0.05)
-    process.send_signal(signal.SIGINT)
+    process.send_signal(sig)                                    # Ctrl-C, or a scheduler's SIGTERM
     _, err = process.communicate(timeout=300)
     assert process.returncode == 130 and "the same command again goes on" in err, err
     assert len(finished_slots(out)) < 4

@@ -569,6 +569,12 @@ def sweep(spec_path: Path, out: Path, workers: int, storage: str | None, trials:
                  for i in range(workers)]
     for process in processes:
         process.start()
+
+    def stop(signum, frame):                       # SIGTERM (schedulers, `timeout`) and SIGHUP as Ctrl-C
+        raise KeyboardInterrupt
+
+    previous = {signum: signal.signal(signum, stop) for signum in (signal.SIGTERM, signal.SIGHUP)
+                if signal.getsignal(signum) != signal.SIG_IGN}
     try:
         for process in processes:
             process.join()
@@ -584,6 +590,9 @@ def sweep(spec_path: Path, out: Path, workers: int, storage: str | None, trials:
                 process.terminate()
         raise SweepStopped(f"stopped: the trials under way wrote their checkpoints; the same command again goes on "
                            f"with the study ({out})") from None
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     return summarize(study, spec, out)
 
 
