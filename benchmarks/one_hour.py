@@ -28,10 +28,10 @@ import sys
 import time
 from pathlib import Path
 
+from run import save_result                                     # benchmarks/run.py, beside this file
 from vaelab.provenance import cpu_name, git_commit
 from vaelab.resources import cpu_flags
 
-HERE = Path(__file__).resolve().parent
 COMMON = ["--validation", "10000", "--test-examples", "1000", "--no-progress"]
 
 # name → (what it tries, the flags of `vaelab train`)
@@ -74,10 +74,13 @@ def seconds_per_epoch(name: str, flags: list[str], out: Path) -> float:
 def train_and_validate(name: str, flags: list[str], epochs: int, out: Path, threads: int) -> dict:
     run = out / name
     started = time.perf_counter()
+    trained = len(list(csv.DictReader(open(run / "metrics.csv")))) if (run / "metrics.csv").exists() else 0
     if not (run / "training_state.safetensors").exists():
         done = vaelab("train", *flags, *COMMON, "--epochs", str(epochs), "--threads", str(threads), "--out", str(run))
-    else:                                                      # a rerun after a stop continues the candidate
+    elif trained < epochs:                                     # a rerun after a stop continues the candidate
         done = vaelab("train", "--out", str(run), "--resume", "--threads", str(threads))
+    else:                                                      # trained in an earlier run of this script
+        done = subprocess.CompletedProcess([], 0)
     if done.returncode:
         return {"name": name, "error": done.stderr.strip()}
     rows = list(csv.DictReader(open(run / "metrics.csv")))
@@ -135,11 +138,9 @@ def main() -> None:
         print(f"\nbest: {best['name']}; one hour on all 60 000 training digits ≈ {hour} epochs:\n  vaelab train "
               + " ".join(best["flags"]) + f" --epochs {hour}")
     stamp = datetime.date.today().isoformat()
-    (HERE / "results").mkdir(exist_ok=True)
-    (HERE / "results" / f"one-hour-{stamp}.json").write_text(json.dumps(
-        {"machine": {"cpu": cpu_name(), "flags": sorted(cpu_flags() & {"avx2", "avx512f", "avx512_bf16", "amx_bf16"}),
-                     "python": platform.python_version(), "commit": git_commit()},
-         "budget_minutes": args.budget_minutes, "results": results}, indent=2) + "\n")
+    save_result({"machine": {"cpu": cpu_name(), "flags": sorted(cpu_flags() & {"avx2", "avx512f", "avx512_bf16", "amx_bf16"}),
+                             "python": platform.python_version(), "commit": git_commit()},
+                 "date": stamp, "budget_minutes": args.budget_minutes, "results": results}, f"one-hour-{stamp}")
 
 
 if __name__ == "__main__":

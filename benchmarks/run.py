@@ -56,6 +56,7 @@ from vaelab.evaluation import EvalConfig, hot_loop_settings, iwae_log_likelihood
 from vaelab.models import ModelConfig
 from vaelab.objectives import importance_sampled_log_marginal
 from vaelab.precision import EmulatedBF16Products
+from vaelab.presets import PRESETS
 from vaelab.resources import cpu_flags, has_native_bf16
 from vaelab.training import Trainer
 
@@ -333,15 +334,16 @@ def preset_floors(name: str, arrays, n_train: int, eval_digits: int = 40) -> dic
             "iwae5000_floor_per_10000": eval_floor}
 
 
-def presets_table(n_train: int, arrays=None) -> list[dict]:
+def presets_table(n_train: int, arrays=None, names=None) -> list[dict]:
     """One epoch of every preset (its own batch size, objective, model; on the default device, so a GPU where
     there is one): seconds, optimiser steps per second, peak memory, and the preset's whole schedule at that
     speed (3280 epochs for Burda's); with ``arrays`` (on the CPU) also its step floor and IWAE-5000 against its
-    own products' floor (``preset_floors``), and the ratios the models issue bounds by 1.5."""
+    own products' floor (``preset_floors``), and the ratios the models issue bounds by 1.5. ``names``: a subset
+    of the presets (all of them by default)."""
     from vaelab.presets import PRESETS, apply_preset
 
     rows = []
-    for name in PRESETS:
+    for name in names or PRESETS:
         memory, seconds = train_in_child("--preset", name, "--validation", "0")
         train = apply_preset(RunConfig(), name).train
         steps = -(-n_train // train.batch_size)
@@ -458,6 +460,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="skip the scaling table and the memory run")
     parser.add_argument("--presets-only", action="store_true", help="only the presets table (seconds per epoch, "
                         "memory, step and evaluation floors of every preset)")
+    parser.add_argument("--presets", nargs="+", choices=list(PRESETS), metavar="NAME",
+                        help="with --presets-only: these presets only (vaelab presets lists them)")
     parser.add_argument("--bf16-examples", type=int, default=3200,
                         help="where bf16 is emulated (22-124x slower): the training digits of the bf16 epochs, "
                              "scaled to 60 000 (native bf16: all of them)")
@@ -469,7 +473,7 @@ def main() -> None:
     arrays = load_mnist(log=print)
     result: dict = {"machine": machine(), "date": datetime.date.today().isoformat()}
     if args.presets_only:
-        result["presets"] = presets_table(len(arrays.train_images), arrays)
+        result["presets"] = presets_table(len(arrays.train_images), arrays, args.presets)
         save_result(result)
         return
     peak = matmul_peak()
@@ -642,9 +646,11 @@ def main() -> None:
     save_result(result)
 
 
-def save_result(result: dict) -> None:
+def save_result(result: dict, stem: str | None = None) -> None:
+    """``result`` as ``results/<stem>.json`` (default stem: the machine's name and the date), never over an
+    earlier file: a second result of the same stem gets ``-2``, ``-3`` …"""
     RESULTS.mkdir(exist_ok=True)
-    stem = f"{platform.node() or 'machine'}-{result['date']}"
+    stem = stem or f"{platform.node() or 'machine'}-{result['date']}"
     path = RESULTS / f"{stem}.json"
     run = 1
     while path.exists():                  # several runs on one day: keep them all

@@ -57,6 +57,15 @@ PRESETS: dict[str, dict[str, Any]] = {
                    "objective": {"name": "elbo", "samples": 1, "warmup_epochs": 10},
                    "train": {"batch_size": 128, "lr": 1e-3, "lr_schedule": "exponential", "epochs": 520}},
     },
+    "cpu-hour-vampprior": {
+        "about": "the best model found for one hour of training on a 2-core CPU with the models of issue 21: "
+                 "Tomczak & Welling's two-layer HVAE with a VampPrior of 100 pseudo-inputs, 359 epochs (chosen on a "
+                 "validation split; benchmarks/README.md)",
+        "fields": {"model": {**_TOMCZAK_MODEL, "hidden": ((300, 300), (300, 300)), "latent": (40, 40),
+                             "prior_components": 100},
+                   "objective": {"name": "elbo", "samples": 1, "warmup_epochs": 10},
+                   "train": {"batch_size": 128, "lr": 1e-3, "lr_schedule": "exponential", "epochs": 359}},
+    },
     "burda-iwae-2": {
         "about": "Burda et al.'s IWAE k = 50, two stochastic layers, 3280 epochs (paper: NLL 82.90)",
         "paper": (82.90, "Burda, Grosse & Salakhutdinov 2016, Table 1, IWAE, two stochastic layers, k = 50"),
