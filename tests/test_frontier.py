@@ -6,8 +6,11 @@ included, smoke-trains and evaluates in tests/test_presets.py.)"""
 
 from __future__ import annotations
 
+import csv
 import json
 import math
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -228,6 +231,43 @@ def test_an_mlp2_run_directory_of_vaelab_0_2_loads_with_its_weight_names(tmp_pat
     _, loaded = ckpt.load_model(run)
     for name, tensor in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[name], tensor), name
+
+
+OLD_RUNS = Path(__file__).parent / "data" / "runs-vaelab-0.2.0"
+
+
+@pytest.mark.parametrize("name", ["seed", "mlp2", "cpu-hour"])
+def test_run_directories_of_vaelab_0_2_evaluate_to_the_numbers_they_had(name, tmp_path, data_dir, capsys):
+    """Runs trained and evaluated by vaelab 0.2.0 before issue 21 (commit eaa9a89, on the synthetic set of
+    conftest.py, 1 thread; tests/data/runs-vaelab-0.2.0): today's code loads them and evaluates the same
+    IWAE-100 and ELBO on the same draws. Tolerance 1e-3 nats: the same float32 computation on another CPU or
+    kernel differs in its last digits (about 1e-5 of 250 nats), far below any change of model or estimator."""
+    run = tmp_path / name
+    shutil.copytree(OLD_RUNS / name, run)
+    old = json.loads((run / "eval-k100-n100-seed0.json").read_text())
+    (run / "eval-k100-n100-seed0.json").unlink()
+    assert main(["evaluate", str(run), "--k", "100", "--test-examples", "100", "--data-dir", str(data_dir),
+                 "--threads", "1", "--no-progress"]) == 0
+    new = json.loads((run / "eval-k100-n100-seed0.json").read_text())
+    assert new["weights_sha256"] == old["weights_sha256"]
+    assert new["nll"] == pytest.approx(old["nll"], abs=1e-3)
+    assert new["elbo"] == pytest.approx(old["elbo"], abs=1e-3)
+    assert [layer["active_units"] for layer in new["layers"]] == [layer["active_units"] for layer in old["layers"]]
+
+
+def test_an_mlp2_run_of_vaelab_0_2_resumes_to_the_epoch_it_had(tmp_path, data_dir):
+    """The 5-epoch mlp2 run of vaelab 0.2.0 resumed to 6 epochs by today's code gives the epoch-6 ELBOs that
+    0.2.0 gave resuming a copy (1 thread). One epoch of 32 steps from the same state: float32 differences
+    between CPUs stay far below the 0.01 nats allowed."""
+    run = tmp_path / "mlp2"
+    shutil.copytree(OLD_RUNS / "mlp2", run)
+    assert main(["train", "--out", str(run), "--resume", "--epochs", "6", "--data-dir", str(data_dir), "--threads", "1",
+                 "--no-progress"]) == 0
+    expected = json.loads((OLD_RUNS / "mlp2" / "resumed-to-6-epochs.json").read_text())
+    last = list(csv.DictReader(open(run / "metrics.csv")))[-1]
+    assert int(last["epoch"]) == 6
+    assert float(last["train_elbo"]) == pytest.approx(expected["train_elbo"], abs=1e-2)
+    assert float(last["test_elbo"]) == pytest.approx(expected["test_elbo"], abs=1e-2)
 
 
 def test_the_report_of_a_vampprior_run_shows_its_pseudo_inputs(tmp_path, data_dir):
