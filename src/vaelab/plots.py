@@ -370,7 +370,11 @@ def sweep_parameter_figure(name: str, values: Sequence, objective: Sequence[floa
     else:
         names = sorted({str(v) for v in values})
         ax.scatter([names.index(str(v)) for v in values], objective, color="C0")
-        ax.set_xticks(range(len(names)), names, fontsize=8)
+        # choices written out (lists of widths) are long: slanted when together they would not fit side by side
+        slanted = sum(len(n) for n in names) > 24
+        ax.set_xticks(range(len(names)), names, fontsize=7 if slanted else 8, rotation=30 if slanted else 0,
+                      ha="right" if slanted else "center")
+        ax.set_xlim(-0.5, len(names) - 0.5)
     ax.set_xlabel(name)
     ax.set_ylabel(label)
     ax.grid(alpha=0.3)
