@@ -326,7 +326,8 @@ def test_ctrl_c_stops_the_sweep_with_checkpoints_and_the_rerun_goes_on(tmp_path,
     spec = tmp_path / "spec.toml"
     spec.write_text(EXAMPLE.replace("epochs = 2", "epochs = 4").replace("validation-nll", "validation-elbo"))
     out = tmp_path / "out"
-    process = sweep_cli(spec, out, data_dir=data_dir)
+    # started as a shell's background job is (`make test &`): SIGINT ignored; Ctrl-C must stop it all the same
+    process = sweep_cli(spec, out, data_dir=data_dir, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and not list(out.glob("trials/*/metrics.csv")):
         time.sleep(0.05)

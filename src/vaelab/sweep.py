@@ -567,24 +567,29 @@ def sweep(spec_path: Path, out: Path, workers: int, storage: str | None, trials:
     processes = [context.Process(target=worker, args=(str(spec_path), str(out), state["storage"], state["study"],
                                                       threads, str(out / "workers" / f"{os.getpid()}-{i}.log")))
                  for i in range(workers)]
-    for process in processes:
-        process.start()
 
     def stop(signum, frame):                       # SIGTERM (schedulers, `timeout`) and SIGHUP as Ctrl-C
         raise KeyboardInterrupt
 
-    previous = {signum: signal.signal(signum, stop) for signum in (signal.SIGTERM, signal.SIGHUP)
-                if signal.getsignal(signum) != signal.SIG_IGN}
+    # Ctrl-C and SIGTERM always stop the sweep, as they stop `vaelab train`, even where the process was started
+    # with SIGINT ignored (a shell's background job); SIGHUP unless ignored (nohup). Installed before the
+    # workers start, so that they start with the signals' default actions, not an inherited "ignore".
+    previous = {signum: signal.signal(signum, stop) for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+                if signum != signal.SIGHUP or signal.getsignal(signum) != signal.SIG_IGN}
+    started = []
     try:
+        for process in processes:
+            process.start()
+            started.append(process)
         for process in processes:
             process.join()
     except KeyboardInterrupt:
         # Ctrl-C (or SIGINT): every worker finishes its step and writes a checkpoint that resumes exactly
-        for process in processes:
+        for process in started:
             if process.is_alive():
                 os.kill(process.pid, signal.SIGINT)
         deadline = time.monotonic() + 300
-        for process in processes:
+        for process in started:
             process.join(max(0.0, deadline - time.monotonic()))
             if process.is_alive():
                 process.terminate()
