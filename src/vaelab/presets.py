@@ -27,7 +27,9 @@ _TOMCZAK_OBJECTIVE = {"name": "elbo", "samples": 1, "warmup_epochs": 100}
 _TOMCZAK_TRAIN = {"batch_size": 100, "lr": 5e-4, "epochs": 2000}
 _TOMCZAK_DATA = {"validation": 10_000}
 _TOMCZAK_DEVIATIONS = ("Adam with per-tensor normalised gradients (their AdamNormGrad) replaced by plain Adam; "
-                       "early stopping replaced by keeping the best-validation weights (evaluate --checkpoint best)")
+                       "early stopping replaced by keeping the best-validation weights (evaluate --checkpoint best); "
+                       "pseudo-inputs kept in (0, 1) by a sigmoid of their parameters instead of their code's hardtanh "
+                       "(whose gradient vanishes outside [0, 1])")
 
 PRESETS: dict[str, dict[str, Any]] = {
     "seed": {
