@@ -136,7 +136,7 @@ def main() -> None:
         best = done[0]
         hour = math.floor(3600 / (best["seconds_per_epoch"] * 60_000 / 50_000))
         print(f"\nbest: {best['name']}; one hour on all 60 000 training digits ≈ {hour} epochs:\n  vaelab train "
-              + " ".join(best["flags"]) + f" --epochs {hour}")
+              + " ".join(best["flags"]) + f" --validation 0 --epochs {hour}")
     stamp = datetime.date.today().isoformat()
     save_result({"machine": {"cpu": cpu_name(), "flags": sorted(cpu_flags() & {"avx2", "avx512f", "avx512_bf16", "amx_bf16"}),
                              "python": platform.python_version(), "commit": git_commit()},
