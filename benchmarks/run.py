@@ -340,7 +340,7 @@ def presets_table(n_train: int, arrays=None, names=None) -> list[dict]:
     speed (3280 epochs for Burda's); with ``arrays`` (on the CPU) also its step floor and IWAE-5000 against its
     own products' floor (``preset_floors``), and the ratios the models issue bounds by 1.5. ``names``: a subset
     of the presets (all of them by default)."""
-    from vaelab.presets import PRESETS, apply_preset
+    from vaelab.presets import apply_preset
 
     rows = []
     for name in names or PRESETS:

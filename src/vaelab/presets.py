@@ -26,6 +26,7 @@ _TOMCZAK_MODEL = {"name": "tomczak", "activation": "gated", "init": "he", "prior
 _TOMCZAK_OBJECTIVE = {"name": "elbo", "samples": 1, "warmup_epochs": 100}
 _TOMCZAK_TRAIN = {"batch_size": 100, "lr": 5e-4, "epochs": 2000}
 _TOMCZAK_DATA = {"validation": 10_000}
+_TOMCZAK_HVAE = {**_TOMCZAK_MODEL, "hidden": ((300, 300), (300, 300)), "latent": (40, 40)}   # their two-layer HVAE
 _TOMCZAK_DEVIATIONS = ("Adam with per-tensor normalised gradients (their AdamNormGrad) replaced by plain Adam; "
                        "early stopping replaced by keeping the best-validation weights (evaluate --checkpoint best); "
                        "pseudo-inputs kept in (0, 1) by a sigmoid of their parameters instead of their code's hardtanh "
@@ -63,8 +64,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "about": "the best model found for one hour of training on a 2-core CPU with the models of issue 21: "
                  "Tomczak & Welling's two-layer HVAE with a VampPrior of 100 pseudo-inputs, 359 epochs (chosen on a "
                  "validation split; benchmarks/README.md)",
-        "fields": {"model": {**_TOMCZAK_MODEL, "hidden": ((300, 300), (300, 300)), "latent": (40, 40),
-                             "prior_components": 100},
+        "fields": {"model": {**_TOMCZAK_HVAE, "prior_components": 100},
                    "objective": {"name": "elbo", "samples": 1, "warmup_epochs": 10},
                    "train": {"batch_size": 128, "lr": 1e-3, "lr_schedule": "exponential", "epochs": 359}},
     },
@@ -86,7 +86,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                  "gated layers of 300 (paper: NLL 83.19)",
         "paper": (83.19, "Tomczak & Welling 2018, Table 2, HVAE (L = 2) + VampPrior, dynamic MNIST"),
         "deviations": _TOMCZAK_DEVIATIONS,
-        "fields": {"model": {**_TOMCZAK_MODEL, "hidden": ((300, 300), (300, 300)), "latent": (40, 40)},
+        "fields": {"model": _TOMCZAK_HVAE,
                    "objective": _TOMCZAK_OBJECTIVE, "train": _TOMCZAK_TRAIN, "data": _TOMCZAK_DATA},
     },
     "ladder-5": {

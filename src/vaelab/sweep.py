@@ -528,6 +528,7 @@ def sweep(spec_path: Path, out: Path, workers: int, storage: str | None, trials:
     import multiprocessing
 
     from vaelab.resources import default_threads
+    from vaelab.training import stop_signals
 
     require_optuna()
     spec = load_spec(spec_path, trials)
@@ -568,36 +569,32 @@ def sweep(spec_path: Path, out: Path, workers: int, storage: str | None, trials:
                                                       threads, str(out / "workers" / f"{os.getpid()}-{i}.log")))
                  for i in range(workers)]
 
-    def stop(signum, frame):                       # SIGTERM (schedulers, `timeout`) and SIGHUP as Ctrl-C
+    def stop(signum, frame):                       # Ctrl-C, SIGTERM (schedulers, `timeout`) and SIGHUP alike
         raise KeyboardInterrupt
 
-    # Ctrl-C and SIGTERM always stop the sweep, as they stop `vaelab train`, even where the process was started
-    # with SIGINT ignored (a shell's background job); SIGHUP unless ignored (nohup). Installed before the
-    # workers start, so that they start with the signals' default actions, not an inherited "ignore".
-    previous = {signum: signal.signal(signum, stop) for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-                if signum != signal.SIGHUP or signal.getsignal(signum) != signal.SIG_IGN}
+    # the stop signals of `vaelab train` (stop_signals: Ctrl-C even in a background job, SIGHUP unless nohup),
+    # taken before the workers start, so that they start with the signals' default actions, not an inherited
+    # "ignore"
     started = []
-    try:
-        for process in processes:
-            process.start()
-            started.append(process)
-        for process in processes:
-            process.join()
-    except KeyboardInterrupt:
-        # Ctrl-C (or SIGINT): every worker finishes its step and writes a checkpoint that resumes exactly
-        for process in started:
-            if process.is_alive():
-                os.kill(process.pid, signal.SIGINT)
-        deadline = time.monotonic() + 300
-        for process in started:
-            process.join(max(0.0, deadline - time.monotonic()))
-            if process.is_alive():
-                process.terminate()
-        raise SweepStopped(f"stopped: the trials under way wrote their checkpoints; the same command again goes on "
-                           f"with the study ({out})") from None
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+    with stop_signals(stop):
+        try:
+            for process in processes:
+                process.start()
+                started.append(process)
+            for process in processes:
+                process.join()
+        except KeyboardInterrupt:
+            # every worker finishes its step and writes a checkpoint that resumes exactly
+            for process in started:
+                if process.is_alive():
+                    os.kill(process.pid, signal.SIGINT)
+            deadline = time.monotonic() + 300
+            for process in started:
+                process.join(max(0.0, deadline - time.monotonic()))
+                if process.is_alive():
+                    process.terminate()
+            raise SweepStopped(f"stopped: the trials under way wrote their checkpoints; the same command again goes "
+                               f"on with the study ({out})") from None
     return summarize(study, spec, out)
 
 

@@ -19,6 +19,7 @@ stands). A kill -9 loses at most the epoch under way.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import shutil
@@ -49,6 +50,20 @@ METRIC_FIELDS = ("epoch", "lr", "beta", "train_objective", "train_elbo", "train_
 VALIDATION_FIELDS = ("validation_elbo", "validation_reconstruction", "validation_kl")
 TIME_FIELDS = ("epoch_seconds", "elapsed_seconds")    # the epoch's steps; training so far, with evaluations
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+@contextlib.contextmanager
+def stop_signals(handler):
+    """``handler`` for Ctrl-C, SIGTERM and SIGHUP while the block runs, the previous handlers after it. SIGINT is
+    taken even where it was ignored (a shell's background job); SIGHUP not where it was ignored (nohup: the user
+    asked to survive a hangup)."""
+    previous = {signum: signal.signal(signum, handler) for signum in STOP_SIGNALS
+                if signum != signal.SIGHUP or signal.getsignal(signum) != signal.SIG_IGN}
+    try:
+        yield
+    finally:
+        for signum, before in previous.items():
+            signal.signal(signum, before)
 # Divergence: a per-example loss no working model can have. Predicting ½ for every pixel costs D·ln 2 nats
 # (543.4 for MNIST), the loss of a model that has learnt nothing; a train or test ELBO a thousand times
 # worse than that (or NaN/±inf) means the weights have blown up (an ELBO of −3.1e18 was once checkpointed
@@ -344,22 +359,12 @@ class Trainer:
     def fit(self) -> list[dict[str, float]]:
         """Train to ``config.train.epochs``; returns the metrics of every epoch."""
         self.state.started = self.state.started or time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime())
-        previous = {}
-        for signum in STOP_SIGNALS:
-            current = signal.getsignal(signum)
-            if signum == signal.SIGHUP and current == signal.SIG_IGN:
-                continue                 # nohup: the user asked to survive a hangup
-            previous[signum] = signal.signal(signum, self._on_signal)
-        try:
-            with hot_loop_settings():
-                while self.state.epoch < self.config.train.epochs:
-                    self._run_epoch()
-                    stop = any_rank(self._signal is not None, self.world, self.device)
-                    if stop and self.state.epoch < self.config.train.epochs:
-                        self._stop(self._signal or signal.SIGTERM, self.state.epoch + 1, 0)
-        finally:
-            for signum, handler in previous.items():
-                signal.signal(signum, handler)
+        with stop_signals(self._on_signal), hot_loop_settings():
+            while self.state.epoch < self.config.train.epochs:
+                self._run_epoch()
+                stop = any_rank(self._signal is not None, self.world, self.device)
+                if stop and self.state.epoch < self.config.train.epochs:
+                    self._stop(self._signal or signal.SIGTERM, self.state.epoch + 1, 0)
         return self.state.metrics
 
     def _run_epoch(self) -> None:
