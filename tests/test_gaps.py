@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from vaelab.cli import main
-from vaelab.gaps import optimise_gaussians
+from vaelab.gaps import autograd_forms, optimise_gaussians
 
 
 class LinearGaussian:
@@ -56,7 +56,8 @@ def test_the_measured_approximation_gap_is_the_exact_one_within_its_stated_error
     model = LinearGaussian()
     x = model.sample(40, seed=1)
     start = torch.zeros(40, 2, dtype=torch.float64)                         # a poor encoder: the prior
-    _, _, result = optimise_gaussians(model.log_joint, x, start, start.clone(), 3000, torch.Generator().manual_seed(2))
+    _, _, result = optimise_gaussians(autograd_forms(model.log_joint), x, start, start.clone(), 3000,
+                                      torch.Generator().manual_seed(2))
     measured = model.log_px(x) - result.elbo_optimised                      # (B,)
     exact = model.best_diagonal_gap()
     assert exact > 0.5                                                      # the posterior is correlated: a real gap
@@ -80,8 +81,67 @@ def test_the_optimiser_never_leaves_a_digit_below_its_encoder(data_dir):
     x = data.test_binary.double()
     mu0, logvar0 = encoder_gaussian(model, x)
     model.requires_grad_(False)
-    _, _, result = optimise_gaussians(model.log_joint, x, mu0, logvar0, 5, torch.Generator().manual_seed(4))
+    _, _, result = optimise_gaussians(autograd_forms(model.log_joint), x, mu0, logvar0, 5,
+                                      torch.Generator().manual_seed(4))
     assert torch.all(result.elbo_optimised >= result.elbo_encoder)
+
+
+@pytest.mark.parametrize("hidden", [(24,), (24, 12)])
+def test_the_hand_derived_gap_forms_equal_autograd(hidden):
+    """The ReLU MLP's log p(x, z) through its evaluation fast form and its gradient in z derived by hand
+    (``MLPVAE.log_joint_score``) against the model's log_joint and autograd, float64, on the same z; and the
+    lookup gives them only to the configurations they cover."""
+    from vaelab.gaps import HAND_DERIVED_FORMS, joint_forms
+    from vaelab.models import ModelConfig, build_model
+
+    torch.manual_seed(8)
+    model = build_model(ModelConfig(hidden=(hidden,), latent=(5,))).double().eval()
+    x = (torch.rand(7, 784, generator=torch.Generator().manual_seed(9)) < 0.3).double()
+    z = 2 * torch.randn(3, 7, 5, generator=torch.Generator().manual_seed(10), dtype=torch.float64)   # (S, B, d)
+    forms, reference = joint_forms(model), autograd_forms(model.log_joint)
+    assert forms.score.__func__ is type(model).log_joint_score                 # the hand-derived form was chosen
+    with torch.no_grad():
+        torch.testing.assert_close(forms.joint_for(x)(z), model.log_joint(z, x), rtol=1e-12, atol=1e-9)
+        torch.testing.assert_close(forms.score(z, x), reference.score(z, x), rtol=1e-10, atol=1e-10)
+        assert float(forms.score(z, x).abs().min()) > 0                        # not trivially zero
+    for config in (ModelConfig(hidden=(hidden,), latent=(5,), activation="tanh"),
+                   ModelConfig(hidden=(hidden,), latent=(5,), prior="mog", prior_components=3),
+                   ModelConfig(hidden=(hidden,), latent=(5,), flow="planar", flow_steps=2)):
+        other = build_model(config)
+        assert not hasattr(joint_forms(other).score, "__func__"), config       # autograd for everything else
+    assert set(HAND_DERIVED_FORMS) == {(type(model), "relu")}
+
+
+def test_elbo_of_the_encoder_shares_the_optimised_draws_in_its_own_family(data_dir):
+    """One layer without a flow: ELBO[q] is the start's estimate on the final draws of ELBO[q*] (the same q);
+    with two layers it is the model's own ELBO, log p(x, z) − log q(z|x) on its own draws."""
+    from vaelab.data import DataConfig, load_mnist, prepare
+    from vaelab.gaps import FINAL_DRAWS, encoder_gaussian, gap_batch, gaussian_elbo, joint_forms, own_elbo
+    from vaelab.models import ModelConfig, build_model
+
+    data = prepare(load_mnist(data_dir), DataConfig(test_examples=6, train_examples=10))
+    x = data.test_binary.double()
+    torch.manual_seed(11)
+    one = build_model(ModelConfig(hidden=((16,),), latent=(3,))).double().eval()
+    result = gap_batch(one, x, 30, torch.Generator().manual_seed(12))
+
+    def replay(steps: int, d: int) -> tuple[torch.Generator, torch.Tensor]:
+        """The optimisation's stream: check draws, each step's draws, then the final draws (returned)."""
+        g = torch.Generator().manual_seed(12)
+        torch.randn((32, 6, d), generator=g, dtype=torch.float64)
+        for _ in range(steps):
+            torch.randn((4, 1, d), generator=g, dtype=torch.float64)
+        return g, torch.randn((FINAL_DRAWS, 6, d), generator=g, dtype=torch.float64)
+
+    _, final = replay(int(result.steps.max()), 3)
+    with torch.no_grad():
+        start, _ = gaussian_elbo(joint_forms(one).joint_for, x, *encoder_gaussian(one, x), final)
+    torch.testing.assert_close(result.elbo_encoder, start, rtol=1e-12, atol=1e-9)
+    two = build_model(ModelConfig(name="mlp2", hidden=((16,), (8,)), latent=(3, 2))).double().eval()
+    result = gap_batch(two, x, 5, torch.Generator().manual_seed(12))
+    g, _ = replay(5, 5)
+    own, _ = own_elbo(two, x, FINAL_DRAWS, g)                 # the next draws of the same stream
+    torch.testing.assert_close(result.elbo_encoder, own, rtol=1e-12, atol=1e-9)
 
 
 def test_nested_k_estimates_are_the_ordinary_ones_on_the_same_draws_and_rise_with_k():

@@ -131,6 +131,25 @@ class MLPVAE(nn.Module):
 
         return log_likelihood
 
+    def log_joint_score(self, z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """∇_z log p(x, z) derived by hand for the standard prior and ReLU layers (the configurations the gap
+        optimisation looks this up for, ``vaelab.gaps``), without autograd: z (…, B, d), x (B, 784) → (…, B, d).
+
+        With h₀ = z, hₖ = relu(hₖ₋₁Wₖᵀ + bₖ) and ℓ = h_L W_outᵀ + b_out: ∂/∂ℓ Σⱼ [xⱼℓⱼ − softplus(ℓⱼ)] =
+        x − sigmoid(ℓ); back through a linear layer ∂/∂(input) = ∂/∂(output) W, through ReLU kept where h > 0;
+        log N(z; 0, I) adds −z.
+        Equal to autograd's gradient (tests/test_gaps.py)."""
+        layers, out = linear_layers(self.decoder), self.decoder_out
+        hidden = [z.reshape(-1, z.shape[-1])]                                   # (N, d), N = …·B
+        for layer in layers:
+            hidden.append(torch.addmm(layer.bias, hidden[-1], layer.weight.t()).relu_())   # (N, H)
+        s = torch.addmm(out.bias, hidden[-1], out.weight.t()).sigmoid_()        # (N, 784) sigmoid(ℓ)
+        d_logits = s.view(*z.shape[:-1], -1).neg_().add_(x)                     # (…, B, 784) x − sigmoid(ℓ)
+        d = d_logits.view(len(s), -1) @ out.weight                              # (N, H)
+        for layer, h in zip(reversed(layers), reversed(hidden[1:])):
+            d = torch.ops.aten.threshold_backward(d, h, 0.0) @ layer.weight     # (N, in)
+        return d.view(z.shape) - z
+
     def bf16_log_likelihood_for(self, x: torch.Tensor, mm: Callable) -> Callable[..., torch.Tensor]:
         """``log_likelihood_for`` with the decoder's matrix products in bfloat16 (``mm``: a product of
         ``vaelab.precision``, native or emulated): weights and activations are rounded to bf16 as they enter a
