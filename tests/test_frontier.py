@@ -230,6 +230,61 @@ def test_ladder_merges_gaussians_by_precision_weighting():
     assert torch.allclose(closed[0], closed[-1]) and torch.all((sampled.mean(0) - closed[0]).abs() < 4 * stderr)
 
 
+def test_batch_norm_normalises_over_draws_and_digits_and_evaluates_with_its_running_averages():
+    """Training: each unit's values over all (K, B) rows have mean 0 and (biased) variance 1 before γ, β, the output
+    and the running averages those of torch's BatchNorm1d on the flattened rows; evaluation: the fixed affine map
+    (a − running mean)/√(running variance + ε) γ + β written out."""
+    from vaelab.models.base import BatchNorm
+
+    g = torch.Generator().manual_seed(31)
+    a = 3 * torch.randn(4, 6, 5, generator=g, dtype=torch.float64) + 2                 # (K, B, C)
+    norm, reference = BatchNorm(5).double(), torch.nn.BatchNorm1d(5).double()
+    out = norm(a)
+    torch.testing.assert_close(out.mean((0, 1)), torch.zeros(5, dtype=torch.float64), rtol=0, atol=1e-12)
+    torch.testing.assert_close(out.var((0, 1), unbiased=False), torch.ones(5, dtype=torch.float64), rtol=1e-5, atol=0)
+    torch.testing.assert_close(out, reference(a.reshape(-1, 5)).view(a.shape), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(norm.running_mean, reference.running_mean, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(norm.running_var, reference.running_var, rtol=1e-12, atol=1e-12)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 2.0, generator=g)
+        norm.bias.normal_(generator=g)
+    norm.eval()
+    expected = (a - norm.running_mean) / torch.sqrt(norm.running_var + 1e-5) * norm.weight + norm.bias
+    torch.testing.assert_close(norm(a), expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(norm(a[:1, :1]), expected[:1, :1], rtol=1e-12, atol=1e-12)   # any batch, one digit
+
+
+def test_a_ladder_with_batch_norm_resumes_exactly_keeps_its_averages_and_refuses_torchrun(tmp_path, data_dir):
+    from vaelab.checkpoint import load_tensors
+    from vaelab.config import RunConfig
+    from vaelab.distributed import World
+    from vaelab.errors import UsageError
+    from vaelab.training import Trainer
+
+    args = ["--model", "hvae", "--inference", "top-down", "--latent", "6", "3", "--blocks", "24,24", "12",
+            "--activation", "leaky_relu", "--batch-norm", "--train-examples", "400", "--test-examples", "50",
+            "--batch-size", "50", "--data-dir", str(data_dir), "--threads", "1", "--no-progress"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert main(["train", "--out", str(straight), "--epochs", "2", *args]) == 0
+    assert main(["train", "--out", str(resumed), "--epochs", "1", *args]) == 0
+    assert main(["train", "--out", str(resumed), "--resume", "--epochs", "2", "--data-dir", str(data_dir),
+                 "--threads", "1", "--no-progress"]) == 0
+    a, _ = load_tensors(straight / "model.safetensors")
+    b, _ = load_tensors(resumed / "model.safetensors")
+    averages = [name for name in a if name.endswith("running_var")]
+    assert len(averages) == 6                                        # 2 + 1 layers up, 1 + 2 down
+    assert all(not torch.equal(a[name], torch.ones_like(a[name])) for name in averages)   # they were updated
+    assert a.keys() == b.keys() and all(torch.equal(a[name], b[name]) for name in a)      # same machine and threads
+    assert main(["evaluate", str(straight), "--k", "20", "--no-progress"]) == 0
+    config = RunConfig.load(straight / "config.json")
+    assert config.model.batch_norm
+    old = {**config.to_dict(), "version": 4}                         # a version-4 file has no batch_norm: none
+    old["model"] = {k: v for k, v in old["model"].items() if k != "batch_norm"}
+    assert RunConfig.from_dict(old).model.batch_norm is False
+    with pytest.raises(UsageError, match="--batch-norm trains in one process"):
+        Trainer(config, tmp_path / "ranked", None, torch.device("cpu"), world=World(rank=0, size=2))
+
+
 def test_hierarchies_of_any_depth_sample_and_evaluate():
     from vaelab.evaluation import EvalConfig, evaluate_run
 
@@ -329,6 +384,9 @@ def test_the_report_of_a_vampprior_run_shows_its_pseudo_inputs(tmp_path, data_di
     (["--model", "hvae", "--latent", "8"], ["model hvae takes 2 to 64 stochastic layers"]),
     (["--model", "tomczak", "--hidden", "30", "20", "--latent", "4"], ["hidden layers of one width W"]),
     (["--blocks", "32,x"], ["--blocks", "whole number", "got 'x'"]),
+    (["--batch-norm"], ["--batch-norm applies to the hierarchies", "not model mlp", "leave it out"]),
+    (["--model", "hvae", "--latent", "8", "4", "--blocks", "32", "16", "--batch-norm", "--prior", "vampprior"],
+     ["--batch-norm with --prior vampprior", "--prior standard or mog"]),
 ])
 def test_bad_model_values_are_one_line_errors_naming_the_choices(args, words, tmp_path, data_dir, capsys):
     out = tmp_path / "run"

@@ -87,6 +87,8 @@ TINY = {
     "mlp-iaf": ModelConfig(hidden=((7,),), latent=(3,), activation="tanh", flow="iaf", flow_steps=2, flow_width=6),
     "hvae-ladder-vampprior": ModelConfig(name="hvae", hidden=((6,), (5,), (4,)), latent=(4, 3, 2), activation="tanh",
                                          inference="top-down", prior="vampprior", prior_components=3),
+    "hvae-ladder-batchnorm": ModelConfig(name="hvae", hidden=((6, 5), (5,), (4,)), latent=(4, 3, 2),
+                                         activation="leaky_relu", inference="top-down", batch_norm=True),
     "hvae-iaf-mog": ModelConfig(name="hvae", hidden=((6,), (5,)), latent=(3, 2), activation="softplus", flow="iaf",
                                 flow_steps=1, flow_width=5, prior="mog", prior_components=2),
     "tomczak-2-vampprior": ModelConfig(name="tomczak", hidden=((5, 5), (5, 5)), latent=(3, 2), activation="gated",

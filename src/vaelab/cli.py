@@ -142,6 +142,8 @@ def build_parser(parser_class: type[argparse.ArgumentParser] = _Parser) -> argpa
                        "iaf (inverse autoregressive); bottom-up inference")
     group.add_argument("--flow-steps", type=_non_negative_int, metavar="T", help="steps of the flow (default 0)")
     group.add_argument("--flow-width", type=_positive_int, metavar="W", help="hidden units of each IAF step (default 256)")
+    group.add_argument("--batch-norm", action=argparse.BooleanOptionalAction, default=None,
+                       help="batch normalisation in every deterministic layer (the Ladder VAE's; hvae, mlp2; default off)")
     group = train.add_argument_group("objective")
     group.add_argument("--objective", choices=list(OBJECTIVES), help="elbo (default) or iwae")
     group.add_argument("--k", type=_whole_number(1, 100_001), help="draws per example (default 1)")
@@ -338,7 +340,7 @@ _FLAGS = {
     "model": ("model", "name"), "latent": ("model", "latent"), "activation": ("model", "activation"),
     "init": ("model", "init"), "inference": ("model", "inference"), "prior": ("model", "prior"),
     "prior_components": ("model", "prior_components"), "flow": ("model", "flow"),
-    "flow_steps": ("model", "flow_steps"), "flow_width": ("model", "flow_width"),
+    "flow_steps": ("model", "flow_steps"), "flow_width": ("model", "flow_width"), "batch_norm": ("model", "batch_norm"),
     "objective": ("objective", "name"), "k": ("objective", "samples"),
     "beta": ("objective", "beta"), "warmup": ("objective", "warmup_epochs"), "binarize": ("data", "binarize"),
     "train_examples": ("data", "train_examples"), "test_examples": ("data", "test_examples"),

@@ -4,7 +4,7 @@ Loading checks every field (names, types, ranges, choices) so that a hand-edited
 clear error, and a model is rebuilt from this file alone. Files of earlier versions are migrated on
 load (``_MIGRATIONS``): a version-1 file (one hidden width, one latent size) means the reference model;
 version 2 lacked train.precision (float32); version 3 lacked the model's inference, prior and flow (bottom-up,
-the standard prior, no flow: what every model of vaelab 0.2 was).
+the standard prior, no flow: what every model of vaelab 0.2 was); version 4 lacked batch_norm (none).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from vaelab.objectives import OBJECTIVES
 from vaelab.precision import PRECISIONS
 from vaelab.schedules import LR_SCHEDULES
 
-CONFIG_VERSION = 4
+CONFIG_VERSION = 5
 SEED_LIMIT = 2**63            # every seed is a non-negative 63-bit integer (torch's generators take it)
 
 
@@ -207,7 +207,15 @@ def _migrate_3(raw: dict, source: str) -> dict:
     return {**raw, "version": 4, "model": {**defaults, **model}}
 
 
-_MIGRATIONS = {1: _migrate_1, 2: _migrate_2, 3: _migrate_3}
+def _migrate_4(raw: dict, source: str) -> dict:
+    """Version 4 (before batch normalisation): none."""
+    model = raw.get("model")
+    if not isinstance(model, dict):
+        raise CheckpointError(f"{source}: sections missing or malformed (model must be an object)")
+    return {**raw, "version": 5, "model": {"batch_norm": False, **model}}
+
+
+_MIGRATIONS = {1: _migrate_1, 2: _migrate_2, 3: _migrate_3, 4: _migrate_4}
 
 
 def _build(kind: type, raw: Any, source: str):

@@ -222,6 +222,10 @@ class Trainer:
         self.config, self.run_dir, self.data, self.device = config, Path(run_dir), data, device
         self.log, self.progress, self.world = log, progress and world.main, world
         self.observers = list(observers)            # called on rank 0 with (model, metrics row) after each epoch
+        if config.model.batch_norm and world.distributed:
+            raise UsageError(f"--batch-norm trains in one process: under torchrun each of the {world.size} processes "
+                             f"would normalise with the statistics of its own share of the batch; run without "
+                             f"torchrun, or without --batch-norm")
         seed = config.train.seed
         torch.manual_seed(seed)
         random.seed(seed)

@@ -53,6 +53,7 @@ class ModelConfig:
     flow: str = "none"                 # none | planar | iaf: a flow in q (bottom-up inference)
     flow_steps: int = 0                # T; 0 is the Gaussian itself
     flow_width: int = 256              # hidden units of each IAF step's MADE
+    batch_norm: bool = False           # batch normalisation in every deterministic layer (hierarchies: hvae, mlp2)
 
     def validate(self) -> "ModelConfig":
         """Raise UsageError naming the problem and the choices, else return self."""
@@ -92,6 +93,12 @@ class ModelConfig:
             raise UsageError(f"--flow {self.flow} applies to bottom-up inference (models mlp, mlp2, hvae): the "
                              f"{'ladder merges Gaussians' if self.inference == 'top-down' else 'tomczak model has its own q'}"
                              f"; use --flow none")
+        if self.batch_norm and self.name not in ("hvae", "mlp2"):
+            raise UsageError(f"--batch-norm applies to the hierarchies (models hvae, mlp2), not model {self.name}"
+                             f"{' (its fast forms have no normalisation)' if self.name == 'mlp' else ''}; leave it out")
+        if self.batch_norm and self.prior == "vampprior":
+            raise UsageError("--batch-norm with --prior vampprior: the pseudo-inputs would be normalised with statistics "
+                             "of their own batch; use --prior standard or mog, or leave --batch-norm out")
         if any(len(block) == 0 for block in self.hidden):
             raise UsageError(f"each block of hidden widths needs at least one layer, got {self.hidden}")
         if any(w < 1 for block in self.hidden for w in block) or any(d < 1 for d in self.latent):
@@ -111,11 +118,12 @@ class ModelConfig:
         return MODELS[self.name].linear_shapes(self)
 
     def parameter_count(self) -> int:
-        """Weights and biases of every linear map, and the prior's own parameters (K·784 pseudo-inputs, or
-        K means and log-variances)."""
+        """Weights and biases of every linear map, the prior's own parameters (K·784 pseudo-inputs, or
+        K means and log-variances) and the batch normalisations' scales and shifts."""
         prior = {"standard": 0, "mog": 2 * self.prior_components * self.latent[-1],
                  "vampprior": self.prior_components * self.data_dim}[self.prior]
-        return sum((a + 1) * b for a, b in self.layers()) + prior
+        norms = 2 * 2 * sum(sum(block) for block in self.hidden) if self.batch_norm else 0   # γ, β; both sides
+        return sum((a + 1) * b for a, b in self.layers()) + prior + norms
 
     def widest(self) -> int:
         return max(b for _, b in self.layers())

@@ -33,6 +33,30 @@ class Gated(nn.Module):
         return self.h(a) * torch.sigmoid(self.g(a))
 
 
+class BatchNorm(nn.Module):
+    """Batch normalisation (Ioffe & Szegedy 2015) of (…, C) over every leading axis (draws × digits):
+
+        training    y = γ ⊙ (a − m) / √(v + ε) + β,  m, v the batch's mean and (biased) variance per unit, while
+                    the running averages move by 0.1 towards m and the unbiased variance (torch's convention);
+        evaluation  the same with the running averages: a fixed affine map of each unit.
+
+    γ, β are parameters; the running averages float32 buffers saved with the weights, so a resumed run goes on
+    with them. The Ladder VAE's deterministic layers use it (Sønderby et al. 2016, §3)."""
+
+    def __init__(self, width: int, eps: float = 1e-5, momentum: float = 0.1):
+        super().__init__()
+        self.eps, self.momentum = eps, momentum
+        self.weight = nn.Parameter(torch.ones(width))
+        self.bias = nn.Parameter(torch.zeros(width))
+        self.register_buffer("running_mean", torch.zeros(width))
+        self.register_buffer("running_var", torch.ones(width))
+
+    def forward(self, a: torch.Tensor) -> torch.Tensor:
+        flat = a.reshape(-1, a.shape[-1])                                             # (N, C), N = …·B
+        return F.batch_norm(flat, self.running_mean, self.running_var, self.weight, self.bias, self.training,
+                            self.momentum, self.eps).view(a.shape)
+
+
 @dataclass(frozen=True)
 class Activation:
     module: Callable[[], nn.Module] | None                # for nn.Sequential (autograd); None: a gated layer
@@ -72,12 +96,14 @@ def _he(module: nn.Module) -> None:
 INITS: dict[str, Callable[[nn.Module], None]] = {"torch": lambda module: None, "glorot": _glorot, "he": _he}
 
 
-def mlp(inputs: int, widths: Sequence[int], activation: str) -> nn.Sequential:
-    """Linear → activation (or one gated layer), once per width: inputs → widths[0] → … → widths[-1]."""
+def mlp(inputs: int, widths: Sequence[int], activation: str, batch_norm: bool = False) -> nn.Sequential:
+    """Linear → activation (or one gated layer), once per width: inputs → widths[0] → … → widths[-1]; with
+    ``batch_norm`` Linear → BatchNorm → activation (normalised before the nonlinearity, as Ioffe & Szegedy)."""
     layers: list[nn.Module] = []
     kind = ACTIVATIONS[activation]
     for width in widths:
-        layers += [Gated(inputs, width)] if kind.gated else [nn.Linear(inputs, width), kind.module()]
+        norm = [BatchNorm(width)] if batch_norm else []
+        layers += [Gated(inputs, width)] if kind.gated else [nn.Linear(inputs, width), *norm, kind.module()]
         inputs = width
     return nn.Sequential(*layers)
 

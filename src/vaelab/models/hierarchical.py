@@ -14,7 +14,8 @@ networks (``ModelConfig.inference``), the same generative model:
                 p and q. Written stably: log σ_q² = −logaddexp(−log σ̂², −log σ_p²) and
                 μ_q = μ̂ sigmoid(log σ_p² − log σ̂²) + μ_p sigmoid(log σ̂² − log σ_p²).
 
-Networks: inference block l maps x (l = 0, or dₗ₋₁ top-down) or zₗ₋₁ (bottom-up) through ``hidden[l]`` to
+Networks (``batch_norm``: every deterministic layer normalised before its nonlinearity, the Ladder VAE's
+batch normalisation; ``models/base.py``): inference block l maps x (l = 0, or dₗ₋₁ top-down) or zₗ₋₁ (bottom-up) through ``hidden[l]`` to
 (μ̂ₗ, log σ̂ₗ²); generative block for layer l + 1 maps zₗ₊₁ through ``hidden[l + 1]`` reversed to (μ_p, log σ_p²) of
 zₗ, and the bottom one z₁ through ``hidden[0]`` reversed to the 784 logits. With L = 2, tanh and hidden
 ((100, 100), (50, 50)), latent (100, 50) it is Burda's two-layer model; blocks are built in the order the
@@ -37,9 +38,9 @@ from vaelab.objectives import Parts, StochasticLayer, bernoulli_log_likelihood, 
 class Block(nn.Module):
     """An MLP and the linear map after it."""
 
-    def __init__(self, inputs: int, widths, outputs: int, activation: str):
+    def __init__(self, inputs: int, widths, outputs: int, activation: str, batch_norm: bool = False):
         super().__init__()
-        self.net = mlp(inputs, widths, activation)
+        self.net = mlp(inputs, widths, activation, batch_norm)
         self.out = nn.Linear(widths[-1], outputs)
 
     def forward(self, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -72,9 +73,10 @@ class HierarchicalVAE(nn.Module):
         up = []
         for l in range(levels):
             inputs = config.data_dim if l == 0 else (hidden[l - 1][-1] if self.top_down else latent[l - 1])
-            up.append(Block(inputs, hidden[l], 2 * latent[l], act))
+            up.append(Block(inputs, hidden[l], 2 * latent[l], act, config.batch_norm))
         self.up = nn.ModuleList(up)                                     # inference, bottom first
-        self.down = nn.ModuleList([Block(latent[l], hidden[l][::-1], 2 * latent[l - 1] if l else config.data_dim, act)
+        self.down = nn.ModuleList([Block(latent[l], hidden[l][::-1], 2 * latent[l - 1] if l else config.data_dim, act,
+                                         config.batch_norm)
                                    for l in range(levels - 1, -1, -1)])  # generative, from the top: zₗ → zₗ₋₁ … → x
         self.prior = build_prior(config, latent[-1])
         self.flows = nn.ModuleList([build_flow(config, latent[l], hidden[l][-1]) for l in range(levels)])
