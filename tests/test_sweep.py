@@ -226,6 +226,20 @@ def test_the_cpu_hour_choice_is_a_spec_that_parses():
     assert spec.trials == len(spec.enqueue) == 6 and spec.objective == "validation-nll"
 
 
+def test_a_false_boolean_field_turns_off_what_the_preset_turns_on():
+    """`batch_norm = false` against ladder-5 (which sets it) becomes --no-batch-norm, not a flag left out."""
+    from vaelab.cli import _train_config, build_parser
+    from vaelab.config import RunConfig
+    from vaelab.sweep import flags_of
+
+    assert flags_of({"batch_norm": False, "lr": 1e-3}) == ["--no-batch-norm", "--lr", "0.001"]
+    assert flags_of({"batch_norm": True}) == ["--batch-norm"]
+    parser = build_parser()
+    for value in (False, True):
+        args = parser.parse_args(["train", "--preset", "ladder-5", *flags_of({"batch_norm": value})])
+        assert _train_config(args, RunConfig()).model.batch_norm is value
+
+
 # ---- PostgreSQL: a study shared by two `vaelab sweep` processes ------------------------------------------------
 
 

@@ -136,12 +136,17 @@ def train_fields() -> dict[str, Any]:
 
 
 def flags_of(fields: dict[str, Any]) -> list[str]:
-    """`vaelab train` argv for {field: value} (lists become several values, True a bare flag)."""
+    """`vaelab train` argv for {field: value} (lists become several values, True a bare flag, False the flag's
+    --no- form where it has one, e.g. --no-batch-norm against a preset that turns it on)."""
     argv: list[str] = []
+    negatable = {name for name, action in train_fields().items()
+                 if "--no-" + name.replace("_", "-") in action.option_strings}
     for name, value in fields.items():
         option = "--" + name.replace("_", "-")
         if value is True:
             argv.append(option)
+        elif value is False and name in negatable:
+            argv.append("--no-" + option[2:])
         elif value is False or value is None:
             continue
         elif name == "blocks":
