@@ -220,3 +220,53 @@ def test_bad_gap_and_curve_values_are_one_line_errors(flags, words, tmp_path, da
     err = capsys.readouterr().err
     assert code == 2 and len(err.strip().splitlines()) == 1 and all(w in err for w in words), err
     assert not list(run.glob("eval-*"))
+
+
+def test_a_family_that_stays_below_the_models_own_q_is_said_not_to_measure_the_gaps():
+    """ELBO[q*] below ELBO[q] (a hierarchy whose diagonal Gaussian did not reach its q) carries a warning in the
+    record; the ordinary case none."""
+    from vaelab.evaluation import EvalConfig, _gaps_summary
+
+    n = 8
+    base = {"iwae": torch.full((n,), -90.0, dtype=torch.float64), "gap_steps": torch.full((n,), 100),
+            "gap_converged": torch.ones(n, dtype=torch.bool)}
+    good = _gaps_summary({**base, "elbo_optimised": torch.full((n,), -93.0, dtype=torch.float64),
+                          "elbo_encoder": torch.full((n,), -97.0, dtype=torch.float64)}, "family", EvalConfig(), n)
+    bad = _gaps_summary({**base, "elbo_optimised": torch.full((n,), -5000.0, dtype=torch.float64),
+                         "elbo_encoder": torch.full((n,), -97.0, dtype=torch.float64)}, "family", EvalConfig(), n)
+    assert "warning" not in good
+    assert "below the model's own ELBO[q] by 4.9e+03 nats" in bad["warning"] and "do not measure" in bad["warning"]
+
+
+def test_laplace_says_which_test_digit_it_does_not_apply_to_and_runs_batch_norm_in_evaluation_mode(monkeypatch):
+    """A Hessian that is not negative definite at the mode of digit 3 of the second batch is reported as test
+    digit 23 in the CLI's terms; and a ladder with batch normalisation goes through Laplace with its running
+    averages (one digit per batch would be refused by batch statistics)."""
+    from vaelab import evaluation
+    from vaelab.evaluation import EvalConfig, laplace_estimates
+    from vaelab.laplace import LaplaceError
+    from vaelab.models import ModelConfig, build_model
+
+    torch.manual_seed(12)
+    model = build_model(ModelConfig(name="hvae", hidden=((8,), (6,)), latent=(3, 2), activation="leaky_relu",
+                                    inference="top-down", batch_norm=True)).eval()
+    x = (torch.rand(2, 784, generator=torch.Generator().manual_seed(13)) < 0.3).float()
+    try:
+        laplace_estimates(model, x, EvalConfig(k=10, laplace=True, examples_per_batch=1))
+    except LaplaceError:
+        pass                                      # a saddle is the model's; batch statistics would be a ValueError
+    real, calls = evaluation._laplace_batch, []
+
+    def second_fails(*args):
+        calls.append(1)
+        if len(calls) == 2:
+            error = LaplaceError("the Hessian at the mode is not negative definite")
+            error.example, error.eigenvalues = 3, [-0.5, 0.25]
+            raise error
+        return real(*args)
+
+    monkeypatch.setattr(evaluation, "_laplace_batch", second_fails)
+    images = (torch.rand(50, 784, generator=torch.Generator().manual_seed(14)) < 0.3).float()
+    with pytest.raises(LaplaceError, match=r"at test digit 23 .*not negative definite.*evaluate without --laplace"):
+        laplace_estimates(build_model(ModelConfig(hidden=((8,),), latent=(2,))).eval(), images,
+                          EvalConfig(k=10, laplace=True, examples_per_batch=20))

@@ -841,6 +841,8 @@ def format_eval_table(result: dict) -> str:
                   f"  approximation gap {pm('approximation_gap')}   amortisation gap {pm('amortisation_gap')} nats",
                   f"  stopping rule: {gaps['rule']}; {100 * gaps['converged_fraction']:.1f} % of the digits converged, "
                   f"{gaps['mean_steps']:.0f} steps on average (at most {gaps['max_steps']})"]
+        if gaps.get("warning"):
+            lines.append(f"warning: {gaps['warning']}")
     modes = result.get("laplace_modes")
     if modes and (modes["stalled"] or modes["not converged"]):
         lines.append(f"warning: of the Laplace modes, {modes['converged']} converged, {modes['stalled']} stalled at a "

@@ -131,9 +131,12 @@ def newton_maximize(f: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], z0:
 def _require_negative_definite(result: NewtonResult) -> None:
     if not bool(result.positive_definite.all()):
         bad = int((~result.positive_definite).nonzero()[0, 0])
-        raise LaplaceError(f"the Hessian at the mode is not negative definite (example {bad}, eigenvalues of "
-                           f"−∇²f: {torch.linalg.eigvalsh(result.precision[bad]).tolist()[:4]}…); Laplace's "
-                           f"method does not apply there; pass jitter > 0 to regularise it explicitly")
+        eigenvalues = torch.linalg.eigvalsh(result.precision[bad]).tolist()[:4]
+        error = LaplaceError(f"the Hessian at the mode is not negative definite (example {bad}, eigenvalues of "
+                             f"−∇²f: {eigenvalues}…); Laplace's method does not apply there; pass jitter > 0 to "
+                             f"regularise it explicitly")
+        error.example, error.eigenvalues = bad, eigenvalues          # for callers that say it in their own terms
+        raise error
 
 
 def log_det_from_cholesky(chol: torch.Tensor) -> torch.Tensor:

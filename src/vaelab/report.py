@@ -324,6 +324,7 @@ def _nats_section(run: RunInfo, figures: FigureSet) -> dict:
     if gaps is not None:
         g = gaps["gaps"]
         section["gaps"] = {"record": gaps["file"], "family": g["family"], "rule": g["rule"], "digits": g["digits"],
+                           "warning": g.get("warning"),
                            "converged": f"{100 * g['converged_fraction']:.1f} %", "steps": f"{g['mean_steps']:.0f}",
                            "rows": [(label, _fmt(g[key]["mean"], 2), _fmt(g[key]["stderr"], 2))
                                     for key, label in (("log_px", f"log p̂(x), {g['log_px_estimator']}"),
