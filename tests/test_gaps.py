@@ -244,7 +244,7 @@ def test_laplace_says_which_test_digit_it_does_not_apply_to_and_runs_batch_norm_
     averages (one digit per batch would be refused by batch statistics)."""
     from vaelab import evaluation
     from vaelab.evaluation import EvalConfig, laplace_estimates
-    from vaelab.laplace import LaplaceError
+    from vaelab.laplace import LaplaceError, NotNegativeDefinite
     from vaelab.models import ModelConfig, build_model
 
     torch.manual_seed(12)
@@ -260,9 +260,7 @@ def test_laplace_says_which_test_digit_it_does_not_apply_to_and_runs_batch_norm_
     def second_fails(*args):
         calls.append(1)
         if len(calls) == 2:
-            error = LaplaceError("the Hessian at the mode is not negative definite")
-            error.example, error.eigenvalues = 3, [-0.5, 0.25]
-            raise error
+            raise NotNegativeDefinite("the Hessian at the mode is not negative definite", 3, [-0.5, 0.25])
         return real(*args)
 
     monkeypatch.setattr(evaluation, "_laplace_batch", second_fails)

@@ -30,7 +30,8 @@ from tqdm import tqdm
 from vaelab.data import test_batches
 from vaelab.distributed import SINGLE, World, gather_rows, shard
 from vaelab.errors import UsageError
-from vaelab.laplace import OUTCOMES, LaplaceError, laplace_log_marginal, sample_laplace_proposal
+from vaelab.laplace import (OUTCOMES, LaplaceError, NotNegativeDefinite, laplace_log_marginal,
+                            sample_laplace_proposal)
 from vaelab.models import MLPVAE, build_model
 from vaelab.models.priors import frozen_components
 from vaelab.objectives import (elbo_objective, importance_sampled_log_marginal, iwae_bound, log_mean_exp,
@@ -321,9 +322,7 @@ def laplace_estimates(model, images: torch.Tensor, config: EvalConfig,
         for x in _batches(images, config.examples_per_batch, f"Laplace + IS-{config.k}", progress):
             try:
                 parts.append(_laplace_batch(model, model64, x, config, generator))
-            except LaplaceError as exc:
-                if getattr(exc, "example", None) is None:
-                    raise
+            except NotNegativeDefinite as exc:
                 raise LaplaceError(f"--laplace: at test digit {done + exc.example} the Hessian of log p(x, z) where the "
                                    f"mode search stopped is not negative definite (eigenvalues of −∇²: "
                                    f"{[round(v, 4) for v in exc.eigenvalues]}…), a saddle or a kink of this model, so "

@@ -37,6 +37,15 @@ class LaplaceError(VaelabError, ValueError):
     at the mode that is not negative definite."""
 
 
+class NotNegativeDefinite(LaplaceError):
+    """The Hessian at the mode of ``example`` (its row in the batch) is not negative definite; ``eigenvalues``
+    are the smallest of −∇²f there."""
+
+    def __init__(self, message: str, example: int, eigenvalues: list[float]):
+        super().__init__(message)
+        self.example, self.eigenvalues = example, eigenvalues
+
+
 # Why the Newton search of each example stopped (NewtonResult.outcome).
 RUNNING, SMOOTH, STALLED = 0, 1, 2
 OUTCOMES = {RUNNING: "not converged", SMOOTH: "converged", STALLED: "stalled"}
@@ -132,11 +141,9 @@ def _require_negative_definite(result: NewtonResult) -> None:
     if not bool(result.positive_definite.all()):
         bad = int((~result.positive_definite).nonzero()[0, 0])
         eigenvalues = torch.linalg.eigvalsh(result.precision[bad]).tolist()[:4]
-        error = LaplaceError(f"the Hessian at the mode is not negative definite (example {bad}, eigenvalues of "
-                             f"−∇²f: {eigenvalues}…); Laplace's method does not apply there; pass jitter > 0 to "
-                             f"regularise it explicitly")
-        error.example, error.eigenvalues = bad, eigenvalues          # for callers that say it in their own terms
-        raise error
+        raise NotNegativeDefinite(f"the Hessian at the mode is not negative definite (example {bad}, eigenvalues of "
+                                  f"−∇²f: {eigenvalues}…); Laplace's method does not apply there; pass jitter > 0 to "
+                                  f"regularise it explicitly", bad, eigenvalues)
 
 
 def log_det_from_cholesky(chol: torch.Tensor) -> torch.Tensor:

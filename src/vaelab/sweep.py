@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
+import functools
 import hashlib
 import json
 import math
@@ -135,12 +136,18 @@ def train_fields() -> dict[str, Any]:
     return {a.dest: a for a in train._actions if a.dest not in RESERVED and a.dest != "help"}
 
 
+@functools.cache
+def _negatable_fields() -> frozenset[str]:
+    """The fields whose flag has a --no- form (argparse's BooleanOptionalAction)."""
+    return frozenset(name for name, action in train_fields().items()
+                     if "--no-" + name.replace("_", "-") in action.option_strings)
+
+
 def flags_of(fields: dict[str, Any]) -> list[str]:
     """`vaelab train` argv for {field: value} (lists become several values, True a bare flag, False the flag's
     --no- form where it has one, e.g. --no-batch-norm against a preset that turns it on)."""
     argv: list[str] = []
-    negatable = {name for name, action in train_fields().items()
-                 if "--no-" + name.replace("_", "-") in action.option_strings}
+    negatable = _negatable_fields()
     for name, value in fields.items():
         option = "--" + name.replace("_", "-")
         if value is True:

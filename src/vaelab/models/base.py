@@ -41,7 +41,9 @@ class BatchNorm(nn.Module):
         evaluation  the same with the running averages: a fixed affine map of each unit.
 
     γ, β are parameters; the running averages float32 buffers saved with the weights, so a resumed run goes on
-    with them. The Ladder VAE's deterministic layers use it (Sønderby et al. 2016, §3)."""
+    with them. The Ladder VAE's deterministic layers use it (Sønderby et al. 2016, §3). Not nn.BatchNorm1d: that
+    normalises axis 1 of a 3-D input (here the digits of (K, B, C), not the units) and keeps an int64 batch counter
+    among weights that are all float32."""
 
     def __init__(self, width: int, eps: float = 1e-5, momentum: float = 0.1):
         super().__init__()

@@ -83,13 +83,13 @@ class PlanarSteps(torch.autograd.Function):
         a_last = a.movedim(0, -1)                                                       # (…, T)
         one_minus = 1.0 - a_last.square()                                               # (…, T) 1 − a²
         log_det = torch.log1p(one_minus * c).sum(-1)                   # Σₜ log(1 + ûᵀψ), each term finite (wᵀû > −1)
-        ctx.save_for_backward(zs, a, u_hat, w, b, c)
-        ctx.z0_shape = z0.shape
+        ctx.save_for_backward(zs, a, u_hat, w, c)
+        ctx.z0_shape, ctx.b_shape = z0.shape, b.shape
         return zs[-1].clone(), log_det
 
     @staticmethod
     def backward(ctx, grad_z, grad_log_det):
-        zs, a, u_hat, w, b, c = ctx.saved_tensors
+        zs, a, u_hat, w, c = ctx.saved_tensors
         steps = len(a)
         u_t, w_t = u_hat.movedim(-2, 0), w.movedim(-2, 0)                               # (T, …, d)
         c_t = c.movedim(-1, 0)                                                          # (T, …) as broadcast with a:
@@ -108,7 +108,7 @@ class PlanarSteps(torch.autograd.Function):
             g.addcmul_(pre[t].unsqueeze(-1), w_t[t])
         grad_u = (gs * a.unsqueeze(-1)).movedim(0, -2).sum_to_size(u_hat.shape)        # (…, T, d)
         grad_w = (zs[:-1] * pre.unsqueeze(-1)).movedim(0, -2).sum_to_size(w.shape)
-        grad_b = pre.movedim(0, -1).sum_to_size(b.shape)                                # (…, T)
+        grad_b = pre.movedim(0, -1).sum_to_size(ctx.b_shape)                            # (…, T)
         grad_c = (grad_log_det * one_minus / denominator).movedim(0, -1).sum_to_size(c.shape)
         return g.sum_to_size(ctx.z0_shape), grad_u, grad_w, grad_b, grad_c
 
