@@ -133,6 +133,80 @@ def test_a_sweep_killed_after_its_first_trial_resumes_to_exactly_its_trials(tmp_
     assert printed.count("complete") + printed.count("pruned") == 4
 
 
+def _new_study(tmp_path, shared=False):
+    """A sweep's study with its slots enqueued, as `vaelab sweep` leaves it before its workers start."""
+    from vaelab import sweep
+
+    spec_path = tmp_path / "spec.toml"
+    spec_path.write_text(EXAMPLE.replace("trials = 4", "trials = 2"))
+    spec, out = sweep.load_spec(spec_path), tmp_path / "out"
+    out.mkdir()
+    study = sweep.open_study(spec, sweep.storage_url(out, None), "study")
+    sweep.reconcile(study, spec, out, shared)
+    return spec, out, study
+
+
+def _state_of(study, number):
+    return next(t for t in study.get_trials(deepcopy=False) if t.number == number).state.name
+
+
+def _waiting_slots(study):
+    return sorted(t.user_attrs["slot"] for t in study.get_trials(deepcopy=False) if t.state.name == "WAITING")
+
+
+def test_a_trial_taken_by_a_worker_killed_before_it_wrote_its_pid_is_retried(tmp_path):
+    """The window a kill -9 once hit on CI: a worker took a waiting trial and died before writing its host and pid;
+    the rerun left that slot running for ever and ended with three of four trials. Now the next reconcile fails it
+    (every worker of this directory writes its pid under the lock the reconcile holds) and enqueues its slot."""
+    from vaelab import sweep
+
+    spec, out, study = _new_study(tmp_path)
+    assert _waiting_slots(study) == [0, 1]
+    dead = study.ask()                                   # taken, then the process was killed
+    sweep.reconcile(study, spec, out)
+    assert _state_of(study, dead.number) == "FAIL" and _waiting_slots(study) == [0, 1]
+    live = sweep._take(study, out)                       # a worker of this process: host and pid written
+    assert live.user_attrs["pid"] == os.getpid()
+    sweep.reconcile(study, spec, out)
+    assert _state_of(study, live.number) == "RUNNING"    # a live trial is never failed
+    assert len(_waiting_slots(study)) == 1
+
+
+def test_on_a_shared_storage_a_trial_without_pid_waits_for_the_grace_period(tmp_path, monkeypatch):
+    """Workers elsewhere (another --out on the same PostgreSQL study) take trials under their own lock: a trial
+    without a pid may be theirs, just taken, so it is failed only once older than the grace period."""
+    from vaelab import sweep
+
+    spec, out, study = _new_study(tmp_path, shared=True)
+    taken = study.ask()
+    sweep.reconcile(study, spec, out, shared=True)
+    assert _state_of(study, taken.number) == "RUNNING"
+    monkeypatch.setattr(sweep, "GRACE_SECONDS", 0.5)
+    time.sleep(1.0)
+    sweep.reconcile(study, spec, out, shared=True)
+    assert _state_of(study, taken.number) == "FAIL" and _waiting_slots(study) == [0, 1]
+
+
+def test_a_trial_elsewhere_is_judged_by_its_heartbeat(tmp_path, monkeypatch):
+    """A trial of another machine (its pid cannot be looked up here) stays running while its heartbeat is written,
+    and is failed and its slot enqueued again once the heartbeat has been silent for the grace period. (Optuna
+    writes heartbeats only inside Study.optimize; vaelab's workers ask and tell, and write them themselves.)"""
+    from vaelab import sweep
+
+    monkeypatch.setattr(sweep, "HEARTBEAT_SECONDS", 0.2)
+    monkeypatch.setattr(sweep, "GRACE_SECONDS", 2)               # SQLite's clock has whole seconds
+    spec, out, study = _new_study(tmp_path)
+    trial = sweep._take(study, out)
+    trial.set_user_attr("host", "another-machine.invalid")
+    with sweep.heartbeat(study, trial):
+        time.sleep(3.5)
+        sweep.reconcile(study, spec, out)
+        assert _state_of(study, trial.number) == "RUNNING"
+    time.sleep(3.5)
+    sweep.reconcile(study, spec, out)
+    assert _state_of(study, trial.number) == "FAIL" and _waiting_slots(study) == [0, 1]
+
+
 def test_pruning_stops_a_trial_far_below_the_others(tmp_path, data_dir):
     """Two enqueued trials that learn, then one whose learning rate is 1000 times too small: its validation ELBO
     is far below theirs at every epoch, and the median pruner stops it after its warm-up; its run is kept."""

@@ -11,9 +11,12 @@ shared by several machines):
   takes a waiting trial (an atomic pop in the storage), trains its slot's run directory ``DIR/trials/NNNN``
   (an ordinary run: report, compare, runs and the API work on it) and tells the study the objective.
 - Nothing is lost: a trial whose process died (kill -9, a closed machine) is found stale (its pid gone on this
-  host, or its heartbeat too old elsewhere), marked failed, and its slot enqueued again with the same
-  parameters; the retry resumes the slot's run directory from its checkpoint (vaelab's exact resume), or starts
-  it again where no epoch had finished. The number of finished (complete or pruned) trials stays N.
+  host; elsewhere, its heartbeat, written every ``HEARTBEAT_SECONDS`` while it trains, older than
+  ``GRACE_SECONDS``), marked failed, and its slot enqueued again with the same parameters; the retry resumes the
+  slot's run directory from its checkpoint (vaelab's exact resume), or starts it again where no epoch had
+  finished. The number of finished (complete or pruned) trials stays N. A worker takes a trial and writes its
+  host and pid under one lock (``.ask.lock``) that `reconcile` takes too, so a trial found running without
+  them was taken by a process that died in between.
 - Never two trials in one directory: a slot taken by another live trial (two sweeps racing for one waiting
   trial, or enqueueing the same slot twice) makes the later trial a surplus, told failed at once and never
   shown; the run directory's lock (one writer per run) is the last guard.
@@ -57,6 +60,8 @@ RESERVED = {"out", "resume", "preset", "no_progress", "threads", "tensorboard", 
 BUDGET_FIELDS = ("epochs", "train_examples", "validation", "test_examples")
 SPEC_FILE, STATE_FILE, STORAGE_FILE = "sweep.toml", "sweep.json", "study.db"
 FINISHED = ("COMPLETE", "PRUNED")
+# a running trial writes a heartbeat this often; one silent for the grace period is dead (Optuna's RDB heartbeat)
+HEARTBEAT_SECONDS, GRACE_SECONDS = 20, 90
 
 
 class StorageUnavailable(UsageError):
@@ -334,7 +339,7 @@ def _open_study(spec: Spec, url: str, name: str):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         try:
-            storage = optuna.storages.RDBStorage(url, heartbeat_interval=20, grace_period=90,
+            storage = optuna.storages.RDBStorage(url, heartbeat_interval=HEARTBEAT_SECONDS, grace_period=GRACE_SECONDS,
                                                  engine_kwargs={"connect_args": {"timeout": 60}}
                                                  if url.startswith("sqlite") else None)
         except ImportError as exc:
@@ -373,17 +378,32 @@ def _alive(host: str | None, pid: int | None) -> bool | None:
         return False
 
 
-def reconcile(study, spec: Spec, out: Path) -> None:
+def _dead(trial, shared: bool, now: float) -> bool:
+    """Whether a running trial's process is gone. Seen under the ask lock (see `_take`): without a pid it was taken
+    by a process killed before it wrote one, for sure where every worker shares this directory's lock (the sweep's
+    own SQLite study), after the grace period where workers elsewhere share the storage (they hold other locks);
+    with a pid on this host, that process; elsewhere the heartbeat decides (`fail_stale_trials`)."""
+    if "pid" not in trial.user_attrs:
+        started = trial.datetime_start.timestamp() if trial.datetime_start else now
+        return not shared or now - started > GRACE_SECONDS
+    return _alive(trial.user_attrs.get("host"), trial.user_attrs["pid"]) is False
+
+
+def reconcile(study, spec: Spec, out: Path, shared: bool = False) -> None:
     """Make the study hold exactly one live or finished trial per slot: stale trials failed, empty slots (new, or
-    whose last trial failed) enqueued, with the parameters of their failed trial where there was one."""
+    whose last trial failed) enqueued, with the parameters of their failed trial where there was one. ``shared``:
+    the study lives in a storage that workers with other directories may use too (``--storage URL``)."""
     optuna = require_optuna()
     from optuna.trial import TrialState
 
-    with file_lock(out / ".reconcile.lock"), warnings.catch_warnings():
+    # the ask lock too (always after the reconcile lock: no deadlock), so that no worker of this directory is
+    # between taking a trial and writing its pid while the running trials are judged
+    with file_lock(out / ".reconcile.lock"), file_lock(out / ".ask.lock"), warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         optuna.storages.fail_stale_trials(study)
+        now = time.time()
         for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            if _alive(trial.user_attrs.get("host"), trial.user_attrs.get("pid")) is False:
+            if _dead(trial, shared, now):
                 study.tell(trial.number, state=TrialState.FAIL)            # its process died: retried below
         trials = study.get_trials(deepcopy=False)
         by_slot: dict[int, list] = {}
@@ -424,8 +444,11 @@ def _take(study, out: Path):
         if not study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
             return None
         trial = study.ask()
-    trial.set_user_attr("host", socket.gethostname())
-    trial.set_user_attr("pid", os.getpid())
+        # inside the lock: `reconcile` never sees a live trial of this directory's workers without its pid, and a
+        # trial with a pid always has a heartbeat (a worker elsewhere judges it by that alone)
+        study._storage.record_heartbeat(trial._trial_id)
+        trial.set_user_attr("host", socket.gethostname())
+        trial.set_user_attr("pid", os.getpid())
     slot = trial.user_attrs.get("slot")
     rivals = [t for t in study.get_trials(deepcopy=False)
               if t.user_attrs.get("slot") == slot and t.number != trial.number and not t.user_attrs.get("surplus")
@@ -435,6 +458,29 @@ def _take(study, out: Path):
         study.tell(trial, state=TrialState.FAIL)
         return _take(study, out)
     return trial
+
+
+@contextlib.contextmanager
+def heartbeat(study, trial):
+    """Optuna's RDB heartbeat for a trial run outside `Study.optimize` (which is where Optuna writes it): every
+    ``HEARTBEAT_SECONDS`` from a thread until the trial ends, so that `fail_stale_trials` anywhere finds the trial
+    dead ``GRACE_SECONDS`` after its process stopped."""
+    import threading
+
+    stop = threading.Event()
+
+    def beat():
+        while not stop.wait(HEARTBEAT_SECONDS):
+            with contextlib.suppress(Exception):          # a storage hiccup: the next beat comes anyway
+                study._storage.record_heartbeat(trial._trial_id)
+
+    thread = threading.Thread(target=beat, name="vaelab-sweep-heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
 
 
 def run_trial(trial, spec: Spec, out: Path, threads: int, log) -> tuple[float | None, str]:
@@ -503,14 +549,16 @@ def worker(spec_path: str, out: str, url: str, name: str, threads: int, log_path
         from vaelab.training import Interrupted
 
         study = open_study(spec, url, name)
+        shared = url != storage_url(out_dir, None)
         while True:
-            reconcile(study, spec, out_dir)
+            reconcile(study, spec, out_dir, shared)
             trial = _take(study, out_dir)
             if trial is None:
                 return
             started = time.perf_counter()
             try:
-                value, _ = run_trial(trial, spec, out_dir, threads, print)
+                with heartbeat(study, trial):
+                    value, _ = run_trial(trial, spec, out_dir, threads, print)
                 trial.set_user_attr("seconds", time.perf_counter() - started)
                 study.tell(trial, value)
                 print(f"trial {trial.user_attrs['slot']:04d}: {spec.objective} {value:.3f}", flush=True)
@@ -570,7 +618,7 @@ def sweep(spec_path: Path, out: Path, workers: int, storage: str | None, trials:
         write_text(state_path, json.dumps(state, indent=2) + "\n")
     spec = dataclasses.replace(spec, trials=state["trials"])
     study = open_study(spec, state["storage"], state["study"])
-    reconcile(study, spec, out)
+    reconcile(study, spec, out, shared=state["storage"] != storage_url(out, None))
     threads = max(1, default_threads() // workers)
     (out / "workers").mkdir(exist_ok=True)
     log(f"sweep {out}: {spec.trials} trials of preset {spec.preset}, objective {spec.objective}"
