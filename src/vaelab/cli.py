@@ -839,6 +839,8 @@ def format_eval_table(result: dict) -> str:
                   f"ELBO[q] {pm('elbo_encoder')}" + (f"   ELBO[Laplace] {pm('elbo_laplace')}" if "elbo_laplace" in gaps
                                                      else ""),
                   f"  approximation gap {pm('approximation_gap')}   amortisation gap {pm('amortisation_gap')} nats",
+                  *([f"  log p̂(x) ({gaps['log_px_optimised_estimator']}) {pm('log_px_optimised')}"]
+                    if "log_px_optimised" in gaps else []),
                   f"  stopping rule: {gaps['rule']}; {100 * gaps['converged_fraction']:.1f} % of the digits converged, "
                   f"{gaps['mean_steps']:.0f} steps on average (at most {gaps['max_steps']})"]
         if gaps.get("warning"):

@@ -406,18 +406,27 @@ def gaps_figure(entries: Sequence[tuple[str, dict]], width: float | None = None)
     approximation = [g["approximation_gap"]["mean"] for _, g in entries]
     y = np.arange(len(entries))
     ax.barh(y, amortisation, color="C1", label="amortisation gap: ELBO[q*] − ELBO[q]")
-    ax.barh(y, approximation, left=np.maximum(amortisation, 0), color="C0",
+    # a negative approximation gap (log p̂(x) below ELBO[q*]: IWAE-K not converged) hatched, drawn back over the
+    # amortisation bar from its end
+    ax.barh(y, np.maximum(approximation, 0), left=np.maximum(amortisation, 0), color="C0",
             label="approximation gap: log p̂(x) − ELBO[q*]")
+    negative = [i for i, a in enumerate(approximation) if a < 0]
+    if negative:
+        ax.barh(negative, [approximation[i] for i in negative], left=[max(amortisation[i], 0) for i in negative],
+                color="none", edgecolor="C0", hatch="///",
+                label="approximation gap < 0: log p̂(x) below ELBO[q*], IWAE-K not converged")
     for i, (_, g) in enumerate(entries):
         total = g["amortisation_gap"]["mean"] + g["approximation_gap"]["mean"]
-        ax.text(max(total, 0) + 0.05, i, f"{g['amortisation_gap']['mean']:.2f} + {g['approximation_gap']['mean']:.2f}"
-                f" = {total:.2f}", va="center", fontsize=8)
+        note = " (< 0: not converged)" if g["approximation_gap"]["mean"] < 0 else ""
+        ax.text(max(total, amortisation[i], 0) + 0.05, i, f"{g['amortisation_gap']['mean']:.2f} + "
+                f"{g['approximation_gap']['mean']:.2f} = {total:.2f}{note}", va="center", fontsize=8)
     ax.set_yticks(y, names)
     ax.set_xlabel("nats per digit below log p̂(x), starting from the encoder's ELBO[q]")
     ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.45), ncol=1, frameon=False)
     ax.grid(alpha=0.3, axis="x")
     ax.set_xlim(min(0, min(amortisation + approximation)) - 0.2,
-                max(a + max(b, 0) for a, b in zip(amortisation, approximation)) * 1.35 + 0.2)
+                max(max(a, 0) + max(b, 0) for a, b in zip(amortisation, approximation))
+                * (1.35 if min(approximation) >= 0 else 1.8) + 0.2)
     fig.tight_layout()
     return fig
 

@@ -328,6 +328,8 @@ def _nats_section(run: RunInfo, figures: FigureSet) -> dict:
                            "converged": f"{100 * g['converged_fraction']:.1f} %", "steps": f"{g['mean_steps']:.0f}",
                            "rows": [(label, _fmt(g[key]["mean"], 2), _fmt(g[key]["stderr"], 2))
                                     for key, label in (("log_px", f"log p̂(x), {g['log_px_estimator']}"),
+                                                       ("log_px_optimised", "log p̂(x), "
+                                                        + g.get("log_px_optimised_estimator", "")),
                                                        ("elbo_optimised", "ELBO[q*], q optimised per digit"),
                                                        ("elbo_encoder", "ELBO[q], the encoder's q"),
                                                        ("elbo_laplace", "ELBO of the Laplace Gaussian N(z*, H⁻¹)"),

@@ -165,8 +165,20 @@ class HierarchicalVAE(nn.Module):
         """The start of the search for the joint mode of p(x, z): every layer at its mean under q, (B, D)."""
         return torch.cat(self._infer(x, None)[0], -1)
 
-    def _infer(self, x: torch.Tensor, eps: torch.Tensor | None):
-        """The draws z of every layer (eps None: the means), their Gaussians, and the layers' parts."""
+    def bottom_up(self, x: torch.Tensor) -> torch.Tensor:
+        """The ladder's deterministic bottom-up pass (top-down inference only): every layer's Gaussian N(μ̂ₗ, σ̂ₗ²)
+        as one (B, 2D) tensor, (μ̂₁ … μ̂_L, log σ̂₁² … log σ̂_L²). These are what the encoder amortises: given
+        them, q(z|x) is fixed (the top-down merges with p), so they are the ladder's per-digit parameters
+        (``forward(x, eps, hats)``; the gap decomposition optimises them per digit, vaelab.gaps)."""
+        hats, a = [], x
+        for block in self.up:
+            a, out = block(a)
+            hats.append(out.chunk(2, dim=-1))                                   # (μ̂ₗ, log σ̂ₗ²), each (B, dₗ)
+        return torch.cat([torch.cat([mu for mu, _ in hats], -1), torch.cat([lv for _, lv in hats], -1)], -1)
+
+    def _infer(self, x: torch.Tensor, eps: torch.Tensor | None, hats: torch.Tensor | None = None):
+        """The draws z of every layer (eps None: the means), their Gaussians, and the layers' parts; top-down,
+        ``hats`` (B, 2D) replaces the bottom-up pass (``bottom_up``)."""
         noise = [None] * len(self.sizes) if eps is None else list(eps.split(self.sizes, dim=-1))
         draws, gaussians, layers = [None] * len(self.sizes), [None] * len(self.sizes), [None] * len(self.sizes)
 
@@ -183,10 +195,10 @@ class HierarchicalVAE(nn.Module):
                 layers[l] = (mu, logvar, log_det, None)
                 a = z
         else:
-            hats, a = [], x
-            for block in self.up:                                              # the deterministic bottom-up pass
-                a, out = block(a)
-                hats.append(out.chunk(2, dim=-1))                               # (μ̂ₗ, log σ̂ₗ²), each (B, dₗ)
+            if hats is None:
+                hats = self.bottom_up(x)                                        # (B, 2D)
+            mus, logvars = hats.chunk(2, dim=-1)
+            hats = list(zip(mus.split(self.sizes, dim=-1), logvars.split(self.sizes, dim=-1)))  # (μ̂ₗ, log σ̂ₗ²)
             top = len(self.sizes) - 1
             mu, logvar = hats[top]
             draws[top], gaussians[top], layers[top] = draw(mu, logvar, noise[top]), (mu, logvar), (mu, logvar, None, None)
@@ -197,9 +209,12 @@ class HierarchicalVAE(nn.Module):
                 layers[l] = (mu, logvar, None, (p_mu, p_logvar))               # p at the same draw of zₗ₊₁
         return draws, gaussians, layers
 
-    def forward(self, x: torch.Tensor, eps: torch.Tensor) -> Parts:
-        """Parts for the K draws in eps (K, B, d₁ + … + d_L)."""
-        draws, _, layers = self._infer(x, eps)
+    def forward(self, x: torch.Tensor, eps: torch.Tensor, hats: torch.Tensor | None = None) -> Parts:
+        """Parts for the K draws in eps (K, B, d₁ + … + d_L); top-down, with ``hats`` (B, 2D) given in place of
+        the bottom-up pass's Gaussians (``bottom_up``)."""
+        if hats is not None and not self.top_down:
+            raise ValueError("hats are the ladder's bottom-up Gaussians: top-down inference only")
+        draws, _, layers = self._infer(x, eps, hats)
         noise = eps.split(self.sizes, dim=-1)
         parts = []
         for l, (mu, logvar, log_det, p) in enumerate(layers):
