@@ -62,11 +62,11 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
     "cpu-hour-vampprior": {
         "about": "the best model found for one hour of training on a 2-core CPU with the models of issue 21: "
-                 "Tomczak & Welling's two-layer HVAE with a VampPrior of 100 pseudo-inputs, 359 epochs (chosen on a "
+                 "Tomczak & Welling's two-layer HVAE with a VampPrior of 100 pseudo-inputs, 320 epochs (chosen on a "
                  "validation split; benchmarks/README.md)",
         "fields": {"model": {**_TOMCZAK_HVAE, "prior_components": 100},
                    "objective": {"name": "elbo", "samples": 1, "warmup_epochs": 10},
-                   "train": {"batch_size": 128, "lr": 1e-3, "lr_schedule": "exponential", "epochs": 359}},
+                   "train": {"batch_size": 128, "lr": 1e-3, "lr_schedule": "exponential", "epochs": 320}},
     },
     "burda-iwae-2": {
         "about": "Burda et al.'s IWAE k = 50, two stochastic layers, 3280 epochs (paper: NLL 82.90)",
