@@ -402,7 +402,7 @@ def _gaps_summary(per_digit: dict, family: str, config: EvalConfig, n: int, mc: 
                log_px_optimised_estimator=f"IWAE-{FINAL_DRAWS} with q* as the proposal",
                converged_fraction=float(per_digit["gap_converged"].double().mean()),
                mean_steps=float(per_digit["gap_steps"].double().mean()), max_steps=config.gap_steps,
-               rule=f"Adam on (m, log s²) from rate {LEARNING_RATE}, {STEP_DRAWS} fresh draws per step; every {CHECK} "
+               rule=f"Adam on q*'s per-digit parameters (its family above) from rate {LEARNING_RATE}, {STEP_DRAWS} fresh draws per step; every {CHECK} "
                     f"steps the rate halves where the ELBO on {CHECK_DRAWS} fixed draws rose less than {TOL} nats, and "
                     f"after {HALVINGS} halvings the digit has converged; final ELBOs on {FINAL_DRAWS} draws per digit",
                monte_carlo_stderr_of_means=mc)

@@ -68,6 +68,19 @@ class GapResult:
     log_px_optimised: torch.Tensor
 
 
+def _over_draws(fn: Callable[[torch.Tensor], torch.Tensor], eps: torch.Tensor, batch: int) -> torch.Tensor:
+    """fn of the draws eps (S, …) → (S, B), ``ROWS`` decoded rows (draws × digits) at a time."""
+    chunk = max(1, ROWS // batch)
+    return torch.cat([fn(eps[start:start + chunk]) for start in range(0, len(eps), chunk)])     # (S, B)
+
+
+def _monte_carlo_stderr(values: torch.Tensor) -> torch.Tensor:
+    """The standard error of the mean over draws of values (S, B): (B,), zero for one draw."""
+    if len(values) > 1:
+        return values.std(0) / math.sqrt(len(values))
+    return torch.zeros(values.shape[1], dtype=values.dtype, device=values.device)
+
+
 def gaussian_elbo(joint_for, x: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor,
                   eps: torch.Tensor, iwae: bool = False) -> tuple[torch.Tensor, ...]:
     """ELBO of N(μ, diag σ²) per digit, estimated on the draws eps, (S, D) shared by the batch or (S, B, D) a set per
@@ -78,11 +91,9 @@ def gaussian_elbo(joint_for, x: torch.Tensor, mu: torch.Tensor, logvar: torch.Te
     log_joint = joint_for(x)
     sigma = torch.exp(0.5 * logvar)                                                     # (B, D)
     eps = eps[:, None, :] if eps.dim() == 2 else eps                                    # (S, 1 or B, D)
-    chunk = max(1, ROWS // len(x))
-    values = torch.cat([log_joint(mu + sigma * eps[start:start + chunk])             # (chunk, B)
-                        for start in range(0, len(eps), chunk)])                        # (S, B)
+    values = _over_draws(lambda e: log_joint(mu + sigma * e), eps, len(x))             # (S, B)
     entropy = 0.5 * (logvar.shape[-1] * (LOG_2PI + 1.0) + logvar.sum(-1))               # (B,)
-    stderr = values.std(0) / math.sqrt(len(values)) if len(values) > 1 else torch.zeros_like(entropy)
+    stderr = _monte_carlo_stderr(values)
     if not iwae:
         return values.mean(0) + entropy, stderr
     log_q = -0.5 * (logvar.shape[-1] * LOG_2PI + logvar.sum(-1) + eps.square().sum(-1))  # (S, B)
@@ -206,9 +217,8 @@ def family_elbo(log_weights: Callable[[torch.Tensor, torch.Tensor, torch.Tensor]
     its Monte Carlo standard error (B,)); ``log_weights(x, θ, ε)`` is log p(x, z) − log q_θ(z) (S, B) at the
     draws z the family makes of ε. ``ROWS`` rows at a time. With ``iwae`` also IWAE-S with q_θ as the proposal on
     the same draws (B,)."""
-    chunk = max(1, ROWS // len(x))
-    values = torch.cat([log_weights(x, theta, eps[start:start + chunk]) for start in range(0, len(eps), chunk)])
-    stderr = values.std(0) / math.sqrt(len(values)) if len(values) > 1 else torch.zeros(len(x), dtype=values.dtype)
+    values = _over_draws(lambda e: log_weights(x, theta, e), eps, len(x))               # (S, B)
+    stderr = _monte_carlo_stderr(values)
     return (values.mean(0), stderr, log_mean_exp(values, 0)) if iwae else (values.mean(0), stderr)
 
 
@@ -284,7 +294,7 @@ def own_elbo(model, x: torch.Tensor, draws: int, generator: torch.Generator, chu
             eps = torch.randn((n, 1, model.config.total_latent), generator=generator, dtype=x.dtype, device=x.device)
             values.append(model(x, eps.expand(n, len(x), -1)).log_weights())            # (n, B)
     values = torch.cat(values)
-    return values.mean(0), values.std(0) / math.sqrt(len(values))
+    return values.mean(0), _monte_carlo_stderr(values)
 
 
 def _relu_mlp_forms(model: MLPVAE) -> JointForms:
