@@ -104,6 +104,38 @@ def test_softplus_sum_gradient_is_sigmoid():
     torch.testing.assert_close(softplus_sum(y, base2=True), exact_softplus_sum(logits.detach()), rtol=1e-12, atol=0)
 
 
+def test_bernoulli_likelihood_forms_agree_on_a_trained_decoders_range():
+    """Without a graph the fast softplus (``softplus_sum``), recording one or under torch.func the formula: the same
+    value on logits down to ≈ −200 as a trained decoder gives its background (float32: a few units of rounding of
+    the sum of |terms|); torch.func's derivatives hold with weights that take no gradient (the Laplace's float64
+    copy), where the fast form's in-place kernels would not run under vmap."""
+    g = torch.Generator().manual_seed(5)
+    logits = torch.randn(6, 784, generator=g, dtype=torch.float64) * 40 - 30
+    x = (torch.rand(6, 784, generator=g) < 0.2).double()
+    exact = (x * logits).sum(-1) - exact_softplus_sum(logits)
+    low = logits.float()
+    with torch.no_grad():
+        fast = bernoulli_log_likelihood(low, x.float())
+    assert torch.equal(fast, (x.float() * low).sum(-1) - softplus_sum(low))          # the fast form was taken
+    recorded = bernoulli_log_likelihood(low.clone().requires_grad_(), x.float())
+    bound = 1e-6 * logits.abs().sum(-1)
+    assert ((fast.double() - exact).abs() <= bound).all()
+    assert ((recorded.detach().double() - exact).abs() <= bound).all()
+
+    weights = torch.randn(784, 3, generator=g, dtype=torch.float64) * 20             # requires_grad False
+    z = torch.randn(6, 3, generator=g, dtype=torch.float64)
+
+    def f(point, pixels):
+        return bernoulli_log_likelihood(point @ weights.T, pixels)
+
+    value = torch.func.vmap(f)(z, x)
+    gradient = torch.func.vmap(torch.func.grad(f))(z, x)
+    scores = z @ weights.T
+    # F.softplus returns ℓ itself above ℓ = 20 (off by e^{−20} ≈ 2e-9 per such logit)
+    torch.testing.assert_close(value, (x * scores).sum(-1) - exact_softplus_sum(scores), rtol=1e-12, atol=1e-6)
+    torch.testing.assert_close(gradient, (x - torch.sigmoid(scores)) @ weights, rtol=1e-8, atol=1e-6)
+
+
 class LinearGaussian:
     """p(z) = N(0, I), p(x|z) = N(W z + b, s² I): p(x) and p(z|x) in closed form (probabilistic PCA)."""
 

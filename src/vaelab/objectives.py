@@ -45,8 +45,16 @@ def bernoulli_log_likelihood(logits: torch.Tensor, x: torch.Tensor) -> torch.Ten
     From x log s + (1−x) log(1−s) with log s = ℓ − softplus(ℓ), log(1−s) = −softplus(ℓ): this is minus
     the binary cross-entropy *with logits*, finite for any ℓ (no sigmoid followed by log).
     Checked in tests/test_objectives.py::test_bernoulli_*.
+
+    Without a graph (evaluation: IWAE-K, the ELBO estimates of the gap decomposition), softplus by its fast form
+    ``softplus_sum``: F.softplus computes exp(ℓ) for every logit, and exp of the very negative logits a trained
+    decoder gives its background pixels (ℓ < −87) takes a slow path on this CPU even with denormals flushed; IWAE-5000
+    of a trained `cpu-hour` model spent 42 % of its time there (benchmarks/README.md). Under torch.func (the
+    Laplace's exact derivatives) or recording a graph, the formula as written. The two agree to float32 rounding.
     """
-    return (x * logits - F.softplus(logits)).sum(-1)
+    if torch._C._are_functorch_transforms_active() or (torch.is_grad_enabled() and logits.requires_grad):
+        return (x * logits - F.softplus(logits)).sum(-1)
+    return (x * logits).sum(-1) - softplus_sum(logits)
 
 
 def softplus_sum(logits: torch.Tensor, groups: int = 4, *, base2: bool = False) -> torch.Tensor:
