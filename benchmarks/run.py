@@ -36,6 +36,7 @@ import json
 import operator
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -232,18 +233,25 @@ def vaelab_epoch(trainer) -> float:
     return trainer.state.metrics[-1]["epoch_seconds"]
 
 
-def train_in_child(*flags: str) -> tuple[float, float]:
+def train_in_child(*flags: str, trained: Path | None = None) -> tuple[float, float]:
     """`vaelab train --epochs 1 FLAGS` in a child process: (peak resident MiB, seconds of the epoch's steps).
+    With ``trained`` (a run directory), a copy of it resumed for one more epoch instead: the same step on weights
+    that have learnt (a trained decoder's confident logits cost some kernels more than a fresh one's).
 
     The peak is the child's own VmHWM (getrusage's ru_maxrss of a child started by fork and exec keeps the
     parent's high-water mark, here the benchmark's own ≈700 MiB)."""
     script = ("import sys\nfrom vaelab.cli import main\ncode = main(sys.argv[1:])\n"
               "print(next(l for l in open('/proc/self/status') if l.startswith('VmHWM')))\nsys.exit(code)")
     with tempfile.TemporaryDirectory() as tmp:
-        done = subprocess.run([sys.executable, "-c", script, "train", "--out", f"{tmp}/run", "--epochs", "1",
-                               "--no-progress", *flags], check=True, capture_output=True, text=True)
+        command = ["train", "--out", f"{tmp}/run", "--epochs", "1", "--no-progress", *flags]
+        if trained is not None:
+            shutil.copytree(trained, f"{tmp}/run")
+            epochs = len((trained / "metrics.csv").read_text().splitlines()) - 1
+            command = ["train", "--out", f"{tmp}/run", "--resume", "--epochs", str(epochs + 1), "--no-progress",
+                       "--threads", str(len(os.sched_getaffinity(0)))]    # as many as a fresh run takes, whatever the run's
+        done = subprocess.run([sys.executable, "-c", script, *command], check=True, capture_output=True, text=True)
         rows = (Path(tmp) / "run" / "metrics.csv").read_text().splitlines()
-    seconds = float(rows[1].split(",")[rows[0].split(",").index("epoch_seconds")])
+    seconds = float(rows[-1].split(",")[rows[0].split(",").index("epoch_seconds")])
     line = next(l for l in done.stdout.splitlines() if l.startswith("VmHWM"))
     return int(line.split()[1]) / 1024, seconds             # "VmHWM:   489464 kB"
 
@@ -283,11 +291,12 @@ def replay_seconds(calls: list[tuple], repeats: int) -> float:
     return time.perf_counter() - start
 
 
-def preset_floors(name: str, arrays, n_train: int, eval_digits: int = 40) -> dict[str, float]:
+def preset_floors(name: str, arrays, n_train: int, eval_digits: int = 40, trained: Path | None = None) -> dict[str, float]:
     """A preset's floors on this machine: every matrix product of one training step (forward and autograd's
     backward, recorded at their real shapes) replayed for an epoch's steps, plus Adam's kernel over the flat
     buffer as often; and every product of IWAE-5000 on 20 digits replayed for 10 000. Beside them, its measured
-    IWAE-5000 seconds per 10 000 digits (timed on ``eval_digits``, scaled)."""
+    IWAE-5000 seconds per 10 000 digits (timed on ``eval_digits``, scaled), with the fresh weights and, given
+    ``trained`` (a run directory of this preset), with its weights (the floors do not depend on the values)."""
     from vaelab.engines import ENGINES
     from vaelab.evaluation import draws, iwae_estimator
     from vaelab.presets import apply_preset
@@ -329,17 +338,25 @@ def preset_floors(name: str, arrays, n_train: int, eval_digits: int = 40) -> dic
     start = time.perf_counter()
     iwae_log_likelihood(model, test[:eval_digits], EvalConfig(k=5000))
     eval_seconds = (time.perf_counter() - start) * 10000 / eval_digits
-    return {"step_floor_products": products, "step_floor_adam": adam_seconds,
-            "step_floor": products + adam_seconds, "iwae5000_seconds_per_10000": eval_seconds,
-            "iwae5000_floor_per_10000": eval_floor}
+    row = {"step_floor_products": products, "step_floor_adam": adam_seconds,
+           "step_floor": products + adam_seconds, "iwae5000_seconds_per_10000": eval_seconds,
+           "iwae5000_floor_per_10000": eval_floor}
+    if trained is not None:
+        model.load_state_dict(ckpt.load_model(trained)[1].state_dict())
+        start = time.perf_counter()
+        iwae_log_likelihood(model, test[:eval_digits], EvalConfig(k=5000))
+        row["trained_iwae5000_seconds_per_10000"] = (time.perf_counter() - start) * 10000 / eval_digits
+    return row
 
 
-def presets_table(n_train: int, arrays=None, names=None) -> list[dict]:
+def presets_table(n_train: int, arrays=None, names=None, trained: dict[str, Path] | None = None) -> list[dict]:
     """One epoch of every preset (its own batch size, objective, model; on the default device, so a GPU where
     there is one): seconds, optimiser steps per second, peak memory, and the preset's whole schedule at that
     speed (3280 epochs for Burda's); with ``arrays`` (on the CPU) also its step floor and IWAE-5000 against its
     own products' floor (``preset_floors``), and the ratios the models issue bounds by 1.5. ``names``: a subset
-    of the presets (all of them by default)."""
+    of the presets (all of them by default). ``trained``: preset → a run directory of it; for those, the epoch
+    and IWAE-5000 once more with that run's weights (one more epoch of a copy of the run), and their ratios."""
+    trained = trained or {}
     from vaelab.presets import apply_preset
 
     rows = []
@@ -353,12 +370,20 @@ def presets_table(n_train: int, arrays=None, names=None) -> list[dict]:
         text = (f"preset {name:14s}: {seconds:7.2f} s/epoch, {steps / seconds:7.1f} steps/s, its {train.epochs} epochs "
                 f"{train.epochs * seconds / 3600:6.1f} h, peak {memory:6.0f} MiB")
         if arrays is not None and not torch.cuda.is_available():
-            floors = preset_floors(name, arrays, n_train)
+            floors = preset_floors(name, arrays, n_train, trained=trained.get(name))
             row.update(floors, epoch_over_floor=seconds / floors["step_floor"],
                        iwae_over_floor=floors["iwae5000_seconds_per_10000"] / floors["iwae5000_floor_per_10000"])
             text += (f"; step floor {floors['step_floor']:.2f} s (epoch {row['epoch_over_floor']:.2f} × it); "
                      f"IWAE-5000 {floors['iwae5000_seconds_per_10000']:.0f} s per 10 000, floor "
                      f"{floors['iwae5000_floor_per_10000']:.0f} s ({row['iwae_over_floor']:.2f} ×)")
+            if name in trained:
+                _, epoch = train_in_child(trained=trained[name])
+                iwae = floors["trained_iwae5000_seconds_per_10000"]
+                row.update(trained_run=str(trained[name]), trained_seconds_per_epoch=epoch,
+                           trained_epoch_over_floor=epoch / floors["step_floor"],
+                           trained_iwae_over_floor=iwae / floors["iwae5000_floor_per_10000"])
+                text += (f"; trained ({trained[name]}): epoch {epoch:.2f} s ({row['trained_epoch_over_floor']:.2f} ×), "
+                         f"IWAE-5000 {iwae:.0f} s ({row['trained_iwae_over_floor']:.2f} ×)")
         rows.append(row)
         print(text, flush=True)
     return rows
@@ -462,6 +487,9 @@ def main() -> None:
                         "memory, step and evaluation floors of every preset)")
     parser.add_argument("--presets", nargs="+", choices=list(PRESETS), metavar="NAME",
                         help="with --presets-only: these presets only (vaelab presets lists them)")
+    parser.add_argument("--trained", nargs="+", default=[], metavar="NAME=RUN",
+                        help="with --presets-only: time preset NAME also with the weights of RUN, a run directory of it "
+                             "(one more epoch of a copy of the run, and IWAE-5000)")
     parser.add_argument("--bf16-examples", type=int, default=3200,
                         help="where bf16 is emulated (22-124x slower): the training digits of the bf16 epochs, "
                              "scaled to 60 000 (native bf16: all of them)")
@@ -469,11 +497,12 @@ def main() -> None:
     parser.add_argument("--bf16-eval-examples", type=int, default=20,
                         help="where bf16 is emulated: the test digits of the bf16 IWAE-5000 timing")
     args = parser.parse_args()
+    trained = trained_runs(parser, args.trained)
     torch.manual_seed(0)
     arrays = load_mnist(log=print)
     result: dict = {"machine": machine(), "date": datetime.date.today().isoformat()}
     if args.presets_only:
-        result["presets"] = presets_table(len(arrays.train_images), arrays, args.presets)
+        result["presets"] = presets_table(len(arrays.train_images), arrays, args.presets, trained)
         save_result(result)
         return
     peak = matmul_peak()
@@ -644,6 +673,25 @@ def main() -> None:
         print(f"target {name}: {row['target']}, measured {row['measured']:.2f} — {'met' if row['met'] else 'not met'}")
 
     save_result(result)
+
+
+def trained_runs(parser: argparse.ArgumentParser, pairs: list[str]) -> dict[str, Path]:
+    """``NAME=RUN`` pairs → {preset: run directory}; a pair that is not a preset and a finished run directory of
+    that preset's model is refused (one line, exit 2)."""
+    from vaelab.presets import apply_preset
+
+    runs = {}
+    for pair in pairs:
+        name, _, run = pair.partition("=")
+        if name not in PRESETS or not run:
+            parser.error(f"--trained {pair!r}: give NAME=RUN with NAME one of {', '.join(PRESETS)}")
+        path = Path(run)
+        if not (path / "config.json").is_file() or not (path / "metrics.csv").is_file():
+            parser.error(f"--trained {pair!r}: {run} is not a run directory (no config.json and metrics.csv)")
+        if RunConfig.load(path / "config.json").model != apply_preset(RunConfig(), name).model:
+            parser.error(f"--trained {pair!r}: the model of {run} is not preset {name}'s")
+        runs[name] = path
+    return runs
 
 
 def save_result(result: dict, stem: str | None = None) -> None:

@@ -136,6 +136,26 @@ def test_bernoulli_likelihood_forms_agree_on_a_trained_decoders_range():
     torch.testing.assert_close(gradient, (x - torch.sigmoid(scores)) @ weights, rtol=1e-8, atol=1e-6)
 
 
+def test_bernoulli_likelihood_recorded_by_hand_matches_autograd_of_the_formula():
+    """The training form (``BernoulliLogLikelihood``): its value and gradient are the formula's and autograd's
+    (float64, 1e-12), with draws (K, B, D) against data (B, D); gradcheck and gradgradcheck hold."""
+    g = torch.Generator().manual_seed(8)
+    logits = (torch.randn(3, 4, 784, generator=g, dtype=torch.float64) * 30 - 10).requires_grad_()
+    x = (torch.rand(4, 784, generator=g) < 0.3).double()
+    value = bernoulli_log_likelihood(logits, x)
+    assert value.grad_fn is not None and "BernoulliLogLikelihood" in type(value.grad_fn).__name__
+    weights = torch.randn(3, 4, generator=g, dtype=torch.float64)
+    (gradient,) = torch.autograd.grad((value * weights).sum(), logits)
+    formula = (x * logits - torch.nn.functional.softplus(logits, threshold=1e9)).sum(-1)
+    (expected,) = torch.autograd.grad((formula * weights).sum(), logits)
+    torch.testing.assert_close(value, formula, rtol=1e-12, atol=1e-9)
+    torch.testing.assert_close(gradient, expected, rtol=1e-12, atol=1e-12)
+    small = torch.randn(2, 3, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    data = (torch.rand(3, 5, generator=g) < 0.5).double()
+    assert torch.autograd.gradcheck(bernoulli_log_likelihood, (small, data))
+    assert torch.autograd.gradgradcheck(bernoulli_log_likelihood, (small, data))
+
+
 class LinearGaussian:
     """p(z) = N(0, I), p(x|z) = N(W z + b, s² I): p(x) and p(z|x) in closed form (probabilistic PCA)."""
 
