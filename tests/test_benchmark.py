@@ -125,3 +125,26 @@ def test_the_recorded_floor_holds_every_product_of_a_step_and_replays_them(bench
     shapes = sorted(tuple(a[0]) for _, args, _ in recorder.calls for a in args if isinstance(a, tuple))
     assert (64, 784) in shapes and (784, 256) in shapes
     assert 0 < bench.replay_seconds(recorder.calls, 3) < float("inf")
+
+
+def test_trained_weights_are_timed_on_a_copy_of_the_run(bench, data_dir, tmp_path, capsys):
+    """``--trained NAME=RUN``: refused unless RUN is a run directory of preset NAME's model (one line, exit 2); the
+    epoch is one more epoch of a copy, with the original left as it was."""
+    import argparse
+    import subprocess
+    import sys
+
+    run = tmp_path / "run"
+    subprocess.run([sys.executable, "-m", "vaelab", "train", "--preset", "seed", "--epochs", "1", "--data-dir",
+                    str(data_dir), "--out", str(run), "--no-progress", "--threads", "1"], check=True, capture_output=True)
+    before = {path.name: path.read_bytes() for path in run.iterdir() if path.is_file()}
+    parser = argparse.ArgumentParser()
+    assert bench.trained_runs(parser, [f"seed={run}"]) == {"seed": run}
+    for pair, message in [(f"cpu-hour={run}", "is not preset cpu-hour's"), (f"nope={run}", "give NAME=RUN"),
+                          (f"seed={tmp_path}", "is not a run directory")]:
+        with pytest.raises(SystemExit) as stopped:
+            bench.trained_runs(parser, [pair])
+        assert stopped.value.code == 2 and message in capsys.readouterr().err
+    _, seconds = bench.train_in_child(trained=run)
+    assert seconds > 0
+    assert {path.name: path.read_bytes() for path in run.iterdir() if path.is_file()} == before
