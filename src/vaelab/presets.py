@@ -29,8 +29,9 @@ _TOMCZAK_DATA = {"validation": 10_000}
 _TOMCZAK_HVAE = {**_TOMCZAK_MODEL, "hidden": ((300, 300), (300, 300)), "latent": (40, 40)}   # their two-layer HVAE
 _TOMCZAK_DEVIATIONS = ("Adam with per-tensor normalised gradients (their AdamNormGrad) replaced by plain Adam; "
                        "early stopping replaced by keeping the best-validation weights (evaluate --checkpoint best); "
-                       "pseudo-inputs kept in (0, 1) by a sigmoid of their parameters instead of their code's hardtanh "
-                       "(whose gradient vanishes outside [0, 1])")
+                       "pseudo-inputs kept in (0, 1) by a sigmoid of their parameters, as one version of their code "
+                       "does (models/Model.py at commit 20d3234), where another (aa909ef) clips them to [0, 1] with a "
+                       "hardtanh, whose gradient vanishes outside it")
 
 PRESETS: dict[str, dict[str, Any]] = {
     "seed": {
