@@ -10,7 +10,7 @@ import torch
 from scipy.stats import multivariate_normal
 
 from vaelab.objectives import (bernoulli_log_likelihood, elbo, iwae_bound, kl_standard_normal, log_normal_diag,
-                               log_standard_normal, softplus_sum)
+                               StochasticLayer, log_standard_normal, softplus_sum)
 
 @pytest.fixture(autouse=True)
 def float64():
@@ -28,6 +28,34 @@ def test_kl_matches_torch_distributions():
     p = torch.distributions.Normal(torch.zeros_like(mu), torch.ones_like(mu))
     expected = torch.distributions.kl_divergence(q, p).sum(-1)
     torch.testing.assert_close(kl_standard_normal(mu, logvar), expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("p_logvar", [-2.0, -60.0, -100.0, -150.0])
+def test_gaussian_terms_stay_finite_where_p_is_nearly_deterministic(p_logvar):
+    """A ladder's generative p(zₗ|zₗ₊₁) can drive a unit's log σ_p² far below −88, where exp(−log σ_p²) overflows
+    float32: written as exp(log σ_q² − log σ_p²) and ((μ_q − μ_p)/σ_p)², the conditional KL and log N(z; μ_p, σ_p²)
+    stay finite and equal their float64 values (`ladder-5` gave NaN at epoch 195 with σ_q²·σ_p⁻²: 0 · inf)."""
+    g = torch.Generator().manual_seed(3)
+    p_mu = torch.randn(2, 3, 4, generator=g, dtype=torch.float64)
+    p_lv = torch.full((2, 3, 4), p_logvar, dtype=torch.float64)
+    hat_lv = torch.randn(2, 3, 4, generator=g, dtype=torch.float64)
+    q_lv = -torch.logaddexp(-hat_lv, -p_lv)                                   # a merge: σ_q² ≤ σ_p²
+    q_mu = p_mu + torch.randn(2, 3, 4, generator=g, dtype=torch.float64) * torch.exp(0.5 * q_lv)
+    eps = torch.randn(2, 3, 4, generator=g, dtype=torch.float64)
+    z = q_mu + torch.exp(0.5 * q_lv) * eps
+    # the reference in float64 from the float32 values the layer gets (rounding to float32 moves μ_q and z by
+    # more than σ_q itself where σ_p² is tiny)
+    z, eps, q_mu, q_lv, p_mu, p_lv = (t.float().double() for t in (z, eps, q_mu, q_lv, p_mu, p_lv))
+    expected_kl = 0.5 * (p_lv - q_lv + torch.exp(q_lv - p_lv) + (q_mu - p_mu) ** 2 / torch.exp(p_lv) - 1)
+    expected_log_p = -0.5 * (math.log(2 * math.pi) + p_lv + (z - p_mu) ** 2 / torch.exp(p_lv))
+    layer = StochasticLayer(*(t.float() for t in (z, eps, q_mu, q_lv, p_mu, p_lv)), conditional=True)
+    kl, log_p = layer.kl_per_dimension(), layer.log_p_per_dimension()
+    assert torch.isfinite(kl).all() and torch.isfinite(log_p).all()
+    scale = 1 + abs(p_logvar)
+    torch.testing.assert_close(kl.double(), expected_kl, rtol=1e-5, atol=1e-5 * scale)
+    torch.testing.assert_close(log_p.double(), expected_log_p, rtol=1e-5, atol=1e-5 * scale)
+    torch.testing.assert_close(log_normal_diag(z.float(), p_mu.float(), p_lv.float()).double(),
+                               expected_log_p.sum(-1), rtol=1e-5, atol=1e-4 * scale)
 
 
 def test_kl_matches_monte_carlo_within_standard_error():

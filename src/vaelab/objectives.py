@@ -112,8 +112,9 @@ def softplus_sum(logits: torch.Tensor, groups: int = 4, *, base2: bool = False) 
 
 
 def log_normal_diag(z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
-    """log N(z; μ, diag σ²) = −½ Σᵢ [log 2π + log σᵢ² + (zᵢ − μᵢ)²/σᵢ²], summed over the last axis."""
-    return -0.5 * (LOG_2PI + logvar + (z - mu).square() * torch.exp(-logvar)).sum(-1)
+    """log N(z; μ, diag σ²) = −½ Σᵢ [log 2π + log σᵢ² + (zᵢ − μᵢ)²/σᵢ²], summed over the last axis; the quotient as
+    ((zᵢ − μᵢ) e^{−½ log σᵢ²})², finite down to log σᵢ² ≈ −176 in float32 (1/σᵢ² alone overflows below −88)."""
+    return -0.5 * (LOG_2PI + logvar + ((z - mu) * torch.exp(-0.5 * logvar)).square()).sum(-1)
 
 
 def log_standard_normal(z: torch.Tensor) -> torch.Tensor:
@@ -225,7 +226,7 @@ class StochasticLayer:
         """log p(zᵢ | parent): N(0, 1) for the top layer, else N(μ_p, σ_p²): (K, B, d) (Gaussian p only)."""
         if self.p_mu is None:
             return -0.5 * (LOG_2PI + self.z.square())
-        return -0.5 * (LOG_2PI + self.p_logvar + (self.z - self.p_mu).square() * torch.exp(-self.p_logvar))
+        return -0.5 * (LOG_2PI + self.p_logvar + ((self.z - self.p_mu) * torch.exp(-0.5 * self.p_logvar)).square())
 
     def log_q(self) -> torch.Tensor:
         """log q(z | parent) at the draws, with the flow's change of variables: (K, B)."""
@@ -248,7 +249,9 @@ class StochasticLayer:
         Closed form where p is N(0, I), whose parameters do not depend on the draw:
         KL = ½ (σ² + μ² − 1 − log σ²) (Kingma & Welling 2014, App. B); and where p and q share the parent's
         draw (``conditional``): KL = ½ (log σ_p² − log σ_q² + (σ_q² + (μ_q − μ_p)²)/σ_p² − 1). Otherwise the
-        single-draw estimate log q − log p.
+        single-draw estimate log q − log p. Quotients by σ_p² are written exp(log σ_q² − log σ_p²) and
+        ((μ_q − μ_p) e^{−½ log σ_p²})², so that no factor overflows float32 where a unit of p is nearly
+        deterministic (log σ_p² < −88: σ_q² · σ_p⁻² was 0 · inf = NaN, `ladder-5` at epoch 195).
         """
         if not self.factorised:
             return None
@@ -256,7 +259,8 @@ class StochasticLayer:
             return kl_standard_normal_per_dimension(self.q_mu, self.q_logvar)
         if self.conditional:
             return 0.5 * (self.p_logvar - self.q_logvar
-                          + (self.q_logvar.exp() + (self.q_mu - self.p_mu).square()) * torch.exp(-self.p_logvar) - 1.0)
+                          + torch.exp(self.q_logvar - self.p_logvar)
+                          + ((self.q_mu - self.p_mu) * torch.exp(-0.5 * self.p_logvar)).square() - 1.0)
         return self.log_q_per_dimension() - self.log_p_per_dimension()
 
     def kl(self) -> torch.Tensor:
