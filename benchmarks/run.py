@@ -498,6 +498,8 @@ def main() -> None:
                         help="where bf16 is emulated: the test digits of the bf16 IWAE-5000 timing")
     args = parser.parse_args()
     trained = trained_runs(parser, args.trained)
+    if trained and (not args.presets_only or not set(trained) <= set(args.presets or PRESETS)):
+        parser.error("--trained NAME=RUN goes with --presets-only, and NAME among its --presets")
     torch.manual_seed(0)
     arrays = load_mnist(log=print)
     result: dict = {"machine": machine(), "date": datetime.date.today().isoformat()}
