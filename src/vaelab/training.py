@@ -365,7 +365,11 @@ class Trainer:
         self.state.started = self.state.started or time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime())
         with stop_signals(self._on_signal), hot_loop_settings():
             while self.state.epoch < self.config.train.epochs:
-                self._run_epoch()
+                try:
+                    self._run_epoch()
+                except TrainingDiverged as exc:      # the log says why the epochs end where they do
+                    self._append_log(str(exc))
+                    raise
                 stop = any_rank(self._signal is not None, self.world, self.device)
                 if stop and self.state.epoch < self.config.train.epochs:
                     self._stop(self._signal or signal.SIGTERM, self.state.epoch + 1, 0)
