@@ -223,10 +223,21 @@ class StochasticLayer:
         return -0.5 * (LOG_2PI + self.q_logvar + self.eps.square())
 
     def log_p_per_dimension(self) -> torch.Tensor:
-        """log p(zᵢ | parent): N(0, 1) for the top layer, else N(μ_p, σ_p²): (K, B, d) (Gaussian p only)."""
+        """log p(zᵢ | parent): N(0, 1) for the top layer, else N(μ_p, σ_p²): (K, B, d) (Gaussian p only).
+
+        Without a flow the standardised residual (z − μ_p)/σ_p is formed from the draw's parts, z = μ_q + σ_q ε:
+        (μ_q − μ_p) e^{−½ log σ_p²} + e^{½ (log σ_q² − log σ_p²)} ε, the same number in exact arithmetic. Formed from z
+        itself, σ_q ε is rounded away against μ_q where a unit is nearly deterministic (a ladder's, σ_q ≈ σ_p ≈ e^{−44}),
+        while log q keeps its −½ε²: log p − log q gained ½ε² per such unit, and float32 IWAE-5000 of `ladder-5` after
+        450 epochs overstated log p(x) by 2.6 nats on average against float64 (up to 14 on a digit)."""
         if self.p_mu is None:
             return -0.5 * (LOG_2PI + self.z.square())
-        return -0.5 * (LOG_2PI + self.p_logvar + ((self.z - self.p_mu) * torch.exp(-0.5 * self.p_logvar)).square())
+        if self.log_det is None:
+            residual = ((self.q_mu - self.p_mu) * torch.exp(-0.5 * self.p_logvar)
+                        + torch.exp(0.5 * (self.q_logvar - self.p_logvar)) * self.eps)
+        else:
+            residual = (self.z - self.p_mu) * torch.exp(-0.5 * self.p_logvar)
+        return -0.5 * (LOG_2PI + self.p_logvar + residual.square())
 
     def log_q(self) -> torch.Tensor:
         """log q(z | parent) at the draws, with the flow's change of variables: (K, B)."""
