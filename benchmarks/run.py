@@ -243,8 +243,9 @@ def train_in_child(*flags: str, trained: Path | None = None) -> tuple[float, flo
     script = ("import sys\nfrom vaelab.cli import main\ncode = main(sys.argv[1:])\n"
               "print(next(l for l in open('/proc/self/status') if l.startswith('VmHWM')))\nsys.exit(code)")
     with tempfile.TemporaryDirectory() as tmp:
-        command = ["train", "--out", f"{tmp}/run", "--epochs", "1", "--no-progress", *flags]
-        if trained is not None:
+        if trained is None:
+            command = ["train", "--out", f"{tmp}/run", "--epochs", "1", "--no-progress", *flags]
+        else:
             shutil.copytree(trained, f"{tmp}/run")
             epochs = len((trained / "metrics.csv").read_text().splitlines()) - 1
             command = ["train", "--out", f"{tmp}/run", "--resume", "--epochs", str(epochs + 1), "--no-progress",
@@ -335,17 +336,17 @@ def preset_floors(name: str, arrays, n_train: int, eval_digits: int = 40, traine
         estimator(model, test[:20].float(), 5000, torch.Generator().manual_seed(0), 50)
     with hot_loop_settings():
         eval_floor = replay_seconds(recorder.calls, 1) * 10000 / 20
-    start = time.perf_counter()
-    iwae_log_likelihood(model, test[:eval_digits], EvalConfig(k=5000))
-    eval_seconds = (time.perf_counter() - start) * 10000 / eval_digits
+    def iwae_seconds_per_10000() -> float:
+        start = time.perf_counter()
+        iwae_log_likelihood(model, test[:eval_digits], EvalConfig(k=5000))
+        return (time.perf_counter() - start) * 10000 / eval_digits
+
     row = {"step_floor_products": products, "step_floor_adam": adam_seconds,
-           "step_floor": products + adam_seconds, "iwae5000_seconds_per_10000": eval_seconds,
+           "step_floor": products + adam_seconds, "iwae5000_seconds_per_10000": iwae_seconds_per_10000(),
            "iwae5000_floor_per_10000": eval_floor}
     if trained is not None:
         model.load_state_dict(ckpt.load_model(trained)[1].state_dict())
-        start = time.perf_counter()
-        iwae_log_likelihood(model, test[:eval_digits], EvalConfig(k=5000))
-        row["trained_iwae5000_seconds_per_10000"] = (time.perf_counter() - start) * 10000 / eval_digits
+        row["trained_iwae5000_seconds_per_10000"] = iwae_seconds_per_10000()
     return row
 
 

@@ -56,9 +56,7 @@ def bernoulli_log_likelihood(logits: torch.Tensor, x: torch.Tensor) -> torch.Ten
     """
     if torch._C._are_functorch_transforms_active():
         return (x * logits - F.softplus(logits)).sum(-1)
-    if torch.is_grad_enabled() and logits.requires_grad:
-        return BernoulliLogLikelihood.apply(logits, x)
-    return (x * logits).sum(-1) - softplus_sum(logits)
+    return BernoulliLogLikelihood.apply(logits, x)            # without a graph: its forward alone
 
 
 class BernoulliLogLikelihood(torch.autograd.Function):
@@ -232,11 +230,11 @@ class StochasticLayer:
         450 epochs overstated log p(x) by 2.6 nats on average against float64 (up to 14 on a digit)."""
         if self.p_mu is None:
             return -0.5 * (LOG_2PI + self.z.square())
+        inverse_sigma = torch.exp(-0.5 * self.p_logvar)                                  # 1/σ_p
         if self.log_det is None:
-            residual = ((self.q_mu - self.p_mu) * torch.exp(-0.5 * self.p_logvar)
-                        + torch.exp(0.5 * (self.q_logvar - self.p_logvar)) * self.eps)
+            residual = (self.q_mu - self.p_mu) * inverse_sigma + torch.exp(0.5 * (self.q_logvar - self.p_logvar)) * self.eps
         else:
-            residual = (self.z - self.p_mu) * torch.exp(-0.5 * self.p_logvar)
+            residual = (self.z - self.p_mu) * inverse_sigma
         return -0.5 * (LOG_2PI + self.p_logvar + residual.square())
 
     def log_q(self) -> torch.Tensor:
