@@ -18,6 +18,8 @@ encoder's last hidden layer h (B, H) (or (K, B, H) for a layer above the first),
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -42,75 +44,140 @@ class PlanarFlow(NoFlow):
         self.parameters_of = nn.Linear(context, steps * (2 * latent + 1))     # h ↦ (u, w, b) for every step
 
     def forward(self, z0: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        d = self.latent
-        params = full_precision(self.parameters_of(h)).unflatten(-1, (self.steps, 2 * d + 1))   # (…, T, 2d + 1)
-        # what depends on the parameters alone, for all T steps at once: û and wᵀû
-        u, w, b = params[..., :d], params[..., d:2 * d], params[..., 2 * d]            # (…, T, d), (…, T, d), (…, T)
-        wu = (w * u).sum(-1, keepdim=True)                                              # (…, T, 1) wᵀu
-        u_hat = u + (F.softplus(wu) - 1.0 - wu) * w / w.square().sum(-1, keepdim=True).clamp_min(1e-12)
-        w_u_hat = (w * u_hat).sum(-1)                                                   # (…, T) wᵀû = m(wᵀu) > −1
-        return PlanarSteps.apply(z0, u_hat, w, b, w_u_hat)
+        params = full_precision(self.parameters_of(h)).unflatten(-1, (self.steps, 2 * self.latent + 1))  # (…, T, 2d + 1)
+        return PlanarSteps.apply(z0, params)
+
+
+def _groups(lead: torch.Size, param_lead: torch.Size) -> tuple[int, int] | None:
+    """(R, N) when z's leading axes ``lead`` are R draws (leading axes the parameters broadcast along) of N
+    parameter sets (the parameters' own axes, trailing), e.g. K draws of B digits' flows; None otherwise."""
+    padded = (1,) * (len(lead) - len(param_lead)) + tuple(param_lead)
+    split = 0
+    while split < len(lead) and padded[split] == 1:
+        split += 1
+    if tuple(padded[split:]) != tuple(lead[split:]):
+        return None
+    return math.prod(lead[:split]), math.prod(lead[split:])
 
 
 class PlanarSteps(torch.autograd.Function):
-    """The T planar steps with a backward pass derived by hand: z (…, d), û and w (…, T, d), b and c = wᵀû (…, T)
-    (broadcast against z's leading axes) → (z_T, Σₜ log(1 + (1 − aₜ²) cₜ)).
+    """The T planar steps with û and the backward pass derived by hand: z₀ (…, d) and the steps' parameters
+    (…, T, 2d + 1) = [u, w, b] (broadcast against z's leading axes) → (z_T, Σₜ log(1 + (1 − aₜ²) wₜᵀûₜ)).
 
-    Forward, per step: aₜ = tanh(wₜᵀz_{t−1} + bₜ), zₜ = z_{t−1} + ûₜ aₜ; the log-determinants from all aₜ at once
-    (ûᵀψ = (1 − a²) wᵀû). Backward, with g = ∂L/∂zₜ and ℓ = ∂L/∂(Σ log-det): the only sequential recursion is
+    **û.** ûₜ = uₜ + κₜwₜ with κ = m(wᵀu)/‖w‖², m(s) = softplus(s) − 1 − s, so that cₜ = wₜᵀûₜ = wᵀu + κ‖w‖²
+    = softplus(wᵀu) − 1 > −1 (invertibility, Rezende & Mohamed's Appendix A.1).
 
-        pₜ = (gₜᵀûₜ + ℓ ∂lₜ/∂aₜ)(1 − aₜ²),   g_{t−1} = gₜ + pₜ wₜ,     ∂lₜ/∂aₜ = −2aₜcₜ / (1 + (1 − aₜ²)cₜ)
+    **Forward.** With aₜ = tanh(sₜ) the steps are zₜ = z_{t−1} + ûₜaₜ, so z_{t−1} = z₀ + Σ_{r<t} ûᵣaᵣ and each
+    pre-activation is a scalar recursion,
 
-    (pₜ is ∂L/∂ of the step's pre-activation); then for all steps at once ∂L/∂ûₜ = gₜ aₜ, ∂L/∂wₜ = pₜ z_{t−1},
-    ∂L/∂bₜ = pₜ, ∂L/∂cₜ = ℓ (1 − aₜ²)/(1 + (1 − aₜ²)cₜ), each summed over the axes it was broadcast along.
-    Four kernels per step each way instead of autograd's graph of a dozen: the 80 steps of ``planar-80`` are
-    rounds of small kernels whose count, not their arithmetic, sets the time. Checked against finite differences
-    (torch.autograd.gradcheck, float64) and against the full Jacobian's log-determinant (tests/test_frontier.py).
+        sₜ = wₜᵀz₀ + bₜ + Σ_{r<t} Mₜᵣ aᵣ,   Mₜᵣ = wₜᵀûᵣ,      z_T = z₀ + Σₜ ûₜaₜ,
+
+    so z is never formed step by step: wₜᵀz₀ for all t and M are two batched products per parameter set (a
+    digit's flow serves all its K draws), the loop runs over T scalars per draw, two kernels per step (tanh of
+    column t, then its contribution to the later columns), and z_T is one more product. The log-determinant is
+    Σₜ log(1 + ûₜᵀψₜ) with ψₜ = (1 − aₜ²)wₜ, i.e. log(1 + (1 − aₜ²)cₜ), for all steps at once.
+
+    **Backward**, with g = ∂L/∂z_T and ℓ = ∂L/∂(Σ log-det): the direct part of ∂L/∂aₜ is
+    Dₜ = gᵀûₜ − 2ℓaₜcₜ/(1 + (1 − aₜ²)cₜ); the only sequential recursion is, from t = T down,
+
+        pₜ = ∂L/∂sₜ = (Dₜ + Σ_{r>t} pᵣMᵣₜ)(1 − aₜ²)      (two kernels per step),
+
+    then for all steps at once ∂L/∂z₀ = g + Σₜ pₜwₜ, ∂L/∂bₜ = Σ pₜ, ∂L/∂cₜ = Σ ℓ(1 − aₜ²)/(1 + (1 − aₜ²)cₜ),
+    ∂L/∂ûₜ = Σ aₜg + Σ_{r>t} ∂Mᵣₜ wᵣ, ∂L/∂wₜ = Σ pₜz₀ + Σ_{r<t} ∂Mₜᵣ ûᵣ with ∂Mₜᵣ = Σ pₜaᵣ (t > r), sums over the
+    draws as products; and through û and c to u and w: ∂κ = ∂ûᵀw + ∂c‖w‖², ∂(wᵀu) = ∂c + ∂κ (σ(wᵀu) − 1)/‖w‖²,
+    ∂‖w‖² = ∂c κ − ∂κ κ/‖w‖², ∂u = ∂û + ∂(wᵀu) w, ∂w += κ∂û + ∂(wᵀu) u + 2∂‖w‖² w.
+
+    (‖w‖² is clamped below at 1e-12 in κ, as a division by it; the clamp passes no gradient.) The 80 steps of
+    ``planar-80`` are rounds of small kernels whose count, not their arithmetic, sets the time; as scalars, with
+    û's derivatives by hand, see benchmarks/README.md for what that saved. Checked against the steps written
+    plainly and autograd, finite differences (gradcheck, float64) and the full Jacobian's log-determinant
+    (tests/test_frontier.py).
     """
 
     @staticmethod
-    def forward(ctx, z0, u_hat, w, b, c):
-        steps = w.shape[-2]
-        u_t, w_t = u_hat.movedim(-2, 0), w.movedim(-2, 0)                               # (T, …, d)
-        b_t = b.movedim(-1, 0)                                                          # (T, …)
-        shape = torch.broadcast_shapes(z0.shape, u_hat.shape[:-2] + u_hat.shape[-1:])
-        zs = z0.new_empty((steps + 1, *shape))                                          # z₀ … z_T (T + 1, …, d)
-        a = z0.new_empty((steps, *shape[:-1]))                                          # (T, …)
-        zs[0] = z0
-        for t in range(steps):                                         # the only sequential part: z through the steps
-            torch.tanh(torch.linalg.vecdot(zs[t], w_t[t]).add_(b_t[t]), out=a[t])
-            torch.addcmul(zs[t], u_t[t], a[t].unsqueeze(-1), out=zs[t + 1])
-        a_last = a.movedim(0, -1)                                                       # (…, T)
-        one_minus = 1.0 - a_last.square()                                               # (…, T) 1 − a²
-        log_det = torch.log1p(one_minus * c).sum(-1)                   # Σₜ log(1 + ûᵀψ), each term finite (wᵀû > −1)
-        ctx.save_for_backward(zs, a, u_hat, w, c)
-        ctx.z0_shape, ctx.b_shape = z0.shape, b.shape
-        return zs[-1].clone(), log_det
+    def forward(ctx, z0, params):
+        d, steps = z0.shape[-1], params.shape[-2]
+        lead = torch.broadcast_shapes(z0.shape[:-1], params.shape[:-2])
+        params_shape, groups = params.shape, _groups(lead, params.shape[:-2])
+        ctx.expanded = groups is None
+        if groups is None:                                      # parameters broadcast along inner axes: one set each
+            params = params.expand(*lead, *params.shape[-2:])
+            groups = (1, math.prod(lead))
+        r, n = groups
+        z = z0.expand(*lead, d).reshape(r, n, d).transpose(0, 1)                       # (N, R, d)
+        p = params.reshape(n, steps, 2 * d + 1)
+        u, w, b = p[..., :d], p[..., d:2 * d], p[..., 2 * d]                            # (N, T, d), (N, T, d), (N, T)
+        wu = torch.linalg.vecdot(w, u)                                                  # (N, T) wᵀu
+        ww_raw = torch.linalg.vecdot(w, w)                                              # (N, T) ‖w‖²
+        kappa = (F.softplus(wu) - 1.0 - wu) / ww_raw.clamp_min(1e-12)                   # (N, T) κ = m(wᵀu)/‖w‖²
+        u_hat = torch.addcmul(u, kappa.unsqueeze(-1), w)                                # (N, T, d)
+        c = torch.addcmul(wu, kappa, ww_raw)                                            # (N, T) wᵀû
+        m = torch.bmm(u_hat, w.transpose(1, 2))                                         # (N, T, T) [t, r] = ûₜᵀwᵣ
+        # pre-activations, step-major so that step t's column is one contiguous row: (T, N, R)
+        a = torch.baddbmm(b.unsqueeze(1), z, w.transpose(1, 2)).permute(2, 0, 1).contiguous()   # wₜᵀz₀ + bₜ
+        into_later = m.permute(1, 2, 0).unsqueeze(-1).unbind(0)        # [t] (T, N, 1): row r holds Mᵣₜ = wᵣᵀûₜ
+        for t, column in enumerate(a.unbind(0)):                       # the only sequential part: T scalars per draw
+            column.tanh_()                                                              # (N, R) aₜ
+            if t + 1 < steps:
+                a[t + 1:].addcmul_(column, into_later[t][t + 1:])                       # sᵣ += Mᵣₜ aₜ, r > t
+        a_batched = a.permute(1, 2, 0)                                                  # (N, R, T) view
+        z_t = torch.baddbmm(z, a_batched, u_hat)                                        # (N, R, d) z₀ + Σ ûₜaₜ
+        log_det = torch.log1p((1.0 - a.square()) * c.T.unsqueeze(-1)).sum(0)          # (N, R), each term finite
+        ctx.save_for_backward(z, a, u, w, u_hat, wu, ww_raw, kappa, c, m)
+        ctx.shapes = z0.shape, params_shape, lead
+        return z_t.transpose(0, 1).reshape(*lead, d), log_det.T.reshape(lead)
 
     @staticmethod
     def backward(ctx, grad_z, grad_log_det):
-        zs, a, u_hat, w, c = ctx.saved_tensors
-        steps = len(a)
-        u_t, w_t = u_hat.movedim(-2, 0), w.movedim(-2, 0)                               # (T, …, d)
-        c_t = c.movedim(-1, 0)                                                          # (T, …) as broadcast with a:
-        c_t = c_t.view(steps, *[1] * (a.dim() - c_t.dim()), *c_t.shape[1:])            # ones where z has more axes
-        one_minus = 1.0 - a.square()                                                    # (T, …)
-        denominator = 1.0 + one_minus * c_t
-        if grad_log_det is None:
-            grad_log_det = torch.zeros_like(a[0])
-        from_log_det = grad_log_det * (-2.0 * a * c_t / denominator)                   # (T, …) ℓ ∂lₜ/∂aₜ
-        g = (grad_z if grad_z is not None else torch.zeros_like(zs[-1])).clone()       # (…, d)
-        gs = torch.empty_like(zs[1:])                                                   # ∂L/∂zₜ for t = 1 … T
-        pre = torch.empty_like(a)                                                       # pₜ (T, …)
-        for t in range(steps - 1, -1, -1):
-            gs[t] = g
-            torch.mul(torch.linalg.vecdot(g, u_t[t]).add_(from_log_det[t]), one_minus[t], out=pre[t])
-            g.addcmul_(pre[t].unsqueeze(-1), w_t[t])
-        grad_u = (gs * a.unsqueeze(-1)).movedim(0, -2).sum_to_size(u_hat.shape)        # (…, T, d)
-        grad_w = (zs[:-1] * pre.unsqueeze(-1)).movedim(0, -2).sum_to_size(w.shape)
-        grad_b = pre.movedim(0, -1).sum_to_size(ctx.b_shape)                            # (…, T)
-        grad_c = (grad_log_det * one_minus / denominator).movedim(0, -1).sum_to_size(c.shape)
-        return g.sum_to_size(ctx.z0_shape), grad_u, grad_w, grad_b, grad_c
+        z, a, u, w, u_hat, wu, ww_raw, kappa, c, m = ctx.saved_tensors                  # a: (T, N, R)
+        z0_shape, params_shape, lead = ctx.shapes
+        steps, n, r = a.shape
+        d = z.shape[-1]
+        g = (torch.zeros_like(z) if grad_z is None else
+             grad_z.expand(*lead, d).reshape(r, n, d).transpose(0, 1))                 # (N, R, d)
+        one_minus = 1.0 - a.square()                                                    # (T, N, R)
+        # ∂L/∂sₜ, step-major like a: first the direct part Dₜ
+        p = torch.bmm(g, u_hat.transpose(1, 2)).permute(2, 0, 1).contiguous()         # (T, N, R) gᵀûₜ
+        grad_c = torch.zeros_like(c)
+        if grad_log_det is not None:
+            ell = grad_log_det.expand(lead).reshape(r, n).T                             # (N, R)
+            c_t = c.T.unsqueeze(-1)                                                     # (T, N, 1)
+            denominator = torch.addcmul(torch.ones_like(a), one_minus, c_t)            # (T, N, R)
+            p.addcmul_(ell, a * c_t / denominator, value=-2.0)
+            grad_c = (ell * one_minus / denominator).sum(-1).T                          # (N, T)
+        from_later = m.permute(2, 1, 0).unsqueeze(-1).unbind(0)        # [t] (T, N, 1): row r holds Mₜᵣ = wₜᵀûᵣ
+        for t in range(steps - 1, -1, -1):                             # pₜ = (Dₜ + Σ_{r>t} pᵣMᵣₜ)(1 − aₜ²)
+            column = p[t].mul_(one_minus[t])                                            # (N, R) pₜ
+            if t:
+                p[:t].addcmul_(column, from_later[t][:t])
+        a_batched, p_batched = a.permute(1, 2, 0), p.permute(1, 2, 0)                   # (N, R, T) views
+        grad_m = _draw_sums(p_batched, a_batched).tril_(-1)                             # (N, T, T) ∂Mₜᵣ, t > r
+        grad_u_hat = _draw_sums(a_batched, g).baddbmm_(grad_m.transpose(1, 2), w)       # (N, T, d)
+        grad_w = _draw_sums(p_batched, z).baddbmm_(grad_m, u_hat)                       # (N, T, d) direct part
+        grad_z0 = torch.baddbmm(g, p_batched, w)                                        # (N, R, d)
+        # through û = u + κw and c = wᵀu + κ‖w‖²
+        ww = ww_raw.clamp_min(1e-12)
+        grad_kappa = torch.linalg.vecdot(grad_u_hat, w).addcmul_(grad_c, ww_raw)       # (N, T)
+        grad_wu = grad_c + grad_kappa * (torch.sigmoid(wu) - 1.0) / ww
+        grad_ww = grad_c * kappa - grad_kappa * kappa / ww * (ww_raw > 1e-12)
+        grad_params = torch.empty(n, steps, 2 * d + 1, dtype=a.dtype, device=a.device)    # [∂u, ∂w, ∂b] per step
+        grad_u = torch.addcmul(grad_u_hat, grad_wu.unsqueeze(-1), w, out=grad_params[..., :d])    # ∂û + ∂(wᵀu) w
+        # ∂w = direct + κ∂û + ∂(wᵀu) u + 2∂‖w‖² w, with κ∂û = κ∂u − κ∂(wᵀu) w
+        grad_w.addcmul_(kappa.unsqueeze(-1), grad_u).addcmul_((2.0 * grad_ww - kappa * grad_wu).unsqueeze(-1), w)
+        torch.addcmul(grad_w, grad_wu.unsqueeze(-1), u, out=grad_params[..., d:2 * d])
+        grad_params[..., 2 * d] = p.sum(-1).T                                           # ∂bₜ = Σ pₜ
+        grad_params = grad_params.reshape(*lead, steps, 2 * d + 1).sum_to_size(params_shape) if ctx.expanded else \
+            grad_params.reshape(params_shape)
+        grad_z0 = grad_z0.transpose(0, 1).reshape(*lead, d).sum_to_size(z0_shape)
+        return grad_z0, grad_params
+
+
+def _draw_sums(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Σ over draws of outer products: x (N, R, S), y (N, R, d) → (N, S, d); with one draw a broadcast product
+    (a batched product of inner size 1 is several times slower)."""
+    if x.shape[1] == 1:
+        return x.reshape(x.shape[0], -1, 1).contiguous() * y.contiguous()   # (N, S, 1) · (N, 1, d): a contiguous result
+    return torch.bmm(x.transpose(1, 2), y)
 
 
 class MaskedLinear(nn.Linear):
