@@ -209,22 +209,36 @@ def _iwae_parts(model, x: torch.Tensor, k: int, generator: torch.Generator, chun
     return importance_sampled_log_marginal(log_weights, k, chunk, nested)
 
 
-# The estimator of each model class, by lookup, for the models whose hand-derived forms apply (``model.fast``:
-# the standard prior, no flow, an elementwise activation); the fast form equals the generic one on the same
-# draws (tests/test_models.py). Only the fast form has bf16 products.
-IWAE_ESTIMATORS: dict[type, Callable] = {MLPVAE: _iwae_one_layer}
+def _iwae_conditioned(model, x: torch.Tensor, k: int, generator: torch.Generator, chunk: int,
+                      precision: str = "fp32", nested: tuple[int, ...] = ()) -> torch.Tensor:
+    """``_iwae_parts`` (the same draws, the same Parts) for a model that computes what depends on x alone once
+    per batch (``model.conditioned``: the encoder, a flow's parameters) and the data term by its fast form."""
+    parts = model.conditioned(x, fast_data_term=True)
+
+    def log_weights(_: int, n: int) -> torch.Tensor:
+        eps = draws(model, n, 1, generator, x.device).expand(n, len(x), -1)     # (n, B, D)
+        return parts(eps).log_weights()                                        # (n, B)
+
+    return importance_sampled_log_marginal(log_weights, k, chunk, nested)
+
+
+# The estimator of each model class, by lookup: the hand-derived forms for the models they apply to
+# (``model.fast``: the standard prior, no flow, an elementwise activation), else that class's general one (the
+# model's own Parts). Each equals ``_iwae_parts`` on the same draws (tests/test_models.py). Only the fast form
+# has bf16 products.
+IWAE_ESTIMATORS: dict[type, tuple[Callable, Callable]] = {MLPVAE: (_iwae_one_layer, _iwae_conditioned)}
 
 
 def iwae_estimator(model) -> Callable:
-    fast = IWAE_ESTIMATORS.get(type(model))
-    return fast if fast is not None and getattr(model, "fast", False) else _iwae_parts
+    fast, general = IWAE_ESTIMATORS.get(type(model), (None, _iwae_parts))
+    return fast if fast is not None and getattr(model, "fast", False) else general
 
 
 def check_precision(model, precision: str) -> None:
     """Refuse an evaluation precision this model's IWAE estimator does not have (``ValueError``)."""
     if precision not in PRECISIONS:
         raise UsageError(f"unknown evaluation precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
-    if precision != "fp32" and iwae_estimator(model) is _iwae_parts:
+    if precision != "fp32" and iwae_estimator(model) is not _iwae_one_layer:
         raise UsageError(f"--precision {precision} covers the one-stochastic-layer mlp models with the standard prior, "
                          f"no flow and an elementwise activation; this run's model is {model.config.name}: use "
                          f"--precision fp32")

@@ -19,6 +19,7 @@ encoder's last hidden layer h (B, H) (or (K, B, H) for a layer above the first),
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +37,10 @@ class NoFlow(nn.Module):
     def forward(self, z0: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, None]:
         return z0, None
 
+    def conditioned(self, h: torch.Tensor) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]]:
+        """z₀ ↦ ``forward(z₀, h)`` for one context h, with what depends on h alone computed once."""
+        return lambda z0: self(z0, h)
+
 
 class PlanarFlow(NoFlow):
     def __init__(self, latent: int, context: int, steps: int, width: int = 0):
@@ -44,8 +49,11 @@ class PlanarFlow(NoFlow):
         self.parameters_of = nn.Linear(context, steps * (2 * latent + 1))     # h ↦ (u, w, b) for every step
 
     def forward(self, z0: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.conditioned(h)(z0)
+
+    def conditioned(self, h: torch.Tensor) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
         params = full_precision(self.parameters_of(h)).unflatten(-1, (self.steps, 2 * self.latent + 1))  # (…, T, 2d + 1)
-        return PlanarSteps.apply(z0, params)
+        return lambda z0: PlanarSteps.apply(z0, params)
 
 
 def _groups(lead: torch.Size, param_lead: torch.Size) -> tuple[int, int] | None:

@@ -72,13 +72,28 @@ class MLPVAE(nn.Module):
 
     def forward(self, x: torch.Tensor, eps: torch.Tensor) -> Parts:
         """Parts for the K draws in eps (K, B, d): log p(x|z) (K, B) and the one stochastic layer."""
+        return self.conditioned(x)(eps)
+
+    def conditioned(self, x: torch.Tensor, fast_data_term: bool = False) -> Callable[[torch.Tensor], Parts]:
+        """eps (K, B, d) ↦ the Parts of ``forward`` for this batch x, with what depends on x alone (the encoder, the
+        flow's parameters) computed once: importance sampling scores thousands of draws of the same digits, a
+        chunk at a time. With ``fast_data_term`` (evaluation, no autograd; elementwise activations) log p(x|z) by
+        ``log_likelihood_for``, the same value by fewer passes over the logits (tests/test_models.py)."""
         h = self.encoder(x)                                              # (B, H)
         mu, logvar = full_precision(self.encoder_out(h)).chunk(2, dim=-1)  # (B, d) each
-        z, log_det = self.flow(reparameterize(mu, logvar, eps), h)       # (K, B, d), (K, B) or None
-        reconstruction = bernoulli_log_likelihood(self.decode(z), x)     # (K, B)
-        log_p = self.prior.layer_log_p(z, self.encode)                   # (K, B) or None: N(0, I)
-        return Parts(reconstruction, (StochasticLayer(z, eps, mu.unsqueeze(0), logvar.unsqueeze(0), log_det=log_det,
-                                                      log_p=log_p),))
+        flow = self.flow.conditioned(h)
+        if fast_data_term and not ACTIVATIONS[self.activation].gated:
+            log_likelihood = self.log_likelihood_for(x)
+        else:
+            def log_likelihood(z: torch.Tensor) -> torch.Tensor:
+                return bernoulli_log_likelihood(self.decode(z), x)
+
+        def parts(eps: torch.Tensor) -> Parts:
+            z, log_det = flow(reparameterize(mu, logvar, eps))           # (K, B, d), (K, B) or None
+            log_p = self.prior.layer_log_p(z, self.encode)               # (K, B) or None: N(0, I)
+            return Parts(log_likelihood(z), (StochasticLayer(z, eps, mu.unsqueeze(0), logvar.unsqueeze(0),
+                                                             log_det=log_det, log_p=log_p),))
+        return parts
 
     def posterior_start(self, x: torch.Tensor) -> torch.Tensor:
         """Where the search for the mode of p(x, z) starts: the encoder's mean μ(x) (through the flow), (B, d)."""
