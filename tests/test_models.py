@@ -220,13 +220,16 @@ def test_fast_iwae_equals_parts_iwae_on_the_same_draws():
         assert generic.shape == (6,) and torch.all(torch.isfinite(generic))
 
 
-@pytest.mark.parametrize("name", ["mlp-mog", "mlp-vampprior-gated", "mlp-planar", "mlp-iaf"])
+@pytest.mark.parametrize("name", ["mlp-mog", "mlp-vampprior-gated", "mlp-planar", "mlp-iaf", "mlp2",
+                                  "hvae-ladder-batchnorm", "hvae-ladder-vampprior", "hvae-iaf-mog"])
 def test_conditioned_iwae_equals_parts_iwae_on_the_same_draws(name):
-    """The one-layer models the fast path does not cover take ``_iwae_conditioned`` (the encoder and a flow's
-    parameters once per batch, the data term by its fast form where the activation is elementwise): the same
-    estimates as the model's Parts chunk by chunk, on the same draws, in float64; and the estimator lookup picks it
-    (and the fast path for the standard prior without a flow)."""
+    """The models the fast path does not cover take ``_iwae_conditioned`` (what depends on x alone once per batch:
+    the encoder and a flow's parameters, the ladder's bottom-up pass; the data term by its fast form where a
+    one-layer model's activation is elementwise): the same estimates as the model's Parts chunk by chunk, on the
+    same draws, in float64; and the estimator lookup picks it (and the fast path for the standard prior without a
+    flow)."""
     model, x, _ = tiny(name)
+    model.eval()
     if name == "mlp-vampprior-gated":
         with torch.no_grad():                                  # pseudo-inputs away from their start (all alike)
             model.prior.pseudo_logits.normal_(generator=torch.Generator().manual_seed(3))

@@ -32,7 +32,7 @@ from vaelab.distributed import SINGLE, World, gather_rows, shard
 from vaelab.errors import UsageError
 from vaelab.laplace import (OUTCOMES, LaplaceError, NotNegativeDefinite, laplace_log_marginal,
                             sample_laplace_proposal)
-from vaelab.models import MLPVAE, build_model
+from vaelab.models import HierarchicalVAE, MLPVAE, build_model
 from vaelab.models.priors import frozen_components
 from vaelab.objectives import (elbo_objective, importance_sampled_log_marginal, iwae_bound, log_mean_exp,
                                log_standard_normal)
@@ -212,7 +212,8 @@ def _iwae_parts(model, x: torch.Tensor, k: int, generator: torch.Generator, chun
 def _iwae_conditioned(model, x: torch.Tensor, k: int, generator: torch.Generator, chunk: int,
                       precision: str = "fp32", nested: tuple[int, ...] = ()) -> torch.Tensor:
     """``_iwae_parts`` (the same draws, the same Parts) for a model that computes what depends on x alone once
-    per batch (``model.conditioned``: the encoder, a flow's parameters) and the data term by its fast form."""
+    per batch (``model.conditioned``: the encoder, a flow's parameters, the ladder's bottom-up pass) and the data
+    term by its fast form where it has one."""
     parts = model.conditioned(x, fast_data_term=True)
 
     def log_weights(_: int, n: int) -> torch.Tensor:
@@ -226,7 +227,8 @@ def _iwae_conditioned(model, x: torch.Tensor, k: int, generator: torch.Generator
 # (``model.fast``: the standard prior, no flow, an elementwise activation), else that class's general one (the
 # model's own Parts). Each equals ``_iwae_parts`` on the same draws (tests/test_models.py). Only the fast form
 # has bf16 products.
-IWAE_ESTIMATORS: dict[type, tuple[Callable, Callable]] = {MLPVAE: (_iwae_one_layer, _iwae_conditioned)}
+IWAE_ESTIMATORS: dict[type, tuple[Callable | None, Callable]] = {MLPVAE: (_iwae_one_layer, _iwae_conditioned),
+                                                           HierarchicalVAE: (None, _iwae_conditioned)}
 
 
 def iwae_estimator(model) -> Callable:

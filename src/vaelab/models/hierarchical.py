@@ -25,6 +25,8 @@ former ``TwoLayerVAE`` built them, so an ``mlp2`` run trains to the same weights
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -227,6 +229,12 @@ class HierarchicalVAE(nn.Module):
                                              log_p=self.prior.layer_log_p(draws[l], self.encode_top)))
         reconstruction = bernoulli_log_likelihood(self.decode(draws[0]), x)     # (K, B)
         return Parts(reconstruction, tuple(parts))
+
+    def conditioned(self, x: torch.Tensor, fast_data_term: bool = False) -> Callable[[torch.Tensor], Parts]:
+        """eps ↦ ``forward(x, eps)`` with what depends on x alone computed once: the ladder's bottom-up pass (the
+        decoder's data term has no fast form here, ``fast_data_term`` is ignored)."""
+        hats = self.bottom_up(x) if self.top_down else None
+        return lambda eps: self(x, eps, hats)
 
     def laplace_curvature(self):
         return None            # the exact Hessian (Newton falls back to gradient ascent where it is not PD)
