@@ -227,8 +227,10 @@ def _iwae_conditioned(model, x: torch.Tensor, k: int, generator: torch.Generator
 # (``model.fast``: the standard prior, no flow, an elementwise activation), else that class's general one (the
 # model's own Parts). Each equals ``_iwae_parts`` on the same draws (tests/test_models.py). Only the fast form
 # has bf16 products.
-IWAE_ESTIMATORS: dict[type, tuple[Callable | None, Callable]] = {MLPVAE: (_iwae_one_layer, _iwae_conditioned),
-                                                           HierarchicalVAE: (None, _iwae_conditioned)}
+IWAE_ESTIMATORS: dict[type, tuple[Callable | None, Callable]] = {
+    MLPVAE: (_iwae_one_layer, _iwae_conditioned),
+    HierarchicalVAE: (None, _iwae_conditioned),
+}
 
 
 def iwae_estimator(model) -> Callable:
