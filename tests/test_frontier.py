@@ -188,6 +188,12 @@ def test_the_planar_steps_hand_derived_forward_and_backward(z_shape, param_shape
     for a, r in zip(ours, theirs):
         torch.testing.assert_close(a, r, rtol=1e-10, atol=1e-12)
     assert torch.autograd.gradcheck(lambda *t: PlanarSteps.apply(*t), (z0, params))
+    z32, params32 = z0.detach().float(), params.detach().float()   # under autocast (--precision bf16): float32 still
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        in_autocast = PlanarSteps.apply(z32, params32)
+    for a, r in zip(in_autocast, PlanarSteps.apply(z32, params32)):
+        assert a.dtype == torch.float32
+        torch.testing.assert_close(a, r, rtol=0, atol=0)
     # one output used: the other's gradient arrives as None
     only_z = torch.autograd.grad((PlanarSteps.apply(z0, params)[0] * weights).sum(), (z0, params))
     only_z_reference = torch.autograd.grad((planar_reference(z0, params)[0] * weights).sum(), (z0, params))

@@ -104,6 +104,13 @@ class PlanarSteps(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, z0, params):
+        # autocast (--precision bf16) would run the batched products below in bfloat16; the flow is part of q's
+        # density and stays in float32, like the log densities (models.base.full_precision)
+        with torch.autocast(z0.device.type, enabled=False):
+            return PlanarSteps._forward(ctx, z0, params)
+
+    @staticmethod
+    def _forward(ctx, z0, params):
         d, steps = z0.shape[-1], params.shape[-2]
         lead = torch.broadcast_shapes(z0.shape[:-1], params.shape[:-2])
         params_shape, groups = params.shape, _groups(lead, params.shape[:-2])
