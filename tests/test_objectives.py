@@ -61,6 +61,34 @@ def test_gaussian_terms_stay_finite_where_p_is_nearly_deterministic(p_logvar):
                                expected_at_z.sum(-1), rtol=1e-5, atol=1e-4 * scale)
 
 
+@pytest.mark.parametrize("p_logvar", [-150.0, -200.6, -300.0])
+def test_a_ladder_unit_whose_q_equals_p_stays_finite_with_its_gradient(p_logvar):
+    """Below log σ_p² ≈ −176 e^{−½ log σ_p²} overflows float32. There the ladder's merge gives μ_q = μ_p exactly
+    (σ_p² underflows against the encoder's σ̂²), and (μ_q − μ_p) e^{−½ log σ_p²} was 0 · inf = NaN: `ladder-5` stopped
+    at epoch 600 on a unit with log σ_p² = −200.6. The layer's KL, its log p at the draws, log N(z; μ_p, σ_p²) at z =
+    μ_p and their gradients are finite, and the KL equals float64's ½(log σ_p² − log σ_q² + σ_q²/σ_p² − 1)."""
+    from vaelab.models.hierarchical import merge_gaussians
+
+    g = torch.Generator().manual_seed(4)
+    f32 = torch.float32                                            # this module's default dtype is float64
+    p_mu, mu_hat, hat_lv = (torch.randn(2, 3, 4, generator=g, dtype=f32) for _ in range(3))
+    p_lv = torch.full((2, 3, 4), p_logvar, dtype=f32).requires_grad_(True)
+    p_mu.requires_grad_(True)
+    q_mu, q_lv = merge_gaussians(mu_hat, hat_lv, p_mu, p_lv)
+    assert torch.equal(q_mu, p_mu) and (p_logvar > -176 or not torch.isfinite(torch.exp(-0.5 * p_lv)).all())
+    eps = torch.randn(2, 3, 4, generator=g, dtype=f32)
+    layer = StochasticLayer(q_mu + torch.exp(0.5 * q_lv) * eps, eps, q_mu, q_lv, p_mu, p_lv, conditional=True)
+    kl, log_p = layer.kl_per_dimension(), layer.log_p_per_dimension()
+    at_mean = log_normal_diag(p_mu, p_mu.detach(), p_lv)
+    for value in (kl, log_p, at_mean):
+        assert torch.isfinite(value).all()
+    gradients = torch.autograd.grad(kl.sum() + log_p.sum() + at_mean.sum(), (p_mu, p_lv))
+    assert all(torch.isfinite(grad).all() for grad in gradients)
+    q_lv64, p_lv64 = q_lv.detach().double(), p_lv.detach().double()
+    expected = 0.5 * (p_lv64 - q_lv64 + torch.exp(q_lv64 - p_lv64) - 1)
+    torch.testing.assert_close(kl.detach().double(), expected, rtol=0, atol=1e-5)
+
+
 def test_log_weights_of_a_nearly_deterministic_unit_match_float64():
     """A unit with σ_q ≈ σ_p ≈ e^{−44} (a ladder's, after some hundred epochs): σ_q ε vanishes against μ_q when z is
     formed in float32, so log p(z) must come from the draw's parts, as log q does. The float32 log p − log q equals
