@@ -110,6 +110,29 @@ def test_divergence_before_the_first_checkpoint_says_nothing_was_trained(tmp_pat
     assert not out.exists()
 
 
+def test_a_stopped_run_draws_its_pictures_from_what_it_holds(tmp_path, data_dir, capsys, monkeypatch):
+    """Pictures were drawn only when training ended normally: a run that diverged (or was stopped by a signal)
+    after resuming kept the elbo.png of its earlier end. Now elbo.png shows the completed epochs and the samples
+    come from the weights the run directory holds."""
+    out = tmp_path / "run"
+    assert run(capsys, "train", "--out", out, "--epochs", "1", "--data-dir", data_dir, *SMALL)[0] == 0
+    after_one = {name: (out / name).read_bytes() for name in ("elbo.png", "samples.png")}
+    calls = {"n": 0}
+
+    def poisoned(model, x, eps, objective, beta):
+        calls["n"] += 1
+        sums = fused_step(model, x, eps)
+        return sums * float("nan") if calls["n"] > 10 else sums     # epoch 2 completes (10 steps), epoch 3 fails
+
+    monkeypatch.setitem(training.ENGINES, ("fused", "fp32"), poisoned)
+    code, _, err = run(capsys, "train", "--out", out, "--resume", "--epochs", "3", "--data-dir", data_dir, "--no-progress")
+    assert code == 1 and "epoch 3, step 1" in err and "not redrawn" not in err
+    assert [row.split(",")[0] for row in (out / ckpt.METRICS).read_text().splitlines()[1:]] == ["1", "2"]
+    assert all((out / name).read_bytes() != after_one[name] for name in after_one)       # redrawn: two epochs
+    _, model = ckpt.load_model(out)                                                          # from the kept weights
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
 def test_an_absurd_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path, tiny_arrays,
                                                                                 monkeypatch):
     """An epoch with train ELBO −3.1e18 was once checkpointed as good: only NaN counted as divergence."""

@@ -623,8 +623,14 @@ def _train(args: argparse.Namespace, config, run_dir: Path, run, resumed: bool, 
     if world.main:
         for warning in warnings:
             _note(warning)
+    from vaelab.training import Interrupted
+
     try:
         metrics = trainer.fit()
+    except (Interrupted, TrainingDiverged):
+        if world.main and trainer.state.metrics and (run_dir / ckpt.WEIGHTS).exists():
+            _pictures_of_what_stands(data, trainer.state.metrics, run_dir, device)
+        raise
     finally:
         for observer in observers:
             if hasattr(observer, "close"):
@@ -639,6 +645,19 @@ def _architecture(model) -> str:
     blocks = [f"784-{'-'.join(map(str, model.hidden[0]))}-{model.latent[0]}"]
     blocks += [f"{'-'.join(map(str, h))}-{d}" for h, d in zip(model.hidden[1:], model.latent[1:])]
     return " | ".join(blocks) + f" {model.activation}"
+
+
+def _pictures_of_what_stands(data, metrics: list[dict], run_dir: Path, device) -> None:
+    """At a stop (a signal, a divergence) the pictures of what the run directory holds: elbo.png of the completed
+    epochs, samples and reconstructions of its model.safetensors (the checkpoint's weights), instead of those the
+    last normal end left (a `ladder-5` run stopped at epoch 901 still showed the elbo.png of epoch 450)."""
+    from vaelab import checkpoint as ckpt
+
+    try:
+        _, model = ckpt.load_model(run_dir, device)
+        write_pictures(model, data, metrics, run_dir)
+    except Exception as exc:           # the stop's own message matters more; say what the pictures show
+        _note(f"the pictures in {run_dir} were not redrawn ({exc}); they show the run as it was before")
 
 
 def write_pictures(model, data, metrics, run_dir: Path) -> None:
