@@ -588,7 +588,7 @@ def _train(args: argparse.Namespace, config, run_dir: Path, run, resumed: bool, 
            world=None, observers: Sequence = ()) -> int:
     from vaelab import checkpoint as ckpt
     from vaelab.distributed import SINGLE, on_main
-    from vaelab.training import Trainer, check_writable, plural
+    from vaelab.training import Interrupted, Trainer, check_writable, plural
 
     world = world or SINGLE
     device, threads, data = run
@@ -623,8 +623,6 @@ def _train(args: argparse.Namespace, config, run_dir: Path, run, resumed: bool, 
     if world.main:
         for warning in warnings:
             _note(warning)
-    from vaelab.training import Interrupted
-
     try:
         metrics = trainer.fit()
     except (Interrupted, TrainingDiverged):

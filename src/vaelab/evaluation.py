@@ -34,7 +34,7 @@ from vaelab.laplace import (OUTCOMES, LaplaceError, NotNegativeDefinite, laplace
                             sample_laplace_proposal)
 from vaelab.models import HierarchicalVAE, MLPVAE, build_model
 from vaelab.models.priors import frozen_components
-from vaelab.objectives import (elbo_objective, importance_sampled_log_marginal, iwae_bound, log_mean_exp,
+from vaelab.objectives import (Parts, elbo_objective, importance_sampled_log_marginal, iwae_bound, log_mean_exp,
                                log_standard_normal)
 from vaelab.precision import BF16_PRODUCTS, PRECISIONS
 
@@ -198,13 +198,16 @@ def _iwae_one_layer(model: MLPVAE, x: torch.Tensor, k: int, generator: torch.Gen
 
 
 def _iwae_parts(model, x: torch.Tensor, k: int, generator: torch.Generator, chunk: int,
-                precision: str = "fp32", nested: tuple[int, ...] = ()) -> torch.Tensor:
-    """Any model: the log weights log p(x, z) − log q(z|x) of its Parts, ``chunk`` draws at a time, the
-    batch's digits sharing ε (common random numbers, as in the fast path)."""
+                precision: str = "fp32", nested: tuple[int, ...] = (),
+                parts: Callable[[torch.Tensor], Parts] | None = None) -> torch.Tensor:
+    """Any model: the log weights log p(x, z) − log q(z|x) of its Parts (``parts``: ε ↦ Parts for this x, by
+    default ``model(x, ε)``), ``chunk`` draws at a time, the batch's digits sharing ε (common random numbers, as in
+    the fast path)."""
+    parts = parts or (lambda eps: model(x, eps))
 
     def log_weights(_: int, n: int) -> torch.Tensor:
         eps = draws(model, n, 1, generator, x.device).expand(n, len(x), -1)     # (n, B, D)
-        return model(x, eps).log_weights()                                     # (n, B)
+        return parts(eps).log_weights()                                        # (n, B)
 
     return importance_sampled_log_marginal(log_weights, k, chunk, nested)
 
@@ -214,13 +217,8 @@ def _iwae_conditioned(model, x: torch.Tensor, k: int, generator: torch.Generator
     """``_iwae_parts`` (the same draws, the same Parts) for a model that computes what depends on x alone once
     per batch (``model.conditioned``: the encoder, a flow's parameters, the ladder's bottom-up pass) and the data
     term by its fast form where it has one."""
-    parts = model.conditioned(x, fast_data_term=True)
-
-    def log_weights(_: int, n: int) -> torch.Tensor:
-        eps = draws(model, n, 1, generator, x.device).expand(n, len(x), -1)     # (n, B, D)
-        return parts(eps).log_weights()                                        # (n, B)
-
-    return importance_sampled_log_marginal(log_weights, k, chunk, nested)
+    return _iwae_parts(model, x, k, generator, chunk, precision, nested,
+                       parts=model.conditioned(x, fast_data_term=True))
 
 
 # The estimator of each model class, by lookup: the hand-derived forms for the models they apply to

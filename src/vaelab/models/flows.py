@@ -56,6 +56,10 @@ class PlanarFlow(NoFlow):
         return lambda z0: PlanarSteps.apply(z0, params)
 
 
+# ‖w‖² is clamped below at this in κ = m(wᵀu)/‖w‖² (a division by it); the clamp passes no gradient
+_MIN_SQUARED_NORM = 1e-12
+
+
 def _groups(lead: torch.Size, param_lead: torch.Size) -> tuple[int, int] | None:
     """(R, N) when z's leading axes ``lead`` are R draws (leading axes the parameters broadcast along) of N
     parameter sets (the parameters' own axes, trailing), e.g. K draws of B digits' flows; None otherwise."""
@@ -95,7 +99,7 @@ class PlanarSteps(torch.autograd.Function):
     draws as products; and through û and c to u and w: ∂κ = ∂ûᵀw + ∂c‖w‖², ∂(wᵀu) = ∂c + ∂κ (σ(wᵀu) − 1)/‖w‖²,
     ∂‖w‖² = ∂c κ − ∂κ κ/‖w‖², ∂u = ∂û + ∂(wᵀu) w, ∂w += κ∂û + ∂(wᵀu) u + 2∂‖w‖² w.
 
-    (‖w‖² is clamped below at 1e-12 in κ, as a division by it; the clamp passes no gradient.) The 80 steps of
+    (‖w‖² is clamped below at ``_MIN_SQUARED_NORM`` in κ; the clamp passes no gradient.) The 80 steps of
     ``planar-80`` are rounds of small kernels whose count, not their arithmetic, sets the time; as scalars, with
     û's derivatives by hand, see benchmarks/README.md for what that saved. Checked against the steps written
     plainly and autograd, finite differences (gradcheck, float64) and the full Jacobian's log-determinant
@@ -124,7 +128,8 @@ class PlanarSteps(torch.autograd.Function):
         u, w, b = p[..., :d], p[..., d:2 * d], p[..., 2 * d]                            # (N, T, d), (N, T, d), (N, T)
         wu = torch.linalg.vecdot(w, u)                                                  # (N, T) wᵀu
         ww_raw = torch.linalg.vecdot(w, w)                                              # (N, T) ‖w‖²
-        kappa = (F.softplus(wu) - 1.0 - wu) / ww_raw.clamp_min(1e-12)                   # (N, T) κ = m(wᵀu)/‖w‖²
+        ww = ww_raw.clamp_min(_MIN_SQUARED_NORM)
+        kappa = (F.softplus(wu) - 1.0 - wu) / ww                                        # (N, T) κ = m(wᵀu)/‖w‖²
         u_hat = torch.addcmul(u, kappa.unsqueeze(-1), w)                                # (N, T, d)
         c = torch.addcmul(wu, kappa, ww_raw)                                            # (N, T) wᵀû
         m = torch.bmm(u_hat, w.transpose(1, 2))                                         # (N, T, T) [t, r] = ûₜᵀwᵣ
@@ -138,13 +143,13 @@ class PlanarSteps(torch.autograd.Function):
         a_batched = a.permute(1, 2, 0)                                                  # (N, R, T) view
         z_t = torch.baddbmm(z, a_batched, u_hat)                                        # (N, R, d) z₀ + Σ ûₜaₜ
         log_det = torch.log1p((1.0 - a.square()) * c.T.unsqueeze(-1)).sum(0)          # (N, R), each term finite
-        ctx.save_for_backward(z, a, u, w, u_hat, wu, ww_raw, kappa, c, m)
+        ctx.save_for_backward(z, a, u, w, u_hat, wu, ww_raw, ww, kappa, c, m)
         ctx.shapes = z0.shape, params_shape, lead
         return z_t.transpose(0, 1).reshape(*lead, d), log_det.T.reshape(lead)
 
     @staticmethod
     def backward(ctx, grad_z, grad_log_det):
-        z, a, u, w, u_hat, wu, ww_raw, kappa, c, m = ctx.saved_tensors                  # a: (T, N, R)
+        z, a, u, w, u_hat, wu, ww_raw, ww, kappa, c, m = ctx.saved_tensors                  # a: (T, N, R)
         z0_shape, params_shape, lead = ctx.shapes
         steps, n, r = a.shape
         d = z.shape[-1]
@@ -171,10 +176,9 @@ class PlanarSteps(torch.autograd.Function):
         grad_w = _draw_sums(p_batched, z).baddbmm_(grad_m, u_hat)                       # (N, T, d) direct part
         grad_z0 = torch.baddbmm(g, p_batched, w)                                        # (N, R, d)
         # through û = u + κw and c = wᵀu + κ‖w‖²
-        ww = ww_raw.clamp_min(1e-12)
         grad_kappa = torch.linalg.vecdot(grad_u_hat, w).addcmul_(grad_c, ww_raw)       # (N, T)
         grad_wu = grad_c + grad_kappa * (torch.sigmoid(wu) - 1.0) / ww
-        grad_ww = grad_c * kappa - grad_kappa * kappa / ww * (ww_raw > 1e-12)
+        grad_ww = grad_c * kappa - grad_kappa * kappa / ww * (ww_raw > _MIN_SQUARED_NORM)
         grad_params = torch.empty(n, steps, 2 * d + 1, dtype=a.dtype, device=a.device)    # [∂u, ∂w, ∂b] per step
         grad_u = torch.addcmul(grad_u_hat, grad_wu.unsqueeze(-1), w, out=grad_params[..., :d])    # ∂û + ∂(wᵀu) w
         # ∂w = direct + κ∂û + ∂(wᵀu) u + 2∂‖w‖² w, with κ∂û = κ∂u − κ∂(wᵀu) w
