@@ -115,7 +115,7 @@ BAD = [
     ["train", "--latent", "0"], ["train", "--hidden", "-1"], ["train", "--lr", "0"], ["train", "--lr", "-1e-3"],
     ["train", "--lr", "nan"], ["train", "--lr", "inf"], ["train", "--device", "tpu"], ["train", "--epochs", "abc"],
     ["train", "--binarize", "grey"], ["evaluate", "RUN", "--k", "0"], ["evaluate", "RUN", "--k", "-5"],
-    ["train", "--precision", "fp16"], ["evaluate", "RUN", "--precision", "bf8"],
+    ["train", "--precision", "fp16"], ["train", "--clip-grad-norm", "-1"], ["train", "--clip-grad-norm", "nan"], ["evaluate", "RUN", "--precision", "bf8"],
     ["sample", "RUN", "--n", "0"], ["frobnicate"],
 ]
 

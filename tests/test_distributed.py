@@ -104,8 +104,9 @@ def weights(run_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def test_two_process_run_resumes_exactly_after_a_kill(tmp_path, data_dir):
+    """With every step's gradient clipped (a bound of 1e-3): the ranks clip alike, rank 0 alone counts."""
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    common = ["--data-dir", data_dir, *ARGS]
+    common = ["--data-dir", data_dir, *ARGS, "--clip-grad-norm", "1e-3"]
     process = torchrun("train", "--out", straight, "--epochs", "4", *common)
     out, err = process.communicate(timeout=300)
     assert process.returncode == 0, err
@@ -130,8 +131,11 @@ def test_two_process_run_resumes_exactly_after_a_kill(tmp_path, data_dir):
     expected = weights(straight)
     for name, tensor in weights(killed).items():
         assert torch.equal(tensor, expected[name]), name
-    rows = [line.split(",")[:10] for line in metrics.read_text().splitlines()]
-    assert rows == [line.split(",")[:10] for line in (straight / ckpt.METRICS).read_text().splitlines()]
+    rows = [line.split(",")[:12] for line in metrics.read_text().splitlines()]
+    assert rows == [line.split(",")[:12] for line in (straight / ckpt.METRICS).read_text().splitlines()]
+    assert rows[0][10] == "clipped_steps"
+    steps = -(-2000 // 32)                                     # the synthetic set's 2000 digits, batches of 32
+    assert [int(row[10]) for row in rows[1:]] == [steps] * 4
 
 
 @pytest.mark.parametrize("command", ["train"])

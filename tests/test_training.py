@@ -74,15 +74,17 @@ def assert_bitwise_equal(a, b):
         assert torch.equal(a[name], b[name]), name
 
 
-def test_resume_is_bitwise_identical_in_process(tmp_path, tiny_arrays):
+@pytest.mark.parametrize("train", [{}, {"clip_grad_norm": 25.0}])
+def test_resume_is_bitwise_identical_in_process(tmp_path, tiny_arrays, train):
     data = prepare(tiny_arrays, small_config().data)
     straight = tmp_path / "straight"
     straight.mkdir()
-    Trainer(small_config(3), straight, data, torch.device("cpu"), log=lambda m: None, progress=False).fit()
+    Trainer(small_config(3, **train), straight, data, torch.device("cpu"), log=lambda m: None, progress=False).fit()
     resumed = tmp_path / "resumed"
     resumed.mkdir()
-    Trainer(small_config(1), resumed, data, torch.device("cpu"), log=lambda m: None, progress=False).fit()
-    trainer = Trainer(small_config(3), resumed, data, torch.device("cpu"), log=lambda m: None, progress=False)
+    Trainer(small_config(1, **train), resumed, data, torch.device("cpu"), log=lambda m: None, progress=False).fit()
+    trainer = Trainer(small_config(3, **train), resumed, data, torch.device("cpu"), log=lambda m: None,
+                      progress=False)
     trainer.load_checkpoint()
     assert trainer.state.epoch == 1
     trainer.fit()
@@ -371,3 +373,64 @@ def test_emulated_autocast_step_equals_the_native_one(name, monkeypatch):
     torch.testing.assert_close(emulated, native, rtol=1e-5, atol=0.0)
     assert (g_emulated - g_native).abs().max() <= 1e-2 * g_native.abs().max()
     assert (g_emulated - g_native).abs().max() < (g_exact - g_native).abs().max()
+
+
+def test_clip_norm_rescales_only_gradients_longer_than_the_bound():
+    """g · min(1, c/‖g‖) in float64: a long gradient ends with norm c and its direction, a short one and zero
+    stay as they are; the returned norm is the one before."""
+    g = torch.tensor([3.0, 4.0], dtype=torch.float64)                       # ‖g‖ = 5
+    assert training.clip_norm_(g, 2.0).item() == 5.0
+    torch.testing.assert_close(g, torch.tensor([1.2, 1.6], dtype=torch.float64), rtol=1e-15, atol=0)
+    short = torch.tensor([0.3, -0.4], dtype=torch.float64)
+    assert training.clip_norm_(short, 2.0).item() == pytest.approx(0.5, rel=1e-15)
+    assert short.tolist() == [0.3, -0.4]
+    zero = torch.zeros(3, dtype=torch.float64)
+    training.clip_norm_(zero, 1.0)
+    assert zero.tolist() == [0.0, 0.0, 0.0]
+
+
+def test_clipped_training_equals_adam_on_gradients_clipped_by_torch(tmp_path, tiny_arrays, monkeypatch):
+    """--clip-grad-norm against a loop written independently: the same engine's gradient on the batches and draws
+    the trainer used, torch.nn.utils.clip_grad_norm_ over the model's parameter tensors, torch.optim.Adam. The
+    bound is chosen so that some steps are clipped and some not; metrics.csv counts the clipped ones."""
+    bound = 25.0
+    config = small_config(2, clip_grad_norm=bound)
+    data = prepare(tiny_arrays, config.data)
+    engine, seen = training.ENGINES[("fused", "fp32")], []
+
+    def recording(model, x, eps, objective, beta):
+        seen.append((x.clone(), eps.clone(), objective, beta))
+        return engine(model, x, eps, objective, beta)
+
+    monkeypatch.setitem(training.ENGINES, ("fused", "fp32"), recording)
+    Trainer(config, tmp_path, data, torch.device("cpu"), log=lambda m: None, progress=False).fit()
+
+    torch.manual_seed(config.train.seed)
+    model = MLPVAE(config.model)
+    flat = FlatParameters(model)                             # the engine writes into the flat gradient's views
+    adam = torch.optim.Adam(model.parameters(), lr=config.train.lr, eps=config.train.adam_eps)
+    norms = []
+    for x, eps, objective, beta in seen:
+        engine(model, x, eps, objective, beta)
+        norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), bound)))
+        adam.step()
+    clipped = sum(norm > bound for norm in norms)
+    assert 0 < clipped < len(norms), f"the bound {bound} must clip some steps and not others: {norms}"
+    ours = weights(tmp_path)
+    for name, tensor in model.state_dict().items():
+        torch.testing.assert_close(ours[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
+    rows = [line.split(",") for line in (tmp_path / ckpt.METRICS).read_text().splitlines()]
+    counts = [int(row[rows[0].index("clipped_steps")]) for row in rows[1:]]
+    assert sum(counts) == clipped
+    steps = len(norms) // 2
+    means = [float(row[rows[0].index("gradient_norm_mean")]) for row in rows[1:]]
+    assert means == pytest.approx([sum(norms[:steps]) / steps, sum(norms[steps:]) / steps], rel=1e-5)
+    assert "gradient rescaled to norm 25" in (tmp_path / training.TRAIN_LOG).read_text()
+
+
+def test_configs_before_clipping_load_without_it():
+    """A version-5 config.json (before --clip-grad-norm) has no train.clip_grad_norm: its runs never clipped."""
+    raw = {**small_config(clip_grad_norm=3.0).to_dict(), "version": 5}
+    raw["train"] = {k: v for k, v in raw["train"].items() if k != "clip_grad_norm"}
+    assert RunConfig.from_dict(raw).train.clip_grad_norm == 0.0
+    assert "clipped_steps" not in training.metric_fields(small_config())

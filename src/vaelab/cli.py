@@ -158,6 +158,8 @@ def build_parser(parser_class: type[argparse.ArgumentParser] = _Parser) -> argpa
                        help="constant (default); burda: lr · 10^(−i/7) for 3^i epochs; exponential: lr to lr/10 "
                        "over the run")
     group.add_argument("--adam-eps", type=_positive_float, help="Adam's ε (default 1e-8; Burda 1e-4)")
+    group.add_argument("--clip-grad-norm", type=_non_negative_float, metavar="C",
+                       help="rescale each step's gradient to Euclidean norm C where it is larger (default 0: never)")
     group.add_argument("--seed", type=_non_negative_int, help="seed of every random stream (default 0)")
     group.add_argument("--engine", choices=ENGINE_CHOICES,
                        help="gradient code: auto (default: the hand-derived fast path where it applies)")
@@ -334,7 +336,8 @@ def _set_threads(requested: int | None) -> int:
 # flag → (section, field); --hidden/--hidden-top and --data-dir are built separately.
 _FLAGS = {
     "epochs": ("train", "epochs"), "batch_size": ("train", "batch_size"), "lr": ("train", "lr"),
-    "lr_schedule": ("train", "lr_schedule"), "adam_eps": ("train", "adam_eps"), "seed": ("train", "seed"),
+    "lr_schedule": ("train", "lr_schedule"), "adam_eps": ("train", "adam_eps"),
+    "clip_grad_norm": ("train", "clip_grad_norm"), "seed": ("train", "seed"),
     "device": ("train", "device"), "engine": ("train", "engine"), "threads": ("train", "threads"),
     "precision": ("train", "precision"),
     "model": ("model", "name"), "latent": ("model", "latent"), "activation": ("model", "activation"),

@@ -26,7 +26,7 @@ from vaelab.objectives import OBJECTIVES
 from vaelab.precision import PRECISIONS
 from vaelab.schedules import LR_SCHEDULES
 
-CONFIG_VERSION = 5
+CONFIG_VERSION = 6
 SEED_LIMIT = 2**63            # every seed is a non-negative 63-bit integer (torch's generators take it)
 
 
@@ -50,6 +50,7 @@ class TrainConfig:
     lr_schedule: str = "constant"  # constant | burda (see vaelab.schedules)
     adam_betas: tuple[float, float] = (0.9, 0.999)
     adam_eps: float = 1e-8
+    clip_grad_norm: float = 0.0    # rescale each step's gradient to this Euclidean norm where it is larger; 0: never
     seed: int = 0
     device: str = "auto"           # auto | cpu | cuda | cuda:N
     engine: str = "auto"           # auto (the fast path where one covers the config) | fused | autograd
@@ -76,6 +77,8 @@ class RunConfig:
             ("--batch-size", t.batch_size, t.batch_size >= 1, "≥ 1"),
             ("--lr", t.lr, math.isfinite(t.lr) and t.lr > 0, "a finite number > 0"),
             ("--adam-eps", t.adam_eps, math.isfinite(t.adam_eps) and t.adam_eps > 0, "a finite number > 0"),
+            ("--clip-grad-norm", t.clip_grad_norm, math.isfinite(t.clip_grad_norm) and t.clip_grad_norm >= 0,
+             "a finite number ≥ 0 (0: no clipping)"),
             ("adam_betas", t.adam_betas, all(0 <= b < 1 for b in t.adam_betas), "two numbers in [0, 1)"),
             ("--seed", t.seed, 0 <= t.seed < SEED_LIMIT, "in [0, 2⁶³)"),
             ("--threads", t.threads, 0 <= t.threads <= 4096, "in [0, 4096] (0: all cores this process may use)"),
@@ -215,7 +218,15 @@ def _migrate_4(raw: dict, source: str) -> dict:
     return {**raw, "version": 5, "model": {"batch_norm": False, **model}}
 
 
-_MIGRATIONS = {1: _migrate_1, 2: _migrate_2, 3: _migrate_3, 4: _migrate_4}
+def _migrate_5(raw: dict, source: str) -> dict:
+    """Version 5 (before --clip-grad-norm): gradients were never clipped."""
+    train = raw.get("train")
+    if not isinstance(train, dict):
+        raise CheckpointError(f"{source}: sections missing or malformed (train must be an object)")
+    return {**raw, "version": 6, "train": {"clip_grad_norm": 0.0, **train}}
+
+
+_MIGRATIONS = {1: _migrate_1, 2: _migrate_2, 3: _migrate_3, 4: _migrate_4, 5: _migrate_5}
 
 
 def _build(kind: type, raw: Any, source: str):

@@ -49,6 +49,11 @@ METRIC_FIELDS = ("epoch", "lr", "beta", "train_objective", "train_elbo", "train_
                  "test_elbo", "test_reconstruction", "test_kl")
 VALIDATION_FIELDS = ("validation_elbo", "validation_reconstruction", "validation_kl")
 TIME_FIELDS = ("epoch_seconds", "elapsed_seconds")    # the epoch's steps; training so far, with evaluations
+# with --clip-grad-norm: the epoch's steps whose gradient was rescaled, and the mean of its steps' norms before
+CLIP_FIELDS = ("clipped_steps", "gradient_norm_mean")
+# per-step columns of an epoch's losses: batch sums of (objective, ELBO, reconstruction, KL), then, with clipping,
+# the gradient's norm before it and 1 where it was rescaled (rank 0's only, so that the all-reduce keeps them)
+STEP_COLUMNS = 6
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
@@ -172,7 +177,7 @@ class TrainState:
 
     epoch: int = 0                     # completed epochs
     step: int = 0                      # steps done inside epoch + 1 (0 at an epoch boundary)
-    sums: list[float] = field(default_factory=lambda: [0.0] * 4)  # partial epoch sums (objective, ELBO, rec, KL)
+    sums: list[float] = field(default_factory=lambda: [0.0] * STEP_COLUMNS)  # partial epoch sums of STEP_COLUMNS
     seconds: float = 0.0               # partial epoch time
     metrics: list[dict[str, float]] = field(default_factory=list)
     best_epoch: int = 0                # epoch of the best validation ELBO so far (0: none yet)
@@ -196,7 +201,18 @@ def parallel_step(engine, model, batch: torch.Tensor, eps: torch.Tensor, objecti
 
 
 def metric_fields(config: RunConfig) -> tuple[str, ...]:
-    return METRIC_FIELDS + (VALIDATION_FIELDS if config.data.validation else ()) + TIME_FIELDS
+    return (METRIC_FIELDS + (VALIDATION_FIELDS if config.data.validation else ())
+            + (CLIP_FIELDS if config.train.clip_grad_norm else ()) + TIME_FIELDS)
+
+
+def clip_norm_(grad: torch.Tensor, max_norm: float) -> torch.Tensor:
+    """Rescale ``grad`` in place to Euclidean norm ``max_norm`` where it is larger, g ← g · min(1, c/‖g‖)
+    (Pascanu, Mikolov & Bengio 2013, "On the difficulty of training recurrent neural networks", §3.2): one step's
+    direction is kept, its length bounded, so that one outlying batch cannot move Adam's moments far. Returns
+    ‖g‖ before (a tensor: no wait for the device). ‖g‖ = 0 gives c/0 = inf, clamped to 1: nothing changes."""
+    norm = torch.linalg.vector_norm(grad)
+    grad.mul_((max_norm / norm).clamp_(max=1.0))
+    return norm
 
 
 def migrate_metrics(rows: list[dict], config: RunConfig) -> list[dict]:
@@ -322,6 +338,7 @@ class Trainer:
             sums = [float(s) for s in meta["sums"]]
             if len(sums) == 3:           # version 1: (−ELBO, −reconstruction, KL), always the ELBO
                 sums = [-sums[0], -sums[0], -sums[1], sums[2]]
+            sums += [0.0] * (STEP_COLUMNS - len(sums))         # before --clip-grad-norm: four columns
             best = meta.get("best_validation_elbo")
             self.state = TrainState(epoch=int(meta["epoch"]), step=int(meta["step"]), sums=sums,
                                     seconds=float(meta["seconds"]),
@@ -382,7 +399,8 @@ class Trainer:
         self.epoch_start_rng = self.data_rng.get_state()
         steps = self.steps_per_epoch
         self.optimizer.lr = LR_SCHEDULES[cfg.lr_schedule](epoch - 1, cfg.lr, cfg.epochs)
-        losses = torch.zeros((steps, 4), dtype=torch.float64, device=self.device)  # per-step batch sums
+        losses = torch.zeros((steps, STEP_COLUMNS), dtype=torch.float64, device=self.device)  # per step
+        clip = cfg.clip_grad_norm
         batches = training_batches(self.data, cfg.batch_size, self.data_rng)
         bar = tqdm(total=steps, initial=start_step, desc=f"epoch {epoch}/{cfg.epochs}", leave=False,
                    disable=not self.progress, unit="step", dynamic_ncols=True)
@@ -398,7 +416,12 @@ class Trainer:
             eps = torch.randn((noise_shape[0], rows, noise_shape[1]), generator=self.noise_rng,
                               device=self.device)                                        # (K, B_r, D)
             beta = kl_weight((epoch - 1) * steps + step, steps, objective.beta, objective.warmup_epochs)
-            losses[step] = parallel_step(self.engine, self.model, batch, eps, objective.name, beta, grad, world)
+            losses[step, :4] = parallel_step(self.engine, self.model, batch, eps, objective.name, beta, grad, world)
+            if clip:                     # every rank holds the same all-reduced gradient, so clips alike
+                norm = clip_norm_(grad, clip)
+                if world.main:
+                    losses[step, 4] = norm
+                    losses[step, 5] = norm > clip
             self.optimizer.step()
             bar.update(1)
             if any_rank(self._signal is not None, world, self.device):
@@ -416,6 +439,8 @@ class Trainer:
         n = self.data.n_train
         row.update(zip(("train_objective", "train_elbo", "train_reconstruction", "train_kl"),
                        (total / n for total in totals)))
+        if clip:
+            row.update(clipped_steps=round(totals[5]), gradient_norm_mean=totals[4] / steps)
         for name, images in evaluations.items():
             if images is None:
                 continue
@@ -446,7 +471,9 @@ class Trainer:
         if "validation_elbo" in row:
             parts.append(f"validation ELBO {row['validation_elbo']:9.3f}")
         parts.append(f"test ELBO {row['test_elbo']:9.3f}")
-        line = f"epoch {epoch:3d}/{cfg.epochs}  " + ", ".join(parts) + f" nats per example; {seconds:.2f} s"
+        clipped = (f"; gradient rescaled to norm {clip:g} in {row['clipped_steps']} of {steps} steps (mean norm "
+                   f"{row['gradient_norm_mean']:.3g})" if clip else "")
+        line = f"epoch {epoch:3d}/{cfg.epochs}  " + ", ".join(parts) + f" nats per example{clipped}; {seconds:.2f} s"
         self.log(line)
         self._append_log(line)
         if self.world.main:
