@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vaelab.objectives import LOG2_E, softplus_sum
+
 
 
 # ------------------------------------------------------------------------------------------------
@@ -129,6 +131,32 @@ def run_mlp_inplace(sequential: nn.Sequential, h: torch.Tensor, activation: str)
         h = act(F.linear(h, layer.weight, layer.bias))
     return h
 
+
+
+def bernoulli_data_term(hidden: Callable[[torch.Tensor], torch.Tensor], out: nn.Linear,
+                        x: torch.Tensor) -> Callable[..., torch.Tensor]:
+    """log p(x|·) for this batch x (B, 784) of a decoder ℓ = hidden(z) W_outᵀ + b_out, as a function of z (…, B, d)
+    → (…, B), without autograd, for the many draws of z that importance sampling decodes (a second argument, the
+    data, is ignored: it is this x). ``hidden``: the decoder's last hidden layer for 2-D input (N, d) → (N, H).
+    Same value as ``bernoulli_log_likelihood(decode(z), x)`` (tests/test_models.py).
+
+    The data term is Σⱼ xⱼℓⱼ = h·(W_outᵀx) + b_out·x: a product over the H hidden units instead of the 784 pixels,
+    so only softplus touches every logit. W_outᵀx, b_out·x and the last layer scaled by log₂e are computed once
+    per batch; the scaled layer gives y = ℓ log₂e directly, the input of ``softplus_sum(…, base2=True)``: two
+    passes over the (…·B, 784) logits fewer than the plain form (the product with x and its sum, and the scaling).
+    """
+    x_w = x @ out.weight                                                       # (B, H)
+    x_b = x @ out.bias                                                         # (B,)
+    weight2, bias2 = out.weight * LOG2_E, out.bias * LOG2_E                    # (784, H), (784,)
+
+    def log_likelihood(z: torch.Tensor, _: torch.Tensor | None = None) -> torch.Tensor:
+        batch = z.shape[:-1]
+        h = hidden(z.reshape(-1, z.shape[-1]))                                 # (…·B, H)
+        logits2 = F.linear(h, weight2, bias2)                                  # (…·B, 784) ℓ log₂e, 2-D
+        h = h.view(*batch, -1)                                                 # (…, B, H)
+        return (h * x_w).sum(-1) + x_b - softplus_sum(logits2, base2=True).view(batch)
+
+    return log_likelihood
 
 
 def full_precision(t: torch.Tensor) -> torch.Tensor:

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vaelab.models.base import INITS, chain_shapes, full_precision, mlp
+from vaelab.models.base import INITS, bernoulli_data_term, chain_shapes, full_precision, mlp
 from vaelab.models.flows import build_flow, flow_shapes
 from vaelab.models.priors import build_prior
 from vaelab.objectives import Parts, StochasticLayer, bernoulli_log_likelihood, log_normal_diag, reparameterize
@@ -211,9 +211,11 @@ class HierarchicalVAE(nn.Module):
                 layers[l] = (mu, logvar, None, (p_mu, p_logvar))               # p at the same draw of zₗ₊₁
         return draws, gaussians, layers
 
-    def forward(self, x: torch.Tensor, eps: torch.Tensor, hats: torch.Tensor | None = None) -> Parts:
+    def forward(self, x: torch.Tensor, eps: torch.Tensor, hats: torch.Tensor | None = None,
+                log_likelihood: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Parts:
         """Parts for the K draws in eps (K, B, d₁ + … + d_L); top-down, with ``hats`` (B, 2D) given in place of
-        the bottom-up pass's Gaussians (``bottom_up``)."""
+        the bottom-up pass's Gaussians (``bottom_up``); ``log_likelihood``: z₁ ↦ log p(x|z₁) for this x, in place
+        of the plain form (``conditioned``)."""
         if hats is not None and not self.top_down:
             raise ValueError("hats are the ladder's bottom-up Gaussians: top-down inference only")
         draws, _, layers = self._infer(x, eps, hats)
@@ -227,14 +229,19 @@ class HierarchicalVAE(nn.Module):
             else:
                 parts.append(StochasticLayer(draws[l], noise[l], _with_draws(mu), _with_draws(logvar), log_det=log_det,
                                              log_p=self.prior.layer_log_p(draws[l], self.encode_top)))
-        reconstruction = bernoulli_log_likelihood(self.decode(draws[0]), x)     # (K, B)
+        reconstruction = (bernoulli_log_likelihood(self.decode(draws[0]), x) if log_likelihood is None
+                          else log_likelihood(draws[0]))                       # (K, B)
         return Parts(reconstruction, tuple(parts))
 
     def conditioned(self, x: torch.Tensor, fast_data_term: bool = False) -> Callable[[torch.Tensor], Parts]:
-        """eps ↦ ``forward(x, eps)`` with what depends on x alone computed once: the ladder's bottom-up pass (the
-        decoder's data term has no fast form here, ``fast_data_term`` is ignored)."""
+        """eps ↦ ``forward(x, eps)`` with what depends on x alone computed once: the ladder's bottom-up pass, and
+        with ``fast_data_term`` (evaluation, no autograd) the data term's products with x (``bernoulli_data_term``
+        over the bottom generative block: its MLP, batch normalisation and activations as they are, then the
+        map to the logits)."""
         hats = self.bottom_up(x) if self.top_down else None
-        return lambda eps: self(x, eps, hats)
+        block = self.down[-1]                                                   # z₁ → x
+        log_likelihood = bernoulli_data_term(block.net, block.out, x) if fast_data_term else None
+        return lambda eps: self(x, eps, hats, log_likelihood)
 
     def laplace_curvature(self):
         return None            # the exact Hessian (Newton falls back to gradient ascent where it is not PD)

@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vaelab.models.base import ACTIVATIONS, INITS, chain_shapes, full_precision, linear_layers, mlp, run_mlp_inplace
+from vaelab.models.base import (ACTIVATIONS, INITS, bernoulli_data_term, chain_shapes, full_precision, linear_layers, mlp,
+                                run_mlp_inplace)
 from vaelab.models.flows import build_flow, flow_shapes
 from vaelab.models.priors import build_prior
 from vaelab.objectives import (LN_2, LOG2_E, Parts, StochasticLayer, bernoulli_log_likelihood, reparameterize,
@@ -77,12 +78,12 @@ class MLPVAE(nn.Module):
     def conditioned(self, x: torch.Tensor, fast_data_term: bool = False) -> Callable[[torch.Tensor], Parts]:
         """eps (K, B, d) ↦ the Parts of ``forward`` for this batch x, with what depends on x alone (the encoder, the
         flow's parameters) computed once: importance sampling scores thousands of draws of the same digits, a
-        chunk at a time. With ``fast_data_term`` (evaluation, no autograd; elementwise activations) log p(x|z) by
+        chunk at a time. With ``fast_data_term`` (evaluation, no autograd) log p(x|z) by
         ``log_likelihood_for``, the same value by fewer passes over the logits (tests/test_models.py)."""
         h = self.encoder(x)                                              # (B, H)
         mu, logvar = full_precision(self.encoder_out(h)).chunk(2, dim=-1)  # (B, d) each
         flow = self.flow.conditioned(h)
-        if fast_data_term and not ACTIVATIONS[self.activation].gated:
+        if fast_data_term:
             log_likelihood = self.log_likelihood_for(x)
         else:
             def log_likelihood(z: torch.Tensor) -> torch.Tensor:
@@ -122,29 +123,12 @@ class MLPVAE(nn.Module):
     # ---- fast forms for evaluation -------------------------------------------------------------
 
     def log_likelihood_for(self, x: torch.Tensor) -> Callable[..., torch.Tensor]:
-        """log p(x|·) for this batch x as a function of z (…, B, d) → (…, B) (a second argument, the data, is
-        ignored: it is this x), without autograd, for the many
-        draws of z that importance sampling decodes; same value as ``bernoulli_log_likelihood(decode(z), x)``
-        (tests/test_models.py).
-
-        With ℓ = h W_outᵀ + b_out, the data term is Σⱼ xⱼℓⱼ = h·(W_outᵀx) + b_out·x: a product over the H
-        hidden units instead of the 784 pixels, so only softplus touches every logit. W_outᵀx, b_out·x and
-        the last layer scaled by log₂e are computed once per batch; the scaled layer gives y = ℓ log₂e
-        directly, the input of ``softplus_sum(…, base2=True)`` (one pass over the logits fewer).
-        """
-        out = self.decoder_out
-        x_w = x @ out.weight                                                   # (B, H)
-        x_b = x @ out.bias                                                     # (B,)
-        weight2, bias2 = out.weight * LOG2_E, out.bias * LOG2_E                # (784, H), (784,)
-
-        def log_likelihood(z: torch.Tensor, _: torch.Tensor | None = None) -> torch.Tensor:
-            batch = z.shape[:-1]
-            h = run_mlp_inplace(self.decoder, z.reshape(-1, z.shape[-1]), self.activation)  # (…·B, H)
-            logits2 = F.linear(h, weight2, bias2)                              # (…·B, 784) ℓ log₂e, 2-D
-            h = h.view(*batch, -1)                                             # (…, B, H)
-            return (h * x_w).sum(-1) + x_b - softplus_sum(logits2, base2=True).view(batch)
-
-        return log_likelihood
+        """log p(x|·) for this batch x as a function of z (…, B, d) → (…, B) by ``bernoulli_data_term`` (the data
+        term over the hidden units, softplus in base 2), without autograd; the decoder's hidden layers with
+        their activations in place where these are elementwise."""
+        if ACTIVATIONS[self.activation].gated:
+            return bernoulli_data_term(self.decoder, self.decoder_out, x)
+        return bernoulli_data_term(lambda z: run_mlp_inplace(self.decoder, z, self.activation), self.decoder_out, x)
 
     def log_joint_score(self, z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """∇_z log p(x, z) derived by hand for the standard prior and ReLU layers (the configurations the gap
