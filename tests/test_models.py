@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from vaelab.models import MLPVAE, ModelConfig
-from vaelab.models.base import ACTIVATIONS, linear_layers
+from vaelab.models.base import ACTIVATIONS, BatchNorm, linear_layers
 from vaelab.objectives import LN_2, LOG2_E, bernoulli_log_likelihood
 
 
@@ -230,6 +230,8 @@ def test_conditioned_iwae_equals_parts_iwae_on_the_same_draws(name):
     flow)."""
     model, x, _ = tiny(name)
     model.eval()
+    if name == "hvae-ladder-batchnorm":
+        randomize_batch_norm(model)
     if name == "mlp-vampprior-gated":
         with torch.no_grad():                                  # pseudo-inputs away from their start (all alike)
             model.prior.pseudo_logits.normal_(generator=torch.Generator().manual_seed(3))
@@ -239,6 +241,37 @@ def test_conditioned_iwae_equals_parts_iwae_on_the_same_draws(name):
     torch.testing.assert_close(conditioned, generic, rtol=1e-12, atol=1e-10)
     assert iwae_estimator(model) is _iwae_conditioned
     assert iwae_estimator(tiny("mlp")[0]) is _iwae_one_layer
+
+
+def randomize_batch_norm(model, seed: int = 4) -> None:
+    """Running averages and affine parameters away from their start (0, 1, 1, 0), so that each enters a result."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, BatchNorm):
+                module.running_mean.normal_(generator=g)
+                module.running_var.uniform_(0.2, 3.0, generator=g)
+                module.weight.uniform_(0.5, 1.5, generator=g)
+                module.bias.normal_(generator=g)
+
+
+def test_evaluation_blocks_fold_batch_normalisation():
+    """``Block.evaluation`` (batch normalisation folded into the linear maps, activations in place) against the
+    block's modules in eval mode, in float64, with running averages and γ, β away from their start; refused in
+    training mode, where batch normalisation uses the batch's statistics."""
+    model, _, g = tiny("hvae-ladder-batchnorm")
+    randomize_batch_norm(model)
+    model.eval()
+    for block in [*model.up, *model.down]:
+        a = torch.randn(3, 5, block.net[0].in_features, generator=g, dtype=torch.float64)
+        with torch.no_grad():
+            h, out = block.evaluation(model.config.activation)(a)
+            h_ref, out_ref = block(a)
+        torch.testing.assert_close(h, h_ref, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(out, out_ref, rtol=1e-12, atol=1e-12)
+    model.train()
+    with pytest.raises(ValueError, match="eval mode"):
+        model.down[0].evaluation(model.config.activation)
 
 
 def test_two_layer_sample_and_start_shapes():

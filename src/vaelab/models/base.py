@@ -124,13 +124,35 @@ def linear_layers(sequential: nn.Sequential) -> list[nn.Linear]:
     return [layer for layer in sequential if isinstance(layer, nn.Linear)]
 
 
-def run_mlp_inplace(sequential: nn.Sequential, h: torch.Tensor, activation: str) -> torch.Tensor:
-    """The same function as ``sequential(h)`` for 2-D h without autograd, activations in place."""
-    act = ACTIVATIONS[activation].inplace
-    for layer in linear_layers(sequential):
-        h = act(F.linear(h, layer.weight, layer.bias))
-    return h
+def evaluation_mlp(sequential: nn.Sequential, activation: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The function ``sequential`` (built by ``mlp``) computes in evaluation mode, for 2-D input without autograd,
+    in fewer passes: each batch normalisation, with its running averages a fixed affine map s ⊙ a + t
+    (s = γ/√(v + ε), t = β − s ⊙ m), folded into the linear map before it, W' = diag(s) W and b' = s ⊙ b + t;
+    the activations in place. The same function up to float rounding (tests/test_models.py); gated layers: the
+    Sequential itself. The folded weights are computed here, once: call it again after the weights change."""
+    if sequential.training and any(isinstance(m, BatchNorm) for m in sequential):
+        raise ValueError("evaluation_mlp folds batch normalisation's running averages: put the model in eval mode")
+    kind = ACTIVATIONS[activation]
+    if kind.gated:
+        return sequential
+    modules, maps = list(sequential), []
+    for index, layer in enumerate(modules):
+        if not isinstance(layer, nn.Linear):
+            continue
+        weight, bias = layer.weight, layer.bias
+        norm = modules[index + 1] if index + 1 < len(modules) else None
+        if isinstance(norm, BatchNorm):
+            scale = norm.weight * torch.rsqrt(norm.running_var + norm.eps)              # (C,) s
+            weight, bias = weight * scale[:, None], bias * scale + (norm.bias - scale * norm.running_mean)
+        maps.append((weight, bias))
+    act = kind.inplace
 
+    def run(h: torch.Tensor) -> torch.Tensor:
+        for weight, bias in maps:
+            h = act(F.linear(h, weight, bias))
+        return h
+
+    return run
 
 
 def bernoulli_data_term(hidden: Callable[[torch.Tensor], torch.Tensor], out: nn.Linear,

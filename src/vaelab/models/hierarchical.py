@@ -25,13 +25,13 @@ former ``TwoLayerVAE`` built them, so an ``mlp2`` run trains to the same weights
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vaelab.models.base import INITS, bernoulli_data_term, chain_shapes, full_precision, mlp
+from vaelab.models.base import INITS, bernoulli_data_term, chain_shapes, evaluation_mlp, full_precision, mlp
 from vaelab.models.flows import build_flow, flow_shapes
 from vaelab.models.priors import build_prior
 from vaelab.objectives import Parts, StochasticLayer, bernoulli_log_likelihood, log_normal_diag, reparameterize
@@ -49,6 +49,17 @@ class Block(nn.Module):
         """(the MLP's output h, the map's output) for a (…, inputs)."""
         h = self.net(a)
         return h, full_precision(self.out(h))
+
+    def evaluation(self, activation: str) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+        """``forward`` in eval mode without autograd, its MLP by ``evaluation_mlp`` (batch normalisation folded
+        into the linear maps, activations in place): the same function up to float rounding."""
+        net = evaluation_mlp(self.net, activation)
+
+        def run(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            h = net(a.reshape(-1, a.shape[-1]))                                 # (N, H), N = …·B
+            return h.view(*a.shape[:-1], -1), F.linear(h, self.out.weight, self.out.bias).view(*a.shape[:-1], -1)
+
+        return run
 
 
 def merge_gaussians(mu_hat: torch.Tensor, logvar_hat: torch.Tensor, mu_p: torch.Tensor,
@@ -98,13 +109,15 @@ class HierarchicalVAE(nn.Module):
 
     # ---- the generative model -------------------------------------------------------------------
 
-    def generative(self, l: int, z: torch.Tensor) -> torch.Tensor:
-        """Layer l's latents (…, dₗ) → (μ_p, log σ_p²) of zₗ₋₁ as one (…, 2dₗ₋₁) tensor, or x's logits (l = 0)."""
-        return self.down[len(self.sizes) - 1 - l](z)[1]
+    def generative(self, l: int, z: torch.Tensor, blocks: Sequence[Callable] | None = None) -> torch.Tensor:
+        """Layer l's latents (…, dₗ) → (μ_p, log σ_p²) of zₗ₋₁ as one (…, 2dₗ₋₁) tensor, or x's logits (l = 0);
+        ``blocks``: the generative blocks' functions to use instead of the modules (``Block.evaluation``)."""
+        return (blocks or self.down)[len(self.sizes) - 1 - l](z)[1]
 
-    def prior_below(self, l: int, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def prior_below(self, l: int, z: torch.Tensor,
+                    blocks: Sequence[Callable] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(μ_p, log σ_p²) of p(zₗ₋₁ | zₗ), each (…, dₗ₋₁)."""
-        mu, logvar = self.generative(l, z).chunk(2, dim=-1)
+        mu, logvar = self.generative(l, z, blocks).chunk(2, dim=-1)
         return mu, logvar
 
     def decode(self, z1: torch.Tensor) -> torch.Tensor:
@@ -178,9 +191,10 @@ class HierarchicalVAE(nn.Module):
             hats.append(out.chunk(2, dim=-1))                                   # (μ̂ₗ, log σ̂ₗ²), each (B, dₗ)
         return torch.cat([torch.cat([mu for mu, _ in hats], -1), torch.cat([lv for _, lv in hats], -1)], -1)
 
-    def _infer(self, x: torch.Tensor, eps: torch.Tensor | None, hats: torch.Tensor | None = None):
+    def _infer(self, x: torch.Tensor, eps: torch.Tensor | None, hats: torch.Tensor | None = None,
+               blocks: Sequence[Callable] | None = None):
         """The draws z of every layer (eps None: the means), their Gaussians, and the layers' parts; top-down,
-        ``hats`` (B, 2D) replaces the bottom-up pass (``bottom_up``)."""
+        ``hats`` (B, 2D) replaces the bottom-up pass (``bottom_up``); ``blocks`` as in ``generative``."""
         noise = [None] * len(self.sizes) if eps is None else list(eps.split(self.sizes, dim=-1))
         draws, gaussians, layers = [None] * len(self.sizes), [None] * len(self.sizes), [None] * len(self.sizes)
 
@@ -205,25 +219,26 @@ class HierarchicalVAE(nn.Module):
             mu, logvar = hats[top]
             draws[top], gaussians[top], layers[top] = draw(mu, logvar, noise[top]), (mu, logvar), (mu, logvar, None, None)
             for l in range(top - 1, -1, -1):
-                p_mu, p_logvar = self.prior_below(l + 1, draws[l + 1])        # (K, B, dₗ)
+                p_mu, p_logvar = self.prior_below(l + 1, draws[l + 1], blocks)  # (K, B, dₗ)
                 mu, logvar = merge_gaussians(*hats[l], p_mu, p_logvar)
                 draws[l], gaussians[l] = draw(mu, logvar, noise[l]), (mu, logvar)
                 layers[l] = (mu, logvar, None, (p_mu, p_logvar))               # p at the same draw of zₗ₊₁
         return draws, gaussians, layers
 
     def forward(self, x: torch.Tensor, eps: torch.Tensor, hats: torch.Tensor | None = None,
-                log_likelihood: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Parts:
+                log_likelihood: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                blocks: Sequence[Callable] | None = None) -> Parts:
         """Parts for the K draws in eps (K, B, d₁ + … + d_L); top-down, with ``hats`` (B, 2D) given in place of
         the bottom-up pass's Gaussians (``bottom_up``); ``log_likelihood``: z₁ ↦ log p(x|z₁) for this x, in place
-        of the plain form (``conditioned``)."""
+        of the plain form, and ``blocks`` (``generative``) for p(zₗ₋₁|zₗ) (both: ``conditioned``)."""
         if hats is not None and not self.top_down:
             raise ValueError("hats are the ladder's bottom-up Gaussians: top-down inference only")
-        draws, _, layers = self._infer(x, eps, hats)
+        draws, _, layers = self._infer(x, eps, hats, blocks)
         noise = eps.split(self.sizes, dim=-1)
         parts = []
         for l, (mu, logvar, log_det, p) in enumerate(layers):
             if l + 1 < len(self.sizes):
-                p_mu, p_logvar = p if p is not None else self.prior_below(l + 1, draws[l + 1])
+                p_mu, p_logvar = p if p is not None else self.prior_below(l + 1, draws[l + 1], blocks)
                 parts.append(StochasticLayer(draws[l], noise[l], _with_draws(mu), _with_draws(logvar), p_mu, p_logvar,
                                              log_det=log_det, conditional=self.top_down))
             else:
@@ -234,14 +249,18 @@ class HierarchicalVAE(nn.Module):
         return Parts(reconstruction, tuple(parts))
 
     def conditioned(self, x: torch.Tensor, fast_data_term: bool = False) -> Callable[[torch.Tensor], Parts]:
-        """eps ↦ ``forward(x, eps)`` with what depends on x alone computed once: the ladder's bottom-up pass, and
-        with ``fast_data_term`` (evaluation, no autograd) the data term's products with x (``bernoulli_data_term``
-        over the bottom generative block: its MLP, batch normalisation and activations as they are, then the
-        map to the logits)."""
+        """eps ↦ ``forward(x, eps)`` with what depends on x alone computed once: the ladder's bottom-up pass; with
+        ``fast_data_term`` (evaluation: eval mode, no autograd) also the generative blocks as ``Block.evaluation``
+        (batch normalisation folded into the linear maps) and the data term's products with x
+        (``bernoulli_data_term`` over the bottom block z₁ → x)."""
         hats = self.bottom_up(x) if self.top_down else None
-        block = self.down[-1]                                                   # z₁ → x
-        log_likelihood = bernoulli_data_term(block.net, block.out, x) if fast_data_term else None
-        return lambda eps: self(x, eps, hats, log_likelihood)
+        if not fast_data_term:
+            return lambda eps: self(x, eps, hats)
+        act = self.config.activation
+        blocks = [block.evaluation(act) for block in self.down]
+        bottom = self.down[-1]                                                  # z₁ → x
+        log_likelihood = bernoulli_data_term(evaluation_mlp(bottom.net, act), bottom.out, x)
+        return lambda eps: self(x, eps, hats, log_likelihood, blocks)
 
     def laplace_curvature(self):
         return None            # the exact Hessian (Newton falls back to gradient ascent where it is not PD)

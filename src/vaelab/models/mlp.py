@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vaelab.models.base import (ACTIVATIONS, INITS, bernoulli_data_term, chain_shapes, full_precision, linear_layers, mlp,
-                                run_mlp_inplace)
+from vaelab.models.base import (ACTIVATIONS, INITS, bernoulli_data_term, chain_shapes, evaluation_mlp, full_precision,
+                                linear_layers, mlp)
 from vaelab.models.flows import build_flow, flow_shapes
 from vaelab.models.priors import build_prior
 from vaelab.objectives import (LN_2, LOG2_E, Parts, StochasticLayer, bernoulli_log_likelihood, reparameterize,
@@ -124,11 +124,9 @@ class MLPVAE(nn.Module):
 
     def log_likelihood_for(self, x: torch.Tensor) -> Callable[..., torch.Tensor]:
         """log p(x|·) for this batch x as a function of z (…, B, d) → (…, B) by ``bernoulli_data_term`` (the data
-        term over the hidden units, softplus in base 2), without autograd; the decoder's hidden layers with
-        their activations in place where these are elementwise."""
-        if ACTIVATIONS[self.activation].gated:
-            return bernoulli_data_term(self.decoder, self.decoder_out, x)
-        return bernoulli_data_term(lambda z: run_mlp_inplace(self.decoder, z, self.activation), self.decoder_out, x)
+        term over the hidden units, softplus in base 2), without autograd, in eval mode; the decoder's hidden
+        layers by ``evaluation_mlp``."""
+        return bernoulli_data_term(evaluation_mlp(self.decoder, self.activation), self.decoder_out, x)
 
     def log_joint_score(self, z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """∇_z log p(x, z) derived by hand for the standard prior and ReLU layers (the configurations the gap
