@@ -118,6 +118,24 @@ def test_the_training_figure_draws_every_epoch_and_zooms_where_the_first_dwarf_t
         assert all(float(label.replace("−", "-")) == int(float(label.replace("−", "-"))) for label in labels)
 
 
+def test_the_training_figure_shows_the_clipping_where_a_run_clipped():
+    """With --clip-grad-norm's columns, a panel of the mean gradient norm and the steps clipped per epoch."""
+    from vaelab import plots
+
+    rows = [{"epoch": e, "lr": 1e-3, "beta": 1.0, "train_elbo": -100.0, "test_elbo": -99.0, "train_reconstruction": -90.0,
+             "test_reconstruction": -89.0, "train_kl": 10.0, "test_kl": 10.0, "epoch_seconds": 1.0,
+             "gradient_norm_mean": 80.0 + e, "clipped_steps": e % 3} for e in range(1, 8)]
+    labels = [ax.get_ylabel() for ax in plots.training_figure(rows).axes]
+    assert "gradient norm (mean of the steps)" in labels and "steps clipped" in labels
+    for row in rows[:3]:                                     # a run that took up clipping later (epochs 4–7)
+        del row["gradient_norm_mean"], row["clipped_steps"]
+    fig = plots.training_figure(rows)
+    panel = next(ax for ax in fig.axes if ax.get_ylabel() == "gradient norm (mean of the steps)")
+    assert list(panel.get_lines()[0].get_xdata()) == [4, 5, 6, 7]
+    plain = [{k: v for k, v in row.items() if k not in ("gradient_norm_mean", "clipped_steps")} for row in rows]
+    assert "steps clipped" not in [ax.get_ylabel() for ax in plots.training_figure(plain).axes]
+
+
 @pytest.mark.parametrize("kind", ["latex", "markdown", "csv"])
 def test_compare_prints_a_table_to_paste(evaluated, kind, tmp_path, capsys):
     assert main(["compare", str(evaluated / "a"), str(evaluated / "b"), "--format", kind,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Sequence
 
@@ -152,13 +153,16 @@ def _with_inset(ax, epochs: Sequence[int], series: Sequence[tuple[Sequence[float
 
 def training_figure(metrics: Sequence[dict], width: float | None = None):
     """Panels against epoch, every epoch shown: the ELBO (train, validation, test), its two parts
-    (−reconstruction = −E_q log p(x|z) and KL), the seconds of each epoch's steps, and the learning rate and β
-    where either changes. An inset zooms on the later epochs where the first ones dwarf them."""
+    (−reconstruction = −E_q log p(x|z) and KL), the seconds of each epoch's steps, the learning rate and β
+    where either changes, and with --clip-grad-norm the mean gradient norm before clipping and the steps clipped.
+    An inset zooms on the later epochs where the first ones dwarf them."""
     plt = _pyplot()
     epochs = [row["epoch"] for row in metrics]
     marker = "." if len(epochs) <= 60 else None
     schedule = len({row.get("lr") for row in metrics}) > 1 or len({row.get("beta") for row in metrics}) > 1
-    panels = 4 if schedule else 3
+    clipped_rows = [row for row in metrics if row.get("gradient_norm_mean", math.nan) == row.get("gradient_norm_mean")]
+    clipping = bool(clipped_rows)
+    panels = 3 + schedule + clipping
     width = width or (4.3 * panels)
     cols = _columns(width, panels)
     rows = -(-panels // cols)
@@ -193,6 +197,19 @@ def training_figure(metrics: Sequence[dict], width: float | None = None):
         beta.set_ylim(0, max(1.0, max(row["beta"] for row in metrics)) * 1.05)
         lines = axes[3].get_lines() + beta.get_lines()
         axes[3].legend(lines, [l.get_label() for l in lines], fontsize=8, loc="lower right")
+    if clipping:
+        ax = axes[3 + schedule]
+        clipped_epochs = [row["epoch"] for row in clipped_rows]                # where the run clipped
+        ax.plot(clipped_epochs, [row["gradient_norm_mean"] for row in clipped_rows], color="C6", marker=marker,
+                label="mean norm before clipping")
+        ax.set_ylabel("gradient norm (mean of the steps)")
+        clipped = ax.twinx()
+        clipped.bar(clipped_epochs, [row["clipped_steps"] for row in clipped_rows], color="C3", alpha=0.35, width=0.8,
+                    label="steps clipped")
+        clipped.set_ylabel("steps clipped")
+        clipped.set_ylim(0, max(1, max(row["clipped_steps"] for row in clipped_rows)) * 1.1)
+        handles = ax.get_lines() + list(clipped.containers)
+        ax.legend(handles, [h.get_label() for h in handles], fontsize=8, loc="upper right")
     for ax in axes[:panels]:
         _integer_epochs(ax)
         ax.grid(alpha=0.3)
