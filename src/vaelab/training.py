@@ -512,11 +512,15 @@ class Trainer:
     def _what_stands(self) -> str:
         """The truth about what is kept: the last checkpoint, or that nothing was trained yet."""
         if self.last_checkpoint is None:
-            return ("training stopped before its first checkpoint, so nothing was trained yet; try a lower --lr "
-                    f"(it was {self.config.train.lr:g})")
+            return f"training stopped before its first checkpoint, so nothing was trained yet; try {self._remedy()}"
         return (f"training stopped; the last good checkpoint ({self.last_checkpoint}) is left untouched (its weights "
-                f"load and evaluate; resuming would repeat the same steps); train anew with a lower --lr (it was "
-                f"{self.config.train.lr:g})")
+                f"load and evaluate; resuming would repeat the same steps); train anew with {self._remedy()}")
+
+    def _remedy(self) -> str:
+        train = self.config.train
+        clip = (f"a lower --clip-grad-norm (it was {train.clip_grad_norm:g})" if train.clip_grad_norm else
+                "--clip-grad-norm C (train.log then gives each epoch's mean gradient norm and how often it clipped)")
+        return f"a lower --lr (it was {train.lr:g}) or {clip}"
 
     def _save_partial(self, losses, epoch, start_step, started) -> None:
         done = self.state.step
