@@ -229,3 +229,41 @@ def test_unwritable_out_is_reported_before_training(tmp_path, data_dir, capsys):
     blocker.write_text("not a directory")
     code, out, err = run(capsys, "train", "--out", blocker / "run", "--data-dir", data_dir, "--no-progress")
     assert code == 1 and "cannot create" in err and str(blocker) in err and "epoch" not in out
+
+
+def test_a_resume_may_amend_the_learning_rate_and_clipping_and_says_from_where(tmp_path, data_dir, capsys):
+    """A run that went wrong goes on from its last checkpoint with a lower --lr or with --clip-grad-norm: the
+    epochs before keep their rows, train.log and the training state say what changed after which epoch, and
+    config.json holds the values in force. Any other change is still refused. A config.json amended by a resume
+    whose first checkpoint never came (or by hand) is an amendment of the state's values at the next resume."""
+    from vaelab import checkpoint as ckpt
+    from vaelab.config import RunConfig
+
+    out = tmp_path / "run"
+    common = ["--data-dir", data_dir, "--test-examples", "100", "--no-progress"]
+    assert run(capsys, "train", "--out", out, "--epochs", "2", *common)[0] == 0
+    before = (out / ckpt.METRICS).read_text().splitlines()
+    code, stdout, _ = run(capsys, "train", "--out", out, "--resume", "--epochs", "3", "--lr", "5e-4",
+                          "--clip-grad-norm", "1e-3", *common)
+    assert code == 0 and "amended on resuming after epoch 2: train.clip_grad_norm: 0.0 → 0.001; train.lr: 0.001 → 0.0005" \
+        in stdout
+    rows = [line.split(",") for line in (out / ckpt.METRICS).read_text().splitlines()]
+    header = rows[0]
+    assert [row[:len(header) - 4] for row in rows[1:3]] == [line.split(",")[:len(header) - 4] for line in before[1:]]
+    assert rows[3][header.index("lr")] == "0.000500" and rows[3][header.index("clipped_steps")] == "32"
+    assert rows[1][header.index("clipped_steps")] == ""                      # not clipped then
+    log = (out / "train.log").read_text()
+    assert log.index("amended on resuming after epoch 2") < log.index("epoch   3/3")
+    config = RunConfig.load(out / ckpt.CONFIG)
+    assert config.train.lr == 5e-4 and config.train.clip_grad_norm == 1e-3
+    _, meta = ckpt.load_tensors(out / ckpt.STATE)
+    assert meta["amendments"] == [{"epoch": 2, "step": 0, "changes": ["train.clip_grad_norm: 0.0 → 0.001",
+                                                                       "train.lr: 0.001 → 0.0005"]}]
+    code, _, err = run(capsys, "train", "--out", out, "--resume", "--epochs", "4", "--batch-size", "32", *common)
+    assert code == 2 and "--lr and --clip-grad-norm from where the run stands" in err
+
+    (out / ckpt.CONFIG).write_bytes(edited(out / ckpt.CONFIG, "train", "lr", 2e-4))
+    code, stdout, _ = run(capsys, "train", "--out", out, "--resume", "--epochs", "4", *common)
+    assert code == 0 and "amended on resuming after epoch 3: train.lr: 0.0005 → 0.0002" in stdout
+    _, meta = ckpt.load_tensors(out / ckpt.STATE)
+    assert [entry["epoch"] for entry in meta["amendments"]] == [2, 3]

@@ -351,6 +351,9 @@ _FLAGS = {
 }
 # What a resume may change: how long, and where and with how many threads it runs.
 RESUMABLE = {"train.epochs", "train.device", "train.threads", "data.data_dir"}
+# What a resume may amend, recorded where it took effect (train.log and the training state's ``amendments``): the
+# remedies of a run that diverged, so that it goes on from its last good checkpoint instead of starting anew.
+AMENDABLE = {"train.lr": "--lr", "train.clip_grad_norm": "--clip-grad-norm"}
 
 
 def _train_config(args: argparse.Namespace, base):
@@ -527,7 +530,8 @@ def _resume(args: argparse.Namespace, world, observers: Sequence = ()) -> int:
         state_config = RunConfig.from_dict(meta["config"], f"{state_path} (its copy of config.json)")
         restored = not (run_dir / ckpt.CONFIG).exists()
         saved = state_config if restored else RunConfig.load(run_dir / ckpt.CONFIG)
-        edited = [d for d in state_config.differences(saved) if d.split(":")[0] not in RESUMABLE]
+        # an amendment reaches config.json at the resume, the state at its first checkpoint: both may differ there
+        edited = [d for d in state_config.differences(saved) if d.split(":")[0] not in RESUMABLE | AMENDABLE.keys()]
         if edited:
             raise UsageError(f"{run_dir / ckpt.CONFIG} differs from the copy in {ckpt.STATE} ({'; '.join(edited)}, "
                              f"the state's value → config.json's): it was edited after training started; restore "
@@ -536,15 +540,18 @@ def _resume(args: argparse.Namespace, world, observers: Sequence = ()) -> int:
             raise UsageError(f"--resume with --preset {args.preset}, but the run started from preset "
                              f"{saved.preset}; resume without --preset")
         config = _train_config(args, saved)
-        changed = [d for d in saved.differences(config) if d.split(":")[0] not in RESUMABLE]
+        changed = [d for d in saved.differences(config) if d.split(":")[0] not in RESUMABLE | AMENDABLE.keys()]
         if changed:
             raise UsageError(f"--resume with a different config ({'; '.join(changed)}); resume with the original "
-                             f"flags (only --epochs, --device, --threads, --data-dir may change) or start a new --out")
+                             f"flags (only --epochs, --device, --threads, --data-dir may change, and "
+                             f"{' and '.join(AMENDABLE.values())} from where the run stands) or start a new --out")
+        amendments = [d for d in state_config.differences(config) if d.split(":")[0] in AMENDABLE]
         done = int(meta.get("epoch", 0))
         if config.train.epochs < done:
             raise UsageError(f"--epochs {config.train.epochs} is below the {done} epochs {run_dir} has already "
                              f"trained; give --epochs {done} or more")
-        return {"config": config.to_dict(), "restored": restored, "changed": restored or config != saved}
+        return {"config": config.to_dict(), "restored": restored, "changed": restored or config != saved,
+                "amendments": amendments}
 
     try:
         claimed = on_main(world, claim)
@@ -553,7 +560,7 @@ def _resume(args: argparse.Namespace, world, observers: Sequence = ()) -> int:
         if claimed["restored"] and world.main:
             _log(f"{run_dir / ckpt.CONFIG} was missing; restored from the copy in {ckpt.STATE}")
         return _train(args, config, run_dir, run, resumed=True, write_config=claimed["changed"], world=world,
-                      observers=observers)
+                      observers=observers, amendments=claimed["amendments"])
     finally:
         for held in lock:
             held.release()
@@ -588,7 +595,7 @@ def _prepare_training(args: argparse.Namespace, config):
 
 
 def _train(args: argparse.Namespace, config, run_dir: Path, run, resumed: bool, write_config: bool = True,
-           world=None, observers: Sequence = ()) -> int:
+           world=None, observers: Sequence = (), amendments: Sequence[str] = ()) -> int:
     from vaelab import checkpoint as ckpt
     from vaelab.distributed import SINGLE, on_main
     from vaelab.training import Interrupted, Trainer, check_writable, plural
@@ -611,6 +618,8 @@ def _train(args: argparse.Namespace, config, run_dir: Path, run, resumed: bool, 
         trainer.write_user_files()
         log(f"resuming {run_dir} after epoch {trainer.state.epoch}"
             + (f", step {trainer.state.step}" if trainer.state.step else ""))
+        if amendments:
+            log(trainer.amend(list(amendments)))
     if (write_config or not resumed) and world.main:
         ckpt.write_text(run_dir / ckpt.CONFIG, config.to_json())
     validation = f", validation {len(data.validation_binary)}" if data.validation_binary is not None else ""

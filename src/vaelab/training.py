@@ -184,6 +184,7 @@ class TrainState:
     best_validation_elbo: float = -math.inf
     started: str = ""                  # when the run started (ISO 8601, UTC), kept across resumes
     latent: list[dict] = field(default_factory=list)   # per epoch: each layer's KL per unit, Cov_x E_q[u], active
+    amendments: list[dict] = field(default_factory=list)  # {epoch, step, changes}: what a resume changed, from where
 
 
 def parallel_step(engine, model, batch: torch.Tensor, eps: torch.Tensor, objective: str, beta: float,
@@ -291,6 +292,7 @@ class Trainer:
             "world_size": self.world.size,
             "started": self.state.started,
             "latent": self.state.latent,
+            "amendments": self.state.amendments,
             "provenance": provenance(self.device, torch.get_num_threads()),   # of this checkpoint's process
             "config": self.config.to_dict(),
             "python_random": _jsonable(random.getstate()),
@@ -345,7 +347,8 @@ class Trainer:
                                     metrics=migrate_metrics(list(meta["metrics"]), self.config),
                                     best_epoch=int(meta.get("best_epoch", 0)),
                                     best_validation_elbo=-math.inf if best is None else float(best),
-                                    started=str(meta.get("started", "")), latent=list(meta.get("latent", [])))
+                                    started=str(meta.get("started", "")), latent=list(meta.get("latent", [])),
+                                    amendments=list(meta.get("amendments", [])))
             self.last_checkpoint = self._position()
         except CheckpointError:
             raise
@@ -462,7 +465,7 @@ class Trainer:
                 ckpt.save_weights(self.run_dir / BEST_WEIGHTS, self.model)
         self.state = TrainState(epoch=epoch, step=0, metrics=self.state.metrics + [row], best_epoch=best_epoch,
                                 best_validation_elbo=best, started=self.state.started,
-                                latent=self.state.latent + [latent])
+                                latent=self.state.latent + [latent], amendments=self.state.amendments)
         self.epoch_start_rng = self.data_rng.get_state()   # the next epoch starts from here
         self.save_checkpoint()
         parts = [f"train ELBO {row['train_elbo']:9.3f}"]
@@ -479,6 +482,18 @@ class Trainer:
         if self.world.main:
             for observer in self.observers:
                 observer(self.model, row)
+
+    def amend(self, changes: list[str]) -> str:
+        """Record that this resume changed ``changes`` ("train.lr: 0.001 → 0.0005", the config's differences) from
+        where the loaded checkpoint stands (kept in the training state with its next checkpoint, and a line in
+        train.log now); returns the line."""
+        self.state.amendments = self.state.amendments + [{"epoch": self.state.epoch, "step": self.state.step,
+                                                          "changes": changes}]
+        where = f"epoch {self.state.epoch}" + (f", step {self.state.step}" if self.state.step else "")
+        line = (f"amended on resuming after {where}: {'; '.join(changes)} (the steps before trained with the former "
+                f"values)")
+        self._append_log(line)
+        return line
 
     def _append_log(self, line: str) -> None:
         """One line per epoch in RUN/train.log, whatever the terminal shows (rank 0 only)."""
@@ -514,7 +529,8 @@ class Trainer:
         if self.last_checkpoint is None:
             return f"training stopped before its first checkpoint, so nothing was trained yet; try {self._remedy()}"
         return (f"training stopped; the last good checkpoint ({self.last_checkpoint}) is left untouched (its weights "
-                f"load and evaluate; resuming would repeat the same steps); train anew with {self._remedy()}")
+                f"load and evaluate; resuming as it is would repeat the same steps); go on from it with "
+                f"{self._remedy()}: vaelab train --out {self.run_dir} --resume --lr X or --clip-grad-norm C")
 
     def _remedy(self) -> str:
         train = self.config.train
