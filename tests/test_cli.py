@@ -261,6 +261,9 @@ def test_a_resume_may_amend_the_learning_rate_and_clipping_and_says_from_where(t
                                                                        "train.lr: 0.001 → 0.0005"]}]
     code, _, err = run(capsys, "train", "--out", out, "--resume", "--epochs", "4", "--batch-size", "32", *common)
     assert code == 2 and "--lr and --clip-grad-norm from where the run stands" in err
+    assert run(capsys, "report", out, "--out", tmp_path / "report.html")[0] == 0     # the report says it too
+    assert ("Amended on resuming: after epoch 2, train.clip_grad_norm: 0.0 → 0.001; train.lr: 0.001 → 0.0005"
+            in (tmp_path / "report.html").read_text())
 
     (out / ckpt.CONFIG).write_bytes(edited(out / ckpt.CONFIG, "train", "lr", 2e-4))
     code, stdout, _ = run(capsys, "train", "--out", out, "--resume", "--epochs", "4", *common)
