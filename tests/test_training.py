@@ -436,3 +436,49 @@ def test_configs_before_clipping_load_without_it():
     raw["train"] = {k: v for k, v in raw["train"].items() if k != "clip_grad_norm"}
     assert RunConfig.from_dict(raw).train.clip_grad_norm == 0.0
     assert "clipped_steps" not in training.metric_fields(small_config())
+
+
+def test_clipping_taken_up_inside_an_epoch_counts_the_steps_it_measured(tmp_path, tiny_arrays, monkeypatch):
+    """A run stopped inside epoch 2 and resumed with --clip-grad-norm: epoch 2's mean gradient norm is the mean
+    over the steps after the resume (the ones measured), not over the whole epoch, and its count of clipped steps
+    is theirs; epoch 3 measures all its steps."""
+    data = prepare(tiny_arrays, small_config().data)
+    first = Trainer(small_config(1), tmp_path, data, torch.device("cpu"), log=lambda m: None, progress=False)
+    first.fit()
+    engine, calls = training.ENGINES[("fused", "fp32")], {"n": 0}
+
+    def stop_at_step_10(model, x, eps, objective, beta):
+        calls["n"] += 1
+        if calls["n"] == 10:
+            second._signal = signal.SIGTERM                    # as the handler would: the step finishes, then a stop
+        return engine(model, x, eps, objective, beta)
+
+    monkeypatch.setitem(training.ENGINES, ("fused", "fp32"), stop_at_step_10)
+    second = Trainer(small_config(3), tmp_path, data, torch.device("cpu"), log=lambda m: None, progress=False)
+    second.load_checkpoint()
+    with pytest.raises(training.Interrupted):
+        second.fit()
+    monkeypatch.setitem(training.ENGINES, ("fused", "fp32"), engine)
+    measured, clip_norm_ = [], training.clip_norm_
+
+    def recording(grad, bound):
+        norm = clip_norm_(grad, bound)
+        measured.append(float(norm))
+        return norm
+
+    monkeypatch.setattr(training, "clip_norm_", recording)
+    third = Trainer(small_config(3, clip_grad_norm=25.0), tmp_path, data, torch.device("cpu"), log=lambda m: None,
+                    progress=False)
+    third.load_checkpoint()
+    assert third.state.step == 10
+    third.amend(["train.clip_grad_norm: 0.0 → 25.0"])
+    third.fit()
+    steps = third.steps_per_epoch
+    epoch2, epoch3 = measured[:steps - 10], measured[steps - 10:]
+    assert len(epoch3) == steps
+    rows = third.state.metrics
+    assert rows[1]["gradient_norm_mean"] == pytest.approx(sum(epoch2) / len(epoch2), rel=1e-6)
+    assert rows[1]["clipped_steps"] == sum(n > 25.0 for n in epoch2)
+    assert rows[2]["gradient_norm_mean"] == pytest.approx(sum(epoch3) / steps, rel=1e-6)
+    log = (tmp_path / training.TRAIN_LOG).read_text()
+    assert f"in {rows[1]['clipped_steps']} of {steps - 10} steps" in log and "after epoch 1, step 10" in log

@@ -52,8 +52,9 @@ TIME_FIELDS = ("epoch_seconds", "elapsed_seconds")    # the epoch's steps; train
 # with --clip-grad-norm: the epoch's steps whose gradient was rescaled, and the mean of its steps' norms before
 CLIP_FIELDS = ("clipped_steps", "gradient_norm_mean")
 # per-step columns of an epoch's losses: batch sums of (objective, ELBO, reconstruction, KL), then, with clipping,
-# the gradient's norm before it and 1 where it was rescaled (rank 0's only, so that the all-reduce keeps them)
-STEP_COLUMNS = 6
+# the gradient's norm before it, 1 where it was rescaled and 1 where it was measured (a resume that took up clipping
+# inside an epoch measured only its later steps); rank 0's only, so that the all-reduce keeps them
+STEP_COLUMNS = 7
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
@@ -425,6 +426,7 @@ class Trainer:
                 if world.main:
                     losses[step, 4] = norm
                     losses[step, 5] = norm > clip
+                    losses[step, 6] = 1.0
             self.optimizer.step()
             bar.update(1)
             if any_rank(self._signal is not None, world, self.device):
@@ -443,7 +445,7 @@ class Trainer:
         row.update(zip(("train_objective", "train_elbo", "train_reconstruction", "train_kl"),
                        (total / n for total in totals)))
         if clip:
-            row.update(clipped_steps=round(totals[5]), gradient_norm_mean=totals[4] / steps)
+            row.update(clipped_steps=round(totals[5]), gradient_norm_mean=totals[4] / max(totals[6], 1.0))
         for name, images in evaluations.items():
             if images is None:
                 continue
@@ -474,7 +476,8 @@ class Trainer:
         if "validation_elbo" in row:
             parts.append(f"validation ELBO {row['validation_elbo']:9.3f}")
         parts.append(f"test ELBO {row['test_elbo']:9.3f}")
-        clipped = (f"; gradient rescaled to norm {clip:g} in {row['clipped_steps']} of {steps} steps (mean norm "
+        measured = round(totals[6])                     # the epoch's steps, less those before clipping was taken up
+        clipped = (f"; gradient rescaled to norm {clip:g} in {row['clipped_steps']} of {measured} steps (mean norm "
                    f"{row['gradient_norm_mean']:.3g})" if clip else "")
         line = f"epoch {epoch:3d}/{cfg.epochs}  " + ", ".join(parts) + f" nats per example{clipped}; {seconds:.2f} s"
         self.log(line)
