@@ -14,7 +14,6 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from vaelab.models.base import (ACTIVATIONS, INITS, bernoulli_data_term, chain_shapes, evaluation_mlp, full_precision,
