@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from vaelab.models import MLPVAE, ModelConfig
-from vaelab.models.base import ACTIVATIONS, BatchNorm, linear_layers
+from vaelab.models.base import ACTIVATIONS, BatchNorm, evaluation_mlp, linear_layers
 from vaelab.objectives import LN_2, LOG2_E, bernoulli_log_likelihood
 
 
@@ -265,13 +265,13 @@ def test_evaluation_blocks_fold_batch_normalisation():
     for block in [*model.up, *model.down]:
         a = torch.randn(3, 5, block.net[0].in_features, generator=g, dtype=torch.float64)
         with torch.no_grad():
-            h, out = block.evaluation(model.config.activation)(a)
+            h, out = block.evaluation(evaluation_mlp(block.net, model.config.activation))(a)
             h_ref, out_ref = block(a)
         torch.testing.assert_close(h, h_ref, rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(out, out_ref, rtol=1e-12, atol=1e-12)
     model.train()
     with pytest.raises(ValueError, match="eval mode"):
-        model.down[0].evaluation(model.config.activation)
+        evaluation_mlp(model.down[0].net, model.config.activation)
 
 
 def test_two_layer_sample_and_start_shapes():

@@ -530,8 +530,9 @@ def _resume(args: argparse.Namespace, world, observers: Sequence = ()) -> int:
         state_config = RunConfig.from_dict(meta["config"], f"{state_path} (its copy of config.json)")
         restored = not (run_dir / ckpt.CONFIG).exists()
         saved = state_config if restored else RunConfig.load(run_dir / ckpt.CONFIG)
+        free = RESUMABLE | AMENDABLE.keys()
         # an amendment reaches config.json at the resume, the state at its first checkpoint: both may differ there
-        edited = [d for d in state_config.differences(saved) if d.split(":")[0] not in RESUMABLE | AMENDABLE.keys()]
+        edited = [d for d in state_config.differences(saved) if d.split(":")[0] not in free]
         if edited:
             raise UsageError(f"{run_dir / ckpt.CONFIG} differs from the copy in {ckpt.STATE} ({'; '.join(edited)}, "
                              f"the state's value → config.json's): it was edited after training started; restore "
@@ -540,7 +541,7 @@ def _resume(args: argparse.Namespace, world, observers: Sequence = ()) -> int:
             raise UsageError(f"--resume with --preset {args.preset}, but the run started from preset "
                              f"{saved.preset}; resume without --preset")
         config = _train_config(args, saved)
-        changed = [d for d in saved.differences(config) if d.split(":")[0] not in RESUMABLE | AMENDABLE.keys()]
+        changed = [d for d in saved.differences(config) if d.split(":")[0] not in free]
         if changed:
             raise UsageError(f"--resume with a different config ({'; '.join(changed)}); resume with the original "
                              f"flags (only --epochs, --device, --threads, --data-dir may change, and "

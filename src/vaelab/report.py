@@ -280,7 +280,8 @@ def build_report(run_dir: str | Path, data_dir: str | None = None,
     changed = changed_fields(config)
     html = _environment().get_template("report.html.j2").render(
         run=run, config_rows=_config_rows(config, changed), provenance=provenance, changed=changed,
-        started=run.meta.get("started", ""), amendments=run.meta.get("amendments", []), training=training, metrics=run.metrics[-1] if run.metrics else None,
+        started=run.meta.get("started", ""), amendments=run.meta.get("amendments", []), training=training,
+        metrics=run.metrics[-1] if run.metrics else None,
         evaluation=evaluation, generation=generation, latent=latent, summary=_summary(run, record, layers), nats=nats,
         kl=figures.make("kl-per-unit", "KL and posterior-mean variance per latent unit",
                         lambda w: plots.kl_figure(layers, width=w)), layers=layers, layers_from=layers_from,

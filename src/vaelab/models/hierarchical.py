@@ -50,10 +50,10 @@ class Block(nn.Module):
         h = self.net(a)
         return h, full_precision(self.out(h))
 
-    def evaluation(self, activation: str) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
-        """``forward`` in eval mode without autograd, its MLP by ``evaluation_mlp`` (batch normalisation folded
-        into the linear maps, activations in place): the same function up to float rounding."""
-        net = evaluation_mlp(self.net, activation)
+    def evaluation(self, net: Callable[[torch.Tensor], torch.Tensor]
+                   ) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+        """``forward`` in eval mode without autograd, with ``net`` = ``evaluation_mlp(self.net, activation)`` (batch
+        normalisation folded into the linear maps, activations in place): the same function up to float rounding."""
 
         def run(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             h = net(a.reshape(-1, a.shape[-1]))                                 # (N, H), N = …·B
@@ -256,10 +256,9 @@ class HierarchicalVAE(nn.Module):
         hats = self.bottom_up(x) if self.top_down else None
         if not fast_data_term:
             return lambda eps: self(x, eps, hats)
-        act = self.config.activation
-        blocks = [block.evaluation(act) for block in self.down]
-        bottom = self.down[-1]                                                  # z₁ → x
-        log_likelihood = bernoulli_data_term(evaluation_mlp(bottom.net, act), bottom.out, x)
+        nets = [evaluation_mlp(block.net, self.config.activation) for block in self.down]    # each folded once
+        blocks = [block.evaluation(net) for block, net in zip(self.down, nets)]
+        log_likelihood = bernoulli_data_term(nets[-1], self.down[-1].out, x)   # the bottom block, z₁ → x
         return lambda eps: self(x, eps, hats, log_likelihood, blocks)
 
     def laplace_curvature(self):
