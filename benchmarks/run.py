@@ -233,23 +233,27 @@ def vaelab_epoch(trainer) -> float:
     return trainer.state.metrics[-1]["epoch_seconds"]
 
 
-def train_in_child(*flags: str, trained: Path | None = None) -> tuple[float, float]:
+def train_in_child(*flags: str, trained: Path | None = None, epochs: int = 1) -> tuple[float, float]:
     """`vaelab train --epochs 1 FLAGS` in a child process: (peak resident MiB, seconds of the epoch's steps).
     With ``trained`` (a run directory), a copy of it resumed for one more epoch instead: the same step on weights
     that have learnt (a trained decoder's confident logits cost some kernels more than a fresh one's).
+    ``epochs``: that many epochs instead of one, the last one timed (``--engine compiled`` compiles in the first).
 
+    The child trains with this process's number of threads (``torch.get_num_threads()``: OMP_NUM_THREADS or
+    the cores), the threads the floors are timed with here.
     The peak is the child's own VmHWM (getrusage's ru_maxrss of a child started by fork and exec keeps the
     parent's high-water mark, here the benchmark's own ≈700 MiB)."""
+    threads = ("--threads", str(torch.get_num_threads()))
     script = ("import sys\nfrom vaelab.cli import main\ncode = main(sys.argv[1:])\n"
               "print(next(l for l in open('/proc/self/status') if l.startswith('VmHWM')))\nsys.exit(code)")
     with tempfile.TemporaryDirectory() as tmp:
         if trained is None:
-            command = ["train", "--out", f"{tmp}/run", "--epochs", "1", "--no-progress", *flags]
+            command = ["train", "--out", f"{tmp}/run", "--epochs", str(epochs), "--no-progress", *threads, *flags]
         else:
             shutil.copytree(trained, f"{tmp}/run")
-            epochs = len((trained / "metrics.csv").read_text().splitlines()) - 1
-            command = ["train", "--out", f"{tmp}/run", "--resume", "--epochs", str(epochs + 1), "--no-progress",
-                       "--threads", str(len(os.sched_getaffinity(0)))]    # as many as a fresh run takes, whatever the run's
+            done_epochs = len((trained / "metrics.csv").read_text().splitlines()) - 1
+            command = ["train", "--out", f"{tmp}/run", "--resume", "--epochs", str(done_epochs + epochs), "--no-progress",
+                       *threads, *flags]
         done = subprocess.run([sys.executable, "-c", script, *command], check=True, capture_output=True, text=True)
         rows = (Path(tmp) / "run" / "metrics.csv").read_text().splitlines()
     seconds = float(rows[-1].split(",")[rows[0].split(",").index("epoch_seconds")])
@@ -350,25 +354,29 @@ def preset_floors(name: str, arrays, n_train: int, eval_digits: int = 40, traine
     return row
 
 
-def presets_table(n_train: int, arrays=None, names=None, trained: dict[str, Path] | None = None) -> list[dict]:
+def presets_table(n_train: int, arrays=None, names=None, trained: dict[str, Path] | None = None,
+                  engine: str | None = None) -> list[dict]:
     """One epoch of every preset (its own batch size, objective, model; on the default device, so a GPU where
     there is one): seconds, optimiser steps per second, peak memory, and the preset's whole schedule at that
     speed (3280 epochs for Burda's); with ``arrays`` (on the CPU) also its step floor and IWAE-5000 against its
     own products' floor (``preset_floors``), and the ratios the models issue bounds by 1.5. ``names``: a subset
     of the presets (all of them by default). ``trained``: preset → a run directory of it; for those, the epoch
-    and IWAE-5000 once more with that run's weights (one more epoch of a copy of the run), and their ratios."""
+    and IWAE-5000 once more with that run's weights (one more epoch of a copy of the run), and their ratios.
+    ``engine``: the epochs with ``--engine ENGINE`` (``compiled``: two epochs, the second timed; the floor is the
+    same products, recorded from the autograd step)."""
     trained = trained or {}
+    flags, epochs = (("--engine", engine), 2 if engine == "compiled" else 1) if engine else ((), 1)
     from vaelab.presets import apply_preset
 
     rows = []
     for name in names or PRESETS:
-        memory, seconds = train_in_child("--preset", name, "--validation", "0")
+        memory, seconds = train_in_child("--preset", name, "--validation", "0", *flags, epochs=epochs)
         train = apply_preset(RunConfig(), name).train
         steps = -(-n_train // train.batch_size)
-        row = {"preset": name, "seconds_per_epoch": seconds, "steps_per_second": steps / seconds,
+        row = {"preset": name, "engine": engine or "auto", "seconds_per_epoch": seconds, "steps_per_second": steps / seconds,
                "schedule_epochs": train.epochs, "schedule_hours": train.epochs * seconds / 3600,
                "peak_rss_mib": memory}
-        text = (f"preset {name:14s}: {seconds:7.2f} s/epoch, {steps / seconds:7.1f} steps/s, its {train.epochs} epochs "
+        text = (f"preset {name:14s}{f' (--engine {engine})' if engine else ''}: {seconds:7.2f} s/epoch, {steps / seconds:7.1f} steps/s, its {train.epochs} epochs "
                 f"{train.epochs * seconds / 3600:6.1f} h, peak {memory:6.0f} MiB")
         if arrays is not None and not torch.cuda.is_available():
             floors = preset_floors(name, arrays, n_train, trained=trained.get(name))
@@ -378,7 +386,7 @@ def presets_table(n_train: int, arrays=None, names=None, trained: dict[str, Path
                      f"IWAE-5000 {floors['iwae5000_seconds_per_10000']:.0f} s per 10 000, floor "
                      f"{floors['iwae5000_floor_per_10000']:.0f} s ({row['iwae_over_floor']:.2f} ×)")
             if name in trained:
-                _, epoch = train_in_child(trained=trained[name])
+                _, epoch = train_in_child(*flags, trained=trained[name], epochs=epochs)
                 iwae = floors["trained_iwae5000_seconds_per_10000"]
                 row.update(trained_run=str(trained[name]), trained_seconds_per_epoch=epoch,
                            trained_epoch_over_floor=epoch / floors["step_floor"],
@@ -488,6 +496,8 @@ def main() -> None:
                         "memory, step and evaluation floors of every preset)")
     parser.add_argument("--presets", nargs="+", choices=list(PRESETS), metavar="NAME",
                         help="with --presets-only: these presets only (vaelab presets lists them)")
+    parser.add_argument("--engine", choices=["autograd", "compiled"],
+                        help="with --presets-only: train the presets' epochs with this engine (default: their own)")
     parser.add_argument("--trained", nargs="+", default=[], metavar="NAME=RUN",
                         help="with --presets-only: time preset NAME also with the weights of RUN, a run directory of it "
                              "(one more epoch of a copy of the run, and IWAE-5000)")
@@ -505,7 +515,7 @@ def main() -> None:
     arrays = load_mnist(log=print)
     result: dict = {"machine": machine(), "date": datetime.date.today().isoformat()}
     if args.presets_only:
-        result["presets"] = presets_table(len(arrays.train_images), arrays, args.presets, trained)
+        result["presets"] = presets_table(len(arrays.train_images), arrays, args.presets, trained, args.engine)
         save_result(result)
         return
     peak = matmul_peak()

@@ -96,13 +96,18 @@ def test_bf16_evaluation_of_a_prefix_uses_the_full_runs_draws(trainer):
 
 def test_presets_table_reports_steps_per_second_and_the_schedule(bench, monkeypatch):
     """Burda's presets: batches of 20, so 3000 steps per epoch of 60 000 digits; 3280 epochs of 2 s are 1.82 h."""
-    monkeypatch.setattr(bench, "train_in_child", lambda *flags: (400.0, 2.0))
+    calls = []
+    monkeypatch.setattr(bench, "train_in_child", lambda *flags, epochs=1: calls.append((flags, epochs)) or (400.0, 2.0))
     rows = {row["preset"]: row for row in bench.presets_table(60000)}
     iwae = rows["burda-iwae-2"]
     assert iwae["steps_per_second"] == pytest.approx(3000 / 2.0)
     assert iwae["schedule_epochs"] == 3280 and iwae["schedule_hours"] == pytest.approx(3280 * 2.0 / 3600)
     assert rows["seed"]["steps_per_second"] == pytest.approx(938 / 2.0)        # ⌈60 000 / 64⌉ steps
-    assert rows["seed"]["schedule_epochs"] == 100
+    assert rows["seed"]["schedule_epochs"] == 100 and rows["seed"]["engine"] == "auto"
+    assert calls[0] == (("--preset", "seed", "--validation", "0"), 1)
+    calls.clear()                                 # the compiled engine: its second epoch is timed (the first compiles)
+    (row,) = bench.presets_table(60000, names=["ladder-5"], engine="compiled")
+    assert row["engine"] == "compiled" and calls == [(("--preset", "ladder-5", "--validation", "0", "--engine", "compiled"), 2)]
 
 
 def test_the_recorded_floor_holds_every_product_of_a_step_and_replays_them(bench):

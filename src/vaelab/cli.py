@@ -162,7 +162,8 @@ def build_parser(parser_class: type[argparse.ArgumentParser] = _Parser) -> argpa
                        help="rescale each step's gradient to Euclidean norm C where it is larger (default 0: never)")
     group.add_argument("--seed", type=_non_negative_int, help="seed of every random stream (default 0)")
     group.add_argument("--engine", choices=ENGINE_CHOICES,
-                       help="gradient code: auto (default: the hand-derived fast path where it applies)")
+                       help="gradient code: auto (default: the hand-derived fast path where it applies, else autograd); "
+                       "compiled: autograd's step compiled by torch.compile (needs a C++ compiler on the CPU)")
     group.add_argument("--precision", choices=PRECISIONS, help="fp32 (default) or bf16: matrix products in "
                        "bfloat16, float32 weights, Adam, loss and reductions (refused where a timing shows bf16 emulated); bf16-emulated: "
                        "bf16's rounding with float32 products, to see whether bf16 would change a result")
@@ -349,8 +350,9 @@ _FLAGS = {
     "train_examples": ("data", "train_examples"), "test_examples": ("data", "test_examples"),
     "validation": ("data", "validation"),
 }
-# What a resume may change: how long, and where and with how many threads it runs.
-RESUMABLE = {"train.epochs", "train.device", "train.threads", "data.data_dir"}
+# What a resume may change: how long, and where, with how many threads and with which engine it runs (each
+# computes the same gradient, to float rounding).
+RESUMABLE = {"train.epochs", "train.device", "train.threads", "train.engine", "data.data_dir"}
 # What a resume may amend, recorded where it took effect (train.log and the training state's ``amendments``): the
 # remedies of a run that diverged, so that it goes on from its last good checkpoint instead of starting anew.
 AMENDABLE = {"train.lr": "--lr", "train.clip_grad_norm": "--clip-grad-norm"}
@@ -536,7 +538,7 @@ def _resume(args: argparse.Namespace, world, observers: Sequence = ()) -> int:
         if edited:
             raise UsageError(f"{run_dir / ckpt.CONFIG} differs from the copy in {ckpt.STATE} ({'; '.join(edited)}, "
                              f"the state's value → config.json's): it was edited after training started; restore "
-                             f"it (resume only changes --epochs, --device, --threads, --data-dir) or start a new --out")
+                             f"it (resume only changes --epochs, --device, --threads, --engine, --data-dir) or start a new --out")
         if args.preset is not None and args.preset != saved.preset:
             raise UsageError(f"--resume with --preset {args.preset}, but the run started from preset "
                              f"{saved.preset}; resume without --preset")
@@ -544,7 +546,7 @@ def _resume(args: argparse.Namespace, world, observers: Sequence = ()) -> int:
         changed = [d for d in saved.differences(config) if d.split(":")[0] not in free]
         if changed:
             raise UsageError(f"--resume with a different config ({'; '.join(changed)}); resume with the original "
-                             f"flags (only --epochs, --device, --threads, --data-dir may change, and "
+                             f"flags (only --epochs, --device, --threads, --engine, --data-dir may change, and "
                              f"{' and '.join(AMENDABLE.values())} from where the run stands) or start a new --out")
         amendments = [d for d in state_config.differences(config) if d.split(":")[0] in AMENDABLE]
         done = int(meta.get("epoch", 0))
@@ -573,11 +575,11 @@ def _prepare_training(args: argparse.Namespace, config):
 
     from vaelab.data import load_mnist, prepare
     from vaelab.distributed import world_from_environment
-    from vaelab.engines import select_engine
+    from vaelab.engines import require_compiler, select_engine
     from vaelab.resources import check_bf16, default_threads, require_memory
     from vaelab.training import resolve_device
 
-    select_engine(config)
+    engine = select_engine(config)
     if getattr(args, "tensorboard", False):
         from vaelab.tensorboard import summary_writer_class
 
@@ -591,6 +593,8 @@ def _prepare_training(args: argparse.Namespace, config):
         device = torch.device("cuda", world.local_rank)
     if config.train.precision == "bf16":
         _note(check_bf16(device))
+    if engine == "compiled":
+        require_compiler(device)
     data = prepare(load_mnist(config.data.data_dir, log=_log), config.data, device)
     return device, threads, data
 
@@ -633,6 +637,9 @@ def _train(args: argparse.Namespace, config, run_dir: Path, run, resumed: bool, 
 
     lines, warnings = describe_schedule(config)
     log("schedule: " + "; ".join(lines))
+    if trainer.engine_name == "compiled":
+        log("engine compiled: torch.compile builds the step's kernels at the first step of this process and again "
+            "at the first short batch (tens of seconds each), counted in that epoch's seconds")
     if world.main:
         for warning in warnings:
             _note(warning)

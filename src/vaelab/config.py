@@ -53,7 +53,7 @@ class TrainConfig:
     clip_grad_norm: float = 0.0    # rescale each step's gradient to this Euclidean norm where it is larger; 0: never
     seed: int = 0
     device: str = "auto"           # auto | cpu | cuda | cuda:N
-    engine: str = "auto"           # auto (the fast path where one covers the config) | fused | autograd
+    engine: str = "auto"           # auto (the fast path where one covers the config) | fused | autograd | compiled
     threads: int = 0               # CPU threads; 0: the cores this process may use
     precision: str = "fp32"        # fp32 | bf16 | bf16-emulated (products in bfloat16; vaelab.engines, .precision)
     eval_batch_size: int = 1000    # batch for the per-epoch test and validation ELBO

@@ -5,6 +5,10 @@ reconstruction, KL) as a (4,) tensor on the device, without a host synchronisati
 ``autograd`` serves every model and objective. ``fused`` is a backward pass derived by hand for the one
 configuration it covers: the one-hidden-layer ReLU ``mlp`` model trained on the single-draw ELBO with
 β = 1 (tests/test_training.py::test_fused_gradient_matches_autograd). ``select_engine`` picks by lookup.
+``compiled`` (asked for by name, never chosen by ``auto``) is the autograd engine with the model's forward
+pass and the objective compiled by ``torch.compile`` (TorchInductor): the same gradient to float32 rounding
+(tests/test_compiled.py), fewer and fused kernels, at the price of a C++ compiler and tens of seconds of
+compilation when a process takes its first step (benchmarks/README.md).
 
 Precision ``bf16``: the matrix products run in bfloat16 (oneDNN's AVX-512 BF16 kernels on CPU, tensor
 cores on GPU; products accumulate in float32 inside the kernel), everything else in float32: master
@@ -22,6 +26,7 @@ on a CPU without bf16; it is never faster than float32.
 from __future__ import annotations
 
 import functools
+import shutil
 from typing import Callable
 
 import torch
@@ -149,6 +154,52 @@ def fused_step_bf16(model, x: torch.Tensor, eps: torch.Tensor, objective: str = 
     return torch.stack([-negative_elbo, -negative_elbo, -reconstruction, kl]).detach()
 
 
+def compiled_step(model, x: torch.Tensor, eps: torch.Tensor, objective: str = "elbo",
+                  beta: float = 1.0) -> torch.Tensor:
+    """``autograd_step`` with −(1/B) Σ objective and the four sums computed by one graph that ``torch.compile``
+    compiled (TorchInductor's fused C++ or GPU kernels for the forward and for its backward). β enters as a
+    0-d tensor, so one graph serves the whole KL warm-up (a Python float would be a constant of the graph, one
+    compilation per value); a new batch size (an epoch's last, short batch) or a new architecture compiles once
+    more, a new model of a compiled architecture does not (the model is an argument of the graph). The whole
+    step must be one graph (``fullgraph``) and a compilation beyond the limit is an error: a model the compiler
+    cannot take whole fails loudly instead of running half or all of it uncompiled."""
+    for p in model.parameters():
+        p.grad.zero_()                   # backward accumulates into the flat gradient views
+    with torch._dynamo.config.patch(recompile_limit=COMPILED_GRAPHS, fail_on_recompile_limit_hit=True):
+        loss, sums = _compiled_loss()(model, objective, x, eps, torch.tensor(beta, dtype=x.dtype, device=x.device))
+    loss.backward()
+    return sums.detach()
+
+
+COMPILED_GRAPHS = 64     # graphs one process may compile (architectures × batch sizes × objectives) before failing
+
+
+def _loss_and_sums(model, objective: str, x: torch.Tensor, eps: torch.Tensor, beta: torch.Tensor):
+    """(−(1/B) Σ objective, the sums (objective, ELBO, reconstruction, KL)) of one step: what is compiled."""
+    terms = OBJECTIVES[objective](model(x, eps), beta)
+    sums = torch.stack([terms.objective.sum(), terms.elbo.sum(), terms.reconstruction.sum(), terms.kl.sum()])
+    return -sums[0] / x.shape[0], sums
+
+
+@functools.cache
+def _compiled_loss() -> Callable:
+    """``_loss_and_sums`` compiled, built on first use (nothing is compiled at import)."""
+    return torch.compile(_loss_and_sums, dynamic=False, fullgraph=True)
+
+
+def require_compiler(device: torch.device) -> None:
+    """Refuse ``--engine compiled`` on a CPU without the C++ compiler TorchInductor builds its kernels with."""
+    if device.type != "cpu":
+        return
+    from torch._inductor import config as inductor
+
+    names = inductor.cpp.cxx if isinstance(inductor.cpp.cxx, (list, tuple)) else (inductor.cpp.cxx,)
+    if not any(name and shutil.which(name) for name in names):
+        raise UsageError(f"--engine compiled needs a C++ compiler on the CPU (torch.compile builds its kernels with "
+                         f"one of {', '.join(n for n in names if n)}; none was found): install one (apt install g++) "
+                         f"or set CXX to it, or use --engine autograd")
+
+
 def _autograd_bf16(model, x, eps, objective="elbo", beta=1.0):
     return autograd_step(model, x, eps, objective, beta, precision="bf16")
 
@@ -163,8 +214,8 @@ ENGINES: dict[tuple[str, str], Engine] = {
     ("fused", "fp32"): fused_step, ("fused", "bf16"): fused_step_bf16,
     ("fused", "bf16-emulated"): functools.partial(fused_step_bf16, mm=BF16_PRODUCTS["bf16-emulated"]),
     ("autograd", "fp32"): autograd_step, ("autograd", "bf16"): _autograd_bf16,
-    ("autograd", "bf16-emulated"): _autograd_bf16_emulated}
-ENGINE_CHOICES = ("auto", "fused", "autograd")
+    ("autograd", "bf16-emulated"): _autograd_bf16_emulated, ("compiled", "fp32"): compiled_step}
+ENGINE_CHOICES = ("auto", "fused", "autograd", "compiled")
 
 # The configurations a hand-derived engine covers, by ``fast_path_key``.
 FAST_PATHS: dict[tuple, str] = {("mlp", (1,), "relu", "standard", 0, "elbo", 1, True): "fused"}
@@ -185,6 +236,11 @@ def select_engine(config) -> str:
     wanted = config.train.engine
     if wanted == "auto":
         return covering
+    if wanted == "compiled":
+        if (wanted, config.train.precision) not in ENGINES:
+            raise UsageError(f"--engine compiled runs in float32 only, not --precision {config.train.precision}; "
+                             f"use --precision fp32, or --engine autograd for {config.train.precision}")
+        return wanted
     if wanted != "autograd" and wanted != covering:
         raise UsageError(f"--engine {wanted} covers only the one-hidden-layer ReLU mlp model with the standard prior "
                          f"and no flow, on the single-draw ELBO with β = 1; use --engine auto or autograd for this "

@@ -307,10 +307,10 @@ class Parts:
     reconstruction: torch.Tensor            # (K, B) log p(x | z₁)
     layers: tuple[StochasticLayer, ...]     # bottom (z₁) first
 
-    def log_weights(self, beta: float = 1.0) -> torch.Tensor:
+    def log_weights(self, beta: float | torch.Tensor = 1.0) -> torch.Tensor:
         """log w = log p(x|z₁) + β Σₗ [log p(zₗ|·) − log q(zₗ|·)]: (K, B). β = 1: log p(x, z) − log q(z|x)."""
         ratio = sum(layer.log_ratio() for layer in self.layers)
-        return self.reconstruction + (ratio if beta == 1.0 else beta * ratio)
+        return self.reconstruction + (ratio if _unit(beta) else beta * ratio)
 
     def kl(self) -> torch.Tensor:
         """Σₗ KL estimate of layer l, (B,) (closed form where a layer has one)."""
@@ -331,10 +331,10 @@ class ObjectiveTerms:
 
 
 class Objective(Protocol):
-    def __call__(self, parts: Parts, beta: float = 1.0) -> ObjectiveTerms: ...
+    def __call__(self, parts: Parts, beta: float | torch.Tensor = 1.0) -> ObjectiveTerms: ...
 
 
-def elbo_objective(parts: Parts, beta: float = 1.0) -> ObjectiveTerms:
+def elbo_objective(parts: Parts, beta: float | torch.Tensor = 1.0) -> ObjectiveTerms:
     """β-ELBO(x) = (1/K) Σₖ log p(x|z₁ₖ) − β Σₗ KLₗ, with K draws (the IWAE paper's "VAE" for K > 1).
 
     ELBO = E_q[log p(x|z)] − KL(q(z|x) ‖ p(z)) ≤ log p(x) since log p(x) = ELBO + KL(q ‖ p(z|x)). Each
@@ -345,11 +345,17 @@ def elbo_objective(parts: Parts, beta: float = 1.0) -> ObjectiveTerms:
     reconstruction = parts.reconstruction.mean(0)                          # (B,)
     kl = parts.kl()                                                        # (B,)
     elbo = reconstruction - kl
-    objective = elbo if beta == 1.0 else reconstruction - beta * kl
+    objective = elbo if _unit(beta) else reconstruction - beta * kl
     return ObjectiveTerms(objective, elbo, reconstruction, kl)
 
 
-def iwae_objective(parts: Parts, beta: float = 1.0) -> ObjectiveTerms:
+def _unit(beta: float | torch.Tensor) -> bool:
+    """β is the number 1: the β-scaling can be skipped. A tensor β (the compiled engine's, one graph for every β)
+    is always applied; 1 · a = a exactly in floating point, so either way gives the same values at β = 1."""
+    return not isinstance(beta, torch.Tensor) and beta == 1.0
+
+
+def iwae_objective(parts: Parts, beta: float | torch.Tensor = 1.0) -> ObjectiveTerms:
     """β-IWAE_K(x) = log (1/K) Σₖ p(x|z₁ₖ) [p(zₖ)/q(zₖ|x)]^β, zₖ ~ q(z|x) (Burda et al. 2016, eq. 8 at β = 1).
 
     Stable as a log-sum-exp of the K log weights. Its gradient is Σₖ w̃ₖ ∇ log wₖ with normalised weights

@@ -179,12 +179,19 @@ class PlanarSteps(torch.autograd.Function):
         grad_kappa = torch.linalg.vecdot(grad_u_hat, w).addcmul_(grad_c, ww_raw)       # (N, T)
         grad_wu = grad_c + grad_kappa * (torch.sigmoid(wu) - 1.0) / ww
         grad_ww = grad_c * kappa - grad_kappa * kappa / ww * (ww_raw > _MIN_SQUARED_NORM)
-        grad_params = torch.empty(n, steps, 2 * d + 1, dtype=a.dtype, device=a.device)    # [∂u, ∂w, ∂b] per step
-        grad_u = torch.addcmul(grad_u_hat, grad_wu.unsqueeze(-1), w, out=grad_params[..., :d])    # ∂û + ∂(wᵀu) w
+        # [∂u, ∂w, ∂b] per step, written into one buffer; torch.compile takes no out= into its strided views and
+        # gets them as pieces (its own kernels write them where they go)
+        compiling = torch.compiler.is_compiling()
+        grad_params = torch.empty(n, steps, 2 * d + 1, dtype=a.dtype, device=a.device)
+        out = (None, None) if compiling else (grad_params[..., :d], grad_params[..., d:2 * d])
+        grad_u = torch.addcmul(grad_u_hat, grad_wu.unsqueeze(-1), w, out=out[0])        # ∂û + ∂(wᵀu) w
         # ∂w = direct + κ∂û + ∂(wᵀu) u + 2∂‖w‖² w, with κ∂û = κ∂u − κ∂(wᵀu) w
         grad_w.addcmul_(kappa.unsqueeze(-1), grad_u).addcmul_((2.0 * grad_ww - kappa * grad_wu).unsqueeze(-1), w)
-        torch.addcmul(grad_w, grad_wu.unsqueeze(-1), u, out=grad_params[..., d:2 * d])
-        grad_params[..., 2 * d] = p.sum(-1).T                                           # ∂bₜ = Σ pₜ
+        grad_w = torch.addcmul(grad_w, grad_wu.unsqueeze(-1), u, out=out[1])
+        if compiling:
+            grad_params = torch.cat([grad_u, grad_w, p.sum(-1).T.unsqueeze(-1)], -1)
+        else:
+            grad_params[..., 2 * d] = p.sum(-1).T                                       # ∂bₜ = Σ pₜ
         grad_params = grad_params.reshape(*lead, steps, 2 * d + 1).sum_to_size(params_shape) if ctx.expanded else \
             grad_params.reshape(params_shape)
         grad_z0 = grad_z0.transpose(0, 1).reshape(*lead, d).sum_to_size(z0_shape)
