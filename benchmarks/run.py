@@ -252,8 +252,8 @@ def train_in_child(*flags: str, trained: Path | None = None, epochs: int = 1) ->
         else:
             shutil.copytree(trained, f"{tmp}/run")
             done_epochs = len((trained / "metrics.csv").read_text().splitlines()) - 1
-            command = ["train", "--out", f"{tmp}/run", "--resume", "--epochs", str(done_epochs + epochs), "--no-progress",
-                       *threads, *flags]
+            command = ["train", "--out", f"{tmp}/run", "--resume", "--epochs", str(done_epochs + epochs),
+                       "--no-progress", *threads, *flags]
         done = subprocess.run([sys.executable, "-c", script, *command], check=True, capture_output=True, text=True)
         rows = (Path(tmp) / "run" / "metrics.csv").read_text().splitlines()
     seconds = float(rows[-1].split(",")[rows[0].split(",").index("epoch_seconds")])
@@ -296,12 +296,14 @@ def replay_seconds(calls: list[tuple], repeats: int) -> float:
     return time.perf_counter() - start
 
 
-def preset_floors(name: str, arrays, n_train: int, eval_digits: int = 40, trained: Path | None = None) -> dict[str, float]:
+def preset_floors(name: str, arrays, n_train: int, eval_digits: int = 40, trained: Path | None = None,
+                  compiled: bool = False) -> dict[str, float]:
     """A preset's floors on this machine: every matrix product of one training step (forward and autograd's
     backward, recorded at their real shapes) replayed for an epoch's steps, plus Adam's kernel over the flat
     buffer as often; and every product of IWAE-5000 on 20 digits replayed for 10 000. Beside them, its measured
     IWAE-5000 seconds per 10 000 digits (timed on ``eval_digits``, scaled), with the fresh weights and, given
-    ``trained`` (a run directory of this preset), with its weights (the floors do not depend on the values)."""
+    ``trained`` (a run directory of this preset), with its weights (the floors do not depend on the values).
+    ``compiled``: IWAE-5000 as ``evaluate --compiled`` computes it, timed after one compiling pass over 20 digits."""
     from vaelab.engines import ENGINES
     from vaelab.evaluation import draws, iwae_estimator
     from vaelab.presets import apply_preset
@@ -340,9 +342,13 @@ def preset_floors(name: str, arrays, n_train: int, eval_digits: int = 40, traine
         estimator(model, test[:20].float(), 5000, torch.Generator().manual_seed(0), 50)
     with hot_loop_settings():
         eval_floor = replay_seconds(recorder.calls, 1) * 10000 / 20
+    evaluation = EvalConfig(k=5000, compiled=compiled)
+    if compiled:
+        iwae_log_likelihood(model, test[:20], dataclasses.replace(evaluation, k=evaluation.sample_chunk))
+
     def iwae_seconds_per_10000() -> float:
         start = time.perf_counter()
-        iwae_log_likelihood(model, test[:eval_digits], EvalConfig(k=5000))
+        iwae_log_likelihood(model, test[:eval_digits], evaluation)
         return (time.perf_counter() - start) * 10000 / eval_digits
 
     row = {"step_floor_products": products, "step_floor_adam": adam_seconds,
@@ -363,7 +369,7 @@ def presets_table(n_train: int, arrays=None, names=None, trained: dict[str, Path
     of the presets (all of them by default). ``trained``: preset → a run directory of it; for those, the epoch
     and IWAE-5000 once more with that run's weights (one more epoch of a copy of the run), and their ratios.
     ``engine``: the epochs with ``--engine ENGINE`` (``compiled``: two epochs, the second timed; the floor is the
-    same products, recorded from the autograd step)."""
+    same products, recorded from the autograd step), and with ``compiled`` IWAE-5000 by ``evaluate --compiled``."""
     trained = trained or {}
     flags, epochs = (("--engine", engine), 2 if engine == "compiled" else 1) if engine else ((), 1)
     from vaelab.presets import apply_preset
@@ -373,13 +379,15 @@ def presets_table(n_train: int, arrays=None, names=None, trained: dict[str, Path
         memory, seconds = train_in_child("--preset", name, "--validation", "0", *flags, epochs=epochs)
         train = apply_preset(RunConfig(), name).train
         steps = -(-n_train // train.batch_size)
-        row = {"preset": name, "engine": engine or "auto", "seconds_per_epoch": seconds, "steps_per_second": steps / seconds,
+        row = {"preset": name, "engine": engine or "auto", "seconds_per_epoch": seconds,
+               "steps_per_second": steps / seconds,
                "schedule_epochs": train.epochs, "schedule_hours": train.epochs * seconds / 3600,
                "peak_rss_mib": memory}
-        text = (f"preset {name:14s}{f' (--engine {engine})' if engine else ''}: {seconds:7.2f} s/epoch, {steps / seconds:7.1f} steps/s, its {train.epochs} epochs "
+        text = (f"preset {name:14s}{f' (--engine {engine})' if engine else ''}: {seconds:7.2f} s/epoch, "
+                f"{steps / seconds:7.1f} steps/s, its {train.epochs} epochs "
                 f"{train.epochs * seconds / 3600:6.1f} h, peak {memory:6.0f} MiB")
         if arrays is not None and not torch.cuda.is_available():
-            floors = preset_floors(name, arrays, n_train, trained=trained.get(name))
+            floors = preset_floors(name, arrays, n_train, trained=trained.get(name), compiled=engine == "compiled")
             row.update(floors, epoch_over_floor=seconds / floors["step_floor"],
                        iwae_over_floor=floors["iwae5000_seconds_per_10000"] / floors["iwae5000_floor_per_10000"])
             text += (f"; step floor {floors['step_floor']:.2f} s (epoch {row['epoch_over_floor']:.2f} × it); "
@@ -497,7 +505,8 @@ def main() -> None:
     parser.add_argument("--presets", nargs="+", choices=list(PRESETS), metavar="NAME",
                         help="with --presets-only: these presets only (vaelab presets lists them)")
     parser.add_argument("--engine", choices=["autograd", "compiled"],
-                        help="with --presets-only: train the presets' epochs with this engine (default: their own)")
+                        help="with --presets-only: train the presets' epochs with this engine (default: their own); "
+                             "compiled: IWAE-5000 by evaluate --compiled too")
     parser.add_argument("--trained", nargs="+", default=[], metavar="NAME=RUN",
                         help="with --presets-only: time preset NAME also with the weights of RUN, a run directory of it "
                              "(one more epoch of a copy of the run, and IWAE-5000)")

@@ -107,7 +107,8 @@ def test_presets_table_reports_steps_per_second_and_the_schedule(bench, monkeypa
     assert calls[0] == (("--preset", "seed", "--validation", "0"), 1)
     calls.clear()                                 # the compiled engine: its second epoch is timed (the first compiles)
     (row,) = bench.presets_table(60000, names=["ladder-5"], engine="compiled")
-    assert row["engine"] == "compiled" and calls == [(("--preset", "ladder-5", "--validation", "0", "--engine", "compiled"), 2)]
+    assert row["engine"] == "compiled"
+    assert calls == [(("--preset", "ladder-5", "--validation", "0", "--engine", "compiled"), 2)]
 
 
 def test_the_recorded_floor_holds_every_product_of_a_step_and_replays_them(bench):

@@ -162,8 +162,8 @@ def build_parser(parser_class: type[argparse.ArgumentParser] = _Parser) -> argpa
                        help="rescale each step's gradient to Euclidean norm C where it is larger (default 0: never)")
     group.add_argument("--seed", type=_non_negative_int, help="seed of every random stream (default 0)")
     group.add_argument("--engine", choices=ENGINE_CHOICES,
-                       help="gradient code: auto (default: the hand-derived fast path where it applies, else autograd); "
-                       "compiled: autograd's step compiled by torch.compile (needs a C++ compiler on the CPU)")
+                       help="gradient code: auto (default: the hand-derived fast path where it applies, else "
+                       "autograd); compiled: autograd's step compiled by torch.compile (needs a C++ compiler on the CPU)")
     group.add_argument("--precision", choices=PRECISIONS, help="fp32 (default) or bf16: matrix products in "
                        "bfloat16, float32 weights, Adam, loss and reductions (refused where a timing shows bf16 emulated); bf16-emulated: "
                        "bf16's rounding with float32 products, to see whether bf16 would change a result")
@@ -203,6 +203,9 @@ def build_parser(parser_class: type[argparse.ArgumentParser] = _Parser) -> argpa
     evaluate.add_argument("--precision", choices=PRECISIONS, default="fp32",
                           help="the IWAE decoder's products: fp32 (default), bf16 (refused where emulated) or "
                           "bf16-emulated (bf16's rounding at float32 speed, a check); one-layer mlp models")
+    evaluate.add_argument("--compiled", action="store_true", help="compute each chunk's IWAE log weights by one graph "
+                          "torch.compile builds (fp32; needs a C++ compiler on the CPU; compiles for tens of seconds "
+                          "first)")
     evaluate.add_argument("--seed", type=_non_negative_int, default=0, help="seed of the draws (default 0)")
     evaluate.add_argument("--device", type=_device, default="auto", help="auto, cpu or cuda")
     evaluate.add_argument("--threads", type=_whole_number(1, 4097), help="CPU threads (default: all allowed)")
@@ -538,7 +541,8 @@ def _resume(args: argparse.Namespace, world, observers: Sequence = ()) -> int:
         if edited:
             raise UsageError(f"{run_dir / ckpt.CONFIG} differs from the copy in {ckpt.STATE} ({'; '.join(edited)}, "
                              f"the state's value → config.json's): it was edited after training started; restore "
-                             f"it (resume only changes --epochs, --device, --threads, --engine, --data-dir) or start a new --out")
+                             f"it (resume only changes --epochs, --device, --threads, --engine, --data-dir) or start a "
+                             f"new --out")
         if args.preset is not None and args.preset != saved.preset:
             raise UsageError(f"--resume with --preset {args.preset}, but the run started from preset "
                              f"{saved.preset}; resume without --preset")
@@ -575,7 +579,8 @@ def _prepare_training(args: argparse.Namespace, config):
 
     from vaelab.data import load_mnist, prepare
     from vaelab.distributed import world_from_environment
-    from vaelab.engines import require_compiler, select_engine
+    from vaelab.compiling import require_compiler
+    from vaelab.engines import select_engine
     from vaelab.resources import check_bf16, default_threads, require_memory
     from vaelab.training import resolve_device
 
@@ -594,7 +599,7 @@ def _prepare_training(args: argparse.Namespace, config):
     if config.train.precision == "bf16":
         _note(check_bf16(device))
     if engine == "compiled":
-        require_compiler(device)
+        require_compiler(device, "--engine compiled")
     data = prepare(load_mnist(config.data.data_dir, log=_log), config.data, device)
     return device, threads, data
 
@@ -699,12 +704,13 @@ def write_pictures(model, data, metrics, run_dir: Path) -> None:
 
 
 def evaluation_name(args: argparse.Namespace, n_examples: int) -> str:
-    """eval[-validation][-best]-k<K>-n<N>-seed<S>[-laplace][-<precision>].json: other settings never share a
-    file (a float32 evaluation keeps the name it always had)."""
+    """eval[-validation][-best]-k<K>-n<N>-seed<S>[-laplace][-<precision>][…][-compiled].json: other settings never
+    share a file (a float32 evaluation keeps the name it always had)."""
     parts = ["eval"] + (["validation"] if args.split == "validation" else []) \
         + (["best"] if args.checkpoint == "best" else []) + [f"k{args.k}", f"n{n_examples}", f"seed{args.seed}"] \
         + (["laplace"] if args.laplace else []) + ([args.precision] if args.precision != "fp32" else []) \
-        + ([f"gaps{args.gap_steps}"] if args.gaps else []) + (["kcurve"] if args.k_curve else [])
+        + ([f"gaps{args.gap_steps}"] if args.gaps else []) + (["kcurve"] if args.k_curve else []) \
+        + (["compiled"] if args.compiled else [])
     return "-".join(parts) + ".json"
 
 
@@ -757,8 +763,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         if args.k_curve and args.k < 1000:
             raise UsageError(f"--k-curve draws the estimate at K = 1, 10, 100, 1000 and --k: give --k 1000 or more "
                              f"(got {args.k})")
+        if args.compiled:
+            if args.precision != "fp32":
+                raise UsageError(f"--compiled runs in float32, not --precision {args.precision}; drop one of the two")
+            from vaelab.compiling import require_compiler
+
+            require_compiler(device, "--compiled")
         eval_config = EvalConfig(k=args.k, seed=args.seed, laplace=args.laplace, precision=args.precision,
-                                 k_curve=args.k_curve, gaps=args.gaps, gap_steps=args.gap_steps)
+                                 k_curve=args.k_curve, gaps=args.gaps, gap_steps=args.gap_steps, compiled=args.compiled)
         require_memory(eval_config.memory_bytes(config.model), f"evaluate --k {args.k}", "use a smaller --k")
         data_dir = str(resolve_path(args.data_dir, "--data-dir")) if args.data_dir else config.data.data_dir
         # the whole test set unless --test-examples says otherwise (not the training run's smoke setting)
@@ -858,6 +870,7 @@ def format_eval_table(result: dict) -> str:
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     products = "" if result["precision"] == "fp32" else f" with {result['precision']} decoder products"
+    products += ", log weights compiled" if result.get("compiled") else ""
     lines.append(f"NLL = {number(result['nll'])} ± {number(result['nll_stderr'])} nats (IWAE-{result['k']}{products}, "
                  f"{result['n_examples']} {result.get('split', 'test')} digits, {result['seconds']:.1f} s)")
     for layer in result["layers"]:

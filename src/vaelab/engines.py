@@ -26,11 +26,11 @@ on a CPU without bf16; it is never faster than float32.
 from __future__ import annotations
 
 import functools
-import shutil
 from typing import Callable
 
 import torch
 
+from vaelab import compiling
 from vaelab.errors import UsageError
 from vaelab.objectives import OBJECTIVES, softplus_sum
 from vaelab.precision import BF16_PRODUCTS, EmulatedBF16Products
@@ -161,17 +161,14 @@ def compiled_step(model, x: torch.Tensor, eps: torch.Tensor, objective: str = "e
     0-d tensor, so one graph serves the whole KL warm-up (a Python float would be a constant of the graph, one
     compilation per value); a new batch size (an epoch's last, short batch) or a new architecture compiles once
     more, a new model of a compiled architecture does not (the model is an argument of the graph). The whole
-    step must be one graph (``fullgraph``) and a compilation beyond the limit is an error: a model the compiler
-    cannot take whole fails loudly instead of running half or all of it uncompiled."""
+    step must be one graph and a compilation beyond the limit is an error (``vaelab.compiling``): a model the
+    compiler cannot take whole fails loudly instead of running half or all of it uncompiled."""
     for p in model.parameters():
         p.grad.zero_()                   # backward accumulates into the flat gradient views
-    with torch._dynamo.config.patch(recompile_limit=COMPILED_GRAPHS, fail_on_recompile_limit_hit=True):
+    with compiling.limits():
         loss, sums = _compiled_loss()(model, objective, x, eps, torch.tensor(beta, dtype=x.dtype, device=x.device))
     loss.backward()
     return sums.detach()
-
-
-COMPILED_GRAPHS = 64     # graphs one process may compile (architectures × batch sizes × objectives) before failing
 
 
 def _loss_and_sums(model, objective: str, x: torch.Tensor, eps: torch.Tensor, beta: torch.Tensor):
@@ -184,20 +181,7 @@ def _loss_and_sums(model, objective: str, x: torch.Tensor, eps: torch.Tensor, be
 @functools.cache
 def _compiled_loss() -> Callable:
     """``_loss_and_sums`` compiled, built on first use (nothing is compiled at import)."""
-    return torch.compile(_loss_and_sums, dynamic=False, fullgraph=True)
-
-
-def require_compiler(device: torch.device) -> None:
-    """Refuse ``--engine compiled`` on a CPU without the C++ compiler TorchInductor builds its kernels with."""
-    if device.type != "cpu":
-        return
-    from torch._inductor import config as inductor
-
-    names = inductor.cpp.cxx if isinstance(inductor.cpp.cxx, (list, tuple)) else (inductor.cpp.cxx,)
-    if not any(name and shutil.which(name) for name in names):
-        raise UsageError(f"--engine compiled needs a C++ compiler on the CPU (torch.compile builds its kernels with "
-                         f"one of {', '.join(n for n in names if n)}; none was found): install one (apt install g++) "
-                         f"or set CXX to it, or use --engine autograd")
+    return compiling.compile(_loss_and_sums)
 
 
 def _autograd_bf16(model, x, eps, objective="elbo", beta=1.0):

@@ -27,6 +27,7 @@ from typing import Callable, Iterator
 import torch
 from tqdm import tqdm
 
+from vaelab import compiling
 from vaelab.data import test_batches
 from vaelab.distributed import SINGLE, World, gather_rows, shard
 from vaelab.errors import UsageError
@@ -103,6 +104,7 @@ class EvalConfig:
     # 10 000 test digits, the same draws: bf16 against fp32 in the mean (benchmarks/README.md).
     precision: str = "fp32"
     k_curve: bool = False          # IWAE-K for K = 1, 10, 100, 1000 and k on nested draws (the first K of k)
+    compiled: bool = False         # each chunk's IWAE log weights by one graph torch.compile built (fp32)
     gaps: bool = False             # the approximation and amortisation gaps (vaelab.gaps)
     gap_steps: int = 300           # the most optimisation steps per digit of the gaps
 
@@ -199,26 +201,37 @@ def _iwae_one_layer(model: MLPVAE, x: torch.Tensor, k: int, generator: torch.Gen
 
 def _iwae_parts(model, x: torch.Tensor, k: int, generator: torch.Generator, chunk: int,
                 precision: str = "fp32", nested: tuple[int, ...] = (),
-                parts: Callable[[torch.Tensor], Parts] | None = None) -> torch.Tensor:
+                parts: Callable[[torch.Tensor], Parts] | None = None, compiled: bool = False) -> torch.Tensor:
     """Any model: the log weights log p(x, z) − log q(z|x) of its Parts (``parts``: ε ↦ Parts for this x, by
     default ``model(x, ε)``), ``chunk`` draws at a time, the batch's digits sharing ε (common random numbers, as in
-    the fast path)."""
+    the fast path). ``compiled``: ε ↦ log weights as one graph ``torch.compile`` built (``vaelab.compiling``;
+    the same graph serves every batch of digits, its tensors are inputs), the same values to float rounding."""
     parts = parts or (lambda eps: model(x, eps))
+
+    def weights(eps: torch.Tensor) -> torch.Tensor:
+        return parts(eps).log_weights()                                        # (n, B)
+
+    if compiled:
+        # what the model caches while its weights stand still (the VampPrior's components, ``frozen_components``) is
+        # filled here, eagerly, by a pass of one zero draw (no random numbers used), so that the graph only reads it
+        parts(torch.zeros(1, len(x), model.config.total_latent, dtype=x.dtype, device=x.device))
+        weights = compiling.compile(weights)
 
     def log_weights(_: int, n: int) -> torch.Tensor:
         eps = draws(model, n, 1, generator, x.device).expand(n, len(x), -1)     # (n, B, D)
-        return parts(eps).log_weights()                                        # (n, B)
+        with compiling.limits() if compiled else contextlib.nullcontext():
+            return weights(eps)
 
     return importance_sampled_log_marginal(log_weights, k, chunk, nested)
 
 
 def _iwae_conditioned(model, x: torch.Tensor, k: int, generator: torch.Generator, chunk: int,
-                      precision: str = "fp32", nested: tuple[int, ...] = ()) -> torch.Tensor:
+                      precision: str = "fp32", nested: tuple[int, ...] = (), compiled: bool = False) -> torch.Tensor:
     """``_iwae_parts`` (the same draws, the same Parts) for a model that computes what depends on x alone once
     per batch (``model.conditioned``: the encoder, a flow's parameters, the ladder's bottom-up pass) and the data
     term by its fast form where it has one."""
     return _iwae_parts(model, x, k, generator, chunk, precision, nested,
-                       parts=model.conditioned(x, fast_data_term=True))
+                       parts=model.conditioned(x, fast_data_term=True), compiled=compiled)
 
 
 # The estimator of each model class, by lookup: the hand-derived forms for the models they apply to
@@ -231,8 +244,12 @@ IWAE_ESTIMATORS: dict[type, tuple[Callable | None, Callable]] = {
 }
 
 
-def iwae_estimator(model) -> Callable:
+def iwae_estimator(model, compiled: bool = False) -> Callable:
+    """The model's IWAE estimator; ``compiled``: its general one with the log weights compiled (also where the
+    hand-derived form applies: that form is not compiled)."""
     fast, general = IWAE_ESTIMATORS.get(type(model), (None, _iwae_parts))
+    if compiled:
+        return functools.partial(general, compiled=True)
     return fast if fast is not None and getattr(model, "fast", False) else general
 
 
@@ -256,9 +273,11 @@ def iwae_log_likelihood(model, images: torch.Tensor, config: EvalConfig, progres
     """log p(x) ≈ IWAE_K with q(z|x) as the proposal, per test digit (N,); with ``nested`` (K values ≤ k), the
     estimates for every K from the first K of the same k draws, (N, len(nested))."""
     check_precision(model, config.precision)
+    if config.compiled and config.precision != "fp32":
+        raise UsageError(f"--compiled runs in float32, not --precision {config.precision}; drop one of the two")
     model.eval()
     generator = torch.Generator(device=images.device).manual_seed(config.seed)
-    estimator = iwae_estimator(model)
+    estimator = iwae_estimator(model, config.compiled)
 
     def batch(x: torch.Tensor) -> torch.Tensor:
         values = estimator(model, x, config.k, generator, config.sample_chunk, config.precision, nested)
@@ -492,7 +511,7 @@ def _evaluate_run(model, images: torch.Tensor, config: EvalConfig, progress: boo
     elbo_mean, elbo_stderr = summarize(elbo)
     summary.update({
         "nll": nll, "nll_stderr": nll_stderr, "elbo": elbo_mean, "elbo_stderr": elbo_stderr,
-        "k": config.k, "precision": config.precision, "n_examples": len(images),
+        "k": config.k, "precision": config.precision, "compiled": config.compiled, "n_examples": len(images),
         "seed": config.seed - 1_000_003 * world.rank,
         "processes": world.size,
         "estimates": [dict(zip(("name", "mean", "stderr", "kind"), (name, *summarize(values), kind)))

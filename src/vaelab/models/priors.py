@@ -18,6 +18,7 @@ direct float64 sum over components in tests/test_frontier.py.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 from typing import Callable
 
@@ -95,7 +96,9 @@ class MixturePrior(StandardPrior):
     def cached_components(self, encoder: Encoder) -> tuple[torch.Tensor, torch.Tensor]:
         if self.cache is None or torch.is_grad_enabled():
             return self.components(encoder)
-        key = (encoder.__self__ if hasattr(encoder, "__self__") else encoder, next(self.parameters()).dtype)
+        # the model of a bound method (inspect.ismethod: torch.compile's tracer gives the method itself for hasattr
+        # and getattr of __self__, and the compiled IWAE then missed the cache filled outside it)
+        key = (encoder.__self__ if inspect.ismethod(encoder) else encoder, next(self.parameters()).dtype)
         if key not in self.cache:
             self.cache[key] = self.components(encoder)
         return self.cache[key]

@@ -1,0 +1,41 @@
+"""torch.compile, as vaelab uses it: whole graphs or an error, a bounded number of them, and a C++ compiler first.
+
+``--engine compiled`` (training) and ``evaluate --compiled`` (the IWAE log weights) hand a function to TorchInductor,
+which fuses its elementwise kernels (and, in training, their backward) into generated C++ on the CPU. ``compile``
+asks for the whole function as one graph (``fullgraph``: a part the compiler cannot take is an error, never a
+silent return to Python for that part) with static shapes; ``limits`` lets one process compile ``GRAPHS`` graphs
+(architectures × batch sizes …) and makes the next an error rather than a silent fall back to eager execution.
+"""
+
+from __future__ import annotations
+
+import shutil
+from typing import Callable
+
+import torch
+
+from vaelab.errors import UsageError
+
+GRAPHS = 64     # graphs one process may compile for one function before it is an error
+
+
+def compile(fn: Callable) -> Callable:
+    return torch.compile(fn, dynamic=False, fullgraph=True)
+
+
+def limits():
+    """The context a compiled function is called in (a cheap patch of dynamo's config)."""
+    return torch._dynamo.config.patch(recompile_limit=GRAPHS, fail_on_recompile_limit_hit=True)
+
+
+def require_compiler(device: torch.device, flag: str) -> None:
+    """Refuse ``flag`` on a CPU without the C++ compiler TorchInductor builds its kernels with."""
+    if device.type != "cpu":
+        return
+    from torch._inductor import config as inductor
+
+    names = inductor.cpp.cxx if isinstance(inductor.cpp.cxx, (list, tuple)) else (inductor.cpp.cxx,)
+    if not any(name and shutil.which(name) for name in names):
+        raise UsageError(f"{flag} needs a C++ compiler on the CPU (torch.compile builds its kernels with one of "
+                         f"{', '.join(n for n in names if n)}; none was found): install one (apt install g++) or set "
+                         f"CXX to it, or run without {flag}")
