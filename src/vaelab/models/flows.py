@@ -181,14 +181,14 @@ class PlanarSteps(torch.autograd.Function):
         grad_ww = grad_c * kappa - grad_kappa * kappa / ww * (ww_raw > _MIN_SQUARED_NORM)
         # [∂u, ∂w, ∂b] per step, written into one buffer; torch.compile takes no out= into its strided views and
         # gets them as pieces (its own kernels write them where they go)
-        compiling = torch.compiler.is_compiling()
+        tracing = torch.compiler.is_compiling()
         grad_params = torch.empty(n, steps, 2 * d + 1, dtype=a.dtype, device=a.device)
-        out = (None, None) if compiling else (grad_params[..., :d], grad_params[..., d:2 * d])
+        out = (None, None) if tracing else (grad_params[..., :d], grad_params[..., d:2 * d])
         grad_u = torch.addcmul(grad_u_hat, grad_wu.unsqueeze(-1), w, out=out[0])        # ∂û + ∂(wᵀu) w
         # ∂w = direct + κ∂û + ∂(wᵀu) u + 2∂‖w‖² w, with κ∂û = κ∂u − κ∂(wᵀu) w
         grad_w.addcmul_(kappa.unsqueeze(-1), grad_u).addcmul_((2.0 * grad_ww - kappa * grad_wu).unsqueeze(-1), w)
         grad_w = torch.addcmul(grad_w, grad_wu.unsqueeze(-1), u, out=out[1])
-        if compiling:
+        if tracing:
             grad_params = torch.cat([grad_u, grad_w, p.sum(-1).T.unsqueeze(-1)], -1)
         else:
             grad_params[..., 2 * d] = p.sum(-1).T                                       # ∂bₜ = Σ pₜ
