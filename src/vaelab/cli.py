@@ -757,15 +757,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         if args.split == "validation" and not config.data.validation:
             raise UsageError(f"--split validation: {args.run_dir} was trained without --validation; it has no "
                              f"held-out digits (evaluate on --split test)")
-        check_precision(model, args.precision)
+        check_precision(model, args.precision, args.compiled)
         if args.precision == "bf16":
             _note(check_bf16(device))
         if args.k_curve and args.k < 1000:
             raise UsageError(f"--k-curve draws the estimate at K = 1, 10, 100, 1000 and --k: give --k 1000 or more "
                              f"(got {args.k})")
         if args.compiled:
-            if args.precision != "fp32":
-                raise UsageError(f"--compiled runs in float32, not --precision {args.precision}; drop one of the two")
             from vaelab.compiling import require_compiler
 
             require_compiler(device, "--compiled")

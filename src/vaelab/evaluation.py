@@ -253,8 +253,11 @@ def iwae_estimator(model, compiled: bool = False) -> Callable:
     return fast if fast is not None and getattr(model, "fast", False) else general
 
 
-def check_precision(model, precision: str) -> None:
-    """Refuse an evaluation precision this model's IWAE estimator does not have (``ValueError``)."""
+def check_precision(model, precision: str, compiled: bool = False) -> None:
+    """Refuse an evaluation precision this model's IWAE estimator does not have, or with ``compiled`` any but fp32
+    (``ValueError``)."""
+    if compiled and precision != "fp32":
+        raise UsageError(f"--compiled runs in float32, not --precision {precision}; drop one of the two")
     if precision not in PRECISIONS:
         raise UsageError(f"unknown evaluation precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
     if precision != "fp32" and iwae_estimator(model) is not _iwae_one_layer:
@@ -272,9 +275,7 @@ def iwae_log_likelihood(model, images: torch.Tensor, config: EvalConfig, progres
                         nested: tuple[int, ...] = ()) -> torch.Tensor:
     """log p(x) ≈ IWAE_K with q(z|x) as the proposal, per test digit (N,); with ``nested`` (K values ≤ k), the
     estimates for every K from the first K of the same k draws, (N, len(nested))."""
-    check_precision(model, config.precision)
-    if config.compiled and config.precision != "fp32":
-        raise UsageError(f"--compiled runs in float32, not --precision {config.precision}; drop one of the two")
+    check_precision(model, config.precision, config.compiled)
     model.eval()
     generator = torch.Generator(device=images.device).manual_seed(config.seed)
     estimator = iwae_estimator(model, config.compiled)
