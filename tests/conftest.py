@@ -41,3 +41,20 @@ def data_dir(tmp_path_factory, tiny_arrays):
     directory = tmp_path_factory.mktemp("data")
     save_cache(tiny_arrays, directory)
     return directory
+
+
+def has_compiler() -> bool:
+    """Whether torch.compile can build CPU kernels here (a C++ compiler; ``vaelab.compiling.require_compiler``)."""
+    import torch
+
+    from vaelab.compiling import require_compiler
+    from vaelab.errors import UsageError
+
+    try:
+        require_compiler(torch.device("cpu"), "--engine compiled")
+    except UsageError:
+        return False
+    return True
+
+
+needs_compiler = pytest.mark.skipif(not has_compiler(), reason="no C++ compiler for torch.compile (apt install g++)")

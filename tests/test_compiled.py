@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch._dynamo.utils
 
+from conftest import needs_compiler
 from test_models import tiny
 from vaelab.cli import main
 from vaelab.engines import autograd_step, compiled_step
@@ -23,19 +24,8 @@ def graphs_compiled() -> int:
     return torch._dynamo.utils.counters["stats"]["unique_graphs"]
 
 
-def _has_compiler() -> bool:
-    from vaelab.compiling import require_compiler
-    from vaelab.errors import UsageError
-
-    try:
-        require_compiler(torch.device("cpu"), "--engine compiled")
-    except UsageError:
-        return False
-    return True
-
-
 # each compilation takes 10–60 s on 2 cores: the VampPrior HVAE in the default run, the others among the slow tests
-pytestmark = pytest.mark.skipif(not _has_compiler(), reason="no C++ compiler for torch.compile (apt install g++)")
+pytestmark = needs_compiler
 
 
 @pytest.mark.parametrize("name, objective, samples", [

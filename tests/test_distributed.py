@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from conftest import needs_compiler
 from vaelab import checkpoint as ckpt
 
 ARGS = ["--hidden", "64", "--latent", "8", "--batch-size", "32", "--test-examples", "50", "--no-progress"]
@@ -30,9 +31,9 @@ def one_batch():
     return model, flat, (torch.rand(64, 784, generator=g) < 0.3).float(), torch.randn(1, 64, 5, generator=g)
 
 
-def _rank_step(rank: int, world_size: int, store: str, out: str) -> None:
-    """One step on rank ``rank`` of 2 on its half of a batch of 64 (the draws of its rows), via the trainer's
-    ``parallel_step``; writes the flat gradient it ends with."""
+def _rank_step(rank: int, world_size: int, store: str, out: str, engines: tuple[str, ...]) -> None:
+    """One step of each of ``engines`` on rank ``rank`` of 2 on its half of a batch of 64 (the draws of its rows),
+    via the trainer's ``parallel_step``; writes the flat gradient each ends with."""
     import torch.distributed as dist
     from safetensors.torch import save_file
 
@@ -43,22 +44,26 @@ def _rank_step(rank: int, world_size: int, store: str, out: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size)
     model, flat, batch, eps = one_batch()
-    for engine in ("fused", "autograd"):
+    for engine in engines:
         parallel_step(ENGINES[(engine, "fp32")], model, batch, eps[:, 32 * rank:32 * (rank + 1)], "elbo", 1.0,
                       flat.param.grad, World(rank, world_size, rank, world_size))
         save_file({"grad": flat.param.grad.clone()}, f"{out}-{engine}-{rank}.safetensors")
     dist.destroy_process_group()
 
 
-def test_one_step_of_2_ranks_of_32_equals_one_step_of_1_of_64(tmp_path):
+@pytest.mark.parametrize("engines", [
+    pytest.param(("fused", "autograd"), id="fused-autograd"),
+    # each rank compiles its graph (20-40 s on one core)
+    pytest.param(("compiled",), id="compiled", marks=[pytest.mark.slow, needs_compiler])])
+def test_one_step_of_2_ranks_of_32_equals_one_step_of_1_of_64(tmp_path, engines):
     from safetensors.torch import load_file
 
     from vaelab.engines import ENGINES
 
-    mp.start_processes(_rank_step, args=(2, str(tmp_path / "store"), str(tmp_path / "grad")), nprocs=2,
+    mp.start_processes(_rank_step, args=(2, str(tmp_path / "store"), str(tmp_path / "grad"), engines), nprocs=2,
                        join=True, start_method="spawn")
     model, flat, batch, eps = one_batch()
-    for engine in ("fused", "autograd"):
+    for engine in engines:
         ENGINES[(engine, "fp32")](model, batch, eps)
         for rank in range(2):
             grad = load_file(str(tmp_path / f"grad-{engine}-{rank}.safetensors"))["grad"]
