@@ -38,14 +38,48 @@ from vaelab.precision import BF16_PRODUCTS, EmulatedBF16Products
 Engine = Callable[..., torch.Tensor]   # (model, x (B, 784), eps (K, B, D), objective name, β) → (4,)
 
 
+def write_gradient(model, loss: torch.Tensor) -> None:
+    """∇ ``loss`` into the parameters' gradients, written whole (no zeroing before).
+
+    ``torch.autograd.grad`` hands back each gradient as the fresh tensor its last product wrote, where
+    ``backward`` would add it into the gradient views (a pass that reads both, after a pass that zeroed them):
+    the same numbers bitwise (0 + g = g), two passes over the gradients fewer. Where the views lie one after the
+    other in one buffer (``training.FlatParameters``) one ``cat`` writes them all; a parameter the loss does not
+    reach gets zeros, as it did."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(loss, params, allow_unused=True, materialize_grads=True)
+    flat = _flat_gradient(params)
+    if flat is not None:
+        torch.cat([g.reshape(-1) for g in grads], out=flat)
+        return
+    for p, g in zip(params, grads):
+        if p.grad is None:
+            p.grad = g
+        else:
+            p.grad.copy_(g)
+
+
+def _flat_gradient(params: list[torch.Tensor]) -> torch.Tensor | None:
+    """The buffer the parameters' gradients are consecutive views of, in order and covering it, else None."""
+    grads = [p.grad for p in params]
+    base = grads[0]._base if grads and grads[0] is not None else None
+    if base is None or not base.is_contiguous():
+        return None
+    offset = 0
+    for g in grads:
+        if (g is None or g._base is not base or not g.is_contiguous() or g.data_ptr() !=
+                base.data_ptr() + offset * base.element_size()):
+            return None
+        offset += g.numel()
+    return base if offset == base.numel() else None
+
+
 def autograd_step(model, x: torch.Tensor, eps: torch.Tensor, objective: str = "elbo",
                   beta: float = 1.0, precision: str = "fp32") -> torch.Tensor:
-    for p in model.parameters():
-        p.grad.zero_()                   # backward accumulates into the flat gradient views
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
         parts = model(x, eps)
     terms = OBJECTIVES[objective](parts, beta)
-    (-terms.objective.sum() / x.shape[0]).backward()
+    write_gradient(model, -terms.objective.sum() / x.shape[0])
     return torch.stack([terms.objective.sum(), terms.elbo.sum(), terms.reconstruction.sum(),
                         terms.kl.sum()]).detach()
 
@@ -163,11 +197,9 @@ def compiled_step(model, x: torch.Tensor, eps: torch.Tensor, objective: str = "e
     more, a new model of a compiled architecture does not (the model is an argument of the graph). The whole
     step must be one graph and a compilation beyond the limit is an error (``vaelab.compiling``): a model the
     compiler cannot take whole fails loudly instead of running half or all of it uncompiled."""
-    for p in model.parameters():
-        p.grad.zero_()                   # backward accumulates into the flat gradient views
     with compiling.limits():
         loss, sums = _compiled_loss()(model, objective, x, eps, torch.tensor(beta, dtype=x.dtype, device=x.device))
-    loss.backward()
+    write_gradient(model, loss)
     return sums.detach()
 
 
