@@ -118,6 +118,27 @@ def test_the_training_figure_draws_every_epoch_and_zooms_where_the_first_dwarf_t
         assert all(float(label.replace("−", "-")) == int(float(label.replace("−", "-"))) for label in labels)
 
 
+def test_the_epoch_ticks_of_a_long_run_do_not_run_into_each_other():
+    """2000 epochs in the report's panels (five side by side, 4.3 in each): no two epoch tick labels overlap."""
+    from vaelab import plots
+
+    rows = [{"epoch": e, "lr": 2e-3, "beta": min(1.0, e / 200), "train_elbo": -85.0, "test_elbo": -86.0,
+             "train_reconstruction": -60.0, "test_reconstruction": -61.0, "train_kl": 25.0, "test_kl": 25.0,
+             "epoch_seconds": 11.0, "gradient_norm_mean": 12.0, "clipped_steps": 235} for e in range(1, 2001)]
+    fig = plots.training_figure(rows)
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    panels = [ax for ax in fig.axes if ax.get_xlabel() == "epoch"]
+    assert len(panels) == 5
+    for ax in panels:
+        low, high = ax.get_xlim()
+        boxes = [t.get_window_extent(renderer) for t, at in zip(ax.get_xticklabels(), ax.get_xticks())
+                 if t.get_text() and low <= at <= high]
+        assert len(boxes) >= 3
+        boxes.sort(key=lambda b: b.x0)
+        assert all(a.x1 < b.x0 for a, b in zip(boxes, boxes[1:])), [t.get_text() for t in ax.get_xticklabels()]
+
+
 def test_the_training_figure_shows_the_clipping_where_a_run_clipped():
     """With --clip-grad-norm's columns, a panel of the mean gradient norm and the steps clipped per epoch."""
     from vaelab import plots
