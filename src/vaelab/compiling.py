@@ -14,12 +14,14 @@ from typing import Callable
 
 import torch
 
+from vaelab import native
 from vaelab.errors import UsageError
 
 GRAPHS = 64     # graphs one process may compile for one function before it is an error
 
 
 def compile(fn: Callable) -> Callable:
+    native.prepare()            # the native kernels a graph calls are built (or found missing) before any trace
     return torch.compile(fn, dynamic=False, fullgraph=True)
 
 

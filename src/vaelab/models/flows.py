@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vaelab import native
 from vaelab.models.base import full_precision
 
 
@@ -99,11 +100,12 @@ class PlanarSteps(torch.autograd.Function):
     draws as products; and through û and c to u and w: ∂κ = ∂ûᵀw + ∂c‖w‖², ∂(wᵀu) = ∂c + ∂κ (σ(wᵀu) − 1)/‖w‖²,
     ∂‖w‖² = ∂c κ − ∂κ κ/‖w‖², ∂u = ∂û + ∂(wᵀu) w, ∂w += κ∂û + ∂(wᵀu) u + 2∂‖w‖² w.
 
-    (‖w‖² is clamped below at ``_MIN_SQUARED_NORM`` in κ; the clamp passes no gradient.) The 80 steps of
-    ``planar-80`` are rounds of small kernels whose count, not their arithmetic, sets the time; as scalars, with
-    û's derivatives by hand, see benchmarks/README.md for what that saved. Checked against the steps written
-    plainly and autograd, finite differences (gradcheck, float64) and the full Jacobian's log-determinant
-    (tests/test_frontier.py).
+    (‖w‖² is clamped below at ``_MIN_SQUARED_NORM`` in κ; the clamp passes no gradient.) The two recursions run as
+    native loops (``vaelab/native/planar.cpp``: a tile of draws kept in L1 through all T steps) where that library
+    can be built, else as the PyTorch loops below (two kernels per step, their count not their arithmetic setting
+    the time; benchmarks/README.md). Checked against the steps written plainly and autograd, finite differences
+    (gradcheck, float64) and the full Jacobian's log-determinant (tests/test_frontier.py), and the native loops
+    against the PyTorch ones (tests/test_native.py).
     """
 
     @staticmethod
@@ -135,11 +137,15 @@ class PlanarSteps(torch.autograd.Function):
         m = torch.bmm(u_hat, w.transpose(1, 2))                                         # (N, T, T) [t, r] = ûₜᵀwᵣ
         # pre-activations, step-major so that step t's column is one contiguous row: (T, N, R)
         a = torch.baddbmm(b.unsqueeze(1), z, w.transpose(1, 2)).permute(2, 0, 1).contiguous()   # wₜᵀz₀ + bₜ
-        into_later = m.permute(1, 2, 0).unsqueeze(-1).unbind(0)        # [t] (T, N, 1): row r holds Mᵣₜ = wᵣᵀûₜ
-        for t, column in enumerate(a.unbind(0)):                       # the only sequential part: T scalars per draw
-            column.tanh_()                                                              # (N, R) aₜ
-            if t + 1 < steps:
-                a[t + 1:].addcmul_(column, into_later[t][t + 1:])                       # sᵣ += Mᵣₜ aₜ, r > t
+        ops = native.usable(native.planar_ops(), a, m)
+        if ops:                                                        # the only sequential part: T scalars per draw
+            a = ops[0](a, m)                                                            # (T, N, R), native/planar.cpp
+        else:
+            into_later = m.permute(1, 2, 0).unsqueeze(-1).unbind(0)    # [t] (T, N, 1): row r holds Mᵣₜ = wᵣᵀûₜ
+            for t, column in enumerate(a.unbind(0)):
+                column.tanh_()                                                          # (N, R) aₜ
+                if t + 1 < steps:
+                    a[t + 1:].addcmul_(column, into_later[t][t + 1:])                   # sᵣ += Mᵣₜ aₜ, r > t
         a_batched = a.permute(1, 2, 0)                                                  # (N, R, T) view
         z_t = torch.baddbmm(z, a_batched, u_hat)                                        # (N, R, d) z₀ + Σ ûₜaₜ
         log_det = torch.log1p((1.0 - a.square()) * c.T.unsqueeze(-1)).sum(0)          # (N, R), each term finite
@@ -165,11 +171,15 @@ class PlanarSteps(torch.autograd.Function):
             denominator = torch.addcmul(torch.ones_like(a), one_minus, c_t)            # (T, N, R)
             p.addcmul_(ell, a * c_t / denominator, value=-2.0)
             grad_c = (ell * one_minus / denominator).sum(-1).T                          # (N, T)
-        from_later = m.permute(2, 1, 0).unsqueeze(-1).unbind(0)        # [t] (T, N, 1): row r holds Mₜᵣ = wₜᵀûᵣ
-        for t in range(steps - 1, -1, -1):                             # pₜ = (Dₜ + Σ_{r>t} pᵣMᵣₜ)(1 − aₜ²)
-            column = p[t].mul_(one_minus[t])                                            # (N, R) pₜ
-            if t:
-                p[:t].addcmul_(column, from_later[t][:t])
+        ops = native.usable(native.planar_ops(), p, m)
+        if ops:                                                        # pₜ = (Dₜ + Σ_{r>t} pᵣMᵣₜ)(1 − aₜ²)
+            p = ops[1](m, a, p)                                                         # (T, N, R), native/planar.cpp
+        else:
+            from_later = m.permute(2, 1, 0).unsqueeze(-1).unbind(0)    # [t] (T, N, 1): row r holds Mₜᵣ = wₜᵀûᵣ
+            for t in range(steps - 1, -1, -1):
+                column = p[t].mul_(one_minus[t])                                        # (N, R) pₜ
+                if t:
+                    p[:t].addcmul_(column, from_later[t][:t])
         a_batched, p_batched = a.permute(1, 2, 0), p.permute(1, 2, 0)                   # (N, R, T) views
         grad_m = _draw_sums(p_batched, a_batched).tril_(-1)                             # (N, T, T) ∂Mₜᵣ, t > r
         grad_u_hat = _draw_sums(a_batched, g).baddbmm_(grad_m.transpose(1, 2), w)       # (N, T, d)

@@ -1,0 +1,180 @@
+"""Native kernels: C++ sources beside this file, built once per machine with its C++ compiler, loaded with ctypes.
+
+What PyTorch runs as many small kernels in a Python loop, and what no product or fused graph expresses, is written
+here as a plain loop: the planar flow's two sequential recursions (``planar.cpp``; ``vaelab.models.flows``). The
+sources use no torch headers; they take pointers to contiguous float32 or float64 arrays.
+
+**Build.** On first use, ``$CXX`` (else g++, c++ or clang++) compiles the source with ``-O3 -march=native`` into
+a cache directory ($VAELAB_CACHE, else $XDG_CACHE_HOME/vaelab, else ~/.cache/vaelab; a temporary directory if
+that cannot be written), under ``native/<name>-<hash>.so``, the hash covering the source, the flags, the
+compiler's version and the CPU's model and flags (a home directory shared by different machines keeps one
+library per kind of CPU). The compiler writes a temporary file that is renamed into place, so processes that
+build the same library at once (torchrun's ranks) each load a whole one.
+
+**Fall back.** Where the library cannot be had (no compiler, a failed build, nowhere to write, another device or
+dtype), ``planar_ops`` returns None and the flow runs its PyTorch loop: the same arithmetic, rounded differently in
+the last float32 digits (tests/test_native.py), several times slower. The reason is given once as a warning.
+``VAELAB_NATIVE=0`` asks for the PyTorch loops without one (to compare, or to reproduce a run of older code).
+
+**torch.compile.** The kernels are registered as custom operators (``vaelab::planar_forward``, ``…_backward``)
+with their output shapes, so a compiled graph calls them as single nodes. Tracing cannot build a library:
+``compiling.compile`` calls ``prepare`` first.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+
+from vaelab.provenance import cpu_name
+
+FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fopenmp-simd", "-std=c++17", "-fPIC",
+         "-shared", "-pthread")
+
+_UNRESOLVED = object()
+_OPS: dict[str, object] = {}          # name → its operators, or None where the library could not be had
+
+
+class NativeBuildError(RuntimeError):
+    """A native library could not be built or loaded; the message says why (callers fall back to PyTorch)."""
+
+
+def compiler() -> str | None:
+    """The C++ compiler: $CXX, else the first of g++, c++, clang++ on the PATH."""
+    for name in (os.environ.get("CXX"), "g++", "c++", "clang++"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def _cache_dirs() -> list[Path]:
+    base = os.environ.get("VAELAB_CACHE")
+    if not base:
+        xdg = os.environ.get("XDG_CACHE_HOME")
+        base = os.path.join(xdg, "vaelab") if xdg else os.path.join(os.path.expanduser("~"), ".cache", "vaelab")
+    return [Path(base) / "native", Path(tempfile.gettempdir()) / f"vaelab-native-{os.getuid()}"]
+
+
+def _cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo") as handle:
+            return next((line for line in handle if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        return platform.processor()
+
+
+def build(name: str) -> Path:
+    """The path of library ``name`` (``name.cpp`` beside this file), built if it is not in the cache."""
+    source = Path(__file__).with_name(f"{name}.cpp")
+    cxx = compiler()
+    if cxx is None:
+        raise NativeBuildError("no C++ compiler (install one, e.g. apt install g++, or set CXX)")
+    try:
+        version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise NativeBuildError(f"{cxx} --version failed: {exc}") from exc
+    key = hashlib.sha256("\0".join([source.read_text(), " ".join(FLAGS), version, cpu_name(), _cpu_flags()])
+                         .encode()).hexdigest()[:16]
+    problems = []
+    for directory in _cache_dirs():
+        library = directory / f"{name}-{key}.so"
+        if library.exists():
+            return library
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{library.name}.", suffix=".tmp")
+            os.close(fd)
+        except OSError as exc:
+            problems.append(f"cannot write in {directory}: {exc.strerror}")
+            continue
+        try:
+            done = subprocess.run([cxx, *FLAGS, str(source), "-o", tmp], capture_output=True, text=True,
+                                  timeout=600)
+            if done.returncode != 0:
+                raise NativeBuildError(f"{cxx} failed on {source.name}: {done.stderr.strip()[-500:]}")
+            os.replace(tmp, library)
+            return library
+        except (OSError, subprocess.SubprocessError) as exc:
+            problems.append(f"building in {directory}: {exc}")
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    raise NativeBuildError("; ".join(problems))
+
+
+def prepare() -> None:
+    """Resolve every native library now (before torch.compile traces code that asks for one)."""
+    planar_ops()
+
+
+def planar_ops():
+    """(forward, backward) of the planar recursions as custom operators, or None (see the module's docstring)."""
+    ops = _OPS.get("planar", _UNRESOLVED)
+    if ops is _UNRESOLVED:
+        if torch.compiler.is_compiling():       # a trace cannot run a compiler; ``prepare`` should have
+            return None
+        ops = _OPS["planar"] = _planar_ops()
+    return ops
+
+
+def usable(ops, *tensors: torch.Tensor):
+    """``ops`` where all ``tensors`` are on the CPU in float32 or float64 (one dtype), else None."""
+    if ops is None:
+        return None
+    dtype = tensors[0].dtype
+    ok = dtype in (torch.float32, torch.float64) and all(t.device.type == "cpu" and t.dtype == dtype for t in tensors)
+    return ops if ok else None
+
+
+def _planar_ops():
+    if os.environ.get("VAELAB_NATIVE") == "0":
+        return None
+    try:
+        library = ctypes.CDLL(str(build("planar")))
+    except (NativeBuildError, OSError) as exc:
+        warnings.warn(f"vaelab: the planar flow's native kernel is not available ({exc}); the flow runs its PyTorch "
+                      f"loop instead (the same result, slower)", RuntimeWarning, stacklevel=3)
+        return None
+    pointer, size = ctypes.c_void_p, ctypes.c_int64
+    kernels = {}
+    for dtype, suffix in ((torch.float32, "f32"), (torch.float64, "f64")):
+        forward, backward = getattr(library, f"planar_forward_{suffix}"), getattr(library, f"planar_backward_{suffix}")
+        forward.argtypes = [pointer, pointer, pointer, size, size, size, ctypes.c_int]
+        backward.argtypes = [pointer, pointer, pointer, pointer, size, size, size, ctypes.c_int]
+        forward.restype = backward.restype = None
+        kernels[dtype] = forward, backward
+
+    @torch.library.custom_op("vaelab::planar_forward", mutates_args=(), device_types="cpu")
+    def planar_forward(s: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        """aₜ = tanh(sₜ + Σ_{r<t} M[r][t] aᵣ) for s (T, N, R) and M (N, T, T) (planar.cpp)."""
+        s, m = s.contiguous(), m.contiguous()
+        a = torch.empty_like(s)
+        kernels[s.dtype][0](m.data_ptr(), s.data_ptr(), a.data_ptr(), *s.shape, torch.get_num_threads())
+        return a
+
+    @planar_forward.register_fake
+    def _(s, m):
+        return torch.empty_like(s, memory_format=torch.contiguous_format)
+
+    @torch.library.custom_op("vaelab::planar_backward", mutates_args=(), device_types="cpu")
+    def planar_backward(m: torch.Tensor, a: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+        """pₜ = (Dₜ + Σ_{r>t} M[t][r] pᵣ)(1 − aₜ²) from t = T − 1 down, for a, D (T, N, R) (planar.cpp)."""
+        m, a, d = m.contiguous(), a.contiguous(), d.contiguous()
+        p = torch.empty_like(d)
+        kernels[d.dtype][1](m.data_ptr(), a.data_ptr(), d.data_ptr(), p.data_ptr(), *d.shape, torch.get_num_threads())
+        return p
+
+    @planar_backward.register_fake
+    def _(m, a, d):
+        return torch.empty_like(d, memory_format=torch.contiguous_format)
+
+    return planar_forward, planar_backward
