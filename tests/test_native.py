@@ -120,6 +120,24 @@ def test_build_caches_one_library_per_source_and_writes_nothing_else(tmp_path, m
 
 
 @needs_native
+def test_a_cache_directory_others_may_write_in_is_not_used(tmp_path, monkeypatch):
+    """A library is loaded into the process: never from a directory where someone else could have put it."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    monkeypatch.setenv("VAELAB_CACHE", str(tmp_path))
+    (tmp_path / "native").symlink_to(shared)
+    monkeypatch.setattr(native.tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    library = native.build("planar")
+    assert library.parent == tmp_path / "tmp" / f"vaelab-native-{os.getuid()}"
+    assert not list(shared.iterdir())
+    (tmp_path / "tmp" / f"vaelab-native-{os.getuid()}").chmod(0o777)
+    with pytest.raises(native.NativeBuildError, match="is not this user's own .*mode 777"):
+        native.build("planar")
+
+
+@needs_native
 def test_two_processes_building_at_once_each_load_a_whole_library(tmp_path):
     """torchrun's ranks build the same library at the same moment: each loads a whole one, one file remains."""
     script = ("import torch; from vaelab import native; f, _ = native.planar_ops(); "

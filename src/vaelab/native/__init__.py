@@ -8,7 +8,8 @@ sources use no torch headers; they take pointers to contiguous float32 or float6
 a cache directory ($VAELAB_CACHE, else $XDG_CACHE_HOME/vaelab, else ~/.cache/vaelab; a temporary directory if
 that cannot be written), under ``native/<name>-<hash>.so``, the hash covering the source, the flags, the
 compiler's version and the CPU's model and flags (a home directory shared by different machines keeps one
-library per kind of CPU). The compiler writes a temporary file that is renamed into place, so processes that
+library per kind of CPU). A directory that another user owns or may write in is not used (the library is loaded
+into the process). The compiler writes a temporary file that is renamed into place, so processes that
 build the same library at once (torchrun's ranks) each load a whole one.
 
 **Fall back.** Where the library cannot be had (no compiler, a failed build, nowhere to write, another device or
@@ -87,12 +88,16 @@ def build(name: str) -> Path:
     problems = []
     for directory in _cache_dirs():
         library = directory / f"{name}-{key}.so"
-        if library.exists():
-            return library
         try:
-            directory.mkdir(parents=True, exist_ok=True)
+            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            _check_private(directory)
+            if library.exists():
+                return library
             fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{library.name}.", suffix=".tmp")
             os.close(fd)
+        except NativeBuildError as exc:
+            problems.append(str(exc))
+            continue
         except OSError as exc:
             problems.append(f"cannot write in {directory}: {exc.strerror}")
             continue
@@ -109,6 +114,15 @@ def build(name: str) -> Path:
             if os.path.exists(tmp):
                 os.unlink(tmp)
     raise NativeBuildError("; ".join(problems))
+
+
+def _check_private(directory: Path) -> None:
+    """A library is loaded into this process: only from a directory that this user owns and that no one else may
+    write in (a temporary directory is shared; another user could put a library there under the expected name)."""
+    info = directory.stat()
+    if info.st_uid != os.getuid() or info.st_mode & 0o022:
+        raise NativeBuildError(f"{directory} is not this user's own (owner uid {info.st_uid}, mode "
+                               f"{info.st_mode & 0o777:o}): no library is loaded from it")
 
 
 def prepare() -> None:
