@@ -162,3 +162,22 @@ def test_without_a_compiler_the_flow_warns_once_and_runs_its_pytorch_loop(monkey
         warnings.simplefilter("error")
         PlanarSteps.apply(torch.zeros(2, 3), torch.zeros(2, 4, 7))
     assert torch.equal(z, torch.zeros(2, 3)) and torch.equal(log_det, torch.zeros(2))   # u = w = b = 0: identity
+
+
+def test_planar_flow_without_gradients_reuses_its_step_quantities_and_gives_the_same_bits():
+    """IWAE computes û, c and M once per batch of digits (``PlanarFlow.conditioned`` under no_grad): the same values,
+    bit for bit, as the flow applied whole, for draws of the digits and for one set broadcast to all."""
+    from vaelab.models.flows import PlanarFlow
+
+    generator = torch.Generator().manual_seed(4)
+    flow = PlanarFlow(6, 5, steps=7)
+    h = torch.randn(3, 5, generator=generator)
+    for z0 in (torch.randn(11, 3, 6, generator=generator), torch.randn(3, 6, generator=generator)):
+        with torch.no_grad():
+            fast = flow.conditioned(h)(z0)
+        whole = flow.conditioned(h)(z0)                    # with gradients: PlanarSteps.apply
+        for a, b in zip(fast, whole):
+            assert torch.equal(a, b.detach())
+    with torch.no_grad():                                  # one set of parameters for all draws and digits
+        one = flow.conditioned(h[0])(torch.randn(4, 3, 6, generator=generator))
+    assert one[0].shape == (4, 3, 6) and one[1].shape == (4, 3)

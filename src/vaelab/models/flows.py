@@ -54,7 +54,12 @@ class PlanarFlow(NoFlow):
 
     def conditioned(self, h: torch.Tensor) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
         params = full_precision(self.parameters_of(h)).unflatten(-1, (self.steps, 2 * self.latent + 1))  # (…, T, 2d + 1)
-        return lambda z0: PlanarSteps.apply(z0, params)
+        if torch.is_grad_enabled():
+            return lambda z0: PlanarSteps.apply(z0, params)
+        # without gradients (IWAE, chunk after chunk of draws for the same digits): û, c and M once per context
+        with torch.autocast(h.device.type, enabled=False):
+            quantities = _step_quantities(params.reshape(-1, *params.shape[-2:]))
+        return lambda z0: PlanarSteps.without_gradient(z0, params, quantities)
 
 
 # ‖w‖² is clamped below at this in κ = m(wᵀu)/‖w‖² (a division by it); the clamp passes no gradient
@@ -116,7 +121,18 @@ class PlanarSteps(torch.autograd.Function):
             return PlanarSteps._forward(ctx, z0, params)
 
     @staticmethod
-    def _forward(ctx, z0, params):
+    def without_gradient(z0, params, quantities):
+        """``apply(z0, params)``'s values, without autograd, from ``_step_quantities`` of ``params`` computed once
+        (the same operations on the same tensors: the same bits); where the parameters broadcast along inner axes
+        of z₀ (one set per draw), ``apply`` itself."""
+        lead = torch.broadcast_shapes(z0.shape[:-1], params.shape[:-2])
+        if _groups(lead, params.shape[:-2]) is None:
+            return PlanarSteps.apply(z0, params)
+        with torch.autocast(z0.device.type, enabled=False):
+            return PlanarSteps._forward(_NoContext(), z0, params, quantities)
+
+    @staticmethod
+    def _forward(ctx, z0, params, quantities=None):
         d, steps = z0.shape[-1], params.shape[-2]
         lead = torch.broadcast_shapes(z0.shape[:-1], params.shape[:-2])
         params_shape, groups = params.shape, _groups(lead, params.shape[:-2])
@@ -126,15 +142,9 @@ class PlanarSteps(torch.autograd.Function):
             groups = (1, math.prod(lead))
         r, n = groups
         z = z0.expand(*lead, d).reshape(r, n, d).transpose(0, 1)                       # (N, R, d)
-        p = params.reshape(n, steps, 2 * d + 1)
-        u, w, b = p[..., :d], p[..., d:2 * d], p[..., 2 * d]                            # (N, T, d), (N, T, d), (N, T)
-        wu = torch.linalg.vecdot(w, u)                                                  # (N, T) wᵀu
-        ww_raw = torch.linalg.vecdot(w, w)                                              # (N, T) ‖w‖²
-        ww = ww_raw.clamp_min(_MIN_SQUARED_NORM)
-        kappa = (F.softplus(wu) - 1.0 - wu) / ww                                        # (N, T) κ = m(wᵀu)/‖w‖²
-        u_hat = torch.addcmul(u, kappa.unsqueeze(-1), w)                                # (N, T, d)
-        c = torch.addcmul(wu, kappa, ww_raw)                                            # (N, T) wᵀû
-        m = torch.bmm(u_hat, w.transpose(1, 2))                                         # (N, T, T) [t, r] = ûₜᵀwᵣ
+        if quantities is None:
+            quantities = _step_quantities(params.reshape(n, steps, 2 * d + 1))
+        u, w, b, wu, ww_raw, ww, kappa, u_hat, c, m = quantities
         # pre-activations, step-major so that step t's column is one contiguous row: (T, N, R)
         a = torch.baddbmm(b.unsqueeze(1), z, w.transpose(1, 2)).permute(2, 0, 1).contiguous()   # wₜᵀz₀ + bₜ
         ops = native.usable(native.planar_ops(), a, m)
@@ -206,6 +216,28 @@ class PlanarSteps(torch.autograd.Function):
             grad_params.reshape(params_shape)
         grad_z0 = grad_z0.transpose(0, 1).reshape(*lead, d).sum_to_size(z0_shape)
         return grad_z0, grad_params
+
+
+def _step_quantities(p: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """What N sets of the steps' parameters p (N, T, 2d + 1) alone determine: u, w, b, wᵀu, ‖w‖², ‖w‖² clamped,
+    κ, û, c = wᵀû and M (``PlanarSteps``' docstring)."""
+    d = (p.shape[-1] - 1) // 2
+    u, w, b = p[..., :d], p[..., d:2 * d], p[..., 2 * d]                                # (N, T, d), (N, T, d), (N, T)
+    wu = torch.linalg.vecdot(w, u)                                                      # (N, T) wᵀu
+    ww_raw = torch.linalg.vecdot(w, w)                                                  # (N, T) ‖w‖²
+    ww = ww_raw.clamp_min(_MIN_SQUARED_NORM)
+    kappa = (F.softplus(wu) - 1.0 - wu) / ww                                            # (N, T) κ = m(wᵀu)/‖w‖²
+    u_hat = torch.addcmul(u, kappa.unsqueeze(-1), w)                                    # (N, T, d)
+    c = torch.addcmul(wu, kappa, ww_raw)                                                # (N, T) wᵀû
+    m = torch.bmm(u_hat, w.transpose(1, 2))                                             # (N, T, T) [t, r] = ûₜᵀwᵣ
+    return u, w, b, wu, ww_raw, ww, kappa, u_hat, c, m
+
+
+class _NoContext:
+    """The autograd context ``PlanarSteps._forward`` writes into, where nothing will go backward."""
+
+    def save_for_backward(self, *tensors):
+        pass
 
 
 def _draw_sums(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
