@@ -7,8 +7,9 @@
 //
 // The tensors are step-major, (T, N, R) contiguous; M is (N, T, T) contiguous. A tile of J ≤ 64 draws of one
 // digit is copied into a (T, J) buffer that stays in L1 (80 × 64 floats = 20 KB), the T steps run over it, and the
-// result is written back: the loops over the tile's draws (or, for one draw, over the steps r) are what the
-// compiler vectorises. Built by vaelab.native with the machine's C++ compiler; no torch headers.
+// result is written back: the loops over the tile's draws are what the compiler vectorises. With one draw per
+// digit (training) the loops over the steps r are, for 8 digits at a time. Built by vaelab.native with the
+// machine's C++ compiler; no torch headers.
 
 #include <algorithm>
 #include <cmath>
@@ -112,43 +113,99 @@ void backward_tile(const F* __restrict__ m, const F* __restrict__ a, const F* __
     for (int64_t t = 0; t < T; ++t) std::memcpy(p + t * stride, buf + t * W, J * sizeof(F));
 }
 
-constexpr int64_t kTile = 64;
+// One draw per digit (training): G digits at a time, each digit's T values contiguous in buf (G, T). A step's
+// tanh of one digit waits for that digit's previous update; the G digits' updates are independent of each other,
+// so the core overlaps them instead of waiting on one digit's chain after another's.
+constexpr int64_t kGroup = 8;
 
-// Runs body(n, r0, J, buf) over the N × ⌈R/kTile⌉ tiles, split in contiguous ranges over up to `threads` threads
-// (the caller's among them); fewer threads when the work is small (a thread costs tens of microseconds).
-template <typename F, typename Body>
-void over_tiles(int64_t T, int64_t N, int64_t R, int threads, Body body) {
-    const int64_t per_digit = (R + kTile - 1) / kTile, tiles = N * per_digit;
-    const int64_t work = N * R * T * T;
-    const int64_t useful = std::max<int64_t>(1, std::min<int64_t>(tiles, work / 500000));
-    const int64_t count = std::max<int64_t>(1, std::min<int64_t>(threads, useful));
-    auto range = [&](int64_t first, int64_t last) {
-        std::vector<F> buf(2 * T * ((std::min(R, kTile) + kLanes - 1) / kLanes * kLanes));
-        for (int64_t i = first; i < last; ++i) {
-            const int64_t n = i / per_digit, r0 = (i % per_digit) * kTile;
-            body(n, r0, std::min(kTile, R - r0), buf.data());
+template <typename F>
+void forward_digits(const F* __restrict__ m, const F* __restrict__ s, F* __restrict__ a, int64_t T, int64_t N,
+                    int64_t n0, int64_t G, F* __restrict__ buf) {
+    for (int64_t g = 0; g < G; ++g)
+        for (int64_t t = 0; t < T; ++t) buf[g * T + t] = s[t * N + n0 + g];
+    F values[kGroup];
+    for (int64_t t = 0; t < T; ++t) {
+        for (int64_t g = 0; g < G; ++g) values[g] = tanh_of(buf[g * T + t]);
+        for (int64_t g = 0; g < G; ++g) {
+            F* __restrict__ bg = buf + g * T;
+            const F* __restrict__ mt = m + (n0 + g) * T * T + t * T;
+            const F value = bg[t] = values[g];
+            for (int64_t r = t + 1; r < T; ++r) bg[r] += mt[r] * value;
         }
-    };
-    std::vector<std::thread> pool;
-    for (int64_t k = 1; k < count; ++k)
-        pool.emplace_back(range, tiles * k / count, tiles * (k + 1) / count);
-    range(0, tiles / count);
-    for (auto& thread : pool) thread.join();
+    }
+    for (int64_t g = 0; g < G; ++g)
+        for (int64_t t = 0; t < T; ++t) a[t * N + n0 + g] = buf[g * T + t];
 }
 
 template <typename F>
+void backward_digits(const F* __restrict__ m, const F* __restrict__ a, const F* __restrict__ d, F* __restrict__ p,
+                     int64_t T, int64_t N, int64_t n0, int64_t G, F* __restrict__ buf) {
+    for (int64_t g = 0; g < G; ++g)
+        for (int64_t t = 0; t < T; ++t) buf[g * T + t] = d[t * N + n0 + g];
+    for (int64_t t = T - 1; t >= 0; --t) {
+        for (int64_t g = 0; g < G; ++g) {
+            F* __restrict__ bg = buf + g * T;
+            const F* __restrict__ mt = m + (n0 + g) * T * T + t * T;
+            F sum = 0;
+#pragma omp simd reduction(+ : sum)
+            for (int64_t r = t + 1; r < T; ++r) sum += mt[r] * bg[r];
+            const F at = a[t * N + n0 + g];
+            bg[t] = (bg[t] + sum) * (F(1) - at * at);
+        }
+    }
+    for (int64_t g = 0; g < G; ++g)
+        for (int64_t t = 0; t < T; ++t) p[t * N + n0 + g] = buf[g * T + t];
+}
+
+constexpr int64_t kTile = 64;
+
+// Runs body(i, buf) for the work items i < items, split in contiguous ranges over up to `threads` threads (the
+// caller's among them); fewer threads when the work is small (starting a thread costs tens of microseconds, and
+// torch's own threads may still be spinning on the other cores).
+template <typename F, typename Body>
+void over_items(int64_t items, int64_t work, int64_t buffer, int threads, Body body) {
+    const int64_t useful = std::max<int64_t>(1, std::min<int64_t>(items, work / 500000));
+    const int64_t count = std::max<int64_t>(1, std::min<int64_t>(threads, useful));
+    auto range = [&](int64_t first, int64_t last) {
+        std::vector<F> buf(buffer);
+        for (int64_t i = first; i < last; ++i) body(i, buf.data());
+    };
+    std::vector<std::thread> pool;
+    for (int64_t k = 1; k < count; ++k)
+        pool.emplace_back(range, items * k / count, items * (k + 1) / count);
+    range(0, items / count);
+    for (auto& thread : pool) thread.join();
+}
+
+// The work items: groups of kGroup digits where each digit has one draw, else tiles of up to kTile draws of one
+// digit (N × ⌈R/kTile⌉ of them).
+template <typename F>
 void forward(const F* m, const F* s, F* a, int64_t T, int64_t N, int64_t R, int threads) {
-    over_tiles<F>(T, N, R, threads, [&](int64_t n, int64_t r0, int64_t J, F* buf) {
-        const int64_t offset = n * R + r0;
-        forward_tile(m + n * T * T, s + offset, a + offset, T, N * R, J, buf);
+    if (R == 1) {
+        over_items<F>((N + kGroup - 1) / kGroup, N * T * T, kGroup * T, threads, [&](int64_t i, F* buf) {
+            forward_digits(m, s, a, T, N, i * kGroup, std::min(kGroup, N - i * kGroup), buf);
+        });
+        return;
+    }
+    const int64_t per_digit = (R + kTile - 1) / kTile, width = (std::min(R, kTile) + kLanes - 1) / kLanes * kLanes;
+    over_items<F>(N * per_digit, N * R * T * T, 2 * T * width, threads, [&](int64_t i, F* buf) {
+        const int64_t n = i / per_digit, r0 = (i % per_digit) * kTile, offset = n * R + r0;
+        forward_tile(m + n * T * T, s + offset, a + offset, T, N * R, std::min(kTile, R - r0), buf);
     });
 }
 
 template <typename F>
 void backward(const F* m, const F* a, const F* d, F* p, int64_t T, int64_t N, int64_t R, int threads) {
-    over_tiles<F>(T, N, R, threads, [&](int64_t n, int64_t r0, int64_t J, F* buf) {
-        const int64_t offset = n * R + r0;
-        backward_tile(m + n * T * T, a + offset, d + offset, p + offset, T, N * R, J, buf);
+    if (R == 1) {
+        over_items<F>((N + kGroup - 1) / kGroup, N * T * T, kGroup * T, threads, [&](int64_t i, F* buf) {
+            backward_digits(m, a, d, p, T, N, i * kGroup, std::min(kGroup, N - i * kGroup), buf);
+        });
+        return;
+    }
+    const int64_t per_digit = (R + kTile - 1) / kTile, width = (std::min(R, kTile) + kLanes - 1) / kLanes * kLanes;
+    over_items<F>(N * per_digit, N * R * T * T, 2 * T * width, threads, [&](int64_t i, F* buf) {
+        const int64_t n = i / per_digit, r0 = (i % per_digit) * kTile, offset = n * R + r0;
+        backward_tile(m + n * T * T, a + offset, d + offset, p + offset, T, N * R, std::min(kTile, R - r0), buf);
     });
 }
 
