@@ -120,6 +120,23 @@ def test_build_caches_one_library_per_source_and_writes_nothing_else(tmp_path, m
 
 
 @needs_native
+def test_a_compiler_without_openmp_builds_the_serial_library_with_the_same_results(tmp_path, monkeypatch):
+    """Where -fopenmp fails (clang without libomp), the build goes on without it: one thread, the same numbers."""
+    import ctypes
+
+    monkeypatch.setenv("VAELAB_CACHE", str(tmp_path))
+    monkeypatch.setattr(native, "THREADING", (("--no-such-openmp-flag",), ("-fopenmp-simd",)))
+    serial = ctypes.CDLL(str(native.build("planar")))
+    forward, _ = native.planar_ops()
+    generator = torch.Generator().manual_seed(5)
+    s, m = torch.randn(80, 20, 50, generator=generator), 0.05 * torch.randn(20, 80, 80, generator=generator)
+    a = torch.empty_like(s)
+    serial.planar_forward_f32.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3 + [ctypes.c_int]
+    serial.planar_forward_f32(m.data_ptr(), s.data_ptr(), a.data_ptr(), 80, 20, 50, 2)
+    assert torch.equal(a, forward(s, m))
+
+
+@needs_native
 def test_a_cache_directory_others_may_write_in_is_not_used(tmp_path, monkeypatch):
     """A library is loaded into the process: never from a directory where someone else could have put it."""
     shared = tmp_path / "shared"

@@ -2,7 +2,9 @@
 
 What PyTorch runs as many small kernels in a Python loop, and what no product or fused graph expresses, is written
 here as a plain loop: the planar flow's two sequential recursions (``planar.cpp``; ``vaelab.models.flows``). The
-sources use no torch headers; they take pointers to contiguous float32 or float64 arrays.
+sources use no torch headers; they take pointers to contiguous float32 or float64 arrays. Their parallel loops
+are OpenMP's, on the process's runtime, which is torch's own libgomp (loaded first, the same soname), with
+torch's thread count: threads started by the library instead competed with torch's, still spinning on the cores.
 
 **Build.** On first use, ``$CXX`` (else g++, c++ or clang++) compiles the source with ``-O3 -march=native`` into
 a cache directory ($VAELAB_CACHE, else $XDG_CACHE_HOME/vaelab, else ~/.cache/vaelab; a temporary directory if
@@ -38,8 +40,9 @@ import torch
 
 from vaelab.provenance import cpu_name
 
-FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fopenmp-simd", "-std=c++17", "-fPIC",
-         "-shared", "-pthread")
+FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-std=c++17", "-fPIC", "-shared")
+# OpenMP: the process's runtime, torch's libgomp (see planar.cpp); where the compiler has none, one thread
+THREADING = (("-fopenmp",), ("-fopenmp-simd",))
 
 _UNRESOLVED = object()
 _OPS: dict[str, object] = {}          # name → its operators, or None where the library could not be had
@@ -83,8 +86,8 @@ def build(name: str) -> Path:
         version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=60).stdout
     except (OSError, subprocess.SubprocessError) as exc:
         raise NativeBuildError(f"{cxx} --version failed: {exc}") from exc
-    key = hashlib.sha256("\0".join([source.read_text(), " ".join(FLAGS), version, cpu_name(), _cpu_flags()])
-                         .encode()).hexdigest()[:16]
+    key = hashlib.sha256("\0".join([source.read_text(), " ".join(FLAGS), str(THREADING), version, cpu_name(),
+                                    _cpu_flags()]).encode()).hexdigest()[:16]
     problems = []
     for directory in _cache_dirs():
         library = directory / f"{name}-{key}.so"
@@ -102,9 +105,12 @@ def build(name: str) -> Path:
             problems.append(f"cannot write in {directory}: {exc.strerror}")
             continue
         try:
-            done = subprocess.run([cxx, *FLAGS, str(source), "-o", tmp], capture_output=True, text=True,
-                                  timeout=600)
-            if done.returncode != 0:
+            for threading in THREADING:
+                done = subprocess.run([cxx, *FLAGS, *threading, str(source), "-o", tmp], capture_output=True,
+                                      text=True, timeout=600)
+                if done.returncode == 0:
+                    break
+            else:
                 raise NativeBuildError(f"{cxx} failed on {source.name}: {done.stderr.strip()[-500:]}")
             os.replace(tmp, library)
             return library

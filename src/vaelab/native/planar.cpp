@@ -15,8 +15,10 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <thread>
 #include <vector>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 namespace {
 
@@ -159,22 +161,25 @@ void backward_digits(const F* __restrict__ m, const F* __restrict__ a, const F* 
 
 constexpr int64_t kTile = 64;
 
-// Runs body(i, buf) for the work items i < items, split in contiguous ranges over up to `threads` threads (the
-// caller's among them); fewer threads when the work is small (starting a thread costs tens of microseconds, and
-// torch's own threads may still be spinning on the other cores).
+// Runs body(i, buf) for the work items i < items, in contiguous ranges over up to `threads` threads. Built with
+// -fopenmp the library uses the process's OpenMP runtime, torch's own (the same soname, loaded by torch first):
+// its threads, still spinning after torch's last parallel region, take the ranges at once, where threads started
+// here would compete with them for the cores. Work below ~100 000 multiply-adds stays on the calling thread.
 template <typename F, typename Body>
 void over_items(int64_t items, int64_t work, int64_t buffer, int threads, Body body) {
-    const int64_t useful = std::max<int64_t>(1, std::min<int64_t>(items, work / 500000));
-    const int64_t count = std::max<int64_t>(1, std::min<int64_t>(threads, useful));
-    auto range = [&](int64_t first, int64_t last) {
+    const int64_t count = std::max<int64_t>(1, std::min<int64_t>({threads, items, work / 100000}));
+#ifdef _OPENMP
+#pragma omp parallel num_threads(static_cast<int>(count)) if (count > 1)
+#endif
+    {
+#ifdef _OPENMP
+        const int64_t k = omp_get_thread_num(), used = omp_get_num_threads();
+#else
+        const int64_t k = 0, used = 1;
+#endif
         std::vector<F> buf(buffer);
-        for (int64_t i = first; i < last; ++i) body(i, buf.data());
-    };
-    std::vector<std::thread> pool;
-    for (int64_t k = 1; k < count; ++k)
-        pool.emplace_back(range, items * k / count, items * (k + 1) / count);
-    range(0, items / count);
-    for (auto& thread : pool) thread.join();
+        for (int64_t i = items * k / used; i < items * (k + 1) / used; ++i) body(i, buf.data());
+    }
 }
 
 // The work items: groups of kGroup digits where each digit has one draw, else tiles of up to kTile draws of one
