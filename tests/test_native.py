@@ -198,3 +198,19 @@ def test_planar_flow_without_gradients_reuses_its_step_quantities_and_gives_the_
     with torch.no_grad():                                  # one set of parameters for all draws and digits
         one = flow.conditioned(h[0])(torch.randn(4, 3, 6, generator=generator))
     assert one[0].shape == (4, 3, 6) and one[1].shape == (4, 3)
+
+
+def test_the_cli_says_in_one_line_that_the_flow_runs_without_its_native_kernel(tmp_path, data_dir, monkeypatch, capfd):
+    from vaelab.cli import main
+
+    monkeypatch.setattr(native, "compiler", lambda: None)
+    monkeypatch.delitem(native._OPS, "planar", raising=False)
+    assert main(["train", "--out", str(tmp_path / "run"), "--epochs", "1", "--flow", "planar", "--flow-steps", "2",
+                 "--latent", "4", "--hidden", "16", "--train-examples", "200", "--test-examples", "20",
+                 "--data-dir", str(data_dir), "--threads", "1", "--no-progress"]) == 0
+    err = capfd.readouterr().err
+    lines = [line for line in err.splitlines() if "native kernel" in line]
+    assert lines == ["vaelab train: warning: the planar flow's native kernel is not available (no C++ compiler "
+                     "(install one, e.g. apt install g++, or set CXX)); the flow runs its PyTorch loop instead (the "
+                     "same result, slower)"], err
+    assert "flows.py" not in err

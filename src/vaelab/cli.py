@@ -15,6 +15,7 @@ import math
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -280,7 +281,10 @@ def build_parser(parser_class: type[argparse.ArgumentParser] = _Parser) -> argpa
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.run(args) or 0
+        with warnings.catch_warnings():
+            # a warning is one line on stderr, like an error (Python's default adds the file and the source line)
+            warnings.showwarning = lambda message, *_: _error(args.command, str(message), "warning")
+            return args.run(args) or 0
     except VaelabError as exc:
         _error(args.command, str(exc))
         return exc.exit_code
@@ -296,9 +300,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
 
 
-def _error(command: str, message: str) -> None:
+def _error(command: str, message: str, kind: str = "error") -> None:
     try:
-        print(f"vaelab {command}: error: {message}", file=sys.stderr, flush=True)
+        print(f"vaelab {command}: {kind}: {message}", file=sys.stderr, flush=True)
     except OSError:                     # the terminal is gone (SIGHUP): the log file has the message
         pass
 

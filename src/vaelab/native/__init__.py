@@ -161,7 +161,7 @@ def _planar_ops():
     try:
         library = ctypes.CDLL(str(build("planar")))
     except (NativeBuildError, OSError) as exc:
-        warnings.warn(f"vaelab: the planar flow's native kernel is not available ({exc}); the flow runs its PyTorch "
+        warnings.warn(f"the planar flow's native kernel is not available ({exc}); the flow runs its PyTorch "
                       f"loop instead (the same result, slower)", RuntimeWarning, stacklevel=3)
         return None
     pointer, size = ctypes.c_void_p, ctypes.c_int64
