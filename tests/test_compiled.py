@@ -91,10 +91,12 @@ def test_a_compiled_run_resumes_exactly_and_may_resume_with_another_engine(tmp_p
     assert "engine autograd fp32" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("name", ["tomczak-2-vampprior", pytest.param("hvae-ladder-batchnorm", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("name", ["tomczak-2-vampprior", pytest.param("hvae-ladder-batchnorm", marks=pytest.mark.slow),
+                                  pytest.param("mlp-planar", marks=pytest.mark.slow)])
 def test_the_compiled_iwae_is_the_eager_one(name):
     """evaluate --compiled: the model's own Parts (the VampPrior HVAE) or its ``conditioned`` estimator (the ladder,
-    batch normalisation folded) as one compiled graph: the same IWAE on the same draws to float32 rounding (log
+    batch normalisation folded; the planar flow, its û, c and M computed once per batch and its recursion a native
+    operator) as one compiled graph: the same IWAE on the same draws to float32 rounding (log
     weights ≈ −550 nats, a float32 step there 6e-5; a graph that kept one batch's digits for the next would be off
     by nats), four batches of different digits through one graph."""
     from vaelab.evaluation import EvalConfig, iwae_log_likelihood
