@@ -214,3 +214,29 @@ def test_the_cli_says_in_one_line_that_the_flow_runs_without_its_native_kernel(t
                      "(install one, e.g. apt install g++, or set CXX)); the flow runs its PyTorch loop instead (the "
                      "same result, slower)"], err
     assert "flows.py" not in err
+
+
+def test_records_say_whether_the_flow_ran_natively(tmp_path, data_dir, monkeypatch):
+    """The native loop and the PyTorch loop round differently: a planar run's checkpoint and evaluation record which
+    ran (``native_kernels``); a run without a flow records nothing of it."""
+    import json
+
+    from vaelab.cli import main
+    from vaelab.provenance import provenance
+
+    args = ["--epochs", "1", "--latent", "4", "--hidden", "16", "--train-examples", "200", "--test-examples", "20",
+            "--data-dir", str(data_dir), "--threads", "1", "--no-progress"]
+    ops = native.planar_ops()                  # resolved (and registered) once, as in any process
+    monkeypatch.setattr(native, "_OPS", {})
+    assert "native_kernels" not in provenance("cpu", 1)
+    assert main(["train", "--out", str(tmp_path / "plain"), *args]) == 0
+    assert main(["evaluate", str(tmp_path / "plain"), "--k", "5", "--threads", "1", "--no-progress"]) == 0
+    assert all("native_kernels" not in path.read_text() for path in (tmp_path / "plain").glob("eval-*.json"))
+    native._OPS["planar"] = ops
+    expected = "PyTorch loop" if ops is None else "native"
+    assert main(["train", "--out", str(tmp_path / "flow"), "--flow", "planar", "--flow-steps", "2", *args]) == 0
+    assert main(["evaluate", str(tmp_path / "flow"), "--k", "5", "--threads", "1", "--no-progress"]) == 0
+    record = json.loads(next((tmp_path / "flow").glob("eval-*.json")).read_text())
+    assert record["native_kernels"] == {"planar": expected}
+    monkeypatch.setitem(native._OPS, "planar", None)
+    assert provenance("cpu", 1)["native_kernels"] == {"planar": "PyTorch loop"}

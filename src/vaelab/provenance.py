@@ -39,8 +39,10 @@ def cpu_name() -> str:
 def provenance(device: str, threads: int) -> dict:
     import torch
 
-    from vaelab import __version__
+    from vaelab import __version__, native
 
-    return {"vaelab": __version__, "commit": git_commit(), "torch": torch.__version__,
-            "python": platform.python_version(), "cpu": cpu_name(), "threads": threads, "device": str(device),
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    record = {"vaelab": __version__, "commit": git_commit(), "torch": torch.__version__,
+              "python": platform.python_version(), "cpu": cpu_name(), "threads": threads, "device": str(device),
+              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    kernels = native.resolved()         # e.g. {"planar": "native"}, where the process ran a planar flow
+    return {**record, "native_kernels": kernels} if kernels else record

@@ -146,6 +146,12 @@ def planar_ops():
     return ops
 
 
+def resolved() -> dict[str, str]:
+    """The kernels this process has asked for so far and what runs them ("native" or "PyTorch loop"): recorded
+    with a run's checkpoints and evaluations (``vaelab.provenance``), since the two round differently."""
+    return {name: "PyTorch loop" if ops is None else "native" for name, ops in _OPS.items() if ops is not _UNRESOLVED}
+
+
 def usable(ops, *tensors: torch.Tensor):
     """``ops`` where all ``tensors`` are on the CPU in float32 or float64 (one dtype), else None."""
     if ops is None:
