@@ -35,6 +35,7 @@ def _steps(z0, params, use_native: bool, monkeypatch):
 @pytest.mark.parametrize("z_shape, param_shape", [
     ((100, 40), (100, 80, 81)),          # training: one draw per digit
     ((70, 3, 40), (3, 80, 81)),          # IWAE: 70 draws of 3 digits, a tile of 64 and one of 6
+    ((65, 2, 40), (2, 80, 81)),          # a tile of 64 and one of a single draw
     ((5, 2, 40), (80, 81)),              # one flow for all
 ])
 def test_native_recursions_equal_the_pytorch_loops(z_shape, param_shape, monkeypatch):

@@ -54,10 +54,8 @@ class NativeBuildError(RuntimeError):
 
 def compiler() -> str | None:
     """The C++ compiler: $CXX, else the first of g++, c++, clang++ on the PATH."""
-    for name in (os.environ.get("CXX"), "g++", "c++", "clang++"):
-        if name and shutil.which(name):
-            return shutil.which(name)
-    return None
+    found = (shutil.which(name) for name in (os.environ.get("CXX"), "g++", "c++", "clang++") if name)
+    return next((path for path in found if path), None)
 
 
 def _cache_dirs() -> list[Path]:
@@ -149,7 +147,7 @@ def planar_ops():
 def resolved() -> dict[str, str]:
     """The kernels this process has asked for so far and what runs them ("native" or "PyTorch loop"): recorded
     with a run's checkpoints and evaluations (``vaelab.provenance``), since the two round differently."""
-    return {name: "PyTorch loop" if ops is None else "native" for name, ops in _OPS.items() if ops is not _UNRESOLVED}
+    return {name: "PyTorch loop" if ops is None else "native" for name, ops in _OPS.items()}
 
 
 def usable(ops, *tensors: torch.Tensor):

@@ -48,16 +48,6 @@ constexpr int64_t kLanes = 16;   // a tile's width in the buffer is a multiple o
 template <typename F>
 void forward_tile(const F* __restrict__ m, const F* __restrict__ s, F* __restrict__ a, int64_t T, int64_t stride,
                   int64_t J, F* __restrict__ buf) {
-    if (J == 1) {                                       // one draw: the loops run over the steps r instead
-        for (int64_t t = 0; t < T; ++t) buf[t] = s[t * stride];
-        for (int64_t t = 0; t < T; ++t) {
-            const F value = buf[t] = tanh_of(buf[t]);
-            const F* __restrict__ mt = m + t * T;
-            for (int64_t r = t + 1; r < T; ++r) buf[r] += mt[r] * value;
-        }
-        for (int64_t t = 0; t < T; ++t) a[t * stride] = buf[t];
-        return;
-    }
     const int64_t W = (J + kLanes - 1) / kLanes * kLanes;                 // the lanes past J hold zeros
     for (int64_t t = 0; t < T; ++t) {
         std::memcpy(buf + t * W, s + t * stride, J * sizeof(F));
@@ -80,19 +70,6 @@ void forward_tile(const F* __restrict__ m, const F* __restrict__ s, F* __restric
 template <typename F>
 void backward_tile(const F* __restrict__ m, const F* __restrict__ a, const F* __restrict__ d, F* __restrict__ p,
                    int64_t T, int64_t stride, int64_t J, F* __restrict__ buf) {
-    if (J == 1) {
-        for (int64_t t = 0; t < T; ++t) buf[t] = d[t * stride];
-        for (int64_t t = T - 1; t >= 0; --t) {
-            const F* __restrict__ mt = m + t * T;
-            F sum = 0;
-#pragma omp simd reduction(+ : sum)
-            for (int64_t r = t + 1; r < T; ++r) sum += mt[r] * buf[r];
-            const F at = a[t * stride];
-            buf[t] = (buf[t] + sum) * (F(1) - at * at);
-        }
-        for (int64_t t = 0; t < T; ++t) p[t * stride] = buf[t];
-        return;
-    }
     const int64_t W = (J + kLanes - 1) / kLanes * kLanes;
     F* __restrict__ one_minus = buf + T * W;                               // 1 − aₜ², the second half of buf
     for (int64_t t = 0; t < T; ++t) {
