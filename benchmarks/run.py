@@ -344,7 +344,7 @@ def preset_floors(name: str, arrays, n_train: int, eval_digits: int = 40, traine
         eval_floor = replay_seconds(recorder.calls, 1) * 10000 / 20
     evaluation = EvalConfig(k=5000, compiled=compiled)
     if compiled:
-        iwae_log_likelihood(model, test[:20], dataclasses.replace(evaluation, k=evaluation.sample_chunk))
+        iwae_log_likelihood(model, test[:20], dataclasses.replace(evaluation, k=evaluation.chunk(test.device, model.config)))
 
     def iwae_seconds_per_10000() -> float:
         start = time.perf_counter()

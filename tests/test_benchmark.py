@@ -154,3 +154,50 @@ def test_trained_weights_are_timed_on_a_copy_of_the_run(bench, data_dir, tmp_pat
     _, seconds = bench.train_in_child(trained=run)
     assert seconds > 0
     assert {path.name: path.read_bytes() for path in run.iterdir() if path.is_file()} == before
+
+
+GPU_PY = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu.py"
+
+
+@pytest.mark.slow                      # five processes of vaelab, 25–50 s on 2 cores
+def test_the_gpu_check_runs_through_and_records_what_it_measured(data_dir, tmp_path):
+    """benchmarks/gpu.py, the script a lent GPU machine runs in its few minutes, on the CPU with tiny sizes: every
+    command exits 0, the epochs' seconds, steps per epoch and the projected schedule come from the runs' own files,
+    and a target over all 10 000 test digits is not judged on 20."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": str(GPU_PY.parents[1] / "src")}
+    done = subprocess.run([sys.executable, str(GPU_PY), "--out", str(out), "--runs", str(tmp_path / "runs"),
+                           "--data-dir", str(data_dir), "--device", "cpu", "--train-examples", "640",
+                           "--eval-examples", "20", "--skip-tests", "--skip-engines", "--presets", "cpu-hour",
+                           "--evaluate", "cpu-hour", "--budget", "300"], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr
+    record = json.loads((out / "gpu.json").read_text())
+    steps = {step["name"]: step for step in record["steps"]}
+    assert [step["status"] for step in record["steps"]] == [0] * 5, record["steps"]
+    seed = steps["train seed, default engine fp32"]
+    assert len(seed["epoch_seconds"]) == 3 and seed["steps_per_epoch"] == 10                  # 640 digits, batch 64
+    hour = steps["train cpu-hour, one epoch"]
+    assert hour["steps_per_epoch"] == 5 and hour["schedule_epochs"] == 520                     # batch 128
+    assert hour["projected_schedule_hours"] == round(520 * hour["epoch_seconds"][0] / 3600, 2)
+    evaluation = steps["evaluate cpu-hour (one epoch) --k 5000, all test digits"]
+    assert evaluation["n_examples"] == 20 and evaluation["k"] == 5000 and evaluation["record_seconds"] > 0
+    assert not any("IWAE-5000" in name for name in record["targets"])                          # 20 digits, not 10 000
+    assert "seed: 100 epochs <= 20 s (issue 4)" in record["targets"]
+    assert (out / "commands.log").read_text().count("$ ") == 5
+
+
+def test_the_gpu_check_skips_what_its_budget_cannot_hold(tmp_path):
+    """A step that would start with less than 10 s of the budget left is recorded as skipped, not started."""
+    spec = importlib.util.spec_from_file_location("vaelab_benchmark_gpu", GPU_PY)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    check = module.Check(tmp_path, budget=5)
+    step = check.run("never", ["false"], limit=60)
+    assert step["status"].startswith("skipped") and "seconds" not in step
+    assert (tmp_path / "gpu.json").exists() and "never" in (tmp_path / "gpu.json").read_text()

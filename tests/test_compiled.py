@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import warnings
 
 import pytest
 import torch
@@ -138,3 +139,19 @@ def test_the_compiled_engine_refuses_bf16_and_a_cpu_without_a_compiler(tmp_path,
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--compiled needs a C++ compiler" in err
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists() and not list(run.glob("eval*"))
+
+
+def test_compiled_calls_drop_only_inductors_tf32_advice():
+    """On a GPU with TensorFloat-32 units TorchInductor advises allowing TF32 at every compilation (seen as a
+    `vaelab train: warning:` line on an H200); vaelab keeps float32 products float32, so inside the compiled calls'
+    context that advice is dropped, and any other warning still shows."""
+    from vaelab import compiling
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        with compiling.limits():
+            warnings.warn(f"{compiling.TF32_ADVICE}. Consider setting `torch.set_float32_matmul_precision('high')` "
+                          f"for better performance.", UserWarning)
+            warnings.warn("another warning", UserWarning)
+        warnings.warn(f"{compiling.TF32_ADVICE}.", UserWarning)            # outside the compiled calls: shown
+    assert [str(w.message) for w in seen] == ["another warning", f"{compiling.TF32_ADVICE}."]

@@ -9,7 +9,9 @@ silent return to Python for that part) with static shapes; ``limits`` lets one p
 
 from __future__ import annotations
 
+import contextlib
 import shutil
+import warnings
 from typing import Callable
 
 import torch
@@ -25,9 +27,20 @@ def compile(fn: Callable) -> Callable:
     return torch.compile(fn, dynamic=False, fullgraph=True)
 
 
+# TorchInductor's advice on a GPU with TensorFloat-32 units. vaelab keeps float32 products IEEE float32 on every device
+# (TF32 rounds their operands to 10-bit mantissas; the faster products it offers are --precision bf16's), so the
+# advice, which no vaelab flag could follow, is not shown as a warning of every compiled run.
+TF32_ADVICE = "TensorFloat32 tensor cores for float32 matrix multiplication available but not enabled"
+
+
+@contextlib.contextmanager
 def limits():
-    """The context a compiled function is called in (a cheap patch of dynamo's config)."""
-    return torch._dynamo.config.patch(recompile_limit=GRAPHS, fail_on_recompile_limit_hit=True)
+    """The context a compiled function (and its backward) is called in: dynamo's graph limit (a cheap patch of its
+    config), without the TF32 advice."""
+    with torch._dynamo.config.patch(recompile_limit=GRAPHS, fail_on_recompile_limit_hit=True), \
+            warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=TF32_ADVICE, category=UserWarning)
+        yield
 
 
 def require_compiler(device: torch.device, flag: str) -> None:

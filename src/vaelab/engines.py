@@ -199,7 +199,7 @@ def compiled_step(model, x: torch.Tensor, eps: torch.Tensor, objective: str = "e
     compiler cannot take whole fails loudly instead of running half or all of it uncompiled."""
     with compiling.limits():
         loss, sums = _compiled_loss()(model, objective, x, eps, torch.tensor(beta, dtype=x.dtype, device=x.device))
-    write_gradient(model, loss)
+        write_gradient(model, loss)                                  # the backward graph compiles at its first call
     return sums.detach()
 
 

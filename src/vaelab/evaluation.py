@@ -86,15 +86,20 @@ def retain_freed_memory() -> None:
     mallopt(_M_TRIM_THRESHOLD, 1 << 30)
 
 
+CPU = torch.device("cpu")
+CPU_CHUNK = 50
+GPU_ROWS = 1 << 17          # 131 072 rows of 784 float32 logits: 411 MB
+
+
 @dataclass(frozen=True)
 class EvalConfig:
     k: int = 5000                  # importance samples per test digit
     examples_per_batch: int = 20   # test digits evaluated together
-    # Samples decoded at once: 50 × 20 digits = 1000 rows of 784 logits (3.1 MB, within the shared L3).
-    # Measured here (benchmarks/README.md): 1000-row products run the decoder's matmul at ≈155 GFLOP/s;
-    # with the in-place softplus_sum, chunks of 50 took 2–5 % less time than 25, 10 was 30 % slower, and
-    # 150 or more lost again (passes over tensors that leave the cache).
-    sample_chunk: int = 50
+    # Samples decoded at once; None: by device (``chunk``). On a CPU 50 × 20 digits = 1000 rows of 784 logits
+    # (3.1 MB, within the shared L3). Measured on the 2-core CPUs (benchmarks/README.md): 1000-row products run
+    # the decoder's matmul at ≈155 GFLOP/s; with the in-place softplus_sum, chunks of 50 took 2–5 % less time
+    # than 25, 10 was 30 % slower, and 150 or more lost again (passes over tensors that leave the cache).
+    sample_chunk: int | None = None
     seed: int = 0
     laplace: bool = False
     newton_steps: int = 30
@@ -108,14 +113,36 @@ class EvalConfig:
     gaps: bool = False             # the approximation and amortisation gaps (vaelab.gaps)
     gap_steps: int = 300           # the most optimisation steps per digit of the gaps
 
-    def memory_bytes(self, model_config) -> int:
-        """Peak working memory of the evaluation, a generous estimate (float32 unless said otherwise)."""
-        b, d, widest = self.examples_per_batch, model_config.total_latent, model_config.widest()
+    def memory_bytes(self, model_config, device: torch.device = CPU) -> int:
+        """Peak working memory of the evaluation on ``device``, a generous estimate (float32 unless said otherwise)."""
+        b, d = self.examples_per_batch, model_config.total_latent
         per_batch = 4 * self.k * (d + 3 * b)                                   # ε (K, D), K × B weights ×3
-        chunk = 4 * self.sample_chunk * b * (3 * 784 + 3 * widest + 4 * d)     # a decoded chunk
+        chunk = self.chunk(device, model_config) * b * _row_bytes(model_config)  # a decoded chunk
         laplace = 8 * b * (d * d * 6 + 784 * d * 2) if self.laplace else 0     # float64 Hessians, Jacobians
-        mixture = 0 if model_config.prior == "standard" else 8 * 3 * self.sample_chunk * b * model_config.prior_components
-        return per_batch + chunk + laplace + mixture + (64 << 20)
+        return per_batch + chunk + laplace + (64 << 20)
+
+    def chunk(self, device: torch.device, model_config) -> int:
+        """Draws decoded at once: ``sample_chunk`` where set; else 50 on a CPU (above), and on a GPU as many as
+        give ``GPU_ROWS`` rows (draws × digits) within a quarter of the free GPU memory, at most k: the GPU's
+        evaluation is bound by kernel launches, not caches (H200: IWAE-5000 of the 10 000 test digits 14.0 s
+        in chunks of 50, benchmarks/README.md). The draws of a chunk are made together, so on the models without
+        the fast path the chunk is part of which draws a seed gives: the same device and version, the same numbers."""
+        if self.sample_chunk is not None:
+            return self.sample_chunk
+        if device.type != "cuda":
+            return CPU_CHUNK
+        free, _ = torch.cuda.mem_get_info(device)
+        rows = min(GPU_ROWS, free // 4 // _row_bytes(model_config))
+        return max(1, min(self.k, rows // self.examples_per_batch))
+
+
+
+def _row_bytes(model_config) -> int:
+    """Working memory per decoded row (one draw of one digit): logits and their passes, hidden units, latents, and a
+    mixture prior's component densities (float64)."""
+    d, widest = model_config.total_latent, model_config.widest()
+    mixture = 0 if model_config.prior == "standard" else 8 * 3 * model_config.prior_components
+    return 4 * (3 * 784 + 3 * widest + 4 * d) + mixture
 
 
 # ------------------------------------------------------------------------------------------------
@@ -280,8 +307,10 @@ def iwae_log_likelihood(model, images: torch.Tensor, config: EvalConfig, progres
     generator = torch.Generator(device=images.device).manual_seed(config.seed)
     estimator = iwae_estimator(model, config.compiled)
 
+    chunk = config.chunk(images.device, model.config)
+
     def batch(x: torch.Tensor) -> torch.Tensor:
-        values = estimator(model, x, config.k, generator, config.sample_chunk, config.precision, nested)
+        values = estimator(model, x, config.k, generator, chunk, config.precision, nested)
         return values.T if nested else values                                   # (B, len(nested)) or (B,)
 
     with frozen_components(model):
@@ -388,8 +417,9 @@ def _laplace_batch(model, model64, x: torch.Tensor, config: EvalConfig,
         return log_joint(z.float()) - log_r.float()
 
     with torch.no_grad():
-        weights = torch.cat([log_weights(start, min(config.sample_chunk, config.k - start))
-                             for start in range(0, config.k, config.sample_chunk)])              # (K, B)
+        chunk = config.chunk(x.device, model.config)
+        weights = torch.cat([log_weights(start, min(chunk, config.k - start))
+                             for start in range(0, config.k, chunk)])                            # (K, B)
     return (marginal.log_marginal.detach().cpu(), log_mean_exp(weights, 0).double().cpu(), marginal.outcome.cpu(),
             weights.double().mean(0).cpu())
 
