@@ -7,7 +7,8 @@ tests/test_gpu.py (the CUDA paths against the CPU's numbers); the reference sett
 with each engine and precision; `evaluate --k 5000` on all 10 000 test digits (fp32, `--compiled`, bf16); one epoch of
 every preset and two of burda-iwae-2 compiled; a one-rank `torchrun` (NCCL). It writes DIR/gpu.json (machine,
 every command with its exit status and seconds, the epochs' seconds from metrics.csv, the evaluations' records),
-DIR/commands.log (their output) and DIR/pytest.log, after every step, so a run cut short keeps what it measured.
+DIR/commands.log (their output) and DIR/pytest.log, after every step, so a run cut short keeps what it measured;
+with --profile, last, DIR/profile.txt (where a training step's time goes).
 
 The targets it judges are those the speed issues set for a GPU: 100 epochs of the reference setting in ≤ 20 s and
 IWAE-5000 of the 10 000 test digits in ≤ 10 s (issue 4), burda-iwae-2 at ≥ 2 700 steps per second, its 3 280 epochs
@@ -98,6 +99,39 @@ def steps_per_epoch(run: Path) -> int | None:
     return math.ceil(count / config["train"]["batch_size"])
 
 
+def profile_steps(out: Path, runs: Path, data: list[str], device: str, presets=("seed", "burda-iwae-2")) -> dict:
+    """Where a training step's time goes: ``torch.profiler`` over one epoch of 3200 digits after a warm-up epoch in
+    this process, per preset; the tables (by self device time, by self CPU time) go to DIR/profile.txt, the
+    kernel launches per step and the device's busy time per step to the record."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from vaelab.cli import main as vaelab_main
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    found = {}
+    with open(out / "profile.txt", "w") as text:
+        for preset in presets:
+            common = ["--preset", preset, "--epochs", "1", "--train-examples", "3200", "--test-examples", "200",
+                      "--device", device, "--no-progress", *data]
+            vaelab_main(["train", "--out", str(runs / f"profile-warm-{preset}"), *common])
+            with profile(activities=activities) as prof:
+                vaelab_main(["train", "--out", str(runs / f"profile-{preset}"), *common])
+            steps = steps_per_epoch(runs / f"profile-{preset}")
+            events = prof.key_averages()
+            launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cudaLaunchKernelExC",
+                                                                 "cuLaunchKernel"))
+            busy = sum(getattr(e, "self_device_time_total", 0) for e in events) / 1e3        # ms
+            found[preset] = {"steps": steps, "epoch_seconds": epochs(runs / f"profile-{preset}"),
+                             "kernel_launches_per_step": round(launches / steps, 1) if device == "cuda" else None,
+                             "device_busy_ms_per_step": round(busy / steps, 3) if device == "cuda" else None,
+                             "note": "over the epoch's steps and its per-epoch test ELBO of 200 digits"}
+            print(f"{preset}: {found[preset]}", file=text)
+            for key in (("self_device_time_total",) if device == "cuda" else ()) + ("self_cpu_time_total",):
+                print(events.table(sort_by=key, row_limit=18, max_name_column_width=60), file=text)
+    return found
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="where gpu.json and the logs go")
@@ -105,6 +139,8 @@ def main() -> int:
     parser.add_argument("--data-dir", type=Path, help="MNIST (a folder with the cache, IDX files or mnist.pkl.gz)")
     parser.add_argument("--budget", type=float, default=540, help="seconds for the whole check")
     parser.add_argument("--skip-tests", action="store_true")
+    parser.add_argument("--profile", action="store_true", help="last, torch.profiler over a training epoch of 3200 "
+                        "digits of seed and burda-iwae-2 (DIR/profile.txt)")
     parser.add_argument("--skip-engines", action="store_true", help="the reference setting with the default engine "
                         "in fp32 only (not compiled, not bf16)")
     parser.add_argument("--presets", nargs="*", help="presets trained one epoch each (default: all)")
@@ -206,6 +242,8 @@ def main() -> int:
         check.run("torchrun, one rank (NCCL), seed, one epoch of 6400 digits", [
             sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1", "-m", "vaelab", "train",
             "--out", str(runs / "torchrun"), "--epochs", "1", "--train-examples", "6400", *quiet, *data], 90)
+    if args.profile and check.deadline - time.monotonic() > 60:
+        check.record["profile"] = profile_steps(args.out, runs, data, args.device)
     check.save()
     print(json.dumps(check.record["targets"], indent=2))
     return 0

@@ -159,7 +159,7 @@ def test_trained_weights_are_timed_on_a_copy_of_the_run(bench, data_dir, tmp_pat
 GPU_PY = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu.py"
 
 
-@pytest.mark.slow                      # five processes of vaelab, 25–50 s on 2 cores
+@pytest.mark.slow                      # five processes of vaelab and a profiled epoch, 25–60 s on 2 cores
 def test_the_gpu_check_runs_through_and_records_what_it_measured(data_dir, tmp_path):
     """benchmarks/gpu.py, the script a lent GPU machine runs in its few minutes, on the CPU with tiny sizes: every
     command exits 0, the epochs' seconds, steps per epoch and the projected schedule come from the runs' own files,
@@ -174,7 +174,7 @@ def test_the_gpu_check_runs_through_and_records_what_it_measured(data_dir, tmp_p
     done = subprocess.run([sys.executable, str(GPU_PY), "--out", str(out), "--runs", str(tmp_path / "runs"),
                            "--data-dir", str(data_dir), "--device", "cpu", "--train-examples", "640",
                            "--eval-examples", "20", "--skip-tests", "--skip-engines", "--presets", "cpu-hour",
-                           "--evaluate", "cpu-hour", "--budget", "300"], env=env, capture_output=True, text=True,
+                           "--evaluate", "cpu-hour", "--profile", "--budget", "300"], env=env, capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0, done.stderr
     record = json.loads((out / "gpu.json").read_text())
@@ -190,6 +190,8 @@ def test_the_gpu_check_runs_through_and_records_what_it_measured(data_dir, tmp_p
     assert not any("IWAE-5000" in name for name in record["targets"])                          # 20 digits, not 10 000
     assert "seed: 100 epochs <= 20 s (issue 4)" in record["targets"]
     assert (out / "commands.log").read_text().count("$ ") == 5
+    assert record["profile"]["seed"]["steps"] == 50 and record["profile"]["burda-iwae-2"]["steps"] == 160   # 3200
+    assert "aten::mm" in (out / "profile.txt").read_text()
 
 
 def test_the_gpu_check_skips_what_its_budget_cannot_hold(tmp_path):
