@@ -219,3 +219,16 @@ def test_the_gpu_decodes_all_k_draws_at_once_and_the_fast_path_keeps_its_numbers
     whole = iwae_log_likelihood(model, x, config)
     torch.testing.assert_close(whole, iwae_log_likelihood(model, x, dataclasses.replace(config, sample_chunk=50)),
                                rtol=0, atol=1e-3)
+
+
+def test_sizes_the_gpu_cannot_hold_are_refused_in_one_line_before_allocating(tmp_path, data_dir, capsys):
+    """`evaluate --device cuda --k 2e9`: the K draws of a batch alone would need hundreds of GB; refused with exit 2,
+    one line naming the GPU's free memory (not the host's), no record written."""
+    run = tmp_path / "run"
+    assert train("--out", run, "--epochs", "1", "--data-dir", data_dir, "--hidden", "16", "--latent", "4") == 0
+    capsys.readouterr()
+    code = main(["evaluate", str(run), "--device", "cuda", "--k", "2000000000", "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert f"free on {torch.cuda.get_device_name()}" in err and "use a smaller --k" in err
+    assert not list(run.glob("eval-*"))

@@ -334,6 +334,23 @@ def test_require_memory_names_the_bytes_and_the_limit(monkeypatch):
     assert isinstance(ResourceError("x"), ValueError)
 
 
+def test_require_memory_on_a_gpu_counts_the_gpus_free_memory_and_torchs_unused_cache(monkeypatch):
+    """On a CUDA device the limit is the device's free memory plus what torch's allocator holds reserved but unused,
+    whatever the host has (faked here: the test runs without a GPU; tests/test_gpu.py refuses a real one)."""
+    from vaelab import resources
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (1 << 30, 80 << 30))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 768 << 20)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 256 << 20)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Some GPU")
+    monkeypatch.setattr(resources, "memory_limits", lambda: {"MemAvailable": 1 << 40})
+    with pytest.raises(ResourceError, match=r"needs about 2.0 GiB of memory, but only 1.5 GiB is available "
+                                            r"\(free on Some GPU\); do less"):
+        resources.require_memory(2 << 30, "this", "do less", torch.device("cuda"))
+    resources.require_memory(1400 << 20, "this", "do less", torch.device("cuda"))     # 1.37 GiB fits
+    resources.require_memory(2 << 30, "this", "do less", torch.device("cpu"))         # the host's 1 TiB
+
+
 # ---- the data cache in odd states ------------------------------------------------------------------
 
 

@@ -121,7 +121,9 @@ class Run:
         _check_count("k", k, 1)
         _check_count("seed", seed, 0)
         config = EvalConfig(k=k, seed=seed)
-        require_memory(config.memory_bytes(self.config.model), f"log_likelihood(k={k})", "use a smaller k")
+        device = next(self.model.parameters()).device
+        require_memory(config.memory_bytes(self.config.model, device), f"log_likelihood(k={k})", "use a smaller k",
+                       device)
         return iwae_log_likelihood(self.model, self._pixels(x), config)
 
 

@@ -593,13 +593,13 @@ def _prepare_training(args: argparse.Namespace, config):
         from vaelab.tensorboard import summary_writer_class
 
         summary_writer_class()                  # a one-line error now, not after the first epoch
-    require_memory(training_memory_bytes(config, 60_000), "training this model",
-                   "use smaller --hidden, --batch-size or --k")
     world = world_from_environment()
     threads = _set_threads(args.threads or config.train.threads or default_threads(world.local_size))
     device = resolve_device(config.train.device)
     if device.type == "cuda" and world.distributed:
         device = torch.device("cuda", world.local_rank)
+    require_memory(training_memory_bytes(config, 60_000), "training this model",    # where the tensors will be
+                   "use smaller --hidden, --batch-size or --k", device)
     if config.train.precision == "bf16":
         _note(check_bf16(device))
     if engine == "compiled":
@@ -773,7 +773,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             require_compiler(device, "--compiled")
         eval_config = EvalConfig(k=args.k, seed=args.seed, laplace=args.laplace, precision=args.precision,
                                  k_curve=args.k_curve, gaps=args.gaps, gap_steps=args.gap_steps, compiled=args.compiled)
-        require_memory(eval_config.memory_bytes(config.model), f"evaluate --k {args.k}", "use a smaller --k")
+        require_memory(eval_config.memory_bytes(config.model, device), f"evaluate --k {args.k}", "use a smaller --k",
+                       device)
         data_dir = str(resolve_path(args.data_dir, "--data-dir")) if args.data_dir else config.data.data_dir
         # the whole test set unless --test-examples says otherwise (not the training run's smoke setting)
         data_config = dataclasses.replace(config.data, test_examples=args.test_examples, data_dir=data_dir)

@@ -74,9 +74,20 @@ def format_bytes(count: float) -> str:
     raise AssertionError("unreachable")
 
 
-def require_memory(need_bytes: float, what: str, fix: str) -> None:
-    """Raise ResourceError if ``need_bytes`` exceeds the memory this process may still allocate."""
-    available, source = available_memory()
+def gpu_memory(device) -> tuple[int, str]:
+    """The memory this process may still allocate on a CUDA ``device``: what the device has free, and what torch's
+    caching allocator holds reserved but unused (it serves the next allocations first): (bytes, its name)."""
+    import torch
+
+    free, _ = torch.cuda.mem_get_info(device)
+    cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    return free + cached, f"free on {torch.cuda.get_device_name(device)}"
+
+
+def require_memory(need_bytes: float, what: str, fix: str, device=None) -> None:
+    """Raise ResourceError if ``need_bytes`` exceeds the memory this process may still allocate: the host's, or on a
+    CUDA ``device`` (a torch.device) that device's."""
+    available, source = gpu_memory(device) if device is not None and device.type == "cuda" else available_memory()
     if need_bytes > available:
         raise ResourceError(f"{what} needs about {format_bytes(need_bytes)} of memory, but only "
                             f"{format_bytes(available)} is available ({source}); {fix}")
