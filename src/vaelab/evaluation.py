@@ -38,6 +38,7 @@ from vaelab.models.priors import frozen_components
 from vaelab.objectives import (Parts, elbo_objective, importance_sampled_log_marginal, iwae_bound, log_mean_exp,
                                log_standard_normal)
 from vaelab.precision import BF16_PRODUCTS, PRECISIONS
+from vaelab.resources import gpu_memory
 
 # Burda et al. (2016, §5.2): a latent unit u is active when Cov_x(E_{q(u|x)}[u]) exceeds this.
 ACTIVE_UNIT_THRESHOLD = 1e-2
@@ -123,7 +124,7 @@ class EvalConfig:
 
     def chunk(self, device: torch.device, model_config) -> int:
         """Draws decoded at once: ``sample_chunk`` where set; else 50 on a CPU (above), and on a GPU as many as
-        give ``GPU_ROWS`` rows (draws × digits) within a quarter of the free GPU memory, at most k: the GPU's
+        give ``GPU_ROWS`` rows (draws × digits) within a quarter of the GPU memory left (``gpu_memory``), at most k: the GPU's
         evaluation is bound by kernel launches, not caches (H200: IWAE-5000 of the 10 000 test digits 14.0 s
         in chunks of 50, benchmarks/README.md). The draws of a chunk are made together, so on the models without
         the fast path the chunk is part of which draws a seed gives: the same device and version, the same numbers."""
@@ -131,10 +132,9 @@ class EvalConfig:
             return self.sample_chunk
         if device.type != "cuda":
             return CPU_CHUNK
-        free, _ = torch.cuda.mem_get_info(device)
+        free, _ = gpu_memory(device)
         rows = min(GPU_ROWS, free // 4 // _row_bytes(model_config))
         return max(1, min(self.k, rows // self.examples_per_batch))
-
 
 
 def _row_bytes(model_config) -> int:
