@@ -136,6 +136,31 @@ def test_cuda_without_gpu(tmp_path, data_dir, capsys):
     assert code == 2 and "no CUDA GPU" in err and not (tmp_path / "r").exists()
 
 
+def test_a_gpu_the_machine_does_not_have_is_refused_in_one_line(tmp_path, data_dir, trained, capsys, monkeypatch):
+    """`--device cuda:1` on a machine with one GPU, and a torchrun rank beyond the machine's GPUs: exit 2, one line
+    naming the GPUs there are and the fix, nothing written (the GPU count is faked: this runs without a GPU)."""
+    from vaelab.distributed import World
+    from vaelab.training import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    code, _, err = run(capsys, "train", "--out", tmp_path / "r", "--device", "cuda:1", "--data-dir", data_dir)
+    assert code == 2 and err.strip() == ("vaelab train: error: --device cuda:1, but this machine has 1 CUDA GPU; use "
+                                         "--device cuda") and not (tmp_path / "r").exists()
+    before = sorted(trained.iterdir())
+    code, _, err = run(capsys, "evaluate", trained, "--device", "cuda:3", "--k", "10", "--no-progress")
+    assert code == 2 and "--device cuda:3, but this machine has 1 CUDA GPU" in err and len(err.splitlines()) == 1
+    assert sorted(trained.iterdir()) == before
+    with pytest.raises(UsageError, match=r"^rank 3 needs cuda:1, but this machine has 1 CUDA GPU; start at most 1 "
+                                         r"process per machine \(torchrun --nproc-per-node\)$"):
+        resolve_device("cuda", World(rank=3, size=4, local_rank=1, local_size=2))
+    assert resolve_device("auto", World(rank=1, size=2, local_rank=0, local_size=1)) == torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    assert resolve_device("cuda:3") == torch.device("cuda", 3)
+    with pytest.raises(UsageError, match=r"has 4 CUDA GPUs; use --device cuda:0 … cuda:3$"):
+        resolve_device("cuda:4")
+
+
 def test_run_directories_are_protected(trained, data_dir, tmp_path, capsys):
     before = {p.name: p.read_bytes() for p in trained.iterdir()}
     code, _, err = run(capsys, "train", "--out", trained, "--data-dir", data_dir, "--epochs", "1")

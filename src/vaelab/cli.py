@@ -579,8 +579,6 @@ def _resume(args: argparse.Namespace, world, observers: Sequence = ()) -> int:
 
 def _prepare_training(args: argparse.Namespace, config):
     """Everything that can be refused before a run directory is touched: engine, memory, device, data."""
-    import torch
-
     from vaelab.data import load_mnist, prepare
     from vaelab.distributed import world_from_environment
     from vaelab.compiling import require_compiler
@@ -595,9 +593,7 @@ def _prepare_training(args: argparse.Namespace, config):
         summary_writer_class()                  # a one-line error now, not after the first epoch
     world = world_from_environment()
     threads = _set_threads(args.threads or config.train.threads or default_threads(world.local_size))
-    device = resolve_device(config.train.device)
-    if device.type == "cuda" and world.distributed:
-        device = torch.device("cuda", world.local_rank)
+    device = resolve_device(config.train.device, world)
     require_memory(training_memory_bytes(config, 60_000), "training this model",    # where the tensors will be
                    "use smaller --hidden, --batch-size or --k", device)
     if config.train.precision == "bf16":
@@ -739,8 +735,6 @@ def _check_target(path: Path, overwrite: bool, what: str) -> None:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """One process, or torchrun's: each rank estimates a shard of the digits; rank 0 checks, prints, writes."""
-    import torch
-
     from vaelab import checkpoint as ckpt
     from vaelab import distributed
     from vaelab.data import file_sha256, idx_sha256, load_mnist, prepare, resolve_path
@@ -752,9 +746,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     world = distributed.world_from_environment()
     distributed.init(world)
     try:
-        device = resolve_device(args.device)
-        if device.type == "cuda" and world.distributed:
-            device = torch.device("cuda", world.local_rank)
+        device = resolve_device(args.device, world)
         threads = _set_threads(args.threads or default_threads(world.local_size))
         weights = _weights_file(args.run_dir, args.checkpoint) if args.run_dir.is_dir() else ckpt.WEIGHTS
         config, model = ckpt.load_model(args.run_dir, device, weights)

@@ -96,12 +96,23 @@ class StopNow(KeyboardInterrupt):
         self.signum = signum
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, world: World = SINGLE) -> torch.device:
+    """``--device`` as a torch.device: auto is cuda where there is a GPU; under torchrun each rank of a GPU run takes
+    the GPU of its local rank. A GPU this machine does not have is a UsageError, before anything is allocated."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError(f"--device {name} was asked for but no CUDA GPU is available; use --device cpu or auto")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda" and world.distributed:
+        device = torch.device("cuda", world.local_rank)
+    count = torch.cuda.device_count() if device.type == "cuda" else 0
+    if device.type == "cuda" and (device.index or 0) >= count:
+        fix = (f"start at most {count} process{'es' if count > 1 else ''} per machine (torchrun --nproc-per-node)"
+               if world.distributed else f"use --device cuda{'' if count == 1 else f':0 … cuda:{count - 1}'}")
+        raise UsageError(f"{'rank ' + str(world.rank) + ' needs ' if world.distributed else '--device '}{device}, but "
+                         f"this machine has {count} CUDA GPU{'s' if count != 1 else ''}; {fix}")
+    return device
 
 
 class FlatParameters:
