@@ -232,3 +232,19 @@ def test_sizes_the_gpu_cannot_hold_are_refused_in_one_line_before_allocating(tmp
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert f"free on {torch.cuda.get_device_name()}" in err and "use a smaller --k" in err
     assert not list(run.glob("eval-*"))
+
+
+def test_a_run_moves_between_the_gpu_and_the_cpu(tmp_path, data_dir, capsys):
+    """A run trained on the GPU goes on with `--resume --device cpu`, and one trained on the CPU with `--device cuda`:
+    each says once that its noise stream goes on from a seed made of the other device's generator state."""
+    common = ["--data-dir", data_dir, "--hidden", "16", "--latent", "4"]
+    assert train("--out", tmp_path / "gpu", "--epochs", "1", *common) == 0
+    assert main(["train", "--out", str(tmp_path / "cpu"), "--epochs", "1", "--device", "cpu", "--no-progress",
+                 "--test-examples", "200", *map(str, common)]) == 0
+    capsys.readouterr()
+    for name, there, here in (("gpu", "cuda", "cpu"), ("cpu", "cpu", "cuda")):
+        assert main(["train", "--out", str(tmp_path / name), "--resume", "--epochs", "2", "--device", here,
+                     "--no-progress"]) == 0
+        out = capsys.readouterr().out
+        assert out.count(f"note: this run drew its noise on {there}; on {here} the stream goes on") == 1, out
+        assert len(elbo_columns(tmp_path / name)) == 3                        # a header and two epochs

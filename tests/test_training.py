@@ -519,3 +519,35 @@ def test_clipping_taken_up_inside_an_epoch_counts_the_steps_it_measured(tmp_path
     assert rows[2]["gradient_norm_mean"] == pytest.approx(sum(epoch3) / steps, rel=1e-6)
     log = (tmp_path / training.TRAIN_LOG).read_text()
     assert f"in {rows[1]['clipped_steps']} of {steps - 10} steps" in log and "after epoch 1, step 10" in log
+
+
+def test_a_run_moved_between_a_gpu_and_the_cpu_resumes_from_a_stream_seeded_by_the_other(tmp_path, data_dir, capsys):
+    """`--resume` on a CPU of a run whose noise stream was a GPU's (faked here: a 16-byte Philox state, and the
+    checkpoint's word for whose it is): a CPU generator cannot take that state, so the run goes on from a stream
+    seeded by it, says so once on the terminal and in train.log, and two resumes of the same checkpoint end bit for
+    bit equal; a checkpoint written before the state named its device is read by the state's size. (On a GPU,
+    tests/test_gpu.py moves real runs both ways.)"""
+    import shutil
+
+    from vaelab.cli import main
+
+    common = ["--data-dir", str(data_dir), "--hidden", "16", "--latent", "4", "--test-examples", "200", "--no-progress"]
+    run = tmp_path / "run"
+    assert main(["train", "--out", str(run), "--epochs", "1", *common]) == 0
+    tensors, meta = ckpt.load_tensors(run / ckpt.STATE)
+    assert meta["noise_device"] == "cpu"
+    tensors["rng.noise"] = torch.arange(16, dtype=torch.uint8)          # what a CUDA generator's get_state() gives
+    ckpt.save_tensors(run / ckpt.STATE, tensors, {**meta, "noise_device": "cuda"})
+    shutil.copytree(run, tmp_path / "again")
+    shutil.copytree(run, tmp_path / "older")
+    del meta["noise_device"]
+    ckpt.save_tensors(tmp_path / "older" / ckpt.STATE, tensors, meta)
+    capsys.readouterr()
+    for name in ("run", "again", "older"):
+        assert main(["train", "--out", str(tmp_path / name), "--resume", "--epochs", "2", *common]) == 0
+        out = capsys.readouterr().out
+        assert out.count("note: this run drew its noise on cuda; on cpu the stream goes on from a seed") == 1, out
+        assert "drew its noise on cuda" in (tmp_path / name / "train.log").read_text()
+    assert_bitwise_equal(weights(run), weights(tmp_path / "again"))
+    assert_bitwise_equal(weights(run), weights(tmp_path / "older"))
+    assert elbo_columns(run) == elbo_columns(tmp_path / "older")

@@ -20,6 +20,7 @@ stands). A kill -9 loses at most the epoch under way.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import math
 import random
 import shutil
@@ -302,6 +303,7 @@ class Trainer:
             "best_epoch": self.state.best_epoch,
             "best_validation_elbo": _json_number(self.state.best_validation_elbo),
             "world_size": self.world.size,
+            "noise_device": self.noise_rng.device.type,         # whose generator state rng.noise is
             "started": self.state.started,
             "latent": self.state.latent,
             "amendments": self.state.amendments,
@@ -317,6 +319,25 @@ class Trainer:
     def _position(self) -> str:
         return f"epoch {self.state.epoch}" + (f", step {self.state.step} of epoch {self.state.epoch + 1}"
                                               if self.state.step else "")
+
+    def _restore_noise(self, state: torch.Tensor, meta: dict) -> None:
+        """The noise stream where the checkpoint left it. A run resumed on the other kind of device (``--resume
+        --device cpu`` after a GPU, or cuda after a CPU) cannot take the other generator's state (a CPU's
+        Mersenne twister, a GPU's Philox counter), so its stream goes on from a seed made of that state: the same
+        resume draws the same numbers every time, but not those the other device would have drawn (whose
+        arithmetic differs in the last digits anyway). Said on the terminal and in train.log."""
+        cpu_state = torch.Generator().get_state().numel()
+        saved = meta.get("noise_device") or ("cpu" if state.numel() == cpu_state else "cuda")   # older states
+        here = self.noise_rng.device.type
+        if saved == here:
+            self.noise_rng.set_state(state)
+            return
+        digest = hashlib.sha256(state.contiguous().numpy().tobytes()).digest()
+        self.noise_rng.manual_seed(int.from_bytes(digest[:8], "little") % 2**63)
+        note = (f"note: this run drew its noise on {saved}; on {here} the stream goes on from a seed made of that "
+                f"stream's state (the same on every resume, not the draws {saved} would have made)")
+        self.log(note)
+        self._append_log(note)
 
     def write_user_files(self) -> None:
         """model.safetensors and metrics.csv from the training state. A resume writes them again, so a
@@ -344,7 +365,7 @@ class Trainer:
                                             if k.startswith("optim.")})
             self.epoch_start_rng = tensors["rng.data_epoch_start"]
             self.data_rng.set_state(self.epoch_start_rng)
-            self.noise_rng.set_state(tensors["rng.noise" + (f".rank{self.world.rank}" if self.world.rank else "")])
+            self._restore_noise(tensors["rng.noise" + (f".rank{self.world.rank}" if self.world.rank else "")], meta)
             torch.set_rng_state(tensors["rng.torch_global"])
             random.setstate(_tupled(meta["python_random"]))
             name, keys, *rest = meta["numpy_random"]
