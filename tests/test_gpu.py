@@ -1,8 +1,9 @@
 """The CUDA paths, where a GPU is (every test here is skipped without one; CI has none, so they run on a lent GPU
-machine: benchmarks/gpu.sh). Every model's log weights and gradient on the GPU against the CPU's on the same
-weights and draws (float64), the estimators' fast forms against their generic form on the GPU, the hand-derived
-engine against autograd there, and the CLI: training that resumes bit for bit, evaluation (with the Laplace and gap
-estimates) against the CPU's, bf16 and the compiled engine."""
+machine: `python benchmarks/gpu.py` runs them first). Every model's log weights and gradient on the GPU against the
+CPU's on the same weights and draws (float64), the estimators' fast forms against their generic form on the GPU, the
+hand-derived engine against autograd there, the evaluation's chunk, and the CLI: training that resumes bit for bit
+and moves between the GPU and the CPU, evaluation (with the Laplace and gap estimates) against the CPU's, bf16, the
+compiled engine, and sizes the GPU cannot hold."""
 
 from __future__ import annotations
 
