@@ -28,7 +28,7 @@ def compile(fn: Callable) -> Callable:
 
 
 # TorchInductor's advice on a GPU with TensorFloat-32 units. vaelab keeps float32 products IEEE float32 on every device
-# (TF32 rounds their operands to 10-bit mantissas; the faster products it offers are --precision bf16's), so the
+# (TF32 rounds their operands to 10-bit mantissas; the lower precision it offers is --precision bf16), so the
 # advice, which no vaelab flag could follow, is not shown as a warning of every compiled run.
 TF32_ADVICE = "TensorFloat32 tensor cores for float32 matrix multiplication available but not enabled"
 
