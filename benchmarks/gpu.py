@@ -25,6 +25,7 @@ import os
 import platform
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -135,7 +136,8 @@ def profile_steps(out: Path, runs: Path, data: list[str], device: str, presets=(
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="where gpu.json and the logs go")
-    parser.add_argument("--runs", type=Path, default=Path("/tmp/vaelab-gpu-runs"), help="run directories")
+    parser.add_argument("--runs", type=Path, help="a new folder for the run directories (default: a fresh temporary "
+                        "one, so that the script can run again)")
     parser.add_argument("--data-dir", type=Path, help="MNIST (a folder with the cache, IDX files or mnist.pkl.gz)")
     parser.add_argument("--budget", type=float, default=540, help="seconds for the whole check")
     parser.add_argument("--skip-tests", action="store_true")
@@ -157,7 +159,8 @@ def main() -> int:
     quiet = ["--no-progress", "--device", args.device]
     subset = ["--train-examples", str(args.train_examples)] if args.train_examples else []
     digits = ["--test-examples", str(args.eval_examples)] if args.eval_examples else []
-    runs = args.runs
+    runs = args.runs or Path(tempfile.mkdtemp(prefix="vaelab-gpu-"))
+    check.record["runs"] = str(runs)
 
     check.run("data", [*vaelab, "data", *data], 120)
     if not args.skip_tests:
