@@ -57,6 +57,7 @@ from vaelab.evaluation import EvalConfig, hot_loop_settings, iwae_log_likelihood
 from vaelab.models import ModelConfig
 from vaelab.objectives import importance_sampled_log_marginal
 from vaelab.precision import EmulatedBF16Products
+from vaelab.provenance import cpu_name
 from vaelab.presets import PRESETS
 from vaelab.resources import cpu_flags, has_native_bf16
 from vaelab.training import Trainer
@@ -486,10 +487,8 @@ def plain_iwae_in_fresh_process(run_dir: Path, n_examples: int, seed: int) -> fl
 
 
 def machine() -> dict:
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               platform.processor())
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None    # what `vaelab train` runs on
-    return {"cpu": cpu, "cores": os.cpu_count(), "gpu": gpu, "torch": torch.__version__,
+    return {"cpu": cpu_name(), "cores": os.cpu_count(), "gpu": gpu, "torch": torch.__version__,
             "threads": torch.get_num_threads(), "python": platform.python_version(), "node": platform.node()}
 
 

@@ -22,6 +22,7 @@ from vaelab.engines import autograd_step, compiled_step, fused_step
 from vaelab.evaluation import EvalConfig, _iwae_one_layer, _iwae_parts, iwae_estimator, iwae_log_likelihood
 from vaelab.models import ModelConfig, build_model
 from vaelab.objectives import log_mean_exp
+from vaelab.runs import per_digit
 from vaelab.training import FlatParameters
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU (these run on a GPU machine)")
@@ -139,10 +140,10 @@ def evaluate(run, device, *extra) -> tuple[dict, dict[str, torch.Tensor]]:
     out = run / f"eval-{device}.json"
     assert main(["evaluate", str(run), "--device", device, "--no-progress", "--out", str(out), "--overwrite",
                  *map(str, extra)]) == 0
-    lines = [line.split(",") for line in out.with_name(f"eval-{device}.digits.csv").read_text().splitlines()]
-    columns = {name: torch.tensor([float(row[i]) for row in lines[1:]], dtype=torch.float64)
-               for i, name in enumerate(lines[0]) if name not in ("digit", "label")}
-    return json.loads(out.read_text()), columns
+    record = json.loads(out.read_text())
+    columns = {name: torch.from_numpy(values) for name, values in per_digit(run, record).items()
+               if name not in ("digit", "label")}
+    return record, columns
 
 
 def test_gpu_evaluation_agrees_with_the_cpu(tmp_path, data_dir):

@@ -25,15 +25,20 @@ def git_commit() -> str | None:
     return done.stdout.strip() + ("+modified" if dirty.returncode == 0 and dirty.stdout.strip() else "")
 
 
-@functools.cache
-def cpu_name() -> str:
+def cpuinfo(*fields: str) -> str:
+    """The value of the first /proc/cpuinfo line that starts with one of ``fields`` ("" where there is none)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
+            if line.startswith(fields):
                 return line.split(":", 1)[1].strip()
-    except OSError:
+    except (OSError, IndexError):
         pass
-    return platform.processor() or platform.machine()
+    return ""
+
+
+@functools.cache
+def cpu_name() -> str:
+    return cpuinfo("model name") or platform.processor() or platform.machine()
 
 
 def provenance(device: str, threads: int) -> dict:

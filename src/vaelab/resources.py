@@ -111,13 +111,10 @@ def default_threads(local_size: int = 1) -> int:
 
 
 def cpu_flags() -> set[str]:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
+    """The CPU's feature flags as /proc/cpuinfo lists them (``Features`` on ARM)."""
+    from vaelab.provenance import cpuinfo
+
+    return set(cpuinfo("flags", "Features").split())
 
 
 NATIVE_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})   # /proc/cpuinfo flags of bf16 product kernels

@@ -105,10 +105,12 @@ def resolve_device(name: str, world: World = SINGLE) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError(f"--device {name} was asked for but no CUDA GPU is available; use --device cpu or auto")
     device = torch.device(name)
-    if device.type == "cuda" and world.distributed:
+    if device.type != "cuda":
+        return device
+    if world.distributed:
         device = torch.device("cuda", world.local_rank)
-    count = torch.cuda.device_count() if device.type == "cuda" else 0
-    if device.type == "cuda" and (device.index or 0) >= count:
+    count = torch.cuda.device_count()
+    if (device.index or 0) >= count:
         fix = (f"start at most {count} process{'es' if count > 1 else ''} per machine (torchrun --nproc-per-node)"
                if world.distributed else f"use --device cuda{'' if count == 1 else f':0 … cuda:{count - 1}'}")
         raise UsageError(f"{'rank ' + str(world.rank) + ' needs ' if world.distributed else '--device '}{device}, but "

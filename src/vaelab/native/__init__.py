@@ -29,7 +29,6 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
-import platform
 import shutil
 import subprocess
 import tempfile
@@ -38,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from vaelab.provenance import cpu_name
+from vaelab.provenance import cpu_name, cpuinfo
 
 FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-std=c++17", "-fPIC", "-shared")
 # OpenMP: the process's runtime, torch's libgomp (see planar.cpp); where the compiler has none, one thread
@@ -66,14 +65,6 @@ def _cache_dirs() -> list[Path]:
     return [Path(base) / "native", Path(tempfile.gettempdir()) / f"vaelab-native-{os.getuid()}"]
 
 
-def _cpu_flags() -> str:
-    try:
-        with open("/proc/cpuinfo") as handle:
-            return next((line for line in handle if line.startswith(("flags", "Features"))), "")
-    except OSError:
-        return platform.processor()
-
-
 def build(name: str) -> Path:
     """The path of library ``name`` (``name.cpp`` beside this file), built if it is not in the cache."""
     source = Path(__file__).with_name(f"{name}.cpp")
@@ -85,7 +76,7 @@ def build(name: str) -> Path:
     except (OSError, subprocess.SubprocessError) as exc:
         raise NativeBuildError(f"{cxx} --version failed: {exc}") from exc
     key = hashlib.sha256("\0".join([source.read_text(), " ".join(FLAGS), str(THREADING), version, cpu_name(),
-                                    _cpu_flags()]).encode()).hexdigest()[:16]
+                                    cpuinfo("flags", "Features")]).encode()).hexdigest()[:16]
     problems = []
     for directory in _cache_dirs():
         library = directory / f"{name}-{key}.so"
