@@ -416,13 +416,21 @@ def test_emulated_autocast_step_equals_the_native_one(name, monkeypatch):
 
 def test_clip_norm_rescales_only_gradients_longer_than_the_bound():
     """g · min(1, c/‖g‖) in float64: a long gradient ends with norm c and its direction, a short one and zero
-    stay as they are; the returned norm is the one before."""
+    stay as they are, and on the CPU a short one is not even written (its version counter stays: no pass over a
+    gradient of millions of numbers to multiply it by 1); the returned norm is the one before. NaN still spreads."""
     g = torch.tensor([3.0, 4.0], dtype=torch.float64)                       # ‖g‖ = 5
     assert training.clip_norm_(g, 2.0).item() == 5.0
     torch.testing.assert_close(g, torch.tensor([1.2, 1.6], dtype=torch.float64), rtol=1e-15, atol=0)
     short = torch.tensor([0.3, -0.4], dtype=torch.float64)
+    version = short._version
     assert training.clip_norm_(short, 2.0).item() == pytest.approx(0.5, rel=1e-15)
-    assert short.tolist() == [0.3, -0.4]
+    assert short.tolist() == [0.3, -0.4] and short._version == version
+    at_bound = torch.tensor([3.0, 4.0], dtype=torch.float64)
+    training.clip_norm_(at_bound, 5.0)
+    assert at_bound.tolist() == [3.0, 4.0]
+    nan = torch.tensor([float("nan"), 1.0])
+    training.clip_norm_(nan, 1.0)
+    assert torch.isnan(nan).all()
     zero = torch.zeros(3, dtype=torch.float64)
     training.clip_norm_(zero, 1.0)
     assert zero.tolist() == [0.0, 0.0, 0.0]
