@@ -220,7 +220,7 @@ def test_the_cli_says_in_one_line_that_the_flow_runs_without_its_native_kernel(t
 
 def test_records_say_whether_the_flow_ran_natively(tmp_path, data_dir, monkeypatch):
     """The native loop and the PyTorch loop round differently: a planar run's checkpoint and evaluation record which
-    ran (``native_kernels``); a run without a flow records nothing of it."""
+    ran (``native_kernels``); a run without a flow records only the softplus sum's kernel (every run uses it)."""
     import json
 
     from vaelab.cli import main
@@ -229,16 +229,76 @@ def test_records_say_whether_the_flow_ran_natively(tmp_path, data_dir, monkeypat
     args = ["--epochs", "1", "--latent", "4", "--hidden", "16", "--train-examples", "200", "--test-examples", "20",
             "--data-dir", str(data_dir), "--threads", "1", "--no-progress"]
     ops = native.planar_ops()                  # resolved (and registered) once, as in any process
+    softplus = "PyTorch" if native.softplus_kernel() is None else "native"
     monkeypatch.setattr(native, "_OPS", {})
     assert "native_kernels" not in provenance("cpu", 1)
     assert main(["train", "--out", str(tmp_path / "plain"), *args]) == 0
     assert main(["evaluate", str(tmp_path / "plain"), "--k", "5", "--threads", "1", "--no-progress"]) == 0
-    assert all("native_kernels" not in path.read_text() for path in (tmp_path / "plain").glob("eval-*.json"))
+    record = json.loads(next((tmp_path / "plain").glob("eval-*.json")).read_text())
+    assert record["native_kernels"] == {"softplus": softplus}
     native._OPS["planar"] = ops
     expected = "PyTorch loop" if ops is None else "native"
     assert main(["train", "--out", str(tmp_path / "flow"), "--flow", "planar", "--flow-steps", "2", *args]) == 0
     assert main(["evaluate", str(tmp_path / "flow"), "--k", "5", "--threads", "1", "--no-progress"]) == 0
     record = json.loads(next((tmp_path / "flow").glob("eval-*.json")).read_text())
-    assert record["native_kernels"] == {"planar": expected}
+    assert record["native_kernels"] == {"planar": expected, "softplus": softplus}
     monkeypatch.setitem(native._OPS, "planar", None)
-    assert provenance("cpu", 1)["native_kernels"] == {"planar": "PyTorch loop"}
+    monkeypatch.setitem(native._OPS, "softplus", None)
+    assert provenance("cpu", 1)["native_kernels"] == {"planar": "PyTorch loop", "softplus": "PyTorch"}
+
+
+@needs_native
+@pytest.mark.parametrize("base2", [False, True])
+def test_native_softplus_sum_is_within_float32_rounding_of_float64(base2):
+    """``softplus.cpp`` against max(ℓ, 0) + log1p(e^{−|ℓ|}) summed in float64 on the same float32 inputs: every row
+    within 6e-7 of its sum (all terms are positive; 49 terms summed per float32 lane for 784 pixels; the PyTorch form
+    is held to 2e-6), at moderate, huge (±100: e^{ℓ} overflows float32), zero and evenly spread logits, and rows of
+    800 (not a multiple of 16 lanes) and 5; tiny terms (ℓ = −80: e^{ℓ} ≈ 2e-35 each) are kept. It leaves its input as
+    it was, takes (…, D) of any leading shape, and gives the same bits on 1 and 2 threads (each row is one
+    thread's)."""
+    kernel = native.softplus_kernel()
+    g = torch.Generator().manual_seed(1)
+    for width in (784, 800, 5):
+        logits = (torch.randn(400, width, generator=g, dtype=torch.float64) * 8 - 2).float()
+        logits[0], logits[1], logits[2], logits[3] = 100.0, -80.0, 0.0, torch.linspace(-120, 120, width)
+        exact = logits.double()
+        expected = (exact.clamp(min=0) + torch.log1p(torch.exp(-exact.abs()))).sum(-1)        # (400,)
+        given = (logits * (1 / torch.log(torch.tensor(2.0))).item()) if base2 else logits
+        copy = given.clone()
+        value = kernel(given.view(20, 20, width), base2).reshape(-1).double()
+        assert torch.equal(given, copy)
+        if base2:       # the input was ℓ log₂e rounded to float32: compare with that ℓ
+            exact = given.double() * torch.log(torch.tensor(2.0, dtype=torch.float64))
+            expected = (exact.clamp(min=0) + torch.log1p(torch.exp(-exact.abs()))).sum(-1)
+        assert ((value - expected).abs() <= 6e-7 * expected).all(), ((value - expected) / expected).abs().max()
+        threads = torch.get_num_threads()
+        try:
+            torch.set_num_threads(2)
+            two = kernel(given, base2)
+            torch.set_num_threads(1)
+            assert torch.equal(kernel(given, base2), two)
+        finally:
+            torch.set_num_threads(threads)
+
+
+def test_softplus_sum_takes_the_native_kernel_for_float32_on_the_cpu_and_its_pytorch_form_otherwise(monkeypatch):
+    """Without gradients a float32 CPU tensor goes to the kernel; float64, a tensor that needs its gradient, and a
+    process without the library (``VAELAB_NATIVE=0`` or no compiler) take the PyTorch form, within float32 rounding
+    of each other."""
+    from vaelab.objectives import softplus_sum
+
+    calls = []
+    monkeypatch.setitem(native._OPS, "softplus", lambda y, base2: calls.append(y.shape) or torch.zeros(y.shape[:-1]))
+    logits = torch.randn(3, 4, 784)
+    with torch.no_grad():
+        softplus_sum(logits)
+        softplus_sum(logits.double())
+    softplus_sum(logits.clone().requires_grad_())
+    assert calls == [torch.Size([3, 4, 784])]
+    monkeypatch.setitem(native._OPS, "softplus", None)
+    with torch.no_grad():
+        fallback = softplus_sum(logits.clone())
+    monkeypatch.delitem(native._OPS, "softplus")
+    if native.softplus_kernel() is not None:
+        with torch.no_grad():
+            torch.testing.assert_close(softplus_sum(logits), fallback, rtol=2e-6, atol=0)

@@ -91,9 +91,15 @@ def softplus_sum(logits: torch.Tensor, groups: int = 4, *, base2: bool = False) 
     ``base2=True``: the input already holds y = ℓ log₂e (a decoder whose last layer was scaled by log₂e
     once, ``VAE.log_likelihood_for``), which saves a pass over the logits; the result is still in nats.
     With autograd recording through ``logits`` it is F.softplus(ℓ).sum(-1) (the fast form works in place).
+    For a float32 CPU tensor outside a compiled graph, ``vaelab/native/softplus.cpp`` computes the same sum in one
+    pass over the logits (about 3 × faster than this form on 1000 × 784 logits, within 6e-7 of float64 where this
+    form is within 2e-6; tests/test_objectives.py), where it can be built; its input is left as it was.
     """
     if torch.is_grad_enabled() and logits.requires_grad:
         return F.softplus(logits * LN_2 if base2 else logits).sum(-1)
+    kernel = _native_softplus(logits)
+    if kernel is not None:                    # one pass over the logits instead of about seven (native/softplus.cpp)
+        return kernel(logits, base2)
     while groups > 0 and 2.0 ** (2 ** groups) > torch.finfo(logits.dtype).max:   # float16: 2¹⁶ overflows
         groups -= 1
     y = logits if base2 else logits * LOG2_E                                  # (…, D) y = ℓ log₂e
@@ -107,6 +113,16 @@ def softplus_sum(logits: torch.Tensor, groups: int = 4, *, base2: bool = False) 
         a, b = p[..., :width // 2], p[..., width // 2:]
         p = torch.addcmul(b, a, b).add_(a)                                    # (1+a)(1+b) − 1 = a + b + ab
     return p.log1p_().sum(-1).add_(total, alpha=LN_2)
+
+
+def _native_softplus(logits: torch.Tensor):
+    """The native kernel for a float32 CPU tensor with something to sum, outside a compiled graph; else None."""
+    if logits.dtype != torch.float32 or logits.device.type != "cpu" or logits.numel() == 0 or logits.dim() == 0 \
+            or torch.compiler.is_compiling():
+        return None
+    from vaelab import native
+
+    return native.softplus_kernel()
 
 
 def standardized(difference: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:

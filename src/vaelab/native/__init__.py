@@ -1,7 +1,8 @@
 """Native kernels: C++ sources beside this file, built once per machine with its C++ compiler, loaded with ctypes.
 
 What PyTorch runs as many small kernels in a Python loop, and what no product or fused graph expresses, is written
-here as a plain loop: the planar flow's two sequential recursions (``planar.cpp``; ``vaelab.models.flows``). The
+here as a plain loop: the planar flow's two sequential recursions (``planar.cpp``; ``vaelab.models.flows``), and
+the Bernoulli likelihood's Σ softplus over the logits in one pass (``softplus.cpp``; ``objectives.softplus_sum``). The
 sources use no torch headers; they take pointers to contiguous float32 or float64 arrays. Their parallel loops
 are OpenMP's, on the process's runtime, which is torch's own libgomp (loaded first, the same soname), with
 torch's thread count: threads started by the library instead competed with torch's, still spinning on the cores.
@@ -123,6 +124,19 @@ def _check_private(directory: Path) -> None:
 def prepare() -> None:
     """Resolve every native library now (before torch.compile traces code that asks for one)."""
     planar_ops()
+    softplus_kernel()
+
+
+def softplus_kernel():
+    """Σⱼ softplus over the last axis of a contiguous float32 CPU tensor in one pass (``softplus.cpp``), as a
+    function (y (…, D), base2) → (…,), or None where the library cannot be had (``objectives.softplus_sum``
+    then runs its PyTorch form)."""
+    ops = _OPS.get("softplus", _UNRESOLVED)
+    if ops is _UNRESOLVED:
+        if torch.compiler.is_compiling():
+            return None
+        ops = _OPS["softplus"] = _softplus_kernel()
+    return ops
 
 
 def planar_ops():
@@ -135,10 +149,14 @@ def planar_ops():
     return ops
 
 
+# what runs a kernel's computation where its library could not be had
+FALLBACKS = {"planar": "PyTorch loop", "softplus": "PyTorch"}
+
+
 def resolved() -> dict[str, str]:
-    """The kernels this process has asked for so far and what runs them ("native" or "PyTorch loop"): recorded
-    with a run's checkpoints and evaluations (``vaelab.provenance``), since the two round differently."""
-    return {name: "PyTorch loop" if ops is None else "native" for name, ops in _OPS.items()}
+    """The kernels this process has asked for so far and what runs them ("native", or the PyTorch fallback):
+    recorded with a run's checkpoints and evaluations (``vaelab.provenance``), since the two round differently."""
+    return {name: FALLBACKS[name] if ops is None else "native" for name, ops in sorted(_OPS.items())}
 
 
 def usable(ops, *tensors: torch.Tensor):
@@ -148,6 +166,30 @@ def usable(ops, *tensors: torch.Tensor):
     dtype = tensors[0].dtype
     ok = dtype in (torch.float32, torch.float64) and all(t.device.type == "cpu" and t.dtype == dtype for t in tensors)
     return ops if ok else None
+
+
+def _softplus_kernel():
+    if os.environ.get("VAELAB_NATIVE") == "0":
+        return None
+    try:
+        library = ctypes.CDLL(str(build("softplus")))
+    except (NativeBuildError, OSError) as exc:
+        warnings.warn(f"the softplus sum's native kernel is not available ({exc}); its PyTorch form runs instead "
+                      f"(the same result to float32 rounding, slower)", RuntimeWarning, stacklevel=3)
+        return None
+    kernel = library.softplus_sum_f32
+    kernel.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_int]
+    kernel.restype = None
+
+    def softplus_sum(y: torch.Tensor, base2: bool) -> torch.Tensor:
+        """Σⱼ softplus(ℓⱼ) over the last axis of y (…, D) float32, ℓ = y / log₂e where ``base2`` (softplus.cpp)."""
+        y = y.contiguous()
+        out = torch.empty(y.shape[:-1], dtype=y.dtype)
+        rows = out.numel()
+        kernel(y.data_ptr(), out.data_ptr(), rows, y.shape[-1], int(base2), torch.get_num_threads())
+        return out
+
+    return softplus_sum
 
 
 def _planar_ops():
