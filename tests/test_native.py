@@ -202,11 +202,11 @@ def test_planar_flow_without_gradients_reuses_its_step_quantities_and_gives_the_
     assert one[0].shape == (4, 3, 6) and one[1].shape == (4, 3)
 
 
-def test_the_cli_says_in_one_line_that_the_flow_runs_without_its_native_kernel(tmp_path, data_dir, monkeypatch, capfd):
+def test_the_cli_says_in_one_line_each_that_the_kernels_run_without_their_native_library(tmp_path, data_dir, monkeypatch, capfd):
     from vaelab.cli import main
 
     monkeypatch.setattr(native, "compiler", lambda: None)
-    monkeypatch.delitem(native._OPS, "planar", raising=False)
+    monkeypatch.setattr(native, "_OPS", {})            # nothing resolved yet, and what this resolves is undone after
     assert main(["train", "--out", str(tmp_path / "run"), "--epochs", "1", "--flow", "planar", "--flow-steps", "2",
                  "--latent", "4", "--hidden", "16", "--train-examples", "200", "--test-examples", "20",
                  "--data-dir", str(data_dir), "--threads", "1", "--no-progress"]) == 0
@@ -214,7 +214,10 @@ def test_the_cli_says_in_one_line_that_the_flow_runs_without_its_native_kernel(t
     lines = [line for line in err.splitlines() if "native kernel" in line]
     assert lines == ["vaelab train: warning: the planar flow's native kernel is not available (no C++ compiler "
                      "(install one, e.g. apt install g++, or set CXX)); the flow runs its PyTorch loop instead (the "
-                     "same result, slower)"], err
+                     "same result, slower)",
+                     "vaelab train: warning: the softplus sum's native kernel is not available (no C++ compiler "
+                     "(install one, e.g. apt install g++, or set CXX)); its PyTorch form runs instead (the same "
+                     "result to float32 rounding, slower)"], err
     assert "flows.py" not in err
 
 
@@ -229,9 +232,9 @@ def test_records_say_whether_the_flow_ran_natively(tmp_path, data_dir, monkeypat
     args = ["--epochs", "1", "--latent", "4", "--hidden", "16", "--train-examples", "200", "--test-examples", "20",
             "--data-dir", str(data_dir), "--threads", "1", "--no-progress"]
     ops = native.planar_ops()                  # resolved (and registered) once, as in any process
-    softplus = "PyTorch" if native.softplus_kernel() is None else "native"
-    monkeypatch.setattr(native, "_OPS", {})
-    assert "native_kernels" not in provenance("cpu", 1)
+    softplus = native.FALLBACKS["softplus"] if native.softplus_kernel() is None else "native"
+    monkeypatch.setattr(native, "_OPS", {"softplus": native.softplus_kernel()})
+    assert provenance("cpu", 1)["native_kernels"] == {"softplus": softplus}
     assert main(["train", "--out", str(tmp_path / "plain"), *args]) == 0
     assert main(["evaluate", str(tmp_path / "plain"), "--k", "5", "--threads", "1", "--no-progress"]) == 0
     record = json.loads(next((tmp_path / "plain").glob("eval-*.json")).read_text())
@@ -288,7 +291,8 @@ def test_softplus_sum_takes_the_native_kernel_for_float32_on_the_cpu_and_its_pyt
     from vaelab.objectives import softplus_sum
 
     calls = []
-    monkeypatch.setitem(native._OPS, "softplus", lambda y, base2: calls.append(y.shape) or torch.zeros(y.shape[:-1]))
+    monkeypatch.setitem(native._OPS, "softplus",
+                        lambda y, base2, bias: calls.append(y.shape) or torch.zeros(y.shape[:-1]))
     logits = torch.randn(3, 4, 784)
     with torch.no_grad():
         softplus_sum(logits)
@@ -298,7 +302,20 @@ def test_softplus_sum_takes_the_native_kernel_for_float32_on_the_cpu_and_its_pyt
     monkeypatch.setitem(native._OPS, "softplus", None)
     with torch.no_grad():
         fallback = softplus_sum(logits.clone())
+    bias = torch.randn(784)
+    with torch.no_grad():
+        fallback_bias = softplus_sum(logits.clone(), bias=bias)
+    torch.testing.assert_close(fallback_bias, softplus_sum(logits + bias), rtol=2e-6, atol=0)
     monkeypatch.delitem(native._OPS, "softplus")
     if native.softplus_kernel() is not None:
         with torch.no_grad():
             torch.testing.assert_close(softplus_sum(logits), fallback, rtol=2e-6, atol=0)
+            # the bias is added as the kernel reads each logit: the same float32 sums as adding it first
+            assert torch.equal(softplus_sum(logits, bias=bias), softplus_sum(logits + bias))
+            torch.testing.assert_close(softplus_sum(logits, bias=bias), fallback_bias, rtol=2e-6, atol=0)
+        with pytest.raises(ValueError, match="bias of shape"):
+            native.softplus_kernel()(logits, False, torch.zeros(3))
+    # with gradients through the bias, autograd's softplus of logits + bias
+    b = bias.clone().requires_grad_()
+    softplus_sum(logits, bias=b).sum().backward()
+    torch.testing.assert_close(b.grad, torch.sigmoid(logits + bias).sum((0, 1)), rtol=1e-5, atol=1e-5)

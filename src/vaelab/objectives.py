@@ -76,7 +76,8 @@ class BernoulliLogLikelihood(torch.autograd.Function):
         return (x - torch.sigmoid(logits)) * grad.unsqueeze(-1), None            # (…, B, D)
 
 
-def softplus_sum(logits: torch.Tensor, groups: int = 4, *, base2: bool = False) -> torch.Tensor:
+def softplus_sum(logits: torch.Tensor, groups: int = 4, *, base2: bool = False,
+                 bias: torch.Tensor | None = None) -> torch.Tensor:
     """Σⱼ softplus(ℓⱼ) = Σⱼ log(1 + e^{ℓⱼ}) over the last axis, with one exp2 per element and one log per 2^groups.
 
     softplus(ℓ) = max(ℓ, 0) + log(1 + u) with u = e^{−|ℓ|} = 2^{−|y|}, y = ℓ log₂e, u ∈ (0, 1]. The logs of a
@@ -88,6 +89,10 @@ def softplus_sum(logits: torch.Tensor, groups: int = 4, *, base2: bool = False) 
     of ≈2–2.5 in isolation (exp2 costs about half of exp, and 1/16 of the logs), less after a matmul
     (benchmarks/README.md).
 
+    ``bias`` (D,): the sum of softplus(logits + bias), for a product's output whose layer bias is not yet added
+    (the native kernel adds it as it reads each logit: the product need not write the bias first, nor this read it
+    back).
+
     ``base2=True``: the input already holds y = ℓ log₂e (a decoder whose last layer was scaled by log₂e
     once, ``VAE.log_likelihood_for``), which saves a pass over the logits; the result is still in nats.
     With autograd recording through ``logits`` it is F.softplus(ℓ).sum(-1) (the fast form works in place).
@@ -95,11 +100,14 @@ def softplus_sum(logits: torch.Tensor, groups: int = 4, *, base2: bool = False) 
     pass over the logits (about 3 × faster than this form on 1000 × 784 logits, within 6e-7 of float64 where this
     form is within 2e-6; tests/test_objectives.py), where it can be built; its input is left as it was.
     """
-    if torch.is_grad_enabled() and logits.requires_grad:
-        return F.softplus(logits * LN_2 if base2 else logits).sum(-1)
-    kernel = _native_softplus(logits)
+    recording = torch.is_grad_enabled() and (logits.requires_grad or (bias is not None and bias.requires_grad))
+    kernel = None if recording else _native_softplus(logits)
     if kernel is not None:                    # one pass over the logits instead of about seven (native/softplus.cpp)
-        return kernel(logits, base2)
+        return kernel(logits, base2, bias)
+    if bias is not None:
+        logits = logits + bias                                                # (…, D)
+    if recording:
+        return F.softplus(logits * LN_2 if base2 else logits).sum(-1)
     while groups > 0 and 2.0 ** (2 ** groups) > torch.finfo(logits.dtype).max:   # float16: 2¹⁶ overflows
         groups -= 1
     y = logits if base2 else logits * LOG2_E                                  # (…, D) y = ℓ log₂e

@@ -174,9 +174,9 @@ def bernoulli_data_term(hidden: Callable[[torch.Tensor], torch.Tensor], out: nn.
     def log_likelihood(z: torch.Tensor, _: torch.Tensor | None = None) -> torch.Tensor:
         batch = z.shape[:-1]
         h = hidden(z.reshape(-1, z.shape[-1]))                                 # (…·B, H)
-        logits2 = F.linear(h, weight2, bias2)                                  # (…·B, 784) ℓ log₂e, 2-D
+        products = torch.mm(h, weight2.t())                                    # (…·B, 784) (ℓ − b_out) log₂e
         h = h.view(*batch, -1)                                                 # (…, B, H)
-        return (h * x_w).sum(-1) + x_b - softplus_sum(logits2, base2=True).view(batch)
+        return (h * x_w).sum(-1) + x_b - softplus_sum(products, base2=True, bias=bias2).view(batch)
 
     return log_likelihood
 

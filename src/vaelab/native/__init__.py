@@ -178,15 +178,21 @@ def _softplus_kernel():
                       f"(the same result to float32 rounding, slower)", RuntimeWarning, stacklevel=3)
         return None
     kernel = library.softplus_sum_f32
-    kernel.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_int]
+    kernel.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int,
+                       ctypes.c_int]
     kernel.restype = None
 
-    def softplus_sum(y: torch.Tensor, base2: bool) -> torch.Tensor:
-        """Σⱼ softplus(ℓⱼ) over the last axis of y (…, D) float32, ℓ = y / log₂e where ``base2`` (softplus.cpp)."""
+    def softplus_sum(y: torch.Tensor, base2: bool, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """Σⱼ softplus(ℓⱼ) over the last axis of y (…, D) float32 with ``bias`` (D,) added (none: zeros), ℓ = y + bias,
+        or (y + bias) / log₂e where ``base2`` (softplus.cpp)."""
         y = y.contiguous()
+        bias = None if bias is None else bias.to(torch.float32).contiguous()
+        if bias is not None and bias.shape != y.shape[-1:]:
+            raise ValueError(f"a bias of shape {tuple(bias.shape)} for logits of shape {tuple(y.shape)}")
         out = torch.empty(y.shape[:-1], dtype=y.dtype)
         rows = out.numel()
-        kernel(y.data_ptr(), out.data_ptr(), rows, y.shape[-1], int(base2), torch.get_num_threads())
+        kernel(y.data_ptr(), None if bias is None else bias.data_ptr(), out.data_ptr(), rows, y.shape[-1], int(base2),
+               torch.get_num_threads())
         return out
 
     return softplus_sum

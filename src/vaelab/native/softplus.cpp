@@ -16,6 +16,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -58,13 +59,14 @@ inline float softplus_term(float v, float to_base2) {
     return (y > 0.0f ? y : 0.0f) * kLn2 + log1p_unit(exp2_negative(a));
 }
 
-void row_sum(const float* __restrict__ row, int64_t d, float to_base2, float* __restrict__ out) {
+void row_sum(const float* __restrict__ row, const float* __restrict__ bias, int64_t d, float to_base2,
+             float* __restrict__ out) {
     float lanes[kLanes] = {0};                        // float32 lanes (one vector): 49 terms each for 784 pixels
     int64_t j = 0;
     for (; j + kLanes <= d; j += kLanes)
-        for (int l = 0; l < kLanes; ++l) lanes[l] += softplus_term(row[j + l], to_base2);
+        for (int l = 0; l < kLanes; ++l) lanes[l] += softplus_term(row[j + l] + bias[j + l], to_base2);
     double total = 0.0;
-    for (; j < d; ++j) total += softplus_term(row[j], to_base2);
+    for (; j < d; ++j) total += softplus_term(row[j] + bias[j], to_base2);
     for (int l = 0; l < kLanes; ++l) total += lanes[l];
     *out = static_cast<float>(total);
 }
@@ -73,14 +75,18 @@ void row_sum(const float* __restrict__ row, int64_t d, float to_base2, float* __
 
 extern "C" {
 
-// out[i] = Σⱼ softplus(ℓᵢⱼ) for x (rows, d) contiguous: ℓ = x / log₂e when base2 (x holds ℓ log₂e), else ℓ = x
-void softplus_sum_f32(const float* x, float* out, int64_t rows, int64_t d, int base2, int threads) {
+// out[i] = Σⱼ softplus(ℓᵢⱼ) for x (rows, d) contiguous and a bias (d,) added to every row (a product's output
+// and its layer's bias, so that the product need not write the bias first): ℓ = (x + bias) / log₂e when base2
+// (they hold ℓ log₂e), else ℓ = x + bias; bias null: zeros
+void softplus_sum_f32(const float* x, const float* bias, float* out, int64_t rows, int64_t d, int base2, int threads) {
     const float to_base2 = base2 ? 1.0f : kLog2e;
+    std::vector<float> zeros(bias ? 0 : d, 0.0f);
+    if (!bias) bias = zeros.data();
 #ifdef _OPENMP
     const bool parallel = threads > 1 && rows * d >= 100000;
 #pragma omp parallel for num_threads(threads) schedule(static) if (parallel)
 #endif
-    for (int64_t i = 0; i < rows; ++i) row_sum(x + i * d, d, to_base2, out + i);
+    for (int64_t i = 0; i < rows; ++i) row_sum(x + i * d, bias, d, to_base2, out + i);
 }
 
 }  // extern "C"
