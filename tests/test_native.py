@@ -3,6 +3,7 @@ float64, the build's cache and its fall back."""
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -315,6 +316,13 @@ def test_softplus_sum_takes_the_native_kernel_for_float32_on_the_cpu_and_its_pyt
             torch.testing.assert_close(softplus_sum(logits, bias=bias), fallback_bias, rtol=2e-6, atol=0)
         with pytest.raises(ValueError, match="bias of shape"):
             native.softplus_kernel()(logits, False, torch.zeros(3))
+        # a NaN logit (a diverged decoder) gives NaN, as the PyTorch form does, never a finite likelihood; ±inf
+        special = torch.zeros(4, 784)
+        special[0, 5], special[1, 700], special[2, 3], special[3, 3] = float("nan"), float("nan"), float("inf"), -float("inf")
+        with torch.no_grad():
+            value, torch_form = softplus_sum(special), softplus_sum(special.double()).float()
+        assert value[:2].isnan().all() and torch_form[:2].isnan().all()
+        assert value[2] == float("inf") and torch.isclose(value[3], torch.tensor(783 * math.log(2)))
     # with gradients through the bias, autograd's softplus of logits + bias
     b = bias.clone().requires_grad_()
     softplus_sum(logits, bias=b).sum().backward()

@@ -98,7 +98,7 @@ def softplus_sum(logits: torch.Tensor, groups: int = 4, *, base2: bool = False,
     With autograd recording through ``logits`` it is F.softplus(ℓ).sum(-1) (the fast form works in place).
     For a float32 CPU tensor outside a compiled graph, ``vaelab/native/softplus.cpp`` computes the same sum in one
     pass over the logits (about 3 × faster than this form on 1000 × 784 logits, within 6e-7 of float64 where this
-    form is within 2e-6; tests/test_objectives.py), where it can be built; its input is left as it was.
+    form is within 2e-6; tests/test_native.py), where it can be built; its input is left as it was.
     """
     recording = torch.is_grad_enabled() and (logits.requires_grad or (bias is not None and bias.requires_grad))
     kernel = None if recording else _native_softplus(logits)

@@ -52,11 +52,13 @@ inline float log1p_unit(float u) {
                                                                                                 + s * (1.0f / 13 + s * (1.0f / 15))))))));
 }
 
-// softplus of one element in nats, from y = ℓ log₂e (base2) or ℓ
+// softplus of one element in nats, from y = ℓ log₂e (base2) or ℓ; NaN stays NaN (a diverged decoder must not read
+// as a finite likelihood), +inf gives +inf, −inf gives 0
 inline float softplus_term(float v, float to_base2) {
     const float y = v * to_base2;
     const float a = std::fabs(y);
-    return (y > 0.0f ? y : 0.0f) * kLn2 + log1p_unit(exp2_negative(a));
+    const float positive = y > 0.0f ? y : (y != y ? y : 0.0f);
+    return positive * kLn2 + log1p_unit(exp2_negative(a));
 }
 
 void row_sum(const float* __restrict__ row, const float* __restrict__ bias, int64_t d, float to_base2,
