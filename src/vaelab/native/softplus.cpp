@@ -10,8 +10,9 @@
 //       (1/3)¹⁷/17 · 2 < 1e-9; relative precision is kept for the tiny u of confident pixels (t ≈ u/2), which 1 + u
 //       in float32 would round away.
 //
-// The result is float32. Built by vaelab.native with the machine's
-// C++ compiler; no torch headers.
+// A bias (D,) may be given, added to every row as it is read (a product's output before its layer's bias). Below
+// 2^{−126} u is float32's subnormal (0 where the caller flushes them); |y| ≥ 150 gives u = 0. NaN stays NaN.
+// The result is float32. Built by vaelab.native with the machine's C++ compiler; no torch headers.
 
 #include <cmath>
 #include <cstdint>
