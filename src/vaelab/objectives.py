@@ -17,6 +17,8 @@ from typing import Callable, Protocol
 import torch
 import torch.nn.functional as F
 
+from vaelab import native
+
 LOG_2PI = math.log(2.0 * math.pi)
 LN_2 = math.log(2.0)
 LOG2_E = 1.0 / LN_2
@@ -128,8 +130,6 @@ def _native_softplus(logits: torch.Tensor):
     if logits.dtype != torch.float32 or logits.device.type != "cpu" or logits.numel() == 0 or logits.dim() == 0 \
             or torch.compiler.is_compiling():
         return None
-    from vaelab import native
-
     return native.softplus_kernel()
 
 

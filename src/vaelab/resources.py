@@ -11,6 +11,7 @@ import resource
 from pathlib import Path
 
 from vaelab.errors import ResourceError, UsageError
+from vaelab.provenance import cpuinfo
 
 
 def _read_int(path: str) -> int | None:
@@ -112,8 +113,6 @@ def default_threads(local_size: int = 1) -> int:
 
 def cpu_flags() -> set[str]:
     """The CPU's feature flags as /proc/cpuinfo lists them (``Features`` on ARM)."""
-    from vaelab.provenance import cpuinfo
-
     return set(cpuinfo("flags", "Features").split())
 
 

@@ -131,22 +131,34 @@ def softplus_kernel():
     """Σⱼ softplus over the last axis of a contiguous float32 CPU tensor in one pass (``softplus.cpp``), as a
     function (y (…, D), base2) → (…,), or None where the library cannot be had (``objectives.softplus_sum``
     then runs its PyTorch form)."""
-    ops = _OPS.get("softplus", _UNRESOLVED)
-    if ops is _UNRESOLVED:
-        if torch.compiler.is_compiling():
-            return None
-        ops = _OPS["softplus"] = _softplus_kernel()
-    return ops
+    return _resolve("softplus", _softplus_kernel)
 
 
 def planar_ops():
     """(forward, backward) of the planar recursions as custom operators, or None (see the module's docstring)."""
-    ops = _OPS.get("planar", _UNRESOLVED)
+    return _resolve("planar", _planar_ops)
+
+
+def _resolve(name: str, make):
+    """Kernel ``name``'s operators, made by ``make`` once per process (None where its library cannot be had)."""
+    ops = _OPS.get(name, _UNRESOLVED)
     if ops is _UNRESOLVED:
         if torch.compiler.is_compiling():       # a trace cannot run a compiler; ``prepare`` should have
             return None
-        ops = _OPS["planar"] = _planar_ops()
+        ops = _OPS[name] = make()
     return ops
+
+
+def _load(name: str, kernel: str, instead: str):
+    """Library ``name`` loaded (built first where needed), or None: ``VAELAB_NATIVE=0``, or it cannot be had, which
+    one warning says, naming the ``kernel`` and, ``instead``, what runs in its place."""
+    if os.environ.get("VAELAB_NATIVE") == "0":
+        return None
+    try:
+        return ctypes.CDLL(str(build(name)))
+    except (NativeBuildError, OSError) as exc:
+        warnings.warn(f"{kernel} native kernel is not available ({exc}); {instead}", RuntimeWarning, stacklevel=5)
+        return None
 
 
 # what runs a kernel's computation where its library could not be had
@@ -169,13 +181,9 @@ def usable(ops, *tensors: torch.Tensor):
 
 
 def _softplus_kernel():
-    if os.environ.get("VAELAB_NATIVE") == "0":
-        return None
-    try:
-        library = ctypes.CDLL(str(build("softplus")))
-    except (NativeBuildError, OSError) as exc:
-        warnings.warn(f"the softplus sum's native kernel is not available ({exc}); its PyTorch form runs instead "
-                      f"(the same result to float32 rounding, slower)", RuntimeWarning, stacklevel=3)
+    library = _load("softplus", "the softplus sum's",
+                    "its PyTorch form runs instead (the same result to float32 rounding, slower)")
+    if library is None:
         return None
     kernel = library.softplus_sum_f32
     kernel.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int,
@@ -199,13 +207,8 @@ def _softplus_kernel():
 
 
 def _planar_ops():
-    if os.environ.get("VAELAB_NATIVE") == "0":
-        return None
-    try:
-        library = ctypes.CDLL(str(build("planar")))
-    except (NativeBuildError, OSError) as exc:
-        warnings.warn(f"the planar flow's native kernel is not available ({exc}); the flow runs its PyTorch "
-                      f"loop instead (the same result, slower)", RuntimeWarning, stacklevel=3)
+    library = _load("planar", "the planar flow's", "the flow runs its PyTorch loop instead (the same result, slower)")
+    if library is None:
         return None
     pointer, size = ctypes.c_void_p, ctypes.c_int64
     kernels = {}
