@@ -283,23 +283,32 @@ class ProductRecorder(TorchDispatchMode):
         return func(*args, **kwargs)
 
 
+def fastest_seconds(work, rounds: int = 3) -> float:
+    """The fastest of ``rounds`` timings of ``work()``: a floor is the least its work can take (one round on a shared
+    machine read up to 30 % more from one run to the next)."""
+    best = float("inf")
+    for _ in range(rounds):
+        start = time.perf_counter()
+        work()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
 def replay_seconds(calls: list[tuple], repeats: int, rounds: int = 3) -> float:
-    """Seconds of ``repeats`` replays of the recorded products on operands of the same shapes and strides: the
-    fastest of ``rounds`` rounds (a floor is the least the products can take; one round on a shared machine read
-    up to 30 % more from one run to the next)."""
+    """Seconds of ``repeats`` replays of the recorded products on operands of the same shapes and strides, the
+    fastest of ``rounds`` rounds (``fastest_seconds``)."""
     prepared = [(func, [torch.empty_strided(a[0], a[1], dtype=a[2]).normal_() if isinstance(a, tuple) else a
                         for a in args], kwargs) for func, args, kwargs in calls]
-    best = float("inf")
+
+    def replays() -> None:
+        for _ in range(repeats):
+            for func, args, kwargs in prepared:
+                func(*args, **kwargs)
+
     with torch.no_grad():
         for func, args, kwargs in prepared:                   # each kernel once before the clock starts
             func(*args, **kwargs)
-        for _ in range(rounds):
-            start = time.perf_counter()
-            for _ in range(repeats):
-                for func, args, kwargs in prepared:
-                    func(*args, **kwargs)
-            best = min(best, time.perf_counter() - start)
-    return best
+        return fastest_seconds(replays, rounds)
 
 
 def preset_floors(name: str, arrays, n_train: int, eval_digits: int = 40, trained: Path | None = None,
@@ -307,8 +316,8 @@ def preset_floors(name: str, arrays, n_train: int, eval_digits: int = 40, traine
     """A preset's floors on this machine: every matrix product of one training step (forward and autograd's
     backward, recorded at their real shapes) replayed for an epoch's steps, plus Adam's kernel over the flat
     buffer as often; and every product of IWAE-5000 on 20 digits replayed for 10 000; each the fastest of three
-    rounds. Beside them, its measured
-    IWAE-5000 seconds per 10 000 digits (timed on ``eval_digits``, scaled), with the fresh weights and, given
+    rounds. Beside them, its measured IWAE-5000 seconds per 10 000 digits (timed on ``eval_digits``, scaled), with
+    the fresh weights and, given
     ``trained`` (a run directory of this preset), with its weights (the floors do not depend on the values).
     ``compiled``: IWAE-5000 as ``evaluate --compiled`` computes it, timed after one compiling pass over 20 digits."""
     from vaelab.engines import ENGINES
@@ -335,12 +344,7 @@ def preset_floors(name: str, arrays, n_train: int, eval_digits: int = 40, traine
     saved = {key: t.clone() for key, t in adam.state_dict().items()}
     with hot_loop_settings():
         products = replay_seconds(recorder.calls, steps)
-        adam_seconds = float("inf")
-        for _ in range(3):                                   # the fastest of three rounds, as the products
-            start = time.perf_counter()
-            for _ in range(steps):
-                adam.step()
-            adam_seconds = min(adam_seconds, time.perf_counter() - start)
+        adam_seconds = fastest_seconds(lambda: [adam.step() for _ in range(steps)])
     adam.load_state_dict(saved)
     adam.param.copy_(param)
     model = trainer.model.eval()
