@@ -60,17 +60,48 @@ def test_native_recursions_equal_the_pytorch_loops(z_shape, param_shape, monkeyp
 
 @needs_native
 def test_native_tanh_is_within_two_ulps_of_float64():
-    """One step with M = 0 is aₜ = tanh(sₜ): the kernel's own float32 tanh against float64's, relative error in
-    units of 2⁻²³ over [−12, 12] and down to 1e-30, and odd."""
+    """One step is aₜ = tanh(sₜ): the kernel's own float32 tanh against float64's, relative error in units of 2⁻²³
+    over [−12, 12] and down to 1e-30, and odd."""
     forward, _ = native.planar_ops()
     x = torch.cat([torch.linspace(-12, 12, 400_001), torch.logspace(-30, 0, 3001), -torch.logspace(-30, 0, 3001),
                    torch.tensor([0.0, 9.0, 9.5, 88.0, -88.0, float("inf"), -float("inf")])])
-    a = forward(x.reshape(1, 1, -1), torch.zeros(1, 1, 1)).flatten()
+    a = forward(x.reshape(1, 1, -1), torch.zeros(1, 1, 1), torch.zeros(1, 1))[0].flatten()
     exact = torch.tanh(x.double())
     ulps = (a.double() - exact).abs() / exact.abs().clamp_min(1e-300) / 2.0 ** -23
     assert ulps[exact != 0].max().item() < 2.0
     assert a[x == 0].eq(0).all()
-    torch.testing.assert_close(forward(-x.reshape(1, 1, -1), torch.zeros(1, 1, 1)).flatten(), -a, rtol=0, atol=0)
+    torch.testing.assert_close(forward(-x.reshape(1, 1, -1), torch.zeros(1, 1, 1), torch.zeros(1, 1))[0].flatten(), -a,
+                               rtol=0, atol=0)
+
+
+@needs_native
+def test_native_log_determinant_is_within_its_rounding_bound_of_float64():
+    """The forward's log-determinant Σₜ log(1 + (1 − aₜ²)cₜ), kept in float32 as a product renormalised by its
+    exponent (planar.cpp, LogDet), against float64's sum of log1p of the same float32 arguments: within the bound its
+    2T roundings give, 2T · 6e-8 + 2⁻²³|Σ| (T steps). One step with s = 0 (a = 0) gives log(1 + c), for c from −1 + 2⁻²⁴
+    to 1e30 and ±1e-30 … 1; 80 steps of random a and c, of factors near 2⁻²⁴ (the product would underflow float32
+    without its renormalisation) and near 1e30 (it would overflow); a factor 0 gives −inf, c = inf +inf, NaN NaN."""
+    forward, _ = native.planar_ops()
+
+    def check(s, c):
+        a, log_det = forward(s, torch.zeros(s.shape[0], s.shape[1], s.shape[1]), c)
+        argument = (1 - a.square()) * c.unsqueeze(-1)                                   # float32, as the kernel forms it
+        exact = torch.log1p(argument.double()).sum(1)                                   # (N, R)
+        bound = 2 * s.shape[1] * 6e-8 + 2.0 ** -23 * exact.abs()
+        assert ((log_det.double() - exact).abs() <= bound).all(), (log_det.double() - exact).abs().max()
+        return log_det
+
+    c = torch.cat([torch.linspace(-1 + 2.0 ** -24, 3, 200_001), torch.logspace(-30, 30, 6001),
+                   -torch.logspace(-30, 0, 3001)[:-1], torch.tensor([2.0 ** -0.5 - 1, 2.0 ** 0.5 - 1, 0.0, 2.0 ** 25])])
+    single = check(torch.zeros(c.numel(), 1, 1), c.reshape(-1, 1))
+    assert single[c == 0].eq(0).all()
+    generator = torch.Generator().manual_seed(6)
+    check(3 * torch.randn(400, 80, 2, generator=generator), 4 * torch.rand(400, 80, generator=generator) - 0.999)
+    check(torch.zeros(3, 80, 1), torch.full((3, 80), -1 + 2.0 ** -24))                  # Σ = 80 log 2⁻²⁴ = −1331
+    check(torch.zeros(3, 80, 1), torch.full((3, 80), 1e30))                             # Σ = 5526
+    special = forward(torch.zeros(3, 2, 1), torch.zeros(3, 2, 2), torch.tensor([[0.5, -1.0], [math.inf, 0.5],
+                                                                                    [math.nan, 0.5]]))[1].flatten()
+    assert special[0].item() == -math.inf and special[1].item() == math.inf and special[2].isnan().item()
 
 
 @needs_native
@@ -78,15 +109,15 @@ def test_native_recursions_give_the_same_bits_on_one_and_two_threads():
     """The work is split by tiles of draws and each tile's arithmetic is the same on any thread."""
     forward, backward = native.planar_ops()
     generator = torch.Generator().manual_seed(1)
-    s, d = torch.randn(80, 20, 50, generator=generator), torch.randn(80, 20, 50, generator=generator)
-    m = 0.05 * torch.randn(20, 80, 80, generator=generator)
+    s, d = torch.randn(20, 80, 50, generator=generator), torch.randn(20, 80, 50, generator=generator)
+    m, c = 0.05 * torch.randn(20, 80, 80, generator=generator), torch.rand(20, 80, generator=generator)
     threads = torch.get_num_threads()
     try:
         results = []
         for count in (1, 2):
             torch.set_num_threads(count)
-            a = forward(s, m)
-            results.append((a, backward(m, a, d)))
+            a, log_det = forward(s, m, c)
+            results.append((a, log_det, backward(m, a, d)))
     finally:
         torch.set_num_threads(threads)
     for one, two in zip(*results):
@@ -98,8 +129,9 @@ def test_native_operators_pass_torch_library_opcheck():
     """Their registrations (output shapes for torch.compile, no hidden mutation) as torch.library checks them."""
     forward, backward = native.planar_ops()
     generator = torch.Generator().manual_seed(2)
-    s, m = torch.randn(6, 3, 5, generator=generator), 0.1 * torch.randn(3, 6, 6, generator=generator)
-    torch.library.opcheck(forward, (s, m), test_utils=("test_schema", "test_faketensor"))
+    s, m = torch.randn(3, 6, 5, generator=generator), 0.1 * torch.randn(3, 6, 6, generator=generator)
+    torch.library.opcheck(forward, (s, m, torch.rand(3, 6, generator=generator)),
+                          test_utils=("test_schema", "test_faketensor"))
     torch.library.opcheck(backward, (m, torch.tanh(s), s), test_utils=("test_schema", "test_faketensor"))
 
 
@@ -132,11 +164,12 @@ def test_a_compiler_without_openmp_builds_the_serial_library_with_the_same_resul
     serial = ctypes.CDLL(str(native.build("planar")))
     forward, _ = native.planar_ops()
     generator = torch.Generator().manual_seed(5)
-    s, m = torch.randn(80, 20, 50, generator=generator), 0.05 * torch.randn(20, 80, 80, generator=generator)
-    a = torch.empty_like(s)
-    serial.planar_forward_f32.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3 + [ctypes.c_int]
-    serial.planar_forward_f32(m.data_ptr(), s.data_ptr(), a.data_ptr(), 80, 20, 50, 2)
-    assert torch.equal(a, forward(s, m))
+    s, m = torch.randn(20, 80, 50, generator=generator), 0.05 * torch.randn(20, 80, 80, generator=generator)
+    c = torch.rand(20, 80, generator=generator)
+    a, log_det = torch.empty_like(s), torch.empty(20, 50)
+    serial.planar_forward_f32.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 3 + [ctypes.c_int]
+    serial.planar_forward_f32(m.data_ptr(), c.data_ptr(), s.data_ptr(), a.data_ptr(), log_det.data_ptr(), 80, 20, 50, 2)
+    assert torch.equal(a, forward(s, m, c)[0]) and torch.equal(log_det, forward(s, m, c)[1])
 
 
 @needs_native
@@ -161,7 +194,7 @@ def test_a_cache_directory_others_may_write_in_is_not_used(tmp_path, monkeypatch
 def test_two_processes_building_at_once_each_load_a_whole_library(tmp_path):
     """torchrun's ranks build the same library at the same moment: each loads a whole one, one file remains."""
     script = ("import torch; from vaelab import native; f, _ = native.planar_ops(); "
-              "print(float(f(torch.ones(1, 1, 1), torch.zeros(1, 1, 1))))")
+              "print(float(f(torch.ones(1, 1, 1), torch.zeros(1, 1, 1), torch.zeros(1, 1))[0]))")
     env = {**os.environ, "VAELAB_CACHE": str(tmp_path)}
     runs = [subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                              text=True) for _ in range(2)]

@@ -105,10 +105,11 @@ class PlanarSteps(torch.autograd.Function):
     draws as products; and through û and c to u and w: ∂κ = ∂ûᵀw + ∂c‖w‖², ∂(wᵀu) = ∂c + ∂κ (σ(wᵀu) − 1)/‖w‖²,
     ∂‖w‖² = ∂c κ − ∂κ κ/‖w‖², ∂u = ∂û + ∂(wᵀu) w, ∂w += κ∂û + ∂(wᵀu) u + 2∂‖w‖² w.
 
-    (‖w‖² is clamped below at ``_MIN_SQUARED_NORM`` in κ; the clamp passes no gradient.) The two recursions run as
-    native loops (``vaelab/native/planar.cpp``: a tile of draws kept in L1 through all T steps) where that library
-    can be built, else as the PyTorch loops below (two kernels per step, their count not their arithmetic setting
-    the time; benchmarks/README.md). Checked against the steps written plainly and autograd, finite differences
+    (‖w‖² is clamped below at ``_MIN_SQUARED_NORM`` in κ; the clamp passes no gradient.) The two recursions, and the
+    log-determinant with the forward one, run as native loops (``vaelab/native/planar.cpp``: a tile of draws kept in
+    L1 through all T steps) where that library can be built, else as the PyTorch loops below (two kernels per step,
+    their count not their arithmetic setting the time; benchmarks/README.md). Both keep a digit's pre-activations
+    as one (T, R) block, (N, T, R) in all: the batched products before and after read and write that layout as it is. Checked against the steps written plainly and autograd, finite differences
     (gradcheck, float64) and the full Jacobian's log-determinant (tests/test_frontier.py), and the native loops
     against the PyTorch ones (tests/test_native.py).
     """
@@ -145,56 +146,52 @@ class PlanarSteps(torch.autograd.Function):
         if quantities is None:
             quantities = _step_quantities(params.reshape(n, steps, 2 * d + 1))
         u, w, b, wu, ww_raw, ww, kappa, u_hat, c, m = quantities
-        # pre-activations, step-major so that step t's column is one contiguous row: (T, N, R)
-        a = torch.baddbmm(b.unsqueeze(1), z, w.transpose(1, 2)).permute(2, 0, 1).contiguous()   # wₜᵀz₀ + bₜ
-        ops = native.usable(native.planar_ops(), a, m)
+        # pre-activations, a (T, R) block per digit: the product writes them where the recursion reads them
+        a = torch.baddbmm(b.unsqueeze(-1), w, z.transpose(1, 2))                           # (N, T, R) wₜᵀz₀ + bₜ
+        ops = native.usable(native.planar_ops(), a, m, c)
         if ops:                                                        # the only sequential part: T scalars per draw
-            a = ops[0](a, m)                                                            # (T, N, R), native/planar.cpp
+            a, log_det = ops[0](a, m, c)                                     # (N, T, R), (N, R): native/planar.cpp
         else:
-            into_later = m.permute(1, 2, 0).unsqueeze(-1).unbind(0)    # [t] (T, N, 1): row r holds Mᵣₜ = wᵣᵀûₜ
-            for t, column in enumerate(a.unbind(0)):
-                column.tanh_()                                                          # (N, R) aₜ
-                if t + 1 < steps:
-                    a[t + 1:].addcmul_(column, into_later[t][t + 1:])                   # sᵣ += Mᵣₜ aₜ, r > t
-        a_batched = a.permute(1, 2, 0)                                                  # (N, R, T) view
-        z_t = torch.baddbmm(z, a_batched, u_hat)                                        # (N, R, d) z₀ + Σ ûₜaₜ
-        log_det = torch.log1p((1.0 - a.square()) * c.T.unsqueeze(-1)).sum(0)          # (N, R), each term finite
+            for t in range(steps):
+                column = a[:, t].tanh_()                                                # (N, R) aₜ
+                if t + 1 < steps:                                                       # sᵣ += Mₜᵣ aₜ, r > t
+                    a[:, t + 1:].addcmul_(column.unsqueeze(1), m[:, t, t + 1:].unsqueeze(-1))
+            log_det = torch.log1p((1.0 - a.square()) * c.unsqueeze(-1)).sum(1)          # (N, R), each term finite
+        z_t = torch.baddbmm(z, a.transpose(1, 2), u_hat)                                # (N, R, d) z₀ + Σ ûₜaₜ
         ctx.save_for_backward(z, a, u, w, u_hat, wu, ww_raw, ww, kappa, c, m)
         ctx.shapes = z0.shape, params_shape, lead
         return z_t.transpose(0, 1).reshape(*lead, d), log_det.T.reshape(lead)
 
     @staticmethod
     def backward(ctx, grad_z, grad_log_det):
-        z, a, u, w, u_hat, wu, ww_raw, ww, kappa, c, m = ctx.saved_tensors                  # a: (T, N, R)
+        z, a, u, w, u_hat, wu, ww_raw, ww, kappa, c, m = ctx.saved_tensors                  # a: (N, T, R)
         z0_shape, params_shape, lead = ctx.shapes
-        steps, n, r = a.shape
+        n, steps, r = a.shape
         d = z.shape[-1]
         g = (torch.zeros_like(z) if grad_z is None else
              grad_z.expand(*lead, d).reshape(r, n, d).transpose(0, 1))                 # (N, R, d)
-        one_minus = 1.0 - a.square()                                                    # (T, N, R)
-        # ∂L/∂sₜ, step-major like a: first the direct part Dₜ
-        p = torch.bmm(g, u_hat.transpose(1, 2)).permute(2, 0, 1).contiguous()         # (T, N, R) gᵀûₜ
+        one_minus = 1.0 - a.square()                                                    # (N, T, R)
+        # ∂L/∂sₜ, laid out like a: first the direct part Dₜ
+        p = torch.bmm(u_hat, g.transpose(1, 2))                                         # (N, T, R) ûₜᵀg
         grad_c = torch.zeros_like(c)
         if grad_log_det is not None:
-            ell = grad_log_det.expand(lead).reshape(r, n).T                             # (N, R)
-            c_t = c.T.unsqueeze(-1)                                                     # (T, N, 1)
-            denominator = torch.addcmul(torch.ones_like(a), one_minus, c_t)            # (T, N, R)
+            ell = grad_log_det.expand(lead).reshape(r, n).T.unsqueeze(1)                # (N, 1, R)
+            c_t = c.unsqueeze(-1)                                                       # (N, T, 1)
+            denominator = torch.addcmul(torch.ones_like(a), one_minus, c_t)            # (N, T, R)
             p.addcmul_(ell, a * c_t / denominator, value=-2.0)
-            grad_c = (ell * one_minus / denominator).sum(-1).T                          # (N, T)
+            grad_c = (ell * one_minus / denominator).sum(-1)                            # (N, T)
         ops = native.usable(native.planar_ops(), p, m)
         if ops:                                                        # pₜ = (Dₜ + Σ_{r>t} pᵣMᵣₜ)(1 − aₜ²)
-            p = ops[1](m, a, p)                                                         # (T, N, R), native/planar.cpp
+            p = ops[1](m, a, p)                                                         # (N, T, R), native/planar.cpp
         else:
-            from_later = m.permute(2, 1, 0).unsqueeze(-1).unbind(0)    # [t] (T, N, 1): row r holds Mₜᵣ = wₜᵀûᵣ
             for t in range(steps - 1, -1, -1):
-                column = p[t].mul_(one_minus[t])                                        # (N, R) pₜ
-                if t:
-                    p[:t].addcmul_(column, from_later[t][:t])
-        a_batched, p_batched = a.permute(1, 2, 0), p.permute(1, 2, 0)                   # (N, R, T) views
-        grad_m = _draw_sums(p_batched, a_batched).tril_(-1)                             # (N, T, T) ∂Mₜᵣ, t > r
-        grad_u_hat = _draw_sums(a_batched, g).baddbmm_(grad_m.transpose(1, 2), w)       # (N, T, d)
-        grad_w = _draw_sums(p_batched, z).baddbmm_(grad_m, u_hat)                       # (N, T, d) direct part
-        grad_z0 = torch.baddbmm(g, p_batched, w)                                        # (N, R, d)
+                column = p[:, t].mul_(one_minus[:, t])                                  # (N, R) pₜ
+                if t:                                                                   # pᵣ += Mᵣₜ pₜ, r < t
+                    p[:, :t].addcmul_(column.unsqueeze(1), m[:, :t, t].unsqueeze(-1))
+        grad_m = _draw_sums(p, a.transpose(1, 2)).tril_(-1)                             # (N, T, T) ∂Mₜᵣ, t > r
+        grad_u_hat = _draw_sums(a, g).baddbmm_(grad_m.transpose(1, 2), w)               # (N, T, d)
+        grad_w = _draw_sums(p, z).baddbmm_(grad_m, u_hat)                               # (N, T, d) direct part
+        grad_z0 = torch.baddbmm(g, p.transpose(1, 2), w)                                # (N, R, d)
         # through û = u + κw and c = wᵀu + κ‖w‖²
         grad_kappa = torch.linalg.vecdot(grad_u_hat, w).addcmul_(grad_c, ww_raw)       # (N, T)
         grad_wu = grad_c + grad_kappa * (torch.sigmoid(wu) - 1.0) / ww
@@ -209,9 +206,9 @@ class PlanarSteps(torch.autograd.Function):
         grad_w.addcmul_(kappa.unsqueeze(-1), grad_u).addcmul_((2.0 * grad_ww - kappa * grad_wu).unsqueeze(-1), w)
         grad_w = torch.addcmul(grad_w, grad_wu.unsqueeze(-1), u, out=out[1])
         if tracing:
-            grad_params = torch.cat([grad_u, grad_w, p.sum(-1).T.unsqueeze(-1)], -1)
+            grad_params = torch.cat([grad_u, grad_w, p.sum(-1, keepdim=True)], -1)
         else:
-            grad_params[..., 2 * d] = p.sum(-1).T                                       # ∂bₜ = Σ pₜ
+            grad_params[..., 2 * d] = p.sum(-1)                                         # ∂bₜ = Σ pₜ
         grad_params = grad_params.reshape(*lead, steps, 2 * d + 1).sum_to_size(params_shape) if ctx.expanded else \
             grad_params.reshape(params_shape)
         grad_z0 = grad_z0.transpose(0, 1).reshape(*lead, d).sum_to_size(z0_shape)
@@ -241,11 +238,11 @@ class _NoContext:
 
 
 def _draw_sums(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Σ over draws of outer products: x (N, R, S), y (N, R, d) → (N, S, d); with one draw a broadcast product
+    """Σ over draws of outer products: x (N, S, R), y (N, R, d) → (N, S, d); with one draw a broadcast product
     (a batched product of inner size 1 is several times slower)."""
-    if x.shape[1] == 1:
-        return x.reshape(x.shape[0], -1, 1).contiguous() * y.contiguous()   # (N, S, 1) · (N, 1, d): a contiguous result
-    return torch.bmm(x.transpose(1, 2), y)
+    if x.shape[-1] == 1:
+        return x.contiguous() * y.contiguous()          # (N, S, 1) · (N, 1, d): a contiguous result
+    return torch.bmm(x, y)
 
 
 class MaskedLinear(nn.Linear):

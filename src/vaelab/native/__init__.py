@@ -214,29 +214,34 @@ def _planar_ops():
     kernels = {}
     for dtype, suffix in ((torch.float32, "f32"), (torch.float64, "f64")):
         forward, backward = getattr(library, f"planar_forward_{suffix}"), getattr(library, f"planar_backward_{suffix}")
-        forward.argtypes = [pointer, pointer, pointer, size, size, size, ctypes.c_int]
+        forward.argtypes = [pointer, pointer, pointer, pointer, pointer, size, size, size, ctypes.c_int]
         backward.argtypes = [pointer, pointer, pointer, pointer, size, size, size, ctypes.c_int]
         forward.restype = backward.restype = None
         kernels[dtype] = forward, backward
 
     @torch.library.custom_op("vaelab::planar_forward", mutates_args=(), device_types="cpu")
-    def planar_forward(s: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-        """aₜ = tanh(sₜ + Σ_{r<t} M[r][t] aᵣ) for s (T, N, R) and M (N, T, T) (planar.cpp)."""
-        s, m = s.contiguous(), m.contiguous()
+    def planar_forward(s: torch.Tensor, m: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(a, Σₜ log(1 + (1 − aₜ²)cₜ)) with aₜ = tanh(sₜ + Σ_{r<t} M[r][t] aᵣ), for s (N, T, R), M (N, T, T) and
+        c (N, T): a (N, T, R) and the log-determinant (N, R) (planar.cpp)."""
+        s, m, c = s.contiguous(), m.contiguous(), c.contiguous()
         a = torch.empty_like(s)
-        kernels[s.dtype][0](m.data_ptr(), s.data_ptr(), a.data_ptr(), *s.shape, torch.get_num_threads())
-        return a
+        log_det = s.new_empty(s.shape[0], s.shape[2])
+        kernels[s.dtype][0](m.data_ptr(), c.data_ptr(), s.data_ptr(), a.data_ptr(), log_det.data_ptr(), s.shape[1],
+                            s.shape[0], s.shape[2], torch.get_num_threads())
+        return a, log_det
 
     @planar_forward.register_fake
-    def _(s, m):
-        return torch.empty_like(s, memory_format=torch.contiguous_format)
+    def _(s, m, c):
+        return (torch.empty_like(s, memory_format=torch.contiguous_format),
+                s.new_empty(s.shape[0], s.shape[2]))
 
     @torch.library.custom_op("vaelab::planar_backward", mutates_args=(), device_types="cpu")
     def planar_backward(m: torch.Tensor, a: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
-        """pₜ = (Dₜ + Σ_{r>t} M[t][r] pᵣ)(1 − aₜ²) from t = T − 1 down, for a, D (T, N, R) (planar.cpp)."""
+        """pₜ = (Dₜ + Σ_{r>t} M[t][r] pᵣ)(1 − aₜ²) from t = T − 1 down, for a, D (N, T, R) (planar.cpp)."""
         m, a, d = m.contiguous(), a.contiguous(), d.contiguous()
         p = torch.empty_like(d)
-        kernels[d.dtype][1](m.data_ptr(), a.data_ptr(), d.data_ptr(), p.data_ptr(), *d.shape, torch.get_num_threads())
+        kernels[d.dtype][1](m.data_ptr(), a.data_ptr(), d.data_ptr(), p.data_ptr(), d.shape[1], d.shape[0], d.shape[2],
+                            torch.get_num_threads())
         return p
 
     @planar_backward.register_fake
