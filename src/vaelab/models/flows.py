@@ -109,7 +109,8 @@ class PlanarSteps(torch.autograd.Function):
     log-determinant with the forward one, run as native loops (``vaelab/native/planar.cpp``: a tile of draws kept in
     L1 through all T steps) where that library can be built, else as the PyTorch loops below (two kernels per step,
     their count not their arithmetic setting the time; benchmarks/README.md). Both keep a digit's pre-activations
-    as one (T, R) block, (N, T, R) in all: the batched products before and after read and write that layout as it is. Checked against the steps written plainly and autograd, finite differences
+    as one (T, R) block, (N, T, R) in all: the batched products before and after read and write that layout as it
+    is. Checked against the steps written plainly and autograd, finite differences
     (gradcheck, float64) and the full Jacobian's log-determinant (tests/test_frontier.py), and the native loops
     against the PyTorch ones (tests/test_native.py).
     """
@@ -154,7 +155,7 @@ class PlanarSteps(torch.autograd.Function):
         else:
             for t in range(steps):
                 column = a[:, t].tanh_()                                                # (N, R) aₜ
-                if t + 1 < steps:                                                       # sᵣ += Mₜᵣ aₜ, r > t
+                if t + 1 < steps:                                                       # sᵣ += Mᵣₜ aₜ, r > t
                     a[:, t + 1:].addcmul_(column.unsqueeze(1), m[:, t, t + 1:].unsqueeze(-1))
             log_det = torch.log1p((1.0 - a.square()) * c.unsqueeze(-1)).sum(1)          # (N, R), each term finite
         z_t = torch.baddbmm(z, a.transpose(1, 2), u_hat)                                # (N, R, d) z₀ + Σ ûₜaₜ
@@ -186,7 +187,7 @@ class PlanarSteps(torch.autograd.Function):
         else:
             for t in range(steps - 1, -1, -1):
                 column = p[:, t].mul_(one_minus[:, t])                                  # (N, R) pₜ
-                if t:                                                                   # pᵣ += Mᵣₜ pₜ, r < t
+                if t:                                                                   # pᵣ += Mₜᵣ pₜ, r < t
                     p[:, :t].addcmul_(column.unsqueeze(1), m[:, :t, t].unsqueeze(-1))
         grad_m = _draw_sums(p, a.transpose(1, 2)).tril_(-1)                             # (N, T, T) ∂Mₜᵣ, t > r
         grad_u_hat = _draw_sums(a, g).baddbmm_(grad_m.transpose(1, 2), w)               # (N, T, d)
