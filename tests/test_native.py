@@ -38,6 +38,7 @@ def _steps(z0, params, use_native: bool, monkeypatch):
     ((70, 3, 40), (3, 80, 81)),          # IWAE: 70 draws of 3 digits, a tile of 64 and one of 6
     ((65, 2, 40), (2, 80, 81)),          # a tile of 64 and one of a single draw
     ((5, 2, 40), (80, 81)),              # one flow for all
+    ((20, 3, 6), (3, 13, 13)),           # 13 steps: a block of 8 and a shorter last one
 ])
 def test_native_recursions_equal_the_pytorch_loops(z_shape, param_shape, monkeypatch):
     """The same flow and gradients with either implementation: to 1e-12 in float64 (the same arithmetic in another
