@@ -53,9 +53,10 @@ inline double tanh_of(double x) { return std::tanh(x); }
 // the product kept as m · 2^E with m ∈ [1, 2) (E an integer; renormalised after every factor, by its bits, so that
 // no product of 80 factors over- or underflows), and one log per draw at the end, in double: a vectorised
 // multiply and a few integer operations per step instead of a log. Each factor and each product is rounded once,
-// |log(1 ± 2⁻²⁴)| < 6e-8 each: at most 2T · 6e-8 from the exact value (1e-5 for 80 steps, typically ~30 times
-// less), where Σ log1p in float32 rounds the running sum itself, 2⁻²⁴|Σ| each step. A factor 0 (c = −1, a = 0)
-// gives −inf, an infinite one +inf, NaN stays NaN. In float64 (gradients checked in tests) the sum of log1p.
+// |log(1 ± 2⁻²⁴)| < 6e-8 each: at most 2T · 6e-8 from the exact value (1e-5 for 80 steps; over 800 draws of 80
+// random steps, |Σ| up to 22, at most 4.2e-6, where float32's own Σ log1p was off by up to 2.9e-6). A factor 0
+// (c = −1, a = 0) gives −inf, an infinite one +inf, NaN stays NaN. In float64 (gradients checked in tests) the
+// sum of log1p.
 template <typename F> struct LogDet;
 
 template <> struct LogDet<float> {
