@@ -284,15 +284,20 @@ class ProductRecorder(TorchDispatchMode):
         return func(*args, **kwargs)
 
 
-def fastest_seconds(work, rounds: int = 3) -> float:
-    """The fastest of ``rounds`` timings of ``work()``: a floor is the least its work can take (one round on a shared
-    machine read up to 30 % more from one run to the next)."""
-    best = float("inf")
+def round_seconds(work, rounds: int = 3) -> list[float]:
+    """The seconds of each of ``rounds`` timings of ``work()``."""
+    times = []
     for _ in range(rounds):
         start = time.perf_counter()
         work()
-        best = min(best, time.perf_counter() - start)
-    return best
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def fastest_seconds(work, rounds: int = 3) -> float:
+    """The fastest of ``rounds`` timings of ``work()``: a floor is the least its work can take (one round on a shared
+    machine read up to 30 % more from one run to the next)."""
+    return min(round_seconds(work, rounds))
 
 
 def replay_seconds(calls: list[tuple], repeats: int, rounds: int = 3) -> float:
@@ -364,12 +369,8 @@ def preset_floors(name: str, arrays, n_train: int, eval_digits: int = 40, traine
     def iwae_seconds_per_10000() -> float:
         """The median of three timings: what a user's evaluation takes, less at the mercy of one noisy round (its
         floor is the fastest of three; one round on this shared machine read up to 20 % more than the next)."""
-        times = []
-        for _ in range(3):
-            start = time.perf_counter()
-            iwae_log_likelihood(model, test[:eval_digits], evaluation)
-            times.append((time.perf_counter() - start) * 10000 / eval_digits)
-        return statistics.median(times)
+        times = round_seconds(lambda: iwae_log_likelihood(model, test[:eval_digits], evaluation))
+        return statistics.median(times) * 10000 / eval_digits
 
     row = {"step_floor_products": products, "step_floor_adam": adam_seconds,
            "step_floor": products + adam_seconds, "iwae5000_seconds_per_10000": iwae_seconds_per_10000(),

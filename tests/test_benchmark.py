@@ -147,6 +147,17 @@ def test_a_floor_is_the_fastest_of_its_rounds(bench):
     assert 0.02 <= bench.replay_seconds([(product, [], {})], 1, rounds=3) < 0.09
 
 
+def test_rounds_are_timed_one_by_one_for_the_median_of_a_measurement(bench):
+    """``round_seconds`` gives each round's seconds (a preset's measured IWAE-5000 is their median, its floor their
+    minimum): work that took 0.2, 0.02 and 0.1 s gives those three, median 0.1 s."""
+    import statistics
+    import time
+
+    durations = iter([0.2, 0.02, 0.1])
+    times = bench.round_seconds(lambda: time.sleep(next(durations)))
+    assert len(times) == 3 and times[0] >= 0.2 and 0.02 <= times[1] < 0.09 and 0.1 <= statistics.median(times) < 0.19
+
+
 def test_trained_weights_are_timed_on_a_copy_of_the_run(bench, data_dir, tmp_path, capsys):
     """``--trained NAME=RUN``: refused unless RUN is a run directory of preset NAME's model (one line, exit 2); the
     epoch is one more epoch of a copy, with the original left as it was."""
