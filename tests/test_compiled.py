@@ -117,7 +117,7 @@ def test_the_compiled_iwae_is_the_eager_one(name):
     torch.testing.assert_close(compiled, eager, rtol=0, atol=1e-3)
 
 
-def test_the_compiled_engine_refuses_bf16_and_a_cpu_without_a_compiler(tmp_path, data_dir, capsys, monkeypatch):
+def test_the_compiled_engine_refuses_bf16_and_a_cpu_without_a_compiler(tmp_path, data_dir, capsys):
     from torch._inductor import config as inductor
 
     base = ["train", "--engine", "compiled", "--hidden", "8", "--latent", "2", "--epochs", "1",
@@ -131,13 +131,16 @@ def test_the_compiled_engine_refuses_bf16_and_a_cpu_without_a_compiler(tmp_path,
     assert main(["evaluate", str(run), "--k", "5", "--compiled", "--precision", "bf16-emulated", "--no-progress"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--compiled runs in float32" in err
-    monkeypatch.setattr(inductor.cpp, "cxx", (None, "no-such-compiler-c++"))
-    assert main([*base, "--out", str(tmp_path / "b")]) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "needs a C++ compiler" in err and "no-such-compiler-c++" in err
-    assert main(["evaluate", str(run), "--k", "5", "--compiled", "--no-progress"]) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "--compiled needs a C++ compiler" in err
+    # the config's own patch: monkeypatch's undo of an attribute of inductor's config deletes it (cpp.cxx "does not
+    # exist" for every later compilation in the process)
+    with inductor.patch({"cpp.cxx": (None, "no-such-compiler-c++")}):
+        assert main([*base, "--out", str(tmp_path / "b")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "needs a C++ compiler" in err and "no-such-compiler-c++" in err
+        assert main(["evaluate", str(run), "--k", "5", "--compiled", "--no-progress"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "--compiled needs a C++ compiler" in err
+    assert inductor.cpp.cxx != (None, "no-such-compiler-c++")
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists() and not list(run.glob("eval*"))
 
 

@@ -361,3 +361,27 @@ def test_softplus_sum_takes_the_native_kernel_for_float32_on_the_cpu_and_its_pyt
     b = bias.clone().requires_grad_()
     softplus_sum(logits, bias=b).sum().backward()
     torch.testing.assert_close(b.grad, torch.sigmoid(logits + bias).sum((0, 1)), rtol=1e-5, atol=1e-5)
+
+
+@needs_native
+def test_a_compiled_graph_calls_the_native_softplus_sum_as_an_operator():
+    """``evaluate --compiled`` takes the kernel too: traced, ``softplus_sum`` becomes the operator
+    ``vaelab::softplus_sum`` (its registration as torch.library checks it), and the compiled function gives the
+    eager kernel's sums bit for bit (the PyTorch form inside a graph would round differently); with gradients a
+    compiled graph keeps autograd's softplus."""
+    from vaelab import compiling
+    from vaelab.objectives import softplus_sum
+
+    generator = torch.Generator().manual_seed(7)
+    logits, bias = 4 * torch.randn(50, 20, 784, generator=generator), torch.randn(784, generator=generator)
+    assert native.softplus_kernel() is not None
+    torch.library.opcheck(torch.ops.vaelab.softplus_sum.default, (logits[:2], bias, True),
+                          test_utils=("test_schema", "test_faketensor"))
+    with torch.no_grad():
+        eager = softplus_sum(logits, base2=True, bias=bias)
+        compiled = compiling.compile(lambda y, b: softplus_sum(y, base2=True, bias=b))(logits, bias)
+    assert torch.equal(compiled, eager)
+    y = logits.clone().requires_grad_()
+    total = compiling.compile(lambda y: softplus_sum(y).sum())(y)
+    total.backward()
+    torch.testing.assert_close(y.grad, torch.sigmoid(logits), rtol=1e-6, atol=1e-6)
