@@ -323,9 +323,8 @@ def preset_floors(name: str, arrays, n_train: int, eval_digits: int = 40, traine
     backward, recorded at their real shapes) replayed for an epoch's steps, plus Adam's kernel over the flat
     buffer as often; and every product of IWAE-5000 on 20 digits replayed for 10 000; each the fastest of three
     rounds. Beside them, its measured IWAE-5000 seconds per 10 000 digits (timed on ``eval_digits``, scaled, the
-    median of three), with
-    the fresh weights and, given
-    ``trained`` (a run directory of this preset), with its weights (the floors do not depend on the values).
+    median of three), with the fresh weights and, given ``trained`` (a run directory of this preset), with its
+    weights (the floors do not depend on the values).
     ``compiled``: IWAE-5000 as ``evaluate --compiled`` computes it, timed after one compiling pass over 20 digits."""
     from vaelab.engines import ENGINES
     from vaelab.evaluation import draws, iwae_estimator

@@ -22,8 +22,8 @@ the last float32 digits (tests/test_native.py), several times slower. The reason
 
 **torch.compile.** The kernels are registered as custom operators (``vaelab::planar_forward``, ``…_backward``,
 ``vaelab::softplus_sum``) with their output shapes, so a compiled graph calls them as single nodes (outside one
-the softplus sum is called directly: the operator's dispatch costs about 13 µs a call). Tracing cannot build a library:
-``compiling.compile`` calls ``prepare`` first.
+the softplus sum is called directly: the operator's dispatch costs about 13 µs a call). Tracing cannot build a
+library: ``compiling.compile`` calls ``prepare`` first.
 """
 
 from __future__ import annotations
