@@ -104,7 +104,7 @@ def softplus_sum(logits: torch.Tensor, groups: int = 4, *, base2: bool = False,
     --compiled``: as an operator); its input is left as it was.
     """
     recording = torch.is_grad_enabled() and (logits.requires_grad or (bias is not None and bias.requires_grad))
-    kernel = None if recording else _native_softplus(logits)
+    kernel = None if recording else native_softplus(logits)
     if kernel is not None:                    # one pass over the logits instead of about seven (native/softplus.cpp)
         return kernel(logits, base2, bias)
     if bias is not None:
@@ -126,8 +126,9 @@ def softplus_sum(logits: torch.Tensor, groups: int = 4, *, base2: bool = False,
     return p.log1p_().sum(-1).add_(total, alpha=LN_2)
 
 
-def _native_softplus(logits: torch.Tensor):
-    """The native kernel for a float32 CPU tensor with something to sum; else None."""
+def native_softplus(logits: torch.Tensor):
+    """The native kernel (``vaelab.native.softplus_kernel``) for a float32 CPU tensor with something to sum; else
+    None."""
     if logits.dtype != torch.float32 or logits.device.type != "cpu" or logits.numel() == 0 or logits.dim() == 0:
         return None
     return native.softplus_kernel()

@@ -130,8 +130,9 @@ def prepare() -> None:
 
 def softplus_kernel():
     """Σⱼ softplus over the last axis of a float32 CPU tensor in one pass (``softplus.cpp``), as a function
-    (y (…, D), base2, bias) → (…,) that compiled graphs call as an operator too, or None where the library cannot be
-    had (``objectives.softplus_sum`` then runs its PyTorch form)."""
+    (y (…, D), base2, bias, data) → (…,) that compiled graphs call as an operator too (with ``data`` the Bernoulli
+    negative log-likelihood), or None where the library cannot be had (``objectives.softplus_sum`` then runs its
+    PyTorch form, ``models.base.bernoulli_data_term`` its product form)."""
     return _resolve("softplus", _softplus_kernel)
 
 
@@ -187,37 +188,50 @@ def _softplus_kernel():
     if library is None:
         return None
     kernel = library.softplus_sum_f32
-    kernel.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int,
-                       ctypes.c_int]
+    kernel.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
+                       ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_int]
     kernel.restype = None
 
-    def direct(y: torch.Tensor, base2: bool, bias: torch.Tensor | None = None) -> torch.Tensor:
+    def direct(y: torch.Tensor, base2: bool, bias: torch.Tensor | None = None,
+               data: torch.Tensor | None = None) -> torch.Tensor:
         y = y.contiguous()
         bias = None if bias is None else bias.to(torch.float32).contiguous()
         if bias is not None and bias.shape != y.shape[-1:]:
             raise ValueError(f"a bias of shape {tuple(bias.shape)} for logits of shape {tuple(y.shape)}")
         out = torch.empty(y.shape[:-1], dtype=y.dtype)
         rows = out.numel()
-        kernel(y.data_ptr(), None if bias is None else bias.data_ptr(), out.data_ptr(), rows, y.shape[-1], int(base2),
+        if data is not None:
+            data = data.to(torch.float32).contiguous()
+            if data.dim() != 2 or data.shape[1] != y.shape[-1] or rows % max(data.shape[0], 1):
+                raise ValueError(f"data of shape {tuple(data.shape)} for logits of shape {tuple(y.shape)}: (B, "
+                                 f"{y.shape[-1]}) wanted, B dividing the {rows} rows")
+        kernel(y.data_ptr(), None if bias is None else bias.data_ptr(), None if data is None else data.data_ptr(),
+               0 if data is None else data.shape[0], out.data_ptr(), rows, y.shape[-1], int(base2),
                torch.get_num_threads())
         return out
 
     @torch.library.custom_op("vaelab::softplus_sum", mutates_args=(), device_types="cpu")
-    def softplus_sum_op(y: torch.Tensor, bias: torch.Tensor | None, base2: bool) -> torch.Tensor:
-        """Σⱼ softplus over the last axis (softplus.cpp), as an operator a compiled graph calls as one node."""
-        return direct(y, base2, bias)
+    def softplus_sum_op(y: torch.Tensor, bias: torch.Tensor | None, data: torch.Tensor | None,
+                        base2: bool) -> torch.Tensor:
+        """Σⱼ softplus over the last axis, minus Σⱼ xⱼℓⱼ with data (softplus.cpp), as an operator a compiled graph
+        calls as one node."""
+        return direct(y, base2, bias, data)
 
     @softplus_sum_op.register_fake
-    def _(y, bias, base2):
+    def _(y, bias, data, base2):
         return y.new_empty(y.shape[:-1])
 
-    def softplus_sum(y: torch.Tensor, base2: bool, bias: torch.Tensor | None = None) -> torch.Tensor:
+    def softplus_sum(y: torch.Tensor, base2: bool, bias: torch.Tensor | None = None,
+                     data: torch.Tensor | None = None) -> torch.Tensor:
         """Σⱼ softplus(ℓⱼ) over the last axis of y (…, D) float32 with ``bias`` (D,) added (none: zeros), ℓ = y + bias,
-        or (y + bias) / log₂e where ``base2`` (softplus.cpp); traced into a compiled graph as the operator
-        ``vaelab::softplus_sum``, called directly otherwise (the operator's dispatch costs ~13 µs a call)."""
+        or (y + bias) / log₂e where ``base2`` (softplus.cpp). With ``data`` x (B, D), the rows being draws of B
+        digits (the digits innermost: row i is digit i mod B), the Bernoulli negative log-likelihood
+        Σⱼ softplus(ℓⱼ) − xⱼℓⱼ = −log p(x|ℓ) instead, each pixel's term summed whole. Traced into a compiled graph as
+        the operator ``vaelab::softplus_sum``, called directly otherwise (the operator's dispatch costs ~13 µs a
+        call)."""
         if torch.compiler.is_compiling():
-            return softplus_sum_op(y, bias, base2)
-        return direct(y, base2, bias)
+            return softplus_sum_op(y, bias, data, base2)
+        return direct(y, base2, bias, data)
 
     return softplus_sum
 

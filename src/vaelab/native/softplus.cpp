@@ -1,4 +1,5 @@
-// Σⱼ softplus(ℓⱼ) over each row of a (rows, D) float32 array, in one pass (vaelab.objectives.softplus_sum).
+// Σⱼ softplus(ℓⱼ) over each row of a (rows, D) float32 array, in one pass (vaelab.objectives.softplus_sum), or with
+// the data the Bernoulli negative log-likelihood Σⱼ softplus(ℓⱼ) − xⱼℓⱼ (vaelab.models.base.bernoulli_data_term).
 //
 // softplus(ℓ) = max(ℓ, 0) + log(1 + u), u = e^{−|ℓ|} ∈ (0, 1]. Both parts are computed for 16 pixels at a time in
 // loops the compiler vectorises, and summed into 16 float32 lanes, which are added in double at the end (a row of
@@ -12,6 +13,11 @@
 //
 // A bias (D,) may be given, added to every row as it is read (a product's output before its layer's bias). Below
 // 2^{−126} u is float32's subnormal (0 where the caller flushes them); |y| ≥ 150 gives u = 0. NaN stays NaN.
+//
+// With data x (a row of D values in [0, 1] per digit) the sum is the Bernoulli negative log-likelihood instead,
+// Σⱼ softplus(ℓⱼ) − xⱼℓⱼ = −log p(x|ℓ) (from log sigmoid(ℓ) = ℓ − softplus(ℓ)), each pixel's term taken whole,
+// (max(ℓ, 0) − xℓ) + log(1 + u): for binary x the first part is max(±ℓ, 0) exactly, every term ≥ 0, and the lanes
+// add positive terms as above, where Σ softplus − Σ xℓ in two sums would cancel two sums of hundreds of nats.
 // The result is float32. Built by vaelab.native with the machine's C++ compiler; no torch headers.
 
 #include <cmath>
@@ -62,14 +68,28 @@ inline float softplus_term(float v, float to_base2) {
     return positive * kLn2 + log1p_unit(exp2_negative(a));
 }
 
-void row_sum(const float* __restrict__ row, const float* __restrict__ bias, int64_t d, float to_base2,
-             float* __restrict__ out) {
+// softplus(ℓ) − xℓ of one element in nats, the pixel's −log p(x|ℓ): (max(y, 0) − xy) ln 2 + log(1 + 2^{−|y|})
+inline float bernoulli_term(float v, float x, float to_base2) {
+    const float y = v * to_base2;
+    const float a = std::fabs(y);
+    const float positive = y > 0.0f ? y : (y != y ? y : 0.0f);
+    return (positive - x * y) * kLn2 + log1p_unit(exp2_negative(a));
+}
+
+// one row's sum: of softplus, or with ``data`` (the row's digit, D values) of softplus(ℓ) − xℓ
+template <bool kData>
+void row_sum(const float* __restrict__ row, const float* __restrict__ bias, const float* __restrict__ data, int64_t d,
+             float to_base2, float* __restrict__ out) {
+    auto term = [&](int64_t j) {
+        if constexpr (kData) return bernoulli_term(row[j] + bias[j], data[j], to_base2);
+        else return softplus_term(row[j] + bias[j], to_base2);
+    };
     float lanes[kLanes] = {0};                        // float32 lanes (one vector): 49 terms each for 784 pixels
     int64_t j = 0;
     for (; j + kLanes <= d; j += kLanes)
-        for (int l = 0; l < kLanes; ++l) lanes[l] += softplus_term(row[j + l] + bias[j + l], to_base2);
+        for (int l = 0; l < kLanes; ++l) lanes[l] += term(j + l);
     double total = 0.0;
-    for (; j < d; ++j) total += softplus_term(row[j] + bias[j], to_base2);
+    for (; j < d; ++j) total += term(j);
     for (int l = 0; l < kLanes; ++l) total += lanes[l];
     *out = static_cast<float>(total);
 }
@@ -80,8 +100,10 @@ extern "C" {
 
 // out[i] = Σⱼ softplus(ℓᵢⱼ) for x (rows, d) contiguous and a bias (d,) added to every row (a product's output
 // and its layer's bias, so that the product need not write the bias first): ℓ = (x + bias) / log₂e when base2
-// (they hold ℓ log₂e), else ℓ = x + bias; bias null: zeros
-void softplus_sum_f32(const float* x, const float* bias, float* out, int64_t rows, int64_t d, int base2, int threads) {
+// (they hold ℓ log₂e), else ℓ = x + bias; bias null: zeros. With data (data_rows, d) (not null): out[i] =
+// Σⱼ softplus(ℓᵢⱼ) − dataₖⱼ ℓᵢⱼ with k = i mod data_rows (rows are draws × digits, the digits innermost).
+void softplus_sum_f32(const float* x, const float* bias, const float* data, int64_t data_rows, float* out,
+                      int64_t rows, int64_t d, int base2, int threads) {
     const float to_base2 = base2 ? 1.0f : kLog2e;
     std::vector<float> zeros(bias ? 0 : d, 0.0f);
     if (!bias) bias = zeros.data();
@@ -89,7 +111,12 @@ void softplus_sum_f32(const float* x, const float* bias, float* out, int64_t row
     const bool parallel = threads > 1 && rows * d >= 100000;
 #pragma omp parallel for num_threads(threads) schedule(static) if (parallel)
 #endif
-    for (int64_t i = 0; i < rows; ++i) row_sum(x + i * d, bias, d, to_base2, out + i);
+    for (int64_t i = 0; i < rows; ++i) {
+        if (data)
+            row_sum<true>(x + i * d, bias, data + (i % data_rows) * d, d, to_base2, out + i);
+        else
+            row_sum<false>(x + i * d, bias, nullptr, d, to_base2, out + i);
+    }
 }
 
 }  // extern "C"
