@@ -115,7 +115,9 @@ BAD = [
     ["train", "--latent", "0"], ["train", "--hidden", "-1"], ["train", "--lr", "0"], ["train", "--lr", "-1e-3"],
     ["train", "--lr", "nan"], ["train", "--lr", "inf"], ["train", "--device", "tpu"], ["train", "--epochs", "abc"],
     ["train", "--binarize", "grey"], ["evaluate", "RUN", "--k", "0"], ["evaluate", "RUN", "--k", "-5"],
-    ["train", "--precision", "fp16"], ["train", "--clip-grad-norm", "-1"], ["train", "--clip-grad-norm", "nan"], ["evaluate", "RUN", "--precision", "bf8"],
+    ["train", "--precision", "fp16"], ["train", "--clip-grad-norm", "-1"], ["train", "--clip-grad-norm", "nan"],
+    ["train", "--clip-grad-value", "-0.5"], ["train", "--clip-grad-value", "inf"],
+    ["evaluate", "RUN", "--precision", "bf8"],
     ["sample", "RUN", "--n", "0"], ["frobnicate"],
 ]
 
@@ -257,7 +259,8 @@ def test_unwritable_out_is_reported_before_training(tmp_path, data_dir, capsys):
 
 
 def test_a_resume_may_amend_the_learning_rate_and_clipping_and_says_from_where(tmp_path, data_dir, capsys):
-    """A run that went wrong goes on from its last checkpoint with a lower --lr or with --clip-grad-norm: the
+    """A run that went wrong goes on from its last checkpoint with a lower --lr or with --clip-grad-norm (and
+    --clip-grad-value, said in the schedule's line): the
     epochs before keep their rows, train.log and the training state say what changed after which epoch, and
     config.json holds the values in force. Any other change is still refused. A config.json amended by a resume
     whose first checkpoint never came (or by hand) is an amendment of the state's values at the next resume."""
@@ -269,9 +272,10 @@ def test_a_resume_may_amend_the_learning_rate_and_clipping_and_says_from_where(t
     assert run(capsys, "train", "--out", out, "--epochs", "2", *common)[0] == 0
     before = (out / ckpt.METRICS).read_text().splitlines()
     code, stdout, _ = run(capsys, "train", "--out", out, "--resume", "--epochs", "3", "--lr", "5e-4",
-                          "--clip-grad-norm", "1e-3", *common)
-    assert code == 0 and "amended on resuming after epoch 2: train.clip_grad_norm: 0.0 → 0.001; train.lr: 0.001 → 0.0005" \
-        in stdout
+                          "--clip-grad-norm", "1e-3", "--clip-grad-value", "0.5", *common)
+    assert code == 0 and ("amended on resuming after epoch 2: train.clip_grad_norm: 0.0 → 0.001; "
+                          "train.clip_grad_value: 0.0 → 0.5; train.lr: 0.001 → 0.0005") in stdout
+    assert "each element of the gradient clamped to ±0.5 after its norm is clipped at 0.001" in stdout
     rows = [line.split(",") for line in (out / ckpt.METRICS).read_text().splitlines()]
     header = rows[0]
     assert [row[:len(header) - 4] for row in rows[1:3]] == [line.split(",")[:len(header) - 4] for line in before[1:]]
@@ -280,15 +284,16 @@ def test_a_resume_may_amend_the_learning_rate_and_clipping_and_says_from_where(t
     log = (out / "train.log").read_text()
     assert log.index("amended on resuming after epoch 2") < log.index("epoch   3/3")
     config = RunConfig.load(out / ckpt.CONFIG)
-    assert config.train.lr == 5e-4 and config.train.clip_grad_norm == 1e-3
+    assert config.train.lr == 5e-4 and config.train.clip_grad_norm == 1e-3 and config.train.clip_grad_value == 0.5
     _, meta = ckpt.load_tensors(out / ckpt.STATE)
     assert meta["amendments"] == [{"epoch": 2, "step": 0, "changes": ["train.clip_grad_norm: 0.0 → 0.001",
+                                                                       "train.clip_grad_value: 0.0 → 0.5",
                                                                        "train.lr: 0.001 → 0.0005"]}]
     code, _, err = run(capsys, "train", "--out", out, "--resume", "--epochs", "4", "--batch-size", "32", *common)
-    assert code == 2 and "--lr and --clip-grad-norm from where the run stands" in err
+    assert code == 2 and "--lr, --clip-grad-norm and --clip-grad-value from where the run stands" in err
     assert run(capsys, "report", out, "--out", tmp_path / "report.html")[0] == 0     # the report says it too
-    assert ("Amended on resuming: after epoch 2, train.clip_grad_norm: 0.0 → 0.001; train.lr: 0.001 → 0.0005"
-            in (tmp_path / "report.html").read_text())
+    assert ("Amended on resuming: after epoch 2, train.clip_grad_norm: 0.0 → 0.001; train.clip_grad_value: 0.0 → "
+            "0.5; train.lr: 0.001 → 0.0005" in (tmp_path / "report.html").read_text())
 
     (out / ckpt.CONFIG).write_bytes(edited(out / ckpt.CONFIG, "train", "lr", 2e-4))
     code, stdout, _ = run(capsys, "train", "--out", out, "--resume", "--epochs", "4", *common)

@@ -436,12 +436,14 @@ def test_clip_norm_rescales_only_gradients_longer_than_the_bound():
     assert zero.tolist() == [0.0, 0.0, 0.0]
 
 
-def test_clipped_training_equals_adam_on_gradients_clipped_by_torch(tmp_path, tiny_arrays, monkeypatch):
-    """--clip-grad-norm against a loop written independently: the same engine's gradient on the batches and draws
-    the trainer used, torch.nn.utils.clip_grad_norm_ over the model's parameter tensors, torch.optim.Adam. The
-    bound is chosen so that some steps are clipped and some not; metrics.csv counts the clipped ones."""
+@pytest.mark.parametrize("value", [0.0, 0.05])
+def test_clipped_training_equals_adam_on_gradients_clipped_by_torch(tmp_path, tiny_arrays, monkeypatch, value):
+    """--clip-grad-norm (and --clip-grad-value) against a loop written independently: the same engine's gradient on
+    the batches and draws the trainer used, torch.nn.utils.clip_grad_norm_ (then clip_grad_value_) over the model's
+    parameter tensors, torch.optim.Adam. The bound is chosen so that some steps are clipped and some not, the
+    value so that some elements are clamped after the norm's rescaling; metrics.csv counts the clipped steps."""
     bound = 25.0
-    config = small_config(2, clip_grad_norm=bound)
+    config = small_config(2, clip_grad_norm=bound, clip_grad_value=value)
     data = prepare(tiny_arrays, config.data)
     engine, seen = training.ENGINES[("fused", "fp32")], []
 
@@ -456,13 +458,17 @@ def test_clipped_training_equals_adam_on_gradients_clipped_by_torch(tmp_path, ti
     model = MLPVAE(config.model)
     flat = FlatParameters(model)                             # the engine writes into the flat gradient's views
     adam = torch.optim.Adam(model.parameters(), lr=config.train.lr, eps=config.train.adam_eps)
-    norms = []
+    norms, clamped = [], 0
     for x, eps, objective, beta in seen:
         engine(model, x, eps, objective, beta)
         norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), bound)))
+        if value:
+            clamped += sum(int((p.grad.abs() > value).sum()) for p in model.parameters())
+            torch.nn.utils.clip_grad_value_(model.parameters(), value)
         adam.step()
     clipped = sum(norm > bound for norm in norms)
     assert 0 < clipped < len(norms), f"the bound {bound} must clip some steps and not others: {norms}"
+    assert (clamped > 0) == (value > 0), clamped
     ours = weights(tmp_path)
     for name, tensor in model.state_dict().items():
         torch.testing.assert_close(ours[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
@@ -481,6 +487,13 @@ def test_configs_before_clipping_load_without_it():
     raw["train"] = {k: v for k, v in raw["train"].items() if k != "clip_grad_norm"}
     assert RunConfig.from_dict(raw).train.clip_grad_norm == 0.0
     assert "clipped_steps" not in training.metric_fields(small_config())
+
+
+def test_configs_before_clamping_load_without_it():
+    """A version-6 config.json (before --clip-grad-value) has no train.clip_grad_value: no element was clamped."""
+    raw = {**small_config(clip_grad_value=0.5).to_dict(), "version": 6}
+    raw["train"] = {k: v for k, v in raw["train"].items() if k != "clip_grad_value"}
+    assert RunConfig.from_dict(raw).train.clip_grad_value == 0.0
 
 
 def test_clipping_taken_up_inside_an_epoch_counts_the_steps_it_measured(tmp_path, tiny_arrays, monkeypatch):

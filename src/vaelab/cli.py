@@ -161,6 +161,8 @@ def build_parser(parser_class: type[argparse.ArgumentParser] = _Parser) -> argpa
     group.add_argument("--adam-eps", type=_positive_float, help="Adam's ε (default 1e-8; Burda 1e-4)")
     group.add_argument("--clip-grad-norm", type=_non_negative_float, metavar="C",
                        help="rescale each step's gradient to Euclidean norm C where it is larger (default 0: never)")
+    group.add_argument("--clip-grad-value", type=_non_negative_float, metavar="V",
+                       help="then clamp each element of the gradient to ±V (default 0: never)")
     group.add_argument("--seed", type=_non_negative_int, help="seed of every random stream (default 0)")
     group.add_argument("--engine", choices=ENGINE_CHOICES,
                        help="gradient code: auto (default: the hand-derived fast path where it applies, else "
@@ -345,7 +347,8 @@ def _set_threads(requested: int | None) -> int:
 _FLAGS = {
     "epochs": ("train", "epochs"), "batch_size": ("train", "batch_size"), "lr": ("train", "lr"),
     "lr_schedule": ("train", "lr_schedule"), "adam_eps": ("train", "adam_eps"),
-    "clip_grad_norm": ("train", "clip_grad_norm"), "seed": ("train", "seed"),
+    "clip_grad_norm": ("train", "clip_grad_norm"), "clip_grad_value": ("train", "clip_grad_value"),
+    "seed": ("train", "seed"),
     "device": ("train", "device"), "engine": ("train", "engine"), "threads": ("train", "threads"),
     "precision": ("train", "precision"),
     "model": ("model", "name"), "latent": ("model", "latent"), "activation": ("model", "activation"),
@@ -362,7 +365,8 @@ _FLAGS = {
 RESUMABLE = {"train.epochs", "train.device", "train.threads", "train.engine", "data.data_dir"}
 # What a resume may amend, recorded where it took effect (train.log and the training state's ``amendments``): the
 # remedies of a run that diverged, so that it goes on from its last good checkpoint instead of starting anew.
-AMENDABLE = {"train.lr": "--lr", "train.clip_grad_norm": "--clip-grad-norm"}
+AMENDABLE = {"train.lr": "--lr", "train.clip_grad_norm": "--clip-grad-norm",
+             "train.clip_grad_value": "--clip-grad-value"}
 
 
 def _train_config(args: argparse.Namespace, base):
@@ -555,7 +559,8 @@ def _resume(args: argparse.Namespace, world, observers: Sequence = ()) -> int:
         if changed:
             raise UsageError(f"--resume with a different config ({'; '.join(changed)}); resume with the original "
                              f"flags (only --epochs, --device, --threads, --engine, --data-dir may change, and "
-                             f"{' and '.join(AMENDABLE.values())} from where the run stands) or start a new --out")
+                             f"{', '.join(list(AMENDABLE.values())[:-1])} and {list(AMENDABLE.values())[-1]} from "
+                             f"where the run stands) or start a new --out")
         amendments = [d for d in state_config.differences(config) if d.split(":")[0] in AMENDABLE]
         done = int(meta.get("epoch", 0))
         if config.train.epochs < done:

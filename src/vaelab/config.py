@@ -26,7 +26,7 @@ from vaelab.objectives import OBJECTIVES
 from vaelab.precision import PRECISIONS
 from vaelab.schedules import LR_SCHEDULES
 
-CONFIG_VERSION = 6
+CONFIG_VERSION = 7
 SEED_LIMIT = 2**63            # every seed is a non-negative 63-bit integer (torch's generators take it)
 
 
@@ -51,6 +51,7 @@ class TrainConfig:
     adam_betas: tuple[float, float] = (0.9, 0.999)
     adam_eps: float = 1e-8
     clip_grad_norm: float = 0.0    # rescale each step's gradient to this Euclidean norm where it is larger; 0: never
+    clip_grad_value: float = 0.0   # then clamp each element of it to ±this; 0: never
     seed: int = 0
     device: str = "auto"           # auto | cpu | cuda | cuda:N
     engine: str = "auto"           # auto (the fast path where one covers the config) | fused | autograd | compiled
@@ -79,6 +80,8 @@ class RunConfig:
             ("--adam-eps", t.adam_eps, math.isfinite(t.adam_eps) and t.adam_eps > 0, "a finite number > 0"),
             ("--clip-grad-norm", t.clip_grad_norm, math.isfinite(t.clip_grad_norm) and t.clip_grad_norm >= 0,
              "a finite number ≥ 0 (0: no clipping)"),
+            ("--clip-grad-value", t.clip_grad_value, math.isfinite(t.clip_grad_value) and t.clip_grad_value >= 0,
+             "a finite number ≥ 0 (0: no clamping)"),
             ("adam_betas", t.adam_betas, all(0 <= b < 1 for b in t.adam_betas), "two numbers in [0, 1)"),
             ("--seed", t.seed, 0 <= t.seed < SEED_LIMIT, "in [0, 2⁶³)"),
             ("--threads", t.threads, 0 <= t.threads <= 4096, "in [0, 4096] (0: all cores this process may use)"),
@@ -226,7 +229,15 @@ def _migrate_5(raw: dict, source: str) -> dict:
     return {**raw, "version": 6, "train": {"clip_grad_norm": 0.0, **train}}
 
 
-_MIGRATIONS = {1: _migrate_1, 2: _migrate_2, 3: _migrate_3, 4: _migrate_4, 5: _migrate_5}
+def _migrate_6(raw: dict, source: str) -> dict:
+    """Version 6 (before --clip-grad-value): no gradient element was clamped."""
+    train = raw.get("train")
+    if not isinstance(train, dict):
+        raise CheckpointError(f"{source}: sections missing or malformed (train must be an object)")
+    return {**raw, "version": 7, "train": {"clip_grad_value": 0.0, **train}}
+
+
+_MIGRATIONS = {1: _migrate_1, 2: _migrate_2, 3: _migrate_3, 4: _migrate_4, 5: _migrate_5, 6: _migrate_6}
 
 
 def _build(kind: type, raw: Any, source: str):

@@ -101,4 +101,7 @@ def describe_schedule(config) -> tuple[list[str], list[str]]:
                             f"to the end is not the ELBO that is reported")
     elif objective.beta != 1:
         lines.append(f"β = {objective.beta:g} throughout (the ELBO is reported with β = 1)")
+    if train.clip_grad_value:
+        lines.append(f"each element of the gradient clamped to ±{train.clip_grad_value:g}"
+                     + (f" after its norm is clipped at {train.clip_grad_norm:g}" if train.clip_grad_norm else ""))
     return lines, warnings

@@ -442,7 +442,7 @@ class Trainer:
         steps = self.steps_per_epoch
         self.optimizer.lr = LR_SCHEDULES[cfg.lr_schedule](epoch - 1, cfg.lr, cfg.epochs)
         losses = torch.zeros((steps, STEP_COLUMNS), dtype=torch.float64, device=self.device)  # per step
-        clip = cfg.clip_grad_norm
+        clip, clip_value = cfg.clip_grad_norm, cfg.clip_grad_value
         batches = training_batches(self.data, cfg.batch_size, self.data_rng)
         bar = tqdm(total=steps, initial=start_step, desc=f"epoch {epoch}/{cfg.epochs}", leave=False,
                    disable=not self.progress, unit="step", dynamic_ncols=True)
@@ -465,6 +465,8 @@ class Trainer:
                     losses[step, 4] = norm
                     losses[step, 5] = norm > clip
                     losses[step, 6] = 1.0
+            if clip_value:               # after the norm's rescaling, as the Ladder VAE's code (lasagne) does
+                grad.clamp_(-clip_value, clip_value)
             self.optimizer.step()
             bar.update(1)
             if any_rank(self._signal is not None, world, self.device):
