@@ -353,7 +353,7 @@ def test_native_bernoulli_negative_log_likelihood_is_within_float32_rounding_of_
             assert torch.equal(kernel(given, base2, bias, x), two)
         finally:
             torch.set_num_threads(threads)
-        for wrong in (x[:, :-1], torch.cat([x, x[:1]]), x[0]):
+        for wrong in (x[:, :-1], torch.cat([x, x[:1]]), x[0], x[:0]):
             with pytest.raises(ValueError, match="data of shape"):
                 kernel(given, base2, bias, wrong)
 

@@ -202,7 +202,7 @@ def _softplus_kernel():
         rows = out.numel()
         if data is not None:
             data = data.to(torch.float32).contiguous()
-            if data.dim() != 2 or data.shape[1] != y.shape[-1] or rows % max(data.shape[0], 1):
+            if data.dim() != 2 or data.shape[1] != y.shape[-1] or (rows and (len(data) == 0 or rows % len(data))):
                 raise ValueError(f"data of shape {tuple(data.shape)} for logits of shape {tuple(y.shape)}: (B, "
                                  f"{y.shape[-1]}) wanted, B dividing the {rows} rows")
         kernel(y.data_ptr(), None if bias is None else bias.data_ptr(), None if data is None else data.data_ptr(),
