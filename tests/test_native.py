@@ -286,6 +286,22 @@ def test_records_say_whether_the_flow_ran_natively(tmp_path, data_dir, monkeypat
 
 
 @needs_native
+def test_a_kernel_resolved_anew_keeps_its_one_operator_registration(monkeypatch):
+    """Resolving the kernels again (``_OPS`` reset, as some tests do) returns the operators registered the first
+    time: defining ``vaelab::softplus_sum`` a second time would destroy the first definition's registrations under
+    the functions that still hold it (a segmentation fault in a later compiled trace, seen once in the suite)."""
+    from torch._library.custom_ops import OPDEF_TO_LIB
+
+    softplus, planar = native.softplus_kernel(), native.planar_ops()
+    libraries = {name: OPDEF_TO_LIB[name] for name in ("vaelab::softplus_sum", "vaelab::planar_forward")}
+    monkeypatch.setattr(native, "_OPS", {})
+    assert native.softplus_kernel() is softplus and native.planar_ops() is planar
+    assert all(OPDEF_TO_LIB[name] is library for name, library in libraries.items())
+    y = torch.randn(3, 784)
+    torch.testing.assert_close(torch.ops.vaelab.softplus_sum(y, None, None, False), softplus(y, False))
+
+
+@needs_native
 @pytest.mark.parametrize("base2", [False, True])
 def test_native_softplus_sum_is_within_float32_rounding_of_float64(base2):
     """``softplus.cpp`` against max(ℓ, 0) + log1p(e^{−|ℓ|}) summed in float64 on the same float32 inputs: every row

@@ -163,6 +163,21 @@ def _load(name: str, kernel: str, instead: str):
         return None
 
 
+# name → what ``_once`` registered with torch.library for it, kept for the life of the process
+_REGISTERED: dict[str, object] = {}
+
+
+def _once(name: str, register):
+    """``register()``'s operators for kernel ``name``, made once per process and kept. torch.library holds one
+    definition of an operator: defining ``vaelab::softplus_sum`` again (a second resolution, after ``_OPS`` was
+    reset) destroys the first definition's registrations, and a function still holding the first one then calls
+    into an operator handle that is gone (an intermittent segmentation fault in a later trace, seen in the test
+    suite when a test resolved the kernel anew)."""
+    if name not in _REGISTERED:
+        _REGISTERED[name] = register()
+    return _REGISTERED[name]
+
+
 # what runs a kernel's computation where its library could not be had
 FALLBACKS = {"planar": "PyTorch loop", "softplus": "PyTorch"}
 
@@ -185,8 +200,11 @@ def usable(ops, *tensors: torch.Tensor):
 def _softplus_kernel():
     library = _load("softplus", "the softplus sum's",
                     "its PyTorch form runs instead (the same result to float32 rounding, slower)")
-    if library is None:
-        return None
+    return None if library is None else _once("softplus", lambda: _softplus_ops(library))
+
+
+def _softplus_ops(library):
+    """The softplus kernel's function and its operator ``vaelab::softplus_sum`` (registered by ``_once``)."""
     kernel = library.softplus_sum_f32
     kernel.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
                        ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_int]
@@ -238,8 +256,11 @@ def _softplus_kernel():
 
 def _planar_ops():
     library = _load("planar", "the planar flow's", "the flow runs its PyTorch loop instead (the same result, slower)")
-    if library is None:
-        return None
+    return None if library is None else _once("planar", lambda: _planar_operators(library))
+
+
+def _planar_operators(library):
+    """The operators ``vaelab::planar_forward`` and ``…_backward`` over its kernels (registered by ``_once``)."""
     pointer, size = ctypes.c_void_p, ctypes.c_int64
     kernels = {}
     for dtype, suffix in ((torch.float32, "f32"), (torch.float64, "f64")):
