@@ -59,37 +59,28 @@ inline float log1p_unit(float u) {
                                                                                                 + s * (1.0f / 13 + s * (1.0f / 15))))))));
 }
 
-// softplus of one element in nats, from y = ℓ log₂e (base2) or ℓ; NaN stays NaN (a diverged decoder must not read
-// as a finite likelihood), +inf gives +inf, −inf gives 0
-inline float softplus_term(float v, float to_base2) {
+// One element's term in nats, from y = ℓ log₂e (base2) or ℓ: softplus(ℓ) = max(y, 0) ln 2 + log(1 + 2^{−|y|}), or with
+// the data (kData) the pixel's −log p(x|ℓ) = softplus(ℓ) − xℓ, whose first part is (max(y, 0) − xy) ln 2. NaN stays
+// NaN (a diverged decoder must not read as a finite likelihood); softplus(+inf) = +inf, softplus(−inf) = 0.
+template <bool kData>
+inline float term(float v, float x, float to_base2) {
     const float y = v * to_base2;
-    const float a = std::fabs(y);
     const float positive = y > 0.0f ? y : (y != y ? y : 0.0f);
-    return positive * kLn2 + log1p_unit(exp2_negative(a));
-}
-
-// softplus(ℓ) − xℓ of one element in nats, the pixel's −log p(x|ℓ): (max(y, 0) − xy) ln 2 + log(1 + 2^{−|y|})
-inline float bernoulli_term(float v, float x, float to_base2) {
-    const float y = v * to_base2;
-    const float a = std::fabs(y);
-    const float positive = y > 0.0f ? y : (y != y ? y : 0.0f);
-    return (positive - x * y) * kLn2 + log1p_unit(exp2_negative(a));
+    const float linear = kData ? positive - x * y : positive;
+    return linear * kLn2 + log1p_unit(exp2_negative(std::fabs(y)));
 }
 
 // one row's sum: of softplus, or with ``data`` (the row's digit, D values) of softplus(ℓ) − xℓ
 template <bool kData>
 void row_sum(const float* __restrict__ row, const float* __restrict__ bias, const float* __restrict__ data, int64_t d,
              float to_base2, float* __restrict__ out) {
-    auto term = [&](int64_t j) {
-        if constexpr (kData) return bernoulli_term(row[j] + bias[j], data[j], to_base2);
-        else return softplus_term(row[j] + bias[j], to_base2);
-    };
     float lanes[kLanes] = {0};                        // float32 lanes (one vector): 49 terms each for 784 pixels
     int64_t j = 0;
     for (; j + kLanes <= d; j += kLanes)
-        for (int l = 0; l < kLanes; ++l) lanes[l] += term(j + l);
+        for (int l = 0; l < kLanes; ++l)
+            lanes[l] += term<kData>(row[j + l] + bias[j + l], kData ? data[j + l] : 0.0f, to_base2);
     double total = 0.0;
-    for (; j < d; ++j) total += term(j);
+    for (; j < d; ++j) total += term<kData>(row[j] + bias[j], kData ? data[j] : 0.0f, to_base2);
     for (int l = 0; l < kLanes; ++l) total += lanes[l];
     *out = static_cast<float>(total);
 }
