@@ -557,10 +557,10 @@ def _resume(args: argparse.Namespace, world, observers: Sequence = ()) -> int:
         config = _train_config(args, saved)
         changed = [d for d in saved.differences(config) if d.split(":")[0] not in free]
         if changed:
+            *amendable, last = AMENDABLE.values()
             raise UsageError(f"--resume with a different config ({'; '.join(changed)}); resume with the original "
                              f"flags (only --epochs, --device, --threads, --engine, --data-dir may change, and "
-                             f"{', '.join(list(AMENDABLE.values())[:-1])} and {list(AMENDABLE.values())[-1]} from "
-                             f"where the run stands) or start a new --out")
+                             f"{', '.join(amendable)} and {last} from where the run stands) or start a new --out")
         amendments = [d for d in state_config.differences(config) if d.split(":")[0] in AMENDABLE]
         done = int(meta.get("epoch", 0))
         if config.train.epochs < done:
