@@ -63,7 +63,7 @@ def test_native_recursions_equal_the_pytorch_loops(z_shape, param_shape, monkeyp
 def test_native_tanh_is_within_two_ulps_of_float64():
     """One step is aₜ = tanh(sₜ): the kernel's own float32 tanh against float64's, relative error in units of 2⁻²³
     over [−12, 12] and down to 1e-30, and odd."""
-    forward, _ = native.planar_ops()
+    forward = native.planar_ops().forward
     x = torch.cat([torch.linspace(-12, 12, 400_001), torch.logspace(-30, 0, 3001), -torch.logspace(-30, 0, 3001),
                    torch.tensor([0.0, 9.0, 9.5, 88.0, -88.0, float("inf"), -float("inf")])])
     a = forward(x.reshape(1, 1, -1), torch.zeros(1, 1, 1), torch.zeros(1, 1))[0].flatten()
@@ -82,7 +82,7 @@ def test_native_log_determinant_is_within_its_rounding_bound_of_float64():
     2T roundings give, 2T · 6e-8 + 2⁻²³|Σ| (T steps). One step with s = 0 (a = 0) gives log(1 + c), for c from −1 + 2⁻²⁴
     to 1e30 and ±1e-30 … 1; 80 steps of random a and c, of factors near 2⁻²⁴ (the product would underflow float32
     without its renormalisation) and near 1e30 (it would overflow); a factor 0 gives −inf, c = inf +inf, NaN NaN."""
-    forward, _ = native.planar_ops()
+    forward = native.planar_ops().forward
 
     def check(s, c):
         a, log_det = forward(s, torch.zeros(s.shape[0], s.shape[1], s.shape[1]), c)
@@ -106,19 +106,26 @@ def test_native_log_determinant_is_within_its_rounding_bound_of_float64():
 
 
 @needs_native
-def test_native_recursions_give_the_same_bits_on_one_and_two_threads():
-    """The work is split by tiles of draws and each tile's arithmetic is the same on any thread."""
-    forward, backward = native.planar_ops()
+@pytest.mark.parametrize("draws", [1, 50, 150])          # groups of digits; one tile; three tiles of one digit
+def test_native_kernels_give_the_same_bits_on_one_and_two_threads(draws):
+    """The work is split by tiles of draws (or groups of digits, or rows of parameters) and each one's arithmetic is
+    the same on any thread; ∂L/∂c of a digit's tiles is summed in one order."""
+    ops = native.planar_ops()
     generator = torch.Generator().manual_seed(1)
-    s, d = torch.randn(20, 80, 50, generator=generator), torch.randn(20, 80, 50, generator=generator)
+    s, d = torch.randn(20, 80, draws, generator=generator), torch.randn(20, 80, draws, generator=generator)
     m, c = 0.05 * torch.randn(20, 80, 80, generator=generator), torch.rand(20, 80, generator=generator)
+    ell, params = torch.randn(20, draws, generator=generator), 0.3 * torch.randn(20, 80, 81, generator=generator)
+    grads = torch.randn(2, 20, 80, 40, generator=generator)
     threads = torch.get_num_threads()
     try:
         results = []
         for count in (1, 2):
             torch.set_num_threads(count)
-            a, log_det = forward(s, m, c)
-            results.append((a, log_det, backward(m, a, d)))
+            a, log_det = ops.forward(s, m, c)
+            p, grad_c = ops.backward(m, a, d, c, ell)
+            u_hat, scalars = ops.quantities(params, 1e-12)
+            results.append((a, log_det, p, grad_c, ops.backward(m, a, d, c, None)[0], u_hat, scalars,
+                            ops.parameter_gradient(params, scalars, grads[0], grads[1], grad_c, p, 1e-12)))
     finally:
         torch.set_num_threads(threads)
     for one, two in zip(*results):
@@ -126,14 +133,82 @@ def test_native_recursions_give_the_same_bits_on_one_and_two_threads():
 
 
 @needs_native
+def test_native_step_quantities_and_their_chain_rule_against_float64():
+    """``quantities`` (û, κ, c, wᵀu, ‖w‖²) and ``parameter_gradient`` (∂L/∂[u, w, b] through û and c) in float32
+    against the PyTorch forms in float64 on the same inputs: within 2e-6 of the largest value each (float32's
+    rounding of sums of 40 terms). Rows include wᵀu = ±40, the ends of softplus (m(40) = −1 + 4e-18, m(−40) = 39 +
+    4e-18, with ‖w‖² = 40), and w = 0, where ‖w‖² is clamped: û = u, c = 0; in float64, also 0 < ‖w‖² below the
+    clamp, where no gradient passes it."""
+    from vaelab.models.flows import _MIN_SQUARED_NORM, _parameter_gradient, _step_quantities
+
+    ops = native.planar_ops()
+    generator = torch.Generator().manual_seed(7)
+    params = 0.3 * torch.randn(6, 80, 81, generator=generator, dtype=torch.float64)
+    params[0, :2, 40:80] = 1.0                                       # w = 1: wᵀu = Σu
+    params[0, 0, :40], params[0, 1, :40] = 1.0, -1.0                 # wᵀu = ±40
+    params[1, :3, 40:80] = 0.0                                       # w = 0: ‖w‖² clamped
+    grad_u_hat, grad_w = torch.randn(2, 6, 80, 40, generator=generator, dtype=torch.float64)
+    grad_c, p = torch.randn(6, 80, generator=generator, dtype=torch.float64), \
+        torch.randn(6, 80, 3, generator=generator, dtype=torch.float64)
+    exact = _step_quantities(params)
+    ours = _step_quantities(params.float(), ops)
+    for name in ("u_hat", "scalars", "m"):
+        mine, reference = getattr(ours, name).double(), getattr(exact, name)
+        assert (mine - reference).abs().max().item() <= 2e-6 * reference.abs().max().item(), name
+    assert ours.scalars[0, 0, :2].tolist() == pytest.approx([-1 / 40, 39 / 40], rel=1e-7)     # κ = m(±40)/‖w‖²
+    assert torch.equal(ours.u_hat[1, :3], params[1, :3, :40].float()) and ours.scalars[1, 1, :3].eq(0).all()
+    reference = _parameter_gradient(params, exact.scalars, grad_u_hat, grad_w.clone(), grad_c, p)
+    mine = ops.parameter_gradient(params.float(), ours.scalars, grad_u_hat.float(), grad_w.float(), grad_c.float(),
+                                  p.float(), _MIN_SQUARED_NORM).double()
+    assert (mine - reference).abs().max().item() <= 2e-6 * reference.abs().max().item()
+    float64 = ops.parameter_gradient(params, exact.scalars, grad_u_hat, grad_w, grad_c, p, _MIN_SQUARED_NORM)
+    torch.testing.assert_close(float64, reference, rtol=1e-12, atol=1e-12)
+    tiny = params.clone()                              # 0 < ‖w‖² = 4e-13 < ε: κ from the clamp, no gradient through it
+    tiny[:, :, 40:80] = 1e-7
+    reference = _parameter_gradient(tiny, _step_quantities(tiny).scalars, grad_u_hat, grad_w.clone(), grad_c, p)
+    float64 = ops.parameter_gradient(tiny, _step_quantities(tiny, ops).scalars, grad_u_hat, grad_w, grad_c, p,
+                                     _MIN_SQUARED_NORM)
+    torch.testing.assert_close(float64, reference, rtol=1e-12, atol=0)
+
+
+@needs_native
+def test_native_m_and_its_derivative_against_float64():
+    """The kernel's own float32 m(s) = softplus(s) − 1 − s (an exp and a log1p written to vectorise) and
+    m'(s) = σ(s) − 1, read through the operators (κ = m(wᵀu)/‖w‖² with w = e₁, u = s e₁; ∂L/∂u₂ = m'(s)/2 with
+    w = e₁ + e₂ and ∂L/∂û = e₁), against float64 at the same float32 s, for s over [−100, 100] and near 0: m within
+    2.5e-7 · max(1, |m|) (two float32 roundings of the largest term), m' within 1e-6 relative (e^{−s} keeps its
+    digits down to 1e-38) for s < 87 and within 1.7e-38 of it from there (only denormals there: 0)."""
+    ops = native.planar_ops()
+    values = torch.cat([torch.linspace(-100, 100, 40_001), torch.logspace(-30, 0, 301), -torch.logspace(-30, 0, 301)])
+    rows, d = values.numel(), 3
+    params = torch.zeros(2, rows, 2 * d + 1)
+    params[:, :, 0], params[:, :, d] = values, 1.0                   # u = s e₁, w = e₁: wᵀu = s
+    params[1, :, d + 1] = 1.0                                         # w = e₁ + e₂ in the second set: ‖w‖² = 2
+    _, scalars = ops.quantities(params, 1e-12)
+    s64 = values.double()
+    m64 = torch.log1p(torch.exp(-s64.abs())) + torch.clamp_min(-s64, 0) - 1
+    assert ((scalars[0, 0].double() - m64).abs() <= 2.5e-7 * m64.abs().clamp_min(1)).all()
+    grad_u_hat = torch.zeros(2, rows, d)
+    grad_u_hat[:, :, 0] = 1.0
+    grad = ops.parameter_gradient(params, scalars, grad_u_hat, torch.zeros(2, rows, d), torch.zeros(2, rows),
+                                  torch.zeros(2, rows, 1), 1e-12)
+    derivative64 = -1 / (1 + torch.exp(s64))
+    error = (2 * grad[1, :, 1].double() - derivative64).abs()
+    assert (error <= torch.where(s64 < 87, 1e-6 * derivative64.abs(), torch.full_like(s64, 1.7e-38))).all()
+
+
+@needs_native
 def test_native_operators_pass_torch_library_opcheck():
     """Their registrations (output shapes for torch.compile, no hidden mutation) as torch.library checks them."""
-    forward, backward = native.planar_ops()
+    ops = native.planar_ops()
     generator = torch.Generator().manual_seed(2)
     s, m = torch.randn(3, 6, 5, generator=generator), 0.1 * torch.randn(3, 6, 6, generator=generator)
-    torch.library.opcheck(forward, (s, m, torch.rand(3, 6, generator=generator)),
-                          test_utils=("test_schema", "test_faketensor"))
-    torch.library.opcheck(backward, (m, torch.tanh(s), s), test_utils=("test_schema", "test_faketensor"))
+    c, params = torch.rand(3, 6, generator=generator), torch.randn(3, 6, 9, generator=generator)
+    u_hat, scalars = ops.quantities(params, 1e-12)
+    for op, args in ((ops.forward, (s, m, c)), (ops.backward, (m, torch.tanh(s), s, c, torch.randn(3, 5))),
+                     (ops.backward, (m, torch.tanh(s), s, c, None)), (ops.quantities, (params, 1e-12)),
+                     (ops.parameter_gradient, (params, scalars, u_hat, u_hat, c, s, 1e-12))):
+        torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
 
 
 @needs_native
@@ -163,7 +238,7 @@ def test_a_compiler_without_openmp_builds_the_serial_library_with_the_same_resul
     monkeypatch.setenv("VAELAB_CACHE", str(tmp_path))
     monkeypatch.setattr(native, "THREADING", (("--no-such-openmp-flag",), ("-fopenmp-simd",)))
     serial = ctypes.CDLL(str(native.build("planar")))
-    forward, _ = native.planar_ops()
+    forward = native.planar_ops().forward
     generator = torch.Generator().manual_seed(5)
     s, m = torch.randn(20, 80, 50, generator=generator), 0.05 * torch.randn(20, 80, 80, generator=generator)
     c = torch.rand(20, 80, generator=generator)
@@ -194,7 +269,7 @@ def test_a_cache_directory_others_may_write_in_is_not_used(tmp_path, monkeypatch
 @needs_native
 def test_two_processes_building_at_once_each_load_a_whole_library(tmp_path):
     """torchrun's ranks build the same library at the same moment: each loads a whole one, one file remains."""
-    script = ("import torch; from vaelab import native; f, _ = native.planar_ops(); "
+    script = ("import torch; from vaelab import native; f = native.planar_ops().forward; "
               "print(float(f(torch.ones(1, 1, 1), torch.zeros(1, 1, 1), torch.zeros(1, 1))[0]))")
     env = {**os.environ, "VAELAB_CACHE": str(tmp_path)}
     runs = [subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,

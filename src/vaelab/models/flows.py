@@ -19,7 +19,7 @@ encoder's last hidden layer h (B, H) (or (K, B, H) for a layer above the first),
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -58,7 +58,8 @@ class PlanarFlow(NoFlow):
             return lambda z0: PlanarSteps.apply(z0, params)
         # without gradients (IWAE, chunk after chunk of draws for the same digits): û, c and M once per context
         with torch.autocast(h.device.type, enabled=False):
-            quantities = _step_quantities(params.reshape(-1, *params.shape[-2:]))
+            flat = params.reshape(-1, *params.shape[-2:])                                # (N, T, 2d + 1)
+            quantities = _step_quantities(flat, _per_step(native.usable(native.planar_ops(), flat)))
         return lambda z0: PlanarSteps.without_gradient(z0, params, quantities)
 
 
@@ -108,10 +109,12 @@ class PlanarSteps(torch.autograd.Function):
     (‖w‖² is clamped below at ``_MIN_SQUARED_NORM`` in κ; the clamp passes no gradient.) The two recursions, and the
     log-determinant with the forward one, run as native loops (``vaelab/native/planar.cpp``: a tile of draws kept in
     L1 through all T steps) where that library can be built, else as the PyTorch loops below (two kernels per step,
-    their count not their arithmetic setting the time; benchmarks/README.md). Both keep a digit's pre-activations
-    as one (T, R) block, (N, T, R) in all: the batched products before and after read and write that layout as it
-    is. Checked against the steps written plainly and autograd, finite differences
-    (gradcheck, float64) and the full Jacobian's log-determinant (tests/test_frontier.py), and the native loops
+    their count not their arithmetic setting the time; benchmarks/README.md); so do û, c and κ from the parameters,
+    and the chain rule back to them from ∂û, ∂w, ∂c and p, one pass each instead of about thirty small ones (eager
+    only: under torch.compile Inductor fuses those operations itself). Both keep a digit's pre-activations as one
+    (T, R) block, (N, T, R) in all: the batched products before and after read and write that layout as it is.
+    Checked against the steps written plainly and autograd, finite differences (gradcheck, float64) and the full
+    Jacobian's log-determinant (tests/test_frontier.py), and the native loops
     against the PyTorch ones (tests/test_native.py).
     """
 
@@ -143,15 +146,17 @@ class PlanarSteps(torch.autograd.Function):
             params = params.expand(*lead, *params.shape[-2:])
             groups = (1, math.prod(lead))
         r, n = groups
+        ops = native.usable(native.planar_ops(), z0, params)
+        ctx.native = ops is not None
         z = z0.expand(*lead, d).reshape(r, n, d).transpose(0, 1)                       # (N, R, d)
         if quantities is None:
-            quantities = _step_quantities(params.reshape(n, steps, 2 * d + 1))
-        u, w, b, wu, ww_raw, ww, kappa, u_hat, c, m = quantities
+            quantities = _step_quantities(params.reshape(n, steps, 2 * d + 1), _per_step(ops))
+        params, u_hat, scalars, m = quantities
+        w, b, c = params[..., d:2 * d], params[..., 2 * d], scalars[1]                # (N, T, d), (N, T), (N, T)
         # pre-activations, a (T, R) block per digit: the product writes them where the recursion reads them
         a = torch.baddbmm(b.unsqueeze(-1), w, z.transpose(1, 2))                           # (N, T, R) wₜᵀz₀ + bₜ
-        ops = native.usable(native.planar_ops(), a, m, c)
         if ops:                                                        # the only sequential part: T scalars per draw
-            a, log_det = ops[0](a, m, c)                                     # (N, T, R), (N, R): native/planar.cpp
+            a, log_det = ops.forward(a, m, c)                                # (N, T, R), (N, R): native/planar.cpp
         else:
             for t in range(steps):
                 column = a[:, t].tanh_()                                                # (N, R) aₜ
@@ -159,76 +164,115 @@ class PlanarSteps(torch.autograd.Function):
                     a[:, t + 1:].addcmul_(column.unsqueeze(1), m[:, t, t + 1:].unsqueeze(-1))
             log_det = torch.log1p((1.0 - a.square()) * c.unsqueeze(-1)).sum(1)          # (N, R), each term finite
         z_t = torch.baddbmm(z, a.transpose(1, 2), u_hat)                                # (N, R, d) z₀ + Σ ûₜaₜ
-        ctx.save_for_backward(z, a, u, w, u_hat, wu, ww_raw, ww, kappa, c, m)
+        ctx.save_for_backward(z, a, params, u_hat, scalars, m)
         ctx.shapes = z0.shape, params_shape, lead
         return z_t.transpose(0, 1).reshape(*lead, d), log_det.T.reshape(lead)
 
     @staticmethod
     def backward(ctx, grad_z, grad_log_det):
-        z, a, u, w, u_hat, wu, ww_raw, ww, kappa, c, m = ctx.saved_tensors                  # a: (N, T, R)
+        z, a, params, u_hat, scalars, m = ctx.saved_tensors                                # a: (N, T, R)
         z0_shape, params_shape, lead = ctx.shapes
         n, steps, r = a.shape
         d = z.shape[-1]
+        w = params[..., d:2 * d]                                                        # (N, T, d)
         g = (torch.zeros_like(z) if grad_z is None else
              grad_z.expand(*lead, d).reshape(r, n, d).transpose(0, 1))                 # (N, R, d)
-        one_minus = 1.0 - a.square()                                                    # (N, T, R)
-        # ∂L/∂sₜ, laid out like a: first the direct part Dₜ
+        ell = None if grad_log_det is None else grad_log_det.expand(lead).reshape(r, n).T  # (N, R)
+        # ∂L/∂sₜ, laid out like a, from its direct part ûₜᵀg (and the log-determinant's, with ℓ)
         p = torch.bmm(u_hat, g.transpose(1, 2))                                         # (N, T, R) ûₜᵀg
-        grad_c = torch.zeros_like(c)
-        if grad_log_det is not None:
-            ell = grad_log_det.expand(lead).reshape(r, n).T.unsqueeze(1)                # (N, 1, R)
-            c_t = c.unsqueeze(-1)                                                       # (N, T, 1)
-            denominator = torch.addcmul(torch.ones_like(a), one_minus, c_t)            # (N, T, R)
-            p.addcmul_(ell, a * c_t / denominator, value=-2.0)
-            grad_c = (ell * one_minus / denominator).sum(-1)                            # (N, T)
-        ops = native.usable(native.planar_ops(), p, m)
-        if ops:                                                        # pₜ = (Dₜ + Σ_{r>t} pᵣMᵣₜ)(1 − aₜ²)
-            p = ops[1](m, a, p)                                                         # (N, T, R), native/planar.cpp
+        ops = native.planar_ops() if ctx.native else None
+        if ops:                                                        # pₜ = (Dₜ + Σ_{r>t} pᵣMᵣₜ)(1 − aₜ²), and ∂L/∂c
+            p, grad_c = ops.backward(m, a, p, scalars[1], ell)                          # native/planar.cpp
         else:
-            for t in range(steps - 1, -1, -1):
-                column = p[:, t].mul_(one_minus[:, t])                                  # (N, R) pₜ
-                if t:                                                                   # pᵣ += Mₜᵣ pₜ, r < t
-                    p[:, :t].addcmul_(column.unsqueeze(1), m[:, :t, t].unsqueeze(-1))
+            p, grad_c = _backward_recursion(m, a, p, scalars[1], ell)
         grad_m = _draw_sums(p, a.transpose(1, 2)).tril_(-1)                             # (N, T, T) ∂Mₜᵣ, t > r
         grad_u_hat = _draw_sums(a, g).baddbmm_(grad_m.transpose(1, 2), w)               # (N, T, d)
         grad_w = _draw_sums(p, z).baddbmm_(grad_m, u_hat)                               # (N, T, d) direct part
         grad_z0 = torch.baddbmm(g, p.transpose(1, 2), w)                                # (N, R, d)
-        # through û = u + κw and c = wᵀu + κ‖w‖²
-        grad_kappa = torch.linalg.vecdot(grad_u_hat, w).addcmul_(grad_c, ww_raw)       # (N, T)
-        grad_wu = grad_c + grad_kappa * (torch.sigmoid(wu) - 1.0) / ww
-        grad_ww = grad_c * kappa - grad_kappa * kappa / ww * (ww_raw > _MIN_SQUARED_NORM)
-        # [∂u, ∂w, ∂b] per step, written into one buffer; torch.compile takes no out= into its strided views and
-        # gets them as pieces (its own kernels write them where they go)
-        tracing = torch.compiler.is_compiling()
-        grad_params = torch.empty(n, steps, 2 * d + 1, dtype=a.dtype, device=a.device)
-        out = (None, None) if tracing else (grad_params[..., :d], grad_params[..., d:2 * d])
-        grad_u = torch.addcmul(grad_u_hat, grad_wu.unsqueeze(-1), w, out=out[0])        # ∂û + ∂(wᵀu) w
-        # ∂w = direct + κ∂û + ∂(wᵀu) u + 2∂‖w‖² w, with κ∂û = κ∂u − κ∂(wᵀu) w
-        grad_w.addcmul_(kappa.unsqueeze(-1), grad_u).addcmul_((2.0 * grad_ww - kappa * grad_wu).unsqueeze(-1), w)
-        grad_w = torch.addcmul(grad_w, grad_wu.unsqueeze(-1), u, out=out[1])
-        if tracing:
-            grad_params = torch.cat([grad_u, grad_w, p.sum(-1, keepdim=True)], -1)
+        if _per_step(ops):                                               # through û = u + κw and c = wᵀu + κ‖w‖²
+            grad_params = ops.parameter_gradient(params, scalars, grad_u_hat, grad_w, grad_c, p, _MIN_SQUARED_NORM)
         else:
-            grad_params[..., 2 * d] = p.sum(-1)                                         # ∂bₜ = Σ pₜ
+            grad_params = _parameter_gradient(params, scalars, grad_u_hat, grad_w, grad_c, p)
         grad_params = grad_params.reshape(*lead, steps, 2 * d + 1).sum_to_size(params_shape) if ctx.expanded else \
             grad_params.reshape(params_shape)
         grad_z0 = grad_z0.transpose(0, 1).reshape(*lead, d).sum_to_size(z0_shape)
         return grad_z0, grad_params
 
 
-def _step_quantities(p: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """What N sets of the steps' parameters p (N, T, 2d + 1) alone determine: u, w, b, wᵀu, ‖w‖², ‖w‖² clamped,
-    κ, û, c = wᵀû and M (``PlanarSteps``' docstring)."""
+def _per_step(ops):
+    """``ops`` for the per-step work before and after the recursions (û, c and κ; the chain rule back to the
+    parameters), except while torch.compile traces: Inductor fuses those PyTorch operations with their neighbours
+    into fewer kernels than two opaque operators would leave it (measured: benchmarks/README.md)."""
+    return None if torch.compiler.is_compiling() else ops
+
+
+class _Quantities(NamedTuple):
+    """What N sets of the steps' parameters alone determine (``PlanarSteps``' docstring)."""
+    params: torch.Tensor        # (N, T, 2d + 1): [u, w, b] per step
+    u_hat: torch.Tensor         # (N, T, d) û = u + κw
+    scalars: torch.Tensor       # (4, N, T): κ, c = wᵀû, wᵀu, ‖w‖²
+    m: torch.Tensor             # (N, T, T): [t, r] = ûₜᵀwᵣ
+
+
+def _step_quantities(p: torch.Tensor, ops=None) -> _Quantities:
+    """``_Quantities`` of N sets of the steps' parameters p (N, T, 2d + 1): by ``ops.quantities`` (planar.cpp, one pass)
+    where the native operators ``ops`` are given, else as PyTorch operations."""
     d = (p.shape[-1] - 1) // 2
-    u, w, b = p[..., :d], p[..., d:2 * d], p[..., 2 * d]                                # (N, T, d), (N, T, d), (N, T)
-    wu = torch.linalg.vecdot(w, u)                                                      # (N, T) wᵀu
-    ww_raw = torch.linalg.vecdot(w, w)                                                  # (N, T) ‖w‖²
-    ww = ww_raw.clamp_min(_MIN_SQUARED_NORM)
-    kappa = (F.softplus(wu) - 1.0 - wu) / ww                                            # (N, T) κ = m(wᵀu)/‖w‖²
-    u_hat = torch.addcmul(u, kappa.unsqueeze(-1), w)                                    # (N, T, d)
-    c = torch.addcmul(wu, kappa, ww_raw)                                                # (N, T) wᵀû
+    u, w = p[..., :d], p[..., d:2 * d]                                                  # (N, T, d)
+    if ops:
+        u_hat, scalars = ops.quantities(p, _MIN_SQUARED_NORM)
+    else:
+        wu = torch.linalg.vecdot(w, u)                                                  # (N, T) wᵀu
+        ww_raw = torch.linalg.vecdot(w, w)                                              # (N, T) ‖w‖²
+        kappa = (F.softplus(wu) - 1.0 - wu) / ww_raw.clamp_min(_MIN_SQUARED_NORM)       # (N, T) κ = m(wᵀu)/‖w‖²
+        u_hat = torch.addcmul(u, kappa.unsqueeze(-1), w)                                # (N, T, d)
+        scalars = torch.stack([kappa, torch.addcmul(wu, kappa, ww_raw), wu, ww_raw])    # c = wᵀu + κ‖w‖²
     m = torch.bmm(u_hat, w.transpose(1, 2))                                             # (N, T, T) [t, r] = ûₜᵀwᵣ
-    return u, w, b, wu, ww_raw, ww, kappa, u_hat, c, m
+    return _Quantities(p, u_hat, scalars, m)
+
+
+def _backward_recursion(m: torch.Tensor, a: torch.Tensor, p: torch.Tensor, c: torch.Tensor,
+                        ell: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``ops.backward`` as PyTorch operations: (p, ∂L/∂c) from p = ûᵀg (N, T, R), overwritten."""
+    one_minus = 1.0 - a.square()                                                        # (N, T, R)
+    grad_c = torch.zeros_like(c)
+    if ell is not None:
+        ell = ell.unsqueeze(1)                                                          # (N, 1, R)
+        c_t = c.unsqueeze(-1)                                                           # (N, T, 1)
+        denominator = torch.addcmul(torch.ones_like(a), one_minus, c_t)                # (N, T, R)
+        p.addcmul_(ell, a * c_t / denominator, value=-2.0)                              # Dₜ
+        grad_c = (ell * one_minus / denominator).sum(-1)                                # (N, T)
+    for t in range(a.shape[1] - 1, -1, -1):
+        column = p[:, t].mul_(one_minus[:, t])                                          # (N, R) pₜ
+        if t:                                                                           # pᵣ += Mₜᵣ pₜ, r < t
+            p[:, :t].addcmul_(column.unsqueeze(1), m[:, :t, t].unsqueeze(-1))
+    return p, grad_c
+
+
+def _parameter_gradient(params: torch.Tensor, scalars: torch.Tensor, grad_u_hat: torch.Tensor, grad_w: torch.Tensor,
+                        grad_c: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """``ops.parameter_gradient`` as PyTorch operations: [∂u, ∂w, ∂b] (N, T, 2d + 1) through û and c (the formulas in
+    ``PlanarSteps``' docstring)."""
+    d = grad_u_hat.shape[-1]
+    u, w = params[..., :d], params[..., d:2 * d]
+    kappa, _, wu, ww_raw = scalars
+    ww = ww_raw.clamp_min(_MIN_SQUARED_NORM)
+    grad_kappa = torch.linalg.vecdot(grad_u_hat, w).addcmul_(grad_c, ww_raw)           # (N, T)
+    grad_wu = grad_c + grad_kappa * (torch.sigmoid(wu) - 1.0) / ww
+    grad_ww = grad_c * kappa - grad_kappa * kappa / ww * (ww_raw > _MIN_SQUARED_NORM)
+    # [∂u, ∂w, ∂b] per step, written into one buffer; torch.compile takes no out= into its strided views and
+    # gets them as pieces (its own kernels write them where they go)
+    tracing = torch.compiler.is_compiling()
+    grad_params = torch.empty_like(params, memory_format=torch.contiguous_format)
+    out = (None, None) if tracing else (grad_params[..., :d], grad_params[..., d:2 * d])
+    grad_u = torch.addcmul(grad_u_hat, grad_wu.unsqueeze(-1), w, out=out[0])            # ∂û + ∂(wᵀu) w
+    # ∂w = direct + κ∂û + ∂(wᵀu) u + 2∂‖w‖² w, with κ∂û = κ∂u − κ∂(wᵀu) w
+    grad_w.addcmul_(kappa.unsqueeze(-1), grad_u).addcmul_((2.0 * grad_ww - kappa * grad_wu).unsqueeze(-1), w)
+    grad_w = torch.addcmul(grad_w, grad_wu.unsqueeze(-1), u, out=out[1])
+    if tracing:
+        return torch.cat([grad_u, grad_w, p.sum(-1, keepdim=True)], -1)
+    grad_params[..., 2 * d] = p.sum(-1)                                                 # ∂bₜ = Σ pₜ
+    return grad_params
 
 
 class _NoContext:

@@ -1,7 +1,8 @@
 """Native kernels: C++ sources beside this file, built once per machine with its C++ compiler, loaded with ctypes.
 
 What PyTorch runs as many small kernels in a Python loop, and what no product or fused graph expresses, is written
-here as a plain loop: the planar flow's two sequential recursions (``planar.cpp``; ``vaelab.models.flows``), and
+here as a plain loop: the planar flow's two sequential recursions and the per-step work around them (``planar.cpp``;
+``vaelab.models.flows``), and
 the Bernoulli likelihood's Σ softplus over the logits in one pass (``softplus.cpp``; ``objectives.softplus_sum``). The
 sources use no torch headers; they take pointers to contiguous float32 or float64 arrays. Their parallel loops
 are OpenMP's, on the process's runtime, which is torch's own libgomp (loaded first, the same soname), with
@@ -21,7 +22,7 @@ the last float32 digits (tests/test_native.py), several times slower. The reason
 ``VAELAB_NATIVE=0`` asks for the PyTorch loops without one (to compare, or to reproduce a run of older code).
 
 **torch.compile.** The kernels are registered as custom operators (``vaelab::planar_forward``, ``…_backward``,
-``vaelab::softplus_sum``) with their output shapes, so a compiled graph calls them as single nodes (outside one
+``…_quantities``, ``…_parameter_gradient``, ``vaelab::softplus_sum``) with their output shapes, so a compiled graph calls them as single nodes (outside one
 the softplus sum is called directly: the operator's dispatch costs about 13 µs a call). Tracing cannot build a
 library: ``compiling.compile`` calls ``prepare`` first.
 """
@@ -36,6 +37,7 @@ import subprocess
 import tempfile
 import warnings
 from pathlib import Path
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -136,8 +138,8 @@ def softplus_kernel():
     return _resolve("softplus", _softplus_kernel)
 
 
-def planar_ops():
-    """(forward, backward) of the planar recursions as custom operators, or None (see the module's docstring)."""
+def planar_ops() -> PlanarOps | None:
+    """The planar flow's kernels as custom operators (``PlanarOps``), or None (see the module's docstring)."""
     return _resolve("planar", _planar_ops)
 
 
@@ -259,16 +261,31 @@ def _planar_ops():
     return None if library is None else _once("planar", lambda: _planar_operators(library))
 
 
-def _planar_operators(library):
-    """The operators ``vaelab::planar_forward`` and ``…_backward`` over its kernels (registered by ``_once``)."""
+class PlanarOps(NamedTuple):
+    """The planar flow's operators (``planar.cpp``): its two recursions, and the per-step work before and after."""
+    forward: Callable            # (s, M, c) → (a, log-det)
+    backward: Callable           # (M, a, ûᵀg, c, ℓ or None) → (p, ∂L/∂c)
+    quantities: Callable         # (params, ε) → (û, [κ, c, wᵀu, ‖w‖²])
+    parameter_gradient: Callable  # (params, scalars, ∂û, ∂w, ∂c, p, ε) → ∂params
+
+
+def _planar_operators(library) -> PlanarOps:
+    """The operators ``vaelab::planar_forward``, ``…_backward``, ``…_quantities`` and ``…_parameter_gradient`` over its
+    kernels (registered by ``_once``)."""
     pointer, size = ctypes.c_void_p, ctypes.c_int64
     kernels = {}
     for dtype, suffix in ((torch.float32, "f32"), (torch.float64, "f64")):
-        forward, backward = getattr(library, f"planar_forward_{suffix}"), getattr(library, f"planar_backward_{suffix}")
-        forward.argtypes = [pointer, pointer, pointer, pointer, pointer, size, size, size, ctypes.c_int]
-        backward.argtypes = [pointer, pointer, pointer, pointer, size, size, size, ctypes.c_int]
-        forward.restype = backward.restype = None
-        kernels[dtype] = forward, backward
+        functions = [getattr(library, f"planar_{name}_{suffix}")
+                     for name in ("forward", "backward", "quantities", "parameter_gradient")]
+        for function, argtypes in zip(functions, (
+                [pointer] * 5 + [size] * 3 + [ctypes.c_int], [pointer] * 7 + [size] * 3 + [ctypes.c_int],
+                [pointer] * 3 + [size] * 2 + [ctypes.c_double, ctypes.c_int],
+                [pointer] * 7 + [size] * 3 + [ctypes.c_double, ctypes.c_int])):
+            function.argtypes, function.restype = argtypes, None
+        kernels[dtype] = functions
+
+    def address(t: torch.Tensor | None):
+        return None if t is None else t.data_ptr()
 
     @torch.library.custom_op("vaelab::planar_forward", mutates_args=(), device_types="cpu")
     def planar_forward(s: torch.Tensor, m: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -287,16 +304,55 @@ def _planar_operators(library):
                 s.new_empty(s.shape[0], s.shape[2]))
 
     @torch.library.custom_op("vaelab::planar_backward", mutates_args=(), device_types="cpu")
-    def planar_backward(m: torch.Tensor, a: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
-        """pₜ = (Dₜ + Σ_{r>t} M[t][r] pᵣ)(1 − aₜ²) from t = T − 1 down, for a, D (N, T, R) (planar.cpp)."""
-        m, a, d = m.contiguous(), a.contiguous(), d.contiguous()
+    def planar_backward(m: torch.Tensor, a: torch.Tensor, d: torch.Tensor, c: torch.Tensor,
+                        ell: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(p, ∂L/∂c) for a, d = ûᵀg (N, T, R), M (N, T, T), c (N, T) and ℓ = ∂L/∂log-det (N, R) or None: with
+        Dₜ = dₜ − 2ℓaₜcₜ/(1 + (1 − aₜ²)cₜ), pₜ = (Dₜ + Σ_{r>t} M[t][r] pᵣ)(1 − aₜ²) from t = T − 1 down, and
+        ∂L/∂cₜ = Σ_draws ℓ(1 − aₜ²)/(1 + (1 − aₜ²)cₜ) (zeros without ℓ) (planar.cpp)."""
+        m, a, d, c = m.contiguous(), a.contiguous(), d.contiguous(), c.contiguous()
+        ell = None if ell is None else ell.contiguous()
         p = torch.empty_like(d)
-        kernels[d.dtype][1](m.data_ptr(), a.data_ptr(), d.data_ptr(), p.data_ptr(), d.shape[1], d.shape[0], d.shape[2],
-                            torch.get_num_threads())
-        return p
+        grad_c = torch.empty_like(c) if ell is not None else torch.zeros_like(c)
+        kernels[d.dtype][1](m.data_ptr(), a.data_ptr(), d.data_ptr(), c.data_ptr(), address(ell), p.data_ptr(),
+                            grad_c.data_ptr(), d.shape[1], d.shape[0], d.shape[2], torch.get_num_threads())
+        return p, grad_c
 
     @planar_backward.register_fake
-    def _(m, a, d):
-        return torch.empty_like(d, memory_format=torch.contiguous_format)
+    def _(m, a, d, c, ell):
+        return torch.empty_like(d, memory_format=torch.contiguous_format), torch.empty_like(c)
 
-    return planar_forward, planar_backward
+    @torch.library.custom_op("vaelab::planar_quantities", mutates_args=(), device_types="cpu")
+    def planar_quantities(params: torch.Tensor, min_squared_norm: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(û (N, T, d), [κ, c, wᵀu, ‖w‖²] (4, N, T)) for the steps' parameters [u, w, b] (N, T, 2d + 1), with
+        κ = m(wᵀu)/max(‖w‖², ε), û = u + κw, c = wᵀu + κ‖w‖² (planar.cpp)."""
+        params = params.contiguous()
+        n, steps, d = params.shape[0], params.shape[1], (params.shape[2] - 1) // 2
+        u_hat, scalars = params.new_empty(n, steps, d), params.new_empty(4, n, steps)
+        kernels[params.dtype][2](params.data_ptr(), u_hat.data_ptr(), scalars.data_ptr(), n * steps, d,
+                                 min_squared_norm, torch.get_num_threads())
+        return u_hat, scalars
+
+    @planar_quantities.register_fake
+    def _(params, min_squared_norm):
+        n, steps, d = params.shape[0], params.shape[1], (params.shape[2] - 1) // 2
+        return params.new_empty(n, steps, d), params.new_empty(4, n, steps)
+
+    @torch.library.custom_op("vaelab::planar_parameter_gradient", mutates_args=(), device_types="cpu")
+    def planar_parameter_gradient(params: torch.Tensor, scalars: torch.Tensor, grad_u_hat: torch.Tensor,
+                                  grad_w: torch.Tensor, grad_c: torch.Tensor, p: torch.Tensor,
+                                  min_squared_norm: float) -> torch.Tensor:
+        """[∂u, ∂w, ∂b] (N, T, 2d + 1) from ∂L/∂û and the steps' direct ∂L/∂w (N, T, d), ∂L/∂c (N, T) and
+        p = ∂L/∂s (N, T, R), through û = u + κw and c = wᵀu + κ‖w‖² (planar.cpp)."""
+        params, scalars, p = params.contiguous(), scalars.contiguous(), p.contiguous()
+        grad_u_hat, grad_w, grad_c = grad_u_hat.contiguous(), grad_w.contiguous(), grad_c.contiguous()
+        out = torch.empty_like(params)
+        kernels[params.dtype][3](params.data_ptr(), scalars.data_ptr(), grad_u_hat.data_ptr(), grad_w.data_ptr(),
+                                 grad_c.data_ptr(), p.data_ptr(), out.data_ptr(), params.shape[0] * params.shape[1],
+                                 grad_u_hat.shape[-1], p.shape[-1], min_squared_norm, torch.get_num_threads())
+        return out
+
+    @planar_parameter_gradient.register_fake
+    def _(params, scalars, grad_u_hat, grad_w, grad_c, p, min_squared_norm):
+        return torch.empty_like(params, memory_format=torch.contiguous_format)
+
+    return PlanarOps(planar_forward, planar_backward, planar_quantities, planar_parameter_gradient)
