@@ -202,7 +202,7 @@ class PlanarSteps(torch.autograd.Function):
 def _per_step(ops):
     """``ops`` for the per-step work before and after the recursions (û, c and κ; the chain rule back to the
     parameters), except while torch.compile traces: Inductor fuses those PyTorch operations with their neighbours
-    into fewer kernels than two opaque operators would leave it (measured: benchmarks/README.md)."""
+    itself, and with the two operators inside its graphs the compiled step was no faster (benchmarks/README.md)."""
     return None if torch.compiler.is_compiling() else ops
 
 
