@@ -1,12 +1,12 @@
 """Native kernels: C++ sources beside this file, built once per machine with its C++ compiler, loaded with ctypes.
 
 What PyTorch runs as many small kernels in a Python loop, and what no product or fused graph expresses, is written
-here as a plain loop: the planar flow's two sequential recursions and the per-step work around them (``planar.cpp``;
-``vaelab.models.flows``), and
-the Bernoulli likelihood's Σ softplus over the logits in one pass (``softplus.cpp``; ``objectives.softplus_sum``). The
-sources use no torch headers; they take pointers to contiguous float32 or float64 arrays. Their parallel loops
-are OpenMP's, on the process's runtime, which is torch's own libgomp (loaded first, the same soname), with
-torch's thread count: threads started by the library instead competed with torch's, still spinning on the cores.
+here as a plain loop: the planar flow's two sequential recursions and the per-step work around them
+(``planar.cpp``; ``vaelab.models.flows``), and the Bernoulli likelihood's Σ softplus over the logits in one pass
+(``softplus.cpp``; ``objectives.softplus_sum``). The sources use no torch headers; they take pointers to
+contiguous float32 or float64 arrays. Their parallel loops are OpenMP's, on the process's runtime, which is
+torch's own libgomp (loaded first, the same soname), with torch's thread count: threads started by the library
+instead competed with torch's, still spinning on the cores.
 
 **Build.** On first use, ``$CXX`` (else g++, c++ or clang++) compiles the source with ``-O3 -march=native`` into
 a cache directory ($VAELAB_CACHE, else $XDG_CACHE_HOME/vaelab, else ~/.cache/vaelab; a temporary directory if
@@ -22,8 +22,9 @@ the last float32 digits (tests/test_native.py), several times slower. The reason
 ``VAELAB_NATIVE=0`` asks for the PyTorch loops without one (to compare, or to reproduce a run of older code).
 
 **torch.compile.** The kernels are registered as custom operators (``vaelab::planar_forward``, ``…_backward``,
-``…_quantities``, ``…_parameter_gradient``, ``vaelab::softplus_sum``) with their output shapes, so a compiled graph calls them as single nodes (outside one
-the softplus sum is called directly: the operator's dispatch costs about 13 µs a call). Tracing cannot build a
+``…_quantities``, ``…_parameter_gradient``, ``vaelab::softplus_sum``) with their output shapes, so a compiled graph
+calls them as single nodes (outside one the softplus sum is called directly: the operator's dispatch costs about
+13 µs a call). Tracing cannot build a
 library: ``compiling.compile`` calls ``prepare`` first.
 """
 
