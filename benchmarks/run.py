@@ -333,7 +333,7 @@ def preset_floors(name: str, arrays, n_train: int, eval_digits: int = 40, traine
     base = apply_preset(RunConfig(), name)
     config = dataclasses.replace(base, data=dataclasses.replace(base.data, validation=0, train_examples=None,
                                                                  test_examples=100),
-                                 train=dataclasses.replace(base.train, epochs=1))
+                                 train=dataclasses.replace(base.train, epochs=1, early_stopping=0))
     data = prepare(arrays, config.data)
     trainer = Trainer(config, tempfile.mkdtemp(prefix="vaelab-floor-"), data, torch.device("cpu"),
                       log=lambda m: None, progress=False)
@@ -396,7 +396,8 @@ def presets_table(n_train: int, arrays=None, names=None, trained: dict[str, Path
 
     rows = []
     for name in names or PRESETS:
-        memory, seconds = train_in_child("--preset", name, "--validation", "0", *flags, epochs=epochs)
+        memory, seconds = train_in_child("--preset", name, "--validation", "0", "--early-stopping", "0", *flags,
+                                         epochs=epochs)
         train = apply_preset(RunConfig(), name).train
         steps = -(-n_train // train.batch_size)
         row = {"preset": name, "engine": engine or "auto", "seconds_per_epoch": seconds,

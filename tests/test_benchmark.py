@@ -104,11 +104,12 @@ def test_presets_table_reports_steps_per_second_and_the_schedule(bench, monkeypa
     assert iwae["schedule_epochs"] == 3280 and iwae["schedule_hours"] == pytest.approx(3280 * 2.0 / 3600)
     assert rows["seed"]["steps_per_second"] == pytest.approx(938 / 2.0)        # ⌈60 000 / 64⌉ steps
     assert rows["seed"]["schedule_epochs"] == 100 and rows["seed"]["engine"] == "auto"
-    assert calls[0] == (("--preset", "seed", "--validation", "0"), 1)
+    assert calls[0] == (("--preset", "seed", "--validation", "0", "--early-stopping", "0"), 1)
     calls.clear()                                 # the compiled engine: its second epoch is timed (the first compiles)
     (row,) = bench.presets_table(60000, names=["ladder-5"], engine="compiled")
     assert row["engine"] == "compiled"
-    assert calls == [(("--preset", "ladder-5", "--validation", "0", "--engine", "compiled"), 2)]
+    assert calls == [(("--preset", "ladder-5", "--validation", "0", "--early-stopping", "0", "--engine", "compiled"),
+                      2)]
 
 
 def test_the_recorded_floor_holds_every_product_of_a_step_and_replays_them(bench):

@@ -116,7 +116,7 @@ BAD = [
     ["train", "--lr", "nan"], ["train", "--lr", "inf"], ["train", "--device", "tpu"], ["train", "--epochs", "abc"],
     ["train", "--binarize", "grey"], ["evaluate", "RUN", "--k", "0"], ["evaluate", "RUN", "--k", "-5"],
     ["train", "--precision", "fp16"], ["train", "--clip-grad-norm", "-1"], ["train", "--clip-grad-norm", "nan"],
-    ["train", "--clip-grad-value", "-0.5"], ["train", "--clip-grad-value", "inf"],
+    ["train", "--clip-grad-value", "-0.5"], ["train", "--clip-grad-value", "inf"], ["train", "--early-stopping", "-1"],
     ["evaluate", "RUN", "--precision", "bf8"],
     ["sample", "RUN", "--n", "0"], ["frobnicate"],
 ]
@@ -256,6 +256,48 @@ def test_unwritable_out_is_reported_before_training(tmp_path, data_dir, capsys):
     blocker.write_text("not a directory")
     code, out, err = run(capsys, "train", "--out", blocker / "run", "--data-dir", data_dir, "--no-progress")
     assert code == 1 and "cannot create" in err and str(blocker) in err and "epoch" not in out
+
+
+def test_early_stopping_ends_the_run_where_the_validation_elbo_stopped_improving(tmp_path, data_dir, capsys,
+                                                                                 monkeypatch):
+    """--early-stopping N: the run ends after N epochs past the warm-up without a better validation ELBO, says so on
+    the terminal and in train.log, and is "stopped early" (not "interrupted") for `runs` and the report; a resume
+    with the same flags trains nothing, one with --early-stopping 0 goes on. The validation ELBOs are scripted
+    (the trainer's own test ELBOs stay real): −100, −90 (the best, epoch 2), −95, −91, then −89, −88."""
+    import vaelab.training
+    from vaelab.runs import read_run
+
+    real, scripted = vaelab.training.elbo_summary, iter([-100.0, -90.0, -95.0, -91.0, -89.0, -88.0])
+
+    def summary(model, images, batch, seed, units=None):
+        values = real(model, images, batch, seed, units)
+        return values if units is not None else {**values, "elbo": next(scripted)}   # units: the test split's
+
+    monkeypatch.setattr(vaelab.training, "elbo_summary", summary)
+    out = tmp_path / "run"
+    common = ["--data-dir", data_dir, "--test-examples", "100", "--validation", "500", "--no-progress"]
+    code, stdout, _ = run(capsys, "train", "--out", out, "--epochs", "10", "--warmup", "1", "--early-stopping", "2",
+                          *common)
+    line = ("stopped early after epoch 4 of 10: no better validation ELBO than -90.000 (epoch 2) in the 2 epochs "
+            "since (--early-stopping 2)")
+    assert code == 0 and line in stdout and "early stopping after 2 epochs without a better validation ELBO (counted "\
+        "after the warm-up's 1)" in stdout
+    assert line in (out / "train.log").read_text()
+    assert len((out / ckpt.METRICS).read_text().splitlines()) == 1 + 4
+    _, meta = ckpt.load_tensors(out / ckpt.STATE)
+    assert meta["epoch"] == 4 and meta["best_epoch"] == 2
+    assert read_run(out).status == "stopped early" and not read_run(out).resumable
+    code, stdout, _ = run(capsys, "runs", tmp_path)
+    assert code == 0 and "stopped early" in stdout and "4/10" in stdout
+    code, stdout, _ = run(capsys, "train", "--out", out, "--resume", *common)          # nothing more to train
+    assert code == 0 and line in stdout and len((out / ckpt.METRICS).read_text().splitlines()) == 1 + 4
+    code, stdout, _ = run(capsys, "train", "--out", out, "--resume", "--epochs", "6", "--early-stopping", "0", *common)
+    assert code == 0 and "stopped early" not in stdout and "epoch   6/6" in stdout
+    assert read_run(out).status == "finished" and RunConfig.load(out / ckpt.CONFIG).train.early_stopping == 0
+    code, _, err = run(capsys, "train", "--out", tmp_path / "other", "--early-stopping", "5", "--data-dir", data_dir)
+    assert code == 2 and err.strip() == ("vaelab train: error: --early-stopping 5 watches the validation ELBO, and "
+                                         "this run holds out no validation digits; give --validation N (e.g. 10000) "
+                                         "or --early-stopping 0") and not (tmp_path / "other").exists()
 
 
 def test_a_resume_may_amend_the_learning_rate_and_clipping_and_says_from_where(tmp_path, data_dir, capsys):

@@ -5,16 +5,18 @@ from __future__ import annotations
 import csv
 import json
 import math
+import random
 
 import pytest
 import torch
 
 from vaelab import checkpoint as ckpt
 from vaelab.cli import main
-from vaelab.config import RunConfig
+from vaelab.config import ObjectiveConfig, RunConfig, TrainConfig
 from vaelab.data import DataConfig, prepare
 from vaelab.presets import PRESETS, apply_preset
-from vaelab.schedules import BURDA_EPOCHS, burda_lr, burda_stage, exponential_lr, kl_weight, stages_of
+from vaelab.schedules import (BURDA_EPOCHS, burda_lr, burda_stage, epochs_without_improvement, exponential_lr,
+                              kl_weight, stages_of, stops_early)
 from vaelab.training import BEST_WEIGHTS
 
 
@@ -88,6 +90,46 @@ def test_kl_warmup_rises_per_step_to_beta():
     values = [kl_weight(step, 10, 0.5, 2) for step in range(25)]
     assert values[0] == pytest.approx(0.025) and values[19] == pytest.approx(0.5) and values[24] == 0.5
     assert all(a < b for a, b in zip(values[:19], values[1:20]))
+
+
+def _vampprior_code_stop(losses: list[float], warmup: int, limit: int) -> int | None:
+    """Where Tomczak & Welling's loop (jmtomczak/vae_vampprior, utils/perform_experiment.py) stops, written again from
+    its description: a counter of epochs without a lower validation loss, reset to 0 while epoch < warmup, the run
+    ended after the epoch where it exceeds ``limit``; None: it trains every epoch given."""
+    best, count = math.inf, 0
+    for epoch, loss in enumerate(losses, start=1):
+        if loss < best:
+            best, count = loss, 0
+        else:
+            count = 0 if epoch < warmup else count + 1
+            if count > limit:
+                return epoch
+    return None
+
+
+def test_early_stopping_stops_where_the_vampprior_code_does():
+    """``stops_early`` against that loop over 3000 random validation curves with ties (values from 8 levels), warm-ups
+    and patiences: their warm-up W has β = 1 in its epoch W, vaelab's warm-up W − 1 reaches β = 1 at the end of
+    epoch W − 1, so that counting from there and stopping at their count limit + 1 must stop at the same epoch."""
+    rng = random.Random(3)
+    stopped = 0
+    for _ in range(3000):
+        warmup, limit = rng.randint(1, 12), rng.randint(0, 6)
+        losses = [rng.randint(0, 7) - 0.1 * i * rng.random() for i in range(rng.randint(1, 40))]
+        config = RunConfig(objective=ObjectiveConfig(warmup_epochs=warmup - 1),
+                           train=TrainConfig(early_stopping=limit + 1), data=DataConfig(validation=100))
+        ours, best, best_epoch = None, math.inf, 0
+        for epoch, loss in enumerate(losses, start=1):
+            if -loss > -best:                                    # the trainer's test: a strictly larger ELBO
+                best, best_epoch = loss, epoch
+            if stops_early(config, epoch, best_epoch):
+                ours = epoch
+                break
+        assert ours == _vampprior_code_stop(losses, warmup, limit), (losses, warmup, limit)
+        stopped += ours is not None
+    assert 1000 < stopped < 2900                                  # both outcomes were exercised
+    assert epochs_without_improvement(5, 7, 3) == 0 and epochs_without_improvement(12, 2, 10) == 2
+    assert not stops_early(RunConfig(), 10_000, 1)                # 0: never
 
 
 def test_validation_split_column_and_best_weights(tmp_path, data_dir, tiny_arrays, capsys):

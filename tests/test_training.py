@@ -496,6 +496,13 @@ def test_configs_before_clamping_load_without_it():
     assert RunConfig.from_dict(raw).train.clip_grad_value == 0.0
 
 
+def test_configs_before_early_stopping_load_without_it():
+    """A version-7 config.json (before --early-stopping) has no train.early_stopping: it trained every epoch."""
+    raw = {**small_config(early_stopping=5).to_dict(), "version": 7}
+    raw["train"] = {k: v for k, v in raw["train"].items() if k != "early_stopping"}
+    assert RunConfig.from_dict(raw).train.early_stopping == 0
+
+
 def test_clipping_taken_up_inside_an_epoch_counts_the_steps_it_measured(tmp_path, tiny_arrays, monkeypatch):
     """A run stopped inside epoch 2 and resumed with --clip-grad-norm: epoch 2's mean gradient norm is the mean
     over the steps after the resume (the ones measured), not over the whole epoch, and its count of clipped steps

@@ -163,6 +163,9 @@ def build_parser(parser_class: type[argparse.ArgumentParser] = _Parser) -> argpa
                        help="rescale each step's gradient to Euclidean norm C where it is larger (default 0: never)")
     group.add_argument("--clip-grad-value", type=_non_negative_float, metavar="V",
                        help="then clamp each element of the gradient to ±V (default 0: never)")
+    group.add_argument("--early-stopping", type=_non_negative_int, metavar="N",
+                       help="stop once N epochs after the KL warm-up have passed without a better validation ELBO "
+                       "(needs --validation; default 0: train every epoch); the best weights are kept either way")
     group.add_argument("--seed", type=_non_negative_int, help="seed of every random stream (default 0)")
     group.add_argument("--engine", choices=ENGINE_CHOICES,
                        help="gradient code: auto (default: the hand-derived fast path where it applies, else "
@@ -348,6 +351,7 @@ _FLAGS = {
     "epochs": ("train", "epochs"), "batch_size": ("train", "batch_size"), "lr": ("train", "lr"),
     "lr_schedule": ("train", "lr_schedule"), "adam_eps": ("train", "adam_eps"),
     "clip_grad_norm": ("train", "clip_grad_norm"), "clip_grad_value": ("train", "clip_grad_value"),
+    "early_stopping": ("train", "early_stopping"),
     "seed": ("train", "seed"),
     "device": ("train", "device"), "engine": ("train", "engine"), "threads": ("train", "threads"),
     "precision": ("train", "precision"),
@@ -360,9 +364,9 @@ _FLAGS = {
     "train_examples": ("data", "train_examples"), "test_examples": ("data", "test_examples"),
     "validation": ("data", "validation"),
 }
-# What a resume may change: how long, and where, with how many threads and with which engine it runs (each
-# computes the same gradient, to float rounding).
-RESUMABLE = {"train.epochs", "train.device", "train.threads", "train.engine", "data.data_dir"}
+# What a resume may change: how long (the epochs, when to stop early), and where, with how many threads and with
+# which engine it runs (each computes the same gradient, to float rounding).
+RESUMABLE = {"train.epochs", "train.early_stopping", "train.device", "train.threads", "train.engine", "data.data_dir"}
 # What a resume may amend, recorded where it took effect (train.log and the training state's ``amendments``): the
 # remedies of a run that diverged, so that it goes on from its last good checkpoint instead of starting anew.
 AMENDABLE = {"train.lr": "--lr", "train.clip_grad_norm": "--clip-grad-norm",
@@ -549,8 +553,8 @@ def _resume(args: argparse.Namespace, world, observers: Sequence = ()) -> int:
         if edited:
             raise UsageError(f"{run_dir / ckpt.CONFIG} differs from the copy in {ckpt.STATE} ({'; '.join(edited)}, "
                              f"the state's value → config.json's): it was edited after training started; restore "
-                             f"it (resume only changes --epochs, --device, --threads, --engine, --data-dir) or start a "
-                             f"new --out")
+                             f"it (resume only changes --epochs, --early-stopping, --device, --threads, --engine, "
+                             f"--data-dir) or start a new --out")
         if args.preset is not None and args.preset != saved.preset:
             raise UsageError(f"--resume with --preset {args.preset}, but the run started from preset "
                              f"{saved.preset}; resume without --preset")
@@ -559,8 +563,9 @@ def _resume(args: argparse.Namespace, world, observers: Sequence = ()) -> int:
         if changed:
             *amendable, last = AMENDABLE.values()
             raise UsageError(f"--resume with a different config ({'; '.join(changed)}); resume with the original "
-                             f"flags (only --epochs, --device, --threads, --engine, --data-dir may change, and "
-                             f"{', '.join(amendable)} and {last} from where the run stands) or start a new --out")
+                             f"flags (only --epochs, --early-stopping, --device, --threads, --engine, --data-dir may "
+                             f"change, and {', '.join(amendable)} and {last} from where the run stands) or start a new "
+                             f"--out")
         amendments = [d for d in state_config.differences(config) if d.split(":")[0] in AMENDABLE]
         done = int(meta.get("epoch", 0))
         if config.train.epochs < done:

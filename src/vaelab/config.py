@@ -4,7 +4,8 @@ Loading checks every field (names, types, ranges, choices) so that a hand-edited
 clear error, and a model is rebuilt from this file alone. Files of earlier versions are migrated on
 load (``_MIGRATIONS``): a version-1 file (one hidden width, one latent size) means the reference model;
 version 2 lacked train.precision (float32); version 3 lacked the model's inference, prior and flow (bottom-up,
-the standard prior, no flow: what every model of vaelab 0.2 was); version 4 lacked batch_norm (none).
+the standard prior, no flow: what every model of vaelab 0.2 was); version 4 lacked batch_norm (none); versions 5,
+6 and 7 lacked train.clip_grad_norm, clip_grad_value and early_stopping (never clipped, clamped or stopped early).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from vaelab.objectives import OBJECTIVES
 from vaelab.precision import PRECISIONS
 from vaelab.schedules import LR_SCHEDULES
 
-CONFIG_VERSION = 7
+CONFIG_VERSION = 8
 SEED_LIMIT = 2**63            # every seed is a non-negative 63-bit integer (torch's generators take it)
 
 
@@ -52,6 +53,7 @@ class TrainConfig:
     adam_eps: float = 1e-8
     clip_grad_norm: float = 0.0    # rescale each step's gradient to this Euclidean norm where it is larger; 0: never
     clip_grad_value: float = 0.0   # then clamp each element of it to ±this; 0: never
+    early_stopping: int = 0        # stop after this many epochs past the warm-up without a better validation ELBO; 0: never
     seed: int = 0
     device: str = "auto"           # auto | cpu | cuda | cuda:N
     engine: str = "auto"           # auto (the fast path where one covers the config) | fused | autograd | compiled
@@ -82,6 +84,7 @@ class RunConfig:
              "a finite number ≥ 0 (0: no clipping)"),
             ("--clip-grad-value", t.clip_grad_value, math.isfinite(t.clip_grad_value) and t.clip_grad_value >= 0,
              "a finite number ≥ 0 (0: no clamping)"),
+            ("--early-stopping", t.early_stopping, t.early_stopping >= 0, "≥ 0 (0: train every epoch)"),
             ("adam_betas", t.adam_betas, all(0 <= b < 1 for b in t.adam_betas), "two numbers in [0, 1)"),
             ("--seed", t.seed, 0 <= t.seed < SEED_LIMIT, "in [0, 2⁶³)"),
             ("--threads", t.threads, 0 <= t.threads <= 4096, "in [0, 4096] (0: all cores this process may use)"),
@@ -107,6 +110,9 @@ class RunConfig:
                 raise UsageError(f"unknown {name} {value!r}; choose one of {', '.join(allowed)}")
         if t.device not in ("auto", "cpu", "cuda") and not (t.device.startswith("cuda:") and t.device[5:].isdigit()):
             raise UsageError(f"unknown --device {t.device!r}; use auto, cpu, cuda or cuda:N")
+        if t.early_stopping and not d.validation:
+            raise UsageError(f"--early-stopping {t.early_stopping} watches the validation ELBO, and this run holds out "
+                             f"no validation digits; give --validation N (e.g. 10000) or --early-stopping 0")
         if d.train_examples is not None and d.validation >= d.train_examples:
             raise UsageError(f"--validation {d.validation} leaves no training digits of --train-examples "
                              f"{d.train_examples}; hold out fewer")
@@ -237,7 +243,16 @@ def _migrate_6(raw: dict, source: str) -> dict:
     return {**raw, "version": 7, "train": {"clip_grad_value": 0.0, **train}}
 
 
-_MIGRATIONS = {1: _migrate_1, 2: _migrate_2, 3: _migrate_3, 4: _migrate_4, 5: _migrate_5, 6: _migrate_6}
+def _migrate_7(raw: dict, source: str) -> dict:
+    """Version 7 (before --early-stopping): every run trained to its last epoch."""
+    train = raw.get("train")
+    if not isinstance(train, dict):
+        raise CheckpointError(f"{source}: sections missing or malformed (train must be an object)")
+    return {**raw, "version": 8, "train": {"early_stopping": 0, **train}}
+
+
+_MIGRATIONS = {1: _migrate_1, 2: _migrate_2, 3: _migrate_3, 4: _migrate_4, 5: _migrate_5, 6: _migrate_6,
+               7: _migrate_7}
 
 
 def _build(kind: type, raw: Any, source: str):

@@ -21,14 +21,19 @@ _BURDA_2 = {"name": "mlp2", "hidden": ((100, 100), (50, 50)), "latent": (100, 50
 
 # Tomczak & Welling (2018), §5 and the authors' code (jmtomczak/vae_vampprior, experiment.py): gated dense
 # layers of 300 units, 40 latents per layer, K = 500 pseudo-inputs, He initialisation, Adam 5e-4, batch 100,
-# KL warm-up over 100 epochs, at most 2000 epochs with early stopping on a validation split (50 000 / 10 000).
+# KL warm-up over 100 epochs, at most 2000 epochs with early stopping on a validation split (50 000 / 10 000):
+# utils/perform_experiment.py counts the epochs without a better validation loss, from the warm-up's end, and stops
+# when the count exceeds early_stopping_epochs = 50, at the 51st (--early-stopping 51; schedules.stops_early).
 _TOMCZAK_MODEL = {"name": "tomczak", "activation": "gated", "init": "he", "prior": "vampprior", "prior_components": 500}
 _TOMCZAK_OBJECTIVE = {"name": "elbo", "samples": 1, "warmup_epochs": 100}
-_TOMCZAK_TRAIN = {"batch_size": 100, "lr": 5e-4, "epochs": 2000}
+_TOMCZAK_TRAIN = {"batch_size": 100, "lr": 5e-4, "epochs": 2000, "early_stopping": 51}
 _TOMCZAK_DATA = {"validation": 10_000}
 _TOMCZAK_HVAE = {**_TOMCZAK_MODEL, "hidden": ((300, 300), (300, 300)), "latent": (40, 40)}   # their two-layer HVAE
 _TOMCZAK_DEVIATIONS = ("Adam with per-tensor normalised gradients (their AdamNormGrad) replaced by plain Adam; "
-                       "early stopping replaced by keeping the best-validation weights (evaluate --checkpoint best); "
+                       "their early stopping counts from the warm-up's last epoch (β = 1 there) where vaelab's counts "
+                       "from the epoch after it (β reaches 1 at the warm-up's end): one epoch later where the best "
+                       "validation ELBO came in the warm-up; evaluate the best-validation weights (evaluate "
+                       "--checkpoint best) as they do; "
                        "pseudo-inputs kept in (0, 1) by a sigmoid of their parameters, as one version of their code "
                        "does (models/Model.py at commit 20d3234), where another (aa909ef) clips them to [0, 1] with a "
                        "hardtanh, whose gradient vanishes outside it")

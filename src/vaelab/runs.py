@@ -17,6 +17,7 @@ from vaelab.config import RunConfig
 from vaelab.data import file_sha256
 from vaelab.errors import CheckpointError
 from vaelab.precision import PRECISIONS
+from vaelab.schedules import stops_early
 
 
 @dataclass
@@ -24,7 +25,7 @@ class RunInfo:
     path: Path
     config: RunConfig
     metrics: list[dict[str, float]]
-    status: str                    # finished | interrupted | training now | not started
+    status: str                    # finished | stopped early | interrupted | training now | not started
     epochs_done: int
     holder: int | None             # pid of the process training it now
     meta: dict[str, Any] = field(default_factory=dict)          # the training state's metadata
@@ -234,6 +235,8 @@ def read_run(path: str | Path) -> RunInfo:
         status = "not started"
     elif done >= config.train.epochs and not meta.get("step"):
         status = "finished"
+    elif not meta.get("step") and stops_early(config, done, int(meta.get("best_epoch", 0))):
+        status = "stopped early"
     else:
         status = "interrupted"
     notes: list[str] = []

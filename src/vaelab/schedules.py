@@ -1,7 +1,7 @@
-"""Schedules: the learning rate of each epoch and the KL weight β of each step.
+"""Schedules: the learning rate of each epoch, the KL weight β of each step, and where early stopping ends a run.
 
-Both are functions of the position in training alone (epoch, step), so a resumed run gets the same
-values as an uninterrupted one.
+Each is a function of the position in training alone (epoch, step; for early stopping also the epoch of the best
+validation ELBO, which the training state keeps), so a resumed run gets the same values as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -49,6 +49,22 @@ def kl_weight(step: int, steps_per_epoch: int, beta: float, warmup_epochs: int) 
     if warmup_epochs <= 0:
         return beta
     return beta * min(1.0, (step + 1) / (warmup_epochs * steps_per_epoch))
+
+
+def epochs_without_improvement(epoch: int, best_epoch: int, warmup_epochs: int) -> int:
+    """The epochs up to ``epoch`` since the best validation ELBO (that of ``best_epoch``), not counting the KL
+    warm-up: epoch − max(best_epoch, warmup_epochs), at least 0. The warm-up's epochs train with β < 1 (β reaches 1 at the
+    end of epoch ``warmup_epochs``), so none of them counts, as in Tomczak & Welling's code
+    (jmtomczak/vae_vampprior, utils/perform_experiment.py), which resets its counter while epoch < warmup."""
+    return max(0, epoch - max(best_epoch, warmup_epochs))
+
+
+def stops_early(config, epoch: int, best_epoch: int) -> bool:
+    """Whether ``--early-stopping N`` ends the run after ``epoch``: N > 0 and N epochs past the warm-up have
+    brought no better validation ELBO than that of ``best_epoch``. Tomczak & Welling's code stops when its
+    counter exceeds its ``early_stopping_epochs`` (50), at the 51st such epoch: ``--early-stopping 51``."""
+    patience = config.train.early_stopping
+    return patience > 0 and epochs_without_improvement(epoch, best_epoch, config.objective.warmup_epochs) >= patience
 
 
 def stages_of(epochs: int) -> str:
@@ -101,6 +117,9 @@ def describe_schedule(config) -> tuple[list[str], list[str]]:
                             f"to the end is not the ELBO that is reported")
     elif objective.beta != 1:
         lines.append(f"β = {objective.beta:g} throughout (the ELBO is reported with β = 1)")
+    if train.early_stopping:
+        lines.append(f"early stopping after {train.early_stopping} epochs without a better validation ELBO"
+                     + (f" (counted after the warm-up's {objective.warmup_epochs})" if objective.warmup_epochs else ""))
     if train.clip_grad_value:
         lines.append(f"each element of the gradient clamped to ±{train.clip_grad_value:g}"
                      + (f" after its norm is clipped at {train.clip_grad_norm:g}" if train.clip_grad_norm else ""))

@@ -43,7 +43,7 @@ from vaelab.errors import CheckpointError, TrainingDiverged, UsageError, VaelabE
 from vaelab.evaluation import elbo_summary, hot_loop_settings
 from vaelab.models import build_model
 from vaelab.provenance import provenance
-from vaelab.schedules import LR_SCHEDULES, kl_weight
+from vaelab.schedules import LR_SCHEDULES, kl_weight, stops_early
 
 # Columns of metrics.csv (nats per example; the validation columns only with --validation).
 METRIC_FIELDS = ("epoch", "lr", "beta", "train_objective", "train_elbo", "train_reconstruction", "train_kl",
@@ -420,19 +420,37 @@ class Trainer:
         self._signal = signum
 
     def fit(self) -> list[dict[str, float]]:
-        """Train to ``config.train.epochs``; returns the metrics of every epoch."""
+        """Train to ``config.train.epochs``, or until ``--early-stopping`` ends the run (``schedules.stops_early``,
+        said on the terminal and in train.log); returns the metrics of every epoch."""
         self.state.started = self.state.started or time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime())
         with stop_signals(self._on_signal), hot_loop_settings():
-            while self.state.epoch < self.config.train.epochs:
+            while self.state.epoch < self.config.train.epochs and not self.stopped_early:
                 try:
                     self._run_epoch()
                 except TrainingDiverged as exc:      # the log says why the epochs end where they do
                     self._append_log(str(exc))
                     raise
                 stop = any_rank(self._signal is not None, self.world, self.device)
-                if stop and self.state.epoch < self.config.train.epochs:
+                if stop and self.state.epoch < self.config.train.epochs and not self.stopped_early:
                     self._stop(self._signal or signal.SIGTERM, self.state.epoch + 1, 0)
+        if self.stopped_early and self.state.epoch < self.config.train.epochs:
+            line = self.early_stop_line()
+            self.log(line)
+            self._append_log(line)
         return self.state.metrics
+
+    @property
+    def stopped_early(self) -> bool:
+        """Whether ``--early-stopping`` ends the run after the last whole epoch (never inside one)."""
+        return not self.state.step and stops_early(self.config, self.state.epoch, self.state.best_epoch)
+
+    def early_stop_line(self) -> str:
+        state, cfg = self.state, self.config.train
+        return (f"stopped early after epoch {state.epoch} of {cfg.epochs}: no better validation ELBO than "
+                f"{state.best_validation_elbo:.3f} (epoch {state.best_epoch}) in the {cfg.early_stopping} epochs "
+                f"since{' the warm-up' if state.best_epoch < self.config.objective.warmup_epochs else ''} "
+                f"(--early-stopping {cfg.early_stopping}); its weights are {BEST_WEIGHTS}: vaelab evaluate "
+                f"{self.run_dir} --checkpoint best")
 
     def _run_epoch(self) -> None:
         cfg, objective = self.config.train, self.config.objective
