@@ -327,13 +327,17 @@ def test_the_cli_says_in_one_line_each_that_the_kernels_run_without_their_native
                      "same result, slower)",
                      "vaelab train: warning: the softplus sum's native kernel is not available (no C++ compiler "
                      "(install one, e.g. apt install g++, or set CXX)); its PyTorch form runs instead (the same "
-                     "result to float32 rounding, slower)"], err
+                     "result to float32 rounding, slower)",
+                     "vaelab train: warning: the gradient gather's native kernel is not available (no C++ compiler "
+                     "(install one, e.g. apt install g++, or set CXX)); torch.cat writes the flat gradient and "
+                     "clipping takes its norm in a second pass (the same gradient; its norm rounded differently)"], err
     assert "flows.py" not in err
 
 
 def test_records_say_whether_the_flow_ran_natively(tmp_path, data_dir, monkeypatch):
     """The native loop and the PyTorch loop round differently: a planar run's checkpoint and evaluation record which
-    ran (``native_kernels``); a run without a flow records only the softplus sum's kernel (every run uses it)."""
+    ran (``native_kernels``); a run without a flow records only the softplus sum's kernel (every run uses it); the
+    autograd engine's gradient gather (the norm it hands clipping rounds differently from torch's) is recorded too."""
     import json
 
     from vaelab.cli import main
@@ -354,10 +358,13 @@ def test_records_say_whether_the_flow_ran_natively(tmp_path, data_dir, monkeypat
     assert main(["train", "--out", str(tmp_path / "flow"), "--flow", "planar", "--flow-steps", "2", *args]) == 0
     assert main(["evaluate", str(tmp_path / "flow"), "--k", "5", "--threads", "1", "--no-progress"]) == 0
     record = json.loads(next((tmp_path / "flow").glob("eval-*.json")).read_text())
-    assert record["native_kernels"] == {"planar": expected, "softplus": softplus}
+    gather = native.FALLBACKS["gather"] if native.gather_kernel() is None else "native"   # the autograd engine's
+    assert record["native_kernels"] == {"gather": gather, "planar": expected, "softplus": softplus}
     monkeypatch.setitem(native._OPS, "planar", None)
     monkeypatch.setitem(native._OPS, "softplus", None)
-    assert provenance("cpu", 1)["native_kernels"] == {"planar": "PyTorch loop", "softplus": "PyTorch"}
+    monkeypatch.setitem(native._OPS, "gather", None)
+    assert provenance("cpu", 1)["native_kernels"] == {"gather": "torch.cat", "planar": "PyTorch loop",
+                                                       "softplus": "PyTorch"}
 
 
 @needs_native
@@ -521,3 +528,68 @@ def test_a_compiled_graph_calls_the_native_softplus_sum_as_an_operator():
     total = compiling.compile(lambda y: softplus_sum(y).sum())(y)
     total.backward()
     torch.testing.assert_close(y.grad, torch.sigmoid(logits), rtol=1e-6, atol=1e-6)
+
+
+@needs_native
+def test_native_gather_writes_the_concatenation_and_its_squared_norm():
+    """``gather_squares`` against ``torch.cat`` (the same bits: a copy) and ‖·‖² against float64 (1e-12 relative: the
+    squares are exact in double, only their sum rounds), for parts of every kind of size: empty, shorter than a lane,
+    spanning several blocks of 2¹⁴, a block's boundary falling inside a part and between parts; the same bits with 1
+    and 2 threads. Sizes that do not add up to the buffer, and a part in float64, are ValueErrors."""
+    gather = native.gather_kernel()
+    assert gather is not None, "the library was not built"
+    generator = torch.Generator().manual_seed(5)
+    sizes = [0, 3, 16384 - 3, 1, 0, 40_000, 7, 16384, 100_003, 5]
+    parts = [torch.randn(n, generator=generator) * 10.0 ** torch.randint(-4, 3, (1,), generator=generator).item()
+             for n in sizes]
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            out = torch.full((sum(sizes),), math.nan)
+            results.append((out, gather(parts, out)))
+    finally:
+        torch.set_num_threads(threads)
+    (one, squares_one), (two, squares_two) = results
+    expected = torch.cat(parts)
+    assert torch.equal(one, expected) and torch.equal(two, expected) and squares_one == squares_two
+    exact = expected.double().pow(2).sum().item()
+    assert abs(squares_one - exact) <= 1e-12 * exact
+    with pytest.raises(ValueError, match="parts of 3 numbers for a buffer of 4"):
+        gather([torch.zeros(3)], torch.zeros(4))
+    with pytest.raises(ValueError, match="contiguous float32 CPU tensors"):
+        gather([torch.zeros(3, dtype=torch.float64)], torch.zeros(3))
+
+
+@needs_native
+def test_write_gradient_gives_the_norm_it_gathered_and_the_gradient_torch_cat_gives(monkeypatch):
+    """The autograd engine with the native gather writes the same flat gradient as with ``torch.cat`` (bit for bit)
+    and hands ‖g‖² to clipping, within 1e-12 of float64's; clipping with it rescales g by c/‖g‖ (to float32
+    rounding of float64's). Without the kernel ``grad_squares`` stays NaN and clipping takes its own pass."""
+    from vaelab.config import RunConfig
+    from vaelab.engines import autograd_step
+    from vaelab.models import ModelConfig, build_model
+    from vaelab.training import FlatParameters, clip_norm_
+
+    assert native.gather_kernel() is not None, "the library was not built"
+    torch.manual_seed(0)
+    model = build_model(RunConfig(model=ModelConfig(name="mlp2", hidden=((32,), (16,)), latent=(6, 3))).model)
+    flat = FlatParameters(model)
+    x = torch.rand(8, 784, generator=torch.Generator().manual_seed(1)).round()
+    eps = torch.randn(1, 8, 9, generator=torch.Generator().manual_seed(2))
+    squares = torch.full((1,), math.nan, dtype=torch.float64)
+    autograd_step(model, x, eps, grad_squares=squares)
+    gathered = flat.param.grad.clone()
+    exact = gathered.double().pow(2).sum().item()
+    assert abs(squares.item() - exact) <= 1e-12 * exact
+    with monkeypatch.context() as patch:
+        patch.setitem(native._OPS, "gather", None)
+        fallback = torch.full((1,), math.nan, dtype=torch.float64)
+        autograd_step(model, x, eps, grad_squares=fallback)
+        assert torch.equal(flat.param.grad, gathered) and math.isnan(fallback.item())
+    bound = 0.5 * math.sqrt(exact)                             # g · c/‖g‖ = g/2, in float64
+    norm = clip_norm_(flat.param.grad, bound, squares)
+    assert norm.item() == pytest.approx(math.sqrt(exact), rel=1e-7)
+    torch.testing.assert_close(flat.param.grad.double(), gathered.double() / 2, rtol=1e-6, atol=0)
+

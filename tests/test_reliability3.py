@@ -99,7 +99,7 @@ def test_a_new_evaluation_of_the_current_weights_is_the_headline_and_says_which_
 
 
 def test_divergence_before_the_first_checkpoint_says_nothing_was_trained(tmp_path, data_dir, capsys, monkeypatch):
-    def exploding(model, x, eps, objective, beta):
+    def exploding(model, x, eps, objective, beta, grad_squares=None):
         return fused_step(model, x, eps) * 1e16                      # a train ELBO of ≈ −3e18 nats per example
 
     monkeypatch.setitem(training.ENGINES, ("fused", "fp32"), exploding)
@@ -119,7 +119,7 @@ def test_a_stopped_run_draws_its_pictures_from_what_it_holds(tmp_path, data_dir,
     after_one = {name: (out / name).read_bytes() for name in ("elbo.png", "samples.png")}
     calls = {"n": 0}
 
-    def poisoned(model, x, eps, objective, beta):
+    def poisoned(model, x, eps, objective, beta, grad_squares=None):
         calls["n"] += 1
         sums = fused_step(model, x, eps)
         return sums * float("nan") if calls["n"] > 10 else sums     # epoch 2 completes (10 steps), epoch 3 fails
@@ -149,7 +149,7 @@ def test_an_absurd_finite_loss_stops_training_and_keeps_the_last_good_checkpoint
     saved = {name: (tmp_path / name).read_bytes() for name in (ckpt.STATE, ckpt.WEIGHTS, ckpt.METRICS)}
     calls = {"n": 0}
 
-    def exploding(model, x, eps, objective, beta):
+    def exploding(model, x, eps, objective, beta, grad_squares=None):
         calls["n"] += 1
         sums = fused_step(model, x, eps)
         return sums * 1.2e16 if calls["n"] >= 5 else sums          # finite, ≈ −3.1e18 nats per example

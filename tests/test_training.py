@@ -214,7 +214,7 @@ def test_nan_loss_stops_with_epoch_and_step_and_keeps_last_checkpoint(tmp_path, 
     saved = {name: (tmp_path / name).read_bytes() for name in (ckpt.STATE, ckpt.WEIGHTS, ckpt.METRICS)}
     calls = {"n": 0}
 
-    def poisoned(model, x, eps, objective, beta):
+    def poisoned(model, x, eps, objective, beta, grad_squares=None):
         calls["n"] += 1
         sums = fused_step(model, x, eps)
         return sums * float("nan") if calls["n"] >= 5 else sums
@@ -436,22 +436,24 @@ def test_clip_norm_rescales_only_gradients_longer_than_the_bound():
     assert zero.tolist() == [0.0, 0.0, 0.0]
 
 
-@pytest.mark.parametrize("value", [0.0, 0.05])
-def test_clipped_training_equals_adam_on_gradients_clipped_by_torch(tmp_path, tiny_arrays, monkeypatch, value):
+@pytest.mark.parametrize("value, name", [(0.0, "fused"), (0.05, "fused"), (0.0, "autograd")])
+def test_clipped_training_equals_adam_on_gradients_clipped_by_torch(tmp_path, tiny_arrays, monkeypatch, value, name):
     """--clip-grad-norm (and --clip-grad-value) against a loop written independently: the same engine's gradient on
     the batches and draws the trainer used, torch.nn.utils.clip_grad_norm_ (then clip_grad_value_) over the model's
     parameter tensors, torch.optim.Adam. The bound is chosen so that some steps are clipped and some not, the
-    value so that some elements are clamped after the norm's rescaling; metrics.csv counts the clipped steps."""
+    value so that some elements are clamped after the norm's rescaling; metrics.csv counts the clipped steps. The
+    fused engine writes the gradient itself (clipping takes the norm in a pass of its own); the autograd engine
+    writes it through ``write_gradient``, whose native gather hands clipping the norm."""
     bound = 25.0
-    config = small_config(2, clip_grad_norm=bound, clip_grad_value=value)
+    config = small_config(2, clip_grad_norm=bound, clip_grad_value=value, engine=name)
     data = prepare(tiny_arrays, config.data)
-    engine, seen = training.ENGINES[("fused", "fp32")], []
+    engine, seen = training.ENGINES[(name, "fp32")], []
 
-    def recording(model, x, eps, objective, beta):
+    def recording(model, x, eps, objective, beta, grad_squares=None):
         seen.append((x.clone(), eps.clone(), objective, beta))
-        return engine(model, x, eps, objective, beta)
+        return engine(model, x, eps, objective, beta, grad_squares=grad_squares)
 
-    monkeypatch.setitem(training.ENGINES, ("fused", "fp32"), recording)
+    monkeypatch.setitem(training.ENGINES, (name, "fp32"), recording)
     Trainer(config, tmp_path, data, torch.device("cpu"), log=lambda m: None, progress=False).fit()
 
     torch.manual_seed(config.train.seed)
@@ -512,11 +514,11 @@ def test_clipping_taken_up_inside_an_epoch_counts_the_steps_it_measured(tmp_path
     first.fit()
     engine, calls = training.ENGINES[("fused", "fp32")], {"n": 0}
 
-    def stop_at_step_10(model, x, eps, objective, beta):
+    def stop_at_step_10(model, x, eps, objective, beta, grad_squares=None):
         calls["n"] += 1
         if calls["n"] == 10:
             second._signal = signal.SIGTERM                    # as the handler would: the step finishes, then a stop
-        return engine(model, x, eps, objective, beta)
+        return engine(model, x, eps, objective, beta, grad_squares=grad_squares)
 
     monkeypatch.setitem(training.ENGINES, ("fused", "fp32"), stop_at_step_10)
     second = Trainer(small_config(3), tmp_path, data, torch.device("cpu"), log=lambda m: None, progress=False)
@@ -526,8 +528,8 @@ def test_clipping_taken_up_inside_an_epoch_counts_the_steps_it_measured(tmp_path
     monkeypatch.setitem(training.ENGINES, ("fused", "fp32"), engine)
     measured, clip_norm_ = [], training.clip_norm_
 
-    def recording(grad, bound):
-        norm = clip_norm_(grad, bound)
+    def recording(grad, bound, squares=None):
+        norm = clip_norm_(grad, bound, squares)
         measured.append(float(norm))
         return norm
 

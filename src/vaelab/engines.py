@@ -30,27 +30,38 @@ from typing import Callable
 
 import torch
 
-from vaelab import compiling
+from vaelab import compiling, native
 from vaelab.errors import UsageError
 from vaelab.objectives import OBJECTIVES, softplus_sum
 from vaelab.precision import BF16_PRODUCTS, EmulatedBF16Products
 
-Engine = Callable[..., torch.Tensor]   # (model, x (B, 784), eps (K, B, D), objective name, β) → (4,)
+# (model, x (B, 784), eps (K, B, D), objective name, β, grad_squares=None) → (4,); ``grad_squares``: a (1,) float64
+# tensor that receives ‖∇‖² where the engine has it without a pass of its own (``write_gradient``), else left alone
+Engine = Callable[..., torch.Tensor]
 
 
-def write_gradient(model, loss: torch.Tensor) -> None:
+def write_gradient(model, loss: torch.Tensor, grad_squares: torch.Tensor | None = None) -> None:
     """∇ ``loss`` into the parameters' gradients, written whole (no zeroing before).
 
     ``torch.autograd.grad`` hands back each gradient as the fresh tensor its last product wrote, where
     ``backward`` would add it into the gradient views (a pass that reads both, after a pass that zeroed them):
     the same numbers bitwise (0 + g = g), two passes over the gradients fewer. Where the views lie one after the
-    other in one buffer (``training.FlatParameters``) one ``cat`` writes them all; a parameter the loss does not
+    other in one buffer (``training.FlatParameters``) one pass writes them all: on the CPU the native gather
+    (``native/gather.cpp``), which sums ‖g‖² on the way and puts it in ``grad_squares`` (a (1,) float64 tensor)
+    where one is given, so that clipping needs no pass of its own; else ``torch.cat``. A parameter the loss does not
     reach gets zeros, as it did."""
     params = [p for p in model.parameters() if p.requires_grad]
     grads = torch.autograd.grad(loss, params, allow_unused=True, materialize_grads=True)
     flat = _flat_gradient(params)
     if flat is not None:
-        torch.cat([g.reshape(-1) for g in grads], out=flat)
+        parts = [g.reshape(-1) for g in grads]
+        gather = native.gather_kernel() if flat.device.type == "cpu" and flat.dtype == torch.float32 else None
+        if gather is not None and all(g.dtype == torch.float32 and g.is_contiguous() for g in parts):
+            squares = gather(parts, flat)
+            if grad_squares is not None:
+                grad_squares.fill_(squares)
+        else:
+            torch.cat(parts, out=flat)
         return
     for p, g in zip(params, grads):
         if p.grad is None:
@@ -75,18 +86,18 @@ def _flat_gradient(params: list[torch.Tensor]) -> torch.Tensor | None:
 
 
 def autograd_step(model, x: torch.Tensor, eps: torch.Tensor, objective: str = "elbo",
-                  beta: float = 1.0, precision: str = "fp32") -> torch.Tensor:
+                  beta: float = 1.0, precision: str = "fp32", grad_squares: torch.Tensor | None = None) -> torch.Tensor:
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
         parts = model(x, eps)
     terms = OBJECTIVES[objective](parts, beta)
-    write_gradient(model, -terms.objective.sum() / x.shape[0])
+    write_gradient(model, -terms.objective.sum() / x.shape[0], grad_squares)
     return torch.stack([terms.objective.sum(), terms.elbo.sum(), terms.reconstruction.sum(),
                         terms.kl.sum()]).detach()
 
 
 @torch.no_grad()
 def fused_step(model, x: torch.Tensor, eps: torch.Tensor, objective: str = "elbo",
-               beta: float = 1.0) -> torch.Tensor:
+               beta: float = 1.0, grad_squares: torch.Tensor | None = None) -> torch.Tensor:
     """Forward and hand-derived backward of L = (1/B) Σ_b −ELBO_b for the one-hidden-layer MLP VAE.
 
     Forward:  h₁ = relu(x W₁ᵀ + b₁)  e = h₁ W₂ᵀ + b₂ = (μ, v)  σ = e^{v/2}  z = μ + σε
@@ -95,7 +106,8 @@ def fused_step(model, x: torch.Tensor, eps: torch.Tensor, objective: str = "elbo
     Backward: ∂L/∂ℓ = (sigmoid(ℓ) − x)/B; through each linear layer dW = dyᵀ a, db = Σ_b dy, da = dy W;
               through relu keep dy where h > 0; at the sampling step ∂z/∂μ = 1, ∂z/∂v = ½σε, and the
               KL adds μ/B to dμ and ½(σ² − 1)/B to dv. Every gradient is written whole (no zeroing).
-    eps: (1, B, d); ``objective`` and ``beta`` are the ELBO and 1 (``select_engine`` sees to it).
+    eps: (1, B, d); ``objective`` and ``beta`` are the ELBO and 1 (``select_engine`` sees to it). ``grad_squares`` is
+    left alone: the products write the gradient in place, and clipping takes ‖g‖ in a pass of its own.
     """
     enc1, enc2, dec1, dec2 = model.fused_layers()
     eps = eps[0]                                                            # (B, d)
@@ -134,7 +146,7 @@ def fused_step(model, x: torch.Tensor, eps: torch.Tensor, objective: str = "elbo
 
 @torch.no_grad()
 def fused_step_bf16(model, x: torch.Tensor, eps: torch.Tensor, objective: str = "elbo",
-                    beta: float = 1.0, mm: Callable = torch.mm) -> torch.Tensor:
+                    beta: float = 1.0, mm: Callable = torch.mm, grad_squares: torch.Tensor | None = None) -> torch.Tensor:
     """``fused_step`` with its eleven matrix products in bfloat16; the same derivation, the same outputs.
 
     The weights are rounded to bf16 once per step (copies for the products; the float32 masters are what
@@ -189,7 +201,7 @@ def fused_step_bf16(model, x: torch.Tensor, eps: torch.Tensor, objective: str = 
 
 
 def compiled_step(model, x: torch.Tensor, eps: torch.Tensor, objective: str = "elbo",
-                  beta: float = 1.0) -> torch.Tensor:
+                  beta: float = 1.0, grad_squares: torch.Tensor | None = None) -> torch.Tensor:
     """``autograd_step`` with −(1/B) Σ objective and the four sums computed by one graph that ``torch.compile``
     compiled (TorchInductor's fused C++ or GPU kernels for the forward and for its backward). β enters as a
     0-d tensor, so one graph serves the whole KL warm-up (a Python float would be a constant of the graph, one
@@ -199,7 +211,7 @@ def compiled_step(model, x: torch.Tensor, eps: torch.Tensor, objective: str = "e
     compiler cannot take whole fails loudly instead of running half or all of it uncompiled."""
     with compiling.limits():
         loss, sums = _compiled_loss()(model, objective, x, eps, torch.tensor(beta, dtype=x.dtype, device=x.device))
-        write_gradient(model, loss)                                  # the backward graph compiles at its first call
+        write_gradient(model, loss, grad_squares)                    # the backward graph compiles at its first call
     return sums.detach()
 
 
@@ -216,13 +228,13 @@ def _compiled_loss() -> Callable:
     return compiling.compile(_loss_and_sums)
 
 
-def _autograd_bf16(model, x, eps, objective="elbo", beta=1.0):
-    return autograd_step(model, x, eps, objective, beta, precision="bf16")
+def _autograd_bf16(model, x, eps, objective="elbo", beta=1.0, grad_squares=None):
+    return autograd_step(model, x, eps, objective, beta, precision="bf16", grad_squares=grad_squares)
 
 
-def _autograd_bf16_emulated(model, x, eps, objective="elbo", beta=1.0):
+def _autograd_bf16_emulated(model, x, eps, objective="elbo", beta=1.0, grad_squares=None):
     with EmulatedBF16Products():                      # forward and backward products
-        return autograd_step(model, x, eps, objective, beta, precision="bf16")
+        return autograd_step(model, x, eps, objective, beta, precision="bf16", grad_squares=grad_squares)
 
 
 # (engine, precision) → the step

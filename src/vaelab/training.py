@@ -203,14 +203,18 @@ class TrainState:
 
 
 def parallel_step(engine, model, batch: torch.Tensor, eps: torch.Tensor, objective: str, beta: float,
-                  grad: torch.Tensor, world: World) -> torch.Tensor:
+                  grad: torch.Tensor, world: World, grad_squares: torch.Tensor | None = None) -> torch.Tensor:
     """One step's gradient of the global batch mean into ``grad`` (the flat buffer), on this rank's shard of
     ``batch`` (B, 784) with this rank's draws ``eps`` (K, B_r, D); returns the shard's loss sums (4,).
+    ``grad_squares`` (one process only: a rank's own ‖∇‖² is not that of the all-reduced sum) receives ‖∇‖²
+    where the engine has it on the way (``engines.write_gradient``); it is NaN otherwise.
 
     Rank r's engine writes ∇ (1/B_r) Σ_shard; scaled by B_r/B and summed over ranks (one all-reduce) that is
     ∇ (1/B) Σ_batch, whatever the sizes of the shards (tests/test_distributed.py)."""
     x = shard(batch, world)                                                              # (B_r, 784)
-    sums = engine(model, x, eps, objective, beta)
+    if grad_squares is not None:
+        grad_squares.fill_(math.nan)
+    sums = engine(model, x, eps, objective, beta, grad_squares=None if world.distributed else grad_squares)
     if world.distributed:
         all_reduce_(grad.mul_(len(x) / len(batch)), world)
     return sums
@@ -221,14 +225,18 @@ def metric_fields(config: RunConfig) -> tuple[str, ...]:
             + (CLIP_FIELDS if config.train.clip_grad_norm else ()) + TIME_FIELDS)
 
 
-def clip_norm_(grad: torch.Tensor, max_norm: float) -> torch.Tensor:
+def clip_norm_(grad: torch.Tensor, max_norm: float, squares: torch.Tensor | None = None) -> torch.Tensor:
     """Rescale ``grad`` in place to Euclidean norm ``max_norm`` where it is larger, g ← g · min(1, c/‖g‖)
     (Pascanu, Mikolov & Bengio 2013, "On the difficulty of training recurrent neural networks", §3.2): one step's
     direction is kept, its length bounded, so that one outlying batch cannot move Adam's moments far. Returns
     ‖g‖ before (a tensor: no wait for the device). ‖g‖ = 0 gives c/0 = inf, clamped to 1: nothing changes.
-    On the CPU, where reading the factor costs no wait, a factor of exactly 1 (most steps of a run that clips
-    rarely) skips the pass over g: g · 1 = g bit for bit."""
-    norm = torch.linalg.vector_norm(grad)
+    ``squares``: ‖g‖² (a (1,) float64 CPU tensor) where the engine summed it while writing g, else NaN or None:
+    then ‖g‖ takes a pass over g here. On the CPU, where reading the factor costs no wait, a factor of exactly 1
+    (most steps of a run that clips rarely) skips the pass over g: g · 1 = g bit for bit."""
+    if squares is not None and not math.isnan(known := squares.item()):
+        norm = torch.tensor(math.sqrt(known), dtype=grad.dtype)
+    else:
+        norm = torch.linalg.vector_norm(grad)
     scale = (max_norm / norm).clamp_(max=1.0)
     if grad.device.type != "cpu" or scale.item() != 1.0:
         grad.mul_(scale)
@@ -467,6 +475,7 @@ class Trainer:
         noise_shape = (objective.samples, self.config.model.total_latent)
         beta = objective.beta
         world, grad = self.world, self.flat.param.grad
+        squares = torch.full((1,), math.nan, dtype=torch.float64) if clip and grad.device.type == "cpu" else None
         started = time.perf_counter()
         self.model.train()
         for step, batch in enumerate(batches):
@@ -476,9 +485,10 @@ class Trainer:
             eps = torch.randn((noise_shape[0], rows, noise_shape[1]), generator=self.noise_rng,
                               device=self.device)                                        # (K, B_r, D)
             beta = kl_weight((epoch - 1) * steps + step, steps, objective.beta, objective.warmup_epochs)
-            losses[step, :4] = parallel_step(self.engine, self.model, batch, eps, objective.name, beta, grad, world)
+            losses[step, :4] = parallel_step(self.engine, self.model, batch, eps, objective.name, beta, grad, world,
+                                             squares)
             if clip:                     # every rank holds the same all-reduced gradient, so clips alike
-                norm = clip_norm_(grad, clip)
+                norm = clip_norm_(grad, clip, squares)
                 if world.main:
                     losses[step, 4] = norm
                     losses[step, 5] = norm > clip

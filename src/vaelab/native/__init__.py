@@ -2,8 +2,9 @@
 
 What PyTorch runs as many small kernels in a Python loop, and what no product or fused graph expresses, is written
 here as a plain loop: the planar flow's two sequential recursions and the per-step work around them
-(``planar.cpp``; ``vaelab.models.flows``), and the Bernoulli likelihood's Σ softplus over the logits in one pass
-(``softplus.cpp``; ``objectives.softplus_sum``). The sources use no torch headers; they take pointers to
+(``planar.cpp``; ``vaelab.models.flows``), the Bernoulli likelihood's Σ softplus over the logits in one pass
+(``softplus.cpp``; ``objectives.softplus_sum``), and a step's gradients gathered into the flat buffer with their
+squared norm on the way (``gather.cpp``; ``engines.write_gradient``). The sources use no torch headers; they take pointers to
 contiguous float32 or float64 arrays. Their parallel loops are OpenMP's, on the process's runtime, which is
 torch's own libgomp (loaded first, the same soname), with torch's thread count: threads started by the library
 instead competed with torch's, still spinning on the cores.
@@ -129,6 +130,14 @@ def prepare() -> None:
     """Resolve every native library now (before torch.compile traces code that asks for one)."""
     planar_ops()
     softplus_kernel()
+    gather_kernel()
+
+
+def gather_kernel():
+    """A step's gradients written into the flat buffer with their squared norm in one pass (``gather.cpp``), as a
+    function (parts, out) → Σ out² (a float), or None where the library cannot be had (``engines.write_gradient``
+    then concatenates with ``torch.cat``, and clipping takes the norm in a pass of its own)."""
+    return _resolve("gather", _gather_kernel)
 
 
 def softplus_kernel():
@@ -182,7 +191,7 @@ def _once(name: str, register):
 
 
 # what runs a kernel's computation where its library could not be had
-FALLBACKS = {"planar": "PyTorch loop", "softplus": "PyTorch"}
+FALLBACKS = {"planar": "PyTorch loop", "softplus": "PyTorch", "gather": "torch.cat"}
 
 
 def resolved() -> dict[str, str]:
@@ -255,6 +264,30 @@ def _softplus_ops(library):
         return direct(y, base2, bias, data)
 
     return softplus_sum
+
+
+def _gather_kernel():
+    library = _load("gather", "the gradient gather's", "torch.cat writes the flat gradient and clipping takes its "
+                    "norm in a second pass (the same gradient; its norm rounded differently)")
+    if library is None:
+        return None
+    kernel = library.gather_squares_f32
+    kernel.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]
+    kernel.restype = ctypes.c_double
+
+    def gather_squares(parts: list[torch.Tensor], out: torch.Tensor) -> float:
+        """out ← the concatenation of ``parts`` (contiguous float32 CPU tensors, flattened, Σ numel = out's), and
+        ‖out‖² summed in double, in blocks added in a fixed order: the same bits for any number of threads."""
+        if not all(p.dtype == torch.float32 and p.device.type == "cpu" and p.is_contiguous() for p in parts + [out]):
+            raise ValueError("gather_squares takes contiguous float32 CPU tensors")
+        if sum(p.numel() for p in parts) != out.numel():
+            raise ValueError(f"parts of {sum(p.numel() for p in parts)} numbers for a buffer of {out.numel()}")
+        count = len(parts)
+        pointers = (ctypes.c_void_p * count)(*(p.data_ptr() for p in parts))
+        sizes = (ctypes.c_int64 * count)(*(p.numel() for p in parts))
+        return kernel(pointers, sizes, count, out.data_ptr(), torch.get_num_threads())
+
+    return gather_squares
 
 
 def _planar_ops():
