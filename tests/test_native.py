@@ -327,19 +327,18 @@ def test_the_cli_says_in_one_line_each_that_the_kernels_run_without_their_native
                      "same result, slower)",
                      "vaelab train: warning: the softplus sum's native kernel is not available (no C++ compiler "
                      "(install one, e.g. apt install g++, or set CXX)); its PyTorch form runs instead (the same "
-                     "result to float32 rounding, slower)",
-                     "vaelab train: warning: the gradient gather's native kernel is not available (no C++ compiler "
-                     "(install one, e.g. apt install g++, or set CXX)); torch.cat writes the flat gradient and "
-                     "clipping takes its norm in a second pass (the same gradient; its norm rounded differently)"], err
+                     "result to float32 rounding, slower)"], err
     assert "flows.py" not in err
 
 
 def test_records_say_whether_the_flow_ran_natively(tmp_path, data_dir, monkeypatch):
     """The native loop and the PyTorch loop round differently: a planar run's checkpoint and evaluation record which
     ran (``native_kernels``); a run without a flow records only the softplus sum's kernel (every run uses it); the
-    autograd engine's gradient gather (the norm it hands clipping rounds differently from torch's) is recorded too."""
+    gradient gather, which a clipping run's autograd engine takes (the norm it hands clipping rounds differently from
+    torch's), is recorded too."""
     import json
 
+    from vaelab import checkpoint as ckpt
     from vaelab.cli import main
     from vaelab.provenance import provenance
 
@@ -358,8 +357,12 @@ def test_records_say_whether_the_flow_ran_natively(tmp_path, data_dir, monkeypat
     assert main(["train", "--out", str(tmp_path / "flow"), "--flow", "planar", "--flow-steps", "2", *args]) == 0
     assert main(["evaluate", str(tmp_path / "flow"), "--k", "5", "--threads", "1", "--no-progress"]) == 0
     record = json.loads(next((tmp_path / "flow").glob("eval-*.json")).read_text())
-    gather = native.FALLBACKS["gather"] if native.gather_kernel() is None else "native"   # the autograd engine's
-    assert record["native_kernels"] == {"gather": gather, "planar": expected, "softplus": softplus}
+    assert record["native_kernels"] == {"planar": expected, "softplus": softplus}
+    gather = native.FALLBACKS["gather"] if native.gather_kernel() is None else "native"
+    assert main(["train", "--out", str(tmp_path / "clipped"), "--clip-grad-norm", "10", "--engine", "autograd",
+                 *args]) == 0                          # clipping asks the autograd engine for the gradient's norm
+    _, meta = ckpt.load_tensors(tmp_path / "clipped" / ckpt.STATE)
+    assert meta["provenance"]["native_kernels"] == {"gather": gather, "planar": expected, "softplus": softplus}
     monkeypatch.setitem(native._OPS, "planar", None)
     monkeypatch.setitem(native._OPS, "softplus", None)
     monkeypatch.setitem(native._OPS, "gather", None)

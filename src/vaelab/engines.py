@@ -46,20 +46,20 @@ def write_gradient(model, loss: torch.Tensor, grad_squares: torch.Tensor | None 
     ``torch.autograd.grad`` hands back each gradient as the fresh tensor its last product wrote, where
     ``backward`` would add it into the gradient views (a pass that reads both, after a pass that zeroed them):
     the same numbers bitwise (0 + g = g), two passes over the gradients fewer. Where the views lie one after the
-    other in one buffer (``training.FlatParameters``) one pass writes them all: on the CPU the native gather
-    (``native/gather.cpp``), which sums ‖g‖² on the way and puts it in ``grad_squares`` (a (1,) float64 tensor)
-    where one is given, so that clipping needs no pass of its own; else ``torch.cat``. A parameter the loss does not
-    reach gets zeros, as it did."""
+    other in one buffer (``training.FlatParameters``) one pass writes them all: ``torch.cat``, or where
+    ``grad_squares`` (a (1,) float64 tensor) asks for ‖g‖² too (clipping), on the CPU the native gather
+    (``native/gather.cpp``), which sums the squares on the way, so that clipping needs no pass of its own (as fast
+    as ``cat`` alone, within ±15 %; benchmarks/README.md). A parameter the loss does not reach gets zeros, as it
+    did."""
     params = [p for p in model.parameters() if p.requires_grad]
     grads = torch.autograd.grad(loss, params, allow_unused=True, materialize_grads=True)
     flat = _flat_gradient(params)
     if flat is not None:
         parts = [g.reshape(-1) for g in grads]
-        gather = native.gather_kernel() if flat.device.type == "cpu" and flat.dtype == torch.float32 else None
+        wanted = grad_squares is not None and flat.device.type == "cpu" and flat.dtype == torch.float32
+        gather = native.gather_kernel() if wanted else None
         if gather is not None and all(g.dtype == torch.float32 and g.is_contiguous() for g in parts):
-            squares = gather(parts, flat)
-            if grad_squares is not None:
-                grad_squares.fill_(squares)
+            grad_squares.fill_(gather(parts, flat))
         else:
             torch.cat(parts, out=flat)
         return
