@@ -289,6 +289,10 @@ def test_early_stopping_ends_the_run_where_the_validation_elbo_stopped_improving
     assert read_run(out).status == "stopped early" and not read_run(out).resumable
     code, stdout, _ = run(capsys, "runs", tmp_path)
     assert code == 0 and "stopped early" in stdout and "4/10" in stdout
+    assert run(capsys, "report", out, "--out", tmp_path / "report.html")[0] == 0
+    page = (tmp_path / "report.html").read_text()
+    assert "stopped early: no better validation ELBO in the 2 epochs after epoch 2 (--early-stopping 2)" in page
+    assert f"-90.00 nats at epoch 2\n      (model-best.safetensors: <code>vaelab evaluate {out} --checkpoint best" in page
     code, stdout, _ = run(capsys, "train", "--out", out, "--resume", *common)          # nothing more to train
     assert code == 0 and line in stdout and len((out / ckpt.METRICS).read_text().splitlines()) == 1 + 4
     code, stdout, _ = run(capsys, "train", "--out", out, "--resume", "--epochs", "6", "--early-stopping", "0", *common)

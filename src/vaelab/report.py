@@ -292,12 +292,21 @@ def build_report(run_dir: str | Path, data_dir: str | None = None,
 
 def _summary(run: RunInfo, record: dict | None, layers: list[dict]) -> dict:
     """The results-first block: the headline NLL with what it measured, the ELBO, the bound's gap, the active
-    units per layer, the epochs, the training time and the status."""
+    units per layer, the epochs, the training time, the best validation ELBO (where there is a validation split) and
+    the status (for a run that stopped early, where and why)."""
     metrics = run.metrics[-1] if run.metrics else {}
     summary = {"status": run.status, "epochs": f"{run.epochs_done} of {run.epochs_total}",
                "time": format_duration(run.training_seconds), "active": " + ".join(str(l["active_units"]) for l in layers),
                "latent": " + ".join(str(l["latent"]) for l in layers), "test_elbo": metrics.get("test_elbo"),
                "record": record}
+    best_epoch, best = int(run.meta.get("best_epoch", 0)), run.meta.get("best_validation_elbo")
+    if best_epoch and best is not None:            # a validation split: the weights model-best.safetensors holds
+        summary["best"] = {"epoch": best_epoch, "elbo": float(best),
+                           "command": f"vaelab evaluate {run.path} --checkpoint best"}
+    if run.status == "stopped early":
+        patience, warmup = run.config.train.early_stopping, run.config.objective.warmup_epochs
+        summary["status"] = (f"stopped early: no better validation ELBO in the {patience} epochs after epoch "
+                             f"{max(best_epoch, warmup)} (--early-stopping {patience})")
     if record is not None:
         summary.update(nll=record["nll"], nll_stderr=record.get("nll_stderr"), elbo=record.get("elbo"),
                        elbo_stderr=record.get("elbo_stderr"), what=f"{estimator_label(record)}, {record['n_examples']} "
