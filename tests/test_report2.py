@@ -4,6 +4,7 @@ paste into LaTeX, Markdown or CSV, and refusals before the page is built."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -116,6 +117,27 @@ def test_the_training_figure_draws_every_epoch_and_zooms_where_the_first_dwarf_t
     for ax in fig.axes[:3]:
         labels = [t.get_text() for t in ax.get_xticklabels() if t.get_text()]
         assert all(float(label.replace("−", "-")) == int(float(label.replace("−", "-"))) for label in labels)
+
+
+def test_the_training_figure_stars_the_best_validation_elbo_in_the_panel_and_its_inset():
+    """With a validation column, a star at the best validation ELBO (the first of equal bests, as the trainer keeps
+    them), in the ELBO panel and in its zoom; rows without a validation value (NaN) are passed over."""
+    from vaelab import plots
+
+    values = [-500, -200, -100, -99, -98.5, -98.2, -98.4, -98.2, -98.3, -98.6]
+    rows = [{"epoch": e, "lr": 1e-3, "beta": 1.0, "train_elbo": v, "test_elbo": v + 1, "validation_elbo": v - 0.5,
+             "train_reconstruction": v + 3, "test_reconstruction": v + 4, "train_kl": 3.0, "test_kl": 3.0,
+             "epoch_seconds": 1.0} for e, v in zip(range(1, 11), values)]
+    rows[0]["validation_elbo"] = math.nan
+    fig = plots.training_figure(rows)
+    elbo_axis = fig.axes[0]
+    (inset,) = elbo_axis.child_axes
+    for ax in (elbo_axis, inset):
+        (star,) = [line for line in ax.get_lines() if line.get_marker() == "*"]
+        assert list(star.get_xdata()) == [6] and list(star.get_ydata()) == [-98.7]
+        assert star.get_label() == "best validation, epoch 6"
+    assert not any(line.get_marker() == "*" for line in plots.training_figure(
+        [{k: v for k, v in row.items() if k != "validation_elbo"} for row in rows]).axes[0].get_lines())
 
 
 def test_the_epoch_ticks_of_a_long_run_do_not_run_into_each_other():

@@ -131,15 +131,16 @@ def _columns(width: float, panels: int) -> int:
     return 1 if width < 5 else min(panels, 2) if width < 9 else panels
 
 
-def _with_inset(ax, epochs: Sequence[int], series: Sequence[tuple[Sequence[float], dict]], skip: int = 2) -> bool:
+def _with_inset(ax, epochs: Sequence[int], series: Sequence[tuple[Sequence[float], dict]], skip: int = 2):
     """Every point on ``ax``; where the first ``skip`` epochs span more than four times the range of the rest,
-    an inset zooms on the later epochs (so nothing is cut and the late differences stay readable). True if so."""
+    an inset zooms on the later epochs (so nothing is cut and the late differences stay readable): the inset's
+    axes if so, else None."""
     if len(epochs) <= skip + 3:
-        return False
+        return None
     late = [v for values, _ in series for v in values[skip:] if v == v]
     whole = [v for values, _ in series for v in values if v == v]
     if not late or (max(whole) - min(whole)) <= 4 * max(max(late) - min(late), 1e-9):
-        return False
+        return None
     inset = ax.inset_axes([0.42, 0.12, 0.55, 0.5])
     for values, style in series:
         inset.plot(epochs[skip:], values[skip:], **style)
@@ -149,11 +150,12 @@ def _with_inset(ax, epochs: Sequence[int], series: Sequence[tuple[Sequence[float
     from matplotlib.ticker import MaxNLocator
 
     inset.xaxis.set_major_locator(MaxNLocator(integer=True))
-    return True
+    return inset
 
 
 def training_figure(metrics: Sequence[dict], width: float | None = None):
-    """Panels against epoch, every epoch shown: the ELBO (train, validation, test), its two parts
+    """Panels against epoch, every epoch shown: the ELBO (train, validation, test; a star at the best validation
+    ELBO, whose weights model-best.safetensors holds and early stopping counts from), its two parts
     (−reconstruction = −E_q log p(x|z) and KL), the seconds of each epoch's steps, the learning rate and β
     where either changes, and with --clip-grad-norm the mean gradient norm before clipping and the steps clipped.
     An inset zooms on the later epochs where the first ones dwarf them."""
@@ -177,7 +179,14 @@ def training_figure(metrics: Sequence[dict], width: float | None = None):
     for values, style in series:
         axes[0].plot(epochs, values, **style)
     axes[0].set_ylabel("ELBO (nats per digit)")
-    _with_inset(axes[0], epochs, series)
+    inset = _with_inset(axes[0], epochs, series)
+    validated = [row for row in metrics if row.get("validation_elbo", math.nan) == row.get("validation_elbo")]
+    if validated:                            # the weights model-best.safetensors holds (the first of equal bests)
+        best = max(validated, key=lambda row: (row["validation_elbo"], -row["epoch"]))
+        for ax in (axes[0], inset) if inset is not None else (axes[0],):
+            ax.plot([best["epoch"]], [best["validation_elbo"]], marker="*", markersize=11 if ax is axes[0] else 8,
+                    color="C2", markeredgecolor="black", markeredgewidth=0.6, linestyle="none",
+                    label=f"best validation, epoch {best['epoch']}")
     parts = []
     for split, line in (("train", "-"), ("test", "--")):
         parts.append(([-row[f"{split}_reconstruction"] for row in metrics],
