@@ -298,7 +298,7 @@ def _summary(run: RunInfo, record: dict | None, layers: list[dict]) -> dict:
     summary = {"status": run.status, "epochs": f"{run.epochs_done} of {run.epochs_total}",
                "time": format_duration(run.training_seconds), "active": " + ".join(str(l["active_units"]) for l in layers),
                "latent": " + ".join(str(l["latent"]) for l in layers), "test_elbo": metrics.get("test_elbo"),
-               "record": record}
+               "record": record, "best": None}
     best_epoch, best = int(run.meta.get("best_epoch", 0)), run.meta.get("best_validation_elbo")
     if best_epoch and best is not None:            # a validation split: the weights model-best.safetensors holds
         summary["best"] = {"epoch": best_epoch, "elbo": float(best),

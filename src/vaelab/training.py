@@ -458,7 +458,8 @@ class Trainer:
                 f"{state.best_validation_elbo:.3f} (epoch {state.best_epoch}) in the {cfg.early_stopping} epochs "
                 f"since{' the warm-up' if state.best_epoch < self.config.objective.warmup_epochs else ''} "
                 f"(--early-stopping {cfg.early_stopping}); its weights are {BEST_WEIGHTS}: vaelab evaluate "
-                f"{self.run_dir} --checkpoint best")
+                f"{self.run_dir} --checkpoint best; to train on: vaelab train --out {self.run_dir} --resume "
+                f"--early-stopping 0 (or a larger N)")
 
     def _run_epoch(self) -> None:
         cfg, objective = self.config.train, self.config.objective
