@@ -53,7 +53,7 @@ class TrainConfig:
     adam_eps: float = 1e-8
     clip_grad_norm: float = 0.0    # rescale each step's gradient to this Euclidean norm where it is larger; 0: never
     clip_grad_value: float = 0.0   # then clamp each element of it to ±this; 0: never
-    early_stopping: int = 0        # stop after this many epochs past the warm-up without a better validation ELBO; 0: never
+    early_stopping: int = 0        # end after N epochs past the warm-up without a better validation ELBO; 0: never
     seed: int = 0
     device: str = "auto"           # auto | cpu | cuda | cuda:N
     engine: str = "auto"           # auto (the fast path where one covers the config) | fused | autograd | compiled

@@ -146,7 +146,8 @@ def fused_step(model, x: torch.Tensor, eps: torch.Tensor, objective: str = "elbo
 
 @torch.no_grad()
 def fused_step_bf16(model, x: torch.Tensor, eps: torch.Tensor, objective: str = "elbo",
-                    beta: float = 1.0, mm: Callable = torch.mm, grad_squares: torch.Tensor | None = None) -> torch.Tensor:
+                    beta: float = 1.0, mm: Callable = torch.mm,
+                    grad_squares: torch.Tensor | None = None) -> torch.Tensor:
     """``fused_step`` with its eleven matrix products in bfloat16; the same derivation, the same outputs.
 
     The weights are rounded to bf16 once per step (copies for the products; the float32 masters are what

@@ -53,8 +53,8 @@ def kl_weight(step: int, steps_per_epoch: int, beta: float, warmup_epochs: int) 
 
 def epochs_without_improvement(epoch: int, best_epoch: int, warmup_epochs: int) -> int:
     """The epochs up to ``epoch`` since the best validation ELBO (that of ``best_epoch``), not counting the KL
-    warm-up: epoch − max(best_epoch, warmup_epochs), at least 0. The warm-up's epochs train with β < 1 (β reaches 1 at the
-    end of epoch ``warmup_epochs``), so none of them counts, as in Tomczak & Welling's code
+    warm-up: epoch − max(best_epoch, warmup_epochs), at least 0. The warm-up's epochs train with β < 1 (β reaches 1
+    at the end of epoch ``warmup_epochs``), so none of them counts, as in Tomczak & Welling's code
     (jmtomczak/vae_vampprior, utils/perform_experiment.py), which resets its counter while epoch < warmup."""
     return max(0, epoch - max(best_epoch, warmup_epochs))
 

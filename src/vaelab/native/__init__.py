@@ -4,9 +4,9 @@ What PyTorch runs as many small kernels in a Python loop, and what no product or
 here as a plain loop: the planar flow's two sequential recursions and the per-step work around them
 (``planar.cpp``; ``vaelab.models.flows``), the Bernoulli likelihood's Σ softplus over the logits in one pass
 (``softplus.cpp``; ``objectives.softplus_sum``), and a step's gradients gathered into the flat buffer with their
-squared norm on the way (``gather.cpp``; ``engines.write_gradient``). The sources use no torch headers; they take pointers to
-contiguous float32 or float64 arrays. Their parallel loops are OpenMP's, on the process's runtime, which is
-torch's own libgomp (loaded first, the same soname), with torch's thread count: threads started by the library
+squared norm on the way (``gather.cpp``; ``engines.write_gradient``). The sources use no torch headers; they take
+pointers to contiguous float32 or float64 arrays. Their parallel loops are OpenMP's, on the process's runtime, which
+is torch's own libgomp (loaded first, the same soname), with torch's thread count: threads started by the library
 instead competed with torch's, still spinning on the cores.
 
 **Build.** On first use, ``$CXX`` (else g++, c++ or clang++) compiles the source with ``-O3 -march=native`` into
@@ -25,8 +25,8 @@ the last float32 digits (tests/test_native.py), several times slower. The reason
 **torch.compile.** The kernels are registered as custom operators (``vaelab::planar_forward``, ``…_backward``,
 ``…_quantities``, ``…_parameter_gradient``, ``vaelab::softplus_sum``) with their output shapes, so a compiled graph
 calls them as single nodes (outside one the softplus sum is called directly: the operator's dispatch costs about
-13 µs a call). Tracing cannot build a
-library: ``compiling.compile`` calls ``prepare`` first.
+13 µs a call). The gather is no operator: it runs outside the graphs, on the gradients a compiled backward hands
+back to ``engines.write_gradient``. Tracing cannot build a library: ``compiling.compile`` calls ``prepare`` first.
 """
 
 from __future__ import annotations
