@@ -276,6 +276,28 @@ def test_a_killed_torchrun_worker_leaves_one_line_per_survivor(tmp_path, data_di
     assert "[rank0]: Traceback" not in err
 
 
+def test_a_worker_that_lost_a_rank_ignores_torchruns_sigterm_while_it_says_why():
+    """torchrun's agent sends SIGTERM to every worker once one has failed; a worker that learnt of it in a collective
+    (RankLost, inside the trainer's signal handlers) leaves them with SIGTERM ignored, so that the default action
+    cannot kill it before its one line (which the test above once missed under load: rank 0 exited by SIGTERM,
+    silent). Any other way out restores the handler there was."""
+    from vaelab.distributed import RankLost
+
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        with pytest.raises(RankLost):
+            with training.stop_signals(lambda signum, frame: None):
+                raise RankLost("rank 0 of 2 lost rank 1 (Connection closed by peer)")
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_IGN
+        signal.signal(signal.SIGTERM, before)
+        with pytest.raises(ValueError):
+            with training.stop_signals(lambda signum, frame: None):
+                raise ValueError("a failure of another kind")
+        assert signal.getsignal(signal.SIGTERM) == before
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
 # ---- 7. what the log and the commands say ---------------------------------------------------------------------
 
 

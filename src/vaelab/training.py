@@ -37,7 +37,7 @@ from tqdm import tqdm
 from vaelab import checkpoint as ckpt
 from vaelab.config import RunConfig
 from vaelab.data import MNISTData, training_batches
-from vaelab.distributed import SINGLE, World, all_reduce_, any_rank, gather, shard
+from vaelab.distributed import SINGLE, RankLost, World, all_reduce_, any_rank, gather, shard
 from vaelab.engines import ENGINES, select_engine
 from vaelab.errors import CheckpointError, TrainingDiverged, UsageError, VaelabError
 from vaelab.evaluation import elbo_summary, hot_loop_settings
@@ -63,14 +63,20 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 def stop_signals(handler):
     """``handler`` for Ctrl-C, SIGTERM and SIGHUP while the block runs, the previous handlers after it. SIGINT is
     taken even where it was ignored (a shell's background job); SIGHUP not where it was ignored (nohup: the user
-    asked to survive a hangup)."""
+    asked to survive a hangup). Leaving by ``RankLost`` (a torchrun peer has gone), SIGTERM is ignored instead:
+    torchrun's agent sends it to every worker once one has failed, and with the default action it killed this one
+    between here and its one line saying what stands (seen under load in tests/test_reliability3.py)."""
     previous = {signum: signal.signal(signum, handler) for signum in STOP_SIGNALS
                 if signum != signal.SIGHUP or signal.getsignal(signum) != signal.SIG_IGN}
     try:
         yield
+    except RankLost:
+        previous[signal.SIGTERM] = signal.SIG_IGN     # the process is on its way out, with its reason
+        raise
     finally:
         for signum, before in previous.items():
             signal.signal(signum, before)
+
 # Divergence: a per-example loss no working model can have. Predicting ½ for every pixel costs D·ln 2 nats
 # (543.4 for MNIST), the loss of a model that has learnt nothing; a train or test ELBO a thousand times
 # worse than that (or NaN/±inf) means the weights have blown up (an ELBO of −3.1e18 was once checkpointed
