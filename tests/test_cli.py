@@ -284,6 +284,7 @@ def test_early_stopping_ends_the_run_where_the_validation_elbo_stopped_improving
         "after the warm-up's 1)" in stdout
     assert line in (out / "train.log").read_text()
     assert f"to train on: vaelab train --out {out} --resume --early-stopping 0 (or a larger N)" in stdout
+    assert f"next: vaelab evaluate {out} --checkpoint best" in stdout
     assert len((out / ckpt.METRICS).read_text().splitlines()) == 1 + 4
     _, meta = ckpt.load_tensors(out / ckpt.STATE)
     assert meta["epoch"] == 4 and meta["best_epoch"] == 2

@@ -305,8 +305,8 @@ def _summary(run: RunInfo, record: dict | None, layers: list[dict]) -> dict:
                            "command": f"vaelab evaluate {run.path} --checkpoint best"}
     if run.status == "stopped early":
         patience, warmup = run.config.train.early_stopping, run.config.objective.warmup_epochs
-        summary["status"] = (f"stopped early: no better validation ELBO in the {patience} epochs after epoch "
-                             f"{max(best_epoch, warmup)} (--early-stopping {patience})")
+        summary["status"] = (f"stopped early: no better validation ELBO in the {patience} epoch{'s' * (patience != 1)} "
+                             f"after epoch {max(best_epoch, warmup)} (--early-stopping {patience})")
     if record is not None:
         summary.update(nll=record["nll"], nll_stderr=record.get("nll_stderr"), elbo=record.get("elbo"),
                        elbo_stderr=record.get("elbo_stderr"), what=f"{estimator_label(record)}, {record['n_examples']} "

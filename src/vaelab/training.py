@@ -461,7 +461,8 @@ class Trainer:
     def early_stop_line(self) -> str:
         state, cfg = self.state, self.config.train
         return (f"stopped early after epoch {state.epoch} of {cfg.epochs}: no better validation ELBO than "
-                f"{state.best_validation_elbo:.3f} (epoch {state.best_epoch}) in the {cfg.early_stopping} epochs "
+                f"{state.best_validation_elbo:.3f} (epoch {state.best_epoch}) in the "
+                f"{plural(cfg.early_stopping, 'epoch')} "
                 f"since{' the warm-up' if state.best_epoch < self.config.objective.warmup_epochs else ''} "
                 f"(--early-stopping {cfg.early_stopping}); its weights are {BEST_WEIGHTS}: vaelab evaluate "
                 f"{self.run_dir} --checkpoint best; to train on: vaelab train --out {self.run_dir} --resume "
