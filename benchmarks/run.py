@@ -333,7 +333,8 @@ def preset_floors(name: str, arrays, n_train: int, eval_digits: int = 40, traine
     base = apply_preset(RunConfig(), name)
     config = dataclasses.replace(base, data=dataclasses.replace(base.data, validation=0, train_examples=None,
                                                                  test_examples=100),
-                                 train=dataclasses.replace(base.train, epochs=1, early_stopping=0))
+                                 train=dataclasses.replace(base.train, epochs=1, early_stopping=0,
+                                                           engine="auto"))       # products recorded uncompiled
     data = prepare(arrays, config.data)
     trainer = Trainer(config, tempfile.mkdtemp(prefix="vaelab-floor-"), data, torch.device("cpu"),
                       log=lambda m: None, progress=False)
@@ -388,27 +389,30 @@ def presets_table(n_train: int, arrays=None, names=None, trained: dict[str, Path
     own products' floor (``preset_floors``), and the ratios the models issue bounds by 1.5. ``names``: a subset
     of the presets (all of them by default). ``trained``: preset → a run directory of it; for those, the epoch
     and IWAE-5000 once more with that run's weights (one more epoch of a copy of the run), and their ratios.
-    ``engine``: the epochs with ``--engine ENGINE`` (``compiled``: two epochs, the second timed; the floor is the
-    same products, recorded from the autograd step), and with ``compiled`` IWAE-5000 by ``evaluate --compiled``."""
+    ``engine``: the epochs with ``--engine ENGINE`` (default: each preset's own); where that is ``compiled``, two
+    epochs, the second timed (the floor is the same products, recorded from the autograd step), and IWAE-5000 by
+    ``evaluate --compiled``."""
     trained = trained or {}
-    flags, epochs = (("--engine", engine), 2 if engine == "compiled" else 1) if engine else ((), 1)
+    flags = ("--engine", engine) if engine else ()
     from vaelab.presets import apply_preset
 
     rows = []
     for name in names or PRESETS:
+        own = engine or apply_preset(RunConfig(), name).train.engine       # a preset may ask for the compiled engine
+        epochs = 2 if own == "compiled" else 1
         memory, seconds = train_in_child("--preset", name, "--validation", "0", "--early-stopping", "0", *flags,
                                          epochs=epochs)
         train = apply_preset(RunConfig(), name).train
         steps = -(-n_train // train.batch_size)
-        row = {"preset": name, "engine": engine or "auto", "seconds_per_epoch": seconds,
+        row = {"preset": name, "engine": own, "seconds_per_epoch": seconds,
                "steps_per_second": steps / seconds,
                "schedule_epochs": train.epochs, "schedule_hours": train.epochs * seconds / 3600,
                "peak_rss_mib": memory}
-        text = (f"preset {name:14s}{f' (--engine {engine})' if engine else ''}: {seconds:7.2f} s/epoch, "
+        text = (f"preset {name:14s}{f' (--engine {own})' if own != 'auto' else ''}: {seconds:7.2f} s/epoch, "
                 f"{steps / seconds:7.1f} steps/s, its {train.epochs} epochs "
                 f"{train.epochs * seconds / 3600:6.1f} h, peak {memory:6.0f} MiB")
         if arrays is not None and not torch.cuda.is_available():
-            floors = preset_floors(name, arrays, n_train, trained=trained.get(name), compiled=engine == "compiled")
+            floors = preset_floors(name, arrays, n_train, trained=trained.get(name), compiled=own == "compiled")
             row.update(floors, epoch_over_floor=seconds / floors["step_floor"],
                        iwae_over_floor=floors["iwae5000_seconds_per_10000"] / floors["iwae5000_floor_per_10000"])
             text += (f"; step floor {floors['step_floor']:.2f} s (epoch {row['epoch_over_floor']:.2f} × it); "

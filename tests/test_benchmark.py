@@ -110,6 +110,12 @@ def test_presets_table_reports_steps_per_second_and_the_schedule(bench, monkeypa
     assert row["engine"] == "compiled"
     assert calls == [(("--preset", "ladder-5", "--validation", "0", "--early-stopping", "0", "--engine", "compiled"),
                       2)]
+    calls.clear()                                 # the preset's own engine (compiled) unless one is asked for
+    rows = bench.presets_table(60000, names=["ladder-5"]) + bench.presets_table(60000, names=["ladder-5"],
+                                                                                 engine="autograd")
+    assert [row["engine"] for row in rows] == ["compiled", "autograd"]
+    assert calls == [(("--preset", "ladder-5", "--validation", "0", "--early-stopping", "0"), 2),
+                     (("--preset", "ladder-5", "--validation", "0", "--early-stopping", "0", "--engine", "autograd"), 1)]
 
 
 def test_the_recorded_floor_holds_every_product_of_a_step_and_replays_them(bench):

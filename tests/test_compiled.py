@@ -137,11 +137,17 @@ def test_the_compiled_engine_refuses_bf16_and_a_cpu_without_a_compiler(tmp_path,
         assert main([*base, "--out", str(tmp_path / "b")]) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and "needs a C++ compiler" in err and "no-such-compiler-c++" in err
+        assert "--engine autograd" in err
+        # a preset that trains compiled: the line says that the preset asked for it, and how to train without
+        assert main(["train", "--preset", "planar-80", *base[3:], "--out", str(tmp_path / "c")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "the preset planar-80's --engine compiled needs a C++ compiler" in err
+        assert "pass --engine autograd" in err
         assert main(["evaluate", str(run), "--k", "5", "--compiled", "--no-progress"]) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and "--compiled needs a C++ compiler" in err
     assert inductor.cpp.cxx != (None, "no-such-compiler-c++")
-    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists() and not list(run.glob("eval*"))
+    assert not any((tmp_path / name).exists() for name in "abc") and not list(run.glob("eval*"))
 
 
 def test_compiled_calls_drop_only_inductors_tf32_advice():

@@ -609,7 +609,10 @@ def _prepare_training(args: argparse.Namespace, config):
     if config.train.precision == "bf16":
         _note(check_bf16(device))
     if engine == "compiled":
-        require_compiler(device, "--engine compiled")
+        asked = ("--engine compiled" if getattr(args, "engine", None) else "this run's --engine compiled"
+                 if getattr(args, "resume", False) else f"the preset {config.preset}'s --engine compiled"
+                 if config.preset else "--engine compiled")
+        require_compiler(device, asked, "pass --engine autograd (the same gradient, slower)")
     data = prepare(load_mnist(config.data.data_dir, log=_log), config.data, device)
     return device, threads, data
 

@@ -43,8 +43,9 @@ def limits():
         yield
 
 
-def require_compiler(device: torch.device, flag: str) -> None:
-    """Refuse ``flag`` on a CPU without the C++ compiler TorchInductor builds its kernels with."""
+def require_compiler(device: torch.device, flag: str, instead: str | None = None) -> None:
+    """Refuse ``flag`` on a CPU without the C++ compiler TorchInductor builds its kernels with; ``instead``: the
+    other way the message offers (default: run without ``flag``)."""
     if device.type != "cpu":
         return
     from torch._inductor import config as inductor
@@ -53,4 +54,4 @@ def require_compiler(device: torch.device, flag: str) -> None:
     if not any(name and shutil.which(name) for name in names):
         raise UsageError(f"{flag} needs a C++ compiler on the CPU (torch.compile builds its kernels with one of "
                          f"{', '.join(n for n in names if n)}; none was found): install one (apt install g++) or set "
-                         f"CXX to it, or run without {flag}")
+                         f"CXX to it, or {instead or f'run without {flag}'}")

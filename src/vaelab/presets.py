@@ -19,6 +19,15 @@ _BURDA_1 = {"name": "mlp", "hidden": ((200, 200),), "latent": (50,), "activation
 _BURDA_2 = {"name": "mlp2", "hidden": ((100, 100), (50, 50)), "latent": (100, 50), "activation": "tanh",
             "init": "glorot"}
 
+# The four presets of issue 21's models train with ``--engine compiled`` (torch.compile's fused kernels for the
+# elementwise passes around the products): their schedules run 833–2000 epochs, where compiling (tens of seconds at
+# each start of a process) is lost in the hours. In every side-by-side timing of benchmarks/README.md (the Xeon,
+# sessions 14, 18, 20 and 22, 1 and 2 threads) the VampPrior, ladder and planar presets' compiled epochs took 1–28 %
+# less time than the autograd engine's (the median of 19 pairs 16 %), never more, for 200–250 MiB more memory. Both
+# engines compute the same gradient to float32 rounding (tests/test_compiled.py); --engine autograd trains without a
+# C++ compiler.
+_COMPILED = {"engine": "compiled"}
+
 # Tomczak & Welling (2018), §5 and the authors' code (jmtomczak/vae_vampprior, experiment.py): gated dense
 # layers of 300 units, 40 latents per layer, K = 500 pseudo-inputs, He initialisation, Adam 5e-4, batch 100,
 # KL warm-up over 100 epochs, at most 2000 epochs with early stopping on a validation split (50 000 / 10 000):
@@ -26,7 +35,7 @@ _BURDA_2 = {"name": "mlp2", "hidden": ((100, 100), (50, 50)), "latent": (100, 50
 # when the count exceeds early_stopping_epochs = 50, at the 51st (--early-stopping 51; schedules.stops_early).
 _TOMCZAK_MODEL = {"name": "tomczak", "activation": "gated", "init": "he", "prior": "vampprior", "prior_components": 500}
 _TOMCZAK_OBJECTIVE = {"name": "elbo", "samples": 1, "warmup_epochs": 100}
-_TOMCZAK_TRAIN = {"batch_size": 100, "lr": 5e-4, "epochs": 2000, "early_stopping": 51}
+_TOMCZAK_TRAIN = {"batch_size": 100, "lr": 5e-4, "epochs": 2000, "early_stopping": 51, **_COMPILED}
 _TOMCZAK_DATA = {"validation": 10_000}
 _TOMCZAK_HVAE = {**_TOMCZAK_MODEL, "hidden": ((300, 300), (300, 300)), "latent": (40, 40)}   # their two-layer HVAE
 _TOMCZAK_DEVIATIONS = ("Adam with per-tensor normalised gradients (their AdamNormGrad) replaced by plain Adam; "
@@ -117,7 +126,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                              "activation": "leaky_relu", "init": "torch", "batch_norm": True},
                    "objective": {"name": "elbo", "samples": 1, "warmup_epochs": 200},
                    "train": {"batch_size": 256, "lr": 2e-3, "epochs": 2000, "adam_eps": 1e-4, "clip_grad_norm": 4.0,
-                             "clip_grad_value": 0.9}},
+                             "clip_grad_value": 0.9, **_COMPILED}},
     },
     "planar-80": {
         "about": "Rezende & Mohamed's VAE with 80 planar flow steps in q(z|x), 40 latents, one hidden layer of 400 "
@@ -135,7 +144,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "fields": {"model": {"name": "mlp", "hidden": ((400,),), "latent": (40,), "activation": "tanh",
                              "init": "glorot", "flow": "planar", "flow_steps": 80},
                    "objective": {"name": "elbo", "samples": 1, "warmup_epochs": 17},
-                   "train": {"batch_size": 100, "lr": 5e-4, "epochs": 833, "clip_grad_norm": 200.0}},
+                   "train": {"batch_size": 100, "lr": 5e-4, "epochs": 833, "clip_grad_norm": 200.0, **_COMPILED}},
     },
 }
 
@@ -155,11 +164,12 @@ def apply_preset(config, name: str):
 
 def changed_fields(config) -> list[str]:
     """The fields of ``config`` that flags changed from the preset it started from (not the run's length,
-    data subset, threads or data directory)."""
+    data subset, threads, engine (the same gradient to float rounding) or data directory)."""
     if config.preset not in PRESETS:
         return []
     base = apply_preset(config.__class__(), config.preset)
-    ignored = ("train.threads", "data.data_dir", "train.epochs", "data.train_examples", "data.test_examples")
+    ignored = ("train.threads", "train.engine", "data.data_dir", "train.epochs", "data.train_examples",
+               "data.test_examples")
     return [d.split(":")[0] for d in base.differences(config) if d.split(":")[0] not in ignored]
 
 
