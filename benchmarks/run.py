@@ -239,7 +239,14 @@ def train_in_child(*flags: str, trained: Path | None = None, epochs: int = 1) ->
     """`vaelab train --epochs 1 FLAGS` in a child process: (peak resident MiB, seconds of the epoch's steps).
     With ``trained`` (a run directory), a copy of it resumed for one more epoch instead: the same step on weights
     that have learnt (a trained decoder's confident logits cost some kernels more than a fresh one's).
-    ``epochs``: that many epochs instead of one, the last one timed (``--engine compiled`` compiles in the first).
+    ``epochs``: that many epochs instead of one, the last one timed (``--engine compiled`` compiles in the first)."""
+    memory, seconds = epochs_in_child(*flags, trained=trained, epochs=epochs)
+    return memory, seconds[-1]
+
+
+def epochs_in_child(*flags: str, trained: Path | None = None, epochs: int = 1,
+                    timed: int = 1) -> tuple[float, list[float]]:
+    """``train_in_child``'s run, with the seconds of each of its last ``timed`` epochs (of ``epochs``).
 
     The child trains with this process's number of threads (``torch.get_num_threads()``: OMP_NUM_THREADS or
     the cores), the threads the floors are timed with here.
@@ -258,7 +265,8 @@ def train_in_child(*flags: str, trained: Path | None = None, epochs: int = 1) ->
                        "--no-progress", *threads, *flags]
         done = subprocess.run([sys.executable, "-c", script, *command], check=True, capture_output=True, text=True)
         rows = (Path(tmp) / "run" / "metrics.csv").read_text().splitlines()
-    seconds = float(rows[-1].split(",")[rows[0].split(",").index("epoch_seconds")])
+    column = rows[0].split(",").index("epoch_seconds")
+    seconds = [float(row.split(",")[column]) for row in rows[1:][-timed:]]
     line = next(l for l in done.stdout.splitlines() if l.startswith("VmHWM"))
     return int(line.split()[1]) / 1024, seconds             # "VmHWM:   489464 kB"
 
@@ -382,7 +390,7 @@ def preset_floors(name: str, arrays, n_train: int, eval_digits: int = 40, traine
 
 
 def presets_table(n_train: int, arrays=None, names=None, trained: dict[str, Path] | None = None,
-                  engine: str | None = None) -> list[dict]:
+                  engine: str | None = None, timed: int = 1) -> list[dict]:
     """One epoch of every preset (its own batch size, objective, model; on the default device, so a GPU where
     there is one): seconds, optimiser steps per second, peak memory, and the preset's whole schedule at that
     speed (3280 epochs for Burda's); with ``arrays`` (on the CPU) also its step floor and IWAE-5000 against its
@@ -391,7 +399,11 @@ def presets_table(n_train: int, arrays=None, names=None, trained: dict[str, Path
     and IWAE-5000 once more with that run's weights (one more epoch of a copy of the run), and their ratios.
     ``engine``: the epochs with ``--engine ENGINE`` (default: each preset's own); where that is ``compiled``, two
     epochs, the second timed (the floor is the same products, recorded from the autograd step), and IWAE-5000 by
-    ``evaluate --compiled``."""
+    ``evaluate --compiled``.
+    ``timed`` > 1: that many epochs timed after a first one that is not (compiling, or the process's first steps),
+    in one child process; the row's seconds per epoch are their median (what a long run's epochs take, less at the
+    mercy of one noisy epoch), beside their fastest, which compares like with like with the floor (itself the
+    fastest of three rounds)."""
     trained = trained or {}
     flags = ("--engine", engine) if engine else ()
     from vaelab.presets import apply_preset
@@ -399,23 +411,26 @@ def presets_table(n_train: int, arrays=None, names=None, trained: dict[str, Path
     rows = []
     for name in names or PRESETS:
         own = engine or apply_preset(RunConfig(), name).train.engine       # a preset may ask for the compiled engine
-        epochs = 2 if own == "compiled" else 1
-        memory, seconds = train_in_child("--preset", name, "--validation", "0", "--early-stopping", "0", *flags,
-                                         epochs=epochs)
+        epochs = (2 if own == "compiled" else 1) if timed == 1 else 1 + timed
+        memory, times = epochs_in_child("--preset", name, "--validation", "0", "--early-stopping", "0", *flags,
+                                        epochs=epochs, timed=timed)
+        seconds, fastest = statistics.median(times), min(times)
         train = apply_preset(RunConfig(), name).train
         steps = -(-n_train // train.batch_size)
         row = {"preset": name, "engine": own, "seconds_per_epoch": seconds,
                "steps_per_second": steps / seconds,
                "schedule_epochs": train.epochs, "schedule_hours": train.epochs * seconds / 3600,
-               "peak_rss_mib": memory}
+               "peak_rss_mib": memory, "epochs_timed": times, "fastest_epoch_seconds": fastest}
         text = (f"preset {name:14s}{f' (--engine {own})' if own != 'auto' else ''}: {seconds:7.2f} s/epoch, "
                 f"{steps / seconds:7.1f} steps/s, its {train.epochs} epochs "
                 f"{train.epochs * seconds / 3600:6.1f} h, peak {memory:6.0f} MiB")
         if arrays is not None and not torch.cuda.is_available():
             floors = preset_floors(name, arrays, n_train, trained=trained.get(name), compiled=own == "compiled")
             row.update(floors, epoch_over_floor=seconds / floors["step_floor"],
+                       fastest_epoch_over_floor=fastest / floors["step_floor"],
                        iwae_over_floor=floors["iwae5000_seconds_per_10000"] / floors["iwae5000_floor_per_10000"])
-            text += (f"; step floor {floors['step_floor']:.2f} s (epoch {row['epoch_over_floor']:.2f} × it); "
+            text += (f"; step floor {floors['step_floor']:.2f} s (epoch {row['epoch_over_floor']:.2f} × it"
+                     + (f", the fastest of {timed} {row['fastest_epoch_over_floor']:.2f} ×" if timed > 1 else "") + "); "
                      f"IWAE-5000 {floors['iwae5000_seconds_per_10000']:.0f} s per 10 000, floor "
                      f"{floors['iwae5000_floor_per_10000']:.0f} s ({row['iwae_over_floor']:.2f} ×)")
             if name in trained:
@@ -530,6 +545,9 @@ def main() -> None:
     parser.add_argument("--engine", choices=["autograd", "compiled"],
                         help="with --presets-only: train the presets' epochs with this engine (default: their own); "
                              "compiled: IWAE-5000 by evaluate --compiled too")
+    parser.add_argument("--timed-epochs", type=int, default=3, metavar="N",
+                        help="with --presets-only: time N epochs of each preset after a first untimed one, in one "
+                             "process (their median and fastest; default 3); 1: the first epoch (compiled: the second)")
     parser.add_argument("--trained", nargs="+", default=[], metavar="NAME=RUN",
                         help="with --presets-only: time preset NAME also with the weights of RUN, a run directory of it "
                              "(one more epoch of a copy of the run, and IWAE-5000)")
@@ -547,7 +565,8 @@ def main() -> None:
     arrays = load_mnist(log=print)
     result: dict = {"machine": machine(), "date": datetime.date.today().isoformat()}
     if args.presets_only:
-        result["presets"] = presets_table(len(arrays.train_images), arrays, args.presets, trained, args.engine)
+        result["presets"] = presets_table(len(arrays.train_images), arrays, args.presets, trained, args.engine,
+                                          max(1, args.timed_epochs))
         save_result(result)
         return
     peak = matmul_peak()

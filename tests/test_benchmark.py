@@ -97,7 +97,8 @@ def test_bf16_evaluation_of_a_prefix_uses_the_full_runs_draws(trainer):
 def test_presets_table_reports_steps_per_second_and_the_schedule(bench, monkeypatch):
     """Burda's presets: batches of 20, so 3000 steps per epoch of 60 000 digits; 3280 epochs of 2 s are 1.82 h."""
     calls = []
-    monkeypatch.setattr(bench, "train_in_child", lambda *flags, epochs=1: calls.append((flags, epochs)) or (400.0, 2.0))
+    monkeypatch.setattr(bench, "epochs_in_child", lambda *flags, epochs=1, timed=1: calls.append((flags, epochs))
+                        or (400.0, [2.0, 1.0, 3.0][:timed]))
     rows = {row["preset"]: row for row in bench.presets_table(60000)}
     iwae = rows["burda-iwae-2"]
     assert iwae["steps_per_second"] == pytest.approx(3000 / 2.0)
@@ -116,6 +117,10 @@ def test_presets_table_reports_steps_per_second_and_the_schedule(bench, monkeypa
     assert [row["engine"] for row in rows] == ["compiled", "autograd"]
     assert calls == [(("--preset", "ladder-5", "--validation", "0", "--early-stopping", "0"), 2),
                      (("--preset", "ladder-5", "--validation", "0", "--early-stopping", "0", "--engine", "autograd"), 1)]
+    calls.clear()                                 # three epochs timed after an untimed one: their median and fastest
+    (row,) = bench.presets_table(60000, names=["planar-80"], timed=3)
+    assert calls == [(("--preset", "planar-80", "--validation", "0", "--early-stopping", "0"), 4)]
+    assert row["seconds_per_epoch"] == 2.0 and row["fastest_epoch_seconds"] == 1.0 and row["epochs_timed"] == [2, 1, 3]
 
 
 def test_the_recorded_floor_holds_every_product_of_a_step_and_replays_them(bench):
