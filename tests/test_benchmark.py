@@ -123,6 +123,18 @@ def test_presets_table_reports_steps_per_second_and_the_schedule(bench, monkeypa
     assert row["seconds_per_epoch"] == 2.0 and row["fastest_epoch_seconds"] == 1.0 and row["epochs_timed"] == [2, 1, 3]
 
 
+def test_epochs_and_floors_timed_in_turn_in_one_process(bench, tiny_arrays):
+    """An untimed epoch, then per round an epoch of the preset's trainer and its floor: the ratios are theirs, the
+    engine the one asked for (else the preset's: ``auto`` resolves to the fused engine for ``seed``)."""
+    row = bench.interleaved_epochs_and_floors("seed", tiny_arrays, rounds=2)
+    assert row["interleaved_engine"] == "fused" and len(row["interleaved_epochs"]) == 2
+    assert all(e > 0 for e in row["interleaved_epochs"]) and all(f > 0 for f in row["interleaved_floors"])
+    assert row["interleaved_ratios"] == [e / f for e, f in zip(row["interleaved_epochs"], row["interleaved_floors"])]
+    assert row["interleaved_ratio_median"] == pytest.approx(sum(row["interleaved_ratios"]) / 2)
+    assert bench.interleaved_epochs_and_floors("seed", tiny_arrays, "autograd", rounds=1)["interleaved_engine"] == \
+        "autograd"
+
+
 def test_the_recorded_floor_holds_every_product_of_a_step_and_replays_them(bench):
     """The product recorder sees the forward and backward products of an autograd step (3 per linear layer but
     the first's input gradient: 3·4 − 1 = 11 for the reference model), at their shapes, and replays them."""
