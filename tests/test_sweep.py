@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import needs_compiler
 from vaelab import checkpoint as ckpt
 
 optuna = pytest.importorskip("optuna", reason="Optuna is the sweep's optional dependency (pip install 'vaelab[sweep]')")
@@ -454,3 +455,40 @@ model = ["mlp", "mlp2"]
     states = sorted(state for _, state, slot, surplus in trial_states(tmp_path / "out") if not surplus)
     assert states == ["COMPLETE", "FAIL"]                               # the failed slot was not retried
     assert "failed:" in printed and "2 stochastic layers" in printed
+
+
+@pytest.mark.slow
+@needs_compiler
+def test_a_worker_compiles_each_trial_afresh(tmp_path, data_dir, monkeypatch):
+    """Trials of two architectures with the compiled engine in one worker, whose limit is lowered to one graph (by a
+    sitecustomize every interpreter of the sweep imports): the second trial compiles its own graph instead of
+    meeting the first's and the limit (without ``compiling.forget`` between trials it failed: 'recompile limit')."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text("import vaelab.compiling\nvaelab.compiling.GRAPHS = 1\n")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")])))
+    spec = tmp_path / "spec.toml"
+    spec.write_text("""\
+preset = "seed"
+trials = 2
+objective = "validation-elbo"
+sampler = "grid"
+[fixed]
+epochs = 1
+train_examples = 600
+validation = 100
+test_examples = 50
+batch_size = 100
+engine = "compiled"
+latent = [2]
+[search]
+hidden = [[8], [12]]
+""")
+    process = sweep_cli(spec, tmp_path / "out", data_dir=data_dir)
+    printed, err = process.communicate(timeout=600)
+    assert process.returncode == 0, err
+    states = sorted(state for _, state, slot, surplus in trial_states(tmp_path / "out") if not surplus)
+    assert states == ["COMPLETE", "COMPLETE"], printed
+    for slot in (0, 1):
+        config = json.loads((tmp_path / "out" / "trials" / f"{slot:04d}" / ckpt.CONFIG).read_text())
+        assert config["train"]["engine"] == "compiled"

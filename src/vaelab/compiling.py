@@ -27,6 +27,14 @@ def compile(fn: Callable) -> Callable:
     return torch.compile(fn, dynamic=False, fullgraph=True)
 
 
+def forget() -> None:
+    """Drop every graph this process has compiled (``torch._dynamo.reset``). A sweep's worker trains one trial after
+    another in one process, each a model of its own: the graphs of trials done would otherwise stay in memory and
+    count against ``GRAPHS`` (an error at the 33rd trial of a preset whose epochs end in a short batch). The next call
+    of a compiled function compiles again (TorchInductor's cache on disk keeps that short for a model seen before)."""
+    torch._dynamo.reset()
+
+
 # TorchInductor's advice on a GPU with TensorFloat-32 units. vaelab keeps float32 products IEEE float32 on every device
 # (TF32 rounds their operands to 10-bit mantissas; the lower precision it offers is --precision bf16), so the
 # advice, which no vaelab flag could follow, is not shown as a warning of every compiled run.

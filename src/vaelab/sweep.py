@@ -488,9 +488,11 @@ def run_trial(trial, spec: Spec, out: Path, threads: int, log) -> tuple[float | 
     optuna = require_optuna()
     from vaelab import checkpoint as ckpt
     from vaelab.cli import RaisingParser, _new_run, _resume, build_parser, main
+    from vaelab.compiling import forget
     from vaelab.distributed import SINGLE
     from vaelab.runs import read_evaluations
 
+    forget()                                                   # the graphs of this worker's earlier trials
     slot = trial.user_attrs["slot"]
     run_dir = run_dir_of(out, slot)
     trial.study.sampler = make_sampler(spec, slot)
