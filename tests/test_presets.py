@@ -198,6 +198,18 @@ def test_validation_split_column_and_best_weights(tmp_path, data_dir, tiny_array
                  "--data-dir", str(data_dir), "--no-progress"]) == 0
     record = json.loads((run / "eval-validation-best-k5-n300-seed0.json").read_text())
     assert record["split"] == "validation" and record["weights"] == BEST_WEIGHTS
+    # the record says which epoch's weights it measured, not only how many epochs the run had trained
+    from vaelab.runs import weights_label
+
+    assert record["best_epoch"] == best + 1 and record["epochs_trained"] == 3
+    assert f"of epoch {best + 1} (the best validation ELBO), evaluated after epoch 3" in weights_label(record)
+    capsys.readouterr()
+    assert main(["runs", str(run)]) == 0
+    assert f"best weights of epoch {best + 1}" in capsys.readouterr().out
+    assert main(["evaluate", str(run), "--split", "validation", "--k", "5", "--data-dir", str(data_dir),
+                 "--no-progress"]) == 0
+    last = json.loads((run / "eval-validation-k5-n300-seed0.json").read_text())
+    assert "best_epoch" not in last and weights_label(last).startswith("model.safetensors after epoch 3")
 
 
 def test_cpu_hour_and_burda_presets_are_listed(capsys):

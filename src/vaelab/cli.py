@@ -800,7 +800,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             return 0
         record = {**provenance(device, threads), "run": str(args.run_dir.resolve()), "weights": weights,
                   "weights_sha256": file_sha256(args.run_dir / weights), "epochs_trained": _epochs_trained(args.run_dir),
-                  "split": args.split, "data_sha256": idx_sha256(images.cpu().numpy()), **summary}
+                  **_best_epoch(args.run_dir, weights), "split": args.split, "data_sha256": idx_sha256(images.cpu().numpy()), **summary}
         _log(format_eval_table(record) if args.format == "text" else evaluation_export(record, args.format))
         _write_evaluation(out, record, per_digit, labels, args)
         return 0
@@ -809,6 +809,21 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                                    f"command, or one process)") from None
     finally:
         distributed.shutdown(world)
+
+
+def _best_epoch(run_dir: Path, weights: str) -> dict[str, int]:
+    """{"best_epoch": N} for an evaluation of the best-validation weights: the epoch they are from (the training
+    state's), which ``epochs_trained`` is not; {} for the last weights, or where the state does not say."""
+    from vaelab import checkpoint as ckpt
+    from vaelab.training import BEST_WEIGHTS
+
+    if weights != BEST_WEIGHTS:
+        return {}
+    try:
+        epoch = int(ckpt.read_metadata(run_dir / ckpt.STATE).get("best_epoch", 0))
+    except (ckpt.CheckpointError, TypeError, ValueError):
+        return {}
+    return {"best_epoch": epoch} if epoch > 0 else {}
 
 
 def _epochs_trained(run_dir: Path) -> int | None:

@@ -106,10 +106,15 @@ def _record_problem(record: Any) -> str | None:
 
 
 def weights_label(record: dict) -> str:
-    """Which weights an evaluation measured: 'model.safetensors after epoch 5' (and 'stale' where they are no
-    longer the run's)."""
-    epochs = record.get("epochs_trained")
-    text = record.get("weights", ckpt.WEIGHTS) + (f" after epoch {epochs}" if isinstance(epochs, int) else "")
+    """Which weights an evaluation measured: 'model.safetensors after epoch 5', 'model-best.safetensors of epoch 3
+    (the best validation ELBO), evaluated after epoch 5' (and 'stale' where they are no longer the run's)."""
+    epochs, best = record.get("epochs_trained"), record.get("best_epoch")
+    text = record.get("weights", ckpt.WEIGHTS)
+    if isinstance(best, int):
+        text += f" of epoch {best} (the best validation ELBO)" + (
+            f", evaluated after epoch {epochs}" if isinstance(epochs, int) else "")
+    elif isinstance(epochs, int):
+        text += f" after epoch {epochs}"
     if record.get("stale"):
         text += ", stale: not the run's weights now"
     elif record.get("stale") is None:
@@ -134,9 +139,11 @@ def headline_nll(run: RunInfo) -> str:
     best = run.best_evaluation() or run.best_evaluation("validation")
     if best is not None:
         epochs = best.get("epochs_trained")
+        of_best = best.get("best_epoch")                     # the best weights' own epoch, where recorded
         where = ", ".join([f"K {best['k']}", f"{best['n_examples']} {best.get('split', 'test')} digits"]
-                          + ([f"epoch {epochs}"] if isinstance(epochs, int) else [])
-                          + (["best weights"] if best.get("weights", ckpt.WEIGHTS) != ckpt.WEIGHTS else []))
+                          + ([f"best weights of epoch {of_best}"] if isinstance(of_best, int) else
+                             ([f"epoch {epochs}"] if isinstance(epochs, int) else [])
+                             + (["best weights"] if best.get("weights", ckpt.WEIGHTS) != ckpt.WEIGHTS else [])))
         return f"{best['nll']:.2f} ({where})"
     stale = run.stale_evaluations() or run.stale_evaluations("validation")
     if stale:
