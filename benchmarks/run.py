@@ -308,11 +308,21 @@ def fastest_seconds(work, rounds: int = 3) -> float:
     return min(round_seconds(work, rounds))
 
 
+def prepared_products(calls: list[tuple]) -> list[tuple]:
+    """The recorded products (``ProductRecorder.calls``) on fresh operands of the same shapes and strides, each run
+    once (its kernel chosen and warmed before any clock starts)."""
+    prepared = [(func, [torch.empty_strided(a[0], a[1], dtype=a[2]).normal_() if isinstance(a, tuple) else a
+                        for a in args], kwargs) for func, args, kwargs in calls]
+    with torch.no_grad():
+        for func, args, kwargs in prepared:
+            func(*args, **kwargs)
+    return prepared
+
+
 def replay_seconds(calls: list[tuple], repeats: int, rounds: int = 3) -> float:
     """Seconds of ``repeats`` replays of the recorded products on operands of the same shapes and strides, the
     fastest of ``rounds`` rounds (``fastest_seconds``)."""
-    prepared = [(func, [torch.empty_strided(a[0], a[1], dtype=a[2]).normal_() if isinstance(a, tuple) else a
-                        for a in args], kwargs) for func, args, kwargs in calls]
+    prepared = prepared_products(calls)
 
     def replays() -> None:
         for _ in range(repeats):
@@ -320,8 +330,6 @@ def replay_seconds(calls: list[tuple], repeats: int, rounds: int = 3) -> float:
                 func(*args, **kwargs)
 
     with torch.no_grad():
-        for func, args, kwargs in prepared:                   # each kernel once before the clock starts
-            func(*args, **kwargs)
         return fastest_seconds(replays, rounds)
 
 
@@ -412,13 +420,9 @@ def interleaved_epochs_and_floors(name: str, arrays, engine: str | None = None, 
     recorder = ProductRecorder()
     with recorder:
         ENGINES[("autograd", "fp32")](trainer.model, x, eps, objective.name, 1.0)
-    prepared = [(func, [torch.empty_strided(a[0], a[1], dtype=a[2]).normal_() if isinstance(a, tuple) else a
-                        for a in args], kwargs) for func, args, kwargs in recorder.calls]
+    prepared = prepared_products(recorder.calls)
     steps = -(-data.n_train // batch)
     adam = trainer.optimizer
-    with torch.no_grad():
-        for func, args, kwargs in prepared:                   # each kernel once before the clock starts
-            func(*args, **kwargs)
 
     def floor() -> float:
         saved = {key: t.clone() for key, t in adam.state_dict().items()}
