@@ -30,6 +30,7 @@ shapes, Adam's kernel and one epoch's binarisation, timed alternating with the e
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import json
@@ -153,6 +154,19 @@ def matmul_peak() -> float:
     return best
 
 
+@contextlib.contextmanager
+def adam_kept(adam):
+    """Adam's state and the flat parameters as they were before the block: a floor times Adam's steps on whatever
+    gradient is there, and the trainer goes on afterwards exactly as before."""
+    saved = {key: t.clone() for key, t in adam.state_dict().items()}
+    param = adam.param.clone()
+    try:
+        yield
+    finally:
+        adam.load_state_dict(saved)
+        adam.param.copy_(param)
+
+
 def step_floor(trainer, dtype: torch.dtype = torch.float32) -> dict[str, float]:
     """Seconds, over one epoch, of the parts of a batch-64 step that no eager step in ``dtype`` avoids.
 
@@ -196,11 +210,9 @@ def step_floor(trainer, dtype: torch.dtype = torch.float32) -> dict[str, float]:
         torch.mm(e, w2, out=d_h1)
         torch.mm(d_h1.t(), x, out=grads[0])
 
-    saved = {name: t.clone() for name, t in adam.state_dict().items()}
-    param = adam.param.clone()
     generator = torch.Generator().manual_seed(0)
     seconds = {}
-    with torch.no_grad(), hot_loop_settings():
+    with torch.no_grad(), hot_loop_settings(), adam_kept(adam):
         start = time.perf_counter()
         for _ in range(steps):
             products()
@@ -212,8 +224,6 @@ def step_floor(trainer, dtype: torch.dtype = torch.float32) -> dict[str, float]:
         start = time.perf_counter()
         binarize(data.train_grey, generator, parts=BINARIZE_PARTS)
         seconds["binarize"] = time.perf_counter() - start
-    adam.load_state_dict(saved)
-    adam.param.copy_(param)
     return seconds
 
 
@@ -363,13 +373,10 @@ def preset_floors(name: str, arrays, n_train: int, eval_digits: int = 40, traine
     with recorder:
         step(trainer.model, x, eps, objective.name, 1.0)
     steps = -(-n_train // batch)
-    adam, saved, param = trainer.optimizer, None, trainer.optimizer.param.clone()
-    saved = {key: t.clone() for key, t in adam.state_dict().items()}
-    with hot_loop_settings():
+    adam = trainer.optimizer
+    with hot_loop_settings(), adam_kept(adam):
         products = replay_seconds(recorder.calls, steps)
         adam_seconds = fastest_seconds(lambda: [adam.step() for _ in range(steps)])
-    adam.load_state_dict(saved)
-    adam.param.copy_(param)
     model = trainer.model.eval()
     test = data.test_binary
     estimator = iwae_estimator(model)
@@ -425,19 +432,14 @@ def interleaved_epochs_and_floors(name: str, arrays, engine: str | None = None, 
     adam = trainer.optimizer
 
     def floor() -> float:
-        saved = {key: t.clone() for key, t in adam.state_dict().items()}
-        param = adam.param.clone()
-        with torch.no_grad(), hot_loop_settings():
+        with torch.no_grad(), hot_loop_settings(), adam_kept(adam):
             start = time.perf_counter()
             for _ in range(steps):
                 for func, args, kwargs in prepared:
                     func(*args, **kwargs)
             for _ in range(steps):
                 adam.step()
-            seconds = time.perf_counter() - start
-        adam.load_state_dict(saved)
-        adam.param.copy_(param)
-        return seconds
+            return time.perf_counter() - start
 
     vaelab_epoch(trainer)                                                    # compiles, warms the allocator
     epochs, floors = [], []
