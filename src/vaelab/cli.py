@@ -170,7 +170,7 @@ def build_parser(parser_class: type[argparse.ArgumentParser] = _Parser) -> argpa
     group.add_argument("--engine", choices=ENGINE_CHOICES,
                        help="gradient code: auto (default: the hand-derived fast path where it applies, else "
                        "autograd); compiled: autograd's step compiled by torch.compile (needs a C++ compiler on the CPU; "
-                       "the default of the vampprior, ladder and planar presets)")
+                       "the default of the presets vampprior-1, vampprior-2, ladder-5 and planar-80)")
     group.add_argument("--precision", choices=PRECISIONS, help="fp32 (default) or bf16: matrix products in "
                        "bfloat16, float32 weights, Adam, loss and reductions (refused where a timing shows bf16 emulated); bf16-emulated: "
                        "bf16's rounding with float32 products, to see whether bf16 would change a result")
