@@ -493,8 +493,9 @@ def presets_table(n_train: int, arrays=None, names=None, trained: dict[str, Path
             row.update(floors, epoch_over_floor=seconds / floors["step_floor"],
                        fastest_epoch_over_floor=fastest / floors["step_floor"],
                        iwae_over_floor=floors["iwae5000_seconds_per_10000"] / floors["iwae5000_floor_per_10000"])
+            fastest_text = f", the fastest of {timed} {row['fastest_epoch_over_floor']:.2f} ×" if timed > 1 else ""
             text += (f"; step floor {floors['step_floor']:.2f} s (epoch {row['epoch_over_floor']:.2f} × it"
-                     + (f", the fastest of {timed} {row['fastest_epoch_over_floor']:.2f} ×" if timed > 1 else "") + "); "
+                     f"{fastest_text}); "
                      f"IWAE-5000 {floors['iwae5000_seconds_per_10000']:.0f} s per 10 000, floor "
                      f"{floors['iwae5000_floor_per_10000']:.0f} s ({row['iwae_over_floor']:.2f} ×)")
             if timed > 1:

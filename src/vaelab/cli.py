@@ -169,8 +169,8 @@ def build_parser(parser_class: type[argparse.ArgumentParser] = _Parser) -> argpa
     group.add_argument("--seed", type=_non_negative_int, help="seed of every random stream (default 0)")
     group.add_argument("--engine", choices=ENGINE_CHOICES,
                        help="gradient code: auto (default: the hand-derived fast path where it applies, else "
-                       "autograd); compiled: autograd's step compiled by torch.compile (needs a C++ compiler on the CPU; "
-                       "the default of the presets vampprior-1, vampprior-2, ladder-5 and planar-80)")
+                       "autograd); compiled: autograd's step compiled by torch.compile (needs a C++ compiler on the "
+                       "CPU; the default of the presets vampprior-1, vampprior-2, ladder-5 and planar-80)")
     group.add_argument("--precision", choices=PRECISIONS, help="fp32 (default) or bf16: matrix products in "
                        "bfloat16, float32 weights, Adam, loss and reductions (refused where a timing shows bf16 emulated); bf16-emulated: "
                        "bf16's rounding with float32 products, to see whether bf16 would change a result")
@@ -801,7 +801,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             return 0
         record = {**provenance(device, threads), "run": str(args.run_dir.resolve()), "weights": weights,
                   "weights_sha256": file_sha256(args.run_dir / weights), "epochs_trained": _epochs_trained(args.run_dir),
-                  **_best_epoch(args.run_dir, weights), "split": args.split, "data_sha256": idx_sha256(images.cpu().numpy()), **summary}
+                  **_best_epoch(args.run_dir, weights), "split": args.split,
+                  "data_sha256": idx_sha256(images.cpu().numpy()), **summary}
         _log(format_eval_table(record) if args.format == "text" else evaluation_export(record, args.format))
         _write_evaluation(out, record, per_digit, labels, args)
         return 0
