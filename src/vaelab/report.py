@@ -18,6 +18,7 @@ from vaelab import plots
 from vaelab.evaluation import summarize
 from vaelab.presets import changed_fields, preset_label
 from vaelab.runs import RunInfo, estimator_label, format_duration, per_digit, read_run, weights_label
+from vaelab.training import plural
 
 # Pairs of digit classes whose interpolations the report shows (through the latent means).
 INTERPOLATION_PAIRS = ((0, 1), (2, 7), (3, 8), (4, 9), (5, 6))
@@ -305,7 +306,7 @@ def _summary(run: RunInfo, record: dict | None, layers: list[dict]) -> dict:
                            "command": f"vaelab evaluate {run.path} --checkpoint best"}
     if run.status == "stopped early":
         patience, warmup = run.config.train.early_stopping, run.config.objective.warmup_epochs
-        summary["status"] = (f"stopped early: no better validation ELBO in the {patience} epoch{'s' * (patience != 1)} "
+        summary["status"] = (f"stopped early: no better validation ELBO in the {plural(patience, 'epoch')} "
                              f"after epoch {max(best_epoch, warmup)} (--early-stopping {patience})")
     if record is not None:
         summary.update(nll=record["nll"], nll_stderr=record.get("nll_stderr"), elbo=record.get("elbo"),
