@@ -430,11 +430,11 @@ def test_ctrl_c_stops_the_sweep_with_checkpoints_and_the_rerun_goes_on(tmp_path,
     assert finished_slots(out) == [0, 1, 2, 3]
 
 
-def test_a_sampled_combination_the_train_command_refuses_fails_that_trial_only(tmp_path, data_dir):
-    """model and latent sizes searched independently: mlp2 with one latent size is refused by `vaelab train`; that
-    trial fails with its reason in the table, is not retried, and the others run."""
+def two_trial_grid(tmp_path: Path, data_dir: Path, fixed: str, search: str) -> tuple[str, list[str]]:
+    """A two-trial grid sweep of one short epoch on 500 + 100 digits, ``fixed`` and ``search`` (TOML lines) added to
+    its sections, run to its end: (what it printed, the states of its trials, sorted)."""
     spec = tmp_path / "spec.toml"
-    spec.write_text("""\
+    spec.write_text(f"""\
 preset = "seed"
 trials = 2
 objective = "validation-elbo"
@@ -444,15 +444,20 @@ epochs = 1
 train_examples = 600
 validation = 100
 test_examples = 50
-hidden = [16]
-latent = [3]
+{fixed}
 [search]
-model = ["mlp", "mlp2"]
+{search}
 """)
     process = sweep_cli(spec, tmp_path / "out", data_dir=data_dir)
     printed, err = process.communicate(timeout=600)
     assert process.returncode == 0, err
-    states = sorted(state for _, state, slot, surplus in trial_states(tmp_path / "out") if not surplus)
+    return printed, sorted(state for _, state, slot, surplus in trial_states(tmp_path / "out") if not surplus)
+
+
+def test_a_sampled_combination_the_train_command_refuses_fails_that_trial_only(tmp_path, data_dir):
+    """model and latent sizes searched independently: mlp2 with one latent size is refused by `vaelab train`; that
+    trial fails with its reason in the table, is not retried, and the others run."""
+    printed, states = two_trial_grid(tmp_path, data_dir, 'hidden = [16]\nlatent = [3]', 'model = ["mlp", "mlp2"]')
     assert states == ["COMPLETE", "FAIL"]                               # the failed slot was not retried
     assert "failed:" in printed and "2 stochastic layers" in printed
 
@@ -467,27 +472,8 @@ def test_a_worker_compiles_each_trial_afresh(tmp_path, data_dir, monkeypatch):
     site.mkdir()
     (site / "sitecustomize.py").write_text("import vaelab.compiling\nvaelab.compiling.GRAPHS = 1\n")
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")])))
-    spec = tmp_path / "spec.toml"
-    spec.write_text("""\
-preset = "seed"
-trials = 2
-objective = "validation-elbo"
-sampler = "grid"
-[fixed]
-epochs = 1
-train_examples = 600
-validation = 100
-test_examples = 50
-batch_size = 100
-engine = "compiled"
-latent = [2]
-[search]
-hidden = [[8], [12]]
-""")
-    process = sweep_cli(spec, tmp_path / "out", data_dir=data_dir)
-    printed, err = process.communicate(timeout=600)
-    assert process.returncode == 0, err
-    states = sorted(state for _, state, slot, surplus in trial_states(tmp_path / "out") if not surplus)
+    printed, states = two_trial_grid(tmp_path, data_dir, 'batch_size = 100\nengine = "compiled"\nlatent = [2]',
+                                     "hidden = [[8], [12]]")
     assert states == ["COMPLETE", "COMPLETE"], printed
     for slot in (0, 1):
         config = json.loads((tmp_path / "out" / "trials" / f"{slot:04d}" / ckpt.CONFIG).read_text())
