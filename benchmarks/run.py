@@ -344,16 +344,17 @@ def replay_seconds(calls: list[tuple], repeats: int, rounds: int = 3) -> float:
 
 
 def preset_floors(name: str, arrays, n_train: int, eval_digits: int = 40, trained: Path | None = None,
-                  compiled: bool = False) -> dict[str, float]:
+                  engine: str = "auto") -> dict[str, float]:
     """A preset's floors on this machine: every matrix product of one training step (forward and autograd's
     backward, recorded at their real shapes) replayed for an epoch's steps, plus Adam's kernel over the flat
     buffer as often; and every product of IWAE-5000 on 20 digits replayed for 10 000; each the fastest of three
     rounds. Beside them, its measured IWAE-5000 seconds per 10 000 digits (timed on ``eval_digits``, scaled, the
     median of three), with the fresh weights and, given ``trained`` (a run directory of this preset), with its
     weights (the floors do not depend on the values).
-    ``compiled``: IWAE-5000 as ``evaluate --compiled`` computes it, timed after one compiling pass over 20 digits."""
+    IWAE-5000 as ``vaelab evaluate`` computes it by default for a run trained with ``engine``: compiled where
+    ``compiled_as_trained`` says so, timed after one compiling pass over 20 digits."""
     from vaelab.engines import ENGINES
-    from vaelab.evaluation import draws, iwae_estimator
+    from vaelab.evaluation import compiled_as_trained, draws, iwae_estimator
     from vaelab.presets import apply_preset
 
     base = apply_preset(RunConfig(), name)
@@ -385,6 +386,7 @@ def preset_floors(name: str, arrays, n_train: int, eval_digits: int = 40, traine
         estimator(model, test[:20].float(), 5000, torch.Generator().manual_seed(0), 50)
     with hot_loop_settings():
         eval_floor = replay_seconds(recorder.calls, 1) * 10000 / 20
+    compiled = compiled_as_trained(model, engine, "fp32")
     evaluation = EvalConfig(k=5000, compiled=compiled)
     if compiled:
         iwae_log_likelihood(model, test[:20], dataclasses.replace(evaluation, k=evaluation.chunk(test.device, model.config)))
@@ -395,7 +397,7 @@ def preset_floors(name: str, arrays, n_train: int, eval_digits: int = 40, traine
         times = round_seconds(lambda: iwae_log_likelihood(model, test[:eval_digits], evaluation))
         return statistics.median(times) * 10000 / eval_digits
 
-    row = {"step_floor_products": products, "step_floor_adam": adam_seconds,
+    row = {"iwae5000_compiled": compiled, "step_floor_products": products, "step_floor_adam": adam_seconds,
            "step_floor": products + adam_seconds, "iwae5000_seconds_per_10000": iwae_seconds_per_10000(),
            "iwae5000_floor_per_10000": eval_floor}
     if trained is not None:
@@ -460,8 +462,8 @@ def presets_table(n_train: int, arrays=None, names=None, trained: dict[str, Path
     of the presets (all of them by default). ``trained``: preset → a run directory of it; for those, the epoch
     and IWAE-5000 once more with that run's weights (one more epoch of a copy of the run), and their ratios.
     ``engine``: the epochs with ``--engine ENGINE`` (default: each preset's own); where that is ``compiled``, two
-    epochs, the second timed (the floor is the same products, recorded from the autograd step), and IWAE-5000 by
-    ``evaluate --compiled``.
+    epochs, the second timed (the floor is the same products, recorded from the autograd step), and IWAE-5000 as
+    ``vaelab evaluate`` computes it for a run of that engine (compiled but for the planar flow).
     ``timed`` > 1: that many epochs timed after a first one that is not (compiling, or the process's first steps),
     in one child process; the row's seconds per epoch are their median (what a long run's epochs take, less at the
     mercy of one noisy epoch), beside their fastest, which compares like with like with the floor (itself the
@@ -487,7 +489,7 @@ def presets_table(n_train: int, arrays=None, names=None, trained: dict[str, Path
                 f"{steps / seconds:7.1f} steps/s, its {train.epochs} epochs "
                 f"{train.epochs * seconds / 3600:6.1f} h, peak {memory:6.0f} MiB")
         if arrays is not None and not torch.cuda.is_available():
-            floors = preset_floors(name, arrays, n_train, trained=trained.get(name), compiled=own == "compiled")
+            floors = preset_floors(name, arrays, n_train, trained=trained.get(name), engine=own)
             if timed > 1:
                 floors.update(interleaved_epochs_and_floors(name, arrays, engine, rounds=timed))
             row.update(floors, epoch_over_floor=seconds / floors["step_floor"],
@@ -496,7 +498,8 @@ def presets_table(n_train: int, arrays=None, names=None, trained: dict[str, Path
             fastest_text = f", the fastest of {timed} {row['fastest_epoch_over_floor']:.2f} ×" if timed > 1 else ""
             text += (f"; step floor {floors['step_floor']:.2f} s (epoch {row['epoch_over_floor']:.2f} × it"
                      f"{fastest_text}); "
-                     f"IWAE-5000 {floors['iwae5000_seconds_per_10000']:.0f} s per 10 000, floor "
+                     f"IWAE-5000{' compiled' if floors['iwae5000_compiled'] else ''} "
+                     f"{floors['iwae5000_seconds_per_10000']:.0f} s per 10 000, floor "
                      f"{floors['iwae5000_floor_per_10000']:.0f} s ({row['iwae_over_floor']:.2f} ×)")
             if timed > 1:
                 text += ("; in turn in one process: epoch ÷ floor " + ", ".join(
@@ -512,6 +515,40 @@ def presets_table(n_train: int, arrays=None, names=None, trained: dict[str, Path
                          f"IWAE-5000 {iwae:.0f} s ({row['trained_iwae_over_floor']:.2f} ×)")
         rows.append(row)
         print(text, flush=True)
+    return rows
+
+
+def evaluations_in_turn(runs: list[tuple[Path, str]], digits: int = 40, rounds: int = 2) -> list[dict]:
+    """For each run (its directory and weights file): IWAE-5000 of the first ``digits`` test digits, eagerly and
+    with the log weights compiled (``evaluate --no-compiled`` / ``--compiled``), in turn, ``rounds`` times in this
+    one process, after one compiling pass over the 20 digits that follow (timed apart: what a process pays once).
+    Each round's compiled ÷ eager seconds, and the largest difference between the two estimates of a digit."""
+    rows = []
+    for run_dir, weights in runs:
+        config, model = ckpt.load_model(run_dir, torch.device("cpu"), weights)
+        model.eval()
+        data = prepare(load_mnist(config.data.data_dir, log=lambda m: None), dataclasses.replace(
+            config.data, validation=0, train_examples=1, test_examples=digits + 20))
+        x, later = data.test_binary[:digits], data.test_binary[digits:digits + 20]
+        eager, compiled = EvalConfig(k=5000), EvalConfig(k=5000, compiled=True)
+        graphs, start = torch._dynamo.utils.counters["stats"]["unique_graphs"], time.perf_counter()
+        iwae_log_likelihood(model, later, compiled)
+        row = {"run": str(run_dir), "weights": weights, "digits": digits,
+               "first_compiled_seconds_20_digits": time.perf_counter() - start, "rounds": []}
+        for _ in range(rounds):
+            times, values = [], []
+            for setting in (eager, compiled):
+                start = time.perf_counter()
+                values.append(iwae_log_likelihood(model, x, setting))
+                times.append(time.perf_counter() - start)
+            row["rounds"].append({"eager_seconds": times[0], "compiled_seconds": times[1],
+                                  "compiled_over_eager": times[1] / times[0],
+                                  "largest_difference_nats": float((values[0] - values[1]).abs().max())})
+            print(f"{run_dir} ({weights}): IWAE-5000 of {digits} digits eager {times[0]:.2f} s, compiled "
+                  f"{times[1]:.2f} s ({times[1] / times[0]:.2f} ×)", flush=True)
+        row["graphs_compiled"] = torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs     # one: all batches
+        torch._dynamo.reset()                       # the next run's graph compiled afresh, as in its own process
+        rows.append(row)
     return rows
 
 
@@ -613,13 +650,16 @@ def main() -> None:
                         help="with --presets-only: these presets only (vaelab presets lists them)")
     parser.add_argument("--engine", choices=["autograd", "compiled"],
                         help="with --presets-only: train the presets' epochs with this engine (default: their own); "
-                             "compiled: IWAE-5000 by evaluate --compiled too")
+                             "compiled: IWAE-5000 compiled too, as vaelab evaluate computes it for such a run")
     parser.add_argument("--timed-epochs", type=int, default=3, metavar="N",
                         help="with --presets-only: time N epochs of each preset after a first untimed one, in one "
                              "process (their median and fastest; default 3); 1: the first epoch (compiled: the second)")
     parser.add_argument("--trained", nargs="+", default=[], metavar="NAME=RUN",
                         help="with --presets-only: time preset NAME also with the weights of RUN, a run directory of it "
                              "(one more epoch of a copy of the run, and IWAE-5000)")
+    parser.add_argument("--evaluations-in-turn", nargs="+", default=[], metavar="RUN[:best]",
+                        help="only this: IWAE-5000 of the first 40 test digits of each run eagerly and compiled, in "
+                             "turn, twice (':best': its best-validation weights)")
     parser.add_argument("--bf16-examples", type=int, default=3200,
                         help="where bf16 is emulated (22-124x slower): the training digits of the bf16 epochs, "
                              "scaled to 60 000 (native bf16: all of them)")
@@ -631,8 +671,12 @@ def main() -> None:
     if trained and (not args.presets_only or not set(trained) <= set(args.presets or PRESETS)):
         parser.error("--trained NAME=RUN goes with --presets-only, and NAME among its --presets")
     torch.manual_seed(0)
-    arrays = load_mnist(log=print)
     result: dict = {"machine": machine(), "date": datetime.date.today().isoformat()}
+    if args.evaluations_in_turn:
+        result["evaluations_in_turn"] = evaluations_in_turn(run_weights(parser, args.evaluations_in_turn))
+        save_result(result)
+        return
+    arrays = load_mnist(log=print)
     if args.presets_only:
         result["presets"] = presets_table(len(arrays.train_images), arrays, args.presets, trained, args.engine,
                                           max(1, args.timed_epochs))
@@ -824,6 +868,21 @@ def trained_runs(parser: argparse.ArgumentParser, pairs: list[str]) -> dict[str,
         if RunConfig.load(path / "config.json").model != apply_preset(RunConfig(), name).model:
             parser.error(f"--trained {pair!r}: the model of {run} is not preset {name}'s")
         runs[name] = path
+    return runs
+
+
+def run_weights(parser: argparse.ArgumentParser, specs: list[str]) -> list[tuple[Path, str]]:
+    """``RUN`` or ``RUN:best`` → (run directory, weights file); one that is not a run directory with those weights is
+    refused (one line, exit 2)."""
+    from vaelab.training import BEST_WEIGHTS
+
+    runs = []
+    for spec in specs:
+        run, best = (spec[:-5], True) if spec.endswith(":best") else (spec, False)
+        path, weights = Path(run), BEST_WEIGHTS if best else ckpt.WEIGHTS
+        if not (path / "config.json").is_file() or not (path / weights).is_file():
+            parser.error(f"--evaluations-in-turn {spec!r}: {run} is not a run directory with {weights}")
+        runs.append((path, weights))
     return runs
 
 

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import needs_compiler
 from vaelab.config import RunConfig, TrainConfig
 from vaelab.data import DataConfig, prepare
 from vaelab.evaluation import EvalConfig, iwae_log_likelihood
@@ -203,6 +204,33 @@ def test_trained_weights_are_timed_on_a_copy_of_the_run(bench, data_dir, tmp_pat
     _, seconds = bench.train_in_child(trained=run)
     assert seconds > 0
     assert {path.name: path.read_bytes() for path in run.iterdir() if path.is_file()} == before
+
+
+@needs_compiler
+def test_evaluations_in_turn_time_both_ways_on_the_runs_weights(bench, data_dir, tmp_path, capsys):
+    """``--evaluations-in-turn RUN[:best]``: refused unless RUN has those weights (one line, exit 2); each round times
+    the eager and the compiled IWAE of the same digits, whose estimates agree to float32 rounding."""
+    import argparse
+
+    from vaelab.cli import main
+
+    run = tmp_path / "run"
+    assert main(["train", "--hidden", "8", "--latent", "2", "--prior", "mog", "--prior-components", "2", "--epochs",
+                 "1", "--train-examples", "100", "--test-examples", "40", "--data-dir", str(data_dir), "--out",
+                 str(run), "--threads", "1", "--no-progress"]) == 0
+    parser = argparse.ArgumentParser()
+    assert bench.run_weights(parser, [str(run)]) == [(run, "model.safetensors")]
+    for spec in (f"{run}:best", str(tmp_path)):                    # trained without --validation: no best weights
+        with pytest.raises(SystemExit) as stopped:
+            bench.run_weights(parser, [spec])
+        assert stopped.value.code == 2 and "is not a run directory with" in capsys.readouterr().err
+    (row,) = bench.evaluations_in_turn([(run, "model.safetensors")], digits=20, rounds=2)
+    assert row["first_compiled_seconds_20_digits"] > 0 and len(row["rounds"]) == 2
+    assert row["graphs_compiled"] == 1                              # one graph for every batch of 20 digits
+    for entry in row["rounds"]:
+        assert entry["eager_seconds"] > 0 and entry["compiled_seconds"] > 0
+        assert entry["compiled_over_eager"] == pytest.approx(entry["compiled_seconds"] / entry["eager_seconds"])
+        assert 0 <= entry["largest_difference_nats"] < 1e-3
 
 
 GPU_PY = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu.py"

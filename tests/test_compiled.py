@@ -18,6 +18,7 @@ from conftest import needs_compiler
 from test_models import tiny
 from vaelab.cli import main
 from vaelab.engines import autograd_step, compiled_step
+from vaelab.models import ModelConfig, build_model
 from vaelab.training import FlatParameters
 
 
@@ -76,10 +77,12 @@ def test_a_compiled_run_resumes_exactly_and_may_resume_with_another_engine(tmp_p
     a, _ = load_tensors(straight / "model.safetensors")
     b, _ = load_tensors(resumed / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[name], b[name]) for name in a)      # same machine and threads
-    # evaluate --compiled: the same estimate on the same draws (float32 rounding), in a record of its own name
+    # a run trained compiled is evaluated compiled unless --no-compiled: the same estimate on the same draws (float32
+    # rounding), in a record of its own name
+    assert main(["evaluate", str(straight), "--k", "20", "--no-compiled", "--threads", "1", "--no-progress"]) == 0
+    assert "log weights compiled" not in capsys.readouterr().out
     assert main(["evaluate", str(straight), "--k", "20", "--threads", "1", "--no-progress"]) == 0
-    assert main(["evaluate", str(straight), "--k", "20", "--compiled", "--threads", "1", "--no-progress"]) == 0
-    assert "log weights compiled" in capsys.readouterr().out
+    assert "log weights compiled, as this run trained (--engine compiled)" in capsys.readouterr().out
     (eager_path,) = straight.glob("eval-k20-n*-seed0.json")
     eager = json.loads(eager_path.read_text())
     compiled = json.loads(eager_path.with_name(eager_path.name.replace(".json", "-compiled.json")).read_text())
@@ -90,6 +93,26 @@ def test_a_compiled_run_resumes_exactly_and_may_resume_with_another_engine(tmp_p
                  "--data-dir", str(data_dir), "--threads", "1", "--no-progress"]) == 0
     assert '"engine": "autograd"' in (resumed / "config.json").read_text()
     assert "engine autograd fp32" in capsys.readouterr().out
+    assert main(["evaluate", str(resumed), "--k", "20", "--threads", "1", "--no-progress"]) == 0   # now eager
+    assert "log weights compiled" not in capsys.readouterr().out
+    assert json.loads(next(resumed.glob("eval-k20-n*-seed0.json")).read_text())["compiled"] is False
+
+
+def test_evaluate_compiles_as_the_run_trained_where_the_general_estimator_runs():
+    """The default of ``evaluate --compiled``: only a run of ``--engine compiled``, only where the model's estimator
+    is the general one (the hand-derived one-layer form is never compiled), only in float32, and not where a part
+    evaluates natively already (the planar flow: compiling its log weights gained nothing)."""
+    from vaelab.evaluation import compiled_as_trained
+
+    ladder, _, _ = tiny("hvae-ladder-vampprior")
+    iaf, _, _ = tiny("hvae-iaf-mog")
+    planar, _, _ = tiny("mlp-planar")
+    fast = build_model(ModelConfig(name="mlp", hidden=((8,),), latent=(2,)))
+    assert compiled_as_trained(ladder, "compiled", "fp32") and compiled_as_trained(iaf, "compiled", "fp32")
+    assert not compiled_as_trained(ladder, "autograd", "fp32") and not compiled_as_trained(ladder, "auto", "fp32")
+    assert not compiled_as_trained(ladder, "compiled", "bf16-emulated")
+    assert not compiled_as_trained(fast, "compiled", "fp32") and fast.fast
+    assert not compiled_as_trained(planar, "compiled", "fp32")
 
 
 @pytest.mark.parametrize("name", ["tomczak-2-vampprior", pytest.param("hvae-ladder-batchnorm", marks=pytest.mark.slow),
@@ -127,6 +150,11 @@ def test_the_compiled_engine_refuses_bf16_and_a_cpu_without_a_compiler(tmp_path,
     assert len(err.splitlines()) == 1 and "--engine compiled runs in float32 only" in err and "--engine autograd" in err
     run = tmp_path / "run"                                              # trained by the fused engine
     assert main([*base[:1], *base[3:], "--out", str(run)]) == 0
+    moved = tmp_path / "moved"                                          # a model of the general estimator
+    assert main([*base[:1], *base[3:], "--prior", "mog", "--prior-components", "2", "--out", str(moved)]) == 0
+    config = moved / "config.json"
+    config.write_text(config.read_text().replace('"engine": "auto"', '"engine": "compiled"'))
+    assert '"engine": "compiled"' in config.read_text()
     capsys.readouterr()
     assert main(["evaluate", str(run), "--k", "5", "--compiled", "--precision", "bf16-emulated", "--no-progress"]) == 2
     err = capsys.readouterr().err.strip()
@@ -146,8 +174,17 @@ def test_the_compiled_engine_refuses_bf16_and_a_cpu_without_a_compiler(tmp_path,
         assert main(["evaluate", str(run), "--k", "5", "--compiled", "--no-progress"]) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and "--compiled needs a C++ compiler" in err
+        assert not list(run.glob("eval*"))
+        # a run trained compiled on another machine (its config says so), evaluated here without a compiler: eagerly,
+        # with a note that says why
+        assert main(["evaluate", str(moved), "--k", "5", "--no-progress"]) == 0
+        captured = capsys.readouterr()
+        assert "note: this run trained with --engine compiled, but no C++ compiler was found" in captured.err
+        assert "log weights compiled" not in captured.out
+        (record,) = moved.glob("eval*.json")
+        assert record.name.endswith("seed0.json") and json.loads(record.read_text())["compiled"] is False
     assert inductor.cpp.cxx != (None, "no-such-compiler-c++")
-    assert not any((tmp_path / name).exists() for name in "abc") and not list(run.glob("eval*"))
+    assert not any((tmp_path / name).exists() for name in "abc")
 
 
 def test_compiled_calls_drop_only_inductors_tf32_advice():

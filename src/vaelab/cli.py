@@ -210,9 +210,12 @@ def build_parser(parser_class: type[argparse.ArgumentParser] = _Parser) -> argpa
     evaluate.add_argument("--precision", choices=PRECISIONS, default="fp32",
                           help="the IWAE decoder's products: fp32 (default), bf16 (refused where emulated) or "
                           "bf16-emulated (bf16's rounding at float32 speed, a check); one-layer mlp models")
-    evaluate.add_argument("--compiled", action="store_true", help="compute each chunk's IWAE log weights by one graph "
-                          "torch.compile builds (fp32; needs a C++ compiler on the CPU; compiles for tens of seconds "
-                          "first)")
+    evaluate.add_argument("--compiled", action=argparse.BooleanOptionalAction, default=None,
+                          help="compute each chunk's IWAE log weights by one graph torch.compile builds (fp32; needs a "
+                          "C++ compiler on the CPU; compiles for seconds to a minute first). Default: as the run trained: "
+                          "compiled for a run of --engine compiled (the presets vampprior-1, vampprior-2, ladder-5; "
+                          "not a planar flow, native already) where a compiler is found, else eager; --no-compiled: "
+                          "eager")
     evaluate.add_argument("--seed", type=_non_negative_int, default=0, help="seed of the draws (default 0)")
     evaluate.add_argument("--device", type=_device, default="auto", help="auto, cpu or cuda")
     evaluate.add_argument("--threads", type=_whole_number(1, 4097), help="CPU threads (default: all allowed)")
@@ -768,16 +771,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         if args.split == "validation" and not config.data.validation:
             raise UsageError(f"--split validation: {args.run_dir} was trained without --validation; it has no "
                              f"held-out digits (evaluate on --split test)")
-        check_precision(model, args.precision, args.compiled)
-        if args.precision == "bf16":
-            _note(check_bf16(device))
         if args.k_curve and args.k < 1000:
             raise UsageError(f"--k-curve draws the estimate at K = 1, 10, 100, 1000 and --k: give --k 1000 or more "
                              f"(got {args.k})")
-        if args.compiled:
-            from vaelab.compiling import require_compiler
-
-            require_compiler(device, "--compiled")
+        check_precision(model, args.precision, bool(args.compiled))
+        args.compiled = _evaluate_compiled(args, config, model, device, world.main)
+        if args.precision == "bf16":
+            _note(check_bf16(device))
         eval_config = EvalConfig(k=args.k, seed=args.seed, laplace=args.laplace, precision=args.precision,
                                  k_curve=args.k_curve, gaps=args.gaps, gap_steps=args.gap_steps, compiled=args.compiled)
         require_memory(eval_config.memory_bytes(config.model, device), f"evaluate --k {args.k}", "use a smaller --k",
@@ -811,6 +811,29 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                                    f"command, or one process)") from None
     finally:
         distributed.shutdown(world)
+
+
+def _evaluate_compiled(args: argparse.Namespace, config, model, device, main: bool) -> bool:
+    """Whether this evaluation compiles its log weights: ``--compiled`` / ``--no-compiled`` as given (the first
+    refused without a compiler), else as the run trained (``compiled_as_trained``), eager with a note where that
+    would need a compiler this machine lacks."""
+    from vaelab.compiling import compiler_found, require_compiler
+    from vaelab.evaluation import compiled_as_trained
+
+    if args.compiled:
+        require_compiler(device, "--compiled")
+    if args.compiled is not None:
+        return args.compiled
+    if not compiled_as_trained(model, config.train.engine, args.precision):
+        return False
+    if not compiler_found(device):
+        if main:
+            _note("this run trained with --engine compiled, but no C++ compiler was found: its log weights are "
+                  "computed eagerly (the same estimate to float32 rounding; install g++ to compile them)")
+        return False
+    if main:
+        _log("log weights compiled, as this run trained (--engine compiled); --no-compiled computes them eagerly")
+    return True
 
 
 def _best_epoch(run_dir: Path, weights: str) -> dict[str, int]:

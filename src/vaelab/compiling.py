@@ -51,15 +51,24 @@ def limits():
         yield
 
 
-def require_compiler(device: torch.device, flag: str, instead: str | None = None) -> None:
-    """Refuse ``flag`` on a CPU without the C++ compiler TorchInductor builds its kernels with; ``instead``: the
-    other way the message offers (default: run without ``flag``)."""
-    if device.type != "cpu":
-        return
+def _compiler_names() -> tuple[str, ...]:
+    """The C++ compilers TorchInductor would build CPU kernels with, in its order."""
     from torch._inductor import config as inductor
 
     names = inductor.cpp.cxx if isinstance(inductor.cpp.cxx, (list, tuple)) else (inductor.cpp.cxx,)
-    if not any(name and shutil.which(name) for name in names):
+    return tuple(name for name in names if name)
+
+
+def compiler_found(device: torch.device) -> bool:
+    """Whether torch.compile can build kernels for ``device``: on a CPU, one of its C++ compilers is on the PATH."""
+    return device.type != "cpu" or any(shutil.which(name) for name in _compiler_names())
+
+
+def require_compiler(device: torch.device, flag: str, instead: str | None = None) -> None:
+    """Refuse ``flag`` on a CPU without the C++ compiler TorchInductor builds its kernels with; ``instead``: the
+    other way the message offers (default: run without ``flag``)."""
+    if not compiler_found(device):
+        names = _compiler_names()
         raise UsageError(f"{flag} needs a C++ compiler on the CPU (torch.compile builds its kernels with one of "
-                         f"{', '.join(n for n in names if n)}; none was found): install one (apt install g++) or set "
+                         f"{', '.join(names)}; none was found): install one (apt install g++) or set "
                          f"CXX to it, or {instead or f'run without {flag}'}")

@@ -271,13 +271,30 @@ IWAE_ESTIMATORS: dict[type, tuple[Callable | None, Callable]] = {
 }
 
 
+def hand_derived(model) -> bool:
+    """Whether the model's (eager) IWAE estimator is a hand-derived form: one exists for its class and covers it."""
+    fast, _ = IWAE_ESTIMATORS.get(type(model), (None, _iwae_parts))
+    return fast is not None and getattr(model, "fast", False)
+
+
 def iwae_estimator(model, compiled: bool = False) -> Callable:
     """The model's IWAE estimator; ``compiled``: its general one with the log weights compiled (also where the
     hand-derived form applies: that form is not compiled)."""
     fast, general = IWAE_ESTIMATORS.get(type(model), (None, _iwae_parts))
     if compiled:
         return functools.partial(general, compiled=True)
-    return fast if fast is not None and getattr(model, "fast", False) else general
+    return fast if hand_derived(model) else general
+
+
+def compiled_as_trained(model, engine: str, precision: str) -> bool:
+    """``evaluate``'s default for ``--compiled``: a run trained with ``--engine compiled`` (the issue-21 presets'
+    engine) has its IWAE log weights compiled too, in float32, where its estimator would otherwise be the general
+    one (a hand-derived form is never compiled) and no part of the model evaluates natively already (the planar
+    flow, ``native_evaluation``). Measured on the trained runs (benchmarks/README.md, twenty-fourth session):
+    IWAE-5000 compiled in 0.69–0.83 × the eager time for `vampprior-1` and `vampprior-2`, 0.78–0.86 × for
+    `ladder-5`, 0.94–1.22 × for `planar-80`; compiling takes seconds to a minute once per process."""
+    return engine == "compiled" and precision == "fp32" and not hand_derived(model) \
+        and not any(getattr(part, "native_evaluation", False) for part in model.modules())
 
 
 def check_precision(model, precision: str, compiled: bool = False) -> None:
@@ -287,7 +304,7 @@ def check_precision(model, precision: str, compiled: bool = False) -> None:
         raise UsageError(f"--compiled runs in float32, not --precision {precision}; drop one of the two")
     if precision not in PRECISIONS:
         raise UsageError(f"unknown evaluation precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
-    if precision != "fp32" and iwae_estimator(model) is not _iwae_one_layer:
+    if precision != "fp32" and not hand_derived(model):
         raise UsageError(f"--precision {precision} covers the one-stochastic-layer mlp models with the standard prior, "
                          f"no flow and an elementwise activation; this run's model is {model.config.name}: use "
                          f"--precision fp32")

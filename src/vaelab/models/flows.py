@@ -32,6 +32,10 @@ from vaelab.models.base import full_precision
 class NoFlow(nn.Module):
     """z_T = z₀: the diagonal Gaussian itself (log_det None keeps the layer's closed forms)."""
 
+    # Whether the flow's evaluation is one native operator already, so that ``evaluate`` gains nothing by compiling
+    # its model's log weights and does not do so by default (``evaluation.compiled_as_trained``)
+    native_evaluation = False
+
     def __init__(self, latent: int, context: int, steps: int = 0, width: int = 0):
         super().__init__()
 
@@ -44,6 +48,10 @@ class NoFlow(nn.Module):
 
 
 class PlanarFlow(NoFlow):
+    # the recursion is native/planar.cpp eagerly too: IWAE-5000 of the full-schedule planar-80 compiled took 0.94–1.22 ×
+    # the eager time (benchmarks/README.md, twenty-fourth session), where the VampPrior's and the ladder's 0.69–0.86 ×
+    native_evaluation = True
+
     def __init__(self, latent: int, context: int, steps: int, width: int = 0):
         super().__init__(latent, context)
         self.latent, self.steps = latent, steps
