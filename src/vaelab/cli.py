@@ -212,10 +212,10 @@ def build_parser(parser_class: type[argparse.ArgumentParser] = _Parser) -> argpa
                           "bf16-emulated (bf16's rounding at float32 speed, a check); one-layer mlp models")
     evaluate.add_argument("--compiled", action=argparse.BooleanOptionalAction, default=None,
                           help="compute each chunk's IWAE log weights by one graph torch.compile builds (fp32; needs a "
-                          "C++ compiler on the CPU; compiles for seconds to a minute first). Default: as the run trained: "
-                          "compiled for a run of --engine compiled (the presets vampprior-1, vampprior-2, ladder-5; "
-                          "not a planar flow, native already) where a compiler is found, else eager; --no-compiled: "
-                          "eager")
+                          "C++ compiler on the CPU; compiles for seconds to a minute first). Default: as the run "
+                          "trained: compiled for a run of --engine compiled (the presets vampprior-1, vampprior-2, "
+                          "ladder-5; not a planar flow, native already) where a compiler is found, else eager; "
+                          "--no-compiled: eager")
     evaluate.add_argument("--seed", type=_non_negative_int, default=0, help="seed of the draws (default 0)")
     evaluate.add_argument("--device", type=_device, default="auto", help="auto, cpu or cuda")
     evaluate.add_argument("--threads", type=_whole_number(1, 4097), help="CPU threads (default: all allowed)")
