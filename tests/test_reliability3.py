@@ -352,6 +352,9 @@ def test_compare_writes_beside_the_runs_and_shows_short_times(evaluated, tmp_pat
     assert "training time" in out and "0.00" not in out and re.search(r"\d s ", out)
     assert default_comparison_page([root / f"run-{i:03d}-with-a-long-name" for i in range(9)]).name.startswith(
         "compare-run-000-with-a-long-name-and-8-more-")
+    # runs that share no directory but the root: beside the first, never a page in /
+    assert default_comparison_page([root / "a", Path("/elsewhere/b")]) == root / "compare-a-b.html"
+    assert default_comparison_page([Path("/a"), Path("/b")]) == Path("/compare-a-b.html")     # runs in / itself
 
 
 def test_format_duration():

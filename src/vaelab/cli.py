@@ -253,7 +253,8 @@ def build_parser(parser_class: type[argparse.ArgumentParser] = _Parser) -> argpa
     compare = sub.add_parser("compare", help="compare runs: a table here and an HTML page")
     compare.add_argument("run_dirs", type=Path, nargs="+", metavar="RUN", help="two or more run directories")
     compare.add_argument("--out", type=Path, help="the HTML page (default compare-<run>-<run>….html in the runs' "
-                         "common parent directory, made again each time)")
+                         "common parent directory, or the first run's where they share none but /; made again each "
+                         "time)")
     compare.add_argument("--format", choices=list(TABLE_FORMATS), default="text",
                          help="the printed table: text (default), or latex (booktabs), markdown or csv to paste")
     compare.set_defaults(run=cmd_compare)
@@ -1079,13 +1080,17 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def default_comparison_page(run_dirs: Sequence[Path]) -> Path:
-    """compare-<name>-<name>….html in the runs' common parent directory (not wherever the shell happens to be);
-    a long list of names is shortened to the first and a digest of all."""
+    """compare-<name>-<name>….html in the runs' common parent directory (not wherever the shell happens to be), or
+    beside the first run where the runs share no directory but the file system's root (/tmp/a and ~/runs/b: not
+    a page in /); a long list of names is shortened to the first and a digest of all."""
     import hashlib
     import os
 
     names = [Path(p).resolve().name for p in run_dirs]
-    parent = Path(os.path.commonpath([Path(p).resolve().parent for p in run_dirs]))
+    parents = [Path(p).resolve().parent for p in run_dirs]
+    parent = Path(os.path.commonpath(parents))
+    if parent == Path(parent.anchor):
+        parent = parents[0]
     stem = "compare-" + "-".join(names)
     if len(stem) > 100:
         digest = hashlib.sha256("\0".join(str(Path(p).resolve()) for p in run_dirs).encode()).hexdigest()[:8]
