@@ -295,6 +295,13 @@ def test_early_stopping_ends_the_run_where_the_validation_elbo_stopped_improving
     page = (tmp_path / "report.html").read_text()
     assert "stopped early: no better validation ELBO in the 2 epochs after epoch 2 (--early-stopping 2)" in page
     assert f"-90.00 nats at epoch 2\n      (model-best.safetensors: <code>vaelab evaluate {out} --checkpoint best" in page
+    assert f"<code>vaelab evaluate {out} --gaps</code>" in page                 # nothing evaluated yet: the last weights
+    # once the headline NLL is of the best weights, the page's hints (gaps, K curve) evaluate those weights too
+    assert run(capsys, "evaluate", out, "--checkpoint", "best", "--k", "5", "--test-examples", "50")[0] == 0
+    assert run(capsys, "report", out, "--out", tmp_path / "report-best.html")[0] == 0
+    page = (tmp_path / "report-best.html").read_text()
+    assert f"<code>vaelab evaluate {out} --checkpoint best --gaps</code>" in page
+    assert f"<code>vaelab evaluate {out} --checkpoint best --k-curve</code>" in page
     code, stdout, _ = run(capsys, "train", "--out", out, "--resume", *common)          # nothing more to train
     assert code == 0 and line in stdout and len((out / ckpt.METRICS).read_text().splitlines()) == 1 + 4
     code, stdout, _ = run(capsys, "train", "--out", out, "--resume", "--epochs", "6", "--early-stopping", "0", *common)

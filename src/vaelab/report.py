@@ -14,6 +14,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from vaelab import checkpoint as ckpt
 from vaelab import plots
 from vaelab.evaluation import summarize
 from vaelab.presets import changed_fields, preset_label
@@ -233,7 +234,6 @@ def build_report(run_dir: str | Path, data_dir: str | None = None,
     The latent layers' statistics (active units, KL per unit, Cov_x E_q[u]) are taken from the headline
     evaluation where it covers every test digit of the current weights (`vaelab evaluate` stores them in its
     record); otherwise they are computed here with 16 draws per digit, and the page says so."""
-    from vaelab import checkpoint as ckpt
     from vaelab.data import load_mnist, prepare
     from vaelab.evaluation import latent_statistics
 
@@ -330,7 +330,10 @@ def newest_with(run: RunInfo, key: str) -> dict | None:
 def _nats_section(run: RunInfo, figures: FigureSet) -> dict:
     """The gap decomposition (`evaluate --gaps`), the estimate's convergence in K (`--k-curve`) and the latent
     units over training (latent.csv), each where the run has it."""
-    section: dict[str, Any] = {"figures": [], "gaps": None, "k_curve": None, "command": f"vaelab evaluate {run.path}"}
+    headline = run.best_evaluation()                # the hints evaluate the weights the headline NLL measured
+    best = headline is not None and headline.get("weights", ckpt.WEIGHTS) != ckpt.WEIGHTS
+    section: dict[str, Any] = {"figures": [], "gaps": None, "k_curve": None,
+                               "command": f"vaelab evaluate {run.path}" + (" --checkpoint best" if best else "")}
     gaps = newest_with(run, "gaps")
     if gaps is not None:
         g = gaps["gaps"]
