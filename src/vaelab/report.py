@@ -18,7 +18,8 @@ from vaelab import checkpoint as ckpt
 from vaelab import plots
 from vaelab.evaluation import summarize
 from vaelab.presets import changed_fields, preset_label
-from vaelab.runs import RunInfo, estimator_label, format_duration, per_digit, read_run, weights_label
+from vaelab.runs import (RunInfo, estimator_label, format_duration, of_best_weights, per_digit, read_run,
+                         weights_label)
 from vaelab.training import plural
 
 # Pairs of digit classes whose interpolations the report shows (through the latent means).
@@ -331,7 +332,7 @@ def _nats_section(run: RunInfo, figures: FigureSet) -> dict:
     """The gap decomposition (`evaluate --gaps`), the estimate's convergence in K (`--k-curve`) and the latent
     units over training (latent.csv), each where the run has it."""
     headline = run.best_evaluation()                # the hints evaluate the weights the headline NLL measured
-    best = headline is not None and headline.get("weights", ckpt.WEIGHTS) != ckpt.WEIGHTS
+    best = headline is not None and of_best_weights(headline)
     section: dict[str, Any] = {"figures": [], "gaps": None, "k_curve": None,
                                "command": f"vaelab evaluate {run.path}" + (" --checkpoint best" if best else "")}
     gaps = newest_with(run, "gaps")

@@ -105,6 +105,11 @@ def _record_problem(record: Any) -> str | None:
     return problem
 
 
+def of_best_weights(record: dict) -> bool:
+    """Whether an evaluation measured the best-validation weights (a record of vaelab 0.1 names none: the last)."""
+    return record.get("weights", ckpt.WEIGHTS) != ckpt.WEIGHTS
+
+
 def weights_label(record: dict) -> str:
     """Which weights an evaluation measured: 'model.safetensors after epoch 5', 'model-best.safetensors of epoch 3
     (the best validation ELBO), evaluated after epoch 5' (and 'stale' where they are no longer the run's)."""
@@ -143,7 +148,7 @@ def headline_nll(run: RunInfo) -> str:
         where = ", ".join([f"K {best['k']}", f"{best['n_examples']} {best.get('split', 'test')} digits"]
                           + ([f"best weights of epoch {of_best}"] if isinstance(of_best, int) else
                              ([f"epoch {epochs}"] if isinstance(epochs, int) else [])
-                             + (["best weights"] if best.get("weights", ckpt.WEIGHTS) != ckpt.WEIGHTS else [])))
+                             + (["best weights"] if of_best_weights(best) else [])))
         return f"{best['nll']:.2f} ({where})"
     stale = run.stale_evaluations() or run.stale_evaluations("validation")
     if stale:
