@@ -169,8 +169,9 @@ def build_parser(parser_class: type[argparse.ArgumentParser] = _Parser) -> argpa
     group.add_argument("--seed", type=_non_negative_int, help="seed of every random stream (default 0)")
     group.add_argument("--engine", choices=ENGINE_CHOICES,
                        help="gradient code: auto (default: the hand-derived fast path where it applies, else "
-                       "autograd); compiled: autograd's step compiled by torch.compile (needs a C++ compiler on the "
-                       "CPU; the default of the presets vampprior-1, vampprior-2, ladder-5 and planar-80)")
+                       "autograd); compiled: autograd's step compiled by torch.compile, fp32 or bf16 (needs a C++ "
+                       "compiler on the CPU; the default of the presets vampprior-1, vampprior-2, ladder-5 and "
+                       "planar-80)")
     group.add_argument("--precision", choices=PRECISIONS, help="fp32 (default) or bf16: matrix products in "
                        "bfloat16, float32 weights, Adam, loss and reductions (refused where a timing shows bf16 emulated); bf16-emulated: "
                        "bf16's rounding with float32 products, to see whether bf16 would change a result")

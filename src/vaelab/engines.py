@@ -8,7 +8,8 @@ configuration it covers: the one-hidden-layer ReLU ``mlp`` model trained on the 
 ``compiled`` (asked for by name, never chosen by ``auto``) is the autograd engine with the model's forward
 pass and the objective compiled by ``torch.compile`` (TorchInductor): the same gradient to float32 rounding
 (tests/test_compiled.py), fewer and fused kernels, at the price of a C++ compiler and tens of seconds of
-compilation when a process takes its first step (benchmarks/README.md).
+compilation when a process takes its first step (benchmarks/README.md); in float32, or in bf16 with the forward
+pass's autocast inside the graph.
 
 Precision ``bf16``: the matrix products run in bfloat16 (oneDNN's AVX-512 BF16 kernels on CPU, tensor
 cores on GPU; products accumulate in float32 inside the kernel), everything else in float32: master
@@ -202,31 +203,39 @@ def fused_step_bf16(model, x: torch.Tensor, eps: torch.Tensor, objective: str = 
 
 
 def compiled_step(model, x: torch.Tensor, eps: torch.Tensor, objective: str = "elbo",
-                  beta: float = 1.0, grad_squares: torch.Tensor | None = None) -> torch.Tensor:
+                  beta: float = 1.0, grad_squares: torch.Tensor | None = None,
+                  precision: str = "fp32") -> torch.Tensor:
     """``autograd_step`` with −(1/B) Σ objective and the four sums computed by one graph that ``torch.compile``
     compiled (TorchInductor's fused C++ or GPU kernels for the forward and for its backward). β enters as a
     0-d tensor, so one graph serves the whole KL warm-up (a Python float would be a constant of the graph, one
     compilation per value); a new batch size (an epoch's last, short batch) or a new architecture compiles once
     more, a new model of a compiled architecture does not (the model is an argument of the graph). The whole
     step must be one graph and a compilation beyond the limit is an error (``vaelab.compiling``): a model the
-    compiler cannot take whole fails loudly instead of running half or all of it uncompiled."""
+    compiler cannot take whole fails loudly instead of running half or all of it uncompiled.
+    ``precision`` ``bf16``: the model's forward pass under ``torch.autocast`` inside the graph, as ``autograd_step``
+    runs it (bf16 products, float32 weights, distribution parameters, objective and reductions); a graph of its own."""
     with compiling.limits():
-        loss, sums = _compiled_loss()(model, objective, x, eps, torch.tensor(beta, dtype=x.dtype, device=x.device))
+        loss, sums = _compiled_loss(precision)(model, objective, x, eps,
+                                               torch.tensor(beta, dtype=x.dtype, device=x.device))
         write_gradient(model, loss, grad_squares)                    # the backward graph compiles at its first call
     return sums.detach()
 
 
-def _loss_and_sums(model, objective: str, x: torch.Tensor, eps: torch.Tensor, beta: torch.Tensor):
+def _loss_and_sums(model, objective: str, x: torch.Tensor, eps: torch.Tensor, beta: torch.Tensor,
+                   bf16: bool = False):
     """(−(1/B) Σ objective, the sums (objective, ELBO, reconstruction, KL)) of one step: what is compiled."""
-    terms = OBJECTIVES[objective](model(x, eps), beta)
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+        parts = model(x, eps)
+    terms = OBJECTIVES[objective](parts, beta)
     sums = torch.stack([terms.objective.sum(), terms.elbo.sum(), terms.reconstruction.sum(), terms.kl.sum()])
     return -sums[0] / x.shape[0], sums
 
 
 @functools.cache
-def _compiled_loss() -> Callable:
-    """``_loss_and_sums`` compiled, built on first use (nothing is compiled at import)."""
-    return compiling.compile(_loss_and_sums)
+def _compiled_loss(precision: str = "fp32") -> Callable:
+    """``_loss_and_sums`` compiled for ``precision`` (fp32 or bf16), built on first use (nothing is compiled at
+    import)."""
+    return compiling.compile(functools.partial(_loss_and_sums, bf16=precision == "bf16"))
 
 
 def _autograd_bf16(model, x, eps, objective="elbo", beta=1.0, grad_squares=None):
@@ -243,7 +252,8 @@ ENGINES: dict[tuple[str, str], Engine] = {
     ("fused", "fp32"): fused_step, ("fused", "bf16"): fused_step_bf16,
     ("fused", "bf16-emulated"): functools.partial(fused_step_bf16, mm=BF16_PRODUCTS["bf16-emulated"]),
     ("autograd", "fp32"): autograd_step, ("autograd", "bf16"): _autograd_bf16,
-    ("autograd", "bf16-emulated"): _autograd_bf16_emulated, ("compiled", "fp32"): compiled_step}
+    ("autograd", "bf16-emulated"): _autograd_bf16_emulated, ("compiled", "fp32"): compiled_step,
+    ("compiled", "bf16"): functools.partial(compiled_step, precision="bf16")}
 ENGINE_CHOICES = ("auto", "fused", "autograd", "compiled")
 
 # The configurations a hand-derived engine covers, by ``fast_path_key``.
@@ -267,8 +277,8 @@ def select_engine(config) -> str:
         return covering
     if wanted == "compiled":
         if (wanted, config.train.precision) not in ENGINES:
-            raise UsageError(f"--engine compiled runs in float32 only, not --precision {config.train.precision}; "
-                             f"use --precision fp32, or --engine autograd for {config.train.precision}")
+            raise UsageError(f"--engine compiled runs in float32 or bf16, not --precision {config.train.precision}; "
+                             f"use --precision fp32 or bf16, or --engine autograd for {config.train.precision}")
         return wanted
     if wanted != "autograd" and wanted != covering:
         raise UsageError(f"--engine {wanted} covers only the one-hidden-layer ReLU mlp model with the standard prior "

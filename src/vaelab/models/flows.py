@@ -173,11 +173,17 @@ class PlanarSteps(torch.autograd.Function):
             log_det = torch.log1p((1.0 - a.square()) * c.unsqueeze(-1)).sum(1)          # (N, R), each term finite
         z_t = torch.baddbmm(z, a.transpose(1, 2), u_hat)                                # (N, R, d) z₀ + Σ ûₜaₜ
         ctx.save_for_backward(z, a, params, u_hat, scalars, m)
-        ctx.shapes = z0.shape, params_shape, lead
+        ctx.shapes, ctx.device_type = (z0.shape, params_shape, lead), z0.device.type
         return z_t.transpose(0, 1).reshape(*lead, d), log_det.T.reshape(lead)
 
     @staticmethod
     def backward(ctx, grad_z, grad_log_det):
+        # float32 as the forward: under torch.compile the backward is traced in the forward's autocast state
+        with torch.autocast(ctx.device_type, enabled=False):
+            return PlanarSteps._backward(ctx, grad_z, grad_log_det)
+
+    @staticmethod
+    def _backward(ctx, grad_z, grad_log_det):
         z, a, params, u_hat, scalars, m = ctx.saved_tensors                                # a: (N, T, R)
         z0_shape, params_shape, lead = ctx.shapes
         n, steps, r = a.shape
