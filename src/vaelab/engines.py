@@ -86,14 +86,22 @@ def _flat_gradient(params: list[torch.Tensor]) -> torch.Tensor | None:
     return base if offset == base.numel() else None
 
 
-def autograd_step(model, x: torch.Tensor, eps: torch.Tensor, objective: str = "elbo",
-                  beta: float = 1.0, precision: str = "fp32", grad_squares: torch.Tensor | None = None) -> torch.Tensor:
-    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+def _loss_and_sums(model, objective: str, x: torch.Tensor, eps: torch.Tensor, beta, bf16: bool = False):
+    """(−(1/B) Σ objective, the sums (objective, ELBO, reconstruction, KL)) of one step: the autograd step's forward,
+    and what the compiled step compiles. ``bf16``: the model's forward under autocast (its products in bf16), the
+    objective outside it."""
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
         parts = model(x, eps)
     terms = OBJECTIVES[objective](parts, beta)
-    write_gradient(model, -terms.objective.sum() / x.shape[0], grad_squares)
-    return torch.stack([terms.objective.sum(), terms.elbo.sum(), terms.reconstruction.sum(),
-                        terms.kl.sum()]).detach()
+    sums = torch.stack([terms.objective.sum(), terms.elbo.sum(), terms.reconstruction.sum(), terms.kl.sum()])
+    return -sums[0] / x.shape[0], sums
+
+
+def autograd_step(model, x: torch.Tensor, eps: torch.Tensor, objective: str = "elbo",
+                  beta: float = 1.0, precision: str = "fp32", grad_squares: torch.Tensor | None = None) -> torch.Tensor:
+    loss, sums = _loss_and_sums(model, objective, x, eps, beta, bf16=precision == "bf16")
+    write_gradient(model, loss, grad_squares)
+    return sums.detach()
 
 
 @torch.no_grad()
@@ -219,16 +227,6 @@ def compiled_step(model, x: torch.Tensor, eps: torch.Tensor, objective: str = "e
                                                torch.tensor(beta, dtype=x.dtype, device=x.device))
         write_gradient(model, loss, grad_squares)                    # the backward graph compiles at its first call
     return sums.detach()
-
-
-def _loss_and_sums(model, objective: str, x: torch.Tensor, eps: torch.Tensor, beta: torch.Tensor,
-                   bf16: bool = False):
-    """(−(1/B) Σ objective, the sums (objective, ELBO, reconstruction, KL)) of one step: what is compiled."""
-    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
-        parts = model(x, eps)
-    terms = OBJECTIVES[objective](parts, beta)
-    sums = torch.stack([terms.objective.sum(), terms.elbo.sum(), terms.reconstruction.sum(), terms.kl.sum()])
-    return -sums[0] / x.shape[0], sums
 
 
 @functools.cache
