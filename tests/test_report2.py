@@ -236,23 +236,27 @@ def test_report_into_a_missing_or_read_only_directory_is_refused_before_building
         os.chmod(locked, 0o700)
 
 
-def test_the_elbo_legends_cover_no_point_of_a_rising_curve_without_an_inset(monkeypatch, tmp_path):
-    """A rising ELBO whose first epochs do not dwarf the rest (no inset): the legend of the ELBO plot and of the
-    training figure's ELBO panel sits where it covers none of the curves' points (it used to sit in the upper left,
-    over the steep first epochs)."""
+def test_the_elbo_legends_cover_no_point_of_the_curves_they_label(monkeypatch, tmp_path):
+    """The legend of the ELBO plot and of the training figure's ELBO panel sits where it covers none of the curves'
+    points (it used to sit in the upper left, over the steep first epochs): on the axes for a rising ELBO whose first
+    epochs do not dwarf the rest, in the inset where they do (the inset covers the axes' lower right)."""
     from vaelab import plots
 
-    values = [-90 - 60 * math.exp(-(e - 1) / 5) for e in range(1, 41)]                 # −150 rising to −90
-    rows = [{"epoch": e, "lr": 1e-3, "beta": 1.0, "train_elbo": v, "test_elbo": v - 1, "train_reconstruction": v + 3,
-             "test_reconstruction": v + 4, "train_kl": 3.0, "test_kl": 3.0, "epoch_seconds": 1.0}
-            for e, v in zip(range(1, 41), values)]
+    gentle = [-90 - 60 * math.exp(-(e - 1) / 5) for e in range(1, 41)]                # −150 rising to −90: no inset
+    steep = [-500, -200, -100, -99, -98.5, -98, -97.8, -97.6, -97.5, -97.4]             # an inset for epochs 3–10
     figures = []
     monkeypatch.setattr(plots, "_save", lambda fig, path, **kwargs: figures.append(fig))
-    plots.plot_elbo(rows, tmp_path / "elbo.png")
-    for ax in (figures[0].axes[0], plots.training_figure(rows).axes[0]):
-        assert not ax.child_axes                                                         # no inset here
-        ax.figure.canvas.draw()
-        box = ax.get_legend().get_window_extent()
-        for line in ax.get_lines():
-            points = ax.transData.transform(line.get_xydata())
-            assert not any(box.contains(x, y) for x, y in points), line.get_label()
+    for values in (gentle, steep):
+        rows = [{"epoch": e, "lr": 1e-3, "beta": 1.0, "train_elbo": v, "test_elbo": v - 1, "train_reconstruction": v + 3,
+                 "test_reconstruction": v + 4, "train_kl": 3.0, "test_kl": 3.0, "epoch_seconds": 1.0}
+                for e, v in enumerate(values, start=1)]
+        plots.plot_elbo(rows, tmp_path / "elbo.png")
+        for main_axes in (figures[-1].axes[0], plots.training_figure(rows).axes[0]):
+            assert len(main_axes.child_axes) == (values is steep)
+            ax = main_axes.child_axes[0] if main_axes.child_axes else main_axes
+            assert main_axes.get_legend() is None if ax is not main_axes else ax.get_legend() is not None
+            ax.figure.canvas.draw()
+            box = ax.get_legend().get_window_extent()
+            for line in ax.get_lines():
+                points = ax.transData.transform(line.get_xydata())
+                assert not any(box.contains(x, y) for x, y in points), (len(values), line.get_label())

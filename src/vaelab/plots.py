@@ -52,9 +52,9 @@ def plot_elbo(metrics: Sequence[dict[str, float]], path: Path, title: str = "", 
     ax.set_ylabel("ELBO (nats per digit)")
     inset = _with_inset(ax, epochs, series)
     ax.grid(alpha=0.3)
-    # Where an inset sits in the lower right, the legend keeps the upper left; otherwise matplotlib's "best" puts it
-    # where it covers the fewest points (for a rising ELBO, below the curves rather than over the first epochs).
-    ax.legend(loc="upper left" if inset is not None else "best")
+    # The legend where it covers the fewest points (matplotlib's "best"): in the inset where there is one (the main
+    # axes' "best" would not see the inset over its lower right), else below a rising curve, not over its first epochs.
+    (inset or ax).legend(loc="best", fontsize=8 if inset is not None else None)
     ax.set_title(title or f"ELBO, final test {metrics[-1]['test_elbo']:.2f}")
     _save(fig, path, dpi=dpi)
 
@@ -225,7 +225,7 @@ def training_figure(metrics: Sequence[dict], width: float | None = None):
     for ax in axes[:panels]:
         _integer_epochs(ax)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8, loc="upper left" if inset is not None else "best")   # as in plot_elbo
+    (inset or axes[0]).legend(fontsize=7 if inset is not None else 8, loc="best")   # as in plot_elbo
     axes[1].legend(fontsize=7)
     fig.tight_layout()
     return fig
