@@ -254,7 +254,7 @@ def test_the_elbo_legends_cover_no_point_of_the_curves_they_label(monkeypatch, t
         for main_axes in (figures[-1].axes[0], plots.training_figure(rows).axes[0]):
             assert len(main_axes.child_axes) == (values is steep)
             ax = main_axes.child_axes[0] if main_axes.child_axes else main_axes
-            assert main_axes.get_legend() is None if ax is not main_axes else ax.get_legend() is not None
+            assert ax.get_legend() is not None and (ax is main_axes or main_axes.get_legend() is None)
             ax.figure.canvas.draw()
             box = ax.get_legend().get_window_extent()
             for line in ax.get_lines():

@@ -54,7 +54,10 @@ def plot_elbo(metrics: Sequence[dict[str, float]], path: Path, title: str = "", 
     ax.grid(alpha=0.3)
     # The legend where it covers the fewest points (matplotlib's "best"): in the inset where there is one (the main
     # axes' "best" would not see the inset over its lower right), else below a rising curve, not over its first epochs.
-    (inset or ax).legend(loc="best", fontsize=8 if inset is not None else None)
+    if inset is not None:
+        inset.legend(loc="best", fontsize=8)
+    else:
+        ax.legend(loc="best")
     ax.set_title(title or f"ELBO, final test {metrics[-1]['test_elbo']:.2f}")
     _save(fig, path, dpi=dpi)
 
@@ -225,7 +228,10 @@ def training_figure(metrics: Sequence[dict], width: float | None = None):
     for ax in axes[:panels]:
         _integer_epochs(ax)
         ax.grid(alpha=0.3)
-    (inset or axes[0]).legend(fontsize=7 if inset is not None else 8, loc="best")   # as in plot_elbo
+    if inset is not None:                                           # the legend as in plot_elbo
+        inset.legend(fontsize=7, loc="best")
+    else:
+        axes[0].legend(fontsize=8, loc="best")
     axes[1].legend(fontsize=7)
     fig.tight_layout()
     return fig
