@@ -48,6 +48,19 @@ def newest_current_nll(run: Path) -> float:
     return record["nll"]
 
 
+def elbo_rows(values, test_offset=1.0, validation_offset=None):
+    """metrics.csv rows for epochs 1, 2, … whose train ELBO is `values`: the test ELBO `test_offset` from it, a
+    validation ELBO `validation_offset` from it where one is given, the reconstructions 3 and 4 nats above it, a KL
+    of 3 nats and one second per epoch."""
+    rows = [{"epoch": e, "lr": 1e-3, "beta": 1.0, "train_elbo": v, "test_elbo": v + test_offset,
+             "train_reconstruction": v + 3, "test_reconstruction": v + 4, "train_kl": 3.0, "test_kl": 3.0,
+             "epoch_seconds": 1.0} for e, v in enumerate(values, start=1)]
+    if validation_offset is not None:
+        for row in rows:
+            row["validation_elbo"] = row["train_elbo"] + validation_offset
+    return rows
+
+
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 
 
@@ -105,9 +118,7 @@ def test_vector_figures_have_their_widths_labels_and_every_unit(evaluated):
 def test_the_training_figure_draws_every_epoch_and_zooms_where_the_first_dwarf_the_rest():
     from vaelab import plots
 
-    rows = [{"epoch": e, "lr": 1e-3, "beta": 1.0, "train_elbo": v, "test_elbo": v + 1, "train_reconstruction": v + 3,
-             "test_reconstruction": v + 4, "train_kl": 3.0, "test_kl": 3.0, "epoch_seconds": 1.0}
-            for e, v in zip(range(1, 11), [-500, -200, -100, -99, -98.5, -98, -97.8, -97.6, -97.5, -97.4])]
+    rows = elbo_rows([-500, -200, -100, -99, -98.5, -98, -97.8, -97.6, -97.5, -97.4])
     fig = plots.training_figure(rows)
     elbo_axis = fig.axes[0]
     low, high = elbo_axis.get_ylim()
@@ -125,9 +136,7 @@ def test_the_training_figure_stars_the_best_validation_elbo_in_the_panel_and_its
     from vaelab import plots
 
     values = [-500, -200, -100, -99, -98.5, -98.2, -98.4, -98.2, -98.3, -98.6]
-    rows = [{"epoch": e, "lr": 1e-3, "beta": 1.0, "train_elbo": v, "test_elbo": v + 1, "validation_elbo": v - 0.5,
-             "train_reconstruction": v + 3, "test_reconstruction": v + 4, "train_kl": 3.0, "test_kl": 3.0,
-             "epoch_seconds": 1.0} for e, v in zip(range(1, 11), values)]
+    rows = elbo_rows(values, validation_offset=-0.5)
     rows[0]["validation_elbo"] = math.nan
     fig = plots.training_figure(rows)
     elbo_axis = fig.axes[0]
@@ -247,9 +256,7 @@ def test_the_elbo_legends_cover_no_point_of_the_curves_they_label(monkeypatch, t
     figures = []
     monkeypatch.setattr(plots, "_save", lambda fig, path, **kwargs: figures.append(fig))
     for values in (gentle, steep):
-        rows = [{"epoch": e, "lr": 1e-3, "beta": 1.0, "train_elbo": v, "test_elbo": v - 1, "train_reconstruction": v + 3,
-                 "test_reconstruction": v + 4, "train_kl": 3.0, "test_kl": 3.0, "epoch_seconds": 1.0}
-                for e, v in enumerate(values, start=1)]
+        rows = elbo_rows(values, test_offset=-1.0)
         plots.plot_elbo(rows, tmp_path / "elbo.png")
         for main_axes in (figures[-1].axes[0], plots.training_figure(rows).axes[0]):
             assert len(main_axes.child_axes) == (values is steep)
