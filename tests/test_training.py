@@ -341,6 +341,35 @@ def test_bf16_product_ratio_is_measured():
     assert 0.01 < ratio < 1000
 
 
+def test_bf16_product_ratio_times_the_two_dtypes_in_turn_so_a_passing_load_reaches_both(monkeypatch):
+    """A clock advanced only by the products: float32 takes 2 ms, bf16 1 ms, each 10 × longer while another
+    process's load lasts (the first 150 ms). Timed one dtype after the other, float32's whole block fell inside the
+    load and the ratio read 0.05; in turn, both are timed after it too and the ratio is bf16's true 0.5. An emulated
+    bf16 product (0.2 s) stops the rounds at the budget, after three."""
+    import time
+
+    from vaelab import resources
+
+    clock = [0.0]
+    calls = {torch.float32: 0, torch.bfloat16: 0}
+    base = {torch.float32: 2e-3, torch.bfloat16: 1e-3}
+
+    def product(a, b):
+        calls[a.dtype] += 1
+        clock[0] += base[a.dtype] * (10 if clock[0] < 0.15 else 1)
+        return a
+
+    monkeypatch.setattr(time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(torch, "mm", product)
+    assert resources.bf16_product_ratio(torch.device("cpu")) == pytest.approx(0.5)
+    assert calls == {torch.float32: 21, torch.bfloat16: 21}                 # 20 rounds and an untimed first call
+    base[torch.bfloat16] = 0.2
+    clock[0] = 1.0
+    calls.update({torch.float32: 0, torch.bfloat16: 0})
+    assert resources.bf16_product_ratio(torch.device("cpu")) == pytest.approx(100.0)          # budget 0.5 s
+    assert calls == {torch.float32: 4, torch.bfloat16: 4}
+
+
 
 @pytest.mark.parametrize("shape", [(64, 784, 256), (256, 64, 784), (64, 50, 256), (7, 3, 5)])
 def test_emulated_bf16_product_equals_torch_bf16(shape):
