@@ -139,10 +139,10 @@ def bf16_product_ratio(device, rounds: int = 20, budget_s: float = 0.5) -> float
     """Time of a 512 × 512 × 512 bfloat16 product over the float32 one on ``device``, the best of each.
 
     The two are timed in turn, one of each per round, for ``rounds`` rounds or until ``budget_s`` seconds have
-    passed, whichever comes first, but at least 3 rounds (an emulated bf16 product takes about 0.1 s). In turn, so
-    that another process's load, or a clock still rising, reaches both: timed one dtype after the other, five of
-    each, the ratio read 0.06–2.3 on a 2-core Zen 4 beside a training run (0.32 and 0.85 there alone); in turn,
-    0.38–0.50 beside the same run (benchmarks/README.md, twenty-eighth session)."""
+    passed, whichever comes first, but at least 3 rounds (an emulated bf16 product takes 22–124 × float32's time).
+    In turn, so that another process's load, or a clock still rising, reaches both: timed one dtype after the
+    other, five of each, the ratio read 0.06–2.3 on a 2-core Zen 4 beside a training run (0.32 and 0.85 there
+    alone); in turn, 0.38–0.50 beside the same run (benchmarks/README.md, twenty-eighth session)."""
     import time
 
     import torch
