@@ -30,7 +30,7 @@ from pathlib import Path
 
 from run import save_result                                     # benchmarks/run.py, beside this file
 from vaelab.provenance import cpu_name, git_commit
-from vaelab.resources import cpu_flags
+from vaelab.resources import kernel_flags
 
 COMMON = ["--validation", "10000", "--test-examples", "1000", "--no-progress"]
 
@@ -138,7 +138,7 @@ def main() -> None:
         print(f"\nbest: {best['name']}; one hour on all 60 000 training digits ≈ {hour} epochs:\n  vaelab train "
               + " ".join(best["flags"]) + f" --validation 0 --epochs {hour}")
     stamp = datetime.date.today().isoformat()
-    save_result({"machine": {"cpu": cpu_name(), "flags": sorted(cpu_flags() & {"avx2", "avx512f", "avx512_bf16", "amx_bf16"}),
+    save_result({"machine": {"cpu": cpu_name(), "flags": kernel_flags(),
                              "python": platform.python_version(), "commit": git_commit()},
                  "date": stamp, "budget_minutes": args.budget_minutes, "results": results}, f"one-hour-{stamp}")
 

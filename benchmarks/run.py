@@ -61,7 +61,7 @@ from vaelab.objectives import importance_sampled_log_marginal
 from vaelab.precision import EmulatedBF16Products
 from vaelab.provenance import cpu_name
 from vaelab.presets import PRESETS
-from vaelab.resources import cpu_flags, has_native_bf16
+from vaelab.resources import cpu_flags, has_native_bf16, kernel_flags
 from vaelab.training import Trainer
 
 RESULTS = Path(__file__).parent / "results"
@@ -633,7 +633,7 @@ def plain_iwae_in_fresh_process(run_dir: Path, n_examples: int, seed: int) -> fl
 
 def machine() -> dict:
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None    # what `vaelab train` runs on
-    return {"cpu": cpu_name(), "cores": os.cpu_count(), "gpu": gpu, "torch": torch.__version__,
+    return {"cpu": cpu_name(), "flags": kernel_flags(), "cores": os.cpu_count(), "gpu": gpu, "torch": torch.__version__,
             "threads": torch.get_num_threads(), "python": platform.python_version(), "node": platform.node()}
 
 

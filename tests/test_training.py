@@ -312,6 +312,30 @@ def test_autograd_bf16_keeps_the_loss_in_float32(name):
         assert (p.grad - expected).abs().max() <= 0.08 * expected.abs().max() + 1e-6, pname
 
 
+def test_the_cpu_is_named_by_its_family_and_model_and_its_kernel_flags(monkeypatch, tmp_path):
+    """Virtual machines have shown different AMD generations under the one name "AMD EPYC": a result names the
+    family and model numbers too, each /proc/cpuinfo key matched whole ("model" is not "model name", whichever
+    comes first), and which of the flags that choose product kernels the CPU has."""
+    from vaelab import provenance, resources
+
+    fake = tmp_path / "cpuinfo"
+    monkeypatch.setattr(provenance, "CPUINFO", fake)
+    try:
+        fake.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 26\nmodel\t\t: 2\n"
+                        "model name\t: AMD EPYC\nflags\t\t: fpu avx2 avx512f avx512_bf16 avx512_vp2intersect\n")
+        provenance.cpu_name.cache_clear()
+        assert provenance.cpu_name() == "AMD EPYC (family 26, model 2)"
+        assert resources.kernel_flags() == ["avx2", "avx512_bf16", "avx512f"]
+        fake.write_text("model name\t: Intel Xeon Processor\nmodel\t\t: 143\ncpu family\t: 6\nflags\t: avx2\n")
+        provenance.cpu_name.cache_clear()
+        assert provenance.cpu_name() == "Intel Xeon Processor (family 6, model 143)"
+        fake.write_text("processor\t: 0\nFeatures\t: fp asimd\nCPU part\t: 0xd0c\n")   # ARM: no family, no name
+        provenance.cpu_name.cache_clear()
+        assert "family" not in provenance.cpu_name() and resources.kernel_flags() == []
+    finally:
+        provenance.cpu_name.cache_clear()      # the next caller reads the real /proc/cpuinfo
+
+
 def test_bf16_is_decided_by_a_timing_on_the_spot(monkeypatch):
     """Emulated bf16 (22–124× float32 on an AVX2 EPYC) is refused; a native kernel slower than float32 (1.5× on an
     AVX-512 BF16 Xeon without AMX) runs with a one-line note saying so; a faster one (AMX, Zen 4) says how much.

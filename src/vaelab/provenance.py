@@ -25,20 +25,32 @@ def git_commit() -> str | None:
     return done.stdout.strip() + ("+modified" if dirty.returncode == 0 and dirty.stdout.strip() else "")
 
 
+CPUINFO = Path("/proc/cpuinfo")
+
+
 def cpuinfo(*fields: str) -> str:
-    """The value of the first /proc/cpuinfo line that starts with one of ``fields`` ("" where there is none)."""
+    """The value of the first line of /proc/cpuinfo whose key is one of ``fields`` ("" where there is none).
+
+    The key is matched whole: "model" is the model number, not the "model name" line."""
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(fields):
-                return line.split(":", 1)[1].strip()
-    except (OSError, IndexError):
+        for line in CPUINFO.read_text().splitlines():
+            key, colon, value = line.partition(":")
+            if colon and key.strip() in fields:
+                return value.strip()
+    except OSError:
         pass
     return ""
 
 
 @functools.cache
 def cpu_name() -> str:
-    return cpuinfo("model name") or platform.processor() or platform.machine()
+    """The CPU's model name and, where /proc/cpuinfo gives them (x86), its family and model numbers.
+
+    A virtual machine may show only a generic name ("AMD EPYC"); the numbers tell the generations apart (AMD's
+    family 25 is Zen 3 and Zen 4, family 26 Zen 5), and results measured on different ones are not comparable."""
+    name = cpuinfo("model name") or platform.processor() or platform.machine()
+    family, model = cpuinfo("cpu family"), cpuinfo("model")
+    return f"{name} (family {family}, model {model})" if family and model else name
 
 
 def provenance(device: str, threads: int) -> dict:

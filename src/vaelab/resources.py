@@ -117,6 +117,13 @@ def cpu_flags() -> set[str]:
 
 
 NATIVE_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})   # /proc/cpuinfo flags of bf16 product kernels
+# The flags that decide which product kernels a CPU runs (oneDNN's and Inductor's), recorded beside timings.
+KERNEL_FLAGS = frozenset({"avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_tile"})
+
+
+def kernel_flags() -> list[str]:
+    """Which of ``KERNEL_FLAGS`` this CPU has, sorted: what a timing's record says about its kernels."""
+    return sorted(cpu_flags() & KERNEL_FLAGS)
 
 
 def has_native_bf16(device) -> bool:
