@@ -130,6 +130,29 @@ def test_the_training_figure_draws_every_epoch_and_zooms_where_the_first_dwarf_t
         assert all(float(label.replace("−", "-")) == int(float(label.replace("−", "-"))) for label in labels)
 
 
+def test_a_long_run_with_a_warm_up_gets_an_inset_after_its_first_twentieth(monkeypatch, tmp_path):
+    """A KL warm-up spreads the first rise over about ten epochs, so two epochs do not dwarf the rest of a 320-epoch
+    run, yet its last 300 epochs fill a tenth of the axis: the inset starts after the run's first 5 % (epoch 17),
+    in the ELBO plot and the training figure; where two epochs do dwarf the rest, the inset still starts at
+    epoch 3."""
+    from vaelab import plots
+
+    rise = [-225, -148, -130, -119, -112, -108, -105, -102, -101, -100]                  # the one-hour run's shape
+    values = rise + [-100 + 16.4 * (1 - math.exp(-(e - 10) / 80)) for e in range(11, 321)]
+    rows = elbo_rows(values, test_offset=-1.0)
+    figures = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path, **kwargs: figures.append(fig))
+    plots.plot_elbo(rows, tmp_path / "elbo.png")
+    for main_axes in (figures[-1].axes[0], plots.training_figure(rows).axes[0]):
+        (inset,) = main_axes.child_axes
+        assert inset.get_title() == "epochs 17–320"
+        low, high = inset.get_ylim()
+        assert high - low < 30                                   # the late 16 nats, not the whole 142
+    short = elbo_rows([-500, -200] + [-100 + 0.05 * e for e in range(60)])
+    (inset,) = plots.training_figure(short).axes[0].child_axes
+    assert inset.get_title() == "epochs 3–62"
+
+
 def test_the_training_figure_stars_the_best_validation_elbo_in_the_panel_and_its_inset():
     """With a validation column, a star at the best validation ELBO (the first of equal bests, as the trainer keeps
     them), in the ELBO panel and in its zoom; rows without a validation value (NaN) are passed over."""

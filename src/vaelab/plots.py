@@ -139,12 +139,18 @@ def _columns(width: float, panels: int) -> int:
 def _with_inset(ax, epochs: Sequence[int], series: Sequence[tuple[Sequence[float], dict]], skip: int = 2):
     """Every point on ``ax``; where the first ``skip`` epochs span more than four times the range of the rest,
     an inset zooms on the later epochs (so nothing is cut and the late differences stay readable): the inset's
-    axes if so, else None."""
+    axes if so, else None. In a run of 60 epochs or more its first 5 % count as its first epochs too, where the
+    first ``skip`` do not dwarf the rest: a KL warm-up spreads the first rise over more epochs (a run of the
+    one-hour preset, 320 epochs: its train and test ELBO spanned 141 nats, 46 after epoch 2, 12 after epoch 16)."""
     if len(epochs) <= skip + 3:
         return None
-    late = [v for values, _ in series for v in values[skip:] if v == v]
     whole = [v for values, _ in series for v in values if v == v]
-    if not late or (max(whole) - min(whole)) <= 4 * max(max(late) - min(late), 1e-9):
+    for first in sorted({skip, max(skip, len(epochs) // 20)}):
+        late = [v for values, _ in series for v in values[first:] if v == v]
+        if late and (max(whole) - min(whole)) > 4 * max(max(late) - min(late), 1e-9):
+            skip = first
+            break
+    else:
         return None
     inset = ax.inset_axes([0.42, 0.12, 0.55, 0.5])
     for values, style in series:
