@@ -313,7 +313,7 @@ def test_autograd_bf16_keeps_the_loss_in_float32(name):
 
 
 def test_the_cpu_is_named_by_its_family_and_model_and_its_kernel_flags(monkeypatch, tmp_path):
-    """Virtual machines have shown different AMD generations under the one name "AMD EPYC": a result names the
+    """A virtual machine's /proc/cpuinfo may name only "AMD EPYC", whatever the generation: a result names the
     family and model numbers too, each /proc/cpuinfo key matched whole ("model" is not "model name", whichever
     comes first), and which of the flags that choose product kernels the CPU has."""
     from vaelab import provenance, resources
