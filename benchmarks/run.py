@@ -406,20 +406,29 @@ def preset_floors(name: str, arrays, n_train: int, eval_digits: int = 40, traine
     return row
 
 
-def interleaved_epochs_and_floors(name: str, arrays, engine: str | None = None, rounds: int = 3) -> dict:
+SHORT_STEPS, SHORT_ROUNDS = 20, 15       # the presets table's second in-turn reading: 15 rounds of 20-step epochs
+
+
+def interleaved_epochs_and_floors(name: str, arrays, engine: str | None = None, rounds: int = 3,
+                                  epoch_steps: int | None = None) -> dict:
     """A preset's epoch and its step floor timed in turn in this one process, ``rounds`` times, after one untimed
     epoch (compiling, first steps): each round an epoch of the trainer (its engine: ``engine``, else the preset's)
     and then the products of an epoch's steps replayed (one round, recorded from an autograd step of the same
     model) with Adam's kernel as often. Epochs and floors a few seconds apart share the machine's state of the
     moment, which on a shared host moved a floor by 40 % between runs minutes apart (benchmarks/README.md,
-    twenty-third session); the ratio of each round and their median are what the 1.5 × bound is judged on."""
+    twenty-third session); the ratio of each round and their median are what the 1.5 × bound is judged on.
+    ``epoch_steps``: epochs of that many steps (the first ``epoch_steps`` × B training digits) instead of all
+    60 000 digits' (235–600 steps): rounds of a second or so, so that many of them pair an epoch with its floor
+    where the machine's speed drifts within a whole epoch's pair (a floor moved by 1.4 × within one run, thirtieth
+    session); an epoch's work per step is the same (its permutation and binarisation scale with its digits)."""
     from vaelab.engines import ENGINES
     from vaelab.presets import apply_preset
 
     base = apply_preset(RunConfig(), name)
     train = dataclasses.replace(base.train, epochs=1, early_stopping=0, engine=engine or base.train.engine)
     config = dataclasses.replace(base, train=train, data=dataclasses.replace(
-        base.data, validation=0, train_examples=None, test_examples=100))
+        base.data, validation=0, train_examples=None if epoch_steps is None else epoch_steps * train.batch_size,
+        test_examples=100))
     data = prepare(arrays, config.data)
     trainer = Trainer(config, tempfile.mkdtemp(prefix="vaelab-interleaved-"), data, torch.device("cpu"),
                       log=lambda m: None, progress=False)
@@ -449,7 +458,8 @@ def interleaved_epochs_and_floors(name: str, arrays, engine: str | None = None, 
         epochs.append(vaelab_epoch(trainer))
         floors.append(floor())
     ratios = [e / f for e, f in zip(epochs, floors)]
-    return {"interleaved_engine": trainer.engine_name, "interleaved_epochs": epochs, "interleaved_floors": floors,
+    return {"interleaved_engine": trainer.engine_name, "interleaved_steps": steps,
+            "interleaved_epochs": epochs, "interleaved_floors": floors,
             "interleaved_ratios": ratios, "interleaved_ratio_median": statistics.median(ratios)}
 
 
@@ -467,7 +477,8 @@ def presets_table(n_train: int, arrays=None, names=None, trained: dict[str, Path
     ``timed`` > 1: that many epochs timed after a first one that is not (compiling, or the process's first steps),
     in one child process; the row's seconds per epoch are their median (what a long run's epochs take, less at the
     mercy of one noisy epoch), beside their fastest, which compares like with like with the floor (itself the
-    fastest of three rounds)."""
+    fastest of three rounds), and epochs timed in turn with their floors (``interleaved_epochs_and_floors``):
+    ``timed`` whole epochs, then ``SHORT_ROUNDS`` epochs of ``SHORT_STEPS`` steps (keys ``short_…``)."""
     trained = trained or {}
     flags = ("--engine", engine) if engine else ()
     from vaelab.presets import apply_preset
@@ -492,6 +503,9 @@ def presets_table(n_train: int, arrays=None, names=None, trained: dict[str, Path
             floors = preset_floors(name, arrays, n_train, trained=trained.get(name), engine=own)
             if timed > 1:
                 floors.update(interleaved_epochs_and_floors(name, arrays, engine, rounds=timed))
+                short = interleaved_epochs_and_floors(name, arrays, engine, rounds=SHORT_ROUNDS,
+                                                      epoch_steps=SHORT_STEPS)
+                floors.update({f"short_{key}": value for key, value in short.items()}, short_steps=SHORT_STEPS)
             row.update(floors, epoch_over_floor=seconds / floors["step_floor"],
                        fastest_epoch_over_floor=fastest / floors["step_floor"],
                        iwae_over_floor=floors["iwae5000_seconds_per_10000"] / floors["iwae5000_floor_per_10000"])
@@ -504,7 +518,9 @@ def presets_table(n_train: int, arrays=None, names=None, trained: dict[str, Path
             if timed > 1:
                 text += ("; in turn in one process: epoch ÷ floor " + ", ".join(
                     f"{e:.2f} ÷ {f:.2f} s" for e, f in zip(row["interleaved_epochs"], row["interleaved_floors"]))
-                         + f", median ratio {row['interleaved_ratio_median']:.2f} ×")
+                         + f", median ratio {row['interleaved_ratio_median']:.2f} ×; in turn, {SHORT_ROUNDS} epochs of "
+                         f"{SHORT_STEPS} steps: median ratio {row['short_interleaved_ratio_median']:.2f} × "
+                         f"({min(row['short_interleaved_ratios']):.2f}–{max(row['short_interleaved_ratios']):.2f})")
             if name in trained:
                 _, epoch = train_in_child(*flags, trained=trained[name], epochs=epochs)
                 iwae = floors["trained_iwae5000_seconds_per_10000"]
@@ -652,7 +668,9 @@ def main() -> None:
                              "compiled: IWAE-5000 compiled too, as vaelab evaluate computes it for such a run")
     parser.add_argument("--timed-epochs", type=int, default=3, metavar="N",
                         help="with --presets-only: time N epochs of each preset after a first untimed one, in one "
-                             "process (their median and fastest; default 3); 1: the first epoch (compiled: the second)")
+                             "process (their median and fastest; default 3); 1: the first epoch (compiled: the "
+                             f"second). N > 1 also times N epochs, then {SHORT_ROUNDS} of {SHORT_STEPS} steps, each "
+                             "in turn with its floor")
     parser.add_argument("--trained", nargs="+", default=[], metavar="NAME=RUN",
                         help="with --presets-only: time preset NAME also with the weights of RUN, a run directory of it "
                              "(one more epoch of a copy of the run, and IWAE-5000)")

@@ -134,6 +134,15 @@ def test_epochs_and_floors_timed_in_turn_in_one_process(bench, tiny_arrays):
     assert row["interleaved_ratio_median"] == pytest.approx(sum(row["interleaved_ratios"]) / 2)
     assert bench.interleaved_epochs_and_floors("seed", tiny_arrays, "autograd", rounds=1)["interleaved_engine"] == \
         "autograd"
+    assert row["interleaved_steps"] == -(-len(tiny_arrays.train_images) // 64)    # all the digits, batches of 64
+
+
+def test_epochs_timed_in_turn_can_be_short(bench, tiny_arrays):
+    """``epoch_steps``: each round's epoch has that many steps (its first steps × B digits), and its floor replays
+    as many."""
+    row = bench.interleaved_epochs_and_floors("seed", tiny_arrays, rounds=3, epoch_steps=2)
+    assert row["interleaved_steps"] == 2 and len(row["interleaved_ratios"]) == 3
+    assert all(r > 0 for r in row["interleaved_ratios"])
 
 
 def test_the_recorded_floor_holds_every_product_of_a_step_and_replays_them(bench):
