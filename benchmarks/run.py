@@ -505,7 +505,7 @@ def presets_table(n_train: int, arrays=None, names=None, trained: dict[str, Path
                 floors.update(interleaved_epochs_and_floors(name, arrays, engine, rounds=timed))
                 short = interleaved_epochs_and_floors(name, arrays, engine, rounds=SHORT_ROUNDS,
                                                       epoch_steps=SHORT_STEPS)
-                floors.update({f"short_{key}": value for key, value in short.items()}, short_steps=SHORT_STEPS)
+                floors.update({f"short_{key}": value for key, value in short.items()})
             row.update(floors, epoch_over_floor=seconds / floors["step_floor"],
                        fastest_epoch_over_floor=fastest / floors["step_floor"],
                        iwae_over_floor=floors["iwae5000_seconds_per_10000"] / floors["iwae5000_floor_per_10000"])
