@@ -409,6 +409,34 @@ def preset_floors(name: str, arrays, n_train: int, eval_digits: int = 40, traine
 SHORT_STEPS, SHORT_ROUNDS = 20, 15       # the presets table's second in-turn reading: 15 rounds of 20-step epochs
 
 
+def recorded_products(trainer) -> list[tuple]:
+    """The products of one autograd step of ``trainer``'s model on its first training digits (batch, draws and
+    latents as it trains), recorded and prepared for replay (``prepared_products``): what its floor times."""
+    from vaelab.engines import ENGINES
+
+    config, data = trainer.config, trainer.data
+    batch, objective = config.train.batch_size, config.objective
+    x = data.train_grey[:batch].gt(127).float()                              # (B, 784)
+    eps = torch.randn(objective.samples, batch, config.model.total_latent)   # (K, B, D)
+    recorder = ProductRecorder()
+    with recorder:
+        ENGINES[("autograd", "fp32")](trainer.model, x, eps, objective.name, 1.0)
+    return prepared_products(recorder.calls)
+
+
+def floor_seconds(prepared: list[tuple], steps: int, adam) -> float:
+    """Seconds of ``steps`` replays of the prepared products and as many of Adam's steps (its state and the
+    parameters restored afterwards, ``adam_kept``): the step floor of that many steps, timed once."""
+    with torch.no_grad(), hot_loop_settings(), adam_kept(adam):
+        start = time.perf_counter()
+        for _ in range(steps):
+            for func, args, kwargs in prepared:
+                func(*args, **kwargs)
+        for _ in range(steps):
+            adam.step()
+        return time.perf_counter() - start
+
+
 def interleaved_epochs_and_floors(name: str, arrays, engine: str | None = None, rounds: int = 3,
                                   epoch_steps: int | None = None) -> dict:
     """A preset's epoch and its step floor timed in turn in this one process, ``rounds`` times, after one untimed
@@ -421,7 +449,6 @@ def interleaved_epochs_and_floors(name: str, arrays, engine: str | None = None, 
     60 000 digits' (235–600 steps): rounds of a second or so, so that many of them pair an epoch with its floor
     where the machine's speed drifts within a whole epoch's pair (a floor moved by 1.4 × within one run, thirtieth
     session); an epoch's work per step is the same (its permutation and binarisation scale with its digits)."""
-    from vaelab.engines import ENGINES
     from vaelab.presets import apply_preset
 
     base = apply_preset(RunConfig(), name)
@@ -432,31 +459,13 @@ def interleaved_epochs_and_floors(name: str, arrays, engine: str | None = None, 
     data = prepare(arrays, config.data)
     trainer = Trainer(config, tempfile.mkdtemp(prefix="vaelab-interleaved-"), data, torch.device("cpu"),
                       log=lambda m: None, progress=False)
-    batch, objective = train.batch_size, config.objective
-    x = data.train_grey[:batch].gt(127).float()                              # (B, 784)
-    eps = torch.randn(objective.samples, batch, config.model.total_latent)   # (K, B, D)
-    recorder = ProductRecorder()
-    with recorder:
-        ENGINES[("autograd", "fp32")](trainer.model, x, eps, objective.name, 1.0)
-    prepared = prepared_products(recorder.calls)
-    steps = -(-data.n_train // batch)
-    adam = trainer.optimizer
-
-    def floor() -> float:
-        with torch.no_grad(), hot_loop_settings(), adam_kept(adam):
-            start = time.perf_counter()
-            for _ in range(steps):
-                for func, args, kwargs in prepared:
-                    func(*args, **kwargs)
-            for _ in range(steps):
-                adam.step()
-            return time.perf_counter() - start
-
+    prepared = recorded_products(trainer)
+    steps = -(-data.n_train // train.batch_size)
     vaelab_epoch(trainer)                                                    # compiles, warms the allocator
     epochs, floors = [], []
     for _ in range(rounds):
         epochs.append(vaelab_epoch(trainer))
-        floors.append(floor())
+        floors.append(floor_seconds(prepared, steps, trainer.optimizer))
     ratios = [e / f for e, f in zip(epochs, floors)]
     return {"interleaved_engine": trainer.engine_name, "interleaved_steps": steps,
             "interleaved_epochs": epochs, "interleaved_floors": floors,

@@ -145,6 +145,24 @@ def test_epochs_timed_in_turn_can_be_short(bench, tiny_arrays):
     assert all(r > 0 for r in row["interleaved_ratios"])
 
 
+def test_step_script_times_epochs_bare_steps_and_floors_in_turn(tiny_arrays, monkeypatch):
+    """benchmarks/step.py --in-turn: per round a whole epoch of the preset's trainer, its steps bare on fixed batches
+    (scaled from the epoch's whole batches to all its steps) and its floor; the medians are of the rounds' ratios."""
+    monkeypatch.syspath_prepend(str(RUN_PY.parent))                  # step.py imports run.py from beside it
+    spec = importlib.util.spec_from_file_location("vaelab_benchmark_step", RUN_PY.parent / "step.py")
+    step = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(step)
+    monkeypatch.setattr(step, "load_mnist", lambda log: tiny_arrays)
+    result = step.epochs_steps_and_floors("seed", "auto", rounds=2)
+    assert result["steps"] == -(-len(tiny_arrays.train_images) // 64) and len(result["rounds"]) == 2
+    assert all(r[key] > 0 for r in result["rounds"] for key in ("epoch", "bare_steps", "floor"))
+    for key, (top, bottom) in {"epoch_over_bare": ("epoch", "bare_steps"), "bare_over_floor": ("bare_steps", "floor"),
+                               "epoch_over_floor": ("epoch", "floor")}.items():
+        ratios = [r[top] / r[bottom] for r in result["rounds"]]
+        assert result[f"{key}_median"] == pytest.approx(sum(ratios) / 2)
+    assert "steps per epoch; medians: epoch ÷ bare steps" in step.in_turn_report(result)
+
+
 def test_the_recorded_floor_holds_every_product_of_a_step_and_replays_them(bench):
     """The product recorder sees the forward and backward products of an autograd step (3 per linear layer but
     the first's input gradient: 3·4 − 1 = 11 for the reference model), at their shapes, and replays them."""
