@@ -9,8 +9,9 @@ them process by process; older code, whose ``clip_norm_`` takes no precomputed n
     python benchmarks/step.py PRESET ENGINE THREADS --in-turn ROUNDS
 
 times instead, in one process and in turn, ROUNDS times after one untimed epoch: a whole epoch of the trainer (all
-60 000 training digits), as many of these bare steps (less one: the epoch's last batch is short), and the step
-floor of the epoch (``run.floor_seconds``: its products replayed and Adam's steps). An epoch ÷ its bare steps is
+60 000 training digits), the same step bare on each of the epoch's whole batches (binarised once, draws fixed
+beforehand; their seconds scaled to the epoch's step count, whose last batch is short), and the step floor of the
+epoch (``run.floor_seconds``: its products replayed and Adam's steps). An epoch ÷ its bare steps is
 what the training loop adds to the step (the epoch's permutation and binarisation, a fresh batch and fresh draws
 each step, the loss columns); the bare steps ÷ the floor is the step's own distance to its products.
 """
