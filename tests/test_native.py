@@ -596,3 +596,25 @@ def test_write_gradient_gives_the_norm_it_gathered_and_the_gradient_torch_cat_gi
     assert norm.item() == pytest.approx(math.sqrt(exact), rel=1e-7)
     torch.testing.assert_close(flat.param.grad.double(), gathered.double() / 2, rtol=1e-6, atol=0)
 
+
+
+@needs_native
+def test_hot_loop_settings_flush_denormals_on_every_thread_and_restore_them(monkeypatch):
+    """FTZ/DAZ is a per-thread flag: inside ``hot_loop_settings`` a denormal times one is zero in every share of a
+    parallel kernel (2 threads split a million numbers; before, the second thread's half stayed 1e-39), and after
+    the block every share computes on denormals again."""
+    from vaelab.evaluation import hot_loop_settings
+
+    monkeypatch.setattr(native, "_SWITCH", [])               # resolved afresh (a test before may have had no compiler)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        x = torch.full((1 << 20,), 1e-39)                       # denormal in float32 (below 1.18e-38)
+        assert int((x * 1.0).ne(0).sum()) == x.numel()
+        with hot_loop_settings():
+            assert int((x * 1.0).ne(0).sum()) == 0
+            product = torch.mm(torch.full((256, 256), 1e-39), torch.ones(256, 256))    # MKL's threads too
+            assert int(product.ne(0).sum()) == 0
+        assert int((x * 1.0).ne(0).sum()) == x.numel()
+    finally:
+        torch.set_num_threads(threads)

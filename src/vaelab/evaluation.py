@@ -27,7 +27,7 @@ from typing import Callable, Iterator
 import torch
 from tqdm import tqdm
 
-from vaelab import compiling
+from vaelab import compiling, native
 from vaelab.data import test_batches
 from vaelab.distributed import SINGLE, World, gather_rows, shard
 from vaelab.errors import UsageError
@@ -53,15 +53,23 @@ def hot_loop_settings():
       (44 778 such entries after 6 epochs, measured), and exp of logits below −87 is denormal too;
       arithmetic on denormals is many times slower on x86. Flushing them changes nothing visible: the
       test ELBO after 6 epochs was identical to three decimals with and without (benchmarks/README.md).
+      The flag is per thread: ``torch.set_flush_denormal`` sets it on this one, ``native.denormal_switch`` on
+      every thread of torch's OpenMP team, which computes the other shares of the products and kernels (until
+      2026-12-02 they computed on denormals: a product of them 200 × slower on 2 threads).
     - ``retain_freed_memory()``, once per process.
     """
     retain_freed_memory()
     enabled = torch.set_flush_denormal(True)
+    switch = native.denormal_switch() if enabled else None
+    if switch is not None:
+        switch(True)
     try:
         yield
     finally:
         if enabled:
             torch.set_flush_denormal(False)
+        if switch is not None:
+            switch(False)
 
 
 # glibc's mallopt parameters (malloc.h)

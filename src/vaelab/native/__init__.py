@@ -4,7 +4,8 @@ What PyTorch runs as many small kernels in a Python loop, and what no product or
 here as a plain loop: the planar flow's two sequential recursions and the per-step work around them
 (``planar.cpp``; ``vaelab.models.flows``), the Bernoulli likelihood's Σ softplus over the logits in one pass
 (``softplus.cpp``; ``objectives.softplus_sum``), and a step's gradients gathered into the flat buffer with their
-squared norm on the way (``gather.cpp``; ``engines.write_gradient``). The sources use no torch headers; they take
+squared norm on the way (``gather.cpp``; ``engines.write_gradient``), and flush-to-zero set on every thread of the team
+(``denormals.cpp``; ``evaluation.hot_loop_settings``). The sources use no torch headers; they take
 pointers to contiguous float32 or float64 arrays. Their parallel loops are OpenMP's, on the process's runtime, which
 is torch's own libgomp (loaded first, the same soname), with torch's thread count: threads started by the library
 instead competed with torch's, still spinning on the cores.
@@ -51,6 +52,7 @@ THREADING = (("-fopenmp",), ("-fopenmp-simd",))
 
 _UNRESOLVED = object()
 _OPS: dict[str, object] = {}          # name → its operators, or None where the library could not be had
+_SWITCH: list = []                    # ``denormal_switch``'s function (or None), once resolved
 
 
 class NativeBuildError(RuntimeError):
@@ -146,6 +148,16 @@ def softplus_kernel():
     negative log-likelihood), or None where the library cannot be had (``objectives.softplus_sum`` then runs its
     PyTorch form, ``models.base.bernoulli_data_term`` its product form)."""
     return _resolve("softplus", _softplus_kernel)
+
+
+def denormal_switch():
+    """A function on → threads that sets (``on``) or clears flush-to-zero and denormals-are-zero on every thread of
+    torch's OpenMP team (``denormals.cpp``), or None where the library cannot be had (not x86, no compiler, …; then
+    ``torch.set_flush_denormal`` covers the calling thread alone). Resolved once per process, and not among the
+    kernels a record names (``resolved``): it is a setting of the threads, not a computation of its own."""
+    if not _SWITCH:
+        _SWITCH.append(_denormal_switch())
+    return _SWITCH[0]
 
 
 def planar_ops() -> PlanarOps | None:
@@ -264,6 +276,26 @@ def _softplus_ops(library):
         return direct(y, base2, bias, data)
 
     return softplus_sum
+
+
+def _denormal_switch():
+    # No warning where the library cannot be had: the calling thread flushes as it always did, and the kernels that
+    # compute the results (``_load``'s) say for themselves that they run without theirs.
+    if os.environ.get("VAELAB_NATIVE") == "0":
+        return None
+    try:
+        library = ctypes.CDLL(str(build("denormals")))
+    except (NativeBuildError, OSError):
+        return None
+    kernel = library.flush_denormal_all_threads
+    kernel.argtypes = [ctypes.c_int, ctypes.c_int]
+    kernel.restype = ctypes.c_int
+
+    def flush_denormal_all_threads(on: bool) -> int:
+        """FTZ and DAZ set (``on``) or cleared on every thread of torch's OpenMP team; the number of threads."""
+        return kernel(int(on), torch.get_num_threads())
+
+    return flush_denormal_all_threads
 
 
 def _gather_kernel():
