@@ -146,8 +146,9 @@ def test_epochs_timed_in_turn_can_be_short(bench, tiny_arrays):
 
 
 def test_step_script_times_epochs_bare_steps_and_floors_in_turn(tiny_arrays, monkeypatch):
-    """benchmarks/step.py --in-turn: per round a whole epoch of the preset's trainer, its steps bare on fixed batches
-    (scaled from the epoch's whole batches to all its steps) and its floor; the medians are of the rounds' ratios."""
+    """benchmarks/step.py --in-turn: per round a whole epoch of the preset's trainer, its steps bare on each of the
+    epoch's whole batches, binarised once (scaled to all its steps), and its floor; the medians are of the rounds'
+    ratios."""
     monkeypatch.syspath_prepend(str(RUN_PY.parent))                  # step.py imports run.py from beside it
     spec = importlib.util.spec_from_file_location("vaelab_benchmark_step", RUN_PY.parent / "step.py")
     step = importlib.util.module_from_spec(spec)
