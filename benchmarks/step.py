@@ -14,6 +14,13 @@ beforehand; their seconds scaled to the epoch's step count, whose last batch is 
 epoch (``run.floor_seconds``: its products replayed and Adam's steps). An epoch ÷ its bare steps is
 what the training loop adds to the step (the epoch's permutation and binarisation, a fresh batch and fresh draws
 each step, the loss columns); the bare steps ÷ the floor is the step's own distance to its products.
+
+    python benchmarks/step.py PRESET ENGINE THREADS --products STEPS
+
+asks whether the step's products cost inside it what the floor's replay of them costs: in one process, STEPS bare
+steps (every whole batch of the epoch in turn) and STEPS replays of the floor's products (``run.recorded_products``)
+under ``torch.profiler``, each product's self time summed by the shapes of its two matrix operands; and, in turn
+without the profiler, two rounds of STEPS steps and of STEPS replays.
 """
 
 import argparse
@@ -130,18 +137,98 @@ def in_turn_report(result: dict) -> str:
     return "\n".join(lines)
 
 
+PRODUCTS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")
+
+
+def matrix_shapes(key: str, shapes: list) -> tuple:
+    """The shapes of a product's two matrix operands, from the profiler's list of its inputs (``addmm`` and
+    ``baddbmm`` take the bias first; a compiled graph's product lists its ``out`` buffer after them)."""
+    start = 1 if key in ("aten::addmm", "aten::baddbmm") else 0
+    return tuple(tuple(shape) for shape in shapes[start:start + 2])
+
+
+def profiled_products(work, count: int) -> dict[tuple, float]:
+    """Milliseconds per call of ``work(i)``, i < ``count``, that its matrix products take (the profiler's self time),
+    summed by ``matrix_shapes``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        for i in range(count):
+            work(i)
+    totals: dict[tuple, float] = {}
+    for event in prof.key_averages(group_by_input_shape=True):
+        if event.key in PRODUCTS:
+            shape = matrix_shapes(event.key, event.input_shapes)
+            totals[shape] = totals.get(shape, 0.0) + event.self_cpu_time_total / 1e3 / count
+    return totals
+
+
+def products_in_step(name: str, engine: str, steps: int) -> dict:
+    """The preset's step and the floor's replay of its products, in one process: milliseconds per step of each
+    without the profiler (two rounds in turn), and under it, the products' milliseconds per step by shape."""
+    from run import recorded_products                                    # benchmarks/run.py, beside this file
+
+    trainer, one = preset_step(name, engine, all_digits=True)
+    prepared = recorded_products(trainer)
+
+    def replay(_: int) -> None:
+        with torch.no_grad():
+            for func, args, kwargs in prepared:
+                func(*args, **kwargs)
+
+    def per_call(work, first: int) -> float:
+        start = time.perf_counter()
+        for i in range(first, first + steps):
+            work(i)
+        return (time.perf_counter() - start) / steps * 1e3
+
+    with hot_loop_settings():
+        for i in range(10):
+            one(i)                                                          # compiles, warms the allocator
+        step_ms, replay_ms = [], []
+        for r in range(2):
+            step_ms.append(per_call(one, 10 + r * steps))
+            replay_ms.append(per_call(replay, 0))
+        in_step = profiled_products(lambda i: one(10 + 2 * steps + i), steps)
+        replayed = profiled_products(replay, steps)
+    return {"steps": steps, "step_ms": step_ms, "replay_ms": replay_ms, "in_step": in_step, "replayed": replayed,
+            "in_step_ms": sum(in_step.values()), "replayed_ms": sum(replayed.values())}
+
+
+def products_report(result: dict, rows: int = 12) -> str:
+    lines = [f"{result['steps']} steps: a step " + ", ".join(f"{t:.2f}" for t in result["step_ms"])
+             + " ms, its products replayed " + ", ".join(f"{t:.2f}" for t in result["replay_ms"])
+             + f" ms; under the profiler, products {result['in_step_ms']:.2f} ms a step in the step, "
+             f"{result['replayed_ms']:.2f} ms replayed ({result['in_step_ms'] / result['replayed_ms']:.3f} ×)"]
+    shapes = sorted(set(result["in_step"]) | set(result["replayed"]),
+                    key=lambda s: -max(result["in_step"].get(s, 0.0), result["replayed"].get(s, 0.0)))
+    for shape in shapes[:rows]:
+        a, b = result["in_step"].get(shape, 0.0), result["replayed"].get(shape, 0.0)
+        ratio = f" ({a / b:.2f} ×)" if a and b else ""
+        lines.append(f"  {' · '.join('×'.join(map(str, s)) for s in shape)}: in the step {a:.3f} ms, "
+                     f"replayed {b:.3f} ms{ratio}")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("preset")
     parser.add_argument("engine")
     parser.add_argument("threads", type=int)
-    parser.add_argument("--in-turn", type=int, metavar="ROUNDS",
-                        help="epochs, bare steps and floors in turn, ROUNDS times, in this process")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--in-turn", type=int, metavar="ROUNDS",
+                      help="epochs, bare steps and floors in turn, ROUNDS times, in this process")
+    mode.add_argument("--products", type=int, metavar="STEPS",
+                      help="the step's products against the floor's replay of them, over STEPS steps each")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    report = (in_turn_report(epochs_steps_and_floors(args.preset, args.engine, args.in_turn)) if args.in_turn
-              else steps_alone(args.preset, args.engine))
+    if args.in_turn:
+        report = in_turn_report(epochs_steps_and_floors(args.preset, args.engine, args.in_turn))
+    elif args.products:
+        report = products_report(products_in_step(args.preset, args.engine, args.products))
+    else:
+        report = steps_alone(args.preset, args.engine)
     print(f"{args.preset} {args.engine} {args.threads} thread(s): {report}")
 
 

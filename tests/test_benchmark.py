@@ -164,6 +164,29 @@ def test_step_script_times_epochs_bare_steps_and_floors_in_turn(tiny_arrays, mon
     assert "steps per epoch; medians: epoch ÷ bare steps" in step.in_turn_report(result)
 
 
+
+def test_step_script_sets_the_steps_products_beside_their_replay(tiny_arrays, monkeypatch):
+    """benchmarks/step.py --products: the autograd step's products and the floor's replay of them (recorded from an
+    autograd step) are the same products, so under the profiler they fall into the same shapes, each with both
+    times; the totals are the sums by shape. The seed model's eleven products have six shapes of matrix operands:
+    each layer's forward, input gradient and weight gradient, but the first layer's input gradient."""
+    monkeypatch.syspath_prepend(str(RUN_PY.parent))
+    spec = importlib.util.spec_from_file_location("vaelab_benchmark_step", RUN_PY.parent / "step.py")
+    step = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(step)
+    monkeypatch.setattr(step, "load_mnist", lambda log: tiny_arrays)
+    result = step.products_in_step("seed", "autograd", steps=3)
+    assert result["steps"] == 3 and len(result["step_ms"]) == len(result["replay_ms"]) == 2
+    assert all(t > 0 for t in result["step_ms"] + result["replay_ms"])
+    assert set(result["in_step"]) == set(result["replayed"])
+    forward = {((64, 784), (784, 256)), ((64, 256), (256, 100)), ((64, 50), (50, 256)), ((64, 256), (256, 784))}
+    assert forward <= set(result["in_step"]), sorted(result["in_step"])
+    assert all(result["in_step"][shape] > 0 and result["replayed"][shape] > 0 for shape in result["in_step"])
+    assert result["in_step_ms"] == pytest.approx(sum(result["in_step"].values()))
+    assert result["replayed_ms"] == pytest.approx(sum(result["replayed"].values()))
+    report = step.products_report(result)
+    assert "under the profiler, products" in report and "64×784 · 784×256: in the step" in report
+
 def test_the_recorded_floor_holds_every_product_of_a_step_and_replays_them(bench):
     """The product recorder sees the forward and backward products of an autograd step (3 per linear layer but
     the first's input gradient: 3·4 − 1 = 11 for the reference model), at their shapes, and replays them."""
