@@ -19,8 +19,8 @@ each step, the loss columns); the bare steps ÷ the floor is the step's own dist
 
 asks whether the step's products cost inside it what the floor's replay of them costs: in one process, STEPS bare
 steps (every whole batch of the epoch in turn) and STEPS replays of the floor's products (``run.recorded_products``)
-under ``torch.profiler``, each product's self time summed by the shapes of its two matrix operands; and, in turn
-without the profiler, two rounds of STEPS steps and of STEPS replays.
+under ``torch.profiler``, each product's self time summed by the shapes of its two matrix operands, three rounds in
+turn (medians); and, in turn without the profiler, two rounds of STEPS steps and of STEPS replays.
 """
 
 import argparse
@@ -138,6 +138,9 @@ def in_turn_report(result: dict) -> str:
 
 
 PRODUCTS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")
+# rounds of profiled steps and replays in turn: one round under the profiler read 0.79 × where the next read 1.15 ×
+# (`planar-80` on a Xeon whose replay under the profiler took 10.3 ms a step that took 6.2–6.3 ms without it)
+PROFILED_ROUNDS = 3
 
 
 def matrix_shapes(key: str, shapes: list) -> tuple:
@@ -165,7 +168,8 @@ def profiled_products(work, count: int) -> dict[tuple, float]:
 
 def products_in_step(name: str, engine: str, steps: int) -> dict:
     """The preset's step and the floor's replay of its products, in one process: milliseconds per step of each
-    without the profiler (two rounds in turn), and under it, the products' milliseconds per step by shape."""
+    without the profiler (two rounds in turn), and under it (``PROFILED_ROUNDS`` rounds in turn) the products'
+    milliseconds per step, by shape and in all, each the median of the rounds, with each round's ratio."""
     from run import recorded_products                                    # benchmarks/run.py, beside this file
 
     trainer, one = preset_step(name, engine, all_digits=True)
@@ -189,17 +193,25 @@ def products_in_step(name: str, engine: str, steps: int) -> dict:
         for r in range(2):
             step_ms.append(per_call(one, 10 + r * steps))
             replay_ms.append(per_call(replay, 0))
-        in_step = profiled_products(lambda i: one(10 + 2 * steps + i), steps)
-        replayed = profiled_products(replay, steps)
+        profiled = []
+        for r in range(PROFILED_ROUNDS):
+            first = 10 + (2 + r) * steps
+            profiled.append((profiled_products(lambda i: one(first + i), steps), profiled_products(replay, steps)))
+    in_step, replayed = ({shape: statistics.median(run.get(shape, 0.0) for run in runs)
+                          for shape in set().union(*runs)} for runs in zip(*profiled))
     return {"steps": steps, "step_ms": step_ms, "replay_ms": replay_ms, "in_step": in_step, "replayed": replayed,
-            "in_step_ms": sum(in_step.values()), "replayed_ms": sum(replayed.values())}
+            "in_step_ms": statistics.median(sum(a.values()) for a, _ in profiled),
+            "replayed_ms": statistics.median(sum(b.values()) for _, b in profiled),
+            "rounds": [{"in_step": a, "replayed": b} for a, b in profiled]}
 
 
 def products_report(result: dict, rows: int = 12) -> str:
     lines = [f"{result['steps']} steps: a step " + ", ".join(f"{t:.2f}" for t in result["step_ms"])
              + " ms, its products replayed " + ", ".join(f"{t:.2f}" for t in result["replay_ms"])
              + f" ms; under the profiler, products {result['in_step_ms']:.2f} ms a step in the step, "
-             f"{result['replayed_ms']:.2f} ms replayed ({result['in_step_ms'] / result['replayed_ms']:.3f} ×)"]
+             f"{result['replayed_ms']:.2f} ms replayed, medians of {len(result['rounds'])} rounds (each round's ratio "
+             + ", ".join(f"{sum(r['in_step'].values()) / sum(r['replayed'].values()):.3f}" for r in result["rounds"])
+             + ")"]
     shapes = sorted(set(result["in_step"]) | set(result["replayed"]),
                     key=lambda s: -max(result["in_step"].get(s, 0.0), result["replayed"].get(s, 0.0)))
     for shape in shapes[:rows]:
