@@ -20,7 +20,10 @@ each step, the loss columns); the bare steps ÷ the floor is the step's own dist
 asks whether the step's products cost inside it what the floor's replay of them costs: in one process, STEPS bare
 steps (every whole batch of the epoch in turn) and STEPS replays of the floor's products (``run.recorded_products``)
 under ``torch.profiler``, each product's self time summed by the shapes of its two matrix operands, three rounds in
-turn (medians); and, in turn without the profiler, two rounds of STEPS steps and of STEPS replays.
+turn (medians); and, in turn without the profiler, two rounds of STEPS steps and of STEPS replays. The profiler's
+reading of a product inside an eager autograd step can be its own: `seed`'s first and last weight gradients read
+0.57 ms a step there against 0.18 ms replayed, and leaving them out of the step saved 0.19–0.21 ms
+(benchmarks/README.md, thirty-second session).
 """
 
 import argparse
@@ -169,7 +172,7 @@ def profiled_products(work, count: int) -> dict[tuple, float]:
 def products_in_step(name: str, engine: str, steps: int) -> dict:
     """The preset's step and the floor's replay of its products, in one process: milliseconds per step of each
     without the profiler (two rounds in turn), and under it (``PROFILED_ROUNDS`` rounds in turn) the products'
-    milliseconds per step, by shape and in all, each the median of the rounds, with each round's ratio."""
+    milliseconds per step, by shape and in all, each the median of the rounds, and each round's own."""
     from run import recorded_products                                    # benchmarks/run.py, beside this file
 
     trainer, one = preset_step(name, engine, all_digits=True)
