@@ -29,6 +29,17 @@ def bench():
     return module
 
 
+@pytest.fixture
+def step(tiny_arrays, monkeypatch):
+    """benchmarks/step.py as a module, reading the synthetic digits instead of MNIST."""
+    monkeypatch.syspath_prepend(str(RUN_PY.parent))                  # step.py imports run.py from beside it
+    spec = importlib.util.spec_from_file_location("vaelab_benchmark_step", RUN_PY.parent / "step.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setattr(module, "load_mnist", lambda log: tiny_arrays)
+    return module
+
+
 @pytest.fixture(scope="module")
 def trainer(tiny_arrays, tmp_path_factory):
     config = RunConfig(model=ModelConfig(hidden=((32,),), latent=(5,)), data=DataConfig(test_examples=100),
@@ -145,15 +156,10 @@ def test_epochs_timed_in_turn_can_be_short(bench, tiny_arrays):
     assert all(r > 0 for r in row["interleaved_ratios"])
 
 
-def test_step_script_times_epochs_bare_steps_and_floors_in_turn(tiny_arrays, monkeypatch):
+def test_step_script_times_epochs_bare_steps_and_floors_in_turn(step, tiny_arrays):
     """benchmarks/step.py --in-turn: per round a whole epoch of the preset's trainer, its steps bare on each of the
     epoch's whole batches, binarised once (scaled to all its steps), and its floor; the medians are of the rounds'
     ratios."""
-    monkeypatch.syspath_prepend(str(RUN_PY.parent))                  # step.py imports run.py from beside it
-    spec = importlib.util.spec_from_file_location("vaelab_benchmark_step", RUN_PY.parent / "step.py")
-    step = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(step)
-    monkeypatch.setattr(step, "load_mnist", lambda log: tiny_arrays)
     result = step.epochs_steps_and_floors("seed", "auto", rounds=2)
     assert result["steps"] == -(-len(tiny_arrays.train_images) // 64) and len(result["rounds"]) == 2
     assert all(r[key] > 0 for r in result["rounds"] for key in ("epoch", "bare_steps", "floor"))
@@ -164,17 +170,11 @@ def test_step_script_times_epochs_bare_steps_and_floors_in_turn(tiny_arrays, mon
     assert "steps per epoch; medians: epoch ÷ bare steps" in step.in_turn_report(result)
 
 
-
-def test_step_script_sets_the_steps_products_beside_their_replay(tiny_arrays, monkeypatch):
+def test_step_script_sets_the_steps_products_beside_their_replay(step):
     """benchmarks/step.py --products: the autograd step's products and the floor's replay of them (recorded from an
     autograd step) are the same products, so under the profiler they fall into the same shapes of matrix operands
     (the seed model's four forward products' among them), each with both times; each time, by shape and in all, is
     the median of the profiled rounds."""
-    monkeypatch.syspath_prepend(str(RUN_PY.parent))
-    spec = importlib.util.spec_from_file_location("vaelab_benchmark_step", RUN_PY.parent / "step.py")
-    step = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(step)
-    monkeypatch.setattr(step, "load_mnist", lambda log: tiny_arrays)
     result = step.products_in_step("seed", "autograd", steps=3)
     assert result["steps"] == 3 and len(result["step_ms"]) == len(result["replay_ms"]) == 2
     assert all(t > 0 for t in result["step_ms"] + result["replay_ms"])

@@ -597,7 +597,6 @@ def test_write_gradient_gives_the_norm_it_gathered_and_the_gradient_torch_cat_gi
     torch.testing.assert_close(flat.param.grad.double(), gathered.double() / 2, rtol=1e-6, atol=0)
 
 
-
 @needs_native
 def test_hot_loop_settings_flush_denormals_on_every_thread_and_restore_them(monkeypatch):
     """FTZ/DAZ is a per-thread flag: inside ``hot_loop_settings`` a denormal times one is zero in every share of a
