@@ -5,11 +5,11 @@ reconstruction, KL) as a (4,) tensor on the device, without a host synchronisati
 ``autograd`` serves every model and objective. ``fused`` is a backward pass derived by hand for the one
 configuration it covers: the one-hidden-layer ReLU ``mlp`` model trained on the single-draw ELBO with
 β = 1 (tests/test_training.py::test_fused_gradient_matches_autograd). ``select_engine`` picks by lookup.
-``compiled`` (asked for by name, never chosen by ``auto``) is the autograd engine with the model's forward
-pass and the objective compiled by ``torch.compile`` (TorchInductor): the same gradient to float32 rounding
-(tests/test_compiled.py), fewer and fused kernels, at the price of a C++ compiler and tens of seconds of
-compilation when a process takes its first step (benchmarks/README.md); in float32, or in bf16 with the forward
-pass's autocast inside the graph.
+``compiled`` (asked for by name, never chosen by ``auto``) is the autograd engine's loss and its gradient
+(``torch.func.grad_and_value``) compiled together by ``torch.compile`` (TorchInductor) into one graph: the same
+gradient to float32 rounding (tests/test_compiled.py), fewer and fused kernels and no autograd at run time, at the
+price of a C++ compiler and tens of seconds of compilation when a process takes its first step
+(benchmarks/README.md); in float32, or in bf16 with the forward pass's autocast inside the graph.
 
 Precision ``bf16``: the matrix products run in bfloat16 (oneDNN's AVX-512 BF16 kernels on CPU, tensor
 cores on GPU; products accumulate in float32 inside the kernel), everything else in float32: master
@@ -46,14 +46,20 @@ def write_gradient(model, loss: torch.Tensor, grad_squares: torch.Tensor | None 
 
     ``torch.autograd.grad`` hands back each gradient as the fresh tensor its last product wrote, where
     ``backward`` would add it into the gradient views (a pass that reads both, after a pass that zeroed them):
-    the same numbers bitwise (0 + g = g), two passes over the gradients fewer. Where the views lie one after the
+    the same numbers bitwise (0 + g = g), two passes over the gradients fewer. A parameter the loss does not reach
+    gets zeros, as it did. The gradients are then written by ``write_gradients``."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(loss, params, allow_unused=True, materialize_grads=True)
+    write_gradients(params, grads, grad_squares)
+
+
+def write_gradients(params: list[torch.Tensor], grads, grad_squares: torch.Tensor | None = None) -> None:
+    """Each gradient in ``grads`` into its parameter's gradient. Where the parameters' gradient views lie one after the
     other in one buffer (``training.FlatParameters``) one pass writes them all: ``torch.cat``, or where
     ``grad_squares`` (a (1,) float64 tensor) asks for ‖g‖² too (clipping), on the CPU the native gather
     (``native/gather.cpp``), which sums the squares on the way, so that clipping needs no pass of its own (a
     `planar-80` gradient: 0.66 ms against 1.60 ms for ``cat`` and a norm with 2 threads, 1.42 against 2.37 ms with 1;
-    ``cat`` alone 0.68 and 1.09 ms; benchmarks/README.md). A parameter the loss does not reach gets zeros, as it did."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    grads = torch.autograd.grad(loss, params, allow_unused=True, materialize_grads=True)
+    ``cat`` alone 0.68 and 1.09 ms; benchmarks/README.md)."""
     flat = _flat_gradient(params)
     if flat is not None:
         parts = [g.reshape(-1) for g in grads]
@@ -88,8 +94,8 @@ def _flat_gradient(params: list[torch.Tensor]) -> torch.Tensor | None:
 
 def _loss_and_sums(model, objective: str, x: torch.Tensor, eps: torch.Tensor, beta, bf16: bool = False):
     """(−(1/B) Σ objective, the sums (objective, ELBO, reconstruction, KL)) of one step: the autograd step's forward,
-    and what the compiled step compiles. ``bf16``: the model's forward under autocast (its products in bf16), the
-    objective outside it."""
+    and the loss the compiled step differentiates (``model``: there the model called with other weights). ``bf16``:
+    the model's forward under autocast (its products in bf16), the objective outside it."""
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
         parts = model(x, eps)
     terms = OBJECTIVES[objective](parts, beta)
@@ -213,27 +219,50 @@ def fused_step_bf16(model, x: torch.Tensor, eps: torch.Tensor, objective: str = 
 def compiled_step(model, x: torch.Tensor, eps: torch.Tensor, objective: str = "elbo",
                   beta: float = 1.0, grad_squares: torch.Tensor | None = None,
                   precision: str = "fp32") -> torch.Tensor:
-    """``autograd_step`` with −(1/B) Σ objective and the four sums computed by one graph that ``torch.compile``
-    compiled (TorchInductor's fused C++ or GPU kernels for the forward and for its backward). β enters as a
-    0-d tensor, so one graph serves the whole KL warm-up (a Python float would be a constant of the graph, one
-    compilation per value); a new batch size (an epoch's last, short batch) or a new architecture compiles once
-    more, a new model of a compiled architecture does not (the model is an argument of the graph). The whole
+    """``autograd_step``'s gradient and four sums computed by one graph that ``torch.compile`` compiled: the loss
+    −(1/B) Σ objective as a function of the parameters alone (``torch.func.functional_call``; the batch
+    normalisations' running averages move in the model's buffers as in eager training), and its gradient by
+    ``torch.func.grad_and_value``, traced forward and backward together into one graph of TorchInductor's fused C++
+    or GPU kernels. Its inputs need no gradient, so it runs without autograd: no backward graph called by autograd's
+    engine, one set of guards, one call a step. Against the loss compiled alone and differentiated by autograd (the
+    forward graph, AOTAutograd's backward graph), the same gradient to float32 rounding, and the gradient's step
+    0.90 × as long for `ladder-5`, 0.91 × `cpu-hour-vampprior`, 0.93 × `vampprior-2` and `planar-80`, 0.62 × `seed`
+    (the Intel Xeon, 2 threads; benchmarks/README.md, thirty-third session).
+
+    β enters as a 0-d tensor, so one graph serves the whole KL warm-up (a Python float would be a constant of the
+    graph, one compilation per value); a new batch size (an epoch's last, short batch) or a new architecture compiles
+    once more, a new model of a compiled architecture does not (the model is an argument of the graph). The whole
     step must be one graph and a compilation beyond the limit is an error (``vaelab.compiling``): a model the
     compiler cannot take whole fails loudly instead of running half or all of it uncompiled.
     ``precision`` ``bf16``: the model's forward pass under ``torch.autocast`` inside the graph, as ``autograd_step``
     runs it (bf16 products, float32 weights, distribution parameters, objective and reductions); a graph of its own."""
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    weights = {name: p.detach() for name, p in named}       # the gradient is the graph's output, not autograd's
     with compiling.limits():
-        loss, sums = _compiled_loss(precision)(model, objective, x, eps,
-                                               torch.tensor(beta, dtype=x.dtype, device=x.device))
-        write_gradient(model, loss, grad_squares)                    # the backward graph compiles at its first call
-    return sums.detach()
+        grads, sums = _compiled_gradient(precision)(model, weights, objective, x, eps,
+                                                    torch.tensor(beta, dtype=x.dtype, device=x.device))
+    write_gradients([p for _, p in named], grads, grad_squares)
+    return sums
+
+
+def _gradient_and_sums(model, weights: dict[str, torch.Tensor], objective: str, x: torch.Tensor, eps: torch.Tensor,
+                       beta, bf16: bool = False) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+    """(∇ of −(1/B) Σ objective with respect to each of ``weights``, in their order; the four sums): what the compiled
+    step compiles. ``weights``: the model's trainable parameters by name, in place of its own in the forward pass."""
+
+    def loss(values: dict[str, torch.Tensor]):
+        return _loss_and_sums(lambda *args: torch.func.functional_call(model, values, args), objective, x, eps, beta,
+                              bf16)
+
+    grads, (_, sums) = torch.func.grad_and_value(loss, has_aux=True)(weights)
+    return tuple(grads.values()), sums
 
 
 @functools.cache
-def _compiled_loss(precision: str = "fp32") -> Callable:
-    """``_loss_and_sums`` compiled for ``precision`` (fp32 or bf16), built on first use (nothing is compiled at
+def _compiled_gradient(precision: str = "fp32") -> Callable:
+    """``_gradient_and_sums`` compiled for ``precision`` (fp32 or bf16), built on first use (nothing is compiled at
     import)."""
-    return compiling.compile(functools.partial(_loss_and_sums, bf16=precision == "bf16"))
+    return compiling.compile(functools.partial(_gradient_and_sums, bf16=precision == "bf16"))
 
 
 def _autograd_bf16(model, x, eps, objective="elbo", beta=1.0, grad_squares=None):
