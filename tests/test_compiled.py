@@ -1,6 +1,7 @@
-"""The compiled engine (``--engine compiled``: the autograd engine's step compiled by torch.compile) against the
-autograd engine on the same weights and draws: the same gradient, sums and batch-normalisation averages to float64
-rounding, one graph for every β of a warm-up, an exact resume; ``evaluate --compiled`` against the eager IWAE; and
+"""The compiled engine (``--engine compiled``: the autograd engine's loss and its gradient in one graph compiled by
+torch.compile) against the autograd engine on the same weights and draws: the same gradient, sums and
+batch-normalisation averages to float64 rounding, one graph for every β of a warm-up, no autograd once compiled, an
+exact resume; ``evaluate --compiled`` against the eager IWAE; and
 their one-line refusals."""
 
 from __future__ import annotations
