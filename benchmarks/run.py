@@ -324,9 +324,14 @@ def prepared_products(calls: list[tuple]) -> list[tuple]:
     prepared = [(func, [torch.empty_strided(a[0], a[1], dtype=a[2]).normal_() if isinstance(a, tuple) else a
                         for a in args], kwargs) for func, args, kwargs in calls]
     with torch.no_grad():
-        for func, args, kwargs in prepared:
-            func(*args, **kwargs)
+        replay(prepared)
     return prepared
+
+
+def replay(prepared: list[tuple]) -> None:
+    """Each prepared product once, in the recorded order (the caller holds ``torch.no_grad``)."""
+    for func, args, kwargs in prepared:
+        func(*args, **kwargs)
 
 
 def replay_seconds(calls: list[tuple], repeats: int, rounds: int = 3) -> float:
@@ -336,8 +341,7 @@ def replay_seconds(calls: list[tuple], repeats: int, rounds: int = 3) -> float:
 
     def replays() -> None:
         for _ in range(repeats):
-            for func, args, kwargs in prepared:
-                func(*args, **kwargs)
+            replay(prepared)
 
     with torch.no_grad():
         return fastest_seconds(replays, rounds)
@@ -430,8 +434,7 @@ def floor_seconds(prepared: list[tuple], steps: int, adam) -> float:
     with torch.no_grad(), hot_loop_settings(), adam_kept(adam):
         start = time.perf_counter()
         for _ in range(steps):
-            for func, args, kwargs in prepared:
-                func(*args, **kwargs)
+            replay(prepared)
         for _ in range(steps):
             adam.step()
         return time.perf_counter() - start

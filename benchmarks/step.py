@@ -173,15 +173,14 @@ def products_in_step(name: str, engine: str, steps: int) -> dict:
     """The preset's step and the floor's replay of its products, in one process: milliseconds per step of each
     without the profiler (two rounds in turn), and under it (``PROFILED_ROUNDS`` rounds in turn) the products'
     milliseconds per step, by shape and in all, each the median of the rounds, and each round's own."""
-    from run import recorded_products                                    # benchmarks/run.py, beside this file
+    from run import recorded_products, replay                            # benchmarks/run.py, beside this file
 
     trainer, one = preset_step(name, engine, all_digits=True)
     prepared = recorded_products(trainer)
 
-    def replay(_: int) -> None:
+    def replayed(_: int) -> None:
         with torch.no_grad():
-            for func, args, kwargs in prepared:
-                func(*args, **kwargs)
+            replay(prepared)
 
     def per_call(work, first: int) -> float:
         start = time.perf_counter()
@@ -195,11 +194,11 @@ def products_in_step(name: str, engine: str, steps: int) -> dict:
         step_ms, replay_ms = [], []
         for r in range(2):
             step_ms.append(per_call(one, 10 + r * steps))
-            replay_ms.append(per_call(replay, 0))
+            replay_ms.append(per_call(replayed, 0))
         profiled = []
         for r in range(PROFILED_ROUNDS):
             first = 10 + (2 + r) * steps
-            profiled.append((profiled_products(lambda i: one(first + i), steps), profiled_products(replay, steps)))
+            profiled.append((profiled_products(lambda i: one(first + i), steps), profiled_products(replayed, steps)))
     in_step, replayed = ({shape: statistics.median(run.get(shape, 0.0) for run in runs)
                           for shape in set().union(*runs)} for runs in zip(*profiled))
     return {"steps": steps, "step_ms": step_ms, "replay_ms": replay_ms, "in_step": in_step, "replayed": replayed,

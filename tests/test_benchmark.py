@@ -191,6 +191,7 @@ def test_step_script_sets_the_steps_products_beside_their_replay(step):
     report = step.products_report(result)
     assert "under the profiler, products" in report and "64×784 · 784×256: in the step" in report
 
+
 def test_the_recorded_floor_holds_every_product_of_a_step_and_replays_them(bench):
     """The product recorder sees the forward and backward products of an autograd step (3 per linear layer but
     the first's input gradient: 3·4 − 1 = 11 for the reference model), at their shapes, and replays them."""
