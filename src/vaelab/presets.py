@@ -19,13 +19,14 @@ _BURDA_1 = {"name": "mlp", "hidden": ((200, 200),), "latent": (50,), "activation
 _BURDA_2 = {"name": "mlp2", "hidden": ((100, 100), (50, 50)), "latent": (100, 50), "activation": "tanh",
             "init": "glorot"}
 
-# The four presets of issue 21's models train with ``--engine compiled`` (torch.compile's fused kernels for the
-# elementwise passes around the products): their schedules run 833–2000 epochs, where compiling (tens of seconds at
-# each start of a process) is lost in the hours. In every side-by-side timing of benchmarks/README.md (the Xeon,
-# sessions 14, 18, 20 and 22, 1 and 2 threads) the VampPrior, ladder and planar presets' compiled epochs took 1–28 %
-# less time than the autograd engine's (the median of 19 pairs 16 %), never more, for 200–250 MiB more memory. Both
-# engines compute the same gradient to float32 rounding (tests/test_compiled.py); --engine autograd trains without a
-# C++ compiler.
+# The presets of issue 21's models train with ``--engine compiled`` (torch.compile's fused kernels for the
+# elementwise passes around the products, the loss and its gradient in one graph): the four papers' schedules run
+# 833–2000 epochs, where compiling (tens of seconds at each start of a process) is lost in the hours, and since
+# 2026-12-03 `cpu-hour-vampprior` too, whose hour on the Xeon holds 630 compiled epochs where it held 320 on
+# autograd. In every side-by-side timing of benchmarks/README.md (the Xeon, sessions 14, 18, 20 and 22, 1 and 2
+# threads) the VampPrior, ladder and planar presets' compiled epochs took 1–28 % less time than the autograd engine's
+# (the median of 19 pairs 16 %), never more, for 200–250 MiB more memory. Both engines compute the same gradient to
+# float32 rounding (tests/test_compiled.py); --engine autograd trains without a C++ compiler.
 _COMPILED = {"engine": "compiled"}
 
 # Tomczak & Welling (2018), §5 and the authors' code (jmtomczak/vae_vampprior, experiment.py): gated dense
@@ -78,10 +79,12 @@ PRESETS: dict[str, dict[str, Any]] = {
     "cpu-hour-vampprior": {
         "about": "the best model found for one hour of training on a 2-core CPU with the models of issue 21: "
                  "Tomczak & Welling's two-layer HVAE with a VampPrior of 100 pseudo-inputs (chosen on a validation "
-                 "split), 320 epochs (56.6 min on a 2-core Intel Xeon; benchmarks/README.md)",
+                 "split), 630 epochs (57.5 min with the compiled engine on a 2-core Intel Xeon; NLL 81.01; "
+                 "benchmarks/README.md)",
         "fields": {"model": {**_TOMCZAK_HVAE, "prior_components": 100},
                    "objective": {"name": "elbo", "samples": 1, "warmup_epochs": 10},
-                   "train": {"batch_size": 128, "lr": 1e-3, "lr_schedule": "exponential", "epochs": 320}},
+                   "train": {"batch_size": 128, "lr": 1e-3, "lr_schedule": "exponential", "epochs": 630,
+                             **_COMPILED}},
     },
     "burda-iwae-2": {
         "about": "Burda et al.'s IWAE k = 50, two stochastic layers, 3280 epochs (paper: NLL 82.90)",
