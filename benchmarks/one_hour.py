@@ -1,6 +1,6 @@
 """Choose the one-hour preset of issue 21 on the validation split, reproducibly: one command.
 
-    python benchmarks/one_hour.py --out runs/one-hour [--budget-minutes 15] [--parallel 2]
+    python benchmarks/one_hour.py --out runs/one-hour [--budget-minutes 15] [--parallel 2] [--engine compiled]
 
 1. Times one epoch of every candidate alone on this machine (2 threads, the second of two epochs, with the
    per-epoch validation and test ELBO that training computes), on the first 50 000 training digits.
@@ -12,6 +12,12 @@
    the test set is never touched) and prints the table, best first, with the winner's command for a full hour.
 
 Writes ``results/one-hour-<date>.json``. The candidates are data below; each is a preset and flags.
+
+``--engine`` trains every candidate on that engine; without it each takes its preset's (h4's `vampprior-2` asks for
+the compiled one, the others' `cpu-hour` for autograd). The choice of 2026-11-29 ran before any preset asked for
+the compiled engine, so all seven trained on autograd; the budget is in seconds, so an engine that is faster for one
+candidate than for another changes what it buys. A rerun goes on with the engine and budget of the first run in
+``--out`` and refuses others (they would mix two timings in one table).
 """
 
 from __future__ import annotations
@@ -61,6 +67,11 @@ def vaelab(*args: str, **kwargs) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "vaelab", *args], capture_output=True, text=True, **kwargs)
 
 
+def candidate_flags(name: str, engine: str | None) -> list[str]:
+    """The flags of `vaelab train` for a candidate, on ``engine`` when one is given."""
+    return [*CANDIDATES[name][1], *(["--engine", engine] if engine else [])]
+
+
 def seconds_per_epoch(name: str, flags: list[str], out: Path) -> float:
     """The second of two epochs alone on 2 threads: its steps and its per-epoch ELBOs (elapsed_seconds)."""
     run = out / "timing" / name
@@ -97,30 +108,48 @@ def train_and_validate(name: str, flags: list[str], epochs: int, out: Path, thre
             "training_seconds": float(rows[-1]["elapsed_seconds"]), "wall_seconds": time.perf_counter() - started}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    from vaelab.engines import ENGINE_CHOICES
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="where the candidates' runs go")
     parser.add_argument("--budget-minutes", type=float, default=15.0, help="training budget of each, in minutes of "
                         "2-thread training alone (default 15)")
     parser.add_argument("--parallel", type=int, default=2, help="candidates trained at once, one thread each")
     parser.add_argument("--only", nargs="+", choices=list(CANDIDATES), help="a subset of the candidates")
-    args = parser.parse_args()
+    parser.add_argument("--engine", choices=ENGINE_CHOICES, help="train every candidate on this engine (default: "
+                        "each on its preset's)")
+    args = parser.parse_args(argv)
     names = args.only or list(CANDIDATES)
     args.out.mkdir(parents=True, exist_ok=True)
+    settings = {"budget_minutes": args.budget_minutes, "engine": args.engine}
+    settings_file = args.out / "settings.json"
+    if settings_file.exists():
+        first = json.loads(settings_file.read_text())
+        for key, flag in (("budget_minutes", "--budget-minutes"), ("engine", "--engine")):
+            if first.get(key) != settings[key]:
+                then, now = (f"{flag} {value:g}" if isinstance(value, float) else f"{flag} {value}" if value else
+                             f"no {flag}" for value in (first.get(key), settings[key]))
+                print(f"one_hour.py: {args.out} was started with {then}, not {now}: rerun with {then} to go on, or "
+                      "choose a new --out", file=sys.stderr)
+                raise SystemExit(2)
+    else:
+        settings_file.write_text(json.dumps(settings, indent=2))
     timings_file = args.out / "timings.json"
     timings = json.loads(timings_file.read_text()) if timings_file.exists() else {}
     for name in names:
         if name not in timings:
-            timings[name] = seconds_per_epoch(name, CANDIDATES[name][1], args.out)
+            timings[name] = seconds_per_epoch(name, candidate_flags(name, args.engine), args.out)
             timings_file.write_text(json.dumps(timings, indent=2))
             print(f"{name}: {timings[name]:.2f} s per epoch (50 000 digits, 2 threads)", flush=True)
     budget = args.budget_minutes * 60
     epochs = {name: max(1, math.floor(budget / timings[name])) for name in names}
     threads = 1 if args.parallel > 1 else 2
     with concurrent.futures.ThreadPoolExecutor(args.parallel) as pool:
-        results = list(pool.map(lambda n: train_and_validate(n, CANDIDATES[n][1], epochs[n], args.out, threads), names))
+        results = list(pool.map(lambda n: train_and_validate(n, candidate_flags(n, args.engine), epochs[n], args.out,
+                                                             threads), names))
     for result in results:
-        result.update(about=CANDIDATES[result["name"]][0], flags=CANDIDATES[result["name"]][1],
+        result.update(about=CANDIDATES[result["name"]][0], flags=candidate_flags(result["name"], args.engine),
                       seconds_per_epoch=timings[result["name"]])
     done = sorted((r for r in results if "error" not in r), key=lambda r: r["validation_nll"])
     print(f"\nbudget {args.budget_minutes:g} min of 2-thread training each; IWAE-1000 on the 10 000 validation digits")
@@ -140,7 +169,8 @@ def main() -> None:
     stamp = datetime.date.today().isoformat()
     save_result({"machine": {"cpu": cpu_name(), "flags": kernel_flags(),
                              "python": platform.python_version(), "commit": git_commit()},
-                 "date": stamp, "budget_minutes": args.budget_minutes, "results": results}, f"one-hour-{stamp}")
+                 "date": stamp, "budget_minutes": args.budget_minutes, "engine": args.engine, "results": results},
+                f"one-hour-{stamp}")
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from conftest import needs_compiler
 from vaelab.config import RunConfig, TrainConfig
 from vaelab.data import DataConfig, prepare
 from vaelab.evaluation import EvalConfig, iwae_log_likelihood
+from vaelab.presets import apply_preset
 from vaelab.models import ModelConfig
 from vaelab.training import Trainer
 
@@ -335,3 +336,41 @@ def test_the_gpu_check_skips_what_its_budget_cannot_hold(tmp_path):
     step = check.run("never", ["false"], limit=60)
     assert step["status"].startswith("skipped") and "seconds" not in step
     assert (tmp_path / "gpu.json").exists() and "never" in (tmp_path / "gpu.json").read_text()
+
+
+@pytest.fixture
+def one_hour(monkeypatch):
+    """benchmarks/one_hour.py as a module (it imports run.py from beside it)."""
+    monkeypatch.syspath_prepend(str(RUN_PY.parent))
+    spec = importlib.util.spec_from_file_location("vaelab_benchmark_one_hour", RUN_PY.parent / "one_hour.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_one_hour_trains_every_candidate_on_the_engine_asked_for(one_hour):
+    """Each candidate's flags, with --engine or without, make the config `vaelab train` would train."""
+    from vaelab.cli import _train_config, build_parser
+
+    parser = build_parser()
+    for name in one_hour.CANDIDATES:
+        for engine in (None, "autograd", "compiled"):
+            args = parser.parse_args(["train", *one_hour.candidate_flags(name, engine), *one_hour.COMMON,
+                                      "--epochs", "3", "--out", "unused"])
+            config = _train_config(args, RunConfig())
+            own = apply_preset(RunConfig(), args.preset).train.engine
+            assert config.train.engine == (engine or own) and config.train.epochs == 3
+            assert config.data.validation == 10_000
+
+
+def test_one_hour_goes_on_only_with_the_engine_and_budget_it_started_with(one_hour, tmp_path, capsys):
+    """A rerun into the same --out with another engine or budget is refused in one line, exit 2, before any work."""
+    (tmp_path / "settings.json").write_text('{"budget_minutes": 15.0, "engine": null}')
+    for flags, named in ((["--engine", "compiled"], "with no --engine, not --engine compiled"),
+                         (["--budget-minutes", "10"], "with --budget-minutes 15, not --budget-minutes 10")):
+        with pytest.raises(SystemExit) as stopped:
+            one_hour.main(["--out", str(tmp_path), *flags])
+        assert stopped.value.code == 2
+        message = capsys.readouterr().err.strip().splitlines()[-1]
+        assert named in message and "choose a new --out" in message
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["settings.json"]
