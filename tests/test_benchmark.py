@@ -15,8 +15,8 @@ from conftest import needs_compiler
 from vaelab.config import RunConfig, TrainConfig
 from vaelab.data import DataConfig, prepare
 from vaelab.evaluation import EvalConfig, iwae_log_likelihood
-from vaelab.presets import apply_preset
 from vaelab.models import ModelConfig
+from vaelab.presets import apply_preset
 from vaelab.training import Trainer
 
 RUN_PY = Path(__file__).resolve().parents[1] / "benchmarks" / "run.py"
