@@ -35,6 +35,7 @@ import time
 from pathlib import Path
 
 from run import save_result                                     # benchmarks/run.py, beside this file
+from vaelab.engines import ENGINE_CHOICES
 from vaelab.provenance import cpu_name, git_commit
 from vaelab.resources import kernel_flags
 
@@ -108,9 +109,14 @@ def train_and_validate(name: str, flags: list[str], epochs: int, out: Path, thre
             "training_seconds": float(rows[-1]["elapsed_seconds"]), "wall_seconds": time.perf_counter() - started}
 
 
-def main(argv: list[str] | None = None) -> None:
-    from vaelab.engines import ENGINE_CHOICES
+def as_given(flag: str, value) -> str:
+    """How a setting reads on the command line: ``--budget-minutes 15``, ``--engine compiled``, ``no --engine``."""
+    if value is None:
+        return f"no {flag}"
+    return f"{flag} {value:g}" if isinstance(value, float) else f"{flag} {value}"
 
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="where the candidates' runs go")
     parser.add_argument("--budget-minutes", type=float, default=15.0, help="training budget of each, in minutes of "
@@ -128,8 +134,7 @@ def main(argv: list[str] | None = None) -> None:
         first = json.loads(settings_file.read_text())
         for key, flag in (("budget_minutes", "--budget-minutes"), ("engine", "--engine")):
             if first.get(key) != settings[key]:
-                then, now = (f"{flag} {value:g}" if isinstance(value, float) else f"{flag} {value}" if value else
-                             f"no {flag}" for value in (first.get(key), settings[key]))
+                then, now = as_given(flag, first.get(key)), as_given(flag, settings[key])
                 print(f"one_hour.py: {args.out} was started with {then}, not {now}: rerun with {then} to go on, or "
                       "choose a new --out", file=sys.stderr)
                 raise SystemExit(2)
