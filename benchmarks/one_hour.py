@@ -33,9 +33,12 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import NoReturn
 
 from run import save_result                                     # benchmarks/run.py, beside this file
+from vaelab.config import RunConfig, TrainConfig
 from vaelab.engines import ENGINE_CHOICES
+from vaelab.presets import apply_preset
 from vaelab.provenance import cpu_name, git_commit
 from vaelab.resources import kernel_flags
 
@@ -71,6 +74,59 @@ def vaelab(*args: str, **kwargs) -> subprocess.CompletedProcess:
 def candidate_flags(name: str, engine: str | None) -> list[str]:
     """The flags of `vaelab train` for a candidate, on ``engine`` when one is given."""
     return [*CANDIDATES[name][1], *(["--engine", engine] if engine else [])]
+
+
+def engine_for(name: str, engine: str | None) -> str:
+    """The engine a candidate trains on: ``engine`` when one is given, else its preset's."""
+    flags = CANDIDATES[name][1]
+    return engine or apply_preset(RunConfig(), flags[flags.index("--preset") + 1]).train.engine
+
+
+def epochs_for(budget_seconds: float, seconds_per_epoch: float) -> int:
+    """A candidate's epochs: as many as the budget buys at its measured pace, at least one."""
+    return max(1, math.floor(budget_seconds / seconds_per_epoch))
+
+
+def started_with(run: Path) -> TrainConfig | None:
+    """The training settings a run in ``--out`` was started with (its config.json, read as `vaelab` reads it), None
+    where there is none."""
+    path = run / "config.json"
+    return RunConfig.from_dict(json.loads(path.read_text()), source=str(path)).train if path.exists() else None
+
+
+def refuse(reason: str, fix: str | None) -> NoReturn:
+    """One line on stderr naming what differs and the fix, exit status 2."""
+    print(f"one_hour.py: {reason}: " + (f"rerun with {fix} to go on, or choose a new --out" if fix else
+                                         "choose a new --out"), file=sys.stderr)
+    raise SystemExit(2)
+
+
+def check_earlier_work(out: Path, settings: dict, timings: dict[str, float]) -> None:
+    """Refuse to go on in ``out`` with other settings than its first run's: those in its settings.json, and those
+    its runs were started with (a folder from before settings.json has only these): the engine of each candidate's
+    runs, and the epochs of each training run, which the budget and the candidate's timing fix."""
+    first = json.loads((out / "settings.json").read_text()) if (out / "settings.json").exists() else settings
+    for key, flag in (("budget_minutes", "--budget-minutes"), ("engine", "--engine")):
+        if first.get(key) != settings[key]:
+            then = as_given(flag, first.get(key))
+            refuse(f"{out} was started with {then}, not {as_given(flag, settings[key])}", then)
+    engine, budget = settings["engine"], settings["budget_minutes"] * 60
+    runs = [(name, run, train) for name in CANDIDATES for run in (out / "timing" / name, out / name)
+            if (train := started_with(run)) is not None]
+
+    def fits(choice: str | None) -> bool:
+        return all(engine_for(name, choice) == train.engine for name, _, train in runs)
+
+    for name, run, train in runs:
+        if engine_for(name, engine) != train.engine:
+            fix = next((as_given("--engine", choice) for choice in (None, *ENGINE_CHOICES) if fits(choice)), None)
+            refuse(f"{run} trained on engine {train.engine}, and {as_given('--engine', engine)} trains {name} on "
+                   f"{engine_for(name, engine)}", fix)
+        if run == out / name and name in timings and train.epochs != epochs_for(budget, timings[name]):
+            refuse(f"{run} was started with {train.epochs} epochs, and "
+                   f"{as_given('--budget-minutes', settings['budget_minutes'])} gives {name} "
+                   f"{epochs_for(budget, timings[name])} at its {timings[name]:.2f} s an epoch",
+                   "the --budget-minutes it was started with")
 
 
 def seconds_per_epoch(name: str, flags: list[str], out: Path) -> float:
@@ -129,26 +185,17 @@ def main(argv: list[str] | None = None) -> None:
     names = args.only or list(CANDIDATES)
     args.out.mkdir(parents=True, exist_ok=True)
     settings = {"budget_minutes": args.budget_minutes, "engine": args.engine}
-    settings_file = args.out / "settings.json"
-    if settings_file.exists():
-        first = json.loads(settings_file.read_text())
-        for key, flag in (("budget_minutes", "--budget-minutes"), ("engine", "--engine")):
-            if first.get(key) != settings[key]:
-                then, now = as_given(flag, first.get(key)), as_given(flag, settings[key])
-                print(f"one_hour.py: {args.out} was started with {then}, not {now}: rerun with {then} to go on, or "
-                      "choose a new --out", file=sys.stderr)
-                raise SystemExit(2)
-    else:
-        settings_file.write_text(json.dumps(settings, indent=2))
     timings_file = args.out / "timings.json"
     timings = json.loads(timings_file.read_text()) if timings_file.exists() else {}
+    check_earlier_work(args.out, settings, timings)
+    if not (args.out / "settings.json").exists():
+        (args.out / "settings.json").write_text(json.dumps(settings, indent=2))
     for name in names:
         if name not in timings:
             timings[name] = seconds_per_epoch(name, candidate_flags(name, args.engine), args.out)
             timings_file.write_text(json.dumps(timings, indent=2))
             print(f"{name}: {timings[name]:.2f} s per epoch (50 000 digits, 2 threads)", flush=True)
-    budget = args.budget_minutes * 60
-    epochs = {name: max(1, math.floor(budget / timings[name])) for name in names}
+    epochs = {name: epochs_for(args.budget_minutes * 60, timings[name]) for name in names}
     threads = 1 if args.parallel > 1 else 2
     with concurrent.futures.ThreadPoolExecutor(args.parallel) as pool:
         results = list(pool.map(lambda n: train_and_validate(n, candidate_flags(n, args.engine), epochs[n], args.out,

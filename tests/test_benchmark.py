@@ -4,7 +4,9 @@ untouched, and the speed issue's targets are judged in the right direction."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
+import json
 from pathlib import Path
 
 import numpy as np
@@ -374,3 +376,60 @@ def test_one_hour_goes_on_only_with_the_engine_and_budget_it_started_with(one_ho
         message = capsys.readouterr().err.strip().splitlines()[-1]
         assert named in message and "choose a new --out" in message
     assert sorted(path.name for path in tmp_path.iterdir()) == ["settings.json"]
+
+
+def _started(run: Path, preset: str, engine: str, epochs: int) -> None:
+    """A run directory as `vaelab train` leaves it at its start: config.json (here alone)."""
+    config = apply_preset(RunConfig(), preset)
+    config = dataclasses.replace(config, train=dataclasses.replace(config.train, engine=engine, epochs=epochs))
+    run.mkdir(parents=True)
+    (run / "config.json").write_text(config.to_json())
+
+
+@pytest.fixture
+def older_out(tmp_path):
+    """An --out of one_hour.py from before settings.json: h0 (cpu-hour) and h4 (vampprior-2) timed and trained on
+    engine auto (as every candidate then), 15 minutes each (h0 450 epochs at 2 s, h4 100 at 9 s)."""
+    for name, preset, seconds in (("h0", "cpu-hour", 2.0), ("h4", "vampprior-2", 9.0)):
+        _started(tmp_path / "timing" / name, preset, "auto", 2)
+        _started(tmp_path / name, preset, "auto", int(15 * 60 / seconds))
+    (tmp_path / "timings.json").write_text('{"h0": 2.0, "h4": 9.0}')
+    return tmp_path
+
+
+@pytest.mark.parametrize("flags, named", [
+    ([], "h4 trained on engine auto, and no --engine trains h4 on compiled: rerun with --engine auto to go on"),
+    (["--engine", "compiled"], "h0 trained on engine auto, and --engine compiled trains h0 on compiled: rerun with "
+                               "--engine auto to go on"),
+    (["--engine", "auto", "--budget-minutes", "10"], "h0 was started with 450 epochs, and --budget-minutes 10 gives h0 "
+                                                     "300 at its 2.00 s an epoch: rerun with the --budget-minutes it"),
+])
+def test_one_hour_reads_what_an_older_out_was_started_with_from_its_runs(one_hour, older_out, capsys, monkeypatch,
+                                                                         flags, named):
+    """Without settings.json, a rerun with another engine or budget than the runs there is refused all the same."""
+    def no_work(*args):
+        raise AssertionError("the refused rerun started work")
+
+    monkeypatch.setattr(one_hour, "seconds_per_epoch", no_work)
+    monkeypatch.setattr(one_hour, "train_and_validate", no_work)
+    with pytest.raises(SystemExit) as stopped:
+        one_hour.main(["--out", str(older_out), *flags])
+    assert stopped.value.code == 2
+    message = capsys.readouterr().err.strip().splitlines()
+    assert len(message) == 1 and named in message[0] and message[0].endswith("or choose a new --out")
+    assert not (older_out / "settings.json").exists()
+
+
+def test_one_hour_goes_on_in_an_older_out_with_its_settings_and_records_them(one_hour, older_out, monkeypatch):
+    """The settings the runs were started with are accepted, and settings.json is written before any work."""
+    trained = []
+
+    def train_and_validate(name, flags, epochs, out, threads):
+        assert json.loads((out / "settings.json").read_text()) == {"budget_minutes": 15.0, "engine": "auto"}
+        trained.append((name, flags[-2:], epochs))
+        return {"name": name, "error": "not trained in this test"}
+
+    monkeypatch.setattr(one_hour, "train_and_validate", train_and_validate)
+    monkeypatch.setattr(one_hour, "save_result", lambda result, stem: None)
+    one_hour.main(["--out", str(older_out), "--engine", "auto", "--only", "h0", "h4"])
+    assert trained == [("h0", ["--engine", "auto"], 450), ("h4", ["--engine", "auto"], 100)]
