@@ -433,3 +433,18 @@ def test_one_hour_goes_on_in_an_older_out_with_its_settings_and_records_them(one
     monkeypatch.setattr(one_hour, "save_result", lambda result, stem: None)
     one_hour.main(["--out", str(older_out), "--engine", "auto", "--only", "h0", "h4"])
     assert trained == [("h0", ["--engine", "auto"], 450), ("h4", ["--engine", "auto"], 100)]
+
+
+def test_one_hour_finds_the_validation_record_evaluate_writes_eager_or_compiled(one_hour, tmp_path):
+    """The script reads the record under the name `vaelab evaluate RUN --split validation --k 1000` gives it, with
+    the log weights computed eagerly or compiled (evaluate's default for a run trained with --engine compiled)."""
+    from vaelab.cli import build_parser, evaluation_name
+
+    assert one_hour.validation_record(tmp_path) is None
+    for compiled in (True, False):
+        args = build_parser().parse_args(["evaluate", str(tmp_path), "--split", "validation", "--k", "1000"])
+        args.compiled = compiled
+        record = tmp_path / evaluation_name(args, 10_000)
+        record.write_text("{}")
+        assert one_hour.validation_record(tmp_path) == record
+        record.unlink()
