@@ -232,3 +232,31 @@ def test_pages_render_in_a_real_browser(runs, data_dir, tmp_path, page):
     keep = os.environ.get("VAELAB_SCREENSHOTS")             # a directory to keep the screenshots in, to look at
     if keep:
         shutil.copy(shot, Path(keep) / shot.name)
+
+
+def test_compare_on_the_validation_split_pairs_validation_records_and_never_the_test_set(data_dir, tmp_path, capsys):
+    """`compare --split validation` pairs the runs' `evaluate --split validation` records digit by digit, and says
+    so on the page; by default the same runs, evaluated on validation digits only, have no test NLL to pair."""
+    for name, seed in (("a", "0"), ("b", "1")):
+        assert main(["train", "--out", str(tmp_path / name), "--epochs", "2", "--seed", seed, "--validation", "100",
+                     "--data-dir", str(data_dir), *SMALL]) == 0
+        assert main(["evaluate", str(tmp_path / name), "--split", "validation", "--k", "20", "--data-dir",
+                     str(data_dir), "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["compare", str(tmp_path / "a"), str(tmp_path / "b"), "--split", "validation",
+                 "--out", str(tmp_path / "v.html")]) == 0
+    out = capsys.readouterr().out
+    assert "paired: NLL(b) − NLL(a) =" in out and "over 100 digits" in out and "100 validation digits" in out
+    html = (tmp_path / "v.html").read_text()
+    assert "on the same validation digits" in html
+    a = json.loads(next((tmp_path / "a").glob("eval-validation-*.json")).read_text())
+    assert f"{a['nll']:.3f} ± " in out
+    assert main(["compare", str(tmp_path / "a"), str(tmp_path / "b"), "--split", "validation", "--format", "markdown",
+                 "--out", str(tmp_path / "v.html")]) == 0
+    assert "IWAE-20 on 100 validation digits" in capsys.readouterr().out
+    assert main(["compare", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "t.html")]) == 0
+    out = capsys.readouterr().out
+    assert "paired:" not in out and "b: no paired difference, neither run was evaluated on the test digits" in out
+    with pytest.raises(SystemExit) as refused:
+        build_parser().parse_args(["compare", "a", "b", "--split", "train"])
+    assert refused.value.code == 2

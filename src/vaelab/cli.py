@@ -256,6 +256,9 @@ def build_parser(parser_class: type[argparse.ArgumentParser] = _Parser) -> argpa
     compare.add_argument("--out", type=Path, help="the HTML page (default compare-<run>-<run>….html in the runs' "
                          "common parent directory, or the first run's where they share none but /; made again each "
                          "time)")
+    compare.add_argument("--split", choices=("test", "validation"), default="test",
+                         help="the evaluations compared: test (default), or validation (`vaelab evaluate RUN --split "
+                         "validation`), to choose among runs without touching the test set")
     compare.add_argument("--format", choices=list(TABLE_FORMATS), default="text",
                          help="the printed table: text (default), or latex (booktabs), markdown or csv to paste")
     compare.set_defaults(run=cmd_compare)
@@ -1074,7 +1077,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         raise UsageError("compare needs two or more runs")
     out = args.out or default_comparison_page(args.run_dirs)
     _check_page_target(out)
-    html, comparison = build_comparison(args.run_dirs)
+    html, comparison = build_comparison(args.run_dirs, args.split)
     _log(comparison_table(comparison) if args.format == "text" else comparison_export(comparison, args.format))
     _write_page(out, html)
     return 0

@@ -383,9 +383,12 @@ class Comparison:
     paired: list[dict[str, str]]                  # paired NLL differences against the first run
     notes: list[str]
     gaps: list[dict] = dataclasses.field(default_factory=list)   # each run's gap decomposition, paired differences
+    split: str = "test"                           # the digits the NLLs and paired differences are on
 
 
-def compare_runs(paths: Sequence[str | Path]) -> Comparison:
+def compare_runs(paths: Sequence[str | Path], split: str = "test") -> Comparison:
+    """The runs side by side on their headline evaluations of ``split`` (test, or validation: `evaluate --split
+    validation`, for choosing among runs without touching the test set), paired against the first run."""
     runs = [read_run(p) for p in paths]
     flat = [r.config.flat() for r in runs]
     keys = sorted(set().union(*flat))
@@ -393,13 +396,14 @@ def compare_runs(paths: Sequence[str | Path]) -> Comparison:
                    if len({str(f.get(key)) for f in flat}) > 1 and key not in ("train.threads", "data.data_dir")]
     rows, records = [], []
     for run in runs:
-        record = run.best_evaluation()
+        record = run.best_evaluation(split)
         records.append(record)
         layers = (record or {}).get("layers", [])
         rows.append({"name": run.name, "preset": preset_label(run.config),
                      "epochs": f"{run.epochs_done}/{run.epochs_total}", "status": run.status,
                      "nll": "—" if record is None else f"{_fmt(record['nll'])} ± {_fmt(record.get('nll_stderr'))}",
-                     "k": "—" if record is None else f"{estimator_label(record)}, {record['n_examples']} digits, "
+                     "k": "—" if record is None else f"{estimator_label(record)}, {record['n_examples']} "
+                                                     f"{'' if split == 'test' else split + ' '}digits, "
                                                      f"{weights_label(record)}",
                      "elbo": "—" if record is None else _fmt(record.get("elbo")),
                      "active": " + ".join(str(layer["active_units"]) for layer in layers) or "—",
@@ -411,18 +415,19 @@ def compare_runs(paths: Sequence[str | Path]) -> Comparison:
                                 "estimator": None if record is None else
                                 f"{estimator_label(record)} on {record['n_examples']} {record.get('split', 'test')} digits"}})
     paired, notes = [], []
+    evaluate_split = "" if split == "test" else f" --split {split}"
     for run, record in zip(runs, records):
         notes += run.notes
-        stale = run.stale_evaluations()
+        stale = run.stale_evaluations(split)
         if record is None and stale:
             notes.append(f"{run.name}: its evaluations ({', '.join(r['file'] for r in stale)}) measured earlier "
                          f"weights, not the run's current ones: stale, not shown; evaluate it again "
-                         f"(vaelab evaluate {run.path})")
+                         f"(vaelab evaluate {run.path}{evaluate_split})")
     base, base_record = runs[0], records[0]
     for run, record in zip(runs[1:], records[1:]):
         if base_record is None or record is None:
             notes.append(f"{run.name}: no paired difference, {'neither run was' if base_record is record else 'one run was not'} "
-                         f"evaluated (vaelab evaluate RUN)")
+                         f"evaluated on the {split} digits (vaelab evaluate RUN{evaluate_split})")
             continue
         same = (record.get("data_sha256") == base_record.get("data_sha256") and record["k"] == base_record["k"]
                 and record["n_examples"] == base_record["n_examples"] and record.get("data_sha256") is not None
@@ -442,7 +447,7 @@ def compare_runs(paths: Sequence[str | Path]) -> Comparison:
                        "stderr": _fmt(stderr), "digits": str(len(diff)),
                        "values": (float(diff.mean()), stderr),
                        "unpaired": _fmt(math.hypot(base_record.get("nll_stderr") or 0, record.get("nll_stderr") or 0))})
-    return Comparison(runs, differences, rows, paired, notes, _compare_gaps(runs))
+    return Comparison(runs, differences, rows, paired, notes, _compare_gaps(runs), split)
 
 
 def _compare_gaps(runs: list[RunInfo]) -> list[dict]:
@@ -527,8 +532,8 @@ def comparison_export(comparison: Comparison, kind: str) -> str:
     return render_table(header, rows, kind, caption)
 
 
-def build_comparison(paths: Sequence[str | Path]) -> tuple[str, Comparison]:
-    comparison = compare_runs(paths)
+def build_comparison(paths: Sequence[str | Path], split: str = "test") -> tuple[str, Comparison]:
+    comparison = compare_runs(paths, split)
     curves = [(r.name, r.metrics) for r in comparison.runs if r.metrics]
     figure = FigureSet().make("curves", "ELBO against epoch", lambda w: plots.curves_figure(curves, width=w)) \
         if curves else None
