@@ -1,13 +1,15 @@
 """Choose the one-hour preset of issue 21 on the validation split, reproducibly: one command.
 
-    python benchmarks/one_hour.py --out runs/one-hour [--budget-minutes 15] [--parallel 2] [--engine compiled]
+    python benchmarks/one_hour.py --out runs/one-hour [--budget-minutes 15] [--engine compiled] [--parallel 1]
 
 1. Times one epoch of every candidate alone on this machine (2 threads, the second of two epochs, with the
    per-epoch validation and test ELBO that training computes), on the first 50 000 training digits.
 2. Gives every candidate the same budget of those seconds: epochs = budget / seconds per epoch, so a slower
    model gets fewer epochs; its learning-rate schedule and warm-up span the epochs it gets.
-3. Trains them (``--parallel`` at a time, one thread each; the epochs were fixed in step 2, so sharing the cores
-   changes how long this takes, not what is trained), holding out the last 10 000 training digits.
+3. Trains them one at a time on 2 threads, holding out the last 10 000 training digits. (``--parallel N`` trains
+   N at a time on one thread each. The epochs were fixed in step 2, so sharing the cores changes how long this
+   takes, not what is trained; on the 2-core Xeon it took longer: on 2026-11-29, two at a time, each candidate
+   trained for 2.3–4.0 × its budget (h6, the last, 1.5 ×). One at a time on 2 threads, 2026-12-03: 0.97–1.12 ×.)
 4. Evaluates each once on those 10 000 validation digits with IWAE-1000 (``vaelab evaluate --split validation``;
    the test set is never touched) and prints the table, best first, with the winner's command for a full hour.
 
@@ -187,7 +189,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, required=True, help="where the candidates' runs go")
     parser.add_argument("--budget-minutes", type=float, default=15.0, help="training budget of each, in minutes of "
                         "2-thread training alone (default 15)")
-    parser.add_argument("--parallel", type=int, default=2, help="candidates trained at once, one thread each")
+    parser.add_argument("--parallel", type=int, default=1, help="candidates trained at once (default 1, on 2 "
+                        "threads; more: one thread each)")
     parser.add_argument("--only", nargs="+", choices=list(CANDIDATES), help="a subset of the candidates")
     parser.add_argument("--engine", choices=ENGINE_CHOICES, help="train every candidate on this engine (default: "
                         "each on its preset's)")
@@ -228,6 +231,8 @@ def main(argv: list[str] | None = None) -> None:
         hour = math.floor(3600 / (best["seconds_per_epoch"] * 60_000 / 50_000))
         print(f"\nbest: {best['name']}; one hour on all 60 000 training digits ≈ {hour} epochs:\n  vaelab train "
               + " ".join(best["flags"]) + f" --validation 0 --epochs {hour}")
+        print("each against it, paired digit by digit on the validation digits:\n  vaelab compare --split validation "
+              + " ".join(str(args.out / r["name"]) for r in done))
     stamp = datetime.date.today().isoformat()
     save_result({"machine": {"cpu": cpu_name(), "flags": kernel_flags(),
                              "python": platform.python_version(), "commit": git_commit()},

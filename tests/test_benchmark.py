@@ -448,3 +448,21 @@ def test_one_hour_finds_the_validation_record_evaluate_writes_eager_or_compiled(
         record.write_text("{}")
         assert one_hour.validation_record(tmp_path) == record
         record.unlink()
+
+
+def test_one_hour_prints_the_winner_first_and_the_comparison_on_validation_digits(one_hour, older_out, monkeypatch,
+                                                                                    capsys):
+    """The table is sorted by validation NLL, and the printed `vaelab compare` puts the winner first (its paired
+    differences are against the first run) on the validation split."""
+    nll = {"h0": 85.2, "h4": 83.1}
+
+    def train_and_validate(name, flags, epochs, out, threads):
+        return {"name": name, "epochs": epochs, "validation_nll": nll[name], "validation_nll_stderr": 0.2,
+                "validation_elbo_last_epoch": -nll[name] - 3, "active_units": [40, 20]}
+
+    monkeypatch.setattr(one_hour, "train_and_validate", train_and_validate)
+    monkeypatch.setattr(one_hour, "save_result", lambda result, stem: None)
+    one_hour.main(["--out", str(older_out), "--engine", "auto", "--only", "h0", "h4"])
+    out = capsys.readouterr().out
+    assert out.index("*  h4") < out.index("   h0") and "best: h4;" in out
+    assert f"vaelab compare --split validation {older_out / 'h4'} {older_out / 'h0'}" in out
