@@ -257,6 +257,15 @@ def test_compare_on_the_validation_split_pairs_validation_records_and_never_the_
     assert main(["compare", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "t.html")]) == 0
     out = capsys.readouterr().out
     assert "paired:" not in out and "b: no paired difference, neither run was evaluated on the test digits" in out
+    # a test evaluation with the gap decomposition is left out of the comparison on validation digits
+    assert main(["evaluate", str(tmp_path / "a"), "--gaps", "--gap-steps", "3", "--k", "20", "--data-dir",
+                 str(data_dir), "--no-progress"]) == 0
+    assert main(["compare", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "t.html")]) == 0
+    assert "where the nats go" in capsys.readouterr().out
+    assert main(["compare", str(tmp_path / "a"), str(tmp_path / "b"), "--split", "validation",
+                 "--out", str(tmp_path / "v.html")]) == 0
+    assert "where the nats go" not in capsys.readouterr().out and "Where the nats go" not in \
+        (tmp_path / "v.html").read_text()
     with pytest.raises(SystemExit) as refused:
         build_parser().parse_args(["compare", "a", "b", "--split", "train"])
     assert refused.value.code == 2

@@ -322,9 +322,9 @@ REPORT_SECTIONS = (("summary", "Results"), ("training", "Training"), ("evaluatio
                    ("run", "Configuration and provenance"))
 
 
-def newest_with(run: RunInfo, key: str) -> dict | None:
-    """The newest test evaluation of the current weights that holds ``key`` (gaps, k_curve)."""
-    records = [r for r in run.evaluations if key in r and not r["stale"] and r.get("split", "test") == "test"]
+def newest_with(run: RunInfo, key: str, split: str = "test") -> dict | None:
+    """The newest evaluation of ``split`` of the current weights that holds ``key`` (gaps, k_curve)."""
+    records = [r for r in run.evaluations if key in r and not r["stale"] and r.get("split", "test") == split]
     return max(records, key=lambda r: r.get("date") or "", default=None)
 
 
@@ -447,15 +447,15 @@ def compare_runs(paths: Sequence[str | Path], split: str = "test") -> Comparison
                        "stderr": _fmt(stderr), "digits": str(len(diff)),
                        "values": (float(diff.mean()), stderr),
                        "unpaired": _fmt(math.hypot(base_record.get("nll_stderr") or 0, record.get("nll_stderr") or 0))})
-    return Comparison(runs, differences, rows, paired, notes, _compare_gaps(runs), split)
+    return Comparison(runs, differences, rows, paired, notes, _compare_gaps(runs, split), split)
 
 
-def _compare_gaps(runs: list[RunInfo]) -> list[dict]:
-    """The gap decompositions (`evaluate --gaps`) of the runs that have one for their current weights, side by
-    side; against the first such run, the paired differences of both gaps over the same digits."""
+def _compare_gaps(runs: list[RunInfo], split: str = "test") -> list[dict]:
+    """The gap decompositions (`evaluate --gaps`) of ``split`` of the runs that have one for their current weights,
+    side by side; against the first such run, the paired differences of both gaps over the same digits."""
     entries = []
     for run in runs:
-        record = newest_with(run, "gaps")
+        record = newest_with(run, "gaps", split)
         if record is None:
             continue
         values = per_digit(run.path, record)
