@@ -43,6 +43,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -227,14 +228,21 @@ def step_floor(trainer, dtype: torch.dtype = torch.float32) -> dict[str, float]:
     return seconds
 
 
+def scratch_trainer(config: RunConfig, data, prefix: str = "vaelab-bench-") -> Trainer:
+    """A quiet Trainer on the CPU whose run directory is a fresh temporary folder, removed with the trainer (when it
+    is collected, or when the process exits): a benchmark's runs are measurements, not models, and one holds tens of
+    MB of weights and checkpoints (before, each test run of this file and of step.py left them in /tmp)."""
+    folder = tempfile.mkdtemp(prefix=prefix)
+    trainer = Trainer(config, folder, data, torch.device("cpu"), log=lambda m: None, progress=False)
+    weakref.finalize(trainer, shutil.rmtree, folder, ignore_errors=True)
+    return trainer
+
+
 def vaelab_trainer(arrays, batch: int = 64, hidden: int = 256, engine: str = "fused", precision: str = "fp32",
                    train_examples: int | None = None):
     config = RunConfig(model=ModelConfig(hidden=((hidden,),)), data=DataConfig(train_examples=train_examples),
                        train=TrainConfig(epochs=1, batch_size=batch, engine=engine, precision=precision))
-    data = prepare(arrays, config.data)
-    trainer = Trainer(config, tempfile.mkdtemp(prefix="vaelab-bench-"), data, torch.device("cpu"),
-                      log=lambda m: None, progress=False)
-    return trainer
+    return scratch_trainer(config, prepare(arrays, config.data))
 
 
 def vaelab_epoch(trainer) -> float:
@@ -358,7 +366,7 @@ def preset_floors(name: str, arrays, n_train: int, eval_digits: int = 40, traine
     IWAE-5000 as ``vaelab evaluate`` computes it by default for a run trained with ``engine``: compiled where
     ``compiled_as_trained`` says so, timed after one compiling pass over 20 digits."""
     from vaelab.engines import ENGINES
-    from vaelab.evaluation import compiled_as_trained, draws, iwae_estimator
+    from vaelab.evaluation import compiled_as_trained, iwae_estimator
     from vaelab.presets import apply_preset
 
     base = apply_preset(RunConfig(), name)
@@ -367,8 +375,7 @@ def preset_floors(name: str, arrays, n_train: int, eval_digits: int = 40, traine
                                  train=dataclasses.replace(base.train, epochs=1, early_stopping=0,
                                                            engine="auto"))       # products recorded uncompiled
     data = prepare(arrays, config.data)
-    trainer = Trainer(config, tempfile.mkdtemp(prefix="vaelab-floor-"), data, torch.device("cpu"),
-                      log=lambda m: None, progress=False)
+    trainer = scratch_trainer(config, data, "vaelab-floor-")
     batch, objective = config.train.batch_size, config.objective
     x = data.train_grey[:batch].gt(127).float()
     eps = torch.randn(objective.samples, batch, config.model.total_latent)
@@ -460,8 +467,7 @@ def interleaved_epochs_and_floors(name: str, arrays, engine: str | None = None, 
         base.data, validation=0, train_examples=None if epoch_steps is None else epoch_steps * train.batch_size,
         test_examples=100))
     data = prepare(arrays, config.data)
-    trainer = Trainer(config, tempfile.mkdtemp(prefix="vaelab-interleaved-"), data, torch.device("cpu"),
-                      log=lambda m: None, progress=False)
+    trainer = scratch_trainer(config, data, "vaelab-interleaved-")
     prepared = recorded_products(trainer)
     steps = -(-data.n_train // train.batch_size)
     vaelab_epoch(trainer)                                                    # compiles, warms the allocator

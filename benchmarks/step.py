@@ -31,7 +31,6 @@ import dataclasses
 import inspect
 import math
 import statistics
-import tempfile
 import time
 
 import torch
@@ -57,8 +56,9 @@ def preset_step(name: str, engine: str, all_digits: bool = False):
         base.data, validation=0, train_examples=None if all_digits else max(2000, 10 * train.batch_size),
         test_examples=100))
     data = prepare(load_mnist(log=lambda m: None), config.data)
-    trainer = training.Trainer(config, tempfile.mkdtemp(), data, torch.device("cpu"), log=lambda m: None,
-                               progress=False)
+    from run import scratch_trainer                                       # benchmarks/run.py, beside this file
+
+    trainer = scratch_trainer(config, data, "vaelab-step-")
     batch, objective, clip, value = train.batch_size, config.objective, train.clip_grad_norm, train.clip_grad_value
     count = data.n_train // batch if all_digits else 10
     xs = [data.train_grey[i * batch:(i + 1) * batch].gt(127).float() for i in range(count)]       # (B, 784) each

@@ -5,6 +5,7 @@ untouched, and the speed issue's targets are judged in the right direction."""
 from __future__ import annotations
 
 import dataclasses
+import gc
 import importlib.util
 import json
 from pathlib import Path
@@ -157,6 +158,27 @@ def test_epochs_timed_in_turn_can_be_short(bench, tiny_arrays):
     row = bench.interleaved_epochs_and_floors("seed", tiny_arrays, rounds=3, epoch_steps=2)
     assert row["interleaved_steps"] == 2 and len(row["interleaved_ratios"]) == 3
     assert all(r > 0 for r in row["interleaved_ratios"])
+
+
+def test_the_benchmarks_trainers_leave_no_run_behind(bench, step, tiny_arrays, monkeypatch, tmp_path):
+    """The trainers of run.py and step.py write into temporary folders that go with them: while a trainer lives its
+    run is there, and once it is collected nothing is left (before, every test run left three runs of tens of MB
+    each in /tmp, and every benchmark its own)."""
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    trainer = bench.vaelab_trainer(tiny_arrays)
+    trainer.fit()
+    (folder,) = tmp_path.iterdir()
+    assert folder.name.startswith("vaelab-bench-") and (folder / "model.safetensors").exists()
+    del trainer
+    gc.collect()
+    assert not folder.exists()
+    bench.interleaved_epochs_and_floors("seed", tiny_arrays, rounds=1, epoch_steps=2)
+    trainer, one = step.preset_step("seed", "auto")
+    gc.collect()
+    assert [f.name.split("-")[1] for f in tmp_path.iterdir()] == ["step"]
+    del trainer, one
+    gc.collect()
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_step_script_times_epochs_bare_steps_and_floors_in_turn(step, tiny_arrays):

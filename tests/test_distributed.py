@@ -71,6 +71,14 @@ def test_one_step_of_2_ranks_of_32_equals_one_step_of_1_of_64(tmp_path, engines)
             torch.testing.assert_close(grad, flat.param.grad, rtol=1e-5, atol=1e-7)
 
 
+@pytest.fixture(autouse=True)
+def children_temp(tmp_path_factory, monkeypatch):
+    """The processes this file starts take a temporary folder of pytest's as TMPDIR: torchrun's agent writes its
+    logs into a folder of its own there (torchelastic_…), which a killed agent leaves behind; pytest removes its
+    old folders, /tmp keeps them (five a run of this file, before)."""
+    monkeypatch.setenv("TMPDIR", str(tmp_path_factory.mktemp("children-tmp")))
+
+
 def torchrun(*args, **kwargs):
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
     return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
