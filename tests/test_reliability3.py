@@ -357,6 +357,27 @@ def test_compare_writes_beside_the_runs_and_shows_short_times(evaluated, tmp_pat
     assert default_comparison_page([Path("/a"), Path("/b")]) == Path("/compare-a-b.html")     # runs in / itself
 
 
+def test_compare_tells_apart_runs_of_the_same_name(evaluated, tmp_path, capsys):
+    from vaelab.cli import default_comparison_page
+    from vaelab.runs import distinct_labels
+
+    for folder in ("one-hour-60", "one-hour-15"):
+        shutil.copytree(evaluated, tmp_path / folder / "h4")
+    first, second = tmp_path / "one-hour-60" / "h4", tmp_path / "one-hour-15" / "h4"
+    code, out, _ = run(capsys, "compare", first, second, "--out", tmp_path / "c.html")
+    rows = [line.split()[0] for line in out.splitlines()[2:4]]
+    assert code == 0 and rows == ["one-hour-60/h4", "one-hour-15/h4"], out
+    assert "one-hour-15/h4: its evaluations" in out       # the fixture's evaluation measured earlier weights
+    html = (tmp_path / "c.html").read_text()
+    assert "one-hour-60/h4" in html and "one-hour-15/h4" in html
+    assert default_comparison_page([first, second]) == tmp_path / "compare-one-hour-60_h4-one-hour-15_h4.html"
+    # the shortest tail that no other run shares; a path that is another's tail, whole; one run given twice, counted
+    assert distinct_labels([first, second, tmp_path / "one-hour-60" / "h5"]) == [
+        "one-hour-60/h4", "one-hour-15/h4", "h5"]
+    assert distinct_labels([Path("/a/h4"), Path("/b/a/h4")]) == ["/a/h4", "b/a/h4"]
+    assert distinct_labels([first, first]) == ["h4", "h4 (2)"]
+
+
 def test_format_duration():
     from vaelab.runs import format_duration
 

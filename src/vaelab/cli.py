@@ -1090,7 +1090,9 @@ def default_comparison_page(run_dirs: Sequence[Path]) -> Path:
     import hashlib
     import os
 
-    names = [Path(p).resolve().name for p in run_dirs]
+    from vaelab.runs import distinct_labels
+
+    names = [label.replace("/", "_").replace(" ", "") for label in distinct_labels(run_dirs)]
     parents = [Path(p).resolve().parent for p in run_dirs]
     parent = Path(os.path.commonpath(parents))
     if parent == Path(parent.anchor):

@@ -18,8 +18,8 @@ from vaelab import checkpoint as ckpt
 from vaelab import plots
 from vaelab.evaluation import summarize
 from vaelab.presets import changed_fields, preset_label
-from vaelab.runs import (RunInfo, estimator_label, format_duration, of_best_weights, per_digit, read_run,
-                         weights_label)
+from vaelab.runs import (RunInfo, distinct_labels, estimator_label, format_duration, of_best_weights, per_digit,
+                         read_run, weights_label)
 from vaelab.training import plural
 
 # Pairs of digit classes whose interpolations the report shows (through the latent means).
@@ -390,6 +390,8 @@ def compare_runs(paths: Sequence[str | Path], split: str = "test") -> Comparison
     """The runs side by side on their headline evaluations of ``split`` (test, or validation: `evaluate --split
     validation`, for choosing among runs without touching the test set), paired against the first run."""
     runs = [read_run(p) for p in paths]
+    for run, label in zip(runs, distinct_labels(paths)):
+        run.label = label           # two runs named h4 in different folders: one-hour-60/h4 and s35/h4
     flat = [r.config.flat() for r in runs]
     keys = sorted(set().union(*flat))
     differences = [(key, [str(f.get(key, "—")) for f in flat]) for key in keys

@@ -8,7 +8,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -31,10 +31,11 @@ class RunInfo:
     meta: dict[str, Any] = field(default_factory=dict)          # the training state's metadata
     evaluations: list[dict[str, Any]] = field(default_factory=list)   # every record, each with "stale"
     notes: list[str] = field(default_factory=list)                    # files that were skipped, and why
+    label: str | None = None       # what a page calls it among others (distinct_labels); its folder's name if None
 
     @property
     def name(self) -> str:
-        return self.path.name
+        return self.label or self.path.name
 
     @property
     def epochs_total(self) -> int:
@@ -253,6 +254,26 @@ def read_run(path: str | Path) -> RunInfo:
         status = "interrupted"
     notes: list[str] = []
     return RunInfo(path, config, metrics, status, done, holder, meta, read_evaluations(path, notes), notes)
+
+
+def distinct_labels(paths: Sequence[str | Path]) -> list[str]:
+    """A label per run that tells it apart from the others: the shortest tail of its resolved path, in whole
+    folders, that no other run shares (one-hour-60/h4 and s35/h4 for two runs named h4); the same folder given twice
+    is told apart by its place in the list (h4 (2))."""
+    parts = [Path(p).resolve().parts for p in paths]
+    labels = []
+    for i, mine in enumerate(parts):
+        depth = 1
+        while depth < len(mine) and any(other[-depth:] == mine[-depth:] for j, other in enumerate(parts)
+                                        if j != i and other != mine):
+            depth += 1
+        labels.append(str(Path(*mine[-depth:])))
+    seen: dict[str, int] = {}
+    for i, label in enumerate(labels):
+        seen[label] = seen.get(label, 0) + 1
+        if seen[label] > 1:
+            labels[i] = f"{label} ({seen[label]})"
+    return labels
 
 
 def find_runs(directory: str | Path) -> list[Path]:
