@@ -58,3 +58,12 @@ def has_compiler() -> bool:
 
 
 needs_compiler = pytest.mark.skipif(not has_compiler(), reason="no C++ compiler for torch.compile (apt install g++)")
+
+
+@pytest.fixture
+def children_temp(tmp_path_factory, monkeypatch):
+    """Processes the test starts take a temporary folder of pytest's as TMPDIR: torchrun's agent writes its logs
+    into a folder of its own there (torchelastic_…), which a killed agent leaves behind; pytest removes its old
+    folders, /tmp keeps them. The children's only: this process's ``tempfile.gettempdir()`` is cached at its first
+    call, usually long before."""
+    monkeypatch.setenv("TMPDIR", str(tmp_path_factory.mktemp("children-tmp")))

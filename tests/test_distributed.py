@@ -72,11 +72,8 @@ def test_one_step_of_2_ranks_of_32_equals_one_step_of_1_of_64(tmp_path, engines)
 
 
 @pytest.fixture(autouse=True)
-def children_temp(tmp_path_factory, monkeypatch):
-    """The processes this file starts take a temporary folder of pytest's as TMPDIR: torchrun's agent writes its
-    logs into a folder of its own there (torchelastic_…), which a killed agent leaves behind; pytest removes its
-    old folders, /tmp keeps them (five a run of this file, before)."""
-    monkeypatch.setenv("TMPDIR", str(tmp_path_factory.mktemp("children-tmp")))
+def _children_temp(children_temp):
+    """Every test here starts processes (torchrun's agent and ranks): they take pytest's temporary folder."""
 
 
 def torchrun(*args, **kwargs):

@@ -244,7 +244,7 @@ def test_dir_of_vaelab_lists_the_api():
 # ---- 6. torchrun when a worker dies ---------------------------------------------------------------------------
 
 
-def test_a_killed_torchrun_worker_leaves_one_line_per_survivor(tmp_path, data_dir):
+def test_a_killed_torchrun_worker_leaves_one_line_per_survivor(tmp_path, data_dir, children_temp):
     from test_distributed import kill_all, torchrun
 
     run_dir = tmp_path / "run"
