@@ -604,7 +604,7 @@ def test_hot_loop_settings_flush_denormals_on_every_thread_and_restore_them(monk
     the block every share computes on denormals again."""
     from vaelab.evaluation import hot_loop_settings
 
-    monkeypatch.setattr(native, "_SWITCH", [])               # resolved afresh (a test before may have had no compiler)
+    monkeypatch.setattr(native, "_QUIET", {})               # resolved afresh (a test before may have had no compiler)
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
@@ -617,3 +617,74 @@ def test_hot_loop_settings_flush_denormals_on_every_thread_and_restore_them(monk
         assert int((x * 1.0).ne(0).sum()) == x.numel()
     finally:
         torch.set_num_threads(threads)
+
+
+# ---- the binarisation's draws (binarize.cpp) -----------------------------------------------------------------
+
+
+@pytest.fixture
+def binarize_kernel(monkeypatch):
+    """The kernel resolved afresh (a test before may have resolved it without a compiler)."""
+    monkeypatch.setattr(native, "_QUIET", {})
+    kernel = native.binarize_kernel()
+    assert kernel is not None
+    return kernel
+
+
+def _advanced(seed: int, draws: int) -> torch.Generator:
+    generator = torch.Generator().manual_seed(seed)
+    if draws:
+        torch.randint(0, 255, (draws,), dtype=torch.uint8, generator=generator)
+    return generator
+
+
+@needs_native
+@pytest.mark.parametrize("before", [0, 1, 623, 624, 625, 1000, 2 * 624 + 5])
+def test_the_binarisation_kernel_draws_torchs_pixels_and_leaves_its_generator_where_torch_does(before,
+                                                                                          binarize_kernel):
+    """MT19937 as torch.randint(0, 255, uint8) runs it, bit for bit: from a fresh generator and from every kind of
+    position in its 624 words (just before, at and after a twist), for sizes that end before, at and after one."""
+    kernel = binarize_kernel
+    for n in (0, 1, 5, 623, 624, 625, 1249, 100_003):
+        grey = torch.randint(0, 256, (n,), dtype=torch.uint8, generator=torch.Generator().manual_seed(n))
+        ours, theirs = _advanced(7, before), _advanced(7, before)
+        expected = torch.randint(0, 255, (n,), dtype=torch.uint8, generator=theirs).lt(grey).to(torch.uint8)
+        out = torch.empty_like(grey)
+        assert kernel(grey, out, ours)
+        assert torch.equal(out, expected), n
+        assert torch.equal(ours.get_state(), theirs.get_state()), n
+        assert torch.equal(torch.rand(9, generator=ours), torch.rand(9, generator=theirs))   # and later draws too
+
+
+@needs_native
+def test_the_binarisation_kernel_reads_rows_through_an_index_and_refuses_what_it_cannot_take(binarize_kernel):
+    kernel = binarize_kernel
+    grey = torch.randint(0, 256, (50, 784), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    rows = torch.randperm(50, generator=torch.Generator().manual_seed(2))[:31]
+    out = torch.empty(31, 784, dtype=torch.uint8)
+    ours, theirs = _advanced(3, 100), _advanced(3, 100)
+    assert kernel(grey, out, ours, rows)
+    expected = torch.randint(0, 255, (31, 784), dtype=torch.uint8, generator=theirs).lt(grey[rows]).to(torch.uint8)
+    assert torch.equal(out, expected) and torch.equal(ours.get_state(), theirs.get_state())
+    untouched = ours.get_state()
+    assert not kernel(grey.t(), torch.empty(784, 50, dtype=torch.uint8), ours)            # not contiguous
+    assert not kernel(grey.float(), out.float(), ours, rows)                               # not grey levels
+    assert not kernel(grey, torch.empty(30, 784, dtype=torch.uint8), ours, rows)           # a row too few
+    assert torch.equal(ours.get_state(), untouched)
+    with pytest.raises(IndexError, match="rows index 50 rows: .* 50"):
+        kernel(grey, out, ours, torch.cat([rows[:-1], torch.tensor([50])]))
+
+
+@pytest.mark.parametrize("parts", [1, 2])
+def test_binarize_gives_the_same_pixels_with_and_without_the_native_kernel_and_with_an_index(parts, monkeypatch):
+    from vaelab.data import binarize
+
+    monkeypatch.setattr(native, "_QUIET", {})                                    # resolved afresh
+
+    grey = torch.randint(0, 256, (301, 784), dtype=torch.uint8, generator=torch.Generator().manual_seed(4))
+    order = torch.randperm(301, generator=torch.Generator().manual_seed(5))
+    ours = binarize(grey, torch.Generator().manual_seed(6), parts, order)
+    assert torch.equal(ours, binarize(grey[order], torch.Generator().manual_seed(6), parts))
+    monkeypatch.setitem(native._QUIET, "binarize", None)                         # torch.randint draws
+    assert torch.equal(ours, binarize(grey, torch.Generator().manual_seed(6), parts, order))
+    assert torch.equal(ours, binarize(grey[order], torch.Generator().manual_seed(6), parts))

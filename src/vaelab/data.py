@@ -39,6 +39,7 @@ from typing import Callable, Iterator, Literal
 import numpy as np
 import torch
 
+from vaelab import native
 from vaelab.atomic import WriteError, atomic_write
 from vaelab.errors import DataError, UsageError
 
@@ -420,22 +421,28 @@ def _load_mnist(directory: Path, download: bool, log: Callable[[str], None]) -> 
 # Binarisation and batches (tensors only: no per-example Python work).
 
 
-def binarize(images: torch.Tensor, generator: torch.Generator, parts: int = 1) -> torch.Tensor:
-    """Bernoulli(k/255) pixels from uint8 grey levels, as uint8 0/1. images: (N, 784) uint8.
+def binarize(images: torch.Tensor, generator: torch.Generator, parts: int = 1,
+             rows: torch.Tensor | None = None) -> torch.Tensor:
+    """Bernoulli(k/255) pixels from uint8 grey levels, as uint8 0/1. images: (N, 784) uint8; ``rows``: the rows to
+    binarise, in this order (an epoch's permutation; (R,) int64, R rows out), read through the index without a copy
+    of the rows first where the native kernel draws; None: all of them.
 
     ``parts`` > 1 splits the rows into that many blocks, each drawn from its own generator seeded from
-    ``generator``, and draws them on up to that many threads: torch's CPU random draws run on one core,
-    so on this 2-core machine two parts take 0.21–0.23 s per epoch of 47 M pixels instead of 0.30–0.42
-    (benchmarks/README.md). The result depends on ``parts`` and the generator's state, never on the
-    number of cores.
+    ``generator``, and draws them on up to that many threads: torch's CPU random draws run on one core. The result
+    depends on ``parts`` and the generator's state, never on the number of cores, and the native kernel
+    (``native/binarize.cpp``) draws the same pixels as torch.randint, faster (benchmarks/README.md, thirty-seventh
+    session).
     """
-    out = torch.empty_like(images)
+    count = len(images) if rows is None else len(rows)
+    out = torch.empty((count, *images.shape[1:]), dtype=images.dtype, device=images.device)
     if parts == 1:
-        _binarize_into(out, images, generator)
+        _binarize_into(out, images, generator, rows)
         return out
     seeds = torch.randint(0, 2**62, (parts,), generator=generator, device=images.device).tolist()
-    blocks = zip(out.tensor_split(parts), images.tensor_split(parts), seeds)
-    jobs = [(o, i, torch.Generator(device=images.device).manual_seed(seed)) for o, i, seed in blocks]
+    blocks = zip(out.tensor_split(parts), images.tensor_split(parts) if rows is None else rows.tensor_split(parts),
+                 seeds)
+    jobs = [(o, images if rows is not None else i, torch.Generator(device=images.device).manual_seed(seed),
+             i if rows is not None else None) for o, i, seed in blocks]
     if images.device.type != "cpu":       # device generators are fast and asynchronous: no threads
         for job in jobs:
             _binarize_into(*job)
@@ -446,10 +453,16 @@ def binarize(images: torch.Tensor, generator: torch.Generator, parts: int = 1) -
     return out
 
 
-def _binarize_into(out: torch.Tensor, images: torch.Tensor, generator: torch.Generator) -> None:
-    # r uniform on {0..254}: P(r < k) = k/255, so k = 0 never fires and k = 255 always does.
-    r = torch.randint(0, 255, images.shape, dtype=torch.uint8, generator=generator, device=images.device)
-    torch.lt(r, images, out=out)
+def _binarize_into(out: torch.Tensor, images: torch.Tensor, generator: torch.Generator,
+                   rows: torch.Tensor | None = None) -> None:
+    # r uniform on {0..254}: P(r < k) = k/255, so k = 0 never fires and k = 255 always does. The native kernel draws
+    # the same r from the same generator as torch.randint does, bit for bit, in a vectorised loop.
+    kernel = native.binarize_kernel() if images.device.type == "cpu" else None
+    if kernel is not None and kernel(images, out, generator, rows):
+        return
+    grey = images if rows is None else images[rows]
+    r = torch.randint(0, 255, grey.shape, dtype=torch.uint8, generator=generator, device=images.device)
+    torch.lt(r, grey, out=out)
 
 
 @dataclass
@@ -519,7 +532,7 @@ def training_batches(data: MNISTData, batch_size: int, generator: torch.Generato
     if data.train_binary is not None:
         epoch = data.train_binary[order]                                  # (N, 784) uint8 0/1
     else:
-        epoch = binarize(data.train_grey[order], _generator_on(generator, device), parts=BINARIZE_PARTS)
+        epoch = binarize(data.train_grey, _generator_on(generator, device), BINARIZE_PARTS, order)   # (N, 784)
     for start in range(0, data.n_train, batch_size):
         yield epoch[start:start + batch_size].to(torch.float32)
 

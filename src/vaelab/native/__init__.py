@@ -4,8 +4,9 @@ What PyTorch runs as many small kernels in a Python loop, and what no product or
 here as a plain loop: the planar flow's two sequential recursions and the per-step work around them
 (``planar.cpp``; ``vaelab.models.flows``), the Bernoulli likelihood's Σ softplus over the logits in one pass
 (``softplus.cpp``; ``objectives.softplus_sum``), and a step's gradients gathered into the flat buffer with their
-squared norm on the way (``gather.cpp``; ``engines.write_gradient``), and flush-to-zero set on every thread of the team
-(``denormals.cpp``; ``evaluation.hot_loop_settings``). The sources use no torch headers; they take
+squared norm on the way (``gather.cpp``; ``engines.write_gradient``), flush-to-zero set on every thread of the team
+(``denormals.cpp``; ``evaluation.hot_loop_settings``), and an epoch's binarisation drawn from torch's MT19937 stream
+in a vectorised loop (``binarize.cpp``; ``data.binarize``). The sources use no torch headers; they take
 pointers to contiguous float32 or float64 arrays. Their parallel loops are OpenMP's, on the process's runtime, which
 is torch's own libgomp (loaded first, the same soname), with torch's thread count: threads started by the library
 instead competed with torch's, still spinning on the cores.
@@ -52,7 +53,7 @@ THREADING = (("-fopenmp",), ("-fopenmp-simd",))
 
 _UNRESOLVED = object()
 _OPS: dict[str, object] = {}          # name → its operators, or None where the library could not be had
-_SWITCH: list = []                    # ``denormal_switch``'s function (or None), once resolved
+_QUIET: dict[str, object] = {}        # ``_quiet``'s kernels (or None), once resolved
 
 
 class NativeBuildError(RuntimeError):
@@ -155,9 +156,29 @@ def denormal_switch():
     torch's OpenMP team (``denormals.cpp``), or None where the library cannot be had (not x86, no compiler, …; then
     ``torch.set_flush_denormal`` covers the calling thread alone). Resolved once per process, and not among the
     kernels a record names (``resolved``): it is a setting of the threads, not a computation of its own."""
-    if not _SWITCH:
-        _SWITCH.append(_denormal_switch())
-    return _SWITCH[0]
+    return _quiet("denormals", _denormal_switch)
+
+
+def binarize_kernel():
+    """A function (grey, out, generator) → None that writes ``torch.randint(0, 255, grey.shape, dtype=torch.uint8,
+    generator=generator) < grey`` into ``out`` and leaves ``generator`` in the state torch.randint would (``binarize
+    .cpp``; contiguous uint8 CPU tensors, a CPU generator), about 9 × faster; or None where the library cannot be had
+    (``data.binarize`` then draws with torch.randint). The same bits either way, so no warning and not among the
+    kernels a record names (``resolved``)."""
+    return _quiet("binarize", _binarize_kernel)
+
+
+def _quiet(name: str, make):
+    """``make()`` once per process: a kernel that changes no result, only its speed, so that where its library
+    cannot be had the PyTorch code runs without a warning and records need not name it."""
+    if name not in _QUIET:
+        if os.environ.get("VAELAB_NATIVE") == "0":
+            return None
+        try:
+            _QUIET[name] = make(ctypes.CDLL(str(build(name))))
+        except (NativeBuildError, OSError):
+            _QUIET[name] = None
+    return _QUIET[name]
 
 
 def planar_ops() -> PlanarOps | None:
@@ -278,15 +299,9 @@ def _softplus_ops(library):
     return softplus_sum
 
 
-def _denormal_switch():
-    # No warning where the library cannot be had: the calling thread flushes as it always did, and the kernels that
-    # compute the results (``_load``'s) say for themselves that they run without theirs.
-    if os.environ.get("VAELAB_NATIVE") == "0":
-        return None
-    try:
-        library = ctypes.CDLL(str(build("denormals")))
-    except (NativeBuildError, OSError):
-        return None
+def _denormal_switch(library):
+    # No warning where the library cannot be had (``_quiet``): the calling thread flushes as it always did, and the
+    # kernels that compute the results (``_load``'s) say for themselves that they run without theirs.
     kernel = library.flush_denormal_all_threads
     kernel.argtypes = [ctypes.c_int, ctypes.c_int]
     kernel.restype = ctypes.c_int
@@ -296,6 +311,50 @@ def _denormal_switch():
         return kernel(int(on), torch.get_num_threads())
 
     return flush_denormal_all_threads
+
+
+# torch's CPU generator state (CPUGeneratorImplState of ATen/CPUGeneratorImpl.cpp, torch 2.x): the initial seed
+# (uint64), left (int32), seeded (int32), next (uint64), MT19937's 624 words (uint64 each), then the normal samples'
+# cache; 5056 bytes in all. Another size is another layout: torch.randint draws then.
+GENERATOR_STATE_BYTES = 5056
+MT_WORDS = 624
+
+
+def _binarize_kernel(library):
+    kernel = library.binarize_mt19937
+    kernel.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64]
+    kernel.restype = None
+
+    def binarize_into(grey: torch.Tensor, out: torch.Tensor, generator: torch.Generator,
+                      rows: torch.Tensor | None = None) -> bool:
+        """out ← randint(0, 255) < grey[rows] (grey itself without ``rows``) as torch.randint would draw it from
+        ``generator``, which is left where torch.randint leaves it; False (nothing done) where the tensors or the
+        generator's state are not what the kernel takes. grey (N, D) or (n,), out (len(rows), D) or grey's shape,
+        rows (int64 indices into grey's rows)."""
+        tensors = (grey, out) if rows is None else (grey, out, rows)
+        if not (grey.dtype == out.dtype == torch.uint8 and generator.device.type == "cpu"
+                and all(t.device.type == "cpu" and t.is_contiguous() for t in tensors)
+                and (out.shape == grey.shape if rows is None else
+                     rows.dtype == torch.int64 and grey.dim() == 2 and out.shape == (len(rows), grey.shape[1]))):
+            return False
+        if rows is not None and len(rows) and not (0 <= int(rows.min()) and int(rows.max()) < len(grey)):
+            raise IndexError(f"rows index {len(grey)} rows: {int(rows.min())} … {int(rows.max())}")
+        state = generator.get_state()                                   # (5056,) uint8, a copy
+        if state.numel() != GENERATOR_STATE_BYTES:
+            return False
+        left, next_ = int(state[8:12].view(torch.int32)), int(state[16:24].view(torch.int64))
+        if not (1 <= left <= MT_WORDS and 0 <= next_ and next_ + left - 1 <= MT_WORDS):
+            return False
+        words = state[24:24 + 8 * MT_WORDS].view(torch.int64)          # (624,) the words, in a view of the copy
+        position = torch.tensor([left, next_], dtype=torch.int64)
+        kernel(words.data_ptr(), position.data_ptr(), grey.data_ptr(), None if rows is None else rows.data_ptr(),
+               grey.shape[-1], out.data_ptr(), out.numel())
+        state[8:12].view(torch.int32)[0] = int(position[0])
+        state[16:24].view(torch.int64)[0] = int(position[1])
+        generator.set_state(state)
+        return True
+
+    return binarize_into
 
 
 def _gather_kernel():
