@@ -439,10 +439,11 @@ def binarize(images: torch.Tensor, generator: torch.Generator, parts: int = 1,
         _binarize_into(out, images, generator, rows)
         return out
     seeds = torch.randint(0, 2**62, (parts,), generator=generator, device=images.device).tolist()
-    blocks = zip(out.tensor_split(parts), images.tensor_split(parts) if rows is None else rows.tensor_split(parts),
-                 seeds)
-    jobs = [(o, images if rows is not None else i, torch.Generator(device=images.device).manual_seed(seed),
-             i if rows is not None else None) for o, i, seed in blocks]
+    generators = [torch.Generator(device=images.device).manual_seed(seed) for seed in seeds]
+    if rows is None:            # each block of rows from its own block of images
+        jobs = list(zip(out.tensor_split(parts), images.tensor_split(parts), generators))
+    else:                       # each block of rows through its block of the index
+        jobs = [(o, images, g, r) for o, g, r in zip(out.tensor_split(parts), generators, rows.tensor_split(parts))]
     if images.device.type != "cpu":       # device generators are fast and asynchronous: no threads
         for job in jobs:
             _binarize_into(*job)
