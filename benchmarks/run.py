@@ -222,8 +222,9 @@ def step_floor(trainer, dtype: torch.dtype = torch.float32) -> dict[str, float]:
         for _ in range(steps):
             adam.step()
         seconds["adam"] = time.perf_counter() - start
+        order = torch.randperm(len(data.train_grey), generator=generator)
         start = time.perf_counter()
-        binarize(data.train_grey, generator, parts=BINARIZE_PARTS)
+        binarize(data.train_grey, generator, BINARIZE_PARTS, order)          # as an epoch draws them
         seconds["binarize"] = time.perf_counter() - start
     return seconds
 
