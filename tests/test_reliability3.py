@@ -378,6 +378,30 @@ def test_compare_tells_apart_runs_of_the_same_name(evaluated, tmp_path, capsys):
     assert distinct_labels([first, first]) == ["h4", "h4 (2)"]
 
 
+def test_a_run_copied_without_its_training_state_is_listed_as_trained_and_refuses_to_resume(tmp_path, capsys):
+    """tests/data's vaelab 0.2.0 `cpu-hour` run holds config, metrics, weights and an evaluation, no training state
+    (as a run shared without it would): listed as finished (12 of 12 epochs), or "weights only" where its epochs fall
+    short, never "not started"; --resume refuses in one line that offers evaluate, and changes nothing."""
+    run_dir = tmp_path / "shared" / "cpu-hour"
+    shutil.copytree(Path(__file__).parent / "data" / "runs-vaelab-0.2.0" / "cpu-hour", run_dir)
+    before = {p.name: p.read_bytes() for p in run_dir.iterdir()}
+    code, out, _ = run(capsys, "runs", tmp_path / "shared")
+    line = next(line for line in out.splitlines() if "cpu-hour" in line and "/" in line)
+    assert code == 0 and "12/12" in line and "finished" in line and "not started" not in line
+    code, _, err = run(capsys, "train", "--out", run_dir, "--resume", "--no-progress")
+    assert code == 2 and one_line(err) and "holds trained weights without the training state" in err
+    assert f"vaelab evaluate {run_dir}" in err and "remove" not in err
+    assert {p.name: p.read_bytes() for p in run_dir.iterdir() if p.name != ".lock"} == before     # the flock's file
+    config = json.loads((run_dir / "config.json").read_text())
+    config["train"]["epochs"] = 20
+    (run_dir / "config.json").write_text(json.dumps(config))
+    code, out, _ = run(capsys, "runs", tmp_path / "shared")
+    assert "weights only" in next(line for line in out.splitlines() if "cpu-hour" in line and "/" in line)
+    (run_dir / "model.safetensors").unlink()
+    code, out, _ = run(capsys, "runs", tmp_path / "shared")
+    assert "not started" in next(line for line in out.splitlines() if "cpu-hour" in line and "/" in line)
+
+
 def test_format_duration():
     from vaelab.runs import format_duration
 

@@ -546,6 +546,10 @@ def _resume(args: argparse.Namespace, world, observers: Sequence = ()) -> int:
         lock.append(ckpt.RunLock(run_dir).acquire())
         state_path = run_dir / ckpt.STATE
         if not state_path.exists():
+            if ckpt.is_run(run_dir) and (run_dir / ckpt.WEIGHTS).exists():      # copied without its state
+                raise CheckpointError(f"--resume: {state_path} is missing: {run_dir} holds trained weights without "
+                                      f"the training state a resume continues from; nothing was changed; evaluate "
+                                      f"it (vaelab evaluate {run_dir}), or train anew into another --out")
             what = "holds no checkpoint (it was stopped before its first epoch ended)" if ckpt.is_run(run_dir) \
                 else "is not a vaelab run"
             raise CheckpointError(f"--resume: {state_path} is missing: {run_dir} {what}; nothing was changed; "

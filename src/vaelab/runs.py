@@ -25,7 +25,8 @@ class RunInfo:
     path: Path
     config: RunConfig
     metrics: list[dict[str, float]]
-    status: str                    # finished | stopped early | interrupted | training now | not started
+    status: str                    # finished | stopped early | interrupted | training now | not started |
+    #                                weights only (trained weights without the training state: not resumable)
     epochs_done: int
     holder: int | None             # pid of the process training it now
     meta: dict[str, Any] = field(default_factory=dict)          # the training state's metadata
@@ -244,6 +245,8 @@ def read_run(path: str | Path) -> RunInfo:
     done = int(meta.get("epoch", len(metrics)))
     if holder is not None:
         status = "training now"
+    elif not meta and (path / ckpt.WEIGHTS).exists():       # weights copied without the training state
+        status = "finished" if done >= config.train.epochs else "weights only"
     elif not meta:
         status = "not started"
     elif done >= config.train.epochs and not meta.get("step"):
