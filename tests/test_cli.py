@@ -169,6 +169,7 @@ def test_run_directories_are_protected(trained, data_dir, tmp_path, capsys):
     assert code == 2 and "already holds a run; add --resume" in err
     code, _, err = run(capsys, "train", "--out", trained, "--resume", "--hidden", "128", "--data-dir", data_dir)
     assert code == 2 and "different config (model.hidden: [[256]] → [[128]])" in err
+    assert "only --epochs, --early-stopping, --device, --threads, --engine, --data-dir may change" in err
     code, _, err = run(capsys, "train", "--out", tmp_path / "nothing", "--resume")
     assert code == 2 and "not a vaelab run" in err
     code, _, err = run(capsys, "evaluate", tmp_path / "missing")

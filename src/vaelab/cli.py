@@ -375,7 +375,8 @@ _FLAGS = {
 }
 # What a resume may change: how long (the epochs, when to stop early), and where, with how many threads and with
 # which engine it runs (each computes the same gradient, to float rounding).
-RESUMABLE = {"train.epochs", "train.early_stopping", "train.device", "train.threads", "train.engine", "data.data_dir"}
+RESUMABLE = {"train.epochs": "--epochs", "train.early_stopping": "--early-stopping", "train.device": "--device",
+             "train.threads": "--threads", "train.engine": "--engine", "data.data_dir": "--data-dir"}
 # What a resume may amend, recorded where it took effect (train.log and the training state's ``amendments``): the
 # remedies of a run that diverged, so that it goes on from its last good checkpoint instead of starting anew.
 AMENDABLE = {"train.lr": "--lr", "train.clip_grad_norm": "--clip-grad-norm",
@@ -560,14 +561,14 @@ def _resume(args: argparse.Namespace, world, observers: Sequence = ()) -> int:
         state_config = RunConfig.from_dict(meta["config"], f"{state_path} (its copy of config.json)")
         restored = not (run_dir / ckpt.CONFIG).exists()
         saved = state_config if restored else RunConfig.load(run_dir / ckpt.CONFIG)
-        free = RESUMABLE | AMENDABLE.keys()
+        free = RESUMABLE.keys() | AMENDABLE.keys()
+        resumable = ", ".join(RESUMABLE.values())
         # an amendment reaches config.json at the resume, the state at its first checkpoint: both may differ there
         edited = [d for d in state_config.differences(saved) if d.split(":")[0] not in free]
         if edited:
             raise UsageError(f"{run_dir / ckpt.CONFIG} differs from the copy in {ckpt.STATE} ({'; '.join(edited)}, "
                              f"the state's value → config.json's): it was edited after training started; restore "
-                             f"it (resume only changes --epochs, --early-stopping, --device, --threads, --engine, "
-                             f"--data-dir) or start a new --out")
+                             f"it (resume only changes {resumable}) or start a new --out")
         if args.preset is not None and args.preset != saved.preset:
             raise UsageError(f"--resume with --preset {args.preset}, but the run started from preset "
                              f"{saved.preset}; resume without --preset")
@@ -576,9 +577,8 @@ def _resume(args: argparse.Namespace, world, observers: Sequence = ()) -> int:
         if changed:
             *amendable, last = AMENDABLE.values()
             raise UsageError(f"--resume with a different config ({'; '.join(changed)}); resume with the original "
-                             f"flags (only --epochs, --early-stopping, --device, --threads, --engine, --data-dir may "
-                             f"change, and {', '.join(amendable)} and {last} from where the run stands) or start a new "
-                             f"--out")
+                             f"flags (only {resumable} may change, and {', '.join(amendable)} and {last} from "
+                             f"where the run stands) or start a new --out")
         amendments = [d for d in state_config.differences(config) if d.split(":")[0] in AMENDABLE]
         done = int(meta.get("epoch", 0))
         if config.train.epochs < done:
