@@ -16,6 +16,9 @@ import torch.multiprocessing as mp
 from conftest import needs_compiler
 from vaelab import checkpoint as ckpt
 
+# every test here starts processes (torchrun's agent and ranks): they take a temporary folder of pytest's
+pytestmark = pytest.mark.usefixtures("children_temp")
+
 ARGS = ["--hidden", "64", "--latent", "8", "--batch-size", "32", "--test-examples", "50", "--no-progress"]
 
 
@@ -69,11 +72,6 @@ def test_one_step_of_2_ranks_of_32_equals_one_step_of_1_of_64(tmp_path, engines)
             grad = load_file(str(tmp_path / f"grad-{engine}-{rank}.safetensors"))["grad"]
             # float32, another summation order (two half-batch sums, then their sum)
             torch.testing.assert_close(grad, flat.param.grad, rtol=1e-5, atol=1e-7)
-
-
-@pytest.fixture(autouse=True)
-def _children_temp(children_temp):
-    """Every test here starts processes (torchrun's agent and ranks): they take pytest's temporary folder."""
 
 
 def torchrun(*args, **kwargs):

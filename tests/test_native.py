@@ -680,7 +680,6 @@ def test_binarize_gives_the_same_pixels_with_and_without_the_native_kernel_and_w
     from vaelab.data import binarize
 
     monkeypatch.setattr(native, "_QUIET", {})                                    # resolved afresh
-
     grey = torch.randint(0, 256, (301, 784), dtype=torch.uint8, generator=torch.Generator().manual_seed(4))
     order = torch.randperm(301, generator=torch.Generator().manual_seed(5))
     ours = binarize(grey, torch.Generator().manual_seed(6), parts, order)

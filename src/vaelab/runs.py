@@ -265,10 +265,9 @@ def distinct_labels(paths: Sequence[str | Path]) -> list[str]:
     is told apart by its place in the list (h4 (2))."""
     parts = [Path(p).resolve().parts for p in paths]
     labels = []
-    for i, mine in enumerate(parts):
+    for mine in parts:
         depth = 1
-        while depth < len(mine) and any(other[-depth:] == mine[-depth:] for j, other in enumerate(parts)
-                                        if j != i and other != mine):
+        while depth < len(mine) and any(other[-depth:] == mine[-depth:] for other in parts if other != mine):
             depth += 1
         labels.append(str(Path(*mine[-depth:])))
     seen: dict[str, int] = {}

@@ -338,8 +338,10 @@ def _binarize_kernel(library):
                 and (out.shape == grey.shape if rows is None else
                      rows.dtype == torch.int64 and grey.dim() == 2 and out.shape == (len(rows), grey.shape[1]))):
             return False
-        if rows is not None and len(rows) and not (0 <= int(rows.min()) and int(rows.max()) < len(grey)):
-            raise ValueError(f"row indices {int(rows.min())} … {int(rows.max())} for {len(grey)} rows of grey levels")
+        if rows is not None and len(rows):
+            low, high = (int(v) for v in torch.aminmax(rows))                   # one pass over the index
+            if low < 0 or high >= len(grey):
+                raise ValueError(f"row indices {low} … {high} for {len(grey)} rows of grey levels")
         state = generator.get_state()                                   # (5056,) uint8, a copy
         if state.numel() != GENERATOR_STATE_BYTES:
             return False
