@@ -293,6 +293,22 @@ def test_without_a_compiler_the_flow_warns_once_and_runs_its_pytorch_loop(monkey
     assert torch.equal(z, torch.zeros(2, 3)) and torch.equal(log_det, torch.zeros(2))   # u = w = b = 0: identity
 
 
+def test_without_a_compiler_the_kernels_that_change_no_result_are_left_out_without_a_warning(monkeypatch):
+    """The binarisation's draws and the denormal switch give the same bits as the PyTorch code they replace: where
+    their libraries cannot be had, they resolve to None silently, and the pixels come from torch.randint."""
+    from vaelab.data import binarize
+
+    monkeypatch.setattr(native, "compiler", lambda: None)
+    monkeypatch.setattr(native, "_QUIET", {})
+    grey = torch.randint(0, 256, (7, 784), dtype=torch.uint8, generator=torch.Generator().manual_seed(8))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert native.binarize_kernel() is None and native.denormal_switch() is None
+        pixels = binarize(grey, torch.Generator().manual_seed(9))
+    expected = torch.randint(0, 255, (7, 784), dtype=torch.uint8, generator=torch.Generator().manual_seed(9)).lt(grey)
+    assert torch.equal(pixels, expected.to(pixels.dtype)) and native._QUIET == {"binarize": None, "denormals": None}
+
+
 def test_planar_flow_without_gradients_reuses_its_step_quantities_and_gives_the_same_bits():
     """IWAE computes û, c and M once per batch of digits (``PlanarFlow.conditioned`` under no_grad): the same values,
     bit for bit, as the flow applied whole, for draws of the digits and for one set broadcast to all."""

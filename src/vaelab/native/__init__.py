@@ -175,10 +175,8 @@ def _quiet(name: str, make):
     if name not in _QUIET:
         if os.environ.get("VAELAB_NATIVE") == "0":
             return None
-        try:
-            _QUIET[name] = make(ctypes.CDLL(str(build(name))))
-        except (NativeBuildError, OSError):
-            _QUIET[name] = None
+        library = _load(name)
+        _QUIET[name] = None if library is None else make(library)
     return _QUIET[name]
 
 
@@ -197,15 +195,16 @@ def _resolve(name: str, make):
     return ops
 
 
-def _load(name: str, kernel: str, instead: str):
+def _load(name: str, kernel: str | None = None, instead: str | None = None):
     """Library ``name`` loaded (built first where needed), or None: ``VAELAB_NATIVE=0``, or it cannot be had, which
-    one warning says, naming the ``kernel`` and, ``instead``, what runs in its place."""
+    one warning says, naming the ``kernel`` and, ``instead``, what runs in its place (no ``kernel``: no warning)."""
     if os.environ.get("VAELAB_NATIVE") == "0":
         return None
     try:
         return ctypes.CDLL(str(build(name)))
     except (NativeBuildError, OSError) as exc:
-        warnings.warn(f"{kernel} native kernel is not available ({exc}); {instead}", RuntimeWarning, stacklevel=5)
+        if kernel is not None:
+            warnings.warn(f"{kernel} native kernel is not available ({exc}); {instead}", RuntimeWarning, stacklevel=5)
         return None
 
 
