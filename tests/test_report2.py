@@ -3,6 +3,7 @@ paste into LaTeX, Markdown or CSV, and refusals before the page is built."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -159,6 +160,30 @@ def test_a_long_run_with_a_warm_up_gets_an_inset_after_its_first_twentieth(monke
     short = elbo_rows([-500, -200] + [-100 + 0.05 * e for e in range(60)])
     (inset,) = plots.training_figure(short).axes[0].child_axes
     assert inset.get_title() == "epochs 3–62"
+
+
+def test_a_paused_epoch_does_not_flatten_the_others_seconds():
+    """A run paused for a quarter of an hour (SIGSTOP, then SIGCONT) recorded an epoch of 1153 s among epochs of
+    11–18 s: the seconds' axis stops just above the ordinary epochs, and each long one ends in a triangle at the
+    top, labelled with its seconds; a first epoch of 2.4 × the median (compiling) is drawn whole, as is every
+    epoch of a run without long ones."""
+    from vaelab import plots
+
+    values = [-100 + 0.01 * e for e in range(600)]
+    rows = elbo_rows(values)
+    for row, seconds in zip(rows, itertools.cycle([11.0, 12.5, 14.0, 18.0])):
+        row["epoch_seconds"] = seconds
+    rows[0]["epoch_seconds"] = 26.4
+    ordinary = plots.training_figure(rows).axes[2]
+    assert ordinary.get_ylim()[1] >= 26.4 and not ordinary.get_legend()
+    rows[21]["epoch_seconds"], rows[562]["epoch_seconds"], rows[563]["epoch_seconds"] = 840.6, 1153.3, math.nan
+    ax = plots.training_figure(rows).axes[2]
+    low, high = ax.get_ylim()
+    assert low == 0 and 26.4 <= high < 40
+    (triangles,) = [line for line in ax.get_lines() if line.get_marker() == "^"]
+    assert sorted(triangles.get_xdata()) == [22, 563] and set(triangles.get_ydata()) == {high}
+    assert sorted(text.get_text() for text in ax.texts) == ["1153 s", "841 s"]
+    assert ax.get_legend().get_texts()[0].get_text() == "2 epochs above the axis"
 
 
 def test_the_training_figure_stars_the_best_validation_elbo_in_the_panel_and_its_inset():

@@ -164,11 +164,47 @@ def _with_inset(ax, epochs: Sequence[int], series: Sequence[tuple[Sequence[float
     return inset
 
 
+# an epoch this many times the median epoch is drawn above a cut axis (``_epoch_seconds``)
+LONG_EPOCH = 5.0
+
+
+def _epoch_seconds(ax, epochs: Sequence[int], seconds: Sequence[float]) -> list[tuple[int, float]]:
+    """Each epoch's seconds as a bar. Where some epochs took more than ``LONG_EPOCH`` × the median (a process
+    paused and resumed, a shared machine, the first epoch's compiling), the axis stops a little above the other
+    epochs and each long bar ends in a triangle at the top, the longest three labelled with their seconds: one
+    paused epoch of 1153 s otherwise flattened 581 epochs of 11–18 s onto the axis. The (epoch, seconds) cut."""
+    ax.bar(epochs, seconds, color="C7", width=0.8)
+    ax.set_ylabel("seconds of the epoch's steps")
+    timed = [(e, s) for e, s in zip(epochs, seconds) if s == s]
+    if len(timed) < 3:
+        return []
+    median = float(np.median([s for _, s in timed]))
+    ordinary = [s for _, s in timed if s <= LONG_EPOCH * median]
+    top = 1.15 * max(ordinary)
+    cut = [(e, s) for e, s in timed if s > top]
+    if not cut or not ordinary:
+        return []
+    ax.set_ylim(0, top)
+    ax.plot([e for e, _ in cut], [top] * len(cut), marker="^", color="C3", linestyle="none", clip_on=False,
+            label=f"{len(cut)} epoch{'s' * (len(cut) > 1)} above the axis")
+    span = max(epochs) - min(epochs) or 1
+    labelled: list[int] = []
+    for epoch, value in sorted(cut, key=lambda pair: -pair[1]):
+        if len(labelled) == 3:
+            break
+        if all(abs(epoch - other) > 0.08 * span for other in labelled):     # labels that would overlap: the longest
+            ax.annotate(f"{value:.0f} s", (epoch, top), xytext=(0, -11), textcoords="offset points", ha="center",
+                        fontsize=7, color="C3")
+            labelled.append(epoch)
+    ax.legend(fontsize=7, loc="center right")
+    return cut
+
+
 def training_figure(metrics: Sequence[dict], width: float | None = None):
     """Panels against epoch, every epoch shown: the ELBO (train, validation, test; a star at the best validation
     ELBO, whose weights model-best.safetensors holds and early stopping counts from), its two parts
-    (−reconstruction = −E_q log p(x|z) and KL), the seconds of each epoch's steps, the learning rate and β
-    where either changes, and with --clip-grad-norm the mean gradient norm before clipping and the steps clipped.
+    (−reconstruction = −E_q log p(x|z) and KL), the seconds of each epoch's steps (the long ones above a cut axis,
+    ``_epoch_seconds``), the learning rate and β where either changes, and with --clip-grad-norm the mean gradient norm before clipping and the steps clipped.
     An inset zooms on the later epochs where the first ones dwarf them."""
     plt = _pyplot()
     epochs = [row["epoch"] for row in metrics]
@@ -206,8 +242,7 @@ def training_figure(metrics: Sequence[dict], width: float | None = None):
     for values, style in parts:
         axes[1].plot(epochs, values, **style)
     axes[1].set_ylabel("nats per digit")
-    axes[2].bar(epochs, [row["epoch_seconds"] for row in metrics], color="C7", width=0.8)
-    axes[2].set_ylabel("seconds of the epoch's steps")
+    _epoch_seconds(axes[2], epochs, [row["epoch_seconds"] for row in metrics])
     if schedule:
         axes[3].plot(epochs, [row["lr"] for row in metrics], color="C4", label="learning rate")
         axes[3].set_ylabel("learning rate")
