@@ -204,8 +204,8 @@ def training_figure(metrics: Sequence[dict], width: float | None = None):
     """Panels against epoch, every epoch shown: the ELBO (train, validation, test; a star at the best validation
     ELBO, whose weights model-best.safetensors holds and early stopping counts from), its two parts
     (−reconstruction = −E_q log p(x|z) and KL), the seconds of each epoch's steps (the long ones above a cut axis,
-    ``_epoch_seconds``), the learning rate and β where either changes, and with --clip-grad-norm the mean gradient norm before clipping and the steps clipped.
-    An inset zooms on the later epochs where the first ones dwarf them."""
+    ``_epoch_seconds``), the learning rate and β where either changes, and with --clip-grad-norm the mean gradient
+    norm before clipping and the steps clipped. An inset zooms on the later epochs where the first ones dwarf them."""
     plt = _pyplot()
     epochs = [row["epoch"] for row in metrics]
     marker = "." if len(epochs) <= 60 else None
