@@ -292,6 +292,7 @@ def test_early_stopping_ends_the_run_where_the_validation_elbo_stopped_improving
     assert read_run(out).status == "stopped early" and not read_run(out).resumable
     code, stdout, _ = run(capsys, "runs", tmp_path)
     assert code == 0 and "stopped early" in stdout and "4/10" in stdout
+    assert "best validation ELBO" in stdout and "-90.00 (epoch 2)" in stdout
     assert run(capsys, "report", out, "--out", tmp_path / "report.html")[0] == 0
     page = (tmp_path / "report.html").read_text()
     assert "stopped early: no better validation ELBO in the 2 epochs after epoch 2 (--early-stopping 2)" in page

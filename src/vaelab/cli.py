@@ -1128,7 +1128,7 @@ def cmd_runs(args: argparse.Namespace) -> int:
         try:
             run = read_run(path)
         except CheckpointError as exc:
-            rows.append([str(path), "?", "?", f"unreadable: {str(exc)[:60]}", "—", "—"])
+            rows.append([str(path), "?", "?", f"unreadable: {str(exc)[:60]}", "—", "—", "—"])
             continue
         for note in run.notes:
             _note(note)
@@ -1138,11 +1138,13 @@ def cmd_runs(args: argparse.Namespace) -> int:
             time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime(state_file.stat().st_mtime))
             if state_file.exists() else "—")
         status = run.status + (f" (pid {run.holder})" if run.holder and run.holder > 0 else "")
-        rows.append([str(path), preset_label(run.config), f"{run.epochs_done}/{run.epochs_total}", status, nll, date])
+        best = run.best_validation
+        rows.append([str(path), preset_label(run.config), f"{run.epochs_done}/{run.epochs_total}", status,
+                     f"{best[1]:.2f} (epoch {best[0]})" if best else "—", nll, date])
     if not rows:
         _log(f"no runs under {args.directory}")
         return 0
-    header = ["run", "preset/model", "epochs", "state", "best NLL", "last checkpoint"]
+    header = ["run", "preset/model", "epochs", "state", "best validation ELBO", "best NLL", "last checkpoint"]
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
     _log("  ".join(h.ljust(w) for h, w in zip(header, widths)))
     for row in rows:

@@ -301,10 +301,10 @@ def _summary(run: RunInfo, record: dict | None, layers: list[dict]) -> dict:
                "time": format_duration(run.training_seconds), "active": " + ".join(str(l["active_units"]) for l in layers),
                "latent": " + ".join(str(l["latent"]) for l in layers), "test_elbo": metrics.get("test_elbo"),
                "record": record, "best": None}
-    best_epoch, best = int(run.meta.get("best_epoch", 0)), run.meta.get("best_validation_elbo")
-    if best_epoch and best is not None:            # a validation split: the weights model-best.safetensors holds
-        summary["best"] = {"epoch": best_epoch, "elbo": float(best),
-                           "command": f"vaelab evaluate {run.path} --checkpoint best"}
+    best_epoch = 0
+    if run.best_validation:                        # a validation split: the weights model-best.safetensors holds
+        best_epoch, best = run.best_validation
+        summary["best"] = {"epoch": best_epoch, "elbo": best, "command": f"vaelab evaluate {run.path} --checkpoint best"}
     if run.status == "stopped early":
         patience, warmup = run.config.train.early_stopping, run.config.objective.warmup_epochs
         summary["status"] = (f"stopped early: no better validation ELBO in the {plural(patience, 'epoch')} "

@@ -50,6 +50,13 @@ class RunInfo:
     def training_seconds(self) -> float | None:
         return self.metrics[-1].get("elapsed_seconds") if self.metrics else None
 
+    @property
+    def best_validation(self) -> tuple[int, float] | None:
+        """(epoch, ELBO) of the best validation ELBO so far, whose weights model-best.safetensors holds; None
+        without a validation split (or a training state)."""
+        epoch, elbo = int(self.meta.get("best_epoch", 0)), self.meta.get("best_validation_elbo")
+        return (epoch, float(elbo)) if epoch and elbo is not None else None
+
     def best_evaluation(self, split: str = "test") -> dict | None:
         """The headline evaluation of ``split``: among the records of the run's current weights (never a stale
         one), the float32 one (records before bf16 evaluation were), then with the most digits, then the
