@@ -95,6 +95,64 @@ def test_a_new_evaluation_of_the_current_weights_is_the_headline_and_says_which_
     assert "eval-k10-n30-seed0.json" in html and "after epoch 2, stale" in html     # the old one, marked
 
 
+
+def test_an_evaluation_while_the_run_trains_on_records_the_weights_it_measured(tmp_path, data_dir, capsys,
+                                                                                monkeypatch):
+    """A training that goes on replaces model.safetensors and appends to metrics.csv while an evaluation runs
+    (IWAE-5000 takes minutes, an epoch seconds). The record names the weights the evaluation loaded, their digest
+    and epoch, not those on disk when it ended, so that it is stale once read, never the run's headline. Before,
+    the digest and the epochs were read after the evaluation: the record claimed the newer weights."""
+    import hashlib
+
+    from vaelab import evaluation
+    from vaelab.runs import read_run
+
+    run_dir, later, same = tmp_path / "run", tmp_path / "later", tmp_path / "same"
+    assert main(["train", "--out", str(run_dir), "--epochs", "2", "--validation", "100", "--data-dir", str(data_dir),
+                 *SMALL]) == 0
+    shutil.copytree(run_dir, later)
+    shutil.copytree(run_dir, same)
+    assert main(["train", "--out", str(later), "--resume", "--epochs", "3", "--no-progress"]) == 0
+    measured = hashlib.sha256((run_dir / ckpt.WEIGHTS).read_bytes()).hexdigest()
+    real = evaluation.evaluate_run
+
+    def training_goes_on(*args, **kwargs):              # the next checkpoint lands as the evaluation starts
+        for name in (ckpt.STATE, ckpt.WEIGHTS, ckpt.METRICS):
+            shutil.copyfile(later / name, run_dir / f".{name}.tmp")
+            os.replace(run_dir / f".{name}.tmp", run_dir / name)
+        return real(*args, **kwargs)
+
+    evaluate = ["--k", "5", "--test-examples", "20", "--data-dir", str(data_dir), "--no-progress"]
+    assert main(["evaluate", str(same), *evaluate]) == 0
+    monkeypatch.setattr(evaluation, "evaluate_run", training_goes_on)
+    assert main(["evaluate", str(run_dir), *evaluate]) == 0
+    capsys.readouterr()
+    info = read_run(run_dir)
+    (record,), (reference,) = info.evaluations, read_run(same).evaluations
+    assert record["weights_sha256"] == measured and record["epochs_trained"] == 2 and "weights_step" not in record
+    assert record["nll"] == reference["nll"]                           # the numbers of the weights it loaded
+    assert record["stale"] is True and info.epochs_done == 3 and info.best_evaluation() is None
+
+
+def test_weights_files_say_where_they_stand_in_their_run(tmp_path, data_dir, capsys):
+    """model.safetensors holds its epoch and the steps into the next (a run stopped inside an epoch), and
+    model-best.safetensors its epoch, in their metadata: an evaluation reads them from the file it loads, and says
+    so ('after epoch 1 and 3 steps of epoch 2'). Files without them (written before) are read as before."""
+    from vaelab.runs import weights_label
+
+    run_dir = tmp_path / "run"
+    assert main(["train", "--out", str(run_dir), "--epochs", "2", "--validation", "100", "--data-dir", str(data_dir),
+                 *SMALL]) == 0
+    _, meta, _ = ckpt.read_tensors(run_dir / ckpt.WEIGHTS)
+    _, best, _ = ckpt.read_tensors(run_dir / training.BEST_WEIGHTS)
+    state = ckpt.read_metadata(run_dir / ckpt.STATE)
+    assert meta == {"epoch": 2, "step": 0} and best == {"epoch": state["best_epoch"], "step": 0}
+    _, _, loaded = ckpt.load_model_weights(run_dir, weights=training.BEST_WEIGHTS)
+    assert loaded.epoch == state["best_epoch"] and loaded.step == 0
+    record = {"weights": ckpt.WEIGHTS, "epochs_trained": 1, "weights_step": 3, "stale": False}
+    assert weights_label(record) == "model.safetensors after epoch 1 and 3 steps of epoch 2"
+    assert weights_label({**record, "weights_step": None}) == "model.safetensors after epoch 1"
+
 # ---- 3. divergence --------------------------------------------------------------------------------------------
 
 

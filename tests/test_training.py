@@ -578,6 +578,7 @@ def test_clipping_taken_up_inside_an_epoch_counts_the_steps_it_measured(tmp_path
     second.load_checkpoint()
     with pytest.raises(training.Interrupted):
         second.fit()
+    assert ckpt.read_tensors(tmp_path / ckpt.WEIGHTS)[1] == {"epoch": 1, "step": 10}   # the weights say where they are
     monkeypatch.setitem(training.ENGINES, ("fused", "fp32"), engine)
     measured, clip_norm_ = [], training.clip_norm_
 

@@ -8,23 +8,24 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import hashlib
 import json
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save as save_bytes
+from safetensors.torch import load as load_bytes, save as save_bytes
 
 from vaelab.atomic import WriteError, atomic_write, write_text
 from vaelab.config import RunConfig
 from vaelab.errors import CheckpointError, RunLocked
 from vaelab.models import build_model
 
-__all__ = ["WriteError", "atomic_write", "write_text", "save_tensors", "load_tensors", "save_weights",
-           "load_model", "is_run", "RunLock", "lock_holder", "new_run_dir", "check_finite"]
+__all__ = ["WriteError", "atomic_write", "write_text", "save_tensors", "load_tensors", "read_tensors", "save_weights",
+           "load_model", "load_model_weights", "is_run", "RunLock", "lock_holder", "new_run_dir", "check_finite"]
 
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
@@ -42,18 +43,26 @@ def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[st
 
 def load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Read a safetensors file written by ``save_tensors``; a damaged one is a CheckpointError."""
+    tensors, metadata, _ = read_tensors(path)
+    return tensors, metadata
+
+
+def read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], str]:
+    """``load_tensors`` and the SHA-256 of the file, all from one read of its bytes: where a training replaces the
+    file meanwhile (an atomic rename: the read goes on in the old one), the tensors, metadata and digest are still
+    those of one version of it."""
     if not path.exists():
         raise CheckpointError(f"{path} is missing; the run is incomplete: retrain, or pass another run")
     try:
-        tensors = load_file(str(path))
-        with open(path, "rb") as handle:
-            header_len = int.from_bytes(handle.read(8), "little")
-            header = json.loads(handle.read(header_len))
+        data = path.read_bytes()
+        tensors = load_bytes(data)
+        header_len = int.from_bytes(data[:8], "little")
+        header = json.loads(data[8:8 + header_len])
         metadata = json.loads(header.get("__metadata__", {}).get("json", "{}"))
     except (SafetensorError, OSError, ValueError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{path} is truncated or corrupted ({exc}); it cannot be loaded: "
                               f"resume from an intact run or retrain") from exc
-    return tensors, metadata
+    return tensors, metadata, hashlib.sha256(data).hexdigest()
 
 
 def read_metadata(path: Path) -> dict[str, Any]:
@@ -71,8 +80,20 @@ def read_metadata(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"{path} is truncated or corrupted ({exc}); it cannot be read") from exc
 
 
-def save_weights(path: Path, model: torch.nn.Module) -> None:
-    save_tensors(path, model.state_dict())
+def save_weights(path: Path, model: torch.nn.Module, epoch: int | None = None, step: int = 0) -> None:
+    """The model's weights; in a run, with where they stand in its training (``epoch`` whole epochs and ``step``
+    steps of the next) in the file's metadata, so that a reader knows which weights it holds from the file itself
+    (since 2026-12-03; older files hold none)."""
+    save_tensors(path, model.state_dict(), None if epoch is None else {"epoch": epoch, "step": step})
+
+
+class LoadedWeights(NamedTuple):
+    """Which weights ``load_model_weights`` loaded: the file's name and the SHA-256 of the bytes it read, and where
+    the file says they stand in the run's training (None where it does not: written before 2026-12-03)."""
+    file: str
+    sha256: str
+    epoch: int | None
+    step: int | None
 
 
 def current_names(tensors: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -94,10 +115,18 @@ def current_names(tensors: dict[str, torch.Tensor], model: torch.nn.Module) -> d
 def load_model(run_dir: str | Path, device: torch.device | str = "cpu",
                weights: str = WEIGHTS) -> tuple[RunConfig, torch.nn.Module]:
     """Rebuild the model from ``config.json`` alone and load ``weights`` (default model.safetensors) into it."""
+    config, model, _ = load_model_weights(run_dir, device, weights)
+    return config, model
+
+
+def load_model_weights(run_dir: str | Path, device: torch.device | str = "cpu",
+                       weights: str = WEIGHTS) -> tuple[RunConfig, torch.nn.Module, LoadedWeights]:
+    """``load_model``, and which weights it loaded (``LoadedWeights``): read once, so that the digest and epoch are
+    those of the weights in the model even while a training replaces the file."""
     run_dir = require_run_dir(run_dir)
     config = RunConfig.load(run_dir / CONFIG)
     model = build_model(config.model).to(torch.float32)
-    tensors, _ = load_tensors(run_dir / weights)
+    tensors, meta, digest = read_tensors(run_dir / weights)
     tensors = current_names(tensors, model)
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     found = {name: tuple(t.shape) for name, t in tensors.items()}
@@ -106,7 +135,8 @@ def load_model(run_dir: str | Path, device: torch.device | str = "cpu",
                               f"(expected {expected}, found {found}); the files come from different runs")
     check_finite(tensors, run_dir / weights)
     model.load_state_dict(tensors)
-    return config, model.to(device).eval()
+    where = [int(meta[key]) if isinstance(meta.get(key), int) else None for key in ("epoch", "step")]
+    return config, model.to(device).eval(), LoadedWeights(weights, digest, *where)
 
 
 def require_run_dir(path: str | Path) -> Path:

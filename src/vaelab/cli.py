@@ -764,7 +764,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     """One process, or torchrun's: each rank estimates a shard of the digits; rank 0 checks, prints, writes."""
     from vaelab import checkpoint as ckpt
     from vaelab import distributed
-    from vaelab.data import file_sha256, idx_sha256, load_mnist, prepare, resolve_path
+    from vaelab.data import idx_sha256, load_mnist, prepare, resolve_path
     from vaelab.evaluation import EvalConfig, check_precision, evaluate_run
     from vaelab.provenance import provenance
     from vaelab.resources import check_bf16, default_threads, require_memory
@@ -776,7 +776,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         device = resolve_device(args.device, world)
         threads = _set_threads(args.threads or default_threads(world.local_size))
         weights = _weights_file(args.run_dir, args.checkpoint) if args.run_dir.is_dir() else ckpt.WEIGHTS
-        config, model = ckpt.load_model(args.run_dir, device, weights)
+        config, model, loaded = ckpt.load_model_weights(args.run_dir, device, weights)
+        position = _weights_position(args.run_dir, loaded)      # now, not after the evaluation: a training goes on
         if args.split == "validation" and not config.data.validation:
             raise UsageError(f"--split validation: {args.run_dir} was trained without --validation; it has no "
                              f"held-out digits (evaluate on --split test)")
@@ -809,8 +810,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         if not world.main:
             return 0
         record = {**provenance(device, threads), "run": str(args.run_dir.resolve()), "weights": weights,
-                  "weights_sha256": file_sha256(args.run_dir / weights), "epochs_trained": _epochs_trained(args.run_dir),
-                  **_best_epoch(args.run_dir, weights), "split": args.split,
+                  "weights_sha256": loaded.sha256, **position, "split": args.split,
                   "data_sha256": idx_sha256(images.cpu().numpy()), **summary}
         _log(format_eval_table(record) if args.format == "text" else evaluation_export(record, args.format))
         _write_evaluation(out, record, per_digit, labels, args)
@@ -845,14 +845,27 @@ def _evaluate_compiled(args: argparse.Namespace, config, model, device, main: bo
     return True
 
 
-def _best_epoch(run_dir: Path, weights: str) -> dict[str, int]:
-    """{"best_epoch": N} for an evaluation of the best-validation weights: the epoch they are from (the training
-    state's), which ``epochs_trained`` is not; {} for the last weights, or where the state does not say."""
-    from vaelab import checkpoint as ckpt
+def _weights_position(run_dir: Path, loaded) -> dict[str, int | None]:
+    """Where the weights an evaluation loaded (``checkpoint.LoadedWeights``) stand in their run: "epochs_trained",
+    the run's whole epochs (for the last weights, theirs); "best_epoch", the epoch of the best-validation weights;
+    "weights_step" where the last weights are that many steps into the next epoch (a run stopped inside one).
+    From the file's own metadata where it holds them (written since 2026-12-03), else from the run's files as they
+    are now, right after loading."""
     from vaelab.training import BEST_WEIGHTS
 
-    if weights != BEST_WEIGHTS:
-        return {}
+    if loaded.file == BEST_WEIGHTS:
+        best = {"best_epoch": loaded.epoch} if loaded.epoch else _best_epoch(run_dir)
+        return {"epochs_trained": _epochs_trained(run_dir), **best}
+    if loaded.epoch is None:
+        return {"epochs_trained": _epochs_trained(run_dir)}
+    return {"epochs_trained": loaded.epoch, **({"weights_step": loaded.step} if loaded.step else {})}
+
+
+def _best_epoch(run_dir: Path) -> dict[str, int]:
+    """{"best_epoch": N}: the epoch of the best-validation weights, as the training state says (which
+    ``epochs_trained`` is not); {} where the state does not say."""
+    from vaelab import checkpoint as ckpt
+
     try:
         epoch = int(ckpt.read_metadata(run_dir / ckpt.STATE).get("best_epoch", 0))
     except (ckpt.CheckpointError, TypeError, ValueError):

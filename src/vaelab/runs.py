@@ -128,12 +128,18 @@ def weights_label(record: dict) -> str:
         text += f" of epoch {best} (the best validation ELBO)" + (
             f", evaluated after epoch {epochs}" if isinstance(epochs, int) else "")
     elif isinstance(epochs, int):
-        text += f" after epoch {epochs}"
+        text += f" after epoch {epochs}" + _steps_into(record)
     if record.get("stale"):
         text += ", stale: not the run's weights now"
     elif record.get("stale") is None:
         text += " (weights not recorded)"
     return text
+
+
+def _steps_into(record: dict) -> str:
+    """' and 120 steps of epoch 6' for weights saved inside an epoch (a run stopped there), else ''."""
+    steps, epochs = record.get("weights_step"), record.get("epochs_trained")
+    return f" and {steps} steps of epoch {epochs + 1}" if isinstance(steps, int) and isinstance(epochs, int) else ""
 
 
 def format_duration(seconds: float | None) -> str:
@@ -156,7 +162,7 @@ def headline_nll(run: RunInfo) -> str:
         of_best = best.get("best_epoch")                     # the best weights' own epoch, where recorded
         where = ", ".join([f"K {best['k']}", f"{best['n_examples']} {best.get('split', 'test')} digits"]
                           + ([f"best weights of epoch {of_best}"] if isinstance(of_best, int) else
-                             ([f"epoch {epochs}"] if isinstance(epochs, int) else [])
+                             ([f"epoch {epochs}{_steps_into(best)}"] if isinstance(epochs, int) else [])
                              + (["best weights"] if of_best_weights(best) else [])))
         return f"{best['nll']:.2f} ({where})"
     stale = run.stale_evaluations() or run.stale_evaluations("validation")

@@ -365,7 +365,7 @@ class Trainer:
         never leaves older weights beside a newer state."""
         if not self.world.main:
             return
-        ckpt.save_weights(self.run_dir / ckpt.WEIGHTS, self.model)
+        ckpt.save_weights(self.run_dir / ckpt.WEIGHTS, self.model, self.state.epoch, self.state.step)
         self.write_metrics()
 
     def load_checkpoint(self) -> None:
@@ -540,7 +540,7 @@ class Trainer:
         if "validation_elbo" in row and row["validation_elbo"] > best:
             best_epoch, best = epoch, row["validation_elbo"]
             if self.world.main:          # before the state that records it
-                ckpt.save_weights(self.run_dir / BEST_WEIGHTS, self.model)
+                ckpt.save_weights(self.run_dir / BEST_WEIGHTS, self.model, epoch)
         self.state = TrainState(epoch=epoch, step=0, metrics=self.state.metrics + [row], best_epoch=best_epoch,
                                 best_validation_elbo=best, started=self.state.started,
                                 latent=self.state.latent + [latent], amendments=self.state.amendments)
