@@ -134,6 +134,66 @@ def test_an_evaluation_while_the_run_trains_on_records_the_weights_it_measured(t
     assert record["stale"] is True and info.epochs_done == 3 and info.best_evaluation() is None
 
 
+def test_a_write_that_must_not_replace_leaves_a_file_that_appeared_meanwhile(tmp_path, monkeypatch):
+    """``write_text(…, replace=False)`` never replaces: a file another process put there is left as it is
+    (FileExistsError), no temporary file stays behind, and a new name is written whole; also where the file system
+    has no hard links."""
+    import errno
+
+    from vaelab.atomic import write_text
+
+    for links in (True, False):
+        folder = tmp_path / f"links-{links}"
+        folder.mkdir()
+        if not links:
+            def no_links(*args):
+                raise OSError(errno.EPERM, "Operation not permitted")
+            monkeypatch.setattr(os, "link", no_links)
+        (folder / "taken.json").write_text("theirs")
+        with pytest.raises(FileExistsError):
+            write_text(folder / "taken.json", "ours", replace=False)
+        write_text(folder / "free.json", "ours", replace=False)
+        assert (folder / "taken.json").read_text() == "theirs" and (folder / "free.json").read_text() == "ours"
+        assert sorted(p.name for p in folder.iterdir()) == ["free.json", "taken.json"]
+        write_text(folder / "taken.json", "ours")                            # replace=True: as before
+        assert (folder / "taken.json").read_text() == "ours"
+
+
+def test_two_evaluations_of_the_same_settings_keep_both_records(tmp_path, data_dir, capsys, monkeypatch):
+    """Two `vaelab evaluate` of one run with the same K, digits and seed, the second started before the first
+    wrote its record: both pass the check for an earlier record, and before, the later one replaced the earlier
+    (its JSON possibly beside the other's per-digit file). Now the later one is written under the next free name,
+    with its own per-digit file, and a note says so; --overwrite still replaces."""
+    from vaelab import evaluation
+    from vaelab.runs import read_run
+
+    run_dir = tmp_path / "run"
+    assert main(["train", "--out", str(run_dir), "--epochs", "1", "--data-dir", str(data_dir), *SMALL]) == 0
+    evaluate = ["evaluate", str(run_dir), "--k", "5", "--test-examples", "20", "--data-dir", str(data_dir),
+                "--no-progress"]
+    real, name = evaluation.evaluate_run, "eval-k5-n20-seed0"
+
+    def the_other_finishes_first(*args, **kwargs):
+        result = real(*args, **kwargs)
+        monkeypatch.setattr(evaluation, "evaluate_run", real)
+        assert main(evaluate) == 0                                      # the other process, quicker
+        return result
+
+    monkeypatch.setattr(evaluation, "evaluate_run", the_other_finishes_first)
+    capsys.readouterr()
+    assert main(evaluate) == 0
+    out, err = capsys.readouterr()
+    theirs = json.loads((run_dir / f"{name}.json").read_text())
+    ours = json.loads((run_dir / f"{name}-2.json").read_text())
+    assert theirs["per_digit"] == f"{name}.digits.csv" and ours["per_digit"] == f"{name}-2.digits.csv"
+    assert (run_dir / f"{name}-2.digits.csv").read_text() == (run_dir / f"{name}.digits.csv").read_text()
+    assert f"{name}.json or its per-digit file was taken" in err and f"this one is {name}-2.json" in err
+    assert len(read_run(run_dir).evaluations) == 2
+    assert main([*evaluate, "--overwrite"]) == 0
+    assert sorted(p.name for p in run_dir.glob("eval*")) == sorted(
+        [f"{name}.json", f"{name}.digits.csv", f"{name}-2.json", f"{name}-2.digits.csv"])
+
+
 def test_weights_files_say_where_they_stand_in_their_run(tmp_path, data_dir, capsys):
     """model.safetensors holds its epoch and the steps into the next (a run stopped inside an epoch), and
     model-best.safetensors its epoch, in their metadata: an evaluation reads them from the file it loads, and says

@@ -6,6 +6,7 @@ torn file; a failed write (full disk, permissions) names the path and the OS err
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 from pathlib import Path
@@ -18,8 +19,10 @@ class WriteError(VaelabError):
     """A file of the run could not be written (permissions, full disk); names the path and the OS error."""
 
 
-def atomic_write(path: Path, write: Callable[[Any], None], mode: str = "wb") -> None:
-    """Write ``path`` through ``write(handle)`` atomically: temporary file, flush, fsync, rename."""
+def atomic_write(path: Path, write: Callable[[Any], None], mode: str = "wb", replace: bool = True) -> None:
+    """Write ``path`` through ``write(handle)`` atomically: temporary file, flush, fsync, rename. ``replace`` False:
+    never over a file of that name, even one another process wrote a moment ago (FileExistsError, that file
+    untouched): the complete temporary file is hard-linked to the name, which fails where the name exists."""
     try:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     except OSError as exc:
@@ -31,12 +34,17 @@ def atomic_write(path: Path, write: Callable[[Any], None], mode: str = "wb") -> 
             write(handle)
             handle.flush()
             os.fsync(handle.fileno())
-        os.replace(tmp, path)
+        if replace:
+            os.replace(tmp, path)
+        else:
+            _link_new(tmp, path)
     except BaseException as exc:
         try:
             os.unlink(tmp)
         except OSError:
             pass
+        if isinstance(exc, FileExistsError) and not replace:
+            raise
         if isinstance(exc, OSError):
             raise WriteError(f"cannot write {path}: {exc.strerror} (errno {exc.errno}); "
                              f"free some space or write elsewhere") from exc
@@ -52,11 +60,28 @@ def atomic_write(path: Path, write: Callable[[Any], None], mode: str = "wb") -> 
         pass
 
 
+def _link_new(tmp: str, path: Path) -> None:
+    """``tmp`` under the new name ``path`` (FileExistsError where it exists). Where the file system has no hard
+    links, the name is checked, then renamed to: a second writer in between would not be noticed there."""
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise
+    except OSError as exc:
+        if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS, errno.EMLINK):
+            raise
+        if path.exists():
+            raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(path)) from None
+        os.replace(tmp, path)
+        return
+    os.unlink(tmp)
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
 
 
-def write_text(path: Path, text: str) -> None:
-    atomic_write(path, lambda handle: handle.write(text), mode="w")
+def write_text(path: Path, text: str, replace: bool = True) -> None:
+    atomic_write(path, lambda handle: handle.write(text), mode="w", replace=replace)

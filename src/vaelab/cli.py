@@ -895,19 +895,35 @@ def strict_json(value: Any) -> Any:
 
 
 def _write_evaluation(out: Path, record: dict, per_digit: dict, labels, args: argparse.Namespace) -> None:
+    """The record ``out`` (JSON) and its per-digit estimates beside it (``….digits.csv``, written first). Without
+    --overwrite neither replaces a file: where another evaluation wrote that name while this one ran (it was free
+    when this one started), this one is written as ``…-2.json`` (the next free name), which a note says; the two
+    evaluations may have measured different weights (a training between them), and both records are kept."""
     from vaelab.atomic import WriteError, write_text
 
-    digits = out.with_name(out.name.removesuffix(".json") + ".digits.csv")
-    record = {**record, "per_digit": digits.name}
     names = list(per_digit)
     columns = [per_digit[name].tolist() for name in names]
     lines = [",".join(["digit", "label", *names])]
     for index, (label, *values) in enumerate(zip(labels.tolist(), *columns)):
         lines.append(",".join([str(index), str(label), *(f"{v:.6f}" for v in values)]))
-    text = json.dumps(strict_json(record), indent=2, allow_nan=False) + "\n"
+    stem, wanted = out.name.removesuffix(".json"), out
     try:
-        write_text(digits, "\n".join(lines) + "\n")
-        write_text(out, text)
+        for attempt in range(1, 1000):
+            out = wanted if attempt == 1 else wanted.with_name(f"{stem}-{attempt}.json")
+            digits = out.with_name(out.name.removesuffix(".json") + ".digits.csv")
+            text = json.dumps(strict_json({**record, "per_digit": digits.name}), indent=2, allow_nan=False) + "\n"
+            try:
+                write_text(digits, "\n".join(lines) + "\n", replace=args.overwrite)
+            except FileExistsError:
+                continue
+            try:
+                write_text(out, text, replace=args.overwrite)
+            except FileExistsError:
+                digits.unlink()
+                continue
+            break
+        else:
+            raise WriteError(f"{wanted} and 998 names after it are taken; pass --out another file")
     except WriteError as exc:
         fallback = Path(tempfile.gettempdir()) / f"vaelab-{args.run_dir.resolve().name}-{out.name}"
         try:
@@ -917,6 +933,9 @@ def _write_evaluation(out: Path, record: dict, per_digit: dict, labels, args: ar
         except WriteError:
             saved = "nothing could be saved (the results are printed above)"
         raise WriteError(f"{exc}; {saved}; next time pass --out FILE in a writable place") from exc
+    if out != wanted:
+        _note(f"{wanted.name} or its per-digit file was taken when this evaluation ended (by another evaluation of "
+              f"the same settings, or one stopped between its two files): this one is {out.name}")
     _log(f"written {out} and {digits.name}")
 
 
