@@ -212,6 +212,7 @@ def test_weights_files_say_where_they_stand_in_their_run(tmp_path, data_dir, cap
     record = {"weights": ckpt.WEIGHTS, "epochs_trained": 1, "weights_step": 3, "stale": False}
     assert weights_label(record) == "model.safetensors after epoch 1 and 3 steps of epoch 2"
     assert weights_label({**record, "weights_step": None}) == "model.safetensors after epoch 1"
+    assert weights_label({**record, "weights_step": 0}) == "model.safetensors after epoch 1"
 
 # ---- 3. divergence --------------------------------------------------------------------------------------------
 

@@ -60,7 +60,8 @@ def test_report_holds_every_section_and_is_self_contained(runs, data_dir, capsys
     assert check_self_contained(html) >= 9
     for text in ("finished", "3 of 3 epochs", "IWAE-20, q(z|x)", "worst- and best-explained", "per-digit log p(x)",
                  "samples from p(x)", "KL and posterior-mean variance per latent unit", "traversals", "interpolations", "principal components",
-                 "train.batch_size", "provenance"):
+                 "train.batch_size", "provenance", "Of model.safetensors after epoch 3, as this page was made",
+                 "The views below are of model.safetensors after epoch 3"):
         assert text in html, text
     assert "made in" in capsys.readouterr().out
 

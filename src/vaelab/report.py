@@ -241,7 +241,11 @@ def build_report(run_dir: str | Path, data_dir: str | None = None,
     start = time.perf_counter()
     figures = FigureSet(figures_dir)
     run = read_run(run_dir)
-    config, model = ckpt.load_model(run.path)
+    config, model, loaded = ckpt.load_model_weights(run.path)
+    # which weights the pictures and statistics below are of: the file says (a training may have gone on since the
+    # run was read); files written before 2026-12-03 do not, and then the run's epochs stand for theirs
+    pictured = weights_label({"weights": loaded.file, "stale": False, "weights_step": loaded.step,
+                              "epochs_trained": run.epochs_done if loaded.epoch is None else loaded.epoch})
     data_config = dataclasses.replace(run.config.data, test_examples=None, validation=0, train_examples=1,
                                       data_dir=data_dir or run.config.data.data_dir)
     data = prepare(load_mnist(data_config.data_dir), data_config)
@@ -251,8 +255,8 @@ def build_report(run_dir: str | Path, data_dir: str | None = None,
         layers, layers_from = record["layers"], f"from {record['file']} ({record['n_examples']} test digits)"
     else:
         layers = latent_statistics(model, images, 16, 0)
-        layers_from = (f"computed for this page on the {len(images)} test digits (16 draws per digit where a layer "
-                       f"needs draws); `vaelab evaluate` stores them with more")
+        layers_from = (f"of {pictured}, computed for this page on the {len(images)} test digits (16 draws per digit "
+                       f"where a layer needs draws); `vaelab evaluate` stores them with more")
     with torch.no_grad():
         samples = model.sample(80, torch.Generator().manual_seed(0)).numpy()
     generation = [figures.make("samples", "samples from p(x)", lambda w: plots.digit_rows_figure(
@@ -284,7 +288,7 @@ def build_report(run_dir: str | Path, data_dir: str | None = None,
         run=run, config_rows=_config_rows(config, changed), provenance=provenance, changed=changed,
         started=run.meta.get("started", ""), amendments=run.meta.get("amendments", []), training=training,
         metrics=run.metrics[-1] if run.metrics else None,
-        evaluation=evaluation, generation=generation, latent=latent, summary=_summary(run, record, layers), nats=nats,
+        evaluation=evaluation, generation=generation, latent=latent, pictured=pictured, summary=_summary(run, record, layers), nats=nats,
         kl=figures.make("kl-per-unit", "KL and posterior-mean variance per latent unit",
                         lambda w: plots.kl_figure(layers, width=w)), layers=layers, layers_from=layers_from,
         fmt=_fmt, duration=format_duration, generated=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),

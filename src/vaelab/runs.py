@@ -139,7 +139,8 @@ def weights_label(record: dict) -> str:
 def _steps_into(record: dict) -> str:
     """' and 120 steps of epoch 6' for weights saved inside an epoch (a run stopped there), else ''."""
     steps, epochs = record.get("weights_step"), record.get("epochs_trained")
-    return f" and {steps} steps of epoch {epochs + 1}" if isinstance(steps, int) and isinstance(epochs, int) else ""
+    return f" and {steps} steps of epoch {epochs + 1}" if isinstance(steps, int) and steps > 0 and \
+        isinstance(epochs, int) else ""
 
 
 def format_duration(seconds: float | None) -> str:
