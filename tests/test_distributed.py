@@ -74,6 +74,51 @@ def test_one_step_of_2_ranks_of_32_equals_one_step_of_1_of_64(tmp_path, engines)
             torch.testing.assert_close(grad, flat.param.grad, rtol=1e-5, atol=1e-7)
 
 
+def _rank_load(rank: int, world_size: int, store: str, runs: list[str], out: str) -> None:
+    """Rank ``rank`` loads the weights of ``runs[0]`` as the others do, then those of ``runs[rank]``: as if a training
+    replaced the file between the ranks' reads, every time. Writes what each load gave."""
+    import json
+
+    import torch.distributed as dist
+
+    from vaelab.cli import _load_the_same_weights
+    from vaelab.distributed import World
+    from vaelab.errors import CheckpointError
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size)
+    world = World(rank, world_size, rank, world_size)
+    outcome = [_load_the_same_weights(Path(runs[0]), "cpu", ckpt.WEIGHTS, world)[2].sha256]
+    try:
+        _load_the_same_weights(Path(runs[rank]), "cpu", ckpt.WEIGHTS, world)
+        outcome.append("loaded")
+    except CheckpointError as exc:
+        outcome.append(str(exc))
+    Path(f"{out}-{rank}.json").write_text(json.dumps(outcome))
+    dist.destroy_process_group()
+
+
+def test_the_ranks_of_an_evaluation_estimate_with_the_same_weights(tmp_path, data_dir):
+    """Each rank of `torchrun … vaelab evaluate` reads the weights file itself; where a training of the run
+    replaced it between their reads, the ranks compare digests and read again, and after three reads that differ
+    every rank stops with one message (before, each would have estimated its shard with other weights)."""
+    import json
+
+    from vaelab.cli import main
+
+    runs = [tmp_path / "a", tmp_path / "b"]
+    for seed, run in enumerate(runs):
+        assert main(["train", "--out", str(run), "--epochs", "1", "--seed", str(seed), "--data-dir", str(data_dir),
+                     "--train-examples", "200", *ARGS]) == 0
+    mp.start_processes(_rank_load, args=(2, str(tmp_path / "store"), [str(r) for r in runs], str(tmp_path / "out")),
+                       nprocs=2, join=True, start_method="spawn")
+    outcomes = [json.loads((tmp_path / f"out-{rank}.json").read_text()) for rank in range(2)]
+    assert outcomes[0][0] == outcomes[1][0]
+    for run, (_, message) in zip(runs, outcomes):                  # each rank names the file it read
+        assert message == (f"{run / ckpt.WEIGHTS} changed while the 2 processes read it, 3 times (a training of "
+                           f"this run writes it); evaluate again when it pauses, or evaluate a copy")
+
+
 def torchrun(*args, **kwargs):
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
     return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",

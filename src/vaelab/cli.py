@@ -776,7 +776,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         device = resolve_device(args.device, world)
         threads = _set_threads(args.threads or default_threads(world.local_size))
         weights = _weights_file(args.run_dir, args.checkpoint) if args.run_dir.is_dir() else ckpt.WEIGHTS
-        config, model, loaded = ckpt.load_model_weights(args.run_dir, device, weights)
+        config, model, loaded = _load_the_same_weights(args.run_dir, device, weights, world)
         position = _weights_position(args.run_dir, loaded)      # now, not after the evaluation: a training goes on
         if args.split == "validation" and not config.data.validation:
             raise UsageError(f"--split validation: {args.run_dir} was trained without --validation; it has no "
@@ -843,6 +843,25 @@ def _evaluate_compiled(args: argparse.Namespace, config, model, device, main: bo
     if main:
         _log("log weights compiled, as this run trained (--engine compiled); --no-compiled computes them eagerly")
     return True
+
+
+def _load_the_same_weights(run_dir: Path, device, weights: str, world, attempts: int = 3):
+    """``checkpoint.load_model_weights`` on every rank, read again where the ranks read different versions of the
+    file (a training of the run wrote a checkpoint between their reads, and each rank would estimate its shard
+    with other weights); a CheckpointError after ``attempts`` reads that differed."""
+    import torch
+
+    from vaelab import checkpoint as ckpt
+    from vaelab import distributed
+    from vaelab.errors import CheckpointError
+
+    for _ in range(attempts):
+        config, model, loaded = ckpt.load_model_weights(run_dir, device, weights)
+        digest = torch.tensor([int(loaded.sha256[:15], 16)], dtype=torch.int64)       # 60 bits of the SHA-256
+        if len({int(part) for part in distributed.gather(digest, world)}) == 1:
+            return config, model, loaded
+    raise CheckpointError(f"{run_dir / weights} changed while the {world.size} processes read it, {attempts} times "
+                          f"(a training of this run writes it); evaluate again when it pauses, or evaluate a copy")
 
 
 def _weights_position(run_dir: Path, loaded) -> dict[str, int | None]:
