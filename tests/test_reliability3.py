@@ -187,11 +187,41 @@ def test_two_evaluations_of_the_same_settings_keep_both_records(tmp_path, data_d
     ours = json.loads((run_dir / f"{name}-2.json").read_text())
     assert theirs["per_digit"] == f"{name}.digits.csv" and ours["per_digit"] == f"{name}-2.digits.csv"
     assert (run_dir / f"{name}-2.digits.csv").read_text() == (run_dir / f"{name}.digits.csv").read_text()
-    assert f"{name}.json or its per-digit file was taken" in err and f"this one is {name}-2.json" in err
+    assert f"{name}.json was written by another evaluation of the same settings while this one ran: this one is " \
+        f"{name}-2.json" in err
     assert len(read_run(run_dir).evaluations) == 2
     assert main([*evaluate, "--overwrite"]) == 0
     assert sorted(p.name for p in run_dir.glob("eval*")) == sorted(
         [f"{name}.json", f"{name}.digits.csv", f"{name}-2.json", f"{name}-2.digits.csv"])
+
+
+def test_an_evaluation_whose_files_cannot_be_written_in_the_run_saves_both_elsewhere(tmp_path, data_dir, capsys,
+                                                                                      monkeypatch):
+    """A full disk as the per-digit file is written after the record: the record is taken back out of the run,
+    and both go to the temporary directory, the record naming its per-digit file there; the message says where."""
+    import tempfile
+
+    from vaelab import atomic
+
+    run_dir, elsewhere = tmp_path / "run", tmp_path / "tmp"
+    elsewhere.mkdir()
+    assert main(["train", "--out", str(run_dir), "--epochs", "1", "--data-dir", str(data_dir), *SMALL]) == 0
+    real = atomic.write_text
+
+    def disk_full_on_digits(path, text, replace=True):
+        if path.parent == run_dir and path.name.endswith(".digits.csv"):
+            raise atomic.WriteError(f"cannot write {path}: No space left on device (errno 28)")
+        return real(path, text, replace)
+
+    monkeypatch.setattr(atomic, "write_text", disk_full_on_digits)
+    monkeypatch.setattr(tempfile, "tempdir", str(elsewhere))
+    code, out, err = run(capsys, "evaluate", run_dir, "--k", "5", "--test-examples", "20", "--data-dir", data_dir,
+                         "--no-progress")
+    saved = elsewhere / "vaelab-run-eval-k5-n20-seed0.json"
+    assert code == 1 and "NLL =" in out and "No space left" in err and f"the record was saved to {saved}" in err
+    assert not list(run_dir.glob("eval*"))
+    assert json.loads(saved.read_text())["per_digit"] == "vaelab-run-eval-k5-n20-seed0.digits.csv"
+    assert len((elsewhere / "vaelab-run-eval-k5-n20-seed0.digits.csv").read_text().splitlines()) == 21
 
 
 def test_weights_files_say_where_they_stand_in_their_run(tmp_path, data_dir, capsys):

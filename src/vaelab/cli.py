@@ -914,10 +914,13 @@ def strict_json(value: Any) -> Any:
 
 
 def _write_evaluation(out: Path, record: dict, per_digit: dict, labels, args: argparse.Namespace) -> None:
-    """The record ``out`` (JSON) and its per-digit estimates beside it (``….digits.csv``, written first). Without
-    --overwrite neither replaces a file: where another evaluation wrote that name while this one ran (it was free
-    when this one started), this one is written as ``…-2.json`` (the next free name), which a note says; the two
-    evaluations may have measured different weights (a training between them), and both records are kept."""
+    """The record ``out`` (JSON) and its per-digit estimates beside it (``….digits.csv``). Without --overwrite the
+    record never replaces a file: where another evaluation wrote that name while this one ran (it was free when
+    this one started), this one is written as ``…-2.json`` (the next free name), which a note says; the two
+    evaluations may have measured different weights (a training between them), and both records are kept. The
+    record is written first, so that its name is this evaluation's before its per-digit file is written (a
+    per-digit file without its record, left by a deleted record, is replaced); a reader that comes in between
+    finds the record without per-digit values for a moment, as after a crash there."""
     from vaelab.atomic import WriteError, write_text
 
     names = list(per_digit)
@@ -932,14 +935,14 @@ def _write_evaluation(out: Path, record: dict, per_digit: dict, labels, args: ar
             digits = out.with_name(out.name.removesuffix(".json") + ".digits.csv")
             text = json.dumps(strict_json({**record, "per_digit": digits.name}), indent=2, allow_nan=False) + "\n"
             try:
-                write_text(digits, "\n".join(lines) + "\n", replace=args.overwrite)
+                write_text(out, text, replace=args.overwrite)
             except FileExistsError:
                 continue
             try:
-                write_text(out, text, replace=args.overwrite)
-            except FileExistsError:
-                digits.unlink()
-                continue
+                write_text(digits, "\n".join(lines) + "\n")
+            except WriteError:
+                out.unlink(missing_ok=True)                # both go elsewhere (below), as one record
+                raise
             break
         else:
             raise WriteError(f"{wanted} and 998 names after it are taken; pass --out another file")
@@ -953,8 +956,8 @@ def _write_evaluation(out: Path, record: dict, per_digit: dict, labels, args: ar
             saved = "nothing could be saved (the results are printed above)"
         raise WriteError(f"{exc}; {saved}; next time pass --out FILE in a writable place") from exc
     if out != wanted:
-        _note(f"{wanted.name} or its per-digit file was taken when this evaluation ended (by another evaluation of "
-              f"the same settings, or one stopped between its two files): this one is {out.name}")
+        _note(f"{wanted.name} was written by another evaluation of the same settings while this one ran: this one "
+              f"is {out.name}")
     _log(f"written {out} and {digits.name}")
 
 
