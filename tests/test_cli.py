@@ -99,9 +99,15 @@ def test_evaluate_laplace_table(trained, data_dir, capsys):
     assert "approximation, not a bound" in out
 
 
-def test_sample_and_stirling_and_data(trained, data_dir, tmp_path, capsys):
+def test_sample_and_stirling_and_data(trained, data_dir, tmp_path, capsys, monkeypatch):
+    from vaelab import plots
+
+    titles, plot_grid = [], plots.plot_grid
+    monkeypatch.setattr(plots, "plot_grid", lambda images, path, title: (titles.append(title),
+                                                                          plot_grid(images, path, title)))
     code, out, _ = run(capsys, "sample", trained, "--n", "16", "--seed", "3", "--out", tmp_path / "s.png")
     assert code == 0 and (tmp_path / "s.png").read_bytes()[:8] == PNG
+    assert titles == ["16 samples from p(x), seed 3: decoder means\nof model.safetensors after epoch 1"]
     code, out, _ = run(capsys, "stirling", "--n", "1", "10", "100", "--terms", "2", "--plot", tmp_path / "st.png")
     assert code == 0 and (tmp_path / "st.png").read_bytes()[:8] == PNG
     row_100 = out.strip().splitlines()[-2].split()

@@ -1036,12 +1036,15 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from vaelab import checkpoint as ckpt
     from vaelab.plots import plot_grid
 
+    from vaelab.runs import pictured_weights, read_run
+
     weights = _weights_file(args.run_dir, args.checkpoint) if args.run_dir.is_dir() else ckpt.WEIGHTS
-    _, model = ckpt.load_model(args.run_dir, weights=weights)
+    _, model, loaded = ckpt.load_model_weights(args.run_dir, weights=weights)
     out = _picture_path(args.out or args.run_dir / f"samples-n{args.n}-seed{args.seed}.png")
     _check_target(out, args.overwrite, "picture")
     images = model.sample(args.n, torch.Generator().manual_seed(args.seed)).numpy()
-    plot_grid(images, out, f"{args.n} samples from p(x), seed {args.seed}: decoder means")
+    plot_grid(images, out, f"{args.n} samples from p(x), seed {args.seed}: decoder means\nof "
+                           f"{pictured_weights(loaded, read_run(args.run_dir))}")
     _log(f"written {out}")
     return 0
 

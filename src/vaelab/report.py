@@ -19,7 +19,7 @@ from vaelab import plots
 from vaelab.evaluation import summarize
 from vaelab.presets import changed_fields, preset_label
 from vaelab.runs import (RunInfo, distinct_labels, estimator_label, format_duration, of_best_weights, per_digit,
-                         read_run, weights_label)
+                         pictured_weights, read_run, weights_label)
 from vaelab.training import plural
 
 # Pairs of digit classes whose interpolations the report shows (through the latent means).
@@ -242,10 +242,7 @@ def build_report(run_dir: str | Path, data_dir: str | None = None,
     figures = FigureSet(figures_dir)
     run = read_run(run_dir)
     config, model, loaded = ckpt.load_model_weights(run.path)
-    # which weights the pictures and statistics below are of: the file says (a training may have gone on since the
-    # run was read); files written before 2026-12-03 do not, and then the run's epochs stand for theirs
-    pictured = weights_label({"weights": loaded.file, "stale": False, "weights_step": loaded.step,
-                              "epochs_trained": run.epochs_done if loaded.epoch is None else loaded.epoch})
+    pictured = pictured_weights(loaded, run)              # which weights the pictures and statistics below are of
     data_config = dataclasses.replace(run.config.data, test_examples=None, validation=0, train_examples=1,
                                       data_dir=data_dir or run.config.data.data_dir)
     data = prepare(load_mnist(data_config.data_dir), data_config)

@@ -136,6 +136,17 @@ def weights_label(record: dict) -> str:
     return text
 
 
+def pictured_weights(loaded, run: RunInfo) -> str:
+    """Which weights a picture or statistic drawn now is of, from ``checkpoint.LoadedWeights``: 'model.safetensors
+    after epoch 630', 'model-best.safetensors of epoch 594'. The epoch is the file's own (written since 2026-12-03:
+    a training that went on after ``run`` was read cannot mislabel it); older files' is the run's, as read."""
+    if of_best_weights({"weights": loaded.file}):
+        epoch = loaded.epoch or (run.best_validation or (None,))[0]
+        return loaded.file + (f" of epoch {epoch}" if epoch else "")
+    return weights_label({"weights": loaded.file, "stale": False, "weights_step": loaded.step,
+                          "epochs_trained": run.epochs_done if loaded.epoch is None else loaded.epoch})
+
+
 def _steps_into(record: dict) -> str:
     """' and 120 steps of epoch 6' for weights saved inside an epoch (a run stopped there), else ''."""
     steps, epochs = record.get("weights_step"), record.get("epochs_trained")
