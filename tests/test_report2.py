@@ -301,6 +301,46 @@ def test_report_into_a_missing_or_read_only_directory_is_refused_before_building
         os.chmod(locked, 0o700)
 
 
+def run(capsys, *args):
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def one_line(err: str) -> bool:
+    return len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_figures_for_a_paper_never_replace_another_runs_figures(evaluated, data_dir, tmp_path, capsys):
+    """`report --figures DIR` into a folder holding another run's figures (or files named as the figures are) is
+    refused before any work, one line naming whose they are and another folder; the figures stay as they were. An
+    earlier report of the same run is replaced, and said; a folder of other files takes the figures."""
+    figures = tmp_path / "figures"
+    shutil.copytree(evaluated / "figures", figures)
+    before = (figures / "training-full.pdf").read_bytes()
+    code, out, err = run(capsys, "report", evaluated / "b", "--data-dir", data_dir, "--figures", figures,
+                         "--out", tmp_path / "b.html")
+    assert code == 2 and one_line(err) and not (tmp_path / "b.html").exists()
+    assert f"holds the figures of the report of {(evaluated / 'a').resolve()}, which these would replace" in err
+    assert f"give another directory (e.g. {figures / 'b'})" in err
+    assert (figures / "training-full.pdf").read_bytes() == before
+    code, out, _ = run(capsys, "report", evaluated / "a", "--data-dir", data_dir, "--figures", figures,
+                       "--out", tmp_path / "a.html")
+    assert code == 0 and "they replace those of the earlier report of this run" in out
+    stray = tmp_path / "stray"
+    stray.mkdir()
+    (stray / "training-full.pdf").write_bytes(b"%PDF- someone else's")
+    code, _, err = run(capsys, "report", evaluated / "b", "--figures", stray, "--out", tmp_path / "b.html")
+    assert code == 2 and "holds files named as this report's figures (training-full.pdf)" in err
+    paper = tmp_path / "paper"
+    paper.mkdir()
+    (paper / "main.tex").write_text("\\documentclass{article}")
+    code, out, _ = run(capsys, "report", evaluated / "b", "--data-dir", data_dir, "--figures", paper,
+                       "--out", tmp_path / "b.html")
+    assert code == 0 and (paper / "training-full.pdf").exists() and "replace" not in out.split("figures in")[-1]
+    assert json.loads((paper / "vaelab-figures.json").read_text()) == {"run": str((evaluated / "b").resolve())}
+
+
 def test_the_elbo_legends_cover_no_point_of_the_curves_they_label(monkeypatch, tmp_path):
     """The legend of the ELBO plot and of the training figure's ELBO panel sits where it covers none of the curves'
     points (it used to sit in the upper left, over the steep first epochs): on the axes for a rising ELBO whose first

@@ -12,6 +12,7 @@ import dataclasses
 import decimal
 import json
 import math
+import re
 import sys
 import tempfile
 import time
@@ -1080,16 +1081,39 @@ def _check_page_target(out: Path) -> None:
         raise UsageError(f"--out {out}: {out.parent} is not writable; give --out in a writable directory")
 
 
-def _check_figures_target(directory: Path | None) -> None:
+# what `report --figures DIR` leaves in DIR beside the figures: which run they are of (so that a report of another
+# run never replaces them silently)
+FIGURES_MANIFEST = "vaelab-figures.json"
+# the names of the figures a report writes: KEY-column.pdf, KEY-full.svg, …, and KEY.png (report.FigureSet)
+_FIGURE_NAME = re.compile(r"[a-z0-9-]+-(column|full)\.(pdf|svg)|[a-z0-9-]+\.png")
+
+
+def _check_figures_target(directory: Path | None, run_dir: Path) -> bool:
+    """Refuse, before any work, a --figures directory that cannot take the figures: a file, not writable, or one
+    holding figures of another run's report (or files named as the figures are, from no report), which the
+    figures would replace. True where it holds those of an earlier report of this run (replaced, and said)."""
     import os
 
     if directory is None:
-        return
+        return False
     if directory.exists() and not directory.is_dir():
         raise UsageError(f"--figures {directory} is a file; give a directory for the figures")
     parent = directory if directory.exists() else directory.parent
     if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
         raise UsageError(f"--figures {directory}: {parent} is missing or not writable; give a writable directory")
+    taken = sorted(p.name for p in directory.glob("*") if _FIGURE_NAME.fullmatch(p.name)) if directory.exists() else []
+    if not taken:
+        return False
+    try:
+        of = json.loads((directory / FIGURES_MANIFEST).read_text()).get("run")
+    except (OSError, ValueError, AttributeError):
+        of = None
+    if of != str(run_dir.resolve()):
+        whose = f"the figures of the report of {of}" if isinstance(of, str) else \
+            f"files named as this report's figures ({', '.join(taken[:3])}{', …' if len(taken) > 3 else ''})"
+        raise UsageError(f"--figures {directory} holds {whose}, which these would replace; give another directory "
+                         f"(e.g. {directory / run_dir.resolve().name})")
+    return True
 
 
 def _write_page(out: Path, html: str) -> None:
@@ -1111,7 +1135,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     ckpt.require_run_dir(args.run_dir)
     out = args.out or args.run_dir / "report.html"
     _check_page_target(out)                       # before the page is built: a minute is not wasted
-    _check_figures_target(args.figures)
+    again = _check_figures_target(args.figures, args.run_dir)
     data_dir = str(resolve_path(args.data_dir, "--data-dir")) if args.data_dir else None
     if is_sweep(args.run_dir):
         start = time.perf_counter()
@@ -1120,14 +1144,18 @@ def cmd_report(args: argparse.Namespace) -> int:
         _log(f"report of the sweep {args.run_dir} made in {time.perf_counter() - start:.1f} s")
         return 0
     if args.figures is not None:
+        from vaelab.atomic import write_text
+
         args.figures.mkdir(parents=True, exist_ok=True)
+        write_text(args.figures / FIGURES_MANIFEST, json.dumps({"run": str(args.run_dir.resolve())}) + "\n")
     html, seconds = build_report(args.run_dir, data_dir, figures_dir=args.figures)
     _write_page(out, html)
     _log(f"report of {args.run_dir} made in {seconds:.1f} s ({len(html) / 2**20:.1f} MiB, self-contained)")
     if args.figures is not None:
         count = len(list(args.figures.glob("*.pdf")))
         _log(f"figures in {args.figures}: {count} as PDF and as SVG, each 3.25 in (one column, -column) and 6.75 in "
-             f"(full width, -full) wide, fonts embedded; the training curves and samples also as 300-dpi PNG")
+             f"(full width, -full) wide, fonts embedded; the training curves and samples also as 300-dpi PNG"
+             + ("; they replace those of the earlier report of this run" if again else ""))
     return 0
 
 
