@@ -67,3 +67,17 @@ def children_temp(tmp_path_factory, monkeypatch):
     folders, /tmp keeps them. The children's only: this process's ``tempfile.gettempdir()`` is cached at its first
     call, usually long before."""
     monkeypatch.setenv("TMPDIR", str(tmp_path_factory.mktemp("children-tmp")))
+
+
+def run(capsys, *args):
+    """`vaelab ARGS` in this process: (exit status, stdout, stderr)."""
+    from vaelab.cli import main
+
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def one_line(err: str) -> bool:
+    """Whether ``err`` is the one line (no traceback) that bad input gets."""
+    return len(err.strip().splitlines()) == 1 and "Traceback" not in err

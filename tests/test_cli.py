@@ -12,18 +12,13 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from conftest import run
 from vaelab import checkpoint as ckpt
 from vaelab.cli import _train_config, build_parser, main
 from vaelab.config import RunConfig
 from vaelab.errors import UsageError
 
 PNG = b"\x89PNG\r\n\x1a\n"
-
-
-def run(capsys, *args):
-    code = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.fixture(scope="module")

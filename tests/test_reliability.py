@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import run
 from vaelab import atomic
 from vaelab import checkpoint as ckpt
 from vaelab.cli import main
@@ -28,12 +29,6 @@ from vaelab.errors import CheckpointError, DataError, ResourceError, UsageError
 
 PNG = b"\x89PNG\r\n\x1a\n"
 SMALL = ["--hidden", "32", "--latent", "4", "--test-examples", "50", "--no-progress"]
-
-
-def run(capsys, *args):
-    code = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def snapshot(directory: Path) -> dict[str, bytes]:

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import one_line, run
 import vaelab
 from vaelab import checkpoint as ckpt
 from vaelab import training
@@ -29,16 +30,6 @@ from vaelab.engines import fused_step
 from vaelab.errors import TrainingDiverged, UsageError
 
 SMALL = ["--hidden", "32", "--latent", "4", "--test-examples", "50", "--train-examples", "600", "--no-progress"]
-
-
-def run(capsys, *args):
-    code = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def one_line(err: str) -> bool:
-    return len(err.strip().splitlines()) == 1 and "Traceback" not in err
 
 
 @pytest.fixture(scope="module")
@@ -222,6 +213,32 @@ def test_an_evaluation_whose_files_cannot_be_written_in_the_run_saves_both_elsew
     assert not list(run_dir.glob("eval*"))
     assert json.loads(saved.read_text())["per_digit"] == "vaelab-run-eval-k5-n20-seed0.digits.csv"
     assert len((elsewhere / "vaelab-run-eval-k5-n20-seed0.digits.csv").read_text().splitlines()) == 21
+
+
+def test_ctrl_c_during_an_evaluation_says_what_it_left(tmp_path, data_dir, capsys, monkeypatch):
+    """Ctrl-C in `vaelab evaluate` is one line, exit 130, saying that no record was written; before, it said
+    "stopped at once by a second signal; the last checkpoint stands", a training's message. A second signal in
+    training keeps that message."""
+    from vaelab import evaluation
+
+    run_dir = tmp_path / "run"
+    assert main(["train", "--out", str(run_dir), "--epochs", "1", "--data-dir", str(data_dir), *SMALL]) == 0
+
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(evaluation, "evaluate_run", ctrl_c)
+    code, _, err = run(capsys, "evaluate", run_dir, "--k", "5", "--test-examples", "20", "--data-dir", data_dir,
+                       "--no-progress")
+    assert code == 130 and one_line(err) and "interrupted (Ctrl-C) before it finished" in err
+    assert "the evaluation's record is written at its end: none was" in err and not list(run_dir.glob("eval*"))
+
+    def second_signal(*args, **kwargs):
+        raise training.StopNow(15)
+
+    monkeypatch.setattr(training.Trainer, "fit", second_signal)
+    code, _, err = run(capsys, "train", "--out", run_dir, "--resume", "--epochs", "2", "--no-progress")
+    assert code == 143 and one_line(err) and "stopped at once by a second signal; the last checkpoint stands" in err
 
 
 def test_weights_files_say_where_they_stand_in_their_run(tmp_path, data_dir, capsys):

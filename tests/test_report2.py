@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import one_line, run
 from vaelab.cli import main
 
 SMALL = ["--hidden", "32", "--latent", "6", "--test-examples", "60", "--train-examples", "600", "--no-progress"]
@@ -299,16 +300,6 @@ def test_report_into_a_missing_or_read_only_directory_is_refused_before_building
         assert code == 2 and "not writable" in err
     finally:
         os.chmod(locked, 0o700)
-
-
-def run(capsys, *args):
-    code = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def one_line(err: str) -> bool:
-    return len(err.strip().splitlines()) == 1 and "Traceback" not in err
 
 
 def test_figures_for_a_paper_never_replace_another_runs_figures(evaluated, data_dir, tmp_path, capsys):

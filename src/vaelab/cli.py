@@ -304,9 +304,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         _error(args.command, str(exc))
         return exc.exit_code
     except KeyboardInterrupt as exc:
-        signum = getattr(exc, "signum", 2)
-        _error(args.command, "stopped at once by a second signal; the last checkpoint stands")
-        return 128 + signum
+        if hasattr(exc, "signum"):               # training.StopNow: a second signal while training
+            _error(args.command, "stopped at once by a second signal; the last checkpoint stands")
+            return 128 + exc.signum
+        _error(args.command, "interrupted (Ctrl-C) before it finished; vaelab replaces each file whole, so none is "
+                             "left half-written" + (" (the evaluation's record is written at its end: none was)"
+                                                    if args.command == "evaluate" else ""))
+        return 130
     except MemoryError:
         _error(args.command, "out of memory; use smaller sizes (--k, --batch-size, --hidden) or free memory")
         return 1
