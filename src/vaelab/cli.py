@@ -289,6 +289,7 @@ def build_parser(parser_class: type[argparse.ArgumentParser] = _Parser) -> argpa
     stirling.add_argument("--terms", type=_whole_number(0, MAX_STIRLING_TERMS + 1), default=2,
                           help=f"correction terms K, 0 to {MAX_STIRLING_TERMS} (the series is asymptotic)")
     stirling.add_argument("--plot", type=Path, help="picture of the relative errors against N for 0..K terms")
+    stirling.add_argument("--overwrite", action="store_true", help="replace an existing --plot file")
     stirling.set_defaults(run=cmd_stirling)
     return parser
 
@@ -1263,6 +1264,8 @@ def cmd_stirling(args: argparse.Namespace) -> int:
     from vaelab.laplace import stirling_table
 
     plot = _picture_path(args.plot) if args.plot else None
+    if plot:
+        _check_target(plot, args.overwrite, "picture")
     table = stirling_table([float(n) for n in args.n], args.terms)
     header = ["N", "ln N! (lgamma)", "Laplace/Stirling", "rel. error", "12N × rel. error",
               f"rel. error, {args.terms} terms"]
