@@ -1041,7 +1041,6 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
     from vaelab import checkpoint as ckpt
     from vaelab.plots import plot_grid
-
     from vaelab.runs import pictured_weights, read_run
 
     weights = _weights_file(args.run_dir, args.checkpoint) if args.run_dir.is_dir() else ckpt.WEIGHTS
@@ -1089,8 +1088,9 @@ def _check_page_target(out: Path) -> None:
 # what `report --figures DIR` leaves in DIR beside the figures: which run they are of (so that a report of another
 # run never replaces them silently)
 FIGURES_MANIFEST = "vaelab-figures.json"
-# the names of the figures a report writes: KEY-column.pdf, KEY-full.svg, …, and KEY.png (report.FigureSet)
-_FIGURE_NAME = re.compile(r"[a-z0-9-]+-(column|full)\.(pdf|svg)|[a-z0-9-]+\.png")
+# the names of the figures a report writes: KEY-column.pdf, KEY-full.svg, …, and training.png, samples.png (the
+# raster ones, report.FigureSet)
+_FIGURE_NAME = re.compile(r"[a-z0-9-]+-(column|full)\.(pdf|svg)|(training|samples)\.png")
 
 
 def _check_figures_target(directory: Path | None, run_dir: Path) -> bool:

@@ -182,7 +182,7 @@ def _epoch_seconds(ax, epochs: Sequence[int], seconds: Sequence[float]) -> list[
     ordinary = [s for _, s in timed if s <= LONG_EPOCH * median]
     top = 1.15 * max(ordinary)
     cut = [(e, s) for e, s in timed if s > top]
-    if not cut or not ordinary:
+    if not cut or top <= 0:                 # (epochs of no measurable time: nothing to cut the axis at)
         return []
     ax.set_ylim(0, top)
     ax.plot([e for e, _ in cut], [top] * len(cut), marker="^", color="C3", linestyle="none", clip_on=False,
