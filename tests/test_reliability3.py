@@ -116,8 +116,9 @@ def test_an_evaluation_while_the_run_trains_on_records_the_weights_it_measured(t
     evaluate = ["--k", "5", "--test-examples", "20", "--data-dir", str(data_dir), "--no-progress"]
     assert main(["evaluate", str(same), *evaluate]) == 0
     monkeypatch.setattr(evaluation, "evaluate_run", training_goes_on)
-    assert main(["evaluate", str(run_dir), *evaluate]) == 0
     capsys.readouterr()
+    assert main(["evaluate", str(run_dir), *evaluate]) == 0
+    assert f"evaluating {run_dir} (model.safetensors after epoch 2) on 20 test digits" in capsys.readouterr().out
     info = read_run(run_dir)
     (record,), (reference,) = info.evaluations, read_run(same).evaluations
     assert record["weights_sha256"] == measured and record["epochs_trained"] == 2 and "weights_step" not in record

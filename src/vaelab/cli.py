@@ -774,6 +774,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from vaelab.evaluation import EvalConfig, check_precision, evaluate_run
     from vaelab.provenance import provenance
     from vaelab.resources import check_bf16, default_threads, require_memory
+    from vaelab.runs import pictured_weights, read_run
     from vaelab.training import plural, resolve_device
 
     world = distributed.world_from_environment()
@@ -810,8 +811,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         distributed.on_main(world, lambda: _check_target(out, args.overwrite, "evaluation"))
         processes = f", {world.size} processes" if world.distributed else ""
         if world.main:
-            _log(f"evaluating {args.run_dir} ({weights}) on {len(images)} {args.split} digits, K = {args.k}, device "
-                 f"{device}, {plural(threads, 'thread')}{processes}")
+            _log(f"evaluating {args.run_dir} ({pictured_weights(loaded, read_run(args.run_dir))}) on {len(images)} "
+                 f"{args.split} digits, K = {args.k}, device {device}, {plural(threads, 'thread')}{processes}")
         summary, per_digit = evaluate_run(model, images, eval_config, progress=_progress(args), world=world)
         if not world.main:
             return 0
