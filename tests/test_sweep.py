@@ -398,6 +398,8 @@ def test_the_report_of_a_sweep_renders_in_a_browser(example, tmp_path):
     from test_report import CHROMIUM, chromium
 
     root, _ = example
+    assert main(["report", str(root / "out"), "--figures", str(tmp_path / "figures")]) == 2    # a run's, not a sweep's
+    assert not (tmp_path / "figures").exists()
     assert main(["report", str(root / "out"), "--out", str(root / "out" / "sweep.html")]) == 0
     html = (root / "out" / "sweep.html").read_text()
     for text in ("Optimisation history", "parameter importances", "trials/0000/report.html", "best so far",

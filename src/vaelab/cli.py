@@ -1141,6 +1141,9 @@ def cmd_report(args: argparse.Namespace) -> int:
     ckpt.require_run_dir(args.run_dir)
     out = args.out or args.run_dir / "report.html"
     _check_page_target(out)                       # before the page is built: a minute is not wasted
+    if is_sweep(args.run_dir) and args.figures is not None:
+        raise UsageError(f"--figures writes a run's figures; {args.run_dir} is a sweep: give one of its trials "
+                         f"(vaelab report {args.run_dir / 'trials' / '0000'} --figures {args.figures})")
     again = _check_figures_target(args.figures, args.run_dir)
     data_dir = str(resolve_path(args.data_dir, "--data-dir")) if args.data_dir else None
     if is_sweep(args.run_dir):
