@@ -81,16 +81,16 @@ def _rank_load(rank: int, world_size: int, store: str, runs: list[str], out: str
 
     import torch.distributed as dist
 
-    from vaelab.cli import _load_the_same_weights
+    from vaelab.records import load_the_same_weights
     from vaelab.distributed import World
     from vaelab.errors import CheckpointError
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size)
     world = World(rank, world_size, rank, world_size)
-    outcome = [_load_the_same_weights(Path(runs[0]), "cpu", ckpt.WEIGHTS, world)[2].sha256]
+    outcome = [load_the_same_weights(Path(runs[0]), "cpu", ckpt.WEIGHTS, world)[2].sha256]
     try:
-        _load_the_same_weights(Path(runs[rank]), "cpu", ckpt.WEIGHTS, world)
+        load_the_same_weights(Path(runs[rank]), "cpu", ckpt.WEIGHTS, world)
         outcome.append("loaded")
     except CheckpointError as exc:
         outcome.append(str(exc))

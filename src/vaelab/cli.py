@@ -14,7 +14,6 @@ import json
 import math
 import re
 import sys
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -773,6 +772,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from vaelab.data import idx_sha256, load_mnist, prepare, resolve_path
     from vaelab.evaluation import EvalConfig, check_precision, evaluate_run
     from vaelab.provenance import provenance
+    from vaelab.records import (evaluation_export, format_eval_table, load_the_same_weights, weights_position,
+                                write_evaluation)
     from vaelab.resources import check_bf16, default_threads, require_memory
     from vaelab.runs import pictured_weights, read_run
     from vaelab.training import plural, resolve_device
@@ -783,8 +784,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         device = resolve_device(args.device, world)
         threads = _set_threads(args.threads or default_threads(world.local_size))
         weights = _weights_file(args.run_dir, args.checkpoint) if args.run_dir.is_dir() else ckpt.WEIGHTS
-        config, model, loaded = _load_the_same_weights(args.run_dir, device, weights, world)
-        position = _weights_position(args.run_dir, loaded)      # now, not after the evaluation: a training goes on
+        config, model, loaded = load_the_same_weights(args.run_dir, device, weights, world)
+        position = weights_position(args.run_dir, loaded)       # now, not after the evaluation: a training goes on
         if args.split == "validation" and not config.data.validation:
             raise UsageError(f"--split validation: {args.run_dir} was trained without --validation; it has no "
                              f"held-out digits (evaluate on --split test)")
@@ -820,7 +821,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                   "weights_sha256": loaded.sha256, **position, "split": args.split,
                   "data_sha256": idx_sha256(images.cpu().numpy()), **summary}
         _log(format_eval_table(record) if args.format == "text" else evaluation_export(record, args.format))
-        _write_evaluation(out, record, per_digit, labels, args)
+        written, digits = write_evaluation(out, record, per_digit, labels, args.run_dir, args.overwrite)
+        if written != out:
+            _note(f"{out.name} was written by another evaluation of the same settings while this one ran: this one "
+                  f"is {written.name}")
+        _log(f"written {written} and {digits.name}")
         return 0
     except distributed.RankLost as exc:
         raise distributed.RankLost(f"{exc}; nothing was written; evaluate again (the same {_torchrun_command(world)} "
@@ -850,177 +855,6 @@ def _evaluate_compiled(args: argparse.Namespace, config, model, device, main: bo
     if main:
         _log("log weights compiled, as this run trained (--engine compiled); --no-compiled computes them eagerly")
     return True
-
-
-def _load_the_same_weights(run_dir: Path, device, weights: str, world, attempts: int = 3):
-    """``checkpoint.load_model_weights`` on every rank, read again where the ranks read different versions of the
-    file (a training of the run wrote a checkpoint between their reads, and each rank would estimate its shard
-    with other weights); a CheckpointError after ``attempts`` reads that differed."""
-    import torch
-
-    from vaelab import checkpoint as ckpt
-    from vaelab import distributed
-    from vaelab.errors import CheckpointError
-
-    for _ in range(attempts):
-        config, model, loaded = ckpt.load_model_weights(run_dir, device, weights)
-        digest = torch.tensor([int(loaded.sha256[:15], 16)], dtype=torch.int64)       # 60 bits of the SHA-256
-        if len({int(part) for part in distributed.gather(digest, world)}) == 1:
-            return config, model, loaded
-    raise CheckpointError(f"{run_dir / weights} changed while the {world.size} processes read it, {attempts} times "
-                          f"(a training of this run writes it); evaluate again when it pauses, or evaluate a copy")
-
-
-def _weights_position(run_dir: Path, loaded) -> dict[str, int | None]:
-    """Where the weights an evaluation loaded (``checkpoint.LoadedWeights``) stand in their run: "epochs_trained",
-    the run's whole epochs (for the last weights, theirs); "best_epoch", the epoch of the best-validation weights;
-    "weights_step" where the last weights are that many steps into the next epoch (a run stopped inside one).
-    From the file's own metadata where it holds them (written since 2026-12-03), else from the run's files as they
-    are now, right after loading."""
-    from vaelab.training import BEST_WEIGHTS
-
-    if loaded.file == BEST_WEIGHTS:
-        best = {"best_epoch": loaded.epoch} if loaded.epoch else _best_epoch(run_dir)
-        return {"epochs_trained": _epochs_trained(run_dir), **best}
-    if loaded.epoch is None:
-        return {"epochs_trained": _epochs_trained(run_dir)}
-    return {"epochs_trained": loaded.epoch, **({"weights_step": loaded.step} if loaded.step else {})}
-
-
-def _best_epoch(run_dir: Path) -> dict[str, int]:
-    """{"best_epoch": N}: the epoch of the best-validation weights, as the training state says (which
-    ``epochs_trained`` is not); {} where the state does not say."""
-    from vaelab import checkpoint as ckpt
-
-    try:
-        epoch = int(ckpt.read_metadata(run_dir / ckpt.STATE).get("best_epoch", 0))
-    except (ckpt.CheckpointError, TypeError, ValueError):
-        return {}
-    return {"best_epoch": epoch} if epoch > 0 else {}
-
-
-def _epochs_trained(run_dir: Path) -> int | None:
-    from vaelab import checkpoint as ckpt
-
-    metrics = run_dir / ckpt.METRICS
-    try:
-        return max(0, len(metrics.read_text().strip().splitlines()) - 1)
-    except OSError:
-        return None
-
-
-def strict_json(value: Any) -> Any:
-    """``value`` with every NaN or infinity replaced by null, so that the file is strict JSON."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: strict_json(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [strict_json(v) for v in value]
-    return value
-
-
-def _write_evaluation(out: Path, record: dict, per_digit: dict, labels, args: argparse.Namespace) -> None:
-    """The record ``out`` (JSON) and its per-digit estimates beside it (``….digits.csv``). Without --overwrite the
-    record never replaces a file: where another evaluation wrote that name while this one ran (it was free when
-    this one started), this one is written as ``…-2.json`` (the next free name), which a note says; the two
-    evaluations may have measured different weights (a training between them), and both records are kept. The
-    record is written first, so that its name is this evaluation's before its per-digit file is written (a
-    per-digit file without its record, left by a deleted record, is replaced); a reader that comes in between
-    finds the record without per-digit values for a moment, as after a crash there."""
-    from vaelab.atomic import WriteError, write_text
-
-    names = list(per_digit)
-    columns = [per_digit[name].tolist() for name in names]
-    lines = [",".join(["digit", "label", *names])]
-    for index, (label, *values) in enumerate(zip(labels.tolist(), *columns)):
-        lines.append(",".join([str(index), str(label), *(f"{v:.6f}" for v in values)]))
-    stem, wanted = out.name.removesuffix(".json"), out
-    try:
-        for attempt in range(1, 1000):
-            out = wanted if attempt == 1 else wanted.with_name(f"{stem}-{attempt}.json")
-            digits = out.with_name(out.name.removesuffix(".json") + ".digits.csv")
-            text = json.dumps(strict_json({**record, "per_digit": digits.name}), indent=2, allow_nan=False) + "\n"
-            try:
-                write_text(out, text, replace=args.overwrite)
-            except FileExistsError:
-                continue
-            try:
-                write_text(digits, "\n".join(lines) + "\n")
-            except WriteError:
-                out.unlink(missing_ok=True)                # both go elsewhere (below), as one record
-                raise
-            break
-        else:
-            raise WriteError(f"{wanted} and 998 names after it are taken; pass --out another file")
-    except WriteError as exc:
-        fallback = Path(tempfile.gettempdir()) / f"vaelab-{args.run_dir.resolve().name}-{out.name}"
-        try:
-            write_text(fallback.with_name(fallback.name.removesuffix(".json") + ".digits.csv"), "\n".join(lines) + "\n")
-            write_text(fallback, text.replace(digits.name, fallback.name.removesuffix(".json") + ".digits.csv"))
-            saved = f"the record was saved to {fallback} instead"
-        except WriteError:
-            saved = "nothing could be saved (the results are printed above)"
-        raise WriteError(f"{exc}; {saved}; next time pass --out FILE in a writable place") from exc
-    if out != wanted:
-        _note(f"{wanted.name} was written by another evaluation of the same settings while this one ran: this one "
-              f"is {out.name}")
-    _log(f"written {out} and {digits.name}")
-
-
-def evaluation_export(record: dict, kind: str) -> str:
-    """The estimators of an evaluation as a LaTeX (booktabs), Markdown or CSV table, with what it measured."""
-    from vaelab.tables import render_table
-
-    caption = (f"{record['n_examples']} {record.get('split', 'test')} digits, K = {record['k']}, "
-               f"{record.get('weights', 'model.safetensors')}")
-    rows = [[e["name"], e["mean"], e["stderr"], e["kind"]] for e in record["estimates"]]
-    return render_table(["estimator of log p(x)", "nats", "± s.e.", "kind"], rows, kind, caption)
-
-
-def format_eval_table(result: dict) -> str:
-    def number(value):
-        return "—" if value is None else f"{value:.3f}"
-
-    rows = [("estimator", "log p(x) (nats)", "± stderr", "bound?")]
-    for entry in result["estimates"]:
-        rows.append((entry["name"], number(entry["mean"]), number(entry["stderr"]), entry["kind"]))
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    products = "" if result["precision"] == "fp32" else f" with {result['precision']} decoder products"
-    products += ", log weights compiled" if result.get("compiled") else ""
-    lines.append(f"NLL = {number(result['nll'])} ± {number(result['nll_stderr'])} nats (IWAE-{result['k']}{products}, "
-                 f"{result['n_examples']} {result.get('split', 'test')} digits, {result['seconds']:.1f} s)")
-    for layer in result["layers"]:
-        lines.append(f"layer {layer['layer']}: {layer['active_units']} of {layer['latent']} units active "
-                     f"(Cov_x E_q[u] > 0.01), KL {layer['kl']:.2f} nats")
-    for point in result.get("k_curve", []):
-        lines.append(f"IWAE-{point['k']:<5d} {number(point['mean'])} ± {number(point['stderr'])} (nested draws: the "
-                     f"first {point['k']} of {result['k']})")
-    gaps = result.get("gaps")
-    if gaps:
-        def pm(name):
-            return f"{number(gaps[name]['mean'])} ± {number(gaps[name]['stderr'])}"
-
-        lines += [f"where the nats go ({gaps['digits']} digits; q* is {gaps['family']}):",
-                  f"  log p̂(x) ({gaps['log_px_estimator']}) {pm('log_px')}   ELBO[q*] {pm('elbo_optimised')}   "
-                  f"ELBO[q] {pm('elbo_encoder')}" + (f"   ELBO[Laplace] {pm('elbo_laplace')}" if "elbo_laplace" in gaps
-                                                     else ""),
-                  f"  approximation gap {pm('approximation_gap')}   amortisation gap {pm('amortisation_gap')} nats",
-                  *([f"  log p̂(x) ({gaps['log_px_optimised_estimator']}) {pm('log_px_optimised')}"]
-                    if "log_px_optimised" in gaps else []),
-                  f"  stopping rule: {gaps['rule']}; {100 * gaps['converged_fraction']:.1f} % of the digits converged, "
-                  f"{gaps['mean_steps']:.0f} steps on average (at most {gaps['max_steps']})"]
-        if gaps.get("warning"):
-            lines.append(f"warning: {gaps['warning']}")
-    modes = result.get("laplace_modes")
-    if modes and (modes["stalled"] or modes["not converged"]):
-        lines.append(f"warning: of the Laplace modes, {modes['converged']} converged, {modes['stalled']} stalled at a "
-                     f"non-smooth point (no step along the Newton direction increases log p(x, z): a ReLU kink) "
-                     f"and {modes['not converged']} did not converge in {modes['newton_steps']} steps; their "
-                     f"Laplace estimates are less reliable")
-    return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------------------------
