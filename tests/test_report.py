@@ -170,6 +170,7 @@ def test_api_load_run(runs):
 
     run = vaelab.load_run(runs / "a")
     assert repr(run).startswith("Run(") and run.epochs_done == 3 and run.evaluations
+    assert run.weights == "model.safetensors after epoch 3"
     x = (torch.rand(4, 784, generator=torch.Generator().manual_seed(0)) < 0.2).float()
     mu, logvar = run.encode(x)
     assert mu.shape == (4, 6) and run.decode(mu).shape == (4, 784) and run.sample(5).shape == (5, 784)

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from vaelab.errors import UsageError
-from vaelab.runs import RunInfo, read_run
+from vaelab.runs import RunInfo, pictured_weights, read_run
 
 CHECKPOINTS = ("last", "best")
 
@@ -46,6 +46,7 @@ class Run:
                              f"by runs trained with validation=N); use checkpoint='last'")
         self.checkpoint = checkpoint
         self._model = None
+        self._weights: str | None = None
 
     def __repr__(self) -> str:
         return f"Run({str(self.path)!r}: {self.config.model.name}, {self.status}, {self.epochs_done} epochs)"
@@ -64,8 +65,16 @@ class Run:
             from vaelab.training import BEST_WEIGHTS
 
             weights = BEST_WEIGHTS if self.checkpoint == "best" else ckpt.WEIGHTS
-            self._model = ckpt.load_model(self.path, weights=weights)[1]
+            _, self._model, loaded = ckpt.load_model_weights(self.path, weights=weights)
+            self._weights = pictured_weights(loaded, self.info)
         return self._model
+
+    @property
+    def weights(self) -> str:
+        """Which weights ``model`` holds, e.g. 'model.safetensors after epoch 12' (loading them if not yet): read
+        from the file itself, so a run that trained on after it was opened is not mislabelled."""
+        self.model
+        return self._weights
 
     @staticmethod
     def _pixels(x: Any) -> torch.Tensor:
