@@ -161,6 +161,7 @@ def test_the_readme_example_runs(tmp_path, data_dir, monkeypatch):
     run = namespace["run"]
     assert run.status == "finished" and len(run.metrics) == run.config.train.epochs
     assert bool(torch.isfinite(namespace["log_px"]).all())
+    assert namespace["same"].weights == "model.safetensors after epoch 2"          # as the example's comment says
 
 
 def test_api_load_run(runs):
