@@ -185,18 +185,18 @@ def _epoch_seconds(ax, epochs: Sequence[int], seconds: Sequence[float]) -> list[
     if not cut or top <= 0:                 # (epochs of no measurable time: nothing to cut the axis at)
         return []
     ax.set_ylim(0, top)
-    ax.plot([e for e, _ in cut], [top] * len(cut), marker="^", color="C3", linestyle="none", clip_on=False,
-            label=f"{len(cut)} epoch{'s' * (len(cut) > 1)} above the axis")
+    ax.plot([e for e, _ in cut], [top] * len(cut), marker="^", color="C3", linestyle="none", clip_on=False)
+    ax.set_title(f"▲ {len(cut)} epoch{'s' * (len(cut) > 1)} above the axis", fontsize=7, color="C3", loc="left",
+                 pad=9)
     span = max(epochs) - min(epochs) or 1
     labelled: list[int] = []
     for epoch, value in sorted(cut, key=lambda pair: -pair[1]):
         if len(labelled) == 3:
             break
-        if all(abs(epoch - other) > 0.08 * span for other in labelled):     # labels that would overlap: the longest
+        if all(abs(epoch - other) > 0.15 * span for other in labelled):     # labels that would overlap: the longest
             ax.annotate(f"{value:.0f} s", (epoch, top), xytext=(0, -11), textcoords="offset points", ha="center",
                         fontsize=7, color="C3")
             labelled.append(epoch)
-    ax.legend(fontsize=7, loc="center right")
     return cut
 
 
