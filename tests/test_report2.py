@@ -283,6 +283,7 @@ def test_evaluate_prints_its_table_as_latex(evaluated, data_dir, capsys):
                  "--format", "latex", "--out", str(evaluated / "b" / "extra.json")]) == 0
     out = capsys.readouterr().out
     assert r"\toprule" in out and "IWAE-5, q(z\\textbar{}x)" in out and "$\\pm$ s.e." in out
+    assert "K = 5, model.safetensors after epoch 2" in out                   # the caption names the weights
 
 
 def test_report_into_a_missing_or_read_only_directory_is_refused_before_building(evaluated, tmp_path, capsys):

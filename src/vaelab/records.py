@@ -17,6 +17,7 @@ from vaelab import checkpoint as ckpt
 from vaelab import distributed
 from vaelab.atomic import WriteError
 from vaelab.errors import CheckpointError
+from vaelab.runs import weights_label
 from vaelab.tables import render_table
 from vaelab.training import BEST_WEIGHTS
 
@@ -122,9 +123,10 @@ def write_evaluation(out: Path, record: dict, per_digit: dict, labels, run_dir: 
 
 
 def evaluation_export(record: dict, kind: str) -> str:
-    """The estimators of an evaluation as a LaTeX (booktabs), Markdown or CSV table, with what it measured."""
+    """The estimators of an evaluation as a LaTeX (booktabs), Markdown or CSV table, with what it measured (which
+    digits, K, and the weights with their epoch)."""
     caption = (f"{record['n_examples']} {record.get('split', 'test')} digits, K = {record['k']}, "
-               f"{record.get('weights', 'model.safetensors')}")
+               f"{weights_label({**record, 'stale': False})}")
     rows = [[e["name"], e["mean"], e["stderr"], e["kind"]] for e in record["estimates"]]
     return render_table(["estimator of log p(x)", "nats", "± s.e.", "kind"], rows, kind, caption)
 
