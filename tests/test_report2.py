@@ -331,6 +331,12 @@ def test_figures_for_a_paper_never_replace_another_runs_figures(evaluated, data_
                        "--out", tmp_path / "b.html")
     assert code == 0 and (paper / "training-full.pdf").exists() and "replace" not in out.split("figures in")[-1]
     assert json.loads((paper / "vaelab-figures.json").read_text()) == {"run": str((evaluated / "b").resolve())}
+    # a report of another run starting into a folder that a report of b claimed a moment ago (no figure yet)
+    for name in [p.name for p in paper.iterdir() if p.name != "vaelab-figures.json"]:
+        (paper / name).unlink()
+    code, _, err = run(capsys, "report", evaluated / "a", "--figures", paper, "--out", tmp_path / "a.html")
+    assert code == 2 and one_line(err) and f"holds vaelab-figures.json of the report of {(evaluated / 'b').resolve()}" \
+        in err and "remove that file if its figures are gone" in err and not list(paper.glob("*.pdf"))
 
 
 def test_the_elbo_legends_cover_no_point_of_the_curves_they_label(monkeypatch, tmp_path):

@@ -956,6 +956,28 @@ def _check_figures_target(directory: Path | None, run_dir: Path) -> bool:
     return True
 
 
+def _claim_figures(directory: Path, run_dir: Path, again: bool) -> None:
+    """``directory``/vaelab-figures.json naming ``run_dir``, written before any figure. Where the folder held none
+    of this run's figures it is written without replacing: a second report that started at the same moment into
+    the same folder (both found it free) finds the first's and stops, one line, before writing a figure."""
+    from vaelab.atomic import write_text
+
+    directory.mkdir(parents=True, exist_ok=True)
+    me = str(run_dir.resolve())
+    try:
+        write_text(directory / FIGURES_MANIFEST, json.dumps({"run": me}) + "\n", replace=again)
+    except FileExistsError:
+        try:
+            of = json.loads((directory / FIGURES_MANIFEST).read_text()).get("run")
+        except (OSError, ValueError, AttributeError):
+            of = None
+        if of != me:
+            whose = f"the report of {of}" if isinstance(of, str) else "a report vaelab cannot read"
+            raise UsageError(f"--figures {directory} holds {FIGURES_MANIFEST} of {whose} (being written now, or its "
+                             f"figures were removed); give another directory, or remove that file if its figures are "
+                             f"gone") from None
+
+
 def _write_page(out: Path, html: str) -> None:
     from vaelab.atomic import write_text
 
@@ -987,10 +1009,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         _log(f"report of the sweep {args.run_dir} made in {time.perf_counter() - start:.1f} s")
         return 0
     if args.figures is not None:
-        from vaelab.atomic import write_text
-
-        args.figures.mkdir(parents=True, exist_ok=True)
-        write_text(args.figures / FIGURES_MANIFEST, json.dumps({"run": str(args.run_dir.resolve())}) + "\n")
+        _claim_figures(args.figures, args.run_dir, again)
     html, seconds = build_report(args.run_dir, data_dir, figures_dir=args.figures)
     _write_page(out, html)
     _log(f"report of {args.run_dir} made in {seconds:.1f} s ({len(html) / 2**20:.1f} MiB, self-contained)")
