@@ -87,6 +87,21 @@ def test_a_new_evaluation_of_the_current_weights_is_the_headline_and_says_which_
 
 
 
+def test_a_stale_evaluation_of_the_best_weights_says_their_epoch(tmp_path, data_dir, capsys):
+    """An evaluation of model-best.safetensors made stale by a better epoch: `vaelab runs` names the best weights'
+    own epoch, not the epochs the run had then ("of the weights after epoch 2" read as the last weights)."""
+    run_dir = tmp_path / "run"
+    train = ["--validation", "100", "--data-dir", str(data_dir), *SMALL]
+    assert main(["train", "--out", str(run_dir), "--epochs", "2", *train]) == 0
+    assert main(["evaluate", str(run_dir), "--checkpoint", "best", "--k", "5", "--test-examples", "20",
+                 "--data-dir", str(data_dir), "--no-progress"]) == 0
+    assert main(["train", "--out", str(run_dir), "--resume", "--epochs", "4", "--no-progress"]) == 0
+    capsys.readouterr()
+    code, out, _ = run(capsys, "runs", tmp_path)
+    (line,) = [line for line in out.splitlines() if line.startswith(str(run_dir))]
+    assert code == 0 and "— (stale: " in line and "of the best weights of epoch 2)" in line, line
+
+
 def test_an_evaluation_while_the_run_trains_on_records_the_weights_it_measured(tmp_path, data_dir, capsys,
                                                                                 monkeypatch):
     """A training that goes on replaces model.safetensors and appends to metrics.csv while an evaluation runs

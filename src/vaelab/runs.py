@@ -180,8 +180,10 @@ def headline_nll(run: RunInfo) -> str:
     stale = run.stale_evaluations() or run.stale_evaluations("validation")
     if stale:
         newest = max(stale, key=lambda r: r.get("date") or "")
-        epochs = newest.get("epochs_trained")
-        return f"— (stale: {newest['nll']:.2f} of the weights after epoch {epochs if isinstance(epochs, int) else '?'})"
+        epochs, of_best = newest.get("epochs_trained"), newest.get("best_epoch")
+        which = (f"the best weights of epoch {of_best}" if isinstance(of_best, int) else
+                 f"the weights after epoch {epochs if isinstance(epochs, int) else '?'}{_steps_into(newest)}")
+        return f"— (stale: {newest['nll']:.2f} of {which})"
     return "—"
 
 
