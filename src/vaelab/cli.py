@@ -772,10 +772,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from vaelab.data import idx_sha256, load_mnist, prepare, resolve_path
     from vaelab.evaluation import EvalConfig, check_precision, evaluate_run
     from vaelab.provenance import provenance
-    from vaelab.records import (evaluation_export, format_eval_table, load_the_same_weights, weights_position,
-                                write_evaluation)
+    from vaelab.records import evaluation_export, format_eval_table, load_the_same_weights, write_evaluation
     from vaelab.resources import check_bf16, default_threads, require_memory
-    from vaelab.runs import pictured_weights, read_run
+    from vaelab.runs import pictured_weights, read_run, weights_position
     from vaelab.training import plural, resolve_device
 
     world = distributed.world_from_environment()
@@ -785,7 +784,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         threads = _set_threads(args.threads or default_threads(world.local_size))
         weights = _weights_file(args.run_dir, args.checkpoint) if args.run_dir.is_dir() else ckpt.WEIGHTS
         config, model, loaded = load_the_same_weights(args.run_dir, device, weights, world)
-        position = weights_position(args.run_dir, loaded)       # now, not after the evaluation: a training goes on
+        run = read_run(args.run_dir)                   # now, not after the evaluation: a training goes on
+        position = weights_position(loaded, run)
         if args.split == "validation" and not config.data.validation:
             raise UsageError(f"--split validation: {args.run_dir} was trained without --validation; it has no "
                              f"held-out digits (evaluate on --split test)")
@@ -812,7 +812,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         distributed.on_main(world, lambda: _check_target(out, args.overwrite, "evaluation"))
         processes = f", {world.size} processes" if world.distributed else ""
         if world.main:
-            _log(f"evaluating {args.run_dir} ({pictured_weights(loaded, read_run(args.run_dir))}) on {len(images)} "
+            _log(f"evaluating {args.run_dir} ({pictured_weights(loaded, run)}) on {len(images)} "
                  f"{args.split} digits, K = {args.k}, device {device}, {plural(threads, 'thread')}{processes}")
         summary, per_digit = evaluate_run(model, images, eval_config, progress=_progress(args), world=world)
         if not world.main:
@@ -944,16 +944,21 @@ def _check_figures_target(directory: Path | None, run_dir: Path) -> bool:
     taken = sorted(p.name for p in directory.glob("*") if _FIGURE_NAME.fullmatch(p.name)) if directory.exists() else []
     if not taken:
         return False
-    try:
-        of = json.loads((directory / FIGURES_MANIFEST).read_text()).get("run")
-    except (OSError, ValueError, AttributeError):
-        of = None
+    of = _figures_owner(directory)
     if of != str(run_dir.resolve()):
         whose = f"the figures of the report of {of}" if isinstance(of, str) else \
             f"files named as this report's figures ({', '.join(taken[:3])}{', …' if len(taken) > 3 else ''})"
         raise UsageError(f"--figures {directory} holds {whose}, which these would replace; give another directory "
                          f"(e.g. {directory / run_dir.resolve().name})")
     return True
+
+
+def _figures_owner(directory: Path) -> str | None:
+    """The run whose report's figures ``directory`` holds, as its vaelab-figures.json says (None: none readable)."""
+    try:
+        return json.loads((directory / FIGURES_MANIFEST).read_text()).get("run")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def _claim_figures(directory: Path, run_dir: Path, again: bool) -> None:
@@ -967,10 +972,7 @@ def _claim_figures(directory: Path, run_dir: Path, again: bool) -> None:
     try:
         write_text(directory / FIGURES_MANIFEST, json.dumps({"run": me}) + "\n", replace=again)
     except FileExistsError:
-        try:
-            of = json.loads((directory / FIGURES_MANIFEST).read_text()).get("run")
-        except (OSError, ValueError, AttributeError):
-            of = None
+        of = _figures_owner(directory)
         if of != me:
             whose = f"the report of {of}" if isinstance(of, str) else "a report vaelab cannot read"
             raise UsageError(f"--figures {directory} holds {FIGURES_MANIFEST} of {whose} (being written now, or its "

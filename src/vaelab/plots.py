@@ -168,22 +168,22 @@ def _with_inset(ax, epochs: Sequence[int], series: Sequence[tuple[Sequence[float
 LONG_EPOCH = 5.0
 
 
-def _epoch_seconds(ax, epochs: Sequence[int], seconds: Sequence[float]) -> list[tuple[int, float]]:
+def _epoch_seconds(ax, epochs: Sequence[int], seconds: Sequence[float]) -> None:
     """Each epoch's seconds as a bar. Where some epochs took more than ``LONG_EPOCH`` × the median (a process
     paused and resumed, a shared machine, the first epoch's compiling), the axis stops a little above the other
     epochs and each long bar ends in a triangle at the top, the longest three labelled with their seconds: one
-    paused epoch of 1153 s otherwise flattened 581 epochs of 11–18 s onto the axis. The (epoch, seconds) cut."""
+    paused epoch of 1153 s otherwise flattened 581 epochs of 11–18 s onto the axis."""
     ax.bar(epochs, seconds, color="C7", width=0.8)
     ax.set_ylabel("seconds of the epoch's steps")
     timed = [(e, s) for e, s in zip(epochs, seconds) if s == s]
     if len(timed) < 3:
-        return []
+        return
     median = float(np.median([s for _, s in timed]))
     ordinary = [s for _, s in timed if s <= LONG_EPOCH * median]
     top = 1.15 * max(ordinary)
     cut = [(e, s) for e, s in timed if s > top]
     if not cut or top <= 0:                 # (epochs of no measurable time: nothing to cut the axis at)
-        return []
+        return
     ax.set_ylim(0, top)
     ax.plot([e for e, _ in cut], [top] * len(cut), marker="^", color="C3", linestyle="none", clip_on=False)
     ax.set_title(f"▲ {len(cut)} epoch{'s' * (len(cut) > 1)} above the axis", fontsize=7, color="C3", loc="left",
@@ -197,7 +197,6 @@ def _epoch_seconds(ax, epochs: Sequence[int], seconds: Sequence[float]) -> list[
             ax.annotate(f"{value:.0f} s", (epoch, top), xytext=(0, -11), textcoords="offset points", ha="center",
                         fontsize=7, color="C3")
             labelled.append(epoch)
-    return cut
 
 
 def training_figure(metrics: Sequence[dict], width: float | None = None):

@@ -1,5 +1,5 @@
-"""Evaluation records: which weights an evaluation measured (read once, the same on every rank, and where they
-stand in their run), the record and its per-digit values written beside the run without replacing another's, and
+"""Evaluation records: which weights an evaluation measured (read once, the same on every rank; where they stand
+in their run is ``runs.weights_position``), the record and its per-digit values written beside the run without replacing another's, and
 the record as a table (text, LaTeX, Markdown, CSV). `vaelab evaluate` (cli.py) runs the evaluation itself."""
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ from vaelab.atomic import WriteError
 from vaelab.errors import CheckpointError
 from vaelab.runs import weights_label
 from vaelab.tables import render_table
-from vaelab.training import BEST_WEIGHTS
 
 
 def load_the_same_weights(run_dir: Path, device, weights: str, world, attempts: int = 3):
@@ -33,38 +32,6 @@ def load_the_same_weights(run_dir: Path, device, weights: str, world, attempts: 
             return config, model, loaded
     raise CheckpointError(f"{run_dir / weights} changed while the {world.size} processes read it, {attempts} times "
                           f"(a training of this run writes it); evaluate again when it pauses, or evaluate a copy")
-
-
-def weights_position(run_dir: Path, loaded: ckpt.LoadedWeights) -> dict[str, int | None]:
-    """Where the weights an evaluation loaded (``checkpoint.LoadedWeights``) stand in their run: "epochs_trained",
-    the run's whole epochs (for the last weights, theirs); "best_epoch", the epoch of the best-validation weights;
-    "weights_step" where the last weights are that many steps into the next epoch (a run stopped inside one).
-    From the file's own metadata where it holds them (written since 2026-12-03), else from the run's files as they
-    are now, right after loading."""
-    if loaded.file == BEST_WEIGHTS:
-        best = {"best_epoch": loaded.epoch} if loaded.epoch else _best_epoch(run_dir)
-        return {"epochs_trained": _epochs_trained(run_dir), **best}
-    if loaded.epoch is None:
-        return {"epochs_trained": _epochs_trained(run_dir)}
-    return {"epochs_trained": loaded.epoch, **({"weights_step": loaded.step} if loaded.step else {})}
-
-
-def _best_epoch(run_dir: Path) -> dict[str, int]:
-    """{"best_epoch": N}: the epoch of the best-validation weights, as the training state says (which
-    ``epochs_trained`` is not); {} where the state does not say."""
-    try:
-        epoch = int(ckpt.read_metadata(run_dir / ckpt.STATE).get("best_epoch", 0))
-    except (ckpt.CheckpointError, TypeError, ValueError):
-        return {}
-    return {"best_epoch": epoch} if epoch > 0 else {}
-
-
-def _epochs_trained(run_dir: Path) -> int | None:
-    metrics = run_dir / ckpt.METRICS
-    try:
-        return max(0, len(metrics.read_text().strip().splitlines()) - 1)
-    except OSError:
-        return None
 
 
 def strict_json(value: Any) -> Any:

@@ -136,15 +136,27 @@ def weights_label(record: dict) -> str:
     return text
 
 
-def pictured_weights(loaded, run: RunInfo) -> str:
-    """Which weights a picture or statistic drawn now is of, from ``checkpoint.LoadedWeights``: 'model.safetensors
-    after epoch 630', 'model-best.safetensors of epoch 594'. The epoch is the file's own (written since 2026-12-03:
-    a training that went on after ``run`` was read cannot mislabel it); older files' is the run's, as read."""
+def weights_position(loaded, run: RunInfo) -> dict[str, int]:
+    """Where weights just loaded (``checkpoint.LoadedWeights``) stand in their run, as an evaluation records it:
+    "epochs_trained", the run's whole epochs (for the last weights, theirs); "best_epoch", the epoch of the
+    best-validation weights; "weights_step" where the last weights are that many steps into the next epoch (a run
+    stopped inside one). From the file's own metadata where it holds them (written since 2026-12-03: a training
+    that went on after ``run`` was read cannot mislabel them), else from ``run`` as read."""
     if of_best_weights({"weights": loaded.file}):
-        epoch = loaded.epoch or (run.best_validation or (None,))[0]
-        return loaded.file + (f" of epoch {epoch}" if epoch else "")
-    return weights_label({"weights": loaded.file, "stale": False, "weights_step": loaded.step,
-                          "epochs_trained": run.epochs_done if loaded.epoch is None else loaded.epoch})
+        best = loaded.epoch or (run.best_validation or (None,))[0]
+        return {"epochs_trained": run.epochs_done, **({"best_epoch": best} if best else {})}
+    if loaded.epoch is None:
+        return {"epochs_trained": run.epochs_done}
+    return {"epochs_trained": loaded.epoch, **({"weights_step": loaded.step} if loaded.step else {})}
+
+
+def pictured_weights(loaded, run: RunInfo) -> str:
+    """Which weights a picture or statistic drawn now is of (``weights_position``): 'model.safetensors after epoch
+    630', 'model-best.safetensors of epoch 594'."""
+    position = weights_position(loaded, run)
+    if of_best_weights({"weights": loaded.file}):
+        return loaded.file + (f" of epoch {position['best_epoch']}" if "best_epoch" in position else "")
+    return weights_label({"weights": loaded.file, "stale": False, **position})
 
 
 def _steps_into(record: dict) -> str:
