@@ -166,6 +166,43 @@ def test_a_write_that_must_not_replace_leaves_a_file_that_appeared_meanwhile(tmp
         assert (folder / "taken.json").read_text() == "ours"
 
 
+def test_without_hard_links_a_file_that_appears_after_the_check_is_not_replaced(tmp_path, monkeypatch):
+    """Where the file system has no hard links, the no-replace write renames with Linux's RENAME_NOREPLACE, so a
+    file another process puts at the name after any check of ours is kept (FileExistsError). Here the check is made
+    blind (``Path.exists`` says no, as it would have a moment before the other file came): the former
+    check-then-rename replaced that file. Where the C library has no ``renameat2``, the fallback is the check."""
+    import ctypes
+    import errno
+
+    from vaelab import atomic
+
+    if not hasattr(ctypes.CDLL(None), "renameat2"):
+        pytest.skip("no renameat2 in this C library (Linux with glibc 2.28 or later has it)")
+
+    def no_links(*args):
+        raise OSError(errno.EOPNOTSUPP, "Operation not supported")
+
+    monkeypatch.setattr(os, "link", no_links)
+    monkeypatch.setattr(Path, "exists", lambda self: False)
+    (tmp_path / "taken.json").write_text("theirs")
+    with pytest.raises(FileExistsError):
+        atomic.write_text(tmp_path / "taken.json", "ours", replace=False)
+    atomic.write_text(tmp_path / "free.json", "ours", replace=False)
+    assert (tmp_path / "taken.json").read_text() == "theirs" and (tmp_path / "free.json").read_text() == "ours"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["free.json", "taken.json"]
+
+    def refused(*args):                             # a file system that refuses the flag: the check, as before
+        return False
+
+    monkeypatch.undo()                              # Path.exists answers truly again
+    monkeypatch.setattr(os, "link", no_links)
+    monkeypatch.setattr(atomic, "_rename_no_replace", refused)
+    with pytest.raises(FileExistsError):
+        atomic.write_text(tmp_path / "taken.json", "ours", replace=False)
+    atomic.write_text(tmp_path / "other.json", "ours", replace=False)
+    assert (tmp_path / "other.json").read_text() == "ours" and (tmp_path / "taken.json").read_text() == "theirs"
+
+
 def test_two_evaluations_of_the_same_settings_keep_both_records(tmp_path, data_dir, capsys, monkeypatch):
     """Two `vaelab evaluate` of one run with the same K, digits and seed, the second started before the first
     wrote its record: both pass the check for an earlier record, and before, the later one replaced the earlier

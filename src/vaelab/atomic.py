@@ -61,8 +61,10 @@ def atomic_write(path: Path, write: Callable[[Any], None], mode: str = "wb", rep
 
 
 def _link_new(tmp: str, path: Path) -> None:
-    """``tmp`` under the new name ``path`` (FileExistsError where it exists). Where the file system has no hard
-    links, the name is checked, then renamed to: a second writer in between would not be noticed there."""
+    """``tmp`` under the new name ``path`` (FileExistsError where it exists), never over a file of that name. First a
+    hard link, which fails where the name exists. Where the file system has no hard links (FAT, some network and FUSE
+    file systems), Linux's ``renameat2(…, RENAME_NOREPLACE)``, which fails the same way. Only where neither is had is
+    the name checked, then renamed to: a second writer in between would not be noticed there."""
     try:
         os.link(tmp, path)
     except FileExistsError:
@@ -70,11 +72,34 @@ def _link_new(tmp: str, path: Path) -> None:
     except OSError as exc:
         if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS, errno.EMLINK):
             raise
+        if _rename_no_replace(tmp, path):
+            return
         if path.exists():
             raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(path)) from None
         os.replace(tmp, path)
         return
     os.unlink(tmp)
+
+
+_AT_FDCWD, _RENAME_NOREPLACE = -100, 1        # <fcntl.h>, <linux/fs.h>
+
+
+def _rename_no_replace(tmp: str, path: Path) -> bool:
+    """Rename ``tmp`` to ``path`` unless ``path`` exists (FileExistsError), in one step: True where done, False where
+    this system or file system cannot (no ``renameat2`` in the C library, or the flag refused: EINVAL, ENOSYS)."""
+    import ctypes
+
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):                 # not Linux, or a C library before glibc 2.28
+        return False
+    renameat2.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint)
+    if renameat2(_AT_FDCWD, os.fsencode(tmp), _AT_FDCWD, os.fsencode(path), _RENAME_NOREPLACE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(code, os.strerror(code), str(path))     # EEXIST makes it a FileExistsError
 
 
 def _umask() -> int:
