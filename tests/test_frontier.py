@@ -475,3 +475,152 @@ def test_evaluation_computes_the_vampprior_components_once_and_gets_the_same_num
     torch.testing.assert_close(cached, plain.double(), rtol=1e-6, atol=1e-5)
     with frozen_components(model), torch.enable_grad():               # never while gradients are taken
         assert model.prior.cached_components(model.encode)[0].requires_grad
+
+
+# ---- Tomczak & Welling's optimiser (--optimizer adam-normgrad) ----------------------------------------------------
+
+def _gated(inputs, outputs):                          # the authors' GatedDense: two Linear maps, h and g
+    return [(outputs, inputs), (outputs,)] * 2
+
+
+def _linear(inputs, outputs, bias=True):
+    return [(outputs, inputs)] + ([(outputs,)] if bias else [])
+
+
+def test_adam_normgrad_normalises_the_tensors_of_the_authors_hvae():
+    """The tensors whose gradients AdamNormGrad normalises one by one are those of the authors' two-level HVAE
+    (models/HVAE_2level.py of jmtomczak/vae_vampprior, written out here from its layers): the same count and sizes
+    (the pseudo-inputs there are a (784, K) Linear weight without bias, here (K, 784))."""
+    from vaelab.config import RunConfig
+    from vaelab.optimizers import tensor_gradients
+    from vaelab.presets import apply_preset
+    from vaelab.training import FlatParameters
+
+    config = apply_preset(RunConfig(), "vampprior-2")
+    model = build_model(config.model)
+    flat = FlatParameters(model)
+    W, D, (d1, d2), K = 300, 784, config.model.latent, config.model.prior_components
+    theirs = (_gated(D, W) + _gated(W, W) + _linear(W, d2) * 2                              # q(z2|x): mean, logvar
+              + _gated(D, W) + _gated(d2, W) + _gated(2 * W, W) + _linear(W, d1) * 2        # q(z1|x, z2)
+              + _gated(d2, W) + _gated(W, W) + _linear(W, d1) * 2                           # p(z1|z2)
+              + _gated(d1, W) + _gated(d2, W) + _gated(2 * W, W) + _linear(W, D)            # p(x|z1, z2)
+              + _linear(K, D, bias=False))                                                  # the pseudo-inputs
+    ours = tensor_gradients(model, flat.param.grad)
+    assert sorted(v.numel() for v in ours) == sorted(math.prod(shape) for shape in theirs)
+    assert sum(v.numel() for v in ours) == flat.param.grad.numel()
+    one = build_model(apply_preset(RunConfig(), "vampprior-1").model)                     # models/VAE.py: 2 + 1 + 2 + 1
+    theirs_one = (_gated(D, W) + _gated(W, W) + _linear(W, 40) * 2 + _gated(40, W) + _gated(W, W) + _linear(W, D)
+                  + _linear(K, D, bias=False))
+    assert sorted(v.numel() for v in tensor_gradients(one, FlatParameters(one).param.grad)) == sorted(
+        math.prod(shape) for shape in theirs_one)
+
+
+def test_adam_normgrad_steps_as_the_authors_optimiser_in_float64():
+    """Five steps of ``--optimizer adam-normgrad`` on a small tomczak HVAE's parameters against AdamNormGrad's update
+    as the authors' code writes it (utils/optimizer.py), in float64 one tensor at a time: g ← g/(‖g‖₂ + 1e-7),
+    m ← β₁m + (1−β₁)g, v ← β₂v + (1−β₂)g², θ ← θ − lr·√(1−β₂ᵗ)/(1−β₁ᵗ)·m/(√v + ε), each tensor taken from the
+    model's parameters by name, the μ and log σ² maps as the two Linear layers they are there. Both get the same
+    gradients: each tensor's drawn at a new scale each step (10⁻⁶ to 10³, which plain Adam would not forget), and in
+    one tensor one element far above the rest, whose small elements then sit near ε after normalisation (where ε's
+    place before or after the bias corrections shows). Plain Adam and Adam with ε after the corrections miss it."""
+    from vaelab.optimizers import FlatAdam, build_optimizer, normalise_per_tensor, tensor_gradients
+    from vaelab.training import FlatParameters
+
+    config = ModelConfig(name="tomczak", hidden=((12, 12), (12, 12)), latent=(3, 2), activation="gated",
+                         prior="vampprior", prior_components=4)
+    lr, betas, eps, steps = 1e-2, (0.9, 0.999), 1e-8, 5
+    model = build_model(config)
+    flat = FlatParameters(model)
+    start = flat.param.detach().clone()
+    halves = model.tensor_parts()
+    generator = torch.Generator().manual_seed(0)
+    gradients = []                                       # per step, per parameter name
+    for _ in range(steps):
+        step = {}
+        for name, p in model.named_parameters():
+            g = torch.randn(p.shape, generator=generator, dtype=torch.float64)
+            g *= 10.0 ** torch.randint(-6, 4, (), generator=generator).item()
+            if name == "q_top.1.h.weight":
+                g[0, 0] *= 1e6                             # the rest ≈ 1e-6 of the norm
+            step[name] = g
+        gradients.append(step)
+
+    def authors(raw_eps=True):                           # float64, one tensor at a time
+        values = {name: p.detach().double().clone() for name, p in model.named_parameters()}
+        moments = {}
+        for t, step in enumerate(gradients, start=1):
+            for name, value in values.items():
+                for i, (piece, g) in enumerate(zip(value.chunk(halves.get(name, 1)),
+                                                   step[name].chunk(halves.get(name, 1)))):
+                    g = g / (g.norm() + 1e-7)
+                    m, v = moments.get((name, i), (torch.zeros_like(g), torch.zeros_like(g)))
+                    m, v = betas[0] * m + (1 - betas[0]) * g, betas[1] * v + (1 - betas[1]) * g * g
+                    moments[(name, i)] = m, v
+                    size = lr * math.sqrt(1 - betas[1] ** t) / (1 - betas[0] ** t)
+                    added = eps if raw_eps else eps * math.sqrt(1 - betas[1] ** t)   # after: ε added to √v̂
+                    piece -= size * m / (v.sqrt() + added)
+        return values
+
+    def ours(optimizer=None, **options):
+        with torch.no_grad():
+            flat.param.copy_(start)
+        if optimizer is None:
+            adam = FlatAdam(flat.param.data, flat.param.grad, lr, betas, eps, **options)
+        else:
+            adam = build_optimizer(optimizer, model, flat.param.data, flat.param.grad, lr, betas, eps)
+        for step in gradients:
+            for name, p in model.named_parameters():
+                p.grad.copy_(step[name])
+            adam.step()
+        return {name: p.detach().double() for name, p in model.named_parameters()}
+
+    def largest_difference(a, b):
+        return max((a[name] - b[name]).abs().max().item() for name in a)
+
+    expected = authors()
+    for fused in (True, False):
+        parts = tensor_gradients(model, flat.param.grad)
+        both = ours(fused=fused, prepare=lambda: normalise_per_tensor(parts), raw_eps=True)
+        assert largest_difference(both, expected) < 1e-6, fused      # float32 rounding of five steps of 1e-2
+    assert largest_difference(ours("adam-normgrad"), expected) < 1e-6
+    assert largest_difference(ours("adam"), expected) > 1e-3                   # plain Adam: elsewhere
+    assert largest_difference(authors(raw_eps=False), expected) > 1e-5          # ε's place shows
+    parts = tensor_gradients(model, flat.param.grad)
+    assert largest_difference(ours(prepare=lambda: normalise_per_tensor(parts)), expected) > 1e-5
+
+
+def test_optimizer_flag_trains_resumes_exactly_and_old_configs_read_as_adam(tmp_path, data_dir, capsys):
+    """`--optimizer adam-normgrad` trains, says so in its schedule line, resumes to the weights of the run that did
+    not stop (same machine and threads), and cannot be changed on --resume; a version-8 config (before the flag)
+    reads as plain Adam; an unknown name is a one-line error naming the choices."""
+    from vaelab.checkpoint import load_tensors
+    from vaelab.config import RunConfig
+
+    args = ["--model", "tomczak", "--activation", "gated", "--hidden", "16", "16", "--hidden-top", "16", "16", "--latent", "3", "2",
+            "--prior",
+            "vampprior", "--prior-components", "5", "--optimizer", "adam-normgrad", "--train-examples", "300",
+            "--test-examples", "40", "--batch-size", "50", "--data-dir", str(data_dir), "--threads", "1",
+            "--no-progress"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert main(["train", "--out", str(straight), "--epochs", "2", *args]) == 0
+    assert "optimiser adam-normgrad: Adam on each tensor's gradient divided by its norm" in capsys.readouterr().out
+    assert main(["train", "--out", str(resumed), "--epochs", "1", *args]) == 0
+    assert main(["train", "--out", str(resumed), "--resume", "--epochs", "2", "--data-dir", str(data_dir),
+                 "--threads", "1", "--no-progress"]) == 0
+    a, b = load_tensors(straight / "model.safetensors")[0], load_tensors(resumed / "model.safetensors")[0]
+    assert a.keys() == b.keys() and all(torch.equal(a[name], b[name]) for name in a)
+    capsys.readouterr()
+    code = main(["train", "--out", str(resumed), "--resume", "--epochs", "3", "--optimizer", "adam", "--data-dir",
+                 str(data_dir), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "train.optimizer" in err, err
+    config = RunConfig.load(straight / "config.json")
+    assert config.train.optimizer == "adam-normgrad"
+    old = {**config.to_dict(), "version": 8}
+    old["train"] = {k: v for k, v in old["train"].items() if k != "optimizer"}
+    assert RunConfig.from_dict(old).train.optimizer == "adam"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--out", str(tmp_path / "bad"), "--optimizer", "sgd", "--data-dir", str(data_dir)])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and len(err.strip().splitlines()) == 1, err
+    assert all(word in err for word in ("--optimizer", "'adam'", "'adam-normgrad'")), err

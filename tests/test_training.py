@@ -19,7 +19,8 @@ from vaelab.data import DataConfig, prepare
 from vaelab.engines import autograd_step, fused_step
 from vaelab.errors import TrainingDiverged
 from vaelab.models import MLPVAE, ModelConfig
-from vaelab.training import FlatAdam, FlatParameters, Trainer
+from vaelab.optimizers import FlatAdam
+from vaelab.training import FlatParameters, Trainer
 
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 2e-5)])

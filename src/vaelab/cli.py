@@ -104,6 +104,7 @@ def build_parser(parser_class: type[argparse.ArgumentParser] = _Parser) -> argpa
     from vaelab.models import ACTIVATIONS, FLOWS, INFERENCE, INITS, MODELS, PRIORS
     from vaelab.models.priors import DEFAULT_COMPONENTS
     from vaelab.objectives import OBJECTIVES
+    from vaelab.optimizers import OPTIMIZERS
     from vaelab.precision import PRECISIONS
     from vaelab.presets import PRESETS
     from vaelab.schedules import LR_SCHEDULES
@@ -159,6 +160,9 @@ def build_parser(parser_class: type[argparse.ArgumentParser] = _Parser) -> argpa
                        help="constant (default); burda: lr · 10^(−i/7) for 3^i epochs; exponential: lr to lr/10 "
                        "over the run")
     group.add_argument("--adam-eps", type=_positive_float, help="Adam's ε (default 1e-8; Burda 1e-4)")
+    group.add_argument("--optimizer", choices=list(OPTIMIZERS),
+                       help="adam (default), or adam-normgrad: Adam on each tensor's gradient divided by its norm, "
+                       "as Tomczak & Welling trained the VampPrior models (their AdamNormGrad)")
     group.add_argument("--clip-grad-norm", type=_non_negative_float, metavar="C",
                        help="rescale each step's gradient to Euclidean norm C where it is larger (default 0: never)")
     group.add_argument("--clip-grad-value", type=_non_negative_float, metavar="V",
@@ -363,7 +367,7 @@ def _set_threads(requested: int | None) -> int:
 # flag → (section, field); --hidden/--hidden-top and --data-dir are built separately.
 _FLAGS = {
     "epochs": ("train", "epochs"), "batch_size": ("train", "batch_size"), "lr": ("train", "lr"),
-    "lr_schedule": ("train", "lr_schedule"), "adam_eps": ("train", "adam_eps"),
+    "lr_schedule": ("train", "lr_schedule"), "adam_eps": ("train", "adam_eps"), "optimizer": ("train", "optimizer"),
     "clip_grad_norm": ("train", "clip_grad_norm"), "clip_grad_value": ("train", "clip_grad_value"),
     "early_stopping": ("train", "early_stopping"),
     "seed": ("train", "seed"),

@@ -24,10 +24,11 @@ from vaelab.engines import ENGINE_CHOICES
 from vaelab.errors import CheckpointError, UsageError
 from vaelab.models import ModelConfig
 from vaelab.objectives import OBJECTIVES
+from vaelab.optimizers import OPTIMIZERS
 from vaelab.precision import PRECISIONS
 from vaelab.schedules import LR_SCHEDULES
 
-CONFIG_VERSION = 8
+CONFIG_VERSION = 9
 SEED_LIMIT = 2**63            # every seed is a non-negative 63-bit integer (torch's generators take it)
 
 
@@ -43,12 +44,13 @@ class ObjectiveConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Optimisation: Adam on the batch mean of −objective."""
+    """Optimisation: Adam on the batch mean of −objective (``optimizer``: vaelab.optimizers)."""
 
     epochs: int = 100
     batch_size: int = 64
     lr: float = 1e-3
     lr_schedule: str = "constant"  # constant | burda (see vaelab.schedules)
+    optimizer: str = "adam"        # adam | adam-normgrad (each tensor's gradient normalised first; vaelab.optimizers)
     adam_betas: tuple[float, float] = (0.9, 0.999)
     adam_eps: float = 1e-8
     clip_grad_norm: float = 0.0    # rescale each step's gradient to this Euclidean norm where it is larger; 0: never
@@ -104,7 +106,7 @@ class RunConfig:
                 raise UsageError(f"{name} must be {wanted}, got {value!r}")
         choices = [("--binarize", d.binarize, ("dynamic", "static")), ("--objective", o.name, tuple(OBJECTIVES)),
                    ("--lr-schedule", t.lr_schedule, tuple(LR_SCHEDULES)), ("--engine", t.engine, ENGINE_CHOICES),
-                   ("--precision", t.precision, PRECISIONS)]
+                   ("--precision", t.precision, PRECISIONS), ("--optimizer", t.optimizer, tuple(OPTIMIZERS))]
         for name, value, allowed in choices:
             if value not in allowed:
                 raise UsageError(f"unknown {name} {value!r}; choose one of {', '.join(allowed)}")
@@ -251,8 +253,16 @@ def _migrate_7(raw: dict, source: str) -> dict:
     return {**raw, "version": 8, "train": {"early_stopping": 0, **train}}
 
 
+def _migrate_8(raw: dict, source: str) -> dict:
+    """Version 8 (before --optimizer): every run trained with plain Adam."""
+    train = raw.get("train")
+    if not isinstance(train, dict):
+        raise CheckpointError(f"{source}: sections missing or malformed (train must be an object)")
+    return {**raw, "version": 9, "train": {"optimizer": "adam", **train}}
+
+
 _MIGRATIONS = {1: _migrate_1, 2: _migrate_2, 3: _migrate_3, 4: _migrate_4, 5: _migrate_5, 6: _migrate_6,
-               7: _migrate_7}
+               7: _migrate_7, 8: _migrate_8}
 
 
 def _build(kind: type, raw: Any, source: str):

@@ -39,7 +39,8 @@ _TOMCZAK_OBJECTIVE = {"name": "elbo", "samples": 1, "warmup_epochs": 100}
 _TOMCZAK_TRAIN = {"batch_size": 100, "lr": 5e-4, "epochs": 2000, "early_stopping": 51, **_COMPILED}
 _TOMCZAK_DATA = {"validation": 10_000}
 _TOMCZAK_HVAE = {**_TOMCZAK_MODEL, "hidden": ((300, 300), (300, 300)), "latent": (40, 40)}   # their two-layer HVAE
-_TOMCZAK_DEVIATIONS = ("Adam with per-tensor normalised gradients (their AdamNormGrad) replaced by plain Adam; "
+_TOMCZAK_DEVIATIONS = ("Adam with per-tensor normalised gradients (their AdamNormGrad) replaced by plain Adam, as "
+                       "vaelab's runs of these presets trained (--optimizer adam-normgrad is theirs); "
                        "their early stopping counts from the warm-up's last epoch (β = 1 there) where vaelab's counts "
                        "from the epoch after it (β reaches 1 at the warm-up's end): one epoch later where the best "
                        "validation ELBO came in the warm-up; evaluate the best-validation weights (evaluate "

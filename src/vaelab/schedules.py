@@ -123,4 +123,9 @@ def describe_schedule(config) -> tuple[list[str], list[str]]:
     if train.clip_grad_value:
         lines.append(f"each element of the gradient clamped to ±{train.clip_grad_value:g}"
                      + (f" after its norm is clipped at {train.clip_grad_norm:g}" if train.clip_grad_norm else ""))
+    from vaelab.optimizers import OPTIMIZERS
+
+    optimizer = OPTIMIZERS[train.optimizer]
+    if optimizer.prepare is not None:                 # plain Adam goes without saying
+        lines.append(f"optimiser {train.optimizer}: {optimizer.about}")
     return lines, warnings

@@ -42,6 +42,7 @@ from vaelab.engines import ENGINES, select_engine
 from vaelab.errors import CheckpointError, TrainingDiverged, UsageError, VaelabError
 from vaelab.evaluation import elbo_summary, hot_loop_settings
 from vaelab.models import build_model
+from vaelab.optimizers import build_optimizer
 from vaelab.provenance import provenance
 from vaelab.schedules import LR_SCHEDULES, kl_weight, stops_early
 
@@ -143,52 +144,6 @@ class FlatParameters:
         assert first.data.data_ptr() == self.param.data_ptr()
 
 
-class FlatAdam:
-    """Adam (Kingma & Ba 2015) on one flat parameter tensor, the update of torch.optim.Adam:
-
-    m ← β₁m + (1−β₁)g,  v ← β₂v + (1−β₂)g²,  θ ← θ − lr · (m/(1−β₁ᵗ)) / (√(v/(1−β₂ᵗ)) + ε).
-
-    Uses PyTorch's fused kernel where it exists (one pass over memory, no Python per tensor), else the
-    same update in plain tensor operations; tests/test_training.py checks both against torch.optim.Adam.
-    ``lr`` may change between steps (a schedule).
-    """
-
-    def __init__(self, param: torch.Tensor, grad: torch.Tensor, lr: float,
-                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, fused: bool | None = None):
-        self.param, self.grad, self.lr, self.betas, self.eps = param, grad, lr, betas, eps
-        self.exp_avg = torch.zeros_like(param)
-        self.exp_avg_sq = torch.zeros_like(param)
-        self.step_count = torch.zeros((), dtype=torch.float32, device=param.device)
-        available = hasattr(torch, "_fused_adam_") and param.device.type in ("cpu", "cuda")
-        self.fused = available if fused is None else fused and available
-
-    @torch.no_grad()
-    def step(self) -> None:
-        beta1, beta2 = self.betas
-        self.step_count.add_(1)
-        if self.fused:
-            torch._fused_adam_([self.param], [self.grad], [self.exp_avg], [self.exp_avg_sq], [],
-                               [self.step_count], amsgrad=False, lr=self.lr, beta1=beta1, beta2=beta2,
-                               weight_decay=0.0, eps=self.eps, maximize=False)
-            return
-        t = self.step_count
-        self.exp_avg.lerp_(self.grad, 1 - beta1)
-        self.exp_avg_sq.mul_(beta2).addcmul_(self.grad, self.grad, value=1 - beta2)
-        bias1 = 1 - beta1 ** t
-        denom = (self.exp_avg_sq / (1 - beta2 ** t)).sqrt_().add_(self.eps)
-        self.param.addcdiv_(self.exp_avg, denom * bias1, value=-self.lr)
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return {"exp_avg": self.exp_avg, "exp_avg_sq": self.exp_avg_sq, "step": self.step_count}
-
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        for name, tensor in self.state_dict().items():
-            if state[name].shape != tensor.shape:
-                raise ValueError(f"optimizer state {name} has shape {tuple(state[name].shape)}, "
-                                 f"expected {tuple(tensor.shape)}")
-            tensor.copy_(state[name])
-
-
 # --------------------------------------------------------------------------------------------------
 
 
@@ -282,8 +237,9 @@ class Trainer:
         np.random.seed(seed % 2**32)
         self.model = build_model(config.model).to(device, torch.float32)  # initialised from torch's global stream
         self.flat = FlatParameters(self.model)
-        self.optimizer = FlatAdam(self.flat.param.data, self.flat.param.grad, lr=config.train.lr,
-                                  betas=config.train.adam_betas, eps=config.train.adam_eps)
+        self.optimizer = build_optimizer(config.train.optimizer, self.model, self.flat.param.data,
+                                         self.flat.param.grad, config.train.lr, config.train.adam_betas,
+                                         config.train.adam_eps)
         self.data_rng = torch.Generator().manual_seed(seed)
         # each rank's own noise stream; rank 0's is the stream of a single process
         self.noise_rng = torch.Generator(device=device).manual_seed(

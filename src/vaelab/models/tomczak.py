@@ -87,6 +87,12 @@ class TomczakVAE(nn.Module):
         return (chain_shapes(D, (width, width), 2 * d2, act) + joint(D, d2, 2 * d1)
                 + chain_shapes(d2, (width, width), 2 * d1, act) + joint(d1, d2, D))
 
+    def tensor_parts(self) -> dict[str, int]:
+        """The parameters that hold two of the authors' tensors (``optimizers.tensor_gradients``): each map to a
+        Gaussian's (μ, log σ²) is one ``Linear`` of 2d outputs here, two of d there (``q_z_mean``, ``q_z_logvar``)."""
+        heads = [name for name in ("q_top_out", "q_bottom_out", "p_bottom_out") if hasattr(self, name)]
+        return {f"{head}.{kind}": 2 for head in heads for kind in ("weight", "bias")}
+
     # ---- the distributions ---------------------------------------------------------------------
 
     def encode_top(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
