@@ -121,8 +121,10 @@ def train(*args) -> int:
     return main(["train", "--device", "cuda", "--no-progress", "--test-examples", "200", *map(str, args)])
 
 
-@pytest.mark.parametrize("model", [[], ["--activation", "tanh", "--flow", "planar", "--flow-steps", "4", "--objective", "iwae", "--k", "3"]],
-                         ids=["reference-fused", "planar-iwae-autograd"])
+@pytest.mark.parametrize("model", [[], ["--activation", "tanh", "--flow", "planar", "--flow-steps", "4", "--objective", "iwae", "--k", "3"],
+                                   ["--model", "tomczak", "--activation", "gated", "--hidden", "16", "16", "--prior",
+                                    "vampprior", "--prior-components", "5", "--optimizer", "adam-normgrad"]],
+                         ids=["reference-fused", "planar-iwae-autograd", "vampprior-adam-normgrad"])
 def test_a_gpu_run_resumes_bit_for_bit(tmp_path, data_dir, model):
     """Two epochs straight against one, then ``--resume`` to two, on the GPU: the same weights bit for bit and the
     same metrics (the data, their binarisation stream and the draws live on the GPU)."""
