@@ -590,20 +590,22 @@ def test_adam_normgrad_steps_as_the_authors_optimiser_in_float64():
 
 
 def test_optimizer_flag_trains_resumes_exactly_and_old_configs_read_as_adam(tmp_path, data_dir, capsys):
-    """`--optimizer adam-normgrad` trains, says so in its schedule line, resumes to the weights of the run that did
-    not stop (same machine and threads), and cannot be changed on --resume; a version-8 config (before the flag)
-    reads as plain Adam; an unknown name is a one-line error naming the choices."""
+    """`--optimizer adam-normgrad` trains, says so in its schedule line (terminal and train.log), resumes to the
+    weights of the run that did not stop (same machine and threads), and cannot be changed on --resume; a version-8
+    config (before the flag) reads as plain Adam; an unknown name is a one-line error naming the choices."""
     from vaelab.checkpoint import load_tensors
     from vaelab.config import RunConfig
 
-    args = ["--model", "tomczak", "--activation", "gated", "--hidden", "16", "16", "--hidden-top", "16", "16", "--latent", "3", "2",
-            "--prior",
-            "vampprior", "--prior-components", "5", "--optimizer", "adam-normgrad", "--train-examples", "300",
+    args = ["--model", "tomczak", "--activation", "gated", "--hidden", "16", "16", "--hidden-top", "16", "16",
+            "--latent", "3", "2", "--prior", "vampprior", "--prior-components", "5", "--optimizer", "adam-normgrad",
+            "--train-examples", "300",
             "--test-examples", "40", "--batch-size", "50", "--data-dir", str(data_dir), "--threads", "1",
             "--no-progress"]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     assert main(["train", "--out", str(straight), "--epochs", "2", *args]) == 0
-    assert "optimiser adam-normgrad: Adam on each tensor's gradient divided by its norm" in capsys.readouterr().out
+    said = "optimiser adam-normgrad: Adam on each tensor's gradient divided by its norm"
+    assert said in capsys.readouterr().out
+    assert said in (straight / "train.log").read_text().splitlines()[0]          # the log keeps how it trained
     assert main(["train", "--out", str(resumed), "--epochs", "1", *args]) == 0
     assert main(["train", "--out", str(resumed), "--resume", "--epochs", "2", "--data-dir", str(data_dir),
                  "--threads", "1", "--no-progress"]) == 0

@@ -313,7 +313,7 @@ class Trainer:
         note = (f"note: this run drew its noise on {saved}; on {here} the stream goes on from a seed made of that "
                 f"stream's state (the same on every resume, not the draws {saved} would have made)")
         self.log(note)
-        self._append_log(note)
+        self.append_log(note)
 
     def write_user_files(self) -> None:
         """model.safetensors and metrics.csv from the training state. A resume writes them again, so a
@@ -398,7 +398,7 @@ class Trainer:
                 try:
                     self._run_epoch()
                 except TrainingDiverged as exc:      # the log says why the epochs end where they do
-                    self._append_log(str(exc))
+                    self.append_log(str(exc))
                     raise
                 stop = any_rank(self._signal is not None, self.world, self.device)
                 if stop and self.state.epoch < self.config.train.epochs and not self.stopped_early:
@@ -406,7 +406,7 @@ class Trainer:
         if self.stopped_early and self.state.epoch < self.config.train.epochs:
             line = self.early_stop_line()
             self.log(line)
-            self._append_log(line)
+            self.append_log(line)
         return self.state.metrics
 
     @property
@@ -513,7 +513,7 @@ class Trainer:
                    f"{row['gradient_norm_mean']:.3g})" if clip else "")
         line = f"epoch {epoch:3d}/{cfg.epochs}  " + ", ".join(parts) + f" nats per example{clipped}; {seconds:.2f} s"
         self.log(line)
-        self._append_log(line)
+        self.append_log(line)
         if self.world.main:
             for observer in self.observers:
                 observer(self.model, row)
@@ -527,11 +527,12 @@ class Trainer:
         where = f"epoch {self.state.epoch}" + (f", step {self.state.step}" if self.state.step else "")
         line = (f"amended on resuming after {where}: {'; '.join(changes)} (the steps before trained with the former "
                 f"values)")
-        self._append_log(line)
+        self.append_log(line)
         return line
 
-    def _append_log(self, line: str) -> None:
-        """One line per epoch in RUN/train.log, whatever the terminal shows (rank 0 only)."""
+    def append_log(self, line: str) -> None:
+        """A line in RUN/train.log (one per epoch, and what a start or resume trains with, an amendment, an early
+        stop), whatever the terminal shows (rank 0 only)."""
         if not self.world.main:
             return
         try:
@@ -586,7 +587,7 @@ class Trainer:
         where = f"after epoch {epoch - 1}" if step == 0 else f"at epoch {epoch}, step {step}"
         message = (f"stopped by {signal.Signals(signum).name} {where}; checkpoint written to {self.run_dir} "
                    f"(it resumes exactly); resume with: vaelab train --out {self.run_dir} --resume")
-        self._append_log(message)
+        self.append_log(message)
         raise Interrupted(message, signum)
 
 
