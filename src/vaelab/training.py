@@ -540,7 +540,7 @@ class Trainer:
                 handle.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')}  {line}\n")
         except OSError as exc:
             raise ckpt.WriteError(f"cannot write {self.run_dir / TRAIN_LOG}: {exc.strerror} (errno {exc.errno}); "
-                                  f"free some space (the checkpoint of this epoch is written)") from exc
+                                  f"free some space or make it writable (the checkpoints written so far stand)") from exc
 
     def _check_loss(self, losses: torch.Tensor, epoch: int, offset: int) -> None:
         """Raise TrainingDiverged at the first step whose objective or ELBO (batch sums in columns 0 and 1) is
