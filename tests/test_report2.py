@@ -361,3 +361,35 @@ def test_the_elbo_legends_cover_no_point_of_the_curves_they_label(monkeypatch, t
             for line in ax.get_lines():
                 points = ax.transData.transform(line.get_xydata())
                 assert not any(box.contains(x, y) for x, y in points), (len(values), line.get_label())
+
+
+def test_compare_pairs_two_evaluations_of_one_run_at_two_epochs(tmp_path, data_dir, capsys):
+    """`vaelab compare RUN/eval-a.json RUN/eval-b.json`: two records of one run (its best weights at epoch 2, then
+    after two more epochs) paired digit by digit, the earlier one shown with its epoch and as stale; the same
+    numbers as the records' per-digit columns give. A file that is no record, or a record of the other split, is a
+    one-line refusal naming the fix."""
+    import numpy as np
+
+    run_dir = tmp_path / "run"
+    common = ["--data-dir", data_dir, *SMALL]
+    assert run(capsys, "train", "--out", run_dir, "--epochs", "2", "--validation", "100", *common)[0] == 0
+    first, second = run_dir / "eval-best-epoch2.json", run_dir / "eval-best-epoch4.json"
+    evaluate = ["--checkpoint", "best", "--k", "10", "--data-dir", data_dir, "--no-progress"]
+    assert run(capsys, "evaluate", run_dir, *evaluate, "--out", first)[0] == 0
+    assert run(capsys, "train", "--out", run_dir, "--resume", "--epochs", "4", "--data-dir", data_dir,
+               "--no-progress")[0] == 0
+    assert run(capsys, "evaluate", run_dir, *evaluate, "--out", second)[0] == 0
+    code, out, err = run(capsys, "compare", first, second, "--out", tmp_path / "c.html")
+    assert code == 0, err
+    a, b = (json.loads(path.read_text()) for path in (first, second))
+    columns = [np.loadtxt(run_dir / r["per_digit"], delimiter=",", skiprows=1) for r in (a, b)]
+    header = (run_dir / a["per_digit"]).read_text().splitlines()[0].split(",")
+    diff = columns[0][:, header.index("iwae")] - columns[1][:, header.index("iwae")]   # NLL(second) − NLL(first)
+    assert f"paired: NLL(run/eval-best-epoch4.json) − NLL(run/eval-best-epoch2.json) = {diff.mean():.3f}" in out, out
+    row = next(line for line in out.splitlines() if line.startswith("run/eval-best-epoch2.json"))
+    assert "model-best.safetensors of epoch 2" in row and "stale: not the run's weights now" in row, out
+    assert "epoch2.json" in (tmp_path / "c.html").read_text()
+    code, _, err = run(capsys, "compare", first, run_dir / "config.json")
+    assert code == 2 and one_line(err) and "is not an evaluation record" in err, err
+    code, _, err = run(capsys, "compare", first, second, "--split", "validation")
+    assert code == 2 and one_line(err) and "compare it with --split test" in err, err

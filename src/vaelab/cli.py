@@ -256,7 +256,9 @@ def build_parser(parser_class: type[argparse.ArgumentParser] = _Parser) -> argpa
     report.set_defaults(run=cmd_report)
 
     compare = sub.add_parser("compare", help="compare runs: a table here and an HTML page")
-    compare.add_argument("run_dirs", type=Path, nargs="+", metavar="RUN", help="two or more run directories")
+    compare.add_argument("run_dirs", type=Path, nargs="+", metavar="RUN",
+                         help="two or more run directories (each compared on its headline evaluation), or evaluation "
+                         "records of runs (RUN/eval-….json: that evaluation, of whatever weights it measured)")
     compare.add_argument("--out", type=Path, help="the HTML page (default compare-<run>-<run>….html in the runs' "
                          "common parent directory, or the first run's where they share none but /; made again each "
                          "time)")
@@ -1050,7 +1052,7 @@ def default_comparison_page(run_dirs: Sequence[Path]) -> Path:
 
     from vaelab.runs import distinct_labels
 
-    names = [label.replace("/", "_").replace(" ", "") for label in distinct_labels(run_dirs)]
+    names = [label.removesuffix(".json").replace("/", "_").replace(" ", "") for label in distinct_labels(run_dirs)]
     parents = [Path(p).resolve().parent for p in run_dirs]
     parent = Path(os.path.commonpath(parents))
     if parent == Path(parent.anchor):

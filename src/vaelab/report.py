@@ -16,6 +16,7 @@ import torch
 
 from vaelab import checkpoint as ckpt
 from vaelab import plots
+from vaelab.errors import UsageError
 from vaelab.evaluation import summarize
 from vaelab.presets import changed_fields, preset_label
 from vaelab.runs import (RunInfo, distinct_labels, estimator_label, format_duration, of_best_weights, per_digit,
@@ -390,17 +391,21 @@ class Comparison:
 
 def compare_runs(paths: Sequence[str | Path], split: str = "test") -> Comparison:
     """The runs side by side on their headline evaluations of ``split`` (test, or validation: `evaluate --split
-    validation`, for choosing among runs without touching the test set), paired against the first run."""
-    runs = [read_run(p) for p in paths]
-    for run, label in zip(runs, distinct_labels(paths)):
-        run.label = label           # two runs named h4 in different folders: one-hour-60/h4 and s35/h4
+    validation`, for choosing among runs without touching the test set), paired against the first run. A path may
+    also be one evaluation record of a run (``RUN/eval-….json``): that record is compared, whatever weights the run
+    holds now (two evaluations of one run, at two epochs, paired digit by digit)."""
+    chosen = [_chosen_record(Path(p)) for p in paths]
+    runs = [read_run(directory) for directory, _ in chosen]
+    for run, label, (_, file) in zip(runs, distinct_labels(paths), chosen):
+        # two runs named h4 in different folders: one-hour-60/h4 and s35/h4; a record: vampprior-2/eval-….json
+        run.label = label if file is None or "/" in label else f"{run.path.name}/{label}"
     flat = [r.config.flat() for r in runs]
     keys = sorted(set().union(*flat))
     differences = [(key, [str(f.get(key, "—")) for f in flat]) for key in keys
                    if len({str(f.get(key)) for f in flat}) > 1 and key not in ("train.threads", "data.data_dir")]
     rows, records = [], []
-    for run in runs:
-        record = run.best_evaluation(split)
+    for run, (_, file) in zip(runs, chosen):
+        record = run.best_evaluation(split) if file is None else _named_record(run, file, split)
         records.append(record)
         layers = (record or {}).get("layers", [])
         rows.append({"name": run.name, "preset": preset_label(run.config),
@@ -451,7 +456,28 @@ def compare_runs(paths: Sequence[str | Path], split: str = "test") -> Comparison
                        "stderr": _fmt(stderr), "digits": str(len(diff)),
                        "values": (float(diff.mean()), stderr),
                        "unpaired": _fmt(math.hypot(base_record.get("nll_stderr") or 0, record.get("nll_stderr") or 0))})
-    return Comparison(runs, differences, rows, paired, notes, _compare_gaps(runs, split), split)
+    # the gap decompositions are of the runs' current weights: not beside a record of other weights
+    return Comparison(runs, differences, rows, paired, notes,
+                      _compare_gaps([run for run, (_, file) in zip(runs, chosen) if file is None], split), split)
+
+
+def _chosen_record(path: Path) -> tuple[Path, str | None]:
+    """(the run directory, the record file's name) of a path given to compare: a run, or one record of a run."""
+    if path.suffix == ".json" and path.is_file():
+        return path.parent, path.name
+    return path, None
+
+
+def _named_record(run: RunInfo, file: str, split: str) -> dict:
+    """The evaluation record ``file`` of ``run``, of ``split``: a UsageError where it is not one."""
+    record = next((r for r in run.evaluations if r["file"] == file), None)
+    if record is None:
+        why = next((note for note in run.notes if file in note), f"{run.path / file} is not an evaluation record")
+        raise UsageError(f"{why}; compare takes run directories or their eval-….json records")
+    if record.get("split", "test") != split:
+        raise UsageError(f"{run.path / file} is an evaluation of the {record.get('split', 'test')} digits; compare it "
+                         f"with --split {record.get('split', 'test')}")
+    return record
 
 
 def _compare_gaps(runs: list[RunInfo], split: str = "test") -> list[dict]:
@@ -538,7 +564,11 @@ def comparison_export(comparison: Comparison, kind: str) -> str:
 
 def build_comparison(paths: Sequence[str | Path], split: str = "test") -> tuple[str, Comparison]:
     comparison = compare_runs(paths, split)
-    curves = [(r.name, r.metrics) for r in comparison.runs if r.metrics]
+    drawn = {}                                     # a run given twice (two of its records) is drawn once
+    for r in comparison.runs:
+        if r.metrics:
+            drawn.setdefault(r.path.resolve(), (r.name, r.metrics))
+    curves = list(drawn.values())
     figure = FigureSet().make("curves", "ELBO against epoch", lambda w: plots.curves_figure(curves, width=w)) \
         if curves else None
     html = _environment().get_template("compare.html.j2").render(
