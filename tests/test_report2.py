@@ -388,7 +388,8 @@ def test_compare_pairs_two_evaluations_of_one_run_at_two_epochs(tmp_path, data_d
     assert f"paired: NLL(run/eval-best-epoch4.json) − NLL(run/eval-best-epoch2.json) = {diff.mean():.3f}" in out, out
     row = next(line for line in out.splitlines() if line.startswith("run/eval-best-epoch2.json"))
     assert "model-best.safetensors of epoch 2" in row and "stale: not the run's weights now" in row, out
-    assert "epoch2.json" in (tmp_path / "c.html").read_text()
+    page = (tmp_path / "c.html").read_text()
+    assert "Comparison of 2 evaluations" in page and "epoch2.json" in page
     code, _, err = run(capsys, "compare", first, run_dir / "config.json")
     assert code == 2 and one_line(err) and "is not an evaluation record" in err, err
     code, _, err = run(capsys, "compare", first, second, "--split", "validation")

@@ -387,6 +387,13 @@ class Comparison:
     notes: list[str]
     gaps: list[dict] = dataclasses.field(default_factory=list)   # each run's gap decomposition, paired differences
     split: str = "test"                           # the digits the NLLs and paired differences are on
+    records: list[str | None] = dataclasses.field(default_factory=list)   # per run, the record file given, or None
+
+    @property
+    def what(self) -> str:
+        """What is compared, for a title: "3 runs", or "2 evaluations" where records were given."""
+        count = len(self.runs)
+        return f"{count} {'evaluations' if any(self.records) else 'runs'}"
 
 
 def compare_runs(paths: Sequence[str | Path], split: str = "test") -> Comparison:
@@ -458,7 +465,8 @@ def compare_runs(paths: Sequence[str | Path], split: str = "test") -> Comparison
                        "unpaired": _fmt(math.hypot(base_record.get("nll_stderr") or 0, record.get("nll_stderr") or 0))})
     # the gap decompositions are of the runs' current weights: not beside a record of other weights
     return Comparison(runs, differences, rows, paired, notes,
-                      _compare_gaps([run for run, (_, file) in zip(runs, chosen) if file is None], split), split)
+                      _compare_gaps([run for run, (_, file) in zip(runs, chosen) if file is None], split), split,
+                      [file for _, file in chosen])
 
 
 def _chosen_record(path: Path) -> tuple[Path, str | None]:
@@ -564,10 +572,10 @@ def comparison_export(comparison: Comparison, kind: str) -> str:
 
 def build_comparison(paths: Sequence[str | Path], split: str = "test") -> tuple[str, Comparison]:
     comparison = compare_runs(paths, split)
-    drawn = {}                                     # a run given twice (two of its records) is drawn once
-    for r in comparison.runs:
+    drawn = {}                          # a run given by two of its records is drawn once, under its folder's name
+    for r, record in zip(comparison.runs, comparison.records or [None] * len(comparison.runs)):
         if r.metrics:
-            drawn.setdefault(r.path.resolve(), (r.name, r.metrics))
+            drawn.setdefault(r.path.resolve(), (r.path.name if record else r.name, r.metrics))
     curves = list(drawn.values())
     figure = FigureSet().make("curves", "ELBO against epoch", lambda w: plots.curves_figure(curves, width=w)) \
         if curves else None
