@@ -678,8 +678,9 @@ def _train(args: argparse.Namespace, config, run_dir: Path, run, resumed: bool, 
     from vaelab.schedules import describe_schedule
 
     lines, warnings = describe_schedule(config)
-    log("schedule: " + "; ".join(lines))
-    trainer.append_log("schedule: " + "; ".join(lines))         # what this start or resume trains with, kept
+    schedule = "schedule: " + "; ".join(lines)
+    log(schedule)
+    trainer.append_log(schedule)                                  # what this start or resume trains with, kept
     if trainer.engine_name == "compiled":
         log("engine compiled: torch.compile builds the step's kernels at the first step of this process and again "
             "at the first short batch (tens of seconds each), counted in that epoch's seconds")

@@ -1,6 +1,7 @@
 """Evaluation records: which weights an evaluation measured (read once, the same on every rank; where they stand
-in their run is ``runs.weights_position``), the record and its per-digit values written beside the run without replacing another's, and
-the record as a table (text, LaTeX, Markdown, CSV). `vaelab evaluate` (cli.py) runs the evaluation itself."""
+in their run is ``runs.weights_position``), the record and its per-digit values written beside the run without
+replacing another's, and the record as a table (text, LaTeX, Markdown, CSV). `vaelab evaluate` (cli.py) runs the
+evaluation itself."""
 
 from __future__ import annotations
 
