@@ -394,3 +394,23 @@ def test_compare_pairs_two_evaluations_of_one_run_at_two_epochs(tmp_path, data_d
     assert code == 2 and one_line(err) and "is not an evaluation record" in err, err
     code, _, err = run(capsys, "compare", first, second, "--split", "validation")
     assert code == 2 and one_line(err) and "compare it with --split test" in err, err
+
+
+def test_a_report_says_why_it_has_no_test_nll(tmp_path, data_dir, capsys):
+    """A run evaluated on its validation digits only has no test NLL: the report says its evaluation is of the
+    validation digits, not (as it did) that it measured earlier weights; once the run trains on, the same record
+    is of earlier weights, and the report says that."""
+    run_dir, page = tmp_path / "run", tmp_path / "report.html"
+    common = ["--data-dir", data_dir, *SMALL]
+    assert run(capsys, "train", "--out", run_dir, "--epochs", "1", "--validation", "100", *common)[0] == 0
+    assert run(capsys, "evaluate", run_dir, "--split", "validation", "--k", "10", "--data-dir", data_dir,
+               "--no-progress")[0] == 0
+    assert run(capsys, "report", run_dir, "--data-dir", data_dir, "--out", page)[0] == 0
+    html = page.read_text()
+    assert "its evaluations are of the validation digits" in html and "earlier weights" not in html
+    assert "those below are\n  of the validation digits" in html
+    assert run(capsys, "train", "--out", run_dir, "--resume", "--epochs", "2", "--data-dir", data_dir,
+               "--no-progress")[0] == 0
+    assert run(capsys, "report", run_dir, "--data-dir", data_dir, "--out", page)[0] == 0
+    html = page.read_text()
+    assert "its evaluations are of earlier weights" in html and "of the validation digits" not in html

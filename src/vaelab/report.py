@@ -190,6 +190,10 @@ def _evaluation_section(run: RunInfo, model, images: torch.Tensor, figures: Figu
                                             "headline": r is record} for r in run.evaluations],
                                "notes": run.notes, "command": f"vaelab evaluate {run.path}"}
     if record is None:
+        # why the records there are not a test NLL of these weights: on the validation digits, or of earlier weights
+        reasons = [(any(not r["stale"] and r.get("split", "test") != "test" for r in run.evaluations),
+                    "of the validation digits"), (any(r["stale"] for r in run.evaluations), "of earlier weights")]
+        section["elsewhere"] = " or ".join(text for holds, text in reasons if holds)
         return section
     section["measured"] = weights_label(record)
     estimates = record.get("estimates", [])
