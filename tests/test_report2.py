@@ -414,3 +414,34 @@ def test_a_report_says_why_it_has_no_test_nll(tmp_path, data_dir, capsys):
     assert run(capsys, "report", run_dir, "--data-dir", data_dir, "--out", page)[0] == 0
     html = page.read_text()
     assert "its evaluations are of earlier weights" in html and "of the validation digits" not in html
+
+
+def test_a_report_pictures_the_weights_its_number_measured(tmp_path, data_dir, capsys, monkeypatch):
+    """A run whose headline NLL is of model-best.safetensors: the page's reconstructions, samples and latent views are
+    of those weights too, and it says so. Before, it pictured model.safetensors under "the views below are of
+    model.safetensors after epoch 986" beside the best weights' active units (seen on `vampprior-2`'s page). Here
+    model.safetensors is made to differ from the best weights (scaled), so which one is pictured shows."""
+    import torch
+
+    from vaelab import checkpoint as ckpt
+    from vaelab import report
+
+    run_dir, page = tmp_path / "run", tmp_path / "report.html"
+    assert run(capsys, "train", "--out", run_dir, "--epochs", "2", "--validation", "100", "--data-dir", data_dir,
+               *SMALL)[0] == 0
+    assert run(capsys, "evaluate", run_dir, "--checkpoint", "best", "--k", "10", "--data-dir", data_dir,
+               "--no-progress")[0] == 0
+    tensors, meta, _ = ckpt.read_tensors(run_dir / ckpt.WEIGHTS)
+    ckpt.save_tensors(run_dir / ckpt.WEIGHTS, {name: 0.5 * t for name, t in tensors.items()}, meta)
+    best, _, _ = ckpt.read_tensors(run_dir / "model-best.safetensors")
+    pictured = []
+    original = report.reconstructions
+    monkeypatch.setattr(report, "reconstructions", lambda model, x: pictured.append(model.state_dict()) or
+                        original(model, x))
+    assert run(capsys, "report", run_dir, "--data-dir", data_dir, "--out", page)[0] == 0
+    assert pictured and all(torch.equal(state[name], best[name]) for state in pictured for name in best)
+    html = page.read_text()
+    epoch = json.loads(next(run_dir.glob("eval-*.json")).read_text())["best_epoch"]
+    for text in (f"Of model-best.safetensors of epoch {epoch}, as this page was made",
+                 f"The views below are of model-best.safetensors of epoch {epoch}"):
+        assert text in html, text

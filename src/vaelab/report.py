@@ -232,28 +232,42 @@ def _evaluation_section(run: RunInfo, model, images: torch.Tensor, figures: Figu
     return section
 
 
+def _headline_weights(run_dir: str | Path, tries: int = 3):
+    """(the run, its headline test evaluation or None, ``load_model_weights`` of the weights that evaluation measured)
+    — model-best.safetensors where the best weights were evaluated, else model.safetensors — so that the page's
+    number, statistics and pictures are all of one set of weights. A training that replaces the file between the
+    run's reading and the load (the digest differs from the record's) makes the record stale: read again."""
+    for _ in range(tries):
+        run = read_run(run_dir)
+        record = run.best_evaluation()
+        loaded = ckpt.load_model_weights(run.path, weights=(record or {}).get("weights") or ckpt.WEIGHTS)
+        if record is None or record.get("weights_sha256") in (None, loaded[2].sha256):
+            break
+    return run, record, loaded
+
+
 def build_report(run_dir: str | Path, data_dir: str | None = None,
                  figures_dir: Path | None = None) -> tuple[str, float]:
     """The HTML of the report of ``run_dir``, and the seconds it took; with ``figures_dir`` every figure is also
     written there as PDF and SVG (``FigureSet``).
 
-    The latent layers' statistics (active units, KL per unit, Cov_x E_q[u]) are taken from the headline
-    evaluation where it covers every test digit of the current weights (`vaelab evaluate` stores them in its
-    record); otherwise they are computed here with 16 draws per digit, and the page says so."""
+    The pictures are of the weights the headline evaluation measured (``_headline_weights``), and the latent
+    layers' statistics (active units, KL per unit, Cov_x E_q[u]) are taken from that evaluation where it covers every
+    test digit (`vaelab evaluate` stores them in its record); otherwise they are computed here with 16 draws per
+    digit, and the page says so."""
     from vaelab.data import load_mnist, prepare
     from vaelab.evaluation import latent_statistics
 
     start = time.perf_counter()
     figures = FigureSet(figures_dir)
-    run = read_run(run_dir)
-    config, model, loaded = ckpt.load_model_weights(run.path)
+    run, record, (config, model, loaded) = _headline_weights(run_dir)
     pictured = pictured_weights(loaded, run)              # which weights the pictures and statistics below are of
     data_config = dataclasses.replace(run.config.data, test_examples=None, validation=0, train_examples=1,
                                       data_dir=data_dir or run.config.data.data_dir)
     data = prepare(load_mnist(data_config.data_dir), data_config)
     images, labels = data.test_binary, data.test_labels.numpy()
-    record = run.best_evaluation()
-    if record is not None and record["n_examples"] == len(images) and record.get("layers"):
+    if record is not None and record["n_examples"] == len(images) and record.get("layers") and \
+            record.get("weights_sha256") in (None, loaded.sha256):
         layers, layers_from = record["layers"], f"from {record['file']} ({record['n_examples']} test digits)"
     else:
         layers = latent_statistics(model, images, 16, 0)
