@@ -252,6 +252,7 @@ def test_compare_on_the_validation_split_pairs_validation_records_and_never_the_
     assert "paired: NLL(b) − NLL(a) =" in out and "over 100 digits" in out and "100 validation digits" in out
     html = (tmp_path / "v.html").read_text()
     assert "on the same validation digits" in html
+    assert "Validation ELBO\n  (solid)" in html and "so no test curve is drawn" in html and "Test ELBO" not in html
     a = json.loads(next((tmp_path / "a").glob("eval-validation-*.json")).read_text())
     assert f"{a['nll']:.3f} ± " in out
     assert main(["compare", str(tmp_path / "a"), str(tmp_path / "b"), "--split", "validation", "--format", "markdown",
@@ -259,6 +260,7 @@ def test_compare_on_the_validation_split_pairs_validation_records_and_never_the_
     assert "IWAE-20 on 100 validation digits" in capsys.readouterr().out
     assert main(["compare", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "t.html")]) == 0
     out = capsys.readouterr().out
+    assert "Test ELBO\n  (solid)" in (tmp_path / "t.html").read_text()
     assert "paired:" not in out and "b: no paired difference, neither run was evaluated on the test digits" in out
     # a test evaluation with the gap decomposition is left out of the comparison on validation digits
     assert main(["evaluate", str(tmp_path / "a"), "--gaps", "--gap-steps", "3", "--k", "20", "--data-dir",

@@ -339,6 +339,37 @@ def test_figures_for_a_paper_never_replace_another_runs_figures(evaluated, data_
         in err and "remove that file if its figures are gone" in err and not list(paper.glob("*.pdf"))
 
 
+def test_the_comparison_curves_are_of_the_split_compared():
+    """`compare --split validation` draws each run's validation ELBO (solid) beside its train ELBO, no test ELBO (a
+    choice made on validation digits is not shown the test set); a run without a validation split gets its train
+    curve only. By default the solid curves are the test ELBO, as before. The inset, where the first epochs dwarf
+    the rest, zooms on every run's solid curve (it drew the longest run's alone, so two runs could not be told
+    apart there), a shorter run's up to its last epoch."""
+    from matplotlib import pyplot
+
+    from vaelab import plots
+
+    values = [-300.0, -200.0] + [-100.0 + 0.1 * i for i in range(28)]              # 30 epochs; b has 20 of them
+    with_validation = elbo_rows(values, test_offset=-1.0, validation_offset=-2.0)
+    without = elbo_rows(values[:20], test_offset=-1.0)
+    for split, expected, zoomed in (
+            ("validation", {"a, validation": [v - 2.0 for v in values], "a, train": values, "b, train": values[:20]},
+             [[v - 2.0 for v in values[2:]]]),
+            ("test", {"a, test": [v - 1.0 for v in values], "a, train": values,
+                      "b, test": [v - 1.0 for v in values[:20]], "b, train": values[:20]},
+             [[v - 1.0 for v in values[2:]], [v - 1.0 for v in values[2:20]] + [math.nan] * 10])):
+        fig = plots.curves_figure([("a", with_validation), ("b", without)], split=split)
+        ax = fig.axes[0]
+        drawn = {line.get_label(): list(line.get_ydata()) for line in ax.get_lines()}
+        assert drawn == expected, (split, drawn)
+        (inset,) = ax.child_axes
+        inset_lines = [list(line.get_ydata()) for line in inset.get_lines()]
+        assert len(inset_lines) == len(zoomed) and all(
+            a == b or (math.isnan(a) and math.isnan(b)) for got, want in zip(inset_lines, zoomed)
+            for a, b in zip(got, want, strict=True)), (split, inset_lines)
+        pyplot.close(fig)
+
+
 def test_the_elbo_legends_cover_no_point_of_the_curves_they_label(monkeypatch, tmp_path):
     """The legend of the ELBO plot and of the training figure's ELBO panel sits where it covers none of the curves'
     points (it used to sit in the upper left, over the steep first epochs): on the axes for a rising ELBO whose first

@@ -377,20 +377,26 @@ def scatter_2d_figure(points: np.ndarray, labels: np.ndarray, title: str, axis_l
     return fig
 
 
-def curves_figure(runs: Sequence[tuple[str, Sequence[dict]]], width: float | None = None):
-    """Test ELBO (solid) and train ELBO (dotted) against epoch for several runs, one colour each, every epoch
-    shown (an inset zooms on the later epochs of the longest run where the first ones dwarf them)."""
+def curves_figure(runs: Sequence[tuple[str, Sequence[dict]]], width: float | None = None, split: str = "test"):
+    """The ELBO on ``split``'s digits (solid; a run without a validation split has none of them) and the train ELBO
+    (dotted) against epoch for several runs, one colour each, every epoch shown (where the first ones dwarf the
+    rest, an inset zooms on the later epochs of every run's solid curve, or of the train curves where no run has
+    one)."""
     plt = _pyplot()
     width = width or 9.0
+    key = f"{split}_elbo"
     fig, ax = plt.subplots(figsize=(width, width * 0.5))
     for index, (name, metrics) in enumerate(runs):
         epochs = [row["epoch"] for row in metrics]
-        ax.plot(epochs, [row["test_elbo"] for row in metrics], color=f"C{index}", label=f"{name}, test")
+        if all(row.get(key) is not None for row in metrics):
+            ax.plot(epochs, [row[key] for row in metrics], color=f"C{index}", label=f"{name}, {split}")
         ax.plot(epochs, [row["train_elbo"] for row in metrics], ":", color=f"C{index}", label=f"{name}, train")
-    longest = max(range(len(runs)), key=lambda i: len(runs[i][1]))
-    name, metrics = runs[longest]
-    _with_inset(ax, [row["epoch"] for row in metrics],
-                [([row["test_elbo"] for row in metrics], {"color": f"C{longest}"})])
+    epochs = sorted({row["epoch"] for _, metrics in runs for row in metrics})
+    solid = [(i, m) for i, (_, m) in enumerate(runs) if all(row.get(key) is not None for row in m)]
+    zoomed = key if solid else "train_elbo"
+    values = [(i, {row["epoch"]: row[zoomed] for row in m}) for i, m in (solid or enumerate(r[1] for r in runs))]
+    _with_inset(ax, epochs, [([by_epoch.get(e, math.nan) for e in epochs], {"color": f"C{i}"})   # NaN: not drawn
+                             for i, by_epoch in values])
     _integer_epochs(ax)
     ax.set_ylabel("ELBO (nats per digit)")
     ax.grid(alpha=0.3)

@@ -595,8 +595,10 @@ def build_comparison(paths: Sequence[str | Path], split: str = "test") -> tuple[
         if r.metrics:
             drawn.setdefault(r.path.resolve(), (r.path.name if record else r.name, r.metrics))
     curves = list(drawn.values())
-    figure = FigureSet().make("curves", "ELBO against epoch", lambda w: plots.curves_figure(curves, width=w)) \
+    # the curves of the split compared: a choice made on the validation digits is shown no test curve
+    figure = FigureSet().make("curves", "ELBO against epoch", lambda w: plots.curves_figure(curves, width=w,
+                                                                                          split=split)) \
         if curves else None
     html = _environment().get_template("compare.html.j2").render(
-        comparison=comparison, figure=figure, generated=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()))
+        comparison=comparison, figure=figure, split=split, generated=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()))
     return html, comparison
