@@ -187,6 +187,21 @@ def test_a_paused_epoch_does_not_flatten_the_others_seconds():
     assert ax.get_title(loc="left") == "▲ 2 epochs above the axis"
 
 
+def test_the_training_time_says_how_much_of_it_long_epochs_hold():
+    """The report's training time names the epochs of over 5 × the median (those drawn above the cut axis: a paused
+    process, a shared machine, compiling) and their time: `vampprior-2`'s 8.0 h held 4.1 h in 43 such epochs, read
+    before as the model's cost. A run without such epochs, or one epoch without its seconds, gets no note."""
+    from vaelab.report import _long_epochs_note
+
+    rows = elbo_rows([-100 + 0.01 * e for e in range(40)])
+    assert _long_epochs_note(rows) == ""                               # every epoch 1 s
+    rows[5]["epoch_seconds"], rows[30]["epoch_seconds"], rows[31]["epoch_seconds"] = 1200.0, 900.0, math.nan
+    rows[0]["epoch_seconds"] = 4.9                                     # compiling, under 5 × the median: not counted
+    assert _long_epochs_note(rows) == ("35.0 min of it in 2 epochs that took over 5 × the median epoch (1.0 s): a "
+                                       "paused process, a shared machine or compiling")
+    assert _long_epochs_note(rows[:2]) == ""
+
+
 def test_the_training_figure_stars_the_best_validation_elbo_in_the_panel_and_its_inset():
     """With a validation column, a star at the best validation ELBO (the first of equal bests, as the trainer keeps
     them), in the ELBO panel and in its zoom; rows without a validation value (NaN) are passed over."""

@@ -313,13 +313,29 @@ def build_report(run_dir: str | Path, data_dir: str | None = None,
     return html, time.perf_counter() - start
 
 
+def _long_epochs_note(metrics: Sequence[dict]) -> str:
+    """Where epochs took over ``plots.LONG_EPOCH`` × the median epoch (a process paused, a shared machine, compiling:
+    the epochs drawn above the cut axis), how much of the training time they hold, so that the time is not read as
+    the model's cost alone (`vampprior-2`'s 7.8 h held 4.1 h in 43 such epochs); '' where none did."""
+    seconds = [row["epoch_seconds"] for row in metrics if isinstance(row.get("epoch_seconds"), (int, float))
+               and math.isfinite(row["epoch_seconds"])]
+    if len(seconds) < 3:
+        return ""
+    median = float(np.median(seconds))
+    long = [s for s in seconds if s > plots.LONG_EPOCH * median]
+    if not long:
+        return ""
+    return (f"{format_duration(sum(long))} of it in {plural(len(long), 'epoch')} that took over {plots.LONG_EPOCH:g} × "
+            f"the median epoch ({format_duration(median)}): a paused process, a shared machine or compiling")
+
+
 def _summary(run: RunInfo, record: dict | None, layers: list[dict]) -> dict:
     """The results-first block: the headline NLL with what it measured, the ELBO, the bound's gap, the active
     units per layer, the epochs, the training time, the best validation ELBO (where there is a validation split) and
     the status (for a run that stopped early, where and why)."""
     metrics = run.metrics[-1] if run.metrics else {}
     summary = {"status": run.status, "epochs": f"{run.epochs_done} of {run.epochs_total}",
-               "time": format_duration(run.training_seconds), "active": " + ".join(str(l["active_units"]) for l in layers),
+               "time": format_duration(run.training_seconds), "time_note": _long_epochs_note(run.metrics), "active": " + ".join(str(l["active_units"]) for l in layers),
                "latent": " + ".join(str(l["latent"]) for l in layers), "test_elbo": metrics.get("test_elbo"),
                "record": record, "best": None}
     best_epoch = 0
