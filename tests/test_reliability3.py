@@ -239,6 +239,40 @@ def test_two_evaluations_of_the_same_settings_keep_both_records(tmp_path, data_d
         [f"{name}.json", f"{name}.digits.csv", f"{name}-2.json", f"{name}-2.digits.csv"])
 
 
+def test_a_run_evaluated_again_after_training_on_keeps_both_records(tmp_path, data_dir, capsys):
+    """`vaelab evaluate RUN` after the run trained on: the default name holds the earlier weights' record, and the
+    second evaluation was refused (exit 2) unless given --out (as for `vampprior-2` at epochs 651 and 956). Now it
+    is written beside it with the weights' epoch in its name, and a note says so; the same weights evaluated again
+    are refused as before, and --overwrite replaces that record, not the earlier one."""
+    from vaelab.runs import read_run
+
+    run_dir, name = tmp_path / "run", "eval-k5-n20-seed0"
+    assert main(["train", "--out", str(run_dir), "--epochs", "1", "--data-dir", str(data_dir), *SMALL]) == 0
+    evaluate = ["evaluate", str(run_dir), "--k", "5", "--test-examples", "20", "--data-dir", str(data_dir),
+                "--no-progress"]
+    assert main(evaluate) == 0
+    first = (run_dir / f"{name}.json").read_bytes()
+    assert main(["train", "--out", str(run_dir), "--resume", "--epochs", "2", "--data-dir", str(data_dir),
+                 "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(evaluate) == 0
+    err = capsys.readouterr().err
+    assert f"note: {name}.json holds the evaluation of other weights (model.safetensors after epoch 1); this one " \
+        f"is {name}-epoch2.json" in err, err
+    second = json.loads((run_dir / f"{name}-epoch2.json").read_text())
+    assert second["epochs_trained"] == 2 and second["per_digit"] == f"{name}-epoch2.digits.csv"
+    assert (run_dir / f"{name}.json").read_bytes() == first
+    stale = {Path(r["file"]).name: r["stale"] for r in read_run(run_dir).evaluations}
+    assert stale == {f"{name}.json": True, f"{name}-epoch2.json": False}
+    code = main(evaluate)
+    assert code == 2 and f"{name}-epoch2.json exists (an earlier evaluation); pass --overwrite" in \
+        capsys.readouterr().err
+    assert main([*evaluate, "--overwrite"]) == 0
+    assert (run_dir / f"{name}.json").read_bytes() == first
+    assert sorted(p.name for p in run_dir.glob("eval*")) == sorted(
+        [f"{name}.json", f"{name}.digits.csv", f"{name}-epoch2.json", f"{name}-epoch2.digits.csv"])
+
+
 def test_an_evaluation_whose_files_cannot_be_written_in_the_run_saves_both_elsewhere(tmp_path, data_dir, capsys,
                                                                                       monkeypatch):
     """A full disk as the per-digit file is written after the record: the record is taken back out of the run,

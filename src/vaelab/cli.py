@@ -17,7 +17,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from vaelab.errors import TrainingDiverged, UsageError, VaelabError
 
@@ -226,7 +226,8 @@ def build_parser(parser_class: type[argparse.ArgumentParser] = _Parser) -> argpa
     evaluate.add_argument("--threads", type=_whole_number(1, 4097), help="CPU threads (default: all allowed)")
     evaluate.add_argument("--data-dir", type=Path, help="MNIST cache (default: the run's)")
     evaluate.add_argument("--out", type=Path, help="the evaluation record (.json; default a name in the run "
-                          "that encodes the settings); per-digit values go beside it (.digits.csv)")
+                          "that encodes the settings, and the weights' epoch where that name holds an evaluation of "
+                          "other weights); per-digit values go beside it (.digits.csv)")
     evaluate.add_argument("--overwrite", action="store_true", help="replace an existing record of the same name")
     evaluate.add_argument("--no-progress", action="store_true", help="no progress bar")
     evaluate.add_argument("--format", choices=list(TABLE_FORMATS), default="text",
@@ -754,6 +755,30 @@ def evaluation_name(args: argparse.Namespace, n_examples: int) -> str:
     return "-".join(parts) + ".json"
 
 
+def _default_record(path: Path, loaded, note: Callable[[str], None]) -> Path:
+    """The default record's path; where that file holds an evaluation of other weights (the run trained on since),
+    the same name with these weights' place in the run added (``…-epoch1003.json``, ``…-epoch12-step40.json``), so
+    that a training run evaluated again needs no --out and its earlier record stays (as it was, the second
+    evaluation was refused). The same weights under the same settings are refused as before (``_check_target``;
+    --overwrite replaces their record, under whichever of the two names it has)."""
+    if loaded.epoch is None or not path.exists():
+        return path
+    try:
+        earlier = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return path                                     # not a record vaelab can read: refused, the user decides
+    digest = earlier.get("weights_sha256") if isinstance(earlier, dict) else None
+    if digest is None or digest == loaded.sha256:
+        return path
+    from vaelab.runs import weights_label
+
+    place = path.with_name(f"{path.stem}-epoch{loaded.epoch}" + (f"-step{loaded.step}" if loaded.step else "")
+                           + path.suffix)
+    note(f"{path.name} holds the evaluation of other weights ({weights_label({**earlier, 'stale': False})}); "
+          f"this one is {place.name}")
+    return place
+
+
 def _weights_file(run_dir: Path, checkpoint: str) -> str:
     from vaelab import checkpoint as ckpt
     from vaelab.training import BEST_WEIGHTS
@@ -816,7 +841,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         data = prepare(load_mnist(data_dir, log=_log if world.main else lambda m: None), data_config, device)
         images, labels = (data.test_binary, data.test_labels) if args.split == "test" else \
             (data.validation_binary[: args.test_examples], data.validation_labels[: args.test_examples])
-        out = args.out or args.run_dir / evaluation_name(args, len(images))
+        out = args.out or _default_record(args.run_dir / evaluation_name(args, len(images)), loaded,
+                                          _note if world.main else lambda m: None)
         distributed.on_main(world, lambda: _check_target(out, args.overwrite, "evaluation"))
         processes = f", {world.size} processes" if world.distributed else ""
         if world.main:
