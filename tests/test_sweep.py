@@ -405,6 +405,8 @@ def test_the_report_of_a_sweep_renders_in_a_browser(example, tmp_path):
     for text in ("Optimisation history", "parameter importances", "trials/0000/report.html", "best so far",
                  "validation NLL"):
         assert text in html, text
+    complete = html.count('<td>complete</td>')
+    assert complete >= 2 and f"fANOVA evaluator, over the {complete} complete trials" in html
     if CHROMIUM is None:
         pytest.skip("no Chromium to render the page (the HTML was checked above)")
     shot = tmp_path / "sweep.png"

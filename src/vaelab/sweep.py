@@ -773,7 +773,8 @@ def build_sweep_report(out: Path, trial_reports: bool = True, data_dir: str | No
     try:
         importances = optuna.importance.get_param_importances(study)
         if importances:
-            importance = Figure("parameter importances (Optuna's fANOVA evaluator, over the complete trials)",
+            importance = Figure(f"parameter importances (Optuna's fANOVA evaluator, over the {len(complete)} "
+                                f"complete trials)",
                                 data_uri(plots.importance_figure(importances)))
     except (ValueError, RuntimeError) as exc:
         note = f"No parameter importances: {exc}"
