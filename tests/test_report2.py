@@ -454,6 +454,7 @@ def test_a_report_says_why_it_has_no_test_nll(tmp_path, data_dir, capsys):
     assert run(capsys, "report", run_dir, "--data-dir", data_dir, "--out", page)[0] == 0
     html = page.read_text()
     assert "its evaluations are of the validation digits" in html and "earlier weights" not in html
+    assert f"<code>vaelab evaluate {run_dir} --checkpoint best</code>" in html     # the weights a validation keeps
     assert "those below are\n  of the validation digits" in html
     assert run(capsys, "train", "--out", run_dir, "--resume", "--epochs", "2", "--data-dir", data_dir,
                "--no-progress")[0] == 0

@@ -188,7 +188,10 @@ def _evaluation_section(run: RunInfo, model, images: torch.Tensor, figures: Figu
                                             "digits": r["n_examples"], "nll": _fmt(r["nll"], 2),
                                             "weights": weights_label(r), "stale": bool(r["stale"]),
                                             "headline": r is record} for r in run.evaluations],
-                               "notes": run.notes, "command": f"vaelab evaluate {run.path}"}
+                               "notes": run.notes,
+                               # a run with a validation split keeps its best weights: those are the ones to evaluate
+                               "command": f"vaelab evaluate {run.path}" + (" --checkpoint best" if run.best_validation
+                                                                           else "")}
     if record is None:
         # why the records there are not a test NLL of these weights: on the validation digits, or of earlier weights
         reasons = [(any(not r["stale"] and r.get("split", "test") != "test" for r in run.evaluations),
