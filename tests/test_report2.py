@@ -188,17 +188,21 @@ def test_a_paused_epoch_does_not_flatten_the_others_seconds():
 
 
 def test_the_training_time_says_how_much_of_it_long_epochs_hold():
-    """The report's training time names the epochs of over 5 × the median (those drawn above the cut axis: a paused
-    process, a shared machine, compiling) and their time: `vampprior-2`'s 8.0 h held 4.1 h in 43 such epochs, read
-    before as the model's cost. A run without such epochs, or one epoch without its seconds, gets no note."""
+    """The report's training time says how much of it lies in the epochs drawn above the training figure's cut
+    seconds' axis (each over 5 × the median: a paused process, a shared machine, compiling): `vampprior-2`'s 8.0 h
+    held 4.1 h in 39 such epochs, read before as the model's cost. A run without such epochs, or with fewer than
+    three timed, gets no note; an epoch without its seconds counts in neither."""
+    from vaelab import plots
     from vaelab.report import _long_epochs_note
 
     rows = elbo_rows([-100 + 0.01 * e for e in range(40)])
     assert _long_epochs_note(rows) == ""                               # every epoch 1 s
     rows[5]["epoch_seconds"], rows[30]["epoch_seconds"], rows[31]["epoch_seconds"] = 1200.0, 900.0, math.nan
     rows[0]["epoch_seconds"] = 4.9                                     # compiling, under 5 × the median: not counted
-    assert _long_epochs_note(rows) == ("35.0 min of it in 2 epochs that took over 5 × the median epoch (1.0 s): a "
-                                       "paused process, a shared machine or compiling")
+    assert _long_epochs_note(rows) == ("35.0 min of it in 2 epochs drawn above the seconds' axis below, each over "
+                                       "5 × the median epoch (1.0 s): a paused process, a shared machine or compiling")
+    ax = plots.training_figure(rows).axes[2]
+    assert ax.get_title(loc="left") == "▲ 2 epochs above the axis"                # the same two epochs
     assert _long_epochs_note(rows[:2]) == ""
 
 

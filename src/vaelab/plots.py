@@ -168,6 +168,20 @@ def _with_inset(ax, epochs: Sequence[int], series: Sequence[tuple[Sequence[float
 LONG_EPOCH = 5.0
 
 
+def epoch_seconds_cut(seconds: Sequence[float]) -> float | None:
+    """Where the seconds' axis of ``_epoch_seconds`` stops: 1.15 × the longest epoch of at most ``LONG_EPOCH`` × the
+    median (NaN: not timed); None where no epoch lies above that (or fewer than three were timed). Every epoch above
+    it took over ``LONG_EPOCH`` × the median (one at most that long is among those the cut is taken from)."""
+    timed = [s for s in seconds if s == s]
+    if len(timed) < 3:
+        return None
+    median = float(np.median(timed))
+    top = 1.15 * max(s for s in timed if s <= LONG_EPOCH * median)
+    if top <= 0 or not any(s > top for s in timed):   # (epochs of no measurable time: nothing to cut the axis at)
+        return None
+    return top
+
+
 def _epoch_seconds(ax, epochs: Sequence[int], seconds: Sequence[float]) -> None:
     """Each epoch's seconds as a bar. Where some epochs took more than ``LONG_EPOCH`` × the median (a process
     paused and resumed, a shared machine, the first epoch's compiling), the axis stops a little above the other
@@ -175,15 +189,10 @@ def _epoch_seconds(ax, epochs: Sequence[int], seconds: Sequence[float]) -> None:
     paused epoch of 1153 s otherwise flattened 581 epochs of 11–18 s onto the axis."""
     ax.bar(epochs, seconds, color="C7", width=0.8)
     ax.set_ylabel("seconds of the epoch's steps")
-    timed = [(e, s) for e, s in zip(epochs, seconds) if s == s]
-    if len(timed) < 3:
+    top = epoch_seconds_cut(seconds)
+    if top is None:
         return
-    median = float(np.median([s for _, s in timed]))
-    ordinary = [s for _, s in timed if s <= LONG_EPOCH * median]
-    top = 1.15 * max(ordinary)
-    cut = [(e, s) for e, s in timed if s > top]
-    if not cut or top <= 0:                 # (epochs of no measurable time: nothing to cut the axis at)
-        return
+    cut = [(e, s) for e, s in zip(epochs, seconds) if s > top]
     ax.set_ylim(0, top)
     ax.plot([e for e, _ in cut], [top] * len(cut), marker="^", color="C3", linestyle="none", clip_on=False)
     ax.set_title(f"▲ {len(cut)} epoch{'s' * (len(cut) > 1)} above the axis", fontsize=7, color="C3", loc="left",

@@ -317,19 +317,18 @@ def build_report(run_dir: str | Path, data_dir: str | None = None,
 
 
 def _long_epochs_note(metrics: Sequence[dict]) -> str:
-    """Where epochs took over ``plots.LONG_EPOCH`` × the median epoch (a process paused, a shared machine, compiling:
-    the epochs drawn above the cut axis), how much of the training time they hold, so that the time is not read as
-    the model's cost alone (`vampprior-2`'s 7.8 h held 4.1 h in 43 such epochs); '' where none did."""
-    seconds = [row["epoch_seconds"] for row in metrics if isinstance(row.get("epoch_seconds"), (int, float))
-               and math.isfinite(row["epoch_seconds"])]
-    if len(seconds) < 3:
+    """How much of the training time lies in the epochs drawn above the training figure's cut seconds' axis (each
+    over ``plots.LONG_EPOCH`` × the median epoch: a process paused, a shared machine, compiling), so that the time is
+    not read as the model's cost alone (`vampprior-2`'s 8.0 h held 4.1 h in 39 such epochs); '' where none is."""
+    seconds = [float(row.get("epoch_seconds", math.nan)) for row in metrics]
+    top = plots.epoch_seconds_cut(seconds)
+    if top is None:
         return ""
-    median = float(np.median(seconds))
-    long = [s for s in seconds if s > plots.LONG_EPOCH * median]
-    if not long:
-        return ""
-    return (f"{format_duration(sum(long))} of it in {plural(len(long), 'epoch')} that took over {plots.LONG_EPOCH:g} × "
-            f"the median epoch ({format_duration(median)}): a paused process, a shared machine or compiling")
+    long = [s for s in seconds if s > top]
+    median = float(np.median([s for s in seconds if s == s]))
+    return (f"{format_duration(sum(long))} of it in {plural(len(long), 'epoch')} drawn above the seconds' axis below, "
+            f"each over {plots.LONG_EPOCH:g} × the median epoch ({format_duration(median)}): a paused process, a "
+            f"shared machine or compiling")
 
 
 def _summary(run: RunInfo, record: dict | None, layers: list[dict]) -> dict:
