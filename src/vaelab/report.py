@@ -243,10 +243,10 @@ def _headline_weights(run_dir: str | Path, tries: int = 3):
     for _ in range(tries):
         run = read_run(run_dir)
         record = run.best_evaluation()
-        loaded = ckpt.load_model_weights(run.path, weights=(record or {}).get("weights") or ckpt.WEIGHTS)
-        if record is None or record.get("weights_sha256") in (None, loaded[2].sha256):
+        config, model, loaded = ckpt.load_model_weights(run.path, weights=(record or {}).get("weights") or ckpt.WEIGHTS)
+        if record is None or record.get("weights_sha256") in (None, loaded.sha256):
             break
-    return run, record, loaded
+    return run, record, (config, model, loaded)
 
 
 def build_report(run_dir: str | Path, data_dir: str | None = None,
@@ -320,7 +320,7 @@ def _long_epochs_note(metrics: Sequence[dict]) -> str:
     """How much of the training time lies in the epochs drawn above the training figure's cut seconds' axis (each
     over ``plots.LONG_EPOCH`` × the median epoch: a process paused, a shared machine, compiling), so that the time is
     not read as the model's cost alone (`vampprior-2`'s 8.0 h held 4.1 h in 39 such epochs); '' where none is."""
-    seconds = [float(row.get("epoch_seconds", math.nan)) for row in metrics]
+    seconds = [float(s) if isinstance(s := row.get("epoch_seconds"), (int, float)) else math.nan for row in metrics]
     top = plots.epoch_seconds_cut(seconds)
     if top is None:
         return ""
@@ -337,7 +337,8 @@ def _summary(run: RunInfo, record: dict | None, layers: list[dict]) -> dict:
     the status (for a run that stopped early, where and why)."""
     metrics = run.metrics[-1] if run.metrics else {}
     summary = {"status": run.status, "epochs": f"{run.epochs_done} of {run.epochs_total}",
-               "time": format_duration(run.training_seconds), "time_note": _long_epochs_note(run.metrics), "active": " + ".join(str(l["active_units"]) for l in layers),
+               "time": format_duration(run.training_seconds), "time_note": _long_epochs_note(run.metrics),
+               "active": " + ".join(str(l["active_units"]) for l in layers),
                "latent": " + ".join(str(l["latent"]) for l in layers), "test_elbo": metrics.get("test_elbo"),
                "record": record, "best": None}
     best_epoch = 0
@@ -618,5 +619,6 @@ def build_comparison(paths: Sequence[str | Path], split: str = "test") -> tuple[
                                                                                           split=split)) \
         if curves else None
     html = _environment().get_template("compare.html.j2").render(
-        comparison=comparison, figure=figure, split=split, generated=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()))
+        comparison=comparison, figure=figure, split=split,
+        generated=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()))
     return html, comparison
