@@ -593,8 +593,10 @@ def test_optimizer_flag_trains_resumes_exactly_and_old_configs_read_as_adam(tmp_
     """`--optimizer adam-normgrad` trains, says so in its schedule line (terminal and train.log), resumes to the
     weights of the run that did not stop (same machine and threads), and cannot be changed on --resume; a version-8
     config (before the flag) reads as plain Adam; an unknown name is a one-line error naming the choices."""
+    from vaelab import __version__
     from vaelab.checkpoint import load_tensors
     from vaelab.config import RunConfig
+    from vaelab.provenance import cpu_name
 
     args = ["--model", "tomczak", "--activation", "gated", "--hidden", "16", "16", "--hidden-top", "16", "16",
             "--latent", "3", "2", "--prior", "vampprior", "--prior-components", "5", "--optimizer", "adam-normgrad",
@@ -605,12 +607,16 @@ def test_optimizer_flag_trains_resumes_exactly_and_old_configs_read_as_adam(tmp_
     assert main(["train", "--out", str(straight), "--epochs", "2", *args]) == 0
     said = "optimiser adam-normgrad: Adam on each tensor's gradient divided by its norm"
     assert said in capsys.readouterr().out
-    assert said in (straight / "train.log").read_text().splitlines()[0]          # the log keeps how it trained
+    first, second = (straight / "train.log").read_text().splitlines()[:2]       # the log keeps how it trained:
+    assert "training tomczak" in first and "1 thread," in first and "machine " in first and said in second
     assert main(["train", "--out", str(resumed), "--epochs", "1", *args]) == 0
     assert main(["train", "--out", str(resumed), "--resume", "--epochs", "2", "--data-dir", str(data_dir),
                  "--threads", "1", "--no-progress"]) == 0
     a, b = load_tensors(straight / "model.safetensors")[0], load_tensors(resumed / "model.safetensors")[0]
     assert a.keys() == b.keys() and all(torch.equal(a[name], b[name]) for name in a)
+    starts = [line for line in (resumed / "train.log").read_text().splitlines() if "machine " in line]
+    assert len(starts) == 2 and "resumed after epoch 1: training tomczak" in starts[1]       # where each start ran
+    assert all(f"machine {cpu_name()}, torch {torch.__version__}, vaelab {__version__}" in line for line in starts)
     capsys.readouterr()
     code = main(["train", "--out", str(resumed), "--resume", "--epochs", "3", "--optimizer", "adam", "--data-dir",
                  str(data_dir), "--no-progress"])

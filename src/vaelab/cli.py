@@ -672,10 +672,22 @@ def _train(args: argparse.Namespace, config, run_dir: Path, run, resumed: bool, 
         ckpt.write_text(run_dir / ckpt.CONFIG, config.to_json())
     validation = f", validation {len(data.validation_binary)}" if data.validation_binary is not None else ""
     processes = f" × {world.size} processes" if world.distributed else ""
-    log(f"training {config.model.name} {_architecture(config.model)} on {config.objective.name}"
-        f"{f' (k = {config.objective.samples})' if config.objective.samples > 1 else ''}, {data.n_train} images "
-        f"({config.data.binarize} binarisation{validation}), test on {data.n_test}, device {device}, "
-        f"{plural(threads, 'thread')}{processes}, engine {trainer.engine_name} {config.train.precision}, run {run_dir}")
+    header = (f"training {config.model.name} {_architecture(config.model)} on {config.objective.name}"
+              f"{f' (k = {config.objective.samples})' if config.objective.samples > 1 else ''}, {data.n_train} images "
+              f"({config.data.binarize} binarisation{validation}), test on {data.n_test}, device {device}, "
+              f"{plural(threads, 'thread')}{processes}, engine {trainer.engine_name} {config.train.precision}, "
+              f"run {run_dir}")
+    log(header)
+    # train.log keeps where each start or resume ran, so that a run's epoch seconds across sessions and machines
+    # can be read: the epochs after this line were trained so
+    if world.main:
+        from vaelab.provenance import provenance
+
+        machine = provenance(device, threads)
+        trainer.append_log((f"resumed after epoch {trainer.state.epoch}"
+                            + (f", step {trainer.state.step}" if trainer.state.step else "") + ": " if resumed else "")
+                           + f"{header}; machine {machine['cpu']}, torch {machine['torch']}, vaelab {machine['vaelab']}"
+                           + (f" (commit {machine['commit']})" if machine.get("commit") else ""))
     from vaelab.schedules import describe_schedule
 
     lines, warnings = describe_schedule(config)
