@@ -257,7 +257,7 @@ def test_a_run_evaluated_again_after_training_on_keeps_both_records(tmp_path, da
     capsys.readouterr()
     assert main(evaluate) == 0
     err = capsys.readouterr().err
-    assert f"note: {name}.json holds the evaluation of other weights (model.safetensors after epoch 1); this one " \
+    assert f"note: {name}.json holds the evaluation of other weights, model.safetensors after epoch 1; this one " \
         f"is {name}-epoch2.json" in err, err
     second = json.loads((run_dir / f"{name}-epoch2.json").read_text())
     assert second["epochs_trained"] == 2 and second["per_digit"] == f"{name}-epoch2.digits.csv"

@@ -786,8 +786,8 @@ def _default_record(path: Path, loaded, note: Callable[[str], None]) -> Path:
 
     place = path.with_name(f"{path.stem}-epoch{loaded.epoch}" + (f"-step{loaded.step}" if loaded.step else "")
                            + path.suffix)
-    note(f"{path.name} holds the evaluation of other weights ({weights_label({**earlier, 'stale': False})}); "
-          f"this one is {place.name}")
+    note(f"{path.name} holds the evaluation of other weights, {weights_label({**earlier, 'stale': False})}; "
+         f"this one is {place.name}")
     return place
 
 
