@@ -98,8 +98,8 @@ def test_sample_and_stirling_and_data(trained, data_dir, tmp_path, capsys, monke
     from vaelab import plots
 
     titles, plot_grid = [], plots.plot_grid
-    monkeypatch.setattr(plots, "plot_grid", lambda images, path, title: (titles.append(title),
-                                                                          plot_grid(images, path, title)))
+    monkeypatch.setattr(plots, "plot_grid", lambda images, path, title, **kw: (titles.append(title),
+                                                                                plot_grid(images, path, title, **kw)))
     code, out, _ = run(capsys, "sample", trained, "--n", "16", "--seed", "3", "--out", tmp_path / "s.png")
     assert code == 0 and (tmp_path / "s.png").read_bytes()[:8] == PNG
     assert titles == ["16 samples from p(x), seed 3: decoder means\nof model.safetensors after epoch 1"]

@@ -273,6 +273,35 @@ def test_a_run_evaluated_again_after_training_on_keeps_both_records(tmp_path, da
         [f"{name}.json", f"{name}.digits.csv", f"{name}-epoch2.json", f"{name}-epoch2.digits.csv"])
 
 
+def test_a_run_sampled_again_after_training_on_keeps_both_pictures(tmp_path, data_dir, capsys):
+    """`vaelab sample RUN` after the run trained on: the picture keeps the digest of the weights it drew from (a PNG
+    text field), and where the default name holds one of other weights the new picture takes its weights' epoch into
+    its name, as evaluation records do; the same weights again, or a PNG that names no weights (an older vaelab's),
+    are refused as before."""
+    from PIL import Image
+
+    from vaelab import checkpoint as ckpt
+    from vaelab.cli import PICTURE_WEIGHTS_KEY
+
+    run_dir, name = tmp_path / "run", "samples-n16-seed0"
+    assert main(["train", "--out", str(run_dir), "--epochs", "1", "--data-dir", str(data_dir), *SMALL]) == 0
+    sample = ["sample", str(run_dir), "--n", "16"]
+    assert main(sample) == 0
+    first = (run_dir / f"{name}.png").read_bytes()
+    with Image.open(run_dir / f"{name}.png") as image:
+        assert image.text[PICTURE_WEIGHTS_KEY] == ckpt.read_tensors(run_dir / ckpt.WEIGHTS)[2]
+    assert main(["train", "--out", str(run_dir), "--resume", "--epochs", "2", "--data-dir", str(data_dir),
+                 "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(sample) == 0
+    err = capsys.readouterr().err
+    assert f"note: {name}.png holds a picture of other weights; this one is {name}-epoch2.png" in err, err
+    assert (run_dir / f"{name}.png").read_bytes() == first and (run_dir / f"{name}-epoch2.png").exists()
+    assert main(sample) == 2 and f"{name}-epoch2.png exists (an earlier picture)" in capsys.readouterr().err
+    Image.new("L", (8, 8)).save(run_dir / "samples-n9-seed0.png")                 # names no weights
+    assert main(["sample", str(run_dir), "--n", "9"]) == 2 and "samples-n9-seed0.png exists" in capsys.readouterr().err
+
+
 def test_an_evaluation_whose_files_cannot_be_written_in_the_run_saves_both_elsewhere(tmp_path, data_dir, capsys,
                                                                                       monkeypatch):
     """A full disk as the per-digit file is written after the record: the record is taken back out of the run,

@@ -241,7 +241,8 @@ def build_parser(parser_class: type[argparse.ArgumentParser] = _Parser) -> argpa
     sample.add_argument("--seed", type=_non_negative_int, default=0, help="seed of the draws (default 0)")
     sample.add_argument("--checkpoint", choices=["last", "best"], default="last", help="which weights")
     sample.add_argument("--out", type=Path, help="picture (.png, .pdf, .svg, .jpg, …; default "
-                        "RUN/samples-n<N>-seed<S>.png)")
+                        "RUN/samples-n<N>-seed<S>.png, with the weights' epoch added where that picture is of other "
+                        "weights)")
     sample.add_argument("--overwrite", action="store_true", help="replace an existing picture")
     sample.set_defaults(run=cmd_sample)
 
@@ -768,26 +769,58 @@ def evaluation_name(args: argparse.Namespace, n_examples: int) -> str:
 
 
 def _default_record(path: Path, loaded, note: Callable[[str], None]) -> Path:
-    """The default record's path; where that file holds an evaluation of other weights (the run trained on since),
-    the same name with these weights' place in the run added (``…-epoch1003.json``, ``…-epoch12-step40.json``), so
-    that a training run evaluated again needs no --out and its earlier record stays (as it was, the second
-    evaluation was refused). The same weights under the same settings are refused as before (``_check_target``;
-    --overwrite replaces their record, under whichever of the two names it has)."""
+    """The default record's path, or where that file holds an evaluation of other weights, ``_beside_other_weights``'s
+    name for this one."""
+    def earlier(record_path: Path) -> tuple[str | None, str]:
+        from vaelab.runs import weights_label
+
+        try:
+            record = json.loads(record_path.read_text())
+        except (OSError, ValueError):
+            return None, ""                             # not a record vaelab can read: refused, the user decides
+        if not isinstance(record, dict):
+            return None, ""
+        label = weights_label({**record, "stale": False})
+        return record.get("weights_sha256"), f"the evaluation of other weights, {label}"
+
+    return _beside_other_weights(path, loaded, earlier, note)
+
+
+def _default_picture(path: Path, loaded, note: Callable[[str], None]) -> Path:
+    """The default picture's path (`vaelab sample`), or where that PNG was drawn from other weights (the digest its
+    metadata holds, ``PICTURE_WEIGHTS_KEY``), ``_beside_other_weights``'s name for this one."""
+    def earlier(picture: Path) -> tuple[str | None, str]:
+        from PIL import Image, UnidentifiedImageError
+
+        try:
+            with Image.open(picture) as image:
+                return getattr(image, "text", {}).get(PICTURE_WEIGHTS_KEY), "a picture of other weights"
+        except (OSError, UnidentifiedImageError):
+            return None, ""                             # not a picture vaelab can read: refused, the user decides
+
+    return _beside_other_weights(path, loaded, earlier, note)
+
+
+# the PNG text field where `vaelab sample` keeps the SHA-256 of the weights it drew from
+PICTURE_WEIGHTS_KEY = "vaelab weights sha256"
+
+
+def _beside_other_weights(path: Path, loaded, earlier: Callable[[Path], tuple[str | None, str]],
+                          note: Callable[[str], None]) -> Path:
+    """``path``, or where that file was made from other weights than ``loaded`` (``earlier`` reads the digest of the
+    weights it was made from, and says what it holds; None: unknown) — the run trained on since — the same name with
+    these weights' place in the run added (``…-epoch1003.json``, ``…-epoch12-step40.png``), so that a training run
+    evaluated or sampled again needs no --out and the earlier file stays (as it was, the second was refused). The same
+    weights under the same settings are refused as before (``_check_target``; --overwrite replaces their file, under
+    whichever of the two names it has)."""
     if loaded.epoch is None or not path.exists():
         return path
-    try:
-        earlier = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return path                                     # not a record vaelab can read: refused, the user decides
-    digest = earlier.get("weights_sha256") if isinstance(earlier, dict) else None
+    digest, what = earlier(path)
     if digest is None or digest == loaded.sha256:
         return path
-    from vaelab.runs import weights_label
-
     place = path.with_name(f"{path.stem}-epoch{loaded.epoch}" + (f"-step{loaded.step}" if loaded.step else "")
                            + path.suffix)
-    note(f"{path.name} holds the evaluation of other weights, {weights_label({**earlier, 'stale': False})}; "
-         f"this one is {place.name}")
+    note(f"{path.name} holds {what}; this one is {place.name}")
     return place
 
 
@@ -926,11 +959,13 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
     weights = _weights_file(args.run_dir, args.checkpoint) if args.run_dir.is_dir() else ckpt.WEIGHTS
     _, model, loaded = ckpt.load_model_weights(args.run_dir, weights=weights)
-    out = _picture_path(args.out or args.run_dir / f"samples-n{args.n}-seed{args.seed}.png")
+    out = _picture_path(args.out or _default_picture(args.run_dir / f"samples-n{args.n}-seed{args.seed}.png", loaded,
+                                                     _note))
     _check_target(out, args.overwrite, "picture")
     images = model.sample(args.n, torch.Generator().manual_seed(args.seed)).numpy()
     plot_grid(images, out, f"{args.n} samples from p(x), seed {args.seed}: decoder means\nof "
-                           f"{pictured_weights(loaded, read_run(args.run_dir))}")
+                           f"{pictured_weights(loaded, read_run(args.run_dir))}",
+              metadata={PICTURE_WEIGHTS_KEY: loaded.sha256})
     _log(f"written {out}")
     return 0
 

@@ -26,14 +26,17 @@ def picture_formats() -> list[str]:
     return sorted(FigureCanvasAgg(Figure()).get_supported_filetypes())
 
 
-def _save(fig, path: Path, dpi: int = 120, tight: bool = True) -> None:
+def _save(fig, path: Path, dpi: int = 120, tight: bool = True, metadata: dict[str, str] | None = None) -> None:
     """Write ``fig`` atomically in the format its file name asks for (PNG at ``dpi``); ``tight`` crops it to what
-    it draws (otherwise the file keeps the figure's size, as a figure for a paper must)."""
+    it draws (otherwise the file keeps the figure's size, as a figure for a paper must). ``metadata``: text fields of
+    a PNG (other formats do not take free keys and are written without them)."""
     from vaelab.atomic import atomic_write
 
     path = Path(path)
     kind = path.suffix.lower().lstrip(".") or "png"
-    atomic_write(path, lambda handle: fig.savefig(handle, format=kind, dpi=dpi, bbox_inches="tight" if tight else None))
+    extra = {"metadata": metadata} if metadata and kind == "png" else {}
+    atomic_write(path, lambda handle: fig.savefig(handle, format=kind, dpi=dpi, bbox_inches="tight" if tight else None,
+                                                  **extra))
     _pyplot().close(fig)
 
 
@@ -73,15 +76,16 @@ def image_grid(images: np.ndarray, rows: int, cols: int, pad: int = 2) -> np.nda
     return grid
 
 
-def plot_grid(images: np.ndarray, path: Path, title: str, cols: int = 8) -> None:
-    """A grid of digits (decoder means), grey on white."""
+def plot_grid(images: np.ndarray, path: Path, title: str, cols: int = 8,
+              metadata: dict[str, str] | None = None) -> None:
+    """A grid of digits (decoder means), grey on white; ``metadata`` as for ``_save``."""
     plt = _pyplot()
     rows = int(np.ceil(len(images) / cols))
     fig, ax = plt.subplots(figsize=(cols * 0.6 + 0.4, rows * 0.6 + 0.6))
     ax.imshow(image_grid(images, rows, cols), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
     ax.set_axis_off()
     ax.set_title(title)
-    _save(fig, path)
+    _save(fig, path, metadata=metadata)
 
 
 def plot_reconstructions(originals: np.ndarray, reconstructions: np.ndarray, path: Path, cols: int = 10) -> None:
