@@ -438,6 +438,14 @@ def test_compare_pairs_two_evaluations_of_one_run_at_two_epochs(tmp_path, data_d
     assert f"paired: NLL(run/eval-best-epoch4.json) − NLL(run/eval-best-epoch2.json) = {diff.mean():.3f}" in out, out
     row = next(line for line in out.splitlines() if line.startswith("run/eval-best-epoch2.json"))
     assert "model-best.safetensors of epoch 2" in row and "stale: not the run's weights now" in row, out
+    # each row's epochs and training time are those of the weights it measured, not the run's now (4 epochs)
+    from vaelab.runs import format_duration, read_run
+
+    metrics = read_run(run_dir).metrics
+    for record, path in ((a, first), (b, second)):
+        row = next(line for line in out.splitlines() if line.startswith(f"run/{path.name}"))
+        elapsed = next(m["elapsed_seconds"] for m in metrics if m["epoch"] == record["best_epoch"])
+        assert f" {record['best_epoch']}/4 " in row and row.rstrip().endswith(format_duration(elapsed)), row
     page = (tmp_path / "c.html").read_text()
     assert "Comparison of 2 evaluations" in page and "epoch2.json" in page
     code, _, err = run(capsys, "compare", first, run_dir / "config.json")

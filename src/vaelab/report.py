@@ -452,15 +452,17 @@ def compare_runs(paths: Sequence[str | Path], split: str = "test") -> Comparison
         record = run.best_evaluation(split) if file is None else _named_record(run, file, split)
         records.append(record)
         layers = (record or {}).get("layers", [])
+        # a record given by name: its weights' epoch and the training time to them, not the run's as it stands now
+        epochs, seconds = (run.epochs_done, run.training_seconds) if file is None else _record_epoch(run, record)
         rows.append({"name": run.name, "preset": preset_label(run.config),
-                     "epochs": f"{run.epochs_done}/{run.epochs_total}", "status": run.status,
+                     "epochs": f"{epochs}/{run.epochs_total}", "status": run.status,
                      "nll": "—" if record is None else f"{_fmt(record['nll'])} ± {_fmt(record.get('nll_stderr'))}",
                      "k": "—" if record is None else f"{estimator_label(record)}, {record['n_examples']} "
                                                      f"{'' if split == 'test' else split + ' '}digits, "
                                                      f"{weights_label(record)}",
                      "elbo": "—" if record is None else _fmt(record.get("elbo")),
                      "active": " + ".join(str(layer["active_units"]) for layer in layers) or "—",
-                     "time": format_duration(run.training_seconds),
+                     "time": format_duration(seconds),
                      "values": {"nll": None if record is None else record["nll"],
                                 "nll_stderr": None if record is None else record.get("nll_stderr"),
                                 "elbo": None if record is None else record.get("elbo"),
@@ -605,6 +607,16 @@ def comparison_export(comparison: Comparison, kind: str) -> str:
     caption = (f"NLL and ELBO in nats, {'; '.join(evaluated)}; the paired difference is over the same digits "
                f"and draws" if evaluated else "not evaluated")
     return render_table(header, rows, kind, caption)
+
+
+def _record_epoch(run: RunInfo, record: dict) -> tuple[int | str, float | None]:
+    """The epoch of the weights a record measured (the best epoch for best weights, else the epochs trained) and the
+    run's training time up to it (its metrics' cumulative seconds there; None where the run has no such row)."""
+    epoch = record.get("best_epoch") if of_best_weights(record) else record.get("epochs_trained")
+    if not isinstance(epoch, int):
+        return "—", None
+    seconds = next((row.get("elapsed_seconds") for row in run.metrics if row.get("epoch") == epoch), None)
+    return epoch, seconds
 
 
 def build_comparison(paths: Sequence[str | Path], split: str = "test") -> tuple[str, Comparison]:
