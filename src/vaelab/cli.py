@@ -713,7 +713,8 @@ def _train(args: argparse.Namespace, config, run_dir: Path, run, resumed: bool, 
                 observer.close()
     if world.main:
         write_pictures(trainer.model, data, metrics, run_dir)
-    best = " --checkpoint best" if trainer.stopped_early else ""         # the weights early stopping kept
+    # a run that holds out validation digits selects its weights on them (model-best), as the report's hint does
+    best = " --checkpoint best" if trainer.state.best_epoch else ""
     log(f"done: test ELBO {metrics[-1]['test_elbo']:.3f} nats; files in {run_dir}; next: vaelab evaluate {run_dir}{best}")
     return 0
 
