@@ -504,3 +504,23 @@ def test_a_report_pictures_the_weights_its_number_measured(tmp_path, data_dir, c
     for text in (f"Of model-best.safetensors of epoch {epoch}, as this page was made",
                  f"The views below are of model-best.safetensors of epoch {epoch}"):
         assert text in html, text
+
+
+def test_the_results_active_units_say_where_they_were_counted(tmp_path, data_dir, capsys):
+    """The results' active units come from the headline's evaluation where it covered every test digit; otherwise
+    the page counts them on all the test digits itself, and the row now says so, with the evaluation's own count.
+    Before, a `ladder-5` page read "63 + 1 + 0 + 0 + 0" under an NLL of 50 test digits whose evaluation had printed
+    63 + 2 + 0 + 0 + 0, and said nothing of where either came from."""
+    run_dir, page = tmp_path / "run", tmp_path / "report.html"
+    assert run(capsys, "train", "--out", run_dir, "--epochs", "1", "--data-dir", data_dir, *SMALL)[0] == 0
+    common = ["--k", "5", "--data-dir", data_dir, "--no-progress"]
+    assert run(capsys, "evaluate", run_dir, "--test-examples", "60", *common)[0] == 0     # 60 of the 500 test digits
+    record = json.loads(next(run_dir.glob("eval-*.json")).read_text())
+    assert run(capsys, "report", run_dir, "--data-dir", data_dir, "--out", page)[0] == 0
+    counted = " + ".join(str(layer["active_units"]) for layer in record["layers"])
+    assert (f"computed for this page on the 500 test digits; the evaluation above counted {counted} on its 60"
+            in page.read_text())
+    assert run(capsys, "evaluate", run_dir, "--test-examples", "500", *common)[0] == 0    # every test digit
+    assert run(capsys, "report", run_dir, "--data-dir", data_dir, "--out", tmp_path / "again.html")[0] == 0
+    html = (tmp_path / "again.html").read_text()
+    assert "computed for this page" not in html.split('<section id="training">')[0] and "500 test digits" in html

@@ -272,10 +272,15 @@ def build_report(run_dir: str | Path, data_dir: str | None = None,
     if record is not None and record["n_examples"] == len(images) and record.get("layers") and \
             record.get("weights_sha256") in (None, loaded.sha256):
         layers, layers_from = record["layers"], f"from {record['file']} ({record['n_examples']} test digits)"
+        active_note = None                                     # the headline's own evaluation: it says which digits
     else:
         layers = latent_statistics(model, images, 16, 0)
         layers_from = (f"of {pictured}, computed for this page on the {len(images)} test digits (16 draws per digit "
                        f"where a layer needs draws); `vaelab evaluate` stores them with more")
+        active_note = f"computed for this page on the {len(images)} test digits"
+        if record is not None and record.get("layers"):       # the headline's evaluation counted them on other digits
+            active_note += (f"; the evaluation above counted {_active(record['layers'])} on its "
+                            f"{record['n_examples']}")
     with torch.no_grad():
         samples = model.sample(80, torch.Generator().manual_seed(0)).numpy()
     generation = [figures.make("samples", "samples from p(x)", lambda w: plots.digit_rows_figure(
@@ -308,7 +313,7 @@ def build_report(run_dir: str | Path, data_dir: str | None = None,
         started=run.meta.get("started", ""), amendments=run.meta.get("amendments", []), training=training,
         metrics=run.metrics[-1] if run.metrics else None,
         evaluation=evaluation, generation=generation, latent=latent, pictured=pictured,
-        summary=_summary(run, record, layers), nats=nats,
+        summary=_summary(run, record, layers, active_note), nats=nats,
         kl=figures.make("kl-per-unit", "KL and posterior-mean variance per latent unit",
                         lambda w: plots.kl_figure(layers, width=w)), layers=layers, layers_from=layers_from,
         fmt=_fmt, duration=format_duration, generated=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
@@ -331,14 +336,19 @@ def _long_epochs_note(metrics: Sequence[dict]) -> str:
             f"shared machine or compiling")
 
 
-def _summary(run: RunInfo, record: dict | None, layers: list[dict]) -> dict:
+def _active(layers: list[dict]) -> str:
+    """Active units per layer, "63 + 2 + 0"."""
+    return " + ".join(str(layer["active_units"]) for layer in layers)
+
+
+def _summary(run: RunInfo, record: dict | None, layers: list[dict], active_note: str | None = None) -> dict:
     """The results-first block: the headline NLL with what it measured, the ELBO, the bound's gap, the active
-    units per layer, the epochs, the training time, the best validation ELBO (where there is a validation split) and
+    units per layer (``active_note``: where they were counted, when not by the headline's evaluation), the epochs, the training time, the best validation ELBO (where there is a validation split) and
     the status (for a run that stopped early, where and why)."""
     metrics = run.metrics[-1] if run.metrics else {}
     summary = {"status": run.status, "epochs": f"{run.epochs_done} of {run.epochs_total}",
                "time": format_duration(run.training_seconds), "time_note": _long_epochs_note(run.metrics),
-               "active": " + ".join(str(l["active_units"]) for l in layers),
+               "active": _active(layers), "active_note": active_note,
                "latent": " + ".join(str(l["latent"]) for l in layers), "test_elbo": metrics.get("test_elbo"),
                "record": record, "best": None}
     best_epoch = 0
@@ -461,12 +471,12 @@ def compare_runs(paths: Sequence[str | Path], split: str = "test") -> Comparison
                                                      f"{'' if split == 'test' else split + ' '}digits, "
                                                      f"{weights_label(record)}",
                      "elbo": "—" if record is None else _fmt(record.get("elbo")),
-                     "active": " + ".join(str(layer["active_units"]) for layer in layers) or "—",
+                     "active": _active(layers) or "—",
                      "time": format_duration(seconds),
                      "values": {"nll": None if record is None else record["nll"],
                                 "nll_stderr": None if record is None else record.get("nll_stderr"),
                                 "elbo": None if record is None else record.get("elbo"),
-                                "active": " + ".join(str(layer["active_units"]) for layer in layers) or None,
+                                "active": _active(layers) or None,
                                 "estimator": None if record is None else
                                 f"{estimator_label(record)} on {record['n_examples']} {record.get('split', 'test')} digits"}})
     paired, notes = [], []
