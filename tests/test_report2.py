@@ -510,7 +510,8 @@ def test_the_results_active_units_say_where_they_were_counted(tmp_path, data_dir
     """The results' active units come from the headline's evaluation where it covered every test digit; otherwise
     the page counts them on all the test digits itself, and the row now says so, with the evaluation's own count.
     Before, a `ladder-5` page read "63 + 1 + 0 + 0 + 0" under an NLL of 50 test digits whose evaluation had printed
-    63 + 2 + 0 + 0 + 0, and said nothing of where either came from."""
+    63 + 2 + 0 + 0 + 0, and its units over training "11 of 32 active" in layer 2, and said nothing of where any came
+    from."""
     run_dir, page = tmp_path / "run", tmp_path / "report.html"
     assert run(capsys, "train", "--out", run_dir, "--epochs", "1", "--data-dir", data_dir, *SMALL)[0] == 0
     common = ["--k", "5", "--data-dir", data_dir, "--no-progress"]
@@ -520,6 +521,9 @@ def test_the_results_active_units_say_where_they_were_counted(tmp_path, data_dir
     counted = " + ".join(str(layer["active_units"]) for layer in record["layers"])
     assert (f"computed for this page on the 500 test digits; the evaluation above counted {counted} on its 60"
             in page.read_text())
+    # the units over training were counted on the run's own 60 test digits, each epoch's weights (its caption said
+    # "test digits" only, beside counts of the 500)
+    assert "the weights after each epoch, on the 60 test digits the run evaluates as it trains" in page.read_text()
     assert run(capsys, "evaluate", run_dir, "--test-examples", "500", *common)[0] == 0    # every test digit
     assert run(capsys, "report", run_dir, "--data-dir", data_dir, "--out", tmp_path / "again.html")[0] == 0
     html = (tmp_path / "again.html").read_text()

@@ -303,7 +303,7 @@ def build_report(run_dir: str | Path, data_dir: str | None = None,
                                            list(shown.reshape(-1, 10, 784)), [""] * (len(shown) // 10),
                                            "pseudo-inputs uₖ in pixel space, p(z) = (1/K) Σₖ q(z | uₖ)", width=w)))
     evaluation = _evaluation_section(run, model, images, figures)
-    nats = _nats_section(run, figures)
+    nats = _nats_section(run, figures, run.config.data.test_examples or len(images))
     training = [figures.make("training", "training", lambda w: plots.training_figure(run.metrics, width=w),
                              raster=True)] if run.metrics else []
     provenance = run.meta.get("provenance", {})
@@ -378,9 +378,10 @@ def newest_with(run: RunInfo, key: str, split: str = "test") -> dict | None:
     return max(records, key=lambda r: r.get("date") or "", default=None)
 
 
-def _nats_section(run: RunInfo, figures: FigureSet) -> dict:
+def _nats_section(run: RunInfo, figures: FigureSet, trained_test_digits: int) -> dict:
     """The gap decomposition (`evaluate --gaps`), the estimate's convergence in K (`--k-curve`) and the latent
-    units over training (latent.csv), each where the run has it."""
+    units over training (latent.csv: the weights after each epoch on the ``trained_test_digits`` test digits the run
+    evaluates as it trains), each where the run has it."""
     headline = run.best_evaluation()                # the hints evaluate the weights the headline NLL measured
     best = headline is not None and of_best_weights(headline)
     section: dict[str, Any] = {"figures": [], "gaps": None, "k_curve": None,
@@ -409,7 +410,9 @@ def _nats_section(run: RunInfo, figures: FigureSet) -> dict:
                                                lambda w: plots.k_curve_figure(curve["k_curve"], width=w)))
     history = run.meta.get("latent") or []
     if history:
-        section["figures"].append(figures.make("latent-over-training", "the latent units over training (test digits)",
+        title = (f"the latent units over training: the weights after each epoch, on the {trained_test_digits} test "
+                 f"digits the run evaluates as it trains")
+        section["figures"].append(figures.make("latent-over-training", title,
                                                lambda w: plots.latent_heatmap_figure(history, width=w), wide=True))
     return section
 
