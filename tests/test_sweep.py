@@ -301,6 +301,25 @@ def test_the_cpu_hour_choice_is_a_spec_that_parses():
     assert spec.trials == len(spec.enqueue) == 6 and spec.objective == "validation-nll"
 
 
+def test_the_best_trial_is_evaluated_on_the_weights_its_full_run_selects(tmp_path):
+    """The command printed for the best trial evaluates the best-validation weights where its full run holds out the
+    preset's validation digits (`vampprior-1`: 10 000), the last weights where it holds out none (`seed`). Before,
+    it evaluated the last weights of every preset."""
+    from vaelab.sweep import load_spec, summary_table
+
+    for preset, evaluate in (("vampprior-1", "vaelab evaluate runs/best --checkpoint best --k 5000"),
+                             ("seed", "vaelab evaluate runs/best --k 5000")):
+        path = tmp_path / f"{preset}.toml"
+        path.write_text(f'preset = "{preset}"\ntrials = 1\n[fixed]\nepochs = 1\nvalidation = 100\n'
+                        f'[search]\nlr = [0.001, 0.002]\n')
+        spec = load_spec(path)
+        row = {"slot": 0, "params": {"lr": 0.001}, "value": 90.0, "stderr": 0.5, "epochs": 1, "seconds": 1.0,
+               "state": "complete", "run_dir": "trials/0000", "best": True}
+        printed = summary_table({"spec": spec, "rows": [row], "best": row, "objective": "validation-nll"})
+        command = printed.splitlines()[-1]
+        assert command.endswith(f"--lr 0.001 --out runs/best && {evaluate}"), command
+
+
 def test_a_false_boolean_field_turns_off_what_the_preset_turns_on():
     """`batch_norm = false` against ladder-5 (which sets it) becomes --no-batch-norm, not a flag left out."""
     from vaelab.cli import _train_config, build_parser

@@ -716,11 +716,18 @@ def summary_table(summary: dict) -> str:
     lines += [f"trial {r['slot']:04d} failed: {r['error']}" for r in rows if r.get("error")]
     best = summary["best"]
     if best is not None:
+        from vaelab.config import RunConfig
+        from vaelab.presets import apply_preset
+
         fields = {k: v for k, v in spec.trial_fields(best["params"]).items() if k not in BUDGET_FIELDS}
         command = " ".join(["vaelab train --preset", spec.preset, *flags_of(fields), "--out runs/best"])
+        # the full run holds out the preset's validation digits (a budget field, left out): its weights are then
+        # the best-validation ones, model-best.safetensors
+        held_out = apply_preset(RunConfig(), spec.preset).data.validation
+        evaluate = "vaelab evaluate runs/best" + (" --checkpoint best" if held_out else "") + " --k 5000"
         lines += ["", f"* best: trial {best['slot']:04d} ({best['run_dir']}). Train it in full (without the sweep's "
                       f"budget fields {', '.join(f for f in BUDGET_FIELDS if f in spec.fixed) or '—'}) and evaluate "
-                      f"it on the test set once:", f"  {command} && vaelab evaluate runs/best --k 5000"]
+                      f"it on the test set once:", f"  {command} && {evaluate}"]
     return "\n".join(lines)
 
 
