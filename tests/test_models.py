@@ -335,3 +335,18 @@ def test_two_layer_evaluation_with_laplace_over_the_joint_latents():
     assert sum(summary["laplace_modes"][k] for k in ("converged", "stalled", "not converged")) == 12
     assert [layer["latent"] for layer in summary["layers"]] == [4, 2]
     assert all(len(layer["kl_per_dimension"]) == layer["latent"] for layer in summary["layers"])
+
+
+def test_stalled_laplace_modes_are_not_called_relu_kinks():
+    """`evaluate --laplace` of a `planar-80` run (tanh, smooth: no kinks) said its 7 stalled modes had stopped at "a
+    ReLU kink". A stall (laplace.NewtonResult) is a kink of a piecewise-linear network or the precision's limit; the
+    warning names both."""
+    from vaelab.records import format_eval_table
+
+    result = {"estimates": [{"name": "Laplace", "mean": -90.0, "stderr": 1.0, "kind": "approximation, not a bound"}],
+              "precision": "fp32", "nll": 90.0, "nll_stderr": 1.0, "k": 20, "n_examples": 30, "seconds": 1.0,
+              "layers": [], "laplace_modes": {"converged": 20, "stalled": 7, "not converged": 3, "newton_steps": 30}}
+    warning = format_eval_table(result).splitlines()[-1]
+    assert warning.startswith("warning: of the Laplace modes, 20 converged, 7 stalled (") and "3 did not" in warning
+    assert "a kink of a ReLU network, or the limit of the arithmetic's precision" in warning
+    assert "a ReLU kink)" not in warning

@@ -137,8 +137,10 @@ def format_eval_table(result: dict) -> str:
             lines.append(f"warning: {gaps['warning']}")
     modes = result.get("laplace_modes")
     if modes and (modes["stalled"] or modes["not converged"]):
-        lines.append(f"warning: of the Laplace modes, {modes['converged']} converged, {modes['stalled']} stalled at a "
-                     f"non-smooth point (no step along the Newton direction increases log p(x, z): a ReLU kink) "
-                     f"and {modes['not converged']} did not converge in {modes['newton_steps']} steps; their "
-                     f"Laplace estimates are less reliable")
+        # laplace.NewtonResult: a stall is a kink of a piecewise-linear network or the precision's limit; a smooth
+        # (tanh) model has no kinks, so the message names both
+        lines.append(f"warning: of the Laplace modes, {modes['converged']} converged, {modes['stalled']} stalled (no "
+                     f"step along the Newton direction increases log p(x, z) while its gradient is not small: a kink "
+                     f"of a ReLU network, or the limit of the arithmetic's precision) and {modes['not converged']} did "
+                     f"not converge in {modes['newton_steps']} steps; their Laplace estimates are less reliable")
     return "\n".join(lines)
