@@ -343,8 +343,9 @@ def _active(layers: list[dict]) -> str:
 
 def _summary(run: RunInfo, record: dict | None, layers: list[dict], active_note: str | None = None) -> dict:
     """The results-first block: the headline NLL with what it measured, the ELBO, the bound's gap, the active
-    units per layer (``active_note``: where they were counted, when not by the headline's evaluation), the epochs, the training time, the best validation ELBO (where there is a validation split) and
-    the status (for a run that stopped early, where and why)."""
+    units per layer (``active_note``: where they were counted, when not by the headline's evaluation), the epochs,
+    the training time, the best validation ELBO (where there is a validation split) and the status (for a run that
+    stopped early, where and why)."""
     metrics = run.metrics[-1] if run.metrics else {}
     summary = {"status": run.status, "epochs": f"{run.epochs_done} of {run.epochs_total}",
                "time": format_duration(run.training_seconds), "time_note": _long_epochs_note(run.metrics),
