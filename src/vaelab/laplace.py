@@ -49,6 +49,8 @@ class NotNegativeDefinite(LaplaceError):
 # Why the Newton search of each example stopped (NewtonResult.outcome).
 RUNNING, SMOOTH, STALLED = 0, 1, 2
 OUTCOMES = {RUNNING: "not converged", SMOOTH: "converged", STALLED: "stalled"}
+# why a mode stalls (NewtonResult.outcome), as `evaluate` and the report say it: a smooth (tanh) model has no kinks
+STALLED_CAUSE = "a kink of a ReLU network, or the limit of the arithmetic's precision"
 
 
 @dataclass

@@ -137,10 +137,10 @@ def format_eval_table(result: dict) -> str:
             lines.append(f"warning: {gaps['warning']}")
     modes = result.get("laplace_modes")
     if modes and (modes["stalled"] or modes["not converged"]):
-        # laplace.NewtonResult: a stall is a kink of a piecewise-linear network or the precision's limit; a smooth
-        # (tanh) model has no kinks, so the message names both
+        from vaelab.laplace import STALLED_CAUSE
+
         lines.append(f"warning: of the Laplace modes, {modes['converged']} converged, {modes['stalled']} stalled (no "
-                     f"step along the Newton direction increases log p(x, z) while its gradient is not small: a kink "
-                     f"of a ReLU network, or the limit of the arithmetic's precision) and {modes['not converged']} did "
-                     f"not converge in {modes['newton_steps']} steps; their Laplace estimates are less reliable")
+                     f"step along the Newton direction increases log p(x, z) while its gradient is not small: "
+                     f"{STALLED_CAUSE}) and {modes['not converged']} did not converge in {modes['newton_steps']} "
+                     f"steps; their Laplace estimates are less reliable")
     return "\n".join(lines)

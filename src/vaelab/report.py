@@ -18,6 +18,7 @@ from vaelab import checkpoint as ckpt
 from vaelab import plots
 from vaelab.errors import UsageError
 from vaelab.evaluation import summarize
+from vaelab.laplace import STALLED_CAUSE
 from vaelab.presets import changed_fields, preset_label
 from vaelab.runs import (RunInfo, distinct_labels, estimator_label, format_duration, of_best_weights, per_digit,
                          pictured_weights, read_run, weights_label)
@@ -309,7 +310,7 @@ def build_report(run_dir: str | Path, data_dir: str | None = None,
     provenance = run.meta.get("provenance", {})
     changed = changed_fields(config)
     html = _environment().get_template("report.html.j2").render(
-        run=run, config_rows=_config_rows(config, changed), provenance=provenance, changed=changed,
+        run=run, stalled_cause=STALLED_CAUSE, config_rows=_config_rows(config, changed), provenance=provenance, changed=changed,
         started=run.meta.get("started", ""), amendments=run.meta.get("amendments", []), training=training,
         metrics=run.metrics[-1] if run.metrics else None,
         evaluation=evaluation, generation=generation, latent=latent, pictured=pictured,
@@ -468,6 +469,7 @@ def compare_runs(paths: Sequence[str | Path], split: str = "test") -> Comparison
         layers = (record or {}).get("layers", [])
         # a record given by name: its weights' epoch and the training time to them, not the run's as it stands now
         epochs, seconds = (run.epochs_done, run.training_seconds) if file is None else _record_epoch(run, record)
+        active = _active(layers)
         rows.append({"name": run.name, "preset": preset_label(run.config),
                      "epochs": f"{epochs}/{run.epochs_total}", "status": run.status,
                      "nll": "—" if record is None else f"{_fmt(record['nll'])} ± {_fmt(record.get('nll_stderr'))}",
@@ -475,12 +477,12 @@ def compare_runs(paths: Sequence[str | Path], split: str = "test") -> Comparison
                                                      f"{'' if split == 'test' else split + ' '}digits, "
                                                      f"{weights_label(record)}",
                      "elbo": "—" if record is None else _fmt(record.get("elbo")),
-                     "active": _active(layers) or "—",
+                     "active": active or "—",
                      "time": format_duration(seconds),
                      "values": {"nll": None if record is None else record["nll"],
                                 "nll_stderr": None if record is None else record.get("nll_stderr"),
                                 "elbo": None if record is None else record.get("elbo"),
-                                "active": _active(layers) or None,
+                                "active": active or None,
                                 "estimator": None if record is None else
                                 f"{estimator_label(record)} on {record['n_examples']} {record.get('split', 'test')} digits"}})
     paired, notes = [], []
