@@ -179,11 +179,50 @@ def test_the_per_epoch_kl_of_every_unit_sums_to_the_epochs_kl(tmp_path, data_dir
         units = [r for r in rows if int(r["epoch"]) == epoch]
         assert sum(float(u["kl"]) for u in units) == pytest.approx(float(row["test_kl"]), abs=1e-4)
         assert all(int(u["active"]) == (float(u["posterior_mean_variance"]) > 0.01) for u in units)
+        assert all(u["variance_draws"] == "1" and u["variance_digits"] == "200" for u in units)  # E_q[u|x] = μ(x)
     # a resume keeps the history: it is in the training state, written again with every checkpoint
     assert main(["train", "--out", str(run), "--resume", "--epochs", "4", "--data-dir", str(data_dir),
                  "--no-progress"]) == 0
     again = list(csv.DictReader(open(run / "latent.csv")))
     assert again[:15] == rows and len(again) == 20
+
+
+def test_the_per_epoch_active_units_of_a_ladder_do_not_count_the_draws_noise():
+    """A top-down ladder's bottom layer: E_q[z₁|x] depends on the draw of z₂, so one draw's posterior means vary
+    over digits by Var_x E_q[u|x] plus the draw's noise, and counted all 6 units active where none is. The
+    per-epoch statistics (two independent draws' covariance) and `evaluate`'s (the covariance of two halves of its
+    draws, here 1 + 1) must match Var_x of the mean over 400 draws per digit within 4 standard errors of such a
+    covariance (estimated from a pair of draws of the test's own) + 2e-4 (the reference's noise/400); one draw's
+    variance, and two draws' mean's, lie beyond that on every unit."""
+    from vaelab.evaluation import draws, elbo_summary, latent_statistics
+    from vaelab.models import ModelConfig, build_model
+
+    torch.manual_seed(3)
+    model = build_model(ModelConfig(name="hvae", hidden=((32,), (16,)), latent=(6, 3), inference="top-down",
+                                    activation="tanh")).eval()
+    x = (torch.rand(2000, 784, generator=torch.Generator().manual_seed(4)) < 0.3).float()
+    units = []
+    assert elbo_summary(model, x, 500, 0, units) == elbo_summary(model, x, 500, 0)   # the ELBO's draws unchanged
+    generator, sums = torch.Generator().manual_seed(9), [torch.zeros(2000, 6), torch.zeros(2000, 3)]
+    with torch.no_grad():
+        for _ in range(400):
+            for total, layer in zip(sums, model(x, draws(model, 1, 2000, generator, "cpu")).layers):
+                total += layer.posterior_mean()
+        a, b = ([layer.posterior_mean() for layer in model(x, draws(model, 1, 2000, generator, "cpu")).layers]
+                for _ in range(2))
+    reference = [(total / 400).var(0) for total in sums]
+    products = (a[0] - a[0].mean(0)) * (b[0] - b[0].mean(0))                      # (2000, 6)
+    tolerance = 4 * products.std(0) / math.sqrt(2000) + 2e-4                      # (6,)
+    bottom, top = units
+    assert (bottom["variance_draws"], bottom["variance_digits"]) == (2, 2000)
+    assert (top["variance_draws"], top["variance_digits"]) == (1, 2000)     # q(z₂|x): the bottom-up pass alone
+    assert bool(((torch.tensor(bottom["posterior_mean_variance"]) - reference[0]).abs() < tolerance).all())
+    assert bool((a[0].var(0) - reference[0] > tolerance).all())              # what one draw reads
+    np.testing.assert_allclose(top["posterior_mean_variance"], reference[1].numpy(), rtol=1e-5)
+    assert bottom["active_units"] == int((reference[0] > 0.01).sum()) == 0
+    pair = torch.tensor(latent_statistics(model, x, samples=2, seed=11)[0]["posterior_mean_variance"])
+    assert bool(((pair - reference[0]).abs() < tolerance).all())
+    assert bool((((a[0] + b[0]) / 2).var(0) - reference[0] > tolerance).all())   # what two draws' mean reads
 
 
 def test_gaps_and_the_k_curve_in_the_record_table_and_report(tmp_path, data_dir, capsys):

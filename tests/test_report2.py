@@ -528,3 +528,20 @@ def test_the_results_active_units_say_where_they_were_counted(tmp_path, data_dir
     assert run(capsys, "report", run_dir, "--data-dir", data_dir, "--out", tmp_path / "again.html")[0] == 0
     html = (tmp_path / "again.html").read_text()
     assert "computed for this page" not in html.split('<section id="training">')[0] and "500 test digits" in html
+
+
+def test_the_latent_heatmap_says_how_each_layers_active_units_were_counted():
+    """Titles over the units-over-training heat map: two draws' covariance (with its digits), nothing where E_q[u|x]
+    was exact, and for a history recorded from one draw in a model whose means depend on the draws, that it may
+    count the draws' noise."""
+    from vaelab import plots
+
+    layer = {"kl": None, "posterior_mean_variance": [0.5, 0.001], "active_units": 1}
+    new = [{"epoch": 1, "layers": [{**layer, "variance_draws": 2, "variance_digits": 2000},
+                                   {**layer, "variance_draws": 1, "variance_digits": 3000}]}]
+    titles = [ax.get_title() for ax in plots.latent_heatmap_figure(new, one_draw_overcounts=True).axes[:2]]
+    assert titles == ["layer 1: 1 of 2 units active at epoch 1 (Cov_x E_q[u] from two draws per digit, 2000 digits)",
+                      "layer 2: 1 of 2 units active at epoch 1"]
+    old = [{"epoch": 1, "layers": [layer]}]
+    assert "may count the draws' noise" in plots.latent_heatmap_figure(old, one_draw_overcounts=True).axes[0].get_title()
+    assert plots.latent_heatmap_figure(old).axes[0].get_title() == "layer 1: 1 of 2 units active at epoch 1"

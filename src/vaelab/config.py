@@ -167,6 +167,17 @@ class RunConfig:
         """{'section.field': value as in config.json} for every field."""
         return _flatten(json.loads(json.dumps(self.to_dict())))
 
+    def unused(self) -> dict[str, str]:
+        """{'section.field': why} for the fields this run never reads: a mixture's K beside the standard prior, an
+        IAF width without IAF steps, the static binarisation's seed of a dynamic run, the validation digits' seed of
+        a run without them."""
+        why = {f"model.{name}": reason for name, reason in self.model.unused().items()}
+        if self.data.binarize != "static":
+            why["data.static_seed"] = "the training digits are binarised afresh every epoch"
+        if not self.data.validation:
+            why["data.validation_seed"] = "no validation digits are held out"
+        return why
+
     def differences(self, other: "RunConfig") -> list[str]:
         """'section.field: mine → other' (values as in config.json) for every field that differs."""
         mine, theirs = self.flat(), other.flat()

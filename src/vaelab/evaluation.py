@@ -178,6 +178,17 @@ def draws(model, k: int, batch: int, generator: torch.Generator, device) -> torc
     return torch.randn((k, batch, model.config.total_latent), generator=generator, device=device)
 
 
+# The per-epoch latent statistics draw a second time on the batches that begin within the first this many test digits.
+SECOND_DRAW_DIGITS = 2000
+
+
+def draws_move_means(model_config) -> bool:
+    """Whether a layer's posterior mean can depend on the draws: every model with two or more stochastic layers
+    (a layer above the first under bottom-up inference, every layer under the top one top-down, q(z₁|x, z₂)
+    in Tomczak's) or a flow (E_q[z] of the draws themselves). Otherwise every E_q[u|x] is μ(x)."""
+    return len(model_config.latent) > 1 or model_config.flow_steps > 0
+
+
 @torch.no_grad()
 def elbo_summary(model, images: torch.Tensor, batch_size: int = 1000, seed: int = 0,
                  units: list | None = None) -> dict[str, float]:
@@ -185,13 +196,25 @@ def elbo_summary(model, images: torch.Tensor, batch_size: int = 1000, seed: int 
     (the per-epoch test and validation columns of metrics.csv).
 
     With ``units`` (a list), the same pass also appends per stochastic layer its mean KL per unit (None where the
-    layer does not factorise) and the variance over digits of each unit's posterior mean (from this draw's q:
-    exact for the bottom layer without a flow), and the count of active units (> 0.01): the latent layers over
-    training (``latent.csv``), with nothing else drawn or computed differently."""
+    layer does not factorise), an estimate of the variance over digits of each unit's posterior mean Cov_x E_q[u|x],
+    and the count of active units (> 0.01): the latent layers over training (``latent.csv``); the ELBO's draws and
+    numbers are the same with and without ``units``.
+
+    Where E_q[u|x] is μ(x), one pass gives it exactly. Where it depends on the draws above (``draws_move_means``),
+    one draw's m̂(x) has Var_x m̂ = Var_x E_q[u|x] + E_x Var(m̂|x): the draw's own noise, which counted 16 of a
+    ladder's 16 bottom units active where 64 draws per digit count 6. So a second, independent draw (the stream
+    ``seed + 1``) is made on the batches that begin within the first ``SECOND_DRAW_DIGITS`` digits, and such a
+    layer's variance is the covariance over those digits of the two draws' means, Σᵢ (m̂ᵢ − m̄)(m̂'ᵢ − m̄')/(n − 1):
+    unbiased, since the draws are independent given x (Cov(m̂, m̂') = Var_x E_q[u|x]). A layer whose two draws
+    give the same means bit for bit keeps the exact variance over all digits. Each layer records
+    ``variance_digits`` (the digits its variance is over) and ``variance_draws`` (1 or 2)."""
     model.eval()
     generator = torch.Generator(device=images.device).manual_seed(seed)
+    second = (torch.Generator(device=images.device).manual_seed(seed + 1)
+              if units is not None and draws_move_means(model.config) else None)
     sums = torch.zeros(3, dtype=torch.float64, device=images.device)
-    kls, means = [], []
+    kls, means, again = [], [], []
+    start = 0
     for x in test_batches(images, batch_size):
         parts = model(x, draws(model, 1, len(x), generator, x.device))
         terms = elbo_objective(parts)
@@ -200,13 +223,25 @@ def elbo_summary(model, images: torch.Tensor, batch_size: int = 1000, seed: int 
             kls.append([None if (kl := layer.kl_per_dimension()) is None else kl.mean(0).double().sum(0)
                         for layer in parts.layers])
             means.append([layer.posterior_mean().double() for layer in parts.layers])
+            if second is not None and start < SECOND_DRAW_DIGITS:     # the same batch, so the same rows' products
+                again.append([layer.posterior_mean().double()
+                              for layer in model(x, draws(model, 1, len(x), second, x.device)).layers])
+        start += len(x)
     if units is not None:
         for index in range(len(model.config.latent)):
             mean = torch.cat([batch[index] for batch in means])                              # (N, d)
-            variance = mean.var(0, unbiased=True) if len(mean) > 1 else torch.zeros(mean.shape[1])
             kl = None if kls[0][index] is None else (sum(batch[index] for batch in kls) / len(images)).tolist()
+            other = torch.cat([batch[index] for batch in again]) if again else None          # (n, d), n ≤ N
+            if other is None or torch.equal(mean[:len(other)], other):
+                variance = mean.var(0, unbiased=True) if len(mean) > 1 else torch.zeros(mean.shape[1])
+                digits, used = len(mean), 1
+            else:
+                first = mean[:len(other)]
+                variance = (((first - first.mean(0)) * (other - other.mean(0))).sum(0) / max(len(other) - 1, 1))
+                digits, used = len(other), 2
             units.append({"layer": index + 1, "kl": kl, "posterior_mean_variance": variance.tolist(),
-                          "active_units": int((variance > ACTIVE_UNIT_THRESHOLD).sum())})
+                          "active_units": int((variance > ACTIVE_UNIT_THRESHOLD).sum()),
+                          "variance_digits": digits, "variance_draws": used})
     elbo, reconstruction, kl = (sums / len(images)).tolist()
     return {"elbo": elbo, "reconstruction": reconstruction, "kl": kl}
 
@@ -361,7 +396,12 @@ def latent_statistics(model, images: torch.Tensor, samples: int = 64, seed: int 
     ``None`` for a flow or a mixture prior, which have no per-dimension KL) and the layer's KL.
 
     E_q[z₁|x] = μ₁(x) exactly without a flow; for a layer above, E_q[z₂|x] = E_{z₁~q(z₁|x)}[μ₂(z₁)], and with a
-    flow E_q[z] itself, are averaged over ``samples`` draws (1 draw where nothing depends on the draw).
+    flow E_q[z] itself, are averaged over draws (1 draw where nothing depends on the draw). The variance over
+    digits of a mean over S draws would be Var_x E_q[u|x] + E_x Var(u-draw | x)/S, the draws' noise counted as
+    activity; so the ``samples`` draws are split into two halves, and the variance is the covariance over digits of
+    the halves' means, Σᵢ (m̂ᵢ − m̄)(m̂'ᵢ − m̄')/(N − 1), unbiased since the halves are independent given x (the
+    same formula as the variance where the two means are equal, as for μ₁(x)). ``elbo_summary`` does the same with
+    two single draws.
     """
     model.eval()
     generator = torch.Generator(device=images.device).manual_seed(seed)
@@ -372,14 +412,18 @@ def latent_statistics(model, images: torch.Tensor, samples: int = 64, seed: int 
     with hot_loop_settings():
         for x in test_batches(images, 100):
             parts = model(x, draws(model, samples, len(x), generator, x.device))
-            means.append([layer.posterior_mean().double().cpu() for layer in parts.layers])
+            half = max(samples // 2, 1)          # with one draw both "halves" are that draw: the exact μ(x)
+            means.append([(layer.posterior_mean(slice(0, half)).double().cpu(),
+                           layer.posterior_mean(slice(samples - half, samples)).double().cpu())
+                          for layer in parts.layers])
             kls.append([None if (kl := layer.kl_per_dimension()) is None else kl.mean(0).double().cpu()
                         for layer in parts.layers])
             totals.append([layer.kl().double().cpu() for layer in parts.layers])
     layers = []
     for index in range(len(config.latent)):
-        mean = torch.cat([batch[index] for batch in means])                   # (N, d)
-        variance = mean.var(0, unbiased=True) if len(mean) > 1 else torch.zeros(mean.shape[1], dtype=torch.float64)
+        mean = torch.cat([batch[index][0] for batch in means])                # (N, d) the first half's means
+        other = torch.cat([batch[index][1] for batch in means])               # (N, d) the second half's
+        variance = ((mean - mean.mean(0)) * (other - other.mean(0))).sum(0) / max(len(mean) - 1, 1)
         per_dimension = None if kls[0][index] is None else torch.cat([batch[index] for batch in kls]).mean(0)  # (d,)
         kl = float(torch.cat([batch[index] for batch in totals]).mean())
         active = (variance > ACTIVE_UNIT_THRESHOLD).nonzero().flatten().tolist()

@@ -318,11 +318,12 @@ class StochasticLayer:
             return (self.log_q() - self.log_prior()).mean(0)
         return per_dimension.sum(-1).mean(0)
 
-    def posterior_mean(self) -> torch.Tensor:
-        """E_q[z | parent] estimated per example (B, d): μ_q without a flow, else the mean of the draws."""
+    def posterior_mean(self, draws: slice = slice(None)) -> torch.Tensor:
+        """E_q[z | parent] estimated per example (B, d) from the draws ``draws`` of the K: μ_q without a flow (its
+        mean over those draws where it depends on a draw above), else the mean of the draws themselves."""
         if self.log_det is None:
-            return self.q_mu.expand_as(self.z).mean(0)
-        return self.z.mean(0)
+            return self.q_mu.expand_as(self.z)[draws].mean(0)
+        return self.z[draws].mean(0)
 
 
 @dataclass

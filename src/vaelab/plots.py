@@ -540,9 +540,12 @@ def k_curve_figure(points: Sequence[dict], width: float | None = None):
     return fig
 
 
-def latent_heatmap_figure(history: Sequence[dict], width: float | None = None):
+def latent_heatmap_figure(history: Sequence[dict], width: float | None = None, one_draw_overcounts: bool = False):
     """Per stochastic layer, units × epochs: the mean KL of each unit over training (log colour scale; the
-    variance of its posterior mean where the layer has no per-unit KL), collapsed units dark."""
+    variance of its posterior mean where the layer has no per-unit KL), collapsed units dark. Each title says how
+    its active units were counted where not from the exact E_q[u|x]: two draws' covariance on n digits, or
+    (``one_draw_overcounts``: a model whose means depend on the draws, recorded before the second draw) one draw's
+    variance, which counts the draw's noise as activity (evaluation.elbo_summary)."""
     from matplotlib.colors import LogNorm
 
     plt = _pyplot()
@@ -561,7 +564,12 @@ def latent_heatmap_figure(history: Sequence[dict], width: float | None = None):
         bar.set_label("KL (nats)" if use_kl else "Cov_x E_q[u]")
         ax.set_ylabel(f"layer {index + 1}: unit")
         _integer_epochs(ax)
-        ax.set_title(f"layer {index + 1}: {per_unit[-1]['active_units']} of {grid.shape[0]} units active at epoch "
-                     f"{epochs[-1]}", fontsize=9)
+        last = per_unit[-1]
+        how = (f" (Cov_x E_q[u] from two draws per digit, {last['variance_digits']} digits)"
+               if last.get("variance_draws") == 2 else
+               " (recorded from one draw per digit: may count the draws' noise as activity)"
+               if one_draw_overcounts and "variance_draws" not in last else "")
+        ax.set_title(f"layer {index + 1}: {last['active_units']} of {grid.shape[0]} units active at epoch "
+                     f"{epochs[-1]}{how}", fontsize=9)
     fig.tight_layout()
     return fig

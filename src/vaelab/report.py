@@ -17,7 +17,7 @@ import torch
 from vaelab import checkpoint as ckpt
 from vaelab import plots
 from vaelab.errors import UsageError
-from vaelab.evaluation import summarize
+from vaelab.evaluation import SECOND_DRAW_DIGITS, draws_move_means, summarize
 from vaelab.laplace import STALLED_CAUSE
 from vaelab.presets import changed_fields, preset_label
 from vaelab.runs import (RunInfo, distinct_labels, estimator_label, format_duration, of_best_weights, per_digit,
@@ -414,16 +414,29 @@ def _nats_section(run: RunInfo, figures: FigureSet, trained_test_digits: int) ->
     if history:
         title = (f"the latent units over training: the weights after each epoch, on the {trained_test_digits} test "
                  f"digits the run evaluates as it trains")
-        section["figures"].append(figures.make("latent-over-training", title,
-                                               lambda w: plots.latent_heatmap_figure(history, width=w), wide=True))
+        overcounts = draws_move_means(run.config.model)
+        if overcounts:
+            title += (f"; where a layer's posterior mean depends on the draws, Cov_x E_q[u] is the covariance of two "
+                      f"independent draws' means over about the first {SECOND_DRAW_DIGITS} of them (whole batches; the "
+                      f"layer's title gives the count), since one draw's variance would count its own noise")
+        section["figures"].append(figures.make(
+            "latent-over-training", title,
+            lambda w: plots.latent_heatmap_figure(history, width=w, one_draw_overcounts=overcounts), wide=True))
     return section
 
 
 def _config_rows(config, changed: Sequence[str] = ()) -> list[tuple[str, str, bool]]:
-    """(section.field, value, whether flags changed it from the preset's) for every field; — for none."""
+    """(section.field, value, whether flags changed it from the preset's) for every field; — for none; a field the
+    run never reads says so beside its value."""
     import json
 
-    return [(key, "—" if value is None else json.dumps(value), key in changed) for key, value in config.flat().items()]
+    unused = config.unused()
+    return [(key, ("—" if value is None else json.dumps(value))
+             + (f" ({UNUSED}: {unused[key]})" if key in unused else ""), key in changed)
+            for key, value in config.flat().items()]
+
+
+UNUSED = "unused"      # a config field's value that its run never reads
 
 
 # ------------------------------------------------------------------------------------------------
@@ -458,10 +471,14 @@ def compare_runs(paths: Sequence[str | Path], split: str = "test") -> Comparison
     for run, label, (_, file) in zip(runs, distinct_labels(paths), chosen):
         # two runs named h4 in different folders: one-hour-60/h4 and s35/h4; a record: vampprior-2/eval-….json
         run.label = label if file is None or "/" in label else f"{run.path.name}/{label}"
-    flat = [r.config.flat() for r in runs]
-    keys = sorted(set().union(*flat))
-    differences = [(key, [str(f.get(key, "—")) for f in flat]) for key in keys
-                   if len({str(f.get(key)) for f in flat}) > 1 and key not in ("train.threads", "data.data_dir")]
+    # a field a run never reads (its prior has no components …) is "unused" there, not a value that differs: a field
+    # is listed where the runs that read it read different values
+    shown = [{key: UNUSED if key in run.config.unused() else str(value) for key, value in run.config.flat().items()}
+             for run in runs]
+    keys = sorted(set().union(*shown))
+    differences = [(key, [f.get(key, "—") for f in shown]) for key in keys
+                   if len({f.get(key, "—") for f in shown} - {UNUSED}) > 1
+                   and key not in ("train.threads", "data.data_dir")]
     rows, records = [], []
     for run, (_, file) in zip(runs, chosen):
         record = run.best_evaluation(split) if file is None else _named_record(run, file, split)

@@ -40,7 +40,7 @@ from vaelab.data import MNISTData, training_batches
 from vaelab.distributed import SINGLE, RankLost, World, all_reduce_, any_rank, gather, shard
 from vaelab.engines import ENGINES, select_engine
 from vaelab.errors import CheckpointError, TrainingDiverged, UsageError, VaelabError
-from vaelab.evaluation import elbo_summary, hot_loop_settings
+from vaelab.evaluation import ACTIVE_UNIT_THRESHOLD, elbo_summary, hot_loop_settings
 from vaelab.models import build_model
 from vaelab.optimizers import build_optimizer
 from vaelab.provenance import provenance
@@ -372,14 +372,17 @@ class Trainer:
             lines.append(",".join(_fmt(row.get(k, math.nan)) for k in fields))
         ckpt.write_text(self.run_dir / ckpt.METRICS, "\n".join(lines) + "\n")
         # the latent layers over training, one row per epoch, layer and unit (test digits, the test pass's draws):
-        # posterior collapse, and units that come alive under warm-up
-        lines = ["epoch,layer,unit,kl,posterior_mean_variance,active"]
+        # posterior collapse, and units that come alive under warm-up. variance_draws: 1 where E_q[u|x] is exact, 2
+        # where it is two draws' covariance over variance_digits digits (evaluation.elbo_summary); empty digits: a
+        # row of a vaelab before 2026-12-04, one draw's variance, which counts the draw's noise as activity
+        lines = ["epoch,layer,unit,kl,posterior_mean_variance,active,variance_draws,variance_digits"]
         for entry in self.state.latent:
             for layer in entry["layers"]:
                 kls = layer["kl"] or [math.nan] * len(layer["posterior_mean_variance"])
+                how = f"{layer.get('variance_draws', 1)},{layer.get('variance_digits', '')}"
                 for unit, (kl, variance) in enumerate(zip(kls, layer["posterior_mean_variance"])):
                     lines.append(f"{entry['epoch']},{layer['layer']},{unit},{_fmt(kl)},{_fmt(variance)},"
-                                 f"{int(variance > 0.01)}")
+                                 f"{int(variance > ACTIVE_UNIT_THRESHOLD)},{how}")
         ckpt.write_text(self.run_dir / LATENT_FILE, "\n".join(lines) + "\n")
 
     # ---- loop ------------------------------------------------------------------------------------

@@ -108,6 +108,15 @@ class ModelConfig:
             raise UsageError(f"data_dim must be 784 for MNIST, got {self.data_dim}")
         return self
 
+    def unused(self) -> dict[str, str]:
+        """{field: why} for the fields whose values this model never reads (shown as such where configs are compared)."""
+        why = {}
+        if self.prior == "standard":
+            why["prior_components"] = "the standard prior has no components"
+        if self.flow != "iaf" or not self.flow_steps:
+            why["flow_width"] = "only IAF steps have hidden units"
+        return why
+
     @property
     def total_latent(self) -> int:
         """D: the standard-normal draws one sample of all stochastic layers needs."""
