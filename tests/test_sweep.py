@@ -501,3 +501,34 @@ def test_a_worker_compiles_each_trial_afresh(tmp_path, data_dir, monkeypatch):
     for slot in (0, 1):
         config = json.loads((tmp_path / "out" / "trials" / f"{slot:04d}" / ckpt.CONFIG).read_text())
         assert config["train"]["engine"] == "compiled"
+
+
+def test_a_searched_field_the_trial_never_reads_is_unused_in_its_row_and_command(tmp_path):
+    """A sweep over prior × prior_components: a standard-prior trial has no components, so its row says "unused"
+    for K (not the sampled 10, which changed nothing), and when it wins the command to train it in full leaves
+    --prior-components out."""
+    import dataclasses
+    import json
+
+    from vaelab.config import RunConfig
+    from vaelab.sweep import _unused_params, load_spec, summary_table
+
+    path = tmp_path / "spec.toml"
+    path.write_text('preset = "seed"\ntrials = 2\n[fixed]\nepochs = 1\nvalidation = 100\n'
+                    '[search]\nprior = ["standard", "mog"]\nprior_components = [3, 10]\n')
+    spec = load_spec(path)
+    rows = []
+    for slot, (prior, k, value) in enumerate([("standard", 10, 90.0), ("mog", 3, 91.0)]):
+        run_dir = tmp_path / "trials" / f"{slot:04d}"
+        run_dir.mkdir(parents=True)
+        config = RunConfig()
+        config = dataclasses.replace(config, model=dataclasses.replace(config.model, prior=prior, prior_components=k))
+        (run_dir / "config.json").write_text(json.dumps(config.to_dict()))
+        rows.append({"slot": slot, "params": {"prior": prior, "prior_components": k}, "value": value, "stderr": 0.5,
+                     "epochs": 1, "seconds": 1.0, "state": "complete", "run_dir": str(run_dir), "best": slot == 0,
+                     "unused": _unused_params(spec, run_dir)})
+    assert [row["unused"] for row in rows] == [["prior_components"], []]
+    printed = summary_table({"spec": spec, "rows": rows, "best": rows[0], "objective": "validation-nll"})
+    lines = printed.splitlines()
+    assert lines[1].split()[2:4] == ["standard", "unused"] and lines[2].split()[1:3] == ["mog", "3"]
+    assert "--prior standard --out runs/best" in lines[-1] and "--prior-components" not in lines[-1]

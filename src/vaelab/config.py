@@ -30,6 +30,7 @@ from vaelab.schedules import LR_SCHEDULES
 
 CONFIG_VERSION = 9
 SEED_LIMIT = 2**63            # every seed is a non-negative 63-bit integer (torch's generators take it)
+UNUSED = "unused"             # how a table shows a config field that its run never reads (RunConfig.unused)
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ import torch
 
 from vaelab import checkpoint as ckpt
 from vaelab import plots
+from vaelab.config import UNUSED
 from vaelab.errors import UsageError
 from vaelab.evaluation import SECOND_DRAW_DIGITS, draws_move_means, summarize
 from vaelab.laplace import STALLED_CAUSE
@@ -435,8 +436,6 @@ def _config_rows(config, changed: Sequence[str] = ()) -> list[tuple[str, str, bo
              + (f" ({UNUSED}: {unused[key]})" if key in unused else ""), key in changed)
             for key, value in config.flat().items()]
 
-
-UNUSED = "unused"      # a config field's value that its run never reads
 
 
 # ------------------------------------------------------------------------------------------------

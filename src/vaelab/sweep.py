@@ -683,6 +683,7 @@ def summarize(study, spec: Spec, out: Path) -> dict:
         params = {p.name: (json.loads(trial.params[p.name]) if p.choices is not None else trial.params[p.name])
                   for p in spec.search if trial is not None and p.name in trial.params}
         rows.append({"slot": slot, "trial": None if trial is None else trial.number,
+                     "unused": _unused_params(spec, run_dir),
                      "state": "waiting" if trial is None else trial.state.name.lower(),
                      "error": None if trial is None else trial.user_attrs.get("error"),
                      "params": params, "value": None if trial is None else trial.value,
@@ -696,7 +697,20 @@ def summarize(study, spec: Spec, out: Path) -> dict:
     return {"spec": spec, "rows": rows, "best": best, "objective": spec.objective}
 
 
+def _unused_params(spec: Spec, run_dir: Path) -> list[str]:
+    """The searched fields this trial's run never reads (RunConfig.unused: a mixture's K beside the standard prior
+    …): its table shows them as unused, its parameter plots leave it out, and its command leaves them out."""
+    from vaelab.cli import _FLAGS
+    from vaelab.config import RunConfig
+
+    if not (run_dir / "config.json").is_file():
+        return []
+    unused = RunConfig.load(run_dir / "config.json").unused()
+    return [p.name for p in spec.search if ".".join(_FLAGS.get(p.name, ("", p.name))) in unused]
+
+
 def summary_table(summary: dict) -> str:
+    from vaelab.config import UNUSED
     from vaelab.runs import format_duration
 
     spec, rows = summary["spec"], summary["rows"]
@@ -708,7 +722,8 @@ def summary_table(summary: dict) -> str:
             return f"{value:.4g}"
         return json.dumps(value) if isinstance(value, (list, tuple)) else str(value)
 
-    body = [["*" if r["best"] else "", f"{r['slot']:04d}", *(cell(r["params"].get(n, "—")) for n in names),
+    body = [["*" if r["best"] else "", f"{r['slot']:04d}",
+             *(UNUSED if n in r.get("unused", ()) else cell(r["params"].get(n, "—")) for n in names),
              "—" if r["value"] is None else f"{r['value']:.3f}", "—" if r["stderr"] is None else f"{r['stderr']:.3f}",
              str(r["epochs"]), format_duration(r["seconds"]), r["state"]] for r in rows]
     widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(header)]
@@ -719,7 +734,8 @@ def summary_table(summary: dict) -> str:
         from vaelab.config import RunConfig
         from vaelab.presets import apply_preset
 
-        fields = {k: v for k, v in spec.trial_fields(best["params"]).items() if k not in BUDGET_FIELDS}
+        fields = {k: v for k, v in spec.trial_fields(best["params"]).items()
+                  if k not in BUDGET_FIELDS and k not in best.get("unused", ())}
         command = " ".join(["vaelab train --preset", spec.preset, *flags_of(fields), "--out runs/best"])
         # the full run holds out the preset's validation digits (a budget field, left out): its weights are then
         # the best-validation ones, model-best.safetensors
@@ -773,9 +789,14 @@ def build_sweep_report(out: Path, trial_reports: bool = True, data_dir: str | No
     history = Figure(f"{label} of each trial; the line is the best so far", data_uri(plots.sweep_history_figure(
         [r["slot"] for r in rows], values, states, minimize, label))) if any(v is not None for v in values) else None
     complete = [r for r in rows if r["state"] == "complete" and r["value"] is not None]
-    parameters = [Figure(f"{p.name} against {label}", data_uri(plots.sweep_parameter_figure(
-        p.name, [r["params"].get(p.name) for r in complete], [r["value"] for r in complete], label, p.log)))
-        for p in spec.search if complete]
+    reading = {p.name: [r for r in complete if p.name not in r["unused"]] for p in spec.search}   # trials that read p
+    left = {name: len(complete) - len(kept) for name, kept in reading.items()}
+    parameters = [Figure(f"{p.name} against {label}" + (f" (left out: {left[p.name]} trial"
+                                                         f"{' that does' if left[p.name] == 1 else 's that do'} not "
+                                                         f"read it)" if left[p.name] else ""),
+                         data_uri(plots.sweep_parameter_figure(p.name, [r["params"].get(p.name) for r in reading[p.name]],
+                                                               [r["value"] for r in reading[p.name]], label, p.log)))
+                  for p in spec.search if reading[p.name]]
     importance, note = None, ""
     try:
         importances = optuna.importance.get_param_importances(study)
