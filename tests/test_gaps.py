@@ -321,9 +321,38 @@ def test_laplace_says_which_test_digit_it_does_not_apply_to_and_runs_batch_norm_
 
     monkeypatch.setattr(evaluation, "_laplace_batch", second_fails)
     images = (torch.rand(50, 784, generator=torch.Generator().manual_seed(14)) < 0.3).float()
-    with pytest.raises(LaplaceError, match=r"at test digit 23 .*not negative definite.*evaluate without --laplace"):
+    with pytest.raises(LaplaceError, match=r"at test digit 23 .*not negative definite.*does not apply to that digit"):
         laplace_estimates(build_model(ModelConfig(hidden=((8,),), latent=(2,))).eval(), images,
                           EvalConfig(k=10, laplace=True, examples_per_batch=20))
+
+
+def test_a_laplace_refusal_keeps_the_evaluation_it_ends(tmp_path, data_dir, monkeypatch, capsys):
+    """`evaluate --laplace` runs the IWAE first (minutes on all digits); one digit whose Hessian is not negative
+    definite refuses Laplace's method for the evaluation, and the estimates already made are written as the
+    evaluation without --laplace (the record says why), with the refusal on one line and exit status 2. Before,
+    they were lost with the refusal."""
+    from vaelab import evaluation
+    from vaelab.laplace import NotNegativeDefinite
+
+    run = tmp_path / "run"
+    assert main(["train", "--out", str(run), "--epochs", "1", "--hidden", "16", "--latent", "3", "--train-examples",
+                 "200", "--test-examples", "40", "--data-dir", str(data_dir), "--no-progress"]) == 0
+
+    def saddle(*args):
+        raise NotNegativeDefinite("the Hessian at the mode is not negative definite", 3, [-0.5, 0.25])
+
+    monkeypatch.setattr(evaluation, "_laplace_batch", saddle)
+    capsys.readouterr()
+    assert main(["evaluate", str(run), "--k", "20", "--test-examples", "40", "--laplace", "--data-dir", str(data_dir),
+                 "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "at test digit 3 " in err[0] and str(run / "eval-k20-n40-seed0.json") in err[0], err
+    record = json.loads((run / "eval-k20-n40-seed0.json").read_text())
+    assert "not negative definite" in record["laplace_refused"] and "laplace_modes" not in record
+    assert [e["name"] for e in record["estimates"]] == ["ELBO", "IWAE-20, q(z|x)"] and record["nll"] > 0
+    assert not (run / "eval-k20-n40-seed0-laplace.json").exists()
+    assert main(["report", str(run), "--data-dir", str(data_dir)]) == 0
+    assert "Laplace's method was asked for and refused: --laplace: at test digit 3 " in (run / "report.html").read_text()
 
 
 def test_the_family_optimiser_finds_the_exact_gap_of_a_family_given_by_its_log_weights():

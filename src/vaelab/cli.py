@@ -900,12 +900,20 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         record = {**provenance(device, threads), "run": str(args.run_dir.resolve()), "weights": weights,
                   "weights_sha256": loaded.sha256, **position, "split": args.split,
                   "data_sha256": idx_sha256(images.cpu().numpy()), **summary}
+        refused = summary.get("laplace_refused")
+        if refused and not args.out:       # the record of what was estimated: named as an evaluation without Laplace
+            out = _default_record(args.run_dir / evaluation_name(argparse.Namespace(**{**vars(args), "laplace": False}),
+                                                                 len(images)), loaded, _note)
         _log(format_eval_table(record) if args.format == "text" else evaluation_export(record, args.format))
-        written, digits = write_evaluation(out, record, per_digit, labels, args.run_dir, args.overwrite)
+        written, digits = write_evaluation(out, record, per_digit, labels, args.run_dir,
+                                           args.overwrite and not (refused and not args.out))
         if written != out:
             _note(f"{out.name} was written by another evaluation of the same settings while this one ran: this one "
                   f"is {written.name}")
         _log(f"written {written} and {digits.name}")
+        if refused:
+            raise UsageError(f"{refused}; the other estimators were written, as an evaluation without --laplace: "
+                             f"{written}")
         return 0
     except distributed.RankLost as exc:
         raise distributed.RankLost(f"{exc}; nothing was written; evaluate again (the same {_torchrun_command(world)} "

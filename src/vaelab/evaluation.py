@@ -460,7 +460,7 @@ def laplace_estimates(model, images: torch.Tensor, config: EvalConfig,
                 raise LaplaceError(f"--laplace: at test digit {done + exc.example} the Hessian of log p(x, z) where the "
                                    f"mode search stopped is not negative definite (eigenvalues of −∇²: "
                                    f"{[round(v, 4) for v in exc.eigenvalues]}…), a saddle or a kink of this model, so "
-                                   f"Laplace's method does not apply to that digit; evaluate without --laplace") from None
+                                   f"Laplace's method does not apply to that digit") from None
             done += len(x)
     plain, sampled, outcome, elbo = (torch.cat(column) for column in zip(*parts))
     return plain, sampled, outcome, elbo
@@ -594,8 +594,15 @@ def _evaluate_run(model, images: torch.Tensor, config: EvalConfig, progress: boo
     per_digit["iwae"] = iwae
     laplace_elbo = None
     if config.laplace:
-        plain, sampled, outcome, laplace_elbo = (gather_rows(values, world) for values in
-                                                 laplace_estimates(model, mine, config, progress and world.main))
+        try:
+            found = laplace_estimates(model, mine, config, progress and world.main)
+        except LaplaceError as exc:
+            if world.distributed:          # the other ranks wait in a gather: the run ends, as a rank lost does
+                raise LaplaceError(f"{exc}; evaluate without --laplace") from None
+            # one digit's saddle refuses the method for all; the estimates above are kept (the record says why)
+            summary["laplace_refused"], config = str(exc), dataclasses.replace(config, laplace=False)
+    if config.laplace:
+        plain, sampled, outcome, laplace_elbo = (gather_rows(values, world) for values in found)
         estimates += [(f"IS-{config.k}, Laplace proposal", sampled, "stochastic lower bound"),
                       ("Laplace", plain, "approximation, not a bound")]
         per_digit.update(is_laplace=sampled, laplace=plain)
