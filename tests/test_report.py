@@ -129,6 +129,16 @@ def test_tensorboard_events_can_be_read_back(tmp_path, data_dir):
     expected = float(metrics[2][column])
     assert events.Scalars("nats/test_elbo")[-1].value == pytest.approx(expected, rel=2.0 ** -24, abs=1e-6)
     assert {"samples", "reconstructions"} <= set(tags["images"]) and len(events.Images("samples")) == 2
+    image = events.Images("reconstructions")[-1]
+    assert (image.height, image.width) == (8 * 30 + 2, 8 * 30 + 2)          # 4 rows of digits over 4 of theirs
+    # fewer test digits than the 32 the grid shows (it raised a reshape error after the first epoch)
+    few = tmp_path / "few"
+    assert main(["train", "--out", str(few), "--epochs", "1", "--tensorboard", "--data-dir", str(data_dir),
+                 *SMALL, "--test-examples", "20"]) == 0
+    events = EventAccumulator(str(few / "tensorboard"), size_guidance={"images": 0})
+    events.Reload()
+    image = events.Images("reconstructions")[-1]
+    assert (image.height, image.width) == (6 * 30 + 2, 8 * 30 + 2)          # 20 digits: 3 rows, each over its own
 
 
 def test_tensorboard_missing_is_a_one_line_error(tmp_path, data_dir, capsys, monkeypatch):

@@ -43,10 +43,13 @@ class TensorBoardLog:
         with torch.no_grad():
             samples = model.sample(64, torch.Generator(device=self.digits.device).manual_seed(0)).cpu().numpy()
             recon = torch.sigmoid(model.decode_latents(model.posterior_start(self.digits)))
-        pairs = np.concatenate([self.digits.cpu().numpy().reshape(4, 8, 784),
-                                recon.cpu().numpy().reshape(4, 8, 784)], axis=1).reshape(64, 784)
-        for tag, images in (("samples", samples), ("reconstructions", pairs)):
-            grid = 1.0 - image_grid(images, 8, 8)              # white digits on black, as TensorBoard shows them
+        # rows of 8 digits, each over its reconstructions; a run of fewer than 32 test digits leaves cells blank
+        rows = -(-len(self.digits) // 8)
+        blank = np.zeros((rows * 8 - len(self.digits), 784), dtype=np.float32)
+        pairs = np.concatenate([np.concatenate([images.cpu().numpy(), blank]).reshape(rows, 1, 8, 784)
+                                for images in (self.digits, recon)], axis=1).reshape(rows * 16, 784)
+        for tag, images, grid_rows in (("samples", samples, 8), ("reconstructions", pairs, 2 * rows)):
+            grid = 1.0 - image_grid(images, grid_rows, 8)      # white digits on black, as TensorBoard shows them
             self.writer.add_image(tag, grid[None].astype(np.float32), epoch)
         self.writer.flush()
 
