@@ -76,6 +76,34 @@ def test_native_tanh_is_within_two_ulps_of_float64():
 
 
 @needs_native
+def test_the_tanh_activation_kernel_is_the_flows_tanh_in_place_and_falls_back_where_it_cannot_run(monkeypatch):
+    """``native.tanh_kernel`` (a tanh network's layers outside autograd) applies the flow's tanh (the test above) in
+    place: the same bits as the planar forward's aₜ, on 1 and 2 threads, NaN kept NaN (the clamp at 9 once made it
+    ±1). The activation takes it for contiguous float32 CPU tensors only: float64, a strided view and a tensor that
+    autograd records get torch.tanh_."""
+    from vaelab.models.base import ACTIVATIONS
+
+    x = torch.cat([torch.linspace(-12, 12, 100_003), torch.logspace(-30, 0, 301), torch.tensor([0.0, -0.0, 88.0])])
+    flow = native.planar_ops().forward(x.reshape(1, 1, -1), torch.zeros(1, 1, 1), torch.zeros(1, 1))[0].flatten()
+    kernel = native.tanh_kernel()
+    for threads in (1, 2):
+        monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+        y = x.clone()
+        assert kernel(y) is y and torch.equal(y, flow)
+    nan = kernel(torch.tensor([float("nan"), 1.0, -float("inf")]))
+    assert nan[0].isnan() and nan[2] == -1.0
+    tanh_ = ACTIVATIONS["tanh"].inplace
+    assert torch.equal(tanh_(x.clone()), flow)
+    wide = torch.linspace(-3, 3, 2000).reshape(1000, 2)
+    expected = torch.tanh(wide.t())
+    assert torch.equal(tanh_(wide.t()), expected)                                       # not contiguous: torch's
+    assert torch.equal(tanh_(x.double()), torch.tanh(x.double()))
+    recorded = x.clone().requires_grad_()
+    assert torch.equal(tanh_(recorded * 1.0), torch.tanh(x))
+    assert not torch.equal(torch.tanh(x), flow)                  # so that the cases above tell the two apart
+
+
+@needs_native
 def test_native_log_determinant_is_within_its_rounding_bound_of_float64():
     """The forward's log-determinant Σₜ log(1 + (1 − aₜ²)cₜ), kept in float32 as a product renormalised by its
     exponent (planar.cpp, LogDet), against float64's sum of log1p of the same float32 arguments: within the bound its
