@@ -470,14 +470,13 @@ def compare_runs(paths: Sequence[str | Path], split: str = "test") -> Comparison
     for run, label, (_, file) in zip(runs, distinct_labels(paths), chosen):
         # two runs named h4 in different folders: one-hour-60/h4 and s35/h4; a record: vampprior-2/eval-….json
         run.label = label if file is None or "/" in label else f"{run.path.name}/{label}"
-    # a field a run never reads (its prior has no components …) is "unused" there, not a value that differs: a field
-    # is listed where the runs that read it read different values
+    # a field a run never reads (its prior has no components …) is "unused" there, not a value that differs: two
+    # standard-prior runs never differ by K, a mixture's K beside a standard prior's shows as K against "unused"
     shown = [{key: UNUSED if key in run.config.unused() else str(value) for key, value in run.config.flat().items()}
              for run in runs]
     keys = sorted(set().union(*shown))
     differences = [(key, [f.get(key, "—") for f in shown]) for key in keys
-                   if len({f.get(key, "—") for f in shown} - {UNUSED}) > 1
-                   and key not in ("train.threads", "data.data_dir")]
+                   if len({f.get(key, "—") for f in shown}) > 1 and key not in ("train.threads", "data.data_dir")]
     rows, records = [], []
     for run, (_, file) in zip(runs, chosen):
         record = run.best_evaluation(split) if file is None else _named_record(run, file, split)
