@@ -74,6 +74,56 @@ def test_one_step_of_2_ranks_of_32_equals_one_step_of_1_of_64(tmp_path, engines)
             torch.testing.assert_close(grad, flat.param.grad, rtol=1e-5, atol=1e-7)
 
 
+def _rank_saddle(rank: int, world_size: int, store: str, out: str) -> None:
+    """Rank ``rank`` of 2 evaluates its half of 40 digits with --laplace; on rank 1 the second batch's digit 3 (digit
+    20 + 10 + 3 = 33 of all) has a Hessian that is not negative definite. Writes the summary's refusal and estimates."""
+    import json
+
+    import torch.distributed as dist
+
+    from vaelab import evaluation
+    from vaelab.distributed import World
+    from vaelab.evaluation import EvalConfig, evaluate_run
+    from vaelab.laplace import NotNegativeDefinite
+    from vaelab.models import ModelConfig, build_model
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size)
+    real, calls = evaluation._laplace_batch, []
+
+    def second_fails_on_rank_1(*args):
+        calls.append(1)
+        if rank == 1 and len(calls) == 2:
+            raise NotNegativeDefinite("not negative definite", 3, [-0.5, 0.25, 1.0])
+        return real(*args)
+
+    evaluation._laplace_batch = second_fails_on_rank_1
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(hidden=((16,),), latent=(2,))).eval()
+    images = (torch.rand(40, 784, generator=torch.Generator().manual_seed(1)) < 0.3).float()
+    summary, per_digit = evaluate_run(model, images, EvalConfig(k=10, laplace=True, examples_per_batch=10),
+                                      world=World(rank, world_size, rank, world_size))
+    Path(f"{out}-{rank}.json").write_text(json.dumps([summary.get("laplace_refused"),
+                                                      [e["name"] for e in summary["estimates"]],
+                                                      len(per_digit["iwae"])]))
+    dist.destroy_process_group()
+
+
+def test_a_saddle_on_one_rank_refuses_laplace_on_every_rank_and_keeps_the_estimates(tmp_path):
+    """Under torchrun one rank's saddle used to end that rank with its shard's digit number (5 where it was the
+    whole set's 30) while the other waited in a gather. Now every rank learns the first such digit by its number
+    among all digits, leaves Laplace out, and gathers the other estimates (rank 0 writes them)."""
+    import json
+
+    mp.start_processes(_rank_saddle, args=(2, str(tmp_path / "store"), str(tmp_path / "out")), nprocs=2, join=True,
+                       start_method="spawn")
+    outcomes = [json.loads((tmp_path / f"out-{rank}.json").read_text()) for rank in range(2)]
+    assert outcomes[0] == outcomes[1]
+    refused, names, digits = outcomes[0]
+    assert refused.startswith("--laplace: at test digit 33 the Hessian") and "[-0.5, 0.25, 1.0]" in refused
+    assert names == ["ELBO", "IWAE-10, q(z|x)"] and digits == 40
+
+
 def _rank_load(rank: int, world_size: int, store: str, runs: list[str], out: str) -> None:
     """Rank ``rank`` loads the weights of ``runs[0]`` as the others do, then those of ``runs[rank]``: as if a training
     replaced the file between the ranks' reads, every time. Writes what each load gave."""

@@ -29,9 +29,9 @@ from tqdm import tqdm
 
 from vaelab import compiling, native
 from vaelab.data import test_batches
-from vaelab.distributed import SINGLE, World, gather_rows, shard
+from vaelab.distributed import SINGLE, World, gather, gather_rows, shard
 from vaelab.errors import UsageError
-from vaelab.laplace import (OUTCOMES, LaplaceError, NotNegativeDefinite, laplace_log_marginal,
+from vaelab.laplace import (OUTCOMES, NotNegativeDefinite, laplace_log_marginal,
                             sample_laplace_proposal)
 from vaelab.models import HierarchicalVAE, MLPVAE, build_model
 from vaelab.models.priors import frozen_components
@@ -437,10 +437,17 @@ def latent_statistics(model, images: torch.Tensor, samples: int = 64, seed: int 
 # Laplace.
 
 
-def laplace_estimates(model, images: torch.Tensor, config: EvalConfig,
-                      progress: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _saddle_message(digit: int, eigenvalues) -> str:
+    return (f"--laplace: at test digit {digit} the Hessian of log p(x, z) where the mode search stopped is not negative "
+            f"definite (eigenvalues of −∇²: {[round(float(v), 4) for v in eigenvalues]}…), a saddle or a kink of this "
+            f"model, so Laplace's method does not apply to that digit")
+
+
+def laplace_estimates(model, images: torch.Tensor, config: EvalConfig, progress: bool = False,
+                      first_digit: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per digit: the plain Laplace estimate of log p(x), IS-K with the Laplace proposal N(z*, H⁻¹), and
-    why the mode search stopped (laplace.OUTCOMES).
+    why the mode search stopped (laplace.OUTCOMES). A digit whose Hessian there is not negative definite raises
+    NotNegativeDefinite with its number among all digits (``first_digit``: this shard's first, under torchrun).
 
     The joint mode z* = argmax_z log p(x, z) over all latents is found by Newton from the encoder's means
     in float64 (search directions from the model's ``laplace_curvature``, e.g. Gauss–Newton, docs §7); H
@@ -457,10 +464,8 @@ def laplace_estimates(model, images: torch.Tensor, config: EvalConfig,
             try:
                 parts.append(_laplace_batch(model, model64, x, config, generator))
             except NotNegativeDefinite as exc:
-                raise LaplaceError(f"--laplace: at test digit {done + exc.example} the Hessian of log p(x, z) where the "
-                                   f"mode search stopped is not negative definite (eigenvalues of −∇²: "
-                                   f"{[round(v, 4) for v in exc.eigenvalues]}…), a saddle or a kink of this model, so "
-                                   f"Laplace's method does not apply to that digit") from None
+                digit = first_digit + done + exc.example
+                raise NotNegativeDefinite(_saddle_message(digit, exc.eigenvalues), digit, exc.eigenvalues) from None
             done += len(x)
     plain, sampled, outcome, elbo = (torch.cat(column) for column in zip(*parts))
     return plain, sampled, outcome, elbo
@@ -594,13 +599,22 @@ def _evaluate_run(model, images: torch.Tensor, config: EvalConfig, progress: boo
     per_digit["iwae"] = iwae
     laplace_elbo = None
     if config.laplace:
+        first = sum(len(part) for part in images.tensor_split(world.size)[:world.rank]) if world.distributed else 0
         try:
-            found = laplace_estimates(model, mine, config, progress and world.main)
-        except LaplaceError as exc:
-            if world.distributed:          # the other ranks wait in a gather: the run ends, as a rank lost does
-                raise LaplaceError(f"{exc}; evaluate without --laplace") from None
-            # one digit's saddle refuses the method for all; the estimates above are kept (the record says why)
-            summary["laplace_refused"], config = str(exc), dataclasses.replace(config, laplace=False)
+            found, saddle = laplace_estimates(model, mine, config, progress and world.main, first), None
+        except NotNegativeDefinite as exc:
+            found, saddle = None, exc
+        # one digit's saddle, on any rank, refuses the method for all digits; every rank learns the first such digit
+        # (its number and eigenvalues), and the estimates above are kept, the record saying why
+        mark = torch.full((5,), math.nan, dtype=torch.float64, device=images.device)          # digit, 4 eigenvalues
+        if saddle is not None:
+            mark[0], values = saddle.example, list(saddle.eigenvalues)[:4]
+            mark[1:1 + len(values)] = torch.tensor(values, dtype=torch.float64)
+        marks = [m.cpu() for m in gather(mark, world) if not m[0].isnan()]
+        if marks:
+            worst = min(marks, key=lambda m: float(m[0]))
+            summary["laplace_refused"] = _saddle_message(int(worst[0]), [v for v in worst[1:].tolist() if v == v])
+            config = dataclasses.replace(config, laplace=False)
     if config.laplace:
         plain, sampled, outcome, laplace_elbo = (gather_rows(values, world) for values in found)
         estimates += [(f"IS-{config.k}, Laplace proposal", sampled, "stochastic lower bound"),
