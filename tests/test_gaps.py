@@ -321,7 +321,7 @@ def test_laplace_says_which_test_digit_it_does_not_apply_to_and_runs_batch_norm_
 
     monkeypatch.setattr(evaluation, "_laplace_batch", second_fails)
     images = (torch.rand(50, 784, generator=torch.Generator().manual_seed(14)) < 0.3).float()
-    with pytest.raises(LaplaceError, match=r"at test digit 23 .*not negative definite.*does not apply to that digit"):
+    with pytest.raises(LaplaceError, match=r"at digit 23 .*not negative definite.*does not apply to that digit"):
         laplace_estimates(build_model(ModelConfig(hidden=((8,),), latent=(2,))).eval(), images,
                           EvalConfig(k=10, laplace=True, examples_per_batch=20))
 
@@ -346,13 +346,13 @@ def test_a_laplace_refusal_keeps_the_evaluation_it_ends(tmp_path, data_dir, monk
     assert main(["evaluate", str(run), "--k", "20", "--test-examples", "40", "--laplace", "--data-dir", str(data_dir),
                  "--no-progress"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "at test digit 3 " in err[0] and str(run / "eval-k20-n40-seed0.json") in err[0], err
+    assert len(err) == 1 and "at digit 3 " in err[0] and str(run / "eval-k20-n40-seed0.json") in err[0], err
     record = json.loads((run / "eval-k20-n40-seed0.json").read_text())
     assert "not negative definite" in record["laplace_refused"] and "laplace_modes" not in record
     assert [e["name"] for e in record["estimates"]] == ["ELBO", "IWAE-20, q(z|x)"] and record["nll"] > 0
     assert not (run / "eval-k20-n40-seed0-laplace.json").exists()
     assert main(["report", str(run), "--data-dir", str(data_dir)]) == 0
-    assert "Laplace's method was asked for and refused: --laplace: at test digit 3 " in (run / "report.html").read_text()
+    assert "Laplace's method was asked for and refused: --laplace: at digit 3 " in (run / "report.html").read_text()
 
 
 def test_the_family_optimiser_finds_the_exact_gap_of_a_family_given_by_its_log_weights():

@@ -438,9 +438,10 @@ def latent_statistics(model, images: torch.Tensor, samples: int = 64, seed: int 
 
 
 def _saddle_message(digit: int, eigenvalues) -> str:
-    return (f"--laplace: at test digit {digit} the Hessian of log p(x, z) where the mode search stopped is not negative "
-            f"definite (eigenvalues of −∇²: {[round(float(v), 4) for v in eigenvalues]}…), a saddle or a kink of this "
-            f"model, so Laplace's method does not apply to that digit")
+    """Why Laplace's method was refused; ``digit`` numbered from 0 among the digits evaluated (test or validation)."""
+    return (f"--laplace: at digit {digit} (from 0, of those evaluated) the Hessian of log p(x, z) where the mode search "
+            f"stopped is not negative definite (eigenvalues of −∇²: {[round(float(v), 4) for v in eigenvalues]}…), a "
+            f"saddle or a kink of this model, so Laplace's method does not apply to that digit")
 
 
 def laplace_estimates(model, images: torch.Tensor, config: EvalConfig, progress: bool = False,
