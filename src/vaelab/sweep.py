@@ -703,9 +703,12 @@ def _unused_params(spec: Spec, run_dir: Path) -> list[str]:
     from vaelab.cli import _FLAGS
     from vaelab.config import RunConfig
 
-    if not (run_dir / "config.json").is_file():
+    from vaelab.errors import VaelabError
+
+    try:
+        unused = RunConfig.load(run_dir / "config.json").unused() if (run_dir / "config.json").is_file() else {}
+    except VaelabError:                 # a damaged trial's config: its row shows the values sampled
         return []
-    unused = RunConfig.load(run_dir / "config.json").unused()
     return [p.name for p in spec.search if ".".join(_FLAGS.get(p.name, ("", p.name))) in unused]
 
 
