@@ -901,12 +901,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                   "weights_sha256": loaded.sha256, **position, "split": args.split,
                   "data_sha256": idx_sha256(images.cpu().numpy()), **summary}
         refused = summary.get("laplace_refused")
-        if refused and not args.out:       # the record of what was estimated: named as an evaluation without Laplace
+        renamed = refused and not args.out    # the record of what was estimated: named as an evaluation without Laplace
+        if renamed:
             out = _default_record(args.run_dir / evaluation_name(argparse.Namespace(**{**vars(args), "laplace": False}),
                                                                  len(images)), loaded, _note)
         _log(format_eval_table(record) if args.format == "text" else evaluation_export(record, args.format))
-        written, digits = write_evaluation(out, record, per_digit, labels, args.run_dir,
-                                           args.overwrite and not (refused and not args.out))
+        written, digits = write_evaluation(out, record, per_digit, labels, args.run_dir, args.overwrite and not renamed)
         if written != out:
             _note(f"{out.name} was written by another evaluation of the same settings while this one ran: this one "
                   f"is {written.name}")

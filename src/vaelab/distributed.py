@@ -126,6 +126,11 @@ def shard(x: torch.Tensor, world: World) -> torch.Tensor:
     return x.tensor_split(world.size)[world.rank] if world.distributed else x
 
 
+def shard_start(x: torch.Tensor, world: World) -> int:
+    """The index in ``x`` of the first row of this rank's ``shard``."""
+    return sum(len(part) for part in x.tensor_split(world.size)[:world.rank]) if world.distributed else 0
+
+
 @_collective
 def all_reduce_(tensor: torch.Tensor, world: World) -> torch.Tensor:
     """In-place sum over ranks."""

@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from vaelab import compiling, native
 from vaelab.data import test_batches
-from vaelab.distributed import SINGLE, World, gather, gather_rows, shard
+from vaelab.distributed import SINGLE, World, gather, gather_rows, shard, shard_start
 from vaelab.errors import UsageError
 from vaelab.laplace import (OUTCOMES, NotNegativeDefinite, laplace_log_marginal,
                             sample_laplace_proposal)
@@ -600,9 +600,9 @@ def _evaluate_run(model, images: torch.Tensor, config: EvalConfig, progress: boo
     per_digit["iwae"] = iwae
     laplace_elbo = None
     if config.laplace:
-        first = sum(len(part) for part in images.tensor_split(world.size)[:world.rank]) if world.distributed else 0
         try:
-            found, saddle = laplace_estimates(model, mine, config, progress and world.main, first), None
+            found, saddle = laplace_estimates(model, mine, config, progress and world.main,
+                                              shard_start(images, world)), None
         except NotNegativeDefinite as exc:
             found, saddle = None, exc
         # one digit's saddle, on any rank, refuses the method for all digits; every rank learns the first such digit

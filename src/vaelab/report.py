@@ -437,7 +437,6 @@ def _config_rows(config, changed: Sequence[str] = ()) -> list[tuple[str, str, bo
             for key, value in config.flat().items()]
 
 
-
 # ------------------------------------------------------------------------------------------------
 # Comparing runs.
 
@@ -472,8 +471,8 @@ def compare_runs(paths: Sequence[str | Path], split: str = "test") -> Comparison
         run.label = label if file is None or "/" in label else f"{run.path.name}/{label}"
     # a field a run never reads (its prior has no components …) is "unused" there, not a value that differs: two
     # standard-prior runs never differ by K, a mixture's K beside a standard prior's shows as K against "unused"
-    shown = [{key: UNUSED if key in run.config.unused() else str(value) for key, value in run.config.flat().items()}
-             for run in runs]
+    shown = [{key: UNUSED if key in unused else str(value) for key, value in run.config.flat().items()}
+             for run, unused in ((run, run.config.unused()) for run in runs)]
     keys = sorted(set().union(*shown))
     differences = [(key, [f.get(key, "—") for f in shown]) for key in keys
                    if len({f.get(key, "—") for f in shown}) > 1 and key not in ("train.threads", "data.data_dir")]

@@ -702,7 +702,6 @@ def _unused_params(spec: Spec, run_dir: Path) -> list[str]:
     …): its table shows them as unused, its parameter plots leave it out, and its command leaves them out."""
     from vaelab.cli import _FLAGS
     from vaelab.config import RunConfig
-
     from vaelab.errors import VaelabError
 
     try:
@@ -763,6 +762,7 @@ def build_sweep_report(out: Path, trial_reports: bool = True, data_dir: str | No
     parameter importances, and every trial with a link to its own report (made here when missing)."""
     optuna = require_optuna()
     from vaelab import plots
+    from vaelab.config import UNUSED
     from vaelab.report import Figure, _environment, _fmt, data_uri
     from vaelab.runs import format_duration
 
@@ -818,5 +818,5 @@ def build_sweep_report(out: Path, trial_reports: bool = True, data_dir: str | No
         name=out.resolve().name, spec=spec, rows=rows, best=best, command=command, history=history,
         parameters=parameters, importance=importance, importance_note=note, minimize=minimize, counts=counts,
         finished=sum(states.count(s) for s in ("complete", "pruned")), storage=state["storage"], fmt=_fmt,
-        short=lambda v: f"{v:.4g}" if isinstance(v, float) else v,
+        short=lambda v: f"{v:.4g}" if isinstance(v, float) else v, unused=UNUSED,
         duration=format_duration, generated=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()))
