@@ -496,6 +496,9 @@ def test_api_refuses_bad_arguments_before_torch_does(evaluated):
         run.log_likelihood(x, k=-3)
     with pytest.raises(UsageError, match=r"784 pixels per digit.* got shape \(10, 100\)"):
         run.encode(torch.zeros(10, 100))
+    with pytest.raises(UsageError, match=r"needs binary digits \(pixels 0 or 1\).*binarise them first"):
+        run.log_likelihood(x * 0.5, k=5)                     # grey values: a cross-entropy, not log p(x)
+    assert run.encode(x * 0.5)[0].shape == (3, 4)           # the encoder takes probabilities
     with pytest.raises(UsageError, match="checkpoint='bset': choose one of 'last', 'best'"):
         vaelab.load_run(evaluated, checkpoint="bset")
     with pytest.raises(UsageError, match="has no model-best.safetensors"):

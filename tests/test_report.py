@@ -91,7 +91,8 @@ def test_compare_pairs_runs_on_the_same_digits_and_says_when_it_cannot(runs, dat
     capsys.readouterr()
     assert main(["compare", str(runs / "a"), str(runs / "b"), str(runs / "two"), "--out", str(tmp_path / "d.html")]) == 0
     out = capsys.readouterr().out
-    assert "evaluated with different settings (K 20 vs 30" in out and "paired:" not in out
+    # only the settings that differ are named (not "fp32 vs fp32")
+    assert "evaluated with different settings (K 20 vs 30); the NLLs are shown" in out and "paired:" not in out
     assert "two: no paired difference" in out
 
 
@@ -244,6 +245,7 @@ def test_pages_render_in_a_real_browser(runs, data_dir, tmp_path, page):
     assert ImageStat.Stat(image).stddev[0] > 20            # text and pictures, not a blank page
     keep = os.environ.get("VAELAB_SCREENSHOTS")             # a directory to keep the screenshots in, to look at
     if keep:
+        Path(keep).mkdir(parents=True, exist_ok=True)
         shutil.copy(shot, Path(keep) / shot.name)
 
 

@@ -425,7 +425,8 @@ def test_the_report_of_a_sweep_renders_in_a_browser(example, tmp_path):
                  "validation NLL"):
         assert text in html, text
     complete = html.count('<td>complete</td>')
-    assert complete >= 2 and f"fANOVA evaluator, over the {complete} complete trials" in html
+    assert complete >= 2 and (f"PED-ANOVA evaluator: how far each parameter&#39;s values among the best 10 % of "
+                              f"the {complete} complete trials") in html
     if CHROMIUM is None:
         pytest.skip("no Chromium to render the page (the HTML was checked above)")
     shot = tmp_path / "sweep.png"
@@ -532,3 +533,50 @@ def test_a_searched_field_the_trial_never_reads_is_unused_in_its_row_and_command
     lines = printed.splitlines()
     assert lines[1].split()[2:4] == ["standard", "unused"] and lines[2].split()[1:3] == ["mog", "3"]
     assert "--prior standard --out runs/best" in lines[-1] and "--prior-components" not in lines[-1]
+
+
+def test_a_field_the_model_would_not_read_is_not_sampled_and_its_bound_value_is_set(tmp_path):
+    """Conditional search: a flow's steps beside no flow, a mixture's K beside the standard prior, the IAF width
+    without IAF steps are not sampled (before, flow = "none" with a sampled flow_steps was a trial refused by
+    `vaelab train`); on a preset with a flow, a trial without one trains with 0 steps; the grid trains the points
+    that then coincide once; an enqueued trial naming such a field is accepted."""
+    from vaelab.sweep import _config_of, grid_points, load_spec, sample_params
+
+    path = tmp_path / "spec.toml"
+    path.write_text('preset = "planar-80"\ntrials = 2\nsampler = "grid"\n'
+                    'enqueue = [{ flow = "none", flow_steps = 2, prior = "standard", prior_components = 3 }]\n'
+                    '[fixed]\nepochs = 1\nvalidation = 100\n'
+                    '[search]\nflow_width = [16, 32]\nflow = ["none", "planar", "iaf"]\nflow_steps = [0, 2]\n'
+                    'prior = ["standard", "mog"]\nprior_components = [2, 3]\n')
+    spec = load_spec(path)
+    first = {"flow_width": 16, "flow": "none", "flow_steps": 2, "prior": "standard", "prior_components": 3}
+    values, idle = sample_params(spec, lambda param: first[param.name])
+    assert values == {"flow": "none", "prior": "standard"} and sorted(idle) == ["flow_steps", "flow_width",
+                                                                                 "prior_components"]
+    fields = spec.trial_fields(values)
+    assert fields["flow_steps"] == 0                               # the preset's 80 would be refused without a flow
+    assert _config_of(spec.preset, fields).model.flow_steps == 0
+    iaf = {"flow_width": 32, "flow": "iaf", "flow_steps": 2, "prior": "mog", "prior_components": 2}
+    values, idle = sample_params(spec, lambda param: iaf[param.name])
+    assert values == iaf and idle == [] and spec.trial_fields(values) == {"epochs": 1, "validation": 100, **iaf}
+    planar = dict(iaf, flow="planar")
+    assert sample_params(spec, lambda param: planar[param.name])[1] == ["flow_width"]
+    # of 2 × 3 × 2 × 2 × 2 = 48 points, flows: none 1, planar 2 (steps), iaf 1 (steps 0: no width) + 2 (steps 2, two
+    # widths); priors: standard 1, mog 2 (K)
+    assert len(grid_points(spec)) == (1 + 2 + 1 + 2) * 3
+
+
+def test_a_sweep_over_a_flow_and_its_steps_trains_every_trial(tmp_path, data_dir):
+    spec = tmp_path / "spec.toml"
+    spec.write_text('preset = "seed"\ntrials = 3\nobjective = "validation-elbo"\nsampler = "grid"\npruner = "none"\n'
+                    '[fixed]\nepochs = 1\ntrain_examples = 400\nvalidation = 100\ntest_examples = 50\nhidden = [32]\n'
+                    'latent = [4]\n[search]\nflow = ["none", "planar"]\nflow_steps = [1, 2]\n')
+    process = sweep_cli(spec, tmp_path / "out", data_dir=data_dir)
+    printed, err = process.communicate(timeout=300)
+    assert process.returncode == 0, err
+    assert [state for _, state, _, _ in trial_states(tmp_path / "out")] == ["COMPLETE"] * 3, printed
+    configs = [json.loads((tmp_path / "out" / "trials" / f"{slot:04d}" / ckpt.CONFIG).read_text())["model"]
+               for slot in range(3)]
+    assert sorted((c["flow"], c["flow_steps"]) for c in configs) == [("none", 0), ("planar", 1), ("planar", 2)]
+    row = next(line for line in printed.splitlines() if " none " in line)
+    assert row.split()[-7] == "unused" and "failed" not in printed

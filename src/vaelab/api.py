@@ -123,17 +123,23 @@ class Run:
         return self.model.sample(n, torch.Generator().manual_seed(seed))
 
     def log_likelihood(self, x: Any, k: int = 5000, seed: int = 0) -> torch.Tensor:
-        """IWAE-K estimates of log p(x) per digit (nats), as `vaelab evaluate` computes them: (B,) float64."""
+        """IWAE-K estimates of log p(x) per digit (nats), as `vaelab evaluate` computes them: (B,) float64. The
+        digits must be binary: p(x|z) is a Bernoulli likelihood, and of grey values it would be a cross-entropy."""
         from vaelab.evaluation import EvalConfig, iwae_log_likelihood
         from vaelab.resources import require_memory
 
         _check_count("k", k, 1)
         _check_count("seed", seed, 0)
+        pixels = self._pixels(x)
+        if not bool(((pixels == 0) | (pixels == 1)).all()):
+            raise UsageError("log_likelihood needs binary digits (pixels 0 or 1): the model's p(x|z) is Bernoulli, and "
+                             "of grey values it would give a cross-entropy, not log p(x); binarise them first, e.g. "
+                             "(x > 0.5).float() or torch.bernoulli(x)")
         config = EvalConfig(k=k, seed=seed)
         device = next(self.model.parameters()).device
         require_memory(config.memory_bytes(self.config.model, device), f"log_likelihood(k={k})", "use a smaller k",
                        device)
-        return iwae_log_likelihood(self.model, self._pixels(x), config)
+        return iwae_log_likelihood(self.model, pixels, config)
 
 
 def _check_count(name: str, value: Any, low: int) -> None:

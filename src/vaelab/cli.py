@@ -247,6 +247,8 @@ def build_parser(parser_class: type[argparse.ArgumentParser] = _Parser) -> argpa
     sample.set_defaults(run=cmd_sample)
 
     presets = sub.add_parser("presets", help="list the presets and their fields")
+    presets.add_argument("names", nargs="*", metavar="NAME", help=f"only these presets (default: all; "
+                                                                   f"{', '.join(PRESETS)})")
     presets.set_defaults(run=cmd_presets)
 
     report = sub.add_parser("report", help="a self-contained HTML report of a run, or of a sweep")
@@ -983,7 +985,11 @@ def cmd_presets(args: argparse.Namespace) -> int:
     from vaelab.config import RunConfig
     from vaelab.presets import PRESETS, apply_preset
 
-    for name, preset in PRESETS.items():
+    unknown = [name for name in args.names if name not in PRESETS]    # (argparse's choices refuse nargs="*" empty)
+    if unknown:
+        raise UsageError(f"no preset {unknown[0]!r}: choose from {', '.join(PRESETS)}")
+    for name in args.names or PRESETS:
+        preset = PRESETS[name]
         _log(f"{name}: {preset['about']}")
         if "paper" in preset:
             _log(f"    paper's test NLL: {preset['paper'][0]:.2f} ({preset['paper'][1]})")

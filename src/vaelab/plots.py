@@ -482,7 +482,7 @@ def importance_figure(importances: dict[str, float]):
     names = list(importances)[::-1]
     fig, ax = plt.subplots(figsize=(5.5, 0.5 + 0.45 * len(names)))
     ax.barh(names, [importances[n] for n in names], color="C0")
-    ax.set_xlabel("importance (fANOVA, sums to 1)")
+    ax.set_xlabel("importance (PED-ANOVA, sums to 1)")
     ax.set_xlim(0, 1)
     ax.grid(alpha=0.3, axis="x")
     fig.tight_layout()

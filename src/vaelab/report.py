@@ -519,12 +519,21 @@ def compare_runs(paths: Sequence[str | Path], split: str = "test") -> Comparison
                 and record["precision"] == base_record["precision"])
         a, b = per_digit(base.path, base_record), per_digit(run.path, record)
         if not same or a is None or b is None:
-            notes.append(f"{run.name} against {base.name}: evaluated with different settings (K {base_record['k']} vs "
-                         f"{record['k']}, {base_record['n_examples']} vs {record['n_examples']} digits, "
-                         f"{base_record['precision']} vs {record['precision']}"
-                         f"{', other digits' if record.get('data_sha256') != base_record.get('data_sha256') else ''}"
-                         f"{', no per-digit values' if a is None or b is None else ''}); the NLLs are shown, "
-                         f"not a paired difference")
+            # only what differs, and what is missing, is named
+            digits = base_record.get("data_sha256"), record.get("data_sha256")
+            settings = [text for differs, text in (
+                (record["k"] != base_record["k"], f"K {base_record['k']} vs {record['k']}"),
+                (record["n_examples"] != base_record["n_examples"],
+                 f"{base_record['n_examples']} vs {record['n_examples']} digits"),
+                (record["precision"] != base_record["precision"],
+                 f"{base_record['precision']} vs {record['precision']}"),
+                (record["n_examples"] == base_record["n_examples"] and None not in digits and digits[0] != digits[1],
+                 "other digits")) if differs]
+            missing = [text for absent, text in ((None in digits, "a record without its digits' checksum"),
+                                                 (a is None or b is None, "no per-digit values")) if absent]
+            why = [f"evaluated with different settings ({', '.join(settings)})"] if settings else []
+            notes.append(f"{run.name} against {base.name}: {'; '.join(why + missing)}; the NLLs are shown, not a "
+                         f"paired difference")
             continue
         diff = (-b["iwae"]) - (-a["iwae"])                        # NLL of run − NLL of the first run, per digit
         _, stderr = summarize(torch.from_numpy(diff))

@@ -110,15 +110,18 @@ def describe_schedule(config) -> tuple[list[str], list[str]]:
     else:
         lines.append(f"learning-rate schedule {train.lr_schedule} from {lr:g}")
     if objective.warmup_epochs > 0:
-        lines.append(f"KL warm-up: β rises from 0 to {objective.beta:g} over {objective.warmup_epochs} epochs")
+        lines.append(f"KL warm-up: β rises from 0 to {objective.beta:g} over {objective.warmup_epochs} "
+                     f"epoch{'s' * (objective.warmup_epochs != 1)}")
         if epochs < objective.warmup_epochs:
-            warnings.append(f"the KL warm-up of {objective.warmup_epochs} epochs will not finish in {epochs}: β ends "
+            warnings.append(f"the KL warm-up of {objective.warmup_epochs} epoch{'s' * (objective.warmup_epochs != 1)} "
+                            f"will not finish in {epochs}: β ends "
                             f"at {objective.beta * epochs / objective.warmup_epochs:.2f}, so the objective trained "
                             f"to the end is not the ELBO that is reported")
     elif objective.beta != 1:
         lines.append(f"β = {objective.beta:g} throughout (the ELBO is reported with β = 1)")
     if train.early_stopping:
-        lines.append(f"early stopping after {train.early_stopping} epochs without a better validation ELBO"
+        lines.append(f"early stopping after {train.early_stopping} epoch{'s' * (train.early_stopping != 1)} without a "
+                     f"better validation ELBO"
                      + (f" (counted after the warm-up's {objective.warmup_epochs})" if objective.warmup_epochs else ""))
     if train.clip_grad_value:
         lines.append(f"each element of the gradient clamped to ±{train.clip_grad_value:g}"

@@ -128,8 +128,63 @@ class Spec:
     def direction(self) -> str:
         return DIRECTIONS[self.objective]
 
+    @functools.cached_property
+    def base_model(self) -> dict[str, Any]:
+        """The model's fields of the preset with the fixed fields (``ModelConfig`` names, which are the flags' for
+        the fields a condition reads: prior, flow, flow_steps)."""
+        return dataclasses.asdict(_config_of(self.preset, self.fixed).model)
+
     def trial_fields(self, params: dict[str, Any]) -> dict[str, Any]:
-        return {**self.fixed, **params}
+        """The fields a trial trains with: the fixed ones, its searched values, and a bound field where its model
+        would not read it (``CONDITIONAL_FIELDS``: a flow's steps, 0 without a flow, where the preset or the fixed
+        fields give others)."""
+        from vaelab.models import CONDITIONAL_FIELDS
+
+        fields = {**self.fixed, **params}
+
+        def value(name: str) -> Any:
+            return fields.get(name, self.base_model[name])
+
+        for name, (idle, bound, _) in CONDITIONAL_FIELDS.items():
+            if bound is not None and idle(value) and value(name) != bound:
+                fields[name] = bound
+        return fields
+
+
+_UNSET = object()
+
+
+def sample_params(spec: Spec, choose) -> tuple[dict[str, Any], list[str]]:
+    """(values, idle): ``choose(param)`` for each searched field in the spec's order, except a field the trial's
+    model would not read given the others (``CONDITIONAL_FIELDS``: a mixture's K beside the standard prior, a
+    flow's steps without a flow, the IAF width without IAF steps). The fields its condition reads are chosen first;
+    it is not chosen at all (a conditional search space, as Optuna's define-by-run trials allow: the sampler spends
+    nothing on it and no trial is refused for it) and is returned among the idle. ``choose`` may return ``_UNSET``
+    (an enqueued trial that leaves a field to the sampler): the preset's or fixed value stands in for it."""
+    from vaelab.models import CONDITIONAL_FIELDS
+
+    searched = {param.name: param for param in spec.search}
+    values: dict[str, Any] = {}
+    idle: list[str] = []
+
+    def value(name: str) -> Any:
+        if name in searched and name not in values and name not in idle:
+            take(searched[name])
+        if name in idle and CONDITIONAL_FIELDS[name][1] is not None:
+            return CONDITIONAL_FIELDS[name][1]
+        return spec.base_model[name] if values.get(name, _UNSET) is _UNSET else values[name]
+
+    def take(param: Param) -> None:
+        condition = CONDITIONAL_FIELDS.get(param.name)
+        if condition is not None and condition[0](value):
+            idle.append(param.name)
+        else:
+            values[param.name] = choose(param)
+
+    for param in spec.search:
+        if param.name not in values and param.name not in idle:
+            take(param)
+    return {name: v for name, v in values.items() if v is not _UNSET}, idle
 
 
 def train_fields() -> dict[str, Any]:
@@ -262,19 +317,28 @@ def _param(name: str, value: Any) -> Param:
     raise _bad(f"search.{name}", f"{value!r} is neither a range {{ low, high }} nor a list of choices")
 
 
+def _config_of(preset: str, fields: dict[str, Any]):
+    """The RunConfig `vaelab train --preset PRESET FLAGS` would train (UsageError as the command would refuse it)."""
+    from vaelab.cli import RaisingParser, _train_config, build_parser
+    from vaelab.config import RunConfig
+
+    return _train_config(build_parser(RaisingParser).parse_args(["train", "--preset", preset, *flags_of(fields)]),
+                         RunConfig())
+
+
 def _check_values(spec: Spec) -> None:
     """Checked as `vaelab train` checks them: the fixed fields on the preset (a whole valid config, with a
     validation split), every end or choice of the search as a flag of its own (searched fields may depend on
     each other, model and latent sizes say: a sampled combination the train command refuses is a failed trial
-    that says why), and every enqueued trial as a whole config."""
-    from vaelab.cli import RaisingParser, _train_config, build_parser
-    from vaelab.config import RunConfig
+    that says why; a field its model would not read is not sampled, ``sample_params``), and every enqueued trial
+    as a whole config."""
+    from vaelab.cli import RaisingParser, build_parser
 
     parser = build_parser(RaisingParser)
 
     def config_of(fields: dict, where: str):
         try:
-            return _train_config(parser.parse_args(["train", "--preset", spec.preset, *flags_of(fields)]), RunConfig())
+            return _config_of(spec.preset, fields)
         except UsageError as exc:
             raise _bad(where, str(exc).replace("argument --", "--")) from None
 
@@ -288,7 +352,8 @@ def _check_values(spec: Spec) -> None:
             except UsageError as exc:
                 raise _bad(f"search.{param.name}", str(exc).replace("argument --", "--")) from None
     for index, entry in enumerate(spec.enqueue):
-        config_of({**spec.fixed, **entry}, f"enqueue[{index}]")
+        values, _ = sample_params(spec, lambda param: entry.get(param.name, _UNSET))
+        config_of(spec.trial_fields(values), f"enqueue[{index}]")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -319,7 +384,13 @@ def grid_points(spec: Spec) -> list[dict]:
     points = [dict(zip([p.name for p in spec.search], values))
               for values in itertools.product(*(p.choices for p in spec.search))]
     random.Random(spec.seed).shuffle(points)
-    return points
+    # a field a point's model would not read is left out (``sample_params``), and points that then coincide (a
+    # flow's steps beside no flow) are trained once
+    distinct: dict[str, dict] = {}
+    for point in points:
+        values, _ = sample_params(spec, lambda param: json.loads(point[param.name]))
+        distinct.setdefault(json.dumps(values, sort_keys=True), {name: point[name] for name in values})
+    return list(distinct.values())
 
 
 def open_study(spec: Spec, url: str, name: str, attempts: int = 5):
@@ -496,7 +567,8 @@ def run_trial(trial, spec: Spec, out: Path, threads: int, log) -> tuple[float | 
     slot = trial.user_attrs["slot"]
     run_dir = run_dir_of(out, slot)
     trial.study.sampler = make_sampler(spec, slot)
-    params = {p.name: p.suggest(trial) for p in spec.search}
+    params, idle = sample_params(spec, lambda param: param.suggest(trial))
+    trial.set_user_attr("idle", idle)
     fields = spec.trial_fields(params)
     trial.set_user_attr("run_dir", str(run_dir.relative_to(out)))
 
@@ -683,7 +755,8 @@ def summarize(study, spec: Spec, out: Path) -> dict:
         params = {p.name: (json.loads(trial.params[p.name]) if p.choices is not None else trial.params[p.name])
                   for p in spec.search if trial is not None and p.name in trial.params}
         rows.append({"slot": slot, "trial": None if trial is None else trial.number,
-                     "unused": _unused_params(spec, run_dir),
+                     "unused": sorted({*_unused_params(spec, run_dir),
+                                       *(() if trial is None else trial.user_attrs.get("idle", ()))}),
                      "state": "waiting" if trial is None else trial.state.name.lower(),
                      "error": None if trial is None else trial.user_attrs.get("error"),
                      "params": params, "value": None if trial is None else trial.value,
@@ -699,7 +772,8 @@ def summarize(study, spec: Spec, out: Path) -> dict:
 
 def _unused_params(spec: Spec, run_dir: Path) -> list[str]:
     """The searched fields this trial's run never reads (RunConfig.unused: a mixture's K beside the standard prior
-    …): its table shows them as unused, its parameter plots leave it out, and its command leaves them out."""
+    …; with the fields a trial did not sample, ``sample_params``): its table shows them as unused, its parameter
+    plots leave it out, and its command leaves them out (but a bound value, a flow's steps set to 0)."""
     from vaelab.cli import _FLAGS
     from vaelab.config import RunConfig
     from vaelab.errors import VaelabError
@@ -736,8 +810,10 @@ def summary_table(summary: dict) -> str:
         from vaelab.config import RunConfig
         from vaelab.presets import apply_preset
 
-        fields = {k: v for k, v in spec.trial_fields(best["params"]).items()
-                  if k not in BUDGET_FIELDS and k not in best.get("unused", ())}
+        from vaelab.models import CONDITIONAL_FIELDS
+
+        fields = {k: v for k, v in spec.trial_fields(best["params"]).items() if k not in BUDGET_FIELDS and (
+                  k not in best.get("unused", ()) or CONDITIONAL_FIELDS.get(k, (None, None))[1] is not None)}
         command = " ".join(["vaelab train --preset", spec.preset, *flags_of(fields), "--out runs/best"])
         # the full run holds out the preset's validation digits (a budget field, left out): its weights are then
         # the best-validation ones, model-best.safetensors
@@ -802,15 +878,25 @@ def build_sweep_report(out: Path, trial_reports: bool = True, data_dir: str | No
                   for p in spec.search if reading[p.name]]
     importance, note = None, ""
     try:
-        importances = optuna.importance.get_param_importances(study)
-        if importances:
-            importance = Figure(f"parameter importances (Optuna's fANOVA evaluator, over the {len(complete)} "
-                                f"complete trials)",
-                                data_uri(plots.importance_figure(importances)))
+        # PED-ANOVA (Watanabe et al. 2023), named here rather than left to Optuna's default, which changed (fANOVA
+        # before Optuna 5, and that one needs scikit-learn): how far each parameter's density among the best 10 % of
+        # the complete trials lies from its density over all of them (Pearson divergence). Raw values, normalised
+        # here: Optuna's own normalisation turns all zeros (no parameter tells the best trials apart) into equal bars.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")                   # its few-trials and experimental-argument warnings
+            raw = optuna.importance.get_param_importances(
+                study, evaluator=optuna.importance.PedAnovaImportanceEvaluator(), normalize=False)
+        total = sum(raw.values())
+        if total > 0:
+            importance = Figure(f"parameter importances (Optuna's PED-ANOVA evaluator: how far each parameter's "
+                                f"values among the best 10 % of the {len(complete)} complete trials lie from their "
+                                f"spread over all of them)",
+                                data_uri(plots.importance_figure({name: v / total for name, v in raw.items()})))
     except (ValueError, RuntimeError) as exc:
         note = f"No parameter importances: {exc}"
     if importance is None and not note:
-        note = "No parameter importances: they need two or more complete trials whose parameters differ."
+        note = ("No parameter importances: they need two or more complete trials whose parameters differ, and a "
+                "parameter whose values among the best trials differ from the others'.")
     counts = [f"{states.count(s)} {s}" for s in ("complete", "pruned", "running", "fail", "waiting") if states.count(s)]
     best = summary["best"]
     command = summary_table(summary).split("\n")[-1].strip() if best else ""

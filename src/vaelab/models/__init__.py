@@ -16,6 +16,7 @@ where its inference allows, a flow in q (``models/flows.py``: none, planar, iaf)
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Callable
 
 from vaelab.errors import UsageError
 from vaelab.models.base import ACTIVATIONS, INITS
@@ -33,6 +34,16 @@ MODELS = {"mlp": MLPVAE, "mlp2": HierarchicalVAE, "hvae": HierarchicalVAE, "tomc
 # The stochastic layers each model name takes: (fewest, most).
 LAYERS = {"mlp": (1, 1), "mlp2": (2, 2), "hvae": (2, 64), "tomczak": (1, 2)}
 INFERENCE = ("bottom-up", "top-down")
+# Fields a model reads only under a condition on its other fields: field → (when it is not read, given a lookup of
+# field values; the value it must then hold, or None where any value is accepted; why). In dependency order (a
+# condition reads only fields before it or unconditional ones). ``ModelConfig.unused`` names the free ones; a
+# sweep samples none of them where the condition holds and sets the bound one (a flow's steps without a flow: 0).
+CONDITIONAL_FIELDS: dict[str, tuple[Callable[[Callable[[str], Any]], bool], Any, str]] = {
+    "prior_components": (lambda value: value("prior") == "standard", None, "the standard prior has no components"),
+    "flow_steps": (lambda value: value("flow") == "none", 0, "there is no flow"),
+    "flow_width": (lambda value: value("flow") != "iaf" or not value("flow_steps"), None,
+                   "only IAF steps have hidden units"),
+}
 
 
 @dataclass(frozen=True)
@@ -110,12 +121,8 @@ class ModelConfig:
 
     def unused(self) -> dict[str, str]:
         """{field: why} for the fields whose values this model never reads (shown as such where configs are compared)."""
-        why = {}
-        if self.prior == "standard":
-            why["prior_components"] = "the standard prior has no components"
-        if self.flow != "iaf" or not self.flow_steps:
-            why["flow_width"] = "only IAF steps have hidden units"
-        return why
+        return {name: why for name, (idle, bound, why) in CONDITIONAL_FIELDS.items()
+                if bound is None and idle(lambda field: getattr(self, field))}
 
     @property
     def total_latent(self) -> int:
