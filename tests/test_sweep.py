@@ -580,3 +580,20 @@ def test_a_sweep_over_a_flow_and_its_steps_trains_every_trial(tmp_path, data_dir
     assert sorted((c["flow"], c["flow_steps"]) for c in configs) == [("none", 0), ("planar", 1), ("planar", 2)]
     row = next(line for line in printed.splitlines() if " none " in line)
     assert row.split()[-7] == "unused" and "failed" not in printed
+
+
+def test_importances_that_tell_no_trial_apart_are_a_note_not_equal_bars(tmp_path, data_dir):
+    """Two trials whose searched field took one value: PED-ANOVA finds no parameter telling the best trial apart
+    (all importances 0); Optuna's normalisation would draw that as equal bars."""
+    from vaelab.sweep import build_sweep_report
+
+    spec = tmp_path / "spec.toml"
+    spec.write_text('preset = "seed"\ntrials = 2\nobjective = "validation-elbo"\npruner = "none"\n[fixed]\nepochs = 1\n'
+                    'train_examples = 400\nvalidation = 100\ntest_examples = 50\nhidden = [32]\nlatent = [4]\n'
+                    '[search]\nactivation = ["relu"]\n')
+    process = sweep_cli(spec, tmp_path / "out", data_dir=data_dir)
+    _, err = process.communicate(timeout=300)
+    assert process.returncode == 0, err
+    html = build_sweep_report(tmp_path / "out", trial_reports=False)
+    assert "No parameter importances: they need two or more complete trials whose parameters differ" in html
+    assert "importance (PED-ANOVA" not in html and "PED-ANOVA evaluator" not in html
