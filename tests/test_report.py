@@ -73,6 +73,8 @@ def test_report_of_a_two_layer_run_has_views_per_layer_and_says_how_to_evaluate(
         assert f"layer {layer}: posterior means" in html
         assert f"layer {layer}: traversals" in html or f"layer {layer}: no traversals" in html   # none active
     assert f"vaelab evaluate {runs / 'two'}" in html and "has not been evaluated yet" in html
+    # the model row names the model trained, then the preset its flags changed (it said "seed" for an mlp2)
+    assert re.search(r"<td>model</td><td>mlp2 \(preset seed, changed by flags: [^<]*model\.name", html)
     check_self_contained(html)
 
 
