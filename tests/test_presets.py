@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 import random
@@ -75,6 +76,9 @@ def test_issue_21s_presets_train_compiled_and_are_still_themselves_with_another_
     assert preset_label(autograd) == "ladder-5" and preset_label(config) == "ladder-5"
     lr = config.__class__.from_dict({**config.to_dict(), "train": {**config.to_dict()["train"], "lr": 1e-3}})
     assert preset_label(lr) == "ladder-5*"
+    other = dataclasses.replace(lr, model=dataclasses.replace(lr.model, name="mlp2", latent=(8, 4),
+                                                              hidden=((16,), (8,)), batch_norm=False))
+    assert preset_label(other) == "mlp2 (ladder-5*)"                # the model its flags chose, not the preset's
     hour = apply_preset(RunConfig(), "cpu-hour-vampprior").to_dict()
     published = RunConfig.from_dict({**hour, "train": {**hour["train"], "epochs": 320, "engine": "auto"}})
     assert select_engine(published) == "autograd" and preset_label(published) == "cpu-hour-vampprior"

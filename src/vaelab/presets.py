@@ -178,7 +178,10 @@ def changed_fields(config) -> list[str]:
 
 
 def preset_label(config) -> str:
-    """The preset's name, with * when flags changed its fields; the model's name for runs without a preset."""
+    """The preset's name, with * when flags changed its fields, after the model's name where they changed that
+    ('hvae (seed*)'); the model's name for runs without a preset."""
     if config.preset is None:
         return config.model.name
-    return config.preset + ("*" if changed_fields(config) else "")
+    changed = changed_fields(config)
+    label = config.preset + ("*" if changed else "")
+    return f"{config.model.name} ({label})" if "model.name" in changed else label
