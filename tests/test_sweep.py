@@ -540,6 +540,7 @@ def test_a_field_the_model_would_not_read_is_not_sampled_and_its_bound_value_is_
     without IAF steps are not sampled (before, flow = "none" with a sampled flow_steps was a trial refused by
     `vaelab train`); on a preset with a flow, a trial without one trains with 0 steps; the grid trains the points
     that then coincide once; an enqueued trial naming such a field is accepted."""
+    from vaelab.errors import UsageError
     from vaelab.sweep import _config_of, grid_points, load_spec, sample_params
 
     path = tmp_path / "spec.toml"
@@ -561,6 +562,14 @@ def test_a_field_the_model_would_not_read_is_not_sampled_and_its_bound_value_is_
     assert values == iaf and idle == [] and spec.trial_fields(values) == {"epochs": 1, "validation": 100, **iaf}
     planar = dict(iaf, flow="planar")
     assert sample_params(spec, lambda param: planar[param.name])[1] == ["flow_width"]
+    # a searched field no trial would read is refused with the spec: the seed preset has no flow, and no IAF steps
+    for search, name, why in (("flow_steps = { low = 1, high = 3 }\nlr = [1e-3, 2e-3]", "flow_steps", "there is no "
+                                                                                              "flow"),
+                              ('flow_width = [8, 16]\nflow = ["planar", "iaf"]', "flow_width", "only IAF steps have")):
+        bad = tmp_path / "bad.toml"
+        bad.write_text(f'preset = "seed"\ntrials = 2\n[fixed]\nepochs = 1\nvalidation = 100\n[search]\n{search}\n')
+        with pytest.raises(UsageError, match=rf"search\.{name}: no trial would read it \({why}.*preset seed give"):
+            load_spec(bad)
     # of 2 × 3 × 2 × 2 × 2 = 48 points, flows: none 1, planar 2 (steps), iaf 1 (steps 0: no width) + 2 (steps 2, two
     # widths); priors: standard 1, mog 2 (K)
     assert len(grid_points(spec)) == (1 + 2 + 1 + 2) * 3

@@ -351,6 +351,24 @@ def _check_values(spec: Spec) -> None:
                 parser.parse_args(["train", *flags_of({param.name: value})])
             except UsageError as exc:
                 raise _bad(f"search.{param.name}", str(exc).replace("argument --", "--")) from None
+    from vaelab.models import CONDITIONAL_FIELDS
+
+    # a searched field no trial would read (a flow's steps where every trial has no flow): over every combination of
+    # the choices (a range by its two ends, which is where a condition such as "no steps" can change)
+    import itertools
+
+    ends = [param.values_to_check() for param in spec.search]
+    if math.prod(map(len, ends)) <= 20_000:
+        read: set[str] = set()
+        for combination in itertools.product(*ends):
+            chosen = dict(zip((param.name for param in spec.search), combination))
+            read.update(sample_params(spec, lambda param: chosen[param.name])[0])
+        for param in spec.search:
+            if param.name not in read:
+                raise _bad(f"search.{param.name}", f"no trial would read it ({CONDITIONAL_FIELDS[param.name][2]}, "
+                                                   f"whichever values the spec's fixed and searched fields and preset "
+                                                   f"{spec.preset} give); leave it out, or fix or search what it "
+                                                   f"depends on")
     for index, entry in enumerate(spec.enqueue):
         values, _ = sample_params(spec, lambda param: entry.get(param.name, _UNSET))
         config_of(spec.trial_fields(values), f"enqueue[{index}]")
