@@ -424,6 +424,13 @@ def test_the_report_of_a_vampprior_run_shows_its_pseudo_inputs(tmp_path, data_di
     (["--batch-norm"], ["--batch-norm applies to the hierarchies", "not model mlp", "leave it out"]),
     (["--model", "hvae", "--latent", "8", "4", "--blocks", "32", "16", "--batch-norm", "--prior", "vampprior"],
      ["--batch-norm with --prior vampprior", "--prior standard or mog"]),
+    # a batch of one example has no variance to normalise by: refused before training (it was torch's traceback at the
+    # epoch's last batch)
+    (["--model", "hvae", "--latent", "8", "4", "--blocks", "32", "16", "--batch-norm", "--train-examples", "129",
+      "--batch-size", "64"], ["--batch-norm", "129 training digits in batches of 64 leave a last batch of 1",
+                              "--batch-size (e.g. 65)"]),
+    (["--model", "hvae", "--latent", "8", "4", "--blocks", "32", "16", "--batch-norm", "--train-examples", "130",
+      "--batch-size", "1"], ["--batch-norm", "batches of 1", "--batch-size (e.g. 2)"]),
 ])
 def test_bad_model_values_are_one_line_errors_naming_the_choices(args, words, tmp_path, data_dir, capsys):
     out = tmp_path / "run"

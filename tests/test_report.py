@@ -311,3 +311,17 @@ def test_compare_and_the_report_call_a_field_the_run_never_reads_unused(tmp_path
     assert re.search(r"model\.prior_components\s+unused\s+unused\s+3", capsys.readouterr().out)
     assert main(["report", str(tmp_path / "plain"), "--data-dir", str(data_dir)]) == 0
     assert "7 (unused: the standard prior has no components)" in (tmp_path / "plain" / "report.html").read_text()
+
+
+def test_the_report_of_a_layer_of_one_unit_plots_it_against_the_digit(tmp_path, data_dir):
+    """A stochastic layer of one unit has no two principal components: its posterior means are drawn against the
+    digit class (the report raised an IndexError before)."""
+    run = tmp_path / "one"
+    assert main(["train", "--out", str(run), "--model", "hvae", "--latent", "1", "1", "--blocks", "8", "8",
+                 "--inference", "top-down", "--epochs", "1", "--train-examples", "200", "--test-examples", "40",
+                 "--data-dir", str(data_dir), "--no-progress"]) == 0
+    assert main(["report", str(run), "--data-dir", str(data_dir)]) == 0
+    html = (run / "report.html").read_text()
+    for layer in (1, 2):
+        assert f"layer {layer}: posterior means of its one unit, by digit" in html
+    check_self_contained(html)

@@ -99,14 +99,24 @@ def _latent_views(model, images: torch.Tensor, labels: np.ndarray, layers: list[
     for index, mean in enumerate(means):
         layer, z_name = layers[index], f"z{index + 1}"
         centred = mean - mean.mean(0)
-        _, singular, v = torch.linalg.svd(centred, full_matrices=False)
-        explained = (singular.square() / singular.square().sum()).tolist() + [0.0, 0.0]
-        points = (centred @ v[:2].T).numpy()
-        axis_labels = (f"PC1 ({100 * explained[0]:.0f} % of the variance)", f"PC2 ({100 * explained[1]:.0f} %)")
-        out.append(figures.make(f"pca-layer{index + 1}", f"layer {index + 1}: posterior means, first two principal "
-                                f"components", lambda w, p=points, a=axis_labels, z=z_name: plots.scatter_2d_figure(
-                                    p, labels, f"PCA of E_q[{z}|x], {len(p)} test digits", a, width=w)))
-        embedded = _nonlinear_embedding(mean.numpy()[:2000])
+        if mean.shape[1] == 1:          # one unit: its posterior mean against the digit class (no plane to project to)
+            jitter = np.random.default_rng(0).uniform(-0.3, 0.3, len(mean))
+            points = np.stack([centred[:, 0].numpy(), labels + jitter], 1)
+            out.append(figures.make(f"pca-layer{index + 1}", f"layer {index + 1}: posterior means of its one unit, by "
+                                    f"digit", lambda w, p=points, z=z_name: plots.scatter_2d_figure(
+                                        p, labels, f"E_q[{z}|x] (centred), {len(p)} test digits",
+                                        (f"E_q[{z}|x] − its mean", "digit (jittered)"), width=w)))
+            embedded = None
+        else:
+            _, singular, v = torch.linalg.svd(centred, full_matrices=False)
+            explained = (singular.square() / singular.square().sum()).tolist() + [0.0, 0.0]
+            points = (centred @ v[:2].T).numpy()
+            axis_labels = (f"PC1 ({100 * explained[0]:.0f} % of the variance)", f"PC2 ({100 * explained[1]:.0f} %)")
+            out.append(figures.make(f"pca-layer{index + 1}", f"layer {index + 1}: posterior means, first two "
+                                    f"principal components", lambda w, p=points, a=axis_labels, z=z_name:
+                                    plots.scatter_2d_figure(p, labels, f"PCA of E_q[{z}|x], {len(p)} test digits", a,
+                                                            width=w)))
+            embedded = _nonlinear_embedding(mean.numpy()[:2000])
         if embedded is not None:
             name, points2 = embedded
             out.append(figures.make(f"{name.lower()}-layer{index + 1}", f"layer {index + 1}: {name} of the posterior "

@@ -231,6 +231,14 @@ class Trainer:
             raise UsageError(f"--batch-norm trains in one process: under torchrun each of the {world.size} processes "
                              f"would normalise with the statistics of its own share of the batch; run without "
                              f"torchrun, or without --batch-norm")
+        batch, n_train = config.train.batch_size, data.n_train
+        if config.model.batch_norm and (batch == 1 or n_train % batch == 1):
+            # the normalisation's variance over a batch of one example is 0/0 (torch refuses it mid-epoch)
+            other = next(b for b in range(max(batch, 2), n_train + 2) if b >= n_train or n_train % b != 1)
+            raise UsageError(f"--batch-norm normalises each training batch by its own mean and variance, and one "
+                             f"example has no variance: " + ("batches of 1" if batch == 1 else
+                             f"{n_train} training digits in batches of {batch} leave a last batch of 1") +
+                             f"; choose another --batch-size (e.g. {other})")
         seed = config.train.seed
         torch.manual_seed(seed)
         random.seed(seed)
