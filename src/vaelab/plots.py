@@ -330,6 +330,8 @@ def kl_figure(layers: Sequence[dict], width: float | None = None):
     """Per stochastic layer, every unit visible on log axes: its mean KL (left; bars with SVG ids kl-unit-L-I) and
     the variance over digits of its posterior mean Cov_x E_q[u] (right) with the 0.01 line of the active-unit
     criterion; active units blue, inactive grey. Values below 1e-5 are drawn at 1e-5."""
+    from matplotlib.ticker import MaxNLocator
+
     plt = _pyplot()
     width = width or 11.0
     cols = _columns(width, 2)
@@ -364,6 +366,12 @@ def kl_figure(layers: Sequence[dict], width: float | None = None):
         var_ax.set_xlabel("latent unit")
         var_ax.legend(fontsize=8, loc="lower left", bbox_to_anchor=(0.0, 1.0), frameon=False)
         var_ax.grid(alpha=0.3, axis="y")
+        for ax in (kl_ax, var_ax) if layer.get("kl_per_dimension") is not None else (var_ax,):
+            # units are whole numbers (a layer of one unit read −0.4 … 0.4; the locator needs two integers in view)
+            if len(units) <= 16:
+                ax.set_xticks(units)
+            else:
+                ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
     return fig
 
