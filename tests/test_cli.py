@@ -107,8 +107,10 @@ def test_sample_and_stirling_and_data(trained, data_dir, tmp_path, capsys, monke
     assert code == 0 and (tmp_path / "st.png").read_bytes()[:8] == PNG
     picture = (tmp_path / "st.png").read_bytes()                 # an existing picture needs --overwrite
     code, _, err = run(capsys, "stirling", "--n", "5", "--plot", tmp_path / "st.png")
-    assert code == 2 and "exists (an earlier picture); pass --overwrite" in err
+    assert code == 2 and "exists (an earlier picture); pass --overwrite to replace it, or --plot another file" in err
     assert (tmp_path / "st.png").read_bytes() == picture
+    code, _, err = run(capsys, "stirling", "--n", "5", "--plot", tmp_path / "nowhere" / "st.png")
+    assert code == 2 and f"--plot {tmp_path / 'nowhere' / 'st.png'}: directory" in err   # the flag given, not --out
     assert run(capsys, "stirling", "--n", "5", "--plot", tmp_path / "st.png", "--overwrite")[0] == 0
     row_100 = out.strip().splitlines()[-2].split()
     assert row_100[0] == "100" and abs(float(row_100[4]) - 1) < 1e-3

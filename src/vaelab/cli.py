@@ -839,11 +839,11 @@ def _weights_file(run_dir: Path, checkpoint: str) -> str:
     return BEST_WEIGHTS
 
 
-def _check_target(path: Path, overwrite: bool, what: str) -> None:
+def _check_target(path: Path, overwrite: bool, what: str, flag: str = "--out") -> None:
     if path.exists() and not overwrite:
-        raise UsageError(f"{path} exists (an earlier {what}); pass --overwrite to replace it, or --out another file")
+        raise UsageError(f"{path} exists (an earlier {what}); pass --overwrite to replace it, or {flag} another file")
     if not path.parent.is_dir():
-        raise UsageError(f"--out {path}: directory {path.parent} does not exist; create it first")
+        raise UsageError(f"{flag} {path}: directory {path.parent} does not exist; create it first")
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -1220,7 +1220,7 @@ def cmd_stirling(args: argparse.Namespace) -> int:
 
     plot = _picture_path(args.plot) if args.plot else None
     if plot:
-        _check_target(plot, args.overwrite, "picture")
+        _check_target(plot, args.overwrite, "picture", "--plot")
     table = stirling_table([float(n) for n in args.n], args.terms)
     header = ["N", "ln N! (lgamma)", "Laplace/Stirling", "rel. error", "12N × rel. error",
               f"rel. error, {args.terms} terms"]
