@@ -268,7 +268,9 @@ def test_the_training_figure_shows_the_clipping_where_a_run_clipped():
 def test_compare_prints_a_table_to_paste(evaluated, kind, tmp_path, capsys):
     assert main(["compare", str(evaluated / "a"), str(evaluated / "b"), "--format", kind,
                  "--out", str(tmp_path / "c.html")]) == 0
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    out = captured.out                 # the table alone (`--format csv > t.csv`); what was written goes to stderr
+    assert "written" not in out and f"written {tmp_path / 'c.html'}" in captured.err
     if kind == "latex":
         table = out[out.index(r"\begin{table}"):out.index(r"\end{table}") + len(r"\end{table}")]
         assert r"\toprule" in table and r"\midrule" in table and r"\bottomrule" in table
@@ -292,7 +294,7 @@ def test_compare_prints_a_table_to_paste(evaluated, kind, tmp_path, capsys):
         import csv
         import io
 
-        rows = list(csv.reader(io.StringIO(out.split("written")[0].strip())))
+        rows = list(csv.reader(io.StringIO(out)))
         assert rows[0][:3] == ["run", "model", "NLL"] and [r[0] for r in rows[1:]] == ["a", "b"]
         assert float(rows[1][2]) == pytest.approx(newest_current_nll(evaluated / "a"), abs=1e-5)
 
@@ -300,8 +302,10 @@ def test_compare_prints_a_table_to_paste(evaluated, kind, tmp_path, capsys):
 def test_evaluate_prints_its_table_as_latex(evaluated, data_dir, capsys):
     assert main(["evaluate", str(evaluated / "b"), "--k", "5", "--data-dir", str(data_dir), "--no-progress",
                  "--format", "latex", "--out", str(evaluated / "b" / "extra.json")]) == 0
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    out = captured.out
     assert r"\toprule" in out and "IWAE-5, q(z\\textbar{}x)" in out and "$\\pm$ s.e." in out
+    assert out.lstrip().startswith(r"\begin{table}") and "written" not in out and "written" in captured.err
     assert "K = 5, model.safetensors after epoch 2" in out                   # the caption names the weights
 
 
