@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pytest
 
@@ -81,3 +83,13 @@ def run(capsys, *args):
 def one_line(err: str) -> bool:
     """Whether ``err`` is the one line (no traceback) that bad input gets."""
     return len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+@pytest.fixture(autouse=True)
+def _close_figures():
+    """Figures a test builds itself (``plots.*_figure``) are closed after it: beyond 20 open figures pyplot warns,
+    and the warning lands on the stderr of a later test that counts its lines."""
+    yield
+    pyplot = sys.modules.get("matplotlib.pyplot")
+    if pyplot is not None:
+        pyplot.close("all")

@@ -126,7 +126,7 @@ BAD = [
     ["train", "--precision", "fp16"], ["train", "--clip-grad-norm", "-1"], ["train", "--clip-grad-norm", "nan"],
     ["train", "--clip-grad-value", "-0.5"], ["train", "--clip-grad-value", "inf"], ["train", "--early-stopping", "-1"],
     ["evaluate", "RUN", "--precision", "bf8"],
-    ["sample", "RUN", "--n", "0"], ["frobnicate"],
+    ["sample", "RUN", "--n", "0"], ["frobnicate"], ["evaluate", "RUN", "--out", "e.txt"],
 ]
 
 

@@ -92,6 +92,13 @@ def _widths(text: str) -> tuple[int, ...]:
     return widths
 
 
+def _json_record(text: str) -> Path:
+    """An evaluation record's path: JSON, named so (the runs' records are found as eval*.json)."""
+    if not text.lower().endswith(".json"):
+        raise argparse.ArgumentTypeError(f"the record is JSON: give a file name ending in .json, got {text!r}")
+    return Path(text)
+
+
 def _device(text: str) -> str:
     if text in ("auto", "cpu", "cuda") or (text.startswith("cuda:") and text[5:].isdigit()):
         return text
@@ -226,7 +233,7 @@ def build_parser(parser_class: type[argparse.ArgumentParser] = _Parser) -> argpa
     evaluate.add_argument("--device", type=_device, default="auto", help="auto, cpu or cuda")
     evaluate.add_argument("--threads", type=_whole_number(1, 4097), help="CPU threads (default: all allowed)")
     evaluate.add_argument("--data-dir", type=Path, help="MNIST cache (default: the run's)")
-    evaluate.add_argument("--out", type=Path, help="the evaluation record (.json; default a name in the run "
+    evaluate.add_argument("--out", type=_json_record, help="the evaluation record (.json; default a name in the run "
                           "that encodes the settings, and the weights' epoch where that name holds an evaluation of "
                           "other weights); per-digit values go beside it (.digits.csv)")
     evaluate.add_argument("--overwrite", action="store_true", help="replace an existing record of the same name")
