@@ -208,16 +208,19 @@ def test_a_trial_elsewhere_is_judged_by_its_heartbeat(tmp_path, monkeypatch):
     assert _state_of(study, trial.number) == "FAIL" and _waiting_slots(study) == [0, 1]
 
 
-def test_pruning_stops_a_trial_far_below_the_others(tmp_path, data_dir):
+@pytest.mark.parametrize("objective", ["validation-elbo", "validation-nll"])
+def test_pruning_stops_a_trial_far_below_the_others(objective, tmp_path, data_dir):
     """Two enqueued trials that learn, then one whose learning rate is 1000 times too small: its validation ELBO
-    is far below theirs at every epoch, and the median pruner stops it after its warm-up; its run is kept."""
+    is far below theirs at every epoch, and the median pruner stops it after its warm-up; its run is kept. Its row
+    shows that last validation ELBO only where the objective is the ELBO (it showed −212 as a validation NLL)."""
     spec = tmp_path / "spec.toml"
-    spec.write_text("""\
+    spec.write_text(f"""\
 preset = "seed"
 trials = 3
-objective = "validation-elbo"
+objective = "{objective}"
+k = 10
 pruner_warmup = 1
-enqueue = [{ lr = 3e-3 }, { lr = 3e-3 }, { lr = 3e-6 }]
+enqueue = [{{ lr = 3e-3 }}, {{ lr = 3e-3 }}, {{ lr = 3e-6 }}]
 [fixed]
 epochs = 5
 train_examples = 1000
@@ -225,7 +228,7 @@ validation = 300
 test_examples = 50
 hidden = [64]
 [search]
-lr = { low = 1e-6, high = 1e-2, log = true }
+lr = {{ low = 1e-6, high = 1e-2, log = true }}
 """)
     process = sweep_cli(spec, tmp_path / "out", data_dir=data_dir)
     printed, err = process.communicate(timeout=600)
@@ -234,7 +237,8 @@ lr = { low = 1e-6, high = 1e-2, log = true }
     assert states == {0: "COMPLETE", 1: "COMPLETE", 2: "PRUNED"}
     slow = tmp_path / "out" / "trials" / "0002"
     assert 2 <= len((slow / ckpt.METRICS).read_text().splitlines()) - 1 < 5 and (slow / ckpt.WEIGHTS).exists()
-    assert "pruned" in printed
+    row = next(line.split() for line in printed.splitlines() if line.split()[:1] == ["0002"])
+    assert row[-1] == "pruned" and (float(row[2]) < -100 if objective == "validation-elbo" else row[2] == "—")
 
 
 def test_two_sweeps_on_one_directory_share_the_study_and_never_a_run(tmp_path, data_dir):

@@ -20,8 +20,8 @@ shared by several machines):
 - Never two trials in one directory: a slot taken by another live trial (two sweeps racing for one waiting
   trial, or enqueueing the same slot twice) makes the later trial a surplus, told failed at once and never
   shown; the run directory's lock (one writer per run) is the last guard.
-- Pruning (Optuna's median pruner by default) watches each trial's per-epoch validation ELBO; a pruned trial
-  keeps its run directory.
+- Pruning (Optuna's median pruner by default) watches each trial's per-epoch validation ELBO (its negative under
+  ``validation-nll``, whose direction is to minimise); a pruned trial keeps its run directory.
 The objective is computed on the validation split only: ``validation-elbo`` (the last epoch's) or
 ``validation-nll`` (IWAE-K of the best-validation weights, ``vaelab evaluate --split validation``). The test
 set is never evaluated by a sweep; the command printed at the end trains the best configuration in full and
@@ -590,8 +590,12 @@ def run_trial(trial, spec: Spec, out: Path, threads: int, log) -> tuple[float | 
     fields = spec.trial_fields(params)
     trial.set_user_attr("run_dir", str(run_dir.relative_to(out)))
 
+    # the pruner compares intermediate values in the study's direction: the validation ELBO (higher is better) as
+    # it is for validation-elbo, its negative (lower is better, an upper bound of the NLL) for validation-nll
+    sign = 1.0 if spec.direction == "maximize" else -1.0
+
     def report(model, row):
-        trial.report(row["validation_elbo"], row["epoch"])
+        trial.report(sign * row["validation_elbo"], row["epoch"])
         if trial.should_prune():
             raise optuna.TrialPruned(f"pruned after epoch {row['epoch']} (validation ELBO {row['validation_elbo']:.2f})")
 
@@ -777,7 +781,10 @@ def summarize(study, spec: Spec, out: Path) -> dict:
                                        *(() if trial is None else trial.user_attrs.get("idle", ()))}),
                      "state": "waiting" if trial is None else trial.state.name.lower(),
                      "error": None if trial is None else trial.user_attrs.get("error"),
-                     "params": params, "value": None if trial is None else trial.value,
+                     # a pruned trial's value is its last reported intermediate value (Optuna's tell): the
+                     # objective itself only for validation-elbo (for validation-nll it is −ELBO, not an NLL)
+                     "params": params, "value": None if trial is None or (
+                         trial.state.name == "PRUNED" and spec.objective != "validation-elbo") else trial.value,
                      "stderr": None if trial is None else trial.user_attrs.get("objective_stderr"),
                      "epochs": len(metrics), "seconds": metrics[-1]["elapsed_seconds"] if metrics else None,
                      "run_dir": str(run_dir)})
