@@ -35,6 +35,7 @@ import dataclasses
 import fcntl
 import functools
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -333,6 +334,7 @@ def _check_values(spec: Spec) -> None:
     that says why; a field its model would not read is not sampled, ``sample_params``), and every enqueued trial
     as a whole config."""
     from vaelab.cli import RaisingParser, build_parser
+    from vaelab.models import CONDITIONAL_FIELDS
 
     parser = build_parser(RaisingParser)
 
@@ -351,12 +353,8 @@ def _check_values(spec: Spec) -> None:
                 parser.parse_args(["train", *flags_of({param.name: value})])
             except UsageError as exc:
                 raise _bad(f"search.{param.name}", str(exc).replace("argument --", "--")) from None
-    from vaelab.models import CONDITIONAL_FIELDS
-
     # a searched field no trial would read (a flow's steps where every trial has no flow): over every combination of
     # the choices (a range by its two ends, which is where a condition such as "no steps" can change)
-    import itertools
-
     ends = [param.values_to_check() for param in spec.search]
     if math.prod(map(len, ends)) <= 20_000:
         read: set[str] = set()
@@ -396,7 +394,6 @@ def make_sampler(spec: Spec, slot: int = 0):
 def grid_points(spec: Spec) -> list[dict]:
     """Every combination of the choices (as the study stores them), in an order shuffled by the spec's seed: the
     parameters of slot i under ``sampler = "grid"`` (slots beyond the grid are sampled at random)."""
-    import itertools
     import random
 
     points = [dict(zip([p.name for p in spec.search], values))
