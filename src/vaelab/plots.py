@@ -469,6 +469,12 @@ def sweep_parameter_figure(name: str, values: Sequence, objective: Sequence[floa
         ax.scatter(values, objective, color="C0")
         if log:
             ax.set_xscale("log")
+        elif all(isinstance(v, int) for v in values):         # whole numbers (steps, components): whole ticks
+            from matplotlib.ticker import MaxNLocator
+
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            if len(set(values)) == 1:                           # the locator needs two whole numbers in view
+                ax.set_xticks([values[0]])
     else:
         names = sorted({str(v) for v in values})
         ax.scatter([names.index(str(v)) for v in values], objective, color="C0")
