@@ -579,14 +579,22 @@ def test_a_field_the_model_would_not_read_is_not_sampled_and_its_bound_value_is_
     assert len(grid_points(spec)) == (1 + 2 + 1 + 2) * 3
 
 
-def test_a_sweep_over_a_flow_and_its_steps_trains_every_trial(tmp_path, data_dir):
+def tiny_sweep(tmp_path: Path, data_dir: Path, head: str, search: str) -> str:
+    """A sweep of a small seed model (32 hidden units, 4 latents) on 400 training digits, one epoch a trial, on the
+    validation ELBO without pruning, run to its end: what it printed."""
     spec = tmp_path / "spec.toml"
-    spec.write_text('preset = "seed"\ntrials = 3\nobjective = "validation-elbo"\nsampler = "grid"\npruner = "none"\n'
-                    '[fixed]\nepochs = 1\ntrain_examples = 400\nvalidation = 100\ntest_examples = 50\nhidden = [32]\n'
-                    'latent = [4]\n[search]\nflow = ["none", "planar"]\nflow_steps = [1, 2]\n')
+    spec.write_text(f'preset = "seed"\nobjective = "validation-elbo"\npruner = "none"\n{head}[fixed]\nepochs = 1\n'
+                    f'train_examples = 400\nvalidation = 100\ntest_examples = 50\nhidden = [32]\nlatent = [4]\n'
+                    f'[search]\n{search}')
     process = sweep_cli(spec, tmp_path / "out", data_dir=data_dir)
     printed, err = process.communicate(timeout=300)
     assert process.returncode == 0, err
+    return printed
+
+
+def test_a_sweep_over_a_flow_and_its_steps_trains_every_trial(tmp_path, data_dir):
+    printed = tiny_sweep(tmp_path, data_dir, 'trials = 3\nsampler = "grid"\n',
+                         'flow = ["none", "planar"]\nflow_steps = [1, 2]\n')
     assert [state for _, state, _, _ in trial_states(tmp_path / "out")] == ["COMPLETE"] * 3, printed
     configs = [json.loads((tmp_path / "out" / "trials" / f"{slot:04d}" / ckpt.CONFIG).read_text())["model"]
                for slot in range(3)]
@@ -600,13 +608,7 @@ def test_importances_that_tell_no_trial_apart_are_a_note_not_equal_bars(tmp_path
     (all importances 0); Optuna's normalisation would draw that as equal bars."""
     from vaelab.sweep import build_sweep_report
 
-    spec = tmp_path / "spec.toml"
-    spec.write_text('preset = "seed"\ntrials = 2\nobjective = "validation-elbo"\npruner = "none"\n[fixed]\nepochs = 1\n'
-                    'train_examples = 400\nvalidation = 100\ntest_examples = 50\nhidden = [32]\nlatent = [4]\n'
-                    '[search]\nactivation = ["relu"]\n')
-    process = sweep_cli(spec, tmp_path / "out", data_dir=data_dir)
-    _, err = process.communicate(timeout=300)
-    assert process.returncode == 0, err
+    tiny_sweep(tmp_path, data_dir, "trials = 2\n", 'activation = ["relu"]\n')
     html = build_sweep_report(tmp_path / "out", trial_reports=False)
     assert "No parameter importances: they need two or more complete trials whose parameters differ" in html
     assert "importance (PED-ANOVA" not in html and "PED-ANOVA evaluator" not in html

@@ -317,13 +317,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         with warnings.catch_warnings():
             # a warning is one line on stderr, like an error (Python's default adds the file and the source line)
             warnings.showwarning = lambda message, *_: _error(args.command, str(message), "warning")
-            if getattr(args, "format", "text") == "text":
-                return args.run(args) or 0
+            if hasattr(args, "format"):         # evaluate, compare: their table goes to stdout
+                table_stream = sys.stdout
+                args.print_table = lambda table: _log(table, table_stream)
             # --format csv|latex|markdown: the table alone on stdout (`vaelab compare A B --format csv > t.csv`),
             # every other line (what was written, notes) on stderr
-            table_stream = sys.stdout
-            args.print_table = lambda table: print(table, file=table_stream, flush=True)
-            with contextlib.redirect_stdout(sys.stderr):
+            aside = getattr(args, "format", "text") != "text"
+            with contextlib.redirect_stdout(sys.stderr) if aside else contextlib.nullcontext():
                 return args.run(args) or 0
     except VaelabError as exc:
         _error(args.command, str(exc))
@@ -351,9 +351,9 @@ def _error(command: str, message: str, kind: str = "error") -> None:
         pass
 
 
-def _log(message: str) -> None:
+def _log(message: str, stream=None) -> None:
     try:
-        print(message, flush=True)
+        print(message, file=stream or sys.stdout, flush=True)
     except OSError:
         pass
 
@@ -922,10 +922,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         if renamed:
             out = _default_record(args.run_dir / evaluation_name(argparse.Namespace(**{**vars(args), "laplace": False}),
                                                                  len(images)), loaded, _note)
-        if args.format == "text":
-            _log(format_eval_table(record))
-        else:
-            args.print_table(evaluation_export(record, args.format))
+        args.print_table(format_eval_table(record) if args.format == "text" else evaluation_export(record, args.format))
         written, digits = write_evaluation(out, record, per_digit, labels, args.run_dir, args.overwrite and not renamed)
         if written != out:
             _note(f"{out.name} was written by another evaluation of the same settings while this one ran: this one "
@@ -1145,10 +1142,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     out = args.out or default_comparison_page(args.run_dirs)
     _check_page_target(out)
     html, comparison = build_comparison(args.run_dirs, args.split)
-    if args.format == "text":
-        _log(comparison_table(comparison))
-    else:
-        args.print_table(comparison_export(comparison, args.format))
+    args.print_table(comparison_table(comparison) if args.format == "text" else
+                     comparison_export(comparison, args.format))
     _write_page(out, html)
     return 0
 

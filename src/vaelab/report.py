@@ -310,10 +310,10 @@ def build_report(run_dir: str | Path, data_dir: str | None = None,
         with torch.no_grad():
             u = pseudo().numpy()                                             # (K, 784)
         shown = u[:100]
-        rows = [shown[i:i + 10] for i in range(0, len(shown), 10)]           # rows of 10, the last maybe shorter
+        pseudo_rows = [shown[i:i + 10] for i in range(0, len(shown), 10)]    # rows of 10, the last maybe shorter
         generation.append(figures.make("pseudo-inputs", f"the VampPrior's pseudo-inputs ({len(shown)} of {len(u)})",
                                        lambda w: plots.digit_rows_figure(
-                                           rows, [""] * len(rows),
+                                           pseudo_rows, [""] * len(pseudo_rows),
                                            "pseudo-inputs uₖ in pixel space, p(z) = (1/K) Σₖ q(z | uₖ)", width=w)))
     evaluation = _evaluation_section(run, model, images, figures)
     nats = _nats_section(run, figures, run.config.data.test_examples or len(images))
