@@ -280,7 +280,17 @@ def test_compare_on_the_validation_split_pairs_validation_records_and_never_the_
     assert main(["evaluate", str(tmp_path / "a"), "--gaps", "--gap-steps", "3", "--k", "20", "--data-dir",
                  str(data_dir), "--no-progress"]) == 0
     assert main(["compare", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "t.html")]) == 0
-    assert "where the nats go" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "where the nats go" in out and re.search(r"^a\s+IWAE-20, \d+ digits\s+-\d", out, re.M)  # which log p̂
+    assert "<td>IWAE-20, " in (tmp_path / "t.html").read_text()
+    # a decomposition whose log p̂(x) fell below ELBO[q*] carries its evaluation's warning into the comparison
+    record = next((tmp_path / "a").glob("eval-*gaps*.json"))
+    saved = json.loads(record.read_text())
+    saved["gaps"]["warning"] = "log p̂(x) by IWAE-20 with the encoder's q is below ELBO[q*]"
+    record.write_text(json.dumps(saved))
+    assert main(["compare", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "t.html")]) == 0
+    assert "a: warning: log p̂(x) by IWAE-20 with the encoder's q is below ELBO[q*]" in capsys.readouterr().out
+    assert "a: warning: log p̂(x) by IWAE-20 with the encoder&#39;s q" in (tmp_path / "t.html").read_text()
     assert main(["compare", str(tmp_path / "a"), str(tmp_path / "b"), "--split", "validation",
                  "--out", str(tmp_path / "v.html")]) == 0
     assert "where the nats go" not in capsys.readouterr().out and "Where the nats go" not in \

@@ -392,8 +392,8 @@ def _load_mnist(directory: Path, download: bool, log: Callable[[str], None]) -> 
         try:
             directory.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise DataError(f"cannot create the data directory {directory} ({exc.strerror}); "
-                            f"choose another with --data-dir or VAELAB_DATA") from exc
+            raise UsageError(f"cannot create the data directory {directory} ({exc.strerror}); "
+                             f"choose another with --data-dir or VAELAB_DATA") from exc
     fetchers = list(_local_sources(directory))
     if download:
         fetchers += [("download", lambda: _download_idx(directory, log)),

@@ -588,6 +588,7 @@ def _compare_gaps(runs: list[RunInfo], split: str = "test") -> list[dict]:
         values = per_digit(run.path, record)
         g = record["gaps"]
         entries.append({"name": run.name, "gaps": g, "record": record, "values": values,
+                        "with": f"{g['log_px_estimator']}, {g['digits']} digits", "warning": g.get("warning"),
                         "cells": {key: f"{_fmt(g[key]['mean'], 2)} ± {_fmt(g[key]['stderr'], 2)}"
                                   for key in ("log_px", "elbo_optimised", "elbo_encoder", "approximation_gap",
                                               "amortisation_gap")}})
@@ -631,9 +632,12 @@ def comparison_table(comparison: Comparison) -> str:
                      f"{p['digits']} digits (unpaired standard error {p['unpaired']})")
     if comparison.gaps:
         lines += ["", "where the nats go (evaluate --gaps):"] + table(
-            ["run", "log p̂(x)", "ELBO[q*]", "ELBO[q]", "approximation gap", "amortisation gap", "paired"],
-            [[g["name"], *(g["cells"][k] for k in ("log_px", "elbo_optimised", "elbo_encoder", "approximation_gap",
-                                                   "amortisation_gap")), g.get("paired", "—")] for g in comparison.gaps])
+            ["run", "log p̂(x) by", "log p̂(x)", "ELBO[q*]", "ELBO[q]", "approximation gap", "amortisation gap",
+             "paired"],
+            [[g["name"], g["with"], *(g["cells"][k] for k in ("log_px", "elbo_optimised", "elbo_encoder",
+                                                              "approximation_gap", "amortisation_gap")),
+              g.get("paired", "—")] for g in comparison.gaps])
+        lines += [f"{g['name']}: warning: {g['warning']}" for g in comparison.gaps if g["warning"]]
     lines += comparison.notes
     return "\n".join(lines)
 
