@@ -4,8 +4,10 @@ bad specs, and the report page."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -256,6 +258,9 @@ def test_two_sweeps_on_one_directory_share_the_study_and_never_a_run(tmp_path, d
     assert sorted(owners) == [0, 1, 2, 3, 4]                          # one trial per run directory
 
 
+DEPTH = 'trials = 2\n[fixed]\nvalidation = 100\nmodel = "hvae"\n'
+
+
 @pytest.mark.parametrize("text, words", [
     ('trials = 2\n[fixed]\nvalidation = 100\n[search]\nlrr = [1e-3]\n', ["unknown field 'lrr'", "lr"]),
     ('trials = 2\n[fixed]\nvalidation = 100\n[search]\nlr = { low = 1e-2, high = 1e-3 }\n',
@@ -265,6 +270,22 @@ def test_two_sweeps_on_one_directory_share_the_study_and_never_a_run(tmp_path, d
     ('trials = 2\n[fixed]\nepochs = 1\n', ["fixed.validation", "validation split"]),
     ('trials = 2\n[fixed]\nvalidation = 100\n[search]\nactivation = ["relu", "swish"]\n', ["search.activation", "swish"]),
     ('trials = [\n', ["not valid TOML"]),
+    # a searched name whose options set several fields together
+    (f'{DEPTH}[search.latent]\na = {{ latent = [4, 2] }}\n', ["search.latent", "a name that is not a field"]),
+    (f'{DEPTH}[search.depth]\na = {{ latent = [4, 2] }}\nb = {{ latent = [4, 2, 2], blocks = [[8], [8], [8]] }}\n',
+     ["search.depth.b", "sets blocks, latent where a sets latent", "the same fields"]),
+    (f'{DEPTH}[search.depth]\na = {{ latent = [4, 2], blockz = [[8], [8]] }}\n',
+     ["unknown field 'blockz' in search.depth"]),
+    (f'{DEPTH}blocks = [[8], [8]]\n[search.depth]\na = {{ latent = [4, 2], blocks = [[8], [8]] }}\n',
+     ["field 'blocks'", "is set twice"]),
+    (f'{DEPTH}[search]\nlatent = [[4, 2]]\n[search.depth]\na = {{ latent = [4, 2], blocks = [[8], [8]] }}\n',
+     ["field 'latent'", "is set twice"]),
+    (f'{DEPTH}[search.depth]\na = {{ latent = [4, 2], blocks = [[8], [8]] }}\n'
+     f'b = {{ latent = [4, 2, 2], blocks = [[8], [8]] }}\n', ["search.depth.b", "3 stochastic layers needs 3 blocks"]),
+    (f'{DEPTH}[search.depth]\na = {{ latent = [4, 2], blocks = [[8], [8]] }}\nb = {{}}\n',
+     ["search.depth.b", "an option sets one or more fields"]),
+    (f'enqueue = [{{ depth = "c" }}]\n{DEPTH}[search.depth]\na = {{ latent = [4, 2], blocks = [[8], [8]] }}\n',
+     ["enqueue[0].depth", "'c' is not one of its options: a"]),
 ])
 def test_bad_specs_are_one_line_errors_naming_the_field(text, words, tmp_path, capsys):
     from vaelab.cli import main
@@ -579,13 +600,13 @@ def test_a_field_the_model_would_not_read_is_not_sampled_and_its_bound_value_is_
     assert len(grid_points(spec)) == (1 + 2 + 1 + 2) * 3
 
 
-def tiny_sweep(tmp_path: Path, data_dir: Path, head: str, search: str) -> str:
-    """A sweep of a small seed model (32 hidden units, 4 latents) on 400 training digits, one epoch a trial, on the
-    validation ELBO without pruning, run to its end: what it printed."""
+def tiny_sweep(tmp_path: Path, data_dir: Path, head: str, search: str,
+               model: str = "hidden = [32]\nlatent = [4]\n") -> str:
+    """A sweep of a small seed model (by default 32 hidden units, 4 latents) on 400 training digits, one epoch a
+    trial, on the validation ELBO without pruning, run to its end: what it printed."""
     spec = tmp_path / "spec.toml"
     spec.write_text(f'preset = "seed"\nobjective = "validation-elbo"\npruner = "none"\n{head}[fixed]\nepochs = 1\n'
-                    f'train_examples = 400\nvalidation = 100\ntest_examples = 50\nhidden = [32]\nlatent = [4]\n'
-                    f'[search]\n{search}')
+                    f'train_examples = 400\nvalidation = 100\ntest_examples = 50\n{model}[search]\n{search}')
     process = sweep_cli(spec, tmp_path / "out", data_dir=data_dir)
     printed, err = process.communicate(timeout=300)
     assert process.returncode == 0, err
@@ -612,3 +633,43 @@ def test_importances_that_tell_no_trial_apart_are_a_note_not_equal_bars(tmp_path
     html = build_sweep_report(tmp_path / "out", trial_reports=False)
     assert "No parameter importances: they need two or more complete trials whose parameters differ" in html
     assert "importance (PED-ANOVA" not in html and "PED-ANOVA evaluator" not in html
+
+
+def test_a_searched_name_whose_options_set_several_fields_together(tmp_path, data_dir):
+    """The depth of a hierarchy is its latent sizes and blocks together (either alone makes a config `vaelab train`
+    refuses): `[search.depth]` with options `two = { latent, blocks, inference }` … is one categorical parameter.
+    Each trial trains its option's fields, an option can make a field another searched one reads (a mixture's K is
+    not sampled beside an option with the standard prior), the grid covers the options, enqueue names one, the
+    table says what each option sets, and the best command sets its fields."""
+    from vaelab.sweep import grid_points, load_spec, sample_params
+
+    options = ('[search.depth]\n'
+               'two = { latent = [4, 2], blocks = [[16], [16]], inference = "bottom-up", prior = "standard" }\n'
+               'three = { latent = [4, 2, 2], blocks = [[16], [16], [16]], inference = "top-down", prior = "mog" }\n')
+    path = tmp_path / "spec.toml"
+    path.write_text('preset = "seed"\ntrials = 2\nsampler = "grid"\nenqueue = [{ depth = "three" }]\n[fixed]\n'
+                    'epochs = 1\nvalidation = 100\nmodel = "hvae"\n[search]\nprior_components = [3, 5]\n' + options)
+    spec = load_spec(path)
+    chosen = {"depth": "two", "prior_components": 5}
+    values, idle = sample_params(spec, lambda param: chosen[param.name])
+    assert values == {"depth": "two"} and idle == ["prior_components"]
+    assert spec.trial_fields(values) == {"epochs": 1, "validation": 100, "model": "hvae", "latent": [4, 2],
+                                         "blocks": [[16], [16]], "inference": "bottom-up", "prior": "standard"}
+    chosen["depth"] = "three"
+    assert sample_params(spec, lambda param: chosen[param.name]) == ({"depth": "three", "prior_components": 5}, [])
+    points = [{"depth": '"two"'}, {"depth": '"three"', "prior_components": "3"},
+              {"depth": '"three"', "prior_components": "5"}]               # the mixture's K beside "three" only
+    canonical = functools.partial(json.dumps, sort_keys=True)
+    assert sorted(map(canonical, grid_points(spec))) == sorted(map(canonical, points))
+
+    (tmp_path / "run").mkdir()
+    printed = tiny_sweep(tmp_path / "run", data_dir, 'trials = 2\nsampler = "grid"\n', options,
+                         model='model = "hvae"\n')
+    trials = tmp_path / "run" / "out" / "trials"
+    configs = sorted(json.loads((trials / f"{slot:04d}" / ckpt.CONFIG).read_text())["model"]["latent"]
+                     for slot in range(2))
+    assert configs == [[4, 2], [4, 2, 2]] and "failed" not in printed
+    assert ("depth: two = --latent 4 2 --blocks 16 16 --inference bottom-up --prior standard; three = --latent 4 2 2 "
+            "--blocks 16 16 16 --inference top-down --prior mog") in printed
+    best = next(line for line in printed.splitlines() if line.startswith("  vaelab train"))
+    assert re.search(r"--model hvae --latent 4 2(?: 2)? --blocks 16 16", best) and "--depth" not in best

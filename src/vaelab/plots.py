@@ -461,8 +461,10 @@ def sweep_history_figure(numbers: Sequence[int], values: Sequence[float], states
     return fig
 
 
-def sweep_parameter_figure(name: str, values: Sequence, objective: Sequence[float], label: str, log: bool):
-    """One searched parameter against the objective of the complete trials (choices spread on their own axis)."""
+def sweep_parameter_figure(name: str, values: Sequence, objective: Sequence[float], label: str, log: bool,
+                           order: Sequence[str] | None = None):
+    """One searched parameter against the objective of the complete trials (choices spread on their own axis, in
+    ``order`` where given: the spec's, as the texts ``str(value)``)."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(3.6, 3.0))
     if values and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
@@ -476,7 +478,8 @@ def sweep_parameter_figure(name: str, values: Sequence, objective: Sequence[floa
             if len(set(values)) == 1:                           # the locator needs two whole numbers in view
                 ax.set_xticks([values[0]])
     else:
-        names = sorted({str(v) for v in values})
+        seen = {str(v) for v in values}
+        names = [n for n in order if n in seen] if order is not None else sorted(seen)
         ax.scatter([names.index(str(v)) for v in values], objective, color="C0")
         # choices written out (lists of widths) are long: slanted when together they would not fit side by side
         slanted = sum(len(n) for n in names) > 24

@@ -3,7 +3,9 @@
 The spec (TOML, read with the standard library) names a base preset, fixed fields, the search space, the
 objective and the number of trials. Every field is a flag of `vaelab train` with ``_`` for ``-`` (``lr``,
 ``hidden``, ``train_examples``, …): a search entry is a range ``{ low, high, log?, step? }`` (integers when both
-ends are) or a list of choices (numbers, names, or lists of widths such as ``[[64], [128]]``).
+ends are) or a list of choices (numbers, names, or lists of widths such as ``[[64], [128]]``); a table of named
+options under a name that is not a field (``[search.depth]`` with ``two = { latent = [8, 4], blocks = [[64], [64]] }``
+…) is one parameter whose options each set several fields together, those that only make sense together.
 
 How the study is kept (Optuna's RDB storage: ``DIR/study.db``, SQLite, or ``--storage URL``, e.g. PostgreSQL
 shared by several machines):
@@ -84,7 +86,8 @@ def require_optuna():
 
 @dataclasses.dataclass(frozen=True)
 class Param:
-    """One searched field: a range (float or int, maybe log or stepped) or categorical choices."""
+    """One searched parameter: a range (float or int, maybe log or stepped), categorical choices of one field, or
+    named options each setting several fields (``options``: label → {field: value}; its choices are the labels)."""
 
     name: str
     low: float | None = None
@@ -93,6 +96,15 @@ class Param:
     step: float | None = None
     choices: tuple | None = None          # JSON texts of the choices (Optuna's categories are scalars)
     integer: bool = False
+    options: dict[str, dict[str, Any]] | None = dataclasses.field(default=None, compare=False)
+
+    def fields(self, value: Any) -> dict[str, Any]:
+        """The train fields a value of this parameter sets: its option's, or the field itself."""
+        return dict(self.options[value]) if self.options is not None else {self.name: value}
+
+    def sets(self) -> set[str]:
+        """Every field some value of this parameter sets."""
+        return {f for option in self.options.values() for f in option} if self.options is not None else {self.name}
 
     def suggest(self, trial) -> Any:
         if self.choices is not None:
@@ -129,11 +141,21 @@ class Spec:
     def direction(self) -> str:
         return DIRECTIONS[self.objective]
 
+    @property
+    def base_fields(self) -> dict[str, Any]:
+        """The fixed fields with the first option of each searched name (its options set the same fields: together
+        with the fixed ones they may be what makes a whole config, the latent sizes of a model fixed to hvae)."""
+        fields = dict(self.fixed)
+        for param in self.search:
+            if param.options is not None:
+                fields.update(next(iter(param.options.values())))
+        return fields
+
     @functools.cached_property
     def base_model(self) -> dict[str, Any]:
-        """The model's fields of the preset with the fixed fields (``ModelConfig`` names, which are the flags' for
-        the fields a condition reads: prior, flow, flow_steps)."""
-        return dataclasses.asdict(_config_of(self.preset, self.fixed).model)
+        """The model's fields of the preset with ``base_fields`` (``ModelConfig`` names, which are the flags' for the
+        fields a condition reads: prior, flow, flow_steps); a field an option sets is always read from the option."""
+        return dataclasses.asdict(_config_of(self.preset, self.base_fields).model)
 
     def trial_fields(self, params: dict[str, Any]) -> dict[str, Any]:
         """The fields a trial trains with: the fixed ones, its searched values, and a bound field where its model
@@ -141,7 +163,10 @@ class Spec:
         fields give others)."""
         from vaelab.models import CONDITIONAL_FIELDS
 
-        fields = {**self.fixed, **params}
+        searched = {param.name: param for param in self.search}
+        fields = dict(self.fixed)
+        for name, chosen in params.items():
+            fields.update(searched[name].fields(chosen))
 
         def value(name: str) -> Any:
             return fields.get(name, self.base_model[name])
@@ -164,16 +189,18 @@ def sample_params(spec: Spec, choose) -> tuple[dict[str, Any], list[str]]:
     (an enqueued trial that leaves a field to the sampler): the preset's or fixed value stands in for it."""
     from vaelab.models import CONDITIONAL_FIELDS
 
-    searched = {param.name: param for param in spec.search}
+    setter = {field: param for param in spec.search for field in param.sets()}    # field → the parameter setting it
     values: dict[str, Any] = {}
     idle: list[str] = []
 
     def value(name: str) -> Any:
-        if name in searched and name not in values and name not in idle:
-            take(searched[name])
+        param = setter.get(name)
+        if param is not None and param.name not in values and param.name not in idle:
+            take(param)
         if name in idle and CONDITIONAL_FIELDS[name][1] is not None:
             return CONDITIONAL_FIELDS[name][1]
-        return spec.base_model[name] if values.get(name, _UNSET) is _UNSET else values[name]
+        chosen = {} if param is None or values.get(param.name, _UNSET) is _UNSET else param.fields(values[param.name])
+        return chosen.get(name, spec.base_model[name])
 
     def take(param: Param) -> None:
         condition = CONDITIONAL_FIELDS.get(param.name)
@@ -272,21 +299,31 @@ def load_spec(path: Path, trials: int | None = None) -> Spec:
     fixed, search = raw.get("fixed", {}), raw.get("search", {})
     if not isinstance(fixed, dict) or not isinstance(search, dict):
         raise _bad("[fixed] and [search]", "must be tables")
-    for name in (*fixed, *search):
-        if name not in fields:
-            raise _bad(f"unknown field {name!r}", f"the fields are the flags of `vaelab train` with _ for -: "
-                                                  f"{', '.join(sorted(fields))}")
-    both = set(fixed) & set(search)
-    if both:
-        raise _bad(f"field {sorted(both)[0]!r}", "is both fixed and searched; keep one")
     params = tuple(_param(name, value) for name, value in search.items())
+    for name, where in [(name, None) for name in fixed] + [(field, param.name if param.options else None)
+                                                           for param in params for field in sorted(param.sets())]:
+        if name not in fields:
+            raise _bad(f"unknown field {name!r}" + (f" in search.{where}" if where else ""),
+                       f"the fields are the flags of `vaelab train` with _ for -: {', '.join(sorted(fields))}")
+    for param in params:
+        if param.options is not None and param.name in fields:
+            raise _bad(f"search.{param.name}", "options that set several fields together need a name that is not a "
+                                               "field of `vaelab train`, e.g. [search.architecture]")
+    setters = [*fixed, *(field for param in params for field in param.sets())]
+    twice = sorted({name for name in setters if setters.count(name) > 1})
+    if twice:
+        raise _bad(f"field {twice[0]!r}", "is set twice (fixed, searched, or in the options of a searched name); "
+                                          "keep one")
     enqueue = raw.get("enqueue", [])
     if not isinstance(enqueue, list) or not all(isinstance(e, dict) for e in enqueue):
         raise _bad("enqueue", "must be a list of tables of searched fields, e.g. enqueue = [{ lr = 1e-3 }]")
     for index, entry in enumerate(enqueue):
-        for name in entry:
+        for name, value in entry.items():
             if name not in search:
                 raise _bad(f"enqueue[{index}].{name}", "is not a searched field; enqueued trials set searched fields")
+            options = next(param.options for param in params if param.name == name)
+            if options is not None and value not in options:
+                raise _bad(f"enqueue[{index}].{name}", f"{value!r} is not one of its options: {', '.join(options)}")
     spec = Spec(preset, count, objective, k, dict(fixed), params, tuple(enqueue), raw.get("sampler", "tpe"), seed,
                 raw.get("pruner", "median"), warmup, text)
     _check_values(spec)
@@ -294,6 +331,18 @@ def load_spec(path: Path, trials: int | None = None) -> Spec:
 
 
 def _param(name: str, value: Any) -> Param:
+    if isinstance(value, dict) and value and all(isinstance(option, dict) for option in value.values()):
+        # named options, each a table of fields set together: one categorical parameter over the names
+        empty = next((label for label, option in value.items() if not option), None)
+        if empty is not None:
+            raise _bad(f"search.{name}.{empty}", "an option sets one or more fields, e.g. { latent = [8, 4] }")
+        (first, fields), *others = value.items()
+        for label, option in others:             # the same fields in each: a field is never left to the preset
+            if set(option) != set(fields):
+                raise _bad(f"search.{name}.{label}", f"sets {', '.join(sorted(option))} where {first} sets "
+                                                     f"{', '.join(sorted(fields))}; give every option the same fields")
+        return Param(name, choices=tuple(json.dumps(label) for label in value),
+                     options={label: dict(option) for label, option in value.items()})
     if isinstance(value, list):
         if not value:
             raise _bad(f"search.{name}", "an empty list of choices; give at least one")
@@ -301,7 +350,8 @@ def _param(name: str, value: Any) -> Param:
     if isinstance(value, dict):
         unknown = set(value) - {"low", "high", "log", "step"}
         if unknown or "low" not in value or "high" not in value:
-            raise _bad(f"search.{name}", "a range is { low = …, high = …, log = true|false, step = … }")
+            raise _bad(f"search.{name}", "a range is { low = …, high = …, log = true|false, step = … } (options: a "
+                                         "table of named tables of fields, [search.NAME] with a = { … }, b = { … })")
         low, high = value["low"], value["high"]
         if any(isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) for v in (low, high)):
             raise _bad(f"search.{name}", f"low and high must be finite numbers, got {low!r} and {high!r}")
@@ -329,10 +379,11 @@ def _config_of(preset: str, fields: dict[str, Any]):
 
 def _check_values(spec: Spec) -> None:
     """Checked as `vaelab train` checks them: the fixed fields on the preset (a whole valid config, with a
-    validation split), every end or choice of the search as a flag of its own (searched fields may depend on
-    each other, model and latent sizes say: a sampled combination the train command refuses is a failed trial
-    that says why; a field its model would not read is not sampled, ``sample_params``), and every enqueued trial
-    as a whole config."""
+    validation split; with each option of a searched name, whose fields may be what completes it), every end or
+    choice of the search as a flag of its own (searched fields may depend on each other, model and latent sizes
+    say: a sampled combination the train command refuses is a failed trial that says why, unless the fields are
+    one name's options; a field its model would not read is not sampled, ``sample_params``), and every enqueued
+    trial as a whole config."""
     from vaelab.cli import RaisingParser, build_parser
     from vaelab.models import CONDITIONAL_FIELDS
 
@@ -344,15 +395,25 @@ def _check_values(spec: Spec) -> None:
         except UsageError as exc:
             raise _bad(where, str(exc).replace("argument --", "--")) from None
 
-    if config_of(spec.fixed, "fixed").data.validation == 0:
+    try:
+        parser.parse_args(["train", *flags_of(spec.fixed)])
+    except UsageError as exc:
+        raise _bad("fixed", str(exc).replace("argument --", "--")) from None
+    # whole configs: the fixed fields with each option of each searched name (the other names at their first)
+    base = spec.base_fields
+    for param in spec.search:
+        for label, option in (param.options or {}).items():
+            config_of({**base, **option}, f"search.{param.name}.{label}")
+    if config_of(base, "fixed").data.validation == 0:
         raise _bad("fixed.validation", f"the objective {spec.objective} is computed on a validation split: set "
                                        f"validation = N (held-out training digits) in [fixed]")
     for param in spec.search:
         for value in param.values_to_check():
             try:
-                parser.parse_args(["train", *flags_of({param.name: value})])
+                parser.parse_args(["train", *flags_of(param.fields(value))])
             except UsageError as exc:
-                raise _bad(f"search.{param.name}", str(exc).replace("argument --", "--")) from None
+                where = param.name if param.options is None else f"{param.name}.{value}"
+                raise _bad(f"search.{where}", str(exc).replace("argument --", "--")) from None
     # a searched field no trial would read (a flow's steps where every trial has no flow): over every combination of
     # the choices (a range by its two ends, which is where a condition such as "no steps" can change)
     ends = [param.values_to_check() for param in spec.search]
@@ -807,6 +868,12 @@ def _unused_params(spec: Spec, run_dir: Path) -> list[str]:
     return [p.name for p in spec.search if ".".join(_FLAGS.get(p.name, ("", p.name))) in unused]
 
 
+def options_legend(spec: Spec) -> list[tuple[str, list[tuple[str, str]]]]:
+    """What each option of a searched name sets, as `vaelab train` flags: [(name, [(option, flags), …]), …]."""
+    return [(param.name, [(label, " ".join(flags_of(fields))) for label, fields in param.options.items()])
+            for param in spec.search if param.options is not None]
+
+
 def summary_table(summary: dict) -> str:
     from vaelab.config import UNUSED
     from vaelab.runs import format_duration
@@ -826,6 +893,8 @@ def summary_table(summary: dict) -> str:
              str(r["epochs"]), format_duration(r["seconds"]), r["state"]] for r in rows]
     widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(header)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in [header, *body]]
+    lines += [f"{name}: " + "; ".join(f"{label} = {flags}" for label, flags in options)   # depth: two = --latent 8 4 …
+              for name, options in options_legend(spec)]
     lines += [f"trial {r['slot']:04d} failed: {r['error']}" for r in rows if r.get("error")]
     best = summary["best"]
     if best is not None:
@@ -892,11 +961,15 @@ def build_sweep_report(out: Path, trial_reports: bool = True, data_dir: str | No
     complete = [r for r in rows if r["state"] == "complete" and r["value"] is not None]
     reading = {p.name: [r for r in complete if p.name not in r["unused"]] for p in spec.search}   # trials that read p
     left = {name: len(complete) - len(kept) for name, kept in reading.items()}
+    def order(p: Param) -> list[str] | None:            # choices along the axis as the spec lists them
+        return [str(json.loads(c)) for c in p.choices] if p.choices else None
+
     parameters = [Figure(f"{p.name} against {label}" + (f" (left out: {left[p.name]} trial"
                                                          f"{' that does' if left[p.name] == 1 else 's that do'} not "
                                                          f"read it)" if left[p.name] else ""),
                          data_uri(plots.sweep_parameter_figure(p.name, [r["params"].get(p.name) for r in reading[p.name]],
-                                                               [r["value"] for r in reading[p.name]], label, p.log)))
+                                                               [r["value"] for r in reading[p.name]], label, p.log,
+                                                               order(p))))
                   for p in spec.search if reading[p.name]]
     importance, note = None, ""
     try:
@@ -925,6 +998,7 @@ def build_sweep_report(out: Path, trial_reports: bool = True, data_dir: str | No
     return _environment().get_template("sweep.html.j2").render(
         name=out.resolve().name, spec=spec, rows=rows, best=best, command=command, history=history,
         parameters=parameters, importance=importance, importance_note=note, minimize=minimize, counts=counts,
+        legend=options_legend(spec),
         finished=sum(states.count(s) for s in ("complete", "pruned")), storage=state["storage"], fmt=_fmt,
         short=lambda v: f"{v:.4g}" if isinstance(v, float) else v, unused=UNUSED,
         duration=format_duration, generated=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()))
