@@ -499,6 +499,14 @@ def test_api_refuses_bad_arguments_before_torch_does(evaluated):
     with pytest.raises(UsageError, match=r"needs binary digits \(pixels 0 or 1\).*binarise them first"):
         run.log_likelihood(x * 0.5, k=5)                     # grey values: a cross-entropy, not log p(x)
     assert run.encode(x * 0.5)[0].shape == (3, 4)           # the encoder takes probabilities
+    with pytest.raises(UsageError, match=r"found values from 0 to 255 \(bytes 0 … 255\? divide by 255\)$"):
+        run.encode((x * 255).to(torch.uint8))                # MNIST's raw bytes
+    holed = x.clone()
+    holed[0, :2] = float("nan")
+    with pytest.raises(UsageError, match=r"found values from 0 to 1 and 2 NaN$"):
+        run.encode(holed)                                    # the NaN counted, not read as -1 and 2
+    with pytest.raises(UsageError, match=r"found 784 NaN$"):
+        run.encode(torch.full((1, 784), float("nan")))
     with pytest.raises(UsageError, match="checkpoint='bset': choose one of 'last', 'best'"):
         vaelab.load_run(evaluated, checkpoint="bset")
     with pytest.raises(UsageError, match="has no model-best.safetensors"):

@@ -93,9 +93,15 @@ class Run:
         if len(x) == 0:
             raise UsageError("x holds no digits (shape (0, 784)); pass at least one")
         if not bool(((x >= 0) & (x <= 1)).all()):
-            raise UsageError("x must hold pixel values in [0, 1] (binary digits, or probabilities); found values "
-                             f"from {float(x.nan_to_num(nan=-1).min()):g} to {float(x.nan_to_num(nan=2).max()):g} "
-                             f"(or NaN)")
+            nan = x.isnan()
+            found = [f"{int(nan.sum())} NaN"] if bool(nan.any()) else []
+            if not bool(nan.all()):
+                low, high = float(x[~nan].min()), float(x[~nan].max())
+                found.insert(0, f"values from {low:g} to {high:g}" + (
+                    " (bytes 0 … 255? divide by 255)" if high > 1 and low >= 0 and bool((x[~nan] % 1 == 0).all())
+                    else ""))
+            raise UsageError("x must hold pixel values in [0, 1] (binary digits, or probabilities); found "
+                             + " and ".join(found))
         return x
 
     @torch.no_grad()
