@@ -83,6 +83,21 @@ def test_bf16_evaluation_is_refused_where_it_does_not_apply(trained, data_dir, t
     code, _, err = run(capsys, "evaluate", run_dir, "--k", "5", "--precision", "bf16-emulated", "--data-dir", data_dir)
     assert code == 2 and "covers the one-stochastic-layer mlp models" in err and len(err.strip().splitlines()) == 1
     assert not list(run_dir.glob("eval*"))
+    # an mlp outside the hand-derived forms is told what puts it there (it read "this run's model is mlp")
+    from vaelab.evaluation import check_precision
+    from vaelab.models import ModelConfig, build_model
+
+    for fields, has in [({"flow": "planar", "flow_steps": 3}, "mlp with a planar flow of 3 steps"),
+                        ({"prior": "mog", "prior_components": 2, "activation": "gated"},
+                         "mlp with the mog prior and gated layers")]:
+        with pytest.raises(UsageError, match=f"this run's model is {has}: use --precision fp32$"):
+            check_precision(build_model(ModelConfig(hidden=((8,),), latent=(2,), **fields)), "bf16")
+
+
+def test_gap_steps_without_gaps_is_refused_not_ignored(trained, data_dir, capsys):
+    code, _, err = run(capsys, "evaluate", trained, "--k", "5", "--gap-steps", "50", "--data-dir", data_dir)
+    assert code == 2 and err.strip() == ("vaelab evaluate: error: --gap-steps 50 sets the optimisation of --gaps: add "
+                                         "--gaps, or drop --gap-steps")
 
 
 def test_evaluate_laplace_table(trained, data_dir, capsys):

@@ -215,7 +215,7 @@ def build_parser(parser_class: type[argparse.ArgumentParser] = _Parser) -> argpa
     evaluate.add_argument("--laplace", action="store_true", help="add the Laplace estimates of log p(x)")
     evaluate.add_argument("--gaps", action="store_true", help="split log p(x) − ELBO into the approximation and "
                           "amortisation gaps (Cremer et al. 2018): q optimised for each digit alone")
-    evaluate.add_argument("--gap-steps", type=_positive_int, default=300, metavar="N",
+    evaluate.add_argument("--gap-steps", type=_positive_int, metavar="N",
                           help="the most optimisation steps per digit for --gaps (default 300; most digits stop "
                           "earlier, by the stopping rule)")
     evaluate.add_argument("--k-curve", action="store_true", help="IWAE-K for K = 1, 10, 100, 1000 and --k on nested "
@@ -873,6 +873,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from vaelab.runs import pictured_weights, read_run, weights_position
     from vaelab.training import plural, resolve_device
 
+    if args.gap_steps is not None and not args.gaps:
+        raise UsageError(f"--gap-steps {args.gap_steps} sets the optimisation of --gaps: add --gaps, or drop --gap-steps")
+    args.gap_steps = args.gap_steps or EvalConfig.gap_steps
     world = distributed.world_from_environment()
     distributed.init(world)
     try:

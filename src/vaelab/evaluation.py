@@ -348,9 +348,15 @@ def check_precision(model, precision: str, compiled: bool = False) -> None:
     if precision not in PRECISIONS:
         raise UsageError(f"unknown evaluation precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
     if precision != "fp32" and not hand_derived(model):
+        from vaelab.models.base import ACTIVATIONS
+
+        c = model.config
+        beyond = [what for what, outside in ((f"the {c.prior} prior", c.prior != "standard"),
+                                             (f"a {c.flow} flow of {c.flow_steps} steps", c.flow_steps > 0),
+                                             (f"{c.activation} layers", ACTIVATIONS[c.activation].gated)) if outside]
+        has = f"{c.name}" + (f" with {' and '.join(beyond)}" if beyond and c.name == "mlp" else "")
         raise UsageError(f"--precision {precision} covers the one-stochastic-layer mlp models with the standard prior, "
-                         f"no flow and an elementwise activation; this run's model is {model.config.name}: use "
-                         f"--precision fp32")
+                         f"no flow and an elementwise activation; this run's model is {has}: use --precision fp32")
 
 
 def curve_ks(k: int) -> tuple[int, ...]:
