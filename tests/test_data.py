@@ -149,16 +149,6 @@ def test_bad_cache_is_rebuilt_once_then_reported(tmp_path, official):
         D.load_mnist(tmp_path, download=False)
 
 
-def test_a_data_directory_that_cannot_be_made_is_a_usage_error(tmp_path, capsys):
-    from vaelab.cli import main
-
-    (tmp_path / "file").write_text("in the way")
-    code = main(["data", "--data-dir", str(tmp_path / "file" / "mnist")])   # a bad argument: exit 2
-    err = capsys.readouterr().err
-    assert code == 2 and len(err.strip().splitlines()) == 1
-    assert "cannot create the data directory" in err and "choose another with --data-dir" in err
-
-
 @pytest.mark.parametrize("parts", [1, 2, 3])
 def test_binarize_probabilities(parts):
     g = torch.Generator().manual_seed(0)

@@ -393,8 +393,9 @@ def test_unknown_user_in_vaelab_data_is_one_line(monkeypatch, capsys):
 def test_a_data_dir_that_is_a_file_is_one_line(tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    code, _, err = run(capsys, "data", "--data-dir", blocker)
-    assert code == 1 and str(blocker) in err and one_line_error(err)
+    code, _, err = run(capsys, "data", "--data-dir", blocker)         # a bad argument: exit 2 (it was 1 until 2026-12-04)
+    assert code == 2 and str(blocker) in err and one_line_error(err)
+    assert "cannot create the data directory" in err and "choose another with --data-dir" in err
 
 
 # ---- a full disk while a checkpoint is written -------------------------------------------------------
