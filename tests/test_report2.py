@@ -140,6 +140,18 @@ def test_the_training_figure_draws_every_epoch_and_zooms_where_the_first_dwarf_t
         assert all(float(label.replace("−", "-")) == int(float(label.replace("−", "-"))) for label in labels)
 
 
+def test_a_run_of_one_epoch_is_drawn_with_its_one_whole_epoch():
+    """One epoch: its ELBO parts are points (lines of one point draw nothing), and every panel's only tick is the
+    epoch 1 (the integer locator ticked 0.96, 0.99 … with no two whole numbers in view)."""
+    from vaelab import plots
+
+    fig = plots.training_figure(elbo_rows([-552.6]))
+    for ax in fig.axes[:3]:
+        ax.figure.canvas.draw()
+        assert [t.get_text() for t in ax.get_xticklabels() if t.get_text()] == ["1"]
+    assert all(line.get_marker() == "." for line in fig.axes[1].get_lines())
+
+
 def test_a_long_run_with_a_warm_up_gets_an_inset_after_its_first_twentieth(monkeypatch, tmp_path):
     """A KL warm-up spreads the first rise over about ten epochs, so two epochs do not dwarf the rest of a 320-epoch
     run, yet its last 300 epochs fill a tenth of the axis: the inset starts after the run's first 5 % (epoch 17),

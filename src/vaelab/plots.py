@@ -132,6 +132,10 @@ def _integer_epochs(ax) -> None:
     from matplotlib.ticker import MaxNLocator
 
     ax.xaxis.set_major_locator(MaxNLocator(nbins=4, integer=True))
+    low, high = ax.get_xlim()
+    whole = list(range(math.ceil(low), math.floor(high) + 1))
+    if len(whole) < 2:           # the locator needs two whole numbers in view, else it ticks 0.96, 0.99 … (one epoch)
+        ax.set_xticks(whole)
     ax.set_xlabel("epoch")
 
 
@@ -249,8 +253,9 @@ def training_figure(metrics: Sequence[dict], width: float | None = None):
     parts = []
     for split, line in (("train", "-"), ("test", "--")):
         parts.append(([-row[f"{split}_reconstruction"] for row in metrics],
-                      {"linestyle": line, "color": "C0", "label": f"−reconstruction, {split}"}))
-        parts.append(([row[f"{split}_kl"] for row in metrics], {"linestyle": line, "color": "C3", "label": f"KL, {split}"}))
+                      {"linestyle": line, "color": "C0", "marker": marker, "label": f"−reconstruction, {split}"}))
+        parts.append(([row[f"{split}_kl"] for row in metrics],
+                      {"linestyle": line, "color": "C3", "marker": marker, "label": f"KL, {split}"}))
     for values, style in parts:
         axes[1].plot(epochs, values, **style)
     axes[1].set_ylabel("nats per digit")
