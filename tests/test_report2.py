@@ -140,7 +140,7 @@ def test_the_training_figure_draws_every_epoch_and_zooms_where_the_first_dwarf_t
         assert all(float(label.replace("−", "-")) == int(float(label.replace("−", "-"))) for label in labels)
 
 
-def test_a_run_of_one_epoch_is_drawn_with_its_one_whole_epoch():
+def test_one_epoch_one_unit_one_value_are_ticked_at_their_whole_number():
     """One epoch: its ELBO parts are points (lines of one point draw nothing), and every panel's only tick is the
     epoch 1 (the integer locator ticked 0.96, 0.99 … with no two whole numbers in view)."""
     from vaelab import plots
@@ -150,6 +150,13 @@ def test_a_run_of_one_epoch_is_drawn_with_its_one_whole_epoch():
         ax.figure.canvas.draw()
         assert [t.get_text() for t in ax.get_xticklabels() if t.get_text()] == ["1"]
     assert all(line.get_marker() == "." for line in fig.axes[1].get_lines())
+    # the same for the other whole-number axes: a layer of one unit over training, a sweep of one step count
+    history = [{"epoch": 1, "layers": [{"kl": [0.5], "posterior_mean_variance": [0.2], "active_units": 1}]}]
+    heatmap = plots.latent_heatmap_figure(history).axes[0]
+    sweep = plots.sweep_parameter_figure("flow_steps", [3, 3], [-90.0, -91.0], "validation ELBO", False).axes[0]
+    for axis, tick in ((heatmap.yaxis, "0"), (heatmap.xaxis, "1"), (sweep.xaxis, "3")):
+        axis.figure.canvas.draw()
+        assert [t.get_text() for t in axis.get_ticklabels() if t.get_text()] == [tick]
 
 
 def test_a_long_run_with_a_warm_up_gets_an_inset_after_its_first_twentieth(monkeypatch, tmp_path):

@@ -127,15 +127,22 @@ def figure_png(fig, dpi: int = 100) -> bytes:
     return buffer.getvalue()
 
 
-def _integer_epochs(ax) -> None:
-    """Whole epochs on the x axis, at most five ticks: four-digit epochs stay apart in a panel 4.3 in wide."""
+def _whole_ticks(axis, nbins: int | str = "auto") -> None:
+    """Ticks at whole numbers only (epochs, units, steps) on ``axis`` (ax.xaxis or ax.yaxis), after the data are
+    drawn: the integer locator needs two whole numbers in view, else it ticks fractions (one epoch read 0.96, 0.99 …,
+    one unit −0.4 … 0.4), so with fewer the whole number in view is the tick."""
     from matplotlib.ticker import MaxNLocator
 
-    ax.xaxis.set_major_locator(MaxNLocator(nbins=4, integer=True))
-    low, high = ax.get_xlim()
+    axis.set_major_locator(MaxNLocator(nbins=nbins, integer=True))
+    low, high = sorted(axis.get_view_interval())
     whole = list(range(math.ceil(low), math.floor(high) + 1))
-    if len(whole) < 2:           # the locator needs two whole numbers in view, else it ticks 0.96, 0.99 … (one epoch)
-        ax.set_xticks(whole)
+    if len(whole) < 2:
+        axis.set_ticks(whole)
+
+
+def _integer_epochs(ax) -> None:
+    """Whole epochs on the x axis, at most five ticks: four-digit epochs stay apart in a panel 4.3 in wide."""
+    _whole_ticks(ax.xaxis, nbins=4)
     ax.set_xlabel("epoch")
 
 
@@ -166,9 +173,7 @@ def _with_inset(ax, epochs: Sequence[int], series: Sequence[tuple[Sequence[float
     inset.tick_params(labelsize=7)
     inset.grid(alpha=0.3)
     inset.set_title(f"epochs {epochs[skip]}–{epochs[-1]}", fontsize=7)
-    from matplotlib.ticker import MaxNLocator
-
-    inset.xaxis.set_major_locator(MaxNLocator(integer=True))
+    _whole_ticks(inset.xaxis)
     return inset
 
 
@@ -335,8 +340,6 @@ def kl_figure(layers: Sequence[dict], width: float | None = None):
     """Per stochastic layer, every unit visible on log axes: its mean KL (left; bars with SVG ids kl-unit-L-I) and
     the variance over digits of its posterior mean Cov_x E_q[u] (right) with the 0.01 line of the active-unit
     criterion; active units blue, inactive grey. Values below 1e-5 are drawn at 1e-5."""
-    from matplotlib.ticker import MaxNLocator
-
     plt = _pyplot()
     width = width or 11.0
     cols = _columns(width, 2)
@@ -372,11 +375,11 @@ def kl_figure(layers: Sequence[dict], width: float | None = None):
         var_ax.legend(fontsize=8, loc="lower left", bbox_to_anchor=(0.0, 1.0), frameon=False)
         var_ax.grid(alpha=0.3, axis="y")
         for ax in (kl_ax, var_ax) if layer.get("kl_per_dimension") is not None else (var_ax,):
-            # units are whole numbers (a layer of one unit read −0.4 … 0.4; the locator needs two integers in view)
+            # units are whole numbers: each of a small layer, else as the locator spaces them
             if len(units) <= 16:
                 ax.set_xticks(units)
             else:
-                ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+                _whole_ticks(ax.xaxis)
     fig.tight_layout()
     return fig
 
@@ -477,11 +480,7 @@ def sweep_parameter_figure(name: str, values: Sequence, objective: Sequence[floa
         if log:
             ax.set_xscale("log")
         elif all(isinstance(v, int) for v in values):         # whole numbers (steps, components): whole ticks
-            from matplotlib.ticker import MaxNLocator
-
-            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-            if len(set(values)) == 1:                           # the locator needs two whole numbers in view
-                ax.set_xticks([values[0]])
+            _whole_ticks(ax.xaxis)
     else:
         seen = {str(v) for v in values}
         names = [n for n in order if n in seen] if order is not None else sorted(seen)
@@ -585,6 +584,7 @@ def latent_heatmap_figure(history: Sequence[dict], width: float | None = None, o
         bar = fig.colorbar(image, ax=ax)
         bar.set_label("KL (nats)" if use_kl else "Cov_x E_q[u]")
         ax.set_ylabel(f"layer {index + 1}: unit")
+        _whole_ticks(ax.yaxis)
         _integer_epochs(ax)
         last = per_unit[-1]
         how = (f" (Cov_x E_q[u] from two draws per digit, {last['variance_digits']} digits)"
