@@ -241,6 +241,20 @@ lr = {{ low = 1e-6, high = 1e-2, log = true }}
     assert 2 <= len((slow / ckpt.METRICS).read_text().splitlines()) - 1 < 5 and (slow / ckpt.WEIGHTS).exists()
     row = next(line.split() for line in printed.splitlines() if line.split()[:1] == ["0002"])
     assert row[-1] == "pruned" and (float(row[2]) < -100 if objective == "validation-elbo" else row[2] == "—")
+    # the run directory says so too (`runs` read it as interrupted); trained on by hand, it is no longer pruned
+    from vaelab.runs import read_run
+
+    pruned = read_run(slow)
+    assert pruned.status == "pruned" and pruned.resumable
+    from vaelab.report import _summary
+
+    assert _summary(pruned, None, [])["status"].startswith(f"pruned by its sweep after epoch {pruned.epochs_done}: ")
+    assert json.loads((slow / ckpt.PRUNED).read_text())["epoch"] == pruned.epochs_done
+    assert read_run(tmp_path / "out" / "trials" / "0000").status == "finished"
+    from vaelab.cli import main
+
+    assert main(["train", "--out", str(slow), "--resume", "--data-dir", str(data_dir), "--no-progress"]) == 0
+    assert read_run(slow).status == "finished"
 
 
 def test_two_sweeps_on_one_directory_share_the_study_and_never_a_run(tmp_path, data_dir):

@@ -32,6 +32,7 @@ WEIGHTS = "model.safetensors"
 STATE = "training_state.safetensors"
 METRICS = "metrics.csv"
 LOCK = ".lock"
+PRUNED = "pruned.json"           # {"epoch", "trial", …}: a sweep's pruner stopped this run after that epoch
 
 
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, Any] | None = None) -> None:

@@ -369,6 +369,9 @@ def _summary(run: RunInfo, record: dict | None, layers: list[dict], active_note:
     if run.best_validation:                        # a validation split: the weights model-best.safetensors holds
         best_epoch, best = run.best_validation
         summary["best"] = {"epoch": best_epoch, "elbo": best, "command": f"vaelab evaluate {run.path} --checkpoint best"}
+    if run.status == "pruned":
+        summary["status"] = (f"pruned by its sweep after epoch {run.epochs_done}: the median pruner found its "
+                             f"validation ELBO worse than the median of the sweep's trials at that epoch")
     if run.status == "stopped early":
         patience, warmup = run.config.train.early_stopping, run.config.objective.warmup_epochs
         summary["status"] = (f"stopped early: no better validation ELBO in the {plural(patience, 'epoch')} "

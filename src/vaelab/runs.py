@@ -25,8 +25,9 @@ class RunInfo:
     path: Path
     config: RunConfig
     metrics: list[dict[str, float]]
-    status: str                    # finished | stopped early | interrupted | training now | not started |
-    #                                weights only (trained weights without the training state: not resumable)
+    status: str                    # finished | stopped early | pruned (by a sweep) | interrupted | training now |
+    #                                not started | weights only (trained weights without the training state: not
+    #                                resumable)
     epochs_done: int
     holder: int | None             # pid of the process training it now
     meta: dict[str, Any] = field(default_factory=dict)          # the training state's metadata
@@ -44,7 +45,7 @@ class RunInfo:
 
     @property
     def resumable(self) -> bool:
-        return self.status == "interrupted"
+        return self.status == "interrupted" or self.status == "pruned" and self.epochs_done < self.epochs_total
 
     @property
     def training_seconds(self) -> float | None:
@@ -288,6 +289,8 @@ def read_run(path: str | Path) -> RunInfo:
         status = "finished" if done >= config.train.epochs else "weights only"
     elif not meta:
         status = "not started"
+    elif not meta.get("step") and pruned_after(path) == done:       # trained on after it by hand: not pruned now
+        status = "pruned"
     elif done >= config.train.epochs and not meta.get("step"):
         status = "finished"
     elif not meta.get("step") and stops_early(config, done, int(meta.get("best_epoch", 0))):
@@ -296,6 +299,15 @@ def read_run(path: str | Path) -> RunInfo:
         status = "interrupted"
     notes: list[str] = []
     return RunInfo(path, config, metrics, status, done, holder, meta, read_evaluations(path, notes), notes)
+
+
+def pruned_after(path: Path) -> int | None:
+    """The epoch after which a sweep's pruner stopped the run in ``path`` (ckpt.PRUNED), or None."""
+    try:
+        epoch = json.loads((path / ckpt.PRUNED).read_text()).get("epoch")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return epoch if isinstance(epoch, int) else None
 
 
 def distinct_labels(paths: Sequence[str | Path]) -> list[str]:

@@ -655,6 +655,12 @@ def run_trial(trial, spec: Spec, out: Path, threads: int, log) -> tuple[float | 
     def report(model, row):
         trial.report(sign * row["validation_elbo"], row["epoch"])
         if trial.should_prune():
+            # said in the run directory too (its checkpoint of this epoch is written): `runs` and `report` call it
+            # pruned, not interrupted
+            from vaelab.atomic import write_text
+
+            write_text(run_dir / ckpt.PRUNED, json.dumps({"epoch": row["epoch"], "trial": trial.number, "slot": slot,
+                                                          "pruner": spec.pruner}))
             raise optuna.TrialPruned(f"pruned after epoch {row['epoch']} (validation ELBO {row['validation_elbo']:.2f})")
 
     parser = build_parser(RaisingParser)
