@@ -300,6 +300,8 @@ DEPTH = 'trials = 2\n[fixed]\nvalidation = 100\nmodel = "hvae"\n'
      ["search.depth.b", "an option sets one or more fields"]),
     (f'enqueue = [{{ depth = "c" }}]\n{DEPTH}[search.depth]\na = {{ latent = [4, 2], blocks = [[8], [8]] }}\n',
      ["enqueue[0].depth", "'c' is not one of its options: a"]),
+    (f'enqueue = [{{ depth = [4, 2] }}]\n{DEPTH}[search.depth]\na = {{ latent = [4, 2], blocks = [[8], [8]] }}\n',
+     ["enqueue[0].depth", "[4, 2] is not one of its options: a"]),
 ])
 def test_bad_specs_are_one_line_errors_naming_the_field(text, words, tmp_path, capsys):
     from vaelab.cli import main

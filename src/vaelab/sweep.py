@@ -322,7 +322,7 @@ def load_spec(path: Path, trials: int | None = None) -> Spec:
             if name not in search:
                 raise _bad(f"enqueue[{index}].{name}", "is not a searched field; enqueued trials set searched fields")
             options = next(param.options for param in params if param.name == name)
-            if options is not None and value not in options:
+            if options is not None and (not isinstance(value, str) or value not in options):
                 raise _bad(f"enqueue[{index}].{name}", f"{value!r} is not one of its options: {', '.join(options)}")
     spec = Spec(preset, count, objective, k, dict(fixed), params, tuple(enqueue), raw.get("sampler", "tpe"), seed,
                 raw.get("pruner", "median"), warmup, text)
@@ -967,6 +967,7 @@ def build_sweep_report(out: Path, trial_reports: bool = True, data_dir: str | No
     complete = [r for r in rows if r["state"] == "complete" and r["value"] is not None]
     reading = {p.name: [r for r in complete if p.name not in r["unused"]] for p in spec.search}   # trials that read p
     left = {name: len(complete) - len(kept) for name, kept in reading.items()}
+
     def order(p: Param) -> list[str] | None:            # choices along the axis as the spec lists them
         return [str(json.loads(c)) for c in p.choices] if p.choices else None
 
