@@ -349,6 +349,26 @@ def test_ctrl_c_during_an_evaluation_says_what_it_left(tmp_path, data_dir, capsy
     assert code == 130 and one_line(err) and "interrupted (Ctrl-C) before it finished" in err
     assert "the evaluation's record is written at its end: none was" in err and not list(run_dir.glob("eval*"))
 
+    # SIGTERM (a scheduler, `timeout`) and SIGHUP alike, where the default action killed it without a word; the
+    # handlers are the previous ones afterwards
+    import os
+    import signal
+    import time
+
+    before = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGHUP)}
+    for signum, status in ((signal.SIGTERM, 143), (signal.SIGHUP, 129)):
+        def stopped(*args, signum=signum, **kwargs):
+            os.kill(os.getpid(), signum)
+            time.sleep(5)                                       # the handler raises first
+            raise AssertionError("not stopped")
+
+        monkeypatch.setattr(evaluation, "evaluate_run", stopped)
+        code, _, err = run(capsys, "evaluate", run_dir, "--k", "5", "--test-examples", "20", "--data-dir", data_dir,
+                           "--no-progress")
+        assert code == status and one_line(err) and not list(run_dir.glob("eval*"))
+        assert f"stopped by {signal.Signals(signum).name} before it finished; vaelab replaces each file whole" in err
+        assert {s: signal.getsignal(s) for s in before} == before
+
     def second_signal(*args, **kwargs):
         raise training.StopNow(15)
 

@@ -2,7 +2,8 @@
 
 All argument parsing lives here. Every failure the user can fix is one line on stderr: bad arguments,
 bad run directories and sizes that cannot fit exit with status 2 (nothing written), a stop signal with
-128 + its number after a checkpoint (130 for Ctrl-C, 143 for SIGTERM, 129 for SIGHUP).
+128 + its number (130 for Ctrl-C, 143 for SIGTERM, 129 for SIGHUP): a training after a checkpoint, any other
+command with no file half-written.
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ import decimal
 import json
 import math
 import re
+import signal
 import sys
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -311,8 +314,45 @@ def build_parser(parser_class: type[argparse.ArgumentParser] = _Parser) -> argpa
     return parser
 
 
+class Stopped(KeyboardInterrupt):
+    """SIGTERM or SIGHUP outside a training's own handlers (evaluate, report, compare, …): the command ends as at
+    Ctrl-C, with its one line, where the default action killed it without a word."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.stop_signal = signum
+
+
+@contextlib.contextmanager
+def _stop_signals_raise():
+    """SIGTERM (schedulers, `timeout`) and SIGHUP (a closed terminal; not where it was ignored: `nohup`) raise
+    ``Stopped`` while the command runs; a training installs its own handlers inside (a checkpoint first), a sweep
+    too. The previous handlers afterwards. Only the main thread can set them."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        raise Stopped(signum)
+
+    previous = {signum: signal.signal(signum, stop) for signum in (signal.SIGTERM, signal.SIGHUP)
+                if signal.getsignal(signum) != signal.SIG_IGN}
+    try:
+        yield
+    finally:
+        for signum, before in previous.items():
+            signal.signal(signum, before)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # around the error handling too: a torchrun rank that lost a peer leaves its training with SIGTERM ignored, so
+    # that the agent's SIGTERM cannot kill it before its one line (training.stop_signals)
+    with _stop_signals_raise():
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         with warnings.catch_warnings():
             # a warning is one line on stderr, like an error (Python's default adds the file and the source line)
@@ -332,10 +372,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if hasattr(exc, "signum"):               # training.StopNow: a second signal while training
             _error(args.command, "stopped at once by a second signal; the last checkpoint stands")
             return 128 + exc.signum
-        _error(args.command, "interrupted (Ctrl-C) before it finished; vaelab replaces each file whole, so none is "
-                             "left half-written" + (" (the evaluation's record is written at its end: none was)"
-                                                    if args.command == "evaluate" else ""))
-        return 130
+        signum = getattr(exc, "stop_signal", signal.SIGINT)
+        how = "interrupted (Ctrl-C)" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
+        _error(args.command, f"{how} before it finished; vaelab replaces each file whole, so none is left "
+                             "half-written" + (" (the evaluation's record is written at its end: none was)"
+                                               if args.command == "evaluate" else ""))
+        return 128 + signum
     except MemoryError:
         _error(args.command, "out of memory; use smaller sizes (--k, --batch-size, --hidden) or free memory")
         return 1
