@@ -339,6 +339,7 @@ def test_ctrl_c_during_an_evaluation_says_what_it_left(tmp_path, data_dir, capsy
 
     run_dir = tmp_path / "run"
     assert main(["train", "--out", str(run_dir), "--epochs", "1", "--data-dir", str(data_dir), *SMALL]) == 0
+    assert repr(vaelab.load_run(run_dir)).endswith(": mlp, finished, 1 epoch)")      # (it said "1 epochs")
 
     def ctrl_c(*args, **kwargs):
         raise KeyboardInterrupt

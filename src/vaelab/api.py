@@ -49,7 +49,9 @@ class Run:
         self._weights: str | None = None
 
     def __repr__(self) -> str:
-        return f"Run({str(self.path)!r}: {self.config.model.name}, {self.status}, {self.epochs_done} epochs)"
+        from vaelab.training import plural
+
+        return f"Run({str(self.path)!r}: {self.config.model.name}, {self.status}, {plural(self.epochs_done, 'epoch')})"
 
     path = property(lambda self: self.info.path)
     config = property(lambda self: self.info.config)
