@@ -223,8 +223,11 @@ def test_nan_weights_are_refused_naming_the_tensor(copy, data_dir, capsys, comma
 
 
 def test_an_evaluation_of_one_digit_is_strict_json(copy, data_dir, capsys):
-    assert run(capsys, "evaluate", copy, "--k", "5", "--test-examples", "1", "--data-dir", data_dir,
-               "--no-progress")[0] == 0
+    code, out, _ = run(capsys, "evaluate", copy, "--k", "5", "--test-examples", "1", "--data-dir", data_dir,
+                       "--no-progress")
+    assert code == 0 and "(IWAE-5, 1 test digit, " in out                 # (it said "1 test digits")
+    code, out, _ = run(capsys, "runs", copy.parent)
+    assert code == 0 and "(K 5, 1 test digit, epoch " in out
     text = (copy / "eval-k5-n1-seed0.json").read_text()
     record = json.loads(text, parse_constant=lambda name: pytest.fail(f"non-standard JSON token {name}"))
     assert record["nll_stderr"] is None and record["n_examples"] == 1

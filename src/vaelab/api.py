@@ -49,7 +49,7 @@ class Run:
         self._weights: str | None = None
 
     def __repr__(self) -> str:
-        from vaelab.training import plural
+        from vaelab.tables import plural
 
         return f"Run({str(self.path)!r}: {self.config.model.name}, {self.status}, {plural(self.epochs_done, 'epoch')})"
 

@@ -706,7 +706,8 @@ def _train(args: argparse.Namespace, config, run_dir: Path, run, resumed: bool, 
            world=None, observers: Sequence = (), amendments: Sequence[str] = ()) -> int:
     from vaelab import checkpoint as ckpt
     from vaelab.distributed import SINGLE, on_main
-    from vaelab.training import Interrupted, Trainer, check_writable, plural
+    from vaelab.tables import plural
+    from vaelab.training import Interrupted, Trainer, check_writable
 
     world = world or SINGLE
     device, threads, data = run
@@ -913,7 +914,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from vaelab.records import evaluation_export, format_eval_table, load_the_same_weights, write_evaluation
     from vaelab.resources import check_bf16, default_threads, require_memory
     from vaelab.runs import pictured_weights, read_run, weights_position
-    from vaelab.training import plural, resolve_device
+    from vaelab.tables import plural
+    from vaelab.training import resolve_device
 
     if args.gap_steps is not None and not args.gaps:
         raise UsageError(f"--gap-steps {args.gap_steps} sets the optimisation of --gaps: add --gaps, or drop --gap-steps")

@@ -39,6 +39,7 @@ from vaelab.objectives import (Parts, elbo_objective, importance_sampled_log_mar
                                log_standard_normal)
 from vaelab.precision import BF16_PRODUCTS, PRECISIONS
 from vaelab.resources import gpu_memory
+from vaelab.tables import plural
 
 # Burda et al. (2016, §5.2): a latent unit u is active when Cov_x(E_{q(u|x)}[u]) exceeds this.
 ACTIVE_UNIT_THRESHOLD = 1e-2
@@ -352,7 +353,7 @@ def check_precision(model, precision: str, compiled: bool = False) -> None:
 
         c = model.config
         beyond = [what for what, outside in ((f"the {c.prior} prior", c.prior != "standard"),
-                                             (f"a {c.flow} flow of {c.flow_steps} steps", c.flow_steps > 0),
+                                             (f"a {c.flow} flow of {plural(c.flow_steps, 'step')}", c.flow_steps > 0),
                                              (f"{c.activation} layers", ACTIVATIONS[c.activation].gated)) if outside]
         has = f"{c.name}" + (f" with {' and '.join(beyond)}" if beyond and c.name == "mlp" else "")
         raise UsageError(f"--precision {precision} covers the one-stochastic-layer mlp models with the standard prior, "
@@ -558,8 +559,8 @@ def _gaps_summary(per_digit: dict, family: str, config: EvalConfig, n: int, mc: 
         # optimiser did not reach that family's best from where it started
         out["warning"] = (f"ELBO[q*] is below the model's own ELBO[q] by {-out['amortisation_gap']['mean']:.3g} nats: the "
                           f"diagonal Gaussian, started from q's layers along their means, did not reach a member as "
-                          f"good as this model's q in {config.gap_steps} steps (its layers depend on each other), so "
-                          f"these two gaps do not measure the encoder and the family here")
+                          f"good as this model's q in {plural(config.gap_steps, 'step')} (its layers depend on each "
+                          f"other), so these two gaps do not measure the encoder and the family here")
     if out["approximation_gap"]["mean"] < 0:
         # ELBO[q*] ≤ log p(x) for every q, so a log p̂(x) below it is an estimate that has not converged: the
         # encoder's q is a poor proposal (IWAE-K gains at most about log K over its ELBO when q misses the posterior)

@@ -18,8 +18,8 @@ from vaelab import checkpoint as ckpt
 from vaelab import distributed
 from vaelab.atomic import WriteError
 from vaelab.errors import CheckpointError
-from vaelab.runs import weights_label
-from vaelab.tables import render_table
+from vaelab.runs import digits_label, weights_label
+from vaelab.tables import plural, render_table
 
 
 def load_the_same_weights(run_dir: Path, device, weights: str, world, attempts: int = 3):
@@ -93,8 +93,7 @@ def write_evaluation(out: Path, record: dict, per_digit: dict, labels, run_dir: 
 def evaluation_export(record: dict, kind: str) -> str:
     """The estimators of an evaluation as a LaTeX (booktabs), Markdown or CSV table, with what it measured (which
     digits, K, and the weights with their epoch)."""
-    caption = (f"{record['n_examples']} {record.get('split', 'test')} digits, K = {record['k']}, "
-               f"{weights_label({**record, 'stale': False})}")
+    caption = f"{digits_label(record)}, K = {record['k']}, {weights_label({**record, 'stale': False})}"
     rows = [[e["name"], e["mean"], e["stderr"], e["kind"]] for e in record["estimates"]]
     return render_table(["estimator of log p(x)", "nats", "± s.e.", "kind"], rows, kind, caption)
 
@@ -112,7 +111,7 @@ def format_eval_table(result: dict) -> str:
     products = "" if result["precision"] == "fp32" else f" with {result['precision']} decoder products"
     products += ", log weights compiled" if result.get("compiled") else ""
     lines.append(f"NLL = {number(result['nll'])} ± {number(result['nll_stderr'])} nats (IWAE-{result['k']}{products}, "
-                 f"{result['n_examples']} {result.get('split', 'test')} digits, {result['seconds']:.1f} s)")
+                 f"{digits_label(result)}, {result['seconds']:.1f} s)")
     for layer in result["layers"]:
         lines.append(f"layer {layer['layer']}: {layer['active_units']} of {layer['latent']} units active "
                      f"(Cov_x E_q[u] > 0.01), KL {layer['kl']:.2f} nats")
@@ -124,7 +123,7 @@ def format_eval_table(result: dict) -> str:
         def pm(name):
             return f"{number(gaps[name]['mean'])} ± {number(gaps[name]['stderr'])}"
 
-        lines += [f"where the nats go ({gaps['digits']} digits; q* is {gaps['family']}):",
+        lines += [f"where the nats go ({plural(gaps['digits'], 'digit')}; q* is {gaps['family']}):",
                   f"  log p̂(x) ({gaps['log_px_estimator']}) {pm('log_px')}   ELBO[q*] {pm('elbo_optimised')}   "
                   f"ELBO[q] {pm('elbo_encoder')}" + (f"   ELBO[Laplace] {pm('elbo_laplace')}" if "elbo_laplace" in gaps
                                                      else ""),

@@ -21,9 +21,9 @@ from vaelab.errors import UsageError
 from vaelab.evaluation import SECOND_DRAW_DIGITS, draws_move_means, summarize
 from vaelab.laplace import STALLED_CAUSE
 from vaelab.presets import changed_fields, preset_label
-from vaelab.runs import (RunInfo, distinct_labels, estimator_label, format_duration, of_best_weights, per_digit,
-                         pictured_weights, read_run, weights_label)
-from vaelab.training import plural
+from vaelab.runs import (RunInfo, digits_label, distinct_labels, estimator_label, format_duration, of_best_weights,
+                         per_digit, pictured_weights, read_run, weights_label)
+from vaelab.tables import plural
 
 # Pairs of digit classes whose interpolations the report shows (through the latent means).
 INTERPOLATION_PAIRS = ((0, 1), (2, 7), (3, 8), (4, 9), (5, 6))
@@ -228,7 +228,7 @@ def _evaluation_section(run: RunInfo, model, images: torch.Tensor, figures: Figu
         return section
     iwae = values["iwae"]
     section["figures"].append(figures.make("log-px-histogram", "per-digit log p(x)", lambda w: plots.histogram_figure(
-        iwae, f"{estimator_label(record)} estimate of log p(x) (nats)", f"{n} {record.get('split', 'test')} digits",
+        iwae, f"{estimator_label(record)} estimate of log p(x) (nats)", digits_label(record),
         width=w)))
     order = np.argsort(iwae)
     worst, best = order[:10], order[-10:][::-1]
@@ -378,8 +378,8 @@ def _summary(run: RunInfo, record: dict | None, layers: list[dict], active_note:
                              f"after epoch {max(best_epoch, warmup)} (--early-stopping {patience})")
     if record is not None:
         summary.update(nll=record["nll"], nll_stderr=record.get("nll_stderr"), elbo=record.get("elbo"),
-                       elbo_stderr=record.get("elbo_stderr"), what=f"{estimator_label(record)}, {record['n_examples']} "
-                       f"{record.get('split', 'test')} digits, {weights_label(record)}",
+                       elbo_stderr=record.get("elbo_stderr"),
+                       what=f"{estimator_label(record)}, {digits_label(record)}, {weights_label(record)}",
                        gap=None if record.get("elbo") is None else -record["nll"] - record["elbo"])
     return summary
 
@@ -512,7 +512,7 @@ def compare_runs(paths: Sequence[str | Path], split: str = "test") -> Comparison
                                 "elbo": None if record is None else record.get("elbo"),
                                 "active": active or None,
                                 "estimator": None if record is None else
-                                f"{estimator_label(record)} on {record['n_examples']} {record.get('split', 'test')} digits"}})
+                                f"{estimator_label(record)} on {digits_label(record)}"}})
     paired, notes = [], []
     evaluate_split = "" if split == "test" else f" --split {split}"
     for run, record in zip(runs, records):
@@ -538,7 +538,7 @@ def compare_runs(paths: Sequence[str | Path], split: str = "test") -> Comparison
             settings = [text for differs, text in (
                 (record["k"] != base_record["k"], f"K {base_record['k']} vs {record['k']}"),
                 (record["n_examples"] != base_record["n_examples"],
-                 f"{base_record['n_examples']} vs {record['n_examples']} digits"),
+                 f"{base_record['n_examples']} vs {plural(record['n_examples'], 'digit')}"),
                 (record["precision"] != base_record["precision"],
                  f"{base_record['precision']} vs {record['precision']}"),
                 (record["n_examples"] == base_record["n_examples"] and None not in digits and digits[0] != digits[1],
@@ -591,7 +591,7 @@ def _compare_gaps(runs: list[RunInfo], split: str = "test") -> list[dict]:
         values = per_digit(run.path, record)
         g = record["gaps"]
         entries.append({"name": run.name, "gaps": g, "record": record, "values": values,
-                        "with": f"{g['log_px_estimator']}, {g['digits']} digits", "warning": g.get("warning"),
+                        "with": f"{g['log_px_estimator']}, {plural(g['digits'], 'digit')}", "warning": g.get("warning"),
                         "cells": {key: f"{_fmt(g[key]['mean'], 2)} ± {_fmt(g[key]['stderr'], 2)}"
                                   for key in ("log_px", "elbo_optimised", "elbo_encoder", "approximation_gap",
                                               "amortisation_gap")}})
@@ -632,7 +632,7 @@ def comparison_table(comparison: Comparison) -> str:
         lines += ["", "the configs do not differ (apart from threads and the data directory)"]
     for p in comparison.paired:
         lines.append(f"paired: NLL({p['name']}) − NLL({p['base']}) = {p['difference']} ± {p['stderr']} nats over "
-                     f"{p['digits']} digits (unpaired standard error {p['unpaired']})")
+                     f"{plural(p['digits'], 'digit')} (unpaired standard error {p['unpaired']})")
     if comparison.gaps:
         lines += ["", "where the nats go (evaluate --gaps):"] + table(
             ["run", "log p̂(x) by", "log p̂(x)", "ELBO[q*]", "ELBO[q]", "approximation gap", "amortisation gap",

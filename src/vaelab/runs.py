@@ -18,6 +18,7 @@ from vaelab.data import file_sha256
 from vaelab.errors import CheckpointError
 from vaelab.precision import PRECISIONS
 from vaelab.schedules import stops_early
+from vaelab.tables import plural
 
 
 @dataclass
@@ -185,7 +186,7 @@ def headline_nll(run: RunInfo) -> str:
     if best is not None:
         epochs = best.get("epochs_trained")
         of_best = best.get("best_epoch")                     # the best weights' own epoch, where recorded
-        where = ", ".join([f"K {best['k']}", f"{best['n_examples']} {best.get('split', 'test')} digits"]
+        where = ", ".join([f"K {best['k']}", digits_label(best)]
                           + ([f"best weights of epoch {of_best}"] if isinstance(of_best, int) else
                              ([f"epoch {epochs}{_steps_into(best)}"] if isinstance(epochs, int) else [])
                              + (["best weights"] if of_best_weights(best) else [])))
@@ -254,6 +255,11 @@ def read_evaluations(run_dir: Path, notes: list[str] | None = None) -> list[dict
             record["stale"] = digests[weights] != record["weights_sha256"]
         records.append(record)
     return records
+
+
+def digits_label(record: dict) -> str:
+    """Which digits an evaluation record measured, counted: '10000 test digits', '1 validation digit'."""
+    return plural(record["n_examples"], f"{record.get('split', 'test')} digit")
 
 
 def estimator_label(record: dict) -> str:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Callable
 
+from vaelab.tables import plural
+
 
 def constant_lr(epoch: int, base: float, epochs: int) -> float:
     """The same rate every epoch."""
@@ -97,7 +99,7 @@ def describe_schedule(config) -> tuple[list[str], list[str]]:
         lines.append(f"learning rate {lr:g} throughout")
     elif train.lr_schedule == "exponential":
         lines.append(f"learning rate {lr:g} falling exponentially to {rate(epochs - 1, lr, epochs):.3g} in epoch "
-                     f"{epochs}, over the {epochs} epochs of this run")
+                     f"{epochs}, over the {plural(epochs, 'epoch')} of this run")
         if shortened:
             warnings.append(f"preset {config.preset} spans its decay over {preset_epochs} epochs; with --epochs {epochs} "
                             f"the same tenfold decay is squeezed into {epochs}")

@@ -51,6 +51,7 @@ from pathlib import Path
 from typing import Any
 
 from vaelab.errors import UsageError
+from vaelab.tables import plural
 
 SPEC_KEYS = {"preset", "trials", "objective", "k", "fixed", "search", "enqueue", "sampler", "seed", "pruner",
              "pruner_warmup"}
@@ -781,7 +782,7 @@ def sweep(spec_path: Path, out: Path, workers: int, storage: str | None, trials:
     reconcile(study, spec, out, shared=state["storage"] != storage_url(out, None))
     threads = max(1, default_threads() // workers)
     (out / "workers").mkdir(exist_ok=True)
-    log(f"sweep {out}: {spec.trials} trials of preset {spec.preset}, objective {spec.objective}"
+    log(f"sweep {out}: {plural(spec.trials, 'trial')} of preset {spec.preset}, objective {spec.objective}"
         f"{f' (IWAE-{spec.k})' if spec.objective == 'validation-nll' else ''}, {workers} worker"
         f"{'s' * (workers > 1)} × {threads} thread{'s' * (threads > 1)}, study in {state['storage']}")
     context = multiprocessing.get_context("spawn")

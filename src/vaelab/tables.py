@@ -14,6 +14,11 @@ _LATEX = {"\\": r"\textbackslash{}", "_": r"\_", "%": r"\%", "&": r"\&", "#": r"
           "≤": r"$\leq$", "—": "--", "|": r"\textbar{}", "<": r"\textless{}", ">": r"\textgreater{}"}
 
 
+def plural(count: int, noun: str) -> str:
+    """'1 thread', '2 threads'; '1 test digit', '2 test digits'."""
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
 def latex_escape(text: str) -> str:
     return "".join(_LATEX.get(char, char) for char in text)
 

@@ -45,6 +45,7 @@ from vaelab.models import build_model
 from vaelab.optimizers import build_optimizer
 from vaelab.provenance import provenance
 from vaelab.schedules import LR_SCHEDULES, kl_weight, stops_early
+from vaelab.tables import plural
 
 # Columns of metrics.csv (nats per example; the validation columns only with --validation).
 METRIC_FIELDS = ("epoch", "lr", "beta", "train_objective", "train_elbo", "train_reconstruction", "train_kl",
@@ -520,8 +521,8 @@ class Trainer:
             parts.append(f"validation ELBO {row['validation_elbo']:9.3f}")
         parts.append(f"test ELBO {row['test_elbo']:9.3f}")
         measured = round(totals[6])                     # the epoch's steps, less those before clipping was taken up
-        clipped = (f"; gradient rescaled to norm {clip:g} in {row['clipped_steps']} of {measured} steps (mean norm "
-                   f"{row['gradient_norm_mean']:.3g})" if clip else "")
+        clipped = (f"; gradient rescaled to norm {clip:g} in {row['clipped_steps']} of {plural(measured, 'step')} "
+                   f"(mean norm {row['gradient_norm_mean']:.3g})" if clip else "")
         line = f"epoch {epoch:3d}/{cfg.epochs}  " + ", ".join(parts) + f" nats per example{clipped}; {seconds:.2f} s"
         self.log(line)
         self.append_log(line)
@@ -606,11 +607,6 @@ def objective_label(name: str, samples: int, beta: float) -> str:
     """What the trained objective is called in the log: 'β-ELBO (β = 0.30)', 'IWAE-50', 'β-IWAE-5 (β = 0.50)'."""
     base = {"elbo": "ELBO", "iwae": f"IWAE-{samples}"}.get(name, name)
     return base if beta == 1 else f"β-{base} (β = {beta:.2f})"
-
-
-def plural(count: int, noun: str) -> str:
-    """'1 thread', '2 threads'."""
-    return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
 def check_writable(run_dir: Path, need_bytes: int) -> None:
