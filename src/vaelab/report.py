@@ -501,9 +501,9 @@ def compare_runs(paths: Sequence[str | Path], split: str = "test") -> Comparison
         rows.append({"name": run.name, "preset": preset_label(run.config),
                      "epochs": f"{epochs}/{run.epochs_total}", "status": run.status,
                      "nll": "—" if record is None else f"{_fmt(record['nll'])} ± {_fmt(record.get('nll_stderr'))}",
-                     "k": "—" if record is None else f"{estimator_label(record)}, {record['n_examples']} "
-                                                     f"{'' if split == 'test' else split + ' '}digits, "
-                                                     f"{weights_label(record)}",
+                     "k": "—" if record is None else ", ".join([
+                         estimator_label(record), plural(record["n_examples"], "digit" if split == "test" else
+                                                         f"{split} digit"), weights_label(record)]),
                      "elbo": "—" if record is None else _fmt(record.get("elbo")),
                      "active": active or "—",
                      "time": format_duration(seconds),
@@ -523,7 +523,11 @@ def compare_runs(paths: Sequence[str | Path], split: str = "test") -> Comparison
                          f"weights, not the run's current ones: stale, not shown; evaluate it again "
                          f"(vaelab evaluate {run.path}{evaluate_split})")
     base, base_record = runs[0], records[0]
-    for run, record in zip(runs[1:], records[1:]):
+    unevaluated = all(record is None for record in records)
+    if unevaluated:                                       # one line, not one per run
+        notes.append(f"no paired differences: no run was evaluated on the {split} digits (vaelab evaluate "
+                     f"RUN{evaluate_split})")
+    for run, record in [] if unevaluated else zip(runs[1:], records[1:]):
         if base_record is None or record is None:
             notes.append(f"{run.name}: no paired difference, {'neither run was' if base_record is record else 'one run was not'} "
                          f"evaluated on the {split} digits (vaelab evaluate RUN{evaluate_split})")
@@ -552,7 +556,7 @@ def compare_runs(paths: Sequence[str | Path], split: str = "test") -> Comparison
         diff = (-b["iwae"]) - (-a["iwae"])                        # NLL of run − NLL of the first run, per digit
         _, stderr = summarize(torch.from_numpy(diff))
         paired.append({"name": run.name, "base": base.name, "difference": _fmt(float(diff.mean())),
-                       "stderr": _fmt(stderr), "digits": str(len(diff)),
+                       "stderr": _fmt(stderr), "digits": len(diff),
                        "values": (float(diff.mean()), stderr),
                        "unpaired": _fmt(math.hypot(base_record.get("nll_stderr") or 0, record.get("nll_stderr") or 0))})
     # the gap decompositions are of the runs' current weights: not beside a record of other weights
