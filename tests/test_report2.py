@@ -150,6 +150,8 @@ def test_one_epoch_one_unit_one_value_are_ticked_at_their_whole_number():
         ax.figure.canvas.draw()
         assert [t.get_text() for t in ax.get_xticklabels() if t.get_text()] == ["1"]
     assert all(line.get_marker() == "." for line in fig.axes[1].get_lines())
+    curves = plots.curves_figure([("a", elbo_rows([-552.6])), ("b", elbo_rows([-550.0 - e for e in range(3)]))])
+    assert all(line.get_marker() == "." for line in curves.axes[0].get_lines())        # compare's curves too
     # the same for the other whole-number axes: a layer of one unit over training, a sweep of one step count
     history = [{"epoch": 1, "layers": [{"kl": [0.5], "posterior_mean_variance": [0.2], "active_units": 1}]}]
     heatmap = plots.latent_heatmap_figure(history).axes[0]

@@ -417,9 +417,11 @@ def curves_figure(runs: Sequence[tuple[str, Sequence[dict]]], width: float | Non
     fig, ax = plt.subplots(figsize=(width, width * 0.5))
     for index, (name, metrics) in enumerate(runs):
         epochs = [row["epoch"] for row in metrics]
+        marker = "." if len(epochs) <= 60 else None          # as in training_figure: a run of one epoch is a point
         if all(row.get(key) is not None for row in metrics):
-            ax.plot(epochs, [row[key] for row in metrics], color=f"C{index}", label=f"{name}, {split}")
-        ax.plot(epochs, [row["train_elbo"] for row in metrics], ":", color=f"C{index}", label=f"{name}, train")
+            ax.plot(epochs, [row[key] for row in metrics], color=f"C{index}", marker=marker, label=f"{name}, {split}")
+        ax.plot(epochs, [row["train_elbo"] for row in metrics], ":", color=f"C{index}", marker=marker,
+                label=f"{name}, train")
     epochs = sorted({row["epoch"] for _, metrics in runs for row in metrics})
     solid = [(i, m) for i, (_, m) in enumerate(runs) if all(row.get(key) is not None for row in m)]
     zoomed = key if solid else "train_elbo"
