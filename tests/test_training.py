@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import subprocess
@@ -252,8 +253,16 @@ def test_failed_write_names_the_path_and_keeps_the_old_file(tmp_path, tiny_array
 def test_full_disk_is_reported_before_training(tmp_path, monkeypatch):
     monkeypatch.setattr(training.shutil, "disk_usage", lambda path: os.statvfs_result((0,) * 10) and
                         type("usage", (), {"free": 1024})())
-    with pytest.raises(ckpt.WriteError, match="MiB free"):
+    with pytest.raises(ckpt.WriteError, match="MiB free, a run needs about 10.0 MiB; free some space or choose "
+                                              "another --out$"):
         training.check_writable(tmp_path, need_bytes=10 << 20)
+    with pytest.raises(ckpt.WriteError, match="MiB; free some space$"):          # a resumed run stays where it is
+        training.check_writable(tmp_path, need_bytes=10 << 20, resuming=True)
+    # the probe itself fails on a full disk: free space, not "choose a writable --out" (a resume cannot move)
+    monkeypatch.setattr(training.Path, "write_bytes", lambda self, data: (_ for _ in ()).throw(
+        OSError(errno.ENOSPC, "No space left on device")))
+    with pytest.raises(ckpt.WriteError, match=r"No space left on device \(errno 28\); free some space$"):
+        training.check_writable(tmp_path, need_bytes=0, resuming=True)
 
 
 def small_fused_problem():

@@ -714,7 +714,8 @@ def _train(args: argparse.Namespace, config, run_dir: Path, run, resumed: bool, 
     config = dataclasses.replace(config, train=dataclasses.replace(config.train, threads=threads))
     log = _log if world.main else (lambda message: None)
     # a checkpoint is ≈3× the weights (weights, Adam's two moments) and the best weights, beside the previous
-    on_main(world, lambda: check_writable(run_dir, need_bytes=8 * 4 * config.model.parameter_count() + (16 << 20)))
+    on_main(world, lambda: check_writable(run_dir, need_bytes=8 * 4 * config.model.parameter_count() + (16 << 20),
+                                          resuming=resumed))
     observers = list(observers)
     if getattr(args, "tensorboard", False) and world.main:
         from vaelab.tensorboard import TensorBoardLog

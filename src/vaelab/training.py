@@ -20,6 +20,7 @@ stands). A kill -9 loses at most the epoch under way.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import math
 import random
@@ -609,19 +610,22 @@ def objective_label(name: str, samples: int, beta: float) -> str:
     return base if beta == 1 else f"β-{base} (β = {beta:.2f})"
 
 
-def check_writable(run_dir: Path, need_bytes: int) -> None:
-    """Prove ``run_dir`` (existing) writable and roomy before any training starts."""
+def check_writable(run_dir: Path, need_bytes: int, resuming: bool = False) -> None:
+    """Prove ``run_dir`` (existing) writable and roomy before any training starts. The fix named is to free space
+    (or, for a new run, to choose another --out; a resumed run stays where it is)."""
+    elsewhere = "" if resuming else " or choose another --out"
     try:
         probe = run_dir / ".write-test"
         probe.write_bytes(b"\0" * 4096)
         probe.unlink()
     except OSError as exc:
-        raise ckpt.WriteError(f"cannot write in {run_dir}: {exc.strerror} (errno {exc.errno}); "
-                              f"choose a writable --out") from exc
+        fix = f"free some space{elsewhere}" if exc.errno == errno.ENOSPC else (
+            "make it writable" if resuming else "choose a writable --out")
+        raise ckpt.WriteError(f"cannot write in {run_dir}: {exc.strerror} (errno {exc.errno}); {fix}") from exc
     free = shutil.disk_usage(run_dir).free
     if free < need_bytes:
         raise ckpt.WriteError(f"{run_dir} has {free / 2**20:.1f} MiB free, a run needs about "
-                              f"{need_bytes / 2**20:.1f} MiB; free some space or choose another --out")
+                              f"{need_bytes / 2**20:.1f} MiB; free some space{elsewhere}")
 
 
 def _json_number(value: float) -> float | None:
