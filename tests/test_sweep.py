@@ -250,6 +250,10 @@ lr = {{ low = 1e-6, high = 1e-2, log = true }}
 
     assert _summary(pruned, None, [])["status"].startswith(f"pruned by its sweep after epoch {pruned.epochs_done}: ")
     assert json.loads((slow / ckpt.PRUNED).read_text())["epoch"] == pruned.epochs_done
+    (slow / ckpt.PRUNED).unlink()             # as a sweep before 2026-12-04 left it: the same command again marks it
+    process = sweep_cli(spec, tmp_path / "out", data_dir=data_dir)
+    assert process.communicate(timeout=600)[0] and process.returncode == 0
+    assert read_run(slow).status == "pruned"
     assert read_run(tmp_path / "out" / "trials" / "0000").status == "finished"
     from vaelab.cli import main
 

@@ -631,6 +631,31 @@ def heartbeat(study, trial):
         thread.join()
 
 
+def _write_pruned(run_dir: Path, epoch: int, number: int, slot: int, pruner: str) -> None:
+    from vaelab import checkpoint as ckpt
+    from vaelab.atomic import write_text
+
+    write_text(run_dir / ckpt.PRUNED, json.dumps({"epoch": epoch, "trial": number, "slot": slot, "pruner": pruner}))
+
+
+def mark_pruned(study, spec: Spec, out: Path) -> None:
+    """The run directory of each pruned trial here says so (``ckpt.PRUNED``), also where a sweep before 2026-12-04
+    wrote none: after its last reported epoch, unless it has been trained on since."""
+    from optuna.trial import TrialState
+
+    from vaelab import checkpoint as ckpt
+    from vaelab.runs import read_run
+
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.PRUNED,)):
+        slot = trial.user_attrs.get("slot")
+        if slot is None or trial.user_attrs.get("surplus") or not trial.intermediate_values:
+            continue
+        run_dir, epoch = run_dir_of(out, slot), max(trial.intermediate_values)
+        if (run_dir / ckpt.STATE).exists() and not (run_dir / ckpt.PRUNED).exists() \
+                and read_run(run_dir).epochs_done == epoch:
+            _write_pruned(run_dir, epoch, trial.number, slot, spec.pruner)
+
+
 def run_trial(trial, spec: Spec, out: Path, threads: int, log) -> tuple[float | None, str]:
     """Train (or resume) the trial's slot and compute its objective: (value, state name)."""
     optuna = require_optuna()
@@ -658,10 +683,7 @@ def run_trial(trial, spec: Spec, out: Path, threads: int, log) -> tuple[float | 
         if trial.should_prune():
             # said in the run directory too (its checkpoint of this epoch is written): `runs` and `report` call it
             # pruned, not interrupted
-            from vaelab.atomic import write_text
-
-            write_text(run_dir / ckpt.PRUNED, json.dumps({"epoch": row["epoch"], "trial": trial.number, "slot": slot,
-                                                          "pruner": spec.pruner}))
+            _write_pruned(run_dir, row["epoch"], trial.number, slot, spec.pruner)
             raise optuna.TrialPruned(f"pruned after epoch {row['epoch']} (validation ELBO {row['validation_elbo']:.2f})")
 
     parser = build_parser(RaisingParser)
@@ -816,6 +838,7 @@ def sweep(spec_path: Path, out: Path, workers: int, storage: str | None, trials:
                     process.terminate()
             raise SweepStopped(f"stopped: the trials under way wrote their checkpoints; the same command again goes "
                                f"on with the study ({out})") from None
+    mark_pruned(study, spec, out)
     return summarize(study, spec, out)
 
 
@@ -943,6 +966,7 @@ def build_sweep_report(out: Path, trial_reports: bool = True, data_dir: str | No
     state = json.loads((out / STATE_FILE).read_text())
     spec = dataclasses.replace(load_spec(out / SPEC_FILE, state["trials"]))
     study = open_study(spec, state["storage"], state["study"])
+    mark_pruned(study, spec, out)
     summary = summarize(study, spec, out)
     rows, minimize = summary["rows"], spec.direction == "minimize"
     label = {"validation-nll": "validation NLL (nats)", "validation-elbo": "validation ELBO (nats)"}[spec.objective]
