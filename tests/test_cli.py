@@ -200,6 +200,23 @@ def test_run_directories_are_protected(trained, data_dir, tmp_path, capsys):
     code, _, err = run(capsys, "evaluate", tmp_path)
     assert code == 2 and "not a vaelab run" in err
     assert {p.name: p.read_bytes() for p in trained.iterdir()} == before
+    # a directory that is not a run is left as it was (a refused --out wrote its lock file there); a sweep's
+    # directory is named as one, with where its runs are
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("mine")
+    code, _, err = run(capsys, "train", "--out", folder, "--data-dir", data_dir, "--epochs", "1")
+    assert code == 2 and "is not an empty directory" in err and [p.name for p in folder.iterdir()] == ["notes.txt"]
+    sweep = tmp_path / "sweep"
+    (sweep / "trials").mkdir(parents=True)
+    (sweep / "sweep.json").write_text("{}")
+    (sweep / "sweep.toml").write_text("")
+    for command in (["evaluate", sweep], ["sample", sweep], ["compare", sweep, trained], ["train", "--out", sweep,
+                                                                                        "--resume"]):
+        code, _, err = run(capsys, *command)
+        assert code == 2 and f"{sweep} is a sweep's directory (vaelab sweep), not a run: its runs are its trials" \
+            in err, (command, err)
+    assert sorted(p.name for p in sweep.iterdir()) == ["sweep.json", "sweep.toml", "trials"]
 
 
 def edited(path, section, field, value):

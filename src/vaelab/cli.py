@@ -561,6 +561,9 @@ def _new_run(args: argparse.Namespace, world, config=None, claimed_dir: list | N
                 raise ckpt.WriteError(f"cannot create {run_dir}: {exc.strerror} (errno {exc.errno}); "
                                       f"choose a writable --out") from exc
         claimed["dir"] = run_dir
+        if run_dir.is_dir() and not ckpt.is_run(run_dir) and any(p.name != ckpt.LOCK for p in run_dir.iterdir()):
+            # before the lock, whose file would stay in a directory that is not a run (a sweep's, anyone's)
+            raise UsageError(f"{run_dir} exists and is not an empty directory; choose another --out")
         claimed["lock"] = ckpt.RunLock(run_dir).acquire()
         if ckpt.is_run(run_dir):
             raise UsageError(f"{run_dir} already holds a run; add --resume to continue it, or choose another --out")
@@ -614,8 +617,11 @@ def _resume(args: argparse.Namespace, world, observers: Sequence = ()) -> int:
     lock: list = []
 
     def claim() -> dict:
+        from vaelab.sweep import not_a_sweep
+
         if not run_dir.is_dir():
             raise UsageError(f"--resume: {run_dir} is not a vaelab run (no such directory); pass the run to continue")
+        not_a_sweep(run_dir)                        # before its lock: nothing written into the sweep
         lock.append(ckpt.RunLock(run_dir).acquire())
         state_path = run_dir / ckpt.STATE
         if not state_path.exists():

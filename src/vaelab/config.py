@@ -158,6 +158,9 @@ class RunConfig:
         try:
             raw = json.loads(path.read_text())
         except FileNotFoundError as exc:
+            from vaelab.sweep import not_a_sweep
+
+            not_a_sweep(path.parent)
             raise CheckpointError(f"{path.parent} is not a vaelab run (no config.json); "
                                   f"pass a directory written by `vaelab train`") from exc
         except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:

@@ -954,6 +954,14 @@ def is_sweep(path: Path) -> bool:
     return (Path(path) / STATE_FILE).exists() and (Path(path) / SPEC_FILE).exists()
 
 
+def not_a_sweep(path: Path) -> None:
+    """A UsageError where a command that takes a run was given a sweep's directory: its runs are its trials."""
+    if is_sweep(path):
+        raise UsageError(f"{path} is a sweep's directory (vaelab sweep), not a run: its runs are its trials, "
+                         f"{Path(path) / 'trials'}/NNNN (vaelab runs {path} lists them; vaelab report {path} makes "
+                         f"the sweep's page)")
+
+
 def build_sweep_report(out: Path, trial_reports: bool = True, data_dir: str | None = None) -> str:
     """One page: the results, the optimisation history, each parameter against the objective, Optuna's
     parameter importances, and every trial with a link to its own report (made here when missing)."""
