@@ -570,3 +570,14 @@ def test_the_latent_heatmap_says_how_each_layers_active_units_were_counted():
     old = [{"epoch": 1, "layers": [layer]}]
     assert "may count the draws' noise" in plots.latent_heatmap_figure(old, one_draw_overcounts=True).axes[0].get_title()
     assert plots.latent_heatmap_figure(old).axes[0].get_title() == "layer 1: 1 of 2 units active at epoch 1"
+
+
+def test_runs_are_listed_with_the_numbers_in_their_names_counted(tmp_path):
+    """t2 before t10 (it listed t1, t10, t2), deeper folders among them by the same rule."""
+    from vaelab.runs import find_runs
+
+    for name in ("t10", "t2", "t1", "a/t3", "sweep/trials/0010", "sweep/trials/0002"):
+        (tmp_path / name).mkdir(parents=True)
+        (tmp_path / name / "config.json").write_text("{}")
+    assert [str(p.relative_to(tmp_path)) for p in find_runs(tmp_path)] == [
+        "a/t3", "sweep/trials/0002", "sweep/trials/0010", "t1", "t2", "t10"]

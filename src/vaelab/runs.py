@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -336,8 +337,14 @@ def distinct_labels(paths: Sequence[str | Path]) -> list[str]:
 
 
 def find_runs(directory: str | Path) -> list[Path]:
-    """Run directories (holding config.json) at or below ``directory``, sorted by path."""
+    """Run directories (holding config.json) at or below ``directory``, sorted by path with the numbers in names
+    taken as numbers (t2 before t10, as a person counts)."""
     directory = Path(directory)
     if ckpt.is_run(directory):
         return [directory]
-    return sorted(p.parent for p in directory.rglob(ckpt.CONFIG))
+
+    def key(path: Path) -> list:
+        return [(0, int(part), "") if part.isdigit() else (1, 0, part)
+                for part in re.split(r"(\d+)", str(path.relative_to(directory))) if part]
+
+    return sorted((p.parent for p in directory.rglob(ckpt.CONFIG)), key=key)
