@@ -127,7 +127,7 @@ def figure_png(fig, dpi: int = 100) -> bytes:
     return buffer.getvalue()
 
 
-def _whole_ticks(axis, nbins: int | str = "auto") -> None:
+def _whole_ticks(axis, nbins: int | str = 10) -> None:
     """Ticks at whole numbers only (epochs, units, steps) on ``axis`` (ax.xaxis or ax.yaxis), after the data are
     drawn: the integer locator needs two whole numbers in view, else it ticks fractions (one epoch read 0.96, 0.99 …,
     one unit −0.4 … 0.4), so with fewer the whole number in view is the tick."""
