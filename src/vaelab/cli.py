@@ -561,14 +561,17 @@ def _new_run(args: argparse.Namespace, world, config=None, claimed_dir: list | N
                 raise ckpt.WriteError(f"cannot create {run_dir}: {exc.strerror} (errno {exc.errno}); "
                                       f"choose a writable --out") from exc
         claimed["dir"] = run_dir
-        if run_dir.is_dir() and not ckpt.is_run(run_dir) and any(p.name != ckpt.LOCK for p in run_dir.iterdir()):
-            # before the lock, whose file would stay in a directory that is not a run (a sweep's, anyone's)
-            raise UsageError(f"{run_dir} exists and is not an empty directory; choose another --out")
+
+        def refuse_if_not_empty() -> None:
+            if not run_dir.is_dir() or any(p.name != ckpt.LOCK for p in run_dir.iterdir()):
+                raise UsageError(f"{run_dir} exists and is not an empty directory; choose another --out")
+
+        if run_dir.is_dir() and not ckpt.is_run(run_dir):
+            refuse_if_not_empty()       # before the lock, whose file would stay in a directory that is not a run
         claimed["lock"] = ckpt.RunLock(run_dir).acquire()
         if ckpt.is_run(run_dir):
             raise UsageError(f"{run_dir} already holds a run; add --resume to continue it, or choose another --out")
-        if not run_dir.is_dir() or any(p.name != ckpt.LOCK for p in run_dir.iterdir()):
-            raise UsageError(f"{run_dir} exists and is not an empty directory; choose another --out")
+        refuse_if_not_empty()           # again under the lock: another process may have written there meanwhile
         return str(run_dir)
 
     try:
