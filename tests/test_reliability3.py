@@ -18,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -27,7 +28,7 @@ from vaelab import checkpoint as ckpt
 from vaelab import training
 from vaelab.cli import main
 from vaelab.engines import fused_step
-from vaelab.errors import TrainingDiverged, UsageError
+from vaelab.errors import ResourceError, TrainingDiverged, UsageError
 
 SMALL = ["--hidden", "32", "--latent", "4", "--test-examples", "50", "--train-examples", "600", "--no-progress"]
 
@@ -535,6 +536,31 @@ def test_api_refuses_bad_arguments_before_torch_does(evaluated):
     values = run.log_likelihood(x, k=5)
     assert isinstance(values, torch.Tensor) and values.shape == (3,) and bool(torch.isfinite(values).all())
     assert run.encode(x.reshape(3, 28, 28))[0].shape == (3, 4)
+
+
+def test_api_refuses_what_is_not_real_numbers_and_sizes_that_cannot_fit(evaluated, monkeypatch):
+    from vaelab import resources
+
+    run = vaelab.load_run(evaluated)
+    for bad, kind in ((None, "NoneType"), ([["a"] * 4], "list"), ({"z": 1}, "dict")):
+        with pytest.raises(UsageError, match=f"z must be latents as an array or tensor of numbers, got {kind}$"):
+            run.decode(bad)                                  # torch said "must be real number, not NoneType"
+    with pytest.raises(UsageError, match="z must be latents as real numbers, got Tensor of torch.complex64$"):
+        run.decode(torch.zeros(2, 4, dtype=torch.complex64))  # torch dropped the imaginary part with a warning
+    with pytest.raises(UsageError, match="x must be digits as real numbers, got ndarray of torch.complex128$"):
+        run.encode(np.zeros((2, 784), dtype=complex))
+    with pytest.raises(UsageError, match=r"z must be latents shaped \(B, 4\); got shape \(4,\)$"):
+        run.decode(torch.zeros(4))
+    with pytest.raises(UsageError, match="z must be finite; it holds 2 infinite or NaN values$"):
+        run.decode(torch.tensor([[0.0, float("inf"), float("nan"), 0.0]]))
+    assert run.decode(np.zeros((2, 4), dtype=np.int64)).shape == (2, 784)      # whole numbers are real numbers
+    monkeypatch.setattr(resources, "available_memory", lambda: (1 << 30, "MemAvailable"))
+    with pytest.raises(ResourceError, match=r"sample\(n=1000000\) needs about .* GiB of memory, but only 1.0 GiB is "
+                                            r"available \(MemAvailable\); use a smaller n"):
+        run.sample(10**6)                                    # was killed by the kernel's OOM killer at 10⁹
+    with pytest.raises(ResourceError, match="decode of 1000000 latents needs about"):
+        run.decode(torch.zeros(1, 4).expand(10**6, 4))       # 16 MB of latents, 3 GB of pixels
+    assert run.sample(3).shape == run.decode(torch.zeros(3, 4)).shape == (3, 784)
 
 
 def test_rerunning_the_api_example_says_what_to_do_in_python(tmp_path, data_dir, monkeypatch):

@@ -81,10 +81,7 @@ class Run:
     @staticmethod
     def _pixels(x: Any) -> torch.Tensor:
         """Digits as (B, 784) float32: from (B, 784), (B, 28, 28), one (784,) or (28, 28) digit; values in [0, 1]."""
-        try:
-            x = torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x, dtype=torch.float32)
-        except (TypeError, ValueError, RuntimeError) as exc:
-            raise UsageError(f"x must be digits as an array or tensor of numbers, got {type(x).__name__}") from exc
+        x = _real_tensor(x, "x", "digits")
         shape = tuple(x.shape)
         if shape in ((784,), (28, 28)):
             x = x.reshape(1, 784)
@@ -106,28 +103,41 @@ class Run:
                              + " and ".join(found))
         return x
 
+    def _require_rows(self, rows: int, what: str, fix: str) -> None:
+        """Refuse, before allocating, a batch of ``rows`` digits or draws whose working memory cannot fit."""
+        from vaelab.evaluation import row_bytes
+        from vaelab.resources import require_memory
+
+        require_memory(rows * row_bytes(self.config.model) + (64 << 20), what, fix,
+                       next(self.model.parameters()).device)
+
     @torch.no_grad()
     def encode(self, x: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """(μ, log σ²) of q(z₁|x), each (B, d₁), for digits x (B, 784) or (B, 28, 28)."""
-        return self.model.encode(self._pixels(x))
+        x = self._pixels(x)
+        self._require_rows(len(x), f"encode of {len(x)} digits", "pass fewer digits at a time")
+        return self.model.encode(x)
 
     @torch.no_grad()
     def decode(self, z: Any) -> torch.Tensor:
         """Decoder means sigmoid(logits) of p(x|z) for the latents of every layer, bottom first (B, D), or of the
         first layer alone (B, d₁) where p(x|·) depends on z₁ alone (every model but the two-layer tomczak): (B, 784)."""
-        z = torch.as_tensor(z, dtype=torch.float32)
+        z = _real_tensor(z, "z", "latents")
         sizes = self.config.model.latent
         alone = hasattr(self.model, "decode")
-        if z.ndim != 2 or z.shape[1] not in (sum(sizes), *((sizes[0],) if alone else ())) \
-                or not bool(torch.isfinite(z).all()):
+        if z.ndim != 2 or z.shape[1] not in (sum(sizes), *((sizes[0],) if alone else ())):
             shapes = f"(B, {sum(sizes)})" + (f" or (B, {sizes[0]})" if alone and len(sizes) > 1 else "")
-            raise UsageError(f"z must be finite latents shaped {shapes}; got shape {tuple(z.shape)}")
+            raise UsageError(f"z must be latents shaped {shapes}; got shape {tuple(z.shape)}")
+        if not bool(torch.isfinite(z).all()):
+            raise UsageError(f"z must be finite; it holds {int((~torch.isfinite(z)).sum())} infinite or NaN values")
+        self._require_rows(len(z), f"decode of {len(z)} latents", "pass fewer latents at a time")
         return torch.sigmoid(self.model.decode_latents(z) if z.shape[1] == sum(sizes) else self.model.decode(z))
 
     def sample(self, n: int = 64, seed: int = 0) -> torch.Tensor:
         """Decoder means of n draws from p(z): (n, 784)."""
         _check_count("n", n, 1)
         _check_count("seed", seed, 0)
+        self._require_rows(n, f"sample(n={n})", "use a smaller n, or draw in parts with different seeds")
         return self.model.sample(n, torch.Generator().manual_seed(seed))
 
     def log_likelihood(self, x: Any, k: int = 5000, seed: int = 0) -> torch.Tensor:
@@ -148,6 +158,18 @@ class Run:
         require_memory(config.memory_bytes(self.config.model, device), f"log_likelihood(k={k})", "use a smaller k",
                        device)
         return iwae_log_likelihood(self.model, pixels, config)
+
+
+def _real_tensor(value: Any, name: str, what: str) -> torch.Tensor:
+    """``value`` (an array, tensor or nested lists of real numbers) as a float32 tensor; anything else is refused."""
+    try:
+        array = value if isinstance(value, torch.Tensor) else torch.as_tensor(np.asarray(value))
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise UsageError(f"{name} must be {what} as an array or tensor of numbers, got {type(value).__name__}") from exc
+    if array.is_complex() or not (array.is_floating_point() or array.dtype in (torch.bool, torch.uint8, torch.int8,
+                                                                                torch.int16, torch.int32, torch.int64)):
+        raise UsageError(f"{name} must be {what} as real numbers, got {type(value).__name__} of {array.dtype}")
+    return array.to(torch.float32)
 
 
 def _check_count(name: str, value: Any, low: int) -> None:

@@ -127,7 +127,7 @@ class EvalConfig:
         """Peak working memory of the evaluation on ``device``, a generous estimate (float32 unless said otherwise)."""
         b, d = self.examples_per_batch, model_config.total_latent
         per_batch = 4 * self.k * (d + 3 * b)                                   # ε (K, D), K × B weights ×3
-        chunk = self.chunk(device, model_config) * b * _row_bytes(model_config)  # a decoded chunk
+        chunk = self.chunk(device, model_config) * b * row_bytes(model_config)  # a decoded chunk
         laplace = 8 * b * (d * d * 6 + 784 * d * 2) if self.laplace else 0     # float64 Hessians, Jacobians
         return per_batch + chunk + laplace + (64 << 20)
 
@@ -142,11 +142,11 @@ class EvalConfig:
         if device.type != "cuda":
             return CPU_CHUNK
         free, _ = gpu_memory(device)
-        rows = min(GPU_ROWS, free // 4 // _row_bytes(model_config))
+        rows = min(GPU_ROWS, free // 4 // row_bytes(model_config))
         return max(1, min(self.k, rows // self.examples_per_batch))
 
 
-def _row_bytes(model_config) -> int:
+def row_bytes(model_config) -> int:
     """Working memory per decoded row (one draw of one digit): logits and their passes, hidden units, latents, and a
     mixture prior's component densities (float64)."""
     d, widest = model_config.total_latent, model_config.widest()
