@@ -163,6 +163,33 @@ def test_sample_without_out_keeps_the_runs_samples_png(copy, capsys):
     assert code == 2 and "--overwrite" in err
 
 
+@pytest.mark.parametrize("damage", ["missing", "damaged"])
+def test_lost_weights_and_metrics_are_named_by_runs_and_a_resume_writes_them_again(trained, tmp_path, data_dir,
+                                                                                     capsys, damage):
+    copy = tmp_path / "runs" / "copy"
+    shutil.copytree(trained, copy)
+    weights, metrics = copy / ckpt.WEIGHTS, copy / ckpt.METRICS
+    intact, table = weights.read_bytes(), metrics.read_text()
+    if damage == "missing":
+        weights.unlink()
+    else:
+        weights.write_bytes(intact[:-100])            # its tensors' tail lost: the header alone still reads
+    code, out, err = run(capsys, "runs", tmp_path / "runs")
+    fix = f"`vaelab train --out {copy} --resume` writes it again from the training state"
+    assert code == 0 and f"finished, model.safetensors {damage}" in out   # was "finished"
+    assert f"note: {copy}: model.safetensors {damage}; {fix} (training_state.safetensors, after epoch 2)" in err
+    code, _, err = run(capsys, "evaluate", copy, "--k", "2", "--test-examples", "4", "--data-dir", data_dir)
+    assert code == 2 and one_line_error(err) and fix in err and "retrain" not in err
+    metrics.write_text(table + "3,0.001\n")               # a line that lost its tail
+    code, out, err = run(capsys, "runs", tmp_path / "runs")
+    assert code == 0 and "unreadable (the note above)" in out
+    assert f"{metrics}, line 4, is malformed (2 values where the header names " in err and fix in err
+    code, _, _ = run(capsys, "train", "--out", copy, "--resume", "--data-dir", data_dir)
+    assert code == 0 and weights.read_bytes() == intact and metrics.read_text() == table     # the same bytes
+    code, out, err = run(capsys, "runs", tmp_path / "runs")
+    assert code == 0 and "finished " in out and "model.safetensors" not in out + err
+
+
 # ---- 4. SIGTERM and SIGHUP stop like Ctrl-C (tests/test_training.py checks the exact resume) --------
 # (parametrised there over SIGINT, SIGTERM and SIGHUP)
 

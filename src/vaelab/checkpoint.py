@@ -48,12 +48,12 @@ def load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     return tensors, metadata
 
 
-def read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], str]:
+def read_tensors(path: Path, fix: str | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any], str]:
     """``load_tensors`` and the SHA-256 of the file, all from one read of its bytes: where a training replaces the
     file meanwhile (an atomic rename: the read goes on in the old one), the tensors, metadata and digest are still
-    those of one version of it."""
+    those of one version of it. ``fix``: what the error of a missing or damaged file advises instead of retraining."""
     if not path.exists():
-        raise CheckpointError(f"{path} is missing; the run is incomplete: retrain, or pass another run")
+        raise CheckpointError(f"{path} is missing; " + (fix or "the run is incomplete: retrain, or pass another run"))
     try:
         data = path.read_bytes()
         tensors = load_bytes(data)
@@ -61,8 +61,8 @@ def read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], s
         header = json.loads(data[8:8 + header_len])
         metadata = json.loads(header.get("__metadata__", {}).get("json", "{}"))
     except (SafetensorError, OSError, ValueError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{path} is truncated or corrupted ({exc}); it cannot be loaded: "
-                              f"resume from an intact run or retrain") from exc
+        raise CheckpointError(f"{path} is truncated or corrupted ({exc}); "
+                              + (fix or "it cannot be loaded: resume from an intact run or retrain")) from exc
     return tensors, metadata, hashlib.sha256(data).hexdigest()
 
 
@@ -74,11 +74,39 @@ def read_metadata(path: Path) -> dict[str, Any]:
             if not 0 < header_len < 1 << 26:
                 raise ValueError(f"header length {header_len}")
             header = json.loads(handle.read(header_len))
+            # the tensors' bytes end where the header's last data_offsets say: a shorter file lost its tail
+            end = 8 + header_len + max((entry["data_offsets"][1] for name, entry in header.items()
+                                        if name != "__metadata__"), default=0)
+            size = os.fstat(handle.fileno()).st_size
+            if size != end:
+                raise ValueError(f"{size} bytes where its header describes {end}")
         return json.loads(header.get("__metadata__", {}).get("json", "{}"))
     except FileNotFoundError as exc:
         raise CheckpointError(f"{path} is missing; the run is incomplete: retrain, or pass another run") from exc
-    except (OSError, ValueError, UnicodeDecodeError, AttributeError) as exc:
+    except (OSError, ValueError, UnicodeDecodeError, AttributeError, KeyError, IndexError, TypeError) as exc:
         raise CheckpointError(f"{path} is truncated or corrupted ({exc}); it cannot be read") from exc
+
+
+def rewrite_fix(run_dir: Path) -> str | None:
+    """How to get a run's model.safetensors or metrics.csv back when it is missing or damaged: its training state
+    holds the same weights and metrics, and a resume writes both again (training on first where the run is
+    unfinished); None without an intact training state."""
+    try:
+        meta = read_metadata(run_dir / STATE)
+    except CheckpointError:
+        return None
+    where = f"after epoch {meta.get('epoch')}" + (f", step {meta['step']}" if meta.get("step") else "")
+    return (f"`vaelab train --out {run_dir} --resume` writes it again from the training state ({STATE}, {where}), "
+            f"training on first if the run is unfinished")
+
+
+def weights_problem(run_dir: Path) -> str | None:
+    """'model.safetensors missing' or '… damaged' where a run's weights file cannot be read, else None."""
+    try:
+        read_metadata(run_dir / WEIGHTS)
+    except CheckpointError:
+        return f"{WEIGHTS} " + ("damaged" if (run_dir / WEIGHTS).exists() else "missing")
+    return None
 
 
 def save_weights(path: Path, model: torch.nn.Module, epoch: int | None = None, step: int = 0) -> None:
@@ -127,7 +155,7 @@ def load_model_weights(run_dir: str | Path, device: torch.device | str = "cpu",
     run_dir = require_run_dir(run_dir)
     config = RunConfig.load(run_dir / CONFIG)
     model = build_model(config.model).to(torch.float32)
-    tensors, meta, digest = read_tensors(run_dir / weights)
+    tensors, meta, digest = read_tensors(run_dir / weights, rewrite_fix(run_dir) if weights == WEIGHTS else None)
     tensors = current_names(tensors, model)
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     found = {name: tuple(t.shape) for name, t in tensors.items()}

@@ -1235,6 +1235,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_runs(args: argparse.Namespace) -> int:
+    from vaelab import checkpoint as ckpt
     from vaelab.errors import CheckpointError
     from vaelab.presets import preset_label
     from vaelab.runs import find_runs, headline_nll, read_run
@@ -1246,16 +1247,21 @@ def cmd_runs(args: argparse.Namespace) -> int:
         try:
             run = read_run(path)
         except CheckpointError as exc:
-            rows.append([str(path), "?", "?", f"unreadable: {str(exc)[:60]}", "—", "—", "—"])
+            _note(str(exc))
+            rows.append([str(path), "?", "?", "unreadable (the note above)", "—", "—", "—"])
             continue
         for note in run.notes:
             _note(note)
+        problem = ckpt.weights_problem(path) if run.epochs_done and not run.holder else None
+        if problem:
+            _note(f"{path}: {problem}; " + (ckpt.rewrite_fix(path) or "retrain it"))
         nll = headline_nll(run)
         state_file = path / "training_state.safetensors"
         date = (run.meta.get("provenance") or {}).get("date") or (
             time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime(state_file.stat().st_mtime))
             if state_file.exists() else "—")
-        status = run.status + (f" (pid {run.holder})" if run.holder and run.holder > 0 else "")
+        status = run.status + (f" (pid {run.holder})" if run.holder and run.holder > 0 else "") \
+            + (f", {problem}" if problem else "")
         best = run.best_validation
         rows.append([str(path), preset_label(run.config), f"{run.epochs_done}/{run.epochs_total}", status,
                      f"{best[1]:.2f} (epoch {best[0]})" if best else "—", nll, date])

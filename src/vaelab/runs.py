@@ -212,11 +212,16 @@ def read_metrics(path: Path) -> list[dict[str, float]]:
     except (OSError, csv.Error, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{path}: cannot be read ({exc})") from exc
     out, elapsed = [], 0.0
-    for row in rows:
+    for line, row in enumerate(rows, start=2):                   # line 1 is the header
+        columns = len(row) - (None in row)
         try:
+            if None in row or None in row.values():              # DictReader's rest key and rest value
+                count = columns + len(row.get(None, [])) - sum(v is None for v in row.values())
+                raise ValueError(f"{plural(count, 'value')} where the header names {plural(columns, 'column')}")
             values = {k: (int(v) if k == "epoch" else float(v) if v != "" else math.nan) for k, v in row.items()}
-        except (TypeError, ValueError) as exc:
-            raise CheckpointError(f"{path}: malformed row {row} ({exc})") from exc
+        except ValueError as exc:
+            raise CheckpointError(f"{path}, line {line}, is malformed ({exc}); "
+                                  + (ckpt.rewrite_fix(path.parent) or "restore the file from a copy")) from exc
         if "total_seconds" in values:        # version 1 columns
             elapsed += values.pop("total_seconds")
             values["epoch_seconds"], values["elapsed_seconds"] = values.pop("seconds"), elapsed
