@@ -350,9 +350,10 @@ def test_early_stopping_ends_the_run_where_the_validation_elbo_stopped_improving
     assert code == 0 and "stopped early" not in stdout and "epoch   6/6" in stdout
     assert f"next: vaelab evaluate {out} --checkpoint best\n" in stdout     # finished, its weights chosen on validation
     assert read_run(out).status == "finished" and RunConfig.load(out / ckpt.CONFIG).train.early_stopping == 0
-    code, stdout, _ = run(capsys, "train", "--out", tmp_path / "plain", "--epochs", "1", "--data-dir", data_dir,
+    code, stdout, _ = run(capsys, "train", "--out", tmp_path / "plain run", "--epochs", "1", "--data-dir", data_dir,
                           "--test-examples", "100", "--no-progress")
-    assert code == 0 and f"next: vaelab evaluate {tmp_path / 'plain'}\n" in stdout   # no validation: the last weights
+    assert code == 0 and f"next: vaelab evaluate '{tmp_path / 'plain run'}'\n" in stdout   # no validation: the last
+    # weights; and the path quoted, so that the command pastes into a shell as one word (was: two)
     code, _, err = run(capsys, "train", "--out", tmp_path / "other", "--early-stopping", "5", "--data-dir", data_dir)
     assert code == 2 and err.strip() == ("vaelab train: error: --early-stopping 5 watches the validation ELBO, and "
                                          "this run holds out no validation digits; give --validation N (e.g. 10000) "

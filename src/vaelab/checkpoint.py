@@ -23,6 +23,7 @@ from vaelab.atomic import WriteError, atomic_write, write_text
 from vaelab.config import RunConfig
 from vaelab.errors import CheckpointError, RunLocked
 from vaelab.models import build_model
+from vaelab.tables import shell_word
 
 __all__ = ["WriteError", "atomic_write", "write_text", "save_tensors", "load_tensors", "read_tensors", "save_weights",
            "load_model", "load_model_weights", "is_run", "RunLock", "lock_holder", "new_run_dir", "check_finite"]
@@ -96,8 +97,8 @@ def rewrite_fix(run_dir: Path) -> str | None:
     except CheckpointError:
         return None
     where = f"after epoch {meta.get('epoch')}" + (f", step {meta['step']}" if meta.get("step") else "")
-    return (f"`vaelab train --out {run_dir} --resume` writes it again from the training state ({STATE}, {where}), "
-            f"training on first if the run is unfinished")
+    return (f"`vaelab train --out {shell_word(run_dir)} --resume` writes it again from the training state "
+            f"({STATE}, {where}), training on first if the run is unfinished")
 
 
 def weights_problem(run_dir: Path) -> str | None:

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from vaelab.errors import TrainingDiverged, UsageError, VaelabError
+from vaelab.tables import shell_word
 
 MAX_SAMPLE_GRID = 4096          # samples in one picture: 512 rows of 8 digits, ≈ 37 000 pixels tall
 TABLE_FORMATS = ("text", "latex", "markdown", "csv")
@@ -507,7 +508,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         return _resume(args, world) if args.resume else _new_run(args, world)
     except distributed.RankLost as exc:
         raise distributed.RankLost(f"{exc}; {_what_stands(args.out)}; resume with: {_torchrun_command(world)} "
-                                   f"-m vaelab train --out {args.out} --resume") from None
+                                   f"-m vaelab train --out {shell_word(args.out)} --resume") from None
     finally:
         distributed.shutdown(world)
 
@@ -631,7 +632,7 @@ def _resume(args: argparse.Namespace, world, observers: Sequence = ()) -> int:
             if ckpt.is_run(run_dir) and (run_dir / ckpt.WEIGHTS).exists():      # copied without its state
                 raise CheckpointError(f"--resume: {state_path} is missing: {run_dir} holds trained weights without "
                                       f"the training state a resume continues from; nothing was changed; evaluate "
-                                      f"it (vaelab evaluate {run_dir}), or train anew into another --out")
+                                      f"it (vaelab evaluate {shell_word(run_dir)}), or train anew into another --out")
             what = "holds no checkpoint (it was stopped before its first epoch ended)" if ckpt.is_run(run_dir) \
                 else "is not a vaelab run"
             raise CheckpointError(f"--resume: {state_path} is missing: {run_dir} {what}; nothing was changed; "
@@ -785,7 +786,8 @@ def _train(args: argparse.Namespace, config, run_dir: Path, run, resumed: bool, 
         write_pictures(trainer.model, data, metrics, run_dir)
     # a run that holds out validation digits selects its weights on them (model-best), as the report's hint does
     best = " --checkpoint best" if trainer.state.best_epoch else ""
-    log(f"done: test ELBO {metrics[-1]['test_elbo']:.3f} nats; files in {run_dir}; next: vaelab evaluate {run_dir}{best}")
+    log(f"done: test ELBO {metrics[-1]['test_elbo']:.3f} nats; files in {run_dir}; "
+        f"next: vaelab evaluate {shell_word(run_dir)}{best}")
     return 0
 
 
@@ -1169,7 +1171,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     _check_page_target(out)                       # before the page is built: a minute is not wasted
     if is_sweep(args.run_dir) and args.figures is not None:
         raise UsageError(f"--figures writes a run's figures; {args.run_dir} is a sweep: give one of its trials "
-                         f"(vaelab report {args.run_dir / 'trials' / '0000'} --figures {args.figures})")
+                         f"(vaelab report {shell_word(args.run_dir / 'trials' / '0000')} --figures "
+                         f"{shell_word(args.figures)})")
     again = _check_figures_target(args.figures, args.run_dir)
     data_dir = str(resolve_path(args.data_dir, "--data-dir")) if args.data_dir else None
     if is_sweep(args.run_dir):

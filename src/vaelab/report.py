@@ -23,7 +23,7 @@ from vaelab.laplace import STALLED_CAUSE
 from vaelab.presets import changed_fields, preset_label
 from vaelab.runs import (RunInfo, digits_label, distinct_labels, estimator_label, format_duration, of_best_weights,
                          per_digit, pictured_weights, read_run, weights_label)
-from vaelab.tables import plural
+from vaelab.tables import plural, shell_word
 
 # Pairs of digit classes whose interpolations the report shows (through the latent means).
 INTERPOLATION_PAIRS = ((0, 1), (2, 7), (3, 8), (4, 9), (5, 6))
@@ -32,8 +32,11 @@ INTERPOLATION_PAIRS = ((0, 1), (2, 7), (3, 8), (4, 9), (5, 6))
 def _environment():
     import jinja2
 
-    return jinja2.Environment(loader=jinja2.PackageLoader("vaelab", "templates"),
-                              autoescape=jinja2.select_autoescape(["html", "j2"]), undefined=jinja2.StrictUndefined)
+    environment = jinja2.Environment(loader=jinja2.PackageLoader("vaelab", "templates"),
+                                     autoescape=jinja2.select_autoescape(["html", "j2"]),
+                                     undefined=jinja2.StrictUndefined)
+    environment.filters["shell_word"] = shell_word            # a path in a command to paste: quoted where needed
+    return environment
 
 
 def data_uri(fig) -> str:
@@ -202,8 +205,8 @@ def _evaluation_section(run: RunInfo, model, images: torch.Tensor, figures: Figu
                                             "headline": r is record} for r in run.evaluations],
                                "notes": run.notes,
                                # a run with a validation split keeps its best weights: those are the ones to evaluate
-                               "command": f"vaelab evaluate {run.path}" + (" --checkpoint best" if run.best_validation
-                                                                           else "")}
+                               "command": f"vaelab evaluate {shell_word(run.path)}"
+                                          + (" --checkpoint best" if run.best_validation else "")}
     if record is None:
         # why the records there are not a test NLL of these weights: on the validation digits, or of earlier weights
         reasons = [(any(not r["stale"] and r.get("split", "test") != "test" for r in run.evaluations),
@@ -368,7 +371,8 @@ def _summary(run: RunInfo, record: dict | None, layers: list[dict], active_note:
     best_epoch = 0
     if run.best_validation:                        # a validation split: the weights model-best.safetensors holds
         best_epoch, best = run.best_validation
-        summary["best"] = {"epoch": best_epoch, "elbo": best, "command": f"vaelab evaluate {run.path} --checkpoint best"}
+        summary["best"] = {"epoch": best_epoch, "elbo": best,
+                           "command": f"vaelab evaluate {shell_word(run.path)} --checkpoint best"}
     if run.status == "pruned":
         summary["status"] = (f"pruned by its sweep after epoch {run.epochs_done}: the median pruner found its "
                              f"validation ELBO worse than the median of the sweep's trials at that epoch")
@@ -402,7 +406,8 @@ def _nats_section(run: RunInfo, figures: FigureSet, trained_test_digits: int) ->
     headline = run.best_evaluation()                # the hints evaluate the weights the headline NLL measured
     best = headline is not None and of_best_weights(headline)
     section: dict[str, Any] = {"figures": [], "gaps": None, "k_curve": None,
-                               "command": f"vaelab evaluate {run.path}" + (" --checkpoint best" if best else "")}
+                               "command": f"vaelab evaluate {shell_word(run.path)}"
+                                          + (" --checkpoint best" if best else "")}
     gaps = newest_with(run, "gaps")
     if gaps is not None:
         g = gaps["gaps"]
@@ -521,7 +526,7 @@ def compare_runs(paths: Sequence[str | Path], split: str = "test") -> Comparison
         if record is None and stale:
             notes.append(f"{run.name}: its evaluations ({', '.join(r['file'] for r in stale)}) measured earlier "
                          f"weights, not the run's current ones: stale, not shown; evaluate it again "
-                         f"(vaelab evaluate {run.path}{evaluate_split})")
+                         f"(vaelab evaluate {shell_word(run.path)}{evaluate_split})")
     base, base_record = runs[0], records[0]
     unevaluated = all(record is None for record in records)
     if unevaluated:                                       # one line, not one per run

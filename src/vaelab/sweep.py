@@ -41,6 +41,7 @@ import itertools
 import json
 import math
 import os
+import shlex
 import signal
 import socket
 import sys
@@ -51,7 +52,7 @@ from pathlib import Path
 from typing import Any
 
 from vaelab.errors import UsageError
-from vaelab.tables import plural
+from vaelab.tables import plural, shell_word
 
 SPEC_KEYS = {"preset", "trials", "objective", "k", "fixed", "search", "enqueue", "sampler", "seed", "pruner",
              "pruner_warmup"}
@@ -935,7 +936,7 @@ def summary_table(summary: dict) -> str:
 
         fields = {k: v for k, v in spec.trial_fields(best["params"]).items() if k not in BUDGET_FIELDS and (
                   k not in best.get("unused", ()) or CONDITIONAL_FIELDS.get(k, (None, None))[1] is not None)}
-        command = " ".join(["vaelab train --preset", spec.preset, *flags_of(fields), "--out runs/best"])
+        command = shlex.join(["vaelab", "train", "--preset", spec.preset, *flags_of(fields), "--out", "runs/best"])
         # the full run holds out the preset's validation digits (a budget field, left out): its weights are then
         # the best-validation ones, model-best.safetensors
         held_out = apply_preset(RunConfig(), spec.preset).data.validation
@@ -958,7 +959,8 @@ def not_a_sweep(path: Path) -> None:
     """A UsageError where a command that takes a run was given a sweep's directory: its runs are its trials."""
     if is_sweep(path):
         raise UsageError(f"{path} is a sweep's directory (vaelab sweep), not a run: its runs are its trials, "
-                         f"{Path(path) / 'trials'}/NNNN (vaelab runs {path} lists them; vaelab report {path} makes "
+                         f"{Path(path) / 'trials'}/NNNN (vaelab runs {shell_word(path)} lists them; "
+                         f"vaelab report {shell_word(path)} makes "
                          f"the sweep's page)")
 
 

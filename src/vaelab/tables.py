@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import io
+import shlex
 from typing import Any, Sequence
 
 _LATEX = {"\\": r"\textbackslash{}", "_": r"\_", "%": r"\%", "&": r"\&", "#": r"\#", "$": r"\$", "{": r"\{",
@@ -17,6 +18,12 @@ _LATEX = {"\\": r"\textbackslash{}", "_": r"\_", "%": r"\%", "&": r"\&", "#": r"
 def plural(count: int, noun: str) -> str:
     """'1 thread', '2 threads'; '1 test digit', '2 test digits'."""
     return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
+def shell_word(value: Any) -> str:
+    """A path or value as one word of a command to paste into a shell: quoted where it holds spaces or shell
+    characters ('my run' → "'my run'"), unchanged otherwise."""
+    return shlex.quote(str(value))
 
 
 def latex_escape(text: str) -> str:

@@ -46,7 +46,7 @@ from vaelab.models import build_model
 from vaelab.optimizers import build_optimizer
 from vaelab.provenance import provenance
 from vaelab.schedules import LR_SCHEDULES, kl_weight, stops_early
-from vaelab.tables import plural
+from vaelab.tables import plural, shell_word
 
 # Columns of metrics.csv (nats per example; the validation columns only with --validation).
 METRIC_FIELDS = ("epoch", "lr", "beta", "train_objective", "train_elbo", "train_reconstruction", "train_kl",
@@ -434,7 +434,8 @@ class Trainer:
                 f"{plural(cfg.early_stopping, 'epoch')} "
                 f"since{' the warm-up' if state.best_epoch < self.config.objective.warmup_epochs else ''} "
                 f"(--early-stopping {cfg.early_stopping}); its weights are {BEST_WEIGHTS}: vaelab evaluate "
-                f"{self.run_dir} --checkpoint best; to train on: vaelab train --out {self.run_dir} --resume "
+                f"{shell_word(self.run_dir)} --checkpoint best; to train on: vaelab train --out "
+                f"{shell_word(self.run_dir)} --resume "
                 f"--early-stopping 0 (or a larger N)")
 
     def _run_epoch(self) -> None:
@@ -579,7 +580,8 @@ class Trainer:
             return f"training stopped before its first checkpoint, so nothing was trained yet; try {self._remedy()}"
         return (f"training stopped; the last good checkpoint ({self.last_checkpoint}) is left untouched (its weights "
                 f"load and evaluate; resuming as it is would repeat the same steps); go on from it with "
-                f"{self._remedy()}: vaelab train --out {self.run_dir} --resume --lr X or --clip-grad-norm C")
+                f"{self._remedy()}: vaelab train --out {shell_word(self.run_dir)} --resume --lr X or "
+                f"--clip-grad-norm C")
 
     def _remedy(self) -> str:
         train = self.config.train
@@ -599,7 +601,7 @@ class Trainer:
     def _stop(self, signum: int, epoch: int, step: int) -> None:
         where = f"after epoch {epoch - 1}" if step == 0 else f"at epoch {epoch}, step {step}"
         message = (f"stopped by {signal.Signals(signum).name} {where}; checkpoint written to {self.run_dir} "
-                   f"(it resumes exactly); resume with: vaelab train --out {self.run_dir} --resume")
+                   f"(it resumes exactly); resume with: vaelab train --out {shell_word(self.run_dir)} --resume")
         self.append_log(message)
         raise Interrupted(message, signum)
 
