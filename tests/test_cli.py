@@ -12,7 +12,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import run
+from conftest import one_line, run
 from vaelab import checkpoint as ckpt
 from vaelab.cli import _train_config, build_parser, main
 from vaelab.config import RunConfig
@@ -246,6 +246,30 @@ def test_damaged_files_are_clear_errors(trained, tmp_path, capsys, name, content
     code, _, err = run(capsys, "sample", copy, "--out", tmp_path / "x.png")
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "x.png").exists()
+
+
+@pytest.mark.parametrize("argv", [
+    ["report", "RUN", "--figures", ""],          # wrote its 90 figures into the current directory
+    ["data", "--data-dir", ""],                  # cached MNIST there
+    ["runs", ""], ["train", "--out", "", "--epochs", "1"], ["evaluate", ""], ["sample", "RUN", "--out", " "],
+    ["compare", "RUN", ""], ["stirling", "--plot", ""], ["sweep", "", "--out", "sw"],
+])
+def test_an_empty_path_is_refused_not_read_as_the_current_directory(trained, tmp_path, capsys, monkeypatch, argv):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:              # argparse's exit
+        main([str(trained) if word == "RUN" else word for word in argv])
+    err = capsys.readouterr().err
+    blank = " " if " " in argv else ""
+    assert exit_info.value.code == 2 and one_line(err)
+    assert f"{blank!r} is {'a blank' if blank else 'an empty'} path (an unset shell variable?)" in err
+    assert list(tmp_path.iterdir()) == []                                    # nothing written where it ran
+
+
+def test_a_blank_vaelab_data_is_refused(capsys, monkeypatch):
+    monkeypatch.setenv("VAELAB_DATA", "  ")
+    code, _, err = run(capsys, "data")
+    assert code == 2 and err.strip() == ("vaelab data: error: $VAELAB_DATA is '  ', blank; set it to a directory, "
+                                         "or unset it")
 
 
 def test_pickle_in_place_of_checkpoint_is_refused_not_loaded(trained, tmp_path, capsys, data_dir):

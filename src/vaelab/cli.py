@@ -30,6 +30,15 @@ MAX_SAMPLE_GRID = 4096          # samples in one picture: 512 rows of 8 digits, 
 TABLE_FORMATS = ("text", "latex", "markdown", "csv")
 
 
+def _path_arg(value: str) -> Path:
+    """A path given on the command line; an empty one (`--out ""`, an unset shell variable) is refused: Path('')
+    would be the current directory, where `report --figures ""` wrote its 90 files and `data` its cache."""
+    if not value.strip():
+        raise argparse.ArgumentTypeError(f"{value!r} is {'a blank' if value else 'an empty'} path (an unset shell "
+                                         f"variable?); give a path, or leave the argument out where it has a default")
+    return Path(value)
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line, status 2
         self.exit(2, f"{self.prog}: error: {message}\n")
@@ -126,7 +135,7 @@ def build_parser(parser_class: type[argparse.ArgumentParser] = _Parser) -> argpa
     sub = parser.add_subparsers(dest="command", required=True, parser_class=parser_class)
 
     train = sub.add_parser("train", help="train a VAE (default: the seed preset, the reference setting)")
-    train.add_argument("--out", type=Path, help="run directory (default runs/<timestamp>, made unique)")
+    train.add_argument("--out", type=_path_arg, help="run directory (default runs/<timestamp>, made unique)")
     train.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     train.add_argument("--preset", choices=list(PRESETS), help="start from a named configuration "
                        "(default seed; explicit flags override its fields; see `vaelab presets`)")
@@ -198,7 +207,7 @@ def build_parser(parser_class: type[argparse.ArgumentParser] = _Parser) -> argpa
                        help="hold out the last N training digits; best-validation weights kept (default 0)")
     group.add_argument("--train-examples", type=_positive_int, help="use the first N training images")
     group.add_argument("--test-examples", type=_positive_int, help="use the first N test images")
-    group.add_argument("--data-dir", type=Path, help="MNIST cache (default $VAELAB_DATA or ~/.cache/vaelab/mnist)")
+    group.add_argument("--data-dir", type=_path_arg, help="MNIST cache (default $VAELAB_DATA or ~/.cache/vaelab/mnist)")
     group.add_argument("--device", type=_device, help="auto (default: cuda if available), cpu or cuda")
     group.add_argument("--threads", type=_whole_number(1, 4097),
                        help="CPU threads (default: the cores this process may use)")
@@ -209,7 +218,7 @@ def build_parser(parser_class: type[argparse.ArgumentParser] = _Parser) -> argpa
     train.set_defaults(run=cmd_train)
 
     evaluate = sub.add_parser("evaluate", help="test log-likelihood by importance sampling, the ELBO, active units")
-    evaluate.add_argument("run_dir", type=Path, help="a run directory written by `vaelab train`")
+    evaluate.add_argument("run_dir", type=_path_arg, help="a run directory written by `vaelab train`")
     evaluate.add_argument("--k", type=_positive_int, default=5000, help="importance samples per digit")
     evaluate.add_argument("--test-examples", type=_positive_int, help="the first N digits (default all)")
     evaluate.add_argument("--split", choices=["test", "validation"], default="test",
@@ -236,7 +245,7 @@ def build_parser(parser_class: type[argparse.ArgumentParser] = _Parser) -> argpa
     evaluate.add_argument("--seed", type=_non_negative_int, default=0, help="seed of the draws (default 0)")
     evaluate.add_argument("--device", type=_device, default="auto", help="auto, cpu or cuda")
     evaluate.add_argument("--threads", type=_whole_number(1, 4097), help="CPU threads (default: all allowed)")
-    evaluate.add_argument("--data-dir", type=Path, help="MNIST cache (default: the run's)")
+    evaluate.add_argument("--data-dir", type=_path_arg, help="MNIST cache (default: the run's)")
     evaluate.add_argument("--out", type=_json_record, help="the evaluation record (.json; default a name in the run "
                           "that encodes the settings, and the weights' epoch where that name holds an evaluation of "
                           "other weights); per-digit values go beside it (.digits.csv)")
@@ -247,12 +256,12 @@ def build_parser(parser_class: type[argparse.ArgumentParser] = _Parser) -> argpa
     evaluate.set_defaults(run=cmd_evaluate)
 
     sample = sub.add_parser("sample", help="a grid of decoder means for z ~ p(z)")
-    sample.add_argument("run_dir", type=Path, help="a run directory written by `vaelab train`")
+    sample.add_argument("run_dir", type=_path_arg, help="a run directory written by `vaelab train`")
     sample.add_argument("--n", type=_whole_number(1, MAX_SAMPLE_GRID + 1), default=64,
                         help=f"samples (default 64, at most {MAX_SAMPLE_GRID})")
     sample.add_argument("--seed", type=_non_negative_int, default=0, help="seed of the draws (default 0)")
     sample.add_argument("--checkpoint", choices=["last", "best"], default="last", help="which weights")
-    sample.add_argument("--out", type=Path, help="picture (.png, .pdf, .svg, .jpg, …; default "
+    sample.add_argument("--out", type=_path_arg, help="picture (.png, .pdf, .svg, .jpg, …; default "
                         "RUN/samples-n<N>-seed<S>.png, with the weights' epoch added where that picture is of other "
                         "weights)")
     sample.add_argument("--overwrite", action="store_true", help="replace an existing picture")
@@ -264,18 +273,19 @@ def build_parser(parser_class: type[argparse.ArgumentParser] = _Parser) -> argpa
     presets.set_defaults(run=cmd_presets)
 
     report = sub.add_parser("report", help="a self-contained HTML report of a run, or of a sweep")
-    report.add_argument("run_dir", type=Path, help="a run directory written by `vaelab train`, or a sweep's --out")
-    report.add_argument("--out", type=Path, help="the HTML file (default RUN/report.html, made again each time)")
-    report.add_argument("--data-dir", type=Path, help="MNIST cache (default: the run's)")
-    report.add_argument("--figures", type=Path, metavar="DIR", help="also write every figure of the page into DIR "
+    report.add_argument("run_dir", type=_path_arg, help="a run directory written by `vaelab train`, or a sweep's --out")
+    report.add_argument("--out", type=_path_arg, help="the HTML file (default RUN/report.html, made again each time)")
+    report.add_argument("--data-dir", type=_path_arg, help="MNIST cache (default: the run's)")
+    report.add_argument("--figures", type=_path_arg, metavar="DIR", help="also write every figure of the page into DIR "
                         "as PDF and SVG, 3.25 in (one column) and 6.75 in (full width) wide, for a paper")
     report.set_defaults(run=cmd_report)
 
     compare = sub.add_parser("compare", help="compare runs: a table here and an HTML page")
-    compare.add_argument("run_dirs", type=Path, nargs="+", metavar="RUN",
+    compare.add_argument("run_dirs", type=_path_arg, nargs="+", metavar="RUN",
                          help="two or more run directories (each compared on its headline evaluation), or evaluation "
                          "records of runs (RUN/eval-….json: that evaluation, of whatever weights it measured)")
-    compare.add_argument("--out", type=Path, help="the HTML page (default compare-<run>-<run>….html in the runs' "
+    compare.add_argument("--out", type=_path_arg,
+                         help="the HTML page (default compare-<run>-<run>….html in the runs' "
                          "common parent directory, or the first run's where they share none but /; made again each "
                          "time)")
     compare.add_argument("--split", choices=("test", "validation"), default="test",
@@ -286,8 +296,9 @@ def build_parser(parser_class: type[argparse.ArgumentParser] = _Parser) -> argpa
     compare.set_defaults(run=cmd_compare)
 
     sweep = sub.add_parser("sweep", help="a hyperparameter search on the validation split (Optuna), resumable")
-    sweep.add_argument("spec", type=Path, help="the sweep's TOML spec: preset, [fixed], [search], trials, objective")
-    sweep.add_argument("--out", type=Path, required=True, help="the sweep directory (trials/NNNN run directories, "
+    sweep.add_argument("spec", type=_path_arg,
+                       help="the sweep's TOML spec: preset, [fixed], [search], trials, objective")
+    sweep.add_argument("--out", type=_path_arg, required=True, help="the sweep directory (trials/NNNN run directories, "
                        "study.db); the same command again continues or joins it")
     sweep.add_argument("--workers", type=_whole_number(1, 257), default=1,
                        help="trial processes on this machine (threads split between them; default 1)")
@@ -297,11 +308,11 @@ def build_parser(parser_class: type[argparse.ArgumentParser] = _Parser) -> argpa
     sweep.set_defaults(run=cmd_sweep)
 
     runs = sub.add_parser("runs", help="list the runs under a directory")
-    runs.add_argument("directory", type=Path, nargs="?", default=Path("runs"), help="where to look (default runs)")
+    runs.add_argument("directory", type=_path_arg, nargs="?", default=Path("runs"), help="where to look (default runs)")
     runs.set_defaults(run=cmd_runs)
 
     data = sub.add_parser("data", help="fetch and verify MNIST, print where it lives")
-    data.add_argument("--data-dir", type=Path, help="MNIST cache (default $VAELAB_DATA or ~/.cache/vaelab/mnist)")
+    data.add_argument("--data-dir", type=_path_arg, help="MNIST cache (default $VAELAB_DATA or ~/.cache/vaelab/mnist)")
     data.set_defaults(run=cmd_data)
 
     stirling = sub.add_parser("stirling", help="Stirling's formula from Laplace's method: a table of errors")
@@ -309,7 +320,7 @@ def build_parser(parser_class: type[argparse.ArgumentParser] = _Parser) -> argpa
                           default=[1, 2, 5, 10, 100, 1000, 10**6], help="values of N, 1 to 10¹⁸")
     stirling.add_argument("--terms", type=_whole_number(0, MAX_STIRLING_TERMS + 1), default=2,
                           help=f"correction terms K, 0 to {MAX_STIRLING_TERMS} (the series is asymptotic)")
-    stirling.add_argument("--plot", type=Path, help="picture of the relative errors against N for 0..K terms")
+    stirling.add_argument("--plot", type=_path_arg, help="picture of the relative errors against N for 0..K terms")
     stirling.add_argument("--overwrite", action="store_true", help="replace an existing --plot file")
     stirling.set_defaults(run=cmd_stirling)
     return parser
