@@ -697,6 +697,20 @@ def test_compare_writes_beside_the_runs_and_shows_short_times(evaluated, tmp_pat
     assert default_comparison_page([Path("/a"), Path("/b")]) == Path("/compare-a-b.html")     # runs in / itself
 
 
+def test_a_page_replaces_only_a_page_vaelab_made(evaluated, tmp_path, capsys):
+    mine = tmp_path / "notes.html"
+    mine.write_text("<html><title>my notes</title><p>three weeks of them</p></html>")
+    for command in (["compare", evaluated, evaluated], ["report", evaluated]):
+        code, _, err = run(capsys, *command, "--out", mine)
+        assert code == 2 and err.strip().endswith(f"--out {mine} exists and is not a page vaelab made; give another "
+                                                  f"--out, or move that file away first")
+    assert mine.read_text() == "<html><title>my notes</title><p>three weeks of them</p></html>"   # was replaced
+    page = tmp_path / "page.html"
+    assert run(capsys, "report", evaluated, "--out", page)[0] == 0
+    code, out, _ = run(capsys, "compare", evaluated, evaluated, "--out", page)       # a vaelab page: made again
+    assert code == 0 and "it replaces the earlier page" in out and "comparison" in page.read_text()[:400]
+
+
 def test_compare_tells_apart_runs_of_the_same_name(evaluated, tmp_path, capsys):
     from vaelab.cli import default_comparison_page
     from vaelab.runs import distinct_labels

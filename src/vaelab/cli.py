@@ -1099,6 +1099,19 @@ def _check_page_target(out: Path) -> None:
         raise UsageError(f"--out {out}: directory {out.parent} does not exist; create it first")
     if not os.access(out.parent, os.W_OK | os.X_OK) or (out.exists() and not os.access(out, os.W_OK)):
         raise UsageError(f"--out {out}: {out.parent} is not writable; give --out in a writable directory")
+    if out.exists() and not _made_by_vaelab(out):
+        raise UsageError(f"--out {out} exists and is not a page vaelab made; give another --out, or move that file "
+                         f"away first")
+
+
+def _made_by_vaelab(page: Path) -> bool:
+    """Whether an existing HTML file is a page of `report` or `compare` (each version's <title> begins 'vaelab'),
+    which a new page may replace: it is made again from the runs' files. Any other file is someone's own."""
+    try:
+        with open(page, "rb") as handle:
+            return b"<title>vaelab" in handle.read(4096)
+    except OSError:
+        return False
 
 
 # what `report --figures DIR` leaves in DIR beside the figures: which run they are of (so that a report of another
