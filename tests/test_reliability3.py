@@ -240,6 +240,30 @@ def test_two_evaluations_of_the_same_settings_keep_both_records(tmp_path, data_d
         [f"{name}.json", f"{name}.digits.csv", f"{name}-2.json", f"{name}-2.digits.csv"])
 
 
+def test_an_evaluation_never_replaces_someone_elses_file_beside_its_record(tmp_path, data_dir, capsys):
+    """`evaluate --out ev.json` wrote its per-digit values over an ev.digits.csv that was not vaelab's (only the
+    record's own name was checked); a per-digit file of vaelab's left without its record is still replaced."""
+    run_dir = tmp_path / "run"
+    assert main(["train", "--out", str(run_dir), "--epochs", "1", "--data-dir", str(data_dir), *SMALL]) == 0
+    record, digits = tmp_path / "ev.json", tmp_path / "ev.digits.csv"
+    digits.write_text("my own table\n")
+    evaluate = ["evaluate", run_dir, "--k", "2", "--test-examples", "4", "--data-dir", data_dir, "--out", record]
+    code, _, err = run(capsys, *evaluate)
+    assert code == 2 and one_line(err) and f"{digits} exists and is not vaelab's per-digit values" in err
+    assert digits.read_text() == "my own table\n" and not record.exists()
+    assert run(capsys, *evaluate, "--overwrite")[0] == 0                     # replaced when asked
+    assert digits.read_text().startswith("digit,label,elbo,iwae\n")
+    record.unlink()                                                          # an orphan of vaelab's: replaced
+    assert run(capsys, *evaluate)[0] == 0 and json.loads(record.read_text())["per_digit"] == digits.name
+    from vaelab.records import write_evaluation
+
+    digits.write_text("my own table\n")                                     # made while an evaluation ran
+    record.unlink()
+    written = write_evaluation(record, {"k": 2}, {"iwae": np.zeros(2)}, np.zeros(2, dtype=int), run_dir, False)
+    assert written == (tmp_path / "ev-2.json", tmp_path / "ev-2.digits.csv")
+    assert digits.read_text() == "my own table\n" and not record.exists()
+
+
 def test_a_run_evaluated_again_after_training_on_keeps_both_records(tmp_path, data_dir, capsys):
     """`vaelab evaluate RUN` after the run trained on: the default name holds the earlier weights' record, and the
     second evaluation was refused (exit 2) unless given --out (as for `vampprior-2` at epochs 651 and 956). Now it

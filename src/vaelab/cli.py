@@ -927,6 +927,16 @@ def _check_target(path: Path, overwrite: bool, what: str, flag: str = "--out") -
         raise UsageError(f"{flag} {path}: directory {path.parent} does not exist; create it first")
 
 
+def _check_evaluation_target(out: Path, overwrite: bool) -> None:
+    """``_check_target`` of the record, and of the per-digit file beside it where that is not vaelab's."""
+    from vaelab.records import digits_path, someone_elses
+
+    _check_target(out, overwrite, "evaluation")
+    if someone_elses(digits_path(out)) and not overwrite:
+        raise UsageError(f"{digits_path(out)} exists and is not vaelab's per-digit values, which go beside {out.name}; "
+                         f"pass --out another file, or --overwrite to replace it")
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """One process, or torchrun's: each rank estimates a shard of the digits; rank 0 checks, prints, writes."""
     from vaelab import checkpoint as ckpt
@@ -976,7 +986,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             (data.validation_binary[: args.test_examples], data.validation_labels[: args.test_examples])
         out = args.out or _default_record(args.run_dir / evaluation_name(args, len(images)), loaded,
                                           _note if world.main else lambda m: None)
-        distributed.on_main(world, lambda: _check_target(out, args.overwrite, "evaluation"))
+        distributed.on_main(world, lambda: _check_evaluation_target(out, args.overwrite))
         processes = f", {world.size} processes" if world.distributed else ""
         if world.main:
             _log(f"evaluating {args.run_dir} ({pictured_weights(loaded, run)}) on {len(images)} "

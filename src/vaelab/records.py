@@ -46,6 +46,23 @@ def strict_json(value: Any) -> Any:
     return value
 
 
+def digits_path(record_path: Path) -> Path:
+    """Where the per-digit values of the record ``….json`` go: ``….digits.csv`` beside it."""
+    return record_path.with_name(record_path.name.removesuffix(".json") + ".digits.csv")
+
+
+def someone_elses(digits: Path) -> bool:
+    """Whether ``digits`` is a file that is not vaelab's per-digit values (their header begins 'digit,label,'): a
+    per-digit file left without its record may be replaced, someone's own file of that name never."""
+    try:
+        with open(digits, "rb") as handle:
+            return not handle.read(12).startswith(b"digit,label,")
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return True
+
+
 def write_evaluation(out: Path, record: dict, per_digit: dict, labels, run_dir: Path,
                      overwrite: bool) -> tuple[Path, Path]:
     """The record ``out`` (JSON) and its per-digit estimates beside it (``….digits.csv``); returns where the two
@@ -65,7 +82,9 @@ def write_evaluation(out: Path, record: dict, per_digit: dict, labels, run_dir: 
     try:
         for attempt in range(1, 1000):
             out = wanted if attempt == 1 else wanted.with_name(f"{stem}-{attempt}.json")
-            digits = out.with_name(out.name.removesuffix(".json") + ".digits.csv")
+            digits = digits_path(out)
+            if someone_elses(digits) and not overwrite:
+                continue                                   # made while this one ran: its name is taken
             text = json.dumps(strict_json({**record, "per_digit": digits.name}), indent=2, allow_nan=False) + "\n"
             try:
                 atomic.write_text(out, text, replace=overwrite)
@@ -81,9 +100,8 @@ def write_evaluation(out: Path, record: dict, per_digit: dict, labels, run_dir: 
     except WriteError as exc:
         fallback = Path(tempfile.gettempdir()) / f"vaelab-{run_dir.resolve().name}-{out.name}"
         try:
-            atomic.write_text(fallback.with_name(fallback.name.removesuffix(".json") + ".digits.csv"),
-                              "\n".join(lines) + "\n")
-            atomic.write_text(fallback, text.replace(digits.name, fallback.name.removesuffix(".json") + ".digits.csv"))
+            atomic.write_text(digits_path(fallback), "\n".join(lines) + "\n")
+            atomic.write_text(fallback, text.replace(digits.name, digits_path(fallback).name))
             saved = f"the record was saved to {fallback} instead"
         except WriteError:
             saved = "nothing could be saved (the results are printed above)"
