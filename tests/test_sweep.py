@@ -318,6 +318,29 @@ def test_bad_specs_are_one_line_errors_naming_the_field(text, words, tmp_path, c
     assert not (tmp_path / "out" / "study.db").exists()
 
 
+def test_a_new_sweep_needs_an_empty_or_new_directory(tmp_path, data_dir, capsys):
+    """A new sweep wrote its sweep.toml and study.db into any directory: someone's folder, a run's."""
+    from vaelab.cli import main
+
+    spec = tmp_path / "spec.toml"
+    spec.write_text(EXAMPLE)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "sweep.toml").write_text("my own notes\n")
+    run_dir = tmp_path / "run"
+    assert main(["train", "--out", str(run_dir), "--epochs", "1", "--data-dir", str(data_dir), "--hidden", "8",
+                 "--latent", "2", "--test-examples", "10", "--no-progress"]) == 0
+    capsys.readouterr()
+    for out, what in ((mine, "holds other files (sweep.toml), not a sweep"), (run_dir, "is a vaelab run, not a sweep"),
+                      (spec, "is a file; a sweep needs a directory")):
+        before = sorted(p.name for p in out.iterdir()) if out.is_dir() else None
+        assert main(["sweep", str(spec), "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and f"--out {out} {what}" in err, err
+        assert (sorted(p.name for p in out.iterdir()) if out.is_dir() else None) == before   # not even a lock file
+    assert (mine / "sweep.toml").read_text() == "my own notes\n"
+
+
 def test_without_optuna_the_command_says_what_to_install(tmp_path, monkeypatch, capsys):
     import builtins
 

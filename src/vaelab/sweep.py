@@ -776,8 +776,25 @@ def sweep(spec_path: Path, out: Path, workers: int, storage: str | None, trials:
 
     require_optuna()
     spec = load_spec(spec_path, trials)
-    out.mkdir(parents=True, exist_ok=True)
     state_path = out / STATE_FILE
+
+    def refuse_others() -> None:
+        """A new sweep takes an empty or new directory: its sweep.toml and study.db never go over someone's files,
+        nor into a run's directory (checked before the lock file is made there, and again under the lock)."""
+        from vaelab.checkpoint import is_run
+
+        if out.exists() and not out.is_dir():
+            raise UsageError(f"--out {out} is a file; a sweep needs a directory: give another --out")
+        found = sorted(entry.name for entry in out.iterdir() if entry.name != ".reconcile.lock") \
+            if out.is_dir() and not state_path.exists() else []
+        if found:
+            what = "is a vaelab run" if is_run(out) else \
+                f"holds other files ({', '.join(found[:3])}{f' and {len(found) - 3} more' if len(found) > 3 else ''})"
+            raise UsageError(f"--out {out} {what}, not a sweep; a new sweep needs an empty or new directory: give "
+                             f"another --out")
+
+    refuse_others()
+    out.mkdir(parents=True, exist_ok=True)
     with file_lock(out / ".reconcile.lock"):
         if state_path.exists():
             state = json.loads(state_path.read_text())
@@ -792,6 +809,7 @@ def sweep(spec_path: Path, out: Path, workers: int, storage: str | None, trials:
             if trials is not None:
                 state["trials"] = trials
         else:
+            refuse_others()                        # again under the lock: nothing came in meanwhile
             # named after the spec's text: sweeps of one spec on several machines share one study in one storage
             digest = hashlib.sha256(spec.text.encode()).hexdigest()[:10]
             state = {"spec": spec.text, "storage": storage_url(out, storage), "study": f"vaelab-{spec_path.stem}-{digest}",
