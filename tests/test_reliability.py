@@ -163,6 +163,16 @@ def test_sample_without_out_keeps_the_runs_samples_png(copy, capsys):
     assert code == 2 and "--overwrite" in err
 
 
+def test_resume_of_a_folder_that_is_no_run_writes_nothing_there_and_never_says_remove_it(tmp_path, capsys):
+    folder = tmp_path / "my-folder"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("mine\n")
+    code, _, err = run(capsys, "train", "--out", folder, "--resume", "--no-progress")
+    assert code == 2 and one_line_error(err) and f"{folder} is not a vaelab run (it holds neither config.json nor " \
+        f"training_state.safetensors); nothing was changed" in err and "remove" not in err   # was "remove it first"
+    assert [p.name for p in folder.iterdir()] == ["notes.txt"]                               # no .lock left there
+
+
 @pytest.mark.parametrize("damage", ["missing", "damaged"])
 def test_lost_weights_and_metrics_are_named_by_runs_and_a_resume_writes_them_again(trained, tmp_path, data_dir,
                                                                                      capsys, damage):

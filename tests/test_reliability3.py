@@ -526,6 +526,7 @@ def test_report_on_a_file_says_it_is_not_a_run_directory(evaluated, capsys):
     ({"preset": "nope"}, ["preset", "invalid choice", "'seed'"]),
     ({"epochs": -1}, ["epochs", "at least 1", "-1"]),
     ({"epochz": 3}, ["unknown keyword argument epochz"]),
+    ({"epochs": [1, 2]}, ["epochs=[1, 2]: more values than the flag takes"]),     # was "unknown keyword argument ;"
 ])
 def test_api_errors_carry_the_reason_in_the_apis_terms(flags, words, capsys):
     with pytest.raises(UsageError) as error:
@@ -533,6 +534,17 @@ def test_api_errors_carry_the_reason_in_the_apis_terms(flags, words, capsys):
     message = str(error.value)
     assert all(word in message for word in words), message
     assert "--" not in message and capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"config": "seed"}, "config must be a RunConfig or a dict as in config.json, got str; for a preset pass "
+                         "preset='seed'"),                                     # AttributeError: no attribute 'validate'
+    ({"out": 5}, "out must be a path (str or pathlib.Path), got int"),        # TypeError from pathlib
+])
+def test_api_train_names_a_config_or_out_of_the_wrong_kind(kwargs, message):
+    with pytest.raises(UsageError) as error:
+        vaelab.train(**kwargs)
+    assert str(error.value) == f"vaelab.train: {message}"
 
 
 def test_api_refuses_bad_arguments_before_torch_does(evaluated):

@@ -8,6 +8,7 @@ are sums over thousands of draws), on the CPU. Bad arguments raise ``vaelab.erro
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -196,6 +197,12 @@ def train(config=None, *, out: str | Path | None = None, resume: bool = False, p
     from vaelab.config import RunConfig
     from vaelab.distributed import SINGLE
 
+    if config is not None and not isinstance(config, (dict, RunConfig)):
+        raise UsageError(f"vaelab.train: config must be a RunConfig or a dict as in config.json, got "
+                         f"{type(config).__name__}" + (f"; for a preset pass preset={config!r}"
+                                                       if isinstance(config, str) else ""))
+    if out is not None and not isinstance(out, (str, os.PathLike)):
+        raise UsageError(f"vaelab.train: out must be a path (str or pathlib.Path), got {type(out).__name__}")
     if config is not None and flags:
         raise UsageError(f"vaelab.train: give a config or flags ({', '.join(flags)}), not both")
     if config is not None and resume:
@@ -228,7 +235,9 @@ def train(config=None, *, out: str | Path | None = None, resume: bool = False, p
         message = str(exc)
         if message.startswith("unrecognized arguments:"):
             unknown = [word[2:].replace("-", "_") for word in message.split(":", 1)[1].split() if word.startswith("--")]
+            several = [f"{name}={value!r}" for name, value in flags.items() if isinstance(value, (list, tuple))]
             message = (f"unknown keyword argument{'s' * (len(unknown) > 1)} {', '.join(unknown)}; the keywords are "
-                       f"the flags that `vaelab train` lists, with _ for - (help(vaelab.train))")
+                       f"the flags that `vaelab train` lists, with _ for - (help(vaelab.train))") if unknown else \
+                f"{' or '.join(several)}: more values than the flag takes; give one value"
         raise type(exc)(f"vaelab.train: {in_api_terms(message)}") from None
     return Run(paths[0])

@@ -637,17 +637,19 @@ def _resume(args: argparse.Namespace, world, observers: Sequence = ()) -> int:
         if not run_dir.is_dir():
             raise UsageError(f"--resume: {run_dir} is not a vaelab run (no such directory); pass the run to continue")
         not_a_sweep(run_dir)                        # before its lock: nothing written into the sweep
-        lock.append(ckpt.RunLock(run_dir).acquire())
         state_path = run_dir / ckpt.STATE
+        if not state_path.exists() and not ckpt.is_run(run_dir):      # before its lock: nothing written there
+            raise CheckpointError(f"--resume: {run_dir} is not a vaelab run (it holds neither {ckpt.CONFIG} nor "
+                                  f"{ckpt.STATE}); nothing was changed; pass the run to continue")
+        lock.append(ckpt.RunLock(run_dir).acquire())
         if not state_path.exists():
-            if ckpt.is_run(run_dir) and (run_dir / ckpt.WEIGHTS).exists():      # copied without its state
+            if (run_dir / ckpt.WEIGHTS).exists():      # copied without its state
                 raise CheckpointError(f"--resume: {state_path} is missing: {run_dir} holds trained weights without "
                                       f"the training state a resume continues from; nothing was changed; evaluate "
                                       f"it (vaelab evaluate {shell_word(run_dir)}), or train anew into another --out")
-            what = "holds no checkpoint (it was stopped before its first epoch ended)" if ckpt.is_run(run_dir) \
-                else "is not a vaelab run"
-            raise CheckpointError(f"--resume: {state_path} is missing: {run_dir} {what}; nothing was changed; "
-                                  f"train it anew into another --out (or remove {run_dir} first)")
+            raise CheckpointError(f"--resume: {state_path} is missing: {run_dir} holds no checkpoint (it was stopped "
+                                  f"before its first epoch ended); nothing was changed; train it anew into another "
+                                  f"--out (or remove {run_dir} first)")
         _, meta = ckpt.load_tensors(state_path)      # a damaged state is an error before anything is written
         if "config" not in meta:
             raise CheckpointError(f"{state_path} holds no copy of the config; it cannot be resumed; start a new run")
