@@ -101,7 +101,8 @@ def write_evaluation(out: Path, record: dict, per_digit: dict, labels, run_dir: 
         fallback = Path(tempfile.gettempdir()) / f"vaelab-{run_dir.resolve().name}-{out.name}"
         try:
             atomic.write_text(digits_path(fallback), "\n".join(lines) + "\n")
-            atomic.write_text(fallback, text.replace(digits.name, digits_path(fallback).name))
+            atomic.write_text(fallback, json.dumps(strict_json({**record, "per_digit": digits_path(fallback).name}),
+                                                   indent=2, allow_nan=False) + "\n")
             saved = f"the record was saved to {fallback} instead"
         except WriteError:
             saved = "nothing could be saved (the results are printed above)"
