@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from vaelab.errors import TrainingDiverged, UsageError, VaelabError
-from vaelab.tables import shell_word
+from vaelab.tables import plural, shell_word
 
 MAX_SAMPLE_GRID = 4096          # samples in one picture: 512 rows of 8 digits, ≈ 37 000 pixels tall
 TABLE_FORMATS = ("text", "latex", "markdown", "csv")
@@ -729,7 +729,6 @@ def _train(args: argparse.Namespace, config, run_dir: Path, run, resumed: bool, 
            world=None, observers: Sequence = (), amendments: Sequence[str] = ()) -> int:
     from vaelab import checkpoint as ckpt
     from vaelab.distributed import SINGLE, on_main
-    from vaelab.tables import plural
     from vaelab.training import Interrupted, Trainer, check_writable
 
     world = world or SINGLE
@@ -949,7 +948,6 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from vaelab.records import evaluation_export, format_eval_table, load_the_same_weights, write_evaluation
     from vaelab.resources import check_bf16, default_threads, require_memory
     from vaelab.runs import pictured_weights, read_run, weights_position
-    from vaelab.tables import plural
     from vaelab.training import resolve_device
 
     if args.gap_steps is not None and not args.gaps:
@@ -1147,7 +1145,7 @@ def _check_figures_target(directory: Path | None, run_dir: Path) -> bool:
     parent = directory if directory.exists() else directory.parent
     if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
         raise UsageError(f"--figures {directory}: {parent} is missing or not writable; give a writable directory")
-    taken = sorted(p.name for p in directory.glob("*") if _FIGURE_NAME.fullmatch(p.name)) if directory.exists() else []
+    taken = sorted(_figure_files(directory))
     if not taken:
         return False
     of = _figures_owner(directory)
@@ -1157,6 +1155,13 @@ def _check_figures_target(directory: Path | None, run_dir: Path) -> bool:
         raise UsageError(f"--figures {directory} holds {whose}, which these would replace; give another directory "
                          f"(e.g. {directory / run_dir.resolve().name})")
     return True
+
+
+def _figure_files(directory: Path | None) -> set[str]:
+    """The names in ``directory`` that a report's figures take (none without it)."""
+    if directory is None or not directory.is_dir():
+        return set()
+    return {path.name for path in directory.iterdir() if _FIGURE_NAME.fullmatch(path.name)}
 
 
 def _figures_owner(directory: Path) -> str | None:
@@ -1219,14 +1224,21 @@ def cmd_report(args: argparse.Namespace) -> int:
         return 0
     if args.figures is not None:
         _claim_figures(args.figures, args.run_dir, again)
-    html, seconds = build_report(args.run_dir, data_dir, figures_dir=args.figures)
+    before = _figure_files(args.figures)
+    html, seconds, written = build_report(args.run_dir, data_dir, figures_dir=args.figures)
     _write_page(out, html)
     _log(f"report of {args.run_dir} made in {seconds:.1f} s ({len(html) / 2**20:.1f} MiB, self-contained)")
     if args.figures is not None:
-        count = len(list(args.figures.glob("*.pdf")))
-        _log(f"figures in {args.figures}: {count} as PDF and as SVG, each 3.25 in (one column, -column) and 6.75 in "
-             f"(full width, -full) wide, fonts embedded; the training curves and samples also as 300-dpi PNG"
-             + ("; they replace those of the earlier report of this run" if again else ""))
+        # counted from what this report wrote, not from the folder: an earlier report's figures may be there too
+        count = len({path.name.rsplit("-", 1)[0] for path in written if path.suffix == ".pdf"})
+        left = sorted(before - {path.name for path in written})
+        _log(f"figures in {args.figures}: {count}, each as PDF and as SVG 3.25 in (one column, -column) and 6.75 in "
+             f"(full width, -full) wide, fonts embedded; the training curves and samples also as 300-dpi PNG "
+             f"({len(written)} files)" + ("; they replace those of the earlier report of this run" if again else ""))
+        if left:
+            _log(f"note: {plural(len(left), 'file')} named as {'a figure' if len(left) == 1 else 'figures'}, from an earlier report (or not vaelab's), "
+                 f"{'is' if len(left) == 1 else 'are'} left as before and {'is' if len(left) == 1 else 'are'} not of "
+                 f"this page: {', '.join(left[:4])}{', …' if len(left) > 4 else ''}")
     return 0
 
 

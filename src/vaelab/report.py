@@ -265,9 +265,9 @@ def _headline_weights(run_dir: str | Path, tries: int = 3):
 
 
 def build_report(run_dir: str | Path, data_dir: str | None = None,
-                 figures_dir: Path | None = None) -> tuple[str, float]:
-    """The HTML of the report of ``run_dir``, and the seconds it took; with ``figures_dir`` every figure is also
-    written there as PDF and SVG (``FigureSet``).
+                 figures_dir: Path | None = None) -> tuple[str, float, list[Path]]:
+    """The HTML of the report of ``run_dir``, the seconds it took, and the files written to ``figures_dir``: with it
+    every figure is also written there as PDF and SVG (``FigureSet``); without it, none.
 
     The pictures are of the weights the headline evaluation measured (``_headline_weights``), and the latent
     layers' statistics (active units, KL per unit, Cov_x E_q[u]) are taken from that evaluation where it covers every
@@ -334,7 +334,7 @@ def build_report(run_dir: str | Path, data_dir: str | None = None,
                         lambda w: plots.kl_figure(layers, width=w)), layers=layers, layers_from=layers_from,
         fmt=_fmt, duration=format_duration, generated=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
         sections=REPORT_SECTIONS)
-    return html, time.perf_counter() - start
+    return html, time.perf_counter() - start, figures.written
 
 
 def _long_epochs_note(metrics: Sequence[dict]) -> str:
