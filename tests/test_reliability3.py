@@ -813,3 +813,25 @@ def test_omp_num_threads_sets_the_default_threads_of_one_process(monkeypatch):
     assert default_threads() == len(os.sched_getaffinity(0))
     monkeypatch.setenv("OMP_NUM_THREADS", "1")                        # torchrun sets it: cores are shared out
     assert default_threads(local_size=2) == max(1, len(os.sched_getaffinity(0)) // 2)
+
+
+def test_more_threads_than_cores_are_refused_or_lowered(data_dir, tmp_path, capsys, monkeypatch):
+    """`--threads` above the cores this process may run on is one line, exit 2, before a run directory is made
+    (libgomp ended the process with "Thread creation failed" where it could not make them, and left the run's
+    lock); a count from $OMP_NUM_THREADS (or a resumed run's own, from a larger machine) is lowered to the cores."""
+    cores = len(os.sched_getaffinity(0))
+    tiny = ["--data-dir", data_dir, "--epochs", "1", "--hidden", "8", "--latent", "2", "--no-progress"]
+    code, _, err = run(capsys, "train", "--out", tmp_path / "r", "--threads", cores + 1, *tiny)
+    assert code == 2 and one_line(err) and f"--threads {cores + 1}: this process may run on {cores} core" in err
+    assert f"give at most {cores}, or leave --threads out" in err and not (tmp_path / "r").exists()
+    monkeypatch.setenv("OMP_NUM_THREADS", str(cores + 7))
+    before = torch.get_num_threads()
+    try:
+        code, _, err = run(capsys, "train", "--out", tmp_path / "r", *tiny)
+        assert code == 0 and f"note: {cores + 7} threads (the run's own count or $OMP_NUM_THREADS) is more than" in err
+        assert torch.get_num_threads() == cores
+        assert json.loads((tmp_path / "r" / "config.json").read_text())["train"]["threads"] == cores
+        code, _, err = run(capsys, "evaluate", tmp_path / "r", "--k", "2", "--threads", cores + 1)
+        assert code == 2 and one_line(err) and "give at most" in err
+    finally:
+        torch.set_num_threads(before)

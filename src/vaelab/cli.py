@@ -425,12 +425,26 @@ def _progress(args: argparse.Namespace) -> bool:
     return not args.no_progress and sys.stderr.isatty()
 
 
-def _set_threads(requested: int | None) -> int:
+def _set_threads(flag: int | None, fallback: int) -> int:
+    """torch's CPU threads: ``--threads`` where given, else ``fallback`` (a resumed run's own count, $OMP_NUM_THREADS
+    or the cores). More than the cores this process may run on is refused for --threads: such threads wait for each
+    other (every product slower, not faster), and where the system cannot create them (a limit on processes or on
+    memory) libgomp ends the process with one line of its own. A run's recorded count or $OMP_NUM_THREADS above the
+    cores (a run resumed on a smaller machine) is lowered to them, and said."""
     import torch
 
-    from vaelab.resources import default_threads
+    from vaelab.resources import usable_cores
 
-    threads = requested or default_threads()
+    cores = usable_cores()
+    if flag is not None and flag > cores:
+        raise UsageError(f"--threads {flag}: this process may run on {plural(cores, 'core')} (its CPU affinity), and "
+                         f"more threads than cores only wait for each other; give at most {cores}, or leave --threads "
+                         f"out")
+    threads = flag or fallback
+    if threads > cores:
+        _note(f"{threads} threads (the run's own count or $OMP_NUM_THREADS) is more than the {plural(cores, 'core')} "
+              f"this process may run on: {plural(cores, 'thread')}")
+        threads = cores
     torch.set_num_threads(threads)
     return threads
 
@@ -710,7 +724,7 @@ def _prepare_training(args: argparse.Namespace, config):
 
         summary_writer_class()                  # a one-line error now, not after the first epoch
     world = world_from_environment()
-    threads = _set_threads(args.threads or config.train.threads or default_threads(world.local_size))
+    threads = _set_threads(args.threads, config.train.threads or default_threads(world.local_size))
     device = resolve_device(config.train.device, world)
     require_memory(training_memory_bytes(config, 60_000), "training this model",    # where the tensors will be
                    "use smaller --hidden, --batch-size or --k", device)
@@ -957,7 +971,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     distributed.init(world)
     try:
         device = resolve_device(args.device, world)
-        threads = _set_threads(args.threads or default_threads(world.local_size))
+        threads = _set_threads(args.threads, default_threads(world.local_size))
         weights = _weights_file(args.run_dir, args.checkpoint) if args.run_dir.is_dir() else ckpt.WEIGHTS
         config, model, loaded = load_the_same_weights(args.run_dir, device, weights, world)
         run = read_run(args.run_dir)                   # now, not after the evaluation: a training goes on

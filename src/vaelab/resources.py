@@ -104,11 +104,15 @@ def default_threads(local_size: int = 1) -> int:
     text = os.environ.get("OMP_NUM_THREADS", "").strip()
     if local_size == 1 and text.isdigit() and int(text) >= 1:
         return int(text)
+    return max(1, usable_cores() // max(1, local_size))
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity mask; the machine's count where there is none)."""
     try:
-        cores = len(os.sched_getaffinity(0))
+        return len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
-        cores = os.cpu_count() or 1
-    return max(1, cores // max(1, local_size))
+        return os.cpu_count() or 1
 
 
 def cpu_flags() -> set[str]:
