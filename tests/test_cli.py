@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 import shutil
 
 import pytest
@@ -263,6 +264,24 @@ def test_an_empty_path_is_refused_not_read_as_the_current_directory(trained, tmp
     assert exit_info.value.code == 2 and one_line(err)
     assert f"{blank!r} is {'a blank' if blank else 'an empty'} path (an unset shell variable?)" in err
     assert list(tmp_path.iterdir()) == []                                    # nothing written where it ran
+
+
+@pytest.mark.parametrize("argv", [
+    ["train", "--out", "LONG", "--epochs", "1"], ["evaluate", "RUN", "--out", "LONG.json"], ["runs", "LONG"],
+    ["report", "RUN", "--out", "sub/LONG.html"], ["sample", "RUN", "--out", "LONG/x.png"],
+])
+def test_a_name_longer_than_the_file_system_takes_is_refused(trained, tmp_path, capsys, monkeypatch, argv):
+    """A name of 300 bytes (NAME_MAX is 255 on Linux's file systems): one line naming it and the limit, exit 2,
+    nothing written (was "File name too long (…the whole path…, errno 36)", exit 1, or a traceback from `runs`)."""
+    monkeypatch.chdir(tmp_path)
+    long = "ü" + "a" * 298                                                  # 300 bytes in UTF-8
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(trained) if word == "RUN" else word.replace("LONG", long) for word in argv])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and one_line(err)
+    assert re.search(r"the name 'üaaaaaaaaaaa…a{3,8}(\.json|\.html)?' in it is 30\d bytes long, and a file's name may "
+                     r"have at most 255 here; give a shorter name", err), err
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_a_blank_vaelab_data_is_refused(capsys, monkeypatch):

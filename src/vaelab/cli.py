@@ -36,7 +36,36 @@ def _path_arg(value: str) -> Path:
     if not value.strip():
         raise argparse.ArgumentTypeError(f"{value!r} is {'a blank' if value else 'an empty'} path (an unset shell "
                                          f"variable?); give a path, or leave the argument out where it has a default")
+    problem = _name_too_long(Path(value))
+    if problem:
+        raise argparse.ArgumentTypeError(problem)
     return Path(value)
+
+
+def _name_too_long(path: Path) -> str | None:
+    """Why ``path`` cannot be a file here, where a name in it is longer than its file system takes (NAME_MAX, 255
+    bytes on Linux's; the OS said "File name too long", exit 1, only when it was made); None where it can."""
+    import os
+
+    existing = path.absolute()
+    while existing != existing.parent:
+        try:
+            if existing.exists():
+                break
+        except OSError:                  # a name too long itself
+            pass
+        existing = existing.parent
+    try:
+        name_max = os.pathconf(existing, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        name_max = 255
+    for part in path.parts:
+        size = len(os.fsencode(part))
+        if size > name_max:
+            shown = part if len(part) <= 24 else f"{part[:12]}…{part[-8:]}"
+            return (f"the name {shown!r} in it is {size} bytes long, and a file's name may have at most {name_max} "
+                    f"here; give a shorter name")
+    return None
 
 
 class _Parser(argparse.ArgumentParser):
@@ -109,7 +138,7 @@ def _json_record(text: str) -> Path:
     """An evaluation record's path: JSON, named so (the runs' records are found as eval*.json)."""
     if not text.lower().endswith(".json"):
         raise argparse.ArgumentTypeError(f"the record is JSON: give a file name ending in .json, got {text!r}")
-    return Path(text)
+    return _path_arg(text)
 
 
 def _device(text: str) -> str:
