@@ -288,6 +288,18 @@ DEPTH = 'trials = 2\n[fixed]\nvalidation = 100\nmodel = "hvae"\n'
     ('trials = 2\n[fixed]\nepochs = 1\n', ["fixed.validation", "validation split"]),
     ('trials = 2\n[fixed]\nvalidation = 100\n[search]\nactivation = ["relu", "swish"]\n', ["search.activation", "swish"]),
     ('trials = [\n', ["not valid TOML"]),
+    # a range of decimals for a field of whole numbers drew k = 2.098, and every trial failed; a step an integer range
+    # cannot take was cut to 1, one wider than the range gave every trial its low end
+    ('trials = 2\n[fixed]\nvalidation = 100\n[search]\nk = { low = 1.0, high = 3.0 }\n',
+     ["search.k", "the values inside the range are refused", "got '1.764'", "(low = 1, high = 3)"]),
+    ('trials = 2\n[fixed]\nvalidation = 100\n[search]\nk = { low = 1, high = 3, step = 1.5 }\n',
+     ["search.k", "step 1.5 in a range of whole numbers"]),
+    ('trials = 2\n[fixed]\nvalidation = 100\n[search]\nlr = { low = 1e-4, high = 1e-3, step = 5e-3 }\n',
+     ["search.lr", "step 0.005 is wider than the range 0.0001 … 0.001: every trial would take 0.0001"]),
+    ('trials = 2\n[fixed]\nvalidation = 100\nsampler = "random"\n',
+     ["fixed.sampler", "'sampler' is a key of the spec itself", "move it above the first [table] line"]),
+    ('trials = 2\n[fixed]\nvalidation = 100\n[search]\nlr = [1e-3]\npruner = "none"\n',
+     ["search.pruner", "'pruner' is a key of the spec itself"]),
     # a searched name whose options set several fields together
     (f'{DEPTH}[search.latent]\na = {{ latent = [4, 2] }}\n', ["search.latent", "a name that is not a field"]),
     (f'{DEPTH}[search.depth]\na = {{ latent = [4, 2] }}\nb = {{ latent = [4, 2, 2], blocks = [[8], [8], [8]] }}\n',

@@ -123,6 +123,17 @@ class Param:
         cast = int if self.integer else float
         return [cast(self.low), cast(self.high)]
 
+    def inner_value(self) -> float | None:
+        """A value of a range of decimals strictly inside it, not whole (on its step's grid where it has one): a
+        field of whole numbers refuses it where it takes both ends written as decimals (k = { low = 1.0, high = 3.0 }
+        drew k = 2.098, a failed trial each); None for choices and ranges of whole numbers."""
+        if self.choices is not None or self.integer:
+            return None
+        if self.step is not None:
+            inside = self.low + self.step
+            return inside if inside < self.high and inside != int(inside) else None
+        return self.low + (self.high - self.low) * 0.382
+
 
 @dataclasses.dataclass(frozen=True)
 class Spec:
@@ -301,6 +312,12 @@ def load_spec(path: Path, trials: int | None = None) -> Spec:
     fixed, search = raw.get("fixed", {}), raw.get("search", {})
     if not isinstance(fixed, dict) or not isinstance(search, dict):
         raise _bad("[fixed] and [search]", "must be tables")
+    for table, entries in (("fixed", fixed), ("search", search)):
+        misplaced = sorted(set(entries) & (SPEC_KEYS - set(fields)))
+        if misplaced:                      # TOML puts every key after a [table] line into that table
+            raise _bad(f"{table}.{misplaced[0]}", f"{misplaced[0]!r} is a key of the spec itself, not a field of "
+                                                  f"[{table}]: move it above the first [table] line (every key after "
+                                                  f"one belongs to that table)")
     params = tuple(_param(name, value) for name, value in search.items())
     for name, where in [(name, None) for name in fixed] + [(field, param.name if param.options else None)
                                                            for param in params for field in sorted(param.sets())]:
@@ -366,6 +383,13 @@ def _param(name: str, value: Any) -> Param:
         step = value.get("step")
         if step is not None and (isinstance(step, bool) or not isinstance(step, (int, float)) or step <= 0 or log):
             raise _bad(f"search.{name}", "step must be a number > 0, and cannot go with log = true")
+        if step is not None and integer and step != int(step):
+            raise _bad(f"search.{name}", f"step {step} in a range of whole numbers (low and high are integers): "
+                                         f"give a whole step (for a field of decimals, write low and high as "
+                                         f"decimals)")
+        if step is not None and step > high - low:
+            raise _bad(f"search.{name}", f"step {step} is wider than the range {low} … {high}: every trial would "
+                                         f"take {low}; give a smaller step")
         return Param(name, float(low), float(high), log, None if step is None else float(step), integer=integer)
     raise _bad(f"search.{name}", f"{value!r} is neither a range {{ low, high }} nor a list of choices")
 
@@ -416,6 +440,15 @@ def _check_values(spec: Spec) -> None:
             except UsageError as exc:
                 where = param.name if param.options is None else f"{param.name}.{value}"
                 raise _bad(f"search.{where}", str(exc).replace("argument --", "--")) from None
+        inside = param.inner_value()
+        if inside is not None:
+            try:
+                parser.parse_args(["train", *flags_of(param.fields(inside))])
+            except UsageError as exc:
+                raise _bad(f"search.{param.name}", f"the values inside the range are refused "
+                                                   f"({str(exc).replace('argument --', '--')}); for whole numbers "
+                                                   f"write the range in integers (low = {int(param.low)}, high = "
+                                                   f"{int(param.high)}{', step = …' if param.step else ''})") from None
     # a searched field no trial would read (a flow's steps where every trial has no flow): over every combination of
     # the choices (a range by its two ends, which is where a condition such as "no steps" can change)
     ends = [param.values_to_check() for param in spec.search]
