@@ -123,7 +123,8 @@ def test_sample_and_stirling_and_data(trained, data_dir, tmp_path, capsys, monke
     assert code == 0 and (tmp_path / "st.png").read_bytes()[:8] == PNG
     picture = (tmp_path / "st.png").read_bytes()                 # an existing picture needs --overwrite
     code, _, err = run(capsys, "stirling", "--n", "5", "--plot", tmp_path / "st.png")
-    assert code == 2 and "exists (an earlier picture); pass --overwrite to replace it, or --plot another file" in err
+    assert code == 2 and ("exists (vaelab's or not, it is kept); pass --overwrite to replace it with this picture, or "
+                          "--plot another file") in err
     assert (tmp_path / "st.png").read_bytes() == picture
     code, _, err = run(capsys, "stirling", "--n", "5", "--plot", tmp_path / "nowhere" / "st.png")
     assert code == 2 and f"--plot {tmp_path / 'nowhere' / 'st.png'}: directory" in err   # the flag given, not --out

@@ -290,7 +290,7 @@ def test_a_run_evaluated_again_after_training_on_keeps_both_records(tmp_path, da
     stale = {Path(r["file"]).name: r["stale"] for r in read_run(run_dir).evaluations}
     assert stale == {f"{name}.json": True, f"{name}-epoch2.json": False}
     code = main(evaluate)
-    assert code == 2 and f"{name}-epoch2.json exists (an earlier evaluation); pass --overwrite" in \
+    assert code == 2 and f"{name}-epoch2.json exists (vaelab's or not, it is kept); pass --overwrite" in \
         capsys.readouterr().err
     assert main([*evaluate, "--overwrite"]) == 0
     assert (run_dir / f"{name}.json").read_bytes() == first
@@ -322,7 +322,7 @@ def test_a_run_sampled_again_after_training_on_keeps_both_pictures(tmp_path, dat
     err = capsys.readouterr().err
     assert f"note: {name}.png holds a picture of other weights; this one is {name}-epoch2.png" in err, err
     assert (run_dir / f"{name}.png").read_bytes() == first and (run_dir / f"{name}-epoch2.png").exists()
-    assert main(sample) == 2 and f"{name}-epoch2.png exists (an earlier picture)" in capsys.readouterr().err
+    assert main(sample) == 2 and f"{name}-epoch2.png exists (vaelab's or not, it is kept)" in capsys.readouterr().err
     Image.new("L", (8, 8)).save(run_dir / "samples-n9-seed0.png")                 # names no weights
     assert main(["sample", str(run_dir), "--n", "9"]) == 2 and "samples-n9-seed0.png exists" in capsys.readouterr().err
 

@@ -966,7 +966,8 @@ def _weights_file(run_dir: Path, checkpoint: str) -> str:
 
 def _check_target(path: Path, overwrite: bool, what: str, flag: str = "--out") -> None:
     if path.exists() and not overwrite:
-        raise UsageError(f"{path} exists (an earlier {what}); pass --overwrite to replace it, or {flag} another file")
+        raise UsageError(f"{path} exists (vaelab's or not, it is kept); pass --overwrite to replace it with this "
+                         f"{what}, or {flag} another file")
     if not path.parent.is_dir():
         raise UsageError(f"{flag} {path}: directory {path.parent} does not exist; create it first")
 
