@@ -422,6 +422,7 @@ def test_a_resume_may_amend_the_learning_rate_and_clipping_and_says_from_where(t
     assert code == 0 and ("amended on resuming after epoch 2: train.clip_grad_norm: 0.0 → 0.001; "
                           "train.clip_grad_value: 0.0 → 0.5; train.lr: 0.001 → 0.0005") in stdout
     assert "each element of the gradient clamped to ±0.5 after its norm is clipped at 0.001" in stdout
+    assert "learning rate 0.0005 from epoch 3 on (amended; the steps before trained with the former rate)" in stdout
     rows = [line.split(",") for line in (out / ckpt.METRICS).read_text().splitlines()]
     header = rows[0]
     assert [row[:len(header) - 4] for row in rows[1:3]] == [line.split(",")[:len(header) - 4] for line in before[1:]]
@@ -443,6 +444,18 @@ def test_a_resume_may_amend_the_learning_rate_and_clipping_and_says_from_where(t
 
     (out / ckpt.CONFIG).write_bytes(edited(out / ckpt.CONFIG, "train", "lr", 2e-4))
     code, stdout, _ = run(capsys, "train", "--out", out, "--resume", "--epochs", "4", *common)
-    assert code == 0 and "amended on resuming after epoch 3: train.lr: 0.0005 → 0.0002" in stdout
+    assert code == 0 and ("amended on resuming after epoch 3: train.lr: 0.0005 → 0.0002 (the steps before trained "
+                          "with the former values; config.json held them already: set by an earlier resume that "
+                          "wrote no checkpoint, or by hand)") in stdout
     _, meta = ckpt.load_tensors(out / ckpt.STATE)
     assert [entry["epoch"] for entry in meta["amendments"]] == [2, 3]
+    # a finished run: an amendment nothing would use is refused, not kept in config.json to be logged again at every
+    # later resume as if given then; a plain resume says that it has nothing to train (it writes the files again)
+    kept = {name: (out / name).read_bytes() for name in (ckpt.CONFIG, "train.log", ckpt.STATE)}
+    code, _, err = run(capsys, "train", "--out", out, "--resume", "--lr", "1e-4", *common)
+    assert code == 2 and one_line(err) and ("--lr changes how " + str(out) + " trains on, but it has trained all its 4 "
+                                            "epochs; add --epochs N above 4 to train on with it") in err
+    assert {name: (out / name).read_bytes() for name in kept} == kept
+    code, stdout, _ = run(capsys, "train", "--out", out, "--resume", *common)
+    assert code == 0 and f"{out} has trained all its 4 epochs: nothing to train (--epochs N above 4 trains on)" in stdout
+    assert "amended" not in stdout

@@ -718,12 +718,17 @@ def _resume(args: argparse.Namespace, world, observers: Sequence = ()) -> int:
                              f"flags (only {resumable} may change, and {', '.join(amendable)} and {last} from "
                              f"where the run stands) or start a new --out")
         amendments = [d for d in state_config.differences(config) if d.split(":")[0] in AMENDABLE]
+        given = [d for d in saved.differences(config) if d.split(":")[0] in AMENDABLE]     # by this resume's flags
         done = int(meta.get("epoch", 0))
         if config.train.epochs < done:
             raise UsageError(f"--epochs {config.train.epochs} is below the {done} epochs {run_dir} has already "
                              f"trained; give --epochs {done} or more")
+        if given and done == config.train.epochs and not meta.get("step"):
+            flags = " ".join(AMENDABLE[d.split(":")[0]] for d in given)
+            raise UsageError(f"{flags} changes how {run_dir} trains on, but it has trained all its {done} epochs; "
+                             f"add --epochs N above {done} to train on with it (nothing was changed)")
         return {"config": config.to_dict(), "restored": restored, "changed": restored or config != saved,
-                "amendments": amendments}
+                "amendments": amendments, "earlier": bool(amendments) and not given}
 
     try:
         claimed = on_main(world, claim)
@@ -732,7 +737,7 @@ def _resume(args: argparse.Namespace, world, observers: Sequence = ()) -> int:
         if claimed["restored"] and world.main:
             _log(f"{run_dir / ckpt.CONFIG} was missing; restored from the copy in {ckpt.STATE}")
         return _train(args, config, run_dir, run, resumed=True, write_config=claimed["changed"], world=world,
-                      observers=observers, amendments=claimed["amendments"])
+                      observers=observers, amendments=claimed["amendments"], amended_earlier=claimed["earlier"])
     finally:
         for held in lock:
             held.release()
@@ -769,7 +774,7 @@ def _prepare_training(args: argparse.Namespace, config):
 
 
 def _train(args: argparse.Namespace, config, run_dir: Path, run, resumed: bool, write_config: bool = True,
-           world=None, observers: Sequence = (), amendments: Sequence[str] = ()) -> int:
+           world=None, observers: Sequence = (), amendments: Sequence[str] = (), amended_earlier: bool = False) -> int:
     from vaelab import checkpoint as ckpt
     from vaelab.distributed import SINGLE, on_main
     from vaelab.training import Interrupted, Trainer, check_writable
@@ -794,7 +799,12 @@ def _train(args: argparse.Namespace, config, run_dir: Path, run, resumed: bool, 
         log(f"resuming {run_dir} after epoch {trainer.state.epoch}"
             + (f", step {trainer.state.step}" if trainer.state.step else ""))
         if amendments:
-            log(trainer.amend(list(amendments)))
+            # given at an earlier resume that wrote no checkpoint (killed before it): config.json holds them, the
+            # state not yet; recorded now, and said so, not as if this resume's flags had changed them again
+            log(trainer.amend(list(amendments), earlier=amended_earlier))
+        if trainer.state.epoch >= config.train.epochs and not trainer.state.step:
+            log(f"{run_dir} has trained all its {config.train.epochs} epochs: nothing to train (--epochs N above "
+                f"{config.train.epochs} trains on); its files are written again from the training state")
     if (write_config or not resumed) and world.main:
         ckpt.write_text(run_dir / ckpt.CONFIG, config.to_json())
     validation = f", validation {len(data.validation_binary)}" if data.validation_binary is not None else ""
@@ -817,7 +827,11 @@ def _train(args: argparse.Namespace, config, run_dir: Path, run, resumed: bool, 
                            + (f" (commit {machine['commit']})" if machine.get("commit") else ""))
     from vaelab.schedules import describe_schedule
 
-    lines, warnings = describe_schedule(config)
+    amended_lr = resumed and any(change.startswith("train.lr:") for change in amendments)
+    start = f"epoch {trainer.state.epoch + 1}" + (f", step {trainer.state.step + 1}" if trainer.state.step else "")
+    lines, warnings = describe_schedule(config, start if amended_lr else None)
+    if amended_lr and config.train.lr_schedule != "constant":
+        lines[0] += f" (--lr amended: from {start} on; the steps before trained with the former)"
     schedule = "schedule: " + "; ".join(lines)
     log(schedule)
     trainer.append_log(schedule)                                  # what this start or resume trains with, kept

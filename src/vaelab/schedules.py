@@ -82,11 +82,12 @@ def stages_of(epochs: int) -> str:
 
 
 
-def describe_schedule(config) -> tuple[list[str], list[str]]:
+def describe_schedule(config, lr_amended_from: str | None = None) -> tuple[list[str], list[str]]:
     """What the learning-rate schedule and the KL warm-up will do over the epochs asked for, said before
     training starts: (lines, warnings). A preset shortened with --epochs changes silently otherwise: an
     exponential decay is squeezed into the shorter run, Burda's schedule is cut short, and a warm-up longer
-    than the run never reaches β, so the objective trained is not the ELBO reported."""
+    than the run never reaches β, so the objective trained is not the ELBO reported. ``lr_amended_from``: where
+    a resume that amended --lr begins ("epoch 3"; the steps before trained with the former rate)."""
     from vaelab.presets import PRESETS
 
     train, objective = config.train, config.objective
@@ -96,7 +97,9 @@ def describe_schedule(config) -> tuple[list[str], list[str]]:
     lines, warnings = [], []
     rate = LR_SCHEDULES[train.lr_schedule]
     if train.lr_schedule == "constant":
-        lines.append(f"learning rate {lr:g} throughout")
+        lines.append(f"learning rate {lr:g} " + ("throughout" if lr_amended_from is None else
+                                                 f"from {lr_amended_from} on (amended; the steps before trained "
+                                                 f"with the former rate)"))
     elif train.lr_schedule == "exponential":
         lines.append(f"learning rate {lr:g} falling exponentially to {rate(epochs - 1, lr, epochs):.3g} in epoch "
                      f"{epochs}, over the {plural(epochs, 'epoch')} of this run")

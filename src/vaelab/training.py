@@ -532,15 +532,17 @@ class Trainer:
             for observer in self.observers:
                 observer(self.model, row)
 
-    def amend(self, changes: list[str]) -> str:
+    def amend(self, changes: list[str], earlier: bool = False) -> str:
         """Record that this resume changed ``changes`` ("train.lr: 0.001 → 0.0005", the config's differences) from
         where the loaded checkpoint stands (kept in the training state with its next checkpoint, and a line in
-        train.log now); returns the line."""
+        train.log now); ``earlier``: given at an earlier resume that wrote no checkpoint. Returns the line."""
         self.state.amendments = self.state.amendments + [{"epoch": self.state.epoch, "step": self.state.step,
                                                           "changes": changes}]
         where = f"epoch {self.state.epoch}" + (f", step {self.state.step}" if self.state.step else "")
         line = (f"amended on resuming after {where}: {'; '.join(changes)} (the steps before trained with the former "
-                f"values)")
+                f"values" + ("; config.json held them already: set by an earlier resume that wrote no "
+                                      "checkpoint, or by hand" if earlier else "")
+                + ")")
         self.append_log(line)
         return line
 
