@@ -361,14 +361,14 @@ def test_figures_for_a_paper_never_replace_another_runs_figures(evaluated, data_
     assert f"give another directory (e.g. {figures / 'b'})" in err
     assert (figures / "training-full.pdf").read_bytes() == before
     (figures / "elbo-full.pdf").write_bytes(b"%PDF- a figure this report does not make")
-    code, out, _ = run(capsys, "report", evaluated / "a", "--data-dir", data_dir, "--figures", figures,
-                       "--out", tmp_path / "a.html")
+    code, out, err = run(capsys, "report", evaluated / "a", "--data-dir", data_dir, "--figures", figures,
+                         "--out", tmp_path / "a.html")
     assert code == 0 and "they replace those of the earlier report of this run" in out
     # the count is of the figures this report made, not of the folder's PDF files; a file it did not make is named
     made = len(list(figures.glob("*-column.pdf")))
     assert f"figures in {figures}: {made}, each as PDF" in out and f"({4 * made + 2} files)" in out
     assert "note: 1 file named as a figure, from an earlier report (or not vaelab's), is left as before and is not " \
-        "of this page: elbo-full.pdf" in out
+        "of this page: elbo-full.pdf" in err
     assert (figures / "elbo-full.pdf").read_bytes() == b"%PDF- a figure this report does not make"
     stray = tmp_path / "stray"
     stray.mkdir()

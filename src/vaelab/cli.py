@@ -1294,9 +1294,10 @@ def cmd_report(args: argparse.Namespace) -> int:
              f"(full width, -full) wide, fonts embedded; the training curves and samples also as 300-dpi PNG "
              f"({len(written)} files)" + ("; they replace those of the earlier report of this run" if again else ""))
         if left:
-            _log(f"note: {plural(len(left), 'file')} named as {'a figure' if len(left) == 1 else 'figures'}, from an earlier report (or not vaelab's), "
-                 f"{'is' if len(left) == 1 else 'are'} left as before and {'is' if len(left) == 1 else 'are'} not of "
-                 f"this page: {', '.join(left[:4])}{', …' if len(left) > 4 else ''}")
+            named = f"{plural(len(left), 'file')} named as {'a figure' if len(left) == 1 else 'figures'}"
+            _note(f"{named}, from an earlier report (or not vaelab's), "
+                  f"{'is' if len(left) == 1 else 'are'} left as before and {'is' if len(left) == 1 else 'are'} not of "
+                  f"this page: {', '.join(left[:4])}{', …' if len(left) > 4 else ''}")
     return 0
 
 

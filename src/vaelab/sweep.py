@@ -445,10 +445,11 @@ def _check_values(spec: Spec) -> None:
             try:
                 parser.parse_args(["train", *flags_of(param.fields(inside))])
             except UsageError as exc:
+                step = ", step = …" if param.step else ""
                 raise _bad(f"search.{param.name}", f"the values inside the range are refused "
                                                    f"({str(exc).replace('argument --', '--')}); for whole numbers "
                                                    f"write the range in integers (low = {int(param.low)}, high = "
-                                                   f"{int(param.high)}{', step = …' if param.step else ''})") from None
+                                                   f"{int(param.high)}{step})") from None
     # a searched field no trial would read (a flow's steps where every trial has no flow): over every combination of
     # the choices (a range by its two ends, which is where a condition such as "no steps" can change)
     ends = [param.values_to_check() for param in spec.search]
