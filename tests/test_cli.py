@@ -280,8 +280,8 @@ def test_a_name_longer_than_the_file_system_takes_is_refused(trained, tmp_path, 
         main([str(trained) if word == "RUN" else word.replace("LONG", long) for word in argv])
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and one_line(err)
-    assert re.search(r"the name 'üaaaaaaaaaaa…a{3,8}(\.json|\.html)?' in it is 30\d bytes long, and a file's name may "
-                     r"have at most 255 here; give a shorter name", err), err
+    assert re.search(r"the name 'üaaaaaaaaaaa…a{3,8}(\.json|\.html)?' in it is 30\d bytes long, and a file's name "
+                     r"may have at most 255 here; give a shorter name", err), err
     assert list(tmp_path.iterdir()) == []
 
 
@@ -457,5 +457,6 @@ def test_a_resume_may_amend_the_learning_rate_and_clipping_and_says_from_where(t
                                             "epochs; add --epochs N above 4 to train on with it") in err
     assert {name: (out / name).read_bytes() for name in kept} == kept
     code, stdout, _ = run(capsys, "train", "--out", out, "--resume", *common)
-    assert code == 0 and f"{out} has trained all its 4 epochs: nothing to train (--epochs N above 4 trains on)" in stdout
+    assert code == 0 and f"{out} has trained all its 4 epochs: nothing to train (--epochs N above 4 trains on)" \
+        in stdout
     assert "amended" not in stdout
