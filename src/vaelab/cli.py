@@ -723,10 +723,6 @@ def _resume(args: argparse.Namespace, world, observers: Sequence = ()) -> int:
         if config.train.epochs < done:
             raise UsageError(f"--epochs {config.train.epochs} is below the {done} epochs {run_dir} has already "
                              f"trained; give --epochs {done} or more")
-        if given and done == config.train.epochs and not meta.get("step"):
-            flags = " ".join(AMENDABLE[d.split(":")[0]] for d in given)
-            raise UsageError(f"{flags} changes how {run_dir} trains on, but it has trained all its {done} epochs; "
-                             f"add --epochs N above {done} to train on with it (nothing was changed)")
         return {"config": config.to_dict(), "restored": restored, "changed": restored or config != saved,
                 "amendments": amendments, "earlier": bool(amendments) and not given}
 
@@ -795,6 +791,16 @@ def _train(args: argparse.Namespace, config, run_dir: Path, run, resumed: bool, 
                       observers=observers)
     if resumed:
         trainer.load_checkpoint()
+        finished = trainer.state.epoch >= config.train.epochs and not trainer.state.step
+        if amendments and not amended_earlier and (finished or trainer.stopped_early):
+            # kept in config.json, an amendment no step used was logged again at every later resume as if given then
+            flags = " ".join(AMENDABLE[change.split(":")[0]] for change in amendments)
+            fix = (f"add --epochs N above {config.train.epochs}" if finished else
+                   "add --early-stopping 0 (or a larger N)")
+            raise UsageError(f"{flags} changes how {run_dir} trains on, but it "
+                             + (f"has trained all its {config.train.epochs} epochs" if finished else
+                                f"stopped early after epoch {trainer.state.epoch}")
+                             + f"; {fix} to train on with it (nothing was changed)")
         trainer.write_user_files()
         log(f"resuming {run_dir} after epoch {trainer.state.epoch}"
             + (f", step {trainer.state.step}" if trainer.state.step else ""))
@@ -802,7 +808,7 @@ def _train(args: argparse.Namespace, config, run_dir: Path, run, resumed: bool, 
             # given at an earlier resume that wrote no checkpoint (killed before it): config.json holds them, the
             # state not yet; recorded now, and said so, not as if this resume's flags had changed them again
             log(trainer.amend(list(amendments), earlier=amended_earlier))
-        if trainer.state.epoch >= config.train.epochs and not trainer.state.step:
+        if finished:
             log(f"{run_dir} has trained all its {config.train.epochs} epochs: nothing to train (--epochs N above "
                 f"{config.train.epochs} trains on); its files are written again from the training state")
     if (write_config or not resumed) and world.main:
