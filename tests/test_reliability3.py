@@ -554,6 +554,8 @@ def test_api_refuses_bad_arguments_before_torch_does(evaluated):
         run.log_likelihood(x, k=-3)
     with pytest.raises(UsageError, match=r"784 pixels per digit.* got shape \(10, 100\)"):
         run.encode(torch.zeros(10, 100))
+    for shape in ((3, 28, 28), (3, 1, 28, 28)):              # torch's image batches (one channel) were refused
+        assert torch.equal(run.log_likelihood(x.reshape(shape), k=5), run.log_likelihood(x, k=5))
     with pytest.raises(UsageError, match=r"needs binary digits \(pixels 0 or 1\).*binarise them first"):
         run.log_likelihood(x * 0.5, k=5)                     # grey values: a cross-entropy, not log p(x)
     assert run.encode(x * 0.5)[0].shape == (3, 4)           # the encoder takes probabilities

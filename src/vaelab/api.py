@@ -81,15 +81,18 @@ class Run:
 
     @staticmethod
     def _pixels(x: Any) -> torch.Tensor:
-        """Digits as (B, 784) float32: from (B, 784), (B, 28, 28), one (784,) or (28, 28) digit; values in [0, 1]."""
+        """Digits as (B, 784) float32: from (B, 784), (B, 28, 28), (B, 1, 28, 28) (torch's image batches, one
+        channel), one (784,), (28, 28) or (1, 28, 28) digit; values in [0, 1]."""
         x = _real_tensor(x, "x", "digits")
         shape = tuple(x.shape)
-        if shape in ((784,), (28, 28)):
+        if shape in ((784,), (28, 28), (1, 28, 28)):
             x = x.reshape(1, 784)
-        elif len(shape) == 2 and shape[1] == 784 or len(shape) == 3 and shape[1:] == (28, 28):
+        elif len(shape) == 2 and shape[1] == 784 or len(shape) == 3 and shape[1:] == (28, 28) or \
+                len(shape) == 4 and shape[1:] == (1, 28, 28):
             x = x.reshape(-1, 784)
         else:
-            raise UsageError(f"x must hold 784 pixels per digit, shaped (B, 784) or (B, 28, 28); got shape {shape}")
+            raise UsageError(f"x must hold 784 pixels per digit, shaped (B, 784), (B, 28, 28) or (B, 1, 28, 28); got "
+                             f"shape {shape}")
         if len(x) == 0:
             raise UsageError("x holds no digits (shape (0, 784)); pass at least one")
         if not bool(((x >= 0) & (x <= 1)).all()):
