@@ -372,6 +372,19 @@ def test_without_optuna_the_command_says_what_to_install(tmp_path, monkeypatch, 
     assert "pip install 'vaelab[sweep]'" in capsys.readouterr().err
 
 
+def test_a_stepped_value_is_its_grid_point_as_written():
+    """Optuna's stepped float is low + n·step in floating point: 7e-4 came as 0.0007000000000000001, in the trial's
+    config, the table and the best command."""
+    optuna = pytest.importorskip("optuna")
+    from vaelab.sweep import Param
+
+    param = Param("lr", 1e-4, 1e-3, False, 1e-4)
+    raw = 1e-4 + 6 * 1e-4
+    assert raw != 7e-4 and param.stored(raw) == 7e-4
+    assert param.suggest(optuna.trial.FixedTrial({"lr": raw})) == 7e-4
+    assert Param("lr", 1e-4, 1e-3).stored(raw) == raw                          # a continuous range: as drawn
+
+
 def test_the_cpu_hour_choice_is_a_spec_that_parses():
     """benchmarks/sweeps/cpu-hour.toml, the comparison that chose cpu-hour at a shorter budget, is a valid spec
     whose six enqueued candidates are its six trials."""

@@ -114,7 +114,15 @@ class Param:
         if self.integer:
             return trial.suggest_int(self.name, int(self.low), int(self.high), log=self.log,
                                      step=int(self.step or 1))
-        return trial.suggest_float(self.name, self.low, self.high, log=self.log, step=self.step)
+        return self.stored(trial.suggest_float(self.name, self.low, self.high, log=self.log, step=self.step))
+
+    def stored(self, value: Any) -> Any:
+        """The value of this parameter that Optuna stored, as a trial uses it: a choice decoded; a stepped value,
+        low + n·step in floating point (7e-4 came as 0.0007000000000000001, and so in the best command), as the
+        grid's point is written, to 12 significant digits."""
+        if self.choices is not None:
+            return json.loads(value)
+        return float(f"{value:.12g}") if self.step is not None and not self.integer else value
 
     def values_to_check(self) -> list[Any]:
         """The values whose flags are validated before any trial: both ends, or every choice."""
@@ -915,8 +923,8 @@ def summarize(study, spec: Spec, out: Path) -> dict:
         trial = latest.get(slot)
         run_dir = run_dir_of(out, slot)
         metrics = read_metrics(run_dir / "metrics.csv") if run_dir.exists() else []
-        params = {p.name: (json.loads(trial.params[p.name]) if p.choices is not None else trial.params[p.name])
-                  for p in spec.search if trial is not None and p.name in trial.params}
+        params = {p.name: p.stored(trial.params[p.name]) for p in spec.search
+                  if trial is not None and p.name in trial.params}
         rows.append({"slot": slot, "trial": None if trial is None else trial.number,
                      "unused": sorted({*_unused_params(spec, run_dir),
                                        *(() if trial is None else trial.user_attrs.get("idle", ()))}),
