@@ -79,15 +79,18 @@ def write_evaluation(out: Path, record: dict, per_digit: dict, labels, run_dir: 
     for index, (label, *values) in enumerate(zip(labels.tolist(), *columns)):
         lines.append(",".join([str(index), str(label), *(f"{v:.6f}" for v in values)]))
     stem, wanted = out.name.removesuffix(".json"), out
+
+    def text_naming(digits: Path) -> str:         # the record, naming its per-digit file
+        return json.dumps(strict_json({**record, "per_digit": digits.name}), indent=2, allow_nan=False) + "\n"
+
     try:
         for attempt in range(1, 1000):
             out = wanted if attempt == 1 else wanted.with_name(f"{stem}-{attempt}.json")
             digits = digits_path(out)
             if someone_elses(digits) and not overwrite:
                 continue                                   # made while this one ran: its name is taken
-            text = json.dumps(strict_json({**record, "per_digit": digits.name}), indent=2, allow_nan=False) + "\n"
             try:
-                atomic.write_text(out, text, replace=overwrite)
+                atomic.write_text(out, text_naming(digits), replace=overwrite)
             except FileExistsError:
                 continue
             try:
@@ -101,8 +104,7 @@ def write_evaluation(out: Path, record: dict, per_digit: dict, labels, run_dir: 
         fallback = Path(tempfile.gettempdir()) / f"vaelab-{run_dir.resolve().name}-{out.name}"
         try:
             atomic.write_text(digits_path(fallback), "\n".join(lines) + "\n")
-            atomic.write_text(fallback, json.dumps(strict_json({**record, "per_digit": digits_path(fallback).name}),
-                                                   indent=2, allow_nan=False) + "\n")
+            atomic.write_text(fallback, text_naming(digits_path(fallback)))
             saved = f"the record was saved to {fallback} instead"
         except WriteError:
             saved = "nothing could be saved (the results are printed above)"
