@@ -110,7 +110,7 @@ class Param:
 
     def suggest(self, trial) -> Any:
         if self.choices is not None:
-            return json.loads(trial.suggest_categorical(self.name, list(self.choices)))
+            return self.stored(trial.suggest_categorical(self.name, list(self.choices)))
         if self.integer:
             return trial.suggest_int(self.name, int(self.low), int(self.high), log=self.log,
                                      step=int(self.step or 1))
