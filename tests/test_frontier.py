@@ -419,6 +419,8 @@ def test_the_report_of_a_vampprior_run_shows_its_pseudo_inputs(tmp_path, data_di
     (["--model", "hvae", "--latent", "8", "4", "--blocks", "32", "16", "--inference", "top-down", "--flow", "planar",
       "--flow-steps", "2"], ["--flow planar applies to bottom-up inference", "--flow none"]),
     (["--model", "hvae", "--latent", "8"], ["model hvae takes 2 to 64 stochastic layers"]),
+    # 300 sizes are counted, not listed (the line held all 300 numbers)
+    (["--model", "hvae", "--latent", *map(str, range(1, 301))], ["takes 2 to 64 stochastic layers", "got 300 sizes"]),
     (["--model", "tomczak", "--hidden", "30", "20", "--latent", "4"], ["hidden layers of one width W"]),
     (["--blocks", "32,x"], ["--blocks", "whole number", "got 'x'"]),
     (["--batch-norm"], ["--batch-norm applies to the hierarchies", "not model mlp", "leave it out"]),

@@ -82,8 +82,9 @@ class ModelConfig:
         fewest, most = LAYERS[self.name]
         if not fewest <= len(self.latent) <= most:
             wanted = str(fewest) if fewest == most else f"{fewest} to {most}"
+            got = list(self.latent) if len(self.latent) <= 8 else f"{len(self.latent)} sizes"
             raise UsageError(f"model {self.name} takes {wanted} stochastic layer{'s' * (most > 1)}: give {wanted} latent "
-                             f"size{'s' * (most > 1)} (--latent d₁ … d_L), got {list(self.latent)}")
+                             f"size{'s' * (most > 1)} (--latent d₁ … d_L), got {got}")
         layers = len(self.latent)
         if len(self.hidden) != layers:
             flag = "--hidden" if layers == 1 else "--hidden and --hidden-top, or --blocks"
