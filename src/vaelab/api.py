@@ -117,7 +117,10 @@ class Run:
 
     @torch.no_grad()
     def encode(self, x: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        """(μ, log σ²) of q(z₁|x), each (B, d₁), for digits x (B, 784) or (B, 28, 28)."""
+        """(μ, log σ²) of the Gaussian q(z₁|x), each (B, d₁), for digits x (B, 784) or (B, 28, 28). Where a flow
+        follows it (``--flow``), q(z₁|x) is not Gaussian and these are its base q₀(z₀|x), before the flow's steps
+        (decoding μ₀ skips the flow: ``reconstruct`` goes through it); in a hierarchy whose q(z₁|·) depends on the
+        layer above (``--inference top-down``, the two-layer tomczak), q(z₁|·) with every layer above at its mean."""
         x = self._pixels(x)
         self._require_rows(len(x), f"encode of {len(x)} digits", "pass fewer digits at a time")
         return self.model.encode(x)
@@ -136,6 +139,16 @@ class Run:
             raise UsageError(f"z must be finite; it holds {int((~torch.isfinite(z)).sum())} infinite or NaN values")
         self._require_rows(len(z), f"decode of {len(z)} latents", "pass fewer latents at a time")
         return torch.sigmoid(self.model.decode_latents(z) if z.shape[1] == sum(sizes) else self.model.decode(z))
+
+    @torch.no_grad()
+    def reconstruct(self, x: Any) -> torch.Tensor:
+        """Decoder means sigmoid(logits) of p(x|z) at z = every layer's mean under q, each through its flow where it
+        has one (z_T = f_T ∘ … ∘ f₁(μ₀)): (B, 784), what the run's reconstructions.png and its report show."""
+        from vaelab.evaluation import reconstructions
+
+        x = self._pixels(x)
+        self._require_rows(len(x), f"reconstruct of {len(x)} digits", "pass fewer digits at a time")
+        return reconstructions(self.model, x)
 
     def sample(self, n: int = 64, seed: int = 0) -> torch.Tensor:
         """Decoder means of n draws from p(z): (n, 784)."""

@@ -889,6 +889,7 @@ def write_pictures(model, data, metrics, run_dir: Path) -> None:
     """elbo.png, samples.png (8×8 decoder means) and reconstructions.png of a run."""
     import torch
 
+    from vaelab.evaluation import reconstructions
     from vaelab.plots import plot_elbo, plot_grid, plot_reconstructions
 
     plot_elbo(metrics, run_dir / "elbo.png")
@@ -897,7 +898,7 @@ def write_pictures(model, data, metrics, run_dir: Path) -> None:
     plot_grid(model.sample(64, generator).cpu().numpy(), run_dir / "samples.png", "samples from p(x): decoder means")
     with torch.no_grad():
         x = data.test_binary[:30].float()
-        recon = torch.sigmoid(model.decode_latents(model.posterior_start(x)))
+        recon = reconstructions(model, x)
     plot_reconstructions(x.cpu().numpy(), recon.cpu().numpy(), run_dir / "reconstructions.png")
 
 

@@ -247,6 +247,12 @@ def elbo_summary(model, images: torch.Tensor, batch_size: int = 1000, seed: int 
     return {"elbo": elbo, "reconstruction": reconstruction, "kl": kl}
 
 
+def reconstructions(model, x: torch.Tensor) -> torch.Tensor:
+    """Decoder means sigmoid(logits) of p(x|z) at z = ``posterior_start(x)``, every layer at its mean under q (through
+    its flow where it has one), for digits x (B, 784): (B, 784), what every reconstruction picture shows."""
+    return torch.sigmoid(model.decode_latents(model.posterior_start(x)))
+
+
 def summarize(values: torch.Tensor) -> tuple[float, float | None]:
     """Mean and its standard error (std over examples / √N) of per-example values; None for one example."""
     values = values.double()

@@ -18,7 +18,7 @@ from vaelab import checkpoint as ckpt
 from vaelab import plots
 from vaelab.config import UNUSED
 from vaelab.errors import UsageError
-from vaelab.evaluation import SECOND_DRAW_DIGITS, draws_move_means, summarize
+from vaelab.evaluation import SECOND_DRAW_DIGITS, draws_move_means, reconstructions, summarize
 from vaelab.laplace import STALLED_CAUSE
 from vaelab.presets import changed_fields, preset_label
 from vaelab.runs import (RunInfo, digits_label, distinct_labels, estimator_label, format_duration, of_best_weights,
@@ -171,11 +171,6 @@ def _latent_views(model, images: torch.Tensor, labels: np.ndarray, layers: list[
 def _posterior_means(model, x: torch.Tensor) -> list[torch.Tensor]:
     """E_q-path means per layer (each layer at the mean of q given the means of the layers it depends on)."""
     return list(model.posterior_start(x).split(list(model.config.latent), dim=-1))
-
-
-def reconstructions(model, x: torch.Tensor) -> torch.Tensor:
-    """Decoder means at the posterior means of x (B, 784): what every reconstruction picture shows."""
-    return torch.sigmoid(model.decode_latents(model.posterior_start(x)))
 
 
 def _nonlinear_embedding(points: np.ndarray):
