@@ -547,9 +547,10 @@ def test_ctrl_c_stops_the_sweep_with_checkpoints_and_the_rerun_goes_on(tmp_path,
     assert finished_slots(out) == [0, 1, 2, 3]
 
 
-def two_trial_grid(tmp_path: Path, data_dir: Path, fixed: str, search: str) -> tuple[str, list[str]]:
+def two_trial_grid(tmp_path: Path, data_dir: Path, fixed: str, search: str,
+                   exit_code: int = 0) -> tuple[str, list[str]]:
     """A two-trial grid sweep of one short epoch on 500 + 100 digits, ``fixed`` and ``search`` (TOML lines) added to
-    its sections, run to its end: (what it printed, the states of its trials, sorted)."""
+    its sections, run to its end (exiting with ``exit_code``): (what it printed, the states of its trials, sorted)."""
     spec = tmp_path / "spec.toml"
     spec.write_text(f"""\
 preset = "seed"
@@ -567,8 +568,8 @@ test_examples = 50
 """)
     process = sweep_cli(spec, tmp_path / "out", data_dir=data_dir)
     printed, err = process.communicate(timeout=600)
-    assert process.returncode == 0, err
-    return printed, sorted(state for _, state, slot, surplus in trial_states(tmp_path / "out") if not surplus)
+    assert process.returncode == exit_code, err
+    return printed + err, sorted(state for _, state, slot, surplus in trial_states(tmp_path / "out") if not surplus)
 
 
 def test_a_sampled_combination_the_train_command_refuses_fails_that_trial_only(tmp_path, data_dir):
@@ -577,6 +578,24 @@ def test_a_sampled_combination_the_train_command_refuses_fails_that_trial_only(t
     printed, states = two_trial_grid(tmp_path, data_dir, 'hidden = [16]\nlatent = [3]', 'model = ["mlp", "mlp2"]')
     assert states == ["COMPLETE", "FAIL"]                               # the failed slot was not retried
     assert "failed:" in printed and "2 stochastic layers" in printed
+
+
+def test_a_sweep_whose_every_trial_failed_exits_1_and_its_page_shows_why(tmp_path, data_dir):
+    """Both trials refused by `vaelab train` (two-layer models given one latent size): the sweep ends with one line
+    saying that no trial completed, exit status 1 (it was 0, as if there were a best configuration to train), and its
+    report names the failures where it said "No trial has finished yet" and showed only "fail" in the table."""
+    from vaelab.cli import main
+
+    printed, states = two_trial_grid(tmp_path, data_dir, 'hidden = [16]\nlatent = [3]', 'model = ["mlp2", "hvae"]',
+                                     exit_code=1)
+    assert states == ["FAIL", "FAIL"]
+    assert printed.count("failed:") == 2 and "best:" not in printed
+    last = printed.strip().splitlines()[-1]
+    assert last.startswith("vaelab sweep: error: no trial of") and "completed (2 failed of 2)" in last, last
+    assert main(["report", str(tmp_path / "out")]) == 0
+    html = (tmp_path / "out" / "report.html").read_text()
+    assert "No trial has finished yet" not in html and "No trial has a value to show: 2 failed" in html
+    assert html.count("failed: ") == 2 and "2 stochastic layers" in html and "(2 failed)" in html
 
 
 @pytest.mark.slow

@@ -1348,6 +1348,13 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
     summary = sweep(args.spec, args.out, args.workers, args.storage, args.trials, log=_log)
     _log(summary_table(summary))
+    states = [row["state"] for row in summary["rows"]]
+    if summary["best"] is None and states and set(states) <= {"fail", "pruned"}:
+        # every slot has ended and none completed: nothing to train in full (the exit status said 0 before)
+        ended = f"{states.count('fail')} failed" + (f", {states.count('pruned')} pruned" if "pruned" in states else "")
+        raise VaelabError(f"no trial of {args.out} completed ({ended} of {len(states)}): there is no best "
+                          f"configuration; the lines above say why each failed; change the spec (its ranges or "
+                          f"[fixed] fields) and sweep into another --out")
     return 0
 
 

@@ -1094,7 +1094,8 @@ def build_sweep_report(out: Path, trial_reports: bool = True, data_dir: str | No
     if importance is None and not note:
         note = ("No parameter importances: they need two or more complete trials whose parameters differ, and a "
                 "parameter whose values among the best trials differ from the others'.")
-    counts = [f"{states.count(s)} {s}" for s in ("complete", "pruned", "running", "fail", "waiting") if states.count(s)]
+    counts = [f"{states.count(s)} {'failed' if s == 'fail' else s}" for s in ("complete", "pruned", "running", "fail",
+                                                                             "waiting") if states.count(s)]
     best = summary["best"]
     command = summary_table(summary).split("\n")[-1].strip() if best else ""
     return _environment().get_template("sweep.html.j2").render(
@@ -1102,5 +1103,6 @@ def build_sweep_report(out: Path, trial_reports: bool = True, data_dir: str | No
         parameters=parameters, importance=importance, importance_note=note, minimize=minimize, counts=counts,
         legend=options_legend(spec),
         finished=sum(states.count(s) for s in ("complete", "pruned")), storage=state["storage"], fmt=_fmt,
+        pending=states.count("running") + states.count("waiting"),
         short=lambda v: f"{v:.4g}" if isinstance(v, float) else v, unused=UNUSED,
         duration=format_duration, generated=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()))
