@@ -353,6 +353,27 @@ def test_a_new_sweep_needs_an_empty_or_new_directory(tmp_path, data_dir, capsys)
     assert (mine / "sweep.toml").read_text() == "my own notes\n"
 
 
+def test_a_storage_that_cannot_be_opened_leaves_no_sweep_tied_to_it(tmp_path, monkeypatch, capsys):
+    """`--storage` with a typo wrote sweep.json naming it before opening it; every later command on that --out was
+    then refused ("keeps its study in <the typo>; give that --storage"). Now nothing is written: a directory the
+    command made is removed again, one that was there keeps only the lock file."""
+    from vaelab import sweep
+    from vaelab.cli import main
+
+    pytest.importorskip("optuna")
+    monkeypatch.setattr(sweep.time, "sleep", lambda seconds: None)      # its retries of a first open
+    spec = tmp_path / "spec.toml"
+    spec.write_text(EXAMPLE)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for out in (tmp_path / "new", empty):
+        bad = f"sqlite:///{tmp_path}/no/such/folder/study.db"
+        assert main(["sweep", str(spec), "--out", str(out), "--storage", bad]) == 2
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and f"--storage {bad}: cannot open the study's database" in err, err
+        assert not out.exists() if out != empty else [p.name for p in out.iterdir()] == [".reconcile.lock"]
+
+
 def test_without_optuna_the_command_says_what_to_install(tmp_path, monkeypatch, capsys):
     import builtins
 

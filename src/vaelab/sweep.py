@@ -836,7 +836,9 @@ def sweep(spec_path: Path, out: Path, workers: int, storage: str | None, trials:
                              f"another --out")
 
     refuse_others()
+    made = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
+    study = None
     with file_lock(out / ".reconcile.lock"):
         if state_path.exists():
             state = json.loads(state_path.read_text())
@@ -856,12 +858,23 @@ def sweep(spec_path: Path, out: Path, workers: int, storage: str | None, trials:
             digest = hashlib.sha256(spec.text.encode()).hexdigest()[:10]
             state = {"spec": spec.text, "storage": storage_url(out, storage), "study": f"vaelab-{spec_path.stem}-{digest}",
                      "trials": spec.trials, "created": time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime())}
+            # the storage is opened before the sweep's files are written: a --storage that cannot be opened (a typo, a
+            # server down) leaves no sweep.json tying this directory to it (every later command was refused with
+            # "give that --storage"), and a directory this command made is removed again
+            try:
+                study = open_study(spec, state["storage"], state["study"])
+            except UsageError:
+                if made:
+                    (out / ".reconcile.lock").unlink(missing_ok=True)
+                    with contextlib.suppress(OSError):
+                        out.rmdir()
+                raise
             (out / SPEC_FILE).write_text(spec.text)
         from vaelab.atomic import write_text
 
         write_text(state_path, json.dumps(state, indent=2) + "\n")
     spec = dataclasses.replace(spec, trials=state["trials"])
-    study = open_study(spec, state["storage"], state["study"])
+    study = study or open_study(spec, state["storage"], state["study"])
     reconcile(study, spec, out, shared=state["storage"] != storage_url(out, None))
     threads = max(1, default_threads() // workers)
     (out / "workers").mkdir(exist_ok=True)
