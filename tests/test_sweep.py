@@ -374,6 +374,31 @@ def test_a_storage_that_cannot_be_opened_leaves_no_sweep_tied_to_it(tmp_path, mo
         assert not out.exists() if out != empty else [p.name for p in out.iterdir()] == [".reconcile.lock"]
 
 
+def test_workers_beyond_the_cores_are_refused_and_beyond_the_trials_not_started(tmp_path, data_dir, monkeypatch,
+                                                                              capsys):
+    """`--workers 100` on 2 cores started 100 processes of about 260 MB each (26 GB, more than the machine had) that
+    waited for each other; now more workers than cores is one line, exit 2, nothing written, and workers beyond the
+    spec's trials are not started (12 workers for 2 trials held 3 GB, 10 of them idle)."""
+    from vaelab import resources
+    from vaelab.cli import main
+
+    spec = tmp_path / "spec.toml"
+    spec.write_text(EXAMPLE.replace("trials = 4", "trials = 1").replace("epochs = 2", "epochs = 1"))
+    monkeypatch.setattr(resources, "usable_cores", lambda: 2)
+    assert main(["sweep", str(spec), "--out", str(tmp_path / "out"), "--workers", "3"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "--workers 3: this process may run on 2 cores" in err and \
+        "give at most 2" in err, err
+    assert not (tmp_path / "out").exists()
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("two workers need two cores")
+    process = sweep_cli(spec, tmp_path / "out", "--workers", "2", data_dir=data_dir)
+    printed, err = process.communicate(timeout=600)
+    assert process.returncode == 0, err
+    assert "1 worker (of --workers 2: one per trial) × " in printed, printed
+    assert len(list((tmp_path / "out" / "workers").iterdir())) == 1       # one worker's log
+
+
 def test_without_optuna_the_command_says_what_to_install(tmp_path, monkeypatch, capsys):
     import builtins
 

@@ -1344,8 +1344,16 @@ def default_comparison_page(run_dirs: Sequence[Path]) -> Path:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
+    from vaelab.resources import usable_cores
     from vaelab.sweep import summary_table, sweep
 
+    cores = usable_cores()
+    if args.workers > cores:
+        # each worker trains on a thread of its own at least: more of them than cores only wait for each other, and
+        # each holds its own torch and data (2 cores, --workers 100: 26 GB before a trial began)
+        raise UsageError(f"--workers {args.workers}: this process may run on {plural(cores, 'core')} (its CPU "
+                         f"affinity), and each worker trains on one at least; give at most {cores} (a sweep command on "
+                         f"another machine with the same --storage adds its workers to the study)")
     summary = sweep(args.spec, args.out, args.workers, args.storage, args.trials, log=_log)
     _log(summary_table(summary))
     states = [row["state"] for row in summary["rows"]]

@@ -876,11 +876,14 @@ def sweep(spec_path: Path, out: Path, workers: int, storage: str | None, trials:
     spec = dataclasses.replace(spec, trials=state["trials"])
     study = study or open_study(spec, state["storage"], state["study"])
     reconcile(study, spec, out, shared=state["storage"] != storage_url(out, None))
+    # a worker beyond the trials would only wait, holding its own torch (about 260 MB each)
+    asked, workers = workers, min(workers, spec.trials)
     threads = max(1, default_threads() // workers)
     (out / "workers").mkdir(exist_ok=True)
     log(f"sweep {out}: {plural(spec.trials, 'trial')} of preset {spec.preset}, objective {spec.objective}"
         f"{f' (IWAE-{spec.k})' if spec.objective == 'validation-nll' else ''}, {workers} worker"
-        f"{'s' * (workers > 1)} × {threads} thread{'s' * (threads > 1)}, study in {state['storage']}")
+        f"{'s' * (workers > 1)}{f' (of --workers {asked}: one per trial)' if asked > workers else ''} × {threads} "
+        f"thread{'s' * (threads > 1)}, study in {state['storage']}")
     context = multiprocessing.get_context("spawn")
     processes = [context.Process(target=worker, args=(str(spec_path), str(out), state["storage"], state["study"],
                                                       threads, str(out / "workers" / f"{os.getpid()}-{i}.log")))
