@@ -695,6 +695,34 @@ def test_the_epoch_line_names_the_objective_with_its_beta_and_puts_units_where_t
     assert "note: preset cpu-hour spans its decay over 520 epochs" in err
 
 
+def test_a_resume_that_re_spans_the_exponential_decay_says_so(tmp_path, data_dir, capsys):
+    """Each epoch's exponential rate is lr·10^(−e/(epochs − 1)): a resume with --epochs 4 of a run of 2 moved the
+    epochs left onto the 4-epoch curve, so the rate rose from 1e-4 (epoch 2) to 2.15e-4 (epoch 3) while the schedule
+    line read "falling exponentially … over the 4 epochs of this run" and nothing said that it rose."""
+    from vaelab.runs import read_metrics
+    from vaelab.schedules import exponential_lr
+
+    common = ["--out", tmp_path / "run", "--lr-schedule", "exponential", "--hidden", "16", "--latent", "2",
+              "--data-dir", data_dir, *SMALL[2:]]
+    assert run(capsys, "train", "--epochs", "2", *common)[0] == 0
+    code, out, err = run(capsys, "train", "--resume", "--epochs", "4", *common)
+    assert code == 0, err
+    assert "(re-spanned by this resume: until epoch 2 the decay spanned 2 epochs)" in out
+    assert ("note: --epochs 4 re-spans the exponential decay, which spanned the run's 2 epochs until now: epoch 3 "
+            "trains at 0.000215 where epoch 2 trained at 0.0001, and the rate reaches 0.0001 in epoch 4") in err, err
+    rates = [row["lr"] for row in read_metrics(tmp_path / "run" / "metrics.csv")]
+    assert rates == pytest.approx([1e-3, 1e-4, exponential_lr(2, 1e-3, 4), 1e-4], rel=1e-5)
+    assert "re-spanned by this resume" in (tmp_path / "run" / training.TRAIN_LOG).read_text()
+    code, out, err = run(capsys, "train", "--resume", "--epochs", "5", *common)   # from the curve of 4, now of 5
+    assert code == 0 and "until epoch 4 the decay spanned 4 epochs" in out and "epoch 5 trains at 0.0001 where " \
+        "epoch 4 trained at 0.0001" in err, err
+    code, out, err = run(capsys, "train", "--resume", "--epochs", "5", *common)   # nothing re-spanned: no note
+    assert code == 0 and "re-spanned" not in out + err
+    # metrics.csv wrote rates to six decimals: 2.154e-4 as 0.000215, and 3e-7 as 0.000000
+    assert run(capsys, "train", "--epochs", "1", "--lr", "3e-7", *common[2:], "--out", tmp_path / "slow")[0] == 0
+    assert read_metrics(tmp_path / "slow" / "metrics.csv")[0]["lr"] == pytest.approx(3e-7, rel=1e-6)
+
+
 def test_burdas_schedule_cut_short_is_said(tmp_path, data_dir, capsys):
     code, out, err = run(capsys, "train", "--preset", "burda-vae-1", "--epochs", "1", "--hidden", "16", "16",
                          "--out", tmp_path / "run", "--data-dir", data_dir, *SMALL[2:])

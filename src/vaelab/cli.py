@@ -724,7 +724,8 @@ def _resume(args: argparse.Namespace, world, observers: Sequence = ()) -> int:
             raise UsageError(f"--epochs {config.train.epochs} is below the {done} epochs {run_dir} has already "
                              f"trained; give --epochs {done} or more")
         return {"config": config.to_dict(), "restored": restored, "changed": restored or config != saved,
-                "amendments": amendments, "earlier": bool(amendments) and not given}
+                "amendments": amendments, "earlier": bool(amendments) and not given,
+                "epochs_before": state_config.train.epochs}
 
     try:
         claimed = on_main(world, claim)
@@ -733,7 +734,8 @@ def _resume(args: argparse.Namespace, world, observers: Sequence = ()) -> int:
         if claimed["restored"] and world.main:
             _log(f"{run_dir / ckpt.CONFIG} was missing; restored from the copy in {ckpt.STATE}")
         return _train(args, config, run_dir, run, resumed=True, write_config=claimed["changed"], world=world,
-                      observers=observers, amendments=claimed["amendments"], amended_earlier=claimed["earlier"])
+                      observers=observers, amendments=claimed["amendments"], amended_earlier=claimed["earlier"],
+                      epochs_before=claimed["epochs_before"])
     finally:
         for held in lock:
             held.release()
@@ -770,7 +772,8 @@ def _prepare_training(args: argparse.Namespace, config):
 
 
 def _train(args: argparse.Namespace, config, run_dir: Path, run, resumed: bool, write_config: bool = True,
-           world=None, observers: Sequence = (), amendments: Sequence[str] = (), amended_earlier: bool = False) -> int:
+           world=None, observers: Sequence = (), amendments: Sequence[str] = (), amended_earlier: bool = False,
+           epochs_before: int | None = None) -> int:
     from vaelab import checkpoint as ckpt
     from vaelab.distributed import SINGLE, on_main
     from vaelab.training import Interrupted, Trainer, check_writable
@@ -835,7 +838,9 @@ def _train(args: argparse.Namespace, config, run_dir: Path, run, resumed: bool, 
 
     amended_lr = resumed and any(change.startswith("train.lr:") for change in amendments)
     start = f"epoch {trainer.state.epoch + 1}" + (f", step {trainer.state.step + 1}" if trainer.state.step else "")
-    lines, warnings = describe_schedule(config, start if amended_lr else None)
+    done = trainer.state.metrics
+    lines, warnings = describe_schedule(config, start if amended_lr else None,
+                                        (len(done), epochs_before, done[-1]["lr"]) if resumed and done else None)
     if amended_lr and config.train.lr_schedule != "constant":
         lines[0] += f" (--lr amended: from {start} on; the steps before trained with the former)"
     schedule = "schedule: " + "; ".join(lines)

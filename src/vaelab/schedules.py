@@ -36,7 +36,8 @@ BURDA_EPOCHS = sum(3 ** i for i in range(8))      # 3280
 def exponential_lr(epoch: int, base: float, epochs: int) -> float:
     """lr = base · 10^(−epoch/(epochs − 1)): from base in the first epoch to base/10 in the last, falling by the
     same factor every epoch (Burda's schedule falls by 10 over its 3280 epochs too, in 8 steps). It depends
-    on the run's --epochs: raising --epochs on resume stretches the rest of the decay."""
+    on the run's --epochs: a resume with another --epochs moves the epochs left onto the curve of the new count (the
+    next epoch's rate above the last one's where --epochs grew), and says so (``describe_schedule``)."""
     return base * 10.0 ** (-epoch / max(1, epochs - 1))
 
 
@@ -82,12 +83,15 @@ def stages_of(epochs: int) -> str:
 
 
 
-def describe_schedule(config, lr_amended_from: str | None = None) -> tuple[list[str], list[str]]:
+def describe_schedule(config, lr_amended_from: str | None = None,
+                      resumed: tuple[int, int | None, float] | None = None) -> tuple[list[str], list[str]]:
     """What the learning-rate schedule and the KL warm-up will do over the epochs asked for, said before
     training starts: (lines, warnings). A preset shortened with --epochs changes silently otherwise: an
     exponential decay is squeezed into the shorter run, Burda's schedule is cut short, and a warm-up longer
     than the run never reaches β, so the objective trained is not the ELBO reported. ``lr_amended_from``: where
-    a resume that amended --lr begins ("epoch 3"; the steps before trained with the former rate)."""
+    a resume that amended --lr begins ("epoch 3"; the steps before trained with the former rate). ``resumed``:
+    (epochs trained, the run's --epochs until this resume, the last epoch's rate) of a resume, whose new --epochs
+    re-spans an exponential decay (the rate of the next epoch may be above the last one's)."""
     from vaelab.presets import PRESETS
 
     train, objective = config.train, config.objective
@@ -106,6 +110,14 @@ def describe_schedule(config, lr_amended_from: str | None = None) -> tuple[list[
         if shortened:
             warnings.append(f"preset {config.preset} spans its decay over {preset_epochs} epochs; with --epochs {epochs} "
                             f"the same tenfold decay is squeezed into {epochs}")
+        done, before, last = resumed or (0, None, lr)
+        if before is not None and before != epochs and 0 < done < epochs:
+            # each epoch's rate is a function of (epoch, --epochs): a new --epochs moves the rest onto the new curve
+            lines[-1] += f" (re-spanned by this resume: until epoch {done} the decay spanned {before} epochs)"
+            warnings.append(f"--epochs {epochs} re-spans the exponential decay, which spanned the run's {before} "
+                            f"epochs until now: epoch {done + 1} trains at {rate(done, lr, epochs):.3g} where epoch "
+                            f"{done} trained at {last:.3g}, and the rate reaches {rate(epochs - 1, lr, epochs):.3g} in "
+                            f"epoch {epochs}")
     elif train.lr_schedule == "burda":
         lines.append(f"Burda's schedule: {epochs} epoch{'s' * (epochs != 1)} cover {stages_of(epochs)}, learning rate {lr:g} to "
                      f"{rate(epochs - 1, lr, epochs):.3g}")

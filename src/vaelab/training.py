@@ -379,7 +379,7 @@ class Trainer:
         fields = metric_fields(self.config)
         lines = [",".join(fields)]
         for row in self.state.metrics:
-            lines.append(",".join(_fmt(row.get(k, math.nan)) for k in fields))
+            lines.append(",".join(_fmt(row.get(k, math.nan), k in RATE_FIELDS) for k in fields))
         ckpt.write_text(self.run_dir / ckpt.METRICS, "\n".join(lines) + "\n")
         # the latent layers over training, one row per epoch, layer and unit (test digits, the test pass's draws):
         # posterior collapse, and units that come alive under warm-up. variance_draws: 1 where E_q[u|x] is exact, 2
@@ -644,7 +644,12 @@ def _tupled(value):
     return tuple(_tupled(v) for v in value) if isinstance(value, list) else value
 
 
-def _fmt(value: float) -> str:
+# metrics.csv's columns that are factors, not nats: six significant digits (six decimals wrote an exponential
+# decay's 2.154e-4 as 0.000215 and any rate below 5e-7 as 0.000000)
+RATE_FIELDS = frozenset({"lr", "beta"})
+
+
+def _fmt(value: float, significant: bool = False) -> str:
     if isinstance(value, int):
         return str(value)
-    return f"{value:.6f}" if math.isfinite(value) else ""
+    return (f"{value:.6g}" if significant else f"{value:.6f}") if math.isfinite(value) else ""
