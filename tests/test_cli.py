@@ -426,7 +426,7 @@ def test_a_resume_may_amend_the_learning_rate_and_clipping_and_says_from_where(t
     rows = [line.split(",") for line in (out / ckpt.METRICS).read_text().splitlines()]
     header = rows[0]
     assert [row[:len(header) - 4] for row in rows[1:3]] == [line.split(",")[:len(header) - 4] for line in before[1:]]
-    assert rows[3][header.index("lr")] == "0.000500" and rows[3][header.index("clipped_steps")] == "32"
+    assert rows[3][header.index("lr")] == "0.0005" and rows[3][header.index("clipped_steps")] == "32"
     assert rows[1][header.index("clipped_steps")] == ""                      # not clipped then
     log = (out / "train.log").read_text()
     assert log.index("amended on resuming after epoch 2") < log.index("epoch   3/3")
