@@ -381,19 +381,24 @@ def test_ctrl_c_during_an_evaluation_says_what_it_left(tmp_path, data_dir, capsy
     import signal
     import time
 
-    before = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGHUP)}
-    for signum, status in ((signal.SIGTERM, 143), (signal.SIGHUP, 129)):
-        def stopped(*args, signum=signum, **kwargs):
-            os.kill(os.getpid(), signum)
-            time.sleep(5)                                       # the handler raises first
-            raise AssertionError("not stopped")
+    # pytest started under nohup inherits SIGHUP ignored, which the CLI keeps (as nohup asks): the default here
+    inherited = signal.signal(signal.SIGHUP, signal.SIG_DFL)
+    try:
+        before = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGHUP)}
+        for signum, status in ((signal.SIGTERM, 143), (signal.SIGHUP, 129)):
+            def stopped(*args, signum=signum, **kwargs):
+                os.kill(os.getpid(), signum)
+                time.sleep(5)                                       # the handler raises first
+                raise AssertionError("not stopped")
 
-        monkeypatch.setattr(evaluation, "evaluate_run", stopped)
-        code, _, err = run(capsys, "evaluate", run_dir, "--k", "5", "--test-examples", "20", "--data-dir", data_dir,
-                           "--no-progress")
-        assert code == status and one_line(err) and not list(run_dir.glob("eval*"))
-        assert f"stopped by {signal.Signals(signum).name} before it finished; vaelab replaces each file whole" in err
-        assert {s: signal.getsignal(s) for s in before} == before
+            monkeypatch.setattr(evaluation, "evaluate_run", stopped)
+            code, _, err = run(capsys, "evaluate", run_dir, "--k", "5", "--test-examples", "20", "--data-dir",
+                               data_dir, "--no-progress")
+            assert code == status and one_line(err) and not list(run_dir.glob("eval*"))
+            assert f"stopped by {signal.Signals(signum).name} before it finished; vaelab replaces each file whole" in err
+            assert {s: signal.getsignal(s) for s in before} == before
+    finally:
+        signal.signal(signal.SIGHUP, inherited)
 
     def second_signal(*args, **kwargs):
         raise training.StopNow(15)

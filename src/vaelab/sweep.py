@@ -840,7 +840,8 @@ def sweep(spec_path: Path, out: Path, workers: int, storage: str | None, trials:
     out.mkdir(parents=True, exist_ok=True)
     study = None
     with file_lock(out / ".reconcile.lock"):
-        if state_path.exists():
+        new = not state_path.exists()
+        if not new:
             state = json.loads(state_path.read_text())
             if state["spec"] != spec.text:
                 raise UsageError(f"{out} holds a sweep of another spec ({out / SPEC_FILE}); give the same spec to "
@@ -858,21 +859,26 @@ def sweep(spec_path: Path, out: Path, workers: int, storage: str | None, trials:
             digest = hashlib.sha256(spec.text.encode()).hexdigest()[:10]
             state = {"spec": spec.text, "storage": storage_url(out, storage), "study": f"vaelab-{spec_path.stem}-{digest}",
                      "trials": spec.trials, "created": time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime())}
-            # the storage is opened before the sweep's files are written: a --storage that cannot be opened (a typo, a
-            # server down) leaves no sweep.json tying this directory to it (every later command was refused with
-            # "give that --storage"), and a directory this command made is removed again
+        from vaelab.atomic import write_text
+
+        # sweep.json first: a second sweep command on this --out that finds it waits for the lock and joins (it finds
+        # no files of someone else's there)
+        write_text(state_path, json.dumps(state, indent=2) + "\n")
+        if new:
+            (out / SPEC_FILE).write_text(spec.text)
+            # a new sweep opens its storage under the lock: where it cannot be opened (a typo in --storage, a server
+            # down), its files are taken back, so that no sweep.json ties this --out to that storage (every later
+            # command was refused with "give that --storage"), and a directory this command made is removed again
             try:
                 study = open_study(spec, state["storage"], state["study"])
             except UsageError:
+                for name in (STATE_FILE, SPEC_FILE, ".reconcile.lock" if made else None):
+                    if name:
+                        (out / name).unlink(missing_ok=True)
                 if made:
-                    (out / ".reconcile.lock").unlink(missing_ok=True)
                     with contextlib.suppress(OSError):
                         out.rmdir()
                 raise
-            (out / SPEC_FILE).write_text(spec.text)
-        from vaelab.atomic import write_text
-
-        write_text(state_path, json.dumps(state, indent=2) + "\n")
     spec = dataclasses.replace(spec, trials=state["trials"])
     study = study or open_study(spec, state["storage"], state["study"])
     reconcile(study, spec, out, shared=state["storage"] != storage_url(out, None))
