@@ -63,7 +63,25 @@ def test_report_holds_every_section_and_is_self_contained(runs, data_dir, capsys
                  "train.batch_size", "provenance", "Of model.safetensors after epoch 3, as this page was made",
                  "The views below are of model.safetensors after epoch 3"):
         assert text in html, text
-    assert "made in" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "made in" in captured.out and "figures made" not in captured.err      # stderr is no terminal here
+
+
+def test_the_report_shows_on_a_terminal_what_it_makes(runs, data_dir, monkeypatch, capsys):
+    """A large model's page took a minute without a word until its last line; on a terminal a bar now names the part
+    being made (the latent statistics, each figure) and counts the figures, and clears itself at the end."""
+    from vaelab import cli
+
+    monkeypatch.setattr(cli, "_progress", lambda args: not args.no_progress)     # as on a terminal
+    out = runs / "progress.html"
+    assert main(["report", str(runs / "a"), "--data-dir", str(data_dir), "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "report of a: figures made 0, " in err and "the weights and the test digits" in err, err
+    assert ", samples from p(x)" in err and "KL and posterior-mean variance per latent unit" in err
+    made = [int(part.split(",")[0]) for part in err.split("figures made ")[1:]]
+    assert made == sorted(made) and max(made) >= 9
+    assert main(["report", str(runs / "a"), "--data-dir", str(data_dir), "--out", str(out), "--no-progress"]) == 0
+    assert capsys.readouterr().err == ""
 
 
 def test_report_of_a_two_layer_run_has_views_per_layer_and_says_how_to_evaluate(runs, data_dir):

@@ -307,6 +307,7 @@ def build_parser(parser_class: type[argparse.ArgumentParser] = _Parser) -> argpa
     report.add_argument("--data-dir", type=_path_arg, help="MNIST cache (default: the run's)")
     report.add_argument("--figures", type=_path_arg, metavar="DIR", help="also write every figure of the page into DIR "
                         "as PDF and SVG, 3.25 in (one column) and 6.75 in (full width) wide, for a paper")
+    report.add_argument("--no-progress", action="store_true", help="no progress bar (the page's parts as they are made)")
     report.set_defaults(run=cmd_report)
 
     compare = sub.add_parser("compare", help="compare runs: a table here and an HTML page")
@@ -1295,7 +1296,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     if args.figures is not None:
         _claim_figures(args.figures, args.run_dir, again)
     before = _figure_files(args.figures)
-    html, seconds, written = build_report(args.run_dir, data_dir, figures_dir=args.figures)
+    html, seconds, written = build_report(args.run_dir, data_dir, figures_dir=args.figures, progress=_progress(args))
     _write_page(out, html)
     _log(f"report of {args.run_dir} made in {seconds:.1f} s ({len(html) / 2**20:.1f} MiB, self-contained)")
     if args.figures is not None:

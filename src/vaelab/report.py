@@ -65,11 +65,14 @@ class FigureSet:
 
     WIDTHS = {"column": 3.25, "full": 6.75}
 
-    def __init__(self, directory: Path | None = None):
+    def __init__(self, directory: Path | None = None, bar=None):
         self.directory = directory
         self.written: list[Path] = []
+        self.bar = bar                  # a progress bar the figure being made is shown on (tqdm), or None
 
     def make(self, key: str, title: str, build, note: str = "", raster: bool = False, wide: bool = False) -> Figure:
+        if self.bar is not None:
+            self.bar.set_postfix_str(title)
         if self.directory is not None:
             for name, width in self.WIDTHS.items():
                 for suffix in ("pdf", "svg"):
@@ -80,7 +83,10 @@ class FigureSet:
                 path = self.directory / f"{key}.png"
                 plots._save(build(None), path, dpi=300)
                 self.written.append(path)
-        return Figure(title, data_uri(build(None)), note, key, wide)
+        figure = Figure(title, data_uri(build(None)), note, key, wide)
+        if self.bar is not None:
+            self.bar.update()
+        return figure
 
 
 # ------------------------------------------------------------------------------------------------
@@ -259,10 +265,11 @@ def _headline_weights(run_dir: str | Path, tries: int = 3):
     return run, record, (config, model, loaded)
 
 
-def build_report(run_dir: str | Path, data_dir: str | None = None,
-                 figures_dir: Path | None = None) -> tuple[str, float, list[Path]]:
+def build_report(run_dir: str | Path, data_dir: str | None = None, figures_dir: Path | None = None,
+                 progress: bool = False) -> tuple[str, float, list[Path]]:
     """The HTML of the report of ``run_dir``, the seconds it took, and the files written to ``figures_dir``: with it
-    every figure is also written there as PDF and SVG (``FigureSet``); without it, none.
+    every figure is also written there as PDF and SVG (``FigureSet``); without it, none. ``progress``: a bar on
+    stderr naming the part being made (the latent statistics, each figure): a large model's page takes a minute.
 
     The pictures are of the weights the headline evaluation measured (``_headline_weights``), and the latent
     layers' statistics (active units, KL per unit, Cov_x E_q[u]) are taken from that evaluation where it covers every
@@ -271,8 +278,13 @@ def build_report(run_dir: str | Path, data_dir: str | None = None,
     from vaelab.data import load_mnist, prepare
     from vaelab.evaluation import latent_statistics
 
+    from tqdm import tqdm
+
     start = time.perf_counter()
-    figures = FigureSet(figures_dir)
+    bar = tqdm(desc=f"report of {Path(run_dir).name}", leave=False, disable=not progress, dynamic_ncols=True,
+               bar_format="{desc}: figures made {n_fmt}, {elapsed}{postfix}",   # postfix: ", " and what is made now
+               postfix="the weights and the test digits")
+    figures = FigureSet(figures_dir, bar)
     run, record, (config, model, loaded) = _headline_weights(run_dir)
     pictured = pictured_weights(loaded, run)              # which weights the pictures and statistics below are of
     data_config = dataclasses.replace(run.config.data, test_examples=None, validation=0, train_examples=1,
@@ -284,6 +296,7 @@ def build_report(run_dir: str | Path, data_dir: str | None = None,
         layers, layers_from = record["layers"], f"from {record['file']} ({record['n_examples']} test digits)"
         active_note = None                                     # the headline's own evaluation: it says which digits
     else:
+        bar.set_postfix_str(f"the latent units' statistics on the {len(images)} test digits")
         layers = latent_statistics(model, images, 16, 0)
         layers_from = (f"of {pictured}, computed for this page on the {len(images)} test digits (16 draws per digit "
                        f"where a layer needs draws); `vaelab evaluate` stores them with more")
@@ -329,6 +342,7 @@ def build_report(run_dir: str | Path, data_dir: str | None = None,
                         lambda w: plots.kl_figure(layers, width=w)), layers=layers, layers_from=layers_from,
         fmt=_fmt, duration=format_duration, generated=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
         sections=REPORT_SECTIONS)
+    bar.close()
     return html, time.perf_counter() - start, figures.written
 
 
