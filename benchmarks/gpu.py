@@ -5,7 +5,8 @@
 Runs, each as the user would, through the CLI in its own process (`python -m vaelab …`), with a time limit:
 tests/test_gpu.py (the CUDA paths against the CPU's numbers); the reference setting (`seed`) trained three epochs
 with each engine and precision; `evaluate --k 5000` on all 10 000 test digits (fp32, `--compiled`, bf16); one epoch of
-every preset and two of burda-iwae-2 compiled; a one-rank `torchrun` (NCCL). It writes DIR/gpu.json (machine,
+every preset (two of those that train compiled, the first holding the compilation) and two of burda-iwae-2 compiled;
+a one-rank `torchrun` (NCCL). It writes DIR/gpu.json (machine,
 every command with its exit status and seconds, the epochs' seconds from metrics.csv, the evaluations' records),
 DIR/commands.log (their output) and DIR/pytest.log, after every step, so a run cut short keeps what it measured;
 with --profile, last, DIR/profile.txt (where a training step's time goes).
@@ -105,6 +106,7 @@ def profile_steps(out: Path, runs: Path, data: list[str], device: str, presets=(
     this process, per preset; the tables (by self device time, by self CPU time) go to DIR/profile.txt, the
     kernel launches per step and the device's busy time per step to the record."""
     import torch
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     from vaelab.cli import main as vaelab_main
@@ -122,7 +124,10 @@ def profile_steps(out: Path, runs: Path, data: list[str], device: str, presets=(
             events = prof.key_averages()
             launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cudaLaunchKernelExC",
                                                                  "cuLaunchKernel"))
-            busy = sum(getattr(e, "self_device_time_total", 0) for e in events) / 1e3        # ms
+            # the kernels' own time: an operator's row repeats its kernels' device time, so only the device's
+            # events count (as the table's "Self CUDA time total"; summing every row counted it twice)
+            busy = sum(e.self_device_time_total for e in events
+                       if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False)) / 1e3  # ms
             found[preset] = {"steps": steps, "epoch_seconds": epochs(runs / f"profile-{preset}"),
                              "kernel_launches_per_step": round(launches / steps, 1) if device == "cuda" else None,
                              "device_busy_ms_per_step": round(busy / steps, 3) if device == "cuda" else None,
@@ -145,7 +150,10 @@ def main() -> int:
                         "digits of seed and burda-iwae-2 (DIR/profile.txt)")
     parser.add_argument("--skip-engines", action="store_true", help="the reference setting with the default engine "
                         "in fp32 only (not compiled, not bf16)")
-    parser.add_argument("--presets", nargs="*", help="presets trained one epoch each (default: all)")
+    parser.add_argument("--presets", nargs="*", help="presets trained one epoch each, two where the preset trains "
+                        "compiled (default: all)")
+    parser.add_argument("--also-autograd", action="store_true", help="each compiled preset also two epochs with "
+                        "--engine autograd, to compare the engines")
     parser.add_argument("--evaluate", nargs="*", default=["cpu-hour"], help="presets whose one-epoch run is evaluated "
                         "with --k 5000 on all test digits (default: cpu-hour)")
     parser.add_argument("--device", default="cuda", help="cuda; cpu only to try the script itself")
@@ -209,17 +217,27 @@ def main() -> int:
     from vaelab.config import RunConfig
     from vaelab.presets import PRESETS, apply_preset
 
+    # One epoch of each preset; two where the preset trains compiled (its first epoch holds torch.compile's build,
+    # tens of seconds on a GPU), and the projection of its whole schedule from the last epoch alone. With
+    # --also-autograd a compiled preset trains two epochs with --engine autograd too, side by side.
     for name in [n for n in (PRESETS if args.presets is None else args.presets) if n != "seed"]:
-        run = runs / name
-        step = check.run(f"train {name}, one epoch", [*vaelab, "train", "--preset", name, "--out", str(run),
-                                                       "--epochs", "1", *quiet, *data, *subset], 90)
-        seconds, steps = epochs(run), steps_per_epoch(run)
-        if seconds and steps:
-            full = apply_preset(RunConfig(), name).train.epochs            # the preset's whole schedule
-            step.update(epoch_seconds=seconds, steps_per_epoch=steps, steps_per_second=round(steps / seconds[0], 1),
-                        projected_schedule_hours=round(full * seconds[0] / 3600, 2),
-                        schedule_epochs=full)
-        check.save()
+        preset = apply_preset(RunConfig(), name)
+        variants = [("", [])]
+        if preset.train.engine == "compiled" and args.also_autograd:
+            variants.append((" autograd", ["--engine", "autograd"]))
+        for suffix, extra in variants:
+            count = 2 if preset.train.engine == "compiled" else 1
+            run = runs / (name + suffix.replace(" ", "-"))
+            step = check.run(f"train {name}{suffix}, {count} epoch{'s' * (count > 1)}", [
+                *vaelab, "train", "--preset", name, "--out", str(run), "--epochs", str(count), *quiet, *data, *subset,
+                *extra], 90 * count)
+            seconds, steps = epochs(run), steps_per_epoch(run)
+            if seconds and steps:
+                full = preset.train.epochs                                  # the preset's whole schedule
+                step.update(epoch_seconds=seconds, steps_per_epoch=steps, schedule_epochs=full,
+                            steps_per_second=round(steps / seconds[-1], 1), projected_from_epoch=len(seconds),
+                            projected_schedule_hours=round(full * seconds[-1] / 3600, 2))
+            check.save()
     if not args.skip_engines:
         run = runs / "burda-iwae-2-compiled"
         step = check.run("train burda-iwae-2, compiled, two epochs", [

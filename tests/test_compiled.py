@@ -158,8 +158,8 @@ def test_a_compiled_run_resumes_exactly_and_may_resume_with_another_engine(tmp_p
 
 def test_evaluate_compiles_as_the_run_trained_where_the_general_estimator_runs():
     """The default of ``evaluate --compiled``: only a run of ``--engine compiled``, only where the model's estimator
-    is the general one (the hand-derived one-layer form is never compiled), only in float32, and not where a part
-    evaluates natively already (the planar flow: compiling its log weights gained nothing)."""
+    is the general one (the hand-derived one-layer form is never compiled), only in float32, only on a CPU, and not
+    where a part evaluates natively already (the planar flow: compiling its log weights gained nothing)."""
     from vaelab.evaluation import compiled_as_trained
 
     ladder, _, _ = tiny("hvae-ladder-vampprior")
@@ -171,6 +171,35 @@ def test_evaluate_compiles_as_the_run_trained_where_the_general_estimator_runs()
     assert not compiled_as_trained(ladder, "compiled", "bf16-emulated")
     assert not compiled_as_trained(fast, "compiled", "fp32") and fast.fast
     assert not compiled_as_trained(planar, "compiled", "fp32")
+    # on a GPU compiling takes longer than the whole evaluation: eager unless --compiled
+    assert compiled_as_trained(ladder, "compiled", "fp32", torch.device("cpu"))
+    assert not compiled_as_trained(ladder, "compiled", "fp32", torch.device("cuda"))
+    assert not compiled_as_trained(iaf, "compiled", "fp32", "cuda:0")
+
+
+def test_evaluate_on_a_gpu_says_its_log_weights_are_eager_though_the_run_trained_compiled(capsys):
+    """`evaluate`'s choice for a run of ``--engine compiled`` on a GPU (the device faked: no GPU is needed to choose):
+    eager, with one line naming ``--compiled``; on the CPU compiled, as trained; ``--compiled`` on a GPU as asked."""
+    import argparse
+
+    from vaelab.cli import _evaluate_compiled
+    from vaelab.config import RunConfig
+
+    ladder, _, _ = tiny("hvae-ladder-vampprior")
+    config = RunConfig(train=dataclasses.replace(RunConfig().train, engine="compiled"))
+    default = argparse.Namespace(compiled=None, precision="fp32")
+    assert _evaluate_compiled(default, config, ladder, torch.device("cuda"), True) is False
+    out = capsys.readouterr().out
+    assert out.count("log weights eager on a GPU, though this run trained with --engine compiled") == 1, out
+    assert "--compiled compiles them" in out
+    assert _evaluate_compiled(default, config, ladder, torch.device("cuda"), False) is False   # not the main rank
+    assert capsys.readouterr().out == ""
+    with mock.patch("vaelab.compiling.compiler_found", return_value=True):
+        assert _evaluate_compiled(default, config, ladder, torch.device("cpu"), True) is True
+    assert "log weights compiled, as this run trained" in capsys.readouterr().out
+    config = RunConfig()                                              # a run not trained compiled: no line at all
+    assert _evaluate_compiled(default, config, ladder, torch.device("cuda"), True) is False
+    assert capsys.readouterr().out == ""
 
 
 @pytest.mark.parametrize("name", ["tomczak-2-vampprior", pytest.param("hvae-ladder-batchnorm", marks=pytest.mark.slow),

@@ -268,9 +268,9 @@ def build_parser(parser_class: type[argparse.ArgumentParser] = _Parser) -> argpa
     evaluate.add_argument("--compiled", action=argparse.BooleanOptionalAction, default=None,
                           help="compute each chunk's IWAE log weights by one graph torch.compile builds (fp32; needs a "
                           "C++ compiler on the CPU; compiles for seconds to a minute first). Default: as the run "
-                          "trained: compiled for a run of --engine compiled (the presets vampprior-1, vampprior-2, "
-                          "ladder-5; not a planar flow, native already) where a compiler is found, else eager; "
-                          "--no-compiled: eager")
+                          "trained: on a CPU compiled for a run of --engine compiled (the presets vampprior-1, "
+                          "vampprior-2, ladder-5; not a planar flow, native already) where a compiler is found, else "
+                          "eager; eager on a GPU; --no-compiled: eager")
     evaluate.add_argument("--seed", type=_non_negative_int, default=0, help="seed of the draws (default 0)")
     evaluate.add_argument("--device", type=_device, default="auto", help="auto, cpu or cuda")
     evaluate.add_argument("--threads", type=_whole_number(1, 4097), help="CPU threads (default: all allowed)")
@@ -1092,8 +1092,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def _evaluate_compiled(args: argparse.Namespace, config, model, device, main: bool) -> bool:
     """Whether this evaluation compiles its log weights: ``--compiled`` / ``--no-compiled`` as given (the first
-    refused without a compiler), else as the run trained (``compiled_as_trained``), eager with a note where that
-    would need a compiler this machine lacks."""
+    refused without a compiler), else as the run trained on a CPU (``compiled_as_trained``), eager with a note where
+    that would need a compiler this machine lacks, and with a line on a GPU."""
     from vaelab.compiling import compiler_found, require_compiler
     from vaelab.evaluation import compiled_as_trained
 
@@ -1101,7 +1101,10 @@ def _evaluate_compiled(args: argparse.Namespace, config, model, device, main: bo
         require_compiler(device, "--compiled")
     if args.compiled is not None:
         return args.compiled
-    if not compiled_as_trained(model, config.train.engine, args.precision):
+    if not compiled_as_trained(model, config.train.engine, args.precision, device):
+        if main and compiled_as_trained(model, config.train.engine, args.precision):
+            _log("log weights eager on a GPU, though this run trained with --engine compiled (compiling them takes "
+                 "longer there than the whole evaluation); --compiled compiles them")
         return False
     if not compiler_found(device):
         if main:

@@ -336,15 +336,18 @@ def iwae_estimator(model, compiled: bool = False) -> Callable:
     return fast if hand_derived(model) else general
 
 
-def compiled_as_trained(model, engine: str, precision: str) -> bool:
+def compiled_as_trained(model, engine: str, precision: str, device: torch.device | str = "cpu") -> bool:
     """``evaluate``'s default for ``--compiled``: a run trained with ``--engine compiled`` (the issue-21 presets'
-    engine) has its IWAE log weights compiled too, in float32, where its estimator would otherwise be the general
-    one (a hand-derived form is never compiled) and no part of the model evaluates natively already (the planar
-    flow, ``native_evaluation``). Measured on the trained runs (benchmarks/README.md, twenty-fourth session):
+    engine) has its IWAE log weights compiled too, in float32, on a CPU, where its estimator would otherwise be the
+    general one (a hand-derived form is never compiled) and no part of the model evaluates natively already (the
+    planar flow, ``native_evaluation``). Measured on the trained runs (benchmarks/README.md, twenty-fourth session):
     IWAE-5000 compiled in 0.69–0.83 × the eager time for `vampprior-1` and `vampprior-2`, 0.78–0.86 × for
-    `ladder-5`, 0.94–1.22 × for `planar-80`; compiling takes seconds to a minute once per process."""
-    return engine == "compiled" and precision == "fp32" and not hand_derived(model) \
-        and not any(getattr(part, "native_evaluation", False) for part in model.modules())
+    `ladder-5`, 0.94–1.22 × for `planar-80`; compiling takes seconds to a minute once per process. On a GPU the
+    whole eager evaluation is shorter than compiling (an H200, benchmarks/README.md, forty-eighth session: IWAE-5000
+    of the 10 000 test digits compiled 25.2 s for `vampprior-2` and 32.5 s for `ladder-5`, where eager it had taken
+    4.1–5.6 s for `vampprior-1` and `ladder-5`), so there it stays eager unless asked."""
+    return engine == "compiled" and precision == "fp32" and torch.device(device).type == "cpu" \
+        and not hand_derived(model) and not any(getattr(part, "native_evaluation", False) for part in model.modules())
 
 
 def check_precision(model, precision: str, compiled: bool = False) -> None:

@@ -26,7 +26,8 @@ _BURDA_2 = {"name": "mlp2", "hidden": ((100, 100), (50, 50)), "latent": (100, 50
 # autograd. In every side-by-side timing of benchmarks/README.md (the Xeon, sessions 14, 18, 20 and 22, 1 and 2
 # threads) the VampPrior, ladder and planar presets' compiled epochs took 1–28 % less time than the autograd engine's
 # (the median of 19 pairs 16 %), never more, for 200–250 MiB more memory. Both engines compute the same gradient to
-# float32 rounding (tests/test_compiled.py); --engine autograd trains without a C++ compiler.
+# float32 rounding (tests/test_compiled.py); --engine autograd trains without a C++ compiler. On an NVIDIA H200
+# (forty-eighth session) the compiled epochs took 0.33–0.51 × autograd's after a first epoch of compiling (20–62 s).
 _COMPILED = {"engine": "compiled"}
 
 # Tomczak & Welling (2018), §5 and the authors' code (jmtomczak/vae_vampprior, experiment.py): gated dense
