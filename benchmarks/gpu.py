@@ -154,19 +154,33 @@ def main() -> int:
                         "compiled (default: all)")
     parser.add_argument("--also-autograd", action="store_true", help="each compiled preset also two epochs with "
                         "--engine autograd, to compare the engines")
-    parser.add_argument("--evaluate", nargs="*", default=["cpu-hour"], help="presets whose one-epoch run is evaluated "
-                        "with --k 5000 on all test digits (default: cpu-hour)")
+    parser.add_argument("--evaluate", nargs="*", help="presets whose run of this check is evaluated with --k 5000 on "
+                        "all test digits (default: cpu-hour, where it is trained)")
     parser.add_argument("--device", default="cuda", help="cuda; cpu only to try the script itself")
     parser.add_argument("--train-examples", type=int, help="fewer training digits (only to try the script itself)")
-    parser.add_argument("--eval-examples", type=int, help="fewer test digits (only to try the script itself)")
+    parser.add_argument("--eval-examples", type=int, help="fewer test digits, for the evaluations and the trainings' "
+                        "test ELBO (only to try the script itself)")
     args = parser.parse_args()
+    from vaelab.presets import PRESETS
+
+    trained = [n for n in (PRESETS if args.presets is None else args.presets) if n != "seed"]
+    unknown = [n for n in args.presets or [] if n not in PRESETS]
+    if unknown:                                                     # before anything runs, not after minutes of it
+        parser.error(f"unknown preset {', '.join(unknown)}; choose among {', '.join(PRESETS)}")
+    if args.evaluate is None:
+        args.evaluate = ["cpu-hour"] if "cpu-hour" in trained else []
+    untrained = [n for n in args.evaluate if n not in trained]
+    if untrained:
+        parser.error(f"--evaluate {' '.join(untrained)}: only presets this run trains can be evaluated "
+                     f"({' '.join(trained) or 'none: see --presets'})")
     args.out.mkdir(parents=True, exist_ok=True)
     check = Check(args.out, args.budget)
     vaelab = [sys.executable, "-m", "vaelab"]
     data = ["--data-dir", str(args.data_dir)] if args.data_dir else []
     quiet = ["--no-progress", "--device", args.device]
-    subset = ["--train-examples", str(args.train_examples)] if args.train_examples else []
     digits = ["--test-examples", str(args.eval_examples)] if args.eval_examples else []
+    # the trainings' per-epoch test ELBO on those fewer test digits too
+    subset = (["--train-examples", str(args.train_examples)] if args.train_examples else []) + digits
     runs = args.runs or Path(tempfile.mkdtemp(prefix="vaelab-gpu-"))
     check.record["runs"] = str(runs)
 
@@ -215,12 +229,12 @@ def main() -> int:
             "seconds": done, "met": min(done.values()) <= 10}
 
     from vaelab.config import RunConfig
-    from vaelab.presets import PRESETS, apply_preset
+    from vaelab.presets import apply_preset
 
     # One epoch of each preset; two where the preset trains compiled (its first epoch holds torch.compile's build,
     # tens of seconds on a GPU), and the projection of its whole schedule from the last epoch alone. With
     # --also-autograd a compiled preset trains two epochs with --engine autograd too, side by side.
-    for name in [n for n in (PRESETS if args.presets is None else args.presets) if n != "seed"]:
+    for name in trained:
         preset = apply_preset(RunConfig(), name)
         variants = [("", [])]
         if preset.train.engine == "compiled" and args.also_autograd:
@@ -228,7 +242,7 @@ def main() -> int:
         for suffix, extra in variants:
             count = 2 if preset.train.engine == "compiled" else 1
             run = runs / (name + suffix.replace(" ", "-"))
-            step = check.run(f"train {name}{suffix}, {count} epoch{'s' * (count > 1)}", [
+            step = check.run(f"train {name}{suffix}, {('one epoch', 'two epochs')[count - 1]}", [
                 *vaelab, "train", "--preset", name, "--out", str(run), "--epochs", str(count), *quiet, *data, *subset,
                 *extra], 90 * count)
             seconds, steps = epochs(run), steps_per_epoch(run)

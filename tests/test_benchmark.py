@@ -351,6 +351,23 @@ def test_the_gpu_check_runs_through_and_records_what_it_measured(data_dir, tmp_p
     assert "aten::mm" in (out / "profile.txt").read_text()
 
 
+@pytest.mark.parametrize("args, says", [(["--presets", "nonesuch"], "unknown preset nonesuch; choose among seed,"),
+                                        (["--presets", "ladder-5", "--evaluate", "cpu-hour"],
+                                         "--evaluate cpu-hour: only presets this run trains can be evaluated (ladder-5)")])
+def test_the_gpu_check_refuses_a_preset_it_cannot_train_or_evaluate_before_running_anything(tmp_path, args, says):
+    """An unknown preset, or an evaluation of a preset the check does not train, is refused at once (exit 2), not
+    found after minutes of a lent GPU's time; nothing is written."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(GPU_PY.parents[1] / "src")}
+    done = subprocess.run([sys.executable, str(GPU_PY), "--out", str(tmp_path / "out"), "--device", "cpu", *args],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and says in done.stderr, done.stderr
+    assert not (tmp_path / "out").exists()
+
+
 def test_the_gpu_check_skips_what_its_budget_cannot_hold(tmp_path):
     """A step that would start with less than 10 s of the budget left is recorded as skipped, not started."""
     spec = importlib.util.spec_from_file_location("vaelab_benchmark_gpu", GPU_PY)
