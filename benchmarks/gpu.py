@@ -236,11 +236,11 @@ def main() -> int:
     # --also-autograd a compiled preset trains two epochs with --engine autograd too, side by side.
     for name in trained:
         preset = apply_preset(RunConfig(), name)
+        count = 2 if preset.train.engine == "compiled" else 1
         variants = [("", [])]
         if preset.train.engine == "compiled" and args.also_autograd:
             variants.append((" autograd", ["--engine", "autograd"]))
         for suffix, extra in variants:
-            count = 2 if preset.train.engine == "compiled" else 1
             run = runs / (name + suffix.replace(" ", "-"))
             step = check.run(f"train {name}{suffix}, {('one epoch', 'two epochs')[count - 1]}", [
                 *vaelab, "train", "--preset", name, "--out", str(run), "--epochs", str(count), *quiet, *data, *subset,
