@@ -246,6 +246,19 @@ def test_the_training_figure_stars_the_best_validation_elbo_in_the_panel_and_its
         [{k: v for k, v in row.items() if k != "validation_elbo"} for row in rows]).axes[0].get_lines())
 
 
+def assert_epoch_labels_apart(ax, at_least=3):
+    """The x tick labels of ``ax`` in view, drawn: at least ``at_least`` of them, each two a third of their font
+    size apart at least (labels 2 pixels apart read as one number: "10501200")."""
+    ax.figure.canvas.draw()
+    renderer = ax.figure.canvas.get_renderer()
+    low, high = ax.get_xlim()
+    labels = [t for t, at in zip(ax.get_xticklabels(), ax.get_xticks()) if t.get_text() and low <= at <= high]
+    assert len(labels) >= at_least
+    gap = labels[0].get_fontsize() / 3 * ax.figure.dpi / 72                   # points → pixels
+    boxes = sorted((t.get_window_extent(renderer) for t in labels), key=lambda b: b.x0)
+    assert all(b.x0 - a.x1 >= gap for a, b in zip(boxes, boxes[1:])), [t.get_text() for t in labels]
+
+
 def test_the_epoch_ticks_of_a_long_run_do_not_run_into_each_other():
     """2000 epochs in the report's panels (five side by side, 4.3 in each): no two epoch tick labels overlap."""
     from vaelab import plots
@@ -254,17 +267,27 @@ def test_the_epoch_ticks_of_a_long_run_do_not_run_into_each_other():
              "train_reconstruction": -60.0, "test_reconstruction": -61.0, "train_kl": 25.0, "test_kl": 25.0,
              "epoch_seconds": 11.0, "gradient_norm_mean": 12.0, "clipped_steps": 235} for e in range(1, 2001)]
     fig = plots.training_figure(rows)
-    fig.canvas.draw()
-    renderer = fig.canvas.get_renderer()
     panels = [ax for ax in fig.axes if ax.get_xlabel() == "epoch"]
     assert len(panels) == 5
     for ax in panels:
-        low, high = ax.get_xlim()
-        boxes = [t.get_window_extent(renderer) for t, at in zip(ax.get_xticklabels(), ax.get_xticks())
-                 if t.get_text() and low <= at <= high]
-        assert len(boxes) >= 3
-        boxes.sort(key=lambda b: b.x0)
-        assert all(a.x1 < b.x0 for a, b in zip(boxes, boxes[1:])), [t.get_text() for t in ax.get_xticklabels()]
+        assert_epoch_labels_apart(ax)
+
+
+def test_the_epoch_ticks_of_the_inset_do_not_run_into_each_other(monkeypatch, tmp_path):
+    """The inset over the later epochs of a long run, half the width of its axes, in elbo.png, the report's training
+    figure and compare's curves: a `vampprior-1` run of 1374 epochs had its inset ticked every 150 epochs at 7 pt,
+    "1050", "1200" and "1350" printed into one another (2026-12-05)."""
+    from vaelab import plots
+
+    values = [-230.0, -190.0] + [-86.0 - 8 * math.exp(-e / 150) for e in range(3, 1375)]
+    rows = elbo_rows(values, test_offset=-1.8)
+    figures = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path, **kwargs: figures.append(fig))
+    plots.plot_elbo(rows, tmp_path / "elbo.png")
+    for fig in (figures[-1], plots.training_figure(rows), plots.curves_figure([("a", rows), ("b", rows[:900])])):
+        (inset,) = fig.axes[0].child_axes
+        assert inset.get_title() == "epochs 3–1374"
+        assert_epoch_labels_apart(inset)
 
 
 def test_the_training_figure_shows_the_clipping_where_a_run_clipped():

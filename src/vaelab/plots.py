@@ -170,10 +170,17 @@ def _with_inset(ax, epochs: Sequence[int], series: Sequence[tuple[Sequence[float
     inset = ax.inset_axes([0.42, 0.12, 0.55, 0.5])
     for values, style in series:
         inset.plot(epochs[skip:], values[skip:], **style)
-    inset.tick_params(labelsize=7)
+    size = 7                                                        # points, the inset's tick labels
+    inset.tick_params(labelsize=size)
     inset.grid(alpha=0.3)
-    inset.set_title(f"epochs {epochs[skip]}–{epochs[-1]}", fontsize=7)
-    _whole_ticks(inset.xaxis)
+    inset.set_title(f"epochs {epochs[skip]}–{epochs[-1]}", fontsize=size)
+    # As many epoch ticks as labels of the last epoch's digits fit in the inset's width, each (0.65 d + 1) font
+    # sizes wide (a digit is 0.64 em in DejaVu Sans, and an em between labels); the width is 0.55 of the axes',
+    # 0.85 of that for what tight_layout may take. Ten bins put "1050", "1200", "1350" 2 pixels apart in a
+    # 1374-epoch run's elbo.png, read as one number.
+    width = 0.55 * ax.get_position().width * ax.figure.get_figwidth() * 72 * 0.85        # points
+    digits = len(str(max(int(abs(epoch)) for epoch in epochs)))
+    _whole_ticks(inset.xaxis, nbins=max(1, int(width // ((0.65 * digits + 1) * size))))
     return inset
 
 
