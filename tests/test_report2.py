@@ -276,7 +276,8 @@ def test_the_epoch_ticks_of_a_long_run_do_not_run_into_each_other():
 def test_the_epoch_ticks_of_the_inset_do_not_run_into_each_other(monkeypatch, tmp_path):
     """The inset over the later epochs of a long run, half the width of its axes, in elbo.png, the report's training
     figure and compare's curves: a `vampprior-1` run of 1374 epochs had its inset ticked every 150 epochs at 7 pt,
-    "1050", "1200" and "1350" printed into one another (2026-12-05)."""
+    "1050", "1200" and "1350" printed into one another (2026-12-05). So had a sweep's figure of hidden sizes from 100
+    to 1000 (ticks every 100 across 3.6 in)."""
     from vaelab import plots
 
     values = [-230.0, -190.0] + [-86.0 - 8 * math.exp(-e / 150) for e in range(3, 1375)]
@@ -288,6 +289,9 @@ def test_the_epoch_ticks_of_the_inset_do_not_run_into_each_other(monkeypatch, tm
         (inset,) = fig.axes[0].child_axes
         assert inset.get_title() == "epochs 3–1374"
         assert_epoch_labels_apart(inset)
+    for sizes in ([100, 550, 1000], [10000, 35000, 60000], [1, 20, 40]):
+        assert_epoch_labels_apart(plots.sweep_parameter_figure("hidden", sizes, [-90.0, -91.0, -90.5],
+                                                               "validation ELBO", False).axes[0])
 
 
 def test_the_training_figure_shows_the_clipping_where_a_run_clipped():

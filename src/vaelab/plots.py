@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from pathlib import Path
 from typing import Sequence
@@ -127,13 +128,37 @@ def figure_png(fig, dpi: int = 100) -> bytes:
     return buffer.getvalue()
 
 
-def _whole_ticks(axis, nbins: int | str = 10) -> None:
-    """Ticks at whole numbers only (epochs, units, steps) on ``axis`` (ax.xaxis or ax.yaxis), after the data are
-    drawn: the integer locator needs two whole numbers in view, else it ticks fractions (one epoch read 0.96, 0.99 …,
-    one unit −0.4 … 0.4), so with fewer the whole number in view is the tick."""
+@functools.cache
+def _fitting_locator():
+    """The class of a whole-number locator that takes, when the axes are drawn (after any tight_layout), at most as
+    many ticks as labels fit along its axis, 10 at most: on an x axis each label (0.65 d + 1) font sizes wide for d
+    characters of the longest number in view (a digit is 0.64 em in DejaVu Sans, and an em between labels), on a y
+    axis 1.5 font sizes high. Ten fixed bins put "1050", "1200", "1350" 2 pixels apart in the 2.6 in inset of a
+    1374-epoch run's elbo.png, and hidden sizes 100 … 1000 into one another in a sweep's 3.6 in figure."""
     from matplotlib.ticker import MaxNLocator
 
-    axis.set_major_locator(MaxNLocator(nbins=nbins, integer=True))
+    class FittingLocator(MaxNLocator):
+        def __call__(self):
+            axes, (low, high) = self.axis.axes, self.axis.get_view_interval()
+            size = self.axis.get_major_ticks(1)[0].label1.get_fontsize()      # points (1: not the locator again)
+            if self.axis is axes.xaxis:
+                length, per_label = axes.bbox.width, (0.65 * max(len(f"{round(low)}"), len(f"{round(high)}")) + 1)
+            else:
+                length, per_label = axes.bbox.height, 1.5
+            self.set_params(nbins=max(1, min(10, int(length * 72 / axes.figure.dpi // (per_label * size)))))
+            return super().__call__()
+
+    return FittingLocator
+
+
+def _whole_ticks(axis, nbins: int | None = None) -> None:
+    """Ticks at whole numbers only (epochs, units, steps) on ``axis`` (ax.xaxis or ax.yaxis), after the data are
+    drawn: at most ``nbins`` intervals, or as many as the labels fit (``_fitting_locator``). The integer locator needs
+    two whole numbers in view, else it ticks fractions (one epoch read 0.96, 0.99 …, one unit −0.4 … 0.4), so with
+    fewer the whole number in view is the tick."""
+    from matplotlib.ticker import MaxNLocator
+
+    axis.set_major_locator(MaxNLocator(nbins=nbins, integer=True) if nbins else _fitting_locator()(integer=True))
     low, high = sorted(axis.get_view_interval())
     whole = list(range(math.ceil(low), math.floor(high) + 1))
     if len(whole) < 2:
@@ -170,17 +195,10 @@ def _with_inset(ax, epochs: Sequence[int], series: Sequence[tuple[Sequence[float
     inset = ax.inset_axes([0.42, 0.12, 0.55, 0.5])
     for values, style in series:
         inset.plot(epochs[skip:], values[skip:], **style)
-    size = 7                                                        # points, the inset's tick labels
-    inset.tick_params(labelsize=size)
+    inset.tick_params(labelsize=7)
     inset.grid(alpha=0.3)
-    inset.set_title(f"epochs {epochs[skip]}–{epochs[-1]}", fontsize=size)
-    # As many epoch ticks as labels of the last epoch's digits fit in the inset's width, each (0.65 d + 1) font
-    # sizes wide (a digit is 0.64 em in DejaVu Sans, and an em between labels); the width is 0.55 of the axes',
-    # 0.85 of that for what tight_layout may take. Ten bins put "1050", "1200", "1350" 2 pixels apart in a
-    # 1374-epoch run's elbo.png, read as one number.
-    width = 0.55 * ax.get_position().width * ax.figure.get_figwidth() * 72 * 0.85        # points
-    digits = len(str(max(int(abs(epoch)) for epoch in epochs)))
-    _whole_ticks(inset.xaxis, nbins=max(1, int(width // ((0.65 * digits + 1) * size))))
+    inset.set_title(f"epochs {epochs[skip]}–{epochs[-1]}", fontsize=7)
+    _whole_ticks(inset.xaxis)                   # as many as fit its width, half its axes'
     return inset
 
 
