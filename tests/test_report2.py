@@ -246,7 +246,7 @@ def test_the_training_figure_stars_the_best_validation_elbo_in_the_panel_and_its
         [{k: v for k, v in row.items() if k != "validation_elbo"} for row in rows]).axes[0].get_lines())
 
 
-def assert_epoch_labels_apart(ax, at_least=3):
+def assert_tick_labels_apart(ax, at_least=3):
     """The x tick labels of ``ax`` in view, drawn: at least ``at_least`` of them, each two a third of their font
     size apart at least (labels 2 pixels apart read as one number: "10501200")."""
     ax.figure.canvas.draw()
@@ -270,10 +270,10 @@ def test_the_epoch_ticks_of_a_long_run_do_not_run_into_each_other():
     panels = [ax for ax in fig.axes if ax.get_xlabel() == "epoch"]
     assert len(panels) == 5
     for ax in panels:
-        assert_epoch_labels_apart(ax)
+        assert_tick_labels_apart(ax)
 
 
-def test_the_epoch_ticks_of_the_inset_do_not_run_into_each_other(monkeypatch, tmp_path):
+def test_the_ticks_of_insets_and_sweep_figures_do_not_run_into_each_other(monkeypatch, tmp_path):
     """The inset over the later epochs of a long run, half the width of its axes, in elbo.png, the report's training
     figure and compare's curves: a `vampprior-1` run of 1374 epochs had its inset ticked every 150 epochs at 7 pt,
     "1050", "1200" and "1350" printed into one another (2026-12-05). So had a sweep's figure of hidden sizes from 100
@@ -288,9 +288,9 @@ def test_the_epoch_ticks_of_the_inset_do_not_run_into_each_other(monkeypatch, tm
     for fig in (figures[-1], plots.training_figure(rows), plots.curves_figure([("a", rows), ("b", rows[:900])])):
         (inset,) = fig.axes[0].child_axes
         assert inset.get_title() == "epochs 3–1374"
-        assert_epoch_labels_apart(inset)
+        assert_tick_labels_apart(inset)
     for sizes in ([100, 550, 1000], [10000, 35000, 60000], [1, 20, 40]):
-        assert_epoch_labels_apart(plots.sweep_parameter_figure("hidden", sizes, [-90.0, -91.0, -90.5],
+        assert_tick_labels_apart(plots.sweep_parameter_figure("hidden", sizes, [-90.0, -91.0, -90.5],
                                                                "validation ELBO", False).axes[0])
 
 
