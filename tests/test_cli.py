@@ -188,10 +188,41 @@ def test_a_gpu_the_machine_does_not_have_is_refused_in_one_line(tmp_path, data_d
         resolve_device("cuda:4")
 
 
+def test_a_resumed_run_that_asked_for_more_digits_than_there_are_still_resumes(data_dir):
+    """A new run asking for more digits than the data set has is refused (below); one trained before that check
+    (it took all 2000, its config.json saying 2500) still prepares its data, on all of them, when resumed."""
+    import argparse
+
+    from vaelab.cli import _prepare_training
+
+    config = _train_config(build_parser().parse_args(["train", "--train-examples", "2500", "--validation", "100",
+                                                      "--data-dir", str(data_dir), "--engine", "autograd"]),
+                           RunConfig())
+    flags = dict(threads=torch.get_num_threads(), tensorboard=False, engine=None)
+    _, _, data = _prepare_training(argparse.Namespace(resume=True, **flags), config)
+    assert data.n_train == 1900 and len(data.validation_binary) == 100
+    with pytest.raises(UsageError, match="^--train-examples 2500: the data set has 2000 training digits; give at "
+                                         r"most 2000 \(or leave it out: all of them\)$"):
+        _prepare_training(argparse.Namespace(resume=False, **flags), config)
+
+
 def test_run_directories_are_protected(trained, data_dir, tmp_path, capsys):
     before = {p.name: p.read_bytes() for p in trained.iterdir()}
     code, _, err = run(capsys, "train", "--out", trained, "--data-dir", data_dir, "--epochs", "1")
     assert code == 2 and "already holds a run; add --resume" in err
+    # refused before the data are read: it fetched and cached MNIST into a new --data-dir first
+    code, _, err = run(capsys, "train", "--out", trained, "--data-dir", tmp_path / "fresh-data", "--epochs", "1")
+    assert code == 2 and "already holds a run; add --resume" in err and not (tmp_path / "fresh-data").exists()
+    # more digits than the data set has: it trained on all of them, its config.json saying the number asked for
+    for flag, there in (("--train-examples", 2000), ("--test-examples", 500)):
+        code, _, err = run(capsys, "train", "--out", tmp_path / "too-many", "--data-dir", data_dir, flag,
+                           str(there + 1), "--epochs", "1")
+        assert code == 2 and err.count("\n") == 1 and f"{flag} {there + 1}: the data set has {there}" in err
+        assert f"give at most {there}" in err and not (tmp_path / "too-many").exists()
+    (tmp_path / "a-file").write_text("mine")
+    code, _, err = run(capsys, "train", "--out", tmp_path / "a-file", "--data-dir", data_dir, "--epochs", "1")
+    assert code == 2 and "a-file exists and is not an empty directory" in err
+    assert (tmp_path / "a-file").read_text() == "mine"
     code, _, err = run(capsys, "train", "--out", trained, "--resume", "--hidden", "128", "--data-dir", data_dir)
     assert code == 2 and "different config (model.hidden: [[256]] → [[128]])" in err
     assert "only --epochs, --early-stopping, --device, --threads, --engine, --data-dir may change" in err

@@ -315,9 +315,32 @@ DEPTH = 'trials = 2\n[fixed]\nvalidation = 100\nmodel = "hvae"\n'
     (f'{DEPTH}[search.depth]\na = {{ latent = [4, 2], blocks = [[8], [8]] }}\nb = {{}}\n',
      ["search.depth.b", "an option sets one or more fields"]),
     (f'enqueue = [{{ depth = "c" }}]\n{DEPTH}[search.depth]\na = {{ latent = [4, 2], blocks = [[8], [8]] }}\n',
-     ["enqueue[0].depth", "'c' is not one of its options: a"]),
+     ["enqueue[0].depth", '"c" is not one of its options: a']),
     (f'enqueue = [{{ depth = [4, 2] }}]\n{DEPTH}[search.depth]\na = {{ latent = [4, 2], blocks = [[8], [8]] }}\n',
      ["enqueue[0].depth", "[4, 2] is not one of its options: a"]),
+    # an enqueued value its parameter cannot take: a choice it lacks was a failed trial that spent its slot on
+    # Optuna's "ValueError: '5' not in ('0.001', '0.002')"; a value outside a range was trained as given
+    ('enqueue = [{ lr = 5 }]\ntrials = 2\n[fixed]\nvalidation = 100\n[search]\nlr = [1e-3, 2e-3]\n',
+     ["enqueue[0].lr", "5 is not one of its choices: 0.001, 0.002"]),
+    ('enqueue = [{ hidden = [7] }]\ntrials = 2\n[fixed]\nvalidation = 100\n[search]\nhidden = [[64], [128]]\n',
+     ["enqueue[0].hidden", "[7] is not one of its choices: [64], [128]"]),
+    ('enqueue = [{ activation = true }]\ntrials = 2\n[fixed]\nvalidation = 100\n[search]\nactivation = ["relu"]\n',
+     ["enqueue[0].activation", 'true is not one of its choices: "relu"']),
+    ('enqueue = [{ lr = 0.5 }]\ntrials = 2\n[fixed]\nvalidation = 100\n[search]\nlr = { low = 1e-4, high = 1e-3 }\n',
+     ["enqueue[0].lr", "0.5 is outside the searched range 0.0001 … 0.001", "widen the range"]),
+    ('enqueue = [{ k = 2.5 }]\ntrials = 2\n[fixed]\nvalidation = 100\n[search]\nk = { low = 1, high = 5 }\n',
+     ["enqueue[0].k", "2.5 is not a whole number"]),
+    ('enqueue = [{ lr = 2e-4 }]\ntrials = 2\n[fixed]\nvalidation = 100\n[search]\n'
+     'lr = { low = 1e-4, high = 1e-3, step = 3e-4 }\n', ["enqueue[0].lr", "not on the range's grid 0.0001, 0.0004, …"]),
+    # values shown as the spec wrote them (TOML), not as Python's repr; a list or table where a name belongs was a
+    # traceback (TypeError: unhashable type)
+    ('preset = ["seed"]\n', ['preset ["seed"]', "choose one of seed"]),
+    ('objective = { a = 1 }\n', ["objective { a = 1 }", "choose one of validation-nll"]),
+    ('trials = true\n', ["trials true:", "whole number"]),
+    ('trials = 2\n[fixed]\nvalidation = 100\n[search]\nlr = { low = 1e-4, high = 1e-3, log = "yes" }\n',
+     ["search.lr", 'log = "yes": write log = true or log = false']),
+    ('trials = 2\n[fixed]\nvalidation = 100\n[search]\nlr = { low = nan, high = 1e-3 }\n',
+     ["search.lr", "got nan and 0.001"]),
 ])
 def test_bad_specs_are_one_line_errors_naming_the_field(text, words, tmp_path, capsys):
     from vaelab.cli import main
@@ -429,6 +452,27 @@ def test_a_stepped_value_is_its_grid_point_as_written():
     assert raw != 7e-4 and param.stored(raw) == 7e-4
     assert param.suggest(optuna.trial.FixedTrial({"lr": raw})) == 7e-4
     assert Param("lr", 1e-4, 1e-3).stored(raw) == raw                          # a continuous range: as drawn
+
+
+def test_an_enqueued_value_is_the_choice_it_equals(tmp_path):
+    """TOML's 1 enqueued for the choice 1.0 is that choice (Optuna stores choices as their JSON text, "1" ≠ "1.0"),
+    a list the list choice, and a number of a range itself; the trial that takes the slot suggests exactly those."""
+    from vaelab import sweep
+
+    spec_path = tmp_path / "spec.toml"
+    spec_path.write_text(EXAMPLE.replace("trials = 4", "trials = 1\nenqueue = [{ lr = 1, hidden = [128], k = 3 }]")
+                         .replace("lr = { low = 1e-4, high = 3e-3, log = true }", "lr = [1e-3, 1.0]\nk = { low = 1, "
+                                                                              "high = 5 }"))
+    spec, out = sweep.load_spec(spec_path), tmp_path / "out"
+    out.mkdir()
+    study = sweep.open_study(spec, sweep.storage_url(out, None), "study")
+    sweep.reconcile(study, spec, out)
+    trial = sweep._take(study, out)                      # as a worker takes it
+    suggested = {param.name: param.suggest(trial) for param in spec.search}
+    assert suggested == {"lr": 1.0, "k": 3, "hidden": [128], "activation": suggested["activation"]}
+    assert trial.params["lr"] == "1.0" and suggested["activation"] in ("relu", "tanh")
+    lr = next(param for param in spec.search if param.name == "lr")
+    assert lr.choice_of(True) is None and lr.choice_of(1.0) == "1.0" and lr.refusal(2) is not None
 
 
 def test_the_cpu_hour_choice_is_a_spec_that_parses():

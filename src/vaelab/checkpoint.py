@@ -219,8 +219,7 @@ class RunLock:
             os.close(fd)
             if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                 raise WriteError(f"cannot lock {self.path}: {exc.strerror}") from exc
-            raise RunLocked(f"{self.path.parent} is in use by process {holder or '(unknown pid)'}, which is "
-                            f"training into it; wait for it to finish (or stop it), or choose another --out") from None
+            raise in_use(self.path.parent, holder) from None
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         self.fd = fd
@@ -236,6 +235,13 @@ class RunLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def in_use(run_dir: Path, holder: int | None) -> RunLocked:
+    """The error for a run whose lock process ``holder`` holds (None or -1: its pid unreadable)."""
+    pid = holder if holder and holder > 0 else "(unknown pid)"
+    return RunLocked(f"{run_dir} is in use by process {pid}, which is training into it; wait for it to finish "
+                     f"(or stop it), or choose another --out")
 
 
 def _read_pid(fd: int) -> int | None:

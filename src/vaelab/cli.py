@@ -600,6 +600,8 @@ def _new_run(args: argparse.Namespace, world, config=None, claimed_dir: list | N
         config = _train_config(args, RunConfig())
         if args.preset is None:
             config = dataclasses.replace(config, preset="seed")
+    if args.out is not None:
+        _refuse_taken(args.out)         # before the data are fetched; again under the lock below
     run = _prepare_training(args, config)
     claimed: dict[str, Any] = {"created": False, "lock": None, "dir": args.out}
 
@@ -617,17 +619,10 @@ def _new_run(args: argparse.Namespace, world, config=None, claimed_dir: list | N
                 raise ckpt.WriteError(f"cannot create {run_dir}: {exc.strerror} (errno {exc.errno}); "
                                       f"choose a writable --out") from exc
         claimed["dir"] = run_dir
-
-        def refuse_if_not_empty() -> None:
-            if not run_dir.is_dir() or any(p.name != ckpt.LOCK for p in run_dir.iterdir()):
-                raise UsageError(f"{run_dir} exists and is not an empty directory; choose another --out")
-
         if run_dir.is_dir() and not ckpt.is_run(run_dir):
-            refuse_if_not_empty()       # before the lock, whose file would stay in a directory that is not a run
+            _refuse_taken(run_dir)      # before the lock, whose file would stay in a directory that is not a run
         claimed["lock"] = ckpt.RunLock(run_dir).acquire()
-        if ckpt.is_run(run_dir):
-            raise UsageError(f"{run_dir} already holds a run; add --resume to continue it, or choose another --out")
-        refuse_if_not_empty()           # again under the lock: another process may have written there meanwhile
+        _refuse_taken(run_dir, locked=True)     # again under the lock: another may have written there meanwhile
         return str(run_dir)
 
     try:
@@ -645,6 +640,20 @@ def _new_run(args: argparse.Namespace, world, config=None, claimed_dir: list | N
     finally:
         if claimed["lock"] is not None:
             claimed["lock"].release()
+
+
+def _refuse_taken(run_dir: Path, locked: bool = False) -> None:
+    """A new run's --out must be new or an empty directory (its lock file aside): one that holds a run (named with
+    the process training it, if one is, unless this process holds its lock: ``locked``), or anything else, is
+    refused."""
+    from vaelab import checkpoint as ckpt
+
+    if ckpt.is_run(run_dir):
+        if not locked and (holder := ckpt.lock_holder(run_dir)):
+            raise ckpt.in_use(run_dir, holder)
+        raise UsageError(f"{run_dir} already holds a run; add --resume to continue it, or choose another --out")
+    if run_dir.exists() and (not run_dir.is_dir() or any(p.name != ckpt.LOCK for p in run_dir.iterdir())):
+        raise UsageError(f"{run_dir} exists and is not an empty directory; choose another --out")
 
 
 def _remove_if_untrained(run_dir: Path, created: bool) -> bool:
@@ -768,7 +777,15 @@ def _prepare_training(args: argparse.Namespace, config):
                  if getattr(args, "resume", False) else f"the preset {config.preset}'s --engine compiled"
                  if config.preset else "--engine compiled")
         require_compiler(device, asked, "pass --engine autograd (the same gradient, slower)")
-    data = prepare(load_mnist(config.data.data_dir, log=_log), config.data, device)
+    arrays = load_mnist(config.data.data_dir, log=_log)
+    if not getattr(args, "resume", False):      # a run that took more than there are (before 2026-12-05) resumes
+        for flag, asked, there, kind in (
+                ("--train-examples", config.data.train_examples, len(arrays.train_images), "training"),
+                ("--test-examples", config.data.test_examples, len(arrays.test_images), "test")):
+            if asked is not None and asked > there:     # it took the first `there`, its config.json saying `asked`
+                raise UsageError(f"{flag} {asked}: the data set has {there} {kind} digits; give at most {there} "
+                                 f"(or leave it out: all of them)")
+    data = prepare(arrays, config.data, device)
     return device, threads, data
 
 

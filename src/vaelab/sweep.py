@@ -124,6 +124,36 @@ class Param:
             return json.loads(value)
         return float(f"{value:.12g}") if self.step is not None and not self.integer else value
 
+    def choice_of(self, value: Any) -> str | None:
+        """The stored choice (its JSON text) equal to ``value``, an option by its label; None where none is. Equal as
+        TOML values: 1 is the choice 1.0, but true is not the choice 1."""
+        if self.options is not None:
+            return json.dumps(value) if isinstance(value, str) and value in self.options else None
+        return next((text for text in self.choices if (loaded := json.loads(text)) == value
+                     and isinstance(loaded, bool) == isinstance(value, bool)), None)
+
+    def refusal(self, value: Any) -> str | None:
+        """Why an enqueued ``value`` is not one this parameter can take (None where it is): not one of its choices
+        or options, outside its range, not whole in a range of integers, or off its step's grid. Optuna would
+        fail the trial on a choice it does not have (and spend its slot) and run one outside a range."""
+        if self.options is not None:
+            return None if self.choice_of(value) else f"{toml_text(value)} is not one of its options: " \
+                                                       f"{', '.join(self.options)}"
+        if self.choices is not None:
+            return None if self.choice_of(value) else f"{toml_text(value)} is not one of its choices: " \
+                                                       f"{', '.join(self.choices)}"
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return None                          # not a number at all: the train command's own check names it
+        if not self.low <= value <= self.high:
+            return f"{toml_text(value)} is outside the searched range {toml_text(self.low)} … " \
+                   f"{toml_text(self.high)}; enqueue a value inside it, or widen the range"
+        if self.integer and value != int(value):
+            return f"{toml_text(value)} is not a whole number, in a range of integers"
+        if self.step is not None and not math.isclose(n := (value - self.low) / self.step, round(n), abs_tol=1e-8):
+            return f"{toml_text(value)} is not on the range's grid {self.low:.12g}, {self.low + self.step:.12g}, " \
+                   f"… (step {self.step:.12g})"
+        return None
+
     def values_to_check(self) -> list[Any]:
         """The values whose flags are validated before any trial: both ends, or every choice."""
         if self.choices is not None:
@@ -278,6 +308,22 @@ def _bad(where: str, why: str) -> UsageError:
     return UsageError(f"sweep spec: {where}: {why}")
 
 
+def toml_text(value: Any) -> str:
+    """A value of the spec as TOML writes it (true, "seed", [64, 32], { low = 1 }), for messages about what the
+    spec says: Python's repr would show True, 'seed' and {'low': 1}."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float) and not math.isfinite(value):
+        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    if isinstance(value, (int, float, str)):
+        return json.dumps(value, ensure_ascii=False)
+    if isinstance(value, (list, tuple)):
+        return f"[{', '.join(map(toml_text, value))}]"
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{key} = {toml_text(v)}" for key, v in value.items()) + " }" if value else "{}"
+    return str(value)                            # dates and times: TOML's own form
+
+
 def load_spec(path: Path, trials: int | None = None) -> Spec:
     """Read and check a spec: unknown keys and fields, empty ranges and values the train command would refuse
     are one-line errors naming the field."""
@@ -296,26 +342,26 @@ def load_spec(path: Path, trials: int | None = None) -> Spec:
     from vaelab.presets import PRESETS
 
     preset = raw.get("preset", "seed")
-    if preset not in PRESETS:
-        raise _bad(f"preset {preset!r}", f"choose one of {', '.join(PRESETS)}")
+    if not isinstance(preset, str) or preset not in PRESETS:
+        raise _bad(f"preset {toml_text(preset)}", f"choose one of {', '.join(PRESETS)}")
     count = raw.get("trials", 10) if trials is None else trials
     if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= 100_000:
-        raise _bad(f"trials {count!r}", "must be a whole number from 1 to 100 000")
+        raise _bad(f"trials {toml_text(count)}", "must be a whole number from 1 to 100 000")
     objective = raw.get("objective", "validation-nll")
-    if objective not in DIRECTIONS:
-        raise _bad(f"objective {objective!r}", f"choose one of {', '.join(DIRECTIONS)}")
+    if not isinstance(objective, str) or objective not in DIRECTIONS:
+        raise _bad(f"objective {toml_text(objective)}", f"choose one of {', '.join(DIRECTIONS)}")
     k = raw.get("k", 1000)
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= 100_000:
-        raise _bad(f"k {k!r}", "must be a whole number from 1 to 100 000 (IWAE-K for validation-nll)")
+        raise _bad(f"k {toml_text(k)}", "must be a whole number from 1 to 100 000 (IWAE-K for validation-nll)")
     for key, allowed in (("sampler", SAMPLERS), ("pruner", PRUNERS)):
         if raw.get(key, allowed[0]) not in allowed:
-            raise _bad(f"{key} {raw[key]!r}", f"choose one of {', '.join(allowed)}")
+            raise _bad(f"{key} {toml_text(raw[key])}", f"choose one of {', '.join(allowed)}")
     seed = raw.get("seed", 0)
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**31:
-        raise _bad(f"seed {seed!r}", "must be a whole number from 0 to 2³¹ − 1")
+        raise _bad(f"seed {toml_text(seed)}", "must be a whole number from 0 to 2³¹ − 1")
     warmup = raw.get("pruner_warmup", 1)
     if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
-        raise _bad(f"pruner_warmup {warmup!r}", "must be a whole number ≥ 0 (epochs no trial is pruned in)")
+        raise _bad(f"pruner_warmup {toml_text(warmup)}", "must be a whole number ≥ 0 (epochs no trial is pruned in)")
     fields = train_fields()
     fixed, search = raw.get("fixed", {}), raw.get("search", {})
     if not isinstance(fixed, dict) or not isinstance(search, dict):
@@ -348,9 +394,9 @@ def load_spec(path: Path, trials: int | None = None) -> Spec:
         for name, value in entry.items():
             if name not in search:
                 raise _bad(f"enqueue[{index}].{name}", "is not a searched field; enqueued trials set searched fields")
-            options = next(param.options for param in params if param.name == name)
-            if options is not None and (not isinstance(value, str) or value not in options):
-                raise _bad(f"enqueue[{index}].{name}", f"{value!r} is not one of its options: {', '.join(options)}")
+            refusal = next(param for param in params if param.name == name).refusal(value)
+            if refusal is not None:
+                raise _bad(f"enqueue[{index}].{name}", refusal)
     spec = Spec(preset, count, objective, k, dict(fixed), params, tuple(enqueue), raw.get("sampler", "tpe"), seed,
                 raw.get("pruner", "median"), warmup, text)
     _check_values(spec)
@@ -381,11 +427,14 @@ def _param(name: str, value: Any) -> Param:
                                          "table of named tables of fields, [search.NAME] with a = { … }, b = { … })")
         low, high = value["low"], value["high"]
         if any(isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) for v in (low, high)):
-            raise _bad(f"search.{name}", f"low and high must be finite numbers, got {low!r} and {high!r}")
+            raise _bad(f"search.{name}", f"low and high must be finite numbers, got {toml_text(low)} and "
+                                         f"{toml_text(high)}")
         if not low < high:
             raise _bad(f"search.{name}", f"an empty range: low {low} must be below high {high}")
         log = value.get("log", False)
-        if not isinstance(log, bool) or (log and low <= 0):
+        if not isinstance(log, bool):
+            raise _bad(f"search.{name}", f"log = {toml_text(log)}: write log = true or log = false")
+        if log and low <= 0:
             raise _bad(f"search.{name}", "log = true needs low > 0")
         integer = isinstance(low, int) and isinstance(high, int)
         step = value.get("step")
@@ -399,7 +448,7 @@ def _param(name: str, value: Any) -> Param:
             raise _bad(f"search.{name}", f"step {step} is wider than the range {low} … {high}: every trial would "
                                          f"take {low}; give a smaller step")
         return Param(name, float(low), float(high), log, None if step is None else float(step), integer=integer)
-    raise _bad(f"search.{name}", f"{value!r} is neither a range {{ low, high }} nor a list of choices")
+    raise _bad(f"search.{name}", f"{toml_text(value)} is neither a range {{ low, high }} nor a list of choices")
 
 
 def _config_of(preset: str, fields: dict[str, Any]):
@@ -610,8 +659,7 @@ def reconcile(study, spec: Spec, out: Path, shared: bool = False) -> None:
             if failed:
                 params = failed[-1].params
             elif slot < len(spec.enqueue):
-                params = {name: json.dumps(value) if _choices(spec, name) else value
-                          for name, value in spec.enqueue[slot].items()}
+                params = {name: _choice_or_value(spec, name, value) for name, value in spec.enqueue[slot].items()}
             elif spec.sampler == "grid" and slot - len(spec.enqueue) < len(grid := grid_points(spec)):
                 params = grid[slot - len(spec.enqueue)]
             else:
@@ -619,8 +667,11 @@ def reconcile(study, spec: Spec, out: Path, shared: bool = False) -> None:
             study.enqueue_trial(params, user_attrs={"slot": slot, "retry_of": failed[-1].number if failed else None})
 
 
-def _choices(spec: Spec, name: str) -> bool:
-    return next(p for p in spec.search if p.name == name).choices is not None
+def _choice_or_value(spec: Spec, name: str, value: Any) -> Any:
+    """An enqueued value as Optuna stores it: the text of the equal choice (1 enqueued for the choice 1.0), else
+    the number itself."""
+    param = next(p for p in spec.search if p.name == name)
+    return value if param.choices is None else param.choice_of(value)
 
 
 def run_dir_of(out: Path, slot: int) -> Path:
