@@ -509,6 +509,13 @@ def test_compare_pairs_two_evaluations_of_one_run_at_two_epochs(tmp_path, data_d
     assert "Comparison of 2 evaluations" in page and "epoch2.json" in page
     code, _, err = run(capsys, "compare", first, run_dir / "config.json")
     assert code == 2 and one_line(err) and "is not an evaluation record" in err, err
+    # a record copied out of its run: said of the file, not as ". is not a vaelab run" of the folder it lies in
+    loose = tmp_path / "loose" / first.name
+    loose.parent.mkdir()
+    shutil.copy(first, loose)
+    code, _, err = run(capsys, "compare", loose, first)
+    assert code == 2 and one_line(err) and f"{loose} is not in a run directory ({loose.parent} holds no " \
+        f"config.json); compare takes run directories or the eval-….json records in them" in err, err
     code, _, err = run(capsys, "compare", first, second, "--split", "validation")
     assert code == 2 and one_line(err) and "compare it with --split test" in err, err
 

@@ -493,6 +493,10 @@ def compare_runs(paths: Sequence[str | Path], split: str = "test") -> Comparison
     also be one evaluation record of a run (``RUN/eval-….json``): that record is compared, whatever weights the run
     holds now (two evaluations of one run, at two epochs, paired digit by digit)."""
     chosen = [_chosen_record(Path(p)) for p in paths]
+    for path, (directory, file) in zip(paths, chosen):
+        if file is not None and not ckpt.is_run(directory):      # said of the file given, not of its folder
+            raise UsageError(f"{path} is not in a run directory ({directory} holds no config.json); compare takes "
+                             f"run directories or the eval-….json records in them")
     runs = [read_run(directory) for directory, _ in chosen]
     for run, label, (_, file) in zip(runs, distinct_labels(paths), chosen):
         # two runs named h4 in different folders: one-hour-60/h4 and s35/h4; a record: vampprior-2/eval-….json
