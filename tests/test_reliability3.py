@@ -545,11 +545,21 @@ def test_api_errors_carry_the_reason_in_the_apis_terms(flags, words, capsys):
     ({"config": "seed"}, "config must be a RunConfig or a dict as in config.json, got str; for a preset pass "
                          "preset='seed'"),                                     # AttributeError: no attribute 'validate'
     ({"out": 5}, "out must be a path (str or pathlib.Path), got int"),        # TypeError from pathlib
+    # flags written as a dict: "config version None is not one this vaelab reads …, written by another version"
+    ({"config": {"lr": 1e-3, "hidden": [64]}}, 'a config dict is a whole config.json (its "version" and sections, '
+     "json.load of a run's config.json, or vaelab.config.RunConfig().to_dict()); for the command's flags pass "
+     "keywords: vaelab.train(lr=0.001, hidden=[64])"),
 ])
 def test_api_train_names_a_config_or_out_of_the_wrong_kind(kwargs, message):
     with pytest.raises(UsageError) as error:
         vaelab.train(**kwargs)
     assert str(error.value) == f"vaelab.train: {message}"
+
+
+def test_api_load_run_names_a_path_of_the_wrong_kind():
+    with pytest.raises(UsageError, match=r"^vaelab.load_run: path must be a run directory \(str or pathlib.Path\), "
+                                         r"got int$"):
+        vaelab.load_run(3)                                    # TypeError from pathlib
 
 
 def test_api_refuses_bad_arguments_before_torch_does(evaluated):

@@ -196,6 +196,9 @@ def _check_count(name: str, value: Any, low: int) -> None:
 
 def load_run(path: str | Path, checkpoint: str = "last") -> Run:
     """The run in ``path``; ``checkpoint="best"`` uses the weights with the best validation ELBO."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise UsageError(f"vaelab.load_run: path must be a run directory (str or pathlib.Path), got "
+                         f"{type(path).__name__}")
     return Run(path, checkpoint)
 
 
@@ -229,6 +232,11 @@ def train(config=None, *, out: str | Path | None = None, resume: bool = False, p
         raise UsageError(f"vaelab.train: out={str(out)!r} already holds a run: open it with "
                          f"vaelab.load_run({str(out)!r}), continue it with resume=True (and a larger epochs=), "
                          f"or pass another out=")
+    if isinstance(config, dict) and "version" not in config:    # flags written as a dict, {"lr": 1e-3}: not a config
+        shown = ", ".join(f"{name}={value!r}" for name, value in config.items())
+        raise UsageError(f"vaelab.train: a config dict is a whole config.json (its \"version\" and sections, "
+                         f"json.load of a run's config.json, or vaelab.config.RunConfig().to_dict()); for the command's flags pass "
+                         f"keywords: vaelab.train({shown})")
     if isinstance(config, dict):
         config = RunConfig.from_dict(config, "the config given to vaelab.train")
     argv = ["train"] + (["--out", str(out)] if out is not None else []) + (["--resume"] if resume else []) \
