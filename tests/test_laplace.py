@@ -9,8 +9,9 @@ import pytest
 import torch
 from scipy import integrate
 
-from vaelab.laplace import (SMOOTH, LaplaceError, laplace_c1, laplace_integral, laplace_log_marginal, log_stirling,
-                            sample_laplace_proposal, stirling_coefficients, stirling_table)
+from vaelab.laplace import (SMOOTH, LaplaceError, laplace_c1, laplace_integral, laplace_log_marginal,
+                            log_factorial_laplace, log_stirling, sample_laplace_proposal, stirling_coefficients,
+                            stirling_errors, stirling_table)
 from vaelab.objectives import LOG_2PI
 
 
@@ -105,6 +106,25 @@ def test_stirling_table_columns():
 def test_correction_c1_values():
     assert laplace_c1(lambda x: torch.log(x) - x, 1.0) == pytest.approx(1 / 12, abs=1e-12)
     assert laplace_c1(lambda x: -x**2 / 2 - x**4 / 4, 0.0) == pytest.approx(-3 / 4, abs=1e-12)
+
+
+@pytest.mark.parametrize("call, message", [
+    # each was a ZeroDivisionError, "math domain error", an IndexError, a message naming M, or an answer for a string
+    (lambda: laplace_c1(lambda x: 0 * x, 0.0), r"^f''\(x0\) = 0 at x0 = 0.0: c₁ needs a maximum, f''\(x₀\) < 0"),
+    (lambda: laplace_c1(lambda x: x**2, 0.0), r"^f''\(x0\) = 2 at x0 = 0.0"),
+    (lambda: laplace_c1(lambda x: -x**2, float("nan")), r"^x0 must be a finite number"),
+    (lambda: stirling_errors(0, [0, 1]), r"^N must be a finite number > 0, got 0$"),
+    (lambda: stirling_errors(5, [-1]), r"^terms must be a whole number from 0 to 30, got -1"),
+    (lambda: stirling_errors(5, []), r"^terms must name at least one count"),
+    (lambda: log_factorial_laplace(0), r"^N must be a finite number > 0, got 0$"),
+    (lambda: log_factorial_laplace(float("inf")), r"^N must be a finite number > 0, got inf$"),
+    (lambda: log_stirling("5"), r"^N must be a number or an array of numbers, got '5'$"),
+    (lambda: log_stirling(True), r"^N must be a number or an array of numbers, got True$"),
+])
+def test_the_stirling_and_correction_functions_refuse_what_they_cannot_take(call, message):
+    with pytest.raises(LaplaceError, match=message):
+        call()
+    assert issubclass(LaplaceError, ValueError)
 
 
 def test_correction_improves_quartic_against_quadrature():

@@ -310,11 +310,16 @@ def _require_quadratic_maximum(f: Callable, result: NewtonResult, M: float) -> N
 
 def laplace_c1(f: Callable[[torch.Tensor], torch.Tensor], x0: float) -> float:
     """c₁ = f⁗(x₀)/(8a²) + 5 f‴(x₀)²/(24a³), a = −f''(x₀): the O(1/M) term of the 1-D expansion."""
-    x = torch.tensor(x0, dtype=torch.float64)
+    if isinstance(x0, bool) or not isinstance(x0, (int, float, np.integer, np.floating)) or not math.isfinite(x0):
+        raise LaplaceError(f"x0 must be a finite number (laplace_c1 is the 1-D term), got {x0!r}")
+    x = torch.tensor(float(x0), dtype=torch.float64)
     d1 = grad(f)
     d2, d3 = grad(d1), grad(grad(d1))
     d4 = grad(d3)
     a = -float(d2(x))
+    if not (math.isfinite(a) and a > 0):          # the expansion is about a maximum: a = −f''(x₀) > 0
+        raise LaplaceError(f"f''(x0) = {-a:.6g} at x0 = {float(x0)!r}: c₁ needs a maximum, f''(x₀) < 0 (find the "
+                           f"mode first, e.g. laplace_integral(f, x0).mode)")
     return float(d4(x)) / (8 * a**2) + 5 * float(d3(x)) ** 2 / (24 * a**3)
 
 
@@ -356,6 +361,13 @@ def _check_terms(terms) -> int:
     return int(terms)
 
 
+def _check_n(n) -> None:
+    """N of N!: one finite number > 0 (Laplace's method on N! has M = N)."""
+    if isinstance(n, bool) or not isinstance(n, (int, float, np.integer, np.floating)) or not (math.isfinite(n)
+                                                                                              and n > 0):
+        raise LaplaceError(f"N must be a finite number > 0, got {n!r}")
+
+
 def log_stirling(n, terms: int = 0):
     """ln N! ≈ ½ ln(2πN) + N ln N − N + Σ_{k=1..terms} B₂ₖ / (2k(2k−1) N^{2k−1}), for a number or an array.
 
@@ -365,7 +377,10 @@ def log_stirling(n, terms: int = 0):
     """
     terms = _check_terms(terms)
     try:
-        array = np.asarray(n, dtype=np.float64)
+        array = np.asarray(n)
+        if array.dtype.kind not in "iuf":         # "5" and True were read as 5.0 and 1.0
+            raise TypeError(array.dtype)
+        array = array.astype(np.float64)
     except (TypeError, ValueError) as exc:
         raise LaplaceError(f"N must be a number or an array of numbers, got {n!r}") from exc
     if array.size == 0 or not np.all(np.isfinite(array)) or np.any(array <= 0):
@@ -381,6 +396,7 @@ def log_factorial_laplace(n: float) -> LaplaceResult:
 
     Returns the integral's result; ln N! ≈ (N+1) ln N + result.log_value.
     """
+    _check_n(n)
     return laplace_integral(lambda x: torch.log(x) - x, x0=0.5, M=float(n))
 
 
@@ -407,6 +423,10 @@ def stirling_errors(n: float, terms: Sequence[int]) -> dict:
     """
     import mpmath
 
+    _check_n(n)
+    terms = [_check_terms(k) for k in terms]
+    if not terms:
+        raise LaplaceError("terms must name at least one count of correction terms, e.g. [0, 2]")
     coefficients = stirling_coefficients(max(terms) + 1)          # c₁ … c_{k+1}; cₖ₊₁ = coefficients[k]
     smallest = min(math.log10(abs(coefficients[k].numerator)) - math.log10(coefficients[k].denominator)
                    - (2 * k + 1) * math.log10(n) for k in terms)   # log₁₀ of the first omitted term
