@@ -232,6 +232,36 @@ def test_fuzz_pkl(tmp_path, edits, inner):
     assert_same(result, SMALL)
 
 
+def test_a_directory_that_takes_no_files_still_gets_the_data_uncached(official, monkeypatch, capsys):
+    """/proc/sys takes no file, even from root (a read-only mount or a directory without permission for others):
+    the download is staged in a temporary directory, removed after, and the data served uncached. Before, the
+    sources were staged in the directory itself and every one failed: "no usable MNIST source … no mirror
+    answered: … No such file or directory", exit 1."""
+    from pathlib import Path
+
+    from vaelab.cli import main
+
+    directory = Path("/proc/sys")
+    if not directory.is_dir() or D._refuses_files(directory) is None:
+        pytest.skip("needs Linux's /proc/sys, a directory that takes no files")
+    staged = []
+
+    def download(staging, log):
+        assert staging != directory
+        (staging / "partial").write_bytes(b"a file where the download is staged")
+        staged.append(staging)
+        return official
+
+    monkeypatch.setattr(D, "_download_idx", download)
+    messages = []
+    assert_same(D.load_mnist(directory, log=messages.append), official)
+    assert len(staged) == 1 and not staged[0].exists()
+    assert messages == [f"MNIST verified from download; not cached: /proc/sys cannot take files "
+                        f"({D._refuses_files(directory)}); give a writable --data-dir or VAELAB_DATA to keep it"]
+    assert main(["data", "--data-dir", str(directory)]) == 0
+    assert "test images (not cached in /proc/sys: the line above says why)" in capsys.readouterr().out
+
+
 def test_download_from_mirrors_checks_each_file(tmp_path, official, monkeypatch):
     """The download source against HTTP servers on loopback: a corrupted mirror is skipped, a good one used."""
     import functools

