@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import needs_compiler
+from conftest import needs_compiler, one_line
 from vaelab import checkpoint as ckpt
 
 optuna = pytest.importorskip("optuna", reason="Optuna is the sweep's optional dependency (pip install 'vaelab[sweep]')")
@@ -412,6 +412,13 @@ def test_workers_beyond_the_cores_are_refused_and_beyond_the_trials_not_started(
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "--workers 3: this process may run on 2 cores" in err and \
         "give at most 2" in err, err
+    assert not (tmp_path / "out").exists()
+    # --trials as the spec's trials are checked, and named as the flag, not as "sweep spec: trials"
+    with pytest.raises(SystemExit) as stopped:                 # argparse's own exit
+        main(["sweep", str(spec), "--out", str(tmp_path / "out"), "--trials", "100001"])
+    err = capsys.readouterr().err
+    assert stopped.value.code == 2
+    assert one_line(err) and "argument --trials: must be at least 1 and at most 100000, got 100001" in err, err
     assert not (tmp_path / "out").exists()
     if len(os.sched_getaffinity(0)) < 2:
         pytest.skip("two workers need two cores")

@@ -157,6 +157,7 @@ def build_parser(parser_class: type[argparse.ArgumentParser] = _Parser) -> argpa
     from vaelab.optimizers import OPTIMIZERS
     from vaelab.precision import PRECISIONS
     from vaelab.presets import PRESETS
+    from vaelab.sweep import MAX_TRIALS
     from vaelab.schedules import LR_SCHEDULES
 
     parser = parser_class(prog="vaelab", description="Variational autoencoders on binarised MNIST, and Laplace's method.")
@@ -334,7 +335,8 @@ def build_parser(parser_class: type[argparse.ArgumentParser] = _Parser) -> argpa
                        help="trial processes on this machine (threads split between them; default 1)")
     sweep.add_argument("--storage", help="Optuna storage URL shared by several machines, e.g. "
                        "postgresql://user@host/db (default: sqlite in DIR/study.db)")
-    sweep.add_argument("--trials", type=_positive_int, help="the number of trials (default: the spec's)")
+    sweep.add_argument("--trials", type=_whole_number(1, MAX_TRIALS + 1),
+                       help="the number of trials (default: the spec's)")
     sweep.set_defaults(run=cmd_sweep)
 
     runs = sub.add_parser("runs", help="list the runs under a directory")

@@ -54,6 +54,7 @@ from typing import Any
 from vaelab.errors import UsageError
 from vaelab.tables import plural, shell_word
 
+MAX_TRIALS = 100_000                    # a spec's trials, or --trials
 SPEC_KEYS = {"preset", "trials", "objective", "k", "fixed", "search", "enqueue", "sampler", "seed", "pruner",
              "pruner_warmup"}
 DIRECTIONS = {"validation-nll": "minimize", "validation-elbo": "maximize"}
@@ -345,8 +346,8 @@ def load_spec(path: Path, trials: int | None = None) -> Spec:
     if not isinstance(preset, str) or preset not in PRESETS:
         raise _bad(f"preset {toml_text(preset)}", f"choose one of {', '.join(PRESETS)}")
     count = raw.get("trials", 10) if trials is None else trials
-    if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= 100_000:
-        raise _bad(f"trials {toml_text(count)}", "must be a whole number from 1 to 100 000")
+    if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= MAX_TRIALS:
+        raise _bad(f"trials {toml_text(count)}", f"must be a whole number from 1 to {MAX_TRIALS:,}".replace(",", " "))
     objective = raw.get("objective", "validation-nll")
     if not isinstance(objective, str) or objective not in DIRECTIONS:
         raise _bad(f"objective {toml_text(objective)}", f"choose one of {', '.join(DIRECTIONS)}")
