@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import base64
 import io
 import json
@@ -193,6 +194,28 @@ def test_the_readme_example_runs(tmp_path, data_dir, monkeypatch):
     assert run.status == "finished" and len(run.metrics) == run.config.train.epochs
     assert bool(torch.isfinite(namespace["log_px"]).all())
     assert namespace["same"].weights == "model.safetensors after epoch 2"          # as the example's comment says
+
+
+def test_the_readme_synopsis_lists_every_flag_of_every_command():
+    """The README's block of commands against the parser: --early-stopping, --no-batch-norm, and evaluate's --device,
+    --data-dir and --no-progress were missing from it (they were in the help, not in the block)."""
+    from vaelab.cli import build_parser
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = re.search(r"```\n(vaelab train .*?)```", readme, re.S).group(1)
+    lines = re.split(r"^(?=vaelab )", block, flags=re.M)
+    commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+    assert sorted(re.match(r"vaelab (\S+)", line).group(1) for line in lines if line.strip()) == \
+        sorted([*commands, "--version"])
+    for line in lines:
+        name = re.match(r"vaelab (\S+)", line).group(1) if line.strip() else None
+        if name not in commands:
+            continue
+        shown = {f"--{flag}" for flag in re.findall(r"--(?:\[no-\])?([a-z][a-z0-9-]*)", line)}
+        shown |= {f"--no-{flag}" for flag in re.findall(r"--\[no-\]([a-z][a-z0-9-]*)", line)}
+        flags = {option for action in commands[name]._actions for option in action.option_strings
+                 if option.startswith("--") and option != "--help"}
+        assert flags == shown, (name, sorted(flags - shown), sorted(shown - flags))
 
 
 def test_api_load_run(runs):
