@@ -42,6 +42,42 @@ def evaluated(tmp_path_factory, data_dir):
     return root
 
 
+def test_the_figures_for_a_paper_draw_everything_inside_their_size(tmp_path, data_dir, monkeypatch):
+    """`report --figures DIR` writes each figure 3.25 in (one column) and 6.75 in wide at exactly that size, so
+    whatever it draws must lie inside: titles, axis labels, legends and the gap figure's sums ran off the column
+    figures' edges and were cut off (matplotlib's own measure of all a figure draws, get_tightbbox, against its size).
+    A ladder of two layers with a VampPrior, its gaps and curve in K: every kind of figure a report makes but the
+    flows'."""
+    from vaelab import plots
+
+    run_dir = tmp_path / "run"
+    assert main(["train", "--out", str(run_dir), "--model", "hvae", "--latent", "6", "3", "--blocks", "32", "16",
+                 "--prior", "vampprior", "--prior-components", "10", "--epochs", "2", "--engine", "autograd",
+                 "--train-examples", "600", "--test-examples", "60", "--data-dir", str(data_dir), "--no-progress"]) == 0
+    assert main(["evaluate", str(run_dir), "--k", "1000", "--gaps", "--gap-steps", "20", "--k-curve",
+                 "--test-examples", "10", "--data-dir", str(data_dir), "--no-progress"]) == 0
+    outside, saved = [], []
+    real_save = plots._save
+
+    def save(fig, path, dpi=120, tight=True, metadata=None):
+        if not tight:                                 # the vector files of the exact sizes
+            drawn = fig.get_tightbbox(fig.canvas.get_renderer())           # inches
+            width, height = fig.get_size_inches()
+            slack = 1 / fig.dpi                       # a pixel
+            saved.append(Path(path).name)
+            if drawn.x0 < -slack or drawn.y0 < -slack or drawn.x1 > width + slack or drawn.y1 > height + slack:
+                outside.append((Path(path).name, [round(v, 2) for v in drawn.extents], (width, height)))
+        real_save(fig, path, dpi, tight, metadata)
+
+    monkeypatch.setattr(plots, "_save", save)
+    assert main(["report", str(run_dir), "--data-dir", str(data_dir), "--figures", str(tmp_path / "figures"),
+                 "--out", str(tmp_path / "report.html"), "--no-progress"]) == 0
+    kinds = {name.rsplit("-", 1)[0] for name in saved}
+    assert {"gaps", "k-curve", "pseudo-inputs", "kl-per-unit", "latent-over-training", "training", "pca-layer1",
+            "pca-layer2", "traversals-layer1", "log-px-histogram"} <= kinds, sorted(kinds)
+    assert outside == [], outside
+
+
 def newest_current_nll(run: Path) -> float:
     from vaelab.runs import read_run
 

@@ -354,7 +354,10 @@ def digit_rows_figure(rows: Sequence[np.ndarray], labels: Sequence[str], title: 
         ax.set_ylabel(label, rotation=0, ha="right", va="center", fontsize=max(5.0, 9 * scale))
         for spine in ax.spines.values():
             spine.set_visible(False)
-    axes[0, 0].set_title(title, fontsize=max(6.0, 10 * scale))
+    title_size = max(6.0, 10 * scale)
+    axes[0, 0].set_title(title, fontsize=title_size)
+    # room above the rows for the title and its pad (at 3.25 in the default top margin was 7 of its 12 points)
+    fig.subplots_adjust(top=max(0.5, 1 - (title_size + 9) / 72 / fig.get_figheight()))
     return fig
 
 
@@ -463,11 +466,74 @@ def curves_figure(runs: Sequence[tuple[str, Sequence[dict]]], width: float | Non
 
 def save_vector(fig, path: Path) -> None:
     """``fig`` as PDF (TrueType fonts embedded, type 42) or SVG (text kept as text, so that its labels can be
-    searched and edited), by the suffix of ``path``; closes it."""
+    searched and edited), by the suffix of ``path``, at its exact size with everything it draws inside it
+    (``fit_inside``); closes it."""
     import matplotlib
 
     with matplotlib.rc_context({"pdf.fonttype": 42, "svg.fonttype": "none"}):
+        fit_inside(fig)
         _save(fig, path, tight=False)
+
+
+def fit_inside(fig, rounds: int = 6) -> None:
+    """Lay ``fig`` out so that all it draws lies inside its size: a figure for a paper keeps its width (3.25 in, one
+    column), where long titles, axis labels and legends ran off its edges (they were cut off in the PDF). Each
+    round lays it out (tight_layout, or its constrained layout), then wraps every sentence that runs off an edge at
+    its spaces (to the room from its anchor to the edges), or, where none does, scales every font by how far the
+    drawing overflows (to 60 % at most a round); the figure's size never changes. A figure that fits is left as
+    its function laid it out."""
+    import textwrap
+    import warnings
+
+    from matplotlib.layout_engine import ConstrainedLayoutEngine
+    from matplotlib.text import Text
+
+    def lay_out() -> None:
+        if constrained:                               # constrained layout lays the figure out as it draws
+            fig.draw_without_rendering()
+            return
+        with warnings.catch_warnings():               # "not compatible with tight_layout": it still helps
+            warnings.simplefilter("ignore", UserWarning)
+            fig.tight_layout()
+
+    constrained = isinstance(fig.get_layout_engine(), ConstrainedLayoutEngine)   # (tight_layout leaves a placeholder)
+    for round_ in range(rounds):
+        if round_ or constrained:
+            lay_out()
+        renderer = fig.canvas.get_renderer()
+        width, height = fig.bbox.width, fig.bbox.height
+        drawn = fig.get_tightbbox(renderer).transformed(fig.dpi_scale_trans)        # pixels, all it draws
+        # two pixels inside: a layout engine lays the figure out again as the file is written, a little differently
+        if drawn.x0 >= 2 and drawn.y0 >= 2 and drawn.x1 <= width - 2 and drawn.y1 <= height - 2:
+            return
+        if not round_:
+            continue                                  # laid out anew before anything is wrapped or scaled
+        wrapped = False
+        for text in fig.findobj(lambda artist: isinstance(artist, Text) and artist.get_visible()):
+            box = text.get_window_extent(renderer)
+            vertical = abs(text.get_rotation() % 180 - 90) < 1
+            low, high, size = (box.y0, box.y1, height) if vertical else (box.x0, box.x1, width)
+            # the room from where it is anchored to the edges: a label centred on its axes stays centred
+            anchor = "center" if vertical else text.get_horizontalalignment()
+            room = {"left": size - low, "right": high}.get(anchor, 2 * min((low + high) / 2, size - (low + high) / 2))
+            room -= 6
+            words = text.get_text()
+            runs_off = low < 2 or high > size - 2
+            if runs_off and room < high - low and " " in words and "$" not in words:
+                longest = max(len(line) for line in words.splitlines())
+                text.set_text(textwrap.fill(" ".join(words.split()),
+                                            max(8, int(longest * max(room, 0.3 * size) / (high - low)))))
+                wrapped = True
+        if not wrapped:
+            scale = max(0.6, min(1.0, width / drawn.width, height / drawn.height) * 0.97)
+            for text in fig.findobj(Text):
+                text.set_fontsize(text.get_fontsize() * scale)
+            for ax in fig.axes:                       # and the tick labels a later layout makes
+                for axis in (ax.xaxis, ax.yaxis):
+                    labels = axis.get_ticklabels()
+                    if labels:
+                        axis.set_tick_params(which="both", labelsize=labels[0].get_fontsize())
+    lay_out()                                         # after the last round's wrapping or scaling
 
 
 def sweep_history_figure(numbers: Sequence[int], values: Sequence[float], states: Sequence[str], minimize: bool,
@@ -539,10 +605,13 @@ def importance_figure(importances: dict[str, float]):
 
 def gaps_figure(entries: Sequence[tuple[str, dict]], width: float | None = None):
     """Where the nats go, one stacked bar per run: from ELBO[q] up to log p̂(x), the amortisation gap (to ELBO[q*])
-    and the approximation gap (the rest), nats per digit, with their standard errors."""
+    and the approximation gap (the rest), nats per digit; each bar's sum under its name (their standard errors are
+    in the table the figure goes with)."""
     plt = _pyplot()
     width = width or 6.5
-    fig, ax = plt.subplots(figsize=(width, 1.9 + 0.55 * len(entries)))
+    # constrained layout with the legend outside below: beside a narrow axes (3.25 in, one column) tight_layout
+    # squeezed the bars to a hairline to make room for a legend anchored under them
+    fig, ax = plt.subplots(figsize=(width, 2.0 + 0.55 * len(entries)), layout="constrained")
     names = [name for name, _ in entries]
     amortisation = [g["amortisation_gap"]["mean"] for _, g in entries]
     approximation = [g["approximation_gap"]["mean"] for _, g in entries]
@@ -557,19 +626,19 @@ def gaps_figure(entries: Sequence[tuple[str, dict]], width: float | None = None)
         ax.barh(negative, [approximation[i] for i in negative], left=[max(amortisation[i], 0) for i in negative],
                 color="none", edgecolor="C0", hatch="///",
                 label="approximation gap < 0: log p̂(x) below ELBO[q*], IWAE-K not converged")
-    for i, (_, g) in enumerate(entries):
-        total = g["amortisation_gap"]["mean"] + g["approximation_gap"]["mean"]
-        note = " (< 0: not converged)" if g["approximation_gap"]["mean"] < 0 else ""
-        ax.text(max(total, amortisation[i], 0) + 0.05, i, f"{g['amortisation_gap']['mean']:.2f} + "
-                f"{g['approximation_gap']['mean']:.2f} = {total:.2f}{note}", va="center", fontsize=8)
-    ax.set_yticks(y, names)
-    ax.set_xlabel("nats per digit below log p̂(x), starting from the encoder's ELBO[q]")
-    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.45), ncol=1, frameon=False)
+    # each bar's sum under its name, not right of the bar, where a fixed margin of the axis did not hold it in a
+    # column-wide figure and the text ran off the figure
+    ax.set_yticks(y, [f"{name}\n{a:.2f} {'−' if b < 0 else '+'} {abs(b):.2f} = {a + b:.2f}"
+                      for name, a, b in zip(names, amortisation, approximation)], fontsize=8)
+    ax.set_xlabel("nats per digit below log p̂(x), from the encoder's ELBO[q]")
+    fig.legend(fontsize=7, loc="outside lower center", ncol=1, frameon=False)
     ax.grid(alpha=0.3, axis="x")
-    ax.set_xlim(min(0, min(amortisation + approximation)) - 0.2,
-                max(max(a, 0) + max(b, 0) for a, b in zip(amortisation, approximation))
-                * (1.35 if min(approximation) >= 0 else 1.8) + 0.2)
-    fig.tight_layout()
+    # what the bars cover: a negative amortisation gap left of 0, a negative approximation gap back from its end
+    low = min(min(0, a, max(a, 0) + b) for a, b in zip(amortisation, approximation))
+    high = max(max(a, 0) + max(b, 0) for a, b in zip(amortisation, approximation))
+    margin = 0.05 * (high - low) + 0.2
+    ax.set_xlim(low - margin * (low < 0), high + margin)
+    ax.xaxis.set_major_locator(_fitting_locator()())            # as many ticks as their labels fit
     return fig
 
 
