@@ -88,7 +88,8 @@ def test_bf16_evaluation_is_refused_where_it_does_not_apply(trained, data_dir, t
     from vaelab.evaluation import check_precision
     from vaelab.models import ModelConfig, build_model
 
-    for fields, has in [({"flow": "planar", "flow_steps": 3}, "mlp with a planar flow of 3 steps"),
+    for fields, has in [({"flow": "planar", "flow_steps": 3}, "mlp with 3 steps of planar flow"),
+                        ({"flow": "iaf", "flow_steps": 2}, "mlp with 2 steps of iaf flow"),   # read "a iaf flow"
                         ({"prior": "mog", "prior_components": 2, "activation": "gated"},
                          "mlp with the mog prior and gated layers")]:
         with pytest.raises(UsageError, match=f"this run's model is {has}: use --precision fp32$"):

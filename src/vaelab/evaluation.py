@@ -362,7 +362,7 @@ def check_precision(model, precision: str, compiled: bool = False) -> None:
 
         c = model.config
         beyond = [what for what, outside in ((f"the {c.prior} prior", c.prior != "standard"),
-                                             (f"a {c.flow} flow of {plural(c.flow_steps, 'step')}", c.flow_steps > 0),
+                                             (f"{plural(c.flow_steps, 'step')} of {c.flow} flow", c.flow_steps > 0),
                                              (f"{c.activation} layers", ACTIVATIONS[c.activation].gated)) if outside]
         has = f"{c.name}" + (f" with {' and '.join(beyond)}" if beyond and c.name == "mlp" else "")
         raise UsageError(f"--precision {precision} covers the one-stochastic-layer mlp models with the standard prior, "
