@@ -241,6 +241,21 @@ def test_two_process_run_resumes_exactly_after_a_kill(tmp_path, data_dir):
     assert [int(row[10]) for row in rows[1:]] == [steps] * 4
 
 
+def test_torchrun_into_a_run_that_exists_is_refused_on_every_rank(tmp_path, data_dir):
+    """--out of a run already there: rank 0 checks it before the data are read and every rank ends with its line
+    (a check on each rank would let a late one find rank 0's new run; one that only rank 0 raised would leave the
+    others waiting in a collective)."""
+    run_dir = tmp_path / "run"
+    first = torchrun("train", "--out", run_dir, "--epochs", "1", "--data-dir", data_dir, *ARGS)
+    _, err = first.communicate(timeout=300)
+    assert first.returncode == 0, err
+    before = {path.name: path.read_bytes() for path in run_dir.iterdir() if path.is_file()}
+    again = torchrun("train", "--out", run_dir, "--epochs", "1", "--data-dir", data_dir, *ARGS)
+    _, err = again.communicate(timeout=300)
+    assert again.returncode != 0 and err.count("already holds a run; add --resume") >= 2, err   # both ranks say it
+    assert {path.name: path.read_bytes() for path in run_dir.iterdir() if path.is_file()} == before
+
+
 @pytest.mark.parametrize("command", ["train"])
 def test_torchrun_needs_an_out_directory(command, data_dir):
     process = torchrun(command, "--epochs", "1", "--data-dir", data_dir)

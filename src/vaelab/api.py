@@ -235,8 +235,8 @@ def train(config=None, *, out: str | Path | None = None, resume: bool = False, p
     if isinstance(config, dict) and "version" not in config:    # flags written as a dict, {"lr": 1e-3}: not a config
         shown = ", ".join(f"{name}={value!r}" for name, value in config.items())
         raise UsageError(f"vaelab.train: a config dict is a whole config.json (its \"version\" and sections, "
-                         f"json.load of a run's config.json, or vaelab.config.RunConfig().to_dict()); for the command's flags pass "
-                         f"keywords: vaelab.train({shown})")
+                         f"json.load of a run's config.json, or vaelab.config.RunConfig().to_dict()); for the "
+                         f"command's flags pass keywords: vaelab.train({shown})")
     if isinstance(config, dict):
         config = RunConfig.from_dict(config, "the config given to vaelab.train")
     argv = ["train"] + (["--out", str(out)] if out is not None else []) + (["--resume"] if resume else []) \

@@ -157,8 +157,8 @@ def build_parser(parser_class: type[argparse.ArgumentParser] = _Parser) -> argpa
     from vaelab.optimizers import OPTIMIZERS
     from vaelab.precision import PRECISIONS
     from vaelab.presets import PRESETS
-    from vaelab.sweep import MAX_TRIALS
     from vaelab.schedules import LR_SCHEDULES
+    from vaelab.sweep import MAX_TRIALS
 
     parser = parser_class(prog="vaelab", description="Variational autoencoders on binarised MNIST, and Laplace's method.")
     parser.add_argument("--version", action="version", version=f"vaelab {__version__}")
@@ -602,8 +602,8 @@ def _new_run(args: argparse.Namespace, world, config=None, claimed_dir: list | N
         config = _train_config(args, RunConfig())
         if args.preset is None:
             config = dataclasses.replace(config, preset="seed")
-    if args.out is not None:
-        _refuse_taken(args.out)         # before the data are fetched; again under the lock below
+    if args.out is not None:            # before the data are fetched; again under the lock below (rank 0 alone:
+        on_main(world, lambda: _refuse_taken(args.out))       # a late rank would find rank 0's run there)
     run = _prepare_training(args, config)
     claimed: dict[str, Any] = {"created": False, "lock": None, "dir": args.out}
 
