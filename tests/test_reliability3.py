@@ -532,10 +532,11 @@ def test_report_on_a_file_says_it_is_not_a_run_directory(evaluated, capsys):
     ({"epochs": -1}, ["epochs", "at least 1", "-1"]),
     ({"epochz": 3}, ["unknown keyword argument epochz"]),
     ({"epochs": [1, 2]}, ["epochs=[1, 2]: more values than the flag takes"]),     # was "unknown keyword argument ;"
+    ({"train_examples": 10**6}, ["train_examples=1000000: the data set has 2000 training digits"]),  # "…= 1000000"
 ])
-def test_api_errors_carry_the_reason_in_the_apis_terms(flags, words, capsys):
+def test_api_errors_carry_the_reason_in_the_apis_terms(flags, words, data_dir, capsys):
     with pytest.raises(UsageError) as error:
-        vaelab.train(**flags)
+        vaelab.train(**flags, data_dir=str(data_dir))
     message = str(error.value)
     assert all(word in message for word in words), message
     assert "--" not in message and capsys.readouterr().err == ""

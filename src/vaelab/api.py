@@ -24,9 +24,12 @@ CHECKPOINTS = ("last", "best")
 
 def in_api_terms(message: str) -> str:
     """A message written for the command line, in the API's terms: ``--resume`` → ``resume=True``,
-    ``--out`` → ``out=``, ``argument --epochs:`` → ``epochs:``."""
+    ``--out`` → ``out=``, ``--lr 0.5`` → ``lr=0.5``, ``argument --epochs:`` → ``epochs:``."""
     message = re.sub(r"argument --([a-z][a-z0-9-]*)", lambda m: m.group(1).replace("-", "_"), message)
     message = re.sub(r"--(resume|overwrite|laplace|tensorboard)\b", r"\1=True", message)
+    # a flag with its number, --train-examples 70000 → train_examples=70000 (it read "train_examples= 70000")
+    message = re.sub(r"--([a-z][a-z0-9-]*) (-?[0-9][0-9.e+-]*)", lambda m: f"{m.group(1).replace('-', '_')}="
+                     f"{m.group(2)}", message)
     return re.sub(r"--([a-z][a-z0-9-]*)", lambda m: m.group(1).replace("-", "_") + "=", message)
 
 
