@@ -381,6 +381,20 @@ def test_compare_prints_a_table_to_paste(evaluated, kind, tmp_path, capsys):
         rows = list(csv.reader(io.StringIO(out)))
         assert rows[0][:3] == ["run", "model", "NLL"] and [r[0] for r in rows[1:]] == ["a", "b"]
         assert float(rows[1][2]) == pytest.approx(newest_current_nll(evaluated / "a"), abs=1e-5)
+        # a CSV file has no caption: each row says what its numbers measured (it said nothing of K or digits)
+        assert rows[0][-1] == "measured" and rows[1][-1] == "IWAE-20, 500 digits, model.safetensors after epoch 5"
+        assert rows[2][-1] == "IWAE-20, 500 digits, model.safetensors after epoch 2"
+
+
+def test_evaluate_prints_its_table_as_csv_saying_what_it_measured(evaluated, data_dir, tmp_path, capsys):
+    import csv
+    import io
+
+    assert main(["evaluate", str(evaluated / "b"), "--k", "5", "--test-examples", "30", "--data-dir", str(data_dir),
+                 "--no-progress", "--format", "csv", "--out", str(tmp_path / "extra-csv.json")]) == 0
+    rows = list(csv.reader(io.StringIO(capsys.readouterr().out)))
+    assert rows[0] == ["estimator of log p(x)", "nats", "± s.e.", "kind", "measured"]
+    assert {row[-1] for row in rows[1:]} == {"30 test digits, K = 5, model.safetensors after epoch 2"}
 
 
 def test_evaluate_prints_its_table_as_latex(evaluated, data_dir, capsys):

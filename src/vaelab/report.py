@@ -685,6 +685,10 @@ def comparison_export(comparison: Comparison, kind: str) -> str:
     evaluated = sorted({row["values"]["estimator"] for row in comparison.rows if row["values"]["estimator"]})
     caption = (f"NLL and ELBO in nats, {'; '.join(evaluated)}; the paired difference is over the same digits "
                f"and draws" if evaluated else "not evaluated")
+    if kind == "csv":           # no caption there: each row says what it measured (estimator, digits, weights)
+        header, caption = [*header, "measured"], ""
+        rows = [[*values, None if row["values"]["nll"] is None else row["k"]]
+                for values, row in zip(rows, comparison.rows)]
     return render_table(header, rows, kind, caption)
 
 

@@ -40,8 +40,11 @@ def _cell(value: Any, kind: str) -> str:
 
 
 def render_table(header: Sequence[str], rows: Sequence[Sequence[Any]], kind: str, caption: str = "") -> str:
-    """``kind`` latex | markdown | csv. Text columns are left-aligned, number columns right-aligned (LaTeX)."""
+    """``kind`` latex | markdown | csv. Text columns are left-aligned, number columns right-aligned (LaTeX). A CSV
+    file has no caption: what it says (which digits, K, weights) is a last column, "measured", on every row."""
     if kind == "csv":
+        if caption:
+            header, rows = [*header, "measured"], [[*row, caption] for row in rows]
         buffer = io.StringIO()
         writer = csv.writer(buffer, lineterminator="\n")
         writer.writerow(header)
