@@ -328,6 +328,10 @@ def test_the_ticks_of_insets_and_sweep_figures_do_not_run_into_each_other(monkey
     for sizes in ([100, 550, 1000], [10000, 35000, 60000], [1, 20, 40]):
         assert_tick_labels_apart(plots.sweep_parameter_figure("hidden", sizes, [-90.0, -91.0, -90.5],
                                                                "validation ELBO", False).axes[0])
+    # rates on a linear axis: two trials that both drew 0.002 were ticked "0.00190" … "0.00210", one line of digits
+    for rates in ([0.002, 0.002], [1e-3, 2e-3, 3e-3], [0.00101, 0.00104, 0.00102]):
+        assert_tick_labels_apart(plots.sweep_parameter_figure("lr", rates, [342.0] * len(rates), "validation NLL",
+                                                               False).axes[0], at_least=2)
 
 
 def test_the_training_figure_shows_the_clipping_where_a_run_clipped():

@@ -130,23 +130,33 @@ def figure_png(fig, dpi: int = 100) -> bytes:
 
 @functools.cache
 def _fitting_locator():
-    """The class of a whole-number locator that takes, when the axes are drawn (after any tight_layout), at most as
-    many ticks as labels fit along its axis, 10 at most: on an x axis each label (0.65 d + 1) font sizes wide for d
-    characters of the longest number in view (a digit is 0.64 em in DejaVu Sans, and an em between labels), on a y
-    axis 1.5 font sizes high. Ten fixed bins put "1050", "1200", "1350" 2 pixels apart in the 2.6 in inset of a
-    1374-epoch run's elbo.png, and hidden sizes 100 … 1000 into one another in a sweep's 3.6 in figure."""
+    """The class of a locator (MaxNLocator's; ``integer=True`` for whole numbers) that takes, when the axes are drawn
+    (after any tight_layout), the most ticks, 10 at most, whose labels fit along its axis: on an x axis each label
+    (0.65 d + 1) font sizes wide for the d characters of the longest label its formatter writes (a digit is 0.64 em
+    in DejaVu Sans, and an em between labels), on a y axis 1.5 font sizes high. Ten fixed bins put "1050", "1200",
+    "1350" 2 pixels apart in the 2.6 in inset of a 1374-epoch run's elbo.png, hidden sizes 100 … 1000 into one another
+    in a sweep's 3.6 in figure, and learning rates 0.00190 … 0.00210 into one line (when the count came from the
+    digits of the whole numbers in view, "0")."""
     from matplotlib.ticker import MaxNLocator
 
     class FittingLocator(MaxNLocator):
         def __call__(self):
-            axes, (low, high) = self.axis.axes, self.axis.get_view_interval()
+            axes, (low, high) = self.axis.axes, sorted(self.axis.get_view_interval())
             size = self.axis.get_major_ticks(1)[0].label1.get_fontsize()      # points (1: not the locator again)
-            if self.axis is axes.xaxis:
-                length, per_label = axes.bbox.width, (0.65 * max(len(f"{round(low)}"), len(f"{round(high)}")) + 1)
-            else:
-                length, per_label = axes.bbox.height, 1.5
-            self.set_params(nbins=max(1, min(10, int(length * 72 / axes.figure.dpi // (per_label * size)))))
-            return super().__call__()
+            horizontal = self.axis is axes.xaxis
+            length = (axes.bbox.width if horizontal else axes.bbox.height) * 72 / axes.figure.dpi   # points
+            for bins in range(10, 0, -1):
+                self.set_params(nbins=bins)
+                ticks = super().__call__()
+                shown = [t for t in ticks if low <= t <= high]
+                if not horizontal:
+                    per_label = 1.5
+                else:
+                    labels = self.axis.major.formatter.format_ticks(shown) if shown else []
+                    per_label = 0.65 * max((len(label) for label in labels), default=1) + 1
+                if len(shown) * per_label * size <= length:
+                    return ticks
+            return ticks
 
     return FittingLocator
 
@@ -574,6 +584,8 @@ def sweep_parameter_figure(name: str, values: Sequence, objective: Sequence[floa
             ax.set_xscale("log")
         elif all(isinstance(v, int) for v in values):         # whole numbers (steps, components): whole ticks
             _whole_ticks(ax.xaxis)
+        else:                                                 # rates: as many as their labels fit
+            ax.xaxis.set_major_locator(_fitting_locator()())
     else:
         seen = {str(v) for v in values}
         names = [n for n in order if n in seen] if order is not None else sorted(seen)
