@@ -126,10 +126,9 @@ class Param:
         return float(f"{value:.12g}") if self.step is not None and not self.integer else value
 
     def choice_of(self, value: Any) -> str | None:
-        """The stored choice (its JSON text) equal to ``value``, an option by its label; None where none is. Equal as
-        TOML values: 1 is the choice 1.0, but true is not the choice 1."""
-        if self.options is not None:
-            return json.dumps(value) if isinstance(value, str) and value in self.options else None
+        """The stored choice (its JSON text) equal to ``value``, an option by its label (the choices of options are
+        their labels' texts); None where none is. Equal as TOML values: 1 is the choice 1.0, but true is not the
+        choice 1."""
         return next((text for text in self.choices if (loaded := json.loads(text)) == value
                      and isinstance(loaded, bool) == isinstance(value, bool)), None)
 
@@ -137,12 +136,11 @@ class Param:
         """Why an enqueued ``value`` is not one this parameter can take (None where it is): not one of its choices
         or options, outside its range, not whole in a range of integers, or off its step's grid. Optuna would
         fail the trial on a choice it does not have (and spend its slot) and run one outside a range."""
-        if self.options is not None:
-            return None if self.choice_of(value) else f"{toml_text(value)} is not one of its options: " \
-                                                       f"{', '.join(self.options)}"
         if self.choices is not None:
-            return None if self.choice_of(value) else f"{toml_text(value)} is not one of its choices: " \
-                                                       f"{', '.join(self.choices)}"
+            if self.choice_of(value) is not None:
+                return None
+            kind, names = ("options", self.options) if self.options is not None else ("choices", self.choices)
+            return f"{toml_text(value)} is not one of its {kind}: {', '.join(names)}"
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             return None                          # not a number at all: the train command's own check names it
         if not self.low <= value <= self.high:
