@@ -144,8 +144,9 @@ class Param:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             return None                          # not a number at all: the train command's own check names it
         if not self.low <= value <= self.high:
-            return f"{toml_text(value)} is outside the searched range {toml_text(self.low)} … " \
-                   f"{toml_text(self.high)}; enqueue a value inside it, or widen the range"
+            low, high = self.values_to_check()             # the ends as written: 1 … 5 in a range of integers
+            return f"{toml_text(value)} is outside the searched range {toml_text(low)} … " \
+                   f"{toml_text(high)}; enqueue a value inside it, or widen the range"
         if self.integer and value != int(value):
             return f"{toml_text(value)} is not a whole number, in a range of integers"
         if self.step is not None and not math.isclose(n := (value - self.low) / self.step, round(n), abs_tol=1e-8):
