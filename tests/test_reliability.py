@@ -6,6 +6,7 @@ reliability section links this table.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -441,26 +442,60 @@ def test_a_data_dir_that_is_a_file_is_one_line(tmp_path, capsys):
 # ---- a full disk while a checkpoint is written -------------------------------------------------------
 
 
-def test_a_failed_weights_write_leaves_a_checkpoint_that_resumes_exactly(tmp_path, data_dir, monkeypatch, capsys):
+@pytest.mark.parametrize("failing, epoch", [(1, 2), (2, 3)])    # the resume's own rewrite, or epoch 3's checkpoint
+def test_a_failed_weights_write_leaves_a_checkpoint_that_resumes_exactly(tmp_path, data_dir, monkeypatch, capsys,
+                                                                         failing, epoch):
     straight, broken = tmp_path / "straight", tmp_path / "broken"
     args = ["--data-dir", data_dir, *SMALL]
     assert main(["train", "--out", str(straight), "--epochs", "3", *map(str, args)]) == 0
     assert main(["train", "--out", str(broken), "--epochs", "2", *map(str, args)]) == 0
     real = atomic.atomic_write
 
+    writes = []
+
     def disk_full_on_weights(path, write, mode="wb"):
-        if path.name == ckpt.WEIGHTS:
-            raise atomic.WriteError(f"cannot write {path}: No space left on device (errno 28)")
+        if path.name == ckpt.WEIGHTS and len(writes.append(path) or writes) >= failing:
+            raise atomic.WriteError(f"cannot write {path}: No space left on device (errno 28); …",
+                                    f"cannot write {path}: No space left on device (errno 28)", errno.ENOSPC)
         return real(path, write, mode)
 
     monkeypatch.setattr(ckpt, "atomic_write", disk_full_on_weights)
     code, _, err = run(capsys, "train", "--out", broken, "--resume", "--epochs", "3", *args)
-    assert code == 1 and "No space left" in err
+    assert code == 1 and err.strip().endswith(
+        f"{ckpt.WEIGHTS}: No space left on device (errno 28); training stopped: the training state of epoch {epoch} "
+        f"was written and resumes exactly; {ckpt.WEIGHTS}, {ckpt.METRICS} and latent.csv may hold the checkpoint "
+        f"before it until a resume writes them again from the state; free some space, then: vaelab train --out "
+        f"{broken} --resume"), err
     monkeypatch.undo()
     ckpt.load_model(broken)                                 # the previous weights file is intact
     assert main(["train", "--out", str(broken), "--resume", "--epochs", "3", *map(str, args)]) == 0
     for name, tensor in ckpt.load_tensors(straight / ckpt.WEIGHTS)[0].items():
         assert torch.equal(tensor, ckpt.load_tensors(broken / ckpt.WEIGHTS)[0][name]), name
+
+
+def test_pictures_not_drawn_after_the_last_checkpoint_say_that_the_training_stands(tmp_path, data_dir, monkeypatch,
+                                                                                   capsys):
+    """A disk that fills between the last checkpoint and the pictures: the training is whole, and the line says so and
+    how to draw them (until 2026-12-05: "cannot write …/samples.png: …; free some space or write elsewhere")."""
+    run_dir, args = tmp_path / "run", ["--data-dir", data_dir, *SMALL]
+    real = atomic.atomic_write
+
+    def disk_full_on_samples(path, write, *rest, **keywords):
+        if path.name == "samples.png":
+            what = f"cannot write {path}: No space left on device (errno 28)"
+            raise atomic.WriteError(f"{what}; free some space or write elsewhere", what, errno.ENOSPC)
+        return real(path, write, *rest, **keywords)
+
+    monkeypatch.setattr(atomic, "atomic_write", disk_full_on_samples)
+    code, _, err = run(capsys, "train", "--out", run_dir, "--epochs", "2", *args)
+    assert code == 1 and err.strip().endswith(
+        "samples.png: No space left on device (errno 28); the training itself ended and its checkpoint (epoch 2) "
+        "stands whole, but elbo.png, samples.png and reconstructions.png were not all drawn; free some space, then: "
+        f"vaelab train --out {run_dir} --resume draws them again"), err
+    monkeypatch.undo()
+    assert not (run_dir / "samples.png").exists() and (run_dir / "elbo.png").exists()
+    code, out, _ = run(capsys, "train", "--out", run_dir, "--resume", *args)
+    assert code == 0 and "nothing to train" in out and (run_dir / "samples.png").exists()
 
 
 def test_library_functions_raise_value_errors_with_messages():

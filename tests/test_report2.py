@@ -428,6 +428,25 @@ def test_report_into_a_missing_or_read_only_directory_is_refused_before_building
         os.chmod(locked, 0o700)
 
 
+def test_figures_on_a_full_disk_leave_no_empty_folder(evaluated, data_dir, tmp_path, capsys, monkeypatch):
+    """The folder `--figures` made was left behind, empty, where not even the file naming its run fitted."""
+    from vaelab import atomic
+
+    real = atomic.atomic_write
+
+    def full(path, write, *rest, **keywords):
+        if path.parent.name == "figures":
+            what = f"cannot write {path}: No space left on device (errno 28)"
+            raise atomic.WriteError(f"{what}; free some space or write elsewhere", what, 28)
+        return real(path, write, *rest, **keywords)
+
+    monkeypatch.setattr(atomic, "atomic_write", full)
+    code, _, err = run(capsys, "report", evaluated / "b", "--data-dir", data_dir, "--figures", tmp_path / "figures",
+                       "--out", tmp_path / "b.html")
+    assert code == 1 and one_line(err) and "vaelab-figures.json: No space left on device" in err
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_figures_for_a_paper_never_replace_another_runs_figures(evaluated, data_dir, tmp_path, capsys):
     """`report --figures DIR` into a folder holding another run's figures (or files named as the figures are) is
     refused before any work, one line naming whose they are and another folder; the figures stay as they were. An

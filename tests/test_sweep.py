@@ -399,6 +399,93 @@ def test_a_storage_that_cannot_be_opened_leaves_no_sweep_tied_to_it(tmp_path, mo
         assert not out.exists() if out != empty else [p.name for p in out.iterdir()] == [".reconcile.lock"]
 
 
+def test_a_sweep_whose_files_cannot_be_written_leaves_nothing(tmp_path, monkeypatch, capsys):
+    """On a full disk the new sweep's directory was left holding its lock file (sweep.json did not fit), or its
+    sweep.json, sweep.toml and an empty study.db (the study's tables did not): taken back now, as for a storage
+    that cannot be opened."""
+    from vaelab import atomic
+    from vaelab.cli import main
+
+    spec = tmp_path / "spec.toml"
+    spec.write_text(EXAMPLE)
+    real = atomic.atomic_write
+    for full in ("sweep.json", "sweep.toml"):
+        def disk_full(path, write, *rest, **keywords):
+            if path.name == full:
+                what = f"cannot write {path}: No space left on device (errno 28)"
+                raise atomic.WriteError(f"{what}; free some space or write elsewhere", what, 28)
+            return real(path, write, *rest, **keywords)
+
+        monkeypatch.setattr(atomic, "atomic_write", disk_full)
+        assert main(["sweep", str(spec), "--out", str(tmp_path / "out")]) == 1
+        err = capsys.readouterr().err
+        assert one_line(err) and f"{full}: No space left on device" in err, err
+        assert not (tmp_path / "out").exists()
+
+
+def in_process_workers(monkeypatch) -> None:
+    """The sweep's worker processes run in this process, one after the other (so that a monkeypatch reaches them)."""
+    import multiprocessing
+    import types
+
+    import torch
+
+    class InProcess:
+        def __init__(self, target, args):
+            self.target, self.args, self.pid = target, args, os.getpid()
+
+        def start(self):
+            threads = torch.get_num_threads()
+            try:
+                self.target(*self.args)
+            finally:
+                torch.set_num_threads(threads)
+
+        def join(self, timeout=None):
+            pass
+
+        def is_alive(self):
+            return False
+
+    monkeypatch.setattr(multiprocessing, "get_context", lambda method: types.SimpleNamespace(Process=InProcess))
+
+
+def test_a_trial_that_cannot_write_stops_the_sweep_and_the_same_command_goes_on(tmp_path, data_dir, monkeypatch,
+                                                                               capsys):
+    """A trial whose run could not be written (a full disk) was a failed trial for good: the slot was never retried,
+    and once every slot had failed so, the command said to change the spec. Now the worker stops, the slot is
+    "stopped" (not failed: no fault of its parameters), the command says so (exit 1), and the same command again
+    trains it."""
+    from vaelab import atomic, sweep
+    from vaelab.cli import main
+
+    in_process_workers(monkeypatch)
+    monkeypatch.setenv("VAELAB_DATA", str(data_dir))
+    spec = tmp_path / "spec.toml"
+    spec.write_text(EXAMPLE.replace("trials = 4", "trials = 2").replace("epochs = 2", "epochs = 1")
+                    .replace("validation-nll", "validation-elbo").replace("train_examples = 2000", "train_examples = 600")
+                    .replace("validation = 500", "validation = 100"))
+    out = tmp_path / "out"
+    real = sweep.run_trial
+    what = f"cannot write {out}/trials/0000/model.safetensors: No space left on device (errno 28)"
+
+    def disk_full(trial, *rest):
+        raise atomic.WriteError(what, what, 28)
+
+    monkeypatch.setattr(sweep, "run_trial", disk_full)
+    assert main(["sweep", str(spec), "--out", str(out)]) == 1
+    printed = capsys.readouterr()
+    assert one_line(printed.err) and printed.err.startswith(f"vaelab sweep: error: trial 0000 of {out} stopped: {what}; "
+                                                           f"once that is mended, the same command again goes on")
+    assert re.search(r"0000 .* stopped\n", printed.out) and re.search(r"0001 .* waiting\n", printed.out)
+    assert [state for _, state, _, _ in trial_states(out)] == ["FAIL", "WAITING"]
+    page = sweep.build_sweep_report(out)
+    assert f"Trial 0000 stopped (the next sweep goes on with it): {what}" in page and "1 stopped, 1 waiting" in page
+    monkeypatch.setattr(sweep, "run_trial", real)
+    assert main(["sweep", str(spec), "--out", str(out)]) == 0
+    assert finished_slots(out) == [0, 1]
+
+
 def test_workers_beyond_the_cores_are_refused_and_beyond_the_trials_not_started(tmp_path, data_dir, monkeypatch,
                                                                               capsys):
     """`--workers 100` on 2 cores started 100 processes of about 260 MB each (26 GB, more than the machine had) that

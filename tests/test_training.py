@@ -234,18 +234,33 @@ def test_nan_loss_stops_with_epoch_and_step_and_keeps_last_checkpoint(tmp_path, 
 
 
 def test_failed_write_names_the_path_and_keeps_the_old_file(tmp_path, tiny_arrays, monkeypatch):
+    """A disk that fills during a checkpoint: training stops naming the file, what stands and the command that goes on
+    (until 2026-12-05 the line said only "free some space or write elsewhere", and train.log nothing)."""
     data = prepare(tiny_arrays, small_config().data)
-    trainer = Trainer(small_config(1), tmp_path, data, torch.device("cpu"), log=lambda m: None, progress=False)
-    trainer.fit()
-    before = (tmp_path / ckpt.STATE).read_bytes()
 
     def full_disk(fd):
         raise OSError(28, "No space left on device")
 
+    with monkeypatch.context() as patch:                        # before the first checkpoint: nothing stands
+        patch.setattr(atomic.os, "fsync", full_disk)
+        first = Trainer(small_config(1), tmp_path / "new", data, torch.device("cpu"), log=lambda m: None,
+                        progress=False)
+        (tmp_path / "new").mkdir()
+        with pytest.raises(ckpt.WriteError, match=r"errno 28\); training stopped: no checkpoint was written yet, so "
+                                                  r"nothing was trained; free some space and start the run again$"):
+            first.fit()
+    trainer = Trainer(small_config(1), tmp_path, data, torch.device("cpu"), log=lambda m: None, progress=False)
+    trainer.fit()
+    before = (tmp_path / ckpt.STATE).read_bytes()
     monkeypatch.setattr(atomic.os, "fsync", full_disk)
     trainer.config = small_config(2)
-    with pytest.raises(ckpt.WriteError, match=r"training_state.safetensors: No space left on device \(errno 28\)"):
+    with pytest.raises(ckpt.WriteError) as raised:
         trainer.fit()
+    said = (f"training_state.safetensors: No space left on device (errno 28); training stopped: the last checkpoint "
+            f"(epoch 1) is left untouched and resumes exactly; free some space, then: vaelab train --out {tmp_path} "
+            f"--resume")
+    assert str(raised.value).endswith(said)
+    assert (tmp_path / training.TRAIN_LOG).read_text().splitlines()[-1].endswith(said)
     assert (tmp_path / ckpt.STATE).read_bytes() == before
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
 
@@ -263,6 +278,27 @@ def test_full_disk_is_reported_before_training(tmp_path, monkeypatch):
         OSError(errno.ENOSPC, "No space left on device")))
     with pytest.raises(ckpt.WriteError, match=r"No space left on device \(errno 28\); free some space$"):
         training.check_writable(tmp_path, need_bytes=0, resuming=True)
+    # as a full disk does it: the probe's name made, its bytes refused; the name is not left in the run (it was)
+    monkeypatch.setattr(training.Path, "write_bytes", lambda self, data: self.touch() or (_ for _ in ()).throw(
+        OSError(errno.ENOSPC, "No space left on device")))
+    with pytest.raises(ckpt.WriteError, match="errno 28"):
+        training.check_writable(tmp_path, need_bytes=0, resuming=True)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_new_run_on_a_full_disk_is_locked_and_says_the_disk_is_full(tmp_path, monkeypatch):
+    """The lock file's pid could not be written on a full disk: "vaelab train: error: No space left on device (I/O,
+    errno 28)", naming no file. The lock holds without it; the space check after it names the disk."""
+    real_write = os.write
+    monkeypatch.setattr(ckpt.os, "write", lambda fd, data: (_ for _ in ()).throw(
+        OSError(errno.ENOSPC, "No space left on device")))
+    lock = ckpt.RunLock(tmp_path).acquire()
+    monkeypatch.setattr(ckpt.os, "write", real_write)
+    try:
+        with pytest.raises(ckpt.RunLocked, match=r"in use by process \(unknown pid\)"):
+            ckpt.RunLock(tmp_path).acquire()
+    finally:
+        lock.release()
 
 
 def small_fused_problem():

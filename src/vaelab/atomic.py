@@ -16,7 +16,17 @@ from vaelab.errors import VaelabError
 
 
 class WriteError(VaelabError):
-    """A file of the run could not be written (permissions, full disk); names the path and the OS error."""
+    """A file of the run could not be written (permissions, full disk); names the path and the OS error.
+    ``what``: that part alone (the message without its advice), for a caller that knows better what to do;
+    ``errno``: the OS error's number (``code``), where there was one."""
+
+    def __init__(self, message: str, what: str | None = None, code: int | None = None):
+        super().__init__(message)
+        self.what, self.errno = what or message, code
+
+    def remedy(self, directory: str) -> str:
+        """What lets the write through: space on a full disk, else the right to write in ``directory``."""
+        return "free some space" if self.errno == errno.ENOSPC else f"make {directory} writable"
 
 
 def atomic_write(path: Path, write: Callable[[Any], None], mode: str = "wb", replace: bool = True) -> None:
@@ -26,8 +36,8 @@ def atomic_write(path: Path, write: Callable[[Any], None], mode: str = "wb", rep
     try:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     except OSError as exc:
-        raise WriteError(f"cannot write in {path.parent}: {exc.strerror} (errno {exc.errno}); "
-                         f"choose a writable location with free space") from exc
+        what = f"cannot write in {path.parent}: {exc.strerror} (errno {exc.errno})"
+        raise WriteError(f"{what}; choose a writable location with free space", what, exc.errno) from exc
     try:
         os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
         with os.fdopen(fd, mode) as handle:
@@ -46,8 +56,8 @@ def atomic_write(path: Path, write: Callable[[Any], None], mode: str = "wb", rep
         if isinstance(exc, FileExistsError) and not replace:
             raise
         if isinstance(exc, OSError):
-            raise WriteError(f"cannot write {path}: {exc.strerror} (errno {exc.errno}); "
-                             f"free some space or write elsewhere") from exc
+            what = f"cannot write {path}: {exc.strerror} (errno {exc.errno})"
+            raise WriteError(f"{what}; free some space or write elsewhere", what, exc.errno) from exc
         raise
     # Make the rename itself durable.
     try:

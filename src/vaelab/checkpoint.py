@@ -220,8 +220,11 @@ class RunLock:
             if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                 raise WriteError(f"cannot lock {self.path}: {exc.strerror}") from exc
             raise in_use(self.path.parent, holder) from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+        except OSError:
+            pass     # a full disk: the lock holds without the pid, which only a second process's message names
         self.fd = fd
         return self
 

@@ -824,7 +824,7 @@ def _train(args: argparse.Namespace, config, run_dir: Path, run, resumed: bool, 
                              + (f"has trained all its {config.train.epochs} epochs" if finished else
                                 f"stopped early after epoch {trainer.state.epoch}")
                              + f"; {fix} to train on with it (nothing was changed)")
-        trainer.write_user_files()
+        trainer.rewrite_user_files()
         log(f"resuming {run_dir} after epoch {trainer.state.epoch}"
             + (f", step {trainer.state.step}" if trainer.state.step else ""))
         if amendments:
@@ -883,7 +883,14 @@ def _train(args: argparse.Namespace, config, run_dir: Path, run, resumed: bool, 
             if hasattr(observer, "close"):
                 observer.close()
     if world.main:
-        write_pictures(trainer.model, data, metrics, run_dir)
+        try:
+            write_pictures(trainer.model, data, metrics, run_dir)
+        except ckpt.WriteError as exc:    # a disk that filled after the last checkpoint: that is whole, say so
+            run = shell_word(run_dir)
+            raise ckpt.WriteError(f"{exc.what}; the training itself ended and its checkpoint "
+                                  f"({trainer.last_checkpoint}) stands whole, but elbo.png, samples.png and "
+                                  f"reconstructions.png were not all drawn; {exc.remedy(run)}, then: vaelab train "
+                                  f"--out {run} --resume draws them again", exc.what, exc.errno) from exc
     # a run that holds out validation digits selects its weights on them (model-best), as the report's hint does
     best = " --checkpoint best" if trainer.state.best_epoch else ""
     log(f"done: test ELBO {metrics[-1]['test_elbo']:.3f} nats; files in {run_dir}; "
@@ -1269,12 +1276,17 @@ def _claim_figures(directory: Path, run_dir: Path, again: bool) -> None:
     """``directory``/vaelab-figures.json naming ``run_dir``, written before any figure. Where the folder held none
     of this run's figures it is written without replacing: a second report that started at the same moment into
     the same folder (both found it free) finds the first's and stops, one line, before writing a figure."""
-    from vaelab.atomic import write_text
+    from vaelab.atomic import WriteError, write_text
 
+    made = not directory.exists()
     directory.mkdir(parents=True, exist_ok=True)
     me = str(run_dir.resolve())
     try:
         write_text(directory / FIGURES_MANIFEST, json.dumps({"run": me}) + "\n", replace=again)
+    except WriteError:                  # a full disk: the folder made for the figures is not left behind, empty
+        if made:
+            directory.rmdir()
+        raise
     except FileExistsError:
         of = _figures_owner(directory)
         if of != me:
@@ -1385,6 +1397,12 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     summary = sweep(args.spec, args.out, args.workers, args.storage, args.trials, log=_log)
     _log(summary_table(summary))
     states = [row["state"] for row in summary["rows"]]
+    stopped = [row for row in summary["rows"] if row["state"] == "stopped"]
+    if stopped:                          # a worker that could not write (a full disk) ended: the sweep is not done
+        raise VaelabError(f"trial {stopped[0]['slot']:04d} of {args.out} stopped: {stopped[0]['stopped']}; once that "
+                          f"is mended, the same command again goes on with the study (its slot"
+                          f"{'s' * (len(stopped) > 1)} retried from {'their' if len(stopped) > 1 else 'its'} last "
+                          f"checkpoint)")
     if summary["best"] is None and states and set(states) <= {"fail", "pruned"}:
         # every slot has ended and none completed: nothing to train in full (the exit status said 0 before)
         ended = f"{states.count('fail')} failed" + (f", {states.count('pruned')} pruned" if "pruned" in states else "")

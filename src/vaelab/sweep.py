@@ -823,6 +823,7 @@ def worker(spec_path: str, out: str, url: str, name: str, threads: int, log_path
         optuna = require_optuna()
         from optuna.trial import TrialState
 
+        from vaelab.atomic import WriteError
         from vaelab.training import Interrupted
 
         study = open_study(spec, url, name)
@@ -843,8 +844,13 @@ def worker(spec_path: str, out: str, url: str, name: str, threads: int, log_path
                 trial.set_user_attr("seconds", time.perf_counter() - started)
                 study.tell(trial, state=TrialState.PRUNED)
                 print(f"trial {trial.user_attrs['slot']:04d}: {pruned}", flush=True)
-            except (Interrupted, KeyboardInterrupt) as exc:       # Ctrl-C, SIGTERM: the checkpoint stands
-                study.tell(trial, state=TrialState.FAIL)          # the next sweep retries the slot from it
+            except (Interrupted, KeyboardInterrupt, WriteError) as exc:
+                # Ctrl-C, SIGTERM, or files that could not be written (a full disk, a directory made read-only):
+                # nothing the trial's parameters did, and its last checkpoint stands. Failed without an error of its
+                # own, the slot is retried from it by the next sweep; the other trials would meet the same disk, so
+                # this worker ends (the command says why, and that the same command again goes on)
+                trial.set_user_attr("stopped", (str(exc) or type(exc).__name__)[:500])
+                study.tell(trial, state=TrialState.FAIL)
                 print(f"trial {trial.user_attrs['slot']:04d} stopped: {exc}", flush=True)
                 return
             except Exception as exc:                              # noqa: BLE001 - the trial fails, the sweep goes on
@@ -910,26 +916,29 @@ def sweep(spec_path: Path, out: Path, workers: int, storage: str | None, trials:
             digest = hashlib.sha256(spec.text.encode()).hexdigest()[:10]
             state = {"spec": spec.text, "storage": storage_url(out, storage), "study": f"vaelab-{spec_path.stem}-{digest}",
                      "trials": spec.trials, "created": time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime())}
-        from vaelab.atomic import write_text
+        from vaelab.atomic import WriteError, write_text
 
         # sweep.json first: a second sweep command on this --out that finds it waits for the lock and joins (it finds
-        # no files of someone else's there)
-        write_text(state_path, json.dumps(state, indent=2) + "\n")
-        if new:
-            (out / SPEC_FILE).write_text(spec.text)
-            # a new sweep opens its storage under the lock: where it cannot be opened (a typo in --storage, a server
-            # down), its files are taken back, so that no sweep.json ties this --out to that storage (every later
-            # command was refused with "give that --storage"), and a directory this command made is removed again
-            try:
+        # no files of someone else's there). A new sweep opens its storage under the lock: where that cannot be opened
+        # (a typo in --storage, a server down) or a file cannot be written (a full disk), its files are taken back, so
+        # that no sweep.json ties this --out to that storage (every later command was refused with "give that
+        # --storage"), and a directory this command made is removed again (it was left holding its lock file)
+        try:
+            write_text(state_path, json.dumps(state, indent=2) + "\n")
+            if new:
+                write_text(out / SPEC_FILE, spec.text)
                 study = open_study(spec, state["storage"], state["study"])
-            except UsageError:
-                for name in (STATE_FILE, SPEC_FILE, ".reconcile.lock" if made else None):
-                    if name:
-                        (out / name).unlink(missing_ok=True)
+        except (UsageError, WriteError):
+            if new:
+                ours = [STATE_FILE, SPEC_FILE] + ([".reconcile.lock"] if made else [])
+                if storage is None:        # the study.db it began (the directory held no file of that name)
+                    ours += [STORAGE_FILE + suffix for suffix in ("", "-journal", "-wal", "-shm")]
+                for name in ours:
+                    (out / name).unlink(missing_ok=True)
                 if made:
                     with contextlib.suppress(OSError):
                         out.rmdir()
-                raise
+            raise
     spec = dataclasses.replace(spec, trials=state["trials"])
     study = study or open_study(spec, state["storage"], state["study"])
     reconcile(study, spec, out, shared=state["storage"] != storage_url(out, None))
@@ -1001,8 +1010,11 @@ def summarize(study, spec: Spec, out: Path) -> dict:
         rows.append({"slot": slot, "trial": None if trial is None else trial.number,
                      "unused": sorted({*_unused_params(spec, run_dir),
                                        *(() if trial is None else trial.user_attrs.get("idle", ()))}),
-                     "state": "waiting" if trial is None else trial.state.name.lower(),
+                     # stopped: failed by no fault of its own (a signal, a full disk), retried by the next sweep
+                     "state": "waiting" if trial is None else "stopped" if trial.state.name == "FAIL" and
+                     "stopped" in trial.user_attrs else trial.state.name.lower(),
                      "error": None if trial is None else trial.user_attrs.get("error"),
+                     "stopped": None if trial is None else trial.user_attrs.get("stopped"),
                      # a pruned trial's value is its last reported intermediate value (Optuna's tell): the
                      # objective itself only for validation-elbo (for validation-nll it is −ELBO, not an NLL)
                      "params": params, "value": None if trial is None or (
@@ -1060,6 +1072,8 @@ def summary_table(summary: dict) -> str:
     lines += [f"{name}: " + "; ".join(f"{label} = {flags}" for label, flags in options)   # depth: two = --latent 8 4 …
               for name, options in options_legend(spec)]
     lines += [f"trial {r['slot']:04d} failed: {r['error']}" for r in rows if r.get("error")]
+    lines += [f"trial {r['slot']:04d} stopped (the next sweep goes on with it): {r['stopped']}" for r in rows
+              if r["state"] == "stopped"]
     best = summary["best"]
     if best is not None:
         from vaelab.config import RunConfig
@@ -1168,7 +1182,7 @@ def build_sweep_report(out: Path, trial_reports: bool = True, data_dir: str | No
         note = ("No parameter importances: they need two or more complete trials whose parameters differ, and a "
                 "parameter whose values among the best trials differ from the others'.")
     counts = [f"{states.count(s)} {'failed' if s == 'fail' else s}" for s in ("complete", "pruned", "running", "fail",
-                                                                             "waiting") if states.count(s)]
+                                                                             "stopped", "waiting") if states.count(s)]
     best = summary["best"]
     command = summary_table(summary).split("\n")[-1].strip() if best else ""
     return _environment().get_template("sweep.html.j2").render(

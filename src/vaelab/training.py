@@ -298,9 +298,43 @@ class Trainer:
             "python_random": _jsonable(random.getstate()),
             "numpy_random": [np_state[0], np_state[1].tolist(), *np_state[2:]],
         }
-        ckpt.save_tensors(self.run_dir / ckpt.STATE, tensors, meta)
-        self.write_user_files()
+        try:
+            ckpt.save_tensors(self.run_dir / ckpt.STATE, tensors, meta)
+        except ckpt.WriteError as exc:
+            raise self._checkpoint_failed(exc, state_written=False) from exc
         self.last_checkpoint = self._position()
+        self.rewrite_user_files()
+
+    def rewrite_user_files(self) -> None:
+        """What a resume does first: the weights and metrics written again from the training state just loaded."""
+        try:
+            self.write_user_files()
+        except ckpt.WriteError as exc:
+            raise self._checkpoint_failed(exc, state_written=True) from exc
+
+    def _checkpoint_failed(self, exc: ckpt.WriteError, state_written: bool) -> ckpt.WriteError:
+        """A checkpoint not written whole (a disk that filled, a directory made read-only): training stops, and the
+        message (also in train.log where it still takes a line) says what stands and the command that goes on. The
+        files are written state first, so either the previous checkpoint stands whole, or the new state does and the
+        weights and metrics beside it lag until a resume writes them again from it."""
+        run = shell_word(self.run_dir)
+        if state_written:
+            stands = (f"the training state of {self._position()} was written and resumes exactly; "
+                      f"{ckpt.WEIGHTS}, {ckpt.METRICS} and {LATENT_FILE} may hold the checkpoint before it until a "
+                      f"resume writes them again from the state")
+        elif self.last_checkpoint is None:
+            stands = "no checkpoint was written yet, so nothing was trained"
+        else:
+            stands = f"the last checkpoint ({self.last_checkpoint}) is left untouched and resumes exactly"
+        fix = exc.remedy(run)
+        goes_on = (f"{fix} and start the run again" if self.last_checkpoint is None and not state_written else
+                   f"{fix}, then: vaelab train --out {run} --resume")
+        message = f"{exc.what}; training stopped: {stands}; {goes_on}"
+        try:
+            self.append_log(message)
+        except ckpt.WriteError:
+            pass                         # the disk that refused the checkpoint may refuse the line too
+        return ckpt.WriteError(message, exc.what, exc.errno)
 
     def _position(self) -> str:
         return f"epoch {self.state.epoch}" + (f", step {self.state.step} of epoch {self.state.epoch + 1}"
@@ -510,7 +544,10 @@ class Trainer:
         if "validation_elbo" in row and row["validation_elbo"] > best:
             best_epoch, best = epoch, row["validation_elbo"]
             if self.world.main:          # before the state that records it
-                ckpt.save_weights(self.run_dir / BEST_WEIGHTS, self.model, epoch)
+                try:
+                    ckpt.save_weights(self.run_dir / BEST_WEIGHTS, self.model, epoch)
+                except ckpt.WriteError as exc:
+                    raise self._checkpoint_failed(exc, state_written=False) from exc
         self.state = TrainState(epoch=epoch, step=0, metrics=self.state.metrics + [row], best_epoch=best_epoch,
                                 best_validation_elbo=best, started=self.state.started,
                                 latent=self.state.latent + [latent], amendments=self.state.amendments)
@@ -618,10 +655,12 @@ def check_writable(run_dir: Path, need_bytes: int, resuming: bool = False) -> No
     """Prove ``run_dir`` (existing) writable and roomy before any training starts. The fix named is to free space
     (or, for a new run, to choose another --out; a resumed run stays where it is)."""
     elsewhere = "" if resuming else " or choose another --out"
+    probe = run_dir / ".write-test"
     try:
-        probe = run_dir / ".write-test"
-        probe.write_bytes(b"\0" * 4096)
-        probe.unlink()
+        try:
+            probe.write_bytes(b"\0" * 4096)
+        finally:
+            probe.unlink(missing_ok=True)   # made even where its bytes did not fit: never left in the run
     except OSError as exc:
         fix = f"free some space{elsewhere}" if exc.errno == errno.ENOSPC else (
             "make it writable" if resuming else "choose a writable --out")
