@@ -498,6 +498,32 @@ def test_pictures_not_drawn_after_the_last_checkpoint_say_that_the_training_stan
     assert code == 0 and "nothing to train" in out and (run_dir / "samples.png").exists()
 
 
+def test_a_run_on_a_read_only_file_system_says_a_resume_cannot_move(tmp_path, data_dir, monkeypatch, capsys):
+    """A resume of a run on a read-only mount said "choose a writable --out", which a resume cannot do."""
+    run_dir, args = tmp_path / "run", ["--data-dir", data_dir, *SMALL]
+    assert main(["train", "--out", str(run_dir), "--epochs", "1", *map(str, args)]) == 0
+    real = ckpt.os.open
+
+    def read_only(path, *rest, **keywords):
+        if str(path).endswith(ckpt.LOCK):
+            raise OSError(errno.EROFS, "Read-only file system")
+        return real(path, *rest, **keywords)
+
+    monkeypatch.setattr(ckpt.os, "open", read_only)
+    code, _, err = run(capsys, "train", "--out", run_dir, "--resume", "--epochs", "2", *args)
+    assert code == 1 and err.strip().endswith(
+        f"Read-only file system (errno 30); a run resumes where it is: make {run_dir} writable, or copy the run to a "
+        f"writable place and resume the copy"), err
+    code, _, err = run(capsys, "train", "--out", tmp_path / "new", "--epochs", "1", *args)
+    assert code == 1 and err.strip().endswith("Read-only file system (errno 30); choose a writable --out"), err
+    # `sample` said "choose a writable location with free space", not that --out puts the picture elsewhere
+    monkeypatch.setattr(atomic, "atomic_write", lambda path, *rest, **keywords: (_ for _ in ()).throw(
+        atomic.WriteError("…", f"cannot write in {path.parent}: Read-only file system (errno 30)", errno.EROFS)))
+    code, _, err = run(capsys, "sample", run_dir)
+    assert code == 1 and err.strip().endswith(f"Read-only file system (errno 30); make {run_dir} writable, or pass "
+                                              f"--out FILE.png in a writable place"), err
+
+
 def test_library_functions_raise_value_errors_with_messages():
     from vaelab.laplace import laplace_integral, log_stirling
 

@@ -4,6 +4,7 @@ bad specs, and the report page."""
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import os
@@ -423,6 +424,26 @@ def test_a_sweep_whose_files_cannot_be_written_leaves_nothing(tmp_path, monkeypa
         assert not (tmp_path / "out").exists()
 
 
+def test_a_sweep_on_a_read_only_file_system_is_one_line_naming_the_directory(tmp_path, monkeypatch, capsys):
+    """It read "vaelab sweep: error: Read-only file system (…/.reconcile.lock, errno 30)"."""
+    from vaelab import sweep
+    from vaelab.cli import main
+
+    spec = tmp_path / "spec.toml"
+    spec.write_text(EXAMPLE)
+    out = tmp_path / "out"
+    out.mkdir()
+
+    def read_only(path, *rest, **keywords):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(sweep, "open", read_only, raising=False)       # file_lock's open: a read-only mount's answer
+    assert main(["sweep", str(spec), "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert one_line(err) and err.strip().endswith(f"cannot open {out}/.reconcile.lock: Read-only file system (errno "
+                                                  f"30); a sweep writes in its directory: make {out} writable"), err
+
+
 def in_process_workers(monkeypatch) -> None:
     """The sweep's worker processes run in this process, one after the other (so that a monkeypatch reaches them)."""
     import multiprocessing
@@ -484,6 +505,36 @@ def test_a_trial_that_cannot_write_stops_the_sweep_and_the_same_command_goes_on(
     monkeypatch.setattr(sweep, "run_trial", real)
     assert main(["sweep", str(spec), "--out", str(out)]) == 0
     assert finished_slots(out) == [0, 1]
+
+
+def test_a_sweep_moved_or_copied_keeps_its_own_study(tmp_path, data_dir, monkeypatch, capsys):
+    """sweep.json named its study.db by its absolute path: a moved sweep could be neither reported nor continued
+    ("cannot open the study's database"), and a copy trained its new trials into the original's study. Now the default
+    study is the one beside sweep.json, and a sweep.json of before (its absolute path) is read so."""
+    from vaelab import sweep
+    from vaelab.cli import main
+
+    in_process_workers(monkeypatch)
+    monkeypatch.setenv("VAELAB_DATA", str(data_dir))
+    spec = tmp_path / "spec.toml"
+    spec.write_text(EXAMPLE.replace("trials = 4", "trials = 1").replace("epochs = 2", "epochs = 1")
+                    .replace("validation-nll", "validation-elbo").replace("train_examples = 2000", "train_examples = 600")
+                    .replace("validation = 500", "validation = 100"))
+    first = tmp_path / "first"
+    assert main(["sweep", str(spec), "--out", str(first)]) == 0
+    assert json.loads((first / "sweep.json").read_text())["storage"] is None
+    state = json.loads((first / "sweep.json").read_text())                  # as vaelab wrote it before
+    (first / "sweep.json").write_text(json.dumps({**state, "storage": f"sqlite:///{first.resolve()}/study.db"}))
+    moved = tmp_path / "moved"
+    first.rename(moved)
+    copy = tmp_path / "copy"
+    shutil.copytree(moved, copy)
+    assert main(["sweep", str(spec), "--out", str(copy), "--trials", "2"]) == 0
+    assert finished_slots(copy) == [0, 1] and finished_slots(moved) == [0]
+    assert "1 of 1 trials finished" in sweep.build_sweep_report(moved, trial_reports=False)
+    assert main(["sweep", str(spec), "--out", str(moved)]) == 0
+    assert json.loads((moved / "sweep.json").read_text())["storage"] is None
+    capsys.readouterr()
 
 
 def test_workers_beyond_the_cores_are_refused_and_beyond_the_trials_not_started(tmp_path, data_dir, monkeypatch,

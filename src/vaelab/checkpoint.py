@@ -210,8 +210,10 @@ class RunLock:
         try:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as exc:
-            raise WriteError(f"cannot create {self.path}: {exc.strerror} (errno {exc.errno}); "
-                             f"choose a writable --out") from exc
+            # a run trains on where it is: its directory must become writable (or the run be copied, resumed there)
+            fix = (f"a run resumes where it is: make {self.path.parent} writable, or copy the run to a writable "
+                   f"place and resume the copy") if is_run(self.path.parent) else "choose a writable --out"
+            raise WriteError(f"cannot create {self.path}: {exc.strerror} (errno {exc.errno}); {fix}") from exc
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:

@@ -1169,9 +1169,13 @@ def cmd_sample(args: argparse.Namespace) -> int:
                                                      _note))
     _check_target(out, args.overwrite, "picture")
     images = model.sample(args.n, torch.Generator().manual_seed(args.seed)).numpy()
-    plot_grid(images, out, f"{args.n} samples from p(x), seed {args.seed}: decoder means\nof "
-                           f"{pictured_weights(loaded, read_run(args.run_dir))}",
-              metadata={PICTURE_WEIGHTS_KEY: loaded.sha256})
+    try:
+        plot_grid(images, out, f"{args.n} samples from p(x), seed {args.seed}: decoder means\nof "
+                               f"{pictured_weights(loaded, read_run(args.run_dir))}",
+                  metadata={PICTURE_WEIGHTS_KEY: loaded.sha256})
+    except ckpt.WriteError as exc:      # a run on a read-only mount or a full disk: the picture can go elsewhere
+        raise ckpt.WriteError(f"{exc.what}; {exc.remedy(shell_word(out.parent))}, or pass --out FILE.png in a "
+                              f"writable place", exc.what, exc.errno) from exc
     _log(f"written {out}")
     return 0
 

@@ -51,6 +51,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from vaelab.atomic import WriteError
 from vaelab.errors import UsageError
 from vaelab.tables import plural, shell_word
 
@@ -534,6 +535,27 @@ def storage_url(out: Path, given: str | None) -> str:
     return given or f"sqlite:///{(out / STORAGE_FILE).resolve()}"
 
 
+def read_state(out: Path) -> dict:
+    """sweep.json, its storage resolved: the default study.db is the one beside it, wherever the directory is now.
+    sweep.json holds null for it; before 2026-12-05 it held its absolute path, so that a moved sweep opened no study
+    and a copied one (`cp -r`) trained its new trials into the original's: such a path to a study.db elsewhere, with
+    one here, is read as the one here (a --storage given by hand leaves no study.db in the directory)."""
+    state = json.loads((out / STATE_FILE).read_text())
+    stored = state.get("storage")
+    was_default = isinstance(stored, str) and stored.startswith("sqlite:///") and stored.endswith(f"/{STORAGE_FILE}")
+    if stored is None or (was_default and (out / STORAGE_FILE).exists()):
+        state["storage"] = storage_url(out, None)
+    return state
+
+
+def _write_state(out: Path, state: dict) -> None:
+    """sweep.json, with null for the default storage (the study.db beside it), so that the directory can move."""
+    from vaelab.atomic import write_text
+
+    default = state["storage"] == storage_url(out, None)
+    write_text(out / STATE_FILE, json.dumps({**state, "storage": None if default else state["storage"]}, indent=2) + "\n")
+
+
 def make_sampler(spec: Spec, slot: int = 0):
     """The spec's sampler, seeded from the spec's seed and the slot: each slot draws its own parameters (workers
     sharing one seed would draw the same ones), the same for the same slot and history."""
@@ -598,7 +620,12 @@ def _open_study(spec: Spec, url: str, name: str):
 @contextlib.contextmanager
 def file_lock(path: Path):
     """An exclusive flock (held by one process of this machine at a time; released however it dies)."""
-    with open(path, "a") as handle:
+    try:
+        handle = open(path, "a")
+    except OSError as exc:              # a read-only --out: the sweep keeps its study, trials and locks there
+        raise WriteError(f"cannot open {path}: {exc.strerror} (errno {exc.errno}); a sweep writes in its directory: "
+                         f"make {path.parent} writable") from exc
+    with handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield
@@ -823,7 +850,6 @@ def worker(spec_path: str, out: str, url: str, name: str, threads: int, log_path
         optuna = require_optuna()
         from optuna.trial import TrialState
 
-        from vaelab.atomic import WriteError
         from vaelab.training import Interrupted
 
         study = open_study(spec, url, name)
@@ -899,7 +925,7 @@ def sweep(spec_path: Path, out: Path, workers: int, storage: str | None, trials:
     with file_lock(out / ".reconcile.lock"):
         new = not state_path.exists()
         if not new:
-            state = json.loads(state_path.read_text())
+            state = read_state(out)
             if state["spec"] != spec.text:
                 raise UsageError(f"{out} holds a sweep of another spec ({out / SPEC_FILE}); give the same spec to "
                                  f"continue it, or another --out")
@@ -916,7 +942,7 @@ def sweep(spec_path: Path, out: Path, workers: int, storage: str | None, trials:
             digest = hashlib.sha256(spec.text.encode()).hexdigest()[:10]
             state = {"spec": spec.text, "storage": storage_url(out, storage), "study": f"vaelab-{spec_path.stem}-{digest}",
                      "trials": spec.trials, "created": time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime())}
-        from vaelab.atomic import WriteError, write_text
+        from vaelab.atomic import write_text
 
         # sweep.json first: a second sweep command on this --out that finds it waits for the lock and joins (it finds
         # no files of someone else's there). A new sweep opens its storage under the lock: where that cannot be opened
@@ -924,7 +950,7 @@ def sweep(spec_path: Path, out: Path, workers: int, storage: str | None, trials:
         # that no sweep.json ties this --out to that storage (every later command was refused with "give that
         # --storage"), and a directory this command made is removed again (it was left holding its lock file)
         try:
-            write_text(state_path, json.dumps(state, indent=2) + "\n")
+            _write_state(out, state)
             if new:
                 write_text(out / SPEC_FILE, spec.text)
                 study = open_study(spec, state["storage"], state["study"])
@@ -1120,7 +1146,7 @@ def build_sweep_report(out: Path, trial_reports: bool = True, data_dir: str | No
     from vaelab.report import Figure, _environment, _fmt, data_uri
     from vaelab.runs import format_duration
 
-    state = json.loads((out / STATE_FILE).read_text())
+    state = read_state(out)
     spec = dataclasses.replace(load_spec(out / SPEC_FILE, state["trials"]))
     study = open_study(spec, state["storage"], state["study"])
     mark_pruned(study, spec, out)
