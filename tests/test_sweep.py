@@ -471,6 +471,17 @@ def in_process_workers(monkeypatch) -> None:
     monkeypatch.setattr(multiprocessing, "get_context", lambda method: types.SimpleNamespace(Process=InProcess))
 
 
+def in_process_sweep(tmp_path: Path, data_dir: Path, monkeypatch, trials: int) -> Path:
+    """A spec of ``trials`` one-epoch trials on 600 digits (validation ELBO), its workers run in this process."""
+    in_process_workers(monkeypatch)
+    monkeypatch.setenv("VAELAB_DATA", str(data_dir))
+    spec = tmp_path / "spec.toml"
+    spec.write_text(EXAMPLE.replace("trials = 4", f"trials = {trials}").replace("epochs = 2", "epochs = 1")
+                    .replace("validation-nll", "validation-elbo").replace("train_examples = 2000", "train_examples = 600")
+                    .replace("validation = 500", "validation = 100"))
+    return spec
+
+
 def test_a_trial_that_cannot_write_stops_the_sweep_and_the_same_command_goes_on(tmp_path, data_dir, monkeypatch,
                                                                                capsys):
     """A trial whose run could not be written (a full disk) was a failed trial for good: the slot was never retried,
@@ -480,12 +491,7 @@ def test_a_trial_that_cannot_write_stops_the_sweep_and_the_same_command_goes_on(
     from vaelab import atomic, sweep
     from vaelab.cli import main
 
-    in_process_workers(monkeypatch)
-    monkeypatch.setenv("VAELAB_DATA", str(data_dir))
-    spec = tmp_path / "spec.toml"
-    spec.write_text(EXAMPLE.replace("trials = 4", "trials = 2").replace("epochs = 2", "epochs = 1")
-                    .replace("validation-nll", "validation-elbo").replace("train_examples = 2000", "train_examples = 600")
-                    .replace("validation = 500", "validation = 100"))
+    spec = in_process_sweep(tmp_path, data_dir, monkeypatch, trials=2)
     out = tmp_path / "out"
     real = sweep.run_trial
     what = f"cannot write {out}/trials/0000/model.safetensors: No space left on device (errno 28)"
@@ -514,12 +520,7 @@ def test_a_sweep_moved_or_copied_keeps_its_own_study(tmp_path, data_dir, monkeyp
     from vaelab import sweep
     from vaelab.cli import main
 
-    in_process_workers(monkeypatch)
-    monkeypatch.setenv("VAELAB_DATA", str(data_dir))
-    spec = tmp_path / "spec.toml"
-    spec.write_text(EXAMPLE.replace("trials = 4", "trials = 1").replace("epochs = 2", "epochs = 1")
-                    .replace("validation-nll", "validation-elbo").replace("train_examples = 2000", "train_examples = 600")
-                    .replace("validation = 500", "validation = 100"))
+    spec = in_process_sweep(tmp_path, data_dir, monkeypatch, trials=1)
     first = tmp_path / "first"
     assert main(["sweep", str(spec), "--out", str(first)]) == 0
     assert json.loads((first / "sweep.json").read_text())["storage"] is None
