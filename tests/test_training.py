@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -263,6 +264,25 @@ def test_failed_write_names_the_path_and_keeps_the_old_file(tmp_path, tiny_array
     assert (tmp_path / training.TRAIN_LOG).read_text().splitlines()[-1].endswith(said)
     assert (tmp_path / ckpt.STATE).read_bytes() == before
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_the_commands_a_torchrun_run_is_told_to_resume_with_start_its_processes(tmp_path, tiny_arrays):
+    """A run of two processes resumes exactly only under two (a resume of one is refused): its messages for a signal, a
+    divergence, an early stop and a checkpoint that did not fit said `vaelab train --out RUN --resume`."""
+    from vaelab.distributed import World
+
+    data = prepare(tiny_arrays, small_config().data)
+    trainer = Trainer(small_config(1), tmp_path, data, torch.device("cpu"), log=lambda m: None, progress=False)
+    trainer.fit()
+    trainer.world = World(rank=0, size=2, local_rank=0, local_size=2)
+    launcher = f"torchrun --nproc-per-node 2 -m vaelab train --out {tmp_path} --resume"
+    with pytest.raises(training.Interrupted, match=re.escape(f"resume with: {launcher}")):
+        trainer._stop(signal.SIGTERM, 2, 0)
+    assert f"{launcher} --lr X" in trainer._what_stands() and f"{launcher} --early-stopping 0" in \
+        trainer.early_stop_line()
+    full = trainer._checkpoint_failed(ckpt.WriteError("…", "cannot write X: No space left on device (errno 28)",
+                                                      errno.ENOSPC), state_written=False)
+    assert str(full).endswith(f"free some space, then: {launcher}")
 
 
 def test_full_disk_is_reported_before_training(tmp_path, monkeypatch):

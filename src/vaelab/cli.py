@@ -564,8 +564,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     try:
         return _resume(args, world) if args.resume else _new_run(args, world)
     except distributed.RankLost as exc:
-        raise distributed.RankLost(f"{exc}; {_what_stands(args.out)}; resume with: {_torchrun_command(world)} "
-                                   f"-m vaelab train --out {shell_word(args.out)} --resume") from None
+        raise distributed.RankLost(f"{exc}; {_what_stands(args.out)}; resume with: {world.launcher} "
+                                   f"train --out {shell_word(args.out)} --resume") from None
     finally:
         distributed.shutdown(world)
 
@@ -581,12 +581,6 @@ def _what_stands(run_dir: Path) -> str:
         return f"no checkpoint was written in {run_dir} yet (nothing to resume: start it again)"
     step = f", step {meta['step']}" if meta.get("step") else ""
     return f"the checkpoint of epoch {meta.get('epoch', '?')}{step} in {run_dir} stands"
-
-
-def _torchrun_command(world) -> str:
-    nodes = world.size // max(1, world.local_size)
-    return (f"torchrun --nproc-per-node {world.local_size}" if nodes == 1 else
-            f"torchrun --nnodes {nodes} --nproc-per-node {world.local_size} (with the rendezvous flags)")
 
 
 def _new_run(args: argparse.Namespace, world, config=None, claimed_dir: list | None = None,
@@ -889,8 +883,9 @@ def _train(args: argparse.Namespace, config, run_dir: Path, run, resumed: bool, 
             run = shell_word(run_dir)
             raise ckpt.WriteError(f"{exc.what}; the training itself ended and its checkpoint "
                                   f"({trainer.last_checkpoint}) stands whole, but elbo.png, samples.png and "
-                                  f"reconstructions.png were not all drawn; {exc.remedy(run)}, then: vaelab train "
-                                  f"--out {run} --resume draws them again", exc.what, exc.errno) from exc
+                                  f"reconstructions.png were not all drawn; {exc.remedy(run)}, then: "
+                                  f"{world.launcher} train --out {run} --resume draws them again", exc.what,
+                                  exc.errno) from exc
     # a run that holds out validation digits selects its weights on them (model-best), as the report's hint does
     best = " --checkpoint best" if trainer.state.best_epoch else ""
     log(f"done: test ELBO {metrics[-1]['test_elbo']:.3f} nats; files in {run_dir}; "
@@ -1110,7 +1105,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                              f"{written}")
         return 0
     except distributed.RankLost as exc:
-        raise distributed.RankLost(f"{exc}; nothing was written; evaluate again (the same {_torchrun_command(world)} "
+        raise distributed.RankLost(f"{exc}; nothing was written; evaluate again (the same {world.torchrun} "
                                    f"command, or one process)") from None
     finally:
         distributed.shutdown(world)

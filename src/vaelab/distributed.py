@@ -55,6 +55,20 @@ class World:
     def distributed(self) -> bool:
         return self.size > 1
 
+    @property
+    def torchrun(self) -> str:
+        """The torchrun command that starts as many processes ("" for one)."""
+        nodes = self.size // max(1, self.local_size)
+        return "" if not self.distributed else (f"torchrun --nproc-per-node {self.local_size}" if nodes == 1 else
+                                                f"torchrun --nnodes {nodes} --nproc-per-node {self.local_size} (with "
+                                                f"the rendezvous flags)")
+
+    @property
+    def launcher(self) -> str:
+        """What starts vaelab as this world: `vaelab`, or torchrun's `-m vaelab` (a run resumes exactly only under
+        the world size that wrote it)."""
+        return f"{self.torchrun} -m vaelab" if self.distributed else "vaelab"
+
 
 SINGLE = World()
 
