@@ -227,6 +227,9 @@ def test_two_process_run_resumes_exactly_after_a_kill(tmp_path, data_dir):
     single = subprocess.run([sys.executable, "-m", "vaelab", "train", "--out", str(killed), "--resume",
                              "--data-dir", str(data_dir)], capture_output=True, text=True, timeout=300)
     assert single.returncode == 2 and "written by 2 process(es)" in single.stderr
+    # a lost weights file is written again by a resume of as many processes (it said `vaelab train … --resume`)
+    assert ckpt.rewrite_fix(killed).startswith(f"`torchrun --nproc-per-node 2 -m vaelab train --out {killed} --resume`")
+    assert ckpt.rewrite_fix(straight).startswith("`torchrun --nproc-per-node 2 -m vaelab train")
 
     process = torchrun("train", "--out", killed, "--resume", "--epochs", "4", "--data-dir", data_dir)
     out, err = process.communicate(timeout=300)

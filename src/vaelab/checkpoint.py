@@ -96,8 +96,12 @@ def rewrite_fix(run_dir: Path) -> str | None:
         meta = read_metadata(run_dir / STATE)
     except CheckpointError:
         return None
+    from vaelab.distributed import World
+
     where = f"after epoch {meta.get('epoch')}" + (f", step {meta['step']}" if meta.get("step") else "")
-    return (f"`vaelab train --out {shell_word(run_dir)} --resume` writes it again from the training state "
+    processes = int(meta.get("world_size", 1))          # a run resumes only under the processes that wrote it
+    launcher = World(size=processes, local_size=processes).launcher
+    return (f"`{launcher} train --out {shell_word(run_dir)} --resume` writes it again from the training state "
             f"({STATE}, {where}), training on first if the run is unfinished")
 
 
