@@ -230,6 +230,9 @@ def test_two_process_run_resumes_exactly_after_a_kill(tmp_path, data_dir):
     # a lost weights file is written again by a resume of as many processes (it said `vaelab train … --resume`)
     assert ckpt.rewrite_fix(killed).startswith(f"`torchrun --nproc-per-node 2 -m vaelab train --out {killed} --resume`")
     assert ckpt.rewrite_fix(straight).startswith("`torchrun --nproc-per-node 2 -m vaelab train")
+    from vaelab.runs import read_run
+
+    assert read_run(killed).resume_command == f"torchrun --nproc-per-node 2 -m vaelab train --out {killed} --resume"
 
     process = torchrun("train", "--out", killed, "--resume", "--epochs", "4", "--data-dir", data_dir)
     out, err = process.communicate(timeout=300)

@@ -88,6 +88,15 @@ def read_metadata(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"{path} is truncated or corrupted ({exc}); it cannot be read") from exc
 
 
+def resume_command(run_dir: Path, meta: dict) -> str:
+    """The command that goes on with a run whose training state has metadata ``meta``: torchrun's of as many
+    processes where several trained it (a run resumes exactly only under the processes that wrote it)."""
+    from vaelab.distributed import World
+
+    processes = int(meta.get("world_size", 1))
+    return f"{World(size=processes, local_size=processes).launcher} train --out {shell_word(run_dir)} --resume"
+
+
 def rewrite_fix(run_dir: Path) -> str | None:
     """How to get a run's model.safetensors or metrics.csv back when it is missing or damaged: its training state
     holds the same weights and metrics, and a resume writes both again (training on first where the run is
@@ -96,12 +105,8 @@ def rewrite_fix(run_dir: Path) -> str | None:
         meta = read_metadata(run_dir / STATE)
     except CheckpointError:
         return None
-    from vaelab.distributed import World
-
     where = f"after epoch {meta.get('epoch')}" + (f", step {meta['step']}" if meta.get("step") else "")
-    processes = int(meta.get("world_size", 1))          # a run resumes only under the processes that wrote it
-    launcher = World(size=processes, local_size=processes).launcher
-    return (f"`{launcher} train --out {shell_word(run_dir)} --resume` writes it again from the training state "
+    return (f"`{resume_command(run_dir, meta)}` writes it again from the training state "
             f"({STATE}, {where}), training on first if the run is unfinished")
 
 

@@ -50,6 +50,12 @@ class RunInfo:
         return self.status == "interrupted" or self.status == "pruned" and self.epochs_done < self.epochs_total
 
     @property
+    def resume_command(self) -> str:
+        """The command that goes on with it (``checkpoint.resume_command``: torchrun's where several processes
+        trained it)."""
+        return ckpt.resume_command(self.path, self.meta)
+
+    @property
     def training_seconds(self) -> float | None:
         return self.metrics[-1].get("elapsed_seconds") if self.metrics else None
 
