@@ -557,6 +557,33 @@ def test_api_train_names_a_config_or_out_of_the_wrong_kind(kwargs, message):
     assert str(error.value) == f"vaelab.train: {message}"
 
 
+def test_api_train_runs_in_a_thread_other_than_the_main_one(tmp_path, data_dir):
+    """`vaelab.train` from a worker thread (a notebook's background job, a web app) raised "ValueError: signal only
+    works in main thread of the main interpreter" at its first epoch: no stop signal is taken there now, and the run
+    trains and resumes as in the main thread."""
+    import threading
+
+    done = {}
+
+    def job():
+        try:
+            run = vaelab.train(out=tmp_path / "run", epochs=1, hidden=[16], latent=[2], data_dir=data_dir,
+                               test_examples=50, no_progress=True)
+            done["first"] = run.status, len(run.metrics)
+            run = vaelab.train(out=tmp_path / "run", resume=True, epochs=2, no_progress=True)
+            done["resumed"] = run.status, len(run.metrics)
+        except BaseException as exc:            # noqa: BLE001 - carried to the test's thread
+            done["error"] = exc
+
+    before = {signum: signal.getsignal(signum) for signum in training.STOP_SIGNALS}
+    thread = threading.Thread(target=job)
+    thread.start()
+    thread.join(300)
+    assert "error" not in done, done.get("error")
+    assert done == {"first": ("finished", 1), "resumed": ("finished", 2)}
+    assert {signum: signal.getsignal(signum) for signum in training.STOP_SIGNALS} == before   # the main thread's
+
+
 def test_api_load_run_names_a_path_of_the_wrong_kind():
     with pytest.raises(UsageError, match=r"^vaelab.load_run: path must be a run directory \(str or pathlib.Path\), "
                                          r"got int$"):

@@ -26,6 +26,7 @@ import math
 import random
 import shutil
 import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,7 +69,14 @@ def stop_signals(handler):
     taken even where it was ignored (a shell's background job); SIGHUP not where it was ignored (nohup: the user
     asked to survive a hangup). Leaving by ``RankLost`` (a torchrun peer has gone), SIGTERM is ignored instead:
     torchrun's agent sends it to every worker once one has failed, and with the default action it killed this one
-    between here and its one line saying what stands (seen under load in tests/test_reliability3.py)."""
+    between here and its one line saying what stands (seen under load in tests/test_reliability3.py).
+
+    Outside the main thread (`vaelab.train` called from a worker thread) Python takes no handler, and the signals
+    are the main thread's: none is taken here, and the checkpoint of each epoch stands (it raised "ValueError:
+    signal only works in main thread of the main interpreter")."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
     previous = {signum: signal.signal(signum, handler) for signum in STOP_SIGNALS
                 if signum != signal.SIGHUP or signal.getsignal(signum) != signal.SIG_IGN}
     try:
