@@ -23,6 +23,7 @@ import torch
 from conftest import run
 from vaelab import atomic
 from vaelab import checkpoint as ckpt
+from vaelab import training
 from vaelab.cli import main
 from vaelab.config import RunConfig
 from vaelab.data import CACHE_NAME, IDX_FILES, idx_bytes, load_mnist
@@ -522,6 +523,22 @@ def test_a_run_on_a_read_only_file_system_says_a_resume_cannot_move(tmp_path, da
     code, _, err = run(capsys, "sample", run_dir)
     assert code == 1 and err.strip().endswith(f"Read-only file system (errno 30); make {run_dir} writable, or pass "
                                               f"--out FILE.png in a writable place"), err
+
+
+def test_a_resume_removes_the_temporary_files_of_writes_a_kill_cut_short(tmp_path, data_dir, capsys):
+    """A kill -9 inside a checkpoint's write left its temporary file (a training state's size) in the run for good.
+    A resume, under the run's lock, removes those of the training's own files and says so; an evaluation's (it may
+    write beside a training) and anything else stay."""
+    run_dir, args = tmp_path / "run", ["--data-dir", data_dir, *SMALL]
+    assert main(["train", "--out", str(run_dir), "--epochs", "1", *map(str, args)]) == 0
+    cut = [".training_state.safetensors.k3x_9q0a.tmp", ".model.safetensors.0aa1bb2c.tmp", ".metrics.csv.abcdefgh.tmp"]
+    kept = [".eval-k5-n50-seed0.json.abcdefgh.tmp", ".notes.tmp", ".model.safetensors.mine.tmp"]
+    for name in cut + kept:
+        (run_dir / name).write_bytes(b"a write cut short")
+    code, out, _ = run(capsys, "train", "--out", run_dir, "--resume", "--epochs", "2", *args)
+    assert code == 0 and f"removed 3 temporary files of a write a kill cut short: {', '.join(sorted(cut))}" in out
+    assert sorted(p.name for p in run_dir.iterdir() if p.name.endswith(".tmp")) == sorted(kept)
+    assert "removed 3 temporary files" in (run_dir / training.TRAIN_LOG).read_text()
 
 
 def test_library_functions_raise_value_errors_with_messages():

@@ -807,6 +807,10 @@ def _train(args: argparse.Namespace, config, run_dir: Path, run, resumed: bool, 
     trainer = Trainer(config, run_dir, data, device, log=log, progress=_progress(args), world=world,
                       observers=observers)
     if resumed:
+        if world.main and (cut := trainer.remove_cut_writes()):
+            note = f"removed {plural(len(cut), 'temporary file')} of a write a kill cut short: {', '.join(cut)}"
+            log(note)
+            trainer.append_log(note)
         trainer.load_checkpoint()
         finished = trainer.state.epoch >= config.train.epochs and not trainer.state.step
         if amendments and not amended_earlier and (finished or trainer.stopped_early):
@@ -918,15 +922,17 @@ def write_pictures(model, data, metrics, run_dir: Path) -> None:
 
     from vaelab.evaluation import reconstructions
     from vaelab.plots import plot_elbo, plot_grid, plot_reconstructions
+    from vaelab.training import PICTURES
 
-    plot_elbo(metrics, run_dir / "elbo.png")
+    elbo, samples, recons = (run_dir / name for name in PICTURES)
+    plot_elbo(metrics, elbo)
     model.eval()
     generator = torch.Generator(device=data.test_binary.device).manual_seed(0)
-    plot_grid(model.sample(64, generator).cpu().numpy(), run_dir / "samples.png", "samples from p(x): decoder means")
+    plot_grid(model.sample(64, generator).cpu().numpy(), samples, "samples from p(x): decoder means")
     with torch.no_grad():
         x = data.test_binary[:30].float()
         recon = reconstructions(model, x)
-    plot_reconstructions(x.cpu().numpy(), recon.cpu().numpy(), run_dir / "reconstructions.png")
+    plot_reconstructions(x.cpu().numpy(), recon.cpu().numpy(), recons)
 
 
 # ------------------------------------------------------------------------------------------------

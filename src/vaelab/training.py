@@ -24,6 +24,7 @@ import errno
 import hashlib
 import math
 import random
+import re
 import shutil
 import signal
 import threading
@@ -96,6 +97,9 @@ DIVERGENCE_FACTOR = 1000
 BEST_WEIGHTS = "model-best.safetensors"
 LATENT_FILE = "latent.csv"
 TRAIN_LOG = "train.log"
+PICTURES = ("elbo.png", "samples.png", "reconstructions.png")     # drawn at the end of training and at a stop
+# what the training process (alone, under the run's lock) writes, each through a temporary ".NAME.XXXXXXXX.tmp"
+TRAINING_FILES = (ckpt.STATE, ckpt.WEIGHTS, BEST_WEIGHTS, ckpt.METRICS, LATENT_FILE, ckpt.CONFIG, *PICTURES)
 
 
 class Interrupted(VaelabError):
@@ -375,6 +379,17 @@ class Trainer:
             return
         ckpt.save_weights(self.run_dir / ckpt.WEIGHTS, self.model, self.state.epoch, self.state.step)
         self.write_metrics()
+
+    def remove_cut_writes(self) -> list[str]:
+        """The temporary files of the training's own writes that a kill -9 cut short (atomic_write's
+        ".NAME.XXXXXXXX.tmp", a checkpoint's size each), removed; their names. Called under the run's lock, so no
+        write of this run is under way; an evaluation's temporary files (it writes beside a training) are not
+        touched."""
+        names = re.compile("|".join(rf"\.{re.escape(name)}\.[a-z0-9_]{{8}}\.tmp" for name in TRAINING_FILES))
+        cut = sorted(entry.name for entry in self.run_dir.iterdir() if names.fullmatch(entry.name))
+        for name in cut:
+            (self.run_dir / name).unlink(missing_ok=True)
+        return cut
 
     def load_checkpoint(self) -> None:
         path = self.run_dir / ckpt.STATE
