@@ -332,7 +332,7 @@ DEPTH = 'trials = 2\n[fixed]\nvalidation = 100\nmodel = "hvae"\n'
     ('enqueue = [{ k = 2.5 }]\ntrials = 2\n[fixed]\nvalidation = 100\n[search]\nk = { low = 1, high = 5 }\n',
      ["enqueue[0].k", "2.5 is not a whole number"]),
     ('enqueue = [{ k = 9 }]\ntrials = 2\n[fixed]\nvalidation = 100\n[search]\nk = { low = 1, high = 5 }\n',
-     ["enqueue[0].k", "9 is outside the searched range 1 … 5;"]),     # a range of integers as written, not 1.0 … 5.0
+      ["enqueue[0].k", "9 is outside the searched range 1 … 5;"]),        # as written, not 1.0 … 5.0
     ('enqueue = [{ lr = 2e-4 }]\ntrials = 2\n[fixed]\nvalidation = 100\n[search]\n'
      'lr = { low = 1e-4, high = 1e-3, step = 3e-4 }\n', ["enqueue[0].lr", "not on the range's grid 0.0001, 0.0004, …"]),
     # values shown as the spec wrote them (TOML), not as Python's repr; a list or table where a name belongs was a
@@ -502,8 +502,8 @@ def test_a_trial_that_cannot_write_stops_the_sweep_and_the_same_command_goes_on(
     monkeypatch.setattr(sweep, "run_trial", disk_full)
     assert main(["sweep", str(spec), "--out", str(out)]) == 1
     printed = capsys.readouterr()
-    assert one_line(printed.err) and printed.err.startswith(f"vaelab sweep: error: trial 0000 of {out} stopped: {what}; "
-                                                           f"once that is mended, the same command again goes on")
+    assert one_line(printed.err) and printed.err.startswith(
+        f"vaelab sweep: error: trial 0000 of {out} stopped: {what}; once that is mended, the same command again goes on")
     assert re.search(r"0000 .* stopped\n", printed.out) and re.search(r"0001 .* waiting\n", printed.out)
     assert [state for _, state, _, _ in trial_states(out)] == ["FAIL", "WAITING"]
     page = sweep.build_sweep_report(out)

@@ -552,8 +552,8 @@ def _write_state(out: Path, state: dict) -> None:
     """sweep.json, with null for the default storage (the study.db beside it), so that the directory can move."""
     from vaelab.atomic import write_text
 
-    default = state["storage"] == storage_url(out, None)
-    write_text(out / STATE_FILE, json.dumps({**state, "storage": None if default else state["storage"]}, indent=2) + "\n")
+    stored = None if state["storage"] == storage_url(out, None) else state["storage"]
+    write_text(out / STATE_FILE, json.dumps({**state, "storage": stored}, indent=2) + "\n")
 
 
 def make_sampler(spec: Spec, slot: int = 0):
