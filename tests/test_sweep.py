@@ -332,7 +332,7 @@ DEPTH = 'trials = 2\n[fixed]\nvalidation = 100\nmodel = "hvae"\n'
     ('enqueue = [{ k = 2.5 }]\ntrials = 2\n[fixed]\nvalidation = 100\n[search]\nk = { low = 1, high = 5 }\n',
      ["enqueue[0].k", "2.5 is not a whole number"]),
     ('enqueue = [{ k = 9 }]\ntrials = 2\n[fixed]\nvalidation = 100\n[search]\nk = { low = 1, high = 5 }\n',
-      ["enqueue[0].k", "9 is outside the searched range 1 … 5;"]),        # as written, not 1.0 … 5.0
+     ["enqueue[0].k", "9 is outside the searched range 1 … 5;"]),        # as written, not 1.0 … 5.0
     ('enqueue = [{ lr = 2e-4 }]\ntrials = 2\n[fixed]\nvalidation = 100\n[search]\n'
      'lr = { low = 1e-4, high = 1e-3, step = 3e-4 }\n', ["enqueue[0].lr", "not on the range's grid 0.0001, 0.0004, …"]),
     # values shown as the spec wrote them (TOML), not as Python's repr; a list or table where a name belongs was a
