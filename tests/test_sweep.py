@@ -471,15 +471,37 @@ def in_process_workers(monkeypatch) -> None:
     monkeypatch.setattr(multiprocessing, "get_context", lambda method: types.SimpleNamespace(Process=InProcess))
 
 
-def in_process_sweep(tmp_path: Path, data_dir: Path, monkeypatch, trials: int) -> Path:
-    """A spec of ``trials`` one-epoch trials on 600 digits (validation ELBO), its workers run in this process."""
+def in_process_sweep(tmp_path: Path, data_dir: Path, monkeypatch, trials: int,
+                     objective: str = "validation-elbo") -> Path:
+    """A spec of ``trials`` one-epoch trials on 600 digits (IWAE-100 for validation-nll), its workers run in this
+    process."""
     in_process_workers(monkeypatch)
     monkeypatch.setenv("VAELAB_DATA", str(data_dir))
     spec = tmp_path / "spec.toml"
     spec.write_text(EXAMPLE.replace("trials = 4", f"trials = {trials}").replace("epochs = 2", "epochs = 1")
-                    .replace("validation-nll", "validation-elbo").replace("train_examples = 2000", "train_examples = 600")
+                    .replace("validation-nll", objective).replace("train_examples = 2000", "train_examples = 600")
                     .replace("validation = 500", "validation = 100"))
     return spec
+
+
+def test_a_trial_stopped_during_its_validation_evaluation_is_evaluated_by_the_next_sweep(tmp_path, data_dir,
+                                                                                         monkeypatch, capsys):
+    """Ctrl-C while a trained trial was evaluated on the validation digits failed the slot for good ("the validation
+    evaluation failed (exit 130)"), and the next sweep said to change the spec. Now it is stopped, and the next sweep
+    evaluates it without training it again."""
+    from vaelab import cli
+
+    spec = in_process_sweep(tmp_path, data_dir, monkeypatch, trials=1, objective="validation-nll")
+    out, command = tmp_path / "out", cli.main
+    monkeypatch.setattr(cli, "main", lambda argv: 128 + signal.SIGINT if argv[0] == "evaluate" else command(argv))
+    assert command(["sweep", str(spec), "--out", str(out)]) == 1
+    assert "trial 0000 stopped (the next sweep goes on with it): stopped by SIGINT during the validation evaluation" \
+        in capsys.readouterr().out
+    monkeypatch.setattr(cli, "main", command)
+    assert command(["sweep", str(spec), "--out", str(out)]) == 0
+    assert finished_slots(out) == [0]
+    log = (out / "trials" / "0000" / "train.log").read_text()
+    assert log.count("epoch   1/1") == 1 and "resumed after epoch 1" in log   # its training was not done again
 
 
 def test_a_trial_that_cannot_write_stops_the_sweep_and_the_same_command_goes_on(tmp_path, data_dir, monkeypatch,

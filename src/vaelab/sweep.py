@@ -829,6 +829,10 @@ def run_trial(trial, spec: Spec, out: Path, threads: int, log) -> tuple[float | 
         with contextlib.redirect_stdout(sys.stderr):
             code = main(["evaluate", str(run_dir), "--split", "validation", "--checkpoint", "best", "--k", str(spec.k),
                          "--threads", str(threads), "--no-progress"])
+        if code - 128 in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            # Ctrl-C or SIGTERM during the evaluation: the slot is stopped, not failed, and the next sweep evaluates
+            # its trained run (it failed for good: "the validation evaluation failed (exit 130)")
+            raise KeyboardInterrupt(f"stopped by {signal.Signals(code - 128).name} during the validation evaluation")
         if code:
             raise UsageError(f"trial {slot}: the validation evaluation failed (exit {code})")
     record = next(r for r in read_evaluations(run_dir) if r["file"] == name)
