@@ -484,21 +484,24 @@ def in_process_sweep(tmp_path: Path, data_dir: Path, monkeypatch, trials: int,
     return spec
 
 
+@pytest.mark.parametrize("stop", ["Ctrl-C", "full disk"])
 def test_a_trial_stopped_during_its_validation_evaluation_is_evaluated_by_the_next_sweep(tmp_path, data_dir,
-                                                                                         monkeypatch, capsys):
-    """Ctrl-C while a trained trial was evaluated on the validation digits failed the slot for good ("the validation
-    evaluation failed (exit 130)"), and the next sweep said to change the spec. Now it is stopped, and the next sweep
-    evaluates it without training it again."""
-    from vaelab import cli
+                                                                                         monkeypatch, capsys, stop):
+    """Ctrl-C (or a full disk) while a trained trial was evaluated on the validation digits failed the slot for good
+    ("the validation evaluation failed (exit 130)"), and the next sweep said to change the spec. Now it is stopped,
+    and the next sweep evaluates it without training it again."""
+    from vaelab import atomic, cli
 
     spec = in_process_sweep(tmp_path, data_dir, monkeypatch, trials=1, objective="validation-nll")
-    out, command = tmp_path / "out", cli.main
-    monkeypatch.setattr(cli, "main", lambda argv: 128 + signal.SIGINT if argv[0] == "evaluate" else command(argv))
-    assert command(["sweep", str(spec), "--out", str(out)]) == 1
-    assert "trial 0000 stopped (the next sweep goes on with it): stopped by SIGINT during the validation evaluation" \
-        in capsys.readouterr().out
-    monkeypatch.setattr(cli, "main", command)
-    assert command(["sweep", str(spec), "--out", str(out)]) == 0
+    out, evaluate = tmp_path / "out", cli.cmd_evaluate
+    what = "cannot write in X: No space left on device (errno 28)"
+    error = KeyboardInterrupt() if stop == "Ctrl-C" else atomic.WriteError(what, what, errno.ENOSPC)
+    monkeypatch.setattr(cli, "cmd_evaluate", lambda args: (_ for _ in ()).throw(error))
+    assert cli.main(["sweep", str(spec), "--out", str(out)]) == 1
+    said = "interrupted by SIGINT" if stop == "Ctrl-C" else what
+    assert f"trial 0000 stopped (the next sweep goes on with it): {said}" in capsys.readouterr().out
+    monkeypatch.setattr(cli, "cmd_evaluate", evaluate)
+    assert cli.main(["sweep", str(spec), "--out", str(out)]) == 0
     assert finished_slots(out) == [0]
     log = (out / "trials" / "0000" / "train.log").read_text()
     assert log.count("epoch   1/1") == 1 and "resumed after epoch 1" in log   # its training was not done again

@@ -781,7 +781,7 @@ def run_trial(trial, spec: Spec, out: Path, threads: int, log) -> tuple[float | 
     """Train (or resume) the trial's slot and compute its objective: (value, state name)."""
     optuna = require_optuna()
     from vaelab import checkpoint as ckpt
-    from vaelab.cli import RaisingParser, _new_run, _resume, build_parser, main
+    from vaelab.cli import RaisingParser, _new_run, _resume, build_parser
     from vaelab.compiling import forget
     from vaelab.distributed import SINGLE
     from vaelab.runs import read_evaluations
@@ -826,15 +826,14 @@ def run_trial(trial, spec: Spec, out: Path, threads: int, log) -> tuple[float | 
         return info.metrics[-1]["validation_elbo"], "COMPLETE"
     name = f"eval-validation-best-k{spec.k}-n{info.config.data.validation}-seed0.json"
     if not (run_dir / name).exists():
+        # the command's own code, so that its exceptions reach the worker as they are: Ctrl-C or a full disk stop the
+        # slot, and the next sweep evaluates its trained run (through `main` they became exit statuses, and the slot
+        # failed for good: "the validation evaluation failed (exit 130)"); any other error fails the trial
+        args = parser.parse_args(["evaluate", str(run_dir), "--split", "validation", "--checkpoint", "best",
+                                  "--k", str(spec.k), "--threads", str(threads), "--no-progress"])
+        args.print_table = log
         with contextlib.redirect_stdout(sys.stderr):
-            code = main(["evaluate", str(run_dir), "--split", "validation", "--checkpoint", "best", "--k", str(spec.k),
-                         "--threads", str(threads), "--no-progress"])
-        if code - 128 in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-            # Ctrl-C or SIGTERM during the evaluation: the slot is stopped, not failed, and the next sweep evaluates
-            # its trained run (it failed for good: "the validation evaluation failed (exit 130)")
-            raise KeyboardInterrupt(f"stopped by {signal.Signals(code - 128).name} during the validation evaluation")
-        if code:
-            raise UsageError(f"trial {slot}: the validation evaluation failed (exit {code})")
+            args.run(args)
     record = next(r for r in read_evaluations(run_dir) if r["file"] == name)
     trial.set_user_attr("objective_stderr", record["nll_stderr"])
     return record["nll"], "COMPLETE"
@@ -879,9 +878,11 @@ def worker(spec_path: str, out: str, url: str, name: str, threads: int, log_path
                 # nothing the trial's parameters did, and its last checkpoint stands. Failed without an error of its
                 # own, the slot is retried from it by the next sweep; the other trials would meet the same disk, so
                 # this worker ends (the command says why, and that the same command again goes on)
-                trial.set_user_attr("stopped", (str(exc) or type(exc).__name__)[:500])
+                reason = str(exc) if isinstance(exc, (Interrupted, WriteError)) else \
+                    f"interrupted by {signal.Signals(getattr(exc, 'stop_signal', signal.SIGINT)).name}"
+                trial.set_user_attr("stopped", reason[:500])
                 study.tell(trial, state=TrialState.FAIL)
-                print(f"trial {trial.user_attrs['slot']:04d} stopped: {exc}", flush=True)
+                print(f"trial {trial.user_attrs['slot']:04d} stopped: {reason}", flush=True)
                 return
             except Exception as exc:                              # noqa: BLE001 - the trial fails, the sweep goes on
                 # e.g. a sampled combination `vaelab train` refuses (model and latent sizes that do not fit):
