@@ -432,13 +432,14 @@ def _nats_section(run: RunInfo, figures: FigureSet, trained_test_digits: int) ->
                                                        ("elbo_laplace", "ELBO of the Laplace Gaussian N(z*, H⁻¹)"),
                                                        ("approximation_gap", "approximation gap"),
                                                        ("amortisation_gap", "amortisation gap")) if key in g]}
+        # across the page, as the K curve below: in a grid column their labels were drawn at half their size
         section["figures"].append(figures.make("gaps", "where the nats go: the gap decomposition",
-                                               lambda w: plots.gaps_figure([(run.name, g)], width=w)))
+                                               lambda w: plots.gaps_figure([(run.name, g)], width=w), wide=True))
     curve = newest_with(run, "k_curve")
     if curve is not None:
         section["k_curve"] = curve["file"]
         section["figures"].append(figures.make("k-curve", f"IWAE-K against K, nested draws ({curve['file']})",
-                                               lambda w: plots.k_curve_figure(curve["k_curve"], width=w)))
+                                               lambda w: plots.k_curve_figure(curve["k_curve"], width=w), wide=True))
     history = run.meta.get("latent") or []
     if history:
         title = (f"the latent units over training: the weights after each epoch, on the {trained_test_digits} test "
