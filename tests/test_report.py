@@ -249,6 +249,10 @@ def test_version_and_every_option_has_a_help_string(capsys):
 
     missing = [f"{prog} {action.dest}" for prog, action in actions(build_parser()) if not action.help]
     assert not missing, missing
+    # an option with a default says it (`evaluate --k` did not say 5000, nor `stirling --terms` 2)
+    silent = [f"{prog} {action.dest}" for prog, action in actions(build_parser())
+              if action.default not in (None, False) and "default" not in action.help]
+    assert not silent, silent
 
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")

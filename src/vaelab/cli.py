@@ -249,7 +249,7 @@ def build_parser(parser_class: type[argparse.ArgumentParser] = _Parser) -> argpa
 
     evaluate = sub.add_parser("evaluate", help="test log-likelihood by importance sampling, the ELBO, active units")
     evaluate.add_argument("run_dir", type=_path_arg, help="a run directory written by `vaelab train`")
-    evaluate.add_argument("--k", type=_positive_int, default=5000, help="importance samples per digit")
+    evaluate.add_argument("--k", type=_positive_int, default=5000, help="importance samples per digit (default 5000)")
     evaluate.add_argument("--test-examples", type=_positive_int, help="the first N digits (default all)")
     evaluate.add_argument("--split", choices=["test", "validation"], default="test",
                           help="test digits (default) or the run's validation digits (for choosing settings)")
@@ -273,7 +273,8 @@ def build_parser(parser_class: type[argparse.ArgumentParser] = _Parser) -> argpa
                           "vampprior-2, ladder-5; not a planar flow, native already) where a compiler is found, else "
                           "eager; eager on a GPU; --no-compiled: eager")
     evaluate.add_argument("--seed", type=_non_negative_int, default=0, help="seed of the draws (default 0)")
-    evaluate.add_argument("--device", type=_device, default="auto", help="auto, cpu or cuda")
+    evaluate.add_argument("--device", type=_device, default="auto",
+                          help="auto (default: cuda if available), cpu or cuda")
     evaluate.add_argument("--threads", type=_whole_number(1, 4097), help="CPU threads (default: all allowed)")
     evaluate.add_argument("--data-dir", type=_path_arg, help="MNIST cache (default: the run's)")
     evaluate.add_argument("--out", type=_json_record, help="the evaluation record (.json; default a name in the run "
@@ -290,7 +291,8 @@ def build_parser(parser_class: type[argparse.ArgumentParser] = _Parser) -> argpa
     sample.add_argument("--n", type=_whole_number(1, MAX_SAMPLE_GRID + 1), default=64,
                         help=f"samples (default 64, at most {MAX_SAMPLE_GRID})")
     sample.add_argument("--seed", type=_non_negative_int, default=0, help="seed of the draws (default 0)")
-    sample.add_argument("--checkpoint", choices=["last", "best"], default="last", help="which weights")
+    sample.add_argument("--checkpoint", choices=["last", "best"], default="last",
+                        help="the last weights (default) or those with the best validation ELBO")
     sample.add_argument("--out", type=_path_arg, help="picture (.png, .pdf, .svg, .jpg, …; default "
                         "RUN/samples-n<N>-seed<S>.png, with the weights' epoch added where that picture is of other "
                         "weights)")
@@ -349,9 +351,10 @@ def build_parser(parser_class: type[argparse.ArgumentParser] = _Parser) -> argpa
 
     stirling = sub.add_parser("stirling", help="Stirling's formula from Laplace's method: a table of errors")
     stirling.add_argument("--n", type=_whole_number(1, 10**18 + 1), nargs="+",
-                          default=[1, 2, 5, 10, 100, 1000, 10**6], help="values of N, 1 to 10¹⁸")
+                          default=[1, 2, 5, 10, 100, 1000, 10**6],
+                          help="values of N, 1 to 10¹⁸ (default 1 2 5 10 100 1000 1000000)")
     stirling.add_argument("--terms", type=_whole_number(0, MAX_STIRLING_TERMS + 1), default=2,
-                          help=f"correction terms K, 0 to {MAX_STIRLING_TERMS} (the series is asymptotic)")
+                          help=f"correction terms K, 0 to {MAX_STIRLING_TERMS} (default 2; the series is asymptotic)")
     stirling.add_argument("--plot", type=_path_arg, help="picture of the relative errors against N for 0..K terms")
     stirling.add_argument("--overwrite", action="store_true", help="replace an existing --plot file")
     stirling.set_defaults(run=cmd_stirling)
