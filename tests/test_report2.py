@@ -530,6 +530,27 @@ def test_the_comparison_curves_are_of_the_split_compared():
         pyplot.close(fig)
 
 
+@pytest.mark.parametrize("n", [3, 13, 24])
+def test_every_run_of_a_comparison_has_a_colour_of_its_own(n):
+    """`compare` of 13 runs drew the eleventh to thirteenth in the first three's colours (matplotlib's ten repeat),
+    and its legend of two entries per run ran past the axes. Now each run's colour differs from every other's, and
+    the legend names each run once, then what solid and dotted mean."""
+    from matplotlib import colors, pyplot
+
+    from vaelab import plots
+
+    runs = [(f"run{i}", elbo_rows([-200.0 - i, -150.0 - i])) for i in range(n)]
+    fig = plots.curves_figure(runs)
+    ax = fig.axes[0]
+    colour = {line.get_label(): colors.to_hex(line.get_color()) for line in ax.get_lines()
+              if not line.get_label().startswith("_")}
+    assert len({colour[f"run{i}, test"] for i in range(n)}) == n
+    assert all(colour[f"run{i}, test"] == colour[f"run{i}, train"] for i in range(n))
+    legend = [text.get_text() for text in ax.get_legend().get_texts()]
+    assert legend == [name for name, _ in runs] + ["test ELBO", "train ELBO"]
+    pyplot.close(fig)
+
+
 def test_the_elbo_legends_cover_no_point_of_the_curves_they_label(monkeypatch, tmp_path):
     """The legend of the ELBO plot and of the training figure's ELBO panel sits where it covers none of the curves'
     points (it used to sit in the upper left, over the steep first epochs): on the axes for a rising ELBO whose first

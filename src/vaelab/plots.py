@@ -449,29 +449,50 @@ def curves_figure(runs: Sequence[tuple[str, Sequence[dict]]], width: float | Non
     (dotted) against epoch for several runs, one colour each, every epoch shown (where the first ones dwarf the
     rest, an inset zooms on the later epochs of every run's solid curve, or of the train curves where no run has
     one)."""
+    from matplotlib.lines import Line2D
+
     plt = _pyplot()
     width = width or 9.0
     key = f"{split}_elbo"
     fig, ax = plt.subplots(figsize=(width, width * 0.5))
+    colours = run_colours(len(runs))
     for index, (name, metrics) in enumerate(runs):
         epochs = [row["epoch"] for row in metrics]
         marker = "." if len(epochs) <= 60 else None          # as in training_figure: a run of one epoch is a point
         if all(row.get(key) is not None for row in metrics):
-            ax.plot(epochs, [row[key] for row in metrics], color=f"C{index}", marker=marker, label=f"{name}, {split}")
-        ax.plot(epochs, [row["train_elbo"] for row in metrics], ":", color=f"C{index}", marker=marker,
+            ax.plot(epochs, [row[key] for row in metrics], color=colours[index], marker=marker,
+                    label=f"{name}, {split}")
+        ax.plot(epochs, [row["train_elbo"] for row in metrics], ":", color=colours[index], marker=marker,
                 label=f"{name}, train")
     epochs = sorted({row["epoch"] for _, metrics in runs for row in metrics})
     solid = [(i, m) for i, (_, m) in enumerate(runs) if all(row.get(key) is not None for row in m)]
     zoomed = key if solid else "train_elbo"
     values = [(i, {row["epoch"]: row[zoomed] for row in m}) for i, m in (solid or enumerate(r[1] for r in runs))]
-    _with_inset(ax, epochs, [([by_epoch.get(e, math.nan) for e in epochs], {"color": f"C{i}"})   # NaN: not drawn
+    _with_inset(ax, epochs, [([by_epoch.get(e, math.nan) for e in epochs], {"color": colours[i]})  # NaN: not drawn
                              for i, by_epoch in values])
     _integer_epochs(ax)
     ax.set_ylabel("ELBO (nats per digit)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=9, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    # one entry per run (its colour), then what solid and dotted mean: two per run ran past the axes' height
+    handles = [Line2D([], [], color=colour, label=name) for colour, (name, _) in zip(colours, runs)]
+    handles += [Line2D([], [], color="0.35", label=f"{split} ELBO")] if solid else []
+    handles += [Line2D([], [], color="0.35", linestyle=":", label="train ELBO")]
+    ax.legend(handles=handles, fontsize=9, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     return fig
+
+
+def run_colours(n: int) -> list:
+    """A colour for each of ``n`` runs, all told apart: matplotlib's ten (C0 … C9) up to ten runs (they repeated from
+    the eleventh); up to twenty, tab20's light shades of the same hues after them; beyond, evenly along turbo."""
+    import matplotlib
+
+    if n <= 10:
+        return [f"C{i}" for i in range(n)]
+    if n <= 20:
+        tab20 = matplotlib.colormaps["tab20"].colors              # dark, light, dark, …: the dark ones are C0 … C9
+        return [tab20[2 * i] for i in range(10)] + [tab20[2 * i + 1] for i in range(n - 10)]
+    return [matplotlib.colormaps["turbo"](x) for x in np.linspace(0.05, 0.95, n)]
 
 
 def save_vector(fig, path: Path) -> None:
