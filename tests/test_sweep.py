@@ -538,6 +538,48 @@ def test_a_trial_that_cannot_write_stops_the_sweep_and_the_same_command_goes_on(
     assert finished_slots(out) == [0, 1]
 
 
+def test_a_sweep_that_cannot_be_written_still_has_its_page(tmp_path, data_dir, monkeypatch, capsys):
+    """`vaelab report` of a sweep on a read-only file system (or someone else's) ended in Optuna's traceback
+    ("StorageInternalError … attempt to write a readonly database"): opening the study created it "if it does not
+    exist", a write. Now the page is made from the study as it is, without a trial's report where its directory
+    takes none; a sweep command that cannot write the study says so in one line."""
+    from vaelab import atomic, sweep
+    from vaelab.cli import main
+
+    spec = in_process_sweep(tmp_path, data_dir, monkeypatch, trials=1)
+    out = tmp_path / "out"
+    assert main(["sweep", str(spec), "--out", str(out)]) == 0
+    before = {path: path.stat().st_mtime_ns for path in out.rglob("*")}
+    real = atomic.atomic_write
+
+    def read_only(path, *rest, **keywords):
+        if out in Path(path).parents:
+            what = f"cannot write in {Path(path).parent}: Read-only file system (errno 30)"
+            raise atomic.WriteError(what, what, errno.EROFS)
+        return real(path, *rest, **keywords)
+
+    def no_write(*args, **keywords):
+        from sqlalchemy.exc import OperationalError
+
+        try:
+            raise OperationalError("INSERT INTO studies", {}, Exception("attempt to write a readonly database"))
+        except OperationalError as exc:
+            raise optuna.exceptions.StorageInternalError("An exception is raised during the commit.") from exc
+
+    monkeypatch.setattr(atomic, "atomic_write", read_only)
+    monkeypatch.setattr(optuna, "create_study", no_write)
+    capsys.readouterr()
+    assert main(["report", str(out), "--out", str(tmp_path / "page.html")]) == 0
+    page = (tmp_path / "page.html").read_text()
+    assert "<td>complete</td>" in page and "trials/0000/report.html" not in page
+    assert {path: path.stat().st_mtime_ns for path in out.rglob("*")} == before
+    monkeypatch.setattr(atomic, "atomic_write", real)                # the files are written, the study is not
+    monkeypatch.setattr(sweep.time, "sleep", lambda seconds: None)   # (its retries of a first open)
+    assert main(["sweep", str(spec), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert one_line(err) and "cannot open the study (OperationalError: " in err and "a readonly database)" in err, err
+
+
 def test_a_sweep_moved_or_copied_keeps_its_own_study(tmp_path, data_dir, monkeypatch, capsys):
     """sweep.json named its study.db by its absolute path: a moved sweep could be neither reported nor continued
     ("cannot open the study's database"), and a copy trained its new trials into the original's study. Now the default

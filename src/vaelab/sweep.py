@@ -584,19 +584,28 @@ def grid_points(spec: Spec) -> list[dict]:
     return list(distinct.values())
 
 
-def open_study(spec: Spec, url: str, name: str, attempts: int = 5):
+def open_study(spec: Spec, url: str, name: str, attempts: int = 5, read_only: bool = False):
     """The sweep's study in its storage; two processes creating the same new database at once race on its
-    tables (one wins, the other's CREATE fails), so a failed first open is tried again a few times."""
+    tables (one wins, the other's CREATE fails), so a failed first open is tried again a few times.
+    ``read_only``: the study as it is, for a page of it, loaded without a write (a sweep on a read-only file system,
+    or someone else's: creating it "if it does not exist" wrote, and failed there with Optuna's traceback)."""
     for attempt in range(attempts):
         try:
-            return _open_study(spec, url, name)
+            return _open_study(spec, url, name, read_only)
         except StorageUnavailable:
-            if attempt == attempts - 1:
+            if attempt == attempts - 1 or read_only:
                 raise
             time.sleep(0.5 + attempt)
 
 
-def _open_study(spec: Spec, url: str, name: str):
+def _deepest_reason(exc: BaseException) -> str:
+    """The first line of the innermost cause of ``exc`` (Optuna wraps the database driver's own words)."""
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+
+
+def _open_study(spec: Spec, url: str, name: str, read_only: bool = False):
     optuna = require_optuna()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -613,8 +622,16 @@ def _open_study(spec: Spec, url: str, name: str):
     # no trial is pruned in its first ``pruner_warmup`` epochs, nor before two trials have finished
     pruner = optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=spec.pruner_warmup + 1) \
         if spec.pruner == "median" else optuna.pruners.NopPruner()
-    return optuna.create_study(study_name=name, storage=storage, direction=spec.direction,
-                               sampler=make_sampler(spec), pruner=pruner, load_if_exists=True)
+    try:
+        if read_only:
+            return optuna.load_study(study_name=name, storage=storage, sampler=make_sampler(spec), pruner=pruner)
+        return optuna.create_study(study_name=name, storage=storage, direction=spec.direction,
+                                   sampler=make_sampler(spec), pruner=pruner, load_if_exists=True)
+    except KeyError:
+        raise UsageError(f"--storage {url} holds no study {name}: this sweep's trials are not in it") from None
+    except Exception as exc:                                      # noqa: BLE001 - the storage's own errors
+        raise StorageUnavailable(f"--storage {url}: cannot {'read' if read_only else 'open'} the study "
+                                 f"({_deepest_reason(exc)})") from None
 
 
 @contextlib.contextmanager
@@ -1153,8 +1170,9 @@ def build_sweep_report(out: Path, trial_reports: bool = True, data_dir: str | No
 
     state = read_state(out)
     spec = dataclasses.replace(load_spec(out / SPEC_FILE, state["trials"]))
-    study = open_study(spec, state["storage"], state["study"])
-    mark_pruned(study, spec, out)
+    study = open_study(spec, state["storage"], state["study"], read_only=True)
+    with contextlib.suppress(WriteError):   # a sweep that cannot be written (read-only): the marks wait for one
+        mark_pruned(study, spec, out)
     summary = summarize(study, spec, out)
     rows, minimize = summary["rows"], spec.direction == "minimize"
     label = {"validation-nll": "validation NLL (nats)", "validation-elbo": "validation ELBO (nats)"}[spec.objective]
@@ -1166,7 +1184,10 @@ def build_sweep_report(out: Path, trial_reports: bool = True, data_dir: str | No
                 from vaelab.atomic import write_text
                 from vaelab.report import build_report
 
-                write_text(run_dir / "report.html", build_report(run_dir, data_dir)[0])
+                try:
+                    write_text(run_dir / "report.html", build_report(run_dir, data_dir)[0])
+                except WriteError:           # a trial directory that cannot be written: no link, the rest shown
+                    continue
             row["report"] = str((run_dir / "report.html").relative_to(out))
     # the objective of pruned trials: their last reported validation ELBO (on the ELBO objective's scale only)
     latest = {t.user_attrs.get("slot"): t for t in study.get_trials(deepcopy=False) if not t.user_attrs.get("surplus")}
