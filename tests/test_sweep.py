@@ -158,6 +158,46 @@ def _waiting_slots(study):
     return sorted(t.user_attrs["slot"] for t in study.get_trials(deepcopy=False) if t.state.name == "WAITING")
 
 
+def test_a_worker_killed_alone_ends_the_sweep_with_its_reason_and_the_same_command_goes_on(tmp_path, data_dir):
+    """A worker killed by itself (the kernel's out-of-memory killer picks the largest process: a trial's) left the
+    sweep ending with exit status 0 and its trial shown "running", as if the sweep were done. Now the command ends with
+    one line naming the worker, how it ended and its log's last line (exit 1); the same command again finishes."""
+    spec = tmp_path / "spec.toml"
+    spec.write_text(EXAMPLE.replace("trials = 4", "trials = 2").replace("epochs = 2", "epochs = 40")
+                    .replace("validation-nll", "validation-elbo").replace("[search]", "hidden = [16]\n[search]")
+                    .replace("hidden = [[64], [128]]\n", ""))
+    out = tmp_path / "out"
+    process = sweep_cli(spec, out, data_dir=data_dir)
+    deadline = time.monotonic() + 300
+    while not list(out.glob("trials/*/metrics.csv")) and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+    def children(pid: int) -> list[int]:
+        found = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+                cmdline = (stat.parent / "cmdline").read_bytes()
+            except (OSError, IndexError):
+                continue
+            if int(fields[1]) == pid and b"spawn_main" in cmdline:
+                found.append(int(stat.parent.name))
+        return found
+
+    workers = children(process.pid)
+    assert workers, "no worker found"
+    os.kill(workers[0], signal.SIGKILL)
+    _, err = process.communicate(timeout=300)
+    assert process.returncode == 1, err
+    line = err.strip().splitlines()[0]
+    assert line.startswith(f"vaelab sweep: error: worker {out}/workers/") and "ended by SIGKILL (the kernel's " \
+        "out-of-memory killer sends it, or kill -9): " in line and "the same command again goes on" in line, err
+    rerun = sweep_cli(spec, out, data_dir=data_dir)
+    _, err = rerun.communicate(timeout=600)
+    assert rerun.returncode == 0, err
+    assert finished_slots(out) == [0, 1]
+
+
 def test_a_trial_taken_by_a_worker_killed_before_it_wrote_its_pid_is_retried(tmp_path):
     """The window a kill -9 once hit on CI: a worker took a waiting trial and died before writing its host and pid;
     the rerun left that slot running for ever and ended with three of four trials. Now the next reconcile fails it
@@ -453,12 +493,13 @@ def in_process_workers(monkeypatch) -> None:
 
     class InProcess:
         def __init__(self, target, args):
-            self.target, self.args, self.pid = target, args, os.getpid()
+            self.target, self.args, self.pid, self.exitcode = target, args, os.getpid(), None
 
         def start(self):
             threads = torch.get_num_threads()
             try:
                 self.target(*self.args)
+                self.exitcode = 0
             finally:
                 torch.set_num_threads(threads)
 
@@ -578,6 +619,27 @@ def test_a_sweep_that_cannot_be_written_still_has_its_page(tmp_path, data_dir, m
     assert main(["sweep", str(spec), "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert one_line(err) and "cannot open the study (OperationalError: " in err and "a readonly database)" in err, err
+
+
+def test_a_sweep_that_lost_its_spec_file_takes_it_back_from_its_state(tmp_path, data_dir, monkeypatch, capsys):
+    """sweep.toml gone (a kill between the writes of sweep.json and sweep.toml, or a hand): every worker ended at its
+    start ("sweep spec … does not exist", in its log), the command ended with status 0 and its trials "waiting", and
+    `report` called the directory "not a vaelab run". sweep.json holds the spec's text: the file is written again."""
+    from vaelab import sweep
+    from vaelab.cli import main
+
+    spec = in_process_sweep(tmp_path, data_dir, monkeypatch, trials=1)
+    out = tmp_path / "out"
+    assert main(["sweep", str(spec), "--out", str(out)]) == 0
+    text = (out / "sweep.toml").read_text()
+    (out / "sweep.toml").unlink()
+    assert sweep.is_sweep(out)
+    assert main(["report", str(out), "--out", str(tmp_path / "page.html")]) == 0
+    assert (out / "sweep.toml").read_text() == text
+    (out / "sweep.toml").unlink()
+    assert main(["sweep", str(spec), "--out", str(out), "--trials", "2"]) == 0
+    assert finished_slots(out) == [0, 1] and (out / "sweep.toml").read_text() == text
+    capsys.readouterr()
 
 
 def test_a_sweep_moved_or_copied_keeps_its_own_study(tmp_path, data_dir, monkeypatch, capsys):

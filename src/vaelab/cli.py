@@ -1405,6 +1405,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     summary = sweep(args.spec, args.out, args.workers, args.storage, args.trials, log=_log)
     _log(summary_table(summary))
     states = [row["state"] for row in summary["rows"]]
+    if summary.get("workers_ended"):     # a worker killed or crashed: the trial it held is left for the next sweep
+        raise VaelabError(f"{summary['workers_ended'][0]}; the same command again goes on with the study (a trial "
+                          f"left running is retried from its last checkpoint)")
     stopped = [row for row in summary["rows"] if row["state"] == "stopped"]
     if stopped:                          # a worker that could not write (a full disk) ended: the sweep is not done
         raise VaelabError(f"trial {stopped[0]['slot']:04d} of {args.out} stopped: {stopped[0]['stopped']}; once that "

@@ -541,6 +541,13 @@ def read_state(out: Path) -> dict:
     and a copied one (`cp -r`) trained its new trials into the original's: such a path to a study.db elsewhere, with
     one here, is read as the one here (a --storage given by hand leaves no study.db in the directory)."""
     state = json.loads((out / STATE_FILE).read_text())
+    if not (out / SPEC_FILE).exists() and isinstance(state.get("spec"), str):
+        # sweep.toml lost (a kill between the two files' writes, a hand): its text is sweep.json's own copy. Without
+        # it every worker ended at its start, "sweep spec … does not exist", and the command said the sweep was done
+        from vaelab.atomic import write_text
+
+        with contextlib.suppress(WriteError, FileExistsError):   # (read-only; or another restored it first)
+            write_text(out / SPEC_FILE, state["spec"], replace=False)
     stored = state.get("storage")
     was_default = isinstance(stored, str) and stored.startswith("sqlite:///") and stored.endswith(f"/{STORAGE_FILE}")
     if stored is None or (was_default and (out / STORAGE_FILE).exists()):
@@ -999,9 +1006,9 @@ def sweep(spec_path: Path, out: Path, workers: int, storage: str | None, trials:
         f"{'s' * (workers > 1)}{f' (of --workers {asked}: one per trial)' if asked > workers else ''} × {threads} "
         f"thread{'s' * (threads > 1)}, study in {state['storage']}")
     context = multiprocessing.get_context("spawn")
+    logs = [out / "workers" / f"{os.getpid()}-{i}.log" for i in range(workers)]
     processes = [context.Process(target=worker, args=(str(spec_path), str(out), state["storage"], state["study"],
-                                                      threads, str(out / "workers" / f"{os.getpid()}-{i}.log")))
-                 for i in range(workers)]
+                                                      threads, str(log))) for log in logs]
 
     def stop(signum, frame):                       # Ctrl-C, SIGTERM (schedulers, `timeout`) and SIGHUP alike
         raise KeyboardInterrupt
@@ -1030,7 +1037,29 @@ def sweep(spec_path: Path, out: Path, workers: int, storage: str | None, trials:
             raise SweepStopped(f"stopped: the trials under way wrote their checkpoints; the same command again goes "
                                f"on with the study ({out})") from None
     mark_pruned(study, spec, out)
-    return summarize(study, spec, out)
+    summary = summarize(study, spec, out)
+    # a worker that did not end by itself (the kernel's out-of-memory killer, a crash): its trial is left running in
+    # the study, retried by the next sweep; the command must not end as if the sweep were done
+    summary["workers_ended"] = [f"worker {log} ended by {_ending(process.exitcode)}: {_last_line(log)}"
+                                for process, log in zip(processes, logs) if process.exitcode]
+    return summary
+
+
+def _ending(exitcode: int) -> str:
+    """How a process ended, in words: 'SIGKILL (the out-of-memory killer sends it)', 'exit status 1'."""
+    if exitcode >= 0:
+        return f"exit status {exitcode}"
+    name = signal.Signals(-exitcode).name
+    return name + (" (the kernel's out-of-memory killer sends it, or kill -9)" if -exitcode == signal.SIGKILL else "")
+
+
+def _last_line(log: Path) -> str:
+    """The last line a worker wrote in its log (where it failed: its error), or a word that it wrote none."""
+    try:
+        lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()]
+    except OSError:
+        lines = []
+    return lines[-1].strip()[:300] if lines else "its log is empty"
 
 
 class SweepStopped(UsageError):
@@ -1147,7 +1176,16 @@ def summary_table(summary: dict) -> str:
 
 
 def is_sweep(path: Path) -> bool:
-    return (Path(path) / STATE_FILE).exists() and (Path(path) / SPEC_FILE).exists()
+    """A sweep's directory: its sweep.json, with its sweep.toml or the copy of its text inside (``read_state``)."""
+    path = Path(path)
+    if not (path / STATE_FILE).exists():
+        return False
+    if (path / SPEC_FILE).exists():
+        return True
+    try:
+        return isinstance(json.loads((path / STATE_FILE).read_text()).get("spec"), str)
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def not_a_sweep(path: Path) -> None:
