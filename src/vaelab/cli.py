@@ -1293,7 +1293,8 @@ def _claim_figures(directory: Path, run_dir: Path, again: bool) -> None:
         write_text(directory / FIGURES_MANIFEST, json.dumps({"run": me}) + "\n", replace=again)
     except WriteError:                  # a full disk: the folder made for the figures is not left behind, empty
         if made:
-            directory.rmdir()
+            with contextlib.suppress(OSError):
+                directory.rmdir()
         raise
     except FileExistsError:
         of = _figures_owner(directory)
