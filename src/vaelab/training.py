@@ -317,6 +317,11 @@ class Trainer:
         self.last_checkpoint = self._position()
         self.rewrite_user_files()
 
+    @property
+    def resume_command(self) -> str:
+        """`vaelab train --out RUN --resume`, or torchrun's of this run's processes (``checkpoint.resume_command``)."""
+        return ckpt.resume_command(self.run_dir, self.world)
+
     def rewrite_user_files(self) -> None:
         """What a resume does first: the weights and metrics written again from the training state just loaded."""
         try:
@@ -340,7 +345,7 @@ class Trainer:
             stands = f"the last checkpoint ({self.last_checkpoint}) is left untouched and resumes exactly"
         fix = exc.remedy(run)
         goes_on = (f"{fix} and start the run again" if self.last_checkpoint is None and not state_written else
-                   f"{fix}, then: {self.world.launcher} train --out {run} --resume")
+                   f"{fix}, then: {self.resume_command}")
         message = f"{exc.what}; training stopped: {stands}; {goes_on}"
         try:
             self.append_log(message)
@@ -491,8 +496,7 @@ class Trainer:
                 f"{plural(cfg.early_stopping, 'epoch')} "
                 f"since{' the warm-up' if state.best_epoch < self.config.objective.warmup_epochs else ''} "
                 f"(--early-stopping {cfg.early_stopping}); its weights are {BEST_WEIGHTS}: vaelab evaluate "
-                f"{shell_word(self.run_dir)} --checkpoint best; to train on: {self.world.launcher} train --out "
-                f"{shell_word(self.run_dir)} --resume "
+                f"{shell_word(self.run_dir)} --checkpoint best; to train on: {self.resume_command} "
                 f"--early-stopping 0 (or a larger N)")
 
     def _run_epoch(self) -> None:
@@ -642,8 +646,7 @@ class Trainer:
             return f"training stopped before its first checkpoint, so nothing was trained yet; try {self._remedy()}"
         return (f"training stopped; the last good checkpoint ({self.last_checkpoint}) is left untouched (its weights "
                 f"load and evaluate; resuming as it is would repeat the same steps); go on from it with "
-                f"{self._remedy()}: {self.world.launcher} train --out {shell_word(self.run_dir)} --resume --lr X or "
-                f"--clip-grad-norm C")
+                f"{self._remedy()}: {self.resume_command} --lr X or --clip-grad-norm C")
 
     def _remedy(self) -> str:
         train = self.config.train
@@ -663,8 +666,7 @@ class Trainer:
     def _stop(self, signum: int, epoch: int, step: int) -> None:
         where = f"after epoch {epoch - 1}" if step == 0 else f"at epoch {epoch}, step {step}"
         message = (f"stopped by {signal.Signals(signum).name} {where}; checkpoint written to {self.run_dir} "
-                   f"(it resumes exactly); resume with: {self.world.launcher} train --out {shell_word(self.run_dir)} "
-                   f"--resume")
+                   f"(it resumes exactly); resume with: {self.resume_command}")
         self.append_log(message)
         raise Interrupted(message, signum)
 
