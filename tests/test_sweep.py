@@ -112,6 +112,7 @@ def test_a_sweep_killed_after_its_first_trial_resumes_to_exactly_its_trials(tmp_
     spec = tmp_path / "spec.toml"
     spec.write_text(EXAMPLE.replace("epochs = 2", "epochs = 3").replace("validation-nll", "validation-elbo"))
     out = tmp_path / "out"
+    semaphores = set(Path("/dev/shm").glob("sem.mp-*"))
     process = sweep_cli(spec, out, data_dir=data_dir)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and process.poll() is None:
@@ -125,6 +126,8 @@ def test_a_sweep_killed_after_its_first_trial_resumes_to_exactly_its_trials(tmp_
     os.killpg(process.pid, signal.SIGKILL)
     process.communicate(timeout=60)
     assert 1 <= len(finished_slots(out)) < 4, "the sweep finished before it was killed"
+    # the workers' named semaphores (their bars' lock) were left in /dev/shm for ever, one per kill
+    assert set(Path("/dev/shm").glob("sem.mp-*")) <= semaphores
     rerun = sweep_cli(spec, out, data_dir=data_dir)
     printed, err = rerun.communicate(timeout=600)
     assert rerun.returncode == 0, err
@@ -192,6 +195,8 @@ def test_a_worker_killed_alone_ends_the_sweep_with_its_reason_and_the_same_comma
     line = err.strip().splitlines()[0]
     assert line.startswith(f"vaelab sweep: error: worker {out}/workers/") and "ended by SIGKILL (the kernel's " \
         "out-of-memory killer sends it, or kill -9): " in line and "the same command again goes on" in line, err
+    # and nothing after it: the resource tracker's warning of a semaphore the killed worker left (its bars' lock)
+    assert len(err.strip().splitlines()) == 1, err
     rerun = sweep_cli(spec, out, data_dir=data_dir)
     _, err = rerun.communicate(timeout=600)
     assert rerun.returncode == 0, err

@@ -860,8 +860,16 @@ def run_trial(trial, spec: Spec, out: Path, threads: int, log) -> tuple[float | 
 
 def worker(spec_path: str, out: str, url: str, name: str, threads: int, log_path: str) -> None:
     """One worker process: take waiting trials until there are none left."""
-    import torch
+    import threading
 
+    import torch
+    from tqdm import tqdm
+
+    # tqdm's first bar (even a disabled one: each trial's evaluation makes one) takes a multiprocessing lock, which in
+    # a process of the spawn method is a named semaphore in /dev/shm kept until the process ends cleanly: a worker
+    # killed (kill -9, the out-of-memory killer) left it there for ever, or for its resource tracker to remove with a
+    # two-line warning after the command's own line. A worker's bars are its own: a thread lock does
+    tqdm.set_lock(threading.RLock())
     out_dir = Path(out)
     with open(log_path, "a", buffering=1) as log_file, contextlib.redirect_stdout(log_file), \
             contextlib.redirect_stderr(log_file), warnings.catch_warnings():
