@@ -73,6 +73,38 @@ def test_an_evaluation_of_earlier_weights_is_marked_stale_everywhere(evaluated, 
     assert not re.search(r"\d+\.\d{3} ± ", out.split("config")[0])   # no NLL in the runs table
 
 
+def test_a_record_written_into_another_run_names_the_run_it_measured(evaluated, data_dir, tmp_path, capsys):
+    """`evaluate A --out B/eval-a.json` puts a record of A's weights in B: it was shown there as "stale: not the run's
+    weights now", and compare said it "measured earlier weights" of B. Now each place names A as what it measured;
+    B's own records and a run moved with its records are unaffected."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    for seed, run_dir in enumerate((a, b)):
+        assert main(["train", "--out", str(run_dir), "--epochs", "1", "--data-dir", str(data_dir), *SMALL,
+                     "--seed", str(seed)]) == 0
+    assert main(["evaluate", str(a), "--k", "5", "--test-examples", "20", "--data-dir", str(data_dir),
+                 "--no-progress", "--out", str(b / "eval-a.json")]) == 0
+    capsys.readouterr()
+    code, out, _ = run(capsys, "runs", tmp_path)
+    line = next(line for line in out.splitlines() if line.split()[0].endswith("b"))
+    assert code == 0 and f"— (stale: " in line and f"of the weights of {a.resolve()})" in line, out
+    code, out, _ = run(capsys, "report", b, "--data-dir", data_dir, "--out", tmp_path / "b.html")
+    html = (tmp_path / "b.html").read_text()
+    assert code == 0 and f"its evaluations are of the weights of {a.resolve()}" in html
+    assert f"model.safetensors after epoch 1, stale: the weights of {a.resolve()}, not the run&#39;s now" in html
+    assert "earlier weights" not in html
+    code, out, _ = run(capsys, "compare", a, b, "--out", tmp_path / "c.html")
+    assert code == 0 and f"b: its evaluations (eval-a.json) measured the weights of {a.resolve()}, not the run's " \
+        "current ones: stale" in out
+
+    moved = tmp_path / "moved"
+    shutil.copytree(a, moved)          # a run copied with its records: the record measured its own weights
+    shutil.copy(b / "eval-a.json", moved / "eval-k5.json")
+    from vaelab.runs import read_run
+    info = read_run(moved)
+    (record,) = info.evaluations
+    assert record["stale"] is False and "elsewhere" not in record and info.best_evaluation() is record
+
+
 def test_a_new_evaluation_of_the_current_weights_is_the_headline_and_says_which_weights(evaluated, data_dir,
                                                                                        tmp_path, capsys):
     run_dir = tmp_path / "run"

@@ -599,7 +599,7 @@ def test_compare_pairs_two_evaluations_of_one_run_at_two_epochs(tmp_path, data_d
     diff = columns[0][:, header.index("iwae")] - columns[1][:, header.index("iwae")]   # NLL(second) − NLL(first)
     assert f"paired: NLL(run/eval-best-epoch4.json) − NLL(run/eval-best-epoch2.json) = {diff.mean():.3f}" in out, out
     row = next(line for line in out.splitlines() if line.startswith("run/eval-best-epoch2.json"))
-    assert "model-best.safetensors of epoch 2" in row and "stale: not the run's weights now" in row, out
+    assert "model-best.safetensors of epoch 2" in row and "stale: earlier weights, not the run's now" in row, out
     # each row's epochs and training time are those of the weights it measured, not the run's now (4 epochs)
     from vaelab.runs import format_duration, read_run
 

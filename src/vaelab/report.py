@@ -22,7 +22,7 @@ from vaelab.evaluation import SECOND_DRAW_DIGITS, draws_move_means, reconstructi
 from vaelab.laplace import STALLED_CAUSE
 from vaelab.presets import changed_fields, preset_label
 from vaelab.runs import (RunInfo, digits_label, distinct_labels, estimator_label, format_duration, of_best_weights,
-                         per_digit, pictured_weights, read_run, weights_label)
+                         per_digit, pictured_weights, read_run, stale_weights, weights_label)
 from vaelab.tables import plural, shell_word
 
 # Pairs of digit classes whose interpolations the report shows (through the latent means).
@@ -211,7 +211,8 @@ def _evaluation_section(run: RunInfo, model, images: torch.Tensor, figures: Figu
     if record is None:
         # why the records there are not a test NLL of these weights: on the validation digits, or of earlier weights
         reasons = [(any(not r["stale"] and r.get("split", "test") != "test" for r in run.evaluations),
-                    "of the validation digits"), (any(r["stale"] for r in run.evaluations), "of earlier weights")]
+                    "of the validation digits")] + \
+            [(True, f"of {what}") for what in dict.fromkeys(stale_weights(r) for r in run.evaluations if r["stale"])]
         section["elsewhere"] = " or ".join(text for holds, text in reasons if holds)
         return section
     section["measured"] = weights_label(record)
@@ -541,8 +542,9 @@ def compare_runs(paths: Sequence[str | Path], split: str = "test") -> Comparison
         notes += run.notes
         stale = run.stale_evaluations(split)
         if record is None and stale:
-            notes.append(f"{run.name}: its evaluations ({', '.join(r['file'] for r in stale)}) measured earlier "
-                         f"weights, not the run's current ones: stale, not shown; evaluate it again "
+            measured = " or ".join(dict.fromkeys(stale_weights(r) for r in stale))
+            notes.append(f"{run.name}: its evaluations ({', '.join(r['file'] for r in stale)}) measured {measured}, "
+                         f"not the run's current ones: stale, not shown; evaluate it again "
                          f"(vaelab evaluate {shell_word(run.path)}{evaluate_split})")
     base, base_record = runs[0], records[0]
     unevaluated = all(record is None for record in records)

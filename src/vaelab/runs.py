@@ -139,10 +139,17 @@ def weights_label(record: dict) -> str:
     elif isinstance(epochs, int):
         text += f" after epoch {epochs}" + _steps_into(record)
     if record.get("stale"):
-        text += ", stale: not the run's weights now"
+        text += f", stale: {stale_weights(record)}, not the run's now"
     elif record.get("stale") is None:
         text += " (weights not recorded)"
     return text
+
+
+def stale_weights(record: dict) -> str:
+    """What a stale record measured in place of the run's weights: "earlier weights", or "the weights of /runs/a"
+    where the record was made from another directory's run (written here by ``evaluate --out``, or copied here)."""
+    elsewhere = record.get("elsewhere")
+    return f"the weights of {elsewhere}" if elsewhere else "earlier weights"
 
 
 def weights_position(loaded, run: RunInfo) -> dict[str, int]:
@@ -204,6 +211,8 @@ def headline_nll(run: RunInfo) -> str:
         epochs, of_best = newest.get("epochs_trained"), newest.get("best_epoch")
         which = (f"the best weights of epoch {of_best}" if isinstance(of_best, int) else
                  f"the weights after epoch {epochs if isinstance(epochs, int) else '?'}{_steps_into(newest)}")
+        if newest.get("elsewhere"):
+            which = stale_weights(newest)
         return f"— (stale: {newest['nll']:.2f} of {which})"
     return "—"
 
@@ -238,7 +247,8 @@ def read_metrics(path: Path) -> list[dict[str, float]]:
 def read_evaluations(run_dir: Path, notes: list[str] | None = None) -> list[dict[str, Any]]:
     """The evaluation records in the run (eval*.json; vaelab 0.1 wrote eval.json), each with its file name and
     ``stale``: True where the weights it measured (``weights_sha256`` of the file named by ``weights``) are no
-    longer that file's, False where they still are, None where the record does not say (vaelab 0.1).
+    longer that file's, False where they still are, None where the record does not say (vaelab 0.1); a stale record
+    made from the run of another directory has that directory in ``elsewhere``.
 
     A file that does not parse as vaelab's record (not JSON, or a hand-written {"nll": 85.3}) is skipped with a
     one-line note appended to ``notes``, naming the file and what is wrong."""
@@ -265,6 +275,11 @@ def read_evaluations(run_dir: Path, notes: list[str] | None = None) -> list[dict
                 except OSError:
                     digests[weights] = None             # the weights it measured are gone
             record["stale"] = digests[weights] != record["weights_sha256"]
+            # a record of another directory's run (`evaluate A --out B/eval.json`, a copied file) says whose weights it
+            # measured; a run moved or copied with its records measured its own, and is stale only if it trained on
+            measured = record.get("run")
+            if record["stale"] and isinstance(measured, str) and measured != str(run_dir.resolve()):
+                record["elsewhere"] = measured
         records.append(record)
     return records
 
