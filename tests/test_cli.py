@@ -107,7 +107,7 @@ def test_evaluate_laplace_table(trained, data_dir, capsys):
                        "--data-dir", data_dir, "--no-progress")
     assert code == 0
     names = [e["name"] for e in json.loads((trained / "eval-k10-n10-seed0-laplace.json").read_text())["estimates"]]
-    assert names == ["ELBO", "IWAE-10, q(z|x)", "IS-10, Laplace proposal", "Laplace"]
+    assert names == ["ELBO, one draw per digit", "IWAE-10, q(z|x)", "IS-10, Laplace proposal", "Laplace"]
     assert "approximation, not a bound" in out
 
 

@@ -121,7 +121,7 @@ def test_a_saddle_on_one_rank_refuses_laplace_on_every_rank_and_keeps_the_estima
     assert outcomes[0] == outcomes[1]
     refused, names, digits = outcomes[0]
     assert refused.startswith("--laplace: at digit 33 (from 0, of those evaluated) the Hessian") and "[-0.5, 0.25, 1.0]" in refused
-    assert names == ["ELBO", "IWAE-10, q(z|x)"] and digits == 40
+    assert names == ["ELBO, one draw per digit", "IWAE-10, q(z|x)"] and digits == 40
 
 
 def _rank_load(rank: int, world_size: int, store: str, runs: list[str], out: str) -> None:

@@ -612,7 +612,10 @@ def _evaluate_run(model, images: torch.Tensor, config: EvalConfig, progress: boo
     else:
         iwae = gather_rows(iwae_log_likelihood(model, mine, config, progress and world.main), world)
     decoder = "" if config.precision == "fp32" else f", {config.precision} decoder products"
-    estimates = [("ELBO", elbo, "lower bound"), (f"IWAE-{config.k}, q(z|x){decoder}", iwae, "stochastic lower bound")]
+    # both estimates are of a bound: E over the draws of the one-draw ELBO is the ELBO ≤ log p(x), as IWAE-K's is the
+    # IWAE bound; one draw's value is not itself a bound (until 2026-12-05 the row said "lower bound")
+    estimates = [("ELBO, one draw per digit", elbo, "stochastic lower bound"),
+                 (f"IWAE-{config.k}, q(z|x){decoder}", iwae, "stochastic lower bound")]
     per_digit["iwae"] = iwae
     laplace_elbo = None
     if config.laplace:
