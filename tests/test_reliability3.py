@@ -386,6 +386,15 @@ def test_an_evaluation_whose_files_cannot_be_written_in_the_run_saves_both_elsew
     assert not list(run_dir.glob("eval*"))
     assert json.loads(saved.read_text())["per_digit"] == "vaelab-run-eval-k5-n20-seed0.digits.csv"
     assert len((elsewhere / "vaelab-run-eval-k5-n20-seed0.digits.csv").read_text().splitlines()) == 21
+    # a second evaluation (here of other digits) saved there never replaces the first: until 2026-12-05 it did
+    first = saved.read_text()
+    code, out, err = run(capsys, "evaluate", run_dir, "--k", "5", "--test-examples", "30", "--data-dir", data_dir,
+                         "--no-progress", "--out", run_dir / "eval-k5-n20-seed0.json")
+    second = elsewhere / "vaelab-run-eval-k5-n20-seed0-2.json"
+    assert code == 1 and f"the record was saved to {second} instead" in err and saved.read_text() == first
+    assert json.loads(second.read_text())["n_examples"] == 30
+    assert json.loads(second.read_text())["per_digit"] == "vaelab-run-eval-k5-n20-seed0-2.digits.csv"
+    assert len((elsewhere / "vaelab-run-eval-k5-n20-seed0-2.digits.csv").read_text().splitlines()) == 31
 
 
 def test_ctrl_c_during_an_evaluation_says_what_it_left(tmp_path, data_dir, capsys, monkeypatch):

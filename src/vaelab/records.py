@@ -78,12 +78,13 @@ def write_evaluation(out: Path, record: dict, per_digit: dict, labels, run_dir: 
     lines = [",".join(["digit", "label", *names])]
     for index, (label, *values) in enumerate(zip(labels.tolist(), *columns)):
         lines.append(",".join([str(index), str(label), *(f"{v:.6f}" for v in values)]))
-    stem, wanted = out.name.removesuffix(".json"), out
 
     def text_naming(digits: Path) -> str:         # the record, naming its per-digit file
         return json.dumps(strict_json({**record, "per_digit": digits.name}), indent=2, allow_nan=False) + "\n"
 
-    try:
+    def place(wanted: Path, overwrite: bool) -> tuple[Path, Path]:
+        """The record at ``wanted``, or (a name taken) at the next free ``…-N.json``, and its per-digit file."""
+        stem = wanted.name.removesuffix(".json")
         for attempt in range(1, 1000):
             out = wanted if attempt == 1 else wanted.with_name(f"{stem}-{attempt}.json")
             digits = digits_path(out)
@@ -100,11 +101,14 @@ def write_evaluation(out: Path, record: dict, per_digit: dict, labels, run_dir: 
                 raise
             return out, digits
         raise WriteError(f"{wanted} and 998 names after it are taken; pass --out another file")
+
+    try:
+        return place(out, overwrite)
     except WriteError as exc:
-        fallback = Path(tempfile.gettempdir()) / f"vaelab-{run_dir.resolve().name}-{out.name}"
+        # the next free name there too: an earlier evaluation saved there (of this run, or of another run of the
+        # same directory name) is never replaced (until 2026-12-05 it was, without a word)
         try:
-            atomic.write_text(digits_path(fallback), "\n".join(lines) + "\n")
-            atomic.write_text(fallback, text_naming(digits_path(fallback)))
+            fallback, _ = place(Path(tempfile.gettempdir()) / f"vaelab-{run_dir.resolve().name}-{out.name}", False)
             saved = f"the record was saved to {fallback} instead"
         except WriteError:
             saved = "nothing could be saved (the results are printed above)"
