@@ -211,8 +211,8 @@ def headline_nll(run: RunInfo) -> str:
         epochs, of_best = newest.get("epochs_trained"), newest.get("best_epoch")
         which = (f"the best weights of epoch {of_best}" if isinstance(of_best, int) else
                  f"the weights after epoch {epochs if isinstance(epochs, int) else '?'}{_steps_into(newest)}")
-        if newest.get("elsewhere"):
-            which = stale_weights(newest)
+        if newest.get("elsewhere"):                           # another directory's run: which weights, and where
+            which += f" of {newest['elsewhere']}"
         return f"— (stale: {newest['nll']:.2f} of {which})"
     return "—"
 
