@@ -272,14 +272,24 @@ def damaged_copy(trained, tmp_path, name, content):
     ("model.safetensors", b"\x00" * 100, "truncated or corrupted"),
     ("config.json", b"{not json", "not valid JSON"),
     ("config.json", json.dumps({"version": 1, "model": {"hidden": 256}}).encode(), "missing"),
-    ("config.json", lambda p: edited(p, "model", "hidden", [[128]]), "does not match the architecture"),
+    ("config.json", lambda p: edited(p, "model", "hidden", [[128]]), "does not match the architecture in "
+     "config.json (decoder.0.bias (128,) by config.json, (256,) in the file, "),
     ("config.json", lambda p: edited(p, "model", "hidden", "big"), "not of type"),
+    ("config.json", lambda p: edited(p, "model", "future_field", 3), "unknown fields"),
 ])
-def test_damaged_files_are_clear_errors(trained, tmp_path, capsys, name, content, message):
+def test_damaged_files_are_clear_errors(trained, tmp_path, capsys, data_dir, name, content, message):
     copy = damaged_copy(trained, tmp_path, name, content)
     code, _, err = run(capsys, "sample", copy, "--out", tmp_path / "x.png")
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "x.png").exists()
+    if name == "config.json":
+        # the fix it names (until 2026-12-05 "restore it from a copy or retrain", or none): the state's copy is
+        # written again by a resume once the damaged file is moved away
+        assert f"training_state.safetensors keeps a copy of it: move it away (mv {copy}/config.json " \
+            f"{copy}/config.json.bad), then `vaelab train --out {copy} --resume` writes it again" in err, err
+        (copy / "config.json").rename(copy / "config.json.bad")
+        assert main(["train", "--out", str(copy), "--resume", "--data-dir", str(data_dir), "--no-progress"]) == 0
+        assert run(capsys, "sample", copy, "--out", tmp_path / "x.png")[0] == 0
 
 
 @pytest.mark.parametrize("argv", [

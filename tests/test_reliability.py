@@ -217,6 +217,7 @@ def test_resume_refuses_an_edited_config_and_names_the_field(copy, data_dir, cap
     code, _, err = run(capsys, "train", "--out", copy, "--resume", "--epochs", "3", "--data-dir", data_dir)
     assert code == 2 and "train.batch_size: 64 → 7" in err and one_line_error(err)
     assert snapshot(copy) == before
+    assert "training_state.safetensors keeps a copy of it: move it away (mv " in err    # the way back, spelled out
 
 
 def test_resume_below_the_epochs_done_is_an_error(copy, data_dir, capsys):

@@ -21,7 +21,7 @@ from safetensors.torch import load as load_bytes, save as save_bytes
 
 from vaelab.atomic import WriteError, atomic_write, write_text
 from vaelab.config import RunConfig
-from vaelab.errors import CheckpointError, RunLocked
+from vaelab.errors import CheckpointError, RunLocked, UsageError
 from vaelab.models import build_model
 from vaelab.tables import shell_word
 
@@ -115,6 +115,33 @@ def rewrite_fix(run_dir: Path) -> str | None:
             f"({STATE}, {where}), training on first if the run is unfinished")
 
 
+def load_config(run_dir: Path) -> RunConfig:
+    """A run's config.json. One that is there but cannot be used (not JSON, fields unknown, missing, mistyped or out
+    of range: a hand edit, a damaged copy) is an error that says how to get it back: the training state keeps a copy,
+    which a resume writes again once the damaged file is moved away (until 2026-12-05: "restore it from a copy or
+    retrain", or nothing)."""
+    path = run_dir / CONFIG
+    try:
+        return RunConfig.load(path)
+    except UsageError as exc:
+        if not path.exists():
+            raise
+        raise CheckpointError(f"{exc}; {config_fix(run_dir) or 'restore it from a copy, or train anew'}") from exc
+
+
+def config_fix(run_dir: Path) -> str | None:
+    """How to get a run's config.json back from the copy its training state keeps; None without one."""
+    try:
+        meta = read_metadata(run_dir / STATE)
+    except CheckpointError:
+        return None
+    if "config" not in meta:
+        return None
+    path = shell_word(run_dir / CONFIG)
+    return (f"{STATE} keeps a copy of it: move it away (mv {path} {path}.bad), then "
+            f"`{resume_command(run_dir, written_by(meta))}` writes it again")
+
+
 def weights_problem(run_dir: Path) -> str | None:
     """'model.safetensors missing' or '… damaged' where a run's weights file cannot be read, else None."""
     try:
@@ -168,15 +195,27 @@ def load_model_weights(run_dir: str | Path, device: torch.device | str = "cpu",
     """``load_model``, and which weights it loaded (``LoadedWeights``): read once, so that the digest and epoch are
     those of the weights in the model even while a training replaces the file."""
     run_dir = require_run_dir(run_dir)
-    config = RunConfig.load(run_dir / CONFIG)
+    config = load_config(run_dir)
     model = build_model(config.model).to(torch.float32)
     tensors, meta, digest = read_tensors(run_dir / weights, rewrite_fix(run_dir) if weights == WEIGHTS else None)
     tensors = current_names(tensors, model)
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     found = {name: tuple(t.shape) for name, t in tensors.items()}
     if expected != found or any(t.dtype != torch.float32 for t in tensors.values()):
+        # an edited config.json, where the training state's copy says otherwise; else files of different runs
+        try:
+            edited = RunConfig.from_dict(read_metadata(run_dir / STATE)["config"]).differences(config)
+        except (UsageError, KeyError):
+            edited = []
+        # the tensors that differ, not every tensor of both (a line of thousands of characters for a ladder)
+        differ = [name for name in sorted(expected.keys() | found.keys()) if expected.get(name) != found.get(name)]
+        shapes = ", ".join(f"{name} {expected.get(name, 'absent')} by config.json, {found.get(name, 'absent')} in "
+                           f"the file" for name in differ[:3]) + (f" and {len(differ) - 3} more" if differ[3:] else "")
         raise CheckpointError(f"{run_dir / weights} does not match the architecture in config.json "
-                              f"(expected {expected}, found {found}); the files come from different runs")
+                              f"({shapes or 'tensors not float32'}); " + (
+                                  f"config.json was edited ({'; '.join(edited)}, the state's → config.json's): {config_fix(run_dir)}"
+                                  if edited
+                                  else "the files come from different runs"))
     check_finite(tensors, run_dir / weights)
     model.load_state_dict(tensors)
     where = [int(meta[key]) if isinstance(meta.get(key), int) else None for key in ("epoch", "step")]

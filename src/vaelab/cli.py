@@ -709,15 +709,15 @@ def _resume(args: argparse.Namespace, world, observers: Sequence = ()) -> int:
             raise CheckpointError(f"{state_path} holds no copy of the config; it cannot be resumed; start a new run")
         state_config = RunConfig.from_dict(meta["config"], f"{state_path} (its copy of config.json)")
         restored = not (run_dir / ckpt.CONFIG).exists()
-        saved = state_config if restored else RunConfig.load(run_dir / ckpt.CONFIG)
+        saved = state_config if restored else ckpt.load_config(run_dir)
         free = RESUMABLE.keys() | AMENDABLE.keys()
         resumable = ", ".join(RESUMABLE.values())
         # an amendment reaches config.json at the resume, the state at its first checkpoint: both may differ there
         edited = [d for d in state_config.differences(saved) if d.split(":")[0] not in free]
         if edited:
             raise UsageError(f"{run_dir / ckpt.CONFIG} differs from the copy in {ckpt.STATE} ({'; '.join(edited)}, "
-                             f"the state's value → config.json's): it was edited after training started; restore "
-                             f"it (resume only changes {resumable}) or start a new --out")
+                             f"the state's value → config.json's): it was edited after training started, and a "
+                             f"resume only changes {resumable}; {ckpt.config_fix(run_dir)}; or start a new --out")
         if args.preset is not None and args.preset != saved.preset:
             raise UsageError(f"--resume with --preset {args.preset}, but the run started from preset "
                              f"{saved.preset}; resume without --preset")

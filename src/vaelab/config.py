@@ -164,7 +164,7 @@ class RunConfig:
             raise CheckpointError(f"{path.parent} is not a vaelab run (no config.json); "
                                   f"pass a directory written by `vaelab train`") from exc
         except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-            raise CheckpointError(f"{path}: not valid JSON ({exc}); restore it from a copy or retrain") from exc
+            raise CheckpointError(f"{path}: not valid JSON ({exc})") from exc
         return cls.from_dict(raw, str(path))
 
     def flat(self) -> dict[str, Any]:

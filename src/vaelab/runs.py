@@ -311,7 +311,7 @@ def per_digit(run_dir: Path, record: dict) -> dict[str, np.ndarray] | None:
 
 def read_run(path: str | Path) -> RunInfo:
     path = ckpt.require_run_dir(path)
-    config = RunConfig.load(path / ckpt.CONFIG)
+    config = ckpt.load_config(path)
     metrics = read_metrics(path / ckpt.METRICS)
     meta = ckpt.read_metadata(path / ckpt.STATE) if (path / ckpt.STATE).exists() else {}
     holder = ckpt.lock_holder(path)
