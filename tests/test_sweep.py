@@ -4,6 +4,7 @@ bad specs, and the report page."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import json
@@ -45,8 +46,8 @@ activation = ["relu", "tanh"]
 def sweep_cli(spec: Path, out: Path, *flags, data_dir: Path, **kwargs) -> subprocess.Popen:
     env = dict(os.environ, VAELAB_DATA=str(data_dir), PYTHONUNBUFFERED="1")
     return subprocess.Popen([sys.executable, "-m", "vaelab", "sweep", str(spec), "--out", str(out), *map(str, flags)],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True, **kwargs)
+                            env=env, **{"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True,
+                                        "start_new_session": True, **kwargs})
 
 
 def trial_states(out: Path) -> list[tuple[int, str, int | None, bool]]:
@@ -91,6 +92,13 @@ def test_the_example_spec_runs_with_two_workers(example):
         assert all(name.startswith("eval-validation-") for name in records)
     params = [json.loads((out / "trials" / f"{s:04d}" / ckpt.CONFIG).read_text())["train"]["lr"] for s in range(4)]
     assert len(set(params)) == 4                                      # each slot drew its own parameters
+    # a line for each trial as it ended (until 2026-12-05 nothing until the table at the end), counted in order
+    ended = [line for line in printed.splitlines() if " trials done" in line]
+    assert [line.split("; ")[-1].split(" of ")[0] for line in ended] == ["1", "2", "3", "4"], printed
+    assert sorted(line.split()[1] for line in ended) == ["0000", "0001", "0002", "0003"]
+    assert all(re.match(r"trial \d{4} (complete: validation-nll \d+\.\d{3} ± \d+\.\d{3}, 2 epochs in .+|pruned after "
+                        r"\d epochs?); \d of 4 trials done, the best so far trial \d{4} \(\d+\.\d{3}\)$", line)
+               for line in ended[1:]), ended
 
 
 def test_trials_are_ordinary_runs(example, capsys):
@@ -103,6 +111,43 @@ def test_trials_are_ordinary_runs(example, capsys):
     assert all(f"{slot:04d}" in listing for slot in range(4)) and "validation" in listing
     run = vaelab.load_run(root / "out" / "trials" / "0000")
     assert run.status == "finished" and run.evaluations[0]["split"] == "validation"
+
+
+def test_on_a_terminal_a_bar_shows_the_trials_done_and_the_best_so_far(tmp_path, data_dir):
+    """stderr a terminal: a bar of the trials done of the spec's, with the best objective so far and the epoch each
+    trial under way has reached, above which each trial's line is printed as it ends; --no-progress: no bar."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    spec = tmp_path / "spec.toml"
+    spec.write_text(EXAMPLE.replace("trials = 4", "trials = 2").replace("epochs = 2", "epochs = 30")
+                    .replace("validation-nll", "validation-elbo").replace("[search]", "hidden = [16]\n[search]")
+                    .replace("hidden = [[64], [128]]\n", ""))
+    for flags, bar in (((), True), (("--no-progress",), False)):
+        main_fd, terminal = pty.openpty()
+        fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 160, 0, 0))    # 160 columns
+        os.set_blocking(main_fd, False)
+        process = sweep_cli(spec, tmp_path / f"out{bar}", *flags, data_dir=data_dir, stderr=terminal)
+        os.close(terminal)
+        shown = b""
+        while process.poll() is None:
+            time.sleep(0.05)
+            with contextlib.suppress(BlockingIOError, OSError):
+                shown += os.read(main_fd, 1 << 16)
+        printed, _ = process.communicate(timeout=600)
+        with contextlib.suppress(BlockingIOError, OSError):
+            shown += os.read(main_fd, 1 << 16)
+        os.close(main_fd)
+        text = shown.decode(errors="replace")
+        assert process.returncode == 0, text
+        assert printed.count(" trials done") == 2 and "; 2 of 2 trials done, the best so far trial 000" in printed
+        if bar:
+            assert re.search(r"sweep outTrue: .*2/2 \[.*best -\d+\.\d{3}", text), text
+            assert re.search(r"running 000\d epoch \d+", text), text
+        else:
+            assert "2/2" not in text and "running" not in text, text
 
 
 def test_a_sweep_killed_after_its_first_trial_resumes_to_exactly_its_trials(tmp_path, data_dir):
@@ -128,16 +173,20 @@ def test_a_sweep_killed_after_its_first_trial_resumes_to_exactly_its_trials(tmp_
     assert 1 <= len(finished_slots(out)) < 4, "the sweep finished before it was killed"
     # the workers' named semaphores (their bars' lock) were left in /dev/shm for ever, one per kill
     assert set(Path("/dev/shm").glob("sem.mp-*")) <= semaphores
+    before = len(finished_slots(out))
     rerun = sweep_cli(spec, out, data_dir=data_dir)
     printed, err = rerun.communicate(timeout=600)
     assert rerun.returncode == 0, err
     assert finished_slots(out) == [0, 1, 2, 3]
+    # the trials that ended before are counted, not reported again
+    ended = [line for line in printed.splitlines() if " trials done" in line]
+    assert len(ended) == 4 - before and f"; {before + 1} of 4 trials done" in ended[0], printed
     for slot in range(4):
         run = out / "trials" / f"{slot:04d}"
         config, _ = ckpt.load_model(run)
         lines = (run / ckpt.METRICS).read_text().splitlines()
         assert config.train.epochs == 3 and len(lines) - 1 in (1, 2, 3)          # pruned ones stop early
-    assert printed.count("complete") + printed.count("pruned") == 4
+    assert sum(line.rstrip().endswith(("complete", "pruned")) for line in printed.splitlines()) == 4     # the table
 
 
 def _new_study(tmp_path, shared=False):
@@ -961,7 +1010,7 @@ def test_a_sweep_whose_every_trial_failed_exits_1_and_its_page_shows_why(tmp_pat
     printed, states = two_trial_grid(tmp_path, data_dir, 'hidden = [16]\nlatent = [3]', 'model = ["mlp2", "hvae"]',
                                      exit_code=1)
     assert states == ["FAIL", "FAIL"]
-    assert printed.count("failed:") == 2 and "best:" not in printed
+    assert printed.count("failed:") == 4 and "best:" not in printed          # as each ended, and under the table
     last = printed.strip().splitlines()[-1]
     assert last.startswith("vaelab sweep: error: no trial of") and "completed (2 failed of 2)" in last, last
     assert main(["report", str(tmp_path / "out")]) == 0

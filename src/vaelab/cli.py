@@ -339,6 +339,8 @@ def build_parser(parser_class: type[argparse.ArgumentParser] = _Parser) -> argpa
                        "postgresql://user@host/db (default: sqlite in DIR/study.db)")
     sweep.add_argument("--trials", type=_whole_number(1, MAX_TRIALS + 1),
                        help="the number of trials (default: the spec's)")
+    sweep.add_argument("--no-progress", action="store_true", help="no progress bar (the line of each trial as it "
+                       "ends is printed either way; no bar either when stderr is not a terminal)")
     sweep.set_defaults(run=cmd_sweep)
 
     runs = sub.add_parser("runs", help="list the runs under a directory")
@@ -1404,7 +1406,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         raise UsageError(f"--workers {args.workers}: this process may run on {plural(cores, 'core')} (its CPU "
                          f"affinity), and each worker trains on one at least; give at most {cores} (a sweep command on "
                          f"another machine with the same --storage adds its workers to the study)")
-    summary = sweep(args.spec, args.out, args.workers, args.storage, args.trials, log=_log)
+    summary = sweep(args.spec, args.out, args.workers, args.storage, args.trials, log=_log, progress=_progress(args))
     _log(summary_table(summary))
     states = [row["state"] for row in summary["rows"]]
     if summary.get("workers_ended"):     # a worker killed or crashed: the trial it held is left for the next sweep

@@ -1018,13 +1018,17 @@ def sweep(spec_path: Path, out: Path, workers: int, storage: str | None, trials:
     # taken before the workers start, so that they start with the signals' default actions, not an inherited
     # "ignore"
     started = []
-    with stop_signals(stop):
+    watch = Watch(study, spec, out, log, progress)
+    with stop_signals(stop), contextlib.closing(watch):
         try:
             for process in processes:
                 process.start()
                 started.append(process)
-            for process in processes:
-                process.join()
+            # the workers train; this process shows how far the sweep has come, every few seconds
+            while alive := [process for process in processes if process.is_alive()]:
+                alive[0].join(WATCH_S)
+                watch.poll()
+            watch.poll()
         except KeyboardInterrupt:
             # every worker finishes its step and writes a checkpoint that resumes exactly
             for process in started:
@@ -1044,6 +1048,71 @@ def sweep(spec_path: Path, out: Path, workers: int, storage: str | None, trials:
     summary["workers_ended"] = [f"worker {log} ended by {_ending(process.exitcode)}: {_last_line(log)}"
                                 for process, log in zip(processes, logs) if process.exitcode]
     return summary
+
+
+WATCH_S = 3.0        # seconds between two looks at the study while the workers train
+
+
+class Watch:
+    """What `vaelab sweep` shows while its workers train (until 2026-12-05 nothing, however long the sweep): a line
+    for each trial as it ends (its objective, epochs and time, or why it was pruned, failed or stopped; the trials
+    done of the spec's, the best so far) on stdout, a log's one line per trial; and on a terminal a bar of the trials
+    done, with the best so far and the epoch each trial under way has reached. Trials that ended before this command
+    (a sweep continued) are counted, not reported again."""
+
+    ENDED = ("complete", "pruned", "fail", "stopped")
+
+    def __init__(self, study, spec: "Spec", out: Path, log, progress: bool):
+        from tqdm import tqdm
+
+        self.study, self.spec, self.out, self.log = study, spec, out, log
+        rows = summarize(study, spec, out)["rows"]
+        self.reported = {row["slot"]: (row["trial"], row["state"]) for row in rows if row["state"] in self.ENDED}
+        self.best = self._better(None, [row for row in rows if row["slot"] in self.reported])
+        self.bar = tqdm(total=spec.trials, initial=len(self.reported), desc=f"sweep {out.name}", unit="trial",
+                        disable=not progress, dynamic_ncols=True, leave=False)
+
+    def _better(self, best: dict | None, rows: list[dict]) -> dict | None:
+        """The best complete trial of ``best`` and ``rows``."""
+        complete = [row for row in rows if row["state"] == "complete" and row["value"] is not None]
+        choose = min if self.spec.direction == "minimize" else max
+        return choose(complete + ([best] if best else []), key=lambda row: row["value"], default=None)
+
+    def poll(self) -> None:
+        try:
+            summary = summarize(self.study, self.spec, self.out)
+        except Exception:                 # noqa: BLE001 - a look that fails (a busy database) waits for the next
+            return
+        rows = summary["rows"]
+        for row in rows:
+            if row["state"] in self.ENDED and self.reported.get(row["slot"]) != (row["trial"], row["state"]):
+                # several that ended between two looks are counted one after the other, in the order of their slots
+                self.reported[row["slot"]] = (row["trial"], row["state"])
+                self.best = self._better(self.best, [row])
+                so_far = "" if self.best is None else \
+                    f", the best so far trial {self.best['slot']:04d} ({self.best['value']:.3f})"
+                (self.bar.write if not self.bar.disable else self.log)(
+                    f"{self._ended(row)}; {len(self.reported)} of {plural(self.spec.trials, 'trial')} done{so_far}")
+        if not self.bar.disable:
+            running = [f"{row['slot']:04d} epoch {row['epochs']}" for row in rows if row["state"] == "running"]
+            self.bar.n = len(self.reported)
+            self.bar.set_postfix_str("; ".join(([] if self.best is None else [f"best {self.best['value']:.3f}"])
+                                               + ([f"running {', '.join(running)}"] if running else [])))
+
+    def _ended(self, row: dict) -> str:
+        from vaelab.runs import format_duration
+
+        name = f"trial {row['slot']:04d}"
+        if row["state"] == "complete":
+            error = "" if row["stderr"] is None else f" ± {row['stderr']:.3f}"
+            return (f"{name} complete: {self.spec.objective} {row['value']:.3f}{error}, "
+                    f"{plural(row['epochs'], 'epoch')} in {format_duration(row['seconds'])}")
+        if row["state"] == "pruned":
+            return f"{name} pruned after {plural(row['epochs'], 'epoch')}"
+        return f"{name} {'failed' if row['state'] == 'fail' else 'stopped'}: {row['error'] or row['stopped']}"
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 def _ending(exitcode: int) -> str:
