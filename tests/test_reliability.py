@@ -151,7 +151,7 @@ def test_evaluate_on_a_read_only_run_prints_first_and_saves_elsewhere(copy, data
     code, out, err = run(capsys, "evaluate", copy, "--k", "5", "--test-examples", "10", "--data-dir", data_dir,
                          "--no-progress")
     assert code == 1 and "NLL =" in out and one_line_error(err) and "Read-only file system" in err
-    saved = tmp_path / "vaelab-copy-eval-k5-n10-seed0.json"
+    saved = tmp_path / "vaelab-copy-evaluations" / "eval-k5-n10-seed0.json"
     assert str(saved) in err and json.loads(saved.read_text())["k"] == 5
     assert snapshot(copy) == before
 

@@ -381,20 +381,29 @@ def test_an_evaluation_whose_files_cannot_be_written_in_the_run_saves_both_elsew
     monkeypatch.setattr(tempfile, "tempdir", str(elsewhere))
     code, out, err = run(capsys, "evaluate", run_dir, "--k", "5", "--test-examples", "20", "--data-dir", data_dir,
                          "--no-progress")
-    saved = elsewhere / "vaelab-run-eval-k5-n20-seed0.json"
-    assert code == 1 and "NLL =" in out and "No space left" in err and f"the record was saved to {saved}" in err
+    folder = elsewhere / "vaelab-run-evaluations"
+    saved = folder / "eval-k5-n20-seed0.json"
+    assert code == 1 and "NLL =" in out and "No space left" in err and f"the record was saved to {saved} instead, " \
+        f"with eval-k5-n20-seed0.digits.csv: move both into {run_dir} once it takes files (mv -n {folder}/" \
+        f"eval-k5-n20-seed0.* {run_dir}/)" in err, err
     assert not list(run_dir.glob("eval*"))
-    assert json.loads(saved.read_text())["per_digit"] == "vaelab-run-eval-k5-n20-seed0.digits.csv"
-    assert len((elsewhere / "vaelab-run-eval-k5-n20-seed0.digits.csv").read_text().splitlines()) == 21
+    assert json.loads(saved.read_text())["per_digit"] == "eval-k5-n20-seed0.digits.csv"
+    assert len((folder / "eval-k5-n20-seed0.digits.csv").read_text().splitlines()) == 21
     # a second evaluation (here of other digits) saved there never replaces the first: until 2026-12-05 it did
     first = saved.read_text()
     code, out, err = run(capsys, "evaluate", run_dir, "--k", "5", "--test-examples", "30", "--data-dir", data_dir,
                          "--no-progress", "--out", run_dir / "eval-k5-n20-seed0.json")
-    second = elsewhere / "vaelab-run-eval-k5-n20-seed0-2.json"
+    second = folder / "eval-k5-n20-seed0-2.json"
     assert code == 1 and f"the record was saved to {second} instead" in err and saved.read_text() == first
     assert json.loads(second.read_text())["n_examples"] == 30
-    assert json.loads(second.read_text())["per_digit"] == "vaelab-run-eval-k5-n20-seed0-2.digits.csv"
-    assert len((elsewhere / "vaelab-run-eval-k5-n20-seed0-2.digits.csv").read_text().splitlines()) == 31
+    assert json.loads(second.read_text())["per_digit"] == "eval-k5-n20-seed0-2.digits.csv"
+    assert len((folder / "eval-k5-n20-seed0-2.digits.csv").read_text().splitlines()) == 31
+    # moved as the line says, the run reads them as its own records, with their per-digit values
+    monkeypatch.undo()
+    subprocess.run(f"mv -n {folder}/eval-k5-n20-seed0.* {run_dir}/", shell=True, check=True)
+    from vaelab.runs import per_digit, read_run
+    (record,) = read_run(run_dir).evaluations
+    assert record["stale"] is False and len(per_digit(run_dir, record)["iwae"]) == 20
 
 
 def test_ctrl_c_during_an_evaluation_says_what_it_left(tmp_path, data_dir, capsys, monkeypatch):

@@ -19,7 +19,7 @@ from vaelab import distributed
 from vaelab.atomic import WriteError
 from vaelab.errors import CheckpointError
 from vaelab.runs import digits_label, weights_label
-from vaelab.tables import plural, render_table
+from vaelab.tables import plural, render_table, shell_word
 
 
 def load_the_same_weights(run_dir: Path, device, weights: str, world, attempts: int = 3):
@@ -105,11 +105,19 @@ def write_evaluation(out: Path, record: dict, per_digit: dict, labels, run_dir: 
     try:
         return place(out, overwrite)
     except WriteError as exc:
-        # the next free name there too: an earlier evaluation saved there (of this run, or of another run of the
-        # same directory name) is never replaced (until 2026-12-05 it was, without a word)
+        # a folder of the run's name in the temporary directory, the files named as in the run: moved into the run
+        # (until 2026-12-05 they were /tmp/vaelab-RUN-eval-….json, which a run does not read as a record, and a second
+        # such evaluation replaced the first); the next free name there, so that no earlier one is replaced
+        elsewhere = Path(tempfile.gettempdir()) / f"vaelab-{run_dir.resolve().name}-evaluations"
         try:
-            fallback, _ = place(Path(tempfile.gettempdir()) / f"vaelab-{run_dir.resolve().name}-{out.name}", False)
-            saved = f"the record was saved to {fallback} instead"
+            try:
+                elsewhere.mkdir(exist_ok=True)
+            except OSError as error:
+                raise WriteError(f"cannot make {elsewhere}: {error.strerror}") from error
+            fallback, digits = place(elsewhere / out.name, False)
+            saved = (f"the record was saved to {fallback} instead, with {digits.name}: move both into "
+                     f"{shell_word(run_dir)} once it takes files (mv -n {shell_word(fallback.with_suffix(''))}.* "
+                     f"{shell_word(run_dir)}/), where runs, report and compare read them")
         except WriteError:
             saved = "nothing could be saved (the results are printed above)"
         raise WriteError(f"{exc}; {saved}; next time pass --out FILE in a writable place") from exc
