@@ -502,3 +502,39 @@ def test_a_resume_may_amend_the_learning_rate_and_clipping_and_says_from_where(t
     assert code == 0 and f"{out} has trained all its 4 epochs: nothing to train (--epochs N above 4 trains on)" \
         in stdout
     assert "amended" not in stdout
+
+
+def test_symbols_are_spelled_in_ascii_on_a_stream_that_cannot_encode_them():
+    from vaelab.cli import legible_streams
+
+    legible_streams()                                       # registers the error handler
+    assert "2⁶³ ± β — 10⁻⁴, p̂(x) 中".encode("ascii", "vaelab.ascii") == b"2^63 +/- beta - 10^-4, p(x) ?"
+    assert "± ×".encode("latin-1", "vaelab.ascii") == "± ×".encode("latin-1")       # what it encodes, it keeps
+
+
+def test_the_commands_work_in_a_locale_that_is_not_utf8(tmp_path, data_dir):
+    """The C locale where Python does not coerce it to UTF-8 (as LANG=…ISO-8859-1 or PYTHONIOENCODING=ascii): until
+    2026-12-05 `vaelab train` ended in a traceback before training (the native kernel's source read as ASCII), and
+    the first ±, × or β printed ended any command (an evaluation before its record was written). Now the files are
+    read and written as UTF-8 whatever the locale, and the terminal gets the symbols spelled in ASCII."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "LC_ALL": "C", "PYTHONCOERCECLOCALE": "0", "PYTHONUTF8": "0", "VAELAB_DATA": str(data_dir)}
+    env.pop("PYTHONIOENCODING", None)
+    run_dir = tmp_path / "run"
+
+    def vaelab(*argv):
+        done = subprocess.run([sys.executable, "-m", "vaelab", *map(str, argv)], env=env, capture_output=True,
+                              timeout=600)
+        assert done.returncode == 0, done.stderr.decode(errors="replace")
+        return done.stdout.decode("ascii") + done.stderr.decode("ascii")           # ASCII, whatever was printed
+
+    assert "beta" in vaelab("train", "--out", run_dir, "--epochs", "2", "--warmup", "2", "--hidden", "32", "--latent",
+                            "4", "--train-examples", "300", "--test-examples", "30", "--no-progress")
+    assert "β rises from 0 to 1" in (run_dir / "train.log").read_text(encoding="utf-8")
+    assert "NLL = " in vaelab("evaluate", run_dir, "--k", "5", "--no-progress") and list(run_dir.glob("eval-k5-*.json"))
+    vaelab("report", run_dir, "--no-progress")
+    assert "±" in (run_dir / "report.html").read_text(encoding="utf-8")
+    assert "12N x rel. error" in vaelab("stirling", "--n", "5")

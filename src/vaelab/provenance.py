@@ -14,10 +14,10 @@ def git_commit() -> str | None:
     """The commit of the checkout vaelab runs from, when it runs from one (an editable install)."""
     source = Path(__file__).resolve().parent
     try:
-        done = subprocess.run(["git", "-C", str(source), "rev-parse", "HEAD"], capture_output=True, text=True,
-                              timeout=5)
+        done = subprocess.run(["git", "-C", str(source), "rev-parse", "HEAD"], capture_output=True, encoding="utf-8",
+                              errors="replace", timeout=5)
         dirty = subprocess.run(["git", "-C", str(source), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=5)
+                               capture_output=True, encoding="utf-8", errors="replace", timeout=5)
     except (OSError, subprocess.SubprocessError):
         return None
     if done.returncode != 0:
@@ -33,7 +33,7 @@ def cpuinfo(*fields: str) -> str:
 
     The key is matched whole: "model" is the model number, not the "model name" line."""
     try:
-        for line in CPUINFO.read_text().splitlines():
+        for line in CPUINFO.read_text(encoding="utf-8", errors="replace").splitlines():
             key, colon, value = line.partition(":")
             if colon and key.strip() in fields:
                 return value.strip()

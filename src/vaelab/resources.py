@@ -16,7 +16,7 @@ from vaelab.provenance import cpuinfo
 
 def _read_int(path: str) -> int | None:
     try:
-        text = Path(path).read_text().strip()
+        text = Path(path).read_text(encoding="utf-8", errors="replace").strip()
     except OSError:
         return None
     return int(text) if text.isdigit() else None       # cgroup v2 writes "max" for no limit
@@ -24,7 +24,7 @@ def _read_int(path: str) -> int | None:
 
 def _meminfo_available() -> int | None:
     try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
+        for line in Path("/proc/meminfo").read_text(encoding="utf-8", errors="replace").splitlines():
             if line.startswith("MemAvailable:"):
                 return int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
@@ -38,7 +38,7 @@ def _address_space_left() -> int | None:
     if soft == resource.RLIM_INFINITY:
         return None
     try:
-        for line in Path("/proc/self/status").read_text().splitlines():
+        for line in Path("/proc/self/status").read_text(encoding="utf-8", errors="replace").splitlines():
             if line.startswith("VmSize:"):
                 return max(0, soft - int(line.split()[1]) * 1024)
     except (OSError, ValueError, IndexError):

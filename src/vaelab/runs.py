@@ -220,7 +220,7 @@ def headline_nll(run: RunInfo) -> str:
 def read_metrics(path: Path) -> list[dict[str, float]]:
     """metrics.csv as dicts of floats (epoch as int); the columns of vaelab 0.1 are renamed on the way."""
     try:
-        with open(path, newline="") as handle:
+        with open(path, newline="", encoding="utf-8") as handle:
             rows = list(csv.DictReader(handle))
     except FileNotFoundError:
         return []
@@ -255,7 +255,7 @@ def read_evaluations(run_dir: Path, notes: list[str] | None = None) -> list[dict
     records, digests = [], {}
     for path in sorted(run_dir.glob("eval*.json")):
         try:
-            record = json.loads(path.read_text())
+            record = json.loads(path.read_text(encoding="utf-8"))
             problem = _record_problem(record)
         except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
             problem = f"not readable JSON ({type(exc).__name__})"
@@ -301,7 +301,7 @@ def per_digit(run_dir: Path, record: dict) -> dict[str, np.ndarray] | None:
     if not name:
         return None
     try:
-        with open(run_dir / name, newline="") as handle:
+        with open(run_dir / name, newline="", encoding="utf-8") as handle:
             rows = list(csv.reader(handle))
         header, body = rows[0], np.array(rows[1:], dtype=np.float64)
     except (OSError, IndexError, ValueError):
@@ -337,7 +337,7 @@ def read_run(path: str | Path) -> RunInfo:
 def pruned_after(path: Path) -> int | None:
     """The epoch after which a sweep's pruner stopped the run in ``path`` (ckpt.PRUNED), or None."""
     try:
-        epoch = json.loads((path / ckpt.PRUNED).read_text()).get("epoch")
+        epoch = json.loads((path / ckpt.PRUNED).read_text(encoding="utf-8")).get("epoch")
     except (OSError, ValueError, AttributeError):
         return None
     return epoch if isinstance(epoch, int) else None

@@ -329,7 +329,7 @@ def load_spec(path: Path, trials: int | None = None) -> Spec:
     """Read and check a spec: unknown keys and fields, empty ranges and values the train command would refuse
     are one-line errors naming the field."""
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")          # TOML is UTF-8, whatever the locale
         raw = tomllib.loads(text)
     except FileNotFoundError:
         raise UsageError(f"sweep spec {path} does not exist; give a TOML file (see the README's Sweeps section)") from None
@@ -540,7 +540,7 @@ def read_state(out: Path) -> dict:
     sweep.json holds null for it; before 2026-12-05 it held its absolute path, so that a moved sweep opened no study
     and a copied one (`cp -r`) trained its new trials into the original's: such a path to a study.db elsewhere, with
     one here, is read as the one here (a --storage given by hand leaves no study.db in the directory)."""
-    state = json.loads((out / STATE_FILE).read_text())
+    state = json.loads((out / STATE_FILE).read_text(encoding="utf-8"))
     if not (out / SPEC_FILE).exists() and isinstance(state.get("spec"), str):
         # sweep.toml lost (a kill between the two files' writes, a hand): its text is sweep.json's own copy. Without
         # it every worker ended at its start, "sweep spec … does not exist", and the command said the sweep was done
@@ -641,7 +641,7 @@ def _open_study(spec: Spec, url: str, name: str, read_only: bool = False):
 def file_lock(path: Path):
     """An exclusive flock (held by one process of this machine at a time; released however it dies)."""
     try:
-        handle = open(path, "a")
+        handle = open(path, "ab")
     except OSError as exc:              # a read-only --out: the sweep keeps its study, trials and locks there
         raise WriteError(f"cannot open {path}: {exc.strerror} (errno {exc.errno}); a sweep writes in its directory: "
                          f"make {path.parent} writable") from exc
@@ -659,7 +659,7 @@ def _alive(host: str | None, pid: int | None) -> bool | None:
     if host != socket.gethostname() or not pid:
         return None
     try:
-        with open(f"/proc/{pid}/stat") as handle:
+        with open(f"/proc/{pid}/stat", encoding="utf-8", errors="replace") as handle:
             return handle.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
     except (OSError, IndexError):
         return False
@@ -871,12 +871,12 @@ def worker(spec_path: str, out: str, url: str, name: str, threads: int, log_path
     # two-line warning after the command's own line. A worker's bars are its own: a thread lock does
     tqdm.set_lock(threading.RLock())
     out_dir = Path(out)
-    with open(log_path, "a", buffering=1) as log_file, contextlib.redirect_stdout(log_file), \
+    with open(log_path, "a", buffering=1, encoding="utf-8") as log_file, contextlib.redirect_stdout(log_file), \
             contextlib.redirect_stderr(log_file), warnings.catch_warnings():
         # trials are asked and told here, not by Study.optimize: the heartbeat works the same (vaelab's own loop)
         warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
         torch.set_num_threads(threads)
-        spec = load_spec(out_dir / SPEC_FILE, json.loads((out_dir / STATE_FILE).read_text())["trials"])
+        spec = load_spec(out_dir / SPEC_FILE, json.loads((out_dir / STATE_FILE).read_text(encoding="utf-8"))["trials"])
         optuna = require_optuna()
         from optuna.trial import TrialState
 
@@ -1142,7 +1142,7 @@ def _ending(exitcode: int) -> str:
 def _last_line(log: Path) -> str:
     """The last line a worker wrote in its log (where it failed: its error), or a word that it wrote none."""
     try:
-        lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()]
+        lines = [line for line in log.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
     except OSError:
         lines = []
     return lines[-1].strip()[:300] if lines else "its log is empty"
@@ -1269,7 +1269,7 @@ def is_sweep(path: Path) -> bool:
     if (path / SPEC_FILE).exists():
         return True
     try:
-        return isinstance(json.loads((path / STATE_FILE).read_text()).get("spec"), str)
+        return isinstance(json.loads((path / STATE_FILE).read_text(encoding="utf-8")).get("spec"), str)
     except (OSError, ValueError, AttributeError):
         return False
 

@@ -616,7 +616,7 @@ class Trainer:
         if not self.world.main:
             return
         try:
-            with open(self.run_dir / TRAIN_LOG, "a") as handle:
+            with open(self.run_dir / TRAIN_LOG, "a", encoding="utf-8") as handle:
                 handle.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')}  {line}\n")
         except OSError as exc:
             raise ckpt.WriteError(f"cannot write {self.run_dir / TRAIN_LOG}: {exc.strerror} (errno {exc.errno}); "

@@ -82,10 +82,11 @@ def build(name: str) -> Path:
     if cxx is None:
         raise NativeBuildError("no C++ compiler (install one, e.g. apt install g++, or set CXX)")
     try:
-        version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=60).stdout
+        version = subprocess.run([cxx, "--version"], capture_output=True, encoding="utf-8", errors="replace",
+                                 timeout=60).stdout
     except (OSError, subprocess.SubprocessError) as exc:
         raise NativeBuildError(f"{cxx} --version failed: {exc}") from exc
-    key = hashlib.sha256("\0".join([source.read_text(), " ".join(FLAGS), str(THREADING), version, cpu_name(),
+    key = hashlib.sha256("\0".join([source.read_text(encoding="utf-8"), " ".join(FLAGS), str(THREADING), version, cpu_name(),
                                     cpuinfo("flags", "Features")]).encode()).hexdigest()[:16]
     problems = []
     for directory in _cache_dirs():
@@ -106,7 +107,7 @@ def build(name: str) -> Path:
         try:
             for threading in THREADING:
                 done = subprocess.run([cxx, *FLAGS, *threading, str(source), "-o", tmp], capture_output=True,
-                                      text=True, timeout=600)
+                                      encoding="utf-8", errors="replace", timeout=600)
                 if done.returncode == 0:
                     break
             else:
