@@ -538,3 +538,29 @@ def test_the_commands_work_in_a_locale_that_is_not_utf8(tmp_path, data_dir):
     vaelab("report", run_dir, "--no-progress")
     assert "±" in (run_dir / "report.html").read_text(encoding="utf-8")
     assert "12N x rel. error" in vaelab("stirling", "--n", "5")
+
+
+@pytest.mark.parametrize("argv", [
+    ["train", "--out", "BAD", "--epochs", "1"], ["evaluate", "BAD"], ["report", "RUN", "--out", "BAD.html"],
+    ["sample", "RUN", "--out", "BAD.png"], ["runs", "BAD"], ["data", "--data-dir", "BAD"],
+])
+def test_a_path_that_is_not_utf8_is_refused_in_one_line(trained, tmp_path, capsys, monkeypatch, argv):
+    """A name whose bytes are not UTF-8 (b"bad\\xffname"): until 2026-12-05 `train --out` trained, then ended in a
+    traceback writing train.log ("surrogates not allowed"), leaving the new run directory; now one line, exit 2."""
+    import os
+
+    monkeypatch.chdir(tmp_path)
+    bad = os.fsdecode(b"bad\xffname")
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(trained) if word == "RUN" else word.replace("BAD", bad) for word in argv])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and one_line(err) and "bad\\xffname" in err and "is not UTF-8 (its byte 0xff)" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_data_directory_that_is_not_utf8_is_refused_in_one_line(tmp_path, capsys, monkeypatch):
+    import os
+
+    monkeypatch.setenv("VAELAB_DATA", os.fsdecode(bytes(tmp_path) + b"/x\xfe"))
+    code, _, err = run(capsys, "data")
+    assert code == 2 and one_line(err) and "$VAELAB_DATA: " in err and "is not UTF-8 (its byte 0xfe)" in err

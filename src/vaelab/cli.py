@@ -36,7 +36,9 @@ def _path_arg(value: str) -> Path:
     if not value.strip():
         raise argparse.ArgumentTypeError(f"{value!r} is {'a blank' if value else 'an empty'} path (an unset shell "
                                          f"variable?); give a path, or leave the argument out where it has a default")
-    problem = _name_too_long(Path(value))
+    from vaelab.data import utf8_problem
+
+    problem = utf8_problem(value) or _name_too_long(Path(value))
     if problem:
         raise argparse.ArgumentTypeError(problem)
     return Path(value)

@@ -141,11 +141,31 @@ def default_data_dir() -> Path:
 
 def resolve_path(value: str | Path, what: str) -> Path:
     """An absolute path with ``~`` expanded, so that a run resumed from another directory finds the
-    same files; a ``~user`` that does not exist is a UsageError naming ``what``."""
+    same files; a ``~user`` that does not exist, or a path that is not UTF-8 (``utf8_problem``), is a UsageError
+    naming ``what``."""
     try:
-        return Path(value).expanduser().absolute()
+        path = Path(value).expanduser().absolute()
     except RuntimeError as exc:              # Path("~nobody-here").expanduser()
         raise UsageError(f"{what} {value}: {exc}; give an existing path") from exc
+    problem = utf8_problem(path)
+    if problem:
+        raise UsageError(f"{what}: {problem}")
+    return path
+
+
+def utf8_problem(path: str | Path) -> str | None:
+    """Why ``path`` cannot be one of vaelab's: a name whose bytes are not UTF-8 (Python holds them as surrogates),
+    which its files (config.json, records, logs, pages) cannot hold; until 2026-12-05 such a --out ended the training
+    in a traceback, leaving the new run directory behind. None where it is UTF-8."""
+    text = str(path)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        byte = os.fsencode(text[exc.start:exc.end])[0]
+        shown = os.fsencode(text).decode("utf-8", "backslashreplace")
+        return (f"{shown} is not UTF-8 (its byte 0x{byte:02x}); vaelab writes its paths into its files and lines "
+                f"as UTF-8: rename it, or give another path")
+    return None
 
 
 # ---------------------------------------------------------------------------------------------------
