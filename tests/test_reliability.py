@@ -291,6 +291,7 @@ def test_an_evaluation_of_one_digit_is_strict_json(copy, data_dir, capsys):
     ("data", "binarize", "grey", "'grey' is not one of dynamic, static"),
     ("data", "validation_seed", -1, "validation_seed must be"),
     ("train", "adam_betas", [0.9], "not of type"),
+    ("train", "adam_eps", 1e-39, "--adam-eps must be a finite number ≥ 1.18e-38 (float32's smallest normal number"),
 ])
 def test_values_the_cli_would_refuse_are_refused_inside_config_json(copy, capsys, section, field, value, message):
     config = json.loads((copy / ckpt.CONFIG).read_text())

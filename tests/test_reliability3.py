@@ -546,6 +546,16 @@ def test_an_absurd_finite_loss_stops_training_and_keeps_the_last_good_checkpoint
     assert {name: (tmp_path / name).read_bytes() for name in saved} == saved
 
 
+def test_a_large_beta_is_not_taken_for_a_divergence(tmp_path, data_dir, capsys):
+    """The β-ELBO trained is up to β times the ELBO's size: with --beta 10⁸ its −β·KL passed 5.4e5 nats at the first
+    step and the run was stopped as diverged ("try a lower --lr"). Its limit is now β times the ELBO's; the ELBO's own
+    limit is unchanged (the run's ELBO stays that of a working model)."""
+    code, out, err = run(capsys, "train", "--out", tmp_path / "run", "--epochs", "1", "--beta", "1e8", "--data-dir",
+                         data_dir, *SMALL)
+    assert code == 0, err
+    assert "train β-ELBO (β = 100000000.00)" in out and -1000 < float(out.split("train ELBO")[1].split(",")[0]) < 0
+
+
 # ---- 4. files that vaelab did not write -----------------------------------------------------------------------
 
 

@@ -66,6 +66,9 @@ class TrainConfig:
     eval_seed: int = 0             # the per-epoch ELBOs use the same draws every epoch
 
 
+FLOAT32_TINY = 2.0 ** -126      # float32's smallest normal number, 1.18e-38 (torch.finfo(torch.float32).tiny)
+
+
 @dataclass(frozen=True)
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -82,7 +85,10 @@ class RunConfig:
             ("--epochs", t.epochs, t.epochs >= 1, "≥ 1"),
             ("--batch-size", t.batch_size, t.batch_size >= 1, "≥ 1"),
             ("--lr", t.lr, math.isfinite(t.lr) and t.lr > 0, "a finite number > 0"),
-            ("--adam-eps", t.adam_eps, math.isfinite(t.adam_eps) and t.adam_eps > 0, "a finite number > 0"),
+            # below float32's smallest normal number ε is 0 in the step (denormals are flushed to zero), and a
+            # weight whose gradient is 0 then steps by 0/0 = NaN: until 2026-12-05 such a run diverged at its 2nd step
+            ("--adam-eps", t.adam_eps, math.isfinite(t.adam_eps) and t.adam_eps >= FLOAT32_TINY,
+             f"a finite number ≥ {FLOAT32_TINY:.3g} (float32's smallest normal number; below it ε is 0)"),
             ("--clip-grad-norm", t.clip_grad_norm, math.isfinite(t.clip_grad_norm) and t.clip_grad_norm >= 0,
              "a finite number ≥ 0 (0: no clipping)"),
             ("--clip-grad-value", t.clip_grad_value, math.isfinite(t.clip_grad_value) and t.clip_grad_value >= 0,

@@ -626,11 +626,15 @@ class Trainer:
         """Raise TrainingDiverged at the first step whose objective or ELBO (batch sums in columns 0 and 1) is
         NaN, ±inf, or beyond ``loss_limit`` nats per example (the batch's mean)."""
         per_example = losses[:, :2] / self.config.train.batch_size       # the last, smaller batch: a lower bound
-        bad = ~torch.isfinite(per_example).all(1) | (per_example.abs() > self.loss_limit).any(1)
+        # the objective trained, −(E log p(x|z) − β·KL), is up to β times the ELBO's size: its limit is β times the
+        # ELBO's (until 2026-12-05 a run with --beta 10⁴ and a KL of 100 nats was stopped as diverged)
+        limits = torch.tensor([self.loss_limit * max(1.0, self.config.objective.beta), self.loss_limit],
+                              dtype=per_example.dtype, device=per_example.device)
+        bad = ~torch.isfinite(per_example).all(1) | (per_example.abs() > limits).any(1)
         if bool(bad.any()):
             row = int(bad.nonzero()[0, 0])
             objective, elbo = per_example[row].tolist()
-            value = objective if not math.isfinite(objective) or abs(objective) > self.loss_limit else elbo
+            value = objective if not math.isfinite(objective) or abs(objective) > float(limits[0]) else elbo
             raise TrainingDiverged(f"the loss became {value:.4g} nats per example at epoch {epoch}, step "
                                    f"{offset + row + 1}{self._beyond(value)}; {self._what_stands()}")
 
