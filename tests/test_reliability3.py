@@ -653,8 +653,10 @@ def test_api_load_run_names_a_path_of_the_wrong_kind():
 def test_api_refuses_bad_arguments_before_torch_does(evaluated):
     run = vaelab.load_run(evaluated)
     x = (torch.rand(3, 784, generator=torch.Generator().manual_seed(0)) < 0.3).float()
-    with pytest.raises(UsageError, match="k must be a whole number ≥ 1, got -3"):
+    with pytest.raises(UsageError, match="k must be a whole number ≥ 1 and below 2⁶³, got -3"):
         run.log_likelihood(x, k=-3)
+    with pytest.raises(UsageError, match="seed must be a whole number ≥ 0 and below 2⁶³, got 2361183241434822606848"):
+        run.sample(4, seed=2**71)                            # (the line said "≥ 0" of it)
     with pytest.raises(UsageError, match=r"784 pixels per digit.* got shape \(10, 100\)"):
         run.encode(torch.zeros(10, 100))
     for shape in ((3, 28, 28), (3, 1, 28, 28)):              # torch's image batches (one channel) were refused
