@@ -969,18 +969,19 @@ def test_ctrl_c_stops_the_sweep_with_checkpoints_and_the_rerun_goes_on(tmp_path,
 
 
 def two_trial_grid(tmp_path: Path, data_dir: Path, fixed: str, search: str,
-                   exit_code: int = 0) -> tuple[str, list[str]]:
-    """A two-trial grid sweep of one short epoch on 500 + 100 digits, ``fixed`` and ``search`` (TOML lines) added to
-    its sections, run to its end (exiting with ``exit_code``): (what it printed, the states of its trials, sorted)."""
+                   exit_code: int = 0, trials: int = 2, examples: int = 600) -> tuple[str, list[str]]:
+    """A grid sweep of ``trials`` (two) of one short epoch on 500 + 100 digits (``examples`` in all), ``fixed`` and
+    ``search`` (TOML lines) added to its sections, run to its end (exiting with ``exit_code``): (what it printed, the
+    states of its trials, sorted)."""
     spec = tmp_path / "spec.toml"
     spec.write_text(f"""\
 preset = "seed"
-trials = 2
+trials = {trials}
 objective = "validation-elbo"
 sampler = "grid"
 [fixed]
 epochs = 1
-train_examples = 600
+train_examples = {examples}
 validation = 100
 test_examples = 50
 {fixed}
@@ -994,21 +995,42 @@ test_examples = 50
 
 
 def test_a_sampled_combination_the_train_command_refuses_fails_that_trial_only(tmp_path, data_dir):
-    """model and latent sizes searched independently: mlp2 with one latent size is refused by `vaelab train`; that
-    trial fails with its reason in the table, is not retried, and the others run."""
-    printed, states = two_trial_grid(tmp_path, data_dir, 'hidden = [16]\nlatent = [3]', 'model = ["mlp", "mlp2"]')
-    assert states == ["COMPLETE", "FAIL"]                               # the failed slot was not retried
-    assert "failed:" in printed and "2 stochastic layers" in printed
+    """engine and activation searched independently: the fused engine with tanh is refused by `vaelab train`; that
+    trial fails with its reason in the table, is not retried, and the others run (each value trains in some
+    combination: the spec is not refused)."""
+    printed, states = two_trial_grid(tmp_path, data_dir, 'hidden = [16]\nlatent = [3]', 'engine = ["fused", '
+                                     '"autograd"]\nactivation = ["relu", "tanh"]', trials=4)
+    assert states == ["COMPLETE", "COMPLETE", "COMPLETE", "FAIL"]       # the failed slot was not retried
+    assert printed.count("failed:") == 2 and "--engine fused covers only the one-hidden-layer ReLU mlp" in printed
+
+
+def test_a_value_no_combination_can_train_is_refused_before_any_trial(tmp_path, data_dir):
+    """A choice that the train command refuses whatever the other searched fields draw (mlp2 beside a fixed single
+    latent size; an --adam-eps below float32's smallest normal number): one line naming it and the train command's
+    reason, exit 2, no sweep made (until 2026-12-05 every trial that drew it failed)."""
+    for fixed, search, named in (('hidden = [16]\nlatent = [3]', 'model = ["mlp", "mlp2"]', "search.model: \"mlp2\""),
+                                 ('hidden = [16]', 'adam_eps = [1e-8, 1e-39]\nlr = [1e-3, 2e-3]',
+                                  "search.adam_eps: 1e-39")):
+        out = tmp_path / named.split(":")[0]
+        spec = tmp_path / "spec.toml"
+        spec.write_text(f'trials = 2\nobjective = "validation-elbo"\n[fixed]\nvalidation = 100\n{fixed}\n[search]\n'
+                        f'{search}\n')
+        process = sweep_cli(spec, out, data_dir=data_dir)
+        printed, err = process.communicate(timeout=300)
+        assert process.returncode == 2 and one_line(err), err
+        assert f"sweep spec: {named}: no trial could train it, whatever the other searched fields draw (" in err, err
+        assert not out.exists()
 
 
 def test_a_sweep_whose_every_trial_failed_exits_1_and_its_page_shows_why(tmp_path, data_dir):
-    """Both trials refused by `vaelab train` (two-layer models given one latent size): the sweep ends with one line
-    saying that no trial completed, exit status 1 (it was 0, as if there were a best configuration to train), and its
-    report names the failures where it said "No trial has finished yet" and showed only "fail" in the table."""
+    """Both trials refused by `vaelab train` (more training digits than the data set has, which only the data tell):
+    the sweep ends with one line saying that no trial completed, exit status 1 (it was 0, as if there were a best
+    configuration to train), and its report names the failures where it said "No trial has finished yet" and showed
+    only "fail" in the table."""
     from vaelab.cli import main
 
-    printed, states = two_trial_grid(tmp_path, data_dir, 'hidden = [16]\nlatent = [3]', 'model = ["mlp2", "hvae"]',
-                                     exit_code=1)
+    printed, states = two_trial_grid(tmp_path, data_dir, 'hidden = [16]\nlatent = [3]', 'lr = [1e-3, 2e-3]',
+                                     exit_code=1, examples=5000)
     assert states == ["FAIL", "FAIL"]
     assert printed.count("failed:") == 4 and "best:" not in printed          # as each ended, and under the table
     last = printed.strip().splitlines()[-1]
@@ -1016,7 +1038,7 @@ def test_a_sweep_whose_every_trial_failed_exits_1_and_its_page_shows_why(tmp_pat
     assert main(["report", str(tmp_path / "out")]) == 0
     html = (tmp_path / "out" / "report.html").read_text()
     assert "No trial has finished yet" not in html and "No trial has a value to show: 2 failed" in html
-    assert html.count("failed: ") == 2 and "2 stochastic layers" in html and "(2 failed)" in html
+    assert html.count("failed: ") == 2 and "the data set has 2000 training digits" in html and "(2 failed)" in html
 
 
 @pytest.mark.slow

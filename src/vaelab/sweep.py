@@ -508,6 +508,16 @@ def _check_values(spec: Spec) -> None:
                                                    f"({str(exc).replace('argument --', '--')}); for whole numbers "
                                                    f"write the range in integers (low = {int(param.low)}, high = "
                                                    f"{int(param.high)}{step})") from None
+    # a value that no combination of the other searched values makes a config `vaelab train` takes (--adam-eps 1e-39,
+    # two latent sizes for a model fixed to mlp): refused here, where until 2026-12-05 each trial that drew it failed
+    for param in spec.search:
+        others = [other for other in spec.search if other is not param]
+        for value in param.values_to_check():
+            refused = _untrainable(spec, param, value, others)
+            if refused is not None:
+                where = param.name if param.options is None else f"{param.name}.{value}"
+                raise _bad(f"search.{where}", f"{toml_text(value)}: no trial could train it, whatever the other "
+                                              f"searched fields draw ({refused.replace('argument --', '--')})")
     # a searched field no trial would read (a flow's steps where every trial has no flow): over every combination of
     # the choices (a range by its two ends, which is where a condition such as "no steps" can change)
     ends = [param.values_to_check() for param in spec.search]
@@ -525,6 +535,25 @@ def _check_values(spec: Spec) -> None:
     for index, entry in enumerate(spec.enqueue):
         values, _ = sample_params(spec, lambda param: entry.get(param.name, _UNSET))
         config_of(spec.trial_fields(values), f"enqueue[{index}]")
+
+
+def _untrainable(spec: Spec, param: "Param", value: Any, others: list, most: int = 2000) -> str | None:
+    """Why no trial that draws ``value`` for ``param`` could train (the train command's refusal of the first
+    combination of the other searched values, ends of ranges and choices, tried), or None where one combination can
+    (or more than ``most`` would have to be tried to tell)."""
+    first = None
+    combinations = itertools.product(*(other.values_to_check() for other in others))
+    for combination in itertools.islice(combinations, most):
+        chosen = {param.name: value, **{other.name: v for other, v in zip(others, combination)}}
+        values, _ = sample_params(spec, lambda p: chosen[p.name])
+        if param.name not in values:
+            return None                       # a combination in which the value is not even read
+        try:
+            _config_of(spec.preset, spec.trial_fields(values))
+            return None
+        except UsageError as exc:
+            first = first or str(exc)
+    return first if next(combinations, None) is None else None
 
 
 # ------------------------------------------------------------------------------------------------
