@@ -438,6 +438,10 @@ DEPTH = 'trials = 2\n[fixed]\nvalidation = 100\nmodel = "hvae"\n'
      ["search.lr", 'log = "yes": write log = true or log = false']),
     ('trials = 2\n[fixed]\nvalidation = 100\n[search]\nlr = { low = nan, high = 1e-3 }\n',
      ["search.lr", "got nan and 0.001"]),
+    # true or false for a flag that takes a value read "--lr: expected one argument"
+    ('trials = 2\n[fixed]\nvalidation = 100\nlr = true\n', ["fixed", "--lr: expected a number, got 'true'"]),
+    ('trials = 2\n[fixed]\nvalidation = 100\n[search]\nlr = [true, false]\n',
+     ["search.lr", "--lr: expected a number, got 'true'"]),
 ])
 def test_bad_specs_are_one_line_errors_naming_the_field(text, words, tmp_path, capsys):
     from vaelab.cli import main

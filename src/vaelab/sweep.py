@@ -283,14 +283,24 @@ def _negatable_fields() -> frozenset[str]:
                      if "--no-" + name.replace("_", "-") in action.option_strings)
 
 
+@functools.cache
+def _switch_fields() -> frozenset[str]:
+    """The fields whose flag takes no value (a switch: --batch-norm, --compiled)."""
+    return frozenset(name for name, action in train_fields().items() if action.nargs == 0)
+
+
 def flags_of(fields: dict[str, Any]) -> list[str]:
     """`vaelab train` argv for {field: value} (lists become several values, True a bare flag, False the flag's
     --no- form where it has one, e.g. --no-batch-norm against a preset that turns it on)."""
     argv: list[str] = []
-    negatable = _negatable_fields()
+    negatable, switches = _negatable_fields(), _switch_fields()
     for name, value in fields.items():
         option = "--" + name.replace("_", "-")
-        if value is True:
+        if isinstance(value, bool) and name not in switches and name in train_fields():
+            # true or false for a flag that takes a value (lr = true): given as its value, so that the flag's own
+            # check names it ("--lr: … got 'true'"; it read "--lr: expected one argument")
+            argv += [option, toml_text(value)]
+        elif value is True:
             argv.append(option)
         elif value is False and name in negatable:
             argv.append("--no-" + option[2:])
