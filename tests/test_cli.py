@@ -564,3 +564,23 @@ def test_a_data_directory_that_is_not_utf8_is_refused_in_one_line(tmp_path, caps
     monkeypatch.setenv("VAELAB_DATA", os.fsdecode(bytes(tmp_path) + b"/x\xfe"))
     code, _, err = run(capsys, "data")
     assert code == 2 and one_line(err) and "$VAELAB_DATA: " in err and "is not UTF-8 (its byte 0xfe)" in err
+
+
+def test_an_evaluation_logged_to_a_file_writes_a_line_a_minute_of_each_long_part(trained, data_dir, tmp_path, capsys,
+                                                                                 monkeypatch):
+    """stderr not a terminal (a log): a part of the evaluation that lasts longer than LOG_EVERY_S (a minute) writes
+    a line each such interval and one at its end (until 2026-12-05 nothing until the results); shorter parts write
+    nothing, and --no-progress none at all. Here the interval is made 0 s, so that every refresh is a line."""
+    from vaelab import evaluation
+
+    argv = ["evaluate", str(trained), "--k", "5", "--test-examples", "40", "--laplace", "--data-dir", str(data_dir)]
+    assert main([*argv, "--out", str(tmp_path / "a.json")]) == 0
+    assert "digits (" not in capsys.readouterr().err                  # the parts took less than a minute
+    monkeypatch.setattr(evaluation, "LOG_EVERY_S", 0.0)
+    assert main([*argv, "--out", str(tmp_path / "b.json")]) == 0
+    lines = capsys.readouterr().err.splitlines()
+    assert "Laplace + IS-5: 40/40 digits (100 %), 00:00 so far, about 00:00 to go" in lines, lines
+    assert any(re.fullmatch(r"IWAE-5: 40/40 digits \(100 %\), .*", line) for line in lines), lines
+    assert not any("\r" in line for line in lines)
+    assert main([*argv, "--out", str(tmp_path / "c.json"), "--no-progress"]) == 0
+    assert "digits (" not in capsys.readouterr().err

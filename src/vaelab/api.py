@@ -194,7 +194,8 @@ def _real_tensor(value: Any, name: str, what: str) -> torch.Tensor:
 
 def _check_count(name: str, value: Any, low: int) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not low <= value < 2**63:
-        raise UsageError(f"{name} must be a whole number ≥ {low} and below 2⁶³, got {value!r}")   # (said "≥ 0" of 2⁷⁰)
+        # (the line said "≥ 0" of 2⁷⁰)
+        raise UsageError(f"{name} must be a whole number ≥ {low} and below 2⁶³, got {value!r}")
 
 
 def load_run(path: str | Path, checkpoint: str = "last") -> Run:

@@ -283,7 +283,8 @@ def build_parser(parser_class: type[argparse.ArgumentParser] = _Parser) -> argpa
                           "that encodes the settings, and the weights' epoch where that name holds an evaluation of "
                           "other weights); per-digit values go beside it (.digits.csv)")
     evaluate.add_argument("--overwrite", action="store_true", help="replace an existing record of the same name")
-    evaluate.add_argument("--no-progress", action="store_true", help="no progress bar")
+    evaluate.add_argument("--no-progress", action="store_true", help="no progress bar on a terminal, nor a line a "
+                          "minute in a log")
     evaluate.add_argument("--format", choices=list(TABLE_FORMATS), default="text",
                           help="the printed table: text (default), or latex (booktabs), markdown or csv to paste")
     evaluate.set_defaults(run=cmd_evaluate)
@@ -1093,7 +1094,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from vaelab import checkpoint as ckpt
     from vaelab import distributed
     from vaelab.data import idx_sha256, load_mnist, prepare, resolve_path
-    from vaelab.evaluation import EvalConfig, check_precision, evaluate_run
+    from vaelab.evaluation import LINES, EvalConfig, check_precision, evaluate_run
     from vaelab.provenance import provenance
     from vaelab.records import evaluation_export, format_eval_table, load_the_same_weights, write_evaluation
     from vaelab.resources import check_bf16, default_threads, require_memory
@@ -1141,7 +1142,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         if world.main:
             _log(f"evaluating {args.run_dir} ({pictured_weights(loaded, run)}) on {len(images)} "
                  f"{args.split} digits, K = {args.k}, device {device}, {plural(threads, 'thread')}{processes}")
-        summary, per_digit = evaluate_run(model, images, eval_config, progress=_progress(args), world=world)
+        # a bar on a terminal; where stderr is a log, a line a minute of each part that lasts longer than one
+        progress = _progress(args) or (not args.no_progress and LINES)
+        summary, per_digit = evaluate_run(model, images, eval_config, progress=progress, world=world)
         if not world.main:
             return 0
         record = {**provenance(device, threads), "run": str(args.run_dir.resolve()), "weights": weights,

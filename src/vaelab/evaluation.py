@@ -20,6 +20,7 @@ import dataclasses
 import functools
 import math
 import platform
+import sys
 import time
 from dataclasses import dataclass
 from typing import Callable, Iterator
@@ -158,8 +159,41 @@ def row_bytes(model_config) -> int:
 # Loops.
 
 
-def _batches(images: torch.Tensor, size: int, desc: str, progress: bool) -> Iterator[torch.Tensor]:
-    bar = tqdm(total=len(images), desc=desc, unit="digit", leave=False, disable=not progress, dynamic_ncols=True)
+# ``progress`` of the loops below: True a bar (a terminal), False nothing, LINES a line a minute for a log.
+LINES = "lines"
+LOG_EVERY_S = 60.0           # a part of an evaluation that ends sooner writes nothing to a log
+LOG_FORMAT = "{desc}: {n_fmt}/{total_fmt} digits ({percentage:.0f} %), {elapsed} so far, about {remaining} to go"
+
+
+class _Lines:
+    """A file for tqdm's bar where stderr is a log, not a terminal: each refresh (one a minute, ``LOG_EVERY_S``) a
+    line of its own, where tqdm's carriage returns would run them into one. Until 2026-12-05 a log saw nothing of
+    an evaluation between its first line and its results: 15 minutes for --laplace on the 10 000 test digits."""
+
+    def __init__(self, stream):
+        self.stream, self.last = stream, None
+
+    def write(self, text: str) -> None:
+        for line in text.replace("\r", "\n").split("\n"):
+            line = line.strip()
+            if line and line != self.last:
+                self.last = line
+                try:
+                    self.stream.write(line + "\n")
+                    self.stream.flush()
+                except OSError:              # a closed pipe: the evaluation goes on without its lines
+                    pass
+
+    def flush(self) -> None:
+        pass
+
+
+def _batches(images: torch.Tensor, size: int, desc: str, progress: bool | str) -> Iterator[torch.Tensor]:
+    if progress == LINES:
+        bar = tqdm(total=len(images), desc=desc, file=_Lines(sys.stderr), delay=LOG_EVERY_S, mininterval=LOG_EVERY_S,
+                   bar_format=LOG_FORMAT)
+    else:
+        bar = tqdm(total=len(images), desc=desc, unit="digit", leave=False, disable=not progress, dynamic_ncols=True)
     for x in test_batches(images, size):
         yield x
         bar.update(len(x))
@@ -168,7 +202,7 @@ def _batches(images: torch.Tensor, size: int, desc: str, progress: bool) -> Iter
 
 @torch.no_grad()
 def per_example(fn: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, size: int,
-                desc: str, progress: bool) -> torch.Tensor:
+                desc: str, progress: bool | str) -> torch.Tensor:
     """Apply ``fn`` (a batch → per-example values) over all images; returns (N,) on the CPU."""
     with hot_loop_settings():
         return torch.cat([fn(x).double().cpu() for x in _batches(images, size, desc, progress)])
@@ -374,7 +408,7 @@ def curve_ks(k: int) -> tuple[int, ...]:
     return tuple(sorted({n for n in (1, 10, 100, 1000) if n < k} | {k}))
 
 
-def iwae_log_likelihood(model, images: torch.Tensor, config: EvalConfig, progress: bool = False,
+def iwae_log_likelihood(model, images: torch.Tensor, config: EvalConfig, progress: bool | str = False,
                         nested: tuple[int, ...] = ()) -> torch.Tensor:
     """log p(x) ≈ IWAE_K with q(z|x) as the proposal, per test digit (N,); with ``nested`` (K values ≤ k), the
     estimates for every K from the first K of the same k draws, (N, len(nested))."""
@@ -460,7 +494,7 @@ def _saddle_message(digit: int, eigenvalues) -> str:
             f"saddle or a kink of this model, so Laplace's method does not apply to that digit")
 
 
-def laplace_estimates(model, images: torch.Tensor, config: EvalConfig, progress: bool = False,
+def laplace_estimates(model, images: torch.Tensor, config: EvalConfig, progress: bool | str = False,
                       first_digit: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per digit: the plain Laplace estimate of log p(x), IS-K with the Laplace proposal N(z*, H⁻¹), and
     why the mode search stopped (laplace.OUTCOMES). A digit whose Hessian there is not negative definite raises
@@ -520,7 +554,7 @@ def _laplace_batch(model, model64, x: torch.Tensor, config: EvalConfig,
 
 
 def gap_decomposition(model, images: torch.Tensor, iwae: torch.Tensor, config: EvalConfig,
-                      laplace_elbo: torch.Tensor | None, progress: bool) -> tuple[dict, dict]:
+                      laplace_elbo: torch.Tensor | None, progress: bool | str) -> tuple[dict, dict]:
     """log p̂(x) (IWAE-K, given), ELBO[q*], ELBO[q] and the two gaps per digit and as means ± standard errors."""
     from vaelab.gaps import family_of, gap_batch
 
@@ -583,7 +617,7 @@ def _gaps_summary(per_digit: dict, family: str, config: EvalConfig, n: int, mc: 
     return out
 
 
-def evaluate_run(model, images: torch.Tensor, config: EvalConfig, progress: bool = False,
+def evaluate_run(model, images: torch.Tensor, config: EvalConfig, progress: bool | str = False,
                  world: World = SINGLE) -> tuple[dict, dict]:
     """All estimators of the test log-likelihood side by side, and the latent layers' statistics.
 
@@ -596,7 +630,8 @@ def evaluate_run(model, images: torch.Tensor, config: EvalConfig, progress: bool
         return _evaluate_run(model, images, config, progress, world)
 
 
-def _evaluate_run(model, images: torch.Tensor, config: EvalConfig, progress: bool, world: World) -> tuple[dict, dict]:
+def _evaluate_run(model, images: torch.Tensor, config: EvalConfig, progress: bool | str,
+                  world: World) -> tuple[dict, dict]:
     start = time.perf_counter()
     mine = shard(images, world)
     config = dataclasses.replace(config, seed=config.seed + 1_000_003 * world.rank)
@@ -605,12 +640,12 @@ def _evaluate_run(model, images: torch.Tensor, config: EvalConfig, progress: boo
     per_digit: dict = {"elbo": elbo}
     if config.k_curve:
         ks = curve_ks(config.k)
-        curve = gather_rows(iwae_log_likelihood(model, mine, config, progress and world.main, nested=ks), world)
+        curve = gather_rows(iwae_log_likelihood(model, mine, config, progress if world.main else False, nested=ks), world)
         iwae = curve[:, -1]
         summary["k_curve"] = [dict(zip(("k", "mean", "stderr"), (k, *summarize(curve[:, i])))) for i, k in enumerate(ks)]
         per_digit.update({f"iwae_k{k}": curve[:, i] for i, k in enumerate(ks[:-1])})
     else:
-        iwae = gather_rows(iwae_log_likelihood(model, mine, config, progress and world.main), world)
+        iwae = gather_rows(iwae_log_likelihood(model, mine, config, progress if world.main else False), world)
     decoder = "" if config.precision == "fp32" else f", {config.precision} decoder products"
     # both estimates are of a bound: E over the draws of the one-draw ELBO is the ELBO ≤ log p(x), as IWAE-K's is the
     # IWAE bound; one draw's value is not itself a bound (until 2026-12-05 the row said "lower bound")
@@ -620,7 +655,7 @@ def _evaluate_run(model, images: torch.Tensor, config: EvalConfig, progress: boo
     laplace_elbo = None
     if config.laplace:
         try:
-            found, saddle = laplace_estimates(model, mine, config, progress and world.main,
+            found, saddle = laplace_estimates(model, mine, config, progress if world.main else False,
                                               shard_start(images, world)), None
         except NotNegativeDefinite as exc:
             found, saddle = None, exc
@@ -644,7 +679,7 @@ def _evaluate_run(model, images: torch.Tensor, config: EvalConfig, progress: boo
         summary["laplace_modes"] = {**counts, "newton_steps": config.newton_steps}
     if config.gaps:
         gaps, gap_digits = gap_decomposition(model, mine, iwae if not world.distributed else shard(iwae, world),
-                                             config, laplace_elbo, progress and world.main)
+                                             config, laplace_elbo, progress if world.main else False)
         per_digit.update({name: gather_rows(values, world) for name, values in gap_digits.items()})
         summary["gaps"] = gaps if not world.distributed else _gaps_summary(
             per_digit, gaps["family"], config, len(images))
