@@ -211,11 +211,10 @@ def load_model_weights(run_dir: str | Path, device: torch.device | str = "cpu",
         differ = [name for name in sorted(expected.keys() | found.keys()) if expected.get(name) != found.get(name)]
         shapes = ", ".join(f"{name} {expected.get(name, 'absent')} by config.json, {found.get(name, 'absent')} in "
                            f"the file" for name in differ[:3]) + (f" and {len(differ) - 3} more" if differ[3:] else "")
+        why = (f"config.json was edited ({'; '.join(edited)}, the state's → config.json's): {config_fix(run_dir)}"
+               if edited else "the files come from different runs")
         raise CheckpointError(f"{run_dir / weights} does not match the architecture in config.json "
-                              f"({shapes or 'tensors not float32'}); " + (
-                                  f"config.json was edited ({'; '.join(edited)}, the state's → config.json's): {config_fix(run_dir)}"
-                                  if edited
-                                  else "the files come from different runs"))
+                              f"({shapes or 'tensors not float32'}); {why}")
     check_finite(tensors, run_dir / weights)
     model.load_state_dict(tensors)
     where = [int(meta[key]) if isinstance(meta.get(key), int) else None for key in ("epoch", "step")]
