@@ -122,7 +122,7 @@ def test_on_a_terminal_a_bar_shows_the_trials_done_and_the_best_so_far(tmp_path,
     import termios
 
     spec = tmp_path / "spec.toml"
-    spec.write_text(EXAMPLE.replace("trials = 4", "trials = 2").replace("epochs = 2", "epochs = 30")
+    spec.write_text(EXAMPLE.replace("trials = 4", "trials = 2").replace("epochs = 2", "epochs = 120")
                     .replace("validation-nll", "validation-elbo").replace("[search]", "hidden = [16]\n[search]")
                     .replace("hidden = [[64], [128]]\n", ""))
     for flags, bar in (((), True), (("--no-progress",), False)):
