@@ -952,8 +952,11 @@ def test_the_report_of_a_sweep_renders_in_a_browser(example, tmp_path):
     assert shot.exists() and shot.stat().st_size > 20_000, done.stderr
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_ctrl_c_stops_the_sweep_with_checkpoints_and_the_rerun_goes_on(tmp_path, data_dir, sig):
+@pytest.mark.parametrize("sig, twice", [(signal.SIGINT, False), (signal.SIGTERM, False), (signal.SIGINT, True)])
+def test_ctrl_c_stops_the_sweep_with_checkpoints_and_the_rerun_goes_on(tmp_path, data_dir, sig, twice):
+    """Ctrl-C or SIGTERM: the workers write their checkpoints, the command says that the same command goes on (exit
+    130); a second Ctrl-C while they do ends the command at once, saying the same (until 2026-12-05 "interrupted
+    (Ctrl-C) before it finished"); the rerun finishes the study."""
     spec = tmp_path / "spec.toml"
     spec.write_text(EXAMPLE.replace("epochs = 2", "epochs = 4").replace("validation-nll", "validation-elbo"))
     out = tmp_path / "out"
@@ -963,8 +966,12 @@ def test_ctrl_c_stops_the_sweep_with_checkpoints_and_the_rerun_goes_on(tmp_path,
     while time.monotonic() < deadline and not list(out.glob("trials/*/metrics.csv")):
         time.sleep(0.05)
     process.send_signal(sig)                                    # Ctrl-C, or a scheduler's SIGTERM
+    if twice:
+        time.sleep(0.5)                                         # while the workers write their checkpoints
+        process.send_signal(sig)
     _, err = process.communicate(timeout=300)
     assert process.returncode == 130 and "the same command again goes on" in err, err
+    assert ("stopped at once (a second signal)" in err) == twice, err
     assert len(finished_slots(out)) < 4
     rerun = sweep_cli(spec, out, data_dir=data_dir)
     _, err = rerun.communicate(timeout=600)

@@ -1074,10 +1074,16 @@ def sweep(spec_path: Path, out: Path, workers: int, storage: str | None, trials:
                 if process.is_alive():
                     os.kill(process.pid, signal.SIGINT)
             deadline = time.monotonic() + 300
-            for process in started:
-                process.join(max(0.0, deadline - time.monotonic()))
-                if process.is_alive():
-                    process.terminate()
+            try:
+                for process in started:
+                    process.join(max(0.0, deadline - time.monotonic()))
+                    if process.is_alive():
+                        process.terminate()
+            except KeyboardInterrupt:
+                # a second Ctrl-C: this command ends now (it said "interrupted (Ctrl-C) before it finished"); the
+                # workers, already asked, still finish their step and write their checkpoints
+                raise SweepStopped(f"stopped at once (a second signal): the trials under way are writing their "
+                                   f"checkpoints; the same command again goes on with the study ({out})") from None
             raise SweepStopped(f"stopped: the trials under way wrote their checkpoints; the same command again goes "
                                f"on with the study ({out})") from None
     mark_pruned(study, spec, out)
