@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import one_line, run
 from vaelab import checkpoint as ckpt
 from vaelab.cli import build_parser, main
 from vaelab.report import REPORT_SECTIONS
@@ -387,3 +388,15 @@ def test_the_report_of_a_layer_of_one_unit_plots_it_against_the_digit(tmp_path, 
     for layer in (1, 2):
         assert f"layer {layer}: posterior means of its one unit, by digit" in html
     check_self_contained(html)
+
+
+def test_compare_of_one_run_or_a_missing_record_says_what_compare_takes(runs, tmp_path, capsys):
+    """"compare needs two or more runs" named no fix, and a record that does not exist was "not a directory written
+    by `vaelab train`"; both now say what compare takes."""
+    code, _, err = run(capsys, "compare", runs / "a", "--out", tmp_path / "c.html")
+    assert code == 2 and one_line(err) and f"got 1: give another run directory (or an eval-….json record in one) to " \
+        f"compare {runs / 'a'} with" in err
+    code, _, err = run(capsys, "compare", runs / "a", runs / "b" / "eval-missing.json", "--out", tmp_path / "c.html")
+    assert code == 2 and one_line(err) and "eval-missing.json does not exist; compare takes run directories or the " \
+        "eval-….json records in them" in err
+    assert not (tmp_path / "c.html").exists()

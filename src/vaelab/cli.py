@@ -1413,7 +1413,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from vaelab.report import build_comparison, comparison_export, comparison_table
 
     if len(args.run_dirs) < 2:
-        raise UsageError("compare needs two or more runs")
+        raise UsageError(f"compare needs two or more runs, got {len(args.run_dirs)}: give another run directory (or "
+                         f"an eval-….json record in one) to compare {args.run_dirs[0]} with")
     out = args.out or default_comparison_page(args.run_dirs)
     _check_page_target(out)
     html, comparison = build_comparison(args.run_dirs, args.split)

@@ -497,6 +497,9 @@ def compare_runs(paths: Sequence[str | Path], split: str = "test") -> Comparison
     validation`, for choosing among runs without touching the test set), paired against the first run. A path may
     also be one evaluation record of a run (``RUN/eval-….json``): that record is compared, whatever weights the run
     holds now (two evaluations of one run, at two epochs, paired digit by digit)."""
+    for path in paths:
+        if not Path(path).exists():     # said of what compare takes (it said "pass a directory written by vaelab train")
+            raise UsageError(f"{path} does not exist; compare takes run directories or the eval-….json records in them")
     chosen = [_chosen_record(Path(p)) for p in paths]
     for path, (directory, file) in zip(paths, chosen):
         if file is not None and not ckpt.is_run(directory):      # said of the file given, not of its folder
