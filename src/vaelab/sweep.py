@@ -1147,18 +1147,21 @@ class Watch:
                     (self.bar.write if not self.bar.disable else self.log)(
                         f"{self._ended(row)}; {len(self.reported)} of {plural(self.spec.trials, 'trial')} done{so_far}")
         if not self.bar.disable:
-            running = [f"{slot:04d} epoch {self._epochs(slot)}" for slot in self.running]
+            running = [f"{slot:04d}" + ("" if epochs is None else f" epoch {epochs}")
+                       for slot, epochs in ((slot, self._epochs(slot)) for slot in self.running)]
             self.bar.n = len(self.reported)
             self.bar.set_postfix_str("; ".join(([] if self.best is None else [f"best {self.best['value']:.3f}"])
                                                + ([f"running {', '.join(running)}"] if running else [])))
 
-    def _epochs(self, slot: int) -> int:
-        """The epochs a trial under way has finished: the rows of its metrics.csv."""
+    def _epochs(self, slot: int) -> int | None:
+        """The epochs a trial under way has finished: the rows of its metrics.csv; None where this machine holds no
+        run of it (a trial of another machine's workers, on a shared --storage)."""
+        run_dir = run_dir_of(self.out, slot)
         try:
-            with open(run_dir_of(self.out, slot) / "metrics.csv", "rb") as handle:
+            with open(run_dir / "metrics.csv", "rb") as handle:
                 return max(0, sum(1 for _ in handle) - 1)
         except OSError:
-            return 0
+            return 0 if run_dir.is_dir() else None
 
     def _ended(self, row: dict) -> str:
         from vaelab.runs import format_duration
