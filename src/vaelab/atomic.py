@@ -120,3 +120,18 @@ def _umask() -> int:
 
 def write_text(path: Path, text: str, replace: bool = True) -> None:
     atomic_write(path, lambda handle: handle.write(text), mode="w", replace=replace)
+
+
+def utf8_problem(path: str | Path) -> str | None:
+    """Why ``path`` cannot be one of vaelab's: a name whose bytes are not UTF-8 (Python holds them as surrogates),
+    which its files (config.json, records, logs, pages) cannot hold; until 2026-12-05 such a --out ended the training
+    in a traceback, leaving the new run directory behind. None where it is UTF-8."""
+    text = str(path)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        byte = os.fsencode(text[exc.start:exc.end])[0]
+        shown = os.fsencode(text).decode("utf-8", "backslashreplace")
+        return (f"{shown} is not UTF-8 (its byte 0x{byte:02x}); vaelab writes its paths into its files and lines "
+                f"as UTF-8: rename it, or give another path")
+    return None

@@ -100,19 +100,13 @@ def _host_digest() -> int:
     return int.from_bytes(hashlib.sha256(socket.gethostname().encode()).digest()[:7], "little")
 
 
-def _running(pid: int) -> bool:
-    """Whether ``pid`` runs (a zombie, killed but not yet reaped by torchrun, does not)."""
-    try:
-        with open(f"/proc/{pid}/stat", encoding="utf-8", errors="replace") as handle:
-            return handle.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except (OSError, IndexError):
-        return False
-
-
 def lost_ranks(world: World) -> str:
     """Which rank(s) this one lost: those on this machine whose process has ended, else what can be said."""
+    from vaelab.resources import process_runs
+
     here = _host_digest()
-    gone = [rank for rank, (host, pid) in enumerate(_peers) if rank != world.rank and host == here and not _running(pid)]
+    gone = [rank for rank, (host, pid) in enumerate(_peers)
+            if rank != world.rank and host == here and not process_runs(pid)]
     if gone:
         return ", ".join(f"rank {rank} (pid {_peers[rank][1]} has ended)" for rank in gone)
     if world.size == 2:

@@ -203,3 +203,13 @@ def check_bf16(device) -> str:
         return (f"bf16 products run {ratio:.2f}× the time of float32 on {where} (a 512³ product, measured now): "
                 f"slower than fp32 here, run as asked")
     return f"bf16 products run {ratio:.2f}× the time of float32 on {where} (a 512³ product, measured now)"
+
+
+def process_runs(pid: int) -> bool:
+    """Whether process ``pid`` of this machine runs: a zombie (killed, not yet reaped by its parent: torchrun, a
+    sweep) does not, nor a pid that is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="utf-8", errors="replace") as handle:
+            return handle.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (OSError, IndexError):
+        return False

@@ -252,7 +252,7 @@ def read_evaluations(run_dir: Path, notes: list[str] | None = None) -> list[dict
 
     A file that does not parse as vaelab's record (not JSON, or a hand-written {"nll": 85.3}) is skipped with a
     one-line note appended to ``notes``, naming the file and what is wrong."""
-    records, digests = [], {}
+    records, digests, here = [], {}, str(run_dir.resolve())
     for path in sorted(run_dir.glob("eval*.json")):
         try:
             record = json.loads(path.read_text(encoding="utf-8"))
@@ -278,7 +278,7 @@ def read_evaluations(run_dir: Path, notes: list[str] | None = None) -> list[dict
             # a record of another directory's run (`evaluate A --out B/eval.json`, a copied file) says whose weights it
             # measured; a run moved or copied with its records measured its own, and is stale only if it trained on
             measured = record.get("run")
-            if record["stale"] and isinstance(measured, str) and measured != str(run_dir.resolve()):
+            if record["stale"] and isinstance(measured, str) and measured != here:
                 record["elsewhere"] = measured
         records.append(record)
     return records

@@ -695,13 +695,11 @@ def file_lock(path: Path):
 def _alive(host: str | None, pid: int | None) -> bool | None:
     """Whether the process that ran a trial still runs: True/False on this host, None elsewhere (the heartbeat
     decides there)."""
+    from vaelab.resources import process_runs
+
     if host != socket.gethostname() or not pid:
         return None
-    try:
-        with open(f"/proc/{pid}/stat", encoding="utf-8", errors="replace") as handle:
-            return handle.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except (OSError, IndexError):
-        return False
+    return process_runs(pid)
 
 
 def _dead(trial, shared: bool, now: float) -> bool:
