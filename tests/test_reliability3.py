@@ -546,6 +546,38 @@ def test_an_absurd_finite_loss_stops_training_and_keeps_the_last_good_checkpoint
     assert {name: (tmp_path / name).read_bytes() for name in saved} == saved
 
 
+def test_a_run_directory_moved_while_it_trains_is_said_to_be_gone(tmp_path, tiny_arrays):
+    """`mv RUN elsewhere` (or `rm -r RUN`) while it trains: the next checkpoint cannot be written. Until 2026-12-05
+    the line said that the last checkpoint stood, left untouched, and to make RUN writable; now that RUN is gone,
+    and how a moved run goes on from its last checkpoint where it went (it does: resumed here)."""
+    from vaelab.config import RunConfig, TrainConfig
+    from vaelab.data import DataConfig, prepare
+    from vaelab.models import ModelConfig
+
+    def config(epochs):
+        return RunConfig(model=ModelConfig(hidden=((32,),), latent=(4,)), data=DataConfig(test_examples=50),
+                         train=TrainConfig(epochs=epochs))
+
+    run_dir, data = tmp_path / "run", prepare(tiny_arrays, config(1).data)
+    run_dir.mkdir()
+    training.Trainer(config(1), run_dir, data, torch.device("cpu"), log=lambda m: None, progress=False).fit()
+    trainer = training.Trainer(config(2), run_dir, data, torch.device("cpu"), log=lambda m: None, progress=False)
+    trainer.load_checkpoint()
+    run_dir.rename(tmp_path / "moved")
+    with pytest.raises(ckpt.WriteError) as error:
+        trainer.fit()
+    assert str(error.value).endswith(f"training stopped: {run_dir} is gone, removed or moved while it trained; if it "
+                                     "was moved, its last checkpoint (epoch 1) goes on there with vaelab train --out "
+                                     "NEW --resume, NEW its new place")
+    assert not run_dir.exists()
+    moved = training.Trainer(config(2), tmp_path / "moved", data, torch.device("cpu"), log=lambda m: None,
+                             progress=False)
+    moved.load_checkpoint()
+    assert moved.state.epoch == 1
+    moved.fit()
+    assert moved.state.epoch == 2
+
+
 def test_a_large_beta_is_not_taken_for_a_divergence(tmp_path, data_dir, capsys):
     """The β-ELBO trained is up to β times the ELBO's size: with --beta 10⁸ its −β·KL passed 5.4e5 nats at the first
     step and the run was stopped as diverged ("try a lower --lr"). Its limit is now β times the ELBO's; the ELBO's own
@@ -554,6 +586,27 @@ def test_a_large_beta_is_not_taken_for_a_divergence(tmp_path, data_dir, capsys):
                          data_dir, *SMALL)
     assert code == 0, err
     assert "train β-ELBO (β = 100000000.00)" in out and -1000 < float(out.split("train ELBO")[1].split(",")[0]) < 0
+
+
+def test_a_divergence_names_the_limit_its_value_passed(tmp_path, tiny_arrays):
+    """With β > 1 the β-ELBO trained has a limit β times the ELBO's: a divergence of it named the ELBO's limit
+    (until 2026-12-05), which the value had passed by far less than the line implied; each now names its own."""
+    from vaelab.config import ObjectiveConfig, RunConfig, TrainConfig
+    from vaelab.data import DataConfig, prepare
+    from vaelab.models import ModelConfig
+
+    config = RunConfig(model=ModelConfig(hidden=((32,),), latent=(4,)), data=DataConfig(test_examples=50),
+                       train=TrainConfig(epochs=1), objective=ObjectiveConfig(beta=10.0))
+    trainer = training.Trainer(config, tmp_path, prepare(tiny_arrays, config.data), torch.device("cpu"),
+                               log=lambda m: None, progress=False)
+    limit, batch = trainer.loss_limit, config.train.batch_size                    # 784·ln 2·1000 ≈ 5.43e5
+    beta_elbo_beyond = torch.tensor([[20 * limit * batch, -100.0 * batch]])      # (objective, ELBO) batch sums
+    with pytest.raises(TrainingDiverged, match=r"step 1 \(beyond 5.43e\+06, β = 10 times the ELBO's limit of "
+                                               r"5.43e\+05, 1000× the 784·ln 2 nats of predicting ½ for every pixel"):
+        trainer._check_loss(beta_elbo_beyond, 1, 0)
+    elbo_beyond = torch.tensor([[-100.0 * batch, -2 * limit * batch]])
+    with pytest.raises(TrainingDiverged, match=r"step 1 \(beyond 5.43e\+05, 1000× the 784·ln 2 nats"):
+        trainer._check_loss(elbo_beyond, 1, 0)
 
 
 # ---- 4. files that vaelab did not write -----------------------------------------------------------------------
@@ -577,6 +630,22 @@ def test_a_hand_written_record_is_skipped_with_a_note_and_the_rest_is_shown(eval
     assert code == 0 and "eval-mine.json: not a vaelab evaluation record" in (tmp_path / "c.html").read_text()
     code, _, err = run(capsys, "report", run_dir, "--data-dir", data_dir)
     assert code == 0 and "eval-mine.json: not a vaelab evaluation record" in (run_dir / "report.html").read_text()
+
+
+def test_a_record_under_a_name_of_ones_own_is_shown_and_compared(evaluated, data_dir, tmp_path, capsys):
+    """`evaluate RUN --out RUN/best.json`: until 2026-12-05 only eval*.json was read, so that `runs` and `report`
+    did not show the record and `compare RUN/best.json …` called it "not an evaluation record". A JSON file of the
+    user's own in the run is passed over without a note (one named eval*.json still gets one)."""
+    run_dir = tmp_path / "mine"
+    shutil.copytree(evaluated, run_dir)
+    (run_dir / "notes.json").write_text('{"idea": "try a larger K"}')
+    code, _, _ = run(capsys, "evaluate", run_dir, "--k", "4", "--test-examples", "20", "--out", run_dir / "best.json",
+                     "--data-dir", data_dir, "--no-progress")
+    assert code == 0
+    code, out, err = run(capsys, "runs", tmp_path)
+    assert code == 0 and err == "" and "(K 4, 20 test digits, epoch 3)" in out
+    code, out, err = run(capsys, "compare", run_dir / "best.json", evaluated, "--out", tmp_path / "c.html")
+    assert code == 0 and "IWAE-4, 20 digits" in out and "not an evaluation record" not in err + out
 
 
 def test_report_on_a_file_says_it_is_not_a_run_directory(evaluated, capsys):

@@ -12,8 +12,10 @@ import argparse
 import contextlib
 import dataclasses
 import decimal
+import errno
 import json
 import math
+import os
 import re
 import signal
 import sys
@@ -440,12 +442,18 @@ def legible_streams() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    global _OUTPUT
     legible_streams()
     args = build_parser().parse_args(argv)
-    # around the error handling too: a torchrun rank that lost a peer leaves its training with SIGTERM ignored, so
-    # that the agent's SIGTERM cannot kill it before its one line (training.stop_signals)
-    with _stop_signals_raise():
-        return _run(args)
+    outer, _OUTPUT = _OUTPUT, _Output()              # (a command run inside another's: a test's, a sweep's)
+    try:
+        # around the error handling too: a torchrun rank that lost a peer leaves its training with SIGTERM ignored,
+        # so that the agent's SIGTERM cannot kill it before its one line (training.stop_signals)
+        with _stop_signals_raise():
+            status = _run(args)
+        return _OUTPUT.account(args.command, status)
+    finally:
+        _OUTPUT = outer
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -482,26 +490,80 @@ def _run(args: argparse.Namespace) -> int:
         return 1
 
 
-def _error(command: str, message: str, kind: str = "error") -> None:
+class _Output:
+    """What became of the command's lines on stdout and stderr (one per command, made by ``main``). A stream that
+    cannot take a line takes no more (its output is cut there, not holed), and the command ends with a line saying
+    so and exit status 1 (``account``): until 2026-12-05 such lines were dropped without a word and the status was
+    0, so that `vaelab compare A B --format csv > t.csv` on a full disk left t.csv empty, and `vaelab presets >
+    /dev/full` said nothing. Not an error: a terminal gone (SIGHUP; its log file has the lines) and a reader that
+    closed its pipe (`vaelab runs DIR | head -1`): writing stops there, quietly."""
+
+    def __init__(self):
+        self.terminals = {id(stream) for stream in (sys.stdout, sys.stderr) if _isatty(stream)}
+        self.closed: set[int] = set()                # streams that take nothing more
+        self.cut: list[tuple[str, str, str]] = []    # (where, why, the first line it did not take)
+
+    def lose(self, stream, line: str, exc: OSError) -> None:
+        self.closed.add(id(stream))
+        if id(stream) not in self.terminals and exc.errno != errno.EPIPE:
+            why = f"{exc.strerror or exc}, errno {exc.errno}"
+            self.cut.append((_stream_name(stream), why, line.splitlines()[0] if line.strip() else line))
+
+    def account(self, command: str, status: int) -> int:
+        """The command's exit status, 1 where a stream cut its output; the line that says so (on stderr, if that
+        is not the stream that failed)."""
+        for where, why, line in self.cut:
+            shown = line if len(line) <= 60 else line[:57] + "..."
+            _write(sys.stderr, f"vaelab {command}: error: {where} could not take its output ({why}): it is cut "
+                               f"from the line {shown!r} on" + ("; the command itself finished and each file it "
+                                                                 "wrote is whole: make room there, or send the output "
+                                                                 "elsewhere" if status == 0 else ""))
+        return (status or 1) if self.cut else status
+
+
+_OUTPUT: _Output | None = None                       # the running command's, in ``main``; the API keeps none
+
+
+def _isatty(stream) -> bool:
     try:
-        print(f"vaelab {command}: {kind}: {message}", file=sys.stderr, flush=True)
-    except OSError:                     # the terminal is gone (SIGHUP): the log file has the message
-        pass
+        return stream.isatty()
+    except (OSError, ValueError):
+        return False
+
+
+def _stream_name(stream) -> str:
+    """'stdout (/path/t.csv)': the stream and, where it is one, the file it goes to."""
+    name = "stderr" if stream is sys.__stderr__ else "stdout" if stream is sys.__stdout__ else "the output"
+    with contextlib.suppress(OSError, ValueError):
+        target = os.readlink(f"/proc/self/fd/{stream.fileno()}")
+        if target.startswith("/"):
+            return f"{name} ({target})"
+    return name
+
+
+def _write(stream, line: str) -> None:
+    """``line`` on ``stream``; where the stream fails, the command's ``_Output`` learns of it (outside a command,
+    through the API, the line is dropped)."""
+    if _OUTPUT is not None and id(stream) in _OUTPUT.closed:
+        return
+    try:
+        print(line, file=stream, flush=True)
+    except OSError as exc:
+        if _OUTPUT is not None:
+            _OUTPUT.lose(stream, line, exc)
+
+
+def _error(command: str, message: str, kind: str = "error") -> None:
+    _write(sys.stderr, f"vaelab {command}: {kind}: {message}")
 
 
 def _log(message: str, stream=None) -> None:
-    try:
-        print(message, file=stream or sys.stdout, flush=True)
-    except OSError:
-        pass
+    _write(stream or sys.stdout, message)
 
 
 def _note(message: str) -> None:
     """A one-line remark on stderr that is not an error (a file skipped, a setting that will not finish)."""
-    try:
-        print(f"note: {message}", file=sys.stderr, flush=True)
-    except OSError:
-        pass
+    _write(sys.stderr, f"note: {message}")
 
 
 def _progress(args: argparse.Namespace) -> bool:

@@ -135,7 +135,9 @@ def format_eval_table(result: dict) -> str:
     def number(value):
         return "—" if value is None else f"{value:.3f}"
 
-    rows = [("estimator", "log p(x) (nats)", "± stderr", "bound?")]
+    # "s.e.", not "± stderr" (until 2026-12-05): no cell under it holds a ±, and where a terminal has it spelled
+    # "+/-" (cli.legible_streams) the header alone grew two characters past its column
+    rows = [("estimator", "log p(x) (nats)", "s.e.", "bound?")]
     for entry in result["estimates"]:
         rows.append((entry["name"], number(entry["mean"]), number(entry["stderr"]), entry["kind"]))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]

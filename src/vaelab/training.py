@@ -335,6 +335,14 @@ class Trainer:
         files are written state first, so either the previous checkpoint stands whole, or the new state does and the
         weights and metrics beside it lag until a resume writes them again from it."""
         run = shell_word(self.run_dir)
+        if not self.run_dir.is_dir():
+            # removed or moved while it trained (`rm -r`, `mv`): nothing stands here, and where it went is not known
+            # (until 2026-12-05 the line said that the last checkpoint stood and to make the directory writable)
+            moved = ("nothing had been checkpointed yet" if self.last_checkpoint is None else
+                     f"if it was moved, its last checkpoint ({self.last_checkpoint}) goes on there with "
+                     f"{ckpt.resume_command(Path('NEW'), self.world)}, NEW its new place")
+            return ckpt.WriteError(f"{exc.what}; training stopped: {run} is gone, removed or moved while it trained; "
+                                   f"{moved}", exc.what, exc.errno)
         if state_written:
             stands = (f"the training state of {self._position()} was written and resumes exactly; "
                       f"{ckpt.WEIGHTS}, {ckpt.METRICS} and {LATENT_FILE} may hold the checkpoint before it until a "
@@ -634,15 +642,22 @@ class Trainer:
         if bool(bad.any()):
             row = int(bad.nonzero()[0, 0])
             objective, elbo = per_example[row].tolist()
-            value = objective if not math.isfinite(objective) or abs(objective) > float(limits[0]) else elbo
+            scaled = not math.isfinite(objective) or abs(objective) > float(limits[0])   # the β-ELBO beyond its own
+            value = objective if scaled else elbo
             raise TrainingDiverged(f"the loss became {value:.4g} nats per example at epoch {epoch}, step "
-                                   f"{offset + row + 1}{self._beyond(value)}; {self._what_stands()}")
+                                   f"{offset + row + 1}{self._beyond(value, scaled)}; {self._what_stands()}")
 
-    def _beyond(self, value: float) -> str:
+    def _beyond(self, value: float, scaled: bool = False) -> str:
+        """Which limit ``value`` passed: the ELBO's, or (``scaled``) the trained β-ELBO's, β times it where β > 1
+        (until 2026-12-05 the ELBO's was named for both)."""
         if not math.isfinite(value):
             return ""
-        return (f" (beyond {self.loss_limit:.3g}, {DIVERGENCE_FACTOR}× the {self.config.model.data_dim}·ln 2 nats "
-                f"of predicting ½ for every pixel: no working model has it)")
+        elbo = f"{DIVERGENCE_FACTOR}× the {self.config.model.data_dim}·ln 2 nats of predicting ½ for every pixel"
+        beta = self.config.objective.beta
+        if scaled and beta > 1:
+            return (f" (beyond {self.loss_limit * beta:.3g}, β = {beta:g} times the ELBO's limit of "
+                    f"{self.loss_limit:.3g}, {elbo}: no working model has it)")
+        return f" (beyond {self.loss_limit:.3g}, {elbo}: no working model has it)"
 
     def _what_stands(self) -> str:
         """The truth about what is kept: the last checkpoint, or that nothing was trained yet."""
