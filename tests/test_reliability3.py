@@ -478,6 +478,36 @@ def test_weights_files_say_where_they_stand_in_their_run(tmp_path, data_dir, cap
     assert weights_label({**record, "weights_step": None}) == "model.safetensors after epoch 1"
     assert weights_label({**record, "weights_step": 0}) == "model.safetensors after epoch 1"
 
+
+def test_a_weights_file_that_cannot_be_read_is_not_called_corrupted(evaluated, tmp_path, capsys, monkeypatch):
+    """A directory where model.safetensors belongs, or a file this user may not read: until 2026-12-05 both were
+    "truncated or corrupted", the fix "`train --resume` writes it again", which the directory stopped too ("make RUN
+    writable", which it was). Now each says what it is and what reads it: move the directory away (then the resume
+    writes the weights again: followed here), or let this user read the file."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(evaluated, run_dir)
+    weights = run_dir / ckpt.WEIGHTS
+    weights.unlink()
+    weights.mkdir()
+    code, _, err = run(capsys, "evaluate", run_dir, "--k", "2", "--test-examples", "5", "--no-progress")
+    assert code == 2 and one_line(err) and "truncated or corrupted" not in err
+    assert f"{weights} is a directory, not vaelab's file: move it away (mv {weights} {weights}.moved); then " \
+           f"`vaelab train --out {run_dir} --resume` writes it again" in err
+    code, _, err = run(capsys, "train", "--out", run_dir, "--resume", "--no-progress")
+    assert code == 1 and err.rstrip().endswith(f"move that directory away, then: vaelab train --out {run_dir} --resume")
+    weights.rename(tmp_path / "moved")
+    assert run(capsys, "train", "--out", run_dir, "--resume", "--no-progress")[0] == 0 and weights.is_file()
+
+    def refused(self):                       # (tests may run as root, whom chmod 000 does not stop)
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "read_bytes", refused)
+    code, _, err = run(capsys, "evaluate", run_dir, "--k", "2", "--test-examples", "5", "--no-progress")
+    assert code == 2 and one_line(err)
+    assert f"{weights} cannot be read by this user (Permission denied, errno 13); the file may be whole: let this " \
+           f"user read it (chmod u+r {weights}), or run as its owner" in err
+
+
 # ---- 3. divergence --------------------------------------------------------------------------------------------
 
 

@@ -25,7 +25,10 @@ class WriteError(VaelabError):
         self.what, self.errno = what or message, code
 
     def remedy(self, directory: str) -> str:
-        """What lets the write through: space on a full disk, else the right to write in ``directory``."""
+        """What lets the write through: space on a full disk, a directory moved from where the file goes (until
+        2026-12-05 "make it writable", which it was), else the right to write in ``directory``."""
+        if self.errno == errno.EISDIR:
+            return "move that directory away"
         return "free some space" if self.errno == errno.ENOSPC else f"make {directory} writable"
 
 

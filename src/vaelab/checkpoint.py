@@ -61,10 +61,25 @@ def read_tensors(path: Path, fix: str | None = None) -> tuple[dict[str, torch.Te
         header_len = int.from_bytes(data[:8], "little")
         header = json.loads(data[8:8 + header_len])
         metadata = json.loads(header.get("__metadata__", {}).get("json", "{}"))
-    except (SafetensorError, OSError, ValueError, UnicodeDecodeError) as exc:
+    except OSError as exc:
+        raise CheckpointError(unreadable(path, exc, fix or "resume from an intact run or retrain")) from exc
+    except (SafetensorError, ValueError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{path} is truncated or corrupted ({exc}); "
                               + (fix or "it cannot be loaded: resume from an intact run or retrain")) from exc
     return tensors, metadata, hashlib.sha256(data).hexdigest()
+
+
+def unreadable(path: Path, exc: OSError, fix: str) -> str:
+    """Why the file ``path`` could not be read, and what reads it: until 2026-12-05 every such error was "truncated
+    or corrupted", though a file this user may not read is whole (chmod), and a directory in its place must be
+    moved before ``fix`` (a resume that writes it again) can work."""
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return (f"{path} cannot be read by this user ({exc.strerror}, errno {exc.errno}); the file may be whole: "
+                f"let this user read it (chmod u+r {shell_word(path)}), or run as its owner")
+    if exc.errno == errno.EISDIR:
+        return (f"{path} is a directory, not vaelab's file: move it away (mv {shell_word(path)} "
+                f"{shell_word(path)}.moved); then {fix}")
+    return f"{path} cannot be read ({exc.strerror or exc}, errno {exc.errno}); {fix}"
 
 
 def read_metadata(path: Path) -> dict[str, Any]:
@@ -84,7 +99,9 @@ def read_metadata(path: Path) -> dict[str, Any]:
         return json.loads(header.get("__metadata__", {}).get("json", "{}"))
     except FileNotFoundError as exc:
         raise CheckpointError(f"{path} is missing; the run is incomplete: retrain, or pass another run") from exc
-    except (OSError, ValueError, UnicodeDecodeError, AttributeError, KeyError, IndexError, TypeError) as exc:
+    except OSError as exc:
+        raise CheckpointError(unreadable(path, exc, "restore it from a copy, or retrain")) from exc
+    except (ValueError, UnicodeDecodeError, AttributeError, KeyError, IndexError, TypeError) as exc:
         raise CheckpointError(f"{path} is truncated or corrupted ({exc}); it cannot be read") from exc
 
 
