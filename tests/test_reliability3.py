@@ -498,7 +498,7 @@ def test_a_weights_file_that_cannot_be_read_is_not_called_corrupted(evaluated, t
     weights.rename(tmp_path / "moved")
     assert run(capsys, "train", "--out", run_dir, "--resume", "--no-progress")[0] == 0 and weights.is_file()
 
-    def refused(self):                       # (tests may run as root, whom chmod 000 does not stop)
+    def refused(self, *args, **kwargs):      # (tests may run as root, whom chmod 000 does not stop)
         raise PermissionError(13, "Permission denied", str(self))
 
     monkeypatch.setattr(Path, "read_bytes", refused)
@@ -506,6 +506,23 @@ def test_a_weights_file_that_cannot_be_read_is_not_called_corrupted(evaluated, t
     assert code == 2 and one_line(err)
     assert f"{weights} cannot be read by this user (Permission denied, errno 13); the file may be whole: let this " \
            f"user read it (chmod u+r {weights}), or run as its owner" in err
+    monkeypatch.undo()
+
+    # config.json: "not valid JSON ([Errno 21] Is a directory…)" until 2026-12-05; the training state's copy of it
+    # is written again once the directory is moved away
+    config = run_dir / ckpt.CONFIG
+    config.rename(tmp_path / "kept-config.json")
+    config.mkdir()
+    code, _, err = run(capsys, "evaluate", run_dir, "--k", "2", "--test-examples", "5", "--no-progress")
+    assert code == 2 and one_line(err) and "not valid JSON" not in err
+    assert err.startswith(f"vaelab evaluate: error: {config} is a directory, not vaelab's file; {ckpt.STATE} keeps a "
+                          f"copy of it: move it away (mv {config} {config}.bad), then `vaelab train --out {run_dir} "
+                          f"--resume` writes it again")
+    config.rename(tmp_path / "config-dir")
+    assert run(capsys, "train", "--out", run_dir, "--resume", "--no-progress")[0] == 0 and config.is_file()
+    monkeypatch.setattr(Path, "read_text", refused)
+    code, _, err = run(capsys, "runs", tmp_path)
+    assert code == 0 and f"note: {config} cannot be read by this user (Permission denied, errno 13)" in err
 
 
 # ---- 3. divergence --------------------------------------------------------------------------------------------

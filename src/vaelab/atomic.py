@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from vaelab.errors import VaelabError
+from vaelab.tables import shell_word
 
 
 class WriteError(VaelabError):
@@ -138,3 +139,17 @@ def utf8_problem(path: str | Path) -> str | None:
         return (f"{shown} is not UTF-8 (its byte 0x{byte:02x}); vaelab writes its paths into its files and lines "
                 f"as UTF-8: rename it, or give another path")
     return None
+
+
+def unreadable(path: Path, exc: OSError, fix: str) -> str:
+    """Why the run's file ``path`` could not be read, and what reads it: until 2026-12-05 every such error was
+    "truncated or corrupted" (weights, training state) or "not valid JSON" (config.json), though a file this user
+    may not read is whole (chmod), and a directory in its place must be moved before ``fix`` (a resume that writes
+    it again) can work."""
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return (f"{path} cannot be read by this user ({exc.strerror}, errno {exc.errno}); the file may be whole: "
+                f"let this user read it (chmod u+r {shell_word(path)}), or run as its owner")
+    if exc.errno == errno.EISDIR:
+        return (f"{path} is a directory, not vaelab's file: move it away (mv {shell_word(path)} "
+                f"{shell_word(path)}.moved); then {fix}")
+    return f"{path} cannot be read ({exc.strerror or exc}, errno {exc.errno}); {fix}"

@@ -19,7 +19,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as load_bytes, save as save_bytes
 
-from vaelab.atomic import WriteError, atomic_write, write_text
+from vaelab.atomic import WriteError, atomic_write, unreadable, write_text
 from vaelab.config import RunConfig
 from vaelab.errors import CheckpointError, RunLocked, UsageError
 from vaelab.models import build_model
@@ -68,18 +68,6 @@ def read_tensors(path: Path, fix: str | None = None) -> tuple[dict[str, torch.Te
                               + (fix or "it cannot be loaded: resume from an intact run or retrain")) from exc
     return tensors, metadata, hashlib.sha256(data).hexdigest()
 
-
-def unreadable(path: Path, exc: OSError, fix: str) -> str:
-    """Why the file ``path`` could not be read, and what reads it: until 2026-12-05 every such error was "truncated
-    or corrupted", though a file this user may not read is whole (chmod), and a directory in its place must be
-    moved before ``fix`` (a resume that writes it again) can work."""
-    if exc.errno in (errno.EACCES, errno.EPERM):
-        return (f"{path} cannot be read by this user ({exc.strerror}, errno {exc.errno}); the file may be whole: "
-                f"let this user read it (chmod u+r {shell_word(path)}), or run as its owner")
-    if exc.errno == errno.EISDIR:
-        return (f"{path} is a directory, not vaelab's file: move it away (mv {shell_word(path)} "
-                f"{shell_word(path)}.moved); then {fix}")
-    return f"{path} cannot be read ({exc.strerror or exc}, errno {exc.errno}); {fix}"
 
 
 def read_metadata(path: Path) -> dict[str, Any]:
@@ -141,9 +129,13 @@ def load_config(run_dir: Path) -> RunConfig:
     try:
         return RunConfig.load(path)
     except UsageError as exc:
-        if not path.exists():
-            raise
-        raise CheckpointError(f"{exc}; {config_fix(run_dir) or 'restore it from a copy, or train anew'}") from exc
+        unread = exc.__cause__ if isinstance(exc.__cause__, OSError) else None
+        if not path.exists() or (unread and unread.errno != errno.EISDIR):
+            raise                       # missing, or not readable by this user or from the disk: said as it is
+        fix = config_fix(run_dir)
+        if unread:                      # a directory in its place: moved away, the resume writes the copy
+            raise CheckpointError(f"{path} is a directory, not vaelab's file; {fix}") if fix else exc
+        raise CheckpointError(f"{exc}; {fix or 'restore it from a copy, or train anew'}") from exc
 
 
 def config_fix(run_dir: Path) -> str | None:

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vaelab.atomic import unreadable
 from vaelab.data import DataConfig
 from vaelab.engines import ENGINE_CHOICES
 from vaelab.errors import CheckpointError, UsageError
@@ -169,7 +170,9 @@ class RunConfig:
             not_a_sweep(path.parent)
             raise CheckpointError(f"{path.parent} is not a vaelab run (no config.json); "
                                   f"pass a directory written by `vaelab train`") from exc
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        except OSError as exc:
+            raise CheckpointError(unreadable(path, exc, "restore it from a copy, or train anew")) from exc
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
             raise CheckpointError(f"{path}: not valid JSON ({exc})") from exc
         return cls.from_dict(raw, str(path))
 
