@@ -306,6 +306,24 @@ def test_full_disk_is_reported_before_training(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_limit_on_file_sizes_below_the_training_state_is_refused_before_training(tmp_path, monkeypatch):
+    """`ulimit -f` below the training state's size: until 2026-12-05 the first checkpoint failed with "File too
+    large" and the line said "make RUN writable"; now refused before training, naming the limit, the size and the
+    fix. A write refused for a full quota or a file's size names its own fix too."""
+    import resource
+
+    monkeypatch.setattr(resource, "getrlimit", lambda which: (3 << 20, resource.RLIM_INFINITY))
+    with pytest.raises(ckpt.WriteError, match=r"^a file may have at most 3.0 MiB here \(ulimit -f\), and the "
+                                              r"training state of this model takes about 6.0 MiB; raise the limit "
+                                              r"\(ulimit -f unlimited\) in the shell that starts the run$"):
+        training.check_writable(tmp_path, need_bytes=0, largest_file=6 << 20)
+    training.check_writable(tmp_path, need_bytes=0, largest_file=2 << 20)
+    assert list(tmp_path.iterdir()) == []
+    for code, fix in ((errno.EFBIG, "raise the limit on a file's size (ulimit -f unlimited)"),
+                      (errno.EDQUOT, "free some space within your disk quota"), (errno.EROFS, "make RUN writable")):
+        assert ckpt.WriteError("…", "cannot write X", code).remedy("RUN") == fix
+
+
 def test_a_new_run_on_a_full_disk_is_locked_and_says_the_disk_is_full(tmp_path, monkeypatch):
     """The lock file's pid could not be written on a full disk: "vaelab train: error: No space left on device (I/O,
     errno 28)", naming no file. The lock holds without it; the space check after it names the disk."""

@@ -26,11 +26,16 @@ class WriteError(VaelabError):
         self.what, self.errno = what or message, code
 
     def remedy(self, directory: str) -> str:
-        """What lets the write through: space on a full disk, a directory moved from where the file goes (until
-        2026-12-05 "make it writable", which it was), else the right to write in ``directory``."""
-        if self.errno == errno.EISDIR:
-            return "move that directory away"
-        return "free some space" if self.errno == errno.ENOSPC else f"make {directory} writable"
+        """What lets the write through (``WRITE_REMEDIES``), else the right to write in ``directory``."""
+        return WRITE_REMEDIES.get(self.errno, f"make {directory} writable")
+
+
+# What lets a write through, by the OS error that stopped it; any other: the right to write there. Until 2026-12-05
+# only a full disk had its own: a full quota, a file over `ulimit -f` and a directory where the file goes were told
+# to "make RUN writable", which it was.
+WRITE_REMEDIES = {errno.ENOSPC: "free some space", errno.EDQUOT: "free some space within your disk quota",
+                  errno.EFBIG: "raise the limit on a file's size (ulimit -f unlimited)",
+                  errno.EISDIR: "move that directory away"}
 
 
 def atomic_write(path: Path, write: Callable[[Any], None], mode: str = "wb", replace: bool = True) -> None:

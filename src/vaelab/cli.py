@@ -913,8 +913,10 @@ def _train(args: argparse.Namespace, config, run_dir: Path, run, resumed: bool, 
     config = dataclasses.replace(config, train=dataclasses.replace(config.train, threads=threads))
     log = _log if world.main else (lambda message: None)
     # a checkpoint is ≈3× the weights (weights, Adam's two moments) and the best weights, beside the previous
-    on_main(world, lambda: check_writable(run_dir, need_bytes=8 * 4 * config.model.parameter_count() + (16 << 20),
-                                          resuming=resumed))
+    # (the training state, the largest file: the weights and Adam's two moments, float32)
+    weights_bytes = 4 * config.model.parameter_count()
+    on_main(world, lambda: check_writable(run_dir, need_bytes=8 * weights_bytes + (16 << 20), resuming=resumed,
+                                          largest_file=3 * weights_bytes + (1 << 20)))
     observers = list(observers)
     if getattr(args, "tensorboard", False) and world.main:
         from vaelab.tensorboard import TensorBoardLog

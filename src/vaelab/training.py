@@ -38,6 +38,7 @@ import torch
 from tqdm import tqdm
 
 from vaelab import checkpoint as ckpt
+from vaelab.atomic import WRITE_REMEDIES
 from vaelab.config import RunConfig
 from vaelab.data import MNISTData, training_batches
 from vaelab.distributed import SINGLE, RankLost, World, all_reduce_, any_rank, gather, shard
@@ -696,10 +697,19 @@ def objective_label(name: str, samples: int, beta: float) -> str:
     return base if beta == 1 else f"β-{base} (β = {beta:.2f})"
 
 
-def check_writable(run_dir: Path, need_bytes: int, resuming: bool = False) -> None:
-    """Prove ``run_dir`` (existing) writable and roomy before any training starts. The fix named is to free space
-    (or, for a new run, to choose another --out; a resumed run stays where it is)."""
+def check_writable(run_dir: Path, need_bytes: int, resuming: bool = False, largest_file: int = 0) -> None:
+    """Prove ``run_dir`` (existing) writable and roomy before any training starts, and its largest file
+    (``largest_file`` bytes: the training state) within the process's limit on a file's size (`ulimit -f`: until
+    2026-12-05 the first checkpoint failed with "File too large" and the line said to make the run writable). The
+    fix named is to free space (or, for a new run, to choose another --out; a resumed run stays where it is)."""
+    import resource
+
     elsewhere = "" if resuming else " or choose another --out"
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    if limit != resource.RLIM_INFINITY and limit < largest_file:
+        raise ckpt.WriteError(f"a file may have at most {limit / 2**20:.1f} MiB here (ulimit -f), and the training "
+                              f"state of this model takes about {largest_file / 2**20:.1f} MiB; raise the limit "
+                              "(ulimit -f unlimited) in the shell that starts the run")
     probe = run_dir / ".write-test"
     try:
         try:
@@ -707,8 +717,8 @@ def check_writable(run_dir: Path, need_bytes: int, resuming: bool = False) -> No
         finally:
             probe.unlink(missing_ok=True)   # made even where its bytes did not fit: never left in the run
     except OSError as exc:
-        fix = f"free some space{elsewhere}" if exc.errno == errno.ENOSPC else (
-            "make it writable" if resuming else "choose a writable --out")
+        fix = WRITE_REMEDIES.get(exc.errno)
+        fix = f"{fix}{elsewhere}" if fix else "make it writable" if resuming else "choose a writable --out"
         raise ckpt.WriteError(f"cannot write in {run_dir}: {exc.strerror} (errno {exc.errno}); {fix}") from exc
     free = shutil.disk_usage(run_dir).free
     if free < need_bytes:
