@@ -597,6 +597,23 @@ def test_a_path_that_is_not_utf8_is_refused_in_one_line(trained, tmp_path, capsy
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("name", ["new\nline", "tab\there", "bell\x07"])
+@pytest.mark.parametrize("argv", [["train", "--out", "BAD", "--epochs", "1"], ["evaluate", "BAD"],
+                                  ["report", "RUN", "--out", "BAD.html"], ["data", "--data-dir", "BAD"]])
+def test_a_path_holding_a_control_character_is_refused_in_one_line(trained, tmp_path, capsys, monkeypatch, argv,
+                                                                    name):
+    """`--out $'new\\nline'`: until 2026-12-05 the run was made, and every line naming it (the log's, errors', rows
+    of `runs`) broke in two; now one line naming the character, exit 2, nothing written."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(trained) if word == "RUN" else word.replace("BAD", name) for word in argv])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and one_line(err)
+    control = next(character for character in name if ord(character) < 32)
+    assert f"holds a control character ({control!r}); vaelab names its paths in lines" in err
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_data_directory_that_is_not_utf8_is_refused_in_one_line(tmp_path, capsys, monkeypatch):
     import os
 

@@ -131,10 +131,12 @@ def write_text(path: Path, text: str, replace: bool = True) -> None:
     atomic_write(path, lambda handle: handle.write(text), mode="w", replace=replace)
 
 
-def utf8_problem(path: str | Path) -> str | None:
-    """Why ``path`` cannot be one of vaelab's: a name whose bytes are not UTF-8 (Python holds them as surrogates),
-    which its files (config.json, records, logs, pages) cannot hold; until 2026-12-05 such a --out ended the training
-    in a traceback, leaving the new run directory behind. None where it is UTF-8."""
+def path_problem(path: str | Path) -> str | None:
+    """Why ``path`` cannot be one of vaelab's, or None where it can be. A name whose bytes are not UTF-8 (Python
+    holds them as surrogates), which its files (config.json, records, logs, pages) cannot hold: until 2026-12-05
+    such a --out ended the training in a traceback, leaving the new run directory behind. A name holding a control
+    character (a line break, a tab): until 2026-12-05 `train --out $'a\\nb'` made the run, and every line naming it
+    (the log's, an error's, a row of `runs`) was broken in two."""
     text = str(path)
     try:
         text.encode("utf-8")
@@ -143,6 +145,10 @@ def utf8_problem(path: str | Path) -> str | None:
         shown = os.fsencode(text).decode("utf-8", "backslashreplace")
         return (f"{shown} is not UTF-8 (its byte 0x{byte:02x}); vaelab writes its paths into its files and lines "
                 f"as UTF-8: rename it, or give another path")
+    control = next((character for character in text if ord(character) < 32 or ord(character) == 127), None)
+    if control is not None:
+        return (f"{text!r} holds a control character ({control!r}); vaelab names its paths in lines, logs and "
+                f"tables, one line each: rename it, or give another path")
     return None
 
 

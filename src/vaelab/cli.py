@@ -38,9 +38,9 @@ def _path_arg(value: str) -> Path:
     if not value.strip():
         raise argparse.ArgumentTypeError(f"{value!r} is {'a blank' if value else 'an empty'} path (an unset shell "
                                          f"variable?); give a path, or leave the argument out where it has a default")
-    from vaelab.atomic import utf8_problem           # (not vaelab.data: parsing an argument imports no torch)
+    from vaelab.atomic import path_problem           # (not vaelab.data: parsing an argument imports no torch)
 
-    problem = utf8_problem(value) or _name_too_long(Path(value))
+    problem = path_problem(value) or _name_too_long(Path(value))
     if problem:
         raise argparse.ArgumentTypeError(problem)
     return Path(value)

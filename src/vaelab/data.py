@@ -42,7 +42,7 @@ import numpy as np
 import torch
 
 from vaelab import native
-from vaelab.atomic import WriteError, atomic_write, utf8_problem
+from vaelab.atomic import WriteError, atomic_write, path_problem
 from vaelab.errors import DataError, UsageError
 
 PIXELS = 784
@@ -141,13 +141,13 @@ def default_data_dir() -> Path:
 
 def resolve_path(value: str | Path, what: str) -> Path:
     """An absolute path with ``~`` expanded, so that a run resumed from another directory finds the
-    same files; a ``~user`` that does not exist, or a path that is not UTF-8 (``utf8_problem``), is a UsageError
+    same files; a ``~user`` that does not exist, or a path that is not UTF-8 (``path_problem``), is a UsageError
     naming ``what``."""
     try:
         path = Path(value).expanduser().absolute()
     except RuntimeError as exc:              # Path("~nobody-here").expanduser()
         raise UsageError(f"{what} {value}: {exc}; give an existing path") from exc
-    problem = utf8_problem(path)
+    problem = path_problem(path)
     if problem:
         raise UsageError(f"{what}: {problem}")
     return path
