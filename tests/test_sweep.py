@@ -1138,7 +1138,48 @@ def test_a_field_the_model_would_not_read_is_not_sampled_and_its_bound_value_is_
             load_spec(bad)
     # of 2 × 3 × 2 × 2 × 2 = 48 points, flows: none 1, planar 2 (steps), iaf 1 (steps 0: no width) + 2 (steps 2, two
     # widths); priors: standard 1, mog 2 (K)
-    assert len(grid_points(spec)) == (1 + 2 + 1 + 2) * 3
+    assert len(grid_points(spec, 1000)) == (1 + 2 + 1 + 2) * 3
+
+
+def test_a_grid_of_millions_of_points_is_drawn_from_not_enumerated(tmp_path, monkeypatch):
+    """A grid of 10⁷ points (seven fields of ten choices): until 2026-12-05 every combination was made and read
+    (minutes and gigabytes before the first trial, once per slot); now the slots' points are drawn at random, each
+    once, reading a few times as many as there are slots. A grid of ranges is refused with the spec, naming the
+    range (it was found while the study opened and said as "--storage …: cannot open the study")."""
+    from vaelab import sweep
+    from vaelab.errors import UsageError
+
+    ten = ", ".join(str(n) for n in range(1, 11))
+    path = tmp_path / "spec.toml"
+    path.write_text('preset = "seed"\ntrials = 40\nsampler = "grid"\n[fixed]\nepochs = 1\nvalidation = 100\n'
+                    f'[search]\nbatch_size = [{ten}]\nseed = [{ten}]\nwarmup = [{ten}]\nearly_stopping = [{ten}]\n'
+                    f'train_examples = [{", ".join(str(1000 + n) for n in range(10))}]\n'
+                    f'beta = [{", ".join(str(n / 10) for n in range(1, 11))}]\n'
+                    f'lr = [{", ".join(f"{n}e-4" for n in range(1, 11))}]\n')
+    spec = sweep.load_spec(path)
+    read, real = [], sweep.sample_params
+
+    def counted(*args):
+        read.append(1)
+        assert len(read) <= sweep.GRID_DRAWS_PER_SLOT * spec.trials, "the grid was enumerated"
+        return real(*args)
+
+    monkeypatch.setattr(sweep, "sample_params", counted)
+    points = sweep.grid_points(spec, spec.trials)
+    assert len(points) == 40 and len({json.dumps(point, sort_keys=True) for point in points}) == 40
+    assert all(point[param.name] in param.choices for point in points for param in spec.search)
+    assert sweep.grid_points(spec, spec.trials) == points                            # the spec's seed decides
+    # a grid small enough to be enumerated keeps its order: the first slots' points are its first points
+    small = tmp_path / "small.toml"
+    small.write_text('preset = "seed"\ntrials = 3\nsampler = "grid"\n[fixed]\nepochs = 1\nvalidation = 100\n[search]\n'
+                     f'seed = [{ten}]\nlr = [1e-3, 2e-3]\n')
+    assert sweep.grid_points(sweep.load_spec(small), 3) == sweep.grid_points(sweep.load_spec(small), 20)[:3]
+    ranged = tmp_path / "ranged.toml"
+    ranged.write_text('preset = "seed"\ntrials = 3\nsampler = "grid"\n[fixed]\nepochs = 1\nvalidation = 100\n[search]\n'
+                      'seed = [1, 2]\nlr = { low = 1e-4, high = 1e-2 }\n')
+    with pytest.raises(UsageError, match=r"sampler grid: searches lists of choices only, and search.lr is a range: "
+                                         r"give it choices, or use tpe or random"):
+        sweep.load_spec(ranged)
 
 
 def tiny_sweep(tmp_path: Path, data_dir: Path, head: str, search: str,
@@ -1201,7 +1242,7 @@ def test_a_searched_name_whose_options_set_several_fields_together(tmp_path, dat
     points = [{"depth": '"two"'}, {"depth": '"three"', "prior_components": "3"},
               {"depth": '"three"', "prior_components": "5"}]               # the mixture's K beside "three" only
     canonical = functools.partial(json.dumps, sort_keys=True)
-    assert sorted(map(canonical, grid_points(spec))) == sorted(map(canonical, points))
+    assert sorted(map(canonical, grid_points(spec, 1000))) == sorted(map(canonical, points))
 
     (tmp_path / "run").mkdir()
     printed = tiny_sweep(tmp_path / "run", data_dir, 'trials = 2\nsampler = "grid"\n', options,

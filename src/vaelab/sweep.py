@@ -408,6 +408,11 @@ def load_spec(path: Path, trials: int | None = None) -> Spec:
             refusal = next(param for param in params if param.name == name).refusal(value)
             if refusal is not None:
                 raise _bad(f"enqueue[{index}].{name}", refusal)
+    ranged = next((param.name for param in params if param.choices is None), None)
+    if raw.get("sampler") == "grid" and ranged is not None:
+        # (until 2026-12-05 found only while the study opened, and said as "--storage …: cannot open the study")
+        raise _bad("sampler grid", f"searches lists of choices only, and search.{ranged} is a range: give it "
+                                   f"choices, or use tpe or random")
     spec = Spec(preset, count, objective, k, dict(fixed), params, tuple(enqueue), raw.get("sampler", "tpe"), seed,
                 raw.get("pruner", "median"), warmup, text)
     _check_values(spec)
@@ -603,27 +608,57 @@ def make_sampler(spec: Spec, slot: int = 0):
     sharing one seed would draw the same ones), the same for the same slot and history."""
     optuna = require_optuna()
     seed = (spec.seed * 1_000_003 + slot) % 2**31
-    if spec.sampler == "grid" and any(p.choices is None for p in spec.search):
-        raise _bad("sampler grid", "searches lists of choices only; give choices, or use tpe or random")
     # grid: the slots are enqueued with the grid's points (``grid_points``); the sampler only fills what is left
     return (optuna.samplers.TPESampler if spec.sampler == "tpe" else optuna.samplers.RandomSampler)(seed=seed)
 
 
-def grid_points(spec: Spec) -> list[dict]:
-    """Every combination of the choices (as the study stores them), in an order shuffled by the spec's seed: the
-    parameters of slot i under ``sampler = "grid"`` (slots beyond the grid are sampled at random)."""
+# A grid of up to so many points is enumerated and shuffled whole; a larger one has its points drawn at random
+# without repeats, at most GRID_DRAWS_PER_SLOT draws a slot (until 2026-12-05 any grid was enumerated: 10⁷ points
+# took minutes and gigabytes before the first trial, once for every slot)
+GRID_ENUMERATED = 100_000
+GRID_DRAWS_PER_SLOT = 20
+
+
+def grid_points(spec: Spec, slots: int) -> list[dict]:
+    """The parameters of the first ``slots`` slots under ``sampler = "grid"`` (as the study stores them): the grid's
+    combinations of choices in an order shuffled by the spec's seed (slots beyond the grid are sampled at random)."""
     import random
 
-    points = [dict(zip([p.name for p in spec.search], values))
-              for values in itertools.product(*(p.choices for p in spec.search))]
-    random.Random(spec.seed).shuffle(points)
+    names, choices = [p.name for p in spec.search], [p.choices for p in spec.search]
+    rng, size = random.Random(spec.seed), math.prod(len(values) for values in choices)
+    if size <= GRID_ENUMERATED:
+        points = [dict(zip(names, values)) for values in itertools.product(*choices)]
+        rng.shuffle(points)
+    else:
+        points = (_grid_point(names, choices, index) for index in _distinct_draws(rng, size, GRID_DRAWS_PER_SLOT * slots))
     # a field a point's model would not read is left out (``sample_params``), and points that then coincide (a
     # flow's steps beside no flow) are trained once
     distinct: dict[str, dict] = {}
     for point in points:
+        if len(distinct) == slots:
+            break
         values, _ = sample_params(spec, lambda param: json.loads(point[param.name]))
         distinct.setdefault(json.dumps(values, sort_keys=True), {name: point[name] for name in values})
     return list(distinct.values())
+
+
+def _distinct_draws(rng, size: int, draws: int):
+    """At most ``draws`` numbers from range(size), each once, in a random order (without a list of them all)."""
+    seen: set[int] = set()
+    for _ in range(draws):
+        index = rng.randrange(size)
+        if index not in seen:
+            seen.add(index)
+            yield index
+
+
+def _grid_point(names: list[str], choices: list[tuple], index: int) -> dict:
+    """The ``index``-th combination of ``choices`` (the last name's choice varying fastest)."""
+    point = {}
+    for name, values in reversed(list(zip(names, choices))):
+        index, which = divmod(index, len(values))
+        point[name] = values[which]
+    return {name: point[name] for name in names}
 
 
 def open_study(spec: Spec, url: str, name: str, attempts: int = 5, read_only: bool = False):
@@ -734,6 +769,7 @@ def reconcile(study, spec: Spec, out: Path, shared: bool = False) -> None:
         for trial in trials:
             if "slot" in trial.user_attrs and not trial.user_attrs.get("surplus"):
                 by_slot.setdefault(trial.user_attrs["slot"], []).append(trial)
+        grid = grid_points(spec, max(0, spec.trials - len(spec.enqueue))) if spec.sampler == "grid" else []
         for slot in range(spec.trials):
             held = by_slot.get(slot, [])
             if any(t.state in (TrialState.RUNNING, TrialState.WAITING, TrialState.COMPLETE, TrialState.PRUNED)
@@ -744,7 +780,7 @@ def reconcile(study, spec: Spec, out: Path, shared: bool = False) -> None:
                 params = failed[-1].params
             elif slot < len(spec.enqueue):
                 params = {name: _choice_or_value(spec, name, value) for name, value in spec.enqueue[slot].items()}
-            elif spec.sampler == "grid" and slot - len(spec.enqueue) < len(grid := grid_points(spec)):
+            elif 0 <= slot - len(spec.enqueue) < len(grid):
                 params = grid[slot - len(spec.enqueue)]
             else:
                 params = {}
