@@ -210,6 +210,48 @@ def _waiting_slots(study):
     return sorted(t.user_attrs["slot"] for t in study.get_trials(deepcopy=False) if t.state.name == "WAITING")
 
 
+def test_slots_are_enqueued_a_few_ahead_of_the_workers_and_watched_by_what_changed(tmp_path, monkeypatch):
+    """A sweep of 20 000 trials enqueued them all at its start (75 s), and each take read every waiting trial back
+    (15 s a trial, growing with the trials); its watch read every slot's files at each change. Now the study holds
+    at most WAITING_WINDOW waiting trials, enqueued in the order of the slots as the workers take them, and the
+    watch reads the rows of the slots whose trials changed."""
+    from vaelab import sweep
+
+    spec_path = tmp_path / "spec.toml"
+    spec_path.write_text(EXAMPLE.replace("trials = 4", "trials = 1000"))
+    spec, out = sweep.load_spec(spec_path), tmp_path / "out"
+    out.mkdir()
+    study = sweep.open_study(spec, sweep.storage_url(out, None), "study")
+    assert sweep.reconcile(study, spec, out) is True                     # slots are left for later
+    assert _waiting_slots(study) == list(range(sweep.WAITING_WINDOW))
+    watch = sweep.Watch(study, spec, out, log=lambda line: None, progress=False)
+    read: list = []
+    real = sweep.summarize
+    monkeypatch.setattr(sweep, "summarize", lambda *args: read.append(list(args[3])) or real(*args))
+    watch.poll()
+    assert read == [list(range(sweep.WAITING_WINDOW))]                 # the first look: every slot with a trial
+    watch.poll()
+    assert len(read) == 1                                                # nothing changed: nothing read
+    taken = sweep._take(study, out)
+    watch.poll()
+    assert read[-1] == [taken.user_attrs["slot"]] and watch.running == [taken.user_attrs["slot"]]
+    assert sweep.reconcile(study, spec, out) is True
+    assert _waiting_slots(study) == list(range(1, sweep.WAITING_WINDOW + 1))   # the next slot, in order
+    small = tmp_path / "small.toml"
+    small.write_text(EXAMPLE.replace("trials = 4", "trials = 3"))
+    spec, few = sweep.load_spec(small), tmp_path / "few"
+    few.mkdir()
+    study = sweep.open_study(spec, sweep.storage_url(few, None), "study")
+    assert sweep.reconcile(study, spec, few) is False and _waiting_slots(study) == [0, 1, 2]
+
+
+def test_a_sweep_of_more_trials_than_wait_at_once_trains_them_all(tmp_path, data_dir):
+    from vaelab import sweep
+
+    printed = tiny_sweep(tmp_path, data_dir, f"trials = {sweep.WAITING_WINDOW + 3}\n", "lr = [1e-3, 2e-3]\n")
+    assert finished_slots(tmp_path / "out") == list(range(sweep.WAITING_WINDOW + 3)), printed
+
+
 def test_a_worker_killed_alone_ends_the_sweep_with_its_reason_and_the_same_command_goes_on(tmp_path, data_dir):
     """A worker killed by itself (the kernel's out-of-memory killer picks the largest process: a trial's) left the
     sweep ending with exit status 0 and its trial shown "running", as if the sweep were done. Now the command ends with

@@ -9,7 +9,8 @@ options under a name that is not a field (``[search.depth]`` with ``two = { late
 
 How the study is kept (Optuna's RDB storage: ``DIR/study.db``, SQLite, or ``--storage URL``, e.g. PostgreSQL
 shared by several machines):
-- The spec's trials are **slots** 0 … N−1, each enqueued once as a waiting trial carrying its slot; a worker
+- The spec's trials are **slots** 0 … N−1, each enqueued as a waiting trial carrying its slot, in their order,
+  a few (``WAITING_WINDOW``) ahead of the workers; a worker
   takes a waiting trial (an atomic pop in the storage), trains its slot's run directory ``DIR/trials/NNNN``
   (an ordinary run: report, compare, runs and the API work on it) and tells the study the objective.
 - Nothing is lost: a trial whose process died (kill -9, a closed machine) is found stale (its pid gone on this
@@ -49,7 +50,7 @@ import time
 import tomllib
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from vaelab.atomic import WriteError, write_text
 from vaelab.errors import UsageError
@@ -748,10 +749,17 @@ def _dead(trial, shared: bool, now: float) -> bool:
     return _alive(trial.user_attrs.get("host"), trial.user_attrs["pid"]) is False
 
 
-def reconcile(study, spec: Spec, out: Path, shared: bool = False) -> None:
-    """Make the study hold exactly one live or finished trial per slot: stale trials failed, empty slots (new, or
-    whose last trial failed) enqueued, with the parameters of their failed trial where there was one. ``shared``:
-    the study lives in a storage that workers with other directories may use too (``--storage URL``)."""
+# Waiting trials the study holds at once: a slot is enqueued when the workers are about to need it, not all N at the
+# start (until 2026-12-05: 20 000 slots took 75 s to enqueue, and each take read every waiting trial back from the
+# storage, 15 s a trial at 20 000 and growing with N; Optuna's cache keeps finished trials, so a take reads few rows)
+WAITING_WINDOW = 8
+
+
+def reconcile(study, spec: Spec, out: Path, shared: bool = False) -> bool:
+    """Make the study hold at most one live or finished trial per slot: stale trials failed, empty slots (new, or
+    whose last trial failed) enqueued, with the parameters of their failed trial where there was one, in the order
+    of the slots while fewer than ``WAITING_WINDOW`` trials wait. True where empty slots are left for a later call.
+    ``shared``: the study lives in a storage that workers with other directories may use too (``--storage URL``)."""
     optuna = require_optuna()
     from optuna.trial import TrialState
 
@@ -770,11 +778,15 @@ def reconcile(study, spec: Spec, out: Path, shared: bool = False) -> None:
             if "slot" in trial.user_attrs and not trial.user_attrs.get("surplus"):
                 by_slot.setdefault(trial.user_attrs["slot"], []).append(trial)
         grid = grid_points(spec, max(0, spec.trials - len(spec.enqueue))) if spec.sampler == "grid" else []
+        waiting = sum(trial.state == TrialState.WAITING for trial in trials)
         for slot in range(spec.trials):
             held = by_slot.get(slot, [])
             if any(t.state in (TrialState.RUNNING, TrialState.WAITING, TrialState.COMPLETE, TrialState.PRUNED)
                    or "error" in t.user_attrs for t in held):
                 continue                     # live, finished, or failed for a reason of its own (shown, not retried)
+            if waiting >= WAITING_WINDOW:
+                return True
+            waiting += 1
             failed = [t for t in held if t.state == TrialState.FAIL and t.params]
             if failed:
                 params = failed[-1].params
@@ -785,6 +797,7 @@ def reconcile(study, spec: Spec, out: Path, shared: bool = False) -> None:
             else:
                 params = {}
             study.enqueue_trial(params, user_attrs={"slot": slot, "retry_of": failed[-1].number if failed else None})
+    return False
 
 
 def _choice_or_value(spec: Spec, name: str, value: Any) -> Any:
@@ -958,9 +971,11 @@ def worker(spec_path: str, out: str, url: str, name: str, threads: int, log_path
         study = open_study(spec, url, name)
         shared = url != storage_url(out_dir, None)
         while True:
-            reconcile(study, spec, out_dir, shared)
+            more = reconcile(study, spec, out_dir, shared)
             trial = _take(study, out_dir)
             if trial is None:
+                if more:                   # the other workers took the waiting ones: enqueue the next slots
+                    continue
                 return
             started = time.perf_counter()
             try:
@@ -1118,6 +1133,9 @@ def sweep(spec_path: Path, out: Path, workers: int, storage: str | None, trials:
                 # workers, already asked, still finish their step and write their checkpoints
                 raise SweepStopped(f"stopped at once (a second signal): the trials under way are writing their "
                                    f"checkpoints; the same command again goes on with the study ({out})") from None
+            # the trials that ended since the last look, and those stopped now, have their lines (until 2026-12-05
+            # not: a continued sweep counted them as done before it)
+            watch.poll()
             raise SweepStopped(f"stopped: the trials under way wrote their checkpoints; the same command again goes "
                                f"on with the study ({out})") from None
     mark_pruned(study, spec, out)
@@ -1148,7 +1166,7 @@ class Watch:
         rows = summarize(study, spec, out)["rows"]
         self.reported = {row["slot"]: (row["trial"], row["state"]) for row in rows if row["state"] in self.ENDED}
         self.best = self._better(None, [row for row in rows if row["slot"] in self.reported])
-        self.states: list = []                # the study's trials and states at the last look
+        self.states: dict[int, str] = {}      # the state of each of the study's trials at the last look
         self.running: list[int] = []          # the slots under way then
         self.bar = tqdm(total=spec.trials, initial=len(self.reported), desc=f"sweep {out.name}", unit="trial",
                         disable=not progress, dynamic_ncols=True, leave=False)
@@ -1161,16 +1179,20 @@ class Watch:
 
     def poll(self) -> None:
         try:
-            # the trials' states at every look (well under a millisecond); the table of slots, which reads each
-            # trial's files (about 2 ms a trial), only when one of them changed, so that a sweep of hundreds of
-            # trials does not take the workers' cores to watch them
-            states = [(trial.number, trial.state.name) for trial in self.study.get_trials(deepcopy=False)]
-            rows = summarize(self.study, self.spec, self.out)["rows"] if states != self.states else None
+            # the trials' states at every look (well under a millisecond); the rows of the slots whose trials
+            # changed, which read their files (about 2 ms a trial; until 2026-12-05 every slot's at each change, 6 s
+            # a look at 3000 trials), so that a sweep of many trials does not take the workers' cores to watch them
+            trials = [trial for trial in self.study.get_trials(deepcopy=False)
+                      if "slot" in trial.user_attrs and not trial.user_attrs.get("surplus")]
+            states = {trial.number: trial.state.name for trial in trials}
+            changed = sorted({trial.user_attrs["slot"] for trial in trials
+                              if self.states.get(trial.number) != trial.state.name})
+            rows = summarize(self.study, self.spec, self.out, changed)["rows"] if changed else None
         except Exception:                 # noqa: BLE001 - a look that fails (a busy database) waits for the next
             return
         if rows is not None:
             self.states = states
-            self.running = [row["slot"] for row in rows if row["state"] == "running"]
+            self.running = sorted(trial.user_attrs["slot"] for trial in trials if trial.state.name == "RUNNING")
             for row in rows:
                 if row["state"] in self.ENDED and self.reported.get(row["slot"]) != (row["trial"], row["state"]):
                     # several that ended between two looks are counted one after the other, in the order of slots
@@ -1234,8 +1256,9 @@ class SweepStopped(UsageError):
     exit_code = 130
 
 
-def summarize(study, spec: Spec, out: Path) -> dict:
-    """Every slot's latest trial: parameters, objective ± s.e., epochs, seconds, state; the best marked."""
+def summarize(study, spec: Spec, out: Path, slots: Sequence[int] | None = None) -> dict:
+    """Every slot's latest trial (or the ``slots`` given): parameters, objective ± s.e., epochs, seconds, state;
+    the best of them marked."""
     from vaelab.runs import read_metrics
 
     rows = []
@@ -1246,7 +1269,7 @@ def summarize(study, spec: Spec, out: Path) -> dict:
             continue
         if slot not in latest or trial.number > latest[slot].number:
             latest[slot] = trial
-    for slot in range(spec.trials):
+    for slot in range(spec.trials) if slots is None else slots:
         trial = latest.get(slot)
         run_dir = run_dir_of(out, slot)
         metrics = read_metrics(run_dir / "metrics.csv") if run_dir.exists() else []
