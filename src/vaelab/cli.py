@@ -1448,7 +1448,10 @@ def cmd_report(args: argparse.Namespace) -> int:
     data_dir = str(resolve_path(args.data_dir, "--data-dir")) if args.data_dir else None
     if is_sweep(args.run_dir):
         start = time.perf_counter()
-        html = build_sweep_report(args.run_dir, data_dir=data_dir)
+        from vaelab.evaluation import LINES
+
+        html = build_sweep_report(args.run_dir, data_dir=data_dir,
+                                  progress=_progress(args) or (not args.no_progress and LINES))
         _write_page(out, html)
         _log(f"report of the sweep {args.run_dir} made in {time.perf_counter() - start:.1f} s")
         return 0

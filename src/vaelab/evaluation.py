@@ -162,7 +162,7 @@ def row_bytes(model_config) -> int:
 # ``progress`` of the loops below: True a bar (a terminal), False nothing, LINES a line a minute for a log.
 LINES = "lines"
 LOG_EVERY_S = 60.0           # a part of an evaluation that ends sooner writes nothing to a log
-LOG_FORMAT = "{desc}: {n_fmt}/{total_fmt} digits ({percentage:.0f} %), {elapsed} so far, about {remaining} to go"
+LOG_FORMAT = "{desc}: {n_fmt}/{total_fmt} {unit}s ({percentage:.0f} %), {elapsed} so far, about {remaining} to go"
 
 
 class _Lines:
@@ -188,12 +188,17 @@ class _Lines:
         pass
 
 
-def _batches(images: torch.Tensor, size: int, desc: str, progress: bool | str) -> Iterator[torch.Tensor]:
+def progress_bar(total: int, desc: str, progress: bool | str, unit: str = "digit") -> tqdm:
+    """A bar of ``total`` ``unit``s on a terminal (``progress`` True), a line a minute for a log (``LINES``), or
+    nothing (False)."""
     if progress == LINES:
-        bar = tqdm(total=len(images), desc=desc, file=_Lines(sys.stderr), delay=LOG_EVERY_S, mininterval=LOG_EVERY_S,
-                   bar_format=LOG_FORMAT)
-    else:
-        bar = tqdm(total=len(images), desc=desc, unit="digit", leave=False, disable=not progress, dynamic_ncols=True)
+        return tqdm(total=total, desc=desc, unit=unit, file=_Lines(sys.stderr), delay=LOG_EVERY_S,
+                    mininterval=LOG_EVERY_S, bar_format=LOG_FORMAT)
+    return tqdm(total=total, desc=desc, unit=unit, leave=False, disable=not progress, dynamic_ncols=True)
+
+
+def _batches(images: torch.Tensor, size: int, desc: str, progress: bool | str) -> Iterator[torch.Tensor]:
+    bar = progress_bar(len(images), desc, progress)
     for x in test_batches(images, size):
         yield x
         bar.update(len(x))

@@ -1388,12 +1388,16 @@ def not_a_sweep(path: Path) -> None:
                          f"the sweep's page)")
 
 
-def build_sweep_report(out: Path, trial_reports: bool = True, data_dir: str | None = None) -> str:
+def build_sweep_report(out: Path, trial_reports: bool = True, data_dir: str | None = None,
+                       progress: bool | str = False) -> str:
     """One page: the results, the optimisation history, each parameter against the objective, Optuna's
-    parameter importances, and every trial with a link to its own report (made here when missing)."""
+    parameter importances, and every trial with a link to its own report (made here when missing, about a second
+    each: ``progress`` shows them, as a bar on a terminal or a line a minute in a log, ``evaluation.progress_bar``;
+    until 2026-12-05 nothing for minutes)."""
     optuna = require_optuna()
     from vaelab import plots
     from vaelab.config import UNUSED
+    from vaelab.evaluation import progress_bar
     from vaelab.report import Figure, _environment, _fmt, data_uri
     from vaelab.runs import format_duration
 
@@ -1405,18 +1409,25 @@ def build_sweep_report(out: Path, trial_reports: bool = True, data_dir: str | No
     summary = summarize(study, spec, out)
     rows, minimize = summary["rows"], spec.direction == "minimize"
     label = {"validation-nll": "validation NLL (nats)", "validation-elbo": "validation ELBO (nats)"}[spec.objective]
+    linked = {row["slot"] for row in rows if trial_reports and row["state"] in ("complete", "pruned")
+              and (Path(row["run_dir"]) / "model.safetensors").exists()}
+    missing = {row["slot"] for row in rows if row["slot"] in linked and not (Path(row["run_dir"]) / "report.html").exists()}
+    bar = progress_bar(len(missing), "trial reports", progress, unit="report")
     for row in rows:
         row["report"] = None
         run_dir = Path(row["run_dir"])
-        if trial_reports and row["state"] in ("complete", "pruned") and (run_dir / "model.safetensors").exists():
-            if not (run_dir / "report.html").exists():
+        if row["slot"] in linked:
+            if row["slot"] in missing:
                 from vaelab.report import build_report
 
                 try:
                     write_text(run_dir / "report.html", build_report(run_dir, data_dir)[0])
                 except WriteError:           # a trial directory that cannot be written: no link, the rest shown
                     continue
+                finally:
+                    bar.update()
             row["report"] = str((run_dir / "report.html").relative_to(out))
+    bar.close()
     # the objective of pruned trials: their last reported validation ELBO (on the ELBO objective's scale only)
     latest = {t.user_attrs.get("slot"): t for t in study.get_trials(deepcopy=False) if not t.user_attrs.get("surplus")}
     values = [r["value"] if r["state"] == "complete" else
