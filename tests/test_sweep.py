@@ -312,6 +312,27 @@ def test_a_trial_taken_by_a_worker_killed_before_it_wrote_its_pid_is_retried(tmp
     assert len(_waiting_slots(study)) == 1
 
 
+def test_a_trial_whose_process_is_gone_is_shown_stopped_not_running(tmp_path):
+    """A sweep killed with kill -9 (or a worker the out-of-memory killer took) leaves its trials running in the study
+    until the next sweep looks: until 2026-12-05 its page and table said "running" (and counted them so) when
+    nothing ran. Now such a trial, whose process on this machine is gone, is "stopped" with the reason."""
+    import socket
+
+    from vaelab import sweep
+
+    spec, out, study = _new_study(tmp_path)
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    live, dead = sweep._take(study, out), sweep._take(study, out)
+    dead.set_user_attr("pid", gone.pid)
+    assert dead.user_attrs["host"] == socket.gethostname()
+    rows = {row["slot"]: row for row in sweep.summarize(study, spec, out)["rows"]}
+    assert rows[live.user_attrs["slot"]]["state"] == "running"
+    assert rows[dead.user_attrs["slot"]]["state"] == "stopped" and rows[dead.user_attrs["slot"]]["stopped"] == (
+        "its process ended while it trained (kill -9, the out-of-memory killer); the same sweep command again "
+        "retries it")
+
+
 def test_on_a_shared_storage_a_trial_without_pid_waits_for_the_grace_period(tmp_path, monkeypatch):
     """Workers elsewhere (another --out on the same PostgreSQL study) take trials under their own lock: a trial
     without a pid may be theirs, just taken, so it is failed only once older than the grace period."""

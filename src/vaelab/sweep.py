@@ -1275,14 +1275,21 @@ def summarize(study, spec: Spec, out: Path, slots: Sequence[int] | None = None) 
         metrics = read_metrics(run_dir / "metrics.csv") if run_dir.exists() else []
         params = {p.name: p.stored(trial.params[p.name]) for p in spec.search
                   if trial is not None and p.name in trial.params}
+        stopped = None if trial is None else trial.user_attrs.get("stopped")
+        if trial is not None and trial.state.name == "RUNNING" and \
+                _alive(trial.user_attrs.get("host"), trial.user_attrs.get("pid")) is False:
+            # its process is gone (kill -9 of the sweep, the out-of-memory killer) and no sweep has looked since:
+            # until 2026-12-05 shown "running", and counted so, when nothing ran
+            stopped = ("its process ended while it trained (kill -9, the out-of-memory killer); the same sweep "
+                       "command again retries it")
         rows.append({"slot": slot, "trial": None if trial is None else trial.number,
                      "unused": sorted({*_unused_params(spec, run_dir),
                                        *(() if trial is None else trial.user_attrs.get("idle", ()))}),
                      # stopped: failed by no fault of its own (a signal, a full disk), retried by the next sweep
-                     "state": "waiting" if trial is None else "stopped" if trial.state.name == "FAIL" and
-                     "stopped" in trial.user_attrs else trial.state.name.lower(),
+                     "state": "waiting" if trial is None else "stopped" if stopped is not None and
+                     trial.state.name in ("FAIL", "RUNNING") else trial.state.name.lower(),
                      "error": None if trial is None else trial.user_attrs.get("error"),
-                     "stopped": None if trial is None else trial.user_attrs.get("stopped"),
+                     "stopped": stopped,
                      # a pruned trial's value is its last reported intermediate value (Optuna's tell): the
                      # objective itself only for validation-elbo (for validation-nll it is −ELBO, not an NLL)
                      "params": params, "value": None if trial is None or (
