@@ -69,7 +69,6 @@ def read_tensors(path: Path, fix: str | None = None) -> tuple[dict[str, torch.Te
     return tensors, metadata, hashlib.sha256(data).hexdigest()
 
 
-
 def read_metadata(path: Path) -> dict[str, Any]:
     """The JSON metadata of a safetensors file written by ``save_tensors``, without reading its tensors."""
     try:
