@@ -210,6 +210,20 @@ def _waiting_slots(study):
     return sorted(t.user_attrs["slot"] for t in study.get_trials(deepcopy=False) if t.state.name == "WAITING")
 
 
+def test_more_enqueued_entries_than_trials_are_refused_before_a_sweep_begins(tmp_path, data_dir):
+    """Four enqueued entries and two trials: until 2026-12-05 the first two were trained and the others dropped
+    without a word. Each entry is a trial of its own: refused in one line (exit 2), nothing written."""
+    spec = tmp_path / "spec.toml"
+    spec.write_text(EXAMPLE.replace("trials = 4", "trials = 2\nenqueue = [{ lr = 1e-3 }, { lr = 2e-3 }, { lr = 1e-4 }]"))
+    for flags, more in (((), "trials = 3 in the spec"), (("--trials", "2"), "--trials 3")):
+        process = sweep_cli(spec, tmp_path / "out", *flags, data_dir=data_dir)
+        _, err = process.communicate(timeout=300)
+        assert process.returncode == 2 and err == (
+            f"vaelab sweep: error: sweep spec: enqueue has 3 entries and the sweep 2 trials: each entry is a trial of "
+            f"its own, the first slots; give {more} or more, or fewer entries\n")
+        assert not (tmp_path / "out").exists()
+
+
 def test_slots_are_enqueued_a_few_ahead_of_the_workers_and_watched_by_what_changed(tmp_path, monkeypatch):
     """A sweep of 20 000 trials enqueued them all at its start (75 s), and each take read every waiting trial back
     (15 s a trial, growing with the trials); its watch read every slot's files at each change. Now the study holds

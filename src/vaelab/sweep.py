@@ -1022,6 +1022,13 @@ def sweep(spec_path: Path, out: Path, workers: int, storage: str | None, trials:
     require_optuna()
     spec = load_spec(spec_path, trials)
     state_path = out / STATE_FILE
+    if len(spec.enqueue) > spec.trials and not state_path.exists():
+        # each entry is a slot of its own: those beyond the trials were never tried (until 2026-12-05 without a word;
+        # a sweep begun so goes on as it was)
+        more = f"--trials {len(spec.enqueue)}" if trials is not None else f"trials = {len(spec.enqueue)} in the spec"
+        raise UsageError(f"sweep spec: enqueue has {len(spec.enqueue)} entries and the sweep "
+                         f"{plural(spec.trials, 'trial')}: each entry is a trial of its own, the first slots; give "
+                         f"{more} or more, or fewer entries")
 
     def refuse_others() -> None:
         """A new sweep takes an empty or new directory: its sweep.toml and study.db never go over someone's files,
