@@ -597,6 +597,24 @@ def test_a_path_that_is_not_utf8_is_refused_in_one_line(trained, tmp_path, capsy
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_command_started_with_stdout_or_stderr_closed_does_its_work(trained, tmp_path, data_dir):
+    """`vaelab evaluate RUN 2>&-`: Python's sys.stderr is None there, and until 2026-12-05 asking it whether it was
+    a terminal ended the command in a traceback (exit 1, no record written). A closed stream takes nothing, quietly;
+    the command does its work (exit 0)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "VAELAB_DATA": str(data_dir)}
+    record = tmp_path / "eval.json"
+    for closing in ("2>&-", ">&-", ">&- 2>&-"):
+        done = subprocess.run(["bash", "-c", f'"$@" {closing}', "bash", sys.executable, "-m", "vaelab", "evaluate",
+                               str(trained), "--k", "2", "--test-examples", "5", "--out", str(record), "--overwrite"],
+                              env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0 and json.loads(record.read_text(encoding="utf-8"))["k"] == 2, (closing, done)
+        record.unlink()
+
+
 @pytest.mark.parametrize("name", ["new\nline", "tab\there", "bell\x07"])
 @pytest.mark.parametrize("argv", [["train", "--out", "BAD", "--epochs", "1"], ["evaluate", "BAD"],
                                   ["report", "RUN", "--out", "BAD.html"], ["data", "--data-dir", "BAD"]])

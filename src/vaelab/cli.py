@@ -525,8 +525,10 @@ _OUTPUT: _Output | None = None                       # the running command's, in
 
 
 def _isatty(stream) -> bool:
+    """Whether ``stream`` is a terminal; False for a closed one, and for None (Python's stdout where the command was
+    started with it closed, `vaelab … >&-`)."""
     try:
-        return stream.isatty()
+        return stream is not None and stream.isatty()
     except (OSError, ValueError):
         return False
 
@@ -568,7 +570,7 @@ def _note(message: str) -> None:
 
 def _progress(args: argparse.Namespace) -> bool:
     """Bars only on a terminal: a log redirected to a file gets the one line per epoch."""
-    return not args.no_progress and sys.stderr.isatty()
+    return not args.no_progress and _isatty(sys.stderr)
 
 
 def _set_threads(flag: int | None, fallback: int) -> int:
