@@ -613,6 +613,15 @@ def test_a_command_started_with_stdout_or_stderr_closed_does_its_work(trained, t
                               env=env, capture_output=True, text=True, timeout=600)
         assert done.returncode == 0 and json.loads(record.read_text(encoding="utf-8"))["k"] == 2, (closing, done)
         record.unlink()
+    # the lines a long evaluation writes for a log (each refresh here), and an error, with stderr closed: nothing
+    # (the lines' writer met None; an error line went to stdout, which print takes None for)
+    code = ("import sys; import vaelab.evaluation as e; e.LOG_EVERY_S = 0.0; from vaelab.cli import main; "
+            "sys.exit(main(sys.argv[1:]))")
+    for argv, status in ((["evaluate", str(trained), "--k", "2", "--test-examples", "30", "--out", str(record)], 0),
+                         (["evaluate", str(tmp_path / "missing")], 2)):
+        done = subprocess.run(["bash", "-c", '"$@" 2>&-', "bash", sys.executable, "-c", code, *argv], env=env,
+                              capture_output=True, text=True, timeout=600)
+        assert done.returncode == status and "error" not in done.stdout and "digits (" not in done.stdout, done
 
 
 @pytest.mark.parametrize("name", ["new\nline", "tab\there", "bell\x07"])

@@ -546,8 +546,8 @@ def _stream_name(stream) -> str:
 def _write(stream, line: str) -> None:
     """``line`` on ``stream``; where the stream fails, the command's ``_Output`` learns of it (outside a command,
     through the API, the line is dropped)."""
-    if _OUTPUT is not None and id(stream) in _OUTPUT.closed:
-        return
+    if stream is None or (_OUTPUT is not None and id(stream) in _OUTPUT.closed):
+        return                          # (None: closed when the command started; print would take it for stdout)
     try:
         print(line, file=stream, flush=True)
     except OSError as exc:

@@ -174,6 +174,8 @@ class _Lines:
         self.stream, self.last = stream, None
 
     def write(self, text: str) -> None:
+        if self.stream is None:              # stderr closed when the command started (`2>&-`)
+            return
         for line in text.replace("\r", "\n").split("\n"):
             line = line.strip()
             if line and line != self.last:
