@@ -326,6 +326,24 @@ def test_a_trial_taken_by_a_worker_killed_before_it_wrote_its_pid_is_retried(tmp
     assert len(_waiting_slots(study)) == 1
 
 
+def test_a_stopped_trial_is_not_counted_done(tmp_path):
+    """A trial stopped by a signal or a full disk is retried by the same command: until 2026-12-05 the watch's line
+    counted it among the trials done ("trial 0001 stopped: …; 1 of 2 trials done")."""
+    from optuna.trial import TrialState
+
+    from vaelab import sweep
+
+    spec, out, study = _new_study(tmp_path)
+    lines: list[str] = []
+    watch = sweep.Watch(study, spec, out, log=lines.append, progress=False)
+    trial = sweep._take(study, out)
+    trial.set_user_attr("stopped", "interrupted by SIGTERM")
+    study.tell(trial, state=TrialState.FAIL)
+    watch.poll()
+    assert lines == [f"trial {trial.user_attrs['slot']:04d} stopped: interrupted by SIGTERM; 0 of 2 trials done"]
+    assert watch.done() == 0
+
+
 def test_a_trial_whose_process_is_gone_is_shown_stopped_not_running(tmp_path):
     """A sweep killed with kill -9 (or a worker the out-of-memory killer took) leaves its trials running in the study
     until the next sweep looks: until 2026-12-05 its page and table said "running" (and counted them so) when

@@ -1175,8 +1175,13 @@ class Watch:
         self.best = self._better(None, [row for row in rows if row["slot"] in self.reported])
         self.states: dict[int, str] = {}      # the state of each of the study's trials at the last look
         self.running: list[int] = []          # the slots under way then
-        self.bar = tqdm(total=spec.trials, initial=len(self.reported), desc=f"sweep {out.name}", unit="trial",
+        self.bar = tqdm(total=spec.trials, initial=self.done(), desc=f"sweep {out.name}", unit="trial",
                         disable=not progress, dynamic_ncols=True, leave=False)
+
+    def done(self) -> int:
+        """The slots done: complete, pruned or failed for a reason of their own; not those stopped (a signal, a full
+        disk), which the same command retries (until 2026-12-05 counted as done)."""
+        return sum(state != "stopped" for _, state in self.reported.values())
 
     def _better(self, best: dict | None, rows: list[dict]) -> dict | None:
         """The best complete trial of ``best`` and ``rows``."""
@@ -1208,11 +1213,11 @@ class Watch:
                     so_far = "" if self.best is None else \
                         f", the best so far trial {self.best['slot']:04d} ({self.best['value']:.3f})"
                     (self.bar.write if not self.bar.disable else self.log)(
-                        f"{self._ended(row)}; {len(self.reported)} of {plural(self.spec.trials, 'trial')} done{so_far}")
+                        f"{self._ended(row)}; {self.done()} of {plural(self.spec.trials, 'trial')} done{so_far}")
         if not self.bar.disable:
             running = [f"{slot:04d}" + ("" if epochs is None else f" epoch {epochs}")
                        for slot, epochs in ((slot, self._epochs(slot)) for slot in self.running)]
-            self.bar.n = len(self.reported)
+            self.bar.n = self.done()
             self.bar.set_postfix_str("; ".join(([] if self.best is None else [f"best {self.best['value']:.3f}"])
                                                + ([f"running {', '.join(running)}"] if running else [])))
 
