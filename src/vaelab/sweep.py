@@ -1106,7 +1106,10 @@ def sweep(spec_path: Path, out: Path, workers: int, storage: str | None, trials:
     processes = [context.Process(target=worker, args=(str(spec_path), str(out), state["storage"], state["study"],
                                                       threads, str(log))) for log in logs]
 
+    received: list[int] = []
+
     def stop(signum, frame):                       # Ctrl-C, SIGTERM (schedulers, `timeout`) and SIGHUP alike
+        received.append(signum)
         raise KeyboardInterrupt
 
     # the stop signals of `vaelab train` (stop_signals: Ctrl-C even in a background job, SIGHUP unless nohup),
@@ -1139,12 +1142,13 @@ def sweep(spec_path: Path, out: Path, workers: int, storage: str | None, trials:
                 # a second Ctrl-C: this command ends now (it said "interrupted (Ctrl-C) before it finished"); the
                 # workers, already asked, still finish their step and write their checkpoints
                 raise SweepStopped(f"stopped at once (a second signal): the trials under way are writing their "
-                                   f"checkpoints; the same command again goes on with the study ({out})") from None
+                                   f"checkpoints; the same command again goes on with the study ({out})",
+                                   received[0] if received else signal.SIGINT) from None
             # the trials that ended since the last look, and those stopped now, have their lines (until 2026-12-05
             # not: a continued sweep counted them as done before it)
             watch.poll()
             raise SweepStopped(f"stopped: the trials under way wrote their checkpoints; the same command again goes "
-                               f"on with the study ({out})") from None
+                               f"on with the study ({out})", received[0] if received else signal.SIGINT) from None
     mark_pruned(study, spec, out)
     summary = summarize(study, spec, out)
     # a worker that did not end by itself (the kernel's out-of-memory killer, a crash): its trial is left running in
@@ -1265,7 +1269,12 @@ def _last_line(log: Path) -> str:
 
 
 class SweepStopped(UsageError):
-    exit_code = 130
+    """The sweep stopped by a signal: exit status 128 + its number, as every command (130 Ctrl-C, 143 SIGTERM, 129
+    SIGHUP; until 2026-12-05 130 for all three)."""
+
+    def __init__(self, message: str, signum: int = signal.SIGINT):
+        super().__init__(message)
+        self.exit_code = 128 + signum
 
 
 def summarize(study, spec: Spec, out: Path, slots: Sequence[int] | None = None) -> dict:
@@ -1292,8 +1301,8 @@ def summarize(study, spec: Spec, out: Path, slots: Sequence[int] | None = None) 
                 _alive(trial.user_attrs.get("host"), trial.user_attrs.get("pid")) is False:
             # its process is gone (kill -9 of the sweep, the out-of-memory killer) and no sweep has looked since:
             # until 2026-12-05 shown "running", and counted so, when nothing ran
-            stopped = ("its process ended while it trained (kill -9, the out-of-memory killer); the same sweep "
-                       "command again retries it")
+            stopped = ("its process ended without telling the study (kill -9, the out-of-memory killer, or a stop "
+                       "signal as it took the trial); the same sweep command again retries it")
         rows.append({"slot": slot, "trial": None if trial is None else trial.number,
                      "unused": sorted({*_unused_params(spec, run_dir),
                                        *(() if trial is None else trial.user_attrs.get("idle", ()))}),
