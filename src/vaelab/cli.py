@@ -573,6 +573,14 @@ def _progress(args: argparse.Namespace) -> bool:
     return not args.no_progress and _isatty(sys.stderr)
 
 
+def _progress_or_lines(args: argparse.Namespace) -> bool | str:
+    """A bar on a terminal; where stderr is a log, a line a minute of each part that lasts longer than one
+    (``evaluation.LINES``); nothing with --no-progress."""
+    from vaelab.evaluation import LINES
+
+    return _progress(args) or (not args.no_progress and LINES)
+
+
 def _set_threads(flag: int | None, fallback: int) -> int:
     """torch's CPU threads: ``--threads`` where given, else ``fallback`` (a resumed run's own count, $OMP_NUM_THREADS
     or the cores). More than the cores this process may run on is refused for --threads: such threads wait for each
@@ -1160,7 +1168,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from vaelab import checkpoint as ckpt
     from vaelab import distributed
     from vaelab.data import idx_sha256, load_mnist, prepare, resolve_path
-    from vaelab.evaluation import LINES, EvalConfig, check_precision, evaluate_run
+    from vaelab.evaluation import EvalConfig, check_precision, evaluate_run
     from vaelab.provenance import provenance
     from vaelab.records import evaluation_export, format_eval_table, load_the_same_weights, write_evaluation
     from vaelab.resources import check_bf16, default_threads, require_memory
@@ -1208,9 +1216,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         if world.main:
             _log(f"evaluating {args.run_dir} ({pictured_weights(loaded, run)}) on {len(images)} "
                  f"{args.split} digits, K = {args.k}, device {device}, {plural(threads, 'thread')}{processes}")
-        # a bar on a terminal; where stderr is a log, a line a minute of each part that lasts longer than one
-        progress = _progress(args) or (not args.no_progress and LINES)
-        summary, per_digit = evaluate_run(model, images, eval_config, progress=progress, world=world)
+        summary, per_digit = evaluate_run(model, images, eval_config, progress=_progress_or_lines(args), world=world)
         if not world.main:
             return 0
         record = {**provenance(device, threads), "run": str(args.run_dir.resolve()), "weights": weights,
@@ -1450,10 +1456,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     data_dir = str(resolve_path(args.data_dir, "--data-dir")) if args.data_dir else None
     if is_sweep(args.run_dir):
         start = time.perf_counter()
-        from vaelab.evaluation import LINES
-
-        html = build_sweep_report(args.run_dir, data_dir=data_dir,
-                                  progress=_progress(args) or (not args.no_progress and LINES))
+        html = build_sweep_report(args.run_dir, data_dir=data_dir, progress=_progress_or_lines(args))
         _write_page(out, html)
         _log(f"report of the sweep {args.run_dir} made in {time.perf_counter() - start:.1f} s")
         return 0

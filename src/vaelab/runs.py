@@ -247,10 +247,9 @@ def read_metrics(path: Path) -> list[dict[str, float]]:
 def read_evaluations(run_dir: Path, notes: list[str] | None = None) -> list[dict[str, Any]]:
     """The evaluation records in the run (eval*.json, and a record written under a name of the user's choosing:
     `evaluate RUN --out RUN/best.json`, until 2026-12-05 shown nowhere; vaelab 0.1 wrote eval.json), each with its
-    file name and
-    ``stale``: True where the weights it measured (``weights_sha256`` of the file named by ``weights``) are no
-    longer that file's, False where they still are, None where the record does not say (vaelab 0.1); a stale record
-    made from the run of another directory has that directory in ``elsewhere``.
+    file name and ``stale``: True where the weights it measured (``weights_sha256`` of the file named by
+    ``weights``) are no longer that file's, False where they still are, None where the record does not say
+    (vaelab 0.1); a stale record made from the run of another directory has that directory in ``elsewhere``.
 
     A file named eval*.json that does not parse as vaelab's record (not JSON, or a hand-written {"nll": 85.3}) is
     skipped with a one-line note appended to ``notes``, naming the file and what is wrong; other JSON files that

@@ -1128,6 +1128,7 @@ def sweep(spec_path: Path, out: Path, workers: int, storage: str | None, trials:
                 watch.poll()
             watch.poll()
         except KeyboardInterrupt:
+            signum = received[0] if received else signal.SIGINT         # the first stop signal: the exit status's
             # every worker finishes its step and writes a checkpoint that resumes exactly
             for process in started:
                 if process.is_alive():
@@ -1143,12 +1144,12 @@ def sweep(spec_path: Path, out: Path, workers: int, storage: str | None, trials:
                 # workers, already asked, still finish their step and write their checkpoints
                 raise SweepStopped(f"stopped at once (a second signal): the trials under way are writing their "
                                    f"checkpoints; the same command again goes on with the study ({out})",
-                                   received[0] if received else signal.SIGINT) from None
+                                   signum) from None
             # the trials that ended since the last look, and those stopped now, have their lines (until 2026-12-05
             # not: a continued sweep counted them as done before it)
             watch.poll()
             raise SweepStopped(f"stopped: the trials under way wrote their checkpoints; the same command again goes "
-                               f"on with the study ({out})", received[0] if received else signal.SIGINT) from None
+                               f"on with the study ({out})", signum) from None
     mark_pruned(study, spec, out)
     summary = summarize(study, spec, out)
     # a worker that did not end by itself (the kernel's out-of-memory killer, a crash): its trial is left running in
