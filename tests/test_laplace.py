@@ -103,6 +103,19 @@ def test_stirling_table_columns():
     assert rows[0]["rel_error_terms"] == pytest.approx(1 / (1260 * 100**5), rel=1e-3)
 
 
+def test_stirling_table_takes_whole_numbers_exactly():
+    # 10¹⁸ − 1 is not a float64 (it rounds to 10¹⁸): the row was of 10¹⁸, and `vaelab stirling` printed N as 1e+18
+    import mpmath
+
+    n = 10**18 - 1
+    (row,) = stirling_table([n], terms=0)
+    assert row["n"] == n
+    with mpmath.workdps(80):
+        exact = mpmath.loggamma(mpmath.mpf(n) + 1)
+        stirling = 0.5 * mpmath.log(2 * mpmath.pi * n) + n * mpmath.log(n) - n
+        assert abs(row["rel_error"] / mpmath.expm1(exact - stirling) - 1) < 1e-30
+
+
 def test_correction_c1_values():
     assert laplace_c1(lambda x: torch.log(x) - x, 1.0) == pytest.approx(1 / 12, abs=1e-12)
     assert laplace_c1(lambda x: -x**2 / 2 - x**4 / 4, 0.0) == pytest.approx(-3 / 4, abs=1e-12)

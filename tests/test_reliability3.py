@@ -959,6 +959,13 @@ def test_whole_numbers_in_scientific_notation_are_accepted(text, value, capsys):
     assert capsys.readouterr().out.count("\n") == 2
 
 
+def test_stirling_prints_n_as_given(capsys):
+    # N was printed in %g: 123456789012345678 as 1.23457e+17, and 999999999999999999 as 1e+18 (its float64)
+    assert main(["stirling", "--n", "123456789012345678", "999999999999999999"]) == 0
+    rows = capsys.readouterr().out.splitlines()[1:]
+    assert [row.split()[0] for row in rows] == ["123456789012345678", "999999999999999999"]
+
+
 @pytest.mark.parametrize("text", ["1.5", "1e-3", "1e19", "nan", "1e999999"])
 def test_other_numbers_are_still_refused(text, capsys):
     with pytest.raises(SystemExit) as exit_info:

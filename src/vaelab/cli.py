@@ -1617,10 +1617,10 @@ def cmd_stirling(args: argparse.Namespace) -> int:
     plot = _picture_path(args.plot) if args.plot else None
     if plot:
         _check_target(plot, args.overwrite, "picture", "--plot")
-    table = stirling_table([float(n) for n in args.n], args.terms)
+    table = stirling_table(args.n, args.terms)          # whole numbers as given: 10¹⁸ − 1 is not a float64
     header = ["N", "ln N! (lgamma)", "Laplace/Stirling", "rel. error", "12N × rel. error",
               f"rel. error, {args.terms} terms"]
-    rows = [[f"{r['n']:g}", f"{r['exact']:.10g}", f"{r['stirling']:.10g}", mpmath.nstr(r["rel_error"], 5),
+    rows = [[str(r["n"]), f"{r['exact']:.10g}", f"{r['stirling']:.10g}", mpmath.nstr(r["rel_error"], 5),
              mpmath.nstr(r["scaled_error"], 7, strip_zeros=False), mpmath.nstr(r["rel_error_terms"], 4)] for r in table]
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
     _log("  ".join(h.rjust(w) for h, w in zip(header, widths)))

@@ -436,13 +436,14 @@ def stirling_errors(n: float, terms: Sequence[int]) -> dict:
         return {k: +mpmath.expm1(exact - _log_stirling_mp(n, k)) for k in terms}
 
 
-def stirling_table(ns: Sequence[float], terms: int) -> list[dict]:
+def stirling_table(ns: Sequence[int | float], terms: int) -> list[dict]:
     """Rows for `vaelab stirling`: exact ln N!, the Laplace value, relative errors of N!.
 
     ``stirling`` is Laplace's method computed numerically (``log_factorial_laplace``: Newton finds x₀ = 1
     and f''(x₀) = −1, in float64); the error columns are those of the formula it yields, √(2πN)(N/e)^N,
     and of the series with ``terms`` corrections, in the precision they need (``stirling_errors``), as
-    mpmath numbers. Valid for 1 ≤ N ≤ 10¹⁸ and beyond.
+    mpmath numbers. Valid for 1 ≤ N ≤ 10¹⁸ and beyond; a whole number N is used exactly (as an mpmath number:
+    float64 holds whole numbers exactly only to 2⁵³), the Laplace column aside (its M = N is a float64).
     """
     import mpmath
 

@@ -270,9 +270,7 @@ def sample_params(spec: Spec, choose) -> tuple[dict[str, Any], list[str]]:
 
 def train_fields() -> dict[str, Any]:
     """The fields a spec may set: `vaelab train`'s flags (dest → argparse action), less the reserved ones."""
-    from vaelab.cli import build_parser
-
-    parser = build_parser()
+    parser = _parser()
     train = next(a for a in parser._actions if a.dest == "command").choices["train"]
     return {a.dest: a for a in train._actions if a.dest not in RESERVED and a.dest != "help"}
 
@@ -468,13 +466,23 @@ def _param(name: str, value: Any) -> Param:
     raise _bad(f"search.{name}", f"{toml_text(value)} is neither a range {{ low, high }} nor a list of choices")
 
 
+@functools.cache
+def _parser():
+    """The command line's parser, raising UsageError, made once a process: a spec is checked by thousands of parses
+    (``_untrainable``), and making the parser took 15 ms (until 2026-12-05 it was made for each: checking
+    benchmarks/sweeps/cpu-hour.toml took 37 s, in the command and again in each worker, on a Zen 1). Parsing
+    leaves it unchanged."""
+    from vaelab.cli import RaisingParser, build_parser
+
+    return build_parser(RaisingParser)
+
+
 def _config_of(preset: str, fields: dict[str, Any]):
     """The RunConfig `vaelab train --preset PRESET FLAGS` would train (UsageError as the command would refuse it)."""
-    from vaelab.cli import RaisingParser, _train_config, build_parser
+    from vaelab.cli import _train_config
     from vaelab.config import RunConfig
 
-    return _train_config(build_parser(RaisingParser).parse_args(["train", "--preset", preset, *flags_of(fields)]),
-                         RunConfig())
+    return _train_config(_parser().parse_args(["train", "--preset", preset, *flags_of(fields)]), RunConfig())
 
 
 def _check_values(spec: Spec) -> None:
@@ -484,10 +492,9 @@ def _check_values(spec: Spec) -> None:
     say: a sampled combination the train command refuses is a failed trial that says why, unless the fields are
     one name's options; a field its model would not read is not sampled, ``sample_params``), and every enqueued
     trial as a whole config."""
-    from vaelab.cli import RaisingParser, build_parser
     from vaelab.models import CONDITIONAL_FIELDS
 
-    parser = build_parser(RaisingParser)
+    parser = _parser()
 
     def config_of(fields: dict, where: str):
         try:
