@@ -104,7 +104,8 @@ def test_stirling_table_columns():
 
 
 def test_stirling_table_takes_whole_numbers_exactly():
-    # 10¹⁸ − 1 is not a float64 (it rounds to 10¹⁸): the row was of 10¹⁸, and `vaelab stirling` printed N as 1e+18
+    # 10¹⁸ − 1 is not a float64 (it rounds to 10¹⁸): the table takes it as the whole number it is (until 2026-12-05
+    # `vaelab stirling` passed it as a float64, so its row was of 10¹⁸)
     import mpmath
 
     n = 10**18 - 1

@@ -908,7 +908,7 @@ def test_an_enqueued_value_is_the_choice_it_equals(tmp_path):
 def test_the_cpu_hour_choice_is_a_spec_that_parses(monkeypatch):
     """benchmarks/sweeps/cpu-hour.toml, the comparison that chose cpu-hour at a shorter budget, is a valid spec
     whose six enqueued candidates are its six trials. Its check parses thousands of combinations with one parser:
-    until 2026-12-05 each made its own (4517 parsers, 37 s on a Zen 1, in the command and again in each worker)."""
+    until 2026-12-05 each made its own (4517 parsers, 35 s on a Zen 1, in the command and again in each worker)."""
     from vaelab import cli, sweep
 
     made, build_parser = [], cli.build_parser

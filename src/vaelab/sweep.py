@@ -470,7 +470,7 @@ def _param(name: str, value: Any) -> Param:
 def _parser():
     """The command line's parser, raising UsageError, made once a process: a spec is checked by thousands of parses
     (``_untrainable``), and making the parser took 15 ms (until 2026-12-05 it was made for each: checking
-    benchmarks/sweeps/cpu-hour.toml took 37 s, in the command and again in each worker, on a Zen 1). Parsing
+    benchmarks/sweeps/cpu-hour.toml took 35 s, in the command and again in each worker, on a Zen 1). Parsing
     leaves it unchanged."""
     from vaelab.cli import RaisingParser, build_parser
 
