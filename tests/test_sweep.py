@@ -259,6 +259,27 @@ def test_slots_are_enqueued_a_few_ahead_of_the_workers_and_watched_by_what_chang
     assert sweep.reconcile(study, spec, few) is False and _waiting_slots(study) == [0, 1, 2]
 
 
+def test_a_grid_is_made_once_a_process_not_at_every_take(tmp_path, monkeypatch):
+    """reconcile, called before every take, made the grid's points each time (0.44 s a take for 100 000 points and
+    3000 trials on a Zen 1); now the spec makes them once, and the slots take them in order."""
+    from vaelab import sweep
+
+    path = tmp_path / "spec.toml"
+    path.write_text('preset = "seed"\ntrials = 30\nsampler = "grid"\n[fixed]\nepochs = 1\nvalidation = 100\n'
+                    '[search]\nseed = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]\nlr = [1e-3, 2e-3, 3e-3]\n')
+    spec, out = sweep.load_spec(path), tmp_path / "out"
+    out.mkdir()
+    made, real = [], sweep.grid_points
+    monkeypatch.setattr(sweep, "grid_points", lambda *args: made.append(args[1]) or real(*args))
+    study = sweep.open_study(spec, sweep.storage_url(out, None), "study")
+    for _ in range(3):
+        assert sweep.reconcile(study, spec, out) is True
+        sweep._take(study, out)
+    assert made == [30]
+    enqueued = {t.user_attrs["slot"]: t.system_attrs["fixed_params"] for t in study.get_trials(deepcopy=False)}
+    assert [enqueued[slot] for slot in range(sweep.WAITING_WINDOW + 2)] == real(spec, 30)[:sweep.WAITING_WINDOW + 2]
+
+
 def test_a_sweep_of_more_trials_than_wait_at_once_trains_them_all(tmp_path, data_dir):
     from vaelab import sweep
 
