@@ -1093,3 +1093,61 @@ def test_more_threads_than_cores_are_refused_or_lowered(data_dir, tmp_path, caps
         assert code == 2 and one_line(err) and "give at most" in err
     finally:
         torch.set_num_threads(before)
+
+
+# ---- terminal tables: columns by what a terminal shows ---------------------------------------------------------
+
+
+def test_display_width_counts_the_columns_a_terminal_gives():
+    """Widths written out by hand (a terminal gives East Asian wide and full-width characters two columns, combining
+    marks and zero-width characters none): ``len`` counts code points."""
+    from vaelab.tables import display_width
+
+    for text, width in (("plain", 5), ("実験一", 6), ("ｋ＝５", 6), ("e\u0301te", 3), ("log p̂(x) by", 11),
+                        ("a\u200bb", 2), ("±β−×", 4), ("", 0)):
+        assert display_width(text) == width, text
+
+
+def test_text_tables_line_up_names_in_wide_and_combining_characters(data_dir, tmp_path, capsys, monkeypatch):
+    """`vaelab runs` of runs named 実験一 (two columns a character) and e + U+0301 + te (the accent takes none):
+    every row's second column starts in the same terminal column (until 2026-12-06 widths were ``len``: 実験一's row
+    was 3 columns to the right, e\u0301te's one to the left); and the header of `compare`'s gap table, "log p̂(x) by"
+    (a combining circumflex), sits over its column."""
+    from vaelab.tables import text_table
+
+    run_dir = tmp_path / "plain"
+    assert main(["train", "--out", str(run_dir), "--data-dir", str(data_dir), "--epochs", "1", "--hidden", "8",
+                 "--latent", "2", "--train-examples", "300", "--test-examples", "20", "--no-progress"]) == 0
+    for name in ("実験一", "e\u0301te"):
+        shutil.copytree(run_dir, tmp_path / name)
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    code, out, _ = run(capsys, "runs", ".")
+    lines = {line.split("  ")[0]: line for line in out.splitlines()}
+    # the run column is as wide as 実験一 on screen (6), two spaces after it: "seed*" at column 8 in every row
+    assert lines["実験一"].startswith("実験一  seed*") and lines["plain"].startswith("plain   seed*")
+    assert lines["e\u0301te"].startswith("e\u0301te     seed*") and lines["run"].startswith("run     preset/model")
+    assert code == 0
+    assert text_table(["log p̂(x) by", "ELBO"], [["IWAE-20, 7 digits", "-90.1"]], rule=True) == [
+        "log p̂(x) by        ELBO ",
+        "-----------------  -----",
+        "IWAE-20, 7 digits  -90.1"]
+    assert text_table(["N", "ln N!"], [["10", "15.1044"]], right=True) == [" N    ln N!", "10  15.1044"]
+
+
+def test_evaluating_more_digits_than_the_split_has_is_refused(data_dir, tiny_arrays, tmp_path, capsys):
+    """`evaluate --test-examples N` above the test digits there are, or above the validation digits the run held
+    out: one line naming the count, exit 2, no record (until 2026-12-06 the first ones were evaluated without a
+    word, as `train` refuses since 2026-12-05); at the count itself, the evaluation."""
+    run_dir = tmp_path / "r"
+    assert main(["train", "--out", str(run_dir), "--data-dir", str(data_dir), "--epochs", "1", "--hidden", "8",
+                 "--latent", "2", "--train-examples", "300", "--validation", "40", "--test-examples", "20",
+                 "--no-progress"]) == 0
+    there = len(tiny_arrays.test_images)                            # the synthetic set's test digits
+    for split, count, words in (("test", there + 1, f"the data set has {there} test digits"),
+                                ("validation", 41, f"{run_dir} holds out 40 validation digits")):
+        code, _, err = run(capsys, "evaluate", run_dir, "--k", "2", "--split", split, "--test-examples", count)
+        assert code == 2 and one_line(err) and f"--test-examples {count}: " in err and words in err, err
+        assert "give at most" in err and not list(run_dir.glob("eval-*"))
+    code, out, _ = run(capsys, "evaluate", run_dir, "--k", "2", "--split", "validation", "--test-examples", 40)
+    assert code == 0 and "40 validation digits" in out

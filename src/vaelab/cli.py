@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from vaelab.errors import TrainingDiverged, UsageError, VaelabError
-from vaelab.tables import plural, shell_word
+from vaelab.tables import plural, shell_word, text_table
 
 MAX_SAMPLE_GRID = 4096          # samples in one picture: 512 rows of 8 digits, ≈ 37 000 pixels tall
 TABLE_FORMATS = ("text", "latex", "markdown", "csv")
@@ -1206,7 +1206,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         data_config = dataclasses.replace(config.data, test_examples=args.test_examples, data_dir=data_dir)
         if args.split == "test":
             data_config = dataclasses.replace(data_config, validation=0, train_examples=1)
-        data = prepare(load_mnist(data_dir, log=_log if world.main else lambda m: None), data_config, device)
+        arrays = load_mnist(data_dir, log=_log if world.main else lambda m: None)
+        there = len(arrays.test_images) if args.split == "test" else config.data.validation
+        if args.test_examples is not None and args.test_examples > there:
+            # until 2026-12-06 the first `there` were evaluated without a word (the record said how many)
+            holder = "the data set has" if args.split == "test" else f"{args.run_dir} holds out"
+            raise UsageError(f"--test-examples {args.test_examples}: {holder} {there} {args.split} digits; give at "
+                             f"most {there} (or leave it out: all of them)")
+        data = prepare(arrays, data_config, device)
         images, labels = (data.test_binary, data.test_labels) if args.split == "test" else \
             (data.validation_binary[: args.test_examples], data.validation_labels[: args.test_examples])
         out = args.out or _default_record(args.run_dir / evaluation_name(args, len(images)), loaded,
@@ -1584,10 +1591,8 @@ def cmd_runs(args: argparse.Namespace) -> int:
         _log(f"no runs under {args.directory}")
         return 0
     header = ["run", "preset/model", "epochs", "state", "best validation ELBO", "best NLL", "last checkpoint"]
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
-    _log("  ".join(h.ljust(w) for h, w in zip(header, widths)))
-    for row in rows:
-        _log("  ".join(c.ljust(w) for c, w in zip(row, widths)))
+    for line in text_table(header, rows):
+        _log(line)
     if any(row[1].endswith("*") for row in rows):
         _log("* the run's flags changed fields of its preset (`vaelab report RUN` lists them)")
     return 0
@@ -1622,10 +1627,8 @@ def cmd_stirling(args: argparse.Namespace) -> int:
               f"rel. error, {args.terms} terms"]
     rows = [[str(r["n"]), f"{r['exact']:.10g}", f"{r['stirling']:.10g}", mpmath.nstr(r["rel_error"], 5),
              mpmath.nstr(r["scaled_error"], 7, strip_zeros=False), mpmath.nstr(r["rel_error_terms"], 4)] for r in table]
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
-    _log("  ".join(h.rjust(w) for h, w in zip(header, widths)))
-    for r in rows:
-        _log("  ".join(c.rjust(w) for c, w in zip(r, widths)))
+    for line in text_table(header, rows, right=True):
+        _log(line)
     if plot:
         from vaelab.laplace import stirling_error_curves
         from vaelab.plots import plot_stirling

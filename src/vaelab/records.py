@@ -19,7 +19,7 @@ from vaelab import distributed
 from vaelab.atomic import WriteError
 from vaelab.errors import CheckpointError
 from vaelab.runs import digits_label, weights_label
-from vaelab.tables import plural, render_table, shell_word
+from vaelab.tables import plural, render_table, shell_word, text_table
 
 
 def load_the_same_weights(run_dir: Path, device, weights: str, world, attempts: int = 3):
@@ -137,12 +137,9 @@ def format_eval_table(result: dict) -> str:
 
     # "s.e.", not "± stderr" (until 2026-12-05): no cell under it holds a ±, and where a terminal has it spelled
     # "+/-" (cli.legible_streams) the header alone grew two characters past its column
-    rows = [("estimator", "log p(x) (nats)", "s.e.", "bound?")]
-    for entry in result["estimates"]:
-        rows.append((entry["name"], number(entry["mean"]), number(entry["stderr"]), entry["kind"]))
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
+    rows = [(entry["name"], number(entry["mean"]), number(entry["stderr"]), entry["kind"])
+            for entry in result["estimates"]]
+    lines = text_table(("estimator", "log p(x) (nats)", "s.e.", "bound?"), rows, rule=True)
     products = "" if result["precision"] == "fp32" else f" with {result['precision']} decoder products"
     products += ", log weights compiled" if result.get("compiled") else ""
     lines.append(f"NLL = {number(result['nll'])} ± {number(result['nll_stderr'])} nats (IWAE-{result['k']}{products}, "

@@ -23,7 +23,7 @@ from vaelab.laplace import STALLED_CAUSE
 from vaelab.presets import changed_fields, preset_label
 from vaelab.runs import (RunInfo, digits_label, distinct_labels, estimator_label, format_duration, of_best_weights,
                          per_digit, pictured_weights, read_run, stale_weights, weights_label)
-from vaelab.tables import plural, shell_word
+from vaelab.tables import plural, shell_word, text_table
 
 # Pairs of digit classes whose interpolations the report shows (through the latent means).
 INTERPOLATION_PAIRS = ((0, 1), (2, 7), (3, 8), (4, 9), (5, 6))
@@ -648,29 +648,24 @@ def _compare_gaps(runs: list[RunInfo], split: str = "test") -> list[dict]:
 
 def comparison_table(comparison: Comparison) -> str:
     """The terminal view: the runs, what differs between their configs, the paired differences."""
-    def table(header: list[str], rows: list[list[str]]) -> list[str]:
-        widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
-        lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths)), "  ".join("-" * w for w in widths)]
-        return lines + ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
-
     keys = ["name", "preset", "epochs", "status", "nll", "k", "elbo", "active", "time"]
-    lines = table(["run", "preset/model", "epochs", "status", "NLL ± s.e.", "evaluated with", "ELBO",
-                   "active units", "training time"], [[r[k] for k in keys] for r in comparison.rows])
+    lines = text_table(["run", "preset/model", "epochs", "status", "NLL ± s.e.", "evaluated with", "ELBO",
+                        "active units", "training time"], [[r[k] for k in keys] for r in comparison.rows], rule=True)
     if comparison.differences:
-        lines += ["", "config differences:"] + table(["field"] + [r.name for r in comparison.runs],
-                                                     [[k, *v] for k, v in comparison.differences])
+        lines += ["", "config differences:"] + text_table(["field"] + [r.name for r in comparison.runs],
+                                                          [[k, *v] for k, v in comparison.differences], rule=True)
     else:
         lines += ["", "the configs do not differ (apart from threads and the data directory)"]
     for p in comparison.paired:
         lines.append(f"paired: NLL({p['name']}) − NLL({p['base']}) = {p['difference']} ± {p['stderr']} nats over "
                      f"{plural(p['digits'], 'digit')} (unpaired standard error {p['unpaired']})")
     if comparison.gaps:
-        lines += ["", "where the nats go (evaluate --gaps):"] + table(
+        lines += ["", "where the nats go (evaluate --gaps):"] + text_table(
             ["run", "log p̂(x) by", "log p̂(x)", "ELBO[q*]", "ELBO[q]", "approximation gap", "amortisation gap",
              "paired"],
             [[g["name"], g["with"], *(g["cells"][k] for k in ("log_px", "elbo_optimised", "elbo_encoder",
                                                               "approximation_gap", "amortisation_gap")),
-              g.get("paired", "—")] for g in comparison.gaps])
+              g.get("paired", "—")] for g in comparison.gaps], rule=True)
         lines += [f"{g['name']}: warning: {g['warning']}" for g in comparison.gaps if g["warning"]]
     lines += comparison.notes
     return "\n".join(lines)

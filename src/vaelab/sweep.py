@@ -54,7 +54,7 @@ from typing import Any, Sequence
 
 from vaelab.atomic import WriteError, write_text
 from vaelab.errors import UsageError
-from vaelab.tables import plural, shell_word
+from vaelab.tables import plural, shell_word, text_table
 
 MAX_TRIALS = 100_000                    # a spec's trials, or --trials
 SPEC_KEYS = {"preset", "trials", "objective", "k", "fixed", "search", "enqueue", "sampler", "seed", "pruner",
@@ -1379,8 +1379,7 @@ def summary_table(summary: dict) -> str:
              *(UNUSED if n in r.get("unused", ()) else cell(r["params"].get(n, "—")) for n in names),
              "—" if r["value"] is None else f"{r['value']:.3f}", "—" if r["stderr"] is None else f"{r['stderr']:.3f}",
              str(r["epochs"]), format_duration(r["seconds"]), r["state"]] for r in rows]
-    widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(header)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in [header, *body]]
+    lines = text_table(header, body)
     lines += [f"{name}: " + "; ".join(f"{label} = {flags}" for label, flags in options)   # depth: two = --latent 8 4 …
               for name, options in options_legend(spec)]
     lines += [f"trial {r['slot']:04d} failed: {r['error']}" for r in rows if r.get("error")]

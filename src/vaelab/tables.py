@@ -1,4 +1,5 @@
-"""Tables to paste into a paper or a note: LaTeX (booktabs), Markdown and CSV from one list of rows.
+"""Tables to paste into a paper or a note: LaTeX (booktabs), Markdown and CSV from one list of rows; and the
+aligned text tables of the terminal (``text_table``).
 
 Numbers are written with 2 decimals (nats); None is an em dash (LaTeX: --). LaTeX text is escaped
 (_ % & # $ { } ~ ^ \\), Markdown cells have their pipes escaped, CSV follows RFC 4180 (the csv module)."""
@@ -8,6 +9,7 @@ from __future__ import annotations
 import csv
 import io
 import shlex
+import unicodedata
 from typing import Any, Sequence
 
 _LATEX = {"\\": r"\textbackslash{}", "_": r"\_", "%": r"\%", "&": r"\&", "#": r"\#", "$": r"\$", "{": r"\{",
@@ -24,6 +26,31 @@ def shell_word(value: Any) -> str:
     """A path or value as one word of a command to paste into a shell: quoted where it holds spaces or shell
     characters ('my run' → "'my run'"), unchanged otherwise."""
     return shlex.quote(str(value))
+
+
+def display_width(text: str) -> int:
+    """The columns a terminal gives ``text``: two for an East Asian wide or full-width character (実, Ｋ), none for a
+    combining mark (the accent of e + U+0301) or a zero-width format character, one for every other. ``len`` counts
+    code points: a run named 実験一 took 3 of its 6 columns and pushed its row's cells 3 to the right (until
+    2026-12-06)."""
+    return sum(0 if unicodedata.category(char) in ("Mn", "Me", "Cf") else
+               2 if unicodedata.east_asian_width(char) in ("W", "F") else 1 for char in text)
+
+
+def text_table(header: Sequence[str], rows: Sequence[Sequence[str]], right: bool = False,
+               rule: bool = False) -> list[str]:
+    """The lines of a table for a terminal: each column as wide as its widest cell on screen (``display_width``),
+    two spaces between columns, cells left-aligned (``right``: right-aligned), a rule of dashes under the header
+    where ``rule``."""
+    table = [list(header), *(list(row) for row in rows)]
+    widths = [max(display_width(row[i]) for row in table) for i in range(len(header))]
+
+    def line(cells: Sequence[str]) -> str:
+        pads = [" " * (width - display_width(cell)) for cell, width in zip(cells, widths)]
+        return "  ".join(pad + cell if right else cell + pad for cell, pad in zip(cells, pads))
+
+    lines = [line(row) for row in table]
+    return lines[:1] + ["  ".join("-" * width for width in widths)] + lines[1:] if rule else lines
 
 
 def latex_escape(text: str) -> str:
