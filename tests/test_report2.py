@@ -731,3 +731,24 @@ def test_runs_are_listed_with_the_numbers_in_their_names_counted(tmp_path):
         (tmp_path / name / "config.json").write_text("{}")
     assert [str(p.relative_to(tmp_path)) for p in find_runs(tmp_path)] == [
         "a/t3", "sweep/trials/0002", "sweep/trials/0010", "t1", "t2", "t10"]
+
+
+def test_runs_behind_symbolic_links_are_listed_once(tmp_path):
+    """A folder of links to chosen runs, or to a folder of runs on another disk, lists them (until 2026-12-06 `vaelab
+    runs` said "no runs under" it: rglob does not follow links); a run reached by two names is listed once, under the
+    first in the listing's order, and a link back up the tree (a loop) ends."""
+    from vaelab.runs import find_runs
+
+    store = tmp_path / "scratch"
+    for name in ("t1", "t2", "deep/t3"):
+        (store / name).mkdir(parents=True)
+        (store / name / "config.json").write_text("{}")
+    chosen = tmp_path / "chosen"
+    chosen.mkdir()
+    (chosen / "best").symlink_to(store / "t2")
+    (chosen / "again").symlink_to(store / "t2")                      # the same run by a second name
+    (chosen / "all").symlink_to(store)
+    (chosen / "loop").symlink_to(chosen)                             # a cycle
+    (store / "t1" / "up").symlink_to(tmp_path)
+    assert [str(p.relative_to(chosen)) for p in find_runs(chosen)] == ["again", "all/deep/t3", "all/t1"]
+    assert [str(p.relative_to(store)) for p in find_runs(store)] == ["deep/t3", "t1", "t2"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -368,7 +369,11 @@ def distinct_labels(paths: Sequence[str | Path]) -> list[str]:
 
 def find_runs(directory: str | Path) -> list[Path]:
     """Run directories (holding config.json) at or below ``directory``, sorted by path with the numbers in names
-    taken as numbers (t2 before t10, as a person counts)."""
+    taken as numbers (t2 before t10, as a person counts). Links to directories are followed (a folder of links to
+    chosen runs, or to a folder of runs on another disk: until 2026-12-06 they were not, and `vaelab runs` of such a
+    folder said it held none), as `find -L` does, and each directory is read once however many names lead to it: a
+    run behind two names is listed once, under the one nearest the top (then first in the listing's order), and a
+    link back up the tree ends there."""
     directory = Path(directory)
     if ckpt.is_run(directory):
         return [directory]
@@ -377,4 +382,29 @@ def find_runs(directory: str | Path) -> list[Path]:
         return [(0, int(part), "") if part.isdigit() else (1, 0, part)
                 for part in re.split(r"(\d+)", str(path.relative_to(directory))) if part]
 
-    return sorted((p.parent for p in directory.rglob(ckpt.CONFIG)), key=key)
+    def is_directory(entry: os.DirEntry) -> bool:
+        try:
+            return entry.is_dir()                   # through a link
+        except OSError:
+            return False
+
+    found: list[Path] = []
+    seen: set[tuple[int, int]] = set()              # (device, inode) of each directory read
+    level = [directory]
+    while level:                                    # breadth first: the name nearest the top reaches a directory first
+        below: list[Path] = []
+        for folder in level:
+            try:
+                where = folder.stat()
+                if (where.st_dev, where.st_ino) in seen:
+                    continue
+                seen.add((where.st_dev, where.st_ino))
+                with os.scandir(folder) as listing:
+                    entries = list(listing)
+            except OSError:                         # gone, or not ours to read: as rglob, passed over
+                continue
+            if any(entry.name == ckpt.CONFIG for entry in entries):
+                found.append(folder)
+            below += [folder / entry.name for entry in entries if is_directory(entry)]
+        level = sorted(below, key=key)
+    return sorted(found, key=key)
