@@ -1151,3 +1151,21 @@ def test_evaluating_more_digits_than_the_split_has_is_refused(data_dir, tiny_arr
         assert "give at most" in err and not list(run_dir.glob("eval-*"))
     code, out, _ = run(capsys, "evaluate", run_dir, "--k", "2", "--split", "validation", "--test-examples", 40)
     assert code == 0 and "40 validation digits" in out
+
+
+def test_a_command_vaelab_suggests_for_a_run_named_with_a_dash_runs_as_given(data_dir, tmp_path, capsys, monkeypatch):
+    """`train --out=-r`: the "next:" line's command, pasted, evaluates the run (it read -r as an option: "the
+    following arguments are required: run_dir", exit 2); every such command writes the path ./-r."""
+    import shlex
+
+    from vaelab.tables import shell_word
+
+    assert [shell_word(p) for p in ("-r", "-my run", "runs/-r", "/tmp/-r", "r")] == \
+        ["./-r", "'./-my run'", "runs/-r", "/tmp/-r", "r"]
+    monkeypatch.chdir(tmp_path)
+    code, out, _ = run(capsys, "train", "--out=-r", "--data-dir", data_dir, "--epochs", "1", "--hidden", "8",
+                       "--latent", "2", "--train-examples", "300", "--test-examples", "20", "--no-progress")
+    hint = out.strip().splitlines()[-1].split("next: ", 1)[1]
+    assert code == 0 and hint == "vaelab evaluate ./-r", out
+    code, out, _ = run(capsys, *shlex.split(hint)[1:], "--k", "2", "--test-examples", "5")
+    assert code == 0 and "NLL = " in out

@@ -22,10 +22,13 @@ def plural(count: int, noun: str) -> str:
     return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
-def shell_word(value: Any) -> str:
-    """A path or value as one word of a command to paste into a shell: quoted where it holds spaces or shell
-    characters ('my run' → "'my run'"), unchanged otherwise."""
-    return shlex.quote(str(value))
+def shell_word(path: Any) -> str:
+    """A path as one word of a command to paste into a shell: quoted where it holds spaces or shell characters
+    ('my run' → "'my run'"), a relative one that begins with a dash written ./-run, which no command reads as an
+    option (until 2026-12-06 the hint `vaelab evaluate -run` after training into --out=-run failed: "the following
+    arguments are required: run_dir"), unchanged otherwise."""
+    text = str(path)
+    return shlex.quote("./" + text if text.startswith("-") else text)
 
 
 def display_width(text: str) -> int:
