@@ -760,6 +760,33 @@ def test_api_train_runs_in_a_thread_other_than_the_main_one(tmp_path, data_dir):
     assert {signum: signal.getsignal(signum) for signum in training.STOP_SIGNALS} == before   # the main thread's
 
 
+def test_api_train_gives_the_callers_random_streams_and_threads_back(tmp_path, data_dir):
+    """`vaelab.train` seeds torch's, NumPy's and Python's global random streams (the weights' initialisation draws
+    from torch's) and sets torch's threads, as the command does in its own process: the caller's process gets all of
+    them back as they were (until 2026-12-06 they stayed seeded with the run's seed, so that a loop drawing
+    np.random.rand() around vaelab.train drew the same numbers each time round, and threads=1 left the caller's torch
+    on one thread); the run itself is what the command trains."""
+    import random
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        torch.manual_seed(123), np.random.seed(7), random.seed(5)
+        states = torch.random.get_rng_state(), np.random.get_state(), random.getstate()
+        run = vaelab.train(out=tmp_path / "api", epochs=1, hidden=[8], latent=[2], data_dir=data_dir,
+                           train_examples=300, test_examples=20, threads=1)
+        after = torch.rand(3), np.random.rand(3), random.random(), torch.get_num_threads()
+        torch.random.set_rng_state(states[0]), np.random.set_state(states[1]), random.setstate(states[2])
+        expected = torch.rand(3), np.random.rand(3), random.random(), 3
+        assert torch.equal(after[0], expected[0]) and np.array_equal(after[1], expected[1]) and after[2:] == expected[2:]
+    finally:
+        torch.set_num_threads(before)
+    assert main(["train", "--out", str(tmp_path / "cli"), "--epochs", "1", "--hidden", "8", "--latent", "2",
+                 "--data-dir", str(data_dir), "--train-examples", "300", "--test-examples", "20", "--threads", "1",
+                 "--no-progress"]) == 0
+    assert (tmp_path / "cli" / "model.safetensors").read_bytes() == (run.path / "model.safetensors").read_bytes()
+
+
 def test_api_load_run_names_a_path_of_the_wrong_kind():
     with pytest.raises(UsageError, match=r"^vaelab.load_run: path must be a run directory \(str or pathlib.Path\), "
                                          r"got int$"):

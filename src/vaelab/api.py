@@ -8,7 +8,9 @@ are sums over thousands of draws), on the CPU. Bad arguments raise ``vaelab.erro
 
 from __future__ import annotations
 
+import contextlib
 import os
+import random
 import re
 from pathlib import Path
 from typing import Any
@@ -206,6 +208,25 @@ def load_run(path: str | Path, checkpoint: str = "last") -> Run:
     return Run(path, checkpoint)
 
 
+@contextlib.contextmanager
+def _callers_state_kept():
+    """The trainer seeds torch's, NumPy's and Python's global random streams (the weights are initialised from
+    torch's) and sets torch's thread count, as the command may in a process of its own; in a caller's process all
+    four are put back as they were when training ends, however it ends (until 2026-12-06 they stayed as training
+    left them: every `vaelab.train` reseeded the caller's np.random and random with the run's seed)."""
+    threads = torch.get_num_threads()
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    # CUDA's generators too where training may draw on them (fork_rng reads each device's state: only once CUDA is up)
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    try:
+        with torch.random.fork_rng(devices=devices):
+            yield
+    finally:
+        torch.set_num_threads(threads)
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
+
+
 def train(config=None, *, out: str | Path | None = None, resume: bool = False, progress: bool = False,
           **flags) -> Run:
     """Train as `vaelab train` does and return the run.
@@ -254,11 +275,12 @@ def train(config=None, *, out: str | Path | None = None, resume: bool = False, p
     paths: list[Path] = []
     try:
         args = build_parser(RaisingParser).parse_args(argv)
-        if resume:
-            _resume(args, SINGLE)
-            paths.append(Path(out))
-        else:
-            _new_run(args, SINGLE, config=None if config is None else config.validate(), claimed_dir=paths)
+        with _callers_state_kept():
+            if resume:
+                _resume(args, SINGLE)
+                paths.append(Path(out))
+            else:
+                _new_run(args, SINGLE, config=None if config is None else config.validate(), claimed_dir=paths)
     except UsageError as exc:
         message = str(exc)
         if message.startswith("unrecognized arguments:"):
