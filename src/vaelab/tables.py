@@ -33,9 +33,9 @@ def shell_word(path: Any) -> str:
 
 def display_width(text: str) -> int:
     """The columns a terminal gives ``text``: two for an East Asian wide or full-width character (実, Ｋ), none for a
-    combining mark (the accent of e + U+0301) or a zero-width format character, one for every other. ``len`` counts
-    code points: a run named 実験一 took 3 of its 6 columns and pushed its row's cells 3 to the right (until
-    2026-12-06)."""
+    combining mark (the accent of e + U+0301) or a zero-width format character, one for every other. Until
+    2026-12-06 the tables padded by ``len``, which counts code points: 実験一 counted 3 where a terminal gives it 6, and
+    its row's cells stood 3 columns right of the others'."""
     return sum(0 if unicodedata.category(char) in ("Mn", "Me", "Cf") else
                2 if unicodedata.east_asian_width(char) in ("W", "F") else 1 for char in text)
 
