@@ -559,28 +559,23 @@ def compare_runs(paths: Sequence[str | Path], split: str = "test") -> Comparison
             notes.append(f"{run.name}: no paired difference, {'neither run was' if base_record is record else 'one run was not'} "
                          f"evaluated on the {split} digits (vaelab evaluate RUN{evaluate_split})")
             continue
-        same = (record.get("data_sha256") == base_record.get("data_sha256") and record["k"] == base_record["k"]
-                and record["n_examples"] == base_record["n_examples"] and record.get("data_sha256") is not None
-                and record["precision"] == base_record["precision"] and record.get("seed") == base_record.get("seed"))
+        # only what differs, and what is missing, is named; paired where nothing is
+        digits = base_record.get("data_sha256"), record.get("data_sha256")
+        settings = [text for differs, text in (
+            (record["k"] != base_record["k"], f"K {base_record['k']} vs {record['k']}"),
+            (record["n_examples"] != base_record["n_examples"],
+             f"{base_record['n_examples']} vs {plural(record['n_examples'], 'digit')}"),
+            (record["precision"] != base_record["precision"], f"{base_record['precision']} vs {record['precision']}"),
+            # the digits of a batch share their draws (common random numbers, ``evaluation._iwae_parts``): two seeds'
+            # noise does not cancel digit by digit, and the paired standard error, which takes the digits'
+            # differences as independent, missed it (identical weights, K = 10: −1.31 ± 0.29 nats; until 2026-12-06)
+            (record.get("seed") != base_record.get("seed"), f"seed {base_record.get('seed')} vs {record.get('seed')}"),
+            (record["n_examples"] == base_record["n_examples"] and None not in digits and digits[0] != digits[1],
+             "other digits")) if differs]
         a, b = per_digit(base.path, base_record), per_digit(run.path, record)
-        if not same or a is None or b is None:
-            # only what differs, and what is missing, is named
-            digits = base_record.get("data_sha256"), record.get("data_sha256")
-            settings = [text for differs, text in (
-                (record["k"] != base_record["k"], f"K {base_record['k']} vs {record['k']}"),
-                (record["n_examples"] != base_record["n_examples"],
-                 f"{base_record['n_examples']} vs {plural(record['n_examples'], 'digit')}"),
-                (record["precision"] != base_record["precision"],
-                 f"{base_record['precision']} vs {record['precision']}"),
-                # the digits of a batch share their draws (common random numbers, ``evaluation._iwae_parts``): two
-                # seeds' noise does not cancel digit by digit, and the paired standard error, which takes the digits'
-                # differences as independent, missed it (identical weights, K = 10: −1.31 ± 0.29 nats; until 2026-12-06)
-                (record.get("seed") != base_record.get("seed"),
-                 f"seed {base_record.get('seed')} vs {record.get('seed')}"),
-                (record["n_examples"] == base_record["n_examples"] and None not in digits and digits[0] != digits[1],
-                 "other digits")) if differs]
-            missing = [text for absent, text in ((None in digits, "a record without its digits' checksum"),
-                                                 (a is None or b is None, "no per-digit values")) if absent]
+        missing = [text for absent, text in ((None in digits, "a record without its digits' checksum"),
+                                             (a is None or b is None, "no per-digit values")) if absent]
+        if settings or missing:
             why = [f"evaluated with different settings ({', '.join(settings)})"] if settings else []
             notes.append(f"{run.name} against {base.name}: {'; '.join(why + missing)}; the NLLs are shown, not a "
                          f"paired difference")
