@@ -904,11 +904,16 @@ def _prepare_training(args: argparse.Namespace, config):
         for flag, asked, there, kind in (
                 ("--train-examples", config.data.train_examples, len(arrays.train_images), "training"),
                 ("--test-examples", config.data.test_examples, len(arrays.test_images), "test")):
-            if asked is not None and asked > there:     # it took the first `there`, its config.json saying `asked`
-                raise UsageError(f"{flag} {asked}: the data set has {there} {kind} digits; give at most {there} "
-                                 f"(or leave it out: all of them)")
+            # (until 2026-12-05 such a run took the first `there`, its config.json saying `asked`)
+            _refuse_more_than_there(flag, asked, there, f"the data set has {there} {kind} digits")
     data = prepare(arrays, config.data, device)
     return device, threads, data
+
+
+def _refuse_more_than_there(flag: str, asked: int | None, there: int, what: str) -> None:
+    """One line for `train` and `evaluate` asked for more digits than there are (``what``: how many, and whose)."""
+    if asked is not None and asked > there:
+        raise UsageError(f"{flag} {asked}: {what}; give at most {there} (or leave it out: all of them)")
 
 
 def _train(args: argparse.Namespace, config, run_dir: Path, run, resumed: bool, write_config: bool = True,
@@ -1208,11 +1213,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             data_config = dataclasses.replace(data_config, validation=0, train_examples=1)
         arrays = load_mnist(data_dir, log=_log if world.main else lambda m: None)
         there = len(arrays.test_images) if args.split == "test" else config.data.validation
-        if args.test_examples is not None and args.test_examples > there:
-            # until 2026-12-06 the first `there` were evaluated without a word (the record said how many)
-            holder = "the data set has" if args.split == "test" else f"{args.run_dir} holds out"
-            raise UsageError(f"--test-examples {args.test_examples}: {holder} {there} {args.split} digits; give at "
-                             f"most {there} (or leave it out: all of them)")
+        # until 2026-12-06 the first `there` were evaluated without a word (the record said how many)
+        holder = "the data set has" if args.split == "test" else f"{args.run_dir} holds out"
+        _refuse_more_than_there("--test-examples", args.test_examples, there, f"{holder} {there} {args.split} digits")
         data = prepare(arrays, data_config, device)
         images, labels = (data.test_binary, data.test_labels) if args.split == "test" else \
             (data.validation_binary[: args.test_examples], data.validation_labels[: args.test_examples])
