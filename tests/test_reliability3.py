@@ -1219,3 +1219,77 @@ def test_evaluations_with_other_seeds_are_not_paired(data_dir, tmp_path, capsys)
     assert code == 0 and "| b | " in out and "with the same K and seed of the draws" in out
     code, out, _ = run(capsys, "compare", a, b, "--out", tmp_path / "c.html")
     assert code == 0 and "paired: NLL(b) − NLL(a) = 0.000 ± 0.000 nats over 50 digits" in out
+
+
+def _font_drawing(characters: str, monkeypatch):
+    """The family of a font matplotlib can use that draws ``characters``: from its list of fonts, or else from the
+    system's font files (its list is kept from before a font was installed: .ci/run installs Debian's
+    fonts-wqy-zenhei on a machine whose list may be older), added to a copy of the list for the test; None if no
+    font draws them."""
+    from matplotlib import font_manager
+    from matplotlib.ft2font import FT2Font
+
+    def _characters(path: str) -> set[int]:
+        try:
+            return set(FT2Font(str(path)).get_charmap())
+        except (OSError, RuntimeError, ValueError):
+            return set()
+
+    wanted = {ord(c) for c in characters}
+    for entry in font_manager.fontManager.ttflist:
+        if not entry.name.startswith("Last Resort") and wanted <= _characters(entry.fname):
+            return entry.name
+    for path in sorted(font_manager.findSystemFonts()):
+        if wanted <= _characters(path):
+            monkeypatch.setattr(font_manager.fontManager, "ttflist", list(font_manager.fontManager.ttflist))
+            font_manager.fontManager.addfont(path)
+            return font_manager.fontManager.ttflist[-1].name
+    return None
+
+
+def test_figures_draw_run_names_in_scripts_their_default_font_lacks(evaluated, tmp_path, capsys, monkeypatch):
+    """A run named 実験一: DejaVu Sans, matplotlib's font, has no CJK, and matplotlib falls back only among the
+    families a text is given, so `compare`'s legend drew three boxes (until 2026-12-06), warning once per glyph.
+    Now a text's characters its fonts lack are drawn in an installed font that has them: 実 and 験 are drawn
+    differently (as boxes they were the same picture), with no warning, and the PDF embeds that font (no boxes:
+    matplotlib's Last Resort font)."""
+    import io
+
+    from PIL import Image
+
+    from vaelab import plots
+
+    family = _font_drawing("実験一", monkeypatch)
+    if family is None:
+        pytest.skip("no installed font has CJK ideographs (.ci/run installs Debian's fonts-wqy-zenhei)")
+    metrics = [{"epoch": 1, "train_elbo": -100.0, "test_elbo": -99.0}, {"epoch": 2, "train_elbo": -98.0,
+                                                                        "test_elbo": -97.0}]
+    pictures = [np.asarray(Image.open(io.BytesIO(plots.figure_png(plots.curves_figure([(name, metrics)])))))
+                for name in ("実", "験")]
+    assert pictures[0].shape == pictures[1].shape and (pictures[0] != pictures[1]).any()
+    for name in ("実験一", "plain"):
+        shutil.copytree(evaluated, tmp_path / name)
+    code, out, err = run(capsys, "compare", tmp_path / "実験一", tmp_path / "plain", "--out", tmp_path / "c.html")
+    assert code == 0 and "Glyph" not in err and "warning" not in err, err
+    figure = plots.curves_figure([("実験一", metrics), ("plain", metrics)], width=3.25)
+    plots.save_vector(figure, tmp_path / "c.pdf")
+    embedded = {name.decode() for name in re.findall(rb"/FontName /[A-Z]{6}\+(\S+)", (tmp_path / "c.pdf").read_bytes())}
+    assert embedded - {"DejaVuSans"} and not any(name.startswith("LastResort") for name in embedded), embedded
+
+
+def test_characters_no_font_has_are_named_once(evaluated, tmp_path, capsys, monkeypatch):
+    """A run named in Linear A (no installed font has it): matplotlib warned once per glyph (and per figure where a
+    command makes several; until 2026-12-06); now one line names the characters and what to do."""
+    from vaelab import plots
+
+    if _font_drawing("\U00010600", monkeypatch) is not None:
+        pytest.skip("a font here draws Linear A")
+    monkeypatch.setattr(plots, "_UNDRAWN_NAMED", set(), raising=False)
+    for name in ("\U00010600\U00010601", "plain"):
+        shutil.copytree(evaluated, tmp_path / name)
+    code, out, err = run(capsys, "compare", tmp_path / "\U00010600\U00010601", tmp_path / "plain",
+                         "--out", tmp_path / "c.html")
+    warned = [line for line in err.splitlines() if "warning" in line]
+    assert code == 0 and len(warned) == 1 and "Glyph" not in err, err
+    assert warned[0].startswith("vaelab compare: warning: \U00010600, \U00010601: no font that matplotlib knows "
+                                "of has them, so figures draw boxes (install a font that has")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from pathlib import Path
@@ -36,9 +37,111 @@ def _save(fig, path: Path, dpi: int = 120, tight: bool = True, metadata: dict[st
     path = Path(path)
     kind = path.suffix.lower().lstrip(".") or "png"
     extra = {"metadata": metadata} if metadata and kind == "png" else {}
-    atomic_write(path, lambda handle: fig.savefig(handle, format=kind, dpi=dpi, bbox_inches="tight" if tight else None,
-                                                  **extra))
+    with every_script_drawn(fig):
+        atomic_write(path, lambda handle: fig.savefig(handle, format=kind, dpi=dpi,
+                                                      bbox_inches="tight" if tight else None, **extra))
     _pyplot().close(fig)
+
+
+@functools.cache
+def _characters(path: str) -> frozenset[int]:
+    """The code points the font file at ``path`` draws (its first face's character map; none where FreeType cannot
+    read it)."""
+    from matplotlib.ft2font import FT2Font
+
+    try:
+        return frozenset(FT2Font(str(path)).get_charmap())
+    except (OSError, RuntimeError, ValueError):
+        return frozenset()
+
+
+_UNDRAWN_NAMED: set[int] = set()      # characters every_script_drawn has warned of (once a process, not a figure)
+_FALLBACKS: set[str] = set()          # the families _give_fonts has given texts
+
+
+def _give_fonts(fig) -> set[int]:
+    """Give each text of ``fig`` with characters its fonts lack (a run named 実験一 in a legend: DejaVu Sans has no
+    CJK), after its own families, installed ones that have them, the text's style and weight first. Matplotlib
+    falls back glyph by glyph along a text's list of families (Agg, PDF and SVG alike), but only among the families
+    it is given, and it gives its default one. Returns the characters no font has."""
+    from matplotlib import font_manager
+    from matplotlib.text import Text
+
+    def weight(value) -> float:                      # "normal", "bold", 500, …
+        return float(font_manager.weight_dict.get(value, value))
+
+    def with_family(props, family: str):
+        props = props.copy()
+        props.set_family(family)
+        return props
+
+    unmatched: set[int] = set()
+    for text in fig.findobj(Text):
+        words = text.get_text()
+        if words.isascii():
+            continue
+        props = text.get_fontproperties()
+        families = list(props.get_family())
+        fonts = [_characters(font_manager.findfont(with_family(props, f))) for f in families]
+        missing = {ord(c) for c in words if not c.isspace() and not any(ord(c) in font for font in fonts)}
+        extra: list[str] = []
+        if missing:
+            # matplotlib's Last Resort font has a box for every code point: the box this is to spare
+            candidates = [e for e in font_manager.fontManager.ttflist if not e.name.startswith("Last Resort")]
+            for entry in sorted(candidates, key=lambda e: (e.style != props.get_style(), abs(
+                    weight(e.weight) - weight(props.get_weight())), e.name, e.fname)):   # its style and weight first
+                drawn = missing & _characters(entry.fname)
+                if drawn and entry.name not in families + extra:
+                    extra.append(entry.name)
+                    missing -= drawn
+                if not missing:
+                    break
+        if extra:
+            text.set_fontfamily(families + extra)
+            _FALLBACKS.update(extra)
+        unmatched |= missing
+    return unmatched
+
+
+@contextlib.contextmanager
+def every_script_drawn(fig):
+    """Around laying out or drawing ``fig`` (its texts measured in the fonts they will be drawn in): the fonts of
+    ``_give_fonts``, and one warning naming the characters no font that matplotlib knows of has, once a process
+    (matplotlib's own is one per glyph and figure)."""
+    import logging
+    import warnings
+
+    import matplotlib
+    from matplotlib import font_manager
+
+    def other_weight(record: logging.LogRecord) -> bool:
+        # "Failed to find font weight normal for WenQuanYi Zen Hei, now using 500": a font of one weight, given here
+        return not (str(record.msg).startswith("findfont: Failed to find font weight")
+                    and isinstance(record.args, tuple) and len(record.args) > 1 and record.args[1] in _FALLBACKS)
+
+    logger = logging.getLogger(font_manager.__name__)
+    logger.addFilter(other_weight)
+    try:
+        unmatched = _give_fonts(fig)
+        if unmatched - _UNDRAWN_NAMED:
+            _UNDRAWN_NAMED.update(unmatched)
+            shown = ", ".join(chr(c) for c in sorted(unmatched)[:8]) + (", …" if len(unmatched) > 8 else "")
+            warnings.warn(f"{shown}: no font that matplotlib knows of has {'them' if len(unmatched) > 1 else 'it'}, "
+                          f"so figures draw boxes (install a font that has, e.g. one of the Noto fonts; matplotlib "
+                          f"looks for fonts again once its list, {matplotlib.get_cachedir()}/fontlist-*.json, is "
+                          f"deleted)", stacklevel=3)
+        with warnings.catch_warnings():
+            if unmatched:                             # named once
+                warnings.filterwarnings("ignore", message="Glyph .* missing from font", category=UserWarning)
+            yield
+    finally:
+        logger.removeFilter(other_weight)
+
+
+def _tight_layout(fig) -> None:
+    """``fig.tight_layout()`` with its texts measured in the fonts they will be drawn in (every_script_drawn)."""
+    with every_script_drawn(fig):
+        fig.tight_layout()
 
 
 def plot_elbo(metrics: Sequence[dict[str, float]], path: Path, title: str = "", dpi: int = 120) -> None:
@@ -123,7 +226,8 @@ def figure_png(fig, dpi: int = 100) -> bytes:
     import io
 
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight")
+    with every_script_drawn(fig):
+        fig.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight")
     _pyplot().close(fig)
     return buffer.getvalue()
 
@@ -331,7 +435,7 @@ def training_figure(metrics: Sequence[dict], width: float | None = None):
     else:
         axes[0].legend(fontsize=8, loc="best")
     axes[1].legend(fontsize=7)
-    fig.tight_layout()
+    _tight_layout(fig)
     return fig
 
 
@@ -418,7 +522,7 @@ def kl_figure(layers: Sequence[dict], width: float | None = None):
                 ax.set_xticks(units)
             else:
                 _whole_ticks(ax.xaxis)
-    fig.tight_layout()
+    _tight_layout(fig)
     return fig
 
 
@@ -478,7 +582,7 @@ def curves_figure(runs: Sequence[tuple[str, Sequence[dict]]], width: float | Non
     handles += [Line2D([], [], color="0.35", label=f"{split} ELBO")] if solid else []
     handles += [Line2D([], [], color="0.35", linestyle=":", label="train ELBO")]
     ax.legend(handles=handles, fontsize=9, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    fig.tight_layout()
+    _tight_layout(fig)
     return fig
 
 
@@ -501,8 +605,8 @@ def save_vector(fig, path: Path) -> None:
     (``fit_inside``); closes it."""
     import matplotlib
 
-    with matplotlib.rc_context({"pdf.fonttype": 42, "svg.fonttype": "none"}):
-        fit_inside(fig)
+    with matplotlib.rc_context({"pdf.fonttype": 42, "svg.fonttype": "none"}), every_script_drawn(fig):
+        fit_inside(fig)                               # (with the texts' fonts it will draw them in)
         _save(fig, path, tight=False)
 
 
@@ -525,7 +629,7 @@ def fit_inside(fig, rounds: int = 6) -> None:
             return
         with warnings.catch_warnings():               # "not compatible with tight_layout": it still helps
             warnings.simplefilter("ignore", UserWarning)
-            fig.tight_layout()
+            _tight_layout(fig)
 
     constrained = isinstance(fig.get_layout_engine(), ConstrainedLayoutEngine)   # (tight_layout leaves a placeholder)
     for round_ in range(rounds):
@@ -589,7 +693,7 @@ def sweep_history_figure(numbers: Sequence[int], values: Sequence[float], states
     ax.xaxis.get_major_locator().set_params(integer=True)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
+    _tight_layout(fig)
     return fig
 
 
@@ -619,7 +723,7 @@ def sweep_parameter_figure(name: str, values: Sequence, objective: Sequence[floa
     ax.set_xlabel(name)
     ax.set_ylabel(label)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
+    _tight_layout(fig)
     return fig
 
 
@@ -632,7 +736,7 @@ def importance_figure(importances: dict[str, float]):
     ax.set_xlabel("importance (PED-ANOVA, sums to 1)")
     ax.set_xlim(0, 1)
     ax.grid(alpha=0.3, axis="x")
-    fig.tight_layout()
+    _tight_layout(fig)
     return fig
 
 
@@ -686,7 +790,7 @@ def k_curve_figure(points: Sequence[dict], width: float | None = None):
     ax.set_xlabel("K (importance samples; nested draws)")
     ax.set_ylabel("IWAE-K, mean log p̂(x) (nats)")
     ax.grid(alpha=0.3, which="both")
-    fig.tight_layout()
+    _tight_layout(fig)
     return fig
 
 
@@ -722,5 +826,5 @@ def latent_heatmap_figure(history: Sequence[dict], width: float | None = None, o
                if one_draw_overcounts and "variance_draws" not in last else "")
         ax.set_title(f"layer {index + 1}: {last['active_units']} of {grid.shape[0]} units active at epoch "
                      f"{epochs[-1]}{how}", fontsize=9)
-    fig.tight_layout()
+    _tight_layout(fig)
     return fig
