@@ -765,7 +765,7 @@ def test_api_train_gives_the_callers_random_streams_and_threads_back(tmp_path, d
     from torch's) and sets torch's threads, as the command does in its own process: the caller's process gets all of
     them back as they were (until 2026-12-06 they stayed seeded with the run's seed, so that a loop drawing
     np.random.rand() around vaelab.train drew the same numbers each time round, and threads=1 left the caller's torch
-    on one thread); the run itself is what the command trains."""
+    on one thread); the run itself is what the command trains. Opening a run keeps the caller's stream too."""
     import random
 
     before = torch.get_num_threads()
@@ -785,6 +785,14 @@ def test_api_train_gives_the_callers_random_streams_and_threads_back(tmp_path, d
                  "--data-dir", str(data_dir), "--train-examples", "300", "--test-examples", "20", "--threads", "1",
                  "--no-progress"]) == 0
     assert (tmp_path / "cli" / "model.safetensors").read_bytes() == (run.path / "model.safetensors").read_bytes()
+    # opening a run's model: its modules initialise from torch's stream before the file's weights replace them
+    # (until 2026-12-06 that moved the caller's stream on), and its draws come from their own seeds
+    torch.manual_seed(11)
+    expected = torch.rand(3)
+    torch.manual_seed(11)
+    opened = vaelab.load_run(run.path)
+    samples, log_px = opened.sample(4, seed=1), opened.log_likelihood(torch.ones(2, 784), k=3)
+    assert torch.equal(torch.rand(3), expected) and samples.shape == (4, 784) and log_px.shape == (2,)
 
 
 def test_api_load_run_names_a_path_of_the_wrong_kind():

@@ -73,7 +73,10 @@ class Run:
             from vaelab.training import BEST_WEIGHTS
 
             weights = BEST_WEIGHTS if self.checkpoint == "best" else ckpt.WEIGHTS
-            _, self._model, loaded = ckpt.load_model_weights(self.path, weights=weights)
+            # building the modules initialises their weights from torch's global stream, then the file replaces
+            # them: the caller's stream is put back (until 2026-12-06 opening a run moved it on by that draw)
+            with torch.random.fork_rng(devices=[]):
+                _, self._model, loaded = ckpt.load_model_weights(self.path, weights=weights)
             self._weights = pictured_weights(loaded, self.info)
         return self._model
 
