@@ -1301,3 +1301,25 @@ def test_characters_no_font_has_are_named_once(evaluated, tmp_path, capsys, monk
     assert code == 0 and len(warned) == 1 and "Glyph" not in err, err
     assert warned[0].startswith("vaelab compare: warning: \U00010600, \U00010601: no font that matplotlib knows "
                                 "of has them, so figures draw boxes (install a font that has")
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="no Chromium installed (.ci/run installs Debian's chromium)")
+def test_a_run_named_in_cjk_stays_on_one_line_in_a_pages_table(evaluated, tmp_path, capsys):
+    """In a window narrow enough that the comparison's table wraps its cells, a browser may break CJK text between
+    any two characters, and did: 実験一 stood as 実験 over 一 (until 2026-12-06), where plain, a Latin word, kept
+    whole. Measured in headless Chromium: the lines each run's name takes in the runs table."""
+    from test_report import chromium
+
+    for name in ("実験一", "plain"):
+        shutil.copytree(evaluated, tmp_path / name)
+    page = tmp_path / "c.html"
+    assert run(capsys, "compare", tmp_path / "実験一", tmp_path / "plain", "--out", page)[0] == 0
+    measured = tmp_path / "measured.html"            # the page, and a script that counts each name's line boxes
+    measured.write_text(page.read_text().replace("</body>", """<script>
+      const lines = [...document.querySelector("table").querySelectorAll("td:first-child")].map(td => { const range = document.createRange(); range.selectNodeContents(td);
+                     return [td.textContent.trim(), new Set([...range.getClientRects()].map(r => r.top)).size]; });
+      document.body.setAttribute("data-lines", JSON.stringify(lines));</script></body>"""))
+    dom = chromium(f"--user-data-dir={tmp_path / 'profile'}", "--window-size=560,900", "--virtual-time-budget=5000",
+                   "--dump-dom", measured.as_uri())
+    lines = dict(json.loads(re.search(r'data-lines="([^"]*)"', dom.stdout).group(1).replace("&quot;", '"')))
+    assert lines == {"実験一": 1, "plain": 1}, lines
