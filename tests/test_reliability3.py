@@ -1323,3 +1323,27 @@ def test_a_run_named_in_cjk_stays_on_one_line_in_a_pages_table(evaluated, tmp_pa
                    "--dump-dom", measured.as_uri())
     lines = dict(json.loads(re.search(r'data-lines="([^"]*)"', dom.stdout).group(1).replace("&quot;", '"')))
     assert lines == {"実験一": 1, "plain": 1}, lines
+
+
+def test_files_saved_with_a_byte_order_mark_are_read(evaluated, tmp_path, capsys):
+    """An editor's UTF-8 byte-order mark (Notepad's until 2019, PowerShell 5's `-Encoding utf8`) before a hand-edited
+    config.json made the run unusable ("not valid JSON (Unexpected UTF-8 BOM …)", with the advice to move the edited
+    file away), and before a sweep spec "not valid TOML (Invalid statement (at line 1, column 1))", a line that
+    looks right (until 2026-12-06). The mark is not part of either: both are read as without it."""
+    from vaelab import sweep
+
+    bom = "\ufeff".encode()
+    run_dir = tmp_path / "edited"
+    shutil.copytree(evaluated, run_dir)
+    (run_dir / "config.json").write_bytes(bom + (run_dir / "config.json").read_bytes())
+    code, out, err = run(capsys, "evaluate", run_dir, "--k", "2", "--test-examples", "5")
+    assert code == 0 and "NLL = " in out, err
+    code, out, err = run(capsys, "runs", tmp_path)
+    assert code == 0 and "note" not in err and "edited" in out
+    spec = tmp_path / "spec.toml"
+    spec.write_bytes(bom + b'preset = "seed"\ntrials = 2\n[fixed]\nepochs = 1\nvalidation = 500\n'
+                           b'[search]\nlr = [1e-3, 3e-3]\n')
+    assert sweep.load_spec(spec).trials == 2
+    (run_dir / "eval-mine.json").write_bytes(bom + next(run_dir.glob("eval-k2-*.json")).read_bytes())
+    code, out, err = run(capsys, "report", run_dir, "--out", tmp_path / "r.html")
+    assert code == 0 and "eval-mine.json" not in err, err

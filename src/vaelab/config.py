@@ -163,7 +163,8 @@ class RunConfig:
     @classmethod
     def load(cls, path: Path) -> "RunConfig":
         try:
-            raw = json.loads(path.read_text(encoding="utf-8"))
+            # utf-8-sig: an editor's byte-order mark (Notepad's, PowerShell's utf8) is not part of the JSON
+            raw = json.loads(path.read_text(encoding="utf-8-sig"))
         except FileNotFoundError as exc:
             from vaelab.sweep import not_a_sweep
 

@@ -260,7 +260,7 @@ def read_evaluations(run_dir: Path, notes: list[str] | None = None) -> list[dict
         if path.name == ckpt.CONFIG:
             continue
         try:
-            record = json.loads(path.read_text(encoding="utf-8"))
+            record = json.loads(path.read_text(encoding="utf-8-sig"))        # (a BOM: a record edited by hand)
             problem = _record_problem(record)
         except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
             problem = f"not readable JSON ({type(exc).__name__})"

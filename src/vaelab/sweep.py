@@ -345,7 +345,7 @@ def load_spec(path: Path, trials: int | None = None) -> Spec:
     """Read and check a spec: unknown keys and fields, empty ranges and values the train command would refuse
     are one-line errors naming the field."""
     try:
-        text = path.read_text(encoding="utf-8")          # TOML is UTF-8, whatever the locale
+        text = path.read_text(encoding="utf-8-sig")      # TOML is UTF-8, whatever the locale (an editor's BOM skipped)
         raw = tomllib.loads(text)
     except FileNotFoundError:
         raise UsageError(f"sweep spec {path} does not exist; give a TOML file (see the README's Sweeps section)") from None
