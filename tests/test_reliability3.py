@@ -1347,3 +1347,15 @@ def test_files_saved_with_a_byte_order_mark_are_read(evaluated, tmp_path, capsys
     (run_dir / "eval-mine.json").write_bytes(bom + next(run_dir.glob("eval-k2-*.json")).read_bytes())
     code, out, err = run(capsys, "report", run_dir, "--out", tmp_path / "r.html")
     assert code == 0 and "eval-mine.json" not in err, err
+
+
+def test_counts_of_one_are_singular(data_dir, tmp_path, capsys):
+    """"r has trained all its 1 epochs", "on 1 test digits" (until 2026-12-06): one is one epoch, one digit."""
+    run_dir = tmp_path / "r"
+    assert main(["train", "--out", str(run_dir), "--data-dir", str(data_dir), "--epochs", "1", "--hidden", "8",
+                 "--latent", "2", "--train-examples", "300", "--test-examples", "20", "--no-progress"]) == 0
+    capsys.readouterr()
+    code, out, _ = run(capsys, "train", "--out", run_dir, "--resume", "--no-progress")
+    assert code == 0 and f"{run_dir} has trained all its 1 epoch: nothing to train" in out, out
+    code, out, _ = run(capsys, "evaluate", run_dir, "--k", "2", "--test-examples", "1")
+    assert code == 0 and " on 1 test digit, K = 2" in out, out

@@ -952,7 +952,7 @@ def _train(args: argparse.Namespace, config, run_dir: Path, run, resumed: bool, 
             fix = (f"add --epochs N above {config.train.epochs}" if finished else
                    "add --early-stopping 0 (or a larger N)")
             raise UsageError(f"{flags} changes how {run_dir} trains on, but it "
-                             + (f"has trained all its {config.train.epochs} epochs" if finished else
+                             + (f"has trained all its {plural(config.train.epochs, 'epoch')}" if finished else
                                 f"stopped early after epoch {trainer.state.epoch}")
                              + f"; {fix} to train on with it (nothing was changed)")
         trainer.rewrite_user_files()
@@ -963,8 +963,8 @@ def _train(args: argparse.Namespace, config, run_dir: Path, run, resumed: bool, 
             # state not yet; recorded now, and said so, not as if this resume's flags had changed them again
             log(trainer.amend(list(amendments), earlier=amended_earlier))
         if finished:
-            log(f"{run_dir} has trained all its {config.train.epochs} epochs: nothing to train (--epochs N above "
-                f"{config.train.epochs} trains on); its files are written again from the training state")
+            log(f"{run_dir} has trained all its {plural(config.train.epochs, 'epoch')}: nothing to train (--epochs N "
+                f"above {config.train.epochs} trains on); its files are written again from the training state")
     if (write_config or not resumed) and world.main:
         ckpt.write_text(run_dir / ckpt.CONFIG, config.to_json())
     validation = f", validation {len(data.validation_binary)}" if data.validation_binary is not None else ""
@@ -1224,8 +1224,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         distributed.on_main(world, lambda: _check_evaluation_target(out, args.overwrite))
         processes = f", {world.size} processes" if world.distributed else ""
         if world.main:
-            _log(f"evaluating {args.run_dir} ({pictured_weights(loaded, run)}) on {len(images)} "
-                 f"{args.split} digits, K = {args.k}, device {device}, {plural(threads, 'thread')}{processes}")
+            _log(f"evaluating {args.run_dir} ({pictured_weights(loaded, run)}) on "
+                 f"{plural(len(images), f'{args.split} digit')}, K = {args.k}, device {device}, "
+                 f"{plural(threads, 'thread')}{processes}")
         summary, per_digit = evaluate_run(model, images, eval_config, progress=_progress_or_lines(args), world=world)
         if not world.main:
             return 0

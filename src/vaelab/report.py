@@ -113,7 +113,7 @@ def _latent_views(model, images: torch.Tensor, labels: np.ndarray, layers: list[
             points = np.stack([centred[:, 0].numpy(), labels + jitter], 1)
             out.append(figures.make(f"pca-layer{index + 1}", f"layer {index + 1}: posterior means of its one unit, by "
                                     f"digit", lambda w, p=points, z=z_name: plots.scatter_2d_figure(
-                                        p, labels, f"E_q[{z}|x] (centred), {len(p)} test digits",
+                                        p, labels, f"E_q[{z}|x] (centred), {plural(len(p), 'test digit')}",
                                         (f"E_q[{z}|x] − its mean", "digit (jittered)"), width=w)))
             embedded = None
         else:
@@ -123,8 +123,8 @@ def _latent_views(model, images: torch.Tensor, labels: np.ndarray, layers: list[
             axis_labels = (f"PC1 ({100 * explained[0]:.0f} % of the variance)", f"PC2 ({100 * explained[1]:.0f} %)")
             out.append(figures.make(f"pca-layer{index + 1}", f"layer {index + 1}: posterior means, first two "
                                     f"principal components", lambda w, p=points, a=axis_labels, z=z_name:
-                                    plots.scatter_2d_figure(p, labels, f"PCA of E_q[{z}|x], {len(p)} test digits", a,
-                                                            width=w)))
+                                    plots.scatter_2d_figure(p, labels, f"PCA of E_q[{z}|x], "
+                                                            f"{plural(len(p), 'test digit')}", a, width=w)))
             embedded = _nonlinear_embedding(mean.numpy()[:2000])
         if embedded is not None:
             name, points2 = embedded
@@ -294,14 +294,15 @@ def build_report(run_dir: str | Path, data_dir: str | None = None, figures_dir: 
     images, labels = data.test_binary, data.test_labels.numpy()
     if record is not None and record["n_examples"] == len(images) and record.get("layers") and \
             record.get("weights_sha256") in (None, loaded.sha256):
-        layers, layers_from = record["layers"], f"from {record['file']} ({record['n_examples']} test digits)"
+        layers, layers_from = record["layers"], f"from {record['file']} ({plural(record['n_examples'], 'test digit')})"
         active_note = None                                     # the headline's own evaluation: it says which digits
     else:
-        bar.set_postfix_str(f"the latent units' statistics on the {len(images)} test digits")
+        bar.set_postfix_str(f"the latent units' statistics on the {plural(len(images), 'test digit')}")
         layers = latent_statistics(model, images, 16, 0)
-        layers_from = (f"of {pictured}, computed for this page on the {len(images)} test digits (16 draws per digit "
+        layers_from = (f"of {pictured}, computed for this page on the {plural(len(images), 'test digit')} (16 draws "
+                       f"per digit "
                        f"where a layer needs draws); `vaelab evaluate` stores them with more")
-        active_note = f"computed for this page on the {len(images)} test digits"
+        active_note = f"computed for this page on the {plural(len(images), 'test digit')}"
         if record is not None and record.get("layers"):       # the headline's evaluation counted them on other digits
             active_note += (f"; the evaluation above counted {_active(record['layers'])} on its "
                             f"{record['n_examples']}")
