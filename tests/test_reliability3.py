@@ -1350,7 +1350,8 @@ def test_files_saved_with_a_byte_order_mark_are_read(evaluated, tmp_path, capsys
 
 
 def test_counts_of_one_are_singular(data_dir, tmp_path, capsys):
-    """"r has trained all its 1 epochs", "on 1 test digits" (until 2026-12-06): one is one epoch, one digit."""
+    """"r has trained all its 1 epochs", "on 1 test digits", in the command's lines and the report (until
+    2026-12-06): one is one epoch, one digit."""
     run_dir = tmp_path / "r"
     assert main(["train", "--out", str(run_dir), "--data-dir", str(data_dir), "--epochs", "1", "--hidden", "8",
                  "--latent", "2", "--train-examples", "300", "--test-examples", "20", "--no-progress"]) == 0
@@ -1359,3 +1360,6 @@ def test_counts_of_one_are_singular(data_dir, tmp_path, capsys):
     assert code == 0 and f"{run_dir} has trained all its 1 epoch: nothing to train" in out, out
     code, out, _ = run(capsys, "evaluate", run_dir, "--k", "2", "--test-examples", "1")
     assert code == 0 and " on 1 test digit, K = 2" in out, out
+    assert run(capsys, "report", run_dir, "--data-dir", data_dir, "--out", tmp_path / "r.html")[0] == 0
+    page = (tmp_path / "r.html").read_text()
+    assert "1 test digit, K = 2" in page and "1 test digits" not in page

@@ -36,6 +36,7 @@ def _environment():
                                      autoescape=jinja2.select_autoescape(["html", "j2"]),
                                      undefined=jinja2.StrictUndefined)
     environment.filters["shell_word"] = shell_word            # a path in a command to paste: quoted where needed
+    environment.filters["plural"] = plural                    # {{ n | plural("test digit") }}: "1 test digit", "2 …s"
     return environment
 
 
