@@ -1089,7 +1089,7 @@ def _default_record(path: Path, loaded, note: Callable[[str], None]) -> Path:
         from vaelab.runs import weights_label
 
         try:
-            record = json.loads(record_path.read_text(encoding="utf-8"))
+            record = json.loads(record_path.read_text(encoding="utf-8-sig"))      # (a BOM: as runs.read_evaluations)
         except (OSError, ValueError):
             return None, ""                             # not a record vaelab can read: refused, the user decides
         if not isinstance(record, dict):

@@ -37,7 +37,7 @@ def _save(fig, path: Path, dpi: int = 120, tight: bool = True, metadata: dict[st
     path = Path(path)
     kind = path.suffix.lower().lstrip(".") or "png"
     extra = {"metadata": metadata} if metadata and kind == "png" else {}
-    with every_script_drawn(fig):
+    with _every_script_drawn(fig):
         atomic_write(path, lambda handle: fig.savefig(handle, format=kind, dpi=dpi,
                                                       bbox_inches="tight" if tight else None, **extra))
     _pyplot().close(fig)
@@ -55,7 +55,7 @@ def _characters(path: str) -> frozenset[int]:
         return frozenset()
 
 
-_UNDRAWN_NAMED: set[int] = set()      # characters every_script_drawn has warned of (once a process, not a figure)
+_UNDRAWN_NAMED: set[int] = set()      # characters _every_script_drawn has warned of (once a process, not a figure)
 _FALLBACKS: set[str] = set()          # the families _give_fonts has given texts
 
 
@@ -104,7 +104,7 @@ def _give_fonts(fig) -> set[int]:
 
 
 @contextlib.contextmanager
-def every_script_drawn(fig):
+def _every_script_drawn(fig):
     """Around laying out or drawing ``fig`` (its texts measured in the fonts they will be drawn in): the fonts of
     ``_give_fonts``, and one warning naming the characters no font that matplotlib knows of has, once a process
     (matplotlib's own is one per glyph and figure)."""
@@ -139,8 +139,8 @@ def every_script_drawn(fig):
 
 
 def _tight_layout(fig) -> None:
-    """``fig.tight_layout()`` with its texts measured in the fonts they will be drawn in (every_script_drawn)."""
-    with every_script_drawn(fig):
+    """``fig.tight_layout()`` with its texts measured in the fonts they will be drawn in (_every_script_drawn)."""
+    with _every_script_drawn(fig):
         fig.tight_layout()
 
 
@@ -226,7 +226,7 @@ def figure_png(fig, dpi: int = 100) -> bytes:
     import io
 
     buffer = io.BytesIO()
-    with every_script_drawn(fig):
+    with _every_script_drawn(fig):
         fig.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight")
     _pyplot().close(fig)
     return buffer.getvalue()
@@ -605,7 +605,7 @@ def save_vector(fig, path: Path) -> None:
     (``fit_inside``); closes it."""
     import matplotlib
 
-    with matplotlib.rc_context({"pdf.fonttype": 42, "svg.fonttype": "none"}), every_script_drawn(fig):
+    with matplotlib.rc_context({"pdf.fonttype": 42, "svg.fonttype": "none"}), _every_script_drawn(fig):
         fit_inside(fig)                               # (with the texts' fonts it will draw them in)
         _save(fig, path, tight=False)
 
