@@ -629,7 +629,7 @@ def fit_inside(fig, rounds: int = 6) -> None:
             return
         with warnings.catch_warnings():               # "not compatible with tight_layout": it still helps
             warnings.simplefilter("ignore", UserWarning)
-            _tight_layout(fig)
+            fig.tight_layout()                        # (inside save_vector's _every_script_drawn: the texts' fonts)
 
     constrained = isinstance(fig.get_layout_engine(), ConstrainedLayoutEngine)   # (tight_layout leaves a placeholder)
     for round_ in range(rounds):
