@@ -1363,3 +1363,41 @@ def test_counts_of_one_are_singular(data_dir, tmp_path, capsys):
     assert run(capsys, "report", run_dir, "--data-dir", data_dir, "--out", tmp_path / "r.html")[0] == 0
     page = (tmp_path / "r.html").read_text()
     assert "1 test digit, K = 2" in page and "1 test digits" not in page
+
+
+def test_of_one_digit_active_units_are_not_counted(data_dir, tmp_path, capsys):
+    """Active units are those whose posterior mean varies over digits (Cov_x E_q[u] > 0.01). Of one digit there
+    is no variance, and vaelab said "0 of 4 units active" (the variance taken as 0; until 2026-12-06), in the
+    evaluation, its record, latent.csv and the pictures, and "unpaired standard error 0.000" of two runs' one-digit
+    NLLs, which have none. Now "not counted" there, an empty cell, a dash."""
+    import csv
+
+    from vaelab import plots, runs
+
+    run_dir = tmp_path / "r"
+    assert main(["train", "--out", str(run_dir), "--data-dir", str(data_dir), "--epochs", "1", "--hidden", "8",
+                 "--latent", "4", "--prior", "mog", "--prior-components", "2", "--train-examples", "300",
+                 "--test-examples", "1", "--no-progress"]) == 0
+    rows = list(csv.DictReader((run_dir / "latent.csv").open()))
+    assert len(rows) == 4 and all(row["posterior_mean_variance"] == row["active"] == "" for row in rows), rows
+    code, out, err = run(capsys, "evaluate", run_dir, "--k", "2", "--test-examples", "1")
+    assert code == 0 and "layer 1: active units not counted (Cov_x E_q[u], a variance over digits, needs 2" in out
+    assert "units active" not in out, out
+    record = json.loads(next(run_dir.glob("eval-k2-n1-*.json")).read_text())
+    assert record["layers"][0]["active_units"] is None and record["layers"][0]["active"] is None
+    code, out, err = run(capsys, "evaluate", run_dir, "--k", "2", "--test-examples", "2")
+    assert code == 0 and "of 4 units active" in out, out      # two digits: counted
+    shutil.copytree(run_dir, tmp_path / "s")
+    for path in (run_dir, tmp_path / "s"):
+        next(path.glob("eval-k2-n2-*.json")).unlink()
+    code, out, err = run(capsys, "compare", run_dir, tmp_path / "s", "--out", tmp_path / "c.html")
+    assert code == 0 and "(unpaired standard error —)" in out, out
+    code, out, err = run(capsys, "compare", run_dir, tmp_path / "s", "--format", "csv")
+    table = list(csv.DictReader(out.splitlines()))
+    assert code == 0 and [row["active units"] for row in table] == ["", ""], out
+    history = runs.read_run(run_dir).meta["latent"]
+    assert history[0]["layers"][0]["active_units"] is None
+    plots.figure_png(plots.latent_heatmap_figure(history))
+    figure = plots.kl_figure(record["layers"])
+    assert "active units not counted" in figure.axes[0].get_title()
+    assert "a variance over\ndigits needs two" in figure.axes[1].texts[0].get_text()

@@ -46,6 +46,16 @@ from vaelab.tables import plural
 ACTIVE_UNIT_THRESHOLD = 1e-2
 
 
+def unit_activity(variance: torch.Tensor, digits: int) -> dict:
+    """A layer's ``posterior_mean_variance``, ``active`` (the units' numbers) and ``active_units`` from Cov_x E_q[u]
+    (d,) over ``digits`` digits. A variance over digits needs two of them: over one, every unit's would be 0/0, so
+    (until 2026-12-06 "0 of 50 units active" on one digit) all three are None, and what shows them says why."""
+    if digits < 2:
+        return {"posterior_mean_variance": None, "active": None, "active_units": None}
+    active = (variance > ACTIVE_UNIT_THRESHOLD).nonzero().flatten().tolist()
+    return {"posterior_mean_variance": variance.tolist(), "active": active, "active_units": len(active)}
+
+
 @contextlib.contextmanager
 def hot_loop_settings():
     """CPU settings for the training and evaluation loops (not nested):
@@ -275,15 +285,15 @@ def elbo_summary(model, images: torch.Tensor, batch_size: int = 1000, seed: int 
             kl = None if kls[0][index] is None else (sum(batch[index] for batch in kls) / len(images)).tolist()
             other = torch.cat([batch[index] for batch in again]) if again else None          # (n, d), n ≤ N
             if other is None or torch.equal(mean[:len(other)], other):
-                variance = mean.var(0, unbiased=True) if len(mean) > 1 else torch.zeros(mean.shape[1])
+                variance = mean.var(0, unbiased=True) if len(mean) > 1 else None
                 digits, used = len(mean), 1
             else:
                 first = mean[:len(other)]
                 variance = (((first - first.mean(0)) * (other - other.mean(0))).sum(0) / max(len(other) - 1, 1))
                 digits, used = len(other), 2
-            units.append({"layer": index + 1, "kl": kl, "posterior_mean_variance": variance.tolist(),
-                          "active_units": int((variance > ACTIVE_UNIT_THRESHOLD).sum()),
-                          "variance_digits": digits, "variance_draws": used})
+            activity = unit_activity(variance, digits)
+            units.append({"layer": index + 1, "kl": kl, "posterior_mean_variance": activity["posterior_mean_variance"],
+                          "active_units": activity["active_units"], "variance_digits": digits, "variance_draws": used})
     elbo, reconstruction, kl = (sums / len(images)).tolist()
     return {"elbo": elbo, "reconstruction": reconstruction, "kl": kl}
 
@@ -483,9 +493,9 @@ def latent_statistics(model, images: torch.Tensor, samples: int = 64, seed: int 
         variance = ((mean - mean.mean(0)) * (other - other.mean(0))).sum(0) / max(len(mean) - 1, 1)
         per_dimension = None if kls[0][index] is None else torch.cat([batch[index] for batch in kls]).mean(0)  # (d,)
         kl = float(torch.cat([batch[index] for batch in totals]).mean())
-        active = (variance > ACTIVE_UNIT_THRESHOLD).nonzero().flatten().tolist()
-        layers.append({"layer": index + 1, "latent": mean.shape[1], "active_units": len(active), "active": active,
-                       "posterior_mean_variance": variance.tolist(),
+        activity = unit_activity(variance, len(mean))
+        layers.append({"layer": index + 1, "latent": mean.shape[1], "active_units": activity["active_units"],
+                       "active": activity["active"], "posterior_mean_variance": activity["posterior_mean_variance"],
                        "kl_per_dimension": None if per_dimension is None else per_dimension.tolist(), "kl": kl})
     return layers
 

@@ -481,7 +481,8 @@ KL_FLOOR = 1e-5          # the KL and Cov_x E_q[u] of a collapsed unit are drawn
 def kl_figure(layers: Sequence[dict], width: float | None = None):
     """Per stochastic layer, every unit visible on log axes: its mean KL (left; bars with SVG ids kl-unit-L-I) and
     the variance over digits of its posterior mean Cov_x E_q[u] (right) with the 0.01 line of the active-unit
-    criterion; active units blue, inactive grey. Values below 1e-5 are drawn at 1e-5."""
+    criterion; active units blue, inactive grey. Values below 1e-5 are drawn at 1e-5. A layer whose activity was
+    not counted (of one digit, no variance over digits) is all grey, its right panel saying so."""
     plt = _pyplot()
     width = width or 11.0
     cols = _columns(width, 2)
@@ -490,11 +491,12 @@ def kl_figure(layers: Sequence[dict], width: float | None = None):
                              squeeze=False)
     panels = axes.reshape(len(layers), 2)
     for (kl_ax, var_ax), layer in zip(panels, layers):
-        active = set(layer["active"])
+        counted = layer["active"] is not None
+        active = set(layer["active"] or ())
         units = np.arange(layer["latent"])
         colours = ["C0" if i in active else "0.7" for i in units]
         title = (f"layer {layer['layer']}: {layer['active_units']} of {layer['latent']} units active (blue), "
-                 f"KL {layer['kl']:.2f} nats")
+                 if counted else f"layer {layer['layer']}: active units not counted, ") + f"KL {layer['kl']:.2f} nats"
         if layer.get("kl_per_dimension") is None:
             kl_ax.text(0.5, 0.5, "no per-unit KL:\nq or p does not factorise", ha="center", va="center",
                        transform=kl_ax.transAxes, fontsize=9)
@@ -507,16 +509,23 @@ def kl_figure(layers: Sequence[dict], width: float | None = None):
             kl_ax.set_yscale("log")
             kl_ax.set_ylabel("KL (nats)")
             kl_ax.grid(alpha=0.3, axis="y")
-        kl_ax.set_xlabel("latent unit")
+            kl_ax.set_xlabel("latent unit")
         kl_ax.set_title(title, fontsize=9)
-        var_ax.bar(units, np.maximum(np.asarray(layer["posterior_mean_variance"]), KL_FLOOR), color=colours)
-        var_ax.axhline(1e-2, color="C3", lw=1, ls="--", label="0.01: active above")
-        var_ax.set_yscale("log")
-        var_ax.set_ylabel("Cov_x E_q[u]")
-        var_ax.set_xlabel("latent unit")
-        var_ax.legend(fontsize=8, loc="lower left", bbox_to_anchor=(0.0, 1.0), frameon=False)
-        var_ax.grid(alpha=0.3, axis="y")
-        for ax in (kl_ax, var_ax) if layer.get("kl_per_dimension") is not None else (var_ax,):
+        if counted:
+            var_ax.bar(units, np.maximum(np.asarray(layer["posterior_mean_variance"]), KL_FLOOR), color=colours)
+            var_ax.axhline(1e-2, color="C3", lw=1, ls="--", label="0.01: active above")
+            var_ax.set_yscale("log")
+            var_ax.set_ylabel("Cov_x E_q[u]")
+            var_ax.set_xlabel("latent unit")
+            var_ax.legend(fontsize=8, loc="lower left", bbox_to_anchor=(0.0, 1.0), frameon=False)
+            var_ax.grid(alpha=0.3, axis="y")
+        else:
+            var_ax.text(0.5, 0.5, "no Cov_x E_q[u]: a variance over\ndigits needs two, and there is one",
+                        ha="center", va="center", transform=var_ax.transAxes, fontsize=9)
+            var_ax.set_xticks([])
+            var_ax.set_yticks([])
+        shown = [ax for ax, drawn in ((kl_ax, layer.get("kl_per_dimension") is not None), (var_ax, counted)) if drawn]
+        for ax in shown:
             # units are whole numbers: each of a small layer, else as the locator spaces them
             if len(units) <= 16:
                 ax.set_xticks(units)
@@ -810,6 +819,14 @@ def latent_heatmap_figure(history: Sequence[dict], width: float | None = None, o
     for index, ax in enumerate(axes[:, 0]):
         per_unit = [entry["layers"][index] for entry in history]
         use_kl = per_unit[-1]["kl"] is not None
+        last = per_unit[-1]
+        if not use_kl and last["posterior_mean_variance"] is None:    # one test digit: evaluation.unit_activity
+            ax.text(0.5, 0.5, f"layer {index + 1}: no per-unit KL, and no Cov_x E_q[u]\n(a variance over digits "
+                    "needs two; the run evaluates one test digit)", ha="center", va="center", transform=ax.transAxes,
+                    fontsize=9)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            continue
         grid = np.array([(layer["kl"] if use_kl else layer["posterior_mean_variance"]) for layer in per_unit]).T
         image = ax.imshow(np.maximum(grid, 1e-5), aspect="auto", origin="lower", cmap="viridis",
                           norm=LogNorm(vmin=1e-4, vmax=max(1e-3, float(grid.max()))),
@@ -819,12 +836,14 @@ def latent_heatmap_figure(history: Sequence[dict], width: float | None = None, o
         ax.set_ylabel(f"layer {index + 1}: unit")
         _whole_ticks(ax.yaxis)
         _integer_epochs(ax)
-        last = per_unit[-1]
-        how = (f" (Cov_x E_q[u] from two draws per digit, {last['variance_digits']} digits)"
+        how = ("" if last["active_units"] is None else
+               f" (Cov_x E_q[u] from two draws per digit, {last['variance_digits']} digits)"
                if last.get("variance_draws") == 2 else
                " (recorded from one draw per digit: may count the draws' noise as activity)"
                if one_draw_overcounts and "variance_draws" not in last else "")
-        ax.set_title(f"layer {index + 1}: {last['active_units']} of {grid.shape[0]} units active at epoch "
-                     f"{epochs[-1]}{how}", fontsize=9)
+        counted = (f"{last['active_units']} of {grid.shape[0]} units active at epoch {epochs[-1]}"
+                   if last["active_units"] is not None else f"active units not counted at epoch {epochs[-1]} "
+                   "(Cov_x E_q[u] needs two digits; the run evaluates one)")
+        ax.set_title(f"layer {index + 1}: {counted}{how}", fontsize=9)
     _tight_layout(fig)
     return fig

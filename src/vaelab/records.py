@@ -145,8 +145,10 @@ def format_eval_table(result: dict) -> str:
     lines.append(f"NLL = {number(result['nll'])} ± {number(result['nll_stderr'])} nats (IWAE-{result['k']}{products}, "
                  f"{digits_label(result)}, {result['seconds']:.1f} s)")
     for layer in result["layers"]:
-        lines.append(f"layer {layer['layer']}: {layer['active_units']} of {layer['latent']} units active "
-                     f"(Cov_x E_q[u] > 0.01), KL {layer['kl']:.2f} nats")
+        counted = (f"{layer['active_units']} of {layer['latent']} units active (Cov_x E_q[u] > 0.01)"
+                   if layer["active_units"] is not None else
+                   "active units not counted (Cov_x E_q[u], a variance over digits, needs 2 or more)")
+        lines.append(f"layer {layer['layer']}: {counted}, KL {layer['kl']:.2f} nats")
     for point in result.get("k_curve", []):
         lines.append(f"IWAE-{point['k']:<5d} {number(point['mean'])} ± {number(point['stderr'])} (nested draws: the "
                      f"first {point['k']} of {result['k']})")

@@ -136,7 +136,8 @@ def _latent_views(model, images: torch.Tensor, labels: np.ndarray, layers: list[
         # of their posterior means)
         ranking = layer["kl_per_dimension"] if layer.get("kl_per_dimension") is not None else \
             layer["posterior_mean_variance"]
-        order = [int(i) for i in np.argsort(-np.asarray(ranking)) if int(i) in set(layer["active"])][:4]
+        order = [] if layer["active"] is None else \
+            [int(i) for i in np.argsort(-np.asarray(ranking)) if int(i) in set(layer["active"])][:4]
         spread = mean.std(0)
         steps = torch.linspace(-3, 3, 11)
         rows, names = [], []
@@ -155,6 +156,9 @@ def _latent_views(model, images: torch.Tensor, labels: np.ndarray, layers: list[
                     r, n, "each row: one unit from −3 to +3 standard deviations (over digits) around a test digit's "
                           "posterior mean", width=w),
                 "Decoder means; the other units held at that digit's posterior mean.", wide=True))
+        elif layer["active"] is None:
+            out.append(Figure(f"layer {index + 1}: no traversals", "", "Which units are active was not counted: "
+                              "Cov_x E_q[u] is a variance over digits, and there is one."))
         else:
             out.append(Figure(f"layer {index + 1}: no traversals", "", "No unit of this layer is active "
                               "(Cov_x E_q[u] ≤ 0.01 for all): varying one changes nothing the decoder uses."))
@@ -304,7 +308,7 @@ def build_report(run_dir: str | Path, data_dir: str | None = None, figures_dir: 
                        f"per digit "
                        f"where a layer needs draws); `vaelab evaluate` stores them with more")
         active_note = f"computed for this page on the {plural(len(images), 'test digit')}"
-        if record is not None and record.get("layers"):       # the headline's evaluation counted them on other digits
+        if record is not None and _active(record.get("layers") or []):   # the headline's counted them on other digits
             active_note += (f"; the evaluation above counted {_active(record['layers'])} on its "
                             f"{record['n_examples']}")
     with torch.no_grad():
@@ -368,7 +372,10 @@ def _long_epochs_note(metrics: Sequence[dict]) -> str:
 
 
 def _active(layers: list[dict]) -> str:
-    """Active units per layer, "63 + 2 + 0"."""
+    """Active units per layer, "63 + 2 + 0"; "" where they were not counted (of one digit, no variance over
+    digits: evaluation.unit_activity)."""
+    if any(layer["active_units"] is None for layer in layers):
+        return ""
     return " + ".join(str(layer["active_units"]) for layer in layers)
 
 
@@ -380,7 +387,9 @@ def _summary(run: RunInfo, record: dict | None, layers: list[dict], active_note:
     metrics = run.metrics[-1] if run.metrics else {}
     summary = {"status": run.status, "epochs": f"{run.epochs_done} of {run.epochs_total}",
                "time": format_duration(run.training_seconds), "time_note": _long_epochs_note(run.metrics),
-               "active": _active(layers), "active_note": active_note,
+               "active": _active(layers) or "—",
+               "active_note": "not counted: a variance over digits needs two" if any(
+                   layer["active_units"] is None for layer in layers) else active_note,
                "latent": " + ".join(str(l["latent"]) for l in layers), "test_elbo": metrics.get("test_elbo"),
                "record": record, "best": None}
     best_epoch = 0
@@ -587,7 +596,9 @@ def compare_runs(paths: Sequence[str | Path], split: str = "test") -> Comparison
         paired.append({"name": run.name, "base": base.name, "difference": _fmt(float(diff.mean())),
                        "stderr": _fmt(stderr), "digits": len(diff),
                        "values": (float(diff.mean()), stderr),
-                       "unpaired": _fmt(math.hypot(base_record.get("nll_stderr") or 0, record.get("nll_stderr") or 0))})
+                       # √(s.e.₁² + s.e.₂²); of one digit neither has one (until 2026-12-06 "0.000" there)
+                       "unpaired": _fmt(None if None in (base_record.get("nll_stderr"), record.get("nll_stderr")) else
+                                        math.hypot(base_record["nll_stderr"], record["nll_stderr"]))})
     # the gap decompositions are of the runs' current weights: not beside a record of other weights
     return Comparison(runs, differences, rows, paired, notes,
                       _compare_gaps([run for run, (_, file) in zip(runs, chosen) if file is None], split), split,

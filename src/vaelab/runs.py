@@ -88,7 +88,7 @@ RECORD_FIELDS: dict[str, tuple[tuple[type, ...], bool]] = {
     "n_examples": ((int,), False), "estimates": ((list,), False), "layers": ((list,), False),
 }
 ESTIMATE_FIELDS = {"name": ((str,), False), "mean": (_NUMBER, True), "stderr": (_NUMBER, True), "kind": ((str,), False)}
-LAYER_FIELDS = {"layer": ((int,), False), "latent": ((int,), False), "active_units": ((int,), False),
+LAYER_FIELDS = {"layer": ((int,), False), "latent": ((int,), False), "active_units": ((int,), True),
                 "kl": (_NUMBER, False)}
 
 

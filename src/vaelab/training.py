@@ -456,14 +456,16 @@ class Trainer:
         # posterior collapse, and units that come alive under warm-up. variance_draws: 1 where E_q[u|x] is exact, 2
         # where it is two draws' covariance over variance_digits digits (evaluation.elbo_summary); empty digits: a
         # row of a vaelab before 2026-12-04, one draw's variance, which counts the draw's noise as activity
+        # where of one test digit, no variance over digits (evaluation.unit_activity): those two columns empty
         lines = ["epoch,layer,unit,kl,posterior_mean_variance,active,variance_draws,variance_digits"]
         for entry in self.state.latent:
             for layer in entry["layers"]:
-                kls = layer["kl"] or [math.nan] * len(layer["posterior_mean_variance"])
+                units = self.config.model.latent[layer["layer"] - 1]
+                kls = layer["kl"] or [math.nan] * units
                 how = f"{layer.get('variance_draws', 1)},{layer.get('variance_digits', '')}"
-                for unit, (kl, variance) in enumerate(zip(kls, layer["posterior_mean_variance"])):
-                    lines.append(f"{entry['epoch']},{layer['layer']},{unit},{_fmt(kl)},{_fmt(variance)},"
-                                 f"{int(variance > ACTIVE_UNIT_THRESHOLD)},{how}")
+                for unit, (kl, variance) in enumerate(zip(kls, layer["posterior_mean_variance"] or [None] * units)):
+                    counted = "," if variance is None else f"{_fmt(variance)},{int(variance > ACTIVE_UNIT_THRESHOLD)}"
+                    lines.append(f"{entry['epoch']},{layer['layer']},{unit},{_fmt(kl)},{counted},{how}")
         ckpt.write_text(self.run_dir / LATENT_FILE, "\n".join(lines) + "\n")
 
     # ---- loop ------------------------------------------------------------------------------------
