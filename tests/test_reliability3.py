@@ -679,6 +679,32 @@ def test_a_hand_written_record_is_skipped_with_a_note_and_the_rest_is_shown(eval
     assert code == 0 and "eval-mine.json: not a vaelab evaluation record" in (run_dir / "report.html").read_text()
 
 
+def test_a_record_that_holds_only_what_a_record_must_is_shown_in_the_report(evaluated, data_dir, tmp_path, capsys):
+    """A record written by hand, or by a vaelab before a field existed, with only the fields runs.RECORD_FIELDS asks
+    for: `runs` and `compare` showed it, and `report` ended in a traceback (until 2026-12-06: KeyError
+    'posterior_mean_variance' where its layers lack the per-unit statistics, then jinja's "no attribute 'seconds'").
+    Now the page shows its NLL, and computes the latent statistics it lacks; a record whose "weights" or "per_digit"
+    (file names) are of another type is skipped with a note, as one that lacks a field."""
+    run_dir = tmp_path / "mine"
+    shutil.copytree(evaluated, run_dir)
+    record = {"nll": 90.125, "nll_stderr": 0.5, "elbo": -95.0, "k": 100, "n_examples": 500,    # conftest's 500
+              "estimates": [{"name": "IWAE-100", "mean": -90.125, "stderr": 0.5, "kind": "stochastic lower bound"}],
+              "layers": [{"layer": 1, "latent": 4, "active_units": 3, "kl": 20.0}]}
+    (run_dir / "eval-mine.json").write_text(json.dumps(record))
+    code, _, err = run(capsys, "report", run_dir, "--data-dir", data_dir, "--out", tmp_path / "r.html")
+    assert code == 0 and "Traceback" not in err, err
+    page = (tmp_path / "r.html").read_text()
+    assert "90.12 ± 0.50" in page and "computed for this page on the 500 test digits" in page
+    # a field that names a file, of another type: the record is not one (it ended report and compare in a TypeError)
+    (run_dir / "eval-mine.json").write_text(json.dumps({**record, "weights": 5}))
+    code, out, err = run(capsys, "runs", tmp_path)
+    assert code == 0 and "eval-mine.json: not a vaelab evaluation record ('weights' is 5); skipped" in err, err
+    for command in (["report", run_dir, "--data-dir", data_dir, "--out", tmp_path / "r.html"],
+                    ["compare", run_dir, evaluated, "--out", tmp_path / "c.html"]):
+        code, _, err = run(capsys, *command)
+        assert code == 0 and "Traceback" not in err, err
+
+
 def test_a_record_under_a_name_of_ones_own_is_shown_and_compared(evaluated, data_dir, tmp_path, capsys):
     """`evaluate RUN --out RUN/best.json`: until 2026-12-05 only eval*.json was read, so that `runs` and `report`
     did not show the record and `compare RUN/best.json …` called it "not an evaluation record". A JSON file of the

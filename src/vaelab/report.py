@@ -27,6 +27,8 @@ from vaelab.tables import plural, shell_word, text_table
 
 # Pairs of digit classes whose interpolations the report shows (through the latent means).
 INTERPOLATION_PAIRS = ((0, 1), (2, 7), (3, 8), (4, 9), (5, 6))
+# what the latent section takes from each layer of an evaluation (evaluation.latent_statistics writes them all)
+PAGE_LAYER_FIELDS = {"layer", "latent", "active_units", "active", "posterior_mean_variance", "kl_per_dimension", "kl"}
 
 
 def _environment():
@@ -297,7 +299,10 @@ def build_report(run_dir: str | Path, data_dir: str | None = None, figures_dir: 
                                       data_dir=data_dir or run.config.data.data_dir)
     data = prepare(load_mnist(data_config.data_dir), data_config)
     images, labels = data.test_binary, data.test_labels.numpy()
+    # the evaluation's own statistics where it has all the page draws from (a record written by hand may hold only
+    # what runs.LAYER_FIELDS asks; until 2026-12-06 the page then ended in a KeyError)
     if record is not None and record["n_examples"] == len(images) and record.get("layers") and \
+            all(PAGE_LAYER_FIELDS <= set(layer) for layer in record["layers"]) and \
             record.get("weights_sha256") in (None, loaded.sha256):
         layers, layers_from = record["layers"], f"from {record['file']} ({plural(record['n_examples'], 'test digit')})"
         active_note = None                                     # the headline's own evaluation: it says which digits

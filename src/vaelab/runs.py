@@ -90,6 +90,9 @@ RECORD_FIELDS: dict[str, tuple[tuple[type, ...], bool]] = {
 ESTIMATE_FIELDS = {"name": ((str,), False), "mean": (_NUMBER, True), "stderr": (_NUMBER, True), "kind": ((str,), False)}
 LAYER_FIELDS = {"layer": ((int,), False), "latent": ((int,), False), "active_units": ((int,), True),
                 "kl": (_NUMBER, False)}
+# fields a record may lack (an older vaelab's), but which, where present, name files: not of another type (until
+# 2026-12-06 `"weights": 5` or `"per_digit": [1]` ended `report` and `compare` in a traceback)
+OPTIONAL_FIELDS = {"weights": ((str,), False), "per_digit": ((str,), False)}
 
 
 def _record_problem(record: Any) -> str | None:
@@ -97,9 +100,11 @@ def _record_problem(record: Any) -> str | None:
     if not isinstance(record, dict):
         return f"a JSON {type(record).__name__}, not an object"
 
-    def check(entry: dict, fields: dict, where: str) -> str | None:
+    def check(entry: dict, fields: dict, where: str, required: bool = True) -> str | None:
         for name, (types, nullable) in fields.items():
             if name not in entry:
+                if not required:
+                    continue
                 return f"no {where}{name!r}"
             value = entry[name]
             if value is None and nullable:
@@ -108,7 +113,7 @@ def _record_problem(record: Any) -> str | None:
                 return f"{where}{name!r} is {value!r}"
         return None
 
-    problem = check(record, RECORD_FIELDS, "")
+    problem = check(record, RECORD_FIELDS, "") or check(record, OPTIONAL_FIELDS, "", required=False)
     if problem is None and (record["k"] < 1 or record["n_examples"] < 1):
         problem = f"k {record['k']} and n_examples {record['n_examples']} must be ≥ 1"
     for index, entry in enumerate(record.get("estimates") or []):
