@@ -22,8 +22,8 @@ from vaelab.cli import main
 from vaelab.models import ModelConfig, build_model
 from vaelab.models.flows import IAF, PlanarFlow
 from vaelab.models.hierarchical import HierarchicalVAE, merge_gaussians
-from vaelab.models.priors import MixturePrior, VampPrior, mixture_log_density
-from vaelab.objectives import elbo_objective, iwae_objective, log_mean_exp
+from vaelab.models.priors import mixture_log_density
+from vaelab.objectives import elbo_objective, iwae_objective
 
 
 def direct_mixture(z: np.ndarray, mu: np.ndarray, logvar: np.ndarray) -> np.ndarray:

@@ -14,7 +14,6 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -86,7 +85,7 @@ def test_a_record_written_into_another_run_names_the_run_it_measured(evaluated, 
     capsys.readouterr()
     code, out, _ = run(capsys, "runs", tmp_path)
     line = next(line for line in out.splitlines() if line.split()[0].endswith("b"))
-    assert code == 0 and f"— (stale: " in line and f"of the weights after epoch 1 of {a.resolve()})" in line, out
+    assert code == 0 and "— (stale: " in line and f"of the weights after epoch 1 of {a.resolve()})" in line, out
     code, out, _ = run(capsys, "report", b, "--data-dir", data_dir, "--out", tmp_path / "b.html")
     html = (tmp_path / "b.html").read_text()
     assert code == 0 and f"its evaluations are of the weights of {a.resolve()}" in html

@@ -20,7 +20,6 @@ stands). A kill -9 loses at most the epoch under way.
 from __future__ import annotations
 
 import contextlib
-import errno
 import hashlib
 import math
 import random
@@ -250,8 +249,8 @@ class Trainer:
         if config.model.batch_norm and (batch == 1 or n_train % batch == 1):
             # the normalisation's variance over a batch of one example is 0/0 (torch refuses it mid-epoch)
             other = next(b for b in range(max(batch, 2), n_train + 2) if b >= n_train or n_train % b != 1)
-            raise UsageError(f"--batch-norm normalises each training batch by its own mean and variance, and one "
-                             f"example has no variance: " + ("batches of 1" if batch == 1 else
+            raise UsageError("--batch-norm normalises each training batch by its own mean and variance, and one "
+                             "example has no variance: " + ("batches of 1" if batch == 1 else
                              f"{n_train} training digits in batches of {batch} leave a last batch of 1") +
                              f"; choose another --batch-size (e.g. {other})")
         seed = config.train.seed
