@@ -1426,3 +1426,42 @@ def test_of_one_digit_active_units_are_not_counted(data_dir, tmp_path, capsys):
     figure = plots.kl_figure(record["layers"])
     assert "active units not counted" in figure.axes[0].get_title()
     assert "a variance over\ndigits needs two" in figure.axes[1].texts[0].get_text()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_stop_signal_handled_where_python_cannot_raise_still_stops_the_command(signum, capsys):
+    """Python runs a signal's handler between any two steps of Python code, among them those of a weakref callback
+    run by the garbage collector, where an exception cannot propagate: matplotlib makes many while it builds a
+    figure, and Ctrl-C 4 s into `vaelab report` was printed as "Exception ignored in: <function
+    TransformNode.set_children…> … KeyboardInterrupt" and lost: the report went on and wrote its page (until
+    2026-12-06). Now the stop is sent again, and raised where the command can stop, without the ignored-exception
+    lines; where the command ends first, it is dropped."""
+    import weakref
+
+    from vaelab import cli
+
+    class Thing:
+        pass
+
+    caught = None
+    with cli._stop_signals_raise():
+        try:
+            thing = Thing()
+            watched = weakref.ref(thing, lambda _: (signal.raise_signal(signum), sum(range(100))))
+            del thing                                        # the callback runs: the handler raises inside it
+            assert watched() is None
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline:
+                time.sleep(0.01)
+        except KeyboardInterrupt as exc:
+            caught = exc
+    assert isinstance(caught, cli.Stopped) and caught.stop_signal == signum
+    assert "Exception ignored" not in capsys.readouterr().err
+    # a stop sent again that has not landed when the command ends is dropped (the command's work is done), not
+    # raised after it, where nothing would say what it stopped
+    with cli._stop_signals_raise():
+        thing = Thing()
+        watched = weakref.ref(thing, lambda _: (signal.raise_signal(signum), sum(range(100))))
+        del thing
+    time.sleep(0.3)
+    assert "Exception ignored" not in capsys.readouterr().err

@@ -369,8 +369,8 @@ def build_parser(parser_class: type[argparse.ArgumentParser] = _Parser) -> argpa
 
 
 class Stopped(KeyboardInterrupt):
-    """SIGTERM or SIGHUP outside a training's own handlers (evaluate, report, compare, …): the command ends as at
-    Ctrl-C, with its one line, where the default action killed it without a word."""
+    """Ctrl-C, SIGTERM or SIGHUP outside a training's own handlers (evaluate, report, compare, …): the command ends
+    with its one line (for SIGTERM and SIGHUP, where the default action killed it without a word)."""
 
     def __init__(self, signum: int):
         super().__init__(signum)
@@ -380,20 +380,62 @@ class Stopped(KeyboardInterrupt):
 @contextlib.contextmanager
 def _stop_signals_raise():
     """SIGTERM (schedulers, `timeout`) and SIGHUP (a closed terminal; not where it was ignored: `nohup`) raise
-    ``Stopped`` while the command runs; a training installs its own handlers inside (a checkpoint first), a sweep
-    too. The previous handlers afterwards. Only the main thread can set them."""
+    ``Stopped`` while the command runs, Ctrl-C a KeyboardInterrupt (Stopped of SIGINT); a training installs its own
+    handlers inside (a checkpoint first), a sweep too. The previous handlers afterwards. Only the main thread can set
+    them.
+
+    Python runs a signal's handler between any two steps of Python code, and some of that code cannot pass an
+    exception on: a weakref callback or ``__del__`` run by the garbage collector, of which matplotlib makes many
+    while a figure is built and dropped. There the stop was printed as "Exception ignored in: <function
+    TransformNode.set_children…> … KeyboardInterrupt" and lost, and the command went on (until 2026-12-06 Ctrl-C 4 s
+    into `report` let it write its page). So, where such a stop reaches ``sys.unraisablehook`` while this block's
+    handler is the signal's, it is not printed, and the signal is sent again from another thread a moment later,
+    to be raised where the command can stop (again, until it lands there). One that has not landed when the block
+    ends is dropped: the command's work is done."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    resending = threading.Event()              # set while the hook sends a stop again: its handler must not raise
+    done = threading.Event()                   # the block has ended: a stop is moot
+    senders: list[threading.Thread] = []
 
     def stop(signum, frame):
+        if done.is_set():
+            return
+        if resending.is_set():                 # inside the hook itself: raised there, it would be lost again
+            send_again(signum)
+            return
         raise Stopped(signum)
 
-    previous = {signum: signal.signal(signum, stop) for signum in (signal.SIGTERM, signal.SIGHUP)
-                if signal.getsignal(signum) != signal.SIG_IGN}
+    def send_again(signum):
+        def later():
+            time.sleep(0.05)                   # the main thread is out of the hook and the callback by then
+            if not done.is_set():
+                signal.raise_signal(signum)
+
+        senders.append(threading.Thread(target=later, daemon=True))
+        senders[-1].start()
+
+    def hook(unraisable):
+        signum = getattr(unraisable.exc_value, "stop_signal", None)
+        if not isinstance(unraisable.exc_value, Stopped) or signal.getsignal(signum) is not stop:
+            return outer_hook(unraisable)
+        resending.set()
+        try:
+            send_again(signum)
+        finally:
+            resending.clear()
+
+    previous = {signum: signal.signal(signum, stop) for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+                if signal.getsignal(signum) not in (signal.SIG_IGN, None)}
+    outer_hook, sys.unraisablehook = sys.unraisablehook, hook
     try:
         yield
     finally:
+        done.set()
+        for sender in senders:                 # a stop they send now reaches ``stop``, which drops it
+            sender.join()
+        sys.unraisablehook = outer_hook
         for signum, before in previous.items():
             signal.signal(signum, before)
 
