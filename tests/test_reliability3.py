@@ -1443,25 +1443,32 @@ def test_a_stop_signal_handled_where_python_cannot_raise_still_stops_the_command
     class Thing:
         pass
 
-    caught = None
-    with cli._stop_signals_raise():
-        try:
-            thing = Thing()
-            watched = weakref.ref(thing, lambda _: (signal.raise_signal(signum), sum(range(100))))
-            del thing                                        # the callback runs: the handler raises inside it
-            assert watched() is None
-            deadline = time.monotonic() + 5
-            while time.monotonic() < deadline:
-                time.sleep(0.01)
-        except KeyboardInterrupt as exc:
-            caught = exc
-    assert isinstance(caught, cli.Stopped) and caught.stop_signal == signum
-    assert "Exception ignored" not in capsys.readouterr().err
-    # a stop sent again that has not landed when the command ends is dropped (the command's work is done), not
-    # raised after it, where nothing would say what it stopped
-    with cli._stop_signals_raise():
+    def stop_in_a_callback():
         thing = Thing()
         watched = weakref.ref(thing, lambda _: (signal.raise_signal(signum), sum(range(100))))
-        del thing
-    time.sleep(0.3)
-    assert "Exception ignored" not in capsys.readouterr().err
+        del thing                                            # the callback runs: the handler raises inside it
+        assert watched() is None
+
+    # Ctrl-C as at a terminal, whatever the test runner inherited: a shell's background job (`make test &`) starts
+    # with SIGINT ignored, and a command there keeps ignoring it, as Python does
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        caught = None
+        with cli._stop_signals_raise():
+            try:
+                stop_in_a_callback()
+                deadline = time.monotonic() + 5
+                while time.monotonic() < deadline:
+                    time.sleep(0.01)
+            except KeyboardInterrupt as exc:
+                caught = exc
+        assert isinstance(caught, cli.Stopped) and caught.stop_signal == signum
+        assert "Exception ignored" not in capsys.readouterr().err
+        # a stop sent again that has not landed when the command ends is dropped (the command's work is done), not
+        # raised after it, where nothing would say what it stopped
+        with cli._stop_signals_raise():
+            stop_in_a_callback()
+        time.sleep(0.3)
+        assert "Exception ignored" not in capsys.readouterr().err
+    finally:
+        signal.signal(signal.SIGINT, before)
