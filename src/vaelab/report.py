@@ -390,11 +390,11 @@ def _summary(run: RunInfo, record: dict | None, layers: list[dict], active_note:
     the training time, the best validation ELBO (where there is a validation split) and the status (for a run that
     stopped early, where and why)."""
     metrics = run.metrics[-1] if run.metrics else {}
+    active = _active(layers)                                 # "" where not counted: of one digit
     summary = {"status": run.status, "epochs": f"{run.epochs_done} of {run.epochs_total}",
                "time": format_duration(run.training_seconds), "time_note": _long_epochs_note(run.metrics),
-               "active": _active(layers) or "—",
-               "active_note": "not counted: a variance over digits needs two" if any(
-                   layer["active_units"] is None for layer in layers) else active_note,
+               "active": active or "—",
+               "active_note": active_note if active else "not counted: a variance over digits needs two",
                "latent": " + ".join(str(l["latent"]) for l in layers), "test_elbo": metrics.get("test_elbo"),
                "record": record, "best": None}
     best_epoch = 0
