@@ -1123,6 +1123,43 @@ def test_ctrl_c_stops_the_sweep_with_checkpoints_and_the_rerun_goes_on(tmp_path,
     assert finished_slots(out) == [0, 1, 2, 3]
 
 
+def test_a_stop_signal_that_comes_inside_a_garbage_collector_callback_still_stops_the_sweep(tmp_path, data_dir,
+                                                                                            monkeypatch, capsys):
+    """Python runs a signal's handler between any two steps of Python code, among them those of a weakref callback
+    run by the garbage collector (SQLAlchemy's, under Optuna's storage, which the sweep reads every few seconds),
+    where an exception is printed as "Exception ignored" and lost: the sweep's handler raised KeyboardInterrupt, and
+    a Ctrl-C landing there let the sweep run to its end (until 2026-12-06). Now the handler notes the signal and the
+    sweep looks at it: it stops as for any Ctrl-C."""
+    import weakref
+
+    from vaelab import sweep
+    from vaelab.cli import main
+
+    monkeypatch.setenv("VAELAB_DATA", str(data_dir))
+    monkeypatch.setattr(sweep, "WATCH_S", 0.1)
+    spec = tmp_path / "spec.toml"
+    spec.write_text(EXAMPLE.replace("trials = 4", "trials = 2").replace("epochs = 2", "epochs = 20")
+                    .replace("validation-nll", "validation-elbo"))
+    out, poll, stopped = tmp_path / "out", sweep.Watch.poll, []
+
+    class Thing:
+        pass
+
+    def poll_and_stop(watch):
+        poll(watch)
+        if not stopped and list(out.glob("trials/*/metrics.csv")):     # a trial has begun its epochs
+            stopped.append(Thing())
+            watched = weakref.ref(stopped[0], lambda _: (signal.raise_signal(signal.SIGTERM), sum(range(100))))
+            stopped[0] = None                   # the callback runs: the handler runs inside it
+            assert watched() is None
+
+    monkeypatch.setattr(sweep.Watch, "poll", poll_and_stop)
+    assert main(["sweep", str(spec), "--out", str(out)]) == 128 + signal.SIGTERM
+    err = capsys.readouterr().err
+    assert "the same command again goes on" in err and "Exception ignored" not in err, err
+    assert stopped and len(finished_slots(out)) < 2
+
+
 def two_trial_grid(tmp_path: Path, data_dir: Path, fixed: str, search: str,
                    exit_code: int = 0, trials: int = 2, examples: int = 600) -> tuple[str, list[str]]:
     """A grid sweep of ``trials`` (two) of one short epoch on 500 + 100 digits (``examples`` in all), ``fixed`` and

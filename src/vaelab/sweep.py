@@ -1124,8 +1124,20 @@ def sweep(spec_path: Path, out: Path, workers: int, storage: str | None, trials:
     received: list[int] = []
 
     def stop(signum, frame):                       # Ctrl-C, SIGTERM (schedulers, `timeout`) and SIGHUP alike
+        # noted, not raised: Python runs a handler between any two steps of Python code, a garbage collector's weakref
+        # callback among them (SQLAlchemy's, under Optuna's storage), where an exception is printed as "Exception
+        # ignored" and lost, and the sweep went on to its end (until 2026-12-06); the loops below look at this list
         received.append(signum)
-        raise KeyboardInterrupt
+
+    def join_until(processes, seconds: float, stops: int) -> bool:
+        """Waits until ``processes`` have ended, ``seconds`` have passed, or ``stops`` signals have come (within
+        STOP_LOOK_S of it); True when they have ended."""
+        deadline = time.monotonic() + seconds
+        while len(received) < stops and (alive := [process for process in processes if process.is_alive()]):
+            if (left := deadline - time.monotonic()) <= 0:
+                return False
+            alive[0].join(min(STOP_LOOK_S, left))
+        return not any(process.is_alive() for process in processes)
 
     # the stop signals of `vaelab train` (stop_signals: Ctrl-C even in a background job, SIGHUP unless nohup),
     # taken before the workers start, so that they start with the signals' default actions, not an inherited
@@ -1133,38 +1145,37 @@ def sweep(spec_path: Path, out: Path, workers: int, storage: str | None, trials:
     started = []
     watch = Watch(study, spec, out, log, progress)
     with stop_signals(stop), contextlib.closing(watch):
-        try:
-            for process in processes:
-                process.start()
-                started.append(process)
-            # the workers train; this process shows how far the sweep has come, every few seconds
-            while alive := [process for process in processes if process.is_alive()]:
-                alive[0].join(WATCH_S)
-                watch.poll()
+        for process in processes:
+            if received:
+                break
+            process.start()
+            started.append(process)
+        # the workers train; this process shows how far the sweep has come, every few seconds
+        while not received and not join_until(started, WATCH_S, stops=1):
             watch.poll()
-        except KeyboardInterrupt:
-            signum = received[0] if received else signal.SIGINT         # the first stop signal: the exit status's
+        if not received:
+            watch.poll()                           # the trials that ended since the last look
+        if received:                               # (a stop in that last look too: the command stops, as it did)
+            signum = received[0]                   # the first stop signal: the exit status's
             # every worker finishes its step and writes a checkpoint that resumes exactly
             for process in started:
                 if process.is_alive():
                     os.kill(process.pid, signal.SIGINT)
-            deadline = time.monotonic() + 300
-            try:
+            if not join_until(started, 300, stops=2):
+                if len(received) > 1:
+                    # a second Ctrl-C: this command ends now; the workers, already asked, still finish their step
+                    # and write their checkpoints
+                    raise SweepStopped(f"stopped at once (a second signal): the trials under way are writing their "
+                                       f"checkpoints; the same command again goes on with the study ({out})",
+                                       signum)
                 for process in started:
-                    process.join(max(0.0, deadline - time.monotonic()))
                     if process.is_alive():
                         process.terminate()
-            except KeyboardInterrupt:
-                # a second Ctrl-C: this command ends now (it said "interrupted (Ctrl-C) before it finished"); the
-                # workers, already asked, still finish their step and write their checkpoints
-                raise SweepStopped(f"stopped at once (a second signal): the trials under way are writing their "
-                                   f"checkpoints; the same command again goes on with the study ({out})",
-                                   signum) from None
             # the trials that ended since the last look, and those stopped now, have their lines (until 2026-12-05
             # not: a continued sweep counted them as done before it)
             watch.poll()
             raise SweepStopped(f"stopped: the trials under way wrote their checkpoints; the same command again goes "
-                               f"on with the study ({out})", signum) from None
+                               f"on with the study ({out})", signum)
     mark_pruned(study, spec, out)
     summary = summarize(study, spec, out)
     # a worker that did not end by itself (the kernel's out-of-memory killer, a crash): its trial is left running in
@@ -1175,6 +1186,7 @@ def sweep(spec_path: Path, out: Path, workers: int, storage: str | None, trials:
 
 
 WATCH_S = 3.0        # seconds between two looks at the study while the workers train
+STOP_LOOK_S = 0.1    # seconds between two looks for a stop signal while the workers train
 
 
 class Watch:
