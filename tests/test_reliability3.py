@@ -1472,3 +1472,40 @@ def test_a_stop_signal_handled_where_python_cannot_raise_still_stops_the_command
         assert "Exception ignored" not in capsys.readouterr().err
     finally:
         signal.signal(signal.SIGINT, before)
+
+
+def test_compare_pairs_two_gap_decompositions_only_where_compare_would_pair_their_nlls(tmp_path, data_dir, capsys):
+    """The paired differences of two runs' gaps (`evaluate --gaps`) took the same K, seed and checksum (None alike)
+    for the same measurement (until 2026-12-06): two budgets for the optimisation of q*, or two records without their
+    digits' checksum, were differenced digit by digit. Now they are paired where compare pairs the runs' NLLs, with
+    the same budget, and otherwise it says what differs or is missing."""
+    import html
+
+    for name, seed in (("a", "0"), ("b", "1")):
+        assert main(["train", "--out", str(tmp_path / name), "--epochs", "1", "--seed", seed, "--data-dir",
+                     str(data_dir), *SMALL]) == 0
+    gaps = ["--gaps", "--k", "20", "--test-examples", "40", "--data-dir", str(data_dir), "--no-progress"]
+    for name in ("a", "b"):
+        assert main(["evaluate", str(tmp_path / name), "--gap-steps", "3", *gaps]) == 0
+
+    def compared() -> str:
+        """b's row in the terminal's table of gaps, its last column; the page's says the same."""
+        capsys.readouterr()
+        assert main(["compare", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "c.html")]) == 0
+        row = next(line for line in capsys.readouterr().out.splitlines() if re.match(r"b\s+IWAE-20, 40 digits", line))
+        paired = re.split(r"\s{2,}", row.strip())[-1]
+        assert paired in html.unescape((tmp_path / "c.html").read_text())
+        return paired
+
+    assert "minus a, paired over 40 digits: approximation " in compared()
+    time.sleep(1.1)                            # the newest record is the one compared: a second on its date
+    assert main(["evaluate", str(tmp_path / "b"), "--gap-steps", "5", *gaps]) == 0
+    assert compared() == "not paired with a: evaluated with different settings (q* in at most 3 vs 5 steps)"
+    for record in [*(tmp_path / "a").glob("eval-*.json"), *(tmp_path / "b").glob("eval-*.json")]:
+        saved = json.loads(record.read_text())
+        if saved["gaps"]["max_steps"] == 5:
+            record.unlink()
+            continue
+        del saved["data_sha256"]                # as a record of before the checksum was kept
+        record.write_text(json.dumps(saved))
+    assert compared() == "not paired with a: a record without its digits' checksum"

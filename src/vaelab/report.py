@@ -575,26 +575,9 @@ def compare_runs(paths: Sequence[str | Path], split: str = "test") -> Comparison
             notes.append(f"{run.name}: no paired difference, {'neither run was' if base_record is record else 'one run was not'} "
                          f"evaluated on the {split} digits (vaelab evaluate RUN{evaluate_split})")
             continue
-        # only what differs, and what is missing, is named; paired where nothing is
-        digits = base_record.get("data_sha256"), record.get("data_sha256")
-        settings = [text for differs, text in (
-            (record["k"] != base_record["k"], f"K {base_record['k']} vs {record['k']}"),
-            (record["n_examples"] != base_record["n_examples"],
-             f"{base_record['n_examples']} vs {plural(record['n_examples'], 'digit')}"),
-            (record["precision"] != base_record["precision"], f"{base_record['precision']} vs {record['precision']}"),
-            # the digits of a batch share their draws (common random numbers, ``evaluation._iwae_parts``): two seeds'
-            # noise does not cancel digit by digit, and the paired standard error, which takes the digits'
-            # differences as independent, missed it (identical weights, K = 10: −1.31 ± 0.29 nats; until 2026-12-06)
-            (record.get("seed") != base_record.get("seed"), f"seed {base_record.get('seed')} vs {record.get('seed')}"),
-            (record["n_examples"] == base_record["n_examples"] and None not in digits and digits[0] != digits[1],
-             "other digits")) if differs]
         a, b = per_digit(base.path, base_record), per_digit(run.path, record)
-        missing = [text for absent, text in ((None in digits, "a record without its digits' checksum"),
-                                             (a is None or b is None, "no per-digit values")) if absent]
-        if settings or missing:
-            why = [f"evaluated with different settings ({', '.join(settings)})"] if settings else []
-            notes.append(f"{run.name} against {base.name}: {'; '.join(why + missing)}; the NLLs are shown, not a "
-                         f"paired difference")
+        if why := _unpaired(base_record, record, a, b):
+            notes.append(f"{run.name} against {base.name}: {why}; the NLLs are shown, not a paired difference")
             continue
         diff = (-b["iwae"]) - (-a["iwae"])                        # NLL of run − NLL of the first run, per digit
         _, stderr = summarize(torch.from_numpy(diff))
@@ -608,6 +591,27 @@ def compare_runs(paths: Sequence[str | Path], split: str = "test") -> Comparison
     return Comparison(runs, differences, rows, paired, notes,
                       _compare_gaps([run for run, (_, file) in zip(runs, chosen) if file is None], split), split,
                       [file for _, file in chosen])
+
+
+def _unpaired(base: dict, record: dict, a: dict | None, b: dict | None, extra: Sequence[tuple[bool, str]] = ()) -> str:
+    """Why two evaluation records (and their per-digit values ``a``, ``b``) give no paired difference, or "" where
+    they do: only what differs, and what is missing, is named. ``extra``: further settings, as (whether the two
+    differ, what to say), e.g. the gap decomposition's step budget."""
+    digits = base.get("data_sha256"), record.get("data_sha256")
+    settings = [text for differs, text in (
+        (record["k"] != base["k"], f"K {base['k']} vs {record['k']}"),
+        (record["n_examples"] != base["n_examples"], f"{base['n_examples']} vs {plural(record['n_examples'], 'digit')}"),
+        (record["precision"] != base["precision"], f"{base['precision']} vs {record['precision']}"),
+        # the digits of a batch share their draws (common random numbers, ``evaluation._iwae_parts``): two seeds'
+        # noise does not cancel digit by digit, and the paired standard error, which takes the digits' differences
+        # as independent, missed it (identical weights, K = 10: −1.31 ± 0.29 nats; until 2026-12-06)
+        (record.get("seed") != base.get("seed"), f"seed {base.get('seed')} vs {record.get('seed')}"),
+        (record["n_examples"] == base["n_examples"] and None not in digits and digits[0] != digits[1], "other digits"),
+        *extra) if differs]
+    missing = [text for absent, text in ((None in digits, "a record without its digits' checksum"),
+                                         (a is None or b is None, "no per-digit values")) if absent]
+    why = [f"evaluated with different settings ({', '.join(settings)})"] if settings else []
+    return "; ".join(why + missing)
 
 
 def _chosen_record(path: Path) -> tuple[Path, str | None]:
@@ -649,11 +653,12 @@ def _compare_gaps(runs: list[RunInfo], split: str = "test") -> list[dict]:
     base = entries[0]
     for entry in entries[1:]:
         a, b = base["values"], entry["values"]
-        same = (a is not None and b is not None and entry["record"].get("data_sha256") == base["record"].get("data_sha256")
-                and entry["record"]["k"] == base["record"]["k"] and len(a["iwae"]) == len(b["iwae"])
-                and entry["record"].get("seed") == base["record"].get("seed"))          # as compare's NLLs (above)
-        if not same:
-            entry["paired"] = f"not paired: other digits, K or seed than {base['name']}'s"
+        # as compare's NLLs (above), and with the same optimiser's budget for q* (until 2026-12-06 paired with
+        # other budgets, other precisions, and records without their digits' checksum)
+        steps = base["gaps"].get("max_steps"), entry["gaps"].get("max_steps")
+        if why := _unpaired(base["record"], entry["record"], a, b,
+                            [(steps[0] != steps[1], f"q* in at most {steps[0]} vs {plural(steps[1], 'step')}")]):
+            entry["paired"] = f"not paired with {base['name']}: {why}"
             continue
         cells = []
         for name, diff in (("approximation", (b["iwae"] - b["elbo_optimised"]) - (a["iwae"] - a["elbo_optimised"])),
