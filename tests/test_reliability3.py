@@ -1509,3 +1509,34 @@ def test_compare_pairs_two_gap_decompositions_only_where_compare_would_pair_thei
         del saved["data_sha256"]                # as a record of before the checksum was kept
         record.write_text(json.dumps(saved))
     assert compared() == "not paired with a: a record without its digits' checksum"
+
+
+def test_runs_renamed_to_names_vaelab_refuses_are_listed_one_line_each(evaluated, tmp_path, capsys):
+    """vaelab refuses to write a run under a name holding a control character or a byte that is not UTF-8, but a
+    run renamed afterwards is still found by `vaelab runs`: until 2026-12-06 a line break in its name broke its row
+    in two, a tab pushed the row's columns out of line, and a byte that is not UTF-8 ended `runs` in a traceback
+    where the stream is strict UTF-8 (PYTHONIOENCODING=utf-8, or a UTF-8 locale other than C.UTF-8). Now such
+    characters are shown escaped, as Python writes them (\\n, \\t, \\xff)."""
+    import os
+    import subprocess
+    import sys
+
+    root = tmp_path / "runs"
+    names = {"x\ny": "x\\ny", "r\ttab": "r\\ttab", os.fsdecode(b"r\xff"): "r\\xff", "plain": "plain"}
+    for name in names:
+        shutil.copytree(evaluated, root / name)
+    code, out, err = run(capsys, "runs", root)
+    lines = out.splitlines()
+    assert code == 0 and len(lines) == 1 + len(names) + 1, out                  # header, a row each, the footnote
+    rows = {line.split()[0]: line for line in lines[1:-1]}
+    assert sorted(rows) == sorted(f"{root}/{shown}" for shown in names.values())
+    # each row's second column begins where the header's does (the names are ASCII once escaped: a column each)
+    column = lines[0].index("preset/model")
+    assert all(len(line[:column].rstrip()) < column and line[column] != " " for line in rows.values()), out
+    # a note naming such a run, on a strict stream: the byte as the table writes it, and the symbols as they are
+    assert (os.fsdecode(b"r\xff") + " ± β").encode("utf-8", "vaelab.ascii") == "r\\xff ± β".encode()
+    env = {**os.environ, "PYTHONIOENCODING": "utf-8"}
+    done = subprocess.run([sys.executable, "-m", "vaelab", "runs", str(root)], env=env, capture_output=True,
+                          timeout=300)
+    assert done.returncode == 0 and b"Traceback" not in done.stderr, done.stderr.decode(errors="replace")
+    assert f"{root}/r\\xff ".encode() in done.stdout and f"{root}/x\\ny ".encode() in done.stdout

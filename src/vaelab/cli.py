@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from vaelab.errors import TrainingDiverged, UsageError, VaelabError
-from vaelab.tables import plural, shell_word, text_table
+from vaelab.tables import one_line, plural, shell_word, text_table
 
 MAX_SAMPLE_GRID = 4096          # samples in one picture: 512 rows of 8 digits, ≈ 37 000 pixels tall
 TABLE_FORMATS = ("text", "latex", "markdown", "csv")
@@ -459,14 +459,17 @@ def _spell_in_ascii(error: UnicodeEncodeError) -> tuple[str, int]:
         # a run of superscripts is one exponent: 2⁶³ → 2^63, 10⁻⁴ → 10^-4
         if character in SUPERSCRIPTS and (index == 0 or text[index - 1] not in SUPERSCRIPTS):
             spelled.append("^")
-        spelled.append(ASCII_SPELLING.get(character, "?"))
+        # a surrogate, which no stream encodes: a byte of a file name that is not UTF-8 (\xff), as tables show it
+        spelled.append(one_line(character) if "\ud800" <= character <= "\udfff" else ASCII_SPELLING.get(character, "?"))
     return "".join(spelled), error.end
 
 
 def legible_streams() -> None:
     """stdout and stderr that cannot encode vaelab's symbols (±, ×, β, 2⁶³ …) spell them in ASCII instead: until
     2026-12-05 the first such symbol ended the command in a traceback (after an evaluation, before its record was
-    written). A stream that encodes them (UTF-8) is left as it is."""
+    written). A stream that encodes them (UTF-8) and would raise on what it cannot encode (errors "strict": the
+    byte of a file name that is not UTF-8, held as a surrogate) writes that byte as \\xff: until 2026-12-06 a note
+    naming such a run ended `vaelab runs` in a traceback under a UTF-8 locale other than C.UTF-8."""
     import codecs
     import io
 
@@ -479,7 +482,10 @@ def legible_streams() -> None:
             continue
         try:
             "±×—β⁶".encode(stream.encoding)
+            legible = stream.errors != "strict"
         except (UnicodeEncodeError, LookupError):
+            legible = False
+        if not legible:
             stream.reconfigure(errors="vaelab.ascii")
 
 

@@ -40,12 +40,28 @@ def display_width(text: str) -> int:
                2 if unicodedata.east_asian_width(char) in ("W", "F") else 1 for char in text)
 
 
+def one_line(text: str) -> str:
+    """``text`` as one line a terminal shows as it is: a control character (a line break, a tab) written as Python
+    escapes it (\\n, \\t, \\x1b), and a byte of a file name that is not UTF-8, which Python holds as a surrogate,
+    as \\xff. vaelab refuses such names for what it writes (``atomic.path_problem``), but a run renamed afterwards
+    is still listed: until 2026-12-06 a line break in its name broke its row of `vaelab runs` in two, and a byte that
+    is not UTF-8 ended `runs` in a traceback where the terminal's stream is strict UTF-8."""
+    return "".join(map(_one_line_char, text))
+
+
+def _one_line_char(char: str) -> str:
+    code = ord(char)
+    if 0xDC80 <= code <= 0xDCFF:            # os.fsdecode's surrogateescape: the byte code − 0xDC00 of the name
+        return f"\\x{code - 0xDC00:02x}"
+    return repr(char)[1:-1] if code < 32 or code == 127 or 0xD800 <= code <= 0xDFFF else char
+
+
 def text_table(header: Sequence[str], rows: Sequence[Sequence[str]], right: bool = False,
                rule: bool = False) -> list[str]:
     """The lines of a table for a terminal: each column as wide as its widest cell on screen (``display_width``),
     two spaces between columns, cells left-aligned (``right``: right-aligned), a rule of dashes under the header
-    where ``rule``."""
-    table = [list(header), *(list(row) for row in rows)]
+    where ``rule``; each cell on its line (``one_line``)."""
+    table = [[one_line(cell) for cell in header], *([one_line(cell) for cell in row] for row in rows)]
     widths = [max(display_width(row[i]) for row in table) for i in range(len(header))]
 
     def line(cells: Sequence[str]) -> str:
