@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import needs_compiler, one_line
+from conftest import needs_compiler, one_line, run
 from vaelab import checkpoint as ckpt
 
 optuna = pytest.importorskip("optuna", reason="Optuna is the sweep's optional dependency (pip install 'vaelab[sweep]')")
@@ -1436,3 +1436,50 @@ def test_a_searched_name_whose_options_set_several_fields_together(tmp_path, dat
             "--blocks 16 16 16 --inference top-down --prior mog") in printed
     best = next(line for line in printed.splitlines() if line.startswith("  vaelab train"))
     assert re.search(r"--model hvae --latent 4 2(?: 2)? --blocks 16 16", best) and "--depth" not in best
+
+
+def test_a_damaged_sweep_json_is_one_line_and_the_same_sweep_writes_it_again(tmp_path, data_dir, monkeypatch, capsys):
+    """sweep.json ties a sweep's directory to its study; emptied, cut short or edited, it ended `sweep` and `report`
+    in a traceback (JSONDecodeError, AttributeError, TypeError; until 2026-12-06), and trials = -1 in it ran a sweep
+    of "-1 trials" and "-1 worker". Now each is one line naming the file, what is wrong and the fix, and the same
+    sweep command writes it again from sweep.toml and the study, the trials --trials added kept."""
+    from vaelab.cli import main
+
+    spec = in_process_sweep(tmp_path, data_dir, monkeypatch, trials=2)
+    out = tmp_path / "out"
+    assert main(["sweep", str(spec), "--out", str(out), "--trials", "3"]) == 0
+    state = out / "sweep.json"
+    before = json.loads(state.read_text())
+    for damage, said in (("", "not JSON: Expecting value"), (state.read_text()[:40], "not JSON: "),
+                         ("[]", "a JSON list, not an object"),
+                         (json.dumps({**before, "trials": "x"}), """'trials' is "x", not a whole number from 1 to 100 000"""),
+                         (json.dumps({**before, "trials": -1}), "'trials' is -1, not a whole number"),
+                         (json.dumps({**before, "storage": 5}), "'storage' is 5, not text or null")):
+        state.write_text(damage)
+        capsys.readouterr()
+        assert main(["report", str(out), "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert one_line(err) and f"{state} is damaged ({said}" in err and f"`vaelab sweep {out}/sweep.toml --out {out}`" in err, err
+        assert main(["sweep", str(out / "sweep.toml"), "--out", str(out)]) == 0           # the command it names
+        printed = capsys.readouterr().out
+        assert f"note: {state} was damaged ({said}" in printed and "of 3 trials" in printed, printed
+        assert json.loads(state.read_text()) | {"created": None} == before | {"created": None}
+        assert main(["report", str(out), "--no-progress"]) == 0
+    # sweep.toml lost too: the command to give names the spec it was begun with, and writes both again
+    state.write_text("")
+    (out / "sweep.toml").unlink()
+    code, _, err = run(capsys, "report", out, "--no-progress")
+    assert code == 2 and one_line(err) and f"`vaelab sweep SPEC --out {out}` writes it again from the spec it" in err
+    assert main(["sweep", str(spec), "--out", str(out)]) == 0
+    assert (out / "sweep.toml").read_text() == spec.read_text() and json.loads(state.read_text())["trials"] == 3
+    # where it cannot be written again: another spec given, or no study beside it and no --storage
+    state.write_text("")
+    other = tmp_path / "other.toml"
+    other.write_text(spec.read_text().replace("epochs = 1", "epochs = 2"))
+    code, _, err = run(capsys, "sweep", other, "--out", out)
+    assert code == 2 and one_line(err) and "and the spec given is not the sweep's" in err, err
+    (out / "study.db").rename(tmp_path / "moved.db")
+    code, _, err = run(capsys, "sweep", spec, "--out", out)
+    assert code == 2 and one_line(err) and "holds no study.db: give the --storage the sweep was begun with" in err, err
+    code, _, err = run(capsys, "sweep", spec, "--out", out, "--storage", f"sqlite:///{tmp_path / 'moved.db'}")
+    assert code == 0 and json.loads(state.read_text())["study"] == before["study"], err

@@ -599,8 +599,14 @@ def read_state(out: Path) -> dict:
     sweep.json holds null for it; before 2026-12-05 it held its absolute path, so that a moved sweep opened no study
     and a copied one (`cp -r`) trained its new trials into the original's: such a path to a study.db elsewhere, with
     one here, is read as the one here (a --storage given by hand leaves no study.db in the directory)."""
-    state = json.loads((out / STATE_FILE).read_text(encoding="utf-8"))
-    if not (out / SPEC_FILE).exists() and isinstance(state.get("spec"), str):
+    path = out / STATE_FILE
+    try:
+        state = json.loads(path.read_text(encoding="utf-8-sig"))     # (an editor's byte-order mark skipped)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise DamagedState(path, f"not JSON: {exc}") from None
+    if problem := _state_problem(state):
+        raise DamagedState(path, problem)
+    if not (out / SPEC_FILE).exists():
         # sweep.toml lost (a kill between the two files' writes, a hand): its text is sweep.json's own copy. Without
         # it every worker ended at its start, "sweep spec … does not exist", and the command said the sweep was done
         with contextlib.suppress(WriteError, FileExistsError):   # (read-only; or another restored it first)
@@ -609,6 +615,72 @@ def read_state(out: Path) -> dict:
     was_default = isinstance(stored, str) and stored.startswith("sqlite:///") and stored.endswith(f"/{STORAGE_FILE}")
     if stored is None or (was_default and (out / STORAGE_FILE).exists()):
         state["storage"] = storage_url(out, None)
+    return state
+
+
+class DamagedState(UsageError):
+    """sweep.json is not what vaelab wrote (cut short, emptied, edited): until 2026-12-06 `sweep` and `report` ended
+    in a traceback. It ties the directory to its study; the same sweep command writes it again (``rebuilt_state``)."""
+
+    def __init__(self, path: Path, problem: str):
+        spec = path.parent / SPEC_FILE
+        given = (shell_word(spec), f"from {SPEC_FILE}") if spec.exists() else ("SPEC", "from the spec it was begun with")
+        super().__init__(f"{path} is damaged ({problem}); it ties the sweep to its study: `vaelab sweep {given[0]} "
+                         f"--out {shell_word(path.parent)}` writes it again {given[1]} and the study (with the "
+                         f"--storage it was begun with, if one was given)")
+        self.problem = problem
+
+
+def _state_problem(state: Any) -> str | None:
+    """Why sweep.json's content is not a sweep's state, or None where it is."""
+    if not isinstance(state, dict):
+        return f"a JSON {type(state).__name__}, not an object"
+    for key, kinds, what in (("spec", str, "text"), ("study", str, "text"),
+                             ("storage", (str, type(None)), "text or null")):
+        if not isinstance(state.get(key), kinds):
+            return f"{key!r} is {json.dumps(state.get(key))}, not {what}"
+    count = state.get("trials")
+    if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= MAX_TRIALS:
+        return f"'trials' is {json.dumps(count)}, not a whole number from 1 to {MAX_TRIALS:_}".replace("_", " ")
+    return None
+
+
+def rebuilt_state(out: Path, spec: "Spec", storage: str | None, damaged: DamagedState) -> dict:
+    """sweep.json written again where it is damaged, from what it held: the spec's text (sweep.toml's, which the
+    spec given must equal), the storage (--storage, or the study.db beside it), the study (the one of that spec's
+    text in it, named after its digest) and the trials (the spec's or --trials, or more where the study has more
+    slots)."""
+    optuna = require_optuna()
+    spec_file, damaged_text = out / SPEC_FILE, f"{out / STATE_FILE} is damaged ({damaged.problem})"
+    if spec_file.exists() and spec_file.read_text(encoding="utf-8-sig") != spec.text:
+        raise UsageError(f"{damaged_text}, and the spec given is not the sweep's ({spec_file}): give that spec, to "
+                         f"write it again")
+    url = storage or (storage_url(out, None) if (out / STORAGE_FILE).exists() else None)
+    if url is None:
+        raise UsageError(f"{damaged_text}, and {out} holds no {STORAGE_FILE}: give the --storage the sweep was begun "
+                         f"with, to write it again")
+    # the study's name ends with the digest of the spec's text (``sweep``); its beginning, the spec file's name
+    digest = hashlib.sha256(spec.text.encode()).hexdigest()[:10]
+    storage_ = _storage(url)
+    try:
+        names = [name for name in optuna.study.get_all_study_names(storage_)
+                 if name.startswith("vaelab-") and name.endswith(f"-{digest}")]
+    except Exception as exc:                                       # noqa: BLE001 - the storage's own errors
+        raise StorageUnavailable(f"--storage {url}: cannot read the study's database ({_reason(exc, True)})") from None
+    if len(names) != 1:
+        held = f"several studies ({', '.join(names)})" if names else "no study"
+        raise UsageError(f"{damaged_text}, and {url} holds {held} of this spec: give the --storage the sweep was begun "
+                         f"with, to write it again")
+    study = open_study(spec, url, names[0])
+    # --trials may have added slots: every slot the study has seen (enqueued ones too) is one of the sweep's
+    slots = [trial.user_attrs.get("slot") for trial in study.get_trials(deepcopy=False)
+             if not trial.user_attrs.get("surplus")]
+    state = {"spec": spec.text, "storage": url, "study": names[0],
+             "trials": max([spec.trials, *(slot + 1 for slot in slots if isinstance(slot, int))]),
+             "created": time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime())}
+    _write_state(out, state)
+    if not spec_file.exists():             # lost too: the workers read the spec there
+        write_text(spec_file, spec.text, replace=False)
     return state
 
 
@@ -698,19 +770,25 @@ def _reason(exc: BaseException, innermost: bool = False) -> str:
     return f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
 
 
-def _open_study(spec: Spec, url: str, name: str, read_only: bool = False):
+def _storage(url: str):
+    """Optuna's storage of ``url``, or a UsageError (a driver not installed) or StorageUnavailable saying why not."""
     optuna = require_optuna()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         try:
-            storage = optuna.storages.RDBStorage(url, heartbeat_interval=HEARTBEAT_SECONDS, grace_period=GRACE_SECONDS,
-                                                 engine_kwargs={"connect_args": {"timeout": 60}}
-                                                 if url.startswith("sqlite") else None)
+            return optuna.storages.RDBStorage(url, heartbeat_interval=HEARTBEAT_SECONDS, grace_period=GRACE_SECONDS,
+                                              engine_kwargs={"connect_args": {"timeout": 60}}
+                                              if url.startswith("sqlite") else None)
         except ImportError as exc:
             raise UsageError(f"--storage {url}: its database driver is not installed ({exc}); pip install "
                              f"'vaelab[sweep]' brings PostgreSQL's (psycopg)") from None
         except Exception as exc:                                  # noqa: BLE001 - SQLAlchemy's connection errors
             raise StorageUnavailable(f"--storage {url}: cannot open the study's database ({_reason(exc)})") from None
+
+
+def _open_study(spec: Spec, url: str, name: str, read_only: bool = False):
+    optuna = require_optuna()
+    storage = _storage(url)
     # no trial is pruned in its first ``pruner_warmup`` epochs, nor before two trials have finished
     pruner = optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=spec.pruner_warmup + 1) \
         if spec.pruner == "median" else optuna.pruners.NopPruner()
@@ -977,7 +1055,7 @@ def worker(spec_path: str, out: str, url: str, name: str, threads: int, log_path
         # trials are asked and told here, not by Study.optimize: the heartbeat works the same (vaelab's own loop)
         warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
         torch.set_num_threads(threads)
-        spec = load_spec(out_dir / SPEC_FILE, json.loads((out_dir / STATE_FILE).read_text(encoding="utf-8"))["trials"])
+        spec = load_spec(out_dir / SPEC_FILE, read_state(out_dir)["trials"])
         optuna = require_optuna()
         from optuna.trial import TrialState
 
@@ -1067,7 +1145,12 @@ def sweep(spec_path: Path, out: Path, workers: int, storage: str | None, trials:
     with file_lock(out / ".reconcile.lock"):
         new = not state_path.exists()
         if not new:
-            state = read_state(out)
+            try:
+                state = read_state(out)
+            except DamagedState as damaged:
+                state = rebuilt_state(out, spec, storage, damaged)
+                log(f"note: {out / STATE_FILE} was damaged ({damaged.problem}); written again from the spec and "
+                    f"the study {state['study']} in {state['storage']}, of {plural(state['trials'], 'trial')}")
             if state["spec"] != spec.text:
                 raise UsageError(f"{out} holds a sweep of another spec ({out / SPEC_FILE}); give the same spec to "
                                  f"continue it, or another --out")
@@ -1422,14 +1505,15 @@ def summary_table(summary: dict) -> str:
 
 
 def is_sweep(path: Path) -> bool:
-    """A sweep's directory: its sweep.json, with its sweep.toml or the copy of its text inside (``read_state``)."""
+    """A sweep's directory: its sweep.json, with its sweep.toml, its study.db, or the copy of the spec's text inside
+    (``read_state``)."""
     path = Path(path)
     if not (path / STATE_FILE).exists():
         return False
-    if (path / SPEC_FILE).exists():
+    if (path / SPEC_FILE).exists() or (path / STORAGE_FILE).exists():    # (a damaged sweep.json: read_state says so)
         return True
     try:
-        return isinstance(json.loads((path / STATE_FILE).read_text(encoding="utf-8")).get("spec"), str)
+        return isinstance(json.loads((path / STATE_FILE).read_text(encoding="utf-8-sig")).get("spec"), str)
     except (OSError, ValueError, AttributeError):
         return False
 
