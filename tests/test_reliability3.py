@@ -1540,3 +1540,27 @@ def test_runs_renamed_to_names_vaelab_refuses_are_listed_one_line_each(evaluated
                           timeout=300)
     assert done.returncode == 0 and b"Traceback" not in done.stderr, done.stderr.decode(errors="replace")
     assert f"{root}/r\\xff ".encode() in done.stdout and f"{root}/x\\ny ".encode() in done.stdout
+
+
+def test_damaged_per_digit_values_are_said_to_be_so_and_nothing_is_paired_with_them(tmp_path, data_dir, capsys):
+    """An evaluation's per-digit values (….digits.csv) with a row too many, or a header without iwae, ended `compare`
+    in a traceback (a broadcast ValueError, a KeyError; until 2026-12-06), and a damaged one was said to have been
+    "written by vaelab 0.1" in the report. Now such a file gives no paired difference, and both commands say it is
+    missing or damaged."""
+    for name, seed in (("a", "0"), ("b", "1")):
+        assert main(["train", "--out", str(tmp_path / name), "--epochs", "1", "--seed", seed, "--data-dir",
+                     str(data_dir), *SMALL]) == 0
+        assert main(["evaluate", str(tmp_path / name), "--k", "20", "--test-examples", "40", "--data-dir",
+                     str(data_dir), "--no-progress"]) == 0
+    (digits,) = (tmp_path / "a").glob("eval-*.digits.csv")
+    whole = digits.read_text()
+    assert "paired: NLL(b) − NLL(a)" in run(capsys, "compare", tmp_path / "a", tmp_path / "b")[1]
+    for damaged in (whole + "40,3,-1,-1\n", whole.replace(",iwae", ",iwea", 1), whole[:len(whole) // 2],
+                    whole.replace("\n", "\n\n", 5), "", "\xff\xfe"):
+        digits.write_text(damaged, encoding="latin-1" if damaged == "\xff\xfe" else "utf-8")
+        code, out, err = run(capsys, "compare", tmp_path / "a", tmp_path / "b", "--out", tmp_path / "c.html")
+        assert code == 0 and "Traceback" not in err and "paired:" not in out, err
+        assert "b against a: no per-digit values (missing or damaged); the NLLs are shown" in out, out
+        code, _, err = run(capsys, "report", tmp_path / "a", "--no-progress")
+        assert code == 0 and f"per-digit values ({digits.name}) are missing or damaged" in \
+            (tmp_path / "a" / "report.html").read_text(), err

@@ -230,9 +230,10 @@ def _evaluation_section(run: RunInfo, model, images: torch.Tensor, figures: Figu
         section["rows"].append({"name": entry["name"], "mean": _fmt(entry.get("mean")),
                                 "stderr": _fmt(entry.get("stderr")), "kind": entry["kind"], "gap": _fmt(gap)})
     values = per_digit(run.path, record)
-    if values is None or "iwae" not in values:
-        section["warning"] = "this evaluation has no per-digit values (written by vaelab 0.1); evaluate again " \
-                             "for the histogram and the worst and best digits"
+    if values is None:
+        section["warning"] = (f"this evaluation's per-digit values ({record['per_digit']}) are missing or damaged"
+                              if record.get("per_digit") else "this evaluation has no per-digit values (written by "
+                              "vaelab 0.1)") + "; evaluate again for the histogram and the worst and best digits"
         return section
     n = len(values["iwae"])
     if record.get("data_sha256") not in (None, idx_sha256(images[:n].cpu().numpy())) or n > len(images):
@@ -609,7 +610,8 @@ def _unpaired(base: dict, record: dict, a: dict | None, b: dict | None, extra: S
         (record["n_examples"] == base["n_examples"] and None not in digits and digits[0] != digits[1], "other digits"),
         *extra) if differs]
     missing = [text for absent, text in ((None in digits, "a record without its digits' checksum"),
-                                         (a is None or b is None, "no per-digit values")) if absent]
+                                         (a is None or b is None, "no per-digit values (missing or damaged)"))
+               if absent]
     why = [f"evaluated with different settings ({', '.join(settings)})"] if settings else []
     return "; ".join(why + missing)
 
@@ -641,7 +643,7 @@ def _compare_gaps(runs: list[RunInfo], split: str = "test") -> list[dict]:
         record = newest_with(run, "gaps", split)
         if record is None:
             continue
-        values = per_digit(run.path, record)
+        values = per_digit(run.path, record, ("iwae", "elbo_optimised", "elbo_encoder"))
         g = record["gaps"]
         entries.append({"name": run.name, "gaps": g, "record": record, "values": values,
                         "with": f"{g['log_px_estimator']}, {plural(g['digits'], 'digit')}", "warning": g.get("warning"),

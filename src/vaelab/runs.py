@@ -305,16 +305,21 @@ def estimator_label(record: dict) -> str:
     return f"IWAE-{record['k']}" + ("" if precision == "fp32" else f" ({precision} decoder products)")
 
 
-def per_digit(run_dir: Path, record: dict) -> dict[str, np.ndarray] | None:
-    """The per-digit values saved beside an evaluation record, by column name (digit, label, elbo, iwae, …)."""
+def per_digit(run_dir: Path, record: dict, columns: Sequence[str] = ("iwae",)) -> dict[str, np.ndarray] | None:
+    """The per-digit values saved beside an evaluation record, by column name (digit, label, elbo, iwae, …); None
+    where there are none (vaelab 0.1 wrote none) or the file is damaged: unreadable, without the ``columns`` its
+    caller reads, or with another count of rows than the record's digits (until 2026-12-06 a row too many, or a
+    header without iwae, ended `compare` in a traceback)."""
     name = record.get("per_digit")
     if not name:
         return None
     try:
         with open(run_dir / name, newline="", encoding="utf-8") as handle:
             rows = list(csv.reader(handle))
-        header, body = rows[0], np.array(rows[1:], dtype=np.float64)
-    except (OSError, IndexError, ValueError):
+        header, body = rows[0], np.array(rows[1:], dtype=np.float64).reshape(len(rows) - 1, len(rows[0]))
+    except (OSError, IndexError, ValueError, UnicodeDecodeError):
+        return None
+    if not set(columns) <= set(header) or len(body) != record.get("n_examples"):
         return None
     return {column: body[:, i] for i, column in enumerate(header)}
 
