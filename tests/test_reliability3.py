@@ -1564,3 +1564,38 @@ def test_damaged_per_digit_values_are_said_to_be_so_and_nothing_is_paired_with_t
         code, _, err = run(capsys, "report", tmp_path / "a", "--no-progress")
         assert code == 0 and f"per-digit values ({digits.name}) are missing or damaged" in \
             (tmp_path / "a" / "report.html").read_text(), err
+
+
+def test_a_record_whose_gap_decomposition_lacks_a_field_is_skipped_with_a_note(tmp_path, data_dir, capsys):
+    """A record's gap decomposition without one of its fields, or with one of another type (a hand-edited record),
+    ended `report` and `compare` in a traceback (KeyError, TypeError; until 2026-12-06). Now such a record is skipped
+    with the note every malformed record gets, and one that `evaluate --gaps --laplace` wrote is shown."""
+    import html
+
+    for name, seed in (("a", "0"), ("b", "1")):
+        assert main(["train", "--out", str(tmp_path / name), "--epochs", "1", "--seed", seed, "--data-dir",
+                     str(data_dir), *SMALL]) == 0
+    assert main(["evaluate", str(tmp_path / "a"), "--gaps", "--gap-steps", "2", "--laplace", "--k", "5",
+                 "--test-examples", "10", "--data-dir", str(data_dir), "--no-progress"]) == 0
+    (record,) = (tmp_path / "a").glob("eval-*.json")
+    whole = json.loads(record.read_text())
+    assert {"log_px_optimised", "elbo_laplace", "log_px_optimised_estimator"} <= set(whole["gaps"])
+    code, out, _ = run(capsys, "compare", tmp_path / "a", tmp_path / "b", "--out", tmp_path / "c.html")
+    assert code == 0 and "where the nats go" in out and "skipped" not in out
+    for key, value in (("log_px", "DROP"), ("elbo_encoder", "x"), ("amortisation_gap", {"mean": "x"}),
+                       ("family", "DROP"), ("digits", "DROP"), ("converged_fraction", "x"), ("mean_steps", None),
+                       ("rule", "DROP"), ("log_px_optimised", 5), ("elbo_laplace", {"stderr": 1})):
+        damaged = json.loads(json.dumps(whole))
+        if value == "DROP":
+            del damaged["gaps"][key]
+        else:
+            damaged["gaps"][key] = value
+        record.write_text(json.dumps(damaged))
+        for command in (["compare", tmp_path / "a", tmp_path / "b", "--out", tmp_path / "c.html"],
+                        ["report", tmp_path / "a", "--no-progress"]):
+            code, out, err = run(capsys, *command)
+            assert code == 0 and "Traceback" not in err, (key, value, err)
+            page = tmp_path / "a" / "report.html"                    # the report's notes are on its page
+            said = out + err if command[0] == "compare" else html.unescape(page.read_text())
+            assert f"{record.name}: not a vaelab evaluation record (" in said, (key, value, said)
+            assert f"gaps.{key}." in said or f"gaps.{key!r}" in said, (key, value, said)     # it names the field

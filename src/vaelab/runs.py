@@ -93,6 +93,15 @@ LAYER_FIELDS = {"layer": ((int,), False), "latent": ((int,), False), "active_uni
 # fields a record may lack (an older vaelab's), but which, where present, name files: not of another type (until
 # 2026-12-06 `"weights": 5` or `"per_digit": [1]` ended `report` and `compare` in a traceback)
 OPTIONAL_FIELDS = {"weights": ((str,), False), "per_digit": ((str,), False)}
+# the gap decomposition (`evaluate --gaps`), where a record has one: what `evaluate`'s lines, the report and compare
+# show of it (until 2026-12-06 a hand-edited one without a field, or a field of another type, ended them in a traceback)
+_MEAN = {"mean": (_NUMBER, False), "stderr": (_NUMBER, True)}
+GAP_QUANTITIES = ("log_px", "elbo_optimised", "elbo_encoder", "approximation_gap", "amortisation_gap")
+GAP_FIELDS = {"family": ((str,), False), "log_px_estimator": ((str,), False), "digits": ((int,), False),
+              "converged_fraction": (_NUMBER, False), "mean_steps": (_NUMBER, False), "max_steps": ((int,), False),
+              "rule": ((str,), False), **{name: ((dict,), False) for name in GAP_QUANTITIES}}
+GAP_OPTIONAL = {"log_px_optimised": ((dict,), False), "log_px_optimised_estimator": ((str,), False),
+                "elbo_laplace": ((dict,), False), "warning": ((str,), False)}
 
 
 def _record_problem(record: Any) -> str | None:
@@ -122,6 +131,12 @@ def _record_problem(record: Any) -> str | None:
     for index, entry in enumerate(record.get("layers") or []):
         problem = problem or (check(entry, LAYER_FIELDS, f"layers[{index}].") if isinstance(entry, dict)
                               else f"layers[{index}] is not an object")
+    if problem is None and "gaps" in record:
+        gaps = record["gaps"]
+        problem = (check(gaps, GAP_FIELDS, "gaps.") or check(gaps, GAP_OPTIONAL, "gaps.", required=False)
+                   if isinstance(gaps, dict) else f"gaps is {gaps!r}, not an object")
+        for name in [*GAP_QUANTITIES, *(key for key in ("log_px_optimised", "elbo_laplace") if key in gaps)]:
+            problem = problem or check(gaps[name], _MEAN, f"gaps.{name}.")
     if problem is None and record.get("precision", "fp32") not in PRECISIONS:
         problem = f"precision {record.get('precision')!r} is none of {', '.join(PRECISIONS)}"
     if problem is None and record.get("split", "test") not in ("test", "validation"):
