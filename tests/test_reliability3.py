@@ -1599,3 +1599,11 @@ def test_a_record_whose_gap_decomposition_lacks_a_field_is_skipped_with_a_note(t
             said = out + err if command[0] == "compare" else html.unescape(page.read_text())
             assert f"{record.name}: not a vaelab evaluation record (" in said, (key, value, said)
             assert f"gaps.{key}." in said or f"gaps.{key!r}" in said, (key, value, said)     # it names the field
+    # null means (vaelab writes a value that was not finite as null) are shown as "—", the record kept
+    kept = json.loads(json.dumps(whole))
+    kept["gaps"]["amortisation_gap"]["mean"] = kept["gaps"]["elbo_laplace"]["mean"] = None
+    record.write_text(json.dumps(kept))
+    code, _, err = run(capsys, "report", tmp_path / "a", "--no-progress")
+    page = html.unescape((tmp_path / "a" / "report.html").read_text())
+    assert code == 0 and "not a vaelab evaluation record" not in page and "amortisation gap</td><td class=\"num\">—" \
+        in page, err

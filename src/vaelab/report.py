@@ -453,9 +453,12 @@ def _nats_section(run: RunInfo, figures: FigureSet, trained_test_digits: int) ->
                                                        ("elbo_laplace", "ELBO of the Laplace Gaussian N(z*, H⁻¹)"),
                                                        ("approximation_gap", "approximation gap"),
                                                        ("amortisation_gap", "amortisation gap")) if key in g]}
-        # across the page, as the K curve below: in a grid column their labels were drawn at half their size
-        section["figures"].append(figures.make("gaps", "where the nats go: the gap decomposition",
-                                               lambda w: plots.gaps_figure([(run.name, g)], width=w), wide=True))
+        # across the page, as the K curve below: in a grid column their labels were drawn at half their size. Not
+        # where a gap's mean is null (not finite when it was written, ``records.strict_json``): its table says "—"
+        # (until 2026-12-06 the figure ended the report in a TypeError)
+        if None not in (g["approximation_gap"]["mean"], g["amortisation_gap"]["mean"]):
+            section["figures"].append(figures.make("gaps", "where the nats go: the gap decomposition",
+                                                   lambda w: plots.gaps_figure([(run.name, g)], width=w), wide=True))
     curve = newest_with(run, "k_curve")
     if curve is not None:
         section["k_curve"] = curve["file"]

@@ -95,7 +95,7 @@ LAYER_FIELDS = {"layer": ((int,), False), "latent": ((int,), False), "active_uni
 OPTIONAL_FIELDS = {"weights": ((str,), False), "per_digit": ((str,), False)}
 # the gap decomposition (`evaluate --gaps`), where a record has one: what `evaluate`'s lines, the report and compare
 # show of it (until 2026-12-06 a hand-edited one without a field, or a field of another type, ended them in a traceback)
-_MEAN = {"mean": (_NUMBER, False), "stderr": (_NUMBER, True)}
+_MEAN = {"mean": (_NUMBER, True), "stderr": (_NUMBER, True)}    # null: a non-finite value (``records.strict_json``)
 GAP_QUANTITIES = ("log_px", "elbo_optimised", "elbo_encoder", "approximation_gap", "amortisation_gap")
 GAP_FIELDS = {"family": ((str,), False), "log_px_estimator": ((str,), False), "digits": ((int,), False),
               "converged_fraction": (_NUMBER, False), "mean_steps": (_NUMBER, False), "max_steps": ((int,), False),
