@@ -1474,16 +1474,27 @@ def test_a_stop_signal_handled_where_python_cannot_raise_still_stops_the_command
         signal.signal(signal.SIGINT, before)
 
 
-def test_compare_pairs_two_gap_decompositions_only_where_compare_would_pair_their_nlls(tmp_path, data_dir, capsys):
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory, data_dir):
+    """Two one-epoch runs, a and b (seeds 0 and 1), not evaluated: each test copies them (its evaluations, and the
+    damage it does to their files, stay its own)."""
+    root = tmp_path_factory.mktemp("two")
+    for name, seed in (("a", "0"), ("b", "1")):
+        assert main(["train", "--out", str(root / name), "--epochs", "1", "--seed", seed, "--data-dir",
+                     str(data_dir), *SMALL]) == 0
+    return root
+
+
+def test_compare_pairs_two_gap_decompositions_only_where_compare_would_pair_their_nlls(two_runs, tmp_path, data_dir,
+                                                                                       capsys):
     """The paired differences of two runs' gaps (`evaluate --gaps`) took the same K, seed and checksum (None alike)
     for the same measurement (until 2026-12-06): two budgets for the optimisation of q*, or two records without their
     digits' checksum, were differenced digit by digit. Now they are paired where compare pairs the runs' NLLs, with
     the same budget, and otherwise it says what differs or is missing."""
     import html
 
-    for name, seed in (("a", "0"), ("b", "1")):
-        assert main(["train", "--out", str(tmp_path / name), "--epochs", "1", "--seed", seed, "--data-dir",
-                     str(data_dir), *SMALL]) == 0
+    for name in ("a", "b"):
+        shutil.copytree(two_runs / name, tmp_path / name)
     gaps = ["--gaps", "--k", "20", "--test-examples", "40", "--data-dir", str(data_dir), "--no-progress"]
     for name in ("a", "b"):
         assert main(["evaluate", str(tmp_path / name), "--gap-steps", "3", *gaps]) == 0
@@ -1542,14 +1553,14 @@ def test_runs_renamed_to_names_vaelab_refuses_are_listed_one_line_each(evaluated
     assert f"{root}/r\\xff ".encode() in done.stdout and f"{root}/x\\ny ".encode() in done.stdout
 
 
-def test_damaged_per_digit_values_are_said_to_be_so_and_nothing_is_paired_with_them(tmp_path, data_dir, capsys):
+def test_damaged_per_digit_values_are_said_to_be_so_and_nothing_is_paired_with_them(two_runs, tmp_path, data_dir,
+                                                                                    capsys):
     """An evaluation's per-digit values (….digits.csv) with a row too many, or a header without iwae, ended `compare`
     in a traceback (a broadcast ValueError, a KeyError; until 2026-12-06), and a damaged one was said to have been
     "written by vaelab 0.1" in the report. Now such a file gives no paired difference, and both commands say it is
     missing or damaged."""
-    for name, seed in (("a", "0"), ("b", "1")):
-        assert main(["train", "--out", str(tmp_path / name), "--epochs", "1", "--seed", seed, "--data-dir",
-                     str(data_dir), *SMALL]) == 0
+    for name in ("a", "b"):
+        shutil.copytree(two_runs / name, tmp_path / name)
         assert main(["evaluate", str(tmp_path / name), "--k", "20", "--test-examples", "40", "--data-dir",
                      str(data_dir), "--no-progress"]) == 0
     (digits,) = (tmp_path / "a").glob("eval-*.digits.csv")
@@ -1566,15 +1577,15 @@ def test_damaged_per_digit_values_are_said_to_be_so_and_nothing_is_paired_with_t
             (tmp_path / "a" / "report.html").read_text(), err
 
 
-def test_a_record_whose_gap_decomposition_lacks_a_field_is_skipped_with_a_note(tmp_path, data_dir, capsys):
+def test_a_record_whose_gap_decomposition_lacks_a_field_is_skipped_with_a_note(two_runs, tmp_path, data_dir,
+                                                                               capsys):
     """A record's gap decomposition without one of its fields, or with one of another type (a hand-edited record),
     ended `report` and `compare` in a traceback (KeyError, TypeError; until 2026-12-06). Now such a record is skipped
     with the note every malformed record gets, and one that `evaluate --gaps --laplace` wrote is shown."""
     import html
 
-    for name, seed in (("a", "0"), ("b", "1")):
-        assert main(["train", "--out", str(tmp_path / name), "--epochs", "1", "--seed", seed, "--data-dir",
-                     str(data_dir), *SMALL]) == 0
+    for name in ("a", "b"):
+        shutil.copytree(two_runs / name, tmp_path / name)
     assert main(["evaluate", str(tmp_path / "a"), "--gaps", "--gap-steps", "2", "--laplace", "--k", "5",
                  "--test-examples", "10", "--data-dir", str(data_dir), "--no-progress"]) == 0
     (record,) = (tmp_path / "a").glob("eval-*.json")
