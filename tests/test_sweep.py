@@ -610,7 +610,7 @@ def test_a_storage_that_cannot_be_opened_leaves_no_sweep_tied_to_it(tmp_path, mo
         bad = f"sqlite:///{tmp_path}/no/such/folder/study.db"
         assert main(["sweep", str(spec), "--out", str(out), "--storage", bad]) == 2
         err = capsys.readouterr().err
-        assert len(err.strip().splitlines()) == 1 and f"--storage {bad}: cannot open the study's database" in err, err
+        assert len(err.strip().splitlines()) == 1 and f"storage {bad}: cannot open the study's database" in err, err
         assert not out.exists() if out != empty else [p.name for p in out.iterdir()] == [".reconcile.lock"]
 
 
@@ -793,6 +793,8 @@ def test_a_sweep_that_cannot_be_written_still_has_its_page(tmp_path, data_dir, m
     assert main(["sweep", str(spec), "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert one_line(err) and "cannot open the study (OperationalError: " in err and "a readonly database)" in err, err
+    # no --storage was given (until 2026-12-06 "--storage sqlite:///…/study.db: cannot open …")
+    assert f"error: storage sqlite:///{(out / 'study.db').resolve()}: cannot open" in err and "--storage" not in err, err
 
 
 def test_a_sweep_that_lost_its_spec_file_takes_it_back_from_its_state(tmp_path, data_dir, monkeypatch, capsys):

@@ -666,7 +666,7 @@ def rebuilt_state(out: Path, spec: "Spec", storage: str | None, damaged: Damaged
         names = [name for name in optuna.study.get_all_study_names(storage_)
                  if name.startswith("vaelab-") and name.endswith(f"-{digest}")]
     except Exception as exc:                                       # noqa: BLE001 - the storage's own errors
-        raise StorageUnavailable(f"--storage {url}: cannot read the study's database ({_reason(exc, True)})") from None
+        raise StorageUnavailable(f"storage {url}: cannot read the study's database ({_reason(exc, True)})") from None
     if len(names) != 1:
         held = f"several studies ({', '.join(names)})" if names else "no study"
         raise UsageError(f"{damaged_text}, and {url} holds {held} of this spec: give the --storage the sweep was begun "
@@ -771,7 +771,9 @@ def _reason(exc: BaseException, innermost: bool = False) -> str:
 
 
 def _storage(url: str):
-    """Optuna's storage of ``url``, or a UsageError (a driver not installed) or StorageUnavailable saying why not."""
+    """Optuna's storage of ``url``, or a UsageError (a driver not installed) or StorageUnavailable saying why not.
+    Its errors, and ``_open_study``'s, name it "storage URL": until 2026-12-06 "--storage URL", also where no --storage
+    had been given (the sweep's own study.db)."""
     optuna = require_optuna()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -780,10 +782,10 @@ def _storage(url: str):
                                               engine_kwargs={"connect_args": {"timeout": 60}}
                                               if url.startswith("sqlite") else None)
         except ImportError as exc:
-            raise UsageError(f"--storage {url}: its database driver is not installed ({exc}); pip install "
+            raise UsageError(f"storage {url}: its database driver is not installed ({exc}); pip install "
                              f"'vaelab[sweep]' brings PostgreSQL's (psycopg)") from None
         except Exception as exc:                                  # noqa: BLE001 - SQLAlchemy's connection errors
-            raise StorageUnavailable(f"--storage {url}: cannot open the study's database ({_reason(exc)})") from None
+            raise StorageUnavailable(f"storage {url}: cannot open the study's database ({_reason(exc)})") from None
 
 
 def _open_study(spec: Spec, url: str, name: str, read_only: bool = False):
@@ -798,9 +800,9 @@ def _open_study(spec: Spec, url: str, name: str, read_only: bool = False):
         return optuna.create_study(study_name=name, storage=storage, direction=spec.direction,
                                    sampler=make_sampler(spec), pruner=pruner, load_if_exists=True)
     except KeyError:
-        raise UsageError(f"--storage {url} holds no study {name}: this sweep's trials are not in it") from None
+        raise UsageError(f"storage {url} holds no study {name}: this sweep's trials are not in it") from None
     except Exception as exc:                                      # noqa: BLE001 - the storage's own errors
-        raise StorageUnavailable(f"--storage {url}: cannot {'read' if read_only else 'open'} the study "
+        raise StorageUnavailable(f"storage {url}: cannot {'read' if read_only else 'open'} the study "
                                  f"({_reason(exc, innermost=True)})") from None
 
 
