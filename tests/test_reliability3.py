@@ -1618,3 +1618,47 @@ def test_a_record_whose_gap_decomposition_lacks_a_field_is_skipped_with_a_note(t
     page = html.unescape((tmp_path / "a" / "report.html").read_text())
     assert code == 0 and "not a vaelab evaluation record" not in page and "amortisation gap</td><td class=\"num\">—" \
         in page, err
+    # and the page says why it has no figure of the gaps (until 2026-12-06 the figure was only missing)
+    assert f"No figure of the gaps: {record.name} holds a gap whose mean was not finite" in page, err
+
+
+def test_a_record_whose_curve_in_k_is_damaged_is_skipped_with_a_note(two_runs, tmp_path, data_dir, capsys):
+    """A record's convergence curve in K (`evaluate --k-curve`) that was not a list of points, or a point without
+    its K, mean or standard error, ended `report` in a traceback (TypeError, KeyError; until 2026-12-06), and a point
+    whose mean is null (a value that was not finite when written) did too. Now the first kind of record is skipped
+    with the note every malformed record gets; the second keeps its record, the figure drawing the finite points
+    and, where there is none, the page saying so."""
+    import html
+
+    shutil.copytree(two_runs / "a", tmp_path / "a")
+    assert main(["evaluate", str(tmp_path / "a"), "--k", "1000", "--k-curve", "--test-examples", "10", "--data-dir",
+                 str(data_dir), "--no-progress"]) == 0
+    (record,) = (tmp_path / "a").glob("eval-*.json")
+    whole = json.loads(record.read_text())
+    assert [point["k"] for point in whole["k_curve"]] == [1, 10, 100, 1000]
+    page = tmp_path / "a" / "report.html"
+
+    def report(curve) -> str:
+        record.write_text(json.dumps(dict(whole, k_curve=curve)))
+        code, _, err = run(capsys, "report", tmp_path / "a", "--no-progress")
+        assert code == 0 and "Traceback" not in err, (curve, err)
+        return html.unescape(page.read_text())
+
+    points = whole["k_curve"]
+    for curve, named in (("x", "k_curve is 'x', not a list"), (None, "k_curve is None, not a list"),
+                         ({"k": 1}, "k_curve is {'k': 1}, not a list"), ([1], "k_curve[0] is not an object"),
+                         ([{}], "no k_curve[0].'k'"),
+                         ([*points[:3], {"k": 1000, "mean": -90.0}], "no k_curve[3].'stderr'"),
+                         ([dict(points[0], k="1")], "k_curve[0].'k' is '1'"),
+                         ([dict(points[0], k=0)], "k_curve[0].k is 0, not ≥ 1")):
+        said = report(curve)
+        assert f"{record.name}: not a vaelab evaluation record ({named})" in said, (curve, said)
+        assert "IWAE-K against K" not in said
+    said = report([dict(point, mean=None) if point["k"] == 10 else point for point in points])
+    assert "not a vaelab evaluation record" not in said and "IWAE-K against K, nested draws" in said
+    said = report([dict(point, mean=None, stderr=None) for point in points])
+    assert "not a vaelab evaluation record" not in said and "IWAE-K against K" not in said
+    assert f"No figure of the convergence curve in K: {record.name} holds no point whose mean is finite." in said
+    record.write_text(json.dumps(dict(whole, k_curve=[1])))            # `runs` skips a damaged record alike
+    code, out, err = run(capsys, "runs", tmp_path / "a")
+    assert code == 0 and f"{record.name}: not a vaelab evaluation record (k_curve[0] is not an object)" in err, err

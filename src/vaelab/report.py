@@ -435,7 +435,7 @@ def _nats_section(run: RunInfo, figures: FigureSet, trained_test_digits: int) ->
     evaluates as it trains), each where the run has it."""
     headline = run.best_evaluation()                # the hints evaluate the weights the headline NLL measured
     best = headline is not None and of_best_weights(headline)
-    section: dict[str, Any] = {"figures": [], "gaps": None, "k_curve": None,
+    section: dict[str, Any] = {"figures": [], "gaps": None, "k_curve": None, "notes": [],
                                "command": f"vaelab evaluate {shell_word(run.path)}"
                                           + (" --checkpoint best" if best else "")}
     gaps = newest_with(run, "gaps")
@@ -459,11 +459,21 @@ def _nats_section(run: RunInfo, figures: FigureSet, trained_test_digits: int) ->
         if None not in (g["approximation_gap"]["mean"], g["amortisation_gap"]["mean"]):
             section["figures"].append(figures.make("gaps", "where the nats go: the gap decomposition",
                                                    lambda w: plots.gaps_figure([(run.name, g)], width=w), wide=True))
+        else:
+            section["notes"].append(f"No figure of the gaps: {gaps['file']} holds a gap whose mean was not finite "
+                                    f"(—).")
     curve = newest_with(run, "k_curve")
     if curve is not None:
         section["k_curve"] = curve["file"]
-        section["figures"].append(figures.make("k-curve", f"IWAE-K against K, nested draws ({curve['file']})",
-                                               lambda w: plots.k_curve_figure(curve["k_curve"], width=w), wide=True))
+        # the points whose mean was finite when written (null: ``records.strict_json``); until 2026-12-06 a null one
+        # ended the report in a TypeError, and an empty curve was drawn as an empty figure
+        points = [point for point in curve["k_curve"] if point["mean"] is not None]
+        if points:
+            section["figures"].append(figures.make("k-curve", f"IWAE-K against K, nested draws ({curve['file']})",
+                                                   lambda w: plots.k_curve_figure(points, width=w), wide=True))
+        else:
+            section["notes"].append(f"No figure of the convergence curve in K: {curve['file']} holds no point whose "
+                                    f"mean is finite.")
     history = run.meta.get("latent") or []
     if history:
         title = (f"the latent units over training: the weights after each epoch, on the {trained_test_digits} test "

@@ -102,6 +102,9 @@ GAP_FIELDS = {"family": ((str,), False), "log_px_estimator": ((str,), False), "d
               "rule": ((str,), False), **{name: ((dict,), False) for name in GAP_QUANTITIES}}
 GAP_OPTIONAL = {"log_px_optimised": ((dict,), False), "log_px_optimised_estimator": ((str,), False),
                 "elbo_laplace": ((dict,), False), "warning": ((str,), False)}
+# the convergence curve in K (`evaluate --k-curve`), where a record has one: a list of points, each IWAE-k's mean and
+# standard error (until 2026-12-06 one not a list of such points ended `report` in a traceback)
+K_CURVE_FIELDS = {"k": ((int,), False), **_MEAN}
 
 
 def _record_problem(record: Any) -> str | None:
@@ -137,6 +140,13 @@ def _record_problem(record: Any) -> str | None:
                    if isinstance(gaps, dict) else f"gaps is {gaps!r}, not an object")
         for name in [*GAP_QUANTITIES, *(key for key in ("log_px_optimised", "elbo_laplace") if key in gaps)]:
             problem = problem or check(gaps[name], _MEAN, f"gaps.{name}.")
+    if problem is None and "k_curve" in record:
+        curve = record["k_curve"]
+        problem = None if isinstance(curve, list) else f"k_curve is {curve!r}, not a list"
+        for index, point in enumerate(curve if isinstance(curve, list) else []):
+            problem = problem or (check(point, K_CURVE_FIELDS, f"k_curve[{index}].") if isinstance(point, dict)
+                                  else f"k_curve[{index}] is not an object")
+            problem = problem or (f"k_curve[{index}].k is {point['k']}, not ≥ 1" if point["k"] < 1 else None)
     if problem is None and record.get("precision", "fp32") not in PRECISIONS:
         problem = f"precision {record.get('precision')!r} is none of {', '.join(PRECISIONS)}"
     if problem is None and record.get("split", "test") not in ("test", "validation"):
