@@ -1553,6 +1553,23 @@ def test_runs_renamed_to_names_vaelab_refuses_are_listed_one_line_each(evaluated
     assert f"{root}/r\\xff ".encode() in done.stdout and f"{root}/x\\ny ".encode() in done.stdout
 
 
+def test_notes_naming_a_run_with_a_line_break_stay_one_line(evaluated, tmp_path, capsys):
+    """A note naming a run renamed to a name with a line break or a tab (a record skipped in it, a damaged config)
+    was broken in two there (until 2026-12-06; the tables already escaped such names, and vaelab refuses such a path
+    given on its command line).
+    Now each is one line, the characters escaped as the tables write them (\\n, \\t)."""
+    root = tmp_path / "runs"
+    shutil.copytree(evaluated, root / "x\ny")
+    (root / "x\ny" / "eval-mine.json").write_text('{"nll": 85.3}')
+    code, _, err = run(capsys, "runs", root)
+    assert code == 0 and err.count("\n") == 1, err
+    assert f"note: {root}/x\\ny/eval-mine.json: not a vaelab evaluation record" in err, err
+    shutil.copytree(evaluated, root / "t\tab")
+    (root / "t\tab" / "config.json").write_text("{")
+    code, _, err = run(capsys, "runs", root)
+    assert code == 0 and err.count("\n") == 2 and f"note: {root}/t\\tab" in err and "\t" not in err, err
+
+
 def test_damaged_per_digit_values_are_said_to_be_so_and_nothing_is_paired_with_them(two_runs, tmp_path, data_dir,
                                                                                     capsys):
     """An evaluation's per-digit values (….digits.csv) with a row too many, or a header without iwae, ended `compare`

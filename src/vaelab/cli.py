@@ -604,7 +604,9 @@ def _write(stream, line: str) -> None:
 
 
 def _error(command: str, message: str, kind: str = "error") -> None:
-    _write(sys.stderr, f"vaelab {command}: {kind}: {message}")
+    # one line whatever the message names: a path or a run's name holding a line break or a tab is escaped
+    # (``tables.one_line``; until 2026-12-06 such a name broke the error, and a note, in two)
+    _write(sys.stderr, one_line(f"vaelab {command}: {kind}: {message}"))
 
 
 def _log(message: str, stream=None) -> None:
@@ -613,7 +615,7 @@ def _log(message: str, stream=None) -> None:
 
 def _note(message: str) -> None:
     """A one-line remark on stderr that is not an error (a file skipped, a setting that will not finish)."""
-    _write(sys.stderr, f"note: {message}")
+    _write(sys.stderr, one_line(f"note: {message}"))
 
 
 def _progress(args: argparse.Namespace) -> bool:
