@@ -1679,3 +1679,39 @@ def test_a_record_whose_curve_in_k_is_damaged_is_skipped_with_a_note(two_runs, t
     record.write_text(json.dumps(dict(whole, k_curve=[1])))            # `runs` skips a damaged record alike
     code, out, err = run(capsys, "runs", tmp_path / "a")
     assert code == 0 and f"{record.name}: not a vaelab evaluation record (k_curve[0] is not an object)" in err, err
+
+
+def test_a_metrics_table_without_a_column_vaelab_writes_is_named_as_malformed(evaluated, tmp_path, capsys):
+    """metrics.csv whose header lacks a column every vaelab wrote (a hand edit, a spreadsheet's export) ended
+    `report` in a traceback where its page or a figure read it (until 2026-12-06: jinja2's UndefinedError for
+    elapsed_seconds, a KeyError for train_elbo). Now it is malformed as a cut line is: one line naming the columns
+    and the resume that writes the file again; `runs` lists the run as unreadable. vaelab 0.1's columns (seconds,
+    total_seconds; no lr, β or train_objective) still make a page."""
+    import csv
+    import io
+
+    copy = tmp_path / "copy"
+    shutil.copytree(evaluated, copy)
+    metrics = copy / "metrics.csv"
+    rows = list(csv.DictReader(io.StringIO(metrics.read_text())))
+    fix = f"`vaelab train --out {copy} --resume` writes it again from the training state"
+
+    def write(columns: list[str], renamed: dict | None = None):
+        renamed = renamed or {}
+        lines = [",".join(renamed.get(c, c) for c in columns)] + [",".join(row[c] for c in columns) for row in rows]
+        metrics.write_text("\n".join(lines) + "\n")
+
+    for lost in ("elapsed_seconds", "train_elbo", "test_kl"):
+        write([column for column in rows[0] if column != lost])
+        code, _, err = run(capsys, "report", copy, "--no-progress")
+        assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+        assert f"{metrics} is malformed (its header lacks {lost}); {fix}" in err, err
+        code, out, err = run(capsys, "runs", copy)
+        assert code == 0 and "unreadable (the note above)" in out and f"its header lacks {lost}" in err, err
+    # vaelab 0.1's header: the epoch's seconds and the total with the evaluation, renamed when read
+    write(["epoch", "train_elbo", "train_reconstruction", "train_kl", "test_elbo", "test_reconstruction", "test_kl",
+           "epoch_seconds", "epoch_seconds"], {"epoch_seconds": "seconds"})
+    lines = metrics.read_text().splitlines()
+    metrics.write_text("\n".join([lines[0].rsplit(",", 1)[0] + ",total_seconds", *lines[1:]]) + "\n")
+    code, _, err = run(capsys, "report", copy, "--no-progress")
+    assert code == 0 and "malformed" not in err, err

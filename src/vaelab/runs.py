@@ -248,15 +248,30 @@ def headline_nll(run: RunInfo) -> str:
     return "—"
 
 
+# the columns of metrics.csv that every vaelab wrote (vaelab 0.1's ``seconds`` and ``total_seconds`` under their
+# names since) and that its pages read; the others (lr, β, validation, clipping) are read where present
+METRIC_COLUMNS = ("epoch", "train_elbo", "train_reconstruction", "train_kl", "test_elbo", "test_reconstruction",
+                  "test_kl", "epoch_seconds", "elapsed_seconds")
+_VERSION_1_NAMES = {"seconds": "epoch_seconds", "total_seconds": "elapsed_seconds"}
+
+
 def read_metrics(path: Path) -> list[dict[str, float]]:
     """metrics.csv as dicts of floats (epoch as int); the columns of vaelab 0.1 are renamed on the way."""
     try:
         with open(path, newline="", encoding="utf-8") as handle:
-            rows = list(csv.DictReader(handle))
+            reader = csv.DictReader(handle)
+            rows = list(reader)
     except FileNotFoundError:
         return []
     except (OSError, csv.Error, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{path}: cannot be read ({exc})") from exc
+    # a header without a column vaelab writes (a hand edit, a spreadsheet's export): until 2026-12-06 `report` ended
+    # in a traceback where the page or a figure reads it
+    named = {_VERSION_1_NAMES.get(name, name) for name in reader.fieldnames or ()}
+    missing = [name for name in METRIC_COLUMNS if name not in named]
+    if rows and missing:
+        raise CheckpointError(f"{path} is malformed (its header lacks {', '.join(missing)}); "
+                              + (ckpt.rewrite_fix(path.parent) or "restore the file from a copy"))
     out, elapsed = [], 0.0
     for line, row in enumerate(rows, start=2):                   # line 1 is the header
         columns = len(row) - (None in row)
