@@ -818,6 +818,47 @@ def test_a_sweep_that_lost_its_spec_file_takes_it_back_from_its_state(tmp_path, 
     capsys.readouterr()
 
 
+def test_a_sweep_whose_spec_copy_was_edited_is_shown_as_begun_and_not_continued(tmp_path, data_dir, monkeypatch,
+                                                                                  capsys):
+    """DIR/sweep.toml edited after the sweep began (a search widened by hand): the sweep's page read the edited file
+    and ended in a ValueError ("'None' is not in list": a parameter no trial had drawn), and `vaelab sweep
+    DIR/sweep.toml --out DIR` said "holds a sweep of another spec …; give the same spec", which it was (or the edit's
+    TOML error). Now the page shows the sweep as begun (sweep.json's copy of the spec) and says the file was edited;
+    the sweep says so in one line and how to go on; the file removed, the same command writes it again and goes on
+    (until 2026-12-06)."""
+    from vaelab.cli import main
+
+    spec = in_process_sweep(tmp_path, data_dir, monkeypatch, trials=1)
+    out = tmp_path / "out"
+    assert main(["sweep", str(spec), "--out", str(out)]) == 0
+    own = out / "sweep.toml"
+    text = own.read_text()
+    page = tmp_path / "page.html"
+    for edited in (text + "latent = [[2], [3]]\n", "garbage [["):
+        own.write_text(edited)
+        capsys.readouterr()
+        assert main(["report", str(out), "--out", str(page)]) == 0
+        shown = page.read_text()
+        assert "sweep.toml</code> was edited after it began: the page shows the spec" in shown
+        assert "latent against" not in shown and "lr against" in shown                       # the spec as begun
+        assert main(["sweep", str(own), "--out", str(out), "--trials", "2"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"{own} was edited after the sweep began ({out / 'sweep.json'} keeps the " \
+            f"spec it was begun with): to go on with this sweep, put the file back" in err, err
+        assert own.read_text() == edited and finished_slots(out) == [0]
+    # the spec given from elsewhere, the copy edited: the workers train the spec as begun (they read the copy, and
+    # trained the edited search into the study of the spec as begun)
+    own.write_text(text.replace("[search]", "[search]\nlatent = [[2], [3]]"))
+    assert main(["sweep", str(spec), "--out", str(out), "--trials", "2"]) == 0
+    assert finished_slots(out) == [0, 1]
+    assert json.loads((out / "trials" / "0001" / "config.json").read_text())["model"]["latent"] == [50]
+    own.unlink()
+    assert main(["sweep", str(own), "--out", str(out), "--trials", "3"]) == 0
+    assert own.read_text() == text and finished_slots(out) == [0, 1, 2]
+    assert main(["report", str(out), "--out", str(page)]) == 0 and "was edited" not in page.read_text()
+    capsys.readouterr()
+
+
 def test_a_sweep_moved_or_copied_keeps_its_own_study(tmp_path, data_dir, monkeypatch, capsys):
     """sweep.json named its study.db by its absolute path: a moved sweep could be neither reported nor continued
     ("cannot open the study's database"), and a copy trained its new trials into the original's study. Now the default

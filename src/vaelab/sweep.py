@@ -346,13 +346,19 @@ def load_spec(path: Path, trials: int | None = None) -> Spec:
     are one-line errors naming the field."""
     try:
         text = path.read_text(encoding="utf-8-sig")      # TOML is UTF-8, whatever the locale (an editor's BOM skipped)
-        raw = tomllib.loads(text)
     except FileNotFoundError:
         raise UsageError(f"sweep spec {path} does not exist; give a TOML file (see the README's Sweeps section)") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise UsageError(f"sweep spec {path} cannot be read ({exc})") from None
+    return parse_spec(text, str(path), trials)
+
+
+def parse_spec(text: str, where: str, trials: int | None = None) -> Spec:
+    """``load_spec`` of a spec's ``text`` (``where``: the file it came from, for the message where it is not TOML)."""
+    try:
+        raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        raise UsageError(f"sweep spec {path} is not valid TOML ({exc})") from None
+        raise UsageError(f"sweep spec {where} is not valid TOML ({exc})") from None
     unknown = set(raw) - SPEC_KEYS
     if unknown:
         raise _bad(f"unknown key {sorted(unknown)[0]!r}", f"the keys are {', '.join(sorted(SPEC_KEYS))}")
@@ -616,6 +622,21 @@ def read_state(out: Path) -> dict:
     if stored is None or (was_default and (out / STORAGE_FILE).exists()):
         state["storage"] = storage_url(out, None)
     return state
+
+
+def state_spec(out: Path, state: dict) -> Spec:
+    """The spec a sweep was begun with: sweep.json's copy of its text, not DIR/sweep.toml, which a hand may have
+    edited since (until 2026-12-06 the sweep's page and its workers read that file: an edited search ended the page
+    in a ValueError, "'None' is not in list")."""
+    return parse_spec(state["spec"], str(out / STATE_FILE), state["trials"])
+
+
+def edited_copy(out: Path) -> bool:
+    """Whether DIR/sweep.toml, vaelab's copy of the spec, differs from the text the sweep was begun with."""
+    try:
+        return (out / SPEC_FILE).read_text(encoding="utf-8-sig") != read_state(out)["spec"]
+    except (OSError, UnicodeDecodeError, UsageError):    # no copy, or no readable sweep.json: nothing to compare
+        return False
 
 
 class DamagedState(UsageError):
@@ -1057,7 +1078,7 @@ def worker(spec_path: str, out: str, url: str, name: str, threads: int, log_path
         # trials are asked and told here, not by Study.optimize: the heartbeat works the same (vaelab's own loop)
         warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
         torch.set_num_threads(threads)
-        spec = load_spec(out_dir / SPEC_FILE, read_state(out_dir)["trials"])
+        spec = state_spec(out_dir, read_state(out_dir))
         optuna = require_optuna()
         from optuna.trial import TrialState
 
@@ -1115,8 +1136,18 @@ def sweep(spec_path: Path, out: Path, workers: int, storage: str | None, trials:
     from vaelab.training import stop_signals
 
     require_optuna()
-    spec = load_spec(spec_path, trials)
     state_path = out / STATE_FILE
+    own = spec_path.resolve() == (out / SPEC_FILE).resolve()           # the sweep's own copy of its spec, given
+    if own and not spec_path.exists() and state_path.exists():
+        with contextlib.suppress(UsageError):       # (a damaged sweep.json: load_spec below says the spec is gone)
+            read_state(out)                         # which writes it again from sweep.json's copy
+    if own and spec_path.exists() and edited_copy(out):
+        # the sweep's own copy, edited (to widen the search, say): until 2026-12-06 "holds a sweep of another spec
+        # (DIR/sweep.toml); give the same spec", which it was, or the edit's TOML error
+        raise UsageError(f"{spec_path} was edited after the sweep began ({state_path} keeps the spec it was begun "
+                         f"with): to go on with this sweep, put the file back (remove it, and vaelab writes it again); "
+                         f"to sweep the edited spec, copy it elsewhere and give another --out")
+    spec = load_spec(spec_path, trials)
     if len(spec.enqueue) > spec.trials and not state_path.exists():
         # each entry is a slot of its own: those beyond the trials were never tried (until 2026-12-05 without a word;
         # a sweep begun so goes on as it was)
@@ -1543,7 +1574,7 @@ def build_sweep_report(out: Path, trial_reports: bool = True, data_dir: str | No
     from vaelab.runs import format_duration
 
     state = read_state(out)
-    spec = dataclasses.replace(load_spec(out / SPEC_FILE, state["trials"]))
+    spec = state_spec(out, state)
     study = open_study(spec, state["storage"], state["study"], read_only=True)
     with contextlib.suppress(WriteError):   # a sweep that cannot be written (read-only): the marks wait for one
         mark_pruned(study, spec, out)
@@ -1622,6 +1653,7 @@ def build_sweep_report(out: Path, trial_reports: bool = True, data_dir: str | No
         parameters=parameters, importance=importance, importance_note=note, minimize=minimize, counts=counts,
         legend=options_legend(spec),
         finished=sum(states.count(s) for s in ("complete", "pruned")), storage=state["storage"], fmt=_fmt,
+        edited=edited_copy(out),
         pending=states.count("running") + states.count("waiting"),
         short=lambda v: f"{v:.4g}" if isinstance(v, float) else v, unused=UNUSED,
         duration=format_duration, generated=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()))
