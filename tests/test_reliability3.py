@@ -702,6 +702,16 @@ def test_a_record_that_holds_only_what_a_record_must_is_shown_in_the_report(eval
                     ["compare", run_dir, evaluated, "--out", tmp_path / "c.html"]):
         code, _, err = run(capsys, *command)
         assert code == 0 and "Traceback" not in err, err
+    # its lists of another type, a number or true (until 2026-12-06 a TypeError in runs, compare and report)
+    for key, value in (("estimates", 5), ("layers", True), ("layers", -1)):
+        (run_dir / "eval-mine.json").write_text(json.dumps({**record, key: value}))
+        code, out, err = run(capsys, "runs", tmp_path)
+        said = f"eval-mine.json: not a vaelab evaluation record ({key!r} is {value!r}); skipped"
+        assert code == 0 and said in err, err
+        for command in (["report", run_dir, "--data-dir", data_dir, "--out", tmp_path / "r.html"],
+                        ["compare", run_dir, evaluated, "--out", tmp_path / "c.html"]):
+            code, out, err = run(capsys, *command)
+            assert code == 0 and "Traceback" not in err, err
 
 
 def test_a_record_under_a_name_of_ones_own_is_shown_and_compared(evaluated, data_dir, tmp_path, capsys):

@@ -128,10 +128,12 @@ def _record_problem(record: Any) -> str | None:
     problem = check(record, RECORD_FIELDS, "") or check(record, OPTIONAL_FIELDS, "", required=False)
     if problem is None and (record["k"] < 1 or record["n_examples"] < 1):
         problem = f"k {record['k']} and n_examples {record['n_examples']} must be ≥ 1"
-    for index, entry in enumerate(record.get("estimates") or []):
+    # (their entries only where they are lists: until 2026-12-06 `"layers": 5` ended runs, compare and report in a
+    # TypeError, the loop going on after the type's problem was found)
+    for index, entry in enumerate(record["estimates"] if problem is None else []):
         problem = problem or (check(entry, ESTIMATE_FIELDS, f"estimates[{index}].") if isinstance(entry, dict)
                               else f"estimates[{index}] is not an object")
-    for index, entry in enumerate(record.get("layers") or []):
+    for index, entry in enumerate(record["layers"] if problem is None else []):
         problem = problem or (check(entry, LAYER_FIELDS, f"layers[{index}].") if isinstance(entry, dict)
                               else f"layers[{index}] is not an object")
     if problem is None and "gaps" in record:
