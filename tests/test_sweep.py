@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import functools
+import html
 import json
 import os
 import re
@@ -856,6 +857,36 @@ def test_a_sweep_whose_spec_copy_was_edited_is_shown_as_begun_and_not_continued(
     assert main(["sweep", str(own), "--out", str(out), "--trials", "3"]) == 0
     assert own.read_text() == text and finished_slots(out) == [0, 1, 2]
     assert main(["report", str(out), "--out", str(page)]) == 0 and "was edited" not in page.read_text()
+    capsys.readouterr()
+
+
+def test_a_trial_whose_metrics_are_damaged_leaves_the_rest_of_the_sweep_shown(tmp_path, data_dir, monkeypatch,
+                                                                              capsys):
+    """One trial's metrics.csv damaged (a line cut short, a header without a column vaelab writes): the sweep's page
+    and its summary ended in that trial's one-line error, or a KeyError (until 2026-12-06), showing no trial. Now
+    that trial's row says "?" epochs and a note names the file and the resume that writes it again; the others are
+    shown, linked to their reports."""
+    from vaelab.cli import main
+
+    spec = in_process_sweep(tmp_path, data_dir, monkeypatch, trials=2)
+    out = tmp_path / "out"
+    assert main(["sweep", str(spec), "--out", str(out)]) == 0
+    metrics = out / "trials" / "0000" / "metrics.csv"
+    lines = metrics.read_text().splitlines()
+    page = tmp_path / "page.html"
+    for damaged, said in ((lines[0] + "\n" + lines[1][:5] + "\n", "line 2, is malformed (2 values where the header "),
+                          ("\n".join(line.rsplit(",", 1)[0] for line in lines) + "\n",
+                           "is malformed (its header lacks elapsed_seconds)")):
+        metrics.write_text(damaged)
+        capsys.readouterr()
+        assert main(["report", str(out), "--out", str(page)]) == 0
+        shown = html.unescape(page.read_text())
+        assert f"Trial 0000: {metrics}{', ' if 'line' in said else ' '}{said}" in shown, shown
+        assert "trials/0001/report.html" in shown and "trials/0000/report.html" not in shown
+        assert main(["sweep", str(spec), "--out", str(out)]) == 0
+        printed = capsys.readouterr().out
+        assert f"trial 0000: {metrics}" in printed and "`vaelab train --out" in printed, printed
+        assert re.search(r"\n[* ] +0000 .* \? +— +complete", printed), printed
     capsys.readouterr()
 
 

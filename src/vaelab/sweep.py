@@ -53,7 +53,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from vaelab.atomic import WriteError, write_text
-from vaelab.errors import UsageError
+from vaelab.errors import CheckpointError, UsageError
 from vaelab.tables import plural, shell_word, text_table
 
 MAX_TRIALS = 100_000                    # a spec's trials, or --trials
@@ -1386,9 +1386,9 @@ class Watch:
         if row["state"] == "complete":
             error = "" if row["stderr"] is None else f" ± {row['stderr']:.3f}"
             return (f"{name} complete: {self.spec.objective} {row['value']:.3f}{error}, "
-                    f"{plural(row['epochs'], 'epoch')} in {format_duration(row['seconds'])}")
+                    f"{_epochs_text(row['epochs'], 'epoch')} in {format_duration(row['seconds'])}")
         if row["state"] == "pruned":
-            return f"{name} pruned after {plural(row['epochs'], 'epoch')}"
+            return f"{name} pruned after {_epochs_text(row['epochs'], 'epoch')}"
         return f"{name} {'failed' if row['state'] == 'fail' else 'stopped'}: {row['error'] or row['stopped']}"
 
     def close(self) -> None:
@@ -1437,7 +1437,12 @@ def summarize(study, spec: Spec, out: Path, slots: Sequence[int] | None = None) 
     for slot in range(spec.trials) if slots is None else slots:
         trial = latest.get(slot)
         run_dir = run_dir_of(out, slot)
-        metrics = read_metrics(run_dir / "metrics.csv") if run_dir.exists() else []
+        try:
+            metrics, damaged = read_metrics(run_dir / "metrics.csv") if run_dir.exists() else [], None
+        except CheckpointError as exc:
+            # one trial's metrics.csv damaged (a hand, a copy cut short): its row says so, the others are shown
+            # (until 2026-12-06 the sweep's page and its summary ended in that trial's error, or a KeyError)
+            metrics, damaged = [], str(exc)
         params = {p.name: p.stored(trial.params[p.name]) for p in spec.search
                   if trial is not None and p.name in trial.params}
         stopped = None if trial is None else trial.user_attrs.get("stopped")
@@ -1460,7 +1465,8 @@ def summarize(study, spec: Spec, out: Path, slots: Sequence[int] | None = None) 
                      "params": params, "value": None if trial is None or (
                          trial.state.name == "PRUNED" and spec.objective != "validation-elbo") else trial.value,
                      "stderr": None if trial is None else trial.user_attrs.get("objective_stderr"),
-                     "epochs": len(metrics), "seconds": metrics[-1]["elapsed_seconds"] if metrics else None,
+                     "epochs": None if damaged else len(metrics), "damaged": damaged,
+                     "seconds": metrics[-1]["elapsed_seconds"] if metrics else None,
                      "run_dir": str(run_dir)})
     finished = [r for r in rows if r["state"] == "complete" and r["value"] is not None]
     best = (min if spec.direction == "minimize" else max)(finished, key=lambda r: r["value"], default=None)
@@ -1490,6 +1496,13 @@ def options_legend(spec: Spec) -> list[tuple[str, list[tuple[str, str]]]]:
             for param in spec.search if param.options is not None]
 
 
+def _epochs_text(epochs: int | None, noun: str | None = None) -> str:
+    """A trial's epochs ('3', or '3 epochs' with ``noun``); '?' where its metrics.csv is damaged (``summarize``)."""
+    if epochs is None:
+        return "? epochs" if noun else "?"
+    return plural(epochs, noun) if noun else str(epochs)
+
+
 def summary_table(summary: dict) -> str:
     from vaelab.config import UNUSED
     from vaelab.runs import format_duration
@@ -1506,11 +1519,12 @@ def summary_table(summary: dict) -> str:
     body = [["*" if r["best"] else "", f"{r['slot']:04d}",
              *(UNUSED if n in r.get("unused", ()) else cell(r["params"].get(n, "—")) for n in names),
              "—" if r["value"] is None else f"{r['value']:.3f}", "—" if r["stderr"] is None else f"{r['stderr']:.3f}",
-             str(r["epochs"]), format_duration(r["seconds"]), r["state"]] for r in rows]
+             _epochs_text(r["epochs"]), format_duration(r["seconds"]), r["state"]] for r in rows]
     lines = text_table(header, body)
     lines += [f"{name}: " + "; ".join(f"{label} = {flags}" for label, flags in options)   # depth: two = --latent 8 4 …
               for name, options in options_legend(spec)]
     lines += [f"trial {r['slot']:04d} failed: {r['error']}" for r in rows if r.get("error")]
+    lines += [f"trial {r['slot']:04d}: {r['damaged']}" for r in rows if r.get("damaged")]
     lines += [f"trial {r['slot']:04d} stopped (the next sweep goes on with it): {r['stopped']}" for r in rows
               if r["state"] == "stopped"]
     best = summary["best"]
@@ -1594,8 +1608,8 @@ def build_sweep_report(out: Path, trial_reports: bool = True, data_dir: str | No
 
                 try:
                     write_text(run_dir / "report.html", build_report(run_dir, data_dir)[0])
-                except WriteError:           # a trial directory that cannot be written: no link, the rest shown
-                    continue
+                except (WriteError, CheckpointError):   # a trial directory that cannot be written, or a file of
+                    continue                          # it damaged (its row says so): no link, the rest shown
                 finally:
                     bar.update()
             row["report"] = str((run_dir / "report.html").relative_to(out))
