@@ -631,11 +631,12 @@ def state_spec(out: Path, state: dict) -> Spec:
     return parse_spec(state["spec"], str(out / STATE_FILE), state["trials"])
 
 
-def edited_copy(out: Path) -> bool:
-    """Whether DIR/sweep.toml, vaelab's copy of the spec, differs from the text the sweep was begun with."""
+def edited_copy(out: Path, begun: str) -> bool:
+    """Whether DIR/sweep.toml, vaelab's copy of the spec, differs from ``begun``, the text the sweep was begun with
+    (sweep.json's)."""
     try:
-        return (out / SPEC_FILE).read_text(encoding="utf-8-sig") != read_state(out)["spec"]
-    except (OSError, UnicodeDecodeError, UsageError):    # no copy, or no readable sweep.json: nothing to compare
+        return (out / SPEC_FILE).read_text(encoding="utf-8-sig") != begun
+    except (OSError, UnicodeDecodeError):                 # no copy (read-only, where read_state could not restore it)
         return False
 
 
@@ -1137,11 +1138,11 @@ def sweep(spec_path: Path, out: Path, workers: int, storage: str | None, trials:
 
     require_optuna()
     state_path = out / STATE_FILE
-    own = spec_path.resolve() == (out / SPEC_FILE).resolve()           # the sweep's own copy of its spec, given
-    if own and not spec_path.exists() and state_path.exists():
-        with contextlib.suppress(UsageError):       # (a damaged sweep.json: load_spec below says the spec is gone)
-            read_state(out)                         # which writes it again from sweep.json's copy
-    if own and spec_path.exists() and edited_copy(out):
+    begun = None
+    if spec_path.resolve() == (out / SPEC_FILE).resolve() and state_path.exists():   # the sweep's own copy, given
+        with contextlib.suppress(UsageError):   # (a damaged sweep.json: the reads below say so)
+            begun = read_state(out)["spec"]     # which writes the copy again from sweep.json's where it is gone
+    if begun is not None and edited_copy(out, begun):
         # the sweep's own copy, edited (to widen the search, say): until 2026-12-06 "holds a sweep of another spec
         # (DIR/sweep.toml); give the same spec", which it was, or the edit's TOML error
         raise UsageError(f"{spec_path} was edited after the sweep began ({state_path} keeps the spec it was begun "
@@ -1667,7 +1668,7 @@ def build_sweep_report(out: Path, trial_reports: bool = True, data_dir: str | No
         parameters=parameters, importance=importance, importance_note=note, minimize=minimize, counts=counts,
         legend=options_legend(spec),
         finished=sum(states.count(s) for s in ("complete", "pruned")), storage=state["storage"], fmt=_fmt,
-        edited=edited_copy(out),
+        edited=edited_copy(out, state["spec"]),
         pending=states.count("running") + states.count("waiting"),
         short=lambda v: f"{v:.4g}" if isinstance(v, float) else v, unused=UNUSED,
         duration=format_duration, generated=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()))
