@@ -1566,8 +1566,7 @@ def test_runs_renamed_to_names_vaelab_refuses_are_listed_one_line_each(evaluated
 def test_notes_naming_a_run_with_a_line_break_stay_one_line(evaluated, tmp_path, capsys):
     """A note naming a run renamed to a name with a line break or a tab (a record skipped in it, a damaged config)
     was broken in two there (until 2026-12-06; the tables already escaped such names, and vaelab refuses such a path
-    given on its command line).
-    Now each is one line, the characters escaped as the tables write them (\\n, \\t)."""
+    given on its command line). Now each is one line, the characters escaped as the tables write them (\\n, \\t)."""
     root = tmp_path / "runs"
     shutil.copytree(evaluated, root / "x\ny")
     (root / "x\ny" / "eval-mine.json").write_text('{"nll": 85.3}')
@@ -1706,9 +1705,8 @@ def test_a_metrics_table_without_a_column_vaelab_writes_is_named_as_malformed(ev
     rows = list(csv.DictReader(io.StringIO(metrics.read_text())))
     fix = f"`vaelab train --out {copy} --resume` writes it again from the training state"
 
-    def write(columns: list[str], renamed: dict | None = None):
-        renamed = renamed or {}
-        lines = [",".join(renamed.get(c, c) for c in columns)] + [",".join(row[c] for c in columns) for row in rows]
+    def write(columns: list[str], header: list[str] | None = None):     # the values of ``columns`` under ``header``
+        lines = [",".join(header or columns)] + [",".join(row[c] for c in columns) for row in rows]
         metrics.write_text("\n".join(lines) + "\n")
 
     for lost in ("elapsed_seconds", "train_elbo", "test_kl"):
@@ -1719,9 +1717,7 @@ def test_a_metrics_table_without_a_column_vaelab_writes_is_named_as_malformed(ev
         code, out, err = run(capsys, "runs", copy)
         assert code == 0 and "unreadable (the note above)" in out and f"its header lacks {lost}" in err, err
     # vaelab 0.1's header: the epoch's seconds and the total with the evaluation, renamed when read
-    write(["epoch", "train_elbo", "train_reconstruction", "train_kl", "test_elbo", "test_reconstruction", "test_kl",
-           "epoch_seconds", "epoch_seconds"], {"epoch_seconds": "seconds"})
-    lines = metrics.read_text().splitlines()
-    metrics.write_text("\n".join([lines[0].rsplit(",", 1)[0] + ",total_seconds", *lines[1:]]) + "\n")
+    kept = ["epoch", "train_elbo", "train_reconstruction", "train_kl", "test_elbo", "test_reconstruction", "test_kl"]
+    write([*kept, "epoch_seconds", "epoch_seconds"], [*kept, "seconds", "total_seconds"])
     code, _, err = run(capsys, "report", copy, "--no-progress")
     assert code == 0 and "malformed" not in err, err
