@@ -479,6 +479,32 @@ def test_bad_model_values_are_one_line_errors_naming_the_choices(args, words, tm
     assert not out.exists()
 
 
+def test_a_flag_the_model_never_reads_is_noted_and_the_start_line_names_prior_and_flow(tmp_path, data_dir, capsys):
+    """--prior-components without a mixture prior, --flow-width without IAF steps: the run trains (config.json keeps
+    the value, shown "unused" where runs are compared) and a note says the flag changes nothing; until 2026-12-06 it
+    was said nowhere, and the line that starts training named neither the prior nor the flow, so a forgotten
+    --prior vampprior went unseen. A flag the model reads gets no note."""
+    common = ["--epochs", "1", "--hidden", "8", "--latent", "2", "--train-examples", "64", "--test-examples", "16",
+              "--data-dir", str(data_dir), "--no-progress", "--threads", "1"]
+    code = main(["train", "--out", str(tmp_path / "a"), *common, "--prior-components", "7", "--flow", "planar",
+                 "--flow-steps", "1", "--flow-width", "3"])
+    out, err = capsys.readouterr()
+    assert code == 0 and json.loads((tmp_path / "a" / "config.json").read_text())["model"]["prior_components"] == 7
+    notes = [line for line in err.splitlines() if line.startswith("note:")]
+    assert notes == [("note: --prior-components 7 is not read by this model (the standard prior has no components); "
+                      "config.json keeps it, and it changes nothing"),
+                     ("note: --flow-width 3 is not read by this model (only IAF steps have hidden units); config.json "
+                      "keeps it, and it changes nothing")], err
+    assert "training mlp 784-8-2 relu (planar flow of 1 step) on elbo" in out
+    code = main(["train", "--out", str(tmp_path / "b"), *common, "--prior", "mog", "--prior-components", "3",
+                 "--flow", "iaf", "--flow-steps", "2", "--flow-width", "5"])
+    out, err = capsys.readouterr()
+    assert code == 0 and "note:" not in err, err
+    assert "training mlp 784-8-2 relu (mog prior, K = 3, iaf flow of 2 steps) on elbo" in out
+    assert main(["train", "--out", str(tmp_path / "c"), *common]) == 0
+    assert "training mlp 784-8-2 relu on elbo, 64 images" in capsys.readouterr().out       # Burda's VAE as before
+
+
 @pytest.mark.parametrize("fields", [{"prior": "vampprior"}, {"prior": "mog"}, {"flow": "planar", "flow_steps": 2}])
 def test_the_hand_derived_engine_is_never_chosen_for_a_prior_or_flow_it_does_not_know(fields):
     """The fused step is the standard-prior Gaussian ELBO of the one-hidden-layer ReLU mlp; the same architecture

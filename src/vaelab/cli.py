@@ -715,6 +715,22 @@ def _train_config(args: argparse.Namespace, base):
     return dataclasses.replace(base, **replaced).validate()
 
 
+def _unread_flags(args: argparse.Namespace, config) -> list[str]:
+    """A note for each flag given that the model never reads (``RunConfig.unused``: --prior-components beside the
+    standard prior, --flow-width without IAF steps): kept in config.json as asked, it changes nothing, which a
+    forgotten --prior vampprior would otherwise leave unsaid. A flag a model must not take (--flow-steps without a
+    flow) is refused by ``ModelConfig.validate`` instead."""
+    unused = config.unused()
+    notes = []
+    for flag, (section, name) in _FLAGS.items():
+        value = getattr(args, flag)
+        if value is not None and f"{section}.{name}" in unused:
+            shown = " ".join(map(str, value)) if isinstance(value, list) else value
+            notes.append(f"--{flag.replace('_', '-')} {shown} is not read by this model ({unused[f'{section}.{name}']}); "
+                         f"config.json keeps it, and it changes nothing")
+    return notes
+
+
 def training_memory_bytes(config, n_train: int) -> int:
     """A generous estimate of the peak memory of training ``config`` on ``n_train`` digits."""
     params = config.model.parameter_count()
@@ -772,6 +788,9 @@ def _new_run(args: argparse.Namespace, world, config=None, claimed_dir: list | N
         config = _train_config(args, RunConfig())
         if args.preset is None:
             config = dataclasses.replace(config, preset="seed")
+        if world.main:
+            for line in _unread_flags(args, config):
+                _note(line)
     if args.out is not None:            # before the data are fetched; again under the lock below (rank 0 alone:
         on_main(world, lambda: _refuse_taken(args.out))       # a late rank would find rank 0's run there)
     run = _prepare_training(args, config)
@@ -1080,9 +1099,15 @@ def _train(args: argparse.Namespace, config, run_dir: Path, run, resumed: bool, 
 
 
 def _architecture(model) -> str:
+    """'784-256-50 relu', and in brackets the parts beyond Burda's Gaussian VAE where the model has them:
+    '784-512-64 | … leaky_relu (top-down inference, batch norm)', '784-300-300-40 gated (vampprior prior, K = 500)',
+    '784-400-40 tanh (planar flow of 80 steps)'."""
     blocks = [f"784-{'-'.join(map(str, model.hidden[0]))}-{model.latent[0]}"]
     blocks += [f"{'-'.join(map(str, h))}-{d}" for h, d in zip(model.hidden[1:], model.latent[1:])]
-    return " | ".join(blocks) + f" {model.activation}"
+    parts = [f"{model.inference} inference"] * (model.inference != "bottom-up") + ["batch norm"] * model.batch_norm
+    parts += [f"{model.prior} prior, K = {model.prior_components}"] * (model.prior != "standard")
+    parts += [f"{model.flow} flow of {plural(model.flow_steps, 'step')}"] * (model.flow != "none")
+    return " | ".join(blocks) + f" {model.activation}" + (f" ({', '.join(parts)})" if parts else "")
 
 
 def _pictures_of_what_stands(data, metrics: list[dict], run_dir: Path, device) -> None:
