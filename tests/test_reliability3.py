@@ -528,15 +528,35 @@ def test_a_weights_file_that_cannot_be_read_is_not_called_corrupted(evaluated, t
 
 
 def test_divergence_before_the_first_checkpoint_says_nothing_was_trained(tmp_path, data_dir, capsys, monkeypatch):
+    calls = {"n": 0}
+
     def exploding(model, x, eps, objective, beta, grad_squares=None):
-        return fused_step(model, x, eps) * 1e16                      # a train ELBO of ≈ −3e18 nats per example
+        calls["n"] += 1                                      # from the second step: the first is the initial weights'
+        return fused_step(model, x, eps) * (1e16 if calls["n"] > 1 else 1)  # a train ELBO of ≈ −3e18 nats per example
 
     monkeypatch.setitem(training.ENGINES, ("fused", "fp32"), exploding)
     out = tmp_path / "run"
     code, _, err = run(capsys, "train", "--out", out, "--epochs", "2", "--data-dir", data_dir, *SMALL)
     assert code == 1 and one_line(err)
-    assert "nothing was trained yet" in err and "was removed" in err and "epoch 0" not in err
+    assert "epoch 1, step 2" in err and "nothing was trained yet" in err and "was removed" in err
+    assert "try a lower --lr (it was 0.001)" in err and "epoch 0" not in err
     assert not out.exists()
+
+
+def test_a_loss_beyond_the_limit_at_the_first_step_is_said_to_be_the_initial_weights(tmp_path, data_dir, capsys,
+                                                                                    monkeypatch):
+    """The first step's loss is that of the initial weights, before any update (a tiny hierarchy under --init he
+    began at −3.3·10⁶ nats: log σ_p² = −23 from W ~ N(0, 2/fan_in) with fan_in 2): until 2026-12-06 the line said to
+    try a lower --lr or clipping, which change nothing there; now it names the initialisation and the seed."""
+    def exploding(model, x, eps, objective, beta, grad_squares=None):
+        return fused_step(model, x, eps) * 1e16
+
+    monkeypatch.setitem(training.ENGINES, ("fused", "fp32"), exploding)
+    out = tmp_path / "run"
+    code, _, err = run(capsys, "train", "--out", out, "--epochs", "2", "--seed", "3", "--data-dir", data_dir, *SMALL)
+    assert code == 1 and one_line(err) and not out.exists()
+    assert "at epoch 1, step 1 (beyond 5.43e+05" in err and "the loss of the initial weights, before any step" in err
+    assert "try another --init (it was torch) or --seed (it was 3)" in err and "lower --lr" not in err
 
 
 def test_a_stopped_run_draws_its_pictures_from_what_it_holds(tmp_path, data_dir, capsys, monkeypatch):

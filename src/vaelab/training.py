@@ -646,6 +646,15 @@ class Trainer:
             objective, elbo = per_example[row].tolist()
             scaled = not math.isfinite(objective) or abs(objective) > float(limits[0])   # the β-ELBO beyond its own
             value = objective if scaled else elbo
+            if epoch == 1 and offset + row == 0:
+                # the first step's loss is that of the initial weights, before any update: no learning rate or
+                # clipping changes it (a tiny layer under --init he: W ~ N(0, 2/fan_in) with fan_in 2 gave
+                # log σ_p² = −23 and a KL of 10¹¹ nats)
+                init, seed = self.config.model.init, self.config.train.seed
+                raise TrainingDiverged(f"the loss became {value:.4g} nats per example at epoch 1, step 1"
+                                       f"{self._beyond(value, scaled)}: the loss of the initial weights, before any "
+                                       f"step, which no --lr or clipping changes; nothing was trained; try another "
+                                       f"--init (it was {init}) or --seed (it was {seed})")
             raise TrainingDiverged(f"the loss became {value:.4g} nats per example at epoch {epoch}, step "
                                    f"{offset + row + 1}{self._beyond(value, scaled)}; {self._what_stands()}")
 
