@@ -295,6 +295,32 @@ def test_an_evaluation_never_replaces_someone_elses_file_beside_its_record(tmp_p
     assert digits.read_text() == "my own table\n" and not record.exists()
 
 
+def test_no_output_replaces_a_file_a_run_a_sweep_or_figures_are_made_of(two_runs, tmp_path, data_dir, capsys):
+    """`evaluate RUN --out RUN/config.json --overwrite` wrote the record over the config the run is rebuilt from
+    (until 2026-12-06: the run could not be read again), and `--out RUN/pruned.json` would have marked it pruned. A
+    run's, a sweep's and a figures folder's own files are refused as outputs, --overwrite or not, in one line; a
+    name of one's own in the run is written as before."""
+    shutil.copytree(two_runs / "a", tmp_path / "a")
+    run_dir, config = tmp_path / "a", (tmp_path / "a" / "config.json").read_bytes()
+    evaluate = ["evaluate", run_dir, "--k", "2", "--test-examples", "3", "--data-dir", data_dir, "--no-progress"]
+    for name, flags in [("config.json", ["--overwrite"]), ("pruned.json", []), ("./config.json", ["--overwrite"])]:
+        code, _, err = run(capsys, *evaluate, "--out", run_dir / name, *flags)
+        assert code == 2 and one_line(err), err
+        assert f"is a file of the run {run_dir}, which no output may replace (--overwrite or not)" in err
+    assert (run_dir / "config.json").read_bytes() == config and not (run_dir / "pruned.json").exists()
+    assert sorted(p.name for p in run_dir.glob("*.json")) == ["config.json"]        # no record, no per-digit file
+    (tmp_path / "sweep.json").write_text("{}")                        # a sweep's state beside its spec
+    (tmp_path / "sweep.toml").write_text("")
+    (tmp_path / "figures").mkdir()
+    (tmp_path / "figures" / "vaelab-figures.json").write_text('{"run": "x"}')
+    for target, owner in [(tmp_path / "sweep.json", f"the sweep {tmp_path}"),
+                          (tmp_path / "figures" / "vaelab-figures.json", "the report's figures in")]:
+        code, _, err = run(capsys, *evaluate, "--out", target, "--overwrite")
+        assert code == 2 and one_line(err) and f"is a file of {owner}" in err, err
+    assert (tmp_path / "sweep.json").read_text() == "{}"
+    assert run(capsys, *evaluate, "--out", run_dir / "mine.json")[0] == 0 and (run_dir / "mine.digits.csv").exists()
+
+
 def test_a_run_evaluated_again_after_training_on_keeps_both_records(tmp_path, data_dir, capsys):
     """`vaelab evaluate RUN` after the run trained on: the default name holds the earlier weights' record, and the
     second evaluation was refused (exit 2) unless given --out (as for `vampprior-2` at epochs 651 and 956). Now it

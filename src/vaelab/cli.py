@@ -1226,11 +1226,31 @@ def _weights_file(run_dir: Path, checkpoint: str) -> str:
 
 
 def _check_target(path: Path, overwrite: bool, what: str, flag: str = "--out") -> None:
+    _refuse_own_file(path, flag)
     if path.exists() and not overwrite:
         raise UsageError(f"{path} exists (vaelab's or not, it is kept); pass --overwrite to replace it with this "
                          f"{what}, or {flag} another file")
     if not path.parent.is_dir():
         raise UsageError(f"{flag} {path}: directory {path.parent} does not exist; create it first")
+
+
+def _refuse_own_file(path: Path, flag: str) -> None:
+    """A file that a run, a sweep or a report's figures are made of is no command's output, --overwrite or not
+    (until 2026-12-06 `evaluate RUN --out RUN/config.json --overwrite` wrote its record over the config the run is
+    rebuilt from, and the run could not be read again; `--out RUN/pruned.json` would have marked it pruned)."""
+    from vaelab import checkpoint as ckpt
+    from vaelab.sweep import SPEC_FILE, STATE_FILE, STORAGE_FILE, is_sweep
+    from vaelab.training import BEST_WEIGHTS, LATENT_FILE, TRAIN_LOG
+
+    parent, name = path.parent, path.name
+    owners = [("the run", ckpt.is_run(parent), {ckpt.CONFIG, ckpt.WEIGHTS, ckpt.STATE, ckpt.METRICS, ckpt.LOCK,
+                                                ckpt.PRUNED, BEST_WEIGHTS, LATENT_FILE, TRAIN_LOG}),
+              ("the sweep", is_sweep(parent), {SPEC_FILE, STATE_FILE, STORAGE_FILE}),
+              ("the report's figures in", True, {FIGURES_MANIFEST})]
+    for owner, holds, names in owners:
+        if holds and name in names:
+            raise UsageError(f"{flag} {path}: {name} is a file of {owner} {parent}, which no output may replace "
+                             f"(--overwrite or not); give {flag} another file")
 
 
 def _check_evaluation_target(out: Path, overwrite: bool) -> None:
