@@ -207,7 +207,9 @@ def test_one_epoch_one_unit_one_value_are_ticked_at_their_whole_number():
     history = [{"epoch": 1, "layers": [{"kl": [0.5], "posterior_mean_variance": [0.2], "active_units": 1}]}]
     heatmap = plots.latent_heatmap_figure(history).axes[0]
     sweep = plots.sweep_parameter_figure("flow_steps", [3, 3], [-90.0, -91.0], "validation ELBO", False).axes[0]
-    for axis, tick in ((heatmap.yaxis, "0"), (heatmap.xaxis, "1"), (sweep.xaxis, "3")):
+    # a sweep's history with one trial finished (until 2026-12-06 its axis read −0.04 … 0.04)
+    one = plots.sweep_history_figure([0, 1], [-90.0, None], ["complete", "fail"], False, "validation ELBO").axes[0]
+    for axis, tick in ((heatmap.yaxis, "0"), (heatmap.xaxis, "1"), (sweep.xaxis, "3"), (one.xaxis, "0")):
         axis.figure.canvas.draw()
         assert [t.get_text() for t in axis.get_ticklabels() if t.get_text()] == [tick]
 

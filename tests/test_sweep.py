@@ -1298,13 +1298,31 @@ def test_a_sweep_whose_every_trial_failed_exits_1_and_its_page_shows_why(tmp_pat
     printed, states = two_trial_grid(tmp_path, data_dir, 'hidden = [16]\nlatent = [3]', 'lr = [1e-3, 2e-3]',
                                      exit_code=1, examples=5000)
     assert states == ["FAIL", "FAIL"]
-    assert printed.count("failed:") == 4 and "best:" not in printed          # as each ended, and under the table
+    # as each ended, and under the table once for both: they failed for one reason (until 2026-12-06 a line each)
+    assert printed.count("failed:") == 3 and "best:" not in printed
+    assert "trials 0000 and 0001 failed: " in printed
     last = printed.strip().splitlines()[-1]
     assert last.startswith("vaelab sweep: error: no trial of") and "completed (2 failed of 2)" in last, last
     assert main(["report", str(tmp_path / "out")]) == 0
     html = (tmp_path / "out" / "report.html").read_text()
     assert "No trial has finished yet" not in html and "No trial has a value to show: 2 failed" in html
-    assert html.count("failed: ") == 2 and "the data set has 2000 training digits" in html and "(2 failed)" in html
+    assert html.count("failed: ") == 1 and "the data set has 2000 training digits" in html and "(2 failed)" in html
+    assert "Trials 0000 and 0001 failed: " in html
+
+
+def test_trials_that_failed_for_one_reason_are_named_on_one_line():
+    """The table's notes give each reason once, with the trials that failed for it, in the order of the first."""
+    from vaelab.sweep import failures
+
+    rows = [{"slot": slot, "error": "UsageError: too few digits" if slot % 3 else "TrainingDiverged: NaN"}
+            for slot in range(30)] + [{"slot": 30, "error": None}, {"slot": 31}]
+    assert failures(rows) == [("trials 0000, 0003, 0006, 0009, 0012, 0015, … 0027 (10 trials)", "TrainingDiverged: NaN"),
+                              ("trials 0001, 0002, 0004, 0005, 0007, 0008, … 0029 (20 trials)",
+                               "UsageError: too few digits")]
+    assert failures(rows[:3]) == [("trial 0000", "TrainingDiverged: NaN"),
+                                  ("trials 0001 and 0002", "UsageError: too few digits")]
+    assert failures([{"slot": n, "error": "x"} for n in range(8)]) == [
+        ("trials 0000, 0001, 0002, 0003, 0004, 0005, 0006 and 0007", "x")]
 
 
 @pytest.mark.slow

@@ -1504,6 +1504,27 @@ def _epochs_text(epochs: int | None, noun: str | None = None) -> str:
     return plural(epochs, noun) if noun else str(epochs)
 
 
+def failures(rows: list[dict]) -> list[tuple[str, str]]:
+    """(which trials, the reason) for each reason trials failed for, in the order of its first trial: a reason they
+    share (a fixed train_examples above the data set's, a combination `vaelab train` refuses) is one line naming
+    them, 'trials 0000, 0003 and 0007', where it was a line per trial, the same text each time."""
+    slots: dict[str, list[int]] = {}
+    for row in rows:
+        if row.get("error"):
+            slots.setdefault(row["error"], []).append(row["slot"])
+    return [(_trial_list(numbers), reason) for reason, numbers in slots.items()]
+
+
+def _trial_list(slots: list[int]) -> str:
+    """'trial 0003', 'trials 0003 and 0007', 'trials 0000, 0001, 0002, 0003, 0004, 0005, … 0049 (30 trials)'."""
+    names = [f"{slot:04d}" for slot in slots]
+    if len(names) == 1:
+        return f"trial {names[0]}"
+    if len(names) <= 8:
+        return f"trials {', '.join(names[:-1])} and {names[-1]}"
+    return f"trials {', '.join(names[:6])}, … {names[-1]} ({len(names)} trials)"
+
+
 def summary_table(summary: dict) -> str:
     from vaelab.config import UNUSED
     from vaelab.runs import format_duration
@@ -1524,7 +1545,7 @@ def summary_table(summary: dict) -> str:
     lines = text_table(header, body)
     lines += [f"{name}: " + "; ".join(f"{label} = {flags}" for label, flags in options)   # depth: two = --latent 8 4 …
               for name, options in options_legend(spec)]
-    lines += [f"trial {r['slot']:04d} failed: {r['error']}" for r in rows if r.get("error")]
+    lines += [f"{which} failed: {reason}" for which, reason in failures(rows)]
     lines += [f"trial {r['slot']:04d}: {r['damaged']}" for r in rows if r.get("damaged")]
     lines += [f"trial {r['slot']:04d} stopped (the next sweep goes on with it): {r['stopped']}" for r in rows
               if r["state"] == "stopped"]
@@ -1666,7 +1687,7 @@ def build_sweep_report(out: Path, trial_reports: bool = True, data_dir: str | No
     return _environment().get_template("sweep.html.j2").render(
         name=out.resolve().name, spec=spec, rows=rows, best=best, command=command, history=history,
         parameters=parameters, importance=importance, importance_note=note, minimize=minimize, counts=counts,
-        legend=options_legend(spec),
+        legend=options_legend(spec), failures=failures(rows),
         finished=sum(states.count(s) for s in ("complete", "pruned")), storage=state["storage"], fmt=_fmt,
         edited=edited_copy(out, state["spec"]),
         pending=states.count("running") + states.count("waiting"),
