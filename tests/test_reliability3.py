@@ -571,9 +571,9 @@ def test_divergence_before_the_first_checkpoint_says_nothing_was_trained(tmp_pat
 
 def test_a_loss_beyond_the_limit_at_the_first_step_is_said_to_be_the_initial_weights(tmp_path, data_dir, capsys,
                                                                                     monkeypatch):
-    """The first step's loss is that of the initial weights, before any update (a tiny hierarchy under --init he
-    began at −3.3·10⁶ nats: log σ_p² = −23 from W ~ N(0, 2/fan_in) with fan_in 2): until 2026-12-06 the line said to
-    try a lower --lr or clipping, which change nothing there; now it names the initialisation and the seed."""
+    """The first step's loss is that of the initial weights, before any update (He's init in a bottom-up ReLU
+    hierarchy begins at NaN or beyond 10⁶ nats in nearly every seed): until 2026-12-06 the line said to try a lower
+    --lr or clipping, which change nothing there; now it names the initialisation and the seed."""
     def exploding(model, x, eps, objective, beta, grad_squares=None):
         return fused_step(model, x, eps) * 1e16
 
@@ -583,6 +583,12 @@ def test_a_loss_beyond_the_limit_at_the_first_step_is_said_to_be_the_initial_wei
     assert code == 1 and one_line(err) and not out.exists()
     assert "at epoch 1, step 1 (beyond 5.43e+05" in err and "the loss of the initial weights, before any step" in err
     assert "try another --init (it was torch) or --seed (it was 3)" in err and "lower --lr" not in err
+    monkeypatch.undo()                  # the real case: He's init in a bottom-up ReLU hierarchy (README, Models)
+    code, _, err = run(capsys, "train", "--out", out, "--epochs", "1", "--model", "hvae", "--blocks", "512,512",
+                       "256,256", "128,128", "--latent", "64", "32", "16", "--init", "he", "--train-examples", "200",
+                       "--test-examples", "20", "--data-dir", data_dir, "--no-progress")
+    assert code == 1 and one_line(err) and not out.exists()
+    assert "at epoch 1, step 1" in err and "try another --init (it was he)" in err, err
 
 
 def test_a_stopped_run_draws_its_pictures_from_what_it_holds(tmp_path, data_dir, capsys, monkeypatch):

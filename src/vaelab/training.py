@@ -648,8 +648,8 @@ class Trainer:
             value = objective if scaled else elbo
             if epoch == 1 and offset + row == 0:
                 # the first step's loss is that of the initial weights, before any update: no learning rate or
-                # clipping changes it (a tiny layer under --init he: W ~ N(0, 2/fan_in) with fan_in 2 gave
-                # log σ_p² = −23 and a KL of 10¹¹ nats)
+                # clipping changes it (He's init in a bottom-up ReLU hierarchy: each draw between blocks scales the
+                # next block's input by e^{½ log σ²}, and log σ² grows layer by layer to NaN; README, Models)
                 init, seed = self.config.model.init, self.config.train.seed
                 raise TrainingDiverged(f"the loss became {value:.4g} nats per example at epoch 1, step 1"
                                        f"{self._beyond(value, scaled)}: the loss of the initial weights, before any "
