@@ -1372,6 +1372,18 @@ def test_a_searched_field_the_trial_never_reads_is_unused_in_its_row_and_command
     lines = printed.splitlines()
     assert lines[1].split()[2:4] == ["standard", "unused"] and lines[2].split()[1:3] == ["mog", "3"]
     assert "--prior standard --out runs/best" in lines[-1] and "--prior-components" not in lines[-1]
+    # a fixed K beside a searched prior: left out of the standard winner's command too (until 2026-12-06 it was in,
+    # and the run it trains says that --prior-components changes nothing); the mixture's keeps it
+    path.write_text('preset = "seed"\ntrials = 2\n[fixed]\nepochs = 1\nvalidation = 100\nprior_components = 3\n'
+                    '[search]\nprior = ["standard", "mog"]\n')
+    spec = load_spec(path)
+    for row in rows:
+        row["params"].pop("prior_components")
+        row["unused"] = _unused_params(spec, Path(row["run_dir"]))
+    assert [row["unused"] for row in rows] == [["prior_components"], []]
+    for best, flags in ((0, "--prior standard --out"), (1, "--prior-components 3 --prior mog --out")):
+        summary = {"spec": spec, "rows": rows, "best": rows[best], "objective": "validation-nll"}
+        assert flags in summary_table(summary).splitlines()[-1]
 
 
 def test_a_field_the_model_would_not_read_is_not_sampled_and_its_bound_value_is_set(tmp_path):

@@ -1477,9 +1477,11 @@ def summarize(study, spec: Spec, out: Path, slots: Sequence[int] | None = None) 
 
 
 def _unused_params(spec: Spec, run_dir: Path) -> list[str]:
-    """The searched fields this trial's run never reads (RunConfig.unused: a mixture's K beside the standard prior
-    …; with the fields a trial did not sample, ``sample_params``): its table shows them as unused, its parameter
-    plots leave it out, and its command leaves them out (but a bound value, a flow's steps set to 0)."""
+    """The searched and fixed fields this trial's run never reads (RunConfig.unused: a mixture's K beside the
+    standard prior …; with the fields a trial did not sample, ``sample_params``): its table shows the searched ones
+    as unused, its parameter plots leave it out, and its command leaves them out (but a bound value, a flow's steps
+    set to 0): a fixed `prior_components = 3` beside a searched prior whose best is the standard one was in the
+    command, whose run then said that --prior-components 3 changes nothing."""
     from vaelab.cli import _FLAGS
     from vaelab.config import RunConfig
     from vaelab.errors import VaelabError
@@ -1488,7 +1490,8 @@ def _unused_params(spec: Spec, run_dir: Path) -> list[str]:
         unused = RunConfig.load(run_dir / "config.json").unused() if (run_dir / "config.json").is_file() else {}
     except VaelabError:                 # a damaged trial's config: its row shows the values sampled
         return []
-    return [p.name for p in spec.search if ".".join(_FLAGS.get(p.name, ("", p.name))) in unused]
+    return [name for name in [*(p.name for p in spec.search), *spec.fixed]
+            if ".".join(_FLAGS.get(name, ("", name))) in unused]
 
 
 def options_legend(spec: Spec) -> list[tuple[str, list[tuple[str, str]]]]:
