@@ -723,11 +723,11 @@ def _unread_flags(args: argparse.Namespace, config) -> list[str]:
     unused = config.unused()
     notes = []
     for flag, (section, name) in _FLAGS.items():
-        value = getattr(args, flag)
-        if value is not None and f"{section}.{name}" in unused:
+        value, why = getattr(args, flag), unused.get(f"{section}.{name}")
+        if value is not None and why is not None:
             shown = " ".join(map(str, value)) if isinstance(value, list) else value
-            notes.append(f"--{flag.replace('_', '-')} {shown} is not read by this model ({unused[f'{section}.{name}']}); "
-                         f"config.json keeps it, and it changes nothing")
+            notes.append(f"--{flag.replace('_', '-')} {shown} is not read by this model ({why}); config.json keeps "
+                         f"it, and it changes nothing")
     return notes
 
 
@@ -1240,11 +1240,12 @@ def _refuse_own_file(path: Path, flag: str) -> None:
     rebuilt from, and the run could not be read again; `--out RUN/pruned.json` would have marked it pruned)."""
     from vaelab import checkpoint as ckpt
     from vaelab.sweep import SPEC_FILE, STATE_FILE, STORAGE_FILE, is_sweep
-    from vaelab.training import BEST_WEIGHTS, LATENT_FILE, TRAIN_LOG
+    from vaelab.training import PICTURES, TRAIN_LOG, TRAINING_FILES
 
     parent, name = path.parent, path.name
-    owners = [("the run", ckpt.is_run(parent), {ckpt.CONFIG, ckpt.WEIGHTS, ckpt.STATE, ckpt.METRICS, ckpt.LOCK,
-                                                ckpt.PRUNED, BEST_WEIGHTS, LATENT_FILE, TRAIN_LOG}),
+    # its pictures aside: drawn again at the end of training, a picture of one's own may take their place
+    run_files = {*TRAINING_FILES, TRAIN_LOG, ckpt.LOCK, ckpt.PRUNED} - set(PICTURES)
+    owners = [("the run", ckpt.is_run(parent), run_files),
               ("the sweep", is_sweep(parent), {SPEC_FILE, STATE_FILE, STORAGE_FILE}),
               ("the report's figures in", True, {FIGURES_MANIFEST})]
     for owner, holds, names in owners:

@@ -650,13 +650,13 @@ class Trainer:
                 # the first step's loss is that of the initial weights, before any update: no learning rate or
                 # clipping changes it (He's init in a bottom-up ReLU hierarchy: each draw between blocks scales the
                 # next block's input by e^{½ log σ²}, and log σ² grows layer by layer to NaN; README, Models)
-                init, seed = self.config.model.init, self.config.train.seed
-                raise TrainingDiverged(f"the loss became {value:.4g} nats per example at epoch 1, step 1"
-                                       f"{self._beyond(value, scaled)}: the loss of the initial weights, before any "
-                                       f"step, which no --lr or clipping changes; nothing was trained; try another "
-                                       f"--init (it was {init}) or --seed (it was {seed})")
+                stands = (f": the loss of the initial weights, before any step, which no --lr or clipping changes; "
+                          f"nothing was trained; try another --init (it was {self.config.model.init}) or --seed (it "
+                          f"was {self.config.train.seed})")
+            else:
+                stands = f"; {self._what_stands()}"
             raise TrainingDiverged(f"the loss became {value:.4g} nats per example at epoch {epoch}, step "
-                                   f"{offset + row + 1}{self._beyond(value, scaled)}; {self._what_stands()}")
+                                   f"{offset + row + 1}{self._beyond(value, scaled)}{stands}")
 
     def _beyond(self, value: float, scaled: bool = False) -> str:
         """Which limit ``value`` passed: the ELBO's, or (``scaled``) the trained β-ELBO's, β times it where β > 1
