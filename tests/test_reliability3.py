@@ -847,6 +847,22 @@ def test_api_train_runs_in_a_thread_other_than_the_main_one(tmp_path, data_dir):
     assert {signum: signal.getsignal(signum) for signum in training.STOP_SIGNALS} == before   # the main thread's
 
 
+def test_api_train_takes_false_against_a_preset_blocks_as_lists_arrays_and_a_dash_path(tmp_path, data_dir,
+                                                                                      monkeypatch):
+    """Until 2026-12-06 `batch_norm=False` was dropped, so `preset="ladder-5"` trained with batch norm all the same;
+    `blocks=[[8, 8], [6, 6]]` failed ("blocks: expected a whole number … got '[8'"), and so did `out="-run"`
+    ("out: expected one argument"). The keywords are now written as a sweep writes a trial's flags."""
+    import numpy as np
+
+    monkeypatch.chdir(tmp_path)
+    run = vaelab.train(out="-run", preset="ladder-5", batch_norm=False, blocks=[[8, 8], [6, 6]], latent=np.array([3, 2]),
+                       engine="autograd", epochs=1, train_examples=64, test_examples=16, data_dir=data_dir)
+    assert run.path == Path("-run") and run.status == "finished"
+    assert run.config.model.batch_norm is False
+    assert run.config.model.hidden == ((8, 8), (6, 6)) and run.config.model.latent == (3, 2)
+    assert run.config.train.lr == 2e-3                  # the rest is the preset's
+
+
 def test_api_train_gives_the_callers_random_streams_and_threads_back(tmp_path, data_dir):
     """`vaelab.train` seeds torch's, NumPy's and Python's global random streams (the weights' initialisation draws
     from torch's) and sets torch's threads, as the command does in its own process: the caller's process gets all of

@@ -1047,6 +1047,33 @@ def test_a_false_boolean_field_turns_off_what_the_preset_turns_on():
         assert _train_config(args, RunConfig()).model.batch_norm is value
 
 
+def test_a_sweep_into_a_directory_whose_name_begins_with_a_dash_trains_and_evaluates_its_trials(tmp_path, data_dir,
+                                                                                                 monkeypatch, capsys):
+    """`vaelab sweep SPEC --out=-sw` failed every trial ("--out: expected one argument"): the trial's run directory,
+    -sw/trials/0000, was given to `train --out` and `evaluate` as a word of its own, which the parser took for a
+    flag. Now both read it."""
+    from vaelab import cli
+
+    spec = in_process_sweep(tmp_path, data_dir, monkeypatch, trials=1, objective="validation-nll")
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["sweep", str(spec), "--out=-sw"]) == 0, capsys.readouterr()
+    assert finished_slots(tmp_path / "-sw") == [0]
+    assert list((tmp_path / "-sw" / "trials" / "0000").glob("eval-validation-best-k100-*.json"))
+
+
+def test_flags_of_values_that_begin_with_a_dash_arrays_and_blocks():
+    """A value that begins with a dash is joined to its flag; NumPy's arrays and scalars are their lists and numbers;
+    `blocks` is one word per block, whether given as lists or as the command line's words."""
+    import numpy as np
+
+    from vaelab.sweep import flags_of
+
+    assert flags_of({"data_dir": "-data", "lr": -1.0}) == ["--data-dir=-data", "--lr=-1.0"]
+    assert flags_of({"hidden": np.array([64, 32]), "latent": np.int64(5)}) == ["--hidden", "64", "32", "--latent", "5"]
+    assert flags_of({"blocks": [[8, 8], "6,6"]}) == ["--blocks", "8,8", "6,6"]
+    assert flags_of({"blocks": np.array([[8, 8], [6, 6]])}) == ["--blocks", "8,8", "6,6"]
+
+
 # ---- PostgreSQL: a study shared by two `vaelab sweep` processes ------------------------------------------------
 
 

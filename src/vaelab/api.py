@@ -243,6 +243,7 @@ def train(config=None, *, out: str | Path | None = None, resume: bool = False, p
     from vaelab.cli import RaisingParser, _new_run, _resume, build_parser
     from vaelab.config import RunConfig
     from vaelab.distributed import SINGLE
+    from vaelab.sweep import flags_of
 
     if config is not None and not isinstance(config, (dict, RunConfig)):
         raise UsageError(f"vaelab.train: config must be a RunConfig or a dict as in config.json, got "
@@ -267,14 +268,10 @@ def train(config=None, *, out: str | Path | None = None, resume: bool = False, p
                          f"command's flags pass keywords: vaelab.train({shown})")
     if isinstance(config, dict):
         config = RunConfig.from_dict(config, "the config given to vaelab.train")
-    argv = ["train"] + (["--out", str(out)] if out is not None else []) + (["--resume"] if resume else []) \
-        + ([] if progress else ["--no-progress"])
-    for name, value in flags.items():
-        option = "--" + name.replace("_", "-")
-        if value is True:
-            argv.append(option)
-        elif value is not False and value is not None:
-            argv += [option, *map(str, value if isinstance(value, (list, tuple)) else [value])]
+    # the flags as the sweep writes a trial's (until 2026-12-06 batch_norm=False was dropped, so that
+    # preset="ladder-5" trained with batch norm; blocks=[[512, 512], …] and out="-run" did not parse)
+    argv = ["train"] + ([f"--out={out}"] if out is not None else []) + (["--resume"] if resume else []) \
+        + ([] if progress else ["--no-progress"]) + flags_of(flags)
     paths: list[Path] = []
     try:
         args = build_parser(RaisingParser).parse_args(argv)

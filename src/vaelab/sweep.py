@@ -54,7 +54,7 @@ from typing import Any, Sequence
 
 from vaelab.atomic import WriteError, write_text
 from vaelab.errors import CheckpointError, UsageError
-from vaelab.tables import plural, shell_word, text_table
+from vaelab.tables import path_word, plural, shell_word, text_table
 
 MAX_TRIALS = 100_000                    # a spec's trials, or --trials
 SPEC_KEYS = {"preset", "trials", "objective", "k", "fixed", "search", "enqueue", "sampler", "seed", "pruner",
@@ -297,11 +297,16 @@ def _switch_fields() -> frozenset[str]:
 
 def flags_of(fields: dict[str, Any]) -> list[str]:
     """`vaelab train` argv for {field: value} (lists become several values, True a bare flag, False the flag's
-    --no- form where it has one, e.g. --no-batch-norm against a preset that turns it on)."""
+    --no- form where it has one, e.g. --no-batch-norm against a preset that turns it on; `blocks` one word per
+    block, 512,512). NumPy's and torch's arrays and scalars are read as the lists and numbers they hold. A value
+    that begins with a dash is joined to its flag, --data-dir=-data: as a word of its own the parser took it for
+    a flag (until 2026-12-06 a sweep into --out=-sw failed every trial, "--out: expected one argument")."""
     argv: list[str] = []
     negatable, switches = _negatable_fields(), _switch_fields()
     for name, value in fields.items():
         option = "--" + name.replace("_", "-")
+        if hasattr(value, "tolist"):                           # numpy.array([256, 256]), numpy.int64(50), a tensor
+            value = value.tolist()
         if isinstance(value, bool) and name not in switches and name in train_fields():
             # true or false for a flag that takes a value (lr = true): given as its value, so that the flag's own
             # check names it ("--lr: … got 'true'"; it read "--lr: expected one argument")
@@ -312,10 +317,12 @@ def flags_of(fields: dict[str, Any]) -> list[str]:
             argv.append("--no-" + option[2:])
         elif value is False or value is None:
             continue
-        elif name == "blocks":
-            argv += [option, *(",".join(map(str, block)) for block in value)]
-        elif isinstance(value, (list, tuple)):
+        elif name == "blocks" and isinstance(value, (list, tuple)):
+            argv += [option, *(block if isinstance(block, str) else ",".join(map(str, block)) for block in value)]
+        elif isinstance(value, (list, tuple, range)):
             argv += [option, *map(str, value)]
+        elif str(value).startswith("-"):
+            argv.append(f"{option}={value}")
         else:
             argv += [option, str(value)]
     return argv
@@ -1030,14 +1037,14 @@ def run_trial(trial, spec: Spec, out: Path, threads: int, log) -> tuple[float | 
     parser = _parser()
     common = ["--threads", str(threads), "--no-progress"]
     if (run_dir / ckpt.STATE).exists():                        # a retry: the slot's run resumes exactly
-        args = parser.parse_args(["train", "--out", str(run_dir), "--resume", *common])
+        args = parser.parse_args(["train", f"--out={run_dir}", "--resume", *common])
         _resume(args, SINGLE, observers=[report])
     else:
         if run_dir.exists():                                   # the dead trial's first epoch never finished
             for leftover in run_dir.iterdir():
                 if leftover.is_file():
                     leftover.unlink()
-        args = parser.parse_args(["train", "--preset", spec.preset, "--out", str(run_dir), *flags_of(fields), *common])
+        args = parser.parse_args(["train", "--preset", spec.preset, f"--out={run_dir}", *flags_of(fields), *common])
         _new_run(args, SINGLE, observers=[report])
     from vaelab.runs import read_run
 
@@ -1051,7 +1058,7 @@ def run_trial(trial, spec: Spec, out: Path, threads: int, log) -> tuple[float | 
         # failed for good: "the validation evaluation failed (exit 130)"); any other error fails the trial
         from vaelab.cli import cmd_evaluate
 
-        args = parser.parse_args(["evaluate", str(run_dir), "--split", "validation", "--checkpoint", "best",
+        args = parser.parse_args(["evaluate", path_word(run_dir), "--split", "validation", "--checkpoint", "best",
                                   "--k", str(spec.k), "--threads", str(threads), "--no-progress"])
         args.print_table = log
         with contextlib.redirect_stdout(sys.stderr):

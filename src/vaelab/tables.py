@@ -22,13 +22,19 @@ def plural(count: int, noun: str) -> str:
     return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
+def path_word(path: Any) -> str:
+    """A path as one argument of a command: a relative one that begins with a dash written ./-run, which no
+    command reads as an option, unchanged otherwise."""
+    text = str(path)
+    return "./" + text if text.startswith("-") else text
+
+
 def shell_word(path: Any) -> str:
     """A path as one word of a command to paste into a shell: quoted where it holds spaces or shell characters
-    ('my run' → "'my run'"), a relative one that begins with a dash written ./-run, which no command reads as an
-    option (until 2026-12-06 the hint `vaelab evaluate -run` after training into --out=-run failed: "the following
-    arguments are required: run_dir"), unchanged otherwise."""
-    text = str(path)
-    return shlex.quote("./" + text if text.startswith("-") else text)
+    ('my run' → "'my run'"), a relative one that begins with a dash written ./-run (`path_word`; until 2026-12-06
+    the hint `vaelab evaluate -run` after training into --out=-run failed: "the following arguments are required:
+    run_dir"), unchanged otherwise."""
+    return shlex.quote(path_word(path))
 
 
 def display_width(text: str) -> int:
