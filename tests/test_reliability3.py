@@ -796,6 +796,7 @@ def test_report_on_a_file_says_it_is_not_a_run_directory(evaluated, capsys):
     ({"epochz": 3}, ["unknown keyword argument epochz"]),
     ({"epochs": [1, 2]}, ["epochs=[1, 2]: more values than the flag takes"]),     # was "unknown keyword argument ;"
     ({"train_examples": 10**6}, ["train_examples=1000000: the data set has 2000 training digits"]),  # "…= 1000000"
+    ({"early_stopping": 2}, ["give validation=N (e.g. 10000) or early_stopping=0"]),           # "validation= N"
 ])
 def test_api_errors_carry_the_reason_in_the_apis_terms(flags, words, data_dir, capsys):
     with pytest.raises(UsageError) as error:
@@ -852,11 +853,9 @@ def test_api_train_takes_false_against_a_preset_blocks_as_lists_arrays_and_a_das
     """Until 2026-12-06 `batch_norm=False` was dropped, so `preset="ladder-5"` trained with batch norm all the same;
     `blocks=[[8, 8], [6, 6]]` failed ("blocks: expected a whole number … got '[8'"), and so did `out="-run"`
     ("out: expected one argument"). The keywords are now written as a sweep writes a trial's flags."""
-    import numpy as np
-
     monkeypatch.chdir(tmp_path)
-    run = vaelab.train(out="-run", preset="ladder-5", batch_norm=False, blocks=[[8, 8], [6, 6]], latent=np.array([3, 2]),
-                       engine="autograd", epochs=1, train_examples=64, test_examples=16, data_dir=data_dir)
+    run = vaelab.train(out="-run", preset="ladder-5", batch_norm=False, blocks=[[8, 8], [6, 6]],
+                       latent=np.array([3, 2]), engine="autograd", epochs=1, train_examples=64, test_examples=16, data_dir=data_dir)
     assert run.path == Path("-run") and run.status == "finished"
     assert run.config.model.batch_norm is False
     assert run.config.model.hidden == ((8, 8), (6, 6)) and run.config.model.latent == (3, 2)
