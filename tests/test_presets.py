@@ -230,6 +230,8 @@ def test_cpu_hour_and_burda_presets_are_listed(capsys):
     assert main(["presets", "ladder-5", "seed"]) == 0               # only those, in the order asked
     out = capsys.readouterr().out
     assert out.startswith("ladder-5: ") and "\nseed: " in out and "planar-80" not in out and "batch_size: 64 → 256" in out
+    assert main(["presets", "seed", "seed"]) == 0                   # once (until 2026-12-06 listed twice)
+    assert capsys.readouterr().out.count("seed: ") == 1
     assert main(["presets", "seed", "ladder5"]) == 2
     captured = capsys.readouterr()
     assert captured.out == "" and "no preset 'ladder5': choose from seed, " in captured.err and "ladder-5" in captured.err

@@ -1422,7 +1422,7 @@ def cmd_presets(args: argparse.Namespace) -> int:
     unknown = [name for name in args.names if name not in PRESETS]    # (argparse's choices refuse nargs="*" empty)
     if unknown:
         raise UsageError(f"no preset {unknown[0]!r}: choose from {', '.join(PRESETS)}")
-    for name in args.names or PRESETS:
+    for name in dict.fromkeys(args.names) or PRESETS:       # each once, in the order asked (`presets seed seed`)
         preset = PRESETS[name]
         _log(f"{name}: {preset['about']}")
         if "paper" in preset:
