@@ -185,7 +185,8 @@ def build_parser(parser_class: type[argparse.ArgumentParser] = _Parser) -> argpa
                        help="the hidden widths of every block, bottom first, one argument per stochastic layer "
                        "(e.g. --blocks 512,512 256,256 128,128 for three layers)")
     group.add_argument("--latent", type=_positive_int, nargs="+", metavar="D",
-                       help="latent sizes, bottom first: one for mlp (default 50), two for mlp2, L ≥ 2 for hvae")
+                       help="latent sizes, bottom first: one for mlp (default 50), two for mlp2, L ≥ 2 for hvae, "
+                       "one or two for tomczak")
     group.add_argument("--inference", choices=list(INFERENCE), help="bottom-up (default: q(z₁|x) q(z₂|z₁) …) or "
                        "top-down (the Ladder VAE's precision-weighted merge; hvae)")
     group.add_argument("--activation", choices=list(ACTIVATIONS), help="hidden activation (default relu; gated: "
@@ -239,8 +240,8 @@ def build_parser(parser_class: type[argparse.ArgumentParser] = _Parser) -> argpa
                        help="fresh Bernoulli pixels every epoch (default) or once for the whole run")
     group.add_argument("--validation", type=_non_negative_int, metavar="N",
                        help="hold out the last N training digits; best-validation weights kept (default 0)")
-    group.add_argument("--train-examples", type=_positive_int, help="use the first N training images")
-    group.add_argument("--test-examples", type=_positive_int, help="use the first N test images")
+    group.add_argument("--train-examples", type=_positive_int, metavar="N", help="use the first N training images")
+    group.add_argument("--test-examples", type=_positive_int, metavar="N", help="use the first N test images")
     group.add_argument("--data-dir", type=_path_arg, help="MNIST cache (default $VAELAB_DATA or ~/.cache/vaelab/mnist)")
     group.add_argument("--device", type=_device, help="auto (default: cuda if available), cpu or cuda")
     group.add_argument("--threads", type=_whole_number(1, 4097),
@@ -254,7 +255,7 @@ def build_parser(parser_class: type[argparse.ArgumentParser] = _Parser) -> argpa
     evaluate = sub.add_parser("evaluate", help="test log-likelihood by importance sampling, the ELBO, active units")
     evaluate.add_argument("run_dir", type=_path_arg, help="a run directory written by `vaelab train`")
     evaluate.add_argument("--k", type=_positive_int, default=5000, help="importance samples per digit (default 5000)")
-    evaluate.add_argument("--test-examples", type=_positive_int, help="the first N digits (default all)")
+    evaluate.add_argument("--test-examples", type=_positive_int, metavar="N", help="the first N digits (default all)")
     evaluate.add_argument("--split", choices=["test", "validation"], default="test",
                           help="test digits (default) or the run's validation digits (for choosing settings)")
     evaluate.add_argument("--checkpoint", choices=["last", "best"], default="last",
