@@ -1065,11 +1065,13 @@ def test_flags_of_values_that_begin_with_a_dash_arrays_and_blocks():
     """A value that begins with a dash is joined to its flag; NumPy's arrays and scalars are their lists and numbers;
     `blocks` is one word per block, whether given as lists or as the command line's words."""
     import numpy as np
+    import torch
 
     from vaelab.sweep import flags_of
 
     assert flags_of({"data_dir": "-data", "lr": -1.0}) == ["--data-dir=-data", "--lr=-1.0"]
     assert flags_of({"hidden": np.array([64, 32]), "latent": np.int64(5)}) == ["--hidden", "64", "32", "--latent", "5"]
+    assert flags_of({"lr": np.float32(1e-3)}) == flags_of({"lr": torch.tensor(1e-3)}) == ["--lr", "0.001"]
     assert flags_of({"blocks": [[8, 8], "6,6"]}) == ["--blocks", "8,8", "6,6"]
     assert flags_of({"blocks": np.array([[8, 8], [6, 6]])}) == ["--blocks", "8,8", "6,6"]
 

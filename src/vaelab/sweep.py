@@ -295,6 +295,20 @@ def _switch_fields() -> frozenset[str]:
     return frozenset(name for name, action in train_fields().items() if action.nargs == 0)
 
 
+def _plain(value: Any) -> Any:
+    """NumPy's and torch's arrays and scalars as the Python lists and numbers they hold (numpy.array([256, 256]),
+    numpy.int64(50), a tensor); a float32 number as it prints: numpy.float32(1e-3) is 0.001, not its double
+    0.0010000000474974513, which a run's config.json and `compare` would show."""
+    if not hasattr(value, "tolist"):
+        return value
+    plain = value.tolist()
+    if isinstance(plain, float) and str(getattr(value, "dtype", "")).endswith("float32"):
+        import numpy as np
+
+        return float(str(np.float32(plain)))
+    return plain
+
+
 def flags_of(fields: dict[str, Any]) -> list[str]:
     """`vaelab train` argv for {field: value} (lists become several values, True a bare flag, False the flag's
     --no- form where it has one, e.g. --no-batch-norm against a preset that turns it on; `blocks` one word per
@@ -305,8 +319,7 @@ def flags_of(fields: dict[str, Any]) -> list[str]:
     negatable, switches = _negatable_fields(), _switch_fields()
     for name, value in fields.items():
         option = "--" + name.replace("_", "-")
-        if hasattr(value, "tolist"):                           # numpy.array([256, 256]), numpy.int64(50), a tensor
-            value = value.tolist()
+        value = _plain(value)
         if isinstance(value, bool) and name not in switches and name in train_fields():
             # true or false for a flag that takes a value (lr = true): given as its value, so that the flag's own
             # check names it ("--lr: … got 'true'"; it read "--lr: expected one argument")
