@@ -262,6 +262,17 @@ def test_torchrun_into_a_run_that_exists_is_refused_on_every_rank(tmp_path, data
     assert {path.name: path.read_bytes() for path in run_dir.iterdir() if path.is_file()} == before
 
 
+@pytest.mark.parametrize("command", [["sample", "RUN"], ["sweep", "SPEC.toml", "--out", "SWEEP"]])
+def test_a_command_of_one_process_is_refused_under_torchrun_on_every_rank(command, tmp_path):
+    """Until 2026-12-06 each of torchrun's processes did the whole of it: `sample` wrote its picture twice (the second
+    over the first), `sweep` ran as two sweeps. Refused before it reads its arguments; nothing written."""
+    process = torchrun(*command, cwd=tmp_path)
+    _, err = process.communicate(timeout=300)
+    said = f"`vaelab {command[0]}` works in one process, and torchrun started 2: run it without torchrun"
+    assert process.returncode != 0 and err.count(said) == 2, err
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("command", ["train"])
 def test_torchrun_needs_an_out_directory(command, data_dir):
     process = torchrun(command, "--epochs", "1", "--data-dir", data_dir)

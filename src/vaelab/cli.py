@@ -505,6 +505,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         _OUTPUT = outer
 
 
+# the commands that share their work among torchrun's processes (vaelab.distributed)
+TORCHRUN_COMMANDS = ("train", "evaluate")
+
+
+def _one_process(command: str) -> None:
+    """Refuse, on every rank, a command that works in one process when torchrun started several: each would do the
+    whole of it (until 2026-12-06 `torchrun --nproc-per-node 2 -m vaelab sample RUN` wrote the picture twice, the
+    second over the first, `report` the page twice, and `sweep` ran as two sweeps of a worker each)."""
+    if command in TORCHRUN_COMMANDS or int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1:
+        return
+    from vaelab.distributed import world_from_environment
+
+    world = world_from_environment()
+    if world.distributed:
+        raise UsageError(f"`vaelab {command}` works in one process, and torchrun started {world.size}: run it "
+                         f"without torchrun (torchrun shares the work of `vaelab train` and `vaelab evaluate`"
+                         f"{'; a sweep runs several trials at once with --workers N' if command == 'sweep' else ''})")
+
+
 def _run(args: argparse.Namespace) -> int:
     try:
         with warnings.catch_warnings():
@@ -516,6 +535,7 @@ def _run(args: argparse.Namespace) -> int:
             # --format csv|latex|markdown: the table alone on stdout (`vaelab compare A B --format csv > t.csv`),
             # every other line (what was written, notes) on stderr
             aside = getattr(args, "format", "text") != "text"
+            _one_process(args.command)
             with contextlib.redirect_stdout(sys.stderr) if aside else contextlib.nullcontext():
                 return args.run(args) or 0
     except VaelabError as exc:
