@@ -793,7 +793,9 @@ def test_report_on_a_file_says_it_is_not_a_run_directory(evaluated, capsys):
 @pytest.mark.parametrize("flags, words", [
     ({"preset": "nope"}, ["preset", "invalid choice", "'seed'"]),
     ({"epochs": -1}, ["epochs", "at least 1", "-1"]),
-    ({"epochz": 3}, ["unknown keyword argument epochz"]),
+    ({"epochz": 3}, ["unknown keyword argument epochz (epochs?)"]),
+    # a prefix of a flag is not its keyword (until 2026-12-06 argparse's abbreviations passed: epoch=1 trained)
+    ({"epoch": 1, "train_ex": 64}, ["unknown keyword arguments epoch (epochs?), train_ex (train_examples?)"]),
     ({"epochs": [1, 2]}, ["epochs=[1, 2]: more values than the flag takes"]),     # was "unknown keyword argument ;"
     ({"train_examples": 10**6}, ["train_examples=1000000: the data set has 2000 training digits"]),  # "…= 1000000"
     ({"early_stopping": 2}, ["give validation=N (e.g. 10000) or early_stopping=0"]),           # "validation= N"

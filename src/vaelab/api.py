@@ -9,6 +9,7 @@ are sums over thousands of draws), on the CPU. Bad arguments raise ``vaelab.erro
 from __future__ import annotations
 
 import contextlib
+import difflib
 import os
 import random
 import re
@@ -244,7 +245,7 @@ def train(config=None, *, out: str | Path | None = None, resume: bool = False, p
     from vaelab.cli import RaisingParser, _new_run, _resume, build_parser
     from vaelab.config import RunConfig
     from vaelab.distributed import SINGLE
-    from vaelab.sweep import flags_of
+    from vaelab.sweep import flags_of, train_actions
 
     if config is not None and not isinstance(config, (dict, RunConfig)):
         raise UsageError(f"vaelab.train: config must be a RunConfig or a dict as in config.json, got "
@@ -269,6 +270,13 @@ def train(config=None, *, out: str | Path | None = None, resume: bool = False, p
                          f"command's flags pass keywords: vaelab.train({shown})")
     if isinstance(config, dict):
         config = RunConfig.from_dict(config, "the config given to vaelab.train")
+    # each keyword by its whole name, as Python takes keywords (until 2026-12-06 the parser's prefixes passed:
+    # epoch=1 trained --epochs 1, and a keyword that a new flag makes ambiguous would have broken a script)
+    unknown = [name + "".join(f" ({close}?)" for close in difflib.get_close_matches(name, train_actions(), 1))
+               for name in flags if name not in train_actions()]
+    if unknown:
+        raise UsageError(f"vaelab.train: unknown keyword argument{'s' * (len(unknown) > 1)} {', '.join(unknown)}; "
+                         f"the keywords are the flags that `vaelab train` lists, with _ for - (help(vaelab.train))")
     # the flags as the sweep writes a trial's (until 2026-12-06 batch_norm=False was dropped, so that
     # preset="ladder-5" trained with batch norm; blocks=[[512, 512], …] and out="-run" did not parse)
     argv = ["train"] + ([f"--out={out}"] if out is not None else []) + (["--resume"] if resume else []) \

@@ -275,11 +275,17 @@ def sample_params(spec: Spec, choose) -> tuple[dict[str, Any], list[str]]:
     return {name: v for name, v in values.items() if v is not _UNSET}, idle
 
 
-def train_fields() -> dict[str, Any]:
-    """The fields a spec may set: `vaelab train`'s flags (dest → argparse action), less the reserved ones."""
+@functools.cache
+def train_actions() -> dict[str, Any]:
+    """`vaelab train`'s flags, dest → argparse action (--help aside): the keywords of `vaelab.train` too."""
     parser = _parser()
     train = next(a for a in parser._actions if a.dest == "command").choices["train"]
-    return {a.dest: a for a in train._actions if a.dest not in RESERVED and a.dest != "help"}
+    return {a.dest: a for a in train._actions if a.dest != "help"}
+
+
+def train_fields() -> dict[str, Any]:
+    """The fields a spec may set: `vaelab train`'s flags (dest → argparse action), less the reserved ones."""
+    return {name: action for name, action in train_actions().items() if name not in RESERVED}
 
 
 @functools.cache
