@@ -862,6 +862,10 @@ def test_api_train_takes_false_against_a_preset_blocks_as_lists_arrays_and_a_das
     assert run.config.model.batch_norm is False
     assert run.config.model.hidden == ((8, 8), (6, 6)) and run.config.model.latent == (3, 2)
     assert run.config.train.lr == 2e-3                  # the rest is the preset's
+    with pytest.raises(UsageError) as error:            # (it read "preset= seed")
+        vaelab.train(out="-run", resume=True, preset="seed")
+    assert str(error.value) == ("vaelab.train: resume=True with preset='seed', but the run started from preset "
+                                "'ladder-5'; resume without preset=")
 
 
 def test_api_train_gives_the_callers_random_streams_and_threads_back(tmp_path, data_dir):

@@ -30,9 +30,9 @@ def in_api_terms(message: str) -> str:
     ``--out`` → ``out=``, ``--lr 0.5`` → ``lr=0.5``, ``argument --epochs:`` → ``epochs:``."""
     message = re.sub(r"argument --([a-z][a-z0-9-]*)", lambda m: m.group(1).replace("-", "_"), message)
     message = re.sub(r"--(resume|overwrite|laplace|tensorboard)\b", r"\1=True", message)
-    # a flag with its number or placeholder, --train-examples 70000 → train_examples=70000 (it read
-    # "train_examples= 70000"), --validation N → validation=N, --data-dir DIR → data_dir=DIR
-    message = re.sub(r"--([a-z][a-z0-9-]*) (-?[0-9][0-9.e+-]*|[A-Z][A-Z_]*\b)",
+    # a flag with its number, placeholder or quoted name, --train-examples 70000 → train_examples=70000 (it read
+    # "train_examples= 70000"), --validation N → validation=N, --preset 'seed' → preset='seed'
+    message = re.sub(r"--([a-z][a-z0-9-]*) (-?[0-9][0-9.e+-]*|[A-Z][A-Z_]*\b|'[^']*')",
                      lambda m: f"{m.group(1).replace('-', '_')}={m.group(2)}", message)
     return re.sub(r"--([a-z][a-z0-9-]*)", lambda m: m.group(1).replace("-", "_") + "=", message)
 

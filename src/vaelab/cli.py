@@ -930,8 +930,8 @@ def _resume(args: argparse.Namespace, world, observers: Sequence = ()) -> int:
                              f"the state's value → config.json's): it was edited after training started, and a "
                              f"resume only changes {resumable}; {ckpt.config_fix(run_dir)}; or start a new --out")
         if args.preset is not None and args.preset != saved.preset:
-            raise UsageError(f"--resume with --preset {args.preset}, but the run started from preset "
-                             f"{saved.preset}; resume without --preset")
+            raise UsageError(f"--resume with --preset {args.preset!r}, but the run started from preset "
+                             f"{saved.preset!r}; resume without --preset")
         config = _train_config(args, saved)
         changed = [d for d in saved.differences(config) if d.split(":")[0] not in free]
         if changed:
