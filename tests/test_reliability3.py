@@ -799,6 +799,9 @@ def test_report_on_a_file_says_it_is_not_a_run_directory(evaluated, capsys):
     ({"epochs": [1, 2]}, ["epochs=[1, 2]: more values than the flag takes"]),     # was "unknown keyword argument ;"
     ({"train_examples": 10**6}, ["train_examples=1000000: the data set has 2000 training digits"]),  # "…= 1000000"
     ({"early_stopping": 2}, ["give validation=N (e.g. 10000) or early_stopping=0"]),           # "validation= N"
+    # a flag with one of its choices (it read "engine= fused covers only …; use engine= auto or autograd")
+    ({"engine": "fused", "activation": "tanh"}, ["engine='fused' covers only", "use engine='auto' or autograd"]),
+    ({"flow_steps": 3}, ["flow_steps=3 without a flow: add flow='planar' or flow='iaf'"]),
 ])
 def test_api_errors_carry_the_reason_in_the_apis_terms(flags, words, data_dir, capsys):
     with pytest.raises(UsageError) as error:

@@ -26,15 +26,32 @@ CHECKPOINTS = ("last", "best")
 
 
 def in_api_terms(message: str) -> str:
-    """A message written for the command line, in the API's terms: ``--resume`` → ``resume=True``,
-    ``--out`` → ``out=``, ``--lr 0.5`` → ``lr=0.5``, ``argument --epochs:`` → ``epochs:``."""
+    """A message written for the command line, in the API's terms: ``argument --epochs:`` → ``epochs:``, a switch
+    ``--resume`` → ``resume=True`` (``--no-batch-norm`` → ``batch_norm=False``), a flag with its number, placeholder,
+    quoted name or one of its choices ``--lr 0.5`` → ``lr=0.5``, ``--validation N`` → ``validation=N``,
+    ``--engine fused`` → ``engine='fused'`` (until 2026-12-06 "engine= fused covers only …"), any other ``--out``
+    → ``out=``."""
+    from vaelab.sweep import train_actions
+
+    actions = {option: action for action in train_actions().values() for option in action.option_strings}
     message = re.sub(r"argument --([a-z][a-z0-9-]*)", lambda m: m.group(1).replace("-", "_"), message)
-    message = re.sub(r"--(resume|overwrite|laplace|tensorboard)\b", r"\1=True", message)
-    # a flag with its number, placeholder or quoted name, --train-examples 70000 → train_examples=70000 (it read
-    # "train_examples= 70000"), --validation N → validation=N, --preset 'seed' → preset='seed'
-    message = re.sub(r"--([a-z][a-z0-9-]*) (-?[0-9][0-9.e+-]*|[A-Z][A-Z_]*\b|'[^']*')",
-                     lambda m: f"{m.group(1).replace('-', '_')}={m.group(2)}", message)
-    return re.sub(r"--([a-z][a-z0-9-]*)", lambda m: m.group(1).replace("-", "_") + "=", message)
+
+    def keyword(match: re.Match) -> str:
+        flag, value = match.group(1), match.group(2)
+        action = actions.get(flag)
+        name = action.dest if action is not None else flag[2:].replace("-", "_")
+        if value is not None and not value[0].islower():            # a number, a placeholder, a quoted name
+            return f"{name}={value}"
+        if value is not None and action is not None and value in (action.choices or ()):
+            return f"{name}={value!r}"
+        rest = "" if value is None else f" {value}"
+        if action is not None and action.nargs == 0 or flag in ("--overwrite", "--laplace"):    # switches
+            negated = action is not None and flag[2:] != action.dest.replace("_", "-")     # --no-batch-norm
+            return f"{name}={not negated}{rest}"
+        return f"{name}={rest}"
+
+    return re.sub(r"(--[a-z][a-z0-9-]*)(?: (-?[0-9][0-9.e+-]*|[A-Z][A-Z_]*\b|'[^']*'|[a-z][a-z0-9_-]*[a-z0-9]))?",
+                  keyword, message)
 
 
 class Run:
