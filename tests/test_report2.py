@@ -3,6 +3,7 @@ paste into LaTeX, Markdown or CSV, and refusals before the page is built."""
 
 from __future__ import annotations
 
+import html
 import itertools
 import json
 import math
@@ -367,6 +368,19 @@ def test_the_training_figure_shows_the_clipping_where_a_run_clipped():
     assert list(panel.get_lines()[0].get_xdata()) == [4, 5, 6, 7]
     plain = [{k: v for k, v in row.items() if k not in ("gradient_norm_mean", "clipped_steps")} for row in rows]
     assert "steps clipped" not in [ax.get_ylabel() for ax in plots.training_figure(plain).axes]
+
+
+def test_a_markdown_table_shows_names_as_they_are():
+    """A run named *best*, a|b, <b>x</b> or [x](y) reads so in the rendered table (until 2026-12-06 only | was
+    escaped: *best* was an italic best, <b> made HTML, [x](y) a link); checked with Python-Markdown's tables."""
+    markdown = pytest.importorskip("markdown", reason="Python-Markdown (installed with tensorboard, a test extra)")
+    from vaelab.tables import render_table
+
+    names = ["*best*", "a|b", "c_d_e", "<b>x</b>", "[x](y)", "a\\b`c"]
+    page = markdown.markdown(render_table(["run", "NLL"], [[name, 1.0] for name in names], "markdown", "K = 5"),
+                             extensions=["tables"])
+    cells = re.findall(r"<td>(.*?)</td>", page)
+    assert [html.unescape(cell) for cell in cells] == names, page
 
 
 @pytest.mark.parametrize("kind", ["latex", "markdown", "csv"])
