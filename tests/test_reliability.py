@@ -224,6 +224,7 @@ def test_resume_below_the_epochs_done_is_an_error(copy, data_dir, capsys):
     before = snapshot(copy)
     code, _, err = run(capsys, "train", "--out", copy, "--resume", "--epochs", "1", "--data-dir", data_dir)
     assert code == 2 and "below the 2 epochs" in err and snapshot(copy) == before
+    assert "give --epochs 3 or more to train on" in err          # (it said "2 or more": 2 trains nothing)
 
 
 def test_a_missing_config_is_restored_from_the_state(copy, data_dir, capsys):

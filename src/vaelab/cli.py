@@ -944,7 +944,7 @@ def _resume(args: argparse.Namespace, world, observers: Sequence = ()) -> int:
         done = int(meta.get("epoch", 0))
         if config.train.epochs < done:
             raise UsageError(f"--epochs {config.train.epochs} is below the {done} epochs {run_dir} has already "
-                             f"trained; give --epochs {done} or more")
+                             f"trained; give --epochs {done + 1} or more to train on")
         return {"config": config.to_dict(), "restored": restored, "changed": restored or config != saved,
                 "amendments": amendments, "earlier": bool(amendments) and not given,
                 "epochs_before": state_config.train.epochs}
