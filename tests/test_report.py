@@ -139,11 +139,16 @@ def test_tensorboard_events_can_be_read_back(tmp_path, data_dir):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     run = tmp_path / "run"
-    assert main(["train", "--out", str(run), "--epochs", "2", "--tensorboard", "--data-dir", str(data_dir), *SMALL]) == 0
+    assert main(["train", "--out", str(run), "--epochs", "2", "--tensorboard", "--data-dir", str(data_dir), *SMALL,
+                 "--clip-grad-norm", "5"]) == 0
     events = EventAccumulator(str(run / "tensorboard"), size_guidance={"images": 0, "scalars": 0})
     events.Reload()
     tags = events.Tags()
     assert {"nats/test_elbo", "nats/train_kl", "schedule/lr", "seconds/epoch_seconds"} <= set(tags["scalars"])
+    # the clipping's columns are no nats (they were nats/clipped_steps, nats/gradient_norm_mean)
+    assert {"gradient/clipped_steps", "gradient/gradient_norm_mean"} <= set(tags["scalars"])
+    assert {tag.split("/")[1] for tag in tags["scalars"] if tag.startswith("nats/")} <= {
+        f"{split}_{part}" for split in ("train", "test") for part in ("objective", "elbo", "reconstruction", "kl")}
     assert [e.step for e in events.Scalars("nats/test_elbo")] == [1, 2]
     metrics = [line.split(",") for line in (run / ckpt.METRICS).read_text().splitlines()]
     column = metrics[0].index("test_elbo")
