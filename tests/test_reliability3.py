@@ -14,6 +14,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -983,7 +984,14 @@ def test_rerunning_the_api_example_says_what_to_do_in_python(tmp_path, data_dir,
 
 def test_dir_of_vaelab_lists_the_api():
     names = set(dir(vaelab))
-    assert {"load_run", "train", "Run", "__version__", "evaluation", "presets"} <= names
+    assert {"load_run", "train", "Run", "__version__", "evaluation", "presets", "gaps", "sweep"} <= names
+    # every module by attribute after `import vaelab`, in a fresh interpreter where none is imported yet (vaelab.gaps
+    # and vaelab.sweep were AttributeErrors); importing vaelab imports none of them
+    modules = sorted(path.stem for path in Path(vaelab.__file__).parent.glob("[!_]*.py"))
+    script = ("import sys, vaelab; assert not [m for m in sys.modules if m.startswith('vaelab.')]; "
+              f"print([getattr(vaelab, name).__name__ for name in {modules!r}])")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == str([f"vaelab.{name}" for name in modules]), done.stderr
 
 
 # ---- 6. torchrun when a worker dies ---------------------------------------------------------------------------
