@@ -306,7 +306,8 @@ def _require_quadratic_maximum(f: Callable, result: NewtonResult, M: float) -> N
     if float(curvatures[0]) <= 100 * d * torch.finfo(precision.dtype).eps * float(curvatures[-1]):
         raise LaplaceError(message.format(""))
     # uᵀ(−∇²f(x))u by one Hessian-vector product (forward over reverse), all 2d points at once: O(d) passes of f
-    # where the full Hessian at each point took O(d²) (until 2026-12-06: 62 s at d = 300, hours at d = 3000)
+    # where the full Hessian at each point took O(d²) (until 2026-12-06; laplace_integral of a 300-dimensional f took
+    # 8.9 s against 2.1 s now, 1.8 s against 0.09 s at d = 100, on a 2-core Zen 1)
     gradient = grad(lambda z: f(z, torch.zeros((), dtype=z.dtype)))
     deltas = 0.1 / torch.sqrt(M * curvatures)                                  # (d,)
     points = torch.cat([mode + deltas[:, None] * vectors.T, mode - deltas[:, None] * vectors.T])   # (2d, d)
