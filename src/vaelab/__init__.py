@@ -1,8 +1,8 @@
 """vaelab: variational autoencoders and Laplace approximations, fast and checked.
 
 Modules: data (MNIST), models (the registry of model families), objectives (ELBO, IWAE, KL), engines,
-training, evaluation, gaps (the inference gaps), laplace, report, runs, plots, sweep, cli. Importing vaelab does no work: ``load_run`` and
-``train`` (vaelab.api) are imported on first use.
+training, evaluation, gaps (the inference gaps), laplace, report, runs, plots, sweep, cli. Importing vaelab does
+no work: ``load_run`` and ``train`` (vaelab.api) and the modules are imported on first use.
 """
 
 __version__ = "0.2.0"

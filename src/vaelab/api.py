@@ -309,11 +309,8 @@ def train(config=None, *, out: str | Path | None = None, resume: bool = False, p
                 _new_run(args, SINGLE, config=None if config is None else config.validate(), claimed_dir=paths)
     except UsageError as exc:
         message = str(exc)
-        if message.startswith("unrecognized arguments:"):
-            unknown = [word[2:].replace("-", "_") for word in message.split(":", 1)[1].split() if word.startswith("--")]
-            several = [f"{name}={value!r}" for name, value in flags.items() if isinstance(value, (list, tuple))]
-            message = (f"unknown keyword argument{'s' * (len(unknown) > 1)} {', '.join(unknown)}; the keywords are "
-                       f"the flags that `vaelab train` lists, with _ for - (help(vaelab.train))") if unknown else \
-                f"{' or '.join(several)}: more values than the flag takes; give one value"
+        several = [f"{name}={value!r}" for name, value in flags.items() if isinstance(value, (list, tuple))]
+        if message.startswith("unrecognized arguments:") and several:     # (unknown keywords are refused above)
+            message = f"{' or '.join(several)}: more values than the flag takes; give one value"
         raise type(exc)(f"vaelab.train: {in_api_terms(message)}") from None
     return Run(paths[0])

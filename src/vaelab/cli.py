@@ -513,10 +513,10 @@ def _one_process(command: str) -> None:
     """Refuse, on every rank, a command that works in one process when torchrun started several: each would do the
     whole of it (until 2026-12-06 `torchrun --nproc-per-node 2 -m vaelab sample RUN` wrote the picture twice, the
     second over the first, `report` the page twice, and `sweep` ran as two sweeps of a worker each)."""
-    from vaelab.distributed import world_from_environment
-
     if command in TORCHRUN_COMMANDS:
         return
+    from vaelab.distributed import world_from_environment
+
     world = world_from_environment()
     if world.distributed:
         raise UsageError(f"`vaelab {command}` works in one process, and torchrun started {world.size}: run it "

@@ -33,17 +33,16 @@ class TensorBoardLog:
 
     def __call__(self, model, row: dict) -> None:
         from vaelab.plots import image_grid
-
         from vaelab.training import CLIP_FIELDS, TIME_FIELDS
 
+        # each column under what it measures, the losses under nats/: with --clip-grad-norm the steps rescaled and the
+        # gradient's mean norm are no nats (until 2026-12-06 they were filed as nats/clipped_steps, …)
+        groups = {**dict.fromkeys(TIME_FIELDS, "seconds"), "lr": "schedule", "beta": "schedule",
+                  **dict.fromkeys(CLIP_FIELDS, "gradient")}
         epoch = int(row["epoch"])
         for key, value in row.items():
             if key != "epoch":
-                # each under what it measures: with --clip-grad-norm the steps rescaled and the gradient's mean norm
-                # are no nats (until 2026-12-06 they were filed as nats/clipped_steps, nats/gradient_norm_mean)
-                group = "seconds" if key in TIME_FIELDS else "schedule" if key in ("lr", "beta") else \
-                    "gradient" if key in CLIP_FIELDS else "nats"
-                self.writer.add_scalar(f"{group}/{key}", value, epoch)
+                self.writer.add_scalar(f"{groups.get(key, 'nats')}/{key}", value, epoch)
         model.eval()
         with torch.no_grad():
             samples = model.sample(64, torch.Generator(device=self.digits.device).manual_seed(0)).cpu().numpy()
