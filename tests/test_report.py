@@ -166,6 +166,35 @@ def test_tensorboard_events_can_be_read_back(tmp_path, data_dir):
     events.Reload()
     image = events.Images("reconstructions")[-1]
     assert (image.height, image.width) == (6 * 30 + 2, 8 * 30 + 2)          # 20 digits: 3 rows, each over its own
+    assert "pseudo_inputs" not in events.Tags()["images"]                    # a standard prior has none
+
+
+def test_tensorboard_shows_the_vampprior_pseudo_inputs(tmp_path, data_dir):
+    """A VampPrior run logs its pseudo-inputs uₖ each epoch as a grid of rows of 10, pixel for pixel (TensorBoard's
+    PNG holds 8 bits: white ink on black, 1 − the grid's value), as the report shows them."""
+    import numpy as np
+    import torch
+    from PIL import Image
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from vaelab.api import load_run
+
+    run = tmp_path / "run"
+    assert main(["train", "--out", str(run), "--epochs", "2", "--tensorboard", "--data-dir", str(data_dir), *SMALL,
+                 "--prior", "vampprior", "--prior-components", "12"]) == 0
+    events = EventAccumulator(str(run / "tensorboard"), size_guidance={"images": 0})
+    events.Reload()
+    grids = events.Images("pseudo_inputs")
+    assert [e.step for e in grids] == [1, 2] and (grids[-1].height, grids[-1].width) == (2 * 30 + 2, 10 * 30 + 2)
+    pixels = np.asarray(Image.open(io.BytesIO(grids[-1].encoded_image_string)).convert("L"), dtype=np.float64) / 255
+    model = load_run(run).model
+    with torch.no_grad():
+        u = model.prior.pseudo_inputs().double().numpy()                    # (12, 784)
+    for k in (0, 9, 10, 11):
+        r, c = divmod(k, 10)
+        cell = pixels[2 + 30 * r:30 + 30 * r, 2 + 30 * c:30 + 30 * c]
+        assert np.abs(cell - u[k].reshape(28, 28)).max() <= 1 / 255 + 1e-9
+    assert pixels[32:60, 2 + 30 * 2:30 + 30 * 2].max() == 0                 # the second row's third cell is empty
 
 
 def test_tensorboard_missing_is_a_one_line_error(tmp_path, data_dir, capsys, monkeypatch):
