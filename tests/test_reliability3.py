@@ -803,6 +803,10 @@ def test_report_on_a_file_says_it_is_not_a_run_directory(evaluated, capsys):
     # a flag with one of its choices (it read "engine= fused covers only …; use engine= auto or autograd")
     ({"engine": "fused", "activation": "tanh"}, ["engine='fused' covers only", "use engine='auto' or autograd"]),
     ({"flow_steps": 3}, ["flow_steps=3 without a flow: add flow='planar' or flow='iaf'"]),
+    # a device is a choice without a list (it read "device= cuda was asked for …; use device= cpu or auto")
+    pytest.param({"device": "cuda:1"}, ["device='cuda:1' was asked for", "use device='cpu' or auto"],
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU: cuda:1 may be one")),
+    ({"device": "gpu"}, ["unknown device 'gpu'; use auto, cpu, cuda or cuda:N"]),
 ])
 def test_api_errors_carry_the_reason_in_the_apis_terms(flags, words, data_dir, capsys):
     with pytest.raises(UsageError) as error:

@@ -31,6 +31,7 @@ def in_api_terms(message: str) -> str:
     quoted name or one of its choices ``--lr 0.5`` → ``lr=0.5``, ``--validation N`` → ``validation=N``,
     ``--engine fused`` → ``engine='fused'`` (until 2026-12-06 "engine= fused covers only …"), any other ``--out``
     → ``out=``."""
+    from vaelab.config import DEVICE_NAMES
     from vaelab.sweep import train_actions
 
     actions = {option: action for action in train_actions().values() for option in action.option_strings}
@@ -42,15 +43,16 @@ def in_api_terms(message: str) -> str:
         name = action.dest if action is not None else flag[2:].replace("-", "_")
         if value is not None and not value[0].islower():            # a number, a placeholder, a quoted name
             return f"{name}={value}"
-        if value is not None and action is not None and value in (action.choices or ()):
-            return f"{name}={value!r}"
+        if value is not None and action is not None and (value in (action.choices or ()) or
+                                                         name == "device" and DEVICE_NAMES.fullmatch(value)):
+            return f"{name}={value!r}"            # a device is a choice without a list (it read "device= cuda")
         rest = "" if value is None else f" {value}"
         if action is not None and action.nargs == 0 or flag in ("--overwrite", "--laplace"):    # switches
             negated = action is not None and flag[2:] != action.dest.replace("_", "-")     # --no-batch-norm
             return f"{name}={not negated}{rest}"
         return f"{name}={rest}"
 
-    return re.sub(r"(--[a-z][a-z0-9-]*)(?: (-?[0-9][0-9.e+-]*|[A-Z][A-Z_]*\b|'[^']*'|[a-z][a-z0-9_-]*[a-z0-9]))?",
+    return re.sub(r"(--[a-z][a-z0-9-]*)(?: (-?[0-9][0-9.e+-]*|[A-Z][A-Z_]*\b|'[^']*'|[a-z][a-z0-9_:-]*[a-z0-9]))?",
                   keyword, message)
 
 

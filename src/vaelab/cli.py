@@ -146,9 +146,11 @@ def _json_record(text: str) -> Path:
 
 
 def _device(text: str) -> str:
-    if text in ("auto", "cpu", "cuda") or (text.startswith("cuda:") and text[5:].isdigit()):
+    from vaelab.config import DEVICE_NAMES
+
+    if DEVICE_NAMES.fullmatch(text):
         return text
-    raise argparse.ArgumentTypeError(f"unknown device {text!r}; use auto, cpu or cuda")
+    raise argparse.ArgumentTypeError(f"unknown device {text!r}; use auto, cpu, cuda or cuda:N")
 
 
 def build_parser(parser_class: type[argparse.ArgumentParser] = _Parser) -> argparse.ArgumentParser:

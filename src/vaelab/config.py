@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -31,6 +32,7 @@ from vaelab.schedules import LR_SCHEDULES
 
 CONFIG_VERSION = 9
 SEED_LIMIT = 2**63            # every seed is a non-negative 63-bit integer (torch's generators take it)
+DEVICE_NAMES = re.compile(r"auto|cpu|cuda(:[0-9]+)?")     # --device: auto, cpu, cuda or cuda:N (fullmatch)
 UNUSED = "unused"             # how a table shows a config field that its run never reads (RunConfig.unused)
 
 
@@ -118,7 +120,7 @@ class RunConfig:
         for name, value, allowed in choices:
             if value not in allowed:
                 raise UsageError(f"unknown {name} {value!r}; choose one of {', '.join(allowed)}")
-        if t.device not in ("auto", "cpu", "cuda") and not (t.device.startswith("cuda:") and t.device[5:].isdigit()):
+        if not DEVICE_NAMES.fullmatch(t.device):
             raise UsageError(f"unknown --device {t.device!r}; use auto, cpu, cuda or cuda:N")
         if t.early_stopping and not d.validation:
             raise UsageError(f"--early-stopping {t.early_stopping} watches the validation ELBO, and this run holds out "
