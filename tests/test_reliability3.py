@@ -1058,6 +1058,27 @@ def test_a_worker_that_lost_a_rank_ignores_torchruns_sigterm_while_it_says_why()
 # ---- 7. what the log and the commands say ---------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("words, hint", [
+    (["train", "--beta", "-inf"], "; -inf begins with a dash, so it was read as a flag: write it --beta=-inf"),
+    (["train", "--lr", "-1e-3"], "; -1e-3 begins with a dash, so it was read as a flag: write it --lr=-1e-3"),
+    (["train", "--hidden", "-inf", "3"], "; -inf begins with a dash, so it was read as a flag: write it --hidden=-inf"),
+    (["sample", "--out", "-x.png", "r"],
+     "; -x.png begins with a dash, so it was read as a flag: write it --out=-x.png"),
+    (["train", "--beta", "--lr", "3"], ""),                 # a flag of the command: the value was left out
+    (["train", "--beta", "-h"], ""),
+    (["train", "--beta"], ""),
+])
+def test_a_value_that_begins_with_a_dash_is_named_with_the_way_to_pass_it(words, hint, capsys):
+    """argparse reads `-inf`, `-1e-3`, `-x.png` as flags (no negative number by its pattern) and said only "expected
+    one argument", as though no value had been given (until 2026-12-06)."""
+    with pytest.raises(SystemExit) as stopped:
+        main(words)
+    out, err = capsys.readouterr()
+    expected = "at least one" if words[1] == "--hidden" else "one"
+    assert stopped.value.code == 2 and one_line(err) and out == ""
+    assert err.strip().endswith(f"argument {words[1]}: expected {expected} argument{hint}"), err
+
+
 def test_the_epoch_line_names_the_objective_with_its_beta_and_puts_units_where_they_belong(tmp_path, data_dir,
                                                                                            capsys):
     code, out, err = run(capsys, "train", "--preset", "cpu-hour", "--epochs", "2", "--hidden", "32", "--hidden-top",

@@ -73,8 +73,26 @@ def _name_too_long(path: Path) -> str | None:
 
 
 class _Parser(argparse.ArgumentParser):
+    def parse_known_args(self, args=None, namespace=None):
+        self._words = list(sys.argv[1:] if args is None else args)     # (a subcommand's parser gets its own words)
+        return super().parse_known_args(args, namespace)
+
     def error(self, message: str):  # one line, status 2
-        self.exit(2, f"{self.prog}: error: {message}\n")
+        self.exit(2, f"{self.prog}: error: {message}{self._dash_value(message)}\n")
+
+    def _dash_value(self, message: str) -> str:
+        """argparse reads a word that begins with a dash and is no negative number as a flag: `--beta -inf`,
+        `--lr -1e-3`, `--out -run` end in "expected one argument" as though no value were given (until 2026-12-06
+        with nothing more). Where the word after the flag is not one of the command's flags, say how to pass it."""
+        match = re.fullmatch(r"argument (--[a-z0-9-]+): expected (?:one|at least one) argument", message)
+        words = getattr(self, "_words", [])
+        if match is None or match.group(1) not in words:
+            return ""
+        at = len(words) - 1 - words[::-1].index(match.group(1))
+        value = words[at + 1] if at + 1 < len(words) else ""
+        if not re.match(r"-[^-]", value) or value in self._option_string_actions:      # (`--lr --seed 1`: no value)
+            return ""
+        return f"; {value} begins with a dash, so it was read as a flag: write it {match.group(1)}={value}"
 
 
 class RaisingParser(argparse.ArgumentParser):
@@ -245,7 +263,7 @@ def build_parser(parser_class: type[argparse.ArgumentParser] = _Parser) -> argpa
     group.add_argument("--train-examples", type=_positive_int, metavar="N", help="use the first N training images")
     group.add_argument("--test-examples", type=_positive_int, metavar="N", help="use the first N test images")
     group.add_argument("--data-dir", type=_path_arg, help="MNIST cache (default $VAELAB_DATA or ~/.cache/vaelab/mnist)")
-    group.add_argument("--device", type=_device, help="auto (default: cuda if available), cpu or cuda")
+    group.add_argument("--device", type=_device, help="auto (default: cuda if available), cpu, cuda or cuda:N")
     group.add_argument("--threads", type=_whole_number(1, 4097),
                        help="CPU threads (default: the cores this process may use)")
     group.add_argument("--no-progress", action="store_true", help="no progress bar (none either when stderr "
@@ -281,7 +299,7 @@ def build_parser(parser_class: type[argparse.ArgumentParser] = _Parser) -> argpa
                           "eager; eager on a GPU; --no-compiled: eager")
     evaluate.add_argument("--seed", type=_non_negative_int, default=0, help="seed of the draws (default 0)")
     evaluate.add_argument("--device", type=_device, default="auto",
-                          help="auto (default: cuda if available), cpu or cuda")
+                          help="auto (default: cuda if available), cpu, cuda or cuda:N")
     evaluate.add_argument("--threads", type=_whole_number(1, 4097), help="CPU threads (default: all allowed)")
     evaluate.add_argument("--data-dir", type=_path_arg, help="MNIST cache (default: the run's)")
     evaluate.add_argument("--out", type=_json_record, help="the evaluation record (.json; default a name in the run "
