@@ -229,7 +229,7 @@ def test_nan_loss_stops_with_epoch_and_step_and_keeps_last_checkpoint(tmp_path, 
         trainer.fit()
     assert {name: (tmp_path / name).read_bytes() for name in saved} == saved
     last = (tmp_path / training.TRAIN_LOG).read_text().splitlines()[-1]       # the log says why it ends there
-    assert "the loss became nan nats per example at epoch 2, step 5" in last and "epoch 1" in last
+    assert "the ELBO became nan nats per example at epoch 2, step 5" in last and "epoch 1" in last
     assert "a lower --lr (it was 0.001) or --clip-grad-norm C" in last                  # what to try instead
     assert f"vaelab train --out {tmp_path} --resume --lr X or --clip-grad-norm C" in last
 

@@ -646,16 +646,22 @@ class Trainer:
             objective, elbo = per_example[row].tolist()
             scaled = not math.isfinite(objective) or abs(objective) > float(limits[0])   # the β-ELBO beyond its own
             value = objective if scaled else elbo
+            # named as what it is, a bound to maximise (negative), not a loss (until 2026-12-06 "the loss became
+            # -6.114e+07"): the trained objective with the step's β (warm-up: kl_weight), or the ELBO
+            o = self.config.objective
+            beta = kl_weight((epoch - 1) * self.steps_per_epoch + offset + row, self.steps_per_epoch, o.beta,
+                             o.warmup_epochs)
+            what = objective_label(o.name, o.samples, beta) if scaled else "ELBO"
             if epoch == 1 and offset + row == 0:
-                # the first step's loss is that of the initial weights, before any update: no learning rate or
+                # the first step's value is that of the initial weights, before any update: no learning rate or
                 # clipping changes it (He's init in a bottom-up ReLU hierarchy: each draw between blocks scales the
                 # next block's input by e^{½ log σ²}, and log σ² grows layer by layer to NaN; README, Models)
-                stands = (f": the loss of the initial weights, before any step, which no --lr or clipping changes; "
+                stands = (f": that of the initial weights, before any step, which no --lr or clipping changes; "
                           f"nothing was trained; try another --init (it was {self.config.model.init}) or --seed (it "
                           f"was {self.config.train.seed})")
             else:
                 stands = f"; {self._what_stands()}"
-            raise TrainingDiverged(f"the loss became {value:.4g} nats per example at epoch {epoch}, step "
+            raise TrainingDiverged(f"the {what} became {value:.4g} nats per example at epoch {epoch}, step "
                                    f"{offset + row + 1}{self._beyond(value, scaled)}{stands}")
 
     def _beyond(self, value: float, scaled: bool = False) -> str:
