@@ -584,7 +584,7 @@ def test_a_loss_beyond_the_limit_at_the_first_step_is_said_to_be_the_initial_wei
     out = tmp_path / "run"
     code, _, err = run(capsys, "train", "--out", out, "--epochs", "2", "--seed", "3", "--data-dir", data_dir, *SMALL)
     assert code == 1 and one_line(err) and not out.exists()
-    assert "at epoch 1, step 1 (beyond 5.43e+05" in err and "that of the initial weights, before any step" in err
+    assert "at epoch 1, step 1 (below -5.43e+05" in err and "that of the initial weights, before any step" in err
     assert "try another --init (it was torch) or --seed (it was 3)" in err and "lower --lr" not in err
     monkeypatch.undo()                  # the real case: He's init in a bottom-up ReLU hierarchy (README, Models)
     code, _, err = run(capsys, "train", "--out", out, "--epochs", "1", "--model", "hvae", "--blocks", "512,512",
@@ -641,7 +641,8 @@ def test_an_absurd_finite_loss_stops_training_and_keeps_the_last_good_checkpoint
     monkeypatch.setitem(training.ENGINES, ("fused", "fp32"), exploding)
     trainer = training.Trainer(config(2), tmp_path, data, torch.device("cpu"), log=lambda m: None, progress=False)
     trainer.load_checkpoint()
-    with pytest.raises(TrainingDiverged, match=r"epoch 2, step 5 \(beyond .* predicting ½ for every pixel") as error:
+    with pytest.raises(TrainingDiverged, match=r"the ELBO became -[0-9.]+e\+18 nats per example at epoch 2, step 5 "
+                                               r"\(below -5.43e\+05, .* predicting ½ for every pixel") as error:
         trainer.fit()
     assert "last good checkpoint (epoch 1)" in str(error.value)
     assert {name: (tmp_path / name).read_bytes() for name in saved} == saved
@@ -704,12 +705,12 @@ def test_a_divergence_names_the_limit_its_value_passed(tmp_path, tiny_arrays):
     beta_elbo_beyond = torch.tensor([[-20 * limit * batch, -100.0 * batch]])     # (objective, ELBO) batch sums
     # each value named as what it is, a bound (negative), not "the loss" (until 2026-12-06 "the loss became …")
     with pytest.raises(TrainingDiverged, match=r"^the β-ELBO \(β = 10.00\) became -1.087e\+07 nats per example at "
-                                               r"epoch 1, step 1 \(beyond 5.43e\+06, β = 10 times the ELBO's limit of "
-                                               r"5.43e\+05, 1000× the 784·ln 2 nats of predicting ½ for every pixel"):
+                                               r"epoch 1, step 1 \(below -5.43e\+06, β = 10 times the ELBO's limit of "
+                                               r"-5.43e\+05, 1000× the -784·ln 2 nats of predicting ½ for every pixel"):
         trainer._check_loss(beta_elbo_beyond, 1, 0)
     elbo_beyond = torch.tensor([[-100.0 * batch, -2 * limit * batch]])
     with pytest.raises(TrainingDiverged, match=r"^the ELBO became -1.087e\+06 nats per example at epoch 1, step 1 "
-                                               r"\(beyond 5.43e\+05, 1000× the 784·ln 2 nats"):
+                                               r"\(below -5.43e\+05, 1000× the -784·ln 2 nats"):
         trainer._check_loss(elbo_beyond, 1, 0)
     # inside a KL warm-up, the β of that very step: the third step of epoch 2, a warm-up of 4 epochs
     trainer.config = dataclasses.replace(config, objective=ObjectiveConfig(name="iwae", samples=5, beta=10.0,

@@ -669,12 +669,16 @@ class Trainer:
         (until 2026-12-05 the ELBO's was named for both)."""
         if not math.isfinite(value):
             return ""
-        elbo = f"{DIVERGENCE_FACTOR}× the {self.config.model.data_dim}·ln 2 nats of predicting ½ for every pixel"
+        # the limit on the bound's size, with the value's sign: a bound is negative, so it fell below −limit (until
+        # 2026-12-06 "the loss became -6.114e+07 … (beyond 5.43e+05"); a positive one (numerically) rose above it
+        sign, word = (-1, "below") if value < 0 else (1, "above")
+        elbo = (f"{DIVERGENCE_FACTOR}× the {'-' if sign < 0 else ''}{self.config.model.data_dim}·ln 2 nats of "
+                f"predicting ½ for every pixel")
         beta = self.config.objective.beta
         if scaled and beta > 1:
-            return (f" (beyond {self.loss_limit * beta:.3g}, β = {beta:g} times the ELBO's limit of "
-                    f"{self.loss_limit:.3g}, {elbo}: no working model has it)")
-        return f" (beyond {self.loss_limit:.3g}, {elbo}: no working model has it)"
+            return (f" ({word} {sign * self.loss_limit * beta:.3g}, β = {beta:g} times the ELBO's limit of "
+                    f"{sign * self.loss_limit:.3g}, {elbo}: no working model has it)")
+        return f" ({word} {sign * self.loss_limit:.3g}, {elbo}: no working model has it)"
 
     def _what_stands(self) -> str:
         """The truth about what is kept: the last checkpoint, or that nothing was trained yet."""
