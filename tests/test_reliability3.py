@@ -1094,6 +1094,16 @@ def test_a_value_that_begins_with_a_dash_is_named_with_the_way_to_pass_it(words,
     assert err.strip().endswith(f"argument {words[1]}: expected {expected} argument{hint}"), err
 
 
+def test_a_small_beta_is_not_shown_as_zero(tmp_path, data_dir, capsys):
+    """A warm-up of 1000 epochs ends its first at β = 0.001: until 2026-12-06 the epoch line said "β-ELBO (β = 0.00)"
+    and the note "β ends at 0.00", as though the KL were not trained at all."""
+    code, out, err = run(capsys, "train", "--warmup", "1000", "--epochs", "1", "--out", tmp_path / "run", "--data-dir",
+                         data_dir, *SMALL)
+    assert code == 0
+    assert "train β-ELBO (β = 0.001) " in out and "β ends at 0.001," in err
+    assert "β-ELBO (β = 0.001)" in (tmp_path / "run" / training.TRAIN_LOG).read_text()
+
+
 def test_the_epoch_line_names_the_objective_with_its_beta_and_puts_units_where_they_belong(tmp_path, data_dir,
                                                                                            capsys):
     code, out, err = run(capsys, "train", "--preset", "cpu-hour", "--epochs", "2", "--hidden", "32", "--hidden-top",

@@ -54,6 +54,13 @@ def kl_weight(step: int, steps_per_epoch: int, beta: float, warmup_epochs: int) 
     return beta * min(1.0, (step + 1) / (warmup_epochs * steps_per_epoch))
 
 
+def beta_text(beta: float) -> str:
+    """β as the log and notes show it: two decimals (0.30, 1.00, 100000000.00), or two significant digits where two
+    decimals would show a positive β as 0.00 (a warm-up of 1000 epochs ends its first at β = 0.001: until 2026-12-06
+    the line read "β-ELBO (β = 0.00)", the objective without its KL)."""
+    return f"{beta:.2f}" if beta == 0 or abs(beta) >= 0.095 else f"{beta:.2g}"
+
+
 def epochs_without_improvement(epoch: int, best_epoch: int, warmup_epochs: int) -> int:
     """The epochs up to ``epoch`` since the best validation ELBO (that of ``best_epoch``), not counting the KL
     warm-up: epoch − max(best_epoch, warmup_epochs), at least 0. The warm-up's epochs train with β < 1 (β reaches 1
@@ -131,9 +138,9 @@ def describe_schedule(config, lr_amended_from: str | None = None,
                      f"epoch{'s' * (objective.warmup_epochs != 1)}")
         if epochs < objective.warmup_epochs:
             warnings.append(f"the KL warm-up of {objective.warmup_epochs} epoch{'s' * (objective.warmup_epochs != 1)} "
-                            f"will not finish in {epochs}: β ends "
-                            f"at {objective.beta * epochs / objective.warmup_epochs:.2f}, so the objective trained "
-                            f"to the end is not the ELBO that is reported")
+                            f"will not finish in {epochs}: β ends at "
+                            f"{beta_text(objective.beta * epochs / objective.warmup_epochs)}, so the objective "
+                            f"trained to the end is not the ELBO that is reported")
     elif objective.beta != 1:
         lines.append(f"β = {objective.beta:g} throughout (the ELBO is reported with β = 1)")
     if train.early_stopping:

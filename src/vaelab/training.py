@@ -47,7 +47,7 @@ from vaelab.evaluation import ACTIVE_UNIT_THRESHOLD, elbo_summary, hot_loop_sett
 from vaelab.models import build_model
 from vaelab.optimizers import build_optimizer
 from vaelab.provenance import provenance
-from vaelab.schedules import LR_SCHEDULES, kl_weight, stops_early
+from vaelab.schedules import LR_SCHEDULES, beta_text, kl_weight, stops_early
 from vaelab.tables import plural, shell_word
 
 # Columns of metrics.csv (nats per example; the validation columns only with --validation).
@@ -714,7 +714,7 @@ class Trainer:
 def objective_label(name: str, samples: int, beta: float) -> str:
     """What the trained objective is called in the log: 'β-ELBO (β = 0.30)', 'IWAE-50', 'β-IWAE-5 (β = 0.50)'."""
     base = {"elbo": "ELBO", "iwae": f"IWAE-{samples}"}.get(name, name)
-    return base if beta == 1 else f"β-{base} (β = {beta:.2f})"
+    return base if beta == 1 else f"β-{base} (β = {beta_text(beta)})"
 
 
 def check_writable(run_dir: Path, need_bytes: int, resuming: bool = False, largest_file: int = 0) -> None:
