@@ -306,7 +306,8 @@ def test_no_output_replaces_a_file_a_run_a_sweep_or_figures_are_made_of(two_runs
     shutil.copytree(two_runs / "a", tmp_path / "a")
     run_dir, config = tmp_path / "a", (tmp_path / "a" / "config.json").read_bytes()
     evaluate = ["evaluate", run_dir, "--k", "2", "--test-examples", "3", "--data-dir", data_dir, "--no-progress"]
-    for name, flags in [("config.json", ["--overwrite"]), ("pruned.json", []), ("./config.json", ["--overwrite"])]:
+    for name, flags in [("config.json", ["--overwrite"]), ("pruned.json", []), ("diverged.json", []),
+                        ("./config.json", ["--overwrite"])]:
         code, _, err = run(capsys, *evaluate, "--out", run_dir / name, *flags)
         assert code == 2 and one_line(err), err
         assert f"is a file of the run {run_dir}, which no output may replace (--overwrite or not)" in err
@@ -570,6 +571,46 @@ def test_divergence_before_the_first_checkpoint_says_nothing_was_trained(tmp_pat
     assert "epoch 1, step 2" in err and "nothing was trained yet" in err and "was removed" in err
     assert "try a lower --lr (it was 0.001)" in err and "epoch 0" not in err
     assert not out.exists()
+
+
+def test_a_run_whose_training_diverged_is_said_to_have_diverged_not_to_be_interrupted(tmp_path, data_dir, capsys,
+                                                                                      monkeypatch):
+    """Until 2026-12-06 `runs`, the report and the API called a run whose resumed training diverged "interrupted",
+    and the report offered its plain resume, which repeats the same steps. RUN/diverged.json now names the checkpoint
+    it diverged from and what diverged; a later start from that checkpoint clears it, and a marker of another
+    checkpoint (or not vaelab's) is not believed."""
+    from vaelab.report import _summary
+    from vaelab.runs import read_run
+
+    out = tmp_path / "run"
+    assert run(capsys, "train", "--out", out, "--epochs", "1", "--data-dir", data_dir, *SMALL)[0] == 0
+    calls = {"n": 0}
+
+    def exploding(model, x, eps, objective, beta, grad_squares=None):
+        calls["n"] += 1
+        return fused_step(model, x, eps) * (1e16 if calls["n"] > 2 else 1)        # the third step of epoch 2
+
+    monkeypatch.setitem(training.ENGINES, ("fused", "fp32"), exploding)
+    code, _, err = run(capsys, "train", "--out", out, "--resume", "--epochs", "3")
+    assert code == 1 and "the ELBO became -" in err and "at epoch 2, step 3 (below" in err
+    marker = json.loads((out / ckpt.DIVERGED).read_text())
+    assert marker["epoch"] == 1 and marker["step"] == 0
+    assert re.fullmatch(r"the ELBO became -[0-9.]+e\+[0-9]+ nats per example at epoch 2, step 3", marker["what"])
+    code, listing, _ = run(capsys, "runs", tmp_path)
+    assert code == 0 and re.search(r"/run +seed\* +1/3 +diverged ", listing), listing
+    assert vaelab.load_run(out).status == "diverged"
+    status = _summary(read_run(out), None, [])["status"]
+    assert status.startswith(f"diverged: {marker['what']}; the weights are those of the last good checkpoint (1 of 3 "
+                             f"epochs); go on from it with vaelab train --out {out} --resume --lr X (lower)")
+    assert not read_run(out).resumable                       # no plain resume offered: it would repeat the steps
+    for other in ({**marker, "epoch": 0}, {**marker, "step": 7}, {"epoch": 1, "step": 0}, [1, 0], "x"):
+        (out / ckpt.DIVERGED).write_text(json.dumps(other))
+        assert read_run(out).status == "interrupted"        # of another checkpoint, or not vaelab's
+    (out / ckpt.DIVERGED).write_text(json.dumps(marker))
+    monkeypatch.undo()
+    code, _, err = run(capsys, "train", "--out", out, "--resume", "--lr", "5e-4")
+    assert code == 0, err
+    assert not (out / ckpt.DIVERGED).exists() and read_run(out).status == "finished"
 
 
 def test_a_loss_beyond_the_limit_at_the_first_step_is_said_to_be_the_initial_weights(tmp_path, data_dir, capsys,
@@ -1092,6 +1133,19 @@ def test_a_value_that_begins_with_a_dash_is_named_with_the_way_to_pass_it(words,
     expected = "at least one" if words[1] == "--hidden" else "one"
     assert stopped.value.code == 2 and one_line(err) and out == ""
     assert err.strip().endswith(f"argument {words[1]}: expected {expected} argument{hint}"), err
+
+
+@pytest.mark.parametrize("flag, text, held", [("--clip-grad-norm", "1e-400", "0"), ("--adam-eps", "1e-400", "0"),
+                                              ("--beta", "1e400", "inf"), ("--lr", "2e-1_000", "0")])
+def test_a_number_a_float_cannot_hold_is_refused_not_rounded(flag, text, held, capsys):
+    """`--clip-grad-norm 1e-400` is 0 as a float, which turned clipping off without a word (until 2026-12-06), and
+    `--adam-eps 1e-400` said "must be a finite number > 0, got 1e-400"; each is now named with what the float holds."""
+    with pytest.raises(SystemExit) as stopped:
+        main(["train", flag, text])
+    out, err = capsys.readouterr()
+    assert stopped.value.code == 2 and one_line(err) and out == ""
+    assert err.strip().endswith(f"argument {flag}: got {text}, which a 64-bit float holds as {held}; give a number "
+                                f"between 1e-300 and 1e300 in size"), err
 
 
 def test_a_small_beta_is_not_shown_as_zero(tmp_path, data_dir, capsys):

@@ -34,6 +34,7 @@ STATE = "training_state.safetensors"
 METRICS = "metrics.csv"
 LOCK = ".lock"
 PRUNED = "pruned.json"           # {"epoch", "trial", …}: a sweep's pruner stopped this run after that epoch
+DIVERGED = "diverged.json"       # {"epoch", "step", "what"}: training from the checkpoint at that point diverged
 
 
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, Any] | None = None) -> None:

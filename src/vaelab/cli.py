@@ -136,6 +136,15 @@ def _number(low: float, strict: bool):
             value = float(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        try:
+            exact = decimal.Decimal(text.strip().replace("_", ""))
+        except decimal.InvalidOperation:        # (float's own spellings beyond Decimal's: '٣')
+            exact = None
+        if exact is not None and exact.is_finite() and exact != 0 and (value == 0 or not math.isfinite(value)):
+            # 1e-400 is 0 and 1e400 inf as a float: until 2026-12-06 `--clip-grad-norm 1e-400` turned clipping off
+            # (0), and `--adam-eps 1e-400` said "must be a finite number > 0, got 1e-400"
+            raise argparse.ArgumentTypeError(f"got {text}, which a 64-bit float holds as {value:g}; give a number "
+                                             f"between 1e-300 and 1e300 in size")
         if not math.isfinite(value) or value < low or (strict and value == low):
             raise argparse.ArgumentTypeError(f"must be a finite number {'>' if strict else '≥'} {low:g}, got {text}")
         return value
@@ -1285,7 +1294,7 @@ def _refuse_own_file(path: Path, flag: str) -> None:
 
     parent, name = path.parent, path.name
     # its pictures aside: drawn again at the end of training, a picture of one's own may take their place
-    run_files = {*TRAINING_FILES, TRAIN_LOG, ckpt.LOCK, ckpt.PRUNED} - set(PICTURES)
+    run_files = {*TRAINING_FILES, TRAIN_LOG, ckpt.LOCK, ckpt.PRUNED, ckpt.DIVERGED} - set(PICTURES)
     owners = [("the run", ckpt.is_run(parent), run_files),
               ("the sweep", is_sweep(parent), {SPEC_FILE, STATE_FILE, STORAGE_FILE}),
               ("the report's figures in", True, {FIGURES_MANIFEST})]

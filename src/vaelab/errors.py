@@ -39,6 +39,12 @@ class CheckpointError(UsageError):
 
 
 class TrainingDiverged(VaelabError):
-    """The loss became NaN or infinite; the last good checkpoint is left untouched."""
+    """The loss became NaN or infinite; the last good checkpoint is left untouched. ``what``: the value and where,
+    "the ELBO became -2.66e+07 nats per example at epoch 2, step 2" (the message's start; RUN/diverged.json keeps
+    it)."""
 
     exit_code = 1
+
+    def __init__(self, message: str, what: str = ""):
+        super().__init__(message)
+        self.what = what or message

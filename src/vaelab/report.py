@@ -21,8 +21,8 @@ from vaelab.errors import UsageError
 from vaelab.evaluation import SECOND_DRAW_DIGITS, draws_move_means, reconstructions, summarize
 from vaelab.laplace import STALLED_CAUSE
 from vaelab.presets import changed_fields, preset_label
-from vaelab.runs import (RunInfo, digits_label, distinct_labels, estimator_label, format_duration, of_best_weights,
-                         per_digit, pictured_weights, read_run, stale_weights, weights_label)
+from vaelab.runs import (RunInfo, digits_label, distinct_labels, divergence, estimator_label, format_duration,
+                         of_best_weights, per_digit, pictured_weights, read_run, stale_weights, weights_label)
 from vaelab.tables import plural, shell_word, text_table
 
 # Pairs of digit classes whose interpolations the report shows (through the latent means).
@@ -406,6 +406,10 @@ def _summary(run: RunInfo, record: dict | None, layers: list[dict], active_note:
     if run.status == "pruned":
         summary["status"] = (f"pruned by its sweep after epoch {run.epochs_done}: the median pruner found its "
                              f"validation ELBO worse than the median of the sweep's trials at that epoch")
+    if run.status == "diverged":          # what diverged, and how to go on: not the plain resume, which repeats it
+        summary["status"] = (f"diverged: {divergence(run.path)['what']}; the weights are those of the last good "
+                             f"checkpoint ({run.epochs_done} of {run.epochs_total} epochs); go on from it with "
+                             f"{run.resume_command} --lr X (lower) or --clip-grad-norm C")
     if run.status == "stopped early":
         patience, warmup = run.config.train.early_stopping, run.config.objective.warmup_epochs
         summary["status"] = (f"stopped early: no better validation ELBO in the {plural(patience, 'epoch')} "

@@ -28,9 +28,10 @@ class RunInfo:
     path: Path
     config: RunConfig
     metrics: list[dict[str, float]]
-    status: str                    # finished | stopped early | pruned (by a sweep) | interrupted | training now |
-    #                                not started | weights only (trained weights without the training state: not
-    #                                resumable)
+    status: str                    # finished | stopped early | pruned (by a sweep) | interrupted | diverged (its
+    #                                last training stopped at a NaN or absurd loss; the checkpoint before stands) |
+    #                                training now | not started | weights only (trained weights without the
+    #                                training state: not resumable)
     epochs_done: int
     holder: int | None             # pid of the process training it now
     meta: dict[str, Any] = field(default_factory=dict)          # the training state's metadata
@@ -381,6 +382,9 @@ def read_run(path: str | Path) -> RunInfo:
         status = "not started"
     elif not meta.get("step") and pruned_after(path) == done:       # trained on after it by hand: not pruned now
         status = "pruned"
+    elif (diverged := divergence(path)) is not None and (diverged["epoch"], diverged["step"]) == (
+            done, int(meta.get("step") or 0)):                          # of this very checkpoint, not an earlier one
+        status = "diverged"
     elif done >= config.train.epochs and not meta.get("step"):
         status = "finished"
     elif not meta.get("step") and stops_early(config, done, int(meta.get("best_epoch", 0))):
@@ -398,6 +402,19 @@ def pruned_after(path: Path) -> int | None:
     except (OSError, ValueError, AttributeError):
         return None
     return epoch if isinstance(epoch, int) else None
+
+
+def divergence(path: Path) -> dict[str, Any] | None:
+    """What RUN/diverged.json says (ckpt.DIVERGED): the checkpoint training diverged from, ``epoch`` and ``step``,
+    and ``what`` ("the ELBO became … at epoch 2, step 2"); None where there is none or it is not vaelab's."""
+    try:
+        marker = json.loads((path / ckpt.DIVERGED).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(marker, dict) or not all(isinstance(marker.get(key), int) and not isinstance(marker[key], bool)
+                                               for key in ("epoch", "step")) or not isinstance(marker.get("what"), str):
+        return None
+    return marker
 
 
 def distinct_labels(paths: Sequence[str | Path]) -> list[str]:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import math
 import random
 import re
@@ -478,12 +479,16 @@ class Trainer:
         """Train to ``config.train.epochs``, or until ``--early-stopping`` ends the run (``schedules.stops_early``,
         said on the terminal and in train.log); returns the metrics of every epoch."""
         self.state.started = self.state.started or time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime())
+        if self.world.main:                 # this start trains from the checkpoint anew: an earlier divergence is past
+            with contextlib.suppress(OSError):
+                (self.run_dir / ckpt.DIVERGED).unlink(missing_ok=True)
         with stop_signals(self._on_signal), hot_loop_settings():
             while self.state.epoch < self.config.train.epochs and not self.stopped_early:
                 try:
                     self._run_epoch()
                 except TrainingDiverged as exc:      # the log says why the epochs end where they do
                     self.append_log(str(exc))
+                    self._mark_diverged(exc)
                     raise
                 stop = any_rank(self._signal is not None, self.world, self.device)
                 if stop and self.state.epoch < self.config.train.epochs and not self.stopped_early:
@@ -493,6 +498,18 @@ class Trainer:
             self.log(line)
             self.append_log(line)
         return self.state.metrics
+
+    def _mark_diverged(self, exc: TrainingDiverged) -> None:
+        """RUN/diverged.json beside the last good checkpoint, naming where that checkpoint stands and what diverged,
+        so that `runs`, the report and the API say "diverged" of the run, not "interrupted" with a resume that would
+        repeat the same steps (until 2026-12-06). Rank 0, where a checkpoint stands; a file that cannot be written
+        (a full disk) leaves the run as before, said "interrupted"."""
+        if not self.world.main or self.last_checkpoint is None or not (self.run_dir / ckpt.STATE).exists():
+            return
+        with contextlib.suppress(OSError, ckpt.WriteError, CheckpointError):
+            meta = ckpt.read_metadata(self.run_dir / ckpt.STATE)
+            ckpt.write_text(self.run_dir / ckpt.DIVERGED, json.dumps(
+                {"epoch": meta.get("epoch", 0), "step": meta.get("step", 0), "what": exc.what}) + "\n")
 
     @property
     def stopped_early(self) -> bool:
@@ -571,8 +588,8 @@ class Trainer:
             if units is not None:
                 latent = {"epoch": epoch, "layers": units}
             if not all(math.isfinite(v) for v in summary.values()) or abs(summary["elbo"]) > self.loss_limit:
-                raise TrainingDiverged(f"the {name} ELBO became {summary['elbo']:.4g} nats per digit at epoch "
-                                       f"{epoch}{self._beyond(summary['elbo'])}; {self._what_stands()}")
+                what = f"the {name} ELBO became {summary['elbo']:.4g} nats per digit at epoch {epoch}"
+                raise TrainingDiverged(f"{what}{self._beyond(summary['elbo'])}; {self._what_stands()}", what)
             row.update({f"{name}_{key}": value for key, value in summary.items()})
         previous_elapsed = self.state.metrics[-1]["elapsed_seconds"] if self.state.metrics else 0.0
         row.update(epoch_seconds=seconds,
@@ -661,8 +678,8 @@ class Trainer:
                           f"was {self.config.train.seed})")
             else:
                 stands = f"; {self._what_stands()}"
-            raise TrainingDiverged(f"the {what} became {value:.4g} nats per example at epoch {epoch}, step "
-                                   f"{offset + row + 1}{self._beyond(value, scaled)}{stands}")
+            what = f"the {what} became {value:.4g} nats per example at epoch {epoch}, step {offset + row + 1}"
+            raise TrainingDiverged(f"{what}{self._beyond(value, scaled)}{stands}", what)
 
     def _beyond(self, value: float, scaled: bool = False) -> str:
         """Which limit ``value`` passed: the ELBO's, or (``scaled``) the trained β-ELBO's, β times it where β > 1
