@@ -607,9 +607,14 @@ def test_a_run_whose_training_diverged_is_said_to_have_diverged_not_to_be_interr
         (out / ckpt.DIVERGED).write_text(json.dumps(other))
         assert read_run(out).status == "interrupted"        # of another checkpoint, or not vaelab's
     (out / ckpt.DIVERGED).write_text(json.dumps(marker))
+    # a resume that keeps the diverged start's --lr and clipping is told that the same steps follow
+    code, _, err = run(capsys, "train", "--out", out, "--resume")
+    assert code == 1 and err.startswith(f"note: the last training from this checkpoint diverged ({marker['what']}), "
+                                        f"and this resume keeps its --lr 0.001 and no clipping, so the same steps "
+                                        f"follow; to go past them, resume with a lower --lr or with --clip-grad-norm C")
     monkeypatch.undo()
     code, _, err = run(capsys, "train", "--out", out, "--resume", "--lr", "5e-4")
-    assert code == 0, err
+    assert code == 0 and "the last training" not in err, err
     assert not (out / ckpt.DIVERGED).exists() and read_run(out).status == "finished"
 
 

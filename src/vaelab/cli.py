@@ -974,9 +974,16 @@ def _resume(args: argparse.Namespace, world, observers: Sequence = ()) -> int:
         if config.train.epochs < done:
             raise UsageError(f"--epochs {config.train.epochs} is below the {done} epochs {run_dir} has already "
                              f"trained; give --epochs {done + 1} or more to train on")
+        from vaelab.runs import divergence
+
+        # the last start from this checkpoint diverged, and config.json holds its --lr and clipping: these flags
+        # change neither, so the same steps follow (until 2026-12-06 said nothing)
+        diverged = divergence(run_dir)
+        repeats = diverged["what"] if diverged is not None and not given and (diverged["epoch"], diverged["step"]) \
+            == (done, int(meta.get("step") or 0)) else None
         return {"config": config.to_dict(), "restored": restored, "changed": restored or config != saved,
                 "amendments": amendments, "earlier": bool(amendments) and not given,
-                "epochs_before": state_config.train.epochs}
+                "epochs_before": state_config.train.epochs, "repeats": repeats}
 
     try:
         claimed = on_main(world, claim)
@@ -984,6 +991,14 @@ def _resume(args: argparse.Namespace, world, observers: Sequence = ()) -> int:
         run = _prepare_training(args, config)
         if claimed["restored"] and world.main:
             _log(f"{run_dir / ckpt.CONFIG} was missing; restored from the copy in {ckpt.STATE}")
+        if claimed["repeats"] and world.main:
+            train = config.train
+            clipping = " ".join(f"{flag} {value:g}" for flag, value in (("--clip-grad-norm", train.clip_grad_norm),
+                                                                          ("--clip-grad-value", train.clip_grad_value))
+                                if value) or "no clipping"
+            _note(f"the last training from this checkpoint diverged ({claimed['repeats']}), and this resume keeps its "
+                  f"--lr {train.lr:g} and {clipping}, so the same steps follow; to go past them, resume with a lower "
+                  f"--lr or with --clip-grad-norm C")
         return _train(args, config, run_dir, run, resumed=True, write_config=claimed["changed"], world=world,
                       observers=observers, amendments=claimed["amendments"], amended_earlier=claimed["earlier"],
                       epochs_before=claimed["epochs_before"])
