@@ -751,8 +751,9 @@ def test_a_divergence_names_the_limit_its_value_passed(tmp_path, tiny_arrays):
     beta_elbo_beyond = torch.tensor([[-20 * limit * batch, -100.0 * batch]])     # (objective, ELBO) batch sums
     # each value named as what it is, a bound (negative), not "the loss" (until 2026-12-06 "the loss became …")
     with pytest.raises(TrainingDiverged, match=r"^the β-ELBO \(β = 10.00\) became -1.087e\+07 nats per example at "
-                                               r"epoch 1, step 1 \(below -5.43e\+06, β = 10 times the ELBO's limit of "
-                                               r"-5.43e\+05, 1000× the -784·ln 2 nats of predicting ½ for every pixel"):
+                                               r"epoch 1, step 1 \(below -5.43e\+06, β = 10 times the ELBO's limit "
+                                               r"of -5.43e\+05, 1000× the -784·ln 2 nats of predicting ½ for every "
+                                               r"pixel"):
         trainer._check_loss(beta_elbo_beyond, 1, 0)
     elbo_beyond = torch.tensor([[-100.0 * batch, -2 * limit * batch]])
     with pytest.raises(TrainingDiverged, match=r"^the ELBO became -1.087e\+06 nats per example at epoch 1, step 1 "
