@@ -407,7 +407,8 @@ def _summary(run: RunInfo, record: dict | None, layers: list[dict], active_note:
         summary["status"] = (f"pruned by its sweep after epoch {run.epochs_done}: the median pruner found its "
                              f"validation ELBO worse than the median of the sweep's trials at that epoch")
     if run.status == "diverged":          # what diverged, and how to go on: not the plain resume, which repeats it
-        summary["status"] = (f"diverged: {divergence(run.path)['what']}; the weights are those of the last good "
+        what = (divergence(run.path) or {}).get("what", "its last training")     # (a resume begun since: gone)
+        summary["status"] = (f"diverged: {what}; the weights are those of the last good "
                              f"checkpoint ({run.epochs_done} of {run.epochs_total} epochs); go on from it with "
                              f"{run.resume_command} --lr X (lower) or --clip-grad-norm C")
     if run.status == "stopped early":
