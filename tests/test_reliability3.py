@@ -618,6 +618,37 @@ def test_a_run_whose_training_diverged_is_said_to_have_diverged_not_to_be_interr
     assert not (out / ckpt.DIVERGED).exists() and read_run(out).status == "finished"
 
 
+def test_a_resume_that_wrote_no_checkpoint_is_not_taken_for_the_weights_configuration(tmp_path, data_dir, capsys,
+                                                                                         monkeypatch):
+    """A resume with --lr amends config.json at once and the training state at its first checkpoint; one that
+    diverged before it left config.json's train.lr 0.002 beside weights trained with 0.001 at every step, and the
+    report and `compare` showed 0.002 as the run's (until 2026-12-06). Both now say which values config.json holds
+    that the weights were not trained with; how long to train is no such value."""
+    from vaelab.runs import read_run, uncheckpointed_changes
+
+    out = tmp_path / "run"
+    assert run(capsys, "train", "--out", out, "--epochs", "1", "--data-dir", data_dir, *SMALL)[0] == 0
+    shutil.copytree(out, tmp_path / "other")
+    monkeypatch.setitem(training.ENGINES, ("fused", "fp32"),
+                        lambda model, x, eps, objective, beta, grad_squares=None: fused_step(model, x, eps) * 1e16)
+    code, _, err = run(capsys, "train", "--out", out, "--resume", "--epochs", "2", "--lr", "0.002")
+    assert code == 1 and "became" in err
+    monkeypatch.undo()
+    assert uncheckpointed_changes(read_run(out)) == ["train.lr: 0.001 → 0.002"]        # not train.epochs: 1 → 2
+    assert run(capsys, "report", out, "--data-dir", data_dir, "--no-progress")[0] == 0
+    html = (out / "report.html").read_text()
+    assert ("config.json differs from the copy in the last checkpoint: train.lr: 0.001 → 0.002. A resume that wrote "
+            "no checkpoint set it") in html
+    code, printed, _ = run(capsys, "compare", out, tmp_path / "other", "--out", tmp_path / "c.html")
+    assert code == 0 and ("run: config.json holds train.lr: 0.001 → 0.002 from a resume that wrote no checkpoint (it "
+                          "diverged or was stopped first); its weights were trained with the former values") in printed
+    assert run(capsys, "train", "--out", out, "--resume")[0] == 0               # trains with 0.002: now the state's too
+    assert uncheckpointed_changes(read_run(out)) == []
+    assert run(capsys, "report", out, "--data-dir", data_dir, "--no-progress")[0] == 0
+    html = (out / "report.html").read_text()
+    assert "config.json differs" not in html and "Amended on resuming: after epoch 1, train.lr: 0.001 → 0.002" in html
+
+
 def test_a_loss_beyond_the_limit_at_the_first_step_is_said_to_be_the_initial_weights(tmp_path, data_dir, capsys,
                                                                                     monkeypatch):
     """The first step's loss is that of the initial weights, before any update (He's init in a bottom-up ReLU

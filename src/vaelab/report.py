@@ -22,7 +22,8 @@ from vaelab.evaluation import SECOND_DRAW_DIGITS, draws_move_means, reconstructi
 from vaelab.laplace import STALLED_CAUSE
 from vaelab.presets import changed_fields, preset_label
 from vaelab.runs import (RunInfo, digits_label, distinct_labels, divergence, estimator_label, format_duration,
-                         of_best_weights, per_digit, pictured_weights, read_run, stale_weights, weights_label)
+                         of_best_weights, per_digit, pictured_weights, read_run, stale_weights,
+                         uncheckpointed_changes, weights_label)
 from vaelab.tables import plural, shell_word, text_table
 
 # Pairs of digit classes whose interpolations the report shows (through the latent means).
@@ -351,6 +352,7 @@ def build_report(run_dir: str | Path, data_dir: str | None = None, figures_dir: 
     html = _environment().get_template("report.html.j2").render(
         run=run, stalled_cause=STALLED_CAUSE, config_rows=_config_rows(config, changed), provenance=provenance, changed=changed,
         started=run.meta.get("started", ""), amendments=run.meta.get("amendments", []), training=training,
+        pending=uncheckpointed_changes(run),
         metrics=run.metrics[-1] if run.metrics else None,
         evaluation=evaluation, generation=generation, latent=latent, pictured=pictured,
         summary=_summary(run, record, layers, active_note), nats=nats,
@@ -578,6 +580,9 @@ def compare_runs(paths: Sequence[str | Path], split: str = "test") -> Comparison
     evaluate_split = "" if split == "test" else f" --split {split}"
     for run, record in zip(runs, records):
         notes += run.notes
+        if pending := uncheckpointed_changes(run):      # its configuration differences are config.json's
+            notes.append(f"{run.name}: config.json holds {'; '.join(pending)} from a resume that wrote no checkpoint "
+                         f"(it diverged or was stopped first); its weights were trained with the former values")
         stale = run.stale_evaluations(split)
         if record is None and stale:
             measured = " or ".join(dict.fromkeys(stale_weights(r) for r in stale))

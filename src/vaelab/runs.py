@@ -404,6 +404,25 @@ def pruned_after(path: Path) -> int | None:
     return epoch if isinstance(epoch, int) else None
 
 
+TARGET_FIELDS = ("train.epochs", "train.early_stopping", "data.data_dir")
+
+
+def uncheckpointed_changes(run: RunInfo) -> list[str]:
+    """The fields of config.json that differ from the copy in the run's last checkpoint ("train.lr: 0.001 → 3.0"):
+    set by a resume that wrote no checkpoint (it diverged or was stopped before one), or while one trains now. The
+    weights were trained with the checkpoint's values; the next resume trains with config.json's (until 2026-12-06
+    the report and `compare` showed config.json's train.lr 3.0 of a run whose every step used 0.001)."""
+    copy = run.meta.get("config")
+    if not isinstance(copy, dict):
+        return []
+    try:
+        changes = RunConfig.from_dict(copy, "the checkpoint's copy of config.json").differences(run.config)
+    except CheckpointError:
+        return []
+    # how long to train, when to stop and where the data lives say nothing of the steps taken so far
+    return [change for change in changes if change.split(":")[0] not in TARGET_FIELDS]
+
+
 def divergence(path: Path) -> dict[str, Any] | None:
     """What RUN/diverged.json says (ckpt.DIVERGED): the checkpoint training diverged from, ``epoch`` and ``step``,
     and ``what`` ("the ELBO became … at epoch 2, step 2"); None where there is none or it is not vaelab's."""
