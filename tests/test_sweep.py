@@ -684,7 +684,9 @@ def in_process_workers(monkeypatch) -> None:
         def is_alive(self):
             return False
 
-    monkeypatch.setattr(multiprocessing, "get_context", lambda method: types.SimpleNamespace(Process=InProcess))
+    # (the command's stop byte, shared with its workers: here a plain object in the one process)
+    monkeypatch.setattr(multiprocessing, "get_context", lambda method: types.SimpleNamespace(
+        Process=InProcess, RawValue=lambda typecode, value: types.SimpleNamespace(value=value)))
 
 
 def in_process_sweep(tmp_path: Path, data_dir: Path, monkeypatch, trials: int,

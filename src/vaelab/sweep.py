@@ -1087,8 +1087,13 @@ def run_trial(trial, spec: Spec, out: Path, threads: int, log) -> tuple[float | 
     return record["nll"], "COMPLETE"
 
 
-def worker(spec_path: str, out: str, url: str, name: str, threads: int, log_path: str) -> None:
-    """One worker process: take waiting trials until there are none left."""
+def worker(spec_path: str, out: str, url: str, name: str, threads: int, log_path: str, stopping=None) -> None:
+    """One worker process: take waiting trials until there are none left, or until ``stopping`` (the command's
+    shared byte, a multiprocessing RawValue) is set. The command also sends each worker SIGINT, which stops the trial under way; one
+    that lands in a trial's last step is taken by its trainer, which has no step left to stop, so that the trial ends
+    as finished and the signal is spent (until 2026-12-06 the worker then went on through every remaining trial:
+    seen on a Zen 4, where a trial of tests/test_sweep.py takes about a second). The byte is looked at before each
+    trial is taken."""
     import threading
 
     import torch
@@ -1114,6 +1119,8 @@ def worker(spec_path: str, out: str, url: str, name: str, threads: int, log_path
         study = open_study(spec, url, name)
         shared = url != storage_url(out_dir, None)
         while True:
+            if stopping is not None and stopping.value:      # the command was stopped: take no further trial
+                return
             more = reconcile(study, spec, out_dir, shared)
             trial = _take(study, out_dir)
             if trial is None:
@@ -1261,8 +1268,11 @@ def sweep(spec_path: Path, out: Path, workers: int, storage: str | None, trials:
         f"thread{'s' * (threads > 1)}, study in {state['storage']}")
     context = multiprocessing.get_context("spawn")
     logs = [out / "workers" / f"{os.getpid()}-{i}.log" for i in range(workers)]
+    # set on a stop signal: no worker takes a further trial (shared memory without a lock: an Event's named semaphore
+    # in /dev/shm would outlive a command killed with -9)
+    stopping = context.RawValue("b", 0)
     processes = [context.Process(target=worker, args=(str(spec_path), str(out), state["storage"], state["study"],
-                                                      threads, str(log))) for log in logs]
+                                                      threads, str(log), stopping)) for log in logs]
 
     received: list[int] = []
 
@@ -1300,7 +1310,8 @@ def sweep(spec_path: Path, out: Path, workers: int, storage: str | None, trials:
             watch.poll()                           # the trials that ended since the last look
         if received:                               # (a stop in that last look too: the command stops, as it did)
             signum = received[0]                   # the first stop signal: the exit status's
-            # every worker finishes its step and writes a checkpoint that resumes exactly
+            # every worker finishes its step and writes a checkpoint that resumes exactly, and takes no further trial
+            stopping.value = 1
             for process in started:
                 if process.is_alive():
                     os.kill(process.pid, signal.SIGINT)
