@@ -1089,11 +1089,11 @@ def run_trial(trial, spec: Spec, out: Path, threads: int, log) -> tuple[float | 
 
 def worker(spec_path: str, out: str, url: str, name: str, threads: int, log_path: str, stopping=None) -> None:
     """One worker process: take waiting trials until there are none left, or until ``stopping`` (the command's
-    shared byte, a multiprocessing RawValue) is set. The command also sends each worker SIGINT, which stops the trial under way; one
-    that lands in a trial's last step is taken by its trainer, which has no step left to stop, so that the trial ends
-    as finished and the signal is spent (until 2026-12-06 the worker then went on through every remaining trial:
-    seen on a Zen 4, where a trial of tests/test_sweep.py takes about a second). The byte is looked at before each
-    trial is taken."""
+    shared byte, a multiprocessing RawValue) is set. The command also sends each worker SIGINT, which stops the
+    trial under way; one that lands after a trial's last step (its final evaluation and checkpoint) is taken by its
+    trainer, which has no step left to stop, so that the trial ends as finished and the signal is spent (until
+    2026-12-06 the worker then went on through every remaining trial: seen on a Zen 4, where a trial of
+    tests/test_sweep.py takes about a second). The byte is looked at before each trial is taken."""
     import threading
 
     import torch
