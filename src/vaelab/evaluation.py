@@ -595,7 +595,7 @@ def gap_decomposition(model, images: torch.Tensor, iwae: torch.Tensor, config: E
 
 
 def _gaps_summary(per_digit: dict, family: str, config: EvalConfig, n: int, mc: dict | None = None) -> dict:
-    from vaelab.gaps import CHECK, CHECK_DRAWS, CONVERGED_ENOUGH, FINAL_DRAWS, HALVINGS, LEARNING_RATE, STEP_DRAWS, TOL
+    from vaelab.gaps import CHECK, CHECK_DRAWS, FINAL_DRAWS, HALVINGS, LEARNING_RATE, STEP_DRAWS, TOL, gap_warning
 
     log_px = per_digit["iwae"] if "iwae" in per_digit else per_digit["iwae_for_gaps"]
     optimised, encoder = per_digit["elbo_optimised"], per_digit["elbo_encoder"]
@@ -614,33 +614,9 @@ def _gaps_summary(per_digit: dict, family: str, config: EvalConfig, n: int, mc: 
                     f"steps the rate halves where the ELBO on {CHECK_DRAWS} fixed draws rose less than {TOL} nats, and "
                     f"after {HALVINGS} halvings the digit has converged; final ELBOs on {FINAL_DRAWS} draws per digit",
                monte_carlo_stderr_of_means=mc)
-    if out["amortisation_gap"]["mean"] < 0:
-        # q* can only be below the model's own q when the family is simpler than q (a hierarchy, a flow) and the
-        # optimiser did not reach that family's best from where it started
-        out["warning"] = (f"ELBO[q*] is below the model's own ELBO[q] by {-out['amortisation_gap']['mean']:.3g} nats: the "
-                          f"diagonal Gaussian, started from q's layers along their means, did not reach a member as "
-                          f"good as this model's q in {plural(config.gap_steps, 'step')} (its layers depend on each "
-                          f"other), so these two gaps do not measure the encoder and the family here")
-    if out["approximation_gap"]["mean"] < 0:
-        # ELBO[q*] ≤ log p(x) for every q, so a log p̂(x) below it is an estimate that has not converged: the
-        # encoder's q is a poor proposal (IWAE-K gains at most about log K over its ELBO when q misses the posterior)
-        better = out.get("log_px_optimised", {}).get("mean")
-        out["warning"] = " ".join(filter(None, [out.get("warning"), (
-            f"log p̂(x) by IWAE-{config.k} with the encoder's q is below ELBO[q*] by "
-            f"{-out['approximation_gap']['mean']:.3g} nats, and ELBO[q*] is a lower bound of log p(x): that estimate "
-            f"has not converged (q is a poor proposal for this model), so the NLL from it overstates the model's by "
-            f"at least as much" + (f"; IWAE-{FINAL_DRAWS} with q* as the proposal gives {better:.2f}"
-                                   if better is not None else ""))]))
-    if out["converged_fraction"] < CONVERGED_ENOUGH:
-        # a q* stopped short of its family's best: its ELBO is too low, which moves nats from the amortisation gap to
-        # the approximation gap (until 2026-12-06 only the fraction said so: --gap-steps 20 read 0.0 %, no warning)
-        least = CHECK * HALVINGS
-        out["warning"] = " ".join(filter(None, [out.get("warning"), (
-            f"only {100 * out['converged_fraction']:.1f} % of the digits converged in at most "
-            f"{plural(config.gap_steps, 'step')} (the rule needs {least} or more: {HALVINGS} plateaus {CHECK} steps "
-            f"apart), so q* stopped short of its family's best for the others: the approximation gap is overstated "
-            f"and the amortisation gap understated by what their optimisation had left; give a larger --gap-steps "
-            f"(the default is {EvalConfig.gap_steps})")]))
+    warning = gap_warning(out)
+    if warning:
+        out["warning"] = warning
     return out
 
 

@@ -379,3 +379,44 @@ def gap_batch(model, x: torch.Tensor, max_steps: int, generator: torch.Generator
     if not own_family(model):
         result.elbo_encoder, result.elbo_encoder_stderr = own_elbo(model, x, FINAL_DRAWS, generator)
     return result
+
+
+def gap_warning(gaps: dict) -> str | None:
+    """What the gap decomposition ``gaps`` (a record's "gaps": `evaluate --gaps`) should not be read as, from its
+    numbers alone, or None. The record keeps the text it was written with; `evaluate`, the report and compare show
+    this one, so that a record written before a warning existed gets it too (until 2026-12-07 a record of
+    --gap-steps 20 from before the convergence warning showed 0.0 % converged and no warning)."""
+    from vaelab.evaluation import EvalConfig
+    from vaelab.tables import plural
+
+    def mean(name: str) -> float | None:          # null where it was not finite (``records.strict_json``)
+        return (gaps.get(name) or {}).get("mean")
+
+    steps = plural(gaps["max_steps"], "step")
+    warnings = []
+    if (mean("amortisation_gap") or 0) < 0:
+        # q* can only be below the model's own q when the family is simpler than q (a hierarchy, a flow) and the
+        # optimiser did not reach that family's best from where it started
+        warnings.append(f"ELBO[q*] is below the model's own ELBO[q] by {-mean('amortisation_gap'):.3g} nats: the "
+                        f"diagonal Gaussian, started from q's layers along their means, did not reach a member as good "
+                        f"as this model's q in {steps} (its layers depend on each other), so these two gaps do not "
+                        f"measure the encoder and the family here")
+    if (mean("approximation_gap") or 0) < 0:
+        # ELBO[q*] ≤ log p(x) for every q, so a log p̂(x) below it is an estimate that has not converged: the
+        # encoder's q is a poor proposal (IWAE-K gains at most about log K over its ELBO when q misses the posterior)
+        better = mean("log_px_optimised")
+        warnings.append(
+            f"log p̂(x) by {gaps['log_px_estimator']} with the encoder's q is below ELBO[q*] by "
+            f"{-mean('approximation_gap'):.3g} nats, and ELBO[q*] is a lower bound of log p(x): that estimate has not "
+            f"converged (q is a poor proposal for this model), so the NLL from it overstates the model's by at least "
+            f"as much" + (f"; {gaps.get('log_px_optimised_estimator', f'IWAE-{FINAL_DRAWS} with q* as the proposal')} "
+                          f"gives {better:.2f}" if better is not None else ""))
+    if gaps["converged_fraction"] < CONVERGED_ENOUGH:
+        # a q* stopped short of its family's best: its ELBO is too low, which moves nats from the amortisation gap to
+        # the approximation gap (until 2026-12-06 only the fraction said so: --gap-steps 20 read 0.0 %, no warning)
+        warnings.append(
+            f"only {100 * gaps['converged_fraction']:.1f} % of the digits converged in at most {steps} (the rule "
+            f"needs {CHECK * HALVINGS} or more: {HALVINGS} plateaus {CHECK} steps apart), so q* stopped short of its "
+            f"family's best for the others: the approximation gap is overstated and the amortisation gap understated "
+            f"by what their optimisation had left; give a larger --gap-steps (the default is {EvalConfig.gap_steps})")
+    return " ".join(warnings) or None

@@ -166,8 +166,10 @@ def format_eval_table(result: dict) -> str:
                     if "log_px_optimised" in gaps else []),
                   f"  stopping rule: {gaps['rule']}; {100 * gaps['converged_fraction']:.1f} % of the digits converged, "
                   f"{gaps['mean_steps']:.0f} steps on average (at most {gaps['max_steps']})"]
-        if gaps.get("warning"):
-            lines.append(f"warning: {gaps['warning']}")
+        from vaelab.gaps import gap_warning
+
+        if warning := gap_warning(gaps):
+            lines.append(f"warning: {warning}")
     modes = result.get("laplace_modes")
     if modes and (modes["stalled"] or modes["not converged"]):
         from vaelab.laplace import STALLED_CAUSE

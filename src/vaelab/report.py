@@ -19,6 +19,7 @@ from vaelab import plots
 from vaelab.config import UNUSED
 from vaelab.errors import UsageError
 from vaelab.evaluation import SECOND_DRAW_DIGITS, draws_move_means, reconstructions, summarize
+from vaelab.gaps import gap_warning
 from vaelab.laplace import STALLED_CAUSE
 from vaelab.presets import changed_fields, preset_label
 from vaelab.runs import (RunInfo, digits_label, distinct_labels, divergence, estimator_label, format_duration,
@@ -449,7 +450,7 @@ def _nats_section(run: RunInfo, figures: FigureSet, trained_test_digits: int) ->
     if gaps is not None:
         g = gaps["gaps"]
         section["gaps"] = {"record": gaps["file"], "family": g["family"], "rule": g["rule"], "digits": g["digits"],
-                           "warning": g.get("warning"),
+                           "warning": gap_warning(g),
                            "converged": f"{100 * g['converged_fraction']:.1f} %", "steps": f"{g['mean_steps']:.0f}",
                            "rows": [(label, _fmt(g[key]["mean"], 2), _fmt(g[key]["stderr"], 2))
                                     for key, label in (("log_px", f"log p̂(x), {g['log_px_estimator']}"),
@@ -669,7 +670,7 @@ def _compare_gaps(runs: list[RunInfo], split: str = "test") -> list[dict]:
         values = per_digit(run.path, record, ("iwae", "elbo_optimised", "elbo_encoder"))
         g = record["gaps"]
         entries.append({"name": run.name, "gaps": g, "record": record, "values": values,
-                        "with": f"{g['log_px_estimator']}, {plural(g['digits'], 'digit')}", "warning": g.get("warning"),
+                        "with": f"{g['log_px_estimator']}, {plural(g['digits'], 'digit')}", "warning": gap_warning(g),
                         "cells": {key: f"{_fmt(g[key]['mean'], 2)} ± {_fmt(g[key]['stderr'], 2)}"
                                   for key in ("log_px", "elbo_optimised", "elbo_encoder", "approximation_gap",
                                               "amortisation_gap")}})
