@@ -951,6 +951,45 @@ def test_api_train_runs_in_a_thread_other_than_the_main_one(tmp_path, data_dir):
     assert {signum: signal.getsignal(signum) for signum in training.STOP_SIGNALS} == before   # the main thread's
 
 
+def test_api_train_names_the_call_that_goes_on_after_a_divergence_or_a_stop(tmp_path, data_dir, monkeypatch):
+    """A run that diverged in `vaelab.train`, or was stopped, raised the command's message: "vaelab train --out r
+    --resume --lr X or --clip-grad-norm C" (until 2026-12-07). It names the call now, as the other errors do; the
+    run's train.log keeps the command. A command inside a UsageError became "vaelab train out= r resume=True"."""
+    from vaelab.api import in_api_terms
+    from vaelab.errors import TrainingDiverged
+
+    out = tmp_path / "r b"
+    vaelab.train(out=out, epochs=1, hidden=[16], latent=[2], data_dir=data_dir, train_examples=300,
+                 test_examples=20)
+    with pytest.raises(TrainingDiverged) as error:
+        vaelab.train(out=out, resume=True, epochs=3, lr=3.0)
+    message = str(error.value)
+    assert message.startswith("vaelab.train: the ELBO became ") and error.value.what in message
+    assert message.endswith(f"vaelab.train(out={str(out)!r}, resume=True, lr=X) or clip_grad_norm=C"), message
+    assert "--" not in message and error.value.exit_code == 1
+    assert vaelab.load_run(out).status == "diverged"
+    # a stop signal after the first epoch of another run, whose path the shell must quote
+    real = training.Trainer._run_epoch
+
+    def then_a_signal(self):
+        real(self)
+        self._signal = signal.SIGTERM
+
+    monkeypatch.setattr(training.Trainer, "_run_epoch", then_a_signal)
+    with pytest.raises(training.Interrupted) as error:
+        vaelab.train(out=tmp_path / "s t", epochs=3, hidden=[16], latent=[2], data_dir=data_dir,
+                     train_examples=300, test_examples=20)
+    assert str(error.value).endswith(f"resume with: vaelab.train(out={str(tmp_path / 's t')!r}, resume=True)")
+    assert error.value.exit_code == 143 and "--" not in str(error.value)
+    assert "resume with: vaelab train --out " in (tmp_path / "s t" / training.TRAIN_LOG).read_text()
+    assert in_api_terms("stopped by SIGTERM after epoch 1; checkpoint written to r b (it resumes exactly); resume "
+                        "with: vaelab train --out 'r b' --resume") == (
+        "stopped by SIGTERM after epoch 1; checkpoint written to r b (it resumes exactly); resume with: "
+        "vaelab.train(out='r b', resume=True)")
+    assert in_api_terms("then `vaelab train --out ./-r --resume --epochs N --no-batch-norm`.") == (
+        "then `vaelab.train(out='./-r', resume=True, epochs=N, batch_norm=False)`.")
+
+
 def test_api_train_takes_false_against_a_preset_blocks_as_lists_arrays_and_a_dash_path(tmp_path, data_dir,
                                                                                       monkeypatch):
     """Until 2026-12-06 `batch_norm=False` was dropped, so `preset="ladder-5"` trained with batch norm all the same;

@@ -13,13 +13,14 @@ import difflib
 import os
 import random
 import re
+import shlex
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from vaelab.errors import UsageError
+from vaelab.errors import TrainingDiverged, UsageError
 from vaelab.runs import RunInfo, pictured_weights, read_run
 
 CHECKPOINTS = ("last", "best")
@@ -36,6 +37,26 @@ def in_api_terms(message: str) -> str:
 
     actions = {option: action for action in train_actions().values() for option in action.option_strings}
     message = re.sub(r"argument --([a-z][a-z0-9-]*)", lambda m: m.group(1).replace("-", "_"), message)
+
+    def call(match: re.Match) -> str:
+        """A whole command to paste, `vaelab train --out RUN --resume --lr X` → `vaelab.train(out='RUN',
+        resume=True, lr=X)` (until 2026-12-07 "vaelab train out= RUN resume=True lr=X"; a diverged or stopped run's
+        message named the command itself)."""
+        words, arguments = shlex.split(match.group(1)), []
+        while words:
+            flag = words.pop(0)
+            action = actions.get(flag)
+            name = action.dest if action is not None else flag[2:].replace("-", "_")
+            if action is not None and action.nargs == 0:
+                arguments.append(f"{name}={flag[2:] == action.dest.replace('_', '-')}")     # --no-batch-norm: False
+            elif words:
+                value = words.pop(0)
+                literal = re.fullmatch(r"-?[0-9][0-9.e+-]*|[A-Z][A-Z_]*", value)   # a number or a placeholder
+                arguments.append(f"{name}={value if literal else repr(value)}")
+        return f"vaelab.train({', '.join(arguments)})"
+
+    # a value: a quoted word (``tables.shell_word``) or a word without the sentence's punctuation after it
+    message = re.sub(r"\bvaelab train((?: --[a-z][a-z0-9-]*(?: (?!--)(?:'[^']*'|[^\s;,()`']+))?)+)", call, message)
 
     def keyword(match: re.Match) -> str:
         flag, value = match.group(1), match.group(2)
@@ -265,6 +286,7 @@ def train(config=None, *, out: str | Path | None = None, resume: bool = False, p
     from vaelab.config import RunConfig
     from vaelab.distributed import SINGLE
     from vaelab.sweep import flags_of, train_actions
+    from vaelab.training import Interrupted
 
     if config is not None and not isinstance(config, (dict, RunConfig)):
         raise UsageError(f"vaelab.train: config must be a RunConfig or a dict as in config.json, got "
@@ -309,6 +331,11 @@ def train(config=None, *, out: str | Path | None = None, resume: bool = False, p
                 paths.append(Path(out))
             else:
                 _new_run(args, SINGLE, config=None if config is None else config.validate(), claimed_dir=paths)
+    except (TrainingDiverged, Interrupted) as exc:     # the command to go on with, in the API's terms
+        retold = type(exc).__new__(type(exc))
+        retold.__dict__.update(exc.__dict__)
+        retold.args = (f"vaelab.train: {in_api_terms(str(exc))}",)
+        raise retold from None
     except UsageError as exc:
         message = str(exc)
         several = [f"{name}={value!r}" for name, value in flags.items() if isinstance(value, (list, tuple))]
