@@ -978,9 +978,8 @@ def _resume(args: argparse.Namespace, world, observers: Sequence = ()) -> int:
 
         # the last start from this checkpoint diverged, and config.json holds its --lr and clipping: these flags
         # change neither, so the same steps follow (until 2026-12-06 said nothing)
-        diverged = divergence(run_dir)
-        repeats = diverged["what"] if diverged is not None and not given and (diverged["epoch"], diverged["step"]) \
-            == (done, int(meta.get("step") or 0)) else None
+        diverged = divergence(run_dir, meta)
+        repeats = diverged["what"] if diverged is not None and not given else None
         return {"config": config.to_dict(), "restored": restored, "changed": restored or config != saved,
                 "amendments": amendments, "earlier": bool(amendments) and not given,
                 "epochs_before": state_config.train.epochs, "repeats": repeats}

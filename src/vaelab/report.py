@@ -22,7 +22,7 @@ from vaelab.evaluation import SECOND_DRAW_DIGITS, draws_move_means, reconstructi
 from vaelab.gaps import gap_warning
 from vaelab.laplace import STALLED_CAUSE
 from vaelab.presets import changed_fields, preset_label
-from vaelab.runs import (RunInfo, digits_label, distinct_labels, divergence, estimator_label, format_duration,
+from vaelab.runs import (RunInfo, digits_label, distinct_labels, estimator_label, format_duration,
                          of_best_weights, per_digit, pictured_weights, read_run, stale_weights,
                          uncheckpointed_changes, weights_label)
 from vaelab.tables import plural, shell_word, text_table
@@ -410,8 +410,7 @@ def _summary(run: RunInfo, record: dict | None, layers: list[dict], active_note:
         summary["status"] = (f"pruned by its sweep after epoch {run.epochs_done}: the median pruner found its "
                              f"validation ELBO worse than the median of the sweep's trials at that epoch")
     if run.status == "diverged":          # what diverged, and how to go on: not the plain resume, which repeats it
-        what = (divergence(run.path) or {}).get("what", "its last training")     # (a resume begun since: gone)
-        summary["status"] = (f"diverged: {what}; the weights are those of the last good "
+        summary["status"] = (f"diverged: {run.diverged['what']}; the weights are those of the last good "
                              f"checkpoint ({run.epochs_done} of {run.epochs_total} epochs); go on from it with "
                              f"{run.resume_command} --lr X (lower) or --clip-grad-norm C")
     if run.status == "stopped early":

@@ -38,6 +38,7 @@ class RunInfo:
     evaluations: list[dict[str, Any]] = field(default_factory=list)   # every record, each with "stale"
     notes: list[str] = field(default_factory=list)                    # files that were skipped, and why
     label: str | None = None       # what a page calls it among others (distinct_labels); its folder's name if None
+    diverged: dict[str, Any] | None = None     # RUN/diverged.json where its last training diverged (``divergence``)
 
     @property
     def name(self) -> str:
@@ -382,8 +383,7 @@ def read_run(path: str | Path) -> RunInfo:
         status = "not started"
     elif not meta.get("step") and pruned_after(path) == done:       # trained on after it by hand: not pruned now
         status = "pruned"
-    elif (diverged := divergence(path)) is not None and (diverged["epoch"], diverged["step"]) == (
-            done, int(meta.get("step") or 0)):                          # of this very checkpoint, not an earlier one
+    elif (diverged := divergence(path, meta)) is not None:
         status = "diverged"
     elif done >= config.train.epochs and not meta.get("step"):
         status = "finished"
@@ -392,7 +392,8 @@ def read_run(path: str | Path) -> RunInfo:
     else:
         status = "interrupted"
     notes: list[str] = []
-    return RunInfo(path, config, metrics, status, done, holder, meta, read_evaluations(path, notes), notes)
+    return RunInfo(path, config, metrics, status, done, holder, meta, read_evaluations(path, notes), notes,
+                   diverged=diverged if status == "diverged" else None)
 
 
 def pruned_after(path: Path) -> int | None:
@@ -423,9 +424,10 @@ def uncheckpointed_changes(run: RunInfo) -> list[str]:
     return [change for change in changes if change.split(":")[0] not in TARGET_FIELDS]
 
 
-def divergence(path: Path) -> dict[str, Any] | None:
+def divergence(path: Path, meta: dict[str, Any]) -> dict[str, Any] | None:
     """What RUN/diverged.json says (ckpt.DIVERGED): the checkpoint training diverged from, ``epoch`` and ``step``,
-    and ``what`` ("the ELBO became … at epoch 2, step 2"); None where there is none or it is not vaelab's."""
+    and ``what`` ("the ELBO became … at epoch 2, step 2"), where it is the checkpoint whose training state's
+    metadata is ``meta``; None where there is none, it is not vaelab's, or it is of an earlier checkpoint."""
     try:
         marker = json.loads((path / ckpt.DIVERGED).read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -433,7 +435,8 @@ def divergence(path: Path) -> dict[str, Any] | None:
     if not isinstance(marker, dict) or not all(isinstance(marker.get(key), int) and not isinstance(marker[key], bool)
                                                for key in ("epoch", "step")) or not isinstance(marker.get("what"), str):
         return None
-    return marker
+    return marker if (marker["epoch"], marker["step"]) == (int(meta.get("epoch", -1)), int(meta.get("step") or 0)) \
+        else None
 
 
 def distinct_labels(paths: Sequence[str | Path]) -> list[str]:

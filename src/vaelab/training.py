@@ -668,7 +668,7 @@ class Trainer:
             o = self.config.objective
             beta = kl_weight((epoch - 1) * self.steps_per_epoch + offset + row, self.steps_per_epoch, o.beta,
                              o.warmup_epochs)
-            what = objective_label(o.name, o.samples, beta) if scaled else "ELBO"
+            bound = objective_label(o.name, o.samples, beta) if scaled else "ELBO"
             if epoch == 1 and offset + row == 0:
                 # the first step's value is that of the initial weights, before any update: no learning rate or
                 # clipping changes it (He's init in a bottom-up ReLU hierarchy: each draw between blocks scales the
@@ -678,7 +678,7 @@ class Trainer:
                           f"was {self.config.train.seed})")
             else:
                 stands = f"; {self._what_stands()}"
-            what = f"the {what} became {value:.4g} nats per example at epoch {epoch}, step {offset + row + 1}"
+            what = f"the {bound} became {value:.4g} nats per example at epoch {epoch}, step {offset + row + 1}"
             raise TrainingDiverged(f"{what}{self._beyond(value, scaled)}{stands}", what)
 
     def _beyond(self, value: float, scaled: bool = False) -> str:
