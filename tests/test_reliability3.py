@@ -325,6 +325,34 @@ def test_no_output_replaces_a_file_a_run_a_sweep_or_figures_are_made_of(two_runs
     assert run(capsys, *evaluate, "--out", run_dir / "mine.json")[0] == 0 and (run_dir / "mine.digits.csv").exists()
 
 
+def test_an_output_named_as_a_directory_is_refused_before_the_work(evaluated, tmp_path, data_dir, capsys):
+    """`evaluate --out e.json`, `sample --out d.png` or `stirling --plot d.png` where that name is a directory said
+    "exists …; pass --overwrite", and with --overwrite `evaluate` evaluated, failed to write, and advised to "free
+    some space"; `sample --out /tmp` said "cannot write a suffix-less picture" (until 2026-12-07). Each is refused in
+    one line before any work; a write that meets a directory anyway (made in the meantime) names that remedy."""
+    from vaelab import atomic
+
+    for name in ("e.json", "d.png"):
+        (tmp_path / name).mkdir()
+    for argv, words in [
+            (["evaluate", evaluated, "--k", "2", "--test-examples", "3", "--data-dir", data_dir, "--no-progress",
+              "--out", tmp_path / "e.json", "--overwrite"], f"--out {tmp_path / 'e.json'} is a directory; give a "
+                                                            f"file name ending in .json"),
+            (["sample", evaluated, "--out", tmp_path / "d.png"], f"--out {tmp_path / 'd.png'} is a directory; give "
+                                                                 f"a file name ending in .png"),
+            (["stirling", "--plot", tmp_path / "d.png", "--overwrite"], f"--plot {tmp_path / 'd.png'} is a "
+                                                                        f"directory"),
+            (["sample", evaluated, "--out", tmp_path], f"--out {tmp_path} is a directory; give a picture's file "
+                                                       f"name, ending in .png, .pdf, .svg or another"),
+            (["stirling", "--plot", tmp_path], f"--plot {tmp_path} is a directory")]:
+        code, out, err = run(capsys, *argv)
+        assert code == 2 and one_line(err) and words in err and out == "", err
+    with pytest.raises(atomic.WriteError) as error:
+        atomic.atomic_write(tmp_path / "d.png", lambda handle: handle.write(b"x"))
+    assert str(error.value).endswith("(errno 21); move that directory away or write elsewhere")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.png", "e.json"]
+
+
 def test_a_run_evaluated_again_after_training_on_keeps_both_records(tmp_path, data_dir, capsys):
     """`vaelab evaluate RUN` after the run trained on: the default name holds the earlier weights' record, and the
     second evaluation was refused (exit 2) unless given --out (as for `vampprior-2` at epochs 651 and 956). Now it

@@ -66,7 +66,10 @@ def atomic_write(path: Path, write: Callable[[Any], None], mode: str = "wb", rep
             raise
         if isinstance(exc, OSError):
             what = f"cannot write {path}: {exc.strerror} (errno {exc.errno})"
-            raise WriteError(f"{what}; free some space or write elsewhere", what, exc.errno) from exc
+            # the remedy of that error where there is one (until 2026-12-07 "free some space" for each, a directory
+            # in the file's place too)
+            remedy = WRITE_REMEDIES.get(exc.errno)
+            raise WriteError(f"{what}; {remedy + ' or ' if remedy else ''}write elsewhere", what, exc.errno) from exc
         raise
     # Make the rename itself durable.
     try:

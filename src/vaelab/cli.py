@@ -1291,6 +1291,8 @@ def _weights_file(run_dir: Path, checkpoint: str) -> str:
 
 def _check_target(path: Path, overwrite: bool, what: str, flag: str = "--out") -> None:
     _refuse_own_file(path, flag)
+    if path.is_dir():       # (until 2026-12-07 "exists …; pass --overwrite", which then failed after all the work)
+        raise UsageError(f"{flag} {path} is a directory; give a file name ending in {path.suffix}")
     if path.exists() and not overwrite:
         raise UsageError(f"{path} exists (vaelab's or not, it is kept); pass --overwrite to replace it with this "
                          f"{what}, or {flag} another file")
@@ -1445,10 +1447,13 @@ def _evaluate_compiled(args: argparse.Namespace, config, model, device, main: bo
 # sample, presets, data, stirling
 
 
-def _picture_path(path: Path) -> Path:
+def _picture_path(path: Path, flag: str = "--out") -> Path:
     from vaelab.plots import picture_formats
 
     formats = picture_formats()
+    if path.is_dir() and not path.suffix:      # (until 2026-12-07 "/tmp: cannot write a suffix-less picture")
+        raise UsageError(f"{flag} {path} is a directory; give a picture's file name, ending in .png, .pdf, .svg or "
+                         f"another of matplotlib's formats")
     if path.suffix.lower().lstrip(".") not in formats:
         raise UsageError(f"{path}: cannot write a {path.suffix or 'suffix-less'} picture; end the name with one of "
                          f"{', '.join('.' + f for f in formats)}")
@@ -1783,7 +1788,7 @@ def cmd_stirling(args: argparse.Namespace) -> int:
 
     from vaelab.laplace import stirling_table
 
-    plot = _picture_path(args.plot) if args.plot else None
+    plot = _picture_path(args.plot, "--plot") if args.plot else None
     if plot:
         _check_target(plot, args.overwrite, "picture", "--plot")
     table = stirling_table(args.n, args.terms)          # whole numbers as given: 10¹⁸ − 1 is not a float64
