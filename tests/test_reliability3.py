@@ -1239,6 +1239,22 @@ def test_a_value_that_begins_with_a_dash_is_named_with_the_way_to_pass_it(words,
     assert err.strip().endswith(f"argument {words[1]}: expected {expected} argument{hint}"), err
 
 
+@pytest.mark.parametrize("words, message", [
+    (["evaluate", "r", "--K", "5"], "vaelab evaluate: error: unrecognized arguments: --K 5; did you mean --k (for --K)?"),
+    (["evaluate", "r", "--gapsteps=5", "x"],
+     "vaelab evaluate: error: unrecognized arguments: --gapsteps=5 x; did you mean --gap-steps (for --gapsteps)?"),
+    (["sample", "r", "--k", "5"], "vaelab sample: error: unrecognized arguments: --k 5"),     # (not "--n?")
+    (["runs", ".", "extra"], "vaelab runs: error: unrecognized arguments: extra"),
+])
+def test_words_no_flag_takes_are_the_commands_error_with_the_flag_meant(words, message, capsys):
+    """argparse's top parser reported them, "vaelab: error: unrecognized arguments: --K 5", as if of no command
+    (until 2026-12-07)."""
+    with pytest.raises(SystemExit) as stopped:
+        main(words)
+    out, err = capsys.readouterr()
+    assert stopped.value.code == 2 and out == "" and err == message + "\n"
+
+
 @pytest.mark.parametrize("flag, text, held", [("--clip-grad-norm", "1e-400", "0"), ("--adam-eps", "1e-400", "0"),
                                               ("--beta", "1e400", "inf"), ("--lr", "2e-1_000", "0")])
 def test_a_number_a_float_cannot_hold_is_refused_not_rounded(flag, text, held, capsys):

@@ -12,6 +12,7 @@ import argparse
 import contextlib
 import dataclasses
 import decimal
+import difflib
 import errno
 import json
 import math
@@ -76,6 +77,20 @@ class _Parser(argparse.ArgumentParser):
     def parse_known_args(self, args=None, namespace=None):
         self._words = list(sys.argv[1:] if args is None else args)     # (a subcommand's parser gets its own words)
         return super().parse_known_args(args, namespace)
+
+    def parse_args(self, args=None, namespace=None):
+        """Words no flag of the command takes are the command's error, with the flag meant where one is close
+        (until 2026-12-07 "vaelab: error: unrecognized arguments: --K 5", as if of no command)."""
+        namespace, extras = self.parse_known_args(args, namespace)
+        if extras:
+            subparsers = [action for action in self._actions if isinstance(action, argparse._SubParsersAction)]
+            parser = subparsers[0].choices.get(getattr(namespace, "command", None), self) if subparsers else self
+            flags = {flag.lstrip("-").lower(): flag for flag in parser._option_string_actions if flag.startswith("--")}
+            meant = [f"{flags[close[0]]} (for {word.split('=')[0]})" for word in extras if word.startswith("-") and (
+                close := difflib.get_close_matches(word.split("=")[0].lstrip("-").lower(), flags, 1))]
+            parser.error(f"unrecognized arguments: {' '.join(extras)}" + (f"; did you mean {', '.join(meant)}?"
+                                                                          if meant else ""))
+        return namespace
 
     def error(self, message: str):  # one line, status 2
         self.exit(2, f"{self.prog}: error: {message}{self._dash_value(message)}\n")
