@@ -133,6 +133,10 @@ def test_runs_lists_state_epochs_and_best_nll(runs, tmp_path, data_dir, capsys):
     assert re.search(r"\d+\.\d\d \(K 20, 60 test digits, epoch 3\)", busy)
     code = main(["runs", str(tmp_path / "nowhere")])
     assert code == 2
+    # the training "so far" only where it goes on (until 2026-12-07 a finished run's too)
+    for name, words in (("interrupted", "of training so far.</p>"), ("busy", "of training.</p>")):
+        assert main(["report", str(tmp_path / "all" / name), "--data-dir", str(data_dir)]) == 0
+        assert words in (tmp_path / "all" / name / "report.html").read_text()
 
 
 def test_tensorboard_events_can_be_read_back(tmp_path, data_dir):
