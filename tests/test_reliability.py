@@ -441,6 +441,10 @@ def test_a_data_dir_that_is_a_file_is_one_line(tmp_path, capsys):
     code, _, err = run(capsys, "data", "--data-dir", blocker)         # a bad argument: exit 2 (it was 1 until 2026-12-04)
     assert code == 2 and str(blocker) in err and one_line_error(err)
     assert "cannot create the data directory" in err and "choose another with --data-dir" in err
+    # which: the directory's own name, or a parent's (until 2026-12-07 "(File exists)", "(Not a directory)")
+    assert f"{blocker} (a file has that name);" in err
+    code, _, err = run(capsys, "data", "--data-dir", blocker / "mnist")
+    assert code == 2 and one_line_error(err) and f"{blocker / 'mnist'} ({blocker} is a file, not a directory);" in err
 
 
 # ---- a full disk while a checkpoint is written -------------------------------------------------------

@@ -467,7 +467,12 @@ def _load_mnist(directory: Path, download: bool, log: Callable[[str], None]) -> 
         try:
             directory.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise UsageError(f"cannot create the data directory {directory} ({exc.strerror}); "
+            # a file in its place, or in a parent's (until 2026-12-07 "(File exists)", "(Not a directory)")
+            in_the_way = next((path for path in (directory, *directory.parents) if path.exists() and not path.is_dir()),
+                              None)
+            why = (exc.strerror if in_the_way is None else "a file has that name" if in_the_way == directory else
+                   f"{in_the_way} is a file, not a directory")
+            raise UsageError(f"cannot create the data directory {directory} ({why}); "
                              f"choose another with --data-dir or VAELAB_DATA") from exc
     fetchers = list(_local_sources(directory))
     # a directory that cannot take files (read-only, /proc/sys, no permission): the downloads are staged in a
