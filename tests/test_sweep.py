@@ -1170,7 +1170,9 @@ def test_the_report_of_a_sweep_renders_in_a_browser(example, tmp_path):
         assert text in html, text
     complete = html.count('<td>complete</td>')
     assert complete >= 2 and (f"PED-ANOVA evaluator: how far each parameter&#39;s values among the best 10 % of "
-                              f"the {complete} complete trials") in html
+                              f"the {complete} complete trials (here 1 trial) lie from their spread over all of them; "
+                              f"with fewer than the 5 best trials Optuna advises for stable importances, read them as "
+                              f"a hint, not a measurement") in html
     if CHROMIUM is None:
         pytest.skip("no Chromium to render the page (the HTML was checked above)")
     shot = tmp_path / "sweep.png"
@@ -1531,6 +1533,24 @@ def test_importances_that_tell_no_trial_apart_are_a_note_not_equal_bars(tmp_path
     html = build_sweep_report(tmp_path / "out", trial_reports=False)
     assert "No parameter importances: they need two or more complete trials whose parameters differ" in html
     assert "importance (PED-ANOVA" not in html and "PED-ANOVA evaluator" not in html
+
+
+@pytest.mark.parametrize("values, minimize", [(list(range(4)), True), (list(range(41)), True),
+                                              (list(range(50)), False), ([1.0, 1.0, 1.0, 2.0, 3.0], True)])
+def test_the_best_trials_of_the_importances_are_counted_as_optunas_filter_takes_them(values, minimize):
+    """The page said "the best 10 % of the 4 complete trials", which is one trial, and nothing of how few (until
+    2026-12-07). The count is the one Optuna's PED-ANOVA filter keeps (ties included); below 5, the caption cautions."""
+    optuna = pytest.importorskip("optuna")
+    from optuna.importance._ped_anova.evaluator import _QuantileFilter
+
+    from vaelab.sweep import IMPORTANCE_QUANTILE, importance_trials
+
+    study = optuna.create_study(direction="minimize" if minimize else "maximize")
+    for value in values:
+        study.add_trial(optuna.trial.create_trial(value=float(value), params={}, distributions={}))
+    kept = _QuantileFilter(IMPORTANCE_QUANTILE, minimize, None).filter(study.trials)
+    assert importance_trials(values, minimize) == len(kept)
+    assert importance_trials(values, minimize) == {4: 1, 41: 5, 50: 5, 5: 3}[len(values)]
 
 
 def test_a_searched_name_whose_options_set_several_fields_together(tmp_path, data_dir):

@@ -68,6 +68,7 @@ RESERVED = {"out", "resume", "preset", "no_progress", "threads", "tensorboard", 
 BUDGET_FIELDS = ("epochs", "train_examples", "validation", "test_examples")
 SPEC_FILE, STATE_FILE, STORAGE_FILE = "sweep.toml", "sweep.json", "study.db"
 FINISHED = ("COMPLETE", "PRUNED")
+IMPORTANCE_QUANTILE = 0.1   # PED-ANOVA's best trials: the best 10 % (Optuna's default, the paper's γ')
 # a running trial writes a heartbeat this often; one silent for the grace period is dead (Optuna's RDB heartbeat)
 HEARTBEAT_SECONDS, GRACE_SECONDS = 20, 90
 
@@ -1636,6 +1637,15 @@ def not_a_sweep(path: Path) -> None:
                          f"the sweep's page)")
 
 
+def importance_trials(values: Sequence[float], minimize: bool) -> int:
+    """How many of the complete trials' objective ``values`` PED-ANOVA takes as the best (Optuna's quantile
+    filter): the ceil(10 % · n)-th best value and every trial as good, so at least one (until 2026-12-07 the page
+    said "the best 10 % of the 4 complete trials", which was one trial)."""
+    ranked = sorted(values, reverse=not minimize)
+    cutoff = ranked[math.ceil(IMPORTANCE_QUANTILE * len(ranked)) - 1]
+    return sum(1 for v in ranked if (v <= cutoff if minimize else v >= cutoff))
+
+
 def build_sweep_report(out: Path, trial_reports: bool = True, data_dir: str | None = None,
                        progress: bool | str = False) -> str:
     """One page: the results, the optimisation history, each parameter against the objective, Optuna's
@@ -1708,12 +1718,19 @@ def build_sweep_report(out: Path, trial_reports: bool = True, data_dir: str | No
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")                   # its few-trials and experimental-argument warnings
             raw = optuna.importance.get_param_importances(
-                study, evaluator=optuna.importance.PedAnovaImportanceEvaluator(), normalize=False)
+                study, evaluator=optuna.importance.PedAnovaImportanceEvaluator(target_quantile=IMPORTANCE_QUANTILE),
+                normalize=False)
         total = sum(raw.values())
         if total > 0:
+            finite = [t.value for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+                      if math.isfinite(t.value)]
+            top = importance_trials(finite, minimize)
+            # Optuna's advice: five or more trials in that set for stable importances (so about 50 trials)
+            caution = ("; with fewer than the 5 best trials Optuna advises for stable importances, read them as a "
+                       "hint, not a measurement" if top < 5 else "")
             importance = Figure(f"parameter importances (Optuna's PED-ANOVA evaluator: how far each parameter's "
-                                f"values among the best 10 % of the {len(complete)} complete trials lie from their "
-                                f"spread over all of them)",
+                                f"values among the best 10 % of the {len(finite)} complete trials (here "
+                                f"{plural(top, 'trial')}) lie from their spread over all of them{caution})",
                                 data_uri(plots.importance_figure({name: v / total for name, v in raw.items()})))
     except (ValueError, RuntimeError) as exc:
         note = f"No parameter importances: {exc}"
