@@ -1433,6 +1433,8 @@ def test_format_duration():
 
     assert [format_duration(s) for s in (0.42, 42, 318, 3168, 7384.1, None)] == \
         ["0.4 s", "42 s", "5.3 min", "52.8 min", "2.05 h", "—"]
+    # below 0.1 s two significant digits (until 2026-12-07 a trial of 0.02 s read "0.0 s"); 0 is 0
+    assert [format_duration(s) for s in (0.0234, 0.0049, 0.096, 0.0)] == ["0.023 s", "0.0049 s", "0.1 s", "0.0 s"]
 
 
 # ---- 1. threads: what the suite runs on ------------------------------------------------------------------------

@@ -221,6 +221,8 @@ def format_duration(seconds: float | None) -> str:
     """'42 s', '5.3 min', '1.42 h': a unit that shows short runs too ('—' for None)."""
     if seconds is None or not math.isfinite(seconds):
         return "—"
+    if 0 < seconds < 0.095:     # two digits that say something (until 2026-12-07 a 0.02 s trial read "0.0 s")
+        return f"{seconds:.2g} s"
     if seconds < 100:
         return f"{seconds:.0f} s" if seconds >= 10 else f"{seconds:.1f} s"
     if seconds < 6000:
