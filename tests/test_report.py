@@ -291,6 +291,14 @@ def test_version_and_every_option_has_a_help_string(capsys):
     silent = [f"{prog} {action.dest}" for prog, action in actions(build_parser())
               if action.default not in (None, False) and "default" not in action.help]
     assert not silent, silent
+    # the presets whose default engine is the compiled one, each named (cpu-hour-vampprior was not, until 2026-12-07)
+    from vaelab.config import RunConfig
+    from vaelab.presets import PRESETS, apply_preset
+
+    engine = next(a for _, a in actions(build_parser()) if "--engine" in a.option_strings)
+    named = re.search(r"the default of the presets (.*)\)$", " ".join(engine.help.split())).group(1)
+    compiled = {name for name in PRESETS if apply_preset(RunConfig(), name).train.engine == "compiled"}
+    assert set(re.split(r", | and ", named)) == compiled and "cpu-hour-vampprior" in compiled
 
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
@@ -373,13 +381,16 @@ def test_compare_on_the_validation_split_pairs_validation_records_and_never_the_
     out = capsys.readouterr().out
     assert "where the nats go" in out and re.search(r"^a\s+IWAE-20, \d+ digits\s+-\d", out, re.M)  # which log p̂
     assert "<td>IWAE-20, " in (tmp_path / "t.html").read_text()
-    # a decomposition whose log p̂(x) fell below ELBO[q*] carries its evaluation's warning into the comparison
+    # a decomposition whose log p̂(x) fell below ELBO[q*] carries its warning into the comparison: made from the
+    # record's numbers (``gaps.gap_warning``), whatever text the record kept
     record = next((tmp_path / "a").glob("eval-*gaps*.json"))
     saved = json.loads(record.read_text())
-    saved["gaps"]["warning"] = "log p̂(x) by IWAE-20 with the encoder's q is below ELBO[q*]"
+    saved["gaps"].update(warning="", approximation_gap={"mean": -1.5, "stderr": 0.1},
+                         amortisation_gap={"mean": 0.5, "stderr": 0.1})
     record.write_text(json.dumps(saved))
     assert main(["compare", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "t.html")]) == 0
-    assert "a: warning: log p̂(x) by IWAE-20 with the encoder's q is below ELBO[q*]" in capsys.readouterr().out
+    assert "a: warning: log p̂(x) by IWAE-20 with the encoder's q is below ELBO[q*] by 1.5 nats" in \
+        capsys.readouterr().out
     assert "a: warning: log p̂(x) by IWAE-20 with the encoder&#39;s q" in (tmp_path / "t.html").read_text()
     assert main(["compare", str(tmp_path / "a"), str(tmp_path / "b"), "--split", "validation",
                  "--out", str(tmp_path / "v.html")]) == 0
