@@ -513,6 +513,7 @@ def test_symbols_are_spelled_in_ascii_on_a_stream_that_cannot_encode_them():
     assert "± ×".encode("latin-1", "vaelab.ascii") == "± ×".encode("latin-1")       # what it encodes, it keeps
 
 
+@pytest.mark.slow      # 12 s on 2 cores of a Zen 4 (2026-12-07)
 def test_the_commands_work_in_a_locale_that_is_not_utf8(tmp_path, data_dir):
     """The C locale where Python does not coerce it to UTF-8 (as LANG=…ISO-8859-1 or PYTHONIOENCODING=ascii): until
     2026-12-05 `vaelab train` ended in a traceback before training (the native kernel's source read as ASCII), and
@@ -541,6 +542,7 @@ def test_the_commands_work_in_a_locale_that_is_not_utf8(tmp_path, data_dir):
     assert "12N x rel. error" in vaelab("stirling", "--n", "5")
 
 
+@pytest.mark.slow      # 5 s on 2 cores of a Zen 4 (2026-12-07)
 @pytest.mark.skipif(not Path("/dev/full").exists(), reason="no /dev/full (a device that is always full)")
 def test_output_that_stdout_cannot_take_is_an_error_and_a_closed_pipe_is_not(trained, tmp_path, data_dir):
     """stdout on a full disk (/dev/full: every write fails with ENOSPC): until 2026-12-05 the lines were dropped
@@ -597,6 +599,7 @@ def test_a_path_that_is_not_utf8_is_refused_in_one_line(trained, tmp_path, capsy
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow      # 10 s on 2 cores of a Zen 4 (2026-12-07)
 def test_a_command_started_with_stdout_or_stderr_closed_does_its_work(trained, tmp_path, data_dir):
     """`vaelab evaluate RUN 2>&-`: Python's sys.stderr is None there, and until 2026-12-05 asking it whether it was
     a terminal ended the command in a traceback (exit 1, no record written). A closed stream takes nothing, quietly;

@@ -206,6 +206,7 @@ def weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return ckpt.load_tensors(run_dir / ckpt.WEIGHTS)[0]
 
 
+@pytest.mark.slow      # 15 s on 2 cores of a Zen 4 (2026-12-07)
 def test_two_process_run_resumes_exactly_after_a_kill(tmp_path, data_dir):
     """With every step's gradient clipped (a bound of 1e-3): the ranks clip alike, rank 0 alone counts."""
     straight, killed = tmp_path / "straight", tmp_path / "killed"
@@ -247,6 +248,7 @@ def test_two_process_run_resumes_exactly_after_a_kill(tmp_path, data_dir):
     assert [int(row[10]) for row in rows[1:]] == [steps] * 4
 
 
+@pytest.mark.slow      # 7 s on 2 cores of a Zen 4 (2026-12-07)
 def test_torchrun_into_a_run_that_exists_is_refused_on_every_rank(tmp_path, data_dir):
     """--out of a run already there: rank 0 checks it before the data are read and every rank ends with its line
     (a check on each rank would let a late one find rank 0's new run; one that only rank 0 raised would leave the
@@ -262,6 +264,7 @@ def test_torchrun_into_a_run_that_exists_is_refused_on_every_rank(tmp_path, data
     assert {path.name: path.read_bytes() for path in run_dir.iterdir() if path.is_file()} == before
 
 
+@pytest.mark.slow      # 7 s on 2 cores of a Zen 4 (2026-12-07)
 @pytest.mark.parametrize("command", [["sample", "RUN"], ["sweep", "SPEC.toml", "--out", "SWEEP"]])
 def test_a_command_of_one_process_is_refused_under_torchrun_on_every_rank(command, tmp_path):
     """Until 2026-12-06 each of torchrun's processes did the whole of it: `sample` wrote its picture twice (the second
@@ -280,6 +283,7 @@ def test_torchrun_needs_an_out_directory(command, data_dir):
     assert process.returncode != 0 and "under torchrun give --out" in err
 
 
+@pytest.mark.slow      # 7 s on 2 cores of a Zen 4 (2026-12-07)
 def test_evaluation_shards_the_digits_and_gathers_them(tmp_path, data_dir):
     """Two processes each estimate half of 80 digits; rank 0's half uses the draws a single process would
     use for those digits (the batches of 20 line up), so those values are equal; the record holds all 80."""

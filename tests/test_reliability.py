@@ -83,6 +83,7 @@ def test_resume_with_a_missing_or_damaged_state_changes_nothing(copy, data_dir, 
 # ---- 2. one writer per run; unique default directories ---------------------------------------------
 
 
+@pytest.mark.slow      # 7 s on 2 cores of a Zen 4 (2026-12-07)
 def test_a_second_process_on_a_run_fails_at_once_naming_the_first(tmp_path, data_dir):
     run_dir = tmp_path / "run"
     first = cli("train", "--out", run_dir, "--epochs", "50", "--data-dir", data_dir, "--hidden", "256",

@@ -852,6 +852,7 @@ def test_a_hand_written_record_is_skipped_with_a_note_and_the_rest_is_shown(eval
     assert code == 0 and "eval-mine.json: not a vaelab evaluation record" in (run_dir / "report.html").read_text()
 
 
+@pytest.mark.slow      # 8 s on 2 cores of a Zen 4 (2026-12-07)
 def test_a_record_that_holds_only_what_a_record_must_is_shown_in_the_report(evaluated, data_dir, tmp_path, capsys):
     """A record written by hand, or by a vaelab before a field existed, with only the fields runs.RECORD_FIELDS asks
     for: `runs` and `compare` showed it, and `report` ended in a traceback (until 2026-12-06: KeyError
@@ -1889,6 +1890,7 @@ def test_notes_naming_a_run_with_a_line_break_stay_one_line(evaluated, tmp_path,
     assert code == 0 and err.count("\n") == 2 and f"note: {root}/t\\tab" in err and "\t" not in err, err
 
 
+@pytest.mark.slow      # 11 s on 2 cores of a Zen 4 (2026-12-07)
 def test_damaged_per_digit_values_are_said_to_be_so_and_nothing_is_paired_with_them(two_runs, tmp_path, data_dir,
                                                                                     capsys):
     """An evaluation's per-digit values (….digits.csv) with a row too many, or a header without iwae, ended `compare`
@@ -1913,6 +1915,7 @@ def test_damaged_per_digit_values_are_said_to_be_so_and_nothing_is_paired_with_t
             (tmp_path / "a" / "report.html").read_text(), err
 
 
+@pytest.mark.slow      # 17 s on 2 cores of a Zen 4 (2026-12-07)
 def test_a_record_whose_gap_decomposition_lacks_a_field_is_skipped_with_a_note(two_runs, tmp_path, data_dir,
                                                                                capsys):
     """A record's gap decomposition without one of its fields, or with one of another type (a hand-edited record),
@@ -1958,6 +1961,7 @@ def test_a_record_whose_gap_decomposition_lacks_a_field_is_skipped_with_a_note(t
     assert f"No figure of the gaps: {record.name} holds a gap whose mean was not finite" in page, err
 
 
+@pytest.mark.slow      # 15 s on 2 cores of a Zen 4 (2026-12-07)
 def test_a_record_whose_curve_in_k_is_damaged_is_skipped_with_a_note(two_runs, tmp_path, data_dir, capsys):
     """A record's convergence curve in K (`evaluate --k-curve`) that was not a list of points, or a point without
     its K, mean or standard error, ended `report` in a traceback (TypeError, KeyError; until 2026-12-06), and a point

@@ -43,6 +43,7 @@ def evaluated(tmp_path_factory, data_dir):
     return root
 
 
+@pytest.mark.slow      # 22 s on 2 cores of a Zen 4 (2026-12-07)
 def test_the_figures_for_a_paper_draw_everything_inside_their_size(tmp_path, data_dir, monkeypatch):
     """`report --figures DIR` writes each figure 3.25 in (one column) and 6.75 in wide at exactly that size, so
     whatever it draws must lie inside: titles, axis labels, legends and the gap figure's sums ran off the column
@@ -478,6 +479,7 @@ def test_figures_on_a_full_disk_leave_no_empty_folder(evaluated, data_dir, tmp_p
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow      # 28 s on 2 cores of a Zen 4 (2026-12-07)
 def test_figures_for_a_paper_never_replace_another_runs_figures(evaluated, data_dir, tmp_path, capsys):
     """`report --figures DIR` into a folder holding another run's figures (or files named as the figures are) is
     refused before any work, one line naming whose they are and another folder; the figures stay as they were. An

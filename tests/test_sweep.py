@@ -79,6 +79,7 @@ def example(tmp_path_factory, data_dir):
     return root, out
 
 
+@pytest.mark.slow      # 8 s on 2 cores of a Zen 4 (2026-12-07)
 def test_the_example_spec_runs_with_two_workers(example):
     root, printed = example
     out = root / "out"
@@ -102,6 +103,7 @@ def test_the_example_spec_runs_with_two_workers(example):
                for line in ended[1:]), ended
 
 
+@pytest.mark.slow      # its fixture, the example sweep: 8 s on 2 cores of a Zen 4 (2026-12-07)
 def test_trials_are_ordinary_runs(example, capsys):
     import vaelab
     from vaelab.cli import main
@@ -114,6 +116,7 @@ def test_trials_are_ordinary_runs(example, capsys):
     assert run.status == "finished" and run.evaluations[0]["split"] == "validation"
 
 
+@pytest.mark.slow      # 38 s on 2 cores of a Zen 4 (2026-12-07)
 def test_on_a_terminal_a_bar_shows_the_trials_done_and_the_best_so_far(tmp_path, data_dir):
     """stderr a terminal: a bar of the trials done of the spec's, with the best objective so far and the epoch each
     trial under way has reached, above which each trial's line is printed as it ends; --no-progress: no bar."""
@@ -151,6 +154,7 @@ def test_on_a_terminal_a_bar_shows_the_trials_done_and_the_best_so_far(tmp_path,
             assert "2/2" not in text and "running" not in text, text
 
 
+@pytest.mark.slow      # 13 s on 2 cores of a Zen 4 (2026-12-07)
 def test_a_sweep_killed_after_its_first_trial_resumes_to_exactly_its_trials(tmp_path, data_dir):
     """kill -9 of the sweep and its workers once one trial has finished, then the same command again: the study
     ends with exactly four finished trials, one per slot, none duplicated, and the slot that was training holds a
@@ -281,6 +285,7 @@ def test_a_grid_is_made_once_a_process_not_at_every_take(tmp_path, monkeypatch):
     assert [enqueued[slot] for slot in range(sweep.WAITING_WINDOW + 2)] == real(spec, 30)[:sweep.WAITING_WINDOW + 2]
 
 
+@pytest.mark.slow      # 10 s on 2 cores of a Zen 4 (2026-12-07)
 def test_a_sweep_of_more_trials_than_wait_at_once_trains_them_all(tmp_path, data_dir):
     from vaelab import sweep
 
@@ -288,6 +293,7 @@ def test_a_sweep_of_more_trials_than_wait_at_once_trains_them_all(tmp_path, data
     assert finished_slots(tmp_path / "out") == list(range(sweep.WAITING_WINDOW + 3)), printed
 
 
+@pytest.mark.slow      # 15 s on 2 cores of a Zen 4 (2026-12-07)
 def test_a_worker_killed_alone_ends_the_sweep_with_its_reason_and_the_same_command_goes_on(tmp_path, data_dir):
     """A worker killed by itself (the kernel's out-of-memory killer picks the largest process: a trial's) left the
     sweep ending with exit status 0 and its trial shown "running", as if the sweep were done. Now the command ends with
@@ -402,6 +408,7 @@ def test_on_a_shared_storage_a_trial_without_pid_waits_for_the_grace_period(tmp_
     assert _state_of(study, taken.number) == "FAIL" and _waiting_slots(study) == [0, 1]
 
 
+@pytest.mark.slow      # 7 s on 2 cores of a Zen 4 (2026-12-07)
 def test_a_trial_elsewhere_is_judged_by_its_heartbeat(tmp_path, monkeypatch):
     """A trial of another machine (its pid cannot be looked up here) stays running while its heartbeat is written,
     and is failed and its slot enqueued again once the heartbeat has been silent for the grace period. (Optuna
@@ -422,6 +429,7 @@ def test_a_trial_elsewhere_is_judged_by_its_heartbeat(tmp_path, monkeypatch):
     assert _state_of(study, trial.number) == "FAIL" and _waiting_slots(study) == [0, 1]
 
 
+@pytest.mark.slow      # 24 s on 2 cores of a Zen 4 (2026-12-07)
 @pytest.mark.parametrize("objective", ["validation-elbo", "validation-nll"])
 def test_pruning_stops_a_trial_far_below_the_others(objective, tmp_path, data_dir):
     """Two enqueued trials that learn, then one whose learning rate is 1000 times too small: its validation ELBO
@@ -473,6 +481,7 @@ lr = {{ low = 1e-6, high = 1e-2, log = true }}
     assert read_run(slow).status == "finished"
 
 
+@pytest.mark.slow      # 22 s on 2 cores of a Zen 4 (2026-12-07)
 def test_two_sweeps_on_one_directory_share_the_study_and_never_a_run(tmp_path, data_dir):
     spec = tmp_path / "spec.toml"
     spec.write_text(EXAMPLE.replace("trials = 4", "trials = 5").replace("validation-nll", "validation-elbo"))
@@ -821,6 +830,7 @@ def test_a_sweep_that_lost_its_spec_file_takes_it_back_from_its_state(tmp_path, 
     capsys.readouterr()
 
 
+@pytest.mark.slow      # 6 s on 2 cores of a Zen 4 (2026-12-07)
 def test_a_sweep_whose_spec_copy_was_edited_is_shown_as_begun_and_not_continued(tmp_path, data_dir, monkeypatch,
                                                                                   capsys):
     """DIR/sweep.toml edited after the sweep began (a search widened by hand): the sweep's page read the edited file
@@ -917,6 +927,7 @@ def test_a_sweep_moved_or_copied_keeps_its_own_study(tmp_path, data_dir, monkeyp
     capsys.readouterr()
 
 
+@pytest.mark.slow      # 7 s on 2 cores of a Zen 4 (2026-12-07)
 def test_workers_beyond_the_cores_are_refused_and_beyond_the_trials_not_started(tmp_path, data_dir, monkeypatch,
                                                                               capsys):
     """`--workers 100` on 2 cores started 100 processes of about 260 MB each (26 GB, more than the machine had) that
@@ -1140,6 +1151,7 @@ def postgres(tmp_path):
         shutil.rmtree(base, ignore_errors=True)
 
 
+@pytest.mark.slow      # 12 s on 2 cores of a Zen 4 (2026-12-07)
 def test_a_study_on_postgresql_is_shared_by_two_sweeps(postgres, tmp_path, data_dir):
     """Two `vaelab sweep` processes (two machines' worth: each its own directory) on one PostgreSQL study complete
     the spec's trials between them, each slot once."""
@@ -1156,6 +1168,7 @@ def test_a_study_on_postgresql_is_shared_by_two_sweeps(postgres, tmp_path, data_
     assert sorted(t.user_attrs["slot"] for t in finished) == [0, 1, 2, 3]
 
 
+@pytest.mark.slow      # 10 s on 2 cores of a Zen 4 (2026-12-07)
 def test_the_report_of_a_sweep_renders_in_a_browser(example, tmp_path):
     from vaelab.cli import main
     from test_report import CHROMIUM, chromium
@@ -1180,6 +1193,7 @@ def test_the_report_of_a_sweep_renders_in_a_browser(example, tmp_path):
     assert shot.exists() and shot.stat().st_size > 20_000, done.stderr
 
 
+@pytest.mark.slow      # 7 s on 2 cores of a Zen 4 (2026-12-07)
 def test_the_report_of_a_sweep_says_how_far_it_has_come_making_the_trials_reports(example, tmp_path, capsys,
                                                                                   monkeypatch):
     """The trials' own reports are made by the sweep's report where missing, about a second each: until 2026-12-05
@@ -1203,6 +1217,7 @@ def test_the_report_of_a_sweep_says_how_far_it_has_come_making_the_trials_report
                                           r"about 00:00 to go", line) for line in lines), lines
 
 
+@pytest.mark.slow      # 46 s on 2 cores of a Zen 4 (2026-12-07)
 @pytest.mark.parametrize("sig, twice", [(signal.SIGINT, False), (signal.SIGTERM, False), (signal.SIGINT, True)])
 def test_ctrl_c_stops_the_sweep_with_checkpoints_and_the_rerun_goes_on(tmp_path, data_dir, sig, twice):
     """Ctrl-C or SIGTERM: the workers write their checkpoints, the command says that the same command goes on (exit
@@ -1230,6 +1245,7 @@ def test_ctrl_c_stops_the_sweep_with_checkpoints_and_the_rerun_goes_on(tmp_path,
     assert finished_slots(out) == [0, 1, 2, 3]
 
 
+@pytest.mark.slow      # 5 s on 2 cores of a Zen 4 (2026-12-07)
 def test_a_stop_signal_that_comes_inside_a_garbage_collector_callback_still_stops_the_sweep(tmp_path, data_dir,
                                                                                             monkeypatch, capsys):
     """Python runs a signal's handler between any two steps of Python code, among them those of a weakref callback
@@ -1293,6 +1309,7 @@ test_examples = 50
     return printed + err, sorted(state for _, state, slot, surplus in trial_states(tmp_path / "out") if not surplus)
 
 
+@pytest.mark.slow      # 7 s on 2 cores of a Zen 4 (2026-12-07)
 def test_a_sampled_combination_the_train_command_refuses_fails_that_trial_only(tmp_path, data_dir):
     """engine and activation searched independently: the fused engine with tanh is refused by `vaelab train`; that
     trial fails with its reason in the table, is not retried, and the others run (each value trains in some
@@ -1321,6 +1338,7 @@ def test_a_value_no_combination_can_train_is_refused_before_any_trial(tmp_path, 
         assert not out.exists()
 
 
+@pytest.mark.slow      # 6 s on 2 cores of a Zen 4 (2026-12-07)
 def test_a_sweep_whose_every_trial_failed_exits_1_and_its_page_shows_why(tmp_path, data_dir):
     """Both trials refused by `vaelab train` (more training digits than the data set has, which only the data tell):
     the sweep ends with one line saying that no trial completed, exit status 1 (it was 0, as if there were a best
@@ -1513,6 +1531,7 @@ def tiny_sweep(tmp_path: Path, data_dir: Path, head: str, search: str,
     return printed
 
 
+@pytest.mark.slow      # 7 s on 2 cores of a Zen 4 (2026-12-07)
 def test_a_sweep_over_a_flow_and_its_steps_trains_every_trial(tmp_path, data_dir):
     printed = tiny_sweep(tmp_path, data_dir, 'trials = 3\nsampler = "grid"\n',
                          'flow = ["none", "planar"]\nflow_steps = [1, 2]\n')
@@ -1524,6 +1543,7 @@ def test_a_sweep_over_a_flow_and_its_steps_trains_every_trial(tmp_path, data_dir
     assert row.split()[-7] == "unused" and "failed" not in printed
 
 
+@pytest.mark.slow      # 7 s on 2 cores of a Zen 4 (2026-12-07)
 def test_importances_that_tell_no_trial_apart_are_a_note_not_equal_bars(tmp_path, data_dir):
     """Two trials whose searched field took one value: PED-ANOVA finds no parameter telling the best trial apart
     (all importances 0); Optuna's normalisation would draw that as equal bars."""
@@ -1553,6 +1573,7 @@ def test_the_best_trials_of_the_importances_are_counted_as_optunas_filter_takes_
     assert importance_trials(values, minimize) == {4: 1, 41: 5, 50: 5, 5: 3}[len(values)]
 
 
+@pytest.mark.slow      # 7 s on 2 cores of a Zen 4 (2026-12-07)
 def test_a_searched_name_whose_options_set_several_fields_together(tmp_path, data_dir):
     """The depth of a hierarchy is its latent sizes and blocks together (either alone makes a config `vaelab train`
     refuses): `[search.depth]` with options `two = { latent, blocks, inference }` … is one categorical parameter.
@@ -1593,6 +1614,7 @@ def test_a_searched_name_whose_options_set_several_fields_together(tmp_path, dat
     assert re.search(r"--model hvae --latent 4 2(?: 2)? --blocks 16 16", best) and "--depth" not in best
 
 
+@pytest.mark.slow      # 10 s on 2 cores of a Zen 4 (2026-12-07)
 def test_a_damaged_sweep_json_is_one_line_and_the_same_sweep_writes_it_again(tmp_path, data_dir, monkeypatch, capsys):
     """sweep.json ties a sweep's directory to its study; emptied, cut short or edited, it ended `sweep` and `report`
     in a traceback (JSONDecodeError, AttributeError, TypeError; until 2026-12-06), and trials = -1 in it ran a sweep

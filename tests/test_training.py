@@ -176,6 +176,7 @@ def straight(tmp_path_factory, data_dir):
     return run_dir
 
 
+@pytest.mark.slow      # 22 s on 2 cores of a Zen 4 (2026-12-07)
 @pytest.mark.parametrize("sig, code", [(signal.SIGKILL, -signal.SIGKILL), (signal.SIGINT, 130),
                                        (signal.SIGTERM, 143), (signal.SIGHUP, 129)])
 def test_interrupt_and_resume_is_bitwise_identical(tmp_path, data_dir, straight, sig, code):
