@@ -127,6 +127,7 @@ def test_runs_lists_state_epochs_and_best_nll(runs, tmp_path, data_dir, capsys):
     with ckpt.RunLock(tmp_path / "all" / "busy"):
         assert main(["runs", str(tmp_path / "all")]) == 0
     lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[:4] == ["run", "preset/model", "epochs", "status"]      # as compare names it
     busy = next(line for line in lines if "busy" in line)
     assert "training now" in busy and "3/3" in busy and "seed" in busy
     assert "interrupted" in next(line for line in lines if "interrupted" in line)

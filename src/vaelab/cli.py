@@ -1776,7 +1776,8 @@ def cmd_runs(args: argparse.Namespace) -> int:
     if not rows:
         _log(f"no runs under {args.directory}")
         return 0
-    header = ["run", "preset/model", "epochs", "state", "best validation ELBO", "best NLL", "last checkpoint"]
+    # "status", as compare, the report and the API's Run.status call it (until 2026-12-07 "state" here alone)
+    header = ["run", "preset/model", "epochs", "status", "best validation ELBO", "best NLL", "last checkpoint"]
     for line in text_table(header, rows):
         _log(line)
     if any(row[1].endswith("*") for row in rows):
