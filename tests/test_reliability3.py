@@ -1241,7 +1241,8 @@ def test_a_value_that_begins_with_a_dash_is_named_with_the_way_to_pass_it(words,
 
 
 @pytest.mark.parametrize("words, message", [
-    (["evaluate", "r", "--K", "5"], "vaelab evaluate: error: unrecognized arguments: --K 5; did you mean --k (for --K)?"),
+    (["evaluate", "r", "--K", "5"],
+     "vaelab evaluate: error: unrecognized arguments: --K 5; did you mean --k (for --K)?"),
     (["evaluate", "r", "--gapsteps=5", "x"],
      "vaelab evaluate: error: unrecognized arguments: --gapsteps=5 x; did you mean --gap-steps (for --gapsteps)?"),
     (["sample", "r", "--k", "5"], "vaelab sample: error: unrecognized arguments: --k 5"),     # (not "--n?")

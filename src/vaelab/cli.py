@@ -272,7 +272,8 @@ def build_parser(parser_class: type[argparse.ArgumentParser] = _Parser) -> argpa
                        "(needs --validation; default 0: train every epoch); the best weights are kept either way")
     group.add_argument("--seed", type=_non_negative_int, help="seed of every random stream (default 0)")
     # the presets named from the table (until 2026-12-07 a list written here, without cpu-hour-vampprior)
-    compiled = [name for name, preset in PRESETS.items() if preset["fields"].get("train", {}).get("engine") == "compiled"]
+    compiled = [name for name, preset in PRESETS.items()
+                if preset["fields"].get("train", {}).get("engine") == "compiled"]
     group.add_argument("--engine", choices=ENGINE_CHOICES,
                        help="gradient code: auto (default: the hand-derived fast path where it applies, else "
                        "autograd); compiled: autograd's step compiled by torch.compile, fp32 or bf16 (needs a C++ "
