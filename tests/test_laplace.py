@@ -160,6 +160,18 @@ def test_correction_c1_values():
     (lambda: laplace_integral(lambda x: -x * x, torch.zeros(2, dtype=torch.complex64)),
      r"^x0 must be a real number or a vector of real numbers"),
     (lambda: laplace_integral(lambda x: -x * x, 1 + 0j), r"^x0 must be a real number"),
+    # until 2026-12-07: True taken as 1 (jitter=True a Hessian regularised by I, a wrong integral); TypeError for a
+    # string or None, OverflowError for a whole M beyond float64; a plain ValueError for the correction in 2-D, after
+    # the search for the mode
+    (lambda: laplace_integral(lambda x: -x * x, 0.0, jitter=True), r"^jitter must be a finite number ≥ 0, got True$"),
+    (lambda: laplace_integral(lambda x: -x * x, 0.0, jitter="1"), r"^jitter must be a finite number ≥ 0, got '1'$"),
+    (lambda: laplace_integral(lambda x: -x * x, 0.0, gtol=None), r"^gtol must be a finite number > 0, got None$"),
+    (lambda: laplace_integral(lambda x: -x * x, 0.0, M=10**400), r"^M must be a finite number > 0, got 1000"),
+    (lambda: laplace_integral(lambda x: -x * x, 0.0, max_steps=True), r"^max_steps must be a whole number ≥ 1"),
+    (lambda: laplace_integral(lambda x: -x * x, 0.0, correction="yes"), r"^correction must be True or False"),
+    (lambda: laplace_integral(lambda x: -(x * x).sum(), [0.0, 0.0], correction=True),
+     r"^the \(1 \+ c₁/M\) correction is implemented for 1-D integrals only, and x0 has 2 coordinates"),
+    (lambda: log_factorial_laplace(10**400), r"^N must be a finite number > 0, got 1000"),
 ])
 def test_the_stirling_and_correction_functions_refuse_what_they_cannot_take(call, message):
     with pytest.raises(LaplaceError, match=message):

@@ -180,14 +180,14 @@ def laplace_integral(log_f: Callable[[torch.Tensor], torch.Tensor], x0: float | 
     """
     if not callable(log_f):
         raise LaplaceError(f"log_f must be a function of x, got {type(log_f).__name__}")
-    if not (isinstance(M, (int, float)) and not isinstance(M, bool) and math.isfinite(M) and M > 0):
-        raise LaplaceError(f"M must be a finite number > 0, got {M!r}")
-    if not (isinstance(max_steps, int) and max_steps >= 1):
+    # (until 2026-12-07 jitter=True was taken as 1.0 and max_steps=True as 1; jitter="x", gtol=None and M=10**400
+    # raised TypeError or OverflowError)
+    M, gtol = _real("M", M, strict=True), _real("gtol", gtol, strict=True)
+    jitter = _real("jitter", jitter, strict=False)
+    if isinstance(max_steps, bool) or not isinstance(max_steps, (int, np.integer)) or max_steps < 1:
         raise LaplaceError(f"max_steps must be a whole number ≥ 1, got {max_steps!r}")
-    if not (math.isfinite(jitter) and jitter >= 0):
-        raise LaplaceError(f"jitter must be a finite number ≥ 0, got {jitter!r}")
-    if not (gtol > 0 and math.isfinite(gtol)):
-        raise LaplaceError(f"gtol must be a finite number > 0, got {gtol!r}")
+    if not isinstance(correction, (bool, np.bool_)):
+        raise LaplaceError(f"correction must be True or False, got {correction!r}")
     try:
         if x0.is_complex() if torch.is_tensor(x0) else np.iscomplexobj(x0):   # (torch dropped the imaginary part)
             raise TypeError("complex")
@@ -198,6 +198,9 @@ def laplace_integral(log_f: Callable[[torch.Tensor], torch.Tensor], x0: float | 
         raise LaplaceError(f"x0 must be a finite number or a non-empty vector of finite numbers, got {x0!r}")
     scalar = start.ndim == 0
     z0 = start.reshape(1, -1)
+    if correction and z0.shape[1] != 1:     # (until 2026-12-07 a plain ValueError, after the search for the mode)
+        raise LaplaceError(f"the (1 + c₁/M) correction is implemented for 1-D integrals only, and x0 has "
+                           f"{z0.shape[1]} coordinates; pass correction=False")
 
     def f(z: torch.Tensor, _: torch.Tensor) -> torch.Tensor:
         return log_f(z[0] if scalar else z)
@@ -237,11 +240,22 @@ def laplace_integral(log_f: Callable[[torch.Tensor], torch.Tensor], x0: float | 
     c1 = None
     log_value = log_peak + log_width
     if correction:
-        if d != 1:
-            raise ValueError("the (1 + c₁/M) correction is implemented for 1-D integrals only")
         c1 = laplace_c1(lambda x: log_f(x if scalar else x.reshape(1)), float(mode))
         log_value += math.log1p(c1 / M)
     return LaplaceResult(log_value, mode[0] if scalar else mode, -result.precision[0], log_peak, log_width, c1)
+
+
+def _real(name: str, value, strict: bool) -> float:
+    """``value`` as a float where it is a finite real number, > 0 where ``strict`` else ≥ 0; otherwise LaplaceError
+    naming ``name``."""
+    if not isinstance(value, bool) and isinstance(value, (int, float, np.integer, np.floating)):
+        try:
+            number = float(value)
+        except OverflowError:                 # a whole number beyond float64's range (10**400)
+            number = math.inf
+        if math.isfinite(number) and (number > 0 if strict else number >= 0):
+            return number
+    raise LaplaceError(f"{name} must be a finite number {'>' if strict else '≥'} 0, got {value!r}")
 
 
 def _polish_mode(f: Callable, result: NewtonResult, M: float, max_steps: int = 20) -> NewtonResult:
@@ -375,9 +389,7 @@ def _check_terms(terms) -> int:
 
 def _check_n(n) -> None:
     """N of N!: one finite number > 0 (Laplace's method on N! has M = N)."""
-    if isinstance(n, bool) or not isinstance(n, (int, float, np.integer, np.floating)) or not (math.isfinite(n)
-                                                                                              and n > 0):
-        raise LaplaceError(f"N must be a finite number > 0, got {n!r}")
+    _real("N", n, strict=True)
 
 
 def log_stirling(n, terms: int = 0):
