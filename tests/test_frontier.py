@@ -445,6 +445,11 @@ def test_the_report_of_a_vampprior_run_shows_its_pseudo_inputs(tmp_path, data_di
 @pytest.mark.parametrize("args, words", [
     (["--prior-components", "0"], ["--prior-components", "at least 1"]),
     (["--flow-steps", "-1"], ["--flow-steps", "at least 0"]),
+    # the bounds the model checks, as the flags are parsed (until 2026-12-07 "below 2⁶³" of 10²⁰ there, then "from 1 to
+    # 100000" of 10⁹ from the model)
+    (["--prior-components", "99999999999999999999"], ["--prior-components: must be at least 1 and at most 100000"]),
+    (["--flow-steps", "1001"], ["--flow-steps: must be at least 0 and at most 1000"]),
+    (["--flow-width", "1e20"], ["--flow-width: must be at least 1 and at most 1048576"]),
     (["--prior", "gmm"], ["--prior", "invalid choice", "'vampprior'"]),
     (["--flow", "nice"], ["--flow", "'planar'", "'iaf'"]),
     (["--flow-steps", "4"], ["--flow-steps 4 without a flow", "--flow planar"]),

@@ -145,6 +145,12 @@ _positive_int = _whole_number(1)
 _non_negative_int = _whole_number(0)
 
 
+def _model_field(bounds: tuple[int, int]):
+    """The argparse type of a model field whose bounds (inclusive) ModelConfig.validate checks."""
+    low, high = bounds
+    return _whole_number(low, high + 1)
+
+
 def _number(low: float, strict: bool):
     def parse(text: str) -> float:
         try:
@@ -199,7 +205,7 @@ def build_parser(parser_class: type[argparse.ArgumentParser] = _Parser) -> argpa
     from vaelab import __version__
     from vaelab.engines import ENGINE_CHOICES
     from vaelab.laplace import MAX_STIRLING_TERMS
-    from vaelab.models import ACTIVATIONS, FLOWS, INFERENCE, INITS, MODELS, PRIORS
+    from vaelab.models import ACTIVATIONS, FIELD_RANGES, FLOWS, INFERENCE, INITS, MODELS, PRIORS
     from vaelab.models.priors import DEFAULT_COMPONENTS
     from vaelab.objectives import OBJECTIVES
     from vaelab.optimizers import OPTIMIZERS
@@ -238,12 +244,14 @@ def build_parser(parser_class: type[argparse.ArgumentParser] = _Parser) -> argpa
     group.add_argument("--init", choices=list(INITS), help="weight initialisation (default torch)")
     group.add_argument("--prior", choices=list(PRIORS), help="p(z) of the top layer: standard N(0, I) (default), "
                        "mog (a mixture of K learnt Gaussians) or vampprior (a mixture of q(z|u) at K learnt pseudo-inputs)")
-    group.add_argument("--prior-components", type=_positive_int, metavar="K",
+    group.add_argument("--prior-components", type=_model_field(FIELD_RANGES["prior_components"]), metavar="K",
                        help=f"K of the mixture priors (default {DEFAULT_COMPONENTS}, as in the VampPrior paper)")
     group.add_argument("--flow", choices=list(FLOWS), help="a normalising flow in q(z|x): none (default), planar or "
                        "iaf (inverse autoregressive); bottom-up inference")
-    group.add_argument("--flow-steps", type=_non_negative_int, metavar="T", help="steps of the flow (default 0)")
-    group.add_argument("--flow-width", type=_positive_int, metavar="W", help="hidden units of each IAF step (default 256)")
+    group.add_argument("--flow-steps", type=_model_field(FIELD_RANGES["flow_steps"]), metavar="T",
+                       help="steps of the flow (default 0)")
+    group.add_argument("--flow-width", type=_model_field(FIELD_RANGES["flow_width"]), metavar="W",
+                       help="hidden units of each IAF step (default 256)")
     group.add_argument("--batch-norm", action=argparse.BooleanOptionalAction, default=None,
                        help="batch normalisation in every deterministic layer (the Ladder VAE's; hvae, mlp2; default off)")
     group = train.add_argument_group("objective")

@@ -28,12 +28,15 @@ from vaelab.models.tomczak import TomczakVAE
 from vaelab.objectives import Parts, StochasticLayer
 
 __all__ = ["MODELS", "ModelConfig", "build_model", "Parts", "StochasticLayer", "MLPVAE", "HierarchicalVAE",
-           "TomczakVAE", "ACTIVATIONS", "INITS", "PRIORS", "FLOWS", "INFERENCE"]
+           "TomczakVAE", "ACTIVATIONS", "INITS", "PRIORS", "FLOWS", "INFERENCE", "FIELD_RANGES"]
 
 MODELS = {"mlp": MLPVAE, "mlp2": HierarchicalVAE, "hvae": HierarchicalVAE, "tomczak": TomczakVAE}
 # The stochastic layers each model name takes: (fewest, most).
 LAYERS = {"mlp": (1, 1), "mlp2": (2, 2), "hvae": (2, 64), "tomczak": (1, 2)}
 INFERENCE = ("bottom-up", "top-down")
+# The bounds (inclusive) of the model's whole-number fields, as ``validate`` checks them and `vaelab train`'s flags as
+# they are parsed (until 2026-12-07 the flags said "below 2⁶³" of 10²⁰ and "from 1 to 100000" of 10⁹).
+FIELD_RANGES = {"prior_components": (1, 100_000), "flow_steps": (0, 1000), "flow_width": (1, 1 << 20)}
 # Fields a model reads only under a condition on its other fields: field → (when it is not read, given a lookup of
 # field values; the value it must then hold, or None where any value is accepted; why). In dependency order (a
 # condition reads only fields before it or unconditional ones). ``ModelConfig.unused`` names the free ones; a
@@ -74,11 +77,10 @@ class ModelConfig:
         for flag, value, allowed in choices:
             if value not in allowed:
                 raise UsageError(f"unknown {flag} {value!r}; choose one of {', '.join(allowed)}")
-        ranges = [("--prior-components", self.prior_components, 1, 100_000),
-                  ("--flow-steps", self.flow_steps, 0, 1000), ("--flow-width", self.flow_width, 1, 1 << 20)]
-        for flag, value, low, high in ranges:
-            if not low <= value <= high:
-                raise UsageError(f"{flag} must be a whole number from {low} to {high}, got {value}")
+        for field, (low, high) in FIELD_RANGES.items():
+            if not low <= getattr(self, field) <= high:
+                raise UsageError(f"--{field.replace('_', '-')} must be a whole number from {low} to {high}, got "
+                                 f"{getattr(self, field)}")
         fewest, most = LAYERS[self.name]
         if not fewest <= len(self.latent) <= most:
             wanted = str(fewest) if fewest == most else f"{fewest} to {most}"
