@@ -149,6 +149,17 @@ BAD = [
 ]
 
 
+def test_a_bound_that_is_a_power_of_ten_is_written_as_one(capsys):
+    """stirling --n's bound read "at most 1000000000000000000" (eighteen zeros to count) until 2026-12-07."""
+    with pytest.raises(SystemExit):
+        main(["stirling", "--n", "1e19"])
+    assert capsys.readouterr().err.strip() == "vaelab stirling: error: argument --n: must be at least 1 and at most " \
+        "10¹⁸, got 1e19"
+    with pytest.raises(SystemExit):
+        main(["train", "--flow-width", "1e9"])
+    assert "at most 1048576, got 1e9" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("args", BAD, ids=[" ".join(a) for a in BAD])
 def test_bad_arguments_exit_2_with_one_line(args, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)

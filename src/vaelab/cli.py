@@ -134,7 +134,10 @@ def _whole_number(low: int, high: int = 2**63):
                                                  f"got {text!r}") from None
             value = int(number) if number.adjusted() <= 40 else high      # 1e999999: out of range, not built
         if not low <= value < high:
-            upper = " and below 2⁶³" if high == 2**63 else f" and at most {high - 1}"
+            most = high - 1
+            power = len(str(most)) - 1 if most >= 10**6 and most == 10 ** (len(str(most)) - 1) else None
+            shown = f"10{''.join(SUPERSCRIPTS[int(d)] for d in str(power))}" if power else str(most)   # 10¹⁸
+            upper = " and below 2⁶³" if high == 2**63 else f" and at most {shown}"
             raise argparse.ArgumentTypeError(f"must be at least {low}{upper}, got {text}")
         return value
 
