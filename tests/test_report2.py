@@ -575,6 +575,25 @@ def test_every_run_of_a_comparison_has_a_colour_of_its_own(n):
     pyplot.close(fig)
 
 
+def test_two_runs_with_the_same_curves_both_show_in_the_elbo_plot():
+    """A run beside its bf16 twin (or itself): the same ELBOs to the pixel. The second run's line covered the first's
+    whole until 2026-12-07; now each run's line is thinner than the one before, so the first shows round the second."""
+    import io
+
+    import numpy as np
+    from matplotlib import colors
+    from PIL import Image
+
+    from vaelab import plots
+
+    rows = elbo_rows([-200.0, -150.0, -140.0])
+    pixels = np.asarray(Image.open(io.BytesIO(plots.figure_png(plots.curves_figure([("a", rows), ("b", rows)])))))
+    rgb = pixels[..., :3].reshape(-1, 3).astype(int)
+    for name, hex_colour in zip("ab", plots.run_colours(2)):
+        wanted = np.array([round(255 * c) for c in colors.to_rgb(hex_colour)])
+        assert (np.abs(rgb - wanted).max(1) <= 8).sum() > 200, name        # a line's worth of its own colour
+
+
 def test_the_elbo_legends_cover_no_point_of_the_curves_they_label(monkeypatch, tmp_path):
     """The legend of the ELBO plot and of the training figure's ELBO panel sits where it covers none of the curves'
     points (it used to sit in the upper left, over the steep first epochs): on the axes for a rising ELBO whose first

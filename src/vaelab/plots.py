@@ -569,25 +569,30 @@ def curves_figure(runs: Sequence[tuple[str, Sequence[dict]]], width: float | Non
     key = f"{split}_elbo"
     fig, ax = plt.subplots(figsize=(width, width * 0.5))
     colours = run_colours(len(runs))
+    # each run's line thinner than the one before: where two runs' curves coincide (a run beside its bf16 twin, a run
+    # compared with itself) the earlier shows as a border around the later (until 2026-12-07 it was hidden under it)
+    # (widths for the 9-inch page; a narrower figure, one column of a paper, scales them down by √ of its share)
+    widths = (np.linspace(3.5, 1.5, len(runs)) if len(runs) > 1 else np.array([1.5])) * min(1.0, width / 9.0) ** 0.5
+    styles = [{"color": colour, "linewidth": w, "markersize": 2 * w + 1} for colour, w in zip(colours, widths)]
     for index, (name, metrics) in enumerate(runs):
         epochs = [row["epoch"] for row in metrics]
         marker = "." if len(epochs) <= 60 else None          # as in training_figure: a run of one epoch is a point
         if all(row.get(key) is not None for row in metrics):
-            ax.plot(epochs, [row[key] for row in metrics], color=colours[index], marker=marker,
-                    label=f"{name}, {split}")
-        ax.plot(epochs, [row["train_elbo"] for row in metrics], ":", color=colours[index], marker=marker,
-                label=f"{name}, train")
+            ax.plot(epochs, [row[key] for row in metrics], marker=marker, label=f"{name}, {split}", **styles[index])
+        ax.plot(epochs, [row["train_elbo"] for row in metrics], ":", marker=marker, label=f"{name}, train",
+                **styles[index])
     epochs = sorted({row["epoch"] for _, metrics in runs for row in metrics})
     solid = [(i, m) for i, (_, m) in enumerate(runs) if all(row.get(key) is not None for row in m)]
     zoomed = key if solid else "train_elbo"
     values = [(i, {row["epoch"]: row[zoomed] for row in m}) for i, m in (solid or enumerate(r[1] for r in runs))]
-    _with_inset(ax, epochs, [([by_epoch.get(e, math.nan) for e in epochs], {"color": colours[i]})  # NaN: not drawn
+    _with_inset(ax, epochs, [([by_epoch.get(e, math.nan) for e in epochs], styles[i])       # NaN: not drawn
                              for i, by_epoch in values])
     _integer_epochs(ax)
     ax.set_ylabel("ELBO (nats per digit)")
     ax.grid(alpha=0.3)
     # one entry per run (its colour), then what solid and dotted mean: two per run ran past the axes' height
-    handles = [Line2D([], [], color=colour, label=name) for colour, (name, _) in zip(colours, runs)]
+    handles = [Line2D([], [], color=style["color"], linewidth=style["linewidth"], label=name)
+               for style, (name, _) in zip(styles, runs)]
     handles += [Line2D([], [], color="0.35", label=f"{split} ELBO")] if solid else []
     handles += [Line2D([], [], color="0.35", linestyle=":", label="train ELBO")]
     ax.legend(handles=handles, fontsize=9, loc="upper left", bbox_to_anchor=(1.01, 1.0))
