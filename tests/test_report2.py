@@ -302,12 +302,13 @@ def test_the_training_figure_stars_the_best_validation_elbo_in_the_panel_and_its
 
 
 def assert_tick_labels_apart(ax, at_least=3):
-    """The x tick labels of ``ax`` in view, drawn: at least ``at_least`` of them, each two a third of their font
-    size apart at least (labels 2 pixels apart read as one number: "10501200")."""
+    """The x tick labels of ``ax`` in view (major and minor), drawn: at least ``at_least`` of them, each two a third
+    of their font size apart at least (labels 2 pixels apart read as one number: "10501200")."""
     ax.figure.canvas.draw()
     renderer = ax.figure.canvas.get_renderer()
-    low, high = ax.get_xlim()
-    labels = [t for t, at in zip(ax.get_xticklabels(), ax.get_xticks()) if t.get_text() and low <= at <= high]
+    low, high = sorted(ax.get_xlim())
+    labels = [t for minor in (False, True) for t, at in zip(ax.get_xticklabels(minor=minor), ax.get_xticks(minor=minor))
+              if t.get_text() and low <= at <= high]
     assert len(labels) >= at_least
     gap = labels[0].get_fontsize() / 3 * ax.figure.dpi / 72                   # points → pixels
     boxes = sorted((t.get_window_extent(renderer) for t in labels), key=lambda b: b.x0)
@@ -347,6 +348,12 @@ def test_the_ticks_of_insets_and_sweep_figures_do_not_run_into_each_other(monkey
     for sizes in ([100, 550, 1000], [10000, 35000, 60000], [1, 20, 40]):
         assert_tick_labels_apart(plots.sweep_parameter_figure("hidden", sizes, [-90.0, -91.0, -90.5],
                                                                "validation ELBO", False).axes[0])
+    # rates on a log axis: under a decade in view matplotlib labelled its minor ticks, "4 × 10⁻⁴" into "6 × 10⁻⁴" (a
+    # sweep's page, until 2026-12-07); a range too narrow for 1, 2 and 5 × 10ᵏ is ticked as on a linear axis
+    for rates, at_least in (([4.1e-4, 6.5e-4, 4.4e-4, 2.68e-3], 3), ([2e-3, 9e-3], 2), ([1e-6, 0.1], 3),
+                            ([1.0e-3, 1.2e-3], 2), ([0.5, 0.9], 3)):
+        assert_tick_labels_apart(plots.sweep_parameter_figure("lr", rates, [342.0] * len(rates), "validation NLL",
+                                                               True).axes[0], at_least)
     # rates on a linear axis: two trials that both drew 0.002 were ticked "0.00190" … "0.00210", one line of digits
     for rates in ([0.002, 0.002], [1e-3, 2e-3, 3e-3], [0.00101, 0.00104, 0.00102]):
         assert_tick_labels_apart(plots.sweep_parameter_figure("lr", rates, [342.0] * len(rates), "validation NLL",
