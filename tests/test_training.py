@@ -397,6 +397,37 @@ def test_autograd_bf16_keeps_the_loss_in_float32(name):
         assert (p.grad - expected).abs().max() <= 0.08 * expected.abs().max() + 1e-6, pname
 
 
+def test_the_commit_is_vaelabs_own_not_that_of_a_repository_it_was_installed_into(tmp_path):
+    """A vaelab installed into a project's `.venv` lies inside the project's repository (git finds it from any
+    directory below, ignored or not): until 2026-12-07 every record named the project's commit as vaelab's, with
+    "+modified" for the project's own changes. Now only a checkout that tracks vaelab's files gives a commit."""
+    import importlib.util
+    import shutil
+    import subprocess
+
+    from vaelab import provenance
+
+    git = ["git", "-c", "user.email=t@example.com", "-c", "user.name=t", "-C", str(tmp_path)]
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    (tmp_path / ".gitignore").write_text(".venv/\n")
+    (tmp_path / "notes.txt").write_text("a project of one's own\n")
+    subprocess.run([*git, "add", "."], check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "project"], check=True)
+    (tmp_path / "notes.txt").write_text("changed\n")                       # the project's own change
+    installed = tmp_path / ".venv" / "lib" / "site-packages" / "vaelab"
+    installed.mkdir(parents=True)
+    shutil.copy(provenance.__file__, installed / "provenance.py")
+    spec = importlib.util.spec_from_file_location("installed_provenance", installed / "provenance.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.git_commit() is None
+    subprocess.run([*git, "add", "-f", str(installed / "provenance.py")], check=True)   # vaelab's checkout: tracked
+    subprocess.run([*git, "commit", "-q", "-m", "vaelab"], check=True)
+    head = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    module.git_commit.cache_clear()
+    assert module.git_commit() == head + "+modified"
+
+
 def test_the_cpu_is_named_by_its_family_and_model_and_its_kernel_flags(monkeypatch, tmp_path):
     """A virtual machine's /proc/cpuinfo may name only "AMD EPYC", whatever the generation: a result names the
     family and model numbers too, each /proc/cpuinfo key matched whole ("model" is not "model name", whichever

@@ -11,9 +11,16 @@ from pathlib import Path
 
 @functools.cache
 def git_commit() -> str | None:
-    """The commit of the checkout vaelab runs from, when it runs from one (an editable install)."""
+    """The commit of the checkout vaelab runs from, when it runs from one (an editable install): None where this file
+    is not one that repository tracks. A vaelab installed into a project's own `.venv` lies inside that project's
+    repository, and until 2026-12-07 every record named the project's commit as vaelab's (and "+modified" for the
+    project's own changes)."""
     source = Path(__file__).resolve().parent
     try:
+        tracked = subprocess.run(["git", "-C", str(source), "ls-files", "--error-unmatch", "--", Path(__file__).name],
+                                 capture_output=True, encoding="utf-8", errors="replace", timeout=5)
+        if tracked.returncode != 0:
+            return None
         done = subprocess.run(["git", "-C", str(source), "rev-parse", "HEAD"], capture_output=True, encoding="utf-8",
                               errors="replace", timeout=5)
         dirty = subprocess.run(["git", "-C", str(source), "status", "--porcelain", "--untracked-files=no"],
