@@ -52,6 +52,19 @@ def check_self_contained(html: str) -> int:
     return len(images)
 
 
+def test_the_report_says_why_a_run_has_no_commit(tmp_path, data_dir, monkeypatch):
+    """A vaelab installed from a wheel has no commit (provenance.git_commit): the page said "None" until 2026-12-07."""
+    from vaelab import provenance
+
+    monkeypatch.setattr(provenance, "git_commit", lambda: None)
+    assert main(["train", "--out", str(tmp_path / "r"), "--epochs", "1", "--data-dir", str(data_dir), *SMALL]) == 0
+    assert main(["report", str(tmp_path / "r"), "--data-dir", str(data_dir), "--no-progress"]) == 0
+    html = (tmp_path / "r" / "report.html").read_text()
+    assert re.search(r"<td>commit</td><td class=\"hash\">— \(vaelab was not run from a git checkout of its own\)</td>",
+                     html)
+    assert ">None<" not in html
+
+
 def test_report_holds_every_section_and_is_self_contained(runs, data_dir, capsys):
     out = runs / "a" / "report.html"
     assert main(["report", str(runs / "a"), "--data-dir", str(data_dir)]) == 0
