@@ -1660,3 +1660,30 @@ def test_a_damaged_sweep_json_is_one_line_and_the_same_sweep_writes_it_again(tmp
     assert code == 2 and one_line(err) and "holds no study.db: give the --storage the sweep was begun with" in err, err
     code, _, err = run(capsys, "sweep", spec, "--out", out, "--storage", f"sqlite:///{tmp_path / 'moved.db'}")
     assert code == 0 and json.loads(state.read_text())["study"] == before["study"], err
+
+
+def test_a_spec_is_read_without_tomllib_as_on_python_3_10(monkeypatch):
+    """pyproject.toml admits Python 3.10, whose standard library has no tomllib: sweep.py imported it at its top, and
+    the command line imports sweep.py to build its parser, so every command failed there (until 2026-12-07). Now the
+    parser is built without it, a spec is read with tomli (`vaelab[sweep]` installs it on 3.10), and without either a
+    sweep says what to install."""
+    import importlib
+    import tomllib
+
+    from vaelab import sweep
+    from vaelab.cli import build_parser
+    from vaelab.errors import UsageError
+
+    monkeypatch.setitem(sys.modules, "tomllib", None)         # `import tomllib` raises ModuleNotFoundError
+    monkeypatch.delitem(sys.modules, "vaelab.sweep")
+    monkeypatch.setattr(importlib.import_module("vaelab"), "sweep", None, raising=False)
+    fresh = importlib.import_module("vaelab.sweep")            # imports without tomllib
+    assert build_parser().parse_args(["sweep", "s.toml", "--out", "sw", "--trials", "3"]).trials == 3
+    monkeypatch.setitem(sys.modules, "tomli", tomllib)         # tomli is the same parser
+    assert fresh.parse_spec('trials = 2\n[fixed]\nvalidation = 100\n[search]\nlr = [1e-3, 2e-3]\n',
+                            "s.toml").trials == 2
+    monkeypatch.setitem(sys.modules, "tomli", None)
+    with pytest.raises(UsageError, match=r"^vaelab sweep reads its spec with tomli on Python 3.10: pip install "
+                                         r"'vaelab\[sweep\]'"):
+        fresh.parse_spec('preset = "seed"\n', "s.toml")
+    assert sweep is not fresh

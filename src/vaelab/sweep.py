@@ -47,7 +47,6 @@ import signal
 import socket
 import sys
 import time
-import tomllib
 import warnings
 from pathlib import Path
 from typing import Any, Sequence
@@ -380,8 +379,24 @@ def load_spec(path: Path, trials: int | None = None) -> Spec:
     return parse_spec(text, str(path), trials)
 
 
+def _toml():
+    """Python's TOML parser: tomllib from Python 3.11, the same parser as tomli on 3.10 (`vaelab[sweep]` installs it
+    there). Until 2026-12-07 sweep.py imported tomllib at its top, and the command line imports sweep.py to build its
+    parser: on Python 3.10, which pyproject.toml admits, every command failed."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:
+        try:
+            import tomli as tomllib
+        except ModuleNotFoundError:
+            raise UsageError("vaelab sweep reads its spec with tomli on Python 3.10: pip install 'vaelab[sweep]' (or: "
+                             "pip install tomli)") from None
+    return tomllib
+
+
 def parse_spec(text: str, where: str, trials: int | None = None) -> Spec:
     """``load_spec`` of a spec's ``text`` (``where``: the file it came from, for the message where it is not TOML)."""
+    tomllib = _toml()
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
