@@ -1668,12 +1668,12 @@ def test_a_spec_is_read_without_tomllib_as_on_python_3_10(monkeypatch):
     parser is built without it, a spec is read with tomli (`vaelab[sweep]` installs it on 3.10), and without either a
     sweep says what to install."""
     import importlib
-    import tomllib
 
     from vaelab import sweep
     from vaelab.cli import build_parser
     from vaelab.errors import UsageError
 
+    tomllib = sweep._toml()                                     # tomllib from 3.11, tomli on 3.10 (its test extra)
     monkeypatch.setitem(sys.modules, "tomllib", None)         # `import tomllib` raises ModuleNotFoundError
     monkeypatch.delitem(sys.modules, "vaelab.sweep")
     monkeypatch.setattr(importlib.import_module("vaelab"), "sweep", None, raising=False)
