@@ -1163,7 +1163,9 @@ def test_a_study_on_postgresql_is_shared_by_two_sweeps(postgres, tmp_path, data_
         assert process.returncode == 0, err
     name = json.loads((tmp_path / "a" / "sweep.json").read_text())["study"]
     assert name == json.loads((tmp_path / "b" / "sweep.json").read_text())["study"]
-    study = optuna.load_study(study_name=name, storage=postgres)
+    assert json.loads((tmp_path / "a" / "sweep.json").read_text())["storage"] == postgres      # the URL as given
+    # (the driver named: SQLAlchemy before 2.1, all there is on Python 3.10, takes psycopg2 for postgresql://)
+    study = optuna.load_study(study_name=name, storage=postgres.replace("postgresql://", "postgresql+psycopg://"))
     finished = [t for t in study.get_trials() if t.state.name in ("COMPLETE", "PRUNED") and not t.user_attrs.get("surplus")]
     assert sorted(t.user_attrs["slot"] for t in finished) == [0, 1, 2, 3]
 
@@ -1687,3 +1689,22 @@ def test_a_spec_is_read_without_tomllib_as_on_python_3_10(monkeypatch):
                                          r"'vaelab\[sweep\]'"):
         fresh.parse_spec('preset = "seed"\n', "s.toml")
     assert sweep is not fresh
+
+
+def test_a_postgresql_url_without_a_driver_is_given_psycopg_where_psycopg2_is_missing(monkeypatch):
+    """SQLAlchemy before 2.1 (all there is on Python 3.10) takes psycopg2 for `postgresql://`, and vaelab[sweep]
+    installs psycopg: the README's `--storage postgresql://USER@HOST:5432/DBNAME` was refused until 2026-12-07 as "its
+    database driver is not installed" on 3.10 (the PostgreSQL test failed there). A URL that names its driver, or
+    another database, is left as it is, and so is every URL where psycopg2 is installed."""
+    import importlib.util
+
+    from vaelab import sweep
+
+    installed = {"psycopg"}
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: object() if name in installed else None)
+    assert sweep._with_driver("postgresql://u@h:5432/db") == "postgresql+psycopg://u@h:5432/db"
+    for url in ("postgresql+psycopg2://u@h/db", "postgresql+psycopg://u@h/db", "sqlite:////tmp/s/study.db",
+                "mysql://u@h/db"):
+        assert sweep._with_driver(url) == url
+    installed.add("psycopg2")
+    assert sweep._with_driver("postgresql://u@h:5432/db") == "postgresql://u@h:5432/db"

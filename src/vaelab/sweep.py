@@ -842,7 +842,8 @@ def _storage(url: str):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         try:
-            return optuna.storages.RDBStorage(url, heartbeat_interval=HEARTBEAT_SECONDS, grace_period=GRACE_SECONDS,
+            return optuna.storages.RDBStorage(_with_driver(url), heartbeat_interval=HEARTBEAT_SECONDS,
+                                              grace_period=GRACE_SECONDS,
                                               engine_kwargs={"connect_args": {"timeout": 60}}
                                               if url.startswith("sqlite") else None)
         except ImportError as exc:
@@ -850,6 +851,20 @@ def _storage(url: str):
                              f"'vaelab[sweep]' brings PostgreSQL's (psycopg)") from None
         except Exception as exc:                                  # noqa: BLE001 - SQLAlchemy's connection errors
             raise StorageUnavailable(f"storage {url}: cannot open the study's database ({_reason(exc)})") from None
+
+
+def _with_driver(url: str) -> str:
+    """The URL SQLAlchemy is given for ``url``: a PostgreSQL URL that names no driver (`postgresql://…`, as the README
+    writes it) names psycopg, the driver `vaelab[sweep]` installs, where psycopg2 is not installed. SQLAlchemy before
+    2.1, all there is on Python 3.10, takes psycopg2 for such a URL: until 2026-12-07 the sweep said the driver was not
+    installed, with psycopg there. Everything else (sweep.json, the lines printed) keeps the URL as given."""
+    import importlib.util
+
+    scheme, sep, rest = url.partition("://")
+    if sep and scheme == "postgresql" and importlib.util.find_spec("psycopg2") is None \
+            and importlib.util.find_spec("psycopg") is not None:
+        return f"postgresql+psycopg://{rest}"
+    return url
 
 
 def _open_study(spec: Spec, url: str, name: str, read_only: bool = False):
