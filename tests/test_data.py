@@ -84,6 +84,21 @@ def test_pkl_recovers_uint8_exactly(tmp_path, tiny_arrays):
     assert_same(D.read_mnist_pkl(path), tiny_arrays)
 
 
+def test_pkl_is_read_by_a_numpy_without_numpy_core_renamed(tmp_path, tiny_arrays, monkeypatch):
+    """NumPy before 1.26 (pyproject admits 1.24) has numpy.core and no numpy._core, the name NumPy 2 gives it: a valid
+    mnist.pkl.gz was "not a valid mnist.pkl.gz (No module named 'numpy._core'); delete it" there until 2026-12-07.
+    numpy._core is made unimportable here, as on such a NumPy."""
+    import sys
+    import warnings
+
+    path = tmp_path / "mnist.pkl.gz"
+    path.write_bytes(pkl_bytes(tiny_arrays))
+    monkeypatch.setitem(sys.modules, "numpy._core.multiarray", None)      # `import numpy._core.multiarray` fails
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)               # (NumPy 2's alias numpy.core says so)
+        assert_same(D.read_mnist_pkl(path), tiny_arrays)
+
+
 def test_pkl_with_foreign_global_is_refused_not_executed(tmp_path):
     class Exploit:
         def __reduce__(self):

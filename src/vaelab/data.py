@@ -241,8 +241,15 @@ class _ArrayUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str):  # noqa: D102 (pickle API)
         if (module, name) not in self._ALLOWED:
             raise pickle.UnpicklingError(f"refusing to load global {module}.{name}")
-        module = module.replace("numpy.core.", "numpy._core.")
-        return getattr(__import__(module, fromlist=[name]), name)
+        # NumPy 2 names its core numpy._core (numpy.core is a deprecated alias there); NumPy before 1.26 has only
+        # numpy.core, which pyproject's numpy>=1.24 admits (until 2026-12-07 a valid mnist.pkl.gz was "not valid …;
+        # delete it" there)
+        for candidate in (module.replace("numpy.core.", "numpy._core."), module.replace("numpy._core.", "numpy.core.")):
+            try:
+                return getattr(__import__(candidate, fromlist=[name]), name)
+            except ModuleNotFoundError:
+                continue
+        raise pickle.UnpicklingError(f"this NumPy has no {module}")
 
 
 def read_mnist_pkl(path: str | Path, expected_sha256: str | None = None) -> MNISTArrays:
