@@ -68,13 +68,16 @@ def write_gradients(params: list[torch.Tensor], grads, grad_squares: torch.Tenso
         if gather is not None and all(g.dtype == torch.float32 and g.is_contiguous() for g in parts):
             grad_squares.fill_(gather(parts, flat))
         else:
-            torch.cat(parts, out=flat)
+            # (under no_grad: torch before 2.8 or so made materialize_grads' zeros require grad, and a cat with out=
+            # refused them, "functions with out=... arguments don't support automatic differentiation")
+            with torch.no_grad():
+                torch.cat(parts, out=flat)
         return
     for p, g in zip(params, grads):
         if p.grad is None:
-            p.grad = g
+            p.grad = g.detach()
         else:
-            p.grad.copy_(g)
+            p.grad.copy_(g.detach())
 
 
 def _flat_gradient(params: list[torch.Tensor]) -> torch.Tensor | None:
