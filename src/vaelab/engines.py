@@ -68,7 +68,7 @@ def write_gradients(params: list[torch.Tensor], grads, grad_squares: torch.Tenso
         if gather is not None and all(g.dtype == torch.float32 and g.is_contiguous() for g in parts):
             grad_squares.fill_(gather(parts, flat))
         else:
-            # (under no_grad: torch before 2.8 or so made materialize_grads' zeros require grad, and a cat with out=
+            # (under no_grad: torch 2.7, unlike 2.13, made materialize_grads' zeros require grad, and a cat with out=
             # refused them, "functions with out=... arguments don't support automatic differentiation")
             with torch.no_grad():
                 torch.cat(parts, out=flat)
