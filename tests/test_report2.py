@@ -429,6 +429,40 @@ def test_compare_prints_a_table_to_paste(evaluated, kind, tmp_path, capsys):
         assert rows[2][-1] == "IWAE-20, 500 digits, model.safetensors after epoch 2"
 
 
+def test_the_mark_of_a_changed_preset_is_explained_wherever_it_is_shown(evaluated, data_dir, tmp_path, capsys):
+    """"seed*" (the run's flags changed fields of its preset) was explained by `vaelab runs` alone, and there only
+    where the label ended in *: a run whose flags changed the model reads "hvae (seed*)", and compare's table, its
+    page and its tables to paste showed the * unexplained (until 2026-12-07)."""
+    ladder, plain = tmp_path / "runs" / "ladder", tmp_path / "runs" / "plain"
+    short = ["--epochs", "1", "--train-examples", "200", "--test-examples", "20", "--data-dir", str(data_dir),
+             "--no-progress"]
+    assert main(["train", "--out", str(ladder), "--model", "hvae", "--latent", "4", "2", "--blocks", "16", "8",
+                 *short]) == 0
+    assert main(["train", "--out", str(plain), *short]) == 0                  # the seed preset as it is
+    capsys.readouterr()
+    code, out, _ = run(capsys, "runs", tmp_path / "runs")
+    assert code == 0 and "hvae (seed*)" in out and "plain   seed " in out
+    assert out.rstrip().endswith("* the run's flags changed fields of its preset (`vaelab report RUN` lists them)")
+    page = tmp_path / "c.html"
+    code, out, _ = run(capsys, "compare", str(ladder), str(evaluated / "b"), "--out", str(page))
+    lines = out.splitlines()
+    assert code == 0 and lines[4] == "* the run's flags changed fields of its preset (`vaelab report RUN` lists them)"
+    assert "hvae (seed*)" in lines[2] and "seed*" in lines[3]
+    assert '<p class="note">* the run&#39;s flags changed fields of its preset' in page.read_text()
+    for kind, said in [("latex", "* the run's flags changed fields of its preset}"),
+                       ("markdown", r"\* the run's flags changed fields of its preset")]:
+        code, out, _ = run(capsys, "compare", str(ladder), str(evaluated / "b"), "--format", kind, "--out", str(page))
+        assert code == 0 and said in out, out
+    # runs of the preset as it is carry no * and get no note
+    assert main(["evaluate", str(plain), "--k", "5", "--data-dir", str(data_dir), "--no-progress"]) == 0
+    for kind in ["text", "latex"]:
+        code, out, _ = run(capsys, "compare", str(plain), str(plain), "--format", kind, "--out", str(page))
+        assert code == 0 and "seed" in out and "*" not in out
+    assert "the run&#39;s flags" not in page.read_text()
+    code, out, _ = run(capsys, "runs", plain)
+    assert code == 0 and "*" not in out
+
+
 def test_evaluate_prints_its_table_as_csv_saying_what_it_measured(evaluated, data_dir, tmp_path, capsys):
     import csv
     import io

@@ -1757,7 +1757,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 def cmd_runs(args: argparse.Namespace) -> int:
     from vaelab import checkpoint as ckpt
     from vaelab.errors import CheckpointError
-    from vaelab.presets import preset_label
+    from vaelab.presets import changed_mark, preset_label
     from vaelab.runs import find_runs, headline_nll, read_run
 
     if not args.directory.is_dir():
@@ -1792,8 +1792,8 @@ def cmd_runs(args: argparse.Namespace) -> int:
     header = ["run", "preset/model", "epochs", "status", "best validation ELBO", "best NLL", "last checkpoint"]
     for line in text_table(header, rows):
         _log(line)
-    if any(row[1].endswith("*") for row in rows):
-        _log("* the run's flags changed fields of its preset (`vaelab report RUN` lists them)")
+    if mark := changed_mark(row[1] for row in rows):
+        _log(mark)
     return 0
 
 

@@ -180,6 +180,16 @@ def changed_fields(config) -> list[str]:
     return [d.split(":")[0] for d in base.differences(config) if d.split(":")[0] not in ignored]
 
 
+# what the * of ``preset_label`` means, said wherever a table shows one (until 2026-12-07 `vaelab runs` alone did:
+# compare's table, page and pasted tables showed "seed*" unexplained)
+CHANGED_MARK = "* the run's flags changed fields of its preset (`vaelab report RUN` lists them)"
+
+
+def changed_mark(labels) -> str | None:
+    """``CHANGED_MARK`` where one of the ``preset_label`` labels carries the *, else None."""
+    return CHANGED_MARK if any("*" in label for label in labels) else None
+
+
 def preset_label(config) -> str:
     """The preset's name, with * when flags changed its fields, after the model's name where they changed that
     ('hvae (seed*)'); the model's name for runs without a preset."""

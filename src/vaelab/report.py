@@ -21,7 +21,7 @@ from vaelab.errors import UsageError
 from vaelab.evaluation import SECOND_DRAW_DIGITS, draws_move_means, reconstructions, summarize
 from vaelab.gaps import gap_warning
 from vaelab.laplace import STALLED_CAUSE
-from vaelab.presets import changed_fields, preset_label
+from vaelab.presets import changed_fields, changed_mark, preset_label
 from vaelab.runs import (RunInfo, digits_label, distinct_labels, estimator_label, format_duration,
                          of_best_weights, per_digit, pictured_weights, read_run, stale_weights,
                          uncheckpointed_changes, weights_label)
@@ -528,6 +528,11 @@ class Comparison:
         count = len(self.runs)
         return f"{count} {'evaluations' if any(self.records) else 'runs'}"
 
+    @property
+    def mark(self) -> str | None:
+        """What the * of a preset/model cell means, where one has it (``changed_mark``)."""
+        return changed_mark(row["preset"] for row in self.rows)
+
 
 def compare_runs(paths: Sequence[str | Path], split: str = "test") -> Comparison:
     """The runs side by side on their headline evaluations of ``split`` (test, or validation: `evaluate --split
@@ -700,6 +705,7 @@ def comparison_table(comparison: Comparison) -> str:
     keys = ["name", "preset", "epochs", "status", "nll", "k", "elbo", "active", "time"]
     lines = text_table(["run", "preset/model", "epochs", "status", "NLL ± s.e.", "evaluated with", "ELBO",
                         "active units", "training time"], [[r[k] for k in keys] for r in comparison.rows], rule=True)
+    lines += [comparison.mark] if comparison.mark else []
     if comparison.differences:
         lines += ["", "config differences:"] + text_table(["field"] + [r.name for r in comparison.runs],
                                                           [[k, *v] for k, v in comparison.differences], rule=True)
@@ -739,6 +745,8 @@ def comparison_export(comparison: Comparison, kind: str) -> str:
     evaluated = sorted({row["values"]["estimator"] for row in comparison.rows if row["values"]["estimator"]})
     caption = (f"NLL and ELBO in nats, {'; '.join(evaluated)}; the paired difference is over the same digits, "
                f"with the same K and seed of the draws" if evaluated else "not evaluated")
+    if comparison.mark:         # a table pasted into a paper has no `vaelab report` beside it
+        caption += "; * the run's flags changed fields of its preset"
     if kind == "csv":           # no caption there: each row says what it measured (estimator, digits, weights)
         header, caption = [*header, "measured"], ""
         rows = [[*values, None if row["values"]["nll"] is None else row["k"]]
