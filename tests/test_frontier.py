@@ -459,7 +459,11 @@ def test_the_report_of_a_vampprior_run_shows_its_pseudo_inputs(tmp_path, data_di
     (["--model", "hvae", "--latent", "8"], ["model hvae takes 2 to 64 stochastic layers"]),
     # 300 sizes are counted, not listed (the line held all 300 numbers)
     (["--model", "hvae", "--latent", *map(str, range(1, 301))], ["takes 2 to 64 stochastic layers", "got 300 sizes"]),
-    (["--model", "tomczak", "--hidden", "30", "20", "--latent", "4"], ["hidden layers of one width W"]),
+    # the widths as the flags that gave them (until 2026-12-07 "got ((30, 20),)")
+    (["--model", "tomczak", "--hidden", "30", "20", "--latent", "4"], ["hidden layers of one width W",
+                                                                       "got --hidden 30 20"]),
+    (["--model", "tomczak", "--blocks", "30,30", "20,20", "30,30", "--latent", "4"],
+     ["needs 1 block of hidden widths (--hidden), got 3"]),
     (["--blocks", "32,x"], ["--blocks", "whole number", "got 'x'"]),
     (["--batch-norm"], ["--batch-norm applies to the hierarchies", "not model mlp", "leave it out"]),
     (["--model", "hvae", "--latent", "8", "4", "--blocks", "32", "16", "--batch-norm", "--prior", "vampprior"],

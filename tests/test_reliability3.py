@@ -929,6 +929,12 @@ def test_report_on_a_file_says_it_is_not_a_run_directory(evaluated, capsys):
     pytest.param({"device": "cuda:1"}, ["device='cuda:1' was asked for", "use device='cpu' or auto"],
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU: cuda:1 may be one")),
     ({"device": "gpu"}, ["unknown device 'gpu'; use auto, cpu, cuda or cuda:N"]),
+    # flags of several values as the lists their keywords take (until 2026-12-07 "give hidden=W W …, got ((256,),)"
+    # and "latent= d₁ … d_L")
+    ({"model": "tomczak"}, ["give hidden=[W, W] (and hidden_top=[W, W] for two layers), got hidden=[256]"]),
+    ({"model": "tomczak", "latent": [4, 2], "hidden": [30, 30], "hidden_top": [20, 10]},
+     ["got hidden=[30, 30] hidden_top=[20, 10]"]),
+    ({"model": "hvae", "latent": [4]}, ["give 2 to 64 latent sizes (latent=[d₁, …, d_L]), got [4]"]),
 ])
 def test_api_errors_carry_the_reason_in_the_apis_terms(flags, words, data_dir, capsys):
     with pytest.raises(UsageError) as error:
@@ -1017,6 +1023,8 @@ def test_api_train_names_the_call_that_goes_on_after_a_divergence_or_a_stop(tmp_
         "vaelab.train(out='r b', resume=True)")
     assert in_api_terms("then `vaelab train --out ./-r --resume --epochs N --no-batch-norm`.") == (
         "then `vaelab.train(out='./-r', resume=True, epochs=N, batch_norm=False)`.")
+    assert in_api_terms("got --blocks 512,512 256 128; use --hidden 300 300 --hidden-top 200 100, or --lr 0.5.") == (
+        "got blocks=[[512, 512], [256], [128]]; use hidden=[300, 300] hidden_top=[200, 100], or lr=0.5.")
 
 
 def test_api_train_takes_false_against_a_preset_blocks_as_lists_arrays_and_a_dash_path(tmp_path, data_dir,

@@ -73,6 +73,18 @@ def in_api_terms(message: str) -> str:
             return f"{name}={not negated}{rest}"
         return f"{name}={rest}"
 
+    def values(match: re.Match) -> str:
+        """A flag of several values with them, as the list the keyword takes: ``--hidden W W`` → ``hidden=[W, W]``,
+        ``--blocks 512,512 256`` → ``blocks=[[512, 512], [256]]`` (until 2026-12-07 "hidden=W W", "latent= d₁ …")."""
+        action = actions.get(match.group(1))
+        if action is None or action.nargs not in ("+", "*"):
+            return match.group(0)
+        blocks = action.type is not None and isinstance(action.type("1"), tuple)     # a list of widths each (--blocks)
+        items = [f"[{', '.join(word.split(','))}]" if blocks else word for word in match.group(2).split()]
+        return f"{action.dest}=[{', '.join(items)}]"
+
+    message = re.sub(r"(--[a-z][a-z0-9-]*)((?: (?:[0-9]+(?:,[0-9]+)*|[A-Z]|d[₀-₉]+|d_L|…)(?![\w.]))+)", values,
+                     message)
     return re.sub(r"(--[a-z][a-z0-9-]*)(?: (-?[0-9][0-9.e+-]*|[A-Z][A-Z_]*\b|'[^']*'|[a-z][a-z0-9_:-]*[a-z0-9]))?",
                   keyword, message)
 

@@ -100,7 +100,8 @@ class ModelConfig:
                              f"with two or more --latent sizes")
         if self.name == "tomczak" and any(block != (self.hidden[0][0],) * 2 for block in self.hidden):
             raise UsageError(f"model tomczak is made of hidden layers of one width W, two per network (the paper's "
-                             f"W = 300): give --hidden W W (and --hidden-top W W for two layers), got {self.hidden}")
+                             f"W = 300): give --hidden W W (and --hidden-top W W for two layers), got "
+                             f"{_widths_flags(self.hidden)}")
         if self.flow == "none" and self.flow_steps:
             raise UsageError(f"--flow-steps {self.flow_steps} without a flow: add --flow planar or --flow iaf")
         if self.flow != "none" and (self.inference == "top-down" or self.name == "tomczak"):
@@ -157,6 +158,15 @@ class ModelConfig:
         forward = sum(2 * a * b for a, b in shapes)
         first_in, first_out = shapes[0]
         return forward + 2 * forward - 2 * first_in * first_out
+
+
+def _widths_flags(hidden: tuple[tuple[int, ...], ...]) -> str:
+    """Hidden widths as the flags that give them, for a message: "--hidden 256", "--hidden 300 300 --hidden-top 200
+    200" (until 2026-12-07 messages printed the tuple, "got ((256,),)"), or "--blocks 512,512 256 128" beyond two."""
+    flags = ["--hidden", "--hidden-top"]
+    if len(hidden) <= 2:
+        return " ".join(f"{flag} {' '.join(map(str, block))}" for flag, block in zip(flags, hidden))
+    return "--blocks " + " ".join(",".join(map(str, block)) for block in hidden)
 
 
 def build_model(config: ModelConfig):
