@@ -931,7 +931,8 @@ def test_report_on_a_file_says_it_is_not_a_run_directory(evaluated, capsys):
     ({"device": "gpu"}, ["unknown device 'gpu'; use auto, cpu, cuda or cuda:N"]),
     # flags of several values as the lists their keywords take (until 2026-12-07 "give hidden=W W …, got ((256,),)"
     # and "latent= d₁ … d_L")
-    ({"model": "tomczak"}, ["give hidden=[W, W] (and hidden_top=[W, W] for two layers), got hidden=[256]"]),
+    ({"model": "tomczak"}, ["give hidden=[W, W] (and hidden_top=[W, W], the same W, for two layers), got "
+                            "hidden=[256]"]),
     ({"model": "tomczak", "latent": [4, 2], "hidden": [30, 30], "hidden_top": [20, 10]},
      ["got hidden=[30, 30] hidden_top=[20, 10]"]),
     ({"model": "hvae", "latent": [4]}, ["give 2 to 64 latent sizes (latent=[d₁, …, d_L]), got [4]"]),

@@ -100,7 +100,7 @@ class ModelConfig:
                              f"with two or more --latent sizes")
         if self.name == "tomczak" and any(block != (self.hidden[0][0],) * 2 for block in self.hidden):
             raise UsageError(f"model tomczak is made of hidden layers of one width W, two per network (the paper's "
-                             f"W = 300): give --hidden W W (and --hidden-top W W for two layers), got "
+                             f"W = 300): give --hidden W W (and --hidden-top W W, the same W, for two layers), got "
                              f"{_widths_flags(self.hidden)}")
         if self.flow == "none" and self.flow_steps:
             raise UsageError(f"--flow-steps {self.flow_steps} without a flow: add --flow planar or --flow iaf")
