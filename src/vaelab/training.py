@@ -608,8 +608,11 @@ class Trainer:
         self.epoch_start_rng = self.data_rng.get_state()   # the next epoch starts from here
         self.save_checkpoint()
         parts = [f"train ELBO {row['train_elbo']:9.3f}"]
-        if objective.name != "elbo" or beta != 1:
-            parts.append(f"train {objective_label(objective.name, objective.samples, beta)} {row['train_objective']:9.3f}")
+        # under warm-up β rose step by step through the epoch: the mean objective is over that range of β
+        first = kl_weight((epoch - 1) * steps, steps, objective.beta, objective.warmup_epochs)
+        if objective.name != "elbo" or beta != 1 or first != 1:
+            label = objective_label(objective.name, objective.samples, beta, first)
+            parts.append(f"train {label} {row['train_objective']:9.3f}")
         if "validation_elbo" in row:
             parts.append(f"validation ELBO {row['validation_elbo']:9.3f}")
         parts.append(f"test ELBO {row['test_elbo']:9.3f}")
@@ -728,9 +731,14 @@ class Trainer:
         raise Interrupted(message, signum)
 
 
-def objective_label(name: str, samples: int, beta: float) -> str:
-    """What the trained objective is called in the log: 'β-ELBO (β = 0.30)', 'IWAE-50', 'β-IWAE-5 (β = 0.50)'."""
+def objective_label(name: str, samples: int, beta: float, first: float | None = None) -> str:
+    """What the trained objective is called in the log: 'β-ELBO (β = 0.30)', 'IWAE-50', 'β-IWAE-5 (β = 0.50)'; with
+    ``first``, the β of an epoch's first step where it differs from ``beta``, its last (a warm-up): 'β-ELBO (β from
+    0.0001 to 0.01)', the epoch's mean being over that range (until 2026-12-07 'β = 0.01', the last step's alone:
+    twice the mean β of the first epoch of a warm-up)."""
     base = {"elbo": "ELBO", "iwae": f"IWAE-{samples}"}.get(name, name)
+    if first is not None and first != beta:
+        return f"β-{base} (β from {beta_text(first)} to {beta_text(beta)})"
     return base if beta == 1 else f"β-{base} (β = {beta_text(beta)})"
 
 
