@@ -448,7 +448,8 @@ def test_the_mark_of_a_changed_preset_is_explained_wherever_it_is_shown(evaluate
     lines = out.splitlines()
     assert code == 0 and lines[4] == "* the run's flags changed fields of its preset (`vaelab report RUN` lists them)"
     assert "hvae (seed*)" in lines[2] and "seed*" in lines[3]
-    assert '<p class="note">* the run&#39;s flags changed fields of its preset' in page.read_text()
+    assert ('<p class="note-inline">* the run&#39;s flags changed fields of its preset (<code>vaelab report RUN</code> '
+            'lists them)</p>') in page.read_text()
     for kind, said in [("latex", "* the run's flags changed fields of its preset}"),
                        ("markdown", r"\* the run's flags changed fields of its preset")]:
         code, out, _ = run(capsys, "compare", str(ladder), str(evaluated / "b"), "--format", kind, "--out", str(page))

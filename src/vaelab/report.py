@@ -41,7 +41,16 @@ def _environment():
                                      undefined=jinja2.StrictUndefined)
     environment.filters["shell_word"] = shell_word            # a path in a command to paste: quoted where needed
     environment.filters["plural"] = plural                    # {{ n | plural("test digit") }}: "1 test digit", "2 …s"
+    environment.filters["code_spans"] = _code_spans           # text's `commands` as <code>, the rest escaped
     return environment
+
+
+def _code_spans(text: str):
+    """``text`` for a page: escaped, with each `…` (a command in the terminal's text) set as <code>…</code>."""
+    import markupsafe
+
+    parts = str(markupsafe.escape(text)).split("`")
+    return markupsafe.Markup("".join(f"<code>{part}</code>" if i % 2 else part for i, part in enumerate(parts)))
 
 
 def data_uri(fig) -> str:
