@@ -239,6 +239,9 @@ def test_run_directories_are_protected(trained, data_dir, tmp_path, capsys):
     code, _, err = run(capsys, "train", "--out", trained, "--resume", "--hidden", "128", "--data-dir", data_dir)
     assert code == 2 and "different config (model.hidden: [[256]] → [[128]])" in err
     assert "only --epochs, --early-stopping, --device, --threads, --engine, --data-dir may change" in err
+    # what changes is said first (until 2026-12-07 --model hvae was told to give more --latent sizes)
+    code, _, err = run(capsys, "train", "--out", trained, "--resume", "--model", "hvae", "--data-dir", data_dir)
+    assert code == 2 and one_line(err) and "different config (model.name: \"mlp\" → \"hvae\")" in err, err
     code, _, err = run(capsys, "train", "--out", tmp_path / "nothing", "--resume")
     assert code == 2 and "not a vaelab run" in err
     code, _, err = run(capsys, "evaluate", tmp_path / "missing")

@@ -766,8 +766,9 @@ AMENDABLE = {"train.lr": "--lr", "train.clip_grad_norm": "--clip-grad-norm",
              "train.clip_grad_value": "--clip-grad-value"}
 
 
-def _train_config(args: argparse.Namespace, base):
-    """``base`` (the preset's config, or the saved one on --resume) with the flags given; validated."""
+def _train_config(args: argparse.Namespace, base, validate: bool = True):
+    """``base`` (the preset's config, or the saved one on --resume) with the flags given; validated unless
+    ``validate`` is False (a resume first says which fields its flags would change)."""
     from vaelab.data import resolve_path
     from vaelab.presets import apply_preset
 
@@ -791,7 +792,8 @@ def _train_config(args: argparse.Namespace, base):
     if args.data_dir is not None:
         sections["data"]["data_dir"] = str(resolve_path(args.data_dir, "--data-dir"))
     replaced = {name: dataclasses.replace(getattr(base, name), **fields) for name, fields in sections.items()}
-    return dataclasses.replace(base, **replaced).validate()
+    config = dataclasses.replace(base, **replaced)
+    return config.validate() if validate else config
 
 
 def _unread_flags(args: argparse.Namespace, config) -> list[str]:
@@ -990,13 +992,16 @@ def _resume(args: argparse.Namespace, world, observers: Sequence = ()) -> int:
         if args.preset is not None and args.preset != saved.preset:
             raise UsageError(f"--resume with --preset {args.preset!r}, but the run started from preset "
                              f"{saved.preset!r}; resume without --preset")
-        config = _train_config(args, saved)
+        # the fields changed are said before whatever else is wrong with them (until 2026-12-07 --model hvae on a
+        # resume of an mlp run was told to give more --latent sizes, which the resume then refused too)
+        config = _train_config(args, saved, validate=False)
         changed = [d for d in saved.differences(config) if d.split(":")[0] not in free]
         if changed:
             *amendable, last = AMENDABLE.values()
             raise UsageError(f"--resume with a different config ({'; '.join(changed)}); resume with the original "
                              f"flags (only {resumable} may change, and {', '.join(amendable)} and {last} from "
                              f"where the run stands) or start a new --out")
+        config = config.validate()
         amendments = [d for d in state_config.differences(config) if d.split(":")[0] in AMENDABLE]
         given = [d for d in saved.differences(config) if d.split(":")[0] in AMENDABLE]     # by this resume's flags
         done = int(meta.get("epoch", 0))
