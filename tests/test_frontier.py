@@ -456,7 +456,7 @@ def test_the_report_of_a_vampprior_run_shows_its_pseudo_inputs(tmp_path, data_di
     (["--inference", "top-down"], ["top-down", "single stochastic layer", "--inference bottom-up"]),
     (["--model", "hvae", "--latent", "8", "4", "--blocks", "32", "16", "--inference", "top-down", "--flow", "planar",
       "--flow-steps", "2"], ["--flow planar applies to bottom-up inference", "--flow none"]),
-    (["--model", "hvae", "--latent", "8"], ["model hvae takes 2 to 64 stochastic layers"]),
+    (["--model", "hvae", "--latent", "8"], ["model hvae takes 2 to 64 stochastic layers", "got --latent 8"]),
     # 300 sizes are counted, not listed (the line held all 300 numbers)
     (["--model", "hvae", "--latent", *map(str, range(1, 301))], ["takes 2 to 64 stochastic layers", "got 300 sizes"]),
     # the widths as the flags that gave them (until 2026-12-07 "got ((30, 20),)")

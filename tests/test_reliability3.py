@@ -935,7 +935,7 @@ def test_report_on_a_file_says_it_is_not_a_run_directory(evaluated, capsys):
                             "hidden=[256]"]),
     ({"model": "tomczak", "latent": [4, 2], "hidden": [30, 30], "hidden_top": [20, 10]},
      ["got hidden=[30, 30] hidden_top=[20, 10]"]),
-    ({"model": "hvae", "latent": [4]}, ["give 2 to 64 latent sizes (latent=[d₁, …, d_L]), got [4]"]),
+    ({"model": "hvae", "latent": [4]}, ["give 2 to 64 latent sizes (latent=[d₁, …, d_L]), got latent=[4]"]),
 ])
 def test_api_errors_carry_the_reason_in_the_apis_terms(flags, words, data_dir, capsys):
     with pytest.raises(UsageError) as error:
