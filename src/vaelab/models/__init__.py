@@ -84,7 +84,8 @@ class ModelConfig:
         fewest, most = LAYERS[self.name]
         if not fewest <= len(self.latent) <= most:
             wanted = str(fewest) if fewest == most else f"{fewest} to {most}"
-            got = f"--latent {' '.join(map(str, self.latent))}" if len(self.latent) <= 8 else f"{len(self.latent)} sizes"
+            sizes = len(self.latent)
+            got = f"--latent {' '.join(map(str, self.latent))}" if sizes <= 8 else f"{sizes} sizes"
             raise UsageError(f"model {self.name} takes {wanted} stochastic layer{'s' * (most > 1)}: give {wanted} latent "
                              f"size{'s' * (most > 1)} (--latent d₁ … d_L), got {got}")
         layers = len(self.latent)
