@@ -429,6 +429,37 @@ def test_a_trial_elsewhere_is_judged_by_its_heartbeat(tmp_path, monkeypatch):
     assert _state_of(study, trial.number) == "FAIL" and _waiting_slots(study) == [0, 1]
 
 
+@pytest.mark.slow      # 7 s on 2 cores of a Zen 4 (2026-12-07)
+def test_a_trial_is_not_pruned_after_its_last_epoch(tmp_path, data_dir):
+    """The trial far below the others of the test below, in a sweep of 2 epochs: its warm-up ends with its training,
+    so it completes and its validation NLL is taken (until 2026-12-07 it was pruned after its last epoch, its
+    training spent and its objective, which may rank it where its validation ELBO did not, never evaluated)."""
+    spec = tmp_path / "spec.toml"
+    spec.write_text("""\
+preset = "seed"
+trials = 3
+objective = "validation-nll"
+k = 10
+pruner_warmup = 1
+enqueue = [{ lr = 3e-3 }, { lr = 3e-3 }, { lr = 3e-6 }]
+[fixed]
+epochs = 2
+train_examples = 1000
+validation = 300
+test_examples = 50
+hidden = [64]
+[search]
+lr = { low = 1e-6, high = 1e-2, log = true }
+""")
+    process = sweep_cli(spec, tmp_path / "out", data_dir=data_dir)
+    printed, err = process.communicate(timeout=600)
+    assert process.returncode == 0, err
+    states = {slot: state for _, state, slot, surplus in trial_states(tmp_path / "out") if not surplus}
+    assert states == {0: "COMPLETE", 1: "COMPLETE", 2: "COMPLETE"}, printed
+    row = next(line.split() for line in printed.splitlines() if line.split()[:1] == ["0002"])
+    assert row[-1] == "complete" and float(row[2]) > 400, row     # its validation NLL, far above the others'
+
+
 @pytest.mark.slow      # 24 s on 2 cores of a Zen 4 (2026-12-07)
 @pytest.mark.parametrize("objective", ["validation-elbo", "validation-nll"])
 def test_pruning_stops_a_trial_far_below_the_others(objective, tmp_path, data_dir):

@@ -1075,10 +1075,14 @@ def run_trial(trial, spec: Spec, out: Path, threads: int, log) -> tuple[float | 
     # the pruner compares intermediate values in the study's direction: the validation ELBO (higher is better) as
     # it is for validation-elbo, its negative (lower is better, an upper bound of the NLL) for validation-nll
     sign = 1.0 if spec.direction == "maximize" else -1.0
+    # after its last epoch a trial has spent its training: pruning it there saves at most its objective's evaluation
+    # and drops a finished trial, whose objective may rank it where its validation ELBO did not (until 2026-12-07 a
+    # trial of 2 epochs of 2 could end "pruned after 2 epochs", its NLL never taken)
+    last = _config_of(spec.preset, fields).train.epochs
 
     def report(model, row):
         trial.report(sign * row["validation_elbo"], row["epoch"])
-        if trial.should_prune():
+        if row["epoch"] < last and trial.should_prune():
             # said in the run directory too (its checkpoint of this epoch is written): `runs` and `report` call it
             # pruned, not interrupted
             _write_pruned(run_dir, row["epoch"], trial.number, slot, spec.pruner)
