@@ -284,6 +284,25 @@ def test_api_load_run(runs):
     assert run.log_likelihood(x, k=10).shape == (4,)
 
 
+def test_the_citation_file_is_valid_and_names_this_version_and_the_papers_in_the_readme():
+    """CITATION.cff (how to cite vaelab) against the Citation File Format 1.2.0's required keys, the version vaelab
+    reports, and the README's list of the papers it cites."""
+    yaml = pytest.importorskip("yaml", reason="PyYAML (installed with optuna, a test extra)")
+    import vaelab
+
+    root = Path(__file__).resolve().parents[1]
+    cff = yaml.safe_load((root / "CITATION.cff").read_text(encoding="utf-8"))
+    assert cff["cff-version"] == "1.2.0" and {"message", "title", "authors"} <= cff.keys()
+    assert cff["version"] == vaelab.__version__ and cff["license"] == "MIT"
+    readme = (root / "README.md").read_text(encoding="utf-8")
+    citing = " ".join(readme[readme.index("## Citing"):readme.index("## Benchmark")].split())
+    for reference in cff["references"]:
+        assert {"type", "title", "authors", "year"} <= reference.keys()
+        first, many = reference["authors"][0]["family-names"], len(reference["authors"])
+        named = {1: first, 2: f"{first} & {reference['authors'][1]['family-names']}"}.get(many, f"{first} et al.")
+        assert f"{named} {reference['year']}" in citing, named
+
+
 def test_version_and_every_option_has_a_help_string(capsys):
     import vaelab
 
