@@ -558,6 +558,10 @@ DEPTH = 'trials = 2\n[fixed]\nvalidation = 100\nmodel = "hvae"\n'
      ["search.depth.b", "sets blocks, latent where a sets latent", "the same fields"]),
     (f'{DEPTH}[search.depth]\na = {{ latent = [4, 2], blockz = [[8], [8]] }}\n',
      ["unknown field 'blockz' in search.depth"]),
+    # depth searched as plain choices: the line named only the preset's "--latent 50" (until 2026-12-07)
+    (f'{DEPTH}[search]\nlatent = [[4, 2], [4, 2, 2]]\nblocks = [[[8], [8]], [[8], [8], [8]]]\n',
+     ["fixed: model hvae takes 2 to 64", "got --latent 50; latent is searched, but the fixed fields must make a",
+      "[search.depth] with two = { latent = [8, 4], blocks = [[64], [32]] }"]),
     (f'{DEPTH}blocks = [[8], [8]]\n[search.depth]\na = {{ latent = [4, 2], blocks = [[8], [8]] }}\n',
      ["field 'blocks'", "is set twice"]),
     (f'{DEPTH}[search]\nlatent = [[4, 2]]\n[search.depth]\na = {{ latent = [4, 2], blocks = [[8], [8]] }}\n',

@@ -555,7 +555,16 @@ def _check_values(spec: Spec) -> None:
         try:
             return _config_of(spec.preset, fields)
         except UsageError as exc:
-            raise _bad(where, str(exc).replace("argument --", "--")) from None
+            why = str(exc).replace("argument --", "--")
+            # a field searched as plain choices is not part of the whole config checked (until 2026-12-07 the line
+            # named only the preset's value, "got --latent 50", beside a search over latent sizes)
+            searched = [p.name for p in spec.search if p.options is None and f"--{p.name.replace('_', '-')}" in why]
+            if where == "fixed" and searched:
+                why += (f"; {' and '.join(searched)} {'is' if len(searched) == 1 else 'are'} searched, but the fixed "
+                        f"fields must make a whole config on preset {spec.preset} with the first option of each "
+                        f"[search.NAME] table of named options: search fields that only make sense together as one "
+                        f"(e.g. [search.depth] with two = {{ latent = [8, 4], blocks = [[64], [32]] }}), or fix them")
+            raise _bad(where, why) from None
 
     try:
         parser.parse_args(["train", *flags_of(spec.fixed)])
