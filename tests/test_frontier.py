@@ -432,14 +432,22 @@ def test_an_mlp2_run_of_vaelab_0_2_resumes_to_the_epoch_it_had(tmp_path, data_di
     assert float(last["test_elbo"]) == pytest.approx(expected["test_elbo"], abs=1e-2)
 
 
-def test_the_report_of_a_vampprior_run_shows_its_pseudo_inputs(tmp_path, data_dir):
+@pytest.mark.parametrize("latent, prior", [(["4"], "p(z) = (1/K) Σₖ q(z | uₖ)"), (["4", "2"], "p(z₂) = (1/K) Σₖ q(z₂ | uₖ)")])
+def test_the_report_of_a_vampprior_run_shows_its_pseudo_inputs(latent, prior, tmp_path, data_dir, monkeypatch):
+    from vaelab import plots
+
     run = tmp_path / "run"
-    assert main(["train", "--model", "tomczak", "--hidden", "12", "12", "--latent", "4", "--activation", "gated",
-                 "--prior", "vampprior", "--prior-components", "23", "--epochs", "1", "--train-examples", "300",
-                 "--test-examples", "40", "--out", str(run), "--data-dir", str(data_dir), "--no-progress"]) == 0
+    two = ["--hidden-top", "12", "12"] if len(latent) == 2 else []
+    assert main(["train", "--model", "tomczak", "--hidden", "12", "12", *two, "--latent", *latent, "--activation",
+                 "gated", "--prior", "vampprior", "--prior-components", "23", "--epochs", "1", "--train-examples",
+                 "300", "--test-examples", "40", "--out", str(run), "--data-dir", str(data_dir), "--no-progress"]) == 0
+    titles, real = [], plots.digit_rows_figure
+    monkeypatch.setattr(plots, "digit_rows_figure", lambda *a, **k: titles.append(a[2]) or real(*a, **k))
     assert main(["report", str(run), "--data-dir", str(data_dir)]) == 0
     html = (run / "report.html").read_text()
     assert "pseudo-inputs (23 of 23)" in html          # K not a multiple of the rows' 10: a shorter last row
+    # the prior of the top layer (until 2026-12-07 "p(z)" in a hierarchy too)
+    assert f"pseudo-inputs uₖ in pixel space, {prior}" in titles
 
 
 @pytest.mark.parametrize("args, words", [
