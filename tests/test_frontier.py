@@ -432,7 +432,8 @@ def test_an_mlp2_run_of_vaelab_0_2_resumes_to_the_epoch_it_had(tmp_path, data_di
     assert float(last["test_elbo"]) == pytest.approx(expected["test_elbo"], abs=1e-2)
 
 
-@pytest.mark.parametrize("latent, prior", [(["4"], "p(z) = (1/K) Σₖ q(z | uₖ)"), (["4", "2"], "p(z₂) = (1/K) Σₖ q(z₂ | uₖ)")])
+@pytest.mark.parametrize("latent, prior", [(["4"], "p(z) = (1/K) Σₖ q(z | uₖ)"),
+                                           (["4", "2"], "p(z₂) = (1/K) Σₖ q(z₂ | uₖ)")])
 def test_the_report_of_a_vampprior_run_shows_its_pseudo_inputs(latent, prior, tmp_path, data_dir, monkeypatch):
     from vaelab import plots
 

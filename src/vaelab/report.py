@@ -350,7 +350,7 @@ def build_report(run_dir: str | Path, data_dir: str | None = None, figures_dir: 
         pseudo_rows = [shown[i:i + 10] for i in range(0, len(shown), 10)]    # rows of 10, the last maybe shorter
         # the prior of the top layer: p(z_L) in a hierarchy (until 2026-12-07 "p(z)" there too)
         levels = len(run.config.model.latent)
-        top = "z" if levels == 1 else "z" + str(levels).translate(str.maketrans("0123456789", "₀₁₂₃₄₅₆₇₈₉"))
+        top = "z" + ("" if levels == 1 else str(levels).translate(str.maketrans("0123456789", "₀₁₂₃₄₅₆₇₈₉")))
         generation.append(figures.make("pseudo-inputs", f"the VampPrior's pseudo-inputs ({len(shown)} of {len(u)})",
                                        lambda w: plots.digit_rows_figure(
                                            pseudo_rows, [""] * len(pseudo_rows),
