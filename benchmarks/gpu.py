@@ -105,7 +105,6 @@ def profile_steps(out: Path, runs: Path, data: list[str], device: str, presets=(
     """Where a training step's time goes: ``torch.profiler`` over one epoch of 3200 digits after a warm-up epoch in
     this process, per preset; the tables (by self device time, by self CPU time) go to DIR/profile.txt, the
     kernel launches per step and the device's busy time per step to the record."""
-    import torch
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
