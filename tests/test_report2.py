@@ -805,11 +805,14 @@ def test_runs_are_listed_with_the_numbers_in_their_names_counted(tmp_path):
     """t2 before t10 (it listed t1, t10, t2), deeper folders among them by the same rule."""
     from vaelab.runs import find_runs
 
-    for name in ("t10", "t2", "t1", "a/t3", "sweep/trials/0010", "sweep/trials/0002"):
+    for name in ("t10", "t2", "t1", "a/t3", "sweep/trials/0010", "sweep/trials/0002", "sweep2/trials/0000",
+                 "sweep10/trials/0000"):
         (tmp_path / name).mkdir(parents=True)
         (tmp_path / name / "config.json").write_text("{}")
+    # folder by folder: sweep/… before sweep2/… and sweep10/… (until 2026-12-07 after them: the path as one text)
     assert [str(p.relative_to(tmp_path)) for p in find_runs(tmp_path)] == [
-        "a/t3", "sweep/trials/0002", "sweep/trials/0010", "t1", "t2", "t10"]
+        "a/t3", "sweep/trials/0002", "sweep/trials/0010", "sweep2/trials/0000", "sweep10/trials/0000", "t1", "t2",
+        "t10"]
 
 
 def test_runs_behind_symbolic_links_are_listed_once(tmp_path):

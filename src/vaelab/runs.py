@@ -472,8 +472,10 @@ def find_runs(directory: str | Path) -> list[Path]:
         return [directory]
 
     def key(path: Path) -> list:
-        return [(0, int(part), "") if part.isdigit() else (1, 0, part)
-                for part in re.split(r"(\d+)", str(path.relative_to(directory))) if part]
+        # folder by folder (until 2026-12-07 the whole path as one text: out2/… and out10/… came before out/…, "out"
+        # ending a piece of text where "out/trials" went on)
+        return [[(0, int(piece), "") if piece.isdigit() else (1, 0, piece)
+                 for piece in re.split(r"(\d+)", part) if piece] for part in path.relative_to(directory).parts]
 
     def is_directory(entry: os.DirEntry) -> bool:
         try:
