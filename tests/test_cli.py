@@ -248,6 +248,18 @@ def test_run_directories_are_protected(trained, data_dir, tmp_path, capsys):
     assert code == 2 and "does not exist" in err
     code, _, err = run(capsys, "evaluate", tmp_path)
     assert code == 2 and "not a vaelab run" in err
+    # a folder of runs names what it holds (until 2026-12-07 only that it was not a run)
+    folder = trained.parent
+    code, _, err = run(capsys, "evaluate", folder)
+    assert code == 2 and one_line(err) and err.strip().endswith(
+        f"{folder} is not a vaelab run (no config.json) but holds one: pass {trained}"), err
+    (folder / "second").mkdir()
+    (folder / "second" / "config.json").write_text("{}")
+    for command in ("evaluate", "sample", "report"):
+        code, _, err = run(capsys, command, folder)
+        assert code == 2 and one_line(err) and err.strip().endswith(
+            f"but holds 2 runs ({folder / 'second'} …; vaelab runs {folder} lists them): pass one of them"), err
+    shutil.rmtree(folder / "second")
     assert {p.name: p.read_bytes() for p in trained.iterdir()} == before
     # a directory that is not a run is left as it was (a refused --out wrote its lock file there); a sweep's
     # directory is named as one, with where its runs are

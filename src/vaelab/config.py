@@ -171,8 +171,9 @@ class RunConfig:
             from vaelab.sweep import not_a_sweep
 
             not_a_sweep(path.parent)
-            raise CheckpointError(f"{path.parent} is not a vaelab run (no config.json); "
-                                  f"pass a directory written by `vaelab train`") from exc
+            raise CheckpointError(f"{path.parent} is not a vaelab run (no config.json)"
+                                  f"{_runs_inside(path.parent) or '; pass a directory written by `vaelab train`'}"
+                                  ) from exc
         except OSError as exc:
             raise CheckpointError(unreadable(path, exc, "restore it from a copy, or train anew")) from exc
         except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
@@ -199,6 +200,24 @@ class RunConfig:
         mine, theirs = self.flat(), other.flat()
         return [f"{key}: {json.dumps(mine.get(key))} → {json.dumps(theirs.get(key))}"
                 for key in sorted(set(mine) | set(theirs)) if mine.get(key) != theirs.get(key)]
+
+
+def _runs_inside(directory: Path) -> str:
+    """' but holds 3 runs (DIR/a …; vaelab runs DIR lists them): pass one of them' where runs lie directly in
+    ``directory`` (a folder of runs given where one run is taken: until 2026-12-07 the line said only that it was not
+    a run, and to pass a directory written by `vaelab train`), else ''."""
+    from vaelab.tables import shell_word
+
+    try:
+        runs = sorted(child.name for child in directory.iterdir() if (child / "config.json").is_file())
+    except OSError:
+        return ""
+    if not runs:
+        return ""
+    first = shell_word(directory / runs[0])
+    if len(runs) == 1:
+        return f" but holds one: pass {first}"
+    return f" but holds {len(runs)} runs ({first} …; vaelab runs {shell_word(directory)} lists them): pass one of them"
 
 
 def _flatten(raw: dict, prefix: str = "") -> dict[str, Any]:
