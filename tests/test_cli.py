@@ -259,6 +259,10 @@ def test_run_directories_are_protected(trained, data_dir, tmp_path, capsys):
         code, _, err = run(capsys, command, folder)
         assert code == 2 and one_line(err) and err.strip().endswith(
             f"but holds 2 runs ({folder / 'second'} …; vaelab runs {folder} lists them): pass one of them"), err
+    code, _, err = run(capsys, "compare", folder)
+    assert code == 2 and one_line(err) and err.strip().endswith(
+        f"compare needs two or more runs, got 1: {folder} is not a run but holds 2 runs ({folder / 'second'} …; "
+        f"vaelab runs {folder} lists them): pass two or more of them"), err
     shutil.rmtree(folder / "second")
     assert {p.name: p.read_bytes() for p in trained.iterdir()} == before
     # a directory that is not a run is left as it was (a refused --out wrote its lock file there); a sweep's

@@ -172,7 +172,7 @@ class RunConfig:
 
             not_a_sweep(path.parent)
             raise CheckpointError(f"{path.parent} is not a vaelab run (no config.json)"
-                                  f"{_runs_inside(path.parent) or '; pass a directory written by `vaelab train`'}"
+                                  f"{runs_inside(path.parent) or '; pass a directory written by `vaelab train`'}"
                                   ) from exc
         except OSError as exc:
             raise CheckpointError(unreadable(path, exc, "restore it from a copy, or train anew")) from exc
@@ -202,22 +202,28 @@ class RunConfig:
                 for key in sorted(set(mine) | set(theirs)) if mine.get(key) != theirs.get(key)]
 
 
-def _runs_inside(directory: Path) -> str:
+def runs_in(directory: Path) -> list[str]:
+    """The names of the runs (folders holding config.json) directly in ``directory``, sorted; [] where none or it
+    cannot be read."""
+    try:
+        return sorted(child.name for child in directory.iterdir() if (child / "config.json").is_file())
+    except OSError:
+        return []
+
+
+def runs_inside(directory: Path, take: str = "one of them") -> str:
     """' but holds 3 runs (DIR/a …; vaelab runs DIR lists them): pass one of them' where runs lie directly in
     ``directory`` (a folder of runs given where one run is taken: until 2026-12-07 the line said only that it was not
     a run, and to pass a directory written by `vaelab train`), else ''."""
     from vaelab.tables import shell_word
 
-    try:
-        runs = sorted(child.name for child in directory.iterdir() if (child / "config.json").is_file())
-    except OSError:
-        return ""
+    runs = runs_in(directory)
     if not runs:
         return ""
     first = shell_word(directory / runs[0])
     if len(runs) == 1:
         return f" but holds one: pass {first}"
-    return f" but holds {len(runs)} runs ({first} …; vaelab runs {shell_word(directory)} lists them): pass one of them"
+    return f" but holds {len(runs)} runs ({first} …; vaelab runs {shell_word(directory)} lists them): pass {take}"
 
 
 def _flatten(raw: dict, prefix: str = "") -> dict[str, Any]:
