@@ -1692,9 +1692,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from vaelab.report import build_comparison, comparison_export, comparison_table
-
     from vaelab.config import runs_in, runs_inside
+    from vaelab.report import build_comparison, comparison_export, comparison_table
 
     if len(args.run_dirs) < 2:
         given = args.run_dirs[0]
