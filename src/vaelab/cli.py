@@ -1692,15 +1692,16 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from vaelab.config import runs_in, runs_inside
+    from vaelab import checkpoint as ckpt
     from vaelab.report import build_comparison, comparison_export, comparison_table
+    from vaelab.runs import runs_inside
 
     if len(args.run_dirs) < 2:
         given = args.run_dirs[0]
         # a folder of runs: said so (until 2026-12-07 "give another run directory … to compare runs/ with")
-        if given.is_dir() and not (given / "config.json").exists() and len(runs_in(given)) > 1:
-            raise UsageError(f"compare needs two or more runs, got 1: {given} is not a run"
-                             f"{runs_inside(given, 'two or more of them')}")
+        inside = "" if ckpt.is_run(given) else runs_inside(given, "two or more of them", fewest=2)
+        if inside:
+            raise UsageError(f"compare needs two or more runs, got 1: {given} is not a run{inside}")
         raise UsageError(f"compare needs two or more runs, got {len(args.run_dirs)}: give another run directory (or "
                          f"an eval-….json record in one) to compare {given} with")
     out = args.out or default_comparison_page(args.run_dirs)

@@ -168,6 +168,7 @@ class RunConfig:
             # utf-8-sig: an editor's byte-order mark (Notepad's, PowerShell's utf8) is not part of the JSON
             raw = json.loads(path.read_text(encoding="utf-8-sig"))
         except FileNotFoundError as exc:
+            from vaelab.runs import runs_inside
             from vaelab.sweep import not_a_sweep
 
             not_a_sweep(path.parent)
@@ -200,30 +201,6 @@ class RunConfig:
         mine, theirs = self.flat(), other.flat()
         return [f"{key}: {json.dumps(mine.get(key))} → {json.dumps(theirs.get(key))}"
                 for key in sorted(set(mine) | set(theirs)) if mine.get(key) != theirs.get(key)]
-
-
-def runs_in(directory: Path) -> list[str]:
-    """The names of the runs (folders holding config.json) directly in ``directory``, sorted; [] where none or it
-    cannot be read."""
-    try:
-        return sorted(child.name for child in directory.iterdir() if (child / "config.json").is_file())
-    except OSError:
-        return []
-
-
-def runs_inside(directory: Path, take: str = "one of them") -> str:
-    """' but holds 3 runs (DIR/a …; vaelab runs DIR lists them): pass one of them' where runs lie directly in
-    ``directory`` (a folder of runs given where one run is taken: until 2026-12-07 the line said only that it was not
-    a run, and to pass a directory written by `vaelab train`), else ''."""
-    from vaelab.tables import shell_word
-
-    runs = runs_in(directory)
-    if not runs:
-        return ""
-    first = shell_word(directory / runs[0])
-    if len(runs) == 1:
-        return f" but holds one: pass {first}"
-    return f" but holds {len(runs)} runs ({first} …; vaelab runs {shell_word(directory)} lists them): pass {take}"
 
 
 def _flatten(raw: dict, prefix: str = "") -> dict[str, Any]:

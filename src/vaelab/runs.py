@@ -460,6 +460,32 @@ def distinct_labels(paths: Sequence[str | Path]) -> list[str]:
     return labels
 
 
+def _path_key(parts: Sequence[str]) -> list:
+    """A path's sort key, folder by folder, the numbers in names taken as numbers (t2 before t10; until 2026-12-07
+    the whole path as one text: out2/… and out10/… came before out/…, "out" ending a piece of text where "out/trials"
+    went on)."""
+    return [[(0, int(piece), "") if piece.isdigit() else (1, 0, piece) for piece in re.split(r"(\d+)", part) if piece]
+            for part in parts]
+
+
+def runs_inside(directory: Path, take: str = "one of them", fewest: int = 1) -> str:
+    """' but holds 3 runs (DIR/a …; vaelab runs DIR lists them): pass one of them' where ``fewest`` or more runs lie
+    directly in ``directory`` (a folder of runs given where one run is taken: until 2026-12-07 the line said only that
+    it was not a run, and to pass a directory written by `vaelab train`), the first in `vaelab runs`' order; else ''."""
+    from vaelab.tables import shell_word
+
+    try:
+        runs = sorted((child for child in directory.iterdir() if ckpt.is_run(child)), key=lambda p: _path_key([p.name]))
+    except OSError:                                 # not a directory, gone, or not ours to read
+        return ""
+    if len(runs) < max(fewest, 1):
+        return ""
+    first = shell_word(runs[0])
+    if len(runs) == 1:
+        return f" but holds one: pass {first}"
+    return f" but holds {len(runs)} runs ({first} …; vaelab runs {shell_word(directory)} lists them): pass {take}"
+
+
 def find_runs(directory: str | Path) -> list[Path]:
     """Run directories (holding config.json) at or below ``directory``, sorted by path with the numbers in names
     taken as numbers (t2 before t10, as a person counts). Links to directories are followed (a folder of links to
@@ -472,10 +498,7 @@ def find_runs(directory: str | Path) -> list[Path]:
         return [directory]
 
     def key(path: Path) -> list:
-        # folder by folder (until 2026-12-07 the whole path as one text: out2/… and out10/… came before out/…, "out"
-        # ending a piece of text where "out/trials" went on)
-        return [[(0, int(piece), "") if piece.isdigit() else (1, 0, piece)
-                 for piece in re.split(r"(\d+)", part) if piece] for part in path.relative_to(directory).parts]
+        return _path_key(path.relative_to(directory).parts)
 
     def is_directory(entry: os.DirEntry) -> bool:
         try:
