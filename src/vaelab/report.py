@@ -718,7 +718,8 @@ def comparison_table(comparison: Comparison) -> str:
     keys = ["name", "preset", "epochs", "status", "nll", "k", "elbo", "active", "time"]
     lines = text_table(["run", "preset/model", "epochs", "status", "NLL ± s.e.", "evaluated with", "ELBO",
                         "active units", "training time"], [[r[k] for k in keys] for r in comparison.rows], rule=True)
-    lines += [comparison.mark] if comparison.mark else []
+    if mark := comparison.mark:
+        lines.append(mark)
     if comparison.differences:
         lines += ["", "config differences:"] + text_table(["field"] + [r.name for r in comparison.runs],
                                                           [[k, *v] for k, v in comparison.differences], rule=True)

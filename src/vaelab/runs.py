@@ -478,7 +478,7 @@ def runs_inside(directory: Path, take: str = "one of them", fewest: int = 1) -> 
         runs = sorted((child for child in directory.iterdir() if ckpt.is_run(child)), key=lambda p: _path_key([p.name]))
     except OSError:                                 # not a directory, gone, or not ours to read
         return ""
-    if len(runs) < max(fewest, 1):
+    if not runs or len(runs) < fewest:
         return ""
     first = shell_word(runs[0])
     if len(runs) == 1:
