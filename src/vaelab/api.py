@@ -234,8 +234,8 @@ class Run:
                              "(x > 0.5).float() or torch.bernoulli(x)")
         config = EvalConfig(k=k, seed=seed)
         device = next(self.model.parameters()).device
-        require_memory(config.memory_bytes(self.config.model, device), f"log_likelihood(k={k})", "use a smaller k",
-                       device)
+        require_memory(config.memory_bytes(self.config.model, device, len(pixels)), f"log_likelihood(k={k})",
+                       "use a smaller k", device)
         return iwae_log_likelihood(self.model, pixels, config)
 
 

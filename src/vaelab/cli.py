@@ -1400,8 +1400,6 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             _note(check_bf16(device))
         eval_config = EvalConfig(k=args.k, seed=args.seed, laplace=args.laplace, precision=args.precision,
                                  k_curve=args.k_curve, gaps=args.gaps, gap_steps=args.gap_steps, compiled=args.compiled)
-        require_memory(eval_config.memory_bytes(config.model, device), f"evaluate --k {args.k}", "use a smaller --k",
-                       device)
         data_dir = str(resolve_path(args.data_dir, "--data-dir")) if args.data_dir else config.data.data_dir
         # the whole test set unless --test-examples says otherwise (not the training run's smoke setting)
         data_config = dataclasses.replace(config.data, test_examples=args.test_examples, data_dir=data_dir)
@@ -1415,6 +1413,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         data = prepare(arrays, data_config, device)
         images, labels = (data.test_binary, data.test_labels) if args.split == "test" else \
             (data.validation_binary[: args.test_examples], data.validation_labels[: args.test_examples])
+        require_memory(eval_config.memory_bytes(config.model, device, len(images)), f"evaluate --k {args.k}",
+                       "use a smaller --k", device)
         out = args.out or _default_record(args.run_dir / evaluation_name(args, len(images)), loaded,
                                           _note if world.main else lambda m: None)
         distributed.on_main(world, lambda: _check_evaluation_target(out, args.overwrite))
