@@ -376,7 +376,7 @@ def test_require_memory_names_the_bytes_and_the_limit(monkeypatch):
     assert isinstance(ResourceError("x"), ValueError)
 
 
-def test_the_evaluation_memory_estimate_counts_the_digits_evaluated(copy, data_dir, capsys, monkeypatch):
+def test_the_evaluation_memory_estimate_counts_the_digits_evaluated(copy, data_dir, tmp_path, capsys, monkeypatch):
     """A batch holds at most 20 digits, fewer where fewer are evaluated: until 2026-12-07 `evaluate --k 10⁸` of 2
     digits of a 4-latent model was refused at an estimate of 23.9 GiB, made for 20 digits (4.2 GiB for the 2)."""
     from vaelab import resources
@@ -394,9 +394,10 @@ def test_the_evaluation_memory_estimate_counts_the_digits_evaluated(copy, data_d
     code, out, err = run(capsys, "evaluate", copy, "--k", "20000", "--test-examples", "1", "--data-dir", data_dir,
                          "--no-progress")
     assert code == 0 and "NLL =" in out, err
-    code, _, err = run(capsys, "evaluate", copy, "--k", "20000", "--test-examples", "20", "--data-dir", data_dir,
-                       "--no-progress")
+    code, _, err = run(capsys, "evaluate", copy, "--k", "20000", "--test-examples", "20", "--data-dir",
+                       tmp_path / "fresh", "--no-progress")
     assert code == 2 and "evaluate --k 20000 needs about" in err and one_line_error(err), err
+    assert not (tmp_path / "fresh").exists()              # refused before the data are read (or fetched)
     vae = vaelab.load_run(copy)
     assert vae.log_likelihood(torch.ones(784), k=20_000).shape == (1,)
     with pytest.raises(ResourceError, match=r"log_likelihood\(k=20000\) needs about"):

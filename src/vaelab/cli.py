@@ -1400,6 +1400,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             _note(check_bf16(device))
         eval_config = EvalConfig(k=args.k, seed=args.seed, laplace=args.laplace, precision=args.precision,
                                  k_curve=args.k_curve, gaps=args.gaps, gap_steps=args.gap_steps, compiled=args.compiled)
+        # before the data are read (a fetch where the run's cache is gone), for the digits known now: --test-examples,
+        # or a run's held-out digits (the test set is larger than a batch)
+        digits = args.test_examples if args.test_examples is not None else \
+            config.data.validation if args.split == "validation" else None
+        require_memory(eval_config.memory_bytes(config.model, device, digits), f"evaluate --k {args.k}",
+                       "use a smaller --k", device)
         data_dir = str(resolve_path(args.data_dir, "--data-dir")) if args.data_dir else config.data.data_dir
         # the whole test set unless --test-examples says otherwise (not the training run's smoke setting)
         data_config = dataclasses.replace(config.data, test_examples=args.test_examples, data_dir=data_dir)
@@ -1413,8 +1419,6 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         data = prepare(arrays, data_config, device)
         images, labels = (data.test_binary, data.test_labels) if args.split == "test" else \
             (data.validation_binary[: args.test_examples], data.validation_labels[: args.test_examples])
-        require_memory(eval_config.memory_bytes(config.model, device, len(images)), f"evaluate --k {args.k}",
-                       "use a smaller --k", device)
         out = args.out or _default_record(args.run_dir / evaluation_name(args, len(images)), loaded,
                                           _note if world.main else lambda m: None)
         distributed.on_main(world, lambda: _check_evaluation_target(out, args.overwrite))
