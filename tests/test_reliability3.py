@@ -1467,6 +1467,9 @@ def test_omp_num_threads_sets_the_default_threads_of_one_process(monkeypatch):
     assert default_threads() == len(os.sched_getaffinity(0))
     monkeypatch.setenv("OMP_NUM_THREADS", "1")                        # torchrun sets it: cores are shared out
     assert default_threads(local_size=2) == max(1, len(os.sched_getaffinity(0)) // 2)
+    for odd in ("²", "٣", "-1", "0", "two", "1.5"):         # not a whole number in ASCII ≥ 1: the cores, as unset
+        monkeypatch.setenv("OMP_NUM_THREADS", odd)                   # (until 2026-12-07 "²" ended in int()'s error)
+        assert default_threads() == len(os.sched_getaffinity(0)), odd
 
 
 def test_more_threads_than_cores_are_refused_or_lowered(data_dir, tmp_path, capsys, monkeypatch):

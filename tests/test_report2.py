@@ -813,6 +813,12 @@ def test_runs_are_listed_with_the_numbers_in_their_names_counted(tmp_path):
     assert [str(p.relative_to(tmp_path)) for p in find_runs(tmp_path)] == [
         "a/t3", "sweep/trials/0002", "sweep/trials/0010", "sweep2/trials/0000", "sweep10/trials/0000", "t1", "t2",
         "t10"]
+    # digits that are not decimal (a name of superscripts, "²": until 2026-12-07 int("²") ended `vaelab runs` in a
+    # traceback) are text; other scripts' decimal digits are numbers, as Python reads them
+    for name in ("²", "t٣", "t²"):
+        (tmp_path / "odd" / name).mkdir(parents=True)
+        (tmp_path / "odd" / name / "config.json").write_text("{}")
+    assert [p.name for p in find_runs(tmp_path / "odd")] == ["t٣", "t²", "²"]
 
 
 def test_runs_behind_symbolic_links_are_listed_once(tmp_path):

@@ -313,7 +313,7 @@ def in_use(run_dir: Path, holder: int | None) -> RunLocked:
 def _read_pid(fd: int) -> int | None:
     try:
         text = os.pread(fd, 32, 0).decode().strip()
-        return int(text) if text.isdigit() else None
+        return int(text) if text.isdecimal() else None
     except (OSError, UnicodeDecodeError):
         return None
 

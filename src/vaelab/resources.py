@@ -19,7 +19,7 @@ def _read_int(path: str) -> int | None:
         text = Path(path).read_text(encoding="utf-8", errors="replace").strip()
     except OSError:
         return None
-    return int(text) if text.isdigit() else None       # cgroup v2 writes "max" for no limit
+    return int(text) if text.isdecimal() else None     # cgroup v2 writes "max" for no limit
 
 
 def _meminfo_available() -> int | None:
@@ -102,7 +102,7 @@ def default_threads(local_size: int = 1) -> int:
     run on (its CPU affinity mask), not the machine's core count. Under torchrun (``local_size`` > 1) the cores
     are shared out instead: torchrun itself sets OMP_NUM_THREADS=1 in every worker, whatever the machine."""
     text = os.environ.get("OMP_NUM_THREADS", "").strip()
-    if local_size == 1 and text.isdigit() and int(text) >= 1:
+    if local_size == 1 and text.isascii() and text.isdigit() and int(text) >= 1:     # str.isdigit() alone takes "²"
         return int(text)
     return max(1, usable_cores() // max(1, local_size))
 

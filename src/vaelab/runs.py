@@ -464,7 +464,7 @@ def _path_key(parts: Sequence[str]) -> list:
     """A path's sort key, folder by folder, the numbers in names taken as numbers (t2 before t10; until 2026-12-07
     the whole path as one text: out2/… and out10/… came before out/…, "out" ending a piece of text where "out/trials"
     went on)."""
-    return [[(0, int(piece), "") if piece.isdigit() else (1, 0, piece) for piece in re.split(r"(\d+)", part) if piece]
+    return [[(0, int(piece), "") if piece.isdecimal() else (1, 0, piece) for piece in re.split(r"(\d+)", part) if piece]
             for part in parts]
 
 
