@@ -74,7 +74,7 @@ def test_evaluate_with_bf16_decoder_products(trained, data_dir, capsys):
     assert bf16["estimates"][1]["name"] == "IWAE-20, q(z|x), bf16-emulated decoder products"
     assert bf16["elbo"] == fp32["elbo"]                     # only the IWAE estimate's decoder changes
     assert 0 < abs(bf16["nll"] - fp32["nll"]) < 0.1
-    assert read_run(trained).best_evaluation()["file"] == "eval-k20-n40-seed0.json"
+    assert read_run(trained).headline_evaluation()["file"] == "eval-k20-n40-seed0.json"
 
 
 def test_bf16_evaluation_is_refused_where_it_does_not_apply(trained, data_dir, tmp_path, capsys):

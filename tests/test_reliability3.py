@@ -57,7 +57,7 @@ def test_an_evaluation_of_earlier_weights_is_marked_stale_everywhere(evaluated, 
     info = read_run(evaluated)
     (record,) = info.evaluations
     assert record["stale"] is True and record["epochs_trained"] == 2 and info.epochs_done == 3
-    assert info.best_evaluation() is None                             # never the headline
+    assert info.headline_evaluation() is None                             # never the headline
 
     code, out, _ = run(capsys, "runs", evaluated.parent)
     line = next(line for line in out.splitlines() if "try" in line)
@@ -104,7 +104,7 @@ def test_a_record_written_into_another_run_names_the_run_it_measured(evaluated, 
     from vaelab.runs import read_run
     info = read_run(moved)
     (record,) = info.evaluations
-    assert record["stale"] is False and "elsewhere" not in record and info.best_evaluation() is record
+    assert record["stale"] is False and "elsewhere" not in record and info.headline_evaluation() is record
 
 
 def test_a_new_evaluation_of_the_current_weights_is_the_headline_and_says_which_weights(evaluated, data_dir,
@@ -173,7 +173,7 @@ def test_an_evaluation_while_the_run_trains_on_records_the_weights_it_measured(t
     (record,), (reference,) = info.evaluations, read_run(same).evaluations
     assert record["weights_sha256"] == measured and record["epochs_trained"] == 2 and "weights_step" not in record
     assert record["nll"] == reference["nll"]                           # the numbers of the weights it loaded
-    assert record["stale"] is True and info.epochs_done == 3 and info.best_evaluation() is None
+    assert record["stale"] is True and info.epochs_done == 3 and info.headline_evaluation() is None
 
 
 def test_a_write_that_must_not_replace_leaves_a_file_that_appeared_meanwhile(tmp_path, monkeypatch):

@@ -135,7 +135,7 @@ def test_compare_pairs_runs_on_the_same_digits_and_says_when_it_cannot(runs, dat
     assert "two: no paired difference" in out
 
 
-def test_runs_lists_state_epochs_and_best_nll(runs, tmp_path, data_dir, capsys):
+def test_runs_lists_state_epochs_and_the_headline_nll(runs, tmp_path, data_dir, capsys):
     interrupted = tmp_path / "all" / "interrupted"
     shutil.copytree(runs / "b", interrupted)
     config = json.loads((interrupted / ckpt.CONFIG).read_text())
@@ -146,6 +146,8 @@ def test_runs_lists_state_epochs_and_best_nll(runs, tmp_path, data_dir, capsys):
         assert main(["runs", str(tmp_path / "all")]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split()[:4] == ["run", "preset/model", "epochs", "status"]      # as compare names it
+    # the report's headline NLL (the most digits, then the largest K), not the lowest: "best NLL" until 2026-12-07
+    assert "headline NLL" in lines[0] and "best NLL" not in lines[0]
     busy = next(line for line in lines if "busy" in line)
     assert "training now" in busy and "3/3" in busy and "seed" in busy
     assert "interrupted" in next(line for line in lines if "interrupted" in line)

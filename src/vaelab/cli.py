@@ -1804,8 +1804,10 @@ def cmd_runs(args: argparse.Namespace) -> int:
     if not rows:
         _log(f"no runs under {args.directory}")
         return 0
-    # "status", as compare, the report and the API's Run.status call it (until 2026-12-07 "state" here alone)
-    header = ["run", "preset/model", "epochs", "status", "best validation ELBO", "best NLL", "last checkpoint"]
+    # "status", as compare, the report and the API's Run.status call it (until 2026-12-07 "state" here alone); the
+    # headline NLL, the one the report leads with (the most digits, then the largest K: until 2026-12-07 "best NLL",
+    # which it is not where a record of fewer digits reads lower)
+    header = ["run", "preset/model", "epochs", "status", "best validation ELBO", "headline NLL", "last checkpoint"]
     for line in text_table(header, rows):
         _log(line)
     if mark := changed_mark(row[1] for row in rows):

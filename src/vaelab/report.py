@@ -216,7 +216,7 @@ def _nonlinear_embedding(points: np.ndarray):
 def _evaluation_section(run: RunInfo, model, images: torch.Tensor, figures: FigureSet) -> dict:
     from vaelab.data import idx_sha256
 
-    record = run.best_evaluation()
+    record = run.headline_evaluation()
     section: dict[str, Any] = {"record": record, "figures": [], "rows": [], "warning": "",
                                "records": [{"file": r["file"], "split": r.get("split", "test"), "k": r["k"],
                                             "digits": r["n_examples"], "nll": _fmt(r["nll"], 2),
@@ -278,7 +278,7 @@ def _headline_weights(run_dir: str | Path, tries: int = 3):
     run's reading and the load (the digest differs from the record's) makes the record stale: read again."""
     for _ in range(tries):
         run = read_run(run_dir)
-        record = run.best_evaluation()
+        record = run.headline_evaluation()
         config, model, loaded = ckpt.load_model_weights(run.path, weights=(record or {}).get("weights") or ckpt.WEIGHTS)
         if record is None or record.get("weights_sha256") in (None, loaded.sha256):
             break
@@ -453,7 +453,7 @@ def _nats_section(run: RunInfo, figures: FigureSet, trained_test_digits: int) ->
     """The gap decomposition (`evaluate --gaps`), the estimate's convergence in K (`--k-curve`) and the latent
     units over training (latent.csv: the weights after each epoch on the ``trained_test_digits`` test digits the run
     evaluates as it trains), each where the run has it."""
-    headline = run.best_evaluation()                # the hints evaluate the weights the headline NLL measured
+    headline = run.headline_evaluation()                # the hints evaluate the weights the headline NLL measured
     best = headline is not None and of_best_weights(headline)
     section: dict[str, Any] = {"figures": [], "gaps": None, "k_curve": None, "notes": [],
                                "command": f"vaelab evaluate {shell_word(run.path)}"
@@ -573,7 +573,7 @@ def compare_runs(paths: Sequence[str | Path], split: str = "test") -> Comparison
                    if len({f.get(key, "—") for f in shown}) > 1 and key not in ("train.threads", "data.data_dir")]
     rows, records = [], []
     for run, (_, file) in zip(runs, chosen):
-        record = run.best_evaluation(split) if file is None else _named_record(run, file, split)
+        record = run.headline_evaluation(split) if file is None else _named_record(run, file, split)
         records.append(record)
         layers = (record or {}).get("layers", [])
         # a record given by name: its weights' epoch and the training time to them, not the run's as it stands now

@@ -69,7 +69,7 @@ class RunInfo:
         epoch, elbo = int(self.meta.get("best_epoch", 0)), self.meta.get("best_validation_elbo")
         return (epoch, float(elbo)) if epoch and elbo is not None else None
 
-    def best_evaluation(self, split: str = "test") -> dict | None:
+    def headline_evaluation(self, split: str = "test") -> dict | None:
         """The headline evaluation of ``split``: among the records of the run's current weights (never a stale
         one), the float32 one (records before bf16 evaluation were), then with the most digits, then the
         largest K, then the newest."""
@@ -233,7 +233,7 @@ def format_duration(seconds: float | None) -> str:
 def headline_nll(run: RunInfo) -> str:
     """'84.27 (K 5000, 10000 digits, epoch 520)' for the run's headline evaluation of its current weights (test,
     else validation); '—' where there is none, with the newest stale one named where one exists."""
-    best = run.best_evaluation() or run.best_evaluation("validation")
+    best = run.headline_evaluation() or run.headline_evaluation("validation")
     if best is not None:
         epochs = best.get("epochs_trained")
         of_best = best.get("best_epoch")                     # the best weights' own epoch, where recorded
