@@ -37,10 +37,12 @@ PRUNED = "pruned.json"           # {"epoch", "trial", …}: a sweep's pruner sto
 DIVERGED = "diverged.json"       # {"epoch", "step", "what"}: training from the checkpoint at that point diverged
 
 
-def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, Any] | None = None) -> None:
-    """A safetensors file; ``metadata`` (any JSON) is stored under the key ``json``."""
+def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, Any] | None = None,
+                 encoded: str | None = None) -> None:
+    """A safetensors file; ``metadata`` (any JSON), or ``encoded`` (its JSON text, made by the caller), is stored
+    under the key ``json``."""
     payload = save_bytes({k: v.detach().contiguous().cpu() for k, v in tensors.items()},
-                         metadata={"json": json.dumps(metadata or {})})
+                         metadata={"json": encoded if encoded is not None else json.dumps(metadata or {})})
     atomic_write(path, lambda handle: handle.write(payload))
 
 
