@@ -453,7 +453,7 @@ def _nats_section(run: RunInfo, figures: FigureSet, trained_test_digits: int) ->
     """The gap decomposition (`evaluate --gaps`), the estimate's convergence in K (`--k-curve`) and the latent
     units over training (latent.csv: the weights after each epoch on the ``trained_test_digits`` test digits the run
     evaluates as it trains), each where the run has it."""
-    headline = run.headline_evaluation()                # the hints evaluate the weights the headline NLL measured
+    headline = run.headline_evaluation()            # the hints evaluate the weights the headline NLL measured
     best = headline is not None and of_best_weights(headline)
     section: dict[str, Any] = {"figures": [], "gaps": None, "k_curve": None, "notes": [],
                                "command": f"vaelab evaluate {shell_word(run.path)}"

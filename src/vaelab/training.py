@@ -235,13 +235,13 @@ def migrate_metrics(rows: list[dict], config: RunConfig) -> list[dict]:
     return migrated
 
 
-
 class FormattedOnce:
     """The texts of the items of a list that only grows, each made once: ``formatted(items)`` makes the text of the
     items it has not seen (an item is the same object as before, ``is``), and keeps those it has. The latent units'
     history grows by an epoch's entry at each epoch's end, and latent.csv and the training state hold all of it:
     until 2026-12-07 both were made whole at every epoch's end, which took 96 % of a small model's epoch by its
-    870th (0.25 s; 150 latent units, 40 test digits), about 1 s an epoch by the 3280th of a Burda preset."""
+    870th (0.25 s; 150 latent units, 40 test digits), and by that rate about 1.1 s an epoch by the 3280th of a
+    two-layer Burda preset (benchmarks/README.md)."""
 
     def __init__(self, make: Callable[[Any], str]):
         self.make, self.items, self.texts = make, [], []
@@ -255,6 +255,7 @@ class FormattedOnce:
             self.items.append(item)
             self.texts.append(self.make(item))
         return self.texts
+
 
 class Trainer:
     def __init__(self, config: RunConfig, run_dir: Path, data: MNISTData, device: torch.device,
@@ -483,7 +484,8 @@ class Trainer:
         # row of a vaelab before 2026-12-04, one draw's variance, which counts the draw's noise as activity
         # where of one test digit, no variance over digits (evaluation.unit_activity): those two columns empty
         lines = ["epoch,layer,unit,kl,posterior_mean_variance,active,variance_draws,variance_digits"]
-        ckpt.write_text(self.run_dir / LATENT_FILE, "\n".join(lines + self.latent_rows(self.state.latent)) + "\n")
+        rows = [text for text in self.latent_rows(self.state.latent) if text]      # an entry without layers: none
+        ckpt.write_text(self.run_dir / LATENT_FILE, "\n".join(lines + rows) + "\n")
 
     def _latent_rows(self, entry: dict) -> str:
         """latent.csv's rows of one epoch's entry of the latent history, one line per layer and unit."""
