@@ -40,7 +40,7 @@ from typing import Callable
 import torch
 
 from vaelab.models import HierarchicalVAE, MLPVAE
-from vaelab.objectives import LOG_2PI, log_mean_exp, log_standard_normal
+from vaelab.objectives import LOG_2PI, chunked_log_weights, log_mean_exp, log_standard_normal
 
 CHECK = 25                  # steps between plateau checks
 TOL = 0.01                  # nats: a check that gains less than this is a plateau
@@ -71,8 +71,7 @@ class GapResult:
 
 def _over_draws(fn: Callable[[torch.Tensor], torch.Tensor], eps: torch.Tensor, batch: int) -> torch.Tensor:
     """fn of the draws eps (S, …) → (S, B), ``ROWS`` decoded rows (draws × digits) at a time."""
-    chunk = max(1, ROWS // batch)
-    return torch.cat([fn(eps[start:start + chunk]) for start in range(0, len(eps), chunk)])     # (S, B)
+    return chunked_log_weights(lambda start, n: fn(eps[start:start + n]), len(eps), max(1, ROWS // batch))  # (S, B)
 
 
 def _monte_carlo_stderr(values: torch.Tensor) -> torch.Tensor:
@@ -288,13 +287,12 @@ def own_elbo(model, x: torch.Tensor, draws: int, generator: torch.Generator, chu
              ) -> tuple[torch.Tensor, torch.Tensor]:
     """ELBO[q] with the model's own q (flows, hierarchies and all), log p(x, z) − log q(z|x) averaged over
     ``draws`` draws per digit: (mean (B,), its Monte Carlo standard error (B,))."""
-    values = []
+    def log_weights(_: int, n: int) -> torch.Tensor:                                 # the draws in order, n at a time
+        eps = torch.randn((n, 1, model.config.total_latent), generator=generator, dtype=x.dtype, device=x.device)
+        return model(x, eps.expand(n, len(x), -1)).log_weights()                        # (n, B)
+
     with torch.no_grad():
-        for start in range(0, draws, chunk):
-            n = min(chunk, draws - start)
-            eps = torch.randn((n, 1, model.config.total_latent), generator=generator, dtype=x.dtype, device=x.device)
-            values.append(model(x, eps.expand(n, len(x), -1)).log_weights())            # (n, B)
-    values = torch.cat(values)
+        values = chunked_log_weights(log_weights, draws, chunk)                         # (S, B)
     return values.mean(0), _monte_carlo_stderr(values)
 
 
