@@ -553,6 +553,49 @@ def test_pictures_not_drawn_after_the_last_checkpoint_say_that_the_training_stan
     assert code == 0 and "nothing to train" in out and (run_dir / "samples.png").exists()
 
 
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_while_the_last_pictures_are_drawn_says_that_the_training_stands(tmp_path, data_dir, monkeypatch,
+                                                                                capsys, sig):
+    """A scheduler's SIGTERM (or Ctrl-C) between the last checkpoint and the end of the pictures: the line says the
+    training ended whole and how to draw them, train.log too (until 2026-12-07 "stopped by SIGTERM before it
+    finished; vaelab replaces each file whole, …", the line of any command's stop, as if it had not ended)."""
+    from vaelab import cli
+
+    run_dir, args = tmp_path / "run", ["--data-dir", data_dir, *SMALL]
+    monkeypatch.setattr(cli, "write_pictures", lambda *_: signal.raise_signal(sig))
+    code, _, err = run(capsys, "train", "--out", run_dir, "--epochs", "2", *args)
+    said = (f"stopped by {signal.Signals(sig).name} while drawing the pictures: the training itself ended and its "
+            f"checkpoint (epoch 2) stands whole, but elbo.png, samples.png and reconstructions.png were not all drawn; "
+            f"vaelab train --out {run_dir} --resume draws them again")
+    assert code == 128 + sig and err.strip() == f"vaelab train: error: {said}", err
+    assert (run_dir / training.TRAIN_LOG).read_text().splitlines()[-1].endswith(said)
+    monkeypatch.undo()
+    code, out, _ = run(capsys, "train", "--out", run_dir, "--resume", *args)
+    assert code == 0 and "nothing to train" in out and (run_dir / "samples.png").exists()
+
+
+def test_a_second_stop_while_a_stopped_runs_pictures_are_drawn_keeps_the_first_ones_line(tmp_path, data_dir,
+                                                                                          monkeypatch, capsys):
+    """At a stop the pictures of what stands are drawn; Ctrl-C then (impatience) leaves the first stop's line, where
+    the checkpoint is and how to resume, and a note on the pictures (until 2026-12-07 only "interrupted (Ctrl-C)
+    before it finished", exit 130 for a SIGTERM's stop)."""
+    from vaelab import cli
+
+    run_dir, args = tmp_path / "run", ["--data-dir", data_dir, *SMALL]
+    assert main(["train", "--out", str(run_dir), "--epochs", "1", *map(str, args)]) == 0
+    stopped = "stopped by SIGTERM after epoch 1; checkpoint written (it resumes exactly)"
+
+    def fit(self):
+        raise training.Interrupted(stopped, signal.SIGTERM)
+
+    monkeypatch.setattr(training.Trainer, "fit", fit)
+    monkeypatch.setattr(cli, "write_pictures", lambda *_: signal.raise_signal(signal.SIGINT))
+    code, _, err = run(capsys, "train", "--out", run_dir, "--resume", "--epochs", "2", *args)
+    assert code == 143 and err.strip().splitlines() == [
+        f"note: the pictures in {run_dir} were not redrawn (stopped again); they show the run as it was before",
+        f"vaelab train: error: {stopped}"], err
+
+
 def test_a_run_on_a_read_only_file_system_says_a_resume_cannot_move(tmp_path, data_dir, monkeypatch, capsys):
     """A resume of a run on a read-only mount said "choose a writable --out", which a resume cannot do."""
     run_dir, args = tmp_path / "run", ["--data-dir", data_dir, *SMALL]

@@ -1174,21 +1174,32 @@ def _train(args: argparse.Namespace, config, run_dir: Path, run, resumed: bool, 
         metrics = trainer.fit()
     except (Interrupted, TrainingDiverged):
         if world.main and trainer.state.metrics and (run_dir / ckpt.WEIGHTS).exists():
-            _pictures_of_what_stands(data, trainer.state.metrics, run_dir, device)
+            try:
+                _pictures_of_what_stands(data, trainer.state.metrics, run_dir, device)
+            except KeyboardInterrupt:       # a second stop while they are drawn: the first one's line still says it
+                _note(f"the pictures in {run_dir} were not redrawn (stopped again); they show the run as it was "
+                      f"before")
         raise
     finally:
         for observer in observers:
             if hasattr(observer, "close"):
                 observer.close()
     if world.main:
+        not_drawn = (f"the training itself ended and its checkpoint ({trainer.last_checkpoint}) stands whole, but "
+                     f"elbo.png, samples.png and reconstructions.png were not all drawn")
         try:
             write_pictures(trainer.model, data, metrics, run_dir)
         except ckpt.WriteError as exc:    # a disk that filled after the last checkpoint: that is whole, say so
             run = shell_word(run_dir)
-            raise ckpt.WriteError(f"{exc.what}; the training itself ended and its checkpoint "
-                                  f"({trainer.last_checkpoint}) stands whole, but elbo.png, samples.png and "
-                                  f"reconstructions.png were not all drawn; {exc.remedy(run)}, then: "
-                                  f"{trainer.resume_command} draws them again", exc.what, exc.errno) from exc
+            raise ckpt.WriteError(f"{exc.what}; {not_drawn}; {exc.remedy(run)}, then: {trainer.resume_command} draws "
+                                  f"them again", exc.what, exc.errno) from exc
+        except KeyboardInterrupt as exc:  # a stop after the last checkpoint (until 2026-12-07 the line of any
+            # command's stop, "stopped by SIGTERM before it finished", as if the training had not ended)
+            signum = getattr(exc, "stop_signal", signal.SIGINT)
+            message = (f"stopped by {signal.Signals(signum).name} while drawing the pictures: {not_drawn}; "
+                       f"{trainer.resume_command} draws them again")
+            trainer.append_log(message)
+            raise Interrupted(message, signum) from None
     # a run that holds out validation digits selects its weights on them (model-best), as the report's hint does
     best = " --checkpoint best" if trainer.state.best_epoch else ""
     log(f"done: test ELBO {metrics[-1]['test_elbo']:.3f} nats; files in {run_dir}; "
