@@ -295,7 +295,8 @@ def build_parser(parser_class: type[argparse.ArgumentParser] = _Parser) -> argpa
                        "bf16's rounding with float32 products, to see whether bf16 would change a result")
     group = train.add_argument_group("data and machine")
     group.add_argument("--binarize", choices=["dynamic", "static"],
-                       help="fresh Bernoulli pixels every epoch (default) or once for the whole run")
+                       help="fresh Bernoulli pixels every epoch (default) or drawn once for the whole run (vaelab's "
+                       "own draw, not Larochelle & Murray's binarized MNIST of the papers' static-MNIST numbers)")
     group.add_argument("--validation", type=_non_negative_int, metavar="N",
                        help="hold out the last N training digits; best-validation weights kept (default 0)")
     group.add_argument("--train-examples", type=_positive_int, metavar="N", help="use the first N training images")
