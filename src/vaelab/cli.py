@@ -204,8 +204,34 @@ def _device(text: str) -> str:
     raise argparse.ArgumentTypeError(f"unknown device {text!r}; use auto, cpu, cuda or cuda:N")
 
 
-def build_parser(parser_class: type[argparse.ArgumentParser] = _Parser) -> argparse.ArgumentParser:
+# each command's line in `vaelab --help`
+COMMANDS = {
+    "train": "train a VAE (default: the seed preset, the reference setting)",
+    "evaluate": "test log-likelihood by importance sampling, the ELBO, active units",
+    "sample": "a grid of decoder means for z ~ p(z)",
+    "presets": "list the presets and their fields",
+    "report": "a self-contained HTML report of a run, or of a sweep",
+    "compare": "compare runs: a table here and an HTML page",
+    "sweep": "a hyperparameter search on the validation split (Optuna), resumable",
+    "runs": "list the runs under a directory",
+    "data": "fetch and verify MNIST, print where it lives",
+    "stirling": "Stirling's formula from Laplace's method: a table of errors",
+}
+
+
+def build_parser(parser_class: type[argparse.ArgumentParser] = _Parser,
+                 commands_only: bool = False) -> argparse.ArgumentParser:
+    """The parser of every command. ``commands_only``: the commands without their flags, all that `vaelab --help`,
+    `vaelab --version` or a mistyped command needs: the flags' choices come from the registries of models, engines
+    and precisions, which import torch (1.3 s of a 1.5 s start; until 2026-12-07 `vaelab --version` took it)."""
     from vaelab import __version__
+
+    parser = parser_class(prog="vaelab", description="Variational autoencoders on binarised MNIST, and Laplace's method.")
+    parser.add_argument("--version", action="version", version=f"vaelab {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=parser_class)
+    commands = {name: sub.add_parser(name, help=text) for name, text in COMMANDS.items()}
+    if commands_only:
+        return parser
     from vaelab.engines import ENGINE_CHOICES
     from vaelab.laplace import MAX_STIRLING_TERMS
     from vaelab.models import ACTIVATIONS, FIELD_RANGES, FLOWS, INFERENCE, INITS, MODELS, PRIORS
@@ -217,11 +243,8 @@ def build_parser(parser_class: type[argparse.ArgumentParser] = _Parser) -> argpa
     from vaelab.schedules import LR_SCHEDULES
     from vaelab.sweep import MAX_TRIALS
 
-    parser = parser_class(prog="vaelab", description="Variational autoencoders on binarised MNIST, and Laplace's method.")
-    parser.add_argument("--version", action="version", version=f"vaelab {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=parser_class)
 
-    train = sub.add_parser("train", help="train a VAE (default: the seed preset, the reference setting)")
+    train = commands["train"]
     train.add_argument("--out", type=_path_arg, help="run directory (default runs/<timestamp>, made unique)")
     train.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     train.add_argument("--preset", choices=list(PRESETS), help="start from a named configuration "
@@ -311,7 +334,7 @@ def build_parser(parser_class: type[argparse.ArgumentParser] = _Parser) -> argpa
                        "into RUN/tensorboard (needs pip install 'vaelab[tensorboard]')")
     train.set_defaults(run=cmd_train)
 
-    evaluate = sub.add_parser("evaluate", help="test log-likelihood by importance sampling, the ELBO, active units")
+    evaluate = commands["evaluate"]
     evaluate.add_argument("run_dir", type=_path_arg, help="a run directory written by `vaelab train`")
     evaluate.add_argument("--k", type=_positive_int, default=5000, help="importance samples per digit (default 5000)")
     evaluate.add_argument("--test-examples", type=_positive_int, metavar="N", help="the first N digits (default all)")
@@ -351,7 +374,7 @@ def build_parser(parser_class: type[argparse.ArgumentParser] = _Parser) -> argpa
                           help="the printed table: text (default), or latex (booktabs), markdown or csv to paste")
     evaluate.set_defaults(run=cmd_evaluate)
 
-    sample = sub.add_parser("sample", help="a grid of decoder means for z ~ p(z)")
+    sample = commands["sample"]
     sample.add_argument("run_dir", type=_path_arg, help="a run directory written by `vaelab train`")
     sample.add_argument("--n", type=_whole_number(1, MAX_SAMPLE_GRID + 1), default=64,
                         help=f"samples (default 64, at most {MAX_SAMPLE_GRID})")
@@ -364,12 +387,12 @@ def build_parser(parser_class: type[argparse.ArgumentParser] = _Parser) -> argpa
     sample.add_argument("--overwrite", action="store_true", help="replace an existing picture")
     sample.set_defaults(run=cmd_sample)
 
-    presets = sub.add_parser("presets", help="list the presets and their fields")
+    presets = commands["presets"]
     presets.add_argument("names", nargs="*", metavar="NAME", help=f"only these presets (default: all; "
                                                                    f"{', '.join(PRESETS)})")
     presets.set_defaults(run=cmd_presets)
 
-    report = sub.add_parser("report", help="a self-contained HTML report of a run, or of a sweep")
+    report = commands["report"]
     report.add_argument("run_dir", type=_path_arg, help="a run directory written by `vaelab train`, or a sweep's --out")
     report.add_argument("--out", type=_path_arg, help="the HTML file (default RUN/report.html, made again each time)")
     report.add_argument("--data-dir", type=_path_arg, help="MNIST cache (default: the run's)")
@@ -378,7 +401,7 @@ def build_parser(parser_class: type[argparse.ArgumentParser] = _Parser) -> argpa
     report.add_argument("--no-progress", action="store_true", help="no progress bar (the page's parts as they are made)")
     report.set_defaults(run=cmd_report)
 
-    compare = sub.add_parser("compare", help="compare runs: a table here and an HTML page")
+    compare = commands["compare"]
     compare.add_argument("run_dirs", type=_path_arg, nargs="+", metavar="RUN",
                          help="two or more run directories (each compared on its headline evaluation), or evaluation "
                          "records of runs (RUN/eval-….json: that evaluation, of whatever weights it measured)")
@@ -393,7 +416,7 @@ def build_parser(parser_class: type[argparse.ArgumentParser] = _Parser) -> argpa
                          help="the printed table: text (default), or latex (booktabs), markdown or csv to paste")
     compare.set_defaults(run=cmd_compare)
 
-    sweep = sub.add_parser("sweep", help="a hyperparameter search on the validation split (Optuna), resumable")
+    sweep = commands["sweep"]
     sweep.add_argument("spec", type=_path_arg,
                        help="the sweep's TOML spec: preset, [fixed], [search], trials, objective")
     sweep.add_argument("--out", type=_path_arg, required=True, help="the sweep directory (trials/NNNN run directories, "
@@ -408,15 +431,15 @@ def build_parser(parser_class: type[argparse.ArgumentParser] = _Parser) -> argpa
                        "ends is printed either way; no bar either when stderr is not a terminal)")
     sweep.set_defaults(run=cmd_sweep)
 
-    runs = sub.add_parser("runs", help="list the runs under a directory")
+    runs = commands["runs"]
     runs.add_argument("directory", type=_path_arg, nargs="?", default=Path("runs"), help="where to look (default runs)")
     runs.set_defaults(run=cmd_runs)
 
-    data = sub.add_parser("data", help="fetch and verify MNIST, print where it lives")
+    data = commands["data"]
     data.add_argument("--data-dir", type=_path_arg, help="MNIST cache (default $VAELAB_DATA or ~/.cache/vaelab/mnist)")
     data.set_defaults(run=cmd_data)
 
-    stirling = sub.add_parser("stirling", help="Stirling's formula from Laplace's method: a table of errors")
+    stirling = commands["stirling"]
     stirling.add_argument("--n", type=_whole_number(1, 10**18 + 1), nargs="+",
                           default=[1, 2, 5, 10, 100, 1000, 10**6],
                           help="values of N, 1 to 10¹⁸ (default 1 2 5 10 100 1000 1000000)")
@@ -552,7 +575,9 @@ def legible_streams() -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     global _OUTPUT
     legible_streams()
-    args = build_parser().parse_args(argv)
+    words = list(sys.argv[1:] if argv is None else argv)
+    # without a command's name there is nothing but --help, --version or an error to parse: no command's flags
+    args = build_parser(commands_only=not any(word in COMMANDS for word in words)).parse_args(words)
     outer, _OUTPUT = _OUTPUT, _Output()              # (a command run inside another's: a test's, a sweep's)
     try:
         # around the error handling too: a torchrun rank that lost a peer leaves its training with SIGTERM ignored,
