@@ -617,6 +617,30 @@ def test_every_run_of_a_comparison_has_a_colour_of_its_own(n):
     pyplot.close(fig)
 
 
+@pytest.mark.parametrize("n", [2, 30, 60])
+def test_the_elbo_plot_of_many_runs_keeps_its_axes_and_its_legend_inside_the_figure(n):
+    """The legend beside the axes holds a row per run: until 2026-12-07 the figure kept its height, and tight_layout
+    shrank the axes to a strip 0.7 in tall for 30 runs (of 4.5 in), and gave up for 60 with a warning, the legend
+    running past the figure. Now the figure grows with its legend."""
+    import warnings
+
+    from matplotlib import pyplot
+
+    from vaelab import plots
+
+    runs = [(f"run{i}", elbo_rows([-200.0 - i, -150.0 - i])) for i in range(n)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                          # "Tight layout not applied" among them
+        fig = plots.curves_figure(runs)
+        fig.canvas.draw()
+    ax, figure_box = fig.axes[0], fig.bbox
+    assert ax.get_window_extent().height / fig.dpi >= 3.0                           # inches of the axes
+    legend = ax.get_legend().get_window_extent()
+    assert figure_box.y0 <= legend.y0 and legend.y1 <= figure_box.y1 and legend.x1 <= figure_box.x1
+    assert fig.get_size_inches()[1] == (4.5 if n == 2 else pytest.approx(0.21 * (n + 2) + 0.6))
+    pyplot.close(fig)
+
+
 def test_two_runs_with_the_same_curves_both_show_in_the_elbo_plot():
     """A run beside its bf16 twin (or itself): the same ELBOs to the pixel. The second run's line covered the first's
     whole until 2026-12-07; now each run's line is thinner than the one before, so the first shows round the second."""

@@ -587,7 +587,10 @@ def curves_figure(runs: Sequence[tuple[str, Sequence[dict]]], width: float | Non
     plt = _pyplot()
     width = width or 9.0
     key = f"{split}_elbo"
-    fig, ax = plt.subplots(figsize=(width, width * 0.5))
+    # the legend beside the axes holds a row of 9-point text (about 0.2 in) per run and two more: taller than the
+    # axes from 17 runs on, where the figure grows with it (until 2026-12-07 tight_layout shrank the axes
+    # instead, to a strip at 30 runs, and gave up at 60 with a warning, the legend running past the figure)
+    fig, ax = plt.subplots(figsize=(width, max(width * 0.5, 0.21 * (len(runs) + 2) + 0.6)))
     colours = run_colours(len(runs))
     # each run's line thinner than the one before: where two runs' curves coincide (a run beside its bf16 twin, a run
     # compared with itself) the earlier shows as a border around the later (until 2026-12-07 it was hidden under it)
