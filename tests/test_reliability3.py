@@ -1026,6 +1026,12 @@ def test_api_train_names_the_call_that_goes_on_after_a_divergence_or_a_stop(tmp_
         "then `vaelab.train(out='./-r', resume=True, epochs=N, batch_norm=False)`.")
     assert in_api_terms("got --blocks 512,512 256 128; use --hidden 300 300 --hidden-top 200 100, or --lr 0.5.") == (
         "got blocks=[[512, 512], [256], [128]]; use hidden=[300, 300] hidden_top=[200, 100], or lr=0.5.")
+    # the word after a switch is the sentence's: "… then: vaelab.train(out='r', resume=True) them again" lost "draws"
+    # (a full disk, or a stop, while the last pictures were drawn; until 2026-12-07)
+    assert in_api_terms("free some space, then: vaelab train --out r --resume draws them again") == (
+        "free some space, then: vaelab.train(out='r', resume=True) draws them again")
+    assert in_api_terms("vaelab train --out r --no-batch-norm now, or --epochs 3 more") == (
+        "vaelab.train(out='r', batch_norm=False) now, or epochs=3 more")
 
 
 def test_api_train_takes_false_against_a_preset_blocks_as_lists_arrays_and_a_dash_path(tmp_path, data_dir,

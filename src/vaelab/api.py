@@ -55,8 +55,11 @@ def in_api_terms(message: str) -> str:
                 arguments.append(f"{name}={value if literal else repr(value)}")
         return f"vaelab.train({', '.join(arguments)})"
 
-    # a value: a quoted word (``tables.shell_word``) or a word without the sentence's punctuation after it
-    message = re.sub(r"\bvaelab train((?: --[a-z][a-z0-9-]*(?: (?!--)(?:'[^']*'|[^\s;,()`']+))?)+)", call, message)
+    # a value: a quoted word (``tables.shell_word``) or a word without the sentence's punctuation after it; none after
+    # a switch, where the next word is the sentence's ("… --resume draws them again" lost its "draws" until 2026-12-07)
+    switches = "|".join(re.escape(option) for option, action in actions.items() if action.nargs == 0)
+    message = re.sub(rf"\bvaelab train((?: (?:(?:{switches})(?![a-z0-9-])|--[a-z][a-z0-9-]*(?: (?!--)(?:'[^']*'|"
+                     rf"[^\s;,()`']+))?))+)", call, message)
 
     def keyword(match: re.Match) -> str:
         flag, value = match.group(1), match.group(2)
