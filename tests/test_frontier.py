@@ -521,6 +521,16 @@ def test_a_flag_the_model_never_reads_is_noted_and_the_start_line_names_prior_an
     assert "training mlp 784-8-2 relu (mog prior, K = 3, iaf flow of 2 steps) on elbo" in out
     assert main(["train", "--out", str(tmp_path / "c"), *common]) == 0
     assert "training mlp 784-8-2 relu on elbo, 64 images" in capsys.readouterr().out       # Burda's VAE as before
+    # a flow named without its steps: 0 by default, the Gaussian itself (until 2026-12-07 said only by the start
+    # line's "of 0 steps"); --flow-steps 0 given is what was asked, no note
+    assert main(["train", "--out", str(tmp_path / "d"), *common, "--flow", "iaf"]) == 0
+    out, err = capsys.readouterr()
+    assert [line for line in err.splitlines() if line.startswith("note:")] == [
+        "note: --flow iaf has 0 steps (--flow-steps defaults to 0), which is the Gaussian q(z|x) itself, no flow: give "
+        "--flow-steps T (the preset planar-80 takes 80)"], err
+    assert "(iaf flow of 0 steps)" in out
+    assert main(["train", "--out", str(tmp_path / "e"), *common, "--flow", "planar", "--flow-steps", "0"]) == 0
+    assert "note:" not in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("fields", [{"prior": "vampprior"}, {"prior": "mog"}, {"flow": "planar", "flow_steps": 2}])

@@ -825,8 +825,8 @@ def _train_config(args: argparse.Namespace, base, validate: bool = True):
 def _unread_flags(args: argparse.Namespace, config) -> list[str]:
     """A note for each flag given that the model never reads (``RunConfig.unused``: --prior-components beside the
     standard prior, --flow-width without IAF steps): kept in config.json as asked, it changes nothing, which a
-    forgotten --prior vampprior would otherwise leave unsaid. A flag a model must not take (--flow-steps without a
-    flow) is refused by ``ModelConfig.validate`` instead."""
+    forgotten --prior vampprior would otherwise leave unsaid; and --flow given without steps, a flow of none. A flag a
+    model must not take (--flow-steps without a flow) is refused by ``ModelConfig.validate`` instead."""
     unused = config.unused()
     notes = []
     for flag, (section, name) in _FLAGS.items():
@@ -835,6 +835,11 @@ def _unread_flags(args: argparse.Namespace, config) -> list[str]:
             shown = " ".join(map(str, value)) if isinstance(value, list) else value
             notes.append(f"--{flag.replace('_', '-')} {shown} is not read by this model ({why}); config.json keeps "
                          f"it, and it changes nothing")
+    if args.flow not in (None, "none") and args.flow_steps is None and not config.model.flow_steps:
+        # (until 2026-12-07 `--flow planar` alone trained the Gaussian q without a word but its start line's "of 0
+        # steps")
+        notes.append(f"--flow {args.flow} has 0 steps (--flow-steps defaults to 0), which is the Gaussian q(z|x) "
+                     f"itself, no flow: give --flow-steps T (the preset planar-80 takes 80)")
     return notes
 
 
