@@ -406,7 +406,7 @@ def test_the_evaluation_memory_estimate_counts_the_digits_evaluated(copy, data_d
 
 def test_a_batch_larger_than_the_training_digits_is_estimated_at_their_number(tmp_path, data_dir, capsys):
     """Until 2026-12-07 the training estimate counted --batch-size rows whatever the digits: `--batch-size 10⁷` of
-    64 digits was refused at 448 GiB (a batch of 64 trains in megabytes)."""
+    64 digits of a 784-32-4 model was refused at 446.6 GiB (a batch of 64 trains in megabytes)."""
     code, out, err = run(capsys, "train", "--out", tmp_path / "run", "--batch-size", "10000000", "--train-examples",
                          "64", "--epochs", "1", "--data-dir", data_dir, *SMALL)
     assert code == 0 and "done:" in out, err
@@ -415,7 +415,7 @@ def test_a_batch_larger_than_the_training_digits_is_estimated_at_their_number(tm
 @pytest.mark.slow      # 25 s on 2 cores of a Zen 4 (2026-12-07)
 def test_the_training_estimate_counts_the_vampprior_pseudo_inputs_through_the_encoder(tmp_path, data_dir):
     """The K pseudo-inputs pass through the encoder at every step: until 2026-12-07 their activations were not
-    counted, and K = 10⁵ of a 784-2048-50 model peaked at 4.4 GiB against an estimate of 3.6."""
+    counted, and K = 10⁵ of a 784-2048-50 model peaked at 4.3–4.4 GiB against an estimate of 3.5."""
     from vaelab.cli import training_memory_bytes
 
     run_dir = tmp_path / "run"
