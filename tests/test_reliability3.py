@@ -1032,6 +1032,11 @@ def test_api_train_names_the_call_that_goes_on_after_a_divergence_or_a_stop(tmp_
         "free some space, then: vaelab.train(out='r', resume=True) draws them again")
     assert in_api_terms("vaelab train --out r --no-batch-norm now, or --epochs 3 more") == (
         "vaelab.train(out='r', batch_norm=False) now, or epochs=3 more")
+    # a path with a quote, as shlex.quote writes it (until 2026-12-07 "out='it')\"'\"'s run' resume=True")
+    from vaelab.tables import shell_word
+
+    assert in_api_terms(f"resume with: vaelab train --out {shell_word(chr(39).join(['Tom', 's run']))} --resume") == (
+        "resume with: vaelab.train(out=\"Tom's run\", resume=True)")
 
 
 def test_api_train_takes_false_against_a_preset_blocks_as_lists_arrays_and_a_dash_path(tmp_path, data_dir,

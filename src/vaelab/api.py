@@ -55,11 +55,13 @@ def in_api_terms(message: str) -> str:
                 arguments.append(f"{name}={value if literal else repr(value)}")
         return f"vaelab.train({', '.join(arguments)})"
 
-    # a value: a quoted word (``tables.shell_word``) or a word without the sentence's punctuation after it; none after
-    # a switch, where the next word is the sentence's ("… --resume draws them again" lost its "draws" until 2026-12-07)
+    # a value: a quoted word (``tables.shell_word``: shlex.quote's, of 'parts' and "'" where the path holds a quote;
+    # until 2026-12-07 "--out 'it'"'"'s run'" became "out='it')"'"'s run' resume=True") or a word without the
+    # sentence's punctuation after it; none after a switch, where the next word is the sentence's ("… --resume draws
+    # them again" lost its "draws" until 2026-12-07)
     switches = "|".join(re.escape(option) for option, action in actions.items() if action.nargs == 0)
-    message = re.sub(rf"\bvaelab train((?: (?:(?:{switches})(?![a-z0-9-])|--[a-z][a-z0-9-]*(?: (?!--)(?:'[^']*'|"
-                     rf"[^\s;,()`']+))?))+)", call, message)
+    message = re.sub(rf"\bvaelab train((?: (?:(?:{switches})(?![a-z0-9-])|--[a-z][a-z0-9-]*(?: (?!--)(?:(?:'[^']*'|"
+                     rf"\"'\")+|[^\s;,()`']+))?))+)", call, message)
 
     def keyword(match: re.Match) -> str:
         flag, value = match.group(1), match.group(2)
