@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 
 import numpy as np
@@ -69,6 +70,16 @@ def children_temp(tmp_path_factory, monkeypatch):
     folders, /tmp keeps them. The children's only: this process's ``tempfile.gettempdir()`` is cached at its first
     call, usually long before."""
     monkeypatch.setenv("TMPDIR", str(tmp_path_factory.mktemp("children-tmp")))
+
+
+@pytest.fixture
+def sigint_as_at_a_terminal():
+    """Ctrl-C raises KeyboardInterrupt in this process during the test, whatever the test runner inherited: a shell's
+    background job (`make test &`, `nohup … &`) starts with SIGINT ignored, and a command there keeps ignoring it, as
+    Python does, so a test that sends SIGINT to itself would see nothing."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
 
 
 def run(capsys, *args):

@@ -584,7 +584,7 @@ def test_pictures_not_drawn_after_the_last_checkpoint_say_that_the_training_stan
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_a_stop_while_the_last_pictures_are_drawn_says_that_the_training_stands(tmp_path, data_dir, monkeypatch,
-                                                                                capsys, sig):
+                                                                                capsys, sig, sigint_as_at_a_terminal):
     """A scheduler's SIGTERM (or Ctrl-C) between the last checkpoint and the end of the pictures: the line says the
     training ended whole and how to draw them, train.log too (until 2026-12-07 "stopped by SIGTERM before it
     finished; vaelab replaces each file whole, …", the line of any command's stop, as if it had not ended)."""
@@ -604,7 +604,8 @@ def test_a_stop_while_the_last_pictures_are_drawn_says_that_the_training_stands(
 
 
 def test_a_second_stop_while_a_stopped_runs_pictures_are_drawn_keeps_the_first_ones_line(tmp_path, data_dir,
-                                                                                          monkeypatch, capsys):
+                                                                                          monkeypatch, capsys,
+                                                                                          sigint_as_at_a_terminal):
     """At a stop the pictures of what stands are drawn; Ctrl-C then (impatience) leaves the first stop's line, where
     the checkpoint is and how to resume, and a note on the pictures (until 2026-12-07 only "interrupted (Ctrl-C)
     before it finished", exit 130 for a SIGTERM's stop)."""

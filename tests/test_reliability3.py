@@ -1779,7 +1779,8 @@ def test_of_one_digit_active_units_are_not_counted(data_dir, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
-def test_a_stop_signal_handled_where_python_cannot_raise_still_stops_the_command(signum, capsys):
+def test_a_stop_signal_handled_where_python_cannot_raise_still_stops_the_command(signum, capsys,
+                                                                                 sigint_as_at_a_terminal):
     """Python runs a signal's handler between any two steps of Python code, among them those of a weakref callback
     run by the garbage collector, where an exception cannot propagate: matplotlib makes many while it builds a
     figure, and Ctrl-C 4 s into `vaelab report` was printed as "Exception ignored in: <function
@@ -1799,29 +1800,23 @@ def test_a_stop_signal_handled_where_python_cannot_raise_still_stops_the_command
         del thing                                            # the callback runs: the handler raises inside it
         assert watched() is None
 
-    # Ctrl-C as at a terminal, whatever the test runner inherited: a shell's background job (`make test &`) starts
-    # with SIGINT ignored, and a command there keeps ignoring it, as Python does
-    before = signal.signal(signal.SIGINT, signal.default_int_handler)
-    try:
-        caught = None
-        with cli._stop_signals_raise():
-            try:
-                stop_in_a_callback()
-                deadline = time.monotonic() + 5
-                while time.monotonic() < deadline:
-                    time.sleep(0.01)
-            except KeyboardInterrupt as exc:
-                caught = exc
-        assert isinstance(caught, cli.Stopped) and caught.stop_signal == signum
-        assert "Exception ignored" not in capsys.readouterr().err
-        # a stop sent again that has not landed when the command ends is dropped (the command's work is done), not
-        # raised after it, where nothing would say what it stopped
-        with cli._stop_signals_raise():
+    caught = None
+    with cli._stop_signals_raise():
+        try:
             stop_in_a_callback()
-        time.sleep(0.3)
-        assert "Exception ignored" not in capsys.readouterr().err
-    finally:
-        signal.signal(signal.SIGINT, before)
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline:
+                time.sleep(0.01)
+        except KeyboardInterrupt as exc:
+            caught = exc
+    assert isinstance(caught, cli.Stopped) and caught.stop_signal == signum
+    assert "Exception ignored" not in capsys.readouterr().err
+    # a stop sent again that has not landed when the command ends is dropped (the command's work is done), not
+    # raised after it, where nothing would say what it stopped
+    with cli._stop_signals_raise():
+        stop_in_a_callback()
+    time.sleep(0.3)
+    assert "Exception ignored" not in capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")
