@@ -475,6 +475,34 @@ def test_evaluate_prints_its_table_as_csv_saying_what_it_measured(evaluated, dat
     assert {row[-1] for row in rows[1:]} == {"30 test digits, K = 5, model.safetensors after epoch 2"}
 
 
+def test_the_exported_table_holds_the_k_curve_and_the_gaps(evaluated, data_dir, tmp_path, capsys):
+    """`evaluate --gaps --k-curve --format latex|markdown|csv` printed the estimators alone: the smaller K's estimates
+    and the gaps were in the record only (until 2026-12-07). The table now has the nested IWAE-k and ELBO[q*] as rows,
+    the caption (CSV: the "measured" column) the two gaps with their paired standard errors."""
+    import csv
+    import io
+    import json
+
+    out = tmp_path / "gaps.json"
+    assert main(["evaluate", str(evaluated / "b"), "--k", "1000", "--test-examples", "6", "--data-dir", str(data_dir),
+                 "--no-progress", "--gaps", "--gap-steps", "5", "--k-curve", "--format", "csv", "--out", str(out)]) == 0
+    rows = list(csv.reader(io.StringIO(capsys.readouterr().out)))
+    record = json.loads(out.read_text())
+    names = [row[0] for row in rows[1:]]
+    assert names == ["ELBO, one draw per digit", "IWAE-1000, q(z|x)",
+                     *(f"IWAE-{k}, q(z|x), the first {k} of the 1000 draws" for k in (1, 10, 100)),
+                     "ELBO[q*], q optimised for each digit", record["gaps"]["log_px_optimised_estimator"]]
+    assert [float(v) for v in rows[3][1:3]] == pytest.approx([record["k_curve"][0]["mean"],
+                                                              record["k_curve"][0]["stderr"]], abs=1e-6)
+    gap = record["gaps"]["amortisation_gap"]
+    assert f"amortisation gap ELBO[q*] − ELBO[q] {gap['mean']:.2f} ± {gap['stderr']:.2f} nats" in rows[1][-1]
+    assert main(["evaluate", str(evaluated / "b"), "--k", "5", "--test-examples", "6", "--data-dir", str(data_dir),
+                 "--no-progress", "--format", "markdown", "--out", str(tmp_path / "plain.json")]) == 0
+    plain = capsys.readouterr().out                     # an evaluation without them: the table as before
+    assert [line.split(" | ")[0] for line in plain.splitlines()[2:4]] == ["| ELBO, one draw per digit", "| IWAE-5, q(z\\|x)"]
+    assert "the first" not in plain and "where the nats go" not in plain and plain.splitlines()[4] == "", plain
+
+
 def test_evaluate_prints_its_table_as_latex(evaluated, data_dir, capsys):
     assert main(["evaluate", str(evaluated / "b"), "--k", "5", "--data-dir", str(data_dir), "--no-progress",
                  "--format", "latex", "--out", str(evaluated / "b" / "extra.json")]) == 0

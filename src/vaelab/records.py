@@ -125,9 +125,31 @@ def write_evaluation(out: Path, record: dict, per_digit: dict, labels, run_dir: 
 
 def evaluation_export(record: dict, kind: str) -> str:
     """The estimators of an evaluation as a LaTeX (booktabs), Markdown or CSV table, with what it measured (which
-    digits, K, and the weights with their epoch)."""
+    digits, K, and the weights with their epoch): with ``--k-curve`` the smaller K on the nested draws, with
+    ``--gaps`` ELBO[q*] and, in the caption, the two gaps (paired differences; until 2026-12-07 neither was in
+    the table, nor anywhere in the output of `evaluate --gaps --k-curve --format …`)."""
     caption = f"{digits_label(record)}, K = {record['k']}, {weights_label({**record, 'stale': False})}"
     rows = [[e["name"], e["mean"], e["stderr"], e["kind"]] for e in record["estimates"]]
+    rows += [[f"IWAE-{p['k']}, q(z|x), the first {p['k']} of the {record['k']} draws", p["mean"], p["stderr"],
+              "stochastic lower bound"] for p in record.get("k_curve", []) if p["k"] < record["k"]]
+    gaps = record.get("gaps")
+    if gaps:
+        on = "" if gaps["digits"] == record.get("n_examples") else f" (its first {gaps['digits']} digits)"
+        rows.append([f"ELBO[q*], q optimised for each digit{on}", gaps["elbo_optimised"]["mean"],
+                     gaps["elbo_optimised"]["stderr"], "stochastic lower bound"])
+        if "log_px_optimised" in gaps:
+            rows.append([f"{gaps['log_px_optimised_estimator']}{on}", gaps["log_px_optimised"]["mean"],
+                         gaps["log_px_optimised"]["stderr"], "stochastic lower bound"])
+
+        def gap(name):
+            mean, stderr = gaps[name]["mean"], gaps[name]["stderr"]
+            return "—" if mean is None else f"{mean:.2f}" + ("" if stderr is None else f" ± {stderr:.2f}")
+
+        caption += (f"; where the nats go, over {plural(gaps['digits'], 'digit')}: approximation gap "
+                    f"{gaps['log_px_estimator']} − ELBO[q*] {gap('approximation_gap')}, amortisation gap ELBO[q*] − "
+                    f"ELBO[q] {gap('amortisation_gap')} nats, each paired over the digits"
+                    + ("; q* stopped short of convergence for some digits (the record's warning)"
+                       if gaps.get("warning") else ""))
     return render_table(["estimator of log p(x)", "nats", "± s.e.", "kind"], rows, kind, caption)
 
 
