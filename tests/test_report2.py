@@ -499,7 +499,8 @@ def test_the_exported_table_holds_the_k_curve_and_the_gaps(evaluated, data_dir, 
     assert main(["evaluate", str(evaluated / "b"), "--k", "5", "--test-examples", "6", "--data-dir", str(data_dir),
                  "--no-progress", "--format", "markdown", "--out", str(tmp_path / "plain.json")]) == 0
     plain = capsys.readouterr().out                     # an evaluation without them: the table as before
-    assert [line.split(" | ")[0] for line in plain.splitlines()[2:4]] == ["| ELBO, one draw per digit", "| IWAE-5, q(z\\|x)"]
+    assert [line.split(" | ")[0] for line in plain.splitlines()[2:4]] == ["| ELBO, one draw per digit",
+                                                                         "| IWAE-5, q(z\\|x)"]
     assert "the first" not in plain and "where the nats go" not in plain and plain.splitlines()[4] == "", plain
 
 
