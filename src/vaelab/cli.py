@@ -845,19 +845,19 @@ def _unread_flags(args: argparse.Namespace, config) -> list[str]:
 def training_memory_bytes(config, n_train: int) -> int:
     """A generous estimate of the peak memory of training ``config`` on ``n_train`` digits."""
     params = config.model.parameter_count()
-    shapes = config.model.layers()
+    widths = sum(b for _, b in config.model.layers())        # every linear layer's outputs, one row's activations
     # a batch holds at most the training digits (until 2026-12-07 `--batch-size 10⁷` of 64 digits of a 784-32-4
     # model was refused at 446.6 GiB, for 64 rows' needs)
     batch = min(config.train.batch_size, n_train, config.data.train_examples or n_train)
     rows = batch * config.objective.samples
-    activations = 4 * rows * (sum(b for _, b in shapes) + 4 * 784) * 3
+    activations = 4 * rows * (widths + 4 * 784) * 3
     if config.model.prior == "vampprior":
         # the K pseudo-inputs go through the encoder (about half the widths) at every step: each layer's output,
         # its activation and their gradient, float32 (their (K, 784) tensors are counted with the parameters);
         # until 2026-12-07 uncounted: K = 10⁵ pseudo-inputs of a 784-2048-50 model peaked at 4.3–4.4 GiB against
         # an estimate of 3.5 (6.3 now)
-        activations += 4 * config.model.prior_components * sum(b for _, b in shapes) // 2 * 3
-    evaluation = 4 * config.train.eval_batch_size * (sum(b for _, b in shapes) + 4 * 784) * 2
+        activations += 4 * config.model.prior_components * widths // 2 * 3
+    evaluation = 4 * config.train.eval_batch_size * (widths + 4 * 784) * 2
     # parameters, gradients, Adam's two moments, and the checkpoint's serialised copies of all but gradients
     return 4 * params * 10 + activations + evaluation + 5 * 784 * n_train + (200 << 20)
 

@@ -53,16 +53,6 @@ def mixture_log_density(z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor)
     return value.to(z.dtype).reshape(batch)
 
 
-def _sample_mixture(n: int, count: int, picked: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
-                    generator, device: torch.device) -> torch.Tensor:
-    """n draws of the equal-weight mixture of ``count`` components: a component uniformly, then its Gaussian; ``picked``
-    gives (μ, log σ²) of the components drawn, (n, d) each: (n, d)."""
-    pick = torch.randint(0, count, (n,), generator=generator, device=device)
-    mu, logvar = picked(pick)
-    eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
-    return mu + torch.exp(0.5 * logvar) * eps
-
-
 class StandardPrior(nn.Module):
     """p(z) = N(0, I)."""
 
@@ -119,9 +109,12 @@ class MixturePrior(StandardPrior):
 
     @torch.no_grad()
     def sample(self, n: int, generator, encoder: Encoder, like: torch.Tensor) -> torch.Tensor:
+        """n draws of the equal-weight mixture: a component uniformly, then its Gaussian: (n, d)."""
         weights = next(self.parameters())                  # (K, …): the means, or the pseudo-inputs' logits
-        return _sample_mixture(n, weights.shape[0], lambda pick: self.picked_components(pick, encoder), generator,
-                               weights.device)
+        pick = torch.randint(0, weights.shape[0], (n,), generator=generator, device=weights.device)
+        mu, logvar = self.picked_components(pick, encoder)                          # (n, d) each
+        eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
+        return mu + torch.exp(0.5 * logvar) * eps
 
 
 @contextlib.contextmanager
