@@ -304,6 +304,14 @@ def test_a_family_that_stays_below_the_models_own_q_is_said_not_to_measure_the_g
     warning = unconverged["warning"]
     assert "IWAE-5000 with the encoder's q is below ELBO[q*] by 4 nats" in warning and "has not converged" in warning
     assert "IWAE-500 with q* as the proposal gives -84.50" in warning and "do not measure" not in warning
+    # two warnings at once are two clauses, not one run-on sentence (until 2026-12-07 "… gives -84.50 only 0.0 % …")
+    unconverged = _gaps_summary({**base, "gap_converged": torch.zeros(n, dtype=torch.bool),
+                                 "elbo_optimised": torch.full((n,), -86.0, dtype=torch.float64),
+                                 "elbo_encoder": torch.full((n,), -100.0, dtype=torch.float64),
+                                 "iwae_optimised_q": torch.full((n,), -84.5, dtype=torch.float64)},
+                                "family", EvalConfig(k=5000), n)
+    assert "IWAE-500 with q* as the proposal gives -84.50; only 0.0 % of the digits converged" in \
+        unconverged["warning"]
     # most digits stopped by the budget, not the rule: the split leans towards the approximation gap (until
     # 2026-12-06 only the fraction said so, "0.0 % of the digits converged", and no warning)
     short = {**base, "gap_converged": torch.arange(n) < 6,
