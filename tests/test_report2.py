@@ -496,6 +496,12 @@ def test_the_exported_table_holds_the_k_curve_and_the_gaps(evaluated, data_dir, 
                                                               record["k_curve"][0]["stderr"]], abs=1e-6)
     gap = record["gaps"]["amortisation_gap"]
     assert f"amortisation gap ELBO[q*] − ELBO[q] {gap['mean']:.2f} ± {gap['stderr']:.2f} nats" in rows[1][-1]
+    # the warning as `evaluate` prints it, derived from the numbers: a record kept without one gets it too
+    from vaelab.gaps import gap_warning
+    from vaelab.records import evaluation_export
+    assert gap_warning(record["gaps"]) and f"; warning: {gap_warning(record['gaps'])}" in rows[1][-1]
+    bare = {**record, "gaps": {k: v for k, v in record["gaps"].items() if k != "warning"}}
+    assert "; warning: only 0.0 % of the digits converged in at most 5 steps" in evaluation_export(bare, "markdown")
     assert main(["evaluate", str(evaluated / "b"), "--k", "5", "--test-examples", "6", "--data-dir", str(data_dir),
                  "--no-progress", "--format", "markdown", "--out", str(tmp_path / "plain.json")]) == 0
     plain = capsys.readouterr().out                     # an evaluation without them: the table as before
