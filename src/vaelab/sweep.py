@@ -996,9 +996,12 @@ def _take(study, out: Path):
     """A waiting trial of this study, or None when there is none (this worker is done)."""
     from optuna.trial import TrialState
 
-    with file_lock(out / ".ask.lock"):
+    with file_lock(out / ".ask.lock"), warnings.catch_warnings():
         if not study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
             return None
+        # trials are asked and told here, not by Study.optimize, which warns of that on a storage with a heartbeat:
+        # `heartbeat` below writes it the same way
+        warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
         trial = study.ask()
         # inside the lock: `reconcile` never sees a live trial of this directory's workers without its pid, and a
         # trial with a pid always has a heartbeat (a worker elsewhere judges it by that alone)
@@ -1150,9 +1153,7 @@ def worker(spec_path: str, out: str, url: str, name: str, threads: int, log_path
     tqdm.set_lock(threading.RLock())
     out_dir = Path(out)
     with open(log_path, "a", buffering=1, encoding="utf-8") as log_file, contextlib.redirect_stdout(log_file), \
-            contextlib.redirect_stderr(log_file), warnings.catch_warnings():
-        # trials are asked and told here, not by Study.optimize: the heartbeat works the same (vaelab's own loop)
-        warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
+            contextlib.redirect_stderr(log_file):
         torch.set_num_threads(threads)
         spec = state_spec(out_dir, read_state(out_dir))
         optuna = require_optuna()
