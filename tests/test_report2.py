@@ -391,6 +391,20 @@ def test_a_markdown_table_shows_names_as_they_are():
     assert [html.unescape(cell) for cell in cells] == names, page
 
 
+def _compiles(table: str, tmp_path: Path) -> None:
+    """The LaTeX table compiles in a bare article with booktabs (pdflatex; the test is skipped where none is
+    installed, after the checks made before it)."""
+    engine = shutil.which("pdflatex")
+    if engine is None:
+        pytest.skip("no TeX engine installed (pdflatex): the table's structure was checked, not its compilation")
+    document = tmp_path / "t.tex"
+    document.write_text("\\documentclass{article}\\usepackage{booktabs}\\begin{document}\n" + table
+                        + "\n\\end{document}\n", encoding="utf-8")
+    done = subprocess.run([engine, "-interaction=nonstopmode", "-halt-on-error", document.name], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout[-800:]
+
+
 @pytest.mark.parametrize("kind", ["latex", "markdown", "csv"])
 def test_compare_prints_a_table_to_paste(evaluated, kind, tmp_path, capsys):
     assert main(["compare", str(evaluated / "a"), str(evaluated / "b"), "--format", kind,
@@ -405,15 +419,7 @@ def test_compare_prints_a_table_to_paste(evaluated, kind, tmp_path, capsys):
         rows = [line for line in body.strip().splitlines() if line.endswith(r"\\")]
         assert len(rows) == 2 and rows[0].startswith("a & ") and rows[1].startswith("b & ")
         assert all(line.count(" & ") == 8 for line in rows)
-        engine = shutil.which("pdflatex")
-        if engine is None:
-            pytest.skip("no TeX engine installed (pdflatex): the table's structure was checked, not its compilation")
-        document = tmp_path / "t.tex"
-        document.write_text("\\documentclass{article}\\usepackage{booktabs}\\begin{document}\n" + table +
-                            "\n\\end{document}\n")
-        done = subprocess.run([engine, "-interaction=nonstopmode", "-halt-on-error", document.name], cwd=tmp_path,
-                              capture_output=True, text=True, timeout=120)
-        assert done.returncode == 0, done.stdout[-800:]
+        _compiles(table, tmp_path)
     elif kind == "markdown":
         lines = [line for line in out.splitlines() if line.startswith("|")]
         assert len(lines) == 4 and set(lines[1]) <= set("|-: ")
@@ -508,6 +514,29 @@ def test_the_exported_table_holds_the_k_curve_and_the_gaps(evaluated, data_dir, 
     assert [line.split(" | ")[0] for line in plain.splitlines()[2:4]] == ["| ELBO, one draw per digit",
                                                                          "| IWAE-5, q(z\\|x)"]
     assert "the first" not in plain and "where the nats go" not in plain and plain.splitlines()[4] == "", plain
+
+
+def test_a_latex_table_with_every_gap_warning_compiles(evaluated, data_dir, tmp_path, capsys):
+    """The caption of `evaluate --gaps --format latex` holds the gap warnings, whose "log p̂(x)" is p and a combining
+    circumflex (U+0302), a character pdflatex does not know: the table did not compile (until 2026-12-07). Its
+    "--gap-steps" was typeset with an en dash, and its negative numbers with a hyphen where the cells have a minus."""
+    from vaelab.gaps import gap_warning
+    from vaelab.records import evaluation_export
+
+    out = tmp_path / "gaps.json"
+    assert main(["evaluate", str(evaluated / "b"), "--k", "20", "--test-examples", "4", "--data-dir", str(data_dir),
+                 "--no-progress", "--gaps", "--gap-steps", "5", "--out", str(out)]) == 0
+    capsys.readouterr()
+    record = json.loads(out.read_text())
+    gaps = record["gaps"]                      # the three warnings at once: both gaps negative, few digits converged
+    gaps["approximation_gap"]["mean"], gaps["amortisation_gap"]["mean"] = -10.74, -0.5
+    assert gap_warning(gaps).count("; ") >= 2 and "p̂" in gap_warning(gaps)
+    table = evaluation_export(record, "latex")
+    assert table.isascii(), [c for c in table if not c.isascii()]
+    caption = table[table.index(r"\caption{"):]
+    assert r"log \^{p}(x) by IWAE-20" in caption and "-{}-gap-steps" in caption and "--gap" not in caption
+    assert "ELBO[q*] $-$10.74" in caption and "$-$" in caption.split("gives ")[1][:4]
+    _compiles(table, tmp_path)
 
 
 def test_evaluate_prints_its_table_as_latex(evaluated, data_dir, capsys):

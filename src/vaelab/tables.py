@@ -80,7 +80,22 @@ def text_table(header: Sequence[str], rows: Sequence[Sequence[str]], right: bool
 
 
 def latex_escape(text: str) -> str:
-    return "".join(_LATEX.get(char, char) for char in text)
+    """Text as LaTeX typesets it (pdflatex, the inputenc of any LaTeX since 2018): its specials escaped, ± − ≥ ≤
+    in math mode, a letter with a combining circumflex as the accent \\^{} ("log p̂(x)" of the gap warnings: U+0302
+    is no character pdflatex knows, and the table did not compile until 2026-12-07), "-" before "-" as "-{}", so
+    that a flag stays two hyphens ("--gap-steps" was typeset with an en dash), and the sign of a number ("gap -10.74",
+    not "IWAE-1000") as the minus $-$ the table's cells have (it was a hyphen in the caption)."""
+    out = []
+    for index, char in enumerate(text):
+        before, following = text[index - 1:index] if index else "", text[index + 1:index + 2]
+        if char == "\u0302":                                   # written with the letter before it
+            continue
+        if char == "-" and following.isdigit() and before in ("", " ", "(", "["):
+            out.append("$-$")
+            continue
+        escaped = _LATEX.get(char, char) + "{}" * (char == "-" and following == "-")
+        out.append(rf"\^{{{escaped}}}" if following == "\u0302" else escaped)
+    return "".join(out)
 
 
 def markdown_escape(text: str) -> str:
