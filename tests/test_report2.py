@@ -435,6 +435,33 @@ def test_compare_prints_a_table_to_paste(evaluated, kind, tmp_path, capsys):
         assert rows[2][-1] == "IWAE-20, 500 digits, model.safetensors after epoch 2"
 
 
+def test_a_pasted_comparison_says_which_run_each_setting_weights_and_missing_pair_is_of(evaluated, data_dir,
+                                                                                        tmp_path, capsys):
+    """The caption of `compare --format latex|markdown` listed the distinct settings in alphabetical order,
+    "IWAE-1000 on 50 test digits; IWAE-300 on 10000 test digits", without saying which run had which, named no
+    weights, and left a paired cell "—" unexplained (until 2026-12-07)."""
+    a, b = evaluated / "a", evaluated / "b"
+    assert main(["compare", str(a), str(b), "--format", "markdown", "--out", str(tmp_path / "c.html")]) == 0
+    caption = capsys.readouterr().out.strip().splitlines()[-1]
+    # one setting shared: said once; a's headline has seed 1, b's seed 0: not paired, and why
+    assert caption.startswith("NLL and ELBO in nats, IWAE-20 on 500 test digits; weights: model.safetensors after "
+                              "epoch 5 (a), model.safetensors after epoch 2 (b); the paired difference"), caption
+    assert "; b not paired with a: evaluated with different settings (seed 1 vs 0)" in caption, caption
+    copy = tmp_path / "b"                          # a record of few digits in a copy: b's own records stay as they are
+    shutil.copytree(b, copy)
+    out = copy / "b-k5.json"
+    assert main(["evaluate", str(copy), "--k", "5", "--test-examples", "7", "--data-dir", str(data_dir),
+                 "--no-progress", "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["compare", str(a), str(out), "--format", "latex", "--out", str(tmp_path / "d.html")]) == 0
+    table = capsys.readouterr().out
+    caption = table[table.index(r"\caption{"):]
+    assert caption.startswith(r"\caption{NLL and ELBO in nats, IWAE-20 on 500 test digits (a), IWAE-5 on 7 test "
+                              r"digits (b/b-k5.json); weights: "), caption
+    assert "b/b-k5.json not paired with a: evaluated with different settings (K 20 vs 5, 500 vs 7 digits" in caption
+    _compiles(table[table.index(r"\begin{table}"):table.index(r"\end{table}") + len(r"\end{table}")], tmp_path)
+
+
 def test_the_mark_of_a_changed_preset_is_explained_wherever_it_is_shown(evaluated, data_dir, tmp_path, capsys):
     """"seed*" (the run's flags changed fields of its preset) was explained by `vaelab runs` alone, and there only
     where the label ended in *: a run whose flags changed the model reads "hvae (seed*)", and compare's table, its

@@ -534,6 +534,7 @@ class Comparison:
     gaps: list[dict] = dataclasses.field(default_factory=list)   # each run's gap decomposition, paired differences
     split: str = "test"                           # the digits the NLLs and paired differences are on
     records: list[str | None] = dataclasses.field(default_factory=list)   # per run, the record file given, or None
+    unpaired: dict[str, str] = dataclasses.field(default_factory=dict)   # run → why it has no paired difference
 
     @property
     def what(self) -> str:
@@ -593,8 +594,9 @@ def compare_runs(paths: Sequence[str | Path], split: str = "test") -> Comparison
                                 "elbo": None if record is None else record.get("elbo"),
                                 "active": active or None,
                                 "estimator": None if record is None else
-                                f"{estimator_label(record)} on {digits_label(record)}"}})
-    paired, notes = [], []
+                                f"{estimator_label(record)} on {digits_label(record)}",
+                                "weights": None if record is None else weights_label(record)}})
+    paired, notes, unpaired = [], [], {}
     evaluate_split = "" if split == "test" else f" --split {split}"
     for run, record in zip(runs, records):
         notes += run.notes
@@ -620,6 +622,7 @@ def compare_runs(paths: Sequence[str | Path], split: str = "test") -> Comparison
         a, b = per_digit(base.path, base_record), per_digit(run.path, record)
         if why := _unpaired(base_record, record, a, b):
             notes.append(f"{run.name} against {base.name}: {why}; the NLLs are shown, not a paired difference")
+            unpaired[run.name] = why
             continue
         diff = (-b["iwae"]) - (-a["iwae"])                        # NLL of run − NLL of the first run, per digit
         _, stderr = summarize(torch.from_numpy(diff))
@@ -632,7 +635,7 @@ def compare_runs(paths: Sequence[str | Path], split: str = "test") -> Comparison
     # the gap decompositions are of the runs' current weights: not beside a record of other weights
     return Comparison(runs, differences, rows, paired, notes,
                       _compare_gaps([run for run, (_, file) in zip(runs, chosen) if file is None], split), split,
-                      [file for _, file in chosen])
+                      [file for _, file in chosen], unpaired)
 
 
 def _unpaired(base: dict, record: dict, a: dict | None, b: dict | None, extra: Sequence[tuple[bool, str]] = ()) -> str:
@@ -756,9 +759,23 @@ def comparison_export(comparison: Comparison, kind: str) -> str:
                      difference[0], difference[1]])
     header = ["run", "model", "NLL", "± s.e.", "ELBO", "active units", "training",
               f"NLL − NLL({first}), paired", "± s.e."]
-    evaluated = sorted({row["values"]["estimator"] for row in comparison.rows if row["values"]["estimator"]})
-    caption = (f"NLL and ELBO in nats, {'; '.join(evaluated)}; the paired difference is over the same digits, "
-               f"with the same K and seed of the draws" if evaluated else "not evaluated")
+    # what each number measured, in the caption a table pasted into a paper carries: the estimator and digits, once
+    # where every run shares them, else each run's by name (until 2026-12-07 the distinct ones in alphabetical
+    # order, "IWAE-1000 on 50 test digits; IWAE-300 on 10000 test digits", whichever rows they were), the weights
+    # of each run, and why a run has no paired difference (its cell "--" was not explained)
+    values = [(run.name, row["values"]) for run, row in zip(comparison.runs, comparison.rows)]
+    evaluated = [(name, v) for name, v in values if v["estimator"]]
+    if evaluated:
+        estimators = {v["estimator"] for _, v in evaluated}
+        measured = estimators.pop() if len(estimators) == 1 else \
+            ", ".join(f"{v['estimator']} ({name})" for name, v in evaluated)
+        caption = (f"NLL and ELBO in nats, {measured}; weights: "
+                   + ", ".join(f"{v['weights']} ({name})" for name, v in evaluated)
+                   + "".join(f"; {name} not evaluated" for name, v in values if not v["estimator"])
+                   + "; the paired difference is over the same digits, with the same K and seed of the draws"
+                   + "".join(f"; {name} not paired with {first}: {why}" for name, why in comparison.unpaired.items()))
+    else:
+        caption = "not evaluated"
     if comparison.mark:         # a table pasted into a paper has no `vaelab report` beside it
         caption += "; * the run's flags changed fields of its preset"
     if kind == "csv":           # no caption there: each row says what it measured (estimator, digits, weights)
