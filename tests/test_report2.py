@@ -558,7 +558,11 @@ def test_a_latex_table_with_every_gap_warning_compiles(evaluated, data_dir, tmp_
     gaps = record["gaps"]                      # the three warnings at once: both gaps negative, few digits converged
     gaps["approximation_gap"]["mean"], gaps["amortisation_gap"]["mean"] = -10.74, -0.5
     assert gap_warning(gaps).count("; ") >= 2 and "p̂" in gap_warning(gaps)
+    # and the Laplace modes' caveat, as `evaluate --laplace` prints it (the table said nothing of it until 2026-12-07)
+    record["laplace_modes"] = {"converged": 1, "stalled": 2, "not converged": 1, "newton_steps": 30}
     table = evaluation_export(record, "latex")
+    assert table.endswith("; Laplace modes: 1 converged, 2 stalled (no Newton step increased log p(x, z)), 1 not "
+                          "converged in 30 steps}\n\\end{table}"), table[-300:]
     assert table.isascii(), [c for c in table if not c.isascii()]
     caption = table[table.index(r"\caption{"):]
     assert r"log \^{p}(x) by IWAE-20" in caption and "-{}-gap-steps" in caption and "--gap" not in caption

@@ -152,6 +152,11 @@ def evaluation_export(record: dict, kind: str) -> str:
                     # the warning from the numbers, as `evaluate`, the report and compare show it (until 2026-12-07
                     # "q* stopped short of convergence" wherever the record kept any warning, none where it kept none)
                     + (f"; warning: {warning}" if (warning := gap_warning(gaps)) else ""))
+    if modes := record.get("laplace_modes"):
+        # how far the Laplace rows can be trusted, as `evaluate` and the report say it (the table said nothing of it
+        # until 2026-12-07: a Laplace estimate of 131 stalled and 65 unconverged modes of 200 read like any other)
+        caption += (f"; Laplace modes: {modes['converged']} converged, {modes['stalled']} stalled (no Newton step "
+                    f"increased log p(x, z)), {modes['not converged']} not converged in {modes['newton_steps']} steps")
     return render_table(["estimator of log p(x)", "nats", "± s.e.", "kind"], rows, kind, caption)
 
 
