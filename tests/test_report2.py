@@ -432,7 +432,9 @@ def test_compare_prints_a_table_to_paste(evaluated, kind, tmp_path, capsys):
         assert float(rows[1][2]) == pytest.approx(newest_current_nll(evaluated / "a"), abs=1e-5)
         # a CSV file has no caption: each row says what its numbers measured (it said nothing of K or digits)
         assert rows[0][-1] == "measured" and rows[1][-1] == "IWAE-20, 500 digits, model.safetensors after epoch 5"
-        assert rows[2][-1] == "IWAE-20, 500 digits, model.safetensors after epoch 2"
+        # b's headline evaluation drew with seed 0, a's with seed 1: no paired difference, and the row says why
+        assert rows[2][-1] == ("IWAE-20, 500 digits, model.safetensors after epoch 2; not paired with a: evaluated "
+                               "with different settings (seed 1 vs 0)") and rows[2][7:9] == ["", ""]
 
 
 def test_a_pasted_comparison_says_which_run_each_setting_weights_and_missing_pair_is_of(evaluated, data_dir,
