@@ -146,8 +146,8 @@ PRESETS: dict[str, dict[str, Any]] = {
                        "batch's gradient of norm 3370 (train ELBO −2189 after −97.6), with it the same run went on "
                        "(README; typical norms 65–115, about 1 step in 500 clipped); 500 000 updates of batch 100 are 833 "
                        "epochs of 60 000 digits; their annealed free energy (β from 0.01 to 1 over 10 000 updates) "
-                       "as a 17-epoch warm-up from 0; tanh hidden units (their deterministic layer's units were not "
-                       "re-checked against the paper in this session)"),
+                       "as a 17-epoch warm-up from 0; tanh hidden units (the unit of the paper's deterministic layer "
+                       "is not checked against its text)"),
         "fields": {"model": {"name": "mlp", "hidden": ((400,),), "latent": (40,), "activation": "tanh",
                              "init": "glorot", "flow": "planar", "flow_steps": 80},
                    "objective": {"name": "elbo", "samples": 1, "warmup_epochs": 17},
