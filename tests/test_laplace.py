@@ -253,6 +253,27 @@ def test_stirling_columns_obey_dlmf_bounds_from_1_to_1e18():
     assert rows[0]["exact"] == pytest.approx(math.lgamma(1e18 + 1), rel=1e-15)
 
 
+def test_stirling_says_where_its_correction_terms_make_the_error_worse(capsys):
+    """Stirling's series is asymptotic: 30 correction terms at N = 1 give a relative error of N! of
+    5.7e+2594435231320763920825695904915, right, and printed without a word until 2026-12-07. The note names the N
+    made worse than by no term, and says the best count is about πN, which is checked here against the table."""
+    from vaelab.cli import main
+    from vaelab.laplace import stirling_table
+
+    assert main(["stirling", "--n", "1", "2", "3", "10", "--terms", "30"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 6 and lines[-1].startswith("note: Stirling's series diverges"), lines
+    assert "30 correction terms make N = 1, 2, 3 worse than none" in lines[-1] and "about πN" in lines[-1]
+    for n in (1, 2, 3, 5):
+        errors = [abs(stirling_table([n], k)[0]["rel_error_terms"]) for k in range(31)]
+        assert abs(min(range(31), key=errors.__getitem__) - math.pi * n) <= 1
+    # by size, not sign: one term at N = 1 leaves −0.0023 of 0.084, better; the default 2 terms say nothing
+    assert stirling_table([1], 1)[0]["rel_error_terms"] < 0
+    for terms in ("1", "2", "0"):
+        assert main(["stirling", "--n", "1", "--terms", terms]) == 0
+        assert "note" not in capsys.readouterr().out
+
+
 def test_stirling_plot_honours_n_and_the_file_format(tmp_path, capsys):
     from vaelab.cli import main
 

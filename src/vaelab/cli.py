@@ -1896,6 +1896,14 @@ def cmd_stirling(args: argparse.Namespace) -> int:
              mpmath.nstr(r["scaled_error"], 7, strip_zeros=False), mpmath.nstr(r["rel_error_terms"], 4)] for r in table]
     for line in text_table(header, rows, right=True):
         _log(line)
+    # Stirling's series is asymptotic, not convergent: its k-th term B₂ₖ / (2k(2k−1) N^{2k−1}) shrinks while k is
+    # below about πN (|B₂ₖ| ≈ 2 (2k)! / (2π)^{2k}: consecutive terms have the ratio ≈ (k / πN)²) and then grows
+    # without bound, so many terms at a small N give errors like 5.7e+2594435231320763920825695904915 (N = 1, K = 30),
+    # right, and until 2026-12-07 shown without a word
+    if worse := [str(r["n"]) for r in table if args.terms and abs(r["rel_error_terms"]) > abs(r["rel_error"])]:
+        _log(f"note: Stirling's series diverges: its k-th term shrinks only while k is below about πN, so "
+             f"{plural(args.terms, 'correction term')} make N = {', '.join(worse)} worse than none; give fewer "
+             f"--terms for a small N (the best is about πN)")
     if plot:
         from vaelab.laplace import stirling_error_curves
         from vaelab.plots import plot_stirling
