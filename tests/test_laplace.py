@@ -274,6 +274,32 @@ def test_stirling_says_where_its_correction_terms_make_the_error_worse(capsys):
         assert "note" not in capsys.readouterr().out
 
 
+def test_the_stirling_plot_of_many_terms_has_a_colour_scale_and_a_capped_axis():
+    """`stirling --terms 30 --plot` drew 31 curves in a 10-colour cycle with a legend of 32 entries, taller than the
+    axes and covering them, on an axis up to 10¹⁷⁸ (the divergent series at N < K/π) that squeezed the useful curves
+    together (until 2026-12-07). Beyond 3 terms a colour scale names K; the axis ends at 10 and a line says why."""
+    import matplotlib.pyplot as plt
+
+    from vaelab.laplace import stirling_error_curves
+    from vaelab.plots import STIRLING_ERROR_CAP, stirling_figure
+
+    fig = stirling_figure(*stirling_error_curves(30, [1, 2, 3, 10, 100, 1000]))
+    ax, bar = fig.axes
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["1/(12N)"]
+    assert bar.get_ylabel() == "correction terms K"
+    assert len({tuple(line.get_color()) for line in ax.get_lines()[:-1]}) == 31            # one colour per K
+    assert ax.get_ylim()[1] == STIRLING_ERROR_CAP and any("off the axis" in t.get_text() for t in ax.texts)
+    fig.canvas.draw()
+    inside, legend = ax.get_window_extent(), ax.get_legend().get_window_extent()
+    assert inside.x0 <= legend.x0 and legend.x1 <= inside.x1 and inside.y0 <= legend.y0 and legend.y1 <= inside.y1
+    plt.close(fig)
+    fig = stirling_figure(*stirling_error_curves(2, [1, 10, 100]))          # the default: a legend, as before
+    assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == [
+        "0 correction terms", "1 correction term", "2 correction terms", "1/(12N)"]
+    assert len(fig.axes) == 1 and not fig.axes[0].texts and fig.axes[0].get_ylim()[1] < 1
+    plt.close(fig)
+
+
 def test_stirling_plot_honours_n_and_the_file_format(tmp_path, capsys):
     from vaelab.cli import main
 

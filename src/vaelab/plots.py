@@ -201,20 +201,50 @@ def plot_reconstructions(originals: np.ndarray, reconstructions: np.ndarray, pat
     plot_grid(np.stack(pairs), path, "test digits (rows 1, 3, …) and their reconstructions", cols=cols)
 
 
-def plot_stirling(ns: np.ndarray, errors: dict[int, np.ndarray], path: Path) -> None:
-    """|relative error| of N! against N on log-log axes, one curve per number of correction terms."""
+# a legend names each curve up to this many correction terms; beyond, a colour scale does (K = 30 made a legend of
+# 32 entries in a 10-colour cycle, taller than the axes and covering them, until 2026-12-07)
+STIRLING_LEGEND_TERMS = 3
+# the error axis ends here: above it a truncation of the divergent series is worse than no approximation at all
+STIRLING_ERROR_CAP = 10.0
+
+
+def stirling_figure(ns: np.ndarray, errors: dict[int, np.ndarray]):
+    """|relative error| of N! against N on log-log axes, one curve per number of correction terms K; the figure."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4.2))
+    most = max(errors)
+    scale = plt.get_cmap("viridis") if most > STIRLING_LEGEND_TERMS else None
+    cut = False
     for terms, err in errors.items():
-        keep = err > 0
-        ax.loglog(ns[keep], err[keep], marker=".", label=f"{terms} correction term{'s' if terms != 1 else ''}")
+        keep = err > 0                       # 0: below float64's range; inf: above it (K ≫ πN at a small N)
+        cut |= bool((err[keep] > STIRLING_ERROR_CAP).any())
+        ax.loglog(ns[keep], err[keep], marker=".", markersize=3 if scale else 6,
+                  color=None if scale is None else scale(terms / most),
+                  label=f"{terms} correction term{'s' if terms != 1 else ''}" if scale is None else None)
     ax.loglog(ns, 1 / (12 * ns), color="black", linestyle="--", linewidth=0.8, zorder=3, label="1/(12N)")
+    if scale is not None:
+        from matplotlib.cm import ScalarMappable
+        from matplotlib.colors import Normalize
+
+        bar = fig.colorbar(ScalarMappable(Normalize(0, most), scale), ax=ax)
+        bar.set_label("correction terms K")
+    if cut:
+        # Stirling's series diverges: its k-th term shrinks only while k < πN, so many terms at a small N err by more
+        # than 10⁶⁰⁰ (K = 30 at N = 1: 10^(2.6·10³⁰)), which squeezed every useful curve into the bottom of the axes
+        ax.set_ylim(top=STIRLING_ERROR_CAP)
+        ax.text(0.5, -0.17, f"errors above {STIRLING_ERROR_CAP:g} are off the axis: the series diverges for K "
+                f"above about πN", transform=ax.transAxes, ha="center", va="top", fontsize=8)
     ax.set_xlabel("N")
     ax.set_ylabel("|relative error of N!|")
     ax.set_title("Stirling's formula √(2πN)(N/e)^N · exp(Σ corrections)")
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
-    _save(fig, path)
+    ax.legend(fontsize=8, loc="lower left")
+    return fig
+
+
+def plot_stirling(ns: np.ndarray, errors: dict[int, np.ndarray], path: Path) -> None:
+    """``stirling_figure`` written to ``path`` in the format its name asks for."""
+    _save(stirling_figure(ns, errors), path)
 
 
 # ------------------------------------------------------------------------------------------------
