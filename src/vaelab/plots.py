@@ -218,7 +218,7 @@ def stirling_figure(ns: np.ndarray, errors: dict[int, np.ndarray]):
     for terms, err in errors.items():
         keep = err > 0                       # 0: below float64's range; inf: above it (K ≫ πN at a small N)
         cut |= bool((err[keep] > STIRLING_ERROR_CAP).any())
-        ax.loglog(ns[keep], err[keep], marker=".", markersize=3 if scale else 6,
+        ax.loglog(ns[keep], err[keep], marker=".", markersize=6 if scale is None else 3,
                   color=None if scale is None else scale(terms / most),
                   label=f"{terms} correction term{'s' if terms != 1 else ''}" if scale is None else None)
     ax.loglog(ns, 1 / (12 * ns), color="black", linestyle="--", linewidth=0.8, zorder=3, label="1/(12N)")

@@ -763,15 +763,15 @@ def comparison_export(comparison: Comparison, kind: str) -> str:
     # where every run shares them, else each run's by name (until 2026-12-07 the distinct ones in alphabetical
     # order, "IWAE-1000 on 50 test digits; IWAE-300 on 10000 test digits", whichever rows they were), the weights
     # of each run, and why a run has no paired difference (its cell "--" was not explained)
-    values = [(run.name, row["values"]) for run, row in zip(comparison.runs, comparison.rows)]
-    evaluated = [(name, v) for name, v in values if v["estimator"]]
+    by_run = [(row["name"], row["values"]) for row in comparison.rows]
+    evaluated = [(name, v) for name, v in by_run if v["estimator"]]
     if evaluated:
         estimators = {v["estimator"] for _, v in evaluated}
         measured = estimators.pop() if len(estimators) == 1 else \
             ", ".join(f"{v['estimator']} ({name})" for name, v in evaluated)
         caption = (f"NLL and ELBO in nats, {measured}; weights: "
                    + ", ".join(f"{v['weights']} ({name})" for name, v in evaluated)
-                   + "".join(f"; {name} not evaluated" for name, v in values if not v["estimator"])
+                   + "".join(f"; {name} not evaluated" for name, v in by_run if not v["estimator"])
                    + "; the paired difference is over the same digits, with the same K and seed of the draws"
                    + "".join(f"; {name} not paired with {first}: {why}" for name, why in comparison.unpaired.items()))
     else:

@@ -91,7 +91,7 @@ def latex_escape(text: str) -> str:
         if char == "\u0302":                                   # written with the letter before it
             continue
         if char == "-" and following.isdigit() and before in ("", " ", "(", "["):
-            out.append("$-$")
+            out.append(_LATEX["−"])
             continue
         escaped = _LATEX.get(char, char) + "{}" * (char == "-" and following == "-")
         out.append(rf"\^{{{escaped}}}" if following == "\u0302" else escaped)
