@@ -246,6 +246,11 @@ def test_run_directories_are_protected(trained, data_dir, tmp_path, capsys):
     assert code == 2 and "not a vaelab run" in err
     code, _, err = run(capsys, "evaluate", tmp_path / "missing")
     assert code == 2 and "does not exist" in err
+    # `vaelab runs` of a folder that is not there says so (until 2026-12-07 "is not a directory")
+    code, _, err = run(capsys, "runs", tmp_path / "missing")
+    assert code == 2 and one_line(err) and f"{tmp_path / 'missing'} does not exist; give the directory" in err, err
+    code, _, err = run(capsys, "runs", tmp_path / "a-file")
+    assert code == 2 and f"{tmp_path / 'a-file'} is not a directory; give the directory" in err, err
     code, _, err = run(capsys, "evaluate", tmp_path)
     assert code == 2 and "not a vaelab run" in err
     # a folder of runs names what it holds (until 2026-12-07 only that it was not a run)

@@ -1827,7 +1827,9 @@ def cmd_runs(args: argparse.Namespace) -> int:
     from vaelab.runs import find_runs, headline_nll, read_run
 
     if not args.directory.is_dir():
-        raise UsageError(f"{args.directory} is not a directory; give the directory that holds your runs")
+        # until 2026-12-07 a path that does not exist was said to be "not a directory"
+        there = "is not a directory" if args.directory.exists() else "does not exist"
+        raise UsageError(f"{args.directory} {there}; give the directory that holds your runs")
     rows = []
     for path in find_runs(args.directory):
         try:
