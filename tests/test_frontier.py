@@ -573,6 +573,36 @@ def test_evaluation_computes_the_vampprior_components_once_and_gets_the_same_num
         assert model.prior.cached_components(model.encode)[0].requires_grad
 
 
+def test_laplace_computes_the_vampprior_components_once_and_gets_the_same_numbers(monkeypatch):
+    """The joint-mode search of --laplace runs on a float64 copy of the model under torch.func (autograd on, for z
+    alone): until 2026-12-07 it ran the K pseudo-inputs through the encoder at every value, gradient and Hessian
+    (13 % of the search of a two-layer VampPrior). Its weights are frozen, so the components are computed once;
+    the same estimates, modes' outcomes and IS draws as recomputing them every time."""
+    import contextlib
+
+    from vaelab import evaluation
+    from vaelab.evaluation import EvalConfig, laplace_estimates
+    from vaelab.models.priors import VampPrior, frozen_components
+
+    torch.manual_seed(17)
+    model = build_model(ModelConfig(name="tomczak", hidden=((16, 16), (16, 16)), latent=(4, 3), prior="vampprior",
+                                    prior_components=9)).eval()
+    x = (torch.rand(6, 784, generator=torch.Generator().manual_seed(18)) < 0.3).float()
+    config = EvalConfig(k=20, laplace=True, examples_per_batch=3)
+    calls, original = [], VampPrior.components
+    monkeypatch.setattr(VampPrior, "components",
+                        lambda self, encoder: calls.append(self.pseudo_logits.dtype) or original(self, encoder))
+    with frozen_components(model):                                    # as evaluate_run holds it for the IS draws
+        cached = laplace_estimates(model, x, config)
+    assert calls == [torch.float64, torch.float32]                   # the search's copy once, the IS draws' once
+    monkeypatch.setattr(evaluation, "frozen_components", lambda model: contextlib.nullcontext())
+    with frozen_components(model):
+        recomputed = laplace_estimates(model, x, config)
+    assert calls.count(torch.float64) > 100
+    for mine, theirs in zip(cached, recomputed):
+        torch.testing.assert_close(mine, theirs, rtol=1e-12, atol=0)
+
+
 @pytest.mark.parametrize("fields", [dict(name="mlp", hidden=((16,),), latent=(3,)),
                                     dict(name="tomczak", hidden=((16, 16), (16, 16)), latent=(4, 3)),
                                     dict(name="hvae", hidden=((16,), (8,)), latent=(4, 3), inference="top-down")])

@@ -534,7 +534,7 @@ def laplace_estimates(model, images: torch.Tensor, config: EvalConfig, progress:
     model64.requires_grad_(False)
     generator = torch.Generator(device=images.device).manual_seed(config.seed + 1)
     parts, done = [], 0
-    with hot_loop_settings():
+    with hot_loop_settings(), frozen_components(model64):
         for x in _batches(images, config.examples_per_batch, f"Laplace + IS-{config.k}", progress):
             try:
                 parts.append(_laplace_batch(model, model64, x, config, generator))

@@ -87,13 +87,18 @@ class MixturePrior(StandardPrior):
         return self.means, self.logvars
 
     def cached_components(self, encoder: Encoder) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.cache is None or torch.is_grad_enabled():
+        """The components, computed once while ``frozen_components`` holds (an evaluation) where nothing asks for
+        their gradient: autograd off, or the weights frozen (``requires_grad_(False)``: the float64 copy whose
+        joint mode Laplace's method searches with torch.func, where autograd is on for z alone; until 2026-12-07
+        that search ran the K pseudo-inputs through the encoder at every value, gradient and Hessian)."""
+        if self.cache is None or (torch.is_grad_enabled() and next(self.parameters()).requires_grad):
             return self.components(encoder)
         # the model of a bound method (inspect.ismethod: torch.compile's tracer gives the method itself for hasattr
         # and getattr of __self__, and the compiled IWAE then missed the cache filled outside it)
         key = (encoder.__self__ if inspect.ismethod(encoder) else encoder, next(self.parameters()).dtype)
         if key not in self.cache:
-            self.cache[key] = self.components(encoder)
+            with torch.no_grad():
+                self.cache[key] = self.components(encoder)
         return self.cache[key]
 
     def log_density(self, z: torch.Tensor, encoder: Encoder) -> torch.Tensor:
