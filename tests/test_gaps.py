@@ -388,6 +388,25 @@ def test_a_laplace_refusal_keeps_the_evaluation_it_ends(tmp_path, data_dir, monk
     assert main(["report", str(run), "--data-dir", str(data_dir)]) == 0
     assert "Laplace's method was asked for and refused: --laplace: at digit 3 " in (run / "report.html").read_text()
 
+    # a search that ran out of steps short of a mode is not called a saddle or a kink (until 2026-12-07 it was)
+    def no_mode(*args):
+        raise NotNegativeDefinite("the Hessian where the search stopped …", 5, [-0.17, 0.36], converged=False)
+
+    monkeypatch.setattr(evaluation, "_laplace_batch", no_mode)
+    assert main(["evaluate", str(run), "--k", "20", "--test-examples", "40", "--laplace", "--data-dir", str(data_dir),
+                 "--no-progress", "--overwrite"]) == 2
+    # the first refusal's record is kept, and said to be an earlier one (until 2026-12-07 "written by another
+    # evaluation of the same settings while this one ran")
+    assert "note: eval-k20-n40-seed0.json holds an earlier evaluation of these settings without --laplace, kept: " \
+        "this one is eval-k20-n40-seed0-2.json\n" in capsys.readouterr().err
+    assert json.loads((run / "eval-k20-n40-seed0.json").read_text())["laplace_refused"].startswith(
+        "--laplace: at digit 3 ")
+    refused = json.loads((run / "eval-k20-n40-seed0-2.json").read_text())["laplace_refused"]
+    assert refused == ("--laplace: at digit 5 (from 0, of those evaluated) the mode search of log p(x, z) did not "
+                       "converge in its 30 Newton steps, and where it stopped the Hessian is not negative definite "
+                       "(eigenvalues of −∇²: [-0.17, 0.36]…): no mode was found there, so Laplace's method cannot be "
+                       "applied to that digit"), refused
+
 
 def test_the_family_optimiser_finds_the_exact_gap_of_a_family_given_by_its_log_weights():
     """``optimise_family`` (autograd through log p(x, z) − log q_θ(z), the entropy estimated) on the linear

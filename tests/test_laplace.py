@@ -9,9 +9,9 @@ import pytest
 import torch
 from scipy import integrate
 
-from vaelab.laplace import (SMOOTH, LaplaceError, laplace_c1, laplace_integral, laplace_log_marginal,
-                            log_factorial_laplace, log_stirling, sample_laplace_proposal, stirling_coefficients,
-                            stirling_errors, stirling_table)
+from vaelab.laplace import (SMOOTH, LaplaceError, NotNegativeDefinite, laplace_c1, laplace_integral,
+                            laplace_log_marginal, log_factorial_laplace, log_stirling, sample_laplace_proposal,
+                            stirling_coefficients, stirling_errors, stirling_table)
 from vaelab.objectives import LOG_2PI
 
 
@@ -63,6 +63,29 @@ def test_not_negative_definite_is_a_clear_error_not_nan():
     # unbounded above: no maximum is found
     with pytest.raises(LaplaceError, match="no maximum"):
         laplace_integral(lambda x: x, x0=0.0, max_steps=20)
+
+
+def test_the_mode_search_leaves_a_region_of_negative_curvature_of_an_ill_conditioned_f():
+    """f = −500 z₁² − (z₂² − 1)² − 5 z₃² − 10 z₄², from z₂ = 0.1 where ∂²f/∂z₂² = 4 − 12 z₂² > 0: −∇²f is not
+    positive definite. Until 2026-12-07 the search took gradient steps there, which the line search shortens to the
+    steepest curvature's scale (500 along z₁), and after 30 steps z₂ had moved from 0.1 to 0.13; Newton's step with
+    the eigenvalues' absolute values reaches the maximum at (0, 1, 0, 0), f = 0, in a few steps."""
+    from vaelab.laplace import newton_maximize
+
+    def f(z, _):
+        return -500 * z[0] ** 2 - (z[1] ** 2 - 1) ** 2 - 5 * z[2] ** 2 - 10 * z[3] ** 2
+
+    z0 = torch.tensor([[0.3, 0.1, 0.5, 0.5]], dtype=torch.float64)
+    assert bool((torch.linalg.eigvalsh(-torch.func.hessian(f)(z0[0], None)) < 0).any())
+    # stopped short of the maximum there, the refusal says so: no mode, not a saddle
+    with pytest.raises(NotNegativeDefinite, match="where the search stopped, 1 step without a maximum, is not") as info:
+        laplace_log_marginal(f, torch.zeros(1, 1, dtype=torch.float64), z0, max_steps=1)
+    assert not info.value.converged
+    result = newton_maximize(f, z0, torch.zeros(1, 1, dtype=torch.float64), max_steps=30)
+    assert result.outcome.tolist() == [SMOOTH] and result.steps < 15
+    torch.testing.assert_close(result.mode[0], torch.tensor([0.0, 1.0, 0.0, 0.0], dtype=torch.float64), rtol=0,
+                               atol=1e-8)
+    assert abs(float(result.value[0])) < 1e-12
 
 
 def test_jitter_regularises_with_a_warning():

@@ -1489,10 +1489,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             out = _default_record(args.run_dir / evaluation_name(argparse.Namespace(**{**vars(args), "laplace": False}),
                                                                  len(images)), loaded, _note)
         args.print_table(format_eval_table(record) if args.format == "text" else evaluation_export(record, args.format))
+        # the name without Laplace was not this command's to check before it ran (its --overwrite is the Laplace
+        # record's): an evaluation found there is kept (until 2026-12-07 it was said to have been written meanwhile)
+        earlier = renamed and out.exists()
         written, digits = write_evaluation(out, record, per_digit, labels, args.run_dir, args.overwrite and not renamed)
         if written != out:
-            _note(f"{out.name} was written by another evaluation of the same settings while this one ran: this one "
-                  f"is {written.name}")
+            _note(f"{out.name} " + ("holds an earlier evaluation of these settings without --laplace, kept" if earlier
+                                    else "was written by another evaluation of the same settings while this one ran")
+                  + f": this one is {written.name}")
         _log(f"written {written} and {digits.name}")
         if refused:
             raise UsageError(f"{refused}; the other estimators were written, as an evaluation without --laplace: "

@@ -511,11 +511,18 @@ def latent_statistics(model, images: torch.Tensor, samples: int = 64, seed: int 
 # Laplace.
 
 
-def _saddle_message(digit: int, eigenvalues) -> str:
-    """Why Laplace's method was refused; ``digit`` numbered from 0 among the digits evaluated (test or validation)."""
+def _saddle_message(digit: int, eigenvalues, converged: bool = True, steps: int = 0) -> str:
+    """Why Laplace's method was refused; ``digit`` numbered from 0 among the digits evaluated (test or validation);
+    ``converged``: whether the mode search had stopped at a maximum (else it ran out of its ``steps``, and the point
+    is no mode: until 2026-12-07 that too was called a saddle or a kink)."""
+    values = f"eigenvalues of −∇²: {[round(float(v), 4) for v in eigenvalues]}…"
+    if not converged:
+        return (f"--laplace: at digit {digit} (from 0, of those evaluated) the mode search of log p(x, z) did not "
+                f"converge in its {steps} Newton steps, and where it stopped the Hessian is not negative definite "
+                f"({values}): no mode was found there, so Laplace's method cannot be applied to that digit")
     return (f"--laplace: at digit {digit} (from 0, of those evaluated) the Hessian of log p(x, z) where the mode search "
-            f"stopped is not negative definite (eigenvalues of −∇²: {[round(float(v), 4) for v in eigenvalues]}…), a "
-            f"saddle or a kink of this model, so Laplace's method does not apply to that digit")
+            f"stopped is not negative definite ({values}), a saddle or a kink of this model, so Laplace's method does "
+            f"not apply to that digit")
 
 
 def laplace_estimates(model, images: torch.Tensor, config: EvalConfig, progress: bool | str = False,
@@ -540,7 +547,8 @@ def laplace_estimates(model, images: torch.Tensor, config: EvalConfig, progress:
                 parts.append(_laplace_batch(model, model64, x, config, generator))
             except NotNegativeDefinite as exc:
                 digit = first_digit + done + exc.example
-                raise NotNegativeDefinite(_saddle_message(digit, exc.eigenvalues), digit, exc.eigenvalues) from None
+                raise NotNegativeDefinite(_saddle_message(digit, exc.eigenvalues, exc.converged, config.newton_steps),
+                                          digit, exc.eigenvalues, exc.converged) from None
             done += len(x)
     plain, sampled, outcome, elbo = (torch.cat(column) for column in zip(*parts))
     return plain, sampled, outcome, elbo
@@ -670,14 +678,16 @@ def _evaluate_run(model, images: torch.Tensor, config: EvalConfig, progress: boo
             found, saddle = None, exc
         # one digit's saddle, on any rank, refuses the method for all digits; every rank learns the first such digit
         # (its number and eigenvalues), and the estimates above are kept, the record saying why
-        mark = torch.full((5,), math.nan, dtype=torch.float64, device=images.device)          # digit, 4 eigenvalues
+        # digit, whether its search converged (1 or 0), 4 eigenvalues
+        mark = torch.full((6,), math.nan, dtype=torch.float64, device=images.device)
         if saddle is not None:
-            mark[0], values = saddle.example, list(saddle.eigenvalues)[:4]
-            mark[1:1 + len(values)] = torch.tensor(values, dtype=torch.float64)
+            mark[0], mark[1], values = saddle.example, float(saddle.converged), list(saddle.eigenvalues)[:4]
+            mark[2:2 + len(values)] = torch.tensor(values, dtype=torch.float64)
         marks = [m.cpu() for m in gather(mark, world) if not m[0].isnan()]
         if marks:
             worst = min(marks, key=lambda m: float(m[0]))
-            summary["laplace_refused"] = _saddle_message(int(worst[0]), [v for v in worst[1:].tolist() if v == v])
+            summary["laplace_refused"] = _saddle_message(int(worst[0]), [v for v in worst[2:].tolist() if v == v],
+                                                         bool(worst[1]), config.newton_steps)
             config = dataclasses.replace(config, laplace=False)
     if config.laplace:
         plain, sampled, outcome, laplace_elbo = (gather_rows(values, world) for values in found)
