@@ -89,8 +89,9 @@ class MixturePrior(StandardPrior):
     def cached_components(self, encoder: Encoder) -> tuple[torch.Tensor, torch.Tensor]:
         """The components, computed once while ``frozen_components`` holds (an evaluation) where nothing asks for
         their gradient: autograd off, or the weights frozen (``requires_grad_(False)``: the float64 copy whose
-        joint mode Laplace's method searches with torch.func, where autograd is on for z alone; until 2026-12-07
-        that search ran the K pseudo-inputs through the encoder at every value, gradient and Hessian)."""
+        joint mode Laplace's method searches with torch.func, where autograd is on for z alone, and the model whose
+        gaps ``vaelab.gaps`` optimises per digit; until 2026-12-07 both ran the K pseudo-inputs through the encoder at
+        every value, gradient and Hessian, or step)."""
         if self.cache is None or (torch.is_grad_enabled() and next(self.parameters()).requires_grad):
             return self.components(encoder)
         # the model of a bound method (inspect.ismethod: torch.compile's tracer gives the method itself for hasattr
