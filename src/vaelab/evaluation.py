@@ -511,7 +511,7 @@ def latent_statistics(model, images: torch.Tensor, samples: int = 64, seed: int 
 # Laplace.
 
 
-def _saddle_message(digit: int, eigenvalues, converged: bool = True, steps: int = 0) -> str:
+def _saddle_message(digit: int, eigenvalues, converged: bool, steps: int) -> str:
     """Why Laplace's method was refused; ``digit`` numbered from 0 among the digits evaluated (test or validation);
     ``converged``: whether the mode search had stopped at a maximum (else it ran out of its ``steps``, and the point
     is no mode: until 2026-12-07 that too was called a saddle or a kink)."""

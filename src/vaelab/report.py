@@ -781,8 +781,8 @@ def comparison_export(comparison: Comparison, kind: str) -> str:
     if kind == "csv":           # no caption there: each row says what it measured (estimator, digits, weights)
         header, caption = [*header, "measured"], ""      # and why it has no paired difference, where it has none
         rows = [[*values, None if row["values"]["nll"] is None else row["k"] + (
-                    f"; not paired with {first}: {why}" if (why := comparison.unpaired.get(run.name)) else "")]
-                for values, row, run in zip(rows, comparison.rows, comparison.runs)]
+                    f"; not paired with {first}: {why}" if (why := comparison.unpaired.get(row["name"])) else "")]
+                for values, row in zip(rows, comparison.rows)]
     return render_table(header, rows, kind, caption)
 
 
