@@ -6,6 +6,7 @@ included, smoke-trains and evaluates in tests/test_presets.py.)"""
 
 from __future__ import annotations
 
+import copy
 import csv
 import json
 import math
@@ -265,6 +266,90 @@ def test_ladder_merges_gaussians_by_precision_weighting():
     sampled = (layer.log_q_per_dimension() - layer.log_p_per_dimension()).sum(-1)
     stderr = sampled.std(0) / math.sqrt(len(sampled))
     assert torch.allclose(closed[0], closed[-1]) and torch.all((sampled.mean(0) - closed[0]).abs() < 4 * stderr)
+
+
+# Models of two latents in all, one per posterior family and prior: log p(x) by quadrature needs no q at all, so IWAE-K
+# converging to it checks that every q draws from the density it scores (flows with their log-determinants, the
+# ladder's merges, the tomczak q(z₁|x, z₂)) through the evaluation's own path (the fast path of the plain mlp included).
+QUADRATURE_MODELS = {
+    "mlp": dict(name="mlp", hidden=((16,),), latent=(2,), activation="tanh"),
+    "mlp-mog": dict(name="mlp", hidden=((16,),), latent=(2,), activation="tanh", prior="mog", prior_components=3),
+    "mlp-vampprior": dict(name="mlp", hidden=((16,),), latent=(2,), activation="tanh", prior="vampprior",
+                          prior_components=3),
+    "mlp-planar": dict(name="mlp", hidden=((16,),), latent=(2,), activation="tanh", flow="planar", flow_steps=3),
+    "mlp-iaf": dict(name="mlp", hidden=((16,),), latent=(2,), activation="tanh", flow="iaf", flow_steps=2,
+                    flow_width=8),
+    "mlp2": dict(name="mlp2", hidden=((16,), (8,)), latent=(1, 1), activation="tanh"),
+    "hvae-bottom-up-planar": dict(name="hvae", hidden=((16,), (8,)), latent=(1, 1), activation="tanh", flow="planar",
+                                  flow_steps=2),
+    "hvae-bottom-up-iaf-mog": dict(name="hvae", hidden=((16,), (8,)), latent=(1, 1), activation="tanh", flow="iaf",
+                                   flow_steps=1, flow_width=8, prior="mog", prior_components=2),
+    "hvae-top-down": dict(name="hvae", hidden=((16,), (8,)), latent=(1, 1), activation="tanh", inference="top-down"),
+    "hvae-top-down-vampprior": dict(name="hvae", hidden=((16,), (8,)), latent=(1, 1), activation="tanh",
+                                    inference="top-down", prior="vampprior", prior_components=3),
+    "tomczak-1-gated-vampprior": dict(name="tomczak", hidden=((16, 16),), latent=(2,), activation="gated",
+                                      prior="vampprior", prior_components=3),
+    "tomczak-2": dict(name="tomczak", hidden=((16, 16), (16, 16)), latent=(1, 1), activation="tanh"),
+}
+
+
+@torch.no_grad()
+def quadrature_log_marginal(model, x: torch.Tensor) -> torch.Tensor:
+    """log p(x) = log ∫∫ p(x, z) dz per digit for a model of two latents, in float64 from ``log_joint`` alone, by the
+    rectangle rule: a grid of 121² points on [−30, 30]² finds the box where the log joint comes within 20 nats of its
+    maximum (checked to lie inside that square), then a grid of 201² points on that box, one coarse step wider on
+    each side, sums it. What lies outside is below e⁻²⁰ of the peak; the posteriors here are smooth over many of the
+    fine steps (201² and 401² points agreed within 10⁻¹⁰ nats on every model of the test below)."""
+    model = copy.deepcopy(model).double()
+
+    def on_grid(xi, lows, highs, n):
+        axes = [torch.linspace(lo, hi, n, dtype=torch.float64) for lo, hi in zip(lows, highs)]
+        z = torch.cartesian_prod(*axes)                                        # (n², 2)
+        values = torch.cat([model.log_joint(part, xi.expand(len(part), -1)) for part in z.split(40_000)])
+        return axes, values.reshape(n, n)                                      # [i, j]: z = (axes[0][i], axes[1][j])
+
+    out = []
+    for xi in x.double():
+        axes, values = on_grid(xi, (-30, -30), (30, 30), 121)
+        inside = values > values.max() - 20                                    # (121, 121)
+        rows, cols = inside.any(1).nonzero().squeeze(1), inside.any(0).nonzero().squeeze(1)
+        assert min(rows[0], cols[0]) > 0 and max(rows[-1], cols[-1]) < 120, "p(x, z) reaches the edge of [−30, 30]²"
+        step = 60 / 120
+        lows = [float(axes[0][rows[0]]) - step, float(axes[1][cols[0]]) - step]
+        highs = [float(axes[0][rows[-1]]) + step, float(axes[1][cols[-1]]) + step]
+        axes, values = on_grid(xi, lows, highs, 201)
+        cell = float((axes[0][1] - axes[0][0]) * (axes[1][1] - axes[1][0]))
+        out.append(torch.logsumexp(values.flatten(), 0) + math.log(cell))
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("name", QUADRATURE_MODELS)
+def test_iwae_converges_to_log_p_x_by_quadrature_for_every_posterior_family(name):
+    """IWAE-50 000 by `vaelab evaluate`'s path against log p(x) by quadrature (above), within 0.1 nats on each of 2
+    digits, for a model of each family fitted by 100 steps of IWAE-10 to 20 random binary digits. There q is a fair
+    proposal: importance sampling's effective sample size was 2300–85 000 of 100 000 draws for every model here, and
+    IWAE-50 000 within 0.025 nats of the quadrature (Zen 4, 2026-12-07). Where q misses mass the estimate falls short
+    of log p(x), as a lower bound does, without being wrong, which is why the models are fitted first and these
+    ones were chosen: fitted to 3 digits only, the ladder's q had sizes of 55–240 and fell 0.14–0.21 nats short; a
+    two-layer bottom-up model with two planar steps and a mixture prior had sizes of 6–800 and fell 0.15–0.38 short.
+    A q that scores its draws with one flow step's log-determinant left out (planar or IAF), or the ladder's with its
+    bottom-up Gaussian in place of the merged one, fails here in each model it touches (by 0.18 to 2.8 nats)."""
+    from vaelab.evaluation import EvalConfig, draws, iwae_log_likelihood
+
+    torch.manual_seed(3)
+    model = build_model(ModelConfig(**QUADRATURE_MODELS[name]))
+    digits = (torch.rand(20, 784, generator=torch.Generator().manual_seed(5)) < 0.15).float()
+    optimiser, g = torch.optim.Adam(model.parameters(), 3e-3), torch.Generator().manual_seed(0)
+    for _ in range(100):
+        loss = -iwae_objective(model(digits, draws(model, 10, len(digits), g, digits.device))).objective.mean()
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    model.eval()
+    x = digits[:2]
+    exact = quadrature_log_marginal(model, x)
+    estimate = iwae_log_likelihood(model, x, EvalConfig(k=50_000))
+    assert torch.all((estimate - exact).abs() < 0.1), (estimate - exact).tolist()
 
 
 def test_batch_norm_normalises_over_draws_and_digits_and_evaluates_with_its_running_averages():
