@@ -358,6 +358,36 @@ def test_bad_inputs_are_one_line_errors_that_write_nothing(copy, data_dir, tmp_p
     assert snapshot(copy) == before and not (tmp_path / "new").exists() and not (tmp_path / "out.xyz").exists()
 
 
+@pytest.mark.parametrize("args, fix", [
+    (["--hidden", "200000", "200000"], "parameters, with their gradients and Adam's moments, take 2.9 TiB of it: use "
+                                       "smaller --hidden or --latent"),
+    (["--latent", "100000000"], "use smaller --hidden or --latent"),
+    (["--flow", "iaf", "--flow-steps", "5", "--flow-width", "1000000"],
+     "use smaller --hidden, --latent, --flow-steps or --flow-width"),
+    (["--model", "hvae", "--latent", "4", "4", "--blocks", "400000", "8"], "use smaller --blocks or --latent"),
+    (["--objective", "iwae", "--k", "100000", "--batch-size", "60000"],
+     "a step's 6,000,000,000 rows (digits × draws) take 296.8 TiB of it: use smaller --batch-size, --k or --hidden"),
+    (["--prior", "vampprior", "--prior-components", "100000", "--hidden", "30000"],
+     "the 100,000 pseudo-inputs through the encoder at every step take 34.0 GiB of it: use smaller "
+     "--prior-components or --hidden"),
+    (["--latent", "2", "--hidden", "4", "--flow", "iaf", "--flow-steps", "8", "--flow-width", "1000000"],
+     "each epoch's evaluation, 1,000 digits at a time, takes 119.2 GiB of it: use smaller --hidden, --latent, "
+     "--flow-steps or --flow-width"),
+])
+def test_a_model_too_big_to_train_names_what_holds_the_memory_and_the_flags_that_size_it(args, fix, tmp_path, capsys,
+                                                                                         monkeypatch):
+    """Until 2026-12-08 the fix was always "use smaller --hidden, --batch-size or --k", also where --latent,
+    --flow-width or --prior-components made the model too big; the largest part of the estimate is named now, with
+    its flags."""
+    from vaelab import resources
+
+    monkeypatch.setattr(resources, "memory_limits", lambda: {"cgroup memory limit": 16 << 30})
+    code = main(["train", "--out", str(tmp_path / "new"), *args])
+    _, err = capsys.readouterr()
+    assert code == 2 and one_line_error(err) and "of memory, but only 16.0 GiB is available" in err, err
+    assert err.rstrip().endswith(fix) and not (tmp_path / "new").exists(), err
+
+
 def test_memory_limits_include_ulimit(tmp_path):
     script = ("import resource; resource.setrlimit(resource.RLIMIT_AS, (8 << 30, resource.RLIM_INFINITY));"
               "from vaelab.resources import available_memory; print(available_memory())")

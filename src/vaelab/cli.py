@@ -842,24 +842,55 @@ def _unread_flags(args: argparse.Namespace, config) -> list[str]:
     return notes
 
 
-def training_memory_bytes(config, n_train: int) -> int:
-    """A generous estimate of the peak memory of training ``config`` on ``n_train`` digits."""
+def training_memory_parts(config, n_train: int) -> dict[str, int]:
+    """A generous estimate of the peak memory of training ``config`` on ``n_train`` digits, in its parts (bytes):
+    ``model`` (the parameters and what they carry), ``batch`` (a step's activations), ``pseudo_inputs`` (the
+    VampPrior's through the encoder), ``evaluation`` and ``data``."""
     params = config.model.parameter_count()
     widths = sum(b for _, b in config.model.layers())        # every linear layer's outputs, one row's activations
-    # a batch holds at most the training digits (until 2026-12-07 `--batch-size 10⁷` of 64 digits of a 784-32-4
-    # model was refused at 446.6 GiB, for 64 rows' needs)
-    batch = min(config.train.batch_size, n_train, config.data.train_examples or n_train)
-    rows = batch * config.objective.samples
-    activations = 4 * rows * (widths + 4 * 784) * 3
-    if config.model.prior == "vampprior":
-        # the K pseudo-inputs go through the encoder (about half the widths) at every step: each layer's output,
-        # its activation and their gradient, float32 (their (K, 784) tensors are counted with the parameters);
-        # until 2026-12-07 uncounted: K = 10⁵ pseudo-inputs of a 784-2048-50 model peaked at 4.3–4.4 GiB against
-        # an estimate of 3.5 (6.3 now)
-        activations += 4 * config.model.prior_components * widths // 2 * 3
-    evaluation = 4 * config.train.eval_batch_size * (widths + 4 * 784) * 2
+    rows = training_rows(config, n_train)
+    # the K pseudo-inputs go through the encoder (about half the widths) at every step: each layer's output, its
+    # activation and their gradient, float32 (their (K, 784) tensors are counted with the parameters); until
+    # 2026-12-07 uncounted: K = 10⁵ pseudo-inputs of a 784-2048-50 model peaked at 4.3–4.4 GiB against an estimate
+    # of 3.5 (6.3 now)
+    pseudo = config.model.prior_components if config.model.prior == "vampprior" else 0
     # parameters, gradients, Adam's two moments, and the checkpoint's serialised copies of all but gradients
-    return 4 * params * 10 + activations + evaluation + 5 * 784 * n_train + (200 << 20)
+    return {"model": 4 * params * 10, "batch": 4 * rows * (widths + 4 * 784) * 3,
+            "pseudo_inputs": 4 * pseudo * widths // 2 * 3,
+            "evaluation": 4 * config.train.eval_batch_size * (widths + 4 * 784) * 2,
+            "data": 5 * 784 * n_train + (200 << 20)}
+
+
+def training_rows(config, n_train: int) -> int:
+    """Rows of a training step: its digits times the objective's draws. A batch holds at most the training digits
+    (until 2026-12-07 `--batch-size 10⁷` of 64 digits of a 784-32-4 model was refused at 446.6 GiB, for 64 rows')."""
+    return min(config.train.batch_size, n_train, config.data.train_examples or n_train) * config.objective.samples
+
+
+def training_memory_bytes(config, n_train: int) -> int:
+    """A generous estimate of the peak memory of training ``config`` on ``n_train`` digits."""
+    return sum(training_memory_parts(config, n_train).values())
+
+
+def training_memory_fix(config, n_train: int) -> str:
+    """What holds most of the memory training needs, and the flags that make it smaller (until 2026-12-08 always "use
+    smaller --hidden, --batch-size or --k", also where --latent, --flow-width or --prior-components was the cause)."""
+    from vaelab.resources import format_bytes
+
+    parts, model = training_memory_parts(config, n_train), config.model
+    hidden = "--blocks" if model.name == "hvae" else "--hidden"
+    widths = [hidden, "--latent"] + ["--flow-steps"] * (model.flow_steps > 0) + ["--flow-width"] * (model.flow == "iaf")
+    largest = max(("model", "batch", "pseudo_inputs", "evaluation"), key=parts.__getitem__)
+    what, flags = {
+        "model": (f"its {model.parameter_count():,} parameters, with their gradients and Adam's moments, take",
+                  widths + ["--prior-components"] * (model.prior != "standard")),
+        "batch": (f"a step's {training_rows(config, n_train):,} rows (digits × draws) take",
+                  ["--batch-size", "--k", hidden]),
+        "pseudo_inputs": (f"the {model.prior_components:,} pseudo-inputs through the encoder at every step take",
+                          ["--prior-components", hidden]),
+        "evaluation": (f"each epoch's evaluation, {config.train.eval_batch_size:,} digits at a time, takes", widths),
+    }[largest]
+    return f"{what} {format_bytes(parts[largest])} of it: use smaller {', '.join(flags[:-1])} or {flags[-1]}"
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -1097,7 +1128,7 @@ def _prepare_training(args: argparse.Namespace, config):
     threads = _set_threads(args.threads, config.train.threads or default_threads(world.local_size))
     device = resolve_device(config.train.device, world)
     require_memory(training_memory_bytes(config, 60_000), "training this model",    # where the tensors will be
-                   "use smaller --hidden, --batch-size or --k", device)
+                   training_memory_fix(config, 60_000), device)
     if config.train.precision == "bf16":
         _note(check_bf16(device))
     if engine == "compiled":
