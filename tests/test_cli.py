@@ -370,6 +370,24 @@ def test_a_blank_vaelab_data_is_refused(capsys, monkeypatch):
                                          "or unset it")
 
 
+def test_a_relative_xdg_cache_home_is_ignored_as_the_specification_says(tmp_path, monkeypatch):
+    """An absolute $XDG_CACHE_HOME (or one under ~) holds the MNIST cache and the native libraries; a relative one is
+    invalid by the XDG Base Directory Specification and ignored: until 2026-12-08 it was taken from the working
+    directory, so that every folder a command ran in had a cache of its own."""
+    from vaelab import native
+    from vaelab.data import default_data_dir
+
+    monkeypatch.delenv("VAELAB_DATA", raising=False)
+    monkeypatch.delenv("VAELAB_CACHE", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    for value, base in [("relative/cache", tmp_path / "home" / ".cache"), ("./c", tmp_path / "home" / ".cache"),
+                        (str(tmp_path / "xdg"), tmp_path / "xdg"), ("~/xdg", tmp_path / "home" / "xdg")]:
+        monkeypatch.setenv("XDG_CACHE_HOME", value)
+        assert default_data_dir() == base / "vaelab" / "mnist", value
+        assert native._cache_dirs()[0] == base / "vaelab" / "native", value
+
+
 def test_pickle_in_place_of_checkpoint_is_refused_not_loaded(trained, tmp_path, capsys, data_dir):
     import io
 

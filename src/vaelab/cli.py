@@ -323,7 +323,8 @@ def build_parser(parser_class: type[argparse.ArgumentParser] = _Parser,
                        help="hold out the last N training digits; best-validation weights kept (default 0)")
     group.add_argument("--train-examples", type=_positive_int, metavar="N", help="use the first N training images")
     group.add_argument("--test-examples", type=_positive_int, metavar="N", help="use the first N test images")
-    group.add_argument("--data-dir", type=_path_arg, help="MNIST cache (default $VAELAB_DATA or ~/.cache/vaelab/mnist)")
+    group.add_argument("--data-dir", type=_path_arg, help="MNIST cache (default $VAELAB_DATA, else an absolute "
+                       "$XDG_CACHE_HOME/vaelab/mnist, else ~/.cache/vaelab/mnist)")
     group.add_argument("--device", type=_device, help="auto (default: cuda if available), cpu, cuda or cuda:N")
     group.add_argument("--threads", type=_whole_number(1, 4097),
                        help="CPU threads (default: the cores this process may use)")
@@ -435,7 +436,8 @@ def build_parser(parser_class: type[argparse.ArgumentParser] = _Parser,
     runs.set_defaults(run=cmd_runs)
 
     data = commands["data"]
-    data.add_argument("--data-dir", type=_path_arg, help="MNIST cache (default $VAELAB_DATA or ~/.cache/vaelab/mnist)")
+    data.add_argument("--data-dir", type=_path_arg, help="MNIST cache (default $VAELAB_DATA, else an absolute "
+                      "$XDG_CACHE_HOME/vaelab/mnist, else ~/.cache/vaelab/mnist)")
     data.set_defaults(run=cmd_data)
 
     stirling = commands["stirling"]

@@ -125,12 +125,13 @@ class MNISTArrays:
 
 
 def default_data_dir() -> Path:
-    """$VAELAB_DATA, else $XDG_CACHE_HOME/vaelab/mnist, else ~/.cache/vaelab/mnist (absolute)."""
+    """$VAELAB_DATA, else $XDG_CACHE_HOME/vaelab/mnist where it is absolute (``native.xdg_ignored``), else
+    ~/.cache/vaelab/mnist (absolute)."""
     for variable, suffix in (("VAELAB_DATA", ()), ("XDG_CACHE_HOME", ("vaelab", "mnist"))):
         value = os.environ.get(variable)
         if value and not value.strip():
             raise UsageError(f"${variable} is {value!r}, blank; set it to a directory, or unset it")
-        if value:
+        if value and not (variable == "XDG_CACHE_HOME" and native.xdg_ignored(value)):
             return resolve_path(value, f"${variable}").joinpath(*suffix)
     try:
         home = Path.home()

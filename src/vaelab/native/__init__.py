@@ -13,8 +13,8 @@ is torch's own libgomp (loaded first, the same soname), with torch's thread coun
 instead competed with torch's, still spinning on the cores.
 
 **Build.** On first use, ``$CXX`` (else g++, c++ or clang++) compiles the source with ``-O3 -march=native`` into
-a cache directory ($VAELAB_CACHE, else $XDG_CACHE_HOME/vaelab, else ~/.cache/vaelab; a temporary directory if
-that cannot be written), under ``native/<name>-<hash>.so``, the hash covering the source, the flags, the
+a cache directory ($VAELAB_CACHE, else an absolute $XDG_CACHE_HOME/vaelab, else ~/.cache/vaelab; a temporary
+directory if that cannot be written), under ``native/<name>-<hash>.so``, the hash covering the source, the flags, the
 compiler's version and the CPU's model and flags (a home directory shared by different machines keeps one
 library per kind of CPU). A directory that another user owns or may write in is not used (the library is loaded
 into the process). The compiler writes a temporary file that is renamed into place, so processes that
@@ -67,11 +67,20 @@ def compiler() -> str | None:
     return next((path for path in found if path), None)
 
 
+def xdg_ignored(value: str) -> bool:
+    """Whether an $XDG_CACHE_HOME of ``value`` is to be ignored: the XDG Base Directory Specification makes a relative
+    path invalid ("it should consider the path invalid and ignore it"; a leading ~ is expanded here, as a shell would).
+    Until 2026-12-08 a relative one was taken from the working directory, and every folder a command ran in had a
+    cache of its own: MNIST fetched again, the native kernels built again."""
+    return not os.path.isabs(os.path.expanduser(value))
+
+
 def _cache_dirs() -> list[Path]:
     base = os.environ.get("VAELAB_CACHE")
     if not base:
         xdg = os.environ.get("XDG_CACHE_HOME")
-        base = os.path.join(xdg, "vaelab") if xdg else os.path.join(os.path.expanduser("~"), ".cache", "vaelab")
+        base = os.path.join(os.path.expanduser(xdg), "vaelab") if xdg and not xdg_ignored(xdg) else \
+            os.path.join(os.path.expanduser("~"), ".cache", "vaelab")
     return [Path(base) / "native", Path(tempfile.gettempdir()) / f"vaelab-native-{os.getuid()}"]
 
 
