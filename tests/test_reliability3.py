@@ -960,6 +960,25 @@ def test_api_train_names_a_config_or_out_of_the_wrong_kind(kwargs, message):
     assert str(error.value) == f"vaelab.train: {message}"
 
 
+def test_api_train_says_its_notes_in_the_api_terms_and_the_command_in_its_own(tmp_path, data_dir, capsys):
+    """A flag the model does not read, and a flow of 0 steps, are noted by `vaelab.train` with its keywords (until
+    2026-12-08 "--prior-components 3 is not read …, give --flow-steps T"); the command still names its flags."""
+    flags = dict(epochs=1, hidden=[16], latent=[2], test_examples=20, flow="planar", prior_components=3)
+    vaelab.train(out=tmp_path / "api", data_dir=data_dir, **flags)
+    api = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note:")]
+    assert api == ["note: prior_components=3 is not read by this model (the standard prior has no components); "
+                   "config.json keeps it, and it changes nothing",
+                   "note: flow='planar' has 0 steps (flow_steps= defaults to 0), which is the Gaussian q(z|x) itself, "
+                   "no flow: give flow_steps=T (the preset planar-80 takes 80)"]
+    assert main(["train", "--out", str(tmp_path / "cli"), "--data-dir", str(data_dir), "--no-progress", "--epochs", "1",
+                 "--hidden", "16", "--latent", "2", "--test-examples", "20", "--flow", "planar",
+                 "--prior-components", "3"]) == 0
+    cli = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note:")]
+    assert len(cli) == 2 and cli[0].startswith("note: --prior-components 3 is not read"), cli
+    assert cli[1].startswith("note: --flow planar has 0 steps (--flow-steps defaults to 0)"), cli
+    assert "give --flow-steps T" in cli[1], cli
+
+
 def test_api_train_runs_in_a_thread_other_than_the_main_one(tmp_path, data_dir):
     """`vaelab.train` from a worker thread (a notebook's background job, a web app) raised "ValueError: signal only
     works in main thread of the main interpreter" at its first epoch: no stop signal is taken there now, and the run

@@ -299,7 +299,7 @@ def train(config=None, *, out: str | Path | None = None, resume: bool = False, p
     continues the run in ``out`` from its checkpoint (``epochs=`` may raise its length).
     """
     from vaelab import checkpoint as ckpt
-    from vaelab.cli import RaisingParser, _new_run, _resume, build_parser
+    from vaelab.cli import RaisingParser, _new_run, _resume, build_parser, notes_in
     from vaelab.config import RunConfig
     from vaelab.distributed import SINGLE
     from vaelab.sweep import flags_of, train_actions
@@ -342,7 +342,7 @@ def train(config=None, *, out: str | Path | None = None, resume: bool = False, p
     paths: list[Path] = []
     try:
         args = build_parser(RaisingParser).parse_args(argv)
-        with _callers_state_kept():
+        with _callers_state_kept(), notes_in(in_api_terms):
             if resume:
                 _resume(args, SINGLE)
                 paths.append(Path(out))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import contextvars
 import dataclasses
 import decimal
 import difflib
@@ -719,9 +720,25 @@ def _log(message: str, stream=None) -> None:
     _write(stream or sys.stdout, message)
 
 
+# How notes name flags: as the command line does, or in the terms of a caller's API (``notes_in``).
+_NOTE_TERMS: contextvars.ContextVar[Callable[[str], str] | None] = contextvars.ContextVar("note_terms", default=None)
+
+
+@contextlib.contextmanager
+def notes_in(terms: Callable[[str], str]):
+    """Notes in ``terms`` while the block runs: ``vaelab.train`` says ``prior_components=3`` where the command says
+    ``--prior-components 3`` (``api.in_api_terms``; until 2026-12-08 its notes named the command's flags)."""
+    token = _NOTE_TERMS.set(terms)
+    try:
+        yield
+    finally:
+        _NOTE_TERMS.reset(token)
+
+
 def _note(message: str) -> None:
     """A one-line remark on stderr that is not an error (a file skipped, a setting that will not finish)."""
-    _write(sys.stderr, one_line(f"note: {message}"))
+    terms = _NOTE_TERMS.get()
+    _write(sys.stderr, one_line(f"note: {terms(message) if terms else message}"))
 
 
 def _progress(args: argparse.Namespace) -> bool:
