@@ -3,6 +3,7 @@ paste into LaTeX, Markdown or CSV, and refusals before the page is built."""
 
 from __future__ import annotations
 
+import csv
 import html
 import itertools
 import json
@@ -489,6 +490,11 @@ def test_the_mark_of_a_changed_preset_is_explained_wherever_it_is_shown(evaluate
                        ("markdown", r"\* the run's flags changed fields of its preset")]:
         code, out, _ = run(capsys, "compare", str(ladder), str(evaluated / "b"), "--format", kind, "--out", str(page))
         assert code == 0 and said in out, out
+    # a CSV file has no caption: the cell says it (until 2026-12-08 "hvae (seed*)" there, unexplained)
+    code, out, _ = run(capsys, "compare", str(ladder), str(evaluated / "b"), "--format", "csv", "--out", str(page))
+    table = list(csv.DictReader(out.splitlines()))
+    assert code == 0 and [row["model"] for row in table] == ["hvae (seed, fields changed by its flags)",
+                                                            "seed, fields changed by its flags"], out
     # runs of the preset as it is carry no * and get no note
     assert main(["evaluate", str(plain), "--k", "5", "--data-dir", str(data_dir), "--no-progress"]) == 0
     for kind in ["text", "latex"]:

@@ -783,6 +783,9 @@ def comparison_export(comparison: Comparison, kind: str) -> str:
         rows = [[*values, None if row["values"]["nll"] is None else row["k"] + (
                     f"; not paired with {first}: {why}" if (why := comparison.unpaired.get(row["name"])) else "")]
                 for values, row in zip(rows, comparison.rows)]
+        # nor a note for the *: the cell says it ("seed, fields changed by its flags"; until 2026-12-08 "seed*")
+        for values in rows:
+            values[1] = values[1].replace("*", ", fields changed by its flags")
     return render_table(header, rows, kind, caption)
 
 
