@@ -297,6 +297,50 @@ def test_stirling_says_where_its_correction_terms_make_the_error_worse(capsys):
         assert "note" not in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("kind", ["latex", "markdown", "csv"])
+def test_stirling_prints_a_table_to_paste(kind, tmp_path, capsys):
+    """`stirling --format latex|markdown|csv`: the table alone on stdout, its numbers those of the text table with
+    the same digits (in LaTeX 8.3337e-5 as $8.3337 \\times 10^{-5}$, in math mode), the note on the series'
+    divergence on stderr; the LaTeX table compiles in a bare article with booktabs (where pdflatex is installed).
+    Until 2026-12-08 the text table alone: a report on the exercise retyped it."""
+    import csv
+    import shutil
+    import subprocess
+
+    from vaelab.cli import main
+
+    assert main(["stirling", "--n", "1", "1000", "--terms", "30"]) == 0
+    text = capsys.readouterr().out.splitlines()
+    assert main(["stirling", "--n", "1", "1000", "--terms", "30", "--format", kind]) == 0
+    captured = capsys.readouterr()
+    assert captured.err.startswith("note: Stirling's series diverges") and "note" not in captured.out
+    cells = [line.split()[:4] for line in text[1:3]]          # N, ln N!, Laplace, rel. error of the text table
+    assert cells[1][3] == "8.3337e-5" and cells[0][3] == "0.084438", text
+    if kind == "csv":
+        rows = list(csv.reader(captured.out.splitlines()))
+        assert rows[0] == ["N", "ln N! (lgamma)", "Laplace/Stirling", "rel. error", "12N × rel. error",
+                           "rel. error, 30 terms"]
+        assert [row[:4] for row in rows[1:]] == cells and rows[1][5] == "5.727e+2594435231320763920825695904915"
+        return
+    if kind == "markdown":
+        lines = captured.out.splitlines()
+        assert lines[1] == "|---:|---:|---:|---:|---:|---:|" and lines[3].startswith("| 1000 | 5912.128178 | ")
+        assert "| 8.3337e-5 |" in lines[3] and "relative error of N!" in lines[-1]
+        return
+    table = captured.out
+    assert r"\begin{tabular}{rrrrrr}" in table and "1000 & $5912.128178$ & $5912.128095$ & $8.3337 \\times 10^{-5}$" \
+        in table and r"$5.727 \times 10^{2594435231320763920825695904915}$" in table, table
+    assert r"\caption{ln N! by lgamma and by Laplace's method (Stirling's formula, $\surd$(2$\pi$N)" in table, table
+    engine = shutil.which("pdflatex")
+    if engine is None:
+        pytest.skip("no TeX engine installed (pdflatex): the table's text was checked, not its compilation")
+    (tmp_path / "t.tex").write_text("\\documentclass{article}\\usepackage{booktabs}\\begin{document}\n" + table
+                                    + "\n\\end{document}\n", encoding="utf-8")
+    done = subprocess.run([engine, "-interaction=nonstopmode", "-halt-on-error", "t.tex"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout[-800:]
+
+
 def test_the_stirling_plot_of_many_terms_has_a_colour_scale_and_a_capped_axis():
     """`stirling --terms 30 --plot` drew 31 curves in a 10-colour cycle with a legend of 32 entries, taller than the
     axes and covering them, on an axis up to 10¹⁷⁸ (the divergent series at N < K/π) that squeezed the useful curves

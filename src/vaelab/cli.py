@@ -449,6 +449,8 @@ def build_parser(parser_class: type[argparse.ArgumentParser] = _Parser,
                           help=f"correction terms K, 0 to {MAX_STIRLING_TERMS} (default 2; the series is asymptotic)")
     stirling.add_argument("--plot", type=_path_arg, help="picture of the relative errors against N for 0..K terms")
     stirling.add_argument("--overwrite", action="store_true", help="replace an existing --plot file")
+    stirling.add_argument("--format", choices=list(TABLE_FORMATS), default="text",
+                          help="the printed table: text (default), or latex (booktabs), markdown or csv to paste")
     stirling.set_defaults(run=cmd_stirling)
     return parser
 
@@ -1941,6 +1943,7 @@ def cmd_stirling(args: argparse.Namespace) -> int:
     import numpy as np
 
     from vaelab.laplace import stirling_table
+    from vaelab.tables import Written, render_table
 
     plot = _picture_path(args.plot, "--plot") if args.plot else None
     if plot:
@@ -1948,10 +1951,17 @@ def cmd_stirling(args: argparse.Namespace) -> int:
     table = stirling_table(args.n, args.terms)          # whole numbers as given: 10¹⁸ − 1 is not a float64
     header = ["N", "ln N! (lgamma)", "Laplace/Stirling", "rel. error", "12N × rel. error",
               f"rel. error, {args.terms} terms"]
-    rows = [[str(r["n"]), f"{r['exact']:.10g}", f"{r['stirling']:.10g}", mpmath.nstr(r["rel_error"], 5),
-             mpmath.nstr(r["scaled_error"], 7, strip_zeros=False), mpmath.nstr(r["rel_error_terms"], 4)] for r in table]
-    for line in text_table(header, rows, right=True):
-        _log(line)
+    rows = [[r["n"], Written(f"{r['exact']:.10g}"), Written(f"{r['stirling']:.10g}"),
+             Written(mpmath.nstr(r["rel_error"], 5)), Written(mpmath.nstr(r["scaled_error"], 7, strip_zeros=False)),
+             Written(mpmath.nstr(r["rel_error_terms"], 4))] for r in table]
+    if args.format == "text":
+        for line in text_table(header, [[str(cell) for cell in row] for row in rows], right=True):
+            _log(line)
+    else:   # (until 2026-12-08 the text table alone: a report on the exercise retyped it)
+        caption = ("ln N! by lgamma and by Laplace's method (Stirling's formula, √(2πN)(N/e)^N), and the relative "
+                   f"error of N! from the formula alone and with {plural(args.terms, 'correction term')} of Stirling's "
+                   "series; 12N times the first tends to 1")
+        args.print_table(render_table(header, rows, args.format, "" if args.format == "csv" else caption))
     # Stirling's series is asymptotic, not convergent: its k-th term B₂ₖ / (2k(2k−1) N^{2k−1}) shrinks while k is
     # below about πN (|B₂ₖ| ≈ 2 (2k)! / (2π)^{2k}: consecutive terms have the ratio ≈ (k / πN)²) and then grows
     # without bound, so many terms at a small N give errors like 5.7e+2594435231320763920825695904915 (N = 1, K = 30),

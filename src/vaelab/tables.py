@@ -15,7 +15,8 @@ from typing import Any, Sequence
 
 _LATEX = {"\\": r"\textbackslash{}", "_": r"\_", "%": r"\%", "&": r"\&", "#": r"\#", "$": r"\$", "{": r"\{",
           "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "±": r"$\pm$", "−": "$-$", "≥": r"$\geq$",
-          "≤": r"$\leq$", "—": "--", "|": r"\textbar{}", "<": r"\textless{}", ">": r"\textgreater{}"}
+          "≤": r"$\leq$", "—": "--", "|": r"\textbar{}", "<": r"\textless{}", ">": r"\textgreater{}",
+          "×": r"$\times$", "π": r"$\pi$", "√": r"$\surd$"}
 
 
 def plural(count: int, noun: str) -> str:
@@ -80,7 +81,7 @@ def text_table(header: Sequence[str], rows: Sequence[Sequence[str]], right: bool
 
 
 def latex_escape(text: str) -> str:
-    """Text as LaTeX typesets it (pdflatex, the inputenc of any LaTeX since 2018): its specials escaped, ± − ≥ ≤
+    """Text as LaTeX typesets it (pdflatex, the inputenc of any LaTeX since 2018): its specials escaped, ± − ≥ ≤ × π √
     in math mode, a letter with a combining circumflex as the accent \\^{} ("log p̂(x)" of the gap warnings: U+0302
     is no character pdflatex knows, and the table did not compile until 2026-12-07), "-" before "-" as "-{}", so
     that a flag stays two hyphens ("--gap-steps" was typeset with an en dash), and the sign of a number ("gap -10.74",
@@ -105,7 +106,24 @@ def markdown_escape(text: str) -> str:
     return re.sub(r"([\\`*_\[\]|])", r"\\\1", text).replace("<", "&lt;")
 
 
+class Written(str):
+    """A number already written out with the digits its caller chose (``"8.3337e-5"``, an mpmath ``nstr``): a number
+    column, right-aligned; in LaTeX in math mode, ``$8.3337 \\times 10^{-5}$``, where .2f would read 0.00."""
+
+
+def latex_number(text: str) -> str:
+    """``-1.5e-7`` as ``$-1.5 \\times 10^{-7}$``; a number without an exponent in math mode too (its minus a minus)."""
+    mantissa, _, exponent = text.partition("e")
+    return f"${mantissa}" + (rf" \times 10^{{{int(exponent)}}}" if exponent else "") + "$"
+
+
+def _numeric(value: Any) -> bool:
+    return isinstance(value, (int, float, Written)) or value is None
+
+
 def _cell(value: Any, kind: str) -> str:
+    if isinstance(value, Written):
+        return latex_number(value) if kind == "latex" else str(value)
     if value is None:
         return "--" if kind == "latex" else "—" if kind == "markdown" else ""
     if isinstance(value, float):
@@ -129,11 +147,11 @@ def render_table(header: Sequence[str], rows: Sequence[Sequence[Any]], kind: str
         return buffer.getvalue().rstrip("\n")
     if kind == "markdown":
         lines = ["| " + " | ".join(markdown_escape(h) for h in header) + " |",
-                 "|" + "|".join("---:" if all(isinstance(r[i], (int, float)) or r[i] is None for r in rows) and rows
+                 "|" + "|".join("---:" if all(_numeric(r[i]) for r in rows) and rows
                                 else "---" for i in range(len(header))) + "|"]
         lines += ["| " + " | ".join(_cell(v, kind) for v in row) + " |" for row in rows]
         return "\n".join(lines + ([f"\n{markdown_escape(caption)}"] if caption else []))
-    numeric = [bool(rows) and all(isinstance(r[i], (int, float)) or r[i] is None for r in rows)
+    numeric = [bool(rows) and all(_numeric(r[i]) for r in rows)
                for i in range(len(header))]
     lines = [r"\begin{table}[t]", r"\centering", r"\begin{tabular}{" + "".join("r" if n else "l" for n in numeric) + "}",
              r"\toprule", " & ".join(latex_escape(h) for h in header) + r" \\", r"\midrule"]
