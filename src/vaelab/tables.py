@@ -117,10 +117,6 @@ def latex_number(text: str) -> str:
     return f"${mantissa}" + (rf" \times 10^{{{int(exponent)}}}" if exponent else "") + "$"
 
 
-def _numeric(value: Any) -> bool:
-    return isinstance(value, (int, float, Written)) or value is None
-
-
 def _cell(value: Any, kind: str) -> str:
     if isinstance(value, Written):
         return latex_number(value) if kind == "latex" else str(value)
@@ -145,14 +141,13 @@ def render_table(header: Sequence[str], rows: Sequence[Sequence[Any]], kind: str
         writer.writerows([["" if v is None else (f"{v:.6f}" if isinstance(v, float) else v) for v in row]
                           for row in rows])
         return buffer.getvalue().rstrip("\n")
+    numeric = [bool(rows) and all(isinstance(r[i], (int, float, Written)) or r[i] is None for r in rows)
+               for i in range(len(header))]                   # right-aligned columns
     if kind == "markdown":
         lines = ["| " + " | ".join(markdown_escape(h) for h in header) + " |",
-                 "|" + "|".join("---:" if all(_numeric(r[i]) for r in rows) and rows
-                                else "---" for i in range(len(header))) + "|"]
+                 "|" + "|".join("---:" if n else "---" for n in numeric) + "|"]
         lines += ["| " + " | ".join(_cell(v, kind) for v in row) + " |" for row in rows]
         return "\n".join(lines + ([f"\n{markdown_escape(caption)}"] if caption else []))
-    numeric = [bool(rows) and all(_numeric(r[i]) for r in rows)
-               for i in range(len(header))]
     lines = [r"\begin{table}[t]", r"\centering", r"\begin{tabular}{" + "".join("r" if n else "l" for n in numeric) + "}",
              r"\toprule", " & ".join(latex_escape(h) for h in header) + r" \\", r"\midrule"]
     lines += [" & ".join(_cell(v, kind) for v in row) + r" \\" for row in rows]
