@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
 import signal
+import subprocess
 import sys
 
 import numpy as np
@@ -94,6 +96,20 @@ def run(capsys, *args):
 def one_line(err: str) -> bool:
     """Whether ``err`` is the one line (no traceback) that bad input gets."""
     return len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def latex_compiles(table: str, tmp_path) -> None:
+    """The LaTeX table compiles in a bare article with booktabs (pdflatex; the test is skipped where none is
+    installed, after the checks made before it)."""
+    engine = shutil.which("pdflatex")
+    if engine is None:
+        pytest.skip("no TeX engine installed (pdflatex): the table's structure was checked, not its compilation")
+    document = tmp_path / "t.tex"
+    document.write_text("\\documentclass{article}\\usepackage{booktabs}\\begin{document}\n" + table
+                        + "\n\\end{document}\n", encoding="utf-8")
+    done = subprocess.run([engine, "-interaction=nonstopmode", "-halt-on-error", document.name], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout[-800:]
 
 
 @pytest.fixture(autouse=True)

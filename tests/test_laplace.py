@@ -9,6 +9,7 @@ import pytest
 import torch
 from scipy import integrate
 
+from conftest import latex_compiles
 from vaelab.laplace import (SMOOTH, LaplaceError, NotNegativeDefinite, laplace_c1, laplace_integral,
                             laplace_log_marginal, log_factorial_laplace, log_stirling, sample_laplace_proposal,
                             stirling_coefficients, stirling_errors, stirling_table)
@@ -304,8 +305,6 @@ def test_stirling_prints_a_table_to_paste(kind, tmp_path, capsys):
     divergence on stderr; the LaTeX table compiles in a bare article with booktabs (where pdflatex is installed).
     Until 2026-12-08 the text table alone: a report on the exercise retyped it."""
     import csv
-    import shutil
-    import subprocess
 
     from vaelab.cli import main
 
@@ -331,14 +330,7 @@ def test_stirling_prints_a_table_to_paste(kind, tmp_path, capsys):
     assert r"\begin{tabular}{rrrrrr}" in table and "1000 & $5912.128178$ & $5912.128095$ & $8.3337 \\times 10^{-5}$" \
         in table and r"$5.727 \times 10^{2594435231320763920825695904915}$" in table, table
     assert r"\caption{ln N! by lgamma and by Laplace's method (Stirling's formula, $\surd$(2$\pi$N)" in table, table
-    engine = shutil.which("pdflatex")
-    if engine is None:
-        pytest.skip("no TeX engine installed (pdflatex): the table's text was checked, not its compilation")
-    (tmp_path / "t.tex").write_text("\\documentclass{article}\\usepackage{booktabs}\\begin{document}\n" + table
-                                    + "\n\\end{document}\n", encoding="utf-8")
-    done = subprocess.run([engine, "-interaction=nonstopmode", "-halt-on-error", "t.tex"], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stdout[-800:]
+    latex_compiles(table, tmp_path)
 
 
 def test_the_stirling_plot_of_many_terms_has_a_colour_scale_and_a_capped_axis():

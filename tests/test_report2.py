@@ -11,13 +11,12 @@ import math
 import os
 import re
 import shutil
-import subprocess
 import xml.etree.ElementTree as ElementTree
 from pathlib import Path
 
 import pytest
 
-from conftest import one_line, run
+from conftest import latex_compiles, one_line, run
 from vaelab.cli import main
 
 SMALL = ["--hidden", "32", "--latent", "6", "--test-examples", "60", "--train-examples", "600", "--no-progress"]
@@ -392,20 +391,6 @@ def test_a_markdown_table_shows_names_as_they_are():
     assert [html.unescape(cell) for cell in cells] == names, page
 
 
-def _compiles(table: str, tmp_path: Path) -> None:
-    """The LaTeX table compiles in a bare article with booktabs (pdflatex; the test is skipped where none is
-    installed, after the checks made before it)."""
-    engine = shutil.which("pdflatex")
-    if engine is None:
-        pytest.skip("no TeX engine installed (pdflatex): the table's structure was checked, not its compilation")
-    document = tmp_path / "t.tex"
-    document.write_text("\\documentclass{article}\\usepackage{booktabs}\\begin{document}\n" + table
-                        + "\n\\end{document}\n", encoding="utf-8")
-    done = subprocess.run([engine, "-interaction=nonstopmode", "-halt-on-error", document.name], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stdout[-800:]
-
-
 @pytest.mark.parametrize("kind", ["latex", "markdown", "csv"])
 def test_compare_prints_a_table_to_paste(evaluated, kind, tmp_path, capsys):
     assert main(["compare", str(evaluated / "a"), str(evaluated / "b"), "--format", kind,
@@ -420,7 +405,7 @@ def test_compare_prints_a_table_to_paste(evaluated, kind, tmp_path, capsys):
         rows = [line for line in body.strip().splitlines() if line.endswith(r"\\")]
         assert len(rows) == 2 and rows[0].startswith("a & ") and rows[1].startswith("b & ")
         assert all(line.count(" & ") == 8 for line in rows)
-        _compiles(table, tmp_path)
+        latex_compiles(table, tmp_path)
     elif kind == "markdown":
         lines = [line for line in out.splitlines() if line.startswith("|")]
         assert len(lines) == 4 and set(lines[1]) <= set("|-: ")
@@ -462,7 +447,7 @@ def test_a_pasted_comparison_says_which_run_each_setting_weights_and_missing_pai
     assert caption.startswith(r"\caption{NLL and ELBO in nats, IWAE-20 on 500 test digits (a), IWAE-5 on 7 test "
                               r"digits (b/b-k5.json); weights: "), caption
     assert "b/b-k5.json not paired with a: evaluated with different settings (K 20 vs 5, 500 vs 7 digits" in caption
-    _compiles(table[table.index(r"\begin{table}"):table.index(r"\end{table}") + len(r"\end{table}")], tmp_path)
+    latex_compiles(table[table.index(r"\begin{table}"):table.index(r"\end{table}") + len(r"\end{table}")], tmp_path)
 
 
 def test_the_mark_of_a_changed_preset_is_explained_wherever_it_is_shown(evaluated, data_dir, tmp_path, capsys):
@@ -575,7 +560,7 @@ def test_a_latex_table_with_every_gap_warning_compiles(evaluated, data_dir, tmp_
     caption = table[table.index(r"\caption{"):]
     assert r"log \^{p}(x) by IWAE-20" in caption and "-{}-gap-steps" in caption and "--gap" not in caption
     assert "ELBO[q*] $-$10.74" in caption and "$-$" in caption.split("gives ")[1][:4]
-    _compiles(table, tmp_path)
+    latex_compiles(table, tmp_path)
 
 
 def test_evaluate_prints_its_table_as_latex(evaluated, data_dir, capsys):
